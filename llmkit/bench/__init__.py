@@ -1,0 +1,1 @@
+"""Benchmarks of checkpoints and servers: throughput, latency, memory, quality."""

@@ -1,0 +1,1 @@
+"""Open, inspect and write Hugging Face checkpoint directories."""

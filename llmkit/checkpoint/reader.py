@@ -1,0 +1,204 @@
+"""Open a Hugging Face checkpoint directory lazily: headers now, tensor bytes on demand."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.checkpoint import dtypes
+from llmkit.checkpoint.safetensors_io import TensorInfo, read_header
+from llmkit.checkpoint.writer import AUX_FILES, SAFETENSORS_INDEX
+from llmkit.errors import LlmkitError
+
+if TYPE_CHECKING:
+    import torch
+
+BIN_INDEX = "pytorch_model.bin.index.json"
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class Checkpoint:
+    """A checkpoint directory: config, tensor index, and lazy access to tensor data."""
+
+    def __init__(self, path: Path, config: dict, tensors: dict[str, TensorInfo], fmt: str):
+        self.path = path
+        self.config = config
+        self.tensors = tensors
+        self.format = fmt  # "safetensors" or "bin"
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    @property
+    def aux_files(self) -> list[str]:
+        return [name for name in AUX_FILES if (self.path / name).is_file()]
+
+    @property
+    def quantization_config(self) -> dict | None:
+        return self.config.get("quantization_config")
+
+    def get_slice(self, name: str) -> Any:
+        """An object indexable like a tensor (`s[a:b]`) that reads only the requested rows."""
+        info = self.tensors[name]
+        return (
+            self._handle(info.file).get_slice(name)
+            if self.format == "safetensors"
+            else (self._handle(info.file)[name])
+        )
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        if self.format == "safetensors":
+            return self._handle(info.file).get_tensor(name)
+        return self._handle(info.file)[name]
+
+    def iter_row_chunks(
+        self, name: str, max_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> Iterator[torch.Tensor]:
+        """Yield a tensor as consecutive blocks of rows, each at most ~`max_bytes`."""
+        info = self.tensors[name]
+        if len(info.shape) == 0 or info.nbytes <= max_bytes:
+            yield self.get_tensor(name)
+            return
+        rows = info.shape[0]
+        row_bytes = max(1, info.nbytes // max(rows, 1))
+        step = max(1, max_bytes // row_bytes)
+        piece = self.get_slice(name)
+        for start in range(0, rows, step):
+            yield piece[start : start + step]
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            self._handles[file] = _open_weights(file, self.format)
+        return self._handles[file]
+
+
+def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:
+    """Open a local checkpoint directory, or download one by hub id (`org/name`)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return load_dir(path)
+    if path.exists():
+        raise LlmkitError(f"{source} is a file; give the checkpoint's directory")
+    if _HUB_ID.fullmatch(str(source)) and "/" in str(source):
+        from llmkit.checkpoint.hub import download
+
+        return load_dir(download(str(source), revision))
+    raise LlmkitError(f"no checkpoint directory at {source} (and it is not a hub id like org/name)")
+
+
+def load_dir(path: Path) -> Checkpoint:
+    config = read_json(path / "config.json", what="config")
+    index = _index_safetensors(path)
+    if index:
+        return Checkpoint(path, config, index, "safetensors")
+    index = _index_bin(path)
+    if index:
+        return Checkpoint(path, config, index, "bin")
+    raise LlmkitError(f"no weights in {path}: expected *.safetensors or pytorch_model*.bin files")
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise LlmkitError(f"not a Hugging Face checkpoint: {path.parent} has no {path.name}")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlmkitError(f"{what} file {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LlmkitError(f"{what} file {path} must hold a JSON object")
+    return data
+
+
+def _index_safetensors(path: Path) -> dict[str, TensorInfo]:
+    if (path / SAFETENSORS_INDEX).is_file():
+        weight_map = read_json(path / SAFETENSORS_INDEX, what="index").get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+        for file in files:
+            if not file.is_file():
+                raise LlmkitError(f"shard {file.name} listed in {SAFETENSORS_INDEX} is missing")
+    else:
+        weight_map = {}
+        files = sorted(path.glob("*.safetensors"))
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        infos, _ = read_header(file)
+        _merge(tensors, infos)
+    for name, file in weight_map.items():
+        if name not in tensors or tensors[name].file.name != file:
+            raise LlmkitError(f"{SAFETENSORS_INDEX} puts {name!r} in {file}, which lacks it")
+    return tensors
+
+
+def _index_bin(path: Path) -> dict[str, TensorInfo]:
+    if (path / BIN_INDEX).is_file():
+        weight_map = read_json(path / BIN_INDEX, what="index").get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        files = sorted(path.glob("pytorch_model*.bin"))
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        state = _open_weights(file, "bin")
+        infos = {
+            name: TensorInfo(name, file, dtypes.from_torch(t.dtype), tuple(t.shape))
+            for name, t in state.items()
+        }
+        _merge(tensors, infos)
+    return tensors
+
+
+def _merge(tensors: dict[str, TensorInfo], infos: dict[str, TensorInfo]) -> None:
+    for name, info in infos.items():
+        if name in tensors:
+            raise LlmkitError(
+                f"tensor {name!r} appears in both {tensors[name].file.name} and {info.file.name}"
+            )
+        tensors[name] = info
+
+
+def _open_weights(file: Path, fmt: str) -> Any:
+    if fmt == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return safe_open(str(file), framework="pt")
+        except SafetensorError as e:
+            raise LlmkitError(f"cannot read safetensors file {file}: {e}") from None
+    return _load_bin(file)
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """`torch.load` with `weights_only=True` (no pickled code runs), memory-mapped when possible."""
+    import pickle
+
+    import torch
+
+    if not file.is_file():
+        raise LlmkitError(f"weights file {file} is missing")
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise LlmkitError(f"cannot read {file} as a weights-only torch checkpoint: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise LlmkitError(f"{file} does not hold a flat dict of tensors (a state_dict)")
+    return state

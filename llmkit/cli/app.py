@@ -1,0 +1,65 @@
+"""The `llmkit` command: a Typer app whose commands import torch only when they run."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from llmkit import __version__
+from llmkit.cli import init, inspect, quantize
+from llmkit.cli.output import print_error
+from llmkit.errors import LlmkitError
+
+app = typer.Typer(
+    name="llmkit",
+    help="Prepare large language models and serve them locally.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("init")(init.init)
+app.command("inspect")(inspect.inspect)
+app.command("quantize")(quantize.quantize)
+
+_verbose = False
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"llmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """llmkit: quantize, shard, serve and benchmark language models."""
+    global _verbose
+    _verbose = verbose
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one red line and exit code 1."""
+    try:
+        app(args=argv, prog_name="llmkit")
+    except (LlmkitError, OSError) as e:
+        if _verbose:
+            traceback.print_exc()
+        print_error(_describe(e))
+        sys.exit(1)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or error}: {error.filename}"
+    return str(error)

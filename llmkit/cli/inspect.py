@@ -1,0 +1,76 @@
+"""`llmkit inspect`: what a checkpoint holds, read from its headers alone."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from llmkit.checkpoint.inspect import inspect_checkpoint
+from llmkit.checkpoint.reader import open_checkpoint
+from llmkit.cli.options import JsonOpt, RevisionOpt, SourceArg
+from llmkit.cli.output import human_bytes, human_count, print_json, stdout
+
+
+def inspect(path: SourceArg, revision: RevisionOpt = None, json_out: JsonOpt = False) -> None:
+    """Architecture, parameters, dtypes, size, shards, quantization, tokenizer and modules."""
+    with open_checkpoint(path, revision) as ck:
+        report = inspect_checkpoint(ck)
+    if json_out:
+        print_json(report)
+        return
+    render(report)
+
+
+def render(report: dict) -> None:
+    summary = Table.grid(padding=(0, 2))
+    for key, value in _summary_rows(report):
+        summary.add_row(f"[bold]{key}[/]", value)
+    stdout.print(summary)
+    modules = Table(title="modules")
+    modules.add_column("module", overflow="fold")
+    for column in ("count", "tensors", "dtype", "parameters"):
+        modules.add_column(column)
+    for m in report["modules"]:
+        tensors = ", ".join(
+            f"{name} {' | '.join(_shape(s) for s in shapes)}"
+            for name, shapes in m["tensors"].items()
+        )
+        modules.add_row(
+            m["module"] or "(root)",
+            str(m["count"]),
+            tensors,
+            ",".join(m["dtypes"]),
+            human_count(m["num_parameters"]),
+        )
+    stdout.print(modules)
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _summary_rows(report: dict) -> list[tuple[str, str]]:
+    config = report["config"]
+    dtypes = ", ".join(
+        f"{name} ({d['num_tensors']} tensors, {human_bytes(d['bytes'])})"
+        for name, d in report["dtypes"].items()
+    )
+    shape = ", ".join(f"{k}={v}" for k, v in config.items())
+    quant = report["quantization"]
+    tok = report["tokenizer"]
+    tokenizer = (
+        f"{tok['class'] or 'unknown class'}, {tok['vocab_size'] or '?'} tokens, "
+        f"{'chat template' if tok['chat_template'] else 'no chat template'}"
+        if tok["files"]
+        else "none"
+    )
+    return [
+        ("path", report["path"]),
+        ("architecture", f"{report['architecture']} ({report['model_type']})"),
+        ("config", shape),
+        ("parameters", human_count(report["num_parameters"])),
+        ("dtypes", dtypes),
+        ("size on disk", human_bytes(report["size_on_disk"])),
+        ("shards", f"{len(report['shards'])} {report['format']} file(s)"),
+        ("quantization", quant.get("quant_method", "yes") if quant else "none"),
+        ("tokenizer", tokenizer),
+    ]

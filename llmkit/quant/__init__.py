@@ -1,0 +1,1 @@
+"""Quantizers (pure tensor math), formats, and the pipelines that apply them to checkpoints."""

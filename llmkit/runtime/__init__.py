@@ -1,0 +1,1 @@
+"""Inference runtime: scheduler, KV blocks, model runner, engine, server."""

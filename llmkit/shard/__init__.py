@@ -1,0 +1,1 @@
+"""Resharding for tensor/pipeline-parallel layouts."""
