@@ -7,7 +7,16 @@ from pathlib import Path
 
 from llmkit.checkpoint import corpus
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+# `<|endoftext|>` separates documents; Qwen2's tokenizer class also expects to find it.
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|endoftext|>",
+]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Role markers are single special tokens; each turn ends with the EOS token.
 CHAT_TEMPLATE = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.table import Table
 
 from llmkit.checkpoint.inspect import inspect_checkpoint
@@ -25,9 +26,9 @@ def render(report: dict) -> None:
     for key, value in _summary_rows(report):
         summary.add_row(f"[bold]{key}[/]", value)
     stdout.print(summary)
-    modules = Table(title="modules")
-    modules.add_column("module", overflow="fold")
-    for column in ("count", "tensors", "dtype", "parameters"):
+    modules = Table(title="modules", box=box.SIMPLE_HEAD)
+    modules.add_column("module", no_wrap=True)
+    for column in ("count", "tensors", "dtype", "params"):
         modules.add_column(column)
     for m in report["modules"]:
         tensors = ", ".join(

@@ -20,7 +20,8 @@ from rich.progress import (
 
 from llmkit.checkpoint.writer import ProgressFn
 
-stdout = Console(soft_wrap=True)
+# Piped output is read by people in logs, not cut to an 80-column default.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 stderr = Console(stderr=True, soft_wrap=True)
 
 

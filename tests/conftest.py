@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny checkpoints built once per session, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from llmkit.checkpoint.init import init_checkpoint
+from llmkit.cli.app import main
+
+TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A function preset -> path of a float32 checkpoint of it (seed 0), made once."""
+    made: dict[str, Path] = {}
+
+    def get(preset: str = "tiny-llama") -> Path:
+        if preset not in made:
+            made[preset] = init_checkpoint(tmp_path_factory.mktemp(preset) / "ckpt", preset).path
+        return made[preset]
+
+    return get
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture):
+    """Run `llmkit ARGS...` in-process; returns exit code and captured output."""
+
+    def run(*args: object) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a fresh interpreter (for import-time checks and environment-dependent paths)."""
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
