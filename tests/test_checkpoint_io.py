@@ -268,3 +268,26 @@ def test_bin_with_pickled_code_is_refused(tmp_path):
     torch.save({"a": NotATensor()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(LlmkitError, match="weights-only"):
         open_checkpoint(tmp_path)
+
+
+class FailingFile:
+    """A file whose writes fail after the first, like a disk that fills up."""
+
+    def __init__(self):
+        self.num_writes = 0
+
+    def write(self, data) -> int:
+        self.num_writes += 1
+        if self.num_writes > 1:
+            raise OSError(28, "No space left on device")
+        return len(data)
+
+
+def test_background_writer_surfaces_write_errors():
+    from llmkit.checkpoint.safetensors_io import _BackgroundWriter
+
+    f = FailingFile()
+    with pytest.raises(OSError, match="No space"), _BackgroundWriter(f) as writer:
+        for _ in range(50):
+            writer.write(memoryview(b"x" * 10))
+    assert f.num_writes == 2  # nothing is written after the failure

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.checkpoint import dtypes
-from llmkit.checkpoint.safetensors_io import TensorInfo, read_header
+from llmkit.checkpoint.safetensors_io import TensorInfo, read_header, read_rows
 from llmkit.checkpoint.writer import AUX_FILES, SAFETENSORS_INDEX
 from llmkit.errors import LlmkitError
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 BIN_INDEX = "pytorch_model.bin.index.json"
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = 16 * 2**20  # small enough to stay in cache, large enough to amortise
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -38,6 +38,9 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            if hasattr(handle, "close"):
+                handle.close()
         self._handles.clear()
 
     @property
@@ -52,39 +55,34 @@ class Checkpoint:
     def quantization_config(self) -> dict | None:
         return self.config.get("quantization_config")
 
-    def get_slice(self, name: str) -> Any:
-        """An object indexable like a tensor (`s[a:b]`) that reads only the requested rows."""
-        info = self.tensors[name]
-        return (
-            self._handle(info.file).get_slice(name)
-            if self.format == "safetensors"
-            else (self._handle(info.file)[name])
-        )
-
     def get_tensor(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
+        return self.read_rows(name, 0, info.shape[0] if info.shape else 1)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0, reading only those bytes from disk."""
+        info = self.tensors[name]
+        handle = self._handle(info.file)
         if self.format == "safetensors":
-            return self._handle(info.file).get_tensor(name)
-        return self._handle(info.file)[name]
+            return read_rows(handle, info, start, stop)
+        tensor = handle[name]
+        return tensor[start:stop] if tensor.dim() else tensor
 
     def iter_row_chunks(
         self, name: str, max_bytes: int = DEFAULT_CHUNK_BYTES
     ) -> Iterator[torch.Tensor]:
         """Yield a tensor as consecutive blocks of rows, each at most ~`max_bytes`."""
         info = self.tensors[name]
-        if len(info.shape) == 0 or info.nbytes <= max_bytes:
-            yield self.get_tensor(name)
-            return
-        rows = info.shape[0]
-        row_bytes = max(1, info.nbytes // max(rows, 1))
-        step = max(1, max_bytes // row_bytes)
-        piece = self.get_slice(name)
-        for start in range(0, rows, step):
-            yield piece[start : start + step]
+        rows = info.shape[0] if info.shape else 1
+        step = max(1, max_bytes // max(1, info.row_bytes))
+        for start in range(0, max(rows, 1), step):
+            yield self.read_rows(name, start, start + step)
 
     def _handle(self, file: Path) -> Any:
         if file not in self._handles:
-            self._handles[file] = _open_weights(file, self.format)
+            self._handles[file] = (
+                file.open("rb") if self.format == "safetensors" else (_load_bin(file))
+            )
         return self._handles[file]
 
 
@@ -153,7 +151,7 @@ def _index_bin(path: Path) -> dict[str, TensorInfo]:
         files = sorted(path.glob("pytorch_model*.bin"))
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        state = _open_weights(file, "bin")
+        state = _load_bin(file)
         infos = {
             name: TensorInfo(name, file, dtypes.from_torch(t.dtype), tuple(t.shape))
             for name, t in state.items()
@@ -169,17 +167,6 @@ def _merge(tensors: dict[str, TensorInfo], infos: dict[str, TensorInfo]) -> None
                 f"tensor {name!r} appears in both {tensors[name].file.name} and {info.file.name}"
             )
         tensors[name] = info
-
-
-def _open_weights(file: Path, fmt: str) -> Any:
-    if fmt == "safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            return safe_open(str(file), framework="pt")
-        except SafetensorError as e:
-            raise LlmkitError(f"cannot read safetensors file {file}: {e}") from None
-    return _load_bin(file)
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:

@@ -8,9 +8,13 @@ each tensor's bytes as they are produced keeps memory bounded by one chunk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ MAX_HEADER_BYTES = 100_000_000  # the same sanity limit the reference reader app
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """Where one tensor lives: file, dtype code, shape and byte range in the data buffer."""
+    """Where one tensor lives: file, dtype code, shape and absolute byte range in the file."""
 
     name: str
     file: Path
@@ -37,12 +41,32 @@ class TensorInfo:
     end: int = 0
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of one slice along dim 0 (the whole tensor for scalars)."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         return self.numel * dtypes.itemsize(self.dtype)
+
+
+def read_rows(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor, read with one `readinto` (no memory map, so RSS stays
+    at what is asked for)."""
+    import torch
+
+    rows = info.shape[0] if info.shape else 1
+    start, stop = max(0, start), min(stop, rows)
+    out = torch.empty(max(0, stop - start) * info.row_bytes, dtype=torch.uint8)
+    f.seek(info.begin + start * info.row_bytes)
+    if out.numel() and f.readinto(memoryview(out.numpy())) != out.numel():
+        raise LlmkitError(f"{info.file} ended early while reading {info.name!r}")
+    shape = (max(0, stop - start), *info.shape[1:]) if info.shape else ()
+    return out.view(dtypes.to_torch(info.dtype)).reshape(shape)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -65,12 +89,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise LlmkitError(f"corrupt safetensors file {path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
-    _check_coverage(path, tensors, size - 8 - header_len)
+    base = 8 + header_len
+    tensors = {name: _parse_entry(path, name, entry, base) for name, entry in header.items()}
+    _check_coverage(path, tensors, base, size)
     return tensors, metadata
 
 
-def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
+def _parse_entry(path: Path, name: str, entry: object, base: int) -> TensorInfo:
     try:
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         shape = tuple(int(d) for d in shape)
@@ -80,7 +105,7 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
         ) from None
     if not dtypes.is_known(dtype):
         raise LlmkitError(f"unsupported dtype {dtype!r} for tensor {name!r} in {path}")
-    info = TensorInfo(name, path, dtype, shape, int(begin), int(end))
+    info = TensorInfo(name, path, dtype, shape, base + int(begin), base + int(end))
     if any(d < 0 for d in shape) or info.end - info.begin != info.nbytes:
         raise LlmkitError(
             f"corrupt safetensors file {path}: tensor {name!r} has shape {list(shape)} "
@@ -89,20 +114,20 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     return info
 
 
-def _check_coverage(path: Path, tensors: dict[str, TensorInfo], buffer_len: int) -> None:
+def _check_coverage(path: Path, tensors: dict[str, TensorInfo], base: int, size: int) -> None:
     # The byte buffer must be exactly tiled by the tensors: no holes, no overlaps, no overrun.
-    position = 0
+    position = base
     for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
         if info.begin != position:
             raise LlmkitError(
-                f"corrupt safetensors file {path}: tensor {info.name!r} starts at byte "
-                f"{info.begin}, expected {position}"
+                f"corrupt safetensors file {path}: tensor {info.name!r} starts at data byte "
+                f"{info.begin - base}, expected {position - base}"
             )
         position = info.end
-    if position > buffer_len:
+    if position > size:
         raise LlmkitError(
-            f"corrupt safetensors file {path}: data needs {position} bytes, file holds "
-            f"{buffer_len} (truncated?)"
+            f"corrupt safetensors file {path}: data needs {position - base} bytes, file holds "
+            f"{size - base} (truncated?)"
         )
 
 
@@ -146,25 +171,78 @@ def write_file(
     metadata: dict[str, str],
     on_bytes: Callable[[int], None] | None = None,
 ) -> None:
-    """Write `specs` (already in file order) to `path`, streaming each tensor's chunks."""
+    """Write `specs` (already in file order) to `path`, streaming each tensor's chunks.
+
+    Chunks are produced (read, converted) on this thread while a background thread writes
+    the previous ones: the two overlap, and at most `_QUEUE_DEPTH` chunks are held.
+    """
+    header = encode_header(specs, metadata)
     with path.open("wb") as f:
-        f.write(encode_header(specs, metadata))
-        for spec in specs:
-            written = sum(_write_chunk(f, c, spec, on_bytes) for c in spec.chunks())
-            if written != spec.nbytes:
-                raise RuntimeError(f"{spec.name}: produced {written} bytes, expected {spec.nbytes}")
+        _preallocate(f, len(header) + sum(s.nbytes for s in specs))
+        f.write(header)
+        with _BackgroundWriter(f) as writer:
+            for spec in specs:
+                written = 0
+                for chunk in spec.chunks():
+                    data = _chunk_bytes(chunk, spec)
+                    writer.write(data)
+                    written += len(data)
+                    if on_bytes is not None:
+                        on_bytes(len(data))
+                if written != spec.nbytes:
+                    raise RuntimeError(
+                        f"{spec.name}: produced {written} bytes, expected {spec.nbytes}"
+                    )
 
 
-def _write_chunk(
-    f: BinaryIO, chunk: torch.Tensor, spec: TensorSpec, on_bytes: Callable[[int], None] | None
-) -> int:
+_QUEUE_DEPTH = 2
+
+
+class _BackgroundWriter:
+    """Writes byte buffers to a file on a worker thread, in order; re-raises its errors."""
+
+    def __init__(self, f: BinaryIO):
+        self._file = f
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
+
+    def write(self, data: memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._file.write(data)
+                except BaseException as e:  # handed to the producing thread
+                    self._error = e
+
+
+def _preallocate(f: BinaryIO, size: int) -> None:
+    # Reserving the extents up front lets the filesystem skip delayed allocation; measured
+    # 1.5-10x faster writes on ext4 here (benchmarks/cast_throughput.py).
+    if size > 0 and hasattr(os, "posix_fallocate"):
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(f.fileno(), 0, size)
+
+
+def _chunk_bytes(chunk: torch.Tensor, spec: TensorSpec) -> memoryview:
     if dtypes.from_torch(chunk.dtype) != spec.dtype:
         raise RuntimeError(f"{spec.name}: chunk dtype {chunk.dtype}, expected {spec.dtype}")
-    data = as_bytes(chunk)
-    f.write(data)
-    if on_bytes is not None:
-        on_bytes(len(data))
-    return len(data)
+    return as_bytes(chunk)
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:

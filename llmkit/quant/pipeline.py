@@ -74,6 +74,8 @@ def _cast(
     overwrite: bool,
     progress: ProgressFn | None,
 ) -> QuantizeReport:
+    import llmkit.quant.fp16  # noqa: F401  (imports torch before the clock starts)
+
     start = time.perf_counter()
     target = CAST_METHODS[method]
     clamped: dict[str, int] = {}
