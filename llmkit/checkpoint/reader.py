@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +24,19 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 class Checkpoint:
     """A checkpoint directory: config, tensor index, and lazy access to tensor data."""
 
-    def __init__(self, path: Path, config: dict, tensors: dict[str, TensorInfo], fmt: str):
+    def __init__(
+        self,
+        path: Path,
+        config: dict,
+        tensors: dict[str, TensorInfo],
+        fmt: str,
+        handles: dict[Path, Any] | None = None,
+    ):
         self.path = path
         self.config = config
         self.tensors = tensors
         self.format = fmt  # "safetensors" or "bin"
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, Any] = dict(handles or {})
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -102,12 +109,13 @@ def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
 
 def load_dir(path: Path) -> Checkpoint:
     config = read_json(path / "config.json", what="config")
-    index = _index_safetensors(path)
-    if index:
-        return Checkpoint(path, config, index, "safetensors")
-    index = _index_bin(path)
-    if index:
-        return Checkpoint(path, config, index, "bin")
+    tensors = _index(path, SAFETENSORS_INDEX, "*.safetensors", _safetensors_infos)
+    if tensors:
+        return Checkpoint(path, config, tensors, "safetensors")
+    loaded: dict[Path, dict] = {}  # memory-mapped state dicts, kept as the file handles
+    tensors = _index(path, BIN_INDEX, "pytorch_model*.bin", lambda f: _bin_infos(f, loaded))
+    if tensors:
+        return Checkpoint(path, config, tensors, "bin", handles=loaded)
     raise LlmkitError(f"no weights in {path}: expected *.safetensors or pytorch_model*.bin files")
 
 
@@ -123,41 +131,37 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _index_safetensors(path: Path) -> dict[str, TensorInfo]:
-    if (path / SAFETENSORS_INDEX).is_file():
-        weight_map = read_json(path / SAFETENSORS_INDEX, what="index").get("weight_map", {})
+def _index(
+    path: Path, index_name: str, pattern: str, read_infos: Callable[[Path], dict]
+) -> dict[str, TensorInfo]:
+    """Tensors of the files an index names (or that match `pattern`), checked for overlaps."""
+    weight_map: dict[str, str] = {}
+    if (path / index_name).is_file():
+        weight_map = read_json(path / index_name, what="index").get("weight_map", {})
         files = sorted({path / f for f in weight_map.values()})
-        for file in files:
-            if not file.is_file():
-                raise LlmkitError(f"shard {file.name} listed in {SAFETENSORS_INDEX} is missing")
     else:
-        weight_map = {}
-        files = sorted(path.glob("*.safetensors"))
+        files = sorted(path.glob(pattern))
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        infos, _ = read_header(file)
-        _merge(tensors, infos)
+        if not file.is_file():
+            raise LlmkitError(f"shard {file.name} listed in {index_name} is missing")
+        _merge(tensors, read_infos(file))
     for name, file in weight_map.items():
         if name not in tensors or tensors[name].file.name != file:
-            raise LlmkitError(f"{SAFETENSORS_INDEX} puts {name!r} in {file}, which lacks it")
+            raise LlmkitError(f"{index_name} puts {name!r} in {file}, which lacks it")
     return tensors
 
 
-def _index_bin(path: Path) -> dict[str, TensorInfo]:
-    if (path / BIN_INDEX).is_file():
-        weight_map = read_json(path / BIN_INDEX, what="index").get("weight_map", {})
-        files = sorted({path / f for f in weight_map.values()})
-    else:
-        files = sorted(path.glob("pytorch_model*.bin"))
-    tensors: dict[str, TensorInfo] = {}
-    for file in files:
-        state = _load_bin(file)
-        infos = {
-            name: TensorInfo(name, file, dtypes.from_torch(t.dtype), tuple(t.shape))
-            for name, t in state.items()
-        }
-        _merge(tensors, infos)
-    return tensors
+def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:
+    return read_header(file)[0]
+
+
+def _bin_infos(file: Path, loaded: dict[Path, dict]) -> dict[str, TensorInfo]:
+    loaded[file] = state = _load_bin(file)
+    return {
+        name: TensorInfo(name, file, dtypes.from_torch(t.dtype), tuple(t.shape))
+        for name, t in state.items()
+    }
 
 
 def _merge(tensors: dict[str, TensorInfo], infos: dict[str, TensorInfo]) -> None:
