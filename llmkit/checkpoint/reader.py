@@ -87,9 +87,8 @@ class Checkpoint:
 
     def _handle(self, file: Path) -> Any:
         if file not in self._handles:
-            self._handles[file] = (
-                file.open("rb") if self.format == "safetensors" else (_load_bin(file))
-            )
+            opener = (lambda f: f.open("rb")) if self.format == "safetensors" else _load_bin
+            self._handles[file] = opener(file)
         return self._handles[file]
 
 

@@ -232,8 +232,8 @@ class _BackgroundWriter:
 
 
 def _preallocate(f: BinaryIO, size: int) -> None:
-    # Reserving the extents up front lets the filesystem skip delayed allocation; measured
-    # 1.5-10x faster writes on ext4 here (benchmarks/cast_throughput.py).
+    # Reserving the extents up front spares the filesystem allocating as it goes: writes of
+    # 256 MB after a `sync` ran 1.5-10x faster on ext4 with it than without.
     if size > 0 and hasattr(os, "posix_fallocate"):
         with contextlib.suppress(OSError):
             os.posix_fallocate(f.fileno(), 0, size)
