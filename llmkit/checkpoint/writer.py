@@ -10,7 +10,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llmkit.checkpoint.atomic import atomic_output_dir
@@ -138,6 +138,26 @@ def copy_aux_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def fill_checkpoint_dir(
+    directory: Path,
+    specs: list[TensorSpec],
+    config: dict,
+    aux_from: Path | None = None,
+    *,
+    extra_files: dict[str, dict] | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    progress: ProgressFn | None = None,
+) -> WrittenCheckpoint:
+    """Write config, auxiliary files and tensor shards into an existing (temporary) directory."""
+    if aux_from is not None:
+        copy_aux_files(aux_from, directory)
+    for name, data in (extra_files or {}).items():
+        write_json(directory / name, data)
+    write_json(directory / "config.json", config)
+    shards = write_tensors(directory, specs, max_shard_size, progress)
+    return WrittenCheckpoint(directory, shards, len(specs), sum(s.nbytes for s in specs))
+
+
 def write_checkpoint(
     out: Path,
     specs: list[TensorSpec],
@@ -152,11 +172,13 @@ def write_checkpoint(
     """Write a complete checkpoint atomically: nothing appears at `out` unless all of it does."""
     parse_size(max_shard_size)  # a bad size fails before any work
     with atomic_output_dir(Path(out), overwrite) as tmp:
-        if aux_from is not None:
-            copy_aux_files(aux_from, tmp)
-        for name, data in (extra_files or {}).items():
-            write_json(tmp / name, data)
-        write_json(tmp / "config.json", config)
-        shards = write_tensors(tmp, specs, max_shard_size, progress)
-    total = sum(s.nbytes for s in specs)
-    return WrittenCheckpoint(Path(out).absolute(), shards, len(specs), total)
+        written = fill_checkpoint_dir(
+            tmp,
+            specs,
+            config,
+            aux_from,
+            extra_files=extra_files,
+            max_shard_size=max_shard_size,
+            progress=progress,
+        )
+    return replace(written, path=Path(out).absolute())

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from llmkit import __version__
-from llmkit.cli import init, inspect, quantize
+from llmkit.cli import bench, init, inspect, quantize
 from llmkit.cli.output import print_error
 from llmkit.errors import LlmkitError
 
@@ -23,6 +23,7 @@ app = typer.Typer(
 app.command("init")(init.init)
 app.command("inspect")(inspect.inspect)
 app.command("quantize")(quantize.quantize)
+app.add_typer(bench.app, name="bench")
 
 _verbose = False
 

@@ -31,3 +31,22 @@ SourceArg = Annotated[
     str, typer.Argument(help="Checkpoint directory, or a hub id like org/name.", show_default=False)
 ]
 OutArg = Annotated[Path, typer.Argument(help="Output directory (must not exist, or be empty).")]
+
+# Where text comes from, shared by calibration (quantize) and evaluation (bench quality).
+DatasetOpt = Annotated[
+    str,
+    typer.Option(
+        "--dataset",
+        help="'builtin' (offline generated English), a .txt/.jsonl/.parquet file, "
+        "or a hub dataset id.",
+    ),
+]
+DatasetConfigOpt = Annotated[
+    str | None, typer.Option("--dataset-config", help="Hub dataset configuration name.")
+]
+DatasetSplitOpt = Annotated[str, typer.Option("--dataset-split", help="Hub dataset split.")]
+TextColumnOpt = Annotated[
+    str, typer.Option("--text-column", help="Column (or .jsonl field) holding the text.")
+]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window, BOS included.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
 from llmkit.checkpoint.writer import ProgressFn
 
@@ -49,19 +51,43 @@ def human_count(num: int) -> str:
     return str(num)
 
 
+class _AmountColumn(ProgressColumn):
+    """'12.3/45.6 MB' for byte tasks, '3/12 layers' for counted ones."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "bytes")
+        total = "?" if task.total is None else task.total
+        if unit == "bytes":
+            done = human_bytes(task.completed)
+            return Text(f"{done}/{human_bytes(total) if task.total else '?'}")
+        return Text(f"{int(task.completed)}/{total} {unit}")
+
+
 @contextmanager
-def byte_progress(description: str, quiet: bool = False) -> Iterator[ProgressFn]:
-    """A Rich bar fed with (done, total) bytes; silent when quiet or stderr is not a TTY."""
+def progress_bars(quiet: bool = False) -> Iterator[Callable[[str, str], ProgressFn]]:
+    """Yields `task(description, unit)` -> a (done, total) callback feeding a Rich bar.
+    Silent when quiet or when stderr is not a TTY."""
     if quiet or not sys.stderr.isatty():
-        yield lambda done, total: None
+        yield lambda description, unit="bytes": lambda done, total: None
         return
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        _AmountColumn(),
+        TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+        def task(description: str, unit: str = "bytes") -> ProgressFn:
+            task_id = bar.add_task(description, total=None, unit=unit)
+            return lambda done, total: bar.update(task_id, completed=done, total=total)
+
+        yield task
+
+
+@contextmanager
+def byte_progress(description: str, quiet: bool = False) -> Iterator[ProgressFn]:
+    """One byte-counting bar (see progress_bars)."""
+    with progress_bars(quiet) as task:
+        yield task(description)

@@ -7,25 +7,61 @@ from typing import Annotated, Literal
 import typer
 
 from llmkit.cli.options import (
+    DatasetConfigOpt,
+    DatasetOpt,
+    DatasetSplitOpt,
+    DeviceOpt,
     JsonOpt,
     MaxShardSizeOpt,
     OutArg,
     OverwriteOpt,
     RevisionOpt,
+    SeqLenOpt,
     SourceArg,
+    TextColumnOpt,
     default,
 )
-from llmkit.cli.output import byte_progress, human_bytes, print_json, stderr, stdout
-from llmkit.quant.pipeline import METHODS
+from llmkit.cli.output import human_bytes, print_json, progress_bars, stderr, stdout
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import QuantOptions
+from llmkit.quant.pipeline import METHODS, QuantizeReport
 from llmkit.quant.pipeline import quantize as run_quantize
 
 MethodName = Literal[METHODS]
+_CAL = CalibrationSpec
+_OPT = QuantOptions
 
 
 def quantize(
     src: SourceArg,
     out: OutArg,
     method: Annotated[MethodName, typer.Option(help="Quantization method.", show_default=False)],
+    dataset: DatasetOpt = default(_CAL, "dataset"),
+    dataset_config: DatasetConfigOpt = default(_CAL, "config"),
+    dataset_split: DatasetSplitOpt = default(_CAL, "split"),
+    text_column: TextColumnOpt = default(_CAL, "text_column"),
+    num_samples: Annotated[int, typer.Option(help="Calibration windows (w8a8).")] = default(
+        _CAL, "num_samples"
+    ),
+    seq_len: SeqLenOpt = default(_CAL, "seq_len"),
+    seed: Annotated[int, typer.Option(help="Seed for picking windows.")] = default(_CAL, "seed"),
+    chat_template: Annotated[
+        bool, typer.Option("--chat-template", help="Wrap calibration text in the chat template.")
+    ] = default(_CAL, "chat_template"),
+    bits: Annotated[int, typer.Option(help="Weight bits (rtn).")] = default(_OPT, "bits"),
+    group_size: Annotated[
+        int, typer.Option(help="Inputs per scale (rtn); -1 for one per output channel.")
+    ] = default(_OPT, "group_size"),
+    sym: Annotated[
+        bool, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid (rtn).")
+    ] = default(_OPT, "sym"),
+    smooth_alpha: Annotated[
+        float, typer.Option(help="SmoothQuant migration strength (w8a8).")
+    ] = default(_OPT, "smooth_alpha"),
+    quantize_lm_head: Annotated[
+        bool, typer.Option("--quantize-lm-head", help="Quantize lm_head too.")
+    ] = default(_OPT, "quantize_lm_head"),
+    device: DeviceOpt = default(run_quantize, "device"),
     clamp: Annotated[
         bool, typer.Option("--clamp", help="Saturate values beyond fp16's range, don't refuse.")
     ] = default(run_quantize, "clamp"),
@@ -34,25 +70,50 @@ def quantize(
     revision: RevisionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Quantize SRC into OUT (fp16 and bf16 are streaming casts)."""
-    with byte_progress(f"quantize {method}", quiet=json_out) as progress:
+    """Quantize SRC into OUT: fp16/bf16 casts, int8 (W8A16), w8a8 (SmoothQuant), rtn (GPTQ)."""
+    calibration = CalibrationSpec(
+        dataset,
+        dataset_config,
+        dataset_split,
+        text_column,
+        num_samples,
+        seq_len,
+        seed,
+        chat_template,
+    )
+    options = QuantOptions(bits, group_size, sym, smooth_alpha, quantize_lm_head)
+    with progress_bars(quiet=json_out) as task:
         report = run_quantize(
             src,
             out,
             method,
+            options=options,
+            calibration=calibration,
+            device=device,
             clamp=clamp,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             revision=revision,
-            progress=progress,
+            progress=task("writing"),
+            on_layer=task("layers", unit="layers"),
         )
     if json_out:
         print_json(report.to_dict())
         return
+    _render(report)
+
+
+def _render(report: QuantizeReport) -> None:
     for name, count in report.clamped.items():
         stderr.print(f"[yellow]warning:[/] clamped {count} values of {name}", highlight=False)
+    calibrated = (
+        f", calibrated on {report.calibration_samples} samples"
+        if report.calibration_samples
+        else ""
+    )
     stdout.print(
-        f"wrote {report.output} ({report.method}): {report.num_tensors} tensors, "
+        f"wrote {report.output} ({report.method}{calibrated}): {report.num_tensors} tensors, "
         f"{report.num_converted} converted, {human_bytes(report.bytes_in)} -> "
-        f"{human_bytes(report.bytes_out)} in {len(report.shards)} file(s), {report.seconds:.1f}s"
+        f"{human_bytes(report.bytes_out)} in {len(report.shards)} file(s), "
+        f"{report.seconds:.1f}s, peak RSS {human_bytes(report.peak_rss_bytes)}"
     )

@@ -1,21 +1,45 @@
-"""Apply a quantization method to a whole checkpoint: read lazily, convert, write atomically."""
+"""Apply a quantization method to a whole checkpoint: read lazily, convert, write atomically.
+
+Casts (fp16, bf16) stream tensor by tensor. Integer methods (int8, w8a8, rtn) produce each
+decoder layer's tensors in turn, data-free or calibrated one layer at a time, spill them to a
+file per layer inside the temporary output, and then assemble the final shards, so memory
+stays at about one layer whatever the model's size.
+"""
 
 from __future__ import annotations
 
+import resource
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmkit.checkpoint import dtypes
+from llmkit.checkpoint.atomic import atomic_output_dir
 from llmkit.checkpoint.reader import Checkpoint, open_checkpoint
-from llmkit.checkpoint.safetensors_io import TensorInfo, TensorSpec
-from llmkit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, ProgressFn, write_checkpoint
+from llmkit.checkpoint.safetensors_io import (
+    TensorInfo,
+    TensorSpec,
+    file_layout,
+    read_header,
+    write_file,
+)
+from llmkit.checkpoint.writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ProgressFn,
+    fill_checkpoint_dir,
+    parse_size,
+    write_checkpoint,
+)
 from llmkit.errors import LlmkitError
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import INTEGER_METHODS, QuantOptions
 
 CAST_METHODS = {"fp16": "F16", "bf16": "BF16"}
-METHODS = tuple(CAST_METHODS)
+METHODS = (*CAST_METHODS, *INTEGER_METHODS)
 _CASTABLE = frozenset({"F64", "F32", "F16", "BF16"})
+_SPILL = ".llmkit-layers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +54,10 @@ class QuantizeReport:
     bytes_out: int
     shards: tuple[str, ...]
     seconds: float
+    peak_rss_bytes: int = 0
+    num_layers: int = 0
+    calibration_samples: int = 0
+    device: str = "cpu"
     clamped: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -41,18 +69,38 @@ def quantize(
     out: str | Path,
     method: str,
     *,
+    options: QuantOptions = QuantOptions(),
+    calibration: CalibrationSpec = CalibrationSpec(),
+    device: str = "auto",
     clamp: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     revision: str | None = None,
     progress: ProgressFn | None = None,
+    on_layer: ProgressFn | None = None,
 ) -> QuantizeReport:
     """Convert checkpoint `src` with `method` and write it to `out`."""
     if method not in METHODS:
         raise LlmkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    parse_size(max_shard_size)
     with open_checkpoint(src, revision) as ck:
         _check_source(ck, Path(out))
-        return _cast(ck, Path(out), method, clamp, max_shard_size, overwrite, progress)
+        if method in CAST_METHODS:
+            return _cast(ck, Path(out), method, clamp, max_shard_size, overwrite, progress)
+        from llmkit.quant.integer import quantize_integer
+
+        return quantize_integer(
+            ck,
+            Path(out),
+            method,
+            options,
+            calibration,
+            device,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+            on_layer=on_layer,
+        )
 
 
 def _check_source(ck: Checkpoint, out: Path) -> None:
@@ -63,6 +111,10 @@ def _check_source(ck: Checkpoint, out: Path) -> None:
         raise LlmkitError(
             f"{ck.path} is already quantized ({method}); quantize from a full-precision checkpoint"
         )
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _cast(
@@ -79,7 +131,7 @@ def _cast(
     start = time.perf_counter()
     target = CAST_METHODS[method]
     clamped: dict[str, int] = {}
-    specs = [_cast_spec(ck, info, target, clamp, clamped) for info in ck.tensors.values()]
+    specs = [cast_spec(ck, info, target, clamp, clamped) for info in ck.tensors.values()]
     config = dict(ck.config)
     config["torch_dtype"] = config["dtype"] = dtypes.torch_name(target)
     written = write_checkpoint(
@@ -100,14 +152,16 @@ def _cast(
         bytes_out=written.total_bytes,
         shards=written.shards,
         seconds=round(time.perf_counter() - start, 3),
+        peak_rss_bytes=peak_rss(),
         clamped=clamped,
     )
 
 
-def _cast_spec(
+def cast_spec(
     ck: Checkpoint, info: TensorInfo, target: str, clamp: bool, clamped: dict[str, int]
 ) -> TensorSpec:
-    if info.dtype not in _CASTABLE:
+    """A lazily read tensor, cast to `target` if it is floating point (else copied)."""
+    if info.dtype not in _CASTABLE or info.dtype == target:
         return TensorSpec(info.name, info.dtype, info.shape, lambda: ck.iter_row_chunks(info.name))
     return TensorSpec(
         info.name, target, info.shape, lambda: _cast_chunks(ck, info.name, target, clamp, clamped)
@@ -133,3 +187,48 @@ def _cast_chunks(
         if over:
             clamped[name] = clamped.get(name, 0) + over
         yield result
+
+
+def spill(directory: Path, groups: Iterator[tuple[str, dict]]) -> Checkpoint:
+    """Write each (file stem, {name: tensor}) group to its own safetensors file in `directory`
+    as it arrives; returns a lazy reader over all of them."""
+    directory.mkdir()
+    tensors: dict[str, TensorInfo] = {}
+    for stem, group in groups:
+        path = directory / f"{stem}.safetensors"
+        specs = [tensor_spec(name, t) for name, t in group.items()]
+        write_file(path, file_layout(specs), {})
+        tensors.update(read_header(path)[0])
+    return Checkpoint(directory, {}, tensors, "safetensors")
+
+
+def tensor_spec(name: str, tensor: object) -> TensorSpec:
+    """A spec for a tensor already in memory."""
+    return TensorSpec(name, dtypes.from_torch(tensor.dtype), tuple(tensor.shape), lambda: [tensor])
+
+
+def write_with_spill(
+    out: Path,
+    overwrite: bool,
+    groups: Callable[[], Iterator[tuple[str, dict]]],
+    assemble: Callable[[Checkpoint], tuple[list[TensorSpec], dict, dict]],
+    aux_from: Path,
+    max_shard_size: str | int,
+    progress: ProgressFn | None,
+):
+    """Spill `groups()` inside the temporary output, then write `assemble(spilled)`'s
+    (specs, config, extra files) as the checkpoint; the spill files never reach `out`."""
+    with atomic_output_dir(out, overwrite) as tmp:
+        with spill(tmp / _SPILL, groups()) as spilled:
+            specs, config, extra = assemble(spilled)
+            written = fill_checkpoint_dir(
+                tmp,
+                specs,
+                config,
+                aux_from,
+                extra_files=extra,
+                max_shard_size=max_shard_size,
+                progress=progress,
+            )
+        shutil.rmtree(tmp / _SPILL)
+    return written

@@ -1,0 +1,72 @@
+"""`llmkit bench ...`: measure checkpoints. `quality` compares them with a reference."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llmkit.bench.quality import evaluate_quality
+from llmkit.cli.options import (
+    DatasetConfigOpt,
+    DatasetOpt,
+    DatasetSplitOpt,
+    JsonOpt,
+    SeqLenOpt,
+    TextColumnOpt,
+    default,
+)
+from llmkit.cli.output import print_json, progress_bars, stdout
+from llmkit.quant.calibration import CalibrationSpec
+
+app = typer.Typer(help="Measure checkpoints: quality against a reference.", no_args_is_help=True)
+EVAL_SEED = 1  # the builtin text with another seed than calibration's: held-out text
+
+
+@app.command("quality")
+def quality(
+    reference: Annotated[str, typer.Argument(help="Reference checkpoint directory.")],
+    candidates: Annotated[list[str], typer.Argument(help="Checkpoints to compare with it.")],
+    dataset: DatasetOpt = default(CalibrationSpec, "dataset"),
+    dataset_config: DatasetConfigOpt = default(CalibrationSpec, "config"),
+    dataset_split: DatasetSplitOpt = "test",
+    text_column: TextColumnOpt = default(CalibrationSpec, "text_column"),
+    seq_len: SeqLenOpt = default(CalibrationSpec, "seq_len"),
+    num_windows: Annotated[
+        int, typer.Option(help="Windows to score (0: all the text holds).")
+    ] = default(evaluate_quality, "num_windows"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Perplexity, KL divergence from the reference and top-1 agreement, per checkpoint."""
+    data = CalibrationSpec(
+        dataset, dataset_config, dataset_split, text_column, seq_len=seq_len, seed=EVAL_SEED
+    )
+    with progress_bars(quiet=json_out) as task:
+        rows = evaluate_quality(
+            reference, candidates, data, num_windows, on_window=task("windows", unit="windows")
+        )
+    if json_out:
+        print_json(
+            {"reference": reference, "seq_len": seq_len, "rows": [row.to_dict() for row in rows]}
+        )
+        return
+    table = Table(
+        "checkpoint",
+        "perplexity",
+        "KLD mean",
+        "KLD p99",
+        "top-1 agree",
+        "tokens",
+        title=f"quality against {reference}",
+    )
+    for row in rows:
+        table.add_row(
+            row.name,
+            f"{row.perplexity:.4f}",
+            f"{row.kld_mean:.6f}",
+            f"{row.kld_p99:.6f}",
+            f"{row.top1_agreement:.2%}",
+            str(row.num_tokens),
+        )
+    stdout.print(table)

@@ -1,0 +1,160 @@
+"""compressed-tensors checkpoints (quant_method "compressed-tensors"), the format vLLM and
+transformers read for INT8.
+
+- `int-quantized`: `weight` int8 [out, in] and `weight_scale` [out, 1].
+- `pack-quantized`: `weight_packed` int32 [out, ceil(in * bits / 32)] holding values offset by
+  2**(bits-1), element i at bit i * bits of its row (little-endian within each word), plus
+  `weight_scale` [out, 1] and `weight_shape` int64 [2].
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from llmkit.errors import LlmkitError
+
+INT_QUANTIZED = "int-quantized"
+PACK_QUANTIZED = "pack-quantized"
+
+
+def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 [rows, cols] (signed, |q| < 2**(bits-1)) -> int32 [rows, ceil(cols * bits / 32)]."""
+    rows, cols = q.shape
+    per_word = 32 // bits
+    if 32 % bits:
+        raise ValueError(f"packing {bits}-bit values is not supported (use 2, 4 or 8 bits)")
+    words = -(-cols // per_word)
+    unsigned = (q.to(torch.int64) + (1 << (bits - 1))).reshape(rows, cols)
+    unsigned = torch.nn.functional.pad(unsigned, (0, words * per_word - cols))
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    packed = (unsigned.reshape(rows, words, per_word) << shifts).sum(dim=-1)
+    return _to_int32(packed)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of `pack_int32`: int32 [rows, words] -> int8 [rows, cols]."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    values = (words[..., None] >> shifts) & ((1 << bits) - 1)
+    values = values.reshape(packed.shape[0], -1)[:, :cols]
+    return (values - (1 << (bits - 1))).to(torch.int8)
+
+
+def _to_int32(x: torch.Tensor) -> torch.Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def quantization_config(format: str, activations: bool, ignore: list[str]) -> dict:
+    """`quantization_config` for symmetric per-channel int8 weights, with dynamic per-token
+    int8 activations when `activations` (W8A8) and none otherwise (W8A16)."""
+    weights = {
+        "num_bits": 8,
+        "type": "int",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": "channel",
+        "dynamic": False,
+        "actorder": None,
+        "block_structure": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+    scheme: dict = {
+        "targets": ["Linear"],
+        "weights": weights,
+        "input_activations": None,
+        "output_activations": None,
+        "format": format,
+    }
+    if activations:
+        scheme["input_activations"] = {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "group_size": None,
+            "strategy": "token",
+            "dynamic": True,
+            "actorder": None,
+            "block_structure": None,
+            "observer": None,
+            "observer_kwargs": {},
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": format,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": scheme},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
+
+
+def _targets(scheme: dict, module: str) -> bool:
+    for target in scheme.get("targets", []):
+        if target == "Linear" or module == target or module.endswith(f".{target}"):
+            return True
+        if target.startswith("re:") and re.match(target[3:], module):
+            return True
+    return False
+
+
+def scheme_for(config: dict, module: str) -> dict | None:
+    """The config group that quantizes `module`, or None when it is ignored / untargeted."""
+    for ignored in config.get("ignore") or []:
+        pattern = ignored[3:] if ignored.startswith("re:") else re.escape(ignored) + "$"
+        if re.match(pattern, module):
+            return None
+    for scheme in (config.get("config_groups") or {}).values():
+        if _targets(scheme, module):
+            return scheme
+    return None
+
+
+def dequantize_module(tensors: dict[str, torch.Tensor], scheme: dict) -> torch.Tensor:
+    """A module's stored tensors (by leaf name) -> its float32 weight [out, in]."""
+    weights = scheme.get("weights") or {}
+    if weights.get("type", "int") != "int" or weights.get("strategy") not in _STRATEGIES:
+        raise LlmkitError(f"compressed-tensors weights {weights} are not supported by llmkit yet")
+    bits = int(weights["num_bits"])
+    if "weight_packed" in tensors:
+        out_features, in_features = (int(d) for d in tensors["weight_shape"])
+        q = unpack_int32(tensors["weight_packed"], bits, in_features)
+    else:
+        q = tensors["weight"]
+        out_features, in_features = q.shape
+    scale = tensors["weight_scale"].float().reshape(out_features if scale_rows(tensors) else 1, -1)
+    zero = tensors.get("weight_zero_point")
+    zero = torch.zeros(1) if zero is None else _zero_points(zero, bits, scale.shape)
+    repeat = in_features // scale.shape[1]
+    scale = scale.repeat_interleave(repeat, dim=1)
+    zero = zero.float().expand(scale.shape[0], -1).repeat_interleave(repeat, dim=1)
+    return (q.float() - zero) * scale
+
+
+_STRATEGIES = ("tensor", "channel", "group")
+
+
+def scale_rows(tensors: dict[str, torch.Tensor]) -> bool:
+    return tensors["weight_scale"].dim() == 2
+
+
+def _zero_points(zero: torch.Tensor, bits: int, scale_shape: torch.Size) -> torch.Tensor:
+    if zero.dtype == torch.int32 and zero.shape != scale_shape:  # packed along the output dim
+        return unpack_int32(zero.t().contiguous(), bits, scale_shape[0]).t().float()
+    return zero.float().reshape(scale_shape[0] if zero.dim() == 2 else 1, -1)
+
+
+def quantizes_inputs(scheme: dict) -> bool:
+    """Does the scheme quantize activations dynamically per token to int8 (W8A8)?"""
+    acts = scheme.get("input_activations")
+    if not acts:
+        return False
+    supported = acts.get("type") == "int" and acts.get("num_bits") == 8 and acts.get("dynamic")
+    if not supported or acts.get("strategy") != "token" or not acts.get("symmetric", True):
+        raise LlmkitError(f"compressed-tensors input activations {acts} are not supported yet")
+    return True

@@ -1,0 +1,80 @@
+"""Read any checkpoint llmkit writes (or reads) as plain float weights: the reference
+computation that quantized formats are checked against, and what quality evaluation runs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from llmkit.checkpoint.reader import Checkpoint
+from llmkit.errors import LlmkitError
+from llmkit.quant.formats import compressed_tensors as ct
+from llmkit.quant.formats import gptq
+
+_CT_LEAVES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def dequantized_state(ck: Checkpoint) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(state dict with float weights, names of Linears whose inputs run through per-token
+    int8) for a plain, compressed-tensors or GPTQ checkpoint."""
+    config = ck.quantization_config
+    if not config:
+        return {name: ck.get_tensor(name) for name in ck.tensors}, set()
+    method = config.get("quant_method")
+    if method == "compressed-tensors":
+        return _compressed_tensors(ck, config)
+    if method == "gptq":
+        return _gptq(ck, config), set()
+    raise LlmkitError(f"reading {method!r} checkpoints is not supported yet")
+
+
+def _by_module(ck: Checkpoint) -> dict[str, dict[str, str]]:
+    """module name -> {leaf name: full tensor name}."""
+    modules: dict[str, dict[str, str]] = defaultdict(dict)
+    for name in ck.tensors:
+        module, _, leaf = name.rpartition(".")
+        modules[module][leaf] = name
+    return modules
+
+
+def _compressed_tensors(ck: Checkpoint, config: dict) -> tuple[dict, set[str]]:
+    if config.get("format") not in (ct.INT_QUANTIZED, ct.PACK_QUANTIZED):
+        raise LlmkitError(f"compressed-tensors format {config.get('format')!r} is not supported")
+    state: dict[str, torch.Tensor] = {}
+    act_quant: set[str] = set()
+    for module, leaves in _by_module(ck).items():
+        scheme = ct.scheme_for(config, module) if "weight_scale" in leaves else None
+        if scheme is None:
+            state.update({full: ck.get_tensor(full) for full in leaves.values()})
+            continue
+        stored = {leaf: ck.get_tensor(full) for leaf, full in leaves.items() if leaf in _CT_LEAVES}
+        state[f"{module}.weight"] = ct.dequantize_module(stored, scheme)
+        state.update(
+            {full: ck.get_tensor(full) for leaf, full in leaves.items() if leaf not in _CT_LEAVES}
+        )
+        if ct.quantizes_inputs(scheme):
+            act_quant.add(module)
+    return state, act_quant
+
+
+def _gptq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
+    bits = int(config["bits"])
+    zero_offset = 0 if config.get("checkpoint_format") == "gptq_v2" else 1
+    state: dict[str, torch.Tensor] = {}
+    for module, leaves in _by_module(ck).items():
+        if "qweight" not in leaves:
+            state.update({full: ck.get_tensor(full) for full in leaves.values()})
+            continue
+        parts = {leaf: ck.get_tensor(leaves[leaf]) for leaf in gptq.SUFFIXES}
+        state[f"{module}.weight"] = gptq.dequantize(
+            parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], bits, zero_offset
+        )
+        state.update(
+            {
+                full: ck.get_tensor(full)
+                for leaf, full in leaves.items()
+                if leaf not in gptq.SUFFIXES
+            }
+        )
+    return state

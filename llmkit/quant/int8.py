@@ -1,0 +1,36 @@
+"""Symmetric INT8: per-output-channel weights and dynamic per-token activations."""
+
+from __future__ import annotations
+
+import torch
+
+QMAX = 127
+
+
+def quantize_per_channel(
+    w: torch.Tensor, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [out, in] -> (q: int8 [out, in] in [-127, 127], scale: [out, 1] in `scale_dtype`).
+
+    The scale is rounded to its storage dtype *before* q is computed, and rounded up where
+    needed, so q * scale is within half a step of w for every element.
+    """
+    amax = w.detach().abs().amax(dim=1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).to(scale_dtype)
+    too_small = scale.float() * QMAX < amax
+    scale = torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+    q = torch.round(w.float() / scale.float()).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float()).to(dtype)
+
+
+def fake_quantize_per_token(x: torch.Tensor, divisor: float = QMAX) -> torch.Tensor:
+    """Round x through dynamic symmetric int8 with one scale per token (the last dim is the
+    channel dim): scale = max|x| / divisor. vLLM's kernels divide by 127 (the default);
+    compressed-tensors' own fake quantization, which transformers uses, by 127.5."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / divisor, torch.ones_like(amax))
+    return (torch.round(x.float() / scale).clamp(-128, QMAX) * scale).to(x.dtype)

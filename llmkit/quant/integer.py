@@ -1,0 +1,179 @@
+"""Integer quantization of a whole checkpoint (int8, w8a8, rtn), one decoder layer at a time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llmkit.checkpoint import dtypes
+from llmkit.checkpoint.atomic import check_output_dir
+from llmkit.checkpoint.reader import Checkpoint
+from llmkit.checkpoint.safetensors_io import TensorSpec
+from llmkit.checkpoint.writer import ProgressFn
+from llmkit.devices import resolve_device
+from llmkit.errors import LlmkitError
+from llmkit.quant.arch import Arch, arch_for, is_layer_linear, num_layers
+from llmkit.quant.calibration import CalibrationSpec, calibration_ids
+from llmkit.quant.fp16 import cast
+from llmkit.quant.methods import W8A8Layer, dense_dtype, linear_tensors, quantization_config
+from llmkit.quant.options import CALIBRATED_METHODS, QuantOptions, check_options
+from llmkit.quant.pipeline import QuantizeReport, cast_spec, peak_rss, write_with_spill
+from llmkit.quant.sequential import run_layers
+
+LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
+
+
+def quantize_integer(
+    ck: Checkpoint,
+    out: Path,
+    method: str,
+    options: QuantOptions,
+    calibration: CalibrationSpec,
+    device: str,
+    *,
+    max_shard_size: str | int,
+    overwrite: bool,
+    progress: ProgressFn | None,
+    on_layer: ProgressFn | None,
+) -> QuantizeReport:
+    check_options(method, options)
+    arch = arch_for(ck.config)
+    check_output_dir(out, overwrite)  # before calibration, which can take a while
+    compute = resolve_device(device)
+    start = time.perf_counter()
+    ids = _calibration_ids(ck, calibration) if method in CALIBRATED_METHODS else None
+    if ids is not None:
+        layers = _calibrated_layers(ck, arch, options, ids, compute, on_layer)
+    else:
+        layers = _data_free_layers(ck, arch, method, options, on_layer)
+
+    def groups() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        for index, tensors in layers:
+            prefix = f"{arch.layers}.{index}."
+            yield f"layer-{index:05d}", {prefix + name: t for name, t in tensors.items()}
+        if options.quantize_lm_head:
+            yield "lm_head", _lm_head_tensors(ck, arch, method, options)
+
+    def assemble(spilled: Checkpoint) -> tuple[list[TensorSpec], dict, dict]:
+        return _specs(ck, arch, spilled, method, options), *_configs(ck, method, options)
+
+    written = write_with_spill(out, overwrite, groups, assemble, ck.path, max_shard_size, progress)
+    quantized = [n for n in ck.tensors if is_layer_linear(arch, n)]
+    return QuantizeReport(
+        output=str(out.absolute()),
+        method=method,
+        num_tensors=written.num_tensors,
+        num_converted=len(quantized) + options.quantize_lm_head,
+        bytes_in=sum(info.nbytes for info in ck.tensors.values()),
+        bytes_out=written.total_bytes,
+        shards=written.shards,
+        seconds=round(time.perf_counter() - start, 3),
+        peak_rss_bytes=peak_rss(),
+        num_layers=num_layers(ck.config),
+        calibration_samples=0 if ids is None else int(ids.shape[0]),
+        device=str(compute),
+    )
+
+
+def _calibration_ids(ck: Checkpoint, spec: CalibrationSpec) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ck.path)
+    except (OSError, ValueError) as e:
+        raise LlmkitError(f"cannot load the tokenizer in {ck.path} for calibration: {e}") from None
+    return calibration_ids(tokenizer, spec)
+
+
+def _storage(ck: Checkpoint, name: str) -> torch.dtype:
+    return dtypes.to_torch(ck.tensors[name].dtype)
+
+
+def _data_free_layers(
+    ck: Checkpoint, arch: Arch, method: str, options: QuantOptions, on_layer: ProgressFn | None
+) -> LayerTensors:
+    total = num_layers(ck.config)
+    for index in range(total):
+        prefix = f"{arch.layers}.{index}."
+        out: dict[str, torch.Tensor] = {}
+        for name in [n for n in ck.tensors if n.startswith(prefix)]:
+            tensor = ck.get_tensor(name)
+            if is_layer_linear(arch, name):
+                module = name[len(prefix) :].removesuffix(".weight")
+                packed = linear_tensors(method, options, tensor.float(), _storage(ck, name))
+                out.update({f"{module}.{k}": v for k, v in packed.items()})
+            else:
+                out[name[len(prefix) :]] = _dense(name, tensor, method)
+        if on_layer is not None:
+            on_layer(index + 1, total)
+        yield index, out
+
+
+def _dense(name: str, tensor: torch.Tensor, method: str) -> torch.Tensor:
+    result, over = cast(tensor, dense_dtype(method, tensor.dtype))
+    if over:
+        raise LlmkitError(f"tensor {name!r} has values beyond float16's range; it cannot be stored")
+    return result
+
+
+def _calibrated_layers(
+    ck: Checkpoint,
+    arch: Arch,
+    options: QuantOptions,
+    ids: torch.Tensor,
+    device: torch.device,
+    on_layer: ProgressFn | None,
+) -> LayerTensors:
+    storage = {name: _storage(ck, name) for name in ck.tensors}
+    quantizer = W8A8Layer(arch, options.smooth_alpha, storage)
+    return run_layers(ck, arch, ids, quantizer, device, torch.float32, on_layer)
+
+
+def _lm_head_tensors(
+    ck: Checkpoint, arch: Arch, method: str, options: QuantOptions
+) -> dict[str, torch.Tensor]:
+    name = f"{arch.lm_head}.weight"
+    source = name if name in ck.tensors else f"{arch.embed}.weight"  # tied embeddings
+    packed = linear_tensors(method, options, ck.get_tensor(source).float(), _storage(ck, source))
+    return {f"{arch.lm_head}.{k}": v for k, v in packed.items()}
+
+
+def _specs(
+    ck: Checkpoint, arch: Arch, spilled: Checkpoint, method: str, options: QuantOptions
+) -> list[TensorSpec]:
+    """Embeddings first, then the layers, then the final norm and lm_head (HF's order)."""
+    lm_head = f"{arch.lm_head}.weight"
+    dense = [
+        n
+        for n in ck.tensors
+        if not n.startswith(f"{arch.layers}.") and not (options.quantize_lm_head and n == lm_head)
+    ]
+    tail = {f"{arch.final_norm}.weight", lm_head}
+    specs = [_dense_spec(ck, n, method) for n in dense if n not in tail]
+    specs += [
+        TensorSpec(n, info.dtype, info.shape, lambda n=n: spilled.iter_row_chunks(n))
+        for n, info in spilled.tensors.items()
+    ]
+    return specs + [_dense_spec(ck, n, method) for n in dense if n in tail]
+
+
+def _dense_spec(ck: Checkpoint, name: str, method: str) -> TensorSpec:
+    info = ck.tensors[name]
+    target = dtypes.from_torch(dense_dtype(method, dtypes.to_torch(info.dtype)))
+    return cast_spec(ck, info, target, clamp=False, clamped={})
+
+
+def _configs(ck: Checkpoint, method: str, options: QuantOptions) -> tuple[dict, dict]:
+    """config.json with its quantization_config, and extra files (GPTQ's quantize_config)."""
+    config = dict(ck.config)
+    config["quantization_config"] = quantization_config(method, options)
+    extra: dict[str, dict] = {}
+    if method == "rtn":
+        config["torch_dtype"] = config["dtype"] = "float16"
+        extra["quantize_config.json"] = config["quantization_config"]
+    if options.quantize_lm_head and config.get("tie_word_embeddings"):
+        config["tie_word_embeddings"] = False  # lm_head is now its own (quantized) tensor
+    return config, extra

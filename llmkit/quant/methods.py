@@ -1,0 +1,100 @@
+"""Integer quantization methods: how one Linear becomes its on-disk tensors, which config
+goes with them, and (for W8A8) how a decoder layer is calibrated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmkit.errors import LlmkitError
+from llmkit.quant import int8, rtn
+from llmkit.quant.arch import Arch
+from llmkit.quant.formats import compressed_tensors as ct
+from llmkit.quant.formats import gptq
+from llmkit.quant.options import QuantOptions
+from llmkit.quant.sequential import LayerRun
+from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
+
+
+def linear_tensors(
+    method: str, options: QuantOptions, weight: torch.Tensor, scale_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """weight: [out, in] float -> the module's tensors in `method`'s format (suffix -> tensor)."""
+    if method == "rtn":
+        return _gptq_tensors(options, weight)
+    q, scale = int8.quantize_per_channel(weight, scale_dtype)
+    if method == "w8a8":
+        return {"weight": q, "weight_scale": scale}
+    return {
+        "weight_packed": ct.pack_int32(q, 8),
+        "weight_scale": scale,
+        "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
+    }
+
+
+def _gptq_tensors(options: QuantOptions, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    in_features = weight.shape[1]
+    size = in_features if options.group_size == -1 else options.group_size
+    if in_features % size or in_features % (32 // options.bits):
+        raise LlmkitError(
+            f"a Linear with {in_features} inputs cannot take --group-size {options.group_size} "
+            f"at {options.bits} bits (inputs must divide into groups and into int32 words)"
+        )
+    # GPTQ v1 stores zero - 1, so asymmetric zero points start at 1.
+    quant = rtn.quantize_groups(weight, options.bits, size, options.sym, min_zero=1)
+    g_idx = torch.arange(in_features, dtype=torch.int32) // size
+    return gptq.pack(quant.q, quant.scales, quant.zeros, options.bits, g_idx)
+
+
+def dense_dtype(method: str, original: torch.dtype) -> torch.dtype:
+    """The dtype unquantized tensors are written in: GPTQ checkpoints are float16."""
+    return torch.float16 if method == "rtn" else original
+
+
+def quantization_config(method: str, options: QuantOptions) -> dict:
+    if method == "rtn":
+        config = gptq.quantization_config(options.bits, options.group_size, options.sym, False)
+        return config | {"lm_head": options.quantize_lm_head}
+    fmt = ct.INT_QUANTIZED if method == "w8a8" else ct.PACK_QUANTIZED
+    ignore = [] if options.quantize_lm_head else ["lm_head"]
+    return ct.quantization_config(fmt, activations=method == "w8a8", ignore=ignore)
+
+
+def per_token_int8_hook(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the input as W8A8 kernels see it (dynamic per-token int8)."""
+    return (int8.fake_quantize_per_token(args[0]), *args[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class W8A8Layer:
+    """SmoothQuant then per-channel int8 weights for one decoder layer (a LayerQuantizer)."""
+
+    arch: Arch
+    alpha: float
+    dtypes: dict[str, torch.dtype]  # every checkpoint tensor's dtype, by full name
+
+    def __call__(self, index: int, run: LayerRun) -> dict[str, torch.Tensor]:
+        layer, prefix = run.layer, f"{self.arch.layers}.{index}."
+        observers = [
+            (g, InputAbsMax(layer.get_submodule(g.linears[0]))) for g in self.arch.smoothable
+        ]
+        run.run()
+        for group, observer in observers:
+            linears = [layer.get_submodule(name) for name in group.linears]
+            scales = smooth_scales(observer.remove(), [m.weight for m in linears], self.alpha)
+            fold(layer.get_submodule(group.source), linears, scales)
+        out: dict[str, torch.Tensor] = {}
+        for name in self.arch.linears:
+            linear = layer.get_submodule(name)
+            q, scale = int8.quantize_per_channel(
+                linear.weight, self.dtypes[f"{prefix}{name}.weight"]
+            )
+            linear.weight.data = int8.dequantize(q, scale, linear.weight.dtype)
+            linear.register_forward_pre_hook(per_token_int8_hook)
+            out[f"{name}.weight"], out[f"{name}.weight_scale"] = q, scale
+        for name, tensor in layer.state_dict().items():
+            if name not in out:  # norms (now smoothed) and biases, in their original dtype
+                out[name] = tensor.detach().to("cpu", self.dtypes[prefix + name])
+        return out

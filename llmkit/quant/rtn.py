@@ -1,0 +1,82 @@
+"""Round-to-nearest group quantization: the data-free baseline GPTQ and AWQ must beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class GroupQuant:
+    """w[o, i] ≈ scales[o, g] * (q[o, i] - zeros[o, g]) with g = i // group_size.
+
+    q: uint8 [out, in] in [0, 2**bits - 1]; scales: [out, groups]; zeros: int32 [out, groups].
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_groups(self.q, self.scales, self.zeros, self.group_size).to(dtype)
+
+
+def group_params(
+    w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros for rows of `w` (each row one group): w [rows, n] -> ([rows], [rows]).
+
+    The range always includes 0 (as GPTQ does). Symmetric: zero is the grid's midpoint.
+    `min_zero` lets formats that cannot store zero 0 (GPTQ v1 stores zero - 1) raise it.
+    """
+    maxq = 2**bits - 1
+    wf = w.detach().float()
+    xmin = wf.amin(dim=1).clamp(max=0)
+    xmax = wf.amax(dim=1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    span = torch.where(xmax > xmin, xmax - xmin, torch.ones_like(xmax))
+    scale = (span / maxq).to(scale_dtype).float()
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(min_zero, maxq)
+    return scale, zero
+
+
+def quantize_groups(
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    scale_dtype: torch.dtype = torch.float16,
+    min_zero: int = 0,
+) -> GroupQuant:
+    """RTN of w: [out, in] with groups of `group_size` input channels (-1: one group a row)."""
+    out_features, in_features = w.shape
+    size = in_features if group_size == -1 else group_size
+    if in_features % size:
+        raise ValueError(f"in_features {in_features} is not a multiple of group size {size}")
+    groups = w.reshape(out_features * (in_features // size), size)
+    scale, zero = group_params(groups, bits, sym, scale_dtype, min_zero)
+    q = torch.round(groups.float() / scale[:, None]) + zero[:, None]
+    q = q.clamp(0, 2**bits - 1).to(torch.uint8).reshape(out_features, in_features)
+    shape = (out_features, in_features // size)
+    return GroupQuant(
+        q, scale.to(scale_dtype).reshape(shape), zero.to(torch.int32).reshape(shape), bits, size
+    )
+
+
+def dequantize_groups(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Inverse of `quantize_groups` in float32: scales[o, g] * (q[o, i] - zeros[o, g])."""
+    out_features, in_features = q.shape
+    groups = in_features // group_size
+    qg = q.reshape(out_features, groups, group_size).float()
+    w = scales.float()[..., None] * (qg - zeros.float()[..., None])
+    return w.reshape(out_features, in_features)
