@@ -1,0 +1,89 @@
+"""`llmkit bench quality`: perplexity, KLD and top-1 agreement against independent math."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from llmkit.bench.quality import eval_windows, evaluate_quality
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.pipeline import quantize
+
+DATA = CalibrationSpec(seq_len=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def int8_copy(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "q"
+    quantize(tiny_dir("tiny-llama"), out, "int8")
+    return out
+
+
+def test_metrics_against_transformers(tiny_dir, int8_copy):
+    pytest.importorskip("compressed_tensors", reason="the test extra is not installed")
+    ref_path = tiny_dir("tiny-llama")
+    rows = evaluate_quality(ref_path, [int8_copy], DATA, num_windows=6)
+    ids = eval_windows(ref_path, DATA, 6)
+    assert ids.shape == (6, 32)
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_path)
+    cand_model = AutoModelForCausalLM.from_pretrained(int8_copy)
+    with torch.no_grad():
+        losses = [float(ref_model(w[None], labels=w[None]).loss) for w in ids]
+        ref_logp = F.log_softmax(ref_model(ids).logits[:, :-1].double(), -1)
+        cand_logp = F.log_softmax(cand_model(ids).logits[:, :-1].double(), -1)
+    reference, candidate = rows
+    assert reference.num_tokens == candidate.num_tokens == 6 * 31
+    assert reference.perplexity == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    assert reference.kld_mean == 0 and reference.top1_agreement == 1
+    kld = F.kl_div(cand_logp, ref_logp, log_target=True, reduction="none").sum(-1)
+    assert candidate.kld_mean == pytest.approx(float(kld.mean()), rel=1e-4, abs=1e-9)
+    assert candidate.kld_p99 == pytest.approx(float(torch.quantile(kld.flatten(), 0.99)), rel=1e-3)
+    agree = (cand_logp.argmax(-1) == ref_logp.argmax(-1)).double().mean()
+    assert candidate.top1_agreement == pytest.approx(float(agree))
+    assert candidate.kld_mean > 0
+
+
+def test_cli_bench_quality_json(cli, tiny_dir, int8_copy):
+    result = cli(
+        "bench",
+        "quality",
+        tiny_dir("tiny-llama"),
+        int8_copy,
+        "--seq-len",
+        "32",
+        "--num-windows",
+        "3",
+        "--json",
+    )
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["seq_len"] == 32 and len(report["rows"]) == 2
+    for row in report["rows"]:
+        assert set(row) == {
+            "name",
+            "perplexity",
+            "kld_mean",
+            "kld_p99",
+            "top1_agreement",
+            "num_tokens",
+        }
+    assert report["rows"][1]["name"] == str(int8_copy)
+
+
+def test_cli_bench_quality_rejects_other_vocabularies(cli, tiny_dir):
+    result = cli(
+        "bench",
+        "quality",
+        tiny_dir("tiny-llama"),
+        tiny_dir("tiny-mistral"),
+        "--seq-len",
+        "32",
+        "--num-windows",
+        "1",
+    )
+    assert result.code == 1 and "vocabulary of 500" in result.err

@@ -1,0 +1,207 @@
+"""Integer quantization of whole checkpoints: formats other tools load, and the numbers
+they compute equal llmkit's own dequantized computation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmkit.bench.model import load_model
+from llmkit.checkpoint.reader import open_checkpoint
+from llmkit.errors import LlmkitError
+from llmkit.quant import int8
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.formats import gptq
+from llmkit.quant.options import QuantOptions
+from llmkit.quant.pipeline import quantize
+from tests.test_formats import unpack_gptq_by_loops
+
+IDS = torch.tensor([[1, 40, 41, 42, 100, 7, 300, 12, 5, 77, 90, 200]])
+SMALL = CalibrationSpec(num_samples=8, seq_len=64)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_dir, tmp_path_factory):
+    """method -> checkpoint of tiny-llama quantized with it (made once)."""
+    made = {}
+
+    def get(method, preset="tiny-llama", **options):
+        key = (method, preset, tuple(sorted(options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(method) / "q"
+            quantize(
+                tiny_dir(preset), out, method, options=QuantOptions(**options), calibration=SMALL
+            )
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+def test_int8_loads_in_transformers_with_identical_logits(quantized):
+    pytest.importorskip("compressed_tensors", reason="the test extra is not installed")
+    path = quantized("int8")
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["ignore"] == ["lm_head"]
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert torch.allclose(logits(hf), logits(load_model(path)), atol=1e-5)
+
+
+def test_w8a8_loads_in_transformers_with_identical_logits(quantized, tiny_dir):
+    """transformers runs activations through compressed-tensors' fake quantization, which
+    divides by 127.5; with that one convention aligned, the numbers are the same."""
+    pytest.importorskip("compressed_tensors", reason="the test extra is not installed")
+    path = quantized("w8a8")
+    hf = logits(AutoModelForCausalLM.from_pretrained(path))
+    ours = load_model(path)
+    vllm_convention = logits(ours)  # llmkit's default divisor, 127, is vLLM kernels'
+    for module in ours.modules():
+        if module._forward_pre_hooks:
+            module._forward_pre_hooks.clear()
+            module.register_forward_pre_hook(
+                lambda m, args: (int8.fake_quantize_per_token(args[0], divisor=127.5),)
+            )
+    assert torch.allclose(logits(ours), hf, atol=1e-5)
+    # The divisors round activations differently, so the default differs from transformers
+    # by quantization noise, not more: both stay near the float model.
+    float_logits = logits(load_model(tiny_dir("tiny-llama")))
+    for got in (vllm_convention, hf):
+        assert float((got - float_logits).abs().max() / float_logits.abs().max()) < 0.05
+
+
+def test_w8a8_close_to_float_and_int8_scales_in_storage_dtype(quantized, tiny_dir):
+    path = quantized("w8a8")
+    reference = logits(load_model(tiny_dir("tiny-llama")))
+    got = logits(load_model(path))
+    assert float((got - reference).abs().max() / reference.abs().max()) < 0.05
+    with open_checkpoint(path) as ck:
+        assert ck.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == "I8"
+        assert ck.tensors["model.layers.0.self_attn.q_proj.weight_scale"].dtype == "F32"
+        assert ck.tensors["model.layers.0.self_attn.q_proj.weight_scale"].shape == (64, 1)
+        assert ck.tensors["lm_head.weight"].dtype == "F32"
+
+
+def test_w8a8_smoothing_is_folded_into_the_norms(quantized, tiny_dir):
+    with open_checkpoint(tiny_dir("tiny-llama")) as src, open_checkpoint(quantized("w8a8")) as q:
+        name = "model.layers.0.input_layernorm.weight"
+        assert not torch.allclose(src.get_tensor(name), q.get_tensor(name))
+
+
+def test_rtn_writes_gptq_v1(quantized, tiny_dir):
+    path = quantized("rtn", bits=4, group_size=32)
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((path / "quantize_config.json").read_text())
+    assert config["quantization_config"]["checkpoint_format"] == "gptq"
+    assert config["torch_dtype"] == "float16"
+    with open_checkpoint(path) as ck, open_checkpoint(tiny_dir("tiny-llama")) as src:
+        prefix = "model.layers.1.mlp.down_proj."
+        parts = {s: ck.get_tensor(prefix + s) for s in gptq.SUFFIXES}
+        assert parts["qweight"].shape == (128 // 8, 64) and parts["scales"].shape == (4, 64)
+        q, zeros = unpack_gptq_by_loops(parts["qweight"], parts["qzeros"], 4)
+        weight = src.get_tensor(prefix + "weight")
+    scales = parts["scales"].float().t().repeat_interleave(32, dim=1)
+    dequantized = scales * (q.float() - zeros.float().repeat_interleave(32, dim=1))
+    assert float((dequantized - weight).abs().max()) <= float(scales.max()) * 1.01
+    state = load_model(path).state_dict()
+    assert torch.allclose(state[prefix + "weight"], dequantized, atol=1e-6)
+
+
+def test_lm_head_quantized_and_untied(quantized):
+    pytest.importorskip("compressed_tensors", reason="the test extra is not installed")
+    path = quantized("int8", preset="tiny-qwen2", quantize_lm_head=True)
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["quantization_config"]["ignore"] == []
+    with open_checkpoint(path) as ck:
+        assert "lm_head.weight_packed" in ck.tensors
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert torch.allclose(logits(hf), logits(load_model(path)), atol=1e-5)
+
+
+def test_output_holds_no_spill_files(quantized):
+    path = quantized("w8a8")
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+
+
+def test_bad_group_size_fails_before_writing(tiny_dir, tmp_path):
+    with pytest.raises(LlmkitError, match="cannot take --group-size 48"):
+        quantize(tiny_dir("tiny-llama"), tmp_path / "o", "rtn", options=QuantOptions(group_size=48))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_mid_calibration_leaves_nothing(tiny_dir, tmp_path):
+    def fail_at_second_layer(done, total):
+        if done == 2:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        quantize(
+            tiny_dir("tiny-llama"),
+            tmp_path / "o",
+            "w8a8",
+            calibration=SMALL,
+            on_layer=fail_at_second_layer,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_architecture_is_refused(tmp_path, tiny_dir):
+    import shutil
+
+    src = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_dir("tiny-llama"), src)
+    config = json.loads((src / "config.json").read_text()) | {"model_type": "gpt2"}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlmkitError, match="'gpt2' is not supported"):
+        quantize(src, tmp_path / "o", "int8")
+
+
+def test_cli_quantize_w8a8_with_a_text_file(cli, tiny_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("Ada found a small cat near the river, and Ben painted the boat. " * 200)
+    result = cli(
+        "quantize",
+        tiny_dir("tiny-llama"),
+        tmp_path / "o",
+        "--method",
+        "w8a8",
+        "--dataset",
+        text,
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--json",
+    )
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["calibration_samples"] == 4 and report["num_layers"] == 2
+    assert report["num_converted"] == 14
+    result = cli(
+        "quantize",
+        tiny_dir("tiny-llama"),
+        tmp_path / "o2",
+        "--method",
+        "w8a8",
+        "--dataset",
+        text,
+        "--num-samples",
+        "5000",
+        "--seq-len",
+        "64",
+    )
+    assert result.code == 1 and "lower --num-samples" in result.err
+    assert not (tmp_path / "o2").exists()

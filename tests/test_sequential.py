@@ -1,0 +1,62 @@
+"""The layer-by-layer runner: same activations as transformers, one layer in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmkit.checkpoint.reader import open_checkpoint
+from llmkit.quant import sequential
+from llmkit.quant.arch import arch_for
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.pipeline import quantize
+
+IDS = torch.tensor([[1, 40, 41, 42, 100, 7, 300, 12], [1, 9, 8, 7, 6, 5, 4, 3]])
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
+def test_layer_inputs_equal_transformers_hidden_states(tiny_dir, preset):
+    path = tiny_dir(preset)
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(path)(IDS, output_hidden_states=True)
+    seen = []
+
+    def record(index, run):  # a quantizer that changes nothing
+        seen.append(torch.cat(run.inputs))
+        return {}
+
+    with open_checkpoint(path) as ck:
+        layers = sequential.run_layers(ck, arch_for(ck.config), IDS, record, torch.device("cpu"))
+        assert [index for index, _ in layers] == [0, 1]
+    for index, inputs in enumerate(seen):
+        assert torch.allclose(inputs, hf.hidden_states[index], atol=1e-5)
+
+
+def test_only_one_decoder_layer_is_ever_materialized(tiny_dir, tmp_path, monkeypatch):
+    live: dict[int, str] = {}  # id(module) -> prefix, for decoder layers holding real weights
+    peak = 0
+    materialize, release = sequential.materialize, sequential.release
+
+    def counting_materialize(module, ck, prefix, device, dtype):
+        nonlocal peak
+        if prefix.startswith("model.layers."):
+            live[id(module)] = prefix
+            peak = max(peak, len(live))
+        return materialize(module, ck, prefix, device, dtype)
+
+    def counting_release(module):
+        release(module)
+        assert all(p.is_meta for p in module.parameters())
+        live.pop(id(module), None)
+
+    monkeypatch.setattr(sequential, "materialize", counting_materialize)
+    monkeypatch.setattr(sequential, "release", counting_release)
+    quantize(
+        tiny_dir("tiny-llama"),
+        tmp_path / "o",
+        "w8a8",
+        calibration=CalibrationSpec(num_samples=4, seq_len=32),
+    )
+    assert peak == 1
+    assert not live
