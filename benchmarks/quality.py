@@ -1,0 +1,152 @@
+"""Quality of every llmkit method on a genuinely trained model, beside llm-compressor's W8A8.
+
+Model: ../shared/models/stories260K (and its MLP padded to 176 for the GPTQ-packed rtn-w4,
+whose int32 words need inputs in multiples of 8; the same function to 4e-6). Text:
+../shared/data/tinyshakespeare.txt, first 60% for calibration, last 20% for evaluation,
+all of it in 512-token windows. Reference: the float32 model.
+
+In the same run, llm-compressor 0.14.0.1 (its own venv: benchmarks/setup_reference_venvs.sh)
+quantizes W8A8 (SmoothQuant 0.5 + per-channel int8, lm_head kept) on the same calibration
+windows; llmkit's evaluator scores its checkpoint beside llmkit's. Targets: llmkit w8a8 KLD
+<= llm-compressor's, and quantization wall time <= llm-compressor's (each tool timed
+in-process from calibration through writing; interpreter and import time excluded for both).
+
+    python benchmarks/quality.py [--shared ../shared] [--num-samples 128] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+from llmkit.bench.quality import evaluate_quality
+from llmkit.checkpoint.reader import open_checkpoint
+from llmkit.quant.calibration import CalibrationSpec, calibration_ids
+from llmkit.quant.options import QuantOptions
+from llmkit.quant.pipeline import quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+LLMCOMPRESSOR = ROOT / ".refvenvs" / "llmcompressor" / "bin" / "python"
+
+
+def split_text(text_path: Path, work: Path) -> tuple[Path, Path]:
+    text = text_path.read_text(encoding="utf-8")
+    calib, evaluation = work / "calibration.txt", work / "evaluation.txt"
+    calib.write_text(text[: int(len(text) * 0.6)], encoding="utf-8")
+    evaluation.write_text(text[int(len(text) * 0.8) :], encoding="utf-8")
+    return calib, evaluation
+
+
+def llmkit_runs(shared: Path, work: Path, calibration: CalibrationSpec) -> dict[str, dict]:
+    model = shared / "models" / "stories260K"
+    padded = shared / "models" / "stories260K-pad176"
+    runs = {
+        "fp16": (model, "fp16", QuantOptions()),
+        "bf16": (model, "bf16", QuantOptions()),
+        "int8": (model, "int8", QuantOptions()),
+        "w8a8": (model, "w8a8", QuantOptions(smooth_alpha=0.5)),
+        "rtn-w4-g16": (padded, "rtn", QuantOptions(bits=4, group_size=16)),
+    }
+    results = {}
+    for name, (src, method, options) in runs.items():
+        out = work / name
+        report = quantize(
+            src, out, method, options=options, calibration=calibration, device="cpu", overwrite=True
+        )
+        results[name] = {"path": out, "seconds": report.seconds}
+    return results
+
+
+def llmcompressor_run(model: Path, work: Path, calibration: CalibrationSpec) -> dict | None:
+    if not LLMCOMPRESSOR.exists():
+        print(
+            f"llm-compressor venv missing ({LLMCOMPRESSOR}); run "
+            "benchmarks/setup_reference_venvs.sh. Skipping its column."
+        )
+        return None
+    from transformers import AutoTokenizer
+
+    ids = calibration_ids(AutoTokenizer.from_pretrained(model), calibration)
+    ids_path = work / "calibration_ids.json"
+    ids_path.write_text(json.dumps(ids.tolist()))
+    out = work / "llmcompressor-w8a8"
+    script = ROOT / "benchmarks" / "reference" / "llmcompressor_w8a8.py"
+    proc = subprocess.run(
+        [str(LLMCOMPRESSOR), str(script), str(model), str(ids_path), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+    return {"path": out, "seconds": seconds}
+
+
+def size_of(path: Path) -> int:
+    with open_checkpoint(path) as ck:
+        return sum(t.nbytes for t in ck.tensors.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="llmkit-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = args.shared / "models" / "stories260K"
+    calib, evaluation = split_text(args.shared / "data" / "tinyshakespeare.txt", work)
+    calibration = CalibrationSpec(
+        dataset=str(calib), num_samples=args.num_samples, seq_len=args.seq_len
+    )
+    runs = llmkit_runs(args.shared, work, calibration)
+    reference_run = llmcompressor_run(model, work, calibration)
+    if reference_run:
+        runs["llm-compressor w8a8"] = reference_run
+    rows = evaluate_quality(
+        model,
+        [r["path"] for r in runs.values()],
+        CalibrationSpec(dataset=str(evaluation), seq_len=args.seq_len),
+    )
+    print_table(model, rows, runs)
+    print_targets(rows, runs)
+
+
+def print_table(model: Path, rows, runs: dict[str, dict]) -> None:
+    names = ["fp32 (reference)", *runs]
+    print(
+        f"{'method':22} {'perplexity':>10} {'KLD mean':>10} {'KLD p99':>9} {'top-1':>7} "
+        f"{'size':>9} {'quant s':>8}"
+    )
+    for name, row in zip(names, rows, strict=True):
+        run = runs.get(name, {"path": model, "seconds": 0.0})
+        print(
+            f"{name:22} {row.perplexity:10.4f} {row.kld_mean:10.6f} {row.kld_p99:9.5f} "
+            f"{row.top1_agreement:7.2%} {size_of(run['path']) / 1e3:7.1f}KB "
+            f"{run['seconds']:8.2f}"
+        )
+    print(f"({rows[0].num_tokens} evaluated tokens)")
+
+
+def print_targets(rows, runs: dict[str, dict]) -> None:
+    by_name = dict(zip(["fp32 (reference)", *runs], rows, strict=True))
+    if "llm-compressor w8a8" not in runs:
+        return
+    ours, theirs = by_name["w8a8"], by_name["llm-compressor w8a8"]
+    time_ratio = runs["w8a8"]["seconds"] / runs["llm-compressor w8a8"]["seconds"]
+    print(
+        f"w8a8 KLD: llmkit {ours.kld_mean:.6f} vs llm-compressor {theirs.kld_mean:.6f} "
+        f"-> {'met' if ours.kld_mean <= theirs.kld_mean else 'MISSED'}"
+    )
+    print(
+        f"w8a8 time: llmkit/llm-compressor = {time_ratio:.2f} "
+        f"-> {'met' if time_ratio <= 1 else 'MISSED'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
