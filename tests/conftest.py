@@ -12,7 +12,7 @@ import pytest
 from llmkit.checkpoint.init import init_checkpoint
 from llmkit.cli.app import main
 
-TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
+TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3")
 
 
 @pytest.fixture(scope="session")

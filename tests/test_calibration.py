@@ -100,3 +100,17 @@ def test_unknown_file_type_is_refused(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(LlmkitError, match=r"\.txt, \.jsonl or \.parquet"):
         load_texts(CalibrationSpec(dataset=str(tmp_path / "x.csv")))
+
+
+def test_unreachable_hub_dataset_is_one_line_error():
+    from tests.conftest import run_python
+
+    code = (
+        "from llmkit.quant.calibration import CalibrationSpec, load_texts\n"
+        "from llmkit.errors import LlmkitError\n"
+        "try:\n    load_texts(CalibrationSpec(dataset='some-org/no-such-dataset'))\n"
+        "except LlmkitError as e:\n    print(e)\n"
+    )
+    proc = run_python(code, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("cannot load calibration dataset 'some-org/no-such-dataset'")

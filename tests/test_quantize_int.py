@@ -77,6 +77,21 @@ def test_w8a8_loads_in_transformers_with_identical_logits(quantized, tiny_dir):
         assert float((got - float_logits).abs().max() / float_logits.abs().max()) < 0.05
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-mistral", "tiny-qwen3"])
+def test_w8a8_interop_across_the_llama_family(quantized, preset):
+    pytest.importorskip("compressed_tensors", reason="the test extra is not installed")
+    path = quantized("w8a8", preset=preset)
+    ours = load_model(path)
+    for module in ours.modules():
+        if module._forward_pre_hooks:
+            module._forward_pre_hooks.clear()
+            module.register_forward_pre_hook(
+                lambda m, args: (int8.fake_quantize_per_token(args[0], divisor=127.5),)
+            )
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert torch.allclose(logits(ours), logits(hf), atol=1e-5)
+
+
 def test_w8a8_close_to_float_and_int8_scales_in_storage_dtype(quantized, tiny_dir):
     path = quantized("w8a8")
     reference = logits(load_model(tiny_dir("tiny-llama")))

@@ -11,11 +11,13 @@ from llmkit.quant import sequential
 from llmkit.quant.arch import arch_for
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.pipeline import quantize
+from llmkit.quant.smoothquant import fold
+from tests.conftest import TINY_PRESETS
 
 IDS = torch.tensor([[1, 40, 41, 42, 100, 7, 300, 12], [1, 9, 8, 7, 6, 5, 4, 3]])
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_layer_inputs_equal_transformers_hidden_states(tiny_dir, preset):
     path = tiny_dir(preset)
     with torch.no_grad():
@@ -60,3 +62,25 @@ def test_only_one_decoder_layer_is_ever_materialized(tiny_dir, tmp_path, monkeyp
     )
     assert peak == 1
     assert not live
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_smoothing_folds_leave_a_decoder_layers_output_unchanged(tiny_dir, preset):
+    """Every fold in the architecture table, with random scales, on a real decoder layer."""
+    with open_checkpoint(tiny_dir(preset)) as ck:
+        arch = arch_for(ck.config)
+        model = sequential.build_skeleton(ck.config)
+        layer = sequential.materialize(
+            model.get_submodule("model.layers.1"), ck, "model.layers.1", "cpu", torch.float32
+        )
+        rope = sequential.rotary_embeddings(model, arch, 8, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 64, generator=g)
+    with torch.no_grad():
+        before = layer(x, position_embeddings=rope)
+        for group in arch.smoothable:
+            linears = [layer.get_submodule(name) for name in group.linears]
+            scales = torch.rand(linears[0].in_features, generator=g) * 4 + 0.25
+            fold(layer.get_submodule(group.source), linears, scales)
+        after = layer(x, position_embeddings=rope)
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-5)

@@ -60,6 +60,18 @@ PRESETS: dict[str, Preset] = {
         512,
         extra={"sliding_window": None},
     ),
+    "tiny-qwen3": Preset(
+        "qwen3",
+        "Qwen3ForCausalLM",
+        64,
+        2,
+        4,
+        2,
+        128,
+        512,
+        512,
+        extra={"head_dim": 16, "rope_theta": 1_000_000.0, "use_sliding_window": False},
+    ),
     "small-llama": Preset(
         "llama", "LlamaForCausalLM", 768, 12, 12, 4, 2048, 32000, 2048, initializer_range=0.02
     ),
