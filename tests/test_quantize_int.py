@@ -28,6 +28,17 @@ def logits(model) -> torch.Tensor:
         return model(IDS).logits
 
 
+def with_transformers_activation_rounding(model) -> None:
+    """Swap llmkit's per-token activation rounding (scale max|x|/127, as vLLM) for the one
+    compressed-tensors applies inside transformers (max|x|/127.5)."""
+    for module in model.modules():
+        if module._forward_pre_hooks:
+            module._forward_pre_hooks.clear()
+            module.register_forward_pre_hook(
+                lambda m, args: (int8.fake_quantize_per_token(args[0], divisor=127.5),)
+            )
+
+
 @pytest.fixture(scope="module")
 def quantized(tiny_dir, tmp_path_factory):
     """method -> checkpoint of tiny-llama quantized with it (made once)."""
@@ -63,12 +74,7 @@ def test_w8a8_loads_in_transformers_with_identical_logits(quantized, tiny_dir):
     hf = logits(AutoModelForCausalLM.from_pretrained(path))
     ours = load_model(path)
     vllm_convention = logits(ours)  # llmkit's default divisor, 127, is vLLM kernels'
-    for module in ours.modules():
-        if module._forward_pre_hooks:
-            module._forward_pre_hooks.clear()
-            module.register_forward_pre_hook(
-                lambda m, args: (int8.fake_quantize_per_token(args[0], divisor=127.5),)
-            )
+    with_transformers_activation_rounding(ours)
     assert torch.allclose(logits(ours), hf, atol=1e-5)
     # The divisors round activations differently, so the default differs from transformers
     # by quantization noise, not more: both stay near the float model.
@@ -82,12 +88,7 @@ def test_w8a8_interop_across_the_llama_family(quantized, preset):
     pytest.importorskip("compressed_tensors", reason="the test extra is not installed")
     path = quantized("w8a8", preset=preset)
     ours = load_model(path)
-    for module in ours.modules():
-        if module._forward_pre_hooks:
-            module._forward_pre_hooks.clear()
-            module.register_forward_pre_hook(
-                lambda m, args: (int8.fake_quantize_per_token(args[0], divisor=127.5),)
-            )
+    with_transformers_activation_rounding(ours)
     hf = AutoModelForCausalLM.from_pretrained(path)
     assert torch.allclose(logits(ours), logits(hf), atol=1e-5)
 
