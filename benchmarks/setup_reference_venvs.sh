@@ -19,6 +19,7 @@ make_venv() {  # name, packages...
 for name in "${@:-llmcompressor}"; do
   case $name in
     llmcompressor) make_venv llmcompressor llmcompressor==0.14.0.1 ;;
+    gptqmodel) make_venv gptqmodel gptqmodel==7.6.0 ;;
     *) echo "unknown reference tool: $name" >&2; exit 2 ;;
   esac
 done

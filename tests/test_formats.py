@@ -78,3 +78,48 @@ def test_compressed_tensors_packing_matches_the_reference_package():
     )
     q = torch.randint(-128, 128, (9, 64), dtype=torch.int8, generator=torch.Generator())
     assert torch.equal(helpers.pack_to_int32(q, 8), ct.pack_int32(q, 8))
+
+
+def unpack_gptq_3bit_by_words(qweight: torch.Tensor) -> torch.Tensor:
+    """AutoGPTQ's 3-bit layout, word by word: per 32 inputs, 3 words holding 10 values, one
+    value split 2|1 bits across words 0-1, 10 values, one split 1|2 across words 1-2, 10."""
+    words, out_features = qweight.shape
+    q = torch.zeros(words // 3 * 32, out_features, dtype=torch.int64)
+    for block in range(words // 3):
+        for o in range(out_features):
+            w0, w1, w2 = (int(qweight[3 * block + k, o]) & 0xFFFFFFFF for k in range(3))
+            values = [(w0 >> (3 * j)) & 7 for j in range(10)]
+            values.append(((w0 >> 30) & 3) | ((w1 & 1) << 2))
+            values += [(w1 >> (3 * j + 1)) & 7 for j in range(10)]
+            values.append(((w1 >> 31) & 1) | ((w2 & 3) << 1))
+            values += [(w2 >> (3 * j + 2)) & 7 for j in range(10)]
+            q[32 * block : 32 * block + 32, o] = torch.tensor(values)
+    return q.t()
+
+
+def test_gptq_3bit_layout_against_autogptq_word_structure():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    quant = rtn.quantize_groups(w, 3, 32, sym=True, min_zero=1)
+    packed = gptq.pack(quant.q, quant.scales, quant.zeros, 3, torch.arange(64) // 32)
+    assert packed["qweight"].shape == (6, 32) and packed["qzeros"].shape == (2, 3)
+    assert torch.equal(unpack_gptq_3bit_by_words(packed["qweight"]), quant.q.long())
+    zeros = unpack_gptq_3bit_by_words(packed["qzeros"].t().contiguous()).t() + 1
+    assert torch.equal(zeros, quant.zeros.long())
+
+
+def test_gptq_3bit_needs_whole_words():
+    quant = rtn.quantize_groups(torch.randn(32, 48), 3, 16, sym=True, min_zero=1)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        gptq.pack(quant.q, quant.scales, quant.zeros, 3, torch.arange(48) // 16)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 7])
+def test_dense_packing_of_odd_widths_matches_the_reference_package(bits):
+    helpers = pytest.importorskip(
+        "compressed_tensors.compressors.pack_quantized.helpers",
+        reason="compressed-tensors (the test extra) is not installed",
+    )
+    half = 1 << (bits - 1)
+    q = torch.randint(-half, half, (7, 45), dtype=torch.int8, generator=torch.Generator())
+    assert torch.equal(helpers.pack_to_int32(q, bits), ct.pack_int32(q, bits))
+    assert torch.equal(ct.unpack_int32(ct.pack_int32(q, bits), bits, 45), q)

@@ -221,3 +221,38 @@ def test_cli_quantize_w8a8_with_a_text_file(cli, tiny_dir, tmp_path):
     )
     assert result.code == 1 and "lower --num-samples" in result.err
     assert not (tmp_path / "o2").exists()
+
+
+def test_cli_quantize_gptq_reports_layer_errors(cli, tiny_dir, tmp_path):
+    result = cli(
+        "quantize",
+        tiny_dir("tiny-qwen2"),
+        tmp_path / "o",
+        "--method",
+        "gptq",
+        "--group-size",
+        "32",
+        "--desc-act",
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--json",
+    )
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [entry["layer"] for entry in report["layer_errors"]] == [0, 1]
+    modules = report["layer_errors"][1]["modules"]
+    assert len(modules) == 7 and all(0 < e < 0.1 for e in modules.values())
+    config = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert config["desc_act"] is True and config["true_sequential"] is True
+    with open_checkpoint(tmp_path / "o") as ck:
+        assert ck.tensors["model.layers.0.self_attn.q_proj.bias"].dtype == "F16"  # qkv bias kept
+    model = load_model(tmp_path / "o")
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_gptq_refuses_bits_it_cannot_pack(tiny_dir, tmp_path):
+    with pytest.raises(LlmkitError, match="--bits 5"):
+        quantize(tiny_dir("tiny-llama"), tmp_path / "o", "gptq", options=QuantOptions(bits=5))
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.quant import sequential
 from llmkit.quant.arch import arch_for
 from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
 from llmkit.quant.smoothquant import fold
 from tests.conftest import TINY_PRESETS
@@ -35,7 +36,8 @@ def test_layer_inputs_equal_transformers_hidden_states(tiny_dir, preset):
         assert torch.allclose(inputs, hf.hidden_states[index], atol=1e-5)
 
 
-def test_only_one_decoder_layer_is_ever_materialized(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["w8a8", "gptq"])
+def test_only_one_decoder_layer_is_ever_materialized(tiny_dir, tmp_path, monkeypatch, method):
     live: dict[int, str] = {}  # id(module) -> prefix, for decoder layers holding real weights
     peak = 0
     materialize, release = sequential.materialize, sequential.release
@@ -57,7 +59,8 @@ def test_only_one_decoder_layer_is_ever_materialized(tiny_dir, tmp_path, monkeyp
     quantize(
         tiny_dir("tiny-llama"),
         tmp_path / "o",
-        "w8a8",
+        method,
+        options=QuantOptions(group_size=32),
         calibration=CalibrationSpec(num_samples=4, seq_len=32),
     )
     assert peak == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import typer
+from rich import box
+from rich.table import Table
 
 from llmkit.cli.options import (
     DatasetConfigOpt,
@@ -48,16 +50,35 @@ def quantize(
     chat_template: Annotated[
         bool, typer.Option("--chat-template", help="Wrap calibration text in the chat template.")
     ] = default(_CAL, "chat_template"),
-    bits: Annotated[int, typer.Option(help="Weight bits (rtn).")] = default(_OPT, "bits"),
+    bits: Annotated[int, typer.Option(help="Weight bits (rtn, gptq).")] = default(_OPT, "bits"),
     group_size: Annotated[
-        int, typer.Option(help="Inputs per scale (rtn); -1 for one per output channel.")
+        int, typer.Option(help="Inputs per scale (rtn, gptq); -1 for one per output channel.")
     ] = default(_OPT, "group_size"),
     sym: Annotated[
-        bool, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid (rtn).")
+        bool, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid (rtn, gptq).")
     ] = default(_OPT, "sym"),
     smooth_alpha: Annotated[
         float, typer.Option(help="SmoothQuant migration strength (w8a8).")
     ] = default(_OPT, "smooth_alpha"),
+    desc_act: Annotated[
+        bool,
+        typer.Option(
+            "--desc-act", help="Act-order: quantize inputs by falling Hessian diagonal (gptq)."
+        ),
+    ] = default(_OPT, "desc_act"),
+    static_groups: Annotated[
+        bool, typer.Option("--static-groups", help="Fit group scales before any update (gptq).")
+    ] = default(_OPT, "static_groups"),
+    damp_percent: Annotated[
+        float, typer.Option(help="Hessian damping, a fraction of its mean diagonal (gptq).")
+    ] = default(_OPT, "damp_percent"),
+    true_sequential: Annotated[
+        bool,
+        typer.Option(
+            "--true-sequential/--no-true-sequential",
+            help="Take each stage's inputs after the earlier stages are quantized (gptq).",
+        ),
+    ] = default(_OPT, "true_sequential"),
     quantize_lm_head: Annotated[
         bool, typer.Option("--quantize-lm-head", help="Quantize lm_head too.")
     ] = default(_OPT, "quantize_lm_head"),
@@ -70,7 +91,7 @@ def quantize(
     revision: RevisionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Quantize SRC into OUT: fp16/bf16 casts, int8 (W8A16), w8a8 (SmoothQuant), rtn (GPTQ)."""
+    """Quantize SRC into OUT: fp16/bf16 casts, int8 (W8A16), w8a8 (SmoothQuant), rtn, gptq."""
     calibration = CalibrationSpec(
         dataset,
         dataset_config,
@@ -81,7 +102,17 @@ def quantize(
         seed,
         chat_template,
     )
-    options = QuantOptions(bits, group_size, sym, smooth_alpha, quantize_lm_head)
+    options = QuantOptions(
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        smooth_alpha=smooth_alpha,
+        desc_act=desc_act,
+        static_groups=static_groups,
+        damp_percent=damp_percent,
+        true_sequential=true_sequential,
+        quantize_lm_head=quantize_lm_head,
+    )
     with progress_bars(quiet=json_out) as task:
         report = run_quantize(
             src,
@@ -106,6 +137,10 @@ def quantize(
 def _render(report: QuantizeReport) -> None:
     for name, count in report.clamped.items():
         stderr.print(f"[yellow]warning:[/] clamped {count} values of {name}", highlight=False)
+    for message in report.warnings:
+        stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+    if report.layer_errors:
+        stdout.print(_error_table(report.layer_errors))
     calibrated = (
         f", calibrated on {report.calibration_samples} samples"
         if report.calibration_samples
@@ -117,3 +152,25 @@ def _render(report: QuantizeReport) -> None:
         f"{human_bytes(report.bytes_out)} in {len(report.shards)} file(s), "
         f"{report.seconds:.1f}s, peak RSS {human_bytes(report.peak_rss_bytes)}"
     )
+
+
+def _error_table(layer_errors: list[dict]) -> Table:
+    """Per layer: mean and worst relative output error ||(W - Ŵ) X||² / ||W X||²."""
+    table = Table(
+        "layer",
+        "mean error",
+        "worst error",
+        "worst module",
+        title="GPTQ reconstruction error on the calibration inputs",
+        box=box.SIMPLE,
+    )
+    for entry in layer_errors:
+        errors = entry["modules"]
+        worst = max(errors, key=errors.get)
+        table.add_row(
+            str(entry["layer"]),
+            f"{sum(errors.values()) / len(errors):.2e}",
+            f"{errors[worst]:.2e}",
+            worst,
+        )
+    return table

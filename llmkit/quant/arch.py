@@ -30,6 +30,8 @@ class Arch:
     # Linears of one decoder layer in the order they compute (true-sequential order).
     linears: tuple[str, ...]
     smoothable: tuple[Smoothable, ...]
+    # Linears sharing one input, in compute order: GPTQ's true-sequential stages.
+    stages: tuple[tuple[str, ...], ...]
 
 
 LLAMA_FAMILY = Arch(
@@ -51,6 +53,12 @@ LLAMA_FAMILY = Arch(
         Smoothable("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         Smoothable("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         Smoothable("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    stages=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
     ),
 )
 ARCHS = {

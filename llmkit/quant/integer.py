@@ -18,8 +18,20 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.arch import Arch, arch_for, is_layer_linear, num_layers
 from llmkit.quant.calibration import CalibrationSpec, calibration_ids
 from llmkit.quant.fp16 import cast
-from llmkit.quant.methods import W8A8Layer, dense_dtype, linear_tensors, quantization_config
-from llmkit.quant.options import CALIBRATED_METHODS, QuantOptions, check_options
+from llmkit.quant.gptq import GPTQSettings
+from llmkit.quant.methods import (
+    GPTQLayer,
+    W8A8Layer,
+    dense_dtype,
+    linear_tensors,
+    quantization_config,
+)
+from llmkit.quant.options import (
+    CALIBRATED_METHODS,
+    GPTQ_FORMAT_METHODS,
+    QuantOptions,
+    check_options,
+)
 from llmkit.quant.pipeline import QuantizeReport, cast_spec, peak_rss, write_with_spill
 from llmkit.quant.sequential import run_layers
 
@@ -45,8 +57,11 @@ def quantize_integer(
     compute = resolve_device(device)
     start = time.perf_counter()
     ids = _calibration_ids(ck, calibration) if method in CALIBRATED_METHODS else None
+    layer_errors: list[dict] = []
+    warnings: list[str] = []
     if ids is not None:
-        layers = _calibrated_layers(ck, arch, options, ids, compute, on_layer)
+        quantizer = _layer_quantizer(ck, arch, method, options, layer_errors, warnings.append)
+        layers = run_layers(ck, arch, ids, quantizer, compute, torch.float32, on_layer)
     else:
         layers = _data_free_layers(ck, arch, method, options, on_layer)
 
@@ -75,6 +90,8 @@ def quantize_integer(
         num_layers=num_layers(ck.config),
         calibration_samples=0 if ids is None else int(ids.shape[0]),
         device=str(compute),
+        layer_errors=layer_errors,
+        warnings=warnings,
     )
 
 
@@ -119,17 +136,20 @@ def _dense(name: str, tensor: torch.Tensor, method: str) -> torch.Tensor:
     return result
 
 
-def _calibrated_layers(
-    ck: Checkpoint,
-    arch: Arch,
-    options: QuantOptions,
-    ids: torch.Tensor,
-    device: torch.device,
-    on_layer: ProgressFn | None,
-) -> LayerTensors:
+def _layer_quantizer(ck, arch, method, options, layer_errors, warn):
+    """The LayerQuantizer of a calibrated method."""
     storage = {name: _storage(ck, name) for name in ck.tensors}
-    quantizer = W8A8Layer(arch, options.smooth_alpha, storage)
-    return run_layers(ck, arch, ids, quantizer, device, torch.float32, on_layer)
+    if method == "w8a8":
+        return W8A8Layer(arch, options.smooth_alpha, storage)
+    settings = GPTQSettings(
+        bits=options.bits,
+        group_size=options.group_size,
+        sym=options.sym,
+        desc_act=options.desc_act,
+        static_groups=options.static_groups,
+        damp_percent=options.damp_percent,
+    )
+    return GPTQLayer(arch, settings, options.true_sequential, storage, layer_errors, warn)
 
 
 def _lm_head_tensors(
@@ -171,7 +191,7 @@ def _configs(ck: Checkpoint, method: str, options: QuantOptions) -> tuple[dict, 
     config = dict(ck.config)
     config["quantization_config"] = quantization_config(method, options)
     extra: dict[str, dict] = {}
-    if method == "rtn":
+    if method in GPTQ_FORMAT_METHODS:
         config["torch_dtype"] = config["dtype"] = "float16"
         extra["quantize_config.json"] = config["quantization_config"]
     if options.quantize_lm_head and config.get("tie_word_embeddings"):

@@ -3,17 +3,19 @@ goes with them, and (for W8A8) how a decoder layer is calibrated."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.quant import gptq as gptq_algorithm
 from llmkit.quant import int8, rtn
 from llmkit.quant.arch import Arch
 from llmkit.quant.formats import compressed_tensors as ct
 from llmkit.quant.formats import gptq
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import GPTQ_FORMAT_METHODS, QuantOptions
 from llmkit.quant.sequential import LayerRun
 from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
 
@@ -50,13 +52,22 @@ def _gptq_tensors(options: QuantOptions, weight: torch.Tensor) -> dict[str, torc
 
 def dense_dtype(method: str, original: torch.dtype) -> torch.dtype:
     """The dtype unquantized tensors are written in: GPTQ checkpoints are float16."""
-    return torch.float16 if method == "rtn" else original
+    return torch.float16 if method in GPTQ_FORMAT_METHODS else original
 
 
 def quantization_config(method: str, options: QuantOptions) -> dict:
-    if method == "rtn":
-        config = gptq.quantization_config(options.bits, options.group_size, options.sym, False)
-        return config | {"lm_head": options.quantize_lm_head}
+    if method in GPTQ_FORMAT_METHODS:
+        config = gptq.quantization_config(
+            options.bits, options.group_size, options.sym, options.desc_act and method == "gptq"
+        )
+        config["lm_head"] = options.quantize_lm_head
+        if method == "gptq":
+            config |= {
+                "static_groups": options.static_groups,
+                "true_sequential": options.true_sequential,
+                "damp_percent": options.damp_percent,
+            }
+        return config
     fmt = ct.INT_QUANTIZED if method == "w8a8" else ct.PACK_QUANTIZED
     ignore = [] if options.quantize_lm_head else ["lm_head"]
     return ct.quantization_config(fmt, activations=method == "w8a8", ignore=ignore)
@@ -98,3 +109,69 @@ class W8A8Layer:
             if name not in out:  # norms (now smoothed) and biases, in their original dtype
                 out[name] = tensor.detach().to("cpu", self.dtypes[prefix + name])
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class GPTQLayer:
+    """GPTQ for one decoder layer (a LayerQuantizer). Stages of Linears sharing an input are
+    quantized together (their rows stacked: one Hessian, one sweep); with `true_sequential`
+    each stage's Hessian is taken after the earlier stages are quantized."""
+
+    arch: Arch
+    settings: gptq_algorithm.GPTQSettings
+    true_sequential: bool
+    dtypes: dict[str, torch.dtype]
+    errors: list[dict]  # filled: one {"layer": i, "modules": {name: relative error}} per layer
+    warn: Callable[[str], None]
+
+    def __call__(self, index: int, run: LayerRun) -> dict[str, torch.Tensor]:
+        layer, prefix = run.layer, f"{self.arch.layers}.{index}."
+        out: dict[str, torch.Tensor] = {}
+        errors: dict[str, float] = {}
+        pending = list(self.arch.stages)
+        while pending:
+            stages = pending[:1] if self.true_sequential else pending
+            hessians = _stage_hessians(layer, run, stages)
+            for stage, hessian in zip(stages, hessians, strict=True):
+                out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
+            pending = pending[len(stages) :]
+        for name, tensor in layer.state_dict().items():
+            if not any(name.startswith(f"{linear}.weight") for linear in self.arch.linears):
+                out[name] = tensor.detach().to("cpu", dense_dtype("gptq", tensor.dtype))
+        self.errors.append({"layer": index, "modules": errors})
+        return out
+
+    def _quantize_stage(self, layer, prefix, stage, hessian, errors) -> dict[str, torch.Tensor]:
+        linears = [layer.get_submodule(name) for name in stage]
+        weight = torch.cat([linear.weight for linear in linears])
+        result = gptq_algorithm.quantize(
+            weight, hessian.matrix, self.settings, name=prefix + "/".join(stage), warn=self.warn
+        )
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        for name, linear in zip(stage, linears, strict=True):
+            rows = slice(start, start + linear.out_features)
+            start = rows.stop
+            q, scales, zeros = result.q[rows], result.scales[rows], result.zeros[rows]
+            packed = gptq.pack(q, scales, zeros, self.settings.bits, result.g_idx)
+            out |= {f"{name}.{suffix}": t for suffix, t in packed.items()}
+            approx = result.dequantize()[rows]
+            errors[name] = gptq_algorithm.relative_error(linear.weight, approx, hessian.matrix)
+            linear.weight.data = approx.to(linear.weight.device, linear.weight.dtype)
+        return out
+
+
+def _stage_hessians(layer: nn.Module, run: LayerRun, stages) -> list:
+    """Hessians of each stage's shared input, from one pass that stops after the last stage."""
+    hessians, handles = [], []
+    for stage in stages:
+        first = layer.get_submodule(stage[0])
+        hessian = gptq_algorithm.Hessian(first.in_features, first.weight.device)
+        handles.append(first.register_forward_pre_hook(lambda m, args, h=hessian: h.add(args[0])))
+        hessians.append(hessian)
+    try:
+        run.run(stop_after=layer.get_submodule(stages[-1][-1]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians

@@ -59,6 +59,8 @@ class QuantizeReport:
     calibration_samples: int = 0
     device: str = "cpu"
     clamped: dict[str, int] = field(default_factory=dict)
+    layer_errors: list[dict] = field(default_factory=list)  # gptq: relative output error
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

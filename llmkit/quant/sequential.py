@@ -9,6 +9,7 @@ weights are ever on the compute device; every other layer lives on the meta devi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,6 +24,14 @@ from llmkit.quant.arch import Arch, num_layers
 TOKENS_PER_BATCH = 4096
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the modules of interest have seen their inputs."""
+
+
+def _stop(module: nn.Module, args: tuple, output: object) -> None:
+    raise _StopForward
+
+
 @dataclass
 class LayerRun:
     """One decoder layer and the calibration activations that feed it (CPU, in batches)."""
@@ -33,18 +42,29 @@ class LayerRun:
     device: torch.device
     dtype: torch.dtype
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x.to(self.device, self.dtype), position_embeddings=self.position_embeddings)
+        return y[0] if isinstance(y, tuple) else y
+
     @torch.no_grad()
-    def run(self, keep_outputs: bool = False) -> list[torch.Tensor]:
-        """Forward every batch (hooks on the layer's modules see all of them)."""
-        outputs = []
-        for x in self.inputs:
-            y = self.layer(
-                x.to(self.device, self.dtype), position_embeddings=self.position_embeddings
-            )
-            y = y[0] if isinstance(y, tuple) else y
-            if keep_outputs:
-                outputs.append(y.to("cpu"))
-        return outputs
+    def run(self, stop_after: nn.Module | None = None) -> None:
+        """Forward every batch for the hooks on the layer's modules; with `stop_after`, each
+        batch stops once that module has run (later modules would compute for nothing)."""
+        handle = stop_after.register_forward_hook(_stop) if stop_after is not None else None
+        try:
+            for x in self.inputs:
+                with contextlib.suppress(_StopForward):
+                    self._forward(x)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    @torch.no_grad()
+    def advance(self) -> list[torch.Tensor]:
+        """Replace each input batch by the layer's output for it (one copy held at a time)."""
+        for i, x in enumerate(self.inputs):
+            self.inputs[i] = self._forward(x).to("cpu")
+        return self.inputs
 
 
 # Quantize one layer in place (it must then compute as the quantized model will) and return
@@ -117,7 +137,7 @@ def run_layers(
         layer = materialize(model.get_submodule(prefix), ck, prefix, device, dtype)
         run = LayerRun(layer, hidden, position_embeddings, device, dtype)
         tensors = quantize_layer(index, run)
-        hidden = run.run(keep_outputs=True)
+        hidden = run.advance()
         release(layer)
         if on_layer is not None:
             on_layer(index + 1, total)

@@ -14,6 +14,7 @@ import re
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.quant.formats import bitpack
 
 INT_QUANTIZED = "int-quantized"
 PACK_QUANTIZED = "pack-quantized"
@@ -21,31 +22,12 @@ PACK_QUANTIZED = "pack-quantized"
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 [rows, cols] (signed, |q| < 2**(bits-1)) -> int32 [rows, ceil(cols * bits / 32)]."""
-    rows, cols = q.shape
-    per_word = 32 // bits
-    if 32 % bits:
-        raise ValueError(f"packing {bits}-bit values is not supported (use 2, 4 or 8 bits)")
-    words = -(-cols // per_word)
-    unsigned = (q.to(torch.int64) + (1 << (bits - 1))).reshape(rows, cols)
-    unsigned = torch.nn.functional.pad(unsigned, (0, words * per_word - cols))
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    packed = (unsigned.reshape(rows, words, per_word) << shifts).sum(dim=-1)
-    return _to_int32(packed)
+    return bitpack.pack((q.to(torch.int64) + (1 << (bits - 1))).t(), bits).t().contiguous()
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of `pack_int32`: int32 [rows, words] -> int8 [rows, cols]."""
-    per_word = 32 // bits
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    values = (words[..., None] >> shifts) & ((1 << bits) - 1)
-    values = values.reshape(packed.shape[0], -1)[:, :cols]
-    return (values - (1 << (bits - 1))).to(torch.int8)
-
-
-def _to_int32(x: torch.Tensor) -> torch.Tensor:
-    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
-    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+    return (bitpack.unpack(packed.t(), bits, cols).t() - (1 << (bits - 1))).to(torch.int8)
 
 
 def quantization_config(format: str, activations: bool, ignore: list[str]) -> dict:

@@ -1,0 +1,46 @@
+"""Dense little-endian bit packing into int32 words, shared by the GPTQ and compressed-tensors
+formats: value k of a column occupies bits [k*b, (k+1)*b) of the column's bitstream, word w
+holding stream bits [32w, 32w+32). For b in {2, 4, 8} no value straddles two words; for b = 3
+(GPTQ's 3-bit layout) 32 values fill exactly 3 words, two of them straddling."""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def to_int32(x: torch.Tensor) -> torch.Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def packed_rows(n: int, bits: int) -> int:
+    return -(-n * bits // 32)
+
+
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned values [n, m] (< 2**bits) -> int32 [ceil(n * bits / 32), m], packed along dim 0."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"cannot pack {bits}-bit values")
+    n, m = values.shape
+    values = values.to(torch.int64) & ((1 << bits) - 1)
+    words = torch.zeros(packed_rows(n, bits) + 1, m, dtype=torch.int64)
+    start = torch.arange(n) * bits
+    index, offset = start // 32, (start % 32)[:, None]
+    # Bit ranges never overlap, so adding is OR-ing; bits past 31 are masked off below and
+    # the straddling values' high parts added to the next word.
+    words.index_add_(0, index, values << offset)
+    words.index_add_(0, index + 1, values >> (32 - offset))
+    return to_int32(words[:-1] & _MASK32)
+
+
+def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack`: int32 [ceil(n * bits / 32), m] -> int64 [n, m]."""
+    stream = words.to(torch.int64) & _MASK32
+    stream = torch.cat([stream, torch.zeros_like(stream[:1])])
+    start = torch.arange(n) * bits
+    index, offset = start // 32, (start % 32)[:, None]
+    low = stream[index] >> offset
+    high = stream[index + 1] << (32 - offset)
+    return (low | high) & ((1 << bits) - 1)

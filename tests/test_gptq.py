@@ -1,0 +1,121 @@
+"""The GPTQ algorithm on single Linear layers, against RTN and its own invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.quant import gptq, rtn
+from llmkit.quant.formats import gptq as gptq_format
+
+
+def correlated_inputs(seed: int, in_features: int = 128, tokens: int = 2048, skew: float = 1.0):
+    """Inputs mixed across channels (so the Hessian is far from diagonal), with per-channel
+    scales spread over 10**(±skew)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_features, in_features, generator=g) * 0.3 + torch.eye(in_features)
+    scales = torch.logspace(-skew, skew, in_features)[torch.randperm(in_features, generator=g)]
+    return (mix @ torch.randn(in_features, tokens, generator=g)).T * scales
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    h = gptq.Hessian(x.shape[1], torch.device("cpu"))
+    for batch in x.split(300):
+        h.add(batch)
+    return h.matrix
+
+
+def test_hessian_accumulates_2xxt_over_n():
+    x = correlated_inputs(0, in_features=32, tokens=1000)
+    expected = 2 * x.double().T @ x.double() / 1000
+    assert torch.allclose(hessian_of(x).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
+    x = correlated_inputs(1)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    H = hessian_of(x)
+    result = gptq.quantize(w, H, gptq.GPTQSettings(bits=bits, group_size=group_size))
+    size = 128 if group_size == -1 else group_size
+    baseline = rtn.quantize_groups(w, bits, size, sym=True, min_zero=1).dequantize()
+
+    def output_error(approx):  # ||W X - Ŵ X|| on the calibration inputs themselves
+        return float((x @ (w - approx).T).norm())
+
+    assert output_error(result.dequantize()) < output_error(baseline)
+    assert result.error == pytest.approx(
+        output_error(result.dequantize()) ** 2 / float((x @ w.T).norm()) ** 2, rel=1e-3
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_act_order_never_worse_on_skewed_activation_scales(seed):
+    x = correlated_inputs(seed, skew=1.5)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(seed + 10)) * 0.05
+    H = hessian_of(x)
+    plain = gptq.quantize(w, H, gptq.GPTQSettings(group_size=32))
+    ordered = gptq.quantize(w, H, gptq.GPTQSettings(group_size=32, desc_act=True))
+    assert ordered.error <= plain.error
+    assert not torch.equal(ordered.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_pack_unpack_round_trip_is_bit_exact(bits, sym, desc_act):
+    x = correlated_inputs(3, in_features=64)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4)) * 0.05
+    result = gptq.quantize(
+        w, hessian_of(x), gptq.GPTQSettings(bits=bits, group_size=32, sym=sym, desc_act=desc_act)
+    )
+    packed = gptq_format.pack(result.q, result.scales, result.zeros, bits, result.g_idx)
+    q, zeros = gptq_format.unpack(packed["qweight"], packed["qzeros"], bits)
+    assert torch.equal(q, result.q.long()) and torch.equal(zeros, result.zeros.long())
+    assert torch.equal(packed["g_idx"], result.g_idx)
+    dequantized = gptq_format.dequantize(**{k: packed[k] for k in gptq_format.SUFFIXES}, bits=bits)
+    assert torch.equal(dequantized, result.dequantize())
+
+
+def test_static_groups_keep_groups_in_input_order_under_act_order():
+    x = correlated_inputs(5, in_features=64)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(6)) * 0.05
+    settings = gptq.GPTQSettings(group_size=16, desc_act=True, static_groups=True)
+    result = gptq.quantize(w, hessian_of(x), settings)
+    assert torch.equal(result.g_idx, torch.arange(64, dtype=torch.int32) // 16)
+    rtn_scales = rtn.quantize_groups(w, 4, 16, True, min_zero=1).scales
+    assert torch.equal(result.scales, rtn_scales)  # fitted once, on the original weights
+
+
+def test_dead_inputs_get_zero_weight():
+    x = correlated_inputs(7, in_features=32)
+    x[:, 5] = 0
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(8))
+    result = gptq.quantize(w, hessian_of(x), gptq.GPTQSettings(group_size=-1))
+    assert torch.allclose(result.dequantize()[:, 5], torch.zeros(8), atol=1e-6)
+
+
+def test_cholesky_failure_raises_damping_and_warns():
+    # A Hessian with a negative eigenvalue (a calibration-time numerical accident): the
+    # default damping cannot fix it; doubling it a few times can.
+    H = torch.eye(16)
+    H[3, 3] = -0.05
+    messages = []
+    result = gptq.quantize(
+        torch.randn(4, 16),
+        H,
+        gptq.GPTQSettings(group_size=-1),
+        name="model.layers.7.mlp.down_proj",
+        warn=messages.append,
+    )
+    assert result.damp_percent > 0.01
+    assert messages and all("model.layers.7.mlp.down_proj" in m for m in messages)
+    assert "Cholesky failed" in messages[0]
+
+
+def test_hopeless_hessian_is_reported():
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq.quantize(
+            torch.randn(4, 8), -torch.eye(8), gptq.GPTQSettings(group_size=-1), name="layer"
+        )

@@ -1,0 +1,86 @@
+"""GPTQ interop with GPTQModel 7.6.0 in its own venv: it loads llmkit's checkpoints with the
+weights llmkit computes with, and llmkit reads the checkpoints GPTQModel writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.bench.model import load_model
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import QuantOptions
+from llmkit.quant.pipeline import quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+GPTQMODEL = ROOT / ".refvenvs" / "gptqmodel" / "bin" / "python"
+IDS = [[1, 40, 41, 42, 100, 7, 300, 12, 5, 77, 90, 200]]
+
+pytestmark = pytest.mark.skipif(
+    not GPTQMODEL.exists(),
+    reason="the gptqmodel 7.6.0 venv is not set up: bash benchmarks/setup_reference_venvs.sh "
+    "gptqmodel (.ci/run does this)",
+)
+
+
+def run_in_gptqmodel(*args: object) -> str:
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
+    proc = subprocess.run(
+        [str(GPTQMODEL), *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def gptqmodel_view(checkpoint: Path, tmp_path: Path) -> dict:
+    """What GPTQModel computes with for `checkpoint`: dequantized weights and fp16 logits."""
+    ids, out = tmp_path / "ids.json", tmp_path / "dump.pt"
+    ids.write_text(json.dumps(IDS))
+    run_in_gptqmodel(ROOT / "tests" / "interop" / "gptqmodel_dump.py", checkpoint, ids, out)
+    return torch.load(out)
+
+
+def assert_same_weights(checkpoint: Path, theirs: dict) -> None:
+    ours = load_model(checkpoint).state_dict()
+    assert len(theirs["weights"]) == 14
+    for name, weight in theirs["weights"].items():
+        # GPTQModel dequantizes in fp16: scale * (q - zero), rounded once.
+        assert torch.equal(ours[f"{name}.weight"].half().float(), weight), name
+
+
+@pytest.mark.parametrize(("bits", "desc_act"), [(4, True), (3, False)])
+def test_gptqmodel_loads_llmkit_checkpoints(tiny_dir, tmp_path, bits, desc_act):
+    out = tmp_path / "q"
+    quantize(
+        tiny_dir("tiny-llama"),
+        out,
+        "gptq",
+        options=QuantOptions(bits=bits, group_size=32, desc_act=desc_act),
+        calibration=CalibrationSpec(num_samples=8, seq_len=64),
+    )
+    theirs = gptqmodel_view(out, tmp_path)
+    assert_same_weights(out, theirs)
+    with torch.no_grad():
+        ours = load_model(out, dtype=torch.float16)(torch.tensor(IDS)).logits.float()
+    assert torch.allclose(ours, theirs["logits"], atol=1e-2)
+
+
+def test_llmkit_reads_gptqmodel_checkpoints(tiny_dir, tmp_path):
+    ids = tmp_path / "calibration.json"
+    ids.write_text(json.dumps([[1, *range(10 + i, 73 + i)] for i in range(8)]))
+    out = tmp_path / "by-gptqmodel"
+    run_in_gptqmodel(
+        ROOT / "benchmarks" / "reference" / "gptqmodel_quantize.py",
+        tiny_dir("tiny-llama"),
+        ids,
+        out,
+        "--group-size",
+        "32",
+        "--desc-act",
+    )
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"]
+    assert_same_weights(out, gptqmodel_view(out, tmp_path))
