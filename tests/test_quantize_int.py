@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmkit.bench.model import load_model
+from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.quant import int8
@@ -256,3 +257,29 @@ def test_gptq_refuses_bits_it_cannot_pack(tiny_dir, tmp_path):
     with pytest.raises(LlmkitError, match="--bits 5"):
         quantize(tiny_dir("tiny-llama"), tmp_path / "o", "gptq", options=QuantOptions(bits=5))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gptq_v2_zero_points_are_read(quantized, tmp_path):
+    """GPTQModel's v2 format stores zero points as they are (v1 stores zero - 1)."""
+    import shutil
+
+    from llmkit.checkpoint.safetensors_io import TensorSpec
+    from llmkit.checkpoint.writer import write_checkpoint
+    from llmkit.quant.formats import bitpack
+
+    v1 = quantized("rtn", bits=4, group_size=32)
+    with open_checkpoint(v1) as ck:
+        tensors = {name: ck.get_tensor(name) for name in ck.tensors}
+        config = dict(ck.config)
+    for name in [n for n in tensors if n.endswith(".qzeros")]:
+        zeros = bitpack.unpack(tensors[name].t(), 4, tensors[name].shape[1] * 8) + 1
+        tensors[name] = bitpack.pack(zeros, 4).t().contiguous()
+    config["quantization_config"] = config["quantization_config"] | {"checkpoint_format": "gptq_v2"}
+    specs = [
+        TensorSpec(n, dtypes.from_torch(t.dtype), tuple(t.shape), lambda t=t: [t])
+        for n, t in tensors.items()
+    ]
+    v2 = write_checkpoint(tmp_path / "v2", specs, config).path
+    shutil.copy(v1 / "tokenizer.json", v2)
+    ours, theirs = load_model(v1).state_dict(), load_model(v2).state_dict()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)

@@ -87,3 +87,62 @@ def test_smoothing_folds_leave_a_decoder_layers_output_unchanged(tiny_dir, prese
             fold(layer.get_submodule(group.source), linears, scales)
         after = layer(x, position_embeddings=rope)
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_layer_steps_rebuild_the_layer_forward(tiny_dir, preset):
+    from llmkit.quant import layer_steps as steps
+
+    with open_checkpoint(tiny_dir(preset)) as ck:
+        arch = arch_for(ck.config)
+        model = sequential.build_skeleton(ck.config)
+        layer = sequential.materialize(
+            model.get_submodule("model.layers.0"), ck, "model.layers.0", "cpu", torch.float32
+        )
+        rope = sequential.rotary_embeddings(model, arch, 8, "cpu", torch.float32)
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    down = layer.get_submodule("mlp.down_proj")
+    down.register_forward_pre_hook(lambda m, args: seen.setdefault("down", args[0]))
+    with torch.no_grad():
+        expected = layer(x, position_embeddings=rope)
+        core = steps.attention_core(layer, arch, x, rope)
+        h = steps.after_attention(layer, arch, x, core)
+        assert torch.equal(steps.output(layer, arch, h), expected)
+        assert torch.equal(steps.mlp_core(layer, arch, h), seen["down"])
+
+
+def test_gptq_layers_feed_on_what_the_quantized_model_computes(tiny_dir, tmp_path, monkeypatch):
+    """Layer i+1's calibration inputs are layer i's outputs with its quantized weights: the
+    hidden states transformers computes from the written checkpoint."""
+    from llmkit.bench.model import load_model
+    from llmkit.quant import methods
+
+    seen = []
+    quantize_layer = methods.GPTQLayer.__call__
+
+    def recording(self, index, run):
+        seen.append(torch.cat(run.inputs).clone())
+        return quantize_layer(self, index, run)
+
+    monkeypatch.setattr(methods.GPTQLayer, "__call__", recording)
+    ids_spec = CalibrationSpec(num_samples=4, seq_len=32)
+    quantize(
+        tiny_dir("tiny-qwen2"),
+        tmp_path / "q",
+        "gptq",
+        options=QuantOptions(group_size=32),
+        calibration=ids_spec,
+    )
+    from transformers import AutoTokenizer
+
+    from llmkit.quant.calibration import calibration_ids
+
+    ids = calibration_ids(AutoTokenizer.from_pretrained(tiny_dir("tiny-qwen2")), ids_spec)
+    with torch.no_grad():
+        hidden = load_model(tmp_path / "q")(ids, output_hidden_states=True).hidden_states
+    # Norms, biases and embeddings are stored in fp16 (the GPTQ convention), which moves hidden
+    # states by ~7e-4 of their scale; computing with unquantized weights would move them by
+    # the 4-bit quantization error, ~1e-2.
+    for ours, theirs in zip(seen, hidden, strict=False):
+        assert (ours - theirs).abs().max() <= 1e-3 * theirs.abs().max()

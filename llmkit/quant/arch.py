@@ -32,6 +32,11 @@ class Arch:
     smoothable: tuple[Smoothable, ...]
     # Linears sharing one input, in compute order: GPTQ's true-sequential stages.
     stages: tuple[tuple[str, ...], ...]
+    # The decoder layer's pieces: h = x + attention(input_norm(x)); y = h + mlp(post_norm(h)).
+    input_norm: str = "input_layernorm"
+    attention: str = "self_attn"
+    post_norm: str = "post_attention_layernorm"
+    mlp: str = "mlp"
 
 
 LLAMA_FAMILY = Arch(

@@ -15,6 +15,7 @@ import torch
 from llmkit.quant.rtn import group_params
 
 BLOCK_SIZE = 128
+ERROR_ROWS = 256
 MAX_DAMP_PERCENT = 1.0
 
 
@@ -36,19 +37,19 @@ class Hessian:
 @dataclass(frozen=True, slots=True)
 class GPTQResult:
     """q: uint8 [out, in] (original column order); scales, zeros: [out, groups];
-    g_idx: int32 [in]; damp_percent actually used; relative output error on the calibration
-    inputs, tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)."""
+    g_idx: int32 [in]; damp_percent actually used."""
 
     q: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     g_idx: torch.Tensor
     damp_percent: float
-    error: float
 
     def dequantize(self) -> torch.Tensor:
         groups = self.g_idx.long()
-        return self.scales.float()[:, groups] * (self.q.float() - self.zeros.float()[:, groups])
+        weight = self.q.float()
+        weight.sub_(self.zeros.float()[:, groups])  # one [out, in] temporary at a time
+        return weight.mul_(self.scales.float()[:, groups])
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,57 +72,67 @@ def quantize(
 ) -> GPTQResult:
     """GPTQ of `weight` [out, in] given `hessian` [in, in]."""
     W = weight.detach().to(hessian.device, torch.float32).clone()
-    H = hessian.clone()
     in_features = W.shape[1]
     group_size = in_features if settings.group_size == -1 else settings.group_size
-    dead = torch.diag(H) == 0  # inputs that were always zero: nothing to preserve
-    H[dead, dead] = 1
+    dead = torch.diag(hessian) == 0  # inputs that were always zero: nothing to preserve
     W[:, dead] = 0
     static = _static_params(W, group_size, settings) if settings.static_groups else None
-    perm = torch.argsort(torch.diag(H), descending=True) if settings.desc_act else None
+    perm = torch.argsort(torch.diag(hessian), descending=True) if settings.desc_act else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    hinv, damp = _inverse_hessian_factor(H, settings.damp_percent, name, warn)
+        W = W[:, perm]
+
+    def prepared() -> torch.Tensor:  # H in sweep order, dead inputs given a unit diagonal
+        H = hessian[perm][:, perm] if perm is not None else hessian.clone()
+        kept = dead[perm] if perm is not None else dead
+        H[kept, kept] = 1
+        return H
+
+    hinv, damp = _inverse_hessian_factor(prepared, settings.damp_percent, name, warn)
     q, scales, zeros, group_of = _quantize_columns(W, hinv, group_size, settings, static, perm)
     g_idx = torch.as_tensor(group_of, dtype=torch.int32)
     if perm is not None:
         inverse = torch.argsort(perm)
         q, g_idx = q[:, inverse], g_idx[inverse]
-    result = GPTQResult(q.to(torch.uint8).cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp, 0.0)
-    error = relative_error(weight, result.dequantize(), hessian)
-    return GPTQResult(result.q, result.scales, result.zeros, result.g_idx, damp, error)
+    return GPTQResult(q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp)
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """||(W - Ŵ) X||² / ||W X||², from H ∝ X Xᵀ."""
-    w = weight.detach().to(hessian.device, torch.float32)
-    delta = w - approx.to(hessian.device)
-    num = float(((delta @ hessian) * delta).sum())
-    den = float(((w @ hessian) * w).sum())
+    """||(W - Ŵ) X||² / ||W X||², from H ∝ X Xᵀ (in row blocks: no [out, in] temporaries)."""
+    num = den = 0.0
+    for rows in range(0, weight.shape[0], ERROR_ROWS):
+        w = weight[rows : rows + ERROR_ROWS].detach().to(hessian.device, torch.float32)
+        delta = w - approx[rows : rows + ERROR_ROWS].to(hessian.device, torch.float32)
+        num += float(((delta @ hessian) * delta).sum())
+        den += float(((w @ hessian) * w).sum())
     return num / den if den > 0 else 0.0
 
 
 def _inverse_hessian_factor(
-    H: torch.Tensor, damp_percent: float, name: str, warn: Callable[[str], None] | None
+    prepared: Callable[[], torch.Tensor],
+    damp_percent: float,
+    name: str,
+    warn: Callable[[str], None] | None,
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H), raising damp until H
-    factorizes (a warning names the module)."""
-    mean_diag = float(torch.diag(H).mean())
+    factorizes (a warning names the module). Factorizes in place: one n x n matrix at a time,
+    rebuilt by `prepared()` for each attempt."""
     damp = damp_percent
+    info = torch.empty((), dtype=torch.int32)
     while True:
-        damped = H + damp * mean_diag * torch.eye(H.shape[0], device=H.device)
-        factor, info = torch.linalg.cholesky_ex(damped)
+        H = prepared()
+        H.diagonal().add_(damp * float(H.diagonal().mean()))
+        torch.linalg.cholesky_ex(H, out=(H, info))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            torch.cholesky_inverse(H, out=H)
+            torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
             if int(info) == 0:
-                break
+                return H, damp
+        del H
         if damp >= MAX_DAMP_PERCENT:
             raise ValueError(f"{name}: the Hessian is not positive definite even at damp {damp}")
         damp = min(damp * 2, MAX_DAMP_PERCENT)
         if warn is not None:
             warn(f"{name}: Cholesky failed, retrying with damp_percent {damp:g}")
-    return upper, damp
 
 
 def _static_params(W: torch.Tensor, group_size: int, settings: GPTQSettings):
@@ -143,7 +154,7 @@ def _quantize_columns(W, hinv, group_size, settings, static, perm):
     """The GPTQ sweep over (permuted) columns, in blocks of BLOCK_SIZE with lazy updates."""
     in_features = W.shape[1]
     maxq = 2**settings.bits - 1
-    Q = torch.zeros_like(W)
+    Q = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)
     scales, zeros, group_of = [], [], [0] * in_features
     scale = zero = None
     for i1 in range(0, in_features, BLOCK_SIZE):
@@ -167,7 +178,7 @@ def _quantize_columns(W, hinv, group_size, settings, static, perm):
                 group_of[column] = column // group_size
             w = W1[:, i]
             q = (torch.round(w / scale) + zero).clamp(0, maxq)
-            Q[:, column] = q
+            Q[:, column] = q.to(torch.uint8)
             err = (w - scale * (q - zero)) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err

@@ -32,8 +32,14 @@ from llmkit.quant.options import (
     QuantOptions,
     check_options,
 )
-from llmkit.quant.pipeline import QuantizeReport, cast_spec, peak_rss, write_with_spill
-from llmkit.quant.sequential import run_layers
+from llmkit.quant.pipeline import (
+    QuantizeReport,
+    cast_spec,
+    current_rss,
+    peak_rss,
+    write_with_spill,
+)
+from llmkit.quant.sequential import return_freed_memory, run_layers
 
 LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
 
@@ -55,7 +61,7 @@ def quantize_integer(
     arch = arch_for(ck.config)
     check_output_dir(out, overwrite)  # before calibration, which can take a while
     compute = resolve_device(device)
-    start = time.perf_counter()
+    start, start_rss = time.perf_counter(), current_rss()
     ids = _calibration_ids(ck, calibration) if method in CALIBRATED_METHODS else None
     layer_errors: list[dict] = []
     warnings: list[str] = []
@@ -87,6 +93,7 @@ def quantize_integer(
         shards=written.shards,
         seconds=round(time.perf_counter() - start, 3),
         peak_rss_bytes=peak_rss(),
+        start_rss_bytes=start_rss,
         num_layers=num_layers(ck.config),
         calibration_samples=0 if ids is None else int(ids.shape[0]),
         device=str(compute),
@@ -102,7 +109,10 @@ def _calibration_ids(ck: Checkpoint, spec: CalibrationSpec) -> torch.Tensor:
         tokenizer = AutoTokenizer.from_pretrained(ck.path)
     except (OSError, ValueError) as e:
         raise LlmkitError(f"cannot load the tokenizer in {ck.path} for calibration: {e}") from None
-    return calibration_ids(tokenizer, spec)
+    ids = calibration_ids(tokenizer, spec)
+    del tokenizer
+    return_freed_memory()
+    return ids
 
 
 def _storage(ck: Checkpoint, name: str) -> torch.dtype:

@@ -12,11 +12,12 @@ from torch import nn
 from llmkit.errors import LlmkitError
 from llmkit.quant import gptq as gptq_algorithm
 from llmkit.quant import int8, rtn
+from llmkit.quant import layer_steps as steps
 from llmkit.quant.arch import Arch
 from llmkit.quant.formats import compressed_tensors as ct
 from llmkit.quant.formats import gptq
 from llmkit.quant.options import GPTQ_FORMAT_METHODS, QuantOptions
-from llmkit.quant.sequential import LayerRun
+from llmkit.quant.sequential import LayerRun, return_freed_memory
 from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
 
 
@@ -124,22 +125,47 @@ class GPTQLayer:
     errors: list[dict]  # filled: one {"layer": i, "modules": {name: relative error}} per layer
     warn: Callable[[str], None]
 
+    @torch.no_grad()
     def __call__(self, index: int, run: LayerRun) -> dict[str, torch.Tensor]:
         layer, prefix = run.layer, f"{self.arch.layers}.{index}."
         out: dict[str, torch.Tensor] = {}
         errors: dict[str, float] = {}
-        pending = list(self.arch.stages)
-        while pending:
-            stages = pending[:1] if self.true_sequential else pending
-            hessians = _stage_hessians(layer, run, stages)
-            for stage, hessian in zip(stages, hessians, strict=True):
+        cache = run.scratch()  # attention outputs, then the residual after attention
+        deferred = []
+        for k, stage in enumerate(self.arch.stages):
+            first = layer.get_submodule(stage[0])
+            hessian = gptq_algorithm.Hessian(first.in_features, first.weight.device)
+            for x, c in zip(run.inputs, cache, strict=True):
+                hessian.add(self._stage_input(k, layer, run, x, c))
+            if self.true_sequential:
                 out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
-            pending = pending[len(stages) :]
+            else:
+                deferred.append((stage, hessian))
+        for stage, hessian in deferred:
+            out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
+        if self.true_sequential:  # the cache holds what the quantized layer computes
+            run.advance(lambda i, x: steps.output(layer, self.arch, _on(cache[i], x)))
         for name, tensor in layer.state_dict().items():
             if not any(name.startswith(f"{linear}.weight") for linear in self.arch.linears):
                 out[name] = tensor.detach().to("cpu", dense_dtype("gptq", tensor.dtype))
         self.errors.append({"layer": index, "modules": errors})
         return out
+
+    def _stage_input(self, k, layer, run, x, cache) -> torch.Tensor:
+        """The input of stage k's Linears for one batch, from what earlier stages left in
+        `cache` (each stage's Linears are as quantized as true-sequential asks)."""
+        arch, x = self.arch, x.to(run.device, run.dtype)
+        if k == 0:
+            return layer.get_submodule(arch.input_norm)(x)
+        if k == 1:
+            core = steps.attention_core(layer, arch, x, run.position_embeddings)
+            cache.copy_(core)
+            return core
+        if k == 2:
+            h = steps.after_attention(layer, arch, x, _on(cache, x))
+            cache.copy_(h)
+            return layer.get_submodule(arch.post_norm)(h)
+        return steps.mlp_core(layer, arch, _on(cache, x))
 
     def _quantize_stage(self, layer, prefix, stage, hessian, errors) -> dict[str, torch.Tensor]:
         linears = [layer.get_submodule(name) for name in stage]
@@ -147,6 +173,8 @@ class GPTQLayer:
         result = gptq_algorithm.quantize(
             weight, hessian.matrix, self.settings, name=prefix + "/".join(stage), warn=self.warn
         )
+        del weight
+        dequantized = result.dequantize()
         out: dict[str, torch.Tensor] = {}
         start = 0
         for name, linear in zip(stage, linears, strict=True):
@@ -155,23 +183,12 @@ class GPTQLayer:
             q, scales, zeros = result.q[rows], result.scales[rows], result.zeros[rows]
             packed = gptq.pack(q, scales, zeros, self.settings.bits, result.g_idx)
             out |= {f"{name}.{suffix}": t for suffix, t in packed.items()}
-            approx = result.dequantize()[rows]
+            approx = dequantized[rows]
             errors[name] = gptq_algorithm.relative_error(linear.weight, approx, hessian.matrix)
             linear.weight.data = approx.to(linear.weight.device, linear.weight.dtype)
+        return_freed_memory()
         return out
 
 
-def _stage_hessians(layer: nn.Module, run: LayerRun, stages) -> list:
-    """Hessians of each stage's shared input, from one pass that stops after the last stage."""
-    hessians, handles = [], []
-    for stage in stages:
-        first = layer.get_submodule(stage[0])
-        hessian = gptq_algorithm.Hessian(first.in_features, first.weight.device)
-        handles.append(first.register_forward_pre_hook(lambda m, args, h=hessian: h.add(args[0])))
-        hessians.append(hessian)
-    try:
-        run.run(stop_after=layer.get_submodule(stages[-1][-1]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hessians
+def _on(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return tensor.to(like.device, like.dtype)

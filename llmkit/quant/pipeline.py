@@ -55,6 +55,7 @@ class QuantizeReport:
     shards: tuple[str, ...]
     seconds: float
     peak_rss_bytes: int = 0
+    start_rss_bytes: int = 0  # resident memory when the work began (imports done)
     num_layers: int = 0
     calibration_samples: int = 0
     device: str = "cpu"
@@ -117,6 +118,15 @@ def _check_source(ck: Checkpoint, out: Path) -> None:
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    """Resident memory now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
 def _cast(

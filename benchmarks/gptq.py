@@ -1,0 +1,222 @@
+"""GPTQ: llmkit beside GPTQModel 7.6.0 with the same settings and calibration windows.
+
+Quality: ../shared/models/stories260K-pad176 (stories260K with the MLP padded to 176, the
+same function to 4e-6, because GPTQ packs inputs in multiples of 8), tinyshakespeare's first
+60% for calibration and last 20% for evaluation, as in benchmarks/quality.py; scored against
+the float32 stories260K. llmkit gptq, GPTQModel gptq and llmkit rtn at the same settings
+(4 bits, group 16, symmetric, no act-order, damp 0.01, true-sequential).
+Targets: llmkit KLD <= GPTQModel's, and strictly better than llmkit rtn.
+
+Speed and memory: the small-llama preset (float32, made on the fly), built-in text, group 128.
+Target: llmkit's quantization wall time <= 0.5x GPTQModel's. Printed beside: each process's
+peak RSS, and llmkit's peak above its starting RSS against 3x one decoder layer's float
+weights + the calibration activations.
+
+Both tools run as child processes on the same token windows and time themselves in-process
+(llmkit: tokenizing, calibrating, quantizing, writing; GPTQModel: loading, quantizing,
+saving); whole-command wall times are shown beside. The parent stays small until every child
+has run, since a child's peak RSS counts its parent's size at fork.
+
+    python benchmarks/gptq.py [--shared ../shared] [--num-samples 128] [--skip-small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GPTQMODEL = ROOT / ".refvenvs" / "gptqmodel" / "bin" / "python"
+MB = 1e6
+IDS_SCRIPT = """
+import json, sys
+from transformers import AutoTokenizer
+from llmkit.quant.calibration import CalibrationSpec, calibration_ids
+model, dataset, num, out = sys.argv[1:5]
+spec = CalibrationSpec(dataset=dataset, num_samples=int(num), seq_len=512)
+ids = calibration_ids(AutoTokenizer.from_pretrained(model), spec)
+open(out, "w").write(json.dumps(ids.tolist()))
+"""
+
+
+def run_child(command: list[str], env: dict | None = None) -> tuple[str, float, int]:
+    """(stdout, wall seconds, peak RSS bytes) of a child process."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(command[:4])} failed:\n{err.read()[-3000:]}")
+        return out.read(), wall, usage.ru_maxrss * 1024
+
+
+def llmkit_gptq(
+    src: Path, out: Path, method: str, options: list[str], dataset: str, num_samples: int
+) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "llmkit",
+        "quantize",
+        str(src),
+        str(out),
+        "--method",
+        method,
+        *options,
+        "--dataset",
+        dataset,
+        "--num-samples",
+        str(num_samples),
+        "--seq-len",
+        "512",
+        "--device",
+        "cpu",
+        "--overwrite",
+        "--json",
+    ]
+    stdout, wall, peak = run_child(command)
+    report = json.loads(stdout)
+    return {
+        "path": out,
+        "seconds": report["seconds"],
+        "wall": wall,
+        "peak_rss": peak,
+        "start_rss": report["start_rss_bytes"],
+    }
+
+
+def gptqmodel_gptq(src: Path, out: Path, ids: Path, group_size: int) -> dict:
+    script = ROOT / "benchmarks" / "reference" / "gptqmodel_quantize.py"
+    command = [
+        str(GPTQMODEL),
+        str(script),
+        str(src),
+        str(ids),
+        str(out),
+        "--group-size",
+        str(group_size),
+    ]
+    stdout, wall, peak = run_child(command, env={"GPTQMODEL_CPU_WORKERS": "2"})
+    seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
+    return {"path": out, "seconds": seconds, "wall": wall, "peak_rss": peak}
+
+
+def calibration_windows(model: Path, dataset: str, num_samples: int, out: Path) -> Path:
+    run_child([sys.executable, "-c", IDS_SCRIPT, str(model), dataset, str(num_samples), str(out)])
+    return out
+
+
+def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
+    text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    calib = work / "calibration.txt"
+    calib.write_text(text[: int(len(text) * 0.6)], encoding="utf-8")
+    (work / "evaluation.txt").write_text(text[int(len(text) * 0.8) :], encoding="utf-8")
+    model = shared / "models" / "stories260K-pad176"
+    options = ["--bits", "4", "--group-size", "16"]
+    runs = {
+        "llmkit gptq": llmkit_gptq(
+            model, work / "llmkit-gptq", "gptq", options, str(calib), num_samples
+        ),
+        "llmkit rtn": llmkit_gptq(
+            model, work / "llmkit-rtn", "rtn", options, str(calib), num_samples
+        ),
+    }
+    ids = calibration_windows(model, str(calib), num_samples, work / "stories-ids.json")
+    runs["gptqmodel gptq"] = gptqmodel_gptq(model, work / "gptqmodel-gptq", ids, 16)
+    return runs
+
+
+def speed_runs(work: Path, num_samples: int) -> dict[str, dict]:
+    model = work / "small-llama"
+    if not (model / "config.json").is_file():
+        run_child([sys.executable, "-m", "llmkit", "init", str(model), "--preset", "small-llama"])
+    ids = calibration_windows(model, "builtin", num_samples, work / "small-ids.json")
+    return {
+        "llmkit gptq": llmkit_gptq(
+            model, work / "small-llmkit", "gptq", [], "builtin", num_samples
+        ),
+        "gptqmodel gptq": gptqmodel_gptq(model, work / "small-gptqmodel", ids, 128),
+    }
+
+
+def print_quality(shared: Path, work: Path, runs: dict[str, dict]) -> None:
+    from llmkit.bench.quality import evaluate_quality
+    from llmkit.quant.calibration import CalibrationSpec
+
+    reference = shared / "models" / "stories260K"
+    data = CalibrationSpec(dataset=str(work / "evaluation.txt"), seq_len=512)
+    rows = evaluate_quality(reference, [r["path"] for r in runs.values()], data)
+    print(
+        f"{'stories260K, 4-bit g16':22} {'perplexity':>10} {'KLD mean':>10} {'KLD p99':>9} "
+        f"{'top-1':>7} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}"
+    )
+    print(f"{'fp32 (reference)':22} {rows[0].perplexity:10.4f} {0:10.6f} {0:9.5f} {1:7.2%}")
+    for (name, run), row in zip(runs.items(), rows[1:], strict=True):
+        print(
+            f"{name:22} {row.perplexity:10.4f} {row.kld_mean:10.6f} {row.kld_p99:9.5f} "
+            f"{row.top1_agreement:7.2%} {run['seconds']:8.2f} {run['wall']:7.2f} "
+            f"{run['peak_rss'] / MB:7.0f}MB"
+        )
+    kld = {name: row.kld_mean for name, row in zip(runs, rows[1:], strict=True)}
+    met = kld["llmkit gptq"] <= kld["gptqmodel gptq"] and kld["llmkit gptq"] < kld["llmkit rtn"]
+    print(
+        f"KLD: llmkit gptq {kld['llmkit gptq']:.6f}, gptqmodel {kld['gptqmodel gptq']:.6f}, "
+        f"llmkit rtn {kld['llmkit rtn']:.6f} -> {'met' if met else 'MISSED'}"
+    )
+
+
+def print_speed(work: Path, runs: dict[str, dict], num_samples: int) -> None:
+    from llmkit.checkpoint.reader import open_checkpoint
+
+    ours, theirs = runs["llmkit gptq"], runs["gptqmodel gptq"]
+    print(f"\n{'small-llama, 4-bit g128':24} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}")
+    for name, run in runs.items():
+        print(f"{name:24} {run['seconds']:8.2f} {run['wall']:7.2f} {run['peak_rss'] / MB:7.0f}MB")
+    ratio = ours["seconds"] / theirs["seconds"]
+    print(
+        f"time: llmkit/gptqmodel = {ratio:.2f} (commands: {ours['wall'] / theirs['wall']:.2f})"
+        f" -> {'met' if ratio <= 0.5 else 'MISSED'}"
+    )
+    with open_checkpoint(work / "small-llama") as ck:
+        layer = sum(t.nbytes for n, t in ck.tensors.items() if n.startswith("model.layers.0."))
+        hidden = ck.config["hidden_size"]
+    activations = num_samples * 512 * hidden * 4
+    used = ours["peak_rss"] - ours["start_rss"]
+    bound = 3 * layer + activations
+    print(
+        f"llmkit memory above its start: {used / MB:.0f}MB vs 3 x layer ({layer / MB:.0f}MB) + "
+        f"activations ({activations / MB:.0f}MB) = {bound / MB:.0f}MB -> "
+        f"{'met' if used <= bound else 'MISSED'}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--skip-small", action="store_true", help="quality part only")
+    args = parser.parse_args()
+    if not GPTQMODEL.exists():
+        raise SystemExit(f"{GPTQMODEL} missing: bash benchmarks/setup_reference_venvs.sh gptqmodel")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="llmkit-gptq-"))
+    work.mkdir(parents=True, exist_ok=True)
+    quality = quality_runs(args.shared, work, args.num_samples)
+    speed = {} if args.skip_small else speed_runs(work, args.num_samples)
+    print_quality(args.shared, work, quality)
+    if speed:
+        print_speed(work, speed, args.num_samples)
+
+
+if __name__ == "__main__":
+    main()
