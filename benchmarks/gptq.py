@@ -4,7 +4,9 @@ Quality: ../shared/models/stories260K-pad176 (stories260K with the MLP padded to
 same function to 4e-6, because GPTQ packs inputs in multiples of 8), tinyshakespeare's first
 60% for calibration and last 20% for evaluation, as in benchmarks/quality.py; scored against
 the float32 stories260K. llmkit gptq, GPTQModel gptq and llmkit rtn at the same settings
-(4 bits, group 16, symmetric, no act-order, damp 0.01, true-sequential).
+(4 bits, group 16, symmetric, no act-order, damp 0.01, true-sequential, group-aware order),
+each tool with its defaults otherwise: llmkit searches each group's range (clip search),
+GPTQModel's equivalent (`mse`) is off by default, so llmkit without it is shown too.
 Targets: llmkit KLD <= GPTQModel's, and strictly better than llmkit rtn.
 
 Speed and memory: the small-llama preset (float32, made on the fly), built-in text, group 128.
@@ -127,6 +129,14 @@ def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
         "llmkit gptq": llmkit_gptq(
             model, work / "llmkit-gptq", "gptq", options, str(calib), num_samples
         ),
+        "llmkit gptq, no clip search": llmkit_gptq(
+            model,
+            work / "llmkit-gptq-noclip",
+            "gptq",
+            [*options, "--no-clip-search"],
+            str(calib),
+            num_samples,
+        ),
         "llmkit rtn": llmkit_gptq(
             model, work / "llmkit-rtn", "rtn", options, str(calib), num_samples
         ),
@@ -160,7 +170,7 @@ def print_quality(shared: Path, work: Path, runs: dict[str, dict]) -> None:
         f"{'stories260K, 4-bit g16':22} {'perplexity':>10} {'KLD mean':>10} {'KLD p99':>9} "
         f"{'top-1':>7} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}"
     )
-    print(f"{'fp32 (reference)':22} {rows[0].perplexity:10.4f} {0:10.6f} {0:9.5f} {1:7.2%}")
+    print(f"{'fp32 (reference)':27} {rows[0].perplexity:10.4f} {0:10.6f} {0:9.5f} {1:7.2%}")
     for (name, run), row in zip(runs.items(), rows[1:], strict=True):
         print(
             f"{name:22} {row.perplexity:10.4f} {row.kld_mean:10.6f} {row.kld_p99:9.5f} "

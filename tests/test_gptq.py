@@ -83,7 +83,9 @@ def test_pack_unpack_round_trip_is_bit_exact(bits, sym, desc_act):
 def test_static_groups_keep_groups_in_input_order_under_act_order():
     x = correlated_inputs(5, in_features=64)
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(6)) * 0.05
-    settings = gptq.GPTQSettings(group_size=16, desc_act=True, static_groups=True)
+    settings = gptq.GPTQSettings(
+        group_size=16, desc_act=True, static_groups=True, clip_search=False
+    )
     result = gptq.quantize(w, hessian_of(x), settings)
     assert torch.equal(result.g_idx, torch.arange(64, dtype=torch.int32) // 16)
     rtn_scales = rtn.quantize_groups(w, 4, 16, True, min_zero=1).scales
@@ -121,3 +123,32 @@ def test_hopeless_hessian_is_reported():
         gptq.quantize(
             torch.randn(4, 8), -torch.eye(8), gptq.GPTQSettings(group_size=-1), name="layer"
         )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_group_aware_reordering_keeps_groups_and_lowers_error(seed):
+    x = correlated_inputs(seed)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(seed + 10)) * 0.05
+    H = hessian_of(x)
+    plain = gptq.quantize(w, H, gptq.GPTQSettings(group_size=32, act_group_aware=False))
+    reordered = gptq.quantize(w, H, gptq.GPTQSettings(group_size=32, act_group_aware=True))
+    assert torch.equal(reordered.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+    error = lambda result: gptq.relative_error(w, result.dequantize(), H)  # noqa: E731
+    assert error(reordered) < error(plain)
+
+
+def test_clip_search_lowers_rounding_error_on_outlier_groups():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g)
+    w[torch.arange(64), torch.randint(0, 32, (64,), generator=g)] *= 6  # one outlier a row
+    plain = rtn.group_params(w, 4, True, torch.float16)
+    searched = rtn.searched_group_params(w, 4, True, torch.float16)
+
+    def error(params):
+        scale, zero = params
+        q = (torch.round(w / scale[:, None]) + zero[:, None]).clamp(0, 15)
+        return ((q - zero[:, None]) * scale[:, None] - w).abs().pow(2.4).sum(dim=1)
+
+    assert bool((error(searched) <= error(plain)).all())
+    assert float(error(searched).sum()) < 0.95 * float(error(plain).sum())
+    assert bool((searched[0] <= plain[0]).all())  # it only ever shrinks the range

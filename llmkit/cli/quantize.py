@@ -66,9 +66,23 @@ def quantize(
             "--desc-act", help="Act-order: quantize inputs by falling Hessian diagonal (gptq)."
         ),
     ] = default(_OPT, "desc_act"),
+    act_group_aware: Annotated[
+        bool,
+        typer.Option(
+            "--act-group-aware/--no-act-group-aware",
+            help="Without act-order, visit important groups first; g_idx stays trivial (gptq).",
+        ),
+    ] = default(_OPT, "act_group_aware"),
     static_groups: Annotated[
         bool, typer.Option("--static-groups", help="Fit group scales before any update (gptq).")
     ] = default(_OPT, "static_groups"),
+    clip_search: Annotated[
+        bool,
+        typer.Option(
+            "--clip-search/--no-clip-search",
+            help="Search each group's range for the least rounding error (gptq).",
+        ),
+    ] = default(_OPT, "clip_search"),
     damp_percent: Annotated[
         float, typer.Option(help="Hessian damping, a fraction of its mean diagonal (gptq).")
     ] = default(_OPT, "damp_percent"),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.quant.rtn import group_params
+from llmkit.quant.rtn import group_params, searched_group_params
 
 BLOCK_SIZE = 128
 ERROR_ROWS = 256
@@ -58,7 +58,14 @@ class GPTQSettings:
     group_size: int = 128  # -1: one group per output channel
     sym: bool = True
     desc_act: bool = False
+    # Without act-order: visit groups by their largest H diagonal entry and columns within a
+    # group by theirs, keeping every group's columns together, so g_idx stays i // group_size
+    # (group-aware reordering, Gafni et al. 2025; GPTQModel's default).
+    act_group_aware: bool = True
     static_groups: bool = False
+    # Fit each group's range by searching shrink factors for the least rounding error
+    # (GPTQModel's `mse` option, off there by default).
+    clip_search: bool = True
     damp_percent: float = 0.01
     min_zero: int = 1  # GPTQ v1 stores zero - 1
 
@@ -77,9 +84,14 @@ def quantize(
     dead = torch.diag(hessian) == 0  # inputs that were always zero: nothing to preserve
     W[:, dead] = 0
     static = _static_params(W, group_size, settings) if settings.static_groups else None
-    perm = torch.argsort(torch.diag(hessian), descending=True) if settings.desc_act else None
+    perm = _column_order(torch.diag(hessian), group_size, settings)
     if perm is not None:
         W = W[:, perm]
+    # Each sweep position's group: act-order groups follow the sweep; otherwise (and for
+    # static groups) a column keeps the group of its original index.
+    positions = torch.arange(in_features)
+    original = perm if perm is not None else positions
+    group_of = (positions if settings.desc_act and static is None else original) // group_size
 
     def prepared() -> torch.Tensor:  # H in sweep order, dead inputs given a unit diagonal
         H = hessian[perm][:, perm] if perm is not None else hessian.clone()
@@ -88,8 +100,8 @@ def quantize(
         return H
 
     hinv, damp = _inverse_hessian_factor(prepared, settings.damp_percent, name, warn)
-    q, scales, zeros, group_of = _quantize_columns(W, hinv, group_size, settings, static, perm)
-    g_idx = torch.as_tensor(group_of, dtype=torch.int32)
+    q, scales, zeros = _quantize_columns(W, hinv, group_size, settings, static, group_of)
+    g_idx = group_of.to(torch.int32)
     if perm is not None:
         inverse = torch.argsort(perm)
         q, g_idx = q[:, inverse], g_idx[inverse]
@@ -139,7 +151,8 @@ def _static_params(W: torch.Tensor, group_size: int, settings: GPTQSettings):
     """Group parameters fitted once, on the weights before any GPTQ update (--static-groups)."""
     out_features, in_features = W.shape
     groups = W.reshape(out_features, in_features // group_size, group_size)
-    scale, zero = group_params(
+    fit = searched_group_params if settings.clip_search else group_params
+    scale, zero = fit(
         groups.permute(1, 0, 2).reshape(-1, group_size),
         settings.bits,
         settings.sym,
@@ -150,32 +163,49 @@ def _static_params(W: torch.Tensor, group_size: int, settings: GPTQSettings):
     return scale.reshape(shape).t(), zero.reshape(shape).t()
 
 
-def _quantize_columns(W, hinv, group_size, settings, static, perm):
-    """The GPTQ sweep over (permuted) columns, in blocks of BLOCK_SIZE with lazy updates."""
-    in_features = W.shape[1]
+def _column_order(diag: torch.Tensor, group_size: int, settings: GPTQSettings):
+    """The sweep's column order (None: as stored)."""
+    if settings.desc_act:
+        return torch.argsort(diag, descending=True)
+    if not settings.act_group_aware or group_size >= diag.numel():
+        return None
+    groups = diag.reshape(-1, group_size)
+    within = torch.argsort(groups, dim=1, descending=True)
+    order = torch.argsort(groups.amax(dim=1), descending=True)
+    starts = (torch.arange(groups.shape[0]) * group_size)[:, None]
+    return (within + starts)[order].reshape(-1)
+
+
+def _quantize_columns(W, hinv, group_size, settings, static, group_of):
+    """The GPTQ sweep over (permuted) columns in blocks of BLOCK_SIZE with lazy updates.
+    -> (q uint8 [out, in] in sweep order, scales, zeros [out, groups] by group id)."""
+    out_features, in_features = W.shape
     maxq = 2**settings.bits - 1
     Q = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)
-    scales, zeros, group_of = [], [], [0] * in_features
-    scale = zero = None
+    num_groups = in_features // group_size
+    if static is not None:
+        scales, zeros = static[0].to(W.device), static[1].to(W.device)
+    else:
+        scales = torch.zeros(out_features, num_groups, device=W.device)
+        zeros = torch.zeros(out_features, num_groups, device=W.device)
+    fitted = static is not None
+    current_group = -1
     for i1 in range(0, in_features, BLOCK_SIZE):
         i2 = min(i1 + BLOCK_SIZE, in_features)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             column = i1 + i
-            if static is not None:
-                original = int(perm[column]) if perm is not None else column
-                group_of[column] = original // group_size
-                scale, zero = (p[:, group_of[column]] for p in static)
-            elif column % group_size == 0:
-                # Fit the group to its columns as they are now, updates so far included.
-                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                scale, zero = group_params(
-                    current, settings.bits, settings.sym, torch.float16, settings.min_zero
+            group = int(group_of[column])
+            if not fitted and group != current_group:
+                # A group's columns are consecutive in the sweep: fit it to them as they are
+                # now, updates so far included.
+                columns = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
+                fit = searched_group_params if settings.clip_search else group_params
+                scales[:, group], zeros[:, group] = fit(
+                    columns, settings.bits, settings.sym, torch.float16, settings.min_zero
                 )
-                scales.append(scale)
-                zeros.append(zero)
-            if static is None:
-                group_of[column] = column // group_size
+                current_group = group
+            scale, zero = scales[:, group], zeros[:, group]
             w = W1[:, i]
             q = (torch.round(w / scale) + zero).clamp(0, maxq)
             Q[:, column] = q.to(torch.uint8)
@@ -183,11 +213,4 @@ def _quantize_columns(W, hinv, group_size, settings, static, perm):
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
-    if static is not None:
-        return Q, static[0].to(torch.float16), static[1].to(torch.int32), group_of
-    return (
-        Q,
-        torch.stack(scales, dim=1).to(torch.float16),
-        torch.stack(zeros, dim=1).to(torch.int32),
-        group_of,
-    )
+    return Q, scales.to(torch.float16), zeros.to(torch.int32)

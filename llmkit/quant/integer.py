@@ -157,6 +157,7 @@ def _layer_quantizer(ck, arch, method, options, layer_errors, warn):
         sym=options.sym,
         desc_act=options.desc_act,
         static_groups=options.static_groups,
+        clip_search=options.clip_search,
         damp_percent=options.damp_percent,
     )
     return GPTQLayer(arch, settings, options.true_sequential, storage, layer_errors, warn)

@@ -67,6 +67,8 @@ def quantization_config(method: str, options: QuantOptions) -> dict:
                 "static_groups": options.static_groups,
                 "true_sequential": options.true_sequential,
                 "damp_percent": options.damp_percent,
+                "act_group_aware": options.act_group_aware and not options.desc_act,
+                "clip_search": options.clip_search,
             }
         return config
     fmt = ct.INT_QUANTIZED if method == "w8a8" else ct.PACK_QUANTIZED

@@ -20,7 +20,9 @@ class QuantOptions:
     sym: bool = True  # rtn, gptq
     smooth_alpha: float = 0.5  # w8a8
     desc_act: bool = False  # gptq: act-order
+    act_group_aware: bool = True  # gptq: group-aware reordering when not act-order
     static_groups: bool = False  # gptq
+    clip_search: bool = True  # gptq: search each group's range for the least rounding error
     damp_percent: float = 0.01  # gptq
     true_sequential: bool = True  # gptq
     quantize_lm_head: bool = False

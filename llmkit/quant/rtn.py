@@ -48,6 +48,35 @@ def group_params(
     return scale, zero
 
 
+def searched_group_params(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    scale_dtype: torch.dtype,
+    min_zero: int = 0,
+    steps: int = 20,
+    min_shrink: float = 0.5,
+    norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`group_params` with the range shrunk by the factor in [min_shrink, 1] that minimizes each
+    row's rounding error sum |w - ŵ|^norm: clipping a few outliers buys finer steps."""
+    best_scale, best_zero = group_params(w, bits, sym, scale_dtype, min_zero)
+    best_error = _rounding_error(w, best_scale, best_zero, bits, norm)
+    for factor in torch.linspace(1, min_shrink, steps)[1:].tolist():
+        scale, zero = group_params(w * factor, bits, sym, scale_dtype, min_zero)
+        error = _rounding_error(w, scale, zero, bits, norm)
+        better = error < best_error
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+        best_error = torch.minimum(error, best_error)
+    return best_scale, best_zero
+
+
+def _rounding_error(w, scale, zero, bits, norm) -> torch.Tensor:
+    q = (torch.round(w / scale[:, None]) + zero[:, None]).clamp(0, 2**bits - 1)
+    return ((q - zero[:, None]) * scale[:, None] - w).abs().pow(norm).sum(dim=1)
+
+
 def quantize_groups(
     w: torch.Tensor,
     bits: int = 4,
