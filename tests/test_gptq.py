@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmkit.errors import LlmkitError
 from llmkit.quant import gptq, rtn
 from llmkit.quant.formats import gptq as gptq_format
 
@@ -119,7 +120,7 @@ def test_cholesky_failure_raises_damping_and_warns():
 
 
 def test_hopeless_hessian_is_reported():
-    with pytest.raises(ValueError, match="not positive definite"):
+    with pytest.raises(LlmkitError, match="not positive definite"):
         gptq.quantize(
             torch.randn(4, 8), -torch.eye(8), gptq.GPTQSettings(group_size=-1), name="layer"
         )

@@ -283,3 +283,46 @@ def test_gptq_v2_zero_points_are_read(quantized, tmp_path):
     shutil.copy(v1 / "tokenizer.json", v2)
     ours, theirs = load_model(v1).state_dict(), load_model(v2).state_dict()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def test_cli_gptq_options_reach_the_quantizer(cli, tiny_dir, tmp_path):
+    """Every gptq option given on the command line ends up in the written config."""
+    result = cli(
+        "quantize",
+        tiny_dir("tiny-llama"),
+        tmp_path / "o",
+        "--method",
+        "gptq",
+        "--bits",
+        "8",
+        "--group-size",
+        "64",
+        "--asym",
+        "--no-act-group-aware",
+        "--no-clip-search",
+        "--static-groups",
+        "--damp-percent",
+        "0.05",
+        "--no-true-sequential",
+        "--num-samples",
+        "2",
+        "--seq-len",
+        "32",
+    )
+    assert result.code == 0, result.err
+    config = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert (
+        config
+        | {
+            "bits": 8,
+            "group_size": 64,
+            "sym": False,
+            "act_group_aware": False,
+            "clip_search": False,
+            "static_groups": True,
+            "damp_percent": 0.05,
+            "true_sequential": False,
+            "desc_act": False,
+        }
+        == config
+    )

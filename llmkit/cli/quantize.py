@@ -122,6 +122,8 @@ def quantize(
         sym=sym,
         smooth_alpha=smooth_alpha,
         desc_act=desc_act,
+        act_group_aware=act_group_aware,
+        clip_search=clip_search,
         static_groups=static_groups,
         damp_percent=damp_percent,
         true_sequential=true_sequential,

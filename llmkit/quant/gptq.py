@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmkit.errors import LlmkitError
 from llmkit.quant.rtn import group_params, searched_group_params
 
 BLOCK_SIZE = 128
@@ -89,7 +90,7 @@ def quantize(
         W = W[:, perm]
     # Each sweep position's group: act-order groups follow the sweep; otherwise (and for
     # static groups) a column keeps the group of its original index.
-    positions = torch.arange(in_features)
+    positions = torch.arange(in_features, device=W.device)
     original = perm if perm is not None else positions
     group_of = (positions if settings.desc_act and static is None else original) // group_size
 
@@ -141,7 +142,10 @@ def _inverse_hessian_factor(
                 return H, damp
         del H
         if damp >= MAX_DAMP_PERCENT:
-            raise ValueError(f"{name}: the Hessian is not positive definite even at damp {damp}")
+            raise LlmkitError(
+                f"{name}: the Hessian is not positive definite even at damp {damp}; "
+                f"check the model and calibration data for NaN or inf activations"
+            )
         damp = min(damp * 2, MAX_DAMP_PERCENT)
         if warn is not None:
             warn(f"{name}: Cholesky failed, retrying with damp_percent {damp:g}")
@@ -172,7 +176,7 @@ def _column_order(diag: torch.Tensor, group_size: int, settings: GPTQSettings):
     groups = diag.reshape(-1, group_size)
     within = torch.argsort(groups, dim=1, descending=True)
     order = torch.argsort(groups.amax(dim=1), descending=True)
-    starts = (torch.arange(groups.shape[0]) * group_size)[:, None]
+    starts = (torch.arange(groups.shape[0], device=diag.device) * group_size)[:, None]
     return (within + starts)[order].reshape(-1)
 
 
