@@ -15,6 +15,20 @@ from llmkit.quant.pipeline import quantize
 from llmkit.quant.smoothquant import fold
 from tests.conftest import TINY_PRESETS
 
+
+def real_layer(path, index: int, seq_len: int = 8):
+    """(arch, decoder layer `index` with its checkpoint weights, rotary cos/sin)."""
+    with open_checkpoint(path) as ck:
+        arch = arch_for(ck.config)
+        model = sequential.build_skeleton(ck.config)
+        prefix = f"model.layers.{index}"
+        layer = sequential.materialize(
+            model.get_submodule(prefix), ck, prefix, "cpu", torch.float32
+        )
+        rope = sequential.rotary_embeddings(model, arch, seq_len, "cpu", torch.float32)
+    return arch, layer, rope
+
+
 IDS = torch.tensor([[1, 40, 41, 42, 100, 7, 300, 12], [1, 9, 8, 7, 6, 5, 4, 3]])
 
 
@@ -70,13 +84,7 @@ def test_only_one_decoder_layer_is_ever_materialized(tiny_dir, tmp_path, monkeyp
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
 def test_smoothing_folds_leave_a_decoder_layers_output_unchanged(tiny_dir, preset):
     """Every fold in the architecture table, with random scales, on a real decoder layer."""
-    with open_checkpoint(tiny_dir(preset)) as ck:
-        arch = arch_for(ck.config)
-        model = sequential.build_skeleton(ck.config)
-        layer = sequential.materialize(
-            model.get_submodule("model.layers.1"), ck, "model.layers.1", "cpu", torch.float32
-        )
-        rope = sequential.rotary_embeddings(model, arch, 8, "cpu", torch.float32)
+    arch, layer, rope = real_layer(tiny_dir(preset), 1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 8, 64, generator=g)
     with torch.no_grad():
@@ -93,13 +101,7 @@ def test_smoothing_folds_leave_a_decoder_layers_output_unchanged(tiny_dir, prese
 def test_layer_steps_rebuild_the_layer_forward(tiny_dir, preset):
     from llmkit.quant import layer_steps as steps
 
-    with open_checkpoint(tiny_dir(preset)) as ck:
-        arch = arch_for(ck.config)
-        model = sequential.build_skeleton(ck.config)
-        layer = sequential.materialize(
-            model.get_submodule("model.layers.0"), ck, "model.layers.0", "cpu", torch.float32
-        )
-        rope = sequential.rotary_embeddings(model, arch, 8, "cpu", torch.float32)
+    arch, layer, rope = real_layer(tiny_dir(preset), 0)
     x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
     seen = {}
     down = layer.get_submodule("mlp.down_proj")
