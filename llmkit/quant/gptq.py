@@ -21,18 +21,39 @@ MAX_DAMP_PERCENT = 1.0
 
 
 class Hessian:
-    """Accumulates H = 2 X Xᵀ / n in float32 from batches of inputs [..., in]."""
+    """Accumulates H = 2 X Xᵀ / n in float32 from batches of inputs [..., in].
+
+    H is symmetric, so only its upper blocks are accumulated (for 2048 inputs in blocks of
+    512, 10 of 16 products) and mirrored once when `matrix` is first read."""
+
+    BLOCK = 512
 
     def __init__(self, in_features: int, device: torch.device):
-        self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._upper = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._full: torch.Tensor | None = None
         self.num_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.matrix.device, torch.float32)
+        if self._full is not None:
+            raise RuntimeError("Hessian already read; it takes no more inputs")
+        x = x.reshape(-1, x.shape[-1]).to(self._upper.device, torch.float32)
         # Running mean keeps the magnitude bounded however many tokens arrive.
         total = self.num_tokens + x.shape[0]
-        self.matrix.mul_(self.num_tokens / total).addmm_(x.T, x, alpha=2 / total)
+        self._upper.mul_(self.num_tokens / total)
+        n = x.shape[1]
+        for i in range(0, n, self.BLOCK):
+            rows = slice(i, min(i + self.BLOCK, n))
+            self._upper[rows, i:].addmm_(x[:, rows].T, x[:, i:], alpha=2 / total)
         self.num_tokens = total
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        if self._full is None:
+            full = self._upper
+            lower = torch.tril(torch.ones_like(full, dtype=torch.bool), diagonal=-1)
+            full[lower] = full.T[lower]
+            self._full = full
+        return self._full
 
 
 @dataclass(frozen=True, slots=True)
