@@ -47,11 +47,15 @@ open(out, "w").write(json.dumps(ids.tolist()))
 """
 
 
-def run_child(command: list[str], env: dict | None = None) -> tuple[str, float, int]:
+def run_child(
+    command: list[str], env: dict | None = None, cwd: Path | None = None
+) -> tuple[str, float, int]:
     """(stdout, wall seconds, peak RSS bytes) of a child process."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=err, env={**os.environ, **(env or {})}, cwd=cwd
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -108,7 +112,8 @@ def gptqmodel_gptq(src: Path, out: Path, ids: Path, group_size: int) -> dict:
         "--group-size",
         str(group_size),
     ]
-    stdout, wall, peak = run_child(command, env={"GPTQMODEL_CPU_WORKERS": "2"})
+    # GPTQModel writes a log folder into its working directory: keep it in the work dir.
+    stdout, wall, peak = run_child(command, env={"GPTQMODEL_CPU_WORKERS": "2"}, cwd=out.parent)
     seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
     return {"path": out, "seconds": seconds, "wall": wall, "peak_rss": peak}
 

@@ -27,10 +27,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_in_gptqmodel(*args: object) -> str:
+def run_in_gptqmodel(cwd: Path, *args: object) -> str:
+    """Run a script in GPTQModel's venv; `cwd` receives the log folder GPTQModel writes."""
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
     proc = subprocess.run(
-        [str(GPTQMODEL), *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+        [str(GPTQMODEL), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -40,7 +46,9 @@ def gptqmodel_view(checkpoint: Path, tmp_path: Path) -> dict:
     """What GPTQModel computes with for `checkpoint`: dequantized weights and fp16 logits."""
     ids, out = tmp_path / "ids.json", tmp_path / "dump.pt"
     ids.write_text(json.dumps(IDS))
-    run_in_gptqmodel(ROOT / "tests" / "interop" / "gptqmodel_dump.py", checkpoint, ids, out)
+    run_in_gptqmodel(
+        tmp_path, ROOT / "tests" / "interop" / "gptqmodel_dump.py", checkpoint, ids, out
+    )
     return torch.load(out)
 
 
@@ -74,6 +82,7 @@ def test_llmkit_reads_gptqmodel_checkpoints(tiny_dir, tmp_path):
     ids.write_text(json.dumps([[1, *range(10 + i, 73 + i)] for i in range(8)]))
     out = tmp_path / "by-gptqmodel"
     run_in_gptqmodel(
+        tmp_path,
         ROOT / "benchmarks" / "reference" / "gptqmodel_quantize.py",
         tiny_dir("tiny-llama"),
         ids,
