@@ -326,3 +326,41 @@ def test_cli_gptq_options_reach_the_quantizer(cli, tiny_dir, tmp_path):
         }
         == config
     )
+
+
+def test_every_gptq_option_reaches_the_algorithm(tiny_dir, tmp_path, monkeypatch):
+    """Each QuantOptions field GPTQ knows arrives in the settings its sweep runs with."""
+    from dataclasses import fields
+
+    from llmkit.quant import integer
+    from llmkit.quant.gptq import GPTQSettings
+
+    seen = []
+    make_layer = integer.GPTQLayer
+
+    def recording(arch, settings, *rest):
+        seen.append(settings)
+        return make_layer(arch, settings, *rest)
+
+    monkeypatch.setattr(integer, "GPTQLayer", recording)
+    options = QuantOptions(
+        bits=8,
+        group_size=64,
+        sym=False,
+        act_group_aware=False,
+        clip_search=False,
+        static_groups=True,
+        damp_percent=0.05,
+    )
+    quantize(
+        tiny_dir("tiny-llama"),
+        tmp_path / "o",
+        "gptq",
+        options=options,
+        calibration=CalibrationSpec(num_samples=2, seq_len=32),
+    )
+    (settings,) = seen
+    for field in fields(GPTQSettings):
+        if hasattr(options, field.name):
+            assert getattr(settings, field.name) == getattr(options, field.name), field.name
+    assert settings.act_group_aware is False and settings.clip_search is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -151,15 +152,9 @@ def _layer_quantizer(ck, arch, method, options, layer_errors, warn):
     storage = {name: _storage(ck, name) for name in ck.tensors}
     if method == "w8a8":
         return W8A8Layer(arch, options.smooth_alpha, storage)
-    settings = GPTQSettings(
-        bits=options.bits,
-        group_size=options.group_size,
-        sym=options.sym,
-        desc_act=options.desc_act,
-        static_groups=options.static_groups,
-        clip_search=options.clip_search,
-        damp_percent=options.damp_percent,
-    )
+    # Every GPTQSettings field that QuantOptions has too, by name: no option can be dropped.
+    shared = {f.name for f in fields(GPTQSettings)} & {f.name for f in fields(QuantOptions)}
+    settings = GPTQSettings(**{name: getattr(options, name) for name in shared})
     return GPTQLayer(arch, settings, options.true_sequential, storage, layer_errors, warn)
 
 
