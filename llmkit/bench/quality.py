@@ -69,6 +69,8 @@ def evaluate_quality(
     from llmkit.bench.model import load_model
 
     ids = eval_windows(reference, data, num_windows)
+    # The reference runs again beside each candidate rather than keeping its log-probs
+    # ([tokens, vocab] per window) or every candidate at once: memory stays at two models.
     ref_model = load_model(reference)
     rows = []
     with torch.no_grad():

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.safetensors_io import TensorInfo, read_header, read_rows
-from llmkit.checkpoint.writer import AUX_FILES, SAFETENSORS_INDEX
+from llmkit.checkpoint.writer import SAFETENSORS_INDEX
 from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
@@ -53,10 +53,6 @@ class Checkpoint:
     @property
     def weight_files(self) -> list[Path]:
         return sorted({t.file for t in self.tensors.values()})
-
-    @property
-    def aux_files(self) -> list[str]:
-        return [name for name in AUX_FILES if (self.path / name).is_file()]
 
     @property
     def quantization_config(self) -> dict | None:

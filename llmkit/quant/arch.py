@@ -27,8 +27,6 @@ class Arch:
     final_norm: str
     lm_head: str
     rotary: str
-    # Linears of one decoder layer in the order they compute (true-sequential order).
-    linears: tuple[str, ...]
     smoothable: tuple[Smoothable, ...]
     # Linears sharing one input, in compute order: GPTQ's true-sequential stages.
     stages: tuple[tuple[str, ...], ...]
@@ -38,6 +36,11 @@ class Arch:
     post_norm: str = "post_attention_layernorm"
     mlp: str = "mlp"
 
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every Linear of a decoder layer, in the order they compute."""
+        return tuple(name for stage in self.stages for name in stage)
+
 
 LLAMA_FAMILY = Arch(
     layers="model.layers",
@@ -45,15 +48,6 @@ LLAMA_FAMILY = Arch(
     final_norm="model.norm",
     lm_head="lm_head",
     rotary="model.rotary_emb",
-    linears=(
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ),
     smoothable=(
         Smoothable("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         Smoothable("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),

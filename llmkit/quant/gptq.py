@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.quant.rtn import group_params, searched_group_params
+from llmkit.quant.rtn import dequantize_indexed, group_params, searched_group_params
 
 BLOCK_SIZE = 128
 ERROR_ROWS = 256
@@ -68,10 +68,7 @@ class GPTQResult:
     damp_percent: float
 
     def dequantize(self) -> torch.Tensor:
-        groups = self.g_idx.long()
-        weight = self.q.float()
-        weight.sub_(self.zeros.float()[:, groups])  # one [out, in] temporary at a time
-        return weight.mul_(self.scales.float()[:, groups])
+        return dequantize_indexed(self.q, self.scales, self.zeros, self.g_idx)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,6 @@ from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.quant.arch import Arch, arch_for, is_layer_linear, num_layers
 from llmkit.quant.calibration import CalibrationSpec, calibration_ids
-from llmkit.quant.fp16 import cast
 from llmkit.quant.gptq import GPTQSettings
 from llmkit.quant.methods import (
     GPTQLayer,
@@ -36,6 +35,7 @@ from llmkit.quant.options import (
 from llmkit.quant.pipeline import (
     QuantizeReport,
     cast_spec,
+    checked_cast,
     current_rss,
     peak_rss,
     write_with_spill,
@@ -141,10 +141,8 @@ def _data_free_layers(
 
 
 def _dense(name: str, tensor: torch.Tensor, method: str) -> torch.Tensor:
-    result, over = cast(tensor, dense_dtype(method, tensor.dtype))
-    if over:
-        raise LlmkitError(f"tensor {name!r} has values beyond float16's range; it cannot be stored")
-    return result
+    advice = "the GPTQ format stores unquantized tensors in float16"
+    return checked_cast(name, tensor, dense_dtype(method, tensor.dtype), advice)
 
 
 def _layer_quantizer(ck, arch, method, options, layer_errors, warn):

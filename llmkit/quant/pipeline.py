@@ -183,22 +183,42 @@ def cast_spec(
 def _cast_chunks(
     ck: Checkpoint, name: str, target: str, clamp: bool, clamped: dict[str, int]
 ) -> Iterator:
+    dtype = dtypes.to_torch(target)
+    for chunk in ck.iter_row_chunks(name):
+        yield checked_cast(
+            name,
+            chunk,
+            dtype,
+            "use --method bf16, or pass --clamp to saturate them",
+            clamp,
+            clamped,
+        )
+
+
+def checked_cast(
+    name: str,
+    tensor,
+    dtype,
+    advice: str,
+    clamp: bool = False,
+    clamped: dict[str, int] | None = None,
+):
+    """`tensor` cast to `dtype`, refusing values beyond its range (one line naming the tensor,
+    ending in `advice`), or with `clamp` saturating them and counting them in `clamped`."""
     import torch
 
     from llmkit.quant.fp16 import cast
 
-    dtype = dtypes.to_torch(target)
-    for chunk in ck.iter_row_chunks(name):
-        result, over = cast(chunk, dtype, clamp)
-        if over and not clamp:
-            raise LlmkitError(
-                f"tensor {name!r} has {over} values beyond {dtypes.torch_name(target)}'s range "
-                f"(|x| > {torch.finfo(dtype).max:g}, max |x| = {float(chunk.abs().max()):.6g}); "
-                f"use --method bf16, or pass --clamp to saturate them"
-            )
-        if over:
-            clamped[name] = clamped.get(name, 0) + over
-        yield result
+    result, over = cast(tensor, dtype, clamp)
+    if over and not clamp:
+        raise LlmkitError(
+            f"tensor {name!r} has {over} values beyond {str(dtype).removeprefix('torch.')}'s "
+            f"range (|x| > {torch.finfo(dtype).max:g}, max |x| = "
+            f"{float(tensor.abs().max()):.6g}); {advice}"
+        )
+    if over and clamped is not None:
+        clamped[name] = clamped.get(name, 0) + over
+    return result
 
 
 def spill(directory: Path, groups: Iterator[tuple[str, dict]]) -> Checkpoint:

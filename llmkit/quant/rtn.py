@@ -21,7 +21,8 @@ class GroupQuant:
     group_size: int
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_groups(self.q, self.scales, self.zeros, self.group_size).to(dtype)
+        g_idx = torch.arange(self.q.shape[1], device=self.q.device) // self.group_size
+        return dequantize_indexed(self.q, self.scales, self.zeros, g_idx).to(dtype)
 
 
 def group_params(
@@ -110,12 +111,13 @@ def quantize_groups(
     )
 
 
-def dequantize_groups(
-    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+def dequantize_indexed(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
 ) -> torch.Tensor:
-    """Inverse of `quantize_groups` in float32: scales[o, g] * (q[o, i] - zeros[o, g])."""
-    out_features, in_features = q.shape
-    groups = in_features // group_size
-    qg = q.reshape(out_features, groups, group_size).float()
-    w = scales.float()[..., None] * (qg - zeros.float()[..., None])
-    return w.reshape(out_features, in_features)
+    """float32 w[o, i] = scales[o, g] * (q[o, i] - zeros[o, g]) with g = g_idx[i], for any
+    assignment of inputs to groups (act-order included). q: [out, in]; scales, zeros:
+    [out, groups]. Builds one [out, in] temporary at a time."""
+    groups = g_idx.long()
+    weight = q.float()
+    weight.sub_(zeros.float()[:, groups])
+    return weight.mul_(scales.float()[:, groups])

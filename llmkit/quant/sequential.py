@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.reader import Checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.quant.arch import Arch, num_layers
@@ -163,8 +162,3 @@ def run_layers(
         if on_layer is not None:
             on_layer(index + 1, total)
         yield index, tensors
-
-
-def storage_dtype(ck: Checkpoint, name: str) -> torch.dtype:
-    """The dtype a tensor had in the source checkpoint (what it is written back as)."""
-    return dtypes.to_torch(ck.tensors[name].dtype)

@@ -109,7 +109,8 @@ def dequantize_module(tensors: dict[str, torch.Tensor], scheme: dict) -> torch.T
     else:
         q = tensors["weight"]
         out_features, in_features = q.shape
-    scale = tensors["weight_scale"].float().reshape(out_features if scale_rows(tensors) else 1, -1)
+    scale = tensors["weight_scale"].float()
+    scale = scale.reshape(out_features if scale.dim() == 2 else 1, -1)  # tensor scales: [1, 1]
     zero = tensors.get("weight_zero_point")
     zero = torch.zeros(1) if zero is None else _zero_points(zero, bits, scale.shape)
     repeat = in_features // scale.shape[1]
@@ -119,10 +120,6 @@ def dequantize_module(tensors: dict[str, torch.Tensor], scheme: dict) -> torch.T
 
 
 _STRATEGIES = ("tensor", "channel", "group")
-
-
-def scale_rows(tensors: dict[str, torch.Tensor]) -> bool:
-    return tensors["weight_scale"].dim() == 2
 
 
 def _zero_points(zero: torch.Tensor, bits: int, scale_shape: torch.Size) -> torch.Tensor:

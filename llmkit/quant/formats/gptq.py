@@ -17,6 +17,7 @@ import math
 import torch
 
 from llmkit.quant.formats import bitpack
+from llmkit.quant.rtn import dequantize_indexed
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 BITS = (2, 3, 4, 8)
@@ -66,9 +67,7 @@ def dequantize(
 ) -> torch.Tensor:
     """The float32 weight [out, in] a GPTQ layer computes with."""
     q, zeros = unpack(qweight, qzeros, bits, zero_offset)
-    groups = g_idx.long()
-    scale = scales.float().t()[:, groups]  # [out, in]
-    return scale * (q.float() - zeros.float()[:, groups])
+    return dequantize_indexed(q, scales.t(), zeros, g_idx)
 
 
 def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool) -> dict:
