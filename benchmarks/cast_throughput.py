@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from child import run_child
+
 from llmkit.checkpoint.reader import open_checkpoint
 
 CASES = (("float32", "bf16"), ("bfloat16", "fp16"))
@@ -54,16 +56,10 @@ def timed_cast(src: Path, dst: Path, method: str) -> tuple[float, float, float]:
         method,
         "--json",
     ]
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    out, err = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"llmkit quantize failed: {err.decode()}")
+    out, wall, peak = run_child(command)
     report = json.loads(out)
     shutil.rmtree(dst)
-    return report["seconds"], wall, usage.ru_maxrss * 1024
+    return report["seconds"], wall, peak
 
 
 def measure(src: Path, work: Path, method: str, repeats: int) -> dict:

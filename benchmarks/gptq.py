@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from child import run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 GPTQMODEL = ROOT / ".refvenvs" / "gptqmodel" / "bin" / "python"
@@ -45,25 +44,6 @@ spec = CalibrationSpec(dataset=dataset, num_samples=int(num), seq_len=512)
 ids = calibration_ids(AutoTokenizer.from_pretrained(model), spec)
 open(out, "w").write(json.dumps(ids.tolist()))
 """
-
-
-def run_child(
-    command: list[str], env: dict | None = None, cwd: Path | None = None
-) -> tuple[str, float, int]:
-    """(stdout, wall seconds, peak RSS bytes) of a child process."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=err, env={**os.environ, **(env or {})}, cwd=cwd
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(command[:4])} failed:\n{err.read()[-3000:]}")
-        return out.read(), wall, usage.ru_maxrss * 1024
 
 
 def llmkit_gptq(
