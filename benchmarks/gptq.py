@@ -46,7 +46,7 @@ open(out, "w").write(json.dumps(ids.tolist()))
 """
 
 
-def llmkit_gptq(
+def llmkit_run(
     src: Path, out: Path, method: str, options: list[str], dataset: str, num_samples: int
 ) -> dict:
     command = [
@@ -81,7 +81,7 @@ def llmkit_gptq(
     }
 
 
-def gptqmodel_gptq(src: Path, out: Path, ids: Path, group_size: int) -> dict:
+def gptqmodel_run(src: Path, out: Path, ids: Path, group_size: int, method="gptq") -> dict:
     script = ROOT / "benchmarks" / "reference" / "gptqmodel_quantize.py"
     command = [
         str(GPTQMODEL),
@@ -91,6 +91,8 @@ def gptqmodel_gptq(src: Path, out: Path, ids: Path, group_size: int) -> dict:
         str(out),
         "--group-size",
         str(group_size),
+        "--method",
+        method,
     ]
     # GPTQModel writes a log folder into its working directory: keep it in the work dir.
     stdout, wall, peak = run_child(command, env={"GPTQMODEL_CPU_WORKERS": "2"}, cwd=out.parent)
@@ -111,10 +113,10 @@ def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
     model = shared / "models" / "stories260K-pad176"
     options = ["--bits", "4", "--group-size", "16"]
     runs = {
-        "llmkit gptq": llmkit_gptq(
+        "llmkit gptq": llmkit_run(
             model, work / "llmkit-gptq", "gptq", options, str(calib), num_samples
         ),
-        "llmkit gptq, no clip search": llmkit_gptq(
+        "llmkit gptq, no clip search": llmkit_run(
             model,
             work / "llmkit-gptq-noclip",
             "gptq",
@@ -122,12 +124,12 @@ def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
             str(calib),
             num_samples,
         ),
-        "llmkit rtn": llmkit_gptq(
+        "llmkit rtn": llmkit_run(
             model, work / "llmkit-rtn", "rtn", options, str(calib), num_samples
         ),
     }
     ids = calibration_windows(model, str(calib), num_samples, work / "stories-ids.json")
-    runs["gptqmodel gptq"] = gptqmodel_gptq(model, work / "gptqmodel-gptq", ids, 16)
+    runs["gptqmodel gptq"] = gptqmodel_run(model, work / "gptqmodel-gptq", ids, 16)
     return runs
 
 
@@ -137,10 +139,8 @@ def speed_runs(work: Path, num_samples: int) -> dict[str, dict]:
         run_child([sys.executable, "-m", "llmkit", "init", str(model), "--preset", "small-llama"])
     ids = calibration_windows(model, "builtin", num_samples, work / "small-ids.json")
     return {
-        "llmkit gptq": llmkit_gptq(
-            model, work / "small-llmkit", "gptq", [], "builtin", num_samples
-        ),
-        "gptqmodel gptq": gptqmodel_gptq(model, work / "small-gptqmodel", ids, 128),
+        "llmkit gptq": llmkit_run(model, work / "small-llmkit", "gptq", [], "builtin", num_samples),
+        "gptqmodel gptq": gptqmodel_run(model, work / "small-gptqmodel", ids, 128),
     }
 
 

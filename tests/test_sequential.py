@@ -44,7 +44,14 @@ def test_layer_inputs_equal_transformers_hidden_states(tiny_dir, preset):
         return {}
 
     with open_checkpoint(path) as ck:
-        layers = sequential.run_layers(ck, arch_for(ck.config), IDS, record, torch.device("cpu"))
+        layers = sequential.run_layers(
+            sequential.build_skeleton(ck.config),
+            ck,
+            arch_for(ck.config),
+            IDS,
+            record,
+            torch.device("cpu"),
+        )
         assert [index for index, _ in layers] == [0, 1]
     for index, inputs in enumerate(seen):
         assert torch.allclose(inputs, hf.hidden_states[index], atol=1e-5)

@@ -6,7 +6,7 @@ llmkit's; set GPTQMODEL_CPU_WORKERS=2 on a 2-core machine. Prints one JSON line:
 calibration to the written checkpoint, plus reading the model).
 
     python gptqmodel_quantize.py MODEL IDS.json OUT [--method gptq|awq] [--bits 4]
-        [--group-size 128] [--desc-act] [--asym] [--damp-percent 0.01]
+        [--group-size 128] [--desc-act] [--asym] [--damp-percent 0.01] [--dtype ...]
 """
 
 from __future__ import annotations
@@ -27,10 +27,17 @@ def main() -> None:
     parser.add_argument("--desc-act", action="store_true")
     parser.add_argument("--asym", action="store_true")
     parser.add_argument("--damp-percent", type=float, default=0.01)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="compute dtype (default: float32 for gptq; float16 for awq, whose CPU kernel "
+        "takes nothing else)",
+    )
     args = parser.parse_args()
 
     import torch
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     with open(args.ids) as f:
         windows = json.load(f)
@@ -44,8 +51,11 @@ def main() -> None:
     else:
         options |= {"quant_method": "awq", "format": "gemm"}
     start = time.perf_counter()
-    model = GPTQModel.load(args.model, QuantizeConfig(**options), dtype=torch.float32)
-    model.quantize(calibration, batch_size=1)
+    dtype = args.dtype or ("float32" if args.method == "gptq" else "float16")
+    model = GPTQModel.load(args.model, QuantizeConfig(**options), dtype=getattr(torch, dtype))
+    # On CPU, AWQ needs its torch kernel named explicitly (the default looks for CUDA).
+    backend = BACKEND.AWQ_TORCH if args.method == "awq" else BACKEND.AUTO
+    model.quantize(calibration, batch_size=1, backend=backend)
     model.save(args.out)
     print(json.dumps({"seconds": time.perf_counter() - start}))
 

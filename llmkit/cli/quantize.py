@@ -42,9 +42,9 @@ def quantize(
     dataset_config: DatasetConfigOpt = default(_CAL, "config"),
     dataset_split: DatasetSplitOpt = default(_CAL, "split"),
     text_column: TextColumnOpt = default(_CAL, "text_column"),
-    num_samples: Annotated[int, typer.Option(help="Calibration windows (w8a8).")] = default(
-        _CAL, "num_samples"
-    ),
+    num_samples: Annotated[
+        int, typer.Option(help="Calibration windows (w8a8, gptq, awq).")
+    ] = default(_CAL, "num_samples"),
     seq_len: SeqLenOpt = default(_CAL, "seq_len"),
     seed: Annotated[int, typer.Option(help="Seed for picking windows.")] = default(_CAL, "seed"),
     chat_template: Annotated[
@@ -52,7 +52,7 @@ def quantize(
     ] = default(_CAL, "chat_template"),
     bits: Annotated[int, typer.Option(help="Weight bits (rtn, gptq).")] = default(_OPT, "bits"),
     group_size: Annotated[
-        int, typer.Option(help="Inputs per scale (rtn, gptq); -1 for one per output channel.")
+        int, typer.Option(help="Inputs per scale (rtn, gptq, awq); -1 for one per output channel.")
     ] = default(_OPT, "group_size"),
     sym: Annotated[
         bool, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid (rtn, gptq).")
@@ -80,7 +80,7 @@ def quantize(
         bool,
         typer.Option(
             "--clip-search/--no-clip-search",
-            help="Search each group's range for the least rounding error (gptq).",
+            help="Search each group's range for the least error (gptq, awq).",
         ),
     ] = default(_OPT, "clip_search"),
     damp_percent: Annotated[
@@ -93,6 +93,18 @@ def quantize(
             help="Take each stage's inputs after the earlier stages are quantized (gptq).",
         ),
     ] = default(_OPT, "true_sequential"),
+    awq_grid: Annotated[
+        int, typer.Option(help="Scale exponents α tried by the AWQ search (awq).")
+    ] = default(_OPT, "awq_grid"),
+    awq_duo_scaling: Annotated[
+        bool,
+        typer.Option(
+            "--awq-duo-scaling", help="Scales from activation and weight magnitudes (awq)."
+        ),
+    ] = default(_OPT, "awq_duo_scaling"),
+    awq_search_tokens: Annotated[
+        int, typer.Option(help="Calibration tokens each AWQ scale candidate is scored on (awq).")
+    ] = default(_OPT, "awq_search_tokens"),
     quantize_lm_head: Annotated[
         bool, typer.Option("--quantize-lm-head", help="Quantize lm_head too.")
     ] = default(_OPT, "quantize_lm_head"),
@@ -105,7 +117,7 @@ def quantize(
     revision: RevisionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Quantize SRC into OUT: fp16/bf16 casts, int8 (W8A16), w8a8 (SmoothQuant), rtn, gptq."""
+    """Quantize SRC into OUT: fp16/bf16 casts, int8 (W8A16), w8a8 (SmoothQuant), rtn, gptq, awq."""
     calibration = CalibrationSpec(
         dataset,
         dataset_config,
@@ -127,6 +139,9 @@ def quantize(
         static_groups=static_groups,
         damp_percent=damp_percent,
         true_sequential=true_sequential,
+        awq_grid=awq_grid,
+        awq_duo_scaling=awq_duo_scaling,
+        awq_search_tokens=awq_search_tokens,
         quantize_lm_head=quantize_lm_head,
     )
     with progress_bars(quiet=json_out) as task:
@@ -177,7 +192,7 @@ def _error_table(layer_errors: list[dict]) -> Table:
         "mean error",
         "worst error",
         "worst module",
-        title="GPTQ reconstruction error on the calibration inputs",
+        title="Reconstruction error on the calibration inputs",
         box=box.SIMPLE,
     )
     for entry in layer_errors:

@@ -18,6 +18,7 @@ class Smoothable:
 
     source: str
     linears: tuple[str, ...]
+    block: str = ""  # the module whose output AWQ scores a scale by ("": the one Linear)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,8 @@ class Arch:
     lm_head: str
     rotary: str
     smoothable: tuple[Smoothable, ...]
+    # AWQ's scale groups, in compute order (v -> o only applies when their shapes match).
+    awq_groups: tuple[Smoothable, ...]
     # Linears sharing one input, in compute order: GPTQ's true-sequential stages.
     stages: tuple[tuple[str, ...], ...]
     # The decoder layer's pieces: h = x + attention(input_norm(x)); y = h + mlp(post_norm(h)).
@@ -51,6 +54,16 @@ LLAMA_FAMILY = Arch(
     smoothable=(
         Smoothable("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         Smoothable("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        Smoothable("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    awq_groups=(
+        Smoothable(
+            "input_layernorm",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "self_attn",
+        ),
+        Smoothable("self_attn.v_proj", ("self_attn.o_proj",)),
+        Smoothable("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
         Smoothable("mlp.up_proj", ("mlp.down_proj",)),
     ),
     stages=(

@@ -221,7 +221,8 @@ def _quantize_columns(W, hinv, group_size, settings, static, group_of):
             if not fitted and group != current_group:
                 # A group's columns are consecutive in the sweep: fit it to them as they are
                 # now, updates so far included.
-                columns = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
+                ahead = W1[:, i : i + group_size]
+                columns = torch.cat([ahead, W[:, i2 : i2 + group_size - ahead.shape[1]]], 1)
                 fit = searched_group_params if settings.clip_search else group_params
                 scales[:, group], zeros[:, group] = fit(
                     columns, settings.bits, settings.sym, torch.float16, settings.min_zero

@@ -17,6 +17,8 @@ from llmkit.checkpoint.writer import ProgressFn
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.quant.arch import Arch, arch_for, is_layer_linear, num_layers
+from llmkit.quant.awq import AWQSettings
+from llmkit.quant.awq_layer import AWQLayer
 from llmkit.quant.calibration import CalibrationSpec, calibration_ids
 from llmkit.quant.gptq import GPTQSettings
 from llmkit.quant.methods import (
@@ -28,6 +30,7 @@ from llmkit.quant.methods import (
 )
 from llmkit.quant.options import (
     CALIBRATED_METHODS,
+    FLOAT16_METHODS,
     GPTQ_FORMAT_METHODS,
     QuantOptions,
     check_options,
@@ -40,7 +43,7 @@ from llmkit.quant.pipeline import (
     peak_rss,
     write_with_spill,
 )
-from llmkit.quant.sequential import return_freed_memory, run_layers
+from llmkit.quant.sequential import build_skeleton, return_freed_memory, run_layers
 
 LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
 
@@ -62,13 +65,18 @@ def quantize_integer(
     arch = arch_for(ck.config)
     check_output_dir(out, overwrite)  # before calibration, which can take a while
     compute = resolve_device(device)
-    start, start_rss = time.perf_counter(), current_rss()
-    ids = _calibration_ids(ck, calibration) if method in CALIBRATED_METHODS else None
+    start = time.perf_counter()
+    calibrated = method in CALIBRATED_METHODS
+    # The model code is imported (~110 MB of transformers) before the baseline is taken: the
+    # memory measured above it is what the quantization itself holds.
+    skeleton = build_skeleton(ck.config) if calibrated else None
+    start_rss = current_rss()
+    ids = _calibration_ids(ck, calibration) if calibrated else None
     layer_errors: list[dict] = []
     warnings: list[str] = []
     if ids is not None:
         quantizer = _layer_quantizer(ck, arch, method, options, layer_errors, warnings.append)
-        layers = run_layers(ck, arch, ids, quantizer, compute, torch.float32, on_layer)
+        layers = run_layers(skeleton, ck, arch, ids, quantizer, compute, torch.float32, on_layer)
     else:
         layers = _data_free_layers(ck, arch, method, options, on_layer)
 
@@ -141,7 +149,7 @@ def _data_free_layers(
 
 
 def _dense(name: str, tensor: torch.Tensor, method: str) -> torch.Tensor:
-    advice = "the GPTQ format stores unquantized tensors in float16"
+    advice = f"the {method} format stores unquantized tensors in float16"
     return checked_cast(name, tensor, dense_dtype(method, tensor.dtype), advice)
 
 
@@ -150,10 +158,18 @@ def _layer_quantizer(ck, arch, method, options, layer_errors, warn):
     storage = {name: _storage(ck, name) for name in ck.tensors}
     if method == "w8a8":
         return W8A8Layer(arch, options.smooth_alpha, storage)
-    # Every GPTQSettings field that QuantOptions has too, by name: no option can be dropped.
-    shared = {f.name for f in fields(GPTQSettings)} & {f.name for f in fields(QuantOptions)}
-    settings = GPTQSettings(**{name: getattr(options, name) for name in shared})
+    if method == "awq":
+        settings = _settings(AWQSettings, options)
+        return AWQLayer(arch, settings, options.awq_search_tokens, layer_errors)
+    settings = _settings(GPTQSettings, options)
     return GPTQLayer(arch, settings, options.true_sequential, storage, layer_errors, warn)
+
+
+def _settings(cls, options: QuantOptions):
+    """Every field of the settings class `cls` that QuantOptions has too, by name: no option
+    can be dropped on the way to the algorithm."""
+    shared = {f.name for f in fields(cls)} & {f.name for f in fields(QuantOptions)}
+    return cls(**{name: getattr(options, name) for name in shared})
 
 
 def _lm_head_tensors(
@@ -195,8 +211,9 @@ def _configs(ck: Checkpoint, method: str, options: QuantOptions) -> tuple[dict, 
     config = dict(ck.config)
     config["quantization_config"] = quantization_config(method, options)
     extra: dict[str, dict] = {}
-    if method in GPTQ_FORMAT_METHODS:
+    if method in FLOAT16_METHODS:
         config["torch_dtype"] = config["dtype"] = "float16"
+    if method in GPTQ_FORMAT_METHODS:
         extra["quantize_config.json"] = config["quantization_config"]
     if options.quantize_lm_head and config.get("tie_word_embeddings"):
         config["tie_word_embeddings"] = False  # lm_head is now its own (quantized) tensor

@@ -14,9 +14,9 @@ from llmkit.quant import gptq as gptq_algorithm
 from llmkit.quant import int8, rtn
 from llmkit.quant import layer_steps as steps
 from llmkit.quant.arch import Arch
+from llmkit.quant.formats import awq, gptq
 from llmkit.quant.formats import compressed_tensors as ct
-from llmkit.quant.formats import gptq
-from llmkit.quant.options import GPTQ_FORMAT_METHODS, QuantOptions
+from llmkit.quant.options import FLOAT16_METHODS, GPTQ_FORMAT_METHODS, QuantOptions
 from llmkit.quant.sequential import LayerRun, return_freed_memory
 from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
 
@@ -52,11 +52,13 @@ def _gptq_tensors(options: QuantOptions, weight: torch.Tensor) -> dict[str, torc
 
 
 def dense_dtype(method: str, original: torch.dtype) -> torch.dtype:
-    """The dtype unquantized tensors are written in: GPTQ checkpoints are float16."""
-    return torch.float16 if method in GPTQ_FORMAT_METHODS else original
+    """The dtype unquantized tensors are written in: GPTQ and AWQ checkpoints are float16."""
+    return torch.float16 if method in FLOAT16_METHODS else original
 
 
 def quantization_config(method: str, options: QuantOptions) -> dict:
+    if method == "awq":
+        return awq.quantization_config(options.group_size)
     if method in GPTQ_FORMAT_METHODS:
         config = gptq.quantization_config(
             options.bits, options.group_size, options.sym, options.desc_act and method == "gptq"

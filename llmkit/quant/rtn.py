@@ -33,10 +33,21 @@ def group_params(
     The range always includes 0 (as GPTQ does). Symmetric: zero is the grid's midpoint.
     `min_zero` lets formats that cannot store zero 0 (GPTQ v1 stores zero - 1) raise it.
     """
-    maxq = 2**bits - 1
     wf = w.detach().float()
-    xmin = wf.amin(dim=1).clamp(max=0)
-    xmax = wf.amax(dim=1).clamp(min=0)
+    return range_params(wf.amin(dim=1), wf.amax(dim=1), bits, sym, scale_dtype, min_zero)
+
+
+def range_params(
+    xmin: torch.Tensor,
+    xmax: torch.Tensor,
+    bits: int,
+    sym: bool,
+    scale_dtype: torch.dtype,
+    min_zero: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`group_params` from each group's minimum and maximum (any shape)."""
+    maxq = 2**bits - 1
+    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -62,17 +73,15 @@ def searched_group_params(
     """`group_params` with the range shrunk by the factor in [min_shrink, 1] that minimizes each
     row's rounding error sum |w - ŵ|^norm: clipping a few outliers buys finer steps.
     Factors are tried FACTORS_AT_ONCE at a time, each batch in one vectorized pass."""
-    rows, width = w.shape
     wf = w.detach().float()
+    low, high = wf.amin(dim=1), wf.amax(dim=1)
     best_scale = best_zero = best_error = None
     for factors in torch.linspace(1, min_shrink, steps).split(FACTORS_AT_ONCE):
-        shrunk = (wf[None] * factors[:, None, None].to(wf.device)).reshape(-1, width)
-        scale, zero = (
-            p.reshape(len(factors), rows)
-            for p in group_params(shrunk, bits, sym, scale_dtype, min_zero)
-        )
-        q = (torch.round(wf[None] / scale[..., None]) + zero[..., None]).clamp(0, 2**bits - 1)
-        error = ((q - zero[..., None]) * scale[..., None] - wf[None]).abs().pow(norm).sum(-1)
+        f = factors[:, None].to(wf.device)  # shrinking w by f shrinks its range by f
+        scale, zero = range_params(low * f, high * f, bits, sym, scale_dtype, min_zero)
+        s, z = scale[..., None], zero[..., None]
+        error = (wf[None] / s).round_().add_(z).clamp_(0, 2**bits - 1).sub_(z).mul_(s)
+        error = error.sub_(wf[None]).abs_().pow_(norm).sum(-1)
         error, pick = error.min(dim=0)
         scale, zero = scale.gather(0, pick[None])[0], zero.gather(0, pick[None])[0]
         if best_error is None:

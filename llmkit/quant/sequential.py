@@ -37,7 +37,7 @@ class LayerRun:
     dtype: torch.dtype
     advanced: bool = False  # set once the quantizer has computed the layer's outputs itself
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x.to(self.device, self.dtype), position_embeddings=self.position_embeddings)
         return y[0] if isinstance(y, tuple) else y
 
@@ -45,7 +45,7 @@ class LayerRun:
     def run(self) -> None:
         """Forward every batch (hooks on the layer's modules see all of them)."""
         for x in self.inputs:
-            self._forward(x)
+            self.forward(x)
         return_freed_memory()
 
     @torch.no_grad()
@@ -53,7 +53,7 @@ class LayerRun:
         """Overwrite each input batch in place with the layer's output for it: the whole
         layer's forward, or `step(batch index, batch on the device)` when given."""
         for i, x in enumerate(self.inputs):
-            y = self._forward(x) if step is None else step(i, x.to(self.device, self.dtype))
+            y = self.forward(x) if step is None else step(i, x.to(self.device, self.dtype))
             x.copy_(y)
         self.advanced = True
         return_freed_memory()
@@ -120,8 +120,9 @@ def embed_inputs(ck: Checkpoint, arch: Arch, ids: torch.Tensor, dtype) -> list[t
     hidden = torch.empty(*ids.shape, ck.tensors[name].shape[1], dtype=dtype)
     start = 0
     for block in ck.iter_row_chunks(name):
-        inside = (ids >= start) & (ids < start + block.shape[0])
-        hidden[inside] = block[ids[inside] - start].to(dtype)
+        for window, out in zip(ids, hidden, strict=True):  # one window's rows at a time
+            inside = (window >= start) & (window < start + block.shape[0])
+            out[inside] = block[window[inside] - start].to(dtype)
         start += block.shape[0]
     return list(hidden.split(max(1, TOKENS_PER_BATCH // ids.shape[1])))
 
@@ -137,6 +138,7 @@ def rotary_embeddings(model: nn.Module, arch: Arch, seq_len: int, device, dtype)
 
 
 def run_layers(
+    model: nn.Module,
     ck: Checkpoint,
     arch: Arch,
     ids: torch.Tensor,
@@ -145,8 +147,8 @@ def run_layers(
     dtype: torch.dtype = torch.float32,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Yield (layer index, tensors to write) for every decoder layer, in order."""
-    model = build_skeleton(ck.config)
+    """Yield (layer index, tensors to write) for every decoder layer, in order.
+    `model` is `build_skeleton(ck.config)`."""
     if int(ids.max()) >= ck.tensors[f"{arch.embed}.weight"].shape[0]:
         raise LlmkitError("calibration token ids exceed the model's vocabulary")
     hidden = embed_inputs(ck, arch, ids, dtype)

@@ -9,8 +9,8 @@ import torch
 
 from llmkit.checkpoint.reader import Checkpoint
 from llmkit.errors import LlmkitError
+from llmkit.quant.formats import awq, gptq
 from llmkit.quant.formats import compressed_tensors as ct
-from llmkit.quant.formats import gptq
 
 _CT_LEAVES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
@@ -26,6 +26,8 @@ def dequantized_state(ck: Checkpoint) -> tuple[dict[str, torch.Tensor], set[str]
         return _compressed_tensors(ck, config)
     if method == "gptq":
         return _gptq(ck, config), set()
+    if method == "awq":
+        return _awq(ck, config), set()
     raise LlmkitError(f"reading {method!r} checkpoints is not supported yet")
 
 
@@ -76,5 +78,26 @@ def _gptq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
                 for leaf, full in leaves.items()
                 if leaf not in gptq.SUFFIXES
             }
+        )
+    return state
+
+
+def _awq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
+    if config.get("version", "gemm").lower() != "gemm" or int(config.get("bits", 4)) != 4:
+        raise LlmkitError(
+            f"AWQ {config.get('version')!r} at {config.get('bits')} bits is not supported; "
+            "llmkit reads the 4-bit GEMM format"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for module, leaves in _by_module(ck).items():
+        if "qweight" not in leaves:
+            state.update({full: ck.get_tensor(full) for full in leaves.values()})
+            continue
+        parts = {leaf: ck.get_tensor(leaves[leaf]) for leaf in awq.SUFFIXES}
+        state[f"{module}.weight"] = awq.dequantize(
+            parts["qweight"], parts["qzeros"], parts["scales"]
+        )
+        state.update(
+            {full: ck.get_tensor(full) for leaf, full in leaves.items() if leaf not in awq.SUFFIXES}
         )
     return state

@@ -1,8 +1,9 @@
-"""GPTQ interop with GPTQModel 7.6.0 in its own venv: it loads llmkit's checkpoints with the
-weights llmkit computes with, and llmkit reads the checkpoints GPTQModel writes."""
+"""GPTQ and AWQ interop with GPTQModel 7.6.0 in its own venv: it loads llmkit's checkpoints
+with the weights llmkit computes with, and llmkit reads the checkpoints GPTQModel writes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -42,13 +43,12 @@ def run_in_gptqmodel(cwd: Path, *args: object) -> str:
     return proc.stdout
 
 
-def gptqmodel_view(checkpoint: Path, tmp_path: Path) -> dict:
+def gptqmodel_view(checkpoint: Path, tmp_path: Path, backend: str = "torch") -> dict:
     """What GPTQModel computes with for `checkpoint`: dequantized weights and fp16 logits."""
     ids, out = tmp_path / "ids.json", tmp_path / "dump.pt"
     ids.write_text(json.dumps(IDS))
-    run_in_gptqmodel(
-        tmp_path, ROOT / "tests" / "interop" / "gptqmodel_dump.py", checkpoint, ids, out
-    )
+    dump = ROOT / "tests" / "interop" / "gptqmodel_dump.py"
+    run_in_gptqmodel(tmp_path, dump, checkpoint, ids, out, backend)
     return torch.load(out)
 
 
@@ -77,19 +77,48 @@ def test_gptqmodel_loads_llmkit_checkpoints(tiny_dir, tmp_path, bits, desc_act):
     assert torch.allclose(ours, theirs["logits"], atol=1e-2)
 
 
-def test_llmkit_reads_gptqmodel_checkpoints(tiny_dir, tmp_path):
+def quantize_with_gptqmodel(model: Path, tmp_path: Path, *options: str) -> Path:
     ids = tmp_path / "calibration.json"
     ids.write_text(json.dumps([[1, *range(10 + i, 73 + i)] for i in range(8)]))
     out = tmp_path / "by-gptqmodel"
-    run_in_gptqmodel(
-        tmp_path,
-        ROOT / "benchmarks" / "reference" / "gptqmodel_quantize.py",
-        tiny_dir("tiny-llama"),
-        ids,
-        out,
-        "--group-size",
-        "32",
-        "--desc-act",
-    )
+    script = ROOT / "benchmarks" / "reference" / "gptqmodel_quantize.py"
+    run_in_gptqmodel(tmp_path, script, model, ids, out, "--group-size", "32", *options)
+    return out
+
+
+def test_llmkit_reads_gptqmodel_checkpoints(tiny_dir, tmp_path):
+    out = quantize_with_gptqmodel(tiny_dir("tiny-llama"), tmp_path, "--desc-act")
     assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"]
     assert_same_weights(out, gptqmodel_view(out, tmp_path))
+
+
+def test_gptqmodel_loads_llmkit_awq_checkpoints(tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    quantize(
+        tiny_dir("tiny-llama"),
+        out,
+        "awq",
+        options=QuantOptions(group_size=32),
+        calibration=CalibrationSpec(num_samples=8, seq_len=64),
+    )
+    theirs = gptqmodel_view(out, tmp_path, "awq_torch")
+    assert_same_weights(out, theirs)
+    with torch.no_grad():
+        ours = load_model(out, dtype=torch.float16)(torch.tensor(IDS)).logits.float()
+    assert torch.allclose(ours, theirs["logits"], atol=1e-2)
+
+
+def widen():
+    """benchmarks/widen.py's `widen`: GPTQModel's AWQ needs outputs in multiples of 64."""
+    spec = importlib.util.spec_from_file_location("widen", ROOT / "benchmarks" / "widen.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.widen
+
+
+def test_llmkit_reads_gptqmodel_awq_checkpoints(tiny_dir, tmp_path):
+    wide = widen()(tiny_dir("tiny-llama"), tmp_path / "wide")
+    out = quantize_with_gptqmodel(wide, tmp_path, "--method", "awq")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "awq" and config["version"] == "gemm"
+    assert_same_weights(out, gptqmodel_view(out, tmp_path, "awq_torch"))

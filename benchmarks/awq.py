@@ -1,0 +1,153 @@
+"""AWQ: llmkit beside GPTQModel 7.6.0 and llm-compressor 0.14.0.1 on the same calibration windows.
+
+Quality: stories260K widened by benchmarks/widen.py (KV heads repeated to one per query head,
+MLP zero-padded to 192: the same function, because GPTQModel's AWQ needs every output
+dimension in multiples of 64), 4-bit asymmetric groups of 16, calibration and evaluation on
+tinyshakespeare as in benchmarks/quality.py, scored against the float32 stories260K. Runs:
+llmkit awq (default, and with duo scaling), llmkit rtn at the same grid, GPTQModel awq (in
+float16, the only dtype its CPU AWQ kernel takes), llm-compressor awq (float32; it writes
+compressed-tensors, which llmkit's evaluator reads too). Each tool otherwise with its defaults.
+Targets: llmkit KLD <= the better reference's; strictly better than llmkit rtn.
+
+Speed and memory: the small-llama preset (float32), built-in text, group 128, all three tools.
+Target: llmkit's quantization wall time <= 0.5x the faster reference's. Printed beside: peak
+RSS, and llmkit's peak above its starting RSS against 3x one decoder layer + activations.
+
+    python benchmarks/awq.py [--shared ../shared] [--num-samples 128] [--skip-small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from child import run_child
+from gptq import GPTQMODEL, MB, ROOT, calibration_windows, gptqmodel_run, llmkit_run
+
+LLMCOMPRESSOR = ROOT / ".refvenvs" / "llmcompressor" / "bin" / "python"
+
+
+def llmcompressor_run(src: Path, out: Path, ids: Path, group_size: int) -> dict:
+    script = ROOT / "benchmarks" / "reference" / "llmcompressor_awq.py"
+    command = [str(LLMCOMPRESSOR), str(script), str(src), str(ids), str(out)]
+    stdout, wall, peak = run_child([*command, "--group-size", str(group_size)])
+    seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
+    return {"path": out, "seconds": seconds, "wall": wall, "peak_rss": peak}
+
+
+def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
+    text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    calib = work / "calibration.txt"
+    calib.write_text(text[: int(len(text) * 0.6)], encoding="utf-8")
+    (work / "evaluation.txt").write_text(text[int(len(text) * 0.8) :], encoding="utf-8")
+    model = work / "stories260K-wide"
+    widen = [sys.executable, str(ROOT / "benchmarks" / "widen.py"), "--intermediate", "192"]
+    run_child([*widen, str(shared / "models" / "stories260K"), str(model)])  # parent stays small
+    group = ["--group-size", "16"]
+    runs = {
+        "llmkit awq": llmkit_run(model, work / "llmkit-awq", "awq", group, str(calib), num_samples),
+        "llmkit awq, duo scaling": llmkit_run(
+            model,
+            work / "llmkit-awq-duo",
+            "awq",
+            [*group, "--awq-duo-scaling"],
+            str(calib),
+            num_samples,
+        ),
+        "llmkit rtn": llmkit_run(
+            model, work / "llmkit-rtn", "rtn", [*group, "--asym"], str(calib), num_samples
+        ),
+    }
+    ids = calibration_windows(model, str(calib), num_samples, work / "stories-ids.json")
+    runs["gptqmodel awq"] = gptqmodel_run(model, work / "gptqmodel-awq", ids, 16, "awq")
+    runs["llm-compressor awq"] = llmcompressor_run(model, work / "llmcompressor-awq", ids, 16)
+    return runs
+
+
+def speed_runs(work: Path, num_samples: int) -> dict[str, dict]:
+    model = work / "small-llama"
+    if not (model / "config.json").is_file():
+        run_child([sys.executable, "-m", "llmkit", "init", str(model), "--preset", "small-llama"])
+    ids = calibration_windows(model, "builtin", num_samples, work / "small-ids.json")
+    return {
+        "llmkit awq": llmkit_run(model, work / "small-llmkit", "awq", [], "builtin", num_samples),
+        "gptqmodel awq": gptqmodel_run(model, work / "small-gptqmodel", ids, 128, "awq"),
+        "llm-compressor awq": llmcompressor_run(model, work / "small-llmcompressor", ids, 128),
+    }
+
+
+def print_quality(shared: Path, work: Path, runs: dict[str, dict]) -> None:
+    from llmkit.bench.quality import evaluate_quality
+    from llmkit.quant.calibration import CalibrationSpec
+
+    reference = shared / "models" / "stories260K"
+    data = CalibrationSpec(dataset=str(work / "evaluation.txt"), seq_len=512)
+    rows = evaluate_quality(reference, [r["path"] for r in runs.values()], data)
+    print(
+        f"{'stories260K, 4-bit g16':24} {'perplexity':>10} {'KLD mean':>10} {'KLD p99':>9} "
+        f"{'top-1':>7} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}"
+    )
+    print(f"{'fp32 (reference)':24} {rows[0].perplexity:10.4f} {0:10.6f} {0:9.5f} {1:7.2%}")
+    for (name, run), row in zip(runs.items(), rows[1:], strict=True):
+        print(
+            f"{name:24} {row.perplexity:10.4f} {row.kld_mean:10.6f} {row.kld_p99:9.5f} "
+            f"{row.top1_agreement:7.2%} {run['seconds']:8.2f} {run['wall']:7.2f} "
+            f"{run['peak_rss'] / MB:7.0f}MB"
+        )
+    kld = {name: row.kld_mean for name, row in zip(runs, rows[1:], strict=True)}
+    better = min(kld["gptqmodel awq"], kld["llm-compressor awq"])
+    ours = kld["llmkit awq"]
+    met = ours <= better and ours < kld["llmkit rtn"]
+    print(
+        f"KLD: llmkit awq {ours:.6f}, better reference {better:.6f}, llmkit rtn "
+        f"{kld['llmkit rtn']:.6f} -> {'met' if met else 'MISSED'}"
+    )
+
+
+def print_speed(work: Path, runs: dict[str, dict], num_samples: int) -> None:
+    from llmkit.checkpoint.reader import open_checkpoint
+
+    print(f"\n{'small-llama, 4-bit g128':24} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}")
+    for name, run in runs.items():
+        print(f"{name:24} {run['seconds']:8.2f} {run['wall']:7.2f} {run['peak_rss'] / MB:7.0f}MB")
+    ours = runs["llmkit awq"]
+    faster = min(runs["gptqmodel awq"]["seconds"], runs["llm-compressor awq"]["seconds"])
+    ratio = ours["seconds"] / faster
+    print(f"time: llmkit / faster reference = {ratio:.3f} -> {'met' if ratio <= 0.5 else 'MISSED'}")
+    with open_checkpoint(work / "small-llama") as ck:
+        layer = sum(t.nbytes for n, t in ck.tensors.items() if n.startswith("model.layers.0."))
+        hidden = ck.config["hidden_size"]
+    activations = num_samples * 512 * hidden * 4
+    used = ours["peak_rss"] - ours["start_rss"]
+    bound = 3 * layer + activations
+    print(
+        f"llmkit memory above its start: {used / MB:.0f}MB vs 3 x layer ({layer / MB:.0f}MB) + "
+        f"activations ({activations / MB:.0f}MB) = {bound / MB:.0f}MB -> "
+        f"{'met' if used <= bound else 'MISSED'}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--skip-small", action="store_true", help="quality part only")
+    args = parser.parse_args()
+    for venv, name in ((GPTQMODEL, "gptqmodel"), (LLMCOMPRESSOR, "llmcompressor")):
+        if not venv.exists():
+            raise SystemExit(f"{venv} missing: bash benchmarks/setup_reference_venvs.sh {name}")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="llmkit-awq-"))
+    work.mkdir(parents=True, exist_ok=True)
+    quality = quality_runs(args.shared, work, args.num_samples)
+    speed = {} if args.skip_small else speed_runs(work, args.num_samples)
+    print_quality(args.shared, work, quality)
+    if speed:
+        print_speed(work, speed, args.num_samples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""AWQ for one decoder layer (a LayerQuantizer): observe, search scales, fold, clip, quantize.
+
+1. One forward over all calibration batches records each scale group's mean |input| and keeps
+   the inputs of the first batches (about `search_tokens` tokens) as the search sample.
+2. Per group, in compute order: the α whose scales give the least error of the group's block
+   output (attention for q/k/v, the MLP for gate/up, the Linear itself for o and down) on
+   the sample; the scales are folded into the source (norm or Linear), which leaves the float
+   layer unchanged, and divided out of the sample.
+3. Per Linear: the clipping search (not for q/k, whose errors the softmax amplifies), then
+   4-bit asymmetric group quantization; the layer then computes with the quantized weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmkit.quant import awq, rtn
+from llmkit.quant.arch import Arch, Smoothable
+from llmkit.quant.formats import awq as awq_format
+from llmkit.quant.sequential import LayerRun, return_freed_memory
+
+NO_CLIP = ("q_proj", "k_proj")
+
+
+@dataclass
+class _Observed:
+    mean: awq.ChannelMean
+    sample: list[torch.Tensor]  # the group's input for the first batches (CPU)
+
+
+@dataclass(frozen=True, slots=True)
+class AWQLayer:
+    arch: Arch
+    settings: awq.AWQSettings
+    search_tokens: int
+    errors: list[dict]  # filled: one {"layer", "modules", "alphas"} per layer
+
+    @torch.no_grad()
+    def __call__(self, index: int, run: LayerRun) -> dict[str, torch.Tensor]:
+        layer = run.layer
+        observed = self._observe(run)
+        alphas = {}
+        for group in self.arch.awq_groups:
+            if _applies(layer, group):
+                seen = observed[group.linears[0]]
+                alphas["/".join(group.linears)] = self._scale(layer, run, group, seen)
+        out: dict[str, torch.Tensor] = {}
+        errors: dict[str, float] = {}
+        for stage in self.arch.stages:
+            sample = observed[stage[0]].sample
+            x = awq.clip_sample(torch.cat([s.reshape(-1, s.shape[-1]) for s in sample]))
+            for name in stage:
+                out |= self._quantize(layer.get_submodule(name), name, x, errors)
+        for name, tensor in layer.state_dict().items():
+            if not any(name.startswith(f"{linear}.weight") for linear in self.arch.linears):
+                out[name] = tensor.detach().to("cpu", torch.float16)  # AWQ: fp16
+        self.errors.append({"layer": index, "modules": errors, "alphas": alphas})
+        return_freed_memory()
+        return out
+
+    def _observe(self, run: LayerRun) -> dict[str, _Observed]:
+        """Mean |input| of every stage's Linears (keyed by the first one's name) over all
+        batches; the inputs of the first batches kept as the search sample."""
+        firsts = [stage[0] for stage in self.arch.stages]
+        observed = {name: _Observed(awq.ChannelMean(), []) for name in firsts}
+        tokens = [0]
+
+        def hook(name: str) -> Callable:
+            def record(module: nn.Module, args: tuple) -> None:
+                observed[name].mean.add(args[0])
+                if tokens[0] < self.search_tokens:
+                    observed[name].sample.append(args[0].detach().to("cpu", copy=True))
+
+            return record
+
+        handles = [
+            run.layer.get_submodule(name).register_forward_pre_hook(hook(name)) for name in firsts
+        ]
+        try:
+            for x in run.inputs:
+                run.forward(x)
+                tokens[0] += x.shape[0] * x.shape[1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return observed
+
+    def _scale(self, layer, run: LayerRun, group: Smoothable, seen: _Observed) -> float:
+        linears = [layer.get_submodule(name) for name in group.linears]
+        block = self._block(layer, run, group)
+        sample = [x.to(run.device, run.dtype) for x in seen.sample]
+        reference = torch.cat([block(x) for x in sample])
+        search = awq.search_scales(
+            linears,
+            seen.mean.mean,
+            lambda: torch.cat([block(x) for x in sample]),
+            reference,
+            self.settings,
+        )
+        awq.fold_scales(layer.get_submodule(group.source), linears, search.scales)
+        for x in seen.sample:
+            x.div_(search.scales.to(x.device, x.dtype))
+        return search.alpha
+
+    def _block(self, layer, run: LayerRun, group: Smoothable) -> Callable:
+        """input of the group's Linears -> the output AWQ scores."""
+        if not group.block:
+            return layer.get_submodule(group.linears[0])
+        module = layer.get_submodule(group.block)
+        if group.block == self.arch.attention:
+            rope = run.position_embeddings
+            return lambda x: module(hidden_states=x, position_embeddings=rope, attention_mask=None)[
+                0
+            ]
+        return module
+
+    def _quantize(self, linear: nn.Linear, name: str, x: torch.Tensor, errors: dict) -> dict:
+        w = linear.weight.detach().float()
+        size = self.settings.group_size
+        clip = self.settings.clip_search and not name.endswith(NO_CLIP)
+        if clip:
+            w = awq.apply_clip(w, awq.search_clip(w, x.to(w.device), self.settings), size)
+        quant = rtn.quantize_groups(w, awq.BITS, size, sym=False)
+        approx = quant.dequantize()
+        errors[name] = _relative_error(x.to(w.device), linear.weight.detach().float(), approx)
+        linear.weight.data = approx.to(linear.weight.dtype)
+        packed = awq_format.pack(quant.q, quant.scales, quant.zeros)
+        return {f"{name}.{suffix}": t.cpu() for suffix, t in packed.items()}
+
+
+def _applies(layer: nn.Module, group: Smoothable) -> bool:
+    """Can the scales be folded: does the source produce exactly the linears' inputs?"""
+    source = layer.get_submodule(group.source)
+    if not isinstance(source, nn.Linear):
+        return True
+    return all(source.out_features == layer.get_submodule(n).in_features for n in group.linears)
+
+
+def _relative_error(x: torch.Tensor, w: torch.Tensor, approx: torch.Tensor) -> float:
+    """||x (W - Ŵ)ᵀ||² / ||x Wᵀ||² on the sample."""
+    reference = x.float() @ w.t()
+    den = float(reference.pow(2).sum())
+    return float((x.float() @ approx.t() - reference).pow(2).sum()) / den if den else 0.0
