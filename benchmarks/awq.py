@@ -24,8 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import report
 from child import run_child
-from gptq import GPTQMODEL, MB, ROOT, calibration_windows, gptqmodel_run, llmkit_run
+from gptq import GPTQMODEL, ROOT, calibration_windows, gptqmodel_run, llmkit_run
 
 LLMCOMPRESSOR = ROOT / ".refvenvs" / "llmcompressor" / "bin" / "python"
 
@@ -79,25 +80,8 @@ def speed_runs(work: Path, num_samples: int) -> dict[str, dict]:
     }
 
 
-def print_quality(shared: Path, work: Path, runs: dict[str, dict]) -> None:
-    from llmkit.bench.quality import evaluate_quality
-    from llmkit.quant.calibration import CalibrationSpec
-
-    reference = shared / "models" / "stories260K"
-    data = CalibrationSpec(dataset=str(work / "evaluation.txt"), seq_len=512)
-    rows = evaluate_quality(reference, [r["path"] for r in runs.values()], data)
-    print(
-        f"{'stories260K, 4-bit g16':24} {'perplexity':>10} {'KLD mean':>10} {'KLD p99':>9} "
-        f"{'top-1':>7} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}"
-    )
-    print(f"{'fp32 (reference)':24} {rows[0].perplexity:10.4f} {0:10.6f} {0:9.5f} {1:7.2%}")
-    for (name, run), row in zip(runs.items(), rows[1:], strict=True):
-        print(
-            f"{name:24} {row.perplexity:10.4f} {row.kld_mean:10.6f} {row.kld_p99:9.5f} "
-            f"{row.top1_agreement:7.2%} {run['seconds']:8.2f} {run['wall']:7.2f} "
-            f"{run['peak_rss'] / MB:7.0f}MB"
-        )
-    kld = {name: row.kld_mean for name, row in zip(runs, rows[1:], strict=True)}
+def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samples: int):
+    kld = report.print_quality(shared, work, quality, "stories260K-wide, 4-bit g16")
     better = min(kld["gptqmodel awq"], kld["llm-compressor awq"])
     ours = kld["llmkit awq"]
     met = ours <= better and ours < kld["llmkit rtn"]
@@ -105,29 +89,13 @@ def print_quality(shared: Path, work: Path, runs: dict[str, dict]) -> None:
         f"KLD: llmkit awq {ours:.6f}, better reference {better:.6f}, llmkit rtn "
         f"{kld['llmkit rtn']:.6f} -> {'met' if met else 'MISSED'}"
     )
-
-
-def print_speed(work: Path, runs: dict[str, dict], num_samples: int) -> None:
-    from llmkit.checkpoint.reader import open_checkpoint
-
-    print(f"\n{'small-llama, 4-bit g128':24} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}")
-    for name, run in runs.items():
-        print(f"{name:24} {run['seconds']:8.2f} {run['wall']:7.2f} {run['peak_rss'] / MB:7.0f}MB")
-    ours = runs["llmkit awq"]
-    faster = min(runs["gptqmodel awq"]["seconds"], runs["llm-compressor awq"]["seconds"])
-    ratio = ours["seconds"] / faster
+    if not speed:
+        return
+    report.print_speed(speed, "small-llama, 4-bit g128")
+    faster = min(speed["gptqmodel awq"]["seconds"], speed["llm-compressor awq"]["seconds"])
+    ratio = speed["llmkit awq"]["seconds"] / faster
     print(f"time: llmkit / faster reference = {ratio:.3f} -> {'met' if ratio <= 0.5 else 'MISSED'}")
-    with open_checkpoint(work / "small-llama") as ck:
-        layer = sum(t.nbytes for n, t in ck.tensors.items() if n.startswith("model.layers.0."))
-        hidden = ck.config["hidden_size"]
-    activations = num_samples * 512 * hidden * 4
-    used = ours["peak_rss"] - ours["start_rss"]
-    bound = 3 * layer + activations
-    print(
-        f"llmkit memory above its start: {used / MB:.0f}MB vs 3 x layer ({layer / MB:.0f}MB) + "
-        f"activations ({activations / MB:.0f}MB) = {bound / MB:.0f}MB -> "
-        f"{'met' if used <= bound else 'MISSED'}"
-    )
+    report.print_memory(work / "small-llama", speed["llmkit awq"], num_samples)
 
 
 def main() -> None:
@@ -144,9 +112,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     quality = quality_runs(args.shared, work, args.num_samples)
     speed = {} if args.skip_small else speed_runs(work, args.num_samples)
-    print_quality(args.shared, work, quality)
-    if speed:
-        print_speed(work, speed, args.num_samples)
+    print_targets(args.shared, work, quality, speed, args.num_samples)
 
 
 if __name__ == "__main__":

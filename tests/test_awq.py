@@ -221,3 +221,21 @@ def test_awq_refuses_what_its_format_cannot_hold(tiny_dir, tmp_path, options, me
     with pytest.raises(LlmkitError, match=message):
         quantize(tiny_dir(), tmp_path / "out", "awq", options=options)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_awq_reports_errors_and_alphas(cli, tiny_dir, tmp_path):
+    args = ["quantize", tiny_dir("tiny-qwen3"), tmp_path / "o", "--method", "awq"]
+    options = ["--group-size", "32", "--num-samples", "4", "--seq-len", "64", "--awq-grid", "5"]
+    result = cli(*args, *options, "--awq-duo-scaling", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    entry = report["layer_errors"][1]
+    assert len(entry["modules"]) == 7 and all(0 < e < 0.2 for e in entry["modules"].values())
+    assert set(entry["alphas"]) <= {
+        "self_attn.q_proj/self_attn.k_proj/self_attn.v_proj",
+        "mlp.gate_proj/mlp.up_proj",
+        "mlp.down_proj",
+    }
+    assert all(a in (0, 0.2, 0.4, 0.6, 0.8) for a in entry["alphas"].values())
+    refused = cli(*args[:2], tmp_path / "p", "--method", "awq", "--bits", "8")
+    assert refused.code == 1 and "awq" in refused.err and not (tmp_path / "p").exists()

@@ -50,7 +50,9 @@ def quantize(
     chat_template: Annotated[
         bool, typer.Option("--chat-template", help="Wrap calibration text in the chat template.")
     ] = default(_CAL, "chat_template"),
-    bits: Annotated[int, typer.Option(help="Weight bits (rtn, gptq).")] = default(_OPT, "bits"),
+    bits: Annotated[int, typer.Option(help="Weight bits (rtn, gptq; awq: 4).")] = default(
+        _OPT, "bits"
+    ),
     group_size: Annotated[
         int, typer.Option(help="Inputs per scale (rtn, gptq, awq); -1 for one per output channel.")
     ] = default(_OPT, "group_size"),

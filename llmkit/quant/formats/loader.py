@@ -63,23 +63,12 @@ def _compressed_tensors(ck: Checkpoint, config: dict) -> tuple[dict, set[str]]:
 def _gptq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
     bits = int(config["bits"])
     zero_offset = 0 if config.get("checkpoint_format") == "gptq_v2" else 1
-    state: dict[str, torch.Tensor] = {}
-    for module, leaves in _by_module(ck).items():
-        if "qweight" not in leaves:
-            state.update({full: ck.get_tensor(full) for full in leaves.values()})
-            continue
-        parts = {leaf: ck.get_tensor(leaves[leaf]) for leaf in gptq.SUFFIXES}
-        state[f"{module}.weight"] = gptq.dequantize(
-            parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], bits, zero_offset
-        )
-        state.update(
-            {
-                full: ck.get_tensor(full)
-                for leaf, full in leaves.items()
-                if leaf not in gptq.SUFFIXES
-            }
-        )
-    return state
+
+    def dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        qweight, qzeros, scales, g_idx = (parts[leaf] for leaf in gptq.SUFFIXES)
+        return gptq.dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset)
+
+    return _packed(ck, gptq.SUFFIXES, dequantize)
 
 
 def _awq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
@@ -88,16 +77,20 @@ def _awq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
             f"AWQ {config.get('version')!r} at {config.get('bits')} bits is not supported; "
             "llmkit reads the 4-bit GEMM format"
         )
+    return _packed(
+        ck, awq.SUFFIXES, lambda p: awq.dequantize(p["qweight"], p["qzeros"], p["scales"])
+    )
+
+
+def _packed(ck: Checkpoint, suffixes: tuple[str, ...], dequantize) -> dict[str, torch.Tensor]:
+    """Modules with a `qweight` get `.weight` = dequantize({suffix: tensor}); every other
+    tensor (biases, norms, embeddings) is read as it is."""
     state: dict[str, torch.Tensor] = {}
     for module, leaves in _by_module(ck).items():
-        if "qweight" not in leaves:
-            state.update({full: ck.get_tensor(full) for full in leaves.values()})
-            continue
-        parts = {leaf: ck.get_tensor(leaves[leaf]) for leaf in awq.SUFFIXES}
-        state[f"{module}.weight"] = awq.dequantize(
-            parts["qweight"], parts["qzeros"], parts["scales"]
-        )
-        state.update(
-            {full: ck.get_tensor(full) for leaf, full in leaves.items() if leaf not in awq.SUFFIXES}
-        )
+        packed = "qweight" in leaves
+        if packed:
+            state[f"{module}.weight"] = dequantize({s: ck.get_tensor(leaves[s]) for s in suffixes})
+        for leaf, full in leaves.items():
+            if not (packed and leaf in suffixes):
+                state[full] = ck.get_tensor(full)
     return state

@@ -1,0 +1,54 @@
+"""Tables the quantization benchmarks print: quality of each run, speed, and memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MB = 1e6
+
+
+def print_quality(shared: Path, work: Path, runs: dict[str, dict], title: str) -> dict:
+    """Score every run against the float32 stories260K on work/evaluation.txt; print one row
+    per run and return {run name: KLD mean}."""
+    from llmkit.bench.quality import evaluate_quality
+    from llmkit.quant.calibration import CalibrationSpec
+
+    reference = shared / "models" / "stories260K"
+    data = CalibrationSpec(dataset=str(work / "evaluation.txt"), seq_len=512)
+    rows = evaluate_quality(reference, [r["path"] for r in runs.values()], data)
+    print(
+        f"{title:28} {'perplexity':>10} {'KLD mean':>10} {'KLD p99':>9} "
+        f"{'top-1':>7} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}"
+    )
+    print(f"{'fp32 (reference)':28} {rows[0].perplexity:10.4f} {0:10.6f} {0:9.5f} {1:7.2%}")
+    for (name, run), row in zip(runs.items(), rows[1:], strict=True):
+        print(
+            f"{name:28} {row.perplexity:10.4f} {row.kld_mean:10.6f} {row.kld_p99:9.5f} "
+            f"{row.top1_agreement:7.2%} {run['seconds']:8.2f} {run['wall']:7.2f} "
+            f"{run['peak_rss'] / MB:7.0f}MB"
+        )
+    return {name: row.kld_mean for name, row in zip(runs, rows[1:], strict=True)}
+
+
+def print_speed(runs: dict[str, dict], title: str) -> None:
+    print(f"\n{title:28} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}")
+    for name, run in runs.items():
+        print(f"{name:28} {run['seconds']:8.2f} {run['wall']:7.2f} {run['peak_rss'] / MB:7.0f}MB")
+
+
+def print_memory(model: Path, run: dict, num_samples: int, seq_len: int = 512) -> None:
+    """llmkit's peak above its starting RSS against 3x one decoder layer's weights + the
+    float32 calibration activations."""
+    from llmkit.checkpoint.reader import open_checkpoint
+
+    with open_checkpoint(model) as ck:
+        layer = sum(t.nbytes for n, t in ck.tensors.items() if n.startswith("model.layers.0."))
+        hidden = ck.config["hidden_size"]
+    activations = num_samples * seq_len * hidden * 4
+    used = run["peak_rss"] - run["start_rss"]
+    bound = 3 * layer + activations
+    print(
+        f"llmkit memory above its start: {used / MB:.0f}MB vs 3 x layer ({layer / MB:.0f}MB) + "
+        f"activations ({activations / MB:.0f}MB) = {bound / MB:.0f}MB -> "
+        f"{'met' if used <= bound else 'MISSED'}"
+    )
