@@ -3,23 +3,55 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 
+class TimedOut(Exception):
+    """The child ran past its time limit and was stopped: it needs more than `seconds`."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"stopped after {seconds:.0f} s")
+        self.seconds = seconds
+
+
 def run_child(
-    command: list[str], env: dict | None = None, cwd: Path | None = None
+    command: list[str],
+    env: dict | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
 ) -> tuple[str, float, int]:
-    """(stdout, wall seconds, peak RSS bytes) of a child process."""
+    """(stdout, wall seconds, peak RSS bytes) of a child process. Past `timeout` seconds the
+    child and everything it started are killed and TimedOut is raised."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(
-            command, stdout=out, stderr=err, env={**os.environ, **(env or {})}, cwd=cwd
+            command,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
         )
+        expired = threading.Event()
+
+        def stop() -> None:
+            expired.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, stop) if timeout else None
+        if timer:
+            timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        if timer:
+            timer.cancel()
+        if expired.is_set():
+            raise TimedOut(wall)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)

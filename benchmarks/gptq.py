@@ -81,7 +81,9 @@ def llmkit_run(
     }
 
 
-def gptqmodel_run(src: Path, out: Path, ids: Path, group_size: int, method="gptq") -> dict:
+def gptqmodel_run(
+    src: Path, out: Path, ids: Path, group_size: int, method="gptq", timeout=None
+) -> dict:
     script = ROOT / "benchmarks" / "reference" / "gptqmodel_quantize.py"
     command = [
         str(GPTQMODEL),
@@ -95,7 +97,8 @@ def gptqmodel_run(src: Path, out: Path, ids: Path, group_size: int, method="gptq
         method,
     ]
     # GPTQModel writes a log folder into its working directory: keep it in the work dir.
-    stdout, wall, peak = run_child(command, env={"GPTQMODEL_CPU_WORKERS": "2"}, cwd=out.parent)
+    env = {"GPTQMODEL_CPU_WORKERS": "2"}
+    stdout, wall, peak = run_child(command, env=env, cwd=out.parent, timeout=timeout)
     seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
     return {"path": out, "seconds": seconds, "wall": wall, "peak_rss": peak}
 

@@ -31,9 +31,18 @@ def print_quality(shared: Path, work: Path, runs: dict[str, dict], title: str) -
 
 
 def print_speed(runs: dict[str, dict], title: str) -> None:
+    """One row per run; a run stopped at its time limit shows "> limit"."""
     print(f"\n{title:28} {'quant s':>8} {'cmd s':>7} {'peak RSS':>9}")
     for name, run in runs.items():
+        if "stopped_after" in run:
+            print(f"{name:28} {'> ' + format(run['stopped_after'], '.0f'):>8} (stopped)")
+            continue
         print(f"{name:28} {run['seconds']:8.2f} {run['wall']:7.2f} {run['peak_rss'] / MB:7.0f}MB")
+
+
+def seconds_at_least(run: dict) -> float:
+    """A run's time, or for one stopped at its limit the time it ran (a lower bound)."""
+    return run.get("stopped_after", run.get("seconds"))
 
 
 def print_memory(model: Path, run: dict, num_samples: int, seq_len: int = 512) -> None:
