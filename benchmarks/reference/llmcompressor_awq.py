@@ -2,8 +2,7 @@
 
 Runs inside llm-compressor's own venv (see benchmarks/setup_reference_venvs.sh), never
 inside llmkit's. Writes compressed-tensors (pack-quantized with zero points), llm-compressor's
-only output format. Prints one JSON line: {"seconds": ...} for oneshot + save, the span
-llmkit's own timing covers (calibrate, quantize, write).
+only output format. Prints one JSON line: {"seconds": ...} for oneshot + save.
 
     python llmcompressor_awq.py MODEL IDS.json OUT [--group-size 128] [--no-duo-scaling]
 """
@@ -11,8 +10,8 @@ llmkit's own timing covers (calibrate, quantize, write).
 from __future__ import annotations
 
 import argparse
-import json
-import time
+
+import llmcompressor_oneshot
 
 
 def main() -> None:
@@ -26,24 +25,14 @@ def main() -> None:
 
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.pipelines.cache import IntermediatesCache
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not torch.cuda.is_available():
         # 0.14.0.1's AWQ pins its cached activations for faster host-to-GPU copies, which
         # fails without an accelerator; skipping the pinning changes no result.
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    with open(args.ids) as f:
-        windows = json.load(f)
-    dataset = Dataset.from_dict(
-        {"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]}
-    )
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     weights = QuantizationArgs(
         num_bits=4, type="int", symmetric=False, strategy="group", group_size=args.group_size
     )
@@ -52,17 +41,7 @@ def main() -> None:
         AWQModifier(duo_scaling=not args.no_duo_scaling),
         QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]),
     ]
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=dataset,
-        recipe=recipe,
-        num_calibration_samples=len(windows),
-        max_seq_length=len(windows[0]),
-    )
-    model.save_pretrained(args.out, save_compressed=True)
-    tokenizer.save_pretrained(args.out)
-    print(json.dumps({"seconds": time.perf_counter() - start}))
+    llmcompressor_oneshot.run(args.model, args.ids, args.out, recipe)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """Run llm-compressor's W8A8 (SmoothQuant + per-channel int8) on given calibration windows.
 
 Runs inside llm-compressor's own venv (see benchmarks/setup_reference_venvs.sh), never
-inside llmkit's. Prints one JSON line: {"seconds": ...} for oneshot + save, the same span
-llmkit's own timing covers (calibrate, quantize, write).
+inside llmkit's. Prints one JSON line: {"seconds": ...} for oneshot + save.
 
     python llmcompressor_w8a8.py MODEL IDS.json OUT --alpha 0.5
 """
@@ -10,8 +9,8 @@ llmkit's own timing covers (calibrate, quantize, write).
 from __future__ import annotations
 
 import argparse
-import json
-import time
+
+import llmcompressor_oneshot
 
 
 def main() -> None:
@@ -22,35 +21,14 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     args = parser.parse_args()
 
-    import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with open(args.ids) as f:
-        windows = json.load(f)
-    dataset = Dataset.from_dict(
-        {"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]}
-    )
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     recipe = [
         SmoothQuantModifier(smoothing_strength=args.alpha),
         QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
     ]
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=dataset,
-        recipe=recipe,
-        num_calibration_samples=len(windows),
-        max_seq_length=len(windows[0]),
-    )
-    model.save_pretrained(args.out, save_compressed=True)
-    tokenizer.save_pretrained(args.out)
-    print(json.dumps({"seconds": time.perf_counter() - start}))
+    llmcompressor_oneshot.run(args.model, args.ids, args.out, recipe)
 
 
 if __name__ == "__main__":

@@ -128,8 +128,8 @@ class AWQLayer:
         approx = quant.dequantize()
         errors[name] = _relative_error(x.to(w.device), linear.weight.detach().float(), approx)
         linear.weight.data = approx.to(linear.weight.dtype)
-        packed = awq_format.pack(quant.q, quant.scales, quant.zeros)
-        return {f"{name}.{suffix}": t.cpu() for suffix, t in packed.items()}
+        packed = awq_format.pack(quant.q.cpu(), quant.scales.cpu(), quant.zeros.cpu())
+        return {f"{name}.{suffix}": t for suffix, t in packed.items()}
 
 
 def _applies(layer: nn.Module, group: Smoothable) -> bool:
