@@ -27,7 +27,14 @@ from pathlib import Path
 
 import report
 from child import TimedOut, run_child
-from gptq import GPTQMODEL, ROOT, calibration_windows, gptqmodel_run, llmkit_run
+from gptq import (
+    GPTQMODEL,
+    ROOT,
+    calibration_windows,
+    gptqmodel_run,
+    llmkit_run,
+    small_llama,
+)
 
 LLMCOMPRESSOR = ROOT / ".refvenvs" / "llmcompressor" / "bin" / "python"
 
@@ -72,10 +79,7 @@ def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
 def speed_runs(work: Path, num_samples: int, limit: float | None) -> dict[str, dict]:
     """llmkit, then each reference stopped after `limit` seconds if it has not finished
     (on two cores they can take hours; a lower bound on their time settles the target)."""
-    model = work / "small-llama"
-    if not (model / "config.json").is_file():
-        run_child([sys.executable, "-m", "llmkit", "init", str(model), "--preset", "small-llama"])
-    ids = calibration_windows(model, "builtin", num_samples, work / "small-ids.json")
+    model, ids = small_llama(work, num_samples)
     return {
         "llmkit awq": llmkit_run(model, work / "small-llmkit", "awq", [], "builtin", num_samples),
         "gptqmodel awq": stoppable(

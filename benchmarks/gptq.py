@@ -136,11 +136,16 @@ def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
     return runs
 
 
-def speed_runs(work: Path, num_samples: int) -> dict[str, dict]:
+def small_llama(work: Path, num_samples: int) -> tuple[Path, Path]:
+    """The small-llama preset in `work` (made once) and its built-in calibration windows."""
     model = work / "small-llama"
     if not (model / "config.json").is_file():
         run_child([sys.executable, "-m", "llmkit", "init", str(model), "--preset", "small-llama"])
-    ids = calibration_windows(model, "builtin", num_samples, work / "small-ids.json")
+    return model, calibration_windows(model, "builtin", num_samples, work / "small-ids.json")
+
+
+def speed_runs(work: Path, num_samples: int) -> dict[str, dict]:
+    model, ids = small_llama(work, num_samples)
     return {
         "llmkit gptq": llmkit_run(model, work / "small-llmkit", "gptq", [], "builtin", num_samples),
         "gptqmodel gptq": gptqmodel_run(model, work / "small-gptqmodel", ids, 128),
