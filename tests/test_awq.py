@@ -21,6 +21,7 @@ from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import awq as awq_format
 from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
+from llmkit.quant.smoothquant import fold
 
 AUTOAWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's pack order, restated from its definition
 
@@ -99,7 +100,7 @@ def test_folding_scales_leaves_the_float_layer_unchanged(num_kv_heads):
             width = layer.get_submodule(group.linears[0]).in_features
             scales = torch.rand(width, generator=torch.Generator().manual_seed(width)) * 4 + 0.1
             linears = [layer.get_submodule(n) for n in group.linears]
-            awq.fold_scales(layer.get_submodule(group.source), linears, scales)
+            fold(layer.get_submodule(group.source), linears, scales)
             folded += 1
         after = layer(x, position_embeddings=rope)
     before, after = (y[0] if isinstance(y, tuple) else y for y in (before, after))

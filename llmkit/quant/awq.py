@@ -116,22 +116,6 @@ def search_scales(
     return ScaleSearch(s, alpha, loss, losses[0])
 
 
-@torch.no_grad()
-def fold_scales(source: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """Divide `source`'s output channels by s and multiply the linears' input columns by s:
-    the float function is unchanged. `source` is a norm (its weight) or a Linear (its last
-    s.numel() output rows and bias)."""
-    if isinstance(source, nn.Linear):
-        rows = slice(source.out_features - s.numel(), source.out_features)
-        source.weight.data[rows] /= s[:, None].to(source.weight.dtype)
-        if source.bias is not None:
-            source.bias.data[rows] /= s.to(source.bias.dtype)
-    else:
-        source.weight.data /= s.to(source.weight.dtype)
-    for linear in linears:
-        linear.weight.data *= s[None, :].to(linear.weight.dtype)
-
-
 def clip_sample(x: torch.Tensor, tokens: int = CLIP_TOKENS) -> torch.Tensor:
     """`tokens` evenly spaced rows of x [..., in] -> [tokens, in]."""
     flat = x.reshape(-1, x.shape[-1])

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,15 +21,26 @@ from torch import nn
 from llmkit.quant import awq, rtn
 from llmkit.quant.arch import Arch, Smoothable
 from llmkit.quant.formats import awq as awq_format
+from llmkit.quant.methods import dense_tensors
 from llmkit.quant.sequential import LayerRun, return_freed_memory
+from llmkit.quant.smoothquant import fold
 
 NO_CLIP = ("q_proj", "k_proj")
 
 
 @dataclass
 class _Observed:
-    mean: awq.ChannelMean
-    sample: list[torch.Tensor]  # the group's input for the first batches (CPU)
+    """Forward pre-hook: mean |x| over every batch, and the batches (on the CPU) until
+    `search_tokens` tokens have been kept."""
+
+    search_tokens: int
+    mean: awq.ChannelMean = field(default_factory=awq.ChannelMean)
+    sample: list[torch.Tensor] = field(default_factory=list)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.mean.count < self.search_tokens:
+            self.sample.append(args[0].detach().to("cpu", copy=True))
+        self.mean.add(args[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +48,7 @@ class AWQLayer:
     arch: Arch
     settings: awq.AWQSettings
     search_tokens: int
+    dtypes: dict[str, torch.dtype]  # every checkpoint tensor's dtype, by full name
     errors: list[dict]  # filled: one {"layer", "modules", "alphas"} per layer
 
     @torch.no_grad()
@@ -55,9 +67,7 @@ class AWQLayer:
             x = awq.clip_sample(torch.cat([s.reshape(-1, s.shape[-1]) for s in sample]))
             for name in stage:
                 out |= self._quantize(layer.get_submodule(name), name, x, errors)
-        for name, tensor in layer.state_dict().items():
-            if not any(name.startswith(f"{linear}.weight") for linear in self.arch.linears):
-                out[name] = tensor.detach().to("cpu", torch.float16)  # AWQ: fp16
+        out |= dense_tensors(layer, self.arch, "awq", self.dtypes, f"{self.arch.layers}.{index}.")
         self.errors.append({"layer": index, "modules": errors, "alphas": alphas})
         return_freed_memory()
         return out
@@ -66,24 +76,11 @@ class AWQLayer:
         """Mean |input| of every stage's Linears (keyed by the first one's name) over all
         batches; the inputs of the first batches kept as the search sample."""
         firsts = [stage[0] for stage in self.arch.stages]
-        observed = {name: _Observed(awq.ChannelMean(), []) for name in firsts}
-        tokens = [0]
-
-        def hook(name: str) -> Callable:
-            def record(module: nn.Module, args: tuple) -> None:
-                observed[name].mean.add(args[0])
-                if tokens[0] < self.search_tokens:
-                    observed[name].sample.append(args[0].detach().to("cpu", copy=True))
-
-            return record
-
-        handles = [
-            run.layer.get_submodule(name).register_forward_pre_hook(hook(name)) for name in firsts
-        ]
+        observed = {name: _Observed(self.search_tokens) for name in firsts}
+        layer = run.layer
+        handles = [layer.get_submodule(n).register_forward_pre_hook(observed[n]) for n in firsts]
         try:
-            for x in run.inputs:
-                run.forward(x)
-                tokens[0] += x.shape[0] * x.shape[1]
+            run.run()
         finally:
             for handle in handles:
                 handle.remove()
@@ -101,7 +98,7 @@ class AWQLayer:
             reference,
             self.settings,
         )
-        awq.fold_scales(layer.get_submodule(group.source), linears, search.scales)
+        fold(layer.get_submodule(group.source), linears, search.scales)
         for x in seen.sample:
             x.div_(search.scales.to(x.device, x.dtype))
         return search.alpha
@@ -119,14 +116,15 @@ class AWQLayer:
         return module
 
     def _quantize(self, linear: nn.Linear, name: str, x: torch.Tensor, errors: dict) -> dict:
-        w = linear.weight.detach().float()
+        original = linear.weight.detach().float()
+        x = x.to(original.device)
         size = self.settings.group_size
-        clip = self.settings.clip_search and not name.endswith(NO_CLIP)
-        if clip:
-            w = awq.apply_clip(w, awq.search_clip(w, x.to(w.device), self.settings), size)
+        w = original
+        if self.settings.clip_search and not name.endswith(NO_CLIP):
+            w = awq.apply_clip(w, awq.search_clip(w, x, self.settings), size)
         quant = rtn.quantize_groups(w, awq.BITS, size, sym=False)
         approx = quant.dequantize()
-        errors[name] = _relative_error(x.to(w.device), linear.weight.detach().float(), approx)
+        errors[name] = _relative_error(x, original, approx)
         linear.weight.data = approx.to(linear.weight.dtype)
         packed = awq_format.pack(quant.q.cpu(), quant.scales.cpu(), quant.zeros.cpu())
         return {f"{name}.{suffix}": t for suffix, t in packed.items()}

@@ -25,6 +25,7 @@ from llmkit.quant.methods import (
     GPTQLayer,
     W8A8Layer,
     dense_dtype,
+    dense_tensor,
     linear_tensors,
     quantization_config,
 )
@@ -38,7 +39,6 @@ from llmkit.quant.options import (
 from llmkit.quant.pipeline import (
     QuantizeReport,
     cast_spec,
-    checked_cast,
     current_rss,
     peak_rss,
     write_with_spill,
@@ -142,15 +142,10 @@ def _data_free_layers(
                 packed = linear_tensors(method, options, tensor.float(), _storage(ck, name))
                 out.update({f"{module}.{k}": v for k, v in packed.items()})
             else:
-                out[name[len(prefix) :]] = _dense(name, tensor, method)
+                out[name[len(prefix) :]] = dense_tensor(name, tensor, method, tensor.dtype)
         if on_layer is not None:
             on_layer(index + 1, total)
         yield index, out
-
-
-def _dense(name: str, tensor: torch.Tensor, method: str) -> torch.Tensor:
-    advice = f"the {method} format stores unquantized tensors in float16"
-    return checked_cast(name, tensor, dense_dtype(method, tensor.dtype), advice)
 
 
 def _layer_quantizer(ck, arch, method, options, layer_errors, warn):
@@ -160,7 +155,7 @@ def _layer_quantizer(ck, arch, method, options, layer_errors, warn):
         return W8A8Layer(arch, options.smooth_alpha, storage)
     if method == "awq":
         settings = _settings(AWQSettings, options)
-        return AWQLayer(arch, settings, options.awq_search_tokens, layer_errors)
+        return AWQLayer(arch, settings, options.awq_search_tokens, storage, layer_errors)
     settings = _settings(GPTQSettings, options)
     return GPTQLayer(arch, settings, options.true_sequential, storage, layer_errors, warn)
 

@@ -16,6 +16,7 @@ from llmkit.quant import layer_steps as steps
 from llmkit.quant.arch import Arch
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.formats import compressed_tensors as ct
+from llmkit.quant.fp16 import checked_cast
 from llmkit.quant.options import FLOAT16_METHODS, GPTQ_FORMAT_METHODS, QuantOptions
 from llmkit.quant.sequential import LayerRun, return_freed_memory
 from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
@@ -54,6 +55,24 @@ def _gptq_tensors(options: QuantOptions, weight: torch.Tensor) -> dict[str, torc
 def dense_dtype(method: str, original: torch.dtype) -> torch.dtype:
     """The dtype unquantized tensors are written in: GPTQ and AWQ checkpoints are float16."""
     return torch.float16 if method in FLOAT16_METHODS else original
+
+
+def dense_tensor(name: str, tensor: torch.Tensor, method: str, stored: torch.dtype):
+    """An unquantized tensor (norm, bias) as `method` writes it, from one stored as `stored`;
+    values the target dtype cannot hold are refused, naming the tensor."""
+    dtype = dense_dtype(method, stored)
+    advice = f"{method} checkpoints store it as {str(dtype).removeprefix('torch.')}"
+    return checked_cast(name, tensor.detach().cpu(), dtype, advice)
+
+
+def dense_tensors(layer: nn.Module, arch: Arch, method: str, dtypes: dict, prefix: str) -> dict:
+    """Every tensor of a decoder layer but its Linears' weights, as `method` writes it.
+    `dtypes`: every checkpoint tensor's stored dtype, by full name (`prefix` + name)."""
+    return {
+        name: dense_tensor(prefix + name, tensor, method, dtypes[prefix + name])
+        for name, tensor in layer.state_dict().items()
+        if name.removesuffix(".weight") not in arch.linears
+    }
 
 
 def quantization_config(method: str, options: QuantOptions) -> dict:
@@ -110,10 +129,7 @@ class W8A8Layer:
             linear.weight.data = int8.dequantize(q, scale, linear.weight.dtype)
             linear.register_forward_pre_hook(per_token_int8_hook)
             out[f"{name}.weight"], out[f"{name}.weight_scale"] = q, scale
-        for name, tensor in layer.state_dict().items():
-            if name not in out:  # norms (now smoothed) and biases, in their original dtype
-                out[name] = tensor.detach().to("cpu", self.dtypes[prefix + name])
-        return out
+        return out | dense_tensors(layer, self.arch, "w8a8", self.dtypes, prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +165,7 @@ class GPTQLayer:
             out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
         if self.true_sequential:  # the cache holds what the quantized layer computes
             run.advance(lambda i, x: steps.output(layer, self.arch, _on(cache[i], x)))
-        for name, tensor in layer.state_dict().items():
-            if not any(name.startswith(f"{linear}.weight") for linear in self.arch.linears):
-                out[name] = tensor.detach().to("cpu", dense_dtype("gptq", tensor.dtype))
+        out |= dense_tensors(layer, self.arch, "gptq", self.dtypes, prefix)
         self.errors.append({"layer": index, "modules": errors})
         return out
 

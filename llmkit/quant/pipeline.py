@@ -183,6 +183,8 @@ def cast_spec(
 def _cast_chunks(
     ck: Checkpoint, name: str, target: str, clamp: bool, clamped: dict[str, int]
 ) -> Iterator:
+    from llmkit.quant.fp16 import checked_cast
+
     dtype = dtypes.to_torch(target)
     for chunk in ck.iter_row_chunks(name):
         yield checked_cast(
@@ -193,32 +195,6 @@ def _cast_chunks(
             clamp,
             clamped,
         )
-
-
-def checked_cast(
-    name: str,
-    tensor,
-    dtype,
-    advice: str,
-    clamp: bool = False,
-    clamped: dict[str, int] | None = None,
-):
-    """`tensor` cast to `dtype`, refusing values beyond its range (one line naming the tensor,
-    ending in `advice`), or with `clamp` saturating them and counting them in `clamped`."""
-    import torch
-
-    from llmkit.quant.fp16 import cast
-
-    result, over = cast(tensor, dtype, clamp)
-    if over and not clamp:
-        raise LlmkitError(
-            f"tensor {name!r} has {over} values beyond {str(dtype).removeprefix('torch.')}'s "
-            f"range (|x| > {torch.finfo(dtype).max:g}, max |x| = "
-            f"{float(tensor.abs().max()):.6g}); {advice}"
-        )
-    if over and clamped is not None:
-        clamped[name] = clamped.get(name, 0) + over
-    return result
 
 
 def spill(directory: Path, groups: Iterator[tuple[str, dict]]) -> Checkpoint:

@@ -60,6 +60,9 @@ def range_params(
     return scale, zero
 
 
+FACTORS_AT_ONCE = 5
+
+
 def searched_group_params(
     w: torch.Tensor,
     bits: int,
@@ -94,9 +97,6 @@ def searched_group_params(
     return best_scale, best_zero
 
 
-FACTORS_AT_ONCE = 5
-
-
 def quantize_groups(
     w: torch.Tensor,
     bits: int = 4,
@@ -125,7 +125,7 @@ def dequantize_indexed(
 ) -> torch.Tensor:
     """float32 w[o, i] = scales[o, g] * (q[o, i] - zeros[o, g]) with g = g_idx[i], for any
     assignment of inputs to groups (act-order included). q: [out, in]; scales, zeros:
-    [out, groups]. Builds one [out, in] temporary at a time."""
+    [out, groups]. Holds at most two [out, in] float temporaries at a time."""
     groups = g_idx.long()
     weight = q.float()
     weight.sub_(zeros.float()[:, groups])

@@ -37,7 +37,7 @@ class LayerRun:
     dtype: torch.dtype
     advanced: bool = False  # set once the quantizer has computed the layer's outputs itself
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x.to(self.device, self.dtype), position_embeddings=self.position_embeddings)
         return y[0] if isinstance(y, tuple) else y
 
@@ -45,19 +45,18 @@ class LayerRun:
     def run(self) -> None:
         """Forward every batch (hooks on the layer's modules see all of them)."""
         for x in self.inputs:
-            self.forward(x)
+            self._forward(x)
         return_freed_memory()
 
     @torch.no_grad()
-    def advance(self, step: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+    def advance(self, step: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Overwrite each input batch in place with the layer's output for it: the whole
         layer's forward, or `step(batch index, batch on the device)` when given."""
         for i, x in enumerate(self.inputs):
-            y = self.forward(x) if step is None else step(i, x.to(self.device, self.dtype))
+            y = self._forward(x) if step is None else step(i, x.to(self.device, self.dtype))
             x.copy_(y)
         self.advanced = True
         return_freed_memory()
-        return self.inputs
 
     def scratch(self) -> list[torch.Tensor]:
         """A CPU buffer shaped like the inputs (one allocation, split the same way)."""
@@ -159,7 +158,8 @@ def run_layers(
         layer = materialize(model.get_submodule(prefix), ck, prefix, device, dtype)
         run = LayerRun(layer, hidden, position_embeddings, device, dtype)
         tensors = quantize_layer(index, run)
-        hidden = run.inputs if run.advanced else run.advance()
+        if not run.advanced:  # `hidden` now holds this layer's outputs: the next one's inputs
+            run.advance()
         release(layer)
         if on_layer is not None:
             on_layer(index + 1, total)

@@ -32,13 +32,13 @@ def _pack_outputs(values: torch.Tensor) -> torch.Tensor:
     """values [rows, out] (< 16) -> int32 [rows, out / 8], outputs interleaved."""
     if values.shape[1] % PACK:
         raise ValueError(f"AWQ packs outputs in words of {PACK}; got {values.shape[1]} outputs")
-    return bitpack.pack(values[:, _interleave(values.shape[1])].t(), BITS).t().contiguous()
+    return bitpack.pack_last(values[:, _interleave(values.shape[1])], BITS)
 
 
 def _unpack_outputs(words: torch.Tensor) -> torch.Tensor:
     """Inverse of `_pack_outputs`: int32 [rows, out / 8] -> int64 [rows, out]."""
     out_features = words.shape[1] * PACK
-    stream = bitpack.unpack(words.t(), BITS, out_features).t()
+    stream = bitpack.unpack_last(words, BITS, out_features)
     return stream[:, torch.argsort(_interleave(out_features))]
 
 

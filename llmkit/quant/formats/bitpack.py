@@ -44,3 +44,13 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     low = stream[index] >> offset
     high = stream[index + 1] << (32 - offset)
     return (low | high) & ((1 << bits) - 1)
+
+
+def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack` along the last dim: [m, n] -> int32 [m, ceil(n * bits / 32)]."""
+    return pack(values.t(), bits).t().contiguous()
+
+
+def unpack_last(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_last`: int32 [m, ceil(n * bits / 32)] -> int64 [m, n]."""
+    return unpack(words.t(), bits, n).t()

@@ -22,12 +22,12 @@ PACK_QUANTIZED = "pack-quantized"
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 [rows, cols] (signed, |q| < 2**(bits-1)) -> int32 [rows, ceil(cols * bits / 32)]."""
-    return bitpack.pack((q.to(torch.int64) + (1 << (bits - 1))).t(), bits).t().contiguous()
+    return bitpack.pack_last(q.to(torch.int64) + (1 << (bits - 1)), bits)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of `pack_int32`: int32 [rows, words] -> int8 [rows, cols]."""
-    return (bitpack.unpack(packed.t(), bits, cols).t() - (1 << (bits - 1))).to(torch.int8)
+    return (bitpack.unpack_last(packed, bits, cols) - (1 << (bits - 1))).to(torch.int8)
 
 
 def quantization_config(format: str, activations: bool, ignore: list[str]) -> dict:

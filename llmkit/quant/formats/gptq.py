@@ -39,7 +39,7 @@ def pack(
         raise ValueError("GPTQ v1 stores zero - 1, so zero points must be >= 1")
     return {
         "qweight": bitpack.pack(q.t(), bits),
-        "qzeros": bitpack.pack(zeros - 1, bits).t().contiguous(),
+        "qzeros": bitpack.pack_last((zeros - 1).t(), bits),
         "scales": scales.t().contiguous().to(torch.float16),
         "g_idx": g_idx.to(torch.int32),
     }
@@ -53,7 +53,7 @@ def unpack(
     in_features = qweight.shape[0] * 32 // bits
     out_features = qweight.shape[1]
     q = bitpack.unpack(qweight, bits, in_features).t()
-    zeros = bitpack.unpack(qzeros.t(), bits, out_features) + zero_offset
+    zeros = bitpack.unpack_last(qzeros, bits, out_features).t() + zero_offset
     return q, zeros
 
 
