@@ -48,10 +48,7 @@ def llmcompressor_run(src: Path, out: Path, ids: Path, group_size: int, timeout=
 
 
 def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
-    text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    calib = work / "calibration.txt"
-    calib.write_text(text[: int(len(text) * 0.6)], encoding="utf-8")
-    (work / "evaluation.txt").write_text(text[int(len(text) * 0.8) :], encoding="utf-8")
+    calib, _ = report.split_text(shared / "data" / "tinyshakespeare.txt", work)
     model = work / "stories260K-wide"
     widen = [sys.executable, str(ROOT / "benchmarks" / "widen.py"), "--intermediate", "192"]
     run_child([*widen, str(shared / "models" / "stories260K"), str(model)])  # parent stays small

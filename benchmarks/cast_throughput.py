@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from child import run_child
+from child import llmkit_quantize
 
 from llmkit.checkpoint.reader import open_checkpoint
 
@@ -45,19 +45,7 @@ def timed_cp(src: Path, dst: Path) -> float:
 def timed_cast(src: Path, dst: Path, method: str) -> tuple[float, float, float]:
     """(seconds inside quantize, wall seconds of the whole command, peak RSS in bytes)."""
     os.sync()
-    command = [
-        sys.executable,
-        "-m",
-        "llmkit",
-        "quantize",
-        str(src),
-        str(dst),
-        "--method",
-        method,
-        "--json",
-    ]
-    out, wall, peak = run_child(command)
-    report = json.loads(out)
+    report, wall, peak = llmkit_quantize(src, dst, method)
     shutil.rmtree(dst)
     return report["seconds"], wall, peak
 

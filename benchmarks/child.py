@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -58,3 +60,11 @@ def run_child(
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(command[:4])} failed:\n{err.read()[-3000:]}")
         return out.read(), wall, usage.ru_maxrss * 1024
+
+
+def llmkit_quantize(src: Path, out: Path, method: str, *options: str) -> tuple[dict, float, int]:
+    """`llmkit quantize SRC OUT --method METHOD OPTIONS --json` as a child process:
+    (its JSON report, wall seconds, peak RSS bytes)."""
+    command = [sys.executable, "-m", "llmkit", "quantize", str(src), str(out), "--method", method]
+    stdout, wall, peak = run_child([*command, *options, "--json"])
+    return json.loads(stdout), wall, peak

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import report
-from child import run_child
+from child import llmkit_quantize, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 GPTQMODEL = ROOT / ".refvenvs" / "gptqmodel" / "bin" / "python"
@@ -49,35 +49,16 @@ open(out, "w").write(json.dumps(ids.tolist()))
 def llmkit_run(
     src: Path, out: Path, method: str, options: list[str], dataset: str, num_samples: int
 ) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "llmkit",
-        "quantize",
-        str(src),
-        str(out),
-        "--method",
-        method,
-        *options,
-        "--dataset",
-        dataset,
-        "--num-samples",
-        str(num_samples),
-        "--seq-len",
-        "512",
-        "--device",
-        "cpu",
-        "--overwrite",
-        "--json",
-    ]
-    stdout, wall, peak = run_child(command)
-    report = json.loads(stdout)
+    calibration = ["--dataset", dataset, "--num-samples", str(num_samples), "--seq-len", "512"]
+    result, wall, peak = llmkit_quantize(
+        src, out, method, *options, *calibration, "--device", "cpu", "--overwrite"
+    )
     return {
         "path": out,
-        "seconds": report["seconds"],
+        "seconds": result["seconds"],
         "wall": wall,
         "peak_rss": peak,
-        "start_rss": report["start_rss_bytes"],
+        "start_rss": result["start_rss_bytes"],
     }
 
 
@@ -109,10 +90,7 @@ def calibration_windows(model: Path, dataset: str, num_samples: int, out: Path) 
 
 
 def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
-    text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    calib = work / "calibration.txt"
-    calib.write_text(text[: int(len(text) * 0.6)], encoding="utf-8")
-    (work / "evaluation.txt").write_text(text[int(len(text) * 0.8) :], encoding="utf-8")
+    calib, _ = report.split_text(shared / "data" / "tinyshakespeare.txt", work)
     model = shared / "models" / "stories260K-pad176"
     options = ["--bits", "4", "--group-size", "16"]
     runs = {

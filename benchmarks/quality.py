@@ -22,6 +22,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from report import split_text
+
 from llmkit.bench.quality import evaluate_quality
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.quant.calibration import CalibrationSpec, calibration_ids
@@ -30,14 +32,6 @@ from llmkit.quant.pipeline import quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 LLMCOMPRESSOR = ROOT / ".refvenvs" / "llmcompressor" / "bin" / "python"
-
-
-def split_text(text_path: Path, work: Path) -> tuple[Path, Path]:
-    text = text_path.read_text(encoding="utf-8")
-    calib, evaluation = work / "calibration.txt", work / "evaluation.txt"
-    calib.write_text(text[: int(len(text) * 0.6)], encoding="utf-8")
-    evaluation.write_text(text[int(len(text) * 0.8) :], encoding="utf-8")
-    return calib, evaluation
 
 
 def llmkit_runs(shared: Path, work: Path, calibration: CalibrationSpec) -> dict[str, dict]:

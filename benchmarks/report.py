@@ -1,10 +1,20 @@
-"""Tables the quantization benchmarks print: quality of each run, speed, and memory."""
+"""What the quantization benchmarks share: the calibration/evaluation split of a text, and
+the tables they print (quality of each run, speed, memory)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 MB = 1e6
+
+
+def split_text(text_path: Path, work: Path) -> tuple[Path, Path]:
+    """The first 60% of the text for calibration, the last 20% for evaluation (held out)."""
+    text = text_path.read_text(encoding="utf-8")
+    calib, evaluation = work / "calibration.txt", work / "evaluation.txt"
+    calib.write_text(text[: int(len(text) * 0.6)], encoding="utf-8")
+    evaluation.write_text(text[int(len(text) * 0.8) :], encoding="utf-8")
+    return calib, evaluation
 
 
 def print_quality(shared: Path, work: Path, runs: dict[str, dict], title: str) -> dict:

@@ -189,37 +189,17 @@ def test_unsupported_architecture_is_refused(tmp_path, tiny_dir):
 def test_cli_quantize_w8a8_with_a_text_file(cli, tiny_dir, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("Ada found a small cat near the river, and Ben painted the boat. " * 200)
-    result = cli(
-        "quantize",
-        tiny_dir("tiny-llama"),
-        tmp_path / "o",
-        "--method",
-        "w8a8",
-        "--dataset",
-        text,
-        "--num-samples",
-        "4",
-        "--seq-len",
-        "64",
-        "--json",
-    )
+
+    def w8a8(out, num_samples, *more):
+        args = ["quantize", tiny_dir("tiny-llama"), out, "--method", "w8a8", "--dataset", text]
+        return cli(*args, "--num-samples", num_samples, "--seq-len", "64", *more)
+
+    result = w8a8(tmp_path / "o", 4, "--json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
     assert report["calibration_samples"] == 4 and report["num_layers"] == 2
     assert report["num_converted"] == 14
-    result = cli(
-        "quantize",
-        tiny_dir("tiny-llama"),
-        tmp_path / "o2",
-        "--method",
-        "w8a8",
-        "--dataset",
-        text,
-        "--num-samples",
-        "5000",
-        "--seq-len",
-        "64",
-    )
+    result = w8a8(tmp_path / "o2", 5000)
     assert result.code == 1 and "lower --num-samples" in result.err
     assert not (tmp_path / "o2").exists()
 
