@@ -19,10 +19,8 @@ RSS, and llmkit's peak above its starting RSS against 3x one decoder layer + act
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import report
@@ -117,11 +115,7 @@ def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--skip-small", action="store_true", help="quality part only")
+    parser = report.parser(__doc__.splitlines()[0], ROOT.parent / "shared")
     parser.add_argument(
         "--reference-limit",
         type=float,
@@ -132,8 +126,7 @@ def main() -> None:
     for venv, name in ((GPTQMODEL, "gptqmodel"), (LLMCOMPRESSOR, "llmcompressor")):
         if not venv.exists():
             raise SystemExit(f"{venv} missing: bash benchmarks/setup_reference_venvs.sh {name}")
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="llmkit-awq-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = report.workdir(args, "llmkit-awq-")
     quality = quality_runs(args.shared, work, args.num_samples)
     speed = {} if args.skip_small else speed_runs(work, args.num_samples, args.reference_limit)
     print_targets(args.shared, work, quality, speed, args.num_samples)

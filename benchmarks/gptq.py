@@ -24,10 +24,8 @@ has run, since a child's peak RSS counts its parent's size at fork.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import report
@@ -150,16 +148,10 @@ def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--skip-small", action="store_true", help="quality part only")
-    args = parser.parse_args()
+    args = report.parser(__doc__.splitlines()[0], ROOT.parent / "shared").parse_args()
     if not GPTQMODEL.exists():
         raise SystemExit(f"{GPTQMODEL} missing: bash benchmarks/setup_reference_venvs.sh gptqmodel")
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="llmkit-gptq-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = report.workdir(args, "llmkit-gptq-")
     quality = quality_runs(args.shared, work, args.num_samples)
     speed = {} if args.skip_small else speed_runs(work, args.num_samples)
     print_targets(args.shared, work, quality, speed, args.num_samples)

@@ -3,6 +3,8 @@ the tables they print (quality of each run, speed, memory)."""
 
 from __future__ import annotations
 
+import argparse
+import tempfile
 from pathlib import Path
 
 MB = 1e6
@@ -71,3 +73,19 @@ def print_memory(model: Path, run: dict, num_samples: int, seq_len: int = 512) -
         f"activations ({activations / MB:.0f}MB) = {bound / MB:.0f}MB -> "
         f"{'met' if used <= bound else 'MISSED'}"
     )
+
+
+def parser(description: str, shared: Path) -> argparse.ArgumentParser:
+    """The options the GPTQ and AWQ benchmarks share."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--shared", type=Path, default=shared)
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--skip-small", action="store_true", help="quality part only")
+    return parser
+
+
+def workdir(args: argparse.Namespace, prefix: str) -> Path:
+    work = args.workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
