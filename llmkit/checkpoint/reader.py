@@ -9,11 +9,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.checkpoint import dtypes
-from llmkit.checkpoint.safetensors_io import TensorInfo, read_header, read_rows
+from llmkit.checkpoint.safetensors_io import (
+    TensorInfo,
+    as_bytes,
+    read_header,
+    read_row_bytes,
+    read_rows,
+)
 from llmkit.checkpoint.writer import SAFETENSORS_INDEX
 from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -70,6 +77,16 @@ class Checkpoint:
             return read_rows(handle, info, start, stop)
         tensor = handle[name]
         return tensor[start:stop] if tensor.dim() else tensor
+
+    def read_row_bytes(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) along dim 0 as raw bytes, uint8 [rows, row_bytes]."""
+        import numpy as np
+
+        info = self.tensors[name]
+        if self.format == "safetensors":
+            return read_row_bytes(self._handle(info.file), info, start, stop)
+        data = np.frombuffer(as_bytes(self.read_rows(name, start, stop)), dtype=np.uint8)
+        return data.reshape(-1, info.row_bytes)
 
     def iter_row_chunks(
         self, name: str, max_bytes: int = DEFAULT_CHUNK_BYTES

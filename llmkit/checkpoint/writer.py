@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llmkit.checkpoint.atomic import atomic_output_dir
-from llmkit.checkpoint.safetensors_io import TensorSpec, file_layout, write_file
+from llmkit.checkpoint.safetensors_io import E, TensorSpec, file_layout, write_file
 from llmkit.errors import LlmkitError
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -69,9 +69,9 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+def plan_shards(specs: list[E], max_bytes: int) -> list[list[E]]:
     """Fill shards in order; a tensor larger than `max_bytes` gets a shard of its own."""
-    shards: list[list[TensorSpec]] = [[]]
+    shards: list[list[E]] = [[]]
     size = 0
     for spec in specs:
         if shards[-1] and size + spec.nbytes > max_bytes:

@@ -16,6 +16,7 @@ from llmkit.checkpoint.safetensors_io import TensorSpec
 from llmkit.checkpoint.writer import ProgressFn
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
+from llmkit.memory import current_rss, peak_rss
 from llmkit.quant.arch import Arch, arch_for, is_layer_linear, num_layers
 from llmkit.quant.awq import AWQSettings
 from llmkit.quant.awq_layer import AWQLayer
@@ -39,8 +40,6 @@ from llmkit.quant.options import (
 from llmkit.quant.pipeline import (
     QuantizeReport,
     cast_spec,
-    current_rss,
-    peak_rss,
     write_with_spill,
 )
 from llmkit.quant.sequential import build_skeleton, return_freed_memory, run_layers

@@ -8,7 +8,6 @@ stays at about one layer whatever the model's size.
 
 from __future__ import annotations
 
-import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from llmkit.checkpoint.writer import (
     write_checkpoint,
 )
 from llmkit.errors import LlmkitError
+from llmkit.memory import peak_rss
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import INTEGER_METHODS, QuantOptions
 
@@ -114,19 +114,6 @@ def _check_source(ck: Checkpoint, out: Path) -> None:
         raise LlmkitError(
             f"{ck.path} is already quantized ({method}); quantize from a full-precision checkpoint"
         )
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def current_rss() -> int:
-    """Resident memory now (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return 0
 
 
 def _cast(

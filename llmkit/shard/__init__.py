@@ -1,1 +1,1 @@
-"""Resharding for tensor/pipeline-parallel layouts."""
+"""Reshard checkpoints for tensor/pipeline-parallel layouts: plan, write, merge, verify."""

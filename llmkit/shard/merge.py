@@ -1,0 +1,61 @@
+"""`llmkit shard merge`: a sharded directory back to a plain Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from llmkit.checkpoint.reader import DEFAULT_CHUNK_BYTES
+from llmkit.checkpoint.safetensors_io import TensorSpec
+from llmkit.checkpoint.writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ProgressFn,
+    WrittenCheckpoint,
+    write_checkpoint,
+)
+from llmkit.errors import LlmkitError
+from llmkit.shard.manifest import read_manifest
+from llmkit.shard.sources import ShardedSource, row_bytes
+
+
+def merge(
+    sharded: str | Path,
+    out: str | Path,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> WrittenCheckpoint:
+    """Write the checkpoint `sharded` was cut from (tensor for tensor, bit-exact) into `out`."""
+    directory = Path(sharded)
+    if Path(out).absolute() == directory.absolute():
+        raise LlmkitError("output directory must differ from the sharded directory")
+    source = ShardedSource(directory, read_manifest(directory))
+    try:
+        specs = [
+            TensorSpec(name, meta[0], meta[1], _chunks(source, name))
+            for name, meta in source.tensors.items()
+        ]
+        return write_checkpoint(
+            Path(out),
+            specs,
+            source.config,
+            aux_from=directory,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    finally:
+        source.close()
+
+
+def _chunks(source: ShardedSource, name: str):
+    def chunks() -> Iterator[np.ndarray]:
+        meta = source.tensors[name]
+        rows = meta[1][0] if meta[1] else 1
+        step = max(1, DEFAULT_CHUNK_BYTES // max(1, row_bytes(meta)))
+        for start in range(0, rows, step):
+            yield source.read_rows(name, start, start + step)
+
+    return chunks

@@ -1,0 +1,372 @@
+"""Which tensor goes to which rank, split how: the rules table `shard` and the runtime share.
+
+A decoder Linear holds a logical weight [out, in]. Column-parallel layers split `out`, row-
+parallel layers split `in`; every stored tensor of a layer (dense weight, bias, or a format's
+packed/group tensors) carries those two axes on known dims (AXES), so one rule covers every
+format. Sizes along a packed or grouped dim scale with the logical size, so "the slice is a
+whole number of stored elements" is exactly the packing/group condition for that tensor.
+
+Everything here works from names, shapes and config.json: a plan is made, and every
+divisibility condition checked, before any tensor byte is read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from llmkit.errors import LlmkitError
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_VOCAB_PAD = 64  # vLLM's padding unit for vocab-parallel embeddings
+
+COLWISE, ROWWISE, VOCAB, REPLICATE, DROP = "colwise", "rowwise", "vocab", "replicate", "drop"
+
+# module name pattern -> (role, heads the split must respect: "q", "kv" or None)
+_L = r"model\.layers\.\d+\."
+RULES: tuple[tuple[str, str, str | None], ...] = (
+    (r"model\.embed_tokens", VOCAB, None),
+    (r"lm_head", VOCAB, None),
+    (_L + r"self_attn\.q_proj", COLWISE, "q"),
+    (_L + r"self_attn\.[kv]_proj", COLWISE, "kv"),
+    (_L + r"self_attn\.o_proj", ROWWISE, "q"),
+    (_L + r"mlp\.(gate|up)_proj", COLWISE, None),
+    (_L + r"mlp\.down_proj", ROWWISE, None),
+    (_L + r"(input_layernorm|post_attention_layernorm)", REPLICATE, None),
+    (_L + r"self_attn\.[qk]_norm", REPLICATE, None),  # Qwen3: per head_dim, same on every rank
+    (r"model\.norm", REPLICATE, None),
+    (r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb", DROP, None),  # recomputed at load
+)
+# tensor suffix -> (dim holding the layer's `out` axis, dim holding its `in` axis)
+AXES: dict[str, tuple[int | None, int | None]] = {
+    "weight": (0, 1),  # dense [out, in]; embedding [vocab, hidden]; compressed-tensors int8
+    "bias": (0, None),
+    "qweight": (1, 0),  # GPTQ [in*b/32, out]; AWQ [in, out/8]
+    "qzeros": (1, 0),  # GPTQ [groups, out*b/32]; AWQ [groups, out/8]
+    "scales": (1, 0),  # [groups, out]
+    "g_idx": (None, 0),  # [in], global group ids
+    "weight_packed": (0, 1),  # compressed-tensors [out, in*b/32]
+    "weight_scale": (0, 1),  # [out, groups] or [out, 1]
+    "weight_zero_point": (0, 1),
+    "weight_g_idx": (None, 0),
+    "weight_shape": (None, None),  # the full logical shape, kept as written
+    "input_scale": (None, None),
+}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_TP_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """The config.json numbers the rules need."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    tied: bool
+    act_order: bool  # GPTQ desc_act: g_idx is a permutation, groups are not contiguous
+
+    @classmethod
+    def from_config(cls, config: dict) -> Model:
+        model_type = config.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise LlmkitError(
+                f"llmkit shard knows the {', '.join(ARCHITECTURES)} families, not "
+                f"model_type {model_type!r}"
+            )
+        heads = int(config["num_attention_heads"])
+        qconfig = config.get("quantization_config") or {}
+        return cls(
+            model_type=model_type,
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+            hidden_size=int(config["hidden_size"]),
+            intermediate_size=int(config["intermediate_size"]),
+            vocab_size=int(config["vocab_size"]),
+            tied=bool(config.get("tie_word_embeddings", False)),
+            act_order=bool(qconfig.get("quant_method") == "gptq" and qconfig.get("desc_act")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """The part of a split tensor one tensor-parallel rank holds: [offset, offset+length)
+    along the split dim of the (padded) tensor."""
+
+    tp_rank: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class TensorPlan:
+    """One tensor of the sharded layout: where it comes from and how it is cut."""
+
+    name: str  # name in the rank files
+    source: str  # name in the source checkpoint (differs only for a tied lm_head copy)
+    dtype: str
+    shape: tuple[int, ...]  # source shape
+    pp_rank: int
+    rule: str
+    dim: int | None  # split dim; None when every tp rank holds the whole tensor
+    padded: int  # size along `dim` after vocab padding (the source size otherwise)
+    slices: tuple[Slice, ...]  # one per tp rank; replicas share offset and length
+    note: str = ""
+
+    def rank_shape(self, tp_rank: int) -> tuple[int, ...]:
+        if self.dim is None:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.dim] = self.slices[tp_rank].length
+        return tuple(shape)
+
+    @property
+    def padding(self) -> int:
+        return 0 if self.dim is None else self.padded - self.shape[self.dim]
+
+    @property
+    def is_copy(self) -> bool:
+        """A tensor the source holds under another name (tied lm_head); merge skips it."""
+        return self.name != self.source
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    tp: int
+    pp: int
+    vocab_pad: int
+    stages: tuple[tuple[int, int], ...]  # [start, stop) layers per pp rank
+    tensors: tuple[TensorPlan, ...]
+    dropped: tuple[str, ...]
+    rules: dict  # what was decided, for the manifest: kv heads, vocab padding, ties
+
+
+def stage_layers(
+    num_layers: int, pp: int, pp_layers: tuple[int, ...] | None = None
+) -> tuple[tuple[int, int], ...]:
+    """Contiguous [start, stop) layer ranges for `pp` stages.
+
+    Uneven splits follow vLLM: every stage gets num_layers // pp, and the remaining layers go
+    one each to the stages before the last, starting from the second-to-last (the last stage
+    also runs the final norm and lm_head). `pp_layers` gives the counts explicitly.
+    """
+    if pp < 1:
+        raise LlmkitError(f"--pp must be at least 1, got {pp}")
+    if pp > num_layers:
+        raise LlmkitError(f"--pp {pp} exceeds the model's {num_layers} layers")
+    if pp_layers is None:
+        counts = [num_layers // pp] * pp
+        for i in range(2, num_layers % pp + 2):
+            counts[-i] += 1
+    else:
+        counts = list(pp_layers)
+        if len(counts) != pp or min(counts) < 1 or sum(counts) != num_layers:
+            raise LlmkitError(
+                f"--pp-layers {','.join(map(str, counts))} must give {pp} positive counts "
+                f"summing to the model's {num_layers} layers"
+            )
+    starts = [sum(counts[:i]) for i in range(pp)]
+    return tuple((start, start + count) for start, count in zip(starts, counts, strict=True))
+
+
+def parse_pp_layers(text: str | None) -> tuple[int, ...] | None:
+    """'7,8,8,7' -> (7, 8, 8, 7)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise LlmkitError(f"--pp-layers {text!r} must be comma-separated layer counts") from None
+
+
+def module_rule(name: str) -> tuple[str, str | None]:
+    """(role, heads) of the module a tensor belongs to."""
+    module = name.rsplit(".", 1)[0]
+    for pattern, role, heads in RULES:
+        if re.fullmatch(pattern, module):
+            return role, heads
+    raise LlmkitError(f"llmkit shard has no split rule for tensor {name!r}")
+
+
+def make_plan(
+    config: dict,
+    tensors: dict[str, tuple[str, tuple[int, ...]]],
+    tp: int,
+    pp: int = 1,
+    pp_layers: tuple[int, ...] | None = None,
+    vocab_pad: int = DEFAULT_VOCAB_PAD,
+) -> ShardPlan:
+    """Plan a tp x pp layout for `tensors` (name -> (dtype code, shape)); raises on the first
+    condition that cannot hold, naming the tensor, the numbers and the tp values that work."""
+    if tp < 1:
+        raise LlmkitError(f"--tp must be at least 1, got {tp}")
+    if vocab_pad < 1:
+        raise LlmkitError(f"--vocab-pad must be at least 1, got {vocab_pad}")
+    model = Model.from_config(config)
+    _check_heads(model, tp)
+    stages = stage_layers(model.num_layers, pp, pp_layers)
+    plans, dropped = [], []
+    for name, (dtype, shape) in tensors.items():
+        role = module_rule(name)[0]
+        if role == DROP:
+            dropped.append(name)
+            continue
+        stage = _stage_of(name, role, stages, model.num_layers)
+        plans.append(_tensor_plan(name, name, dtype, shape, stage, model, tp, vocab_pad))
+    if model.tied and "lm_head.weight" not in tensors and pp > 1:
+        note = "tied: copy of model.embed_tokens.weight for the last stage"
+        embed = "model.embed_tokens.weight"
+        plans.append(_tensor_plan("lm_head.weight", embed, *tensors[embed], pp - 1, model, tp,
+                                  vocab_pad, note))  # fmt: skip
+    return ShardPlan(tp, pp, vocab_pad, stages, tuple(plans), tuple(dropped), _rules(model, tp))
+
+
+def _heads_fit(model: Model, tp: int) -> bool:
+    kv = model.num_kv_heads
+    return model.num_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+
+
+def _check_heads(model: Model, tp: int) -> None:
+    if _heads_fit(model, tp):
+        return
+    kv = model.num_kv_heads
+    problem = (
+        f"tp={tp} does not divide num_attention_heads={model.num_heads}"
+        if model.num_heads % tp
+        else f"num_key_value_heads={kv} can be neither split over tp={tp} nor replicated "
+        f"(needs kv % tp == 0 or tp % kv == 0)"
+    )
+    raise LlmkitError(f"{problem}; tp values that work: {_working(lambda t: _heads_fit(model, t))}")
+
+
+def _stage_of(name: str, role: str, stages: tuple[tuple[int, int], ...], num_layers: int) -> int:
+    match = _LAYER.match(name)
+    if match is None:
+        return 0 if name.startswith("model.embed_tokens") else len(stages) - 1
+    layer = int(match.group(1))
+    if layer >= num_layers:
+        raise LlmkitError(f"tensor {name!r} names layer {layer}; the config has {num_layers}")
+    return next(i for i, (start, stop) in enumerate(stages) if start <= layer < stop)
+
+
+def _tensor_plan(
+    name: str,
+    source: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    pp_rank: int,
+    model: Model,
+    tp: int,
+    vocab_pad: int,
+    note: str = "",
+) -> TensorPlan:
+    role, heads = module_rule(source)
+    dim, parts, padded, why = _split(source, shape, role, heads, model, tp, vocab_pad)
+    if dim is None:
+        slices = ()
+    else:
+        length = padded // parts
+        slices = tuple(Slice(r, (r * parts // tp) * length, length) for r in range(tp))
+    note = "; ".join(n for n in (note, why) if n)
+    return TensorPlan(name, source, dtype, tuple(shape), pp_rank, role, dim, padded, slices, note)
+
+
+def _split(
+    name: str,
+    shape: tuple[int, ...],
+    role: str,
+    heads: str | None,
+    model: Model,
+    tp: int,
+    vocab_pad: int,
+) -> tuple[int | None, int, int, str]:
+    """(dim, distinct parts, padded size along dim, note) for one tensor, checked at `tp`."""
+    suffix = name.rsplit(".", 1)[1]
+    if role == REPLICATE or (tp == 1 and role != VOCAB):
+        return None, 1, 0, ""
+    if suffix not in AXES:
+        raise LlmkitError(f"llmkit shard does not know the tensor kind {suffix!r} of {name!r}")
+    out_dim, in_dim = AXES[suffix]
+    dim = in_dim if role == ROWWISE else out_dim
+    if dim is None:
+        return None, 1, 0, "bias: applied once, after the sum" if suffix == "bias" else ""
+    if role == ROWWISE and suffix in ("scales", "qzeros") and model.act_order:
+        return None, 1, 0, "act-order: full scales/zeros on every rank, g_idx global"
+    if role == ROWWISE and shape[dim] == 1:
+        return None, 1, 0, "one group spans all inputs"
+    if role == VOCAB:
+        return _vocab_split(name, shape, dim, model.vocab_size, tp, vocab_pad)
+    parts = _parts(heads, model, tp)
+    _check_divisible(name, shape, dim, role, heads, model, tp)
+    note = f"kv heads replicated {tp // parts}x" if parts < tp else ""
+    return dim, parts, shape[dim], note
+
+
+def _parts(heads: str | None, model: Model, tp: int) -> int:
+    """Distinct slices: tp, or the number of kv heads when they are replicated."""
+    return model.num_kv_heads if heads == "kv" and model.num_kv_heads < tp else tp
+
+
+def _check_divisible(
+    name: str,
+    shape: tuple[int, ...],
+    dim: int,
+    role: str,
+    heads: str | None,
+    model: Model,
+    tp: int,
+) -> None:
+    def fits(t: int) -> bool:
+        return _heads_fit(model, t) and shape[dim] % _parts(heads, model, t) == 0
+
+    if fits(tp):
+        return
+    parts = _parts(heads, model, tp)
+    axis = "outputs" if role == COLWISE else "inputs"
+    raise LlmkitError(
+        f"cannot split {name} {list(shape)} along dim {dim} ({axis}) into {parts}: "
+        f"{shape[dim]} is not a multiple of {parts}, so a rank would hold a partial "
+        f"group or packed word; tp values that work: {_working(fits)}"
+    )
+
+
+def _vocab_split(
+    name: str, shape: tuple[int, ...], dim: int, vocab: int, tp: int, vocab_pad: int
+) -> tuple[int, int, int, str]:
+    unit = vocab_pad * tp
+    padded_vocab = math.ceil(vocab / unit) * unit
+    if shape[dim] * padded_vocab % vocab:
+        raise LlmkitError(
+            f"cannot pad {name} {list(shape)} from vocab {vocab} to {padded_vocab}: dim {dim} "
+            f"does not scale with the vocab; try another --vocab-pad"
+        )
+    padded = shape[dim] * padded_vocab // vocab
+    if padded % tp:
+        raise LlmkitError(f"cannot split {name}: padded size {padded} is not a multiple of {tp}")
+    note = f"vocab padded {vocab} -> {padded_vocab} with zero rows" if padded_vocab > vocab else ""
+    return dim, tp, padded, note
+
+
+def _working(fits) -> str:
+    good = [t for t in _TP_CANDIDATES if fits(t)]
+    return ", ".join(map(str, good)) if good else "none"
+
+
+def _rules(model: Model, tp: int) -> dict:
+    kv = model.num_kv_heads
+    return {
+        "column_parallel": "q/k/v, gate, up: outputs split, each tensor separately",
+        "row_parallel": "o, down: inputs split; bias replicated, applied once after the sum",
+        "vocab_parallel": "embed_tokens, lm_head: vocab rows padded with zeros, then split",
+        "kv_heads": f"split {kv // tp} per rank" if kv % tp == 0 else f"replicated {tp // kv}x",
+        "tied_embeddings": model.tied,
+        "act_order": model.act_order,
+    }

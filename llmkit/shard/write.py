@@ -1,0 +1,269 @@
+"""Write a tp x pp layout: one pass over the source, each tensor read once in row chunks and
+its slices written straight to every rank's file at their final offsets.
+
+Every rank file's header is known from the plan, so all files are laid out and opened up
+front; a chunk of source rows then yields, per distinct slice, one piece that is written to
+each rank holding that slice and hashed once. Memory stays at about one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from llmkit.checkpoint import dtypes
+from llmkit.checkpoint.atomic import atomic_output_dir, check_output_dir
+from llmkit.checkpoint.hashing import new_hash
+from llmkit.checkpoint.reader import DEFAULT_CHUNK_BYTES
+from llmkit.checkpoint.safetensors_io import TensorInfo, encode_header, file_layout, preallocate
+from llmkit.checkpoint.writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ProgressFn,
+    copy_aux_files,
+    parse_size,
+    plan_shards,
+    write_json,
+)
+from llmkit.errors import LlmkitError
+from llmkit.memory import peak_rss
+from llmkit.shard import manifest
+from llmkit.shard.plan import DEFAULT_VOCAB_PAD, ShardPlan, TensorPlan, make_plan
+from llmkit.shard.sources import Meta, open_source, row_bytes
+
+Rank = tuple[int, int]  # (tp_rank, pp_rank)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardReport:
+    output: str
+    tp: int
+    pp: int
+    stages: list[list[int]]
+    num_tensors: int
+    num_files: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    peak_rss_bytes: int
+    rules: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shard(
+    src: str | Path,
+    out: str | Path,
+    tp: int,
+    pp: int = 1,
+    pp_layers: tuple[int, ...] | None = None,
+    vocab_pad: int = DEFAULT_VOCAB_PAD,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    revision: str | None = None,
+    progress: ProgressFn | None = None,
+) -> ShardReport:
+    """Reshard `src` (a checkpoint or a sharded directory) for tp x pp into `out`, atomically."""
+    started = time.perf_counter()
+    out = Path(out)
+    max_bytes = parse_size(max_shard_size)
+    check_output_dir(out.absolute(), overwrite)
+    source = open_source(src, revision)
+    try:
+        if out.absolute() == Path(source.path).absolute():
+            raise LlmkitError("output directory must differ from the source")
+        plan = make_plan(source.config, source.tensors, tp, pp, pp_layers, vocab_pad)
+        with atomic_output_dir(out, overwrite) as tmp:
+            data = _write(source, plan, tmp, max_bytes, progress)
+    finally:
+        source.close()
+    return ShardReport(
+        output=str(out.absolute()),
+        tp=tp,
+        pp=pp,
+        stages=[list(s) for s in plan.stages],
+        num_tensors=len(plan.tensors),
+        num_files=len(data["files"]),
+        bytes_in=sum(_nbytes(m) for m in source.tensors.values()),
+        bytes_out=sum(f["bytes"] for f in data["files"].values()),
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss(),
+        rules=plan.rules,
+    )
+
+
+def _write(source, plan: ShardPlan, tmp: Path, max_bytes: int, progress: ProgressFn | None) -> dict:
+    layout = _layout(plan, max_bytes)
+    by_source: dict[str, list[TensorPlan]] = defaultdict(list)
+    for p in plan.tensors:
+        by_source[p.source].append(p)
+    total = sum(_nbytes(m) for m in source.tensors.values())
+    done = 0
+    with _RankFiles(tmp, layout) as files:
+        for name in source.order():
+            done = _copy(source, name, by_source[name], plan.tp, files, done, progress, total)
+    data = manifest.build(
+        plan, files.names, files.sizes, files.where_file, files.digests, source.record()
+    )
+    copy_aux_files(Path(source.path), tmp)
+    write_json(tmp / "config.json", source.config)
+    write_json(tmp / manifest.MANIFEST, data)
+    return data
+
+
+def _layout(plan: ShardPlan, max_bytes: int) -> dict[Rank, list[list[TensorInfo]]]:
+    """Per rank, its files, each a list of tensor entries in file order."""
+    entries: dict[Rank, list[TensorInfo]] = {
+        (t, p): [] for p in range(plan.pp) for t in range(plan.tp)
+    }
+    for p in plan.tensors:
+        for tp_rank in range(plan.tp):
+            shape = p.rank_shape(tp_rank)
+            entries[tp_rank, p.pp_rank].append(TensorInfo(p.name, Path(), p.dtype, shape))
+    return {
+        rank: [file_layout(f) for f in plan_shards(e, max_bytes)] for rank, e in entries.items()
+    }
+
+
+def _copy(
+    source, name: str, plans: list[TensorPlan], tp: int, files: _RankFiles, done: int,
+    progress: ProgressFn | None, total: int,
+) -> int:  # fmt: skip
+    """Stream one source tensor into every rank that holds part of it; returns bytes done."""
+    meta = source.tensors[name]
+    rows = meta[1][0] if meta[1] else 1
+    step = max(1, DEFAULT_CHUNK_BYTES // max(1, row_bytes(meta)))
+    groups = {p.name: _groups(p, tp) for p in plans}
+    hashes = {(p.name, key): new_hash() for p in plans for key in groups[p.name]}
+    for start in range(0, rows, step):
+        chunk = source.read_rows(name, start, start + step)
+        for p in plans:
+            for key, ranks in groups[p.name].items():
+                piece, position = _piece(p, key, chunk, start)
+                if piece is not None:
+                    files.write(p.name, ranks, position, piece)
+                    hashes[p.name, key].update(memoryview(piece).cast("B"))
+        done += chunk.size
+        if progress is not None:
+            progress(done, total)
+    for p in plans:
+        for key, ranks in groups[p.name].items():
+            _pad_rows(p, key, ranks, files, hashes[p.name, key])
+            files.record_hash(p.name, ranks, hashes[p.name, key].hexdigest())
+    return done
+
+
+def _groups(p: TensorPlan, tp: int) -> dict[int, list[int]]:
+    """Distinct slice offset -> the tp ranks holding it (every rank for a replicated tensor)."""
+    if p.dim is None:
+        return {0: list(range(tp))}
+    groups: dict[int, list[int]] = defaultdict(list)
+    for s in p.slices:
+        groups[s.offset].append(s.tp_rank)
+    return groups
+
+
+def _piece(
+    p: TensorPlan, offset: int, chunk: np.ndarray, start: int
+) -> tuple[np.ndarray | None, int]:
+    """The part of source rows [start, start + len(chunk)) that the slice at `offset` holds,
+    and its byte position within the rank's tensor."""
+    if p.dim is None:
+        return chunk, start * chunk.shape[1]
+    length = next(s.length for s in p.slices if s.offset == offset)
+    if p.dim == 0:
+        a, b = max(start, offset), min(start + len(chunk), offset + length)
+        if a >= b:
+            return None, 0
+        return chunk[a - start : b - start], (a - offset) * chunk.shape[1]
+    # chunk rows as [outer, size, inner] bytes; the slice takes [offset, offset + length) of
+    # the middle axis, zero-filled past the source size (vocab padding).
+    size = p.shape[p.dim]
+    inner = math.prod(p.shape[p.dim + 1 :]) * dtypes.itemsize(p.dtype)
+    view = chunk.reshape(-1, size, inner)
+    real = max(0, min(length, size - offset))
+    if real == length:
+        piece = np.ascontiguousarray(view[:, offset : offset + length])
+    else:
+        piece = np.zeros((view.shape[0], length, inner), np.uint8)
+        piece[:, :real] = view[:, offset : offset + real]
+    return piece, start * (chunk.shape[1] // size) * length
+
+
+def _pad_rows(p: TensorPlan, offset: int, ranks: list[int], files: _RankFiles, h) -> None:
+    """Zero rows past the source's end, for a vocab split along dim 0."""
+    if p.dim != 0 or p.padding == 0:
+        return
+    length = next(s.length for s in p.slices if s.offset == offset)
+    first = max(offset, p.shape[0])
+    if first >= offset + length:
+        return
+    zeros = np.zeros((offset + length - first, row_bytes((p.dtype, p.shape))), np.uint8)
+    files.write(p.name, ranks, (first - offset) * zeros.shape[1], zeros)
+    h.update(memoryview(zeros).cast("B"))
+
+
+def _nbytes(meta: Meta) -> int:
+    return math.prod(meta[1]) * dtypes.itemsize(meta[0])
+
+
+class _RankFiles:
+    """Every rank's output files, open, with headers written and each tensor's byte offset."""
+
+    def __init__(self, directory: Path, layout: dict[Rank, list[list[TensorInfo]]]):
+        self.names: dict[Rank, list[str]] = {}
+        self.sizes: dict[str, int] = {}
+        self.where_file: dict[tuple[str, int], str] = {}
+        self.digests: dict[tuple[str, int], str] = {}
+        self._where: dict[tuple[str, int], tuple[BinaryIO, int]] = {}
+        self._open: list[BinaryIO] = []
+        for (tp_rank, pp_rank), rank_layout in layout.items():
+            names = manifest.rank_files(tp_rank, pp_rank, len(rank_layout))
+            self.names[tp_rank, pp_rank] = names
+            for file_name, entries in zip(names, rank_layout, strict=True):
+                self._open_file(directory / file_name, entries, tp_rank)
+
+    def _open_file(self, path: Path, entries: list[TensorInfo], tp_rank: int) -> None:
+        header = encode_header(entries, {"format": "pt"})
+        f = path.open("wb")
+        self._open.append(f)
+        size = len(header) + sum(e.nbytes for e in entries)
+        preallocate(f, size)
+        f.write(header)
+        f.flush()
+        position = len(header)
+        for e in entries:
+            self._where[e.name, tp_rank] = (f, position)
+            self.where_file[e.name, tp_rank] = path.name
+            position += e.nbytes
+        self.sizes[path.name] = size
+
+    def write(self, name: str, tp_ranks: list[int], position: int, data: np.ndarray) -> None:
+        view = memoryview(np.ascontiguousarray(data)).cast("B")
+        for tp_rank in tp_ranks:
+            f, begin = self._where[name, tp_rank]
+            _pwrite_all(f.fileno(), view, begin + position)
+
+    def record_hash(self, name: str, tp_ranks: list[int], digest: str) -> None:
+        for tp_rank in tp_ranks:
+            self.digests[name, tp_rank] = digest
+
+    def __enter__(self) -> _RankFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._open:
+            f.close()
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
