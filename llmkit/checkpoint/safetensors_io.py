@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
 
-import numpy as np
-
 from llmkit.checkpoint import dtypes
 from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 MAX_HEADER_BYTES = 100_000_000  # the same sanity limit the reference reader applies
@@ -59,6 +58,8 @@ class TensorInfo:
 def read_row_bytes(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a tensor as raw bytes, uint8 [rows, row_bytes], read with one
     `readinto` (no memory map, so RSS stays at what is asked for)."""
+    import numpy as np
+
     rows = info.shape[0] if info.shape else 1
     start, stop = max(0, start), min(stop, rows)
     out = np.empty((max(0, stop - start), info.row_bytes), dtype=np.uint8)
@@ -265,6 +266,8 @@ def preallocate(f: BinaryIO, size: int) -> None:
 
 
 def _chunk_bytes(chunk: torch.Tensor | np.ndarray, spec: TensorSpec) -> memoryview:
+    import numpy as np
+
     if isinstance(chunk, np.ndarray):  # raw bytes, already in the file's encoding
         return memoryview(np.ascontiguousarray(chunk, dtype=np.uint8)).cast("B")
     if dtypes.from_torch(chunk.dtype) != spec.dtype:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from llmkit import __version__
-from llmkit.cli import bench, init, inspect, quantize
+from llmkit.cli import bench, init, inspect, quantize, shard
 from llmkit.cli.output import print_error
 from llmkit.errors import LlmkitError
 
@@ -23,7 +23,14 @@ app = typer.Typer(
 app.command("init")(init.init)
 app.command("inspect")(inspect.inspect)
 app.command("quantize")(quantize.quantize)
+app.command("shard")(shard.shard)
+app.command("shard-merge", hidden=True)(shard.merge)
+app.command("shard-verify", hidden=True)(shard.verify)
 app.add_typer(bench.app, name="bench")
+
+# `llmkit shard SRC OUT` takes positional arguments, so it cannot also be a Click group;
+# its companions `llmkit shard merge|verify ...` are routed to their own commands instead.
+_SHARD_COMPANIONS = {"merge": "shard-merge", "verify": "shard-verify"}
 
 _verbose = False
 
@@ -52,12 +59,20 @@ def root(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one red line and exit code 1."""
     try:
-        app(args=argv, prog_name="llmkit")
+        app(args=_route(sys.argv[1:] if argv is None else argv), prog_name="llmkit")
     except (LlmkitError, OSError) as e:
         if _verbose:
             traceback.print_exc()
         print_error(_describe(e))
         sys.exit(1)
+
+
+def _route(argv: list[str]) -> list[str]:
+    """`shard merge ...` -> `shard-merge ...` (global options before `shard` are kept)."""
+    i = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
+    if argv[i : i + 1] == ["shard"] and argv[i + 1 : i + 2] and argv[i + 1] in _SHARD_COMPANIONS:
+        return [*argv[:i], _SHARD_COMPANIONS[argv[i + 1]], *argv[i + 2 :]]
+    return argv
 
 
 def _describe(error: Exception) -> str:

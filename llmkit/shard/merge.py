@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from llmkit.checkpoint.reader import DEFAULT_CHUNK_BYTES
 from llmkit.checkpoint.safetensors_io import TensorSpec
 from llmkit.checkpoint.writer import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -17,7 +17,7 @@ from llmkit.checkpoint.writer import (
 )
 from llmkit.errors import LlmkitError
 from llmkit.shard.manifest import read_manifest
-from llmkit.shard.sources import ShardedSource, row_bytes
+from llmkit.shard.sources import ShardedSource, row_chunks
 
 
 def merge(
@@ -50,12 +50,9 @@ def merge(
         source.close()
 
 
-def _chunks(source: ShardedSource, name: str):
+def _chunks(source: ShardedSource, name: str) -> Callable[[], Iterator[np.ndarray]]:
     def chunks() -> Iterator[np.ndarray]:
-        meta = source.tensors[name]
-        rows = meta[1][0] if meta[1] else 1
-        step = max(1, DEFAULT_CHUNK_BYTES // max(1, row_bytes(meta)))
-        for start in range(0, rows, step):
-            yield source.read_rows(name, start, start + step)
+        for _, rows in row_chunks(partial(source.read_rows, name), source.tensors[name]):
+            yield rows
 
     return chunks

@@ -199,7 +199,7 @@ def module_rule(name: str) -> tuple[str, str | None]:
 def make_plan(
     config: dict,
     tensors: dict[str, tuple[str, tuple[int, ...]]],
-    tp: int,
+    tp: int = 1,
     pp: int = 1,
     pp_layers: tuple[int, ...] | None = None,
     vocab_pad: int = DEFAULT_VOCAB_PAD,

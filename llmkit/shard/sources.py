@@ -9,6 +9,7 @@ through bit-exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.hashing import ALGORITHM, SequentialHash
-from llmkit.checkpoint.reader import Checkpoint, open_checkpoint, read_json
+from llmkit.checkpoint.reader import DEFAULT_CHUNK_BYTES, Checkpoint, open_checkpoint, read_json
 from llmkit.checkpoint.safetensors_io import TensorInfo, read_header, read_row_bytes
 from llmkit.shard.manifest import MANIFEST, Manifest, read_manifest
 from llmkit.shard.plan import TensorPlan
@@ -27,6 +28,16 @@ Meta = tuple[str, tuple[int, ...]]  # (dtype code, shape)
 def row_bytes(meta: Meta) -> int:
     dtype, shape = meta
     return math.prod(shape[1:]) * dtypes.itemsize(dtype)
+
+
+def row_chunks(
+    read: Callable[[int, int], np.ndarray], meta: Meta
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of a tensor read by `read(start, stop)`, ~16 MB at a time."""
+    rows = meta[1][0] if meta[1] else 1
+    step = max(1, DEFAULT_CHUNK_BYTES // max(1, row_bytes(meta)))
+    for start in range(0, rows, step):
+        yield start, read(start, start + step)
 
 
 class CheckpointSource:

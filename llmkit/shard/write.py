@@ -13,6 +13,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,7 +22,6 @@ import numpy as np
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.atomic import atomic_output_dir, check_output_dir
 from llmkit.checkpoint.hashing import new_hash
-from llmkit.checkpoint.reader import DEFAULT_CHUNK_BYTES
 from llmkit.checkpoint.safetensors_io import TensorInfo, encode_header, file_layout, preallocate
 from llmkit.checkpoint.writer import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -35,7 +35,7 @@ from llmkit.errors import LlmkitError
 from llmkit.memory import peak_rss
 from llmkit.shard import manifest
 from llmkit.shard.plan import DEFAULT_VOCAB_PAD, ShardPlan, TensorPlan, make_plan
-from llmkit.shard.sources import Meta, open_source, row_bytes
+from llmkit.shard.sources import Meta, open_source, row_bytes, row_chunks
 
 Rank = tuple[int, int]  # (tp_rank, pp_rank)
 
@@ -61,7 +61,7 @@ class ShardReport:
 def shard(
     src: str | Path,
     out: str | Path,
-    tp: int,
+    tp: int = 1,
     pp: int = 1,
     pp_layers: tuple[int, ...] | None = None,
     vocab_pad: int = DEFAULT_VOCAB_PAD,
@@ -137,13 +137,9 @@ def _copy(
     progress: ProgressFn | None, total: int,
 ) -> int:  # fmt: skip
     """Stream one source tensor into every rank that holds part of it; returns bytes done."""
-    meta = source.tensors[name]
-    rows = meta[1][0] if meta[1] else 1
-    step = max(1, DEFAULT_CHUNK_BYTES // max(1, row_bytes(meta)))
     groups = {p.name: _groups(p, tp) for p in plans}
     hashes = {(p.name, key): new_hash() for p in plans for key in groups[p.name]}
-    for start in range(0, rows, step):
-        chunk = source.read_rows(name, start, start + step)
+    for start, chunk in row_chunks(partial(source.read_rows, name), source.tensors[name]):
         for p in plans:
             for key, ranks in groups[p.name].items():
                 piece, position = _piece(p, key, chunk, start)

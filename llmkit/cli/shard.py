@@ -1,0 +1,132 @@
+"""`llmkit shard`: reshard for tensor/pipeline parallelism; `shard merge` and `shard verify`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmkit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
+from llmkit.cli.options import (
+    JsonOpt,
+    MaxShardSizeOpt,
+    OutArg,
+    OverwriteOpt,
+    RevisionOpt,
+    SourceArg,
+    default,
+)
+from llmkit.cli.output import byte_progress, human_bytes, print_error, print_json, stdout
+from llmkit.errors import LlmkitError
+from llmkit.shard.plan import DEFAULT_VOCAB_PAD, make_plan, parse_pp_layers
+
+ShardedArg = Annotated[
+    Path, typer.Argument(help="A directory written by llmkit shard.", show_default=False)
+]
+
+
+def _lib():
+    # The copying modules import numpy; `llmkit --help` stays light without them.
+    from llmkit.shard import merge, verify, write
+
+    return merge, verify, write
+
+
+def shard(
+    src: SourceArg,
+    out: OutArg,
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel ranks.")] = default(
+        make_plan, "tp"
+    ),
+    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel stages.")] = default(
+        make_plan, "pp"
+    ),
+    pp_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--pp-layers",
+            help="Layers per stage, e.g. 7,8,8,7 (default: even, extras to the middle stages).",
+        ),
+    ] = None,
+    vocab_pad: Annotated[
+        int, typer.Option("--vocab-pad", help="Pad the vocab to a multiple of this x tp.")
+    ] = DEFAULT_VOCAB_PAD,
+    max_shard_size: MaxShardSizeOpt = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: OverwriteOpt = False,
+    revision: RevisionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Split SRC (a checkpoint, or an earlier shard output) into one safetensors file per
+    (tp rank, pp stage) plus llmkit-shards.json. See also: llmkit shard merge | verify."""
+    write = _lib()[2]
+    with byte_progress(f"shard tp={tp} pp={pp}", quiet=json_out) as progress:
+        report = write.shard(
+            src,
+            out,
+            tp,
+            pp,
+            parse_pp_layers(pp_layers),
+            vocab_pad,
+            max_shard_size,
+            overwrite,
+            revision,
+            progress,
+        )
+    if json_out:
+        print_json(report.to_dict())
+        return
+    stages = ", ".join(f"{a}-{b - 1}" for a, b in report.stages)
+    stdout.print(
+        f"wrote {report.output}: tp={report.tp} pp={report.pp} (layers {stages}), "
+        f"{report.num_files} files, {human_bytes(report.bytes_in)} -> "
+        f"{human_bytes(report.bytes_out)}, kv heads {report.rules['kv_heads']}, "
+        f"{report.seconds:.1f}s, peak RSS {human_bytes(report.peak_rss_bytes)}"
+    )
+
+
+def merge(
+    sharded: ShardedArg,
+    out: OutArg,
+    max_shard_size: MaxShardSizeOpt = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Restore the plain Hugging Face checkpoint a shard directory was cut from."""
+    merge_lib = _lib()[0]
+    with byte_progress("merge", quiet=json_out) as progress:
+        written = merge_lib.merge(sharded, out, max_shard_size, overwrite, progress)
+    if json_out:
+        print_json({"output": str(written.path), "num_tensors": written.num_tensors,
+                    "bytes": written.total_bytes, "files": list(written.shards)})  # fmt: skip
+        return
+    stdout.print(
+        f"wrote {written.path}: {written.num_tensors} tensors, "
+        f"{human_bytes(written.total_bytes)} in {len(written.shards)} file(s)"
+    )
+
+
+def verify(
+    sharded: ShardedArg,
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Also check bit-exact equality with this checkpoint."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check a shard directory: every file and tensor present, every slice's hash, and with
+    --source, every tensor bit-exact with the source. Exit 1 on any problem."""
+    report = _lib()[1].verify(sharded, source)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        for problem in report.problems:
+            print_error(problem)
+    if not report.ok:
+        raise LlmkitError(f"{report.path}: {len(report.problems)} problem(s) found")
+    if not json_out:
+        against = f", bit-exact with {report.source}" if report.source else ""
+        stdout.print(
+            f"ok: {report.path} (tp={report.tp} pp={report.pp}): {report.num_tensors} tensors in "
+            f"{report.num_files} files, {human_bytes(report.bytes_checked)} hashed{against}"
+        )
