@@ -22,24 +22,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from child import llmkit_quantize
+from child import llmkit_quantize, timed_cp
 
 from llmkit.checkpoint.reader import open_checkpoint
 
 CASES = (("float32", "bf16"), ("bfloat16", "fp16"))
 MB = 1e6
-
-
-def timed_cp(src: Path, dst: Path) -> float:
-    os.sync()
-    start = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    seconds = time.perf_counter() - start
-    shutil.rmtree(dst)
-    return seconds
 
 
 def timed_cast(src: Path, dst: Path, method: str) -> tuple[float, float, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,3 +69,13 @@ def llmkit_quantize(src: Path, out: Path, method: str, *options: str) -> tuple[d
     command = [sys.executable, "-m", "llmkit", "quantize", str(src), str(out), "--method", method]
     stdout, wall, peak = run_child([*command, *options, "--json"])
     return json.loads(stdout), wall, peak
+
+
+def timed_cp(src: Path, dst: Path) -> float:
+    """Seconds of `cp -r SRC DST` after a `sync` (so it inherits no one's dirty pages)."""
+    os.sync()
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dst)
+    return seconds

@@ -284,10 +284,10 @@ class FailingFile:
 
 
 def test_background_writer_surfaces_write_errors():
-    from llmkit.checkpoint.safetensors_io import _BackgroundWriter
+    from llmkit.checkpoint.safetensors_io import BackgroundWriter
 
     f = FailingFile()
-    with pytest.raises(OSError, match="No space"), _BackgroundWriter(f) as writer:
+    with pytest.raises(OSError, match="No space"), BackgroundWriter(f.write) as writer:
         for _ in range(50):
             writer.write(memoryview(b"x" * 10))
     assert f.num_writes == 2  # nothing is written after the failure

@@ -399,3 +399,29 @@ def test_cli_shard_merge_and_verify(cli, tiny_dir, tmp_path):
     (tmp_path / "s" / "rank-0-0.safetensors").unlink()
     result = cli("shard", "verify", tmp_path / "s", "--json")
     assert result.code == 1 and json.loads(result.out)["ok"] is False
+
+
+def test_ranks_split_into_several_files_past_the_size_limit(three_layer, tmp_path):
+    src = three_layer("tiny-llama")
+    report = shard(src, tmp_path / "s", tp=2, pp=2, max_shard_size="60KB")
+    manifest = read_manifest(tmp_path / "s")
+    files = manifest.data["ranks"][0]["files"]
+    assert len(files) > 1 and files[0] == f"rank-0-0-00001-of-{len(files):05d}.safetensors"
+    assert report.num_files == sum(len(r["files"]) for r in manifest.data["ranks"])
+    assert verify(tmp_path / "s", source=src).problems == []
+    merge(tmp_path / "s", tmp_path / "m")
+    assert_bit_exact(src, tmp_path / "m")
+
+
+def test_pytorch_bin_checkpoints_shard_too(tiny_dir, tmp_path):
+    src = tmp_path / "bin"
+    src.mkdir()
+    state = tensors_of(tiny_dir("tiny-llama"))
+    torch.save(state, src / "pytorch_model.bin")
+    (src / "config.json").write_text((tiny_dir("tiny-llama") / "config.json").read_text())
+    shard(src, tmp_path / "s", tp=2)
+    data = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    assert list(data["source"]["files"]) == ["pytorch_model.bin"]
+    assert verify(tmp_path / "s", source=src).problems == []
+    merge(tmp_path / "s", tmp_path / "m")
+    assert_bit_exact(src, tmp_path / "m")

@@ -69,13 +69,32 @@ def read_row_bytes(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> np.n
     return out
 
 
+def map_row_bytes(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    """Like `read_row_bytes`, but a read-only view of the file's pages (no copy): a memory
+    map of just those rows, prefaulted, released when the last view of it is dropped."""
+    import mmap
+
+    import numpy as np
+
+    rows = info.shape[0] if info.shape else 1
+    start, stop = max(0, start), min(stop, rows)
+    begin, length = info.begin + start * info.row_bytes, max(0, stop - start) * info.row_bytes
+    if length == 0:
+        return np.empty((max(0, stop - start), info.row_bytes), dtype=np.uint8)
+    base = begin - begin % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    mapped = mmap.mmap(f.fileno(), begin + length - base, flags, mmap.PROT_READ, offset=base)
+    data = np.frombuffer(mapped, np.uint8, length, begin - base)
+    return data.reshape(stop - start, info.row_bytes)
+
+
 def read_rows(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of a tensor as a torch tensor of its dtype."""
     import torch
 
     data = read_row_bytes(f, info, start, stop)
     shape = (data.shape[0], *info.shape[1:]) if info.shape else ()
-    return torch.from_numpy(data).view(dtypes.to_torch(info.dtype)).reshape(shape)
+    return torch.from_numpy(data.reshape(-1)).view(dtypes.to_torch(info.dtype)).reshape(shape)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -206,7 +225,7 @@ def write_file(
     with path.open("wb") as f:
         preallocate(f, len(header) + sum(s.nbytes for s in specs))
         f.write(header)
-        with _BackgroundWriter(f) as writer:
+        with BackgroundWriter(f.write) as writer:
             for spec in specs:
                 written = 0
                 for chunk in spec.chunks():
@@ -224,16 +243,20 @@ def write_file(
 _QUEUE_DEPTH = 2
 
 
-class _BackgroundWriter:
-    """Writes byte buffers to a file on a worker thread, in order; re-raises its errors."""
+class BackgroundWriter:
+    """Hands items to `sink` on a worker thread, in order; re-raises the sink's errors.
 
-    def __init__(self, f: BinaryIO):
-        self._file = f
-        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+    Reading and converting the next chunk on the calling thread then overlaps with writing
+    the previous one (file writes release the GIL). At most `depth` items wait.
+    """
+
+    def __init__(self, sink: Callable[[object], object], depth: int = _QUEUE_DEPTH):
+        self._sink = sink
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> _BackgroundWriter:
+    def __enter__(self) -> BackgroundWriter:
         self._thread.start()
         return self
 
@@ -243,16 +266,16 @@ class _BackgroundWriter:
         if self._error is not None and exc[0] is None:
             raise self._error
 
-    def write(self, data: memoryview) -> None:
+    def write(self, item: object) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put(data)
+        self._queue.put(item)
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self._file.write(data)
+                    self._sink(item)
                 except BaseException as e:  # handed to the producing thread
                     self._error = e
 

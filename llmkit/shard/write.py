@@ -22,7 +22,13 @@ import numpy as np
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.atomic import atomic_output_dir, check_output_dir
 from llmkit.checkpoint.hashing import new_hash
-from llmkit.checkpoint.safetensors_io import TensorInfo, encode_header, file_layout, preallocate
+from llmkit.checkpoint.safetensors_io import (
+    BackgroundWriter,
+    TensorInfo,
+    encode_header,
+    file_layout,
+    preallocate,
+)
 from llmkit.checkpoint.writer import (
     DEFAULT_MAX_SHARD_SIZE,
     ProgressFn,
@@ -220,6 +226,7 @@ class _RankFiles:
         self.digests: dict[tuple[str, int], str] = {}
         self._where: dict[tuple[str, int], tuple[BinaryIO, int]] = {}
         self._open: list[BinaryIO] = []
+        self._writer = BackgroundWriter(_pwrite_all, depth=4)
         for (tp_rank, pp_rank), rank_layout in layout.items():
             names = manifest.rank_files(tp_rank, pp_rank, len(rank_layout))
             self.names[tp_rank, pp_rank] = names
@@ -242,24 +249,30 @@ class _RankFiles:
         self.sizes[path.name] = size
 
     def write(self, name: str, tp_ranks: list[int], position: int, data: np.ndarray) -> None:
+        """Queue `data` for each rank's copy of `name`, at `position` within the tensor."""
         view = memoryview(np.ascontiguousarray(data)).cast("B")
         for tp_rank in tp_ranks:
             f, begin = self._where[name, tp_rank]
-            _pwrite_all(f.fileno(), view, begin + position)
+            self._writer.write((f.fileno(), view, begin + position))
 
     def record_hash(self, name: str, tp_ranks: list[int], digest: str) -> None:
         for tp_rank in tp_ranks:
             self.digests[name, tp_rank] = digest
 
     def __enter__(self) -> _RankFiles:
+        self._writer.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for f in self._open:
-            f.close()
+        try:
+            self._writer.__exit__(*exc)
+        finally:
+            for f in self._open:
+                f.close()
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+def _pwrite_all(item: tuple[int, memoryview, int]) -> None:
+    fd, view, offset = item
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
