@@ -6,8 +6,9 @@ same files, `sync`ing before every run so neither inherits the other's dirty pag
 
 Reported per cast: median seconds of `cp` and of the cast (the quantize call inside the
 `llmkit quantize` process, as its --json report gives it; interpreter start-up is shown
-apart), throughput in GB of source checkpoint per second, their ratio (target >= 0.5), and
-the process's peak RSS against 2 x largest tensor + 300 MB (target).
+apart), throughput in GB of source checkpoint per second, the median over back-to-back pairs
+of cp seconds / cast seconds (target >= 0.5), and the process's peak RSS against 2 x largest
+tensor + 300 MB (target).
 
     python benchmarks/cast_throughput.py [--workdir DIR] [--repeats 5]
 """
@@ -18,13 +19,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from child import llmkit_quantize, timed_cp
+from child import against_cp, llmkit_quantize, timed_cp
 
 from llmkit.checkpoint.reader import open_checkpoint
 
@@ -51,23 +51,8 @@ def measure(src: Path, work: Path, method: str, repeats: int) -> dict:
         cast_s.append(seconds)
         wall_s.append(wall)
         rss.append(peak)
-    cp_med, cast_med = statistics.median(cp_s), statistics.median(cast_s)
-    bound = 2 * largest + 300 * MB
-    return {
-        "method": method,
-        "source_bytes": weight_bytes,
-        "largest_tensor_bytes": largest,
-        "cp_seconds": cp_med,
-        "cast_seconds": cast_med,
-        "command_wall_seconds": statistics.median(wall_s),
-        "cp_gb_per_s": weight_bytes / cp_med / 1e9,
-        "cast_gb_per_s": weight_bytes / cast_med / 1e9,
-        "throughput_ratio": cp_med / cast_med,
-        "peak_rss_bytes": max(rss),
-        "rss_bound_bytes": bound,
-        "throughput_target_met": cp_med / cast_med >= 0.5,
-        "rss_target_met": max(rss) <= bound,
-    }
+    sizes = (weight_bytes, largest)
+    return {"method": method, **against_cp("cast", sizes, cp_s, cast_s, wall_s, rss, 0.5)}
 
 
 def main() -> None:

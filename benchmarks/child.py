@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,3 +80,37 @@ def timed_cp(src: Path, dst: Path) -> float:
     seconds = time.perf_counter() - start
     shutil.rmtree(dst)
     return seconds
+
+
+def against_cp(
+    tool: str,
+    sizes: tuple[int, int],
+    cp_s: list[float],
+    tool_s: list[float],
+    wall_s: list[float],
+    rss: list[int],
+    target: float,
+) -> dict:
+    """Medians of runs that alternated `cp` with `tool` on a checkpoint of `sizes` (weight
+    bytes, largest tensor bytes), the throughput ratio over pairs (each pair ran back to back,
+    under the same load from the rest of the machine), and the two targets' verdicts."""
+    weight_bytes, largest = sizes
+    cp_med, tool_med = statistics.median(cp_s), statistics.median(tool_s)
+    ratio = statistics.median(c / t for c, t in zip(cp_s, tool_s, strict=True))
+    bound = 2 * largest + 300e6
+    return {
+        "source_bytes": weight_bytes,
+        "largest_tensor_bytes": largest,
+        "cp_seconds": cp_med,
+        f"{tool}_seconds": tool_med,
+        "command_wall_seconds": statistics.median(wall_s),
+        "cp_gb_per_s": weight_bytes / cp_med / 1e9,
+        f"{tool}_gb_per_s": weight_bytes / tool_med / 1e9,
+        "throughput_ratio": ratio,
+        "wall_ratio": cp_med / statistics.median(wall_s),
+        "runs": {"cp_seconds": cp_s, f"{tool}_seconds": tool_s},
+        "peak_rss_bytes": max(rss),
+        "rss_bound_bytes": bound,
+        "throughput_target_met": ratio >= target,
+        "rss_target_met": max(rss) <= bound,
+    }

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from child import run_child, timed_cp
+from child import against_cp, run_child, timed_cp
 
 from llmkit.checkpoint.reader import open_checkpoint
 
@@ -121,26 +120,7 @@ def measure(src: Path, out: Path, repeats: int) -> dict:
         shard_s.append(seconds)
         wall_s.append(wall)
         rss.append(peak)
-    cp_med, shard_med = statistics.median(cp_s), statistics.median(shard_s)
-    # Each pair ran back to back, under the same load from the rest of the machine.
-    pair_ratio = statistics.median(c / s for c, s in zip(cp_s, shard_s, strict=True))
-    bound = 2 * largest + 300 * MB
-    return {
-        "source_bytes": weight_bytes,
-        "largest_tensor_bytes": largest,
-        "cp_seconds": cp_med,
-        "shard_seconds": shard_med,
-        "command_wall_seconds": statistics.median(wall_s),
-        "cp_gb_per_s": weight_bytes / cp_med / 1e9,
-        "shard_gb_per_s": weight_bytes / shard_med / 1e9,
-        "throughput_ratio": pair_ratio,
-        "runs": {"cp_seconds": cp_s, "shard_seconds": shard_s},
-        "wall_ratio": cp_med / statistics.median(wall_s),
-        "peak_rss_bytes": max(rss),
-        "rss_bound_bytes": bound,
-        "throughput_target_met": pair_ratio >= 0.7,
-        "rss_target_met": max(rss) <= bound,
-    }
+    return against_cp("shard", (weight_bytes, largest), cp_s, shard_s, wall_s, rss, 0.7)
 
 
 def report(results: dict[str, dict]) -> None:
