@@ -12,7 +12,6 @@ from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.safetensors_io import (
     TensorInfo,
     as_bytes,
-    map_row_bytes,
     read_header,
     read_row_bytes,
     read_rows,
@@ -79,15 +78,13 @@ class Checkpoint:
         tensor = handle[name]
         return tensor[start:stop] if tensor.dim() else tensor
 
-    def read_row_bytes(self, name: str, start: int, stop: int, mapped: bool = False) -> np.ndarray:
-        """Rows [start, stop) along dim 0 as raw bytes, uint8 [rows, row_bytes]; `mapped`
-        gives a read-only view of the file's pages instead of a copy (safetensors only)."""
+    def read_row_bytes(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) along dim 0 as raw bytes, uint8 [rows, row_bytes]."""
         import numpy as np
 
         info = self.tensors[name]
         if self.format == "safetensors":
-            read = map_row_bytes if mapped else read_row_bytes
-            return read(self._handle(info.file), info, start, stop)
+            return read_row_bytes(self._handle(info.file), info, start, stop)
         data = np.frombuffer(as_bytes(self.read_rows(name, start, stop)), dtype=np.uint8)
         return data.reshape(-1, info.row_bytes)
 

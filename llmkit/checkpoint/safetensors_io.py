@@ -69,25 +69,6 @@ def read_row_bytes(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> np.n
     return out
 
 
-def map_row_bytes(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> np.ndarray:
-    """Like `read_row_bytes`, but a read-only view of the file's pages (no copy): a memory
-    map of just those rows, prefaulted, released when the last view of it is dropped."""
-    import mmap
-
-    import numpy as np
-
-    rows = info.shape[0] if info.shape else 1
-    start, stop = max(0, start), min(stop, rows)
-    begin, length = info.begin + start * info.row_bytes, max(0, stop - start) * info.row_bytes
-    if length == 0:
-        return np.empty((max(0, stop - start), info.row_bytes), dtype=np.uint8)
-    base = begin - begin % mmap.ALLOCATIONGRANULARITY
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    mapped = mmap.mmap(f.fileno(), begin + length - base, flags, mmap.PROT_READ, offset=base)
-    data = np.frombuffer(mapped, np.uint8, length, begin - base)
-    return data.reshape(stop - start, info.row_bytes)
-
-
 def read_rows(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of a tensor as a torch tensor of its dtype."""
     import torch
