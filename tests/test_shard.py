@@ -425,3 +425,21 @@ def test_pytorch_bin_checkpoints_shard_too(tiny_dir, tmp_path):
     assert verify(tmp_path / "s", source=src).problems == []
     merge(tmp_path / "s", tmp_path / "m")
     assert_bit_exact(src, tmp_path / "m")
+
+
+def test_rotary_buffers_are_dropped_and_stay_dropped_through_resharding(tiny_dir, tmp_path):
+    state = tensors_of(tiny_dir("tiny-llama"))
+    buffer = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    state[buffer] = torch.arange(8, dtype=torch.float32)
+    config = json.loads((tiny_dir("tiny-llama") / "config.json").read_text())
+    specs = [
+        TensorSpec(n, dtypes.from_torch(t.dtype), tuple(t.shape), lambda t=t: [t])
+        for n, t in state.items()
+    ]
+    src = write_checkpoint(tmp_path / "src", specs, config).path
+    shard(src, tmp_path / "a", tp=2)
+    shard(tmp_path / "a", tmp_path / "b", tp=1, pp=2)
+    for out in ("a", "b"):
+        manifest = read_manifest(tmp_path / out)
+        assert manifest.data["dropped"] == [buffer] and buffer not in manifest.plans
+        assert verify(tmp_path / out, source=src).problems == []

@@ -219,13 +219,16 @@ def make_plan(
         if role == DROP:
             dropped.append(name)
             continue
-        stage = _stage_of(name, role, stages, model.num_layers)
+        stage = _stage_of(name, stages, model.num_layers)
         plans.append(_tensor_plan(name, name, dtype, shape, stage, model, tp, vocab_pad))
-    if model.tied and "lm_head.weight" not in tensors and pp > 1:
-        note = "tied: copy of model.embed_tokens.weight for the last stage"
-        embed = "model.embed_tokens.weight"
-        plans.append(_tensor_plan("lm_head.weight", embed, *tensors[embed], pp - 1, model, tp,
-                                  vocab_pad, note))  # fmt: skip
+    embed = "model.embed_tokens.weight"
+    if model.tied and "lm_head.weight" not in tensors and embed in tensors and pp > 1:
+        note = f"tied: copy of {embed} for the last stage"
+        dtype, shape = tensors[embed]
+        copy = _tensor_plan(
+            "lm_head.weight", embed, dtype, shape, pp - 1, model, tp, vocab_pad, note
+        )
+        plans.append(copy)
     return ShardPlan(tp, pp, vocab_pad, stages, tuple(plans), tuple(dropped), _rules(model, tp))
 
 
@@ -247,7 +250,7 @@ def _check_heads(model: Model, tp: int) -> None:
     raise LlmkitError(f"{problem}; tp values that work: {_working(lambda t: _heads_fit(model, t))}")
 
 
-def _stage_of(name: str, role: str, stages: tuple[tuple[int, int], ...], num_layers: int) -> int:
+def _stage_of(name: str, stages: tuple[tuple[int, int], ...], num_layers: int) -> int:
     match = _LAYER.match(name)
     if match is None:
         return 0 if name.startswith("model.embed_tokens") else len(stages) - 1

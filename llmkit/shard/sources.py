@@ -48,6 +48,7 @@ class CheckpointSource:
         self.path = ck.path
         self.config = ck.config
         self.tensors: dict[str, Meta] = {n: (i.dtype, i.shape) for n, i in ck.tensors.items()}
+        self.dropped: tuple[str, ...] = ()  # dropped by earlier resharding
         self._hashes = {f: SequentialHash(f) for f in ck.weight_files}
         if ck.format == "safetensors":
             self._feed_headers()
@@ -93,6 +94,7 @@ class ShardedSource:
         self.config = read_json(directory / "config.json", what="config")
         self.plans = {n: p for n, p in manifest.plans.items() if not p.is_copy}
         self.tensors: dict[str, Meta] = {n: (p.dtype, p.shape) for n, p in self.plans.items()}
+        self.dropped = tuple(manifest.data["dropped"])
         self._infos: dict[str, dict[str, TensorInfo]] = {}
         self._handles: dict[str, BinaryIO] = {}
 

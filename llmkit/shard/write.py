@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -115,6 +115,7 @@ def _write(source, plan: ShardPlan, tmp: Path, max_bytes: int, progress: Progres
     with _RankFiles(tmp, layout) as files:
         for name in source.order():
             done = _copy(source, name, by_source[name], plan.tp, files, done, progress, total)
+    plan = replace(plan, dropped=(*source.dropped, *plan.dropped))
     data = manifest.build(
         plan, files.names, files.sizes, files.where_file, files.digests, source.record()
     )
