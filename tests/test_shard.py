@@ -273,6 +273,8 @@ def quantized(tiny_dir, tmp_path_factory):
         ("gptq", "gptq", QuantOptions(group_size=32)),
         ("gptq-act", "gptq", QuantOptions(group_size=32, desc_act=True)),
         ("awq", "awq", QuantOptions(group_size=32)),
+        ("w8a8", "w8a8", QuantOptions()),  # compressed-tensors int-quantized
+        ("int8", "int8", QuantOptions()),  # compressed-tensors pack-quantized
     ]:
         quantize(
             tiny_dir("tiny-llama"), base / name, method, options=options, calibration=calibration
@@ -312,6 +314,16 @@ def test_quantized_shards_dequantize_to_slices_of_the_full_weight(quantized, fmt
             weight = gptq.dequantize(*(full[f"{name}.{s}"] for s in gptq.SUFFIXES), 4)
         pieces = [dequantized_rank(tmp_path / "s", name, r, fmt) for r in range(2)]
         assert torch.equal(torch.cat(pieces, dim=dim), weight), name
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "int8"])
+def test_compressed_tensors_shards_merge_bit_exact(quantized, fmt, tmp_path):
+    shard(quantized[fmt], tmp_path / "s", tp=2, pp=2)
+    assert verify(tmp_path / "s", source=quantized[fmt]).problems == []
+    merge(tmp_path / "s", tmp_path / "m")
+    assert_bit_exact(quantized[fmt], tmp_path / "m")
+    scale = read_manifest(tmp_path / "s").plans["model.layers.1.mlp.down_proj.weight_scale"]
+    assert scale.dim is None  # one scale per output channel: whole on every row-parallel rank
 
 
 def test_act_order_keeps_full_scales_on_row_parallel_ranks(quantized, tmp_path):
