@@ -9,16 +9,11 @@ only output format. Prints one JSON line: {"seconds": ...} for oneshot + save.
 
 from __future__ import annotations
 
-import argparse
-
 import llmcompressor_oneshot
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("ids", help="JSON list of token-id windows (all the same length)")
-    parser.add_argument("out")
+    parser = llmcompressor_oneshot.parser()
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--no-duo-scaling", action="store_true")
     args = parser.parse_args()

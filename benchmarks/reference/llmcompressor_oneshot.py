@@ -4,8 +4,18 @@ own venv (see benchmarks/setup_reference_venvs.sh), never inside llmkit's."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+
+
+def parser() -> argparse.ArgumentParser:
+    """The arguments every reference script takes: MODEL IDS.json OUT."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("ids", help="JSON list of token-id windows (all the same length)")
+    parser.add_argument("out")
+    return parser
 
 
 def run(model_path: str, ids_path: str, out: str, recipe: list) -> None:

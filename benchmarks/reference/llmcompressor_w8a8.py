@@ -8,16 +8,11 @@ inside llmkit's. Prints one JSON line: {"seconds": ...} for oneshot + save.
 
 from __future__ import annotations
 
-import argparse
-
 import llmcompressor_oneshot
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("ids", help="JSON list of token-id windows (all the same length)")
-    parser.add_argument("out")
+    parser = llmcompressor_oneshot.parser()
     parser.add_argument("--alpha", type=float, default=0.5)
     args = parser.parse_args()
 

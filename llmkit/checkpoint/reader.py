@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.safetensors_io import (
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # small enough to stay in cache, large enough to amortise
+T = TypeVar("T")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -93,16 +96,29 @@ class Checkpoint:
     ) -> Iterator[torch.Tensor]:
         """Yield a tensor as consecutive blocks of rows, each at most ~`max_bytes`."""
         info = self.tensors[name]
-        rows = info.shape[0] if info.shape else 1
-        step = max(1, max_bytes // max(1, info.row_bytes))
-        for start in range(0, max(rows, 1), step):
-            yield self.read_rows(name, start, start + step)
+        read = partial(self.read_rows, name)
+        for _, rows in row_chunks(read, info.dtype, info.shape, max_bytes):
+            yield rows
 
     def _handle(self, file: Path) -> Any:
         if file not in self._handles:
             opener = (lambda f: f.open("rb")) if self.format == "safetensors" else _load_bin
             self._handles[file] = opener(file)
         return self._handles[file]
+
+
+def row_chunks(
+    read: Callable[[int, int], T],
+    dtype: str,
+    shape: tuple[int, ...],
+    max_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[tuple[int, T]]:
+    """(first row, rows) of a tensor read by `read(start, stop)`, ~`max_bytes` at a time
+    (a tensor without rows gives one empty read)."""
+    rows = shape[0] if shape else 1
+    step = max(1, max_bytes // max(1, math.prod(shape[1:]) * dtypes.itemsize(dtype)))
+    for start in range(0, max(rows, 1), step):
+        yield start, read(start, start + step)
 
 
 def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:

@@ -26,13 +26,6 @@ ShardedArg = Annotated[
 ]
 
 
-def _lib():
-    # The copying modules import numpy; `llmkit --help` stays light without them.
-    from llmkit.shard import merge, verify, write
-
-    return merge, verify, write
-
-
 def shard(
     src: SourceArg,
     out: OutArg,
@@ -59,9 +52,10 @@ def shard(
 ) -> None:
     """Split SRC (a checkpoint, or an earlier shard output) into one safetensors file per
     (tp rank, pp stage) plus llmkit-shards.json. See also: llmkit shard merge | verify."""
-    write = _lib()[2]
+    from llmkit.shard.write import shard as run_shard  # numpy: not at `llmkit --help`
+
     with byte_progress(f"shard tp={tp} pp={pp}", quiet=json_out) as progress:
-        report = write.shard(
+        report = run_shard(
             src,
             out,
             tp,
@@ -93,9 +87,10 @@ def merge(
     json_out: JsonOpt = False,
 ) -> None:
     """Restore the plain Hugging Face checkpoint a shard directory was cut from."""
-    merge_lib = _lib()[0]
+    from llmkit.shard.merge import merge as run_merge
+
     with byte_progress("merge", quiet=json_out) as progress:
-        written = merge_lib.merge(sharded, out, max_shard_size, overwrite, progress)
+        written = run_merge(sharded, out, max_shard_size, overwrite, progress)
     if json_out:
         print_json({"output": str(written.path), "num_tensors": written.num_tensors,
                     "bytes": written.total_bytes, "files": list(written.shards)})  # fmt: skip
@@ -116,7 +111,9 @@ def verify(
 ) -> None:
     """Check a shard directory: every file and tensor present, every slice's hash, and with
     --source, every tensor bit-exact with the source. Exit 1 on any problem."""
-    report = _lib()[1].verify(sharded, source)
+    from llmkit.shard.verify import verify as run_verify
+
+    report = run_verify(sharded, source)
     if json_out:
         print_json(report.to_dict())
     else:

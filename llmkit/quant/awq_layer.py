@@ -90,14 +90,11 @@ class AWQLayer:
         linears = [layer.get_submodule(name) for name in group.linears]
         block = self._block(layer, run, group)
         sample = [x.to(run.device, run.dtype) for x in seen.sample]
-        reference = torch.cat([block(x) for x in sample])
-        search = awq.search_scales(
-            linears,
-            seen.mean.mean,
-            lambda: torch.cat([block(x) for x in sample]),
-            reference,
-            self.settings,
-        )
+
+        def outputs() -> torch.Tensor:
+            return torch.cat([block(x) for x in sample])
+
+        search = awq.search_scales(linears, seen.mean.mean, outputs, outputs(), self.settings)
         fold(layer.get_submodule(group.source), linears, search.scales)
         for x in seen.sample:
             x.div_(search.scales.to(x.device, x.dtype))

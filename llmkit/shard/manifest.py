@@ -126,10 +126,10 @@ def read_manifest(directory: Path) -> Manifest:
 def _parse(data: dict) -> Manifest:
     plans, files, hashes = {}, {}, {}
     for name, entry in data["tensors"].items():
-        slices = tuple(
-            Slice(s["tp_rank"], s["offset"], s["length"])
-            for s in entry["slices"]
-            if entry["dim"] is not None
+        slices = (
+            ()
+            if entry["dim"] is None
+            else tuple(Slice(s["tp_rank"], s["offset"], s["length"]) for s in entry["slices"])
         )
         plans[name] = TensorPlan(
             name,

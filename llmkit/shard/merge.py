@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmkit.checkpoint.reader import row_chunks
 from llmkit.checkpoint.safetensors_io import TensorSpec
 from llmkit.checkpoint.writer import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -17,7 +18,7 @@ from llmkit.checkpoint.writer import (
 )
 from llmkit.errors import LlmkitError
 from llmkit.shard.manifest import read_manifest
-from llmkit.shard.sources import ShardedSource, row_chunks
+from llmkit.shard.sources import ShardedSource
 
 
 def merge(
@@ -52,7 +53,7 @@ def merge(
 
 def _chunks(source: ShardedSource, name: str) -> Callable[[], Iterator[np.ndarray]]:
     def chunks() -> Iterator[np.ndarray]:
-        for _, rows in row_chunks(partial(source.read_rows, name), source.tensors[name]):
+        for _, rows in row_chunks(partial(source.read_rows, name), *source.tensors[name]):
             yield rows
 
     return chunks

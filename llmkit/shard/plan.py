@@ -128,6 +128,15 @@ class TensorPlan:
         shape[self.dim] = self.slices[tp_rank].length
         return tuple(shape)
 
+    def holders(self) -> dict[Slice, list[int]]:
+        """Each distinct slice, by offset (replicated kv heads share one) -> its tp ranks."""
+        ranks: dict[int, list[int]] = {}
+        first: dict[int, Slice] = {}
+        for part in self.slices:
+            first.setdefault(part.offset, part)
+            ranks.setdefault(part.offset, []).append(part.tp_rank)
+        return {first[offset]: ranks[offset] for offset in sorted(first)}
+
     @property
     def padding(self) -> int:
         return 0 if self.dim is None else self.padded - self.shape[self.dim]

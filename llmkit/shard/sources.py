@@ -9,7 +9,6 @@ through bit-exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.hashing import ALGORITHM, SequentialHash
-from llmkit.checkpoint.reader import DEFAULT_CHUNK_BYTES, Checkpoint, open_checkpoint, read_json
+from llmkit.checkpoint.reader import Checkpoint, open_checkpoint, read_json
 from llmkit.checkpoint.safetensors_io import TensorInfo, read_header, read_row_bytes
 from llmkit.shard.manifest import MANIFEST, Manifest, read_manifest
 from llmkit.shard.plan import TensorPlan
@@ -28,16 +27,6 @@ Meta = tuple[str, tuple[int, ...]]  # (dtype code, shape)
 def row_bytes(meta: Meta) -> int:
     dtype, shape = meta
     return math.prod(shape[1:]) * dtypes.itemsize(dtype)
-
-
-def row_chunks(
-    read: Callable[[int, int], np.ndarray], meta: Meta
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, rows) of a tensor read by `read(start, stop)`, ~16 MB at a time."""
-    rows = meta[1][0] if meta[1] else 1
-    step = max(1, DEFAULT_CHUNK_BYTES // max(1, row_bytes(meta)))
-    for start in range(0, rows, step):
-        yield start, read(start, start + step)
 
 
 class CheckpointSource:
@@ -88,14 +77,19 @@ class ShardedSource:
     """A sharded directory presented as the whole tensors it was cut from (padding removed,
     replicas read once, tied copies left out)."""
 
-    def __init__(self, directory: Path, manifest: Manifest):
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        headers: dict[str, dict[str, TensorInfo]] | None = None,
+    ):
         self.path = directory
         self.manifest = manifest
         self.config = read_json(directory / "config.json", what="config")
         self.plans = {n: p for n, p in manifest.plans.items() if not p.is_copy}
         self.tensors: dict[str, Meta] = {n: (p.dtype, p.shape) for n, p in self.plans.items()}
         self.dropped = tuple(manifest.data["dropped"])
-        self._infos: dict[str, dict[str, TensorInfo]] = {}
+        self._infos: dict[str, dict[str, TensorInfo]] = dict(headers or {})  # file -> header
         self._handles: dict[str, BinaryIO] = {}
 
     def order(self) -> list[str]:
@@ -134,7 +128,7 @@ class ShardedSource:
 
     def _row_split(self, plan: TensorPlan, start: int, stop: int) -> np.ndarray:
         pieces = []
-        for part in distinct_slices(plan):
+        for part in plan.holders():
             a, b = max(start, part.offset), min(stop, part.offset + part.length)
             if a < b:
                 pieces.append(
@@ -152,25 +146,19 @@ class ShardedSource:
         inner = math.prod(plan.shape[plan.dim + 1 :]) * dtypes.itemsize(plan.dtype)
         size = plan.shape[plan.dim]
         pieces = []
-        for part in distinct_slices(plan):
+        for part in plan.holders():
             real = min(part.length, size - part.offset)
             if real > 0:
                 data = self.rank_rows(plan.name, part.tp_rank, start, stop)
                 pieces.append(data.reshape(-1, part.length, inner)[:, :real])
-        return np.concatenate(pieces, axis=1).reshape(stop - start, -1)
+        return np.concatenate(pieces, axis=1).reshape(
+            stop - start, row_bytes(self.tensors[plan.name])
+        )
 
     def _handle(self, file: str) -> BinaryIO:
         if file not in self._handles:
             self._handles[file] = (self.path / file).open("rb")
         return self._handles[file]
-
-
-def distinct_slices(plan: TensorPlan) -> list:
-    """One slice per distinct part (replicated kv heads appear once), by offset."""
-    seen: dict[int, object] = {}
-    for part in plan.slices:
-        seen.setdefault(part.offset, part)
-    return [seen[offset] for offset in sorted(seen)]
 
 
 def open_source(source: str | Path, revision: str | None = None):

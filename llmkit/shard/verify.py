@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from llmkit.checkpoint.hashing import ALGORITHM, new_hash
-from llmkit.checkpoint.reader import open_checkpoint
-from llmkit.checkpoint.safetensors_io import read_header
+from llmkit.checkpoint.reader import open_checkpoint, row_chunks
+from llmkit.checkpoint.safetensors_io import TensorInfo, read_header
 from llmkit.errors import LlmkitError
 from llmkit.shard.manifest import Manifest, read_manifest
-from llmkit.shard.sources import CheckpointSource, ShardedSource, row_chunks
+from llmkit.shard.sources import CheckpointSource, ShardedSource
 
 
 @dataclass(slots=True)
@@ -41,8 +41,9 @@ def verify(sharded: str | Path, source: str | Path | None = None) -> VerifyRepor
     directory = Path(sharded)
     manifest = read_manifest(directory)
     report = VerifyReport(str(directory.absolute()), manifest.tp, manifest.pp)
-    if _check_files(directory, manifest, report):
-        sharded_source = ShardedSource(directory, manifest)
+    headers = _check_files(directory, manifest, report)
+    if report.ok:
+        sharded_source = ShardedSource(directory, manifest, headers)
         try:
             _check_hashes(sharded_source, report)
             if source is not None:
@@ -52,34 +53,41 @@ def verify(sharded: str | Path, source: str | Path | None = None) -> VerifyRepor
     return report
 
 
-def _check_files(directory: Path, manifest: Manifest, report: VerifyReport) -> bool:
-    """Every file present, of its size, holding exactly its tensors with their shapes."""
+def _check_files(
+    directory: Path, manifest: Manifest, report: VerifyReport
+) -> dict[str, dict[str, TensorInfo]]:
+    """Every file present, of its size, holding exactly its tensors with their shapes;
+    returns the headers read."""
     expected: dict[str, dict[str, tuple]] = {name: {} for name in manifest.data["files"]}
     for (tensor, tp_rank), file in manifest.files.items():
         plan = manifest.plans[tensor]
         expected.setdefault(file, {})[tensor] = (plan.dtype, plan.rank_shape(tp_rank))
+    headers = {}
     for file, tensors in expected.items():
         report.num_files += 1
-        _check_file(directory / file, manifest.data["files"].get(file, {}), tensors, report)
+        record = manifest.data["files"].get(file, {})
+        headers[file] = _check_file(directory / file, record, tensors, report)
     report.num_tensors = len(manifest.plans)
-    return report.ok
+    return headers
 
 
-def _check_file(path: Path, record: dict, tensors: dict[str, tuple], report: VerifyReport) -> None:
+def _check_file(
+    path: Path, record: dict, tensors: dict[str, tuple], report: VerifyReport
+) -> dict[str, TensorInfo]:
     if not path.is_file():
         report.problems.append(f"{path.name}: missing")
-        return
+        return {}
     size = path.stat().st_size
     if size != record.get("bytes"):
         report.problems.append(
             f"{path.name}: {size} bytes, the manifest says {record.get('bytes')}"
         )
-        return
+        return {}
     try:
         infos = read_header(path)[0]
     except LlmkitError as e:
         report.problems.append(f"{path.name}: {e}")
-        return
+        return {}
     for name in sorted(set(infos) - set(tensors)):
         report.problems.append(f"{path.name}: holds {name!r}, which the manifest does not list")
     for name, (dtype, shape) in tensors.items():
@@ -91,6 +99,7 @@ def _check_file(path: Path, record: dict, tensors: dict[str, tuple], report: Ver
                 f"{path.name}: {name!r} is {info.dtype} {list(info.shape)}, "
                 f"expected {dtype} {list(shape)}"
             )
+    return infos
 
 
 def _check_hashes(source: ShardedSource, report: VerifyReport) -> None:
@@ -98,7 +107,7 @@ def _check_hashes(source: ShardedSource, report: VerifyReport) -> None:
         info = source.rank_info(name, tp_rank)
         h = new_hash()
         read = partial(source.rank_rows, name, tp_rank)
-        for _, rows in row_chunks(read, (info.dtype, info.shape)):
+        for _, rows in row_chunks(read, info.dtype, info.shape):
             h.update(memoryview(rows).cast("B"))
         report.bytes_checked += info.nbytes
         if h.hexdigest() != expected:
@@ -133,7 +142,7 @@ def _compare_tensor(
         report.problems.append(f"{name!r}: {held} in the shards, {meta} in the source")
     equal = held == meta
     # Every chunk is read, compared or not, so that the source files are hashed on the way.
-    for start, rows in row_chunks(partial(source.read_rows, name), meta):
+    for start, rows in row_chunks(partial(source.read_rows, name), *meta):
         if equal and not np.array_equal(sharded.read_rows(name, start, start + len(rows)), rows):
             report.problems.append(f"{name!r}: rows from {start} differ from the source")
             equal = False

@@ -22,6 +22,7 @@ import numpy as np
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.atomic import atomic_output_dir, check_output_dir
 from llmkit.checkpoint.hashing import new_hash
+from llmkit.checkpoint.reader import row_chunks
 from llmkit.checkpoint.safetensors_io import (
     BackgroundWriter,
     TensorInfo,
@@ -40,8 +41,8 @@ from llmkit.checkpoint.writer import (
 from llmkit.errors import LlmkitError
 from llmkit.memory import peak_rss
 from llmkit.shard import manifest
-from llmkit.shard.plan import DEFAULT_VOCAB_PAD, ShardPlan, TensorPlan, make_plan
-from llmkit.shard.sources import Meta, open_source, row_bytes, row_chunks
+from llmkit.shard.plan import DEFAULT_VOCAB_PAD, ShardPlan, Slice, TensorPlan, make_plan
+from llmkit.shard.sources import Meta, open_source, row_bytes
 
 Rank = tuple[int, int]  # (tp_rank, pp_rank)
 
@@ -86,8 +87,9 @@ def shard(
         if out.absolute() == Path(source.path).absolute():
             raise LlmkitError("output directory must differ from the source")
         plan = make_plan(source.config, source.tensors, tp, pp, pp_layers, vocab_pad)
+        bytes_in = sum(_nbytes(m) for m in source.tensors.values())
         with atomic_output_dir(out, overwrite) as tmp:
-            data = _write(source, plan, tmp, max_bytes, progress)
+            data = _write(source, plan, tmp, max_bytes, progress, bytes_in)
     finally:
         source.close()
     return ShardReport(
@@ -97,7 +99,7 @@ def shard(
         stages=[list(s) for s in plan.stages],
         num_tensors=len(plan.tensors),
         num_files=len(data["files"]),
-        bytes_in=sum(_nbytes(m) for m in source.tensors.values()),
+        bytes_in=bytes_in,
         bytes_out=sum(f["bytes"] for f in data["files"].values()),
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss(),
@@ -105,12 +107,14 @@ def shard(
     )
 
 
-def _write(source, plan: ShardPlan, tmp: Path, max_bytes: int, progress: ProgressFn | None) -> dict:
+def _write(
+    source, plan: ShardPlan, tmp: Path, max_bytes: int, progress: ProgressFn | None, total: int
+) -> dict:
+    """Copy every tensor (`total` bytes), then write the manifest, config and tokenizer."""
     layout = _layout(plan, max_bytes)
     by_source: dict[str, list[TensorPlan]] = defaultdict(list)
     for p in plan.tensors:
         by_source[p.source].append(p)
-    total = sum(_nbytes(m) for m in source.tensors.values())
     done = 0
     with _RankFiles(tmp, layout) as files:
         for name in source.order():
@@ -144,43 +148,38 @@ def _copy(
     progress: ProgressFn | None, total: int,
 ) -> int:  # fmt: skip
     """Stream one source tensor into every rank that holds part of it; returns bytes done."""
-    groups = {p.name: _groups(p, tp) for p in plans}
-    hashes = {(p.name, key): new_hash() for p in plans for key in groups[p.name]}
-    for start, chunk in row_chunks(partial(source.read_rows, name), source.tensors[name]):
+    holders = {p.name: _holders(p, tp) for p in plans}
+    hashes = {(p.name, part): new_hash() for p in plans for part in holders[p.name]}
+    for start, chunk in row_chunks(partial(source.read_rows, name), *source.tensors[name]):
         for p in plans:
-            for key, ranks in groups[p.name].items():
-                piece, position = _piece(p, key, chunk, start)
+            for part, ranks in holders[p.name].items():
+                piece, position = _piece(p, part, chunk, start)
                 if piece is not None:
                     files.write(p.name, ranks, position, piece)
-                    hashes[p.name, key].update(memoryview(piece).cast("B"))
+                    hashes[p.name, part].update(memoryview(piece).cast("B"))
         done += chunk.size
         if progress is not None:
             progress(done, total)
     for p in plans:
-        for key, ranks in groups[p.name].items():
-            _pad_rows(p, key, ranks, files, hashes[p.name, key])
-            files.record_hash(p.name, ranks, hashes[p.name, key].hexdigest())
+        for part, ranks in holders[p.name].items():
+            _pad_rows(p, part, ranks, files, hashes[p.name, part])
+            files.record_hash(p.name, ranks, hashes[p.name, part].hexdigest())
     return done
 
 
-def _groups(p: TensorPlan, tp: int) -> dict[int, list[int]]:
-    """Distinct slice offset -> the tp ranks holding it (every rank for a replicated tensor)."""
-    if p.dim is None:
-        return {0: list(range(tp))}
-    groups: dict[int, list[int]] = defaultdict(list)
-    for s in p.slices:
-        groups[s.offset].append(s.tp_rank)
-    return groups
+def _holders(p: TensorPlan, tp: int) -> dict[Slice | None, list[int]]:
+    """Distinct slice -> the tp ranks holding it; a replicated tensor (None) is on every rank."""
+    return {None: list(range(tp))} if p.dim is None else p.holders()
 
 
 def _piece(
-    p: TensorPlan, offset: int, chunk: np.ndarray, start: int
+    p: TensorPlan, part: Slice | None, chunk: np.ndarray, start: int
 ) -> tuple[np.ndarray | None, int]:
-    """The part of source rows [start, start + len(chunk)) that the slice at `offset` holds,
-    and its byte position within the rank's tensor."""
-    if p.dim is None:
+    """The part of source rows [start, start + len(chunk)) that `part` holds, and its byte
+    position within the rank's tensor."""
+    if part is None:
         return chunk, start * chunk.shape[1]
-    length = next(s.length for s in p.slices if s.offset == offset)
+    offset, length = part.offset, part.length
     if p.dim == 0:
         a, b = max(start, offset), min(start + len(chunk), offset + length)
         if a >= b:
@@ -200,16 +199,16 @@ def _piece(
     return piece, start * (chunk.shape[1] // size) * length
 
 
-def _pad_rows(p: TensorPlan, offset: int, ranks: list[int], files: _RankFiles, h) -> None:
+def _pad_rows(p: TensorPlan, part: Slice | None, ranks: list[int], files: _RankFiles, h) -> None:
     """Zero rows past the source's end, for a vocab split along dim 0."""
     if p.dim != 0 or p.padding == 0:
         return
-    length = next(s.length for s in p.slices if s.offset == offset)
-    first = max(offset, p.shape[0])
-    if first >= offset + length:
+    first = max(part.offset, p.shape[0])
+    end = part.offset + part.length
+    if first >= end:
         return
-    zeros = np.zeros((offset + length - first, row_bytes((p.dtype, p.shape))), np.uint8)
-    files.write(p.name, ranks, (first - offset) * zeros.shape[1], zeros)
+    zeros = np.zeros((end - first, row_bytes((p.dtype, p.shape))), np.uint8)
+    files.write(p.name, ranks, (first - part.offset) * zeros.shape[1], zeros)
     h.update(memoryview(zeros).cast("B"))
 
 
