@@ -1,0 +1,315 @@
+"""The engine: requests in, tokens out, one scheduled step at a time.
+
+`add_request` / `step` / `abort` / `has_unfinished` drive it (the server's loop calls them);
+`LLM.generate` runs a list of prompts to completion for offline batch inference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmkit.checkpoint import dtypes
+from llmkit.devices import resolve_device
+from llmkit.errors import LlmkitError
+from llmkit.runtime.block_manager import BlockManager
+from llmkit.runtime.detokenizer import Detokenizer
+from llmkit.runtime.executor import Executor, RunnerSpec
+from llmkit.runtime.model_runner import kv_block_bytes, prepare
+from llmkit.runtime.models.llama import LlamaConfig
+from llmkit.runtime.rank_tensors import open_rank
+from llmkit.runtime.scheduler import Scheduler
+from llmkit.runtime.sequence import SamplingParams, Sequence, stop_reason
+
+log = logging.getLogger("llmkit.engine")
+CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How to run a model; every default of the engine lives here."""
+
+    tp: int = 1
+    dtype: str = "auto"  # auto: the checkpoint's dtype; float16 becomes bfloat16 on CPU
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: enough for max_num_seqs full contexts
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+
+
+@dataclass(slots=True)
+class Completion:
+    """One of a request's n sequences, as far as it has got."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top": [(id, lp)]}
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+    finished: bool
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detokenizers: list[Detokenizer | None]
+    logprobs: list[list[dict]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: str | Path, config: EngineConfig | None = None):
+        config = config or EngineConfig()
+        self.config = config
+        self.model_path = str(model)
+        device = resolve_device(config.device)
+        src = open_rank(self.model_path, config.tp, 0)  # headers only: checks the layout
+        hf_config = src.config
+        src.close()
+        self.model_config = LlamaConfig.from_hf(hf_config)
+        dtype = _resolve_dtype(config.dtype, hf_config, device)
+        num_blocks = self._num_blocks(dtype, device)
+        self.executor = Executor(
+            RunnerSpec(
+                self.model_path, config.tp, dtype, str(device), num_blocks, config.block_size
+            )
+        )
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.scheduling_policy,
+        )
+        capacity = num_blocks * config.block_size
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings, capacity
+        )
+        self.tokenizer = _load_tokenizer(self.model_path)
+        self.eos_token_ids = _eos_ids(self.model_path, hf_config)
+        self.requests: dict[str, _Request] = {}
+        self.num_kv_tokens = capacity
+        log.info(
+            "KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity
+        )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+    ) -> None:
+        """Queue a request; raises LlmkitError for a prompt the model cannot take."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise LlmkitError(f"request id {request_id!r} is already running")
+        ids = self._prompt_ids(prompt, prompt_token_ids)
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seqs.append(Sequence(list(ids), params, request_id, seqs[0] if seqs else None, seed))
+        detok = [self._detokenizer(ids, params) for _ in seqs]
+        self.requests[request_id] = _Request(request_id, ids, seqs, detok, [[] for _ in seqs])
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks (unknown ids are ignored)."""
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else ():
+            self.scheduler.finish(seq, "abort")
+            self.executor.runner.sampler.release(seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; outputs of the requests that advanced."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.running or not self.scheduler.waiting:
+                return []
+            raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
+        inputs, to_sample = prepare(batch, self.config.block_size)
+        logits = self.executor.execute(inputs)
+        self.scheduler.update(batch)
+        touched: dict[str, _Request] = {}
+        if to_sample:
+            for seq, sampled in zip(
+                to_sample, self.executor.runner.sample(logits, to_sample), strict=True
+            ):
+                touched[seq.request_id] = self._advance(seq, sampled)
+        return [self._output(r) for r in touched.values()]
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def _advance(self, seq: Sequence, sampled) -> _Request:
+        request = self.requests[seq.request_id]
+        index = request.seqs.index(seq)
+        seq.output_token_ids.append(sampled.token_id)
+        if seq.params.logprobs is not None:
+            request.logprobs[index].append(
+                {
+                    "token_id": sampled.token_id,
+                    "logprob": sampled.logprob,
+                    "top": sampled.top_logprobs,
+                }
+            )
+        detok = request.detokenizers[index]
+        reason = "stop" if detok is not None and detok.add(sampled.token_id) else None
+        reason = reason or stop_reason(seq, self.eos_token_ids, self.max_model_len)
+        if reason:
+            self.scheduler.finish(seq, reason)
+            self.executor.runner.sampler.release(seq.seq_id)
+        return request
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outputs = [
+            Completion(
+                i,
+                d.text if d is not None else "",
+                list(s.output_token_ids),
+                s.finish_reason,
+                list(request.logprobs[i]) if s.params.logprobs is not None else None,
+            )
+            for i, (s, d) in enumerate(zip(request.seqs, request.detokenizers, strict=True))
+        ]
+        finished = all(s.is_finished for s in request.seqs)
+        if finished:
+            del self.requests[request.request_id]
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished)
+
+    def _prompt_ids(self, prompt: str | None, ids: list[int] | None) -> list[int]:
+        if ids is None:
+            if prompt is None:
+                raise LlmkitError("a request needs a prompt or prompt_token_ids")
+            if self.tokenizer is None:
+                raise LlmkitError(f"{self.model_path} has no tokenizer; send prompt_token_ids")
+            ids = self.tokenizer.encode(prompt)
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise LlmkitError("the prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise LlmkitError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise LlmkitError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                "tokens, which must hold the prompt and at least one generated token"
+            )
+        return list(ids)
+
+    def _detokenizer(self, ids: list[int], params: SamplingParams) -> Detokenizer | None:
+        return None if self.tokenizer is None else Detokenizer(self.tokenizer, ids, params.stop)
+
+    def _num_blocks(self, dtype: torch.dtype, device: torch.device) -> int:
+        c = self.config
+        per_block = kv_block_bytes(self.model_config, c.tp, c.block_size, dtype)
+        max_len = c.max_model_len or self.model_config.max_position_embeddings
+        wanted = c.max_num_seqs * -(-max_len // c.block_size)
+        if c.kv_cache_memory is not None:
+            budget = c.kv_cache_memory
+        elif device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            budget = int(free - total * (1 - c.gpu_memory_utilization) - _weight_bytes(self))
+        else:
+            budget = min(CPU_KV_CACHE_LIMIT, wanted * per_block)
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise LlmkitError(
+                f"the KV cache budget ({budget} bytes) holds no block of {per_block} bytes; "
+                "raise --kv-cache-memory (or --gpu-memory-utilization)"
+            )
+        return int(num_blocks)
+
+
+def _weight_bytes(engine: Engine) -> int:
+    """Bytes the weights will take on one rank (before loading them), from the headers."""
+    src = open_rank(engine.model_path, engine.config.tp, 0)
+    try:
+        return sum(
+            int(torch.Size(p.rank_shape(0)).numel()) * dtypes.itemsize(p.dtype)
+            for p in src.plans.values()
+        )
+    finally:
+        src.close()
+
+
+def _resolve_dtype(name: str, hf_config: dict, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+        if name == "float16" and device.type == "cpu":
+            name = "bfloat16"  # CPU kernels are fast in bf16, slow in fp16
+    if name not in ("float32", "float16", "bfloat16"):
+        raise LlmkitError(f"--dtype {name!r}: choose auto, float32, float16 or bfloat16")
+    return getattr(torch, name)
+
+
+def _load_tokenizer(path: str):
+    directory = Path(path).expanduser()
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _eos_ids(path: str, hf_config: dict) -> frozenset[int]:
+    """EOS ids from generation_config.json (which may list several), else config.json."""
+    generation = Path(path).expanduser() / "generation_config.json"
+    source = json.loads(generation.read_text()) if generation.is_file() else hf_config
+    eos = source.get("eos_token_id", hf_config.get("eos_token_id"))
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, list) else [eos])
+
+
+class LLM:
+    """Offline convenience: `LLM(path).generate(prompts, params)` runs them to completion."""
+
+    def __init__(self, model: str | Path, config: EngineConfig | None = None):
+        self.engine = Engine(model, config)
+
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Outputs in input order; `on_output` sees every step's outputs (for progress)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+            self.engine.add_request(str(i), text, ids, p)
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if on_output is not None:
+                    on_output(out)
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[str(i)] for i in range(len(prompts))]
+
+    def close(self) -> None:
+        self.engine.close()

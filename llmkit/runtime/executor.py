@@ -1,0 +1,128 @@
+"""Runs the model on every tensor-parallel rank: rank 0 in this process, ranks 1..tp-1 in
+worker processes. Each step the driver broadcasts the step's inputs; all ranks compute, the
+row-parallel layers all-reduce, and the logits come back to rank 0 (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from llmkit.errors import LlmkitError
+from llmkit.runtime.distributed import Group
+from llmkit.runtime.model_runner import ModelRunner, StepInputs
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSpec:
+    """What every rank needs to build its ModelRunner (sent to worker processes)."""
+
+    model_path: str
+    tp: int
+    dtype: torch.dtype
+    device: str
+    num_blocks: int
+    block_size: int
+
+    def build(self, rank: int) -> ModelRunner:
+        device = torch.device(self.device)
+        if device.type == "cuda" and self.tp > 1:
+            device = torch.device("cuda", rank)
+        return ModelRunner(
+            self.model_path,
+            Group(rank, self.tp),
+            self.dtype,
+            device,
+            self.num_blocks,
+            self.block_size,
+        )
+
+
+class Executor:
+    def __init__(self, spec: RunnerSpec):
+        self.spec = spec
+        self.workers: list[multiprocessing.Process] = []
+        if spec.tp > 1:
+            self._start_workers()
+        error = None
+        try:
+            self.runner = spec.build(0)
+        except Exception as e:  # every rank reports before anyone raises, so none hangs
+            error = f"{type(e).__name__}: {e}"
+        self._check_ranks(error)
+
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        if self.spec.tp > 1:
+            dist.broadcast_object_list([inputs], src=0)
+        return self.runner.execute(inputs)
+
+    def close(self) -> None:
+        if not self.workers:
+            return
+        dist.broadcast_object_list([None], src=0)
+        for worker in self.workers:
+            worker.join(timeout=30)
+        dist.destroy_process_group()
+        self.workers = []
+
+    def _start_workers(self) -> None:
+        port = _free_port()
+        threads = max(1, torch.get_num_threads() // self.spec.tp)
+        ctx = multiprocessing.get_context("spawn")
+        for rank in range(1, self.spec.tp):
+            worker = ctx.Process(
+                target=_worker_main, args=(self.spec, rank, port, threads), daemon=True
+            )
+            worker.start()
+            self.workers.append(worker)
+        torch.set_num_threads(threads)
+        _init_group(self.spec, 0, port)
+
+    def _check_ranks(self, error: str | None) -> None:
+        errors = [error]
+        if self.spec.tp > 1:
+            errors = [None] * self.spec.tp
+            dist.all_gather_object(errors, error)
+        failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+        if failed:
+            self.close()
+            raise LlmkitError("loading the model failed on " + "; ".join(failed))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_group(spec: RunnerSpec, rank: int, port: int) -> None:
+    backend = "nccl" if spec.device.startswith("cuda") else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.tp
+    )
+
+
+def _worker_main(spec: RunnerSpec, rank: int, port: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    _init_group(spec, rank, port)
+    runner, error = None, None
+    try:
+        runner = spec.build(rank)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    dist.all_gather_object([None] * spec.tp, error)
+    if runner is None:
+        return
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is None:
+            break
+        runner.execute(message[0])
+    dist.destroy_process_group()

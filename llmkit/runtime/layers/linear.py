@@ -1,0 +1,216 @@
+"""Linear layers for every format llmkit reads, and the load-time conversion into them.
+
+A checkpoint's Linear is first read into one of three plain records (dense, int8 per-channel,
+grouped integer), merged with its siblings when they share an input (q/k/v, gate/up), then
+converted into the module that is fastest on the device:
+
+- dense: `F.linear` in the model dtype;
+- int8 weight-only (CPU): `torch._weight_int8pack_mm`;
+- W8A8: dynamic per-token int8 activations, `torch._int_mm` on CPU;
+- 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors), CPU:
+  `aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero per group with
+  bf16 activations; act-order is a permutation of the inputs so groups become contiguous.
+
+Anything a kernel cannot take (another device, odd shapes, 3/8-bit GPTQ) runs as its exact
+dequantized float weight instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit.quant.int8 import QMAX
+from llmkit.quant.rtn import dequantize_indexed
+
+INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts, largest first
+
+
+@dataclass(slots=True)
+class DenseWeight:
+    weight: torch.Tensor  # [out, in]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float()
+
+
+@dataclass(slots=True)
+class Int8Weight:
+    """Symmetric per-output-channel int8; `act_quant` adds dynamic per-token int8 inputs."""
+
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float32 [out]
+    act_quant: bool
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+
+@dataclass(slots=True)
+class GroupedWeight:
+    """w[o, i] = scales[o, g_idx[i]] * (q[o, i] - zeros[o, g_idx[i]])."""
+
+    q: torch.Tensor  # int64 [out, in], unsigned
+    scales: torch.Tensor  # float32 [out, groups]
+    zeros: torch.Tensor  # float32 [out, groups]
+    g_idx: torch.Tensor  # int64 [in]
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_indexed(self.q, self.scales, self.zeros, self.g_idx)
+
+
+LinearWeight = DenseWeight | Int8Weight | GroupedWeight
+
+
+def concat(parts: list[LinearWeight]) -> LinearWeight | None:
+    """One weight computing all `parts` side by side along outputs, or None when their
+    layouts differ (e.g. act-order permutations that are not the same)."""
+    first = parts[0]
+    if any(type(p) is not type(first) for p in parts):
+        return None
+    if isinstance(first, DenseWeight):
+        return DenseWeight(torch.cat([p.weight for p in parts]))
+    if isinstance(first, Int8Weight):
+        if any(p.act_quant != first.act_quant for p in parts):
+            return None
+        return Int8Weight(
+            torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), first.act_quant
+        )
+    same = all(p.bits == first.bits and torch.equal(p.g_idx, first.g_idx) for p in parts)
+    if not same or any(p.scales.shape[1] != first.scales.shape[1] for p in parts):
+        return None
+    return GroupedWeight(
+        torch.cat([p.q for p in parts]),
+        torch.cat([p.scales for p in parts]),
+        torch.cat([p.zeros for p in parts]),
+        first.g_idx,
+        first.bits,
+    )
+
+
+def convert_for_runtime(
+    weight: LinearWeight, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """The fastest module computing `weight` on `device` with `dtype` activations."""
+    bias = None if bias is None else bias.to(device, dtype)
+    cpu = device.type == "cpu"
+    if isinstance(weight, Int8Weight):
+        if weight.act_quant:
+            return W8A8Linear(weight, bias, dtype, device)
+        if cpu and dtype in (torch.bfloat16, torch.float32):
+            return Int8Linear(weight, bias, dtype)
+    if isinstance(weight, GroupedWeight) and cpu:
+        module = Int4Linear.build(weight, bias, dtype)
+        if module is not None:
+            return module
+    return DenseLinear(weight.dequantize().to(device, dtype), bias)
+
+
+class DenseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 on the CPU."""
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("q", weight.q.contiguous())
+        self.register_buffer("scale", weight.scale.to(dtype))
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x, self.q, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+class W8A8Linear(nn.Module):
+    """int8 x int8 -> int32 with per-token input scales and per-channel weight scales."""
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, device):
+        super().__init__()
+        self.register_buffer("qt", weight.q.t().contiguous().to(device))  # [in, out]
+        self.register_buffer("scale", weight.scale.to(device))
+        self.bias = bias
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Dynamic symmetric per-token scale, max|x| / 127, as vLLM's kernels compute it.
+        amax = x.abs().amax(dim=-1, keepdim=True).float()
+        x_scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        xq = torch.round(x.float() / x_scale).clamp(-128, QMAX).to(torch.int8)
+        if x.device.type == "cpu":
+            acc = torch._int_mm(xq, self.qt).float()
+        else:  # exact in float32 for |sums| < 2**24; the CUDA kernels are a separate path
+            acc = xq.float() @ self.qt.float()
+        y = (acc * x_scale * self.scale).to(self.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """4-bit grouped weights in the CPU int4 kernel's packed layout."""
+
+    def __init__(self, packed, scales_zeros, group_size, perm, bias, dtype):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)  # bf16 [groups, out, 2]
+        self.register_buffer("perm", perm)  # [in] input order, or None when groups are in order
+        self.group_size = group_size
+        self.bias = bias
+        self.dtype = dtype
+
+    @classmethod
+    def build(cls, w: GroupedWeight, bias, dtype) -> Int4Linear | None:
+        """None when the kernel cannot take this weight (bits, shapes, uneven groups)."""
+        out_features, in_features = w.q.shape
+        if w.bits != 4 or out_features % 16:
+            return None
+        perm = None
+        g_idx = w.g_idx
+        if bool((g_idx[1:] < g_idx[:-1]).any()):  # act-order: make groups contiguous
+            perm = torch.argsort(g_idx, stable=True)
+            g_idx = g_idx[perm]
+        groups, counts = torch.unique_consecutive(g_idx, return_counts=True)
+        size = int(counts[0])
+        kernel_size = next((s for s in INT4_GROUP_SIZES if size % s == 0), None)
+        if kernel_size is None or bool((counts != size).any()) or in_features % kernel_size:
+            return None
+        repeat = size // kernel_size  # a large group becomes several kernel groups
+        scales = w.scales[:, groups].repeat_interleave(repeat, dim=1)
+        zeros = w.zeros[:, groups].repeat_interleave(repeat, dim=1)
+        # kernel: (q - 8) * s + z'  ==  s * (q - zero)  with  z' = (8 - zero) * s
+        scales_zeros = torch.stack([scales, (8 - zeros) * scales], dim=-1).transpose(0, 1)
+        q = w.q if perm is None else w.q[:, perm]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
+        return cls(
+            packed, scales_zeros.to(torch.bfloat16).contiguous(), kernel_size, perm, bias, dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x[:, self.perm]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros
+        ).to(self.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Parallel(nn.Module):
+    """Sibling Linears that could not be merged: run each, outputs side by side."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)

@@ -1,0 +1,123 @@
+"""Turn each sequence's logits into its next token: penalties, temperature, top-k, top-p,
+min-p, per-request seeds, and top-n log probabilities of the model's own distribution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmkit.runtime.sequence import SamplingParams
+
+
+@dataclass(slots=True)
+class Sampled:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self._generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
+
+    def release(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [sequences, vocab] float32
+        params: list[SamplingParams],
+        histories: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
+        seeds: list[tuple[int, int | None]],  # (seq_id, seed or None) per row
+    ) -> list[Sampled]:
+        logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
+        logits = _apply_penalties(logits, params, histories)
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows)
+            chosen = self._sample(
+                logits[rows], [params[i] for i in random_rows], [seeds[i] for i in random_rows]
+            )
+            tokens[rows] = chosen
+        return _results(tokens, logprobs, params)
+
+    def _sample(self, logits, params: list[SamplingParams], seeds) -> torch.Tensor:
+        temperature = torch.tensor([p.temperature for p in params])[:, None]
+        probs = _filtered_probs(logits / temperature, params)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; one generator per
+        # seeded request makes its tokens independent of what it is batched with.
+        noise = torch.empty_like(probs).exponential_()
+        for row, (seq_id, seed) in enumerate(seeds):
+            if seed is not None:
+                noise[row].exponential_(generator=self._generator(seq_id, seed))
+        return (probs / noise).argmax(dim=-1)
+
+    def _generator(self, seq_id: int, seed: int) -> torch.Generator:
+        if seq_id not in self._generators:
+            self._generators[seq_id] = torch.Generator().manual_seed(seed)
+        return self._generators[seq_id]
+
+
+def _wants_logprobs(params: list[SamplingParams]) -> bool:
+    return any(p.logprobs is not None for p in params)
+
+
+def _apply_penalties(logits, params: list[SamplingParams], histories) -> torch.Tensor:
+    """Repetition (prompt and output tokens, as in transformers/vLLM), frequency and
+    presence (output tokens, as in the OpenAI API) penalties."""
+    rows = [
+        i
+        for i, p in enumerate(params)
+        if p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
+    ]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i in rows:
+        p, (prompt, output) = params[i], histories[i]
+        row = logits[i]
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+            values = row[seen]
+            row[seen] = torch.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
+        if output and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(output), minlength=vocab)[:vocab].float()
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Softmax with top-k, top-p and min-p applied (each a no-op at its default)."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])[:, None]
+    ranks = torch.arange(vocab)[None, :]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k, -torch.inf)
+    probs = sorted_logits.softmax(dim=-1)
+    top_p = torch.tensor([p.top_p for p in params])[:, None]
+    # keep a token while the mass before it is below top_p (the first is always kept)
+    before = probs.cumsum(dim=-1) - probs
+    min_p = torch.tensor([p.min_p for p in params])[:, None]
+    drop = (before >= top_p) | (probs < min_p * probs[:, :1])
+    probs = probs.masked_fill(drop, 0)
+    return torch.zeros_like(probs).scatter_(1, order, probs)
+
+
+def _results(tokens: torch.Tensor, logprobs, params: list[SamplingParams]) -> list[Sampled]:
+    ids = tokens.tolist()
+    if logprobs is None:
+        return [Sampled(t) for t in ids]
+    out = []
+    for i, (token, p) in enumerate(zip(ids, params, strict=True)):
+        if p.logprobs is None:
+            out.append(Sampled(token))
+            continue
+        values, top = logprobs[i].topk(p.logprobs) if p.logprobs else (logprobs[i][:0],) * 2
+        pairs = list(zip(top.tolist(), values.tolist(), strict=True))
+        out.append(Sampled(token, float(logprobs[i, token]), pairs))
+    return out

@@ -1,0 +1,188 @@
+"""Build one rank's LlamaModel from a checkpoint: read each Linear into a plain weight record
+for its format, merge siblings, and convert to the device's fastest layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmkit.errors import LlmkitError
+from llmkit.quant.formats import awq, gptq
+from llmkit.quant.formats import compressed_tensors as ct
+from llmkit.runtime.distributed import Group, RowParallel
+from llmkit.runtime.layers.linear import (
+    DenseWeight,
+    GroupedWeight,
+    Int8Weight,
+    LinearWeight,
+    Parallel,
+    concat,
+    convert_for_runtime,
+)
+from llmkit.runtime.layers.norm import RMSNorm
+from llmkit.runtime.layers.rotary import Rotary
+from llmkit.runtime.layers.vocab import LMHead, VocabEmbedding
+from llmkit.runtime.models.llama import MLP, Attention, DecoderLayer, LlamaConfig, LlamaModel
+from llmkit.runtime.rank_tensors import RankTensors
+
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def load_model(
+    src: RankTensors, group: Group, dtype: torch.dtype, device: torch.device
+) -> tuple[LlamaModel, LlamaConfig]:
+    """The model rank `group.rank` runs, weights on `device`."""
+    cfg = LlamaConfig.from_hf(src.config)
+    heads, kv_heads = cfg.heads_per_rank(group.size)
+    reader = _LinearReader(src, src.config.get("quantization_config"))
+    build = _Builder(src, reader, group, dtype, device)
+    layers = [build.layer(i, cfg, heads, kv_heads) for i in range(cfg.num_layers)]
+    embed = src.get(EMBED).to(device, dtype)
+    head = embed if LM_HEAD not in src else src.get(LM_HEAD).to(device, dtype)
+    model = LlamaModel(
+        VocabEmbedding(embed, src.offset(EMBED), group),
+        layers,
+        build.norm("model.norm.weight", cfg),
+        LMHead(head, cfg.vocab_size, group),
+        Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling),
+    )
+    return model.to(device), cfg
+
+
+class _Builder:
+    def __init__(self, src: RankTensors, reader, group: Group, dtype, device):
+        self.src, self.reader, self.group = src, reader, group
+        self.dtype, self.device = dtype, device
+
+    def layer(self, i: int, cfg: LlamaConfig, heads: int, kv_heads: int) -> DecoderLayer:
+        p = f"model.layers.{i}."
+        qk_norm = [self.norm(f"{p}self_attn.{n}_norm.weight", cfg) for n in "qk"]
+        attn = Attention(
+            self.merged([f"{p}self_attn.{n}_proj" for n in "qkv"]),
+            self.row_parallel(f"{p}self_attn.o_proj"),
+            *(qk_norm if cfg.qk_norm else (None, None)),
+            heads,
+            kv_heads,
+            cfg.head_dim,
+        )
+        mlp = MLP(
+            self.merged([f"{p}mlp.gate_proj", f"{p}mlp.up_proj"]),
+            self.row_parallel(f"{p}mlp.down_proj"),
+        )
+        return DecoderLayer(
+            attn,
+            mlp,
+            self.norm(f"{p}input_layernorm.weight", cfg),
+            self.norm(f"{p}post_attention_layernorm.weight", cfg),
+        )
+
+    def norm(self, name: str, cfg: LlamaConfig) -> RMSNorm | None:
+        if name not in self.src:
+            return None
+        return RMSNorm(self.src.get(name).to(self.device, self.dtype), cfg.rms_norm_eps)
+
+    def merged(self, modules: list[str]) -> nn.Module:
+        """Column-parallel siblings sharing an input, as one Linear when their layouts allow."""
+        weights = [self.reader.read(m) for m in modules]
+        biases = [self._bias(m) for m in modules]
+        bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        if any(b is not None for b in biases) and bias is None:
+            raise LlmkitError(f"{modules[0]}: some of {modules} have a bias and some do not")
+        whole = concat(weights)
+        if whole is not None:
+            return convert_for_runtime(whole, bias, self.dtype, self.device)
+        return Parallel(
+            [
+                convert_for_runtime(w, b, self.dtype, self.device)
+                for w, b in zip(weights, biases, strict=True)
+            ]
+        )
+
+    def row_parallel(self, module: str) -> nn.Module:
+        weight, bias = self.reader.read(module), self._bias(module)
+        if self.group.size == 1:
+            return convert_for_runtime(weight, bias, self.dtype, self.device)
+        inner = convert_for_runtime(weight, None, self.dtype, self.device)
+        bias = None if bias is None else bias.to(self.device, self.dtype)
+        return RowParallel(inner, bias, self.group)
+
+    def _bias(self, module: str) -> torch.Tensor | None:
+        name = f"{module}.bias"
+        return self.src.get(name) if name in self.src else None
+
+
+class _LinearReader:
+    """A Linear's stored tensors -> DenseWeight | Int8Weight | GroupedWeight."""
+
+    def __init__(self, src: RankTensors, qconfig: dict | None):
+        self.src, self.qconfig = src, qconfig or {}
+        self.method = self.qconfig.get("quant_method")
+        if self.method not in (None, "gptq", "awq", "compressed-tensors"):
+            raise LlmkitError(f"llmkit cannot run {self.method!r} checkpoints")
+
+    def read(self, module: str) -> LinearWeight:
+        if f"{module}.weight" in self.src and self.method != "compressed-tensors":
+            return DenseWeight(self.src.get(f"{module}.weight"))
+        if self.method == "gptq":
+            return self._gptq(module)
+        if self.method == "awq":
+            return self._awq(module)
+        if self.method == "compressed-tensors":
+            return self._compressed(module)
+        raise LlmkitError(f"checkpoint has no weight for {module}")
+
+    def _gptq(self, module: str) -> GroupedWeight:
+        bits = int(self.qconfig["bits"])
+        zero_offset = 0 if self.qconfig.get("checkpoint_format") == "gptq_v2" else 1
+        get = self.src.get
+        q, zeros = gptq.unpack(get(f"{module}.qweight"), get(f"{module}.qzeros"), bits, zero_offset)
+        # g_idx holds global group ids; a rank holding a slice of the groups shifts them.
+        g_idx = get(f"{module}.g_idx").long() - self.src.offset(f"{module}.scales")
+        scales = get(f"{module}.scales").float().t()
+        return GroupedWeight(q, scales, zeros.float(), g_idx, bits)
+
+    def _awq(self, module: str) -> GroupedWeight:
+        get = self.src.get
+        q, zeros = awq.unpack(get(f"{module}.qweight"), get(f"{module}.qzeros"))
+        scales = get(f"{module}.scales").float().t()
+        group_size = q.shape[1] // scales.shape[1]
+        g_idx = torch.arange(q.shape[1]) // group_size
+        return GroupedWeight(q, scales, zeros.float(), g_idx, awq.BITS)
+
+    def _compressed(self, module: str) -> LinearWeight:
+        scheme = ct.scheme_for(self.qconfig, module)
+        if scheme is None or f"{module}.weight_scale" not in self.src:
+            return DenseWeight(self.src.get(f"{module}.weight"))
+        leaves = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+        stored = {
+            leaf: self.src.get(f"{module}.{leaf}")
+            for leaf in leaves
+            if f"{module}.{leaf}" in self.src
+        }
+        if "weight_packed" in stored:  # a tp slice is narrower than the stored full shape
+            bits = int(scheme["weights"]["num_bits"])
+            stored["weight_shape"] = torch.tensor(
+                [stored["weight_packed"].shape[0], _packed_cols(stored, bits)]
+            )
+        weights = scheme.get("weights") or {}
+        per_channel_int8 = (
+            weights.get("num_bits") == 8
+            and weights.get("strategy") == "channel"
+            and weights.get("symmetric", True)
+            and "weight_zero_point" not in stored
+        )
+        if not per_channel_int8:
+            return DenseWeight(ct.dequantize_module(stored, scheme))
+        q = stored["weight"] if "weight" in stored else _unpacked(stored, 8)
+        scale = stored["weight_scale"].float().reshape(-1)
+        return Int8Weight(q, scale, ct.quantizes_inputs(scheme))
+
+
+def _packed_cols(stored: dict, bits: int) -> int:
+    full_in = int(stored["weight_shape"][1])
+    words = stored["weight_packed"].shape[1]
+    return full_in if words == -(-full_in * bits // 32) else words * 32 // bits
+
+
+def _unpacked(stored: dict, bits: int) -> torch.Tensor:
+    return ct.unpack_int32(stored["weight_packed"], bits, int(stored["weight_shape"][1]))

@@ -1,0 +1,142 @@
+"""The one place that turns scheduled sequences into tensors, runs the model over the paged
+KV cache, and samples next tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmkit.runtime.distributed import Group
+from llmkit.runtime.layers.attention import AttentionMetadata, Prefill
+from llmkit.runtime.layers.sampler import Sampled, Sampler
+from llmkit.runtime.loader import load_model
+from llmkit.runtime.models.llama import LlamaConfig
+from llmkit.runtime.rank_tensors import open_rank
+from llmkit.runtime.scheduler import Batch
+from llmkit.runtime.sequence import Sequence
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """Everything a rank needs for one forward pass (plain tensors: it is broadcast as is)."""
+
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [sequences to sample], rows of the flattened batch
+
+
+def kv_block_bytes(cfg: LlamaConfig, tp: int, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one block of tokens over all layers, on one rank."""
+    kv_heads = cfg.heads_per_rank(tp)[1]
+    return 2 * cfg.num_layers * block_size * kv_heads * cfg.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_path: str,
+        group: Group,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_blocks: int,
+        block_size: int,
+    ):
+        src = open_rank(model_path, group.size, group.rank)
+        try:
+            self.model, self.config = load_model(src, group, dtype, device)
+        finally:
+            src.close()
+        self.device, self.block_size = device, block_size
+        kv_heads = self.config.heads_per_rank(group.size)[1]
+        slots = num_blocks * block_size
+        # per layer [2, slots, kv_heads, head_dim]; zeros so masked padding reads are finite
+        self.kv_caches = list(
+            torch.zeros(
+                self.config.num_layers,
+                2,
+                slots,
+                kv_heads,
+                self.config.head_dim,
+                dtype=dtype,
+                device=device,
+            )
+        )
+        self.sampler = Sampler()
+
+    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Logits [sequences to sample, vocab] in float32 (None on ranks other than 0)."""
+        meta = inputs.meta.to(self.device)
+        return self.model(
+            inputs.input_ids.to(self.device),
+            inputs.positions.to(self.device),
+            meta,
+            self.kv_caches,
+            inputs.logits_indices.to(self.device),
+        )
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
+        return self.sampler(
+            logits.cpu(),
+            [s.params for s in seqs],
+            [(s.prompt_token_ids, s.output_token_ids) for s in seqs],
+            [(s.seq_id, s.seed) for s in seqs],
+        )
+
+
+def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence]]:
+    """Tensors for `batch`, decodes first; and the sequences whose logits come back, in order."""
+    order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
+    seqs = [batch.seqs[i] for i in order]
+    counts = [batch.num_new_tokens[i] for i in order]
+    num_decodes = next((i for i, n in enumerate(counts) if n != 1), len(counts))
+    ids: list[int] = []
+    positions: list[int] = []
+    for seq, n in zip(seqs, counts, strict=True):
+        start = seq.num_computed_tokens
+        ids += seq.tokens(start, start + n)
+        positions += range(start, start + n)
+    ends = [s.num_computed_tokens + n for s, n in zip(seqs, counts, strict=True)]
+    meta = _metadata(seqs, counts, ends, num_decodes, block_size)
+    sampled = [i for i, (s, end) in enumerate(zip(seqs, ends, strict=True)) if end == s.num_tokens]
+    starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    inputs = StepInputs(
+        torch.tensor(ids, dtype=torch.long),
+        torch.tensor(positions, dtype=torch.long),
+        meta,
+        torch.tensor([starts[i + 1] - 1 for i in sampled], dtype=torch.long),
+    )
+    return inputs, [seqs[i] for i in sampled]
+
+
+def _context_slots(block_tables: list[list[int]], block_size: int) -> torch.Tensor:
+    """[sequences, max blocks * block_size]: the slot of every position (0 past the end)."""
+    width = max(len(t) for t in block_tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+    slots = table[:, :, None] * block_size + torch.arange(block_size)
+    return slots.reshape(len(block_tables), -1)
+
+
+def _metadata(seqs, counts, ends, num_decodes, block_size) -> AttentionMetadata:
+    slots = _context_slots([s.block_table for s in seqs], block_size)
+    slot_mapping = torch.cat(
+        [slots[i, end - n : end] for i, (n, end) in enumerate(zip(counts, ends, strict=True))]
+    )
+    meta = AttentionMetadata(slot_mapping, num_decodes)
+    if num_decodes:
+        lengths = torch.tensor(ends[:num_decodes])
+        longest = int(lengths.max())
+        meta.decode_slots = slots[:num_decodes, :longest].contiguous()
+        meta.decode_mask = (torch.arange(longest) < lengths[:, None])[:, None, None, :]
+    start = sum(counts[:num_decodes])
+    for i in range(num_decodes, len(seqs)):
+        n, end = counts[i], ends[i]
+        computed = end - n
+        if computed == 0:
+            meta.prefills.append(Prefill(start, n, None, None))
+        else:  # query j (position computed + j) sees keys 0..computed + j
+            mask = torch.arange(end)[None, :] <= torch.arange(computed, end)[:, None]
+            meta.prefills.append(Prefill(start, n, slots[i, :end].contiguous(), mask))
+        start += n
+    return meta

@@ -1,0 +1,153 @@
+"""The llama family (Llama, Mistral, Qwen2, Qwen3) over a flattened batch of tokens.
+
+There is no padding and no batch dim: the tokens of every scheduled sequence are laid end to
+end ([tokens, hidden]); attention finds each sequence's context through AttentionMetadata.
+Modules arrive already built for one tensor-parallel rank (see runtime/loader.py), so the
+sizes here are per rank and nothing below knows about the parallel layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit.errors import LlmkitError
+from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
+from llmkit.runtime.layers.norm import RMSNorm
+from llmkit.runtime.layers.rotary import Rotary
+
+# model_type -> (q/k/v carry a bias, q and k are RMS-normed per head before rotary)
+FAMILY = {
+    "llama": (False, False),
+    "mistral": (False, False),
+    "qwen2": (True, False),
+    "qwen3": (False, True),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaConfig:
+    """The numbers of config.json the runtime uses (whole-model sizes)."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf(cls, config: dict) -> LlamaConfig:
+        model_type = config.get("model_type")
+        if model_type not in FAMILY:
+            raise LlmkitError(
+                f"llmkit runs the {', '.join(FAMILY)} families, not model_type {model_type!r}"
+            )
+        if config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
+            raise LlmkitError("llmkit runs SiLU-gated MLPs without bias only")
+        qkv_bias, qk_norm = FAMILY[model_type]
+        heads = int(config["num_attention_heads"])
+        rope = config.get("rope_parameters") or config.get("rope_scaling")
+        return cls(
+            model_type=model_type,
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=int(config["hidden_size"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+            intermediate_size=int(config["intermediate_size"]),
+            vocab_size=int(config["vocab_size"]),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float((rope or {}).get("rope_theta") or config.get("rope_theta", 10000.0)),
+            rope_scaling=rope,
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias or bool(config.get("attention_bias", False)),
+            qk_norm=qk_norm,
+        )
+
+    def heads_per_rank(self, tp: int) -> tuple[int, int]:
+        """(query heads, kv heads) one of `tp` ranks holds; kv heads are replicated when
+        there are fewer of them than ranks."""
+        kv = self.num_kv_heads // tp if self.num_kv_heads % tp == 0 else 1
+        return self.num_heads // tp, kv
+
+
+class Attention(nn.Module):
+    def __init__(self, qkv, o_proj, q_norm, k_norm, num_heads: int, num_kv_heads: int, head_dim):
+        super().__init__()
+        self.qkv, self.o_proj = qkv, o_proj
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(self, positions, x, rotary: Rotary, kv_cache, meta: AttentionMetadata):
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)  # [tokens, heads, head_dim]
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(o.reshape(-1, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, gate_up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm):
+        super().__init__()
+        self.attn, self.mlp = attn, mlp
+        self.input_norm, self.post_norm = input_norm, post_norm
+
+    def forward(self, positions, h, rotary, kv_cache, meta):
+        h = h + self.attn(positions, self.input_norm(h), rotary, kv_cache, meta)
+        return h + self.mlp(self.post_norm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, embed, layers: list[DecoderLayer], norm, lm_head, rotary: Rotary):
+        super().__init__()
+        self.embed = embed
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+        self.rotary = rotary
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [tokens]
+        positions: torch.Tensor,  # [tokens]
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],  # per layer [2, slots, kv_heads, head_dim]
+        logits_indices: torch.Tensor,  # [sequences needing a next token]
+    ) -> torch.Tensor | None:
+        """-> logits [len(logits_indices), vocab] in float32 (None on ranks other than 0)."""
+        h = self.embed(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(positions, h, self.rotary, kv_cache, meta)
+        logits = self.lm_head(self.norm(h[logits_indices]))
+        return None if logits is None else logits.float()

@@ -1,0 +1,168 @@
+"""Iteration-level scheduling with one token budget per step (pure Python, no torch).
+
+Each step, running sequences go first (decodes before unfinished prompt chunks, so a long
+prompt never stalls decoding), then waiting ones in priority/arrival order while the budget,
+`max_num_seqs` and the KV cache allow. A prompt larger than what is left of the budget is
+computed in chunks over several steps. When blocks run out, the newest (lowest-priority)
+running sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from llmkit.runtime.block_manager import BlockManager
+from llmkit.runtime.sequence import Sequence, Status
+
+POLICIES = ("fcfs", "priority")
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one step computes: `num_new_tokens[i]` tokens of `seqs[i]`, starting at its
+    `num_computed_tokens`."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new_tokens)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        policy: str = "fcfs",
+    ):
+        if policy not in POLICIES:
+            raise ValueError(
+                f"unknown scheduling policy {policy!r}; choose {' or '.join(POLICIES)}"
+            )
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self._key = _arrival if policy == "fcfs" else _priority
+        self.waiting: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []  # sorted by sort_key: the last is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        bisect.insort(self.waiting, seq, key=self._key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        batch = Batch()
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        if not batch.preempted:
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def update(self, batch: Batch) -> list[Sequence]:
+        """After the model ran `batch`: advance each sequence and cache its full blocks.
+        Returns the sequences that now need a sampled token (all their tokens computed)."""
+        ready = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_blocks(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                ready.append(seq)
+        return ready
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire `seq` (finished or aborted) and free its blocks at once."""
+        if seq.status is Status.FINISHED:
+            return
+        queue = self.running if seq.status is Status.RUNNING else self.waiting
+        queue.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def _schedule_running(self, batch: Batch, budget: int) -> int:
+        decodes_first = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
+        for seq in decodes_first:
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted to make room for another
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, n, batch):
+                continue
+            self.block_manager.allocate(seq, n)
+            batch.add(seq, n)
+            budget -= n
+        return budget
+
+    def _make_room(self, seq: Sequence, num_new_tokens: int, batch: Batch) -> bool:
+        """Preempt the last running sequences not yet scheduled until `seq` fits; False when
+        `seq` itself had to go."""
+        scheduled = {s.seq_id for s in batch.seqs}
+        while not self.block_manager.can_allocate(seq, num_new_tokens):
+            victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _schedule_waiting(self, batch: Batch, budget: int) -> None:
+        bm = self.block_manager
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
+            if _waits_for_parent(seq):
+                i += 1
+                continue
+            hits = bm.computed_blocks(seq)
+            n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
+            if not bm.can_allocate(seq, n, hits):
+                break
+            bm.allocate(seq, n, hits)
+            del self.waiting[i]
+            seq.status = Status.RUNNING
+            bisect.insort(self.running, seq, key=self._key)
+            batch.add(seq, n)
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = Status.WAITING
+        bisect.insort(self.waiting, seq, key=self._key)
+
+
+def _arrival(seq: Sequence) -> tuple[int, int]:
+    return (0, seq.arrival)
+
+
+def _priority(seq: Sequence) -> tuple[int, int]:
+    return (seq.params.priority, seq.arrival)
+
+
+def _waits_for_parent(seq: Sequence) -> bool:
+    """Siblings of an n > 1 request start once the first one's prompt is in the cache, so
+    they share its blocks instead of computing the prompt again."""
+    parent = seq.parent
+    return (
+        parent is not None
+        and parent.status is not Status.FINISHED
+        and parent.num_computed_tokens < parent.num_prompt_tokens
+    )
