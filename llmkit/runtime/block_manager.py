@@ -37,6 +37,8 @@ class BlockManager:
         # the order they were freed.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
+        self.num_queried_blocks = 0  # prefix-cache statistics: full blocks looked up ...
+        self.num_hit_blocks = 0  # ... and found
 
     @property
     def num_blocks(self) -> int:
@@ -68,6 +70,8 @@ class BlockManager:
             ):  # a hash collision must not hand out someone else's K/V
                 break
             hits.append(block_id)
+        self.num_queried_blocks += (seq.num_tokens - 1) // self.block_size
+        self.num_hit_blocks += len(hits)
         return hits
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: Blocks[int] = ()) -> bool:

@@ -89,8 +89,13 @@ class Executor:
             errors = [None] * self.spec.tp
             dist.all_gather_object(errors, error)
         failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
-        if failed:
-            self.close()
+        if failed:  # the ranks that loaded wait for a step that will not come: stop them
+            for worker in self.workers:
+                worker.terminate()
+                worker.join()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.workers = []
             raise LlmkitError("loading the model failed on " + "; ".join(failed))
 
 

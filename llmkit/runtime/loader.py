@@ -136,8 +136,9 @@ class _LinearReader:
         zero_offset = 0 if self.qconfig.get("checkpoint_format") == "gptq_v2" else 1
         get = self.src.get
         q, zeros = gptq.unpack(get(f"{module}.qweight"), get(f"{module}.qzeros"), bits, zero_offset)
-        # g_idx holds global group ids; a rank holding a slice of the groups shifts them.
-        g_idx = get(f"{module}.g_idx").long() - self.src.offset(f"{module}.scales")
+        # g_idx holds global group ids; a rank holding a slice of the groups (scales split
+        # along dim 0, a row-parallel layer without act-order) shifts them.
+        g_idx = get(f"{module}.g_idx").long() - self.src.offset(f"{module}.scales", dim=0)
         scales = get(f"{module}.scales").float().t()
         return GroupedWeight(q, scales, zeros.float(), g_idx, bits)
 

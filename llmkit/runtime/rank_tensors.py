@@ -31,10 +31,10 @@ class RankTensors(ABC):
     def __contains__(self, name: str) -> bool:
         return name in self.plans
 
-    def offset(self, name: str) -> int:
-        """Where this rank's slice starts along the split dim (0 when not split)."""
+    def offset(self, name: str, dim: int = 0) -> int:
+        """Where this rank's slice starts along `dim` (0 when not split along it)."""
         plan = self.plans[name]
-        return 0 if plan.dim is None else plan.slices[self.tp_rank].offset
+        return plan.slices[self.tp_rank].offset if plan.dim == dim else 0
 
     @abstractmethod
     def get(self, name: str) -> torch.Tensor: ...

@@ -1,0 +1,46 @@
+"""Shared pieces of the runtime tests: reference generations and the runtime's raw logits."""
+
+from __future__ import annotations
+
+import torch
+
+from llmkit.runtime.block_manager import BlockManager
+from llmkit.runtime.distributed import Group
+from llmkit.runtime.model_runner import ModelRunner, prepare
+from llmkit.runtime.scheduler import Batch
+from llmkit.runtime.sequence import Sequence
+
+
+def hf_model(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # run every request to its max_tokens
+    return model
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def runtime_logits(path, ids: list[int], dtype=torch.float32) -> torch.Tensor:
+    """The runtime's logits [tokens, vocab] for a whole prompt in one prefill."""
+    num_blocks, block_size = 32, 16
+    runner = ModelRunner(str(path), Group(), dtype, torch.device("cpu"), num_blocks, block_size)
+    seq = Sequence(list(ids))
+    BlockManager(num_blocks, block_size).allocate(seq, len(ids))
+    batch = Batch()
+    batch.add(seq, len(ids))
+    inputs, _ = prepare(batch, block_size)
+    inputs.logits_indices = torch.arange(len(ids))
+    return runner.execute(inputs)
+
+
+def random_prompts(num: int, low: int, high: int, seed: int = 0, vocab: int = 500):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (num,), generator=g).tolist()
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -1,0 +1,89 @@
+"""The engine against transformers: logits, and greedy tokens under every scheduling path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.runtime.engine import LLM, Engine, EngineConfig
+from llmkit.runtime.sequence import SamplingParams
+from tests.conftest import TINY_PRESETS
+from tests.runtime_helpers import hf_greedy, hf_model, random_prompts, runtime_logits
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_prefill_logits_match_transformers(tiny_dir, preset):
+    ids = random_prompts(1, 40, 41, seed=1)[0]
+    expected = hf_model(tiny_dir(preset))(torch.tensor([ids])).logits[0]
+    assert torch.allclose(runtime_logits(tiny_dir(preset), ids), expected, atol=1e-4)
+
+
+def run_staggered(engine: Engine, prompts: list[list[int]], params=GREEDY) -> dict:
+    """Add two requests every step (so they arrive mid-flight) and run all to completion."""
+    pending = list(enumerate(prompts))
+    done = {}
+    while pending or engine.has_unfinished():
+        for i, prompt in pending[:2]:
+            engine.add_request(str(i), prompt_token_ids=prompt, params=params)
+        pending = pending[2:]
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.outputs[0].token_ids
+    return done
+
+
+def expect_hf(path, prompts, done):
+    model = hf_model(path)
+    for i, prompt in enumerate(prompts):
+        assert done[i] == hf_greedy(model, prompt, GREEDY.max_tokens), f"request {i}"
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_concurrent_greedy_equals_transformers_one_by_one(tiny_dir, preset):
+    prompts = random_prompts(8, 3, 60, seed=2)
+    engine = Engine(tiny_dir(preset), EngineConfig(enable_prefix_caching=False))
+    expect_hf(tiny_dir(preset), prompts, run_staggered(engine, prompts))
+
+
+def test_prefix_caching_with_a_shared_prefix(tiny_dir):
+    shared = random_prompts(1, 40, 41, seed=3)[0]
+    prompts = [shared + tail for tail in random_prompts(8, 1, 20, seed=4)]
+    engine = Engine(tiny_dir(), EngineConfig())
+    done = run_staggered(engine, prompts)
+    # requests 0 and 1 arrive together; each later one reuses the 2 full blocks of the prefix
+    assert engine.block_manager.num_hit_blocks == 6 * 2
+    expect_hf(tiny_dir(), prompts, done)
+
+
+def test_preemption_by_recompute_when_blocks_run_out(tiny_dir):
+    prompts = random_prompts(8, 20, 60, seed=5)
+    # tiny-llama: 8 KiB per 16-token block; 12 blocks cannot hold 8 running requests
+    engine = Engine(tiny_dir(), EngineConfig(kv_cache_memory=12 * 8192))
+    done = run_staggered(engine, prompts)
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    expect_hf(tiny_dir(), prompts, done)
+
+
+def test_chunked_prefill_under_a_tiny_token_budget(tiny_dir):
+    prompts = random_prompts(8, 20, 60, seed=6)
+    engine = Engine(tiny_dir(), EngineConfig(max_num_batched_tokens=7, max_num_seqs=3))
+    expect_hf(tiny_dir(), prompts, run_staggered(engine, prompts))
+
+
+def test_prompt_longer_than_the_context_is_rejected(tiny_dir):
+    engine = Engine(tiny_dir(), EngineConfig(max_model_len=64))
+    with pytest.raises(LlmkitError, match="prompt has 64 tokens.*context is 64"):
+        engine.add_request("a", prompt_token_ids=[5] * 64)
+    with pytest.raises(LlmkitError, match="token ids must be integers"):
+        engine.add_request("b", prompt_token_ids=[5, 100000])
+    assert not engine.has_unfinished()
+
+
+def test_generation_stops_at_the_context_length(tiny_dir):
+    llm = LLM(tiny_dir(), EngineConfig(max_model_len=32))
+    out = llm.generate([[5] * 30], SamplingParams(max_tokens=100, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 2 and out.outputs[0].finish_reason == "length"

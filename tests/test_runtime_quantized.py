@@ -1,0 +1,104 @@
+"""Every quantized format runs through its fast kernel and computes what its dequantized
+float weights compute (the reference: llmkit's own reader feeding transformers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.bench.model import load_model
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import QuantOptions
+from llmkit.quant.pipeline import quantize
+from llmkit.runtime.distributed import Group
+from llmkit.runtime.layers.linear import (
+    DenseLinear,
+    GroupedWeight,
+    Int4Linear,
+    Int8Linear,
+    Parallel,
+    W8A8Linear,
+    concat,
+    convert_for_runtime,
+)
+from llmkit.runtime.loader import load_model as load_runtime
+from llmkit.runtime.rank_tensors import open_rank
+from tests.runtime_helpers import random_prompts, runtime_logits
+
+# method, options, the module the CPU path must build, tolerance relative to max |logit|
+CASES = {
+    "int8": ("int8", QuantOptions(), Int8Linear, 1e-4),
+    "w8a8": ("w8a8", QuantOptions(), W8A8Linear, 1e-3),
+    "gptq": ("gptq", QuantOptions(group_size=32, act_group_aware=False), Int4Linear, 2e-2),
+    "gptq-act-order": ("gptq", QuantOptions(group_size=32, desc_act=True), Int4Linear, 2e-2),
+    "rtn-per-channel": ("rtn", QuantOptions(group_size=-1), Int4Linear, 2e-2),
+    "gptq-8bit": ("gptq", QuantOptions(bits=8, group_size=32), DenseLinear, 1e-4),
+    "awq": ("awq", QuantOptions(group_size=32), Int4Linear, 2e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_dir, tmp_path_factory):
+    made = {}
+
+    def get(case: str):
+        if case not in made:
+            method, options = CASES[case][:2]
+            out = tmp_path_factory.mktemp(case) / "ckpt"
+            calibration = CalibrationSpec(num_samples=8, seq_len=64)
+            quantize(tiny_dir("tiny-llama"), out, method, options=options, calibration=calibration)
+            made[case] = out
+        return made[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_quantized_logits_equal_the_dequantized_computation(quantized, case):
+    path, (_, _, kind, tolerance) = quantized(case), CASES[case]
+    src = open_rank(path)
+    model, _ = load_runtime(src, Group(), torch.float32, torch.device("cpu"))
+    src.close()
+    assert isinstance(model.layers[0].mlp.gate_up, kind)
+    assert isinstance(model.layers[0].attn.o_proj, kind)
+    ids = random_prompts(1, 48, 49, seed=7)[0]
+    with torch.inference_mode():
+        expected = load_model(path, torch.float32)(torch.tensor([ids])).logits[0]
+    got = runtime_logits(path, ids)
+    error = float((got - expected).abs().max() / expected.abs().max())
+    assert error <= tolerance, error
+
+
+def random_grouped(out: int, inp: int, group: int, act_order: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    g_idx = torch.arange(inp) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(inp, generator=g)]
+    return GroupedWeight(
+        torch.randint(0, 16, (out, inp), generator=g),
+        torch.rand(out, inp // group, generator=g) * 0.02 + 0.01,
+        torch.randint(0, 16, (out, inp // group), generator=g).float(),
+        g_idx,
+        4,
+    )
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_kernel_equals_the_dequantized_matmul(act_order):
+    w = random_grouped(48, 512, 128, act_order)
+    module = Int4Linear.build(w, None, torch.float32)
+    assert module is not None and (module.perm is not None) == act_order
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
+    expected = x.bfloat16().float() @ w.dequantize().t()  # the kernel takes bf16 inputs
+    assert float((module(x) - expected).abs().max() / expected.abs().max()) < 5e-3
+
+
+def test_siblings_with_different_layouts_run_side_by_side():
+    parts = [random_grouped(32, 64, 32, act_order=True, seed=s) for s in (0, 1)]
+    assert concat(parts) is None
+    module = Parallel(
+        [convert_for_runtime(p, None, torch.float32, torch.device("cpu")) for p in parts]
+    )
+    x = torch.randn(3, 64)
+    expected = torch.cat([x.bfloat16().float() @ p.dequantize().t() for p in parts], dim=-1)
+    assert torch.allclose(module(x), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))

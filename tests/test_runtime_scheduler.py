@@ -1,0 +1,190 @@
+"""Block manager and scheduler with fake token ids: no torch, no model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from llmkit.runtime.block_manager import BlockManager
+from llmkit.runtime.scheduler import Scheduler
+from llmkit.runtime.sequence import SamplingParams, Sequence, Status
+from tests.conftest import run_python
+
+
+def test_pure_python_modules_do_not_import_torch():
+    code = (
+        "import sys, llmkit.runtime.scheduler, llmkit.runtime.block_manager, "
+        "llmkit.runtime.sequence, llmkit.runtime.detokenizer; print('torch' in sys.modules)"
+    )
+    assert run_python(code).stdout.strip() == "False"
+
+
+def seq(n: int, start: int = 0, **params) -> Sequence:
+    return Sequence(list(range(start, start + n)), SamplingParams(**params))
+
+
+def test_blocks_are_allocated_as_tokens_grow_and_freed_with_the_sequence():
+    bm = BlockManager(8, 4)
+    s = seq(6)
+    assert bm.can_allocate(s, 6)
+    bm.allocate(s, 6)
+    assert len(s.block_table) == 2 and bm.num_free_blocks == 6
+    s.num_computed_tokens = 6
+    s.output_token_ids += [100, 101]
+    bm.allocate(s, 2)  # 8 tokens still fit in 2 blocks
+    assert len(s.block_table) == 2
+    s.num_computed_tokens = 8
+    s.output_token_ids.append(102)
+    bm.allocate(s, 1)
+    assert len(s.block_table) == 3
+    bm.free(s)
+    assert bm.num_free_blocks == 8 and s.block_table == []
+
+
+def test_prefix_blocks_are_shared_with_ref_counts():
+    bm = BlockManager(8, 4)
+    a, b = seq(10), seq(10)
+    bm.allocate(a, 10)
+    a.num_computed_tokens = 10
+    bm.cache_blocks(a)  # two full blocks become findable
+    hits = bm.computed_blocks(b)
+    assert hits == a.block_table[:2]
+    bm.allocate(b, 2, hits)
+    assert b.num_computed_tokens == b.num_cached_tokens == 8
+    assert [bm.blocks[i].ref_count for i in hits] == [2, 2]
+    bm.free(a)
+    assert [bm.blocks[i].ref_count for i in hits] == [1, 1]
+    bm.free(b)
+    assert bm.num_free_blocks == 8
+
+
+def test_the_last_token_is_always_computed_even_on_a_full_hit():
+    bm = BlockManager(8, 4)
+    a = seq(8)
+    bm.allocate(a, 8)
+    a.num_computed_tokens = 8
+    bm.cache_blocks(a)
+    assert len(bm.computed_blocks(seq(8))) == 1  # 8 tokens: only the first block is reused
+
+
+def test_a_hash_collision_is_caught_by_the_token_check():
+    bm = BlockManager(8, 4)
+    a = seq(5)
+    bm.allocate(a, 5)
+    a.num_computed_tokens = 5
+    bm.cache_blocks(a)
+    bm.blocks[a.block_table[0]].token_ids = (9, 9, 9, 9)  # same hash, other tokens
+    assert bm.computed_blocks(seq(5)) == []
+
+
+def test_cached_free_blocks_are_evicted_least_recently_freed_first():
+    bm = BlockManager(4, 2)
+    a, b = seq(3, 0), seq(3, 50)
+    for s in (a, b):
+        bm.allocate(s, 3)
+        s.num_computed_tokens = 3
+        bm.cache_blocks(s)
+    bm.free(a)  # a's cached block is freed first, b's second
+    bm.free(b)
+    c = seq(4, 90)
+    bm.allocate(c, 4)  # takes the two uncached blocks (a's and b's partial ones)
+    d = seq(2, 95)
+    bm.allocate(d, 2)  # now a cached block must go: a's, the older
+    assert bm.computed_blocks(seq(3, 0)) == []
+    assert len(bm.computed_blocks(seq(3, 50))) == 1
+
+
+def run_fake(sched: Scheduler, steps: int = 10_000, on_step=None) -> list[list]:
+    """Drive the scheduler like the engine, 'sampling' token 7; returns each step's batch."""
+    history = []
+    for _ in range(steps):
+        if not sched.has_unfinished():
+            break
+        batch = sched.schedule()
+        history.append(list(zip(batch.seqs, batch.num_new_tokens, strict=True)))
+        for s in sched.update(batch):
+            s.output_token_ids.append(7)
+            if len(s.output_token_ids) >= s.params.max_tokens:
+                sched.finish(s, "length")
+        if on_step:
+            on_step()
+    return history
+
+
+def test_token_budget_chunks_long_prompts_without_stalling_decodes():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10)
+    short = seq(3, max_tokens=20)
+    sched.add(short)
+    run_fake(sched, steps=2)  # short is decoding now
+    long = seq(40, 100, max_tokens=2)
+    sched.add(long)
+    history = run_fake(sched, steps=5)
+    for step in history:
+        assert sum(n for _, n in step) <= 10
+        assert (short, 1) in step  # one decode token every step
+    assert [n for s, n in sum(history, []) if s is long][:4] == [9, 9, 9, 9]
+
+
+def test_preemption_takes_the_newest_and_recomputes_it():
+    bm = BlockManager(6, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    old, new = seq(8, max_tokens=12), seq(8, 100, max_tokens=12)
+    sched.add(old)
+    sched.add(new)
+    run_fake(sched)
+    assert new.num_preemptions >= 1 and old.num_preemptions == 0
+    assert len(old.output_token_ids) == len(new.output_token_ids) == 12
+    assert bm.num_free_blocks == 6
+
+
+def test_priority_policy_runs_lower_values_first():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=1, policy="priority")
+    late_urgent = seq(4, priority=-1, max_tokens=1)
+    first = seq(4, max_tokens=1)
+    sched.add(first)
+    sched.add(late_urgent)
+    assert sched.schedule().seqs == [late_urgent]
+
+
+def test_n_siblings_wait_for_the_first_prompt_then_share_its_blocks():
+    bm = BlockManager(32, 4)
+    sched = Scheduler(bm, max_num_batched_tokens=64)
+    first = seq(17, max_tokens=3)
+    sibling = Sequence(list(first.prompt_token_ids), first.params, parent=first)
+    sched.add(first)
+    sched.add(sibling)
+    assert sched.schedule().seqs == [first]
+    first.num_computed_tokens = 17
+    bm.cache_blocks(first)
+    first.output_token_ids.append(7)
+    batch = sched.schedule()
+    assert sibling in batch.seqs and sibling.num_cached_tokens == 16
+
+
+def test_unknown_policy_and_bad_limits_are_refused():
+    with pytest.raises(ValueError, match="scheduling policy"):
+        Scheduler(BlockManager(4, 4), policy="lifo")
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        Scheduler(BlockManager(4, 4), max_num_seqs=0)
+
+
+def test_a_thousand_requests_with_random_aborts_free_every_block():
+    rng = random.Random(0)
+    bm = BlockManager(40, 4)
+    sched = Scheduler(bm, max_num_seqs=16, max_num_batched_tokens=48)
+    live: list[Sequence] = []
+    for i in range(1000):
+        s = seq(rng.randint(1, 30), rng.randint(0, 1000), max_tokens=rng.randint(1, 12))
+        sched.add(s)
+        live.append(s)
+        if rng.random() < 0.3:  # abort someone, waiting or running
+            victim = rng.choice(live)
+            sched.finish(victim, "abort")
+        if i % 3 == 0:
+            run_fake(sched, steps=1)
+        live = [s for s in live if s.status is not Status.FINISHED]
+    run_fake(sched)
+    assert not sched.has_unfinished()
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)

@@ -1,0 +1,73 @@
+"""Tensor parallel: two gloo ranks in two processes produce the tokens one process does."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmkit.errors import LlmkitError
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import QuantOptions
+from llmkit.quant.pipeline import quantize
+from llmkit.runtime.engine import LLM, Engine, EngineConfig
+from llmkit.runtime.sequence import SamplingParams
+from llmkit.shard.write import shard
+from tests.runtime_helpers import random_prompts
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def generate(path, tp: int) -> list[list[int]]:
+    llm = LLM(path, EngineConfig(tp=tp))
+    try:
+        outs = llm.generate(random_prompts(6, 3, 50, seed=8), PARAMS)
+    finally:
+        llm.close()
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_tp2_from_a_full_checkpoint_equals_tp1(tiny_dir):
+    assert generate(tiny_dir("tiny-llama"), 2) == generate(tiny_dir("tiny-llama"), 1)
+
+
+def test_tp2_from_shard_output_equals_tp1(tiny_dir, tmp_path):
+    # Qwen2: tied embeddings, q/k/v biases; vocab padded to 128 per rank
+    shard(tiny_dir("tiny-qwen2"), tmp_path / "tp2", tp=2)
+    assert generate(tmp_path / "tp2", 2) == generate(tiny_dir("tiny-qwen2"), 1)
+
+
+def first_logprobs(path, tp: int) -> list[list[tuple[int, float]]]:
+    llm = LLM(path, EngineConfig(tp=tp))
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    try:
+        outs = llm.generate(random_prompts(6, 3, 50, seed=8), params)
+    finally:
+        llm.close()
+    return [o.outputs[0].logprobs[0]["top"] for o in outs]
+
+
+def test_tp2_gptq_act_order_computes_what_tp1_does(tiny_dir, tmp_path):
+    # Row-parallel ranks keep every group's scales and index them with global g_idx. A rank's
+    # share of the inputs has uneven group counts, so it runs dequantized where tp=1 runs the
+    # int4 kernel: both round through bf16, so compare distributions, not greedy streams.
+    options = QuantOptions(group_size=32, desc_act=True)
+    calibration = CalibrationSpec(num_samples=8, seq_len=64)
+    quantize(
+        tiny_dir("tiny-llama"), tmp_path / "gptq", "gptq", options=options, calibration=calibration
+    )
+    for tp2, tp1 in zip(
+        first_logprobs(tmp_path / "gptq", 2), first_logprobs(tmp_path / "gptq", 1), strict=True
+    ):
+        assert tp2[0][0] == tp1[0][0]
+        assert dict(tp2).keys() & dict(tp1).keys()
+        assert abs(tp2[0][1] - tp1[0][1]) < 0.05
+
+
+def test_a_shard_layout_mismatch_is_refused(tiny_dir, tmp_path):
+    shard(tiny_dir("tiny-llama"), tmp_path / "tp2", tp=2)
+    with pytest.raises(LlmkitError, match="sharded for tp=2, pp=1; run it with --tp 2"):
+        Engine(tmp_path / "tp2", EngineConfig(tp=1))
+
+
+def test_tp_that_does_not_divide_the_heads_is_refused(tiny_dir):
+    with pytest.raises(LlmkitError, match="tp=3 does not divide num_attention_heads=4"):
+        Engine(tiny_dir("tiny-llama"), EngineConfig(tp=3))
