@@ -76,7 +76,7 @@ def test_chunked_prefill_under_a_tiny_token_budget(tiny_dir):
 
 def test_prompt_longer_than_the_context_is_rejected(tiny_dir):
     engine = Engine(tiny_dir(), EngineConfig(max_model_len=64))
-    with pytest.raises(LlmkitError, match="prompt has 64 tokens.*context is 64"):
+    with pytest.raises(LlmkitError, match=r"prompt has 64 tokens.*context is 64"):
         engine.add_request("a", prompt_token_ids=[5] * 64)
     with pytest.raises(LlmkitError, match="token ids must be integers"):
         engine.add_request("b", prompt_token_ids=[5, 100000])

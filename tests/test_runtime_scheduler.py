@@ -123,7 +123,7 @@ def test_token_budget_chunks_long_prompts_without_stalling_decodes():
     for step in history:
         assert sum(n for _, n in step) <= 10
         assert (short, 1) in step  # one decode token every step
-    assert [n for s, n in sum(history, []) if s is long][:4] == [9, 9, 9, 9]
+    assert [n for step in history for s, n in step if s is long][:4] == [9, 9, 9, 9]
 
 
 def test_preemption_takes_the_newest_and_recomputes_it():
