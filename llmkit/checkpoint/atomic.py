@@ -56,3 +56,19 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `out`; on success it replaces `out` in one rename."""
+    out = Path(out).absolute()
+    if out.is_dir():
+        raise LlmkitError(f"output {out} is a directory; give a file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.llmkit-tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -19,6 +19,7 @@ from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.detokenizer import Detokenizer
+from llmkit.runtime.engine_config import EngineConfig
 from llmkit.runtime.executor import Executor, RunnerSpec
 from llmkit.runtime.model_runner import kv_block_bytes, prepare
 from llmkit.runtime.models.llama import LlamaConfig
@@ -28,23 +29,6 @@ from llmkit.runtime.sequence import SamplingParams, Sequence, stop_reason
 
 log = logging.getLogger("llmkit.engine")
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """How to run a model; every default of the engine lives here."""
-
-    tp: int = 1
-    dtype: str = "auto"  # auto: the checkpoint's dtype; float16 becomes bfloat16 on CPU
-    device: str = "auto"
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None: enough for max_num_seqs full contexts
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"
 
 
 @dataclass(slots=True)
@@ -301,7 +285,10 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
             text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-            self.engine.add_request(str(i), text, ids, p)
+            try:
+                self.engine.add_request(str(i), text, ids, p)
+            except LlmkitError as e:
+                raise LlmkitError(f"prompt {i}: {e}") from None
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():

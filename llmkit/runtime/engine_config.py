@@ -1,0 +1,22 @@
+"""How to run a model (torch-free, so the CLI can read its defaults at `llmkit --help`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How to run a model; every default of the engine lives here."""
+
+    tp: int = 1
+    dtype: str = "auto"  # auto: the checkpoint's dtype; float16 becomes bfloat16 on CPU
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: enough for max_num_seqs full contexts
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"

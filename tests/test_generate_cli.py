@@ -1,0 +1,68 @@
+"""`llmkit generate`: JSONL in, JSONL out in input order, clear errors for bad lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmkit.runtime.engine import LLM, EngineConfig
+from llmkit.runtime.generate import parse_requests
+from llmkit.runtime.sequence import SamplingParams
+
+
+def test_generate_writes_one_line_per_prompt_in_input_order(cli, tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [
+        {"prompt": "The king", "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+        {
+            "prompt_token_ids": [1, 40, 41, 42],
+            "max_completion_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+        {"prompt": "Once upon", "max_tokens": 4, "temperature": 0.8, "seed": 1, "stop": ["zz"]},
+    ]
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.jsonl"
+    result = cli("generate", tiny_dir(), "--prompts", prompts, "--output", out, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert len(records[0]["token_ids"]) == 6 and len(records[1]["token_ids"]) == 3
+    assert records[1]["num_prompt_tokens"] == 4
+    assert report["num_requests"] == 3
+    assert report["num_generated_tokens"] == sum(len(r["token_ids"]) for r in records)
+    # the same requests through the library give the same greedy tokens
+    llm = LLM(tiny_dir(), EngineConfig())
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    assert (
+        llm.generate([[1, 40, 41, 42]], params)[0].outputs[0].token_ids == records[1]["token_ids"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "<t>:1: not valid JSON"),
+        ('{"prompt": "a", "tempreture": 1}', "<t>:1: unknown field 'tempreture'"),
+        ('{"max_tokens": 3}', "exactly one of 'prompt' and 'prompt_token_ids'"),
+        ('{"prompt": "a", "top_p": 2}', "<t>:1: top_p must be in (0, 1]"),
+        ('{"prompt_token_ids": ["a"]}', "must be a list of integers"),
+    ],
+)
+def test_bad_lines_are_named(line, message):
+    from llmkit.errors import LlmkitError
+
+    with pytest.raises(LlmkitError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        parse_requests([line], "<t>")
+
+
+def test_a_too_long_prompt_fails_cleanly_and_writes_nothing(cli, tiny_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [5] * 600}) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = cli("generate", tiny_dir(), "--prompts", prompts, "-o", out)
+    assert result.code == 1 and "prompt 0: the prompt has 600 tokens" in result.err
+    assert not out.exists()

@@ -1,0 +1,123 @@
+"""Sampler rules against direct computations, and request-level options through the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.runtime.engine import LLM, EngineConfig
+from llmkit.runtime.layers.sampler import Sampler, _apply_penalties
+from llmkit.runtime.sequence import SamplingParams
+from tests.runtime_helpers import random_prompts
+
+
+def sample(logits, params, seeds=None, histories=None):
+    n = logits.shape[0]
+    seeds = seeds or [(i, None) for i in range(n)]
+    histories = histories or [([1], [])] * n
+    return Sampler()(
+        logits, [params] * n if isinstance(params, SamplingParams) else params, histories, seeds
+    )
+
+
+def test_filters_that_leave_one_token_equal_greedy():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    best = logits.argmax(-1).tolist()
+    for params in (SamplingParams(top_k=1), SamplingParams(top_p=1e-6), SamplingParams(min_p=1)):
+        assert [s.token_id for s in sample(logits, params)] == best
+
+
+def test_top_k_draws_only_from_the_k_best():
+    logits = torch.zeros(1, 10).index_fill_(1, torch.tensor([3, 7]), 1.0).repeat(400, 1)
+    tokens = {s.token_id for s in sample(logits, SamplingParams(top_k=2))}
+    assert tokens == {3, 7}
+
+
+def test_draws_follow_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(6000, 1)
+    tokens = torch.tensor([s.token_id for s in sample(logits, SamplingParams(temperature=1))])
+    freq = torch.bincount(tokens, minlength=3).float() / 6000
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.02)
+
+
+def test_a_seeded_request_draws_the_same_tokens_whatever_it_is_batched_with():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1.5, seed=123)
+    alone = [Sampler()(logits[:1], [params], [([1], [])], [(0, 123)])[0].token_id for _ in range(3)]
+    sampler = Sampler()
+    batched = [
+        sampler(logits, [params] * 4, [([1], [])] * 4, [(9, 123), (1, None), (2, 5), (3, None)])
+        for _ in range(3)
+    ]
+    assert alone[0] == batched[0][0].token_id
+    again = Sampler()
+    assert [again(logits[:1], [params], [([1], [])], [(0, 123)])[0].token_id for _ in range(3)] == [
+        b[0].token_id for b in batched
+    ]
+
+
+def test_penalties_match_their_definitions():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    got = _apply_penalties(logits, [params], [([0], [1, 1, 2])])
+    # repetition on ids seen anywhere (0, 1, 2); frequency x count and presence on outputs
+    expected = torch.tensor([[1.0, -2.0 - 1.0 - 0.25, 0.25 - 0.5 - 0.25, 3.0]])
+    assert torch.allclose(got, expected)
+
+
+def test_logprobs_are_the_models_own_distribution():
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(2))
+    out = sample(logits, SamplingParams(temperature=0, logprobs=3, repetition_penalty=1.5))
+    reference = torch.log_softmax(logits, -1)
+    for row, s in enumerate(out):
+        values, ids = reference[row].topk(3)
+        assert [t for t, _ in s.top_logprobs] == ids.tolist()
+        assert [v for _, v in s.top_logprobs] == pytest.approx(values.tolist())
+        assert s.logprob == pytest.approx(float(reference[row, s.token_id]))
+
+
+def test_bad_sampling_values_are_refused():
+    for bad in ({"top_p": 0}, {"temperature": -1}, {"max_tokens": 0}, {"n": 0}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return LLM(tiny_dir(), EngineConfig())
+
+
+def test_stop_strings_cut_the_text_and_finish(llm):
+    prompt = "The king said"
+    plain = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    text = plain[0].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    out = llm.generate(
+        [prompt], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=(stop,))
+    )[0].outputs[0]
+    assert out.finish_reason == "stop" and stop not in out.text
+    assert text.startswith(out.text) and len(out.token_ids) < 20
+
+
+def test_stop_token_ids_finish_with_that_token(llm):
+    plain = llm.generate(
+        [[1, 40, 41]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    )[0].outputs[0]
+    stop_id = plain.token_ids[3]
+    out = llm.generate(
+        [[1, 40, 41]],
+        SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=(stop_id,)),
+    )[0].outputs[0]
+    assert out.token_ids == plain.token_ids[: plain.token_ids.index(stop_id) + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_n_completions_share_the_prompt_and_differ(llm):
+    prompt = random_prompts(1, 40, 41, seed=9)[0]
+    before = llm.engine.block_manager.num_hit_blocks
+    out = llm.generate([prompt], SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=4))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    assert llm.engine.block_manager.num_hit_blocks - before == 2 * 2  # siblings reuse 2 blocks
+    again = llm.generate([prompt], SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=4))[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
