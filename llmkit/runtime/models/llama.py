@@ -17,7 +17,7 @@ from torch import nn
 from llmkit.errors import LlmkitError
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
 from llmkit.runtime.layers.norm import RMSNorm
-from llmkit.runtime.layers.rotary import Rotary
+from llmkit.runtime.layers.rotary import Rotary, apply_rotary
 
 # model_type -> (q/k/v carry a bias, q and k are RMS-normed per head before rotary)
 FAMILY = {
@@ -93,7 +93,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
 
-    def forward(self, positions, x, rotary: Rotary, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, rotary: tuple[torch.Tensor, torch.Tensor], kv_cache, meta):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)  # [tokens, heads, head_dim]
@@ -101,7 +101,7 @@ class Attention(nn.Module):
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rotary)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(-1, q_size))
 
@@ -122,8 +122,8 @@ class DecoderLayer(nn.Module):
         self.attn, self.mlp = attn, mlp
         self.input_norm, self.post_norm = input_norm, post_norm
 
-    def forward(self, positions, h, rotary, kv_cache, meta):
-        h = h + self.attn(positions, self.input_norm(h), rotary, kv_cache, meta)
+    def forward(self, h, rotary, kv_cache, meta):
+        h = h + self.attn(self.input_norm(h), rotary, kv_cache, meta)
         return h + self.mlp(self.post_norm(h))
 
 
@@ -147,7 +147,8 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor | None:
         """-> logits [len(logits_indices), vocab] in float32 (None on ranks other than 0)."""
         h = self.embed(input_ids)
+        rotary = self.rotary(positions, h.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(positions, h, self.rotary, kv_cache, meta)
+            h = layer(h, rotary, kv_cache, meta)
         logits = self.lm_head(self.norm(h[logits_indices]))
         return None if logits is None else logits.float()
