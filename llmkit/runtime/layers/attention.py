@@ -105,7 +105,8 @@ def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """cache [num_blocks, kv_heads, block_size, dim], index [seqs, kv_heads, n] (see
     AttentionMetadata.decode_index) -> [seqs, kv_heads, n * block_size, dim], one copy."""
     num_blocks, num_kv_heads, block_size, dim = cache.shape
-    gathered = cache.view(num_blocks * num_kv_heads, block_size, dim)[index]
+    rows = cache.view(num_blocks * num_kv_heads, block_size * dim)
+    gathered = rows.index_select(0, index.flatten())  # whole-row copies: far faster than []
     return gathered.view(index.shape[0], num_kv_heads, -1, dim)
 
 

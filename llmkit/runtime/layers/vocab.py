@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.runtime.distributed import Group
+from llmkit.runtime.layers.linear import DenseLinear
 
 
 class VocabEmbedding(nn.Module):
@@ -31,10 +32,10 @@ class LMHead(nn.Module):
 
     def __init__(self, weight: torch.Tensor, vocab_size: int, group: Group):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.proj = DenseLinear(weight, None)
         self.vocab_size = vocab_size
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        logits = self.group.gather_last(F.linear(x, self.weight))
+        logits = self.group.gather_last(self.proj(x))
         return None if logits is None else logits[:, : self.vocab_size]

