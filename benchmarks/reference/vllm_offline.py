@@ -4,18 +4,22 @@ Runs in the vllm venv (.refvenvs/vllm): python vllm_offline.py MODEL WORKLOAD.js
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    model, workload = sys.argv[1], json.load(open(sys.argv[2]))
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=2048, seed=0,
-              max_num_seqs=workload.get("max_num_seqs", 256))
-    params = SamplingParams(
-        max_tokens=workload["output_len"], temperature=0, ignore_eos=True
+    model, workload = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
+    llm = LLM(
+        model=model,
+        dtype="bfloat16",
+        max_model_len=2048,
+        seed=0,
+        max_num_seqs=workload.get("max_num_seqs", 256),
     )
+    params = SamplingParams(max_tokens=workload["output_len"], temperature=0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     start = time.perf_counter()

@@ -3,6 +3,7 @@ KV cache, and samples next tokens."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,20 +51,9 @@ class ModelRunner:
             src.close()
         self.device, self.block_size = device, block_size
         kv_heads = self.config.heads_per_rank(group.size)[1]
-        # per layer [2, blocks, kv_heads, block_size, head_dim]; zeros so that masked padding
-        # reads are finite
-        self.kv_caches = list(
-            torch.zeros(
-                self.config.num_layers,
-                2,
-                num_blocks,
-                kv_heads,
-                block_size,
-                self.config.head_dim,
-                dtype=dtype,
-                device=device,
-            )
-        )
+        # per layer [2, blocks, kv_heads, block_size, head_dim]
+        shape = (self.config.num_layers, 2, num_blocks, kv_heads, block_size, self.config.head_dim)
+        self.kv_caches = list(_zeros(shape, dtype, device))
         self.sampler = Sampler()
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
@@ -84,6 +74,17 @@ class ModelRunner:
             [(s.prompt_token_ids, s.output_token_ids) for s in seqs],
             [(s.seq_id, s.seed) for s in seqs],
         )
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros (masked padding reads must be finite). On CPU from calloc'ed numpy memory, so
+    pages are only committed as blocks are first written: RSS follows the cache's use."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    raw = np.zeros((math.prod(shape) * dtype.itemsize,), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence]]:

@@ -322,6 +322,12 @@ def _split(
     return dim, parts, shape[dim], note
 
 
+def heads_per_rank(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
+    """(query heads, kv heads) each of `tp` ranks holds: kv heads are split, or one each
+    when they are replicated (tp a multiple of them)."""
+    return num_heads // tp, num_kv_heads // tp if num_kv_heads % tp == 0 else 1
+
+
 def _parts(heads: str | None, model: Model, tp: int) -> int:
     """Distinct slices: tp, or the number of kv heads when they are replicated."""
     return model.num_kv_heads if heads == "kv" and model.num_kv_heads < tp else tp

