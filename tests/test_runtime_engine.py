@@ -87,3 +87,32 @@ def test_generation_stops_at_the_context_length(tiny_dir):
     llm = LLM(tiny_dir(), EngineConfig(max_model_len=32))
     out = llm.generate([[5] * 30], SamplingParams(max_tokens=100, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 2 and out.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+)
+def test_rope_scaling_matches_transformers(tiny_dir, tmp_path, scaling):
+    import json
+    import shutil
+
+    path = tmp_path / "scaled"
+    shutil.copytree(tiny_dir("tiny-llama"), path)
+    config = json.loads((path / "config.json").read_text())
+    config["rope_scaling"] = {**scaling, "rope_theta": config.get("rope_theta", 10000.0)}
+    (path / "config.json").write_text(json.dumps(config))
+    ids = random_prompts(1, 100, 101, seed=10)[0]  # past original_max_position_embeddings
+    expected = hf_model(path)(torch.tensor([ids])).logits[0]
+    unscaled = hf_model(tiny_dir("tiny-llama"))(torch.tensor([ids])).logits[0]
+    assert not torch.allclose(expected, unscaled, atol=1e-3)  # the scaling does matter here
+    assert torch.allclose(runtime_logits(path, ids), expected, atol=1e-4)

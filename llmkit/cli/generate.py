@@ -76,7 +76,8 @@ def generate(
     stderr.print(
         f"{report.num_requests} requests, {report.num_prompt_tokens} prompt + "
         f"{report.num_generated_tokens} generated tokens in {report.elapsed_s:.2f} s: "
-        f"{report.generated_tokens_per_s:.1f} generated tokens/s (load {report.load_s:.1f} s)",
+        f"{report.generated_tokens_per_s:.1f} generated tokens/s (load {report.load_s:.1f} s, "
+        f"KV cache {report.kv_cache_tokens} tokens)",
         highlight=False,
     )
 

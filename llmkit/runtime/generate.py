@@ -33,6 +33,7 @@ class GenerateReport:
     num_generated_tokens: int
     elapsed_s: float
     load_s: float
+    kv_cache_tokens: int
 
     @property
     def generated_tokens_per_s(self) -> float:
@@ -120,6 +121,7 @@ def generate(
     start = time.perf_counter()
     llm = LLM(model, config)
     load_s = time.perf_counter() - start
+    kv_cache_tokens = llm.engine.num_kv_tokens
     done = 0
 
     def count(out: RequestOutput) -> None:
@@ -144,5 +146,6 @@ def generate(
         num_generated_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
         elapsed_s=round(elapsed, 3),
         load_s=round(load_s, 3),
+        kv_cache_tokens=kv_cache_tokens,
     )
     return records, report
