@@ -131,8 +131,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; outputs of the requests that advanced."""
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            if self.scheduler.running or not self.scheduler.waiting:
+        if not batch.seqs:  # everyone was preempted this step: they run again next step
+            if self.scheduler.running or batch.preempted or not self.scheduler.waiting:
                 return []
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
         inputs, to_sample = prepare(batch, self.config.block_size)

@@ -55,8 +55,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
         self._key = _arrival if policy == "fcfs" else _priority
-        self.waiting: list[Sequence] = []  # sorted by sort_key
-        self.running: list[Sequence] = []  # sorted by sort_key: the last is preempted first
+        self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
+        self.running: list[Sequence] = []  # same order: the last is preempted first
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
