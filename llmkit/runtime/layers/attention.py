@@ -136,7 +136,7 @@ def _decode(q, k_cache, v_cache, index, mask, scale: float) -> torch.Tensor:
     num_kv_heads = k_cache.shape[1]
     keys, values = _gather(k_cache, index), _gather(v_cache, index)  # [b, kv, ctx, dim]
     query = q.view(b, num_kv_heads, num_heads // num_kv_heads, head_dim)  # heads sharing a kv
-    scores = torch.matmul(query, keys.transpose(-1, -2)).float() * scale  # [b, kv, group, ctx]
+    scores = torch.matmul(query, keys.transpose(-1, -2)).float()  # [b, kv, group, ctx]
     scores.masked_fill_(~mask.unsqueeze(1), -torch.inf)
-    probs = scores.softmax(dim=-1).to(values.dtype)
+    probs = (scores * scale).softmax(dim=-1).to(values.dtype)
     return torch.matmul(probs, values).reshape(b, num_heads, head_dim)
