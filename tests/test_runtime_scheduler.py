@@ -103,7 +103,8 @@ def run_fake(sched: Scheduler, steps: int = 10_000, on_step=None) -> list[list]:
             break
         batch = sched.schedule()
         history.append(list(zip(batch.seqs, batch.num_new_tokens, strict=True)))
-        for s in sched.update(batch):
+        sched.update(batch)
+        for s in (s for s in batch.seqs if s.num_computed_tokens == s.num_tokens):
             s.output_token_ids.append(7)
             if len(s.output_token_ids) >= s.params.max_tokens:
                 sched.finish(s, "length")

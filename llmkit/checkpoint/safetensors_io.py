@@ -71,9 +71,13 @@ def read_row_bytes(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> np.n
 
 def read_rows(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of a tensor as a torch tensor of its dtype."""
+    return rows_as_tensor(read_row_bytes(f, info, start, stop), info)
+
+
+def rows_as_tensor(data: np.ndarray, info: TensorInfo) -> torch.Tensor:
+    """Row bytes uint8 [rows, row_bytes] of `info`'s tensor, viewed as its dtype and shape."""
     import torch
 
-    data = read_row_bytes(f, info, start, stop)
     shape = (data.shape[0], *info.shape[1:]) if info.shape else ()
     return torch.from_numpy(data.reshape(-1)).view(dtypes.to_torch(info.dtype)).reshape(shape)
 

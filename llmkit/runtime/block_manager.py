@@ -37,8 +37,7 @@ class BlockManager:
         # the order they were freed.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
-        self.num_queried_blocks = 0  # prefix-cache statistics: full blocks looked up ...
-        self.num_hit_blocks = 0  # ... and found
+        self.num_hit_blocks = 0  # full blocks taken from the prefix cache, all told
 
     @property
     def num_blocks(self) -> int:
@@ -47,11 +46,6 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
-
-    @property
-    def usage(self) -> float:
-        """Fraction of blocks held by sequences (cached free blocks count as free)."""
-        return 1 - len(self._free) / len(self.blocks)
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -70,7 +64,6 @@ class BlockManager:
             ):  # a hash collision must not hand out someone else's K/V
                 break
             hits.append(block_id)
-        self.num_queried_blocks += (seq.num_tokens - 1) // self.block_size
         self.num_hit_blocks += len(hits)
         return hits
 

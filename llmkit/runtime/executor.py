@@ -6,7 +6,6 @@ row-parallel layers all-reduce, and the logits come back to rank 0 (gloo on CPU,
 from __future__ import annotations
 
 import multiprocessing
-import os
 import socket
 from dataclasses import dataclass
 
@@ -62,12 +61,17 @@ class Executor:
         return self.runner.execute(inputs)
 
     def close(self) -> None:
-        if not self.workers:
-            return
-        dist.broadcast_object_list([None], src=0)
+        if self.workers:
+            dist.broadcast_object_list([None], src=0)  # the workers' signal to return
+            self._stop_workers(kill=False)
+
+    def _stop_workers(self, kill: bool) -> None:
         for worker in self.workers:
-            worker.join(timeout=30)
-        dist.destroy_process_group()
+            if kill:
+                worker.terminate()
+            worker.join(timeout=None if kill else 30)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         self.workers = []
 
     def _start_workers(self) -> None:
@@ -90,12 +94,7 @@ class Executor:
             dist.all_gather_object(errors, error)
         failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
         if failed:  # the ranks that loaded wait for a step that will not come: stop them
-            for worker in self.workers:
-                worker.terminate()
-                worker.join()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self.workers = []
+            self._stop_workers(kill=True)
             raise LlmkitError("loading the model failed on " + "; ".join(failed))
 
 
@@ -114,7 +113,6 @@ def _init_group(spec: RunnerSpec, rank: int, port: int) -> None:
 
 def _worker_main(spec: RunnerSpec, rank: int, port: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     _init_group(spec, rank, port)
     runner, error = None, None
     try:

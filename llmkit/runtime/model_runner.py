@@ -3,6 +3,7 @@ KV cache, and samples next tokens."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -95,19 +96,22 @@ def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence]]:
     num_decodes = next((i for i, n in enumerate(counts) if n != 1), len(counts))
     ids: list[int] = []
     positions: list[int] = []
-    for seq, n in zip(seqs, counts, strict=True):
+    rows: list[int] = []  # each token's sequence, as an index into `seqs`
+    for i, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
         start = seq.num_computed_tokens
         ids += seq.tokens(start, start + n)
         positions += range(start, start + n)
+        rows += [i] * n
     ends = [s.num_computed_tokens + n for s, n in zip(seqs, counts, strict=True)]
-    meta = _metadata(seqs, counts, ends, num_decodes, block_size)
+    positions_t = torch.tensor(positions, dtype=torch.long)
+    meta = _metadata(seqs, counts, ends, num_decodes, block_size, torch.tensor(rows), positions_t)
+    last_rows = list(itertools.accumulate(counts))  # one past each sequence's last token
     sampled = [i for i, (s, end) in enumerate(zip(seqs, ends, strict=True)) if end == s.num_tokens]
-    starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
     inputs = StepInputs(
         torch.tensor(ids, dtype=torch.long),
-        torch.tensor(positions, dtype=torch.long),
+        positions_t,
         meta,
-        torch.tensor([starts[i + 1] - 1 for i in sampled], dtype=torch.long),
+        torch.tensor([last_rows[i] - 1 for i in sampled], dtype=torch.long),
     )
     return inputs, [seqs[i] for i in sampled]
 
@@ -118,13 +122,11 @@ def _block_tables(block_tables: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
 
 
-def _metadata(seqs, counts, ends, num_decodes, block_size) -> AttentionMetadata:
+def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> AttentionMetadata:
+    """rows, positions: [tokens], each token's sequence (index into `seqs`) and position."""
     tables = _block_tables([s.block_table for s in seqs])
     slots = (tables[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
-    slot_mapping = torch.cat(
-        [slots[i, end - n : end] for i, (n, end) in enumerate(zip(counts, ends, strict=True))]
-    )
-    meta = AttentionMetadata(slot_mapping, num_decodes)
+    meta = AttentionMetadata(slots[rows, positions], num_decodes)
     if num_decodes:
         lengths = torch.tensor(ends[:num_decodes])
         num_blocks = -(-int(lengths.max()) // block_size)

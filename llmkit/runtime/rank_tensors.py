@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.reader import Checkpoint, open_checkpoint
+from llmkit.checkpoint.safetensors_io import rows_as_tensor
 from llmkit.errors import LlmkitError
 from llmkit.shard.manifest import MANIFEST, read_manifest
 from llmkit.shard.plan import TensorPlan, make_plan
@@ -77,11 +77,9 @@ class ShardRank(RankTensors):
         self.source = source
 
     def get(self, name: str) -> torch.Tensor:
-        plan = self.plans[name]
-        shape = plan.rank_shape(self.tp_rank)
-        rows = shape[0] if shape else 1
-        data = self.source.rank_rows(name, self.tp_rank, 0, rows)
-        return torch.from_numpy(data.reshape(-1)).view(dtypes.to_torch(plan.dtype)).reshape(shape)
+        info = self.source.rank_info(name, self.tp_rank)
+        rows = info.shape[0] if info.shape else 1
+        return rows_as_tensor(self.source.rank_rows(name, self.tp_rank, 0, rows), info)
 
     def close(self) -> None:
         self.source.close()

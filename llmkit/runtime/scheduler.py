@@ -27,10 +27,6 @@ class Batch:
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
@@ -53,7 +49,6 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.policy = policy
         self._key = _arrival if policy == "fcfs" else _priority
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
         self.running: list[Sequence] = []  # same order: the last is preempted first
@@ -73,16 +68,11 @@ class Scheduler:
             self._schedule_waiting(batch, budget)
         return batch
 
-    def update(self, batch: Batch) -> list[Sequence]:
-        """After the model ran `batch`: advance each sequence and cache its full blocks.
-        Returns the sequences that now need a sampled token (all their tokens computed)."""
-        ready = []
+    def update(self, batch: Batch) -> None:
+        """After the model ran `batch`: advance each sequence and cache its full blocks."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.cache_blocks(seq)
-            if seq.num_computed_tokens == seq.num_tokens:
-                ready.append(seq)
-        return ready
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire `seq` (finished or aborted) and free its blocks at once."""
@@ -111,8 +101,10 @@ class Scheduler:
     def _make_room(self, seq: Sequence, num_new_tokens: int, batch: Batch) -> bool:
         """Preempt the last running sequences not yet scheduled until `seq` fits; False when
         `seq` itself had to go."""
-        scheduled = {s.seq_id for s in batch.seqs}
+        scheduled = None  # built only when someone must go: this runs for every sequence
         while not self.block_manager.can_allocate(seq, num_new_tokens):
+            if scheduled is None:
+                scheduled = {s.seq_id for s in batch.seqs}
             victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
             self._preempt(victim)
             batch.preempted.append(victim)

@@ -87,10 +87,6 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     def tokens(self, start: int, stop: int) -> list[int]:
         """token_ids[start:stop] without building the whole list."""
         n = len(self.prompt_token_ids)

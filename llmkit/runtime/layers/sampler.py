@@ -117,7 +117,7 @@ def _results(tokens: torch.Tensor, logprobs, params: list[SamplingParams]) -> li
         if p.logprobs is None:
             out.append(Sampled(token))
             continue
-        values, top = logprobs[i].topk(p.logprobs) if p.logprobs else (logprobs[i][:0],) * 2
+        values, top = logprobs[i].topk(p.logprobs)  # logprobs=0: the chosen token only
         pairs = list(zip(top.tolist(), values.tolist(), strict=True))
         out.append(Sampled(token, float(logprobs[i, token]), pairs))
     return out
