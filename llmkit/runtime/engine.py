@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from llmkit.runtime.engine_config import EngineConfig
 from llmkit.runtime.executor import Executor, RunnerSpec
 from llmkit.runtime.model_runner import kv_block_bytes, prepare
 from llmkit.runtime.models.llama import LlamaConfig
-from llmkit.runtime.rank_tensors import open_rank
+from llmkit.runtime.rank_tensors import RankTensors, open_rank
 from llmkit.runtime.scheduler import Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, stop_reason
 
@@ -66,16 +67,14 @@ class Engine:
         self.model_path = str(model)
         device = resolve_device(config.device)
         src = open_rank(self.model_path, config.tp, 0)  # headers only: checks the layout
-        hf_config = src.config
-        src.close()
-        self.model_config = LlamaConfig.from_hf(hf_config)
-        dtype = _resolve_dtype(config.dtype, hf_config, device)
-        num_blocks = self._num_blocks(dtype, device)
-        self.executor = Executor(
-            RunnerSpec(
-                self.model_path, config.tp, dtype, str(device), num_blocks, config.block_size
-            )
-        )
+        try:
+            hf_config = src.config
+            self.model_config = LlamaConfig.from_hf(hf_config)
+            dtype = _resolve_dtype(config.dtype, hf_config, device)
+            num_blocks = self._num_blocks(dtype, device, src)
+        finally:
+            src.close()
+        # Everything a user can get wrong is checked before the weights are loaded.
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -84,6 +83,11 @@ class Engine:
             config.max_num_seqs,
             config.max_num_batched_tokens,
             config.scheduling_policy,
+        )
+        self.executor = Executor(
+            RunnerSpec(
+                self.model_path, config.tp, dtype, str(device), num_blocks, config.block_size
+            )
         )
         capacity = num_blocks * config.block_size
         self.max_model_len = min(
@@ -207,7 +211,7 @@ class Engine:
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> Detokenizer | None:
         return None if self.tokenizer is None else Detokenizer(self.tokenizer, ids, params.stop)
 
-    def _num_blocks(self, dtype: torch.dtype, device: torch.device) -> int:
+    def _num_blocks(self, dtype: torch.dtype, device: torch.device, src: RankTensors) -> int:
         c = self.config
         per_block = kv_block_bytes(self.model_config, c.tp, c.block_size, dtype)
         max_len = c.max_model_len or self.model_config.max_position_embeddings
@@ -216,7 +220,7 @@ class Engine:
             budget = c.kv_cache_memory
         elif device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
-            budget = int(free - total * (1 - c.gpu_memory_utilization) - _weight_bytes(self))
+            budget = int(free - total * (1 - c.gpu_memory_utilization) - _weight_bytes(src))
         else:
             budget = min(CPU_KV_CACHE_LIMIT, wanted * per_block)
         num_blocks = budget // per_block
@@ -228,16 +232,12 @@ class Engine:
         return int(num_blocks)
 
 
-def _weight_bytes(engine: Engine) -> int:
+def _weight_bytes(src: RankTensors) -> int:
     """Bytes the weights will take on one rank (before loading them), from the headers."""
-    src = open_rank(engine.model_path, engine.config.tp, 0)
-    try:
-        return sum(
-            int(torch.Size(p.rank_shape(0)).numel()) * dtypes.itemsize(p.dtype)
-            for p in src.plans.values()
-        )
-    finally:
-        src.close()
+    return sum(
+        math.prod(p.rank_shape(src.tp_rank)) * dtypes.itemsize(p.dtype)
+        for p in src.plans.values()
+    )
 
 
 def _resolve_dtype(name: str, hf_config: dict, device: torch.device) -> torch.dtype:
