@@ -27,10 +27,19 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.float() * scale.float()).to(dtype)
 
 
-def fake_quantize_per_token(x: torch.Tensor, divisor: float = QMAX) -> torch.Tensor:
-    """Round x through dynamic symmetric int8 with one scale per token (the last dim is the
-    channel dim): scale = max|x| / divisor. vLLM's kernels divide by 127 (the default);
-    compressed-tensors' own fake quantization, which transformers uses, by 127.5."""
+def quantize_per_token(
+    x: torch.Tensor, divisor: float = QMAX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 with one scale per token (the last dim is the channel dim):
+    (q: int8 like x, scale: float32 [..., 1]) with scale = max|x| / divisor. vLLM's kernels
+    divide by 127 (the default); compressed-tensors' own fake quantization, which
+    transformers uses, by 127.5."""
     amax = x.abs().amax(dim=-1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / divisor, torch.ones_like(amax))
-    return (torch.round(x.float() / scale).clamp(-128, QMAX) * scale).to(x.dtype)
+    return torch.round(x.float() / scale).clamp(-128, QMAX).to(torch.int8), scale
+
+
+def fake_quantize_per_token(x: torch.Tensor, divisor: float = QMAX) -> torch.Tensor:
+    """x rounded through `quantize_per_token` and back, in x's dtype."""
+    q, scale = quantize_per_token(x, divisor)
+    return (q.float() * scale).to(x.dtype)

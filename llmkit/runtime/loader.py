@@ -119,6 +119,10 @@ class _LinearReader:
         self.method = self.qconfig.get("quant_method")
         if self.method not in (None, "gptq", "awq", "compressed-tensors"):
             raise LlmkitError(f"llmkit cannot run {self.method!r} checkpoints")
+        if self.method == "awq":
+            awq.check_config(self.qconfig)
+        if self.method == "compressed-tensors":
+            ct.check_config(self.qconfig)
 
     def read(self, module: str) -> LinearWeight:
         if f"{module}.weight" in self.src and self.method != "compressed-tensors":
@@ -132,32 +136,26 @@ class _LinearReader:
         raise LlmkitError(f"checkpoint has no weight for {module}")
 
     def _gptq(self, module: str) -> GroupedWeight:
-        bits = int(self.qconfig["bits"])
-        zero_offset = 0 if self.qconfig.get("checkpoint_format") == "gptq_v2" else 1
-        get = self.src.get
-        q, zeros = gptq.unpack(get(f"{module}.qweight"), get(f"{module}.qzeros"), bits, zero_offset)
+        bits, zero_offset = gptq.checkpoint_bits(self.qconfig)
+        stored = [self.src.get(f"{module}.{suffix}") for suffix in gptq.SUFFIXES]
+        q, scales, zeros, g_idx = gptq.grouped(*stored, bits, zero_offset)
         # g_idx holds global group ids; a rank holding a slice of the groups (scales split
         # along dim 0, a row-parallel layer without act-order) shifts them.
-        g_idx = get(f"{module}.g_idx").long() - self.src.offset(f"{module}.scales", dim=0)
-        scales = get(f"{module}.scales").float().t()
+        g_idx = g_idx - self.src.offset(f"{module}.scales", dim=0)
         return GroupedWeight(q, scales, zeros.float(), g_idx, bits)
 
     def _awq(self, module: str) -> GroupedWeight:
-        get = self.src.get
-        q, zeros = awq.unpack(get(f"{module}.qweight"), get(f"{module}.qzeros"))
-        scales = get(f"{module}.scales").float().t()
-        group_size = q.shape[1] // scales.shape[1]
-        g_idx = torch.arange(q.shape[1]) // group_size
+        stored = [self.src.get(f"{module}.{suffix}") for suffix in awq.SUFFIXES]
+        q, scales, zeros, g_idx = awq.grouped(*stored)
         return GroupedWeight(q, scales, zeros.float(), g_idx, awq.BITS)
 
     def _compressed(self, module: str) -> LinearWeight:
         scheme = ct.scheme_for(self.qconfig, module)
         if scheme is None or f"{module}.weight_scale" not in self.src:
             return DenseWeight(self.src.get(f"{module}.weight"))
-        leaves = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
         stored = {
             leaf: self.src.get(f"{module}.{leaf}")
-            for leaf in leaves
+            for leaf in ct.LEAVES
             if f"{module}.{leaf}" in self.src
         }
         if "weight_packed" in stored:  # a tp slice is narrower than the stored full shape

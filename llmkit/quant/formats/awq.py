@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from llmkit.errors import LlmkitError
 from llmkit.quant.formats import bitpack
 from llmkit.quant.rtn import dequantize_indexed
 
@@ -58,11 +59,28 @@ def unpack(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor, t
     return _unpack_outputs(qweight).t(), _unpack_outputs(qzeros).t()
 
 
-def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The float32 weight [out, in] an AWQ GEMM layer computes with."""
+def grouped(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [out, in], scales [out, groups], zeros [out, groups], g_idx [in]) as in
+    gptq.grouped; AWQ's groups are consecutive inputs."""
     q, zeros = unpack(qweight, qzeros)
     group_size = q.shape[1] // scales.shape[0]
-    return dequantize_indexed(q, scales.t(), zeros, torch.arange(q.shape[1]) // group_size)
+    return q, scales.float().t(), zeros, torch.arange(q.shape[1]) // group_size
+
+
+def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [out, in] an AWQ GEMM layer computes with."""
+    return dequantize_indexed(*grouped(qweight, qzeros, scales))
+
+
+def check_config(config: dict) -> None:
+    """Refuse AWQ variants other than the 4-bit GEMM layout this module reads."""
+    if config.get("version", "gemm").lower() != "gemm" or int(config.get("bits", BITS)) != BITS:
+        raise LlmkitError(
+            f"AWQ {config.get('version')!r} at {config.get('bits')} bits is not supported; "
+            "llmkit reads the 4-bit GEMM format"
+        )
 
 
 def quantization_config(group_size: int) -> dict:

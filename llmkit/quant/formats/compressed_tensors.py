@@ -18,6 +18,14 @@ from llmkit.quant.formats import bitpack
 
 INT_QUANTIZED = "int-quantized"
 PACK_QUANTIZED = "pack-quantized"
+# The tensors of a quantized module (besides its bias); `dequantize_module` reads them.
+LEAVES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def check_config(config: dict) -> None:
+    """Refuse compressed-tensors formats other than the integer ones read here."""
+    if config.get("format") not in (INT_QUANTIZED, PACK_QUANTIZED):
+        raise LlmkitError(f"compressed-tensors format {config.get('format')!r} is not supported")
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -57,6 +57,25 @@ def unpack(
     return q, zeros
 
 
+def checkpoint_bits(config: dict) -> tuple[int, int]:
+    """(bits, zero_offset) of a GPTQ `quantization_config` (see `unpack`)."""
+    return int(config["bits"]), 0 if config.get("checkpoint_format") == "gptq_v2" else 1
+
+
+def grouped(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    zero_offset: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [out, in], scales [out, groups], zeros [out, groups], g_idx [in]): the layer's
+    weight is w[o, i] = scales[o, g] * (q[o, i] - zeros[o, g]) with g = g_idx[i]."""
+    q, zeros = unpack(qweight, qzeros, bits, zero_offset)
+    return q, scales.float().t(), zeros, g_idx.long()
+
+
 def dequantize(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
@@ -66,8 +85,7 @@ def dequantize(
     zero_offset: int = 1,
 ) -> torch.Tensor:
     """The float32 weight [out, in] a GPTQ layer computes with."""
-    q, zeros = unpack(qweight, qzeros, bits, zero_offset)
-    return dequantize_indexed(q, scales.t(), zeros, g_idx)
+    return dequantize_indexed(*grouped(qweight, qzeros, scales, g_idx, bits, zero_offset))
 
 
 def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool) -> dict:

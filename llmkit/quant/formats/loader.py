@@ -12,8 +12,6 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.formats import compressed_tensors as ct
 
-_CT_LEAVES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-
 
 def dequantized_state(ck: Checkpoint) -> tuple[dict[str, torch.Tensor], set[str]]:
     """(state dict with float weights, names of Linears whose inputs run through per-token
@@ -41,8 +39,7 @@ def _by_module(ck: Checkpoint) -> dict[str, dict[str, str]]:
 
 
 def _compressed_tensors(ck: Checkpoint, config: dict) -> tuple[dict, set[str]]:
-    if config.get("format") not in (ct.INT_QUANTIZED, ct.PACK_QUANTIZED):
-        raise LlmkitError(f"compressed-tensors format {config.get('format')!r} is not supported")
+    ct.check_config(config)
     state: dict[str, torch.Tensor] = {}
     act_quant: set[str] = set()
     for module, leaves in _by_module(ck).items():
@@ -50,10 +47,10 @@ def _compressed_tensors(ck: Checkpoint, config: dict) -> tuple[dict, set[str]]:
         if scheme is None:
             state.update({full: ck.get_tensor(full) for full in leaves.values()})
             continue
-        stored = {leaf: ck.get_tensor(full) for leaf, full in leaves.items() if leaf in _CT_LEAVES}
+        stored = {leaf: ck.get_tensor(full) for leaf, full in leaves.items() if leaf in ct.LEAVES}
         state[f"{module}.weight"] = ct.dequantize_module(stored, scheme)
         state.update(
-            {full: ck.get_tensor(full) for leaf, full in leaves.items() if leaf not in _CT_LEAVES}
+            {full: ck.get_tensor(full) for leaf, full in leaves.items() if leaf not in ct.LEAVES}
         )
         if ct.quantizes_inputs(scheme):
             act_quant.add(module)
@@ -61,8 +58,7 @@ def _compressed_tensors(ck: Checkpoint, config: dict) -> tuple[dict, set[str]]:
 
 
 def _gptq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
-    bits = int(config["bits"])
-    zero_offset = 0 if config.get("checkpoint_format") == "gptq_v2" else 1
+    bits, zero_offset = gptq.checkpoint_bits(config)
 
     def dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
         qweight, qzeros, scales, g_idx = (parts[leaf] for leaf in gptq.SUFFIXES)
@@ -72,11 +68,7 @@ def _gptq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
 
 
 def _awq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
-    if config.get("version", "gemm").lower() != "gemm" or int(config.get("bits", 4)) != 4:
-        raise LlmkitError(
-            f"AWQ {config.get('version')!r} at {config.get('bits')} bits is not supported; "
-            "llmkit reads the 4-bit GEMM format"
-        )
+    awq.check_config(config)
     return _packed(
         ck, awq.SUFFIXES, lambda p: awq.dequantize(p["qweight"], p["qzeros"], p["scales"])
     )

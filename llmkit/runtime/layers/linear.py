@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.quant.int8 import QMAX
+from llmkit.quant.int8 import quantize_per_token
 from llmkit.quant.rtn import dequantize_indexed
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts, largest first
@@ -161,10 +161,7 @@ class W8A8Linear(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Dynamic symmetric per-token scale, max|x| / 127, as vLLM's kernels compute it.
-        amax = x.abs().amax(dim=-1, keepdim=True).float()
-        x_scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-        xq = torch.round(x.float() / x_scale).clamp(-128, QMAX).to(torch.int8)
+        xq, x_scale = quantize_per_token(x)  # max|x| / 127 per token, as vLLM's kernels
         if x.device.type == "cpu":
             acc = torch._int_mm(xq, self.qt).float()
         else:  # exact in float32 for |sums| < 2**24; the CUDA kernels are a separate path
