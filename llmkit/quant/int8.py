@@ -27,9 +27,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.float() * scale.float()).to(dtype)
 
 
-def quantize_per_token(
-    x: torch.Tensor, divisor: float = QMAX
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, divisor: float = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric int8 with one scale per token (the last dim is the channel dim):
     (q: int8 like x, scale: float32 [..., 1]) with scale = max|x| / divisor. vLLM's kernels
     divide by 127 (the default); compressed-tensors' own fake quantization, which

@@ -235,8 +235,7 @@ class Engine:
 def _weight_bytes(src: RankTensors) -> int:
     """Bytes the weights will take on one rank (before loading them), from the headers."""
     return sum(
-        math.prod(p.rank_shape(src.tp_rank)) * dtypes.itemsize(p.dtype)
-        for p in src.plans.values()
+        math.prod(p.rank_shape(src.tp_rank)) * dtypes.itemsize(p.dtype) for p in src.plans.values()
     )
 
 

@@ -56,11 +56,10 @@ class _Builder:
 
     def layer(self, i: int, cfg: LlamaConfig, heads: int, kv_heads: int) -> DecoderLayer:
         p = f"model.layers.{i}."
-        qk_norm = [self.norm(f"{p}self_attn.{n}_norm.weight", cfg) for n in "qk"]
         attn = Attention(
             self.merged([f"{p}self_attn.{n}_proj" for n in "qkv"]),
             self.row_parallel(f"{p}self_attn.o_proj"),
-            *(qk_norm if cfg.qk_norm else (None, None)),
+            *(self.norm(f"{p}self_attn.{n}_norm.weight", cfg) for n in "qk"),  # Qwen3 only
             heads,
             kv_heads,
             cfg.head_dim,
@@ -77,6 +76,7 @@ class _Builder:
         )
 
     def norm(self, name: str, cfg: LlamaConfig) -> RMSNorm | None:
+        """The norm `name`, or None when the checkpoint has none (the architecture has none)."""
         if name not in self.src:
             return None
         return RMSNorm(self.src.get(name).to(self.device, self.dtype), cfg.rms_norm_eps)

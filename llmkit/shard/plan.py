@@ -77,7 +77,7 @@ class Model:
         model_type = config.get("model_type")
         if model_type not in ARCHITECTURES:
             raise LlmkitError(
-                f"llmkit shard knows the {', '.join(ARCHITECTURES)} families, not "
+                f"llmkit knows the {', '.join(ARCHITECTURES)} families, not "
                 f"model_type {model_type!r}"
             )
         heads = int(config["num_attention_heads"])

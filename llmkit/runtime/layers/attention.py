@@ -54,8 +54,7 @@ class AttentionMetadata:
         """[decodes, kv_heads, max blocks]: rows of the cache viewed as
         [blocks * kv_heads, block_size, dim] holding each sequence's context, head-major."""
         if self._decode_index is None:
-            heads = torch.arange(num_kv_heads, device=self.decode_blocks.device)
-            self._decode_index = self.decode_blocks[:, None, :] * num_kv_heads + heads[:, None]
+            self._decode_index = _head_rows(self.decode_blocks, num_kv_heads)
         return self._decode_index
 
     def to(self, device: torch.device) -> AttentionMetadata:
@@ -101,18 +100,17 @@ def paged_attention(
     for p in meta.prefills:
         end = p.start + p.length
         query = q[p.start : end].transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
-        if p.context_blocks is None:
-            keys, values, mask = k[p.start : end], v[p.start : end], None
+        if p.context_blocks is None:  # keys, values: [kv_heads, context, head_dim]
+            keys, values = k[p.start : end].transpose(0, 1), v[p.start : end].transpose(0, 1)
         else:
-            heads = torch.arange(k_cache.shape[1], device=q.device)
-            index = p.context_blocks[None, None, :] * k_cache.shape[1] + heads[None, :, None]
-            keys, values, mask = _gather(k_cache, index)[0], _gather(v_cache, index)[0], p.mask
+            index = _head_rows(p.context_blocks[None, :], k_cache.shape[1])
+            keys, values = _gather(k_cache, index)[0], _gather(v_cache, index)[0]
         o = F.scaled_dot_product_attention(
             query,
-            keys.unsqueeze(0) if mask is not None else keys.transpose(0, 1).unsqueeze(0),
-            values.unsqueeze(0) if mask is not None else values.transpose(0, 1).unsqueeze(0),
-            mask,
-            is_causal=mask is None,
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            p.mask,
+            is_causal=p.mask is None,
             scale=scale,
             enable_gqa=True,
         )
@@ -120,9 +118,16 @@ def paged_attention(
     return out
 
 
+def _head_rows(blocks: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """blocks [seqs, n] -> [seqs, kv_heads, n]: for each head, the rows of the cache viewed
+    as [blocks * kv_heads, block_size, dim] holding those blocks."""
+    heads = torch.arange(num_kv_heads, device=blocks.device)
+    return blocks[:, None, :] * num_kv_heads + heads[:, None]
+
+
 def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """cache [num_blocks, kv_heads, block_size, dim], index [seqs, kv_heads, n] (see
-    AttentionMetadata.decode_index) -> [seqs, kv_heads, n * block_size, dim], one copy."""
+    """cache [num_blocks, kv_heads, block_size, dim], index [seqs, kv_heads, n] (from
+    _head_rows) -> [seqs, kv_heads, n * block_size, dim], one copy."""
     num_blocks, num_kv_heads, block_size, dim = cache.shape
     rows = cache.view(num_blocks * num_kv_heads, block_size * dim)
     gathered = rows.index_select(0, index.flatten())  # whole-row copies: far faster than []

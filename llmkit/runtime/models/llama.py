@@ -18,65 +18,41 @@ from llmkit.errors import LlmkitError
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
 from llmkit.runtime.layers.norm import RMSNorm
 from llmkit.runtime.layers.rotary import Rotary, apply_rotary
-from llmkit.shard.plan import heads_per_rank
-
-# model_type -> (q/k/v carry a bias, q and k are RMS-normed per head before rotary)
-FAMILY = {
-    "llama": (False, False),
-    "mistral": (False, False),
-    "qwen2": (True, False),
-    "qwen3": (False, True),
-}
+from llmkit.shard.plan import Model, heads_per_rank
 
 
 @dataclass(frozen=True, slots=True)
 class LlamaConfig:
-    """The numbers of config.json the runtime uses (whole-model sizes)."""
+    """The numbers of config.json the runtime uses (whole-model sizes). What differs between
+    the family's members (q/k/v biases, Qwen3's q/k norms, tied embeddings) is read from
+    which tensors the checkpoint holds."""
 
-    model_type: str
     num_layers: int
-    hidden_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: dict | None
     max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    qk_norm: bool
 
     @classmethod
     def from_hf(cls, config: dict) -> LlamaConfig:
-        model_type = config.get("model_type")
-        if model_type not in FAMILY:
-            raise LlmkitError(
-                f"llmkit runs the {', '.join(FAMILY)} families, not model_type {model_type!r}"
-            )
+        shape = Model.from_config(config)  # the family and sizes, as the shard rules read them
         if config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
             raise LlmkitError("llmkit runs SiLU-gated MLPs without bias only")
-        qkv_bias, qk_norm = FAMILY[model_type]
-        heads = int(config["num_attention_heads"])
         rope = config.get("rope_parameters") or config.get("rope_scaling")
         return cls(
-            model_type=model_type,
-            num_layers=int(config["num_hidden_layers"]),
-            hidden_size=int(config["hidden_size"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
-            intermediate_size=int(config["intermediate_size"]),
-            vocab_size=int(config["vocab_size"]),
+            num_layers=shape.num_layers,
+            num_heads=shape.num_heads,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            vocab_size=shape.vocab_size,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float((rope or {}).get("rope_theta") or config.get("rope_theta", 10000.0)),
             rope_scaling=rope,
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias or bool(config.get("attention_bias", False)),
-            qk_norm=qk_norm,
         )
 
     def heads_per_rank(self, tp: int) -> tuple[int, int]:
