@@ -109,12 +109,17 @@ def batch1_decode(engine, prompt_len: int, output_len: int) -> dict:
     return {"batch1_tokens_per_s": steps / (time.perf_counter() - start)}
 
 
-def child_hf_static(model: str, workload: dict, batch: int = 16) -> dict:
+def hf_model(model: str):
+    """transformers' model in bfloat16 with THREADS threads."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(THREADS)
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+
+
+def child_hf_static(model: str, workload: dict, batch: int = 16) -> dict:
+    hf = hf_model(model)
     hf.generation_config.eos_token_id = None
     out_len = workload["output_len"]
     prompts = workload["prompts"]
@@ -126,7 +131,6 @@ def child_hf_static(model: str, workload: dict, batch: int = 16) -> dict:
     return {"seconds": time.perf_counter() - start, "output_tokens": tokens}
 
 
-@__import__("torch").inference_mode()
 def run_hf_batch(hf, prompts: list[list[int]], out_len: int) -> int:
     import torch
 
@@ -144,11 +148,9 @@ def run_hf_batch(hf, prompts: list[list[int]], out_len: int) -> int:
 
 
 def child_hf_continuous(model: str, workload: dict) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    torch.set_num_threads(THREADS)
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    hf = hf_model(model)
     config = GenerationConfig(
         max_new_tokens=workload["output_len"], do_sample=False, eos_token_id=None, pad_token_id=0
     )

@@ -52,7 +52,7 @@ def generate(
     from llmkit.runtime.generate import generate as run
     from llmkit.runtime.generate import parse_requests
 
-    requests = _read(prompts, parse_requests)
+    requests = parse_requests(*_lines(prompts))
     config = EngineConfig(
         tp=tp,
         dtype=dtype,
@@ -82,13 +82,14 @@ def generate(
     )
 
 
-def _read(prompts: str, parse):
+def _lines(prompts: str) -> tuple[list[str], str]:
+    """The lines of --prompts and the name errors give them."""
     if prompts == "-":
-        return parse(sys.stdin.read().splitlines(), "<stdin>")
+        return sys.stdin.read().splitlines(), "<stdin>"
     path = Path(prompts)
     if not path.is_file():
         raise LlmkitError(f"--prompts {prompts}: no such file")
-    return parse(path.read_text().splitlines(), str(path))
+    return path.read_text().splitlines(), str(path)
 
 
 def _write(records: list[dict], output: Path | None) -> None:
