@@ -145,7 +145,7 @@ def _clip_rows(wg: torch.Tensor, xg: torch.Tensor, settings: AWQSettings) -> tor
     best_bound, best_error = full.clone(), None
     for k in range(int(settings.max_shrink * settings.clip_grid)):
         bound = full * (1 - k / settings.clip_grid)
-        clipped = torch.maximum(torch.minimum(wg, bound[..., None]), -bound[..., None])
+        clipped = _clamp_groups(wg, bound)
         q = fake_quantize(clipped.reshape(-1, settings.group_size), settings.group_size)
         out = torch.bmm(xg, q.reshape(wg.shape).permute(1, 2, 0))
         error = (out - reference).pow(2).mean(dim=1).t()  # [o, groups]
@@ -160,6 +160,9 @@ def _clip_rows(wg: torch.Tensor, xg: torch.Tensor, settings: AWQSettings) -> tor
 
 def apply_clip(w: torch.Tensor, bound: torch.Tensor, group_size: int) -> torch.Tensor:
     """w [out, in] with each group clamped to ±bound [out, groups]."""
-    groups = w.float().reshape(w.shape[0], -1, group_size)
-    b = bound[..., None]
-    return torch.maximum(torch.minimum(groups, b), -b).reshape(w.shape)
+    return _clamp_groups(w.float().reshape(w.shape[0], -1, group_size), bound).reshape(w.shape)
+
+
+def _clamp_groups(groups: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """groups [out, groups, size] clamped to ±bound [out, groups]."""
+    return torch.clamp(groups, -bound[..., None], bound[..., None])
