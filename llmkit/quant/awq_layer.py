@@ -105,12 +105,14 @@ class AWQLayer:
         if not group.block:
             return layer.get_submodule(group.linears[0])
         module = layer.get_submodule(group.block)
-        if group.block == self.arch.attention:
-            rope = run.position_embeddings
-            return lambda x: module(hidden_states=x, position_embeddings=rope, attention_mask=None)[
-                0
-            ]
-        return module
+        if group.block != self.arch.attention:
+            return module
+        rope = run.position_embeddings
+
+        def attention(x: torch.Tensor) -> torch.Tensor:
+            return module(hidden_states=x, position_embeddings=rope, attention_mask=None)[0]
+
+        return attention
 
     def _quantize(self, linear: nn.Linear, name: str, x: torch.Tensor, errors: dict) -> dict:
         original = linear.weight.detach().float()
