@@ -35,7 +35,7 @@ def runtime_logits(path, ids: list[int], dtype=torch.float32) -> torch.Tensor:
     BlockManager(num_blocks, block_size).allocate(seq, len(ids))
     batch = Batch()
     batch.add(seq, len(ids))
-    inputs, _ = prepare(batch, block_size)
+    inputs, _, _ = prepare(batch, block_size)
     inputs.logits_indices = torch.arange(len(ids))
     return runner.execute(inputs)
 

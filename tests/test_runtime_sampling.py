@@ -121,3 +121,28 @@ def test_n_completions_share_the_prompt_and_differ(llm):
     assert llm.engine.block_manager.num_hit_blocks - before == 2 * 2  # siblings reuse 2 blocks
     again = llm.generate([prompt], SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=4))[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+
+
+@pytest.mark.parametrize("chunk", [2048, 7])
+def test_prompt_logprobs_score_each_prompt_token_as_transformers_does(tiny_dir, chunk):
+    from tests.runtime_helpers import hf_model
+
+    path = tiny_dir()
+    prompt = random_prompts(1, 30, 31, seed=5)[0]
+    with torch.inference_mode():
+        reference = torch.log_softmax(hf_model(path)(torch.tensor([prompt])).logits[0], -1)
+    llm = LLM(path, EngineConfig(max_num_batched_tokens=chunk, max_num_seqs=4))
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2)
+        # a second identical request: its prompt is scored again, not taken from the cache
+        outs = llm.generate([prompt, prompt], params)
+    finally:
+        llm.close()
+    for out in outs:
+        scored = out.prompt_logprobs
+        assert scored[0] is None and len(scored) == len(prompt)
+        for pos in range(1, len(prompt)):
+            entry, expected = scored[pos], reference[pos - 1]
+            assert entry["token_id"] == prompt[pos]
+            assert entry["logprob"] == pytest.approx(float(expected[prompt[pos]]), abs=1e-4)
+            assert [t for t, _ in entry["top"]] == expected.topk(2).indices.tolist()

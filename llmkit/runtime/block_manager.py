@@ -47,13 +47,19 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks some sequence holds (freed blocks that still cache a prefix are free)."""
+        return len(self.blocks) - len(self._free)
+
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def computed_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of a new sequence's tokens. Only full blocks, and
-        never all of its tokens: the last one is always computed to produce logits."""
-        if not self.enable_prefix_caching:
+        never all of its tokens: the last one is always computed to produce logits. None
+        for a sequence that wants prompt log probabilities: those need every prompt token."""
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return []
         hits: list[int] = []
         for i, h in enumerate(self._hashes(seq, (seq.num_tokens - 1) // self.block_size)):

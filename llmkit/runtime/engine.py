@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.detokenizer import Detokenizer
 from llmkit.runtime.engine_config import EngineConfig
 from llmkit.runtime.executor import Executor, RunnerSpec
-from llmkit.runtime.model_runner import kv_block_bytes, prepare
+from llmkit.runtime.layers.sampler import Sampled, score
+from llmkit.runtime.model_runner import PromptSpan, kv_block_bytes, prepare
 from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.rank_tensors import RankTensors, open_rank
 from llmkit.runtime.scheduler import Scheduler
@@ -44,11 +46,25 @@ class Completion:
 
 
 @dataclass(slots=True)
+class RequestTimes:
+    """time.monotonic() of a request's milestones (None until reached)."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[Completion]
     finished: bool
+    times: RequestTimes | None = None
+    # per prompt token {"token_id", "logprob", "top"}; None for the first (nothing scores it)
+    prompt_logprobs: list[dict | None] | None = None
+    num_cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -57,7 +73,9 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     detokenizers: list[Detokenizer | None]
+    times: RequestTimes
     logprobs: list[list[dict]] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] | None = None
 
 
 class Engine:
@@ -107,8 +125,10 @@ class Engine:
         prompt: str | None = None,
         prompt_token_ids: list[int] | None = None,
         params: SamplingParams | None = None,
+        arrival: float | None = None,
     ) -> None:
-        """Queue a request; raises LlmkitError for a prompt the model cannot take."""
+        """Queue a request; raises LlmkitError for a prompt the model cannot take.
+        `arrival`: its time.monotonic() when it reached the caller (default: now)."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise LlmkitError(f"request id {request_id!r} is already running")
@@ -118,7 +138,11 @@ class Engine:
             seed = None if params.seed is None else params.seed + i
             seqs.append(Sequence(list(ids), params, request_id, seqs[0] if seqs else None, seed))
         detok = [self._detokenizer(ids, params) for _ in seqs]
-        self.requests[request_id] = _Request(request_id, ids, seqs, detok, [[] for _ in seqs])
+        times = RequestTimes(time.monotonic() if arrival is None else arrival)
+        request = _Request(request_id, ids, seqs, detok, times, [[] for _ in seqs])
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(ids)
+        self.requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -139,32 +163,63 @@ class Engine:
             if self.scheduler.running or batch.preempted or not self.scheduler.waiting:
                 return []
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
-        inputs, to_sample = prepare(batch, self.config.block_size)
+        self._mark_scheduled(batch.seqs)
+        inputs, to_sample, spans = prepare(batch, self.config.block_size)
         logits = self.executor.execute(inputs)
+        self._score_prompts(spans, logits[len(to_sample) :] if spans else None)
         self.scheduler.update(batch)
         touched: dict[str, _Request] = {}
         if to_sample:
-            for seq, sampled in zip(
-                to_sample, self.executor.runner.sample(logits, to_sample), strict=True
-            ):
-                touched[seq.request_id] = self._advance(seq, sampled)
+            sampled = self.executor.runner.sample(logits[: len(to_sample)], to_sample)
+            now = time.monotonic()
+            for seq, token in zip(to_sample, sampled, strict=True):
+                touched[seq.request_id] = self._advance(seq, token, now)
         return [self._output(r) for r in touched.values()]
+
+    def check_prompt_ids(self, ids: list[int]) -> None:
+        """Raise LlmkitError for prompt token ids this engine cannot take (thread-safe: it
+        reads only the configuration)."""
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise LlmkitError("the prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise LlmkitError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise LlmkitError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                "tokens, which must hold the prompt and at least one generated token"
+            )
 
     def close(self) -> None:
         self.executor.close()
 
-    def _advance(self, seq: Sequence, sampled) -> _Request:
+    def _mark_scheduled(self, seqs: list[Sequence]) -> None:
+        now = time.monotonic()
+        for seq in seqs:
+            times = self.requests[seq.request_id].times
+            if times.first_scheduled is None:
+                times.first_scheduled = now
+
+    def _score_prompts(self, spans: list[PromptSpan], logits: torch.Tensor | None) -> None:
+        """Record the log probability of each prompt token the spans cover."""
+        row = 0
+        for span in spans:
+            seq = span.seq
+            nxt = seq.prompt_token_ids[span.start + 1 : span.start + 1 + span.count]
+            scored = score(logits[row : row + span.count], nxt, seq.params.prompt_logprobs)
+            target = self.requests[seq.request_id].prompt_logprobs
+            for i, s in enumerate(scored, start=span.start + 1):
+                target[i] = _logprob_entry(s)
+            row += span.count
+
+    def _advance(self, seq: Sequence, sampled: Sampled, now: float) -> _Request:
         request = self.requests[seq.request_id]
+        if request.times.first_token is None:
+            request.times.first_token = now
         index = request.seqs.index(seq)
         seq.output_token_ids.append(sampled.token_id)
         if seq.params.logprobs is not None:
-            request.logprobs[index].append(
-                {
-                    "token_id": sampled.token_id,
-                    "logprob": sampled.logprob,
-                    "top": sampled.top_logprobs,
-                }
-            )
+            request.logprobs[index].append(_logprob_entry(sampled))
         detok = request.detokenizers[index]
         reason = "stop" if detok is not None and detok.add(sampled.token_id) else None
         reason = reason or stop_reason(seq, self.eos_token_ids, self.max_model_len)
@@ -186,8 +241,17 @@ class Engine:
         ]
         finished = all(s.is_finished for s in request.seqs)
         if finished:
+            request.times.finished = time.monotonic()
             del self.requests[request.request_id]
-        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished)
+        return RequestOutput(
+            request.request_id,
+            request.prompt_token_ids,
+            outputs,
+            finished,
+            request.times,
+            request.prompt_logprobs,
+            request.seqs[0].num_cached_tokens,
+        )
 
     def _prompt_ids(self, prompt: str | None, ids: list[int] | None) -> list[int]:
         if ids is None:
@@ -196,16 +260,7 @@ class Engine:
             if self.tokenizer is None:
                 raise LlmkitError(f"{self.model_path} has no tokenizer; send prompt_token_ids")
             ids = self.tokenizer.encode(prompt)
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise LlmkitError("the prompt is empty")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise LlmkitError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise LlmkitError(
-                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
-                "tokens, which must hold the prompt and at least one generated token"
-            )
+        self.check_prompt_ids(ids)
         return list(ids)
 
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> Detokenizer | None:
@@ -230,6 +285,10 @@ class Engine:
                 "raise --kv-cache-memory (or --gpu-memory-utilization)"
             )
         return int(num_blocks)
+
+
+def _logprob_entry(s: Sampled) -> dict:
+    return {"token_id": s.token_id, "logprob": s.logprob, "top": s.top_logprobs}
 
 
 def _weight_bytes(src: RankTensors) -> int:

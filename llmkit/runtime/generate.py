@@ -98,6 +98,8 @@ def output_record(index: int, out: RequestOutput) -> dict:
     }
     if first.logprobs is not None:
         record["logprobs"] = first.logprobs
+    if out.prompt_logprobs is not None:
+        record["prompt_logprobs"] = out.prompt_logprobs
     if len(out.outputs) > 1:
         record["choices"] = [
             {

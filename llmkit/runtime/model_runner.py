@@ -88,8 +88,21 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.from_numpy(raw).view(dtype).view(shape)
 
 
-def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence]]:
-    """Tensors for `batch`, decodes first; and the sequences whose logits come back, in order."""
+@dataclass(frozen=True, slots=True)
+class PromptSpan:
+    """Logits rows of prompt positions start..start+count-1 of `seq` (each row scores the
+    prompt's next token), returned after the rows of the sequences to sample."""
+
+    seq: Sequence
+    start: int
+    count: int
+
+
+def prepare(
+    batch: Batch, block_size: int
+) -> tuple[StepInputs, list[Sequence], list[PromptSpan]]:
+    """Tensors for `batch`, decodes first; the sequences whose logits come back, in order;
+    and the prompt spans whose logits follow theirs."""
     order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
     seqs = [batch.seqs[i] for i in order]
     counts = [batch.num_new_tokens[i] for i in order]
@@ -107,13 +120,28 @@ def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence]]:
     meta = _metadata(seqs, counts, ends, num_decodes, block_size, torch.tensor(rows), positions_t)
     last_rows = list(itertools.accumulate(counts))  # one past each sequence's last token
     sampled = [i for i, (s, end) in enumerate(zip(seqs, ends, strict=True)) if end == s.num_tokens]
+    logits_rows = [last_rows[i] - 1 for i in sampled]
+    spans = _prompt_spans(seqs, counts, last_rows, logits_rows)
     inputs = StepInputs(
         torch.tensor(ids, dtype=torch.long),
         positions_t,
         meta,
-        torch.tensor([last_rows[i] - 1 for i in sampled], dtype=torch.long),
+        torch.tensor(logits_rows, dtype=torch.long),
     )
-    return inputs, [seqs[i] for i in sampled]
+    return inputs, [seqs[i] for i in sampled], spans
+
+
+def _prompt_spans(seqs, counts, last_rows, logits_rows: list[int]) -> list[PromptSpan]:
+    """Spans of prompt positions whose next-token logits are wanted; appends their rows."""
+    spans = []
+    for seq, n, row_end in zip(seqs, counts, last_rows, strict=True):
+        start = seq.num_computed_tokens
+        stop = min(start + n, seq.num_prompt_tokens - 1)  # the last one predicts the output
+        if seq.wants_prompt_logprobs and stop > start:
+            first_row = row_end - n
+            logits_rows += range(first_row, first_row + stop - start)
+            spans.append(PromptSpan(seq, start, stop - start))
+    return spans
 
 
 def _block_tables(block_tables: list[list[int]]) -> torch.Tensor:

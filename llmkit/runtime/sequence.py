@@ -30,6 +30,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n log probabilities per generated token
+    prompt_logprobs: int | None = None  # top-n log probabilities per prompt token (echo)
     n: int = 1
     priority: int = 0  # lower runs first under the priority policy
 
@@ -44,6 +45,10 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs must be in [0, 20]",
+            ),
             (self.n >= 1, "n must be at least 1"),
         ]
         for ok, message in checks:
@@ -95,6 +100,11 @@ class Sequence:
         if start >= n:
             return self.output_token_ids[start - n : stop - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: stop - n]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt log probabilities are computed once per request, by its first sequence."""
+        return self.params.prompt_logprobs is not None and self.parent is None
 
     @property
     def num_uncomputed_tokens(self) -> int:

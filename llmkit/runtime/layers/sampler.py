@@ -121,3 +121,15 @@ def _results(tokens: torch.Tensor, logprobs, params: list[SamplingParams]) -> li
         pairs = list(zip(top.tolist(), values.tolist(), strict=True))
         out.append(Sampled(token, float(logprobs[i, token]), pairs))
     return out
+
+
+def score(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[Sampled]:
+    """Log probabilities of given tokens (one per row of `logits`), with each row's top n:
+    how prompt tokens are scored for echo."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
+    values, top = logprobs.topk(top_n, dim=-1)
+    return [
+        Sampled(t, lp, list(zip(ids, vs, strict=True)))
+        for t, lp, ids, vs in zip(token_ids, chosen, top.tolist(), values.tolist(), strict=True)
+    ]
