@@ -123,15 +123,20 @@ def row_chunks(
 
 def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:
     """Open a local checkpoint directory, or download one by hub id (`org/name`)."""
+    return load_dir(local_dir(source, revision))
+
+
+def local_dir(source: str | Path, revision: str | None = None) -> Path:
+    """A checkpoint directory: `source` itself, or a hub id's downloaded snapshot."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return load_dir(path)
+        return path
     if path.exists():
         raise LlmkitError(f"{source} is a file; give the checkpoint's directory")
     if _HUB_ID.fullmatch(str(source)) and "/" in str(source):
         from llmkit.checkpoint.hub import download
 
-        return load_dir(download(str(source), revision))
+        return download(str(source), revision)
     raise LlmkitError(f"no checkpoint directory at {source} (and it is not a hub id like org/name)")
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from llmkit import __version__
-from llmkit.cli import bench, generate, init, inspect, quantize, shard
+from llmkit.cli import bench, generate, init, inspect, quantize, serve, shard
 from llmkit.cli.output import print_error
 from llmkit.errors import LlmkitError
 
@@ -25,6 +25,7 @@ app.command("inspect")(inspect.inspect)
 app.command("quantize")(quantize.quantize)
 app.command("shard")(shard.shard)
 app.command("generate")(generate.generate)
+app.command("serve")(serve.serve)
 app.command("shard-merge", hidden=True)(shard.merge)
 app.command("shard-verify", hidden=True)(shard.verify)
 app.add_typer(bench.app, name="bench")

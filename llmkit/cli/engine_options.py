@@ -8,6 +8,7 @@ import typer
 
 from llmkit.checkpoint.writer import parse_size
 from llmkit.errors import LlmkitError
+from llmkit.runtime.engine_config import EngineConfig
 
 TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel ranks (processes).")]
 DtypeOpt = Annotated[
@@ -48,3 +49,20 @@ def kv_cache_bytes(text: str | None) -> int | None:
         return parse_size(text)
     except LlmkitError:
         raise LlmkitError(f"--kv-cache-memory {text!r} must be a size like 2GiB or 512MB") from None
+
+
+def engine_config(options: dict) -> EngineConfig:
+    """The EngineConfig of a command's engine options (its parameters, by the names above)."""
+    return EngineConfig(
+        tp=options["tp"],
+        dtype=options["dtype"],
+        device=options["device"],
+        block_size=options["block_size"],
+        kv_cache_memory=kv_cache_bytes(options["kv_cache_memory"]),
+        gpu_memory_utilization=options["gpu_memory_utilization"],
+        max_num_seqs=options["max_num_seqs"],
+        max_num_batched_tokens=options["max_num_batched_tokens"],
+        max_model_len=options["max_model_len"],
+        enable_prefix_caching=options["prefix_caching"],
+        scheduling_policy=options["scheduling_policy"],
+    )

@@ -53,19 +53,7 @@ def generate(
     from llmkit.runtime.generate import parse_requests
 
     requests = parse_requests(*_lines(prompts))
-    config = EngineConfig(
-        tp=tp,
-        dtype=dtype,
-        device=device,
-        block_size=block_size,
-        kv_cache_memory=eo.kv_cache_bytes(kv_cache_memory),
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len,
-        enable_prefix_caching=prefix_caching,
-        scheduling_policy=scheduling_policy,
-    )
+    config = eo.engine_config(locals())
     with progress_bars(quiet=json_out) as task:
         records, report = run(model, requests, config, task("generate", unit="requests"))
     _write(records, output)

@@ -111,7 +111,7 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings, capacity
         )
-        self.tokenizer = _load_tokenizer(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = _eos_ids(self.model_path, hf_config)
         self.requests: dict[str, _Request] = {}
         self.num_kv_tokens = capacity
@@ -308,7 +308,7 @@ def _resolve_dtype(name: str, hf_config: dict, device: torch.device) -> torch.dt
     return getattr(torch, name)
 
 
-def _load_tokenizer(path: str):
+def load_tokenizer(path: str):
     directory = Path(path).expanduser()
     if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None

@@ -98,9 +98,7 @@ class PromptSpan:
     count: int
 
 
-def prepare(
-    batch: Batch, block_size: int
-) -> tuple[StepInputs, list[Sequence], list[PromptSpan]]:
+def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence], list[PromptSpan]]:
     """Tensors for `batch`, decodes first; the sequences whose logits come back, in order;
     and the prompt spans whose logits follow theirs."""
     order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)

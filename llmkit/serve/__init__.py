@@ -1,0 +1,1 @@
+"""`llmkit serve`: the engine behind an OpenAI-compatible HTTP API."""

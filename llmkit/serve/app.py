@@ -1,0 +1,244 @@
+"""The FastAPI application: routes, the API key, body limits, OpenAI-shaped errors, and the
+engine loaded in the background (/health answers 503 until it is ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from llmkit.serve import handlers as h
+from llmkit.serve import responses as r
+from llmkit.serve.config import ServeConfig
+from llmkit.serve.metrics import Metrics
+from llmkit.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
+
+log = logging.getLogger("llmkit.serve")
+
+
+class ServerState:
+    """The engine as it loads, runs and stops; `on_fatal` is told when loading fails."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.served: h.Served | None = None
+        self.error: str | None = None
+        self.closing = False
+        self.on_fatal: Callable[[], None] = lambda: None
+        self.load_s: float | None = None
+        self._lock = threading.Lock()
+        self.metrics.watch(lambda: self.served.engine.engine if self.served else None)
+
+    def load(self) -> None:
+        from llmkit.runtime.engine import Engine, load_tokenizer
+        from llmkit.serve.async_engine import AsyncEngine
+
+        start = time.perf_counter()
+        cfg = self.config
+        try:
+            engine = Engine(cfg.model, cfg.engine)
+            tokenizer = load_tokenizer(cfg.model)
+        except Exception as e:
+            self.error = str(e) or type(e).__name__
+            log.error("loading %s failed: %s", cfg.model, e)
+            self.on_fatal()
+            return
+        loop = AsyncEngine(engine, self.metrics, cfg.max_queued_requests, cfg.stats_interval_s)
+        served = h.Served(
+            loop, tokenizer, r.TokenText(tokenizer), cfg.model_name, engine.max_model_len
+        )
+        with self._lock:
+            if not self.closing:
+                self.served = served
+        if self.served is None:  # shut down while loading
+            loop.shutdown(cfg.shutdown_timeout_s)
+            return
+        self.load_s = time.perf_counter() - start
+        log.info("%s is ready (loaded in %.1f s)", cfg.model_name, self.load_s)
+
+    def ready(self) -> h.Served:
+        if self.served is None:
+            raise ApiError(503, "the model is still loading", type="server_error", code="loading")
+        return self.served
+
+    def close(self) -> None:
+        with self._lock:
+            self.closing = True
+            served, self.served = self.served, None
+        if served is not None:
+            served.engine.shutdown(self.config.shutdown_timeout_s)
+
+
+class EventStream(StreamingResponse):
+    """Server-Sent Events that stop (aborting their requests) the moment the client goes."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def until_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def run_then_stop(func) -> None:
+                    await func()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(run_then_stop, partial(self.stream_response, send))
+                await run_then_stop(until_disconnect)
+        except OSError:
+            pass
+        finally:
+            await self.body_iterator.aclose()
+
+
+def create_app(config: ServeConfig) -> tuple[FastAPI, ServerState]:
+    state = ServerState(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=state.load, name="llmkit-load", daemon=True).start()
+        yield
+        await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="llmkit", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _errors(app)
+    _routes(app, state)
+    return app, state
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        error = ApiError(e.status_code, str(e.detail), type=kind)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        error = ApiError(500, f"internal error: {type(e).__name__}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+
+def _routes(app: FastAPI, state: ServerState) -> None:
+    config = state.config
+    key = None if config.api_key is None else f"Bearer {config.api_key}".encode()
+
+    async def authorized(request: Request) -> None:
+        given = request.headers.get("authorization", "").encode()
+        if key is not None and not hmac.compare_digest(given, key):
+            raise ApiError(
+                401,
+                "a valid API key is required: Authorization: Bearer KEY",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+
+    v1 = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.served is not None:
+            return JSONResponse({"status": "ok"})
+        status = "failed" if state.error else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models() -> dict:
+        served = state.ready()
+        card = {
+            "id": served.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "llmkit",
+            "root": config.model,
+            "max_model_len": served.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(request: Request) -> Response:
+        served = state.ready()
+        body = parse(CompletionRequest, await _read_json(request, config.max_request_bytes))
+        jobs = h.completion_jobs(served, body)
+        env = r.Envelope(r.new_id("cmpl"), "text_completion", served.model_name)
+        runs = h.start(served, jobs, env.id)
+        if body.stream:
+            return EventStream(h.completion_events(served, body, jobs, runs, env))
+        outs = await _unless_disconnected(request, h.finals(runs))
+        return JSONResponse(h.completion_body(served, body, jobs, outs, env))
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat(request: Request) -> Response:
+        served = state.ready()
+        body = parse(ChatCompletionRequest, await _read_json(request, config.max_request_bytes))
+        job = h.chat_job(served, body)
+        env = r.Envelope(r.new_id("chatcmpl"), "chat.completion", served.model_name)
+        runs = h.start(served, [job], env.id)
+        if body.stream:
+            env.object = "chat.completion.chunk"
+            return EventStream(h.chat_events(served, body, job, runs, env))
+        (out,) = await _unless_disconnected(request, h.finals(runs))
+        return JSONResponse(h.chat_body(served, body, out, env))
+
+
+async def _read_json(request: Request, limit: int):
+    declared = request.headers.get("content-length", "")
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await `work`; if the client goes first, cancel it (aborting its requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise ApiError(499, "the client closed the connection", code="client_closed")
+    return task.result()

@@ -1,0 +1,310 @@
+"""/v1/completions and /v1/chat/completions: a checked request in, engine runs, a body or a
+stream of Server-Sent Events out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from llmkit.errors import LlmkitError
+from llmkit.runtime.engine import RequestOutput
+from llmkit.runtime.sequence import SamplingParams
+from llmkit.serve import responses as r
+from llmkit.serve.async_engine import AsyncEngine, EngineDead, QueueFull
+from llmkit.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling
+
+DEFAULT_COMPLETION_TOKENS = 16  # the completions endpoint's default, as in OpenAI's API
+
+
+@dataclass(slots=True)
+class Served:
+    """The loaded model as the handlers see it."""
+
+    engine: AsyncEngine
+    tokenizer: object
+    names: r.TokenText
+    model_name: str
+    max_model_len: int
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        try:
+            self.engine.engine.check_prompt_ids(ids)
+        except LlmkitError as e:
+            raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
+        return ids
+
+    def chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=body.add_generation_prompt
+            )
+        except Exception as e:  # no template, or one the messages do not fit
+            raise ApiError(400, f"the chat template failed: {e}", param="messages") from None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        try:
+            self.engine.engine.check_prompt_ids(ids)
+        except LlmkitError as e:
+            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+        return ids
+
+    def max_tokens(self, asked: int | None, prompt_len: int, default: int | None) -> int:
+        room = self.max_model_len - prompt_len
+        if asked is None:
+            return room if default is None else min(default, room)
+        if asked > room:
+            raise ApiError(
+                400,
+                f"this model's context is {self.max_model_len} tokens; the prompt takes "
+                f"{prompt_len}, so max_tokens can be at most {room}, not {asked}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return asked
+
+
+def sampling(body: _Sampling, max_tokens: int, logprobs, prompt_logprobs=None) -> SamplingParams:
+    try:
+        return body.params(max_tokens, logprobs, prompt_logprobs)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+@dataclass(slots=True)
+class Job:
+    prompt_text: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def completion_jobs(served: Served, body: CompletionRequest) -> list[Job]:
+    served.check_model(body.model)
+    jobs = []
+    for prompt in body.prompts():
+        ids = served.prompt_ids(prompt)
+        limit = served.max_tokens(body.max_tokens, len(ids), DEFAULT_COMPLETION_TOKENS)
+        echo_scores = body.logprobs if body.echo and body.logprobs is not None else None
+        text = prompt if isinstance(prompt, str) else served.tokenizer.decode(ids)
+        jobs.append(Job(text, ids, sampling(body, limit, body.logprobs, echo_scores)))
+    return jobs
+
+
+def chat_job(served: Served, body: ChatCompletionRequest) -> Job:
+    served.check_model(body.model)
+    ids = served.chat_ids(body)
+    limit = served.max_tokens(body.token_limit(), len(ids), None)
+    return Job("", ids, sampling(body, limit, body.num_logprobs()))
+
+
+def start(served: Served, jobs: list[Job], request_id: str) -> list[AsyncIterator[RequestOutput]]:
+    try:
+        served.engine.admit(len(jobs))
+    except QueueFull:
+        raise ApiError(
+            429,
+            "too many requests are queued; retry shortly",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
+    except EngineDead as e:
+        raise ApiError(503, str(e), type="server_error") from None
+    arrival = time.monotonic()
+    return [
+        served.engine.generate(f"{request_id}-{i}", job.prompt_ids, job.params, arrival)
+        for i, job in enumerate(jobs)
+    ]
+
+
+async def finals(runs: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """Each run's last output; if one fails or the caller is cancelled, the rest are aborted."""
+    tasks = [asyncio.ensure_future(_last(run)) for run in runs]
+    try:
+        return await asyncio.gather(*tasks)
+    except LlmkitError as e:
+        raise ApiError(500, str(e), type="server_error") from None
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _last(run: AsyncIterator[RequestOutput]) -> RequestOutput:
+    async with contextlib.aclosing(run):
+        async for out in run:
+            last = out
+    return last
+
+
+async def merged(runs: list) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(run index, output) as the runs advance; closing it aborts every unfinished run."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, run) -> None:
+        try:
+            async with contextlib.aclosing(run):
+                async for out in run:
+                    queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        remaining = len(runs)
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            remaining -= item.finished
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def completion_body(served: Served, body: CompletionRequest, jobs, outs, env) -> dict:
+    choices = []
+    for i, (job, out) in enumerate(zip(jobs, outs, strict=True)):
+        for c in out.outputs:
+            text, lp = c.text, None
+            if body.logprobs is not None:
+                lp = _completion_lp(served, body, job, out, c.token_ids, c.logprobs, 0)
+            if body.echo:
+                text = job.prompt_text + text
+            choices.append(
+                {
+                    "index": i * body.n + c.index,
+                    "text": text,
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+    return env.body(choices, usage=r.usage(outs))
+
+
+def _completion_lp(served, body, job, out, ids, entries, offset, echo=True) -> dict:
+    """Log probabilities of the generated tokens, after the prompt's under echo."""
+    if body.echo and echo:
+        ids = job.prompt_ids + ids
+        entries = (out.prompt_logprobs or [None] * len(job.prompt_ids)) + entries
+    return r.completion_logprobs(ids, entries, served.names, offset)
+
+
+async def completion_events(served, body: CompletionRequest, jobs, runs, env) -> AsyncIterator:
+    cursors: dict[int, r.ChoiceCursor] = {}
+    hold = _hold(jobs[0].params)
+    last: dict[int, RequestOutput] = {}
+    async for i, out in _guard(merged(runs)):
+        if isinstance(out, dict):  # an error body
+            yield _sse(out)
+            break
+        last[i] = out
+        for c in out.outputs:
+            cursor = cursors.setdefault(i * body.n + c.index, r.ChoiceCursor(hold))
+            step = cursor.advance(c)
+            if step is None:
+                continue
+            text, a, b = step
+            echo = body.echo and not cursor.started
+            lp = None
+            if body.logprobs is not None:
+                lp = _completion_lp(
+                    served,
+                    body,
+                    jobs[i],
+                    out,
+                    c.token_ids[a:b],
+                    c.logprobs[a:b],
+                    cursor.offset,
+                    echo,
+                )
+                cursor.offset += sum(len(t) for t in lp["tokens"])
+            cursor.started = True
+            choice = {
+                "index": i * body.n + c.index,
+                "text": (jobs[i].prompt_text if echo else "") + text,
+                "logprobs": lp,
+                "finish_reason": c.finish_reason,
+            }
+            yield _sse(env.body([choice]))
+    else:
+        if body.include_usage():
+            yield _sse(env.body([], usage=r.usage([last[i] for i in sorted(last)])))
+    yield "data: [DONE]\n\n"
+
+
+def chat_body(served: Served, body: ChatCompletionRequest, out: RequestOutput, env) -> dict:
+    choices = []
+    for c in out.outputs:
+        lp = None if c.logprobs is None else r.chat_logprobs(c.token_ids, c.logprobs, served.names)
+        choices.append(
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": lp,
+                "finish_reason": c.finish_reason,
+            }
+        )
+    return env.body(choices, usage=r.usage([out]))
+
+
+async def chat_events(served, body: ChatCompletionRequest, job, runs, env) -> AsyncIterator:
+    cursors: dict[int, r.ChoiceCursor] = {}
+    hold = _hold(job.params)
+    last = None
+    async for _, out in _guard(merged(runs)):
+        if isinstance(out, dict):
+            yield _sse(out)
+            break
+        last = out
+        for c in out.outputs:
+            cursor = cursors.setdefault(c.index, r.ChoiceCursor(hold))
+            step = cursor.advance(c)
+            if step is None:
+                continue
+            text, a, b = step
+            delta = {"content": text} if text or not cursor.started else {}
+            if not cursor.started:  # the role rides with the first text, never alone
+                delta = {"role": "assistant", **delta}
+            cursor.started = True
+            lp = None
+            if c.logprobs is not None:
+                lp = r.chat_logprobs(c.token_ids[a:b], c.logprobs[a:b], served.names)
+            choice = {"index": c.index, "delta": delta, "logprobs": lp}
+            choice["finish_reason"] = c.finish_reason
+            yield _sse(env.body([choice]))
+    else:
+        if body.include_usage() and last is not None:
+            yield _sse(env.body([], usage=r.usage([last])))
+    yield "data: [DONE]\n\n"
+
+
+async def _guard(events: AsyncIterator) -> AsyncIterator:
+    """The events, then an OpenAI error body (as an event) if the engine fails mid-stream."""
+    async with contextlib.aclosing(events):
+        try:
+            async for item in events:
+                yield item
+        except LlmkitError as e:
+            yield None, ApiError(500, str(e), type="server_error").body()
+
+
+def _hold(params: SamplingParams) -> int:
+    return max((len(s) for s in params.stop), default=1) - 1
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -1,0 +1,88 @@
+"""Prometheus metrics of the server: counters and latency histograms fed by the engine loop,
+and gauges read from the engine when /metrics is scraped."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
+_REQUEST = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+_WAIT = _LATENCY + _REQUEST[7:]  # time to first token and queue time: ms to minutes
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.prompt_tokens = Counter("llmkit_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter(
+            "llmkit_generation_tokens", "Tokens generated.", registry=r
+        )
+        self.requests = Counter(
+            "llmkit_requests", "Requests ended, by finish reason.", ["finish_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "llmkit_time_to_first_token_seconds",
+            "From arrival to the first generated token.",
+            buckets=_WAIT,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "llmkit_inter_token_latency_seconds",
+            "Between successive outputs of a request.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "llmkit_time_per_output_token_seconds",
+            "A request's decode time over its tokens after the first.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "llmkit_e2e_request_latency_seconds",
+            "From arrival to the end of a request.",
+            buckets=_REQUEST,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "llmkit_request_queue_time_seconds",
+            "From arrival to the request's first scheduled step.",
+            buckets=_WAIT,
+            registry=r,
+        )
+
+    def watch(self, engine_state) -> None:
+        """Report the engine's state (`engine_state()` -> Engine or None) at every scrape."""
+        self.registry.register(_EngineCollector(engine_state))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    def __init__(self, engine_state):
+        self.engine_state = engine_state
+
+    def collect(self):
+        engine = self.engine_state()
+        scheduler = engine.scheduler if engine else None
+        blocks = engine.block_manager if engine else None
+        yield _gauge("llmkit_requests_running", "Sequences running.", scheduler, "running")
+        yield _gauge("llmkit_requests_waiting", "Sequences waiting.", scheduler, "waiting")
+        usage = blocks.num_used_blocks / blocks.num_blocks if blocks else 0.0
+        yield GaugeMetricFamily("llmkit_kv_cache_usage", "Fraction of KV blocks held.", usage)
+        used = blocks.num_used_blocks if blocks else 0
+        yield GaugeMetricFamily("llmkit_kv_cache_used_blocks", "KV blocks held.", used)
+        preempted = scheduler.num_preemptions if scheduler else 0
+        yield CounterMetricFamily(
+            "llmkit_preemptions", "Sequences preempted (recomputed later).", preempted
+        )
+        hits = blocks.num_hit_blocks if blocks else 0
+        yield CounterMetricFamily(
+            "llmkit_prefix_cache_hit_blocks", "KV blocks taken from the prefix cache.", hits
+        )
+
+
+def _gauge(name: str, doc: str, scheduler, attribute: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, len(getattr(scheduler, attribute)) if scheduler else 0)
