@@ -52,6 +52,17 @@ def make_workload(path: Path, num: int = 64, low: int = 32, high: int = 256, out
     path.write_text(json.dumps({"prompts": prompts, "output_len": out}))
 
 
+def prepare(work: Path) -> tuple[Path, Path]:
+    """The small-llama bf16 checkpoint and the workload file under `work` (made once)."""
+    model = work / "small-llama-bf16"
+    if not model.exists():
+        init = [sys.executable, "-m", "llmkit", "init", str(model), "--preset", "small-llama"]
+        subprocess.run([*init, "--dtype", "bfloat16"], check=True)
+    workload = work / "workload.json"
+    make_workload(workload)
+    return model, workload
+
+
 def copy_bandwidth() -> float:
     """Bytes copied per second (each byte read once and written once): the median of 10
     copies of a 512 MB tensor with 2 threads."""
@@ -214,24 +225,7 @@ def main() -> None:
         print(json.dumps(CHILDREN[tool](model, json.loads(Path(workload).read_text()))))
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-engine-bench-"))
-    model = work / "small-llama-bf16"
-    if not model.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "llmkit",
-                "init",
-                str(model),
-                "--preset",
-                "small-llama",
-                "--dtype",
-                "bfloat16",
-            ],
-            check=True,
-        )
-    workload = work / "workload.json"
-    make_workload(workload)
+    model, workload = prepare(work)
     rounds = []  # each round runs every tool once, llmkit first, back to back
     for _ in range(args.repeats):
         results = {}
