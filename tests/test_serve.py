@@ -358,3 +358,14 @@ def test_health_is_503_while_loading(model, tmp_path):
         srv.stop()
     answered = [s for s in seen if s is not None]
     assert answered[-1] == 200 and set(answered[:-1]) == {503}  # loading takes seconds
+
+
+def test_each_request_and_the_stats_are_logged(server, client, model):
+    client.completions.create(model=str(model), prompt=PROMPTS[3], max_tokens=3, temperature=0)
+    deadline = time.monotonic() + 5
+    log = server.log.read_text()
+    while "generated tokens/s" not in log and time.monotonic() < deadline:
+        time.sleep(0.2)  # --stats-interval 1: the busy second just ended is reported
+        log = server.log.read_text()
+    assert "prompt + 3 completion tokens, TTFT" in log and "finish length" in log
+    assert "generated tokens/s" in log and "KV cache" in log
