@@ -88,21 +88,27 @@ def child_llmkit(model: str, workload: dict) -> dict:
     import torch
 
     from llmkit.runtime.engine import LLM, EngineConfig
-    from llmkit.runtime.sequence import SamplingParams
 
     torch.set_num_threads(THREADS)
     llm = LLM(model, EngineConfig())
+    result = generate_workload(llm, workload)
+    # the bandwidth anchor is measured in this process, right before and after batch-1 decode
+    before = copy_bandwidth()
+    batch1 = batch1_decode(llm.engine, 128, 128)
+    bandwidth = (before + copy_bandwidth()) / 2
+    return {**result, **batch1, "copy_bandwidth": bandwidth}
+
+
+def generate_workload(llm, workload: dict) -> dict:
+    """Seconds and output tokens of the whole workload on `llm` (after a short warm-up)."""
+    from llmkit.runtime.sequence import SamplingParams
+
     params = SamplingParams(max_tokens=workload["output_len"], temperature=0, ignore_eos=True)
     llm.generate(workload["prompts"][:2], SamplingParams(max_tokens=4, temperature=0))
     start = time.perf_counter()
     outs = llm.generate(workload["prompts"], params)
     seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    # the bandwidth anchor is measured in this process, right before and after batch-1 decode
-    before = copy_bandwidth()
-    batch1 = batch1_decode(llm.engine, 128, 128)
-    bandwidth = (before + copy_bandwidth()) / 2
-    return {"seconds": seconds, "output_tokens": tokens, **batch1, "copy_bandwidth": bandwidth}
+    return {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
 
 
 def batch1_decode(engine, prompt_len: int, output_len: int) -> dict:

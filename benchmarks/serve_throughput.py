@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 from child import run_child
-from engine_throughput import ENV, THREADS, prepare
+from engine_throughput import ENV, THREADS, generate_workload, prepare
 
 CONCURRENCY = 64
 
@@ -42,17 +42,13 @@ def child_engine(model: str, workload: dict) -> dict:
     import torch
 
     from llmkit.runtime.engine import LLM, EngineConfig
-    from llmkit.runtime.sequence import SamplingParams
 
     torch.set_num_threads(THREADS)
     llm = LLM(model, EngineConfig())
-    params = SamplingParams(max_tokens=workload["output_len"], temperature=0, ignore_eos=True)
-    llm.generate(workload["prompts"][:2], SamplingParams(max_tokens=4, temperature=0))
-    start = time.perf_counter()
-    outs = llm.generate(workload["prompts"], params)
-    seconds = time.perf_counter() - start
-    llm.close()
-    return {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
+    try:
+        return generate_workload(llm, workload)
+    finally:
+        llm.close()
 
 
 def run_engine(model: Path, workload: Path) -> dict:

@@ -21,35 +21,18 @@ class Metrics:
         self.requests = Counter(
             "llmkit_requests", "Requests ended, by finish reason.", ["finish_reason"], registry=r
         )
-        self.ttft = Histogram(
-            "llmkit_time_to_first_token_seconds",
-            "From arrival to the first generated token.",
-            buckets=_WAIT,
-            registry=r,
+        self.ttft = _histogram(r, "time_to_first_token", "From arrival to the first token.", _WAIT)
+        self.itl = _histogram(
+            r, "inter_token_latency", "Between successive outputs of a request.", _LATENCY
         )
-        self.itl = Histogram(
-            "llmkit_inter_token_latency_seconds",
-            "Between successive outputs of a request.",
-            buckets=_LATENCY,
-            registry=r,
+        self.tpot = _histogram(
+            r, "time_per_output_token", "Decode time over tokens after the first.", _LATENCY
         )
-        self.tpot = Histogram(
-            "llmkit_time_per_output_token_seconds",
-            "A request's decode time over its tokens after the first.",
-            buckets=_LATENCY,
-            registry=r,
+        self.e2e = _histogram(
+            r, "e2e_request_latency", "From arrival to the end of a request.", _REQUEST
         )
-        self.e2e = Histogram(
-            "llmkit_e2e_request_latency_seconds",
-            "From arrival to the end of a request.",
-            buckets=_REQUEST,
-            registry=r,
-        )
-        self.queue = Histogram(
-            "llmkit_request_queue_time_seconds",
-            "From arrival to the request's first scheduled step.",
-            buckets=_WAIT,
-            registry=r,
+        self.queue = _histogram(
+            r, "request_queue_time", "From arrival to the first scheduled step.", _WAIT
         )
 
     def watch(self, engine_state) -> None:
@@ -58,6 +41,10 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _histogram(registry, name: str, doc: str, buckets) -> Histogram:
+    return Histogram(f"llmkit_{name}_seconds", doc, buckets=buckets, registry=registry)
 
 
 class _EngineCollector:
