@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from llmkit.bench.quality import evaluate_quality
+from llmkit.cli import bench_serve
 from llmkit.cli.options import (
     DatasetConfigOpt,
     DatasetOpt,
@@ -20,7 +21,10 @@ from llmkit.cli.options import (
 from llmkit.cli.output import print_json, progress_bars, stdout
 from llmkit.quant.calibration import CalibrationSpec
 
-app = typer.Typer(help="Measure checkpoints: quality against a reference.", no_args_is_help=True)
+app = typer.Typer(
+    help="Measure checkpoints and servers: quality, serving load.", no_args_is_help=True
+)
+app.command("serve")(bench_serve.serve)
 EVAL_SEED = 1  # the builtin text with another seed than calibration's: held-out text
 
 

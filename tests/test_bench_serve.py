@@ -1,0 +1,167 @@
+"""`llmkit bench serve`: statistics, arrivals and thresholds against direct computations; the
+load generator against the real llmkit server and against a server that fails."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmkit.bench import asserts
+from llmkit.bench.load import LoadSpec, arrival_offsets, run_load
+from llmkit.bench.prompts import BenchRequest, load_requests, parse_range
+from llmkit.bench.stats import percentile, summary
+from llmkit.errors import LlmkitError
+from tests.serve_helpers import start_server
+
+SCHEMA = Path(__file__).parents[1] / "llmkit" / "bench" / "schemas" / "bench-serve.schema.json"
+
+
+def test_percentiles_match_numpy_on_a_known_list():
+    values = [7.0, 1.0, 3.0, 9.0, 4.0, 4.0, 12.0, 0.5]
+    for q in (0, 10, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    stats = summary("x_ms", values, 1e3)
+    assert stats["median_x_ms"] == pytest.approx(4000.0)
+    assert stats["std_x_ms"] == pytest.approx(float(np.std(values)) * 1e3)
+    assert summary("x_ms", [])["p99_x_ms"] is None
+
+
+@pytest.mark.parametrize("rate,burstiness", [(5.0, 1.0), (40.0, 4.0), (2.0, 0.5)])
+def test_arrivals_have_the_requested_rate_and_shape(rate, burstiness):
+    offsets = arrival_offsets(20001, rate, burstiness, seed=3)
+    gaps = np.diff(offsets)
+    assert offsets[0] == 0 and all(g >= 0 for g in gaps)
+    assert gaps.mean() == pytest.approx(1 / rate, rel=0.03)
+    # gamma(shape k) gaps: coefficient of variation 1/sqrt(k) (1 for Poisson arrivals)
+    assert gaps.std() / gaps.mean() == pytest.approx(1 / math.sqrt(burstiness), rel=0.05)
+    assert arrival_offsets(50, rate, burstiness, seed=3) == offsets[:50]
+    assert arrival_offsets(4, math.inf, 1.0, 0) == [0.0] * 4
+
+
+def test_thresholds_parse_check_and_refuse():
+    t = asserts.parse(["output_throughput>=100", "p99_ttft_ms <= 500", "failed==0"])
+    good = {"output_throughput": 120.0, "p99_ttft_ms": 480.0, "failed": 0}
+    assert asserts.misses(t, [("", good)]) == []
+    bad = {**good, "p99_ttft_ms": 501.0, "output_throughput": None}
+    missed = asserts.misses(t, [("rate 2", bad)])
+    assert missed == [
+        "rate 2: output_throughput = missing, wanted >= 100",
+        "rate 2: p99_ttft_ms = 501, wanted <= 500",
+    ]
+    for text in ("throughput", "x>=fast", ">=3"):
+        with pytest.raises(LlmkitError):
+            asserts.parse([text])
+    with pytest.raises(LlmkitError, match="no metric 'kld'"):
+        asserts.check_known(asserts.parse(["kld<=0.1"]), {"failed"})
+
+
+def test_prompt_sources(tmp_path):
+    assert parse_range("64-256", "--input-len") == (64, 256)
+    with pytest.raises(LlmkitError):
+        parse_range("9-3", "--input-len")
+    random = load_requests("random", 50, (4, 9), (2, 3), seed=1, random_vocab=50)
+    assert all(4 <= len(r.prompt) <= 9 and max(r.prompt) < 50 for r in random)
+    assert load_requests("random", 50, (4, 9), (2, 3), seed=1, random_vocab=50) == random
+    share = tmp_path / "sg.json"
+    conversation = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ho"}]
+    share.write_text(json.dumps([{"conversations": conversation}, {"conversations": []}]))
+    assert load_requests(str(share), 3, (1, 1), (7, 7), 0) == [BenchRequest("hi", 7)] * 3
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"prompt": "a", "max_tokens": 5}\n\n{"prompt": [1, 2]}\n')
+    got = load_requests(str(lines), 2, (1, 1), (9, 9), 0)
+    assert sorted(map(str, got)) == sorted(
+        map(str, [BenchRequest("a", 5), BenchRequest([1, 2], 9)])
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    srv = start_server(tiny_dir(), tmp_path_factory.mktemp("bench-serve"))
+    yield srv
+    srv.stop()
+
+
+def test_counts_match_what_the_server_reports(server):
+    before = server.metrics()["llmkit_generation_tokens_total"]
+    requests = load_requests("random", 24, (4, 40), (3, 12), seed=2, random_vocab=500)
+    spec = LoadSpec(f"http://127.0.0.1:{server.port}", request_rate=200.0, max_concurrency=8,
+                    ignore_eos=True, slo_ttft_ms=1e6)  # fmt: skip
+    result = run_load(spec, requests)
+    assert result["completed"] + result["failed"] == 24 and result["failed"] == 0
+    generated = server.metrics()["llmkit_generation_tokens_total"] - before
+    assert result["total_output_tokens"] == generated == sum(r.output_len for r in requests)
+    assert result["total_input_tokens"] == sum(len(r.prompt) for r in requests)
+    assert result["request_goodput"] == pytest.approx(result["request_throughput"])
+    import jsonschema
+
+    jsonschema.validate(json.loads(json.dumps(result)), json.loads(SCHEMA.read_text()))
+
+
+def test_the_cli_exits_3_on_a_missed_threshold_and_0_on_a_pass(server, cli, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["bench", "serve", "--url", f"http://127.0.0.1:{server.port}", "--num-prompts", "6",
+            "--input-len", "8", "--output-len", "4", "--ignore-eos", "--random-vocab-size", "500",
+            "-o", out]  # fmt: skip
+    passed = cli(*args, "--assert", "completed>=6", "--assert", "failed<=0")
+    assert passed.code == 0, passed.err
+    missed = cli(*args, "--assert", "output_throughput>=1e12", "--sweep-rates", "50,inf")
+    assert missed.code == asserts.THRESHOLD_MISSED
+    assert "threshold missed: rate 50.0: output_throughput" in missed.err
+    report = json.loads(out.read_text())
+    import jsonschema
+
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    assert len(report["sweep"]) == 2 and len(report["asserts"]["missed"]) == 2
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers in turn: a 500, a stream cut mid-way, an error event, a good stream."""
+
+    count = 0
+    lock = threading.Lock()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            kind = _Flaky.count % 4
+            _Flaky.count += 1
+        if kind == 0:
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "boom"}}')
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chunk = {"choices": [{"index": 0, "text": "hi", "finish_reason": None}]}
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if kind == 1:
+            self.wfile.write(b'data: {"choi')  # and the connection drops
+            return
+        if kind == 2:
+            self.wfile.write(b'data: {"error": {"message": "engine failed"}}\n\n')
+        usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_errors_and_dropped_connections_count_as_failures():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        spec = LoadSpec(f"http://127.0.0.1:{httpd.server_port}", model="m", max_concurrency=1)
+        result = run_load(spec, [BenchRequest([1, 2, 3], 4)] * 8)
+    finally:
+        httpd.shutdown()
+    assert (result["completed"], result["failed"]) == (2, 6)
+    assert result["total_output_tokens"] == 2
+    kinds = " ".join(result["errors"])
+    assert "HTTP 500" in kinds and "engine failed" in kinds
