@@ -42,7 +42,7 @@ def plot_compare(rows: list[dict], path: Path) -> None:
     """Bars of each checkpoint's size, decode speed, throughput and quality."""
     plt = _pyplot()
     panels = [
-        ("size_gb", "size on disk (GB)"),
+        ("size_bytes", "size on disk (bytes)"),
         ("decode_tokens_per_s", "batch-1 decode (tokens/s)"),
         ("output_throughput", "throughput (output tokens/s)"),
         ("kld_mean", "KL divergence from the first"),

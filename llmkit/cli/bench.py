@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from llmkit.bench.quality import evaluate_quality
-from llmkit.cli import bench_serve
+from llmkit.cli import bench_offline, bench_serve
 from llmkit.cli.options import (
     DatasetConfigOpt,
     DatasetOpt,
@@ -25,6 +25,8 @@ app = typer.Typer(
     help="Measure checkpoints and servers: quality, serving load.", no_args_is_help=True
 )
 app.command("serve")(bench_serve.serve)
+app.command("offline")(bench_offline.offline)
+app.command("compare")(bench_offline.compare)
 EVAL_SEED = 1  # the builtin text with another seed than calibration's: held-out text
 
 

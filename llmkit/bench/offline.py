@@ -1,0 +1,126 @@
+"""In-process engine benchmarks (`llmkit bench offline`) and the checkpoint comparison built
+on them (`llmkit bench compare`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmkit.bench.stats import summary
+from llmkit.errors import LlmkitError
+from llmkit.runtime.engine_config import EngineConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    batch_size: int
+    input_len: int
+    output_len: int
+
+
+def cases(batch_sizes: list[int], input_lens: list[int], output_lens: list[int]) -> list[Case]:
+    if min(batch_sizes + input_lens + output_lens, default=0) < 1:
+        raise LlmkitError("batch sizes and lengths must be at least 1")
+    return [Case(*c) for c in itertools.product(batch_sizes, input_lens, output_lens)]
+
+
+def run_offline(
+    model: str,
+    config: EngineConfig,
+    todo: list[Case],
+    seed: int = 0,
+    on_case: Callable[[dict], None] | None = None,
+) -> dict:
+    """Load once (timed), then run each case: all its requests at once, greedy, exactly
+    output_len tokens each. Peak memory is the process's (and CUDA's) high-water mark."""
+    from llmkit.runtime.engine import LLM
+
+    start = time.perf_counter()
+    llm = LLM(model, config)
+    load_s = time.perf_counter() - start
+    rows = []
+    try:
+        for case in todo:
+            rows.append(_measure(llm, case, seed))
+            if on_case is not None:
+                on_case(rows[-1])
+    finally:
+        llm.close()
+    return {
+        "model": model,
+        "load_s": load_s,
+        "kv_cache_tokens": llm.engine.num_kv_tokens,
+        **_peak_memory(),
+        "cases": rows,
+    }
+
+
+def _measure(llm, case: Case, seed: int) -> dict:
+    import torch
+
+    from llmkit.runtime.sequence import SamplingParams
+
+    vocab = llm.engine.model_config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, vocab, (case.batch_size, case.input_len), generator=g).tolist()
+    if case.input_len + case.output_len > llm.engine.max_model_len:
+        raise LlmkitError(
+            f"input {case.input_len} + output {case.output_len} tokens pass the context "
+            f"({llm.engine.max_model_len})"
+        )
+    params = SamplingParams(max_tokens=case.output_len, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    output = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttfts = [o.times.first_token - o.times.arrival for o in outs]
+    tpots = [
+        (o.times.finished - o.times.first_token) / (case.output_len - 1)
+        for o in outs
+        if case.output_len > 1
+    ]
+    return {
+        "batch_size": case.batch_size,
+        "input_len": case.input_len,
+        "output_len": case.output_len,
+        "seconds": seconds,
+        "output_throughput": output / seconds,
+        "total_token_throughput": (output + case.batch_size * case.input_len) / seconds,
+        **summary("ttft_ms", ttfts, 1e3),
+        **summary("tpot_ms", tpots, 1e3),
+    }
+
+
+def _peak_memory() -> dict:
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def offline_in_child(model: str, args: list[str]) -> dict:
+    """`llmkit bench offline MODEL ARGS --json` in its own process (clean load time and peak
+    memory per checkpoint); its JSON result."""
+    command = [sys.executable, "-m", "llmkit", "bench", "offline", model, *args, "--json"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise LlmkitError(f"benchmarking {model} failed: {last}")
+    return json.loads(done.stdout)
+
+
+def size_on_disk(path: str) -> int:
+    """Bytes of a checkpoint's weight files."""
+    root = Path(path)
+    files = [f for p in ("*.safetensors", "*.bin", "*.pt") for f in root.glob(p)]
+    return sum(f.stat().st_size for f in files)

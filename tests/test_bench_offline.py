@@ -1,0 +1,56 @@
+"""`llmkit bench offline` and `llmkit bench compare` end to end on tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmkit.bench.asserts import THRESHOLD_MISSED
+
+
+def test_offline_measures_every_case(tiny_dir, cli, tmp_path):
+    out = tmp_path / "offline.json"
+    args = ["bench", "offline", tiny_dir(), "--batch-sizes", "1,4", "--input-len", "8,24",
+            "--output-len", "6", "-o", out]  # fmt: skip
+    assert cli(*args, "--assert", "output_throughput>0").code == 0
+    report = json.loads(out.read_text())
+    assert [(c["batch_size"], c["input_len"]) for c in report["cases"]] == [
+        (1, 8), (1, 24), (4, 8), (4, 24),
+    ]  # fmt: skip
+    for c in report["cases"]:
+        assert c["output_throughput"] * c["seconds"] == pytest.approx(c["batch_size"] * 6)
+        assert c["mean_ttft_ms"] > 0 and c["mean_tpot_ms"] > 0
+    assert report["load_s"] > 0 and report["peak_rss_mb"] > 0
+    missed = cli(*args, "--assert", "load_s<=0")
+    assert missed.code == THRESHOLD_MISSED and "load_s" in missed.err
+    assert cli(*args, "--assert", "kld<=1").code == 1  # not a metric of this command
+
+
+def test_compare_puts_checkpoints_side_by_side(tiny_dir, cli, tmp_path):
+    reference = tiny_dir()
+    int8 = tmp_path / "int8"
+    assert cli("quantize", reference, int8, "--method", "int8").code == 0
+    out, png = tmp_path / "compare.json", tmp_path / "compare.png"
+    extra = ["--plot", png] if _has_matplotlib() else []
+    result = cli("bench", "compare", reference, int8, "--concurrency", "4", "--input-len", "8",
+                 "--output-len", "4", "--num-windows", "4", "--seq-len", "64", "-o", out,
+                 "--assert", "top1_agreement>=0.5", *extra)  # fmt: skip
+    assert result.code == 0, result.err
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == [str(reference), str(int8)]
+    assert rows[0]["kld_mean"] == 0 and rows[0]["top1_agreement"] == 1
+    assert rows[1]["kld_mean"] > 0
+    sizes = [sum(f.stat().st_size for f in p.glob("*.safetensors")) for p in (reference, int8)]
+    assert [r["size_bytes"] for r in rows] == sizes and sizes[1] < sizes[0]
+    assert all(r["decode_tokens_per_s"] > 0 and r["output_throughput"] > 0 for r in rows)
+    if extra:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
