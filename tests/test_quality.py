@@ -75,6 +75,19 @@ def test_cli_bench_quality_json(cli, tiny_dir, int8_copy):
     assert report["rows"][1]["name"] == str(int8_copy)
 
 
+def test_cli_bench_quality_thresholds_apply_to_the_candidates(cli, tiny_dir, int8_copy, tmp_path):
+    out = tmp_path / "q.json"
+    args = ["bench", "quality", tiny_dir("tiny-llama"), int8_copy, "--seq-len", "32",
+            "--num-windows", "3", "-o", out]  # fmt: skip
+    kld = json.loads(cli(*args, "--json").out)["rows"][1]["kld_mean"]
+    assert cli(*args, "--assert", f"kld_mean<={kld * 1.01}").code == 0
+    missed = cli(*args, "--assert", f"kld_mean<={kld * 0.99}", "--assert", "top1_agreement>=0")
+    assert missed.code == 3 and f"{int8_copy}: kld_mean" in missed.err
+    assert json.loads(out.read_text())["asserts"]["missed"] == [
+        missed.err.split(": ", 2)[2].strip()
+    ]
+
+
 def test_cli_bench_quality_rejects_other_vocabularies(cli, tiny_dir):
     result = cli(
         "bench",

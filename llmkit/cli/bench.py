@@ -7,8 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from llmkit.bench import asserts
 from llmkit.bench.quality import evaluate_quality
 from llmkit.cli import bench_offline, bench_serve
+from llmkit.cli.bench_report import AssertOpt, OutputOpt, finish
 from llmkit.cli.options import (
     DatasetConfigOpt,
     DatasetOpt,
@@ -18,7 +20,7 @@ from llmkit.cli.options import (
     TextColumnOpt,
     default,
 )
-from llmkit.cli.output import print_json, progress_bars, stdout
+from llmkit.cli.output import progress_bars, stdout
 from llmkit.quant.calibration import CalibrationSpec
 
 app = typer.Typer(
@@ -28,6 +30,7 @@ app.command("serve")(bench_serve.serve)
 app.command("offline")(bench_offline.offline)
 app.command("compare")(bench_offline.compare)
 EVAL_SEED = 1  # the builtin text with another seed than calibration's: held-out text
+QUALITY_METRICS = {"perplexity", "kld_mean", "kld_p99", "top1_agreement", "num_tokens"}
 
 
 @app.command("quality")
@@ -42,9 +45,14 @@ def quality(
     num_windows: Annotated[
         int, typer.Option(help="Windows to score (0: all the text holds).")
     ] = default(evaluate_quality, "num_windows"),
+    assert_: AssertOpt = None,
+    output: OutputOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Perplexity, KL divergence from the reference and top-1 agreement, per checkpoint."""
+    """Perplexity, KL divergence from the reference and top-1 agreement, per checkpoint;
+    --assert thresholds apply to each candidate."""
+    thresholds = asserts.parse(assert_ or [])
+    asserts.check_known(thresholds, QUALITY_METRICS)
     data = CalibrationSpec(
         dataset, dataset_config, dataset_split, text_column, seq_len=seq_len, seed=EVAL_SEED
     )
@@ -52,11 +60,14 @@ def quality(
         rows = evaluate_quality(
             reference, candidates, data, num_windows, on_window=task("windows", unit="windows")
         )
-    if json_out:
-        print_json(
-            {"reference": reference, "seq_len": seq_len, "rows": [row.to_dict() for row in rows]}
-        )
-        return
+    report = {"reference": reference, "seq_len": seq_len, "rows": [r.to_dict() for r in rows]}
+    if not json_out:
+        _print_quality(reference, rows)
+    labelled = [(row["name"], row) for row in report["rows"][1:]]
+    finish(report, labelled, thresholds, output, json_out)
+
+
+def _print_quality(reference: str, rows) -> None:
     table = Table(
         "checkpoint",
         "perplexity",
