@@ -42,7 +42,7 @@ def server_command(tool: str, model: Path, port: int) -> tuple[list[str], dict]:
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model"]
     command += [str(model), "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048"]
     env = {**ENV, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-    return [*command, "--disable-log-requests"], env
+    return command, env
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 600) -> float:

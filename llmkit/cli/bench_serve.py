@@ -102,6 +102,8 @@ def serve(
     rates = [_rate(r) for r in (sweep_rates or request_rate).split(",")]
     if endpoint not in ("completions", "chat"):
         raise LlmkitError(f"--endpoint {endpoint!r}: choose completions or chat")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise LlmkitError("--max-concurrency must be at least 1")
     if plot is not None and sweep_rates is None:
         raise LlmkitError("--plot draws a sweep: give --sweep-rates too")
     tok = _tokenizer(tokenizer)
