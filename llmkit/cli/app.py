@@ -10,6 +10,7 @@ import typer
 
 from llmkit import __version__
 from llmkit.cli import bench, generate, init, inspect, quantize, serve, shard
+from llmkit.cli.engine_options import with_engine_options
 from llmkit.cli.output import print_error
 from llmkit.errors import LlmkitError
 
@@ -24,8 +25,8 @@ app.command("init")(init.init)
 app.command("inspect")(inspect.inspect)
 app.command("quantize")(quantize.quantize)
 app.command("shard")(shard.shard)
-app.command("generate")(generate.generate)
-app.command("serve")(serve.serve)
+app.command("generate")(with_engine_options(generate.generate))
+app.command("serve")(with_engine_options(serve.serve))
 app.command("shard-merge", hidden=True)(shard.merge)
 app.command("shard-verify", hidden=True)(shard.verify)
 app.add_typer(bench.app, name="bench")

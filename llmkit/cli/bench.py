@@ -11,6 +11,7 @@ from llmkit.bench import asserts
 from llmkit.bench.quality import evaluate_quality
 from llmkit.cli import bench_offline, bench_serve
 from llmkit.cli.bench_report import AssertOpt, OutputOpt, finish
+from llmkit.cli.engine_options import with_engine_options
 from llmkit.cli.options import (
     DatasetConfigOpt,
     DatasetOpt,
@@ -27,7 +28,7 @@ app = typer.Typer(
     help="Measure checkpoints and servers: quality, serving load.", no_args_is_help=True
 )
 app.command("serve")(bench_serve.serve)
-app.command("offline")(bench_offline.offline)
+app.command("offline")(with_engine_options(bench_offline.offline))
 app.command("compare")(bench_offline.compare)
 EVAL_SEED = 1  # the builtin text with another seed than calibration's: held-out text
 QUALITY_METRICS = {"perplexity", "kld_mean", "kld_p99", "top1_agreement", "num_tokens"}

@@ -57,22 +57,10 @@ def offline(
         "128"
     ),
     seed: Annotated[int, typer.Option("--seed", help="Random prompt token ids.")] = 0,
-    tp: eo.TpOpt = default(EngineConfig, "tp"),
-    dtype: eo.DtypeOpt = default(EngineConfig, "dtype"),
-    device: DeviceOpt = default(EngineConfig, "device"),
-    block_size: eo.BlockSizeOpt = default(EngineConfig, "block_size"),
-    kv_cache_memory: eo.KvCacheMemoryOpt = None,
-    gpu_memory_utilization: eo.GpuMemOpt = default(EngineConfig, "gpu_memory_utilization"),
-    max_num_seqs: eo.MaxNumSeqsOpt = default(EngineConfig, "max_num_seqs"),
-    max_num_batched_tokens: eo.MaxBatchedTokensOpt = default(
-        EngineConfig, "max_num_batched_tokens"
-    ),
-    max_model_len: eo.MaxModelLenOpt = None,
-    prefix_caching: eo.PrefixCachingOpt = default(EngineConfig, "enable_prefix_caching"),
-    scheduling_policy: eo.PolicyOpt = default(EngineConfig, "scheduling_policy"),
     assert_: AssertOpt = None,
     output: OutputOpt = None,
     json_out: JsonOpt = False,
+    engine: EngineConfig | None = None,
 ) -> None:
     """Engine throughput and latency in-process, for every batch size x input x output
     length; load time and peak memory."""
@@ -85,12 +73,11 @@ def offline(
         _ints(input_len, "--input-len"),
         _ints(output_len, "--output-len"),
     )
-    config = eo.engine_config(locals())
     with progress_bars(quiet=json_out) as task:
         step = task("cases", unit="cases")
         done = []
         report = run_offline(
-            model, config, todo, seed, lambda row: (done.append(row), step(len(done), len(todo)))
+            model, engine, todo, seed, lambda row: (done.append(row), step(len(done), len(todo)))
         )
     top = {k: v for k, v in report.items() if k != "cases"}
     labelled = [(_case_label(c), {**top, **c}) for c in report["cases"]]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -51,8 +54,44 @@ def kv_cache_bytes(text: str | None) -> int | None:
         raise LlmkitError(f"--kv-cache-memory {text!r} must be a size like 2GiB or 512MB") from None
 
 
-def engine_config(options: dict) -> EngineConfig:
-    """The EngineConfig of a command's engine options (its parameters, by the names above)."""
+def with_engine_options(command: Callable) -> Callable:
+    """Give a command every engine option above; it receives them as one
+    `engine: EngineConfig` parameter (the CLI shows them after the command's own)."""
+    own = inspect.signature(command, eval_str=True)
+    extra = _engine_parameters()
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        options = {p.name: kwargs.pop(p.name) for p in extra}
+        return command(**kwargs, engine=_engine_config(options))
+
+    kept = [p for name, p in own.parameters.items() if name != "engine"]
+    run.__signature__ = own.replace(parameters=kept + extra)
+    return run
+
+
+def _engine_parameters() -> list[inspect.Parameter]:
+    from llmkit.cli.options import DeviceOpt
+
+    d = EngineConfig()
+    options = [
+        ("tp", TpOpt, d.tp),
+        ("dtype", DtypeOpt, d.dtype),
+        ("device", DeviceOpt, d.device),
+        ("block_size", BlockSizeOpt, d.block_size),
+        ("kv_cache_memory", KvCacheMemoryOpt, None),
+        ("gpu_memory_utilization", GpuMemOpt, d.gpu_memory_utilization),
+        ("max_num_seqs", MaxNumSeqsOpt, d.max_num_seqs),
+        ("max_num_batched_tokens", MaxBatchedTokensOpt, d.max_num_batched_tokens),
+        ("max_model_len", MaxModelLenOpt, None),
+        ("prefix_caching", PrefixCachingOpt, d.enable_prefix_caching),
+        ("scheduling_policy", PolicyOpt, d.scheduling_policy),
+    ]
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(n, kind, default=v, annotation=a) for n, a, v in options]
+
+
+def _engine_config(options: dict) -> EngineConfig:
     return EngineConfig(
         tp=options["tp"],
         dtype=options["dtype"],

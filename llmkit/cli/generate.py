@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from llmkit.cli import engine_options as eo
-from llmkit.cli.options import DeviceOpt, JsonOpt, default
+from llmkit.cli.options import JsonOpt
 from llmkit.cli.output import progress_bars, stderr
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
@@ -33,29 +32,16 @@ def generate(
         Path | None,
         typer.Option("--output", "-o", help="Write results here (JSONL) instead of stdout."),
     ] = None,
-    tp: eo.TpOpt = default(EngineConfig, "tp"),
-    dtype: eo.DtypeOpt = default(EngineConfig, "dtype"),
-    device: DeviceOpt = default(EngineConfig, "device"),
-    block_size: eo.BlockSizeOpt = default(EngineConfig, "block_size"),
-    kv_cache_memory: eo.KvCacheMemoryOpt = None,
-    gpu_memory_utilization: eo.GpuMemOpt = default(EngineConfig, "gpu_memory_utilization"),
-    max_num_seqs: eo.MaxNumSeqsOpt = default(EngineConfig, "max_num_seqs"),
-    max_num_batched_tokens: eo.MaxBatchedTokensOpt = default(
-        EngineConfig, "max_num_batched_tokens"
-    ),
-    max_model_len: eo.MaxModelLenOpt = None,
-    prefix_caching: eo.PrefixCachingOpt = default(EngineConfig, "enable_prefix_caching"),
-    scheduling_policy: eo.PolicyOpt = default(EngineConfig, "scheduling_policy"),
     json_out: JsonOpt = False,
+    engine: EngineConfig | None = None,
 ) -> None:
     """Complete every prompt of a JSONL file; one JSON line per prompt, in input order."""
     from llmkit.runtime.generate import generate as run
     from llmkit.runtime.generate import parse_requests
 
     requests = parse_requests(*_lines(prompts))
-    config = eo.engine_config(locals())
     with progress_bars(quiet=json_out) as task:
-        records, report = run(model, requests, config, task("generate", unit="requests"))
+        records, report = run(model, requests, engine, task("generate", unit="requests"))
     _write(records, output)
     if json_out:  # the report takes stdout unless the records are there
         report_json = json.dumps(report.to_dict(), indent=2)

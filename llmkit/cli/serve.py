@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 
 from llmkit.checkpoint.writer import parse_size
-from llmkit.cli import engine_options as eo
-from llmkit.cli.options import DeviceOpt, RevisionOpt, default
+from llmkit.cli.options import RevisionOpt, default
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
 from llmkit.serve.config import ServeConfig
@@ -59,19 +58,7 @@ def serve(
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
     revision: RevisionOpt = None,
-    tp: eo.TpOpt = default(EngineConfig, "tp"),
-    dtype: eo.DtypeOpt = default(EngineConfig, "dtype"),
-    device: DeviceOpt = default(EngineConfig, "device"),
-    block_size: eo.BlockSizeOpt = default(EngineConfig, "block_size"),
-    kv_cache_memory: eo.KvCacheMemoryOpt = None,
-    gpu_memory_utilization: eo.GpuMemOpt = default(EngineConfig, "gpu_memory_utilization"),
-    max_num_seqs: eo.MaxNumSeqsOpt = default(EngineConfig, "max_num_seqs"),
-    max_num_batched_tokens: eo.MaxBatchedTokensOpt = default(
-        EngineConfig, "max_num_batched_tokens"
-    ),
-    max_model_len: eo.MaxModelLenOpt = None,
-    prefix_caching: eo.PrefixCachingOpt = default(EngineConfig, "enable_prefix_caching"),
-    scheduling_policy: eo.PolicyOpt = default(EngineConfig, "scheduling_policy"),
+    engine: EngineConfig | None = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics) until SIGTERM or Ctrl-C."""
@@ -83,7 +70,7 @@ def serve(
     _log_to_stderr(log_level)
     config = ServeConfig(
         model=str(local_dir(model, revision)),
-        engine=eo.engine_config(locals()),
+        engine=engine,
         host=host,
         port=port,
         served_model_name=served_model_name or model,
