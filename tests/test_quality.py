@@ -71,8 +71,26 @@ def test_cli_bench_quality_json(cli, tiny_dir, int8_copy):
             "kld_p99",
             "top1_agreement",
             "num_tokens",
+            "backend",
         }
+        assert row["backend"] == "runtime"  # llama: scored on llmkit's own kernels
     assert report["rows"][1]["name"] == str(int8_copy)
+
+
+def test_architectures_the_runtime_does_not_run_are_scored_through_transformers(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmkit.bench.quality import scorer
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (2, 10))
+    got = scorer(tmp_path, 10)
+    assert got.backend == "transformers" and got.vocab_size == 96
+    with torch.no_grad():
+        assert torch.allclose(got(ids), model(ids).logits, atol=1e-5)
 
 
 def test_cli_bench_quality_thresholds_apply_to_the_candidates(cli, tiny_dir, int8_copy, tmp_path):

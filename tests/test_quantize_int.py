@@ -239,6 +239,16 @@ def test_gptq_refuses_bits_it_cannot_pack(tiny_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
+def test_group_sizes_that_do_not_divide_the_inputs_are_refused_before_any_work(
+    tiny_dir, tmp_path, method
+):
+    # tiny-llama's Linears have 64 or 128 inputs; groups of 128 do not divide q_proj's 64
+    with pytest.raises(LlmkitError, match=r"q_proj.weight has 64 inputs.*fit: 32, 64"):
+        quantize(tiny_dir("tiny-llama"), tmp_path / "o", method, options=QuantOptions())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_gptq_v2_zero_points_are_read(quantized, tmp_path):
     """GPTQModel's v2 format stores zero points as they are (v1 stores zero - 1)."""
     import shutil

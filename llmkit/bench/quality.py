@@ -28,6 +28,7 @@ class QualityRow:
     kld_p99: float
     top1_agreement: float
     num_tokens: int
+    backend: str  # "runtime" (llmkit's kernels) or "transformers" (dequantized weights)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,25 +67,49 @@ def evaluate_quality(
     """Rows for the reference and each candidate, all computed in float32 on the CPU."""
     import torch
 
-    from llmkit.bench.model import load_model
-
     ids = eval_windows(reference, data, num_windows)
     # The reference runs again beside each candidate rather than keeping its log-probs
     # ([tokens, vocab] per window) or every candidate at once: memory stays at two models.
-    ref_model = load_model(reference)
+    ref_model = scorer(reference, data.seq_len)
     rows = []
     with torch.no_grad():
         for path in [reference, *candidates]:
-            model = ref_model if path == reference else load_model(path)
+            model = ref_model if path == reference else scorer(path, data.seq_len)
             _check_vocab(ref_model, model, path)
             rows.append(_score(str(path), ref_model, model, ids, on_window))
     return rows
 
 
+def scorer(path: str | Path, seq_len: int):
+    """ids [windows, seq_len] -> logits, with `.vocab_size` and `.backend`: llmkit's runtime
+    (the kernels it serves with) for the architectures it runs, else transformers' model code
+    over the dequantized weights."""
+    from llmkit.bench.runtime_scorer import RuntimeScorer
+
+    try:
+        return RuntimeScorer(str(path), WINDOWS_PER_BATCH, seq_len)
+    except LlmkitError:
+        return _TransformersScorer(path)
+
+
+class _TransformersScorer:
+    backend = "transformers"
+
+    def __init__(self, path: str | Path):
+        from llmkit.bench.model import load_model
+
+        self.model = load_model(path)
+        self.vocab_size = self.model.config.vocab_size
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
+
 def _check_vocab(ref_model, model, path) -> None:
-    ref_vocab, vocab = ref_model.config.vocab_size, model.config.vocab_size
-    if ref_vocab != vocab:
-        raise LlmkitError(f"{path} has a vocabulary of {vocab}, the reference {ref_vocab}")
+    if ref_model.vocab_size != model.vocab_size:
+        raise LlmkitError(
+            f"{path} has a vocabulary of {model.vocab_size}, the reference {ref_model.vocab_size}"
+        )
 
 
 def _score(name: str, ref_model, model, ids: torch.Tensor, on_window) -> QualityRow:
@@ -94,11 +119,11 @@ def _score(name: str, ref_model, model, ids: torch.Tensor, on_window) -> Quality
     for start in range(0, len(ids), WINDOWS_PER_BATCH):
         batch = ids[start : start + WINDOWS_PER_BATCH]
         # Positions 0..L-2 predict tokens 1..L-1 (nothing predicts the BOS).
-        ref_logp = torch.log_softmax(ref_model(batch).logits[:, :-1].double(), dim=-1)
+        ref_logp = torch.log_softmax(ref_model(batch)[:, :-1].double(), dim=-1)
         logp = (
             ref_logp
             if model is ref_model
-            else torch.log_softmax(model(batch).logits[:, :-1].double(), dim=-1)
+            else torch.log_softmax(model(batch)[:, :-1].double(), dim=-1)
         )
         targets = batch[:, 1:]
         totals.nll -= float(logp.gather(-1, targets[..., None]).sum())
@@ -115,4 +140,5 @@ def _score(name: str, ref_model, model, ids: torch.Tensor, on_window) -> Quality
         kld_p99=float(torch.quantile(klds.float(), 0.99)),
         top1_agreement=totals.agree / count,
         num_tokens=count,
+        backend=model.backend,
     )

@@ -47,6 +47,28 @@ from llmkit.quant.sequential import build_skeleton, return_freed_memory, run_lay
 LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
 
 
+def _check_groups(ck: Checkpoint, arch: Arch, method: str, options: QuantOptions) -> None:
+    """Every Linear's inputs must split into whole groups and pack into int32 words; checked
+    from the headers, before any weight is read."""
+    if method not in GPTQ_FORMAT_METHODS | {"awq"}:
+        return
+    pack = 32 // options.bits
+    for name, info in ck.tensors.items():
+        if not is_layer_linear(arch, name):
+            continue
+        out_features, in_features = info.shape
+        size = in_features if options.group_size == -1 else options.group_size
+        packed = out_features if method == "awq" else in_features  # the dim packed 32 bits wide
+        if in_features % size or packed % pack:
+            fits = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+            raise LlmkitError(
+                f"{name} has {in_features} inputs and {out_features} outputs: --group-size "
+                f"{options.group_size} does not divide its inputs, or {pack} values per int32 "
+                f"do not divide its packed dimension; group sizes that fit: "
+                f"{', '.join(map(str, fits)) or 'none'} (or -1)"
+            )
+
+
 def quantize_integer(
     ck: Checkpoint,
     out: Path,
@@ -62,6 +84,7 @@ def quantize_integer(
 ) -> QuantizeReport:
     check_options(method, options)
     arch = arch_for(ck.config)
+    _check_groups(ck, arch, method, options)
     check_output_dir(out, overwrite)  # before calibration, which can take a while
     compute = resolve_device(device)
     start = time.perf_counter()

@@ -1,0 +1,38 @@
+"""Whole-window logits of a checkpoint from llmkit's runtime: the layers and kernels
+`llmkit serve` runs (int8, W8A8, GPTQ/AWQ int4), in float32 on the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from llmkit.runtime.block_manager import BlockManager
+from llmkit.runtime.distributed import Group
+from llmkit.runtime.model_runner import ModelRunner, prepare
+from llmkit.runtime.scheduler import Batch
+from llmkit.runtime.sequence import Sequence
+
+BLOCK_SIZE = 16
+
+
+class RuntimeScorer:
+    """`scorer(ids [windows, seq_len])` -> logits [windows, seq_len, vocab] (float32)."""
+
+    backend = "runtime"
+
+    def __init__(self, path: str, max_windows: int, seq_len: int):
+        self.num_blocks = max_windows * -(-seq_len // BLOCK_SIZE)
+        self.runner = ModelRunner(
+            str(path), Group(), torch.float32, torch.device("cpu"), self.num_blocks, BLOCK_SIZE
+        )
+        self.vocab_size = self.runner.config.vocab_size
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        blocks = BlockManager(self.num_blocks, BLOCK_SIZE, enable_prefix_caching=False)
+        batch = Batch()
+        for row in ids.tolist():
+            seq = Sequence(row)
+            blocks.allocate(seq, len(row))
+            batch.add(seq, len(row))
+        inputs, _, _ = prepare(batch, BLOCK_SIZE)
+        inputs.logits_indices = torch.arange(ids.numel())
+        return self.runner.execute(inputs).view(*ids.shape, -1)
