@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from llmkit import __version__
-from llmkit.cli import bench, generate, init, inspect, quantize, serve, shard
+from llmkit.cli import bench, generate, init, inspect, quantize, run, serve, shard
 from llmkit.cli.engine_options import with_engine_options
 from llmkit.cli.output import print_error
 from llmkit.errors import LlmkitError
@@ -30,6 +30,8 @@ app.command("serve")(with_engine_options(serve.serve))
 app.command("shard-merge", hidden=True)(shard.merge)
 app.command("shard-verify", hidden=True)(shard.verify)
 app.add_typer(bench.app, name="bench")
+app.command("run")(run.run)
+app.command("demo")(run.demo)
 
 # `llmkit shard SRC OUT` takes positional arguments, so it cannot also be a Click group;
 # its companions `llmkit shard merge|verify ...` are routed to their own commands instead.

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from llmkit.bench import asserts
-from llmkit.bench.quality import evaluate_quality
+from llmkit.bench.quality import EVAL_SEED, evaluate_quality
 from llmkit.cli import bench_offline, bench_serve
 from llmkit.cli.bench_report import AssertOpt, OutputOpt, finish
 from llmkit.cli.engine_options import with_engine_options
@@ -30,7 +30,6 @@ app = typer.Typer(
 app.command("serve")(bench_serve.serve)
 app.command("offline")(with_engine_options(bench_offline.offline))
 app.command("compare")(bench_offline.compare)
-EVAL_SEED = 1  # the builtin text with another seed than calibration's: held-out text
 QUALITY_METRICS = {"perplexity", "kld_mean", "kld_p99", "top1_agreement", "num_tokens"}
 
 

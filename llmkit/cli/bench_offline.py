@@ -136,7 +136,7 @@ def compare(
     """Size, load time, memory, batch-1 decode speed, throughput and quality of each
     checkpoint, side by side: one table, one JSON, one PNG."""
     from llmkit.bench.compare import compare as run
-    from llmkit.cli.bench import EVAL_SEED
+    from llmkit.bench.quality import EVAL_SEED
 
     thresholds = asserts.parse(assert_ or [])
     asserts.check_known(thresholds, COMPARE_METRICS)
@@ -165,7 +165,7 @@ def compare(
     report = {"concurrency": concurrency, "input_len": input_len, "output_len": output_len,
               "rows": rows}  # fmt: skip
     if not json_out:
-        _print_compare(rows, concurrency)
+        print_compare(rows, concurrency)
     if plot is not None:
         from llmkit.bench.plot import plot_compare
 
@@ -173,7 +173,7 @@ def compare(
     finish(report, [(r["name"], r) for r in rows], thresholds, output, json_out)
 
 
-def _print_compare(rows: list[dict], concurrency: int) -> None:
+def print_compare(rows: list[dict], concurrency: int) -> None:
     table = Table(
         "checkpoint", "size", "load s", "peak RSS MB", "decode tok/s",
         f"tok/s @{concurrency}", "perplexity", "KLD mean", "top-1 agree",

@@ -220,7 +220,7 @@ def make_plan(
     if vocab_pad < 1:
         raise LlmkitError(f"--vocab-pad must be at least 1, got {vocab_pad}")
     model = Model.from_config(config)
-    _check_heads(model, tp)
+    check_tp(model, tp)
     stages = stage_layers(model.num_layers, pp, pp_layers)
     plans, dropped = [], []
     for name, (dtype, shape) in tensors.items():
@@ -246,7 +246,7 @@ def _heads_fit(model: Model, tp: int) -> bool:
     return model.num_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
 
 
-def _check_heads(model: Model, tp: int) -> None:
+def check_tp(model: Model, tp: int) -> None:
     if _heads_fit(model, tp):
         return
     kv = model.num_kv_heads

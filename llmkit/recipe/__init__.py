@@ -1,0 +1,1 @@
+"""Recipes: pipelines of llmkit steps described in YAML, run by `llmkit run`."""

@@ -1,0 +1,308 @@
+"""What a recipe may say, checked before anything runs: unknown keys, wrong types and
+impossible combinations are reported with the file, the line and the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from llmkit.errors import LlmkitError
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import QuantOptions
+from llmkit.recipe.yaml_lines import line_of, load_with_lines
+
+METHODS = ("fp16", "bf16", "int8", "w8a8", "rtn", "gptq", "awq")
+CAST_METHODS = ("fp16", "bf16")
+STRICT = ConfigDict(extra="forbid")
+
+
+def _model_of(dataclass: type, name: str) -> type[BaseModel]:
+    """A strict pydantic model with a dataclass's fields, types and defaults."""
+    hints = typing.get_type_hints(dataclass)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(dataclass)}
+    return create_model(name, __config__=STRICT, **fields)
+
+
+QuantOptionsModel = _model_of(QuantOptions, "QuantOptions")
+CalibrationModel = _model_of(CalibrationSpec, "Calibration")
+
+
+class Source(BaseModel):
+    """Exactly one of: `init` (a preset, offline), `path` (a directory), `hub` (an id)."""
+
+    model_config = STRICT
+    init: str | None = None
+    path: str | None = None
+    hub: str | None = None
+    revision: str | None = None
+    seed: int = 0
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one(self) -> Source:
+        if sum(x is not None for x in (self.init, self.path, self.hub)) != 1:
+            raise ValueError("give exactly one of init, path and hub")
+        return self
+
+
+class Quantize(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    method: Literal[METHODS]  # type: ignore[valid-type]
+    from_: str = Field("source", alias="from")
+    options: QuantOptionsModel = Field(default_factory=QuantOptionsModel)  # type: ignore[valid-type]
+    calibration: CalibrationModel = Field(default_factory=CalibrationModel)  # type: ignore[valid-type]
+    device: str = "auto"
+
+
+class Shard(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: str = Field("source", alias="from")
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    vocab_pad: int = Field(64, ge=1)
+
+
+class Quality(BaseModel):
+    model_config = STRICT
+    reference: str = "source"
+    candidates: list[str] = Field(min_length=1)
+    num_windows: int = Field(32, ge=0)
+    seq_len: int = Field(128, ge=8)
+
+
+class Offline(BaseModel):
+    model_config = STRICT
+    model: str = "source"
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    input_len: list[int] = Field(default_factory=lambda: [64], min_length=1)
+    output_len: list[int] = Field(default_factory=lambda: [32], min_length=1)
+
+
+class Compare(BaseModel):
+    model_config = STRICT
+    checkpoints: list[str] = Field(min_length=2)
+    concurrency: int = Field(8, ge=1)
+    input_len: int = Field(64, ge=1)
+    output_len: int = Field(32, ge=2)
+    num_windows: int = Field(16, ge=0)
+    seq_len: int = Field(128, ge=8)
+
+
+class Serve(BaseModel):
+    """Load-test `model` (served by `llmkit serve` for the duration of the step) or `url`."""
+
+    model_config = STRICT
+    model: str | None = None
+    url: str | None = None
+    num_prompts: int = Field(32, ge=1)
+    request_rate: float | Literal["inf"] = "inf"
+    burstiness: float = Field(1.0, gt=0)
+    max_concurrency: int | None = Field(None, ge=1)
+    input_len: int | str = "16-64"  # tokens, or a range like 16-64
+    output_len: int | str = 32
+    ignore_eos: bool = True
+    seed: int = 0
+    endpoint: Literal["completions", "chat"] = "completions"
+
+    @model_validator(mode="after")
+    def _one(self) -> Serve:
+        if (self.model is None) == (self.url is None):
+            raise ValueError("give exactly one of model (served for the step) and url")
+        return self
+
+
+class Bench(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    quality: Quality | None = None
+    offline: Offline | None = None
+    compare: Compare | None = None
+    serve: Serve | None = None
+    assert_: list[str] = Field(default_factory=list, alias="assert")
+
+    @model_validator(mode="after")
+    def _one(self) -> Bench:
+        if sum(x is not None for x in (self.quality, self.offline, self.compare, self.serve)) != 1:
+            raise ValueError("give exactly one of quality, offline, compare and serve")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("quality", "offline", "compare", "serve") if getattr(self, k))
+
+
+class Step(BaseModel):
+    model_config = STRICT
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    quantize: Quantize | None = None
+    shard: Shard | None = None
+    bench: Bench | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Step:
+        if sum(x is not None for x in (self.quantize, self.shard, self.bench)) != 1:
+            raise ValueError("give exactly one of quantize, shard and bench")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "quantize" if self.quantize else "shard" if self.shard else "bench"
+
+    def definition(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Recipe(BaseModel):
+    model_config = STRICT
+    name: str
+    description: str = ""
+    source: Source
+    outputs: str
+    steps: list[Step] = Field(min_length=1)
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override (`key.path=value`), and check a recipe; errors name file:line: key."""
+    source = str(path)
+    if not path.is_file():
+        raise LlmkitError(f"{source}: no such recipe file")
+    data, lines = load_with_lines(path.read_text(), source)
+    for override in overrides:
+        _apply(data, override)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise _error(source, lines, first["loc"], first["msg"]) from None
+    for loc, message in _problems(recipe):
+        raise _error(source, lines, loc, message)
+    return recipe
+
+
+def _error(source: str, lines, loc: tuple, message: str) -> LlmkitError:
+    line = line_of(lines, tuple(loc))
+    where = f"{source}:{line}" if line else source
+    key = ".".join(str(x) for x in loc) or "(top level)"
+    return LlmkitError(f"{where}: {key}: {message}")
+
+
+def _apply(data: Any, override: str) -> None:
+    """--set a.b.0.c=value (list items by index or by step id); the value is YAML."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise LlmkitError(f"--set {override!r}: write it as key.path=value")
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            index = _index(node, part, override)
+            if last:
+                node[index] = yaml.safe_load(text)
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = yaml.safe_load(text)
+            node = node.setdefault(part, {}) if not last else node
+        else:
+            raise LlmkitError(f"--set {override!r}: {'.'.join(parts[:i])} is not a mapping")
+
+
+def _index(items: list, part: str, override: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("id") == part:
+            return i
+    raise LlmkitError(f"--set {override!r}: no list item {part!r}")
+
+
+def _problems(recipe: Recipe):
+    """(location, message) of each impossible combination."""
+    yield from _source_problems(recipe)
+    made: dict[str, str] = {"source": "full"}  # step id -> what it made
+    for i, step in enumerate(recipe.steps):
+        at = ("steps", i)
+        if step.id in made:
+            yield (*at, "id"), f"step id {step.id!r} is used twice (or is 'source')"
+        for key, ref in references(step):
+            where = (*at, step.kind, *key)
+            if made.get(ref) in (None, "bench"):
+                known = ", ".join(k for k, v in made.items() if v != "bench")
+                yield where, f"{ref!r} is no earlier checkpoint; known: {known}"
+            elif step.quantize and made[ref] != "full":
+                yield where, f"quantize from a full-precision checkpoint, not {ref!r} ({made[ref]})"
+        if step.shard:
+            yield from _shard_problems(recipe, step, at)
+        if step.bench:
+            yield from _assert_problems(step, at)
+        made[step.id] = _made_by(step)
+
+
+def _made_by(step: Step) -> str:
+    if step.quantize:
+        return "full" if step.quantize.method in CAST_METHODS else "quantized"
+    return "sharded" if step.shard else "bench"
+
+
+def _source_problems(recipe: Recipe):
+    from llmkit.checkpoint.init import PRESETS
+
+    if recipe.source.init is not None and recipe.source.init not in PRESETS:
+        yield ("source", "init"), f"no preset {recipe.source.init!r}; choose {', '.join(PRESETS)}"
+
+
+def references(step: Step) -> list[tuple[tuple, str]]:
+    """(key path within the step's body, referenced step id) for every checkpoint it uses."""
+    if step.quantize:
+        return [(("from",), step.quantize.from_)]
+    if step.shard:
+        return [(("from",), step.shard.from_)]
+    b = step.bench
+    if b.quality:
+        return [(("quality", "reference"), b.quality.reference)] + [
+            (("quality", "candidates", i), c) for i, c in enumerate(b.quality.candidates)
+        ]
+    if b.compare:
+        return [(("compare", "checkpoints", i), c) for i, c in enumerate(b.compare.checkpoints)]
+    if b.offline:
+        return [(("offline", "model"), b.offline.model)]
+    return [(("serve", "model"), b.serve.model)] if b.serve.model else []
+
+
+def _shard_problems(recipe: Recipe, step: Step, at: tuple):
+    config = source_config(recipe)
+    if config is None:
+        return
+    from llmkit.shard.plan import Model, check_tp
+
+    try:
+        check_tp(Model.from_config(config), step.shard.tp)
+    except LlmkitError as e:
+        yield (*at, "shard", "tp"), str(e)
+
+
+def _assert_problems(step: Step, at: tuple):
+    from llmkit.bench import asserts
+
+    try:
+        asserts.parse(step.bench.assert_)
+    except LlmkitError as e:
+        yield (*at, "bench", "assert"), str(e)
+
+
+def source_config(recipe: Recipe) -> dict | None:
+    """The source's config.json, when it is known without downloading anything."""
+    s = recipe.source
+    if s.init is not None:
+        from llmkit.checkpoint.init import PRESETS, preset_config
+
+        return preset_config(PRESETS[s.init], s.dtype) if s.init in PRESETS else None
+    if s.path is not None and (Path(s.path) / "config.json").is_file():
+        return json.loads((Path(s.path) / "config.json").read_text())
+    return None

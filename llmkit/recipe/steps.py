@@ -1,0 +1,156 @@
+"""What each kind of recipe step does, through the same library calls as the commands."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from llmkit.errors import LlmkitError
+from llmkit.recipe.schema import Bench, Quantize, Shard, Source
+
+
+def make_source(source: Source, out: Path) -> Path:
+    """The source checkpoint's directory: a preset written to `out`, a local path, or a hub
+    snapshot."""
+    if source.init is not None:
+        from llmkit.checkpoint.init import init_checkpoint
+
+        return Path(init_checkpoint(out, source.init, source.seed, source.dtype, True).path)
+    from llmkit.checkpoint.reader import local_dir
+
+    return Path(local_dir(source.path or source.hub, source.revision))
+
+
+def quantize(step: Quantize, src: Path, out: Path) -> dict:
+    from llmkit.quant.calibration import CalibrationSpec
+    from llmkit.quant.options import QuantOptions
+    from llmkit.quant.pipeline import quantize as run
+
+    report = run(
+        src,
+        out,
+        step.method,
+        options=QuantOptions(**step.options.model_dump()),
+        calibration=CalibrationSpec(**step.calibration.model_dump()),
+        device=step.device,
+        overwrite=True,
+    )
+    return {"bytes_out": report.bytes_out, "seconds": report.seconds}
+
+
+def shard(step: Shard, src: Path, out: Path) -> dict:
+    from llmkit.shard.write import shard as run
+
+    report = run(src, out, step.tp, step.pp, vocab_pad=step.vocab_pad, overwrite=True)
+    return {"tp": report.tp, "pp": report.pp, "seconds": report.seconds}
+
+
+def bench(step: Bench, paths: dict[str, Path]) -> tuple[dict, list[tuple[str, dict]]]:
+    """The bench's result JSON, and the (label, metrics) its thresholds are checked on."""
+    return _BENCHES[step.kind](getattr(step, step.kind), paths)
+
+
+def _quality(q, paths) -> tuple[dict, list]:
+    from llmkit.bench.quality import EVAL_SEED, evaluate_quality
+    from llmkit.quant.calibration import CalibrationSpec
+
+    data = CalibrationSpec(seq_len=q.seq_len, seed=EVAL_SEED)
+    names = [q.reference, *q.candidates]
+    rows = evaluate_quality(
+        paths[q.reference], [paths[c] for c in q.candidates], data, q.num_windows
+    )
+    result = [dict(r.to_dict(), name=n) for n, r in zip(names, rows, strict=True)]
+    return {"rows": result}, [(r["name"], r) for r in result[1:]]
+
+
+def _offline(o, paths) -> tuple[dict, list]:
+    from llmkit.bench.offline import offline_in_child
+
+    join = lambda xs: ",".join(map(str, xs))  # noqa: E731
+    args = ["--batch-sizes", join(o.batch_sizes), "--input-len", join(o.input_len)]
+    result = offline_in_child(str(paths[o.model]), [*args, "--output-len", join(o.output_len)])
+    top = {k: v for k, v in result.items() if k != "cases"}
+    labelled = [(f"batch {c['batch_size']}", {**top, **c}) for c in result["cases"]]
+    return result, labelled
+
+
+def _compare(c, paths) -> tuple[dict, list]:
+    from llmkit.bench.compare import compare
+    from llmkit.bench.quality import EVAL_SEED
+    from llmkit.quant.calibration import CalibrationSpec
+
+    data = CalibrationSpec(seq_len=c.seq_len, seed=EVAL_SEED)
+    checkpoints = [str(paths[name]) for name in c.checkpoints]
+    rows = compare(checkpoints, c.concurrency, c.input_len, c.output_len, data, c.num_windows, [])
+    for name, row in zip(c.checkpoints, rows, strict=True):
+        row["name"] = name
+    return {"rows": rows}, [(r["name"], r) for r in rows]
+
+
+def _serve(s, paths) -> tuple[dict, list]:
+    import math
+
+    from llmkit.bench.load import LoadSpec, run_load
+    from llmkit.bench.prompts import load_requests, parse_range
+
+    with _served(paths[s.model]) if s.model else contextlib.nullcontext(s.url) as url:
+        rate = math.inf if s.request_rate == "inf" else float(s.request_rate)
+        spec = LoadSpec(url, None, s.endpoint, rate, s.burstiness, s.max_concurrency,
+                        s.ignore_eos, s.seed)  # fmt: skip
+        vocab = _vocab_size(paths[s.model]) if s.model else 256
+        requests = load_requests(
+            "random", s.num_prompts, parse_range(str(s.input_len), "input_len"),
+            parse_range(str(s.output_len), "output_len"), s.seed, random_vocab=vocab,
+        )  # fmt: skip
+        result = run_load(spec, requests)
+    return result, [("", result)]
+
+
+def _vocab_size(path: Path) -> int:
+    import json
+
+    return int(json.loads((path / "config.json").read_text())["vocab_size"])
+
+
+@contextlib.contextmanager
+def _served(model: Path):
+    """`llmkit serve MODEL` on a free loopback port for the duration; yields its URL."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--log-level", "warning"], stdout=subprocess.DEVNULL, env=dict(os.environ)
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LlmkitError(f"llmkit serve exited with {proc.returncode} before it was ready")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health") as r:
+            if r.status == 200:
+                return
+        time.sleep(0.1)
+    raise LlmkitError(f"llmkit serve was not ready within {timeout:.0f} s")
+
+
+_BENCHES = {"quality": _quality, "offline": _offline, "compare": _compare, "serve": _serve}
