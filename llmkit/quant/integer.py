@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import fields
@@ -52,7 +53,7 @@ def _check_groups(ck: Checkpoint, arch: Arch, method: str, options: QuantOptions
     from the headers, before any weight is read."""
     if method not in GPTQ_FORMAT_METHODS | {"awq"}:
         return
-    pack = 32 // options.bits
+    pack = 32 // math.gcd(options.bits, 32)  # values per whole run of int32 words (3 bits: 32)
     for name, info in ck.tensors.items():
         if not is_layer_linear(arch, name):
             continue
@@ -63,9 +64,9 @@ def _check_groups(ck: Checkpoint, arch: Arch, method: str, options: QuantOptions
             fits = [g for g in (32, 64, 128, 256) if in_features % g == 0]
             raise LlmkitError(
                 f"{name} has {in_features} inputs and {out_features} outputs: --group-size "
-                f"{options.group_size} does not divide its inputs, or {pack} values per int32 "
-                f"do not divide its packed dimension; group sizes that fit: "
-                f"{', '.join(map(str, fits)) or 'none'} (or -1)"
+                f"{options.group_size} does not divide its inputs, or its packed dimension is not "
+                f"a multiple of {pack} ({options.bits}-bit values in int32 words); group sizes "
+                f"that fit: {', '.join(map(str, fits)) or 'none'} (or -1)"
             )
 
 

@@ -3,6 +3,7 @@ goes with them, and (for W8A8) how a decoder layer is calibrated."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ def linear_tensors(
 def _gptq_tensors(options: QuantOptions, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     in_features = weight.shape[1]
     size = in_features if options.group_size == -1 else options.group_size
-    if in_features % size or in_features % (32 // options.bits):
+    if in_features % size or in_features % (32 // math.gcd(options.bits, 32)):
         raise LlmkitError(
             f"a Linear with {in_features} inputs cannot take --group-size {options.group_size} "
             f"at {options.bits} bits (inputs must divide into groups and into int32 words)"
