@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from engine_throughput import ENV, prepare
@@ -45,40 +42,21 @@ def server_command(tool: str, model: Path, port: int) -> tuple[list[str], dict]:
     return command, env
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 600) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
-                if r.status == 200:
-                    return time.perf_counter() - start
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError("the server did not become healthy")
-
-
 def bench(tool: str, model: Path, port: int, work: Path, args) -> dict:
+    from llmkit.serve.launch import launched
+
     command, env = server_command(tool, model, port)
-    log = (work / f"{tool}-server.log").open("w")
-    proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=log)
-    try:
-        startup = wait_healthy(proc, port)
+    with (
+        (work / f"{tool}-server.log").open("w") as log,
+        launched(command, port, env, log) as server,
+    ):
         out = work / f"{tool}-bench.json"
-        client = [sys.executable, "-m", "llmkit", "bench", "serve", "--url"]
-        client += [f"http://127.0.0.1:{port}", "--model", str(model), "--num-prompts"]
-        client += [str(args.num_prompts), "--input-len", "32-256", "--output-len", "128"]
-        client += ["--ignore-eos", "--random-vocab-size", "32000", "--request-rate"]
-        client += [args.request_rate, "--json", "-o", str(out)]
-        subprocess.run(client, check=True, stdout=subprocess.DEVNULL)
-        return {**json.loads(out.read_text()), "startup_s": startup}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        client = [sys.executable, "-m", "llmkit", "bench", "serve", "--url", server.url]
+        client += ["--model", str(model), "--num-prompts", str(args.num_prompts)]
+        client += ["--input-len", "32-256", "--output-len", "128", "--ignore-eos"]
+        client += ["--random-vocab-size", "32000", "--request-rate", args.request_rate]
+        subprocess.run([*client, "--json", "-o", str(out)], check=True, stdout=subprocess.DEVNULL)
+        return {**json.loads(out.read_text()), "startup_s": server.startup_s}
 
 
 def main() -> None:

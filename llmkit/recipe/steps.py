@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from llmkit.errors import LlmkitError
 from llmkit.recipe.schema import Bench, Quantize, Shard, Source
 
 
@@ -111,46 +105,20 @@ def _serve(s, paths) -> tuple[dict, list]:
     return result, [("", result)]
 
 
+@contextlib.contextmanager
+def _served(model: Path):
+    """`llmkit serve MODEL` on a free loopback port for the duration; yields its URL."""
+    from llmkit.serve.launch import free_port, launched, llmkit_serve_command
+
+    port = free_port()
+    with launched(llmkit_serve_command(model, port), port) as server:
+        yield server.url
+
+
 def _vocab_size(path: Path) -> int:
     import json
 
     return int(json.loads((path / "config.json").read_text())["vocab_size"])
-
-
-@contextlib.contextmanager
-def _served(model: Path):
-    """`llmkit serve MODEL` on a free loopback port for the duration; yields its URL."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", str(port)]
-    proc = subprocess.Popen(
-        [*command, "--log-level", "warning"], stdout=subprocess.DEVNULL, env=dict(os.environ)
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(proc, url)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise LlmkitError(f"llmkit serve exited with {proc.returncode} before it was ready")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health") as r:
-            if r.status == 200:
-                return
-        time.sleep(0.1)
-    raise LlmkitError(f"llmkit serve was not ready within {timeout:.0f} s")
 
 
 _BENCHES = {"quality": _quality, "offline": _offline, "compare": _compare, "serve": _serve}
