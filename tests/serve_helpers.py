@@ -68,7 +68,9 @@ def start_server(model: Path, tmp: Path, *args: str, wait: bool = True) -> Serve
     command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", str(port), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     server = Server(process, port, log)
     if wait:
         wait_healthy(server)

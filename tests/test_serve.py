@@ -350,6 +350,18 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(model, tmp_path):
     assert "Shutting down" in srv.log.read_text()
 
 
+def test_a_tp2_server_stops_cleanly_when_its_whole_process_group_gets_sigterm(model, tmp_path):
+    import os
+
+    srv = start_server(model, tmp_path, "--tp", "2")
+    body = {"prompt": "The king", "max_tokens": 6, "temperature": 0}
+    status, _, answer = srv.request("POST", "/v1/completions", body)
+    assert status == 200 and answer["usage"]["completion_tokens"] == 6
+    os.killpg(srv.process.pid, signal.SIGTERM)  # as a terminal or systemd would: workers too
+    assert srv.process.wait(60) == 0
+    assert "Traceback" not in srv.log.read_text()
+
+
 def test_health_is_503_while_loading(model, tmp_path):
     srv = start_server(model, tmp_path, wait=False)
     try:

@@ -6,6 +6,7 @@ row-parallel layers all-reduce, and the logits come back to rank 0 (gloo on CPU,
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -61,9 +62,14 @@ class Executor:
         return self.runner.execute(inputs)
 
     def close(self) -> None:
-        if self.workers:
+        if not self.workers:
+            return
+        try:
             dist.broadcast_object_list([None], src=0)  # the workers' signal to return
-            self._stop_workers(kill=False)
+        except RuntimeError:  # a worker is gone already (killed from outside)
+            self._stop_workers(kill=True)
+            return
+        self._stop_workers(kill=False)
 
     def _stop_workers(self, kill: bool) -> None:
         for worker in self.workers:
@@ -112,6 +118,10 @@ def _init_group(spec: RunnerSpec, rank: int, port: int) -> None:
 
 
 def _worker_main(spec: RunnerSpec, rank: int, port: int, threads: int) -> None:
+    # The driver decides when workers stop: a Ctrl-C or SIGTERM sent to the whole process
+    # group (a terminal, systemd) must not kill them under a driver that is still draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
     _init_group(spec, rank, port)
     runner, error = None, None
