@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -48,11 +49,25 @@ def shard(
     max_shard_size: MaxShardSizeOpt = DEFAULT_MAX_SHARD_SIZE,
     overwrite: OverwriteOpt = False,
     revision: RevisionOpt = None,
+    layout: Annotated[
+        str,
+        typer.Option(
+            "--layout",
+            help="llmkit (rank files + llmkit-shards.json), or vllm (vLLM's sharded_state "
+            "files: fused q/k/v and gate/up, full precision, TP only).",
+        ),
+    ] = "llmkit",
     json_out: JsonOpt = False,
 ) -> None:
     """Split SRC (a checkpoint, or an earlier shard output) into one safetensors file per
     (tp rank, pp stage) plus llmkit-shards.json. See also: llmkit shard merge | verify."""
     from llmkit.shard.write import shard as run_shard  # numpy: not at `llmkit --help`
+
+    if layout == "vllm":
+        _vllm_layout(src, out, tp, pp, pp_layers, revision, max_shard_size, overwrite, json_out)
+        return
+    if layout != "llmkit":
+        raise LlmkitError(f"--layout {layout!r}: choose llmkit or vllm")
 
     with byte_progress(f"shard tp={tp} pp={pp}", quiet=json_out) as progress:
         report = run_shard(
@@ -76,6 +91,26 @@ def shard(
         f"{report.num_files} files, {human_bytes(report.bytes_in)} -> "
         f"{human_bytes(report.bytes_out)}, kv heads {report.rules['kv_heads']}, "
         f"{report.seconds:.1f}s, peak RSS {human_bytes(report.peak_rss_bytes)}"
+    )
+
+
+def _vllm_layout(src, out, tp, pp, pp_layers, revision, max_shard_size, overwrite, json_out):
+    from llmkit.checkpoint.reader import local_dir
+    from llmkit.shard.vllm_layout import write_vllm_layout
+
+    if pp != 1 or pp_layers:
+        raise LlmkitError("--layout vllm is for tensor parallelism only: drop --pp/--pp-layers")
+    with byte_progress(f"vllm layout tp={tp}", quiet=json_out) as progress:
+        report = write_vllm_layout(
+            local_dir(src, revision), out, tp, max_shard_size, overwrite, progress
+        )
+    if json_out:
+        print_json(asdict(report))
+        return
+    stdout.print(
+        f"wrote {report.output}: vLLM sharded_state for tp={report.tp}, {report.num_files} "
+        f"files, {human_bytes(report.bytes_out)}, {report.seconds:.1f}s; load it with "
+        f'LLM("{report.output}", load_format="sharded_state", tensor_parallel_size={report.tp})'
     )
 
 
