@@ -362,6 +362,34 @@ def test_a_tp2_server_stops_cleanly_when_its_whole_process_group_gets_sigterm(mo
     assert "Traceback" not in srv.log.read_text()
 
 
+@pytest.mark.parametrize("kind", ["int8", "shard-tp2"])
+def test_quantized_and_sharded_checkpoints_serve_what_the_engine_generates(
+    model, tmp_path, cli, kind
+):
+    if kind == "int8":
+        path, args, tp = (
+            tmp_path / "int8",
+            ["quantize", model, tmp_path / "int8", "--method", "int8"],
+            1,
+        )
+    else:
+        path, args, tp = tmp_path / "tp2", ["shard", model, tmp_path / "tp2", "--tp", "2"], 2
+    assert cli(*args).code == 0
+    llm = LLM(path, EngineConfig(tp=tp))
+    try:
+        expected = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0))
+    finally:
+        llm.close()
+    srv = start_server(path, tmp_path, "--tp", str(tp))
+    try:
+        for prompt, want in zip(PROMPTS, expected, strict=True):
+            body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+            status, _, answer = srv.request("POST", "/v1/completions", body)
+            assert status == 200 and answer["choices"][0]["text"] == want.outputs[0].text
+    finally:
+        assert srv.stop() == 0
+
+
 def test_health_is_503_while_loading(model, tmp_path):
     srv = start_server(model, tmp_path, wait=False)
     try:
