@@ -49,15 +49,16 @@ LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
 
 
 def _check_groups(ck: Checkpoint, arch: Arch, method: str, options: QuantOptions) -> None:
-    """Every Linear's inputs must split into whole groups and pack into int32 words; checked
-    from the headers, before any weight is read."""
+    """Every Linear to quantize (the lm_head too, when asked) must split its inputs into
+    whole groups and pack into int32 words; checked from the headers, before any read."""
     if method not in GPTQ_FORMAT_METHODS | {"awq"}:
         return
+    names = [n for n in ck.tensors if is_layer_linear(arch, n)]
+    if options.quantize_lm_head:
+        names.append(_lm_head_source(ck, arch))
     pack = 32 // math.gcd(options.bits, 32)  # values per whole run of int32 words (3 bits: 32)
-    for name, info in ck.tensors.items():
-        if not is_layer_linear(arch, name):
-            continue
-        out_features, in_features = info.shape
+    for name in names:
+        out_features, in_features = ck.tensors[name].shape
         size = in_features if options.group_size == -1 else options.group_size
         packed = out_features if method == "awq" else in_features  # the dim packed 32 bits wide
         if in_features % size or packed % pack:
@@ -190,11 +191,15 @@ def _settings(cls, options: QuantOptions):
     return cls(**{name: getattr(options, name) for name in shared})
 
 
+def _lm_head_source(ck: Checkpoint, arch: Arch) -> str:
+    name = f"{arch.lm_head}.weight"
+    return name if name in ck.tensors else f"{arch.embed}.weight"  # tied embeddings
+
+
 def _lm_head_tensors(
     ck: Checkpoint, arch: Arch, method: str, options: QuantOptions
 ) -> dict[str, torch.Tensor]:
-    name = f"{arch.lm_head}.weight"
-    source = name if name in ck.tensors else f"{arch.embed}.weight"  # tied embeddings
+    source = _lm_head_source(ck, arch)
     packed = linear_tensors(method, options, ck.get_tensor(source).float(), _storage(ck, source))
     return {f"{arch.lm_head}.{k}": v for k, v in packed.items()}
 

@@ -3,14 +3,12 @@ goes with them, and (for W8A8) how a decoder layer is calibrated."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from llmkit.errors import LlmkitError
 from llmkit.quant import gptq as gptq_algorithm
 from llmkit.quant import int8, rtn
 from llmkit.quant import layer_steps as steps
@@ -40,13 +38,9 @@ def linear_tensors(
 
 
 def _gptq_tensors(options: QuantOptions, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(Group sizes and packing were checked for every Linear before any weight was read.)"""
     in_features = weight.shape[1]
     size = in_features if options.group_size == -1 else options.group_size
-    if in_features % size or in_features % (32 // math.gcd(options.bits, 32)):
-        raise LlmkitError(
-            f"a Linear with {in_features} inputs cannot take --group-size {options.group_size} "
-            f"at {options.bits} bits (inputs must divide into groups and into int32 words)"
-        )
     # GPTQ v1 stores zero - 1, so asymmetric zero points start at 1.
     quant = rtn.quantize_groups(weight, options.bits, size, options.sym, min_zero=1)
     g_idx = torch.arange(in_features, dtype=torch.int32) // size
