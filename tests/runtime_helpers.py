@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llmkit.runtime.block_manager import BlockManager
-from llmkit.runtime.distributed import Group
-from llmkit.runtime.model_runner import ModelRunner, prepare
-from llmkit.runtime.scheduler import Batch
-from llmkit.runtime.sequence import Sequence
+from llmkit.bench.runtime_scorer import RuntimeScorer
 
 
 def hf_model(path, dtype=torch.float32):
@@ -27,17 +23,9 @@ def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def runtime_logits(path, ids: list[int], dtype=torch.float32) -> torch.Tensor:
-    """The runtime's logits [tokens, vocab] for a whole prompt in one prefill."""
-    num_blocks, block_size = 32, 16
-    runner = ModelRunner(str(path), Group(), dtype, torch.device("cpu"), num_blocks, block_size)
-    seq = Sequence(list(ids))
-    BlockManager(num_blocks, block_size).allocate(seq, len(ids))
-    batch = Batch()
-    batch.add(seq, len(ids))
-    inputs, _, _ = prepare(batch, block_size)
-    inputs.logits_indices = torch.arange(len(ids))
-    return runner.execute(inputs)
+def runtime_logits(path, ids: list[int]) -> torch.Tensor:
+    """The runtime's float32 logits [tokens, vocab] for a whole prompt in one prefill."""
+    return RuntimeScorer(str(path), 1, len(ids))(torch.tensor([ids]))[0]
 
 
 def random_prompts(num: int, low: int, high: int, seed: int = 0, vocab: int = 500):

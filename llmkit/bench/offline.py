@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from llmkit.bench.stats import summary
 from llmkit.errors import LlmkitError
+from llmkit.memory import peak_rss
 from llmkit.runtime.engine_config import EngineConfig
 
 
@@ -100,7 +100,7 @@ def _measure(llm, case: Case, seed: int) -> dict:
 
 
 def _peak_memory() -> dict:
-    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = {"peak_rss_mb": peak_rss() / 2**20}
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -108,7 +108,8 @@ def _serve(s, paths) -> tuple[dict, list]:
 @contextlib.contextmanager
 def _served(model: Path):
     """`llmkit serve MODEL` on a free loopback port for the duration; yields its URL."""
-    from llmkit.serve.launch import free_port, launched, llmkit_serve_command
+    from llmkit.net import free_port
+    from llmkit.serve.launch import launched, llmkit_serve_command
 
     port = free_port()
     with launched(llmkit_serve_command(model, port), port) as server:

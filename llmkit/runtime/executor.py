@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from llmkit.errors import LlmkitError
+from llmkit.net import free_port
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.model_runner import ModelRunner, StepInputs
 
@@ -81,7 +81,7 @@ class Executor:
         self.workers = []
 
     def _start_workers(self) -> None:
-        port = _free_port()
+        port = free_port()
         threads = max(1, torch.get_num_threads() // self.spec.tp)
         ctx = multiprocessing.get_context("spawn")
         for rank in range(1, self.spec.tp):
@@ -102,12 +102,6 @@ class Executor:
         if failed:  # the ranks that loaded wait for a step that will not come: stop them
             self._stop_workers(kill=True)
             raise LlmkitError("loading the model failed on " + "; ".join(failed))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init_group(spec: RunnerSpec, rank: int, port: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,6 @@ from llmkit.errors import LlmkitError
 class Launched:
     url: str  # http://127.0.0.1:PORT
     startup_s: float  # from the process start to the first /health 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def llmkit_serve_command(model: Path, port: int) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.quant.int8 import quantize_per_token
+from llmkit.quant import int8
 from llmkit.quant.rtn import dequantize_indexed
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts, largest first
@@ -46,7 +46,7 @@ class Int8Weight:
     act_quant: bool
 
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale[:, None]
+        return int8.dequantize(self.q, self.scale[:, None], torch.float32)
 
 
 @dataclass(slots=True)
@@ -161,7 +161,7 @@ class W8A8Linear(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, x_scale = quantize_per_token(x)  # max|x| / 127 per token, as vLLM's kernels
+        xq, x_scale = int8.quantize_per_token(x)  # max|x| / 127 per token, as vLLM's kernels
         if x.device.type == "cpu":
             acc = torch._int_mm(xq, self.qt).float()
         else:  # exact in float32 for |sums| < 2**24; the CUDA kernels are a separate path
