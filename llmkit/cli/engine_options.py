@@ -70,38 +70,39 @@ def with_engine_options(command: Callable) -> Callable:
     return run
 
 
+# Parameter name -> its option; each is the EngineConfig field of the same name but these.
+_FIELDS = {"prefix_caching": "enable_prefix_caching"}
+
+
 def _engine_parameters() -> list[inspect.Parameter]:
     from llmkit.cli.options import DeviceOpt
 
-    d = EngineConfig()
-    options = [
-        ("tp", TpOpt, d.tp),
-        ("dtype", DtypeOpt, d.dtype),
-        ("device", DeviceOpt, d.device),
-        ("block_size", BlockSizeOpt, d.block_size),
-        ("kv_cache_memory", KvCacheMemoryOpt, None),
-        ("gpu_memory_utilization", GpuMemOpt, d.gpu_memory_utilization),
-        ("max_num_seqs", MaxNumSeqsOpt, d.max_num_seqs),
-        ("max_num_batched_tokens", MaxBatchedTokensOpt, d.max_num_batched_tokens),
-        ("max_model_len", MaxModelLenOpt, None),
-        ("prefix_caching", PrefixCachingOpt, d.enable_prefix_caching),
-        ("scheduling_policy", PolicyOpt, d.scheduling_policy),
+    options = {
+        "tp": TpOpt,
+        "dtype": DtypeOpt,
+        "device": DeviceOpt,
+        "block_size": BlockSizeOpt,
+        "kv_cache_memory": KvCacheMemoryOpt,
+        "gpu_memory_utilization": GpuMemOpt,
+        "max_num_seqs": MaxNumSeqsOpt,
+        "max_num_batched_tokens": MaxBatchedTokensOpt,
+        "max_model_len": MaxModelLenOpt,
+        "prefix_caching": PrefixCachingOpt,
+        "scheduling_policy": PolicyOpt,
+    }
+    defaults = EngineConfig()
+    return [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=getattr(defaults, _FIELDS.get(name, name)),
+            annotation=option,
+        )
+        for name, option in options.items()
     ]
-    kind = inspect.Parameter.KEYWORD_ONLY
-    return [inspect.Parameter(n, kind, default=v, annotation=a) for n, a, v in options]
 
 
 def _engine_config(options: dict) -> EngineConfig:
-    return EngineConfig(
-        tp=options["tp"],
-        dtype=options["dtype"],
-        device=options["device"],
-        block_size=options["block_size"],
-        kv_cache_memory=kv_cache_bytes(options["kv_cache_memory"]),
-        gpu_memory_utilization=options["gpu_memory_utilization"],
-        max_num_seqs=options["max_num_seqs"],
-        max_num_batched_tokens=options["max_num_batched_tokens"],
-        max_model_len=options["max_model_len"],
-        enable_prefix_caching=options["prefix_caching"],
-        scheduling_policy=options["scheduling_policy"],
-    )
+    values = {_FIELDS.get(name, name): value for name, value in options.items()}
+    values["kv_cache_memory"] = kv_cache_bytes(values["kv_cache_memory"])  # "2GiB" -> bytes
+    return EngineConfig(**values)

@@ -203,47 +203,23 @@ def _completion_lp(served, body, job, out, ids, entries, offset, echo=True) -> d
     return r.completion_logprobs(ids, entries, served.names, offset)
 
 
-async def completion_events(served, body: CompletionRequest, jobs, runs, env) -> AsyncIterator:
-    cursors: dict[int, r.ChoiceCursor] = {}
-    hold = _hold(jobs[0].params)
-    last: dict[int, RequestOutput] = {}
-    async for i, out in _guard(merged(runs)):
-        if isinstance(out, dict):  # an error body
-            yield _sse(out)
-            break
-        last[i] = out
-        for c in out.outputs:
-            cursor = cursors.setdefault(i * body.n + c.index, r.ChoiceCursor(hold))
-            step = cursor.advance(c)
-            if step is None:
-                continue
-            text, a, b = step
-            echo = body.echo and not cursor.started
-            lp = None
-            if body.logprobs is not None:
-                lp = _completion_lp(
-                    served,
-                    body,
-                    jobs[i],
-                    out,
-                    c.token_ids[a:b],
-                    c.logprobs[a:b],
-                    cursor.offset,
-                    echo,
-                )
-                cursor.offset += sum(len(t) for t in lp["tokens"])
-            cursor.started = True
-            choice = {
-                "index": i * body.n + c.index,
-                "text": (jobs[i].prompt_text if echo else "") + text,
-                "logprobs": lp,
-                "finish_reason": c.finish_reason,
-            }
-            yield _sse(env.body([choice]))
-    else:
-        if body.include_usage():
-            yield _sse(env.body([], usage=r.usage([last[i] for i in sorted(last)])))
-    yield "data: [DONE]\n\n"
+def completion_events(served, body: CompletionRequest, jobs, runs, env) -> AsyncIterator[str]:
+    def choice(i: int, out: RequestOutput, c, cursor: r.ChoiceCursor, step) -> dict:
+        text, a, b = step
+        echo = body.echo and not cursor.started
+        lp = None
+        if body.logprobs is not None:
+            ids, entries = c.token_ids[a:b], c.logprobs[a:b]
+            lp = _completion_lp(served, body, jobs[i], out, ids, entries, cursor.offset, echo)
+            cursor.offset += sum(len(t) for t in lp["tokens"])
+        return {
+            "index": i * body.n + c.index,
+            "text": (jobs[i].prompt_text if echo else "") + text,
+            "logprobs": lp,
+            "finish_reason": c.finish_reason,
+        }
+
+    return _events(runs, _hold(jobs[0].params), body.n, choice, env, body.include_usage())
 
 
 def chat_body(served: Served, body: ChatCompletionRequest, out: RequestOutput, env) -> dict:
@@ -261,34 +237,41 @@ def chat_body(served: Served, body: ChatCompletionRequest, out: RequestOutput, e
     return env.body(choices, usage=r.usage([out]))
 
 
-async def chat_events(served, body: ChatCompletionRequest, job, runs, env) -> AsyncIterator:
+def chat_events(served, body: ChatCompletionRequest, job, runs, env) -> AsyncIterator[str]:
+    def choice(i: int, out: RequestOutput, c, cursor: r.ChoiceCursor, step) -> dict:
+        text, a, b = step
+        delta = {"content": text} if text or not cursor.started else {}
+        if not cursor.started:  # the role rides with the first text, never alone
+            delta = {"role": "assistant", **delta}
+        lp = None
+        if c.logprobs is not None:
+            lp = r.chat_logprobs(c.token_ids[a:b], c.logprobs[a:b], served.names)
+        return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason}
+
+    return _events(runs, _hold(job.params), body.n, choice, env, body.include_usage())
+
+
+async def _events(runs, hold: int, n: int, choice, env, include_usage: bool) -> AsyncIterator[str]:
+    """Server-Sent Events of one response: a chunk whenever a choice has text (or its finish
+    reason) to send, built by `choice(run index, output, completion, cursor, step)`; then the
+    usage chunk when asked, and [DONE]. An engine failure becomes an error event."""
     cursors: dict[int, r.ChoiceCursor] = {}
-    hold = _hold(job.params)
-    last = None
-    async for _, out in _guard(merged(runs)):
-        if isinstance(out, dict):
+    last: dict[int, RequestOutput] = {}
+    async for i, out in _guard(merged(runs)):
+        if isinstance(out, dict):  # an error body
             yield _sse(out)
             break
-        last = out
+        last[i] = out
         for c in out.outputs:
-            cursor = cursors.setdefault(c.index, r.ChoiceCursor(hold))
+            cursor = cursors.setdefault(i * n + c.index, r.ChoiceCursor(hold))
             step = cursor.advance(c)
-            if step is None:
-                continue
-            text, a, b = step
-            delta = {"content": text} if text or not cursor.started else {}
-            if not cursor.started:  # the role rides with the first text, never alone
-                delta = {"role": "assistant", **delta}
-            cursor.started = True
-            lp = None
-            if c.logprobs is not None:
-                lp = r.chat_logprobs(c.token_ids[a:b], c.logprobs[a:b], served.names)
-            choice = {"index": c.index, "delta": delta, "logprobs": lp}
-            choice["finish_reason"] = c.finish_reason
-            yield _sse(env.body([choice]))
+            if step is not None:
+                body = choice(i, out, c, cursor, step)
+                cursor.started = True
+                yield _sse(env.body([body]))
     else:
-        if body.include_usage() and last is not None:
-            yield _sse(env.body([], usage=r.usage([last])))
+        if include_usage and last:
+            yield _sse(env.body([], usage=r.usage([last[i] for i in sorted(last)])))
     yield "data: [DONE]\n\n"
 
 
