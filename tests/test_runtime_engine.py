@@ -116,23 +116,3 @@ def test_rope_scaling_matches_transformers(tiny_dir, tmp_path, scaling):
     unscaled = hf_model(tiny_dir("tiny-llama"))(torch.tensor([ids])).logits[0]
     assert not torch.allclose(expected, unscaled, atol=1e-3)  # the scaling does matter here
     assert torch.allclose(runtime_logits(path, ids), expected, atol=1e-4)
-
-
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-qwen3"])
-def test_the_tokenizer_loads_as_autotokenizer_builds_it(tiny_dir, preset):
-    from transformers import AutoTokenizer
-
-    from llmkit.runtime.engine import load_tokenizer
-
-    path = tiny_dir(preset)
-    ours, auto = load_tokenizer(str(path)), AutoTokenizer.from_pretrained(path)
-    assert type(ours) is type(auto)
-    text = "The king's horse, 42 times: ünïcödé!\n  spaced"
-    assert ours.encode(text) == auto.encode(text)
-    ids = auto.encode(text)
-    assert ours.decode(ids, skip_special_tokens=True) == auto.decode(ids, skip_special_tokens=True)
-    chat = [{"role": "user", "content": "hi"}]
-    assert ours.apply_chat_template(chat, tokenize=False) == auto.apply_chat_template(
-        chat, tokenize=False
-    )
-    assert ours.all_special_ids == auto.all_special_ids

@@ -29,6 +29,7 @@ from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.rank_tensors import RankTensors, open_rank
 from llmkit.runtime.scheduler import Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, stop_reason
+from llmkit.runtime.tokenizer import load_tokenizer
 
 log = logging.getLogger("llmkit.engine")
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
@@ -306,41 +307,6 @@ def _resolve_dtype(name: str, hf_config: dict, device: torch.device) -> torch.dt
     if name not in ("float32", "float16", "bfloat16"):
         raise LlmkitError(f"--dtype {name!r}: choose auto, float32, float16 or bfloat16")
     return getattr(torch, name)
-
-
-# Model types whose tokenizer AutoTokenizer builds as the plain fast tokenizer when the
-# checkpoint names that class (Llama 3 and llmkit's presets do; Qwen's become Qwen2Tokenizer).
-_PLAIN_FAST_MODEL_TYPES = ("llama", "mistral")
-_PLAIN_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
-
-
-def load_tokenizer(path: str):
-    directory = Path(path).expanduser()
-    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    if _plain_fast(directory):
-        # The class AutoTokenizer resolves to, without importing the model configurations it
-        # consults first (1-2 s of a server's start-up).
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(directory)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
-
-
-def _plain_fast(directory: Path) -> bool:
-    def read(name: str) -> dict:
-        file = directory / name
-        return json.loads(file.read_text()) if file.is_file() else {}
-
-    tokenizer_config = read("tokenizer_config.json")
-    return (
-        (directory / "tokenizer.json").is_file()
-        and tokenizer_config.get("tokenizer_class") in _PLAIN_FAST_CLASSES
-        and "auto_map" not in tokenizer_config
-        and read("config.json").get("model_type") in _PLAIN_FAST_MODEL_TYPES
-    )
 
 
 def _eos_ids(path: str, hf_config: dict) -> frozenset[int]:

@@ -42,20 +42,20 @@ class ServerState:
         self.metrics.watch(lambda: self.served.engine.engine if self.served else None)
 
     def load(self) -> None:
-        from llmkit.runtime.engine import Engine, load_tokenizer
+        from llmkit.runtime.engine import Engine
         from llmkit.serve.async_engine import AsyncEngine
 
         start = time.perf_counter()
         cfg = self.config
         try:
             engine = Engine(cfg.model, cfg.engine)
-            tokenizer = load_tokenizer(cfg.model)
         except Exception as e:
             self.error = str(e) or type(e).__name__
             log.error("loading %s failed: %s", cfg.model, e)
             self.on_fatal()
             return
         loop = AsyncEngine(engine, self.metrics, cfg.max_queued_requests, cfg.stats_interval_s)
+        tokenizer = engine.tokenizer
         served = h.Served(
             loop, tokenizer, r.TokenText(tokenizer), cfg.model_name, engine.max_model_len
         )

@@ -107,6 +107,8 @@ def convert_for_runtime(
         module = Int4Linear.build(weight, bias, dtype)
         if module is not None:
             return module
+    if isinstance(weight, DenseWeight):  # straight to `dtype`: no float32 copy on the way
+        return DenseLinear(weight.weight.to(device, dtype), bias)
     return DenseLinear(weight.dequantize().to(device, dtype), bias)
 
 
