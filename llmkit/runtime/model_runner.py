@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.runtime.distributed import Group
+from llmkit.runtime.kernels import cpu as cpu_kernels
 from llmkit.runtime.layers.attention import AttentionMetadata, Prefill
 from llmkit.runtime.layers.sampler import Sampled, Sampler
 from llmkit.runtime.loader import load_model
@@ -56,6 +57,8 @@ class ModelRunner:
         shape = (self.config.num_layers, 2, num_blocks, kv_heads, block_size, self.config.head_dim)
         self.kv_caches = list(_zeros(shape, dtype, device))
         self.sampler = Sampler()
+        if device.type == "cpu":
+            cpu_kernels.ops()  # built now (once per machine), not in the first step
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         """Logits [sequences to sample, vocab] in float32 (None on ranks other than 0)."""
@@ -159,6 +162,7 @@ def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> A
         meta.decode_blocks = tables[:num_decodes, :num_blocks].contiguous()
         positions = torch.arange(num_blocks * block_size)
         meta.decode_mask = (positions < lengths[:, None])[:, None, :]
+        meta.decode_lens = lengths
     start = sum(counts[:num_decodes])
     for i in range(num_decodes, len(seqs)):
         n, end = counts[i], ends[i]

@@ -1,9 +1,11 @@
-"""Attention over the paged KV cache (torch path; CUDA kernels live in kernels/).
+"""Attention over the paged KV cache.
 
 The cache of one layer is a pair of tensors [num_blocks, kv_heads, block_size, head_dim];
 slot = block_id * block_size + offset. New tokens' K/V are written to their slots first; each
-sequence then attends over its whole context, gathered (block, head) by (block, head) from its
-block table straight into the [kv_heads, context, head_dim] layout the matmuls want.
+sequence then attends over its whole context. On the CPU, single-token (decode) queries go to
+llmkit's C++ kernel, which reads the blocks in place (kernels/cpu_ops.cpp); otherwise,
+and for prefills, the context is gathered (block, head) by (block, head) from the block table
+straight into the [kv_heads, context, head_dim] layout torch's matmuls want.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from llmkit.runtime.kernels import cpu
 
 DECODE_CHUNK_BYTES = 2 * 2**20  # gathered keys per decode chunk: about what stays cached
 
@@ -35,6 +39,7 @@ class AttentionMetadata:
     num_decodes: int = 0
     decode_blocks: torch.Tensor | None = None  # [decodes, max blocks], padded with block 0
     decode_mask: torch.Tensor | None = None  # [decodes, 1, max blocks * block_size] bool
+    decode_lens: torch.Tensor | None = None  # [decodes] int64, context length with the new token
     prefills: list[Prefill] = field(default_factory=list)
     _decode_index: torch.Tensor | None = None  # derived once per step, shared by all layers
     _write_rows: torch.Tensor | None = None
@@ -69,6 +74,7 @@ class AttentionMetadata:
             self.num_decodes,
             move(self.decode_blocks),
             move(self.decode_mask),
+            move(self.decode_lens),
             prefills,
         )
 
@@ -83,12 +89,26 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> like q."""
-    rows = meta.write_rows(k_cache.shape[1], k_cache.shape[2])
-    k_cache.view(-1, k.shape[-1]).index_copy_(0, rows, k.reshape(-1, k.shape[-1]))
-    v_cache.view(-1, v.shape[-1]).index_copy_(0, rows, v.reshape(-1, v.shape[-1]))
+    kernels = _cpu_kernels(q, k_cache)
+    if kernels is not None:
+        kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    else:
+        rows = meta.write_rows(k_cache.shape[1], k_cache.shape[2])
+        k_cache.view(-1, k.shape[-1]).index_copy_(0, rows, k.reshape(-1, k.shape[-1]))
+        v_cache.view(-1, v.shape[-1]).index_copy_(0, rows, v.reshape(-1, v.shape[-1]))
     out = torch.empty_like(q)
     b = meta.num_decodes
-    if b:
+    if b and kernels is not None:
+        kernels.paged_decode(
+            out[:b],
+            q[:b].contiguous(),
+            k_cache,
+            v_cache,
+            meta.decode_blocks,
+            meta.decode_lens,
+            scale,
+        )
+    elif b:
         index = meta.decode_index(k_cache.shape[1])
         # A few sequences at a time, so the K/V just gathered are still in the CPU cache
         # when the matmuls read them (all at once, they are read back from memory).
@@ -116,6 +136,17 @@ def paged_attention(
         )
         out[p.start : end] = o[0].transpose(0, 1)
     return out
+
+
+def _cpu_kernels(q: torch.Tensor, k_cache: torch.Tensor):
+    """torch.ops.llmkit_cpu when its cache kernels take these tensors, else None."""
+    usable = (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and k_cache.dtype == q.dtype
+        and q.shape[-1] % 16 == 0
+    )
+    return cpu.ops() if usable else None
 
 
 def _head_rows(blocks: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -97,9 +97,15 @@ class DecoderLayer(nn.Module):
         self.attn, self.mlp = attn, mlp
         self.input_norm, self.post_norm = input_norm, post_norm
 
-    def forward(self, h, rotary, kv_cache, meta):
-        h = h + self.attn(self.input_norm(h), rotary, kv_cache, meta)
-        return h + self.mlp(self.post_norm(h))
+    def forward(self, x, residual, rotary, kv_cache, meta):
+        """x: the previous layer's output, not yet added to `residual` (the sum of all
+        before it; None at the first layer) -> (this layer's output, the new residual)."""
+        if residual is None:
+            residual, h = x, self.input_norm(x)
+        else:
+            h, residual = self.input_norm.add_and_norm(residual, x)
+        h, residual = self.post_norm.add_and_norm(residual, self.attn(h, rotary, kv_cache, meta))
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -121,9 +127,10 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,  # [sequences needing a next token]
     ) -> torch.Tensor | None:
         """-> logits [len(logits_indices), vocab] in float32 (None on ranks other than 0)."""
-        h = self.embed(input_ids)
+        h, residual = self.embed(input_ids), None
         rotary = self.rotary(positions, h.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, rotary, kv_cache, meta)
-        logits = self.lm_head(self.norm(h[logits_indices]))
+            h, residual = layer(h, residual, rotary, kv_cache, meta)
+        h = residual[logits_indices] + h[logits_indices]
+        logits = self.lm_head(self.norm(h))
         return None if logits is None else logits.float()

@@ -1,0 +1,271 @@
+// llmkit's CPU kernels, registered as torch.ops.llmkit_cpu:
+//
+// - paged_decode: decode attention over the paged KV cache, one query token per sequence;
+//   keys and values read in place from the cache blocks (no gathered copy), float32
+//   arithmetic. cache: [num_blocks, kv_heads, block_size, head_dim]; the heads sharing a KV
+//   head are done together, so each key and value is read once per (sequence, KV head).
+// - write_kv: new tokens' keys and values into their cache slots.
+// - add_rms_norm: residual += x, then RMSNorm of the sum, rounded as the llama family's
+//   reference code rounds (normalised in float32, cast to the model dtype, times the weight).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kLanes = 16;  // head_dim is a multiple of this (checked by the caller)
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+#ifdef __AVX512F__
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t dim) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += kLanes)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <typename T>
+inline void axpy(float* out, float a, const T* v, int64_t dim) {
+  const __m512 scale = _mm512_set1_ps(a);
+  for (int64_t d = 0; d < dim; d += kLanes)
+    _mm512_storeu_ps(out + d, _mm512_fmadd_ps(scale, load16(v + d), _mm512_loadu_ps(out + d)));
+}
+
+// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
+// (relative error below 1e-7), times 2^n.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is already 0 in float32
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// row[t] = exp(row[t] - top); returns their sum.
+inline float exp_shifted(float* row, int64_t len, float top) {
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + kLanes <= len; t += kLanes) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + t), shift));
+    _mm512_storeu_ps(row + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (t < len) {
+    const __mmask16 tail = (__mmask16)((1u << (len - t)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + t), shift));
+    _mm512_mask_storeu_ps(row + t, tail, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+#else  // portable loops the compiler may vectorize
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t dim) {
+  float acc[kLanes] = {0};
+  for (int64_t d = 0; d < dim; d += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += q[d + j] * to_float(k[d + j]);
+  float sum = 0.f;
+  for (int j = 0; j < kLanes; ++j) sum += acc[j];
+  return sum;
+}
+
+template <typename T>
+inline void axpy(float* out, float a, const T* v, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) out[d] += a * to_float(v[d]);
+}
+
+inline float exp_shifted(float* row, int64_t len, float top) {
+  float sum = 0.f;
+  for (int64_t t = 0; t < len; ++t) sum += (row[t] = std::exp(row[t] - top));
+  return sum;
+}
+
+#endif
+
+// fn(t, row) for each of a sequence's `len` tokens, `row` at the head_dim values that start
+// `offset` elements into the token's block; block by block, so no division per token.
+template <typename T, typename Fn>
+inline void each_token(const T* cache, const int64_t* table, int64_t len, int64_t block_size,
+                       int64_t block_stride, int64_t offset, int64_t dim, Fn fn) {
+  for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
+    const T* rows = cache + table[b] * block_stride + offset;
+    const int64_t n = std::min(block_size, len - start);
+    for (int64_t i = 0; i < n; ++i) fn(start + i, rows + i * dim);
+  }
+}
+
+template <typename T>
+void decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+            const at::Tensor& v_cache, const at::Tensor& block_tables,
+            const at::Tensor& context_lens, double scale) {
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
+  const int64_t group = num_heads / kv_heads, max_blocks = block_tables.size(1);
+  const T* q_ptr = q.data_ptr<T>();
+  const T* k_ptr = k_cache.data_ptr<T>();
+  const T* v_ptr = v_cache.data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t head_stride = block_size * dim, block_stride = kv_heads * head_stride;
+
+  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(group * dim), acc(group * dim), total(group), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / kv_heads, h = item % kv_heads, len = lens[s];
+      const int64_t* table = tables + s * max_blocks;
+      for (int64_t i = 0; i < group * dim; ++i)
+        query[i] = to_float(q_ptr[(s * num_heads + h * group) * dim + i]) * float(scale);
+      scores.assign(group * len, 0.f);
+      const int64_t at = h * head_stride;
+      each_token(k_ptr, table, len, block_size, block_stride, at, dim, [&](int64_t t, const T* key) {
+        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(&query[g * dim], key, dim);
+      });
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = &scores[g * len];
+        total[g] = exp_shifted(row, len, *std::max_element(row, row + len));
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      each_token(v_ptr, table, len, block_size, block_stride, at, dim, [&](int64_t t, const T* value) {
+        for (int64_t g = 0; g < group; ++g) axpy(&acc[g * dim], scores[g * len + t], value, dim);
+      });
+      for (int64_t g = 0; g < group; ++g) {
+        T* o = out_ptr + (s * num_heads + h * group + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[g * dim + d] / total[g]);
+      }
+    }
+  });
+}
+
+void paged_decode(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                  at::Tensor block_tables, at::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  out.is_contiguous() && block_tables.is_contiguous() &&
+                  context_lens.is_contiguous(),
+              "paged_decode: tensors must be contiguous");
+  TORCH_CHECK(q.size(2) % kLanes == 0, "paged_decode: head_dim must be a multiple of 16");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "paged_decode: heads % kv_heads != 0");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "paged_decode: block tables and lengths must be int64");
+  if (q.scalar_type() == at::kFloat) {
+    decode<float>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_decode: float32 or bfloat16 only");
+    decode<c10::BFloat16>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+  }
+}
+
+void write_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v,
+              at::Tensor slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slots.is_contiguous(),
+              "write_kv: caches and slots must be contiguous");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "write_kv: head_dim must be contiguous");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "write_kv: dtypes differ");
+  TORCH_CHECK(slots.scalar_type() == at::kLong, "write_kv: slots must be int64");
+  const int64_t tokens = k.size(0), kv_heads = k.size(1), dim = k.size(2);
+  const int64_t block_size = k_cache.size(2), bytes = dim * k.element_size();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* ks = static_cast<const char*>(k.data_ptr());
+  const auto* vs = static_cast<const char*>(v.data_ptr());
+  const int64_t elt = k.element_size();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t block = slot[i] / block_size, offset = slot[i] % block_size;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t at = ((block * kv_heads + h) * block_size + offset) * bytes;
+        std::memcpy(kc + at, ks + (i * k.stride(0) + h * k.stride(1)) * elt, bytes);
+        std::memcpy(vc + at, vs + (i * v.stride(0) + h * v.stride(1)) * elt, bytes);
+      }
+    }
+  });
+}
+
+template <typename T>
+void add_rms_norm_rows(at::Tensor& out, at::Tensor& residual, const at::Tensor& x,
+                       const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), dim = x.size(1);
+  T* res = residual.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const T* in = x.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      float squares = 0.f;
+      for (int64_t d = 0; d < dim; ++d) {  // the sum is rounded to T, as a T + T add is
+        const T total = static_cast<T>(to_float(res[r * dim + d]) + to_float(in[r * dim + d]));
+        res[r * dim + d] = total;
+        sum[d] = to_float(total);
+        squares += sum[d] * sum[d];
+      }
+      const float inv = 1.f / std::sqrt(squares / float(dim) + float(eps));
+      for (int64_t d = 0; d < dim; ++d) {
+        const T normed = static_cast<T>(sum[d] * inv);
+        o[r * dim + d] = static_cast<T>(to_float(w[d]) * to_float(normed));
+      }
+    }
+  });
+}
+
+// residual += x; returns RMSNorm(residual) * weight. x, residual: [rows, dim].
+at::Tensor add_rms_norm(at::Tensor residual, at::Tensor x, at::Tensor weight, double eps) {
+  TORCH_CHECK(residual.is_contiguous() && x.is_contiguous() && weight.is_contiguous(),
+              "add_rms_norm: tensors must be contiguous");
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && weight.size(0) == x.size(1),
+              "add_rms_norm: shapes differ");
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type(),
+              "add_rms_norm: dtypes differ");
+  at::Tensor out = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    add_rms_norm_rows<float>(out, residual, x, weight, eps);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "add_rms_norm: float32 or bfloat16 only");
+    add_rms_norm_rows<c10::BFloat16>(out, residual, x, weight, eps);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmkit_cpu, m) {
+  m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, "
+        "Tensor block_tables, Tensor context_lens, float scale) -> ()");
+  m.def("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
+  m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
+  m.impl("paged_decode", c10::DispatchKey::CPU, paged_decode);
+  m.impl("write_kv", c10::DispatchKey::CPU, write_kv);
+  m.impl("add_rms_norm", c10::DispatchKey::CPU, add_rms_norm);
+}

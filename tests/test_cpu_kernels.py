@@ -1,0 +1,137 @@
+"""llmkit's C++ CPU decode-attention kernel against a float64 computation over the same paged
+cache, and the attention layer with and without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.runtime.kernels import cpu
+from llmkit.runtime.layers import attention
+from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
+
+pytestmark = pytest.mark.skipif(
+    cpu.ops() is None, reason="llmkit's CPU kernels could not be built here (no C++ compiler?)"
+)
+
+
+def paged_case(seed, dtype, heads, kv_heads, head_dim, block_size, lens):
+    """A cache with random contents, each sequence's blocks scattered at random."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens)
+    max_blocks = int(-(-lens.max() // block_size))
+    num_blocks = len(lens) * max_blocks + 3
+    shape = (num_blocks, kv_heads, block_size, head_dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype)
+    v_cache = torch.randn(shape, generator=g).to(dtype)
+    order = torch.randperm(num_blocks, generator=g)
+    tables = order[: len(lens) * max_blocks].view(len(lens), max_blocks).contiguous()
+    q = torch.randn(len(lens), heads, head_dim, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, lens
+
+
+def reference(q, k_cache, v_cache, tables, lens, scale):
+    """Softmax attention in float64, one sequence and head at a time."""
+    heads, kv_heads = q.shape[1], k_cache.shape[1]
+    block_size = k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for s, n in enumerate(lens.tolist()):
+        t = torch.arange(n)
+        blocks, offsets = tables[s, t // block_size], t % block_size
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            keys = k_cache[blocks, kv, offsets].double()
+            values = v_cache[blocks, kv, offsets].double()
+            probs = (keys @ q[s, h].double() * scale).softmax(0)
+            out[s, h] = probs @ values
+    return out
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim", [(4, 4, 16), (12, 4, 64), (8, 2, 32), (4, 1, 128)]
+)
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+def test_decode_kernel_matches_float64(heads, kv_heads, head_dim, dtype, atol):
+    lens = [1, 15, 16, 17, 33, 100, 257]  # around block edges, and a lone token
+    q, k_cache, v_cache, tables, lens = paged_case(0, dtype, heads, kv_heads, head_dim, 16, lens)
+    scale = head_dim**-0.5
+    out = torch.empty_like(q)
+    cpu.ops().paged_decode(out, q, k_cache, v_cache, tables, lens, scale)
+    expected = reference(q, k_cache, v_cache, tables, lens, scale)
+    assert torch.allclose(out.double(), expected, atol=atol, rtol=0)
+
+
+def test_large_scores_do_not_overflow():
+    q, k_cache, v_cache, tables, lens = paged_case(1, torch.float32, 4, 2, 16, 8, [40, 9])
+    q *= 300  # scores in the thousands: exp must be taken after the max is subtracted
+    out = torch.empty_like(q)
+    cpu.ops().paged_decode(out, q, k_cache, v_cache, tables, lens, 0.25)
+    expected = reference(q, k_cache, v_cache, tables, lens, 0.25)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+def test_attention_layer_same_with_and_without_the_kernel(monkeypatch, dtype, atol):
+    """Decodes (kernel) and a prefill (torch) in one batch, against the torch-only path."""
+    heads, kv_heads, head_dim, block_size = 6, 2, 32, 16
+    q, k_cache, v_cache, tables, lens = paged_case(2, dtype, heads, kv_heads, head_dim, 16, [5, 70])
+    # the two decodes' new tokens go to their last slots; a 3-token prefill of a new sequence
+    # goes to a free block
+    free = int(k_cache.shape[0]) - 1
+    last = [int(tables[s, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+            for s, n in enumerate(lens.tolist())]  # fmt: skip
+    slots = torch.tensor([*last, free * block_size, free * block_size + 1, free * block_size + 2])
+    g = torch.Generator().manual_seed(3)
+    q = torch.cat([q, torch.randn(3, heads, head_dim, generator=g).to(dtype)])
+    k = torch.randn(5, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(5, kv_heads, head_dim, generator=g).to(dtype)
+    positions = torch.arange(tables.shape[1] * block_size)
+
+    def run() -> torch.Tensor:
+        meta = AttentionMetadata(slots, 2, tables, (positions < lens[:, None])[:, None, :], lens)
+        meta.prefills = [attention.Prefill(2, 3, None, None)]
+        return paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, head_dim**-0.5)
+
+    with_kernel = run()
+    monkeypatch.setattr(cpu, "ops", lambda: None)
+    without = run()
+    assert torch.allclose(with_kernel.float(), without.float(), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_puts_each_token_in_its_slot(dtype):
+    g = torch.Generator().manual_seed(4)
+    num_blocks, kv_heads, block_size, head_dim, tokens = 9, 2, 4, 16, 11
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    _, k, v = qkv.split([4 * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    k, v = k.reshape(tokens, kv_heads, head_dim), v.reshape(tokens, kv_heads, head_dim)
+    assert not k.is_contiguous()  # as the layer hands them over: views of one projection
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(k_cache.shape, generator=g).to(dtype)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    blocks, offsets = slots // block_size, slots % block_size
+    for i in range(tokens):
+        expected_k[blocks[i], :, offsets[i]] = k[i]
+        expected_v[blocks[i], :, offsets[i]] = v[i]
+    cpu.ops().write_kv(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 0)])
+def test_add_rms_norm_rounds_as_the_reference(dtype, atol):
+    """residual + x rounded to the dtype, normalised in float32, rounded, times the weight:
+    the llama reference's order. Compared to the float64 norm of the rounded sum, within
+    one rounding of each cast."""
+    g = torch.Generator().manual_seed(5)
+    residual = (3 * torch.randn(37, 96, generator=g)).to(dtype)
+    x = torch.randn(37, 96, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    total = residual + x
+    normed = total.double() * (total.double().pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()
+    expected = weight.double() * normed.to(dtype).double()
+    out = cpu.ops().add_rms_norm(residual, x, weight, 1e-6)
+    assert torch.equal(residual, total)  # updated in place
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22
+    assert torch.allclose(out.double(), expected, rtol=2 * ulp, atol=atol)
