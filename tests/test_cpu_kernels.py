@@ -3,12 +3,15 @@ cache, and the attention layer with and without it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from llmkit.runtime.kernels import cpu
 from llmkit.runtime.layers import attention
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
+from tests.conftest import run_python
 
 pytestmark = pytest.mark.skipif(
     cpu.ops() is None, reason="llmkit's CPU kernels could not be built here (no C++ compiler?)"
@@ -135,3 +138,26 @@ def test_add_rms_norm_rounds_as_the_reference(dtype, atol):
     assert torch.equal(residual, total)  # updated in place
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22
     assert torch.allclose(out.double(), expected, rtol=2 * ulp, atol=atol)
+
+
+def test_the_engine_gives_the_same_tokens_with_the_torch_paths(tiny_dir):
+    """LLMKIT_CPU_KERNELS=0 turns the kernels off; greedy float32 tokens stay the same."""
+    code = f"""
+import json
+from llmkit.runtime.engine import LLM
+from llmkit.runtime.kernels import cpu
+from llmkit.runtime.sequence import SamplingParams
+llm = LLM({str(tiny_dir("tiny-llama"))!r})
+params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+outs = llm.generate([[1, 5, 9, 30], list(range(3, 60))], params)
+print(json.dumps([cpu.ops() is None, [o.outputs[0].token_ids for o in outs]]))
+llm.close()
+"""
+    runs = [run_python(code, env={"LLMKIT_CPU_KERNELS": flag}) for flag in ("0", "1")]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    (off, tokens_off), (on_missing, tokens_on) = (
+        json.loads(r.stdout.splitlines()[-1]) for r in runs
+    )
+    assert off and not on_missing
+    assert tokens_off == tokens_on
