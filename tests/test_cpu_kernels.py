@@ -161,3 +161,28 @@ llm.close()
     )
     assert off and not on_missing
     assert tokens_off == tokens_on
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_kernel_rounds_as_the_torch_ops(dtype):
+    from llmkit.runtime.layers.rotary import Rotary, _rotate_half
+
+    g = torch.Generator().manual_seed(6)
+    qkv = torch.randn(9, (6 + 2 * 2) * 32, generator=g).to(dtype)
+    q, k, _ = qkv.split([6 * 32, 2 * 32, 2 * 32], dim=-1)
+    q, k = q.reshape(9, 6, 32), k.reshape(9, 2, 32)  # strided views, as the layer has them
+    cos, sin = Rotary(32, 64, 10000.0, None)(torch.tensor([0, 3, 7, 8, 20, 21, 22, 40, 63]), dtype)
+    q_out, k_out = cpu.ops().rotary(q, k, cos.reshape(9, 32), sin.reshape(9, 32))
+    assert torch.equal(q_out, q * cos + _rotate_half(q) * sin)
+    assert torch.equal(k_out, k * cos + _rotate_half(k) * sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_kernel_matches_the_torch_ops(dtype):
+    g = torch.Generator().manual_seed(7)
+    gate_up = (4 * torch.randn(13, 2 * 80, generator=g)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    out = cpu.ops().silu_mul(gate_up)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22  # exp may differ in its last bit
+    assert torch.allclose(out.double(), expected.double(), rtol=2 * ulp, atol=1e-30)

@@ -27,23 +27,40 @@ def ops():
     try:
         _build()
     except Exception as e:  # no compiler, a failed build: the torch paths still work
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(
-            f"llmkit's CPU kernels are unavailable ({first}); using torch paths", stacklevel=2
+            f"llmkit's CPU kernels are unavailable ({_reason(e)}); using torch paths", stacklevel=2
         )
         return None
     return torch.ops.llmkit_cpu
 
 
+def for_tensors(*tensors: torch.Tensor):
+    """ops() when the tensors are all CPU tensors of one dtype, float32 or bfloat16 (what the
+    kernels take), else None."""
+    first = tensors[0]
+    usable = first.device.type == "cpu" and first.dtype in (torch.float32, torch.bfloat16)
+    if not usable or any(t.device != first.device or t.dtype != first.dtype for t in tensors):
+        return None
+    return ops()
+
+
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    log.info("building llmkit's CPU kernels (once per machine)")
+    log.info("loading llmkit's CPU kernels (compiled the first time, ~20 s)")
     load(
         name="llmkit_cpu_kernels",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        # no FMA contraction: the element-wise kernels round as the torch ops they replace
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
     )
+
+
+def _reason(error: Exception) -> str:
+    """The line of a build failure that says what went wrong (the compiler's error if any)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [type(error).__name__])[-1][:300]

@@ -7,6 +7,11 @@
 // - write_kv: new tokens' keys and values into their cache slots.
 // - add_rms_norm: residual += x, then RMSNorm of the sum, rounded as the llama family's
 //   reference code rounds (normalised in float32, cast to the model dtype, times the weight).
+// - silu_mul: silu(gate) * up from the merged gate/up projection.
+// - rotary: q and k rotated by their positions' cos/sin (rotate-half form).
+//
+// The element-wise ones round every intermediate to the model dtype where the reference's
+// torch code does, so they give its values, not merely close ones.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -258,6 +263,90 @@ at::Tensor add_rms_norm(at::Tensor residual, at::Tensor x, at::Tensor weight, do
   return out;
 }
 
+template <typename T>
+inline T round_to(float x) { return static_cast<T>(x); }
+
+// out[r, i] = silu(gate[r, i]) * up[r, i], gate_up = [gate | up] per row.
+template <typename T>
+void silu_mul_rows(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t rows = out.size(0), width = out.size(1);
+  const T* in = gate_up.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = in + r * 2 * width;
+      const T* up = gate + width;
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = to_float(gate[i]);
+        const float act = to_float(round_to<T>(g / (1.f + std::exp(-g))));
+        o[r * width + i] = round_to<T>(act * to_float(up[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(at::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "silu_mul: a contiguous [rows, 2 * width] tensor is needed");
+  at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  if (gate_up.scalar_type() == at::kFloat) {
+    silu_mul_rows<float>(gate_up, out);
+  } else {
+    TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16, "silu_mul: float32 or bfloat16 only");
+    silu_mul_rows<c10::BFloat16>(gate_up, out);
+  }
+  return out;
+}
+
+// x * cos + rotate_half(x) * sin for every head of every token, each product and the sum
+// rounded to T as torch's element-wise ops round them.
+template <typename T>
+void rotate_rows(const at::Tensor& x, at::Tensor& out, const T* cos, const T* sin) {
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+  const T* in = x.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* c = cos + t * dim;
+      const T* s = sin + t * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* v = in + t * s0 + h * s1;
+        T* w = o + (t * heads + h) * dim;
+        for (int64_t i = 0; i < dim; ++i) {
+          const float rotated = i < half ? -to_float(v[i + half]) : to_float(v[i - half]);
+          const float a = to_float(round_to<T>(to_float(v[i]) * to_float(c[i])));
+          const float b = to_float(round_to<T>(rotated * to_float(s[i])));
+          w[i] = round_to<T>(a + b);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary(at::Tensor q, at::Tensor k, at::Tensor cos,
+                                          at::Tensor sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1,
+              "rotary: q and k must be [tokens, heads, head_dim] with head_dim contiguous");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == q.size(0) * q.size(2),
+              "rotary: cos and sin must be contiguous [tokens, head_dim]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == cos.scalar_type() &&
+                  q.scalar_type() == sin.scalar_type(),
+              "rotary: dtypes differ");
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  if (q.scalar_type() == at::kFloat) {
+    rotate_rows<float>(q, q_out, cos.data_ptr<float>(), sin.data_ptr<float>());
+    rotate_rows<float>(k, k_out, cos.data_ptr<float>(), sin.data_ptr<float>());
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "rotary: float32 or bfloat16 only");
+    using B = c10::BFloat16;
+    rotate_rows<B>(q, q_out, cos.data_ptr<B>(), sin.data_ptr<B>());
+    rotate_rows<B>(k, k_out, cos.data_ptr<B>(), sin.data_ptr<B>());
+  }
+  return {q_out, k_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmkit_cpu, m) {
@@ -265,7 +354,11 @@ TORCH_LIBRARY(llmkit_cpu, m) {
         "Tensor block_tables, Tensor context_lens, float scale) -> ()");
   m.def("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.impl("paged_decode", c10::DispatchKey::CPU, paged_decode);
   m.impl("write_kv", c10::DispatchKey::CPU, write_kv);
   m.impl("add_rms_norm", c10::DispatchKey::CPU, add_rms_norm);
+  m.impl("silu_mul", c10::DispatchKey::CPU, silu_mul);
+  m.impl("rotary", c10::DispatchKey::CPU, rotary);
 }

@@ -140,13 +140,7 @@ def paged_attention(
 
 def _cpu_kernels(q: torch.Tensor, k_cache: torch.Tensor):
     """torch.ops.llmkit_cpu when its cache kernels take these tensors, else None."""
-    usable = (
-        q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.bfloat16)
-        and k_cache.dtype == q.dtype
-        and q.shape[-1] % 16 == 0
-    )
-    return cpu.ops() if usable else None
+    return cpu.for_tensors(q, k_cache) if q.shape[-1] % 16 == 0 else None
 
 
 def _head_rows(blocks: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

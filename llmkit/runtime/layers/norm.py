@@ -25,19 +25,8 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x) for [tokens, dim] inputs; on the CPU one pass
         of llmkit's kernel, which updates `residual` in place."""
-        if _fusable(residual, x, self.weight):
-            return cpu.ops().add_rms_norm(residual, x, self.weight, self.eps), residual
+        kernels = cpu.for_tensors(residual, x, self.weight)
+        if kernels is not None and x.dim() == 2 and residual.is_contiguous() and x.is_contiguous():
+            return kernels.add_rms_norm(residual, x, self.weight, self.eps), residual
         residual = residual + x
         return self(residual), residual
-
-
-def _fusable(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dim() == 2
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and residual.dtype == x.dtype == weight.dtype
-        and residual.is_contiguous()
-        and x.is_contiguous()
-        and cpu.ops() is not None
-    )
