@@ -59,10 +59,10 @@ inline void axpy(float* out, float a, const T* v, int64_t dim) {
     _mm512_storeu_ps(out + d, _mm512_fmadd_ps(scale, load16(v + d), _mm512_loadu_ps(out + d)));
 }
 
-// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
-// (relative error below 1e-7), times 2^n.
+// exp(x): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7 (relative error
+// below 1e-7), times 2^n (0 below e^-104, inf above e^89).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is already 0 in float32
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
@@ -90,6 +90,30 @@ inline float exp_shifted(float* row, int64_t len, float top) {
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
   }
   return _mm512_reduce_add_ps(sum);
+}
+
+// The float nearest x that T can hold (round to nearest even, NaN kept), and stores of it.
+inline __m512 round16(__m512 x, float) { return x; }
+inline __m512 round16(__m512 x, c10::BFloat16) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __m512 rounded = _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(-65536)));
+  return _mm512_mask_mov_ps(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(c10::BFloat16* p, __m512 x) {  // x already holds a bf16 value
+  const __m256i top = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), top);
+}
+
+// silu(g) * u, 16 at a time, each rounded to T where torch's ops round.
+template <typename T>
+inline void silu_mul_16(const T* gate, const T* up, T* out) {
+  const __m512 g = load16(gate);
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  const __m512 act = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), T());
+  store16(out, round16(_mm512_mul_ps(act, load16(up)), T()));
 }
 
 #else  // portable loops the compiler may vectorize
@@ -276,7 +300,11 @@ void silu_mul_rows(const at::Tensor& gate_up, at::Tensor& out) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = in + r * 2 * width;
       const T* up = gate + width;
-      for (int64_t i = 0; i < width; ++i) {
+      int64_t i = 0;
+#ifdef __AVX512F__
+      for (; i + kLanes <= width; i += kLanes) silu_mul_16(gate + i, up + i, o + r * width + i);
+#endif
+      for (; i < width; ++i) {
         const float g = to_float(gate[i]);
         const float act = to_float(round_to<T>(g / (1.f + std::exp(-g))));
         o[r * width + i] = round_to<T>(act * to_float(up[i]));
