@@ -165,3 +165,36 @@ def test_errors_and_dropped_connections_count_as_failures():
     assert result["total_output_tokens"] == 2
     kinds = " ".join(result["errors"])
     assert "HTTP 500" in kinds and "engine failed" in kinds
+
+
+def test_the_stream_reader_rejoins_events_split_across_chunks():
+    """Chunked framing with events, lines and CRLFs cut at odd places; then a 404 with a
+    chunked body."""
+    import asyncio
+
+    from llmkit.bench.sse_client import HttpStatusError, post_events
+
+    stream = b'data: {"a": 1}\r\n\r\ndata: {"b": 2}\n\n: a comment\n\ndata: [DONE]\n\n'
+    pieces = [stream[:3], stream[3:17], stream[17:18], stream[18:40], stream[40:]]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    answers = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+        b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nnope!\r\n0\r\n\r\n",
+    ]
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/completions"
+        async with server:
+            got = [d async for d in post_events(url, {"x": 1}, {})]
+            with pytest.raises(HttpStatusError, match="HTTP 404: nope!"):
+                [d async for d in post_events(url, {"x": 1}, {})]
+        return got
+
+    assert asyncio.run(main()) == [b'{"a": 1}', b'{"b": 2}', b"[DONE]"]

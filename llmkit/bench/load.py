@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmkit.bench.prompts import BenchRequest
+from llmkit.bench.sse_client import HttpStatusError, post_events
 from llmkit.bench.stats import summary
 from llmkit.errors import LlmkitError
 
@@ -35,7 +36,7 @@ class LoadSpec:
     ignore_eos: bool = False
     seed: int = 0
     api_key: str | None = None
-    timeout_s: float = 600.0
+    timeout_s: float = 600.0  # a request that has not finished by then fails
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
 
@@ -82,44 +83,39 @@ def run_load(
 
 
 async def _run(spec: LoadSpec, requests, tokenizer, on_done) -> dict:
+    model = spec.model or await _first_model(spec)
+    gate = asyncio.Semaphore(spec.max_concurrency or len(requests))
+    offsets = arrival_offsets(len(requests), spec.request_rate, spec.burstiness, spec.seed)
+
+    async def one(request: BenchRequest) -> Record:
+        async with gate:
+            record = await _send(spec, model, request, tokenizer)
+        if on_done is not None:
+            on_done(record)
+        return record
+
+    start = time.perf_counter()
+    tasks = []
+    for request, offset in zip(requests, offsets, strict=True):
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(request)))
+    records = await asyncio.gather(*tasks)
+    return summarize(spec, model, records, time.perf_counter() - start)
+
+
+async def _first_model(spec: LoadSpec) -> str:
     import httpx2
 
-    limit = spec.max_concurrency or len(requests)
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-    timeout = httpx2.Timeout(spec.timeout_s, connect=30)
-    async with httpx2.AsyncClient(
-        limits=httpx2.Limits(max_connections=limit), timeout=timeout, headers=headers
-    ) as client:
-        model = spec.model or await _first_model(client, spec.base)
-        gate = asyncio.Semaphore(limit)
-        offsets = arrival_offsets(len(requests), spec.request_rate, spec.burstiness, spec.seed)
-
-        async def one(request: BenchRequest) -> Record:
-            async with gate:
-                record = await _send(client, spec, model, request, tokenizer)
-            if on_done is not None:
-                on_done(record)
-            return record
-
-        start = time.perf_counter()
-        tasks = []
-        for request, offset in zip(requests, offsets, strict=True):
-            delay = start + offset - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(request)))
-        records = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return summarize(spec, model, records, duration)
-
-
-async def _first_model(client, base: str) -> str:
     try:
-        response = await client.get(f"{base}/v1/models")
-        response.raise_for_status()
-        return response.json()["data"][0]["id"]
+        async with httpx2.AsyncClient(timeout=30, headers=headers) as client:
+            response = await client.get(f"{spec.base}/v1/models")
+            response.raise_for_status()
+            return response.json()["data"][0]["id"]
     except Exception as e:
-        raise LlmkitError(f"cannot list the models of {base} ({e}); pass --model") from None
+        raise LlmkitError(f"cannot list the models of {spec.base} ({e}); pass --model") from None
 
 
 def _body(spec: LoadSpec, model: str, request: BenchRequest) -> tuple[str, dict]:
@@ -141,57 +137,58 @@ def _body(spec: LoadSpec, model: str, request: BenchRequest) -> tuple[str, dict]
     return f"{spec.base}/v1/completions", body
 
 
-async def _send(client, spec: LoadSpec, model: str, request: BenchRequest, tokenizer) -> Record:
-    url, body = _body(spec, model, request)
+async def _send(spec: LoadSpec, model: str, request: BenchRequest, tokenizer) -> Record:
     record = Record()
+    try:
+        await asyncio.wait_for(_stream(spec, model, request, tokenizer, record), spec.timeout_s)
+    except HttpStatusError as e:
+        record.error = str(e)[:200]
+    except asyncio.TimeoutError:
+        record.error = f"no complete answer within {spec.timeout_s:g} s"
+    except Exception as e:  # connection refused or dropped, broken JSON
+        record.error = f"{type(e).__name__}: {e}"[:200]
+    return record
+
+
+async def _stream(spec: LoadSpec, model: str, request: BenchRequest, tokenizer, record) -> None:
+    """Fill `record` from one streamed request: ok, or the error that ended it."""
+    url, body = _body(spec, model, request)
+    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     start = time.perf_counter()
     last = None
     chunks = 0
-    try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")[:200]
-                record.error = f"HTTP {response.status_code}: {text}"
-                return record
-            done = False
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    record.error = f"error event: {chunk['error'].get('message', '')}"[:200]
-                    return record
-                text = _chunk_text(chunk)
-                if text:
-                    now = time.perf_counter()
-                    if last is None:
-                        record.ttft = now - start
-                    else:
-                        record.itl.append(now - last)
-                    last = now
-                    chunks += 1
-                    record.text += text
-                usage = chunk.get("usage")
-                if usage:
-                    record.prompt_tokens = usage.get("prompt_tokens", 0)
-                    record.output_tokens = usage.get("completion_tokens", 0)
-            if not done:
-                record.error = "the stream ended without [DONE]"
-                return record
-    except Exception as e:  # connection refused or dropped, timeouts, broken JSON
-        record.error = f"{type(e).__name__}: {e}"[:200]
-        return record
+    done = False
+    async for data in post_events(url, body, headers):
+        if data == b"[DONE]":
+            done = True
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            record.error = f"error event: {chunk['error'].get('message', '')}"[:200]
+            return
+        text = _chunk_text(chunk)
+        if text:
+            now = time.perf_counter()
+            if last is None:
+                record.ttft = now - start
+            else:
+                record.itl.append(now - last)
+            last = now
+            chunks += 1
+            record.text += text
+        usage = chunk.get("usage")
+        if usage:
+            record.prompt_tokens = usage.get("prompt_tokens", 0)
+            record.output_tokens = usage.get("completion_tokens", 0)
+    if not done:
+        record.error = "the stream ended without [DONE]"
+        return
     record.latency = time.perf_counter() - start
     if last is None:  # no text at all (it may all have been special tokens)
         record.ttft = record.latency
     if not record.output_tokens:
         record.output_tokens = _count(record.text, tokenizer) if tokenizer else chunks
     record.ok = True
-    return record
 
 
 def _count(text: str, tokenizer) -> int:
