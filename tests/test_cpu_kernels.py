@@ -89,10 +89,9 @@ def test_attention_layer_same_with_and_without_the_kernel(monkeypatch, dtype, at
     q = torch.cat([q, torch.randn(3, heads, head_dim, generator=g).to(dtype)])
     k = torch.randn(5, kv_heads, head_dim, generator=g).to(dtype)
     v = torch.randn(5, kv_heads, head_dim, generator=g).to(dtype)
-    positions = torch.arange(tables.shape[1] * block_size)
 
     def run() -> torch.Tensor:
-        meta = AttentionMetadata(slots, 2, tables, (positions < lens[:, None])[:, None, :], lens)
+        meta = AttentionMetadata(slots, 2, tables, lens)
         meta.prefills = [attention.Prefill(2, 3, None, None)]
         return paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, head_dim**-0.5)
 

@@ -160,8 +160,6 @@ def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> A
         lengths = torch.tensor(ends[:num_decodes])
         num_blocks = -(-int(lengths.max()) // block_size)
         meta.decode_blocks = tables[:num_decodes, :num_blocks].contiguous()
-        positions = torch.arange(num_blocks * block_size)
-        meta.decode_mask = (positions < lengths[:, None])[:, None, :]
         meta.decode_lens = lengths
     start = sum(counts[:num_decodes])
     for i in range(num_decodes, len(seqs)):

@@ -38,10 +38,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens]
     num_decodes: int = 0
     decode_blocks: torch.Tensor | None = None  # [decodes, max blocks], padded with block 0
-    decode_mask: torch.Tensor | None = None  # [decodes, 1, max blocks * block_size] bool
     decode_lens: torch.Tensor | None = None  # [decodes] int64, context length with the new token
     prefills: list[Prefill] = field(default_factory=list)
     _decode_index: torch.Tensor | None = None  # derived once per step, shared by all layers
+    _decode_mask: torch.Tensor | None = None
     _write_rows: torch.Tensor | None = None
 
     def write_rows(self, num_kv_heads: int, block_size: int) -> torch.Tensor:
@@ -62,6 +62,15 @@ class AttentionMetadata:
             self._decode_index = _head_rows(self.decode_blocks, num_kv_heads)
         return self._decode_index
 
+    def decode_mask(self, block_size: int) -> torch.Tensor:
+        """[decodes, 1, max blocks * block_size] bool: True where each decode may attend."""
+        if self._decode_mask is None:
+            positions = torch.arange(
+                self.decode_blocks.shape[1] * block_size, device=self.decode_lens.device
+            )
+            self._decode_mask = (positions < self.decode_lens[:, None])[:, None, :]
+        return self._decode_mask
+
     def to(self, device: torch.device) -> AttentionMetadata:
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
@@ -73,7 +82,6 @@ class AttentionMetadata:
             move(self.slot_mapping),
             self.num_decodes,
             move(self.decode_blocks),
-            move(self.decode_mask),
             move(self.decode_lens),
             prefills,
         )
@@ -110,13 +118,14 @@ def paged_attention(
         )
     elif b:
         index = meta.decode_index(k_cache.shape[1])
+        mask = meta.decode_mask(k_cache.shape[2])
         # A few sequences at a time, so the K/V just gathered are still in the CPU cache
         # when the matmuls read them (all at once, they are read back from memory).
         per_seq = k_cache[0].numel() * index.shape[2] * k_cache.element_size()
         step = max(1, DECODE_CHUNK_BYTES // per_seq)
         for i in range(0, b, step):
             j = min(b, i + step)
-            out[i:j] = _decode(q[i:j], k_cache, v_cache, index[i:j], meta.decode_mask[i:j], scale)
+            out[i:j] = _decode(q[i:j], k_cache, v_cache, index[i:j], mask[i:j], scale)
     for p in meta.prefills:
         end = p.start + p.length
         query = q[p.start : end].transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
