@@ -41,6 +41,10 @@ class LoadSpec:
     slo_tpot_ms: float | None = None
 
     @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
     def base(self) -> str:
         url = self.url.rstrip("/")
         return url[: -len("/v1")] if url.endswith("/v1") else url
@@ -108,9 +112,8 @@ async def _run(spec: LoadSpec, requests, tokenizer, on_done) -> dict:
 async def _first_model(spec: LoadSpec) -> str:
     import httpx2
 
-    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     try:
-        async with httpx2.AsyncClient(timeout=30, headers=headers) as client:
+        async with httpx2.AsyncClient(timeout=30, headers=spec.headers) as client:
             response = await client.get(f"{spec.base}/v1/models")
             response.raise_for_status()
             return response.json()["data"][0]["id"]
@@ -153,12 +156,11 @@ async def _send(spec: LoadSpec, model: str, request: BenchRequest, tokenizer) ->
 async def _stream(spec: LoadSpec, model: str, request: BenchRequest, tokenizer, record) -> None:
     """Fill `record` from one streamed request: ok, or the error that ended it."""
     url, body = _body(spec, model, request)
-    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     start = time.perf_counter()
     last = None
     chunks = 0
     done = False
-    async for data in post_events(url, body, headers):
+    async for data in post_events(url, body, spec.headers):
         if data == b"[DONE]":
             done = True
             break

@@ -81,8 +81,7 @@ async def _chunked(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
         size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
         if size == 0:
             return
-        yield await reader.readexactly(size)
-        await reader.readexactly(2)  # the CRLF after each chunk
+        yield (await reader.readexactly(size + 2))[:-2]  # without the CRLF that ends it
 
 
 async def _until_closed(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:

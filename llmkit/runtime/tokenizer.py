@@ -58,9 +58,7 @@ class FastTokenizer:
 
     def __init__(self, directory: Path, backend, config: dict):
         self.directory = directory
-        self.backend = backend
-        backend.no_truncation()
-        backend.no_padding()
+        self.backend = backend  # without truncation or padding (`_backend_as_is`)
         self.all_special_tokens = _special_tokens(config)
         self.all_special_ids = [backend.token_to_id(t) for t in self.all_special_tokens]
         for name in _SPECIAL_NAMES:
@@ -139,28 +137,29 @@ def _specials_present(backend, config: dict) -> bool:
     """Every special token the config names is already a special added token of
     tokenizer.json, with the same settings (transformers would add or update it otherwise)."""
     added = {t.content: (i, t) for i, t in backend.get_added_tokens_decoder().items()}
-    named = [config.get(n) for n in _SPECIAL_NAMES if config.get(n) is not None]
-    for token in named + _extra_special(config):
+    for token in _named_specials(config):
         if not isinstance(token, str) or token not in added or not added[token][1].special:
             return False
     for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
-        token_id_and_token = added.get(entry.get("content"))
-        if token_id_and_token is None or int(token_id) != token_id_and_token[0]:
+        same = added.get(entry.get("content"))
+        if same is None or int(token_id) != same[0]:
             return False
-        token = token_id_and_token[1]
-        if any(entry.get(k) != getattr(token, k, None) for k in entry if k != "__type"):
+        if any(entry.get(k) != getattr(same[1], k, None) for k in entry if k != "__type"):
             return False
     return True
 
 
 def _special_tokens(config: dict) -> list[str]:
-    """Named special tokens, then the extra ones, without repeats (transformers' order)."""
-    tokens = [config[n] for n in _SPECIAL_NAMES if config.get(n) is not None]
-    return list(dict.fromkeys(tokens + _extra_special(config)))
+    """The config's special tokens without repeats, in transformers' order (all strings:
+    `_specials_present` has checked)."""
+    return list(dict.fromkeys(_named_specials(config)))
 
 
-def _extra_special(config: dict) -> list:
-    return list(config.get("extra_special_tokens", config.get("additional_special_tokens")) or [])
+def _named_specials(config: dict) -> list:
+    """The named special tokens (bos, eos, ...), then the extra ones, as the config has them."""
+    named = [config[n] for n in _SPECIAL_NAMES if config.get(n) is not None]
+    extra = config.get("extra_special_tokens", config.get("additional_special_tokens")) or []
+    return named + list(extra)
 
 
 def _read_json(path: Path) -> dict:
