@@ -22,7 +22,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -222,21 +221,22 @@ void write_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
               "write_kv: dtypes differ");
   TORCH_CHECK(slots.scalar_type() == at::kLong, "write_kv: slots must be int64");
-  const int64_t tokens = k.size(0), kv_heads = k.size(1), dim = k.size(2);
-  const int64_t block_size = k_cache.size(2), bytes = dim * k.element_size();
+  const int64_t tokens = k.size(0), kv_heads = k.size(1), block_size = k_cache.size(2);
+  const int64_t elt = k.element_size(), bytes = k.size(2) * elt;
+  const int64_t k0 = k.stride(0) * elt, k1 = k.stride(1) * elt;  // in bytes
+  const int64_t v0 = v.stride(0) * elt, v1 = v.stride(1) * elt;
   const int64_t* slot = slots.data_ptr<int64_t>();
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
   const auto* ks = static_cast<const char*>(k.data_ptr());
   const auto* vs = static_cast<const char*>(v.data_ptr());
-  const int64_t elt = k.element_size();
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t block = slot[i] / block_size, offset = slot[i] % block_size;
       for (int64_t h = 0; h < kv_heads; ++h) {
         const int64_t at = ((block * kv_heads + h) * block_size + offset) * bytes;
-        std::memcpy(kc + at, ks + (i * k.stride(0) + h * k.stride(1)) * elt, bytes);
-        std::memcpy(vc + at, vs + (i * v.stride(0) + h * v.stride(1)) * elt, bytes);
+        std::memcpy(kc + at, ks + i * k0 + h * k1, bytes);
+        std::memcpy(vc + at, vs + i * v0 + h * v1, bytes);
       }
     }
   });
