@@ -26,7 +26,9 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
     return h.matrix
 
 
-def test_hessian_accumulates_2xxt_over_n():
+@pytest.mark.parametrize("block", [512, 8, 12])  # one block; whole blocks; a ragged last one
+def test_hessian_accumulates_2xxt_over_n(block, monkeypatch):
+    monkeypatch.setattr(gptq.Hessian, "BLOCK", block)
     x = correlated_inputs(0, in_features=32, tokens=1000)
     expected = 2 * x.double().T @ x.double() / 1000
     assert torch.allclose(hessian_of(x).double(), expected, rtol=1e-4, atol=1e-4)
@@ -81,6 +83,17 @@ def test_pack_unpack_round_trip_is_bit_exact(bits, sym, desc_act):
     assert torch.equal(dequantized, result.dequantize())
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_column_chunks_equals_packing_at_once(bits, monkeypatch):
+    from llmkit.quant.formats import bitpack
+
+    values = torch.randint(0, 2**bits, (64, 2 * bitpack.PACK_COLUMNS + 7))
+    chunked = bitpack.pack(values, bits)
+    monkeypatch.setattr(bitpack, "PACK_COLUMNS", values.shape[1])
+    assert torch.equal(chunked, bitpack.pack(values, bits))
+    assert torch.equal(bitpack.unpack(chunked, bits, values.shape[0]), values)
+
+
 def test_static_groups_keep_groups_in_input_order_under_act_order():
     x = correlated_inputs(5, in_features=64)
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(6)) * 0.05
@@ -99,6 +112,32 @@ def test_dead_inputs_get_zero_weight():
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(8))
     result = gptq.quantize(w, hessian_of(x), gptq.GPTQSettings(group_size=-1))
     assert torch.allclose(result.dequantize()[:, 5], torch.zeros(8), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        gptq.GPTQSettings(group_size=16),
+        gptq.GPTQSettings(bits=3, group_size=-1, sym=False),
+        gptq.GPTQSettings(group_size=16, desc_act=True, static_groups=True),
+        gptq.GPTQSettings(bits=8, group_size=32, act_group_aware=False, damp_percent=0.1),
+    ],
+)
+def test_errors_from_the_sweep_equal_the_hessian_form(settings):
+    """Each row's error, taken from the sweep's own losses, equals (w - ŵ) H (w - ŵ)ᵀ
+    computed afresh in float64 (with a dead input in the mix)."""
+    x = correlated_inputs(9, in_features=64, skew=1.5)
+    x[:, 7] = 0
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(10)) * 0.05
+    H = hessian_of(x)
+    result = gptq.quantize(w, H, settings)
+    delta = (w - result.dequantize()).double()
+    expected = ((delta @ H.double()) * delta).sum(1)
+    assert torch.allclose(result.row_error, expected, rtol=1e-3, atol=1e-9)
+    assert torch.allclose(result.row_energy, ((w.double() @ H.double()) * w.double()).sum(1))
+    reference = gptq.relative_error(w, result.dequantize(), H)
+    assert result.relative_error() == pytest.approx(reference, rel=1e-3)
+    assert result.relative_error(slice(0, 8)) != pytest.approx(reference, rel=1e-2)
 
 
 def test_cholesky_failure_raises_damping_and_warns():

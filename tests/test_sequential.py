@@ -121,6 +121,62 @@ def test_layer_steps_rebuild_the_layer_forward(tiny_dir, preset):
         assert torch.equal(steps.mlp_core(layer, arch, h), seen["down"])
 
 
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_gptq_stage_hessians_match_full_layer_forwards(tiny_dir, monkeypatch, true_sequential):
+    """Each stage's Hessian is the one a full forward of the layer gives at that point: with
+    true-sequential, the earlier stages already quantized; without, the float layer."""
+    import copy
+
+    from llmkit.quant import gptq, methods
+
+    hessians, results, originals = [], [], []
+    quantize_weight, quantize_layer = gptq.quantize, methods.GPTQLayer.__call__
+
+    def recording_quantize(weight, hessian, *args, **kwargs):
+        hessians.append(hessian.clone())
+        results.append(quantize_weight(weight, hessian, *args, **kwargs))
+        return results[-1]
+
+    def recording_layer(self, index, run):
+        if index == 0:
+            originals.append((copy.deepcopy(run.layer), torch.cat(run.inputs).clone(), run))
+        return quantize_layer(self, index, run)
+
+    monkeypatch.setattr(gptq, "quantize", recording_quantize)
+    monkeypatch.setattr(methods.GPTQLayer, "__call__", recording_layer)
+    with open_checkpoint(tiny_dir("tiny-llama")) as ck:
+        arch = arch_for(ck.config)
+        quantizer = methods.GPTQLayer(
+            arch,
+            gptq.GPTQSettings(group_size=32),
+            true_sequential,
+            {name: torch.float32 for name in ck.tensors},
+            [],
+            lambda message: None,
+        )
+        ids = torch.randint(3, 500, (4, 16), generator=torch.Generator().manual_seed(0))
+        layers = sequential.run_layers(
+            sequential.build_skeleton(ck.config), ck, arch, ids, quantizer, torch.device("cpu")
+        )
+        next(iter(layers))
+    layer, x, run = originals[0]
+    for k, stage in enumerate(arch.stages):
+        expected = gptq.Hessian(layer.get_submodule(stage[0]).in_features, torch.device("cpu"))
+        handle = layer.get_submodule(stage[0]).register_forward_pre_hook(
+            lambda m, args, h=expected: h.add(args[0])
+        )
+        with torch.no_grad():
+            layer(x, position_embeddings=run.position_embeddings)
+        handle.remove()
+        assert torch.allclose(hessians[k], expected.matrix, rtol=1e-4, atol=1e-6), stage
+        if true_sequential:  # the next stage sees this one quantized
+            dequantized, start = results[k].dequantize(), 0
+            for name in stage:
+                linear = layer.get_submodule(name)
+                linear.weight.data = dequantized[start : start + linear.out_features]
+                start += linear.out_features
+
+
 def test_gptq_layers_feed_on_what_the_quantized_model_computes(tiny_dir, tmp_path, monkeypatch):
     """Layer i+1's calibration inputs are layer i's outputs with its quantized weights: the
     hidden states transformers computes from the written checkpoint."""

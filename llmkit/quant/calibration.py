@@ -91,7 +91,7 @@ def token_stream(tokenizer: Any, texts: list[Any], chat_template: bool = False) 
         if chat_template or not isinstance(text, str):
             messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
             text = tokenizer.apply_chat_template(messages, tokenize=False)
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     return ids

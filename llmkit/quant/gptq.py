@@ -16,7 +16,7 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.rtn import dequantize_indexed, group_params, searched_group_params
 
 BLOCK_SIZE = 128
-ERROR_ROWS = 256
+ROW_BLOCK = 256  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
 MAX_DAMP_PERCENT = 1.0
 
 
@@ -48,27 +48,44 @@ class Hessian:
 
     @property
     def matrix(self) -> torch.Tensor:
-        if self._full is None:
-            full = self._upper
-            lower = torch.tril(torch.ones_like(full, dtype=torch.bool), diagonal=-1)
-            full[lower] = full.T[lower]
+        if self._full is None:  # mirror each block row's right part below its diagonal block
+            full, n = self._upper, self._upper.shape[0]
+            for i in range(0, n, self.BLOCK):
+                end = min(i + self.BLOCK, n)
+                full[end:, i:end].copy_(full[i:end, end:].T)
             self._full = full
         return self._full
+
+    def take(self) -> torch.Tensor:
+        """The matrix, which this object then lets go of (so that it is freed with its last
+        user)."""
+        matrix = self.matrix
+        self._upper = self._full = None
+        return matrix
 
 
 @dataclass(frozen=True, slots=True)
 class GPTQResult:
     """q: uint8 [out, in] (original column order); scales, zeros: [out, groups];
-    g_idx: int32 [in]; damp_percent actually used."""
+    g_idx: int32 [in]; damp_percent actually used. Per output row, float64 [out]:
+    row_error = (w - ŵ) H (w - ŵ)ᵀ and row_energy = w H wᵀ, so that a block of rows'
+    ||(W - Ŵ) X||² / ||W X||² needs no Hessian afterwards."""
 
     q: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     g_idx: torch.Tensor
     damp_percent: float
+    row_error: torch.Tensor
+    row_energy: torch.Tensor
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_indexed(self.q, self.scales, self.zeros, self.g_idx)
+
+    def relative_error(self, rows: slice = slice(None)) -> float:
+        """||(W - Ŵ) X||² / ||W X||² over `rows` (as `relative_error` computes it)."""
+        energy = float(self.row_energy[rows].sum())
+        return float(self.row_error[rows].sum()) / energy if energy > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,43 +113,87 @@ def quantize(
     name: str = "",
     warn: Callable[[str], None] | None = None,
 ) -> GPTQResult:
-    """GPTQ of `weight` [out, in] given `hessian` [in, in]."""
+    """GPTQ of `weight` [out, in] given `hessian` [in, in]. The Hessian is let go once
+    factorized: when the caller keeps no reference to it, the sweep runs without it."""
     W = weight.detach().to(hessian.device, torch.float32).clone()
     in_features = W.shape[1]
     group_size = in_features if settings.group_size == -1 else settings.group_size
     dead = torch.diag(hessian) == 0  # inputs that were always zero: nothing to preserve
     W[:, dead] = 0
+    energy = _row_products(W, hessian)
     static = _static_params(W, group_size, settings) if settings.static_groups else None
     perm = _column_order(torch.diag(hessian), group_size, settings)
     if perm is not None:
-        W = W[:, perm]
+        _permute_columns_(W, perm)
     # Each sweep position's group: act-order groups follow the sweep; otherwise (and for
     # static groups) a column keeps the group of its original index.
     positions = torch.arange(in_features, device=W.device)
     original = perm if perm is not None else positions
     group_of = (positions if settings.desc_act and static is None else original) // group_size
 
+    held = [hessian]  # emptied once factorized
+    del hessian
+
     def prepared() -> torch.Tensor:  # H in sweep order, dead inputs given a unit diagonal
-        H = hessian[perm][:, perm] if perm is not None else hessian.clone()
+        H = _permuted(held[0], perm) if perm is not None else held[0].clone()
         kept = dead[perm] if perm is not None else dead
         H[kept, kept] = 1
         return H
 
-    hinv, damp = _inverse_hessian_factor(prepared, settings.damp_percent, name, warn)
-    q, scales, zeros = _quantize_columns(W, hinv, group_size, settings, static, group_of)
+    hinv, damp, damping = _inverse_hessian_factor(prepared, settings.damp_percent, name, warn)
+    held.clear()
+    q, scales, zeros, losses = _quantize_columns(W, hinv, group_size, settings, static, group_of)
+    del W, hinv
     g_idx = group_of.to(torch.int32)
     if perm is not None:
         inverse = torch.argsort(perm)
         q, g_idx = q[:, inverse], g_idx[inverse]
-    return GPTQResult(q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp)
+    # The sweep's losses sum to (w - ŵ)(H + λI)(w - ŵ)ᵀ per row, with w's dead inputs zeroed
+    # (where ŵ is 0 too, and H has nothing); take the damping's share back off.
+    shift = _row_distances(weight, dead, q, scales, zeros, g_idx)
+    error = (losses.cpu() - damping * shift).clamp(min=0)
+    return GPTQResult(q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp, error, energy.cpu())
+
+
+def _row_products(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """w H wᵀ for every row w of W, float64 [out] (a block of rows at a time)."""
+    return torch.cat(
+        [
+            ((W[r : r + ROW_BLOCK] @ H) * W[r : r + ROW_BLOCK]).sum(1, dtype=torch.float64)
+            for r in range(0, W.shape[0], ROW_BLOCK)
+        ]
+    )
+
+
+def _row_distances(weight, dead, q, scales, zeros, g_idx) -> torch.Tensor:
+    """||w - ŵ||² for every row, dead inputs of w taken as 0, float64 [out] on the CPU."""
+    out = []
+    for r in range(0, weight.shape[0], ROW_BLOCK):
+        rows = slice(r, r + ROW_BLOCK)
+        w = weight[rows].detach().to(q.device, torch.float32).masked_fill(dead, 0)
+        delta = w - dequantize_indexed(q[rows], scales[rows], zeros[rows], g_idx)
+        out.append(delta.square().sum(1, dtype=torch.float64).cpu())
+    return torch.cat(out)
+
+
+def _permuted(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """matrix[perm][:, perm] as one new matrix."""
+    return _permute_columns_(matrix[perm], perm)
+
+
+def _permute_columns_(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """matrix[:, perm], in place (a block of rows at a time)."""
+    for rows in range(0, matrix.shape[0], ROW_BLOCK):
+        matrix[rows : rows + ROW_BLOCK] = matrix[rows : rows + ROW_BLOCK][:, perm]
+    return matrix
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """||(W - Ŵ) X||² / ||W X||², from H ∝ X Xᵀ (in row blocks: no [out, in] temporaries)."""
     num = den = 0.0
-    for rows in range(0, weight.shape[0], ERROR_ROWS):
-        w = weight[rows : rows + ERROR_ROWS].detach().to(hessian.device, torch.float32)
-        delta = w - approx[rows : rows + ERROR_ROWS].to(hessian.device, torch.float32)
+    for rows in range(0, weight.shape[0], ROW_BLOCK):
+        w = weight[rows : rows + ROW_BLOCK].detach().to(hessian.device, torch.float32)
+        delta = w - approx[rows : rows + ROW_BLOCK].to(hessian.device, torch.float32)
         num += float(((delta @ hessian) * delta).sum())
         den += float(((w @ hessian) * w).sum())
     return num / den if den > 0 else 0.0
@@ -143,21 +204,29 @@ def _inverse_hessian_factor(
     damp_percent: float,
     name: str,
     warn: Callable[[str], None] | None,
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float, float]:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H), raising damp until H
     factorizes (a warning names the module). Factorizes in place: one n x n matrix at a time,
-    rebuilt by `prepared()` for each attempt."""
+    rebuilt by `prepared()` for each attempt.
+
+    H is symmetric, so its transpose view is the same matrix laid out column-major, as LAPACK
+    works: factorized through that view, each step overwrites H's own storage instead of a
+    column-major copy. The lower factor L of H⁻¹ = L Lᵀ, read back row-major, is Lᵀ: the
+    upper factor. -> (factor, damp percent used, λ)."""
     damp = damp_percent
     info = torch.empty((), dtype=torch.int32)
     while True:
         H = prepared()
-        H.diagonal().add_(damp * float(H.diagonal().mean()))
-        torch.linalg.cholesky_ex(H, out=(H, info))
+        damping = damp * float(H.diagonal().mean())
+        H.diagonal().add_(damping)
+        A = H.mT
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if int(info) == 0:
-            torch.cholesky_inverse(H, out=H)
-            torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, out=(A, info))
             if int(info) == 0:
-                return H, damp
+                return H, damp, damping
+        del A
         del H
         if damp >= MAX_DAMP_PERCENT:
             raise LlmkitError(
@@ -200,7 +269,8 @@ def _column_order(diag: torch.Tensor, group_size: int, settings: GPTQSettings):
 
 def _quantize_columns(W, hinv, group_size, settings, static, group_of):
     """The GPTQ sweep over (permuted) columns in blocks of BLOCK_SIZE with lazy updates.
-    -> (q uint8 [out, in] in sweep order, scales, zeros [out, groups] by group id)."""
+    -> (q uint8 [out, in] in sweep order, scales, zeros [out, groups] by group id, each
+    row's sum of squared scaled errors, float64 [out])."""
     out_features, in_features = W.shape
     maxq = 2**settings.bits - 1
     Q = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)
@@ -212,6 +282,7 @@ def _quantize_columns(W, hinv, group_size, settings, static, group_of):
         zeros = torch.zeros(out_features, num_groups, device=W.device)
     fitted = static is not None
     current_group = -1
+    losses = torch.zeros(out_features, dtype=torch.float64, device=W.device)
     for i1 in range(0, in_features, BLOCK_SIZE):
         i2 = min(i1 + BLOCK_SIZE, in_features)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), hinv[i1:i2, i1:i2]
@@ -235,5 +306,6 @@ def _quantize_columns(W, hinv, group_size, settings, static, group_of):
             err = (w - scale * (q - zero)) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
-    return Q, scales.to(torch.float16), zeros.to(torch.int32)
+        W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1)
+        losses += Err1.square().sum(1, dtype=torch.float64)
+    return Q, scales.to(torch.float16), zeros.to(torch.int32), losses

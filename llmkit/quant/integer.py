@@ -136,12 +136,14 @@ def quantize_integer(
 
 
 def _calibration_ids(ck: Checkpoint, spec: CalibrationSpec) -> torch.Tensor:
-    from transformers import AutoTokenizer
+    from llmkit.runtime.tokenizer import load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ck.path)
+        tokenizer = load_tokenizer(ck.path)
     except (OSError, ValueError) as e:
         raise LlmkitError(f"cannot load the tokenizer in {ck.path} for calibration: {e}") from None
+    if tokenizer is None:
+        raise LlmkitError(f"{ck.path} has no tokenizer files, which calibration needs")
     ids = calibration_ids(tokenizer, spec)
     del tokenizer
     return_freed_memory()

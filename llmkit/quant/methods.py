@@ -3,6 +3,7 @@ goes with them, and (for W8A8) how a decoder layer is calibrated."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -131,7 +132,11 @@ class W8A8Layer:
 class GPTQLayer:
     """GPTQ for one decoder layer (a LayerQuantizer). Stages of Linears sharing an input are
     quantized together (their rows stacked: one Hessian, one sweep); with `true_sequential`
-    each stage's Hessian is taken after the earlier stages are quantized."""
+    each stage's Hessian is taken after the earlier stages are quantized.
+
+    The calibration activations are the only activation buffer: once attention is quantized,
+    each batch of the layer's inputs is overwritten with the residual after attention, which
+    is all the MLP stages and the layer's output need."""
 
     arch: Arch
     settings: gptq_algorithm.GPTQSettings
@@ -143,65 +148,98 @@ class GPTQLayer:
     @torch.no_grad()
     def __call__(self, index: int, run: LayerRun) -> dict[str, torch.Tensor]:
         layer, prefix = run.layer, f"{self.arch.layers}.{index}."
-        out: dict[str, torch.Tensor] = {}
         errors: dict[str, float] = {}
-        cache = run.scratch()  # attention outputs, then the residual after attention
-        deferred = []
-        for k, stage in enumerate(self.arch.stages):
-            first = layer.get_submodule(stage[0])
-            hessian = gptq_algorithm.Hessian(first.in_features, first.weight.device)
-            for x, c in zip(run.inputs, cache, strict=True):
-                hessian.add(self._stage_input(k, layer, run, x, c))
-            if self.true_sequential:
-                out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
-            else:
-                deferred.append((stage, hessian))
-        for stage, hessian in deferred:
-            out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
-        if self.true_sequential:  # the cache holds what the quantized layer computes
-            run.advance(lambda i, x: steps.output(layer, self.arch, _on(cache[i], x)))
+        if self.true_sequential:
+            out = self._sequential(layer, run, prefix, errors)
+        else:
+            out = self._all_at_once(layer, run, prefix, errors)
         out |= dense_tensors(layer, self.arch, "gptq", self.dtypes, prefix)
         self.errors.append({"layer": index, "modules": errors})
         return out
 
-    def _stage_input(self, k, layer, run, x, cache) -> torch.Tensor:
-        """The input of stage k's Linears for one batch, from what earlier stages left in
-        `cache` (each stage's Linears are as quantized as true-sequential asks)."""
-        arch, x = self.arch, x.to(run.device, run.dtype)
+    def _all_at_once(self, layer, run, prefix, errors) -> dict[str, torch.Tensor]:
+        """Every stage's Hessian from one forward of the float layer, then every stage
+        quantized (run_layers then computes the quantized layer's outputs)."""
+        hessians, handles = [], []
+        for stage in self.arch.stages:
+            first = layer.get_submodule(stage[0])
+            hessian = gptq_algorithm.Hessian(first.in_features, first.weight.device)
+            handles.append(first.register_forward_pre_hook(_accumulate_into(hessian)))
+            hessians.append(hessian)
+        try:
+            run.run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        out: dict[str, torch.Tensor] = {}
+        for stage, hessian in zip(self.arch.stages, hessians, strict=True):
+            out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
+        return out
+
+    def _sequential(self, layer, run, prefix, errors) -> dict[str, torch.Tensor]:
+        """Stage by stage, each one's inputs computed with the earlier stages quantized."""
+        out: dict[str, torch.Tensor] = {}
+        for k, stage in enumerate(self.arch.stages):
+            first = layer.get_submodule(stage[0])
+            hessian = gptq_algorithm.Hessian(first.in_features, first.weight.device)
+            self._stage_pass(k, layer, run, hessian)
+            out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
+        run.advance(lambda h: steps.output(layer, self.arch, h))
+        return out
+
+    def _stage_pass(self, k: int, layer, run: LayerRun, hessian) -> None:
+        """Add stage k's inputs over every batch to `hessian`. The pass of stage 2 (the MLP's
+        first) also overwrites the inputs with the residual after the quantized attention."""
+        arch, rope = self.arch, run.position_embeddings
         if k == 0:
-            return layer.get_submodule(arch.input_norm)(x)
-        if k == 1:
-            core = steps.attention_core(layer, arch, x, run.position_embeddings)
-            cache.copy_(core)
-            return core
-        if k == 2:
-            h = steps.after_attention(layer, arch, x, _on(cache, x))
-            cache.copy_(h)
-            return layer.get_submodule(arch.post_norm)(h)
-        return steps.mlp_core(layer, arch, _on(cache, x))
+            run.each(lambda x: hessian.add(layer.get_submodule(arch.input_norm)(x)))
+        elif k == 1:
+            run.each(lambda x: hessian.add(steps.attention_core(layer, arch, x, rope)))
+        elif k == 2:
+
+            def residual(x: torch.Tensor) -> torch.Tensor:
+                core = steps.attention_core(layer, arch, x, rope)
+                h = steps.after_attention(layer, arch, x, core)
+                hessian.add(layer.get_submodule(arch.post_norm)(h))
+                return h
+
+            run.update(residual)
+        else:
+            run.each(lambda h: hessian.add(steps.mlp_core(layer, arch, h)))
 
     def _quantize_stage(self, layer, prefix, stage, hessian, errors) -> dict[str, torch.Tensor]:
         linears = [layer.get_submodule(name) for name in stage]
         weight = torch.cat([linear.weight for linear in linears])
+        rows = _row_slices(linears)
+        for linear, block in zip(linears, rows, strict=True):  # one copy of them, not two
+            linear.weight.data = weight[block]
         result = gptq_algorithm.quantize(
-            weight, hessian.matrix, self.settings, name=prefix + "/".join(stage), warn=self.warn
+            weight, hessian.take(), self.settings, name=prefix + "/".join(stage), warn=self.warn
         )
         del weight
         dequantized = result.dequantize()
         out: dict[str, torch.Tensor] = {}
-        start = 0
-        for name, linear in zip(stage, linears, strict=True):
-            rows = slice(start, start + linear.out_features)
-            start = rows.stop
-            q, scales, zeros = result.q[rows], result.scales[rows], result.zeros[rows]
+        for name, linear, block in zip(stage, linears, rows, strict=True):
+            q, scales, zeros = result.q[block], result.scales[block], result.zeros[block]
             packed = gptq.pack(q, scales, zeros, self.settings.bits, result.g_idx)
             out |= {f"{name}.{suffix}": t for suffix, t in packed.items()}
-            approx = dequantized[rows]
-            errors[name] = gptq_algorithm.relative_error(linear.weight, approx, hessian.matrix)
-            linear.weight.data = approx.to(linear.weight.device, linear.weight.dtype)
+            errors[name] = result.relative_error(block)
+            linear.weight.data = dequantized[block].to(linear.weight.device, linear.weight.dtype)
         return_freed_memory()
         return out
 
 
-def _on(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return tensor.to(like.device, like.dtype)
+def _row_slices(linears: list[nn.Module]) -> list[slice]:
+    """Each Linear's rows in its stage's stacked weight."""
+    sizes = [linear.out_features for linear in linears]
+    ends = itertools.accumulate(sizes)
+    return [slice(end - size, end) for size, end in zip(sizes, ends, strict=True)]
+
+
+def _accumulate_into(hessian: gptq_algorithm.Hessian):
+    """A forward pre-hook adding a module's input to `hessian`."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        hessian.add(args[0])
+
+    return hook

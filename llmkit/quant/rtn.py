@@ -61,6 +61,7 @@ def range_params(
 
 
 FACTORS_AT_ONCE = 5
+DEQUANTIZE_ROWS = 256
 
 
 def searched_group_params(
@@ -125,8 +126,10 @@ def dequantize_indexed(
 ) -> torch.Tensor:
     """float32 w[o, i] = scales[o, g] * (q[o, i] - zeros[o, g]) with g = g_idx[i], for any
     assignment of inputs to groups (act-order included). q: [out, in]; scales, zeros:
-    [out, groups]. Holds at most two [out, in] float temporaries at a time."""
+    [out, groups]. Beyond the result, holds only a block of rows at a time."""
     groups = g_idx.long()
     weight = q.float()
-    weight.sub_(zeros.float()[:, groups])
-    return weight.mul_(scales.float()[:, groups])
+    for start in range(0, weight.shape[0], DEQUANTIZE_ROWS):
+        rows = slice(start, start + DEQUANTIZE_ROWS)
+        weight[rows].sub_(zeros[rows].float()[:, groups]).mul_(scales[rows].float()[:, groups])
+    return weight

@@ -23,7 +23,7 @@ from llmkit.quant.arch import Arch, num_layers
 
 # Tokens a layer runs at once: its MLP intermediates ([tokens, intermediate] x ~4) are
 # transient memory on top of the calibration activations, so keep them modest.
-TOKENS_PER_BATCH = 1024
+TOKENS_PER_BATCH = 512
 
 
 @dataclass
@@ -38,34 +38,33 @@ class LayerRun:
     advanced: bool = False  # set once the quantizer has computed the layer's outputs itself
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.layer(x.to(self.device, self.dtype), position_embeddings=self.position_embeddings)
+        y = self.layer(x, position_embeddings=self.position_embeddings)
         return y[0] if isinstance(y, tuple) else y
 
     @torch.no_grad()
     def run(self) -> None:
         """Forward every batch (hooks on the layer's modules see all of them)."""
+        self.each(self._forward)
+
+    @torch.no_grad()
+    def each(self, visit: Callable[[torch.Tensor], object]) -> None:
+        """Call `visit(batch on the device)` for every input batch."""
         for x in self.inputs:
-            self._forward(x)
+            visit(x.to(self.device, self.dtype))
         return_freed_memory()
 
     @torch.no_grad()
-    def advance(self, step: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Overwrite each input batch in place with the layer's output for it: the whole
-        layer's forward, or `step(batch index, batch on the device)` when given."""
-        for i, x in enumerate(self.inputs):
-            y = self._forward(x) if step is None else step(i, x.to(self.device, self.dtype))
-            x.copy_(y)
-        self.advanced = True
+    def update(self, step: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Overwrite each input batch in place with `step(batch on the device)`."""
+        for x in self.inputs:
+            x.copy_(step(x.to(self.device, self.dtype)))
         return_freed_memory()
 
-    def scratch(self) -> list[torch.Tensor]:
-        """A CPU buffer shaped like the inputs (one allocation, split the same way)."""
-        total = torch.empty(
-            sum(x.shape[0] for x in self.inputs),
-            *self.inputs[0].shape[1:],
-            dtype=self.inputs[0].dtype,
-        )
-        return list(total.split([x.shape[0] for x in self.inputs]))
+    def advance(self, step: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Overwrite the inputs with the layer's outputs: the whole layer's forward, or
+        `step` when the inputs already hold part of the way there."""
+        self.update(self._forward if step is None else step)
+        self.advanced = True
 
 
 # Quantize one layer in place (it must then compute as the quantized model will) and return

@@ -19,10 +19,23 @@ def packed_rows(n: int, bits: int) -> int:
     return -(-n * bits // 32)
 
 
+# Columns packed at a time: the arithmetic is in int64, 8 bytes a value, so whole matrices
+# would need several times their own size in temporaries.
+PACK_COLUMNS = 256
+
+
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned values [n, m] (< 2**bits) -> int32 [ceil(n * bits / 32), m], packed along dim 0."""
     if not 1 <= bits <= 8:
         raise ValueError(f"cannot pack {bits}-bit values")
+    m = values.shape[1]
+    if m <= PACK_COLUMNS:
+        return _pack_columns(values, bits)
+    chunks = [values[:, c : c + PACK_COLUMNS] for c in range(0, m, PACK_COLUMNS)]
+    return torch.cat([_pack_columns(chunk, bits) for chunk in chunks], dim=1)
+
+
+def _pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
     n, m = values.shape
     values = values.to(torch.int64) & ((1 << bits) - 1)
     words = torch.zeros(packed_rows(n, bits) + 1, m, dtype=torch.int64)
