@@ -185,3 +185,30 @@ def test_silu_mul_kernel_matches_the_torch_ops(dtype):
     out = cpu.ops().silu_mul(gate_up)
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22  # exp may differ in its last bit
     assert torch.allclose(out.double(), expected.double(), rtol=2 * ulp, atol=1e-30)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(group_size=16),
+        dict(bits=3, group_size=-1, sym=False),
+        dict(group_size=32, desc_act=True),
+        dict(group_size=16, desc_act=True, static_groups=True),
+        dict(bits=8, group_size=128, clip_search=False, act_group_aware=False),
+    ],
+)
+def test_gptq_sweep_kernel_gives_the_torch_sweeps_values(monkeypatch, settings):
+    """The C++ column sweep rounds every step as the torch ops do: same codes, same errors."""
+    from llmkit.quant import gptq
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1000, 384, generator=g) @ (torch.randn(384, 384, generator=g) * 0.2)
+    h = gptq.Hessian(384, torch.device("cpu"))
+    h.add(x)
+    w = torch.randn(96, 384, generator=g) * 0.05
+    config = gptq.GPTQSettings(**settings)
+    fast = gptq.quantize(w, h.matrix, config)
+    monkeypatch.setattr(cpu, "for_tensors", lambda *tensors: None)
+    plain = gptq.quantize(w, h.matrix, config)
+    for field in ("q", "scales", "zeros", "g_idx", "row_error"):
+        assert torch.equal(getattr(fast, field), getattr(plain, field)), field

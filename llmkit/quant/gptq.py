@@ -7,6 +7,7 @@ Shapes: W [out, in]; H [in, in] = 2 X Xᵀ / n over the n calibration tokens X [
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.quant.rtn import dequantize_indexed, group_params, searched_group_params
+from llmkit.runtime.kernels import cpu as cpu_kernels
 
 BLOCK_SIZE = 128
 ROW_BLOCK = 256  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
@@ -26,7 +28,7 @@ class Hessian:
     H is symmetric, so only its upper blocks are accumulated (for 2048 inputs in blocks of
     512, 10 of 16 products) and mirrored once when `matrix` is first read."""
 
-    BLOCK = 512
+    BLOCK = 128
 
     def __init__(self, in_features: int, device: torch.device):
         self._upper = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
@@ -272,7 +274,6 @@ def _quantize_columns(W, hinv, group_size, settings, static, group_of):
     -> (q uint8 [out, in] in sweep order, scales, zeros [out, groups] by group id, each
     row's sum of squared scaled errors, float64 [out])."""
     out_features, in_features = W.shape
-    maxq = 2**settings.bits - 1
     Q = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)
     num_groups = in_features // group_size
     if static is not None:
@@ -280,32 +281,45 @@ def _quantize_columns(W, hinv, group_size, settings, static, group_of):
     else:
         scales = torch.zeros(out_features, num_groups, device=W.device)
         zeros = torch.zeros(out_features, num_groups, device=W.device)
-    fitted = static is not None
-    current_group = -1
+    fit = searched_group_params if settings.clip_search else group_params
+    groups = group_of.tolist()
+    fitted = set() if static is None else set(groups)
     losses = torch.zeros(out_features, dtype=torch.float64, device=W.device)
     for i1 in range(0, in_features, BLOCK_SIZE):
         i2 = min(i1 + BLOCK_SIZE, in_features)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            column = i1 + i
-            group = int(group_of[column])
-            if not fitted and group != current_group:
+        W1, Hinv1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2].contiguous()
+        Q1, Err1 = torch.empty_like(W1, dtype=torch.uint8), torch.empty_like(W1)
+        for group, run in itertools.groupby(range(i1, i2), key=groups.__getitem__):
+            columns = list(run)
+            first, last = columns[0] - i1, columns[-1] - i1 + 1
+            if group not in fitted:
                 # A group's columns are consecutive in the sweep: fit it to them as they are
                 # now, updates so far included.
-                ahead = W1[:, i : i + group_size]
-                columns = torch.cat([ahead, W[:, i2 : i2 + group_size - ahead.shape[1]]], 1)
-                fit = searched_group_params if settings.clip_search else group_params
+                ahead = W1[:, first : first + group_size]
+                span = torch.cat([ahead, W[:, i2 : i2 + group_size - ahead.shape[1]]], 1)
                 scales[:, group], zeros[:, group] = fit(
-                    columns, settings.bits, settings.sym, torch.float16, settings.min_zero
+                    span, settings.bits, settings.sym, torch.float16, settings.min_zero
                 )
-                current_group = group
-            scale, zero = scales[:, group], zeros[:, group]
-            w = W1[:, i]
-            q = (torch.round(w / scale) + zero).clamp(0, maxq)
-            Q[:, column] = q.to(torch.uint8)
-            err = (w - scale * (q - zero)) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+                fitted.add(group)
+            scale, zero = scales[:, group].contiguous(), zeros[:, group].contiguous()
+            _sweep(W1, Q1, Err1, Hinv1, scale, zero, first, last, 2**settings.bits - 1)
+        Q[:, i1:i2] = Q1
         W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1)
         losses += Err1.square().sum(1, dtype=torch.float64)
     return Q, scales.to(torch.float16), zeros.to(torch.int32), losses
+
+
+def _sweep(W1, Q1, Err1, Hinv1, scale, zero, start: int, stop: int, maxq: int) -> None:
+    """Columns [start, stop) of a block, which share `scale` and `zero` [out]: each rounded,
+    its scaled error recorded in Err1 and taken off the block's later columns."""
+    kernels = cpu_kernels.for_tensors(W1, Err1, Hinv1, scale, zero)
+    if kernels is not None and W1.dtype == torch.float32:
+        kernels.gptq_columns(W1, Q1, Err1, Hinv1, scale, zero, start, stop, maxq)
+        return
+    for i in range(start, stop):
+        w = W1[:, i]
+        q = (torch.round(w / scale) + zero).clamp(0, maxq)
+        Q1[:, i] = q.to(torch.uint8)
+        err = (w - scale * (q - zero)) / Hinv1[i, i]
+        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+        Err1[:, i] = err

@@ -9,6 +9,8 @@
 //   reference code rounds (normalised in float32, cast to the model dtype, times the weight).
 // - silu_mul: silu(gate) * up from the merged gate/up projection.
 // - rotary: q and k rotated by their positions' cos/sin (rotate-half form).
+// - gptq_columns: GPTQ's column sweep over a run of columns sharing one group's scale and
+//   zero, inside a block of columns (each row independent, so rows run in parallel).
 //
 // The element-wise ones round every intermediate to the model dtype where the reference's
 // torch code does, so they give its values, not merely close ones.
@@ -375,6 +377,47 @@ std::tuple<at::Tensor, at::Tensor> rotary(at::Tensor q, at::Tensor k, at::Tensor
   return {q_out, k_out};
 }
 
+// Columns [start, stop) of a GPTQ block, for every row: round the column with the row's
+// scale and zero, record the scaled error and subtract its share from the block's later
+// columns. Every product and difference is rounded on its own, as the torch ops do (built
+// without FMA contraction), so the result is theirs bit for bit.
+void gptq_columns(at::Tensor w, at::Tensor q, at::Tensor err, at::Tensor hinv, at::Tensor scale,
+                  at::Tensor zero, int64_t start, int64_t stop, int64_t maxq) {
+  const int64_t rows = w.size(0), width = w.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && err.scalar_type() == at::kFloat &&
+                  hinv.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
+                  zero.scalar_type() == at::kFloat && q.scalar_type() == at::kByte,
+              "gptq_columns: float32 w, err, hinv, scale, zero and uint8 q are needed");
+  TORCH_CHECK(w.is_contiguous() && err.is_contiguous() && q.is_contiguous() &&
+                  hinv.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(),
+              "gptq_columns: contiguous tensors are needed");
+  TORCH_CHECK(err.sizes() == w.sizes() && q.sizes() == w.sizes() && hinv.size(0) == width &&
+                  hinv.size(1) == width && scale.numel() == rows && zero.numel() == rows &&
+                  0 <= start && start <= stop && stop <= width,
+              "gptq_columns: shapes do not match");
+  float* W = w.data_ptr<float>();
+  float* E = err.data_ptr<float>();
+  uint8_t* Q = q.data_ptr<uint8_t>();
+  const float* H = hinv.data_ptr<float>();
+  const float* S = scale.data_ptr<float>();
+  const float* Z = zero.data_ptr<float>();
+  const float top = static_cast<float>(maxq);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = W + r * width;
+      for (int64_t i = start; i < stop; ++i) {
+        const float x = row[i];
+        const float level = std::min(std::max(std::nearbyint(x / S[r]) + Z[r], 0.f), top);
+        const float e = (x - S[r] * (level - Z[r])) / H[i * width + i];
+        Q[r * width + i] = static_cast<uint8_t>(level);
+        E[r * width + i] = e;
+        const float* h = H + i * width;
+        for (int64_t k = i; k < width; ++k) row[k] -= e * h[k];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmkit_cpu, m) {
@@ -389,4 +432,7 @@ TORCH_LIBRARY(llmkit_cpu, m) {
   m.impl("add_rms_norm", c10::DispatchKey::CPU, add_rms_norm);
   m.impl("silu_mul", c10::DispatchKey::CPU, silu_mul);
   m.impl("rotary", c10::DispatchKey::CPU, rotary);
+  m.def("gptq_columns(Tensor(a!) w, Tensor(b!) q, Tensor(c!) err, Tensor hinv, Tensor scale, "
+        "Tensor zero, int start, int stop, int maxq) -> ()");
+  m.impl("gptq_columns", c10::DispatchKey::CPU, gptq_columns);
 }
