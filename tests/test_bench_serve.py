@@ -3,6 +3,7 @@ load generator against the real llmkit server and against a server that fails.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
@@ -167,11 +168,38 @@ def test_errors_and_dropped_connections_count_as_failures():
     assert "HTTP 500" in kinds and "engine failed" in kinds
 
 
+class _Models(BaseHTTPRequestHandler):
+    """GET /v1/models: one model for the right key, 401 otherwise."""
+
+    def do_GET(self):
+        ok = self.headers.get("Authorization") == "Bearer k"
+        body = json.dumps({"data": [{"id": "only"}]} if ok else {"error": "no"}).encode()
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_model_is_listed_with_the_api_key_or_refused_in_one_line():
+    from llmkit.bench.load import _first_model
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_port}"
+    try:
+        assert asyncio.run(_first_model(LoadSpec(url, api_key="k"))) == "only"
+        with pytest.raises(LlmkitError, match=r"cannot list the models of .*401.*pass --model"):
+            asyncio.run(_first_model(LoadSpec(url, api_key="wrong")))
+    finally:
+        httpd.shutdown()
+
+
 def test_the_stream_reader_rejoins_events_split_across_chunks():
     """Chunked framing with events, lines and CRLFs cut at odd places; then a 404 with a
     chunked body."""
-    import asyncio
-
     from llmkit.bench.sse_client import HttpStatusError, post_events
 
     stream = b'data: {"a": 1}\r\n\r\ndata: {"b": 2}\n\n: a comment\n\ndata: [DONE]\n\n'

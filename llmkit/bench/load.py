@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,13 +111,13 @@ async def _run(spec: LoadSpec, requests, tokenizer, on_done) -> dict:
 
 
 async def _first_model(spec: LoadSpec) -> str:
-    import httpx2
+    def fetch() -> str:  # one GET before the load starts: the standard library is enough
+        request = urllib.request.Request(f"{spec.base}/v1/models", headers=spec.headers)
+        with urllib.request.urlopen(request, timeout=30) as response:  # raises on non-2xx
+            return json.load(response)["data"][0]["id"]
 
     try:
-        async with httpx2.AsyncClient(timeout=30, headers=spec.headers) as client:
-            response = await client.get(f"{spec.base}/v1/models")
-            response.raise_for_status()
-            return response.json()["data"][0]["id"]
+        return await asyncio.to_thread(fetch)
     except Exception as e:
         raise LlmkitError(f"cannot list the models of {spec.base} ({e}); pass --model") from None
 

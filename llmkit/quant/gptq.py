@@ -85,7 +85,7 @@ class GPTQResult:
         return dequantize_indexed(self.q, self.scales, self.zeros, self.g_idx)
 
     def relative_error(self, rows: slice = slice(None)) -> float:
-        """||(W - Ŵ) X||² / ||W X||² over `rows` (as `relative_error` computes it)."""
+        """||(W - Ŵ) X||² / ||W X||² over `rows`, on the calibration inputs X."""
         energy = float(self.row_energy[rows].sum())
         return float(self.row_error[rows].sum()) / energy if energy > 0 else 0.0
 
@@ -188,17 +188,6 @@ def _permute_columns_(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     for rows in range(0, matrix.shape[0], ROW_BLOCK):
         matrix[rows : rows + ROW_BLOCK] = matrix[rows : rows + ROW_BLOCK][:, perm]
     return matrix
-
-
-def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """||(W - Ŵ) X||² / ||W X||², from H ∝ X Xᵀ (in row blocks: no [out, in] temporaries)."""
-    num = den = 0.0
-    for rows in range(0, weight.shape[0], ROW_BLOCK):
-        w = weight[rows : rows + ROW_BLOCK].detach().to(hessian.device, torch.float32)
-        delta = w - approx[rows : rows + ROW_BLOCK].to(hessian.device, torch.float32)
-        num += float(((delta @ hessian) * delta).sum())
-        den += float(((w @ hessian) * w).sum())
-    return num / den if den > 0 else 0.0
 
 
 def _inverse_hessian_factor(
@@ -312,8 +301,8 @@ def _quantize_columns(W, hinv, group_size, settings, static, group_of):
 def _sweep(W1, Q1, Err1, Hinv1, scale, zero, start: int, stop: int, maxq: int) -> None:
     """Columns [start, stop) of a block, which share `scale` and `zero` [out]: each rounded,
     its scaled error recorded in Err1 and taken off the block's later columns."""
-    kernels = cpu_kernels.for_tensors(W1, Err1, Hinv1, scale, zero)
-    if kernels is not None and W1.dtype == torch.float32:
+    kernels = cpu_kernels.for_tensors(W1, Err1, Hinv1, scale, zero)  # float32 here
+    if kernels is not None:
         kernels.gptq_columns(W1, Q1, Err1, Hinv1, scale, zero, start, stop, maxq)
         return
     for i in range(start, stop):
