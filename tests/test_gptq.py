@@ -146,6 +146,33 @@ def test_errors_from_the_sweep_equal_the_hessian_form(settings):
     assert result.relative_error(slice(0, 8)) != pytest.approx(reference, rel=1e-2)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        gptq.GPTQSettings(group_size=16),
+        gptq.GPTQSettings(group_size=16, desc_act=True, static_groups=True, sym=False),
+    ],
+)
+def test_rows_swept_in_blocks_equal_one_sweep(settings, monkeypatch):
+    """Rows are swept a block at a time (a ragged last block here); each row's result is the
+    one a sweep of the whole matrix gives, and writing the dequantized weight into a tensor
+    gives `dequantize()`."""
+    x = correlated_inputs(11, in_features=64)
+    x[:, 3] = 0
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(12)) * 0.05
+    H = hessian_of(x)
+    whole = gptq.quantize(w, H, settings)
+    monkeypatch.setattr(gptq, "QUANTIZE_ROWS", 16)
+    monkeypatch.setattr(gptq, "ROW_BLOCK", 16)
+    blocks = gptq.quantize(w, H, settings)
+    for field in ("q", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(blocks, field), getattr(whole, field)), field
+    assert torch.allclose(blocks.row_error, whole.row_error, rtol=1e-5, atol=1e-12)
+    out = torch.full_like(w, float("nan")).double()
+    blocks.dequantize_into(out)
+    assert torch.equal(out, blocks.dequantize().double())
+
+
 def test_cholesky_failure_raises_damping_and_warns():
     # A Hessian with a negative eigenvalue (a calibration-time numerical accident): the
     # default damping cannot fix it; doubling it a few times can.

@@ -19,6 +19,7 @@ from llmkit.runtime.kernels import cpu as cpu_kernels
 
 BLOCK_SIZE = 128
 ROW_BLOCK = 256  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
+QUANTIZE_ROWS = 1024  # rows swept at a time (each needs a working copy and search temporaries)
 MAX_DAMP_PERCENT = 1.0
 
 
@@ -84,6 +85,14 @@ class GPTQResult:
     def dequantize(self) -> torch.Tensor:
         return dequantize_indexed(self.q, self.scales, self.zeros, self.g_idx)
 
+    def dequantize_into(self, out: torch.Tensor) -> None:
+        """Write the dequantized weight into `out` [out, in] (any device and float dtype), a
+        block of rows at a time."""
+        for r in range(0, len(out), ROW_BLOCK):
+            rows = slice(r, r + ROW_BLOCK)
+            w = dequantize_indexed(self.q[rows], self.scales[rows], self.zeros[rows], self.g_idx)
+            out[rows].copy_(w)
+
     def relative_error(self, rows: slice = slice(None)) -> float:
         """||(W - Ŵ) X||² / ||W X||² over `rows`, on the calibration inputs X."""
         energy = float(self.row_energy[rows].sum())
@@ -116,22 +125,21 @@ def quantize(
     warn: Callable[[str], None] | None = None,
 ) -> GPTQResult:
     """GPTQ of `weight` [out, in] given `hessian` [in, in]. The Hessian is let go once
-    factorized: when the caller keeps no reference to it, the sweep runs without it."""
-    W = weight.detach().to(hessian.device, torch.float32).clone()
-    in_features = W.shape[1]
+    factorized: when the caller keeps no reference to it, the sweep runs without it.
+
+    Rows are independent once H is factorized, so they are swept QUANTIZE_ROWS at a time:
+    beyond `weight` and the factor, memory holds one block of rows' working copies."""
+    in_features = weight.shape[1]
     group_size = in_features if settings.group_size == -1 else settings.group_size
     dead = torch.diag(hessian) == 0  # inputs that were always zero: nothing to preserve
-    W[:, dead] = 0
-    energy = _row_products(W, hessian)
-    static = _static_params(W, group_size, settings) if settings.static_groups else None
+    energy = _row_products(weight, hessian)  # (H is zero in dead inputs' rows and columns)
     perm = _column_order(torch.diag(hessian), group_size, settings)
-    if perm is not None:
-        _permute_columns_(W, perm)
     # Each sweep position's group: act-order groups follow the sweep; otherwise (and for
     # static groups) a column keeps the group of its original index.
-    positions = torch.arange(in_features, device=W.device)
+    positions = torch.arange(in_features, device=hessian.device)
     original = perm if perm is not None else positions
-    group_of = (positions if settings.desc_act and static is None else original) // group_size
+    group_of = positions if settings.desc_act and not settings.static_groups else original
+    group_of = group_of // group_size
 
     held = [hessian]  # emptied once factorized
     del hessian
@@ -144,8 +152,10 @@ def quantize(
 
     hinv, damp, damping = _inverse_hessian_factor(prepared, settings.damp_percent, name, warn)
     held.clear()
-    q, scales, zeros, losses = _quantize_columns(W, hinv, group_size, settings, static, group_of)
-    del W, hinv
+    sweep = _RowSweep(hinv, dead, perm, group_of, group_size, settings)
+    blocks = [sweep(weight[r : r + QUANTIZE_ROWS]) for r in range(0, len(weight), QUANTIZE_ROWS)]
+    del hinv, sweep
+    q, scales, zeros, losses = (torch.cat(parts) for parts in zip(*blocks, strict=True))
     g_idx = group_of.to(torch.int32)
     if perm is not None:
         inverse = torch.argsort(perm)
@@ -157,14 +167,36 @@ def quantize(
     return GPTQResult(q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp, error, energy.cpu())
 
 
+@dataclass(frozen=True, slots=True)
+class _RowSweep:
+    """The GPTQ sweep of a block of rows, given the factorized Hessian and the column order.
+    -> (q uint8 [rows, in] in sweep order, scales fp16, zeros int32 [rows, groups], each
+    row's loss, float64 [rows])."""
+
+    hinv: torch.Tensor
+    dead: torch.Tensor
+    perm: torch.Tensor | None
+    group_of: torch.Tensor
+    group_size: int
+    settings: GPTQSettings
+
+    def __call__(self, rows: torch.Tensor):
+        W = rows.detach().to(self.hinv.device, torch.float32).clone()
+        W[:, self.dead] = 0
+        settings = self.settings
+        static = _static_params(W, self.group_size, settings) if settings.static_groups else None
+        if self.perm is not None:
+            _permute_columns_(W, self.perm)
+        return _quantize_columns(W, self.hinv, self.group_size, settings, static, self.group_of)
+
+
 def _row_products(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """w H wᵀ for every row w of W, float64 [out] (a block of rows at a time)."""
-    return torch.cat(
-        [
-            ((W[r : r + ROW_BLOCK] @ H) * W[r : r + ROW_BLOCK]).sum(1, dtype=torch.float64)
-            for r in range(0, W.shape[0], ROW_BLOCK)
-        ]
-    )
+    out = []
+    for r in range(0, W.shape[0], ROW_BLOCK):
+        w = W[r : r + ROW_BLOCK].detach().to(H.device, torch.float32)
+        out.append(((w @ H) * w).sum(1, dtype=torch.float64))
+    return torch.cat(out)
 
 
 def _row_distances(weight, dead, q, scales, zeros, g_idx) -> torch.Tensor:

@@ -216,15 +216,13 @@ class GPTQLayer:
         result = gptq_algorithm.quantize(
             weight, hessian.take(), self.settings, name=prefix + "/".join(stage), warn=self.warn
         )
-        del weight
-        dequantized = result.dequantize()
+        result.dequantize_into(weight)  # from here on, the Linears compute as quantized
         out: dict[str, torch.Tensor] = {}
-        for name, linear, block in zip(stage, linears, rows, strict=True):
+        for name, block in zip(stage, rows, strict=True):
             q, scales, zeros = result.q[block], result.scales[block], result.zeros[block]
             packed = gptq.pack(q, scales, zeros, self.settings.bits, result.g_idx)
             out |= {f"{name}.{suffix}": t for suffix, t in packed.items()}
             errors[name] = result.relative_error(block)
-            linear.weight.data = dequantized[block].to(linear.weight.device, linear.weight.dtype)
         return_freed_memory()
         return out
 
