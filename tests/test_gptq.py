@@ -191,6 +191,35 @@ def test_cholesky_failure_raises_damping_and_warns():
     assert "Cholesky failed" in messages[0]
 
 
+@pytest.mark.parametrize("failing", [False, True])
+@pytest.mark.parametrize(
+    "settings", [gptq.GPTQSettings(group_size=16), gptq.GPTQSettings(group_size=16, desc_act=True)]
+)
+def test_factorizing_in_place_equals_factorizing_a_copy(failing, settings):
+    """Given a way to rebuild H, quantize factorizes the caller's matrix itself (permuted in
+    place) and a retry factorizes a rebuilt one; the result is the copy path's. `failing`:
+    a Hessian only a higher damping factorizes, so the retry runs."""
+    x = correlated_inputs(13, in_features=64)
+    x[:, 9] = 0
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(14)) * 0.05
+    H = hessian_of(x)
+    if failing:
+        H[20, 20] = -0.02 * float(H.diagonal().mean())
+    rebuilt = []
+
+    def again():
+        rebuilt.append(True)
+        return H.clone()
+
+    retries = []
+    copied = gptq.quantize(w, H, settings, warn=retries.append)
+    in_place = gptq.quantize(w, H.clone(), settings, again=again)
+    assert len(rebuilt) == len(retries) and bool(retries) == failing  # one rebuild a retry
+    for field in ("q", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(in_place, field), getattr(copied, field)), field
+    assert in_place.damp_percent == copied.damp_percent
+
+
 def test_hopeless_hessian_is_reported():
     with pytest.raises(LlmkitError, match="not positive definite"):
         gptq.quantize(

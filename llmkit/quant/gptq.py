@@ -123,9 +123,14 @@ def quantize(
     settings: GPTQSettings,
     name: str = "",
     warn: Callable[[str], None] | None = None,
+    again: Callable[[], torch.Tensor] | None = None,
 ) -> GPTQResult:
     """GPTQ of `weight` [out, in] given `hessian` [in, in]. The Hessian is let go once
     factorized: when the caller keeps no reference to it, the sweep runs without it.
+
+    Without `again`, each factorization attempt works on a copy of `hessian`. With it (a
+    function that rebuilds the same H, e.g. from the calibration data), `hessian` is
+    factorized in its own storage, and a retry at higher damping factorizes `again()`.
 
     Rows are independent once H is factorized, so they are swept QUANTIZE_ROWS at a time:
     beyond `weight` and the factor, memory holds one block of rows' working copies."""
@@ -141,17 +146,10 @@ def quantize(
     group_of = positions if settings.desc_act and not settings.static_groups else original
     group_of = group_of // group_size
 
-    held = [hessian]  # emptied once factorized
+    attempts = _Attempts(hessian, perm, dead, again)
     del hessian
-
-    def prepared() -> torch.Tensor:  # H in sweep order, dead inputs given a unit diagonal
-        H = _permuted(held[0], perm) if perm is not None else held[0].clone()
-        kept = dead[perm] if perm is not None else dead
-        H[kept, kept] = 1
-        return H
-
-    hinv, damp, damping = _inverse_hessian_factor(prepared, settings.damp_percent, name, warn)
-    held.clear()
+    hinv, damp, damping = _inverse_hessian_factor(attempts, settings.damp_percent, name, warn)
+    attempts.release()
     sweep = _RowSweep(hinv, dead, perm, group_of, group_size, settings)
     blocks = [sweep(weight[r : r + QUANTIZE_ROWS]) for r in range(0, len(weight), QUANTIZE_ROWS)]
     del hinv, sweep
@@ -165,6 +163,34 @@ def quantize(
     shift = _row_distances(weight, dead, q, scales, zeros, g_idx)
     error = (losses.cpu() - damping * shift).clamp(min=0)
     return GPTQResult(q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp, error, energy.cpu())
+
+
+class _Attempts:
+    """H in sweep order, dead inputs given a unit diagonal, once per factorization attempt:
+    a new matrix each time (the caller's left as it is), or, given `again`, the caller's
+    matrix itself permuted in place, then `again()` for each retry."""
+
+    def __init__(self, hessian, perm, dead, again):
+        self._held = [hessian]
+        self._perm = perm
+        self._kept = dead[perm] if perm is not None else dead
+        self._again = again
+
+    def __call__(self) -> torch.Tensor:
+        perm = self._perm
+        if self._again is None:
+            H = _permuted(self._held[0], perm) if perm is not None else self._held[0].clone()
+        else:
+            H = self._held.pop() if self._held else self._again()
+            if perm is not None:
+                _permute_columns_(H, perm)
+                _permute_columns_(H.mT, perm)  # H is symmetric: its rows, permuted alike
+        H[self._kept, self._kept] = 1
+        return H
+
+    def release(self) -> None:
+        """Let go of the caller's matrix (once factorized)."""
+        self._held.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +256,7 @@ def _inverse_hessian_factor(
 ) -> tuple[torch.Tensor, float, float]:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H), raising damp until H
     factorizes (a warning names the module). Factorizes in place: one n x n matrix at a time,
-    rebuilt by `prepared()` for each attempt.
+    given by `prepared()` for each attempt.
 
     H is symmetric, so its transpose view is the same matrix laid out column-major, as LAPACK
     works: factorized through that view, each step overwrites H's own storage instead of a

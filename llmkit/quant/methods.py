@@ -3,6 +3,7 @@ goes with them, and (for W8A8) how a decoder layer is calibrated."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,8 +163,8 @@ class GPTQLayer:
         quantized (run_layers then computes the quantized layer's outputs)."""
         hessians, handles = [], []
         for stage in self.arch.stages:
+            hessian = _stage_hessian(layer, stage)
             first = layer.get_submodule(stage[0])
-            hessian = gptq_algorithm.Hessian(first.in_features, first.weight.device)
             handles.append(first.register_forward_pre_hook(_accumulate_into(hessian)))
             hessians.append(hessian)
         try:
@@ -180,12 +181,23 @@ class GPTQLayer:
         """Stage by stage, each one's inputs computed with the earlier stages quantized."""
         out: dict[str, torch.Tensor] = {}
         for k, stage in enumerate(self.arch.stages):
-            first = layer.get_submodule(stage[0])
-            hessian = gptq_algorithm.Hessian(first.in_features, first.weight.device)
+            hessian = _stage_hessian(layer, stage)
             self._stage_pass(k, layer, run, hessian)
-            out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
+            again = functools.partial(self._collect_again, k, layer, run)
+            out |= self._quantize_stage(layer, prefix, stage, hessian, errors, again)
         run.advance(lambda h: steps.output(layer, self.arch, h))
         return out
+
+    def _collect_again(self, k: int, layer, run: LayerRun) -> torch.Tensor:
+        """Stage k's Hessian once more, from the inputs as its pass left them (for a retry
+        of a factorization that failed: the first one overwrote its matrix)."""
+        hessian = _stage_hessian(layer, self.arch.stages[k])
+        if k == 2:  # its pass already turned the inputs into the residual after attention
+            post_norm = layer.get_submodule(self.arch.post_norm)
+            run.each(lambda h: hessian.add(post_norm(h)))
+        else:
+            self._stage_pass(k, layer, run, hessian)
+        return hessian.take()
 
     def _stage_pass(self, k: int, layer, run: LayerRun, hessian) -> None:
         """Add stage k's inputs over every batch to `hessian`. The pass of stage 2 (the MLP's
@@ -207,14 +219,17 @@ class GPTQLayer:
         else:
             run.each(lambda h: hessian.add(steps.mlp_core(layer, arch, h)))
 
-    def _quantize_stage(self, layer, prefix, stage, hessian, errors) -> dict[str, torch.Tensor]:
+    def _quantize_stage(
+        self, layer, prefix, stage, hessian, errors, again=None
+    ) -> dict[str, torch.Tensor]:
         linears = [layer.get_submodule(name) for name in stage]
         weight = torch.cat([linear.weight for linear in linears])
         rows = _row_slices(linears)
         for linear, block in zip(linears, rows, strict=True):  # one copy of them, not two
             linear.weight.data = weight[block]
+        name = prefix + "/".join(stage)
         result = gptq_algorithm.quantize(
-            weight, hessian.take(), self.settings, name=prefix + "/".join(stage), warn=self.warn
+            weight, hessian.take(), self.settings, name=name, warn=self.warn, again=again
         )
         result.dequantize_into(weight)  # from here on, the Linears compute as quantized
         out: dict[str, torch.Tensor] = {}
@@ -225,6 +240,12 @@ class GPTQLayer:
             errors[name] = result.relative_error(block)
         return_freed_memory()
         return out
+
+
+def _stage_hessian(layer: nn.Module, stage: tuple[str, ...]) -> gptq_algorithm.Hessian:
+    """An empty Hessian for the inputs the Linears of `stage` share."""
+    first = layer.get_submodule(stage[0])
+    return gptq_algorithm.Hessian(first.in_features, first.weight.device)
 
 
 def _row_slices(linears: list[nn.Module]) -> list[slice]:
