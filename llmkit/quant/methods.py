@@ -227,9 +227,9 @@ class GPTQLayer:
         rows = _row_slices(linears)
         for linear, block in zip(linears, rows, strict=True):  # one copy of them, not two
             linear.weight.data = weight[block]
-        name = prefix + "/".join(stage)
+        label = prefix + "/".join(stage)
         result = gptq_algorithm.quantize(
-            weight, hessian.take(), self.settings, name=name, warn=self.warn, again=again
+            weight, hessian.take(), self.settings, name=label, warn=self.warn, again=again
         )
         result.dequantize_into(weight)  # from here on, the Linears compute as quantized
         out: dict[str, torch.Tensor] = {}
