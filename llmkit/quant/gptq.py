@@ -146,8 +146,12 @@ def quantize(
     group_of = positions if settings.desc_act and not settings.static_groups else original
     group_of = group_of // group_size
 
-    attempts = _Attempts(hessian, perm, dead, again)
-    del hessian
+    if again is None:  # the caller's matrix stays as it is: each attempt factorizes a copy
+        first, again = hessian.clone(), hessian.clone
+    else:
+        first = hessian
+    attempts = _Attempts(first, again, perm, dead)
+    del hessian, first, again
     hinv, damp, damping = _inverse_hessian_factor(attempts, settings.damp_percent, name, warn)
     attempts.release()
     sweep = _RowSweep(hinv, dead, perm, group_of, group_size, settings)
@@ -167,30 +171,24 @@ def quantize(
 
 class _Attempts:
     """H in sweep order, dead inputs given a unit diagonal, once per factorization attempt:
-    a new matrix each time (the caller's left as it is), or, given `again`, the caller's
-    matrix itself permuted in place, then `again()` for each retry."""
+    `first`, then `again()` for each retry, each permuted in place."""
 
-    def __init__(self, hessian, perm, dead, again):
-        self._held = [hessian]
+    def __init__(self, first: torch.Tensor, again: Callable[[], torch.Tensor], perm, dead):
+        self._first, self._again = [first], again
         self._perm = perm
         self._kept = dead[perm] if perm is not None else dead
-        self._again = again
 
     def __call__(self) -> torch.Tensor:
-        perm = self._perm
-        if self._again is None:
-            H = _permuted(self._held[0], perm) if perm is not None else self._held[0].clone()
-        else:
-            H = self._held.pop() if self._held else self._again()
-            if perm is not None:
-                _permute_columns_(H, perm)
-                _permute_columns_(H.mT, perm)  # H is symmetric: its rows, permuted alike
+        H = self._first.pop() if self._first else self._again()
+        if self._perm is not None:
+            _permute_columns_(H, self._perm)
+            _permute_columns_(H.mT, self._perm)  # H is symmetric: its rows, permuted alike
         H[self._kept, self._kept] = 1
         return H
 
     def release(self) -> None:
-        """Let go of the caller's matrix (once factorized)."""
-        self._held.clear()
+        """Let go of what rebuilds H (once it is factorized)."""
+        self._again = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,11 +232,6 @@ def _row_distances(weight, dead, q, scales, zeros, g_idx) -> torch.Tensor:
         delta = w - dequantize_indexed(q[rows], scales[rows], zeros[rows], g_idx)
         out.append(delta.square().sum(1, dtype=torch.float64).cpu())
     return torch.cat(out)
-
-
-def _permuted(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """matrix[perm][:, perm] as one new matrix."""
-    return _permute_columns_(matrix[perm], perm)
 
 
 def _permute_columns_(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

@@ -174,54 +174,44 @@ class GPTQLayer:
                 handle.remove()
         out: dict[str, torch.Tensor] = {}
         for stage, hessian in zip(self.arch.stages, hessians, strict=True):
-            out |= self._quantize_stage(layer, prefix, stage, hessian, errors)
+            out |= self._quantize_stage(layer, prefix, stage, hessian.take(), errors)
         return out
 
     def _sequential(self, layer, run, prefix, errors) -> dict[str, torch.Tensor]:
         """Stage by stage, each one's inputs computed with the earlier stages quantized."""
         out: dict[str, torch.Tensor] = {}
         for k, stage in enumerate(self.arch.stages):
-            hessian = _stage_hessian(layer, stage)
-            self._stage_pass(k, layer, run, hessian)
-            again = functools.partial(self._collect_again, k, layer, run)
-            out |= self._quantize_stage(layer, prefix, stage, hessian, errors, again)
+            if k == 2:  # the MLP starts from the residual after the (quantized) attention
+                run.update(functools.partial(self._residual, layer, run.position_embeddings))
+            collect = functools.partial(self._collect, k, layer, run)
+            out |= self._quantize_stage(layer, prefix, stage, collect(), errors, again=collect)
         run.advance(lambda h: steps.output(layer, self.arch, h))
         return out
 
-    def _collect_again(self, k: int, layer, run: LayerRun) -> torch.Tensor:
-        """Stage k's Hessian once more, from the inputs as its pass left them (for a retry
-        of a factorization that failed: the first one overwrote its matrix)."""
-        hessian = _stage_hessian(layer, self.arch.stages[k])
-        if k == 2:  # its pass already turned the inputs into the residual after attention
-            post_norm = layer.get_submodule(self.arch.post_norm)
-            run.each(lambda h: hessian.add(post_norm(h)))
-        else:
-            self._stage_pass(k, layer, run, hessian)
+    def _residual(self, layer, rope, x: torch.Tensor) -> torch.Tensor:
+        """h = x + attention(input_norm(x))."""
+        core = steps.attention_core(layer, self.arch, x, rope)
+        return steps.after_attention(layer, self.arch, x, core)
+
+    def _collect(self, k: int, layer, run: LayerRun) -> torch.Tensor:
+        """Stage k's Hessian over every batch of the inputs as the earlier stages left them
+        (called once more to retry a failed factorization, which overwrote the first)."""
+        arch, rope = self.arch, run.position_embeddings
+        stage_input = (
+            layer.get_submodule(arch.input_norm),
+            lambda x: steps.attention_core(layer, arch, x, rope),
+            layer.get_submodule(arch.post_norm),  # of the residual after attention
+            lambda h: steps.mlp_core(layer, arch, h),
+        )[k]
+        hessian = _stage_hessian(layer, arch.stages[k])
+        run.each(lambda x: hessian.add(stage_input(x)))
         return hessian.take()
 
-    def _stage_pass(self, k: int, layer, run: LayerRun, hessian) -> None:
-        """Add stage k's inputs over every batch to `hessian`. The pass of stage 2 (the MLP's
-        first) also overwrites the inputs with the residual after the quantized attention."""
-        arch, rope = self.arch, run.position_embeddings
-        if k == 0:
-            run.each(lambda x: hessian.add(layer.get_submodule(arch.input_norm)(x)))
-        elif k == 1:
-            run.each(lambda x: hessian.add(steps.attention_core(layer, arch, x, rope)))
-        elif k == 2:
-
-            def residual(x: torch.Tensor) -> torch.Tensor:
-                core = steps.attention_core(layer, arch, x, rope)
-                h = steps.after_attention(layer, arch, x, core)
-                hessian.add(layer.get_submodule(arch.post_norm)(h))
-                return h
-
-            run.update(residual)
-        else:
-            run.each(lambda h: hessian.add(steps.mlp_core(layer, arch, h)))
-
     def _quantize_stage(
-        self, layer, prefix, stage, hessian, errors, again=None
+        self, layer, prefix, stage, hessian: torch.Tensor, errors, again=None
     ) -> dict[str, torch.Tensor]:
+        """GPTQ of the stage's stacked Linears given their Hessian (and `again`, which
+        rebuilds it: see gptq.quantize); the Linears then compute as quantized."""
         linears = [layer.get_submodule(name) for name in stage]
         weight = torch.cat([linear.weight for linear in linears])
         rows = _row_slices(linears)
@@ -229,7 +219,7 @@ class GPTQLayer:
             linear.weight.data = weight[block]
         label = prefix + "/".join(stage)
         result = gptq_algorithm.quantize(
-            weight, hessian.take(), self.settings, name=label, warn=self.warn, again=again
+            weight, hessian, self.settings, name=label, warn=self.warn, again=again
         )
         result.dequantize_into(weight)  # from here on, the Linears compute as quantized
         out: dict[str, torch.Tensor] = {}
