@@ -18,7 +18,7 @@ from llmkit.quant.rtn import dequantize_indexed, group_params, searched_group_pa
 from llmkit.runtime.kernels import cpu as cpu_kernels
 
 BLOCK_SIZE = 128
-ROW_BLOCK = 256  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
+ROW_BLOCK = 64  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
 QUANTIZE_ROWS = 1024  # rows swept at a time (each needs a working copy and search temporaries)
 MAX_DAMP_PERCENT = 1.0
 

@@ -44,6 +44,7 @@ from llmkit.quant.pipeline import (
     write_with_spill,
 )
 from llmkit.quant.sequential import build_skeleton, return_freed_memory, run_layers
+from llmkit.runtime.kernels import cpu as cpu_kernels
 
 LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
 
@@ -91,9 +92,12 @@ def quantize_integer(
     compute = resolve_device(device)
     start = time.perf_counter()
     calibrated = method in CALIBRATED_METHODS
-    # The model code is imported (~110 MB of transformers) before the baseline is taken: the
-    # memory measured above it is what the quantization itself holds.
+    # The model code is imported (~110 MB of transformers) and GPTQ's CPU kernels loaded
+    # before the baseline is taken: the memory measured above it is what the quantization
+    # itself holds.
     skeleton = build_skeleton(ck.config) if calibrated else None
+    if method == "gptq" and compute.type == "cpu":
+        cpu_kernels.ops()
     start_rss = current_rss()
     ids = _calibration_ids(ck, calibration) if calibrated else None
     layer_errors: list[dict] = []

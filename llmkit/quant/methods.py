@@ -22,6 +22,8 @@ from llmkit.quant.options import FLOAT16_METHODS, GPTQ_FORMAT_METHODS, QuantOpti
 from llmkit.quant.sequential import LayerRun, return_freed_memory
 from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
 
+MLP_TOKENS = 256  # tokens the MLP runs at once in GPTQ's stages (attention takes a window)
+
 
 def linear_tensors(
     method: str, options: QuantOptions, weight: torch.Tensor, scale_dtype: torch.dtype
@@ -183,9 +185,10 @@ class GPTQLayer:
         for k, stage in enumerate(self.arch.stages):
             if k == 2:  # the MLP starts from the residual after the (quantized) attention
                 run.update(functools.partial(self._residual, layer, run.position_embeddings))
+                _unload(layer, self.arch.stages[0] + self.arch.stages[1])  # attention is done
             collect = functools.partial(self._collect, k, layer, run)
             out |= self._quantize_stage(layer, prefix, stage, collect(), errors, again=collect)
-        run.advance(lambda h: steps.output(layer, self.arch, h))
+        run.advance(by_tokens(lambda h: steps.output(layer, self.arch, h)))
         return out
 
     def _residual(self, layer, rope, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +207,10 @@ class GPTQLayer:
             lambda h: steps.mlp_core(layer, arch, h),
         )[k]
         hessian = _stage_hessian(layer, arch.stages[k])
-        run.each(lambda x: hessian.add(stage_input(x)))
+        if k < 2:  # attention needs whole windows
+            run.each(lambda x: hessian.add(stage_input(x)))
+        else:
+            run.each(lambda h: by_tokens(stage_input, hessian.add)(h))
         return hessian.take()
 
     def _quantize_stage(
@@ -230,6 +236,32 @@ class GPTQLayer:
             errors[name] = result.relative_error(block)
         return_freed_memory()
         return out
+
+
+def by_tokens(step, visit=None):
+    """`step` (a per-token function of [..., hidden]) applied MLP_TOKENS tokens at a time, so
+    that its intermediates (the MLP's [tokens, intermediate] x ~4) stay small. With `visit`,
+    each slice's result goes to it; without, the results are joined in the input's shape."""
+
+    def apply(x: torch.Tensor):
+        flat = x.reshape(-1, x.shape[-1])
+        parts = (step(part) for part in flat.split(MLP_TOKENS))
+        if visit is not None:
+            for part in parts:
+                visit(part)
+            return None
+        return torch.cat(list(parts)).reshape(x.shape)
+
+    return apply
+
+
+def _unload(layer: nn.Module, names: tuple[str, ...]) -> None:
+    """Let go of these Linears' weights (the layer no longer runs them; biases stay, to be
+    written with the layer)."""
+    for name in names:
+        linear = layer.get_submodule(name)
+        linear.weight = nn.Parameter(linear.weight.to("meta"), requires_grad=False)
+    return_freed_memory()
 
 
 def _stage_hessian(layer: nn.Module, stage: tuple[str, ...]) -> gptq_algorithm.Hessian:

@@ -61,7 +61,7 @@ def range_params(
 
 
 FACTORS_AT_ONCE = 5
-DEQUANTIZE_ROWS = 256
+DEQUANTIZE_ROWS = 64
 
 
 def searched_group_params(

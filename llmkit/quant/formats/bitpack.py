@@ -21,7 +21,7 @@ def packed_rows(n: int, bits: int) -> int:
 
 # Columns packed at a time: the arithmetic is in int64, 8 bytes a value, so whole matrices
 # would need several times their own size in temporaries.
-PACK_COLUMNS = 256
+PACK_COLUMNS = 64
 
 
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
