@@ -210,7 +210,7 @@ class GPTQLayer:
         if k < 2:  # attention needs whole windows
             run.each(lambda x: hessian.add(stage_input(x)))
         else:
-            run.each(lambda h: by_tokens(stage_input, hessian.add)(h))
+            run.each(by_tokens(stage_input, hessian.add))
         return hessian.take()
 
     def _quantize_stage(
