@@ -22,7 +22,9 @@ from llmkit.quant.options import FLOAT16_METHODS, GPTQ_FORMAT_METHODS, QuantOpti
 from llmkit.quant.sequential import LayerRun, return_freed_memory
 from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
 
-MLP_TOKENS = 256  # tokens the MLP runs at once in GPTQ's stages (attention takes a window)
+# Tokens the MLP runs at once in GPTQ's stages, so that its [tokens, intermediate] x ~4
+# intermediates stay small (attention takes whole windows).
+MLP_TOKENS = 256
 
 
 def linear_tensors(
@@ -188,7 +190,7 @@ class GPTQLayer:
                 _unload(layer, self.arch.stages[0] + self.arch.stages[1])  # attention is done
             collect = functools.partial(self._collect, k, layer, run)
             out |= self._quantize_stage(layer, prefix, stage, collect(), errors, again=collect)
-        run.advance(by_tokens(lambda h: steps.output(layer, self.arch, h)))
+        run.advance(lambda h: steps.output(layer, self.arch, h), MLP_TOKENS)
         return out
 
     def _residual(self, layer, rope, x: torch.Tensor) -> torch.Tensor:
@@ -207,10 +209,8 @@ class GPTQLayer:
             lambda h: steps.mlp_core(layer, arch, h),
         )[k]
         hessian = _stage_hessian(layer, arch.stages[k])
-        if k < 2:  # attention needs whole windows
-            run.each(lambda x: hessian.add(stage_input(x)))
-        else:
-            run.each(by_tokens(stage_input, hessian.add))
+        tokens = None if k < 2 else MLP_TOKENS  # attention needs whole windows; the MLP not
+        run.each(lambda x: hessian.add(stage_input(x)), tokens)
         return hessian.take()
 
     def _quantize_stage(
@@ -236,23 +236,6 @@ class GPTQLayer:
             errors[name] = result.relative_error(block)
         return_freed_memory()
         return out
-
-
-def by_tokens(step, visit=None):
-    """`step` (a per-token function of [..., hidden]) applied MLP_TOKENS tokens at a time, so
-    that its intermediates (the MLP's [tokens, intermediate] x ~4) stay small. With `visit`,
-    each slice's result goes to it; without, the results are joined in the input's shape."""
-
-    def apply(x: torch.Tensor):
-        flat = x.reshape(-1, x.shape[-1])
-        parts = (step(part) for part in flat.split(MLP_TOKENS))
-        if visit is not None:
-            for part in parts:
-                visit(part)
-            return None
-        return torch.cat(list(parts)).reshape(x.shape)
-
-    return apply
 
 
 def _unload(layer: nn.Module, names: tuple[str, ...]) -> None:

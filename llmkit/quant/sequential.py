@@ -47,24 +47,36 @@ class LayerRun:
         self.each(self._forward)
 
     @torch.no_grad()
-    def each(self, visit: Callable[[torch.Tensor], object]) -> None:
-        """Call `visit(batch on the device)` for every input batch."""
-        for x in self.inputs:
+    def each(self, visit: Callable[[torch.Tensor], object], tokens: int | None = None) -> None:
+        """Call `visit(batch on the device)` for every input batch, or for every slice of
+        `tokens` tokens ([tokens, hidden]) when a per-token step needs no whole windows."""
+        for x in self._parts(tokens):
             visit(x.to(self.device, self.dtype))
         return_freed_memory()
 
     @torch.no_grad()
-    def update(self, step: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Overwrite each input batch in place with `step(batch on the device)`."""
-        for x in self.inputs:
+    def update(
+        self, step: Callable[[torch.Tensor], torch.Tensor], tokens: int | None = None
+    ) -> None:
+        """Overwrite each input batch (or slice of `tokens` tokens, as in `each`) in place
+        with `step(it on the device)`."""
+        for x in self._parts(tokens):
             x.copy_(step(x.to(self.device, self.dtype)))
         return_freed_memory()
 
-    def advance(self, step: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def advance(
+        self, step: Callable[[torch.Tensor], torch.Tensor] | None = None, tokens: int | None = None
+    ) -> None:
         """Overwrite the inputs with the layer's outputs: the whole layer's forward, or
-        `step` when the inputs already hold part of the way there."""
-        self.update(self._forward if step is None else step)
+        `step` (per token when `tokens` is given) when the inputs already hold part of the
+        way there."""
+        self.update(self._forward if step is None else step, tokens)
         self.advanced = True
+
+    def _parts(self, tokens: int | None) -> Iterator[torch.Tensor]:
+        """The input batches, or views of `tokens` tokens of them."""
+        for x in self.inputs:
+            yield from [x] if tokens is None else x.view(-1, x.shape[-1]).split(tokens)
 
 
 # Quantize one layer in place (it must then compute as the quantized model will) and return
