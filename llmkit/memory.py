@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import resource
 
 
@@ -17,3 +19,21 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return 0
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the OS. Without it, memory freed after each
+    layer stays in the process (RSS creeping up ~30 MB a layer on small-llama) for reuse
+    that fragmentation often prevents. A no-op where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (None without glibc)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

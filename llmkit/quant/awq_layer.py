@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llmkit.memory import return_freed_memory
 from llmkit.quant import awq, rtn
 from llmkit.quant.arch import Arch, Smoothable
 from llmkit.quant.formats import awq as awq_format
 from llmkit.quant.methods import dense_tensors
-from llmkit.quant.sequential import LayerRun, return_freed_memory
+from llmkit.quant.sequential import LayerRun
 from llmkit.quant.smoothquant import fold
 
 NO_CLIP = ("q_proj", "k_proj")

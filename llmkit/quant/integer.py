@@ -17,7 +17,7 @@ from llmkit.checkpoint.safetensors_io import TensorSpec
 from llmkit.checkpoint.writer import ProgressFn
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
-from llmkit.memory import current_rss, peak_rss
+from llmkit.memory import current_rss, peak_rss, return_freed_memory
 from llmkit.quant.arch import Arch, arch_for, is_layer_linear, num_layers
 from llmkit.quant.awq import AWQSettings
 from llmkit.quant.awq_layer import AWQLayer
@@ -43,7 +43,7 @@ from llmkit.quant.pipeline import (
     cast_spec,
     write_with_spill,
 )
-from llmkit.quant.sequential import build_skeleton, return_freed_memory, run_layers
+from llmkit.quant.sequential import build_skeleton, run_layers
 from llmkit.runtime.kernels import cpu as cpu_kernels
 
 LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
@@ -112,6 +112,7 @@ def quantize_integer(
         for index, tensors in layers:
             prefix = f"{arch.layers}.{index}."
             yield f"layer-{index:05d}", {prefix + name: t for name, t in tensors.items()}
+            del tensors  # written: not held while the next layer is quantized
         if options.quantize_lm_head:
             yield "lm_head", _lm_head_tensors(ck, arch, method, options)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmkit.memory import return_freed_memory
 from llmkit.quant import gptq as gptq_algorithm
 from llmkit.quant import int8, rtn
 from llmkit.quant import layer_steps as steps
@@ -19,7 +20,7 @@ from llmkit.quant.formats import awq, gptq
 from llmkit.quant.formats import compressed_tensors as ct
 from llmkit.quant.fp16 import checked_cast
 from llmkit.quant.options import FLOAT16_METHODS, GPTQ_FORMAT_METHODS, QuantOptions
-from llmkit.quant.sequential import LayerRun, return_freed_memory
+from llmkit.quant.sequential import LayerRun
 from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
 
 # Tokens the MLP runs at once in GPTQ's stages, so that its [tokens, intermediate] x ~4

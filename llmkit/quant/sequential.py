@@ -9,8 +9,6 @@ weights are ever on the compute device; every other layer lives on the meta devi
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +17,7 @@ from torch import nn
 
 from llmkit.checkpoint.reader import Checkpoint
 from llmkit.errors import LlmkitError
+from llmkit.memory import return_freed_memory
 from llmkit.quant.arch import Arch, num_layers
 
 # Tokens a layer runs at once: its MLP intermediates ([tokens, intermediate] x ~4) are
@@ -109,24 +108,6 @@ def materialize(module: nn.Module, ck: Checkpoint, prefix: str, device, dtype) -
 def release(module: nn.Module) -> None:
     module.to("meta")
     return_freed_memory()
-
-
-def return_freed_memory() -> None:
-    """Ask glibc to hand freed heap pages back to the OS. Without it, memory freed after each
-    layer stays in the process (RSS creeping up ~30 MB a layer on small-llama) for reuse
-    that fragmentation often prevents. A no-op where there is no glibc."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, looked up once (None without glibc)."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def embed_inputs(ck: Checkpoint, arch: Arch, ids: torch.Tensor, dtype) -> list[torch.Tensor]:
