@@ -51,6 +51,21 @@ def test_gptq_pack_against_independent_unpacker(bits, sym):
     assert torch.allclose(dequantized, quant.dequantize(), atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("rows", [32, 64])
+def test_gptq_dequantize_into_by_row_blocks_equals_whole_dequantize(bits, rows):
+    """Dequantizing 96 outputs `rows` at a time (64: a ragged last block; 3 bits: blocks
+    start mid-word in qzeros' packing otherwise) into bf16 equals the whole-tensor
+    dequantization, with act-order's g_idx."""
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(bits))
+    g_idx = torch.randperm(64, generator=torch.Generator().manual_seed(1)) // 32
+    quant = rtn.quantize_groups(w, bits, 32, False, min_zero=1)
+    packed = [gptq.pack(quant.q, quant.scales, quant.zeros, bits, g_idx)[k] for k in gptq.SUFFIXES]
+    out = torch.empty(96, 64, dtype=torch.bfloat16)
+    gptq.dequantize_into(out, *packed, bits, rows=rows)
+    assert torch.equal(out, gptq.dequantize(*packed, bits).to(torch.bfloat16))
+
+
 def test_gptq_v1_refuses_zero_points_it_cannot_store():
     quant = rtn.quantize_groups(torch.rand(8, 16), 4, 8, sym=False, min_zero=0)
     assert int(quant.zeros.min()) == 0  # all-positive groups: zero point 0

@@ -191,8 +191,8 @@ def spill(directory: Path, groups: Iterator[tuple[str, dict]]) -> Checkpoint:
     tensors: dict[str, TensorInfo] = {}
     for stem, group in groups:
         path = directory / f"{stem}.safetensors"
-        specs = [tensor_spec(name, t) for name, t in group.items()]
-        write_file(path, file_layout(specs), {})
+        write_file(path, file_layout([tensor_spec(name, t) for name, t in group.items()]), {})
+        del group  # written: not held while the next group is computed
         tensors.update(read_header(path)[0])
     return Checkpoint(directory, {}, tensors, "safetensors")
 

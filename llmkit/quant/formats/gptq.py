@@ -88,6 +88,25 @@ def dequantize(
     return dequantize_indexed(*grouped(qweight, qzeros, scales, g_idx, bits, zero_offset))
 
 
+def dequantize_into(
+    out: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    rows: int = 256,
+) -> None:
+    """`dequantize` of a v1 layer written into `out` [out, in] (any float dtype), `rows`
+    outputs at a time, so that unpacking's int64 temporaries stay small. `rows` is a
+    multiple of 32, where every bit width's packing of the outputs starts a new word."""
+    for start in range(0, out.shape[0], rows):
+        stop = min(start + rows, out.shape[0])
+        words = slice(start * bits // 32, stop * bits // 32)
+        part = (qweight[:, start:stop], qzeros[:, words], scales[:, start:stop], g_idx)
+        out[start:stop] = dequantize(*part, bits)
+
+
 def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool) -> dict:
     return {
         "quant_method": "gptq",
