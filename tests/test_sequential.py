@@ -63,12 +63,12 @@ def test_only_one_decoder_layer_is_ever_materialized(tiny_dir, tmp_path, monkeyp
     peak = 0
     materialize, release = sequential.materialize, sequential.release
 
-    def counting_materialize(module, ck, prefix, device, dtype):
+    def counting_materialize(module, ck, prefix, device, dtype, deferred=()):
         nonlocal peak
         if prefix.startswith("model.layers."):
             live[id(module)] = prefix
             peak = max(peak, len(live))
-        return materialize(module, ck, prefix, device, dtype)
+        return materialize(module, ck, prefix, device, dtype, deferred)
 
     def counting_release(module):
         release(module)
@@ -126,6 +126,7 @@ def test_gptq_stage_hessians_match_full_layer_forwards(tiny_dir, monkeypatch, tr
     """Each stage's Hessian is the one a full forward of the layer gives at that point: with
     true-sequential, the earlier stages already quantized; without, the float layer."""
     import copy
+    import dataclasses
 
     from llmkit.quant import gptq, methods
 
@@ -134,11 +135,11 @@ def test_gptq_stage_hessians_match_full_layer_forwards(tiny_dir, monkeypatch, tr
     monkeypatch.setattr(methods, "MLP_TOKENS", 7)  # the MLP stages run ragged slices of tokens
 
     def recording_quantize(weight, hessian, *args, **kwargs):
-        if true_sequential and len(hessians) == 3:  # down_proj: attention's weights are let go
+        if true_sequential and len(hessians) == 3:  # down_proj: only its own weights held
             layer = originals[0][2].layer
-            attention = arch.stages[0] + arch.stages[1]
-            assert all(layer.get_submodule(n).weight.is_meta for n in attention)
-            assert not layer.get_submodule("mlp.up_proj").weight.is_meta
+            others = arch.stages[0] + arch.stages[1] + arch.stages[2]
+            assert all(layer.get_submodule(n).weight.is_meta for n in others)
+            assert not layer.get_submodule("mlp.down_proj").weight.is_meta
         hessians.append(hessian.clone())
         # Stages factorized in place can rebuild their Hessian for a retry: the same matrix.
         again = kwargs.get("again")
@@ -149,8 +150,10 @@ def test_gptq_stage_hessians_match_full_layer_forwards(tiny_dir, monkeypatch, tr
         return results[-1]
 
     def recording_layer(self, index, run):
-        if index == 0:
-            originals.append((copy.deepcopy(run.layer), torch.cat(run.inputs).clone(), run))
+        if index == 0:  # the float layer, with the weights the quantizer reads later too
+            original = dataclasses.replace(run, layer=copy.deepcopy(run.layer))
+            original.load(self.deferred)
+            originals.append((original.layer, torch.cat(run.inputs).clone(), run))
         return quantize_layer(self, index, run)
 
     monkeypatch.setattr(gptq, "quantize", recording_quantize)

@@ -151,6 +151,11 @@ class GPTQLayer:
     errors: list[dict]  # filled: one {"layer": i, "modules": {name: relative error}} per layer
     warn: Callable[[str], None]
 
+    @property
+    def deferred(self) -> tuple[str, ...]:
+        """The MLP's Linears, which true-sequential GPTQ reads only for the MLP's stages."""
+        return self.arch.stages[2] + self.arch.stages[3] if self.true_sequential else ()
+
     @torch.no_grad()
     def __call__(self, index: int, run: LayerRun) -> dict[str, torch.Tensor]:
         layer, prefix = run.layer, f"{self.arch.layers}.{index}."
@@ -168,7 +173,7 @@ class GPTQLayer:
         quantized (run_layers then computes the quantized layer's outputs)."""
         hessians, handles = [], []
         for stage in self.arch.stages:
-            hessian = _stage_hessian(layer, stage)
+            hessian = _stage_hessian(layer, stage, run.device)
             first = layer.get_submodule(stage[0])
             handles.append(first.register_forward_pre_hook(_accumulate_into(hessian)))
             hessians.append(hessian)
@@ -179,55 +184,102 @@ class GPTQLayer:
                 handle.remove()
         out: dict[str, torch.Tensor] = {}
         for stage, hessian in zip(self.arch.stages, hessians, strict=True):
-            out |= self._quantize_stage(layer, prefix, stage, hessian.take(), errors)
+            out |= self._quantize_stage(layer, prefix, stage, hessian.take, errors)
         return out
 
     def _sequential(self, layer, run, prefix, errors) -> dict[str, torch.Tensor]:
-        """Stage by stage, each one's inputs computed with the earlier stages quantized."""
+        """Stage by stage, each one's inputs computed with the earlier stages quantized. Only
+        the Linears still to run hold weights: attention's until the residual after it is
+        computed; then gate/up's (let go of while down_proj is quantized, and given back,
+        quantized, for the layer's output); down_proj's from its stage on."""
+        stages = self.arch.stages
         out: dict[str, torch.Tensor] = {}
-        for k, stage in enumerate(self.arch.stages):
+        for k, stage in enumerate(stages):
             if k == 2:  # the MLP starts from the residual after the (quantized) attention
                 run.update(functools.partial(self._residual, layer, run.position_embeddings))
-                _unload(layer, self.arch.stages[0] + self.arch.stages[1])  # attention is done
-            collect = functools.partial(self._collect, k, layer, run)
-            out |= self._quantize_stage(layer, prefix, stage, collect(), errors, again=collect)
+                run.unload(stages[0] + stages[1])
+                run.load(stage)
+            collect = functools.partial(self._stage_matrix, k, run)
+            if k == 3:
+                collect = functools.partial(self._down_matrix, run, out)
+            out |= self._quantize_stage(layer, prefix, stage, collect, errors, again=collect)
+        self._reload(layer, stages[2], out)
         run.advance(lambda h: steps.output(layer, self.arch, h), MLP_TOKENS)
         return out
+
+    def _stage_matrix(self, k: int, run: LayerRun) -> torch.Tensor:
+        return self._collect(k, run).take()
+
+    def _down_matrix(self, run: LayerRun, out: dict) -> torch.Tensor:
+        """down_proj's Hessian, collected with gate/up's quantized weights (given back first
+        on a retry), which are let go of before the Hessian's full matrix is assembled;
+        down_proj then reads its own."""
+        gate_up, down = self.arch.stages[2], self.arch.stages[3]
+        self._reload(run.layer, gate_up, out)
+        hessian = self._collect(3, run)
+        run.unload(gate_up)
+        matrix = hessian.take()
+        if run.layer.get_submodule(down[0]).weight.is_meta:
+            run.load(down)
+        return matrix
+
+    def _reload(self, layer, names: tuple[str, ...], out: dict) -> None:
+        """Give unloaded Linears their quantized weights back, dequantized from the tensors
+        written for them (what they computed with before, exactly)."""
+        for name in names:
+            linear = layer.get_submodule(name)
+            if not linear.weight.is_meta:
+                continue
+            packed = [out[f"{name}.{suffix}"] for suffix in gptq.SUFFIXES]
+            like = layer.get_submodule(self.arch.post_norm).weight  # the layer's device, dtype
+            weight = like.new_empty(linear.out_features, linear.in_features)
+            gptq.dequantize_into(weight, *packed, self.settings.bits)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
 
     def _residual(self, layer, rope, x: torch.Tensor) -> torch.Tensor:
         """h = x + attention(input_norm(x))."""
         core = steps.attention_core(layer, self.arch, x, rope)
         return steps.after_attention(layer, self.arch, x, core)
 
-    def _collect(self, k: int, layer, run: LayerRun) -> torch.Tensor:
+    def _collect(self, k: int, run: LayerRun) -> gptq_algorithm.Hessian:
         """Stage k's Hessian over every batch of the inputs as the earlier stages left them
         (called once more to retry a failed factorization, which overwrote the first)."""
-        arch, rope = self.arch, run.position_embeddings
+        arch, rope, layer = self.arch, run.position_embeddings, run.layer
         stage_input = (
             layer.get_submodule(arch.input_norm),
             lambda x: steps.attention_core(layer, arch, x, rope),
             layer.get_submodule(arch.post_norm),  # of the residual after attention
             lambda h: steps.mlp_core(layer, arch, h),
         )[k]
-        hessian = _stage_hessian(layer, arch.stages[k])
+        hessian = _stage_hessian(layer, arch.stages[k], run.device)
         tokens = None if k < 2 else MLP_TOKENS  # attention needs whole windows; the MLP not
         run.each(lambda x: hessian.add(stage_input(x)), tokens)
-        return hessian.take()
+        return hessian
 
     def _quantize_stage(
-        self, layer, prefix, stage, hessian: torch.Tensor, errors, again=None
+        self, layer, prefix, stage, hessian: Callable[[], torch.Tensor], errors, again=None
     ) -> dict[str, torch.Tensor]:
         """GPTQ of the stage's stacked Linears given their Hessian (and `again`, which
-        rebuilds it: see gptq.quantize); the Linears then compute as quantized."""
+        rebuilds it: see gptq.quantize); the Linears then compute as quantized.
+
+        `hessian()` is computed before the weights are taken (computing it may load them:
+        see _down_matrix), and handed on from a list, so that no reference here keeps the
+        matrix (factorized in place) alive after GPTQ lets go of it."""
+        matrix = [hessian()]
         linears = [layer.get_submodule(name) for name in stage]
-        weight = torch.cat([linear.weight for linear in linears])
+        if len(linears) == 1:
+            weight = linears[0].weight.detach()
+        else:
+            weight = torch.cat([linear.weight for linear in linears])
         rows = _row_slices(linears)
         for linear, block in zip(linears, rows, strict=True):  # one copy of them, not two
             linear.weight.data = weight[block]
+        return_freed_memory()
         label = prefix + "/".join(stage)
         result = gptq_algorithm.quantize(
-            weight, hessian, self.settings, name=label, warn=self.warn, again=again
+            weight, matrix.pop(), self.settings, name=label, warn=self.warn, again=again
         )
+        return_freed_memory()  # the sweep's working memory, before packing
         result.dequantize_into(weight)  # from here on, the Linears compute as quantized
         out: dict[str, torch.Tensor] = {}
         for name, block in zip(stage, rows, strict=True):
@@ -239,19 +291,9 @@ class GPTQLayer:
         return out
 
 
-def _unload(layer: nn.Module, names: tuple[str, ...]) -> None:
-    """Let go of these Linears' weights (the layer no longer runs them; biases stay, to be
-    written with the layer)."""
-    for name in names:
-        linear = layer.get_submodule(name)
-        linear.weight = nn.Parameter(linear.weight.to("meta"), requires_grad=False)
-    return_freed_memory()
-
-
-def _stage_hessian(layer: nn.Module, stage: tuple[str, ...]) -> gptq_algorithm.Hessian:
+def _stage_hessian(layer: nn.Module, stage: tuple[str, ...], device) -> gptq_algorithm.Hessian:
     """An empty Hessian for the inputs the Linears of `stage` share."""
-    first = layer.get_submodule(stage[0])
-    return gptq_algorithm.Hessian(first.in_features, first.weight.device)
+    return gptq_algorithm.Hessian(layer.get_submodule(stage[0]).in_features, device)
 
 
 def _row_slices(linears: list[nn.Module]) -> list[slice]:

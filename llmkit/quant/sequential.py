@@ -23,6 +23,7 @@ from llmkit.quant.arch import Arch, num_layers
 # Tokens a layer runs at once: its MLP intermediates ([tokens, intermediate] x ~4) are
 # transient memory on top of the calibration activations, so keep them modest.
 TOKENS_PER_BATCH = 512
+READ_BYTES = 2**20  # checkpoint reads at a time: small buffers, reused
 
 
 @dataclass
@@ -34,7 +35,25 @@ class LayerRun:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     device: torch.device
     dtype: torch.dtype
+    checkpoint: Checkpoint  # where the layer's weights are read from, under `prefix`
+    prefix: str
     advanced: bool = False  # set once the quantizer has computed the layer's outputs itself
+
+    def load(self, names: tuple[str, ...]) -> None:
+        """Read these submodules' weights (left on the meta device, see `deferred`)."""
+        for name in names:
+            module = self.layer.get_submodule(name)
+            module.to_empty(device=self.device)
+            _read_weights(module, self.checkpoint, f"{self.prefix}.{name}", self.dtype)
+        return_freed_memory()  # the reads' buffers
+
+    def unload(self, names: tuple[str, ...]) -> None:
+        """Let go of these Linears' weights (the layer no longer runs them; biases stay, to be
+        written with the layer)."""
+        for name in names:
+            linear = self.layer.get_submodule(name)
+            linear.weight = nn.Parameter(linear.weight.to("meta"), requires_grad=False)
+        return_freed_memory()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x, position_embeddings=self.position_embeddings)
@@ -80,6 +99,8 @@ class LayerRun:
 
 # Quantize one layer in place (it must then compute as the quantized model will) and return
 # the tensors to write for it, named relative to the layer (e.g. "self_attn.q_proj.weight").
+# A quantizer may name submodules in a `deferred` attribute: the layer is materialized
+# without their weights, which the quantizer reads with LayerRun.load when it needs them.
 LayerQuantizer = Callable[[int, LayerRun], dict[str, torch.Tensor]]
 
 
@@ -94,15 +115,32 @@ def build_skeleton(config: dict) -> nn.Module:
         return AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
 
 
-def materialize(module: nn.Module, ck: Checkpoint, prefix: str, device, dtype) -> nn.Module:
-    """Give a meta-device module real weights read from the checkpoint."""
-    module.to_empty(device=device)
+def materialize(
+    module: nn.Module, ck: Checkpoint, prefix: str, device, dtype, deferred: tuple[str, ...] = ()
+) -> nn.Module:
+    """Give a meta-device module real weights read from the checkpoint, but for the
+    submodules named in `deferred`, which stay on the meta device."""
+    for name, submodule in module.named_modules():
+        if not any(name == d or name.startswith(d + ".") for d in deferred):
+            submodule.to_empty(device=device, recurse=False)
+    _read_weights(module, ck, prefix, dtype)
+    return module
+
+
+def _read_weights(module: nn.Module, ck: Checkpoint, prefix: str, dtype) -> None:
+    """Fill a module's materialized tensors (those not on the meta device) from `ck`, a
+    block of rows at a time (no whole-tensor read buffer beside the weights)."""
     for name, tensor in module.state_dict().items():
+        if tensor.is_meta:
+            continue
         source = f"{prefix}.{name}"
         if source not in ck.tensors:
             raise LlmkitError(f"checkpoint lacks {source!r}, which the model needs")
-        tensor.copy_(ck.get_tensor(source).to(dtype))
-    return module
+        rows = tensor.view(-1, *tensor.shape[1:]) if tensor.dim() else tensor.view(1)
+        start = 0
+        for block in ck.iter_row_chunks(source, READ_BYTES):
+            rows[start : start + len(block)].copy_(block.to(dtype))
+            start += len(block)
 
 
 def release(module: nn.Module) -> None:
@@ -120,7 +158,7 @@ def embed_inputs(ck: Checkpoint, arch: Arch, ids: torch.Tensor, dtype) -> list[t
     name = f"{arch.embed}.weight"
     hidden = torch.empty(*ids.shape, ck.tensors[name].shape[1], dtype=dtype)
     start = 0
-    for block in ck.iter_row_chunks(name):
+    for block in ck.iter_row_chunks(name, READ_BYTES):
         for window, out in zip(ids, hidden, strict=True):  # one window's rows at a time
             inside = (window >= start) & (window < start + block.shape[0])
             out[inside] = block[window[inside] - start].to(dtype)
@@ -155,10 +193,11 @@ def run_layers(
     hidden = embed_inputs(ck, arch, ids, dtype)
     position_embeddings = rotary_embeddings(model, arch, ids.shape[1], device, dtype)
     total = num_layers(ck.config)
+    deferred = getattr(quantize_layer, "deferred", ())
     for index in range(total):
         prefix = f"{arch.layers}.{index}"
-        layer = materialize(model.get_submodule(prefix), ck, prefix, device, dtype)
-        run = LayerRun(layer, hidden, position_embeddings, device, dtype)
+        layer = materialize(model.get_submodule(prefix), ck, prefix, device, dtype, deferred)
+        run = LayerRun(layer, hidden, position_embeddings, device, dtype, ck, prefix)
         tensors = quantize_layer(index, run)
         if not run.advanced:  # `hidden` now holds this layer's outputs: the next one's inputs
             run.advance()
@@ -166,3 +205,4 @@ def run_layers(
         if on_layer is not None:
             on_layer(index + 1, total)
         yield index, tensors
+        del tensors  # written: not held while the next layer is quantized
