@@ -47,11 +47,16 @@ class Hessian:
         if self._full is not None:
             raise RuntimeError("Hessian already read; it takes no more inputs")
         x = x.reshape(-1, x.shape[-1]).to(self._device, torch.float32)
-        # Running mean keeps the magnitude bounded however many tokens arrive.
+        # Running mean keeps the magnitude bounded however many tokens arrive; the old sum is
+        # rescaled inside the product (beta), not in a pass of its own over H.
         total = self.num_tokens + x.shape[0]
         for i, row in zip(range(0, x.shape[1], self.BLOCK), self._rows, strict=True):
-            row.mul_(self.num_tokens / total)
-            row.addmm_(x[:, i : i + row.shape[0]].T, x[:, i:], alpha=2 / total)
+            row.addmm_(
+                x[:, i : i + row.shape[0]].T,
+                x[:, i:],
+                beta=self.num_tokens / total,
+                alpha=2 / total,
+            )
         self.num_tokens = total
 
     @property

@@ -51,13 +51,15 @@ def after_attention(layer: nn.Module, arch: Arch, x: torch.Tensor, core: torch.T
 
 
 def mlp_core(layer: nn.Module, arch: Arch, h: torch.Tensor) -> torch.Tensor:
-    """down_proj's input: act(gate(post_norm(h))) * up(post_norm(h))."""
-    mlp = layer.get_submodule(arch.mlp)
-    return input_of(
-        layer.get_submodule(arch.stages[3][0]), mlp, layer.get_submodule(arch.post_norm)(h)
-    )
+    """down_proj's input: act(gate(post_norm(h))) * up(post_norm(h)), the gated MLP's
+    arithmetic, with at most two [tokens, intermediate] tensors alive at once (transformers'
+    forward holds three)."""
+    gate, up = (layer.get_submodule(name) for name in arch.stages[2])
+    x = layer.get_submodule(arch.post_norm)(h)
+    hidden = layer.get_submodule(arch.mlp).act_fn(gate(x))
+    return hidden.mul_(up(x))
 
 
 def output(layer: nn.Module, arch: Arch, h: torch.Tensor) -> torch.Tensor:
     """y = h + mlp(post_norm(h))."""
-    return h + layer.get_submodule(arch.mlp)(layer.get_submodule(arch.post_norm)(h))
+    return layer.get_submodule(arch.stages[3][0])(mlp_core(layer, arch, h)).add_(h)
