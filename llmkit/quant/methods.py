@@ -203,7 +203,7 @@ class GPTQLayer:
             if k == 3:
                 collect = functools.partial(self._down_matrix, run, out)
             out |= self._quantize_stage(layer, prefix, stage, collect, errors, again=collect)
-        self._reload(layer, stages[2], out)
+        self._reload(run, stages[2], out)
         run.advance(lambda h: steps.output(layer, self.arch, h), MLP_TOKENS)
         return out
 
@@ -215,24 +215,23 @@ class GPTQLayer:
         on a retry), which are let go of before the Hessian's full matrix is assembled;
         down_proj then reads its own."""
         gate_up, down = self.arch.stages[2], self.arch.stages[3]
-        self._reload(run.layer, gate_up, out)
+        self._reload(run, gate_up, out)
         hessian = self._collect(3, run)
         run.unload(gate_up)
         matrix = hessian.take()
-        if run.layer.get_submodule(down[0]).weight.is_meta:
-            run.load(down)
+        run.load(down)
         return matrix
 
-    def _reload(self, layer, names: tuple[str, ...], out: dict) -> None:
+    def _reload(self, run: LayerRun, names: tuple[str, ...], out: dict) -> None:
         """Give unloaded Linears their quantized weights back, dequantized from the tensors
         written for them (what they computed with before, exactly)."""
         for name in names:
-            linear = layer.get_submodule(name)
+            linear = run.layer.get_submodule(name)
             if not linear.weight.is_meta:
                 continue
             packed = [out[f"{name}.{suffix}"] for suffix in gptq.SUFFIXES]
-            like = layer.get_submodule(self.arch.post_norm).weight  # the layer's device, dtype
-            weight = like.new_empty(linear.out_features, linear.in_features)
+            shape = (linear.out_features, linear.in_features)
+            weight = torch.empty(shape, device=run.device, dtype=run.dtype)
             gptq.dequantize_into(weight, *packed, self.settings.bits)
             linear.weight = nn.Parameter(weight, requires_grad=False)
 
@@ -274,7 +273,7 @@ class GPTQLayer:
         rows = _row_slices(linears)
         for linear, block in zip(linears, rows, strict=True):  # one copy of them, not two
             linear.weight.data = weight[block]
-        return_freed_memory()
+        return_freed_memory()  # the Linears' own weights, now views of the stacked copy
         label = prefix + "/".join(stage)
         result = gptq_algorithm.quantize(
             weight, matrix.pop(), self.settings, name=label, warn=self.warn, again=again

@@ -40,9 +40,12 @@ class LayerRun:
     advanced: bool = False  # set once the quantizer has computed the layer's outputs itself
 
     def load(self, names: tuple[str, ...]) -> None:
-        """Read these submodules' weights (left on the meta device, see `deferred`)."""
+        """Read these Linears' weights from the checkpoint, for those whose weights are on
+        the meta device (left there by `deferred`, or let go of by `unload`)."""
         for name in names:
             module = self.layer.get_submodule(name)
+            if not module.weight.is_meta:
+                continue
             module.to_empty(device=self.device)
             _read_weights(module, self.checkpoint, f"{self.prefix}.{name}", self.dtype)
         return_freed_memory()  # the reads' buffers
@@ -157,12 +160,13 @@ def embed_inputs(ck: Checkpoint, arch: Arch, ids: torch.Tensor, dtype) -> list[t
     """
     name = f"{arch.embed}.weight"
     hidden = torch.empty(*ids.shape, ck.tensors[name].shape[1], dtype=dtype)
+    flat_ids, flat = ids.reshape(-1), hidden.view(-1, hidden.shape[-1])
     start = 0
     for block in ck.iter_row_chunks(name, READ_BYTES):
-        for window, out in zip(ids, hidden, strict=True):  # one window's rows at a time
-            inside = (window >= start) & (window < start + block.shape[0])
-            out[inside] = block[window[inside] - start].to(dtype)
-        start += block.shape[0]
+        inside = ((flat_ids >= start) & (flat_ids < start + len(block))).nonzero().squeeze(1)
+        for positions in inside.split(TOKENS_PER_BATCH):  # gathered rows: a batch at a time
+            flat[positions] = block[flat_ids[positions] - start].to(dtype)
+        start += len(block)
     return list(hidden.split(max(1, TOKENS_PER_BATCH // ids.shape[1])))
 
 
