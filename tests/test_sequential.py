@@ -121,6 +121,36 @@ def test_layer_steps_rebuild_the_layer_forward(tiny_dir, preset):
         assert torch.equal(steps.mlp_core(layer, arch, h), seen["down"])
 
 
+def test_layer_steps_with_biases_another_activation_and_shared_buffers(tiny_dir):
+    """The MLP steps' other paths: Linears with biases (addmm), an activation without an
+    in-place form (copied back), and buffers sized for more tokens than a slice holds."""
+    import copy
+
+    from transformers.activations import ACT2FN
+
+    from llmkit.quant import layer_steps as steps
+
+    arch, layer, rope = real_layer(tiny_dir("tiny-llama"), 0)
+    g = torch.Generator().manual_seed(1)
+    mlp = layer.get_submodule(arch.mlp)
+    mlp.config = copy.copy(mlp.config)
+    mlp.config.hidden_act, mlp.act_fn = "gelu", ACT2FN["gelu"]
+    for name in arch.stages[2] + arch.stages[3]:
+        linear = layer.get_submodule(name)
+        linear.bias = torch.nn.Parameter(torch.randn(linear.out_features, generator=g) * 0.1)
+    x = torch.randn(1, 8, 64, generator=g)
+    seen = {}
+    down = layer.get_submodule("mlp.down_proj")
+    down.register_forward_pre_hook(lambda m, args: seen.setdefault("down", args[0]))
+    buffers = steps.MLPBuffers(layer, arch, 32, "cpu", torch.float32)
+    with torch.no_grad():
+        expected = layer(x, position_embeddings=rope)
+        core = steps.attention_core(layer, arch, x, rope)
+        h = steps.after_attention(layer, arch, x, core)[0]  # [tokens, hidden], as passes slice
+        assert torch.equal(steps.output(layer, arch, h, buffers), expected[0])
+        assert torch.equal(steps.mlp_core(layer, arch, h, buffers), seen["down"][0])
+
+
 @pytest.mark.parametrize("true_sequential", [True, False])
 def test_gptq_stage_hessians_match_full_layer_forwards(tiny_dir, monkeypatch, true_sequential):
     """Each stage's Hessian is the one a full forward of the layer gives at that point: with

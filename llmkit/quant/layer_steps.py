@@ -9,6 +9,7 @@ Running the whole layer once per stage costs ~2.2x more arithmetic (llama shapes
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmkit.quant.arch import Arch
@@ -50,16 +51,74 @@ def after_attention(layer: nn.Module, arch: Arch, x: torch.Tensor, core: torch.T
     return x + layer.get_submodule(arch.stages[1][0])(core)
 
 
-def mlp_core(layer: nn.Module, arch: Arch, h: torch.Tensor) -> torch.Tensor:
+class MLPBuffers:
+    """Workspace the MLP steps compute into, reused by every slice of a pass: two
+    [tokens, intermediate] tensors, and a [tokens, hidden] one for the layer's output.
+    Fresh tensors for every slice would fault in new pages each time and fragment the heap,
+    whose freed pieces then stay resident until the pass ends."""
+
+    def __init__(self, layer: nn.Module, arch: Arch, tokens: int, device, dtype):
+        intermediate = layer.get_submodule(arch.stages[2][0]).out_features
+        hidden = layer.get_submodule(arch.stages[3][0]).out_features
+        self._gate = torch.empty(tokens, intermediate, device=device, dtype=dtype)
+        self._up = torch.empty(tokens, intermediate, device=device, dtype=dtype)
+        self._out = torch.empty(tokens, hidden, device=device, dtype=dtype)
+
+    @classmethod
+    def for_input(cls, layer: nn.Module, arch: Arch, h: torch.Tensor) -> MLPBuffers:
+        """Buffers for exactly the tokens of h [..., hidden]."""
+        return cls(layer, arch, h.numel() // h.shape[-1], h.device, h.dtype)
+
+    def views(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate, up, out) for `tokens` tokens."""
+        return self._gate[:tokens], self._up[:tokens], self._out[:tokens]
+
+
+def mlp_core(
+    layer: nn.Module, arch: Arch, h: torch.Tensor, buffers: MLPBuffers | None = None
+) -> torch.Tensor:
     """down_proj's input: act(gate(post_norm(h))) * up(post_norm(h)), the gated MLP's
-    arithmetic, with at most two [tokens, intermediate] tensors alive at once (transformers'
-    forward holds three)."""
+    arithmetic computed into `buffers` (transformers' forward allocates three
+    [tokens, intermediate] tensors). [..., hidden] -> [..., intermediate]"""
+    buffers = buffers or MLPBuffers.for_input(layer, arch, h)
+    flat = h.reshape(-1, h.shape[-1])
+    return _gated(layer, arch, flat, buffers).view(*h.shape[:-1], -1)
+
+
+def output(
+    layer: nn.Module, arch: Arch, h: torch.Tensor, buffers: MLPBuffers | None = None
+) -> torch.Tensor:
+    """y = h + mlp(post_norm(h)), in the buffers' output tensor."""
+    buffers = buffers or MLPBuffers.for_input(layer, arch, h)
+    flat = h.reshape(-1, h.shape[-1])
+    core = _gated(layer, arch, flat, buffers)
+    y = buffers.views(len(flat))[2]
+    _linear_into(layer.get_submodule(arch.stages[3][0]), core, y)
+    return y.add_(flat).view(h.shape)
+
+
+def _gated(layer: nn.Module, arch: Arch, h: torch.Tensor, buffers: MLPBuffers) -> torch.Tensor:
+    """h [tokens, hidden] -> act(gate(x)) * up(x), x = post_norm(h): [tokens, intermediate]."""
     gate, up = (layer.get_submodule(name) for name in arch.stages[2])
     x = layer.get_submodule(arch.post_norm)(h)
-    hidden = layer.get_submodule(arch.mlp).act_fn(gate(x))
-    return hidden.mul_(up(x))
+    hidden, product, _ = buffers.views(len(x))
+    _linear_into(gate, x, hidden)
+    _activate_(layer.get_submodule(arch.mlp), hidden)
+    _linear_into(up, x, product)
+    return hidden.mul_(product)
 
 
-def output(layer: nn.Module, arch: Arch, h: torch.Tensor) -> torch.Tensor:
-    """y = h + mlp(post_norm(h))."""
-    return layer.get_submodule(arch.stages[3][0])(mlp_core(layer, arch, h)).add_(h)
+def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> None:
+    """out = linear(x) for x [tokens, in], as F.linear computes it (mm, or addmm with a bias)."""
+    if linear.bias is None:
+        torch.mm(x, linear.weight.T, out=out)
+    else:
+        torch.addmm(linear.bias, x, linear.weight.T, out=out)
+
+
+def _activate_(mlp: nn.Module, x: torch.Tensor) -> None:
+    """x = mlp.act_fn(x), in place where the activation has an in-place form."""
+    if getattr(getattr(mlp, "config", None), "hidden_act", None) == "silu":
+        F.silu(x, inplace=True)
+    else:
+        x.copy_(mlp.act_fn(x))
