@@ -102,3 +102,27 @@ def test_siblings_with_different_layouts_run_side_by_side():
     x = torch.randn(3, 64)
     expected = torch.cat([x.bfloat16().float() @ p.dequantize().t() for p in parts], dim=-1)
     assert torch.allclose(module(x), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_linear_widened_in_blocks_rounds_as_the_half_product(monkeypatch, dtype):
+    """Without native half-precision products, DenseLinear computes batches in float32 from
+    widened weight blocks: every block (the ragged last one too) is the float64 product
+    rounded once to the half dtype, and small batches keep the plain half product."""
+    import llmkit.runtime.layers.linear as linear
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 24, generator=g).to(dtype)
+    bias = torch.randn(37, generator=g).to(dtype)
+    x = torch.randn(9, 24, generator=g).to(dtype)
+    monkeypatch.setattr(linear, "WIDEN_BLOCK", 5 * 24)  # blocks of 5 rows, the last of 2
+    monkeypatch.setattr(linear, "_onednn_pack", lambda w: None)  # as on a CPU without bf16
+    module = DenseLinear(weight, bias)
+    assert module.widen
+    exact = x.double() @ weight.double().T + bias.double()
+    assert torch.equal(module(x), exact.to(dtype))
+    spy = []
+    monkeypatch.setattr(linear, "linear_in_float32", lambda *a: spy.append(a))
+    small = x[: linear.WIDEN_MIN_ROWS]
+    assert torch.allclose(module(small).double(), exact[: len(small)], rtol=1e-2, atol=1e-2)
+    assert not spy

@@ -4,7 +4,8 @@ A checkpoint's Linear is first read into one of three plain records (dense, int8
 grouped integer), merged with its siblings when they share an input (q/k/v, gate/up), then
 converted into the module that is fastest on the device:
 
-- dense: `F.linear` in the model dtype;
+- dense: `F.linear` in the model dtype (half precision widened to float32 in blocks where
+  the CPU has no native half-precision products);
 - int8 weight-only (CPU): `torch._weight_int8pack_mm`;
 - W8A8: dynamic per-token int8 activations, `torch._int_mm` on CPU;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors), CPU:
@@ -113,19 +114,48 @@ def convert_for_runtime(
 
 
 class DenseLinear(nn.Module):
-    """F.linear; on CPU in bf16 the weight is prepacked once into oneDNN's blocked layout,
-    which computes the same values up to 2x faster for the small batches of decoding."""
+    """F.linear. On CPU in bf16 the weight is prepacked once into oneDNN's blocked layout,
+    which computes the same values up to 2x faster for the small batches of decoding. Where
+    the CPU has no native bf16 (or fp16) products, they run ~6x slower than float32 ones, so
+    batches of more than a few rows are computed in float32 from weight blocks widened on
+    the fly, while the weight stays half precision in memory."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = _onednn_pack(weight)  # an opaque tensor, so not a parameter
         self.weight = None if self.packed is not None else nn.Parameter(weight, requires_grad=False)
+        self.widen = self.packed is None and _half_on_cpu(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.widen and x.numel() > WIDEN_MIN_ROWS * x.shape[-1]:
+            return linear_in_float32(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+WIDEN_MIN_ROWS = 8  # up to this many rows the half-precision product is as fast or faster
+WIDEN_BLOCK = 2**22  # weight elements widened at a time (16 MiB of float32)
+
+
+def linear_in_float32(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) computed in float32, a block of output rows at a time, and
+    rounded once to x's dtype, as the half-precision product rounds its float32 sums."""
+    x32 = x.float()
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    rows = max(1, WIDEN_BLOCK // weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        stop = start + rows
+        b = None if bias is None else bias[start:stop].float()
+        out[..., start:stop] = F.linear(x32, weight[start:stop].float(), b)
+    return out
+
+
+def _half_on_cpu(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
 
 
 def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
