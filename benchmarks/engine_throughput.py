@@ -13,7 +13,8 @@ threads, one after the other in this run:
 
 Every tool runs once per round, back to back, for --repeats rounds (3). Reported: the median
 output tokens/s of each, and llmkit's ratio to each as the median of the rounds' own ratios
-(targets: >= 1.0x vllm, >= 3x hf-static); single runs here vary by 20% or more. Also
+(targets: >= 1.0x vllm, >= 3x hf-static); single runs here vary by 20% or more. The
+first line names the CPU's vector level and the path llmkit's bf16 Linears take on it. Also
 llmkit's batch-1 decode tokens/s and memory-bandwidth utilisation: weight bytes read per token
 x tokens/s, divided by the copy bandwidth measured in the same process
 right before and after (bytes copied per second by a 512 MB tensor copy, 2 threads, median of
@@ -232,6 +233,7 @@ def main() -> None:
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-engine-bench-"))
     model, workload = prepare(work)
+    print(cpu_line(), flush=True)
     rounds = []  # each round runs every tool once, llmkit first, back to back
     for _ in range(args.repeats):
         results = {}
@@ -240,6 +242,16 @@ def main() -> None:
             print(tool, json.dumps(results[tool]), flush=True)
         rounds.append(results)
     report(rounds, weight_bytes_per_token(model))
+
+
+def cpu_line() -> str:
+    """This CPU's vector level and the path llmkit's bf16 Linears take on it: the ratios
+    depend on it (without native bf16, llmkit widens to float32; the others compute in bf16)."""
+    import torch
+
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    path = "oneDNN bf16" if native else "float32 from widened bf16 weights (no native bf16)"
+    return f"cpu: {torch.backends.cpu.get_cpu_capability()}; llmkit's bf16 Linears: {path}"
 
 
 def report(rounds: list[dict], weight_bytes: int) -> None:
