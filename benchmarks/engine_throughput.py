@@ -249,8 +249,10 @@ def cpu_line() -> str:
     depend on it (without native bf16, llmkit widens to float32; the others compute in bf16)."""
     import torch
 
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    path = "oneDNN bf16" if native else "float32 from widened bf16 weights (no native bf16)"
+    from llmkit.runtime.layers.linear import native_bf16_on_cpu
+
+    widened = "float32 from widened bf16 weights (no native bf16)"
+    path = "oneDNN bf16" if native_bf16_on_cpu() else widened
     return f"cpu: {torch.backends.cpu.get_cpu_capability()}; llmkit's bf16 Linears: {path}"
 
 

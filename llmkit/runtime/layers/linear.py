@@ -158,13 +158,13 @@ def _half_on_cpu(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
 
 
+def native_bf16_on_cpu() -> bool:
+    """Whether oneDNN computes bf16 products natively here (else they are emulated, slowly)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
-    usable = (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    usable = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and native_bf16_on_cpu()
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()) if usable else None
 
 
