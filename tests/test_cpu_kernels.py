@@ -212,3 +212,29 @@ def test_gptq_sweep_kernel_gives_the_torch_sweeps_values(monkeypatch, settings):
     plain = gptq.quantize(w, h.matrix, config)
     for field in ("q", "scales", "zeros", "g_idx", "row_error"):
         assert torch.equal(getattr(fast, field), getattr(plain, field)), field
+
+
+def test_cached_kernels_are_keyed_by_what_the_build_depends_on(monkeypatch):
+    """A cached library is reused only for the same source, flags, torch, Python and CPU:
+    one built with -march=native elsewhere must not load on a CPU that lacks its features."""
+    key = cpu._build_key()
+    assert cpu._build_key() == key
+    monkeypatch.setattr(cpu, "_cpu_features", lambda: "x86_64 avx2 without avx512")
+    assert cpu._build_key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu, "CFLAGS", [*cpu.CFLAGS, "-DOTHER"])
+    assert cpu._build_key() != key
+
+
+def test_a_built_library_loads_without_the_extension_loader():
+    """Once built and marked ready, a new process loads the kernels straight from the cache,
+    without importing torch's extension loader (and its setuptools)."""
+    code = (
+        "import sys, torch\n"
+        "from llmkit.runtime.kernels import cpu\n"
+        "assert cpu.ops() is not None\n"
+        "print('torch.utils.cpp_extension' in sys.modules)\n"
+    )
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"]

@@ -1,5 +1,7 @@
 """The CPU C++ kernels (cpu_ops.cpp), built once per machine with the local compiler
-by torch's extension loader and cached (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR).
+by torch's extension loader and cached (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)
+under a name keyed by the source, the flags, torch, Python and the CPU's features, so a
+later start loads the library directly (no extension loader, no ninja run).
 
 `ops()` is None, with one warning, when they cannot be built (no compiler, no ninja) or when
 LLMKIT_CPU_KERNELS=0; callers then use their torch path.
@@ -8,8 +10,11 @@ LLMKIT_CPU_KERNELS=0; callers then use their torch path.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +22,9 @@ import torch
 
 log = logging.getLogger("llmkit.kernels")
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+# no FMA contraction: the element-wise kernels round as the torch ops they replace
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 @functools.cache
@@ -45,18 +53,54 @@ def for_tensors(*tensors: torch.Tensor):
 
 
 def _build() -> None:
+    name = f"llmkit_cpu_{_build_key()}"
+    directory = _extensions_root() / name
+    library, ready = directory / f"{name}.so", directory / "ready"  # ready: built and loaded
+    if ready.exists() and library.exists():
+        torch.ops.load_library(str(library))
+        return
     from torch.utils.cpp_extension import load
 
     log.info("loading llmkit's CPU kernels (compiled the first time, ~20 s)")
+    directory.mkdir(parents=True, exist_ok=True)
     load(
-        name="llmkit_cpu_kernels",
+        name=name,
         sources=[str(SOURCE)],
-        # no FMA contraction: the element-wise kernels round as the torch ops they replace
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS,
+        build_directory=str(directory),
         is_python_module=False,
         verbose=False,
     )
+    pending = directory / f"ready.{os.getpid()}"
+    pending.write_text(f"{name}\n")
+    pending.replace(ready)
+
+
+def _build_key() -> str:
+    """What the compiled library depends on: the source, the flags, torch, Python, and
+    (for -march=native) the CPU's instruction-set features."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*CFLAGS, *LDFLAGS, torch.__version__, sys.version, _cpu_features()):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags.strip()}"
+
+
+def _extensions_root() -> Path:
+    """Where torch's extension loader keeps its builds."""
+    if root := os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(root)
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "torch_extensions"
 
 
 def _reason(error: Exception) -> str:
