@@ -23,8 +23,8 @@ import torch
 log = logging.getLogger("llmkit.kernels")
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 # no FMA contraction: the element-wise kernels round as the torch ops they replace
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 @functools.cache
@@ -66,8 +66,8 @@ def _build() -> None:
     load(
         name=name,
         sources=[str(SOURCE)],
-        extra_cflags=CFLAGS,
-        extra_ldflags=LDFLAGS,
+        extra_cflags=list(CFLAGS),  # copies: the loader appends to the lists it is given
+        extra_ldflags=list(LDFLAGS),
         build_directory=str(directory),
         is_python_module=False,
         verbose=False,
@@ -92,7 +92,7 @@ def _cpu_features() -> str:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags.strip()}"
+    return f"{platform.machine()} {flags.strip()}"
 
 
 def _extensions_root() -> Path:

@@ -26,7 +26,7 @@
 #include <cstring>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -118,6 +118,63 @@ inline void silu_mul_16(const T* gate, const T* up, T* out) {
 }
 
 #else  // portable loops the compiler may vectorize
+
+#if defined(__AVX2__) && defined(__FMA__)
+// silu_mul with 8 lanes, computed and rounded as silu_mul_16 does: on CPUs without AVX-512
+// the scalar std::exp made it ~5% of a decode step.
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// 2^k for k in [-126, 127], built in the exponent field.
+inline __m256 pow2_8(__m256i k) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+}
+
+// exp16's computation. Its 2^n (n from -150 to 128) is applied as 2^(n/2) twice over, so no
+// factor leaves the exponent field's range; the first product is exact, the second rounds
+// once, as scalef does.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.f)), _mm256_set1_ps(89.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i k = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(k, 1);
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2_8(half)), pow2_8(_mm256_sub_epi32(k, half)));
+}
+
+inline __m256 round8(__m256 x, float) { return x; }
+inline __m256 round8(__m256 x, c10::BFloat16) {  // to nearest even, NaN kept
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(-65536)));
+  return _mm256_blendv_ps(rounded, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void store8(c10::BFloat16* p, __m256 x) {  // x already holds a bf16 value
+  const __m256i top = _mm256_srli_epi32(_mm256_castps_si256(x), 16);
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+template <typename T>
+inline void silu_mul_8(const T* gate, const T* up, T* out) {
+  const __m256 g = load8(gate);
+  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  const __m256 act = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), T());
+  store8(out, round8(_mm256_mul_ps(act, load8(up)), T()));
+}
+#endif
 
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t dim) {
@@ -303,8 +360,10 @@ void silu_mul_rows(const at::Tensor& gate_up, at::Tensor& out) {
       const T* gate = in + r * 2 * width;
       const T* up = gate + width;
       int64_t i = 0;
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
       for (; i + kLanes <= width; i += kLanes) silu_mul_16(gate + i, up + i, o + r * width + i);
+#elif defined(__AVX2__) && defined(__FMA__)
+      for (; i + 8 <= width; i += 8) silu_mul_8(gate + i, up + i, o + r * width + i);
 #endif
       for (; i < width; ++i) {
         const float g = to_float(gate[i]);
