@@ -33,7 +33,7 @@ def ops():
     if os.environ.get("LLMKIT_CPU_KERNELS", "1") == "0":
         return None
     try:
-        _build()
+        _load_or_build()
     except Exception as e:  # no compiler, a failed build: the torch paths still work
         warnings.warn(
             f"llmkit's CPU kernels are unavailable ({_reason(e)}); using torch paths", stacklevel=2
@@ -52,7 +52,7 @@ def for_tensors(*tensors: torch.Tensor):
     return ops()
 
 
-def _build() -> None:
+def _load_or_build() -> None:
     name = f"llmkit_cpu_{_build_key()}"
     directory = _extensions_root() / name
     library, ready = directory / f"{name}.so", directory / "ready"  # ready: built and loaded
