@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
@@ -41,7 +40,6 @@ def generate(
     from llmkit.runtime.generate import parse_requests
 
     requests = parse_requests(*_lines(prompts))
-    gc.freeze()  # the process's modules stay: the collector need not walk them (see serve)
     with progress_bars(quiet=json_out) as task:
         records, report = run(model, requests, engine, task("generate", unit="requests"))
     _write(records, output)

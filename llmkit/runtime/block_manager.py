@@ -8,6 +8,7 @@ are reused, least recently freed first (LRU eviction).
 
 from __future__ import annotations
 
+import gc
 from collections import OrderedDict
 from collections.abc import Sequence as Blocks
 
@@ -32,7 +33,7 @@ class BlockManager:
             raise ValueError("the KV cache needs at least one block of at least one token")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks = _new_blocks(num_blocks)
         # Free block ids, reused from the front: uncached blocks first, then cached ones in
         # the order they were freed.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -145,3 +146,16 @@ class BlockManager:
         if block.hash is not None and self._cached.get(block.hash) == block_id:
             del self._cached[block.hash]
         block.hash, block.token_ids = None, ()
+
+
+def _new_blocks(num_blocks: int) -> list[Block]:
+    """The pool's blocks, made with the garbage collector paused: allocating them would set
+    off collections, and the full ones walk every object in the process (all of torch's in
+    an engine), which made a pool of ~20k blocks take 0.12-0.16 s instead of 0.01-0.02 s."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return [Block(i) for i in range(num_blocks)]
+    finally:
+        if enabled:
+            gc.enable()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hmac
 import json
 import logging
@@ -48,10 +47,6 @@ class ServerState:
 
         start = time.perf_counter()
         cfg = self.config
-        # What is alive now (the imported modules, torch's above all) lives as long as the
-        # server: in the collector's permanent generation it is not walked again by every
-        # full collection, which made building the KV block pool 10x slower.
-        gc.freeze()
         try:
             engine = Engine(cfg.model, cfg.engine)
         except Exception as e:
