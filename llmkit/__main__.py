@@ -1,3 +1,16 @@
-from llmkit.cli.app import main
+"""`python -m llmkit` and the `llmkit` command."""
 
-main()
+import sys
+
+
+def main() -> None:
+    from llmkit.serve.engine_process import prestart
+
+    prestart(sys.argv[1:])  # before the CLI's imports: `llmkit serve` starts on torch at once
+    from llmkit.cli.app import main as cli
+
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from llmkit.net import free_port
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.sequence import SamplingParams
 from tests.runtime_helpers import random_prompts
@@ -351,8 +357,6 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(model, tmp_path):
 
 
 def test_a_tp2_server_is_503_while_loading_and_stops_cleanly_on_a_group_sigterm(model, tmp_path):
-    import os
-
     srv = start_server(model, tmp_path, "--tp", "2", wait=False)
     seen = wait_healthy(srv)
     answered = [s for s in seen if s is not None]
@@ -403,3 +407,57 @@ def test_each_request_and_the_stats_are_logged(server, client, model):
         log = server.log.read_text()
     assert "prompt + 3 completion tokens, TTFT" in log and "finish length" in log
     assert "generated tokens/s" in log and "KV cache" in log
+    assert "INFO llmkit.engine: KV cache: " in log  # from the engine process, at start-up
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _maps_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_only_the_engine_process_loads_torch_and_the_server_stops_when_it_dies(model, tmp_path):
+    srv = start_server(model, tmp_path)
+    try:
+        (engine,) = _children(srv.process.pid)
+        assert _maps_torch(engine) and not _maps_torch(srv.process.pid)
+        response = _open_stream(srv, 400)
+        os.kill(engine, signal.SIGKILL)
+        rest = response.read()  # ends instead of hanging, with the error as its last event
+        assert b'"type":"server_error"' in rest and b"the engine process exited" in rest
+        assert srv.process.wait(60) == 1
+    finally:  # whatever is left of it, if a check failed
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(srv.process.pid, signal.SIGKILL)
+    assert "error: the engine process exited with -9" in srv.log.read_text()
+
+
+def _serve(*args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "llmkit", "serve", *map(str, args)]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_model_that_fails_to_load_exits_1_with_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    proc = _serve(tmp_path, "--port", free_port())
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert f"error: loading {tmp_path} failed: no weights in {tmp_path}" in err
+
+
+def test_bad_arguments_leave_no_engine_process_behind(model):
+    proc = _serve(model, "--port", "eighty")
+    assert proc.wait(60) == 2
+    # the engine process, forked before the arguments were parsed, went with the server
+    session = [p for p in os.listdir("/proc") if p.isdigit() and _session(int(p)) == proc.pid]
+    assert session == []
+
+
+def _session(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[3])  # after the name: state ppid pgrp session

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
@@ -63,11 +62,12 @@ def serve(
     """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics) until SIGTERM or Ctrl-C."""
     from llmkit.checkpoint.reader import local_dir
+    from llmkit.serve.server import log_to_stderr
     from llmkit.serve.server import serve as run
 
     if log_level not in ("debug", "info", "warning", "error"):
         raise LlmkitError(f"--log-level {log_level!r}: choose debug, info, warning or error")
-    _log_to_stderr(log_level)
+    log_to_stderr(log_level)
     config = ServeConfig(
         model=str(local_dir(model, revision)),
         engine=engine,
@@ -88,11 +88,3 @@ def _size(text: str) -> int:
         return parse_size(text)
     except LlmkitError:
         raise LlmkitError(f"--max-request-size {text!r} must be a size like 8MiB") from None
-
-
-def _log_to_stderr(level: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("llmkit")
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())

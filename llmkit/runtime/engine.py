@@ -26,6 +26,7 @@ from llmkit.runtime.executor import Executor, RunnerSpec
 from llmkit.runtime.layers.sampler import Sampled, score
 from llmkit.runtime.model_runner import PromptSpan, kv_block_bytes, prepare
 from llmkit.runtime.models.llama import LlamaConfig
+from llmkit.runtime.outputs import Completion, RequestOutput, RequestTimes, check_prompt_ids
 from llmkit.runtime.rank_tensors import RankTensors, open_rank
 from llmkit.runtime.scheduler import Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, stop_reason
@@ -33,39 +34,6 @@ from llmkit.runtime.tokenizer import load_tokenizer
 
 log = logging.getLogger("llmkit.engine")
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
-
-
-@dataclass(slots=True)
-class Completion:
-    """One of a request's n sequences, as far as it has got."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top": [(id, lp)]}
-
-
-@dataclass(slots=True)
-class RequestTimes:
-    """time.monotonic() of a request's milestones (None until reached)."""
-
-    arrival: float
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    finished: float | None = None
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[Completion]
-    finished: bool
-    times: RequestTimes | None = None
-    # per prompt token {"token_id", "logprob", "top"}; None for the first (nothing scores it)
-    prompt_logprobs: list[dict | None] | None = None
-    num_cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -180,16 +148,7 @@ class Engine:
     def check_prompt_ids(self, ids: list[int]) -> None:
         """Raise LlmkitError for prompt token ids this engine cannot take (thread-safe: it
         reads only the configuration)."""
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise LlmkitError("the prompt is empty")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise LlmkitError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise LlmkitError(
-                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
-                "tokens, which must hold the prompt and at least one generated token"
-            )
+        check_prompt_ids(ids, self.model_config.vocab_size, self.max_model_len)
 
     def close(self) -> None:
         self.executor.close()

@@ -1,5 +1,5 @@
 """The FastAPI application: routes, the API key, body limits, OpenAI-shaped errors, and the
-engine loaded in the background (/health answers 503 until it is ready)."""
+engine loaded in its own process (/health answers 503 until it is ready)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from starlette.exceptions import HTTPException
 
 from llmkit.serve import handlers as h
 from llmkit.serve import responses as r
+from llmkit.serve.async_engine import AsyncEngine
 from llmkit.serve.config import ServeConfig
+from llmkit.serve.engine_process import EngineProcess
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
 
@@ -28,10 +30,12 @@ log = logging.getLogger("llmkit.serve")
 
 
 class ServerState:
-    """The engine as it loads, runs and stops; `on_fatal` is told when loading fails."""
+    """The engine as it loads, runs and stops; `on_fatal` is told when loading fails or the
+    engine process dies."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, process: EngineProcess):
         self.config = config
+        self.process = process
         self.metrics = Metrics()
         self.served: h.Served | None = None
         self.error: str | None = None
@@ -39,25 +43,30 @@ class ServerState:
         self.on_fatal: Callable[[], None] = lambda: None
         self.load_s: float | None = None
         self._lock = threading.Lock()
-        self.metrics.watch(lambda: self.served.engine.engine if self.served else None)
+        self.metrics.watch(lambda: self.served.engine.stats if self.served else None)
 
     def load(self) -> None:
-        from llmkit.runtime.engine import Engine
-        from llmkit.serve.async_engine import AsyncEngine
+        """Load the tokenizer here while the engine process loads the model."""
+        from llmkit.runtime.tokenizer import load_tokenizer
 
-        start = time.perf_counter()
         cfg = self.config
         try:
-            engine = Engine(cfg.model, cfg.engine)
+            tokenizer = load_tokenizer(cfg.model)
+            info = self.process.wait_ready()
         except Exception as e:
-            self.error = str(e) or type(e).__name__
-            log.error("loading %s failed: %s", cfg.model, e)
-            self.on_fatal()
+            self._fail(f"loading {cfg.model} failed: {e}")
             return
-        loop = AsyncEngine(engine, self.metrics, cfg.max_queued_requests, cfg.stats_interval_s)
-        tokenizer = engine.tokenizer
+        loop = AsyncEngine(
+            self.process,
+            info,
+            self.metrics,
+            cfg.max_queued_requests,
+            cfg.stats_interval_s,
+            on_dead=self._fail,
+        )
+        names = r.TokenText(tokenizer)
         served = h.Served(
-            loop, tokenizer, r.TokenText(tokenizer), cfg.model_name, engine.max_model_len
+            loop, tokenizer, names, cfg.model_name, info.max_model_len, info.vocab_size
         )
         with self._lock:
             if not self.closing:
@@ -65,8 +74,15 @@ class ServerState:
         if self.served is None:  # shut down while loading
             loop.shutdown(cfg.shutdown_timeout_s)
             return
-        self.load_s = time.perf_counter() - start
-        log.info("%s is ready (loaded in %.1f s)", cfg.model_name, self.load_s)
+        self.load_s = time.perf_counter() - self.process.started
+        log.info(
+            "%s is ready (%.1f s after the engine process started)", cfg.model_name, self.load_s
+        )
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        log.error("%s", message)
+        self.on_fatal()
 
     def ready(self) -> h.Served:
         if self.served is None:
@@ -79,6 +95,10 @@ class ServerState:
             served, self.served = self.served, None
         if served is not None:
             served.engine.shutdown(self.config.shutdown_timeout_s)
+        elif self.error is None:  # still loading: it stops once loaded
+            with contextlib.suppress(OSError):
+                self.process.send(("stop",))
+        self.process.join(self.config.shutdown_timeout_s)
 
 
 class EventStream(StreamingResponse):
@@ -106,8 +126,8 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def create_app(config: ServeConfig) -> tuple[FastAPI, ServerState]:
-    state = ServerState(config)
+def create_app(config: ServeConfig, process: EngineProcess) -> tuple[FastAPI, ServerState]:
+    state = ServerState(config, process)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

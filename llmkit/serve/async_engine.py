@@ -1,7 +1,7 @@
-"""The engine in its own thread, so the HTTP layer never blocks it (and it never waits on the
-HTTP layer). Coroutines submit requests and read each one's outputs from an asyncio queue;
-the thread runs the commands they queue (add, abort), steps the engine while it has work,
-and hands each step's outputs back to the event loop in one call."""
+"""The front end's side of the engine process. Coroutines submit requests and read each
+one's outputs from an asyncio queue; a reader thread takes each step's outputs off the pipe,
+records their metrics and hands them to the event loop in one call. Closing a request's
+iterator early (a client gone) aborts it in the engine, which frees its KV blocks."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from llmkit.errors import LlmkitError
-from llmkit.runtime.engine import Engine, RequestOutput
+from llmkit.runtime.outputs import RequestOutput
 from llmkit.runtime.sequence import SamplingParams
+from llmkit.serve.engine_process import EngineInfo, EngineProcess, EngineStats, Step
 from llmkit.serve.metrics import Metrics
 
 log = logging.getLogger("llmkit.serve")
@@ -27,12 +27,12 @@ class QueueFull(Exception):
 
 
 class EngineDead(LlmkitError):
-    """The engine loop has stopped (shutdown, or a failure it could not recover from)."""
+    """The engine has stopped (shutdown, or its process is gone)."""
 
 
 @dataclass(slots=True)
 class _Stream:
-    """One request as the engine thread tracks it for its caller, the metrics and the log."""
+    """One request as the front end tracks it for its caller, the metrics and the log."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
@@ -55,37 +55,48 @@ class _Totals:
 class AsyncEngine:
     def __init__(
         self,
-        engine: Engine,
+        process: EngineProcess,
+        info: EngineInfo,
         metrics: Metrics,
         max_queued_requests: int | None = None,
         stats_interval_s: float = 10.0,
+        on_dead: Callable[[str], None] = lambda message: None,
     ):
-        self.engine = engine
+        self.process = process
         self.metrics = metrics
         self.max_queued_requests = max_queued_requests
         self.stats_interval_s = stats_interval_s
-        self._commands: deque[Callable[[], None]] = deque()
-        self._wake = threading.Condition()
-        self._streams: dict[str, _Stream] = {}  # touched only by the engine thread
+        self.on_dead = on_dead  # told when the engine process dies under a running server
+        self.stats = EngineStats(num_blocks=info.num_blocks)
+        self._lock = threading.Lock()  # guards _streams and _adds
+        # Sends take their own lock: a send blocked on a full pipe must not stop the reader
+        # (which takes _lock) from draining the other direction.
+        self._send_lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._adds = 0
         self._stopping = False
+        self._dead = False
         self._totals = _Totals(time.monotonic())
-        self._thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
-        self._thread.start()
+        self._reader = threading.Thread(target=self._read, name="llmkit-engine-reader", daemon=True)
+        self._reader.start()
 
     @property
     def num_queued(self) -> int:
-        """Sequences waiting for the engine, and requests not yet handed to it."""
-        return len(self.engine.scheduler.waiting) + len(self._commands)
+        """Sequences waiting for the engine, and requests not yet taken by it."""
+        stats = self.stats
+        return stats.waiting + self._adds - stats.adds_seen
 
     def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request now (call it from the event loop); its outputs as it advances, the
-        last one finished. Closing the iterator early (a client gone) aborts the request and
-        frees its KV blocks."""
+        last one finished."""
         self._check_alive()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival, len(prompt_ids))
-        self._submit(lambda: self._add(request_id, prompt_ids, params, stream))
+        with self._lock:
+            self._streams[request_id] = stream
+            self._adds += 1
+        self._send(("add", request_id, prompt_ids, params, arrival))
         return self._outputs(request_id, stream)
 
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
@@ -94,13 +105,13 @@ class AsyncEngine:
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
-                    finished = True  # the engine thread has forgotten it already
+                    finished = True  # forgotten already
                     raise item
                 finished = item.finished
                 yield item
         finally:
             if not finished:
-                self._submit(lambda: self._abort(request_id))
+                self._abort(request_id)
 
     def admit(self, num_requests: int) -> None:
         """Raise QueueFull when `num_requests` more would pass --max-queued-requests."""
@@ -110,87 +121,78 @@ class AsyncEngine:
             raise QueueFull
 
     def _check_alive(self) -> None:
-        if self._stopping or not self._thread.is_alive():
+        if self._stopping or self._dead:
             raise EngineDead("the server is shutting down")
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Abort what is left, stop the loop and release the engine's workers."""
+        """Stop the engine process (it stops its workers) and fail what is left."""
         self._stopping = True
-        self._submit(lambda: None)
-        self._thread.join(timeout_s)
+        self._send(("stop",))
+        self.process.join(timeout_s)
+        self._reader.join(timeout_s)
+        self._fail_all(EngineDead("the server is shutting down"))
 
-    def _submit(self, command: Callable[[], None]) -> None:
-        with self._wake:
-            self._commands.append(command)
-            self._wake.notify()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._wake:
-                    while not (self._commands or self._stopping or self.engine.has_unfinished()):
-                        self._wake.wait(self.stats_interval_s)
-                        self._log_stats()
-                    commands, self._commands = self._commands, deque()
-                for command in commands:
-                    command()
-                if self._stopping:
-                    break
-                self._step()
-                self._log_stats()
-        finally:
-            self._fail_all(EngineDead("the server is shutting down"))
-            self.engine.close()
-
-    def _step(self) -> None:
-        if not self.engine.has_unfinished():
-            return
-        try:
-            outputs = self.engine.step()
-        except Exception as e:  # one bad step fails the requests in flight, not the server
-            log.exception("engine step failed")
-            self._fail_all(LlmkitError(f"the engine failed: {e}"))
-            return
-        self._deliver(outputs)
-
-    def _add(self, request_id: str, ids: list[int], params: SamplingParams, s: _Stream) -> None:
-        try:
-            self.engine.add_request(request_id, None, ids, params, arrival=s.arrival)
-        except (LlmkitError, ValueError) as e:
-            _put(s.loop, [(s.queue, e)])
-            return
-        self._streams[request_id] = s
+    def _send(self, message: tuple) -> None:
+        # If the engine process is gone, the reader fails everything in flight.
+        with self._send_lock, contextlib.suppress(OSError):
+            self.process.send(message)
 
     def _abort(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
         if stream is None:
             return
-        self.engine.abort(request_id)
+        self._send(("abort", request_id))
         self.metrics.requests.labels("abort").inc()
         self._log_request(request_id, stream, "abort", time.monotonic())
 
-    def _fail_all(self, error: Exception) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for request_id, stream in self._streams.items():
-            self.engine.abort(request_id)
-            by_loop.setdefault(stream.loop, []).append((stream.queue, error))
-        self._streams.clear()
-        for loop, items in by_loop.items():
-            _put(loop, items)
+    def _read(self) -> None:
+        conn = self.process.conn
+        try:
+            while True:
+                if conn.poll(self.stats_interval_s):
+                    self._on_step(conn.recv())
+                self._log_stats()
+        except (EOFError, OSError):
+            pass
+        conn.close()
+        if self._stopping:
+            return
+        message = f"the engine process exited with {self.process.exitcode()}"
+        log.error("%s", message)
+        self._dead = True
+        self._fail_all(EngineDead(message))
+        self.on_dead(message)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _on_step(self, step: Step) -> None:
+        self.stats = step.stats
         now = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            self._record(stream, out, now)
-            by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-            if out.finished:
-                del self._streams[out.request_id]
-        for loop, items in by_loop.items():
-            _put(loop, items)
+        with self._lock:
+            for request_id, message, is_value_error in step.rejected:
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    error = ValueError(message) if is_value_error else LlmkitError(message)
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, error))
+            for out in step.outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                self._record(stream, out, now)
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                if out.finished:
+                    del self._streams[out.request_id]
+        _put_all(by_loop)
+        if step.error is not None:
+            self._fail_all(LlmkitError(step.error))
+
+    def _fail_all(self, error: Exception) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for stream in self._streams.values():
+                by_loop.setdefault(stream.loop, []).append((stream.queue, error))
+            self._streams.clear()
+        _put_all(by_loop)
 
     def _record(self, stream: _Stream, out: RequestOutput, now: float) -> None:
         m = self.metrics
@@ -235,17 +237,17 @@ class AsyncEngine:
         elapsed = now - t.since
         if elapsed < self.stats_interval_s:
             return
-        if t.prompt or t.generated or self.engine.has_unfinished():
-            bm, sched = self.engine.block_manager, self.engine.scheduler
+        stats = self.stats
+        if t.prompt or t.generated or stats.running or stats.waiting:
             log.info(
                 "%.1f prompt tokens/s, %.1f generated tokens/s, %d running, %d waiting, "
                 "KV cache %.1f%% used, %d preemptions",
                 t.prompt / elapsed,
                 t.generated / elapsed,
-                len(sched.running),
-                len(sched.waiting),
-                100 * bm.num_used_blocks / bm.num_blocks,
-                sched.num_preemptions,
+                stats.running,
+                stats.waiting,
+                100 * stats.used_blocks / max(stats.num_blocks, 1),
+                stats.preemptions,
             )
         self._totals = _Totals(now)
 
@@ -259,3 +261,8 @@ def _put(loop: asyncio.AbstractEventLoop, items: list) -> None:
 
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(put_all)
+
+
+def _put_all(by_loop: dict[asyncio.AbstractEventLoop, list]) -> None:
+    for loop, items in by_loop.items():
+        _put(loop, items)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from llmkit.errors import LlmkitError
-from llmkit.runtime.engine import RequestOutput
+from llmkit.runtime.outputs import RequestOutput, check_prompt_ids
 from llmkit.runtime.sequence import SamplingParams
 from llmkit.serve import responses as r
 from llmkit.serve.async_engine import AsyncEngine, EngineDead, QueueFull
@@ -29,6 +29,7 @@ class Served:
     names: r.TokenText
     model_name: str
     max_model_len: int
+    vocab_size: int
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -42,7 +43,7 @@ class Served:
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         try:
-            self.engine.engine.check_prompt_ids(ids)
+            check_prompt_ids(ids, self.vocab_size, self.max_model_len)
         except LlmkitError as e:
             raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
         return ids
@@ -57,7 +58,7 @@ class Served:
             raise ApiError(400, f"the chat template failed: {e}", param="messages") from None
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         try:
-            self.engine.engine.check_prompt_ids(ids)
+            check_prompt_ids(ids, self.vocab_size, self.max_model_len)
         except LlmkitError as e:
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
         return ids

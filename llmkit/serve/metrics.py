@@ -1,10 +1,12 @@
-"""Prometheus metrics of the server: counters and latency histograms fed by the engine loop,
-and gauges read from the engine when /metrics is scraped."""
+"""Prometheus metrics of the server: counters and latency histograms fed as outputs arrive,
+and gauges from the engine's latest stats when /metrics is scraped."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from llmkit.serve.engine_process import EngineStats
 
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
 _REQUEST = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
@@ -36,7 +38,8 @@ class Metrics:
         )
 
     def watch(self, engine_state) -> None:
-        """Report the engine's state (`engine_state()` -> Engine or None) at every scrape."""
+        """Report the engine's state (`engine_state()` -> EngineStats or None) at every
+        scrape."""
         self.registry.register(_EngineCollector(engine_state))
 
     def render(self) -> bytes:
@@ -52,24 +55,17 @@ class _EngineCollector:
         self.engine_state = engine_state
 
     def collect(self):
-        engine = self.engine_state()
-        scheduler = engine.scheduler if engine else None
-        blocks = engine.block_manager if engine else None
-        yield _gauge("llmkit_requests_running", "Sequences running.", scheduler, "running")
-        yield _gauge("llmkit_requests_waiting", "Sequences waiting.", scheduler, "waiting")
-        usage = blocks.num_used_blocks / blocks.num_blocks if blocks else 0.0
+        stats = self.engine_state() or EngineStats()
+        yield GaugeMetricFamily("llmkit_requests_running", "Sequences running.", stats.running)
+        yield GaugeMetricFamily("llmkit_requests_waiting", "Sequences waiting.", stats.waiting)
+        usage = stats.used_blocks / stats.num_blocks if stats.num_blocks else 0.0
         yield GaugeMetricFamily("llmkit_kv_cache_usage", "Fraction of KV blocks held.", usage)
-        used = blocks.num_used_blocks if blocks else 0
-        yield GaugeMetricFamily("llmkit_kv_cache_used_blocks", "KV blocks held.", used)
-        preempted = scheduler.num_preemptions if scheduler else 0
+        yield GaugeMetricFamily("llmkit_kv_cache_used_blocks", "KV blocks held.", stats.used_blocks)
         yield CounterMetricFamily(
-            "llmkit_preemptions", "Sequences preempted (recomputed later).", preempted
+            "llmkit_preemptions", "Sequences preempted (recomputed later).", stats.preemptions
         )
-        hits = blocks.num_hit_blocks if blocks else 0
         yield CounterMetricFamily(
-            "llmkit_prefix_cache_hit_blocks", "KV blocks taken from the prefix cache.", hits
+            "llmkit_prefix_cache_hit_blocks",
+            "KV blocks taken from the prefix cache.",
+            stats.hit_blocks,
         )
-
-
-def _gauge(name: str, doc: str, scheduler, attribute: str) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, len(getattr(scheduler, attribute)) if scheduler else 0)

@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from llmkit.runtime.engine import Completion, RequestOutput
+from llmkit.runtime.outputs import Completion, RequestOutput
 
 
 def new_id(prefix: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 
 from llmkit.errors import LlmkitError
@@ -9,11 +10,24 @@ from llmkit.serve.config import ServeConfig
 
 
 def serve(config: ServeConfig, log_level: str = "info") -> None:
+    from llmkit.serve.engine_process import engine_process
+
+    # Before any thread and before the web stack is imported: the engine process loads the
+    # model while this one gets the server ready.
+    process = engine_process()
+    process.load(config.model, config.engine, log_level)
+    try:
+        _run(config, process, log_level)
+    finally:
+        process.join(0)  # normally gone already; kills it if something went wrong here
+
+
+def _run(config: ServeConfig, process, log_level: str) -> None:
     import uvicorn
 
     from llmkit.serve.app import create_app
 
-    app, state = create_app(config)
+    app, state = create_app(config, process)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -37,6 +51,15 @@ def serve(config: ServeConfig, log_level: str = "info") -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if state.error:
-        raise LlmkitError(f"loading {config.model} failed: {state.error}")
+        raise LlmkitError(state.error)
     if not server.started:
         raise LlmkitError(f"could not serve on {config.host}:{config.port}")
+
+
+def log_to_stderr(level: str) -> None:
+    """llmkit's log lines to stderr at `level` (the server's and its engine process's)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("llmkit")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())

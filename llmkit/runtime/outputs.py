@@ -1,0 +1,55 @@
+"""What the engine hands back for each request, and the prompt checks a caller can run before
+submitting one. Torch-free: the HTTP front end imports this without the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmkit.errors import LlmkitError
+
+
+@dataclass(slots=True)
+class Completion:
+    """One of a request's n sequences, as far as it has got."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top": [(id, lp)]}
+
+
+@dataclass(slots=True)
+class RequestTimes:
+    """time.monotonic() of a request's milestones (None until reached)."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+    finished: bool
+    times: RequestTimes | None = None
+    # per prompt token {"token_id", "logprob", "top"}; None for the first (nothing scores it)
+    prompt_logprobs: list[dict | None] | None = None
+    num_cached_tokens: int = 0
+
+
+def check_prompt_ids(ids: list[int], vocab: int, max_model_len: int) -> None:
+    """Raise LlmkitError for prompt token ids a model with this vocabulary and context cannot
+    take."""
+    if not ids:
+        raise LlmkitError("the prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+        raise LlmkitError(f"prompt token ids must be integers in [0, {vocab})")
+    if len(ids) >= max_model_len:
+        raise LlmkitError(
+            f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} "
+            "tokens, which must hold the prompt and at least one generated token"
+        )

@@ -1,0 +1,236 @@
+"""The engine in its own process, so the HTTP front end never imports torch: the server forks
+it first thing, and it imports torch and loads the model while the front end imports its web
+stack on the other core. It also takes the engine's Python work off the front end's GIL.
+
+Over one pipe the front end sends ("add", request_id, prompt_ids, params, arrival),
+("abort", request_id) and ("stop",); the engine process answers ("ready", EngineInfo) or
+("failed", message) once, then one Step after every round of commands and model step.
+This module stays torch-free; the child imports the engine after the fork.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Pipe
+from typing import NoReturn
+
+from llmkit.errors import LlmkitError
+from llmkit.runtime.engine_config import EngineConfig
+from llmkit.runtime.outputs import RequestOutput
+
+log = logging.getLogger("llmkit.serve")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What the front end needs to know of the loaded engine."""
+
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """The scheduler's and the KV cache's state after a step (for /metrics and the log)."""
+
+    running: int = 0
+    waiting: int = 0
+    used_blocks: int = 0
+    num_blocks: int = 0
+    preemptions: int = 0
+    hit_blocks: int = 0
+    adds_seen: int = 0  # "add" commands the engine process has taken so far
+
+
+@dataclass(slots=True)
+class Step:
+    outputs: list[RequestOutput]
+    stats: EngineStats
+    # (request_id, message, is_value_error) of adds the engine refused
+    rejected: list[tuple[str, str, bool]] = field(default_factory=list)
+    error: str | None = None  # the step failed; every request in flight was aborted
+
+
+class EngineProcess:
+    """The front end's handle on the engine process, forked at construction. The child
+    imports the engine (torch) at once and then waits for `load(model, config)`, so the
+    import overlaps whatever the front end does first, argument parsing included."""
+
+    def __init__(self) -> None:
+        self.conn, child = Pipe()
+        pid = os.fork()
+        if pid == 0:
+            _child(child, self.conn)  # never returns
+        self.pid = pid
+        self.started = time.perf_counter()
+        self.returncode: int | None = None
+        child.close()  # so the front end sees EOF when the engine process dies
+
+    def load(self, model: str, config: EngineConfig, log_level: str = "info") -> None:
+        self.conn.send(("load", model, config, log_level))
+
+    def wait_ready(self) -> EngineInfo:
+        """Block until the engine has loaded; LlmkitError if it failed or died."""
+        try:
+            kind, payload = self.conn.recv()
+        except (EOFError, OSError):
+            raise LlmkitError(f"the engine process exited with {self.exitcode()}") from None
+        if kind == "failed":
+            raise LlmkitError(payload)
+        return payload
+
+    def send(self, message: tuple) -> None:
+        self.conn.send(message)
+
+    def join(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for the engine process to exit (after a "stop" it stops
+        its workers), then kill it."""
+        deadline = time.monotonic() + timeout_s
+        while not self._reaped() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.returncode is None:
+            if timeout_s > 0:
+                log.warning("the engine process did not stop within %.0f s; killing it", timeout_s)
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.returncode = -signal.SIGKILL
+
+    def exitcode(self) -> int | None:
+        self.join(1)
+        return self.returncode
+
+    def _reaped(self) -> bool:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode is not None
+
+
+_prestarted: EngineProcess | None = None
+
+
+def prestart(argv: list[str]) -> None:
+    """Fork the engine process now if `argv` (the CLI's arguments) runs `llmkit serve`:
+    `import torch` is most of a server's start, and it need not wait for the CLI."""
+    global _prestarted
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command == "serve" and not {"--help", "-h"} & set(argv):
+        _prestarted = EngineProcess()
+        atexit.register(_prestarted.join, 0)  # never taken (bad arguments): killed
+
+
+def engine_process() -> EngineProcess:
+    """The process `prestart` forked, or a new one."""
+    global _prestarted
+    process, _prestarted = _prestarted, None
+    return process or EngineProcess()
+
+
+def _child(conn: Connection, parent_end: Connection) -> NoReturn:
+    code = 1
+    try:
+        _main(conn, parent_end)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _main(conn: Connection, parent_end: Connection) -> None:
+    # The front end decides when the engine stops: a Ctrl-C or SIGTERM sent to the whole
+    # process group (a terminal, systemd) must not kill it under a server still draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent_end.close()  # our copy of the front end's end: EOF must mean the front end is gone
+    from llmkit.runtime.engine import Engine  # imports torch: the slow part
+
+    try:
+        _, model, config, log_level = conn.recv()
+    except EOFError:
+        return  # the front end stopped before asking for a model
+    from llmkit.serve.server import log_to_stderr
+
+    log_to_stderr(log_level)  # forked before the front end set its logging up
+    try:
+        engine = Engine(model, config)
+    except Exception as e:
+        conn.send(("failed", str(e) or type(e).__name__))
+        return
+    vocab = engine.model_config.vocab_size
+    info = EngineInfo(engine.max_model_len, vocab, engine.block_manager.num_blocks)
+    conn.send(("ready", info))
+    try:
+        _Loop(engine, conn).run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the front end is gone
+    finally:
+        engine.close()
+
+
+class _Loop:
+    def __init__(self, engine, conn: Connection):
+        self.engine = engine
+        self.conn = conn
+        self.adds = 0
+        self.stopping = False
+
+    def run(self) -> None:
+        while not self.stopping:
+            if not self.engine.has_unfinished():
+                self.conn.poll(None)  # idle: sleep until the front end says something
+            step = Step([], EngineStats())
+            while not self.stopping and self.conn.poll():
+                self._command(self.conn.recv(), step)
+            if self.stopping:
+                break
+            if self.engine.has_unfinished():
+                self._step(step)
+            step.stats = self._stats()
+            self.conn.send(step)
+
+    def _command(self, message: tuple, step: Step) -> None:
+        kind = message[0]
+        if kind == "add":
+            _, request_id, ids, params, arrival = message
+            self.adds += 1
+            try:
+                self.engine.add_request(request_id, None, ids, params, arrival=arrival)
+            except (LlmkitError, ValueError) as e:
+                step.rejected.append((request_id, str(e), isinstance(e, ValueError)))
+        elif kind == "abort":
+            self.engine.abort(message[1])
+        elif kind == "stop":
+            self.stopping = True
+
+    def _step(self, step: Step) -> None:
+        try:
+            step.outputs = self.engine.step()
+        except Exception as e:  # one bad step fails the requests in flight, not the server
+            log.exception("engine step failed")
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+            step.error = f"the engine failed: {e}"
+
+    def _stats(self) -> EngineStats:
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        return EngineStats(
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            used_blocks=blocks.num_used_blocks,
+            num_blocks=blocks.num_blocks,
+            preemptions=scheduler.num_preemptions,
+            hit_blocks=blocks.num_hit_blocks,
+            adds_seen=self.adds,
+        )
