@@ -1,11 +1,13 @@
-"""The engine in its own process, so the HTTP front end never imports torch: the server forks
-it first thing, and it imports torch and loads the model while the front end imports its web
-stack on the other core. It also takes the engine's Python work off the front end's GIL.
+"""The engine in its own process, so the HTTP front end never imports torch: `llmkit serve`
+forks it before even parsing its arguments, and it imports torch and loads the model while
+the front end imports its web stack on the other core. It also takes the engine's Python work
+off the front end's GIL.
 
-Over one pipe the front end sends ("add", request_id, prompt_ids, params, arrival),
-("abort", request_id) and ("stop",); the engine process answers ("ready", EngineInfo) or
-("failed", message) once, then one Step after every round of commands and model step.
-This module stays torch-free; the child imports the engine after the fork.
+Over one pipe the front end sends ("load", model, config, log_level) once, then
+("add", request_id, prompt_ids, params, arrival), ("abort", request_id) and ("stop",); the
+engine process answers ("ready", EngineInfo) or ("failed", message) once, then one Step after
+every round of commands and model step. This module stays torch-free; the child imports the
+engine after the fork.
 """
 
 from __future__ import annotations
