@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from llmkit.errors import LlmkitError
 from llmkit.runtime.outputs import RequestOutput
 from llmkit.runtime.sequence import SamplingParams
+from llmkit.serve.deltas import apply
 from llmkit.serve.engine_process import EngineInfo, EngineProcess, EngineStats, Step
 from llmkit.serve.metrics import Metrics
 
@@ -41,6 +42,7 @@ class _Stream:
     num_tokens: int = 0  # generated so far, over all n completions
     first_token: float | None = None
     last_token: float | None = None
+    output: RequestOutput | None = None  # the latest, rebuilt from the engine's deltas
 
 
 @dataclass(slots=True)
@@ -174,10 +176,11 @@ class AsyncEngine:
                 if stream is not None:
                     error = ValueError(message) if is_value_error else LlmkitError(message)
                     by_loop.setdefault(stream.loop, []).append((stream.queue, error))
-            for out in step.outputs:
-                stream = self._streams.get(out.request_id)
+            for delta in step.outputs:
+                stream = self._streams.get(delta.request_id)
                 if stream is None:
                     continue
+                out = stream.output = apply(stream.output, delta)
                 self._record(stream, out, now)
                 by_loop.setdefault(stream.loop, []).append((stream.queue, out))
                 if out.finished:

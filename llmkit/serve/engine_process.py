@@ -6,8 +6,8 @@ off the front end's GIL.
 Over one pipe the front end sends ("load", model, config, log_level) once, then
 ("add", request_id, prompt_ids, params, arrival), ("abort", request_id) and ("stop",); the
 engine process answers ("ready", EngineInfo) or ("failed", message) once, then one Step after
-every round of commands and model step. This module stays torch-free; the child imports the
-engine after the fork.
+every round of commands and model step, with its outputs as deltas (serve/deltas.py). This
+module stays torch-free; the child imports the engine after the fork.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import NoReturn
 
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
-from llmkit.runtime.outputs import RequestOutput
+from llmkit.serve.deltas import DeltaEncoder, OutputDelta
 
 log = logging.getLogger("llmkit.serve")
 
@@ -54,7 +54,7 @@ class EngineStats:
 
 @dataclass(slots=True)
 class Step:
-    outputs: list[RequestOutput]
+    outputs: list[OutputDelta]
     stats: EngineStats
     # (request_id, message, is_value_error) of adds the engine refused
     rejected: list[tuple[str, str, bool]] = field(default_factory=list)
@@ -187,6 +187,7 @@ class _Loop:
         self.conn = conn
         self.adds = 0
         self.stopping = False
+        self.deltas = DeltaEncoder()
 
     def run(self) -> None:
         while not self.stopping:
@@ -213,16 +214,18 @@ class _Loop:
                 step.rejected.append((request_id, str(e), isinstance(e, ValueError)))
         elif kind == "abort":
             self.engine.abort(message[1])
+            self.deltas.forget(message[1])
         elif kind == "stop":
             self.stopping = True
 
     def _step(self, step: Step) -> None:
         try:
-            step.outputs = self.engine.step()
+            step.outputs = [self.deltas.encode(out) for out in self.engine.step()]
         except Exception as e:  # one bad step fails the requests in flight, not the server
             log.exception("engine step failed")
             for request_id in list(self.engine.requests):
                 self.engine.abort(request_id)
+                self.deltas.forget(request_id)
             step.error = f"the engine failed: {e}"
 
     def _stats(self) -> EngineStats:
