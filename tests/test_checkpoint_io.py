@@ -98,6 +98,36 @@ def test_row_chunks_reassemble_the_tensor(tmp_path):
         assert torch.equal(torch.cat(chunks), tensors["big"])
 
 
+def _row_bytes(t: torch.Tensor, start: int, stop: int) -> bytes:
+    rows = t.reshape(1) if t.dim() == 0 else t
+    return rows[max(0, start) : stop].contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def test_mapped_rows_equal_the_reference_bytes_and_are_read_only(tmp_path):
+    tensors = sample_tensors()
+    write_checkpoint(tmp_path / "o", specs_of(tensors), {})
+    reference = read_all_reference(tmp_path / "o")
+    with open_checkpoint(tmp_path / "o") as ck:
+        for name, t in reference.items():
+            rows = t.shape[0] if t.dim() else 1
+            for start, stop in [(0, rows), (1, rows), (rows // 3, rows - 1), (-2, 2), (rows, 9**9)]:
+                data = ck.map_row_bytes(name, start, stop)
+                assert data.tobytes() == _row_bytes(t, start, stop), (name, start, stop)
+                assert data.shape[1] == ck.tensors[name].row_bytes
+                assert data.size == 0 or not data.flags.writeable
+
+
+def test_mapped_rows_past_a_truncated_file_are_a_clear_error(tmp_path):
+    write_checkpoint(tmp_path / "o", specs_of({"big": sample_tensors()["big"]}), {})
+    (file,) = (tmp_path / "o").glob("*.safetensors")
+    with open_checkpoint(tmp_path / "o") as ck:
+        with file.open("r+b") as f:
+            f.truncate(file.stat().st_size - 100)
+        assert ck.map_row_bytes("big", 0, 10).size == 10 * 64
+        with pytest.raises(LlmkitError, match="ended early"):
+            ck.map_row_bytes("big", 290, 300)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5kb", 1500), ("123", 123)],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import queue
 import struct
@@ -67,6 +68,28 @@ def read_row_bytes(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> np.n
     if out.size and f.readinto(memoryview(out).cast("B")) != out.size:
         raise LlmkitError(f"{info.file} ended early while reading {info.name!r}")
     return out
+
+
+def map_row_bytes(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor as raw bytes, uint8 [rows, row_bytes], read-only, in a
+    memory map of just those rows: no copy into this process, and the map goes when the last
+    view of it does, so RSS stays at what is held."""
+    import numpy as np
+
+    rows = info.shape[0] if info.shape else 1
+    start, stop = max(0, start), min(stop, rows)
+    size = max(0, stop - start) * info.row_bytes
+    if size == 0:
+        return np.empty((0, info.row_bytes), dtype=np.uint8)
+    position = info.begin + start * info.row_bytes
+    skip = position % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapped = mmap.mmap(f.fileno(), skip + size, offset=position - skip, access=mmap.ACCESS_READ)
+    except ValueError:  # past the end of the file
+        raise LlmkitError(f"{info.file} ended early while reading {info.name!r}") from None
+    if hasattr(mmap, "MADV_SEQUENTIAL"):
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+    return np.frombuffer(mapped, np.uint8, size, skip).reshape(-1, info.row_bytes)
 
 
 def read_rows(f: BinaryIO, info: TensorInfo, start: int, stop: int) -> torch.Tensor:

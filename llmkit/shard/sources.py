@@ -17,7 +17,7 @@ import numpy as np
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.hashing import ALGORITHM, SequentialHash
 from llmkit.checkpoint.reader import Checkpoint, open_checkpoint, read_json
-from llmkit.checkpoint.safetensors_io import TensorInfo, read_header, read_row_bytes
+from llmkit.checkpoint.safetensors_io import TensorInfo, map_row_bytes, read_header
 from llmkit.shard.manifest import MANIFEST, Manifest, read_manifest
 from llmkit.shard.plan import TensorPlan
 
@@ -48,7 +48,7 @@ class CheckpointSource:
         return sorted(infos, key=lambda n: (infos[n].file, infos[n].begin))
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        data = self.ck.read_row_bytes(name, start, stop)
+        data = self.ck.map_row_bytes(name, start, stop)
         info = self.ck.tensors[name]
         if self.ck.format == "safetensors" and data.size:
             position = info.begin + max(0, start) * info.row_bytes
@@ -108,7 +108,7 @@ class ShardedSource:
     def rank_rows(self, name: str, tp_rank: int, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one rank's copy of `name`, as stored (padding included)."""
         file = self.manifest.files[name, tp_rank]
-        return read_row_bytes(self._handle(file), self.rank_info(name, tp_rank), start, stop)
+        return map_row_bytes(self._handle(file), self.rank_info(name, tp_rank), start, stop)
 
     def rank_info(self, name: str, tp_rank: int) -> TensorInfo:
         file = self.manifest.files[name, tp_rank]
