@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from llmkit.errors import LlmkitError
 from llmkit.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from llmkit.serve.engine_process import EngineProcess
 
 
 def serve(config: ServeConfig, log_level: str = "info") -> None:
@@ -22,7 +26,7 @@ def serve(config: ServeConfig, log_level: str = "info") -> None:
         process.join(0)  # normally gone already; kills it if something went wrong here
 
 
-def _run(config: ServeConfig, process, log_level: str) -> None:
+def _run(config: ServeConfig, process: EngineProcess, log_level: str) -> None:
     import uvicorn
 
     from llmkit.serve.app import create_app
@@ -34,7 +38,7 @@ def _run(config: ServeConfig, process, log_level: str) -> None:
             host=config.host,
             port=config.port,
             log_level=log_level,
-            access_log=False,  # one line per request comes from the engine loop instead
+            access_log=False,  # one line per request comes from the engine's outputs instead
             timeout_graceful_shutdown=config.shutdown_timeout_s,
         )
     )
