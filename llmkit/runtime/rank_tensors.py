@@ -79,7 +79,8 @@ class ShardRank(RankTensors):
     def get(self, name: str) -> torch.Tensor:
         info = self.source.rank_info(name, self.tp_rank)
         rows = info.shape[0] if info.shape else 1
-        return rows_as_tensor(self.source.rank_rows(name, self.tp_rank, 0, rows), info)
+        data = self.source.rank_rows(name, self.tp_rank, 0, rows)
+        return rows_as_tensor(data.copy(), info)  # owned: rank_rows maps the file read-only
 
     def close(self) -> None:
         self.source.close()
