@@ -161,7 +161,6 @@ class AsyncEngine:
         if self._stopping:
             return
         message = f"the engine process exited with {self.process.exitcode()}"
-        log.error("%s", message)
         self._dead = True
         self._fail_all(EngineDead(message))
         self.on_dead(message)
