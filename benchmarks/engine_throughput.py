@@ -153,8 +153,8 @@ def run_hf_batch(hf, prompts: list[list[int]], out_len: int) -> int:
     import torch
 
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
     out = hf.generate(
         input_ids=ids,
         attention_mask=mask,

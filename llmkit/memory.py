@@ -1,4 +1,5 @@
-"""Resident memory of this process, for the peak-memory figures commands report."""
+"""Resident memory of this process (and its CUDA device memory), for the peak-memory figures
+commands report."""
 
 from __future__ import annotations
 
@@ -19,6 +20,23 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return 0
+
+
+def reset_peak_device_memory(device) -> None:
+    """Start counting the CUDA peak of `device` (a torch.device) from now; no-op elsewhere."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_device_memory(device) -> int:
+    """Most bytes torch held at once on CUDA `device` since the last reset; 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(device))
 
 
 def return_freed_memory() -> None:

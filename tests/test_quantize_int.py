@@ -354,3 +354,38 @@ def test_every_gptq_option_reaches_the_algorithm(tiny_dir, tmp_path, monkeypatch
         if hasattr(options, field.name):
             assert getattr(settings, field.name) == getattr(options, field.name), field.name
     assert settings.act_group_aware is False and settings.clip_search is False
+
+
+def _float32_copy(src, out) -> None:
+    """The checkpoint `src` with every tensor widened to float32 (the same values)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    for path in out.glob("*.safetensors"):
+        save_file({k: t.float() for k, t in load_file(path).items()}, path)
+    config = json.loads((out / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_bf16_checkpoint_quantizes_as_its_float32_widening(tiny_dir, tmp_path, method):
+    """Calibration computes in float32 whatever the checkpoint's dtype: a bfloat16 model gives
+    the quantized tensors of the float32 model holding the same values."""
+    bf16 = quantize(tiny_dir(), tmp_path / "bf16", "bf16").output
+    _float32_copy(tmp_path / "bf16", tmp_path / "f32")
+    calibration = CalibrationSpec(num_samples=4, seq_len=64)
+    outputs = {}
+    for name, src in (("bf16", bf16), ("f32", tmp_path / "f32")):
+        out = tmp_path / f"{name}-{method}"
+        quantize(src, out, method, options=QuantOptions(group_size=32), calibration=calibration)
+        with open_checkpoint(out) as ck:
+            outputs[name] = {n: ck.get_tensor(n) for n in ck.tensors if n.endswith(QUANTIZED)}
+    assert outputs["bf16"].keys() == outputs["f32"].keys() and outputs["bf16"]
+    for name, tensor in outputs["bf16"].items():
+        assert torch.equal(tensor, outputs["f32"][name]), name
+
+
+QUANTIZED = (".qweight", ".qzeros", ".scales", ".g_idx")

@@ -86,7 +86,7 @@ def random_grouped(out: int, inp: int, group: int, act_order: bool, seed: int = 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_int4_kernel_equals_the_dequantized_matmul(act_order):
     w = random_grouped(48, 512, 128, act_order)
-    module = Int4Linear.build(w, None, torch.float32)
+    module = Int4Linear.build(w, None, torch.float32, torch.device("cpu"))
     assert module is not None and (module.perm is not None) == act_order
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
     expected = x.bfloat16().float() @ w.dequantize().t()  # the kernel takes bf16 inputs

@@ -1,5 +1,5 @@
 """Whole-window logits of a checkpoint from llmkit's runtime: the layers and kernels
-`llmkit serve` runs (int8, W8A8, GPTQ/AWQ int4), in float32 on the CPU."""
+`llmkit serve` runs (int8, W8A8, GPTQ/AWQ int4), in float32 on the CPU (or another device)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ class RuntimeScorer:
 
     backend = "runtime"
 
-    def __init__(self, path: str, max_windows: int, seq_len: int):
+    def __init__(self, path: str, max_windows: int, seq_len: int, device: str = "cpu"):
         self.num_blocks = max_windows * -(-seq_len // BLOCK_SIZE)
         self.runner = ModelRunner(
-            str(path), Group(), torch.float32, torch.device("cpu"), self.num_blocks, BLOCK_SIZE
+            str(path), Group(), torch.float32, torch.device(device), self.num_blocks, BLOCK_SIZE
         )
         self.vocab_size = self.runner.config.vocab_size
 

@@ -179,11 +179,16 @@ def _render(report: QuantizeReport) -> None:
         if report.calibration_samples
         else ""
     )
+    gpu = (
+        f", peak {report.device} memory {human_bytes(report.peak_device_bytes)}"
+        if report.peak_device_bytes
+        else ""
+    )
     stdout.print(
         f"wrote {report.output} ({report.method}{calibrated}): {report.num_tensors} tensors, "
         f"{report.num_converted} converted, {human_bytes(report.bytes_in)} -> "
         f"{human_bytes(report.bytes_out)} in {len(report.shards)} file(s), "
-        f"{report.seconds:.1f}s, peak RSS {human_bytes(report.peak_rss_bytes)}"
+        f"{report.seconds:.1f}s, peak RSS {human_bytes(report.peak_rss_bytes)}{gpu}"
     )
 
 

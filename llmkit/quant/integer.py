@@ -17,7 +17,13 @@ from llmkit.checkpoint.safetensors_io import TensorSpec
 from llmkit.checkpoint.writer import ProgressFn
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
-from llmkit.memory import current_rss, peak_rss, return_freed_memory
+from llmkit.memory import (
+    current_rss,
+    peak_device_memory,
+    peak_rss,
+    reset_peak_device_memory,
+    return_freed_memory,
+)
 from llmkit.quant.arch import Arch, arch_for, is_layer_linear, num_layers
 from llmkit.quant.awq import AWQSettings
 from llmkit.quant.awq_layer import AWQLayer
@@ -99,6 +105,7 @@ def quantize_integer(
     if method == "gptq" and compute.type == "cpu":
         cpu_kernels.ops()
     start_rss = current_rss()
+    reset_peak_device_memory(compute)
     ids = _calibration_ids(ck, calibration) if calibrated else None
     layer_errors: list[dict] = []
     warnings: list[str] = []
@@ -132,6 +139,7 @@ def quantize_integer(
         seconds=round(time.perf_counter() - start, 3),
         peak_rss_bytes=peak_rss(),
         start_rss_bytes=start_rss,
+        peak_device_bytes=peak_device_memory(compute),
         num_layers=num_layers(ck.config),
         calibration_samples=0 if ids is None else int(ids.shape[0]),
         device=str(compute),

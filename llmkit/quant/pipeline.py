@@ -56,6 +56,7 @@ class QuantizeReport:
     seconds: float
     peak_rss_bytes: int = 0
     start_rss_bytes: int = 0  # resident memory when the work began (imports done)
+    peak_device_bytes: int = 0  # CUDA: the most memory torch held on the device at once
     num_layers: int = 0
     calibration_samples: int = 0
     device: str = "cpu"

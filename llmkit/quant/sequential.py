@@ -107,15 +107,17 @@ class LayerRun:
 LayerQuantizer = Callable[[int, LayerRun], dict[str, torch.Tensor]]
 
 
-def build_skeleton(config: dict) -> nn.Module:
+def build_skeleton(config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The transformers model for `config` on the meta device (no memory), SDPA attention
-    (causal without a mask, which is what calibration windows need)."""
+    (causal without a mask, which is what calibration windows need), its tensors in `dtype`
+    whatever the checkpoint's (transformers would take the config's `torch_dtype`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     clean = {k: v for k, v in config.items() if k != "quantization_config"}
     hf_config = AutoConfig.for_model(**clean)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+    return model.to(dtype)
 
 
 def materialize(

@@ -234,17 +234,32 @@ class Engine:
         if c.kv_cache_memory is not None:
             budget = c.kv_cache_memory
         elif device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            budget = int(free - total * (1 - c.gpu_memory_utilization) - _weight_bytes(src))
+            return self._cuda_num_blocks(device, src, per_block)
         else:
             budget = min(CPU_KV_CACHE_LIMIT, wanted * per_block)
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise LlmkitError(
                 f"the KV cache budget ({budget} bytes) holds no block of {per_block} bytes; "
-                "raise --kv-cache-memory (or --gpu-memory-utilization)"
+                "raise --kv-cache-memory"
             )
         return int(num_blocks)
+
+    def _cuda_num_blocks(self, device: torch.device, src: RankTensors, per_block: int) -> int:
+        """Blocks in what --gpu-memory-utilization of the GPU leaves after the weights and
+        what others use. Memory torch's allocator holds but no tensor uses counts as free."""
+        free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        utilization, weights = self.config.gpu_memory_utilization, _weight_bytes(src)
+        num_blocks = int(free - total * (1 - utilization) - weights) // per_block
+        if num_blocks < 1:
+            raise LlmkitError(
+                f"{device} has {free / 1e9:.1f} GB free of {total / 1e9:.1f} GB: at "
+                f"--gpu-memory-utilization {utilization:g}, after {weights / 1e9:.2f} GB of "
+                f"weights, no KV cache block ({per_block} bytes) fits; raise "
+                "--gpu-memory-utilization, free the GPU, or set --kv-cache-memory"
+            )
+        return num_blocks
 
 
 def _logprob_entry(s: Sampled) -> dict:

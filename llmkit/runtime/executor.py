@@ -62,14 +62,20 @@ class Executor:
         return self.runner.execute(inputs)
 
     def close(self) -> None:
-        if not self.workers:
-            return
-        try:
-            dist.broadcast_object_list([None], src=0)  # the workers' signal to return
-        except RuntimeError:  # a worker is gone already (killed from outside)
-            self._stop_workers(kill=True)
-            return
-        self._stop_workers(kill=False)
+        """Stop the workers and let go of this rank's weights and KV cache: on CUDA the
+        memory goes back to the driver, so an engine started after this one (in this process
+        or another) can size its cache by what is free."""
+        if self.workers:
+            try:
+                dist.broadcast_object_list([None], src=0)  # the workers' signal to return
+            except RuntimeError:  # a worker is gone already (killed from outside)
+                self._stop_workers(kill=True)
+            else:
+                self._stop_workers(kill=False)
+        runner, self.runner = getattr(self, "runner", None), None
+        if runner is not None and runner.device.type == "cuda":
+            del runner
+            torch.cuda.empty_cache()
 
     def _stop_workers(self, kill: bool) -> None:
         for worker in self.workers:

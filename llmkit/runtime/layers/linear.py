@@ -8,11 +8,13 @@ converted into the module that is fastest on the device:
   the CPU has no native half-precision products);
 - int8 weight-only (CPU): `torch._weight_int8pack_mm`;
 - W8A8: dynamic per-token int8 activations, `torch._int_mm` on CPU;
-- 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors), CPU:
-  `aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero per group with
-  bf16 activations; act-order is a permutation of the inputs so groups become contiguous.
+- 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU
+  `aten._weight_int4pack_mm_for_cpu`, on CUDA (compute capability 8.0 and newer) the
+  tinygemm kernel `aten._weight_int4pack_mm`; both compute (q - 8) * scale + zero per group
+  with bf16 activations; act-order is a permutation of the inputs so groups become
+  contiguous.
 
-Anything a kernel cannot take (another device, odd shapes, 3/8-bit GPTQ) runs as its exact
+Anything a kernel cannot take (odd shapes, 3/8-bit GPTQ, older GPUs) runs as its exact
 dequantized float weight instead.
 """
 
@@ -104,8 +106,8 @@ def convert_for_runtime(
             return W8A8Linear(weight, bias, dtype, device)
         if cpu and dtype in (torch.bfloat16, torch.float32):
             return Int8Linear(weight, bias, dtype)
-    if isinstance(weight, GroupedWeight) and cpu:
-        module = Int4Linear.build(weight, bias, dtype)
+    if isinstance(weight, GroupedWeight):
+        module = Int4Linear.build(weight, bias, dtype, device)
         if module is not None:
             return module
     if isinstance(weight, DenseWeight):  # straight to `dtype`: no float32 copy on the way
@@ -203,7 +205,7 @@ class W8A8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """4-bit grouped weights in the CPU int4 kernel's packed layout."""
+    """4-bit grouped weights in the packed layout of the device's int4 kernel."""
 
     def __init__(self, packed, scales_zeros, group_size, perm, bias, dtype):
         super().__init__()
@@ -215,10 +217,11 @@ class Int4Linear(nn.Module):
         self.dtype = dtype
 
     @classmethod
-    def build(cls, w: GroupedWeight, bias, dtype) -> Int4Linear | None:
-        """None when the kernel cannot take this weight (bits, shapes, uneven groups)."""
+    def build(cls, w: GroupedWeight, bias, dtype, device: torch.device) -> Int4Linear | None:
+        """None when the kernel cannot take this weight (bits, shapes, uneven groups) or the
+        device has no int4 kernel."""
         out_features, in_features = w.q.shape
-        if w.bits != 4 or out_features % 16:
+        if w.bits != 4 or out_features % 16 or not _int4_kernel_on(device):
             return None
         perm = None
         g_idx = w.g_idx
@@ -236,18 +239,46 @@ class Int4Linear(nn.Module):
         # kernel: (q - 8) * s + z'  ==  s * (q - zero)  with  z' = (8 - zero) * s
         scales_zeros = torch.stack([scales, (8 - zeros) * scales], dim=-1).transpose(0, 1)
         q = w.q if perm is None else w.q[:, perm]
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
-        return cls(
-            packed, scales_zeros.to(torch.bfloat16).contiguous(), kernel_size, perm, bias, dtype
-        )
+        packed = _pack_int4(q, device)
+        if packed is None:
+            return None
+        scales_zeros = scales_zeros.to(device, torch.bfloat16).contiguous()
+        perm = None if perm is None else perm.to(device)
+        return cls(packed, scales_zeros, kernel_size, perm, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros
-        ).to(self.dtype)
+        mm = (
+            torch.ops.aten._weight_int4pack_mm
+            if x.is_cuda
+            else torch.ops.aten._weight_int4pack_mm_for_cpu
+        )
+        y = mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
+        y = y.to(self.dtype)
         return y if self.bias is None else y + self.bias
+
+
+def _int4_kernel_on(device: torch.device) -> bool:
+    """CPU always; CUDA from compute capability 8.0 (tinygemm's bf16 tensor-core path)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
+
+
+def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """Unsigned 4-bit `q` [out, in] in the int4 kernel's layout on `device` (None when CUDA's
+    kernel cannot tile the inputs)."""
+    if device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
+    # CUDA takes two values a byte, the even input in the high nibble, and tiles the inputs
+    # by 16 * inner_k_tiles (2, 4 or 8; more is faster).
+    inner = next((t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0), None)
+    if inner is None:
+        return None
+    pairs = q.to(device, torch.uint8)
+    packed = ((pairs[:, ::2] << 4) | pairs[:, 1::2]).contiguous()
+    return torch.ops.aten._convert_weight_to_int4pack(packed, inner)
 
 
 class Parallel(nn.Module):

@@ -1,0 +1,135 @@
+"""The CUDA paths against the same references as the CPU tests: transformers' forward pass,
+the dequantized float computation, and the CPU run of the same algorithm. Skipped where
+torch sees no CUDA device (the CI machine); run them on a GPU machine with `pytest
+tests/test_cuda.py`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.bench.model import load_model
+from llmkit.quant import gptq
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.pipeline import quantize
+from llmkit.runtime.distributed import Group
+from llmkit.runtime.engine import LLM, Engine, EngineConfig
+from llmkit.runtime.layers.linear import DenseLinear, Int4Linear, W8A8Linear
+from llmkit.runtime.loader import load_model as load_runtime
+from llmkit.runtime.rank_tensors import open_rank
+from tests.conftest import TINY_PRESETS
+from tests.runtime_helpers import hf_model, random_prompts, runtime_logits
+from tests.test_gptq import correlated_inputs, hessian_error
+from tests.test_runtime_engine import expect_hf, run_staggered
+from tests.test_runtime_quantized import random_grouped
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device; torch sees none"
+)
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_prefill_logits_on_cuda_match_transformers(tiny_dir, preset):
+    ids = random_prompts(1, 40, 41, seed=1)[0]
+    with torch.inference_mode():
+        expected = hf_model(tiny_dir(preset))(torch.tensor([ids])).logits[0]
+    got = runtime_logits(tiny_dir(preset), ids, "cuda")
+    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
+
+
+# the KV cache sized by --gpu-memory-utilization (most of the GPU), then by an explicit budget
+@pytest.mark.parametrize(("prefix_caching", "kv_bytes"), [(False, None), (True, 2**24)])
+def test_concurrent_greedy_on_cuda_equals_transformers_one_by_one(
+    tiny_dir, prefix_caching, kv_bytes
+):
+    shared = random_prompts(1, 40, 41, seed=3)[0]
+    prompts = [shared + tail for tail in random_prompts(8, 1, 40, seed=4)]
+    config = EngineConfig(
+        device="cuda",
+        dtype="float32",
+        enable_prefix_caching=prefix_caching,
+        kv_cache_memory=kv_bytes,
+    )
+    engine = Engine(tiny_dir(), config)
+    expect_hf(tiny_dir(), prompts, run_staggered(engine, prompts))
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    if prefix_caching:
+        assert engine.block_manager.num_hit_blocks > 0
+
+
+def test_a_closed_engine_hands_the_gpu_back(tiny_dir):
+    """Each engine sizes its KV cache to most of the GPU; closing one lets the next start."""
+    for _ in range(2):
+        llm = LLM(tiny_dir(), EngineConfig(device="cuda"))
+        assert llm.engine.num_kv_tokens > 10**6
+        llm.close()
+
+
+# method, options, the module CUDA must build, tolerance relative to max |logit|
+CASES = {
+    "int8": ("int8", {}, DenseLinear, 1e-4),
+    "w8a8": ("w8a8", {}, W8A8Linear, 1e-3),
+    "gptq-act-order": ("gptq", {"group_size": 32, "desc_act": True}, Int4Linear, 2e-2),
+    "awq": ("awq", {"group_size": 32}, Int4Linear, 2e-2),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_quantized_on_cuda_computes_the_dequantized_model(tiny_dir, tmp_path, case):
+    """Calibrated and quantized on CUDA, run by the runtime on CUDA: the logits of the
+    dequantized float weights (transformers on the CPU, llmkit's reader)."""
+    from llmkit.quant.options import QuantOptions
+
+    method, options, kind, tolerance = CASES[case]
+    out = tmp_path / "ckpt"
+    calibration = CalibrationSpec(num_samples=8, seq_len=64)
+    report = quantize(
+        tiny_dir("tiny-llama"),
+        out,
+        method,
+        options=QuantOptions(**options),
+        calibration=calibration,
+        device="cuda",
+    )
+    assert report.device.startswith("cuda") and report.peak_device_bytes > 0
+    src = open_rank(out)
+    model, _ = load_runtime(src, Group(), torch.float32, CUDA)
+    src.close()
+    assert isinstance(model.layers[0].mlp.gate_up, kind)
+    ids = random_prompts(1, 48, 49, seed=7)[0]
+    with torch.inference_mode():
+        expected = load_model(out, torch.float32)(torch.tensor([ids])).logits[0]
+    got = runtime_logits(out, ids, "cuda")
+    error = float((got - expected).abs().max() / expected.abs().max())
+    assert error <= tolerance, error
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group", [32, 128])
+def test_cuda_int4_kernel_equals_the_dequantized_matmul(act_order, group):
+    w = random_grouped(64, 1024, group, act_order)
+    module = Int4Linear.build(w, None, torch.float32, CUDA)
+    assert module is not None and module.packed.is_cuda
+    x = torch.randn(7, 1024, generator=torch.Generator().manual_seed(1))
+    expected = x.bfloat16().float() @ w.dequantize().t()  # the kernel takes bf16 inputs
+    got = module(x.to(CUDA)).cpu()
+    assert float((got - expected).abs().max() / expected.abs().max()) < 5e-3
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_on_cuda_is_as_good_as_on_cpu(desc_act):
+    """The same algorithm on both devices: float32 sums in another order may round a few
+    weights the other way, so the two are compared by their output error, not bit for bit."""
+    x = correlated_inputs(1, in_features=256, tokens=4096)
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    settings = gptq.GPTQSettings(group_size=64, desc_act=desc_act)
+    errors = {}
+    for device in ("cpu", "cuda"):
+        h = gptq.Hessian(256, torch.device(device))
+        for batch in x.split(500):
+            h.add(batch)
+        result = gptq.quantize(w.to(device), h.matrix, settings)
+        assert result.q.device.type == "cpu"  # results come back to the host for packing
+        errors[device] = hessian_error(w, result.dequantize(), h.matrix.cpu())
+    assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.02)
