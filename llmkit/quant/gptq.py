@@ -21,6 +21,9 @@ from llmkit.runtime.kernels import cpu as cpu_kernels
 BLOCK_SIZE = 128
 ROW_BLOCK = 64  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
 QUANTIZE_ROWS = 256  # rows swept at a time (each needs a working copy and search temporaries)
+# On CUDA every column of a sweep costs a few kernel launches however many rows it holds, so
+# rows are swept together up to this much working copy (all of a ~1B model's rows at once).
+CUDA_SWEEP_BYTES = 2**28
 MAX_DAMP_PERCENT = 1.0
 
 
@@ -145,8 +148,9 @@ def quantize(
     function that rebuilds the same H, e.g. from the calibration data), `hessian` is
     factorized in its own storage, and a retry at higher damping factorizes `again()`.
 
-    Rows are independent once H is factorized, so they are swept QUANTIZE_ROWS at a time:
-    beyond `weight` and the factor, memory holds one block of rows' working copies."""
+    Rows are independent once H is factorized, so they are swept a block at a time (see
+    `_rows_per_sweep`): beyond `weight` and the factor, memory holds one block of rows'
+    working copies."""
     in_features = weight.shape[1]
     group_size = in_features if settings.group_size == -1 else settings.group_size
     dead = torch.diag(hessian) == 0  # inputs that were always zero: nothing to preserve
@@ -172,9 +176,10 @@ def quantize(
     inverse = torch.argsort(perm) if perm is not None else None
     q = torch.empty(weight.shape, dtype=torch.uint8, device=hinv.device)  # original order
     blocks = []
-    for r in range(0, len(weight), QUANTIZE_ROWS):
-        block_q, *params = sweep(weight[r : r + QUANTIZE_ROWS])
-        q[r : r + QUANTIZE_ROWS] = block_q if inverse is None else block_q[:, inverse]
+    step = _rows_per_sweep(in_features, hinv.device)
+    for r in range(0, len(weight), step):
+        block_q, *params = sweep(weight[r : r + step])
+        q[r : r + step] = block_q if inverse is None else block_q[:, inverse]
         blocks.append(params)
     del hinv, sweep
     scales, zeros, losses = (torch.cat(parts) for parts in zip(*blocks, strict=True))
@@ -186,6 +191,14 @@ def quantize(
     shift = _row_distances(weight, dead, q, scales, zeros, g_idx)
     error = (losses.cpu() - damping * shift).clamp(min=0)
     return GPTQResult(q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp, error, energy.cpu())
+
+
+def _rows_per_sweep(in_features: int, device: torch.device) -> int:
+    """QUANTIZE_ROWS on the CPU (bounded memory, no loss of speed); on CUDA, where a sweep's
+    time is its columns' kernel launches, as many rows as CUDA_SWEEP_BYTES of them hold."""
+    if device.type != "cuda":
+        return QUANTIZE_ROWS
+    return max(QUANTIZE_ROWS, CUDA_SWEEP_BYTES // (4 * in_features))
 
 
 class _Attempts:
