@@ -11,6 +11,7 @@ import torch
 from llmkit.bench.model import load_model
 from llmkit.quant import gptq
 from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.engine import LLM, Engine, EngineConfig
@@ -79,8 +80,6 @@ CASES = {
 def test_quantized_on_cuda_computes_the_dequantized_model(tiny_dir, tmp_path, case):
     """Calibrated and quantized on CUDA, run by the runtime on CUDA: the logits of the
     dequantized float weights (transformers on the CPU, llmkit's reader)."""
-    from llmkit.quant.options import QuantOptions
-
     method, options, kind, tolerance = CASES[case]
     out = tmp_path / "ckpt"
     calibration = CalibrationSpec(num_samples=8, seq_len=64)

@@ -356,6 +356,9 @@ def test_every_gptq_option_reaches_the_algorithm(tiny_dir, tmp_path, monkeypatch
     assert settings.act_group_aware is False and settings.clip_search is False
 
 
+QUANTIZED = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
 def _float32_copy(src, out) -> None:
     """The checkpoint `src` with every tensor widened to float32 (the same values)."""
     import shutil
@@ -386,6 +389,3 @@ def test_bf16_checkpoint_quantizes_as_its_float32_widening(tiny_dir, tmp_path, m
     assert outputs["bf16"].keys() == outputs["f32"].keys() and outputs["bf16"]
     for name, tensor in outputs["bf16"].items():
         assert torch.equal(tensor, outputs["f32"][name]), name
-
-
-QUANTIZED = (".qweight", ".qzeros", ".scales", ".g_idx")
