@@ -24,15 +24,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from child import llmkit_quantize, run_child
 from engine_throughput import (
     batch1_decode,
+    copy_bandwidth,
     generate_workload,
     make_workload,
-    run_hf_batch,
+    static_batches,
     weight_bytes_per_token,
 )
 from shard import LLAMA_1B, make_random_1b
@@ -77,48 +77,22 @@ def child_make_1b(work: str) -> dict:
     return {"made": str(out), "vocab": LLAMA_1B["vocab_size"]}
 
 
-def device_copy_bandwidth() -> float:
-    """Bytes copied per second on the GPU (each read once, written once): median of 20
-    copies of 1 GiB."""
-    import torch
-
-    src = torch.ones(2**29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(20):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return src.numel() * src.element_size() / statistics.median(times)
-
-
 def child_llmkit(model: str, workload: str) -> dict:
     from llmkit.runtime.engine import LLM, EngineConfig
 
     llm = LLM(model, EngineConfig(device="cuda", dtype="bfloat16", max_model_len=2048))
     result = generate_workload(llm, json.loads(Path(workload).read_text()))
     batch1 = batch1_decode(llm.engine, 128, 128)
-    return {**result, **batch1, "copy_bandwidth": device_copy_bandwidth()}
+    return {**result, **batch1, "copy_bandwidth": copy_bandwidth("cuda", 2**29, 20)}  # 1 GiB
 
 
-def child_hf_static(model: str, workload: str, batch: int = 16) -> dict:
+def child_hf_static(model: str, workload: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
-    hf.generation_config.eos_token_id = None
     load = json.loads(Path(workload).read_text())
-    prompts, out_len = load["prompts"], load["output_len"]
-    run_hf_batch(hf, prompts[:2], 4)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    tokens = sum(
-        run_hf_batch(hf, prompts[i : i + batch], out_len) for i in range(0, len(prompts), batch)
-    )
-    torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - start, "output_tokens": tokens}
+    return static_batches(hf, load, sync=torch.cuda.synchronize)
 
 
 CHILDREN = {"make-1b": child_make_1b, "llmkit": child_llmkit, "hf-static": child_hf_static}

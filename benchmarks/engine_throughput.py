@@ -64,20 +64,22 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return model, workload
 
 
-def copy_bandwidth() -> float:
-    """Bytes copied per second (each byte read once and written once): the median of 10
-    copies of a 512 MB tensor with 2 threads."""
-    import statistics
-
+def copy_bandwidth(device: str = "cpu", numel: int = 256 * 2**20, repeats: int = 10) -> float:
+    """Bytes copied per second on `device` (each byte read once and written once): the
+    median of `repeats` copies of a bf16 tensor of `numel` values (by default 512 MB, with
+    the process's threads on the CPU), after one unmeasured copy."""
     import torch
 
-    src = torch.ones(256 * 2**20, dtype=torch.bfloat16)
+    src = torch.ones(numel, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
+    sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
     times = []
-    for _ in range(10):
+    for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         dst.copy_(src)
+        sync()
         times.append(time.perf_counter() - start)
     return src.numel() * src.element_size() / statistics.median(times)
 
@@ -136,16 +138,23 @@ def hf_model(model: str):
     return AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
 
 
-def child_hf_static(model: str, workload: dict, batch: int = 16) -> dict:
-    hf = hf_model(model)
+def child_hf_static(model: str, workload: dict) -> dict:
+    return static_batches(hf_model(model), workload)
+
+
+def static_batches(hf, workload: dict, batch: int = 16, sync=lambda: None) -> dict:
+    """Seconds and output tokens of the workload through transformers `generate` in static
+    batches of `batch` (after a short warm-up); `sync` waits for the device."""
     hf.generation_config.eos_token_id = None
     out_len = workload["output_len"]
     prompts = workload["prompts"]
     run_hf_batch(hf, prompts[:2], 4)
+    sync()
     start = time.perf_counter()
     tokens = sum(
         run_hf_batch(hf, prompts[i : i + batch], out_len) for i in range(0, len(prompts), batch)
     )
+    sync()
     return {"seconds": time.perf_counter() - start, "output_tokens": tokens}
 
 

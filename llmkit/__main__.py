@@ -4,9 +4,10 @@ import sys
 
 
 def main() -> None:
-    from llmkit.serve.engine_process import prestart
+    if "serve" in sys.argv[1:]:  # other commands skip the engine process's imports too
+        from llmkit.serve.engine_process import prestart
 
-    prestart(sys.argv[1:])  # before the CLI's imports: `llmkit serve` starts on torch at once
+        prestart(sys.argv[1:])  # before the CLI's imports: `llmkit serve` starts on torch at once
     from llmkit.cli.app import main as cli
 
     cli()

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llmkit.bench.runtime_scorer import RuntimeScorer
+
+# CUDA variants skip where torch sees no CUDA device (as on CI); `pytest -k cuda` runs them
+# on a GPU machine.
+NEEDS_CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device; torch sees none"
+)
+DEVICES = ("cpu", pytest.param("cuda", marks=NEEDS_CUDA))
 
 
 def hf_model(path, dtype=torch.float32):

@@ -1,7 +1,7 @@
 """The CUDA paths against the same references as the CPU tests: transformers' forward pass,
 the dequantized float computation, and the CPU run of the same algorithm. Skipped where
-torch sees no CUDA device (the CI machine); run them on a GPU machine with `pytest
-tests/test_cuda.py`."""
+torch sees no CUDA device (the CI machine); on a GPU machine `pytest -k cuda` runs them with
+the CUDA variants of the CPU tests (prefill logits, the int4 kernel)."""
 
 from __future__ import annotations
 
@@ -18,25 +18,12 @@ from llmkit.runtime.engine import LLM, Engine, EngineConfig
 from llmkit.runtime.layers.linear import DenseLinear, Int4Linear, W8A8Linear
 from llmkit.runtime.loader import load_model as load_runtime
 from llmkit.runtime.rank_tensors import open_rank
-from tests.conftest import TINY_PRESETS
-from tests.runtime_helpers import hf_model, random_prompts, runtime_logits
+from tests.runtime_helpers import NEEDS_CUDA, random_prompts, runtime_logits
 from tests.test_gptq import correlated_inputs, hessian_error
 from tests.test_runtime_engine import expect_hf, run_staggered
-from tests.test_runtime_quantized import random_grouped
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device; torch sees none"
-)
+pytestmark = NEEDS_CUDA
 CUDA = torch.device("cuda")
-
-
-@pytest.mark.parametrize("preset", TINY_PRESETS)
-def test_prefill_logits_on_cuda_match_transformers(tiny_dir, preset):
-    ids = random_prompts(1, 40, 41, seed=1)[0]
-    with torch.inference_mode():
-        expected = hf_model(tiny_dir(preset))(torch.tensor([ids])).logits[0]
-    got = runtime_logits(tiny_dir(preset), ids, "cuda")
-    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
 
 
 # the KV cache sized by --gpu-memory-utilization (most of the GPU), then by an explicit budget
@@ -102,18 +89,6 @@ def test_quantized_on_cuda_computes_the_dequantized_model(tiny_dir, tmp_path, ca
     got = runtime_logits(out, ids, "cuda")
     error = float((got - expected).abs().max() / expected.abs().max())
     assert error <= tolerance, error
-
-
-@pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("group", [32, 128])
-def test_cuda_int4_kernel_equals_the_dequantized_matmul(act_order, group):
-    w = random_grouped(64, 1024, group, act_order)
-    module = Int4Linear.build(w, None, torch.float32, CUDA)
-    assert module is not None and module.packed.is_cuda
-    x = torch.randn(7, 1024, generator=torch.Generator().manual_seed(1))
-    expected = x.bfloat16().float() @ w.dequantize().t()  # the kernel takes bf16 inputs
-    got = module(x.to(CUDA)).cpu()
-    assert float((got - expected).abs().max() / expected.abs().max()) < 5e-3
 
 
 @pytest.mark.parametrize("desc_act", [False, True])

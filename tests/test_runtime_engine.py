@@ -9,16 +9,17 @@ from llmkit.errors import LlmkitError
 from llmkit.runtime.engine import LLM, Engine, EngineConfig
 from llmkit.runtime.sequence import SamplingParams
 from tests.conftest import TINY_PRESETS
-from tests.runtime_helpers import hf_greedy, hf_model, random_prompts, runtime_logits
+from tests.runtime_helpers import DEVICES, hf_greedy, hf_model, random_prompts, runtime_logits
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
-def test_prefill_logits_match_transformers(tiny_dir, preset):
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_logits_match_transformers(tiny_dir, preset, device):
     ids = random_prompts(1, 40, 41, seed=1)[0]
     expected = hf_model(tiny_dir(preset))(torch.tensor([ids])).logits[0]
-    assert torch.allclose(runtime_logits(tiny_dir(preset), ids), expected, atol=1e-4)
+    assert torch.allclose(runtime_logits(tiny_dir(preset), ids, device), expected, atol=1e-4)
 
 
 def run_staggered(engine: Engine, prompts: list[list[int]], params=GREEDY) -> dict:

@@ -23,7 +23,7 @@ from llmkit.runtime.layers.linear import (
 )
 from llmkit.runtime.loader import load_model as load_runtime
 from llmkit.runtime.rank_tensors import open_rank
-from tests.runtime_helpers import random_prompts, runtime_logits
+from tests.runtime_helpers import DEVICES, random_prompts, runtime_logits
 
 # method, options, the module the CPU path must build, tolerance relative to max |logit|
 CASES = {
@@ -84,13 +84,17 @@ def random_grouped(out: int, inp: int, group: int, act_order: bool, seed: int = 
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_int4_kernel_equals_the_dequantized_matmul(act_order):
-    w = random_grouped(48, 512, 128, act_order)
-    module = Int4Linear.build(w, None, torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_kernel_equals_the_dequantized_matmul(act_order, group, device):
+    w = random_grouped(64, 1024, group, act_order)
+    module = Int4Linear.build(w, None, torch.float32, torch.device(device))
     assert module is not None and (module.perm is not None) == act_order
-    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
+    assert module.packed.device.type == device
+    x = torch.randn(7, 1024, generator=torch.Generator().manual_seed(1))
     expected = x.bfloat16().float() @ w.dequantize().t()  # the kernel takes bf16 inputs
-    assert float((module(x) - expected).abs().max() / expected.abs().max()) < 5e-3
+    got = module(x.to(device)).cpu()
+    assert float((got - expected).abs().max() / expected.abs().max()) < 5e-3
 
 
 def test_siblings_with_different_layouts_run_side_by_side():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llmkit.bench.stats import summary
 from llmkit.errors import LlmkitError
-from llmkit.memory import peak_rss
+from llmkit.memory import peak_device_memory, peak_rss
 from llmkit.runtime.engine_config import EngineConfig
 
 
@@ -104,7 +104,7 @@ def _peak_memory() -> dict:
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        peak["peak_cuda_mb"] = peak_device_memory(torch.device("cuda")) / 2**20
     return peak
 
 

@@ -288,11 +288,9 @@ def _inverse_hessian_factor(
     column-major copy. The lower factor L of H⁻¹ = L Lᵀ, read back row-major, is Lᵀ: the
     upper factor. -> (factor, damp percent used, λ)."""
     damp = damp_percent
-    info = None
     while True:
         H = prepared()
-        if info is None:
-            info = torch.empty((), dtype=torch.int32, device=H.device)
+        info = torch.empty((), dtype=torch.int32, device=H.device)
         damping = damp * float(H.diagonal().mean())
         H.diagonal().add_(damping)
         A = H.mT

@@ -145,11 +145,6 @@ class Engine:
                 touched[seq.request_id] = self._advance(seq, token, now)
         return [self._output(r) for r in touched.values()]
 
-    def check_prompt_ids(self, ids: list[int]) -> None:
-        """Raise LlmkitError for prompt token ids this engine cannot take (thread-safe: it
-        reads only the configuration)."""
-        check_prompt_ids(ids, self.model_config.vocab_size, self.max_model_len)
-
     def close(self) -> None:
         self.executor.close()
 
@@ -220,7 +215,7 @@ class Engine:
             if self.tokenizer is None:
                 raise LlmkitError(f"{self.model_path} has no tokenizer; send prompt_token_ids")
             ids = self.tokenizer.encode(prompt)
-        self.check_prompt_ids(ids)
+        check_prompt_ids(ids, self.model_config.vocab_size, self.max_model_len)
         return list(ids)
 
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> Detokenizer | None:

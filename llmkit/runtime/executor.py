@@ -72,7 +72,7 @@ class Executor:
                 self._stop_workers(kill=True)
             else:
                 self._stop_workers(kill=False)
-        runner, self.runner = getattr(self, "runner", None), None
+        runner, self.runner = self.runner, None
         if runner is not None and runner.device.type == "cuda":
             del runner
             torch.cuda.empty_cache()

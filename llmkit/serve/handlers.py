@@ -42,11 +42,7 @@ class Served:
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        try:
-            check_prompt_ids(ids, self.vocab_size, self.max_model_len)
-        except LlmkitError as e:
-            raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
-        return ids
+        return self._checked(ids, "prompt")
 
     def chat_ids(self, body: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -56,11 +52,14 @@ class Served:
             )
         except Exception as e:  # no template, or one the messages do not fit
             raise ApiError(400, f"the chat template failed: {e}", param="messages") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._checked(self.tokenizer.encode(text, add_special_tokens=False), "messages")
+
+    def _checked(self, ids: list[int], param: str) -> list[int]:
+        """`ids`, or a 400 naming `param` when the model cannot take them."""
         try:
             check_prompt_ids(ids, self.vocab_size, self.max_model_len)
         except LlmkitError as e:
-            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
         return ids
 
     def max_tokens(self, asked: int | None, prompt_len: int, default: int | None) -> int:

@@ -100,11 +100,10 @@ def convert_for_runtime(
 ) -> nn.Module:
     """The fastest module computing `weight` on `device` with `dtype` activations."""
     bias = None if bias is None else bias.to(device, dtype)
-    cpu = device.type == "cpu"
     if isinstance(weight, Int8Weight):
         if weight.act_quant:
             return W8A8Linear(weight, bias, dtype, device)
-        if cpu and dtype in (torch.bfloat16, torch.float32):
+        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32):
             return Int8Linear(weight, bias, dtype)
     if isinstance(weight, GroupedWeight):
         module = Int4Linear.build(weight, bias, dtype, device)
@@ -215,6 +214,11 @@ class Int4Linear(nn.Module):
         self.group_size = group_size
         self.bias = bias
         self.dtype = dtype
+        self._mm = (
+            torch.ops.aten._weight_int4pack_mm
+            if packed.is_cuda
+            else torch.ops.aten._weight_int4pack_mm_for_cpu
+        )
 
     @classmethod
     def build(cls, w: GroupedWeight, bias, dtype, device: torch.device) -> Int4Linear | None:
@@ -249,12 +253,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
-        mm = (
-            torch.ops.aten._weight_int4pack_mm
-            if x.is_cuda
-            else torch.ops.aten._weight_int4pack_mm_for_cpu
-        )
-        y = mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
+        y = self._mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
         y = y.to(self.dtype)
         return y if self.bias is None else y + self.bias
 
