@@ -110,13 +110,20 @@ def generation_run(tool: str, model: Path, workload: Path) -> dict:
     return {**result, "tokens_per_s": tokens_per_s, "wall_s": wall, "peak_rss_mb": rss / 1e6}
 
 
-def print_gptq(runs: dict[str, dict]) -> None:
+def gptq_runs(models: dict[str, Path], work: Path, skip_cpu: bool) -> None:
+    """Each GPTQ run, printed as it finishes."""
     print("\nGPTQ 4-bit g128, 128 x 512 calibration tokens")
     print(f"{'run':<28}{'llmkit s':>10}{'wall s':>9}{'RSS MB':>9}{'GPU MB':>9}{'mean err':>10}")
-    for name, r in runs.items():
+    runs = [("small-llama", "cuda"), ("small-llama", "cpu"), ("llama-1b", "cuda")]
+    for model, device in runs:
+        if device == "cpu" and skip_cpu:
+            continue
+        r = gptq_run(models[model], work / f"{model}-gptq-{device}", device)
+        name = f"{model}, {device}" + (" (all cores)" if device == "cpu" else "")
         print(
             f"{name:<28}{r['seconds']:>10.1f}{r['wall_s']:>9.1f}{r['peak_rss_mb']:>9.0f}"
-            f"{r['peak_gpu_mb']:>9.0f}{r['mean_layer_error']:>10.5f}"
+            f"{r['peak_gpu_mb']:>9.0f}{r['mean_layer_error']:>10.5f}",
+            flush=True,
         )
 
 
@@ -151,17 +158,12 @@ def main() -> None:
     print(f"gpu: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-cuda-bench-"))
     models = prepare(work)
-    gptq = {"small-llama, cuda": gptq_run(models["small-llama"], work / "small-gptq", "cuda")}
-    if not args.skip_cpu:
-        cpu = gptq_run(models["small-llama"], work / "small-gptq-cpu", "cpu")
-        gptq["small-llama, cpu (all cores)"] = cpu
-    gptq["llama-1b, cuda"] = gptq_run(models["llama-1b"], work / "llama-1b-gptq", "cuda")
-    print_gptq(gptq)
+    gptq_runs(models, work, args.skip_cpu)
     workload = work / "workload.json"
     make_workload(workload)
     checkpoints = {
         "llmkit bf16": ("llmkit", models["llama-1b"]),
-        "llmkit gptq int4": ("llmkit", work / "llama-1b-gptq"),
+        "llmkit gptq int4": ("llmkit", work / "llama-1b-gptq-cuda"),
         "hf-static bf16": ("hf-static", models["llama-1b"]),
     }
     generation = {}

@@ -17,6 +17,7 @@ from llmkit.errors import LlmkitError
 from llmkit.memory import return_freed_memory
 from llmkit.quant.rtn import dequantize_indexed, group_params, searched_group_params
 from llmkit.runtime.kernels import cpu as cpu_kernels
+from llmkit.runtime.kernels import cuda as cuda_kernels
 
 BLOCK_SIZE = 128
 ROW_BLOCK = 64  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
@@ -103,11 +104,12 @@ class GPTQResult:
 
     def dequantize_into(self, out: torch.Tensor) -> None:
         """Write the dequantized weight into `out` [out, in] (any device and float dtype), a
-        block of rows at a time."""
-        for r in range(0, len(out), ROW_BLOCK):
-            rows = slice(r, r + ROW_BLOCK)
-            w = dequantize_indexed(self.q[rows], self.scales[rows], self.zeros[rows], self.g_idx)
-            out[rows].copy_(w)
+        block of rows at a time, computed on out's device."""
+        step = _rows_per_sweep(out.shape[1], out.device)
+        for r in range(0, len(out), step):
+            rows = slice(r, r + step)
+            parts = (self.q[rows], self.scales[rows], self.zeros[rows], self.g_idx)
+            out[rows].copy_(dequantize_indexed(*(t.to(out.device) for t in parts)))
 
     def relative_error(self, rows: slice = slice(None)) -> float:
         """||(W - Ŵ) X||² / ||W X||² over `rows`, on the calibration inputs X."""
@@ -194,8 +196,9 @@ def quantize(
 
 
 def _rows_per_sweep(in_features: int, device: torch.device) -> int:
-    """QUANTIZE_ROWS on the CPU (bounded memory, no loss of speed); on CUDA, where a sweep's
-    time is its columns' kernel launches, as many rows as CUDA_SWEEP_BYTES of them hold."""
+    """QUANTIZE_ROWS on the CPU (bounded memory, no loss of speed); on CUDA, where the time
+    of a step over rows is mostly its kernel launches, as many rows as CUDA_SWEEP_BYTES of
+    float32 hold."""
     if device.type != "cuda":
         return QUANTIZE_ROWS
     return max(QUANTIZE_ROWS, CUDA_SWEEP_BYTES // (4 * in_features))
@@ -384,7 +387,8 @@ def _quantize_columns(W, hinv, group_size, settings, static, group_of):
 def _sweep(W1, Q1, Err1, Hinv1, scale, zero, start: int, stop: int, maxq: int) -> None:
     """Columns [start, stop) of a block, which share `scale` and `zero` [out]: each rounded,
     its scaled error recorded in Err1 and taken off the block's later columns."""
-    kernels = cpu_kernels.for_tensors(W1, Err1, Hinv1, scale, zero)  # float32 here
+    tensors = (W1, Err1, Hinv1, scale, zero)  # float32 here
+    kernels = cpu_kernels.for_tensors(*tensors) or cuda_kernels.for_tensors(*tensors)
     if kernels is not None:
         kernels.gptq_columns(W1, Q1, Err1, Hinv1, scale, zero, start, stop, maxq)
         return

@@ -52,7 +52,7 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack`: int32 [ceil(n * bits / 32), m] -> int64 [n, m]."""
     stream = words.to(torch.int64) & _MASK32
     stream = torch.cat([stream, torch.zeros_like(stream[:1])])
-    start = torch.arange(n) * bits
+    start = torch.arange(n, device=words.device) * bits
     index, offset = start // 32, (start % 32)[:, None]
     low = stream[index] >> offset
     high = stream[index + 1] << (32 - offset)

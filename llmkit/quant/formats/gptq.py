@@ -97,14 +97,15 @@ def dequantize_into(
     bits: int,
     rows: int = 256,
 ) -> None:
-    """`dequantize` of a v1 layer written into `out` [out, in] (any float dtype), `rows`
-    outputs at a time, so that unpacking's int64 temporaries stay small. `rows` is a
-    multiple of 32, where every bit width's packing of the outputs starts a new word."""
+    """`dequantize` of a v1 layer written into `out` [out, in] (any float dtype), computed on
+    out's device `rows` outputs at a time, so that unpacking's int64 temporaries stay small.
+    `rows` is a multiple of 32, where every bit width's packing of the outputs starts a new
+    word."""
     for start in range(0, out.shape[0], rows):
         stop = min(start + rows, out.shape[0])
         words = slice(start * bits // 32, stop * bits // 32)
         part = (qweight[:, start:stop], qzeros[:, words], scales[:, start:stop], g_idx)
-        out[start:stop] = dequantize(*part, bits)
+        out[start:stop] = dequantize(*(t.to(out.device) for t in part), bits)
 
 
 def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool) -> dict:

@@ -1,0 +1,75 @@
+"""The Triton kernels (llmkit/runtime/kernels/cuda.py) against the torch paths they replace:
+on CUDA where there is a GPU (`pytest -k cuda`), and everywhere else on the CPU through
+Triton's interpreter, in a child process (the interpreter is chosen when Triton compiles,
+before any test module could set it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.runtime_helpers import NEEDS_CUDA
+
+SETTINGS = [
+    dict(group_size=16),
+    dict(bits=3, group_size=-1, sym=False),
+    dict(group_size=32, desc_act=True),
+    dict(group_size=16, desc_act=True, static_groups=True),
+    dict(bits=8, group_size=64, clip_search=False, act_group_aware=False),
+]
+FIELDS = ("q", "scales", "zeros", "g_idx", "row_error")
+
+
+def differing_fields(settings: dict, device: str) -> list[str]:
+    """GPTQ of one layer on `device` with the Triton sweep and with the torch ops: the
+    result's fields that are not equal."""
+    from llmkit.quant import gptq
+    from llmkit.runtime.kernels import cpu, cuda
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1000, 320, generator=g) @ (torch.randn(320, 320, generator=g) * 0.2)
+    h = gptq.Hessian(320, torch.device(device))  # 320: a last block of 64 columns
+    h.add(x)
+    w = (torch.randn(72, 320, generator=g) * 0.05).to(device)  # 72: a partial row tile
+    config = gptq.GPTQSettings(**settings)
+    assert cpu.for_tensors(w) is None and cuda.for_tensors(w) is not None
+    fast = gptq.quantize(w, h.matrix, config)
+    original = cuda.for_tensors
+    cuda.for_tensors = lambda *tensors: None
+    try:
+        plain = gptq.quantize(w, h.matrix, config)
+    finally:
+        cuda.for_tensors = original
+    return [f for f in FIELDS if not torch.equal(getattr(fast, f), getattr(plain, f))]
+
+
+def test_gptq_sweep_kernel_interpreted_gives_the_torch_sweeps_values():
+    """Every settings case at once in one interpreted child: same codes, same errors."""
+    # older interpreters cannot loop over a kernel's runtime arguments (range(start, stop))
+    pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (`test` extra)")
+    code = (
+        "import json, sys\n"
+        "from tests.test_triton_kernels import SETTINGS, differing_fields\n"
+        "print(json.dumps([differing_fields(s, 'cpu') for s in SETTINGS]))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LLMKIT_CPU_KERNELS": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    differing = json.loads(done.stdout.splitlines()[-1])
+    assert differing == [[] for _ in SETTINGS]
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_gptq_sweep_kernel_on_cuda_gives_the_torch_sweeps_values(settings):
+    pytest.importorskip("triton")
+    assert differing_fields(settings, "cuda") == []
