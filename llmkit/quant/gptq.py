@@ -105,7 +105,7 @@ class GPTQResult:
     def dequantize_into(self, out: torch.Tensor) -> None:
         """Write the dequantized weight into `out` [out, in] (any device and float dtype), a
         block of rows at a time, computed on out's device."""
-        step = _rows_per_sweep(out.shape[1], out.device)
+        step = _rows_per_sweep(out.shape[1], out.device, ROW_BLOCK)
         for r in range(0, len(out), step):
             rows = slice(r, r + step)
             parts = (self.q[rows], self.scales[rows], self.zeros[rows], self.g_idx)
@@ -195,13 +195,13 @@ def quantize(
     return GPTQResult(q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp, error, energy.cpu())
 
 
-def _rows_per_sweep(in_features: int, device: torch.device) -> int:
-    """QUANTIZE_ROWS on the CPU (bounded memory, no loss of speed); on CUDA, where the time
-    of a step over rows is mostly its kernel launches, as many rows as CUDA_SWEEP_BYTES of
+def _rows_per_sweep(in_features: int, device: torch.device, rows: int = QUANTIZE_ROWS) -> int:
+    """`rows` on the CPU (bounded memory, no loss of speed); on CUDA, where the time of a
+    step over rows is mostly its kernel launches, as many rows as CUDA_SWEEP_BYTES of
     float32 hold."""
     if device.type != "cuda":
-        return QUANTIZE_ROWS
-    return max(QUANTIZE_ROWS, CUDA_SWEEP_BYTES // (4 * in_features))
+        return rows
+    return max(rows, CUDA_SWEEP_BYTES // (4 * in_features))
 
 
 class _Attempts:
