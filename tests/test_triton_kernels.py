@@ -73,3 +73,20 @@ def test_gptq_sweep_kernel_interpreted_gives_the_torch_sweeps_values():
 def test_gptq_sweep_kernel_on_cuda_gives_the_torch_sweeps_values(settings):
     pytest.importorskip("triton")
     assert differing_fields(settings, "cuda") == []
+
+
+def test_gptq_on_the_cpu_never_imports_triton():
+    """Importing Triton costs ~75 MB of resident memory, which CPU quantization must not pay
+    (its memory bound has no room for it)."""
+    code = (
+        "import sys, torch\n"
+        "from llmkit.quant import gptq\n"
+        "h = gptq.Hessian(64, torch.device('cpu'))\n"
+        "h.add(torch.randn(256, 64))\n"
+        "gptq.quantize(torch.randn(32, 64), h.matrix, gptq.GPTQSettings(group_size=32))\n"
+        "print('triton' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False"]
