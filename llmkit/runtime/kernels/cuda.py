@@ -7,9 +7,9 @@
   columns is one launch, each program holding a tile of rows in registers.
 
 `for_tensors()` is None where Triton is not installed or the tensors are not float32 CUDA
-tensors; callers then use their torch path. Triton is imported only then, so CPU runs never
-load it. With TRITON_INTERPRET=1 in the environment, the kernels run on CPU tensors through
-Triton's interpreter instead (how the tests check them without a GPU).
+tensors; callers then use their torch path. Triton is imported only then: llmkit's CPU paths
+never import it themselves. With TRITON_INTERPRET=1 in the environment, the kernels run on
+CPU tensors through Triton's interpreter instead (how the tests check them without a GPU).
 """
 
 from __future__ import annotations
