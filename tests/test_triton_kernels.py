@@ -76,8 +76,8 @@ def test_gptq_sweep_kernel_on_cuda_gives_the_torch_sweeps_values(settings):
 
 
 def test_gptq_on_the_cpu_never_imports_triton():
-    """Importing Triton costs ~75 MB of resident memory, which CPU quantization must not pay
-    (its memory bound has no room for it)."""
+    """Importing Triton costs ~75 MB of resident memory, which llmkit's CPU code must not
+    add itself (torch._dynamo still imports it where transformers' model code runs)."""
     code = (
         "import sys, torch\n"
         "from llmkit.quant import gptq\n"
