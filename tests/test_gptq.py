@@ -176,9 +176,9 @@ def test_rows_swept_in_blocks_equal_one_sweep(settings, monkeypatch):
 def test_cuda_sweeps_rows_in_taller_blocks():
     """On CUDA a sweep's cost is per column, so rows go together up to a memory bound (the
     test above shows the block size leaves every result as it is)."""
-    assert gptq._rows_per_sweep(2048, torch.device("cpu")) == gptq.QUANTIZE_ROWS
-    assert gptq._rows_per_sweep(2048, torch.device("cuda")) == gptq.CUDA_SWEEP_BYTES // 8192
-    assert gptq._rows_per_sweep(2**24, torch.device("cuda")) == gptq.QUANTIZE_ROWS
+    assert gptq._rows_per_step(2048, torch.device("cpu")) == gptq.QUANTIZE_ROWS
+    assert gptq._rows_per_step(2048, torch.device("cuda")) == gptq.CUDA_SWEEP_BYTES // 8192
+    assert gptq._rows_per_step(2**24, torch.device("cuda")) == gptq.QUANTIZE_ROWS
 
 
 def test_cholesky_failure_raises_damping_and_warns():

@@ -105,7 +105,7 @@ class GPTQResult:
     def dequantize_into(self, out: torch.Tensor) -> None:
         """Write the dequantized weight into `out` [out, in] (any device and float dtype), a
         block of rows at a time, computed on out's device."""
-        step = _rows_per_sweep(out.shape[1], out.device, ROW_BLOCK)
+        step = _rows_per_step(out.shape[1], out.device, ROW_BLOCK)
         for r in range(0, len(out), step):
             rows = slice(r, r + step)
             parts = (self.q[rows], self.scales[rows], self.zeros[rows], self.g_idx)
@@ -151,7 +151,7 @@ def quantize(
     factorized in its own storage, and a retry at higher damping factorizes `again()`.
 
     Rows are independent once H is factorized, so they are swept a block at a time (see
-    `_rows_per_sweep`): beyond `weight` and the factor, memory holds one block of rows'
+    `_rows_per_step`): beyond `weight` and the factor, memory holds one block of rows'
     working copies."""
     in_features = weight.shape[1]
     group_size = in_features if settings.group_size == -1 else settings.group_size
@@ -178,7 +178,7 @@ def quantize(
     inverse = torch.argsort(perm) if perm is not None else None
     q = torch.empty(weight.shape, dtype=torch.uint8, device=hinv.device)  # original order
     blocks = []
-    step = _rows_per_sweep(in_features, hinv.device)
+    step = _rows_per_step(in_features, hinv.device)
     for r in range(0, len(weight), step):
         block_q, *params = sweep(weight[r : r + step])
         q[r : r + step] = block_q if inverse is None else block_q[:, inverse]
@@ -195,10 +195,10 @@ def quantize(
     return GPTQResult(q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp, error, energy.cpu())
 
 
-def _rows_per_sweep(in_features: int, device: torch.device, rows: int = QUANTIZE_ROWS) -> int:
-    """`rows` on the CPU (bounded memory, no loss of speed); on CUDA, where the time of a
-    step over rows is mostly its kernel launches, as many rows as CUDA_SWEEP_BYTES of
-    float32 hold."""
+def _rows_per_step(in_features: int, device: torch.device, rows: int = QUANTIZE_ROWS) -> int:
+    """Rows a sweep (or a dequantization) takes at once: `rows` on the CPU (bounded memory,
+    no loss of speed); on CUDA, where a step's time is mostly its kernel launches, as many
+    rows as CUDA_SWEEP_BYTES of float32 hold."""
     if device.type != "cuda":
         return rows
     return max(rows, CUDA_SWEEP_BYTES // (4 * in_features))

@@ -21,8 +21,8 @@ class InputAbsMax:
         self._handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        current = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
+        x = args[0].detach()  # kept on x's device: no copy to the host (and wait) per batch
+        current = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         self.amax = current if self.amax is None else torch.maximum(self.amax, current)
 
     def remove(self) -> torch.Tensor:
@@ -35,8 +35,9 @@ class InputAbsMax:
 def smooth_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float):
     """s [in] for activations with per-channel max `act_amax` feeding `weights` ([out, in])."""
     w_amax = torch.cat([w.detach().float() for w in weights]).abs().amax(dim=0)
-    act_amax = act_amax.to(w_amax.device, torch.float32)  # gathered on the host
-    scales = act_amax.clamp(min=MIN_SCALE).pow(alpha) / w_amax.clamp(min=MIN_SCALE).pow(1 - alpha)
+    scales = act_amax.float().clamp(min=MIN_SCALE).pow(alpha) / w_amax.clamp(min=MIN_SCALE).pow(
+        1 - alpha
+    )
     return scales.clamp(min=MIN_SCALE)
 
 
