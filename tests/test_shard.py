@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -376,6 +377,51 @@ def test_a_failed_write_leaves_the_old_output_untouched(tiny_dir, tmp_path, monk
     assert (out / "keep.txt").read_text() == "old"
     with pytest.raises(LlmkitError, match="not empty"):
         shard(tiny_dir("tiny-llama"), out, tp=2)
+
+
+def test_split_writes_and_reused_gather_buffers_stay_bit_exact_behind_a_slow_writer(
+    three_layer, tmp_path, monkeypatch
+):
+    """Writes cut into odd-sized calls, and a gather buffer recycled while the writer lags:
+    a buffer handed back before its pieces were written would corrupt later slices."""
+    import time
+
+    from llmkit.shard import write
+
+    write_once = write._pwrite_all
+
+    def slow(fd, view, offset):
+        time.sleep(0.002)
+        write_once(fd, view, offset)
+
+    monkeypatch.setattr(write, "_WRITE_BYTES", 1000)
+    monkeypatch.setattr(write, "_SCRATCH_BUFFERS", 1)
+    # chunks of a few rows, so that gathered chunks follow each other
+    monkeypatch.setattr(write, "row_chunks", partial(write.row_chunks, max_bytes=3000))
+    monkeypatch.setattr(write, "_pwrite_all", slow)
+    src = three_layer("tiny-qwen2")
+    shard(src, tmp_path / "out", tp=4, pp=1)
+    merge(tmp_path / "out", tmp_path / "merged")
+    assert_bit_exact(src, tmp_path / "merged")
+    assert verify(tmp_path / "out", source=src).problems == []
+
+
+def test_a_failing_writer_stops_the_shard_with_its_error_and_no_output(
+    three_layer, tmp_path, monkeypatch
+):
+    """With one gather buffer, gathered chunks wait on the writer to hand it back; a writer
+    that fails hands back nothing, and its error must come out, not a wait."""
+    from llmkit.shard import write
+
+    def full(fd, view, offset):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(write, "_SCRATCH_BUFFERS", 1)
+    monkeypatch.setattr(write, "row_chunks", partial(write.row_chunks, max_bytes=3000))
+    monkeypatch.setattr(write, "_pwrite_all", full)
+    with pytest.raises(OSError, match="No space"):
+        shard(three_layer("tiny-qwen2"), tmp_path / "out", tp=4, pp=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_verify_finds_corruption_missing_files_and_a_different_source(tiny_dir, tmp_path):

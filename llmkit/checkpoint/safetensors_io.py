@@ -275,9 +275,13 @@ class BackgroundWriter:
             raise self._error
 
     def write(self, item: object) -> None:
+        self.check()
+        self._queue.put(item)
+
+    def check(self) -> None:
+        """Re-raise the sink's error, if it failed (items after a failure are not written)."""
         if self._error is not None:
             raise self._error
-        self._queue.put(item)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
