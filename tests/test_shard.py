@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
-from llmkit.shard import sources
+from llmkit.shard import sources, write
 from llmkit.shard.manifest import MANIFEST, read_manifest
 from llmkit.shard.merge import merge
 from llmkit.shard.plan import make_plan, stage_layers
@@ -384,10 +385,6 @@ def test_split_writes_and_reused_gather_buffers_stay_bit_exact_behind_a_slow_wri
 ):
     """Writes cut into odd-sized calls, and a gather buffer recycled while the writer lags:
     a buffer handed back before its pieces were written would corrupt later slices."""
-    import time
-
-    from llmkit.shard import write
-
     write_once = write._pwrite_all
 
     def slow(fd, view, offset):
@@ -411,7 +408,6 @@ def test_a_failing_writer_stops_the_shard_with_its_error_and_no_output(
 ):
     """With one gather buffer, gathered chunks wait on the writer to hand it back; a writer
     that fails hands back nothing, and its error must come out, not a wait."""
-    from llmkit.shard import write
 
     def full(fd, view, offset):
         raise OSError("No space left on device")
