@@ -35,9 +35,8 @@ class InputAbsMax:
 def smooth_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float):
     """s [in] for activations with per-channel max `act_amax` feeding `weights` ([out, in])."""
     w_amax = torch.cat([w.detach().float() for w in weights]).abs().amax(dim=0)
-    scales = act_amax.float().clamp(min=MIN_SCALE).pow(alpha) / w_amax.clamp(min=MIN_SCALE).pow(
-        1 - alpha
-    )
+    act_term = act_amax.float().clamp(min=MIN_SCALE).pow(alpha)
+    scales = act_term / w_amax.clamp(min=MIN_SCALE).pow(1 - alpha)
     return scales.clamp(min=MIN_SCALE)
 
 

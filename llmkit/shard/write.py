@@ -155,11 +155,11 @@ def _copy(
     for start, chunk in row_chunks(partial(source.read_rows, name), *source.tensors[name]):
         for p in plans:
             for part, ranks in holders[p.name].items():
-                piece, position = _piece(p, part, chunk, start, files.scratch)
+                piece, position = _piece(p, part, chunk, start, files.scratch.take)
                 if piece is not None:
                     files.write(p.name, ranks, position, piece)
                     hashes[p.name, part].update(memoryview(piece).cast("B"))
-        files.release_scratch()
+        files.scratch.release()  # once the chunk's pieces are written
         done += chunk.size
         if progress is not None:
             progress(done, total)
@@ -232,7 +232,7 @@ class _RankFiles:
         self._where: dict[tuple[str, int], tuple[BinaryIO, int]] = {}
         self._open: list[BinaryIO] = []
         self._writer = BackgroundWriter(_run_job, depth=4)
-        self._scratch = _Scratch(2 * DEFAULT_CHUNK_BYTES, _SCRATCH_BUFFERS, self._writer.check)
+        self.scratch = _Scratch(2 * DEFAULT_CHUNK_BYTES, _SCRATCH_BUFFERS, self._writer)
         for (tp_rank, pp_rank), rank_layout in layout.items():
             names = manifest.rank_files(tp_rank, pp_rank, len(rank_layout))
             self.names[tp_rank, pp_rank] = names
@@ -261,15 +261,6 @@ class _RankFiles:
             f, begin = self._where[name, tp_rank]
             self._writer.write(partial(_pwrite_all, f.fileno(), view, begin + position))
 
-    def scratch(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Room for a gathered piece of the current chunk, in memory used before."""
-        return self._scratch.take(shape)
-
-    def release_scratch(self) -> None:
-        """The chunk's pieces are queued: its scratch is free once they are written."""
-        if (release := self._scratch.release()) is not None:
-            self._writer.write(release)
-
     def record_hash(self, name: str, tp_ranks: list[int], digest: str) -> None:
         for tp_rank in tp_ranks:
             self.digests[name, tp_rank] = digest
@@ -295,34 +286,36 @@ class _Scratch:
     Fresh memory is slow where a VM hands freed pages back to its host: touching 3 GB of new
     anonymous memory took 7.3-8 s after an idle pause against 0.45 s for memory just freed,
     so gathering into new arrays cost a 1B-parameter shard seconds. A chunk's pieces fill one
-    buffer front to back; the writer puts the buffer back once it has written them. A writer
-    that failed puts nothing back: `check` raises its error instead of waiting for ever.
+    buffer front to back; `writer` puts the buffer back once it has written them. A writer
+    that failed puts nothing back: its error is raised instead of waiting for ever.
     """
 
-    def __init__(self, nbytes: int, count: int, check: Callable[[], None]):
+    def __init__(self, nbytes: int, count: int, writer: BackgroundWriter):
         self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for _ in range(count):
             self._free.put(np.empty(nbytes, np.uint8))
-        self._check = check
+        self._writer = writer
         self._buffer: np.ndarray | None = None
         self._used = 0
 
     def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Room for a gathered piece of the current chunk."""
         while self._buffer is None:
             try:
                 self._buffer, self._used = self._free.get(timeout=0.1), 0
             except queue.Empty:
-                self._check()
+                self._writer.check()
         size = math.prod(shape)
         if self._used + size > len(self._buffer):  # a chunk of one huge row
             return np.empty(shape, np.uint8)
         self._used += size
         return self._buffer[self._used - size : self._used].reshape(shape)
 
-    def release(self) -> Callable[[], None] | None:
-        """Returning the buffer in use to the pool, for after its pieces are written."""
-        buffer, self._buffer = self._buffer, None
-        return None if buffer is None else partial(self._free.put, buffer)
+    def release(self) -> None:
+        """The current chunk's pieces are queued: its buffer goes back once they are written."""
+        if self._buffer is not None:
+            self._writer.write(partial(self._free.put, self._buffer))
+            self._buffer = None
 
 
 def _run_job(job: Callable[[], None]) -> None:
