@@ -323,11 +323,10 @@ def _run_job(job: Callable[[], None]) -> None:
 
 
 # Written 256 KiB a call: on a VM that hands freed memory back to its host, larger buffered
-# writes ran 3-5x slower after an idle pause (the 3.0 GB of a 1B-parameter tp=4 pp=2 shard,
-# gather memory reused: 4.5-5.2 s in whole pieces, 0.9-1.1 s in 256 KiB calls, 1.3 s in
-# 64 KiB, 1.5-1.7 s in 512 KiB). Likely cause: the page cache then takes large folios from
-# the high-order free blocks, which are the ones reported to the host. cp's copy_file_range
-# fills it a page at a time.
+# writes ran 3-5x slower (the 3.0 GB of a 1B-parameter tp=4 pp=2 shard, gather memory kept:
+# 4.3-5.2 s in whole pieces, 0.87-1.10 s in 256 KiB calls, 1.2-1.5 s in 64 KiB, 1.5-1.7 s in
+# 512 KiB; benchmarks/RESULTS.md). Likely cause: the page cache then takes large folios from
+# the high-order free blocks, which are the ones reported to the host.
 _WRITE_BYTES = 256 * 2**10
 
 
