@@ -51,27 +51,31 @@ def after_attention(layer: nn.Module, arch: Arch, x: torch.Tensor, core: torch.T
     return x + layer.get_submodule(arch.stages[1][0])(core)
 
 
+# Output columns of up_proj and down_proj computed at a time into a small buffer, so the
+# MLP needs one [tokens, intermediate] tensor, not two (and so, in the same memory, twice the
+# tokens a slice, where the products and the Hessian's run faster).
+COLUMNS = 256
+
+
 class MLPBuffers:
-    """Workspace the MLP steps compute into, reused by every slice of a pass: two
-    [tokens, intermediate] tensors, and a [tokens, hidden] one for the layer's output.
-    Fresh tensors for every slice would fault in new pages each time and fragment the heap,
-    whose freed pieces then stay resident until the pass ends."""
+    """Workspace the MLP steps compute into, reused by every slice of a pass: the
+    [tokens, intermediate] gated product and a [tokens, COLUMNS] part. Fresh tensors for
+    every slice would fault in new pages each time and fragment the heap, whose freed pieces
+    then stay resident until the pass ends."""
 
     def __init__(self, layer: nn.Module, arch: Arch, tokens: int, device, dtype):
         intermediate = layer.get_submodule(arch.stages[2][0]).out_features
-        hidden = layer.get_submodule(arch.stages[3][0]).out_features
-        self._gate = torch.empty(tokens, intermediate, device=device, dtype=dtype)
-        self._up = torch.empty(tokens, intermediate, device=device, dtype=dtype)
-        self._out = torch.empty(tokens, hidden, device=device, dtype=dtype)
+        self._core = torch.empty(tokens, intermediate, device=device, dtype=dtype)
+        self._part = torch.empty(tokens, COLUMNS, device=device, dtype=dtype)
 
     @classmethod
     def for_input(cls, layer: nn.Module, arch: Arch, h: torch.Tensor) -> MLPBuffers:
         """Buffers for exactly the tokens of h [..., hidden]."""
         return cls(layer, arch, h.numel() // h.shape[-1], h.device, h.dtype)
 
-    def views(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate, up, out) for `tokens` tokens."""
-        return self._gate[:tokens], self._up[:tokens], self._out[:tokens]
+    def views(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(core [tokens, intermediate], part [tokens, COLUMNS])."""
+        return self._core[:tokens], self._part[:tokens]
 
 
 def mlp_core(
@@ -86,34 +90,56 @@ def mlp_core(
 
 
 def output(
-    layer: nn.Module, arch: Arch, h: torch.Tensor, buffers: MLPBuffers | None = None
+    layer: nn.Module,
+    arch: Arch,
+    h: torch.Tensor,
+    buffers: MLPBuffers | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = h + mlp(post_norm(h)), in the buffers' output tensor."""
+    """y = h + mlp(post_norm(h)), into `out` (h itself may be given: it is read only before
+    each of its columns is written)."""
     buffers = buffers or MLPBuffers.for_input(layer, arch, h)
     flat = h.reshape(-1, h.shape[-1])
+    y = torch.empty_like(flat) if out is None else out.view(flat.shape)
     core = _gated(layer, arch, flat, buffers)
-    y = buffers.views(len(flat))[2]
-    _linear_into(layer.get_submodule(arch.stages[3][0]), core, y)
-    return y.add_(flat).view(h.shape)
+    part = buffers.views(len(flat))[1]
+    down = layer.get_submodule(arch.stages[3][0])
+    for cols, width in _column_blocks(down.out_features):
+        _linear_into(down, core, part[:, :width], cols)
+        torch.add(flat[:, cols], part[:, :width], out=y[:, cols])
+    return y.view(h.shape)
 
 
 def _gated(layer: nn.Module, arch: Arch, h: torch.Tensor, buffers: MLPBuffers) -> torch.Tensor:
     """h [tokens, hidden] -> act(gate(x)) * up(x), x = post_norm(h): [tokens, intermediate]."""
     gate, up = (layer.get_submodule(name) for name in arch.stages[2])
     x = layer.get_submodule(arch.post_norm)(h)
-    hidden, product, _ = buffers.views(len(x))
-    _linear_into(gate, x, hidden)
-    _activate_(layer.get_submodule(arch.mlp), hidden)
-    _linear_into(up, x, product)
-    return hidden.mul_(product)
+    core, part = buffers.views(len(x))
+    _linear_into(gate, x, core)
+    _activate_(layer.get_submodule(arch.mlp), core)
+    for cols, width in _column_blocks(up.out_features):
+        _linear_into(up, x, part[:, :width], cols)
+        core[:, cols].mul_(part[:, :width])
+    return core
 
 
-def _linear_into(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out = linear(x) for x [tokens, in], as F.linear computes it (mm, or addmm with a bias)."""
+def _column_blocks(features: int):
+    """(slice, width) of each COLUMNS-wide block of `features` output columns."""
+    for start in range(0, features, COLUMNS):
+        width = min(COLUMNS, features - start)
+        yield slice(start, start + width), width
+
+
+def _linear_into(
+    linear: nn.Linear, x: torch.Tensor, out: torch.Tensor, cols: slice = slice(None)
+) -> None:
+    """out = linear(x)[:, cols] for x [tokens, in], as F.linear computes it (mm, or addmm with
+    a bias)."""
+    weight = linear.weight[cols]
     if linear.bias is None:
-        torch.mm(x, linear.weight.T, out=out)
+        torch.mm(x, weight.T, out=out)
     else:
-        torch.addmm(linear.bias, x, linear.weight.T, out=out)
+        torch.addmm(linear.bias[cols], x, weight.T, out=out)
 
 
 def _activate_(mlp: nn.Module, x: torch.Tensor) -> None:

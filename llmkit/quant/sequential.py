@@ -37,6 +37,7 @@ class LayerRun:
     dtype: torch.dtype
     checkpoint: Checkpoint  # where the layer's weights are read from, under `prefix`
     prefix: str
+    last: bool = False  # the model's last decoder layer: its outputs feed no other layer
     advanced: bool = False  # set once the quantizer has computed the layer's outputs itself
 
     def load(self, names: tuple[str, ...]) -> None:
@@ -90,8 +91,9 @@ class LayerRun:
     ) -> None:
         """Overwrite the inputs with the layer's outputs: the whole layer's forward, or
         `step` (per token when `tokens` is given) when the inputs already hold part of the
-        way there."""
-        self.update(self._forward if step is None else step, tokens)
+        way there. The last layer's outputs are not computed: nothing reads them."""
+        if not self.last:
+            self.update(self._forward if step is None else step, tokens)
         self.advanced = True
 
     def _parts(self, tokens: int | None) -> Iterator[torch.Tensor]:
@@ -203,9 +205,10 @@ def run_layers(
     for index in range(total):
         prefix = f"{arch.layers}.{index}"
         layer = materialize(model.get_submodule(prefix), ck, prefix, device, dtype, deferred)
-        run = LayerRun(layer, hidden, position_embeddings, device, dtype, ck, prefix)
+        last = index == total - 1
+        run = LayerRun(layer, hidden, position_embeddings, device, dtype, ck, prefix, last)
         tensors = quantize_layer(index, run)
-        if not run.advanced:  # `hidden` now holds this layer's outputs: the next one's inputs
+        if not run.advanced:  # then `hidden` holds this layer's outputs: the next one's inputs
             run.advance()
         release(layer)
         if on_layer is not None:
