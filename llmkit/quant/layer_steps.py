@@ -102,11 +102,9 @@ def output(
     flat = h.reshape(-1, h.shape[-1])
     y = torch.empty_like(flat) if out is None else out.view(flat.shape)
     core = _gated(layer, arch, flat, buffers)
-    part = buffers.views(len(flat))[1]
     down = layer.get_submodule(arch.stages[3][0])
-    for cols, width in _column_blocks(down.out_features):
-        _linear_into(down, core, part[:, :width], cols)
-        torch.add(flat[:, cols], part[:, :width], out=y[:, cols])
+    for cols, block in _column_blocks(down, core, buffers.views(len(flat))[1]):
+        torch.add(flat[:, cols], block, out=y[:, cols])
     return y.view(h.shape)
 
 
@@ -117,17 +115,19 @@ def _gated(layer: nn.Module, arch: Arch, h: torch.Tensor, buffers: MLPBuffers) -
     core, part = buffers.views(len(x))
     _linear_into(gate, x, core)
     _activate_(layer.get_submodule(arch.mlp), core)
-    for cols, width in _column_blocks(up.out_features):
-        _linear_into(up, x, part[:, :width], cols)
-        core[:, cols].mul_(part[:, :width])
+    for cols, block in _column_blocks(up, x, part):
+        core[:, cols].mul_(block)
     return core
 
 
-def _column_blocks(features: int):
-    """(slice, width) of each COLUMNS-wide block of `features` output columns."""
-    for start in range(0, features, COLUMNS):
-        width = min(COLUMNS, features - start)
-        yield slice(start, start + width), width
+def _column_blocks(linear: nn.Linear, x: torch.Tensor, part: torch.Tensor):
+    """linear(x) [tokens, out] a block of COLUMNS output columns at a time, each computed into
+    `part` [tokens, COLUMNS] (and valid until the next): yields (columns, block)."""
+    for start in range(0, linear.out_features, COLUMNS):
+        cols = slice(start, min(start + COLUMNS, linear.out_features))
+        block = part[:, : cols.stop - start]
+        _linear_into(linear, x, block, cols)
+        yield cols, block
 
 
 def _linear_into(
