@@ -184,6 +184,7 @@ def quantize(
         q[r : r + step] = block_q if inverse is None else block_q[:, inverse]
         blocks.append(params)
     del hinv, sweep
+    return_freed_memory()  # the factor's pages, before the distances' temporaries touch others
     scales, zeros, losses = (torch.cat(parts) for parts in zip(*blocks, strict=True))
     g_idx = group_of.to(torch.int32)
     if inverse is not None:

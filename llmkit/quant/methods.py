@@ -237,6 +237,7 @@ class GPTQLayer:
             weight = torch.empty(shape, device=run.device, dtype=run.dtype)
             gptq.dequantize_into(weight, *packed, self.settings.bits)
             linear.weight = nn.Parameter(weight, requires_grad=False)
+        return_freed_memory()  # the unpacking's temporaries, before the pass that follows
 
     def _residual(self, layer, rope, x: torch.Tensor) -> torch.Tensor:
         """h = x + attention(input_norm(x))."""
