@@ -228,16 +228,16 @@ class GPTQLayer:
     def _reload(self, run: LayerRun, names: tuple[str, ...], out: dict) -> None:
         """Give unloaded Linears their quantized weights back, dequantized from the tensors
         written for them (what they computed with before, exactly)."""
-        for name in names:
+        unloaded = [name for name in names if run.layer.get_submodule(name).weight.is_meta]
+        for name in unloaded:
             linear = run.layer.get_submodule(name)
-            if not linear.weight.is_meta:
-                continue
             packed = [out[f"{name}.{suffix}"] for suffix in gptq.SUFFIXES]
             shape = (linear.out_features, linear.in_features)
             weight = torch.empty(shape, device=run.device, dtype=run.dtype)
             gptq.dequantize_into(weight, *packed, self.settings.bits)
             linear.weight = nn.Parameter(weight, requires_grad=False)
-        return_freed_memory()  # the unpacking's temporaries, before the pass that follows
+        if unloaded:  # the unpacking's temporaries, before the pass that follows
+            return_freed_memory()
 
     def _residual(self, layer, rope, x: torch.Tensor) -> torch.Tensor:
         """h = x + attention(input_norm(x))."""
@@ -289,7 +289,7 @@ class GPTQLayer:
         result = gptq_algorithm.quantize(
             weight, matrix.pop(), self.settings, name=label, warn=self.warn, again=again
         )
-        return_freed_memory()  # the sweep's working memory, before packing
+        return_freed_memory()  # the error step's temporaries, before dequantizing and packing
         result.dequantize_into(weight)  # from here on, the Linears compute as quantized
         out: dict[str, torch.Tensor] = {}
         for name, block in zip(stage, rows, strict=True):
