@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from functools import partial
@@ -380,22 +381,22 @@ def test_a_failed_write_leaves_the_old_output_untouched(tiny_dir, tmp_path, monk
         shard(tiny_dir("tiny-llama"), out, tp=2)
 
 
-def test_split_writes_and_reused_gather_buffers_stay_bit_exact_behind_a_slow_writer(
+def test_pieces_written_out_of_order_by_uneven_workers_stay_bit_exact(
     three_layer, tmp_path, monkeypatch
 ):
-    """Writes cut into odd-sized calls, and a gather buffer recycled while the writer lags:
-    a buffer handed back before its pieces were written would corrupt later slices."""
+    """Writes cut into odd-sized calls and slowed unevenly, so that the workers overtake each
+    other: a stream's pieces must still be hashed in order, and a worker's gather buffer
+    reused only once its piece is written."""
     write_once = write._pwrite_all
 
-    def slow(fd, view, offset):
-        time.sleep(0.002)
+    def uneven(fd, view, offset):
+        time.sleep(0.001 * (offset % 3))
         write_once(fd, view, offset)
 
     monkeypatch.setattr(write, "_WRITE_BYTES", 1000)
-    monkeypatch.setattr(write, "_SCRATCH_BUFFERS", 1)
     # chunks of a few rows, so that gathered chunks follow each other
     monkeypatch.setattr(write, "row_chunks", partial(write.row_chunks, max_bytes=3000))
-    monkeypatch.setattr(write, "_pwrite_all", slow)
+    monkeypatch.setattr(write, "_pwrite_all", uneven)
     src = three_layer("tiny-qwen2")
     shard(src, tmp_path / "out", tp=4, pp=1)
     merge(tmp_path / "out", tmp_path / "merged")
@@ -403,16 +404,19 @@ def test_split_writes_and_reused_gather_buffers_stay_bit_exact_behind_a_slow_wri
     assert verify(tmp_path / "out", source=src).problems == []
 
 
+@pytest.mark.parametrize("failing_call", [1, 40])
 def test_a_failing_writer_stops_the_shard_with_its_error_and_no_output(
-    three_layer, tmp_path, monkeypatch
+    three_layer, tmp_path, monkeypatch, failing_call
 ):
-    """With one gather buffer, gathered chunks wait on the writer to hand it back; a writer
-    that fails hands back nothing, and its error must come out, not a wait."""
+    """A worker that fails takes no more pieces, and the other worker, which may be waiting
+    for the failed piece's turn to hash its own, stops too: the error comes out, not a wait."""
+    write_once, calls = write._pwrite_all, itertools.count(1)
 
     def full(fd, view, offset):
-        raise OSError("No space left on device")
+        if next(calls) == failing_call:
+            raise OSError("No space left on device")
+        write_once(fd, view, offset)
 
-    monkeypatch.setattr(write, "_SCRATCH_BUFFERS", 1)
     monkeypatch.setattr(write, "row_chunks", partial(write.row_chunks, max_bytes=3000))
     monkeypatch.setattr(write, "_pwrite_all", full)
     with pytest.raises(OSError, match="No space"):
