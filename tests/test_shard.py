@@ -21,7 +21,7 @@ from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
-from llmkit.shard import sources, write
+from llmkit.shard import manifest, sources, write
 from llmkit.shard.manifest import MANIFEST, read_manifest
 from llmkit.shard.merge import merge
 from llmkit.shard.plan import make_plan, stage_layers
@@ -422,6 +422,17 @@ def test_a_failing_writer_stops_the_shard_with_its_error_and_no_output(
     with pytest.raises(OSError, match="No space"):
         shard(three_layer("tiny-qwen2"), tmp_path / "out", tp=4, pp=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_manifest_outline_is_the_same_json_with_one_line_per_entry(tiny_dir, tmp_path):
+    shard(tiny_dir("tiny-llama"), tmp_path / "s", tp=2, pp=2)
+    text = (tmp_path / "s" / MANIFEST).read_text()
+    data = json.loads(text)
+    assert text.count("\n") == 2 + len(data) + sum(
+        len(v) + 1 for v in data.values() if isinstance(v, dict | list) and v
+    )
+    odd = {"a": [], "b": {}, "c": [{"x": 'q"\n\u00e9', "y": [1.5, None]}], "d": {"e": {"f": []}}}
+    assert json.loads(manifest.outline(odd, levels=2)) == odd
 
 
 def test_verify_finds_corruption_missing_files_and_a_different_source(tiny_dir, tmp_path):

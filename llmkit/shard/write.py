@@ -134,7 +134,7 @@ def _write(
     )
     copy_aux_files(Path(source.path), tmp)
     write_json(tmp / "config.json", source.config)
-    write_json(tmp / manifest.MANIFEST, data)
+    manifest.write(tmp, data)
     return data
 
 
