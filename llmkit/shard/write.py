@@ -126,14 +126,14 @@ def _write(
                 tensor_streams = _streams(by_source[name], plan.tp, files)
                 done = _copy(source, name, tensor_streams, workers, done, progress, total)
                 streams += tensor_streams
+            copy_aux_files(Path(source.path), tmp)  # while the last pieces are written
+            write_json(tmp / "config.json", source.config)
         for s in streams:
             files.record_hash(s.holders, s.hash.hexdigest())
     plan = replace(plan, dropped=(*source.dropped, *plan.dropped))
     data = manifest.build(
         plan, files.names, files.sizes, files.where_file, files.digests, source.record()
     )
-    copy_aux_files(Path(source.path), tmp)
-    write_json(tmp / "config.json", source.config)
     manifest.write(tmp, data)
     return data
 
