@@ -258,6 +258,9 @@ def test_tied_embeddings_get_an_lm_head_on_the_last_stage_only(three_layer, tmp_
     assert head.source == "model.embed_tokens.weight" and head.pp_rank == 1 and head.is_copy
     embed = tensors_of(src)["model.embed_tokens.weight"]
     assert torch.equal(rank_tensor(tmp_path / "pp2", "lm_head.weight", 1), embed[256:])
+    # hashed once with the embedding's slice, and that hash is the lm_head's bytes' own
+    assert manifest.hashes["lm_head.weight", 1] == manifest.hashes["model.embed_tokens.weight", 1]
+    assert verify(tmp_path / "pp2", source=src).problems == []
     shard(src, tmp_path / "pp1", tp=2)
     assert "lm_head.weight" not in read_manifest(tmp_path / "pp1").plans
     merge(tmp_path / "pp2", tmp_path / "merged")
