@@ -221,8 +221,8 @@ def _copy_piece(
 def _put(
     s: _Stream, seq: int, piece: np.ndarray, position: int, _: _Scratch, workers: _Workers
 ) -> None:
-    """Write the stream's piece number `seq` at `position` of every copy, then hash it (a
-    piece made here, such as padding, needs no gather buffer)."""
+    """Write the stream's piece number `seq` at `position` of every copy, then hash it. The
+    worker's gather buffer (`_`) goes unused: the piece is ready, cut or padding."""
     view = memoryview(np.ascontiguousarray(piece)).cast("B")
     for fd, begin in s.targets:
         _pwrite_all(fd, view, begin + position)
