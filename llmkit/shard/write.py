@@ -221,9 +221,22 @@ def _copy_piece(
 def _put(
     s: _Stream, seq: int, piece: np.ndarray, position: int, _: _Scratch, workers: _Workers
 ) -> None:
-    """Write the stream's piece number `seq` at `position` of every copy, then hash it. The
-    worker's gather buffer (`_`) goes unused: the piece is ready, cut or padding."""
+    """Write the stream's piece number `seq` at `position` of every copy and hash it. The
+    worker's gather buffer (`_`) goes unused: the piece is ready, cut or padding.
+
+    When the piece before it is already hashed, each block is hashed right after it is
+    written, while it is still in cache; otherwise the whole piece is written first and
+    hashed once its turn comes, so that the worker never waits before writing.
+    """
     view = memoryview(np.ascontiguousarray(piece)).cast("B")
+    if workers.take_turn(s, seq):
+        for a in range(0, len(view), _WRITE_BYTES):
+            block = view[a : a + _WRITE_BYTES]
+            for fd, begin in s.targets:
+                _pwrite_all(fd, block, begin + position + a)
+            s.hash.update(block)
+        workers.end_turn(s)
+        return
     for fd, begin in s.targets:
         _pwrite_all(fd, view, begin + position)
     workers.in_turn(s, seq, partial(s.hash.update, view))
@@ -361,6 +374,14 @@ class _Workers:
             if self._error is not None:
                 raise _Stopped
         action()
+        self.end_turn(s)
+
+    def take_turn(self, s: _Stream, seq: int) -> bool:
+        """Whether piece `seq` of `s` may be hashed now; if so, `end_turn` must follow."""
+        with self._turns:
+            return s.hashed == seq
+
+    def end_turn(self, s: _Stream) -> None:
         with self._turns:
             s.hashed += 1
             self._turns.notify_all()
