@@ -164,6 +164,12 @@ class _Stream:
     hash: xxhash.xxh3_128 = field(default_factory=new_hash)
     queued: int = 0  # pieces handed to the workers
     hashed: int = 0  # pieces hashed so far
+    waiting: dict[int, memoryview] = field(default_factory=dict)  # written, not yet hashed
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether its pieces are views of the source chunks, not gathered into a buffer."""
+        return self.plan.dim in (None, 0)
 
     def holds(self, start: int, rows: int) -> bool:
         """Whether source rows [start, start + rows) have bytes in this slice."""
@@ -225,8 +231,10 @@ def _put(
     worker's gather buffer (`_`) goes unused: the piece is ready, cut or padding.
 
     When the piece before it is already hashed, each block is hashed right after it is
-    written, while it is still in cache; otherwise the whole piece is written first and
-    hashed once its turn comes, so that the worker never waits before writing.
+    written, while it is still in cache. Otherwise the whole piece is written first, so that
+    the worker never waits before writing, and then left to be hashed by the worker that
+    hashes the piece before it; a piece in a gather buffer, which the worker reuses, waits
+    for its turn instead.
     """
     view = memoryview(np.ascontiguousarray(piece)).cast("B")
     if workers.take_turn(s, seq):
@@ -239,7 +247,10 @@ def _put(
         return
     for fd, begin in s.targets:
         _pwrite_all(fd, view, begin + position)
-    workers.in_turn(s, seq, partial(s.hash.update, view))
+    if s.contiguous:
+        workers.defer(s, seq, view)
+    else:
+        workers.in_turn(s, seq, partial(s.hash.update, view))
 
 
 def _piece(
@@ -382,9 +393,25 @@ class _Workers:
             return s.hashed == seq
 
     def end_turn(self, s: _Stream) -> None:
+        """Piece `s.hashed` is hashed; hash the written pieces left waiting right after it."""
+        while True:
+            with self._turns:
+                s.hashed += 1
+                self._turns.notify_all()
+                waiting = s.waiting.pop(s.hashed, None)
+            if waiting is None:
+                return
+            s.hash.update(waiting)
+
+    def defer(self, s: _Stream, seq: int, view: memoryview) -> None:
+        """Leave written piece `seq` of `s` to the worker that hashes piece seq-1, or hash it
+        here if that is already done."""
         with self._turns:
-            s.hashed += 1
-            self._turns.notify_all()
+            if s.hashed != seq:
+                s.waiting[seq] = view
+                return
+        s.hash.update(view)
+        self.end_turn(s)
 
     def __enter__(self) -> _Workers:
         for t in self._threads:
