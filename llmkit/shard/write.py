@@ -356,12 +356,14 @@ class _Stopped(Exception):
 
 
 class _Workers:
-    """Threads taking pieces from one queue in the order they were submitted.
+    """Threads taking pieces from one queue in the order they were submitted; the submitting
+    thread does a piece itself when the queue is full.
 
-    Any worker may write any piece, but a stream's pieces must be hashed in order: a worker
-    waits (`in_turn`) until the piece before its own has been hashed. The earliest piece not
-    yet done never waits, so the workers cannot block each other. The first error stops
-    every worker and is re-raised to the submitting thread.
+    Any of them may write any piece, but a stream's pieces must be hashed in order. A piece
+    whose turn has not come is left (`defer`) to whoever hashes the piece before it, or, in
+    a gather buffer, waits (`in_turn`) until that piece is hashed. The earliest piece not
+    yet done never waits, so no thread can block the others. The first error stops every
+    worker and is re-raised to the submitting thread.
     """
 
     def __init__(self, count: int, depth: int):
@@ -369,10 +371,20 @@ class _Workers:
         self._turns = threading.Condition()
         self._error: BaseException | None = None
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+        self._own_scratch = _Scratch()
 
     def submit(self, job: Callable[[_Scratch, _Workers], None]) -> None:
+        """Queue `job`, or do it here while the queue is full: the workers have enough
+        waiting, and this thread would otherwise sleep until there is room."""
         self.check()
-        self._queue.put(job)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            try:
+                job(self._own_scratch, self)
+            except _Stopped:  # a worker failed while this thread waited for a turn
+                self.check()
+                raise
 
     def check(self) -> None:
         if self._error is not None:
