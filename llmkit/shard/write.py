@@ -228,12 +228,12 @@ def _put(
     s: _Stream, seq: int, piece: np.ndarray, position: int, _: _Scratch, workers: _Workers
 ) -> None:
     """Write the stream's piece number `seq` at `position` of every copy and hash it. The
-    worker's gather buffer (`_`) goes unused: the piece is ready, cut or padding.
+    thread's gather buffer (`_`) goes unused: the piece is ready, cut or padding.
 
     When the piece before it is already hashed, each block is hashed right after it is
     written, while it is still in cache. Otherwise the whole piece is written first, so that
-    the worker never waits before writing, and then left to be hashed by the worker that
-    hashes the piece before it; a piece in a gather buffer, which the worker reuses, waits
+    the thread never waits before writing, and then left to be hashed by the thread that
+    hashes the piece before it; a piece in a gather buffer, which the thread reuses, waits
     for its turn instead.
     """
     view = memoryview(np.ascontiguousarray(piece)).cast("B")
@@ -352,7 +352,7 @@ _QUEUE_DEPTH = 6  # pieces waiting; each holds its source chunk's memory map
 
 
 class _Stopped(Exception):
-    """Raised in a worker waiting its turn once another worker has failed."""
+    """Raised in a thread waiting for its turn once a worker has failed."""
 
 
 class _Workers:
@@ -416,7 +416,7 @@ class _Workers:
             s.hash.update(waiting)
 
     def defer(self, s: _Stream, seq: int, view: memoryview) -> None:
-        """Leave written piece `seq` of `s` to the worker that hashes piece seq-1, or hash it
+        """Leave written piece `seq` of `s` to the thread that hashes piece seq-1, or hash it
         here if that is already done."""
         with self._turns:
             if s.hashed != seq:
