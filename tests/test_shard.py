@@ -21,8 +21,8 @@ from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
-from llmkit.shard import manifest, sources, write
-from llmkit.shard.manifest import MANIFEST, read_manifest
+from llmkit.shard import sources, write
+from llmkit.shard.manifest import MANIFEST, outline, read_manifest
 from llmkit.shard.merge import merge
 from llmkit.shard.plan import make_plan, stage_layers
 from llmkit.shard.verify import verify
@@ -411,8 +411,8 @@ def test_pieces_written_out_of_order_by_uneven_workers_stay_bit_exact(
 def test_a_failing_writer_stops_the_shard_with_its_error_and_no_output(
     three_layer, tmp_path, monkeypatch, failing_call
 ):
-    """A worker that fails takes no more pieces, and the other worker, which may be waiting
-    for the failed piece's turn to hash its own, stops too: the error comes out, not a wait."""
+    """A thread whose write fails stops the others, one waiting for a hashing turn that will
+    not come included: the error comes out, not a wait."""
     write_once, calls = write._pwrite_all, itertools.count(1)
 
     def full(fd, view, offset):
@@ -435,7 +435,7 @@ def test_the_manifest_outline_is_the_same_json_with_one_line_per_entry(tiny_dir,
         len(v) + 1 for v in data.values() if isinstance(v, dict | list) and v
     )
     odd = {"a": [], "b": {}, "c": [{"x": 'q"\n\u00e9', "y": [1.5, None]}], "d": {"e": {"f": []}}}
-    assert json.loads(manifest.outline(odd, levels=2)) == odd
+    assert json.loads(outline(odd, levels=2)) == odd
 
 
 def test_verify_finds_corruption_missing_files_and_a_different_source(tiny_dir, tmp_path):
