@@ -228,9 +228,9 @@ class GPTQLayer:
     def _reload(self, run: LayerRun, names: tuple[str, ...], out: dict) -> None:
         """Give unloaded Linears their quantized weights back, dequantized from the tensors
         written for them (what they computed with before, exactly)."""
-        unloaded = [name for name in names if run.layer.get_submodule(name).weight.is_meta]
-        for name in unloaded:
-            linear = run.layer.get_submodule(name)
+        linears = {name: run.layer.get_submodule(name) for name in names}
+        unloaded = {name: linear for name, linear in linears.items() if linear.weight.is_meta}
+        for name, linear in unloaded.items():
             packed = [out[f"{name}.{suffix}"] for suffix in gptq.SUFFIXES]
             shape = (linear.out_features, linear.in_features)
             weight = torch.empty(shape, device=run.device, dtype=run.dtype)

@@ -237,17 +237,16 @@ def _put(
     for its turn instead.
     """
     view = memoryview(np.ascontiguousarray(piece)).cast("B")
-    if workers.take_turn(s, seq):
-        for a in range(0, len(view), _WRITE_BYTES):
-            block = view[a : a + _WRITE_BYTES]
-            for fd, begin in s.targets:
-                _pwrite_all(fd, block, begin + position + a)
+    hash_now = workers.take_turn(s, seq)
+    for a in range(0, len(view), _WRITE_BYTES):
+        block = view[a : a + _WRITE_BYTES]
+        for fd, begin in s.targets:
+            _pwrite_all(fd, block, begin + position + a)
+        if hash_now:
             s.hash.update(block)
+    if hash_now:
         workers.end_turn(s)
-        return
-    for fd, begin in s.targets:
-        _pwrite_all(fd, view, begin + position)
-    if s.contiguous:
+    elif s.contiguous:
         workers.defer(s, seq, view)
     else:
         workers.in_turn(s, seq, partial(s.hash.update, view))
