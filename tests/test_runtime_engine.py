@@ -117,3 +117,40 @@ def test_rope_scaling_matches_transformers(tiny_dir, tmp_path, scaling):
     unscaled = hf_model(tiny_dir("tiny-llama"))(torch.tensor([ids])).logits[0]
     assert not torch.allclose(expected, unscaled, atol=1e-3)  # the scaling does matter here
     assert torch.allclose(runtime_logits(path, ids), expected, atol=1e-4)
+
+
+def test_a_request_that_breaks_the_sampler_fails_alone(tiny_dir, monkeypatch):
+    """One request whose sampling raises is failed with an error output; the others in its
+    step go on to exactly the greedy tokens transformers gives."""
+    prompts = random_prompts(6, 3, 30, seed=4)
+    engine = Engine(tiny_dir(), EngineConfig(enable_prefix_caching=False))
+    sampler = engine.executor.runner.sampler
+    poison = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, seed=7)
+    real = type(sampler).__call__
+
+    def breaks_on_poison(self, logits, params, histories, seeds):
+        if any(p is poison for p in params):
+            raise RuntimeError("sampler broke")
+        return real(self, logits, params, histories, seeds)
+
+    monkeypatch.setattr(type(sampler), "__call__", breaks_on_poison)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt_token_ids=prompt, params=GREEDY)
+    engine.add_request("bad", prompt_token_ids=prompts[0], params=poison)
+    done, errors = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error is not None:
+                errors[out.request_id] = out.error
+            elif out.finished:
+                done[int(out.request_id)] = out.outputs[0].token_ids
+    assert list(errors) == ["bad"] and "sampler broke" in errors["bad"]
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
+    expect_hf(tiny_dir(), prompts, done)
+
+
+def test_seeds_and_top_k_past_their_ranges_sample(tiny_dir):
+    engine = LLM(tiny_dir(), EngineConfig())
+    params = SamplingParams(max_tokens=4, seed=2**64 - 1, n=2, top_k=10**20)
+    (out,) = engine.generate([[1, 5, 9]], params)
+    assert [len(c.token_ids) for c in out.outputs] == [4, 4]

@@ -28,7 +28,7 @@ from llmkit.runtime.model_runner import PromptSpan, kv_block_bytes, prepare
 from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.outputs import Completion, RequestOutput, RequestTimes, check_prompt_ids
 from llmkit.runtime.rank_tensors import RankTensors, open_rank
-from llmkit.runtime.scheduler import Scheduler
+from llmkit.runtime.scheduler import Batch, Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, stop_reason
 from llmkit.runtime.tokenizer import load_tokenizer
 
@@ -104,7 +104,7 @@ class Engine:
         ids = self._prompt_ids(prompt, prompt_token_ids)
         seqs: list[Sequence] = []
         for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
+            seed = None if params.seed is None else (params.seed + i) % 2**64  # torch's range
             seqs.append(Sequence(list(ids), params, request_id, seqs[0] if seqs else None, seed))
         detok = [self._detokenizer(ids, params) for _ in seqs]
         times = RequestTimes(time.monotonic() if arrival is None else arrival)
@@ -126,24 +126,56 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; outputs of the requests that advanced."""
+        """Schedule, run the model once, sample; outputs of the requests that advanced.
+
+        A step that fails is run again one request at a time, so an input that breaks the
+        model or the sampler fails only its own request (an output with `error` set)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:  # everyone was preempted this step: they run again next step
             if self.scheduler.running or batch.preempted or not self.scheduler.waiting:
                 return []
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
         self._mark_scheduled(batch.seqs)
+        failed: list[RequestOutput] = []
+        try:
+            runs = [(batch, self._compute(batch))]
+        except Exception as e:
+            if len({s.request_id for s in batch.seqs}) == 1:
+                return [self._fail(batch.seqs[0].request_id, e)]
+            log.warning("a step of %d sequences failed (%s); running it request by request",
+                        len(batch.seqs), e)  # fmt: skip
+            runs = []
+            for part in _by_request(batch):
+                try:
+                    runs.append((part, self._compute(part)))
+                except Exception as e:
+                    failed.append(self._fail(part.seqs[0].request_id, e))
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for part, (to_sample, sampled) in runs:
+            self.scheduler.update(part)
+            for seq, token in zip(to_sample, sampled, strict=True):
+                touched[seq.request_id] = self._advance(seq, token, now)
+        return failed + [self._output(r) for r in touched.values()]
+
+    def _compute(self, batch: Batch) -> tuple[list[Sequence], list[Sampled]]:
+        """Run the model over `batch` and sample; changes no scheduling state (the K/V it
+        writes are written again, the same, if the batch is run again)."""
         inputs, to_sample, spans = prepare(batch, self.config.block_size)
         logits = self.executor.execute(inputs)
         self._score_prompts(spans, logits[len(to_sample) :] if spans else None)
-        self.scheduler.update(batch)
-        touched: dict[str, _Request] = {}
-        if to_sample:
-            sampled = self.executor.runner.sample(logits[: len(to_sample)], to_sample)
-            now = time.monotonic()
-            for seq, token in zip(to_sample, sampled, strict=True):
-                touched[seq.request_id] = self._advance(seq, token, now)
-        return [self._output(r) for r in touched.values()]
+        if not to_sample:
+            return to_sample, []
+        return to_sample, self.executor.runner.sample(logits[: len(to_sample)], to_sample)
+
+    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
+        """End one request with an error (its blocks freed); the output that says so."""
+        log.error("request %s failed in the engine: %s", request_id, error)
+        request = self.requests[request_id]
+        self.abort(request_id)
+        out = self._output(request)
+        out.error = f"the engine failed on this request: {type(error).__name__}: {error}"
+        return out
 
     def close(self) -> None:
         self.executor.close()
@@ -197,7 +229,7 @@ class Engine:
         finished = all(s.is_finished for s in request.seqs)
         if finished:
             request.times.finished = time.monotonic()
-            del self.requests[request.request_id]
+            self.requests.pop(request.request_id, None)
         return RequestOutput(
             request.request_id,
             request.prompt_token_ids,
@@ -319,3 +351,11 @@ class LLM:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _by_request(batch: Batch) -> list[Batch]:
+    """`batch` cut into one batch per request (a request's n sequences stay together)."""
+    parts: dict[str, Batch] = {}
+    for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        parts.setdefault(seq.request_id, Batch()).add(seq, n)
+    return list(parts.values())

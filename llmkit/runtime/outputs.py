@@ -39,6 +39,7 @@ class RequestOutput:
     # per prompt token {"token_id", "logprob", "top"}; None for the first (nothing scores it)
     prompt_logprobs: list[dict | None] | None = None
     num_cached_tokens: int = 0
+    error: str | None = None  # the engine failed this request alone (finished is then True)
 
 
 def check_prompt_ids(ids: list[int], vocab: int, max_model_len: int) -> None:

@@ -95,7 +95,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """Softmax with top-k, top-p and min-p applied (each a no-op at its default)."""
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])[:, None]
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])[:, None]
     ranks = torch.arange(vocab)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k, -torch.inf)
     probs = sorted_logits.softmax(dim=-1)
