@@ -53,7 +53,7 @@ def offline(model):
 
 
 def test_models_and_health(server, client, model):
-    assert [m.id for m in client.models.list().data] == [str(model)]
+    assert [m.id for m in client.models.list().data] == [model.name]
     assert server.request("GET", "/health")[:1] == (200,)
 
 

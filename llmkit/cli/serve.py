@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -27,7 +28,10 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = default(ServeConfig, "port"),
     served_model_name: Annotated[
         str | None,
-        typer.Option("--served-model-name", help="The name clients use (default: MODEL)."),
+        typer.Option(
+            "--served-model-name",
+            help="The name /v1/models lists (default: MODEL's directory name, or the hub id).",
+        ),
     ] = None,
     api_key: Annotated[
         str | None,
@@ -39,11 +43,47 @@ def serve(
     ] = None,
     max_queued_requests: Annotated[
         int | None,
-        typer.Option("--max-queued-requests", help="Answer 429 beyond this many waiting requests."),
+        typer.Option(
+            "--max-queued-requests",
+            help="Answer 429 beyond this many waiting sequences (default: the KV cache's blocks).",
+        ),
     ] = None,
     max_request_size: Annotated[
         str, typer.Option("--max-request-size", help="Largest request body, e.g. 8MiB.")
     ] = "8MiB",
+    max_prompts_per_request: Annotated[
+        int, typer.Option("--max-prompts-per-request", help="Prompts in one completions request.")
+    ] = default(ServeConfig, "max_prompts_per_request"),
+    max_prompt_bytes: Annotated[
+        str | None,
+        typer.Option(
+            "--max-prompt-bytes",
+            help="Largest prompt text, e.g. 1MiB (default: what the context can hold).",
+        ),
+    ] = None,
+    max_response_entries: Annotated[
+        int,
+        typer.Option(
+            "--max-response-entries",
+            help="Most tokens and log probabilities in one answer: n x tokens x (1+logprobs).",
+        ),
+    ] = default(ServeConfig, "max_response_entries"),
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout", help="Seconds a client has to send its headers, then its body."
+        ),
+    ] = default(ServeConfig, "request_timeout_s"),
+    stream_stall_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stream-stall-timeout",
+            help="Seconds a stream may wait on a client that reads nothing before it is ended.",
+        ),
+    ] = default(ServeConfig, "stream_stall_timeout_s"),
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="Open connections; beyond them 503.")
+    ] = default(ServeConfig, "max_connections"),
     shutdown_timeout: Annotated[
         float,
         typer.Option(
@@ -73,18 +113,33 @@ def serve(
         engine=engine,
         host=host,
         port=port,
-        served_model_name=served_model_name or model,
+        served_model_name=served_model_name or _public_name(model),
+        model_aliases=(model,),
         api_key=api_key,
         max_queued_requests=max_queued_requests,
-        max_request_bytes=_size(max_request_size),
+        max_request_bytes=_size(max_request_size, "--max-request-size"),
+        max_prompts_per_request=max_prompts_per_request,
+        max_prompt_bytes=None
+        if max_prompt_bytes is None
+        else _size(max_prompt_bytes, "--max-prompt-bytes"),
+        max_response_entries=max_response_entries,
+        request_timeout_s=request_timeout,
+        stream_stall_timeout_s=stream_stall_timeout,
+        max_connections=max_connections,
         shutdown_timeout_s=shutdown_timeout,
         stats_interval_s=stats_interval,
     )
     run(config, log_level)
 
 
-def _size(text: str) -> int:
+def _size(text: str, option: str) -> int:
     try:
         return parse_size(text)
     except LlmkitError:
-        raise LlmkitError(f"--max-request-size {text!r} must be a size like 8MiB") from None
+        raise LlmkitError(f"{option} {text!r} must be a size like 8MiB") from None
+
+
+def _public_name(model: str) -> str:
+    """A local MODEL's directory name (not its path); a hub id as it is."""
+    path = Path(model)
+    return path.resolve().name if path.exists() else model

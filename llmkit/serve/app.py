@@ -6,25 +6,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from llmkit.serve import handlers as h
 from llmkit.serve import responses as r
-from llmkit.serve.async_engine import AsyncEngine
+from llmkit.serve.async_engine import AsyncEngine, EngineDead
 from llmkit.serve.config import ServeConfig
 from llmkit.serve.engine_process import EngineProcess
 from llmkit.serve.metrics import Metrics
-from llmkit.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
+from llmkit.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    decode_json,
+    parse,
+)
 
 log = logging.getLogger("llmkit.serve")
 
@@ -64,9 +69,19 @@ class ServerState:
             cfg.stats_interval_s,
             on_dead=self._fail,
         )
-        names = r.TokenText(tokenizer)
+        limits = h.Limits(
+            cfg.max_prompts_per_request, cfg.max_response_entries, cfg.max_prompt_bytes
+        )
         served = h.Served(
-            loop, tokenizer, names, cfg.model_name, info.max_model_len, info.vocab_size
+            loop,
+            tokenizer,
+            r.TokenText(tokenizer),
+            cfg.model_name,
+            info.max_model_len,
+            info.vocab_size,
+            limits,
+            frozenset(cfg.model_aliases),
+            h.max_token_bytes(tokenizer),
         )
         with self._lock:
             if not self.closing:
@@ -89,6 +104,16 @@ class ServerState:
             raise ApiError(503, "the model is still loading", type="server_error", code="loading")
         return self.served
 
+    def expire(self) -> None:
+        """--shutdown-timeout has passed: end what still runs with an error (a stream gets an
+        error event and [DONE], a waiting request a 503), in one log line."""
+        served = self.served
+        if served is None:
+            return
+        error = EngineDead("the server is shutting down and this request ran out of time")
+        if count := served.engine.end_all(error):
+            log.warning("shutdown timeout: ended %d requests still running", count)
+
     def close(self) -> None:
         with self._lock:
             self.closing = True
@@ -102,11 +127,27 @@ class ServerState:
 
 
 class EventStream(StreamingResponse):
-    """Server-Sent Events that stop (aborting their requests) the moment the client goes."""
+    """Server-Sent Events that stop (aborting their requests) the moment the client goes, or
+    once it has read nothing for `stall_timeout_s` (the send waits on a full socket buffer)."""
 
     media_type = "text/event-stream"
 
+    def __init__(self, events, stall_timeout_s: float):
+        super().__init__(events)
+        self.stall_timeout_s = stall_timeout_s
+
     async def __call__(self, scope, receive, send) -> None:
+        async def stream() -> None:
+            try:
+                await self.stream_response(send_or_stall)
+            except TimeoutError:  # uvicorn closes a connection left mid-response
+                log.warning("a stream's client read nothing for %.0f s; ending it",
+                            self.stall_timeout_s)  # fmt: skip
+
+        async def send_or_stall(message) -> None:
+            with anyio.fail_after(self.stall_timeout_s):
+                await send(message)
+
         async def until_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
@@ -118,7 +159,7 @@ class EventStream(StreamingResponse):
                     await func()
                     group.cancel_scope.cancel()
 
-                group.start_soon(run_then_stop, partial(self.stream_response, send))
+                group.start_soon(run_then_stop, stream)
                 await run_then_stop(until_disconnect)
         except OSError:
             pass
@@ -135,7 +176,9 @@ def create_app(config: ServeConfig, process: EngineProcess) -> tuple[FastAPI, Se
         yield
         await asyncio.to_thread(state.close)
 
-    app = FastAPI(title="llmkit", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="llmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     _errors(app)
     _routes(app, state)
     return app, state
@@ -175,6 +218,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     v1 = [Depends(authorized)]
 
+    @app.get("/openapi.json", dependencies=v1, include_in_schema=False)
+    async def openapi() -> dict:
+        return app.openapi()
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.served is not None:
@@ -196,7 +243,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             "object": "model",
             "created": int(time.time()),
             "owned_by": "llmkit",
-            "root": config.model,
+            "root": served.model_name,
             "max_model_len": served.max_model_len,
         }
         return {"object": "list", "data": [card]}
@@ -204,44 +251,54 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", dependencies=v1)
     async def completions(request: Request) -> Response:
         served = state.ready()
-        body = parse(CompletionRequest, await _read_json(request, config.max_request_bytes))
-        jobs = h.completion_jobs(served, body)
+        body = parse(CompletionRequest, await _read_json(request, config))
+        jobs = await asyncio.to_thread(h.completion_jobs, served, body)
         env = r.Envelope(r.new_id("cmpl"), "text_completion", served.model_name)
         runs = h.start(served, jobs, env.id)
         if body.stream:
-            return EventStream(h.completion_events(served, body, jobs, runs, env))
+            events = h.completion_events(served, body, jobs, runs, env)
+            return EventStream(events, config.stream_stall_timeout_s)
         outs = await _unless_disconnected(request, h.finals(runs))
         return JSONResponse(h.completion_body(served, body, jobs, outs, env))
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(request: Request) -> Response:
         served = state.ready()
-        body = parse(ChatCompletionRequest, await _read_json(request, config.max_request_bytes))
-        job = h.chat_job(served, body)
+        body = parse(ChatCompletionRequest, await _read_json(request, config))
+        job = await asyncio.to_thread(h.chat_job, served, body)
         env = r.Envelope(r.new_id("chatcmpl"), "chat.completion", served.model_name)
         runs = h.start(served, [job], env.id)
         if body.stream:
             env.object = "chat.completion.chunk"
-            return EventStream(h.chat_events(served, body, job, runs, env))
+            events = h.chat_events(served, body, job, runs, env)
+            return EventStream(events, config.stream_stall_timeout_s)
         (out,) = await _unless_disconnected(request, h.finals(runs))
         return JSONResponse(h.chat_body(served, body, out, env))
 
 
-async def _read_json(request: Request, limit: int):
+async def _read_json(request: Request, config: ServeConfig):
+    """The body, decoded and checked (protocol.decode_json); 413 past --max-request-size,
+    408 when it does not arrive within --request-timeout."""
+    limit = config.max_request_bytes
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        with anyio.fail_after(config.request_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        log.warning("a request body did not arrive within %.0f s", config.request_timeout_s)
+        raise ApiError(408, "the request body did not arrive in time", code="timeout") from None
+    except ClientDisconnect:
+        log.info("a client disconnected while sending its request")
+        raise ApiError(499, "the client closed the connection", code="client_closed") from None
+    return decode_json(b"".join(chunks))
 
 
 async def _unless_disconnected(request: Request, work):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -66,16 +67,22 @@ class AsyncEngine:
     ):
         self.process = process
         self.metrics = metrics
-        self.max_queued_requests = max_queued_requests
+        # None: as many sequences as the KV cache has blocks (each needs one at least to run)
+        self.max_queued_requests = max_queued_requests or info.num_blocks
         self.stats_interval_s = stats_interval_s
         self.on_dead = on_dead  # told when the engine process dies under a running server
         self.stats = EngineStats(num_blocks=info.num_blocks)
-        self._lock = threading.Lock()  # guards _streams and _adds
-        # Sends take their own lock: a send blocked on a full pipe must not stop the reader
-        # (which takes _lock) from draining the other direction.
-        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _streams and _seqs_sent
         self._streams: dict[str, _Stream] = {}
-        self._adds = 0
+        self._seqs_sent = 0
+        # Commands go through a queue to their own thread: a send blocked on a full pipe
+        # (the engine drains it between steps) must block neither the event loop nor the
+        # reader, which drains the other direction.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(
+            target=self._send_all, name="llmkit-engine-sender", daemon=True
+        )
+        self._sender.start()
         self._stopping = False
         self._dead = False
         self._totals = _Totals(time.monotonic())
@@ -84,9 +91,9 @@ class AsyncEngine:
 
     @property
     def num_queued(self) -> int:
-        """Sequences waiting for the engine, and requests not yet taken by it."""
+        """Sequences waiting in the engine, and those of requests not yet taken by it."""
         stats = self.stats
-        return stats.waiting + self._adds - stats.adds_seen
+        return stats.waiting + self._seqs_sent - stats.seqs_seen
 
     def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float
@@ -97,7 +104,7 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival, len(prompt_ids))
         with self._lock:
             self._streams[request_id] = stream
-            self._adds += 1
+            self._seqs_sent += params.n
         self._send(("add", request_id, prompt_ids, params, arrival))
         return self._outputs(request_id, stream)
 
@@ -115,11 +122,10 @@ class AsyncEngine:
             if not finished:
                 self._abort(request_id)
 
-    def admit(self, num_requests: int) -> None:
-        """Raise QueueFull when `num_requests` more would pass --max-queued-requests."""
+    def admit(self, num_seqs: int) -> None:
+        """Raise QueueFull when `num_seqs` more sequences would pass --max-queued-requests."""
         self._check_alive()
-        limit = self.max_queued_requests
-        if limit is not None and self.num_queued + num_requests > limit:
+        if self.num_queued + num_seqs > self.max_queued_requests:
             raise QueueFull
 
     def _check_alive(self) -> None:
@@ -134,10 +140,28 @@ class AsyncEngine:
         self._reader.join(timeout_s)
         self._fail_all(EngineDead("the server is shutting down"))
 
+    def end_all(self, error: Exception) -> int:
+        """Fail every request in flight with `error` (their streams end with it), aborting
+        them in the engine; how many there were."""
+        with self._lock:
+            ids = list(self._streams)
+        self._fail_all(error)
+        for request_id in ids:
+            self._send(("abort", request_id))
+        return len(ids)
+
     def _send(self, message: tuple) -> None:
-        # If the engine process is gone, the reader fails everything in flight.
-        with self._send_lock, contextlib.suppress(OSError):
-            self.process.send(message)
+        self._outbox.put(message)
+
+    def _send_all(self) -> None:
+        while True:
+            message = self._outbox.get()
+            try:
+                self.process.send(message)
+            except OSError:
+                return  # the engine process is gone: the reader fails everything in flight
+            if message[0] == "stop":
+                return
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
@@ -181,7 +205,8 @@ class AsyncEngine:
                     continue
                 out = stream.output = apply(stream.output, delta)
                 self._record(stream, out, now)
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                item = out if out.error is None else LlmkitError(out.error)
+                by_loop.setdefault(stream.loop, []).append((stream.queue, item))
                 if out.finished:
                     del self._streams[out.request_id]
         _put_all(by_loop)
@@ -218,7 +243,7 @@ class AsyncEngine:
             m.queue.observe(out.times.first_scheduled - stream.arrival)
         if num_tokens > len(out.outputs):
             m.tpot.observe((now - stream.first_token) / (num_tokens - len(out.outputs)))
-        reason = out.outputs[0].finish_reason or "stop"
+        reason = "error" if out.error else out.outputs[0].finish_reason or "stop"
         m.requests.labels(reason).inc()
         self._log_request(out.request_id, stream, reason, now)
 
@@ -258,8 +283,8 @@ def _put(loop: asyncio.AbstractEventLoop, items: list) -> None:
     """Hand (queue, item) pairs to their event loop in one call (it may be gone: shutdown)."""
 
     def put_all() -> None:
-        for queue, item in items:
-            queue.put_nowait(item)
+        for target, item in items:
+            target.put_nowait(item)
 
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(put_all)

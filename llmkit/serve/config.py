@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
 
 
@@ -15,13 +17,43 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"  # loopback: reachable from this machine only
     port: int = 8000
-    served_model_name: str | None = None  # None: the model argument as given
+    served_model_name: str | None = None  # None: the model directory's name
+    model_aliases: tuple[str, ...] = ()  # other names requests may give it (MODEL as typed)
     api_key: str | None = None  # required as "Authorization: Bearer KEY" on /v1 when set
-    max_queued_requests: int | None = None  # None: no limit
+    # Sequences (n counts) waiting before 429; None: as many as the KV cache has blocks.
+    max_queued_requests: int | None = None
     max_request_bytes: int = 8 * 2**20
+    max_prompts_per_request: int = 256
+    max_prompt_bytes: int | None = None  # None: what the context and the tokenizer allow
+    # n x (max_tokens [+ the echoed prompt]) x (1 + logprobs) of one request: its answer's size
+    max_response_entries: int = 2**18
+    request_timeout_s: float = 30.0  # to send a request's headers, and then its body
+    stream_stall_timeout_s: float = 60.0  # a stream whose client reads nothing this long ends
+    max_connections: int = 1024  # open at once; beyond it a new one gets 503 and is closed
     shutdown_timeout_s: float = 30.0
     stats_interval_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        checks = [
+            (0 < self.port < 65536, f"--port {self.port} is not a TCP port (1-65535)"),
+            (self.max_request_bytes > 0, "--max-request-size must be positive"),
+            (self.max_prompts_per_request > 0, "--max-prompts-per-request must be positive"),
+            (self.max_prompt_bytes is None or self.max_prompt_bytes > 0,
+             "--max-prompt-bytes must be positive"),
+            (self.max_response_entries > 0, "--max-response-entries must be positive"),
+            (self.max_queued_requests is None or self.max_queued_requests > 0,
+             "--max-queued-requests must be positive"),
+            (self.request_timeout_s > 0, "--request-timeout must be positive"),
+            (self.stream_stall_timeout_s > 0, "--stream-stall-timeout must be positive"),
+            (self.max_connections > 0, "--max-connections must be positive"),
+            (self.shutdown_timeout_s >= 0, "--shutdown-timeout must not be negative"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise LlmkitError(message)
+
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model
+        """What clients call the model: --served-model-name, else the directory's name (a
+        server does not show its file system)."""
+        return self.served_model_name or Path(self.model).name

@@ -29,6 +29,7 @@ class OutputDelta:
     num_cached_tokens: int
     prompt_token_ids: list[int] | None = None  # in a request's first delta only
     prompt_logprobs: list[dict | None] | None = None  # likewise
+    error: str | None = None  # the engine failed this request (finished is then True)
 
 
 @dataclass(slots=True)
@@ -64,6 +65,7 @@ class DeltaEncoder:
             out.num_cached_tokens,
             out.prompt_token_ids if first else None,
             out.prompt_logprobs if first else None,
+            out.error,
         )
 
     def forget(self, request_id: str) -> None:
@@ -106,4 +108,5 @@ def apply(previous: RequestOutput | None, delta: OutputDelta) -> RequestOutput:
         delta.times,
         previous.prompt_logprobs,
         delta.num_cached_tokens,
+        delta.error,
     )

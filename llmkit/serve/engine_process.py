@@ -49,7 +49,7 @@ class EngineStats:
     num_blocks: int = 0
     preemptions: int = 0
     hit_blocks: int = 0
-    adds_seen: int = 0  # "add" commands the engine process has taken so far
+    seqs_seen: int = 0  # sequences of the "add" commands the engine process has taken so far
 
 
 @dataclass(slots=True)
@@ -185,7 +185,7 @@ class _Loop:
     def __init__(self, engine, conn: Connection):
         self.engine = engine
         self.conn = conn
-        self.adds = 0
+        self.seqs = 0
         self.stopping = False
         self.deltas = DeltaEncoder()
 
@@ -207,7 +207,7 @@ class _Loop:
         kind = message[0]
         if kind == "add":
             _, request_id, ids, params, arrival = message
-            self.adds += 1
+            self.seqs += params.n
             try:
                 self.engine.add_request(request_id, None, ids, params, arrival=arrival)
             except (LlmkitError, ValueError) as e:
@@ -237,5 +237,5 @@ class _Loop:
             num_blocks=blocks.num_blocks,
             preemptions=scheduler.num_preemptions,
             hit_blocks=blocks.num_hit_blocks,
-            adds_seen=self.adds,
+            seqs_seen=self.seqs,
         )

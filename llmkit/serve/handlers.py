@@ -20,6 +20,15 @@ from llmkit.serve.protocol import ApiError, ChatCompletionRequest, CompletionReq
 DEFAULT_COMPLETION_TOKENS = 16  # the completions endpoint's default, as in OpenAI's API
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may ask of the server (from ServeConfig)."""
+
+    max_prompts: int  # prompts in one completions request
+    max_response_entries: int  # n x (tokens [+ echoed prompt]) x (1 + logprobs), summed
+    max_prompt_bytes: int | None  # None: what the context and the tokenizer allow
+
+
 @dataclass(slots=True)
 class Served:
     """The loaded model as the handlers see it."""
@@ -30,9 +39,12 @@ class Served:
     model_name: str
     max_model_len: int
     vocab_size: int
+    limits: Limits
+    aliases: frozenset[str] = frozenset()  # other names clients may send (the path as given)
+    max_token_bytes: int = 0  # the longest token's bytes: a byte count bounds the tokens
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model != self.model_name and model not in self.aliases:
             raise ApiError(
                 404,
                 f"the model {model!r} does not exist; this server serves {self.model_name!r}",
@@ -41,11 +53,30 @@ class Served:
             )
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            self._check_bytes(len(prompt.encode()), "prompt")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         return self._checked(ids, "prompt")
 
+    def _check_bytes(self, num_bytes: int, param: str) -> None:
+        """Refuse text before tokenizing it when its size alone proves it too long: no token
+        covers more than `max_token_bytes` bytes, so it has at least bytes / that tokens."""
+        limit = self.limits.max_prompt_bytes
+        if limit is not None and num_bytes > limit:
+            raise ApiError(400, f"the prompt is over {limit} bytes (--max-prompt-bytes)",
+                           param=param, code="too_large")  # fmt: skip
+        if self.max_token_bytes and num_bytes > self.max_token_bytes * self.max_model_len:
+            raise ApiError(
+                400,
+                f"the prompt's {num_bytes} bytes are more than this model's context of "
+                f"{self.max_model_len} tokens can hold",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     def chat_ids(self, body: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        self._check_bytes(sum(len(m["content"].encode()) for m in messages), "messages")
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=body.add_generation_prompt
@@ -77,6 +108,13 @@ class Served:
         return asked
 
 
+def max_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes any token's string takes (byte-level and sentencepiece strings
+    take at least as many as the text they stand for): text of B bytes is >= B / this tokens."""
+    vocab = getattr(tokenizer, "backend", tokenizer).get_vocab()
+    return max((len(token.encode()) for token in vocab), default=0)
+
+
 def sampling(body: _Sampling, max_tokens: int, logprobs, prompt_logprobs=None) -> SamplingParams:
     try:
         return body.params(max_tokens, logprobs, prompt_logprobs)
@@ -92,27 +130,54 @@ class Job:
 
 
 def completion_jobs(served: Served, body: CompletionRequest) -> list[Job]:
+    """The engine runs a completions request asks for (tokenizes: call it off the loop)."""
     served.check_model(body.model)
+    prompts = body.prompts()
+    if len(prompts) > served.limits.max_prompts:
+        raise ApiError(400, f"at most {served.limits.max_prompts} prompts per request "
+                       "(--max-prompts-per-request)", param="prompt")  # fmt: skip
     jobs = []
-    for prompt in body.prompts():
+    for prompt in prompts:
         ids = served.prompt_ids(prompt)
         limit = served.max_tokens(body.max_tokens, len(ids), DEFAULT_COMPLETION_TOKENS)
         echo_scores = body.logprobs if body.echo and body.logprobs is not None else None
         text = prompt if isinstance(prompt, str) else served.tokenizer.decode(ids)
         jobs.append(Job(text, ids, sampling(body, limit, body.logprobs, echo_scores)))
+    _check_response_size(served, jobs, echo=body.echo)
     return jobs
 
 
 def chat_job(served: Served, body: ChatCompletionRequest) -> Job:
+    """The engine run a chat request asks for (renders and tokenizes: call it off the loop)."""
     served.check_model(body.model)
     ids = served.chat_ids(body)
     limit = served.max_tokens(body.token_limit(), len(ids), None)
-    return Job("", ids, sampling(body, limit, body.num_logprobs()))
+    job = Job("", ids, sampling(body, limit, body.num_logprobs()))
+    _check_response_size(served, [job], echo=False)
+    return job
+
+
+def _check_response_size(served: Served, jobs: list[Job], echo: bool) -> None:
+    """Refuse a request whose answer could pass --max-response-entries: each token sent,
+    each log probability with it, for every one of the n completions."""
+    entries = 0
+    for job in jobs:
+        p = job.params
+        tokens = p.max_tokens + (len(job.prompt_ids) if echo else 0)
+        entries += p.n * tokens * (1 + (p.logprobs or 0))
+    limit = served.limits.max_response_entries
+    if entries > limit:
+        raise ApiError(
+            400,
+            f"this request could produce {entries} tokens and log probabilities, more than "
+            f"{limit} (--max-response-entries); lower n, max_tokens or logprobs",
+            param="max_tokens",
+        )
 
 
 def start(served: Served, jobs: list[Job], request_id: str) -> list[AsyncIterator[RequestOutput]]:
     try:
-        served.engine.admit(len(jobs))
+        served.engine.admit(sum(job.params.n for job in jobs))
     except QueueFull:
         raise ApiError(
             429,
@@ -136,7 +201,7 @@ async def finals(runs: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput
     try:
         return await asyncio.gather(*tasks)
     except LlmkitError as e:
-        raise ApiError(500, str(e), type="server_error") from None
+        raise _server_error(e) from None
     finally:
         for task in tasks:
             task.cancel()
@@ -150,26 +215,35 @@ async def _last(run: AsyncIterator[RequestOutput]) -> RequestOutput:
 
 
 async def merged(runs: list) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(run index, output) as the runs advance; closing it aborts every unfinished run."""
-    queue: asyncio.Queue = asyncio.Queue()
+    """(run index, output) as the runs advance; closing it aborts every unfinished run.
+    Outputs are cumulative, so while the caller is slow (a client not reading) only each
+    run's latest waits: memory stays one output per run, however far the engine gets."""
+    latest: dict[int, RequestOutput | Exception] = {}
+    ready = asyncio.Event()
 
     async def pump(i: int, run) -> None:
         try:
             async with contextlib.aclosing(run):
                 async for out in run:
-                    queue.put_nowait((i, out))
+                    latest[i] = out
+                    ready.set()
         except Exception as e:
-            queue.put_nowait((i, e))
+            latest[i] = e
+            ready.set()
 
     tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
     try:
         remaining = len(runs)
         while remaining:
-            i, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            remaining -= item.finished
-            yield i, item
+            await ready.wait()
+            ready.clear()
+            items = sorted(latest.items(), key=lambda pair: pair[0])
+            latest.clear()
+            for i, item in items:
+                if isinstance(item, Exception):
+                    raise item
+                remaining -= item.finished
+                yield i, item
     finally:
         for task in tasks:
             task.cancel()
@@ -282,7 +356,13 @@ async def _guard(events: AsyncIterator) -> AsyncIterator:
             async for item in events:
                 yield item
         except LlmkitError as e:
-            yield None, ApiError(500, str(e), type="server_error").body()
+            yield None, _server_error(e).body()
+
+
+def _server_error(e: LlmkitError) -> ApiError:
+    """503 when the server is going away (shutdown, a dead engine), else 500."""
+    status = 503 if isinstance(e, EngineDead) else 500
+    return ApiError(status, str(e), type="server_error")
 
 
 def _hold(params: SamplingParams) -> int:

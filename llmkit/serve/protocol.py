@@ -7,11 +7,22 @@ response_format) are refused with 400 rather than silently ignored; fields that 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmkit.runtime.sequence import SamplingParams
+
+# Bounds on what one request may ask for: each keeps the work a request can cause (and what
+# the engine's tensors and seeded generators can hold) finite, whatever a client sends.
+INT32_MAX = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit seed, as vLLM and OpenAI take
+MAX_STOP_STRINGS = 16  # OpenAI takes 4
+MAX_STOP_CHARS = 256  # each; the stream holds back this many characters at most
+MAX_STOP_TOKEN_IDS = 64
+# Strict types (no "5" for 5, no true for 1) and no NaN or infinity, as OpenAI's API.
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class ApiError(Exception):
@@ -42,31 +53,35 @@ class ApiError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """Fields both endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: str | None = Field(default=None, max_length=1024)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=-1)  # 0 or -1: off
+    top_k: int = Field(default=0, ge=-1, le=INT32_MAX)  # 0 or -1: off; past the vocabulary: off
     min_p: float = Field(default=0.0, ge=0, le=1)
     n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS
+    )
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(default=1.0, gt=0)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=100)
     ignore_eos: bool = False
-    priority: int = 0
+    priority: int = Field(default=0, ge=-INT32_MAX, le=INT32_MAX)
     logit_bias: dict[str, float] | None = None
 
     def include_usage(self) -> bool:
@@ -76,6 +91,9 @@ class _Sampling(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         if any(not s for s in stop):
             raise ApiError(400, "stop strings must not be empty", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            message = f"stop strings are at most {MAX_STOP_CHARS} characters"
+            raise ApiError(400, message, param="stop")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -105,7 +123,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=128)
 
     def prompts(self) -> list[str | list[int]]:
         """One or several prompts, each text or token ids."""
@@ -129,7 +147,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -165,6 +183,44 @@ class ChatCompletionRequest(_Sampling):
             raise ApiError(400, "tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type") != "text":
             raise ApiError(400, "only response_format text is supported", param="response_format")
+
+
+MAX_JSON_DEPTH = 32  # a request body's nesting; OpenAI's deepest (tool schemas) is far less
+
+
+def decode_json(raw: bytes) -> Any:
+    """A request body decoded, or a 400: not JSON, NaN or Infinity, nested past
+    MAX_JSON_DEPTH, or a string with a lone surrogate (no text can hold one)."""
+
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(raw, parse_constant=no_constant)
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested more than {MAX_JSON_DEPTH} deep") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    _check_json(data, 0)
+    return data
+
+
+def _check_json(value: Any, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body is nested more than {MAX_JSON_DEPTH} deep")
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body has a string with a lone surrogate "
+                           "(\\ud800-\\udfff not in a pair)") from None  # fmt: skip
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, depth + 1)
+            _check_json(item, depth + 1)
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
