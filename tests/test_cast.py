@@ -111,7 +111,7 @@ def test_cast_detects_overflow_hidden_behind_nan():
 
 def test_quantized_source_and_same_output_are_refused(tiny_dir, tmp_path):
     src = tiny_dir("tiny-llama")
-    with pytest.raises(LlmkitError, match="must differ"):
+    with pytest.raises(LlmkitError, match="is the source"):
         quantize(src, src, "fp16", overwrite=True)
     q = write_model_with(tmp_path, {"w": torch.ones(2)})
     config = json.loads((q / "config.json").read_text())

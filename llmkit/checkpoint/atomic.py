@@ -5,30 +5,46 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from llmkit.errors import LlmkitError
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work is done, an output that would clobber something."""
+def check_output_dir(out: Path, overwrite: bool, sources: Iterable[str | Path] = ()) -> None:
+    """Refuse, before any work is done, an output that would clobber something: a file, a
+    non-empty directory without `overwrite`, or any of `sources` (the inputs a command reads),
+    which the output may not be, contain, or replace a part of."""
     if out.exists() and not out.is_dir():
         raise LlmkitError(f"output {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    target = out.resolve()
+    filled = out.is_dir() and any(out.iterdir())
+    for source in sources:
+        src = Path(source).resolve()
+        if target == src or src.is_relative_to(target):
+            where = "is" if target == src else "contains"
+            raise LlmkitError(f"output {out} {where} the source {source}; choose another path")
+        if filled and target.is_relative_to(src):
+            raise LlmkitError(
+                f"output {out} is inside the source {source}, and replacing it would change "
+                "the source; choose another path"
+            )
+    if filled and not overwrite:
         raise LlmkitError(f"output {out} is not empty; pass --overwrite to replace it")
 
 
 @contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out: Path, overwrite: bool = False, sources: Iterable[str | Path] = ()
+) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `out`; on success it becomes `out`.
 
     On any exception (or Ctrl-C) the temporary directory is removed and `out` is untouched.
     With `overwrite`, an existing `out` is swapped away only after the new one is complete.
     """
     out = Path(out).absolute()
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.llmkit-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -19,6 +19,7 @@ from llmkit.checkpoint.safetensors_io import (
     read_row_bytes,
     read_rows,
 )
+from llmkit.checkpoint.shapes import check_shapes
 from llmkit.checkpoint.writer import SAFETENSORS_INDEX
 from llmkit.errors import LlmkitError
 
@@ -150,13 +151,17 @@ def local_dir(source: str | Path, revision: str | None = None) -> Path:
 
 
 def load_dir(path: Path) -> Checkpoint:
+    """Open a checkpoint directory (headers only), refusing one whose tensors contradict its
+    config.json."""
     config = read_json(path / "config.json", what="config")
     tensors = _index(path, SAFETENSORS_INDEX, "*.safetensors", _safetensors_infos)
     if tensors:
+        check_shapes(config, {n: t.shape for n, t in tensors.items()}, str(path))
         return Checkpoint(path, config, tensors, "safetensors")
     loaded: dict[Path, dict] = {}  # memory-mapped state dicts, kept as the file handles
     tensors = _index(path, BIN_INDEX, "pytorch_model*.bin", lambda f: _bin_infos(f, loaded))
     if tensors:
+        check_shapes(config, {n: t.shape for n, t in tensors.items()}, str(path))
         return Checkpoint(path, config, tensors, "bin", handles=loaded)
     raise LlmkitError(f"no weights in {path}: expected *.safetensors or pytorch_model*.bin files")
 

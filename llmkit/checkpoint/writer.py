@@ -171,7 +171,8 @@ def write_checkpoint(
 ) -> WrittenCheckpoint:
     """Write a complete checkpoint atomically: nothing appears at `out` unless all of it does."""
     parse_size(max_shard_size)  # a bad size fails before any work
-    with atomic_output_dir(Path(out), overwrite) as tmp:
+    sources = () if aux_from is None else (aux_from,)
+    with atomic_output_dir(Path(out), overwrite, sources) as tmp:
         written = fill_checkpoint_dir(
             tmp,
             specs,

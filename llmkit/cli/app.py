@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from typing import Annotated
@@ -63,6 +64,8 @@ def root(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one red line and exit code 1."""
+    if argv is None:  # the console command: SIGTERM unwinds like Ctrl-C, removing partial output
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         app(args=_route(sys.argv[1:] if argv is None else argv), prog_name="llmkit")
     except (LlmkitError, OSError) as e:
@@ -70,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print_error(_describe(e))
         sys.exit(1)
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _route(argv: list[str]) -> list[str]:

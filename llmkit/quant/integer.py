@@ -94,7 +94,7 @@ def quantize_integer(
     check_options(method, options)
     arch = arch_for(ck.config)
     _check_groups(ck, arch, method, options)
-    check_output_dir(out, overwrite)  # before calibration, which can take a while
+    check_output_dir(out, overwrite, (ck.path,))  # before calibration, which can take a while
     compute = resolve_device(device)
     start = time.perf_counter()
     calibrated = method in CALIBRATED_METHODS

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmkit.checkpoint import dtypes
-from llmkit.checkpoint.atomic import atomic_output_dir
+from llmkit.checkpoint.atomic import atomic_output_dir, check_output_dir
 from llmkit.checkpoint.reader import Checkpoint, open_checkpoint
 from llmkit.checkpoint.safetensors_io import (
     TensorInfo,
@@ -108,8 +108,7 @@ def quantize(
 
 
 def _check_source(ck: Checkpoint, out: Path) -> None:
-    if out.resolve() == ck.path.resolve():
-        raise LlmkitError("output directory must differ from the source checkpoint")
+    check_output_dir(out, overwrite=True, sources=(ck.path,))  # before any work
     if ck.quantization_config:
         method = ck.quantization_config.get("quant_method", "unknown")
         raise LlmkitError(
@@ -214,7 +213,7 @@ def write_with_spill(
 ):
     """Spill `groups()` inside the temporary output, then write `assemble(spilled)`'s
     (specs, config, extra files) as the checkpoint; the spill files never reach `out`."""
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, (aux_from,)) as tmp:
         with spill(tmp / _SPILL, groups()) as spilled:
             specs, config, extra = assemble(spilled)
             written = fill_checkpoint_dir(

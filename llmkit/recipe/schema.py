@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
@@ -142,6 +150,13 @@ class Step(BaseModel):
     quantize: Quantize | None = None
     shard: Shard | None = None
     bench: Bench | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _one_component(cls, value: str) -> str:
+        if value in (".", ".."):  # outputs/<id> would be outputs/ itself, or above it
+            raise ValueError("a step id may not be . or ..")
+        return value
 
     @model_validator(mode="after")
     def _one(self) -> Step:

@@ -22,20 +22,43 @@ def load_with_lines(text: str, source: str) -> tuple[Any, dict[Path_, int]]:
     if node is None:
         raise LlmkitError(f"{source}: the recipe is empty")
     lines: dict[Path_, int] = {}
-    _walk(node, (), lines)
+    _Walk(source, lines).walk(node, ())
     return yaml.safe_load(text), lines
 
 
-def _walk(node, path: Path_, lines: dict[Path_, int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = (*path, key.value)
-            lines[child] = key.start_mark.line + 1
-            _walk(value, child, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[(*path, i)] = item.start_mark.line + 1
-            _walk(item, (*path, i), lines)
+# Entries a recipe may expand to, aliases included: real recipes have hundreds; an alias
+# bomb (each anchor listing the previous one ten times) has billions.
+MAX_ENTRIES = 100_000
+
+
+class _Walk:
+    """Records each key's line, refusing aliases that nest themselves or expand past
+    MAX_ENTRIES (an alias is walked where it is used, so it counts each time)."""
+
+    def __init__(self, source: str, lines: dict[Path_, int]):
+        self.source, self.lines = source, lines
+        self.count = 0
+        self.open: set[int] = set()  # ids of the nodes being walked (a cycle comes back to one)
+
+    def walk(self, node, path: Path_) -> None:
+        self.count += 1
+        where = f"{self.source}:{node.start_mark.line + 1}"
+        if self.count > MAX_ENTRIES:
+            raise LlmkitError(f"{where}: the recipe expands to over {MAX_ENTRIES} entries "
+                              "(YAML aliases?)")  # fmt: skip
+        if id(node) in self.open:
+            raise LlmkitError(f"{where}: a YAML alias contains itself")
+        self.open.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, key.value)
+                self.lines[child] = key.start_mark.line + 1
+                self.walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines[(*path, i)] = item.start_mark.line + 1
+                self.walk(item, (*path, i))
+        self.open.discard(id(node))
 
 
 def line_of(lines: dict[Path_, int], path: Path_) -> int | None:

@@ -16,7 +16,6 @@ from llmkit.checkpoint.writer import (
     WrittenCheckpoint,
     write_checkpoint,
 )
-from llmkit.errors import LlmkitError
 from llmkit.shard.manifest import read_manifest
 from llmkit.shard.sources import ShardedSource
 
@@ -30,8 +29,6 @@ def merge(
 ) -> WrittenCheckpoint:
     """Write the checkpoint `sharded` was cut from (tensor for tensor, bit-exact) into `out`."""
     directory = Path(sharded)
-    if Path(out).absolute() == directory.absolute():
-        raise LlmkitError("output directory must differ from the sharded directory")
     source = ShardedSource(directory, read_manifest(directory))
     try:
         specs = [

@@ -69,7 +69,7 @@ def write_vllm_layout(
                 progress(done[0], total)
 
         files = 0
-        with atomic_output_dir(Path(out), overwrite) as tmp:
+        with atomic_output_dir(Path(out), overwrite, (ck.path,)) as tmp:
             for rank, rank_specs in enumerate(specs):
                 for part, shard in enumerate(plan_shards(rank_specs, max_bytes)):
                     name = PATTERN.format(rank=rank, part=part)

@@ -42,7 +42,6 @@ from llmkit.checkpoint.writer import (
     plan_shards,
     write_json,
 )
-from llmkit.errors import LlmkitError
 from llmkit.memory import peak_rss
 from llmkit.shard import manifest
 from llmkit.shard.plan import DEFAULT_VOCAB_PAD, ShardPlan, Slice, TensorPlan, make_plan
@@ -85,14 +84,12 @@ def shard(
     started = time.perf_counter()
     out = Path(out)
     max_bytes = parse_size(max_shard_size)
-    check_output_dir(out.absolute(), overwrite)
+    check_output_dir(out.absolute(), overwrite, [src] if Path(src).exists() else [])
     source = open_source(src, revision)
     try:
-        if out.absolute() == Path(source.path).absolute():
-            raise LlmkitError("output directory must differ from the source")
         plan = make_plan(source.config, source.tensors, tp, pp, pp_layers, vocab_pad)
         bytes_in = sum(_nbytes(m) for m in source.tensors.values())
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, (source.path,)) as tmp:
             data = _write(source, plan, tmp, max_bytes, progress, bytes_in)
     finally:
         source.close()

@@ -1,0 +1,112 @@
+"""Check a checkpoint's tensors against what its config.json says they are (headers only).
+
+A config that contradicts its weights (a hidden_size edited, a file from another model) is
+refused when the checkpoint is opened, with one line naming the tensor, its shape and the
+shape the config implies, instead of failing later in a kernel or writing a broken copy.
+Only the llama family's layout is known here (Llama, Mistral, Qwen2, Qwen3); other model
+types, and configs without the shape keys, are not checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from llmkit.errors import LlmkitError
+
+FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+_SHAPE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def check_shapes(config: Mapping, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Raise LlmkitError for the first tensor of `shapes` (name -> shape) that contradicts
+    `config`, or that the config implies and is missing."""
+    if config.get("model_type") not in FAMILY or not all(k in config for k in _SHAPE_KEYS):
+        return
+    quant = config.get("quantization_config") or {}
+    for name, expected in expected_shapes(config).items():
+        problem = _problem(name, expected, shapes, quant)
+        if problem:
+            raise LlmkitError(f"{where}: {problem}; config.json and the weights disagree")
+
+
+def expected_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    """Each tensor the config implies: norms and biases as stored, Linears as [out, in]."""
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    inter = config["intermediate_size"]
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    out["model.norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = (vocab, hidden)
+    linears = {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = (hidden,)
+        out[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+        for name, shape in linears.items():
+            out[f"{p}.{name}.weight"] = shape
+        if config.get("model_type") == "qwen3":
+            out[f"{p}.self_attn.q_norm.weight"] = (head_dim,)
+            out[f"{p}.self_attn.k_norm.weight"] = (head_dim,)
+    return out
+
+
+def _problem(name: str, expected: tuple, shapes: Mapping, quant: Mapping) -> str | None:
+    if name in shapes:
+        got = tuple(shapes[name])
+        return None if got == expected else _says(name, got, expected)
+    prefix = name.removesuffix(".weight")
+    if len(expected) == 2:
+        out_features, in_features = expected
+        packed = _packed_problem(prefix, out_features, in_features, shapes, quant)
+        if packed is not False:
+            return packed
+    return f"{name} is missing (config.json implies shape {list(expected)})"
+
+
+def _packed_problem(prefix: str, out_f: int, in_f: int, shapes: Mapping, quant: Mapping):
+    """A quantized Linear's packed weight against [out, in]: None if it fits, a message if
+    not, False if the Linear has no packed weight either."""
+    bits = _bits(quant)
+    per_int32 = 32 // bits
+    if f"{prefix}.qweight" in shapes:
+        got = tuple(shapes[f"{prefix}.qweight"])
+        if quant.get("quant_method") == "awq":  # [in, out / 8]
+            want = (in_f, out_f // per_int32)
+        else:  # GPTQ: [in * bits / 32, out]
+            want = (in_f * bits // 32, out_f)
+        return None if got == want else _says(f"{prefix}.qweight", got, want)
+    if f"{prefix}.weight_packed" in shapes:  # compressed-tensors: [out, in * bits / 32]
+        got = tuple(shapes[f"{prefix}.weight_packed"])
+        want = (out_f, in_f // per_int32)
+        return None if got == want else _says(f"{prefix}.weight_packed", got, want)
+    return False
+
+
+def _bits(quant: Mapping) -> int:
+    """Weight bits: GPTQ's and AWQ's `bits`, or compressed-tensors' first group's num_bits."""
+    if "bits" in quant:
+        return int(quant["bits"])
+    for group in (quant.get("config_groups") or {}).values():
+        return int(group.get("weights", {}).get("num_bits", 4))
+    return 4
+
+
+def _says(name: str, got: tuple, want: tuple) -> str:
+    return f"{name} has shape {list(got)}, but config.json implies {list(want)}"
