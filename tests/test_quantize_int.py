@@ -147,6 +147,7 @@ def test_output_holds_no_spill_files(quantized):
     assert sorted(p.name for p in path.iterdir()) == [
         "config.json",
         "generation_config.json",
+        "llmkit-checksums.json",
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",

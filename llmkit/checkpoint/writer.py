@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from llmkit.checkpoint import checksums
 from llmkit.checkpoint.atomic import atomic_output_dir
 from llmkit.checkpoint.safetensors_io import E, TensorSpec, file_layout, write_file
 from llmkit.errors import LlmkitError
@@ -155,6 +156,7 @@ def fill_checkpoint_dir(
         write_json(directory / name, data)
     write_json(directory / "config.json", config)
     shards = write_tensors(directory, specs, max_shard_size, progress)
+    checksums.record(directory, list(shards))
     return WrittenCheckpoint(directory, shards, len(specs), sum(s.nbytes for s in specs))
 
 

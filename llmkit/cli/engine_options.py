@@ -40,6 +40,12 @@ MaxModelLenOpt = Annotated[
 PrefixCachingOpt = Annotated[
     bool, typer.Option("--prefix-caching/--no-prefix-caching", help="Share cached prefixes.")
 ]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify/--no-verify", help="Check weight files against their recorded checksums."
+    ),
+]
 PolicyOpt = Annotated[
     str, typer.Option("--scheduling-policy", help="fcfs, or priority (lower runs first).")
 ]
@@ -89,6 +95,7 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "max_model_len": MaxModelLenOpt,
         "prefix_caching": PrefixCachingOpt,
         "scheduling_policy": PolicyOpt,
+        "verify": VerifyOpt,
     }
     defaults = EngineConfig()
     return [

@@ -2,23 +2,57 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
 from rich import box
 from rich.table import Table
 
+from llmkit.checkpoint import checksums
 from llmkit.checkpoint.inspect import inspect_checkpoint
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.cli.options import JsonOpt, RevisionOpt, SourceArg
 from llmkit.cli.output import human_bytes, human_count, print_json, stdout
+from llmkit.errors import LlmkitError
+
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify", help="Also check the weight files against llmkit's recorded checksums."
+    ),
+]
 
 
-def inspect(path: SourceArg, revision: RevisionOpt = None, json_out: JsonOpt = False) -> None:
+def inspect(
+    path: SourceArg,
+    revision: RevisionOpt = None,
+    json_out: JsonOpt = False,
+    verify: VerifyOpt = False,
+) -> None:
     """Architecture, parameters, dtypes, size, shards, quantization, tokenizer and modules."""
     with open_checkpoint(path, revision) as ck:
         report = inspect_checkpoint(ck)
+        if verify:
+            recorded = checksums.is_recorded(ck.path)
+            report["verify"] = {"recorded": recorded, "problems": checksums.problems(ck.path)}
     if json_out:
         print_json(report)
+    else:
+        render(report)
+    if verify:
+        _verdict(report["verify"], quiet=json_out)
+
+
+def _verdict(result: dict, quiet: bool) -> None:
+    """Exit 1 naming the first file that fails; else say what was checked."""
+    if result["problems"]:
+        raise LlmkitError(f"{len(result['problems'])} file(s) fail: {result['problems'][0]}")
+    if quiet:
         return
-    render(report)
+    if result["recorded"]:
+        stdout.print("verify: every weight file matches its recorded checksum")
+    else:
+        stdout.print("verify: no checksums are recorded here (not written by llmkit)")
 
 
 def render(report: dict) -> None:

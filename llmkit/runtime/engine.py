@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.checkpoint import dtypes
+from llmkit.checkpoint import checksums, dtypes
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager
@@ -61,6 +61,8 @@ class Engine:
             num_blocks = self._num_blocks(dtype, device, src)
         finally:
             src.close()
+        if config.verify:
+            checksums.verify(Path(self.model_path))
         # Everything a user can get wrong is checked before the weights are loaded.
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching

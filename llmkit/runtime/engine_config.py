@@ -20,3 +20,4 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
+    verify: bool = True  # check the weight files against llmkit-checksums.json when present
