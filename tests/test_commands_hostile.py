@@ -164,3 +164,36 @@ def test_sigterm_during_quantize_leaves_no_temporary_directory(src, tmp_path):
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["par"]
+
+
+def test_corrupted_weights_are_refused_at_load_and_by_inspect_verify(cli, src, tmp_path):
+    from llmkit.errors import LlmkitError
+    from llmkit.runtime.engine import Engine, EngineConfig
+
+    out = tmp_path / "q"
+    assert cli("quantize", src, out, "--method", "rtn", "--group-size", "32").code == 0
+    assert cli("inspect", out, "--verify").code == 0
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4] = b"7777"  # inside a qweight
+    weights.write_bytes(bytes(data))
+    result = cli("inspect", out, "--verify")
+    assert result.code == 1 and "does not match its recorded checksum" in result.err
+    with pytest.raises(LlmkitError, match=r"model\.safetensors does not match"):
+        Engine(out)
+    Engine(out, EngineConfig(verify=False)).close()  # --no-verify: loaded as it is
+
+
+def test_a_mount_point_is_written_into_in_place(cli, src, tmp_path, monkeypatch):
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "old.txt").write_text("replaced once the new output is complete")
+    inode = volume.stat().st_ino
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == volume or real(p))
+    assert cli("quantize", src, volume, "--method", "fp16", "--overwrite").code == 0
+    assert volume.stat().st_ino == inode  # the same directory, never renamed
+    names = sorted(p.name for p in volume.iterdir())
+    assert ".llmkit-complete" in names and "old.txt" not in names
+    assert not any(n.startswith(".llmkit-tmp") for n in names)
+    assert cli("inspect", volume, "--verify").code == 0

@@ -45,6 +45,10 @@ def atomic_output_dir(
     """
     out = Path(out).absolute()
     check_output_dir(out, overwrite, sources)
+    if out.is_dir() and os.path.ismount(out):  # a volume's root cannot be renamed over
+        with _inside(out) as tmp:
+            yield tmp
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.llmkit-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -54,6 +58,35 @@ def atomic_output_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+COMPLETE = ".llmkit-complete"  # written last into an output that could not be swapped in
+
+
+@contextmanager
+def _inside(out: Path) -> Iterator[Path]:
+    """Write into a temporary directory inside `out` (a mount point), then replace `out`'s
+    entries with the new ones, each in one rename, and mark it complete. Until the marker is
+    there again the directory is not a finished output; the old entries go only once the new
+    ones are all written."""
+    tmp = out / f".llmkit-tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (out / COMPLETE).unlink(missing_ok=True)
+    new = {p.name for p in tmp.iterdir()}
+    for old in out.iterdir():
+        if old != tmp and old.name not in new:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    for entry in tmp.iterdir():
+        if (out / entry.name).is_dir() and not (out / entry.name).is_symlink():
+            shutil.rmtree(out / entry.name)
+        os.replace(entry, out / entry.name)
+    tmp.rmdir()
+    (out / COMPLETE).write_text("")
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
