@@ -1,0 +1,355 @@
+"""Soak `llmkit serve` with valid and hostile traffic, against a clean run of the same valid
+traffic in the same script.
+
+Model: `small-llama` in bfloat16 (made under --workdir once). The server runs with its
+defaults except `--request-timeout 5 --stream-stall-timeout 5` (so slow clients are dropped
+within the run) and `--max-queued-requests 32` (so bursts meet the limit). Valid traffic:
+`--valid-workers` loops, each sending in turn a completion, a streamed completion and a chat
+request (random prompts from a seeded generator, 32 tokens, temperature 0.7), back to back.
+Two phases, one server each:
+
+1. clean: the valid loops alone for --clean-seconds;
+2. soak: the same loops for --duration seconds beside `--hostile-workers` loops that send,
+   picked at random: numbers past their range, wrong types, NaN, JSON nested 10,000 deep,
+   lone surrogates, 300 prompts, 20 stop strings, n x max_tokens x logprobs past the answer
+   bound, a 7 MB prompt, non-text chat content, bursts of 16 requests past the queue limit,
+   streams dropped mid-way, streams never read, half-sent headers, bodies cut mid-upload.
+
+Reported: requests served, 4xx by status and code, 5xx (target 0), p99 latency of the valid
+requests in the soak over the clean run's (target <= 1.5x), front-end and engine RSS after
+the first fifth of the phase (warm-up) and at its end (target: flat), KV blocks used once the
+traffic stops (target 0), and tracebacks in the server's log.
+Writes benchmarks/results/soak-<date>.json.
+
+    python benchmarks/soak.py [--workdir DIR] [--duration 600] [--clean-seconds 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import http.client
+import json
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+from llmkit.net import free_port
+from llmkit.serve.launch import launched
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WARM_UP = 0.2  # of each phase: RSS is compared from there to the end
+WORDS = [
+    "the",
+    "king",
+    "said",
+    "once",
+    "upon",
+    "a",
+    "time",
+    "a",
+    "storm",
+    "came",
+    "over",
+    "where",
+    "is",
+    "ship",
+    "sea",
+    "love",
+]
+
+
+class Tally:
+    """Thread-safe counts of answers and latencies of the valid requests."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.statuses: collections.Counter = collections.Counter()
+        self.codes: collections.Counter = collections.Counter()
+        self.valid_latency: list[float] = []
+        self.valid_failed = 0
+
+    def answer(self, status: int, body: bytes) -> None:
+        code = None
+        if status >= 400:
+            try:
+                code = json.loads(body)["error"].get("code") or json.loads(body)["error"]["type"]
+            except (ValueError, KeyError, TypeError):
+                code = "not-openai-shape"
+        with self.lock:
+            self.statuses[status] += 1
+            if code:
+                self.codes[f"{status} {code}"] += 1
+
+    def valid(self, seconds: float | None) -> None:
+        with self.lock:
+            if seconds is None:
+                self.valid_failed += 1
+            else:
+                self.valid_latency.append(seconds)
+
+
+def _post(port: int, path: str, raw: bytes, timeout: float = 120) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, raw, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _prompt(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 64)))
+
+
+def valid_loop(port: int, tally: Tally, stop: threading.Event, seed: int) -> None:
+    rng = random.Random(seed)
+    kinds = ["completion", "stream", "chat"]
+    i = 0
+    while not stop.is_set():
+        kind = kinds[i % 3]
+        i += 1
+        body: dict = {"max_tokens": 32, "temperature": 0.7, "seed": rng.randint(0, 2**31)}
+        if kind == "chat":
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": "user", "content": _prompt(rng)}]
+        else:
+            path = "/v1/completions"
+            body["prompt"] = _prompt(rng)
+            body["stream"] = kind == "stream"
+        start = time.perf_counter()
+        try:
+            status, answer = _post(port, path, json.dumps(body).encode())
+        except OSError:
+            status, answer = 0, b""
+        ok = status == 200 and (b"[DONE]" in answer if kind == "stream" else b"choices" in answer)
+        tally.answer(status, answer)
+        tally.valid(time.perf_counter() - start if ok else None)
+
+
+def _raw(port: int, data: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(data)
+    return sock
+
+
+def _head(length: int, path: str = "/v1/completions") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def hostile_request(port: int, tally: Tally, rng: random.Random) -> None:
+    """One hostile request or connection, picked at random."""
+    bodies = [
+        {"prompt": "x", "top_k": 10**20},
+        {"prompt": "x", "seed": 2**70},
+        {"prompt": "x", "max_tokens": "5"},
+        {"prompt": "x", "n": True},
+        {"prompt": ["a"] * 300},
+        {"prompt": "x", "stop": ["a"] * 20},
+        {"prompt": "x", "n": 128, "max_tokens": 2000, "logprobs": 20},
+        {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+    ]
+    kind = rng.randrange(len(bodies) + 9)
+    if kind < len(bodies):
+        path = "/v1/chat/completions" if "messages" in bodies[kind] else "/v1/completions"
+        tally.answer(*_post(port, path, json.dumps(bodies[kind]).encode()))
+    elif kind == len(bodies):
+        tally.answer(*_post(port, "/v1/completions", b"[" * 10000 + b"]" * 10000))
+    elif kind == len(bodies) + 1:
+        tally.answer(*_post(port, "/v1/completions", b'{"prompt": "\\udc00 NaN"}'))
+    elif kind == len(bodies) + 2:
+        tally.answer(*_post(port, "/v1/completions", b'{"prompt": "a", "top_p": NaN}'))
+    elif kind == len(bodies) + 3:
+        big = json.dumps({"prompt": "word " * 1_400_000}).encode()
+        tally.answer(*_post(port, "/v1/completions", big))
+    elif kind == len(bodies) + 4:  # a stream dropped part-way
+        body = json.dumps({"prompt": "x", "max_tokens": 200, "stream": True}).encode()
+        sock = _raw(port, _head(len(body)) + body)
+        sock.recv(2048)
+        sock.close()
+    elif kind == len(bodies) + 5:  # a stream never read, held for a while
+        body = {"prompt": "x", "n": 4, "max_tokens": 300, "logprobs": 5, "stream": True}
+        raw = json.dumps(body).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(_head(len(raw)) + raw)
+        time.sleep(8)
+        sock.close()
+    elif kind == len(bodies) + 6:  # half-sent headers, held past the request timeout
+        sock = _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(6)
+        sock.close()
+    elif kind == len(bodies) + 7:  # a body cut mid-upload
+        sock = _raw(port, _head(1000) + b'{"prompt": "')
+        time.sleep(0.1)
+        sock.close()
+    else:  # a burst past the queue limit: most of it is answered 429
+        burst = json.dumps({"prompt": "x", "n": 4, "max_tokens": 4}).encode()
+        threads = [
+            threading.Thread(target=lambda: tally.answer(*_post(port, "/v1/completions", burst)))
+            for _ in range(16)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def hostile_loop(port: int, tally: Tally, stop: threading.Event, seed: int) -> None:
+    rng = random.Random(seed)
+    while not stop.is_set():
+        with contextlib.suppress(OSError):  # the server closing a hostile connection is the point
+            hostile_request(port, tally, rng)
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _engine_pid(pid: int) -> int:
+    (child,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(child)
+
+
+def _metric(port: int, name: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def phase(model: Path, seconds: float, valid: int, hostile: int, log: Path) -> dict:
+    """One server, `valid` + `hostile` loops for `seconds`; what the report needs."""
+    port = free_port()
+    args = ["--request-timeout", "5", "--stream-stall-timeout", "5", "--max-queued-requests", "32"]
+    args += ["--log-level", "warning"]
+    command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", str(port), *args]
+    tally = Tally()
+    with log.open("w") as out, launched(command, port, log=out):
+        pid = server_pid(port)
+        engine = _engine_pid(pid)
+        _post(port, "/v1/completions", b'{"prompt": "warm up", "max_tokens": 8}')
+        stop = threading.Event()
+        loops = [
+            threading.Thread(target=valid_loop, args=(port, tally, stop, i)) for i in range(valid)
+        ]
+        loops += [
+            threading.Thread(target=hostile_loop, args=(port, tally, stop, 1000 + i))
+            for i in range(hostile)
+        ]
+        for t in loops:
+            t.start()
+        time.sleep(seconds * WARM_UP)  # the KV cache's pages and the allocators' pools fill
+        start_rss = (_rss(pid), _rss(engine))
+        time.sleep(seconds * (1 - WARM_UP))
+        stop.set()
+        for t in loops:
+            t.join()
+        time.sleep(6)  # held sockets close, aborted requests are freed
+        end_rss = (_rss(pid), _rss(engine))
+        blocks = _metric(port, "llmkit_kv_cache_used_blocks")
+    latencies = sorted(tally.valid_latency)
+    return {
+        "seconds": seconds,
+        "statuses": dict(tally.statuses),
+        "errors_by_code": dict(tally.codes),
+        "valid_served": len(latencies),
+        "valid_failed": tally.valid_failed,
+        "valid_p50_s": statistics.median(latencies) if latencies else None,
+        "valid_p99_s": latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
+        "rss_start": {"front_end": start_rss[0], "engine": start_rss[1]},
+        "rss_end": {"front_end": end_rss[0], "engine": end_rss[1]},
+        "kv_blocks_used_at_end": blocks,
+        "tracebacks_in_log": log.read_text().count("Traceback"),
+    }
+
+
+def server_pid(port: int) -> int:
+    """The pid listening on `port` (the `llmkit serve` front end)."""
+    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True)
+    return int(out.stdout.split("pid=")[1].split(",")[0])
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-soak-"))
+    model = work / "small-llama-bf16"
+    if not model.exists():
+        init = [sys.executable, "-m", "llmkit", "init", str(model), "--preset", "small-llama"]
+        subprocess.run([*init, "--dtype", "bfloat16"], check=True)
+    clean = phase(model, args.clean_seconds, args.valid_workers, 0, work / "clean.log")
+    print(f"clean: {clean['valid_served']} valid, p99 {clean['valid_p99_s']:.3f} s", flush=True)
+    soak = phase(model, args.duration, args.valid_workers, args.hostile_workers, work / "soak.log")
+    report(clean, soak, args)
+
+
+def report(clean: dict, soak: dict, args: argparse.Namespace) -> None:
+    fives = sum(n for status, n in soak["statuses"].items() if status >= 500)
+    ratio = soak["valid_p99_s"] / clean["valid_p99_s"]
+    growth = {k: soak["rss_end"][k] / soak["rss_start"][k] for k in soak["rss_start"]}
+    print(f"soak: {sum(soak['statuses'].values())} answers, {soak['valid_served']} valid served")
+    for code, n in sorted(soak["errors_by_code"].items()):
+        print(f"  {code}: {n}")
+    print(f"5xx: {fives} (target 0); valid failed: {soak['valid_failed']}")
+    print(f"valid p99: {soak['valid_p99_s']:.3f} s against clean {clean['valid_p99_s']:.3f} s "
+          f"= {ratio:.2f}x (target <= 1.5x)")  # fmt: skip
+    for k in growth:
+        print(f"{k} RSS: {soak['rss_start'][k] / 2**20:.0f} -> {soak['rss_end'][k] / 2**20:.0f} MB")
+    print(f"KV blocks used at the end: {soak['kv_blocks_used_at_end']:.0f} (target 0); "
+          f"tracebacks in the log: {soak['tracebacks_in_log']}")  # fmt: skip
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    result = {
+        "benchmark": "soak",
+        "date": date.today().isoformat(),
+        "commit": commit.stdout.strip(),
+        "machine": f"{platform.processor() or platform.machine()}, {_cpu_model()}",
+        "command": " ".join(["python", "benchmarks/soak.py", *sys.argv[1:]]),
+        "ratios": {"valid_p99_soak_over_clean": ratio},
+        "five_xx": fives,
+        "rss_growth": growth,
+        "clean": clean,
+        "soak": soak,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"soak-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", help="keep the model and the server logs here")
+    parser.add_argument("--duration", type=float, default=600, help="seconds of the soak")
+    parser.add_argument("--clean-seconds", type=float, default=120)
+    parser.add_argument("--valid-workers", type=int, default=4)
+    parser.add_argument("--hostile-workers", type=int, default=4)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
