@@ -144,6 +144,24 @@ def _raw_connection(server, rcvbuf: int | None = None) -> socket.socket:
     return sock
 
 
+def _answer(sock: socket.socket) -> bytes:
+    """What the server sends on `sock` until its body is complete (Content-Length)."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    return data
+
+
+def _length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    return int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+
+
 def _wait_for(predicate, timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -185,9 +203,7 @@ def test_half_sent_requests_are_closed_after_the_request_timeout(server):
 def test_a_body_that_never_arrives_is_408(server):
     sock = _raw_connection(server)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
-    sock.settimeout(10)
-    answer = sock.recv(4096)
-    sock.close()
+    answer = _answer(sock)
     assert answer.startswith(b"HTTP/1.1 408") and b'"code":"timeout"' in answer
 
 
@@ -206,10 +222,7 @@ def test_a_client_gone_mid_upload_is_one_log_line(server):
 def test_connections_past_the_cap_get_503_in_openai_shape(server):
     socks = [_raw_connection(server) for _ in range(40)]
     try:
-        extra = _raw_connection(server)
-        extra.settimeout(10)
-        answer = extra.recv(4096)
-        extra.close()
+        answer = _answer(_raw_connection(server))
         assert answer.startswith(b"HTTP/1.1 503") and b'"code":"too_many_connections"' in answer
     finally:
         for sock in socks:

@@ -251,8 +251,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", dependencies=v1)
     async def completions(request: Request) -> Response:
         served = state.ready()
-        body = parse(CompletionRequest, await _read_json(request, config))
-        jobs = await asyncio.to_thread(h.completion_jobs, served, body)
+        raw = await _read_body(request, config)
+        body, jobs = await asyncio.to_thread(_prepared, CompletionRequest, raw, served)
         env = r.Envelope(r.new_id("cmpl"), "text_completion", served.model_name)
         runs = h.start(served, jobs, env.id)
         if body.stream:
@@ -264,8 +264,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(request: Request) -> Response:
         served = state.ready()
-        body = parse(ChatCompletionRequest, await _read_json(request, config))
-        job = await asyncio.to_thread(h.chat_job, served, body)
+        raw = await _read_body(request, config)
+        body, (job,) = await asyncio.to_thread(_prepared, ChatCompletionRequest, raw, served)
         env = r.Envelope(r.new_id("chatcmpl"), "chat.completion", served.model_name)
         runs = h.start(served, [job], env.id)
         if body.stream:
@@ -276,9 +276,18 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse(h.chat_body(served, body, out, env))
 
 
-async def _read_json(request: Request, config: ServeConfig):
-    """The body, decoded and checked (protocol.decode_json); 413 past --max-request-size,
-    408 when it does not arrive within --request-timeout."""
+def _prepared(kind: type, raw: bytes, served: h.Served) -> tuple:
+    """(the checked request, its engine jobs): decoding, validation, chat templates and
+    tokenizing, which take time in proportion to the body, so they run off the event loop."""
+    body = parse(kind, decode_json(raw))
+    if kind is ChatCompletionRequest:
+        return body, [h.chat_job(served, body)]
+    return body, h.completion_jobs(served, body)
+
+
+async def _read_body(request: Request, config: ServeConfig) -> bytes:
+    """The body's bytes; 413 past --max-request-size, 408 when it does not arrive within
+    --request-timeout."""
     limit = config.max_request_bytes
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="too_large")
@@ -298,7 +307,7 @@ async def _read_json(request: Request, config: ServeConfig):
     except ClientDisconnect:
         log.info("a client disconnected while sending its request")
         raise ApiError(499, "the client closed the connection", code="client_closed") from None
-    return decode_json(b"".join(chunks))
+    return b"".join(chunks)
 
 
 async def _unless_disconnected(request: Request, work):
