@@ -39,6 +39,10 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.num_hit_blocks = 0  # full blocks taken from the prefix cache, all told
+        # Blocks that have ever held tokens: on CPU the cache's pages are committed as blocks
+        # are first written, so memory grows with this count up to the whole cache.
+        self._touched = bytearray(num_blocks)
+        self.num_touched_blocks = 0
 
     @property
     def num_blocks(self) -> int:
@@ -94,6 +98,9 @@ class BlockManager:
             self._evict(block_id)
             self._take(block_id)
             seq.block_table.append(block_id)
+            if not self._touched[block_id]:
+                self._touched[block_id] = 1
+                self.num_touched_blocks += 1
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq`; cached ones stay findable until reused."""

@@ -257,7 +257,9 @@ class Engine:
 
     def _num_blocks(self, dtype: torch.dtype, device: torch.device, src: RankTensors) -> int:
         c = self.config
-        per_block = kv_block_bytes(self.model_config, c.tp, c.block_size, dtype)
+        per_block = self.kv_block_bytes = kv_block_bytes(
+            self.model_config, c.tp, c.block_size, dtype
+        )
         max_len = c.max_model_len or self.model_config.max_position_embeddings
         wanted = c.max_num_seqs * -(-max_len // c.block_size)
         if c.kv_cache_memory is not None:

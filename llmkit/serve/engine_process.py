@@ -49,6 +49,8 @@ class EngineStats:
     num_blocks: int = 0
     preemptions: int = 0
     hit_blocks: int = 0
+    touched_blocks: int = 0  # blocks that have ever held tokens
+    block_bytes: int = 0  # one block's K and V on one rank
     seqs_seen: int = 0  # sequences of the "add" commands the engine process has taken so far
 
 
@@ -171,7 +173,8 @@ def _main(conn: Connection, parent_end: Connection) -> None:
         conn.send(("failed", str(e) or type(e).__name__))
         return
     vocab = engine.model_config.vocab_size
-    info = EngineInfo(engine.max_model_len, vocab, engine.block_manager.num_blocks)
+    blocks = engine.block_manager.num_blocks
+    info = EngineInfo(engine.max_model_len, vocab, blocks)
     conn.send(("ready", info))
     try:
         _Loop(engine, conn).run()
@@ -237,5 +240,7 @@ class _Loop:
             num_blocks=blocks.num_blocks,
             preemptions=scheduler.num_preemptions,
             hit_blocks=blocks.num_hit_blocks,
+            touched_blocks=blocks.num_touched_blocks,
+            block_bytes=self.engine.kv_block_bytes,
             seqs_seen=self.seqs,
         )

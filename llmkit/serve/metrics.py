@@ -61,6 +61,14 @@ class _EngineCollector:
         usage = stats.used_blocks / stats.num_blocks if stats.num_blocks else 0.0
         yield GaugeMetricFamily("llmkit_kv_cache_usage", "Fraction of KV blocks held.", usage)
         yield GaugeMetricFamily("llmkit_kv_cache_used_blocks", "KV blocks held.", stats.used_blocks)
+        yield GaugeMetricFamily(
+            "llmkit_kv_cache_touched_blocks",
+            "KV blocks that have ever held tokens (their memory is committed).",
+            stats.touched_blocks,
+        )
+        yield GaugeMetricFamily(
+            "llmkit_kv_cache_block_bytes", "Bytes of one KV block on one rank.", stats.block_bytes
+        )
         yield CounterMetricFamily(
             "llmkit_preemptions", "Sequences preempted (recomputed later).", stats.preemptions
         )
