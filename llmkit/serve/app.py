@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from llmkit.memory import return_freed_memory
 from llmkit.serve import handlers as h
 from llmkit.serve import responses as r
 from llmkit.serve.async_engine import AsyncEngine, EngineDead
@@ -47,6 +48,7 @@ class ServerState:
         self.closing = False
         self.on_fatal: Callable[[], None] = lambda: None
         self.load_s: float | None = None
+        self.trim_due = False  # a large body was read: hand its freed pages back soon
         self._lock = threading.Lock()
         self.metrics.watch(lambda: self.served.engine.stats if self.served else None)
 
@@ -173,7 +175,9 @@ def create_app(config: ServeConfig, process: EngineProcess) -> tuple[FastAPI, Se
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load, name="llmkit-load", daemon=True).start()
+        trimming = asyncio.ensure_future(_trim_after_large_bodies(state))
         yield
+        trimming.cancel()
         await asyncio.to_thread(state.close)
 
     app = FastAPI(
@@ -251,7 +255,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", dependencies=v1)
     async def completions(request: Request) -> Response:
         served = state.ready()
-        raw = await _read_body(request, config)
+        raw = await _read_body(request, state)
         body, jobs = await asyncio.to_thread(_prepared, CompletionRequest, raw, served)
         env = r.Envelope(r.new_id("cmpl"), "text_completion", served.model_name)
         runs = h.start(served, jobs, env.id)
@@ -264,7 +268,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(request: Request) -> Response:
         served = state.ready()
-        raw = await _read_body(request, config)
+        raw = await _read_body(request, state)
         body, (job,) = await asyncio.to_thread(_prepared, ChatCompletionRequest, raw, served)
         env = r.Envelope(r.new_id("chatcmpl"), "chat.completion", served.model_name)
         runs = h.start(served, [job], env.id)
@@ -276,6 +280,19 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse(h.chat_body(served, body, out, env))
 
 
+LARGE_BODY = 2**20
+
+
+async def _trim_after_large_bodies(state: ServerState) -> None:
+    """Once a second at most, after a large body was read, hand freed heap pages back: each
+    thread parsing one leaves megabytes in its own malloc arena otherwise, and RSS creeps."""
+    while True:
+        await asyncio.sleep(1)
+        if state.trim_due:
+            state.trim_due = False
+            await asyncio.to_thread(return_freed_memory)
+
+
 def _prepared(kind: type, raw: bytes, served: h.Served) -> tuple:
     """(the checked request, its engine jobs): decoding, validation, chat templates and
     tokenizing, which take time in proportion to the body, so they run off the event loop."""
@@ -285,9 +302,10 @@ def _prepared(kind: type, raw: bytes, served: h.Served) -> tuple:
     return body, h.completion_jobs(served, body)
 
 
-async def _read_body(request: Request, config: ServeConfig) -> bytes:
+async def _read_body(request: Request, state: ServerState) -> bytes:
     """The body's bytes; 413 past --max-request-size, 408 when it does not arrive within
     --request-timeout."""
+    config = state.config
     limit = config.max_request_bytes
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="too_large")
@@ -307,6 +325,7 @@ async def _read_body(request: Request, config: ServeConfig) -> bytes:
     except ClientDisconnect:
         log.info("a client disconnected while sending its request")
         raise ApiError(499, "the client closed the connection", code="client_closed") from None
+    state.trim_due |= size > LARGE_BODY
     return b"".join(chunks)
 
 
