@@ -50,6 +50,7 @@ from llmkit.net import free_port
 from llmkit.serve.launch import launched
 
 RESULTS = Path(__file__).resolve().parent / "results"
+HUGE_PROMPT = json.dumps({"prompt": "word " * 1_400_000}).encode()  # 7 MB, made once
 WARM_UP = 0.2  # of each phase: RSS is compared from there to the end
 WORDS = [
     "the",
@@ -187,8 +188,7 @@ def hostile_request(port: int, tally: Tally, rng: random.Random) -> None:
     elif kind == len(bodies) + 2:
         tally.answer(*_post(port, "/v1/completions", b'{"prompt": "a", "top_p": NaN}'))
     elif kind == len(bodies) + 3:
-        big = json.dumps({"prompt": "word " * 1_400_000}).encode()
-        tally.answer(*_post(port, "/v1/completions", big))
+        tally.answer(*_post(port, "/v1/completions", HUGE_PROMPT))
     elif kind == len(bodies) + 4:  # a stream dropped part-way
         body = json.dumps({"prompt": "x", "max_tokens": 200, "stream": True}).encode()
         sock = _raw(port, _head(len(body)) + body)

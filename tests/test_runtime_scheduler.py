@@ -42,6 +42,20 @@ def test_blocks_are_allocated_as_tokens_grow_and_freed_with_the_sequence():
     assert bm.num_free_blocks == 8 and s.block_table == []
 
 
+def test_touched_blocks_count_each_block_once_it_has_held_tokens():
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    assert bm.num_touched_blocks == 0
+    for _ in range(3):  # freed blocks are reused: the touched count does not grow
+        s = seq(10)
+        bm.allocate(s, 10)
+        assert bm.num_touched_blocks == 3
+        bm.free(s)
+    a, b = seq(10), seq(10)
+    bm.allocate(a, 10)
+    bm.allocate(b, 10)
+    assert bm.num_touched_blocks == 6 == len(set(a.block_table) | set(b.block_table))
+
+
 def test_prefix_blocks_are_shared_with_ref_counts():
     bm = BlockManager(8, 4)
     a, b = seq(10), seq(10)
