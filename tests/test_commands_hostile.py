@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.checkpoint.shapes import expected_shapes
-
 
 def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
@@ -119,6 +117,8 @@ def test_quantized_checkpoints_agree_with_their_configs_and_a_missing_tensor_is_
 def test_expected_shapes_are_what_transformers_builds(tiny_dir):
     import torch
     import transformers
+
+    from llmkit.checkpoint.shapes import expected_shapes
 
     for preset in ("tiny-llama", "tiny-qwen2", "tiny-qwen3"):
         config = json.loads((tiny_dir(preset) / "config.json").read_text())
