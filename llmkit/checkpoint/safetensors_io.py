@@ -293,8 +293,8 @@ class BackgroundWriter:
 
 
 def preallocate(f: BinaryIO, size: int) -> None:
-    # Reserving the extents up front spares the filesystem allocating as it goes: writes of
-    # 256 MB after a `sync` ran 1.5-10x faster on ext4 with it than without.
+    # Reserving the extents up front spares the filesystem allocating as it goes, which made
+    # large writes after a `sync` markedly faster on ext4 (benchmarks/RESULTS.md).
     if size > 0 and hasattr(os, "posix_fallocate"):
         with contextlib.suppress(OSError):
             os.posix_fallocate(f.fileno(), 0, size)

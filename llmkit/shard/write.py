@@ -340,9 +340,9 @@ class _RankFiles:
             f.close()
 
 
-# Two threads copy into the page cache side by side: writing 3 GB to two files from two
-# threads took 0.41-1.6 s against 0.72-2.4 s from one (six alternating rounds,
-# benchmarks/RESULTS.md). Each worker gathers, writes and hashes whole pieces.
+# Two threads copy into the page cache side by side: one thread copying every byte left the
+# second core idle (benchmarks/RESULTS.md, the shard section). Each worker gathers, writes
+# and hashes whole pieces.
 _WORKERS = 2
 _QUEUE_DEPTH = 6  # pieces waiting; each holds its source chunk's memory map
 
@@ -455,10 +455,10 @@ class _Workers:
 class _Scratch:
     """One worker's buffer for gathered pieces, reused piece after piece.
 
-    Fresh memory is slow where a VM hands freed pages back to its host: touching 3 GB of new
-    anonymous memory took 7.3-8 s after an idle pause against 0.45 s for memory just freed,
-    so gathering into new arrays cost a 1B-parameter shard seconds. A worker writes and
-    hashes a piece before it takes the next, so the buffer is free again by then.
+    Fresh memory is slow where a VM hands freed pages back to its host (the host must fault
+    them in again), so gathering into new arrays made large shards markedly slower
+    (benchmarks/RESULTS.md). A worker writes and hashes a piece before it takes the next, so
+    the buffer is free again by then.
     """
 
     def __init__(self) -> None:
@@ -472,10 +472,9 @@ class _Scratch:
 
 
 # Written 256 KiB a call: on a VM that hands freed memory back to its host, larger buffered
-# writes ran 3-5x slower (the 3.0 GB of a 1B-parameter tp=4 pp=2 shard, gather memory kept:
-# 4.3-5.2 s in whole pieces, 0.87-1.10 s in 256 KiB calls, 1.2-1.5 s in 64 KiB, 1.5-1.7 s in
-# 512 KiB; benchmarks/RESULTS.md). Likely cause: the page cache then takes large folios from
-# the high-order free blocks, which are the ones reported to the host.
+# writes were slower, and smaller ones cost more calls (the sizes tried are compared in
+# benchmarks/RESULTS.md). Likely cause: the page cache then takes large folios from the
+# high-order free blocks, which are the ones reported to the host.
 _WRITE_BYTES = 256 * 2**10
 
 

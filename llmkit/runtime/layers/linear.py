@@ -116,10 +116,11 @@ def convert_for_runtime(
 
 class DenseLinear(nn.Module):
     """F.linear. On CPU in bf16 the weight is prepacked once into oneDNN's blocked layout,
-    which computes the same values up to 2x faster for the small batches of decoding. Where
-    the CPU has no native bf16 (or fp16) products, they run ~6x slower than float32 ones, so
+    which computes the same values faster for the small batches of decoding. Where the CPU
+    has no native bf16 (or fp16) products, they are much slower than float32 ones, so
     batches of more than a few rows are computed in float32 from weight blocks widened on
-    the fly, while the weight stays half precision in memory."""
+    the fly, while the weight stays half precision in memory (measurements: the engine
+    benchmark in benchmarks/RESULTS.md)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
