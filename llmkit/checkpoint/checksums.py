@@ -15,10 +15,9 @@ from llmkit.errors import LlmkitError
 NAME = "llmkit-checksums.json"
 
 
-def record(directory: Path, files: list[str]) -> None:
-    """Hash `files` (names in `directory`) into its checksum file."""
-    hashes = {name: file_hash(directory / name) for name in sorted(files)}
-    text = json.dumps({"algorithm": ALGORITHM, "files": hashes}, indent=1)
+def record(directory: Path, hashes: dict[str, str]) -> None:
+    """Write `directory`'s checksum file: weight file name -> its hashing.file_hash."""
+    text = json.dumps({"algorithm": ALGORITHM, "files": dict(sorted(hashes.items()))}, indent=1)
     (directory / NAME).write_text(text + "\n")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
 
 from llmkit.checkpoint import dtypes
+from llmkit.checkpoint.hashing import new_hash
 from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
@@ -223,17 +224,24 @@ def write_file(
     specs: list[TensorSpec],
     metadata: dict[str, str],
     on_bytes: Callable[[int], None] | None = None,
-) -> None:
-    """Write `specs` (already in file order) to `path`, streaming each tensor's chunks.
+) -> str:
+    """Write `specs` (already in file order) to `path`, streaming each tensor's chunks; the
+    file's content hash (hashing.file_hash's), computed as the bytes go out.
 
     Chunks are produced (read, converted) on this thread while a background thread writes
-    the previous ones: the two overlap, and at most `_QUEUE_DEPTH` chunks are held.
+    and hashes the previous ones: the two overlap, and at most `_QUEUE_DEPTH` are held.
     """
     header = encode_header(specs, metadata)
+    digest = new_hash()
+
+    def write(data) -> None:
+        f.write(data)
+        digest.update(data)
+
     with path.open("wb") as f:
         preallocate(f, len(header) + sum(s.nbytes for s in specs))
-        f.write(header)
-        with BackgroundWriter(f.write) as writer:
+        write(header)
+        with BackgroundWriter(write) as writer:
             for spec in specs:
                 written = 0
                 for chunk in spec.chunks():
@@ -246,6 +254,7 @@ def write_file(
                     raise RuntimeError(
                         f"{spec.name}: produced {written} bytes, expected {spec.nbytes}"
                     )
+    return digest.hexdigest()
 
 
 _QUEUE_DEPTH = 2

@@ -95,7 +95,8 @@ def write_tensors(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress: ProgressFn | None = None,
 ) -> tuple[str, ...]:
-    """Write `specs` as safetensors shards (+ index when more than one) into `directory`."""
+    """Write `specs` as safetensors shards (+ index when more than one) into `directory`,
+    with their checksums (checksums.py) hashed as they are written."""
     _check_unique(specs)
     shards = plan_shards(specs, parse_size(max_shard_size))
     names = shard_names(len(shards))
@@ -108,8 +109,10 @@ def write_tensors(
         if progress is not None:
             progress(done, total)
 
+    hashes = {}
     for name, shard in zip(names, shards, strict=True):
-        write_file(directory / name, file_layout(shard), {"format": "pt"}, on_bytes)
+        hashes[name] = write_file(directory / name, file_layout(shard), {"format": "pt"}, on_bytes)
+    checksums.record(directory, hashes)
     if len(names) > 1:
         weight_map = {s.name: n for n, shard in zip(names, shards, strict=True) for s in shard}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -156,7 +159,6 @@ def fill_checkpoint_dir(
         write_json(directory / name, data)
     write_json(directory / "config.json", config)
     shards = write_tensors(directory, specs, max_shard_size, progress)
-    checksums.record(directory, list(shards))
     return WrittenCheckpoint(directory, shards, len(specs), sum(s.nbytes for s in specs))
 
 

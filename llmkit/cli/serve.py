@@ -113,7 +113,8 @@ def serve(
         engine=engine,
         host=host,
         port=port,
-        served_model_name=served_model_name or _public_name(model),
+        # a hub id is its own name (the local copy's directory is a cache snapshot)
+        served_model_name=served_model_name or (None if Path(model).exists() else model),
         model_aliases=(model,),
         api_key=api_key,
         max_queued_requests=max_queued_requests,
@@ -137,9 +138,3 @@ def _size(text: str, option: str) -> int:
         return parse_size(text)
     except LlmkitError:
         raise LlmkitError(f"{option} {text!r} must be a size like 8MiB") from None
-
-
-def _public_name(model: str) -> str:
-    """A local MODEL's directory name (not its path); a hub id as it is."""
-    path = Path(model)
-    return path.resolve().name if path.exists() else model

@@ -256,7 +256,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def completions(request: Request) -> Response:
         served = state.ready()
         raw = await _read_body(request, state)
-        body, jobs = await asyncio.to_thread(_prepared, CompletionRequest, raw, served)
+        body, jobs = await asyncio.to_thread(
+            _prepared, CompletionRequest, h.completion_jobs, raw, served
+        )
         env = r.Envelope(r.new_id("cmpl"), "text_completion", served.model_name)
         runs = h.start(served, jobs, env.id)
         if body.stream:
@@ -269,7 +271,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def chat(request: Request) -> Response:
         served = state.ready()
         raw = await _read_body(request, state)
-        body, (job,) = await asyncio.to_thread(_prepared, ChatCompletionRequest, raw, served)
+        body, job = await asyncio.to_thread(
+            _prepared, ChatCompletionRequest, h.chat_job, raw, served
+        )
         env = r.Envelope(r.new_id("chatcmpl"), "chat.completion", served.model_name)
         runs = h.start(served, [job], env.id)
         if body.stream:
@@ -293,13 +297,12 @@ async def _trim_after_large_bodies(state: ServerState) -> None:
             await asyncio.to_thread(return_freed_memory)
 
 
-def _prepared(kind: type, raw: bytes, served: h.Served) -> tuple:
-    """(the checked request, its engine jobs): decoding, validation, chat templates and
-    tokenizing, which take time in proportion to the body, so they run off the event loop."""
+def _prepared(kind: type, make_jobs: Callable, raw: bytes, served: h.Served) -> tuple:
+    """(the checked request, `make_jobs(served, request)`): decoding, validation, chat
+    templates and tokenizing take time in proportion to the body, so they run off the event
+    loop."""
     body = parse(kind, decode_json(raw))
-    if kind is ChatCompletionRequest:
-        return body, [h.chat_job(served, body)]
-    return body, h.completion_jobs(served, body)
+    return body, make_jobs(served, body)
 
 
 async def _read_body(request: Request, state: ServerState) -> bytes:

@@ -56,4 +56,4 @@ class ServeConfig:
     def model_name(self) -> str:
         """What clients call the model: --served-model-name, else the directory's name (a
         server does not show its file system)."""
-        return self.served_model_name or Path(self.model).name
+        return self.served_model_name or Path(self.model).absolute().name

@@ -23,6 +23,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
 
     class Guarded(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        transport = None  # a refused connection never gets one
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             if len(self.connections) >= max_connections:
@@ -68,7 +69,6 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
                             header_timeout_s)  # fmt: skip
                 self.transport.close()
 
-    Guarded.transport = None  # type: ignore[assignment]
     return Guarded
 
 
