@@ -154,3 +154,25 @@ def test_seeds_and_top_k_past_their_ranges_sample(tiny_dir):
     params = SamplingParams(max_tokens=4, seed=2**64 - 1, n=2, top_k=10**20)
     (out,) = engine.generate([[1, 5, 9]], params)
     assert [len(c.token_ids) for c in out.outputs] == [4, 4]
+
+
+
+@pytest.mark.parametrize(
+    "params",
+    [GREEDY, SamplingParams(max_tokens=10, temperature=1.0, seed=5, n=2, ignore_eos=True)],
+)
+def test_a_paused_request_frees_its_blocks_and_resumes_with_the_same_tokens(tiny_dir, params):
+    prompt = random_prompts(1, 40, 41, seed=9)[0]
+    (straight,) = LLM(tiny_dir()).generate([prompt], params)
+    engine = Engine(tiny_dir(), EngineConfig())
+    engine.add_request("r", prompt_token_ids=prompt, params=params)
+    for _ in range(4):
+        engine.step()
+    engine.pause("r")
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished()
+    engine.resume("r")
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[-1].finished
+    assert [c.token_ids for c in outs[-1].outputs] == [c.token_ids for c in straight.outputs]

@@ -153,6 +153,48 @@ def test_preemption_takes_the_newest_and_recomputes_it():
     assert bm.num_free_blocks == 6
 
 
+def test_a_paused_sequence_frees_its_blocks_skips_steps_and_resumes_where_it_was():
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    paused, other = seq(10, max_tokens=8), seq(6, 100, max_tokens=8)
+    sched.add(paused)
+    sched.add(other)
+    run_fake(sched, steps=3)
+    generated = len(paused.output_token_ids)
+    assert generated == 3 and paused.block_table
+    sched.pause(paused)
+    assert paused.block_table == [] and paused.num_computed_tokens == 0
+    history = run_fake(sched)  # runs `other` to its end; `paused` takes no step
+    assert all(s is not paused for step in history for s, _ in step)
+    assert len(paused.output_token_ids) == generated and not sched.has_unfinished()
+    assert bm.num_free_blocks == 16
+    sched.resume(paused)
+    history = run_fake(sched)
+    # its 13 tokens' 3 full blocks come back from the prefix cache: one token to compute
+    assert history[0] == [(paused, 1)] and paused.num_cached_tokens == 12
+    assert len(paused.output_token_ids) == 8 and paused.is_finished
+
+
+def test_pause_and_resume_of_waiting_finished_or_paused_sequences():
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=1)
+    first, waiting = seq(4, max_tokens=2), seq(4, 50, max_tokens=2)
+    sched.add(first)
+    sched.add(waiting)
+    sched.pause(waiting)
+    sched.pause(waiting)  # twice: still one entry
+    assert sched.paused == [waiting] and sched.waiting == [first]
+    run_fake(sched)
+    assert first.is_finished and not waiting.output_token_ids
+    sched.pause(first)  # finished: nothing to do
+    sched.resume(first)
+    assert first.is_finished and sched.paused == [waiting]
+    sched.finish(waiting, "abort")  # an abort while paused
+    assert sched.paused == [] and bm.num_free_blocks == 16
+    sched.resume(waiting)
+    assert not sched.has_unfinished()
+
+
 def test_priority_policy_runs_lower_values_first():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=1, policy="priority")
     late_urgent = seq(4, priority=-1, max_tokens=1)

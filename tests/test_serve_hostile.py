@@ -171,21 +171,52 @@ def _wait_for(predicate, timeout: float = 20) -> bool:
     return False
 
 
-def test_a_stream_whose_client_stops_reading_is_ended_and_others_go_on(server):
-    body = json.dumps(
-        {"prompt": "x", "n": 8, "max_tokens": 450, "logprobs": 5, "stream": True,
-         "ignore_eos": True}
-    ).encode()  # fmt: skip
-    sock = _raw_connection(server, rcvbuf=4096)
+def _stream_raw(server, body: dict, rcvbuf: int = 4096) -> socket.socket:
+    """A streamed completion on a connection whose client reads only when told to."""
+    raw = json.dumps({**body, "stream": True}).encode()
+    sock = _raw_connection(server, rcvbuf)
     head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(f"{head}Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    return sock
+
+
+LONG = {"prompt": "x", "max_tokens": 450, "logprobs": 5, "ignore_eos": True}
+
+
+def test_a_stream_whose_client_stops_reading_is_paused_then_ended_and_others_go_on(server):
+    sock = _stream_raw(server, {**LONG, "n": 8})
     try:
+        # paused (no steps, no KV blocks) once the socket's buffers are full ...
+        assert _wait_for(lambda: server.metrics()["llmkit_requests_paused"] == 8, timeout=10)
+        # ... then ended once it has read nothing for --stream-stall-timeout
         assert _wait_for(lambda: "read nothing for 1 s" in server.log.read_text())
         status, answer = _completion(server, {"prompt": "x", "max_tokens": 4})
         assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
         assert _wait_for(lambda: server.metrics()[BLOCKS] == 0)
+        assert server.metrics()["llmkit_requests_paused"] == 0
     finally:
         sock.close()
+
+
+def test_a_slow_reader_is_paused_and_resumed_and_loses_nothing(server):
+    body = {**LONG, "temperature": 0, "n": 2}
+    status, whole = _completion(server, body)
+    assert status == 200
+    sock = _stream_raw(server, body, rcvbuf=16384)
+    data, paused, chunk = b"", 0, b"-"
+    sock.settimeout(10)
+    while chunk and not data.endswith(b"0\r\n\r\n"):  # the chunked body's end
+        paused = max(paused, server.metrics()["llmkit_requests_paused"])
+        time.sleep(0.2)  # reads now and then, often enough to stay within the stall timeout
+        data += (chunk := sock.recv(65536))
+    sock.close()
+    assert paused > 0 and data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    texts = ["", ""]
+    for line in data.split(b"\n"):
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in whole["choices"]]
 
 
 def test_half_sent_requests_are_closed_after_the_request_timeout(server):

@@ -124,7 +124,20 @@ class Engine:
             self.scheduler.finish(seq, "abort")
             self.executor.runner.sampler.release(seq.seq_id)
 
+    def pause(self, request_id: str) -> None:
+        """Stop computing a request (its client is not reading) and free its KV blocks; it
+        keeps what it generated and goes on after `resume` (unknown ids are ignored)."""
+        request = self.requests.get(request_id)
+        for seq in request.seqs if request else ():
+            self.scheduler.pause(seq)
+
+    def resume(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        for seq in request.seqs if request else ():
+            self.scheduler.resume(seq)
+
     def has_unfinished(self) -> bool:
+        """Whether a step has work: paused requests wait for `resume`, not for a step."""
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:

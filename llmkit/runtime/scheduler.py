@@ -5,6 +5,9 @@ prompt never stalls decoding), then waiting ones in priority/arrival order while
 `max_num_seqs` and the KV cache allow. A prompt larger than what is left of the budget is
 computed in chunks over several steps. When blocks run out, the newest (lowest-priority)
 running sequence is preempted: its blocks are freed and it is recomputed later.
+
+A paused sequence (its client stopped reading) leaves both queues and frees its blocks, as
+a preempted one does; resumed, it waits again and is recomputed, mostly from the prefix cache.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Scheduler:
         self._key = _arrival if policy == "fcfs" else _priority
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
         self.running: list[Sequence] = []  # same order: the last is preempted first
+        self.paused: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -78,10 +82,36 @@ class Scheduler:
         """Retire `seq` (finished or aborted) and free its blocks at once."""
         if seq.status is Status.FINISHED:
             return
-        queue = self.running if seq.status is Status.RUNNING else self.waiting
-        queue.remove(seq)
+        self._queue(seq).remove(seq)
         self.block_manager.free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def pause(self, seq: Sequence) -> None:
+        """Stop scheduling `seq` and free its blocks until `resume` (no-op unless it waits or
+        runs)."""
+        if seq.status not in (Status.WAITING, Status.RUNNING):
+            return
+        self._queue(seq).remove(seq)
+        self._forget_kv(seq)
+        seq.status = Status.PAUSED
+        self.paused.append(seq)
+
+    def resume(self, seq: Sequence) -> None:
+        """Let a paused `seq` wait for its turn again (no-op unless it is paused)."""
+        if seq.status is Status.PAUSED:
+            self.paused.remove(seq)
+            self.add(seq)
+
+    def _queue(self, seq: Sequence) -> list[Sequence]:
+        return {Status.RUNNING: self.running, Status.WAITING: self.waiting}.get(
+            seq.status, self.paused
+        )
+
+    def _forget_kv(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks: it is computed again (its full blocks from the prefix cache
+        while they stay there) when it next runs."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
 
     def _schedule_running(self, batch: Batch, budget: int) -> int:
         decodes_first = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
@@ -133,8 +163,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        self._forget_kv(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = Status.WAITING

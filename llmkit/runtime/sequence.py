@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # its client is not reading: it holds no KV blocks and is not scheduled
     FINISHED = "finished"
 
 

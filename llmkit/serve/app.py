@@ -129,14 +129,17 @@ class ServerState:
 
 
 class EventStream(StreamingResponse):
-    """Server-Sent Events that stop (aborting their requests) the moment the client goes, or
-    once it has read nothing for `stall_timeout_s` (the send waits on a full socket buffer)."""
+    """Server-Sent Events that stop (aborting their requests) the moment the client goes.
+    Backpressure: while a send waits (the client has let the socket's buffers fill), the
+    requests are paused in the engine (`hold(True)`), and go on once it has read
+    (`hold(False)`); a client that reads nothing for `stall_timeout_s` loses the stream."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events, stall_timeout_s: float):
+    def __init__(self, events, stall_timeout_s: float, hold: Callable[[bool], None]):
         super().__init__(events)
         self.stall_timeout_s = stall_timeout_s
+        self.hold = hold
 
     async def __call__(self, scope, receive, send) -> None:
         async def stream() -> None:
@@ -147,8 +150,17 @@ class EventStream(StreamingResponse):
                             self.stall_timeout_s)  # fmt: skip
 
         async def send_or_stall(message) -> None:
-            with anyio.fail_after(self.stall_timeout_s):
-                await send(message)
+            sending = asyncio.ensure_future(send(message))
+            try:
+                done, _ = await asyncio.wait({sending}, timeout=PAUSE_AFTER_S)
+                if not done:
+                    self.hold(True)
+                    with anyio.fail_after(self.stall_timeout_s):
+                        await sending
+                    self.hold(False)
+                sending.result()
+            finally:
+                sending.cancel()  # the stream ends (disconnect, stall): so does its send
 
         async def until_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -167,6 +179,10 @@ class EventStream(StreamingResponse):
             pass
         finally:
             await self.body_iterator.aclose()
+
+
+# A send still waiting after this has met full socket buffers: its client is not reading.
+PAUSE_AFTER_S = 0.05
 
 
 def create_app(config: ServeConfig, process: EngineProcess) -> tuple[FastAPI, ServerState]:
@@ -263,7 +279,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         runs = h.start(served, jobs, env.id)
         if body.stream:
             events = h.completion_events(served, body, jobs, runs, env)
-            return EventStream(events, config.stream_stall_timeout_s)
+            return EventStream(
+                events, config.stream_stall_timeout_s, h.holder(served, env.id, jobs)
+            )
         outs = await _unless_disconnected(request, h.finals(runs))
         return JSONResponse(h.completion_body(served, body, jobs, outs, env))
 
@@ -279,7 +297,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if body.stream:
             env.object = "chat.completion.chunk"
             events = h.chat_events(served, body, job, runs, env)
-            return EventStream(events, config.stream_stall_timeout_s)
+            return EventStream(
+                events, config.stream_stall_timeout_s, h.holder(served, env.id, [job])
+            )
         (out,) = await _unless_disconnected(request, h.finals(runs))
         return JSONResponse(h.chat_body(served, body, out, env))
 

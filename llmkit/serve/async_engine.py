@@ -128,6 +128,14 @@ class AsyncEngine:
         if self.num_queued + num_seqs > self.max_queued_requests:
             raise QueueFull
 
+    def hold(self, request_ids: list[str], paused: bool) -> None:
+        """Pause the requests in the engine (their client is not reading: they stop taking
+        steps and KV blocks), or let them go on."""
+        with self._lock:
+            live = [request_id for request_id in request_ids if request_id in self._streams]
+        for request_id in live:
+            self._send(("pause" if paused else "resume", request_id))
+
     def _check_alive(self) -> None:
         if self._stopping or self._dead:
             raise EngineDead("the server is shutting down")
@@ -265,14 +273,15 @@ class AsyncEngine:
         if elapsed < self.stats_interval_s:
             return
         stats = self.stats
-        if t.prompt or t.generated or stats.running or stats.waiting:
+        if t.prompt or t.generated or stats.running or stats.waiting or stats.paused:
             log.info(
                 "%.1f prompt tokens/s, %.1f generated tokens/s, %d running, %d waiting, "
-                "KV cache %.1f%% used, %d preemptions",
+                "%d paused, KV cache %.1f%% used, %d preemptions",
                 t.prompt / elapsed,
                 t.generated / elapsed,
                 stats.running,
                 stats.waiting,
+                stats.paused,
                 100 * stats.used_blocks / max(stats.num_blocks, 1),
                 stats.preemptions,
             )

@@ -1,7 +1,9 @@
 """Connections as uvicorn's h11 protocol handles them, with the guards it lacks: a request's
 headers must arrive within a timeout (a client that opens connections and sends half a
 request cannot hold them forever), past a cap on open connections a new one is answered 503
-in OpenAI's error shape and closed, and a connection's send buffer is bounded."""
+in OpenAI's error shape and closed, and a connection's send buffers are small: they are what
+a client that stops reading can leave unread before a stream's sends wait and its requests
+are paused (serve/app.py EventStream)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import socket
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("llmkit.serve")
-# A connection's kernel send buffer: what a client that stops reading can leave queued there
-# (instead of up to the kernel's autotuned maximum, megabytes) before the stream's sends wait.
-SEND_BUFFER_BYTES = 256 * 2**10
+# A connection's kernel send buffer (Linux doubles it for its bookkeeping) instead of the
+# autotuned megabytes, and the transport's own buffer above it: streamed tokens are small,
+# and a stream runs at most this far ahead of a client that stops reading.
+SEND_BUFFER_BYTES = 32 * 2**10
+TRANSPORT_BUFFER_BYTES = 16 * 2**10
 
 
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
@@ -30,8 +34,9 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
                 _refuse(transport, max_connections)
                 return
             sock = transport.get_extra_info("socket")
-            if sock is not None:  # bounded kernel memory for a client that reads nothing
+            if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            transport.set_write_buffer_limits(high=TRANSPORT_BUFFER_BYTES)
             super().connection_made(transport)
             self._arm()
 

@@ -4,7 +4,8 @@ the front end imports its web stack on the other core. It also takes the engine'
 off the front end's GIL.
 
 Over one pipe the front end sends ("load", model, config, log_level) once, then
-("add", request_id, prompt_ids, params, arrival), ("abort", request_id) and ("stop",); the
+("add", request_id, prompt_ids, params, arrival), ("abort", request_id), ("pause",
+request_id), ("resume", request_id) and ("stop",); the
 engine process answers ("ready", EngineInfo) or ("failed", message) once, then one Step after
 every round of commands and model step, with its outputs as deltas (serve/deltas.py). This
 module stays torch-free; the child imports the engine after the fork.
@@ -45,6 +46,7 @@ class EngineStats:
 
     running: int = 0
     waiting: int = 0
+    paused: int = 0  # sequences whose client is not reading
     used_blocks: int = 0
     num_blocks: int = 0
     preemptions: int = 0
@@ -218,6 +220,10 @@ class _Loop:
         elif kind == "abort":
             self.engine.abort(message[1])
             self.deltas.forget(message[1])
+        elif kind == "pause":
+            self.engine.pause(message[1])
+        elif kind == "resume":
+            self.engine.resume(message[1])
         elif kind == "stop":
             self.stopping = True
 
@@ -236,6 +242,7 @@ class _Loop:
         return EngineStats(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting),
+            paused=len(scheduler.paused),
             used_blocks=blocks.num_used_blocks,
             num_blocks=blocks.num_blocks,
             preemptions=scheduler.num_preemptions,

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from llmkit.errors import LlmkitError
@@ -189,10 +189,23 @@ def start(served: Served, jobs: list[Job], request_id: str) -> list[AsyncIterato
     except EngineDead as e:
         raise ApiError(503, str(e), type="server_error") from None
     arrival = time.monotonic()
+    ids = _run_ids(request_id, jobs)
     return [
-        served.engine.generate(f"{request_id}-{i}", job.prompt_ids, job.params, arrival)
-        for i, job in enumerate(jobs)
+        served.engine.generate(run_id, job.prompt_ids, job.params, arrival)
+        for run_id, job in zip(ids, jobs, strict=True)
     ]
+
+
+def holder(served: Served, request_id: str, jobs: list[Job]) -> Callable[[bool], None]:
+    """hold(paused): pause the engine's runs of a response (its client is not reading), or
+    let them go on."""
+    ids = _run_ids(request_id, jobs)
+    return lambda paused: served.engine.hold(ids, paused)
+
+
+def _run_ids(request_id: str, jobs: list[Job]) -> list[str]:
+    """The engine's request id of each job (prompt) of a response."""
+    return [f"{request_id}-{i}" for i in range(len(jobs))]
 
 
 async def finals(runs: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:

@@ -58,6 +58,9 @@ class _EngineCollector:
         stats = self.engine_state() or EngineStats()
         yield GaugeMetricFamily("llmkit_requests_running", "Sequences running.", stats.running)
         yield GaugeMetricFamily("llmkit_requests_waiting", "Sequences waiting.", stats.waiting)
+        yield GaugeMetricFamily(
+            "llmkit_requests_paused", "Sequences paused: their client is not reading.", stats.paused
+        )
         usage = stats.used_blocks / stats.num_blocks if stats.num_blocks else 0.0
         yield GaugeMetricFamily("llmkit_kv_cache_usage", "Fraction of KV blocks held.", usage)
         yield GaugeMetricFamily("llmkit_kv_cache_used_blocks", "KV blocks held.", stats.used_blocks)
