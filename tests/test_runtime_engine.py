@@ -156,7 +156,6 @@ def test_seeds_and_top_k_past_their_ranges_sample(tiny_dir):
     assert [len(c.token_ids) for c in out.outputs] == [4, 4]
 
 
-
 @pytest.mark.parametrize(
     "params",
     [GREEDY, SamplingParams(max_tokens=10, temperature=1.0, seed=5, n=2, ignore_eos=True)],
