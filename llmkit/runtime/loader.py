@@ -29,13 +29,14 @@ EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def load_model(
-    src: RankTensors, group: Group, dtype: torch.dtype, device: torch.device
+    src: RankTensors, group: Group, dtype: torch.dtype, device: torch.device, exact: bool = False
 ) -> tuple[LlamaModel, LlamaConfig]:
-    """The model rank `group.rank` runs, weights on `device`."""
+    """The model rank `group.rank` runs, weights on `device`; `exact`: weight-only quantized
+    Linears as their dequantized weights (see convert_for_runtime)."""
     cfg = LlamaConfig.from_hf(src.config)
     heads, kv_heads = cfg.heads_per_rank(group.size)
     reader = _LinearReader(src, src.config.get("quantization_config"))
-    build = _Builder(src, reader, group, dtype, device)
+    build = _Builder(src, reader, group, dtype, device, exact)
     layers = [build.layer(i, cfg, heads, kv_heads) for i in range(cfg.num_layers)]
     embed = src.get(EMBED).to(device, dtype)
     head = embed if LM_HEAD not in src else src.get(LM_HEAD).to(device, dtype)
@@ -50,9 +51,12 @@ def load_model(
 
 
 class _Builder:
-    def __init__(self, src: RankTensors, reader, group: Group, dtype, device):
+    def __init__(self, src: RankTensors, reader, group: Group, dtype, device, exact: bool):
         self.src, self.reader, self.group = src, reader, group
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.exact = dtype, device, exact
+
+    def convert(self, weight: LinearWeight, bias: torch.Tensor | None) -> nn.Module:
+        return convert_for_runtime(weight, bias, self.dtype, self.device, self.exact)
 
     def layer(self, i: int, cfg: LlamaConfig, heads: int, kv_heads: int) -> DecoderLayer:
         p = f"model.layers.{i}."
@@ -90,19 +94,14 @@ class _Builder:
             raise LlmkitError(f"{modules[0]}: some of {modules} have a bias and some do not")
         whole = concat(weights)
         if whole is not None:
-            return convert_for_runtime(whole, bias, self.dtype, self.device)
-        return Parallel(
-            [
-                convert_for_runtime(w, b, self.dtype, self.device)
-                for w, b in zip(weights, biases, strict=True)
-            ]
-        )
+            return self.convert(whole, bias)
+        return Parallel([self.convert(w, b) for w, b in zip(weights, biases, strict=True)])
 
     def row_parallel(self, module: str) -> nn.Module:
         weight, bias = self.reader.read(module), self._bias(module)
         if self.group.size == 1:
-            return convert_for_runtime(weight, bias, self.dtype, self.device)
-        inner = convert_for_runtime(weight, None, self.dtype, self.device)
+            return self.convert(weight, bias)
+        inner = self.convert(weight, None)
         bias = None if bias is None else bias.to(self.device, self.dtype)
         return RowParallel(inner, bias, self.group)
 

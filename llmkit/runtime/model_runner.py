@@ -45,10 +45,11 @@ class ModelRunner:
         device: torch.device,
         num_blocks: int,
         block_size: int,
+        exact: bool = False,
     ):
         src = open_rank(model_path, group.size, group.rank)
         try:
-            self.model, self.config = load_model(src, group, dtype, device)
+            self.model, self.config = load_model(src, group, dtype, device, exact)
         finally:
             src.close()
         self.device, self.block_size = device, block_size

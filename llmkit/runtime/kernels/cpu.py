@@ -1,7 +1,9 @@
-"""The CPU C++ kernels (cpu_ops.cpp), built once per machine with the local compiler
-by torch's extension loader and cached (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR)
-under a name keyed by the source, the flags, torch, Python and the CPU's features, so a
-later start loads the library directly (no extension loader, no ninja run).
+"""The CPU C++ kernels (cpu_ops.cpp: attention and element-wise; cpu_gemm.cpp: matrix
+products against quantized and half-precision weights), built once per machine with the
+local compiler by torch's extension loader and cached (~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR) under a name keyed by the sources, the flags, torch, Python and the
+CPU's features, so a later start loads the library directly (no extension loader, no ninja
+run).
 
 `ops()` is None, with one warning, when they cannot be built (no compiler, no ninja) or when
 LLMKIT_CPU_KERNELS=0; callers then use their torch path.
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("llmkit.kernels")
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_gemm.cpp"))
 # no FMA contraction: the element-wise kernels round as the torch ops they replace
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
@@ -65,7 +67,7 @@ def _load_or_build() -> None:
     directory.mkdir(parents=True, exist_ok=True)
     load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(source) for source in SOURCES],
         extra_cflags=list(CFLAGS),  # copies: the loader appends to the lists it is given
         extra_ldflags=list(LDFLAGS),
         build_directory=str(directory),
@@ -78,9 +80,11 @@ def _load_or_build() -> None:
 
 
 def _build_key() -> str:
-    """What the compiled library depends on: the source, the flags, torch, Python, and
+    """What the compiled library depends on: the sources, the flags, torch, Python, and
     (for -march=native) the CPU's instruction-set features."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
     for part in (*CFLAGS, *LDFLAGS, torch.__version__, sys.version, _cpu_features()):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]

@@ -4,15 +4,22 @@ A checkpoint's Linear is first read into one of three plain records (dense, int8
 grouped integer), merged with its siblings when they share an input (q/k/v, gate/up), then
 converted into the module that is fastest on the device:
 
-- dense: `F.linear` in the model dtype (half precision widened to float32 in blocks where
-  the CPU has no native half-precision products);
-- int8 weight-only (CPU): `torch._weight_int8pack_mm`;
-- W8A8: dynamic per-token int8 activations, `torch._int_mm` on CPU;
-- 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU
-  `aten._weight_int4pack_mm_for_cpu`, on CUDA (compute capability 8.0 and newer) the
-  tinygemm kernel `aten._weight_int4pack_mm`; both compute (q - 8) * scale + zero per group
-  with bf16 activations; act-order is a permutation of the inputs so groups become
-  contiguous.
+- dense: `F.linear` in the model dtype. On a CPU without native half-precision products,
+  half-precision weights are widened to float32: in registers by llmkit's kernel for the
+  few rows of a decode step, in blocks for larger batches;
+- int8 weight-only (CPU): llmkit's kernel, else `torch._weight_int8pack_mm`;
+- W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel (exact int32 sums), else
+  `torch._int_mm`;
+- 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel,
+  else `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer) the
+  tinygemm kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so
+  groups become contiguous.
+
+llmkit's CPU kernels (runtime/kernels/cpu_gemm.cpp) take float32 or bf16 activations; the
+int8 and 4-bit weight-only ones compute with the activations in int8 blocks of 32 (one
+scale per block, as llama.cpp does), so their products are exact integer dot products and
+the weights' bytes, not arithmetic, set their speed. torch's kernels compute (q - 8) *
+scale + zero per group with bf16 activations and scales.
 
 Anything a kernel cannot take (odd shapes, 3/8-bit GPTQ, older GPUs) runs as its exact
 dequantized float weight instead.
@@ -28,6 +35,7 @@ from torch import nn
 
 from llmkit.quant import int8
 from llmkit.quant.rtn import dequantize_indexed
+from llmkit.runtime.kernels import cpu as cpu_kernels
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts, largest first
 
@@ -96,17 +104,28 @@ def concat(parts: list[LinearWeight]) -> LinearWeight | None:
 
 
 def convert_for_runtime(
-    weight: LinearWeight, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+    weight: LinearWeight,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    exact: bool = False,
 ) -> nn.Module:
-    """The fastest module computing `weight` on `device` with `dtype` activations."""
+    """The fastest module computing `weight` on `device` with `dtype` activations; with
+    `exact`, weight-only formats run as their dequantized weight in `dtype` (no kernel
+    rounds the activations or the scales: what quality measurements need)."""
     bias = None if bias is None else bias.to(device, dtype)
+    if exact and not (isinstance(weight, Int8Weight) and weight.act_quant):
+        if isinstance(weight, DenseWeight):
+            return DenseLinear(weight.weight.to(device, dtype), bias)
+        return DenseLinear(weight.dequantize().to(device, dtype), bias)
     if isinstance(weight, Int8Weight):
         if weight.act_quant:
             return W8A8Linear(weight, bias, dtype, device)
         if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32):
             return Int8Linear(weight, bias, dtype)
     if isinstance(weight, GroupedWeight):
-        module = Int4Linear.build(weight, bias, dtype, device)
+        module = Q4Linear.build(weight, bias, dtype, device)
+        module = module or Int4Linear.build(weight, bias, dtype, device)
         if module is not None:
             return module
     if isinstance(weight, DenseWeight):  # straight to `dtype`: no float32 copy on the way
@@ -117,10 +136,10 @@ def convert_for_runtime(
 class DenseLinear(nn.Module):
     """F.linear. On CPU in bf16 the weight is prepacked once into oneDNN's blocked layout,
     which computes the same values faster for the small batches of decoding. Where the CPU
-    has no native bf16 (or fp16) products, they are much slower than float32 ones, so
-    batches of more than a few rows are computed in float32 from weight blocks widened on
-    the fly, while the weight stays half precision in memory (measurements: the engine
-    benchmark in benchmarks/RESULTS.md)."""
+    has no native bf16 (or fp16) products, they are much slower than float32 ones, so the
+    weight stays half precision in memory and is widened to float32 on the fly: in registers
+    by llmkit's kernel for up to KERNEL_MAX_ROWS rows, in blocks for more (measurements:
+    benchmarks/cpu_decode.py and the engine benchmark in benchmarks/RESULTS.md)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -128,16 +147,20 @@ class DenseLinear(nn.Module):
         self.packed = _onednn_pack(weight)  # an opaque tensor, so not a parameter
         self.weight = None if self.packed is not None else nn.Parameter(weight, requires_grad=False)
         self.widen = self.packed is None and _half_on_cpu(weight)
+        self.op = _cpu_op("half_linear", weight.device, weight.dtype) if self.widen else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.op is not None and _kernel_takes(x):
+            return _plus(self.op(x, self.weight), self.bias)
         if self.widen and x.numel() > WIDEN_MIN_ROWS * x.shape[-1]:
             return linear_in_float32(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-WIDEN_MIN_ROWS = 8  # up to this many rows the half-precision product is as fast or faster
+KERNEL_MAX_ROWS = 16  # rows of activations llmkit's half-precision kernel takes
+WIDEN_MIN_ROWS = 8  # without the kernel: up to this many rows the half product is as fast
 WIDEN_BLOCK = 2**20  # weight elements widened at a time: 4 MiB of float32 stay in cache
 
 
@@ -156,6 +179,30 @@ def linear_in_float32(
     return out
 
 
+def _cpu_op(name: str, device: torch.device, dtype: torch.dtype):
+    """llmkit's CPU kernel `name` (torch.ops.llmkit_cpu) when it can run on `device` with
+    `dtype` (activations, or half-precision weights), else None."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    ops = cpu_kernels.ops()
+    return None if ops is None else getattr(ops, name).default
+
+
+def _kernel_takes(x: torch.Tensor) -> bool:
+    """Whether `x` suits the half-precision kernel: a few float32 or bf16 rows."""
+    return x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype != torch.float16
+
+
+def _on_rows(op, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    """op(x, *weights) for x of any leading shape (the kernels take [rows, in])."""
+    y = op(x.reshape(-1, x.shape[-1]), *weights)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _plus(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
 def _half_on_cpu(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
 
@@ -170,18 +217,28 @@ def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()) if usable else None
 
 
+def _int8_op(name: str, q: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """llmkit's int8 kernel `name` when it takes this weight: inputs in blocks of 32, no -128
+    (the kernels multiply by |x| and move x's sign onto the weight)."""
+    if dtype not in (torch.float32, torch.bfloat16) or q.shape[1] % 32 or bool((q == -128).any()):
+        return None
+    return _cpu_op(name, device, dtype)
+
+
 class Int8Linear(nn.Module):
-    """Weight-only int8 on the CPU."""
+    """Weight-only int8 on the CPU: llmkit's kernel, else torch's int8 x float product."""
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.register_buffer("q", weight.q.contiguous())
-        self.register_buffer("scale", weight.scale.to(dtype))
+        self.op = _int8_op("q8_linear", weight.q, weight.q.device, dtype)
+        self.register_buffer("scale", weight.scale.to(torch.float32 if self.op else dtype))
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x, self.q, self.scale)
-        return y if self.bias is None else y + self.bias
+        if self.op is not None:
+            return _plus(_on_rows(self.op, x, self.q, self.scale), self.bias)
+        return _plus(torch._weight_int8pack_mm(x, self.q, self.scale), self.bias)
 
 
 class W8A8Linear(nn.Module):
@@ -189,19 +246,24 @@ class W8A8Linear(nn.Module):
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, device):
         super().__init__()
-        self.register_buffer("qt", weight.q.t().contiguous().to(device))  # [in, out]
+        self.op = _int8_op("w8a8_linear", weight.q, device, dtype)
+        q = (
+            weight.q if self.op is not None else weight.q.t()
+        )  # the kernel's [out, in], else [in, out]
+        self.register_buffer("q", q.contiguous().to(device))
         self.register_buffer("scale", weight.scale.to(device))
         self.bias = bias
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op is not None:
+            return _plus(_on_rows(self.op, x, self.q, self.scale), self.bias)
         xq, x_scale = int8.quantize_per_token(x)  # max|x| / 127 per token, as vLLM's kernels
         if x.device.type == "cpu":
-            acc = torch._int_mm(xq, self.qt).float()
+            acc = torch._int_mm(xq, self.q).float()
         else:  # exact in float32 for |sums| < 2**24; the CUDA kernels are a separate path
-            acc = xq.float() @ self.qt.float()
-        y = (acc * x_scale * self.scale).to(self.dtype)
-        return y if self.bias is None else y + self.bias
+            acc = xq.float() @ self.q.float()
+        return _plus((acc * x_scale * self.scale).to(self.dtype), self.bias)
 
 
 class Int4Linear(nn.Module):
@@ -225,18 +287,12 @@ class Int4Linear(nn.Module):
     def build(cls, w: GroupedWeight, bias, dtype, device: torch.device) -> Int4Linear | None:
         """None when the kernel cannot take this weight (bits, shapes, uneven groups) or the
         device has no int4 kernel."""
-        out_features, in_features = w.q.shape
-        if w.bits != 4 or out_features % 16 or not _int4_kernel_on(device):
+        layout = _contiguous_groups(w)
+        if w.bits != 4 or w.q.shape[0] % 16 or layout is None or not _int4_kernel_on(device):
             return None
-        perm = None
-        g_idx = w.g_idx
-        if bool((g_idx[1:] < g_idx[:-1]).any()):  # act-order: make groups contiguous
-            perm = torch.argsort(g_idx, stable=True)
-            g_idx = g_idx[perm]
-        groups, counts = torch.unique_consecutive(g_idx, return_counts=True)
-        size = int(counts[0])
+        perm, groups, size = layout
         kernel_size = next((s for s in INT4_GROUP_SIZES if size % s == 0), None)
-        if kernel_size is None or bool((counts != size).any()) or in_features % kernel_size:
+        if kernel_size is None:
             return None
         repeat = size // kernel_size  # a large group becomes several kernel groups
         scales = w.scales[:, groups].repeat_interleave(repeat, dim=1)
@@ -257,6 +313,76 @@ class Int4Linear(nn.Module):
         y = self._mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
         y = y.to(self.dtype)
         return y if self.bias is None else y + self.bias
+
+
+class Q4Linear(nn.Module):
+    """4-bit grouped weights through llmkit's CPU kernel (kernels/cpu_gemm.cpp q4_linear):
+    packed [out, in / 2] in blocks of 32 inputs, fp16 scales and uint8 zeros per group."""
+
+    def __init__(self, packed, scales, zeros, group_size: int, perm, bias, op):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("perm", perm)  # [in] input order, or None when groups are in order
+        self.group_size = group_size
+        self.bias = bias
+        self.op = op
+
+    @classmethod
+    def build(cls, w: GroupedWeight, bias, dtype, device: torch.device) -> Q4Linear | None:
+        """None when the kernel cannot take this weight: bits, uneven groups or groups not a
+        multiple of 32 inputs, zeros that are not 4-bit integers, scales fp16 cannot hold
+        to its precision, or no kernel for this device and dtype."""
+        op = _cpu_op("q4_linear", device, dtype) if dtype != torch.float16 else None
+        layout = _contiguous_groups(w)
+        if op is None or w.bits != 4 or layout is None or layout[2] % 32:
+            return None
+        perm, groups, size = layout
+        scales, zeros = w.scales[:, groups], w.zeros[:, groups]
+        if not (_4bit_integers(zeros) and _fp16_normal(scales)):
+            return None
+        q = (w.q if perm is None else w.q[:, perm]).to(torch.uint8)
+        blocks = q.reshape(q.shape[0], -1, 2, 16)  # byte j: input j low, input j + 16 high
+        packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1)
+        return cls(
+            packed.contiguous(),
+            scales.to(torch.float16).contiguous(),
+            zeros.to(torch.uint8).contiguous(),
+            size,
+            perm,
+            bias,
+            op,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x[..., self.perm]
+        y = _on_rows(self.op, x, self.packed, self.scales, self.zeros, self.group_size)
+        return _plus(y, self.bias)
+
+
+def _contiguous_groups(w: GroupedWeight) -> tuple[torch.Tensor | None, torch.Tensor, int] | None:
+    """(perm, groups, size): the input permutation that makes groups contiguous (None when
+    they are already: no act-order), the group ids in that order, and the inputs per group;
+    None when groups differ in size."""
+    perm, g_idx = None, w.g_idx
+    if bool((g_idx[1:] < g_idx[:-1]).any()):  # act-order
+        perm = torch.argsort(g_idx, stable=True)
+        g_idx = g_idx[perm]
+    groups, counts = torch.unique_consecutive(g_idx, return_counts=True)
+    size = int(counts[0])
+    return None if bool((counts != size).any()) else (perm, groups, size)
+
+
+def _4bit_integers(t: torch.Tensor) -> bool:
+    return bool(((t == t.round()) & (t >= 0) & (t <= 15)).all())
+
+
+def _fp16_normal(t: torch.Tensor) -> bool:
+    """Whether fp16 holds every value of `t` with its full 11-bit precision (or as 0)."""
+    a = t.abs()
+    return bool(((a == 0) | ((a >= 2.0**-14) & (a <= 65504))).all())
 
 
 def _int4_kernel_on(device: torch.device) -> bool:

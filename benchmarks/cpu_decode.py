@@ -1,0 +1,274 @@
+"""CPU decoding against llama.cpp, the anchor for local CPU inference: `small-llama` (124.7M
+parameters) at bf16, int8 and int4, batch-1 decode and 64-sequence generation, the tools
+alternating in one run, with the copy bandwidth measured in the same run.
+
+llmkit: `llmkit bench offline` in its own process (the engine, the kernels a server runs),
+tok/s = sequences / mean time per output token; checkpoints `init --preset small-llama
+--dtype bfloat16`, `quantize --method int8`, `quantize --method rtn --group-size 32` and
+`quantize --method gptq --group-size 128` (builtin calibration). llama.cpp (built from the
+source in the llama-cpp-python sdist by `bash benchmarks/setup_reference_venvs.sh llamacpp`):
+the bf16 checkpoint converted by `convert_hf_to_gguf.py --outtype bf16` (told to treat the
+preset's tokenizer as the default pre-tokenizer, which it does not recognise: only speed is
+compared), `llama-quantize` to Q8_0 and Q4_0; `llama-bench -p 0 -n 64` (tok/s) and
+`llama-batched-bench -npp 128 -ntg 64 -npl 64` (S_TG). Both on --threads threads (2).
+
+Batch 1: prompt 16, 64 generated. 64 sequences: prompt 128, 64 generated each. MBU: the
+weight bytes a token reads (all but the embedding table) x tok/s over the copy bandwidth
+(bytes read + written per second copying 256 MiB, as STREAM counts them). Each cell is the
+median of --rounds rounds; the spread (min-max over rounds) is printed beside it.
+
+Writes benchmarks/results/cpu_decode-<date>.json: `ratios` maps bf16, int8 and int4 (rtn
+g32 against Q4_0) to llmkit / llama.cpp batch-1 tok/s.
+
+    bash benchmarks/setup_reference_venvs.sh llamacpp
+    python benchmarks/cpu_decode.py [--workdir DIR] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+LLAMACPP = ROOT / ".refvenvs" / "llamacpp"
+# llmkit checkpoint -> (llama.cpp type, the row it is compared in)
+MODELS = {
+    "bf16": ("BF16", "bf16"),
+    "int8": ("Q8_0", "int8"),
+    "int4-rtn-g32": ("Q4_0", "int4"),
+    "int4-gptq-g128": ("Q4_0", "int4-gptq-g128"),
+}
+BATCHED = ("bf16", "int4-rtn-g32")  # the 64-sequence comparison
+# convert_hf_to_gguf.py with an unrecognised BPE pre-tokenizer taken as the default one
+CONVERT = """
+import runpy, sys
+sys.path.insert(0, {src!r})
+from conversion import base
+known = base.TextModel.get_vocab_base_pre
+def pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return "default"
+base.TextModel.get_vocab_base_pre = pre
+sys.argv = ["convert_hf_to_gguf.py", *{args!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+TENSOR_BYTES = """
+import json, sys
+from gguf import GGUFReader
+reader = GGUFReader(sys.argv[1])
+print(json.dumps({t.name: int(t.n_bytes) for t in reader.tensors}))
+"""
+
+
+def run(command: list, **kwargs) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(map(str, command))} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def llmkit(*args: str) -> list:
+    return [sys.executable, "-m", "llmkit", *args]
+
+
+def prepare(work: Path) -> dict[str, tuple[Path, Path]]:
+    """{name: (llmkit checkpoint, gguf)}, made once under `work`."""
+    bf16 = work / "bf16"
+    if not bf16.exists():
+        run(llmkit("init", str(bf16), "--preset", "small-llama", "--dtype", "bfloat16"))
+    methods = {
+        "int8": ["--method", "int8"],
+        "int4-rtn-g32": ["--method", "rtn", "--group-size", "32"],
+        "int4-gptq-g128": ["--method", "gptq", "--group-size", "128", "--num-samples", "32"],
+    }
+    for name, method in methods.items():
+        if not (work / name).exists():
+            run(llmkit("quantize", str(bf16), str(work / name), *method))
+    ggufs = {"BF16": work / "bf16.gguf"}
+    if not ggufs["BF16"].exists():
+        src = LLAMACPP / "src"
+        args = [str(bf16), "--outtype", "bf16", "--outfile", str(ggufs["BF16"])]
+        code = CONVERT.format(src=str(src), args=args, script=str(src / "convert_hf_to_gguf.py"))
+        run([str(LLAMACPP / "bin" / "python"), "-c", code])
+    for kind in ("Q8_0", "Q4_0"):
+        ggufs[kind] = work / f"{kind}.gguf"
+        if not ggufs[kind].exists():
+            run([str(LLAMACPP / "build" / "bin" / "llama-quantize"), str(ggufs["BF16"]),
+                 str(ggufs[kind]), kind])  # fmt: skip
+    return {name: (work / name, ggufs[kind]) for name, (kind, _) in MODELS.items()}
+
+
+def copy_bandwidth(threads: int) -> float:
+    """Bytes read + written per second copying 256 MiB (median of 5)."""
+    code = f"""
+import time, torch
+torch.set_num_threads({threads})
+src = torch.ones(2**28, dtype=torch.uint8); dst = torch.empty_like(src); dst.copy_(src)
+times = []
+for _ in range(5):
+    start = time.perf_counter(); dst.copy_(src); times.append(time.perf_counter() - start)
+print(2 * src.numel() / sorted(times)[2])
+"""
+    return float(run([sys.executable, "-c", code]))
+
+
+def llmkit_tok_s(model: Path, batch: int, input_len: int, threads: int) -> float:
+    sizes = ["--batch-sizes", str(batch), "--input-len", str(input_len), "--output-len", "64"]
+    out = run(llmkit("bench", "offline", str(model), *sizes, "--json"), env=_threads(threads))
+    case = json.loads(out)["cases"][0]
+    return batch * 1000 / case["mean_tpot_ms"]
+
+
+def llamacpp_tok_s(gguf: Path, threads: int) -> float:
+    bench = LLAMACPP / "build" / "bin" / "llama-bench"
+    out = run([str(bench), "-m", str(gguf), "-p", "0", "-n", "64", "-t", str(threads),
+               "-r", "3", "-o", "json"])  # fmt: skip
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def llamacpp_batched_tok_s(gguf: Path, threads: int) -> float:
+    bench = LLAMACPP / "build" / "bin" / "llama-batched-bench"
+    out = run([str(bench), "-m", str(gguf), "-c", "12288", "-b", "2048", "-ub", "512",
+               "-npp", "128", "-ntg", "64", "-npl", "64", "-t", str(threads),
+               "--output-format", "jsonl"])  # fmt: skip
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return float(rows[-1]["speed_tg"])
+
+
+def _threads(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads)}
+
+
+def bytes_per_token(model: Path, gguf: Path) -> tuple[int, int]:
+    """Weight bytes one decoded token reads: every tensor but the embedding table."""
+    from safetensors import safe_open
+
+    ours = 0
+    for file in model.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            names = [name for name in f.keys() if "embed_tokens" not in name]  # noqa: SIM118
+            ours += sum(_nbytes(f, name) for name in names)
+    out = run([str(LLAMACPP / "bin" / "python"), "-c", TENSOR_BYTES, str(gguf)])
+    theirs = sum(n for name, n in json.loads(out).items() if name != "token_embd.weight")
+    return ours, theirs
+
+
+def _nbytes(f, name: str) -> int:
+    t = f.get_slice(name)
+    count = 1
+    for d in t.get_shape():
+        count *= d
+    return count * {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I8": 1, "U8": 1}[t.get_dtype()]
+
+
+def main() -> None:
+    args = parse_args()
+    if not (LLAMACPP / "build" / "bin" / "llama-bench").exists():
+        sys.exit("llama.cpp is not built: bash benchmarks/setup_reference_venvs.sh llamacpp")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-cpu-decode-"))
+    work.mkdir(parents=True, exist_ok=True)
+    models = prepare(work)
+    cells: dict[str, list[float]] = {}
+    bandwidths = []
+    for r in range(args.rounds):
+        bandwidths.append(copy_bandwidth(args.threads))
+        for name, (model, gguf) in models.items():
+            pair = [
+                (f"llmkit {name} b1", partial(llmkit_tok_s, model, 1, 16, args.threads)),
+                (f"llama.cpp {name} b1", partial(llamacpp_tok_s, gguf, args.threads)),
+            ]
+            if name in BATCHED:
+                pair += [
+                    (f"llmkit {name} b64", partial(llmkit_tok_s, model, 64, 128, args.threads)),
+                    (f"llama.cpp {name} b64", partial(llamacpp_batched_tok_s, gguf, args.threads)),
+                ]
+            for key, measure in pair if r % 2 == 0 else pair[::-1]:  # alternate who goes first
+                cells.setdefault(key, []).append(measure())
+                print(f"round {r + 1}: {key} {cells[key][-1]:.1f} tok/s", flush=True)
+    report(models, cells, statistics.median(bandwidths), bandwidths, args)
+
+
+def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> None:
+    med = {k: statistics.median(v) for k, v in cells.items()}
+    spread = {k: [min(v), max(v)] for k, v in cells.items()}
+    rows, ratios, mbu = {}, {}, {}
+    for name, (model, gguf) in models.items():
+        ours_bytes, their_bytes = bytes_per_token(model, gguf)
+        row = MODELS[name][1]
+        ours, theirs = med[f"llmkit {name} b1"], med[f"llama.cpp {name} b1"]
+        ratios[row] = ours / theirs
+        mbu[name] = {
+            "llmkit": ours_bytes * ours / bandwidth,
+            "llama.cpp": their_bytes * theirs / bandwidth,
+        }
+        rows[name] = {
+            "llmkit_tok_s": ours, "llama_cpp_tok_s": theirs,
+            "bytes_per_token": {"llmkit": ours_bytes, "llama.cpp": their_bytes},
+        }  # fmt: skip
+        print(f"{name:15} batch 1: llmkit {ours:7.1f} {spread[f'llmkit {name} b1']} tok/s, "
+              f"llama.cpp {theirs:7.1f} {spread[f'llama.cpp {name} b1']} = {ratios[row]:.2f}x; "
+              f"MBU {mbu[name]['llmkit']:.0%} / {mbu[name]['llama.cpp']:.0%}")  # fmt: skip
+    batched = {}
+    for name in BATCHED:
+        ours, theirs = med[f"llmkit {name} b64"], med[f"llama.cpp {name} b64"]
+        batched[name] = {"llmkit_tok_s": ours, "llama_cpp_tok_s": theirs, "ratio": ours / theirs}
+        print(f"{name:15} 64 sequences: llmkit {ours:.1f} tok/s, llama.cpp {theirs:.1f} "
+              f"= {ours / theirs:.2f}x")  # fmt: skip
+    own = med["llmkit int4-rtn-g32 b1"] / med["llmkit bf16 b1"]
+    print(f"llmkit int4 / bf16 batch 1: {own:.2f}x (target >= 2.5x); copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")  # fmt: skip
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    result = {
+        "benchmark": "cpu_decode",
+        "date": date.today().isoformat(),
+        "commit": commit.stdout.strip(),
+        "machine": f"{platform.machine()}, {_cpu_model()}, {args.threads} threads",
+        "command": " ".join(["python", "benchmarks/cpu_decode.py", *sys.argv[1:]]),
+        "ratios": ratios,
+        "int4_over_bf16": own,
+        "batch_64": batched,
+        "batch_1": rows,
+        "mbu": mbu,
+        "copy_bandwidth_bytes_s": bandwidth,
+        "copy_bandwidth_rounds": bandwidths,
+        "spread": spread,
+        "rounds": args.rounds,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"cpu_decode-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", help="keep the checkpoints and GGUF files here")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    main()
+    print(f"{time.perf_counter() - started:.0f} s")

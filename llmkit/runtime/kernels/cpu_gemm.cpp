@@ -1,0 +1,495 @@
+// llmkit's CPU matrix products for decoding (few rows of activations against a weight that
+// is read once per step, so the weight's bytes set the speed), registered beside cpu_ops.cpp
+// as torch.ops.llmkit_cpu:
+//
+// - q4_linear: 4-bit grouped weights, w = s * (q - z) per group of group_size inputs. Layout
+//   (repacked at load, see layers/linear.py): packed uint8 [N, K/2], each 16 bytes one block
+//   of 32 inputs, byte j holding input j in its low nibble and input j + 16 in its high one;
+//   scales fp16 [N, K/group_size]; zeros uint8 [N, K/group_size].
+// - q8_linear: int8 weights [N, K] with one float scale per output.
+//
+// Both take the activations as int8 in blocks of 32 with one float scale each (x / scale
+// rounded to nearest, scale = max|x| / 127), so a block's 32 products are one integer dot
+// product (maddubs); the weights' scales and zeros are applied per block and group in float.
+//
+// - w8a8_linear: int8 weights against int8 activations with one scale per row (max|x| / 127,
+//   x / scale rounded half to even, as quant/int8.quantize_per_token), summed in int32 over
+//   the whole row: exact, so it gives float(acc) * x_scale * scale as torch._int_mm does.
+// - half_linear: bf16 or fp16 weights [N, K] widened to float32 in registers, float32 sums.
+//
+// Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows are split
+// over the threads; every weight block is unpacked once and used for up to 4 activation rows.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LLMKIT_AVX2 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit packed block)
+constexpr int kTile = 4;        // activation rows computed together against one weight row
+
+// ---------------------------------------------------------------------------------------
+// Activations
+
+// x's rows as float32 (a copy only when x is not float32 already).
+at::Tensor as_float(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+}
+
+// x [M, K] in int8 blocks of 32: q [M, K]; per block [M, K/32] its scale d and the sum of
+// its values as quantized, d * sum(q).
+struct Blocks {
+  std::vector<int8_t> q;
+  std::vector<float> d, sum;
+  int64_t rows = 0, cols = 0;
+};
+
+void quantize_block(const float* x, int8_t* q, float* d, float* sum) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t total = 0;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    q[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+    total += q[i];
+  }
+  *d = amax / 127.f;
+  *sum = *d * float(total);
+}
+
+Blocks quantize_blocks(const at::Tensor& x32) {
+  Blocks b;
+  b.rows = x32.size(0), b.cols = x32.size(1);
+  const int64_t blocks = b.rows * (b.cols / kBlock);
+  b.q.resize(b.rows * b.cols);
+  b.d.resize(blocks);
+  b.sum.resize(blocks);
+  const float* x = x32.data_ptr<float>();
+  at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      quantize_block(x + i * kBlock, &b.q[i * kBlock], &b.d[i], &b.sum[i]);
+  });
+  return b;
+}
+
+// Output element (m, o) of a [M, N] result, rounded to T.
+template <typename T>
+inline void put(T* out, int64_t n, int64_t m, int64_t o, float value) {
+  out[m * n + o] = static_cast<T>(value);
+}
+
+#ifdef LLMKIT_AVX2
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// 32 unsigned 4-bit weights of a packed block as bytes in input order.
+inline __m256i unpack4(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+}
+
+// The 8 int32 sums of pairs of unsigned a times signed b (32 bytes each).
+inline __m256i dot_u8s8(__m256i a, __m256i b) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+}
+
+// The same for signed a: |b| times a with b's signs (a must not hold -128).
+inline __m256i dot_s8s8(__m256i a, __m256i b) {
+  return dot_u8s8(_mm256_sign_epi8(b, b), _mm256_sign_epi8(a, b));
+}
+
+inline __m256i load32(const int8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+inline __m256 widen8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 widen8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+#endif
+
+inline float to_float(c10::Half h) {
+#ifdef LLMKIT_AVX2
+  return _cvtsh_ss(h.x);  // one instruction; c10's conversion is a dozen
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// 4-bit grouped weights
+
+struct Q4 {
+  const uint8_t* packed;
+  const c10::Half* scales;
+  const uint8_t* zeros;
+  int64_t k, groups, blocks_per_group;
+};
+
+// sum over each group of the quantized activations, dequantized: xs[m, g]. With it the
+// zeros' share of a group is s * z * xs[m, g], once per group instead of per input.
+std::vector<float> group_sums(const Blocks& x, int64_t blocks_per_group) {
+  const int64_t blocks = x.rows * (x.cols / kBlock);
+  std::vector<float> xs(blocks / blocks_per_group, 0.f);
+  for (int64_t b = 0; b < blocks; ++b) xs[b / blocks_per_group] += x.sum[b];
+  return xs;
+}
+
+// share[t] = sum over groups g of s[g] * z[g] * xs[t * groups + g]: what the zeros take off
+// output row o for activation row m0 + t.
+template <int MT>
+inline void zero_shares(const c10::Half* s, const uint8_t* z, int64_t groups, const float* xs,
+                        float* share) {
+  int64_t g = 0;
+#ifdef LLMKIT_AVX2
+  __m256 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g)));
+    const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
+    const __m256 sz = _mm256_mul_ps(sv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)));
+    for (int t = 0; t < MT; ++t)
+      acc[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xs + t * groups + g), acc[t]);
+  }
+  for (int t = 0; t < MT; ++t) share[t] = hsum(acc[t]);
+#else
+  for (int t = 0; t < MT; ++t) share[t] = 0.f;
+#endif
+  for (; g < groups; ++g)
+    for (int t = 0; t < MT; ++t) share[t] += to_float(s[g]) * float(z[g]) * xs[t * groups + g];
+}
+
+// Output row o for activation rows [m0, m0 + MT): sums into res[MT]. Blocks go in pairs,
+// each into its own accumulator (two chains of dependent adds, held in registers).
+template <int MT>
+inline void q4_row(const Q4& w, int64_t o, const Blocks& x, const float* xs, int64_t m0,
+                   float* res) {
+  const int64_t per_row = w.k / kBlock;
+  const uint8_t* packed = w.packed + o * (w.k / 2);
+  const c10::Half* scales = w.scales + o * w.groups;
+  float zero_share[MT];
+  zero_shares<MT>(scales, w.zeros + o * w.groups, w.groups, xs + m0 * w.groups, zero_share);
+  // block b's group: b >> shift when blocks_per_group is a power of two (it is for groups
+  // of 32, 64 and 128), else a division
+  const int shift = __builtin_ctzll(w.blocks_per_group);
+  const bool pow2 = (w.blocks_per_group & (w.blocks_per_group - 1)) == 0;
+  auto scale_of = [&](int64_t b) {
+    return to_float(scales[pow2 ? b >> shift : b / w.blocks_per_group]);
+  };
+#ifdef LLMKIT_AVX2
+  __m256 acc0[MT], acc1[MT];
+  for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+  auto step = [&](int64_t b, __m256* acc) {
+    const float s = scale_of(b);
+    const __m256i wv = unpack4(packed + b * (kBlock / 2));
+    for (int t = 0; t < MT; ++t) {
+      const int64_t row = (m0 + t) * per_row + b;
+      const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wv, load32(&x.q[row * kBlock])));
+      acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(s * x.d[row]), acc[t]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 1 < per_row; b += 2) {
+    step(b, acc0);
+    step(b + 1, acc1);
+  }
+  if (b < per_row) step(b, acc0);
+  for (int t = 0; t < MT; ++t) res[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) - zero_share[t];
+#else
+  for (int t = 0; t < MT; ++t) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < per_row; ++b) {
+      const uint8_t* p = packed + b * (kBlock / 2);
+      const int64_t row = (m0 + t) * per_row + b;
+      const int8_t* q = &x.q[row * kBlock];
+      int32_t sum = 0;
+      for (int64_t i = 0; i < kBlock / 2; ++i)
+        sum += (p[i] & 0x0F) * q[i] + (p[i] >> 4) * q[i + kBlock / 2];
+      acc += float(sum) * (scale_of(b) * x.d[row]);
+    }
+    res[t] = acc - zero_share[t];
+  }
+#endif
+}
+
+// fn<MT>(o, m0, res) for every output row and every tile of activation rows; res[t] is
+// written to out[m0 + t, o].
+template <typename T, typename Row>
+void each_output(const at::Tensor& out, int64_t rows, int64_t n, Row row) {
+  T* o_ptr = out.data_ptr<T>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    float res[kTile];
+    for (int64_t o = begin; o < end; ++o) {
+      int64_t m0 = 0;
+      for (; m0 + kTile <= rows; m0 += kTile) {
+        row(std::integral_constant<int, kTile>(), o, m0, res);
+        for (int t = 0; t < kTile; ++t) put(o_ptr, n, m0 + t, o, res[t]);
+      }
+      for (; m0 < rows; ++m0) {
+        row(std::integral_constant<int, 1>(), o, m0, res);
+        put(o_ptr, n, m0, o, res[0]);
+      }
+    }
+  });
+}
+
+template <typename Fn>
+void by_dtype(const at::Tensor& out, Fn fn) {
+  if (out.scalar_type() == at::kFloat) {
+    fn(float());
+  } else {
+    fn(c10::BFloat16());
+  }
+}
+
+void check_activations(const at::Tensor& x, int64_t k, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, op, ": x must be [rows, ", k, "]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16");
+}
+
+at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Tensor zeros,
+                     int64_t group_size) {
+  const int64_t n = packed.size(0), k = packed.size(1) * 2;
+  check_activations(x, k, "q4_linear");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && zeros.scalar_type() == at::kByte &&
+                  scales.scalar_type() == at::kHalf,
+              "q4_linear: uint8 packed and zeros, fp16 scales are needed");
+  TORCH_CHECK(group_size % kBlock == 0 && k % group_size == 0, "q4_linear: group size ",
+              group_size, " must be a multiple of 32 dividing ", k);
+  TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && zeros.is_contiguous() &&
+                  scales.sizes() == zeros.sizes() && scales.size(0) == n &&
+                  scales.size(1) == k / group_size,
+              "q4_linear: scales and zeros must be contiguous [", n, ", ", k / group_size, "]");
+  const Q4 w{packed.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), zeros.data_ptr<uint8_t>(),
+             k, k / group_size, group_size / kBlock};
+  const Blocks xq = quantize_blocks(as_float(x));
+  const std::vector<float> xs = group_sums(xq, w.blocks_per_group);
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  by_dtype(out, [&](auto tag) {
+    each_output<decltype(tag)>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+      q4_row<decltype(mt)::value>(w, o, xq, xs.data(), m0, res);
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// int8 weights
+
+// Output row o against activation rows [m0, m0 + MT) in blocks of 32 (weight-only int8).
+template <int MT>
+inline void q8_row(const int8_t* w, float scale, int64_t k, const Blocks& x, int64_t m0,
+                   float* res) {
+  const int64_t per_row = k / kBlock;
+#ifdef LLMKIT_AVX2
+  __m256 acc0[MT], acc1[MT];
+  for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+  auto step = [&](int64_t b, __m256* acc) {
+    const __m256i wv = load32(w + b * kBlock);
+    for (int t = 0; t < MT; ++t) {
+      const int64_t row = (m0 + t) * per_row + b;
+      const __m256 p = _mm256_cvtepi32_ps(dot_s8s8(wv, load32(&x.q[row * kBlock])));
+      acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(x.d[row]), acc[t]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 1 < per_row; b += 2) {
+    step(b, acc0);
+    step(b + 1, acc1);
+  }
+  if (b < per_row) step(b, acc0);
+  for (int t = 0; t < MT; ++t) res[t] = scale * hsum(_mm256_add_ps(acc0[t], acc1[t]));
+#else
+  for (int t = 0; t < MT; ++t) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < per_row; ++b) {
+      const int64_t row = (m0 + t) * per_row + b;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < kBlock; ++i) sum += w[b * kBlock + i] * x.q[row * kBlock + i];
+      acc += float(sum) * x.d[row];
+    }
+    res[t] = scale * acc;
+  }
+#endif
+}
+
+void check_int8_weight(const at::Tensor& q, const at::Tensor& scale, const char* op) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), op,
+              ": q must be contiguous int8 [out, in]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == q.size(0),
+              op, ": scale must be float32 [out]");
+  TORCH_CHECK(q.size(1) % kBlock == 0, op, ": inputs must be a multiple of 32");
+}
+
+at::Tensor q8_linear(at::Tensor x, at::Tensor q, at::Tensor scale) {
+  check_int8_weight(q, scale, "q8_linear");
+  const int64_t n = q.size(0), k = q.size(1);
+  check_activations(x, k, "q8_linear");
+  const Blocks xq = quantize_blocks(as_float(x));
+  const int8_t* w = q.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  by_dtype(out, [&](auto tag) {
+    each_output<decltype(tag)>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+      q8_row<decltype(mt)::value>(w + o * k, s[o], k, xq, m0, res);
+    });
+  });
+  return out;
+}
+
+// Rows of x as int8 with one scale per row: scale = max|x| / 127 (1 for a zero row),
+// q = x / scale rounded half to even, as quant/int8.quantize_per_token.
+void quantize_rows(const at::Tensor& x32, std::vector<int8_t>& q, std::vector<float>& d) {
+  const int64_t rows = x32.size(0), k = x32.size(1);
+  const float* x = x32.data_ptr<float>();
+  q.resize(rows * k);
+  d.resize(rows);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = x + m * k;
+      float amax = 0.f;
+      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+      const float scale = amax > 0.f ? amax / 127.f : 1.f;
+      for (int64_t i = 0; i < k; ++i)
+        q[m * k + i] = static_cast<int8_t>(
+            std::min(std::max(std::nearbyint(row[i] / scale), -128.f), 127.f));
+      d[m] = scale;
+    }
+  });
+}
+
+template <int MT>
+inline void w8a8_row(const int8_t* w, float scale, int64_t k, const int8_t* xq, const float* xd,
+                     int64_t m0, float* res) {
+  int32_t sums[MT];
+#ifdef LLMKIT_AVX2
+  __m256i acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
+  for (int64_t i = 0; i < k; i += kBlock) {
+    const __m256i wv = load32(w + i);
+    for (int t = 0; t < MT; ++t)
+      acc[t] = _mm256_add_epi32(acc[t], dot_s8s8(wv, load32(xq + (m0 + t) * k + i)));
+  }
+  for (int t = 0; t < MT; ++t) sums[t] = hsum(acc[t]);
+#else
+  for (int t = 0; t < MT; ++t) {
+    sums[t] = 0;
+    for (int64_t i = 0; i < k; ++i) sums[t] += w[i] * xq[(m0 + t) * k + i];
+  }
+#endif
+  for (int t = 0; t < MT; ++t) res[t] = float(sums[t]) * xd[m0 + t] * scale;
+}
+
+at::Tensor w8a8_linear(at::Tensor x, at::Tensor q, at::Tensor scale) {
+  check_int8_weight(q, scale, "w8a8_linear");
+  const int64_t n = q.size(0), k = q.size(1);
+  check_activations(x, k, "w8a8_linear");
+  std::vector<int8_t> xq;
+  std::vector<float> xd;
+  quantize_rows(as_float(x), xq, xd);
+  const int8_t* w = q.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  by_dtype(out, [&](auto tag) {
+    each_output<decltype(tag)>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+      w8a8_row<decltype(mt)::value>(w + o * k, s[o], k, xq.data(), xd.data(), m0, res);
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// bf16 / fp16 weights
+
+template <int MT, typename W>
+inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
+  int64_t i = 0;
+#ifdef LLMKIT_AVX2
+  __m256 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (; i + 16 <= k; i += 16) {
+    const __m256 w0 = widen8(w + i), w1 = widen8(w + i + 8);
+    for (int t = 0; t < MT; ++t) {
+      const float* xr = x + (m0 + t) * k + i;
+      acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[t][1]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) res[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+#else
+  for (int t = 0; t < MT; ++t) res[t] = 0.f;
+#endif
+  for (; i < k; ++i)
+    for (int t = 0; t < MT; ++t) res[t] += static_cast<float>(w[i]) * x[(m0 + t) * k + i];
+}
+
+at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
+                  (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf),
+              "half_linear: weight must be contiguous bf16 or fp16 [out, in]");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  check_activations(x, k, "half_linear");
+  const at::Tensor x32 = as_float(x);
+  const float* xp = x32.data_ptr<float>();
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  auto run = [&](auto tag, auto weights) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(weights)>>;
+    each_output<decltype(tag)>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+      half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
+    });
+  };
+  by_dtype(out, [&](auto tag) {
+    if (weight.scalar_type() == at::kBFloat16) {
+      run(tag, weight.data_ptr<c10::BFloat16>());
+    } else {
+      run(tag, weight.data_ptr<c10::Half>());
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
+  m.def("q4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("w8a8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
+  m.impl("q4_linear", c10::DispatchKey::CPU, q4_linear);
+  m.impl("q8_linear", c10::DispatchKey::CPU, q8_linear);
+  m.impl("w8a8_linear", c10::DispatchKey::CPU, w8a8_linear);
+  m.impl("half_linear", c10::DispatchKey::CPU, half_linear);
+}

@@ -1,0 +1,151 @@
+"""llmkit's CPU matrix-product kernels (runtime/kernels/cpu_gemm.cpp) against float64
+computations of what they are defined to compute, on whatever vector level this CPU has:
+every weight layout, act-order, ragged shapes (outputs not a multiple of the thread split,
+activation rows not a multiple of the kernels' 4-row tile)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.quant import int8
+from llmkit.runtime.kernels import cpu
+from llmkit.runtime.layers.linear import (
+    DenseLinear,
+    GroupedWeight,
+    Int8Linear,
+    Int8Weight,
+    Q4Linear,
+    W8A8Linear,
+    convert_for_runtime,
+)
+
+pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="the CPU kernels cannot be built here")
+ROWS = [1, 3, 4, 9]
+CPU = torch.device("cpu")
+
+
+def blocks_of_32(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8-block kernels see it, in float64: each block of 32 scaled to max|x| = 127,
+    rounded to nearest (ties to even), scaled back."""
+    x = x.float().reshape(x.shape[0], -1, 32)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(x * inv)
+    return (q.double() * (amax / 127).double()).reshape(x.shape[0], -1)
+
+
+def grouped(out: int, inp: int, group: int, act_order: bool, seed: int = 0) -> GroupedWeight:
+    g = torch.Generator().manual_seed(seed)
+    g_idx = torch.arange(inp) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(inp, generator=g)]
+    return GroupedWeight(
+        torch.randint(0, 16, (out, inp), generator=g),
+        torch.rand(out, inp // group, generator=g) * 0.02 + 0.01,
+        torch.randint(0, 16, (out, inp // group), generator=g).float(),
+        g_idx,
+        4,
+    )
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Float32 sums in another order: 1e-5 of the largest output; bf16 outputs: one rounding."""
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    scale = float(expected.abs().max())
+    return bool(
+        ((got.double() - expected).abs() <= tolerance * scale + tolerance * expected.abs()).all()
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("inp,group", [(96, 32), (256, 64), (256, 128), (160, 160)])
+def test_q4_kernel_is_the_dequantized_product_of_block_quantized_inputs(
+    dtype, act_order, inp, group
+):
+    w = grouped(37, inp, group, act_order)
+    module = Q4Linear.build(w, None, dtype, CPU)
+    assert module is not None and (module.perm is not None) == (act_order and group < inp)
+    perm = torch.argsort(w.g_idx, stable=True)  # groups made contiguous, as the kernel reads
+    scales = w.scales.half().double()[:, w.g_idx]  # stored as fp16
+    weight = scales * (w.q.double() - w.zeros.double()[:, w.g_idx])
+    for rows in ROWS:
+        x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        expected = blocks_of_32(x[:, perm]) @ weight[:, perm].T
+        got = module(x)
+        assert got.dtype == dtype and close(got, expected, dtype), (rows, group)
+
+
+def test_q4_refuses_what_its_layout_cannot_hold():
+    w = grouped(16, 64, 32, False)
+    half_zero = GroupedWeight(w.q, w.scales, w.zeros + 0.5, w.g_idx, 4)
+    tiny_scale = GroupedWeight(w.q, w.scales * 1e-4, w.zeros, w.g_idx, 4)
+    groups_of_16 = grouped(16, 64, 16, False)
+    for weight in (half_zero, tiny_scale, groups_of_16):
+        assert Q4Linear.build(weight, None, torch.float32, CPU) is None
+    assert Q4Linear.build(w, None, torch.float16, CPU) is None
+    # what it refuses still runs, through torch's kernel or the dequantized weight
+    module = convert_for_runtime(half_zero, None, torch.float32, CPU)
+    x = torch.randn(2, 64)
+    expected = x.double() @ half_zero.dequantize().double().T
+    assert torch.allclose(
+        module(x).double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max())
+    )
+
+
+def int8_weight(out: int, inp: int, act_quant: bool, seed: int = 0) -> Int8Weight:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8)
+    return Int8Weight(q, torch.rand(out, generator=g) * 0.01 + 1e-3, act_quant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_kernel_is_the_dequantized_product_of_block_quantized_inputs(dtype):
+    w = int8_weight(37, 160, act_quant=False)
+    module = Int8Linear(w, None, dtype)
+    assert module.op is not None
+    weight = w.q.double() * w.scale.double()[:, None]
+    for rows in ROWS:
+        x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        got = module(x)
+        assert got.dtype == dtype and close(got, blocks_of_32(x) @ weight.T, dtype), rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_kernel_equals_per_token_int8_with_exact_int32_sums(dtype):
+    w = int8_weight(37, 160, act_quant=True)
+    module = W8A8Linear(w, None, dtype, CPU)
+    assert module.op is not None
+    for rows in ROWS:
+        x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        x[-1, :7] = 0
+        if rows == 9:
+            x[0] = 0  # a row of zeros: its scale is 1
+        xq, x_scale = int8.quantize_per_token(x)
+        exact = xq.long() @ w.q.long().T  # int64: no rounding at all
+        expected = (exact.float() * x_scale * w.scale).to(dtype)
+        assert torch.equal(module(x), expected), rows
+
+
+def test_int8_weights_holding_minus_128_use_torch():
+    w = int8_weight(16, 64, act_quant=False)
+    w.q[3, 5] = -128
+    assert Int8Linear(w, None, torch.float32).op is None
+    assert W8A8Linear(Int8Weight(w.q, w.scale, True), None, torch.float32, CPU).op is None
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_half_kernel_widens_weights_in_registers(monkeypatch, weight_dtype, dtype):
+    import llmkit.runtime.layers.linear as linear
+
+    monkeypatch.setattr(linear, "_onednn_pack", lambda w: None)  # as on a CPU without bf16
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 200, generator=g).to(weight_dtype)  # 200: a tail past 16 lanes
+    module = DenseLinear(weight, None)
+    assert module.op is not None
+    for rows in [*ROWS, linear.KERNEL_MAX_ROWS]:
+        x = torch.randn(rows, 200, generator=g).to(dtype)
+        got = module(x)
+        assert got.dtype == dtype and close(got, x.double() @ weight.double().T, dtype), rows
