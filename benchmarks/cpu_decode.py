@@ -171,7 +171,8 @@ def _nbytes(f, name: str) -> int:
     count = 1
     for d in t.get_shape():
         count *= d
-    return count * {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I8": 1, "U8": 1}[t.get_dtype()]
+    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
+    return count * sizes[t.get_dtype()]
 
 
 def main() -> None:

@@ -149,3 +149,22 @@ def test_half_kernel_widens_weights_in_registers(monkeypatch, weight_dtype, dtyp
         x = torch.randn(rows, 200, generator=g).to(dtype)
         got = module(x)
         assert got.dtype == dtype and close(got, x.double() @ weight.double().T, dtype), rows
+
+
+def test_prefill_sized_inputs_take_the_dequantized_weights_unrounded():
+    """Past INT_KERNEL_MAX_ROWS rows the products are compute-bound: the weights are
+    dequantized a block at a time and multiplied in float32, the activations as they are."""
+    import llmkit.runtime.layers.linear as linear
+
+    rows = linear.INT_KERNEL_MAX_ROWS + 3
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5))
+    w4 = grouped(37, 256, 64, act_order=True)
+    perm = torch.argsort(w4.g_idx, stable=True)
+    scales = w4.scales.half().double()[:, w4.g_idx]
+    weight4 = scales * (w4.q.double() - w4.zeros.double()[:, w4.g_idx])
+    q4 = Q4Linear.build(w4, None, torch.float32, CPU)
+    assert close(q4(x), x[:, perm].double() @ weight4[:, perm].T, torch.float32)
+    w8 = int8_weight(37, 256, act_quant=False)
+    q8 = Int8Linear(w8, None, torch.float32)
+    weight8 = w8.q.double() * w8.scale.double()[:, None]
+    assert close(q8(x), x.double() @ weight8.T, torch.float32)

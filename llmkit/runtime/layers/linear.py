@@ -160,6 +160,9 @@ class DenseLinear(nn.Module):
 
 
 KERNEL_MAX_ROWS = 16  # rows of activations llmkit's half-precision kernel takes
+# More rows than this (prefill chunks) make a product compute-bound: the 4-bit weights are
+# dequantized a block at a time for float32 matrix products instead.
+INT_KERNEL_MAX_ROWS = 64
 WIDEN_MIN_ROWS = 8  # without the kernel: up to this many rows the half product is as fast
 WIDEN_BLOCK = 2**20  # weight elements widened at a time: 4 MiB of float32 stay in cache
 
@@ -168,7 +171,9 @@ def linear_in_float32(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) computed in float32, a block of output rows at a time, and
-    rounded once to x's dtype, as the half-precision product rounds its float32 sums."""
+    rounded once to x's dtype, as the half-precision product rounds its float32 sums.
+    `weight`: a tensor, or a quantized module whose `shape` and `[rows]` (float32 rows,
+    dequantized) stand for its weight."""
     x32 = x.float()
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
     rows = max(1, WIDEN_BLOCK // weight.shape[1])
@@ -236,9 +241,20 @@ class Int8Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op is not None and x.numel() > INT_KERNEL_MAX_ROWS * x.shape[-1]:
+            return linear_in_float32(x, self, self.bias)  # a prefill: compute-bound
         if self.op is not None:
             return _plus(_on_rows(self.op, x, self.q, self.scale), self.bias)
         return _plus(torch._weight_int8pack_mm(x, self.q, self.scale), self.bias)
+
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        """Output rows `rows` of the weight, dequantized to float32."""
+        return self.q[rows].float() * self.scale[rows, None]
 
 
 class W8A8Linear(nn.Module):
@@ -358,8 +374,24 @@ class Q4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[..., self.perm]
+        if x.numel() > INT_KERNEL_MAX_ROWS * x.shape[-1]:  # a prefill: compute-bound
+            return linear_in_float32(x, self, self.bias)
         y = _on_rows(self.op, x, self.packed, self.scales, self.zeros, self.group_size)
         return _plus(y, self.bias)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        """Output rows `rows` of the weight, dequantized to float32 (the fp16 scales as
+        stored): what `linear_in_float32` multiplies a block at a time."""
+        packed = self.packed[rows]
+        blocks = packed.reshape(packed.shape[0], -1, 16)
+        q = torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(packed.shape[0], -1)
+        scales = self.scales[rows].float().repeat_interleave(self.group_size, dim=1)
+        zeros = self.zeros[rows].float().repeat_interleave(self.group_size, dim=1)
+        return (q.float() - zeros) * scales
 
 
 def _contiguous_groups(w: GroupedWeight) -> tuple[torch.Tensor | None, torch.Tensor, int] | None:
