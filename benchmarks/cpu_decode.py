@@ -39,6 +39,8 @@ from datetime import date
 from functools import partial
 from pathlib import Path
 
+from report import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMACPP = ROOT / ".refvenvs" / "llamacpp"
@@ -236,7 +238,7 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
         "benchmark": "cpu_decode",
         "date": date.today().isoformat(),
         "commit": commit.stdout.strip(),
-        "machine": f"{platform.machine()}, {_cpu_model()}, {args.threads} threads",
+        "machine": f"{platform.machine()}, {cpu_model()}, {args.threads} threads",
         "command": " ".join(["python", "benchmarks/cpu_decode.py", *sys.argv[1:]]),
         "ratios": ratios,
         "int4_over_bf16": own,
@@ -252,13 +254,6 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
     path = RESULTS / f"cpu_decode-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def parse_args() -> argparse.Namespace:

@@ -46,6 +46,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from report import cpu_model
+
 from llmkit.net import free_port
 from llmkit.serve.launch import launched
 
@@ -358,7 +360,7 @@ def report(clean: dict, soak: dict, args: argparse.Namespace) -> None:
         "benchmark": "soak",
         "date": date.today().isoformat(),
         "commit": commit.stdout.strip(),
-        "machine": f"{platform.processor() or platform.machine()}, {_cpu_model()}",
+        "machine": f"{platform.processor() or platform.machine()}, {cpu_model()}",
         "command": " ".join(["python", "benchmarks/soak.py", *sys.argv[1:]]),
         "ratios": {"valid_p99_soak_over_clean": ratio},
         "five_xx": fives,
@@ -370,13 +372,6 @@ def report(clean: dict, soak: dict, args: argparse.Namespace) -> None:
     path = RESULTS / f"soak-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def parse_args() -> argparse.Namespace:

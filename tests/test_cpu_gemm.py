@@ -19,6 +19,7 @@ from llmkit.runtime.layers.linear import (
     W8A8Linear,
     convert_for_runtime,
 )
+from tests.test_runtime_quantized import random_grouped
 
 pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="the CPU kernels cannot be built here")
 ROWS = [1, 3, 4, 9]
@@ -33,20 +34,6 @@ def blocks_of_32(x: torch.Tensor) -> torch.Tensor:
     inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
     q = torch.round(x * inv)
     return (q.double() * (amax / 127).double()).reshape(x.shape[0], -1)
-
-
-def grouped(out: int, inp: int, group: int, act_order: bool, seed: int = 0) -> GroupedWeight:
-    g = torch.Generator().manual_seed(seed)
-    g_idx = torch.arange(inp) // group
-    if act_order:
-        g_idx = g_idx[torch.randperm(inp, generator=g)]
-    return GroupedWeight(
-        torch.randint(0, 16, (out, inp), generator=g),
-        torch.rand(out, inp // group, generator=g) * 0.02 + 0.01,
-        torch.randint(0, 16, (out, inp // group), generator=g).float(),
-        g_idx,
-        4,
-    )
 
 
 def close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -64,7 +51,7 @@ def close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool
 def test_q4_kernel_is_the_dequantized_product_of_block_quantized_inputs(
     dtype, act_order, inp, group
 ):
-    w = grouped(37, inp, group, act_order)
+    w = random_grouped(37, inp, group, act_order)
     module = Q4Linear.build(w, None, dtype, CPU)
     assert module is not None and (module.perm is not None) == (act_order and group < inp)
     perm = torch.argsort(w.g_idx, stable=True)  # groups made contiguous, as the kernel reads
@@ -78,10 +65,10 @@ def test_q4_kernel_is_the_dequantized_product_of_block_quantized_inputs(
 
 
 def test_q4_refuses_what_its_layout_cannot_hold():
-    w = grouped(16, 64, 32, False)
+    w = random_grouped(16, 64, 32, False)
     half_zero = GroupedWeight(w.q, w.scales, w.zeros + 0.5, w.g_idx, 4)
     tiny_scale = GroupedWeight(w.q, w.scales * 1e-4, w.zeros, w.g_idx, 4)
-    groups_of_16 = grouped(16, 64, 16, False)
+    groups_of_16 = random_grouped(16, 64, 16, False)
     for weight in (half_zero, tiny_scale, groups_of_16):
         assert Q4Linear.build(weight, None, torch.float32, CPU) is None
     assert Q4Linear.build(w, None, torch.float16, CPU) is None
@@ -158,7 +145,7 @@ def test_prefill_sized_inputs_take_the_dequantized_weights_unrounded():
 
     rows = linear.INT_KERNEL_MAX_ROWS + 3
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5))
-    w4 = grouped(37, 256, 64, act_order=True)
+    w4 = random_grouped(37, 256, 64, act_order=True)
     perm = torch.argsort(w4.g_idx, stable=True)
     scales = w4.scales.half().double()[:, w4.g_idx]
     weight4 = scales * (w4.q.double() - w4.zeros.double()[:, w4.g_idx])

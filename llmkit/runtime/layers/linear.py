@@ -247,7 +247,6 @@ class Int8Linear(nn.Module):
             return _plus(_on_rows(self.op, x, self.q, self.scale), self.bias)
         return _plus(torch._weight_int8pack_mm(x, self.q, self.scale), self.bias)
 
-
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
