@@ -29,20 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from functools import partial
 from pathlib import Path
 
-from report import cpu_model
+from report import save_result
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 LLAMACPP = ROOT / ".refvenvs" / "llamacpp"
 # llmkit checkpoint -> (llama.cpp type, the row it is compared in)
 MODELS = {
@@ -233,13 +230,7 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
     own = med["llmkit int4-rtn-g32 b1"] / med["llmkit bf16 b1"]
     print(f"llmkit int4 / bf16 batch 1: {own:.2f}x (target >= 2.5x); copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s")  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    result = {
-        "benchmark": "cpu_decode",
-        "date": date.today().isoformat(),
-        "commit": commit.stdout.strip(),
-        "machine": f"{platform.machine()}, {cpu_model()}, {args.threads} threads",
-        "command": " ".join(["python", "benchmarks/cpu_decode.py", *sys.argv[1:]]),
+    fields = {
         "ratios": ratios,
         "int4_over_bf16": own,
         "batch_64": batched,
@@ -250,10 +241,7 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
         "spread": spread,
         "rounds": args.rounds,
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"cpu_decode-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    save_result("cpu_decode", fields, f"{args.threads} threads")
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,10 +1,16 @@
-"""What the quantization benchmarks share: the calibration/evaluation split of a text, and
-the tables they print (quality of each run, speed, memory)."""
+"""What the benchmarks share: the calibration/evaluation split of a text, the tables the
+quantization benchmarks print (quality of each run, speed, memory), and the JSON result
+file each benchmark writes."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
+import subprocess
+import sys
 import tempfile
+from datetime import date
 from pathlib import Path
 
 MB = 1e6
@@ -89,6 +95,29 @@ def workdir(args: argparse.Namespace, prefix: str) -> Path:
     work = args.workdir or Path(tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
     return work
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_result(benchmark: str, fields: dict, machine: str = "") -> Path:
+    """Write benchmarks/results/<benchmark>-<date>.json: the benchmark's `fields` after its
+    name, date, commit, machine (the CPU, then `machine`) and the command that ran it."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    cpu = f"{platform.machine()}, {cpu_model()}"
+    result = {
+        "benchmark": benchmark,
+        "date": date.today().isoformat(),
+        "commit": commit.stdout.strip(),
+        "machine": f"{cpu}, {machine}" if machine else cpu,
+        "command": " ".join(["python", f"benchmarks/{benchmark}.py", *sys.argv[1:]]),
+        **fields,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{benchmark}-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
 
 
 def cpu_model() -> str:

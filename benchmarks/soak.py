@@ -34,7 +34,6 @@ import collections
 import contextlib
 import http.client
 import json
-import platform
 import random
 import socket
 import statistics
@@ -43,15 +42,13 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import date
 from pathlib import Path
 
-from report import cpu_model
+from report import save_result
 
 from llmkit.net import free_port
 from llmkit.serve.launch import launched
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HUGE_PROMPT = json.dumps({"prompt": "word " * 1_400_000}).encode()  # 7 MB, made once
 WARM_UP = 0.2  # of each phase: RSS is compared from there to the end
 WORDS = [
@@ -355,23 +352,14 @@ def report(clean: dict, soak: dict, args: argparse.Namespace) -> None:
         print(f"{k}: {soak['rss_start'][k] / 2**20:.0f} -> {soak['rss_end'][k] / 2**20:.0f} MB")
     print(f"KV blocks used at the end: {soak['kv_blocks_used_at_end']:.0f} (target 0); "
           f"tracebacks in the log: {soak['tracebacks_in_log']}")  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    result = {
-        "benchmark": "soak",
-        "date": date.today().isoformat(),
-        "commit": commit.stdout.strip(),
-        "machine": f"{platform.processor() or platform.machine()}, {cpu_model()}",
-        "command": " ".join(["python", "benchmarks/soak.py", *sys.argv[1:]]),
+    fields = {
         "ratios": {"valid_p99_soak_over_clean": ratio},
         "five_xx": fives,
         "rss_growth": growth,
         "clean": clean,
         "soak": soak,
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"soak-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    save_result("soak", fields)
 
 
 def parse_args() -> argparse.Namespace:

@@ -58,7 +58,10 @@ class Engine:
             hf_config = src.config
             self.model_config = LlamaConfig.from_hf(hf_config)
             dtype = _resolve_dtype(config.dtype, hf_config, device)
-            num_blocks = self._num_blocks(dtype, device, src)
+            self.kv_block_bytes = kv_block_bytes(
+                self.model_config, config.tp, config.block_size, dtype
+            )
+            num_blocks = self._num_blocks(device, src)
         finally:
             src.close()
         if config.verify:
@@ -119,22 +122,24 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (unknown ids are ignored)."""
-        request = self.requests.pop(request_id, None)
-        for seq in request.seqs if request else ():
+        for seq in self._seqs(request_id, forget=True):
             self.scheduler.finish(seq, "abort")
             self.executor.runner.sampler.release(seq.seq_id)
 
     def pause(self, request_id: str) -> None:
         """Stop computing a request (its client is not reading) and free its KV blocks; it
         keeps what it generated and goes on after `resume` (unknown ids are ignored)."""
-        request = self.requests.get(request_id)
-        for seq in request.seqs if request else ():
+        for seq in self._seqs(request_id):
             self.scheduler.pause(seq)
 
     def resume(self, request_id: str) -> None:
-        request = self.requests.get(request_id)
-        for seq in request.seqs if request else ():
+        for seq in self._seqs(request_id):
             self.scheduler.resume(seq)
+
+    def _seqs(self, request_id: str, forget: bool = False) -> list[Sequence]:
+        """The sequences of a request (none for an unknown id); `forget` drops the request."""
+        request = self.requests.pop(request_id, None) if forget else self.requests.get(request_id)
+        return request.seqs if request else []
 
     def has_unfinished(self) -> bool:
         """Whether a step has work: paused requests wait for `resume`, not for a step."""
@@ -268,11 +273,8 @@ class Engine:
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> Detokenizer | None:
         return None if self.tokenizer is None else Detokenizer(self.tokenizer, ids, params.stop)
 
-    def _num_blocks(self, dtype: torch.dtype, device: torch.device, src: RankTensors) -> int:
-        c = self.config
-        per_block = self.kv_block_bytes = kv_block_bytes(
-            self.model_config, c.tp, c.block_size, dtype
-        )
+    def _num_blocks(self, device: torch.device, src: RankTensors) -> int:
+        c, per_block = self.config, self.kv_block_bytes
         max_len = c.max_model_len or self.model_config.max_position_embeddings
         wanted = c.max_num_seqs * -(-max_len // c.block_size)
         if c.kv_cache_memory is not None:

@@ -103,9 +103,10 @@ class Scheduler:
             self.add(seq)
 
     def _queue(self, seq: Sequence) -> list[Sequence]:
-        return {Status.RUNNING: self.running, Status.WAITING: self.waiting}.get(
-            seq.status, self.paused
-        )
+        """The list an unfinished `seq` is in."""
+        if seq.status is Status.RUNNING:
+            return self.running
+        return self.waiting if seq.status is Status.WAITING else self.paused
 
     def _forget_kv(self, seq: Sequence) -> None:
         """Free `seq`'s blocks: it is computed again (its full blocks from the prefix cache

@@ -276,12 +276,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             _prepared, CompletionRequest, h.completion_jobs, raw, served
         )
         env = r.Envelope(r.new_id("cmpl"), "text_completion", served.model_name)
-        runs = h.start(served, jobs, env.id)
+        runs, hold = h.start(served, jobs, env.id)
         if body.stream:
             events = h.completion_events(served, body, jobs, runs, env)
-            return EventStream(
-                events, config.stream_stall_timeout_s, h.holder(served, env.id, jobs)
-            )
+            return EventStream(events, config.stream_stall_timeout_s, hold)
         outs = await _unless_disconnected(request, h.finals(runs))
         return JSONResponse(h.completion_body(served, body, jobs, outs, env))
 
@@ -293,13 +291,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             _prepared, ChatCompletionRequest, h.chat_job, raw, served
         )
         env = r.Envelope(r.new_id("chatcmpl"), "chat.completion", served.model_name)
-        runs = h.start(served, [job], env.id)
+        runs, hold = h.start(served, [job], env.id)
         if body.stream:
             env.object = "chat.completion.chunk"
             events = h.chat_events(served, body, job, runs, env)
-            return EventStream(
-                events, config.stream_stall_timeout_s, h.holder(served, env.id, [job])
-            )
+            return EventStream(events, config.stream_stall_timeout_s, hold)
         (out,) = await _unless_disconnected(request, h.finals(runs))
         return JSONResponse(h.chat_body(served, body, out, env))
 

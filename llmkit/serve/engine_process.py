@@ -175,8 +175,7 @@ def _main(conn: Connection, parent_end: Connection) -> None:
         conn.send(("failed", str(e) or type(e).__name__))
         return
     vocab = engine.model_config.vocab_size
-    blocks = engine.block_manager.num_blocks
-    info = EngineInfo(engine.max_model_len, vocab, blocks)
+    info = EngineInfo(engine.max_model_len, vocab, engine.block_manager.num_blocks)
     conn.send(("ready", info))
     try:
         _Loop(engine, conn).run()

@@ -175,7 +175,11 @@ def _check_response_size(served: Served, jobs: list[Job], echo: bool) -> None:
         )
 
 
-def start(served: Served, jobs: list[Job], request_id: str) -> list[AsyncIterator[RequestOutput]]:
+def start(
+    served: Served, jobs: list[Job], request_id: str
+) -> tuple[list[AsyncIterator[RequestOutput]], Callable[[bool], None]]:
+    """Queue a response's jobs in the engine: (each job's outputs as it runs, `hold(paused)`,
+    which pauses them all in the engine while the client is not reading, or lets them go on)."""
     try:
         served.engine.admit(sum(job.params.n for job in jobs))
     except QueueFull:
@@ -189,23 +193,12 @@ def start(served: Served, jobs: list[Job], request_id: str) -> list[AsyncIterato
     except EngineDead as e:
         raise ApiError(503, str(e), type="server_error") from None
     arrival = time.monotonic()
-    ids = _run_ids(request_id, jobs)
-    return [
+    ids = [f"{request_id}-{i}" for i in range(len(jobs))]
+    runs = [
         served.engine.generate(run_id, job.prompt_ids, job.params, arrival)
         for run_id, job in zip(ids, jobs, strict=True)
     ]
-
-
-def holder(served: Served, request_id: str, jobs: list[Job]) -> Callable[[bool], None]:
-    """hold(paused): pause the engine's runs of a response (its client is not reading), or
-    let them go on."""
-    ids = _run_ids(request_id, jobs)
-    return lambda paused: served.engine.hold(ids, paused)
-
-
-def _run_ids(request_id: str, jobs: list[Job]) -> list[str]:
-    """The engine's request id of each job (prompt) of a response."""
-    return [f"{request_id}-{i}" for i in range(len(jobs))]
+    return runs, lambda paused: served.engine.hold(ids, paused)
 
 
 async def finals(runs: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:

@@ -147,7 +147,7 @@ class DenseLinear(nn.Module):
         self.packed = _onednn_pack(weight)  # an opaque tensor, so not a parameter
         self.weight = None if self.packed is not None else nn.Parameter(weight, requires_grad=False)
         self.widen = self.packed is None and _half_on_cpu(weight)
-        self.op = _cpu_op("half_linear", weight.device, weight.dtype) if self.widen else None
+        self.op = _cpu_op("half_linear", weight.device) if self.widen else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -159,6 +159,7 @@ class DenseLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations llmkit's CPU kernels take
 KERNEL_MAX_ROWS = 16  # rows of activations llmkit's half-precision kernel takes
 # More rows than this (prefill chunks) make a product compute-bound: the 4-bit weights are
 # dequantized a block at a time for float32 matrix products instead.
@@ -184,10 +185,10 @@ def linear_in_float32(
     return out
 
 
-def _cpu_op(name: str, device: torch.device, dtype: torch.dtype):
+def _cpu_op(name: str, device: torch.device, dtype: torch.dtype | None = None):
     """llmkit's CPU kernel `name` (torch.ops.llmkit_cpu) when it can run on `device` with
-    `dtype` (activations, or half-precision weights), else None."""
-    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    activations of `dtype` (float32 or bf16; None: checked at each call), else None."""
+    if device.type != "cpu" or dtype not in (None, *KERNEL_DTYPES):
         return None
     ops = cpu_kernels.ops()
     return None if ops is None else getattr(ops, name).default
@@ -195,7 +196,7 @@ def _cpu_op(name: str, device: torch.device, dtype: torch.dtype):
 
 def _kernel_takes(x: torch.Tensor) -> bool:
     """Whether `x` suits the half-precision kernel: a few float32 or bf16 rows."""
-    return x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype != torch.float16
+    return x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype in KERNEL_DTYPES
 
 
 def _on_rows(op, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
@@ -225,7 +226,7 @@ def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
 def _int8_op(name: str, q: torch.Tensor, device: torch.device, dtype: torch.dtype):
     """llmkit's int8 kernel `name` when it takes this weight: inputs in blocks of 32, no -128
     (the kernels multiply by |x| and move x's sign onto the weight)."""
-    if dtype not in (torch.float32, torch.bfloat16) or q.shape[1] % 32 or bool((q == -128).any()):
+    if q.shape[1] % 32 or bool((q == -128).any()):
         return None
     return _cpu_op(name, device, dtype)
 
@@ -262,9 +263,8 @@ class W8A8Linear(nn.Module):
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, device):
         super().__init__()
         self.op = _int8_op("w8a8_linear", weight.q, device, dtype)
-        q = (
-            weight.q if self.op is not None else weight.q.t()
-        )  # the kernel's [out, in], else [in, out]
+        # [out, in] for llmkit's kernel, [in, out] for torch's
+        q = weight.q if self.op is not None else weight.q.t()
         self.register_buffer("q", q.contiguous().to(device))
         self.register_buffer("scale", weight.scale.to(device))
         self.bias = bias
@@ -349,7 +349,7 @@ class Q4Linear(nn.Module):
         """None when the kernel cannot take this weight: bits, uneven groups or groups not a
         multiple of 32 inputs, zeros that are not 4-bit integers, scales fp16 cannot hold
         to its precision, or no kernel for this device and dtype."""
-        op = _cpu_op("q4_linear", device, dtype) if dtype != torch.float16 else None
+        op = _cpu_op("q4_linear", device, dtype)
         layout = _contiguous_groups(w)
         if op is None or w.bits != 4 or layout is None or layout[2] % 32:
             return None
