@@ -218,8 +218,9 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
             "llmkit_tok_s": ours, "llama_cpp_tok_s": theirs,
             "bytes_per_token": {"llmkit": ours_bytes, "llama.cpp": their_bytes},
         }  # fmt: skip
-        print(f"{name:15} batch 1: llmkit {ours:7.1f} {spread[f'llmkit {name} b1']} tok/s, "
-              f"llama.cpp {theirs:7.1f} {spread[f'llama.cpp {name} b1']} = {ratios[row]:.2f}x; "
+        print(f"{name:15} batch 1: llmkit {ours:7.1f} ({_span(spread[f'llmkit {name} b1'])}) "
+              f"tok/s, llama.cpp {theirs:7.1f} ({_span(spread[f'llama.cpp {name} b1'])}) = "
+              f"{ratios[row]:.2f}x; "
               f"MBU {mbu[name]['llmkit']:.0%} / {mbu[name]['llama.cpp']:.0%}")  # fmt: skip
     batched = {}
     for name in BATCHED:
@@ -242,6 +243,10 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
         "rounds": args.rounds,
     }
     save_result("cpu_decode", fields, f"{args.threads} threads")
+
+
+def _span(bounds: list[float]) -> str:
+    return f"{bounds[0]:.1f}-{bounds[1]:.1f}"
 
 
 def parse_args() -> argparse.Namespace:
