@@ -38,6 +38,8 @@ CASES = {
     "rtn-per-channel": ("rtn", QuantOptions(group_size=-1), Q4Linear, 3e-2),
     "gptq-8bit": ("gptq", QuantOptions(bits=8, group_size=32), DenseLinear, 1e-4),
     "awq": ("awq", QuantOptions(group_size=32), Q4Linear, 3e-2),
+    "int8-lm-head": ("int8", QuantOptions(quantize_lm_head=True), Int8Linear, 3e-2),
+    "rtn-lm-head": ("rtn", QuantOptions(group_size=32, quantize_lm_head=True), Q4Linear, 3e-2),
 }
 
 
@@ -65,6 +67,8 @@ def test_quantized_logits_equal_the_dequantized_computation(quantized, case):
     src.close()
     assert isinstance(model.layers[0].mlp.gate_up, kind)
     assert isinstance(model.layers[0].attn.o_proj, kind)
+    if CASES[case][1].quantize_lm_head:
+        assert isinstance(model.lm_head.proj, kind)
     ids = random_prompts(1, 48, 49, seed=7)[0]
     with torch.inference_mode():
         expected = load_model(path, torch.float32)(torch.tensor([ids])).logits[0]

@@ -71,3 +71,15 @@ def test_a_shard_layout_mismatch_is_refused(tiny_dir, tmp_path):
 def test_tp_that_does_not_divide_the_heads_is_refused(tiny_dir):
     with pytest.raises(LlmkitError, match="tp=3 does not divide num_attention_heads=4"):
         Engine(tiny_dir("tiny-llama"), EngineConfig(tp=3))
+
+
+@pytest.mark.parametrize("method", ["rtn", "int8"])
+def test_tp2_quantized_lm_head_computes_what_tp1_does(tiny_dir, tmp_path, method):
+    # Qwen2's vocab is padded per rank: the quantized lm_head's padding rows are cut again
+    options = QuantOptions(group_size=32, quantize_lm_head=True)
+    quantize(tiny_dir("tiny-qwen2"), tmp_path / method, method, options=options)
+    for tp2, tp1 in zip(
+        first_logprobs(tmp_path / method, 2), first_logprobs(tmp_path / method, 1), strict=True
+    ):
+        assert tp2[0][0] == tp1[0][0]
+        assert abs(tp2[0][1] - tp1[0][1]) < 0.05

@@ -25,7 +25,7 @@ from llmkit.runtime.layers.vocab import LMHead, VocabEmbedding
 from llmkit.runtime.models.llama import MLP, Attention, DecoderLayer, LlamaConfig, LlamaModel
 from llmkit.runtime.rank_tensors import RankTensors
 
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head"
 
 
 def load_model(
@@ -39,12 +39,11 @@ def load_model(
     build = _Builder(src, reader, group, dtype, device, exact)
     layers = [build.layer(i, cfg, heads, kv_heads) for i in range(cfg.num_layers)]
     embed = src.get(EMBED).to(device, dtype)
-    head = embed if LM_HEAD not in src else src.get(LM_HEAD).to(device, dtype)
     model = LlamaModel(
         VocabEmbedding(embed, src.offset(EMBED), group),
         layers,
         build.norm("model.norm.weight", cfg),
-        LMHead(head, cfg.vocab_size, group),
+        LMHead(build.lm_head(embed), cfg.vocab_size, group),
         Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling),
     )
     return model.to(device), cfg
@@ -96,6 +95,12 @@ class _Builder:
         if whole is not None:
             return self.convert(whole, bias)
         return Parallel([self.convert(w, b) for w, b in zip(weights, biases, strict=True)])
+
+    def lm_head(self, embed: torch.Tensor) -> nn.Module:
+        """The lm_head as stored, quantized or not; the embedding when they are tied."""
+        if not any(name.startswith(f"{LM_HEAD}.") for name in self.src.plans):
+            return self.convert(DenseWeight(embed), None)
+        return self.convert(self.reader.read(LM_HEAD), None)
 
     def row_parallel(self, module: str) -> nn.Module:
         weight, bias = self.reader.read(module), self._bias(module)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.runtime.distributed import Group
-from llmkit.runtime.layers.linear import DenseLinear
 
 
 class VocabEmbedding(nn.Module):
@@ -30,9 +29,9 @@ class VocabEmbedding(nn.Module):
 class LMHead(nn.Module):
     """Logits over the real vocab (padding columns dropped), complete on rank 0 only."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, group: Group):
+    def __init__(self, proj: nn.Module, vocab_size: int, group: Group):
         super().__init__()
-        self.proj = DenseLinear(weight, None)
+        self.proj = proj  # this rank's vocab rows: any Linear module
         self.vocab_size = vocab_size
         self.group = group
 
