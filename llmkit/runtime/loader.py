@@ -46,7 +46,18 @@ def load_model(
         LMHead(build.lm_head(embed), cfg.vocab_size, group),
         Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling),
     )
-    return model.to(device), cfg
+    return _frozen(model.to(device)), cfg
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    """The model for inference only: every module's parameters, buffers and children become
+    plain instance attributes as well, which Python finds without nn.Module.__getattr__ (a
+    CPU decode step reads hundreds of them). Nothing may be moved or re-registered
+    afterwards: the attributes would go stale."""
+    for module in model.modules():
+        for named in (module._parameters, module._buffers, module._modules):
+            module.__dict__.update(named)
+    return model
 
 
 class _Builder:

@@ -46,11 +46,13 @@ def ops():
 
 def for_tensors(*tensors: torch.Tensor):
     """ops() when the tensors are all CPU tensors of one dtype, float32 or bfloat16 (what the
-    kernels take), else None."""
-    first = tensors[0]
-    usable = first.device.type == "cpu" and first.dtype in (torch.float32, torch.bfloat16)
-    if not usable or any(t.device != first.device or t.dtype != first.dtype for t in tensors):
+    kernels take), else None. Called for every kernel of every step: kept to attribute reads."""
+    dtype = tensors[0].dtype
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
         return None
+    for t in tensors:
+        if not t.is_cpu or t.dtype is not dtype:
+            return None
     return ops()
 
 

@@ -58,31 +58,43 @@ struct Blocks {
   int64_t rows = 0, cols = 0;
 };
 
-void quantize_block(const float* x, int8_t* q, float* d, float* sum) {
-  float amax = 0.f;
-  for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+template <typename T>
+void quantize_block(const T* x, int8_t* q, float* d, float* sum) {
+  float v[kBlock], amax = 0.f;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    v[i] = static_cast<float>(x[i]);
+    amax = std::max(amax, std::fabs(v[i]));
+  }
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   int32_t total = 0;
   for (int64_t i = 0; i < kBlock; ++i) {
-    q[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+    q[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
     total += q[i];
   }
   *d = amax / 127.f;
   *sum = *d * float(total);
 }
 
-Blocks quantize_blocks(const at::Tensor& x32) {
+// x [M, K], float32 or bfloat16, read as it is (no float32 copy).
+Blocks quantize_blocks(const at::Tensor& x) {
   Blocks b;
-  b.rows = x32.size(0), b.cols = x32.size(1);
+  b.rows = x.size(0), b.cols = x.size(1);
   const int64_t blocks = b.rows * (b.cols / kBlock);
   b.q.resize(b.rows * b.cols);
   b.d.resize(blocks);
   b.sum.resize(blocks);
-  const float* x = x32.data_ptr<float>();
-  at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      quantize_block(x + i * kBlock, &b.q[i * kBlock], &b.d[i], &b.sum[i]);
-  });
+  const at::Tensor xc = x.contiguous();
+  auto run = [&](const auto* p) {
+    at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        quantize_block(p + i * kBlock, &b.q[i * kBlock], &b.d[i], &b.sum[i]);
+    });
+  };
+  if (xc.scalar_type() == at::kFloat) {
+    run(xc.data_ptr<float>());
+  } else {
+    run(xc.data_ptr<c10::BFloat16>());
+  }
   return b;
 }
 
@@ -108,11 +120,13 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// 32 unsigned 4-bit weights of a packed block as bytes in input order.
+// 32 unsigned 4-bit weights of a packed block as bytes in input order: the 16 bytes in both
+// lanes, the high lane shifted by 4, then the low nibbles kept.
 inline __m256i unpack4(const uint8_t* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i low = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+  const __m256i raw =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
+                          _mm256_set1_epi8(0x0F));
 }
 
 // The 8 int32 sums of pairs of unsigned a times signed b (32 bytes each).
@@ -190,6 +204,37 @@ inline void zero_shares(const c10::Half* s, const uint8_t* z, int64_t groups, co
     for (int t = 0; t < MT; ++t) share[t] += to_float(s[g]) * float(z[g]) * xs[t * groups + g];
 }
 
+// ws[t * blocks + b] = s[group of block b] * d[m0 + t, b]: the one float each block's
+// integer dot product is multiplied by, for output row `scales` and activation rows m0.. .
+template <int MT>
+inline void block_scales(const Q4& w, const c10::Half* scales, const Blocks& x, int64_t m0,
+                         float* ws) {
+  const int64_t per_row = w.k / kBlock;
+  for (int t = 0; t < MT; ++t) {
+    const float* d = &x.d[(m0 + t) * per_row];
+    float* out = ws + t * per_row;
+    int64_t b = 0;
+#ifdef LLMKIT_AVX2
+    if (w.blocks_per_group == 1) {
+      for (; b + 8 <= per_row; b += 8) {
+        const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b));
+        _mm256_storeu_ps(out + b, _mm256_mul_ps(_mm256_cvtph_ps(s8), _mm256_loadu_ps(d + b)));
+      }
+    } else if (w.blocks_per_group % 4 == 0) {
+      for (int64_t g = 0; g < w.groups; ++g) {
+        const __m128 sg = _mm_set1_ps(to_float(scales[g]));
+        for (const int64_t end = b + w.blocks_per_group; b < end; b += 4)
+          _mm_storeu_ps(out + b, _mm_mul_ps(sg, _mm_loadu_ps(d + b)));
+      }
+    }
+#endif
+    for (int64_t g = b / w.blocks_per_group; b < per_row; ++g) {
+      const float sg = to_float(scales[g]);
+      for (const int64_t end = b + w.blocks_per_group; b < end; ++b) out[b] = sg * d[b];
+    }
+  }
+}
+
 // Output row o for activation rows [m0, m0 + MT): sums into res[MT]. Blocks go in pairs,
 // each into its own accumulator (two chains of dependent adds, held in registers).
 template <int MT>
@@ -200,23 +245,19 @@ inline void q4_row(const Q4& w, int64_t o, const Blocks& x, const float* xs, int
   const c10::Half* scales = w.scales + o * w.groups;
   float zero_share[MT];
   zero_shares<MT>(scales, w.zeros + o * w.groups, w.groups, xs + m0 * w.groups, zero_share);
-  // block b's group: b >> shift when blocks_per_group is a power of two (it is for groups
-  // of 32, 64 and 128), else a division
-  const int shift = __builtin_ctzll(w.blocks_per_group);
-  const bool pow2 = (w.blocks_per_group & (w.blocks_per_group - 1)) == 0;
-  auto scale_of = [&](int64_t b) {
-    return to_float(scales[pow2 ? b >> shift : b / w.blocks_per_group]);
-  };
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<size_t>(MT * per_row)) scratch.resize(MT * per_row);
+  const float* ws = scratch.data();
+  block_scales<MT>(w, scales, x, m0, scratch.data());
 #ifdef LLMKIT_AVX2
   __m256 acc0[MT], acc1[MT];
   for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
   auto step = [&](int64_t b, __m256* acc) {
-    const float s = scale_of(b);
     const __m256i wv = unpack4(packed + b * (kBlock / 2));
     for (int t = 0; t < MT; ++t) {
       const int64_t row = (m0 + t) * per_row + b;
       const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wv, load32(&x.q[row * kBlock])));
-      acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(s * x.d[row]), acc[t]);
+      acc[t] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(ws + t * per_row + b), acc[t]);
     }
   };
   int64_t b = 0;
@@ -231,12 +272,11 @@ inline void q4_row(const Q4& w, int64_t o, const Blocks& x, const float* xs, int
     float acc = 0.f;
     for (int64_t b = 0; b < per_row; ++b) {
       const uint8_t* p = packed + b * (kBlock / 2);
-      const int64_t row = (m0 + t) * per_row + b;
-      const int8_t* q = &x.q[row * kBlock];
+      const int8_t* q = &x.q[((m0 + t) * per_row + b) * kBlock];
       int32_t sum = 0;
       for (int64_t i = 0; i < kBlock / 2; ++i)
         sum += (p[i] & 0x0F) * q[i] + (p[i] >> 4) * q[i + kBlock / 2];
-      acc += float(sum) * (scale_of(b) * x.d[row]);
+      acc += float(sum) * ws[t * per_row + b];
     }
     res[t] = acc - zero_share[t];
   }
@@ -294,7 +334,7 @@ at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Ten
               "q4_linear: scales and zeros must be contiguous [", n, ", ", k / group_size, "]");
   const Q4 w{packed.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), zeros.data_ptr<uint8_t>(),
              k, k / group_size, group_size / kBlock};
-  const Blocks xq = quantize_blocks(as_float(x));
+  const Blocks xq = quantize_blocks(x);
   const std::vector<float> xs = group_sums(xq, w.blocks_per_group);
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   by_dtype(out, [&](auto tag) {
@@ -358,7 +398,7 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor q, at::Tensor scale) {
   check_int8_weight(q, scale, "q8_linear");
   const int64_t n = q.size(0), k = q.size(1);
   check_activations(x, k, "q8_linear");
-  const Blocks xq = quantize_blocks(as_float(x));
+  const Blocks xq = quantize_blocks(x);
   const int8_t* w = q.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   at::Tensor out = at::empty({x.size(0), n}, x.options());

@@ -201,6 +201,8 @@ def _kernel_takes(x: torch.Tensor) -> bool:
 
 def _on_rows(op, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     """op(x, *weights) for x of any leading shape (the kernels take [rows, in])."""
+    if x.dim() == 2:
+        return op(x, *weights)
     y = op(x.reshape(-1, x.shape[-1]), *weights)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
