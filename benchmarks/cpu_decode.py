@@ -4,12 +4,15 @@ alternating in one run, with the copy bandwidth measured in the same run.
 
 llmkit: `llmkit bench offline` in its own process (the engine, the kernels a server runs),
 tok/s = sequences / mean time per output token; checkpoints `init --preset small-llama
---dtype bfloat16`, `quantize --method int8`, `quantize --method rtn --group-size 32` and
-`quantize --method gptq --group-size 128` (builtin calibration). llama.cpp (built from the
-source in the llama-cpp-python sdist by `bash benchmarks/setup_reference_venvs.sh llamacpp`):
-the bf16 checkpoint converted by `convert_hf_to_gguf.py --outtype bf16` (told to treat the
-preset's tokenizer as the default pre-tokenizer, which it does not recognise: only speed is
-compared), `llama-quantize` to Q8_0 and Q4_0; `llama-bench -p 0 -n 64` (tok/s) and
+--dtype bfloat16`, `quantize --method int8 --quantize-lm-head`, `quantize --method rtn
+--group-size 32 --quantize-lm-head` and `quantize --method gptq --group-size 128` (builtin
+calibration; gptq leaves the lm_head in bf16). llama-quantize quantizes the lm_head too, to
+a type of its own choosing: the bytes each token reads are reported beside the speeds.
+llama.cpp (built from the source in the llama-cpp-python sdist by `bash
+benchmarks/setup_reference_venvs.sh llamacpp`): the bf16 checkpoint converted by
+`convert_hf_to_gguf.py --outtype bf16` (told to treat the preset's tokenizer as the default
+pre-tokenizer, which it does not recognise: only speed is compared), `llama-quantize` to
+Q8_0 and Q4_0; `llama-bench -p 0 -n 64` (tok/s) and
 `llama-batched-bench -npp 128 -ntg 64 -npl 64` (S_TG). Both on --threads threads (2).
 
 Batch 1: prompt 16, 64 generated. 64 sequences: prompt 128, 64 generated each. MBU: the
@@ -89,8 +92,8 @@ def prepare(work: Path) -> dict[str, tuple[Path, Path]]:
     if not bf16.exists():
         run(llmkit("init", str(bf16), "--preset", "small-llama", "--dtype", "bfloat16"))
     methods = {
-        "int8": ["--method", "int8"],
-        "int4-rtn-g32": ["--method", "rtn", "--group-size", "32"],
+        "int8": ["--method", "int8", "--quantize-lm-head"],
+        "int4-rtn-g32": ["--method", "rtn", "--group-size", "32", "--quantize-lm-head"],
         "int4-gptq-g128": ["--method", "gptq", "--group-size", "128", "--num-samples", "32"],
     }
     for name, method in methods.items():
