@@ -66,3 +66,22 @@ def test_a_too_long_prompt_fails_cleanly_and_writes_nothing(cli, tiny_dir, tmp_p
     result = cli("generate", tiny_dir(), "--prompts", prompts, "-o", out)
     assert result.code == 1 and "prompt 0: the prompt has 600 tokens" in result.err
     assert not out.exists()
+
+
+def test_threads_sets_the_cpu_threads_and_is_bounded(cli, tiny_dir, tmp_path):
+    import torch
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The king", "max_tokens": 2}) + "\n")
+    before = torch.get_num_threads()
+    try:
+        result = cli("generate", tiny_dir(), "--prompts", prompts, "-o", tmp_path / "o.jsonl",
+                     "--threads", "1", "--device", "cpu")  # fmt: skip
+        assert result.code == 0, result.err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    result = cli("generate", tiny_dir(), "--prompts", prompts, "--threads", "0")
+    assert result.code != 0 and "--threads must be between 1 and" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert torch.get_num_threads() == before

@@ -17,6 +17,14 @@ TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel ranks (process
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="auto (the checkpoint's), float32, float16 or bfloat16.")
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads for the model, shared by the tp ranks (default: the cores this "
+        "process may use, or OMP_NUM_THREADS).",
+    ),
+]
 BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="Tokens per KV-cache block.")]
 KvCacheMemoryOpt = Annotated[
     str | None,
@@ -87,6 +95,7 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "tp": TpOpt,
         "dtype": DtypeOpt,
         "device": DeviceOpt,
+        "threads": ThreadsOpt,
         "block_size": BlockSizeOpt,
         "kv_cache_memory": KvCacheMemoryOpt,
         "gpu_memory_utilization": GpuMemOpt,

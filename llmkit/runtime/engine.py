@@ -34,6 +34,7 @@ from llmkit.runtime.tokenizer import load_tokenizer
 
 log = logging.getLogger("llmkit.engine")
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
+MAX_THREADS = 4096
 
 
 @dataclass(slots=True)
@@ -53,6 +54,8 @@ class Engine:
         self.config = config
         self.model_path = str(model)
         device = resolve_device(config.device)
+        if device.type == "cpu":
+            _set_threads(config.threads)
         src = open_rank(self.model_path, config.tp, 0)  # headers only: checks the layout
         try:
             hf_config = src.config
@@ -310,6 +313,15 @@ class Engine:
 
 def _logprob_entry(s: Sampled) -> dict:
     return {"token_id": s.token_id, "logprob": s.logprob, "top": s.top_logprobs}
+
+
+def _set_threads(threads: int | None) -> None:
+    """The CPU threads this process's operations use (None: leave torch's own choice)."""
+    if threads is None:
+        return
+    if not 1 <= threads <= MAX_THREADS:
+        raise LlmkitError(f"--threads must be between 1 and {MAX_THREADS}, not {threads}")
+    torch.set_num_threads(threads)
 
 
 def _weight_bytes(src: RankTensors) -> int:

@@ -12,6 +12,7 @@ class EngineConfig:
     tp: int = 1
     dtype: str = "auto"  # auto: the checkpoint's dtype; float16 becomes bfloat16 on CPU
     device: str = "auto"
+    threads: int | None = None  # CPU threads over all tp ranks; None: torch's (the cores)
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: enough for max_num_seqs full contexts
     gpu_memory_utilization: float = 0.9
