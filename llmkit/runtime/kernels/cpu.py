@@ -1,5 +1,6 @@
 """The CPU C++ kernels (cpu_ops.cpp: attention and element-wise; cpu_gemm.cpp: matrix
-products against quantized and half-precision weights), built once per machine with the
+products against quantized and half-precision weights; cpu_layer.cpp: a decoder layer of a
+decode step in one call), built once per machine with the
 local compiler by torch's extension loader and cached (~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR) under a name keyed by the sources, the flags, torch, Python and the
 CPU's features, so a later start loads the library directly (no extension loader, no ninja
@@ -23,7 +24,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("llmkit.kernels")
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_gemm.cpp"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_gemm.cpp", "cpu_layer.cpp")
+)
 # no FMA contraction: the element-wise kernels round as the torch ops they replace
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

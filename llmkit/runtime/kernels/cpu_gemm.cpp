@@ -41,6 +41,10 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit packed block)
 constexpr int kTile = 4;        // activation rows computed together against one weight row
+// Independent running sums per activation row: one row needs four to keep the FMA units busy
+// (each sum waits for its previous FMA); four rows are four chains already.
+template <int MT>
+constexpr int kSums = MT == 1 ? 4 : 2;
 
 // ---------------------------------------------------------------------------------------
 // Activations
@@ -151,6 +155,25 @@ inline __m256 widen8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// res[t] = the sum over blocks b of step(b, acc)'s additions to acc[t], for MT activation
+// rows: consecutive blocks go to kSums<MT> separate accumulators, added up at the end.
+template <int MT, typename Step>
+inline void over_blocks(int64_t blocks, Step step, float* res) {
+  constexpr int A = kSums<MT>;
+  __m256 acc[A][MT];
+  for (int a = 0; a < A; ++a)
+    for (int t = 0; t < MT; ++t) acc[a][t] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + A <= blocks; b += A)
+    for (int a = 0; a < A; ++a) step(b + a, acc[a]);
+  for (; b < blocks; ++b) step(b, acc[0]);
+  for (int t = 0; t < MT; ++t) {
+    __m256 total = acc[0][t];
+    for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[a][t]);
+    res[t] = hsum(total);
+  }
+}
+
 #endif
 
 inline float to_float(c10::Half h) {
@@ -250,8 +273,6 @@ inline void q4_row(const Q4& w, int64_t o, const Blocks& x, const float* xs, int
   const float* ws = scratch.data();
   block_scales<MT>(w, scales, x, m0, scratch.data());
 #ifdef LLMKIT_AVX2
-  __m256 acc0[MT], acc1[MT];
-  for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
   auto step = [&](int64_t b, __m256* acc) {
     const __m256i wv = unpack4(packed + b * (kBlock / 2));
     for (int t = 0; t < MT; ++t) {
@@ -260,13 +281,8 @@ inline void q4_row(const Q4& w, int64_t o, const Blocks& x, const float* xs, int
       acc[t] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(ws + t * per_row + b), acc[t]);
     }
   };
-  int64_t b = 0;
-  for (; b + 1 < per_row; b += 2) {
-    step(b, acc0);
-    step(b + 1, acc1);
-  }
-  if (b < per_row) step(b, acc0);
-  for (int t = 0; t < MT; ++t) res[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) - zero_share[t];
+  over_blocks<MT>(per_row, step, res);
+  for (int t = 0; t < MT; ++t) res[t] -= zero_share[t];
 #else
   for (int t = 0; t < MT; ++t) {
     float acc = 0.f;
@@ -354,23 +370,16 @@ inline void q8_row(const int8_t* w, float scale, int64_t k, const Blocks& x, int
                    float* res) {
   const int64_t per_row = k / kBlock;
 #ifdef LLMKIT_AVX2
-  __m256 acc0[MT], acc1[MT];
-  for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
   auto step = [&](int64_t b, __m256* acc) {
     const __m256i wv = load32(w + b * kBlock);
     for (int t = 0; t < MT; ++t) {
       const int64_t row = (m0 + t) * per_row + b;
       const __m256 p = _mm256_cvtepi32_ps(dot_s8s8(wv, load32(&x.q[row * kBlock])));
-      acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(x.d[row]), acc[t]);
+      acc[t] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&x.d[row]), acc[t]);
     }
   };
-  int64_t b = 0;
-  for (; b + 1 < per_row; b += 2) {
-    step(b, acc0);
-    step(b + 1, acc1);
-  }
-  if (b < per_row) step(b, acc0);
-  for (int t = 0; t < MT; ++t) res[t] = scale * hsum(_mm256_add_ps(acc0[t], acc1[t]));
+  over_blocks<MT>(per_row, step, res);
+  for (int t = 0; t < MT; ++t) res[t] *= scale;
 #else
   for (int t = 0; t < MT; ++t) {
     float acc = 0.f;
@@ -478,17 +487,13 @@ template <int MT, typename W>
 inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
-  __m256 acc[MT][2];
-  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  for (; i + 16 <= k; i += 16) {
-    const __m256 w0 = widen8(w + i), w1 = widen8(w + i + 8);
-    for (int t = 0; t < MT; ++t) {
-      const float* xr = x + (m0 + t) * k + i;
-      acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[t][0]);
-      acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[t][1]);
-    }
-  }
-  for (int t = 0; t < MT; ++t) res[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+  auto step = [&](int64_t b, __m256* acc) {
+    const __m256 wv = widen8(w + 8 * b);
+    for (int t = 0; t < MT; ++t)
+      acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + t) * k + 8 * b), acc[t]);
+  };
+  over_blocks<MT>(k / 8, step, res);
+  i = k / 8 * 8;
 #else
   for (int t = 0; t < MT; ++t) res[t] = 0.f;
 #endif

@@ -158,6 +158,28 @@ class DenseLinear(nn.Module):
             return linear_in_float32(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    def kernel_call(self) -> KernelCall | None:
+        return None if self.op is None else KernelCall(HALF, [self.weight], self.bias)
+
+
+# The kinds of llmkit's CPU matrix kernels, as kernels/cpu_layer.cpp numbers them
+HALF, Q4, Q8, W8A8 = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCall:
+    """How a Linear runs through llmkit's CPU kernels for a few rows: the kernel's kind, its
+    weight tensors, the bias added after it, the 4-bit group size (0 for other kinds)."""
+
+    kind: int
+    weights: list[torch.Tensor]
+    bias: torch.Tensor | None
+    group_size: int = 0
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return self.weights if self.bias is None else [*self.weights, self.bias]
+
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations llmkit's CPU kernels take
 KERNEL_MAX_ROWS = 16  # rows of activations llmkit's half-precision kernel takes
@@ -250,6 +272,9 @@ class Int8Linear(nn.Module):
             return _plus(_on_rows(self.op, x, self.q, self.scale), self.bias)
         return _plus(torch._weight_int8pack_mm(x, self.q, self.scale), self.bias)
 
+    def kernel_call(self) -> KernelCall | None:
+        return None if self.op is None else KernelCall(Q8, [self.q, self.scale], self.bias)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
@@ -281,6 +306,9 @@ class W8A8Linear(nn.Module):
         else:  # exact in float32 for |sums| < 2**24; the CUDA kernels are a separate path
             acc = xq.float() @ self.q.float()
         return _plus((acc * x_scale * self.scale).to(self.dtype), self.bias)
+
+    def kernel_call(self) -> KernelCall | None:
+        return None if self.op is None else KernelCall(W8A8, [self.q, self.scale], self.bias)
 
 
 class Int4Linear(nn.Module):
@@ -379,6 +407,12 @@ class Q4Linear(nn.Module):
             return linear_in_float32(x, self, self.bias)
         y = _on_rows(self.op, x, self.packed, self.scales, self.zeros, self.group_size)
         return _plus(y, self.bias)
+
+    def kernel_call(self) -> KernelCall | None:
+        if self.perm is not None:
+            return None
+        weights = [self.packed, self.scales, self.zeros]
+        return KernelCall(Q4, weights, self.bias, self.group_size)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from torch import nn
 from llmkit.errors import LlmkitError
 from llmkit.runtime.layers.activation import silu_and_mul
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
+from llmkit.runtime.layers.decode_layer import DecodeLayer
 from llmkit.runtime.layers.norm import RMSNorm
 from llmkit.runtime.layers.rotary import Rotary, apply_rotary
 from llmkit.shard.plan import Model, heads_per_rank
@@ -95,10 +96,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.attn, self.mlp = attn, mlp
         self.input_norm, self.post_norm = input_norm, post_norm
+        self.fused = DecodeLayer.build(attn, mlp, input_norm, post_norm)  # None: not on CPU
 
     def forward(self, x, residual, rotary, kv_cache, meta):
         """x: the previous layer's output, not yet added to `residual` (the sum of all
         before it; None at the first layer) -> (this layer's output, the new residual)."""
+        if self.fused is not None and self.fused.takes(x, meta):
+            return self.fused(x, residual, rotary, kv_cache, meta)
         if residual is None:
             residual, h = x, self.input_norm(x)
         else:

@@ -1,0 +1,115 @@
+// One decoder layer of a decode step in one call (torch.ops.llmkit_cpu.decode_layer): the
+// same kernels, in the same order and with the same roundings, as the Python layer
+// (models/llama.py DecoderLayer with layers/*.py) runs for a step whose every token is its
+// sequence's next one, without the Python between them. The Python side decides when it
+// applies (layers/decode_layer.py).
+//
+// Each Linear is a kind and its tensors, a bias last when it has one:
+//   0 half_linear  [weight]            1 q4_linear  [packed, scales, zeros] (+ group size)
+//   2 q8_linear    [q, scale]          3 w8a8_linear [q, scale]
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace {
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using Linear2 = at::Tensor(at::Tensor, at::Tensor, at::Tensor);
+
+at::Tensor linear(const at::Tensor& x, int64_t kind, at::TensorList w, int64_t group_size) {
+  static const auto half = find<at::Tensor(at::Tensor, at::Tensor)>("llmkit_cpu::half_linear");
+  static const auto q4 =
+      find<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t)>(
+          "llmkit_cpu::q4_linear");
+  static const auto q8 = find<Linear2>("llmkit_cpu::q8_linear");
+  static const auto w8a8 = find<Linear2>("llmkit_cpu::w8a8_linear");
+  static constexpr size_t kTensors[] = {1, 3, 2, 2};
+  TORCH_CHECK(kind >= 0 && kind < 4, "decode_layer: unknown Linear kind ", kind);
+  const size_t count = kTensors[kind];
+  TORCH_CHECK(w.size() == count || w.size() == count + 1, "decode_layer: a Linear of kind ",
+              kind, " takes ", count, " tensors and a bias");
+  at::Tensor y;
+  switch (kind) {
+    case 0: y = half.call(x, w[0]); break;
+    case 1: y = q4.call(x, w[0], w[1], w[2], group_size); break;
+    case 2: y = q8.call(x, w[0], w[1]); break;
+    default: y = w8a8.call(x, w[0], w[1]); break;
+  }
+  return w.size() > count ? y + w[count] : y;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_layer(
+    at::Tensor x, const std::optional<at::Tensor>& residual, at::Tensor input_norm,
+    at::Tensor post_norm, double eps, at::TensorList qkv, at::TensorList o,
+    at::TensorList gate_up, at::TensorList down, at::IntArrayRef kinds,
+    at::IntArrayRef group_sizes, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
+    at::Tensor v_cache, at::Tensor slots, at::Tensor block_tables, at::Tensor context_lens,
+    int64_t num_heads, int64_t num_kv_heads, double scale) {
+  static const auto add_rms_norm =
+      find<at::Tensor(at::Tensor, at::Tensor, at::Tensor, double)>("llmkit_cpu::add_rms_norm");
+  static const auto rotary =
+      find<std::tuple<at::Tensor, at::Tensor>(at::Tensor, at::Tensor, at::Tensor, at::Tensor)>(
+          "llmkit_cpu::rotary");
+  static const auto write_kv =
+      find<void(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor)>(
+          "llmkit_cpu::write_kv");
+  static const auto paged_decode =
+      find<void(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double)>(
+          "llmkit_cpu::paged_decode");
+  static const auto silu_mul = find<at::Tensor(at::Tensor)>("llmkit_cpu::silu_mul");
+  TORCH_CHECK(kinds.size() == 4 && group_sizes.size() == 4,
+              "decode_layer: a kind and a group size for each of qkv, o, gate_up, down");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(),
+              "decode_layer: x must be contiguous [tokens, hidden]");
+
+  // the residual stream and the normed input (RMSNorm.forward / add_and_norm)
+  at::Tensor res, h;
+  if (residual.has_value()) {
+    res = *residual;
+    h = add_rms_norm.call(res, x, input_norm, eps);
+  } else {
+    res = x;
+    const at::Tensor normed = at::rms_norm(x.to(at::kFloat), {x.size(1)}, std::nullopt, eps);
+    h = input_norm * normed.to(x.scalar_type());
+  }
+
+  // attention (Attention.forward, apply_rotary, paged_attention)
+  const int64_t head_dim = k_cache.size(-1);
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  const auto parts = linear(h, kinds[0], qkv, group_sizes[0]).split_with_sizes(
+      {q_size, kv_size, kv_size}, -1);
+  const at::Tensor q = parts[0].reshape({-1, num_heads, head_dim});
+  const at::Tensor k = parts[1].reshape({-1, num_kv_heads, head_dim});
+  const at::Tensor v = parts[2].reshape({-1, num_kv_heads, head_dim});
+  const auto [q_rot, k_rot] = rotary.call(q, k, cos.reshape({cos.size(0), -1}),
+                                          sin.reshape({sin.size(0), -1}));
+  write_kv.call(k_cache, v_cache, k_rot, v, slots);
+  at::Tensor attn = at::empty_like(q_rot);
+  paged_decode.call(attn, q_rot.contiguous(), k_cache, v_cache, block_tables, context_lens, scale);
+  const at::Tensor attn_out = linear(attn.reshape({-1, q_size}), kinds[1], o, group_sizes[1]);
+
+  // MLP (add_and_norm, MLP.forward, silu_and_mul)
+  h = add_rms_norm.call(res, attn_out, post_norm, eps);
+  const at::Tensor act = silu_mul.call(linear(h, kinds[2], gate_up, group_sizes[2]));
+  return {linear(act, kinds[3], down, group_sizes[3]), res};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
+  m.def(
+      "decode_layer(Tensor(a!) x, Tensor(b!)? residual, Tensor input_norm, Tensor post_norm, "
+      "float eps, Tensor[] qkv, Tensor[] o, Tensor[] gate_up, Tensor[] down, int[] kinds, "
+      "int[] group_sizes, Tensor cos, Tensor sin, Tensor(c!) k_cache, Tensor(d!) v_cache, "
+      "Tensor slots, Tensor block_tables, Tensor context_lens, int num_heads, "
+      "int num_kv_heads, float scale) -> (Tensor, Tensor)");
+  m.impl("decode_layer", c10::DispatchKey::CPU, decode_layer);
+}

@@ -1,0 +1,69 @@
+"""The C++ decoder layer of CPU decode steps (kernels/cpu_layer.cpp) computes what the Python
+layer computes, bit for bit: the same tokens and log probabilities with and without it, for
+every kind of Linear it takes; steps it does not take run the Python layer."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import QuantOptions
+from llmkit.quant.pipeline import quantize
+from llmkit.runtime.engine import LLM, EngineConfig
+from llmkit.runtime.kernels import cpu
+from llmkit.runtime.layers.decode_layer import DecodeLayer
+from llmkit.runtime.layers.linear import HALF, Q4, Q8, W8A8
+from llmkit.runtime.sequence import SamplingParams
+from tests.runtime_helpers import random_prompts
+
+pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="llmkit's CPU kernels are not built")
+
+# case -> (preset, quantization method or None, options, the kinds of qkv, o, gate_up, down)
+CASES = {
+    "bf16": ("tiny-llama", None, None, [HALF] * 4),
+    "qwen2-bias-bf16": ("tiny-qwen2", None, None, [HALF] * 4),
+    "int8": ("tiny-llama", "int8", QuantOptions(), [Q8] * 4),
+    "w8a8": ("tiny-llama", "w8a8", QuantOptions(), [W8A8] * 4),
+    "rtn-g32": ("tiny-llama", "rtn", QuantOptions(group_size=32), [Q4] * 4),
+}
+
+
+def outputs(path, fused: bool, prompts, params):
+    """(the layers' kernel kinds, every sequence's tokens and log probabilities)"""
+    llm = LLM(path, EngineConfig(device="cpu", dtype="bfloat16"))
+    try:
+        layers = llm.engine.executor.runner.model.layers
+        kinds = [layer.fused.kinds for layer in layers if layer.fused is not None]
+        if not fused:
+            for layer in layers:
+                layer.fused = None
+        outs = llm.generate(prompts, params)
+    finally:
+        llm.close()
+    return kinds, [(c.token_ids, c.logprobs) for o in outs for c in o.outputs]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path, monkeypatch, case):
+    preset, method, options, kinds = CASES[case]
+    path = tiny_dir(preset)
+    if method is not None:
+        calibration = CalibrationSpec(num_samples=8, seq_len=64)
+        quantize(path, tmp_path / case, method, options=options, calibration=calibration)
+        path = tmp_path / case
+    calls = []
+    run = DecodeLayer.__call__
+    monkeypatch.setattr(DecodeLayer, "__call__", lambda *a: calls.append(1) or run(*a))
+    # 9 sequences that end at different steps; 12 more, 21 in all, make steps the C++ layer
+    # does not take (more than 16 decodes) in both runs
+    prompts = random_prompts(18, 3, 40, seed=3)
+    params = [
+        SamplingParams(max_tokens=4 + i, temperature=0, ignore_eos=True, logprobs=3)
+        if i % 2
+        else SamplingParams(max_tokens=20, temperature=0.9, seed=i, n=2, ignore_eos=True)
+        for i in range(6)
+    ] + [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)] * 12
+    used, fused = outputs(path, True, prompts, params)
+    assert used and all(k == kinds for k in used)
+    assert calls  # the C++ layer ran
+    assert fused == outputs(path, False, prompts, params)[1]
