@@ -134,6 +134,7 @@ class LlamaModel(nn.Module):
         rotary = self.rotary(positions, h.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h, residual = layer(h, residual, rotary, kv_cache, meta)
-        h = residual[logits_indices] + h[logits_indices]
-        logits = self.lm_head(self.norm(h))
+        # the rows sampled, added and normed (in place on the copies indexing makes)
+        h = self.norm.add_and_norm(residual[logits_indices], h[logits_indices])[0]
+        logits = self.lm_head(h)
         return None if logits is None else logits.float()
