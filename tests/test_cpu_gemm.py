@@ -1,7 +1,7 @@
 """llmkit's CPU matrix-product kernels (runtime/kernels/cpu_gemm.cpp) against float64
 computations of what they are defined to compute, on whatever vector level this CPU has:
 every weight layout, act-order, ragged shapes (outputs not a multiple of the thread split,
-activation rows not a multiple of the kernels' 4-row tile)."""
+activation rows not a multiple of the kernels' 8-row tile)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from llmkit.runtime.layers.linear import (
 from tests.test_runtime_quantized import random_grouped
 
 pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="the CPU kernels cannot be built here")
-ROWS = [1, 3, 4, 9]
+ROWS = [1, 3, 4, 9, 15]  # 15 rows: tiles of 8, 4, 2 and 1
 CPU = torch.device("cpu")
 
 

@@ -18,7 +18,7 @@
 // - half_linear: bf16 or fp16 weights [N, K] widened to float32 in registers, float32 sums.
 //
 // Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows are split
-// over the threads; every weight block is unpacked once and used for up to 4 activation rows.
+// over the threads; every weight block is unpacked once and used for up to 8 activation rows.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,11 +40,11 @@
 namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit packed block)
-constexpr int kTile = 4;        // activation rows computed together against one weight row
-// Independent running sums per activation row: one row needs four to keep the FMA units busy
-// (each sum waits for its previous FMA); four rows are four chains already.
+constexpr int kTile = 8;  // activation rows computed together against a weight row (then 4, 2, 1)
+// Independent running sums per activation row: each sum waits for its previous FMA, so a
+// single row keeps four; eight rows are eight chains already.
 template <int MT>
-constexpr int kSums = MT == 1 ? 4 : 2;
+constexpr int kSums = MT == 1 ? 4 : MT == 8 ? 1 : 2;
 
 // ---------------------------------------------------------------------------------------
 // Activations
@@ -299,24 +299,24 @@ inline void q4_row(const Q4& w, int64_t o, const Blocks& x, const float* xs, int
 #endif
 }
 
+// Rows [m0, rows) of activations against output row o in tiles of MT rows, then of fewer.
+template <int MT, typename T, typename Row>
+inline void tiles(T* out, int64_t n, int64_t o, int64_t m0, int64_t rows, Row& row) {
+  float res[MT];
+  for (; m0 + MT <= rows; m0 += MT) {
+    row(std::integral_constant<int, MT>(), o, m0, res);
+    for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o, res[t]);
+  }
+  if constexpr (MT > 1) tiles<MT / 2>(out, n, o, m0, rows, row);
+}
+
 // fn<MT>(o, m0, res) for every output row and every tile of activation rows; res[t] is
 // written to out[m0 + t, o].
 template <typename T, typename Row>
 void each_output(const at::Tensor& out, int64_t rows, int64_t n, Row row) {
   T* o_ptr = out.data_ptr<T>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    float res[kTile];
-    for (int64_t o = begin; o < end; ++o) {
-      int64_t m0 = 0;
-      for (; m0 + kTile <= rows; m0 += kTile) {
-        row(std::integral_constant<int, kTile>(), o, m0, res);
-        for (int t = 0; t < kTile; ++t) put(o_ptr, n, m0 + t, o, res[t]);
-      }
-      for (; m0 < rows; ++m0) {
-        row(std::integral_constant<int, 1>(), o, m0, res);
-        put(o_ptr, n, m0, o, res[0]);
-      }
-    }
+    for (int64_t o = begin; o < end; ++o) tiles<kTile>(o_ptr, n, o, 0, rows, row);
   });
 }
 
