@@ -258,8 +258,8 @@ inline void block_scales(const Q4& w, const c10::Half* scales, const Blocks& x, 
   }
 }
 
-// Output row o for activation rows [m0, m0 + MT): sums into res[MT]. Blocks go in pairs,
-// each into its own accumulator (two chains of dependent adds, held in registers).
+// Output row o for activation rows [m0, m0 + MT): sums into res[MT]. Each block is one
+// integer dot product times one float (block_scales); the zeros' share comes off at the end.
 template <int MT>
 inline void q4_row(const Q4& w, int64_t o, const Blocks& x, const float* xs, int64_t m0,
                    float* res) {

@@ -1,7 +1,7 @@
 """A decoder layer of a CPU decode step as one call of llmkit's C++ layer
 (kernels/cpu_layer.cpp): the kernels the Python layer runs for such a step, in the same
 order and with the same roundings, without the Python around each of them (on a small
-model that Python costs as much as reading the 4-bit weights).
+model, a large share of a 4-bit decode step).
 
 It applies when every part of the layer runs through llmkit's CPU kernels (no act-order
 permutation, no q/k norms, no tensor-parallel reduction, head_dim a multiple of 16) and the
