@@ -21,6 +21,8 @@ right before and after (bytes copied per second by a 512 MB tensor copy, 2 threa
 10; target MBU >= 60%). The STREAM convention counts read + write bytes, twice that bandwidth;
 MBU against it is printed too.
 
+Writes benchmarks/results/engine_throughput-<date>.json (`ratios`: llmkit / each tool).
+
     python benchmarks/engine_throughput.py [--workdir DIR] [--repeats 3] [--only llmkit,...]
 """
 
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 from child import run_child
+from report import save_result
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".refvenvs" / "vllm" / "bin" / "python"
@@ -280,10 +283,11 @@ def report(rounds: list[dict], weight_bytes: int) -> None:
     if "tokens_per_s" not in rounds[0].get("llmkit", {}):
         return
     targets = {"vllm": 1.0, "hf-static": 3.0, "hf-continuous": None}
+    ratios_of = {}
     for tool, target in targets.items():
         if "tokens_per_s" in rounds[0].get(tool, {}):
             ratios = [x["llmkit"]["tokens_per_s"] / x[tool]["tokens_per_s"] for x in rounds]
-            ratio = median(ratios)
+            ratio = ratios_of[tool] = median(ratios)
             each = ", ".join(f"{r:.2f}" for r in ratios)
             goal = (
                 f"; target >= {target}x: {'met' if ratio >= target else 'MISSED'}" if target else ""
@@ -301,6 +305,8 @@ def report(rounds: list[dict], weight_bytes: int) -> None:
         f"MBU: {mbu:.0%} of the copy rate (rounds: {', '.join(f'{m:.0%}' for m in mbus)}; "
         f"target >= 60%: {'met' if mbu >= 0.6 else 'MISSED'}); {mbu / 2:.0%} of read+write"
     )
+    fields = {"ratios": ratios_of, "batch1_tokens_per_s": per_s, "mbu": mbu, "rounds": rounds}
+    save_result("engine_throughput", fields, "2 threads")
 
 
 def median(values) -> float:
