@@ -27,6 +27,7 @@ log = logging.getLogger("llmkit.kernels")
 SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_gemm.cpp", "cpu_layer.cpp")
 )
+DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels take
 # no FMA contraction: the element-wise kernels round as the torch ops they replace
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
@@ -48,10 +49,10 @@ def ops():
 
 
 def for_tensors(*tensors: torch.Tensor):
-    """ops() when the tensors are all CPU tensors of one dtype, float32 or bfloat16 (what the
-    kernels take), else None. Called for every kernel of every step: kept to attribute reads."""
+    """ops() when the tensors are all CPU tensors of one dtype in DTYPES, else None. Called
+    for every kernel of every step: kept to attribute reads."""
     dtype = tensors[0].dtype
-    if dtype is not torch.float32 and dtype is not torch.bfloat16:
+    if dtype not in DTYPES:
         return None
     for t in tensors:
         if not t.is_cpu or t.dtype is not dtype:

@@ -16,7 +16,7 @@ from torch import nn
 
 from llmkit.runtime.kernels import cpu
 from llmkit.runtime.layers.attention import AttentionMetadata
-from llmkit.runtime.layers.linear import KERNEL_DTYPES, KERNEL_MAX_ROWS
+from llmkit.runtime.layers.linear import KERNEL_MAX_ROWS
 from llmkit.runtime.layers.norm import RMSNorm
 
 
@@ -42,7 +42,7 @@ class DecodeLayer:
             return None
         calls = [_kernel_call(m) for m in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)]
         usable = (
-            dtype in KERNEL_DTYPES
+            dtype in cpu.DTYPES
             and post_norm.weight.dtype == dtype
             and input_norm.eps == post_norm.eps
             and attn.q_norm is None

@@ -181,7 +181,6 @@ class KernelCall:
         return self.weights if self.bias is None else [*self.weights, self.bias]
 
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations llmkit's CPU kernels take
 KERNEL_MAX_ROWS = 16  # rows of activations llmkit's half-precision kernel takes
 # More rows than this (prefill chunks) make a product compute-bound: the 4-bit weights are
 # dequantized a block at a time for float32 matrix products instead.
@@ -210,7 +209,7 @@ def linear_in_float32(
 def _cpu_op(name: str, device: torch.device, dtype: torch.dtype | None = None):
     """llmkit's CPU kernel `name` (torch.ops.llmkit_cpu) when it can run on `device` with
     activations of `dtype` (float32 or bf16; None: checked at each call), else None."""
-    if device.type != "cpu" or dtype not in (None, *KERNEL_DTYPES):
+    if device.type != "cpu" or dtype not in (None, *cpu_kernels.DTYPES):
         return None
     ops = cpu_kernels.ops()
     return None if ops is None else getattr(ops, name).default
@@ -218,7 +217,7 @@ def _cpu_op(name: str, device: torch.device, dtype: torch.dtype | None = None):
 
 def _kernel_takes(x: torch.Tensor) -> bool:
     """Whether `x` suits the half-precision kernel: a few float32 or bf16 rows."""
-    return x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype in KERNEL_DTYPES
+    return x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype in cpu_kernels.DTYPES
 
 
 def _on_rows(op, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
