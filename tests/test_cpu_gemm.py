@@ -1,7 +1,8 @@
 """llmkit's CPU matrix-product kernels (runtime/kernels/cpu_gemm.cpp) against float64
 computations of what they are defined to compute, on whatever vector level this CPU has:
 every weight layout, act-order, ragged shapes (outputs not a multiple of the thread split,
-activation rows not a multiple of the kernels' 8-row tile)."""
+activation rows not a multiple of the kernels' tiles of 8 rows or the half-precision
+kernel's blocks of 3 outputs x 4 rows)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from llmkit.runtime.layers.linear import (
 from tests.test_runtime_quantized import random_grouped
 
 pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="the CPU kernels cannot be built here")
-ROWS = [1, 3, 4, 9, 15]  # 15 rows: tiles of 8, 4, 2 and 1
+ROWS = [1, 3, 4, 9, 15]  # 15 rows: tiles of 8, 4, 2 and 1 (the half kernel: blocks of 4, 2, 1)
 CPU = torch.device("cpu")
 
 
@@ -139,11 +140,11 @@ def test_half_kernel_widens_weights_in_registers(monkeypatch, weight_dtype, dtyp
 
 
 def test_prefill_sized_inputs_take_the_dequantized_weights_unrounded():
-    """Past INT_KERNEL_MAX_ROWS rows the products are compute-bound: the weights are
+    """Past KERNEL_MAX_ROWS rows the products are compute-bound: the weights are
     dequantized a block at a time and multiplied in float32, the activations as they are."""
     import llmkit.runtime.layers.linear as linear
 
-    rows = linear.INT_KERNEL_MAX_ROWS + 3
+    rows = linear.KERNEL_MAX_ROWS + 3
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5))
     w4 = random_grouped(37, 256, 64, act_order=True)
     perm = torch.argsort(w4.g_idx, stable=True)

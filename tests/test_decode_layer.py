@@ -54,15 +54,16 @@ def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path,
     calls = []
     run = DecodeLayer.__call__
     monkeypatch.setattr(DecodeLayer, "__call__", lambda *a: calls.append(1) or run(*a))
-    # 9 sequences that end at different steps; 12 more, 21 in all, make steps the C++ layer
-    # does not take (more than 16 decodes) in both runs
-    prompts = random_prompts(18, 3, 40, seed=3)
+    # 9 sequences that end at different steps; 60 more, ending 12 at a time, make steps of 12
+    # to 64 decodes (the half-precision kernel's register blocks) and steps the C++ layer does
+    # not take (prefills beside decodes) in both runs
+    prompts = random_prompts(66, 3, 40, seed=3)
     params = [
         SamplingParams(max_tokens=4 + i, temperature=0, ignore_eos=True, logprobs=3)
         if i % 2
         else SamplingParams(max_tokens=20, temperature=0.9, seed=i, n=2, ignore_eos=True)
         for i in range(6)
-    ] + [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)] * 12
+    ] + [SamplingParams(max_tokens=2 + i % 5, temperature=0, ignore_eos=True) for i in range(60)]
     used, fused = outputs(path, True, prompts, params)
     assert used and all(k == kinds for k in used)
     assert calls  # the C++ layer ran

@@ -18,7 +18,8 @@
 // - half_linear: bf16 or fp16 weights [N, K] widened to float32 in registers, float32 sums.
 //
 // Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows are split
-// over the threads; every weight block is unpacked once and used for up to 8 activation rows.
+// over the threads; every weight block is unpacked once and used for up to 8 activation rows
+// (half_linear, from kBlockedMinRows rows on: register blocks of 3 outputs x 4 rows).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -501,6 +502,75 @@ inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* r
     for (int t = 0; t < MT; ++t) res[t] += static_cast<float>(w[i]) * x[(m0 + t) * k + i];
 }
 
+// From this many activation rows on, the product is bound by arithmetic rather than by the
+// weight's bytes, and register blocks of kHalfOutputs outputs x kHalfRows rows do more
+// multiply-adds per load than tiles of one output: each widened weight vector serves
+// kHalfRows rows and each activation vector kHalfOutputs outputs (12 running sums, 3 weight
+// vectors and 1 activation vector fill AVX2's 16 registers).
+constexpr int64_t kBlockedMinRows = 12;
+constexpr int kHalfOutputs = 3;
+constexpr int kHalfRows = 4;
+
+// Outputs [o, o + NT) against activation rows [m0, m0 + MT); res[j * MT + t] is output o + j
+// of row m0 + t.
+template <int MT, int NT, typename W>
+inline void half_block(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
+  int64_t i = 0;
+#ifdef LLMKIT_AVX2
+  __m256 acc[NT][MT];
+  for (int j = 0; j < NT; ++j)
+    for (int t = 0; t < MT; ++t) acc[j][t] = _mm256_setzero_ps();
+  for (; i + 8 <= k; i += 8) {
+    __m256 wv[NT];
+    for (int j = 0; j < NT; ++j) wv[j] = widen8(w + j * k + i);
+    for (int t = 0; t < MT; ++t) {
+      __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + i);
+      // In a register, once: left to itself the compiler reloads it into every multiply-add
+      // as a memory operand, which makes the loads, not the multiply-adds, the limit.
+      asm("" : "+x"(xv));
+      for (int j = 0; j < NT; ++j) acc[j][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][t]);
+    }
+  }
+  for (int j = 0; j < NT; ++j)
+    for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum(acc[j][t]);
+#else
+  for (int t = 0; t < NT * MT; ++t) res[t] = 0.f;
+#endif
+  for (; i < k; ++i)
+    for (int j = 0; j < NT; ++j)
+      for (int t = 0; t < MT; ++t)
+        res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
+}
+
+// Outputs [o, o + NT) for activation rows [m0, rows): blocks of MT rows, then of fewer.
+template <int MT, int NT, typename T, typename W>
+inline void half_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
+                        int64_t m0, int64_t rows) {
+  float res[NT * MT];
+  for (; m0 + MT <= rows; m0 += MT) {
+    half_block<MT, NT>(w + o * k, k, x, m0, res);
+    for (int j = 0; j < NT; ++j)
+      for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j, res[j * MT + t]);
+  }
+  if constexpr (MT > 1) half_blocks<MT / 2, NT>(out, w, n, k, x, o, m0, rows);
+}
+
+template <typename T, typename W>
+void half_blocked(const at::Tensor& out, const W* w, int64_t k, const float* x) {
+  const int64_t rows = out.size(0), n = out.size(1);
+  T* o_ptr = out.data_ptr<T>();
+  at::parallel_for(0, (n + kHalfOutputs - 1) / kHalfOutputs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin * kHalfOutputs; o < std::min(n, end * kHalfOutputs);) {
+      if (o + kHalfOutputs <= n) {
+        half_blocks<kHalfRows, kHalfOutputs>(o_ptr, w, n, k, x, o, 0, rows);
+        o += kHalfOutputs;
+      } else {
+        half_blocks<kHalfRows, 1>(o_ptr, w, n, k, x, o++, 0, rows);
+      }
+    }
+  });
+}
+
 at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
                   (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf),
@@ -511,8 +581,10 @@ at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
   const float* xp = x32.data_ptr<float>();
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   auto run = [&](auto tag, auto weights) {
+    using T = decltype(tag);
     using W = std::remove_const_t<std::remove_pointer_t<decltype(weights)>>;
-    each_output<decltype(tag)>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+    if (x.size(0) >= kBlockedMinRows) return half_blocked<T>(out, weights, k, xp);
+    each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
       half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
     });
   };

@@ -181,10 +181,9 @@ class KernelCall:
         return self.weights if self.bias is None else [*self.weights, self.bias]
 
 
-KERNEL_MAX_ROWS = 16  # rows of activations llmkit's half-precision kernel takes
-# More rows than this (prefill chunks) make a product compute-bound: the 4-bit weights are
-# dequantized a block at a time for float32 matrix products instead.
-INT_KERNEL_MAX_ROWS = 64
+# Rows of activations llmkit's CPU kernels take. More rows than this (prefill chunks) are
+# multiplied by torch's float32 products, the weights widened or dequantized a block at a time.
+KERNEL_MAX_ROWS = 64
 WIDEN_MIN_ROWS = 8  # without the kernel: up to this many rows the half product is as fast
 WIDEN_BLOCK = 2**20  # weight elements widened at a time: 4 MiB of float32 stay in cache
 
@@ -265,7 +264,7 @@ class Int8Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.op is not None and x.numel() > INT_KERNEL_MAX_ROWS * x.shape[-1]:
+        if self.op is not None and x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:
             return linear_in_float32(x, self, self.bias)  # a prefill: compute-bound
         if self.op is not None:
             return _plus(_on_rows(self.op, x, self.q, self.scale), self.bias)
@@ -402,7 +401,7 @@ class Q4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[..., self.perm]
-        if x.numel() > INT_KERNEL_MAX_ROWS * x.shape[-1]:  # a prefill: compute-bound
+        if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:  # a prefill: compute-bound
             return linear_in_float32(x, self, self.bias)
         y = _on_rows(self.op, x, self.packed, self.scales, self.zeros, self.group_size)
         return _plus(y, self.bias)
