@@ -3,7 +3,7 @@ parameters) at bf16, int8 and int4, batch-1 decode and 64-sequence generation, t
 alternating in one run, with the copy bandwidth measured in the same run.
 
 llmkit: `llmkit bench offline` in its own process (the engine, the kernels a server runs),
-tok/s = sequences / mean time per output token; checkpoints `init --preset small-llama
+batch 1: tok/s = 1 / mean time per output token; checkpoints `init --preset small-llama
 --dtype bfloat16`, `quantize --method int8 --quantize-lm-head`, `quantize --method rtn
 --group-size 32 --quantize-lm-head` and `quantize --method gptq --group-size 128` (builtin
 calibration; gptq leaves the lm_head in bf16). llama-quantize quantizes the lm_head too, to
@@ -13,9 +13,13 @@ benchmarks/setup_reference_venvs.sh llamacpp`): the bf16 checkpoint converted by
 `convert_hf_to_gguf.py --outtype bf16` (told to treat the preset's tokenizer as the default
 pre-tokenizer, which it does not recognise: only speed is compared), `llama-quantize` to
 Q8_0 and Q4_0; `llama-bench -p 0 -n 64` (tok/s) and
-`llama-batched-bench -npp 128 -ntg 64 -npl 64` (S_TG). Both on --threads threads (2).
+`llama-batched-bench -npp 128 -ntg 64 -npl 64`. Both on --threads threads (2).
 
-Batch 1: prompt 16, 64 generated. 64 sequences: prompt 128, 64 generated each. MBU: the
+Batch 1: prompt 16, 64 generated. 64 sequences: prompt 128, 64 generated each, compared
+twice: generation (llama.cpp's S_TG, its decode steps after every prompt is processed,
+against llmkit's `decode_throughput`, the steps after every request has its first token)
+and the whole job (prompts and generation: llama.cpp's S against llmkit's total tokens/s,
+both (64 x 128 + 64 x 64) tokens over the job's time). MBU: the
 weight bytes a token reads (all but the embedding table) x tok/s over the copy bandwidth
 (bytes read + written per second copying 256 MiB, as STREAM counts them). Each cell is the
 median of --rounds rounds; the spread (min-max over rounds) is printed beside it.
@@ -127,11 +131,20 @@ print(2 * src.numel() / sorted(times)[2])
     return float(run([sys.executable, "-c", code]))
 
 
-def llmkit_tok_s(model: Path, batch: int, input_len: int, threads: int) -> float:
+def llmkit_case(model: Path, batch: int, input_len: int, threads: int) -> dict:
     sizes = ["--batch-sizes", str(batch), "--input-len", str(input_len), "--output-len", "64"]
     out = run(llmkit("bench", "offline", str(model), *sizes, "--json"), env=_threads(threads))
-    case = json.loads(out)["cases"][0]
-    return batch * 1000 / case["mean_tpot_ms"]
+    return json.loads(out)["cases"][0]
+
+
+def llmkit_tok_s(model: Path, threads: int) -> float:
+    return 1000 / llmkit_case(model, 1, 16, threads)["mean_tpot_ms"]
+
+
+def llmkit_batched(model: Path, threads: int) -> dict[str, float]:
+    """64 sequences: generation tok/s (decode_throughput) and the whole job's tok/s."""
+    case = llmkit_case(model, 64, 128, threads)
+    return {"generation": case["decode_throughput"], "job": case["total_token_throughput"]}
 
 
 def llamacpp_tok_s(gguf: Path, threads: int) -> float:
@@ -141,13 +154,14 @@ def llamacpp_tok_s(gguf: Path, threads: int) -> float:
     return float(json.loads(out)[0]["avg_ts"])
 
 
-def llamacpp_batched_tok_s(gguf: Path, threads: int) -> float:
+def llamacpp_batched(gguf: Path, threads: int) -> dict[str, float]:
+    """64 sequences: S_TG and the whole job's tok/s (S)."""
     bench = LLAMACPP / "build" / "bin" / "llama-batched-bench"
     out = run([str(bench), "-m", str(gguf), "-c", "12288", "-b", "2048", "-ub", "512",
                "-npp", "128", "-ntg", "64", "-npl", "64", "-t", str(threads),
                "--output-format", "jsonl"])  # fmt: skip
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return float(rows[-1]["speed_tg"])
+    return {"generation": float(rows[-1]["speed_tg"]), "job": float(rows[-1]["speed"])}
 
 
 def _threads(threads: int) -> dict:
@@ -190,17 +204,20 @@ def main() -> None:
         bandwidths.append(copy_bandwidth(args.threads))
         for name, (model, gguf) in models.items():
             pair = [
-                (f"llmkit {name} b1", partial(llmkit_tok_s, model, 1, 16, args.threads)),
+                (f"llmkit {name} b1", partial(llmkit_tok_s, model, args.threads)),
                 (f"llama.cpp {name} b1", partial(llamacpp_tok_s, gguf, args.threads)),
             ]
             if name in BATCHED:
                 pair += [
-                    (f"llmkit {name} b64", partial(llmkit_tok_s, model, 64, 128, args.threads)),
-                    (f"llama.cpp {name} b64", partial(llamacpp_batched_tok_s, gguf, args.threads)),
+                    (f"llmkit {name} b64", partial(llmkit_batched, model, args.threads)),
+                    (f"llama.cpp {name} b64", partial(llamacpp_batched, gguf, args.threads)),
                 ]
             for key, measure in pair if r % 2 == 0 else pair[::-1]:  # alternate who goes first
-                cells.setdefault(key, []).append(measure())
-                print(f"round {r + 1}: {key} {cells[key][-1]:.1f} tok/s", flush=True)
+                got = measure()
+                for part, value in got.items() if isinstance(got, dict) else [(None, got)]:
+                    cell = key if part is None else f"{key} {part}"
+                    cells.setdefault(cell, []).append(value)
+                    print(f"round {r + 1}: {cell} {value:.1f} tok/s", flush=True)
     report(models, cells, statistics.median(bandwidths), bandwidths, args)
 
 
@@ -227,10 +244,15 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
               f"MBU {mbu[name]['llmkit']:.0%} / {mbu[name]['llama.cpp']:.0%}")  # fmt: skip
     batched = {}
     for name in BATCHED:
-        ours, theirs = med[f"llmkit {name} b64"], med[f"llama.cpp {name} b64"]
-        batched[name] = {"llmkit_tok_s": ours, "llama_cpp_tok_s": theirs, "ratio": ours / theirs}
-        print(f"{name:15} 64 sequences: llmkit {ours:.1f} tok/s, llama.cpp {theirs:.1f} "
-              f"= {ours / theirs:.2f}x")  # fmt: skip
+        for part in ("generation", "job"):
+            ours, theirs = med[f"llmkit {name} b64 {part}"], med[f"llama.cpp {name} b64 {part}"]
+            batched[f"{name} {part}"] = {
+                "llmkit_tok_s": ours, "llama_cpp_tok_s": theirs, "ratio": ours / theirs,
+            }  # fmt: skip
+            print(f"{name:15} 64 sequences, {part:10}: llmkit {ours:6.1f} "
+                  f"({_span(spread[f'llmkit {name} b64 {part}'])}) tok/s, llama.cpp "
+                  f"{theirs:6.1f} ({_span(spread[f'llama.cpp {name} b64 {part}'])}) "
+                  f"= {ours / theirs:.2f}x")  # fmt: skip
     own = med["llmkit int4-rtn-g32 b1"] / med["llmkit bf16 b1"]
     print(f"llmkit int4 / bf16 batch 1: {own:.2f}x (target >= 2.5x); copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s")  # fmt: skip

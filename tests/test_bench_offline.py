@@ -20,11 +20,29 @@ def test_offline_measures_every_case(tiny_dir, cli, tmp_path):
     ]  # fmt: skip
     for c in report["cases"]:
         assert c["output_throughput"] * c["seconds"] == pytest.approx(c["batch_size"] * 6)
-        assert c["mean_ttft_ms"] > 0 and c["mean_tpot_ms"] > 0
+        assert c["mean_ttft_ms"] > 0 and c["mean_tpot_ms"] > 0 and c["decode_throughput"] > 0
     assert report["load_s"] > 0 and report["peak_rss_mb"] > 0
     missed = cli(*args, "--assert", "load_s<=0")
     assert missed.code == THRESHOLD_MISSED and "load_s" in missed.err
     assert cli(*args, "--assert", "kld<=1").code == 1  # not a metric of this command
+
+
+def test_decode_phase_counts_the_tokens_after_every_request_has_its_first(monkeypatch):
+    from types import SimpleNamespace
+
+    from llmkit.bench import offline
+
+    clock = iter([1.0, 2.0, 3.0, 5.0, 9.0])
+    monkeypatch.setattr(offline.time, "perf_counter", lambda: next(clock))
+    phase = offline.DecodePhase(3)
+    out = [SimpleNamespace(request_id=r) for r in "abc"]
+    phase.step([out[0]])  # a's first token
+    phase.step([out[0], out[1]])  # b's first token; a decodes beside the prefills
+    assert phase.throughput() == 0.0
+    phase.step([out[0], out[1], out[2]])  # c's first token at t=3: the decode phase starts
+    phase.step([out[0], out[1], out[2]])
+    phase.step([out[1], out[2]])  # a has finished
+    assert phase.throughput() == 5 / (9.0 - 3.0)
 
 
 def test_compare_puts_checkpoints_side_by_side(tiny_dir, cli, tmp_path):

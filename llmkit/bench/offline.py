@@ -77,8 +77,9 @@ def _measure(llm, case: Case, seed: int) -> dict:
         )
     params = SamplingParams(max_tokens=case.output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    phase = DecodePhase(case.batch_size)
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, on_step=phase.step)
     seconds = time.perf_counter() - start
     output = sum(len(o.outputs[0].token_ids) for o in outs)
     ttfts = [o.times.first_token - o.times.arrival for o in outs]
@@ -94,9 +95,36 @@ def _measure(llm, case: Case, seed: int) -> dict:
         "seconds": seconds,
         "output_throughput": output / seconds,
         "total_token_throughput": (output + case.batch_size * case.input_len) / seconds,
+        "decode_throughput": phase.throughput(),
         **summary("ttft_ms", ttfts, 1e3),
         **summary("tpot_ms", tpots, 1e3),
     }
+
+
+class DecodePhase:
+    """Output tokens per second once every request has its first token: the steps that only
+    decode the whole batch (prefills of later requests no longer run beside them), what
+    llama-batched-bench reports as generation speed. 0.0 when no step comes after that."""
+
+    def __init__(self, requests: int):
+        self.waiting = requests  # requests without their first token
+        self.started: set[str] = set()
+        self.start = self.end = 0.0
+        self.tokens = 0
+
+    def step(self, outs: list) -> None:
+        now = time.perf_counter()
+        if self.waiting:
+            fresh = {o.request_id for o in outs} - self.started
+            self.started |= fresh
+            self.waiting -= len(fresh)
+            self.start = now
+        else:
+            self.tokens += len(outs)  # one token per request a step advances (n = 1)
+            self.end = now
+
+    def throughput(self) -> float:
+        return self.tokens / (self.end - self.start) if self.tokens else 0.0
 
 
 def _peak_memory() -> dict:

@@ -28,7 +28,7 @@ from llmkit.quant.calibration import CalibrationSpec
 from llmkit.runtime.engine_config import EngineConfig
 
 CASE_METRICS = {
-    "seconds", "output_throughput", "total_token_throughput",
+    "seconds", "output_throughput", "total_token_throughput", "decode_throughput",
     *(f"{s}_{m}_ms" for s in ("mean", "median", "std", "p90", "p99") for m in ("ttft", "tpot")),
 }  # fmt: skip
 OFFLINE_METRICS = CASE_METRICS | {"load_s", "peak_rss_mb", "kv_cache_tokens"}
@@ -92,13 +92,14 @@ def _case_label(c: dict) -> str:
 
 def _print_offline(report: dict) -> None:
     table = Table(
-        "batch", "in", "out", "output tok/s", "total tok/s", "TTFT mean", "TTFT p99",
-        "TPOT mean", "TPOT p99", title=f"{report['model']} (latencies in ms)",
+        "batch", "in", "out", "output tok/s", "total tok/s", "decode tok/s", "TTFT mean",
+        "TTFT p99", "TPOT mean", "TPOT p99", title=f"{report['model']} (latencies in ms)",
     )  # fmt: skip
     for c in report["cases"]:
         table.add_row(
             str(c["batch_size"]), str(c["input_len"]), str(c["output_len"]),
             f"{c['output_throughput']:.1f}", f"{c['total_token_throughput']:.1f}",
+            f"{c['decode_throughput']:.1f}",
             *(ms_cell(c[f"{s}_{m}_ms"]) for m in ("ttft", "tpot") for s in ("mean", "p99")),
         )  # fmt: skip
     stdout.print(table)

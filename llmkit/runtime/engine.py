@@ -362,8 +362,10 @@ class LLM:
         prompts: list[str | list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
+        on_step: Callable[[list[RequestOutput]], None] | None = None,
     ) -> list[RequestOutput]:
-        """Outputs in input order; `on_output` sees every step's outputs (for progress)."""
+        """Outputs in input order; `on_output` sees every step's outputs one by one (for
+        progress), `on_step` each step's outputs together, as the step ends."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
             text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
@@ -373,7 +375,10 @@ class LLM:
                 raise LlmkitError(f"prompt {i}: {e}") from None
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            outs = self.engine.step()
+            if on_step is not None:
+                on_step(outs)
+            for out in outs:
                 if on_output is not None:
                     on_output(out)
                 if out.finished:
