@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmkit.runtime.kernels import cpu
+from llmkit.kernels import cpu
 from llmkit.runtime.layers import attention
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
 

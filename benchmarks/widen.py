@@ -18,7 +18,7 @@ import torch
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.checkpoint.safetensors_io import TensorSpec
 from llmkit.checkpoint.writer import write_checkpoint
-from llmkit.quant.pipeline import tensor_spec
+from llmkit.quant.output import tensor_spec
 
 
 def widen(src: Path, out: Path, intermediate: int | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""llmkit's CPU matrix-product kernels (runtime/kernels/cpu_gemm.cpp) against float64
+"""llmkit's CPU matrix-product kernels (llmkit/kernels/cpu_gemm.cpp) against float64
 computations of what they are defined to compute, on whatever vector level this CPU has:
 every weight layout, act-order, ragged shapes (outputs not a multiple of the thread split,
 activation rows not a multiple of the kernels' tiles of 8 rows or the half-precision
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmkit.kernels import cpu
 from llmkit.quant import int8
-from llmkit.runtime.kernels import cpu
 from llmkit.runtime.layers.linear import (
     DenseLinear,
     GroupedWeight,

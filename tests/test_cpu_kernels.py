@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from llmkit.runtime.kernels import cpu
+from llmkit.kernels import cpu
 from llmkit.runtime.layers import attention
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
 from tests.conftest import run_python
@@ -144,7 +144,7 @@ def test_the_engine_gives_the_same_tokens_with_the_torch_paths(tiny_dir):
     code = f"""
 import json
 from llmkit.runtime.engine import LLM
-from llmkit.runtime.kernels import cpu
+from llmkit.kernels import cpu
 from llmkit.runtime.sequence import SamplingParams
 llm = LLM({str(tiny_dir("tiny-llama"))!r})
 params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -238,7 +238,7 @@ def test_a_built_library_loads_without_the_extension_loader():
     without importing torch's extension loader (and its setuptools)."""
     code = (
         "import sys, torch\n"
-        "from llmkit.runtime.kernels import cpu\n"
+        "from llmkit.kernels import cpu\n"
         "assert cpu.ops() is not None\n"
         "print('torch.utils.cpp_extension' in sys.modules)\n"
     )

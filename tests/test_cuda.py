@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmkit.arch.rank_tensors import open_rank
 from llmkit.bench.model import load_model
 from llmkit.quant import gptq
 from llmkit.quant.calibration import CalibrationSpec
@@ -17,7 +18,6 @@ from llmkit.runtime.distributed import Group
 from llmkit.runtime.engine import LLM, Engine, EngineConfig
 from llmkit.runtime.layers.linear import DenseLinear, Int4Linear, W8A8Linear
 from llmkit.runtime.loader import load_model as load_runtime
-from llmkit.runtime.rank_tensors import open_rank
 from tests.runtime_helpers import NEEDS_CUDA, random_prompts, runtime_logits
 from tests.test_gptq import correlated_inputs, hessian_error
 from tests.test_runtime_engine import expect_hf, run_staggered

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
+from llmkit.kernels import cpu
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.engine import LLM, EngineConfig
-from llmkit.runtime.kernels import cpu
 from llmkit.runtime.layers.decode_layer import DecodeLayer
 from llmkit.runtime.layers.linear import HALF, Q4, Q8, W8A8
 from llmkit.runtime.sequence import SamplingParams

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmkit.arch.rank_tensors import open_rank
 from llmkit.bench.model import load_model
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import QuantOptions
@@ -23,7 +24,6 @@ from llmkit.runtime.layers.linear import (
     convert_for_runtime,
 )
 from llmkit.runtime.loader import load_model as load_runtime
-from llmkit.runtime.rank_tensors import open_rank
 from tests.runtime_helpers import DEVICES, random_prompts, runtime_logits
 
 # method, options, the module the CPU path must build, tolerance relative to max |logit|.

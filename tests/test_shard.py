@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmkit.arch import sources
+from llmkit.arch.manifest import MANIFEST, outline, read_manifest
+from llmkit.arch.plan import make_plan, stage_layers
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.init import PRESETS, preset_config, random_state_dict
 from llmkit.checkpoint.reader import open_checkpoint
@@ -21,10 +24,8 @@ from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
-from llmkit.shard import sources, write
-from llmkit.shard.manifest import MANIFEST, outline, read_manifest
+from llmkit.shard import write
 from llmkit.shard.merge import merge
-from llmkit.shard.plan import make_plan, stage_layers
 from llmkit.shard.verify import verify
 from llmkit.shard.write import shard
 from tests.conftest import TINY_PRESETS

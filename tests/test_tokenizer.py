@@ -9,7 +9,7 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from llmkit.runtime.tokenizer import FastTokenizer, load_tokenizer
+from llmkit.checkpoint.fast_tokenizer import FastTokenizer, load_tokenizer
 from tests.conftest import TINY_PRESETS, run_python
 
 TEXTS = [
@@ -152,7 +152,7 @@ def test_no_tokenizer_files_give_none(tmp_path):
 def test_the_plain_tokenizer_loads_without_transformers_until_a_chat_template(tiny_dir):
     code = f"""
 import sys
-from llmkit.runtime.tokenizer import load_tokenizer
+from llmkit.checkpoint.fast_tokenizer import load_tokenizer
 tok = load_tokenizer({str(tiny_dir("tiny-llama"))!r})
 assert tok.decode(tok.encode("hello there"), skip_special_tokens=True) == "hello there"
 print("transformers" in sys.modules)

@@ -1,4 +1,4 @@
-"""The Triton kernels (llmkit/runtime/kernels/cuda.py) against the torch paths they replace:
+"""The Triton kernels (llmkit/kernels/cuda.py) against the torch paths they replace:
 on CUDA where there is a GPU (`pytest -k cuda`), and everywhere else on the CPU through
 Triton's interpreter, in a child process (the interpreter is chosen when Triton compiles,
 before any test module could set it)."""
@@ -29,8 +29,8 @@ FIELDS = ("q", "scales", "zeros", "g_idx", "row_error")
 def differing_fields(settings: dict, device: str) -> list[str]:
     """GPTQ of one layer on `device` with the Triton sweep and with the torch ops: the
     result's fields that are not equal."""
+    from llmkit.kernels import cpu, cuda
     from llmkit.quant import gptq
-    from llmkit.runtime.kernels import cpu, cuda
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1000, 320, generator=g) @ (torch.randn(320, 320, generator=g) * 0.2)

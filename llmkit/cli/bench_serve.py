@@ -171,7 +171,7 @@ def _slo(text: str | None) -> dict[str, float]:
 def _tokenizer(path: str | None):
     if path is None:
         return None
-    from llmkit.runtime.tokenizer import load_tokenizer
+    from llmkit.checkpoint.fast_tokenizer import load_tokenizer
 
     tok = load_tokenizer(path)
     if tok is None:

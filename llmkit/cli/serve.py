@@ -102,7 +102,7 @@ def serve(
     """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics) until SIGTERM or Ctrl-C."""
     from llmkit.checkpoint.reader import local_dir
-    from llmkit.serve.server import log_to_stderr
+    from llmkit.serve.logs import log_to_stderr
     from llmkit.serve.server import serve as run
 
     if log_level not in ("debug", "info", "warning", "error"):

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from llmkit.arch.plan import DEFAULT_VOCAB_PAD, make_plan, parse_pp_layers
 from llmkit.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from llmkit.cli.options import (
     JsonOpt,
@@ -20,7 +21,6 @@ from llmkit.cli.options import (
 )
 from llmkit.cli.output import byte_progress, human_bytes, print_error, print_json, stdout
 from llmkit.errors import LlmkitError
-from llmkit.shard.plan import DEFAULT_VOCAB_PAD, make_plan, parse_pp_layers
 
 ShardedArg = Annotated[
     Path, typer.Argument(help="A directory written by llmkit shard.", show_default=False)

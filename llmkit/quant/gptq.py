@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.kernels import cpu as cpu_kernels
+from llmkit.kernels import cuda as cuda_kernels
 from llmkit.memory import return_freed_memory
 from llmkit.quant.rtn import dequantize_indexed, group_params, searched_group_params
-from llmkit.runtime.kernels import cpu as cpu_kernels
-from llmkit.runtime.kernels import cuda as cuda_kernels
 
 BLOCK_SIZE = 128
 ROW_BLOCK = 64  # rows at a time where a whole [n, n] or [out, in] temporary is avoided

@@ -17,6 +17,7 @@ from llmkit.checkpoint.safetensors_io import TensorSpec
 from llmkit.checkpoint.writer import ProgressFn
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
+from llmkit.kernels import cpu as cpu_kernels
 from llmkit.memory import (
     current_rss,
     peak_device_memory,
@@ -44,13 +45,8 @@ from llmkit.quant.options import (
     QuantOptions,
     check_options,
 )
-from llmkit.quant.pipeline import (
-    QuantizeReport,
-    cast_spec,
-    write_with_spill,
-)
+from llmkit.quant.output import QuantizeReport, cast_spec, write_with_spill
 from llmkit.quant.sequential import build_skeleton, run_layers
-from llmkit.runtime.kernels import cpu as cpu_kernels
 
 LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
 
@@ -149,7 +145,7 @@ def quantize_integer(
 
 
 def _calibration_ids(ck: Checkpoint, spec: CalibrationSpec) -> torch.Tensor:
-    from llmkit.runtime.tokenizer import load_tokenizer
+    from llmkit.checkpoint.fast_tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(ck.path)

@@ -294,7 +294,7 @@ def _shard_problems(recipe: Recipe, step: Step, at: tuple):
     config = source_config(recipe)
     if config is None:
         return
-    from llmkit.shard.plan import Model, check_tp
+    from llmkit.arch.plan import Model, check_tp
 
     try:
         check_tp(Model.from_config(config), step.shard.tp)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from llmkit.arch.rank_tensors import RankTensors, open_rank
 from llmkit.checkpoint import checksums, dtypes
+from llmkit.checkpoint.fast_tokenizer import load_tokenizer
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager
@@ -27,10 +29,8 @@ from llmkit.runtime.layers.sampler import Sampled, score
 from llmkit.runtime.model_runner import PromptSpan, kv_block_bytes, prepare
 from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.outputs import Completion, RequestOutput, RequestTimes, check_prompt_ids
-from llmkit.runtime.rank_tensors import RankTensors, open_rank
 from llmkit.runtime.scheduler import Batch, Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, stop_reason
-from llmkit.runtime.tokenizer import load_tokenizer
 
 log = logging.getLogger("llmkit.engine")
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmkit.arch.rank_tensors import RankTensors
 from llmkit.errors import LlmkitError
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.formats import compressed_tensors as ct
@@ -23,7 +24,6 @@ from llmkit.runtime.layers.norm import RMSNorm
 from llmkit.runtime.layers.rotary import Rotary
 from llmkit.runtime.layers.vocab import LMHead, VocabEmbedding
 from llmkit.runtime.models.llama import MLP, Attention, DecoderLayer, LlamaConfig, LlamaModel
-from llmkit.runtime.rank_tensors import RankTensors
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head"
 

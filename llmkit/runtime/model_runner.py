@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
+from llmkit.arch.rank_tensors import open_rank
+from llmkit.kernels import cpu as cpu_kernels
 from llmkit.runtime.distributed import Group
-from llmkit.runtime.kernels import cpu as cpu_kernels
 from llmkit.runtime.layers.attention import AttentionMetadata, Prefill
 from llmkit.runtime.layers.sampler import Sampled, Sampler
 from llmkit.runtime.loader import load_model
 from llmkit.runtime.models.llama import LlamaConfig
-from llmkit.runtime.rank_tensors import open_rank
 from llmkit.runtime.scheduler import Batch
 from llmkit.runtime.sequence import Sequence
 

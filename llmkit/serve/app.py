@@ -54,7 +54,7 @@ class ServerState:
 
     def load(self) -> None:
         """Load the tokenizer here while the engine process loads the model."""
-        from llmkit.runtime.tokenizer import load_tokenizer
+        from llmkit.checkpoint.fast_tokenizer import load_tokenizer
 
         cfg = self.config
         try:

@@ -166,7 +166,7 @@ def _main(conn: Connection, parent_end: Connection) -> None:
         _, model, config, log_level = conn.recv()
     except EOFError:
         return  # the front end stopped before asking for a model
-    from llmkit.serve.server import log_to_stderr
+    from llmkit.serve.logs import log_to_stderr
 
     log_to_stderr(log_level)  # forked before the front end set its logging up
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 import threading
@@ -94,12 +93,3 @@ def _listen(host: str, port: int) -> socket.socket:
         raise LlmkitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
-
-
-def log_to_stderr(level: str) -> None:
-    """llmkit's log lines to stderr at `level` (the server's and its engine process's)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("llmkit")
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())

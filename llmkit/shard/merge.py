@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmkit.arch.manifest import read_manifest
+from llmkit.arch.sources import ShardedSource
 from llmkit.checkpoint.reader import row_chunks
 from llmkit.checkpoint.safetensors_io import TensorSpec
 from llmkit.checkpoint.writer import (
@@ -16,8 +18,6 @@ from llmkit.checkpoint.writer import (
     WrittenCheckpoint,
     write_checkpoint,
 )
-from llmkit.shard.manifest import read_manifest
-from llmkit.shard.sources import ShardedSource
 
 
 def merge(

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from llmkit.arch.manifest import Manifest, read_manifest
+from llmkit.arch.sources import CheckpointSource, ShardedSource
 from llmkit.checkpoint.hashing import ALGORITHM, new_hash
 from llmkit.checkpoint.reader import open_checkpoint, row_chunks
 from llmkit.checkpoint.safetensors_io import TensorInfo, read_header
 from llmkit.errors import LlmkitError
-from llmkit.shard.manifest import Manifest, read_manifest
-from llmkit.shard.sources import CheckpointSource, ShardedSource
 
 
 @dataclass(slots=True)

@@ -2,7 +2,7 @@
 tensor-parallel rank, the state dict vLLM's Llama-family model holds on that rank, in
 `model-rank-{rank}-part-{part}.safetensors` files.
 
-On top of llmkit's own split rules (shard/plan.py) vLLM fuses q/k/v into `qkv_proj` and
+On top of llmkit's own split rules (arch/plan.py) vLLM fuses q/k/v into `qkv_proj` and
 gate/up into `gate_up_proj` (each rank: its q rows, then its k rows, then its v rows),
 pads the vocabulary to a multiple of 64 before splitting it, keeps a tied embedding only as
 `lm_head.weight`, and holds four float32 attention scales per layer (1.0 unquantized).
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from llmkit.arch.plan import Model, check_tp
+from llmkit.arch.rank_tensors import CheckpointRank
 from llmkit.checkpoint.atomic import atomic_output_dir
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.checkpoint.safetensors_io import TensorSpec, file_layout, write_file
@@ -28,8 +30,6 @@ from llmkit.checkpoint.writer import (
     write_json,
 )
 from llmkit.errors import LlmkitError
-from llmkit.runtime.rank_tensors import CheckpointRank
-from llmkit.shard.plan import Model, check_tp
 
 PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 VOCAB_PAD = 64  # vLLM's pad_vocab_size default

@@ -24,6 +24,9 @@ from typing import BinaryIO
 import numpy as np
 import xxhash
 
+from llmkit.arch import manifest
+from llmkit.arch.plan import DEFAULT_VOCAB_PAD, ShardPlan, Slice, TensorPlan, make_plan
+from llmkit.arch.sources import Meta, open_source, row_bytes
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.atomic import atomic_output_dir, check_output_dir
 from llmkit.checkpoint.hashing import new_hash
@@ -43,9 +46,6 @@ from llmkit.checkpoint.writer import (
     write_json,
 )
 from llmkit.memory import peak_rss
-from llmkit.shard import manifest
-from llmkit.shard.plan import DEFAULT_VOCAB_PAD, ShardPlan, Slice, TensorPlan, make_plan
-from llmkit.shard.sources import Meta, open_source, row_bytes
 
 Rank = tuple[int, int]  # (tp_rank, pp_rank)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmkit.runtime.kernels import cpu
+from llmkit.kernels import cpu
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

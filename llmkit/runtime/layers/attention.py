@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmkit.runtime.kernels import cpu
+from llmkit.kernels import cpu
 
 DECODE_CHUNK_BYTES = 2 * 2**20  # gathered keys per decode chunk: about what stays cached
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmkit.runtime.kernels import cpu
+from llmkit.kernels import cpu
 from llmkit.runtime.layers.attention import AttentionMetadata
 from llmkit.runtime.layers.linear import KERNEL_MAX_ROWS
 from llmkit.runtime.layers.norm import RMSNorm

@@ -15,7 +15,7 @@ converted into the module that is fastest on the device:
   tinygemm kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so
   groups become contiguous.
 
-llmkit's CPU kernels (runtime/kernels/cpu_gemm.cpp) take float32 or bf16 activations; the
+llmkit's CPU kernels (llmkit/kernels/cpu_gemm.cpp) take float32 or bf16 activations; the
 int8 and 4-bit weight-only ones compute with the activations in int8 blocks of 32 (one
 scale per block, as llama.cpp does), so their products are exact integer dot products and
 the weights' bytes, not arithmetic, set their speed. torch's kernels compute (q - 8) *
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit.kernels import cpu as cpu_kernels
 from llmkit.quant import int8
 from llmkit.quant.rtn import dequantize_indexed
-from llmkit.runtime.kernels import cpu as cpu_kernels
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts, largest first
 

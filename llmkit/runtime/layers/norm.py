@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.runtime.kernels import cpu
+from llmkit.kernels import cpu
 
 
 class RMSNorm(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
-from llmkit.runtime.kernels import cpu
+from llmkit.kernels import cpu
 
 
 def inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Vocab-parallel embedding and LM head: each rank holds a contiguous block of vocab rows
-(padded with zero rows to a multiple of the padding unit, see shard/plan.py)."""
+(padded with zero rows to a multiple of the padding unit, see arch/plan.py)."""
 
 from __future__ import annotations
 

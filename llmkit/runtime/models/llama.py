@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmkit.arch.plan import Model, heads_per_rank
 from llmkit.errors import LlmkitError
 from llmkit.runtime.layers.activation import silu_and_mul
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
 from llmkit.runtime.layers.decode_layer import DecodeLayer
 from llmkit.runtime.layers.norm import RMSNorm
 from llmkit.runtime.layers.rotary import Rotary, apply_rotary
-from llmkit.shard.plan import Model, heads_per_rank
 
 
 @dataclass(frozen=True, slots=True)

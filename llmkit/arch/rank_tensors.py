@@ -1,5 +1,5 @@
 """One tensor-parallel rank's view of a checkpoint: each tensor as the slice this rank holds,
-cut by the same rules table `llmkit shard` uses (shard/plan.py).
+cut by the same rules table `llmkit shard` uses (arch/plan.py).
 
 From a plain or quantized checkpoint the slice is read lazily (rows of dim-0 splits only);
 from an `llmkit shard` directory it is this rank's own file, and the layout must match.
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from llmkit.arch.manifest import MANIFEST, read_manifest
+from llmkit.arch.plan import TensorPlan, make_plan
+from llmkit.arch.sources import ShardedSource
 from llmkit.checkpoint.reader import Checkpoint, open_checkpoint
 from llmkit.checkpoint.safetensors_io import rows_as_tensor
 from llmkit.errors import LlmkitError
-from llmkit.shard.manifest import MANIFEST, read_manifest
-from llmkit.shard.plan import TensorPlan, make_plan
-from llmkit.shard.sources import ShardedSource
 
 
 class RankTensors(ABC):

@@ -35,6 +35,6 @@ def for_tensors(*tensors: torch.Tensor):
 @functools.cache
 def _kernels():
     try:
-        return importlib.import_module("llmkit.runtime.kernels.triton_gptq")
+        return importlib.import_module("llmkit.kernels.triton_gptq")
     except ImportError:  # no Triton (CPU-only installs): the torch paths
         return None

@@ -15,10 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmkit.arch.plan import ShardPlan, Slice, TensorPlan
 from llmkit.checkpoint.hashing import ALGORITHM
 from llmkit.checkpoint.reader import read_json
 from llmkit.errors import LlmkitError
-from llmkit.shard.plan import ShardPlan, Slice, TensorPlan
 
 MANIFEST = "llmkit-shards.json"
 FORMAT = "llmkit-shards"
