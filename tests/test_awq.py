@@ -11,11 +11,11 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from llmkit.arch.family import LLAMA
 from llmkit.bench.model import load_model
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.quant import awq
-from llmkit.quant.arch import LLAMA_FAMILY
 from llmkit.quant.awq_layer import _applies
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import awq as awq_format
@@ -94,7 +94,7 @@ def test_folding_scales_leaves_the_float_layer_unchanged(num_kv_heads):
     with torch.no_grad():
         before = layer(x, position_embeddings=rope)
         folded = 0
-        for group in LLAMA_FAMILY.awq_groups:
+        for group in LLAMA.awq_groups:
             if not _applies(layer, group):
                 continue
             width = layer.get_submodule(group.linears[0]).in_features

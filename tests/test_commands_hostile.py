@@ -118,7 +118,7 @@ def test_expected_shapes_are_what_transformers_builds(tiny_dir):
     import torch
     import transformers
 
-    from llmkit.checkpoint.shapes import expected_shapes
+    from llmkit.arch.shapes import expected_shapes
 
     for preset in ("tiny-llama", "tiny-qwen2", "tiny-qwen3"):
         config = json.loads((tiny_dir(preset) / "config.json").read_text())

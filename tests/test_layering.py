@@ -15,7 +15,8 @@ ROOT = Path(llmkit.__file__).parent
 # its own package (errors, net, memory, devices, __main__).
 LAYERS = [
     {"llmkit", "errors", "net", "memory", "devices"},
-    {"checkpoint", "arch", "kernels"},
+    {"arch"},
+    {"checkpoint", "kernels"},
     {"quant", "shard"},
     {"runtime"},
     {"bench", "serve"},

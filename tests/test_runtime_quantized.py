@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmkit.arch.rank_tensors import open_rank
 from llmkit.bench.model import load_model
+from llmkit.checkpoint.rank_tensors import open_rank
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from llmkit.arch.family import family_for
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.quant import sequential
-from llmkit.quant.arch import arch_for
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
@@ -21,7 +21,7 @@ from tests.conftest import TINY_PRESETS
 def real_layer(path, index: int, seq_len: int = 8):
     """(arch, decoder layer `index` with its checkpoint weights, rotary cos/sin)."""
     with open_checkpoint(path) as ck:
-        arch = arch_for(ck.config)
+        arch = family_for(ck.config)
         model = sequential.build_skeleton(ck.config)
         prefix = f"model.layers.{index}"
         layer = sequential.materialize(
@@ -50,7 +50,7 @@ def test_layer_inputs_equal_transformers_hidden_states(tiny_dir, preset):
         layers = sequential.run_layers(
             sequential.build_skeleton(ck.config),
             ck,
-            arch_for(ck.config),
+            family_for(ck.config),
             IDS,
             record,
             torch.device("cpu"),
@@ -204,7 +204,7 @@ def test_gptq_stage_hessians_match_full_layer_forwards(tiny_dir, monkeypatch, tr
     monkeypatch.setattr(gptq, "quantize", recording_quantize)
     monkeypatch.setattr(methods.GPTQLayer, "__call__", recording_layer)
     with open_checkpoint(tiny_dir("tiny-llama")) as ck:
-        arch = arch_for(ck.config)
+        arch = family_for(ck.config)
         quantizer = methods.GPTQLayer(
             arch,
             gptq.GPTQSettings(group_size=32),

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit.arch import sources
-from llmkit.arch.manifest import MANIFEST, outline, read_manifest
 from llmkit.arch.plan import make_plan, stage_layers
-from llmkit.checkpoint import dtypes
+from llmkit.checkpoint import dtypes, sources
 from llmkit.checkpoint.init import PRESETS, preset_config, random_state_dict
+from llmkit.checkpoint.manifest import MANIFEST, outline, read_manifest
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.checkpoint.safetensors_io import TensorSpec, read_header, read_rows
 from llmkit.checkpoint.writer import write_checkpoint

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from llmkit.arch.manifest import read_manifest
+from llmkit.checkpoint.manifest import read_manifest
 from llmkit.checkpoint.safetensors_io import read_header, read_rows
 from llmkit.shard.write import shard
 

@@ -12,32 +12,24 @@ divisibility condition checked, before any tensor byte is read.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
+from llmkit.arch.family import (
+    COLWISE,
+    DROP,
+    FAMILIES,
+    REPLICATE,
+    ROWWISE,
+    VOCAB,
+    Family,
+    family_for,
+    padded_vocab,
+)
 from llmkit.errors import LlmkitError
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_VOCAB_PAD = 64  # vLLM's padding unit for vocab-parallel embeddings
 
-COLWISE, ROWWISE, VOCAB, REPLICATE, DROP = "colwise", "rowwise", "vocab", "replicate", "drop"
-
-# module name pattern -> (role, heads the split must respect: "q", "kv" or None)
-_L = r"model\.layers\.\d+\."
-RULES: tuple[tuple[str, str, str | None], ...] = (
-    (r"model\.embed_tokens", VOCAB, None),
-    (r"lm_head", VOCAB, None),
-    (_L + r"self_attn\.q_proj", COLWISE, "q"),
-    (_L + r"self_attn\.[kv]_proj", COLWISE, "kv"),
-    (_L + r"self_attn\.o_proj", ROWWISE, "q"),
-    (_L + r"mlp\.(gate|up)_proj", COLWISE, None),
-    (_L + r"mlp\.down_proj", ROWWISE, None),
-    (_L + r"(input_layernorm|post_attention_layernorm)", REPLICATE, None),
-    (_L + r"self_attn\.[qk]_norm", REPLICATE, None),  # Qwen3: per head_dim, same on every rank
-    (r"model\.norm", REPLICATE, None),
-    (r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb", DROP, None),  # recomputed at load
-)
 # tensor suffix -> (dim holding the layer's `out` axis, dim holding its `in` axis)
 AXES: dict[str, tuple[int | None, int | None]] = {
     "weight": (0, 1),  # dense [out, in]; embedding [vocab, hidden]; compressed-tensors int8
@@ -53,7 +45,6 @@ AXES: dict[str, tuple[int | None, int | None]] = {
     "weight_shape": (None, None),  # the full logical shape, kept as written
     "input_scale": (None, None),
 }
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _TP_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
@@ -74,16 +65,11 @@ class Model:
 
     @classmethod
     def from_config(cls, config: dict) -> Model:
-        model_type = config.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise LlmkitError(
-                f"llmkit knows the {', '.join(ARCHITECTURES)} families, not "
-                f"model_type {model_type!r}"
-            )
+        family_for(config)  # refuses a model type llmkit does not know
         heads = int(config["num_attention_heads"])
         qconfig = config.get("quantization_config") or {}
         return cls(
-            model_type=model_type,
+            model_type=config["model_type"],
             num_layers=int(config["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
@@ -94,6 +80,10 @@ class Model:
             tied=bool(config.get("tie_word_embeddings", False)),
             act_order=bool(qconfig.get("quant_method") == "gptq" and qconfig.get("desc_act")),
         )
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,10 +186,24 @@ def parse_pp_layers(text: str | None) -> tuple[int, ...] | None:
         raise LlmkitError(f"--pp-layers {text!r} must be comma-separated layer counts") from None
 
 
-def module_rule(name: str) -> tuple[str, str | None]:
+def split_rules(family: Family) -> tuple[tuple[str, str, str | None], ...]:
+    """(module name pattern, role, heads the split must respect: "q", "kv" or None), from
+    the family's table."""
+    layer = re.escape(family.layers) + r"\.\d+\."
+    rules = [(re.escape(family.embed), VOCAB, None), (re.escape(family.lm_head), VOCAB, None)]
+    for name, role, linear in family.layer_linears():
+        rules.append((layer + re.escape(name), role, linear.heads))
+    for name in (*family.norms, *family.head_norms):
+        rules.append((layer + re.escape(name), REPLICATE, None))
+    rules.append((re.escape(family.final_norm), REPLICATE, None))
+    rules += [(pattern, DROP, None) for pattern in family.dropped]
+    return tuple(rules)
+
+
+def module_rule(family: Family, name: str) -> tuple[str, str | None]:
     """(role, heads) of the module a tensor belongs to."""
     module = name.rsplit(".", 1)[0]
-    for pattern, role, heads in RULES:
+    for pattern, role, heads in split_rules(family):
         if re.fullmatch(pattern, module):
             return role, heads
     raise LlmkitError(f"llmkit shard has no split rule for tensor {name!r}")
@@ -212,9 +216,14 @@ def make_plan(
     pp: int = 1,
     pp_layers: tuple[int, ...] | None = None,
     vocab_pad: int = DEFAULT_VOCAB_PAD,
+    pad_each_rank: bool = True,
 ) -> ShardPlan:
     """Plan a tp x pp layout for `tensors` (name -> (dtype code, shape)); raises on the first
-    condition that cannot hold, naming the tensor, the numbers and the tp values that work."""
+    condition that cannot hold, naming the tensor, the numbers and the tp values that work.
+
+    The vocabulary is padded with zero rows so that each rank's share is a multiple of
+    `vocab_pad` (llmkit's layout), or, with `pad_each_rank` off, so that the whole is (vLLM's:
+    the padded vocabulary must then divide by tp)."""
     if tp < 1:
         raise LlmkitError(f"--tp must be at least 1, got {tp}")
     if vocab_pad < 1:
@@ -222,21 +231,20 @@ def make_plan(
     model = Model.from_config(config)
     check_tp(model, tp)
     stages = stage_layers(model.num_layers, pp, pp_layers)
+    vocab_multiple = vocab_pad * tp if pad_each_rank else vocab_pad
     plans, dropped = [], []
     for name, (dtype, shape) in tensors.items():
-        role = module_rule(name)[0]
+        role = module_rule(model.family, name)[0]
         if role == DROP:
             dropped.append(name)
             continue
-        stage = _stage_of(name, stages, model.num_layers)
-        plans.append(_tensor_plan(name, name, dtype, shape, stage, model, tp, vocab_pad))
-    embed = "model.embed_tokens.weight"
-    if model.tied and "lm_head.weight" not in tensors and embed in tensors and pp > 1:
+        stage = _stage_of(name, stages, model)
+        plans.append(_tensor_plan(name, name, dtype, shape, stage, model, tp, vocab_multiple))
+    embed, head = f"{model.family.embed}.weight", f"{model.family.lm_head}.weight"
+    if model.tied and head not in tensors and embed in tensors and pp > 1:
         note = f"tied: copy of {embed} for the last stage"
         dtype, shape = tensors[embed]
-        copy = _tensor_plan(
-            "lm_head.weight", embed, dtype, shape, pp - 1, model, tp, vocab_pad, note
-        )
+        copy = _tensor_plan(head, embed, dtype, shape, pp - 1, model, tp, vocab_multiple, note)
         plans.append(copy)
     return ShardPlan(tp, pp, vocab_pad, stages, tuple(plans), tuple(dropped), _rules(model, tp))
 
@@ -259,13 +267,13 @@ def check_tp(model: Model, tp: int) -> None:
     raise LlmkitError(f"{problem}; tp values that work: {_working(lambda t: _heads_fit(model, t))}")
 
 
-def _stage_of(name: str, stages: tuple[tuple[int, int], ...], num_layers: int) -> int:
-    match = _LAYER.match(name)
+def _stage_of(name: str, stages: tuple[tuple[int, int], ...], model: Model) -> int:
+    match = re.match(re.escape(model.family.layers) + r"\.(\d+)\.", name)
     if match is None:
-        return 0 if name.startswith("model.embed_tokens") else len(stages) - 1
+        return 0 if name.startswith(model.family.embed) else len(stages) - 1
     layer = int(match.group(1))
-    if layer >= num_layers:
-        raise LlmkitError(f"tensor {name!r} names layer {layer}; the config has {num_layers}")
+    if layer >= model.num_layers:
+        raise LlmkitError(f"tensor {name!r} names layer {layer}; the config has {model.num_layers}")
     return next(i for i, (start, stop) in enumerate(stages) if start <= layer < stop)
 
 
@@ -277,11 +285,11 @@ def _tensor_plan(
     pp_rank: int,
     model: Model,
     tp: int,
-    vocab_pad: int,
+    vocab_multiple: int,
     note: str = "",
 ) -> TensorPlan:
-    role, heads = module_rule(source)
-    dim, parts, padded, why = _split(source, shape, role, heads, model, tp, vocab_pad)
+    role, heads = module_rule(model.family, source)
+    dim, parts, padded, why = _split(source, shape, role, heads, model, tp, vocab_multiple)
     if dim is None:
         slices = ()
     else:
@@ -298,7 +306,7 @@ def _split(
     heads: str | None,
     model: Model,
     tp: int,
-    vocab_pad: int,
+    vocab_multiple: int,
 ) -> tuple[int | None, int, int, str]:
     """(dim, distinct parts, padded size along dim, note) for one tensor, checked at `tp`."""
     suffix = name.rsplit(".", 1)[1]
@@ -315,7 +323,7 @@ def _split(
     if role == ROWWISE and shape[dim] == 1:
         return None, 1, 0, "one group spans all inputs"
     if role == VOCAB:
-        return _vocab_split(name, shape, dim, model.vocab_size, tp, vocab_pad)
+        return _vocab_split(name, shape, dim, model.vocab_size, tp, vocab_multiple)
     parts = _parts(heads, model, tp)
     _check_divisible(name, shape, dim, role, heads, model, tp)
     note = f"kv heads replicated {tp // parts}x" if parts < tp else ""
@@ -357,19 +365,18 @@ def _check_divisible(
 
 
 def _vocab_split(
-    name: str, shape: tuple[int, ...], dim: int, vocab: int, tp: int, vocab_pad: int
+    name: str, shape: tuple[int, ...], dim: int, vocab: int, tp: int, multiple: int
 ) -> tuple[int, int, int, str]:
-    unit = vocab_pad * tp
-    padded_vocab = math.ceil(vocab / unit) * unit
-    if shape[dim] * padded_vocab % vocab:
+    padded_to = padded_vocab(vocab, multiple)
+    if shape[dim] * padded_to % vocab:
         raise LlmkitError(
-            f"cannot pad {name} {list(shape)} from vocab {vocab} to {padded_vocab}: dim {dim} "
+            f"cannot pad {name} {list(shape)} from vocab {vocab} to {padded_to}: dim {dim} "
             f"does not scale with the vocab; try another --vocab-pad"
         )
-    padded = shape[dim] * padded_vocab // vocab
+    padded = shape[dim] * padded_to // vocab
     if padded % tp:
         raise LlmkitError(f"cannot split {name}: padded size {padded} is not a multiple of {tp}")
-    note = f"vocab padded {vocab} -> {padded_vocab} with zero rows" if padded_vocab > vocab else ""
+    note = f"vocab padded {vocab} -> {padded_to} with zero rows" if padded_to > vocab else ""
     return dim, tp, padded, note
 
 

@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from llmkit.arch.shapes import check_shapes
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.safetensors_io import (
     TensorInfo,
@@ -19,7 +20,6 @@ from llmkit.checkpoint.safetensors_io import (
     read_row_bytes,
     read_rows,
 )
-from llmkit.checkpoint.shapes import check_shapes
 from llmkit.checkpoint.writer import SAFETENSORS_INDEX
 from llmkit.errors import LlmkitError
 

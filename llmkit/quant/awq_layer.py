@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llmkit.arch.family import Family, Smoothable
 from llmkit.memory import return_freed_memory
 from llmkit.quant import awq, rtn
-from llmkit.quant.arch import Arch, Smoothable
 from llmkit.quant.formats import awq as awq_format
 from llmkit.quant.methods import dense_tensors
 from llmkit.quant.sequential import LayerRun
 from llmkit.quant.smoothquant import fold
-
-NO_CLIP = ("q_proj", "k_proj")
 
 
 @dataclass
@@ -46,7 +44,7 @@ class _Observed:
 
 @dataclass(frozen=True, slots=True)
 class AWQLayer:
-    arch: Arch
+    arch: Family
     settings: awq.AWQSettings
     search_tokens: int
     dtypes: dict[str, torch.dtype]  # every checkpoint tensor's dtype, by full name
@@ -120,7 +118,7 @@ class AWQLayer:
         x = x.to(original.device)
         size = self.settings.group_size
         w = original
-        if self.settings.clip_search and not name.endswith(NO_CLIP):
+        if self.settings.clip_search and name not in self.arch.score_linears:
             w = awq.apply_clip(w, awq.search_clip(w, x, self.settings), size)
         quant = rtn.quantize_groups(w, awq.BITS, size, sym=False)
         approx = quant.dequantize()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from llmkit.arch.family import Family, family_for, is_layer_linear, num_layers
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.atomic import check_output_dir
 from llmkit.checkpoint.reader import Checkpoint
@@ -25,7 +26,6 @@ from llmkit.memory import (
     reset_peak_device_memory,
     return_freed_memory,
 )
-from llmkit.quant.arch import Arch, arch_for, is_layer_linear, num_layers
 from llmkit.quant.awq import AWQSettings
 from llmkit.quant.awq_layer import AWQLayer
 from llmkit.quant.calibration import CalibrationSpec, calibration_ids
@@ -51,7 +51,7 @@ from llmkit.quant.sequential import build_skeleton, run_layers
 LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
 
 
-def _check_groups(ck: Checkpoint, arch: Arch, method: str, options: QuantOptions) -> None:
+def _check_groups(ck: Checkpoint, arch: Family, method: str, options: QuantOptions) -> None:
     """Every Linear to quantize (the lm_head too, when asked) must split its inputs into
     whole groups and pack into int32 words; checked from the headers, before any read."""
     if method not in GPTQ_FORMAT_METHODS | {"awq"}:
@@ -88,7 +88,7 @@ def quantize_integer(
     on_layer: ProgressFn | None,
 ) -> QuantizeReport:
     check_options(method, options)
-    arch = arch_for(ck.config)
+    arch = family_for(ck.config)
     _check_groups(ck, arch, method, options)
     check_output_dir(out, overwrite, (ck.path,))  # before calibration, which can take a while
     compute = resolve_device(device)
@@ -164,7 +164,7 @@ def _storage(ck: Checkpoint, name: str) -> torch.dtype:
 
 
 def _data_free_layers(
-    ck: Checkpoint, arch: Arch, method: str, options: QuantOptions, on_layer: ProgressFn | None
+    ck: Checkpoint, arch: Family, method: str, options: QuantOptions, on_layer: ProgressFn | None
 ) -> LayerTensors:
     total = num_layers(ck.config)
     for index in range(total):
@@ -202,13 +202,13 @@ def _settings(cls, options: QuantOptions):
     return cls(**{name: getattr(options, name) for name in shared})
 
 
-def _lm_head_source(ck: Checkpoint, arch: Arch) -> str:
+def _lm_head_source(ck: Checkpoint, arch: Family) -> str:
     name = f"{arch.lm_head}.weight"
     return name if name in ck.tensors else f"{arch.embed}.weight"  # tied embeddings
 
 
 def _lm_head_tensors(
-    ck: Checkpoint, arch: Arch, method: str, options: QuantOptions
+    ck: Checkpoint, arch: Family, method: str, options: QuantOptions
 ) -> dict[str, torch.Tensor]:
     source = _lm_head_source(ck, arch)
     packed = linear_tensors(method, options, ck.get_tensor(source).float(), _storage(ck, source))
@@ -216,7 +216,7 @@ def _lm_head_tensors(
 
 
 def _specs(
-    ck: Checkpoint, arch: Arch, spilled: Checkpoint, method: str, options: QuantOptions
+    ck: Checkpoint, arch: Family, spilled: Checkpoint, method: str, options: QuantOptions
 ) -> list[TensorSpec]:
     """Embeddings first, then the layers, then the final norm and lm_head (HF's order)."""
     lm_head = f"{arch.lm_head}.weight"

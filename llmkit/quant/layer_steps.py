@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.quant.arch import Arch
+from llmkit.arch.family import Family
 
 
 class _Captured(Exception):
@@ -36,7 +36,7 @@ def input_of(last: nn.Module, block: nn.Module, *args, **kwargs) -> torch.Tensor
     raise RuntimeError(f"{type(block).__name__} never called {type(last).__name__}")
 
 
-def attention_core(layer: nn.Module, arch: Arch, x: torch.Tensor, rope) -> torch.Tensor:
+def attention_core(layer: nn.Module, arch: Family, x: torch.Tensor, rope) -> torch.Tensor:
     """o_proj's input: attention over input_norm(x), before the output projection."""
     attention = layer.get_submodule(arch.attention)
     normed = layer.get_submodule(arch.input_norm)(x)
@@ -46,7 +46,7 @@ def attention_core(layer: nn.Module, arch: Arch, x: torch.Tensor, rope) -> torch
     )
 
 
-def after_attention(layer: nn.Module, arch: Arch, x: torch.Tensor, core: torch.Tensor):
+def after_attention(layer: nn.Module, arch: Family, x: torch.Tensor, core: torch.Tensor):
     """h = x + o_proj(core)."""
     return x + layer.get_submodule(arch.stages[1][0])(core)
 
@@ -63,13 +63,13 @@ class MLPBuffers:
     every slice would fault in new pages each time and fragment the heap, whose freed pieces
     then stay resident until the pass ends."""
 
-    def __init__(self, layer: nn.Module, arch: Arch, tokens: int, device, dtype):
+    def __init__(self, layer: nn.Module, arch: Family, tokens: int, device, dtype):
         intermediate = layer.get_submodule(arch.stages[2][0]).out_features
         self._core = torch.empty(tokens, intermediate, device=device, dtype=dtype)
         self._part = torch.empty(tokens, COLUMNS, device=device, dtype=dtype)
 
     @classmethod
-    def for_input(cls, layer: nn.Module, arch: Arch, h: torch.Tensor) -> MLPBuffers:
+    def for_input(cls, layer: nn.Module, arch: Family, h: torch.Tensor) -> MLPBuffers:
         """Buffers for exactly the tokens of h [..., hidden]."""
         return cls(layer, arch, h.numel() // h.shape[-1], h.device, h.dtype)
 
@@ -79,7 +79,7 @@ class MLPBuffers:
 
 
 def mlp_core(
-    layer: nn.Module, arch: Arch, h: torch.Tensor, buffers: MLPBuffers | None = None
+    layer: nn.Module, arch: Family, h: torch.Tensor, buffers: MLPBuffers | None = None
 ) -> torch.Tensor:
     """down_proj's input: act(gate(post_norm(h))) * up(post_norm(h)), the gated MLP's
     arithmetic computed into `buffers` (transformers' forward allocates three
@@ -91,7 +91,7 @@ def mlp_core(
 
 def output(
     layer: nn.Module,
-    arch: Arch,
+    arch: Family,
     h: torch.Tensor,
     buffers: MLPBuffers | None = None,
     out: torch.Tensor | None = None,
@@ -108,7 +108,7 @@ def output(
     return y.view(h.shape)
 
 
-def _gated(layer: nn.Module, arch: Arch, h: torch.Tensor, buffers: MLPBuffers) -> torch.Tensor:
+def _gated(layer: nn.Module, arch: Family, h: torch.Tensor, buffers: MLPBuffers) -> torch.Tensor:
     """h [tokens, hidden] -> act(gate(x)) * up(x), x = post_norm(h): [tokens, intermediate]."""
     gate, up = (layer.get_submodule(name) for name in arch.stages[2])
     x = layer.get_submodule(arch.post_norm)(h)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmkit.arch.family import Family
 from llmkit.memory import return_freed_memory
 from llmkit.quant import gptq as gptq_algorithm
 from llmkit.quant import int8, rtn
 from llmkit.quant import layer_steps as steps
-from llmkit.quant.arch import Arch
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.formats import compressed_tensors as ct
 from llmkit.quant.fp16 import checked_cast
@@ -68,7 +68,7 @@ def dense_tensor(name: str, tensor: torch.Tensor, method: str, stored: torch.dty
     return checked_cast(name, tensor.detach().cpu(), dtype, advice)
 
 
-def dense_tensors(layer: nn.Module, arch: Arch, method: str, dtypes: dict, prefix: str) -> dict:
+def dense_tensors(layer: nn.Module, arch: Family, method: str, dtypes: dict, prefix: str) -> dict:
     """Every tensor of a decoder layer but its Linears' weights, as `method` writes it.
     `dtypes`: every checkpoint tensor's stored dtype, by full name (`prefix` + name)."""
     return {
@@ -109,7 +109,7 @@ def per_token_int8_hook(module: nn.Module, args: tuple) -> tuple:
 class W8A8Layer:
     """SmoothQuant then per-channel int8 weights for one decoder layer (a LayerQuantizer)."""
 
-    arch: Arch
+    arch: Family
     alpha: float
     dtypes: dict[str, torch.dtype]  # every checkpoint tensor's dtype, by full name
 
@@ -145,7 +145,7 @@ class GPTQLayer:
     each batch of the layer's inputs is overwritten with the residual after attention, which
     is all the MLP stages and the layer's output need."""
 
-    arch: Arch
+    arch: Family
     settings: gptq_algorithm.GPTQSettings
     true_sequential: bool
     dtypes: dict[str, torch.dtype]

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmkit.arch.family import Family, num_layers
 from llmkit.checkpoint.reader import Checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.memory import return_freed_memory
-from llmkit.quant.arch import Arch, num_layers
 
 # Tokens a layer runs at once: its MLP intermediates ([tokens, intermediate] x ~4) are
 # transient memory on top of the calibration activations, so keep them modest.
@@ -155,7 +155,7 @@ def release(module: nn.Module) -> None:
     return_freed_memory()
 
 
-def embed_inputs(ck: Checkpoint, arch: Arch, ids: torch.Tensor, dtype) -> list[torch.Tensor]:
+def embed_inputs(ck: Checkpoint, arch: Family, ids: torch.Tensor, dtype) -> list[torch.Tensor]:
     """Embeddings of the calibration ids: batches of about TOKENS_PER_BATCH tokens, views of
     one tensor that every layer then overwrites in place (no per-layer allocations).
 
@@ -174,7 +174,7 @@ def embed_inputs(ck: Checkpoint, arch: Arch, ids: torch.Tensor, dtype) -> list[t
     return list(hidden.split(max(1, TOKENS_PER_BATCH // ids.shape[1])))
 
 
-def rotary_embeddings(model: nn.Module, arch: Arch, seq_len: int, device, dtype):
+def rotary_embeddings(model: nn.Module, arch: Family, seq_len: int, device, dtype):
     """(cos, sin) for positions 0..seq_len-1, built on the device (the skeleton's are meta)."""
     meta_rotary = model.get_submodule(arch.rotary)
     rotary = type(meta_rotary)(model.config).to(device)
@@ -187,7 +187,7 @@ def rotary_embeddings(model: nn.Module, arch: Arch, seq_len: int, device, dtype)
 def run_layers(
     model: nn.Module,
     ck: Checkpoint,
-    arch: Arch,
+    arch: Family,
     ids: torch.Tensor,
     quantize_layer: LayerQuantizer,
     device: torch.device,

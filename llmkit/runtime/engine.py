@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from llmkit.arch.rank_tensors import RankTensors, open_rank
 from llmkit.checkpoint import checksums, dtypes
 from llmkit.checkpoint.fast_tokenizer import load_tokenizer
+from llmkit.checkpoint.rank_tensors import RankTensors, open_rank
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager

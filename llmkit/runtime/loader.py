@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmkit.arch.rank_tensors import RankTensors
+from llmkit.arch.family import Block, Family, family_for
+from llmkit.checkpoint.rank_tensors import RankTensors
 from llmkit.errors import LlmkitError
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.formats import compressed_tensors as ct
@@ -25,8 +26,6 @@ from llmkit.runtime.layers.rotary import Rotary
 from llmkit.runtime.layers.vocab import LMHead, VocabEmbedding
 from llmkit.runtime.models.llama import MLP, Attention, DecoderLayer, LlamaConfig, LlamaModel
 
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head"
-
 
 def load_model(
     src: RankTensors, group: Group, dtype: torch.dtype, device: torch.device, exact: bool = False
@@ -34,15 +33,17 @@ def load_model(
     """The model rank `group.rank` runs, weights on `device`; `exact`: weight-only quantized
     Linears as their dequantized weights (see convert_for_runtime)."""
     cfg = LlamaConfig.from_hf(src.config)
+    family = family_for(src.config)
     heads, kv_heads = cfg.heads_per_rank(group.size)
     reader = _LinearReader(src, src.config.get("quantization_config"))
-    build = _Builder(src, reader, group, dtype, device, exact)
+    build = _Builder(src, family, reader, group, dtype, device, exact)
     layers = [build.layer(i, cfg, heads, kv_heads) for i in range(cfg.num_layers)]
-    embed = src.get(EMBED).to(device, dtype)
+    embed_name = f"{family.embed}.weight"
+    embed = src.get(embed_name).to(device, dtype)
     model = LlamaModel(
-        VocabEmbedding(embed, src.offset(EMBED), group),
+        VocabEmbedding(embed, src.offset(embed_name), group),
         layers,
-        build.norm("model.norm.weight", cfg),
+        build.norm(f"{family.final_norm}.weight", cfg),
         LMHead(build.lm_head(embed), cfg.vocab_size, group),
         Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling),
     )
@@ -61,33 +62,35 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 class _Builder:
-    def __init__(self, src: RankTensors, reader, group: Group, dtype, device, exact: bool):
-        self.src, self.reader, self.group = src, reader, group
+    def __init__(
+        self, src: RankTensors, family: Family, reader, group: Group, dtype, device, exact: bool
+    ):
+        self.src, self.family, self.reader, self.group = src, family, reader, group
         self.dtype, self.device, self.exact = dtype, device, exact
 
     def convert(self, weight: LinearWeight, bias: torch.Tensor | None) -> nn.Module:
         return convert_for_runtime(weight, bias, self.dtype, self.device, self.exact)
 
     def layer(self, i: int, cfg: LlamaConfig, heads: int, kv_heads: int) -> DecoderLayer:
-        p = f"model.layers.{i}."
+        p = f"{self.family.layers}.{i}."
+        attention, mlp = self.family.blocks
         attn = Attention(
-            self.merged([f"{p}self_attn.{n}_proj" for n in "qkv"]),
-            self.row_parallel(f"{p}self_attn.o_proj"),
-            *(self.norm(f"{p}self_attn.{n}_norm.weight", cfg) for n in "qk"),  # Qwen3 only
+            *self.block(p, attention),
+            *(self.norm(f"{p}{n}.weight", cfg) for n in self.family.head_norms),  # when held
             heads,
             kv_heads,
             cfg.head_dim,
         )
-        mlp = MLP(
-            self.merged([f"{p}mlp.gate_proj", f"{p}mlp.up_proj"]),
-            self.row_parallel(f"{p}mlp.down_proj"),
-        )
         return DecoderLayer(
             attn,
-            mlp,
-            self.norm(f"{p}input_layernorm.weight", cfg),
-            self.norm(f"{p}post_attention_layernorm.weight", cfg),
+            MLP(*self.block(p, mlp)),
+            *(self.norm(f"{p}{n}.weight", cfg) for n in self.family.norms),
         )
+
+    def block(self, prefix: str, block: Block) -> tuple[nn.Module, nn.Module]:
+        """(the block's input Linears as one product, its row-parallel output Linear)."""
+        inputs = [f"{prefix}{block.name}.{linear.name}" for linear in block.inputs]
+        return self.merged(inputs), self.row_parallel(f"{prefix}{block.name}.{block.output.name}")
 
     def norm(self, name: str, cfg: LlamaConfig) -> RMSNorm | None:
         """The norm `name`, or None when the checkpoint has none (the architecture has none)."""
@@ -109,9 +112,10 @@ class _Builder:
 
     def lm_head(self, embed: torch.Tensor) -> nn.Module:
         """The lm_head as stored, quantized or not; the embedding when they are tied."""
-        if not any(name.startswith(f"{LM_HEAD}.") for name in self.src.plans):
+        head = self.family.lm_head
+        if not any(name.startswith(f"{head}.") for name in self.src.plans):
             return self.convert(DenseWeight(embed), None)
-        return self.convert(self.reader.read(LM_HEAD), None)
+        return self.convert(self.reader.read(head), None)
 
     def row_parallel(self, module: str) -> nn.Module:
         weight, bias = self.reader.read(module), self._bias(module)

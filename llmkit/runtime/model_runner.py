@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.arch.rank_tensors import open_rank
+from llmkit.checkpoint.rank_tensors import open_rank
 from llmkit.kernels import cpu as cpu_kernels
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.layers.attention import AttentionMetadata, Prefill

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit.arch.manifest import read_manifest
-from llmkit.arch.sources import ShardedSource
+from llmkit.checkpoint.manifest import read_manifest
 from llmkit.checkpoint.reader import row_chunks
 from llmkit.checkpoint.safetensors_io import TensorSpec
+from llmkit.checkpoint.sources import ShardedSource
 from llmkit.checkpoint.writer import (
     DEFAULT_MAX_SHARD_SIZE,
     ProgressFn,

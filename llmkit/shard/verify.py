@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit.arch.manifest import Manifest, read_manifest
-from llmkit.arch.sources import CheckpointSource, ShardedSource
 from llmkit.checkpoint.hashing import ALGORITHM, new_hash
+from llmkit.checkpoint.manifest import Manifest, read_manifest
 from llmkit.checkpoint.reader import open_checkpoint, row_chunks
 from llmkit.checkpoint.safetensors_io import TensorInfo, read_header
+from llmkit.checkpoint.sources import CheckpointSource, ShardedSource
 from llmkit.errors import LlmkitError
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from llmkit.arch.plan import Model, check_tp
-from llmkit.arch.rank_tensors import CheckpointRank
+from llmkit.arch.family import Family, padded_vocab
+from llmkit.arch.plan import Model, check_tp, make_plan
 from llmkit.checkpoint.atomic import atomic_output_dir
+from llmkit.checkpoint.rank_tensors import CheckpointRank
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.checkpoint.safetensors_io import TensorSpec, file_layout, write_file
 from llmkit.checkpoint.writer import (
@@ -34,7 +35,6 @@ from llmkit.errors import LlmkitError
 PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 VOCAB_PAD = 64  # vLLM's pad_vocab_size default
 ATTN_SCALES = ("_k_scale", "_v_scale", "_q_scale", "_prob_scale")
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,9 @@ def write_vllm_layout(
     max_bytes = parse_size(max_shard_size)
     with open_checkpoint(src) as ck:
         model = _check(ck.config, tp)
-        ranks = [CheckpointRank(ck, tp, r) for r in range(tp)]
+        metas = {name: (info.dtype, info.shape) for name, info in ck.tensors.items()}
+        plan = make_plan(ck.config, metas, tp=tp, vocab_pad=VOCAB_PAD, pad_each_rank=False)
+        ranks = [CheckpointRank(ck, tp, r, plan) for r in range(tp)]
         specs = [_rank_specs(rank, model, ck.tensors) for rank in ranks]
         total = sum(s.nbytes for rank in specs for s in rank)
         done = [0]
@@ -90,7 +92,7 @@ def _check(config: dict, tp: int) -> Model:
         )
     model = Model.from_config(config)
     check_tp(model, tp)
-    padded = _padded_vocab(model.vocab_size)
+    padded = padded_vocab(model.vocab_size, VOCAB_PAD)
     if padded % tp:
         raise LlmkitError(
             f"vLLM pads the vocabulary ({model.vocab_size}) to {padded}, which tp={tp} does not "
@@ -99,52 +101,48 @@ def _check(config: dict, tp: int) -> Model:
     return model
 
 
-def _padded_vocab(vocab: int) -> int:
-    return -(-vocab // VOCAB_PAD) * VOCAB_PAD
-
-
 def _rank_specs(rank: CheckpointRank, model: Model, tensors: dict) -> list[TensorSpec]:
+    family = model.family
     specs = []
     names = set(tensors)
     for i in range(model.num_layers):
-        prefix = f"model.layers.{i}."
+        prefix = f"{family.layers}.{i}."
         layer = sorted(n for n in names if n.startswith(prefix))
-        specs += _layer_specs(rank, prefix, layer)
-        specs += [_scalar(f"{prefix}self_attn.attn.{s}") for s in ATTN_SCALES]
-    specs.append(_spec(rank, "model.norm.weight"))
-    vocab_rows = _vocab_rows(model.vocab_size, rank.tp, rank.tp_rank)
-    head = "model.embed_tokens.weight" if model.tied else "lm_head.weight"
-    specs.append(_vocab_spec(rank, head, "lm_head.weight", vocab_rows))
+        specs += _layer_specs(rank, family, prefix, layer)
+        specs += [_scalar(f"{prefix}{family.attention}.attn.{s}") for s in ATTN_SCALES]
+    specs.append(_spec(rank, f"{family.final_norm}.weight"))
+    embed, head = f"{family.embed}.weight", f"{family.lm_head}.weight"
+    specs.append(_spec(rank, embed if model.tied else head, head))
     if not model.tied:  # tied: vLLM keeps the shared tensor under its smaller name only
-        specs.append(_vocab_spec(rank, "model.embed_tokens.weight", None, vocab_rows))
+        specs.append(_spec(rank, embed))
     return specs
 
 
-def _layer_specs(rank: CheckpointRank, prefix: str, layer: list[str]) -> list[TensorSpec]:
+def _layer_specs(
+    rank: CheckpointRank, family: Family, prefix: str, layer: list[str]
+) -> list[TensorSpec]:
     """A layer's tensors under vLLM's names, fused ones concatenated along the output dim."""
+    part_of = {part: fused for fused, parts in family.fused_groups().items() for part in parts}
     specs, fused_done = [], set()
     for name in layer:
         module, suffix = name[len(prefix) :].rsplit(".", 1)
-        group = next(
-            ((f, parts) for f, parts in FUSED.items() if module.split(".")[-1] in parts), None
-        )
-        if group is None:
+        if module not in part_of:
             specs.append(_spec(rank, name))
             continue
-        fused, parts = group
-        parent = module.rsplit(".", 1)[0]
-        target = f"{prefix}{parent}.{fused}.{suffix}"
+        target = f"{prefix}{part_of[module]}.{suffix}"
         if target in fused_done:
             continue
         fused_done.add(target)
-        sources = [f"{prefix}{parent}.{p}.{suffix}" for p in parts]
-        specs.append(_concat_spec(rank, target, sources))
+        parts = family.fused_groups()[part_of[module]]
+        specs.append(_concat_spec(rank, target, [f"{prefix}{p}.{suffix}" for p in parts]))
     return specs
 
 
-def _spec(rank: CheckpointRank, name: str) -> TensorSpec:
-    plan = rank.plans[name]
-    return TensorSpec(name, plan.dtype, plan.rank_shape(rank.tp_rank), lambda: [rank.get(name)])
+def _spec(rank: CheckpointRank, source: str, name: str | None = None) -> TensorSpec:
+    """`source` as this rank holds it (vocabulary rows padded with zeros), named `name`."""
+    plan = rank.plans[source]
+    shape = plan.rank_shape(rank.tp_rank)
+    return TensorSpec(name or source, plan.dtype, shape, lambda: [rank.get(source)])
 
 
 def _concat_spec(rank: CheckpointRank, target: str, sources: list[str]) -> TensorSpec:
@@ -152,26 +150,6 @@ def _concat_spec(rank: CheckpointRank, target: str, sources: list[str]) -> Tenso
     shapes = [p.rank_shape(rank.tp_rank) for p in plans]
     shape = (sum(s[0] for s in shapes), *shapes[0][1:])
     return TensorSpec(target, plans[0].dtype, shape, lambda: [rank.get(s) for s in sources])
-
-
-def _vocab_rows(vocab: int, tp: int, tp_rank: int) -> tuple[int, int]:
-    """[start, stop) of the padded vocabulary this rank holds, as vLLM splits it."""
-    per_rank = _padded_vocab(vocab) // tp
-    return tp_rank * per_rank, (tp_rank + 1) * per_rank
-
-
-def _vocab_spec(rank: CheckpointRank, source: str, name: str | None, rows) -> TensorSpec:
-    """Rows [start, stop) of a vocabulary tensor, zeros past the real vocabulary."""
-    ck = rank.ck
-    info = ck.tensors[source]
-    start, stop = rows
-
-    def chunks():
-        real = ck.read_rows(source, min(start, info.shape[0]), min(stop, info.shape[0]))
-        missing = (stop - start) - real.shape[0]
-        yield torch.cat([real, real.new_zeros(missing, *real.shape[1:])]) if missing else real
-
-    return TensorSpec(name or source, info.dtype, (stop - start, *info.shape[1:]), chunks)
 
 
 def _scalar(name: str) -> TensorSpec:

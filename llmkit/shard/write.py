@@ -24,10 +24,8 @@ from typing import BinaryIO
 import numpy as np
 import xxhash
 
-from llmkit.arch import manifest
 from llmkit.arch.plan import DEFAULT_VOCAB_PAD, ShardPlan, Slice, TensorPlan, make_plan
-from llmkit.arch.sources import Meta, open_source, row_bytes
-from llmkit.checkpoint import dtypes
+from llmkit.checkpoint import dtypes, manifest
 from llmkit.checkpoint.atomic import atomic_output_dir, check_output_dir
 from llmkit.checkpoint.hashing import new_hash
 from llmkit.checkpoint.reader import DEFAULT_CHUNK_BYTES, row_chunks
@@ -37,6 +35,7 @@ from llmkit.checkpoint.safetensors_io import (
     file_layout,
     preallocate,
 )
+from llmkit.checkpoint.sources import Meta, open_source, row_bytes
 from llmkit.checkpoint.writer import (
     DEFAULT_MAX_SHARD_SIZE,
     ProgressFn,

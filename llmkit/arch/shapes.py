@@ -3,17 +3,17 @@
 A config that contradicts its weights (a hidden_size edited, a file from another model) is
 refused when the checkpoint is opened, with one line naming the tensor, its shape and the
 shape the config implies, instead of failing later in a kernel or writing a broken copy.
-Only the llama family's layout is known here (Llama, Mistral, Qwen2, Qwen3); other model
-types, and configs without the shape keys, are not checked.
+The shapes come from the family table (arch/family.py); model types it does not hold, and
+configs without the shape keys, are not checked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from llmkit.arch.family import FAMILIES, family_for, sizes
 from llmkit.errors import LlmkitError
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 _SHAPE_KEYS = (
     "hidden_size",
     "num_hidden_layers",
@@ -26,7 +26,7 @@ _SHAPE_KEYS = (
 def check_shapes(config: Mapping, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
     """Raise LlmkitError for the first tensor of `shapes` (name -> shape) that contradicts
     `config`, or that the config implies and is missing."""
-    if config.get("model_type") not in FAMILY or not all(k in config for k in _SHAPE_KEYS):
+    if config.get("model_type") not in FAMILIES or not all(k in config for k in _SHAPE_KEYS):
         return
     quant = config.get("quantization_config") or {}
     for name, expected in expected_shapes(config).items():
@@ -37,33 +37,24 @@ def check_shapes(config: Mapping, shapes: Mapping[str, tuple[int, ...]], where: 
 
 def expected_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
     """Each tensor the config implies: norms and biases as stored, Linears as [out, in]."""
-    hidden, vocab = config["hidden_size"], config["vocab_size"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
-    inter = config["intermediate_size"]
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    out["model.norm.weight"] = (hidden,)
+    family, size = family_for(dict(config)), sizes(dict(config))
+    hidden, vocab = size["hidden"], size["vocab"]
+    out: dict[str, tuple[int, ...]] = {f"{family.embed}.weight": (vocab, hidden)}
+    out[f"{family.final_norm}.weight"] = (hidden,)
     if not config.get("tie_word_embeddings", False):
-        out["lm_head.weight"] = (vocab, hidden)
+        out[f"{family.lm_head}.weight"] = (vocab, hidden)
     linears = {
-        "self_attn.q_proj": (heads * head_dim, hidden),
-        "self_attn.k_proj": (kv_heads * head_dim, hidden),
-        "self_attn.v_proj": (kv_heads * head_dim, hidden),
-        "self_attn.o_proj": (hidden, heads * head_dim),
-        "mlp.gate_proj": (inter, hidden),
-        "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
+        name: (size[linear.out], size[linear.inputs]) for name, _, linear in family.layer_linears()
     }
+    head_norms = family.head_norms if family.head_norms_required else ()
     for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        out[f"{p}.input_layernorm.weight"] = (hidden,)
-        out[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+        p = f"{family.layers}.{i}"
+        for norm in family.norms:
+            out[f"{p}.{norm}.weight"] = (hidden,)
         for name, shape in linears.items():
             out[f"{p}.{name}.weight"] = shape
-        if config.get("model_type") == "qwen3":
-            out[f"{p}.self_attn.q_norm.weight"] = (head_dim,)
-            out[f"{p}.self_attn.k_norm.weight"] = (head_dim,)
+        for norm in head_norms:
+            out[f"{p}.{norm}.weight"] = (size["head_dim"],)
     return out
 
 

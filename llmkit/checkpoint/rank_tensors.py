@@ -1,5 +1,5 @@
 """One tensor-parallel rank's view of a checkpoint: each tensor as the slice this rank holds,
-cut by the same rules table `llmkit shard` uses (arch/plan.py).
+cut by the split rules `llmkit shard` uses (arch/plan.py).
 
 From a plain or quantized checkpoint the slice is read lazily (rows of dim-0 splits only);
 from an `llmkit shard` directory it is this rank's own file, and the layout must match.
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from llmkit.arch.manifest import MANIFEST, read_manifest
-from llmkit.arch.plan import TensorPlan, make_plan
-from llmkit.arch.sources import ShardedSource
+from llmkit.arch.plan import ShardPlan, TensorPlan, make_plan
+from llmkit.checkpoint.manifest import MANIFEST, read_manifest
 from llmkit.checkpoint.reader import Checkpoint, open_checkpoint
 from llmkit.checkpoint.safetensors_io import rows_as_tensor
+from llmkit.checkpoint.sources import ShardedSource
 from llmkit.errors import LlmkitError
 
 
@@ -44,9 +44,11 @@ class RankTensors(ABC):
 
 
 class CheckpointRank(RankTensors):
-    def __init__(self, ck: Checkpoint, tp: int, tp_rank: int):
-        metas = {name: (info.dtype, info.shape) for name, info in ck.tensors.items()}
-        plan = make_plan(ck.config, metas, tp=tp)
+    def __init__(self, ck: Checkpoint, tp: int, tp_rank: int, plan: ShardPlan | None = None):
+        """`plan`: the split to read by (default: llmkit's own for `tp`)."""
+        if plan is None:
+            metas = {name: (info.dtype, info.shape) for name, info in ck.tensors.items()}
+            plan = make_plan(ck.config, metas, tp=tp)
         super().__init__(ck.config, {p.name: p for p in plan.tensors}, tp, tp_rank)
         self.ck = ck
 

@@ -14,10 +14,10 @@ from typing import BinaryIO
 
 import numpy as np
 
-from llmkit.arch.manifest import MANIFEST, Manifest, read_manifest
 from llmkit.arch.plan import TensorPlan
 from llmkit.checkpoint import dtypes
 from llmkit.checkpoint.hashing import ALGORITHM, SequentialHash
+from llmkit.checkpoint.manifest import MANIFEST, Manifest, read_manifest
 from llmkit.checkpoint.reader import Checkpoint, open_checkpoint, read_json
 from llmkit.checkpoint.safetensors_io import TensorInfo, map_row_bytes, read_header
 
