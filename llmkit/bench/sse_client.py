@@ -2,8 +2,8 @@
 its Server-Sent Events read straight off an asyncio stream.
 
 A load generator shares the machine with the server it measures, so its cost per streamed
-chunk matters: a general HTTP client spends ~100 us of CPU on each one, this reader a
-fraction of that. It speaks what OpenAI-compatible servers answer with: a status line,
+chunk matters: a general HTTP client spends several times the CPU this reader does on each
+one. It speaks what OpenAI-compatible servers answer with: a status line,
 headers, then a chunked or close-delimited body.
 """
 

@@ -115,8 +115,8 @@ def write(directory: Path, data: dict) -> None:
 def outline(value: object, levels: int, depth: int = 0) -> str:
     """JSON indented for the first `levels` levels of nesting and compact below them: one
     line per entry reads better than one per value, and the compact parts come from the C
-    encoder (small-llama's tp=4 pp=2 manifest: 2.4 ms and 89 KB, against 6.0 ms and 148 KB
-    fully indented, which only Python's own encoder does)."""
+    encoder, which is faster and writes a smaller file than fully indented JSON (only Python's
+    own encoder indents)."""
     if depth >= levels or not isinstance(value, dict | list) or not value:
         return json.dumps(value, separators=(", ", ": "))
     pad, inner = "  " * depth, "  " * (depth + 1)

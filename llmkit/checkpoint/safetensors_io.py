@@ -303,7 +303,7 @@ class BackgroundWriter:
 
 def preallocate(f: BinaryIO, size: int) -> None:
     # Reserving the extents up front spares the filesystem allocating as it goes, which made
-    # large writes after a `sync` markedly faster on ext4 (benchmarks/RESULTS.md).
+    # large writes after a `sync` markedly faster on ext4.
     if size > 0 and hasattr(os, "posix_fallocate"):
         with contextlib.suppress(OSError):
             os.posix_fallocate(f.fileno(), 0, size)

@@ -340,8 +340,8 @@ class _RankFiles:
 
 
 # Two threads copy into the page cache side by side: one thread copying every byte left the
-# second core idle (benchmarks/RESULTS.md, the shard section). Each worker gathers, writes
-# and hashes whole pieces.
+# second core idle (benchmarks/shard.py measures it). Each worker gathers, writes and hashes
+# whole pieces.
 _WORKERS = 2
 _QUEUE_DEPTH = 6  # pieces waiting; each holds its source chunk's memory map
 
@@ -455,9 +455,8 @@ class _Scratch:
     """One worker's buffer for gathered pieces, reused piece after piece.
 
     Fresh memory is slow where a VM hands freed pages back to its host (the host must fault
-    them in again), so gathering into new arrays made large shards markedly slower
-    (benchmarks/RESULTS.md). A worker writes and hashes a piece before it takes the next, so
-    the buffer is free again by then.
+    them in again), so gathering into new arrays made large shards markedly slower. A worker
+    writes and hashes a piece before it takes the next, so the buffer is free again by then.
     """
 
     def __init__(self) -> None:
@@ -471,9 +470,8 @@ class _Scratch:
 
 
 # Written 256 KiB a call: on a VM that hands freed memory back to its host, larger buffered
-# writes were slower, and smaller ones cost more calls (the sizes tried are compared in
-# benchmarks/RESULTS.md). Likely cause: the page cache then takes large folios from the
-# high-order free blocks, which are the ones reported to the host.
+# writes were slower, and smaller ones cost more calls. Likely cause: the page cache then
+# takes large folios from the high-order free blocks, which are the ones reported to the host.
 _WRITE_BYTES = 256 * 2**10
 
 

@@ -138,8 +138,8 @@ class DenseLinear(nn.Module):
     which computes the same values faster for the small batches of decoding. Where the CPU
     has no native bf16 (or fp16) products, they are much slower than float32 ones, so the
     weight stays half precision in memory and is widened to float32 on the fly: in registers
-    by llmkit's kernel for up to KERNEL_MAX_ROWS rows, in blocks for more (measurements:
-    benchmarks/cpu_decode.py and the engine benchmark in benchmarks/RESULTS.md)."""
+    by llmkit's kernel for up to KERNEL_MAX_ROWS rows, in blocks for more (benchmarks/cpu_decode.py
+    and benchmarks/engine_throughput.py measure both)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
