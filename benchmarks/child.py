@@ -111,6 +111,37 @@ def against_cp(
         "runs": {"cp_seconds": cp_s, f"{tool}_seconds": tool_s},
         "peak_rss_bytes": max(rss),
         "rss_bound_bytes": bound,
+        "throughput_target": target,
         "throughput_target_met": ratio >= target,
         "rss_target_met": max(rss) <= bound,
     }
+
+
+def against_cp_rows(name: str, tool: str, result: dict) -> list[dict]:
+    """RESULTS.md's rows for one `against_cp` result: throughput against cp (the median of
+    the pairs' ratios, their spread), and peak RSS against its bound."""
+    from report import row
+
+    runs = result["runs"]
+    pairs = [c / t for c, t in zip(runs["cp_seconds"], runs[f"{tool}_seconds"], strict=True)]
+    target = result["throughput_target"]
+    rss, bound = result["peak_rss_bytes"] / 1e6, result["rss_bound_bytes"] / 1e6
+    return [
+        row(
+            f"{name}, GB of source per second ({len(pairs)} pairs; ratio: median of the pairs', "
+            f"{min(pairs):.2f}-{max(pairs):.2f})",
+            f"{result[f'{tool}_gb_per_s']:.2f} GB/s",
+            f"{result['cp_gb_per_s']:.2f} GB/s",
+            result["throughput_ratio"],
+            f"≥ {target}×",
+            result["throughput_target_met"],
+        ),
+        row(
+            f"{name}, peak RSS against 2 × largest tensor + 300 MB",
+            f"{rss:.0f} MB",
+            f"bound {bound:.0f} MB",
+            None,
+            "≤ bound",
+            result["rss_target_met"],
+        ),
+    ]

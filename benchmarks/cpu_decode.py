@@ -44,7 +44,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from report import save_result
+from report import row, save_result
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMACPP = ROOT / ".refvenvs" / "llamacpp"
@@ -267,7 +267,44 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
         "spread": spread,
         "rounds": args.rounds,
     }
-    save_result("cpu_decode", fields, f"{args.threads} threads")
+    summary = summarize(fields)
+    save_result(
+        "cpu_decode", fields, f"{args.threads} threads", anchor="llama.cpp", summary=summary
+    )
+
+
+def summarize(fields: dict) -> list[dict]:
+    """RESULTS.md's rows: batch 1 at each precision, llmkit's own int4 / bf16, 64 sequences."""
+    spread, mbu = fields["spread"], fields["mbu"]
+    rows = []
+    for name, cell in fields["batch_1"].items():
+        ours, theirs = cell["llmkit_tok_s"], cell["llama_cpp_tok_s"]
+        target = name != "int4-gptq-g128"  # its Q4_0 anchor is another method
+        rows.append(row(
+            f"batch 1, {name} against {MODELS[name][0]} (MBU llmkit / llama.cpp "
+            f"{mbu[name]['llmkit']:.0%} / {mbu[name]['llama.cpp']:.0%})",
+            f"{ours:.1f} tok/s ({_span(spread[f'llmkit {name} b1'])})",
+            f"{theirs:.1f} ({_span(spread[f'llama.cpp {name} b1'])})",
+            ours / theirs, "≥ 1.0×" if target else "", ours >= theirs if target else None,
+        ))  # fmt: skip
+    own = fields["int4_over_bf16"]
+    bf16, int4 = fields["batch_1"]["bf16"], fields["batch_1"]["int4-rtn-g32"]
+    rows.append(row(
+        "batch 1, llmkit int4 RTN g32 against llmkit bf16 (the anchor column: llmkit bf16)",
+        f"{int4['llmkit_tok_s']:.1f} tok/s", f"{bf16['llmkit_tok_s']:.1f}", own, "≥ 2.5×",
+        own >= 2.5,
+    ))  # fmt: skip
+    for key, cell in fields["batch_64"].items():
+        name, part = key.rsplit(" ", 1)
+        measured = "generation (S_TG)" if part == "generation" else "whole job (S)"
+        ratio, target = cell["ratio"], part == "generation"
+        rows.append(row(
+            f"64 sequences, {name}, {measured}",
+            f"{cell['llmkit_tok_s']:.1f} tok/s ({_span(spread[f'llmkit {name} b64 {part}'])})",
+            f"{cell['llama_cpp_tok_s']:.1f} ({_span(spread[f'llama.cpp {name} b64 {part}'])})",
+            ratio, "≥ 1.0×" if target else "", ratio >= 1.0 if target else None,
+        ))  # fmt: skip
+    return rows
 
 
 def _span(bounds: list[float]) -> str:

@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from report import row, save_result
 
 from llmkit.kernels import cpu
 from llmkit.runtime.layers import attention
@@ -84,9 +85,21 @@ def main() -> None:
         "silu * up, 2048 rows": silu_case(2048),
     }
     print(f"{'case':28} {'kernel ms':>10} {'torch ms':>10} {'torch / kernel':>15}")
+    times, summary = {}, []
     for name, pair in cases.items():
-        kernel_ms, anchor_ms = per_call_ms(pair)
+        kernel_ms, anchor_ms = times[name] = per_call_ms(pair)
         print(f"{name:28} {kernel_ms:10.3f} {anchor_ms:10.3f} {anchor_ms / kernel_ms:15.2f}")
+        summary.append(
+            row(
+                f"{name}, ms a call (ratio: torch / kernel)",
+                f"{kernel_ms:.3f} ms",
+                f"{anchor_ms:.3f} ms",
+                anchor_ms / kernel_ms,
+            )
+        )
+    fields = {"ms_per_call": {name: {"kernel": k, "torch": a} for name, (k, a) in times.items()}}
+    anchor = "the torch path the kernel replaces"
+    save_result("cpu_kernels", fields, f"{THREADS} threads", anchor=anchor, summary=summary)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from engine_throughput import (
     static_batches,
     weight_bytes_per_token,
 )
+from report import row, save_result
 from shard import LLAMA_1B, make_random_1b
 
 CALIBRATION = ["--dataset", "builtin", "--num-samples", "128", "--seq-len", "512"]
@@ -110,8 +111,9 @@ def generation_run(tool: str, model: Path, workload: Path) -> dict:
     return {**result, "tokens_per_s": tokens_per_s, "wall_s": wall, "peak_rss_mb": rss / 1e6}
 
 
-def gptq_runs(models: dict[str, Path], work: Path, skip_cpu: bool) -> None:
-    """Each GPTQ run, printed as it finishes."""
+def gptq_runs(models: dict[str, Path], work: Path, skip_cpu: bool) -> dict[str, dict]:
+    """Each GPTQ run, printed as it finishes; returned by name."""
+    results = {}
     print("\nGPTQ 4-bit g128, 128 x 512 calibration tokens")
     print(f"{'run':<28}{'llmkit s':>10}{'wall s':>9}{'RSS MB':>9}{'GPU MB':>9}{'mean err':>10}")
     runs = [("small-llama", "cuda"), ("small-llama", "cpu"), ("llama-1b", "cuda")]
@@ -120,11 +122,13 @@ def gptq_runs(models: dict[str, Path], work: Path, skip_cpu: bool) -> None:
             continue
         r = gptq_run(models[model], work / f"{model}-gptq-{device}", device)
         name = f"{model}, {device}" + (" (all cores)" if device == "cpu" else "")
+        results[name] = r
         print(
             f"{name:<28}{r['seconds']:>10.1f}{r['wall_s']:>9.1f}{r['peak_rss_mb']:>9.0f}"
             f"{r['peak_gpu_mb']:>9.0f}{r['mean_layer_error']:>10.5f}",
             flush=True,
         )
+    return results
 
 
 def print_generation(runs: dict[str, dict], weight_bytes: dict[str, int]) -> None:
@@ -158,7 +162,7 @@ def main() -> None:
     print(f"gpu: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-cuda-bench-"))
     models = prepare(work)
-    gptq_runs(models, work, args.skip_cpu)
+    gptq = gptq_runs(models, work, args.skip_cpu)
     workload = work / "workload.json"
     make_workload(workload)
     checkpoints = {
@@ -172,6 +176,39 @@ def main() -> None:
         print(name, json.dumps(generation[name]), flush=True)
     sizes = {name: weight_bytes_per_token(model) for name, (_, model) in checkpoints.items()}
     print_generation(generation, sizes)
+    fields = {"gpu": torch.cuda.get_device_name(), "gptq": gptq, "generation": generation}
+    fields["weight_bytes_per_token"] = sizes
+    anchor = "transformers' static batches on the same GPU"
+    save_result("cuda", fields, fields["gpu"], anchor=anchor, summary=summarize(fields))
+
+
+def summarize(fields: dict) -> list[dict]:
+    """RESULTS.md's rows: each GPTQ run, generation against transformers, batch-1 MBU."""
+    rows = [
+        row(
+            f"GPTQ 4-bit g128, {name} (seconds; peak GPU memory)",
+            f"{r['seconds']:.1f} s; {r['peak_gpu_mb']:.0f} MB",
+            "",
+            None,
+        )
+        for name, r in fields["gptq"].items()
+    ]
+    generation, sizes = fields["generation"], fields["weight_bytes_per_token"]
+    hf = generation["hf-static bf16"]["tokens_per_s"]
+    for name in ("llmkit bf16", "llmkit gptq int4"):
+        r = generation[name]
+        rows.append(row(
+            f"64 requests x 128 tokens, {name}, output tok/s (anchor: transformers bf16)",
+            f"{r['tokens_per_s']:.1f} tok/s", f"{hf:.1f} tok/s", r["tokens_per_s"] / hf,
+        ))  # fmt: skip
+        if "batch1_tokens_per_s" not in r:
+            continue
+        mbu = r["batch1_tokens_per_s"] * sizes[name] / r["copy_bandwidth"]
+        rows.append(row(
+            f"batch-1 decode, {name}; MBU against a device-to-device copy",
+            f"{r['batch1_tokens_per_s']:.1f} tok/s, MBU {mbu:.0%}", "", None,
+        ))  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

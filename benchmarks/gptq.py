@@ -142,22 +142,32 @@ def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samp
         f"KLD: llmkit gptq {kld['llmkit gptq']:.6f}, gptqmodel {kld['gptqmodel gptq']:.6f}, "
         f"llmkit rtn {kld['llmkit rtn']:.6f} -> {'met' if met else 'MISSED'}"
     )
-    if not speed:
-        return
-    rows = {
-        f"{name}, round {i}": run for name, runs in speed.items() for i, run in enumerate(runs, 1)
-    }
-    report.print_speed(rows, "small-llama, 4-bit g128")
-    ours, theirs = speed["llmkit gptq"], speed["gptqmodel gptq"]
-    each = [a["seconds"] / b["seconds"] for a, b in zip(ours, theirs, strict=True)]
-    ratio = min(a["seconds"] for a in ours) / min(b["seconds"] for b in theirs)
-    print(f"time: llmkit/gptqmodel per round: {', '.join(f'{r:.2f}' for r in each)}")
-    print(
-        f"time: llmkit/gptqmodel, fastest run of each = {ratio:.2f} -> "
-        f"{'met' if ratio <= 0.5 else 'MISSED'}"
-    )
-    largest = max(ours, key=lambda run: run["peak_rss"] - run["start_rss"])
-    report.print_memory(work / "small-llama", largest, num_samples)
+    fields: dict = {"kld": kld}
+    if speed:
+        rows = {
+            f"{name}, round {i}": run
+            for name, runs in speed.items()
+            for i, run in enumerate(runs, 1)
+        }
+        report.print_speed(rows, "small-llama, 4-bit g128")
+        ours, theirs = speed["llmkit gptq"], speed["gptqmodel gptq"]
+        each = [a["seconds"] / b["seconds"] for a, b in zip(ours, theirs, strict=True)]
+        fastest = min(a["seconds"] for a in ours), min(b["seconds"] for b in theirs)
+        ratio = fastest[0] / fastest[1]
+        print(f"time: llmkit/gptqmodel per round: {', '.join(f'{r:.2f}' for r in each)}")
+        print(
+            f"time: llmkit/gptqmodel, fastest run of each = {ratio:.2f} -> "
+            f"{'met' if ratio <= 0.5 else 'MISSED'}"
+        )
+        largest = max(ours, key=lambda run: run["peak_rss"] - run["start_rss"])
+        memory = report.print_memory(work / "small-llama", largest, num_samples)
+        fields["time"] = {
+            "llmkit_s": fastest[0], "anchor_s": fastest[1], "stopped": False, "ratio": ratio,
+            "per_round": each,
+        }  # fmt: skip
+        fields["memory"] = memory
+    summary = report.quantizer_rows(fields, "llmkit gptq", ["gptqmodel gptq"], "llmkit rtn")
+    report.save_result("gptq", fields, anchor="GPTQModel 7.6.0", summary=summary)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from report import split_text
+from report import row, save_result, split_text
 
 from llmkit.bench.quality import evaluate_quality
 from llmkit.checkpoint.reader import open_checkpoint
@@ -108,6 +108,43 @@ def main() -> None:
     )
     print_table(model, rows, runs)
     print_targets(rows, runs)
+    scores = {
+        name: {
+            "perplexity": scored.perplexity,
+            "kld_mean": scored.kld_mean,
+            "kld_p99": scored.kld_p99,
+            "top1_agreement": scored.top1_agreement,
+            "seconds": runs[name]["seconds"],
+        }
+        for name, scored in zip(runs, rows[1:], strict=True)
+    }
+    fields = {"reference_perplexity": rows[0].perplexity, "tokens": rows[0].num_tokens}
+    fields["scores"] = scores
+    anchor = "llm-compressor 0.14.0.1 (W8A8 SmoothQuant 0.5)"
+    save_result("quality", fields, anchor=anchor, summary=summarize(fields))
+
+
+def summarize(fields: dict) -> list[dict]:
+    """RESULTS.md's rows: each method's KLD and perplexity, w8a8 against llm-compressor's
+    (KLD and time: lower is better, so the targets are ratios of at most 1)."""
+    scores, rows = fields["scores"], []
+    theirs = scores.get("llm-compressor w8a8")
+    for name, score in scores.items():
+        if name == "llm-compressor w8a8":
+            continue
+        ours = f"KLD {score['kld_mean']:.5f}, ppl {score['perplexity']:.3f}"
+        if name == "w8a8" and theirs:
+            kld = score["kld_mean"] / theirs["kld_mean"]
+            anchor = f"KLD {theirs['kld_mean']:.5f}, ppl {theirs['perplexity']:.3f}"
+            rows.append(row("w8a8 KLD (lower is better)", ours, anchor, kld, "≤ 1.0×", kld <= 1))
+            took = score["seconds"] / theirs["seconds"]
+            rows.append(row(
+                "w8a8 quantization time (lower is better)", f"{score['seconds']:.2f} s",
+                f"{theirs['seconds']:.2f} s", took, "≤ 1.0×", took <= 1,
+            ))  # fmt: skip
+            continue
+        rows.append(row(f"{name}, KLD against fp32 (no anchor)", ours, "", None))
+    return rows
 
 
 def print_table(model: Path, rows, runs: dict[str, dict]) -> None:
@@ -116,11 +153,11 @@ def print_table(model: Path, rows, runs: dict[str, dict]) -> None:
         f"{'method':22} {'perplexity':>10} {'KLD mean':>10} {'KLD p99':>9} {'top-1':>7} "
         f"{'size':>9} {'quant s':>8}"
     )
-    for name, row in zip(names, rows, strict=True):
+    for name, scored in zip(names, rows, strict=True):
         run = runs.get(name, {"path": model, "seconds": 0.0})
         print(
-            f"{name:22} {row.perplexity:10.4f} {row.kld_mean:10.6f} {row.kld_p99:9.5f} "
-            f"{row.top1_agreement:7.2%} {size_of(run['path']) / 1e3:7.1f}KB "
+            f"{name:22} {scored.perplexity:10.4f} {scored.kld_mean:10.6f} {scored.kld_p99:9.5f} "
+            f"{scored.top1_agreement:7.2%} {size_of(run['path']) / 1e3:7.1f}KB "
             f"{run['seconds']:8.2f}"
         )
     print(f"({rows[0].num_tokens} evaluated tokens)")

@@ -63,9 +63,9 @@ def seconds_at_least(run: dict) -> float:
     return run.get("stopped_after", run.get("seconds"))
 
 
-def print_memory(model: Path, run: dict, num_samples: int, seq_len: int = 512) -> None:
+def print_memory(model: Path, run: dict, num_samples: int, seq_len: int = 512) -> dict:
     """llmkit's peak above its starting RSS against 3x one decoder layer's weights + the
-    float32 calibration activations."""
+    float32 calibration activations; returns both, in bytes."""
     from llmkit.checkpoint.reader import open_checkpoint
 
     with open_checkpoint(model) as ck:
@@ -79,6 +79,48 @@ def print_memory(model: Path, run: dict, num_samples: int, seq_len: int = 512) -
         f"activations ({activations / MB:.0f}MB) = {bound / MB:.0f}MB -> "
         f"{'met' if used <= bound else 'MISSED'}"
     )
+    return {"used": used, "bound": bound}
+
+
+def quantizer_rows(fields: dict, ours: str, references: list[str], rtn: str) -> list[dict]:
+    """RESULTS.md's rows for a quantizer benchmark (gptq.py, awq.py): KLD against each
+    reference and against llmkit's RTN at the same settings, every other llmkit variant
+    beside the better reference, then time and memory when the speed part ran. KLD and time:
+    lower is better, so their targets are ratios of at most 1 (time: 0.5)."""
+    kld = fields["kld"]
+    best = min(references, key=lambda name: kld[name])
+    rows = []
+    for name in references:
+        target = name == best
+        rows.append(row(
+            f"KLD, {ours} against {name} (lower is better)", f"{kld[ours]:.5f}",
+            f"{kld[name]:.5f}", kld[ours] / kld[name], "≤ 1.0×" if target else "",
+            kld[ours] <= kld[name] if target else None,
+        ))  # fmt: skip
+    rows.append(row(
+        f"KLD, {ours} against {rtn} (lower is better)", f"{kld[ours]:.5f}", f"{kld[rtn]:.5f}",
+        kld[ours] / kld[rtn], "< 1.0×", kld[ours] < kld[rtn],
+    ))  # fmt: skip
+    for name in kld:
+        if name.startswith("llmkit") and name not in (ours, rtn):
+            rows.append(row(
+                f"KLD, {name} against {best}", f"{kld[name]:.5f}", f"{kld[best]:.5f}",
+                kld[name] / kld[best],
+            ))  # fmt: skip
+    if "time" in fields:
+        time = fields["time"]
+        theirs = f"{time['anchor_s']:.1f} s" + (" (stopped there)" if time["stopped"] else "")
+        rows.append(row(
+            "time on small-llama, 4-bit g128 (lower is better; fastest run of each)",
+            f"{time['llmkit_s']:.1f} s", theirs, time["ratio"], "≤ 0.5×", time["ratio"] <= 0.5,
+        ))  # fmt: skip
+        memory = fields["memory"]
+        rows.append(row(
+            "peak memory above the start, against 3 × a layer + the activations",
+            f"{memory['used'] / MB:.0f} MB", f"bound {memory['bound'] / MB:.0f} MB", None,
+            "≤ bound", memory["used"] <= memory["bound"],
+        ))  # fmt: skip
+    return rows
 
 
 def parser(description: str, shared: Path) -> argparse.ArgumentParser:
@@ -100,9 +142,15 @@ def workdir(args: argparse.Namespace, prefix: str) -> Path:
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def save_result(benchmark: str, fields: dict, machine: str = "") -> Path:
-    """Write benchmarks/results/<benchmark>-<date>.json: the benchmark's `fields` after its
-    name, date, commit, machine (the CPU, then `machine`) and the command that ran it."""
+def save_result(
+    benchmark: str, fields: dict, machine: str = "", *, anchor: str, summary: list[dict]
+) -> Path:
+    """Write benchmarks/results/<benchmark>-<date>.json: the benchmark's name, date, commit,
+    machine (the CPU, then `machine`), the command that ran it, the anchor it is measured
+    against, its `summary` rows (see `row`) and then its own `fields`; then regenerate
+    benchmarks/RESULTS.md from the newest result of every benchmark."""
+    from results_md import write_results_md
+
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     cpu = f"{platform.machine()}, {cpu_model()}"
     result = {
@@ -111,13 +159,37 @@ def save_result(benchmark: str, fields: dict, machine: str = "") -> Path:
         "commit": commit.stdout.strip(),
         "machine": f"{cpu}, {machine}" if machine else cpu,
         "command": " ".join(["python", f"benchmarks/{benchmark}.py", *sys.argv[1:]]),
+        "anchor": anchor,
+        "summary": summary,
         **fields,
     }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{benchmark}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
+    print(f"wrote {write_results_md()}")
     return path
+
+
+def row(
+    measured: str,
+    llmkit: str,
+    anchor: str,
+    ratio: float | None,
+    target: str = "",
+    met: bool | None = None,
+) -> dict:
+    """One line of a benchmark's table in RESULTS.md: what was measured, llmkit's number and
+    the anchor's (as text, with units and spread), llmkit / anchor, the target and whether
+    it was met (None: no target)."""
+    return {
+        "measured": measured,
+        "llmkit": llmkit,
+        "anchor": anchor,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+    }
 
 
 def cpu_model() -> str:

@@ -26,7 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from child import against_cp, run_child, timed_cp
+from child import against_cp, against_cp_rows, run_child, timed_cp
+from report import save_result
 
 from llmkit.checkpoint.reader import open_checkpoint
 
@@ -162,8 +163,12 @@ def main() -> None:
     results = {name: measure(src, out, args.repeats) for name, src in sources.items()}
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        report(results)
+        return
+    report(results)
+    summary = [
+        r for name, result in results.items() for r in against_cp_rows(name, "shard", result)
+    ]
+    save_result("shard", {"results": results}, anchor="cp -r of the same files", summary=summary)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-from report import save_result
+from report import row, save_result
 
 from llmkit.net import free_port
 from llmkit.serve.launch import launched
@@ -397,7 +397,44 @@ def report(clean: dict, soak: dict, args: argparse.Namespace) -> None:
         "clean": clean,
         "soak": soak,
     }
-    save_result("soak", fields)
+    save_result(
+        "soak", fields, anchor="a clean run of the same valid traffic", summary=summarize(fields)
+    )
+
+
+FLAT = 1.1  # RSS at the end over RSS after warm-up that still counts as flat
+
+
+def summarize(fields: dict) -> list[dict]:
+    """RESULTS.md's rows: answers, 5xx, valid failures, p99 against the clean run, RSS, KV."""
+    clean, soak = fields["clean"], fields["soak"]
+    ratio, growth = fields["ratios"]["valid_p99_soak_over_clean"], fields["rss_growth"]
+    answers = ", ".join(f"{n} × {status}" for status, n in soak["statuses"].items())
+    failed = sum(soak["valid_failed"].values())
+    mb = {k: (soak["rss_start"][k] / 2**20, soak["rss_end"][k] / 2**20) for k in growth}
+    rows = [
+        row("answers in the soak, by status", answers, "", None),
+        row("5xx answers", str(fields["five_xx"]), "", None, "0", fields["five_xx"] == 0),
+        row("valid requests failed", str(failed), "", None, "0", failed == 0),
+        row(
+            "valid requests' p99 latency (lower is better)",
+            f"{soak['valid_p99_s']:.2f} s",
+            f"{clean['valid_p99_s']:.2f} s",
+            ratio,
+            "≤ 1.5×",
+            ratio <= 1.5,
+        ),
+    ]
+    for key, name in (("front_end", "front-end RSS"), ("engine_beyond_kv", "engine RSS less KV")):
+        start, end = mb[key]
+        rows.append(row(
+            f"{name}, after warm-up → end", f"{start:.0f} → {end:.0f} MB", "", None,
+            f"flat (≤ {FLAT}×)", growth[key] <= FLAT,
+        ))  # fmt: skip
+    used, tracebacks = soak["kv_blocks_used_at_end"], soak["tracebacks_in_log"]
+    rows.append(row("KV blocks used at the end", f"{used:.0f}", "", None, "0", used == 0))
+    rows.append(row("tracebacks in the log", str(tracebacks), "", None, "0", tracebacks == 0))
+    return rows
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,0 +1,70 @@
+"""benchmarks/RESULTS.md is generated from the JSON results: the newest result of each
+benchmark, one table each, and a line for a benchmark with none."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(day: str, ratio: float, met: bool) -> dict:
+    line = {
+        "measured": "output tok/s",
+        "llmkit": "10.0",
+        "anchor": "5.0",
+        "ratio": ratio,
+        "target": "≥ 1.0×",
+        "met": met,
+    }
+    return {
+        "benchmark": "cpu_decode",
+        "date": day,
+        "commit": f"c{day[-2:]}",
+        "machine": "m",
+        "command": "python benchmarks/cpu_decode.py",
+        "anchor": "llama.cpp",
+        "summary": [line],
+    }
+
+
+def test_the_newest_result_of_each_benchmark_becomes_its_table(tmp_path):
+    results_md = load("results_md")
+    (tmp_path / "cpu_decode-2026-01-02.json").write_text(json.dumps(result("2026-01-02", 2, True)))
+    (tmp_path / "cpu_decode-2026-01-01.json").write_text(
+        json.dumps(result("2026-01-01", 0.5, False))
+    )
+    (tmp_path / "soak-2026-01-03.json").write_text(json.dumps({"benchmark": "soak"}))  # no rows
+    text = results_md.render(results_md.newest_results(tmp_path))
+    section = text.split("(`benchmarks/cpu_decode.py`)")[1].split("\n## ")[0]
+    assert "2026-01-02 · commit c02" in section and "cpu_decode-2026-01-02.json" in section
+    assert "| output tok/s | 10.0 | 5.0 | 2.00× | ≥ 1.0×: met |" in section
+    assert "c01" not in text
+    soak = text.split("(`benchmarks/soak.py`)")[1].split("\n## ")[0]
+    assert "No result recorded" in soak
+    assert text.count("\n## ") == len(results_md.BENCHMARKS)
+
+
+def test_a_missed_target_is_marked(tmp_path):
+    results_md = load("results_md")
+    missed = result("2026-01-01", 0.5, False)["summary"][0]
+    assert results_md.table_row(missed).endswith("| 0.50× | ≥ 1.0×: **missed** |")
+
+
+def test_every_benchmark_script_is_listed():
+    results_md = load("results_md")
+    scripts = {
+        path.stem
+        for path in BENCHMARKS.glob("*.py")
+        if "save_result(" in path.read_text() and path.stem != "report"
+    }
+    assert scripts == set(results_md.BENCHMARKS)
