@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmkit.bench.runtime_scorer import RuntimeScorer
+from llmkit.runtime.scoring import WindowScorer
 
 # CUDA variants skip where torch sees no CUDA device (as on CI); `pytest -k cuda` runs them
 # on a GPU machine.
@@ -35,7 +35,7 @@ def runtime_logits(path, ids: list[int], device: str = "cpu", exact: bool = Fals
     """The runtime's float32 logits [tokens, vocab] for a whole prompt in one prefill on
     `device`, returned on the CPU: through the serving kernels, or with `exact` as quality
     measurements take them (weight-only formats dequantized)."""
-    scorer = RuntimeScorer(str(path), 1, len(ids), device, exact)
+    scorer = WindowScorer(str(path), 1, len(ids), device, exact)
     return scorer(torch.tensor([ids]))[0].cpu()
 
 

@@ -152,3 +152,17 @@ def test_the_contract_catches_an_upward_import_and_a_cycle(tmp_path):
     assert "llmkit.quant.pipeline imports llmkit.runtime.engine, a layer above it" in violations
     assert all(v.startswith("llmkit.quant.pipeline imports llmkit.runtime") for v in violations)
     assert ["quant", "runtime"] in cycles(package_graph(graph))
+
+
+def test_the_engine_holds_no_tensors():
+    """engine.py schedules and bookkeeps; the executor's `step` and `release` are all it asks
+    of the model side: it imports no torch and reaches into no runner or sampler."""
+    source = (ROOT / "runtime" / "engine.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert "torch" not in imported
+    assert "executor.runner" not in source and "sampler." not in source

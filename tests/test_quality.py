@@ -90,7 +90,8 @@ def test_architectures_the_runtime_does_not_run_are_scored_through_transformers(
     got = scorer(tmp_path, 10)
     assert got.backend == "transformers" and got.vocab_size == 96
     with torch.no_grad():
-        assert torch.allclose(got(ids), model(ids).logits, atol=1e-5)
+        want = torch.log_softmax(model(ids).logits.double(), dim=-1)
+        assert torch.allclose(got.logprobs(ids), want, atol=1e-5)
 
 
 def test_cli_bench_quality_thresholds_apply_to_the_candidates(cli, tiny_dir, int8_copy, tmp_path):

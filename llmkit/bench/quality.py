@@ -82,13 +82,13 @@ def evaluate_quality(
 
 
 def scorer(path: str | Path, seq_len: int):
-    """ids [windows, seq_len] -> logits, with `.vocab_size` and `.backend`: llmkit's runtime
-    (the kernels it serves with) for the architectures it runs, else transformers' model code
-    over the dequantized weights."""
-    from llmkit.bench.runtime_scorer import RuntimeScorer
+    """`.logprobs(ids [windows, seq_len])`, `.vocab_size` and `.backend`: llmkit's runtime
+    scorer for the architectures it runs, else transformers' model code over the dequantized
+    weights."""
+    from llmkit.runtime.scoring import WindowScorer
 
     try:
-        return RuntimeScorer(str(path), WINDOWS_PER_BATCH, seq_len)
+        return WindowScorer(str(path), WINDOWS_PER_BATCH, seq_len)
     except LlmkitError:
         return _TransformersScorer(path)
 
@@ -102,8 +102,10 @@ class _TransformersScorer:
         self.model = load_model(path)
         self.vocab_size = self.model.config.vocab_size
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids).logits
+    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return torch.log_softmax(self.model(ids).logits.double(), dim=-1)
 
 
 def _check_vocab(ref_model, model, path) -> None:
@@ -120,12 +122,8 @@ def _score(name: str, ref_model, model, ids: torch.Tensor, on_window) -> Quality
     for start in range(0, len(ids), WINDOWS_PER_BATCH):
         batch = ids[start : start + WINDOWS_PER_BATCH]
         # Positions 0..L-2 predict tokens 1..L-1 (nothing predicts the BOS).
-        ref_logp = torch.log_softmax(ref_model(batch)[:, :-1].double(), dim=-1)
-        logp = (
-            ref_logp
-            if model is ref_model
-            else torch.log_softmax(model(batch)[:, :-1].double(), dim=-1)
-        )
+        ref_logp = ref_model.logprobs(batch)[:, :-1]
+        logp = ref_logp if model is ref_model else model.logprobs(batch)[:, :-1]
         targets = batch[:, 1:]
         totals.nll -= float(logp.gather(-1, targets[..., None]).sum())
         totals.agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())

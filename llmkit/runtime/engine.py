@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from llmkit.checkpoint import checksums, dtypes
 from llmkit.checkpoint.fast_tokenizer import load_tokenizer
 from llmkit.checkpoint.rank_tensors import RankTensors, open_rank
@@ -24,9 +22,9 @@ from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.detokenizer import Detokenizer
 from llmkit.runtime.engine_config import EngineConfig
-from llmkit.runtime.executor import Executor, RunnerSpec
-from llmkit.runtime.layers.sampler import Sampled, score
-from llmkit.runtime.model_runner import PromptSpan, kv_block_bytes, prepare
+from llmkit.runtime.executor import DTYPES, Executor, RunnerSpec, cuda_memory, set_threads
+from llmkit.runtime.layers.sampler import Sampled
+from llmkit.runtime.model_runner import StepOutput, kv_block_bytes
 from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.outputs import Completion, RequestOutput, RequestTimes, check_prompt_ids
 from llmkit.runtime.scheduler import Batch, Scheduler
@@ -34,7 +32,6 @@ from llmkit.runtime.sequence import SamplingParams, Sequence, stop_reason
 
 log = logging.getLogger("llmkit.engine")
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
-MAX_THREADS = 4096
 
 
 @dataclass(slots=True)
@@ -55,14 +52,14 @@ class Engine:
         self.model_path = str(model)
         device = resolve_device(config.device)
         if device.type == "cpu":
-            _set_threads(config.threads)
+            set_threads(config.threads)
         src = open_rank(self.model_path, config.tp, 0)  # headers only: checks the layout
         try:
             hf_config = src.config
             self.model_config = LlamaConfig.from_hf(hf_config)
-            dtype = _resolve_dtype(config.dtype, hf_config, device)
+            dtype = _resolve_dtype(config.dtype, hf_config, device.type)
             self.kv_block_bytes = kv_block_bytes(
-                self.model_config, config.tp, config.block_size, dtype
+                self.model_config, config.tp, config.block_size, DTYPES[dtype].itemsize
             )
             num_blocks = self._num_blocks(device, src)
         finally:
@@ -127,7 +124,7 @@ class Engine:
         """Stop a request now and free its KV blocks (unknown ids are ignored)."""
         for seq in self._seqs(request_id, forget=True):
             self.scheduler.finish(seq, "abort")
-            self.executor.runner.sampler.release(seq.seq_id)
+            self.executor.release(seq.seq_id)
 
     def pause(self, request_id: str) -> None:
         """Stop computing a request (its client is not reading) and free its KV blocks; it
@@ -161,7 +158,7 @@ class Engine:
         self._mark_scheduled(batch.seqs)
         failed: list[RequestOutput] = []
         try:
-            runs = [(batch, self._compute(batch))]
+            runs = [(batch, self.executor.step(batch))]
         except Exception as e:
             if len({s.request_id for s in batch.seqs}) == 1:
                 return [self._fail(batch.seqs[0].request_id, e)]
@@ -170,26 +167,17 @@ class Engine:
             runs = []
             for part in _by_request(batch):
                 try:
-                    runs.append((part, self._compute(part)))
+                    runs.append((part, self.executor.step(part)))
                 except Exception as e:
                     failed.append(self._fail(part.seqs[0].request_id, e))
         touched: dict[str, _Request] = {}
         now = time.monotonic()
-        for part, (to_sample, sampled) in runs:
+        for part, out in runs:
             self.scheduler.update(part)
-            for seq, token in zip(to_sample, sampled, strict=True):
+            self._record_prompt_scores(out)
+            for seq, token in zip(out.seqs, out.sampled, strict=True):
                 touched[seq.request_id] = self._advance(seq, token, now)
         return failed + [self._output(r) for r in touched.values()]
-
-    def _compute(self, batch: Batch) -> tuple[list[Sequence], list[Sampled]]:
-        """Run the model over `batch` and sample; changes no scheduling state (the K/V it
-        writes are written again, the same, if the batch is run again)."""
-        inputs, to_sample, spans = prepare(batch, self.config.block_size)
-        logits = self.executor.execute(inputs)
-        self._score_prompts(spans, logits[len(to_sample) :] if spans else None)
-        if not to_sample:
-            return to_sample, []
-        return to_sample, self.executor.runner.sample(logits[: len(to_sample)], to_sample)
 
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:
         """End one request with an error (its blocks freed); the output that says so."""
@@ -210,17 +198,12 @@ class Engine:
             if times.first_scheduled is None:
                 times.first_scheduled = now
 
-    def _score_prompts(self, spans: list[PromptSpan], logits: torch.Tensor | None) -> None:
-        """Record the log probability of each prompt token the spans cover."""
-        row = 0
-        for span in spans:
-            seq = span.seq
-            nxt = seq.prompt_token_ids[span.start + 1 : span.start + 1 + span.count]
-            scored = score(logits[row : row + span.count], nxt, seq.params.prompt_logprobs)
+    def _record_prompt_scores(self, out: StepOutput) -> None:
+        """Record the log probability of each prompt token the step scored."""
+        for seq, first, scored in out.prompt_scores:
             target = self.requests[seq.request_id].prompt_logprobs
-            for i, s in enumerate(scored, start=span.start + 1):
+            for i, s in enumerate(scored, start=first):
                 target[i] = _logprob_entry(s)
-            row += span.count
 
     def _advance(self, seq: Sequence, sampled: Sampled, now: float) -> _Request:
         request = self.requests[seq.request_id]
@@ -235,7 +218,7 @@ class Engine:
         reason = reason or stop_reason(seq, self.eos_token_ids, self.max_model_len)
         if reason:
             self.scheduler.finish(seq, reason)
-            self.executor.runner.sampler.release(seq.seq_id)
+            self.executor.release(seq.seq_id)
         return request
 
     def _output(self, request: _Request) -> RequestOutput:
@@ -276,7 +259,7 @@ class Engine:
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> Detokenizer | None:
         return None if self.tokenizer is None else Detokenizer(self.tokenizer, ids, params.stop)
 
-    def _num_blocks(self, device: torch.device, src: RankTensors) -> int:
+    def _num_blocks(self, device, src: RankTensors) -> int:
         c, per_block = self.config, self.kv_block_bytes
         max_len = c.max_model_len or self.model_config.max_position_embeddings
         wanted = c.max_num_seqs * -(-max_len // c.block_size)
@@ -294,11 +277,10 @@ class Engine:
             )
         return int(num_blocks)
 
-    def _cuda_num_blocks(self, device: torch.device, src: RankTensors, per_block: int) -> int:
+    def _cuda_num_blocks(self, device, src: RankTensors, per_block: int) -> int:
         """Blocks in what --gpu-memory-utilization of the GPU leaves after the weights and
-        what others use. Memory torch's allocator holds but no tensor uses counts as free."""
-        free, total = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        what others use."""
+        free, total = cuda_memory(device)
         utilization, weights = self.config.gpu_memory_utilization, _weight_bytes(src)
         num_blocks = int(free - total * (1 - utilization) - weights) // per_block
         if num_blocks < 1:
@@ -315,15 +297,6 @@ def _logprob_entry(s: Sampled) -> dict:
     return {"token_id": s.token_id, "logprob": s.logprob, "top": s.top_logprobs}
 
 
-def _set_threads(threads: int | None) -> None:
-    """The CPU threads this process's operations use (None: leave torch's own choice)."""
-    if threads is None:
-        return
-    if not 1 <= threads <= MAX_THREADS:
-        raise LlmkitError(f"--threads must be between 1 and {MAX_THREADS}, not {threads}")
-    torch.set_num_threads(threads)
-
-
 def _weight_bytes(src: RankTensors) -> int:
     """Bytes the weights will take on one rank (before loading them), from the headers."""
     return sum(
@@ -331,14 +304,14 @@ def _weight_bytes(src: RankTensors) -> int:
     )
 
 
-def _resolve_dtype(name: str, hf_config: dict, device: torch.device) -> torch.dtype:
+def _resolve_dtype(name: str, hf_config: dict, device_type: str) -> str:
     if name == "auto":
         name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
-        if name == "float16" and device.type == "cpu":
+        if name == "float16" and device_type == "cpu":
             name = "bfloat16"  # CPU kernels are fast in bf16, slow in fp16
-    if name not in ("float32", "float16", "bfloat16"):
+    if name not in DTYPES:
         raise LlmkitError(f"--dtype {name!r}: choose auto, float32, float16 or bfloat16")
-    return getattr(torch, name)
+    return name
 
 
 def _eos_ids(path: str, hf_config: dict) -> frozenset[int]:

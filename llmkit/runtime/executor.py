@@ -15,7 +15,11 @@ import torch.distributed as dist
 from llmkit.errors import LlmkitError
 from llmkit.net import free_port
 from llmkit.runtime.distributed import Group
-from llmkit.runtime.model_runner import ModelRunner, StepInputs
+from llmkit.runtime.model_runner import ModelRunner, StepOutput, prepare
+from llmkit.runtime.scheduler import Batch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_THREADS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +28,7 @@ class RunnerSpec:
 
     model_path: str
     tp: int
-    dtype: torch.dtype
+    dtype: str  # a key of DTYPES
     device: str
     num_blocks: int
     block_size: int
@@ -36,7 +40,7 @@ class RunnerSpec:
         return ModelRunner(
             self.model_path,
             Group(rank, self.tp),
-            self.dtype,
+            DTYPES[self.dtype],
             device,
             self.num_blocks,
             self.block_size,
@@ -56,10 +60,18 @@ class Executor:
             error = f"{type(e).__name__}: {e}"
         self._check_ranks(error)
 
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
+    def step(self, batch: Batch) -> StepOutput:
+        """The engine's one call per step: the scheduled batch in; each sampled token and
+        the prompt tokens scored out. Changes no scheduling state: the K/V it writes are
+        written again, the same, if the batch runs again."""
+        inputs, seqs, spans = prepare(batch, self.spec.block_size)
         if self.spec.tp > 1:
             dist.broadcast_object_list([inputs], src=0)
-        return self.runner.execute(inputs)
+        return self.runner.finish(self.runner.execute(inputs), seqs, spans)
+
+    def release(self, seq_id: int) -> None:
+        """Forget a finished or aborted sequence's sampling state (its seeded generator)."""
+        self.runner.sampler.release(seq_id)
 
     def close(self) -> None:
         """Stop the workers and let go of this rank's weights and KV cache: on CUDA the
@@ -139,3 +151,19 @@ def _worker_main(spec: RunnerSpec, rank: int, port: int, threads: int) -> None:
             break
         runner.execute(message[0])
     dist.destroy_process_group()
+
+
+def set_threads(threads: int | None) -> None:
+    """The CPU threads this process's operations use (None: leave torch's own choice)."""
+    if threads is None:
+        return
+    if not 1 <= threads <= MAX_THREADS:
+        raise LlmkitError(f"--threads must be between 1 and {MAX_THREADS}, not {threads}")
+    torch.set_num_threads(threads)
+
+
+def cuda_memory(device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device; what torch's allocator holds but no tensor
+    uses counts as free."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total

@@ -1,5 +1,5 @@
 """The one place that turns scheduled sequences into tensors, runs the model over the paged
-KV cache, and samples next tokens."""
+KV cache, and samples next tokens (and scores prompt tokens) from its logits."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 
 from llmkit.checkpoint.rank_tensors import open_rank
 from llmkit.kernels import cpu as cpu_kernels
+from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.layers.attention import AttentionMetadata, Prefill
-from llmkit.runtime.layers.sampler import Sampled, Sampler
+from llmkit.runtime.layers.sampler import Sampled, Sampler, score
 from llmkit.runtime.loader import load_model
 from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.scheduler import Batch
@@ -30,10 +31,20 @@ class StepInputs:
     logits_indices: torch.Tensor  # [sequences to sample], rows of the flattened batch
 
 
-def kv_block_bytes(cfg: LlamaConfig, tp: int, block_size: int, dtype: torch.dtype) -> int:
+@dataclass(slots=True)
+class StepOutput:
+    """What one step computed: the next token of each sequence in `seqs` (in that order),
+    and the prompt tokens it scored: (sequence, position of the first one, their scores)."""
+
+    seqs: list[Sequence]
+    sampled: list[Sampled]
+    prompt_scores: list[tuple[Sequence, int, list[Sampled]]]
+
+
+def kv_block_bytes(cfg: LlamaConfig, tp: int, block_size: int, itemsize: int) -> int:
     """Bytes of K and V for one block of tokens over all layers, on one rank."""
     kv_heads = cfg.heads_per_rank(tp)[1]
-    return 2 * cfg.num_layers * block_size * kv_heads * cfg.head_dim * dtype.itemsize
+    return 2 * cfg.num_layers * block_size * kv_heads * cfg.head_dim * itemsize
 
 
 class ModelRunner:
@@ -52,7 +63,7 @@ class ModelRunner:
             self.model, self.config = load_model(src, group, dtype, device, exact)
         finally:
             src.close()
-        self.device, self.block_size = device, block_size
+        self.device, self.block_size, self.num_blocks = device, block_size, num_blocks
         kv_heads = self.config.heads_per_rank(group.size)[1]
         # per layer [2, blocks, kv_heads, block_size, head_dim]
         shape = (self.config.num_layers, 2, num_blocks, kv_heads, block_size, self.config.head_dim)
@@ -72,13 +83,46 @@ class ModelRunner:
             inputs.logits_indices.to(self.device),
         )
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
-        return self.sampler(
-            logits.cpu(),
+    def finish(
+        self, logits: torch.Tensor, seqs: list[Sequence], spans: list[PromptSpan]
+    ) -> StepOutput:
+        """A step's logits (as `prepare` ordered them) -> its StepOutput."""
+        scores = _score_prompts(spans, logits[len(seqs) :]) if spans else []
+        if not seqs:
+            return StepOutput(seqs, [], scores)
+        sampled = self.sampler(
+            logits[: len(seqs)].cpu(),
             [s.params for s in seqs],
             [(s.prompt_token_ids, s.output_token_ids) for s in seqs],
             [(s.seq_id, s.seed) for s in seqs],
         )
+        return StepOutput(seqs, sampled, scores)
+
+    def window_logits(self, windows: list[list[int]]) -> torch.Tensor:
+        """Logits [windows, len, vocab] (float32) at every position of equal-length token
+        windows, each run from an empty cache; the cache must hold them all."""
+        blocks = BlockManager(self.num_blocks, self.block_size, enable_prefix_caching=False)
+        batch = Batch()
+        for window in windows:
+            seq = Sequence(window)
+            blocks.allocate(seq, len(window))
+            batch.add(seq, len(window))
+        inputs, _, _ = prepare(batch, self.block_size)
+        inputs.logits_indices = torch.arange(sum(map(len, windows)))
+        return self.execute(inputs).view(len(windows), len(windows[0]), -1)
+
+
+def _score_prompts(spans: list[PromptSpan], logits: torch.Tensor) -> list:
+    """(sequence, first position scored, scores) of each span: the log probability of each
+    prompt token given the ones before it."""
+    scores, row = [], 0
+    for span in spans:
+        seq = span.seq
+        nxt = seq.prompt_token_ids[span.start + 1 : span.start + 1 + span.count]
+        scored = score(logits[row : row + span.count], nxt, seq.params.prompt_logprobs)
+        scores.append((seq, span.start + 1, scored))
+        row += span.count
+    return scores
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
