@@ -72,3 +72,40 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_the_cli_and_the_recipe_take_their_bench_defaults_from_the_specs():
+    import inspect
+
+    from llmkit.bench.compare import CompareSpec
+    from llmkit.bench.offline import OfflineSpec
+    from llmkit.cli import bench_offline
+    from llmkit.recipe import schema
+
+    offline, compare = OfflineSpec(), CompareSpec()
+    cli = inspect.signature(bench_offline.offline).parameters
+    assert [cli[n].default for n in ("batch_sizes", "input_len", "output_len")] == [
+        ",".join(map(str, v))
+        for v in (offline.batch_sizes, offline.input_lens, offline.output_lens)
+    ]
+    step = schema.Offline()
+    assert (step.batch_sizes, step.input_len, step.output_len) == (
+        list(offline.batch_sizes),
+        list(offline.input_lens),
+        list(offline.output_lens),
+    )
+    cli = inspect.signature(bench_offline.compare).parameters
+    step = schema.Compare(checkpoints=["a", "b"])
+    for name in ("concurrency", "input_len", "output_len", "num_windows"):
+        assert cli[name].default == getattr(step, name) == getattr(compare, name)
+
+
+def test_a_spec_that_cannot_run_is_refused_before_anything_loads():
+    from llmkit.bench.compare import CompareSpec
+    from llmkit.bench.offline import OfflineSpec
+    from llmkit.errors import LlmkitError
+
+    with pytest.raises(LlmkitError, match="at least 1"):
+        OfflineSpec(batch_sizes=(0,)).cases()
+    with pytest.raises(LlmkitError, match="output-len >= 2"):
+        CompareSpec(output_len=1).offline()

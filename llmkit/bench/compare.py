@@ -6,30 +6,47 @@ top-1 agreement)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from llmkit.bench.offline import offline_in_child, size_on_disk
+from llmkit.bench.offline import OfflineSpec, offline_in_child, size_on_disk
+from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
+from llmkit.runtime.engine_config import EngineConfig
+
+
+@dataclass(frozen=True, slots=True)
+class CompareSpec:
+    """What `bench compare` measures beside quality; the only place of its defaults
+    (`llmkit bench compare` and a recipe's `bench: compare` step read them here)."""
+
+    concurrency: int = 16  # requests at once for the throughput column
+    input_len: int = 128
+    output_len: int = 128  # at least 2: decode speed needs a second token
+    num_windows: int = 32  # quality windows (0: all the text gives)
+
+    def offline(self) -> OfflineSpec:
+        """Batch 1 (decode speed) and `concurrency` (throughput)."""
+        if self.output_len < 2 or self.concurrency < 1:
+            raise LlmkitError("bench compare needs --output-len >= 2 and --concurrency >= 1")
+        return OfflineSpec((1, self.concurrency), (self.input_len,), (self.output_len,))
 
 
 def compare(
     checkpoints: list[str],
-    concurrency: int,
-    input_len: int,
-    output_len: int,
+    spec: CompareSpec,
     data: CalibrationSpec,
-    num_windows: int,
-    engine_args: list[str],
+    engine: EngineConfig,
     on_step: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """One row per checkpoint, the first being the reference."""
     from llmkit.bench.quality import evaluate_quality
 
+    offline = spec.offline()
     rows = []
     for path in checkpoints:
         if on_step is not None:
             on_step(f"engine: {path}")
-        args = ["--batch-sizes", f"1,{concurrency}", "--input-len", str(input_len)]
-        result = offline_in_child(path, [*args, "--output-len", str(output_len), *engine_args])
+        result = offline_in_child(path, offline, engine)
         single, many = result["cases"]
         rows.append(
             {
@@ -38,14 +55,14 @@ def compare(
                 "load_s": result["load_s"],
                 "peak_rss_mb": result["peak_rss_mb"],
                 "decode_tokens_per_s": 1e3 / single["mean_tpot_ms"],
-                "concurrency": concurrency,
+                "concurrency": spec.concurrency,
                 "output_throughput": many["output_throughput"],
                 "mean_ttft_ms": many["mean_ttft_ms"],
             }
         )
     if on_step is not None:
         on_step("quality against the first")
-    quality = evaluate_quality(checkpoints[0], checkpoints[1:], data, num_windows)
+    quality = evaluate_quality(checkpoints[0], checkpoints[1:], data, spec.num_windows)
     for row, q in zip(rows, quality, strict=True):
         row.update(
             perplexity=q.perplexity,

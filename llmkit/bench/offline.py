@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llmkit.bench.stats import summary
@@ -25,21 +25,34 @@ class Case:
     output_len: int
 
 
-def cases(batch_sizes: list[int], input_lens: list[int], output_lens: list[int]) -> list[Case]:
-    if min(batch_sizes + input_lens + output_lens, default=0) < 1:
-        raise LlmkitError("batch sizes and lengths must be at least 1")
-    return [Case(*c) for c in itertools.product(batch_sizes, input_lens, output_lens)]
+@dataclass(frozen=True, slots=True)
+class OfflineSpec:
+    """What a `bench offline` run measures. Its defaults are the only ones: `llmkit bench
+    offline`, a recipe's `bench: offline` step and `bench compare` read them from here."""
+
+    batch_sizes: tuple[int, ...] = (1, 16)
+    input_lens: tuple[int, ...] = (128,)
+    output_lens: tuple[int, ...] = (128,)
+    seed: int = 0  # random prompt token ids
+
+    def cases(self) -> list[Case]:
+        sizes = [*self.batch_sizes, *self.input_lens, *self.output_lens]
+        if min(sizes, default=0) < 1:
+            raise LlmkitError("batch sizes and lengths must be at least 1")
+        product = itertools.product(self.batch_sizes, self.input_lens, self.output_lens)
+        return [Case(*c) for c in product]
 
 
 def run_offline(
     model: str,
     config: EngineConfig,
-    todo: list[Case],
-    seed: int = 0,
+    spec: OfflineSpec,
     on_case: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Load once (timed), then run each case: all its requests at once, greedy, exactly
-    output_len tokens each. Peak memory is the process's (and CUDA's) high-water mark."""
+    """Load once (timed), then run each case of `spec`: all its requests at once, greedy,
+    exactly output_len tokens each. Peak memory is the process's (and CUDA's) high-water
+    mark."""
+    todo = spec.cases()
     from llmkit.runtime.engine import LLM
 
     start = time.perf_counter()
@@ -48,7 +61,7 @@ def run_offline(
     rows = []
     try:
         for case in todo:
-            rows.append(_measure(llm, case, seed))
+            rows.append(_measure(llm, case, spec.seed))
             if on_case is not None:
                 on_case(rows[-1])
     finally:
@@ -136,15 +149,31 @@ def _peak_memory() -> dict:
     return peak
 
 
-def offline_in_child(model: str, args: list[str]) -> dict:
-    """`llmkit bench offline MODEL ARGS --json` in its own process (clean load time and peak
-    memory per checkpoint); its JSON result."""
-    command = [sys.executable, "-m", "llmkit", "bench", "offline", model, *args, "--json"]
-    done = subprocess.run(command, capture_output=True, text=True)
+def offline_in_child(model: str, spec: OfflineSpec, engine: EngineConfig) -> dict:
+    """`run_offline` of `spec` in a process of its own (a clean load time and peak memory
+    for each checkpoint); its result."""
+    payload = {"model": model, "spec": asdict(spec), "engine": asdict(engine)}
+    command = [sys.executable, "-m", "llmkit.bench.offline"]
+    done = subprocess.run(command, input=json.dumps(payload), capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise LlmkitError(f"benchmarking {model} failed: {last}")
     return json.loads(done.stdout)
+
+
+def _child() -> int:
+    """The process `offline_in_child` starts: its payload on stdin, the result on stdout."""
+    payload = json.loads(sys.stdin.read())
+    spec = OfflineSpec(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in payload["spec"].items()}
+    )
+    try:
+        result = run_offline(payload["model"], EngineConfig(**payload["engine"]), spec)
+    except LlmkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
 
 
 def size_on_disk(path: str) -> int:
@@ -152,3 +181,7 @@ def size_on_disk(path: str) -> int:
     root = Path(path)
     files = [f for p in ("*.safetensors", "*.bin", "*.pt") for f in root.glob(p)]
     return sum(f.stat().st_size for f in files)
+
+
+if __name__ == "__main__":
+    sys.exit(_child())

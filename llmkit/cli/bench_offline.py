@@ -10,6 +10,8 @@ import typer
 from rich.table import Table
 
 from llmkit.bench import asserts
+from llmkit.bench.compare import CompareSpec
+from llmkit.bench.offline import OfflineSpec
 from llmkit.cli import engine_options as eo
 from llmkit.cli.bench_report import AssertOpt, OutputOpt, finish, ms_cell
 from llmkit.cli.options import (
@@ -32,15 +34,22 @@ CASE_METRICS = {
     *(f"{s}_{m}_ms" for s in ("mean", "median", "std", "p90", "p99") for m in ("ttft", "tpot")),
 }  # fmt: skip
 OFFLINE_METRICS = CASE_METRICS | {"load_s", "peak_rss_mb", "kv_cache_tokens"}
+OFFLINE, COMPARE = OfflineSpec(), CompareSpec()
+
+
+def _joined(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
 COMPARE_METRICS = {
     "size_bytes", "load_s", "peak_rss_mb", "decode_tokens_per_s", "output_throughput",
     "mean_ttft_ms", "perplexity", "kld_mean", "kld_p99", "top1_agreement",
 }  # fmt: skip
 
 
-def _ints(text: str, name: str) -> list[int]:
+def _ints(text: str, name: str) -> tuple[int, ...]:
     try:
-        return [int(x) for x in text.split(",")]
+        return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise LlmkitError(f"{name} {text!r}: give integers separated by commas") from None
 
@@ -49,14 +58,14 @@ def offline(
     model: Annotated[str, typer.Argument(help="Checkpoint or llmkit shard directory.")],
     batch_sizes: Annotated[
         str, typer.Option("--batch-sizes", help="Requests run at once, e.g. 1,16,64.")
-    ] = "1,16",
-    input_len: Annotated[str, typer.Option("--input-len", help="Prompt tokens, e.g. 128,512.")] = (
-        "128"
-    ),
-    output_len: Annotated[str, typer.Option("--output-len", help="Output tokens, e.g. 128.")] = (
-        "128"
-    ),
-    seed: Annotated[int, typer.Option("--seed", help="Random prompt token ids.")] = 0,
+    ] = _joined(OFFLINE.batch_sizes),
+    input_len: Annotated[
+        str, typer.Option("--input-len", help="Prompt tokens, e.g. 128,512.")
+    ] = _joined(OFFLINE.input_lens),
+    output_len: Annotated[
+        str, typer.Option("--output-len", help="Output tokens, e.g. 128.")
+    ] = _joined(OFFLINE.output_lens),
+    seed: Annotated[int, typer.Option("--seed", help="Random prompt token ids.")] = OFFLINE.seed,
     assert_: AssertOpt = None,
     output: OutputOpt = None,
     json_out: JsonOpt = False,
@@ -64,20 +73,22 @@ def offline(
 ) -> None:
     """Engine throughput and latency in-process, for every batch size x input x output
     length; load time and peak memory."""
-    from llmkit.bench.offline import cases, run_offline
+    from llmkit.bench.offline import run_offline
 
     thresholds = asserts.parse(assert_ or [])
     asserts.check_known(thresholds, OFFLINE_METRICS)
-    todo = cases(
+    spec = OfflineSpec(
         _ints(batch_sizes, "--batch-sizes"),
         _ints(input_len, "--input-len"),
         _ints(output_len, "--output-len"),
+        seed,
     )
+    todo = spec.cases()
     with progress_bars(quiet=json_out) as task:
         step = task("cases", unit="cases")
         done = []
         report = run_offline(
-            model, engine, todo, seed, lambda row: (done.append(row), step(len(done), len(todo)))
+            model, engine, spec, lambda row: (done.append(row), step(len(done), len(todo)))
         )
     top = {k: v for k, v in report.items() if k != "cases"}
     labelled = [(_case_label(c), {**top, **c}) for c in report["cases"]]
@@ -116,15 +127,21 @@ def compare(
     ],
     concurrency: Annotated[
         int, typer.Option("--concurrency", help="Requests at once for the throughput column.")
-    ] = 16,
-    input_len: Annotated[int, typer.Option("--input-len", help="Prompt tokens.")] = 128,
-    output_len: Annotated[int, typer.Option("--output-len", help="Output tokens (>= 2).")] = 128,
+    ] = COMPARE.concurrency,
+    input_len: Annotated[
+        int, typer.Option("--input-len", help="Prompt tokens.")
+    ] = COMPARE.input_len,
+    output_len: Annotated[
+        int, typer.Option("--output-len", help="Output tokens (>= 2).")
+    ] = COMPARE.output_len,
     dataset: DatasetOpt = default(CalibrationSpec, "dataset"),
     dataset_config: DatasetConfigOpt = default(CalibrationSpec, "config"),
     dataset_split: DatasetSplitOpt = "test",
     text_column: TextColumnOpt = default(CalibrationSpec, "text_column"),
     seq_len: SeqLenOpt = default(CalibrationSpec, "seq_len"),
-    num_windows: Annotated[int, typer.Option("--num-windows", help="Quality windows.")] = 32,
+    num_windows: Annotated[
+        int, typer.Option("--num-windows", help="Quality windows.")
+    ] = COMPARE.num_windows,
     device: DeviceOpt = default(EngineConfig, "device"),
     kv_cache_memory: eo.KvCacheMemoryOpt = None,
     plot: Annotated[
@@ -141,14 +158,14 @@ def compare(
 
     thresholds = asserts.parse(assert_ or [])
     asserts.check_known(thresholds, COMPARE_METRICS)
-    if len(checkpoints) < 2 or output_len < 2 or concurrency < 1:
-        raise LlmkitError("give two or more checkpoints, --output-len >= 2, --concurrency >= 1")
+    if len(checkpoints) < 2:
+        raise LlmkitError("give two or more checkpoints")
+    spec = CompareSpec(concurrency, input_len, output_len, num_windows)
+    spec.offline()  # checks the numbers before anything runs
     data = CalibrationSpec(
         dataset, dataset_config, dataset_split, text_column, seq_len=seq_len, seed=EVAL_SEED
     )
-    engine_args = ["--device", device]
-    if kv_cache_memory is not None:
-        engine_args += ["--kv-cache-memory", kv_cache_memory]
+    engine = EngineConfig(device=device, kv_cache_memory=eo.kv_cache_bytes(kv_cache_memory))
     with progress_bars(quiet=json_out) as task:
         steps = task("checkpoints", unit="steps")
         count = [0]
@@ -159,10 +176,7 @@ def compare(
             if not json_out:
                 stderr.print(what, highlight=False)
 
-        rows = run(
-            checkpoints, concurrency, input_len, output_len, data, num_windows, engine_args,
-            on_step,
-        )  # fmt: skip
+        rows = run(checkpoints, spec, data, engine, on_step)
     report = {"concurrency": concurrency, "input_len": input_len, "output_len": output_len,
               "rows": rows}  # fmt: skip
     if not json_out:

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from llmkit.bench.compare import CompareSpec
+from llmkit.bench.offline import OfflineSpec
 from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import QuantOptions
@@ -28,6 +30,7 @@ from llmkit.recipe.yaml_lines import line_of, load_with_lines
 METHODS = ("fp16", "bf16", "int8", "w8a8", "rtn", "gptq", "awq")
 CAST_METHODS = ("fp16", "bf16")
 STRICT = ConfigDict(extra="forbid")
+OFFLINE, COMPARE = OfflineSpec(), CompareSpec()  # a bench step's defaults are the CLI's
 
 
 def _model_of(dataclass: type, name: str) -> type[BaseModel]:
@@ -87,18 +90,18 @@ class Quality(BaseModel):
 class Offline(BaseModel):
     model_config = STRICT
     model: str = "source"
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
-    input_len: list[int] = Field(default_factory=lambda: [64], min_length=1)
-    output_len: list[int] = Field(default_factory=lambda: [32], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [*OFFLINE.batch_sizes], min_length=1)
+    input_len: list[int] = Field(default_factory=lambda: [*OFFLINE.input_lens], min_length=1)
+    output_len: list[int] = Field(default_factory=lambda: [*OFFLINE.output_lens], min_length=1)
 
 
 class Compare(BaseModel):
     model_config = STRICT
     checkpoints: list[str] = Field(min_length=2)
-    concurrency: int = Field(8, ge=1)
-    input_len: int = Field(64, ge=1)
-    output_len: int = Field(32, ge=2)
-    num_windows: int = Field(16, ge=0)
+    concurrency: int = Field(COMPARE.concurrency, ge=1)
+    input_len: int = Field(COMPARE.input_len, ge=1)
+    output_len: int = Field(COMPARE.output_len, ge=2)
+    num_windows: int = Field(COMPARE.num_windows, ge=0)
     seq_len: int = Field(128, ge=8)
 
 

@@ -63,24 +63,26 @@ def _quality(q, paths) -> tuple[dict, list]:
 
 
 def _offline(o, paths) -> tuple[dict, list]:
-    from llmkit.bench.offline import offline_in_child
+    from llmkit.bench.offline import OfflineSpec, offline_in_child
+    from llmkit.runtime.engine_config import EngineConfig
 
-    join = lambda xs: ",".join(map(str, xs))  # noqa: E731
-    args = ["--batch-sizes", join(o.batch_sizes), "--input-len", join(o.input_len)]
-    result = offline_in_child(str(paths[o.model]), [*args, "--output-len", join(o.output_len)])
+    spec = OfflineSpec(tuple(o.batch_sizes), tuple(o.input_len), tuple(o.output_len))
+    result = offline_in_child(str(paths[o.model]), spec, EngineConfig())
     top = {k: v for k, v in result.items() if k != "cases"}
     labelled = [(f"batch {c['batch_size']}", {**top, **c}) for c in result["cases"]]
     return result, labelled
 
 
 def _compare(c, paths) -> tuple[dict, list]:
-    from llmkit.bench.compare import compare
+    from llmkit.bench.compare import CompareSpec, compare
     from llmkit.bench.quality import EVAL_SEED
     from llmkit.quant.calibration import CalibrationSpec
+    from llmkit.runtime.engine_config import EngineConfig
 
     data = CalibrationSpec(seq_len=c.seq_len, seed=EVAL_SEED)
     checkpoints = [str(paths[name]) for name in c.checkpoints]
-    rows = compare(checkpoints, c.concurrency, c.input_len, c.output_len, data, c.num_windows, [])
+    spec = CompareSpec(c.concurrency, c.input_len, c.output_len, c.num_windows)
+    rows = compare(checkpoints, spec, data, EngineConfig())
     for name, row in zip(c.checkpoints, rows, strict=True):
         row["name"] = name
     return {"rows": rows}, [(r["name"], r) for r in rows]
