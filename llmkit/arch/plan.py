@@ -12,6 +12,7 @@ divisibility condition checked, before any tensor byte is read.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -186,6 +187,7 @@ def parse_pp_layers(text: str | None) -> tuple[int, ...] | None:
         raise LlmkitError(f"--pp-layers {text!r} must be comma-separated layer counts") from None
 
 
+@functools.cache
 def split_rules(family: Family) -> tuple[tuple[str, str, str | None], ...]:
     """(module name pattern, role, heads the split must respect: "q", "kv" or None), from
     the family's table."""

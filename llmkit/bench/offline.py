@@ -52,8 +52,9 @@ def run_offline(
     """Load once (timed), then run each case of `spec`: all its requests at once, greedy,
     exactly output_len tokens each. Peak memory is the process's (and CUDA's) high-water
     mark."""
-    todo = spec.cases()
     from llmkit.runtime.engine import LLM
+
+    todo = spec.cases()
 
     start = time.perf_counter()
     llm = LLM(model, config)

@@ -162,7 +162,7 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def cuda_memory(device) -> tuple[int, int]:
+def cuda_memory(device: torch.device) -> tuple[int, int]:
     """(free, total) bytes of a CUDA device; what torch's allocator holds but no tensor
     uses counts as free."""
     free, total = torch.cuda.mem_get_info(device)
