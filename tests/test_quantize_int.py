@@ -390,3 +390,23 @@ def test_bf16_checkpoint_quantizes_as_its_float32_widening(tiny_dir, tmp_path, m
     assert outputs["bf16"].keys() == outputs["f32"].keys() and outputs["bf16"]
     for name, tensor in outputs["bf16"].items():
         assert torch.equal(tensor, outputs["f32"][name]), name
+
+
+def test_one_method_table_for_the_cli_the_recipes_and_the_algorithms():
+    import dataclasses
+    import typing
+
+    from llmkit.cli.quantize import MethodName
+    from llmkit.quant.awq import AWQSettings
+    from llmkit.quant.gptq import GPTQSettings
+    from llmkit.quant.options import METHODS, QuantOptions
+    from llmkit.recipe.schema import Quantize
+
+    assert typing.get_args(MethodName) == tuple(METHODS)
+    assert typing.get_args(Quantize.model_fields["method"].annotation) == tuple(METHODS)
+    options = QuantOptions()
+    for settings in (GPTQSettings(), AWQSettings()):  # what a user sets defaults as the CLI does
+        shared = {f.name for f in dataclasses.fields(settings)} & {
+            f.name for f in dataclasses.fields(options)
+        }
+        assert shared and all(getattr(settings, n) == getattr(options, n) for n in shared)

@@ -25,12 +25,11 @@ from llmkit.cli.options import (
 )
 from llmkit.cli.output import human_bytes, print_json, progress_bars, stderr, stdout
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import METHODS, QuantOptions
 from llmkit.quant.output import QuantizeReport
-from llmkit.quant.pipeline import METHODS
 from llmkit.quant.pipeline import quantize as run_quantize
 
-MethodName = Literal[METHODS]
+MethodName = Literal[tuple(METHODS)]
 _CAL = CalibrationSpec
 _OPT = QuantOptions
 

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from llmkit.quant import rtn
+from llmkit.quant.options import QuantOptions
 
+_OPTIONS = QuantOptions()  # the user-facing defaults
 BITS = 4
 CLIP_TOKENS = 512  # calibration tokens each Linear's clipping search scores with
 CLIP_CHUNK_BYTES = 16 << 20  # bound on the clipping search's [groups, tokens, outputs] temporary
@@ -26,10 +28,13 @@ CLIP_CHUNK_BYTES = 16 << 20  # bound on the clipping search's [groups, tokens, o
 
 @dataclass(frozen=True, slots=True)
 class AWQSettings:
-    group_size: int = 128
-    awq_grid: int = 20  # α in {0, 1/grid, ..., (grid-1)/grid}
-    awq_duo_scaling: bool = False  # s = mean|x|^α / mean|w|^(1-α) instead of mean|x|^α
-    clip_search: bool = True
+    """AWQ's settings; the defaults of those a user sets are QuantOptions'."""
+
+    group_size: int = _OPTIONS.group_size
+    awq_grid: int = _OPTIONS.awq_grid  # α in {0, 1/grid, ..., (grid-1)/grid}
+    # s = mean|x|^α / mean|w|^(1-α) instead of mean|x|^α
+    awq_duo_scaling: bool = _OPTIONS.awq_duo_scaling
+    clip_search: bool = _OPTIONS.clip_search
     max_shrink: float = 0.5  # the clipping search tries ranges down to this fraction
     clip_grid: int = 20  # ... in steps of 1/clip_grid
 

@@ -17,7 +17,10 @@ from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu as cpu_kernels
 from llmkit.kernels import cuda as cuda_kernels
 from llmkit.memory import return_freed_memory
+from llmkit.quant.options import QuantOptions
 from llmkit.quant.rtn import dequantize_indexed, group_params, searched_group_params
+
+_OPTIONS = QuantOptions()  # the user-facing defaults
 
 BLOCK_SIZE = 128
 ROW_BLOCK = 64  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
@@ -119,19 +122,21 @@ class GPTQResult:
 
 @dataclass(frozen=True, slots=True)
 class GPTQSettings:
-    bits: int = 4
-    group_size: int = 128  # -1: one group per output channel
-    sym: bool = True
-    desc_act: bool = False
+    """GPTQ's settings; the defaults of those a user sets are QuantOptions'."""
+
+    bits: int = _OPTIONS.bits
+    group_size: int = _OPTIONS.group_size  # -1: one group per output channel
+    sym: bool = _OPTIONS.sym
+    desc_act: bool = _OPTIONS.desc_act
     # Without act-order: visit groups by their largest H diagonal entry and columns within a
     # group by theirs, keeping every group's columns together, so g_idx stays i // group_size
     # (group-aware reordering, Gafni et al. 2025; GPTQModel's default).
-    act_group_aware: bool = True
-    static_groups: bool = False
+    act_group_aware: bool = _OPTIONS.act_group_aware
+    static_groups: bool = _OPTIONS.static_groups
     # Fit each group's range by searching shrink factors for the least rounding error
     # (GPTQModel's `mse` option, off there by default).
-    clip_search: bool = True
-    damp_percent: float = 0.01
+    clip_search: bool = _OPTIONS.clip_search
+    damp_percent: float = _OPTIONS.damp_percent
     min_zero: int = 1  # GPTQ v1 stores zero - 1
 
 

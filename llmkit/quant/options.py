@@ -1,4 +1,5 @@
-"""Options of the integer quantization methods (torch-free: the CLI imports it)."""
+"""The quantization methods, one table, and their options (torch-free: the CLI and the
+recipe schema import it)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,36 @@ from dataclasses import dataclass
 
 from llmkit.errors import LlmkitError
 
-INTEGER_METHODS = ("int8", "w8a8", "rtn", "gptq", "awq")
-CALIBRATED_METHODS = frozenset({"w8a8", "gptq", "awq"})
-GPTQ_FORMAT_METHODS = frozenset({"rtn", "gptq"})
-FLOAT16_METHODS = GPTQ_FORMAT_METHODS | {"awq"}  # formats whose dense tensors are fp16
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """What the pipeline, the CLI and the recipe schema know of a method by its name."""
+
+    name: str
+    cast_to: str | None = None  # a cast: the safetensors dtype every float tensor becomes
+    calibrated: bool = False  # runs calibration text through the model
+    # The format it writes: "gptq" and "awq" (their dense tensors are float16), or
+    # "compressed-tensors"; None for a cast.
+    packing: str | None = "compressed-tensors"
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("fp16", cast_to="F16", packing=None),
+        Method("bf16", cast_to="BF16", packing=None),
+        Method("int8"),
+        Method("w8a8", calibrated=True),
+        Method("rtn", packing="gptq"),
+        Method("gptq", calibrated=True, packing="gptq"),
+        Method("awq", calibrated=True, packing="awq"),
+    )
+}
+CAST_METHODS = {m.name: m.cast_to for m in METHODS.values() if m.cast_to}
+INTEGER_METHODS = tuple(name for name in METHODS if name not in CAST_METHODS)
+CALIBRATED_METHODS = frozenset(m.name for m in METHODS.values() if m.calibrated)
+GPTQ_FORMAT_METHODS = frozenset(m.name for m in METHODS.values() if m.packing == "gptq")
+FLOAT16_METHODS = frozenset(m.name for m in METHODS.values() if m.packing in ("gptq", "awq"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,11 +23,8 @@ from llmkit.checkpoint.writer import (
 from llmkit.errors import LlmkitError
 from llmkit.memory import peak_rss
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import INTEGER_METHODS, QuantOptions
+from llmkit.quant.options import CAST_METHODS, METHODS, QuantOptions
 from llmkit.quant.output import CASTABLE, QuantizeReport, cast_spec
-
-CAST_METHODS = {"fp16": "F16", "bf16": "BF16"}
-METHODS = (*CAST_METHODS, *INTEGER_METHODS)
 
 
 def quantize(

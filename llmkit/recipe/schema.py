@@ -24,11 +24,9 @@ from llmkit.bench.compare import CompareSpec
 from llmkit.bench.offline import OfflineSpec
 from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import CAST_METHODS, METHODS, QuantOptions
 from llmkit.recipe.yaml_lines import line_of, load_with_lines
 
-METHODS = ("fp16", "bf16", "int8", "w8a8", "rtn", "gptq", "awq")
-CAST_METHODS = ("fp16", "bf16")
 STRICT = ConfigDict(extra="forbid")
 OFFLINE, COMPARE = OfflineSpec(), CompareSpec()  # a bench step's defaults are the CLI's
 
@@ -64,7 +62,7 @@ class Source(BaseModel):
 
 class Quantize(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    method: Literal[METHODS]  # type: ignore[valid-type]
+    method: Literal[tuple(METHODS)]  # type: ignore[valid-type]
     from_: str = Field("source", alias="from")
     options: QuantOptionsModel = Field(default_factory=QuantOptionsModel)  # type: ignore[valid-type]
     calibration: CalibrationModel = Field(default_factory=CalibrationModel)  # type: ignore[valid-type]
