@@ -74,7 +74,7 @@ def _has_matplotlib() -> bool:
     return True
 
 
-def test_the_cli_and_the_recipe_take_their_bench_defaults_from_the_specs():
+def test_the_cli_and_the_recipe_share_their_defaults():
     import inspect
 
     from llmkit.bench.compare import CompareSpec
@@ -96,8 +96,21 @@ def test_the_cli_and_the_recipe_take_their_bench_defaults_from_the_specs():
     )
     cli = inspect.signature(bench_offline.compare).parameters
     step = schema.Compare(checkpoints=["a", "b"])
-    for name in ("concurrency", "input_len", "output_len", "num_windows"):
-        assert cli[name].default == getattr(step, name) == getattr(compare, name)
+    for name in ("concurrency", "input_len", "output_len", "num_windows", "seq_len"):
+        assert cli[name].default == getattr(step, name)
+    assert [getattr(compare, n) for n in ("concurrency", "input_len", "output_len")] == [
+        step.concurrency,
+        step.input_len,
+        step.output_len,
+    ]
+    from llmkit.cli import bench as bench_cli
+    from llmkit.cli import shard as shard_cli
+
+    cli = inspect.signature(bench_cli.quality).parameters
+    step = schema.Quality(candidates=["a"])
+    assert (cli["num_windows"].default, cli["seq_len"].default) == (step.num_windows, step.seq_len)
+    cli = inspect.signature(shard_cli.shard).parameters
+    assert cli["vocab_pad"].default == schema.Shard().vocab_pad
 
 
 def test_a_spec_that_cannot_run_is_refused_before_anything_loads():

@@ -4,6 +4,7 @@ impossible combinations are reported with the file, the line and the key."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import typing
 from pathlib import Path
@@ -20,15 +21,19 @@ from pydantic import (
     model_validator,
 )
 
+from llmkit.arch.plan import DEFAULT_VOCAB_PAD
 from llmkit.bench.compare import CompareSpec
 from llmkit.bench.offline import OfflineSpec
+from llmkit.bench.quality import evaluate_quality
 from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import CAST_METHODS, METHODS, QuantOptions
 from llmkit.recipe.yaml_lines import line_of, load_with_lines
 
 STRICT = ConfigDict(extra="forbid")
-OFFLINE, COMPARE = OfflineSpec(), CompareSpec()  # a bench step's defaults are the CLI's
+# A step's defaults are the command's, read from where the library keeps them.
+OFFLINE, COMPARE, CALIBRATION = OfflineSpec(), CompareSpec(), CalibrationSpec()
+QUALITY_WINDOWS = inspect.signature(evaluate_quality).parameters["num_windows"].default
 
 
 def _model_of(dataclass: type, name: str) -> type[BaseModel]:
@@ -74,15 +79,15 @@ class Shard(BaseModel):
     from_: str = Field("source", alias="from")
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
-    vocab_pad: int = Field(64, ge=1)
+    vocab_pad: int = Field(DEFAULT_VOCAB_PAD, ge=1)
 
 
 class Quality(BaseModel):
     model_config = STRICT
     reference: str = "source"
     candidates: list[str] = Field(min_length=1)
-    num_windows: int = Field(32, ge=0)
-    seq_len: int = Field(128, ge=8)
+    num_windows: int = Field(QUALITY_WINDOWS, ge=0)
+    seq_len: int = Field(CALIBRATION.seq_len, ge=8)
 
 
 class Offline(BaseModel):
@@ -100,7 +105,7 @@ class Compare(BaseModel):
     input_len: int = Field(COMPARE.input_len, ge=1)
     output_len: int = Field(COMPARE.output_len, ge=2)
     num_windows: int = Field(COMPARE.num_windows, ge=0)
-    seq_len: int = Field(128, ge=8)
+    seq_len: int = Field(CALIBRATION.seq_len, ge=8)
 
 
 class Serve(BaseModel):
