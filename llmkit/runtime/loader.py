@@ -9,13 +9,10 @@ from torch import nn
 from llmkit.arch.family import Block, Family, family_for
 from llmkit.checkpoint.rank_tensors import RankTensors
 from llmkit.errors import LlmkitError
-from llmkit.quant.formats import awq, gptq
-from llmkit.quant.formats import compressed_tensors as ct
+from llmkit.quant.formats.readers import LinearReader
 from llmkit.runtime.distributed import Group, RowParallel
 from llmkit.runtime.layers.linear import (
     DenseWeight,
-    GroupedWeight,
-    Int8Weight,
     LinearWeight,
     Parallel,
     concat,
@@ -35,7 +32,7 @@ def load_model(
     cfg = LlamaConfig.from_hf(src.config)
     family = family_for(src.config)
     heads, kv_heads = cfg.heads_per_rank(group.size)
-    reader = _LinearReader(src, src.config.get("quantization_config"))
+    reader = LinearReader(src, src.config.get("quantization_config"))
     build = _Builder(src, family, reader, group, dtype, device, exact)
     layers = [build.layer(i, cfg, heads, kv_heads) for i in range(cfg.num_layers)]
     embed_name = f"{family.embed}.weight"
@@ -128,79 +125,3 @@ class _Builder:
     def _bias(self, module: str) -> torch.Tensor | None:
         name = f"{module}.bias"
         return self.src.get(name) if name in self.src else None
-
-
-class _LinearReader:
-    """A Linear's stored tensors -> DenseWeight | Int8Weight | GroupedWeight."""
-
-    def __init__(self, src: RankTensors, qconfig: dict | None):
-        self.src, self.qconfig = src, qconfig or {}
-        self.method = self.qconfig.get("quant_method")
-        if self.method not in (None, "gptq", "awq", "compressed-tensors"):
-            raise LlmkitError(f"llmkit cannot run {self.method!r} checkpoints")
-        if self.method == "awq":
-            awq.check_config(self.qconfig)
-        if self.method == "compressed-tensors":
-            ct.check_config(self.qconfig)
-
-    def read(self, module: str) -> LinearWeight:
-        if f"{module}.weight" in self.src and self.method != "compressed-tensors":
-            return DenseWeight(self.src.get(f"{module}.weight"))
-        if self.method == "gptq":
-            return self._gptq(module)
-        if self.method == "awq":
-            return self._awq(module)
-        if self.method == "compressed-tensors":
-            return self._compressed(module)
-        raise LlmkitError(f"checkpoint has no weight for {module}")
-
-    def _gptq(self, module: str) -> GroupedWeight:
-        bits, zero_offset = gptq.checkpoint_bits(self.qconfig)
-        stored = [self.src.get(f"{module}.{suffix}") for suffix in gptq.SUFFIXES]
-        q, scales, zeros, g_idx = gptq.grouped(*stored, bits, zero_offset)
-        # g_idx holds global group ids; a rank holding a slice of the groups (scales split
-        # along dim 0, a row-parallel layer without act-order) shifts them.
-        g_idx = g_idx - self.src.offset(f"{module}.scales", dim=0)
-        return GroupedWeight(q, scales, zeros.float(), g_idx, bits)
-
-    def _awq(self, module: str) -> GroupedWeight:
-        stored = [self.src.get(f"{module}.{suffix}") for suffix in awq.SUFFIXES]
-        q, scales, zeros, g_idx = awq.grouped(*stored)
-        return GroupedWeight(q, scales, zeros.float(), g_idx, awq.BITS)
-
-    def _compressed(self, module: str) -> LinearWeight:
-        scheme = ct.scheme_for(self.qconfig, module)
-        if scheme is None or f"{module}.weight_scale" not in self.src:
-            return DenseWeight(self.src.get(f"{module}.weight"))
-        stored = {
-            leaf: self.src.get(f"{module}.{leaf}")
-            for leaf in ct.LEAVES
-            if f"{module}.{leaf}" in self.src
-        }
-        if "weight_packed" in stored:  # a tp slice is narrower than the stored full shape
-            bits = int(scheme["weights"]["num_bits"])
-            stored["weight_shape"] = torch.tensor(
-                [stored["weight_packed"].shape[0], _packed_cols(stored, bits)]
-            )
-        weights = scheme.get("weights") or {}
-        per_channel_int8 = (
-            weights.get("num_bits") == 8
-            and weights.get("strategy") == "channel"
-            and weights.get("symmetric", True)
-            and "weight_zero_point" not in stored
-        )
-        if not per_channel_int8:
-            return DenseWeight(ct.dequantize_module(stored, scheme))
-        q = stored["weight"] if "weight" in stored else _unpacked(stored, 8)
-        scale = stored["weight_scale"].float().reshape(-1)
-        return Int8Weight(q, scale, ct.quantizes_inputs(scheme))
-
-
-def _packed_cols(stored: dict, bits: int) -> int:
-    full_in = int(stored["weight_shape"][1])
-    words = stored["weight_packed"].shape[1]
-    return full_in if words == -(-full_in * bits // 32) else words * 32 // bits
-
-
-def _unpacked(stored: dict, bits: int) -> torch.Tensor:
-    return ct.unpack_int32(stored["weight_packed"], bits, int(stored["weight_shape"][1]))

@@ -8,25 +8,45 @@ from collections import defaultdict
 import torch
 
 from llmkit.checkpoint.reader import Checkpoint
-from llmkit.errors import LlmkitError
-from llmkit.quant.formats import awq, gptq
-from llmkit.quant.formats import compressed_tensors as ct
+from llmkit.quant.formats.readers import LinearReader
 
 
 def dequantized_state(ck: Checkpoint) -> tuple[dict[str, torch.Tensor], set[str]]:
     """(state dict with float weights, names of Linears whose inputs run through per-token
-    int8) for a plain, compressed-tensors or GPTQ checkpoint."""
+    int8) for a plain, compressed-tensors, GPTQ or AWQ checkpoint: each quantized Linear
+    read as the runtime reads it (LinearReader), then dequantized."""
     config = ck.quantization_config
     if not config:
         return {name: ck.get_tensor(name) for name in ck.tensors}, set()
-    method = config.get("quant_method")
-    if method == "compressed-tensors":
-        return _compressed_tensors(ck, config)
-    if method == "gptq":
-        return _gptq(ck, config), set()
-    if method == "awq":
-        return _awq(ck, config), set()
-    raise LlmkitError(f"reading {method!r} checkpoints is not supported yet")
+    reader = LinearReader(_Whole(ck), config)
+    state: dict[str, torch.Tensor] = {}
+    act_quant: set[str] = set()
+    for module, leaves in _by_module(ck).items():
+        quantized = reader.is_quantized(module, set(leaves))
+        if quantized:
+            state[f"{module}.weight"] = reader.read(module).dequantize()
+            if reader.quantizes_inputs(module):
+                act_quant.add(module)
+        for leaf, full in leaves.items():
+            if not (quantized and leaf in reader.leaves):
+                state[full] = ck.get_tensor(full)
+    return state, act_quant
+
+
+class _Whole:
+    """A checkpoint's tensors as LinearReader reads them: whole, no tensor-parallel slice."""
+
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ck.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.ck.get_tensor(name)
+
+    def offset(self, name: str, dim: int = 0) -> int:
+        return 0
 
 
 def _by_module(ck: Checkpoint) -> dict[str, dict[str, str]]:
@@ -36,53 +56,3 @@ def _by_module(ck: Checkpoint) -> dict[str, dict[str, str]]:
         module, _, leaf = name.rpartition(".")
         modules[module][leaf] = name
     return modules
-
-
-def _compressed_tensors(ck: Checkpoint, config: dict) -> tuple[dict, set[str]]:
-    ct.check_config(config)
-    state: dict[str, torch.Tensor] = {}
-    act_quant: set[str] = set()
-    for module, leaves in _by_module(ck).items():
-        scheme = ct.scheme_for(config, module) if "weight_scale" in leaves else None
-        if scheme is None:
-            state.update({full: ck.get_tensor(full) for full in leaves.values()})
-            continue
-        stored = {leaf: ck.get_tensor(full) for leaf, full in leaves.items() if leaf in ct.LEAVES}
-        state[f"{module}.weight"] = ct.dequantize_module(stored, scheme)
-        state.update(
-            {full: ck.get_tensor(full) for leaf, full in leaves.items() if leaf not in ct.LEAVES}
-        )
-        if ct.quantizes_inputs(scheme):
-            act_quant.add(module)
-    return state, act_quant
-
-
-def _gptq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
-    bits, zero_offset = gptq.checkpoint_bits(config)
-
-    def dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        qweight, qzeros, scales, g_idx = (parts[leaf] for leaf in gptq.SUFFIXES)
-        return gptq.dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset)
-
-    return _packed(ck, gptq.SUFFIXES, dequantize)
-
-
-def _awq(ck: Checkpoint, config: dict) -> dict[str, torch.Tensor]:
-    awq.check_config(config)
-    return _packed(
-        ck, awq.SUFFIXES, lambda p: awq.dequantize(p["qweight"], p["qzeros"], p["scales"])
-    )
-
-
-def _packed(ck: Checkpoint, suffixes: tuple[str, ...], dequantize) -> dict[str, torch.Tensor]:
-    """Modules with a `qweight` get `.weight` = dequantize({suffix: tensor}); every other
-    tensor (biases, norms, embeddings) is read as it is."""
-    state: dict[str, torch.Tensor] = {}
-    for module, leaves in _by_module(ck).items():
-        packed = "qweight" in leaves
-        if packed:
-            state[f"{module}.weight"] = dequantize({s: ck.get_tensor(leaves[s]) for s in suffixes})
-        for leaf, full in leaves.items():
-            if not (packed and leaf in suffixes):
-                state[full] = ck.get_tensor(full)
-    return state

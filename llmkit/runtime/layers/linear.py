@@ -1,7 +1,8 @@
 """Linear layers for every format llmkit reads, and the load-time conversion into them.
 
 A checkpoint's Linear is first read into one of three plain records (dense, int8 per-channel,
-grouped integer), merged with its siblings when they share an input (q/k/v, gate/up), then
+grouped integer: quant/formats/weights.py, read by quant/formats/readers.py), merged with its
+siblings when they share an input (q/k/v, gate/up), then
 converted into the module that is fastest on the device:
 
 - dense: `F.linear` in the model dtype. On a CPU without native half-precision products,
@@ -35,46 +36,9 @@ from torch import nn
 
 from llmkit.kernels import cpu as cpu_kernels
 from llmkit.quant import int8
-from llmkit.quant.rtn import dequantize_indexed
+from llmkit.quant.formats.weights import DenseWeight, GroupedWeight, Int8Weight, LinearWeight
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts, largest first
-
-
-@dataclass(slots=True)
-class DenseWeight:
-    weight: torch.Tensor  # [out, in]
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight.float()
-
-
-@dataclass(slots=True)
-class Int8Weight:
-    """Symmetric per-output-channel int8; `act_quant` adds dynamic per-token int8 inputs."""
-
-    q: torch.Tensor  # int8 [out, in]
-    scale: torch.Tensor  # float32 [out]
-    act_quant: bool
-
-    def dequantize(self) -> torch.Tensor:
-        return int8.dequantize(self.q, self.scale[:, None], torch.float32)
-
-
-@dataclass(slots=True)
-class GroupedWeight:
-    """w[o, i] = scales[o, g_idx[i]] * (q[o, i] - zeros[o, g_idx[i]])."""
-
-    q: torch.Tensor  # int64 [out, in], unsigned
-    scales: torch.Tensor  # float32 [out, groups]
-    zeros: torch.Tensor  # float32 [out, groups]
-    g_idx: torch.Tensor  # int64 [in]
-    bits: int
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize_indexed(self.q, self.scales, self.zeros, self.g_idx)
-
-
-LinearWeight = DenseWeight | Int8Weight | GroupedWeight
 
 
 def concat(parts: list[LinearWeight]) -> LinearWeight | None:
