@@ -16,9 +16,9 @@ from llmkit.bench.model import load_model
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.quant import awq
-from llmkit.quant.awq_layer import _applies
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import awq as awq_format
+from llmkit.quant.methods.awq import _applies
 from llmkit.quant.options import QuantOptions
 from llmkit.quant.pipeline import quantize
 from llmkit.quant.smoothquant import fold

@@ -323,17 +323,17 @@ def test_every_gptq_option_reaches_the_algorithm(tiny_dir, tmp_path, monkeypatch
     """Each QuantOptions field GPTQ knows arrives in the settings its sweep runs with."""
     from dataclasses import fields
 
-    from llmkit.quant import integer
     from llmkit.quant.gptq import GPTQSettings
+    from llmkit.quant.methods import gptq as gptq_method
 
     seen = []
-    make_layer = integer.GPTQLayer
+    make_layer = gptq_method.GPTQLayer
 
     def recording(arch, settings, *rest):
         seen.append(settings)
         return make_layer(arch, settings, *rest)
 
-    monkeypatch.setattr(integer, "GPTQLayer", recording)
+    monkeypatch.setattr(gptq_method, "GPTQLayer", recording)
     options = QuantOptions(
         bits=8,
         group_size=64,
@@ -410,3 +410,17 @@ def test_one_method_table_for_the_cli_the_recipes_and_the_algorithms():
             f.name for f in dataclasses.fields(options)
         }
         assert shared and all(getattr(settings, n) == getattr(options, n) for n in shared)
+
+
+def test_each_integer_method_is_a_module_with_what_the_pipeline_calls():
+    from llmkit.quant.methods import implementation
+    from llmkit.quant.options import INTEGER_METHODS, METHODS
+
+    for name in INTEGER_METHODS:
+        module = implementation(name)
+        assert module.__name__ == f"llmkit.quant.methods.{name}"
+        assert callable(module.quantization_config)
+        needed = "layer_quantizer" if METHODS[name].calibrated else "pack"
+        assert callable(getattr(module, needed, None)), f"{name} has no {needed}"
+    with pytest.raises(ValueError):
+        implementation("fp16")  # a cast has no integer module

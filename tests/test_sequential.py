@@ -240,7 +240,7 @@ def test_gptq_layers_feed_on_what_the_quantized_model_computes(tiny_dir, tmp_pat
     """Layer i+1's calibration inputs are layer i's outputs with its quantized weights: the
     hidden states transformers computes from the written checkpoint."""
     from llmkit.bench.model import load_model
-    from llmkit.quant import methods
+    from llmkit.quant.methods import gptq as methods
 
     seen = []
     quantize_layer = methods.GPTQLayer.__call__

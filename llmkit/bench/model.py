@@ -11,7 +11,7 @@ from torch import nn
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.quant.formats.loader import dequantized_state
-from llmkit.quant.methods import per_token_int8_hook
+from llmkit.quant.methods.dense import per_token_int8_hook
 from llmkit.quant.sequential import build_skeleton
 
 

@@ -6,7 +6,7 @@ rounding then costs those columns relatively less. s = mean|x|^α, with α picke
 the error of the block's *output* on calibration data; then each group's clipping range is
 searched for the least output error, and the weights are quantized asymmetrically in groups.
 
-Shapes: W [out, in]; x [..., in]; s [in]. The decoder-layer wiring lives in awq_layer.py.
+Shapes: W [out, in]; x [..., in]; s [in]. The decoder-layer wiring lives in methods/awq.py.
 """
 
 from __future__ import annotations

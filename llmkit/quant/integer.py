@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -26,18 +25,9 @@ from llmkit.memory import (
     reset_peak_device_memory,
     return_freed_memory,
 )
-from llmkit.quant.awq import AWQSettings
-from llmkit.quant.awq_layer import AWQLayer
 from llmkit.quant.calibration import CalibrationSpec, calibration_ids
-from llmkit.quant.gptq import GPTQSettings
-from llmkit.quant.methods import (
-    GPTQLayer,
-    W8A8Layer,
-    dense_dtype,
-    dense_tensor,
-    linear_tensors,
-    quantization_config,
-)
+from llmkit.quant.methods import implementation
+from llmkit.quant.methods.dense import dense_dtype, dense_tensor
 from llmkit.quant.options import (
     CALIBRATED_METHODS,
     FLOAT16_METHODS,
@@ -166,7 +156,7 @@ def _storage(ck: Checkpoint, name: str) -> torch.dtype:
 def _data_free_layers(
     ck: Checkpoint, arch: Family, method: str, options: QuantOptions, on_layer: ProgressFn | None
 ) -> LayerTensors:
-    total = num_layers(ck.config)
+    total, pack = num_layers(ck.config), implementation(method).pack
     for index in range(total):
         prefix = f"{arch.layers}.{index}."
         out: dict[str, torch.Tensor] = {}
@@ -174,7 +164,7 @@ def _data_free_layers(
             tensor = ck.get_tensor(name)
             if is_layer_linear(arch, name):
                 module = name[len(prefix) :].removesuffix(".weight")
-                packed = linear_tensors(method, options, tensor.float(), _storage(ck, name))
+                packed = pack(options, tensor.float(), _storage(ck, name))
                 out.update({f"{module}.{k}": v for k, v in packed.items()})
             else:
                 out[name[len(prefix) :]] = dense_tensor(name, tensor, method, tensor.dtype)
@@ -186,20 +176,7 @@ def _data_free_layers(
 def _layer_quantizer(ck, arch, method, options, layer_errors, warn):
     """The LayerQuantizer of a calibrated method."""
     storage = {name: _storage(ck, name) for name in ck.tensors}
-    if method == "w8a8":
-        return W8A8Layer(arch, options.smooth_alpha, storage)
-    if method == "awq":
-        settings = _settings(AWQSettings, options)
-        return AWQLayer(arch, settings, options.awq_search_tokens, storage, layer_errors)
-    settings = _settings(GPTQSettings, options)
-    return GPTQLayer(arch, settings, options.true_sequential, storage, layer_errors, warn)
-
-
-def _settings(cls, options: QuantOptions):
-    """Every field of the settings class `cls` that QuantOptions has too, by name: no option
-    can be dropped on the way to the algorithm."""
-    shared = {f.name for f in fields(cls)} & {f.name for f in fields(QuantOptions)}
-    return cls(**{name: getattr(options, name) for name in shared})
+    return implementation(method).layer_quantizer(arch, options, storage, layer_errors, warn)
 
 
 def _lm_head_source(ck: Checkpoint, arch: Family) -> str:
@@ -211,7 +188,8 @@ def _lm_head_tensors(
     ck: Checkpoint, arch: Family, method: str, options: QuantOptions
 ) -> dict[str, torch.Tensor]:
     source = _lm_head_source(ck, arch)
-    packed = linear_tensors(method, options, ck.get_tensor(source).float(), _storage(ck, source))
+    weight = ck.get_tensor(source).float()
+    packed = implementation(method).pack(options, weight, _storage(ck, source))
     return {f"{arch.lm_head}.{k}": v for k, v in packed.items()}
 
 
@@ -243,7 +221,7 @@ def _dense_spec(ck: Checkpoint, name: str, method: str) -> TensorSpec:
 def _configs(ck: Checkpoint, method: str, options: QuantOptions) -> tuple[dict, dict]:
     """config.json with its quantization_config, and extra files (GPTQ's quantize_config)."""
     config = dict(ck.config)
-    config["quantization_config"] = quantization_config(method, options)
+    config["quantization_config"] = implementation(method).quantization_config(options)
     extra: dict[str, dict] = {}
     if method in FLOAT16_METHODS:
         config["torch_dtype"] = config["dtype"] = "float16"

@@ -3,7 +3,7 @@ recipe schema import it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from llmkit.errors import LlmkitError
 
@@ -85,3 +85,10 @@ def _check_awq(options: QuantOptions) -> None:
         raise LlmkitError("--awq-grid must be at least 1")
     if options.awq_search_tokens < 1:
         raise LlmkitError("--awq-search-tokens must be at least 1")
+
+
+def settings_of(cls, options: QuantOptions):
+    """An algorithm's settings (a dataclass): every field QuantOptions has too, by name, so
+    that no option can be dropped on the way to the algorithm."""
+    shared = {f.name for f in fields(cls)} & {f.name for f in fields(QuantOptions)}
+    return cls(**{name: getattr(options, name) for name in shared})

@@ -1,5 +1,5 @@
-"""Integer quantization methods: how one Linear becomes its on-disk tensors, which config
-goes with them, and (for W8A8) how a decoder layer is calibrated."""
+"""`--method gptq`: GPTQ, layer by layer on calibration text (act-order, static groups,
+group-aware order, the clip search, true-sequential stages), in the GPTQ v1 format."""
 
 from __future__ import annotations
 
@@ -14,125 +14,32 @@ from torch import nn
 from llmkit.arch.family import Family
 from llmkit.memory import return_freed_memory
 from llmkit.quant import gptq as gptq_algorithm
-from llmkit.quant import int8, rtn
 from llmkit.quant import layer_steps as steps
-from llmkit.quant.formats import awq, gptq
-from llmkit.quant.formats import compressed_tensors as ct
-from llmkit.quant.fp16 import checked_cast
-from llmkit.quant.options import FLOAT16_METHODS, GPTQ_FORMAT_METHODS, QuantOptions
+from llmkit.quant.formats import gptq
+from llmkit.quant.methods import rtn
+from llmkit.quant.methods.dense import dense_tensors
+from llmkit.quant.options import QuantOptions, settings_of
 from llmkit.quant.sequential import LayerRun
-from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
 
 # Tokens the MLP runs at once in GPTQ's stages: its [tokens, intermediate] buffer stays small
 # (attention takes whole windows), while the products and the Hessian get rows enough to run
-# near their full speed (256 tokens cost ~10% more CPU time on small-llama's MLP).
+# near their full speed (fewer tokens a call cost more CPU time).
 MLP_TOKENS = 512
 
 
-def linear_tensors(
-    method: str, options: QuantOptions, weight: torch.Tensor, scale_dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """weight: [out, in] float -> the module's tensors in `method`'s format (suffix -> tensor)."""
-    if method == "rtn":
-        return _gptq_tensors(options, weight)
-    q, scale = int8.quantize_per_channel(weight, scale_dtype)
-    if method == "w8a8":
-        return {"weight": q, "weight_scale": scale}
-    return {
-        "weight_packed": ct.pack_int32(q, 8),
-        "weight_scale": scale,
-        "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
+def quantization_config(options: QuantOptions) -> dict:
+    return rtn.quantization_config(options, options.desc_act) | {
+        "static_groups": options.static_groups,
+        "true_sequential": options.true_sequential,
+        "damp_percent": options.damp_percent,
+        "act_group_aware": options.act_group_aware and not options.desc_act,
+        "clip_search": options.clip_search,
     }
 
 
-def _gptq_tensors(options: QuantOptions, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(Group sizes and packing were checked for every Linear before any weight was read.)"""
-    in_features = weight.shape[1]
-    size = in_features if options.group_size == -1 else options.group_size
-    # GPTQ v1 stores zero - 1, so asymmetric zero points start at 1.
-    quant = rtn.quantize_groups(weight, options.bits, size, options.sym, min_zero=1)
-    g_idx = torch.arange(in_features, dtype=torch.int32) // size
-    return gptq.pack(quant.q, quant.scales, quant.zeros, options.bits, g_idx)
-
-
-def dense_dtype(method: str, original: torch.dtype) -> torch.dtype:
-    """The dtype unquantized tensors are written in: GPTQ and AWQ checkpoints are float16."""
-    return torch.float16 if method in FLOAT16_METHODS else original
-
-
-def dense_tensor(name: str, tensor: torch.Tensor, method: str, stored: torch.dtype):
-    """An unquantized tensor (norm, bias) as `method` writes it, from one stored as `stored`;
-    values the target dtype cannot hold are refused, naming the tensor."""
-    dtype = dense_dtype(method, stored)
-    advice = f"{method} checkpoints store it as {str(dtype).removeprefix('torch.')}"
-    return checked_cast(name, tensor.detach().cpu(), dtype, advice)
-
-
-def dense_tensors(layer: nn.Module, arch: Family, method: str, dtypes: dict, prefix: str) -> dict:
-    """Every tensor of a decoder layer but its Linears' weights, as `method` writes it.
-    `dtypes`: every checkpoint tensor's stored dtype, by full name (`prefix` + name)."""
-    return {
-        name: dense_tensor(prefix + name, tensor, method, dtypes[prefix + name])
-        for name, tensor in layer.state_dict().items()
-        if name.removesuffix(".weight") not in arch.linears
-    }
-
-
-def quantization_config(method: str, options: QuantOptions) -> dict:
-    if method == "awq":
-        return awq.quantization_config(options.group_size)
-    if method in GPTQ_FORMAT_METHODS:
-        config = gptq.quantization_config(
-            options.bits, options.group_size, options.sym, options.desc_act and method == "gptq"
-        )
-        config["lm_head"] = options.quantize_lm_head
-        if method == "gptq":
-            config |= {
-                "static_groups": options.static_groups,
-                "true_sequential": options.true_sequential,
-                "damp_percent": options.damp_percent,
-                "act_group_aware": options.act_group_aware and not options.desc_act,
-                "clip_search": options.clip_search,
-            }
-        return config
-    fmt = ct.INT_QUANTIZED if method == "w8a8" else ct.PACK_QUANTIZED
-    ignore = [] if options.quantize_lm_head else ["lm_head"]
-    return ct.quantization_config(fmt, activations=method == "w8a8", ignore=ignore)
-
-
-def per_token_int8_hook(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: the input as W8A8 kernels see it (dynamic per-token int8)."""
-    return (int8.fake_quantize_per_token(args[0]), *args[1:])
-
-
-@dataclass(frozen=True, slots=True)
-class W8A8Layer:
-    """SmoothQuant then per-channel int8 weights for one decoder layer (a LayerQuantizer)."""
-
-    arch: Family
-    alpha: float
-    dtypes: dict[str, torch.dtype]  # every checkpoint tensor's dtype, by full name
-
-    def __call__(self, index: int, run: LayerRun) -> dict[str, torch.Tensor]:
-        layer, prefix = run.layer, f"{self.arch.layers}.{index}."
-        observers = [
-            (g, InputAbsMax(layer.get_submodule(g.linears[0]))) for g in self.arch.smoothable
-        ]
-        run.run()
-        for group, observer in observers:
-            linears = [layer.get_submodule(name) for name in group.linears]
-            scales = smooth_scales(observer.remove(), [m.weight for m in linears], self.alpha)
-            fold(layer.get_submodule(group.source), linears, scales)
-        out: dict[str, torch.Tensor] = {}
-        for name in self.arch.linears:
-            linear = layer.get_submodule(name)
-            q, scale = int8.quantize_per_channel(
-                linear.weight, self.dtypes[f"{prefix}{name}.weight"]
-            )
-            linear.weight.data = int8.dequantize(q, scale, linear.weight.dtype)
-            linear.register_forward_pre_hook(per_token_int8_hook)
-            out[f"{name}.weight"], out[f"{name}.weight_scale"] = q, scale
-        return out | dense_tensors(layer, self.arch, "w8a8", self.dtypes, prefix)
+def layer_quantizer(arch: Family, options: QuantOptions, dtypes: dict, errors: list, warn):
+    settings = settings_of(gptq_algorithm.GPTQSettings, options)
+    return GPTQLayer(arch, settings, options.true_sequential, dtypes, errors, warn)
 
 
 @dataclass(frozen=True, slots=True)

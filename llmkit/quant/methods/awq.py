@@ -1,4 +1,5 @@
-"""AWQ for one decoder layer (a LayerQuantizer): observe, search scales, fold, clip, quantize.
+"""`--method awq`: AWQ in the AutoAWQ GEMM format. One decoder layer at a time (a
+LayerQuantizer): observe, search scales, fold, clip, quantize.
 
 1. One forward over all calibration batches records each scale group's mean |input| and keeps
    the inputs of the first batches (about `search_tokens` tokens) as the search sample.
@@ -22,9 +23,19 @@ from llmkit.arch.family import Family, Smoothable
 from llmkit.memory import return_freed_memory
 from llmkit.quant import awq, rtn
 from llmkit.quant.formats import awq as awq_format
-from llmkit.quant.methods import dense_tensors
+from llmkit.quant.methods.dense import dense_tensors
+from llmkit.quant.options import QuantOptions, settings_of
 from llmkit.quant.sequential import LayerRun
 from llmkit.quant.smoothquant import fold
+
+
+def quantization_config(options: QuantOptions) -> dict:
+    return awq_format.quantization_config(options.group_size)
+
+
+def layer_quantizer(arch: Family, options: QuantOptions, dtypes: dict, errors: list, warn):
+    settings = settings_of(awq.AWQSettings, options)
+    return AWQLayer(arch, settings, options.awq_search_tokens, dtypes, errors)
 
 
 @dataclass
