@@ -173,7 +173,8 @@ def test_gptq_stage_hessians_match_full_layer_forwards(tiny_dir, monkeypatch, tr
     import copy
     import dataclasses
 
-    from llmkit.quant import gptq, methods
+    from llmkit.quant import gptq
+    from llmkit.quant.methods import gptq as methods
 
     hessians, results, originals = [], [], []
     quantize_weight, quantize_layer = gptq.quantize, methods.GPTQLayer.__call__
