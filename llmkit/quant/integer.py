@@ -17,7 +17,6 @@ from llmkit.checkpoint.safetensors_io import TensorSpec
 from llmkit.checkpoint.writer import ProgressFn
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
-from llmkit.kernels import cpu as cpu_kernels
 from llmkit.memory import (
     current_rss,
     peak_device_memory,
@@ -32,6 +31,7 @@ from llmkit.quant.options import (
     CALIBRATED_METHODS,
     FLOAT16_METHODS,
     GPTQ_FORMAT_METHODS,
+    METHODS,
     QuantOptions,
     check_options,
 )
@@ -44,7 +44,8 @@ LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
 def _check_groups(ck: Checkpoint, arch: Family, method: str, options: QuantOptions) -> None:
     """Every Linear to quantize (the lm_head too, when asked) must split its inputs into
     whole groups and pack into int32 words; checked from the headers, before any read."""
-    if method not in GPTQ_FORMAT_METHODS | {"awq"}:
+    packing = METHODS[method].packing
+    if packing not in ("gptq", "awq"):
         return
     names = [n for n in ck.tensors if is_layer_linear(arch, n)]
     if options.quantize_lm_head:
@@ -53,7 +54,7 @@ def _check_groups(ck: Checkpoint, arch: Family, method: str, options: QuantOptio
     for name in names:
         out_features, in_features = ck.tensors[name].shape
         size = in_features if options.group_size == -1 else options.group_size
-        packed = out_features if method == "awq" else in_features  # the dim packed 32 bits wide
+        packed = out_features if packing == "awq" else in_features  # packed 32 bits wide
         if in_features % size or packed % pack:
             fits = [g for g in (32, 64, 128, 256) if in_features % g == 0]
             raise LlmkitError(
@@ -88,8 +89,9 @@ def quantize_integer(
     # before the baseline is taken: the memory measured above it is what the quantization
     # itself holds.
     skeleton = build_skeleton(ck.config) if calibrated else None
-    if method == "gptq" and compute.type == "cpu":
-        cpu_kernels.ops()
+    prepare = getattr(implementation(method), "prepare", None)
+    if prepare is not None:
+        prepare(compute)
     start_rss = current_rss()
     reset_peak_device_memory(compute)
     ids = _calibration_ids(ck, calibration) if calibrated else None

@@ -18,6 +18,9 @@ class Method:
     # The format it writes: "gptq" and "awq" (their dense tensors are float16), or
     # "compressed-tensors"; None for a cast.
     packing: str | None = "compressed-tensors"
+    bits: tuple[int, ...] = ()  # the --bits its format holds (none: it does not read --bits)
+    lm_head: bool = True  # it can quantize the lm_head (--quantize-lm-head)
+    per_channel: bool = True  # its format takes one group per output channel (--group-size -1)
 
 
 METHODS: dict[str, Method] = {
@@ -27,9 +30,9 @@ METHODS: dict[str, Method] = {
         Method("bf16", cast_to="BF16", packing=None),
         Method("int8"),
         Method("w8a8", calibrated=True),
-        Method("rtn", packing="gptq"),
-        Method("gptq", calibrated=True, packing="gptq"),
-        Method("awq", calibrated=True, packing="awq"),
+        Method("rtn", packing="gptq", bits=(2, 3, 4, 8)),
+        Method("gptq", calibrated=True, packing="gptq", bits=(2, 3, 4, 8), lm_head=False),
+        Method("awq", calibrated=True, packing="awq", bits=(4,), lm_head=False, per_channel=False),
     )
 }
 CAST_METHODS = {m.name: m.cast_to for m in METHODS.values() if m.cast_to}
@@ -60,31 +63,27 @@ class QuantOptions:
 
 
 def check_options(method: str, options: QuantOptions) -> None:
-    if method in GPTQ_FORMAT_METHODS and options.bits not in (2, 3, 4, 8):
-        raise LlmkitError(f"--bits {options.bits} is not supported by {method}; use 2, 3, 4 or 8")
+    """Refuse options the method's table entry, or any method, cannot take (before any
+    weight is read)."""
+    m = METHODS[method]
+    if m.bits and options.bits not in m.bits:
+        *most, last = map(str, m.bits)
+        hint = f"use {', '.join(most)} or {last}" if most else f"its format is {last}-bit"
+        raise LlmkitError(f"--bits {options.bits} is not supported by {method}; {hint}")
     if not 0 < options.damp_percent <= 1:
         raise LlmkitError("--damp-percent must lie in (0, 1]")
-    if method in ("gptq", "awq") and options.quantize_lm_head:
+    if options.quantize_lm_head and not m.lm_head:
         raise LlmkitError(f"--quantize-lm-head is not supported with {method}; use rtn or int8")
-    if method == "awq":
-        _check_awq(options)
-    if options.group_size == 0 or options.group_size < -1:
-        raise LlmkitError("--group-size must be positive, or -1 for one group per channel")
-    if not 0 <= options.smooth_alpha <= 1:
-        raise LlmkitError("--smooth-alpha must lie in [0, 1]")
-
-
-def _check_awq(options: QuantOptions) -> None:
-    if options.bits != 4:
-        raise LlmkitError(
-            f"--bits {options.bits} is not supported by awq; the GEMM format is 4-bit"
-        )
-    if options.group_size == -1:
-        raise LlmkitError("awq needs a positive --group-size (the GEMM format has no per-channel)")
+    if options.group_size == -1 and not m.per_channel:
+        raise LlmkitError(f"{method} needs a positive --group-size (its format has no per-channel)")
     if options.awq_grid < 1:
         raise LlmkitError("--awq-grid must be at least 1")
     if options.awq_search_tokens < 1:
         raise LlmkitError("--awq-search-tokens must be at least 1")
+    if options.group_size == 0 or options.group_size < -1:
+        raise LlmkitError("--group-size must be positive, or -1 for one group per channel")
+    if not 0 <= options.smooth_alpha <= 1:
+        raise LlmkitError("--smooth-alpha must lie in [0, 1]")
 
 
 def settings_of(cls, options: QuantOptions):

@@ -8,9 +8,10 @@ A method module gives:
   quantized lm_head (methods that cannot quantize the lm_head leave it out);
 - `layer_quantizer(arch, options, dtypes, errors, warn)`: for calibrated methods, the
   LayerQuantizer that quantizes one decoder layer at a time (quant/sequential.py).
+- `prepare(device)`, optional: what to load before quantization's memory baseline is taken.
 
-Option checks stay torch-free in quant/options.py; the dense tensors every method writes
-beside its Linears are in `dense.py`.
+Option checks stay torch-free, in quant/options.py, driven by the method's table entry; the
+dense tensors every method writes beside its Linears are in `dense.py`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llmkit.arch.family import Family
+from llmkit.kernels import cpu as cpu_kernels
 from llmkit.memory import return_freed_memory
 from llmkit.quant import gptq as gptq_algorithm
 from llmkit.quant import layer_steps as steps
@@ -35,6 +36,12 @@ def quantization_config(options: QuantOptions) -> dict:
         "act_group_aware": options.act_group_aware and not options.desc_act,
         "clip_search": options.clip_search,
     }
+
+
+def prepare(device: torch.device) -> None:
+    """Before the memory baseline is taken: GPTQ's CPU kernels, loaded once."""
+    if device.type == "cpu":
+        cpu_kernels.ops()
 
 
 def layer_quantizer(arch: Family, options: QuantOptions, dtypes: dict, errors: list, warn):
