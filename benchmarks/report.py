@@ -139,9 +139,6 @@ def workdir(args: argparse.Namespace, prefix: str) -> Path:
     return work
 
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
 def save_result(
     benchmark: str, fields: dict, machine: str = "", *, anchor: str, summary: list[dict]
 ) -> Path:
@@ -149,7 +146,7 @@ def save_result(
     machine (the CPU, then `machine`), the command that ran it, the anchor it is measured
     against, its `summary` rows (see `row`) and then its own `fields`; then regenerate
     benchmarks/RESULTS.md from the newest result of every benchmark."""
-    from results_md import write_results_md
+    from results_md import RESULTS, write_results_md
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     cpu = f"{platform.machine()}, {cpu_model()}"

@@ -122,7 +122,8 @@ def _layer_specs(
     rank: CheckpointRank, family: Family, prefix: str, layer: list[str]
 ) -> list[TensorSpec]:
     """A layer's tensors under vLLM's names, fused ones concatenated along the output dim."""
-    part_of = {part: fused for fused, parts in family.fused_groups().items() for part in parts}
+    groups = family.fused_groups()
+    part_of = {part: fused for fused, parts in groups.items() for part in parts}
     specs, fused_done = [], set()
     for name in layer:
         module, suffix = name[len(prefix) :].rsplit(".", 1)
@@ -133,7 +134,7 @@ def _layer_specs(
         if target in fused_done:
             continue
         fused_done.add(target)
-        parts = family.fused_groups()[part_of[module]]
+        parts = groups[part_of[module]]
         specs.append(_concat_spec(rank, target, [f"{prefix}{p}.{suffix}" for p in parts]))
     return specs
 

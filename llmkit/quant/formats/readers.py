@@ -24,26 +24,18 @@ class TensorSource(Protocol):
 
 class LinearReader:
     """A Linear's stored tensors -> DenseWeight | Int8Weight | GroupedWeight, for every
-    `quant_method` llmkit reads: the one place that dispatches on it. `src` holds the tensors
+    `quant_method` llmkit reads (the _FORMATS table). `src` holds the tensors
     (`name in src`, `src.get(name)`) and says where a tensor-parallel slice starts
     (`src.offset(name, dim)`: 0 for whole tensors)."""
 
     def __init__(self, src: TensorSource, qconfig: dict | None):
         self.src, self.qconfig = src, qconfig or {}
         self.method = self.qconfig.get("quant_method")
-        if self.method not in (None, "gptq", "awq", "compressed-tensors"):
+        if self.method is not None and self.method not in _FORMATS:
             raise LlmkitError(f"llmkit cannot run {self.method!r} checkpoints")
-        if self.method == "awq":
-            awq.check_config(self.qconfig)
-        if self.method == "compressed-tensors":
-            ct.check_config(self.qconfig)
-
-    @property
-    def leaves(self) -> tuple[str, ...]:
-        """The names (after the module's) of the tensors a quantized Linear is stored in."""
-        return {"gptq": gptq.SUFFIXES, "awq": awq.SUFFIXES, "compressed-tensors": ct.LEAVES}.get(
-            self.method, ()
-        )
+        self.leaves, check, self._read = _FORMATS.get(self.method, ((), None, None))
+        if check is not None:
+            check(self.qconfig)
 
     def is_quantized(self, module: str, leaves: set[str]) -> bool:
         """Is `module`, holding tensors named `leaves`, a quantized Linear of this format?"""
@@ -61,13 +53,9 @@ class LinearReader:
     def read(self, module: str) -> LinearWeight:
         if f"{module}.weight" in self.src and self.method != "compressed-tensors":
             return DenseWeight(self.src.get(f"{module}.weight"))
-        if self.method == "gptq":
-            return self._gptq(module)
-        if self.method == "awq":
-            return self._awq(module)
-        if self.method == "compressed-tensors":
-            return self._compressed(module)
-        raise LlmkitError(f"checkpoint has no weight for {module}")
+        if self._read is None:
+            raise LlmkitError(f"checkpoint has no weight for {module}")
+        return self._read(self, module)
 
     def _gptq(self, module: str) -> GroupedWeight:
         bits, zero_offset = gptq.checkpoint_bits(self.qconfig)
@@ -119,3 +107,12 @@ def _packed_cols(stored: dict, bits: int) -> int:
 
 def _unpacked(stored: dict, bits: int) -> torch.Tensor:
     return ct.unpack_int32(stored["weight_packed"], bits, int(stored["weight_shape"][1]))
+
+
+# quant_method -> (the tensor names a quantized Linear is stored in, the config check, the
+# reader): the one place that dispatches on it.
+_FORMATS = {
+    "gptq": (gptq.SUFFIXES, None, LinearReader._gptq),
+    "awq": (awq.SUFFIXES, awq.check_config, LinearReader._awq),
+    "compressed-tensors": (ct.LEAVES, ct.check_config, LinearReader._compressed),
+}
