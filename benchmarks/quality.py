@@ -27,7 +27,7 @@ from report import row, save_result, split_text
 from llmkit.bench.quality import evaluate_quality
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.quant.calibration import CalibrationSpec, calibration_ids
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +38,11 @@ def llmkit_runs(shared: Path, work: Path, calibration: CalibrationSpec) -> dict[
     model = shared / "models" / "stories260K"
     padded = shared / "models" / "stories260K-pad176"
     runs = {
-        "fp16": (model, "fp16", QuantOptions()),
-        "bf16": (model, "bf16", QuantOptions()),
-        "int8": (model, "int8", QuantOptions()),
-        "w8a8": (model, "w8a8", QuantOptions(smooth_alpha=0.5)),
-        "rtn-w4-g16": (padded, "rtn", QuantOptions(bits=4, group_size=16)),
+        "fp16": (model, "fp16", options_for("fp16")),
+        "bf16": (model, "bf16", options_for("bf16")),
+        "int8": (model, "int8", options_for("int8")),
+        "w8a8": (model, "w8a8", options_for("w8a8", smooth_alpha=0.5)),
+        "rtn-w4-g16": (padded, "rtn", options_for("rtn", bits=4, group_size=16)),
     }
     results = {}
     for name, (src, method, options) in runs.items():

@@ -19,7 +19,7 @@ from llmkit.quant import awq
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import awq as awq_format
 from llmkit.quant.methods.awq import _applies
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import AWQOptions, options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.quant.smoothquant import fold
 
@@ -177,7 +177,7 @@ def test_awq_checkpoint_is_what_the_quantized_layers_compute(tiny_dir, tmp_path,
         tiny_dir(preset),
         out,
         "awq",
-        options=QuantOptions(group_size=32),
+        options=AWQOptions(group_size=32),
         calibration=CalibrationSpec(num_samples=8, seq_len=64),
     )
     config = json.loads((out / "config.json").read_text())
@@ -212,15 +212,16 @@ def test_awq_checkpoint_is_what_the_quantized_layers_compute(tiny_dir, tmp_path,
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (QuantOptions(bits=3), "4-bit"),
-        (QuantOptions(group_size=-1), "positive --group-size"),
-        (QuantOptions(awq_grid=0), "--awq-grid"),
-        (QuantOptions(quantize_lm_head=True), "not supported with awq"),
+        ({"bits": 3}, "4-bit"),
+        ({"group_size": -1}, "positive --group-size"),
+        ({"awq_grid": 0}, "--awq-grid"),
+        ({"quantize_lm_head": True}, "--quantize-lm-head does not apply to awq"),
+        ({"sym": False}, "--sym does not apply to awq"),
     ],
 )
 def test_awq_refuses_what_its_format_cannot_hold(tiny_dir, tmp_path, options, message):
     with pytest.raises(LlmkitError, match=message):
-        quantize(tiny_dir(), tmp_path / "out", "awq", options=options)
+        quantize(tiny_dir(), tmp_path / "out", "awq", options=options_for("awq", **options))
     assert not (tmp_path / "out").exists()
 
 

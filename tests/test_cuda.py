@@ -12,7 +12,7 @@ from llmkit.bench.model import load_model
 from llmkit.checkpoint.rank_tensors import open_rank
 from llmkit.quant import gptq
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.engine import LLM, Engine, EngineConfig
@@ -74,7 +74,7 @@ def test_quantized_on_cuda_computes_the_dequantized_model(tiny_dir, tmp_path, ca
         tiny_dir("tiny-llama"),
         out,
         method,
-        options=QuantOptions(**options),
+        options=options_for(method, **options),
         calibration=calibration,
         device="cuda",
     )

@@ -8,7 +8,7 @@ import pytest
 
 from llmkit.kernels import cpu
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.layers.decode_layer import DecodeLayer
@@ -22,9 +22,9 @@ pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="llmkit's CPU kernels 
 CASES = {
     "bf16": ("tiny-llama", None, None, [HALF] * 4),
     "qwen2-bias-bf16": ("tiny-qwen2", None, None, [HALF] * 4),
-    "int8": ("tiny-llama", "int8", QuantOptions(), [Q8] * 4),
-    "w8a8": ("tiny-llama", "w8a8", QuantOptions(), [W8A8] * 4),
-    "rtn-g32": ("tiny-llama", "rtn", QuantOptions(group_size=32), [Q4] * 4),
+    "int8": ("tiny-llama", "int8", options_for("int8"), [Q8] * 4),
+    "w8a8": ("tiny-llama", "w8a8", options_for("w8a8"), [W8A8] * 4),
+    "rtn-g32": ("tiny-llama", "rtn", options_for("rtn", group_size=32), [Q4] * 4),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 
 from llmkit.bench.model import load_model
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import AWQOptions, GPTQOptions
 from llmkit.quant.pipeline import quantize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_gptqmodel_loads_llmkit_checkpoints(tiny_dir, tmp_path, bits, desc_act):
         tiny_dir("tiny-llama"),
         out,
         "gptq",
-        options=QuantOptions(bits=bits, group_size=32, desc_act=desc_act),
+        options=GPTQOptions(bits=bits, group_size=32, desc_act=desc_act),
         calibration=CalibrationSpec(num_samples=8, seq_len=64),
     )
     theirs = gptqmodel_view(out, tmp_path)
@@ -98,7 +98,7 @@ def test_gptqmodel_loads_llmkit_awq_checkpoints(tiny_dir, tmp_path):
         tiny_dir("tiny-llama"),
         out,
         "awq",
-        options=QuantOptions(group_size=32),
+        options=AWQOptions(group_size=32),
         calibration=CalibrationSpec(num_samples=8, seq_len=64),
     )
     theirs = gptqmodel_view(out, tmp_path, "awq_torch")

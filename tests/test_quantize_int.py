@@ -4,6 +4,7 @@ they compute equal llmkit's own dequantized computation."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from llmkit.errors import LlmkitError
 from llmkit.quant import int8
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import gptq
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import GPTQOptions, RTNOptions, options_for
 from llmkit.quant.pipeline import quantize
 from tests.test_formats import unpack_gptq_by_loops
 
@@ -50,7 +51,11 @@ def quantized(tiny_dir, tmp_path_factory):
         if key not in made:
             out = tmp_path_factory.mktemp(method) / "q"
             quantize(
-                tiny_dir(preset), out, method, options=QuantOptions(**options), calibration=SMALL
+                tiny_dir(preset),
+                out,
+                method,
+                options=options_for(method, **options),
+                calibration=SMALL,
             )
             made[key] = out
         return made[key]
@@ -156,7 +161,7 @@ def test_output_holds_no_spill_files(quantized):
 
 def test_bad_group_size_fails_before_writing(tiny_dir, tmp_path):
     with pytest.raises(LlmkitError, match="--group-size 48 does not divide its inputs"):
-        quantize(tiny_dir("tiny-llama"), tmp_path / "o", "rtn", options=QuantOptions(group_size=48))
+        quantize(tiny_dir("tiny-llama"), tmp_path / "o", "rtn", options=RTNOptions(group_size=48))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -236,7 +241,7 @@ def test_cli_quantize_gptq_reports_layer_errors(cli, tiny_dir, tmp_path):
 
 def test_gptq_refuses_bits_it_cannot_pack(tiny_dir, tmp_path):
     with pytest.raises(LlmkitError, match="--bits 5"):
-        quantize(tiny_dir("tiny-llama"), tmp_path / "o", "gptq", options=QuantOptions(bits=5))
+        quantize(tiny_dir("tiny-llama"), tmp_path / "o", "gptq", options=GPTQOptions(bits=5))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -246,7 +251,7 @@ def test_group_sizes_that_do_not_divide_the_inputs_are_refused_before_any_work(
 ):
     # tiny-llama's Linears have 64 or 128 inputs; groups of 128 do not divide q_proj's 64
     with pytest.raises(LlmkitError, match=r"q_proj.weight has 64 inputs.*fit: 32, 64"):
-        quantize(tiny_dir("tiny-llama"), tmp_path / "o", method, options=QuantOptions())
+        quantize(tiny_dir("tiny-llama"), tmp_path / "o", method)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -320,9 +325,7 @@ def test_cli_gptq_options_reach_the_quantizer(cli, tiny_dir, tmp_path):
 
 
 def test_every_gptq_option_reaches_the_algorithm(tiny_dir, tmp_path, monkeypatch):
-    """Each QuantOptions field GPTQ knows arrives in the settings its sweep runs with."""
-    from dataclasses import fields
-
+    """Each GPTQOptions field arrives in the settings its sweep runs with."""
     from llmkit.quant.gptq import GPTQSettings
     from llmkit.quant.methods import gptq as gptq_method
 
@@ -334,7 +337,7 @@ def test_every_gptq_option_reaches_the_algorithm(tiny_dir, tmp_path, monkeypatch
         return make_layer(arch, settings, *rest)
 
     monkeypatch.setattr(gptq_method, "GPTQLayer", recording)
-    options = QuantOptions(
+    options = GPTQOptions(
         bits=8,
         group_size=64,
         sym=False,
@@ -384,7 +387,9 @@ def test_bf16_checkpoint_quantizes_as_its_float32_widening(tiny_dir, tmp_path, m
     outputs = {}
     for name, src in (("bf16", bf16), ("f32", tmp_path / "f32")):
         out = tmp_path / f"{name}-{method}"
-        quantize(src, out, method, options=QuantOptions(group_size=32), calibration=calibration)
+        quantize(
+            src, out, method, options=options_for(method, group_size=32), calibration=calibration
+        )
         with open_checkpoint(out) as ck:
             outputs[name] = {n: ck.get_tensor(n) for n in ck.tensors if n.endswith(QUANTIZED)}
     assert outputs["bf16"].keys() == outputs["f32"].keys() and outputs["bf16"]
@@ -399,13 +404,12 @@ def test_one_method_table_for_the_cli_the_recipes_and_the_algorithms():
     from llmkit.cli.quantize import MethodName
     from llmkit.quant.awq import AWQSettings
     from llmkit.quant.gptq import GPTQSettings
-    from llmkit.quant.options import METHODS, QuantOptions
+    from llmkit.quant.options import METHODS, AWQOptions, GPTQOptions
     from llmkit.recipe.schema import Quantize
 
     assert typing.get_args(MethodName) == tuple(METHODS)
     assert typing.get_args(Quantize.model_fields["method"].annotation) == tuple(METHODS)
-    options = QuantOptions()
-    for settings in (GPTQSettings(), AWQSettings()):  # what a user sets defaults as the CLI does
+    for settings, options in ((GPTQSettings(), GPTQOptions()), (AWQSettings(), AWQOptions())):
         shared = {f.name for f in dataclasses.fields(settings)} & {
             f.name for f in dataclasses.fields(options)
         }
@@ -424,3 +428,27 @@ def test_each_integer_method_is_a_module_with_what_the_pipeline_calls():
         assert callable(getattr(module, needed, None)), f"{name} has no {needed}"
     with pytest.raises(ValueError):
         implementation("fp16")  # a cast has no integer module
+
+
+def test_quantize_flags_are_the_options_of_the_methods(cli, tiny_dir, tmp_path):
+    """One flag per option any method takes, from the options dataclasses; a flag the chosen
+    method does not take is refused in one line before any output exists, and a flag not
+    given leaves the method's own default."""
+    import typer.main
+
+    from llmkit.cli.app import app
+    from llmkit.quant.options import METHODS, flag
+
+    command = typer.main.get_command(app).commands["quantize"]
+    flags = {name for param in command.params for name in param.opts}
+    for m in METHODS.values():
+        assert {flag(f.name) for f in fields(m.options)} <= flags, m.name
+    args = ["quantize", tiny_dir(), tmp_path / "o"]
+    refused = cli(*args, "--method", "gptq", "--smooth-alpha", "0.5")
+    assert refused.code == 1 and not (tmp_path / "o").exists()
+    assert refused.err.strip().count("\n") == 0, refused.err
+    assert "--smooth-alpha does not apply to gptq (it takes --bits, --group-size" in refused.err
+    done = cli(*args, "--method", "rtn", "--asym", "--group-size", "32", "--json")
+    assert done.code == 0, done.err
+    config = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert (config["sym"], config["group_size"], config["bits"]) == (False, 32, RTNOptions().bits)

@@ -112,6 +112,13 @@ BAD = {
     "calibration option": ("steps:\n  - id: a\n    quantize:\n      method: gptq\n"
                            "      calibration: {num_samples: many}\n", 5,
                            "steps.0.quantize.calibration.num_samples"),
+    "option of another method": ("steps:\n  - id: a\n    quantize:\n      method: gptq\n"
+                                 "      options: {smooth_alpha: 0.5}\n", 5,
+                                 "steps.0.quantize.options.smooth_alpha"),
+    "option type": ("steps:\n  - id: a\n    quantize:\n      method: rtn\n"
+                    "      options: {bits: four}\n", 5, "steps.0.quantize.options.bits"),
+    "option range": ("steps:\n  - id: a\n    quantize:\n      method: w8a8\n"
+                     "      options: {smooth_alpha: 2}\n", 5, "steps.0.quantize.options"),
 }  # fmt: skip
 
 

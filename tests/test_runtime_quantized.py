@@ -9,7 +9,7 @@ import torch
 from llmkit.bench.model import load_model
 from llmkit.checkpoint.rank_tensors import open_rank
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import options_for, quantizes_lm_head
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.layers.linear import (
@@ -31,15 +31,20 @@ from tests.runtime_helpers import DEVICES, random_prompts, runtime_logits
 # checks them exactly against that definition); through this random tiny model's layers
 # that rounding moves the logits by up to ~3% of the largest.
 CASES = {
-    "int8": ("int8", QuantOptions(), Int8Linear, 3e-2),
-    "w8a8": ("w8a8", QuantOptions(), W8A8Linear, 1e-3),
-    "gptq": ("gptq", QuantOptions(group_size=32, act_group_aware=False), Q4Linear, 3e-2),
-    "gptq-act-order": ("gptq", QuantOptions(group_size=32, desc_act=True), Q4Linear, 3e-2),
-    "rtn-per-channel": ("rtn", QuantOptions(group_size=-1), Q4Linear, 3e-2),
-    "gptq-8bit": ("gptq", QuantOptions(bits=8, group_size=32), DenseLinear, 1e-4),
-    "awq": ("awq", QuantOptions(group_size=32), Q4Linear, 3e-2),
-    "int8-lm-head": ("int8", QuantOptions(quantize_lm_head=True), Int8Linear, 3e-2),
-    "rtn-lm-head": ("rtn", QuantOptions(group_size=32, quantize_lm_head=True), Q4Linear, 3e-2),
+    "int8": ("int8", options_for("int8"), Int8Linear, 3e-2),
+    "w8a8": ("w8a8", options_for("w8a8"), W8A8Linear, 1e-3),
+    "gptq": ("gptq", options_for("gptq", group_size=32, act_group_aware=False), Q4Linear, 3e-2),
+    "gptq-act-order": ("gptq", options_for("gptq", group_size=32, desc_act=True), Q4Linear, 3e-2),
+    "rtn-per-channel": ("rtn", options_for("rtn", group_size=-1), Q4Linear, 3e-2),
+    "gptq-8bit": ("gptq", options_for("gptq", bits=8, group_size=32), DenseLinear, 1e-4),
+    "awq": ("awq", options_for("awq", group_size=32), Q4Linear, 3e-2),
+    "int8-lm-head": ("int8", options_for("int8", quantize_lm_head=True), Int8Linear, 3e-2),
+    "rtn-lm-head": (
+        "rtn",
+        options_for("rtn", group_size=32, quantize_lm_head=True),
+        Q4Linear,
+        3e-2,
+    ),
 }
 
 
@@ -67,7 +72,7 @@ def test_quantized_logits_equal_the_dequantized_computation(quantized, case):
     src.close()
     assert isinstance(model.layers[0].mlp.gate_up, kind)
     assert isinstance(model.layers[0].attn.o_proj, kind)
-    if CASES[case][1].quantize_lm_head:
+    if quantizes_lm_head(CASES[case][1]):
         assert isinstance(model.lm_head.proj, kind)
     ids = random_prompts(1, 48, 49, seed=7)[0]
     with torch.inference_mode():

@@ -6,7 +6,7 @@ import pytest
 
 from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import GPTQOptions, options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.engine import LLM, Engine, EngineConfig
 from llmkit.runtime.sequence import SamplingParams
@@ -49,7 +49,7 @@ def test_tp2_gptq_act_order_computes_what_tp1_does(tiny_dir, tmp_path):
     # Row-parallel ranks keep every group's scales and index them with global g_idx. A rank's
     # share of the inputs has uneven group counts, so it runs dequantized where tp=1 runs the
     # int4 kernel: both round through bf16, so compare distributions, not greedy streams.
-    options = QuantOptions(group_size=32, desc_act=True)
+    options = GPTQOptions(group_size=32, desc_act=True)
     calibration = CalibrationSpec(num_samples=8, seq_len=64)
     quantize(
         tiny_dir("tiny-llama"), tmp_path / "gptq", "gptq", options=options, calibration=calibration
@@ -76,7 +76,8 @@ def test_tp_that_does_not_divide_the_heads_is_refused(tiny_dir):
 @pytest.mark.parametrize("method", ["rtn", "int8"])
 def test_tp2_quantized_lm_head_computes_what_tp1_does(tiny_dir, tmp_path, method):
     # Qwen2's vocab is padded per rank: the quantized lm_head's padding rows are cut again
-    options = QuantOptions(group_size=32, quantize_lm_head=True)
+    groups = {"group_size": 32} if method == "rtn" else {}  # int8 is per channel
+    options = options_for(method, quantize_lm_head=True, **groups)
     quantize(tiny_dir("tiny-qwen2"), tmp_path / method, method, options=options)
     for tp2, tp1 in zip(
         first_logprobs(tmp_path / method, 2), first_logprobs(tmp_path / method, 1), strict=True

@@ -12,7 +12,7 @@ from llmkit.arch.family import family_for
 from llmkit.checkpoint.reader import open_checkpoint
 from llmkit.quant import sequential
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.quant.smoothquant import fold
 from tests.conftest import TINY_PRESETS
@@ -87,7 +87,7 @@ def test_only_one_decoder_layer_is_ever_materialized(tiny_dir, tmp_path, monkeyp
         tiny_dir("tiny-llama"),
         tmp_path / "o",
         method,
-        options=QuantOptions(group_size=32),
+        options=options_for(method, **({"group_size": 32} if method == "gptq" else {})),
         calibration=CalibrationSpec(num_samples=4, seq_len=32),
     )
     assert peak == 1
@@ -256,7 +256,7 @@ def test_gptq_layers_feed_on_what_the_quantized_model_computes(tiny_dir, tmp_pat
         tiny_dir("tiny-qwen2"),
         tmp_path / "q",
         "gptq",
-        options=QuantOptions(group_size=32),
+        options=options_for("gptq", group_size=32),
         calibration=ids_spec,
     )
     from transformers import AutoTokenizer

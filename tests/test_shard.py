@@ -21,7 +21,7 @@ from llmkit.checkpoint.writer import write_checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.formats import awq, gptq
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.shard import write
 from llmkit.shard.merge import merge
@@ -276,11 +276,11 @@ def quantized(tiny_dir, tmp_path_factory):
     calibration = CalibrationSpec(num_samples=4, seq_len=32)
     made = {}
     for name, method, options in [
-        ("gptq", "gptq", QuantOptions(group_size=32)),
-        ("gptq-act", "gptq", QuantOptions(group_size=32, desc_act=True)),
-        ("awq", "awq", QuantOptions(group_size=32)),
-        ("w8a8", "w8a8", QuantOptions()),  # compressed-tensors int-quantized
-        ("int8", "int8", QuantOptions()),  # compressed-tensors pack-quantized
+        ("gptq", "gptq", options_for("gptq", group_size=32)),
+        ("gptq-act", "gptq", options_for("gptq", group_size=32, desc_act=True)),
+        ("awq", "awq", options_for("awq", group_size=32)),
+        ("w8a8", "w8a8", options_for("w8a8")),  # compressed-tensors int-quantized
+        ("int8", "int8", options_for("int8")),  # compressed-tensors pack-quantized
     ]:
         quantize(
             tiny_dir("tiny-llama"), base / name, method, options=options, calibration=calibration

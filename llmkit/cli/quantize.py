@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import fields
 from typing import Annotated, Literal
 
 import typer
@@ -25,13 +27,12 @@ from llmkit.cli.options import (
 )
 from llmkit.cli.output import human_bytes, print_json, progress_bars, stderr, stdout
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import METHODS, QuantOptions
+from llmkit.quant.options import METHODS, flag, option_types, options_for
 from llmkit.quant.output import QuantizeReport
 from llmkit.quant.pipeline import quantize as run_quantize
 
 MethodName = Literal[tuple(METHODS)]
 _CAL = CalibrationSpec
-_OPT = QuantOptions
 
 
 def quantize(
@@ -50,66 +51,6 @@ def quantize(
     chat_template: Annotated[
         bool, typer.Option("--chat-template", help="Wrap calibration text in the chat template.")
     ] = default(_CAL, "chat_template"),
-    bits: Annotated[int, typer.Option(help="Weight bits (rtn, gptq; awq: 4).")] = default(
-        _OPT, "bits"
-    ),
-    group_size: Annotated[
-        int, typer.Option(help="Inputs per scale (rtn, gptq, awq); -1 for one per output channel.")
-    ] = default(_OPT, "group_size"),
-    sym: Annotated[
-        bool, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid (rtn, gptq).")
-    ] = default(_OPT, "sym"),
-    smooth_alpha: Annotated[
-        float, typer.Option(help="SmoothQuant migration strength (w8a8).")
-    ] = default(_OPT, "smooth_alpha"),
-    desc_act: Annotated[
-        bool,
-        typer.Option(
-            "--desc-act", help="Act-order: quantize inputs by falling Hessian diagonal (gptq)."
-        ),
-    ] = default(_OPT, "desc_act"),
-    act_group_aware: Annotated[
-        bool,
-        typer.Option(
-            "--act-group-aware/--no-act-group-aware",
-            help="Without act-order, visit important groups first; g_idx stays trivial (gptq).",
-        ),
-    ] = default(_OPT, "act_group_aware"),
-    static_groups: Annotated[
-        bool, typer.Option("--static-groups", help="Fit group scales before any update (gptq).")
-    ] = default(_OPT, "static_groups"),
-    clip_search: Annotated[
-        bool,
-        typer.Option(
-            "--clip-search/--no-clip-search",
-            help="Search each group's range for the least error (gptq, awq).",
-        ),
-    ] = default(_OPT, "clip_search"),
-    damp_percent: Annotated[
-        float, typer.Option(help="Hessian damping, a fraction of its mean diagonal (gptq).")
-    ] = default(_OPT, "damp_percent"),
-    true_sequential: Annotated[
-        bool,
-        typer.Option(
-            "--true-sequential/--no-true-sequential",
-            help="Take each stage's inputs after the earlier stages are quantized (gptq).",
-        ),
-    ] = default(_OPT, "true_sequential"),
-    awq_grid: Annotated[
-        int, typer.Option(help="Scale exponents α tried by the AWQ search (awq).")
-    ] = default(_OPT, "awq_grid"),
-    awq_duo_scaling: Annotated[
-        bool,
-        typer.Option(
-            "--awq-duo-scaling", help="Scales from activation and weight magnitudes (awq)."
-        ),
-    ] = default(_OPT, "awq_duo_scaling"),
-    awq_search_tokens: Annotated[
-        int, typer.Option(help="Calibration tokens each AWQ scale candidate is scored on (awq).")
-    ] = default(_OPT, "awq_search_tokens"),
-    quantize_lm_head: Annotated[
-        bool, typer.Option("--quantize-lm-head", help="Quantize lm_head too.")
-    ] = default(_OPT, "quantize_lm_head"),
     device: DeviceOpt = default(run_quantize, "device"),
     clamp: Annotated[
         bool, typer.Option("--clamp", help="Saturate values beyond fp16's range, don't refuse.")
@@ -118,6 +59,7 @@ def quantize(
     overwrite: OverwriteOpt = False,
     revision: RevisionOpt = None,
     json_out: JsonOpt = False,
+    **option_values,
 ) -> None:
     """Quantize SRC into OUT: fp16/bf16 casts, int8 (W8A16), w8a8 (SmoothQuant), rtn, gptq, awq."""
     calibration = CalibrationSpec(
@@ -130,22 +72,8 @@ def quantize(
         seed,
         chat_template,
     )
-    options = QuantOptions(
-        bits=bits,
-        group_size=group_size,
-        sym=sym,
-        smooth_alpha=smooth_alpha,
-        desc_act=desc_act,
-        act_group_aware=act_group_aware,
-        clip_search=clip_search,
-        static_groups=static_groups,
-        damp_percent=damp_percent,
-        true_sequential=true_sequential,
-        awq_grid=awq_grid,
-        awq_duo_scaling=awq_duo_scaling,
-        awq_search_tokens=awq_search_tokens,
-        quantize_lm_head=quantize_lm_head,
-    )
+    given = {name: value for name, value in option_values.items() if value is not None}
+    options = options_for(method, **given)
     with progress_bars(quiet=json_out) as task:
         report = run_quantize(
             src,
@@ -165,6 +93,53 @@ def quantize(
         print_json(report.to_dict())
         return
     _render(report)
+
+
+def _option_parameters() -> list[inspect.Parameter]:
+    """One flag per option any method takes, from the methods' options dataclasses; a flag
+    not given is None, so that the method's own default applies."""
+    takers: dict[str, list] = {}
+    for m in METHODS.values():
+        for f in fields(m.options):
+            takers.setdefault(f.name, []).append((m.name, f))
+    params = []
+    for name, takes in takers.items():
+        spec = takes[0][1]
+        kind = option_types(METHODS[takes[0][0]].options)[name]
+        names = [spec.metadata["flag"]] if spec.metadata["flag"] else [flag(name)]
+        help = f"{spec.metadata['help']} ({_defaults(takes)})"
+        info = typer.Option(*names, help=help, show_default=False)
+        annotation = Annotated[kind | None, info]
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=annotation
+            )
+        )
+    return params
+
+
+def _defaults(takes: list) -> str:
+    """`rtn, gptq: 4; awq: 4` collapsed to `rtn, gptq, awq; default 4`."""
+    by_default: dict[str, list[str]] = {}
+    for method, f in takes:
+        value = {True: "on", False: "off"}.get(f.default, f.default)
+        by_default.setdefault(str(value), []).append(method)
+    if len(by_default) == 1:
+        [(value, methods)] = by_default.items()
+        return f"{', '.join(methods)}; default {value}"
+    return "; ".join(f"{', '.join(ms)}: {value}" for value, ms in by_default.items())
+
+
+def _with_option_flags(command):
+    signature = inspect.signature(command, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    at = [p.name for p in fixed].index("device")  # after the calibration options
+    params = fixed[:at] + _option_parameters() + fixed[at:]
+    command.__signature__ = signature.replace(parameters=params)
+    return command
+
+
+quantize = _with_option_flags(quantize)
 
 
 def _render(report: QuantizeReport) -> None:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from llmkit.quant import rtn
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import AWQOptions
 
-_OPTIONS = QuantOptions()  # the user-facing defaults
+_OPTIONS = AWQOptions()  # the user-facing defaults
 BITS = 4
 CLIP_TOKENS = 512  # calibration tokens each Linear's clipping search scores with
 CLIP_CHUNK_BYTES = 16 << 20  # bound on the clipping search's [groups, tokens, outputs] temporary
@@ -28,7 +28,7 @@ CLIP_CHUNK_BYTES = 16 << 20  # bound on the clipping search's [groups, tokens, o
 
 @dataclass(frozen=True, slots=True)
 class AWQSettings:
-    """AWQ's settings; the defaults of those a user sets are QuantOptions'."""
+    """AWQ's settings; the defaults of those a user sets are AWQOptions'."""
 
     group_size: int = _OPTIONS.group_size
     awq_grid: int = _OPTIONS.awq_grid  # α in {0, 1/grid, ..., (grid-1)/grid}

@@ -17,10 +17,10 @@ from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu as cpu_kernels
 from llmkit.kernels import cuda as cuda_kernels
 from llmkit.memory import return_freed_memory
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import GPTQOptions
 from llmkit.quant.rtn import dequantize_indexed, group_params, searched_group_params
 
-_OPTIONS = QuantOptions()  # the user-facing defaults
+_OPTIONS = GPTQOptions()  # the user-facing defaults
 
 BLOCK_SIZE = 128
 ROW_BLOCK = 64  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
@@ -122,7 +122,7 @@ class GPTQResult:
 
 @dataclass(frozen=True, slots=True)
 class GPTQSettings:
-    """GPTQ's settings; the defaults of those a user sets are QuantOptions'."""
+    """GPTQ's settings; the defaults of those a user sets are GPTQOptions'."""
 
     bits: int = _OPTIONS.bits
     group_size: int = _OPTIONS.group_size  # -1: one group per output channel

@@ -32,8 +32,8 @@ from llmkit.quant.options import (
     FLOAT16_METHODS,
     GPTQ_FORMAT_METHODS,
     METHODS,
-    QuantOptions,
-    check_options,
+    MethodOptions,
+    quantizes_lm_head,
 )
 from llmkit.quant.output import QuantizeReport, cast_spec, write_with_spill
 from llmkit.quant.sequential import build_skeleton, run_layers
@@ -41,14 +41,14 @@ from llmkit.quant.sequential import build_skeleton, run_layers
 LayerTensors = Iterator[tuple[int, dict[str, torch.Tensor]]]
 
 
-def _check_groups(ck: Checkpoint, arch: Family, method: str, options: QuantOptions) -> None:
+def _check_groups(ck: Checkpoint, arch: Family, method: str, options: MethodOptions) -> None:
     """Every Linear to quantize (the lm_head too, when asked) must split its inputs into
     whole groups and pack into int32 words; checked from the headers, before any read."""
     packing = METHODS[method].packing
     if packing not in ("gptq", "awq"):
         return
     names = [n for n in ck.tensors if is_layer_linear(arch, n)]
-    if options.quantize_lm_head:
+    if quantizes_lm_head(options):
         names.append(_lm_head_source(ck, arch))
     pack = 32 // math.gcd(options.bits, 32)  # values per whole run of int32 words (3 bits: 32)
     for name in names:
@@ -69,7 +69,7 @@ def quantize_integer(
     ck: Checkpoint,
     out: Path,
     method: str,
-    options: QuantOptions,
+    options: MethodOptions,
     calibration: CalibrationSpec,
     device: str,
     *,
@@ -78,7 +78,6 @@ def quantize_integer(
     progress: ProgressFn | None,
     on_layer: ProgressFn | None,
 ) -> QuantizeReport:
-    check_options(method, options)
     arch = family_for(ck.config)
     _check_groups(ck, arch, method, options)
     check_output_dir(out, overwrite, (ck.path,))  # before calibration, which can take a while
@@ -108,7 +107,7 @@ def quantize_integer(
             prefix = f"{arch.layers}.{index}."
             yield f"layer-{index:05d}", {prefix + name: t for name, t in tensors.items()}
             del tensors  # written: not held while the next layer is quantized
-        if options.quantize_lm_head:
+        if quantizes_lm_head(options):
             yield "lm_head", _lm_head_tensors(ck, arch, method, options)
 
     def assemble(spilled: Checkpoint) -> tuple[list[TensorSpec], dict, dict]:
@@ -120,7 +119,7 @@ def quantize_integer(
         output=str(out.absolute()),
         method=method,
         num_tensors=written.num_tensors,
-        num_converted=len(quantized) + options.quantize_lm_head,
+        num_converted=len(quantized) + quantizes_lm_head(options),
         bytes_in=sum(info.nbytes for info in ck.tensors.values()),
         bytes_out=written.total_bytes,
         shards=written.shards,
@@ -156,7 +155,7 @@ def _storage(ck: Checkpoint, name: str) -> torch.dtype:
 
 
 def _data_free_layers(
-    ck: Checkpoint, arch: Family, method: str, options: QuantOptions, on_layer: ProgressFn | None
+    ck: Checkpoint, arch: Family, method: str, options: MethodOptions, on_layer: ProgressFn | None
 ) -> LayerTensors:
     total, pack = num_layers(ck.config), implementation(method).pack
     for index in range(total):
@@ -187,7 +186,7 @@ def _lm_head_source(ck: Checkpoint, arch: Family) -> str:
 
 
 def _lm_head_tensors(
-    ck: Checkpoint, arch: Family, method: str, options: QuantOptions
+    ck: Checkpoint, arch: Family, method: str, options: MethodOptions
 ) -> dict[str, torch.Tensor]:
     source = _lm_head_source(ck, arch)
     weight = ck.get_tensor(source).float()
@@ -196,14 +195,14 @@ def _lm_head_tensors(
 
 
 def _specs(
-    ck: Checkpoint, arch: Family, spilled: Checkpoint, method: str, options: QuantOptions
+    ck: Checkpoint, arch: Family, spilled: Checkpoint, method: str, options: MethodOptions
 ) -> list[TensorSpec]:
     """Embeddings first, then the layers, then the final norm and lm_head (HF's order)."""
     lm_head = f"{arch.lm_head}.weight"
     dense = [
         n
         for n in ck.tensors
-        if not n.startswith(f"{arch.layers}.") and not (options.quantize_lm_head and n == lm_head)
+        if not n.startswith(f"{arch.layers}.") and not (quantizes_lm_head(options) and n == lm_head)
     ]
     tail = {f"{arch.final_norm}.weight", lm_head}
     specs = [_dense_spec(ck, n, method) for n in dense if n not in tail]
@@ -220,7 +219,7 @@ def _dense_spec(ck: Checkpoint, name: str, method: str) -> TensorSpec:
     return cast_spec(ck, info, target, clamp=False, clamped={})
 
 
-def _configs(ck: Checkpoint, method: str, options: QuantOptions) -> tuple[dict, dict]:
+def _configs(ck: Checkpoint, method: str, options: MethodOptions) -> tuple[dict, dict]:
     """config.json with its quantization_config, and extra files (GPTQ's quantize_config)."""
     config = dict(ck.config)
     config["quantization_config"] = implementation(method).quantization_config(options)
@@ -229,6 +228,6 @@ def _configs(ck: Checkpoint, method: str, options: QuantOptions) -> tuple[dict, 
         config["torch_dtype"] = config["dtype"] = "float16"
     if method in GPTQ_FORMAT_METHODS:
         extra["quantize_config.json"] = config["quantization_config"]
-    if options.quantize_lm_head and config.get("tie_word_embeddings"):
+    if quantizes_lm_head(options) and config.get("tie_word_embeddings"):
         config["tie_word_embeddings"] = False  # lm_head is now its own (quantized) tensor
     return config, extra

@@ -23,7 +23,7 @@ from llmkit.checkpoint.writer import (
 from llmkit.errors import LlmkitError
 from llmkit.memory import peak_rss
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import CAST_METHODS, METHODS, QuantOptions
+from llmkit.quant.options import CAST_METHODS, METHODS, MethodOptions, check_options
 from llmkit.quant.output import CASTABLE, QuantizeReport, cast_spec
 
 
@@ -32,7 +32,7 @@ def quantize(
     out: str | Path,
     method: str,
     *,
-    options: QuantOptions = QuantOptions(),
+    options: MethodOptions | None = None,
     calibration: CalibrationSpec = CalibrationSpec(),
     device: str = "auto",
     clamp: bool = False,
@@ -42,9 +42,12 @@ def quantize(
     progress: ProgressFn | None = None,
     on_layer: ProgressFn | None = None,
 ) -> QuantizeReport:
-    """Convert checkpoint `src` with `method` and write it to `out`."""
+    """Convert checkpoint `src` with `method` and write it to `out`; `options` are the
+    method's (`options_for`), its defaults when None."""
     if method not in METHODS:
         raise LlmkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    options = METHODS[method].options() if options is None else options
+    check_options(method, options)
     parse_size(max_shard_size)
     with open_checkpoint(src, revision) as ck:
         _check_source(ck, Path(out))

@@ -27,7 +27,7 @@ from llmkit.bench.offline import OfflineSpec
 from llmkit.bench.quality import evaluate_quality
 from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
-from llmkit.quant.options import CAST_METHODS, METHODS, QuantOptions
+from llmkit.quant.options import CAST_METHODS, METHODS, MethodOptions, check_options
 from llmkit.recipe.yaml_lines import line_of, load_with_lines
 
 STRICT = ConfigDict(extra="forbid")
@@ -43,7 +43,8 @@ def _model_of(dataclass: type, name: str) -> type[BaseModel]:
     return create_model(name, __config__=STRICT, **fields)
 
 
-QuantOptionsModel = _model_of(QuantOptions, "QuantOptions")
+# Each method's options, from its options dataclass (quant/options.py).
+OPTION_MODELS = {name: _model_of(m.options, f"{name} options") for name, m in METHODS.items()}
 CalibrationModel = _model_of(CalibrationSpec, "Calibration")
 
 
@@ -69,9 +70,16 @@ class Quantize(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     method: Literal[tuple(METHODS)]  # type: ignore[valid-type]
     from_: str = Field("source", alias="from")
-    options: QuantOptionsModel = Field(default_factory=QuantOptionsModel)  # type: ignore[valid-type]
+    options: dict[str, Any] = Field(default_factory=dict)  # checked against the method's
     calibration: CalibrationModel = Field(default_factory=CalibrationModel)  # type: ignore[valid-type]
     device: str = "auto"
+
+    def method_options(self) -> MethodOptions:
+        """The method's options (a ValidationError or LlmkitError names what is wrong)."""
+        values = OPTION_MODELS[self.method].model_validate(self.options).model_dump()
+        options = METHODS[self.method].options(**values)
+        check_options(self.method, options)
+        return options
 
 
 class Shard(BaseModel):
@@ -258,6 +266,8 @@ def _problems(recipe: Recipe):
                 yield where, f"{ref!r} is no earlier checkpoint; known: {known}"
             elif step.quantize and made[ref] != "full":
                 yield where, f"quantize from a full-precision checkpoint, not {ref!r} ({made[ref]})"
+        if step.quantize:
+            yield from _option_problems(step.quantize, (*at, "quantize", "options"))
         if step.shard:
             yield from _shard_problems(recipe, step, at)
         if step.bench:
@@ -294,6 +304,20 @@ def references(step: Step) -> list[tuple[tuple, str]]:
     if b.offline:
         return [(("offline", "model"), b.offline.model)]
     return [(("serve", "model"), b.serve.model)] if b.serve.model else []
+
+
+def _option_problems(step: Quantize, at: tuple):
+    try:
+        step.method_options()
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "extra_forbidden":
+            takes = ", ".join(OPTION_MODELS[step.method].model_fields) or "no options"
+            yield (*at, *first["loc"]), f"{step.method} takes no such option (it takes {takes})"
+        else:
+            yield (*at, *first["loc"]), first["msg"]
+    except LlmkitError as e:
+        yield at, str(e)
 
 
 def _shard_problems(recipe: Recipe, step: Step, at: tuple):

@@ -22,14 +22,13 @@ def make_source(source: Source, out: Path) -> Path:
 
 def quantize(step: Quantize, src: Path, out: Path) -> dict:
     from llmkit.quant.calibration import CalibrationSpec
-    from llmkit.quant.options import QuantOptions
     from llmkit.quant.pipeline import quantize as run
 
     report = run(
         src,
         out,
         step.method,
-        options=QuantOptions(**step.options.model_dump()),
+        options=step.method_options(),
         calibration=CalibrationSpec(**step.calibration.model_dump()),
         device=step.device,
         overwrite=True,

@@ -24,16 +24,16 @@ from llmkit.memory import return_freed_memory
 from llmkit.quant import awq, rtn
 from llmkit.quant.formats import awq as awq_format
 from llmkit.quant.methods.dense import dense_tensors
-from llmkit.quant.options import QuantOptions, settings_of
+from llmkit.quant.options import AWQOptions, settings_of
 from llmkit.quant.sequential import LayerRun
 from llmkit.quant.smoothquant import fold
 
 
-def quantization_config(options: QuantOptions) -> dict:
+def quantization_config(options: AWQOptions) -> dict:
     return awq_format.quantization_config(options.group_size)
 
 
-def layer_quantizer(arch: Family, options: QuantOptions, dtypes: dict, errors: list, warn):
+def layer_quantizer(arch: Family, options: AWQOptions, dtypes: dict, errors: list, warn):
     settings = settings_of(awq.AWQSettings, options)
     return AWQLayer(arch, settings, options.awq_search_tokens, dtypes, errors)
 

@@ -19,7 +19,7 @@ from llmkit.quant import layer_steps as steps
 from llmkit.quant.formats import gptq
 from llmkit.quant.methods import rtn
 from llmkit.quant.methods.dense import dense_tensors
-from llmkit.quant.options import QuantOptions, settings_of
+from llmkit.quant.options import GPTQOptions, settings_of
 from llmkit.quant.sequential import LayerRun
 
 # Tokens the MLP runs at once in GPTQ's stages: its [tokens, intermediate] buffer stays small
@@ -28,7 +28,7 @@ from llmkit.quant.sequential import LayerRun
 MLP_TOKENS = 512
 
 
-def quantization_config(options: QuantOptions) -> dict:
+def quantization_config(options: GPTQOptions) -> dict:
     return rtn.quantization_config(options, options.desc_act) | {
         "static_groups": options.static_groups,
         "true_sequential": options.true_sequential,
@@ -44,7 +44,7 @@ def prepare(device: torch.device) -> None:
         cpu_kernels.ops()
 
 
-def layer_quantizer(arch: Family, options: QuantOptions, dtypes: dict, errors: list, warn):
+def layer_quantizer(arch: Family, options: GPTQOptions, dtypes: dict, errors: list, warn):
     settings = settings_of(gptq_algorithm.GPTQSettings, options)
     return GPTQLayer(arch, settings, options.true_sequential, dtypes, errors, warn)
 

@@ -7,10 +7,10 @@ import torch
 
 from llmkit.quant import int8
 from llmkit.quant.formats import compressed_tensors as ct
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import Int8Options
 
 
-def pack(options: QuantOptions, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict:
+def pack(options: Int8Options, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict:
     q, scale = int8.quantize_per_channel(weight, scale_dtype)
     return {
         "weight_packed": ct.pack_int32(q, 8),
@@ -19,6 +19,6 @@ def pack(options: QuantOptions, weight: torch.Tensor, scale_dtype: torch.dtype) 
     }
 
 
-def quantization_config(options: QuantOptions) -> dict:
+def quantization_config(options: Int8Options) -> dict:
     ignore = [] if options.quantize_lm_head else ["lm_head"]
     return ct.quantization_config(ct.PACK_QUANTIZED, activations=False, ignore=ignore)

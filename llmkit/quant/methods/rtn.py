@@ -7,21 +7,21 @@ import torch
 
 from llmkit.quant import rtn
 from llmkit.quant.formats import gptq
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import Grid, RTNOptions, quantizes_lm_head
 
 
-def pack(options: QuantOptions, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict:
+def pack(options: RTNOptions, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict:
     return _gptq_tensors(options, weight)
 
 
-def quantization_config(options: QuantOptions, desc_act: bool = False) -> dict:
+def quantization_config(options: Grid, desc_act: bool = False) -> dict:
     """GPTQ's config (gptq.py adds its own settings to it)."""
     config = gptq.quantization_config(options.bits, options.group_size, options.sym, desc_act)
-    config["lm_head"] = options.quantize_lm_head
+    config["lm_head"] = quantizes_lm_head(options)
     return config
 
 
-def _gptq_tensors(options: QuantOptions, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+def _gptq_tensors(options: RTNOptions, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """(Group sizes and packing were checked for every Linear before any weight was read.)"""
     in_features = weight.shape[1]
     size = in_features if options.group_size == -1 else options.group_size

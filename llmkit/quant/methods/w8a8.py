@@ -11,22 +11,22 @@ from llmkit.arch.family import Family
 from llmkit.quant import int8
 from llmkit.quant.formats import compressed_tensors as ct
 from llmkit.quant.methods.dense import dense_tensors, per_token_int8_hook
-from llmkit.quant.options import QuantOptions
+from llmkit.quant.options import W8A8Options
 from llmkit.quant.sequential import LayerRun
 from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
 
 
-def pack(options: QuantOptions, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict:
+def pack(options: W8A8Options, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict:
     q, scale = int8.quantize_per_channel(weight, scale_dtype)
     return {"weight": q, "weight_scale": scale}
 
 
-def quantization_config(options: QuantOptions) -> dict:
+def quantization_config(options: W8A8Options) -> dict:
     ignore = [] if options.quantize_lm_head else ["lm_head"]
     return ct.quantization_config(ct.INT_QUANTIZED, activations=True, ignore=ignore)
 
 
-def layer_quantizer(arch: Family, options: QuantOptions, dtypes: dict, errors: list, warn):
+def layer_quantizer(arch: Family, options: W8A8Options, dtypes: dict, errors: list, warn):
     return W8A8Layer(arch, options.smooth_alpha, dtypes)
 
 
