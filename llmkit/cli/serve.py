@@ -11,7 +11,7 @@ from llmkit.checkpoint.writer import parse_size
 from llmkit.cli.options import RevisionOpt, default
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
-from llmkit.serve.config import ServeConfig
+from llmkit.serve.config import ServeConfig, read_chat_template
 
 
 def serve(
@@ -39,6 +39,14 @@ def serve(
             "--api-key",
             envvar="LLMKIT_API_KEY",
             help="Require 'Authorization: Bearer KEY' on every /v1 route.",
+        ),
+    ] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template",
+            help="A Jinja chat template (a file, or the template itself) for checkpoints "
+            "without one, used instead of the checkpoint's.",
         ),
     ] = None,
     max_queued_requests: Annotated[
@@ -117,6 +125,7 @@ def serve(
         served_model_name=served_model_name or (None if Path(model).exists() else model),
         model_aliases=(model,),
         api_key=api_key,
+        chat_template=None if chat_template is None else read_chat_template(chat_template),
         max_queued_requests=max_queued_requests,
         max_request_bytes=_size(max_request_size, "--max-request-size"),
         max_prompts_per_request=max_prompts_per_request,

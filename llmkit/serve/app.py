@@ -28,6 +28,8 @@ from llmkit.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     decode_json,
     parse,
 )
@@ -84,6 +86,7 @@ class ServerState:
             limits,
             frozenset(cfg.model_aliases),
             h.max_token_bytes(tokenizer),
+            cfg.chat_template,
         )
         with self._lock:
             if not self.closing:
@@ -281,7 +284,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             events = h.completion_events(served, body, jobs, runs, env)
             return EventStream(events, config.stream_stall_timeout_s, hold)
         outs = await _unless_disconnected(request, h.finals(runs))
-        return JSONResponse(h.completion_body(served, body, jobs, outs, env))
+        answer = await asyncio.to_thread(h.completion_body, served, body, jobs, outs, env)
+        return JSONResponse(answer)
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(request: Request) -> Response:
@@ -297,7 +301,19 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             events = h.chat_events(served, body, job, runs, env)
             return EventStream(events, config.stream_stall_timeout_s, hold)
         (out,) = await _unless_disconnected(request, h.finals(runs))
-        return JSONResponse(h.chat_body(served, body, out, env))
+        return JSONResponse(await asyncio.to_thread(h.chat_body, served, body, out, env))
+
+    @app.post("/tokenize", dependencies=v1)
+    async def tokenize(request: Request) -> dict:
+        served = state.ready()
+        raw = await _read_body(request, state)
+        return (await asyncio.to_thread(_prepared, TokenizeRequest, h.tokenize, raw, served))[1]
+
+    @app.post("/detokenize", dependencies=v1)
+    async def detokenize(request: Request) -> dict:
+        served = state.ready()
+        raw = await _read_body(request, state)
+        return (await asyncio.to_thread(_prepared, DetokenizeRequest, h.detokenize, raw, served))[1]
 
 
 LARGE_BODY = 2**20

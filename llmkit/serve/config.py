@@ -20,6 +20,7 @@ class ServeConfig:
     served_model_name: str | None = None  # None: the model directory's name
     model_aliases: tuple[str, ...] = ()  # other names requests may give it (MODEL as typed)
     api_key: str | None = None  # required as "Authorization: Bearer KEY" on /v1 when set
+    chat_template: str | None = None  # Jinja text used instead of the checkpoint's template
     # Sequences (n counts) waiting before 429; None: as many as the KV cache has blocks.
     max_queued_requests: int | None = None
     max_request_bytes: int = 8 * 2**20
@@ -57,3 +58,22 @@ class ServeConfig:
         """What clients call the model: --served-model-name, else the directory's name (a
         server does not show its file system)."""
         return self.served_model_name or Path(self.model).absolute().name
+
+
+def read_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the template itself; a Jinja syntax error is
+    refused here, not on every chat request."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        text = path.read_text()
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise LlmkitError(f"--chat-template {value!r} is no file and no Jinja template")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise LlmkitError(f"--chat-template: line {e.lineno}: {e.message}") from None
+    return text

@@ -15,7 +15,14 @@ from llmkit.runtime.outputs import RequestOutput, check_prompt_ids
 from llmkit.runtime.sequence import SamplingParams
 from llmkit.serve import responses as r
 from llmkit.serve.async_engine import AsyncEngine, EngineDead, QueueFull
-from llmkit.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling
+from llmkit.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Sampling,
+)
 
 DEFAULT_COMPLETION_TOKENS = 16  # the completions endpoint's default, as in OpenAI's API
 
@@ -42,6 +49,7 @@ class Served:
     limits: Limits
     aliases: frozenset[str] = frozenset()  # other names clients may send (the path as given)
     max_token_bytes: int = 0  # the longest token's bytes: a byte count bounds the tokens
+    chat_template: str | None = None  # --chat-template, instead of the tokenizer's
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name and model not in self.aliases:
@@ -52,11 +60,15 @@ class Served:
                 code="model_not_found",
             )
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def prompt_ids(
+        self, prompt: str | list[int], add_special_tokens: bool = True, check: bool = True
+    ) -> list[int]:
+        """A prompt's token ids (text is tokenized with the tokenizer's BOS and the like
+        unless `add_special_tokens` is false), checked against the model unless not `check`."""
         if isinstance(prompt, str):
             self._check_bytes(len(prompt.encode()), "prompt")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        return self._checked(ids, "prompt")
+            prompt = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return self._checked(prompt, "prompt") if check else prompt
 
     def _check_bytes(self, num_bytes: int, param: str) -> None:
         """Refuse text before tokenizing it when its size alone proves it too long: no token
@@ -74,16 +86,21 @@ class Served:
                 code="context_length_exceeded",
             )
 
-    def chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+    def chat_ids(self, body: ChatCompletionRequest | TokenizeRequest, check: bool = True):
+        """The token ids of `body.messages` rendered by the chat template."""
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         self._check_bytes(sum(len(m["content"].encode()) for m in messages), "messages")
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=body.add_generation_prompt
+                messages,
+                tokenize=False,
+                add_generation_prompt=body.add_generation_prompt,
+                **({"chat_template": self.chat_template} if self.chat_template else {}),
             )
         except Exception as e:  # no template, or one the messages do not fit
             raise ApiError(400, f"the chat template failed: {e}", param="messages") from None
-        return self._checked(self.tokenizer.encode(text, add_special_tokens=False), "messages")
+        ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        return self._checked(ids, "messages") if check else ids
 
     def _checked(self, ids: list[int], param: str) -> list[int]:
         """`ids`, or a 400 naming `param` when the model cannot take them."""
@@ -138,10 +155,11 @@ def completion_jobs(served: Served, body: CompletionRequest) -> list[Job]:
                        "(--max-prompts-per-request)", param="prompt")  # fmt: skip
     jobs = []
     for prompt in prompts:
-        ids = served.prompt_ids(prompt)
+        ids = served.prompt_ids(prompt, body.add_special_tokens)
         limit = served.max_tokens(body.max_tokens, len(ids), DEFAULT_COMPLETION_TOKENS)
         echo_scores = body.logprobs if body.echo and body.logprobs is not None else None
-        text = prompt if isinstance(prompt, str) else served.tokenizer.decode(ids)
+        # echoed as given; token ids as the generated text is decoded (no "<s>")
+        text = prompt if isinstance(prompt, str) else served.names.text(ids)
         jobs.append(Job(text, ids, sampling(body, limit, body.logprobs, echo_scores)))
     _check_response_size(served, jobs, echo=body.echo)
     return jobs
@@ -155,6 +173,32 @@ def chat_job(served: Served, body: ChatCompletionRequest) -> Job:
     job = Job("", ids, sampling(body, limit, body.num_logprobs()))
     _check_response_size(served, [job], echo=False)
     return job
+
+
+def tokenize(served: Served, body: TokenizeRequest) -> dict:
+    """/tokenize: a prompt's or a conversation's token ids, as a request would be given them
+    (a count past the context is reported, not refused)."""
+    served.check_model(body.model)
+    if body.prompt is not None:
+        special = True if body.add_special_tokens is None else body.add_special_tokens
+        ids = served.prompt_ids(body.prompt, special, check=False)
+    else:
+        ids = served.chat_ids(body, check=False)
+    names = served.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids,
+            "token_strs": names}  # fmt: skip
+
+
+def detokenize(served: Served, body: DetokenizeRequest) -> dict:
+    """/detokenize: token ids as text (special tokens included)."""
+    served.check_model(body.model)
+    if len(body.tokens) > served.max_model_len:
+        raise ApiError(400, f"at most {served.max_model_len} tokens (the context)",
+                       param="tokens")  # fmt: skip
+    if any(t >= served.vocab_size for t in body.tokens):
+        raise ApiError(400, f"token ids must be below the vocabulary size {served.vocab_size}",
+                       param="tokens")  # fmt: skip
+    return {"prompt": served.tokenizer.decode(body.tokens)}
 
 
 def _check_response_size(served: Served, jobs: list[Job], echo: bool) -> None:
@@ -261,7 +305,7 @@ def completion_body(served: Served, body: CompletionRequest, jobs, outs, env) ->
         for c in out.outputs:
             text, lp = c.text, None
             if body.logprobs is not None:
-                lp = _completion_lp(served, body, job, out, c.token_ids, c.logprobs, 0)
+                lp = _completion_lp(served, job, out, c, (0, len(c.token_ids)), 0, body.echo)
             if body.echo:
                 text = job.prompt_text + text
             choices.append(
@@ -275,12 +319,20 @@ def completion_body(served: Served, body: CompletionRequest, jobs, outs, env) ->
     return env.body(choices, usage=r.usage(outs))
 
 
-def _completion_lp(served, body, job, out, ids, entries, offset, echo=True) -> dict:
-    """Log probabilities of the generated tokens, after the prompt's under echo."""
-    if body.echo and echo:
-        ids = job.prompt_ids + ids
-        entries = (out.prompt_logprobs or [None] * len(job.prompt_ids)) + entries
-    return r.completion_logprobs(ids, entries, served.names, offset)
+def _completion_lp(served, job, out, c, span, offset, echo) -> dict:
+    """Log probabilities of completion `c`'s tokens in `span` (read after the prompt and its
+    earlier tokens, their offsets from `offset`); under `echo` the prompt's go first, and the
+    generated text's offsets start where the echoed prompt ends."""
+    a, b = span
+    context = job.prompt_ids + c.token_ids[:a]
+    if not echo:
+        return r.completion_logprobs(context, c.token_ids[a:b], c.logprobs[a:b], served.names,
+                                     offset)  # fmt: skip
+    scores = out.prompt_logprobs or [None] * len(job.prompt_ids)
+    head = r.completion_logprobs([], job.prompt_ids, scores, served.names, 0)
+    tail = r.completion_logprobs(context, c.token_ids[a:b], c.logprobs[a:b], served.names,
+                                 len(job.prompt_text))  # fmt: skip
+    return {key: head[key] + tail[key] for key in head}
 
 
 def completion_events(served, body: CompletionRequest, jobs, runs, env) -> AsyncIterator[str]:
@@ -289,9 +341,9 @@ def completion_events(served, body: CompletionRequest, jobs, runs, env) -> Async
         echo = body.echo and not cursor.started
         lp = None
         if body.logprobs is not None:
-            ids, entries = c.token_ids[a:b], c.logprobs[a:b]
-            lp = _completion_lp(served, body, jobs[i], out, ids, entries, cursor.offset, echo)
-            cursor.offset += sum(len(t) for t in lp["tokens"])
+            lp = _completion_lp(served, jobs[i], out, c, (a, b), cursor.offset, echo)
+            start = len(jobs[i].prompt_text) if echo else cursor.offset
+            cursor.offset = start + sum(len(t) for t in lp["tokens"][len(lp["tokens"]) - (b - a) :])
         return {
             "index": i * body.n + c.index,
             "text": (jobs[i].prompt_text if echo else "") + text,
@@ -305,7 +357,9 @@ def completion_events(served, body: CompletionRequest, jobs, runs, env) -> Async
 def chat_body(served: Served, body: ChatCompletionRequest, out: RequestOutput, env) -> dict:
     choices = []
     for c in out.outputs:
-        lp = None if c.logprobs is None else r.chat_logprobs(c.token_ids, c.logprobs, served.names)
+        lp = None
+        if c.logprobs is not None:
+            lp = r.chat_logprobs(out.prompt_token_ids, c.token_ids, c.logprobs, served.names)
         choices.append(
             {
                 "index": c.index,
@@ -325,7 +379,8 @@ def chat_events(served, body: ChatCompletionRequest, job, runs, env) -> AsyncIte
             delta = {"role": "assistant", **delta}
         lp = None
         if c.logprobs is not None:
-            lp = r.chat_logprobs(c.token_ids[a:b], c.logprobs[a:b], served.names)
+            context = out.prompt_token_ids + c.token_ids[:a]
+            lp = r.chat_logprobs(context, c.token_ids[a:b], c.logprobs[a:b], served.names)
         return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason}
 
     return _events(runs, _hold(job.params), body.n, choice, env, body.include_usage())

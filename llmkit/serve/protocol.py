@@ -122,6 +122,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: BOS (and the like) before a text prompt
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=128)
 
@@ -166,6 +167,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # vLLM's: the template writes BOS itself
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -183,6 +185,35 @@ class ChatCompletionRequest(_Sampling):
             raise ApiError(400, "tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type") != "text":
             raise ApiError(400, "only response_format text is supported", param="response_format")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text prompt, or chat messages rendered by the template."""
+
+    model_config = STRICT
+
+    model: str | None = Field(default=None, max_length=1024)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def refuse_unsupported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize."""
+
+    model_config = STRICT
+
+    model: str | None = Field(default=None, max_length=1024)
+    tokens: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field(max_length=2**20)
+
+    def refuse_unsupported(self) -> None:
+        pass
 
 
 MAX_JSON_DEPTH = 32  # a request body's nesting; OpenAI's deepest (tool schemas) is far less

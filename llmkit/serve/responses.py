@@ -3,7 +3,6 @@ log probabilities in each endpoint's own shape."""
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,48 +15,77 @@ def new_id(prefix: str) -> str:
 
 
 class TokenText:
-    """Token id -> its text, as log probabilities name tokens (cached)."""
+    """Each token's text as it reads where it stands: what the text gains when the token is
+    appended to the tokens before it, decoded as the engine decodes generated text. So a
+    sentencepiece token keeps its leading space ("▁upon" is " upon"), special tokens read as
+    "", a token that ends inside a character reads as "" and the one completing it carries the
+    whole character, and the tokens of a text concatenate to it."""
+
+    CONTEXT = 6  # tokens before one that decide its text (as the engine's detokenizer)
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.text = functools.lru_cache(maxsize=65536)(self._decode)
 
-    def _decode(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def text(self, ids: list[int]) -> str:
+        """Token ids as text, decoded as the engine decodes what it generates."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def pieces(self, context: list[int], ids: list[int], alternatives=None) -> tuple[list, list]:
+        """(the text of each of `ids` after `context` and the ids before it, and for each the
+        texts of `alternatives[i]`, the token ids that could have stood in its place)."""
+        window = list(context[-self.CONTEXT :])
+        texts, others = [], []
+        for i, token_id in enumerate(ids):
+            before = self.text(window).rstrip("\ufffd")
+            texts.append(self._after(before, window, token_id))
+            if alternatives is not None:
+                others.append([self._after(before, window, t) for t in alternatives[i]])
+            window = [*window[1 - self.CONTEXT :], token_id]
+        return texts, others
+
+    def _after(self, before: str, window: list[int], token_id: int) -> str:
+        text = self.text([*window, token_id])
+        text = text.rstrip("\ufffd")  # an unfinished character waits for its last token
+        return text[len(before) :] if text.startswith(before) else text
 
 
 def completion_logprobs(
-    ids: list[int], entries: list[dict | None], names: TokenText, offset: int
+    context: list[int], ids: list[int], entries: list[dict | None], names: TokenText, offset: int
 ) -> dict:
-    """The completions endpoint's {tokens, token_logprobs, top_logprobs, text_offset}."""
-    out: dict[str, list] = {
-        "tokens": [],
-        "token_logprobs": [],
-        "top_logprobs": [],
-        "text_offset": [],
-    }
-    for token_id, entry in zip(ids, entries, strict=True):
-        text = names.text(token_id)
-        out["tokens"].append(text)
+    """The completions endpoint's {tokens, token_logprobs, top_logprobs, text_offset}: the
+    tokens of `ids` (after `context`) in context, and their offsets from `offset`."""
+    tops = [[t for t, _ in entry["top"]] if entry else [] for entry in entries]
+    texts, others = names.pieces(context, ids, tops)
+    out: dict[str, list] = {"tokens": texts, "token_logprobs": [], "top_logprobs": [],
+                            "text_offset": []}  # fmt: skip
+    for text, entry, alternatives in zip(texts, entries, others, strict=True):
         out["token_logprobs"].append(entry["logprob"] if entry else None)
-        top = {names.text(t): lp for t, lp in entry["top"]} if entry else None
+        top = None
+        if entry:
+            top = {}
+            for name, (_, lp) in zip(alternatives, entry["top"], strict=True):
+                top.setdefault(name, lp)  # two tokens of one text: the likelier one's
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)
     return out
 
 
-def chat_logprobs(ids: list[int], entries: list[dict], names: TokenText) -> dict:
-    """The chat endpoint's {"content": [{token, logprob, bytes, top_logprobs}]}."""
+def chat_logprobs(
+    context: list[int], ids: list[int], entries: list[dict], names: TokenText
+) -> dict:
+    """The chat endpoint's {"content": [{token, logprob, bytes, top_logprobs}]}, each token's
+    text read in context."""
+    tops = [[t for t, _ in entry["top"]] for entry in entries]
+    texts, others = names.pieces(context, ids, tops)
 
-    def item(token_id: int, logprob: float) -> dict:
-        text = names.text(token_id)
+    def item(text: str, logprob: float) -> dict:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     content = []
-    for token_id, entry in zip(ids, entries, strict=True):
-        top = [item(t, lp) for t, lp in entry["top"]]
-        content.append({**item(token_id, entry["logprob"]), "top_logprobs": top})
+    for text, entry, alternatives in zip(texts, entries, others, strict=True):
+        top = [item(t, lp) for t, (_, lp) in zip(alternatives, entry["top"], strict=True)]
+        content.append({**item(text, entry["logprob"]), "top_logprobs": top})
     return {"content": content}
 
 
