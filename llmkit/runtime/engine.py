@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.detokenizer import Detokenizer
 from llmkit.runtime.engine_config import EngineConfig
 from llmkit.runtime.executor import DTYPES, Executor, RunnerSpec, cuda_memory, set_threads
+from llmkit.runtime.guide import Guides, GuideTokenizer
 from llmkit.runtime.layers.sampler import Sampled
 from llmkit.runtime.model_runner import StepOutput, kv_block_bytes
 from llmkit.runtime.models.llama import LlamaConfig
@@ -87,6 +89,8 @@ class Engine:
         )
         self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = _eos_ids(self.model_path, hf_config)
+        self.guides = Guides(GuideTokenizer(self.tokenizer, self.model_config.vocab_size))
+        self._guide_thread: ThreadPoolExecutor | None = None
         self.requests: dict[str, _Request] = {}
         self.num_kv_tokens = capacity
         log.info(
@@ -111,6 +115,10 @@ class Engine:
         for i in range(params.n):
             seed = None if params.seed is None else (params.seed + i) % 2**64  # torch's range
             seqs.append(Sequence(list(ids), params, request_id, seqs[0] if seqs else None, seed))
+        if params.guide is not None:
+            if self.tokenizer is None:
+                raise LlmkitError(f"{self.model_path} has no tokenizer to guide output with")
+            self.guides.start([s.seq_id for s in seqs], params.guide)
         detok = [self._detokenizer(ids, params) for _ in seqs]
         times = RequestTimes(time.monotonic() if arrival is None else arrival)
         request = _Request(request_id, ids, seqs, detok, times, [[] for _ in seqs])
@@ -124,7 +132,12 @@ class Engine:
         """Stop a request now and free its KV blocks (unknown ids are ignored)."""
         for seq in self._seqs(request_id, forget=True):
             self.scheduler.finish(seq, "abort")
-            self.executor.release(seq.seq_id)
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Forget a finished sequence's sampling state (seeded generator, guide)."""
+        self.executor.release(seq.seq_id)
+        self.guides.release(seq.seq_id)
 
     def pause(self, request_id: str) -> None:
         """Stop computing a request (its client is not reading) and free its KV blocks; it
@@ -156,9 +169,10 @@ class Engine:
                 return []
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
         self._mark_scheduled(batch.seqs)
+        masks = self._masks(batch)
         failed: list[RequestOutput] = []
         try:
-            runs = [(batch, self.executor.step(batch))]
+            runs = [(batch, self.executor.step(batch, masks))]
         except Exception as e:
             if len({s.request_id for s in batch.seqs}) == 1:
                 return [self._fail(batch.seqs[0].request_id, e)]
@@ -167,7 +181,7 @@ class Engine:
             runs = []
             for part in _by_request(batch):
                 try:
-                    runs.append((part, self.executor.step(part)))
+                    runs.append((part, self.executor.step(part, masks)))
                 except Exception as e:
                     failed.append(self._fail(part.seqs[0].request_id, e))
         touched: dict[str, _Request] = {}
@@ -179,6 +193,21 @@ class Engine:
                 touched[seq.request_id] = self._advance(seq, token, now)
         return failed + [self._output(r) for r in touched.values()]
 
+    def _masks(self, batch: Batch) -> Callable[[], dict] | None:
+        """The token masks of the guided sequences that sample in this step (seq_id -> bit
+        mask), computed on a thread of their own while the model runs; None when none is
+        guided."""
+        sampling = [
+            s.seq_id
+            for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+            if s.num_computed_tokens + n == s.num_tokens and s.seq_id in self.guides.matchers
+        ]
+        if not sampling:
+            return None
+        if self._guide_thread is None:
+            self._guide_thread = ThreadPoolExecutor(1, thread_name_prefix="llmkit-guide")
+        return self._guide_thread.submit(self.guides.masks, sampling).result
+
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:
         """End one request with an error (its blocks freed); the output that says so."""
         log.error("request %s failed in the engine: %s", request_id, error)
@@ -189,6 +218,8 @@ class Engine:
         return out
 
     def close(self) -> None:
+        if self._guide_thread is not None:
+            self._guide_thread.shutdown()
         self.executor.close()
 
     def _mark_scheduled(self, seqs: list[Sequence]) -> None:
@@ -216,9 +247,11 @@ class Engine:
         detok = request.detokenizers[index]
         reason = "stop" if detok is not None and detok.add(sampled.token_id) else None
         reason = reason or stop_reason(seq, self.eos_token_ids, self.max_model_len)
+        if self.guides.advance(seq.seq_id, sampled.token_id):
+            reason = reason or "stop"  # the guided output is complete
         if reason:
             self.scheduler.finish(seq, reason)
-            self.executor.release(seq.seq_id)
+            self._release(seq)
         return request
 
     def _output(self, request: _Request) -> RequestOutput:

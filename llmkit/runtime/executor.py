@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,14 +61,17 @@ class Executor:
             error = f"{type(e).__name__}: {e}"
         self._check_ranks(error)
 
-    def step(self, batch: Batch) -> StepOutput:
+    def step(self, batch: Batch, masks: Callable[[], dict] | None = None) -> StepOutput:
         """The engine's one call per step: the scheduled batch in; each sampled token and
-        the prompt tokens scored out. Changes no scheduling state: the K/V it writes are
-        written again, the same, if the batch runs again."""
+        the prompt tokens scored out. `masks()`, read once the logits are computed, gives
+        guided sequences the tokens they may sample (seq_id -> bit mask). Changes no
+        scheduling state: the K/V it writes are written again, the same, if the batch runs
+        again."""
         inputs, seqs, spans = prepare(batch, self.spec.block_size)
         if self.spec.tp > 1:
             dist.broadcast_object_list([inputs], src=0)
-        return self.runner.finish(self.runner.execute(inputs), seqs, spans)
+        logits = self.runner.execute(inputs)
+        return self.runner.finish(logits, seqs, spans, masks() if masks else None)
 
     def release(self, seq_id: int) -> None:
         """Forget a finished or aborted sequence's sampling state (its seeded generator)."""

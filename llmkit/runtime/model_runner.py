@@ -84,9 +84,14 @@ class ModelRunner:
         )
 
     def finish(
-        self, logits: torch.Tensor, seqs: list[Sequence], spans: list[PromptSpan]
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        spans: list[PromptSpan],
+        masks: dict | None = None,
     ) -> StepOutput:
-        """A step's logits (as `prepare` ordered them) -> its StepOutput."""
+        """A step's logits (as `prepare` ordered them) -> its StepOutput; `masks`: the
+        tokens guided sequences may sample (seq_id -> bit mask)."""
         scores = _score_prompts(spans, logits[len(seqs) :]) if spans else []
         if not seqs:
             return StepOutput(seqs, [], scores)
@@ -95,6 +100,7 @@ class ModelRunner:
             [s.params for s in seqs],
             [(s.prompt_token_ids, s.output_token_ids) for s in seqs],
             [(s.seq_id, s.seed) for s in seqs],
+            [masks.get(s.seq_id) for s in seqs] if masks else None,
         )
         return StepOutput(seqs, sampled, scores)
 

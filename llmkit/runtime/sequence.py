@@ -6,6 +6,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from llmkit.runtime.guide import Guide
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -34,6 +36,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-n log probabilities per prompt token (echo)
     n: int = 1
     priority: int = 0  # lower runs first under the priority policy
+    guide: Guide | None = None  # structured outputs: what the output must match
 
     def __post_init__(self) -> None:
         checks = [

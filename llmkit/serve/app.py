@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from llmkit.memory import return_freed_memory
+from llmkit.runtime.guide import GuideTokenizer
 from llmkit.serve import handlers as h
 from llmkit.serve import responses as r
 from llmkit.serve.async_engine import AsyncEngine, EngineDead
@@ -87,6 +88,7 @@ class ServerState:
             frozenset(cfg.model_aliases),
             h.max_token_bytes(tokenizer),
             cfg.chat_template,
+            None if tokenizer is None else GuideTokenizer(tokenizer, info.vocab_size),
         )
         with self._lock:
             if not self.closing:

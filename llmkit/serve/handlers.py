@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from llmkit.errors import LlmkitError
+from llmkit.runtime.guide import GuideTokenizer
 from llmkit.runtime.outputs import RequestOutput, check_prompt_ids
 from llmkit.runtime.sequence import SamplingParams
 from llmkit.serve import responses as r
@@ -50,6 +51,7 @@ class Served:
     aliases: frozenset[str] = frozenset()  # other names clients may send (the path as given)
     max_token_bytes: int = 0  # the longest token's bytes: a byte count bounds the tokens
     chat_template: str | None = None  # --chat-template, instead of the tokenizer's
+    guides: GuideTokenizer | None = None  # checks structured-output guides (None: refused)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name and model not in self.aliases:
@@ -102,6 +104,21 @@ class Served:
         ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
         return self._checked(ids, "messages") if check else ids
 
+    def check_guide(self, body: _Sampling) -> None:
+        """A 400 naming the field when the request's guide cannot guide this model."""
+        guide = body.guide()
+        if guide is None:
+            return
+        param = "structured_outputs" if body.structured_outputs else "response_format"
+        if self.guides is None:
+            raise ApiError(400, "this model's tokenizer cannot guide its output", param=param)
+        try:
+            problem = self.guides.problem(guide)
+        except LlmkitError as e:
+            problem = str(e)
+        if problem:
+            raise ApiError(400, f"{param}: {problem}", param=param)
+
     def _checked(self, ids: list[int], param: str) -> list[int]:
         """`ids`, or a 400 naming `param` when the model cannot take them."""
         try:
@@ -153,6 +170,7 @@ def completion_jobs(served: Served, body: CompletionRequest) -> list[Job]:
     if len(prompts) > served.limits.max_prompts:
         raise ApiError(400, f"at most {served.limits.max_prompts} prompts per request "
                        "(--max-prompts-per-request)", param="prompt")  # fmt: skip
+    served.check_guide(body)
     jobs = []
     for prompt in prompts:
         ids = served.prompt_ids(prompt, body.add_special_tokens)
@@ -168,6 +186,7 @@ def completion_jobs(served: Served, body: CompletionRequest) -> list[Job]:
 def chat_job(served: Served, body: ChatCompletionRequest) -> Job:
     """The engine run a chat request asks for (renders and tokenizes: call it off the loop)."""
     served.check_model(body.model)
+    served.check_guide(body)
     ids = served.chat_ids(body)
     limit = served.max_tokens(body.token_limit(), len(ids), None)
     job = Job("", ids, sampling(body, limit, body.num_logprobs()))

@@ -1,8 +1,8 @@
 """The OpenAI request bodies the server accepts, checked into the engine's SamplingParams.
 
-Fields the engine cannot honour (tools, logit_bias, suffix, best_of > n, a non-text
-response_format) are refused with 400 rather than silently ignored; fields that change nothing
-(user, metadata, store, ...) are accepted and ignored, as OpenAI's own clients send them.
+Fields the engine cannot honour (tools, logit_bias, suffix, best_of > n) are refused with 400
+rather than silently ignored; fields that change nothing (user, metadata, store, ...) are
+accepted and ignored, as OpenAI's own clients send them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llmkit.runtime.guide import Guide, choice_guide
 from llmkit.runtime.sequence import SamplingParams
 
 # Bounds on what one request may ask for: each keeps the work a request can cause (and what
@@ -21,6 +22,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit seed, as vLLM and OpenAI ta
 MAX_STOP_STRINGS = 16  # OpenAI takes 4
 MAX_STOP_CHARS = 256  # each; the stream holds back this many characters at most
 MAX_STOP_TOKEN_IDS = 64
+MAX_CHOICES = 256  # structured_outputs.choice
 # Strict types (no "5" for 5, no true for 1) and no NaN or infinity, as OpenAI's API.
 STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
@@ -58,6 +60,51 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of a JSON schema, a regular expression the
+    whole output matches, a Lark grammar, or a list of the outputs allowed."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    json_schema: dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, min_length=1)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_CHOICES
+    )
+
+    def guide(self) -> Guide:
+        given = [k for k in ("json_schema", "regex", "grammar", "choice") if getattr(self, k)]
+        if len(given) != 1:
+            raise ApiError(400, "structured_outputs takes exactly one of json, regex, grammar "
+                           "and choice", param="structured_outputs")  # fmt: skip
+        if self.json_schema is not None:
+            return Guide("json", json.dumps(self.json_schema))
+        if self.regex is not None:
+            return Guide("regex", self.regex)
+        if self.grammar is not None:
+            return Guide("lark", self.grammar)
+        return choice_guide(self.choice)
+
+
+def _response_format_guide(response_format: dict[str, Any]) -> Guide | None:
+    """OpenAI's response_format: text (no guide), json_object, or json_schema."""
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Guide("json", json.dumps({"type": "object"}))
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format json_schema needs json_schema.schema, an "
+                           "object", param="response_format")  # fmt: skip
+        return Guide("json", json.dumps(schema))
+    raise ApiError(400, "response_format type must be text, json_object or json_schema",
+                   param="response_format")  # fmt: skip
+
+
 class _Sampling(BaseModel):
     """Fields both endpoints share."""
 
@@ -83,9 +130,19 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     priority: int = Field(default=0, ge=-INT32_MAX, le=INT32_MAX)
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def guide(self) -> Guide | None:
+        """What the output must match (response_format or structured_outputs), if anything."""
+        by_format = _response_format_guide(self.response_format) if self.response_format else None
+        if by_format is not None and self.structured_outputs is not None:
+            raise ApiError(400, "give response_format or structured_outputs, not both",
+                           param="structured_outputs")  # fmt: skip
+        return self.structured_outputs.guide() if self.structured_outputs else by_format
 
     def params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
@@ -111,6 +168,7 @@ class _Sampling(BaseModel):
             prompt_logprobs=prompt_logprobs,
             n=self.n,
             priority=self.priority,
+            guide=self.guide(),
         )
 
     def refuse_unsupported(self) -> None:
@@ -169,7 +227,6 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # vLLM's: the template writes BOS itself
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -183,8 +240,6 @@ class ChatCompletionRequest(_Sampling):
         super().refuse_unsupported()
         if self.tools:
             raise ApiError(400, "tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ApiError(400, "only response_format text is supported", param="response_format")
 
 
 class TokenizeRequest(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llmkit.runtime.sequence import SamplingParams
@@ -30,8 +31,10 @@ class Sampler:
         params: list[SamplingParams],
         histories: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
         seeds: list[tuple[int, int | None]],  # (seq_id, seed or None) per row
+        masks: list | None = None,  # per row: int32 bit mask of the tokens allowed, or None
     ) -> list[Sampled]:
         logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
+        logits = _apply_masks(logits, masks)
         logits = _apply_penalties(logits, params, histories)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -62,6 +65,21 @@ class Sampler:
 
 def _wants_logprobs(params: list[SamplingParams]) -> bool:
     return any(p.logprobs is not None for p in params)
+
+
+def _apply_masks(logits: torch.Tensor, masks: list | None) -> torch.Tensor:
+    """-inf for every token a guided row may not sample (bit i of word i // 32 clear). The
+    log probabilities reported stay the model's own."""
+    rows = [i for i, m in enumerate(masks or ()) if m is not None]
+    if not rows:
+        return logits
+    bits = torch.from_numpy(np.stack([masks[i] for i in rows]))  # [rows, words] int32
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+    logits = logits.clone()
+    index = torch.tensor(rows)
+    logits[index] = logits[index].masked_fill(~allowed, -torch.inf)
+    return logits
 
 
 def _apply_penalties(logits, params: list[SamplingParams], histories) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""Structured outputs: what a guided sequence may generate next, as a mask over the vocabulary.
+
+A `Guide` (a JSON schema, a regular expression or a Lark grammar) travels with a request's
+SamplingParams. `Guides` keeps one llguidance matcher per guided sequence: before a step it
+computes the masks of the sequences that sample in it (all matchers at once, on llguidance's
+threads), the sampler sets every token outside a mask to -inf, and each sampled token is fed
+back. llguidance was chosen because it needs neither torch nor transformers (it reads
+tokenizer.json), computes masks in native code with the interpreter lock released (so they
+overlap the model's forward pass), and checks a grammar against the tokenizer before any
+request is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from llmkit.errors import LlmkitError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("llmkit.engine")
+# JSON as compact as OpenAI writes it: no free whitespace between tokens (a model left to
+# itself, a random one especially, can spend its whole budget on it).
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+@dataclass(frozen=True, slots=True)
+class Guide:
+    """What a sequence's output must match: `kind` json (`spec` a JSON schema as JSON text),
+    regex (a regular expression the whole output matches) or lark (a Lark grammar)."""
+
+    kind: Literal["json", "regex", "lark"]
+    spec: str
+
+    def grammar(self) -> str:
+        """The guide as an llguidance grammar."""
+        from llguidance import LLMatcher
+
+        if self.kind == "json":
+            return LLMatcher.grammar_from_json_schema(self.spec, defaults=JSON_DEFAULTS)
+        if self.kind == "regex":
+            return LLMatcher.grammar_from_regex(self.spec)
+        return LLMatcher.grammar_from_lark(self.spec)
+
+
+def choice_guide(choices: list[str]) -> Guide:
+    """A guide whose output is exactly one of `choices`."""
+    import re
+
+    return Guide("regex", "|".join(f"(?:{re.escape(c)})" for c in choices))
+
+
+def mask_words(vocab_size: int) -> int:
+    """int32 words of one mask (a bit per token)."""
+    return (vocab_size + 31) // 32
+
+
+class GuideTokenizer:
+    """A tokenizer as llguidance reads it, built on first use (once per process)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._built = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._built is None:
+                from llguidance import LLTokenizer
+
+                self._built = LLTokenizer(
+                    _tokenizer_json(self.tokenizer),
+                    n_vocab=self.vocab_size,
+                    eos_token=self.tokenizer.eos_token_id,
+                )
+            return self._built
+
+    def problem(self, guide: Guide) -> str | None:
+        """Why `guide` cannot guide this tokenizer's model (its first line), or None."""
+        from llguidance import LLMatcher
+
+        try:
+            error = LLMatcher.validate_grammar(guide.grammar(), self.get())
+        except ValueError as e:
+            error = str(e)
+        return error.strip().splitlines()[0] if error.strip() else None
+
+
+class Guides:
+    """The matcher of every guided sequence of an engine."""
+
+    def __init__(self, tokenizer: GuideTokenizer):
+        self.tokenizer = tokenizer
+        self.matchers: dict[int, object] = {}
+        self._executor = None
+
+    def start(self, seq_ids: list[int], guide: Guide) -> None:
+        """One matcher per sequence (of one request), compiled once."""
+        from llguidance import LLMatcher
+
+        first = LLMatcher(self.tokenizer.get(), guide.grammar(), log_level=0)
+        if first.is_error():
+            raise LlmkitError(f"the guide does not compile: {first.get_error()}")
+        for i, seq_id in enumerate(seq_ids):
+            self.matchers[seq_id] = first if i == 0 else first.deep_copy()
+
+    def masks(self, seq_ids: list[int]) -> dict[int, np.ndarray]:
+        """seq_id -> the int32 bit mask of the tokens it may sample next, for the guided
+        ones among `seq_ids`. A matcher in an error state allows EOS only, so it ends."""
+        guided = [s for s in seq_ids if s in self.matchers]
+        if not guided:
+            return {}
+        import numpy as np
+        from llguidance import LLExecutor
+
+        if self._executor is None:
+            self._executor = LLExecutor()
+        words = mask_words(self.tokenizer.vocab_size)
+        out = np.full((len(guided), words), -1, dtype=np.int32)
+        pairs = [(self.matchers[s], i) for i, s in enumerate(guided)]
+        self._executor.unsafe_compute_mask_ptr(pairs, out.ctypes.data, words * 4, len(guided))
+        return {s: out[i] for i, s in enumerate(guided)}
+
+    def advance(self, seq_id: int, token_id: int) -> bool:
+        """Feed a sampled token; True when the output is complete (nothing may follow), or
+        when the token broke the guide (it cannot be continued: the sequence ends)."""
+        matcher = self.matchers.get(seq_id)
+        if matcher is None:
+            return False
+        if not matcher.consume_token(token_id):
+            log.warning("sequence %d left its guide: %s", seq_id, matcher.get_error())
+            return True
+        return matcher.is_stopped()
+
+    def release(self, seq_id: int) -> None:
+        self.matchers.pop(seq_id, None)
+
+
+def _tokenizer_json(tokenizer) -> str:
+    """tokenizer.json's text, from llmkit's FastTokenizer or a transformers fast tokenizer."""
+    backend = getattr(tokenizer, "backend", None) or getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        raise LlmkitError("structured outputs need a fast (tokenizer.json) tokenizer")
+    text = json.loads(backend.to_str())
+    text["truncation"] = text["padding"] = None
+    return json.dumps(text)

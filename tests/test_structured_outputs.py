@@ -1,0 +1,213 @@
+"""Structured outputs: JSON schemas, regular expressions, Lark grammars and choices guide what
+a sequence samples, in the engine and through the server with the official openai client.
+A random-init tiny model would otherwise emit garbage, so every valid answer is the guide's
+doing."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from llmkit.runtime.engine import LLM, EngineConfig
+from llmkit.runtime.guide import Guide, choice_guide
+from llmkit.runtime.layers.sampler import _apply_masks
+from llmkit.runtime.sequence import SamplingParams
+from tests.serve_helpers import start_server
+
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+
+# Nested objects, arrays, enums, required fields; strings and arrays bounded so that a
+# random model's answer ends well within max_tokens.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "role": {"enum": ["king", "queen", "fool"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
+        "home": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 5}, "near": {"type": "boolean"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "role", "home"],
+    "additionalProperties": False,
+}
+MAX_TOKENS = 160
+
+
+def test_masks_set_exactly_the_disallowed_tokens_to_minus_infinity():
+    """The sampler reads bit i % 32 of word i // 32 (against numpy's own bit unpacking)."""
+    rng = np.random.default_rng(0)
+    vocab = 77
+    logits = torch.randn(3, vocab)
+    masks = [rng.integers(-(2**31), 2**31, size=3, dtype=np.int64).astype(np.int32), None,
+             rng.integers(-(2**31), 2**31, size=3, dtype=np.int64).astype(np.int32)]  # fmt: skip
+    out = _apply_masks(logits, masks)
+    for row, mask in enumerate(masks):
+        if mask is None:
+            assert torch.equal(out[row], logits[row])
+            continue
+        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab].astype(bool)
+        assert torch.equal(torch.isinf(out[row]), torch.from_numpy(~bits))
+        assert torch.equal(out[row][bits], logits[row][bits])
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    engine = LLM(tiny_dir(), EngineConfig())
+    yield engine
+    engine.close()
+
+
+def test_guided_and_unguided_requests_share_a_batch(llm):
+    """Every guided answer validates; the unguided request in the same steps gets exactly
+    what it gets alone."""
+    guided = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=5, n=3,
+                            guide=Guide("json", json.dumps(PERSON)))  # fmt: skip
+    plain = SamplingParams(max_tokens=24, temperature=0)
+    alone = llm.generate(["The king"], plain)[0].outputs[0]
+    outs = llm.generate(["Hello", "The king", "Once"], [guided, plain, guided])
+    for out in (outs[0], outs[2]):
+        for c in out.outputs:
+            assert c.finish_reason == "stop", c.text
+            jsonschema.validate(json.loads(c.text), PERSON)
+    assert outs[1].outputs[0].token_ids == alone.token_ids
+
+
+def test_regex_lark_and_choice_guides(llm):
+    params = {"max_tokens": 40, "temperature": 1.0, "seed": 1}
+    guides = {
+        "regex": (Guide("regex", r"[0-9]{3}-(yes|no)"), r"[0-9]{3}-(yes|no)"),
+        "lark": (Guide("lark", 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[1-9][0-9]?/'),
+                 r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)"),
+        "choice": (choice_guide(["red", "green", "a.b"]), r"red|green|a\.b"),
+    }  # fmt: skip
+    import re
+
+    for name, (guide, pattern) in guides.items():
+        for out in llm.generate(["x"] * 4, SamplingParams(guide=guide, **params)):
+            text = out.outputs[0].text
+            assert re.fullmatch(pattern, text), (name, text)
+            assert out.outputs[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    srv = start_server(tiny_dir(), tmp_path_factory.mktemp("guided"))
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+CHAT = [{"role": "user", "content": "Describe someone."}]
+
+
+def test_fifty_sampled_json_schema_answers_validate(client):
+    rng = random.Random(0)
+    for i in range(50):
+        kwargs = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": rng.randrange(2**31)}
+        if i % 2:
+            out = client.chat.completions.create(
+                model="ckpt", messages=CHAT, response_format=SCHEMA_FORMAT, **kwargs
+            ).choices[0]
+            text = out.message.content
+        else:
+            out = client.completions.create(
+                model="ckpt", prompt="Someone:", extra_body={"response_format": SCHEMA_FORMAT},
+                **kwargs,
+            ).choices[0]  # fmt: skip
+            text = out.text
+        assert out.finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_streamed_and_whole_answers_agree_for_n_choices(client):
+    kwargs = {"model": "ckpt", "messages": CHAT, "response_format": SCHEMA_FORMAT, "n": 3,
+              "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 11}  # fmt: skip
+    whole = client.chat.completions.create(**kwargs)
+    streamed = [""] * 3
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [c.message.content for c in whole.choices]
+    for text in streamed:
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_json_object_and_completions_guides(client):
+    out = client.chat.completions.create(
+        model="ckpt", messages=CHAT, response_format={"type": "json_object"}, max_tokens=200,
+        temperature=0,
+    ).choices[0]  # fmt: skip
+    if out.finish_reason == "stop":  # a greedy random model may nest until the budget ends
+        assert isinstance(json.loads(out.message.content), dict)
+    else:
+        assert out.message.content.startswith("{")
+    for field, value, pattern in [
+        ("regex", "[a-c]{2,5}!", r"[a-c]{2,5}!"),
+        ("choice", ["yes", "no"], r"yes|no"),
+        ("grammar", 'start: "<" WORD ">"\nWORD: /[a-z]{1,6}/', r"<[a-z]{1,6}>"),
+    ]:
+        import re
+
+        text = client.completions.create(
+            model="ckpt", prompt="x", max_tokens=30, temperature=1.0, seed=2,
+            extra_body={"structured_outputs": {field: value}},
+        ).choices[0].text  # fmt: skip
+        assert re.fullmatch(pattern, text), (field, text)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "objx"}}}},
+         "response_format", "Invalid type: objx"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         "response_format", "json_schema.schema"),
+        ({"response_format": {"type": "xml"}}, "response_format", "json_object or json_schema"),
+        ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "regex"),
+        ({"structured_outputs": {"grammar": "start: nothing"}}, "structured_outputs", "nothing"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs",
+         "exactly one"),
+        ({"structured_outputs": {"json": {"$ref": "#/nope"}}}, "structured_outputs", "nope"),
+        ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+         "structured_outputs", "not both"),
+    ],
+)  # fmt: skip
+def test_a_bad_guide_is_a_400_and_the_server_keeps_serving(server, client, extra, param, message):
+    body = {"model": "ckpt", "messages": CHAT, "max_tokens": 5, **extra}
+    status, _, answer = server.request("POST", "/v1/chat/completions", body)
+    assert status == 400, answer
+    assert answer["error"]["param"] == param and message in answer["error"]["message"], answer
+    after = client.completions.create(model="ckpt", prompt="x", max_tokens=2)
+    assert after.usage.completion_tokens == 2
+
+
+def test_tensor_parallel_guides_as_one_rank_does(tiny_dir, llm):
+    """Sampling happens on rank 0, beside the guides: tp=2 gives the tp=1 answers (greedy:
+    the ranks' sums round differently, and a sampled token could tip)."""
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
+                            guide=Guide("json", json.dumps(PERSON)))  # fmt: skip
+    prompts = ["Hello", "Once upon"]
+    one = [o.outputs[0].text for o in llm.generate(prompts, params)]
+    tp2 = LLM(tiny_dir(), EngineConfig(tp=2))
+    try:
+        two = [o.outputs[0].text for o in tp2.generate(prompts, params)]
+    finally:
+        tp2.close()
+    assert two == one
+    for text in two:
+        jsonschema.validate(json.loads(text), PERSON)
