@@ -40,6 +40,22 @@ def test_draws_follow_the_softmax():
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.02)
 
 
+def test_seeded_draws_and_filtered_rows_beside_unfiltered_ones_follow_their_distributions():
+    """Each row its own seed; rows with top-p beside rows without: every row draws from its
+    own distribution (the renormalized nucleus, or the whole softmax)."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(8000, 1)
+    nucleus = SamplingParams(temperature=1, top_p=0.8, seed=1)
+    plain = SamplingParams(temperature=1, seed=1)
+    params = [nucleus if i % 2 else plain for i in range(8000)]
+    seeds = [(i, 1000 + i) for i in range(8000)]
+    tokens = torch.tensor([s.token_id for s in sample(logits, params, seeds)])
+    softmax = torch.softmax(logits[0], -1)
+    kept = torch.zeros(4).index_fill_(0, torch.tensor([1, 2]), 1) * softmax  # 0.64 + 0.24 > 0.8
+    for rows, expected in ((tokens[0::2], softmax), (tokens[1::2], kept / kept.sum())):
+        freq = torch.bincount(rows, minlength=4).float() / len(rows)
+        assert torch.allclose(freq, expected, atol=0.025), (freq, expected)
+
+
 def test_a_seeded_request_draws_the_same_tokens_whatever_it_is_batched_with():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
     params = SamplingParams(temperature=1.5, seed=123)

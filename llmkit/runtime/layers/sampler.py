@@ -49,13 +49,16 @@ class Sampler:
     def _sample(self, logits, params: list[SamplingParams], seeds) -> torch.Tensor:
         temperature = torch.tensor([p.temperature for p in params])[:, None]
         probs = _filtered_probs(logits / temperature, params)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; one generator per
-        # seeded request makes its tokens independent of what it is batched with.
-        noise = torch.empty_like(probs).exponential_()
+        # Inverse transform sampling: one uniform u per row, and the first token whose
+        # cumulative probability passes u x the row's total. A seeded request draws its u from
+        # a generator of its own, so its tokens do not depend on what it is batched with.
+        u = torch.rand(len(params), dtype=torch.float64)
         for row, (seq_id, seed) in enumerate(seeds):
             if seed is not None:
-                noise[row].exponential_(generator=self._generator(seq_id, seed))
-        return (probs / noise).argmax(dim=-1)
+                u[row] = torch.rand(1, generator=self._generator(seq_id, seed), dtype=u.dtype)
+        cdf = probs.double().cumsum(dim=-1)
+        tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
+        return tokens.clamp_(max=probs.shape[1] - 1)
 
     def _generator(self, seq_id: int, seed: int) -> torch.Generator:
         if seq_id not in self._generators:
@@ -110,7 +113,16 @@ def _apply_penalties(logits, params: list[SamplingParams], histories) -> torch.T
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Softmax with top-k, top-p and min-p applied (each a no-op at its default)."""
+    """Softmax with top-k, top-p and min-p applied; only the rows that set one are sorted."""
+    probs = logits.softmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1 or p.min_p > 0]
+    if rows:
+        index = torch.tensor(rows)
+        probs[index] = _filtered_rows(logits[index], [params[i] for i in rows])
+    return probs
+
+
+def _filtered_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])[:, None]
