@@ -71,18 +71,26 @@ def _wants_logprobs(params: list[SamplingParams]) -> bool:
 
 
 def _apply_masks(logits: torch.Tensor, masks: list | None) -> torch.Tensor:
-    """-inf for every token a guided row may not sample (bit i of word i // 32 clear). The
-    log probabilities reported stay the model's own."""
+    """Every token a guided row may not sample (bit i % 32 of word i // 32 clear) pushed to
+    BARRED, which no softmax gives any probability. (A large finite value added, because
+    torch's masked_fill runs several times slower than an add on the CPU.) The log
+    probabilities reported stay the model's own."""
     rows = [i for i, m in enumerate(masks or ()) if m is not None]
     if not rows:
         return logits
-    bits = torch.from_numpy(np.stack([masks[i] for i in rows]))  # [rows, words] int32
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+    words = np.stack([masks[i] for i in rows])  # [rows, words] int32, little-endian bits
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
+    barred = torch.from_numpy(bits).float().sub_(1)  # 0 allowed, -1 barred
+    if len(rows) == logits.shape[0]:
+        return torch.addcmul(logits, barred, _BARRED)
     logits = logits.clone()
     index = torch.tensor(rows)
-    logits[index] = logits[index].masked_fill(~allowed, -torch.inf)
+    logits[index] = torch.addcmul(logits[index], barred, _BARRED)
     return logits
+
+
+BARRED = -1e30  # a barred token's logit (less the model's, which is negligible beside it)
+_BARRED = torch.tensor(-BARRED)
 
 
 def _apply_penalties(logits, params: list[SamplingParams], histories) -> torch.Tensor:
