@@ -74,7 +74,8 @@ class StructuredOutputs(BaseModel):
     )
 
     def guide(self) -> Guide:
-        given = [k for k in ("json_schema", "regex", "grammar", "choice") if getattr(self, k)]
+        kinds = ("json_schema", "regex", "grammar", "choice")
+        given = [k for k in kinds if getattr(self, k) is not None]
         if len(given) != 1:
             raise ApiError(400, "structured_outputs takes exactly one of json, regex, grammar "
                            "and choice", param="structured_outputs")  # fmt: skip
