@@ -83,6 +83,14 @@ class FastTokenizer:
             return self.backend.id_to_token(ids)
         return [self.backend.id_to_token(i) for i in ids]
 
+    @property
+    def chat_template(self) -> str | list | None:
+        """The checkpoint's chat template, as transformers reads it (or None)."""
+        jinja = self.directory / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text()
+        return _read_json(self.directory / "tokenizer_config.json").get("chat_template")
+
     def apply_chat_template(self, conversation, **kwargs):
         """transformers' `apply_chat_template`, on its own tokenizer for these files."""
         return self.transformers().apply_chat_template(conversation, **kwargs)

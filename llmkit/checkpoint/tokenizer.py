@@ -18,10 +18,17 @@ SPECIAL_TOKENS = [
     "<|endoftext|>",
 ]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-# Role markers are single special tokens; each turn ends with the EOS token.
+# Role markers are single special tokens; each turn ends with the EOS token. Tools are listed
+# in a first system turn and calls written as Hermes and Qwen write them (<tool_call>{...}).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    '{% if tools %}<|system|>\nTo call a function, write <tool_call>{"name": NAME, '
+    '"arguments": ARGUMENTS}</tool_call>. The functions and their arguments:\n'
+    "{% for tool in tools %}{{ tool['function']['name'] }}: "
+    "{{ tool['function']['parameters'] | tojson }}\n{% endfor %}</s>\n{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}<tool_call>{{ {'name': call['function']"
+    "['name'], 'arguments': call['function']['arguments']} | tojson }}</tool_call>{% endfor %}"
+    "</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
 

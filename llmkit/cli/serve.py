@@ -49,6 +49,14 @@ def serve(
             "without one, used instead of the checkpoint's.",
         ),
     ] = None,
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            "--tool-call-parser",
+            help="How the model writes tool calls: hermes, llama3_json or mistral (default: "
+            "what its chat template shows).",
+        ),
+    ] = None,
     max_queued_requests: Annotated[
         int | None,
         typer.Option(
@@ -126,6 +134,7 @@ def serve(
         model_aliases=(model,),
         api_key=api_key,
         chat_template=None if chat_template is None else read_chat_template(chat_template),
+        tool_call_parser=tool_call_parser,
         max_queued_requests=max_queued_requests,
         max_request_bytes=_size(max_request_size, "--max-request-size"),
         max_prompts_per_request=max_prompts_per_request,

@@ -7,8 +7,15 @@ from __future__ import annotations
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tokenizer,
+        prompt_token_ids: list[int],
+        stop: tuple[str, ...] = (),
+        skip_special_tokens: bool = True,
+    ):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids = list(prompt_token_ids[-6:])  # a little context for the first tokens
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -19,9 +26,10 @@ class Detokenizer:
         """Append a generated token; True when the text now contains a stop string (the
         text is then cut before it)."""
         self.ids.append(token_id)
+        skip = self.skip_special_tokens
         decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        before = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        after = decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return False  # an incomplete character: wait for the next token
         new = after[len(before) :]

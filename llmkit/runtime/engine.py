@@ -30,7 +30,7 @@ from llmkit.runtime.model_runner import StepOutput, kv_block_bytes
 from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.outputs import Completion, RequestOutput, RequestTimes, check_prompt_ids
 from llmkit.runtime.scheduler import Batch, Scheduler
-from llmkit.runtime.sequence import SamplingParams, Sequence, stop_reason
+from llmkit.runtime.sequence import SamplingParams, Sequence, ends_by_token, stop_reason
 
 log = logging.getLogger("llmkit.engine")
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
@@ -245,7 +245,9 @@ class Engine:
         if seq.params.logprobs is not None:
             request.logprobs[index].append(_logprob_entry(sampled))
         detok = request.detokenizers[index]
-        reason = "stop" if detok is not None and detok.add(sampled.token_id) else None
+        reason = None
+        if detok is not None and not ends_by_token(seq, self.eos_token_ids):
+            reason = "stop" if detok.add(sampled.token_id) else None
         reason = reason or stop_reason(seq, self.eos_token_ids, self.max_model_len)
         if self.guides.advance(seq.seq_id, sampled.token_id):
             reason = reason or "stop"  # the guided output is complete
@@ -290,7 +292,11 @@ class Engine:
         return list(ids)
 
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> Detokenizer | None:
-        return None if self.tokenizer is None else Detokenizer(self.tokenizer, ids, params.stop)
+        return (
+            None
+            if self.tokenizer is None
+            else Detokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+        )
 
     def _num_blocks(self, device, src: RankTensors) -> int:
         c, per_block = self.config, self.kv_block_bytes

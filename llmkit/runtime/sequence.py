@@ -37,6 +37,7 @@ class SamplingParams:
     n: int = 1
     priority: int = 0  # lower runs first under the priority policy
     guide: Guide | None = None  # structured outputs: what the output must match
+    skip_special_tokens: bool = True  # False: special tokens (not EOS) are part of the text
 
     def __post_init__(self) -> None:
         checks = [
@@ -119,11 +120,18 @@ class Sequence:
         return self.status is Status.FINISHED
 
 
+def ends_by_token(seq: Sequence, eos_token_ids: frozenset[int]) -> bool:
+    """`seq`'s latest token is one that ends it (EOS or a stop token id); as in vLLM, that
+    token is not part of the text."""
+    p, last = seq.params, seq.output_token_ids[-1]
+    return last in p.stop_token_ids or (last in eos_token_ids and not p.ignore_eos)
+
+
 def stop_reason(seq: Sequence, eos_token_ids: frozenset[int], max_model_len: int) -> str | None:
     """Why `seq` ends after its latest token ("stop" or "length"), or None to go on."""
-    p, last = seq.params, seq.output_token_ids[-1]
-    if last in p.stop_token_ids or (last in eos_token_ids and not p.ignore_eos):
+    if ends_by_token(seq, eos_token_ids):
         return "stop"
+    p = seq.params
     if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= max_model_len:
         return "length"
     return None

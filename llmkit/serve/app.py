@@ -34,6 +34,7 @@ from llmkit.serve.protocol import (
     decode_json,
     parse,
 )
+from llmkit.serve.tool_calls import parser_for_template
 
 log = logging.getLogger("llmkit.serve")
 
@@ -89,6 +90,7 @@ class ServerState:
             h.max_token_bytes(tokenizer),
             cfg.chat_template,
             None if tokenizer is None else GuideTokenizer(tokenizer, info.vocab_size),
+            cfg.tool_call_parser or parser_for_template(cfg.chat_template or tokenizer),
         )
         with self._lock:
             if not self.closing:
@@ -303,7 +305,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             events = h.chat_events(served, body, job, runs, env)
             return EventStream(events, config.stream_stall_timeout_s, hold)
         (out,) = await _unless_disconnected(request, h.finals(runs))
-        return JSONResponse(await asyncio.to_thread(h.chat_body, served, body, out, env))
+        return JSONResponse(await asyncio.to_thread(h.chat_body, served, body, job, out, env))
 
     @app.post("/tokenize", dependencies=v1)
     async def tokenize(request: Request) -> dict:

@@ -8,6 +8,8 @@ from pathlib import Path
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
 
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # serve/tool_calls.py PARSERS
+
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
@@ -21,6 +23,7 @@ class ServeConfig:
     model_aliases: tuple[str, ...] = ()  # other names requests may give it (MODEL as typed)
     api_key: str | None = None  # required as "Authorization: Bearer KEY" on /v1 when set
     chat_template: str | None = None  # Jinja text used instead of the checkpoint's template
+    tool_call_parser: str | None = None  # serve/tool_calls.py PARSERS; None: from the template
     # Sequences (n counts) waiting before 429; None: as many as the KV cache has blocks.
     max_queued_requests: int | None = None
     max_request_bytes: int = 8 * 2**20
@@ -48,6 +51,9 @@ class ServeConfig:
             (self.stream_stall_timeout_s > 0, "--stream-stall-timeout must be positive"),
             (self.max_connections > 0, "--max-connections must be positive"),
             (self.shutdown_timeout_s >= 0, "--shutdown-timeout must not be negative"),
+            (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
+             f"--tool-call-parser {self.tool_call_parser!r}: choose one of "
+             f"{', '.join(TOOL_CALL_PARSERS)}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

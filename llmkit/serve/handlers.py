@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from llmkit.runtime.guide import GuideTokenizer
 from llmkit.runtime.outputs import RequestOutput, check_prompt_ids
 from llmkit.runtime.sequence import SamplingParams
 from llmkit.serve import responses as r
+from llmkit.serve import tool_calls as tc
 from llmkit.serve.async_engine import AsyncEngine, EngineDead, QueueFull
 from llmkit.serve.protocol import (
     ApiError,
@@ -52,6 +54,7 @@ class Served:
     max_token_bytes: int = 0  # the longest token's bytes: a byte count bounds the tokens
     chat_template: str | None = None  # --chat-template, instead of the tokenizer's
     guides: GuideTokenizer | None = None  # checks structured-output guides (None: refused)
+    tool_parser: str | None = None  # how this model writes tool calls (tool_calls.PARSERS)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name and model not in self.aliases:
@@ -90,14 +93,17 @@ class Served:
 
     def chat_ids(self, body: ChatCompletionRequest | TokenizeRequest, check: bool = True):
         """The token ids of `body.messages` rendered by the chat template."""
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        self._check_bytes(sum(len(m["content"].encode()) for m in messages), "messages")
+        messages = [m.for_template() for m in body.messages]
+        tools = [t.model_dump(exclude_none=True) for t in getattr(body, "tools", None) or ()]
+        self._check_bytes(len(json.dumps([messages, tools]).encode()), "messages")
+        extra = {"chat_template": self.chat_template} if self.chat_template else {}
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
+                tools=tools or None,
                 tokenize=False,
                 add_generation_prompt=body.add_generation_prompt,
-                **({"chat_template": self.chat_template} if self.chat_template else {}),
+                **extra,
             )
         except Exception as e:  # no template, or one the messages do not fit
             raise ApiError(400, f"the chat template failed: {e}", param="messages") from None
@@ -110,6 +116,8 @@ class Served:
         if guide is None:
             return
         param = "structured_outputs" if body.structured_outputs else "response_format"
+        if getattr(body, "tools", None) and body.tool_mode() not in ("none", "auto"):
+            param = "tools"
         if self.guides is None:
             raise ApiError(400, "this model's tokenizer cannot guide its output", param=param)
         try:
@@ -161,6 +169,7 @@ class Job:
     prompt_text: str
     prompt_ids: list[int]
     params: SamplingParams
+    calls: object | None = None  # how to read tool calls in the output (tool_calls parsers)
 
 
 def completion_jobs(served: Served, body: CompletionRequest) -> list[Job]:
@@ -187,11 +196,31 @@ def chat_job(served: Served, body: ChatCompletionRequest) -> Job:
     """The engine run a chat request asks for (renders and tokenizes: call it off the loop)."""
     served.check_model(body.model)
     served.check_guide(body)
+    calls = _call_parser(served, body)
     ids = served.chat_ids(body)
     limit = served.max_tokens(body.token_limit(), len(ids), None)
-    job = Job("", ids, sampling(body, limit, body.num_logprobs()))
+    params = sampling(body, limit, body.num_logprobs())
+    if calls is not None and calls.keeps_special_tokens:  # its markers are special tokens
+        params = dataclasses.replace(params, skip_special_tokens=False)
+    job = Job("", ids, params, calls)
     _check_response_size(served, [job], echo=False)
     return job
+
+
+def _call_parser(served: Served, body: ChatCompletionRequest):
+    """How the request's output is read for tool calls (None: it is all content)."""
+    mode = body.tool_mode()
+    if mode in (None, "none"):
+        return None
+    if mode == "required":
+        return tc.JsonList()
+    if mode != "auto":
+        return tc.Named(mode)
+    if served.tool_parser is None:
+        raise ApiError(400, "this model's chat template shows no way to call tools: start the "
+                       "server with --tool-call-parser to read calls with tool_choice auto, or "
+                       "send tool_choice required or a function", param="tool_choice")  # fmt: skip
+    return tc.PARSERS[served.tool_parser]()
 
 
 def tokenize(served: Served, body: TokenizeRequest) -> dict:
@@ -373,34 +402,48 @@ def completion_events(served, body: CompletionRequest, jobs, runs, env) -> Async
     return _events(runs, _hold(jobs[0].params), body.n, choice, env, body.include_usage())
 
 
-def chat_body(served: Served, body: ChatCompletionRequest, out: RequestOutput, env) -> dict:
+def chat_body(served: Served, body: ChatCompletionRequest, job: Job, out, env) -> dict:
     choices = []
     for c in out.outputs:
         lp = None
         if c.logprobs is not None:
             lp = r.chat_logprobs(out.prompt_token_ids, c.token_ids, c.logprobs, served.names)
-        choices.append(
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": lp,
-                "finish_reason": c.finish_reason,
-            }
-        )
+        message: dict = {"role": "assistant", "content": c.text}
+        reason = c.finish_reason
+        if job.calls is not None:
+            content, calls = tc.message(job.calls, c.text)
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            reason = tc.finish_reason(job.calls, reason, bool(calls))
+        choices.append({"index": c.index, "message": message, "logprobs": lp,
+                        "finish_reason": reason})  # fmt: skip
     return env.body(choices, usage=r.usage([out]))
 
 
 def chat_events(served, body: ChatCompletionRequest, job, runs, env) -> AsyncIterator[str]:
-    def choice(i: int, out: RequestOutput, c, cursor: r.ChoiceCursor, step) -> dict:
+    streams: dict[int, tc.CallStream] = {}
+
+    def choice(i: int, out: RequestOutput, c, cursor: r.ChoiceCursor, step) -> dict | None:
         text, a, b = step
-        delta = {"content": text} if text or not cursor.started else {}
+        delta: dict = {"content": text} if text or not cursor.started else {}
+        reason = c.finish_reason
+        if job.calls is not None:
+            stream = streams.setdefault(c.index, tc.CallStream(job.calls))
+            content, calls = stream.advance(c.text[: cursor.sent_chars], reason is not None)
+            delta = {"content": content} if content or not cursor.started else {}
+            if calls:
+                delta["tool_calls"] = calls
+            reason = tc.finish_reason(job.calls, reason, bool(stream.calls_sent))
+            if not delta and reason is None and c.logprobs is None:
+                return None  # nothing to send yet (a call's start, or its closing marker)
         if not cursor.started:  # the role rides with the first text, never alone
             delta = {"role": "assistant", **delta}
         lp = None
         if c.logprobs is not None:
             context = out.prompt_token_ids + c.token_ids[:a]
             lp = r.chat_logprobs(context, c.token_ids[a:b], c.logprobs[a:b], served.names)
-        return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason}
+        return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
 
     return _events(runs, _hold(job.params), body.n, choice, env, body.include_usage())
 
@@ -419,8 +462,8 @@ async def _events(runs, hold: int, n: int, choice, env, include_usage: bool) -> 
         for c in out.outputs:
             cursor = cursors.setdefault(i * n + c.index, r.ChoiceCursor(hold))
             step = cursor.advance(c)
-            if step is not None:
-                body = choice(i, out, c, cursor, step)
+            body = None if step is None else choice(i, out, c, cursor, step)
+            if body is not None:
                 cursor.started = True
                 yield _sse(env.body([body]))
     else:

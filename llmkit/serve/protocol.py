@@ -1,6 +1,6 @@
 """The OpenAI request bodies the server accepts, checked into the engine's SamplingParams.
 
-Fields the engine cannot honour (tools, logit_bias, suffix, best_of > n) are refused with 400
+Fields the engine cannot honour (logit_bias, suffix, best_of > n) are refused with 400
 rather than silently ignored; fields that change nothing (user, metadata, store, ...) are
 accepted and ignored, as OpenAI's own clients send them.
 """
@@ -23,6 +23,9 @@ MAX_STOP_STRINGS = 16  # OpenAI takes 4
 MAX_STOP_CHARS = 256  # each; the stream holds back this many characters at most
 MAX_STOP_TOKEN_IDS = 64
 MAX_CHOICES = 256  # structured_outputs.choice
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_TOOL_CALLS = 128  # in one assistant message of the history
+FUNCTION_NAME = r"^[A-Za-z0-9_.:-]{1,64}$"  # OpenAI's, and the ':' and '.' vLLM takes
 # Strict types (no "5" for 5, no true for 1) and no NaN or infinity, as OpenAI's API.
 STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
@@ -129,6 +132,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     repetition_penalty: float = Field(default=1.0, gt=0, le=100)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # vLLM's: special tokens (not EOS) left in the text
     priority: int = Field(default=0, ge=-INT32_MAX, le=INT32_MAX)
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
@@ -170,6 +174,7 @@ class _Sampling(BaseModel):
             n=self.n,
             priority=self.priority,
             guide=self.guide(),
+            skip_special_tokens=self.skip_special_tokens,
         )
 
     def refuse_unsupported(self) -> None:
@@ -206,11 +211,51 @@ class CompletionRequest(_Sampling):
             raise ApiError(400, "best_of other than n is not supported", param="best_of")
 
 
+class FunctionCall(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message of the history made."""
+
+    model_config = STRICT
+
+    id: str | None = Field(default=None, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict:
+        """As chat templates read it: arguments a mapping where they are a JSON object (the
+        templates of Llama 3, Qwen and Mistral write them with `tojson`)."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = self.function.arguments
+        function = {"name": self.function.name, "arguments": arguments}
+        return {"id": self.id, "type": "function", "function": function}
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
+    tool_call_id: str | None = Field(default=None, max_length=256)
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -220,6 +265,35 @@ class ChatMessage(BaseModel):
         return "".join(str(part.get("text", "")) for part in self.content)
 
 
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = Field(default=None, max_length=2**16)
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None  # every call is made to fit its schema in any case
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -227,7 +301,33 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # vLLM's: the template writes BOS itself
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    def tool_mode(self) -> str | None:
+        """none (tools shown, no calls read), auto, required, or the function's name."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+            return None
+        choice = self.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.function.name for t in self.tools}:
+                raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not "
+                               "among the tools", param="tool_choice")  # fmt: skip
+            return choice.function.name
+        return choice
+
+    def guide(self) -> Guide | None:
+        mode = self.tool_mode()
+        if mode in (None, "none", "auto"):
+            return super().guide()
+        if self.response_format or self.structured_outputs:
+            raise ApiError(400, "tool_choice required or a named function guides the output "
+                           "itself: drop response_format and structured_outputs",
+                           param="tool_choice")  # fmt: skip
+        return tool_guide(self.tools, mode, self.parallel_tool_calls)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -239,8 +339,27 @@ class ChatCompletionRequest(_Sampling):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.tools:
-            raise ApiError(400, "tools are not supported", param="tools")
+        if self.tools and len({t.function.name for t in self.tools}) < len(self.tools):
+            raise ApiError(400, "two tools have the same name", param="tools")
+
+
+def tool_guide(tools: list[Tool], mode: str, parallel: bool) -> Guide:
+    """The guide of a forced call: a named function's arguments, or (required) a JSON list of
+    {"name", "arguments"} objects, one of the tools each."""
+    schemas = {t.function.name: t.function.parameters or {"type": "object"} for t in tools}
+    if mode != "required":
+        return Guide("json", json.dumps(schemas[mode]))
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, "arguments": schema},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for name, schema in schemas.items()
+    ]
+    listed = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+    return Guide("json", json.dumps(listed | ({} if parallel else {"maxItems": 1})))
 
 
 class TokenizeRequest(BaseModel):
@@ -251,6 +370,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = Field(default=None, max_length=1024)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)  # shown to the template
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False
