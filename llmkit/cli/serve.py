@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from llmkit.checkpoint.writer import parse_size
 from llmkit.cli.options import RevisionOpt, default
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
-from llmkit.serve.config import ServeConfig, read_chat_template
+from llmkit.serve.config import DEFAULT_MAX_LORAS, ServeConfig, read_chat_template
 
 
 def serve(
@@ -47,6 +48,31 @@ def serve(
             "--chat-template",
             help="A Jinja chat template (a file, or the template itself) for checkpoints "
             "without one, used instead of the checkpoint's.",
+        ),
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="NAME=PATH: serve the PEFT LoRA adapter in PATH as model NAME (repeatable).",
+        ),
+    ] = None,
+    max_loras: Annotated[
+        int | None,
+        typer.Option(
+            "--max-loras",
+            help=f"LoRA adapters loaded at once (default: {DEFAULT_MAX_LORAS} with --lora or "
+            "--lora-dir, else none).",
+        ),
+    ] = None,
+    max_lora_rank: Annotated[
+        int, typer.Option("--max-lora-rank", help="Largest LoRA adapter rank.")
+    ] = default(EngineConfig, "max_lora_rank"),
+    lora_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--lora-dir",
+            help="Adapters loaded at run time (POST /v1/load_lora_adapter) must lie under it.",
         ),
     ] = None,
     tool_call_parser: Annotated[
@@ -124,6 +150,11 @@ def serve(
     if log_level not in ("debug", "info", "warning", "error"):
         raise LlmkitError(f"--log-level {log_level!r}: choose debug, info, warning or error")
     log_to_stderr(log_level)
+    if max_loras is None:
+        max_loras = DEFAULT_MAX_LORAS if lora or lora_dir else 0
+    engine = dataclasses.replace(
+        engine or EngineConfig(), max_loras=max_loras, max_lora_rank=max_lora_rank
+    )
     config = ServeConfig(
         model=str(local_dir(model, revision)),
         engine=engine,
@@ -135,6 +166,8 @@ def serve(
         api_key=api_key,
         chat_template=None if chat_template is None else read_chat_template(chat_template),
         tool_call_parser=tool_call_parser,
+        loras=_loras(lora or []),
+        lora_dir=None if lora_dir is None else str(Path(lora_dir).expanduser().resolve()),
         max_queued_requests=max_queued_requests,
         max_request_bytes=_size(max_request_size, "--max-request-size"),
         max_prompts_per_request=max_prompts_per_request,
@@ -149,6 +182,20 @@ def serve(
         stats_interval_s=stats_interval,
     )
     run(config, log_level)
+
+
+def _loras(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """--lora NAME=PATH values as (name, absolute path), each an existing directory."""
+    loras = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise LlmkitError(f"--lora {value!r}: give NAME=PATH")
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise LlmkitError(f"--lora {name}: {path} is not a directory")
+        loras.append((name, str(directory.resolve())))
+    return tuple(loras)
 
 
 def _size(text: str, option: str) -> int:

@@ -16,13 +16,14 @@ from llmkit.runtime.sequence import Sequence
 
 
 class Block:
-    __slots__ = ("block_id", "hash", "ref_count", "token_ids")
+    __slots__ = ("block_id", "hash", "lora_id", "ref_count", "token_ids")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
         self.hash: int | None = None
         self.token_ids: tuple[int, ...] = ()
+        self.lora_id = 0  # K/V computed under this adapter are its own
 
 
 class BlockManager:
@@ -70,8 +71,10 @@ class BlockManager:
         for i, h in enumerate(self._hashes(seq, (seq.num_tokens - 1) // self.block_size)):
             block_id = self._cached.get(h)
             bs = self.block_size
-            if block_id is None or self.blocks[block_id].token_ids != tuple(
-                seq.tokens(i * bs, (i + 1) * bs)
+            block = None if block_id is None else self.blocks[block_id]
+            if block is None or (block.lora_id, block.token_ids) != (
+                seq.lora_id,
+                tuple(seq.tokens(i * bs, (i + 1) * bs)),
             ):  # a hash collision must not hand out someone else's K/V
                 break
             hits.append(block_id)
@@ -124,6 +127,7 @@ class BlockManager:
         for i in range(seq.num_hashed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             block.hash, block.token_ids = hashes[i], tuple(seq.tokens(i * bs, (i + 1) * bs))
+            block.lora_id = seq.lora_id
             self._cached.setdefault(block.hash, block.block_id)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
@@ -137,7 +141,7 @@ class BlockManager:
         bs = self.block_size
         while len(seq.block_hashes) < num_blocks:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if i else None
+            parent = seq.block_hashes[-1] if i else ("lora", seq.lora_id)  # adapters differ
             seq.block_hashes.append(hash((parent, tuple(seq.tokens(i * bs, (i + 1) * bs)))))
         return seq.block_hashes[:num_blocks]
 

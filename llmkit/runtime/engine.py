@@ -26,6 +26,7 @@ from llmkit.runtime.engine_config import EngineConfig
 from llmkit.runtime.executor import DTYPES, Executor, RunnerSpec, cuda_memory, set_threads
 from llmkit.runtime.guide import Guides, GuideTokenizer
 from llmkit.runtime.layers.sampler import Sampled
+from llmkit.runtime.lora_registry import LoraRegistry
 from llmkit.runtime.model_runner import StepOutput, kv_block_bytes
 from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.outputs import Completion, RequestOutput, RequestTimes, check_prompt_ids
@@ -80,7 +81,13 @@ class Engine:
         )
         self.executor = Executor(
             RunnerSpec(
-                self.model_path, config.tp, dtype, str(device), num_blocks, config.block_size
+                self.model_path,
+                config.tp,
+                dtype,
+                str(device),
+                num_blocks,
+                config.block_size,
+                config.max_loras,
             )
         )
         capacity = num_blocks * config.block_size
@@ -91,6 +98,7 @@ class Engine:
         self.eos_token_ids = _eos_ids(self.model_path, hf_config)
         self.guides = Guides(GuideTokenizer(self.tokenizer, self.model_config.vocab_size))
         self._guide_thread: ThreadPoolExecutor | None = None
+        self.loras = LoraRegistry(config.max_loras)
         self.requests: dict[str, _Request] = {}
         self.num_kv_tokens = capacity
         log.info(
@@ -104,17 +112,21 @@ class Engine:
         prompt_token_ids: list[int] | None = None,
         params: SamplingParams | None = None,
         arrival: float | None = None,
+        lora: str | None = None,
     ) -> None:
         """Queue a request; raises LlmkitError for a prompt the model cannot take.
-        `arrival`: its time.monotonic() when it reached the caller (default: now)."""
+        `arrival`: its time.monotonic() when it reached the caller (default: now); `lora`:
+        the name of a loaded LoRA adapter to run it with."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise LlmkitError(f"request id {request_id!r} is already running")
         ids = self._prompt_ids(prompt, prompt_token_ids)
+        lora_id = 0 if lora is None else self.loras.id_of(lora)
         seqs: list[Sequence] = []
         for i in range(params.n):
             seed = None if params.seed is None else (params.seed + i) % 2**64  # torch's range
-            seqs.append(Sequence(list(ids), params, request_id, seqs[0] if seqs else None, seed))
+            parent = seqs[0] if seqs else None
+            seqs.append(Sequence(list(ids), params, request_id, parent, seed, lora_id))
         if params.guide is not None:
             if self.tokenizer is None:
                 raise LlmkitError(f"{self.model_path} has no tokenizer to guide output with")
@@ -128,11 +140,30 @@ class Engine:
         for seq in seqs:
             self.scheduler.add(seq)
 
+    def add_lora(self, name: str, path: str) -> None:
+        """Load the PEFT LoRA adapter in `path` under `name` (LlmkitError: it does not fit
+        the model, or --max-loras are loaded)."""
+        lora_id = self.loras.new_id(name)
+        self.executor.add_lora(lora_id, path, self.config.max_lora_rank)
+        self.loras.add(name, lora_id, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter `name`: new requests cannot name it; running ones finish with it."""
+        self.loras.retire(name)
+        self._drop_retired_loras()
+
+    def _drop_retired_loras(self) -> None:
+        if self.loras.retiring:
+            in_use = {s.lora_id for r in self.requests.values() for s in r.seqs}
+            for lora_id in self.loras.done(in_use):
+                self.executor.remove_lora(lora_id)
+
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (unknown ids are ignored)."""
         for seq in self._seqs(request_id, forget=True):
             self.scheduler.finish(seq, "abort")
             self._release(seq)
+        self._drop_retired_loras()
 
     def _release(self, seq: Sequence) -> None:
         """Forget a finished sequence's sampling state (seeded generator, guide)."""
@@ -191,7 +222,9 @@ class Engine:
             self._record_prompt_scores(out)
             for seq, token in zip(out.seqs, out.sampled, strict=True):
                 touched[seq.request_id] = self._advance(seq, token, now)
-        return failed + [self._output(r) for r in touched.values()]
+        outputs = failed + [self._output(r) for r in touched.values()]
+        self._drop_retired_loras()
+        return outputs
 
     def _masks(self, batch: Batch) -> Callable[[], dict] | None:
         """The token masks of the guided sequences that sample in this step (seq_id -> bit
@@ -375,14 +408,17 @@ class LLM:
         params: SamplingParams | list[SamplingParams] | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
         on_step: Callable[[list[RequestOutput]], None] | None = None,
+        loras: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Outputs in input order; `on_output` sees every step's outputs one by one (for
-        progress), `on_step` each step's outputs together, as the step ends."""
+        progress), `on_step` each step's outputs together, as the step ends; `loras`: the
+        loaded LoRA adapter of every prompt, or of each (None: the base model)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        lora_list = loras if isinstance(loras, list) else [loras] * len(prompts)
         for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
             text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
             try:
-                self.engine.add_request(str(i), text, ids, p)
+                self.engine.add_request(str(i), text, ids, p, lora=lora_list[i])
             except LlmkitError as e:
                 raise LlmkitError(f"prompt {i}: {e}") from None
         done: dict[str, RequestOutput] = {}

@@ -22,3 +22,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     verify: bool = True  # check the weight files against llmkit-checksums.json when present
+    max_loras: int = 0  # LoRA adapters loaded at once; 0: the model takes none
+    max_lora_rank: int = 16
+
+    def __post_init__(self) -> None:
+        from llmkit.errors import LlmkitError
+
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise LlmkitError("--max-loras must be >= 0 and --max-lora-rank >= 1")
+        if self.max_loras and self.tp > 1:
+            raise LlmkitError("LoRA adapters run with --tp 1 only")

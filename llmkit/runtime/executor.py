@@ -33,6 +33,7 @@ class RunnerSpec:
     device: str
     num_blocks: int
     block_size: int
+    max_loras: int = 0
 
     def build(self, rank: int) -> ModelRunner:
         device = torch.device(self.device)
@@ -45,6 +46,7 @@ class RunnerSpec:
             device,
             self.num_blocks,
             self.block_size,
+            max_loras=self.max_loras,
         )
 
 
@@ -72,6 +74,13 @@ class Executor:
             dist.broadcast_object_list([inputs], src=0)
         logits = self.runner.execute(inputs)
         return self.runner.finish(logits, seqs, spans, masks() if masks else None)
+
+    def add_lora(self, lora_id: int, path: str, max_rank: int) -> int:
+        """Load a LoRA adapter (tp 1: EngineConfig refuses adapters with more ranks)."""
+        return self.runner.add_lora(lora_id, path, max_rank)
+
+    def remove_lora(self, lora_id: int) -> None:
+        self.runner.remove_lora(lora_id)
 
     def release(self, seq_id: int) -> None:
         """Forget a finished or aborted sequence's sampling state (its seeded generator)."""

@@ -21,19 +21,27 @@ from llmkit.runtime.layers.linear import (
 from llmkit.runtime.layers.norm import RMSNorm
 from llmkit.runtime.layers.rotary import Rotary
 from llmkit.runtime.layers.vocab import LMHead, VocabEmbedding
+from llmkit.runtime.lora import LoraContext, LoraLinear
 from llmkit.runtime.models.llama import MLP, Attention, DecoderLayer, LlamaConfig, LlamaModel
 
 
 def load_model(
-    src: RankTensors, group: Group, dtype: torch.dtype, device: torch.device, exact: bool = False
+    src: RankTensors,
+    group: Group,
+    dtype: torch.dtype,
+    device: torch.device,
+    exact: bool = False,
+    loras: LoraContext | None = None,
 ) -> tuple[LlamaModel, LlamaConfig]:
     """The model rank `group.rank` runs, weights on `device`; `exact`: weight-only quantized
-    Linears as their dequantized weights (see convert_for_runtime)."""
+    Linears as their dequantized weights (see convert_for_runtime); `loras`: wrap each
+    adaptable Linear in a LoraLinear reading that context (the model's `lora_modules` then
+    names them)."""
     cfg = LlamaConfig.from_hf(src.config)
     family = family_for(src.config)
     heads, kv_heads = cfg.heads_per_rank(group.size)
     reader = LinearReader(src, src.config.get("quantization_config"))
-    build = _Builder(src, family, reader, group, dtype, device, exact)
+    build = _Builder(src, family, reader, group, dtype, device, exact, loras)
     layers = [build.layer(i, cfg, heads, kv_heads) for i in range(cfg.num_layers)]
     embed_name = f"{family.embed}.weight"
     embed = src.get(embed_name).to(device, dtype)
@@ -44,6 +52,7 @@ def load_model(
         LMHead(build.lm_head(embed), cfg.vocab_size, group),
         Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling),
     )
+    model.lora_modules = build.lora_modules
     return _frozen(model.to(device)), cfg
 
 
@@ -60,10 +69,12 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 class _Builder:
     def __init__(
-        self, src: RankTensors, family: Family, reader, group: Group, dtype, device, exact: bool
+        self, src: RankTensors, family: Family, reader, group: Group, dtype, device, exact, loras
     ):
         self.src, self.family, self.reader, self.group = src, family, reader, group
         self.dtype, self.device, self.exact = dtype, device, exact
+        self.loras = loras
+        self.lora_modules: dict[str, LoraLinear] = {}  # each part's module name -> its wrapper
 
     def convert(self, weight: LinearWeight, bias: torch.Tensor | None) -> nn.Module:
         return convert_for_runtime(weight, bias, self.dtype, self.device, self.exact)
@@ -82,6 +93,7 @@ class _Builder:
             attn,
             MLP(*self.block(p, mlp)),
             *(self.norm(f"{p}{n}.weight", cfg) for n in self.family.norms),
+            self.loras,
         )
 
     def block(self, prefix: str, block: Block) -> tuple[nn.Module, nn.Module]:
@@ -104,8 +116,21 @@ class _Builder:
             raise LlmkitError(f"{modules[0]}: some of {modules} have a bias and some do not")
         whole = concat(weights)
         if whole is not None:
-            return self.convert(whole, bias)
-        return Parallel([self.convert(w, b) for w, b in zip(weights, biases, strict=True)])
+            module = self.convert(whole, bias)
+        else:
+            module = Parallel([self.convert(w, b) for w, b in zip(weights, biases, strict=True)])
+        return self.adaptable(module, modules, weights)
+
+    def adaptable(self, module: nn.Module, names: list[str], weights: list) -> nn.Module:
+        """`module` (computing the Linears `names` side by side), wrapped to take LoRA
+        adapters when the engine serves them."""
+        if self.loras is None:
+            return module
+        shapes = [_shape(w) for w in weights]
+        parts = [(name, shape[0]) for name, shape in zip(names, shapes, strict=True)]
+        wrapper = LoraLinear(module, parts, shapes[0][1], self.loras)
+        self.lora_modules.update(dict.fromkeys(names, wrapper))
+        return wrapper
 
     def lm_head(self, embed: torch.Tensor) -> nn.Module:
         """The lm_head as stored, quantized or not; the embedding when they are tied."""
@@ -117,7 +142,7 @@ class _Builder:
     def row_parallel(self, module: str) -> nn.Module:
         weight, bias = self.reader.read(module), self._bias(module)
         if self.group.size == 1:
-            return self.convert(weight, bias)
+            return self.adaptable(self.convert(weight, bias), [module], [weight])
         inner = self.convert(weight, None)
         bias = None if bias is None else bias.to(self.device, self.dtype)
         return RowParallel(inner, bias, self.group)
@@ -125,3 +150,8 @@ class _Builder:
     def _bias(self, module: str) -> torch.Tensor | None:
         name = f"{module}.bias"
         return self.src.get(name) if name in self.src else None
+
+
+def _shape(weight: LinearWeight) -> tuple[int, int]:
+    """[out, in] of a Linear's record, whatever its format."""
+    return tuple((weight.weight if isinstance(weight, DenseWeight) else weight.q).shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,7 @@ from llmkit.runtime.distributed import Group
 from llmkit.runtime.layers.attention import AttentionMetadata, Prefill
 from llmkit.runtime.layers.sampler import Sampled, Sampler, score
 from llmkit.runtime.loader import load_model
+from llmkit.runtime.lora import LoraContext, install, read_adapter
 from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.scheduler import Batch
 from llmkit.runtime.sequence import Sequence
@@ -29,6 +30,8 @@ class StepInputs:
     positions: torch.Tensor  # [tokens]
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [sequences to sample], rows of the flattened batch
+    # (adapter id, first row, end row) of each run of tokens of one LoRA adapter
+    lora_segments: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -57,12 +60,15 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         exact: bool = False,
+        max_loras: int = 0,
     ):
         src = open_rank(model_path, group.size, group.rank)
+        self.loras = LoraContext() if max_loras else None
         try:
-            self.model, self.config = load_model(src, group, dtype, device, exact)
+            self.model, self.config = load_model(src, group, dtype, device, exact, self.loras)
         finally:
             src.close()
+        self.dtype = dtype
         self.device, self.block_size, self.num_blocks = device, block_size, num_blocks
         kv_heads = self.config.heads_per_rank(group.size)[1]
         # per layer [2, blocks, kv_heads, block_size, head_dim]
@@ -75,6 +81,8 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         """Logits [sequences to sample, vocab] in float32 (None on ranks other than 0)."""
         meta = inputs.meta.to(self.device)
+        if self.loras is not None:
+            self.loras.segments = inputs.lora_segments
         return self.model(
             inputs.input_ids.to(self.device),
             inputs.positions.to(self.device),
@@ -82,6 +90,17 @@ class ModelRunner:
             self.kv_caches,
             inputs.logits_indices.to(self.device),
         )
+
+    def add_lora(self, lora_id: int, path: str, max_rank: int) -> int:
+        """Load the PEFT adapter in `path` as `lora_id`; its rank (LlmkitError if it does not
+        fit the model)."""
+        adapter = read_adapter(path, max_rank)
+        install(self.model.lora_modules, lora_id, adapter, self.dtype, self.device)
+        return adapter.rank
+
+    def remove_lora(self, lora_id: int) -> None:
+        for wrapper in self.model.lora_modules.values():
+            wrapper.remove(lora_id)
 
     def finish(
         self,
@@ -155,7 +174,11 @@ class PromptSpan:
 def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence], list[PromptSpan]]:
     """Tensors for `batch`, decodes first; the sequences whose logits come back, in order;
     and the prompt spans whose logits follow theirs."""
-    order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
+    # decodes first; each adapter's sequences together, so its tokens are few runs
+    order = sorted(
+        range(len(batch.seqs)),
+        key=lambda i: (batch.num_new_tokens[i] != 1, batch.seqs[i].lora_id),
+    )
     seqs = [batch.seqs[i] for i in order]
     counts = [batch.num_new_tokens[i] for i in order]
     num_decodes = next((i for i, n in enumerate(counts) if n != 1), len(counts))
@@ -179,8 +202,22 @@ def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence], 
         positions_t,
         meta,
         torch.tensor(logits_rows, dtype=torch.long),
+        _lora_segments(seqs, counts),
     )
     return inputs, [seqs[i] for i in sampled], spans
+
+
+def _lora_segments(seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int, int]]:
+    """(adapter id, first row, end row) of each run of tokens of one adapter."""
+    segments: list[tuple[int, int, int]] = []
+    row = 0
+    for seq, n in zip(seqs, counts, strict=True):
+        if seq.lora_id and segments and segments[-1][0] == seq.lora_id and segments[-1][2] == row:
+            segments[-1] = (seq.lora_id, segments[-1][1], row + n)
+        elif seq.lora_id:
+            segments.append((seq.lora_id, row, row + n))
+        row += n
+    return segments
 
 
 def _prompt_spans(seqs, counts, last_rows, logits_rows: list[int]) -> list[PromptSpan]:

@@ -77,6 +77,7 @@ class Sequence:
     request_id: str = ""
     parent: Sequence | None = None  # n > 1: siblings wait for the first one's prompt
     seed: int | None = None  # this sequence's sampling seed (the request's, + sibling index)
+    lora_id: int = 0  # the LoRA adapter it runs with (0: the base model)
     seq_id: int = field(default_factory=lambda: next(_ids))
     arrival: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)

@@ -30,7 +30,9 @@ from llmkit.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraRequest,
     TokenizeRequest,
+    UnloadLoraRequest,
     decode_json,
     parse,
 )
@@ -91,6 +93,7 @@ class ServerState:
             cfg.chat_template,
             None if tokenizer is None else GuideTokenizer(tokenizer, info.vocab_size),
             cfg.tool_call_parser or parser_for_template(cfg.chat_template or tokenizer),
+            dict(cfg.loras),
         )
         with self._lock:
             if not self.closing:
@@ -273,7 +276,23 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             "root": served.model_name,
             "max_model_len": served.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+        adapters = [
+            {**card, "id": name, "root": path, "parent": served.model_name}
+            for name, path in sorted(served.loras.items())
+        ]
+        return {"object": "list", "data": [card, *adapters]}
+
+    @app.post("/v1/load_lora_adapter", dependencies=v1)
+    async def load_lora_adapter(request: Request) -> dict:
+        served = state.ready()
+        body = parse(LoadLoraRequest, decode_json(await _read_body(request, state)))
+        return await h.load_lora(served, body, config.lora_dir)
+
+    @app.post("/v1/unload_lora_adapter", dependencies=v1)
+    async def unload_lora_adapter(request: Request) -> dict:
+        served = state.ready()
+        body = parse(UnloadLoraRequest, decode_json(await _read_body(request, state)))
+        return await h.unload_lora(served, body)
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(request: Request) -> Response:

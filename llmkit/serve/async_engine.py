@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -75,6 +76,8 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards _streams and _seqs_sent
         self._streams: dict[str, _Stream] = {}
         self._seqs_sent = 0
+        self._tokens = itertools.count()
+        self._replies: dict[int, asyncio.Future] = {}  # "lora" commands awaiting their answer
         # Commands go through a queue to their own thread: a send blocked on a full pipe
         # (the engine drains it between steps) must block neither the event loop nor the
         # reader, which drains the other direction.
@@ -96,17 +99,35 @@ class AsyncEngine:
         return stats.waiting + self._seqs_sent - stats.seqs_seen
 
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival: float,
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Queue a request now (call it from the event loop); its outputs as it advances, the
-        last one finished."""
+        """Queue a request now (call it from the event loop), with LoRA adapter `lora` if
+        given; its outputs as it advances, the last one finished."""
         self._check_alive()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival, len(prompt_ids))
         with self._lock:
             self._streams[request_id] = stream
             self._seqs_sent += params.n
-        self._send(("add", request_id, prompt_ids, params, arrival))
+        self._send(("add", request_id, prompt_ids, params, arrival, lora))
         return self._outputs(request_id, stream)
+
+    async def change_lora(self, action: str, name: str, path: str | None = None) -> None:
+        """Load ("load") or unload ("unload") a LoRA adapter in the engine; LlmkitError with
+        the engine's reason when it cannot."""
+        self._check_alive()
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            token = next(self._tokens)
+            self._replies[token] = future
+        self._send(("lora", token, action, name, path))
+        error = await future
+        if error is not None:
+            raise LlmkitError(error)
 
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -218,11 +239,20 @@ class AsyncEngine:
                 if out.finished:
                     del self._streams[out.request_id]
         _put_all(by_loop)
+        for token, error in step.replies:
+            with self._lock:
+                future = self._replies.pop(token, None)
+            if future is not None:
+                future.get_loop().call_soon_threadsafe(_resolve, future, error)
         if step.error is not None:
             self._fail_all(LlmkitError(step.error))
 
     def _fail_all(self, error: Exception) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            replies, self._replies = self._replies, {}
+        for future in replies.values():
+            future.get_loop().call_soon_threadsafe(_resolve, future, str(error))
         with self._lock:
             for stream in self._streams.values():
                 by_loop.setdefault(stream.loop, []).append((stream.queue, error))
@@ -302,3 +332,8 @@ def _put(loop: asyncio.AbstractEventLoop, items: list) -> None:
 def _put_all(by_loop: dict[asyncio.AbstractEventLoop, list]) -> None:
     for loop, items in by_loop.items():
         _put(loop, items)
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)

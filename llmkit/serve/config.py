@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # serve/tool_calls.py PARSERS
+DEFAULT_MAX_LORAS = 4  # --max-loras when adapters are served and it is not given
+LORA_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,8 @@ class ServeConfig:
     api_key: str | None = None  # required as "Authorization: Bearer KEY" on /v1 when set
     chat_template: str | None = None  # Jinja text used instead of the checkpoint's template
     tool_call_parser: str | None = None  # serve/tool_calls.py PARSERS; None: from the template
+    loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters loaded at start: (name, path)
+    lora_dir: str | None = None  # adapters loaded at run time must lie under it (when set)
     # Sequences (n counts) waiting before 429; None: as many as the KV cache has blocks.
     max_queued_requests: int | None = None
     max_request_bytes: int = 8 * 2**20
@@ -58,6 +63,14 @@ class ServeConfig:
         for ok, message in checks:
             if not ok:
                 raise LlmkitError(message)
+        names = [name for name, _ in self.loras]
+        for name in names:
+            check_lora_name(name, self.model_name)
+        if len(set(names)) < len(names):
+            raise LlmkitError("two --lora adapters have the same name")
+        if len(names) > self.engine.max_loras:
+            raise LlmkitError(f"{len(names)} --lora adapters are more than --max-loras "
+                              f"{self.engine.max_loras}")  # fmt: skip
 
     @property
     def model_name(self) -> str:
@@ -83,3 +96,11 @@ def read_chat_template(value: str) -> str:
     except jinja2.TemplateSyntaxError as e:
         raise LlmkitError(f"--chat-template: line {e.lineno}: {e.message}") from None
     return text
+
+
+def check_lora_name(name: str, model_name: str) -> None:
+    """A name requests can give as `model`: not the base model's, and plain."""
+    if not LORA_NAME.fullmatch(name):
+        raise LlmkitError(f"LoRA adapter name {name!r}: use 1-128 of A-Z a-z 0-9 _ . : / -")
+    if name == model_name:
+        raise LlmkitError(f"LoRA adapter name {name!r} is the base model's name")

@@ -3,11 +3,12 @@ forks it before even parsing its arguments, and it imports torch and loads the m
 the front end imports its web stack on the other core. It also takes the engine's Python work
 off the front end's GIL.
 
-Over one pipe the front end sends ("load", model, config, log_level) once, then
-("add", request_id, prompt_ids, params, arrival), ("abort", request_id), ("pause",
-request_id), ("resume", request_id) and ("stop",); the
-engine process answers ("ready", EngineInfo) or ("failed", message) once, then one Step after
-every round of commands and model step, with its outputs as deltas (serve/deltas.py). This
+Over one pipe the front end sends ("load", model, config, log_level, loras) once, then
+("add", request_id, prompt_ids, params, arrival, lora), ("abort", request_id), ("pause",
+request_id), ("resume", request_id), ("lora", token, "load" | "unload", name, path) and
+("stop",); the engine process answers ("ready", EngineInfo) or ("failed", message) once,
+then one Step after every round of commands and model step, with its outputs as deltas
+(serve/deltas.py) and the answers to "lora" commands. This
 module stays torch-free; the child imports the engine after the fork.
 """
 
@@ -63,6 +64,7 @@ class Step:
     # (request_id, message, is_value_error) of adds the engine refused
     rejected: list[tuple[str, str, bool]] = field(default_factory=list)
     error: str | None = None  # the step failed; every request in flight was aborted
+    replies: list[tuple[int, str | None]] = field(default_factory=list)  # lora: (token, error)
 
 
 class EngineProcess:
@@ -80,8 +82,11 @@ class EngineProcess:
         self.returncode: int | None = None
         child.close()  # so the front end sees EOF when the engine process dies
 
-    def load(self, model: str, config: EngineConfig, log_level: str = "info") -> None:
-        self.conn.send(("load", model, config, log_level))
+    def load(
+        self, model: str, config: EngineConfig, log_level: str = "info", loras: tuple = ()
+    ) -> None:
+        """Load `model`, then the LoRA adapters `loras` ((name, path) each)."""
+        self.conn.send(("load", model, config, log_level, loras))
 
     def wait_ready(self) -> EngineInfo:
         """Block until the engine has loaded; LlmkitError if it failed or died."""
@@ -163,7 +168,7 @@ def _main(conn: Connection, parent_end: Connection) -> None:
     from llmkit.runtime.engine import Engine  # imports torch: the slow part
 
     try:
-        _, model, config, log_level = conn.recv()
+        _, model, config, log_level, loras = conn.recv()
     except EOFError:
         return  # the front end stopped before asking for a model
     from llmkit.serve.logs import log_to_stderr
@@ -174,6 +179,13 @@ def _main(conn: Connection, parent_end: Connection) -> None:
     except Exception as e:
         conn.send(("failed", str(e) or type(e).__name__))
         return
+    for name, path in loras:
+        try:
+            engine.add_lora(name, path)
+        except LlmkitError as e:
+            conn.send(("failed", f"--lora {name}: {e}"))
+            engine.close()
+            return
     vocab = engine.model_config.vocab_size
     info = EngineInfo(engine.max_model_len, vocab, engine.block_manager.num_blocks)
     conn.send(("ready", info))
@@ -210,10 +222,10 @@ class _Loop:
     def _command(self, message: tuple, step: Step) -> None:
         kind = message[0]
         if kind == "add":
-            _, request_id, ids, params, arrival = message
+            _, request_id, ids, params, arrival, lora = message
             self.seqs += params.n
             try:
-                self.engine.add_request(request_id, None, ids, params, arrival=arrival)
+                self.engine.add_request(request_id, None, ids, params, arrival, lora)
             except (LlmkitError, ValueError) as e:
                 step.rejected.append((request_id, str(e), isinstance(e, ValueError)))
         elif kind == "abort":
@@ -223,6 +235,16 @@ class _Loop:
             self.engine.pause(message[1])
         elif kind == "resume":
             self.engine.resume(message[1])
+        elif kind == "lora":
+            _, token, action, name, path = message
+            try:
+                if action == "load":
+                    self.engine.add_lora(name, path)
+                else:
+                    self.engine.remove_lora(name)
+                step.replies.append((token, None))
+            except LlmkitError as e:
+                step.replies.append((token, str(e)))
         elif kind == "stop":
             self.stopping = True
 

@@ -9,7 +9,8 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmkit.errors import LlmkitError
 from llmkit.runtime.guide import GuideTokenizer
@@ -18,12 +19,15 @@ from llmkit.runtime.sequence import SamplingParams
 from llmkit.serve import responses as r
 from llmkit.serve import tool_calls as tc
 from llmkit.serve.async_engine import AsyncEngine, EngineDead, QueueFull
+from llmkit.serve.config import check_lora_name
 from llmkit.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraRequest,
     TokenizeRequest,
+    UnloadLoraRequest,
     _Sampling,
 )
 
@@ -55,15 +59,21 @@ class Served:
     chat_template: str | None = None  # --chat-template, instead of the tokenizer's
     guides: GuideTokenizer | None = None  # checks structured-output guides (None: refused)
     tool_parser: str | None = None  # how this model writes tool calls (tool_calls.PARSERS)
+    loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded: name -> path
 
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter `model` names (None: the base model), or a 404."""
+        if model in self.loras:
+            return model
         if model is not None and model != self.model_name and model not in self.aliases:
             raise ApiError(
                 404,
-                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}"
+                + (f" and the LoRA adapters {sorted(self.loras)}" if self.loras else ""),
                 param="model",
                 code="model_not_found",
             )
+        return None
 
     def prompt_ids(
         self, prompt: str | list[int], add_special_tokens: bool = True, check: bool = True
@@ -170,11 +180,12 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     calls: object | None = None  # how to read tool calls in the output (tool_calls parsers)
+    lora: str | None = None  # the LoRA adapter it runs with
 
 
 def completion_jobs(served: Served, body: CompletionRequest) -> list[Job]:
     """The engine runs a completions request asks for (tokenizes: call it off the loop)."""
-    served.check_model(body.model)
+    lora = served.check_model(body.model)
     prompts = body.prompts()
     if len(prompts) > served.limits.max_prompts:
         raise ApiError(400, f"at most {served.limits.max_prompts} prompts per request "
@@ -187,14 +198,15 @@ def completion_jobs(served: Served, body: CompletionRequest) -> list[Job]:
         echo_scores = body.logprobs if body.echo and body.logprobs is not None else None
         # echoed as given; token ids as the generated text is decoded (no "<s>")
         text = prompt if isinstance(prompt, str) else served.names.text(ids)
-        jobs.append(Job(text, ids, sampling(body, limit, body.logprobs, echo_scores)))
+        params = sampling(body, limit, body.logprobs, echo_scores)
+        jobs.append(Job(text, ids, params, lora=lora))
     _check_response_size(served, jobs, echo=body.echo)
     return jobs
 
 
 def chat_job(served: Served, body: ChatCompletionRequest) -> Job:
     """The engine run a chat request asks for (renders and tokenizes: call it off the loop)."""
-    served.check_model(body.model)
+    lora = served.check_model(body.model)
     served.check_guide(body)
     calls = _call_parser(served, body)
     ids = served.chat_ids(body)
@@ -202,7 +214,7 @@ def chat_job(served: Served, body: ChatCompletionRequest) -> Job:
     params = sampling(body, limit, body.num_logprobs())
     if calls is not None and calls.keeps_special_tokens:  # its markers are special tokens
         params = dataclasses.replace(params, skip_special_tokens=False)
-    job = Job("", ids, params, calls)
+    job = Job("", ids, params, calls, lora)
     _check_response_size(served, [job], echo=False)
     return job
 
@@ -249,6 +261,44 @@ def detokenize(served: Served, body: DetokenizeRequest) -> dict:
     return {"prompt": served.tokenizer.decode(body.tokens)}
 
 
+async def load_lora(served: Served, body: LoadLoraRequest, lora_dir: str | None) -> dict:
+    """/v1/load_lora_adapter: the adapter in `lora_path` served as model `lora_name`."""
+    name = body.lora_name
+    try:
+        check_lora_name(name, served.model_name)
+    except LlmkitError as e:
+        raise ApiError(400, str(e), param="lora_name") from None
+    if name in served.loras:
+        raise ApiError(400, f"a LoRA adapter named {name!r} is loaded already", param="lora_name")
+    path = Path(body.lora_path).expanduser().resolve()
+    if lora_dir is not None and not path.is_relative_to(lora_dir):
+        raise ApiError(403, "lora_path is outside --lora-dir", type="permission_error",
+                       param="lora_path")  # fmt: skip
+    if not path.is_dir():
+        raise ApiError(400, "lora_path is not a directory", param="lora_path")
+    try:
+        await served.engine.change_lora("load", name, str(path))
+    except EngineDead as e:
+        raise ApiError(503, str(e), type="server_error") from None
+    except LlmkitError as e:
+        raise ApiError(400, str(e), param="lora_path") from None
+    served.loras[name] = str(path)
+    return {"object": "lora_adapter", "id": name, "status": "loaded"}
+
+
+async def unload_lora(served: Served, body: UnloadLoraRequest) -> dict:
+    """/v1/unload_lora_adapter: requests can no longer name it; those running finish."""
+    name = body.lora_name
+    if served.loras.pop(name, None) is None:
+        raise ApiError(404, f"no LoRA adapter named {name!r} is loaded", param="lora_name",
+                       code="model_not_found")  # fmt: skip
+    try:
+        await served.engine.change_lora("unload", name)
+    except LlmkitError as e:
+        raise ApiError(503, str(e), type="server_error") from None
+    return {"object": "lora_adapter", "id": name, "status": "unloaded"}
+
+
 def _check_response_size(served: Served, jobs: list[Job], echo: bool) -> None:
     """Refuse a request whose answer could pass --max-response-entries: each token sent,
     each log probability with it, for every one of the n completions."""
@@ -287,7 +337,7 @@ def start(
     arrival = time.monotonic()
     ids = [f"{request_id}-{i}" for i in range(len(jobs))]
     runs = [
-        served.engine.generate(run_id, job.prompt_ids, job.params, arrival)
+        served.engine.generate(run_id, job.prompt_ids, job.params, arrival, job.lora)
         for run_id, job in zip(ids, jobs, strict=True)
     ]
     return runs, lambda paused: served.engine.hold(ids, paused)

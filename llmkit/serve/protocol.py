@@ -392,6 +392,29 @@ class DetokenizeRequest(BaseModel):
         pass
 
 
+class LoadLoraRequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter."""
+
+    model_config = STRICT
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+    def refuse_unsupported(self) -> None:
+        pass
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's /v1/unload_lora_adapter."""
+
+    model_config = STRICT
+
+    lora_name: str = Field(min_length=1, max_length=128)
+
+    def refuse_unsupported(self) -> None:
+        pass
+
+
 MAX_JSON_DEPTH = 32  # a request body's nesting; OpenAI's deepest (tool schemas) is far less
 
 

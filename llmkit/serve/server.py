@@ -21,7 +21,7 @@ def serve(config: ServeConfig, log_level: str = "info") -> None:
     # Before any thread and before the web stack is imported: the engine process loads the
     # model while this one gets the server ready.
     process = engine_process()
-    process.load(config.model, config.engine, log_level)
+    process.load(config.model, config.engine, log_level, config.loras)
     try:
         _run(config, process, log_level)
     finally:

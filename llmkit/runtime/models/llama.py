@@ -92,16 +92,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm):
+    def __init__(
+        self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm, loras=None
+    ):
         super().__init__()
         self.attn, self.mlp = attn, mlp
         self.input_norm, self.post_norm = input_norm, post_norm
         self.fused = DecodeLayer.build(attn, mlp, input_norm, post_norm)  # None: not on CPU
+        self.loras = loras  # runtime/lora.py LoraContext when adapters are served
 
     def forward(self, x, residual, rotary, kv_cache, meta):
         """x: the previous layer's output, not yet added to `residual` (the sum of all
         before it; None at the first layer) -> (this layer's output, the new residual)."""
-        if self.fused is not None and self.fused.takes(x, meta):
+        adapted = self.loras is not None and self.loras.segments  # the fused layer has no LoRA
+        if self.fused is not None and not adapted and self.fused.takes(x, meta):
             return self.fused(x, residual, rotary, kv_cache, meta)
         if residual is None:
             residual, h = x, self.input_norm(x)

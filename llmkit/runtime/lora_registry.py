@@ -1,0 +1,48 @@
+"""Which LoRA adapters an engine has loaded, by name (pure Python: the engine imports no
+torch). Ids are never reused, so K/V an unloaded adapter left in the prefix cache can never
+be taken for another's; an adapter unloaded while requests use it stays until they end."""
+
+from __future__ import annotations
+
+import itertools
+
+from llmkit.errors import LlmkitError
+
+
+class LoraRegistry:
+    def __init__(self, max_loras: int):
+        self.max_loras = max_loras
+        self.ids: dict[str, int] = {}  # name -> id, of the adapters requests may name
+        self.paths: dict[str, str] = {}
+        self.retiring: set[int] = set()  # unloaded, still used by requests in flight
+        self._next = itertools.count(1)
+
+    def new_id(self, name: str) -> int:
+        """The id adapter `name` will have, once it has loaded."""
+        if not self.max_loras:
+            raise LlmkitError("this engine takes no LoRA adapters (start it with --max-loras)")
+        if name in self.ids:
+            raise LlmkitError(f"a LoRA adapter named {name!r} is loaded already")
+        if len(self.ids) + len(self.retiring) >= self.max_loras:
+            raise LlmkitError(f"{self.max_loras} LoRA adapters are loaded (--max-loras); "
+                              "unload one first")  # fmt: skip
+        return next(self._next)
+
+    def add(self, name: str, lora_id: int, path: str) -> None:
+        self.ids[name], self.paths[name] = lora_id, path
+
+    def id_of(self, name: str) -> int:
+        if name not in self.ids:
+            raise LlmkitError(f"no LoRA adapter named {name!r} is loaded")
+        return self.ids[name]
+
+    def retire(self, name: str) -> None:
+        """Requests can no longer name `name`; its weights go once no request uses them."""
+        self.retiring.add(self.id_of(name))
+        del self.ids[name], self.paths[name]
+
+    def done(self, in_use: set[int]) -> list[int]:
+        """The retiring ids no request uses any more (forgotten here: remove their weights)."""
+        gone = sorted(self.retiring - in_use)
+        self.retiring -= set(gone)
+        return gone

@@ -1,0 +1,220 @@
+"""LoRA adapters made with peft in the test: a request with an adapter scores its prompt as
+transformers + peft with that adapter merged does (float32), a batch mixing the base and two
+adapters gives each request what it gets alone, and adapters load and unload at run time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.runtime.engine import LLM, EngineConfig
+from llmkit.runtime.model_runner import _lora_segments
+from llmkit.runtime.sequence import SamplingParams, Sequence
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = [1, 40, 41, 300, 17, 99, 250, 7, 61, 3, 140, 200, 31, 77, 5, 88, 19, 400]
+
+
+def _make_adapter(base_dir, out_dir, seed: int, **config) -> torch.nn.Module:
+    """A random (non-zero) PEFT LoRA on the base, saved; returns the base with it merged."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    lora = peft.LoraConfig(init_lora_weights=False, **config)
+    wrapped = peft.get_peft_model(model, lora)
+    for name, p in wrapped.named_parameters():
+        if "lora_" in name:  # larger than peft's init, so the adapter moves the logits
+            p.data.normal_(0, 0.2)
+    wrapped.save_pretrained(out_dir)
+    return wrapped.merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir, tmp_path_factory):
+    base = tiny_dir()
+    tmp = tmp_path_factory.mktemp("loras")
+    a = _make_adapter(base, tmp / "a", 1, r=4, lora_alpha=8, target_modules=ALL)
+    b = _make_adapter(base, tmp / "b", 2, r=8, lora_alpha=4, use_rslora=True,
+                      target_modules=["q_proj", "v_proj", "down_proj"])  # fmt: skip
+    return {"a": (tmp / "a", a), "b": (tmp / "b", b)}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir, adapters):
+    engine = LLM(tiny_dir(), EngineConfig(max_loras=3, dtype="float32"))
+    for name, (path, _) in adapters.items():
+        engine.engine.add_lora(name, str(path))
+    yield engine
+    engine.close()
+
+
+def _reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1)  # [positions, vocab]
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_an_adapter_scores_as_peft_merged(llm, adapters, name):
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=5), loras=name)[0]
+    ref = _reference_logprobs(adapters[name][1], PROMPT)
+    base = _reference_logprobs(
+        transformers.AutoModelForCausalLM.from_pretrained(llm.engine.model_path), PROMPT
+    )
+    moved = 0.0
+    for pos, entry in enumerate(out.prompt_logprobs[1:], start=0):
+        expected = ref[pos, PROMPT[pos + 1]].item()
+        assert entry["logprob"] == pytest.approx(expected, abs=2e-4)
+        for token, lp in entry["top"]:
+            assert lp == pytest.approx(ref[pos, token].item(), abs=2e-4)
+        moved = max(moved, abs(expected - base[pos, PROMPT[pos + 1]].item()))
+    assert moved > 0.05  # the adapter changes the scores: the test can tell
+
+
+def test_a_mixed_batch_gives_each_request_what_it_gets_alone(llm):
+    prompts = [PROMPT[:9], PROMPT[3:], PROMPT[:12], PROMPT[5:14], PROMPT[2:16]]
+    loras = [None, "a", "b", "a", None]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    pairs = zip(prompts, loras, strict=True)
+    alone = [llm.generate([p], params, loras=lo)[0].outputs[0] for p, lo in pairs]
+    mixed = [o.outputs[0] for o in llm.generate(prompts, params, loras=loras)]
+    for one, both in zip(alone, mixed, strict=True):
+        assert both.token_ids == one.token_ids
+        for x, y in zip(both.logprobs, one.logprobs, strict=True):
+            assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-5)
+    assert len({tuple(o.token_ids) for o in mixed[:3]}) == 3  # adapters change the answer
+
+
+def test_the_prefix_cache_is_keyed_by_adapter(llm):
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=0)
+    long = [t + 1 for t in PROMPT] * 3  # no request before had it
+    base_first = llm.generate([long], params)[0].outputs[0]
+    with_a = llm.generate([long], params, loras="a")[0]
+    assert with_a.num_cached_tokens == 0  # the base's blocks are not the adapter's
+    again = llm.generate([long], params, loras="a")[0]
+    assert again.num_cached_tokens > 0
+    assert again.outputs[0].token_ids == with_a.outputs[0].token_ids != base_first.token_ids
+
+
+def test_load_unload_while_requests_run(llm, adapters):
+    engine = llm.engine
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    alone = llm.generate([PROMPT], params, loras="b")[0].outputs[0].token_ids
+    engine.add_request("busy", None, PROMPT, params, lora="b")
+    engine.step()
+    engine.remove_lora("b")  # in use: it stays until the request ends
+    with pytest.raises(LlmkitError, match="no LoRA adapter named 'b'"):
+        engine.add_request("late", None, PROMPT, params, lora="b")
+    engine.add_lora("c", str(adapters["a"][0]))  # a third slot is free
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done[out.request_id] = out
+    assert done["busy"].outputs[0].token_ids == alone
+    assert not engine.loras.retiring  # gone once unused
+    engine.add_lora("b", str(adapters["b"][0]))  # loads again, under a new id
+    assert llm.generate([PROMPT], params, loras="b")[0].outputs[0].token_ids == alone
+    engine.remove_lora("c")
+
+
+def test_adapters_that_do_not_fit_are_refused_with_one_line(llm, adapters, tmp_path):
+    engine = llm.engine
+    with pytest.raises(LlmkitError, match=r"no adapter_config\.json"):
+        engine.add_lora("x", str(tmp_path))
+    with pytest.raises(LlmkitError, match="loaded already"):
+        engine.add_lora("a", str(adapters["a"][0]))
+    bad = tmp_path / "wide"
+    bad.mkdir()
+    config = json.loads((adapters["a"][0] / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(LlmkitError, match="use_dora"):
+        engine.add_lora("x", str(bad))
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(adapters["a"][0] / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("q_proj.lora_B.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, bad / "adapter_model.safetensors")
+    with pytest.raises(LlmkitError, match=r"q_proj is \[65, 64\], the base model's is \[64, 64\]"):
+        engine.add_lora("x", str(bad))
+    assert "x" not in engine.loras.ids
+    with pytest.raises(LlmkitError, match="--max-lora-rank"):
+        engine.executor.add_lora(99, str(adapters["b"][0]), 4)
+
+
+def test_segments_cover_each_adapters_runs():
+    seqs = [Sequence([1], lora_id=i) for i in (0, 2, 2, 0, 1)]
+    assert _lora_segments(seqs, [1, 1, 3, 2, 4]) == [(2, 1, 5), (1, 7, 11)]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, adapters, tmp_path_factory):
+    from tests.serve_helpers import start_server
+
+    lora_dir = adapters["a"][0].parent
+    srv = start_server(tiny_dir(), tmp_path_factory.mktemp("lora-serve"),
+                       "--lora", f"a={adapters['a'][0]}", "--lora-dir", str(lora_dir))  # fmt: skip
+    yield srv
+    assert srv.stop() == 0
+
+
+def _complete(server, model: str, max_tokens: int = 8):
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    return server.request("POST", "/v1/completions", body)
+
+
+def test_the_server_serves_adapters_by_model_name(server, llm):
+    status, _, models = server.request("GET", "/v1/models")
+    assert [(m["id"], m.get("parent")) for m in models["data"]] == [("ckpt", None), ("a", "ckpt")]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for model, lora in [("ckpt", None), ("a", "a")]:
+        status, _, answer = _complete(server, model)
+        assert status == 200, answer
+        expected = llm.generate([PROMPT], params, loras=lora)[0].outputs[0].text
+        assert answer["choices"][0]["text"] == expected
+    status, _, answer = _complete(server, "nope")
+    assert status == 404 and answer["error"]["code"] == "model_not_found"
+
+
+def test_adapters_load_and_unload_under_load(server, adapters, tmp_path):
+    import threading
+
+    results = {}
+
+    def long_request():
+        results["a"] = _complete(server, "a", max_tokens=200)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    body = {"lora_name": "b", "lora_path": str(adapters["b"][0])}
+    status, _, answer = server.request("POST", "/v1/load_lora_adapter", body)
+    assert status == 200, answer
+    assert _complete(server, "b")[0] == 200
+    status, _, _ = server.request("POST", "/v1/unload_lora_adapter", {"lora_name": "a"})
+    assert status == 200
+    assert _complete(server, "a")[0] == 404  # at once, while its last request still runs
+    worker.join(120)
+    status, _, answer = results["a"]
+    assert status == 200 and answer["usage"]["completion_tokens"] == 200
+    outside = {"lora_name": "c", "lora_path": str(tmp_path)}
+    status, _, answer = server.request("POST", "/v1/load_lora_adapter", outside)
+    assert status == 403 and answer["error"]["param"] == "lora_path"
+    for body, code in [({"lora_name": "b", "lora_path": str(adapters["b"][0])}, 400),
+                       ({"lora_name": "ckpt", "lora_path": str(adapters["b"][0])}, 400),
+                       ({"lora_name": "x y", "lora_path": str(adapters["b"][0])}, 400),
+                       ({"lora_name": "c", "lora_path": str(adapters["b"][0].parent)}, 400),
+                       ({"lora_name": 5, "lora_path": "x"}, 400)]:  # fmt: skip
+        status, _, answer = server.request("POST", "/v1/load_lora_adapter", body)
+        assert status == code, (body, answer)
+    status, _, _ = server.request("POST", "/v1/unload_lora_adapter", {"lora_name": "a"})
+    assert status == 404
+    status, _, _ = server.request("POST", "/v1/load_lora_adapter", {"lora_name": "a",
+                                  "lora_path": str(adapters["a"][0])})  # fmt: skip
+    assert status == 200 and _complete(server, "a")[0] == 200
