@@ -145,7 +145,7 @@ class Engine:
         the model, or --max-loras are loaded)."""
         lora_id = self.loras.new_id(name)
         self.executor.add_lora(lora_id, path, self.config.max_lora_rank)
-        self.loras.add(name, lora_id, path)
+        self.loras.add(name, lora_id)
 
     def remove_lora(self, name: str) -> None:
         """Unload adapter `name`: new requests cannot name it; running ones finish with it."""
@@ -325,11 +325,9 @@ class Engine:
         return list(ids)
 
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> Detokenizer | None:
-        return (
-            None
-            if self.tokenizer is None
-            else Detokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
-        )
+        if self.tokenizer is None:
+            return None
+        return Detokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
 
     def _num_blocks(self, device, src: RankTensors) -> int:
         c, per_block = self.config, self.kv_block_bytes

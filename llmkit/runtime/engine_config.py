@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmkit.errors import LlmkitError
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -26,8 +28,6 @@ class EngineConfig:
     max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
-        from llmkit.errors import LlmkitError
-
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise LlmkitError("--max-loras must be >= 0 and --max-lora-rank >= 1")
         if self.max_loras and self.tp > 1:

@@ -75,9 +75,9 @@ class Executor:
         logits = self.runner.execute(inputs)
         return self.runner.finish(logits, seqs, spans, masks() if masks else None)
 
-    def add_lora(self, lora_id: int, path: str, max_rank: int) -> int:
+    def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
         """Load a LoRA adapter (tp 1: EngineConfig refuses adapters with more ranks)."""
-        return self.runner.add_lora(lora_id, path, max_rank)
+        self.runner.add_lora(lora_id, path, max_rank)
 
     def remove_lora(self, lora_id: int) -> None:
         self.runner.remove_lora(lora_id)

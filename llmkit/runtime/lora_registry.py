@@ -13,7 +13,6 @@ class LoraRegistry:
     def __init__(self, max_loras: int):
         self.max_loras = max_loras
         self.ids: dict[str, int] = {}  # name -> id, of the adapters requests may name
-        self.paths: dict[str, str] = {}
         self.retiring: set[int] = set()  # unloaded, still used by requests in flight
         self._next = itertools.count(1)
 
@@ -28,8 +27,8 @@ class LoraRegistry:
                               "unload one first")  # fmt: skip
         return next(self._next)
 
-    def add(self, name: str, lora_id: int, path: str) -> None:
-        self.ids[name], self.paths[name] = lora_id, path
+    def add(self, name: str, lora_id: int) -> None:
+        self.ids[name] = lora_id
 
     def id_of(self, name: str) -> int:
         if name not in self.ids:
@@ -39,7 +38,7 @@ class LoraRegistry:
     def retire(self, name: str) -> None:
         """Requests can no longer name `name`; its weights go once no request uses them."""
         self.retiring.add(self.id_of(name))
-        del self.ids[name], self.paths[name]
+        del self.ids[name]
 
     def done(self, in_use: set[int]) -> list[int]:
         """The retiring ids no request uses any more (forgotten here: remove their weights)."""

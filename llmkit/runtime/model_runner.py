@@ -91,12 +91,10 @@ class ModelRunner:
             inputs.logits_indices.to(self.device),
         )
 
-    def add_lora(self, lora_id: int, path: str, max_rank: int) -> int:
-        """Load the PEFT adapter in `path` as `lora_id`; its rank (LlmkitError if it does not
-        fit the model)."""
+    def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
+        """Load the PEFT adapter in `path` as `lora_id` (LlmkitError if it does not fit)."""
         adapter = read_adapter(path, max_rank)
         install(self.model.lora_modules, lora_id, adapter, self.dtype, self.device)
-        return adapter.rank
 
     def remove_lora(self, lora_id: int) -> None:
         for wrapper in self.model.lora_modules.values():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
+from llmkit.serve.tool_calls import PARSERS
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # serve/tool_calls.py PARSERS
 DEFAULT_MAX_LORAS = 4  # --max-loras when adapters are served and it is not given
 LORA_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
@@ -26,7 +26,7 @@ class ServeConfig:
     model_aliases: tuple[str, ...] = ()  # other names requests may give it (MODEL as typed)
     api_key: str | None = None  # required as "Authorization: Bearer KEY" on /v1 when set
     chat_template: str | None = None  # Jinja text used instead of the checkpoint's template
-    tool_call_parser: str | None = None  # serve/tool_calls.py PARSERS; None: from the template
+    tool_call_parser: str | None = None  # a key of tool_calls.PARSERS; None: from the template
     loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters loaded at start: (name, path)
     lora_dir: str | None = None  # adapters loaded at run time must lie under it (when set)
     # Sequences (n counts) waiting before 429; None: as many as the KV cache has blocks.
@@ -56,9 +56,9 @@ class ServeConfig:
             (self.stream_stall_timeout_s > 0, "--stream-stall-timeout must be positive"),
             (self.max_connections > 0, "--max-connections must be positive"),
             (self.shutdown_timeout_s >= 0, "--shutdown-timeout must not be negative"),
-            (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
+            (self.tool_call_parser in (None, *PARSERS),
              f"--tool-call-parser {self.tool_call_parser!r}: choose one of "
-             f"{', '.join(TOOL_CALL_PARSERS)}"),
+             f"{', '.join(PARSERS)}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

@@ -104,7 +104,7 @@ class Served:
     def chat_ids(self, body: ChatCompletionRequest | TokenizeRequest, check: bool = True):
         """The token ids of `body.messages` rendered by the chat template."""
         messages = [m.for_template() for m in body.messages]
-        tools = [t.model_dump(exclude_none=True) for t in getattr(body, "tools", None) or ()]
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
         self._check_bytes(len(json.dumps([messages, tools]).encode()), "messages")
         extra = {"chat_template": self.chat_template} if self.chat_template else {}
         try:
@@ -476,12 +476,12 @@ def chat_events(served, body: ChatCompletionRequest, job, runs, env) -> AsyncIte
 
     def choice(i: int, out: RequestOutput, c, cursor: r.ChoiceCursor, step) -> dict | None:
         text, a, b = step
-        delta: dict = {"content": text} if text or not cursor.started else {}
-        reason = c.finish_reason
-        if job.calls is not None:
+        reason, calls = c.finish_reason, None
+        if job.calls is not None:  # the text is read for calls: content is what precedes them
             stream = streams.setdefault(c.index, tc.CallStream(job.calls))
-            content, calls = stream.advance(c.text[: cursor.sent_chars], reason is not None)
-            delta = {"content": content} if content or not cursor.started else {}
+            text, calls = stream.advance(c.text[: cursor.sent_chars], reason is not None)
+        delta: dict = {"content": text} if text or not cursor.started else {}
+        if job.calls is not None:
             if calls:
                 delta["tool_calls"] = calls
             reason = tc.finish_reason(job.calls, reason, bool(stream.calls_sent))
