@@ -218,3 +218,77 @@ def test_adapters_load_and_unload_under_load(server, adapters, tmp_path):
     status, _, _ = server.request("POST", "/v1/load_lora_adapter", {"lora_name": "a",
                                   "lora_path": str(adapters["a"][0])})  # fmt: skip
     assert status == 200 and _complete(server, "a")[0] == 200
+
+
+@pytest.mark.parametrize("method", [["int8"], ["rtn", "--group-size", "32"]])
+def test_an_adapter_on_a_quantized_base_scores_as_peft_on_its_dequantized_weights(
+    cli, tiny_dir, adapters, tmp_path, method
+):
+    """A prompt longer than KERNEL_MAX_ROWS runs the quantized Linears as exact float32
+    products of their dequantized weights, so the adapter's part can be checked tightly."""
+    from llmkit.checkpoint.reader import open_checkpoint
+    from llmkit.quant.formats.loader import dequantized_state
+    from llmkit.runtime.layers.linear import KERNEL_MAX_ROWS
+
+    quantized = tmp_path / "q"
+    assert cli("quantize", tiny_dir(), quantized, "--method", *method).code == 0
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir(), dtype=torch.float32)
+    with open_checkpoint(quantized) as ck:
+        state, _ = dequantized_state(ck)
+    reference.load_state_dict({k: v.float() for k, v in state.items()})
+    prompt = (PROMPT * 5)[: KERNEL_MAX_ROWS + 16]
+    base = _reference_logprobs(reference, prompt)
+    merged = peft.PeftModel.from_pretrained(reference, adapters["a"][0]).merge_and_unload()
+    ref = _reference_logprobs(merged.eval(), prompt)
+    llm = LLM(quantized, EngineConfig(max_loras=1, dtype="float32"))
+    try:
+        llm.engine.add_lora("a", str(adapters["a"][0]))
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        out = llm.generate([prompt], params, loras="a")[0].prompt_logprobs[1:]
+    finally:
+        llm.close()
+    for pos, (entry, token) in enumerate(zip(out, prompt[1:], strict=True)):
+        assert entry["logprob"] == pytest.approx(ref[pos, token].item(), abs=2e-4)
+    assert max(abs(ref[i, t] - base[i, t]).item() for i, t in enumerate(prompt[1:])) > 0.05
+
+
+def test_bench_offline_runs_every_request_with_the_adapter(cli, tiny_dir, tmp_path, monkeypatch):
+    from llmkit.runtime.engine import Engine
+
+    asked = []
+    add_request = Engine.add_request
+
+    def recording(self, *args, lora=None, **kwargs):
+        asked.append(lora)
+        return add_request(self, *args, lora=lora, **kwargs)
+
+    monkeypatch.setattr(Engine, "add_request", recording)
+    out = tmp_path / "offline.json"
+    args = ["bench", "offline", tiny_dir(), "--batch-sizes", "2", "--input-len", "8",
+            "--output-len", "4", "-o", out]  # fmt: skip
+    wide = tmp_path / "rank32"  # over the default --max-lora-rank: the bench makes room
+    _make_adapter(tiny_dir(), wide, 3, r=32, lora_alpha=16, target_modules=["o_proj"])
+    assert cli(*args, "--lora", wide).code == 0
+    assert json.loads(out.read_text())["lora"] == str(wide)
+    assert asked and set(asked) == {"adapter"}
+    refused = cli(*args, "--lora", tiny_dir())
+    assert refused.code == 1 and "no adapter_config.json" in refused.err
+    assert len(refused.err.strip().splitlines()) == 1
+
+
+def test_a_recipe_benchmarks_an_adapter_offline_and_served(cli, tmp_path, adapters):
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: lora\nsource:\n  init: tiny-llama\noutputs: {out}\nsteps:\n"
+        f"  - id: offline\n    bench:\n      offline:\n        batch_sizes: [2]\n"
+        f"        input_len: [8]\n        output_len: [4]\n        lora: {adapters['a'][0]}\n"
+        f"  - id: served\n    bench:\n      serve:\n        model: source\n"
+        f"        num_prompts: 4\n        input_len: 8\n        output_len: 4\n"
+        f"        lora: {adapters['a'][0]}\n      assert: ['failed<=0']\n"
+    )
+    done = cli("run", recipe, "--json")
+    assert done.code == 0, done.err
+    assert json.loads((out / "offline.json").read_text())["lora"] == str(adapters["a"][0])
+    served = json.loads((out / "served.json").read_text())
+    assert served["model_id"] == "adapter" and served["completed"] == 4  # the adapter answered

@@ -119,6 +119,10 @@ BAD = {
                     "      options: {bits: four}\n", 5, "steps.0.quantize.options.bits"),
     "option range": ("steps:\n  - id: a\n    quantize:\n      method: w8a8\n"
                      "      options: {smooth_alpha: 2}\n", 5, "steps.0.quantize.options"),
+    "no adapter": ("steps:\n  - id: a\n    bench:\n      offline: {lora: /no/such/dir}\n",
+                   4, "steps.0.bench.offline.lora"),
+    "adapter with url": ("steps:\n  - id: a\n    bench:\n      serve:\n"
+                         "        url: http://x\n        lora: /tmp\n", 4, "steps.0.bench.serve"),
 }  # fmt: skip
 
 

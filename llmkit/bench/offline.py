@@ -9,13 +9,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from llmkit.bench.stats import summary
 from llmkit.errors import LlmkitError
 from llmkit.memory import peak_device_memory, peak_rss
 from llmkit.runtime.engine_config import EngineConfig
+
+ADAPTER = "adapter"  # the name a benchmarked adapter is loaded under
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,7 @@ class OfflineSpec:
     input_lens: tuple[int, ...] = (128,)
     output_lens: tuple[int, ...] = (128,)
     seed: int = 0  # random prompt token ids
+    lora: str | None = None  # a PEFT adapter directory every request runs with
 
     def cases(self) -> list[Case]:
         sizes = [*self.batch_sizes, *self.input_lens, *self.output_lens]
@@ -55,20 +58,23 @@ def run_offline(
     from llmkit.runtime.engine import LLM
 
     todo = spec.cases()
-
+    config = _with_adapter(config, spec.lora)
     start = time.perf_counter()
     llm = LLM(model, config)
-    load_s = time.perf_counter() - start
     rows = []
     try:
+        if spec.lora is not None:
+            llm.engine.add_lora(ADAPTER, spec.lora)
+        load_s = time.perf_counter() - start
         for case in todo:
-            rows.append(_measure(llm, case, spec.seed))
+            rows.append(_measure(llm, case, spec.seed, None if spec.lora is None else ADAPTER))
             if on_case is not None:
                 on_case(rows[-1])
     finally:
         llm.close()
     return {
         "model": model,
+        **({} if spec.lora is None else {"lora": spec.lora}),
         "load_s": load_s,
         "kv_cache_tokens": llm.engine.num_kv_tokens,
         **_peak_memory(),
@@ -76,7 +82,17 @@ def run_offline(
     }
 
 
-def _measure(llm, case: Case, seed: int) -> dict:
+def _with_adapter(config: EngineConfig, lora: str | None) -> EngineConfig:
+    """`config` with room for the adapter `lora` (its own rank), if one is given."""
+    from llmkit.runtime.lora import adapter_rank
+
+    if lora is None:
+        return config
+    rank = max(config.max_lora_rank, adapter_rank(lora))
+    return replace(config, max_loras=max(config.max_loras, 1), max_lora_rank=rank)
+
+
+def _measure(llm, case: Case, seed: int, lora: str | None) -> dict:
     import torch
 
     from llmkit.runtime.sequence import SamplingParams
@@ -90,10 +106,10 @@ def _measure(llm, case: Case, seed: int) -> dict:
             f"({llm.engine.max_model_len})"
         )
     params = SamplingParams(max_tokens=case.output_len, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0), loras=lora)  # warm-up
     phase = DecodePhase(case.batch_size)
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, on_step=phase.step)
+    outs = llm.generate(prompts, params, on_step=phase.step, loras=lora)
     seconds = time.perf_counter() - start
     output = sum(len(o.outputs[0].token_ids) for o in outs)
     ttfts = [o.times.first_token - o.times.arrival for o in outs]

@@ -66,6 +66,10 @@ def offline(
         str, typer.Option("--output-len", help="Output tokens, e.g. 128.")
     ] = _joined(OFFLINE.output_lens),
     seed: Annotated[int, typer.Option("--seed", help="Random prompt token ids.")] = OFFLINE.seed,
+    lora: Annotated[
+        Path | None,
+        typer.Option("--lora", help="A PEFT LoRA adapter directory every request runs with."),
+    ] = None,
     assert_: AssertOpt = None,
     output: OutputOpt = None,
     json_out: JsonOpt = False,
@@ -82,6 +86,7 @@ def offline(
         _ints(input_len, "--input-len"),
         _ints(output_len, "--output-len"),
         seed,
+        None if lora is None else _adapter_dir(lora),
     )
     todo = spec.cases()
     with progress_bars(quiet=json_out) as task:
@@ -97,6 +102,17 @@ def offline(
     finish(report, labelled, thresholds, output, json_out)
 
 
+def _adapter_dir(path: Path) -> str:
+    if not path.expanduser().is_dir():
+        raise LlmkitError(f"--lora {path}: not a directory")
+    return str(path.expanduser().resolve())
+
+
+def _name(report: dict) -> str:
+    lora = report.get("lora")
+    return report["model"] if lora is None else f"{report['model']} with adapter {lora}"
+
+
 def _case_label(c: dict) -> str:
     return f"batch {c['batch_size']}, in {c['input_len']}, out {c['output_len']}"
 
@@ -104,7 +120,7 @@ def _case_label(c: dict) -> str:
 def _print_offline(report: dict) -> None:
     table = Table(
         "batch", "in", "out", "output tok/s", "total tok/s", "decode tok/s", "TTFT mean",
-        "TTFT p99", "TPOT mean", "TPOT p99", title=f"{report['model']} (latencies in ms)",
+        "TTFT p99", "TPOT mean", "TPOT p99", title=f"{_name(report)} (latencies in ms)",
     )  # fmt: skip
     for c in report["cases"]:
         table.add_row(

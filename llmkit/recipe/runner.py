@@ -142,6 +142,8 @@ class Runner:
             parts = [source.model_dump(), content]
         else:
             parts = [step.definition(), [self.keys[ref] for _, ref in references(step)]]
+            if step.bench is not None and step.bench.lora is not None:
+                parts.append(_directory_hash(Path(step.bench.lora).expanduser()))
         blob = json.dumps([__version__, *parts], sort_keys=True, default=str)
         return xxhash.xxh3_128_hexdigest(blob.encode())
 

@@ -104,6 +104,7 @@ class Offline(BaseModel):
     batch_sizes: list[int] = Field(default_factory=lambda: [*OFFLINE.batch_sizes], min_length=1)
     input_len: list[int] = Field(default_factory=lambda: [*OFFLINE.input_lens], min_length=1)
     output_len: list[int] = Field(default_factory=lambda: [*OFFLINE.output_lens], min_length=1)
+    lora: str | None = None  # a PEFT adapter directory every request runs with
 
 
 class Compare(BaseModel):
@@ -131,11 +132,17 @@ class Serve(BaseModel):
     ignore_eos: bool = True
     seed: int = 0
     endpoint: Literal["completions", "chat"] = "completions"
+    lora: str | None = None  # with model: a PEFT adapter directory served with it and asked for
+    served_model: str | None = None  # with url: the model (or adapter) name to ask for
 
     @model_validator(mode="after")
     def _one(self) -> Serve:
         if (self.model is None) == (self.url is None):
             raise ValueError("give exactly one of model (served for the step) and url")
+        if self.lora is not None and self.model is None:
+            raise ValueError("lora goes with model; with url, name the adapter in served_model")
+        if self.served_model is not None and self.url is None:
+            raise ValueError("served_model goes with url")
         return self
 
 
@@ -156,6 +163,11 @@ class Bench(BaseModel):
     @property
     def kind(self) -> str:
         return next(k for k in ("quality", "offline", "compare", "serve") if getattr(self, k))
+
+    @property
+    def lora(self) -> str | None:
+        """The adapter directory the bench runs with, if any."""
+        return getattr(getattr(self, self.kind), "lora", None)
 
 
 class Step(BaseModel):
@@ -272,6 +284,9 @@ def _problems(recipe: Recipe):
             yield from _shard_problems(recipe, step, at)
         if step.bench:
             yield from _assert_problems(step, at)
+            if step.bench.lora is not None and not Path(step.bench.lora).expanduser().is_dir():
+                where = (*at, "bench", step.bench.kind, "lora")
+                yield where, f"{step.bench.lora} is not a directory"
         made[step.id] = _made_by(step)
 
 

@@ -65,7 +65,9 @@ def _offline(o, paths) -> tuple[dict, list]:
     from llmkit.bench.offline import OfflineSpec, offline_in_child
     from llmkit.runtime.engine_config import EngineConfig
 
-    spec = OfflineSpec(tuple(o.batch_sizes), tuple(o.input_len), tuple(o.output_len))
+    spec = OfflineSpec(
+        tuple(o.batch_sizes), tuple(o.input_len), tuple(o.output_len), lora=_resolved(o.lora)
+    )
     result = offline_in_child(str(paths[o.model]), spec, EngineConfig())
     top = {k: v for k, v in result.items() if k != "cases"}
     labelled = [(f"batch {c['batch_size']}", {**top, **c}) for c in result["cases"]]
@@ -91,11 +93,16 @@ def _serve(s, paths) -> tuple[dict, list]:
     import math
 
     from llmkit.bench.load import LoadSpec, run_load
+    from llmkit.bench.offline import ADAPTER
     from llmkit.bench.prompts import load_requests, parse_range
 
-    with _served(paths[s.model]) if s.model else contextlib.nullcontext(s.url) as url:
+    served = (
+        _served(paths[s.model], _resolved(s.lora)) if s.model else contextlib.nullcontext(s.url)
+    )
+    with served as url:
         rate = math.inf if s.request_rate == "inf" else float(s.request_rate)
-        spec = LoadSpec(url, None, s.endpoint, rate, s.burstiness, s.max_concurrency,
+        name = ADAPTER if s.lora else s.served_model
+        spec = LoadSpec(url, name, s.endpoint, rate, s.burstiness, s.max_concurrency,
                         s.ignore_eos, s.seed)  # fmt: skip
         vocab = _vocab_size(paths[s.model]) if s.model else 256
         requests = load_requests(
@@ -107,14 +114,26 @@ def _serve(s, paths) -> tuple[dict, list]:
 
 
 @contextlib.contextmanager
-def _served(model: Path):
-    """`llmkit serve MODEL` on a free loopback port for the duration; yields its URL."""
+def _served(model: Path, lora: str | None):
+    """`llmkit serve MODEL` (with `lora` as the adapter ADAPTER) on a free loopback port for
+    the duration; yields its URL."""
+    from llmkit.bench.offline import ADAPTER
     from llmkit.net import free_port
+    from llmkit.runtime.engine_config import EngineConfig
+    from llmkit.runtime.lora import adapter_rank
     from llmkit.serve.launch import launched, llmkit_serve_command
 
     port = free_port()
-    with launched(llmkit_serve_command(model, port), port) as server:
+    command = llmkit_serve_command(model, port)
+    if lora is not None:
+        rank = max(EngineConfig().max_lora_rank, adapter_rank(lora))
+        command += ["--lora", f"{ADAPTER}={lora}", "--max-lora-rank", str(rank)]
+    with launched(command, port) as server:
         yield server.url
+
+
+def _resolved(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def _vocab_size(path: Path) -> int:

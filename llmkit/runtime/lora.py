@@ -12,7 +12,8 @@ step's sequences are ordered so that each adapter's tokens are contiguous runs; 
 sets those runs (`LoraContext.segments`) before the forward, and each wrapper adds, per run,
 one low-rank product on that run's rows: as many small products per Linear as the step has
 runs of adapters, however many requests they hold (the segmented product of vLLM's Punica
-kernels, here as a few torch matmuls).
+kernels, here as a few torch matmuls; on the CPU the factors are kept in float32, whose
+small products are far faster there than 16-bit ones).
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ class LoraLinear(nn.Module):
         self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (A, B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y, wide = self.base(x), None
         for lora_id, start, stop in self.context.segments:
             factors = self.adapters.get(lora_id)
             if factors is not None:
                 a, b = factors  # a: [r, in], b: [out, r] (the scale folded in)
-                y[start:stop] += (x[start:stop] @ a.t()) @ b.t()
+                wide = x.to(a.dtype) if wide is None else wide  # the factors' dtype, once
+                y[start:stop] += ((wide[start:stop] @ a.t()) @ b.t()).to(y.dtype)
         return y
 
     def kernel_call(self):
@@ -122,6 +124,20 @@ def read_adapter(path: str | Path, max_rank: int) -> AdapterFiles:
     if rank > max_rank:
         raise LlmkitError(f"{directory}: rank {rank} is over --max-lora-rank {max_rank}")
     return AdapterFiles(str(directory), rank, factors)
+
+
+def adapter_rank(path: str | Path) -> int:
+    """The largest rank in the PEFT adapter in `path`, read from its file's header alone (0
+    when there is none to read: loading it then says what is wrong)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(Path(path).expanduser() / "adapter_model.safetensors", "pt") as f:
+            names = [k for k in f.keys() if k.endswith(".lora_A.weight")]  # noqa: SIM118
+            shapes = [f.get_slice(k).get_shape() for k in names]
+    except (SafetensorError, OSError):
+        return 0
+    return max((min(s) for s in shapes if len(s) == 2), default=0)  # A: [r, in] or [in, r]
 
 
 def _read_config(directory: Path) -> dict:

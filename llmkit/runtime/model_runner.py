@@ -94,7 +94,9 @@ class ModelRunner:
     def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
         """Load the PEFT adapter in `path` as `lora_id` (LlmkitError if it does not fit)."""
         adapter = read_adapter(path, max_rank)
-        install(self.model.lora_modules, lora_id, adapter, self.dtype, self.device)
+        # CPUs without native 16-bit matmuls run the small products far faster in float32
+        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        install(self.model.lora_modules, lora_id, adapter, dtype, self.device)
 
     def remove_lora(self, lora_id: int) -> None:
         for wrapper in self.model.lora_modules.values():
