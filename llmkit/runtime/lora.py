@@ -49,16 +49,21 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base, self.context = base, context
         self.parts, self.in_features = parts, in_features
-        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (A, B)
+        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (A^T, B^T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, wide = self.base(x), None
-        for lora_id, start, stop in self.context.segments:
-            factors = self.adapters.get(lora_id)
-            if factors is not None:
-                a, b = factors  # a: [r, in], b: [out, r] (the scale folded in)
-                wide = x.to(a.dtype) if wide is None else wide  # the factors' dtype, once
-                y[start:stop] += ((wide[start:stop] @ a.t()) @ b.t()).to(y.dtype)
+        y = self.base(x)
+        runs = [(self.adapters[i], start, stop) for i, start, stop in self.context.segments
+                if i in self.adapters]  # fmt: skip
+        if not runs:
+            return y
+        first, end = runs[0][1], runs[-1][2]  # the rows from the first run to the last
+        wide = x[first:end].to(runs[0][0][0].dtype)  # the factors' dtype
+        delta = torch.zeros(end - first, y.shape[-1], dtype=wide.dtype, device=y.device)
+        for (a_t, b_t), start, stop in runs:  # a_t: [in, r], b_t: [r, out] (scale folded in)
+            rows = slice(start - first, stop - first)
+            torch.mm(wide[rows] @ a_t, b_t, out=delta[rows])
+        y[first:end] += delta.to(y.dtype)  # a mixed-dtype add is far slower on the CPU
         return y
 
     def kernel_call(self):
@@ -80,7 +85,8 @@ class LoraLinear(nn.Module):
                 a_parts.append(a)
                 b_blocks.append(block)
             offset += size
-        self.adapters[lora_id] = (torch.cat(a_parts), torch.cat(b_blocks, dim=1))
+        a, b = torch.cat(a_parts), torch.cat(b_blocks, dim=1)
+        self.adapters[lora_id] = (a.t().contiguous(), b.t().contiguous())
 
     def remove(self, lora_id: int) -> None:
         self.adapters.pop(lora_id, None)
