@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -224,3 +225,25 @@ def test_a_bad_chat_template_is_one_line_before_anything_starts(tiny_dir, value,
     )
     assert result.returncode == 1 and message in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_a_tokenizer_transformers_builds_serves(sentencepiece, tmp_path):
+    """A tokenizer llmkit does not run through `tokenizers` alone (here: a setting that makes
+    transformers patch it) is loaded through AutoTokenizer, and the server starts with it."""
+    model = tmp_path / "ckpt"
+    shutil.copytree(sentencepiece, model)
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "add_bos_token": True}))
+    assert not isinstance(load_tokenizer(model), FastTokenizer)
+    (tmp_path / "serve").mkdir()
+    srv = start_server(model, tmp_path / "serve")
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 2, "logprobs": 1, "echo": True}
+        status, _, answer = srv.request("POST", "/v1/completions", body)
+        assert status == 200, answer
+        _check_offsets(
+            SimpleNamespace(**answer["choices"][0]["logprobs"]), answer["choices"][0]["text"]
+        )
+    finally:
+        assert srv.stop() == 0

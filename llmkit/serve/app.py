@@ -66,6 +66,9 @@ class ServerState:
         try:
             tokenizer = load_tokenizer(cfg.model)
             info = self.process.wait_ready()
+            token_bytes = h.max_token_bytes(tokenizer)
+            guides = None if tokenizer is None else GuideTokenizer(tokenizer, info.vocab_size)
+            parser = cfg.tool_call_parser or parser_for_template(cfg.chat_template or tokenizer)
         except Exception as e:
             self._fail(f"loading {cfg.model} failed: {e}")
             return
@@ -89,10 +92,10 @@ class ServerState:
             info.vocab_size,
             limits,
             frozenset(cfg.model_aliases),
-            h.max_token_bytes(tokenizer),
+            token_bytes,
             cfg.chat_template,
-            None if tokenizer is None else GuideTokenizer(tokenizer, info.vocab_size),
-            cfg.tool_call_parser or parser_for_template(cfg.chat_template or tokenizer),
+            guides,
+            parser,
             dict(cfg.loras),
         )
         with self._lock:

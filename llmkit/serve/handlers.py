@@ -163,7 +163,7 @@ class Served:
 def max_token_bytes(tokenizer) -> int:
     """The most UTF-8 bytes any token's string takes (byte-level and sentencepiece strings
     take at least as many as the text they stand for): text of B bytes is >= B / this tokens."""
-    vocab = getattr(tokenizer, "backend", tokenizer).get_vocab()
+    vocab = {} if tokenizer is None else tokenizer.get_vocab()
     return max((len(token.encode()) for token in vocab), default=0)
 
 
