@@ -32,6 +32,7 @@ BENCHMARKS = {
     "soak": "Soak: valid and hostile traffic against `llmkit serve`",
     "structured_outputs": "Structured outputs against the same requests unguided",
     "lora": "LoRA adapters: a batch mixing four against the base model",
+    "lm_eval_compat": "lm-evaluation-harness through `llmkit serve` against its hf backend",
     "cuda": "On a CUDA GPU: GPTQ and generation",
 }
 

@@ -247,3 +247,15 @@ def test_a_tokenizer_transformers_builds_serves(sentencepiece, tmp_path):
         )
     finally:
         assert srv.stop() == 0
+
+
+def test_a_prompt_that_starts_with_bos_gets_no_second_one(server, sentencepiece):
+    """As lm-evaluation-harness sends text prompts: BOS written into the text."""
+    tok = load_tokenizer(sentencepiece)
+    _, _, plain = server.request("POST", "/tokenize", {"prompt": "Once upon"})
+    _, _, written = server.request("POST", "/tokenize", {"prompt": tok.bos_token + "Once upon"})
+    assert plain["tokens"][0] == tok.bos_token_id
+    assert written["tokens"][0] == tok.bos_token_id != written["tokens"][1]
+    body = {"prompt": tok.bos_token + "Once upon", "max_tokens": 1, "echo": True, "logprobs": 0}
+    _, _, answer = server.request("POST", "/v1/completions", body)
+    assert answer["usage"]["prompt_tokens"] == len(written["tokens"])
