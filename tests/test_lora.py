@@ -292,3 +292,21 @@ def test_a_recipe_benchmarks_an_adapter_offline_and_served(cli, tmp_path, adapte
     assert json.loads((out / "offline.json").read_text())["lora"] == str(adapters["a"][0])
     served = json.loads((out / "served.json").read_text())
     assert served["model_id"] == "adapter" and served["completed"] == 4  # the adapter answered
+
+
+def test_an_adapter_unloaded_before_its_request_reaches_the_engine_is_a_404(llm):
+    """The front end checked the name, then the adapter went: the engine refuses the add with
+    UnknownAdapter (it crosses the pipe as it is), which the server answers as a 404."""
+    import pickle
+
+    from llmkit.serve.engine_process import EngineStats, Step, _Loop
+    from llmkit.serve.handlers import _server_error
+
+    step = Step([], EngineStats())
+    params = SamplingParams(max_tokens=2)
+    _Loop(llm.engine, None)._command(("add", "late", PROMPT, params, 0.0, "gone"), step)
+    ((request_id, error),) = pickle.loads(pickle.dumps(step)).rejected
+    answer = _server_error(error)
+    assert request_id == "late" and answer.status == 404
+    assert answer.body()["error"]["code"] == "model_not_found"
+    assert not llm.engine.has_unfinished()

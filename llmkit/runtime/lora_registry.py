@@ -9,6 +9,10 @@ import itertools
 from llmkit.errors import LlmkitError
 
 
+class UnknownAdapter(LlmkitError):
+    """A request names an adapter that is not loaded (or no longer is)."""
+
+
 class LoraRegistry:
     def __init__(self, max_loras: int):
         self.max_loras = max_loras
@@ -32,7 +36,7 @@ class LoraRegistry:
 
     def id_of(self, name: str) -> int:
         if name not in self.ids:
-            raise LlmkitError(f"no LoRA adapter named {name!r} is loaded")
+            raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded")
         return self.ids[name]
 
     def retire(self, name: str) -> None:

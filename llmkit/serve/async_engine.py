@@ -223,10 +223,9 @@ class AsyncEngine:
         now = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            for request_id, message, is_value_error in step.rejected:
+            for request_id, error in step.rejected:
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:
-                    error = ValueError(message) if is_value_error else LlmkitError(message)
                     by_loop.setdefault(stream.loop, []).append((stream.queue, error))
             for delta in step.outputs:
                 stream = self._streams.get(delta.request_id)

@@ -61,8 +61,8 @@ class EngineStats:
 class Step:
     outputs: list[OutputDelta]
     stats: EngineStats
-    # (request_id, message, is_value_error) of adds the engine refused
-    rejected: list[tuple[str, str, bool]] = field(default_factory=list)
+    # (request_id, the error) of adds the engine refused
+    rejected: list[tuple[str, Exception]] = field(default_factory=list)
     error: str | None = None  # the step failed; every request in flight was aborted
     replies: list[tuple[int, str | None]] = field(default_factory=list)  # lora: (token, error)
 
@@ -227,7 +227,7 @@ class _Loop:
             try:
                 self.engine.add_request(request_id, None, ids, params, arrival, lora)
             except (LlmkitError, ValueError) as e:
-                step.rejected.append((request_id, str(e), isinstance(e, ValueError)))
+                step.rejected.append((request_id, e))
         elif kind == "abort":
             self.engine.abort(message[1])
             self.deltas.forget(message[1])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llmkit.errors import LlmkitError
 from llmkit.runtime.guide import GuideTokenizer
+from llmkit.runtime.lora_registry import UnknownAdapter
 from llmkit.runtime.outputs import RequestOutput, check_prompt_ids
 from llmkit.runtime.sequence import SamplingParams
 from llmkit.serve import responses as r
@@ -542,7 +543,10 @@ async def _guard(events: AsyncIterator) -> AsyncIterator:
 
 
 def _server_error(e: LlmkitError) -> ApiError:
-    """503 when the server is going away (shutdown, a dead engine), else 500."""
+    """404 for an adapter unloaded after the request named it, 503 when the server is going
+    away (shutdown, a dead engine), else 500."""
+    if isinstance(e, UnknownAdapter):
+        return ApiError(404, str(e), param="model", code="model_not_found")
     status = 503 if isinstance(e, EngineDead) else 500
     return ApiError(status, str(e), type="server_error")
 
