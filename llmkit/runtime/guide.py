@@ -7,7 +7,10 @@ threads), the sampler sets every token outside a mask to -inf, and each sampled 
 back. llguidance was chosen because it needs neither torch nor transformers (it reads
 tokenizer.json), computes masks in native code with the interpreter lock released (so they
 overlap the model's forward pass), and checks a grammar against the tokenizer before any
-request is queued.
+request is queued. Measured beside the others (benchmarks/grammar_engines.py: same schema,
+tokenizer and documents), its mask + advance per token is about outlines-core's and a tenth
+of xgrammar's, while it compiles a request's schema hundreds of times faster than either
+(each request can bring its own) and also takes Lark grammars.
 """
 
 from __future__ import annotations
