@@ -138,3 +138,36 @@ def test_dense_packing_of_odd_widths_matches_the_reference_package(bits):
     q = torch.randint(-half, half, (7, 45), dtype=torch.int8, generator=torch.Generator())
     assert torch.equal(helpers.pack_to_int32(q, bits), ct.pack_int32(q, bits))
     assert torch.equal(ct.unpack_int32(ct.pack_int32(q, bits), bits, 45), q)
+
+
+@pytest.mark.parametrize(("strategy", "groups", "with_zero"), [
+    ("group", 4, False), ("channel", 1, False), ("tensor", 1, False), ("group", 4, True),
+])  # fmt: skip
+def test_compressed_tensors_pack_quantized_dequantizes_as_its_definition(
+    strategy, groups, with_zero
+):
+    """W4A16 as llm-compressor writes it (int4 packed 8 to an int32 along the inputs, one
+    scale per output and group of 16, a zero point only when asymmetric) against
+    w = scale * (q - zero) computed here in float64."""
+    g = torch.Generator().manual_seed(0)
+    out_features, in_features = 8, 64
+    q = torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8, generator=g)
+    rows = 1 if strategy == "tensor" else out_features
+    scale = torch.rand(rows, groups, generator=g, dtype=torch.float64) + 0.1
+    zero = torch.randint(-3, 4, (rows, groups), generator=g, dtype=torch.int8)
+    tensors = {
+        "weight_packed": ct.pack_int32(q, 4),
+        "weight_shape": torch.tensor([out_features, in_features]),
+        "weight_scale": scale.to(torch.bfloat16),
+    }
+    if with_zero:
+        tensors["weight_zero_point"] = zero
+    weights = {"num_bits": 4, "type": "int", "symmetric": not with_zero, "strategy": strategy,
+               "group_size": in_features // groups if strategy == "group" else None}  # fmt: skip
+    got = ct.dequantize_module(tensors, {"weights": weights})
+    stored_scale = tensors["weight_scale"].double().expand(out_features, groups)
+    offset = zero.double().expand(out_features, groups) if with_zero else 0
+    columns = torch.arange(in_features) // (in_features // groups)
+    expected = (q.double() - (offset[:, columns] if with_zero else 0)) * stored_scale[:, columns]
+    assert got.shape == (out_features, in_features)
+    assert torch.allclose(got.double(), expected, rtol=0, atol=1e-6)

@@ -118,9 +118,9 @@ def dequantize_module(tensors: dict[str, torch.Tensor], scheme: dict) -> torch.T
         q = tensors["weight"]
         out_features, in_features = q.shape
     scale = tensors["weight_scale"].float()
-    scale = scale.reshape(out_features if scale.dim() == 2 else 1, -1)  # tensor scales: [1, 1]
+    scale = scale.reshape(1 if scale.numel() == 1 else out_features, -1)  # a tensor's: [1, 1]
     zero = tensors.get("weight_zero_point")
-    zero = torch.zeros(1) if zero is None else _zero_points(zero, bits, scale.shape)
+    zero = torch.zeros(scale.shape) if zero is None else _zero_points(zero, bits, scale.shape)
     repeat = in_features // scale.shape[1]
     scale = scale.repeat_interleave(repeat, dim=1)
     zero = zero.float().expand(scale.shape[0], -1).repeat_interleave(repeat, dim=1)
