@@ -58,7 +58,7 @@ def run_offline(
     from llmkit.runtime.engine import LLM
 
     todo = spec.cases()
-    config = _with_adapter(config, spec.lora)
+    config = with_adapter(config, spec.lora)
     start = time.perf_counter()
     llm = LLM(model, config)
     rows = []
@@ -82,7 +82,7 @@ def run_offline(
     }
 
 
-def _with_adapter(config: EngineConfig, lora: str | None) -> EngineConfig:
+def with_adapter(config: EngineConfig, lora: str | None) -> EngineConfig:
     """`config` with room for the adapter `lora` (its own rank), if one is given."""
     from llmkit.runtime.lora import adapter_rank
 

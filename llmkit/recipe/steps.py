@@ -117,16 +117,15 @@ def _serve(s, paths) -> tuple[dict, list]:
 def _served(model: Path, lora: str | None):
     """`llmkit serve MODEL` (with `lora` as the adapter ADAPTER) on a free loopback port for
     the duration; yields its URL."""
-    from llmkit.bench.offline import ADAPTER
+    from llmkit.bench.offline import ADAPTER, with_adapter
     from llmkit.net import free_port
     from llmkit.runtime.engine_config import EngineConfig
-    from llmkit.runtime.lora import adapter_rank
     from llmkit.serve.launch import launched, llmkit_serve_command
 
     port = free_port()
     command = llmkit_serve_command(model, port)
     if lora is not None:
-        rank = max(EngineConfig().max_lora_rank, adapter_rank(lora))
+        rank = with_adapter(EngineConfig(), lora).max_lora_rank
         command += ["--lora", f"{ADAPTER}={lora}", "--max-lora-rank", str(rank)]
     with launched(command, port) as server:
         yield server.url
