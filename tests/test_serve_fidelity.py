@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from llmkit.checkpoint import corpus
-from llmkit.checkpoint.fast_tokenizer import FastTokenizer, load_tokenizer
+from llmkit.checkpoint.fast_tokenizer import FastTokenizer, encode_prompt, load_tokenizer
 from llmkit.checkpoint.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 from llmkit.runtime.detokenizer import Detokenizer
 from llmkit.serve.responses import TokenText
@@ -69,6 +69,14 @@ def test_token_texts_concatenate_to_the_text(tokenizer):
         pieces, _ = names.pieces([], ids)
         assert pieces[0] == "" and ids[0] == 1  # BOS reads as nothing
         assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_text_that_starts_with_bos_gets_no_second_one(tokenizer):
+    bos = tokenizer.bos_token_id
+    written = encode_prompt(tokenizer, tokenizer.bos_token + "Once upon")
+    assert written[0] == bos != written[1]
+    assert encode_prompt(tokenizer, "Once upon") == tokenizer.encode("Once upon")
+    assert encode_prompt(tokenizer, "Once upon", add_special_tokens=False)[0] != bos
 
 
 def test_generated_token_texts_are_the_engines_text(tokenizer):

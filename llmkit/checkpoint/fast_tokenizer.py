@@ -35,6 +35,17 @@ _CHANGES_BACKEND = ("add_bos_token", "add_eos_token", "split_special_tokens", "a
 _MISTRAL_PATCH_VOCAB = 100_000
 
 
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """A prompt's ids: `text` with the tokenizer's BOS and the like, but no second BOS when
+    the text itself starts with BOS (as clients that write it, like lm-evaluation-harness,
+    mean it)."""
+    ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_special_tokens and bos is not None and ids[:2] == [bos, bos]:
+        return ids[1:]
+    return ids
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer in `path`, or None when it has no tokenizer files."""
     directory = Path(path).expanduser()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmkit.checkpoint import checksums, dtypes
-from llmkit.checkpoint.fast_tokenizer import load_tokenizer
+from llmkit.checkpoint.fast_tokenizer import encode_prompt, load_tokenizer
 from llmkit.checkpoint.rank_tensors import RankTensors, open_rank
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
@@ -320,7 +320,7 @@ class Engine:
                 raise LlmkitError("a request needs a prompt or prompt_token_ids")
             if self.tokenizer is None:
                 raise LlmkitError(f"{self.model_path} has no tokenizer; send prompt_token_ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = encode_prompt(self.tokenizer, prompt)
         check_prompt_ids(ids, self.model_config.vocab_size, self.max_model_len)
         return list(ids)
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmkit.checkpoint.fast_tokenizer import encode_prompt
 from llmkit.errors import LlmkitError
 from llmkit.runtime.guide import GuideTokenizer
 from llmkit.runtime.lora_registry import UnknownAdapter
@@ -83,17 +84,8 @@ class Served:
         unless `add_special_tokens` is false), checked against the model unless not `check`."""
         if isinstance(prompt, str):
             self._check_bytes(len(prompt.encode()), "prompt")
-            prompt = self._encode(prompt, add_special_tokens)
+            prompt = encode_prompt(self.tokenizer, prompt, add_special_tokens)
         return self._checked(prompt, "prompt") if check else prompt
-
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        """`text`'s ids; text that starts with the BOS token itself gets no second one (what
-        a client that writes BOS into its text, as lm-evaluation-harness does, means)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        if add_special_tokens and bos is not None and ids[:2] == [bos, bos]:
-            return ids[1:]
-        return ids
 
     def _check_bytes(self, num_bytes: int, param: str) -> None:
         """Refuse text before tokenizing it when its size alone proves it too long: no token
@@ -127,7 +119,7 @@ class Served:
             )
         except Exception as e:  # no template, or one the messages do not fit
             raise ApiError(400, f"the chat template failed: {e}", param="messages") from None
-        ids = self._encode(text, bool(body.add_special_tokens))
+        ids = encode_prompt(self.tokenizer, text, bool(body.add_special_tokens))
         return self._checked(ids, "messages") if check else ids
 
     def check_guide(self, body: _Sampling) -> None:
