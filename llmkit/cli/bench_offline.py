@@ -103,9 +103,12 @@ def offline(
 
 
 def _adapter_dir(path: Path) -> str:
-    if not path.expanduser().is_dir():
-        raise LlmkitError(f"--lora {path}: not a directory")
-    return str(path.expanduser().resolve())
+    from llmkit.runtime.lora_registry import adapter_dir
+
+    try:
+        return adapter_dir(path)
+    except LlmkitError as e:
+        raise LlmkitError(f"--lora: {e}") from None
 
 
 def _name(report: dict) -> str:

@@ -12,6 +12,7 @@ from llmkit.checkpoint.writer import parse_size
 from llmkit.cli.options import RevisionOpt, default
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
+from llmkit.runtime.lora_registry import adapter_dir
 from llmkit.serve.config import DEFAULT_MAX_LORAS, ServeConfig, read_chat_template
 
 
@@ -191,10 +192,10 @@ def _loras(values: list[str]) -> tuple[tuple[str, str], ...]:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise LlmkitError(f"--lora {value!r}: give NAME=PATH")
-        directory = Path(path).expanduser()
-        if not directory.is_dir():
-            raise LlmkitError(f"--lora {name}: {path} is not a directory")
-        loras.append((name, str(directory.resolve())))
+        try:
+            loras.append((name, adapter_dir(path)))
+        except LlmkitError as e:
+            raise LlmkitError(f"--lora {name}: {e}") from None
     return tuple(loras)
 
 

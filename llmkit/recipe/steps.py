@@ -132,7 +132,9 @@ def _served(model: Path, lora: str | None):
 
 
 def _resolved(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().resolve())
+    from llmkit.runtime.lora_registry import adapter_dir
+
+    return None if path is None else adapter_dir(path)
 
 
 def _vocab_size(path: Path) -> int:

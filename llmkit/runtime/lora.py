@@ -97,7 +97,6 @@ class AdapterFiles:
     """A PEFT LoRA adapter as read from disk: (A, B) per base module name, scale folded."""
 
     path: str
-    rank: int
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -129,7 +128,7 @@ def read_adapter(path: str | Path, max_rank: int) -> AdapterFiles:
         raise LlmkitError(f"{directory}: adapter_model.safetensors holds no LoRA weights")
     if rank > max_rank:
         raise LlmkitError(f"{directory}: rank {rank} is over --max-lora-rank {max_rank}")
-    return AdapterFiles(str(directory), rank, factors)
+    return AdapterFiles(str(directory), factors)
 
 
 def adapter_rank(path: str | Path) -> int:

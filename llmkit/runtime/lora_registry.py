@@ -5,8 +5,17 @@ be taken for another's; an adapter unloaded while requests use it stays until th
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 from llmkit.errors import LlmkitError
+
+
+def adapter_dir(path: str | Path) -> str:
+    """The absolute path of the adapter directory `path` (LlmkitError: not a directory)."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise LlmkitError(f"{path} is not a directory")
+    return str(directory.resolve())
 
 
 class UnknownAdapter(LlmkitError):
