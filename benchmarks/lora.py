@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import row, save_result
+from report import print_median_ratio, row, save_result
 
 THREADS = 2
 CONCURRENCY = 64
@@ -145,9 +145,7 @@ def main() -> None:
 
 def report(rounds: list[dict]) -> None:
     ratios = [r["mixed"]["tok_s"] / r["base"]["tok_s"] for r in rounds]
-    med = statistics.median(ratios)
-    print(f"mixed adapters / base: {med:.3f} (rounds {', '.join(f'{x:.3f}' for x in ratios)})")
-    print("  target >= 0.8:", "met" if med >= 0.8 else "MISSED")
+    print_median_ratio("mixed adapters / base", ratios, 0.8)
     fields = {"ratios": ratios, "rounds": rounds, "adapters": ADAPTERS, "rank": RANK}
     save_result(
         "lora",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,13 @@ def save_result(
     print(f"wrote {path}")
     print(f"wrote {write_results_md()}")
     return path
+
+
+def print_median_ratio(label: str, ratios: list[float], target: float) -> None:
+    """The median of the rounds' ratios, each round's, and whether it meets `target` (>=)."""
+    med = statistics.median(ratios)
+    print(f"{label}: {med:.3f} (rounds {', '.join(f'{x:.3f}' for x in ratios)})")
+    print(f"  target >= {target}:", "met" if med >= target else "MISSED")
 
 
 def row(

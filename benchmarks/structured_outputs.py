@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import row, save_result
+from report import print_median_ratio, row, save_result
 
 THREADS = 2
 CONCURRENCY = 64
@@ -163,9 +163,7 @@ def main() -> None:
 
 def report(rounds: list[dict]) -> None:
     ratios = [r["guided_tok_s"] / r["plain_tok_s"] for r in rounds]
-    med = statistics.median(ratios)
-    print(f"guided / unguided: {med:.3f} (rounds {', '.join(f'{x:.3f}' for x in ratios)})")
-    print("  target >= 0.9:", "met" if med >= 0.9 else "MISSED")
+    print_median_ratio("guided / unguided", ratios, 0.9)
     fields = {"ratios": ratios, "rounds": rounds, "schema": SCHEMA}
     save_result(
         "structured_outputs",

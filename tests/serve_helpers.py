@@ -24,6 +24,12 @@ class Server:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def client(self):
+        """The official OpenAI client, talking to this server (no retries)."""
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0)
+
     def request(self, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
         """(status, headers, parsed JSON or text) of one request."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)

@@ -42,7 +42,7 @@ def server(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    return server.client()
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def server(sentencepiece, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    return server.client()
 
 
 def _check_offsets(lp, text: str) -> None:
