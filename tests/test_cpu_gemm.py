@@ -1,5 +1,5 @@
-"""llmkit's CPU matrix-product kernels (llmkit/kernels/cpu_gemm.cpp) against float64
-computations of what they are defined to compute, on whatever vector level this CPU has:
+"""llmkit's CPU matrix-product kernels (llmkit/kernels/cpu_gemm.cpp, cpu_lora.cpp) against
+float64 computations of what they are defined to compute, on whatever vector level this CPU has:
 every weight layout, act-order, ragged shapes (outputs not a multiple of the thread split,
 activation rows not a multiple of the kernels' tiles of 8 rows or the half-precision
 kernel's blocks of 3 outputs x 4 rows)."""
@@ -156,3 +156,43 @@ def test_prefill_sized_inputs_take_the_dequantized_weights_unrounded():
     q8 = Int8Linear(w8, None, torch.float32)
     weight8 = w8.q.double() * w8.scale.double()[:, None]
     assert close(q8(x), x.double() @ weight8.T, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_kernel_adds_each_runs_low_rank_product_to_its_rows_only(dtype):
+    """kernels/cpu_lora.cpp: runs with gaps between them, ranks 8, 16 and 5, 37 outputs (a
+    tail past the tiles of 16), runs of 1, 6 and 7 rows (tails past the tiles of 4 rows),
+    one run as two parts each with its own rank rows and outputs (and outputs in neither);
+    each row gets the same bits alone as in the batch."""
+    g = torch.Generator().manual_seed(3)
+    rows, inp, out = 23, 200, 37
+    x = torch.randn(rows, inp, generator=g).to(dtype)
+    y = torch.randn(rows, out, generator=g).to(dtype)
+    runs = [(8, 2, 3), (16, 5, 11), (5, 14, 21)]  # rank, start, stop
+    blocks = [[(0, out, 0, 8)], [(0, 20, 0, 10), (29, 37, 10, 16)], [(0, out, 0, 5)]]
+    factors = [
+        (torch.randn(inp, r, generator=g) / inp**0.5, torch.randn(r, out, generator=g))
+        for r, _, _ in runs
+    ]
+    args = (
+        [a for a, _ in factors],
+        [b for _, b in factors],
+        [torch.tensor(b) for b in blocks],
+        [b for _, start, stop in runs for b in (start, stop)],
+    )
+    got = y.clone()
+    cpu.ops().lora_add(got, x, *args)
+    expected = y.double()
+    for (a, b), (_, start, stop), parts in zip(factors, runs, blocks, strict=True):
+        for o0, o1, j0, j1 in parts:
+            product = x[start:stop].double() @ a[:, j0:j1].double() @ b[j0:j1, o0:o1].double()
+            expected[start:stop, o0:o1] += product
+    assert got.dtype == dtype and close(got, expected, dtype)
+    untouched = [m for m in range(rows) if not any(s <= m < e for _, s, e in runs)]
+    assert torch.equal(got[untouched], y[untouched])
+    assert torch.equal(got[5:11, 20:29], y[5:11, 20:29])  # outputs in no block of the run
+    for m in range(5, 11):
+        alone = y[m : m + 1].clone()
+        one = [[arg[1]] for arg in args[:3]]
+        cpu.ops().lora_add(alone, x[m : m + 1].contiguous(), *one, [0, 1])
+        assert torch.equal(alone, got[m : m + 1]), m

@@ -1,7 +1,7 @@
 """The CPU C++ kernels (cpu_ops.cpp: attention and element-wise; cpu_gemm.cpp: matrix
 products against quantized and half-precision weights; cpu_layer.cpp: a decoder layer of a
-decode step in one call), built once per machine with the
-local compiler by torch's extension loader and cached (~/.cache/torch_extensions, or
+decode step in one call; cpu_lora.cpp: LoRA adapters' products), built once per machine
+with the local compiler by torch's extension loader and cached (~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR) under a name keyed by the sources, the flags, torch, Python and the
 CPU's features, so a later start loads the library directly (no extension loader, no ninja
 run).
@@ -25,7 +25,8 @@ import torch
 
 log = logging.getLogger("llmkit.kernels")
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_gemm.cpp", "cpu_layer.cpp")
+    Path(__file__).with_name(name)
+    for name in ("cpu_ops.cpp", "cpu_gemm.cpp", "cpu_layer.cpp", "cpu_lora.cpp")
 )
 DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels take
 # no FMA contraction: the element-wise kernels round as the torch ops they replace

@@ -22,11 +22,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.kernels import cpu
 
 # PEFT writes the base model's module names under this prefix.
 PEFT_PREFIX = "base_model.model."
@@ -41,6 +43,17 @@ class LoraContext:
     segments: list[tuple[int, int, int]] = field(default_factory=list)
 
 
+class Factors(NamedTuple):
+    """One adapter's factors of one LoraLinear, its parts' concatenated: a_t [in, r] (each
+    part's A^T side by side) and b_t [r, out] (each part's B^T in its own rank rows and
+    output columns, zero elsewhere), the scale folded in; blocks [parts, 4] int64: each
+    part's (first output, end output, first rank row, end rank row)."""
+
+    a_t: torch.Tensor
+    b_t: torch.Tensor
+    blocks: torch.Tensor
+
+
 class LoraLinear(nn.Module):
     """A base Linear (any format) plus the low-rank products of the adapters loaded."""
 
@@ -49,7 +62,7 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base, self.context = base, context
         self.parts, self.in_features = parts, in_features
-        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (A^T, B^T)
+        self.adapters: dict[int, Factors] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -57,10 +70,21 @@ class LoraLinear(nn.Module):
                 if i in self.adapters]  # fmt: skip
         if not runs:
             return y
+        ops = cpu.for_tensors(y, x)
+        if ops is not None and runs[0][0].a_t.is_cpu:  # one C++ call for all the runs
+            ops.lora_add(
+                y,
+                x.contiguous(),
+                [f.a_t for f, _, _ in runs],
+                [f.b_t for f, _, _ in runs],
+                [f.blocks for f, _, _ in runs],
+                [bound for _, start, stop in runs for bound in (start, stop)],
+            )
+            return y
         first, end = runs[0][1], runs[-1][2]  # the rows from the first run to the last
-        wide = x[first:end].to(runs[0][0][0].dtype)  # the factors' dtype
+        wide = x[first:end].to(runs[0][0].a_t.dtype)  # the factors' dtype
         delta = torch.zeros(end - first, y.shape[-1], dtype=wide.dtype, device=y.device)
-        for (a_t, b_t), start, stop in runs:  # a_t: [in, r], b_t: [r, out] (scale folded in)
+        for (a_t, b_t, _), start, stop in runs:  # a_t: [in, r], b_t: [r, out]
             rows = slice(start - first, stop - first)
             torch.mm(wide[rows] @ a_t, b_t, out=delta[rows])
         y[first:end] += delta.to(y.dtype)  # a mixed-dtype add is far slower on the CPU
@@ -75,7 +99,7 @@ class LoraLinear(nn.Module):
         """Add adapter `lora_id`'s factors of the parts it adapts (name -> (A, B))."""
         if not any(name in factors for name, _ in self.parts):
             return
-        a_parts, b_blocks, offset = [], [], 0
+        a_parts, b_blocks, blocks, offset, rank = [], [], [], 0, 0
         total = sum(size for _, size in self.parts)
         for name, size in self.parts:
             if name in factors:
@@ -84,9 +108,13 @@ class LoraLinear(nn.Module):
                 block[offset : offset + size] = b
                 a_parts.append(a)
                 b_blocks.append(block)
+                blocks.append((offset, offset + size, rank, rank + a.shape[0]))
+                rank += a.shape[0]
             offset += size
         a, b = torch.cat(a_parts), torch.cat(b_blocks, dim=1)
-        self.adapters[lora_id] = (a.t().contiguous(), b.t().contiguous())
+        self.adapters[lora_id] = Factors(
+            a.t().contiguous(), b.t().contiguous(), torch.tensor(blocks)
+        )
 
     def remove(self, lora_id: int) -> None:
         self.adapters.pop(lora_id, None)
