@@ -35,14 +35,19 @@ def test_decode_phase_counts_the_tokens_after_every_request_has_its_first(monkey
     clock = iter([1.0, 2.0, 3.0, 5.0, 9.0])
     monkeypatch.setattr(offline.time, "perf_counter", lambda: next(clock))
     phase = offline.DecodePhase(3)
-    out = [SimpleNamespace(request_id=r) for r in "abc"]
-    phase.step([out[0]])  # a's first token
-    phase.step([out[0], out[1]])  # b's first token; a decodes beside the prefills
+
+    def out(request_id: str, tokens: int):  # a request's output after a step
+        return SimpleNamespace(
+            request_id=request_id, outputs=[SimpleNamespace(token_ids=[0] * tokens)]
+        )
+
+    phase.step([out("a", 1)])  # a's first token
+    phase.step([out("a", 2), out("b", 1)])  # b's first token; a decodes beside the prefills
     assert phase.throughput() == 0.0
-    phase.step([out[0], out[1], out[2]])  # c's first token at t=3: the decode phase starts
-    phase.step([out[0], out[1], out[2]])
-    phase.step([out[1], out[2]])  # a has finished
-    assert phase.throughput() == 5 / (9.0 - 3.0)
+    phase.step([out("a", 3), out("b", 2), out("c", 1)])  # c's first: the decode phase starts
+    phase.step([out("a", 4), out("b", 3), out("c", 2)])
+    phase.step([out("b", 6), out("c", 3)])  # a has finished; b verified a draft (+3)
+    assert phase.throughput() == 7 / (9.0 - 3.0)
 
 
 def test_compare_puts_checkpoints_side_by_side(tiny_dir, cli, tmp_path):

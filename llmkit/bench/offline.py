@@ -108,6 +108,7 @@ def _measure(llm, case: Case, seed: int, lora: str | None) -> dict:
     params = SamplingParams(max_tokens=case.output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0), loras=lora)  # warm-up
     phase = DecodePhase(case.batch_size)
+    spec = replace(llm.engine.spec_stats)  # the counts before this case
     start = time.perf_counter()
     outs = llm.generate(prompts, params, on_step=phase.step, loras=lora)
     seconds = time.perf_counter() - start
@@ -128,6 +129,23 @@ def _measure(llm, case: Case, seed: int, lora: str | None) -> dict:
         "decode_throughput": phase.throughput(),
         **summary("ttft_ms", ttfts, 1e3),
         **summary("tpot_ms", tpots, 1e3),
+        **_speculation(llm.engine, spec),
+    }
+
+
+def _speculation(engine, before) -> dict:
+    """This case's speculative decoding counts (nothing when speculation is off)."""
+    if engine.proposer is None:
+        return {}
+    stats = engine.spec_stats
+    proposed, accepted = stats.proposed - before.proposed, stats.accepted - before.accepted
+    drafts = stats.drafts - before.drafts
+    return {
+        "speculative": engine.proposer.name,
+        "spec_proposed_tokens": proposed,
+        "spec_accepted_tokens": accepted,
+        "spec_acceptance_rate": accepted / proposed if proposed else 0.0,
+        "spec_mean_accepted_length": accepted / drafts if drafts else 0.0,
     }
 
 
@@ -138,19 +156,23 @@ class DecodePhase:
 
     def __init__(self, requests: int):
         self.waiting = requests  # requests without their first token
-        self.started: set[str] = set()
+        self.counts: dict[str, int] = {}  # request id -> its tokens so far (n = 1)
         self.start = self.end = 0.0
         self.tokens = 0
 
     def step(self, outs: list) -> None:
-        now = time.perf_counter()
-        if self.waiting:
-            fresh = {o.request_id for o in outs} - self.started
-            self.started |= fresh
-            self.waiting -= len(fresh)
+        now, prefilling = time.perf_counter(), self.waiting > 0
+        new = 0  # a step adds one token per request, or several with speculation
+        for o in outs:
+            count = len(o.outputs[0].token_ids)
+            new += count - self.counts.get(o.request_id, 0)
+            if o.request_id not in self.counts:
+                self.waiting -= 1
+            self.counts[o.request_id] = count
+        if prefilling:
             self.start = now
         else:
-            self.tokens += len(outs)  # one token per request a step advances (n = 1)
+            self.tokens += new
             self.end = now
 
     def throughput(self) -> float:

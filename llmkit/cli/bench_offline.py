@@ -133,6 +133,15 @@ def _print_offline(report: dict) -> None:
             *(ms_cell(c[f"{s}_{m}_ms"]) for m in ("ttft", "tpot") for s in ("mean", "p99")),
         )  # fmt: skip
     stdout.print(table)
+    for c in report["cases"]:
+        if "speculative" in c:
+            stdout.print(
+                f"{_case_label(c)}: speculative ({c['speculative']}) accepted "
+                f"{c['spec_accepted_tokens']} of {c['spec_proposed_tokens']} draft tokens "
+                f"({100 * c['spec_acceptance_rate']:.1f}%), "
+                f"{c['spec_mean_accepted_length']:.2f} per draft",
+                highlight=False,
+            )
     stdout.print(
         f"load {report['load_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB, "
         f"KV cache {report['kv_cache_tokens']} tokens",

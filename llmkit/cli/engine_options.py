@@ -54,6 +54,26 @@ VerifyOpt = Annotated[
         "--verify/--no-verify", help="Check weight files against their recorded checksums."
     ),
 ]
+SpeculativeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--speculative",
+        help="Speculative decoding: 'ngram' (prompt lookup), or the path of a draft model "
+        "with the model's tokenizer.",
+    ),
+]
+NumSpecTokensOpt = Annotated[
+    int, typer.Option("--num-speculative-tokens", help="Tokens proposed per sequence and step.")
+]
+NgramMinOpt = Annotated[int, typer.Option("--ngram-min", help="Shortest n-gram to look up.")]
+NgramMaxOpt = Annotated[int, typer.Option("--ngram-max", help="Longest n-gram to look up.")]
+SpecMaxSeqsOpt = Annotated[
+    int,
+    typer.Option(
+        "--speculative-max-seqs",
+        help="Steps decoding more sequences than this do not speculate (0: never).",
+    ),
+]
 PolicyOpt = Annotated[
     str, typer.Option("--scheduling-policy", help="fcfs, or priority (lower runs first).")
 ]
@@ -105,6 +125,11 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "prefix_caching": PrefixCachingOpt,
         "scheduling_policy": PolicyOpt,
         "verify": VerifyOpt,
+        "speculative": SpeculativeOpt,
+        "num_speculative_tokens": NumSpecTokensOpt,
+        "ngram_min": NgramMinOpt,
+        "ngram_max": NgramMaxOpt,
+        "speculative_max_seqs": SpecMaxSeqsOpt,
     }
     defaults = EngineConfig()
     return [

@@ -117,11 +117,25 @@ class BlockManager:
         seq.block_table = []
         seq.num_hashed_blocks = 0
 
+    def truncate(self, seq: Sequence) -> None:
+        """Release the blocks of `seq` past its computed tokens: the slots speculated tokens
+        took that were not accepted (their K/V were never registered in the prefix cache)."""
+        keep = self.num_blocks_for(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                self._free.move_to_end(block_id, last=False)
+
     def cache_blocks(self, seq: Sequence) -> None:
         """Register the blocks `seq` has filled completely, so later sequences can share them."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # computed tokens can run ahead of the sequence's tokens for a moment: accepted
+        # speculated tokens are appended after the step is recorded
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         hashes = self._hashes(seq, num_full)
         bs = self.block_size
         for i in range(seq.num_hashed_blocks, num_full):

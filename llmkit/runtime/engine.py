@@ -32,6 +32,13 @@ from llmkit.runtime.models.llama import LlamaConfig
 from llmkit.runtime.outputs import Completion, RequestOutput, RequestTimes, check_prompt_ids
 from llmkit.runtime.scheduler import Batch, Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, ends_by_token, stop_reason
+from llmkit.runtime.speculative import (
+    NGRAM,
+    DraftProposer,
+    NgramProposer,
+    SpecStats,
+    check_draft,
+)
 
 log = logging.getLogger("llmkit.engine")
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
@@ -99,6 +106,8 @@ class Engine:
         self.guides = Guides(GuideTokenizer(self.tokenizer, self.model_config.vocab_size))
         self._guide_thread: ThreadPoolExecutor | None = None
         self.loras = LoraRegistry(config.max_loras)
+        self.proposer = self._proposer(dtype, device, num_blocks)
+        self.spec_stats = SpecStats()
         self.requests: dict[str, _Request] = {}
         self.num_kv_tokens = capacity
         log.info(
@@ -166,9 +175,12 @@ class Engine:
         self._drop_retired_loras()
 
     def _release(self, seq: Sequence) -> None:
-        """Forget a finished sequence's sampling state (seeded generator, guide)."""
+        """Forget a finished sequence's sampling state (seeded generator, guide, the draft
+        model's copy of it)."""
         self.executor.release(seq.seq_id)
         self.guides.release(seq.seq_id)
+        if self.proposer is not None:
+            self.proposer.release(seq.seq_id)
 
     def pause(self, request_id: str) -> None:
         """Stop computing a request (its client is not reading) and free its KV blocks; it
@@ -200,6 +212,7 @@ class Engine:
                 return []
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
         self._mark_scheduled(batch.seqs)
+        self._speculate(batch)
         masks = self._masks(batch)
         failed: list[RequestOutput] = []
         try:
@@ -218,13 +231,61 @@ class Engine:
         touched: dict[str, _Request] = {}
         now = time.monotonic()
         for part, out in runs:
-            self.scheduler.update(part)
+            accepted = out.accepted(part)
+            self.scheduler.update(part, accepted)
+            self.spec_stats.record(part.drafts, accepted)
             self._record_prompt_scores(out)
-            for seq, token in zip(out.seqs, out.sampled, strict=True):
-                touched[seq.request_id] = self._advance(seq, token, now)
+            for seq, tokens in zip(out.seqs, out.sampled, strict=True):
+                for token in tokens:
+                    touched[seq.request_id] = self._advance(seq, token, now)
+                    if seq.is_finished:
+                        break
         outputs = failed + [self._output(r) for r in touched.values()]
         self._drop_retired_loras()
         return outputs
+
+    def _speculate(self, batch: Batch) -> None:
+        """Give the step's decoding sequences drafts to verify, when speculation is on, the
+        step has at most --speculative-max-seqs of them, and the request allows it (not
+        guided, not past its token limits)."""
+        if self.proposer is None:
+            return
+        decodes = [i for i, n in enumerate(batch.num_new_tokens) if n == 1 and
+                   batch.seqs[i].num_uncomputed_tokens == 1]  # fmt: skip
+        if not decodes or len(decodes) > self.config.speculative_max_seqs:
+            return
+        chosen = [i for i in decodes if self._draft_size(batch.seqs[i]) > 0]
+        seqs = [batch.seqs[i] for i in chosen]
+        drafts = self.proposer.propose(seqs, [self._draft_size(s) for s in seqs])
+        for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
+            if self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
+                batch.draft_probs[seq.seq_id] = draft.probs
+
+    def _draft_size(self, seq: Sequence) -> int:
+        """Tokens `seq` may take on trial now: none for a request that turned speculation
+        off or is guided; never past its max_tokens or the context."""
+        if not seq.params.speculative or seq.seq_id in self.guides.matchers:
+            return 0
+        room = min(
+            seq.params.max_tokens - len(seq.output_token_ids), self.max_model_len - seq.num_tokens
+        )
+        return max(0, min(self.config.num_speculative_tokens, room - 1))
+
+    def _proposer(self, dtype: str, device, num_blocks: int):
+        """The proposer --speculative names (None: off)."""
+        c = self.config
+        if c.speculative is None:
+            return None
+        if c.speculative == NGRAM:
+            return NgramProposer(c.ngram_min, c.ngram_max)
+        if not (Path(c.speculative).expanduser() / "config.json").is_file():
+            raise LlmkitError(
+                f"--speculative {c.speculative!r}: neither 'ngram' nor a model directory"
+            )
+        draft = json.loads((Path(c.speculative).expanduser() / "config.json").read_text())
+        check_draft(draft.get("vocab_size"), self.model_config.vocab_size, c.speculative)
+        runner = RunnerSpec(c.speculative, 1, dtype, str(device), num_blocks, c.block_size).build(0)
+        return DraftProposer(runner, num_blocks, c.block_size)
 
     def _masks(self, batch: Batch) -> Callable[[], dict] | None:
         """The token masks of the guided sequences that sample in this step (seq_id -> bit
@@ -251,6 +312,8 @@ class Engine:
         return out
 
     def close(self) -> None:
+        if self.proposer is not None:
+            self.proposer.close()
         if self._guide_thread is not None:
             self._guide_thread.shutdown()
         self.executor.close()
@@ -438,6 +501,9 @@ class LLM:
 def _by_request(batch: Batch) -> list[Batch]:
     """`batch` cut into one batch per request (a request's n sequences stay together)."""
     parts: dict[str, Batch] = {}
-    for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-        parts.setdefault(seq.request_id, Batch()).add(seq, n)
+    for seq, n, draft in zip(batch.seqs, batch.num_new_tokens, batch.drafts, strict=True):
+        part = parts.setdefault(seq.request_id, Batch())
+        part.add(seq, n, draft)
+        if seq.seq_id in batch.draft_probs:
+            part.draft_probs[seq.seq_id] = batch.draft_probs[seq.seq_id]
     return list(parts.values())

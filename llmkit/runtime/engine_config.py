@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from llmkit.errors import LlmkitError
 
+MAX_SPECULATIVE_TOKENS = 16
+MAX_NGRAM = 16
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -26,8 +29,22 @@ class EngineConfig:
     verify: bool = True  # check the weight files against llmkit-checksums.json when present
     max_loras: int = 0  # LoRA adapters loaded at once; 0: the model takes none
     max_lora_rank: int = 16
+    speculative: str | None = None  # "ngram", or a draft model's path; None: off
+    num_speculative_tokens: int = 4  # k: tokens proposed per sequence and step
+    ngram_min: int = 1
+    ngram_max: int = 4
+    # steps with more decoding sequences than this do not speculate (benchmarks/speculative.py)
+    speculative_max_seqs: int = 8
 
     def __post_init__(self) -> None:
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise LlmkitError(
+                f"--num-speculative-tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}"
+            )
+        if not 1 <= self.ngram_min <= self.ngram_max <= MAX_NGRAM:
+            raise LlmkitError(f"--ngram-min and --ngram-max need 1 <= min <= max <= {MAX_NGRAM}")
+        if self.speculative_max_seqs < 0:
+            raise LlmkitError("--speculative-max-seqs must be >= 0")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise LlmkitError("--max-loras must be >= 0 and --max-lora-rank >= 1")
         if self.max_loras and self.tp > 1:

@@ -69,11 +69,11 @@ class Executor:
         guided sequences the tokens they may sample (seq_id -> bit mask). Changes no
         scheduling state: the K/V it writes are written again, the same, if the batch runs
         again."""
-        inputs, seqs, spans = prepare(batch, self.spec.block_size)
+        inputs, sampled, spans = prepare(batch, self.spec.block_size)
         if self.spec.tp > 1:
             dist.broadcast_object_list([inputs], src=0)
         logits = self.runner.execute(inputs)
-        return self.runner.finish(logits, seqs, spans, masks() if masks else None)
+        return self.runner.finish(logits, sampled, spans, masks() if masks else None)
 
     def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
         """Load a LoRA adapter (tp 1: EngineConfig refuses adapters with more ranks)."""

@@ -36,12 +36,24 @@ class StepInputs:
 
 @dataclass(slots=True)
 class StepOutput:
-    """What one step computed: the next token of each sequence in `seqs` (in that order),
-    and the prompt tokens it scored: (sequence, position of the first one, their scores)."""
+    """What one step computed: the new tokens of each sequence in `seqs` (in that order:
+    one, or for a sequence that verified a draft, the draft tokens accepted then one of the
+    model's own), and the prompt tokens it scored: (sequence, position of the first one,
+    their scores)."""
 
     seqs: list[Sequence]
-    sampled: list[Sampled]
+    sampled: list[list[Sampled]]
     prompt_scores: list[tuple[Sequence, int, list[Sampled]]]
+
+    def accepted(self, batch: Batch) -> list[int]:
+        """Per sequence of `batch`: how many of its draft tokens were accepted."""
+        new = {
+            seq.seq_id: len(tokens) - 1 for seq, tokens in zip(self.seqs, self.sampled, strict=True)
+        }
+        return [
+            new.get(seq.seq_id, 0) if d else 0
+            for seq, d in zip(batch.seqs, batch.drafts, strict=True)
+        ]
 
 
 def kv_block_bytes(cfg: LlamaConfig, tp: int, block_size: int, itemsize: int) -> int:
@@ -105,23 +117,29 @@ class ModelRunner:
     def finish(
         self,
         logits: torch.Tensor,
-        seqs: list[Sequence],
+        sampled: Sampling,
         spans: list[PromptSpan],
         masks: dict | None = None,
     ) -> StepOutput:
         """A step's logits (as `prepare` ordered them) -> its StepOutput; `masks`: the
         tokens guided sequences may sample (seq_id -> bit mask)."""
-        scores = _score_prompts(spans, logits[len(seqs) :]) if spans else []
+        seqs, drafts = sampled.seqs, sampled.drafts
+        rows = sum(len(d) + 1 for d in drafts)
+        scores = _score_prompts(spans, logits[rows:]) if spans else []
         if not seqs:
             return StepOutput(seqs, [], scores)
-        sampled = self.sampler(
-            logits[: len(seqs)].cpu(),
-            [s.params for s in seqs],
-            [(s.prompt_token_ids, s.output_token_ids) for s in seqs],
-            [(s.seq_id, s.seed) for s in seqs],
-            [masks.get(s.seq_id) for s in seqs] if masks else None,
-        )
-        return StepOutput(seqs, sampled, scores)
+        logits = logits[:rows].cpu()
+        history = [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
+        seeds = [(s.seq_id, s.seed) for s in seqs]
+        params = [s.params for s in seqs]
+        row_masks = [masks.get(s.seq_id) for s in seqs] if masks else None
+        if any(drafts):  # guided sequences have no drafts: their one row takes the mask
+            tokens = self.sampler.verify(
+                logits, params, history, seeds, drafts, sampled.draft_probs, row_masks
+            )
+            return StepOutput(seqs, tokens, scores)
+        tokens = self.sampler(logits, params, history, seeds, row_masks)
+        return StepOutput(seqs, [[t] for t in tokens], scores)
 
     def window_logits(self, windows: list[list[int]]) -> torch.Tensor:
         """Logits [windows, len, vocab] (float32) at every position of equal-length token
@@ -171,9 +189,19 @@ class PromptSpan:
     count: int
 
 
-def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence], list[PromptSpan]]:
-    """Tensors for `batch`, decodes first; the sequences whose logits come back, in order;
-    and the prompt spans whose logits follow theirs."""
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """The sequences whose logits come back, in order, and each one's draft: its logits
+    rows are the draft's length + 1 (the positions of its last token and of the draft)."""
+
+    seqs: list[Sequence]
+    drafts: list[list[int]]
+    draft_probs: list  # per sequence: what its draft was drawn from, or None
+
+
+def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, Sampling, list[PromptSpan]]:
+    """Tensors for `batch`, decodes first; the sequences whose logits come back; and the
+    prompt spans whose logits follow theirs."""
     # decodes first; each adapter's sequences together, so its tokens are few runs
     order = sorted(
         range(len(batch.seqs)),
@@ -181,21 +209,28 @@ def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence], 
     )
     seqs = [batch.seqs[i] for i in order]
     counts = [batch.num_new_tokens[i] for i in order]
+    drafts = [batch.drafts[i] for i in order]
     num_decodes = next((i for i, n in enumerate(counts) if n != 1), len(counts))
     ids: list[int] = []
     positions: list[int] = []
     rows: list[int] = []  # each token's sequence, as an index into `seqs`
-    for i, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
+    for i, (seq, n, draft) in enumerate(zip(seqs, counts, drafts, strict=True)):
         start = seq.num_computed_tokens
-        ids += seq.tokens(start, start + n)
+        ids += seq.tokens(start, start + n - len(draft)) + draft
         positions += range(start, start + n)
         rows += [i] * n
     ends = [s.num_computed_tokens + n for s, n in zip(seqs, counts, strict=True)]
     positions_t = torch.tensor(positions, dtype=torch.long)
     meta = _metadata(seqs, counts, ends, num_decodes, block_size, torch.tensor(rows), positions_t)
     last_rows = list(itertools.accumulate(counts))  # one past each sequence's last token
-    sampled = [i for i, (s, end) in enumerate(zip(seqs, ends, strict=True)) if end == s.num_tokens]
-    logits_rows = [last_rows[i] - 1 for i in sampled]
+    sampled = [
+        i
+        for i, (s, end, draft) in enumerate(zip(seqs, ends, drafts, strict=True))
+        if end == s.num_tokens + len(draft)
+    ]
+    logits_rows = [
+        r for i in sampled for r in range(last_rows[i] - len(drafts[i]) - 1, last_rows[i])
+    ]
     spans = _prompt_spans(seqs, counts, last_rows, logits_rows)
     inputs = StepInputs(
         torch.tensor(ids, dtype=torch.long),
@@ -204,7 +239,9 @@ def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, list[Sequence], 
         torch.tensor(logits_rows, dtype=torch.long),
         _lora_segments(seqs, counts),
     )
-    return inputs, [seqs[i] for i in sampled], spans
+    sampled_seqs = [seqs[i] for i in sampled]
+    probs = [batch.draft_probs.get(s.seq_id) for s in sampled_seqs]
+    return inputs, Sampling(sampled_seqs, [drafts[i] for i in sampled], probs), spans
 
 
 def _lora_segments(seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int, int]]:

@@ -24,15 +24,24 @@ POLICIES = ("fcfs", "priority")
 @dataclass(slots=True)
 class Batch:
     """What one step computes: `num_new_tokens[i]` tokens of `seqs[i]`, starting at its
-    `num_computed_tokens`."""
+    `num_computed_tokens`; for a decode with `drafts[i]`, its last token then those
+    speculated tokens (num_new_tokens[i] counts both)."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    drafts: list[list[int]] = field(default_factory=list)
+    draft_probs: dict[int, object] = field(default_factory=dict)  # seq_id -> what the
+    # draft's tokens were drawn from (runtime/speculative.py Draft.probs), when sampled
 
-    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+    def add(self, seq: Sequence, num_new_tokens: int, draft: list[int] | None = None) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
+        self.drafts.append(draft or [])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
 
 
 class Scheduler:
@@ -72,10 +81,27 @@ class Scheduler:
             self._schedule_waiting(batch, budget)
         return batch
 
-    def update(self, batch: Batch) -> None:
-        """After the model ran `batch`: advance each sequence and cache its full blocks."""
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
+    def speculate(self, batch: Batch, index: int, draft: list[int]) -> bool:
+        """Let decode `batch.seqs[index]` verify `draft` in this step when the token budget
+        and the free KV blocks allow it without preempting anyone."""
+        seq, bm = batch.seqs[index], self.block_manager
+        room = self.max_num_batched_tokens - batch.num_tokens
+        if not draft or len(draft) > room or not bm.can_allocate(seq, 1 + len(draft)):
+            return False
+        bm.allocate(seq, 1 + len(draft))
+        batch.num_new_tokens[index] = 1 + len(draft)
+        batch.drafts[index] = list(draft)
+        return True
+
+    def update(self, batch: Batch, accepted: list[int] | None = None) -> None:
+        """After the model ran `batch`: advance each sequence and cache its full blocks.
+        `accepted[i]`: how many of `batch.drafts[i]` were accepted; the K/V of the rest are
+        dropped, and their blocks released."""
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            rejected = len(batch.drafts[i]) - (accepted[i] if accepted else 0)
+            seq.num_computed_tokens += n - rejected
+            if rejected:
+                self.block_manager.truncate(seq)
             self.block_manager.cache_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:

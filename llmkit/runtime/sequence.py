@@ -38,6 +38,7 @@ class SamplingParams:
     priority: int = 0  # lower runs first under the priority policy
     guide: Guide | None = None  # structured outputs: what the output must match
     skip_special_tokens: bool = True  # False: special tokens (not EOS) are part of the text
+    speculative: bool = True  # False: never speculate this request's tokens
 
     def __post_init__(self) -> None:
         checks = [

@@ -49,11 +49,14 @@ class _Stream:
 
 @dataclass(slots=True)
 class _Totals:
-    """Tokens since the last stats line."""
+    """Tokens since the last stats line (and the speculative counts at it)."""
 
     since: float
     prompt: int = 0
     generated: int = 0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+    spec_drafts: int = 0
 
 
 class AsyncEngine:
@@ -314,7 +317,22 @@ class AsyncEngine:
                 100 * stats.used_blocks / max(stats.num_blocks, 1),
                 stats.preemptions,
             )
-        self._totals = _Totals(now)
+        if stats.proposer and stats.spec_drafts > t.spec_drafts:
+            drafts = stats.spec_drafts - t.spec_drafts
+            accepted = stats.spec_accepted - t.spec_accepted
+            log.info(
+                "speculative (%s): %.1f%% of %d draft tokens accepted, %.2f per draft",
+                stats.proposer,
+                100 * accepted / max(stats.spec_proposed - t.spec_proposed, 1),
+                stats.spec_proposed - t.spec_proposed,
+                accepted / drafts,
+            )
+        self._totals = _Totals(
+            now,
+            spec_proposed=stats.spec_proposed,
+            spec_accepted=stats.spec_accepted,
+            spec_drafts=stats.spec_drafts,
+        )
 
 
 def _put(loop: asyncio.AbstractEventLoop, items: list) -> None:

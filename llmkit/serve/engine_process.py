@@ -55,6 +55,10 @@ class EngineStats:
     touched_blocks: int = 0  # blocks that have ever held tokens
     block_bytes: int = 0  # one block's K and V on one rank
     seqs_seen: int = 0  # sequences of the "add" commands the engine process has taken so far
+    proposer: str = ""  # the speculative proposer ("ngram", "draft"), "" when off
+    spec_proposed: int = 0  # draft tokens proposed, accepted, and drafts verified, so far
+    spec_accepted: int = 0
+    spec_drafts: int = 0
 
 
 @dataclass(slots=True)
@@ -271,4 +275,8 @@ class _Loop:
             touched_blocks=blocks.num_touched_blocks,
             block_bytes=self.engine.kv_block_bytes,
             seqs_seen=self.seqs,
+            proposer=self.engine.proposer.name if self.engine.proposer else "",
+            spec_proposed=self.engine.spec_stats.proposed,
+            spec_accepted=self.engine.spec_stats.accepted,
+            spec_drafts=self.engine.spec_stats.drafts,
         )

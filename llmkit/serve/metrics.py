@@ -80,3 +80,33 @@ class _EngineCollector:
             "KV blocks taken from the prefix cache.",
             stats.hit_blocks,
         )
+        if stats.proposer:
+            yield from _speculative(stats)
+
+
+def _speculative(stats: EngineStats):
+    """Speculative decoding's counters and gauges, labelled by proposer."""
+    label = ["proposer"]
+    for name, doc, value in (
+        ("proposed_tokens", "Draft tokens proposed.", stats.spec_proposed),
+        ("accepted_tokens", "Draft tokens accepted.", stats.spec_accepted),
+        ("drafts", "Drafts verified (one per sequence and step).", stats.spec_drafts),
+    ):
+        family = CounterMetricFamily(f"llmkit_spec_decode_{name}", doc, labels=label)
+        family.add_metric([stats.proposer], value)
+        yield family
+    for name, doc, value in (
+        (
+            "acceptance_rate",
+            "Draft tokens accepted / proposed, so far.",
+            stats.spec_accepted / stats.spec_proposed if stats.spec_proposed else 0.0,
+        ),
+        (
+            "mean_accepted_length",
+            "Draft tokens accepted per draft verified, so far.",
+            stats.spec_accepted / stats.spec_drafts if stats.spec_drafts else 0.0,
+        ),
+    ):
+        family = GaugeMetricFamily(f"llmkit_spec_decode_{name}", doc, labels=label)
+        family.add_metric([stats.proposer], value)
+        yield family

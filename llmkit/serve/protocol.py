@@ -133,6 +133,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0, le=100)
     ignore_eos: bool = False
     skip_special_tokens: bool = True  # vLLM's: special tokens (not EOS) left in the text
+    speculative: bool = True  # false: never speculate this request (when the server does)
     priority: int = Field(default=0, ge=-INT32_MAX, le=INT32_MAX)
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
@@ -175,6 +176,7 @@ class _Sampling(BaseModel):
             priority=self.priority,
             guide=self.guide(),
             skip_special_tokens=self.skip_special_tokens,
+            speculative=self.speculative,
         )
 
     def refuse_unsupported(self) -> None:

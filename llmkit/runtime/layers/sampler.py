@@ -1,5 +1,6 @@
 """Turn each sequence's logits into its next token: penalties, temperature, top-k, top-p,
-min-p, per-request seeds, and top-n log probabilities of the model's own distribution."""
+min-p, per-request seeds, and top-n log probabilities of the model's own distribution; and
+verify speculated tokens against the model's distribution at each of their positions."""
 
 from __future__ import annotations
 
@@ -46,6 +47,101 @@ class Sampler:
             tokens[rows] = chosen
         return _results(tokens, logprobs, params)
 
+    def verify(
+        self,
+        logits: torch.Tensor,  # [sum of (len(draft) + 1) over the sequences, vocab] float32
+        params: list[SamplingParams],
+        histories: list[tuple[list[int], list[int]]],
+        seeds: list[tuple[int, int | None]],
+        drafts: list[list[int]],  # per sequence: the tokens proposed after its last one
+        draft_probs: list[torch.Tensor | None] | None = None,  # per sequence [len(draft),
+        # vocab]: the distribution each draft token was drawn from (None: chosen for sure)
+        masks: list | None = None,  # per sequence, as __call__ takes them (draftless ones)
+    ) -> list[list[Sampled]]:
+        """Each sequence's new tokens: the longest accepted prefix of its draft, then one
+        token of the model's own (where the draft was rejected, or after the whole draft).
+
+        Row j of a sequence's rows is the model's distribution after its tokens and
+        draft[:j]. A sequence without a draft gets the token `__call__` would give it.
+        Greedy rows accept a draft token that is the argmax. Sampled rows use
+        rejection sampling: accept draft token d with probability min(1, p(d) / q(d)), else
+        draw from the residual max(p - q, 0), normalized, so every token is distributed
+        as p however good the draft is."""
+        widths = [len(d) + 1 for d in drafts]
+        row_params = [p for p, w in zip(params, widths, strict=True) for _ in range(w)]
+        row_histories = [
+            (prompt, output + draft[:j])
+            for (prompt, output), draft in zip(histories, drafts, strict=True)
+            for j in range(len(draft) + 1)
+        ]
+        logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
+        if masks:
+            logits = _apply_masks(
+                logits, [m for m, w in zip(masks, widths, strict=True) for _ in range(w)]
+            )
+        logits = _apply_penalties(logits, row_params, row_histories)
+        greedy = logits.argmax(dim=-1).tolist()
+        probs = self._verify_probs(logits, row_params)
+        out, first = [], 0
+        for i, (p, draft) in enumerate(zip(params, drafts, strict=True)):
+            rows = range(first, first + len(draft) + 1)
+            if p.greedy:
+                tokens = _accept_greedy([greedy[r] for r in rows], draft)
+            else:
+                q = draft_probs[i] if draft_probs else None
+                tokens = self._accept_sampled(probs[first : rows.stop], draft, q, seeds[i])
+            lp = None if logprobs is None else logprobs[first : rows.stop]
+            out.append(_token_results(tokens, lp, p))
+            first = rows.stop
+        return out
+
+    def propose(self, logits: torch.Tensor, params: SamplingParams, seed) -> tuple:
+        """A draft model's next token from its logits [vocab] (float32): its argmax for a
+        greedy request (distribution None), else drawn from its distribution under the
+        request's temperature, top-k, top-p and min-p, returned with the token."""
+        if params.greedy:
+            return int(logits.argmax()), None
+        probs = _filtered_probs(logits[None] / params.temperature, [params])[0]
+        probs /= probs.sum()
+        return _draw(probs, self._uniform(seed)), probs
+
+    def _verify_probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Each sampled row's distribution (temperature, top-k, top-p, min-p); greedy rows'
+        are left as they are (not read)."""
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not rows:
+            return logits
+        index = torch.tensor(rows)
+        temperature = torch.tensor([params[i].temperature for i in rows])[:, None]
+        probs = logits.clone()
+        kept = _filtered_probs(logits[index] / temperature, [params[i] for i in rows])
+        probs[index] = kept / kept.sum(dim=-1, keepdim=True)  # p(d) is a probability
+        return probs
+
+    def _accept_sampled(self, probs, draft: list[int], q, seed: tuple[int, int | None]):
+        """Rejection sampling over one sequence's rows `probs` [len(draft) + 1, vocab]."""
+        tokens = []
+        for j, d in enumerate(draft):
+            p_d, q_d = float(probs[j, d]), 1.0 if q is None else float(q[j, d])
+            if accepts(self._uniform(seed), p_d, q_d):
+                tokens.append(d)
+                continue
+            if q is None:
+                residual = probs[j].clone()
+                residual[d] = 0
+            else:
+                residual = (probs[j] - q[j]).clamp_(min=0)
+            if float(residual.sum()) <= 0:  # p and q equal up to rounding: p itself
+                residual = probs[j]
+            return [*tokens, _draw(residual, self._uniform(seed))]
+        return [*tokens, _draw(probs[len(draft)], self._uniform(seed))]
+
+    def _uniform(self, seed: tuple[int, int | None]) -> float:
+        """One uniform draw in [0, 1): from the sequence's own generator when it is seeded."""
+        seq_id, value = seed
+        generator = None if value is None else self._generator(seq_id, value)
+        return float(torch.rand(1, generator=generator, dtype=torch.float64))
+
     def _sample(self, logits, params: list[SamplingParams], seeds) -> torch.Tensor:
         temperature = torch.tensor([p.temperature for p in params])[:, None]
         probs = _filtered_probs(logits / temperature, params)
@@ -64,6 +160,27 @@ class Sampler:
         if seq_id not in self._generators:
             self._generators[seq_id] = torch.Generator().manual_seed(seed)
         return self._generators[seq_id]
+
+
+def accepts(u: float, p_d: float, q_d: float) -> bool:
+    """Rejection sampling's test for a draft token d: u < min(1, p(d) / q(d)), u uniform."""
+    return u * q_d < p_d
+
+
+def _accept_greedy(argmax: list[int], draft: list[int]) -> list[int]:
+    """The draft's tokens while each is the model's argmax, then the model's own."""
+    accepted = 0
+    while accepted < len(draft) and draft[accepted] == argmax[accepted]:
+        accepted += 1
+    return argmax[: accepted + 1]
+
+
+def _draw(weights: torch.Tensor, u: float) -> int:
+    """The token whose cumulative weight first passes u x the total (inverse transform)."""
+    cdf = weights.double().cumsum(dim=-1)
+    token = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype),
+                                   right=True)[0])  # fmt: skip
+    return min(token, weights.shape[0] - 1)
 
 
 def _wants_logprobs(params: list[SamplingParams]) -> bool:
@@ -159,6 +276,13 @@ def _results(tokens: torch.Tensor, logprobs, params: list[SamplingParams]) -> li
         pairs = list(zip(top.tolist(), values.tolist(), strict=True))
         out.append(Sampled(token, float(logprobs[i, token]), pairs))
     return out
+
+
+def _token_results(tokens: list[int], logprobs, p: SamplingParams) -> list[Sampled]:
+    """Sampled entries of one sequence's consecutive rows (logprobs: theirs, or None)."""
+    if logprobs is None or p.logprobs is None:
+        return [Sampled(t) for t in tokens]
+    return _results(torch.tensor(tokens), logprobs, [p] * len(tokens))
 
 
 def score(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[Sampled]:

@@ -1,0 +1,198 @@
+"""Speculative decoding's proposers: each guesses the next tokens of running sequences, and
+the model verifies a sequence's guesses (its draft) in one forward pass of the step (the
+sampler's `verify`), so a step can add several tokens to a sequence for about the cost of
+one when the guesses are good.
+
+- `ngram` (prompt lookup): the last n tokens (n from `ngram_max` down to `ngram_min`) are
+  looked up earlier in the sequence's own prompt and output; the tokens that followed the
+  latest earlier match are the draft. Free to compute, good where the output repeats the
+  input (edits, summaries, code, extraction).
+- `draft`: a small model with the same vocabulary, with its own paged KV cache, run for k
+  steps per round over all speculated sequences at once. Its tokens are its most likely
+  ones for greedy requests and drawn from its own distribution (the request's temperature,
+  top-k, top-p, min-p) for sampled ones, that distribution going with the draft to the
+  rejection test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.runtime.block_manager import BlockManager
+from llmkit.runtime.scheduler import Batch
+from llmkit.runtime.sequence import Sequence
+
+NGRAM = "ngram"
+
+
+@dataclass(slots=True)
+class Draft:
+    """A sequence's proposed tokens, and per token the distribution it was drawn from
+    ([len(tokens), vocab]; None: each was chosen for sure, as greedy drafts are)."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class SpecStats:
+    """Counts since the engine started: draft tokens proposed and accepted, and the drafts
+    verified (one per speculated sequence and step)."""
+
+    proposed: int = 0
+    accepted: int = 0
+    drafts: int = 0
+
+    def record(self, drafts: list[list[int]], accepted: list[int]) -> None:
+        for draft, n in zip(drafts, accepted, strict=True):
+            if draft:
+                self.proposed += len(draft)
+                self.accepted += n
+                self.drafts += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Draft tokens accepted per draft verified (each verification adds one more token
+        of the model's own)."""
+        return self.accepted / self.drafts if self.drafts else 0.0
+
+
+def ngram_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the last n tokens of
+    `tokens`, for the largest n in [min_n, max_n] that occurs earlier."""
+    length = len(tokens)
+    if k < 1 or length < min_n + 1:
+        return []
+    array = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        pattern = array[length - n :]
+        # starts of earlier windows of n tokens (not the last one itself)
+        windows = np.lib.stride_tricks.sliding_window_view(array[: length - 1], n)
+        starts = np.flatnonzero((windows == pattern).all(axis=1))
+        if len(starts):
+            start = int(starts[-1]) + n
+            return tokens[start : start + k]
+    return []
+
+
+class NgramProposer:
+    name = NGRAM
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+
+    def propose(self, seqs: list[Sequence], sizes: list[int]) -> list[Draft]:
+        return [
+            Draft(ngram_draft(s.prompt_token_ids + s.output_token_ids, self.min_n, self.max_n, k))
+            for s, k in zip(seqs, sizes, strict=True)
+        ]
+
+    def release(self, seq_id: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class DraftProposer:
+    """A draft model on the engine's device (tp 1, in the driver's process), following each
+    speculated sequence with a sequence of its own: the same tokens, its own KV blocks."""
+
+    name = "draft"
+
+    def __init__(self, runner, num_blocks: int, block_size: int):
+        from llmkit.runtime.layers.sampler import Sampler
+
+        self.runner, self.block_size = runner, block_size
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.mirrors: dict[int, Sequence] = {}  # target seq_id -> the draft model's sequence
+        self.synced: dict[int, int] = {}  # target seq_id -> its length at the last sync
+        self.sampler = Sampler()
+
+    def propose(self, seqs: list[Sequence], sizes: list[int]) -> list[Draft]:
+        """Up to sizes[i] tokens for seqs[i]: k steps of the draft model over all of them
+        (none for a sequence whose tokens its KV cache cannot hold now)."""
+        drafts = [Draft() for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        active = [i for i, k in enumerate(sizes) if k > 0 and self._sync(seqs[i])]
+        for _ in range(max(sizes, default=0)):
+            active = [i for i in active if len(drafts[i].tokens) < sizes[i]]
+            batch = Batch()
+            for i in active:
+                mirror = self.mirrors[seqs[i].seq_id]
+                n = mirror.num_tokens - mirror.num_computed_tokens
+                if not self.blocks.can_allocate(mirror, n):
+                    break
+                self.blocks.allocate(mirror, n)
+                batch.add(mirror, n)
+            active = active[: len(batch.seqs)]
+            if not active:
+                break
+            for i, (token, q) in zip(active, self._next_tokens(batch, seqs), strict=True):
+                drafts[i].tokens.append(token)
+                if q is not None:
+                    probs[i].append(q)
+        for draft, rows in zip(drafts, probs, strict=True):
+            if rows and len(rows) == len(draft.tokens):
+                draft.probs = torch.stack(rows)
+        return drafts
+
+    def _next_tokens(self, batch: Batch, targets: list[Sequence]):
+        """Run the draft model on `batch`; each mirror's next token (appended to it) and the
+        distribution it was drawn from (None for greedy)."""
+        from llmkit.runtime.model_runner import prepare
+
+        inputs, sampled, _ = prepare(batch, self.block_size)
+        logits = self.runner.execute(inputs).float().cpu()
+        for mirror, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            mirror.num_computed_tokens += n
+        by_mirror = {m.seq_id: i for i, m in enumerate(sampled.seqs)}
+        out = []
+        for mirror in batch.seqs:
+            row = logits[by_mirror[mirror.seq_id]]
+            token, q = self.sampler.propose(row, mirror.params, (mirror.seq_id, mirror.seed))
+            mirror.prompt_token_ids.append(token)
+            out.append((token, q))
+        return out
+
+    def _sync(self, seq: Sequence) -> bool:
+        """Make seq's mirror hold seq's tokens, keeping the K/V of their common prefix;
+        False when the draft's KV cache has no room for it now."""
+        tokens = seq.prompt_token_ids + seq.output_token_ids
+        mirror = self.mirrors.get(seq.seq_id)
+        if mirror is None:
+            mirror = self.mirrors[seq.seq_id] = Sequence([], seq.params, seed=seq.seed)
+        old, common = mirror.prompt_token_ids, self.synced.get(seq.seq_id, 0)
+        while common < min(len(old), len(tokens)) and old[common] == tokens[common]:
+            common += 1  # past the last sync: the draft tokens the model accepted
+        mirror.prompt_token_ids = tokens
+        mirror.num_computed_tokens = min(mirror.num_computed_tokens, common)
+        self.synced[seq.seq_id] = len(tokens)
+        self.blocks.truncate(mirror)
+        return self.blocks.can_allocate(mirror, len(tokens) - mirror.num_computed_tokens)
+
+    def release(self, seq_id: int) -> None:
+        mirror = self.mirrors.pop(seq_id, None)
+        self.synced.pop(seq_id, None)
+        if mirror is not None:
+            self.blocks.free(mirror)
+            self.sampler.release(mirror.seq_id)
+
+    def close(self) -> None:
+        self.runner = None
+
+
+def check_draft(draft_vocab: int, target_vocab: int, path: str) -> None:
+    if draft_vocab != target_vocab:
+        raise LlmkitError(
+            f"--speculative {path}: its vocabulary has {draft_vocab} tokens, the model's "
+            f"{target_vocab}; a draft model needs the model's tokenizer"
+        )

@@ -1,0 +1,204 @@
+"""Speculative decoding: lossless against plain decoding (greedy tokens identical; sampled
+tokens keep the model's distribution), and the KV blocks of rejected drafts released."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llmkit.checkpoint.init import init_checkpoint
+from llmkit.runtime.block_manager import BlockManager
+from llmkit.runtime.engine import LLM, EngineConfig
+from llmkit.runtime.layers import sampler as sampler_module
+from llmkit.runtime.layers.sampler import Sampler
+from llmkit.runtime.scheduler import Scheduler
+from llmkit.runtime.sequence import SamplingParams, Sequence
+from llmkit.runtime.speculative import ngram_draft
+from tests.runtime_helpers import random_prompts
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+ALL = {"speculative_max_seqs": 64}  # speculate however many sequences a step decodes
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A second tiny-llama (another seed): a draft model that is mostly wrong."""
+    return init_checkpoint(tmp_path_factory.mktemp("draft") / "ckpt", "tiny-llama", 1).path
+
+
+def prompts() -> list[list[int]]:
+    """Random prompts whose last tokens repeat earlier ones (so prompt lookup proposes)."""
+    return [p + p[:10] for p in random_prompts(6, 3, 50, seed=8)]
+
+
+def generate(model, prompt_list, params=GREEDY, **config):
+    llm = LLM(model, EngineConfig(**config))
+    try:
+        outs = llm.generate(prompt_list, params)
+        return [[c.token_ids for c in o.outputs] for o in outs], llm.engine.spec_stats
+    finally:
+        llm.close()
+
+
+def test_ngram_draft_continues_the_latest_earlier_match_of_the_longest_suffix():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3]
+    assert ngram_draft(tokens, 1, 4, 3) == [4, 5, 7]  # "2 3" last seen before "4 5 7"
+    assert ngram_draft(tokens, 3, 4, 3) == []  # "7 2 3" never occurred before
+    assert ngram_draft([5, 6, 5], 1, 2, 4) == [6, 5]  # runs up to the end
+    assert ngram_draft([1, 2], 1, 4, 0) == []
+
+
+@pytest.mark.parametrize("draft", ["ngram", "self", "other"])
+def test_greedy_tokens_are_those_of_plain_decoding(tiny_dir, other_model, draft):
+    """ngram (some accepted, some rejected), a draft model that is the model itself (all
+    accepted) and one that is another model (almost all rejected)."""
+    model = tiny_dir("tiny-llama")
+    spec = {"ngram": "ngram", "self": str(model), "other": str(other_model)}[draft]
+    plain, _ = generate(model, prompts())
+    speculated, stats = generate(model, prompts(), speculative=spec)
+    assert speculated == plain
+    assert stats.drafts > 0 and stats.proposed > 0
+    if draft == "self":
+        assert stats.accepted == stats.proposed
+    if draft == "ngram":
+        assert 0 < stats.accepted < stats.proposed
+
+
+def test_speculation_with_prefix_caching_preemption_logprobs_and_stop(tiny_dir):
+    """A KV cache small enough that sequences are preempted, shared prefixes, n = 2,
+    log probabilities: the same tokens and the same log probabilities."""
+    model = tiny_dir("tiny-llama")
+    shared = random_prompts(1, 40, 41, seed=3)[0]
+    prompt_list = [shared + p for p in prompts()]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=2, n=2)
+    config = dict(kv_cache_memory=24 * 2048, block_size=4)  # 24 blocks of 4 tokens
+    llm_plain = LLM(model, EngineConfig(**config))
+    llm_spec = LLM(model, EngineConfig(**config, **ALL, speculative="ngram"))
+    try:
+        plain = llm_plain.generate(prompt_list, params)
+        spec = llm_spec.generate(prompt_list, params)
+        assert llm_spec.engine.scheduler.num_preemptions > 0
+        assert llm_spec.engine.block_manager.num_hit_blocks > 0
+        assert llm_spec.engine.spec_stats.accepted > 0
+        assert llm_spec.engine.block_manager.num_used_blocks == 0
+    finally:
+        llm_plain.close()
+        llm_spec.close()
+    for a, b in zip(plain, spec, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert x.token_ids == y.token_ids
+            for la, lb in zip(x.logprobs, y.logprobs, strict=True):
+                assert la["token_id"] == lb["token_id"]
+                assert la["logprob"] == pytest.approx(lb["logprob"], abs=1e-4)
+
+
+def test_speculation_stops_at_max_tokens_and_per_request_off(tiny_dir):
+    model = tiny_dir("tiny-llama")
+    for max_tokens in (1, 2, 5):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        plain, _ = generate(model, prompts(), params)
+        spec, _ = generate(model, prompts(), params, speculative="ngram")
+        assert spec == plain
+        assert all(len(c) == max_tokens for o in spec for c in o)
+    off = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, speculative=False)
+    _, stats = generate(model, prompts(), off, speculative="ngram")
+    assert stats.drafts == 0
+
+
+def test_seeded_sampled_requests_reproduce_with_speculation(tiny_dir, other_model):
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_k=50, seed=7, n=2)
+    model = tiny_dir("tiny-llama")
+    for spec in ("ngram", str(other_model)):
+        first, stats = generate(model, prompts(), params, speculative=spec, **ALL)
+        again, _ = generate(model, prompts(), params, speculative=spec, **ALL)
+        assert first == again and stats.drafts > 0
+
+
+def test_tp2_speculation_gives_the_tokens_of_tp1_plain(tiny_dir):
+    model = tiny_dir("tiny-llama")
+    plain, _ = generate(model, prompts())
+    for spec in ("ngram", str(model)):
+        speculated, stats = generate(model, prompts(), tp=2, speculative=spec)
+        assert speculated == plain and stats.accepted > 0
+
+
+# --- the rejection test keeps the model's distribution --------------------------------------
+
+VOCAB = 6
+
+
+def first_tokens(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of the first token verify() returns for draft tokens drawn from a draft
+    distribution q far from the model's p; and p."""
+    g = torch.Generator().manual_seed(seed)
+    p_logits = torch.randn(VOCAB, generator=g) * 1.5
+    q = torch.softmax(torch.randn(VOCAB, generator=g) * 1.5, dim=-1)
+    params = SamplingParams(temperature=1.0, seed=seed)
+    sampler = Sampler()
+    counts = torch.zeros(VOCAB)
+    logits = torch.stack([p_logits, p_logits])  # rows: after the history, after the draft
+    for i in range(samples):
+        d = int(torch.multinomial(q, 1, generator=g))
+        out = sampler.verify(logits, [params], [([], [])], [(i, seed + i)], [[d]], [q[None]])
+        counts[out[0][0].token_id] += 1
+        sampler.release(i)
+    return counts, torch.softmax(p_logits, dim=-1)
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs.double() * counts.sum()
+    statistic = float(((counts.double() - expected) ** 2 / expected).sum())
+    dof = torch.tensor((len(counts) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof, torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def test_sampled_tokens_keep_the_models_distribution():
+    counts, p = first_tokens(6000, seed=1)
+    assert chi_square_p_value(counts, p) > 1e-3
+
+
+def test_the_distribution_test_fails_on_a_biased_acceptance_rule(monkeypatch):
+    """Accepting with probability p(d) (q ignored) skews the tokens toward the draft's:
+    the same test, same samples, rejects it by a wide margin."""
+    monkeypatch.setattr(sampler_module, "accepts", lambda u, p_d, q_d: u < p_d)
+    counts, p = first_tokens(6000, seed=1)
+    assert chi_square_p_value(counts, p) < 1e-9
+
+
+# --- rollback -------------------------------------------------------------------------------
+
+
+def test_rollback_leaves_no_block_used_after_1000_requests_with_random_aborts():
+    """Pure scheduler and block manager: every step each decode verifies a random draft of
+    which a random number is accepted; requests are aborted at random."""
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    pending = [Sequence([rng.randrange(50) for _ in range(rng.randrange(1, 20))],
+                        SamplingParams(max_tokens=rng.randrange(1, 30)))
+               for _ in range(1000)]  # fmt: skip
+    running: list[Sequence] = []
+    while pending or sched.has_unfinished():
+        while pending and len(running) < 12:
+            running.append(pending.pop())
+            sched.add(running[-1])
+        batch = sched.schedule()
+        for i, seq in enumerate(batch.seqs):
+            if batch.num_new_tokens[i] == 1 and seq.num_uncomputed_tokens == 1:
+                sched.speculate(batch, i, [rng.randrange(50) for _ in range(rng.randrange(5))])
+        accepted = [rng.randrange(len(d) + 1) for d in batch.drafts]
+        sched.update(batch, accepted)
+        for seq, draft, a in zip(batch.seqs, batch.drafts, accepted, strict=True):
+            if seq.num_computed_tokens >= seq.num_tokens:  # its logits were sampled
+                seq.output_token_ids += [*draft[:a], rng.randrange(50)]
+                assert seq.num_computed_tokens == seq.num_tokens - 1
+                assert len(seq.block_table) == bm.num_blocks_for(seq.num_computed_tokens)
+                if len(seq.output_token_ids) >= seq.params.max_tokens:
+                    sched.finish(seq, "length")
+        for seq in running:
+            if rng.random() < 0.02:  # an abort, wherever the sequence is
+                sched.finish(seq, "abort")
+        running = [s for s in running if not s.is_finished]
+    assert bm.num_used_blocks == 0 and bm.num_free_blocks == 64
