@@ -33,6 +33,7 @@ BENCHMARKS = {
     "structured_outputs": "Structured outputs against the same requests unguided",
     "grammar_engines": "Grammar engines: llguidance beside xgrammar and outlines-core",
     "lora": "LoRA adapters: a batch mixing four against the base model",
+    "speculative": "Speculative decoding against plain decoding",
     "lm_eval_compat": "lm-evaluation-harness through `llmkit serve` against its hf backend",
     "cuda": "On a CUDA GPU: GPTQ and generation",
 }

@@ -46,7 +46,8 @@ def test_ngram_draft_continues_the_latest_earlier_match_of_the_longest_suffix():
     tokens = [1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3]
     assert ngram_draft(tokens, 1, 4, 3) == [4, 5, 7]  # "2 3" last seen before "4 5 7"
     assert ngram_draft(tokens, 3, 4, 3) == []  # "7 2 3" never occurred before
-    assert ngram_draft([5, 6, 5], 1, 2, 4) == [6, 5]  # runs up to the end
+    assert ngram_draft([5, 6, 5], 1, 2, 4) == [6, 5, 6, 5]  # past the end: repeats on
+    assert ngram_draft([8, 8, 8], 1, 4, 3) == [8, 8, 8]
     assert ngram_draft([1, 2], 1, 4, 0) == []
 
 

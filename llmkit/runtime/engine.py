@@ -34,6 +34,7 @@ from llmkit.runtime.scheduler import Batch, Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, ends_by_token, stop_reason
 from llmkit.runtime.speculative import (
     NGRAM,
+    Backoff,
     DraftProposer,
     NgramProposer,
     SpecStats,
@@ -108,6 +109,7 @@ class Engine:
         self.loras = LoraRegistry(config.max_loras)
         self.proposer = self._proposer(dtype, device, num_blocks)
         self.spec_stats = SpecStats()
+        self.backoff = Backoff()
         self.requests: dict[str, _Request] = {}
         self.num_kv_tokens = capacity
         log.info(
@@ -181,6 +183,7 @@ class Engine:
         self.guides.release(seq.seq_id)
         if self.proposer is not None:
             self.proposer.release(seq.seq_id)
+            self.backoff.release(seq.seq_id)
 
     def pause(self, request_id: str) -> None:
         """Stop computing a request (its client is not reading) and free its KV blocks; it
@@ -234,6 +237,7 @@ class Engine:
             accepted = out.accepted(part)
             self.scheduler.update(part, accepted)
             self.spec_stats.record(part.drafts, accepted)
+            self.backoff.record(part.seqs, part.drafts, accepted)
             self._record_prompt_scores(out)
             for seq, tokens in zip(out.seqs, out.sampled, strict=True):
                 for token in tokens:
@@ -265,6 +269,8 @@ class Engine:
         """Tokens `seq` may take on trial now: none for a request that turned speculation
         off or is guided; never past its max_tokens or the context."""
         if not seq.params.speculative or seq.seq_id in self.guides.matchers:
+            return 0
+        if self.backoff.waits(seq.seq_id):
             return 0
         room = min(
             seq.params.max_tokens - len(seq.output_token_ids), self.max_model_len - seq.num_tokens

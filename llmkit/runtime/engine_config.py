@@ -34,7 +34,7 @@ class EngineConfig:
     ngram_min: int = 1
     ngram_max: int = 4
     # steps with more decoding sequences than this do not speculate (benchmarks/speculative.py)
-    speculative_max_seqs: int = 8
+    speculative_max_seqs: int = 4
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:

@@ -202,15 +202,17 @@ class Sampling:
 def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, Sampling, list[PromptSpan]]:
     """Tensors for `batch`, decodes first; the sequences whose logits come back; and the
     prompt spans whose logits follow theirs."""
-    # decodes first; each adapter's sequences together, so its tokens are few runs
-    order = sorted(
-        range(len(batch.seqs)),
-        key=lambda i: (batch.num_new_tokens[i] != 1, batch.seqs[i].lora_id),
-    )
+
+    # decodes first (a draft's tokens are decodes too: each one a query of its own over the
+    # sequence's blocks); each adapter's sequences together, so its tokens are few runs
+    def decodes(i: int) -> bool:
+        return batch.num_new_tokens[i] == 1 or bool(batch.drafts[i])
+
+    order = sorted(range(len(batch.seqs)), key=lambda i: (not decodes(i), batch.seqs[i].lora_id))
     seqs = [batch.seqs[i] for i in order]
     counts = [batch.num_new_tokens[i] for i in order]
     drafts = [batch.drafts[i] for i in order]
-    num_decodes = next((i for i, n in enumerate(counts) if n != 1), len(counts))
+    num_decodes = sum(decodes(i) for i in order)  # sequences
     ids: list[int] = []
     positions: list[int] = []
     rows: list[int] = []  # each token's sequence, as an index into `seqs`
@@ -277,16 +279,17 @@ def _block_tables(block_tables: list[list[int]]) -> torch.Tensor:
 
 
 def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> AttentionMetadata:
-    """rows, positions: [tokens], each token's sequence (index into `seqs`) and position."""
+    """rows, positions: [tokens], each token's sequence (index into `seqs`) and position;
+    the first `num_decodes` sequences decode: each of their tokens is one query."""
     tables = _block_tables([s.block_table for s in seqs])
     slots = (tables[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
-    meta = AttentionMetadata(slots[rows, positions], num_decodes)
+    start = sum(counts[:num_decodes])  # decode tokens
+    meta = AttentionMetadata(slots[rows, positions], start)
     if num_decodes:
-        lengths = torch.tensor(ends[:num_decodes])
+        lengths = positions[:start] + 1  # each query sees the keys up to its own position
         num_blocks = -(-int(lengths.max()) // block_size)
-        meta.decode_blocks = tables[:num_decodes, :num_blocks].contiguous()
+        meta.decode_blocks = tables[rows[:start], :num_blocks].contiguous()
         meta.decode_lens = lengths
-    start = sum(counts[:num_decodes])
     for i in range(num_decodes, len(seqs)):
         n, end = counts[i], ends[i]
         computed = end - n

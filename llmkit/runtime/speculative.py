@@ -65,9 +65,45 @@ class SpecStats:
         return self.accepted / self.drafts if self.drafts else 0.0
 
 
+class Backoff:
+    """Sequences whose drafts keep failing stop proposing for a while: after m drafts in a
+    row with no token accepted, the next 2^m - 1 steps (at most MAX_BACKOFF) decode plainly.
+    Outputs do not change; what a rejected draft costs (a draft model's steps, the
+    verification's extra rows) is not paid again and again."""
+
+    MAX_BACKOFF = 16
+
+    def __init__(self) -> None:
+        self.misses: dict[int, int] = {}  # seq_id -> drafts in a row with nothing accepted
+        self.wait: dict[int, int] = {}  # seq_id -> steps left without speculation
+
+    def record(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
+        for seq, draft, n in zip(seqs, drafts, accepted, strict=True):
+            if not draft:
+                continue
+            if n:
+                self.misses.pop(seq.seq_id, None)
+                continue
+            misses = self.misses[seq.seq_id] = self.misses.get(seq.seq_id, 0) + 1
+            self.wait[seq.seq_id] = min(2**misses - 1, self.MAX_BACKOFF)
+
+    def waits(self, seq_id: int) -> bool:
+        """Whether `seq_id` sits this step out (counting the step)."""
+        left = self.wait.get(seq_id, 0)
+        if left:
+            self.wait[seq_id] = left - 1
+        return left > 0
+
+    def release(self, seq_id: int) -> None:
+        self.misses.pop(seq_id, None)
+        self.wait.pop(seq_id, None)
+
+
 def ngram_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the last n tokens of
-    `tokens`, for the largest n in [min_n, max_n] that occurs earlier."""
+    """k tokens that followed the latest earlier occurrence of the last n tokens of `tokens`,
+    for the largest n in [min_n, max_n] that occurs earlier (none if none does). Where that
+    continuation reaches the end, it goes on copying at the same distance back, into the
+    draft itself: a repeating stretch is proposed as repeating on."""
     length = len(tokens)
     if k < 1 or length < min_n + 1:
         return []
@@ -78,8 +114,11 @@ def ngram_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
         windows = np.lib.stride_tricks.sliding_window_view(array[: length - 1], n)
         starts = np.flatnonzero((windows == pattern).all(axis=1))
         if len(starts):
-            start = int(starts[-1]) + n
-            return tokens[start : start + k]
+            start, draft = int(starts[-1]) + n, []
+            for j in range(k):
+                at = start + j
+                draft.append(tokens[at] if at < length else draft[at - length])
+            return draft
     return []
 
 

@@ -33,7 +33,8 @@ class Prefill:
 @dataclass(slots=True)
 class AttentionMetadata:
     """Where each token's K/V goes and what each sequence attends to. The first
-    `num_decodes` tokens are single-token steps of as many sequences."""
+    `num_decodes` tokens are queries of one position each (a sequence's next token, or one
+    of the tokens of its draft), each over its sequence's blocks up to its own position."""
 
     slot_mapping: torch.Tensor  # [tokens]
     num_decodes: int = 0

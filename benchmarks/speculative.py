@@ -1,0 +1,242 @@
+"""Speculative decoding against plain decoding, in one run: output tok/s with and without it,
+acceptance rate and mean accepted length.
+
+Models (2 threads, CPU):
+- small-llama in bfloat16 (random init, made under --workdir once), the speed target's
+  model. Its draft model for `--speculative PATH` is its own first DRAFT_LAYERS layers
+  with its embeddings and head (written under --workdir): the only draft with its
+  vocabulary there is.
+- stories260K (../shared, trained), as the model that might repeat its prompt; ngram only.
+
+Workloads, each at concurrency 1, 8 and 64, 64 greedy tokens per request (EOS ignored):
+- grounded: a passage of tinyshakespeare, then "Again:" and the passage's first words
+  (the output should reproduce the passage: edit/summarize style);
+- free: a line of tinyshakespeare to continue.
+
+Each round runs every (workload, concurrency) plainly and with each proposer, in an order
+that alternates between rounds; ratios are per round, then the median. Targets (issue 40):
+ngram >= 1.8x at concurrency 1 on grounded; draft >= 1.3x at concurrency 1 where its
+acceptance is >= 0.6; >= 0.95x at concurrency 64 for every proposer and workload. Writes
+benchmarks/results/speculative-<date>.json.
+
+    python benchmarks/speculative.py [--workdir DIR] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from report import row, save_result
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+THREADS = 2
+OUTPUT_LEN = 64
+CONCURRENCY = (1, 8, 64)
+DRAFT_LAYERS = 2
+K = 4
+
+
+def make_models(work: Path) -> dict[str, Path]:
+    from llmkit.checkpoint.init import init_checkpoint
+
+    small = work / "small-llama-bf16"
+    if not (small / "config.json").is_file():
+        init_checkpoint(small, "small-llama", 0, "bfloat16", True)
+    return {
+        "small-llama": small,
+        "draft": first_layers(small, work / f"small-llama-{DRAFT_LAYERS}-layers", DRAFT_LAYERS),
+        "stories260K": SHARED / "models" / "stories260K",
+    }
+
+
+def first_layers(model: Path, out: Path, layers: int) -> Path:
+    """A checkpoint of `model`'s first `layers` decoder layers, embeddings, norm and head."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(model / "model.safetensors")
+    kept = {
+        name: t
+        for name, t in tensors.items()
+        if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers
+    }
+    save_file(kept, out / "model.safetensors", metadata={"format": "pt"})
+    for f in model.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def workloads() -> dict[str, list[str]]:
+    text = (SHARED / "data" / "tinyshakespeare.txt").read_text()
+    passages = [text[i * 700 : i * 700 + 500] for i in range(max(CONCURRENCY))]
+    return {
+        "grounded": [f"{p}\n\nAgain:\n{p[:60]}" for p in passages],
+        "free": [p[:80] for p in passages],
+    }
+
+
+def run(llm, prompts: list[str]) -> dict:
+    from llmkit.runtime.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
+    before = (llm.engine.spec_stats.proposed, llm.engine.spec_stats.accepted)
+    drafts = llm.engine.spec_stats.drafts
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    stats = llm.engine.spec_stats
+    proposed, accepted = stats.proposed - before[0], stats.accepted - before[1]
+    return {
+        "tok_s": tokens / seconds,
+        "proposed": proposed,
+        "accepted": accepted,
+        "drafts": stats.drafts - drafts,
+        "tokens": [o.outputs[0].token_ids for o in outs],
+    }
+
+
+def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, object]:
+    from llmkit.runtime.engine import LLM, EngineConfig
+
+    def llm(model: str, speculative: str | None = None):
+        config = EngineConfig(
+            threads=THREADS,
+            max_num_seqs=max(CONCURRENCY),
+            speculative=speculative,
+            num_speculative_tokens=K,
+            speculative_max_seqs=speculative_max_seqs,
+        )
+        return LLM(models[model], config)
+
+    return {
+        "small-llama plain": llm("small-llama"),
+        "small-llama ngram": llm("small-llama", "ngram"),
+        "small-llama draft": llm("small-llama", str(models["draft"])),
+        "stories260K plain": llm("stories260K"),
+        "stories260K ngram": llm("stories260K", "ngram"),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-spec-"))
+    work.mkdir(parents=True, exist_ok=True)
+    llms = engines(make_models(work), args.speculative_max_seqs)
+    loads = workloads()
+    cases = [(m, w, c) for m in ("small-llama", "stories260K") for w in loads for c in CONCURRENCY]
+    cases = [case for case in cases if case[0] == "small-llama" or case[2] != max(CONCURRENCY)]
+    for name, llm in llms.items():  # warm up every engine once
+        run(llm, loads["free"][:2])
+    rounds = []
+    for r in range(args.rounds):
+        result = {}
+        for model, workload, concurrency in cases:
+            modes = [n for n in llms if n.startswith(model + " ")]
+            for name in modes if r % 2 == 0 else reversed(modes):
+                out = run(llms[name], loads[workload][:concurrency])
+                result[f"{name} {workload} {concurrency}"] = out
+            plain = result[f"{model} plain {workload} {concurrency}"]
+            for name in modes[1:]:
+                out = result[f"{name} {workload} {concurrency}"]
+                out["same_tokens"] = out.pop("tokens") == plain["tokens"]
+                print(
+                    f"round {r + 1} {name:18} {workload:8} c{concurrency:<3} "
+                    f"{out['tok_s']:7.1f} tok/s vs {plain['tok_s']:7.1f} plain "
+                    f"({out['tok_s'] / plain['tok_s']:.2f}x), accepted "
+                    f"{out['accepted']}/{out['proposed']}",
+                    flush=True,
+                )
+            plain.pop("tokens", None)
+        rounds.append(result)
+    for llm in llms.values():
+        llm.close()
+    report(rounds, cases, args.speculative_max_seqs)
+
+
+def report(rounds: list[dict], cases: list, speculative_max_seqs: int) -> None:
+    med = statistics.median
+    rows = []
+    for model, workload, concurrency in cases:
+        for proposer in ("ngram", "draft"):
+            key = f"{model} {proposer} {workload} {concurrency}"
+            if key not in rounds[0]:
+                continue
+            plain_key = f"{model} plain {workload} {concurrency}"
+            ratios = [r[key]["tok_s"] / r[plain_key]["tok_s"] for r in rounds]
+            proposed = sum(r[key]["proposed"] for r in rounds)
+            accepted = sum(r[key]["accepted"] for r in rounds)
+            drafts = sum(r[key]["drafts"] for r in rounds)
+            acceptance = accepted / proposed if proposed else 0.0
+            target, met = _target(proposer, workload, concurrency, acceptance, med(ratios))
+            same = all(r[key]["same_tokens"] for r in rounds)
+            rows.append(
+                row(
+                    f"{model} {proposer}, {workload}, concurrency {concurrency}: acceptance "
+                    f"{acceptance:.2f}, {accepted / drafts if drafts else 0:.2f} accepted per "
+                    f"draft{'' if same else ', greedy tokens differ from plain'} "
+                    f"({min(ratios):.2f}-{max(ratios):.2f})",
+                    f"{med(r[key]['tok_s'] for r in rounds):.1f} tok/s",
+                    f"{med(r[plain_key]['tok_s'] for r in rounds):.1f} tok/s",
+                    med(ratios),
+                    target,
+                    met,
+                )
+            )
+    for line in rows:
+        print(f"{line['measured']}: {line['ratio']:.2f}x {line['target']}")
+    save_result(
+        "speculative",
+        {"rounds": rounds, "k": K, "speculative_max_seqs": speculative_max_seqs},
+        f"{THREADS} threads, k={K}, --speculative-max-seqs {speculative_max_seqs}",
+        anchor="the same engine without speculation, same process",
+        summary=rows,
+    )
+
+
+def _target(proposer: str, workload: str, concurrency: int, acceptance: float, ratio: float):
+    if concurrency == max(CONCURRENCY):
+        return "≥ 0.95×", ratio >= 0.95
+    if concurrency != 1:
+        return "", None
+    if proposer == "ngram" and workload == "grounded":
+        return "≥ 1.8×", ratio >= 1.8
+    if proposer == "draft":
+        if acceptance < 0.6:
+            return "≥ 1.3× where acceptance ≥ 0.6: acceptance below", None
+        return "≥ 1.3×", ratio >= 1.3
+    return "", None
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", help="keep the models here (reused)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--speculative-max-seqs",
+        type=int,
+        default=None,
+        help="the engine option (default: the engine's default)",
+    )
+    args = parser.parse_args()
+    if args.speculative_max_seqs is None:
+        from llmkit.runtime.engine_config import EngineConfig
+
+        args.speculative_max_seqs = EngineConfig().speculative_max_seqs
+    return args
+
+
+if __name__ == "__main__":
+    main()
