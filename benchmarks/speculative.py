@@ -138,7 +138,7 @@ def main() -> None:
     loads = workloads()
     cases = [(m, w, c) for m in ("small-llama", "stories260K") for w in loads for c in CONCURRENCY]
     cases = [case for case in cases if case[0] == "small-llama" or case[2] != max(CONCURRENCY)]
-    for name, llm in llms.items():  # warm up every engine once
+    for llm in llms.values():  # warm up every engine once
         run(llm, loads["free"][:2])
     rounds = []
     for r in range(args.rounds):

@@ -34,7 +34,7 @@ def prompts() -> list[list[int]]:
 
 
 def generate(model, prompt_list, params=GREEDY, **config):
-    llm = LLM(model, EngineConfig(**config))
+    llm = LLM(model, EngineConfig(**{**ALL, **config}))
     try:
         outs = llm.generate(prompt_list, params)
         return [[c.token_ids for c in o.outputs] for o in outs], llm.engine.spec_stats
@@ -106,14 +106,17 @@ def test_speculation_stops_at_max_tokens_and_per_request_off(tiny_dir):
     off = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, speculative=False)
     _, stats = generate(model, prompts(), off, speculative="ngram")
     assert stats.drafts == 0
+    # six sequences decoding in step, one more than --speculative-max-seqs: none speculates
+    _, stats = generate(model, prompts(), speculative="ngram", speculative_max_seqs=5)
+    assert stats.drafts == 0
 
 
 def test_seeded_sampled_requests_reproduce_with_speculation(tiny_dir, other_model):
     params = SamplingParams(max_tokens=24, temperature=0.8, top_k=50, seed=7, n=2)
     model = tiny_dir("tiny-llama")
     for spec in ("ngram", str(other_model)):
-        first, stats = generate(model, prompts(), params, speculative=spec, **ALL)
-        again, _ = generate(model, prompts(), params, speculative=spec, **ALL)
+        first, stats = generate(model, prompts(), params, speculative=spec)
+        again, _ = generate(model, prompts(), params, speculative=spec)
         assert first == again and stats.drafts > 0
 
 
@@ -203,3 +206,30 @@ def test_rollback_leaves_no_block_used_after_1000_requests_with_random_aborts():
                 sched.finish(seq, "abort")
         running = [s for s in running if not s.is_finished]
     assert bm.num_used_blocks == 0 and bm.num_free_blocks == 64
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def test_a_speculating_server_reports_acceptance_and_takes_per_request_off(tiny_dir, tmp_path):
+    from tests.serve_helpers import start_server
+
+    server = start_server(tiny_dir("tiny-llama"), tmp_path, "--speculative", "ngram")
+    try:
+        body = {"prompt": prompts()[0], "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        plain = server.request("POST", "/v1/completions", {**body, "speculative": False})
+        before = server.metrics()
+        assert before["llmkit_spec_decode_drafts_total{proposer=ngram}"] == 0
+        spec = server.request("POST", "/v1/completions", body)
+        assert plain[0] == spec[0] == 200
+        assert spec[2]["choices"][0]["text"] == plain[2]["choices"][0]["text"]
+        after = server.metrics()
+        proposed = after["llmkit_spec_decode_proposed_tokens_total{proposer=ngram}"]
+        accepted = after["llmkit_spec_decode_accepted_tokens_total{proposer=ngram}"]
+        assert proposed > 0 and 0 < accepted <= proposed
+        rate = after["llmkit_spec_decode_acceptance_rate{proposer=ngram}"]
+        assert rate == pytest.approx(accepted / proposed)
+        status, _, error = server.request("POST", "/v1/completions", {**body, "speculative": "no"})
+        assert status == 400 and error["error"]["param"] == "speculative"
+    finally:
+        server.stop()

@@ -107,7 +107,11 @@ class Engine:
         self.guides = Guides(GuideTokenizer(self.tokenizer, self.model_config.vocab_size))
         self._guide_thread: ThreadPoolExecutor | None = None
         self.loras = LoraRegistry(config.max_loras)
-        self.proposer = self._proposer(dtype, device, num_blocks)
+        try:
+            self.proposer = self._proposer(dtype, device, num_blocks)
+        except BaseException:
+            self.executor.close()  # the model's workers and memory, before the one line
+            raise
         self.spec_stats = SpecStats()
         self.backoff = Backoff()
         self.requests: dict[str, _Request] = {}
@@ -258,16 +262,18 @@ class Engine:
                    batch.seqs[i].num_uncomputed_tokens == 1]  # fmt: skip
         if not decodes or len(decodes) > self.config.speculative_max_seqs:
             return
-        chosen = [i for i in decodes if self._draft_size(batch.seqs[i]) > 0]
+        sizes = {i: self._draft_size(batch.seqs[i]) for i in decodes}
+        chosen = [i for i in decodes if sizes[i] > 0]
         seqs = [batch.seqs[i] for i in chosen]
-        drafts = self.proposer.propose(seqs, [self._draft_size(s) for s in seqs])
+        drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen])
         for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
             if self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
 
     def _draft_size(self, seq: Sequence) -> int:
         """Tokens `seq` may take on trial now: none for a request that turned speculation
-        off or is guided; never past its max_tokens or the context."""
+        off or is guided, or that sits out after rejected drafts (a step counted); never
+        past its max_tokens or the context."""
         if not seq.params.speculative or seq.seq_id in self.guides.matchers:
             return 0
         if self.backoff.waits(seq.seq_id):

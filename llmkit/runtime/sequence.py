@@ -56,6 +56,7 @@ class SamplingParams:
                 "prompt_logprobs must be in [0, 20]",
             ),
             (self.n >= 1, "n must be at least 1"),
+            (isinstance(self.speculative, bool), "speculative must be true or false"),
         ]
         for ok, message in checks:
             if not ok:
