@@ -96,7 +96,9 @@ def section(result: dict) -> str:
 def table_row(row: dict) -> str:
     ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}×"
     verdict = {True: "met", False: "**missed**", None: ""}[row["met"]]
-    target = f"{row['target']}: {verdict}" if row["target"] else verdict
+    target = (
+        f"{row['target']}: {verdict}" if row["target"] and verdict else row["target"] or verdict
+    )
     cells = (row["measured"], row["llmkit"], row["anchor"], ratio, target)
     return "| " + " | ".join(cells) + " |"
 

@@ -212,3 +212,24 @@ def test_tensor_parallel_guides_as_one_rank_does(tiny_dir, llm):
     assert two == one
     for text in two:
         jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_guided_requests_on_a_speculating_engine(tiny_dir, llm):
+    """Guided sequences are decoded without drafts beside speculated ones in the same steps:
+    the guided answers are those of an engine without speculation (greedy and seeded), and
+    the unguided request, speculated, gets its plain tokens."""
+    person = Guide("json", json.dumps(PERSON))
+    guided = [SamplingParams(max_tokens=MAX_TOKENS, temperature=t, seed=3, guide=person)
+              for t in (0, 1.0)]  # fmt: skip
+    plain = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    prompts, params = ["Hello", "Once", "The king The king The king"], [*guided, plain]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    spec = LLM(tiny_dir(), EngineConfig(speculative="ngram", speculative_max_seqs=8))
+    try:
+        got = spec.generate(prompts, params)
+        assert spec.engine.spec_stats.drafts > 0
+    finally:
+        spec.close()
+    assert [o.outputs[0].token_ids for o in got] == expected
+    for out in got[:2]:
+        jsonschema.validate(json.loads(out.outputs[0].text), PERSON)
