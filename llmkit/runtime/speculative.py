@@ -16,7 +16,7 @@ one when the guesses are good.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -175,7 +175,7 @@ class DraftProposer:
             active = active[: len(batch.seqs)]
             if not active:
                 break
-            for i, (token, q) in zip(active, self._next_tokens(batch, seqs), strict=True):
+            for i, (token, q) in zip(active, self._next_tokens(batch), strict=True):
                 drafts[i].tokens.append(token)
                 if q is not None:
                     probs[i].append(q)
@@ -184,7 +184,7 @@ class DraftProposer:
                 draft.probs = torch.stack(rows)
         return drafts
 
-    def _next_tokens(self, batch: Batch, targets: list[Sequence]):
+    def _next_tokens(self, batch: Batch):
         """Run the draft model on `batch`; each mirror's next token (appended to it) and the
         distribution it was drawn from (None for greedy)."""
         from llmkit.runtime.model_runner import prepare
@@ -207,8 +207,9 @@ class DraftProposer:
         False when the draft's KV cache has no room for it now."""
         tokens = seq.prompt_token_ids + seq.output_token_ids
         mirror = self.mirrors.get(seq.seq_id)
-        if mirror is None:
-            mirror = self.mirrors[seq.seq_id] = Sequence([], seq.params, seed=seq.seed)
+        if mirror is None:  # sampling as the request does, scoring nothing
+            params = replace(seq.params, logprobs=None, prompt_logprobs=None)
+            mirror = self.mirrors[seq.seq_id] = Sequence([], params, seed=seq.seed)
         old, common = mirror.prompt_token_ids, self.synced.get(seq.seq_id, 0)
         while common < min(len(old), len(tokens)) and old[common] == tokens[common]:
             common += 1  # past the last sync: the draft tokens the model accepted
