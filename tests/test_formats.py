@@ -171,3 +171,78 @@ def test_compressed_tensors_pack_quantized_dequantizes_as_its_definition(
     expected = (q.double() - (offset[:, columns] if with_zero else 0)) * stored_scale[:, columns]
     assert got.shape == (out_features, in_features)
     assert torch.allclose(got.double(), expected, rtol=0, atol=1e-6)
+
+
+def ct_fixture(layout: str, bits: int, strategy: str, asym: bool, act_order: bool, seed: int):
+    """(stored tensors, scheme, float64 weight) of one compressed-tensors Linear, written
+    here from the format's definition: w[o, i] = scale[o, g] * (q[o, i] - zero[o, g])."""
+    g = torch.Generator().manual_seed(seed)
+    out_features, in_features, group_size = 16, 48, 16
+    groups = {"group": in_features // group_size, "channel": 1, "tensor": 1}[strategy]
+    rows = 1 if strategy == "tensor" else out_features
+    half = 1 << (bits - 1)
+    q = torch.randint(-half, half, (out_features, in_features), dtype=torch.int8, generator=g)
+    scale = torch.rand(rows, groups, generator=g, dtype=torch.float64) + 0.05
+    zero = torch.randint(-half // 2, half // 2, (rows, groups), generator=g, dtype=torch.int8)
+    group_of = torch.arange(in_features) // group_size if strategy == "group" else None
+    if act_order:
+        group_of = group_of[torch.randperm(in_features, generator=g)]
+    stored = {"weight_scale": scale.to(torch.float16)}
+    if layout == "pack-quantized":
+        stored["weight_packed"] = ct.pack_int32(q, bits)
+        stored["weight_shape"] = torch.tensor([out_features, in_features])
+    else:  # int- and naive-quantized keep the values unpacked in int8
+        stored["weight"] = q
+    if asym:
+        packed = layout == "pack-quantized"
+        stored["weight_zero_point"] = ct.pack_int32(zero.t(), bits).t() if packed else zero
+    if act_order:
+        stored["weight_g_idx"] = group_of.to(torch.int32)
+    weights = {"num_bits": bits, "type": "int", "symmetric": not asym, "strategy": strategy,
+               "group_size": group_size if strategy == "group" else None,
+               "actorder": "group" if act_order else None}  # fmt: skip
+    expected = torch.empty(out_features, in_features, dtype=torch.float64)
+    s = stored["weight_scale"].double()
+    for o in range(out_features):
+        for i in range(in_features):
+            r, c = (0 if rows == 1 else o), (0 if group_of is None else int(group_of[i]))
+            z = float(zero[r, c]) if asym else 0.0
+            expected[o, i] = float(s[r, c]) * (int(q[o, i]) - z)
+    return stored, {"weights": weights, "format": layout}, expected
+
+
+@pytest.mark.parametrize(("layout", "bits", "strategy", "asym", "act_order"), [
+    ("pack-quantized", 4, "group", False, True),
+    ("pack-quantized", 4, "group", True, False),
+    ("pack-quantized", 4, "group", True, True),
+    ("pack-quantized", 4, "channel", True, False),
+    ("pack-quantized", 8, "channel", False, False),
+    ("int-quantized", 8, "channel", False, False),
+    ("int-quantized", 8, "tensor", True, False),
+    ("naive-quantized", 4, "group", True, True),
+    ("naive-quantized", 8, "group", False, False),
+])  # fmt: skip
+def test_every_compressed_tensors_layout_reads_as_its_float_reference(
+    layout, bits, strategy, asym, act_order
+):
+    """pack-, int- and naive-quantized; symmetric and asymmetric (zero points packed along
+    the outputs in pack-quantized); per group, channel and tensor; act-order's g_idx."""
+    from llmkit.quant.formats.readers import LinearReader
+
+    stored, scheme, expected = ct_fixture(layout, bits, strategy, asym, act_order, seed=3)
+    assert torch.allclose(ct.dequantize_module(stored, scheme).double(), expected, atol=1e-6)
+    config = {"quant_method": "compressed-tensors", "format": layout,
+              "config_groups": {"g": {**scheme, "targets": ["Linear"]}}}  # fmt: skip
+    source = WholeTensors({f"layer.{name}": t for name, t in stored.items()})
+    read = LinearReader(source, config).read("layer")  # what the runtime loads
+    assert torch.allclose(read.dequantize().double(), expected, atol=1e-6)
+
+
+class WholeTensors(dict):
+    """A reader's tensor source over whole tensors (no tensor-parallel slice)."""
+
+    def get(self, name: str) -> torch.Tensor:
+        return self[name]
+
+    def offset(self, name: str, dim: int = 0) -> int:
+        return 0

@@ -1,10 +1,17 @@
 """compressed-tensors checkpoints (quant_method "compressed-tensors"), the format vLLM and
 transformers read for INT8.
 
-- `int-quantized`: `weight` int8 [out, in] and `weight_scale` [out, 1].
+- `int-quantized` and `naive-quantized`: `weight` int8 [out, in] holding the integer values
+  (of any width up to 8 bits).
 - `pack-quantized`: `weight_packed` int32 [out, ceil(in * bits / 32)] holding values offset by
-  2**(bits-1), element i at bit i * bits of its row (little-endian within each word), plus
-  `weight_scale` [out, 1] and `weight_shape` int64 [2].
+  2**(bits-1), element i at bit i * bits of its row (little-endian within each word), and
+  `weight_shape` int64 [2].
+
+Beside them: `weight_scale` [out, groups] ([out, 1] per channel, one value per tensor);
+`weight_zero_point` when asymmetric, [out, groups] int8, or for pack-quantized packed along
+the outputs, int32 [ceil(out * bits / 32), groups]; and for act-order `weight_g_idx` int32
+[in], the group of each input (else input i is in group i // group_size). Weight:
+w[o, i] = scale[o, g] * (q[o, i] - zero[o, g]), g the group of input i.
 """
 
 from __future__ import annotations
@@ -17,15 +24,27 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.formats import bitpack
 
 INT_QUANTIZED = "int-quantized"
+NAIVE_QUANTIZED = "naive-quantized"
 PACK_QUANTIZED = "pack-quantized"
+FORMATS = (INT_QUANTIZED, NAIVE_QUANTIZED, PACK_QUANTIZED)
 # The tensors of a quantized module (besides its bias); `dequantize_module` reads them.
-LEAVES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+LEAVES = (
+    "weight",
+    "weight_packed",
+    "weight_scale",
+    "weight_shape",
+    "weight_zero_point",
+    "weight_g_idx",
+)
 
 
 def check_config(config: dict) -> None:
     """Refuse compressed-tensors formats other than the integer ones read here."""
-    if config.get("format") not in (INT_QUANTIZED, PACK_QUANTIZED):
-        raise LlmkitError(f"compressed-tensors format {config.get('format')!r} is not supported")
+    if config.get("format") not in FORMATS:
+        raise LlmkitError(
+            f"compressed-tensors format {config.get('format')!r} is not supported; llmkit "
+            f"reads {', '.join(FORMATS)}"
+        )
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -121,10 +140,27 @@ def dequantize_module(tensors: dict[str, torch.Tensor], scheme: dict) -> torch.T
     scale = scale.reshape(1 if scale.numel() == 1 else out_features, -1)  # a tensor's: [1, 1]
     zero = tensors.get("weight_zero_point")
     zero = torch.zeros(scale.shape) if zero is None else _zero_points(zero, bits, scale.shape)
-    repeat = in_features // scale.shape[1]
-    scale = scale.repeat_interleave(repeat, dim=1)
-    zero = zero.float().expand(scale.shape[0], -1).repeat_interleave(repeat, dim=1)
+    columns = _groups_of_inputs(tensors.get("weight_g_idx"), weights, in_features, scale.shape[1])
+    scale = scale.expand(out_features, -1)[:, columns]
+    zero = zero.float().expand(out_features, -1)[:, columns]
     return (q.float() - zero) * scale
+
+
+def _groups_of_inputs(g_idx, weights: dict, in_features: int, groups: int) -> torch.Tensor:
+    """The scale column of each input: g_idx where stored (act-order), else consecutive
+    groups of group_size inputs (one column per channel or tensor)."""
+    if groups == 1:
+        return torch.zeros(in_features, dtype=torch.long)
+    if g_idx is not None:
+        columns = g_idx.long()
+    else:
+        size = int(weights.get("group_size") or -(-in_features // groups))
+        columns = torch.arange(in_features) // size
+    if columns.shape != (in_features,) or int(columns.min()) < 0 or int(columns.max()) >= groups:
+        raise LlmkitError(
+            f"compressed-tensors groups do not fit: {groups} scale columns for {in_features} inputs"
+        )
+    return columns
 
 
 _STRATEGIES = ("tensor", "channel", "group")
