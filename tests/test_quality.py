@@ -72,6 +72,7 @@ def test_cli_bench_quality_json(cli, tiny_dir, int8_copy):
             "top1_agreement",
             "num_tokens",
             "backend",
+            "error",
         }
         assert row["backend"] == "runtime"  # llama: scored on llmkit's own kernels
     assert report["rows"][1]["name"] == str(int8_copy)
@@ -119,3 +120,43 @@ def test_cli_bench_quality_rejects_other_vocabularies(cli, tiny_dir):
         "1",
     )
     assert result.code == 1 and "vocabulary of 500" in result.err
+
+
+def test_an_unreadable_candidate_is_reported_after_the_others_are_scored(
+    cli, tiny_dir, int8_copy, tmp_path
+):
+    """A candidate whose tensors contradict their layout (a scale per pair of inputs where
+    the format has one per output) is one error line naming the tensor and the layout; the
+    readable candidates before and after it are scored, and the exit code is not 0."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(int8_copy, broken)
+    (weights,) = broken.glob("*.safetensors")
+    tensors = load_file(weights)
+    name = "model.layers.0.mlp.down_proj.weight_scale"
+    tensors[name] = tensors[name].reshape(-1)[:7].clone()  # 7 scales for 64 outputs
+    save_file(tensors, weights, metadata={"format": "pt"})
+    (broken / "llmkit-checksums.json").unlink(missing_ok=True)
+    args = ["--seq-len", "32", "--num-windows", "2", "--json"]
+    result = cli("bench", "quality", tiny_dir("tiny-llama"), int8_copy, broken, int8_copy, *args)
+    assert result.code == 1
+    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.layers.0.mlp.down_proj" in errors[0], result.err
+    assert "compressed-tensors" in errors[0]
+    rows = json.loads(result.out)["rows"]
+    assert [r["error"] is None for r in rows] == [True, True, False, True]
+    assert rows[1]["kld_mean"] == rows[3]["kld_mean"] >= 0
+
+
+def test_engine_kernels_score_as_served_and_name_the_kernels(cli, tiny_dir, int8_copy):
+    args = ["--seq-len", "32", "--num-windows", "2", "--json"]
+    exact = json.loads(cli("bench", "quality", tiny_dir("tiny-llama"), int8_copy, *args).out)
+    served = cli("bench", "quality", tiny_dir("tiny-llama"), int8_copy, "--engine-kernels", *args)
+    rows = json.loads(served.out)["rows"]
+    assert exact["rows"][1]["backend"] == rows[0]["backend"] == "runtime"  # the reference: exact
+    assert rows[1]["backend"].startswith("runtime kernels: ") and "Int8Linear" in rows[1]["backend"]
+    # 2 windows of 32 tokens run through the int8 kernel, whose int8 activations show
+    assert rows[1]["kld_mean"] > 0 and rows[1]["kld_mean"] != exact["rows"][1]["kld_mean"]

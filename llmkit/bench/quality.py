@@ -29,7 +29,8 @@ class QualityRow:
     kld_p99: float
     top1_agreement: float
     num_tokens: int
-    backend: str  # "runtime" (llmkit's kernels) or "transformers" (dequantized weights)
+    backend: str  # "runtime" (exact), "runtime kernels: ..." (as served), or "transformers"
+    error: str | None = None  # why the checkpoint could not be scored (the numbers: NaN)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,33 +65,50 @@ def evaluate_quality(
     data: CalibrationSpec = CalibrationSpec(seq_len=512),
     num_windows: int = 0,
     on_window=None,
+    engine_kernels: bool = False,
 ) -> list[QualityRow]:
-    """Rows for the reference and each candidate, all computed in float32 on the CPU."""
+    """Rows for the reference and each candidate, all computed in float32 on the CPU. A
+    candidate that cannot be read or scored gets a row with its `error` (and NaN numbers);
+    the others are scored all the same. `engine_kernels`: the candidates as served, through
+    the serving kernels (named in each row's backend), instead of exactly dequantized."""
     import torch
 
     ids = eval_windows(reference, data, num_windows)
     # The reference runs again beside each candidate rather than keeping its log-probs
     # ([tokens, vocab] per window) or every candidate at once: memory stays at two models.
-    ref_model = scorer(reference, data.seq_len)
-    rows = []
+    ref_model = scorer(reference, data.seq_len)  # exact: the reference is the reference
     with torch.no_grad():
-        for path in [reference, *candidates]:
-            model = ref_model if path == reference else scorer(path, data.seq_len)
-            _check_vocab(ref_model, model, path)
+        rows = [_score(str(reference), ref_model, ref_model, ids, on_window)]
+        for path in candidates:
+            try:  # one unreadable candidate must not cost the others their scores
+                model = scorer(path, data.seq_len, exact=not engine_kernels)
+                _check_vocab(ref_model, model, path)
+            except LlmkitError as e:
+                rows.append(_unreadable(str(path), str(e)))
+                continue
             rows.append(_score(str(path), ref_model, model, ids, on_window))
     return rows
 
 
-def scorer(path: str | Path, seq_len: int):
+def _unreadable(name: str, error: str) -> QualityRow:
+    nan = float("nan")
+    return QualityRow(name, nan, nan, nan, nan, 0, "", error)
+
+
+def scorer(path: str | Path, seq_len: int, exact: bool = True):
     """`.logprobs(ids [windows, seq_len])`, `.vocab_size` and `.backend`: llmkit's runtime
-    scorer for the architectures it runs, else transformers' model code over the dequantized
+    scorer for the architectures it runs (`exact`: weight-only formats exactly dequantized;
+    else through the serving kernels), else transformers' model code over the dequantized
     weights."""
     from llmkit.runtime.scoring import WindowScorer
 
     try:
-        return WindowScorer(str(path), WINDOWS_PER_BATCH, seq_len)
+        model = WindowScorer(str(path), WINDOWS_PER_BATCH, seq_len, exact=exact)
     except LlmkitError:
         return _TransformersScorer(path)
+    if not exact:
+        model.backend = f"runtime kernels: {', '.join(model.kernels())}"
+    return model
 
 
 class _TransformersScorer:

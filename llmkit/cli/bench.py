@@ -21,7 +21,7 @@ from llmkit.cli.options import (
     TextColumnOpt,
     default,
 )
-from llmkit.cli.output import progress_bars, stdout
+from llmkit.cli.output import print_error, progress_bars, stdout
 from llmkit.quant.calibration import CalibrationSpec
 
 app = typer.Typer(
@@ -45,6 +45,14 @@ def quality(
     num_windows: Annotated[
         int, typer.Option(help="Windows to score (0: all the text holds).")
     ] = default(evaluate_quality, "num_windows"),
+    engine_kernels: Annotated[
+        bool,
+        typer.Option(
+            "--engine-kernels",
+            help="Score the candidates as served, through the serving kernels (named in "
+            "the report), instead of with exact dequantized arithmetic.",
+        ),
+    ] = False,
     assert_: AssertOpt = None,
     output: OutputOpt = None,
     json_out: JsonOpt = False,
@@ -58,13 +66,23 @@ def quality(
     )
     with progress_bars(quiet=json_out) as task:
         rows = evaluate_quality(
-            reference, candidates, data, num_windows, on_window=task("windows", unit="windows")
+            reference,
+            candidates,
+            data,
+            num_windows,
+            on_window=task("windows", unit="windows"),
+            engine_kernels=engine_kernels,
         )
     report = {"reference": reference, "seq_len": seq_len, "rows": [r.to_dict() for r in rows]}
     if not json_out:
         _print_quality(reference, rows)
-    labelled = [(row["name"], row) for row in report["rows"][1:]]
-    finish(report, labelled, thresholds, output, json_out)
+    scored = [(row["name"], row) for row in report["rows"][1:] if row["error"] is None]
+    failed = [row for row in rows if row.error is not None]
+    for row in failed:
+        print_error(f"{row.name}: {row.error}")
+    finish(report, scored, thresholds, output, json_out)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _print_quality(reference: str, rows) -> None:
@@ -78,6 +96,9 @@ def _print_quality(reference: str, rows) -> None:
         title=f"quality against {reference}",
     )
     for row in rows:
+        if row.error is not None:
+            table.add_row(row.name, "unreadable", "-", "-", "-", "-")
+            continue
         table.add_row(
             row.name,
             f"{row.perplexity:.4f}",

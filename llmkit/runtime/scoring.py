@@ -37,6 +37,17 @@ class WindowScorer:
             str(path), Group(), torch.float32, torch.device(device), num_blocks, BLOCK_SIZE, exact
         )
         self.vocab_size = self.runner.config.vocab_size
+        self.exact = exact
+
+    def kernels(self) -> list[str]:
+        """What computes the model's Linears: each layer class with the kernel it calls
+        (`torch` where it calls none of llmkit's)."""
+        names = set()
+        for module in self.runner.model.modules():
+            if hasattr(module, "op") or hasattr(module, "_mm"):
+                op = getattr(module, "op", None) or getattr(module, "_mm", None)
+                names.add(f"{type(module).__name__} ({_op_name(op)})")
+        return sorted(names)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.runner.window_logits(ids.tolist())
@@ -44,3 +55,11 @@ class WindowScorer:
     def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
         """log p(token | the tokens before it) for every vocabulary entry at every position."""
         return torch.log_softmax(self(ids).double(), dim=-1)
+
+
+def _op_name(op) -> str:
+    """`llmkit_cpu::q4_linear` for torch.ops.llmkit_cpu.q4_linear, `torch` for None."""
+    if op is None:
+        return "torch"
+    name = getattr(op, "_qualified_op_name", None) or getattr(op, "__name__", None) or str(op)
+    return str(name).removesuffix(".default")

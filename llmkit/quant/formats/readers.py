@@ -55,7 +55,18 @@ class LinearReader:
             return DenseWeight(self.src.get(f"{module}.weight"))
         if self._read is None:
             raise LlmkitError(f"checkpoint has no weight for {module}")
-        return self._read(self, module)
+        try:
+            weight = self._read(self, module)
+            if not isinstance(weight, DenseWeight):
+                weight.check()
+        except (RuntimeError, ValueError, IndexError, KeyError) as e:  # tensors that disagree
+            raise LlmkitError(f"{module}: cannot read it as {self.layout()}: {e}") from None
+        return weight
+
+    def layout(self) -> str:
+        """The stored layout, as its config names it (for error messages)."""
+        detail = self.qconfig.get("format") or self.qconfig.get("version")
+        return f"{self.method} {detail}" if detail else str(self.method)
 
     def _gptq(self, module: str) -> GroupedWeight:
         bits, zero_offset = gptq.checkpoint_bits(self.qconfig)

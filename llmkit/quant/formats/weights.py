@@ -31,6 +31,13 @@ class Int8Weight:
     def dequantize(self) -> torch.Tensor:
         return int8.dequantize(self.q, self.scale[:, None], torch.float32)
 
+    def check(self) -> None:
+        """ValueError when the tensors cannot be one Linear's (checked at read)."""
+        if self.q.dim() != 2 or self.scale.shape != (self.q.shape[0],):
+            raise ValueError(
+                f"{tuple(self.scale.shape)} scales for int8 weights of {tuple(self.q.shape)}"
+            )
+
 
 @dataclass(slots=True)
 class GroupedWeight:
@@ -44,6 +51,21 @@ class GroupedWeight:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_indexed(self.q, self.scales, self.zeros, self.g_idx)
+
+    def check(self) -> None:
+        """ValueError when the tensors cannot be one Linear's (checked at read)."""
+        out, inputs = self.q.shape
+        groups = self.scales.shape[1] if self.scales.dim() == 2 else -1
+        if (
+            self.scales.shape != (out, groups)
+            or self.zeros.shape != self.scales.shape
+            or self.g_idx.shape != (inputs,)
+            or (inputs and not 0 <= int(self.g_idx.min()) <= int(self.g_idx.max()) < groups)
+        ):
+            raise ValueError(
+                f"scales {tuple(self.scales.shape)}, zeros {tuple(self.zeros.shape)} and "
+                f"g_idx {tuple(self.g_idx.shape)} do not fit weights of {(out, inputs)}"
+            )
 
 
 LinearWeight = DenseWeight | Int8Weight | GroupedWeight
