@@ -162,19 +162,23 @@ def main() -> None:
 
 
 def summarize(fields: dict) -> list[dict]:
+    """One row per model and prompt kind: every metric of both tasks against the hf
+    backend's (equal within the tolerance)."""
     rows = []
     for name, scores in fields["scores"].items():
         tokenizer = "sentencepiece" if name == "stories260K" else "byte-level BPE"
         for mode in ("text", "token ids"):
-            for task, metrics in TASKS.items():
-                for m in metrics:
-                    ours, theirs = scores[mode][task][m], scores["hf"][task][m]
-                    same = abs(ours - theirs) <= fields["tolerance"] * max(abs(theirs), 1e-12)
-                    rows.append(row(
-                        f"{name} ({tokenizer}), {task} {m}, {mode} prompts",
-                        f"{ours:.6g}", f"{theirs:.6g}", ours / theirs if theirs else None,
-                        "equal", same,
-                    ))  # fmt: skip
+            pairs = [
+                (scores[mode][t][m], scores["hf"][t][m]) for t, ms in TASKS.items() for m in ms
+            ]
+            same = all(abs(a - b) <= fields["tolerance"] * max(abs(b), 1e-12) for a, b in pairs)
+            names = ", ".join(m for ms in TASKS.values() for m in ms)
+            rows.append(row(
+                f"{name} ({tokenizer}), {mode} prompts: {names}",
+                " / ".join(f"{a:.6g}" for a, _ in pairs),
+                " / ".join(f"{b:.6g}" for _, b in pairs),
+                None, "equal", same,
+            ))  # fmt: skip
     return rows
 
 
