@@ -30,6 +30,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from report import row, save_result
@@ -91,19 +92,17 @@ def run(llm, prompts: list[str]) -> dict:
     from llmkit.runtime.sequence import SamplingParams
 
     params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
-    before = (llm.engine.spec_stats.proposed, llm.engine.spec_stats.accepted)
-    drafts = llm.engine.spec_stats.drafts
+    before = replace(llm.engine.spec_stats)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    stats = llm.engine.spec_stats
-    proposed, accepted = stats.proposed - before[0], stats.accepted - before[1]
+    spec = llm.engine.spec_stats.since(before)
     return {
         "tok_s": tokens / seconds,
-        "proposed": proposed,
-        "accepted": accepted,
-        "drafts": stats.drafts - drafts,
+        "proposed": spec.proposed,
+        "accepted": spec.accepted,
+        "drafts": spec.drafts,
         "tokens": [o.outputs[0].token_ids for o in outs],
     }
 

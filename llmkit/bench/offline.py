@@ -137,15 +137,13 @@ def _speculation(engine, before) -> dict:
     """This case's speculative decoding counts (nothing when speculation is off)."""
     if engine.proposer is None:
         return {}
-    stats = engine.spec_stats
-    proposed, accepted = stats.proposed - before.proposed, stats.accepted - before.accepted
-    drafts = stats.drafts - before.drafts
+    spec = engine.spec_stats.since(before)
     return {
         "speculative": engine.proposer.name,
-        "spec_proposed_tokens": proposed,
-        "spec_accepted_tokens": accepted,
-        "spec_acceptance_rate": accepted / proposed if proposed else 0.0,
-        "spec_mean_accepted_length": accepted / drafts if drafts else 0.0,
+        "spec_proposed_tokens": spec.proposed,
+        "spec_accepted_tokens": spec.accepted,
+        "spec_acceptance_rate": spec.acceptance_rate,
+        "spec_mean_accepted_length": spec.mean_accepted_length,
     }
 
 

@@ -29,6 +29,7 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import CAST_METHODS, METHODS, MethodOptions, check_options
 from llmkit.recipe.yaml_lines import line_of, load_with_lines
+from llmkit.runtime.lora_registry import adapter_dir
 
 STRICT = ConfigDict(extra="forbid")
 # A step's defaults are the command's, read from where the library keeps them.
@@ -284,9 +285,11 @@ def _problems(recipe: Recipe):
             yield from _shard_problems(recipe, step, at)
         if step.bench:
             yield from _assert_problems(step, at)
-            if step.bench.lora is not None and not Path(step.bench.lora).expanduser().is_dir():
-                where = (*at, "bench", step.bench.kind, "lora")
-                yield where, f"{step.bench.lora} is not a directory"
+            if step.bench.lora is not None:
+                try:
+                    adapter_dir(step.bench.lora)
+                except LlmkitError as e:
+                    yield (*at, "bench", step.bench.kind, "lora"), str(e)
         made[step.id] = _made_by(step)
 
 

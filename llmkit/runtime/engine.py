@@ -29,7 +29,13 @@ from llmkit.runtime.layers.sampler import Sampled
 from llmkit.runtime.lora_registry import LoraRegistry
 from llmkit.runtime.model_runner import StepOutput, kv_block_bytes
 from llmkit.runtime.models.llama import LlamaConfig
-from llmkit.runtime.outputs import Completion, RequestOutput, RequestTimes, check_prompt_ids
+from llmkit.runtime.outputs import (
+    Completion,
+    RequestOutput,
+    RequestTimes,
+    SpecStats,
+    check_prompt_ids,
+)
 from llmkit.runtime.scheduler import Batch, Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, ends_by_token, stop_reason
 from llmkit.runtime.speculative import (
@@ -37,7 +43,6 @@ from llmkit.runtime.speculative import (
     Backoff,
     DraftProposer,
     NgramProposer,
-    SpecStats,
     check_draft,
 )
 
@@ -240,8 +245,9 @@ class Engine:
         for part, out in runs:
             accepted = out.accepted(part)
             self.scheduler.update(part, accepted)
-            self.spec_stats.record(part.drafts, accepted)
-            self.backoff.record(part.seqs, part.drafts, accepted)
+            if self.proposer is not None:
+                self.spec_stats.record(part.drafts, accepted)
+                self.backoff.record(part.seqs, part.drafts, accepted)
             self._record_prompt_scores(out)
             for seq, tokens in zip(out.seqs, out.sampled, strict=True):
                 for token in tokens:

@@ -1,5 +1,6 @@
-"""What the engine hands back for each request, and the prompt checks a caller can run before
-submitting one. Torch-free: the HTTP front end imports this without the engine."""
+"""What the engine hands back for each request (and its speculative decoding counts), and
+the prompt checks a caller can run before submitting one. Torch-free: the HTTP front end
+imports this without the engine."""
 
 from __future__ import annotations
 
@@ -54,3 +55,38 @@ def check_prompt_ids(ids: list[int], vocab: int, max_model_len: int) -> None:
             f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} "
             "tokens, which must hold the prompt and at least one generated token"
         )
+
+
+@dataclass(slots=True)
+class SpecStats:
+    """Counts since the engine started: draft tokens proposed and accepted, and the drafts
+    verified (one per speculated sequence and step)."""
+
+    proposed: int = 0
+    accepted: int = 0
+    drafts: int = 0
+
+    def record(self, drafts: list[list[int]], accepted: list[int]) -> None:
+        for draft, n in zip(drafts, accepted, strict=True):
+            if draft:
+                self.proposed += len(draft)
+                self.accepted += n
+                self.drafts += 1
+
+    def since(self, before: SpecStats) -> SpecStats:
+        """The counts after `before` was taken."""
+        return SpecStats(
+            self.proposed - before.proposed,
+            self.accepted - before.accepted,
+            self.drafts - before.drafts,
+        )
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Draft tokens accepted per draft verified (each verification adds one more token
+        of the model's own)."""
+        return self.accepted / self.drafts if self.drafts else 0.0

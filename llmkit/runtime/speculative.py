@@ -38,33 +38,6 @@ class Draft:
     probs: torch.Tensor | None = None
 
 
-@dataclass(slots=True)
-class SpecStats:
-    """Counts since the engine started: draft tokens proposed and accepted, and the drafts
-    verified (one per speculated sequence and step)."""
-
-    proposed: int = 0
-    accepted: int = 0
-    drafts: int = 0
-
-    def record(self, drafts: list[list[int]], accepted: list[int]) -> None:
-        for draft, n in zip(drafts, accepted, strict=True):
-            if draft:
-                self.proposed += len(draft)
-                self.accepted += n
-                self.drafts += 1
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Draft tokens accepted per draft verified (each verification adds one more token
-        of the model's own)."""
-        return self.accepted / self.drafts if self.drafts else 0.0
-
-
 class Backoff:
     """Sequences whose drafts keep failing stop proposing for a while: after m drafts in a
     row with no token accepted, the next 2^m - 1 steps (at most MAX_BACKOFF) decode plainly.

@@ -13,10 +13,10 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmkit.errors import LlmkitError
-from llmkit.runtime.outputs import RequestOutput
+from llmkit.runtime.outputs import RequestOutput, SpecStats
 from llmkit.runtime.sequence import SamplingParams
 from llmkit.serve.deltas import apply
 from llmkit.serve.engine_process import EngineInfo, EngineProcess, EngineStats, Step
@@ -54,9 +54,7 @@ class _Totals:
     since: float
     prompt: int = 0
     generated: int = 0
-    spec_proposed: int = 0
-    spec_accepted: int = 0
-    spec_drafts: int = 0
+    spec: SpecStats = field(default_factory=SpecStats)
 
 
 class AsyncEngine:
@@ -317,22 +315,16 @@ class AsyncEngine:
                 100 * stats.used_blocks / max(stats.num_blocks, 1),
                 stats.preemptions,
             )
-        if stats.proposer and stats.spec_drafts > t.spec_drafts:
-            drafts = stats.spec_drafts - t.spec_drafts
-            accepted = stats.spec_accepted - t.spec_accepted
+        spec = stats.spec.since(t.spec)
+        if stats.proposer and spec.drafts:
             log.info(
                 "speculative (%s): %.1f%% of %d draft tokens accepted, %.2f per draft",
                 stats.proposer,
-                100 * accepted / max(stats.spec_proposed - t.spec_proposed, 1),
-                stats.spec_proposed - t.spec_proposed,
-                accepted / drafts,
+                100 * spec.acceptance_rate,
+                spec.proposed,
+                spec.mean_accepted_length,
             )
-        self._totals = _Totals(
-            now,
-            spec_proposed=stats.spec_proposed,
-            spec_accepted=stats.spec_accepted,
-            spec_drafts=stats.spec_drafts,
-        )
+        self._totals = _Totals(now, spec=stats.spec)
 
 
 def _put(loop: asyncio.AbstractEventLoop, items: list) -> None:

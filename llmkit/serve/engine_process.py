@@ -21,12 +21,13 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, Pipe
 from typing import NoReturn
 
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine_config import EngineConfig
+from llmkit.runtime.outputs import SpecStats
 from llmkit.serve.deltas import DeltaEncoder, OutputDelta
 
 log = logging.getLogger("llmkit.serve")
@@ -56,9 +57,7 @@ class EngineStats:
     block_bytes: int = 0  # one block's K and V on one rank
     seqs_seen: int = 0  # sequences of the "add" commands the engine process has taken so far
     proposer: str = ""  # the speculative proposer ("ngram", "draft"), "" when off
-    spec_proposed: int = 0  # draft tokens proposed, accepted, and drafts verified, so far
-    spec_accepted: int = 0
-    spec_drafts: int = 0
+    spec: SpecStats = field(default_factory=SpecStats)  # its counts so far
 
 
 @dataclass(slots=True)
@@ -276,7 +275,5 @@ class _Loop:
             block_bytes=self.engine.kv_block_bytes,
             seqs_seen=self.seqs,
             proposer=self.engine.proposer.name if self.engine.proposer else "",
-            spec_proposed=self.engine.spec_stats.proposed,
-            spec_accepted=self.engine.spec_stats.accepted,
-            spec_drafts=self.engine.spec_stats.drafts,
+            spec=replace(self.engine.spec_stats),
         )

@@ -86,25 +86,21 @@ class _EngineCollector:
 
 def _speculative(stats: EngineStats):
     """Speculative decoding's counters and gauges, labelled by proposer."""
-    label = ["proposer"]
+    label, spec = ["proposer"], stats.spec
     for name, doc, value in (
-        ("proposed_tokens", "Draft tokens proposed.", stats.spec_proposed),
-        ("accepted_tokens", "Draft tokens accepted.", stats.spec_accepted),
-        ("drafts", "Drafts verified (one per sequence and step).", stats.spec_drafts),
+        ("proposed_tokens", "Draft tokens proposed.", spec.proposed),
+        ("accepted_tokens", "Draft tokens accepted.", spec.accepted),
+        ("drafts", "Drafts verified (one per sequence and step).", spec.drafts),
     ):
         family = CounterMetricFamily(f"llmkit_spec_decode_{name}", doc, labels=label)
         family.add_metric([stats.proposer], value)
         yield family
     for name, doc, value in (
-        (
-            "acceptance_rate",
-            "Draft tokens accepted / proposed, so far.",
-            stats.spec_accepted / stats.spec_proposed if stats.spec_proposed else 0.0,
-        ),
+        ("acceptance_rate", "Draft tokens accepted / proposed, so far.", spec.acceptance_rate),
         (
             "mean_accepted_length",
             "Draft tokens accepted per draft verified, so far.",
-            stats.spec_accepted / stats.spec_drafts if stats.spec_drafts else 0.0,
+            spec.mean_accepted_length,
         ),
     ):
         family = GaugeMetricFamily(f"llmkit_spec_decode_{name}", doc, labels=label)
