@@ -142,37 +142,36 @@ inline void expand_one(T* y, int64_t out, const float* t, int64_t rank, const fl
 
 // The run's products on outputs [o0, o1), block by block: each output reads only the rank
 // rows of its own block (a merged Linear's parts: the other parts' rows of b are zero).
-// t: the run's rank products, row m at t + (m - run.start) * run.rank.
+// y: the run's first row; t: its rank products, a row of run.rank per row of the run.
 template <typename T>
 void expand_columns(T* y, int64_t out, const float* t, const Run& run, int64_t o0, int64_t o1) {
-  const float* rows = t - run.start * run.rank;  // indexed by the step's row
+  const int64_t rows = run.stop - run.start;
   for (int64_t k = 0; k < run.n_blocks; ++k) {
     const int64_t* block = run.blocks + 4 * k;
     const int64_t j0 = block[2], j1 = block[3], end = std::min(o1, block[1]);
     int64_t o = std::max(o0, block[0]);
     for (; o + kColumns <= end; o += kColumns) {
-      int64_t m = run.start;
-      for (; m + kRows <= run.stop; m += kRows)
-        expand_tile<kRows>(y, out, rows, run.rank, run.b, j0, j1, m, o);
-      for (; m < run.stop; ++m) expand_tile<1>(y, out, rows, run.rank, run.b, j0, j1, m, o);
+      int64_t m = 0;
+      for (; m + kRows <= rows; m += kRows)
+        expand_tile<kRows>(y, out, t, run.rank, run.b, j0, j1, m, o);
+      for (; m < rows; ++m) expand_tile<1>(y, out, t, run.rank, run.b, j0, j1, m, o);
     }
     for (; o < end; ++o)
-      for (int64_t m = run.start; m < run.stop; ++m)
-        expand_one(y, out, rows, run.rank, run.b, j0, j1, m, o);
+      for (int64_t m = 0; m < rows; ++m) expand_one(y, out, t, run.rank, run.b, j0, j1, m, o);
   }
 }
 
 template <typename T>
-void lora_rows(at::Tensor& y, const at::Tensor& x32, const std::vector<Run>& runs,
-               int64_t rank) {
+void lora_rows(at::Tensor& y, const at::Tensor& x32, const std::vector<Run>& runs) {
   const int64_t in = x32.size(1), out = y.size(1), rows = y.size(0);
   const float* xp = x32.data_ptr<float>();
   T* yp = y.data_ptr<T>();
-  // Run i's rank products: rows of run.rank floats from starts[i] (t has room for `rank`,
-  // the largest, per row of the step).
-  std::vector<float> t(rows * rank);
+  // Run i's rank products: a row of run.rank floats per row of the run, from starts[i].
+  std::vector<int64_t> offsets{0};
+  for (const Run& run : runs) offsets.push_back(offsets.back() + (run.stop - run.start) * run.rank);
+  std::vector<float> t(offsets.back());
   std::vector<float*> starts;
-  for (const Run& run : runs) starts.push_back(t.data() + run.start * rank);
+  for (size_t i = 0; i < runs.size(); ++i) starts.push_back(t.data() + offsets[i]);
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
     for (size_t i = 0; i < runs.size(); ++i) {
       const Run& run = runs[i];
@@ -185,7 +184,8 @@ void lora_rows(at::Tensor& y, const at::Tensor& x32, const std::vector<Run>& run
   const int64_t tiles = (out + kColumns - 1) / kColumns;
   at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
     const int64_t o0 = begin * kColumns, o1 = std::min(out, end * kColumns);
-    for (size_t i = 0; i < runs.size(); ++i) expand_columns(yp, out, starts[i], runs[i], o0, o1);
+    for (size_t i = 0; i < runs.size(); ++i)
+      expand_columns(yp + runs[i].start * out, out, starts[i], runs[i], o0, o1);
   });
 }
 
@@ -200,7 +200,7 @@ void lora_add(at::Tensor y, at::Tensor x, at::TensorList a_t, at::TensorList b_t
                   bounds.size() == 2 * a_t.size(),
               "lora_add: one (a_t, b_t, blocks) and one (start, stop) per run");
   std::vector<Run> runs;
-  int64_t rank = 0, previous = 0;
+  int64_t previous = 0;
   for (size_t i = 0; i < a_t.size(); ++i) {
     const at::Tensor &a = a_t[i], &b = b_t[i];
     const int64_t start = bounds[2 * i], stop = bounds[2 * i + 1];
@@ -222,13 +222,12 @@ void lora_add(at::Tensor y, at::Tensor x, at::TensorList a_t, at::TensorList b_t
     previous = stop;
     runs.push_back({start, stop, a.size(1), a.data_ptr<float>(), b.data_ptr<float>(),
                     layout.data_ptr<int64_t>(), layout.size(0)});
-    rank = std::max(rank, a.size(1));
   }
   const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   if (y.scalar_type() == at::kFloat) {
-    lora_rows<float>(y, x32, runs, rank);
+    lora_rows<float>(y, x32, runs);
   } else {
-    lora_rows<c10::BFloat16>(y, x32, runs, rank);
+    lora_rows<c10::BFloat16>(y, x32, runs);
   }
 }
 
