@@ -2,10 +2,11 @@
 // is read once per step, so the weight's bytes set the speed), registered beside cpu_ops.cpp
 // as torch.ops.llmkit_cpu:
 //
-// - q4_linear: 4-bit grouped weights, w = s * (q - z) per group of group_size inputs. Layout
-//   (repacked at load, see layers/linear.py): packed uint8 [N, K/2], each 16 bytes one block
-//   of 32 inputs, byte j holding input j in its low nibble and input j + 16 in its high one;
-//   scales fp16 [N, K/group_size]; zeros uint8 [N, K/group_size].
+// - q4_linear: 4-bit grouped weights, w = s * (q - z) per group of group_size inputs, in
+//   tiles of 8 output rows (repacked at load, see layers/linear.py): packed uint8
+//   [N / 8, 4 K], each 128 bytes one block of 32 inputs of the tile's rows, byte 32 j + 4 r + i
+//   holding input 4 j + i of row r in its low nibble and input 16 + 4 j + i in its high one;
+//   scales fp16 and zeros uint8 [N / 8, K / group_size, 8].
 // - q8_linear: int8 weights [N, K] with one float scale per output.
 //
 // Both take the activations as int8 in blocks of 32 with one float scale each (x / scale
@@ -30,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -144,6 +146,13 @@ inline __m256i dot_s8s8(__m256i a, __m256i b) {
   return dot_u8s8(_mm256_sign_epi8(b, b), _mm256_sign_epi8(a, b));
 }
 
+// The cache line kAhead bytes on in a weight stream, asked for early: the hardware's own
+// prefetcher alone leaves a core's reads of a few hundred kilobytes short of the bandwidth.
+constexpr int64_t kAhead = 2048;
+inline void prefetch(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
+
 inline __m256i load32(const int8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
@@ -177,16 +186,12 @@ inline void over_blocks(int64_t blocks, Step step, float* res) {
 
 #endif
 
-inline float to_float(c10::Half h) {
-#ifdef LLMKIT_AVX2
-  return _cvtsh_ss(h.x);  // one instruction; c10's conversion is a dozen
-#else
-  return static_cast<float>(h);
-#endif
-}
 
 // ---------------------------------------------------------------------------------------
-// 4-bit grouped weights
+// 4-bit grouped weights, in tiles of 8 output rows
+
+constexpr int64_t kTileRows = 8;               // output rows interleaved in a tile
+constexpr int64_t kTileBlock = kTileRows * 16;  // bytes of one block of 32 inputs of a tile
 
 struct Q4 {
   const uint8_t* packed;
@@ -204,101 +209,89 @@ std::vector<float> group_sums(const Blocks& x, int64_t blocks_per_group) {
   return xs;
 }
 
-// share[t] = sum over groups g of s[g] * z[g] * xs[t * groups + g]: what the zeros take off
-// output row o for activation row m0 + t.
-template <int MT>
-inline void zero_shares(const c10::Half* s, const uint8_t* z, int64_t groups, const float* xs,
-                        float* share) {
-  int64_t g = 0;
 #ifdef LLMKIT_AVX2
+
+// The 4 activation bytes of inputs 4c..4c+3 of a block in every 32-bit lane.
+inline __m256i chunk(const int8_t* q, int c) {
+  int32_t v;
+  std::memcpy(&v, q + 4 * c, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+
+// Tile `tile`'s 8 output rows against activation rows [m0, m0 + MT): res[t * 8 + r] for
+// row m0 + t and output 8 * tile + r. A block's 8 x 32 products are 8 byte-pair products
+// per lane (one lane per output row), summed in 16 bits (at most 8 x 2 x 15 x 127), then
+// in 32; one float multiply-add per block adds them, scaled, to the row's sum, in the same
+// order whatever MT is, so a row gets the same bits alone as in any batch.
+template <int MT>
+inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs, int64_t m0,
+                    float* res) {
+  const int64_t per_row = w.k / kBlock;
+  const uint8_t* p = w.packed + tile * per_row * kTileBlock;
+  const c10::Half* s = w.scales + tile * w.groups * kTileRows;
+  const uint8_t* z = w.zeros + tile * w.groups * kTileRows;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
-  for (; g + 8 <= groups; g += 8) {
-    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g)));
-    const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
+  for (int64_t g = 0, b = 0; g < w.groups; ++g) {
+    const __m256 sv = _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g * kTileRows)));
+    const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g * kTileRows));
     const __m256 sz = _mm256_mul_ps(sv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)));
     for (int t = 0; t < MT; ++t)
-      acc[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xs + t * groups + g), acc[t]);
-  }
-  for (int t = 0; t < MT; ++t) share[t] = hsum(acc[t]);
-#else
-  for (int t = 0; t < MT; ++t) share[t] = 0.f;
-#endif
-  for (; g < groups; ++g)
-    for (int t = 0; t < MT; ++t) share[t] += to_float(s[g]) * float(z[g]) * xs[t * groups + g];
-}
-
-// ws[t * blocks + b] = s[group of block b] * d[m0 + t, b]: the one float each block's
-// integer dot product is multiplied by, for output row `scales` and activation rows m0.. .
-template <int MT>
-inline void block_scales(const Q4& w, const c10::Half* scales, const Blocks& x, int64_t m0,
-                         float* ws) {
-  const int64_t per_row = w.k / kBlock;
-  for (int t = 0; t < MT; ++t) {
-    const float* d = &x.d[(m0 + t) * per_row];
-    float* out = ws + t * per_row;
-    int64_t b = 0;
-#ifdef LLMKIT_AVX2
-    if (w.blocks_per_group == 1) {
-      for (; b + 8 <= per_row; b += 8) {
-        const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b));
-        _mm256_storeu_ps(out + b, _mm256_mul_ps(_mm256_cvtph_ps(s8), _mm256_loadu_ps(d + b)));
+      acc[t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(xs[(m0 + t) * w.groups + g]), acc[t]);
+    for (const int64_t end = b + w.blocks_per_group; b < end; ++b) {
+      __m256i wv[8];  // chunk c: inputs 4c..4c+3 of the block, one lane per output row
+      prefetch(p + b * kTileBlock + kAhead);
+      prefetch(p + b * kTileBlock + kAhead + 64);
+      for (int j = 0; j < 4; ++j) {
+        const __m256i raw =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * kTileBlock + 32 * j));
+        wv[j] = _mm256_and_si256(raw, low);
+        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
       }
-    } else if (w.blocks_per_group % 4 == 0) {
-      for (int64_t g = 0; g < w.groups; ++g) {
-        const __m128 sg = _mm_set1_ps(to_float(scales[g]));
-        for (const int64_t end = b + w.blocks_per_group; b < end; b += 4)
-          _mm_storeu_ps(out + b, _mm_mul_ps(sg, _mm_loadu_ps(d + b)));
+      for (int t = 0; t < MT; ++t) {
+        const int64_t row = (m0 + t) * per_row + b;
+        const int8_t* q = &x.q[row * kBlock];
+        __m256i sum = _mm256_maddubs_epi16(wv[0], chunk(q, 0));
+        for (int c = 1; c < 8; ++c) sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wv[c], chunk(q, c)));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
+        acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(x.d[row])), acc[t]);
       }
     }
-#endif
-    for (int64_t g = b / w.blocks_per_group; b < per_row; ++g) {
-      const float sg = to_float(scales[g]);
-      for (const int64_t end = b + w.blocks_per_group; b < end; ++b) out[b] = sg * d[b];
-    }
   }
+  for (int t = 0; t < MT; ++t) _mm256_storeu_ps(res + t * kTileRows, acc[t]);
 }
 
-// Output row o for activation rows [m0, m0 + MT): sums into res[MT]. Each block is one
-// integer dot product times one float (block_scales); the zeros' share comes off at the end.
-template <int MT>
-inline void q4_row(const Q4& w, int64_t o, const Blocks& x, const float* xs, int64_t m0,
-                   float* res) {
-  const int64_t per_row = w.k / kBlock;
-  const uint8_t* packed = w.packed + o * (w.k / 2);
-  const c10::Half* scales = w.scales + o * w.groups;
-  float zero_share[MT];
-  zero_shares<MT>(scales, w.zeros + o * w.groups, w.groups, xs + m0 * w.groups, zero_share);
-  thread_local std::vector<float> scratch;
-  if (scratch.size() < static_cast<size_t>(MT * per_row)) scratch.resize(MT * per_row);
-  const float* ws = scratch.data();
-  block_scales<MT>(w, scales, x, m0, scratch.data());
-#ifdef LLMKIT_AVX2
-  auto step = [&](int64_t b, __m256* acc) {
-    const __m256i wv = unpack4(packed + b * (kBlock / 2));
-    for (int t = 0; t < MT; ++t) {
-      const int64_t row = (m0 + t) * per_row + b;
-      const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wv, load32(&x.q[row * kBlock])));
-      acc[t] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(ws + t * per_row + b), acc[t]);
-    }
-  };
-  over_blocks<MT>(per_row, step, res);
-  for (int t = 0; t < MT; ++t) res[t] -= zero_share[t];
 #else
-  for (int t = 0; t < MT; ++t) {
-    float acc = 0.f;
-    for (int64_t b = 0; b < per_row; ++b) {
-      const uint8_t* p = packed + b * (kBlock / 2);
-      const int8_t* q = &x.q[((m0 + t) * per_row + b) * kBlock];
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kBlock / 2; ++i)
-        sum += (p[i] & 0x0F) * q[i] + (p[i] >> 4) * q[i + kBlock / 2];
-      acc += float(sum) * ws[t * per_row + b];
+
+template <int MT>
+inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs, int64_t m0,
+                    float* res) {
+  const int64_t per_row = w.k / kBlock;
+  const uint8_t* p = w.packed + tile * per_row * kTileBlock;
+  for (int t = 0; t < MT; ++t)
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      float acc = 0.f;
+      for (int64_t g = 0, b = 0; g < w.groups; ++g) {
+        const int64_t at = (tile * w.groups + g) * kTileRows + r;
+        const float sg = static_cast<float>(w.scales[at]);
+        acc -= sg * float(w.zeros[at]) * xs[(m0 + t) * w.groups + g];
+        for (const int64_t end = b + w.blocks_per_group; b < end; ++b) {
+          const int64_t row = (m0 + t) * per_row + b;
+          int32_t sum = 0;
+          for (int64_t i = 0; i < kBlock; ++i) {
+            const uint8_t byte = p[b * kTileBlock + 32 * (i / 4 % 4) + 4 * r + i % 4];
+            sum += (i < 16 ? byte & 0x0F : byte >> 4) * x.q[row * kBlock + i];
+          }
+          acc += float(sum) * (sg * x.d[row]);
+        }
+      }
+      res[t * kTileRows + r] = acc;
     }
-    res[t] = acc - zero_share[t];
-  }
-#endif
 }
+
+#endif
 
 // Rows [m0, rows) of activations against output row o in tiles of MT rows, then of fewer.
 template <int MT, typename T, typename Row>
@@ -336,27 +329,47 @@ void check_activations(const at::Tensor& x, int64_t k, const char* op) {
               ": x must be float32 or bfloat16");
 }
 
+// Tile `tile` against activation rows [m0, rows) in groups of MT rows, then of fewer.
+template <int MT, typename T>
+inline void q4_rows(T* out, int64_t n, const Q4& w, int64_t tile, const Blocks& x,
+                    const float* xs, int64_t m0, int64_t rows) {
+  float res[MT * kTileRows];
+  for (; m0 + MT <= rows; m0 += MT) {
+    q4_tile<MT>(w, tile, x, xs, m0, res);
+    for (int t = 0; t < MT; ++t)
+      for (int64_t r = 0; r < kTileRows; ++r)
+        put(out, n, m0 + t, tile * kTileRows + r, res[t * kTileRows + r]);
+  }
+  if constexpr (MT > 1) q4_rows<MT / 2>(out, n, w, tile, x, xs, m0, rows);
+}
+
 at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Tensor zeros,
                      int64_t group_size) {
-  const int64_t n = packed.size(0), k = packed.size(1) * 2;
+  TORCH_CHECK(packed.dim() == 2 && packed.size(1) % (4 * kBlock) == 0,
+              "q4_linear: packed must be [tiles of 8 outputs, 4 x inputs]");
+  const int64_t tiles = packed.size(0), k = packed.size(1) / 4, n = tiles * kTileRows;
   check_activations(x, k, "q4_linear");
   TORCH_CHECK(packed.scalar_type() == at::kByte && zeros.scalar_type() == at::kByte &&
                   scales.scalar_type() == at::kHalf,
               "q4_linear: uint8 packed and zeros, fp16 scales are needed");
   TORCH_CHECK(group_size % kBlock == 0 && k % group_size == 0, "q4_linear: group size ",
               group_size, " must be a multiple of 32 dividing ", k);
+  const int64_t groups = k / group_size;
   TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && zeros.is_contiguous() &&
-                  scales.sizes() == zeros.sizes() && scales.size(0) == n &&
-                  scales.size(1) == k / group_size,
-              "q4_linear: scales and zeros must be contiguous [", n, ", ", k / group_size, "]");
+                  scales.sizes() == zeros.sizes() &&
+                  scales.sizes() == at::IntArrayRef({tiles, groups, kTileRows}),
+              "q4_linear: scales and zeros must be contiguous [", tiles, ", ", groups, ", 8]");
   const Q4 w{packed.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), zeros.data_ptr<uint8_t>(),
-             k, k / group_size, group_size / kBlock};
+             k, groups, group_size / kBlock};
   const Blocks xq = quantize_blocks(x);
   const std::vector<float> xs = group_sums(xq, w.blocks_per_group);
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   by_dtype(out, [&](auto tag) {
-    each_output<decltype(tag)>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
-      q4_row<decltype(mt)::value>(w, o, xq, xs.data(), m0, res);
+    using T = decltype(tag);
+    T* o = out.data_ptr<T>();
+    at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile)
+        q4_rows<kTile>(o, n, w, tile, xq, xs.data(), 0, x.size(0));
     });
   });
   return out;
@@ -372,6 +385,7 @@ inline void q8_row(const int8_t* w, float scale, int64_t k, const Blocks& x, int
   const int64_t per_row = k / kBlock;
 #ifdef LLMKIT_AVX2
   auto step = [&](int64_t b, __m256* acc) {
+    if (b % 2 == 0) prefetch(w + b * kBlock + kAhead);
     const __m256i wv = load32(w + b * kBlock);
     for (int t = 0; t < MT; ++t) {
       const int64_t row = (m0 + t) * per_row + b;
@@ -489,6 +503,7 @@ inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* r
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
   auto step = [&](int64_t b, __m256* acc) {
+    if (b % 4 == 0) prefetch(w + 8 * b + kAhead / sizeof(W));
     const __m256 wv = widen8(w + 8 * b);
     for (int t = 0; t < MT; ++t)
       acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + t) * k + 8 * b), acc[t]);

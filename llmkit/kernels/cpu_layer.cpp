@@ -75,10 +75,9 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   if (residual.has_value()) {
     res = *residual;
     h = add_rms_norm.call(res, x, input_norm, eps);
-  } else {
-    res = x;
-    const at::Tensor normed = at::rms_norm(x.to(at::kFloat), {x.size(1)}, std::nullopt, eps);
-    h = input_norm * normed.to(x.scalar_type());
+  } else {  // norm(0 + x): the same bits as RMSNorm.forward(x)
+    res = at::zeros_like(x);
+    h = add_rms_norm.call(res, x, input_norm, eps);
   }
 
   // attention (Attention.forward, apply_rotary, paged_attention)

@@ -323,16 +323,19 @@ class Int4Linear(nn.Module):
 
 
 class Q4Linear(nn.Module):
-    """4-bit grouped weights through llmkit's CPU kernel (kernels/cpu_gemm.cpp q4_linear):
-    packed [out, in / 2] in blocks of 32 inputs, fp16 scales and uint8 zeros per group."""
+    """4-bit grouped weights through llmkit's CPU kernel (kernels/cpu_gemm.cpp q4_linear), in
+    tiles of 8 output rows: packed [tiles, 4 x in] (each block of 32 inputs of a tile's rows
+    128 bytes), fp16 scales and uint8 zeros [tiles, groups, 8]. Outputs past a multiple of 8
+    are padded with zero rows and cut off after the kernel."""
 
-    def __init__(self, packed, scales, zeros, group_size: int, perm, bias, op):
+    def __init__(self, packed, scales, zeros, group_size: int, out_features: int, perm, bias, op):
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("perm", perm)  # [in] input order, or None when groups are in order
         self.group_size = group_size
+        self.out_features = out_features
         self.bias = bias
         self.op = op
 
@@ -350,13 +353,12 @@ class Q4Linear(nn.Module):
         if not (_4bit_integers(zeros) and _fp16_normal(scales)):
             return None
         q = (w.q if perm is None else w.q[:, perm]).to(torch.uint8)
-        blocks = q.reshape(q.shape[0], -1, 2, 16)  # byte j: input j low, input j + 16 high
-        packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1)
         return cls(
-            packed.contiguous(),
-            scales.to(torch.float16).contiguous(),
-            zeros.to(torch.uint8).contiguous(),
+            _q4_tiles(q),
+            _by_tile(scales.to(torch.float16)),
+            _by_tile(zeros.to(torch.uint8)),
             size,
+            q.shape[0],
             perm,
             bias,
             op,
@@ -368,27 +370,61 @@ class Q4Linear(nn.Module):
         if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:  # a prefill: compute-bound
             return linear_in_float32(x, self, self.bias)
         y = _on_rows(self.op, x, self.packed, self.scales, self.zeros, self.group_size)
+        if y.shape[-1] != self.out_features:
+            y = y[..., : self.out_features]
         return _plus(y, self.bias)
 
     def kernel_call(self) -> KernelCall | None:
-        if self.perm is not None:
+        if self.perm is not None or self.out_features % TILE_ROWS:
             return None
         weights = [self.packed, self.scales, self.zeros]
         return KernelCall(Q4, weights, self.bias, self.group_size)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.packed.shape[0], self.packed.shape[1] * 2
+        return self.out_features, self.packed.shape[1] // 4
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         """Output rows `rows` of the weight, dequantized to float32 (the fp16 scales as
         stored): what `linear_in_float32` multiplies a block at a time."""
-        packed = self.packed[rows]
-        blocks = packed.reshape(packed.shape[0], -1, 16)
-        q = torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(packed.shape[0], -1)
-        scales = self.scales[rows].float().repeat_interleave(self.group_size, dim=1)
-        zeros = self.zeros[rows].float().repeat_interleave(self.group_size, dim=1)
-        return (q.float() - zeros) * scales
+        start, stop, _ = rows.indices(self.out_features)
+        first, end = start // TILE_ROWS, -(-stop // TILE_ROWS)
+        tiles = self.packed[first:end].reshape(end - first, -1, 4, TILE_ROWS, 4)  # t b j r i
+        q = torch.stack([tiles & 15, tiles >> 4], dim=2)  # t b h j r i: input 16 h + 4 j + i
+        q = q.permute(0, 4, 1, 2, 3, 5).reshape((end - first) * TILE_ROWS, -1)
+        scales, zeros = (
+            t[first:end].transpose(1, 2).reshape(q.shape[0], -1).float()
+            for t in (self.scales, self.zeros)
+        )
+        size = self.group_size
+        weight = (q.float() - zeros.repeat_interleave(size, 1)) * scales.repeat_interleave(size, 1)
+        offset = first * TILE_ROWS
+        return weight[start - offset : stop - offset]
+
+
+TILE_ROWS = 8  # output rows the 4-bit CPU kernel interleaves
+
+
+def _q4_tiles(q: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit q [out, in] in q4_linear's tiles: [tiles, 4 x in], byte 32 j + 4 r + i
+    of a block holding input 4 j + i of row r (low nibble) and input 16 + 4 j + i (high)."""
+    q = _pad_rows(q)
+    tiles = q.shape[0] // TILE_ROWS
+    parts = q.reshape(tiles, TILE_ROWS, -1, 2, 4, 4)  # t r b h j i
+    packed = parts[:, :, :, 0] | (parts[:, :, :, 1] << 4)  # t r b j i
+    return packed.permute(0, 2, 3, 1, 4).reshape(tiles, -1).contiguous()
+
+
+def _by_tile(t: torch.Tensor) -> torch.Tensor:
+    """Per-group values [out, groups] as [tiles, groups, 8]: a tile's rows side by side."""
+    t = _pad_rows(t)
+    return t.reshape(-1, TILE_ROWS, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` with zero rows appended up to a multiple of TILE_ROWS."""
+    extra = -t.shape[0] % TILE_ROWS
+    return t if not extra else torch.cat([t, t.new_zeros(extra, t.shape[1])])
 
 
 def _contiguous_groups(w: GroupedWeight) -> tuple[torch.Tensor | None, torch.Tensor, int] | None:
