@@ -52,6 +52,7 @@ def close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool
 def test_q4_kernel_is_the_dequantized_product_of_block_quantized_inputs(
     dtype, act_order, inp, group
 ):
+    """37 outputs: four tiles of 8 rows and one padded past the weight's last row."""
     w = random_grouped(37, inp, group, act_order)
     module = Q4Linear.build(w, None, dtype, CPU)
     assert module is not None and (module.perm is not None) == (act_order and group < inp)
@@ -63,6 +64,8 @@ def test_q4_kernel_is_the_dequantized_product_of_block_quantized_inputs(
         expected = blocks_of_32(x[:, perm]) @ weight[:, perm].T
         got = module(x)
         assert got.dtype == dtype and close(got, expected, dtype), (rows, group)
+        alone = torch.cat([module(x[m : m + 1]) for m in range(rows)])
+        assert torch.equal(alone, got), rows  # a row's bits do not depend on the batch
 
 
 def test_q4_refuses_what_its_layout_cannot_hold():

@@ -1,6 +1,7 @@
 """The C++ decoder layer of CPU decode steps (kernels/cpu_layer.cpp) computes what the Python
 layer computes, bit for bit: the same tokens and log probabilities with and without it, for
-every kind of Linear it takes; steps it does not take run the Python layer."""
+every kind of Linear it takes, all layers in one call (DecodeStack) or layer by layer beside
+Python layers; steps it does not take run the Python layer."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.engine import LLM, EngineConfig
-from llmkit.runtime.layers.decode_layer import DecodeLayer
+from llmkit.runtime.layers.decode_layer import DecodeLayer, DecodeStack
 from llmkit.runtime.layers.linear import HALF, Q4, Q8, W8A8
 from llmkit.runtime.sequence import SamplingParams
 from tests.runtime_helpers import random_prompts
@@ -28,14 +29,15 @@ CASES = {
 }
 
 
-def outputs(path, fused: bool, prompts, params):
-    """(the layers' kernel kinds, every sequence's tokens and log probabilities)"""
+def outputs(path, fused: str, prompts, params):
+    """(the layers' kernel kinds, every sequence's tokens and log probabilities); `fused`:
+    "all" layers keep their C++ layer, "some" (all but the first) or "none"."""
     llm = LLM(path, EngineConfig(device="cpu", dtype="bfloat16"))
     try:
         layers = llm.engine.executor.runner.model.layers
         kinds = [layer.fused.kinds for layer in layers if layer.fused is not None]
-        if not fused:
-            for layer in layers:
+        for i, layer in enumerate(layers):
+            if fused == "none" or (fused == "some" and i == 0):
                 layer.fused = None
         outs = llm.generate(prompts, params)
     finally:
@@ -52,8 +54,11 @@ def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path,
         quantize(path, tmp_path / case, method, options=options, calibration=calibration)
         path = tmp_path / case
     calls = []
-    run = DecodeLayer.__call__
-    monkeypatch.setattr(DecodeLayer, "__call__", lambda *a: calls.append(1) or run(*a))
+    for cls in (DecodeLayer, DecodeStack):
+        run = cls.__call__
+        monkeypatch.setattr(
+            cls, "__call__", lambda *a, run=run: calls.append(type(a[0])) or run(*a)
+        )
     # 9 sequences that end at different steps; 60 more, ending 12 at a time, make steps of 12
     # to 64 decodes (the half-precision kernel's register blocks) and steps the C++ layer does
     # not take (prefills beside decodes) in both runs
@@ -64,7 +69,12 @@ def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path,
         else SamplingParams(max_tokens=20, temperature=0.9, seed=i, n=2, ignore_eos=True)
         for i in range(6)
     ] + [SamplingParams(max_tokens=2 + i % 5, temperature=0, ignore_eos=True) for i in range(60)]
-    used, fused = outputs(path, True, prompts, params)
+    used, fused = outputs(path, "all", prompts, params)
     assert used and all(k == kinds for k in used)
-    assert calls  # the C++ layer ran
-    assert fused == outputs(path, False, prompts, params)[1]
+    assert set(calls) == {DecodeStack}  # every layer fused: one call of them all a step
+    calls.clear()
+    assert fused == outputs(path, "none", prompts, params)[1]
+    assert not calls
+    if case == "rtn-g32":  # one layer in Python, the others one C++ call each
+        assert fused == outputs(path, "some", prompts, params)[1]
+        assert set(calls) == {DecodeLayer}

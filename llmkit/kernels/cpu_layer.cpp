@@ -1,8 +1,10 @@
 // One decoder layer of a decode step in one call (torch.ops.llmkit_cpu.decode_layer): the
 // same kernels, in the same order and with the same roundings, as the Python layer
 // (models/llama.py DecoderLayer with layers/*.py) runs for a step whose every token is its
-// sequence's next one, without the Python between them. The Python side decides when it
-// applies (layers/decode_layer.py).
+// sequence's next one, without the Python between them. A DecodeStack
+// (torch.classes.llmkit_cpu.DecodeStack) holds every layer's arguments, its KV cache
+// included, and runs all the layers of a step in one call. The Python side decides when they
+// apply (layers/decode_layer.py).
 //
 // Each Linear is a kind and its tensors, a bias last when it has one:
 //   0 half_linear  [weight]            1 q4_linear  [packed, scales, zeros] (+ group size)
@@ -10,10 +12,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -101,9 +105,73 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   return {linear(act, kinds[3], down, group_sizes[3]), res};
 }
 
+// Every layer of a model, each as decode_layer takes it, built once: a step passes only the
+// hidden states and what says where its tokens are.
+class DecodeStack : public torch::CustomClassHolder {
+ public:
+  // tensors: per layer its input norm, post-attention norm, K cache and V cache, then the
+  // tensors of its qkv, o, gate_up and down Linears, counts[4 l + i] of them for Linear i;
+  // kinds and group_sizes: 4 per layer.
+  DecodeStack(std::vector<at::Tensor> tensors, std::vector<int64_t> counts,
+              std::vector<int64_t> kinds, std::vector<int64_t> group_sizes, double eps,
+              int64_t num_heads, int64_t num_kv_heads, double scale)
+      : eps_(eps), num_heads_(num_heads), num_kv_heads_(num_kv_heads), scale_(scale) {
+    const size_t n = counts.size() / 4;
+    TORCH_CHECK(counts.size() == 4 * n && kinds.size() == 4 * n && group_sizes.size() == 4 * n,
+                "DecodeStack: 4 counts, kinds and group sizes per layer");
+    size_t at = 0;
+    auto next = [&]() {
+      TORCH_CHECK(at < tensors.size(), "DecodeStack: fewer tensors than the counts say");
+      return tensors[at++];
+    };
+    for (size_t l = 0; l < n; ++l) {
+      Layer layer{next(), next(), next(), next()};
+      for (size_t i = 0; i < 4; ++i) {
+        for (int64_t c = 0; c < counts[4 * l + i]; ++c) layer.linears[i].push_back(next());
+        layer.kinds.push_back(kinds[4 * l + i]);
+        layer.group_sizes.push_back(group_sizes[4 * l + i]);
+      }
+      layers_.push_back(std::move(layer));
+    }
+    TORCH_CHECK(at == tensors.size(), "DecodeStack: more tensors than the counts say");
+  }
+
+  // (the last layer's output, the residual stream), as the layers one after another give them
+  std::tuple<at::Tensor, at::Tensor> run(at::Tensor x, at::Tensor cos, at::Tensor sin,
+                                         at::Tensor slots, at::Tensor block_tables,
+                                         at::Tensor context_lens) {
+    std::optional<at::Tensor> residual;
+    for (const Layer& l : layers_) {
+      auto [out, res] = decode_layer(x, residual, l.input_norm, l.post_norm, eps_, l.linears[0],
+                                     l.linears[1], l.linears[2], l.linears[3], l.kinds,
+                                     l.group_sizes, cos, sin, l.k_cache, l.v_cache, slots,
+                                     block_tables, context_lens, num_heads_, num_kv_heads_, scale_);
+      x = out;
+      residual = res;
+    }
+    TORCH_CHECK(residual.has_value(), "DecodeStack: no layers");
+    return {x, *residual};
+  }
+
+ private:
+  struct Layer {
+    at::Tensor input_norm, post_norm, k_cache, v_cache;
+    std::vector<at::Tensor> linears[4];
+    std::vector<int64_t> kinds, group_sizes;
+  };
+  std::vector<Layer> layers_;
+  double eps_;
+  int64_t num_heads_, num_kv_heads_;
+  double scale_;
+};
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
+                       std::vector<int64_t>, double, int64_t, int64_t, double>())
+      .def("run", &DecodeStack::run);
   m.def(
       "decode_layer(Tensor(a!) x, Tensor(b!)? residual, Tensor input_norm, Tensor post_norm, "
       "float eps, Tensor[] qkv, Tensor[] o, Tensor[] gate_up, Tensor[] down, int[] kinds, "

@@ -223,7 +223,7 @@ def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, Sampling, list[P
         rows += [i] * n
     ends = [s.num_computed_tokens + n for s, n in zip(seqs, counts, strict=True)]
     positions_t = torch.tensor(positions, dtype=torch.long)
-    meta = _metadata(seqs, counts, ends, num_decodes, block_size, torch.tensor(rows), positions_t)
+    meta = _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions)
     last_rows = list(itertools.accumulate(counts))  # one past each sequence's last token
     sampled = [
         i
@@ -272,24 +272,34 @@ def _prompt_spans(seqs, counts, last_rows, logits_rows: list[int]) -> list[Promp
     return spans
 
 
-def _block_tables(block_tables: list[list[int]]) -> torch.Tensor:
-    """[sequences, max blocks], padded with block 0 (masked out where it is read)."""
-    width = max(len(t) for t in block_tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The cache slots of positions start..end-1 of a sequence with block table `table`."""
+    slots: list[int] = []
+    while start < end:  # a block's part at a time
+        first = start - start % block_size
+        stop = min(end, first + block_size)
+        base = table[start // block_size] * block_size - first
+        slots += range(base + start, base + stop)
+        start = stop
+    return slots
 
 
 def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> AttentionMetadata:
     """rows, positions: [tokens], each token's sequence (index into `seqs`) and position;
-    the first `num_decodes` sequences decode: each of their tokens is one query."""
-    tables = _block_tables([s.block_table for s in seqs])
-    slots = (tables[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
+    the first `num_decodes` sequences decode: each of their tokens is one query. Built from
+    lists (a decode step's tensors are small: a torch op per field costs more than it saves)."""
+    tables = [s.block_table for s in seqs]
+    slots: list[int] = []
+    for table, n, end in zip(tables, counts, ends, strict=True):
+        slots += _slots(table, end - n, end, block_size)
     start = sum(counts[:num_decodes])  # decode tokens
-    meta = AttentionMetadata(slots[rows, positions], start)
+    meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), start)
     if num_decodes:
-        lengths = positions[:start] + 1  # each query sees the keys up to its own position
-        num_blocks = -(-int(lengths.max()) // block_size)
-        meta.decode_blocks = tables[rows[:start], :num_blocks].contiguous()
-        meta.decode_lens = lengths
+        lengths = [p + 1 for p in positions[:start]]  # each query sees the keys up to its own
+        width = -(-max(lengths) // block_size)
+        blocks = [tables[r][:width] + [0] * (width - len(tables[r])) for r in rows[:start]]
+        meta.decode_blocks = torch.tensor(blocks, dtype=torch.long)  # padded with block 0
+        meta.decode_lens = torch.tensor(lengths, dtype=torch.long)
     for i in range(num_decodes, len(seqs)):
         n, end = counts[i], ends[i]
         computed = end - n
@@ -299,6 +309,7 @@ def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> A
             num_blocks = -(-end // block_size)
             keys = torch.arange(num_blocks * block_size)[None, :]
             mask = keys <= torch.arange(computed, end)[:, None]
-            meta.prefills.append(Prefill(start, n, tables[i, :num_blocks].contiguous(), mask))
+            context = torch.tensor(tables[i][:num_blocks], dtype=torch.long)
+            meta.prefills.append(Prefill(start, n, context, mask))
         start += n
     return meta

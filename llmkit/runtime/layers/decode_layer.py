@@ -1,7 +1,8 @@
 """A decoder layer of a CPU decode step as one call of llmkit's C++ layer
 (kernels/cpu_layer.cpp): the kernels the Python layer runs for such a step, in the same
 order and with the same roundings, without the Python around each of them (on a small
-model, a large share of a 4-bit decode step).
+model, a large share of a 4-bit decode step). When every layer is one, a DecodeStack runs
+them all in one call.
 
 It applies when every part of the layer runs through llmkit's CPU kernels (no act-order
 permutation, no q/k norms, no tensor-parallel reduction, head_dim a multiple of 16) and the
@@ -101,3 +102,50 @@ class DecodeLayer:
 def _kernel_call(module: nn.Module):
     call = getattr(module, "kernel_call", None)
     return None if call is None else call()
+
+
+class DecodeStack:
+    """Every decoder layer of a model as one C++ call per decode step
+    (torch.classes.llmkit_cpu.DecodeStack): each layer's DecodeLayer arguments and KV cache
+    handed over once, so a step passes only its hidden states, rotary tables and metadata."""
+
+    def __init__(self, layers: list[DecodeLayer], kv_caches: list[torch.Tensor]):
+        first = layers[0]
+        tensors, counts, kinds, group_sizes = [], [], [], []
+        for layer, cache in zip(layers, kv_caches, strict=True):
+            tensors += [layer.input_norm, layer.post_norm, cache[0], cache[1]]
+            for linear in layer.linears:
+                tensors += linear
+                counts.append(len(linear))
+            kinds += layer.kinds
+            group_sizes += layer.group_sizes
+        self.first = first
+        self.stack = torch.classes.llmkit_cpu.DecodeStack(
+            tensors,
+            counts,
+            kinds,
+            group_sizes,
+            first.eps,
+            first.num_heads,
+            first.num_kv_heads,
+            first.scale,
+        )
+
+    @classmethod
+    def build(cls, layers: list[DecodeLayer | None], kv_caches) -> DecodeStack | None:
+        """None unless every layer is a DecodeLayer, all with the same norm epsilon, heads
+        and attention scale."""
+        if not layers or any(layer is None for layer in layers):
+            return None
+        shared = [(x.eps, x.num_heads, x.num_kv_heads, x.scale) for x in layers]
+        if any(s != shared[0] for s in shared):
+            return None
+        return cls(layers, kv_caches)
+
+    def takes(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        return self.first.takes(x, meta)
+
+    def __call__(self, x, rotary, meta: AttentionMetadata):
+        """(the last layer's output, the residual stream), as the layers in turn return them."""
+        cos, sin = rotary
+        return self.stack.run(x, cos, sin, meta.slot_mapping, meta.decode_blocks, meta.decode_lens)

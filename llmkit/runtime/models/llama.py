@@ -17,7 +17,7 @@ from llmkit.arch.plan import Model, heads_per_rank
 from llmkit.errors import LlmkitError
 from llmkit.runtime.layers.activation import silu_and_mul
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
-from llmkit.runtime.layers.decode_layer import DecodeLayer
+from llmkit.runtime.layers.decode_layer import DecodeLayer, DecodeStack
 from llmkit.runtime.layers.norm import RMSNorm
 from llmkit.runtime.layers.rotary import Rotary, apply_rotary
 
@@ -123,6 +123,8 @@ class LlamaModel(nn.Module):
         self.norm = norm
         self.lm_head = lm_head
         self.rotary = rotary
+        self._stack: DecodeStack | None = None
+        self._stack_caches: list[torch.Tensor] | None = None
 
     @torch.inference_mode()
     def forward(
@@ -136,9 +138,26 @@ class LlamaModel(nn.Module):
         """-> logits [len(logits_indices), vocab] in float32 (None on ranks other than 0)."""
         h, residual = self.embed(input_ids), None
         rotary = self.rotary(positions, h.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h, residual = layer(h, residual, rotary, kv_cache, meta)
+        stack = self._decode_stack(kv_caches)
+        if stack is not None and not self._adapted() and stack.takes(h, meta):
+            h, residual = stack(h, rotary, meta)
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                h, residual = layer(h, residual, rotary, kv_cache, meta)
         # the rows sampled, added and normed (in place on the copies indexing makes)
         h = self.norm.add_and_norm(residual[logits_indices], h[logits_indices])[0]
         logits = self.lm_head(h)
         return None if logits is None else logits.float()
+
+    def _decode_stack(self, kv_caches: list[torch.Tensor]) -> DecodeStack | None:
+        """Every layer's C++ decode layer as one call, built for these KV caches on first
+        use (None when some layer has none)."""
+        if self._stack_caches is not kv_caches:
+            self._stack = DecodeStack.build([layer.fused for layer in self.layers], kv_caches)
+            self._stack_caches = kv_caches
+        return self._stack
+
+    def _adapted(self) -> bool:
+        """Whether LoRA adapters run in this step (the C++ layers have none)."""
+        loras = self.layers[0].loras
+        return loras is not None and bool(loras.segments)
