@@ -517,6 +517,49 @@ inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* r
     for (int t = 0; t < MT; ++t) res[t] += static_cast<float>(w[i]) * x[(m0 + t) * k + i];
 }
 
+// bf16 weights 16 at a time: in each 32-bit lane the low half (an even input) becomes a float
+// shifted up, the high half (an odd input) masked; `x` holds each row's activations in that
+// order (pair_ordered), the inputs past the last 16 as they are.
+template <int MT>
+inline void bf16_row(const c10::BFloat16* w, int64_t k, const float* x, int64_t m0, float* res) {
+  int64_t i = 0;
+#ifdef LLMKIT_AVX2
+  auto step = [&](int64_t b, __m256* acc) {
+    if (b % 2 == 0) prefetch(w + 16 * b + kAhead / 2);
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * b));
+    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(-65536)));
+    for (int t = 0; t < MT; ++t) {
+      const float* row = x + (m0 + t) * k + 16 * b;
+      acc[t] = _mm256_fmadd_ps(even, _mm256_loadu_ps(row), acc[t]);
+      acc[t] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(row + 8), acc[t]);
+    }
+  };
+  over_blocks<MT>(k / 16, step, res);
+  i = k / 16 * 16;
+#else
+  for (int t = 0; t < MT; ++t) res[t] = 0.f;
+  for (; i + 16 <= k; i += 16)
+    for (int j = 0; j < 16; ++j)
+      for (int t = 0; t < MT; ++t)
+        res[t] += static_cast<float>(w[i + j]) * x[(m0 + t) * k + i + j / 2 + 8 * (j % 2)];
+#endif
+  for (; i < k; ++i)
+    for (int t = 0; t < MT; ++t) res[t] += static_cast<float>(w[i]) * x[(m0 + t) * k + i];
+}
+
+// x32 [M, K] with each block of 16 inputs reordered as bf16_row reads them: the 8 even
+// inputs, then the 8 odd ones; the inputs past the last 16 in place.
+std::vector<float> pair_ordered(const at::Tensor& x32) {
+  const int64_t rows = x32.size(0), k = x32.size(1);
+  const float* x = x32.data_ptr<float>();
+  std::vector<float> out(x, x + rows * k);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t i = 0; i + 16 <= k; i += 16)
+      for (int j = 0; j < 16; ++j) out[m * k + i + j / 2 + 8 * (j % 2)] = x[m * k + i + j];
+  return out;
+}
+
 // From this many activation rows on, the product is bound by arithmetic rather than by the
 // weight's bytes, and register blocks of kHalfOutputs outputs x kHalfRows rows do more
 // multiply-adds per load than tiles of one output: each widened weight vector serves
@@ -599,9 +642,16 @@ at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
     using T = decltype(tag);
     using W = std::remove_const_t<std::remove_pointer_t<decltype(weights)>>;
     if (x.size(0) >= kBlockedMinRows) return half_blocked<T>(out, weights, k, xp);
-    each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
-      half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
-    });
+    if constexpr (std::is_same_v<W, c10::BFloat16>) {
+      const std::vector<float> paired = pair_ordered(x32);
+      each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+        bf16_row<decltype(mt)::value>(weights + o * k, k, paired.data(), m0, res);
+      });
+    } else {
+      each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+        half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
+      });
+    }
   };
   by_dtype(out, [&](auto tag) {
     if (weight.scalar_type() == at::kBFloat16) {
