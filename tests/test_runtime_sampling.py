@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmkit.runtime.engine import LLM, EngineConfig
-from llmkit.runtime.layers.sampler import Sampler, _apply_penalties
+from llmkit.runtime.layers.sampler import Sampler, _apply_penalties, argmax
 from llmkit.runtime.sequence import SamplingParams
 from tests.runtime_helpers import random_prompts
 
@@ -162,3 +162,13 @@ def test_prompt_logprobs_score_each_prompt_token_as_transformers_does(tiny_dir, 
             assert entry["token_id"] == prompt[pos]
             assert entry["logprob"] == pytest.approx(float(expected[prompt[pos]]), abs=1e-4)
             assert [t for t, _ in entry["top"]] == expected.topk(2).indices.tolist()
+
+
+def test_argmax_is_torchs_first_largest_with_nan_largest():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (6, 50), generator=g).float()  # many ties per row
+    logits[2, 7] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, [3, 9]] = float("nan")
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
+    assert torch.equal(argmax(logits[:, ::2]), logits[:, ::2].argmax(dim=-1))  # strided

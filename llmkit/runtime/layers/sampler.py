@@ -37,7 +37,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
         logits = _apply_masks(logits, masks)
         logits = _apply_penalties(logits, params, histories)
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax(logits)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows)
@@ -80,7 +80,7 @@ class Sampler:
                 logits, [m for m, w in zip(masks, widths, strict=True) for _ in range(w)]
             )
         logits = _apply_penalties(logits, row_params, row_histories)
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = argmax(logits).tolist()
         probs = self._verify_probs(logits, row_params)
         out, first = [], 0
         for i, (p, draft) in enumerate(zip(params, drafts, strict=True)):
@@ -100,7 +100,7 @@ class Sampler:
         greedy request (distribution None), else drawn from its distribution under the
         request's temperature, top-k, top-p and min-p, returned with the token."""
         if params.greedy:
-            return int(logits.argmax()), None
+            return int(argmax(logits[None])[0]), None
         probs = _filtered_probs(logits[None] / params.temperature, [params])[0]
         probs /= probs.sum()
         return _draw(probs, self._uniform(seed)), probs
@@ -165,6 +165,15 @@ class Sampler:
 def accepts(u: float, p_d: float, q_d: float) -> bool:
     """Rejection sampling's test for a draft token d: u < min(1, p(d) / q(d)), u uniform."""
     return u * q_d < p_d
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first largest value's index (a NaN counts as largest), as torch's argmax
+    gives it, through numpy's, which is several times faster on the CPU (one 32k-token row:
+    ~6 us against ~36 us)."""
+    if logits.is_cpu:
+        return torch.from_numpy(np.argmax(logits.numpy(), axis=-1))
+    return logits.argmax(dim=-1)
 
 
 def _accept_greedy(argmax: list[int], draft: list[int]) -> list[int]:
