@@ -4,6 +4,8 @@ the scale and clipping searches, and whole-checkpoint quantization."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +243,51 @@ def test_cli_awq_reports_errors_and_alphas(cli, tiny_dir, tmp_path):
     assert all(a in (0, 0.2, 0.4, 0.6, 0.8) for a in entry["alphas"].values())
     refused = cli(*args[:2], tmp_path / "p", "--method", "awq", "--bits", "8")
     assert refused.code == 1 and "awq" in refused.err and not (tmp_path / "p").exists()
+
+
+def as_gemv(gemm: Path, out: Path) -> None:
+    """The AWQ GEMM checkpoint `gemm` rewritten in AutoAWQ's GEMV layout under `out`."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_formats import awq_gemv_fixture
+
+    shutil.copytree(gemm, out)
+    (out / "llmkit-checksums.json").unlink(missing_ok=True)
+    tensors = load_file(out / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(".qweight")]:
+        module = name.removesuffix(".qweight")
+        q, zeros = awq_format.unpack(tensors[name], tensors[f"{module}.qzeros"])
+        scales = tensors[f"{module}.scales"].t()
+        group = q.shape[1] // scales.shape[1]
+        for suffix, t in awq_gemv_fixture(q, scales, zeros, group).items():
+            tensors[f"{module}.{suffix}"] = t
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["version"] = "gemv"
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def test_an_awq_gemv_checkpoint_runs_as_its_gemm_twin(tiny_dir, tmp_path, cli):
+    """The same weights in GEMV: the same tokens and log probabilities; resharding it along
+    its padded groups is refused in one line."""
+    from llmkit.runtime.engine import LLM, EngineConfig
+    from llmkit.runtime.sequence import SamplingParams
+
+    gemm, gemv = tmp_path / "gemm", tmp_path / "gemv"
+    calibration = CalibrationSpec(num_samples=8, seq_len=64)
+    quantize(tiny_dir("tiny-llama"), gemm, "awq", options=AWQOptions(group_size=32),
+             calibration=calibration)  # fmt: skip
+    as_gemv(gemm, gemv)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    runs = []
+    for path in (gemm, gemv):
+        llm = LLM(path, EngineConfig(device="cpu", dtype="float32"))
+        try:
+            outs = llm.generate([[1, 40, 41, 42, 100, 7]], params)
+        finally:
+            llm.close()
+        runs.append([(c.token_ids, c.logprobs) for o in outs for c in o.outputs])
+    assert runs[0] == runs[1]
+    result = cli("shard", gemv, tmp_path / "shards", "--tp", "2")
+    assert result.code != 0 and "AWQ GEMV checkpoints run and reshard at --tp 1" in result.err
+    assert len(result.err.strip().splitlines()) == 1

@@ -246,3 +246,55 @@ class WholeTensors(dict):
 
     def offset(self, name: str, dim: int = 0) -> int:
         return 0
+
+
+def awq_gemv_fixture(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int):
+    """AutoAWQ GEMV tensors of q [out, in], scales and zeros [out, groups], written word by
+    word from the layout's definition: nibble j of word c of row o is input (or group)
+    8c + j; zeros and scales padded to the width its kernels read."""
+    out_features, in_features = q.shape
+    groups = in_features // group
+    words = -(-groups // 8)
+    width = -(-words // {32: 4, 64: 2}.get(group, 1)) * {32: 4, 64: 2}.get(group, 1)
+    qweight = torch.zeros(out_features, in_features // 8, dtype=torch.int64)
+    qzeros = torch.zeros(out_features, width, dtype=torch.int64)
+    for o in range(out_features):
+        for i in range(in_features):
+            qweight[o, i // 8] |= int(q[o, i]) << (4 * (i % 8))
+        for g in range(groups):
+            qzeros[o, g // 8] |= int(zeros[o, g]) << (4 * (g % 8))
+    padded = torch.zeros(out_features, width * 8, dtype=torch.float16)
+    padded[:, :groups] = scales
+    as_int32 = lambda t: (t - (t >= 2**31) * 2**32).to(torch.int32)  # noqa: E731
+    return {"qweight": as_int32(qweight), "qzeros": as_int32(qzeros), "scales": padded}
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+def test_awq_gemv_reads_as_its_float_reference(group):
+    from llmkit.quant.formats.readers import LinearReader
+
+    g = torch.Generator().manual_seed(group % 97)
+    out_features, in_features = 16, 256
+    size = in_features if group == -1 else group
+    q = torch.randint(0, 16, (out_features, in_features), generator=g)
+    zeros = torch.randint(0, 16, (out_features, in_features // size), generator=g)
+    scales = (torch.rand(out_features, in_features // size, generator=g) + 0.05).half()
+    stored = awq_gemv_fixture(q, scales, zeros, size)
+    columns = torch.arange(in_features) // size
+    expected = scales.double()[:, columns] * (q.double() - zeros.double()[:, columns])
+    config = {"quant_method": "awq", "version": "gemv", "bits": 4, "group_size": group}
+    source = WholeTensors({f"layer.{name}": t for name, t in stored.items()})
+    read = LinearReader(source, config).read("layer")
+    assert torch.allclose(read.dequantize().double(), expected, rtol=0, atol=1e-6)
+
+
+def test_awq_gemv_with_too_few_groups_is_one_line_naming_the_layout():
+    from llmkit.errors import LlmkitError
+    from llmkit.quant.formats.readers import LinearReader
+
+    q, zeros = torch.zeros(8, 256, dtype=torch.int64), torch.zeros(8, 2, dtype=torch.int64)
+    stored = awq_gemv_fixture(q, torch.ones(8, 2).half(), zeros, 128)
+    config = {"quant_method": "awq", "version": "gemv", "bits": 4, "group_size": 16}  # 16 groups
+    source = WholeTensors({f"layer.{name}": t for name, t in stored.items()})
+    with pytest.raises(LlmkitError, match=r"^layer: cannot read it as awq gemv: .*the 16 groups"):
+        LinearReader(source, config).read("layer")

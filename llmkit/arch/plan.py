@@ -27,6 +27,7 @@ from llmkit.arch.family import (
     family_for,
     padded_vocab,
 )
+from llmkit.arch.shapes import is_awq_gemv
 from llmkit.errors import LlmkitError
 
 DEFAULT_VOCAB_PAD = 64  # vLLM's padding unit for vocab-parallel embeddings
@@ -63,6 +64,7 @@ class Model:
     vocab_size: int
     tied: bool
     act_order: bool  # GPTQ desc_act: g_idx is a permutation, groups are not contiguous
+    awq_gemv: bool = False  # AutoAWQ GEMV: [out, ...] tensors, groups padded: not split
 
     @classmethod
     def from_config(cls, config: dict) -> Model:
@@ -80,6 +82,7 @@ class Model:
             vocab_size=int(config["vocab_size"]),
             tied=bool(config.get("tie_word_embeddings", False)),
             act_order=bool(qconfig.get("quant_method") == "gptq" and qconfig.get("desc_act")),
+            awq_gemv=is_awq_gemv(qconfig),
         )
 
     @property
@@ -316,6 +319,11 @@ def _split(
         return None, 1, 0, ""
     if suffix not in AXES:
         raise LlmkitError(f"llmkit shard does not know the tensor kind {suffix!r} of {name!r}")
+    if model.awq_gemv and suffix in ("qweight", "qzeros", "scales"):
+        raise LlmkitError(
+            f"{name}: AWQ GEMV checkpoints run and reshard at --tp 1 only (their scales and "
+            "zeros pad the groups)"
+        )
     out_dim, in_dim = AXES[suffix]
     dim = in_dim if role == ROWWISE else out_dim
     if dim is None:

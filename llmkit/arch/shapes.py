@@ -78,7 +78,9 @@ def _packed_problem(prefix: str, out_f: int, in_f: int, shapes: Mapping, quant: 
     per_int32 = 32 // bits
     if f"{prefix}.qweight" in shapes:
         got = tuple(shapes[f"{prefix}.qweight"])
-        if quant.get("quant_method") == "awq":  # [in, out / 8]
+        if is_awq_gemv(quant):  # [out, in / 8]
+            want = (out_f, in_f // per_int32)
+        elif quant.get("quant_method") == "awq":  # GEMM: [in, out / 8]
             want = (in_f, out_f // per_int32)
         else:  # GPTQ: [in * bits / 32, out]
             want = (in_f * bits // 32, out_f)
@@ -88,6 +90,14 @@ def _packed_problem(prefix: str, out_f: int, in_f: int, shapes: Mapping, quant: 
         want = (out_f, in_f // per_int32)
         return None if got == want else _says(f"{prefix}.weight_packed", got, want)
     return False
+
+
+def is_awq_gemv(quant: Mapping) -> bool:
+    """Whether a quantization_config is AutoAWQ's GEMV layout ([out, ...] tensors, the
+    groups' scales and zeros padded) rather than its GEMM one."""
+    return (
+        quant.get("quant_method") == "awq" and str(quant.get("version", "gemm")).lower() == "gemv"
+    )
 
 
 def _bits(quant: Mapping) -> int:

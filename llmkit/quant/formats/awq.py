@@ -1,11 +1,17 @@
-"""The AutoAWQ GEMM checkpoint format (`quant_method: awq`, `version: gemm`), 4-bit.
+"""The AutoAWQ checkpoint formats (`quant_method: awq`), 4-bit: GEMM (`version: gemm`),
+which llmkit writes and reads, and GEMV (`version: gemv`), which it reads.
 
-Per quantized Linear with `in` inputs, `out` outputs and groups of g inputs:
+GEMM, per quantized Linear with `in` inputs, `out` outputs and groups of g inputs:
 - `qweight` int32 [in, out / 8]: row i holds input i of every output; word c holds outputs
   8c..8c+7 in the interleaved order ORDER: nibble j (bits 4j..4j+3) is output 8c + ORDER[j];
 - `qzeros`  int32 [in / g, out / 8]: true zero points (not minus one), packed the same way;
 - `scales`  fp16  [in / g, out].
-Weight: w[o, i] = scales[i // g, o] * (q[i, o] - zeros[i // g, o]). No g_idx: AWQ has no
+GEMV keeps each output's inputs in a row, in their own order:
+- `qweight` int32 [out, in / 8]: nibble j of word c of row o is input 8c + j of output o;
+- `qzeros`  int32 [out, W]: the groups' zero points packed the same way, the groups padded
+  to W words (gemv_zeros_width);
+- `scales`  fp16  [out, 8 W]: the groups' scales, then zeros up to the padded width.
+Weight: w[o, i] = scale[o, i // g] * (q[o, i] - zero[o, i // g]). No g_idx: AWQ has no
 act-order.
 """
 
@@ -69,17 +75,46 @@ def grouped(
     return q, scales.float().t(), zeros, torch.arange(q.shape[1]) // group_size
 
 
+def gemv_zeros_width(in_features: int, group_size: int) -> int:
+    """Words of a GEMV row of zero points: the groups in words of 8, that count rounded up
+    to a multiple of 4, 2 or 1 words for groups of 32, 64 or 128 and more inputs."""
+    multiple = {32: 4, 64: 2}.get(group_size, 1)
+    words = -(-(in_features // group_size) // PACK)
+    return -(-words // multiple) * multiple
+
+
+def grouped_gemv(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`grouped` for the GEMV layout; `group_size` from the config (-1: one group), as the
+    padded scales and zeros do not say it."""
+    in_features = qweight.shape[1] * PACK
+    size = in_features if group_size <= 0 else group_size
+    if in_features % size:
+        raise ValueError(f"{in_features} inputs are not whole groups of {size}")
+    groups = in_features // size
+    if qzeros.shape[1] * PACK < groups or scales.shape[1] < groups:
+        raise ValueError(
+            f"qzeros {list(qzeros.shape)} and scales {list(scales.shape)} hold fewer than "
+            f"the {groups} groups of {in_features} inputs"
+        )
+    q = bitpack.unpack_last(qweight, BITS, in_features)
+    zeros = bitpack.unpack_last(qzeros, BITS, qzeros.shape[1] * PACK)[:, :groups]
+    return q, scales[:, :groups].float(), zeros, torch.arange(in_features) // size
+
+
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The float32 weight [out, in] an AWQ GEMM layer computes with."""
     return dequantize_indexed(*grouped(qweight, qzeros, scales))
 
 
 def check_config(config: dict) -> None:
-    """Refuse AWQ variants other than the 4-bit GEMM layout this module reads."""
-    if config.get("version", "gemm").lower() != "gemm" or int(config.get("bits", BITS)) != BITS:
+    """Refuse AWQ variants other than the 4-bit GEMM and GEMV layouts this module reads."""
+    version = str(config.get("version", "gemm")).lower()
+    if version not in ("gemm", "gemv") or int(config.get("bits", BITS)) != BITS:
         raise LlmkitError(
             f"AWQ {config.get('version')!r} at {config.get('bits')} bits is not supported; "
-            "llmkit reads the 4-bit GEMM format"
+            "llmkit reads the 4-bit GEMM and GEMV formats"
         )
 
 

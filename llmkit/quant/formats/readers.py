@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from llmkit.arch.shapes import is_awq_gemv
 from llmkit.errors import LlmkitError
 from llmkit.quant.formats import awq, gptq
 from llmkit.quant.formats import compressed_tensors as ct
@@ -79,7 +80,11 @@ class LinearReader:
 
     def _awq(self, module: str) -> GroupedWeight:
         stored = [self.src.get(f"{module}.{suffix}") for suffix in awq.SUFFIXES]
-        q, scales, zeros, g_idx = awq.grouped(*stored)
+        if is_awq_gemv(self.qconfig):
+            group_size = int(self.qconfig.get("group_size", 128))
+            q, scales, zeros, g_idx = awq.grouped_gemv(*stored, group_size)
+        else:
+            q, scales, zeros, g_idx = awq.grouped(*stored)
         return GroupedWeight(q, scales, zeros.float(), g_idx, awq.BITS)
 
     def _compressed(self, module: str) -> LinearWeight:
