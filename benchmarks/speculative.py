@@ -31,12 +31,11 @@ import argparse
 import json
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from report import row, save_result
+from report import row, save_result, workdir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 THREADS = 2
@@ -137,8 +136,7 @@ def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, obj
 
 def main() -> None:
     args = parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-spec-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = workdir(args, "llmkit-spec-")
     llms = engines(make_models(work), args.speculative_max_seqs)
     loads = workloads()
     cases = [("small-llama", w, c, ("plain", "ngram", "draft")) for w in loads for c in CONCURRENCY]
@@ -264,7 +262,7 @@ def _target(proposer: str, workload: str, concurrency: int, acceptance: float, r
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", help="keep the models here (reused)")
+    parser.add_argument("--workdir", type=Path, help="keep the models here (reused)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--speculative-max-seqs",

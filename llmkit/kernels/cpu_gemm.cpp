@@ -127,15 +127,6 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// 32 unsigned 4-bit weights of a packed block as bytes in input order: the 16 bytes in both
-// lanes, the high lane shifted by 4, then the low nibbles kept.
-inline __m256i unpack4(const uint8_t* p) {
-  const __m256i raw =
-      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
-                          _mm256_set1_epi8(0x0F));
-}
-
 // The 8 int32 sums of pairs of unsigned a times signed b (32 bytes each).
 inline __m256i dot_u8s8(__m256i a, __m256i b) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
@@ -185,7 +176,6 @@ inline void over_blocks(int64_t blocks, Step step, float* res) {
 }
 
 #endif
-
 
 // ---------------------------------------------------------------------------------------
 // 4-bit grouped weights, in tiles of 8 output rows
@@ -254,7 +244,8 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs,
         const int64_t row = (m0 + t) * per_row + b;
         const int8_t* q = &x.q[row * kBlock];
         __m256i sum = _mm256_maddubs_epi16(wv[0], chunk(q, 0));
-        for (int c = 1; c < 8; ++c) sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wv[c], chunk(q, c)));
+        for (int c = 1; c < 8; ++c)
+          sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wv[c], chunk(q, c)));
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
         acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(x.d[row])), acc[t]);
       }

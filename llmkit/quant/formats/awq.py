@@ -8,8 +8,9 @@ GEMM, per quantized Linear with `in` inputs, `out` outputs and groups of g input
 - `scales`  fp16  [in / g, out].
 GEMV keeps each output's inputs in a row, in their own order:
 - `qweight` int32 [out, in / 8]: nibble j of word c of row o is input 8c + j of output o;
-- `qzeros`  int32 [out, W]: the groups' zero points packed the same way, the groups padded
-  to W words (gemv_zeros_width);
+- `qzeros`  int32 [out, W]: the groups' zero points packed the same way, in W words: the
+  groups in words of 8, rounded up to a multiple of 4, 2 or 1 words for groups of 32, 64
+  or 128 and more inputs (only the first in / g are read);
 - `scales`  fp16  [out, 8 W]: the groups' scales, then zeros up to the padded width.
 Weight: w[o, i] = scale[o, i // g] * (q[o, i] - zero[o, i // g]). No g_idx: AWQ has no
 act-order.
@@ -73,14 +74,6 @@ def grouped(
     q, zeros = unpack(qweight, qzeros)
     group_size = q.shape[1] // scales.shape[0]
     return q, scales.float().t(), zeros, torch.arange(q.shape[1]) // group_size
-
-
-def gemv_zeros_width(in_features: int, group_size: int) -> int:
-    """Words of a GEMV row of zero points: the groups in words of 8, that count rounded up
-    to a multiple of 4, 2 or 1 words for groups of 32, 64 or 128 and more inputs."""
-    multiple = {32: 4, 64: 2}.get(group_size, 1)
-    words = -(-(in_features // group_size) // PACK)
-    return -(-words // multiple) * multiple
 
 
 def grouped_gemv(
