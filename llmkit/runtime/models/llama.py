@@ -91,6 +91,11 @@ class MLP(nn.Module):
         return self.down(silu_and_mul(self.gate_up(x)))
 
 
+def _adapted(loras) -> bool:
+    """Whether LoRA adapters run in this step (the C++ decode layers have none)."""
+    return loras is not None and bool(loras.segments)
+
+
 class DecoderLayer(nn.Module):
     def __init__(
         self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm, loras=None
@@ -104,8 +109,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, rotary, kv_cache, meta):
         """x: the previous layer's output, not yet added to `residual` (the sum of all
         before it; None at the first layer) -> (this layer's output, the new residual)."""
-        adapted = self.loras is not None and self.loras.segments  # the fused layer has no LoRA
-        if self.fused is not None and not adapted and self.fused.takes(x, meta):
+        if self.fused is not None and not _adapted(self.loras) and self.fused.takes(x, meta):
             return self.fused(x, residual, rotary, kv_cache, meta)
         if residual is None:
             residual, h = x, self.input_norm(x)
@@ -139,7 +143,7 @@ class LlamaModel(nn.Module):
         h, residual = self.embed(input_ids), None
         rotary = self.rotary(positions, h.dtype)
         stack = self._decode_stack(kv_caches)
-        if stack is not None and not self._adapted() and stack.takes(h, meta):
+        if stack is not None and not _adapted(self.layers[0].loras) and stack.takes(h, meta):
             h, residual = stack(h, rotary, meta)
         else:
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -156,8 +160,3 @@ class LlamaModel(nn.Module):
             self._stack = DecodeStack.build([layer.fused for layer in self.layers], kv_caches)
             self._stack_caches = kv_caches
         return self._stack
-
-    def _adapted(self) -> bool:
-        """Whether LoRA adapters run in this step (the C++ layers have none)."""
-        loras = self.layers[0].loras
-        return loras is not None and bool(loras.segments)
