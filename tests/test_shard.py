@@ -515,3 +515,59 @@ def test_rotary_buffers_are_dropped_and_stay_dropped_through_resharding(tiny_dir
         manifest = read_manifest(tmp_path / out)
         assert manifest.data["dropped"] == [buffer] and buffer not in manifest.plans
         assert verify(tmp_path / out, source=src).problems == []
+
+
+def ct_act_order_checkpoint(out: Path) -> Path:
+    """tiny-llama with its layers' Linears in compressed-tensors pack-quantized: 4-bit,
+    asymmetric, groups of 16 in act-order (each input's group in a shuffled weight_g_idx)."""
+    from llmkit.quant.formats import compressed_tensors as ct
+
+    config = preset_config(PRESETS["tiny-llama"])
+    state = random_state_dict(config, 0)
+    g = torch.Generator().manual_seed(1)
+    for name in [n for n in state if ".layers." in n and n.endswith("_proj.weight")]:
+        rows, cols = state.pop(name).shape
+        module, groups = name.removesuffix(".weight"), cols // 16
+        q = torch.randint(-8, 8, (rows, cols), dtype=torch.int8, generator=g)
+        zero = torch.randint(-4, 4, (rows, groups), dtype=torch.int8, generator=g)
+        state[f"{module}.weight_packed"] = ct.pack_int32(q, 4)
+        state[f"{module}.weight_shape"] = torch.tensor([rows, cols])
+        state[f"{module}.weight_scale"] = (torch.rand(rows, groups, generator=g) + 0.05).half()
+        state[f"{module}.weight_zero_point"] = ct.pack_int32(zero.t(), 4).t().contiguous()
+        order = torch.randperm(cols, generator=g)
+        state[f"{module}.weight_g_idx"] = (torch.arange(cols) // 16)[order].to(torch.int32)
+    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+               "group_size": 16, "actorder": "group"}  # fmt: skip
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head"],
+    }
+    specs = [
+        TensorSpec(n, dtypes.from_torch(t.dtype), tuple(t.shape), lambda t=t: [t])
+        for n, t in state.items()
+    ]
+    return write_checkpoint(out, specs, config).path
+
+
+def test_act_order_compressed_tensors_ranks_read_as_slices_of_the_full_weight(tmp_path):
+    """weight_g_idx holds groups from all over the inputs: a row-parallel rank keeps every
+    group's scale and zero point, read as it is and through a shard of its own."""
+    from llmkit.checkpoint.rank_tensors import CheckpointRank, ShardRank
+    from llmkit.quant.formats.readers import LinearReader
+
+    src = ct_act_order_checkpoint(tmp_path / "ct")
+    shard(src, tmp_path / "s", tp=2)
+    assert verify(tmp_path / "s", source=src).problems == []
+    sharded = sources.open_source(tmp_path / "s")
+    with open_checkpoint(src) as ck:
+        qconfig = ck.config["quantization_config"]
+        whole = LinearReader(CheckpointRank(ck, 1, 0), qconfig)
+        for module, dim in [("self_attn.o_proj", 1), ("mlp.down_proj", 1), ("mlp.up_proj", 0)]:
+            name = f"model.layers.1.{module}"
+            full = whole.read(name).dequantize()
+            for ranks in ([CheckpointRank(ck, 2, r) for r in range(2)],
+                          [ShardRank(sharded, 2, r) for r in range(2)]):  # fmt: skip
+                pieces = [LinearReader(rank, qconfig).read(name).dequantize() for rank in ranks]
+                assert torch.equal(torch.cat(pieces, dim=dim), full), name

@@ -47,6 +47,8 @@ AXES: dict[str, tuple[int | None, int | None]] = {
     "weight_shape": (None, None),  # the full logical shape, kept as written
     "input_scale": (None, None),
 }
+# per-group tensors: [groups, out] (GPTQ) or [out, groups] (compressed-tensors)
+GROUPED = ("scales", "qzeros", "weight_scale", "weight_zero_point")
 _TP_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
@@ -238,18 +240,24 @@ def make_plan(
     stages = stage_layers(model.num_layers, pp, pp_layers)
     vocab_multiple = vocab_pad * tp if pad_each_rank else vocab_pad
     plans, dropped = [], []
+    indexed = {n.rsplit(".", 1)[0] for n in tensors if n.endswith(".weight_g_idx")}
     for name, (dtype, shape) in tensors.items():
         role = module_rule(model.family, name)[0]
         if role == DROP:
             dropped.append(name)
             continue
         stage = _stage_of(name, stages, model)
-        plans.append(_tensor_plan(name, name, dtype, shape, stage, model, tp, vocab_multiple))
+        act_order = model.act_order or name.rsplit(".", 1)[0] in indexed
+        plans.append(
+            _tensor_plan(name, name, dtype, shape, stage, model, tp, vocab_multiple, act_order)
+        )
     embed, head = f"{model.family.embed}.weight", f"{model.family.lm_head}.weight"
     if model.tied and head not in tensors and embed in tensors and pp > 1:
         note = f"tied: copy of {embed} for the last stage"
         dtype, shape = tensors[embed]
-        copy = _tensor_plan(head, embed, dtype, shape, pp - 1, model, tp, vocab_multiple, note)
+        copy = _tensor_plan(
+            head, embed, dtype, shape, pp - 1, model, tp, vocab_multiple, False, note
+        )
         plans.append(copy)
     return ShardPlan(tp, pp, vocab_pad, stages, tuple(plans), tuple(dropped), _rules(model, tp))
 
@@ -291,10 +299,14 @@ def _tensor_plan(
     model: Model,
     tp: int,
     vocab_multiple: int,
+    act_order: bool,
     note: str = "",
 ) -> TensorPlan:
+    """act_order: the tensor's Linear holds its inputs' groups in any order (a g_idx
+    permutation), so a row-parallel rank needs every group's scales and zeros."""
     role, heads = module_rule(model.family, source)
-    dim, parts, padded, why = _split(source, shape, role, heads, model, tp, vocab_multiple)
+    split = _split(source, shape, role, heads, model, tp, vocab_multiple, act_order)
+    dim, parts, padded, why = split
     if dim is None:
         slices = ()
     else:
@@ -312,6 +324,7 @@ def _split(
     model: Model,
     tp: int,
     vocab_multiple: int,
+    act_order: bool,
 ) -> tuple[int | None, int, int, str]:
     """(dim, distinct parts, padded size along dim, note) for one tensor, checked at `tp`."""
     suffix = name.rsplit(".", 1)[1]
@@ -328,7 +341,7 @@ def _split(
     dim = in_dim if role == ROWWISE else out_dim
     if dim is None:
         return None, 1, 0, "bias: applied once, after the sum" if suffix == "bias" else ""
-    if role == ROWWISE and suffix in ("scales", "qzeros") and model.act_order:
+    if role == ROWWISE and suffix in GROUPED and act_order:
         return None, 1, 0, "act-order: full scales/zeros on every rank, g_idx global"
     if role == ROWWISE and shape[dim] == 1:
         return None, 1, 0, "one group spans all inputs"
