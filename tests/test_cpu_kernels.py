@@ -4,6 +4,7 @@ cache, and the attention layer with and without it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,23 @@ def test_a_built_library_loads_without_the_extension_loader():
     done = run_python(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False"]
+
+
+def test_a_build_killed_part_way_does_not_stall_the_next(monkeypatch, tmp_path):
+    """torch's extension loader waits forever on the lock file a killed build leaves behind;
+    the next build removes it (builds hold a lock the system frees when they end)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    directory = tmp_path / f"llmkit_cpu_{cpu._build_key()}"
+    directory.mkdir()
+    (directory / "lock").touch()  # what a build killed part-way leaves
+    built = []
+
+    def load(name, build_directory, **kwargs):
+        assert not (Path(build_directory) / "lock").exists()
+        built.append(name)
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    cpu._load_or_build()
+    assert built == [directory.name] and (directory / "ready").exists()

@@ -12,6 +12,8 @@ LLMKIT_CPU_KERNELS=0; callers then use their torch path.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -68,10 +70,29 @@ def _load_or_build() -> None:
     if ready.exists() and library.exists():
         torch.ops.load_library(str(library))
         return
+    directory.mkdir(parents=True, exist_ok=True)
+    with _build_lock(directory):
+        if ready.exists() and library.exists():  # built by another process meanwhile
+            torch.ops.load_library(str(library))
+            return
+        _build(name, directory, ready)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """One build at a time per library, held as a lock the system frees when its process
+    ends; so torch's own lock file, when one is there, was left by a build killed part-way
+    (torch's loader would wait on it forever) and is removed."""
+    with open(directory / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        yield
+
+
+def _build(name: str, directory: Path, ready: Path) -> None:
     from torch.utils.cpp_extension import load
 
     log.info("loading llmkit's CPU kernels (compiled the first time, ~20 s)")
-    directory.mkdir(parents=True, exist_ok=True)
     load(
         name=name,
         sources=[str(source) for source in SOURCES],
