@@ -33,7 +33,10 @@ from tests.conftest import TINY_PRESETS
 def write_model(out: Path, preset: str, num_layers: int, seed: int = 0) -> Path:
     """A float32 checkpoint of `preset` with `num_layers` layers (enough for pp=3)."""
     config = preset_config(PRESETS[preset]) | {"num_hidden_layers": num_layers}
-    state = random_state_dict(config, seed)
+    return write_state(out, random_state_dict(config, seed), config)
+
+
+def write_state(out: Path, state: dict[str, torch.Tensor], config: dict) -> Path:
     specs = [
         TensorSpec(n, dtypes.from_torch(t.dtype), tuple(t.shape), lambda t=t: [t])
         for n, t in state.items()
@@ -544,11 +547,7 @@ def ct_act_order_checkpoint(out: Path) -> Path:
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
         "ignore": ["lm_head"],
     }
-    specs = [
-        TensorSpec(n, dtypes.from_torch(t.dtype), tuple(t.shape), lambda t=t: [t])
-        for n, t in state.items()
-    ]
-    return write_checkpoint(out, specs, config).path
+    return write_state(out, state, config)
 
 
 def test_act_order_compressed_tensors_ranks_read_as_slices_of_the_full_weight(tmp_path):

@@ -305,8 +305,9 @@ def _tensor_plan(
     """act_order: the tensor's Linear holds its inputs' groups in any order (a g_idx
     permutation), so a row-parallel rank needs every group's scales and zeros."""
     role, heads = module_rule(model.family, source)
-    split = _split(source, shape, role, heads, model, tp, vocab_multiple, act_order)
-    dim, parts, padded, why = split
+    dim, parts, padded, why = _split(
+        source, shape, role, heads, model, tp, vocab_multiple, act_order
+    )
     if dim is None:
         slices = ()
     else:

@@ -67,15 +67,17 @@ def _load_or_build() -> None:
     name = f"llmkit_cpu_{_build_key()}"
     directory = _extensions_root() / name
     library, ready = directory / f"{name}.so", directory / "ready"  # ready: built and loaded
-    if ready.exists() and library.exists():
-        torch.ops.load_library(str(library))
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    with _build_lock(directory):
-        if ready.exists() and library.exists():  # built by another process meanwhile
-            torch.ops.load_library(str(library))
-            return
-        _build(name, directory, ready)
+
+    def built() -> bool:
+        return ready.exists() and library.exists()
+
+    if not built():
+        directory.mkdir(parents=True, exist_ok=True)
+        with _build_lock(directory):
+            if not built():  # (else another process built it while this one waited)
+                _build(name, directory, ready)  # torch's loader loads what it builds
+                return
+    torch.ops.load_library(str(library))
 
 
 @contextlib.contextmanager
