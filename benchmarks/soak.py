@@ -1,32 +1,39 @@
-"""Soak `llmkit serve` with valid and hostile traffic, against a clean run of the same valid
-traffic in the same script.
+"""Soak `llmkit serve` with valid and hostile traffic, against clean windows of the same
+valid traffic on the same server, in the same run.
 
 Model: `small-llama` in bfloat16 (made under --workdir once). The server runs with its
 defaults except `--request-timeout 5 --stream-stall-timeout 5` (so slow clients are dropped
 within the run) and `--max-queued-requests 32` (so bursts meet the limit). Valid traffic:
 `--valid-workers` loops, each sending in turn a completion, a streamed completion and a chat
-request (random prompts from a seeded generator, 32 tokens, temperature 0.7), back to back;
-a 429 is retried after its Retry-After, twice at most, as OpenAI's client does, and the wait
-counts in its latency. Two phases, one server each:
+request (random prompts from a seeded generator, 32 tokens, temperature 0.7), back to back
+for the whole run; a 429 is retried after its Retry-After, twice at most, as OpenAI's client
+does, and the wait counts in its latency.
 
-1. clean: the valid loops alone for --clean-seconds;
-2. soak: the same loops for --duration seconds beside `--hostile-workers` loops that send,
-   picked at random: numbers past their range, wrong types, NaN, JSON nested 10,000 deep,
-   lone surrogates, 300 prompts, 20 stop strings, n x max_tokens x logprobs past the answer
-   bound, a 7 MB prompt, non-text chat content, streams dropped mid-way, streams never
-   read, half-sent headers, bodies cut mid-upload; and every --burst-interval seconds a
-   burst of 16 requests of n=4 past the queue limit.
+The run alternates clean windows (the valid loops alone) and soak windows (beside them
+`--hostile-workers` loops and bursts), --windows soak windows in all, with a clean window
+before the first and after each: --duration seconds of soak and --clean-seconds of clean
+in all. Clean and soak windows take turns within a few minutes, so a change in how busy the
+host is (it is shared) reaches both. After each soak window the hostile loops finish what
+they hold and the server gets a few seconds to free what they left before the next clean
+window counts; a valid request counts in a window only when it starts and ends inside it.
 
-Reported: requests served, 4xx by status and code, 5xx (target 0), p99 latency of the valid
-requests in the soak over the clean run's (target <= 1.5x), front-end and engine RSS after
-the first fifth of the phase (warm-up) and at its end (target: flat; the engine's also less
-the KV-cache blocks touched so far, whose pages are committed as the cache fills, up to
-its size), KV blocks used once the traffic stops (target 0), and tracebacks in the log; and,
-to read the latency ratio by, how many valid requests met a 429 (and the p99 of the others)
-and what the engine did in each phase (tokens prefilled and generated, mean TPOT).
-Writes benchmarks/results/soak-<date>.json.
+Hostile loops send, picked at random: numbers past their range, wrong types, NaN, JSON
+nested 10,000 deep, lone surrogates, 300 prompts, 20 stop strings, n x max_tokens x
+logprobs past the answer bound, a 7 MB prompt, non-text chat content, streams dropped
+mid-way, streams never read, half-sent headers, bodies cut mid-upload; and every
+--burst-interval seconds a burst of 16 requests of n=4 past the queue limit.
 
-    python benchmarks/soak.py [--workdir DIR] [--duration 600] [--clean-seconds 120]
+Reported: answers in the soak windows by status and code, 5xx (target 0), p99 latency of the
+valid requests in the soak windows over the clean windows' (target <= 1.5x) and each soak
+window's p99 over the clean windows either side of it (the spread), front-end and engine
+RSS after the first soak window (warm-up) and at the end (target: flat; the engine's also
+less the KV-cache blocks touched so far, whose pages are committed as the cache fills, up
+to its size), KV blocks used once the traffic stops (target 0), and tracebacks in the log;
+and, to read the latency ratio by, how many valid requests met a 429 (and the p99 of the
+others) and what the engine did in each kind of window (tokens prefilled and generated,
+mean TPOT). Writes benchmarks/results/soak-<date>.json.
+
+    python benchmarks/soak.py [--workdir DIR] [--duration 600] [--clean-seconds 180]
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from llmkit.net import free_port
 from llmkit.serve.launch import launched
 
 HUGE_PROMPT = json.dumps({"prompt": "word " * 1_400_000}).encode()  # 7 MB, made once
-WARM_UP = 0.2  # of each phase: RSS is compared from there to the end
+DRAIN_S = 6  # after a soak window: held sockets close, aborted requests are freed
 WORDS = [
     "the",
     "king",
@@ -83,6 +90,7 @@ class Tally:
         self.valid_latency: list[float] = []
         self.valid_failed: collections.Counter = collections.Counter()  # by status
         self.valid_retried: list[float] = []  # latencies of those served after a 429
+        self.by_window: collections.defaultdict = collections.defaultdict(list)
 
     def answer(self, status: int, body: bytes) -> None:
         code = None
@@ -96,7 +104,7 @@ class Tally:
             if code:
                 self.codes[f"{status} {code}"] += 1
 
-    def valid(self, seconds: float | None, status: int, retried: bool) -> None:
+    def valid(self, seconds: float | None, status: int, retried: bool, window: tuple) -> None:
         with self.lock:
             if retried and seconds is not None:
                 self.valid_retried.append(seconds)
@@ -104,6 +112,14 @@ class Tally:
                 self.valid_failed[status] += 1
             else:
                 self.valid_latency.append(seconds)
+                self.by_window[window].append(seconds)
+
+
+class Windows:
+    """The window the run is in: ("clean" | "soak", index), or None while a soak window's
+    traffic drains. Set by the main thread, read by the valid loops."""
+
+    current: tuple[str, int] | None = None
 
 
 def _post(port: int, path: str, raw: bytes, timeout: float = 120) -> tuple[int, bytes]:
@@ -120,7 +136,11 @@ def _prompt(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 64)))
 
 
-def valid_loop(port: int, tally: Tally, stop: threading.Event, seed: int) -> None:
+def valid_loop(
+    port: int, tallies: dict[str, Tally], windows: Windows, stop: threading.Event, seed: int
+) -> None:
+    """Valid requests back to back; each counts in the window it started in, its latency only
+    if it also ended there (not across two windows, nor while a soak window drains)."""
     rng = random.Random(seed)
     kinds = ["completion", "stream", "chat"]
     i = 0
@@ -135,10 +155,14 @@ def valid_loop(port: int, tally: Tally, stop: threading.Event, seed: int) -> Non
             path = "/v1/completions"
             body["prompt"] = _prompt(rng)
             body["stream"] = kind == "stream"
+        window = windows.current
+        tally = tallies["clean" if window and window[0] == "clean" else "soak"]
         start = time.perf_counter()
         status, answer, retried = _send_valid(port, path, json.dumps(body).encode(), tally)
         ok = status == 200 and (b"[DONE]" in answer if kind == "stream" else b"choices" in answer)
-        tally.valid(time.perf_counter() - start if ok else None, status, retried)
+        if ok and (window is None or windows.current != window):
+            continue
+        tally.valid(time.perf_counter() - start if ok else None, status, retried, window)
 
 
 def _send_valid(port: int, path: str, raw: bytes, tally: Tally) -> tuple[int, bytes, bool]:
@@ -256,15 +280,25 @@ def _memory(port: int, pid: int, engine: int) -> dict[str, int]:
     return {"front_end": _rss(pid), "engine": rss, "engine_beyond_kv": rss - kv, "kv_touched": kv}
 
 
-def _engine_work(port: int) -> dict[str, float]:
-    """What the engine did in the phase, hostile requests included: tokens prefilled and
-    generated, and the mean time per output token."""
-    tpot = "llmkit_time_per_output_token_seconds"
-    count = _metric(port, f"{tpot}_count")
+ENGINE_COUNTERS = {
+    "prompt_tokens": "llmkit_prompt_tokens_total",
+    "generation_tokens": "llmkit_generation_tokens_total",
+    "tpot_sum": "llmkit_time_per_output_token_seconds_sum",
+    "tpot_count": "llmkit_time_per_output_token_seconds_count",
+}
+
+
+def _engine_counters(port: int) -> collections.Counter:
+    return collections.Counter({k: _metric(port, name) for k, name in ENGINE_COUNTERS.items()})
+
+
+def _engine_work(counts: collections.Counter) -> dict[str, float]:
+    """What the engine did in a kind of window, hostile requests included: tokens prefilled
+    and generated, and the mean time per output token."""
     return {
-        "prompt_tokens": _metric(port, "llmkit_prompt_tokens_total"),
-        "generation_tokens": _metric(port, "llmkit_generation_tokens_total"),
-        "mean_tpot_s": _metric(port, f"{tpot}_sum") / count if count else 0.0,
+        "prompt_tokens": counts["prompt_tokens"],
+        "generation_tokens": counts["generation_tokens"],
+        "mean_tpot_s": counts["tpot_sum"] / counts["tpot_count"] if counts["tpot_count"] else 0.0,
     }
 
 
@@ -281,42 +315,81 @@ def _metric(port: int, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
-def phase(
-    model: Path, seconds: float, valid: int, hostile: int, burst_s: float | None, log: Path
-) -> dict:
-    """One server, `valid` + `hostile` loops (and bursts every `burst_s`) for `seconds`;
+def run(model: Path, args: argparse.Namespace, log: Path) -> dict:
+    """One server; the valid loops throughout, hostile loops and bursts in the soak windows;
     what the report needs."""
     port = free_port()
-    args = ["--request-timeout", "5", "--stream-stall-timeout", "5", "--max-queued-requests", "32"]
-    args += ["--log-level", "warning"]
-    command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", str(port), *args]
-    tally = Tally()
+    options = ["--request-timeout", "5", "--stream-stall-timeout", "5"]
+    options += ["--max-queued-requests", "32", "--log-level", "warning"]
+    command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", str(port), *options]
+    tallies = {"clean": Tally(), "soak": Tally()}
+    windows = Windows()
+    work = {"clean": collections.Counter(), "soak": collections.Counter()}
+
+    def window(label: tuple[str, int], seconds: float) -> None:
+        before = _engine_counters(port)
+        windows.current = label
+        time.sleep(seconds)
+        windows.current = None
+        work[label[0]].update(_engine_counters(port) - before)
+
     with log.open("w") as out, launched(command, port, log=out):
         pid = server_pid(port)
         engine = _engine_pid(pid)
         _post(port, "/v1/completions", b'{"prompt": "warm up", "max_tokens": 8}')
         stop = threading.Event()
-        loops = [
-            threading.Thread(target=valid_loop, args=(port, tally, stop, i)) for i in range(valid)
+        valid = [
+            threading.Thread(target=valid_loop, args=(port, tallies, windows, stop, i))
+            for i in range(args.valid_workers)
         ]
-        loops += [
-            threading.Thread(target=hostile_loop, args=(port, tally, stop, 1000 + i))
-            for i in range(hostile)
-        ]
-        if burst_s:
-            loops.append(threading.Thread(target=burst_loop, args=(port, tally, stop, burst_s)))
-        for t in loops:
+        for t in valid:
             t.start()
-        time.sleep(seconds * WARM_UP)  # the allocators' pools fill
-        start_rss = _memory(port, pid, engine)
-        time.sleep(seconds * (1 - WARM_UP))
+        clean_s = args.clean_seconds / (args.windows + 1)
+        window(("clean", 0), clean_s)
+        for i in range(args.windows):
+            with hostile_traffic(port, tallies["soak"], args, seed=1000 * (i + 1)):
+                window(("soak", i), args.duration / args.windows)
+            time.sleep(DRAIN_S)
+            if i == 0:
+                start_rss = _memory(port, pid, engine)  # the allocators' pools have filled
+            window(("clean", i + 1), clean_s)
+        stop.set()
+        for t in valid:
+            t.join()
+        time.sleep(DRAIN_S)
+        end_rss = _memory(port, pid, engine)
+        blocks = _metric(port, "llmkit_kv_cache_used_blocks")
+    clean = _phase(tallies["clean"], work["clean"], args.clean_seconds)
+    soak = _phase(tallies["soak"], work["soak"], args.duration)
+    soak.update(
+        rss_start=start_rss,
+        rss_end=end_rss,
+        kv_blocks_used_at_end=blocks,
+        tracebacks_in_log=log.read_text().count("Traceback"),
+    )
+    return {"clean": clean, "soak": soak, "windows": _spread(tallies, args.windows)}
+
+
+@contextlib.contextmanager
+def hostile_traffic(port: int, tally: Tally, args: argparse.Namespace, seed: int):
+    """Hostile loops and bursts while in the block; at its end they finish what they hold."""
+    stop = threading.Event()
+    loops = [
+        threading.Thread(target=hostile_loop, args=(port, tally, stop, seed + i))
+        for i in range(args.hostile_workers)
+    ]
+    loops.append(threading.Thread(target=burst_loop, args=(port, tally, stop, args.burst_interval)))
+    for t in loops:
+        t.start()
+    try:
+        yield
+    finally:
         stop.set()
         for t in loops:
             t.join()
-        time.sleep(6)  # held sockets close, aborted requests are freed
-        end_rss = _memory(port, pid, engine)
-        blocks = _metric(port, "llmkit_kv_cache_used_blocks")
-        work = _engine_work(port)
+
+
+def _phase(tally: Tally, work: collections.Counter, seconds: float) -> dict:
     latencies = sorted(tally.valid_latency)
     return {
         "seconds": seconds,
@@ -328,12 +401,20 @@ def phase(
         "valid_p99_never_429_s": _p99(_without(latencies, tally.valid_retried)),
         "valid_p50_s": statistics.median(latencies) if latencies else None,
         "valid_p99_s": _p99(latencies),
-        "rss_start": start_rss,
-        "rss_end": end_rss,
-        "kv_blocks_used_at_end": blocks,
-        "engine_work": work,
-        "tracebacks_in_log": log.read_text().count("Traceback"),
+        "engine_work": _engine_work(work),
     }
+
+
+def _spread(tallies: dict[str, Tally], num_windows: int) -> list[dict]:
+    """Each soak window's valid p99 over that of the clean windows before and after it."""
+    out = []
+    for i in range(num_windows):
+        soak = tallies["soak"].by_window[("soak", i)]
+        clean = [*tallies["clean"].by_window[("clean", i)]]
+        clean += tallies["clean"].by_window[("clean", i + 1)]
+        ratio = _p99(soak) / _p99(clean) if soak and clean else None
+        out.append({"soak_served": len(soak), "clean_served": len(clean), "ratio": ratio})
+    return out
 
 
 def _p99(latencies: list[float]) -> float | None:
@@ -359,14 +440,11 @@ def main() -> None:
     if not model.exists():
         init = [sys.executable, "-m", "llmkit", "init", str(model), "--preset", "small-llama"]
         subprocess.run([*init, "--dtype", "bfloat16"], check=True)
-    clean = phase(model, args.clean_seconds, args.valid_workers, 0, None, work / "clean.log")
-    print(f"clean: {clean['valid_served']} valid, p99 {clean['valid_p99_s']:.3f} s", flush=True)
-    hostile, burst_s = args.hostile_workers, args.burst_interval
-    soak = phase(model, args.duration, args.valid_workers, hostile, burst_s, work / "soak.log")
-    report(clean, soak, args)
+    report(run(model, args, work / "soak.log"), args)
 
 
-def report(clean: dict, soak: dict, args: argparse.Namespace) -> None:
+def report(result: dict, args: argparse.Namespace) -> None:
+    clean, soak, spread = result["clean"], result["soak"], result["windows"]
     fives = sum(n for status, n in soak["statuses"].items() if status >= 500)
     ratio = soak["valid_p99_s"] / clean["valid_p99_s"]
     growth = {k: soak["rss_end"][k] / soak["rss_start"][k] for k in ("front_end", "engine")}
@@ -381,6 +459,8 @@ def report(clean: dict, soak: dict, args: argparse.Namespace) -> None:
           f"{soak['valid_p99_never_429_s']:.3f} s")  # fmt: skip
     print(f"valid p99: {soak['valid_p99_s']:.3f} s against clean {clean['valid_p99_s']:.3f} s "
           f"= {ratio:.2f}x (target <= 1.5x)")  # fmt: skip
+    print("each soak window's p99 over its clean neighbours': "
+          + ", ".join(f"{w['ratio']:.2f}x" for w in spread if w["ratio"]))  # fmt: skip
     for name, phase_ in (("clean", clean), ("soak", soak)):
         work = phase_["engine_work"]
         print(f"engine, {name}: {work['prompt_tokens']:.0f} prompt and "
@@ -396,6 +476,7 @@ def report(clean: dict, soak: dict, args: argparse.Namespace) -> None:
         "rss_growth": growth,
         "clean": clean,
         "soak": soak,
+        "windows": spread,
     }
     save_result(
         "soak", fields, anchor="a clean run of the same valid traffic", summary=summarize(fields)
@@ -406,7 +487,8 @@ FLAT = 1.1  # RSS at the end over RSS after warm-up that still counts as flat
 
 
 def summarize(fields: dict) -> list[dict]:
-    """RESULTS.md's rows: answers, 5xx, valid failures, p99 against the clean run, RSS, KV."""
+    """RESULTS.md's rows: answers, 5xx, valid failures, p99 against the clean windows, RSS,
+    KV."""
     clean, soak = fields["clean"], fields["soak"]
     ratio, growth = fields["ratios"]["valid_p99_soak_over_clean"], fields["rss_growth"]
     answers = ", ".join(f"{n} × {status}" for status, n in soak["statuses"].items())
@@ -417,7 +499,7 @@ def summarize(fields: dict) -> list[dict]:
         row("5xx answers", str(fields["five_xx"]), "", None, "0", fields["five_xx"] == 0),
         row("valid requests failed", str(failed), "", None, "0", failed == 0),
         row(
-            "valid requests' p99 latency (lower is better)",
+            "valid requests' p99 latency, soak windows against clean (lower is better)",
             f"{soak['valid_p99_s']:.2f} s",
             f"{clean['valid_p99_s']:.2f} s",
             ratio,
@@ -425,6 +507,12 @@ def summarize(fields: dict) -> list[dict]:
             ratio <= 1.5,
         ),
     ]
+    each = [w["ratio"] for w in fields["windows"] if w["ratio"]]
+    if each:
+        rows.append(row(
+            "each soak window's p99 over its clean neighbours'",
+            ", ".join(f"{r:.2f}×" for r in each), "", None,
+        ))  # fmt: skip
     for key, name in (("front_end", "front-end RSS"), ("engine_beyond_kv", "engine RSS less KV")):
         start, end = mb[key]
         rows.append(row(
@@ -440,8 +528,9 @@ def summarize(fields: dict) -> list[dict]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", help="keep the model and the server logs here")
-    parser.add_argument("--duration", type=float, default=600, help="seconds of the soak")
-    parser.add_argument("--clean-seconds", type=float, default=120)
+    parser.add_argument("--duration", type=float, default=600, help="seconds of soak windows")
+    parser.add_argument("--clean-seconds", type=float, default=180, help="of clean windows")
+    parser.add_argument("--windows", type=int, default=5, help="soak windows")
     parser.add_argument("--valid-workers", type=int, default=4)
     parser.add_argument("--hostile-workers", type=int, default=4)
     parser.add_argument("--burst-interval", type=float, default=10, help="seconds between bursts")
