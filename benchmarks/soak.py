@@ -413,7 +413,10 @@ def _spread(tallies: dict[str, Tally], num_windows: int) -> list[dict]:
         clean = [*tallies["clean"].by_window[("clean", i)]]
         clean += tallies["clean"].by_window[("clean", i + 1)]
         ratio = _p99(soak) / _p99(clean) if soak and clean else None
-        out.append({"soak_served": len(soak), "clean_served": len(clean), "ratio": ratio})
+        out.append({
+            "soak_served": len(soak), "clean_served": len(clean),
+            "soak_p99_s": _p99(soak), "clean_p99_s": _p99(clean), "ratio": ratio,
+        })  # fmt: skip
     return out
 
 
@@ -459,8 +462,10 @@ def report(result: dict, args: argparse.Namespace) -> None:
           f"{soak['valid_p99_never_429_s']:.3f} s")  # fmt: skip
     print(f"valid p99: {soak['valid_p99_s']:.3f} s against clean {clean['valid_p99_s']:.3f} s "
           f"= {ratio:.2f}x (target <= 1.5x)")  # fmt: skip
-    print("each soak window's p99 over its clean neighbours': "
-          + ", ".join(f"{w['ratio']:.2f}x" for w in spread if w["ratio"]))  # fmt: skip
+    print("each soak window's p99 over its clean neighbours': " + ", ".join(
+        f"{w['soak_p99_s']:.2f}/{w['clean_p99_s']:.2f} s = {w['ratio']:.2f}x"
+        for w in spread if w["ratio"]
+    ))  # fmt: skip
     for name, phase_ in (("clean", clean), ("soak", soak)):
         work = phase_["engine_work"]
         print(f"engine, {name}: {work['prompt_tokens']:.0f} prompt and "
@@ -479,7 +484,10 @@ def report(result: dict, args: argparse.Namespace) -> None:
         "windows": spread,
     }
     save_result(
-        "soak", fields, anchor="a clean run of the same valid traffic", summary=summarize(fields)
+        "soak",
+        fields,
+        anchor="clean windows of the same valid traffic on the same server",
+        summary=summarize(fields),
     )
 
 
