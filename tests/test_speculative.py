@@ -111,6 +111,16 @@ def test_speculation_stops_at_max_tokens_and_per_request_off(tiny_dir):
     assert stats.drafts == 0
 
 
+def test_no_speculation_while_more_sequences_wait_than_the_limit(tiny_dir):
+    """Six requests, two running at a time, limit 2: the first two pairs decode two
+    sequences a step but others wait, so only the last pair speculates, as alone."""
+    model = tiny_dir("tiny-llama")
+    limits = {"speculative": "ngram", "speculative_max_seqs": 2}
+    _, queued = generate(model, prompts(), max_num_seqs=2, **limits)
+    _, alone = generate(model, prompts()[4:], **limits)
+    assert queued.drafts == alone.drafts > 0
+
+
 def test_seeded_sampled_requests_reproduce_with_speculation(tiny_dir, other_model):
     params = SamplingParams(max_tokens=24, temperature=0.8, top_k=50, seed=7, n=2)
     model = tiny_dir("tiny-llama")

@@ -71,7 +71,7 @@ SpecMaxSeqsOpt = Annotated[
     int,
     typer.Option(
         "--speculative-max-seqs",
-        help="Steps decoding more sequences than this do not speculate (0: never).",
+        help="No speculation while more sequences than this run or wait (0: never).",
     ),
 ]
 PolicyOpt = Annotated[

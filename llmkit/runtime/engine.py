@@ -259,14 +259,17 @@ class Engine:
         return outputs
 
     def _speculate(self, batch: Batch) -> None:
-        """Give the step's decoding sequences drafts to verify, when speculation is on, the
-        step has at most --speculative-max-seqs of them, and the request allows it (not
+        """Give the step's decoding sequences drafts to verify, when speculation is on, at
+        most --speculative-max-seqs sequences are running or waiting (prompts still to
+        prefill are load too: a step computing them gains nothing from drafts, and a draft
+        model would first have to catch up on each prompt), and the request allows it (not
         guided, not past its token limits)."""
         if self.proposer is None:
             return
+        load = len(self.scheduler.running) + len(self.scheduler.waiting)
         decodes = [i for i, n in enumerate(batch.num_new_tokens) if n == 1 and
                    batch.seqs[i].num_uncomputed_tokens == 1]  # fmt: skip
-        if not decodes or len(decodes) > self.config.speculative_max_seqs:
+        if not decodes or load > self.config.speculative_max_seqs:
             return
         sizes = {i: self._draft_size(batch.seqs[i]) for i in decodes}
         chosen = [i for i in decodes if sizes[i] > 0]
