@@ -6,10 +6,12 @@ whose int32 words need inputs in multiples of 8; the same function to 4e-6). Tex
 all of it in 512-token windows. Reference: the float32 model.
 
 In the same run, llm-compressor 0.14.0.1 (its own venv: benchmarks/setup_reference_venvs.sh)
-quantizes W8A8 (SmoothQuant 0.5 + per-channel int8, lm_head kept) on the same calibration
-windows; llmkit's evaluator scores its checkpoint beside llmkit's. Targets: llmkit w8a8 KLD
-<= llm-compressor's, and quantization wall time <= llm-compressor's (each tool timed
-in-process from calibration through writing; interpreter and import time excluded for both).
+quantizes W8A8 twice on the same calibration windows: SmoothQuant 0.5 then per-channel int8
+weights by GPTQ, and by round-to-nearest; lm_head kept. llmkit does the same (its default
+w8a8, and `--no-w8a8-gptq`); its evaluator scores every checkpoint. Targets, for each
+rounding: llmkit's KLD and quantization wall time <= llm-compressor's (each tool timed
+in-process from calibration through writing; interpreter and import time excluded for
+both).
 
     python benchmarks/quality.py [--shared ../shared] [--num-samples 128] [--workdir DIR]
 """
@@ -42,6 +44,7 @@ def llmkit_runs(shared: Path, work: Path, calibration: CalibrationSpec) -> dict[
         "bf16": (model, "bf16", options_for("bf16")),
         "int8": (model, "int8", options_for("int8")),
         "w8a8": (model, "w8a8", options_for("w8a8", smooth_alpha=0.5)),
+        "w8a8-nearest": (model, "w8a8", options_for("w8a8", smooth_alpha=0.5, w8a8_gptq=False)),
         "rtn-w4-g16": (padded, "rtn", options_for("rtn", bits=4, group_size=16)),
     }
     results = {}
@@ -54,28 +57,37 @@ def llmkit_runs(shared: Path, work: Path, calibration: CalibrationSpec) -> dict[
     return results
 
 
-def llmcompressor_run(model: Path, work: Path, calibration: CalibrationSpec) -> dict | None:
+# llm-compressor's W8A8 runs: SmoothQuant then the weights rounded to nearest, or by GPTQ.
+REFERENCES = {"llm-compressor w8a8": [], "llm-compressor w8a8 gptq": ["--gptq"]}
+# Each llmkit w8a8 run and the reference rounding its weights the same way.
+SAME_METHOD = {"w8a8": "llm-compressor w8a8 gptq", "w8a8-nearest": "llm-compressor w8a8"}
+
+
+def llmcompressor_runs(model: Path, work: Path, calibration: CalibrationSpec) -> dict:
     if not LLMCOMPRESSOR.exists():
         print(
             f"llm-compressor venv missing ({LLMCOMPRESSOR}); run "
             "benchmarks/setup_reference_venvs.sh. Skipping its column."
         )
-        return None
+        return {}
     from transformers import AutoTokenizer
 
     ids = calibration_ids(AutoTokenizer.from_pretrained(model), calibration)
     ids_path = work / "calibration_ids.json"
     ids_path.write_text(json.dumps(ids.tolist()))
-    out = work / "llmcompressor-w8a8"
     script = ROOT / "benchmarks" / "reference" / "llmcompressor_w8a8.py"
-    proc = subprocess.run(
-        [str(LLMCOMPRESSOR), str(script), str(model), str(ids_path), str(out)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
-    return {"path": out, "seconds": seconds}
+    runs = {}
+    for name, flags in REFERENCES.items():
+        out = work / name.replace(" ", "-")
+        proc = subprocess.run(
+            [str(LLMCOMPRESSOR), str(script), str(model), str(ids_path), str(out), *flags],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+        runs[name] = {"path": out, "seconds": seconds}
+    return runs
 
 
 def size_of(path: Path) -> int:
@@ -98,9 +110,7 @@ def main() -> None:
         dataset=str(calib), num_samples=args.num_samples, seq_len=args.seq_len
     )
     runs = llmkit_runs(args.shared, work, calibration)
-    reference_run = llmcompressor_run(model, work, calibration)
-    if reference_run:
-        runs["llm-compressor w8a8"] = reference_run
+    runs |= llmcompressor_runs(model, work, calibration)
     rows = evaluate_quality(
         model,
         [r["path"] for r in runs.values()],
@@ -120,30 +130,35 @@ def main() -> None:
     }
     fields = {"reference_perplexity": rows[0].perplexity, "tokens": rows[0].num_tokens}
     fields["scores"] = scores
-    anchor = "llm-compressor 0.14.0.1 (W8A8 SmoothQuant 0.5)"
+    anchor = (
+        "llm-compressor 0.14.0.1 (W8A8 SmoothQuant 0.5, weights by round-to-nearest and by GPTQ)"
+    )
     save_result("quality", fields, anchor=anchor, summary=summarize(fields))
 
 
 def summarize(fields: dict) -> list[dict]:
-    """RESULTS.md's rows: each method's KLD and perplexity, w8a8 against llm-compressor's
-    (KLD and time: lower is better, so the targets are ratios of at most 1)."""
+    """RESULTS.md's rows: each method's KLD and perplexity; each w8a8 run's KLD and time
+    against llm-compressor's run that rounds the weights the same way (lower is better, so
+    the targets are ratios of at most 1)."""
     scores, rows = fields["scores"], []
-    theirs = scores.get("llm-compressor w8a8")
     for name, score in scores.items():
-        if name == "llm-compressor w8a8":
+        if name in REFERENCES:
             continue
         ours = f"KLD {score['kld_mean']:.5f}, ppl {score['perplexity']:.3f}"
-        if name == "w8a8" and theirs:
-            kld = score["kld_mean"] / theirs["kld_mean"]
-            anchor = f"KLD {theirs['kld_mean']:.5f}, ppl {theirs['perplexity']:.3f}"
-            rows.append(row("w8a8 KLD (lower is better)", ours, anchor, kld, "≤ 1.0×", kld <= 1))
-            took = score["seconds"] / theirs["seconds"]
-            rows.append(row(
-                "w8a8 quantization time (lower is better)", f"{score['seconds']:.2f} s",
-                f"{theirs['seconds']:.2f} s", took, "≤ 1.0×", took <= 1,
-            ))  # fmt: skip
+        ref = SAME_METHOD.get(name)
+        if ref not in scores:
+            rows.append(row(f"{name}, KLD against fp32 (no anchor)", ours, "", None))
             continue
-        rows.append(row(f"{name}, KLD against fp32 (no anchor)", ours, "", None))
+        theirs = scores[ref]
+        kld, took = (score[k] / theirs[k] for k in ("kld_mean", "seconds"))
+        anchor = f"KLD {theirs['kld_mean']:.5f}, ppl {theirs['perplexity']:.3f}"
+        rows.append(row(
+            f"{name} KLD against {ref} (lower is better)", ours, anchor, kld, "≤ 1.0×", kld <= 1
+        ))  # fmt: skip
+        rows.append(row(
+            f"{name} quantization time against {ref} (lower is better)",
+            f"{score['seconds']:.2f} s", f"{theirs['seconds']:.2f} s", took, "≤ 1.0×", took <= 1,
+        ))  # fmt: skip
     return rows
 
 
@@ -165,18 +180,16 @@ def print_table(model: Path, rows, runs: dict[str, dict]) -> None:
 
 def print_targets(rows, runs: dict[str, dict]) -> None:
     by_name = dict(zip(["fp32 (reference)", *runs], rows, strict=True))
-    if "llm-compressor w8a8" not in runs:
-        return
-    ours, theirs = by_name["w8a8"], by_name["llm-compressor w8a8"]
-    time_ratio = runs["w8a8"]["seconds"] / runs["llm-compressor w8a8"]["seconds"]
-    print(
-        f"w8a8 KLD: llmkit {ours.kld_mean:.6f} vs llm-compressor {theirs.kld_mean:.6f} "
-        f"-> {'met' if ours.kld_mean <= theirs.kld_mean else 'MISSED'}"
-    )
-    print(
-        f"w8a8 time: llmkit/llm-compressor = {time_ratio:.2f} "
-        f"-> {'met' if time_ratio <= 1 else 'MISSED'}"
-    )
+    for name, ref in SAME_METHOD.items():
+        if ref not in runs:
+            continue
+        ours, theirs = by_name[name], by_name[ref]
+        took = runs[name]["seconds"] / runs[ref]["seconds"]
+        print(
+            f"{name} KLD: llmkit {ours.kld_mean:.6f} vs {ref} {theirs.kld_mean:.6f} -> "
+            f"{'met' if ours.kld_mean <= theirs.kld_mean else 'MISSED'}; time "
+            f"llmkit/{ref} = {took:.2f} -> {'met' if took <= 1 else 'MISSED'}"
+        )
 
 
 if __name__ == "__main__":

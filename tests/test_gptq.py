@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.quant import gptq, rtn
+from llmkit.quant import gptq, int8, rtn
 from llmkit.quant.formats import gptq as gptq_format
 
 
@@ -58,6 +58,26 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
     assert relative == pytest.approx(
         output_error(result.dequantize()) ** 2 / float((x @ w.T).norm()) ** 2, rel=1e-3
     )
+
+
+def test_a_fixed_grid_is_kept_and_beats_rounding_to_it():
+    """W8A8's symmetric int8 grid (scale max|w| / 127, zero 127, maxq 254): every weight
+    lands on it, the scales come back as given, and the output error on the calibration
+    inputs is below rounding each weight to its nearest point of the same grid."""
+    x = correlated_inputs(3)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) * 0.05
+    q8, scale = int8.quantize_per_channel(w, torch.bfloat16)
+    grid = gptq.Grid(scale.float().flatten(), torch.full((64,), 127.0), 254)
+    settings = gptq.GPTQSettings(bits=8, group_size=-1, act_group_aware=False, clip_search=False)
+    result = gptq.quantize(w, hessian_of(x), settings, grid=grid)
+    assert int(result.q.min()) >= 0 and int(result.q.max()) <= 254
+    assert torch.equal(result.scales.flatten(), grid.scale)
+    approx = (result.q.double() - 127) * scale.double()
+    assert torch.equal(result.dequantize().double(), approx)
+    nearest = q8.double() * scale.double()
+    assert hessian_error(w, approx, hessian_of(x)) < hessian_error(w, nearest, hessian_of(x))
+    with pytest.raises(ValueError, match="group_size must be -1"):
+        gptq.quantize(w, hessian_of(x), gptq.GPTQSettings(group_size=32), grid=grid)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -117,6 +117,38 @@ def test_w8a8_smoothing_is_folded_into_the_norms(quantized, tiny_dir):
         assert not torch.allclose(src.get_tensor(name), q.get_tensor(name))
 
 
+def test_w8a8_gptq_weighs_errors_by_the_smoothed_inputs(tiny_dir, tmp_path, monkeypatch):
+    """Smoothing moves s from a stage's inputs into its weights (x / s, w s), so each row's
+    w H wᵀ, its output's energy on the calibration inputs, must not change: GPTQ must get
+    the Hessian of the smoothed inputs. In layer 0 (whose inputs do not depend on earlier
+    quantization) every stage's energies equal those of a run whose scales are all 1, but
+    up_proj's rows, which smoothing down_proj's inputs divides (their outputs are x / s)."""
+    from llmkit.quant.methods import w8a8 as method
+
+    real, energies = method.gptq_algorithm.quantize, []
+
+    def recording(weight, hessian, settings, name="", **kwargs):
+        result = real(weight, hessian, settings, name=name, **kwargs)
+        if name.startswith("model.layers.0."):
+            energies[-1][name] = result.row_energy
+        return result
+
+    monkeypatch.setattr(method.gptq_algorithm, "quantize", recording)
+    for unit in (False, True):
+        if unit:
+            monkeypatch.setattr(method, "smooth_scales", lambda amax, *_: torch.ones_like(amax))
+        energies.append({})
+        out = tmp_path / f"unit-{unit}"
+        quantize(tiny_dir("tiny-llama"), out, "w8a8", options=options_for("w8a8"),
+                 calibration=SMALL)  # fmt: skip
+    smoothed, unit = energies
+    assert len(smoothed) == 4 and smoothed.keys() == unit.keys()
+    for name in smoothed:
+        half = len(smoothed[name]) // 2  # gate_proj's rows, then up_proj's
+        rows = slice(None, half if "up_proj" in name else None)
+        assert torch.allclose(smoothed[name][rows], unit[name][rows], rtol=1e-3), name
+
+
 def test_rtn_writes_gptq_v1(quantized, tiny_dir):
     path = quantized("rtn", bits=4, group_size=32)
     config = json.loads((path / "config.json").read_text())

@@ -121,6 +121,20 @@ class GPTQResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Grid:
+    """A grid fixed before the sweep, one group per output row: each weight becomes
+    clamp(round(w / scale) + zero, 0, maxq), meaning scale * (q - zero). W8A8's symmetric
+    int8 (scale max|w| / 127, zero 127, maxq 254) is one; scales stay as given (float32)."""
+
+    scale: torch.Tensor  # float32 [out]
+    zero: torch.Tensor  # float32 [out]
+    maxq: int
+
+    def rows(self, start: int, stop: int) -> Grid:
+        return Grid(self.scale[start:stop], self.zero[start:stop], self.maxq)
+
+
+@dataclass(frozen=True, slots=True)
 class GPTQSettings:
     """GPTQ's settings; the defaults of those a user sets are GPTQOptions'."""
 
@@ -147,9 +161,12 @@ def quantize(
     name: str = "",
     warn: Callable[[str], None] | None = None,
     again: Callable[[], torch.Tensor] | None = None,
+    grid: Grid | None = None,
 ) -> GPTQResult:
     """GPTQ of `weight` [out, in] given `hessian` [in, in]. The Hessian is let go once
-    factorized: when the caller keeps no reference to it, the sweep runs without it.
+    factorized: when the caller keeps no reference to it, the sweep runs without it. With a
+    `grid` (settings.group_size must be -1), the rows are rounded to it instead of to grids
+    fitted from `settings.bits`, and the result's scales are its own.
 
     Without `again`, each factorization attempt works on a copy of `hessian`. With it (a
     function that rebuilds the same H, e.g. from the calibration data), `hessian` is
@@ -159,6 +176,8 @@ def quantize(
     `_rows_per_step`): beyond `weight` and the factor, memory holds one block of rows'
     working copies."""
     in_features = weight.shape[1]
+    if grid is not None and settings.group_size != -1:
+        raise ValueError("a fixed grid is one group per row: group_size must be -1")
     group_size = in_features if settings.group_size == -1 else settings.group_size
     dead = torch.diag(hessian) == 0  # inputs that were always zero: nothing to preserve
     energy = _row_products(weight, hessian)  # (H is zero in dead inputs' rows and columns)
@@ -185,7 +204,7 @@ def quantize(
     blocks = []
     step = _rows_per_step(in_features, hinv.device)
     for r in range(0, len(weight), step):
-        block_q, *params = sweep(weight[r : r + step])
+        block_q, *params = sweep(weight[r : r + step], grid and grid.rows(r, r + step))
         q[r : r + step] = block_q if inverse is None else block_q[:, inverse]
         blocks.append(params)
     del hinv, sweep
@@ -245,14 +264,20 @@ class _RowSweep:
     group_size: int
     settings: GPTQSettings
 
-    def __call__(self, rows: torch.Tensor):
+    def __call__(self, rows: torch.Tensor, grid: Grid | None = None):
         W = rows.detach().to(self.hinv.device, torch.float32).clone()
         W[:, self.dead] = 0
         settings = self.settings
-        static = _static_params(W, self.group_size, settings) if settings.static_groups else None
+        maxq, static = 2**settings.bits - 1, None
+        if grid is not None:
+            maxq, static = grid.maxq, (grid.scale[:, None], grid.zero[:, None])
+        elif settings.static_groups:
+            static = _static_params(W, self.group_size, settings)
         if self.perm is not None:
             _permute_columns_(W, self.perm)
-        return _quantize_columns(W, self.hinv, self.group_size, settings, static, self.group_of)
+        return _quantize_columns(
+            W, self.hinv, self.group_size, settings, static, self.group_of, maxq, grid is None
+        )
 
 
 def _row_products(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -350,10 +375,11 @@ def _column_order(diag: torch.Tensor, group_size: int, settings: GPTQSettings):
     return (within + starts)[order].reshape(-1)
 
 
-def _quantize_columns(W, hinv, group_size, settings, static, group_of):
+def _quantize_columns(W, hinv, group_size, settings, static, group_of, maxq, half_scales):
     """The GPTQ sweep over (permuted) columns in blocks of BLOCK_SIZE with lazy updates.
-    -> (q uint8 [out, in] in sweep order, scales, zeros [out, groups] by group id, each
-    row's sum of squared scaled errors, float64 [out])."""
+    -> (q uint8 [out, in] in sweep order, scales (float16 if `half_scales`, as fitted
+    grids are stored), zeros [out, groups] by group id, each row's sum of squared scaled
+    errors, float64 [out])."""
     out_features, in_features = W.shape
     Q = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)
     num_groups = in_features // group_size
@@ -383,11 +409,11 @@ def _quantize_columns(W, hinv, group_size, settings, static, group_of):
                 )
                 fitted.add(group)
             scale, zero = scales[:, group].contiguous(), zeros[:, group].contiguous()
-            _sweep(W1, Q1, Err1, Hinv1, scale, zero, first, last, 2**settings.bits - 1)
+            _sweep(W1, Q1, Err1, Hinv1, scale, zero, first, last, maxq)
         Q[:, i1:i2] = Q1
         W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1)
         losses += Err1.square().sum(1, dtype=torch.float64)
-    return Q, scales.to(torch.float16), zeros.to(torch.int32), losses
+    return Q, scales.to(torch.float16) if half_scales else scales, zeros.to(torch.int32), losses
 
 
 def _sweep(W1, Q1, Err1, Hinv1, scale, zero, start: int, stop: int, maxq: int) -> None:

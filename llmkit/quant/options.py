@@ -67,6 +67,11 @@ class W8A8Options(LmHead):
     smooth_alpha: float = option(
         0.5, "SmoothQuant migration strength.", check=(lambda v: 0 <= v <= 1, "must lie in [0, 1]")
     )
+    w8a8_gptq: bool = option(
+        True,
+        "Round the smoothed int8 weights by GPTQ (else to nearest).",
+        "--w8a8-gptq/--no-w8a8-gptq",
+    )
 
 
 @dataclass(frozen=True)

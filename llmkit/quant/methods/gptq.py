@@ -90,7 +90,7 @@ class GPTQLayer:
         for stage in self.arch.stages:
             hessian = _stage_hessian(layer, stage, run.device)
             first = layer.get_submodule(stage[0])
-            handles.append(first.register_forward_pre_hook(_accumulate_into(hessian)))
+            handles.append(first.register_forward_pre_hook(accumulate_into(hessian)))
             hessians.append(hessian)
         try:
             run.run()
@@ -195,7 +195,7 @@ class GPTQLayer:
             weight = linears[0].weight.detach()
         else:
             weight = torch.cat([linear.weight for linear in linears])
-        rows = _row_slices(linears)
+        rows = row_slices(linears)
         for linear, block in zip(linears, rows, strict=True):  # one copy of them, not two
             linear.weight.data = weight[block]
         return_freed_memory()  # the Linears' own weights, now views of the stacked copy
@@ -220,14 +220,14 @@ def _stage_hessian(layer: nn.Module, stage: tuple[str, ...], device) -> gptq_alg
     return gptq_algorithm.Hessian(layer.get_submodule(stage[0]).in_features, device)
 
 
-def _row_slices(linears: list[nn.Module]) -> list[slice]:
+def row_slices(linears: list[nn.Module]) -> list[slice]:
     """Each Linear's rows in its stage's stacked weight."""
     sizes = [linear.out_features for linear in linears]
     ends = itertools.accumulate(sizes)
     return [slice(end - size, end) for size, end in zip(sizes, ends, strict=True)]
 
 
-def _accumulate_into(hessian: gptq_algorithm.Hessian):
+def accumulate_into(hessian: gptq_algorithm.Hessian):
     """A forward pre-hook adding a module's input to `hessian`."""
 
     def hook(module: nn.Module, args: tuple) -> None:
