@@ -34,7 +34,7 @@ def layer_quantizer(arch: Family, options: W8A8Options, dtypes: dict, errors: li
     return W8A8Layer(arch, options.smooth_alpha, options.w8a8_gptq, dtypes, warn)
 
 
-# GPTQ of symmetric per-channel int8: one group per row, its own grid (see int8_grid).
+# GPTQ of symmetric per-channel int8: one group per row, on a grid given (see _gptq_stage).
 INT8_GPTQ = gptq_algorithm.GPTQSettings(
     bits=8, group_size=-1, sym=True, desc_act=False, act_group_aware=False, clip_search=False
 )
