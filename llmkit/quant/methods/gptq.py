@@ -86,17 +86,7 @@ class GPTQLayer:
     def _all_at_once(self, layer, run, prefix, errors) -> dict[str, torch.Tensor]:
         """Every stage's Hessian from one forward of the float layer, then every stage
         quantized (run_layers then computes the quantized layer's outputs)."""
-        hessians, handles = [], []
-        for stage in self.arch.stages:
-            hessian = _stage_hessian(layer, stage, run.device)
-            first = layer.get_submodule(stage[0])
-            handles.append(first.register_forward_pre_hook(accumulate_into(hessian)))
-            hessians.append(hessian)
-        try:
-            run.run()
-        finally:
-            for handle in handles:
-                handle.remove()
+        hessians = run_collecting_stage_inputs(layer, self.arch.stages, run)
         out: dict[str, torch.Tensor] = {}
         for stage, hessian in zip(self.arch.stages, hessians, strict=True):
             out |= self._quantize_stage(layer, prefix, stage, hessian.take, errors)
@@ -220,6 +210,23 @@ def _stage_hessian(layer: nn.Module, stage: tuple[str, ...], device) -> gptq_alg
     return gptq_algorithm.Hessian(layer.get_submodule(stage[0]).in_features, device)
 
 
+def run_collecting_stage_inputs(layer, stages, run: LayerRun) -> list[gptq_algorithm.Hessian]:
+    """run.run(), each stage's Hessian of the inputs its Linears share collected meanwhile
+    (from a forward pre-hook on its first Linear)."""
+    hessians, handles = [], []
+    for stage in stages:
+        hessian = _stage_hessian(layer, stage, run.device)
+        first = layer.get_submodule(stage[0])
+        handles.append(first.register_forward_pre_hook(_accumulate_into(hessian)))
+        hessians.append(hessian)
+    try:
+        run.run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
 def row_slices(linears: list[nn.Module]) -> list[slice]:
     """Each Linear's rows in its stage's stacked weight."""
     sizes = [linear.out_features for linear in linears]
@@ -227,7 +234,7 @@ def row_slices(linears: list[nn.Module]) -> list[slice]:
     return [slice(end - size, end) for size, end in zip(sizes, ends, strict=True)]
 
 
-def accumulate_into(hessian: gptq_algorithm.Hessian):
+def _accumulate_into(hessian: gptq_algorithm.Hessian):
     """A forward pre-hook adding a module's input to `hessian`."""
 
     def hook(module: nn.Module, args: tuple) -> None:

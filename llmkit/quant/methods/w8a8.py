@@ -14,7 +14,7 @@ from llmkit.quant import gptq as gptq_algorithm
 from llmkit.quant import int8
 from llmkit.quant.formats import compressed_tensors as ct
 from llmkit.quant.methods.dense import dense_tensors, per_token_int8_hook
-from llmkit.quant.methods.gptq import accumulate_into, row_slices
+from llmkit.quant.methods.gptq import row_slices, run_collecting_stage_inputs
 from llmkit.quant.options import W8A8Options
 from llmkit.quant.sequential import LayerRun
 from llmkit.quant.smoothquant import InputAbsMax, fold, smooth_scales
@@ -58,41 +58,29 @@ class W8A8Layer:
         observers = [
             (g, InputAbsMax(layer.get_submodule(g.linears[0]))) for g in self.arch.smoothable
         ]
-        hessians = self._watch_stages(layer, run.device) if self.gptq else {}
-        try:
+        if self.gptq:
+            hessians = run_collecting_stage_inputs(layer, self.arch.stages, run)
+        else:
             run.run()
-        finally:
-            for _, handle in hessians.values():
-                handle.remove()
-        smoothed = {}
+        smoothed = {}  # Linear -> the scales its inputs were divided by
         for group, observer in observers:
             linears = [layer.get_submodule(name) for name in group.linears]
             scales = smooth_scales(observer.remove(), [m.weight for m in linears], self.alpha)
             fold(layer.get_submodule(group.source), linears, scales)
-            smoothed[group.linears[0]] = scales
+            smoothed |= dict.fromkeys(group.linears, scales)
         out: dict[str, torch.Tensor] = {}
-        for stage in self.arch.stages:
-            if self.gptq:
-                hessian = hessians[stage[0]][0].take()
-                scales = smoothed.get(stage[0])
-                if scales is not None:  # the stage reads x / s
-                    s = scales.to(hessian.device, torch.float32)
-                    hessian.div_(s[:, None] * s[None, :])
-                out |= self._gptq_stage(layer, prefix, stage, hessian)
-            else:
+        for k, stage in enumerate(self.arch.stages):
+            if not self.gptq:
                 out |= self._nearest_stage(layer, prefix, stage)
+                continue
+            hessian = hessians[k].take()
+            if stage[0] in smoothed:  # the stage reads x / s
+                s = smoothed[stage[0]].to(hessian.device, torch.float32)
+                hessian.div_(s[:, None] * s[None, :])
+            out |= self._gptq_stage(layer, prefix, stage, hessian)
         for name in self.arch.linears:
             layer.get_submodule(name).register_forward_pre_hook(per_token_int8_hook)
         return out | dense_tensors(layer, self.arch, "w8a8", self.dtypes, prefix)
-
-    def _watch_stages(self, layer, device) -> dict:
-        """Per stage (by its first Linear): a Hessian of its input, and the hook filling it."""
-        out = {}
-        for stage in self.arch.stages:
-            first = layer.get_submodule(stage[0])
-            hessian = gptq_algorithm.Hessian(first.in_features, device)
-            out[stage[0]] = (hessian, first.register_forward_pre_hook(accumulate_into(hessian)))
-        return out
 
     def _nearest_stage(self, layer, prefix: str, stage) -> dict[str, torch.Tensor]:
         out = {}
