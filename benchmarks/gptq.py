@@ -7,7 +7,8 @@ the float32 stories260K. llmkit gptq, GPTQModel gptq and llmkit rtn at the same 
 (4 bits, group 16, symmetric, no act-order, damp 0.01, true-sequential, group-aware order),
 each tool with its defaults otherwise: llmkit searches each group's range (clip search),
 GPTQModel's equivalent (`mse`) is off by default, so llmkit without it is shown too.
-Targets: llmkit KLD <= GPTQModel's, and strictly better than llmkit rtn.
+Targets: llmkit KLD <= GPTQModel's, and strictly better than llmkit rtn. The same for one
+grid per output channel, without and with act-order (llmkit gptq against GPTQModel gptq).
 
 Speed and memory: the small-llama preset (float32, made on the fly), built-in text, group 128.
 Target: llmkit's quantization wall time <= 0.5x GPTQModel's. The tools run --rounds times
@@ -64,7 +65,7 @@ def llmkit_run(
 
 
 def gptqmodel_run(
-    src: Path, out: Path, ids: Path, group_size: int, method="gptq", timeout=None
+    src: Path, out: Path, ids: Path, group_size: int, method="gptq", timeout=None, flags=()
 ) -> dict:
     script = ROOT / "benchmarks" / "reference" / "gptqmodel_quantize.py"
     command = [
@@ -77,6 +78,7 @@ def gptqmodel_run(
         str(group_size),
         "--method",
         method,
+        *flags,
     ]
     # GPTQModel writes a log folder into its working directory: keep it in the work dir.
     env = {"GPTQMODEL_CPU_WORKERS": "2"}
@@ -112,7 +114,33 @@ def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
     }
     ids = calibration_windows(model, str(calib), num_samples, work / "stories-ids.json")
     runs["gptqmodel gptq"] = gptqmodel_run(model, work / "gptqmodel-gptq", ids, 16)
+    for config, flags in CHANNEL_CONFIGS.items():
+        slug = config.replace(" ", "-")
+        runs[f"{config}: llmkit gptq"] = llmkit_run(
+            model, work / f"llmkit-{slug}", "gptq", ["--bits", "4", "--group-size", "-1", *flags],
+            str(calib), num_samples,
+        )  # fmt: skip
+        runs[f"{config}: gptqmodel gptq"] = gptqmodel_run(
+            model, work / f"gptqmodel-{slug}", ids, -1, flags=flags
+        )
     return runs
+
+
+# The other 4-bit GPTQ settings compared: one grid per output channel, without and with
+# act-order (each tool's flag for it is --desc-act).
+CHANNEL_CONFIGS = {"per-channel": [], "per-channel act-order": ["--desc-act"]}
+
+
+def channel_rows(kld: dict[str, float]) -> list[dict]:
+    """RESULTS.md's rows for CHANNEL_CONFIGS: llmkit's KLD against GPTQModel's."""
+    rows = []
+    for config in CHANNEL_CONFIGS:
+        ours, theirs = kld[f"{config}: llmkit gptq"], kld[f"{config}: gptqmodel gptq"]
+        rows.append(report.row(
+            f"KLD, 4-bit {config}, llmkit gptq against gptqmodel gptq (lower is better)",
+            f"{ours:.5f}", f"{theirs:.5f}", ours / theirs, "≤ 1.0×", ours <= theirs,
+        ))  # fmt: skip
+    return rows
 
 
 def small_llama(work: Path, num_samples: int) -> tuple[Path, Path]:
@@ -142,6 +170,8 @@ def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samp
         f"KLD: llmkit gptq {kld['llmkit gptq']:.6f}, gptqmodel {kld['gptqmodel gptq']:.6f}, "
         f"llmkit rtn {kld['llmkit rtn']:.6f} -> {'met' if met else 'MISSED'}"
     )
+    for line in channel_rows(kld):
+        print(f"{line['measured']}: {line['ratio']:.2f}x -> {'met' if line['met'] else 'MISSED'}")
     fields: dict = {"kld": kld}
     if speed:
         rows = {
@@ -167,6 +197,7 @@ def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samp
         }  # fmt: skip
         fields["memory"] = memory
     summary = report.quantizer_rows(fields, "llmkit gptq", ["gptqmodel gptq"], "llmkit rtn")
+    summary += channel_rows(kld)
     report.save_result("gptq", fields, anchor="GPTQModel 7.6.0", summary=summary)
 
 

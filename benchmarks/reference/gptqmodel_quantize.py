@@ -48,6 +48,8 @@ def main() -> None:
     options = {"bits": args.bits, "group_size": args.group_size, "sym": not args.asym}
     if args.method == "gptq":
         options |= {"desc_act": args.desc_act, "damp_percent": args.damp_percent}
+        if args.group_size == -1:  # group-aware ordering (its default) needs groups
+            options["act_group_aware"] = False
     else:
         options |= {"quant_method": "awq", "format": "gemm"}
     start = time.perf_counter()
