@@ -15,12 +15,18 @@ def quantize_per_channel(
     The scale is rounded to its storage dtype *before* q is computed, and rounded up where
     needed, so q * scale is within half a step of w for every element.
     """
+    scale = per_channel_scale(w, scale_dtype)
+    q = torch.round(w.float() / scale.float()).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def per_channel_scale(w: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """[out, 1]: max|w| / QMAX per output row in `scale_dtype`, rounded up where rounding to
+    it made the step too small to reach max|w| within QMAX steps."""
     amax = w.detach().abs().amax(dim=1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).to(scale_dtype)
     too_small = scale.float() * QMAX < amax
-    scale = torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
-    q = torch.round(w.float() / scale.float()).clamp(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+    return torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -96,21 +96,22 @@ class W8A8Layer:
     def _gptq_stage(self, layer, prefix: str, stage, hessian) -> dict[str, torch.Tensor]:
         linears = [layer.get_submodule(name) for name in stage]
         weight = torch.cat([linear.weight.detach() for linear in linears])
-        out, grids = {}, []
-        for name, rows in zip(stage, row_slices(linears), strict=True):
-            _, scale = int8.quantize_per_channel(
+        blocks = row_slices(linears)
+        out = {
+            f"{name}.weight_scale": int8.per_channel_scale(
                 weight[rows], self.dtypes[f"{prefix}{name}.weight"]
             )
-            out[f"{name}.weight_scale"] = scale
-            grids.append(scale.float().flatten())
-        scale = torch.cat(grids).to(hessian.device)
+            for name, rows in zip(stage, blocks, strict=True)
+        }
+        scale = torch.cat([out[f"{name}.weight_scale"].float().flatten() for name in stage])
+        scale = scale.to(hessian.device)
         grid = gptq_algorithm.Grid(scale, torch.full_like(scale, int8.QMAX), 2 * int8.QMAX)
         label = prefix + "/".join(stage)
         result = gptq_algorithm.quantize(
             weight, hessian, INT8_GPTQ, name=label, warn=self.warn, grid=grid
         )
         q = (result.q.to(torch.int16) - int8.QMAX).to(torch.int8)
-        for name, linear, rows in zip(stage, linears, row_slices(linears), strict=True):
+        for name, linear, rows in zip(stage, linears, blocks, strict=True):
             out[f"{name}.weight"] = q[rows].contiguous()
             linear.weight.data = int8.dequantize(
                 q[rows], out[f"{name}.weight_scale"], linear.weight.dtype
