@@ -4,7 +4,7 @@ Quality: stories260K widened by benchmarks/widen.py (KV heads repeated to one pe
 MLP zero-padded to 192: the same function, because GPTQModel's AWQ needs every output
 dimension in multiples of 64), 4-bit asymmetric groups of 16, calibration and evaluation on
 tinyshakespeare as in benchmarks/quality.py, scored against the float32 stories260K. Runs:
-llmkit awq (default, and with duo scaling), llmkit rtn at the same grid, GPTQModel awq (in
+llmkit awq (default: duo scaling; and without it), llmkit rtn at the same grid, GPTQModel awq (in
 float16, the only dtype its CPU AWQ kernel takes), llm-compressor awq (float32; it writes
 compressed-tensors, which llmkit's evaluator reads too). Each tool otherwise with its defaults.
 Targets: llmkit KLD <= the better reference's; strictly better than llmkit rtn. Each
@@ -48,11 +48,11 @@ def quality_runs(shared: Path, work: Path, num_samples: int) -> dict[str, dict]:
     group = ["--group-size", "16"]
     runs = {
         "llmkit awq": llmkit_run(model, work / "llmkit-awq", "awq", group, str(calib), num_samples),
-        "llmkit awq, duo scaling": llmkit_run(
+        "llmkit awq, no duo scaling": llmkit_run(
             model,
-            work / "llmkit-awq-duo",
+            work / "llmkit-awq-noduo",
             "awq",
-            [*group, "--awq-duo-scaling"],
+            [*group, "--no-awq-duo-scaling"],
             str(calib),
             num_samples,
         ),

@@ -170,6 +170,11 @@ def test_candidate_scales_are_normalized_and_follow_alpha():
     s = awq.candidate_scales(x_mean, None, 0.5)
     assert float(s.max() * s.min()) == pytest.approx(1.0)
     assert s[2] / s[0] == pytest.approx(10.0)
+    w_mean = torch.tensor([0.5, 0.25, 1.0])  # duo scaling: mean|x|^α / mean|w|^(1-α)
+    duo = awq.candidate_scales(x_mean, w_mean, 0.5)
+    assert float(duo.max() * duo.min()) == pytest.approx(1.0)
+    expected = (x_mean.sqrt() / (w_mean.sqrt() + 1e-4)).double()
+    assert (duo.double() / expected).std() < 1e-6  # proportional to the formula
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
@@ -230,7 +235,7 @@ def test_awq_refuses_what_its_format_cannot_hold(tiny_dir, tmp_path, options, me
 def test_cli_awq_reports_errors_and_alphas(cli, tiny_dir, tmp_path):
     args = ["quantize", tiny_dir("tiny-qwen3"), tmp_path / "o", "--method", "awq"]
     options = ["--group-size", "32", "--num-samples", "4", "--seq-len", "64", "--awq-grid", "5"]
-    result = cli(*args, *options, "--awq-duo-scaling", "--json")
+    result = cli(*args, *options, "--no-awq-duo-scaling", "--json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
     entry = report["layer_errors"][1]

@@ -86,7 +86,7 @@ class ScaleSearch:
     scales: torch.Tensor  # [in]
     alpha: float
     loss: float  # block output MSE with the chosen scales
-    loss_unscaled: float  # ... with α = 0 (plain round-to-nearest)
+    loss_unscaled: float  # ... without scales (plain round-to-nearest)
 
 
 def search_scales(
@@ -97,16 +97,20 @@ def search_scales(
     settings: AWQSettings,
 ) -> ScaleSearch:
     """The α whose scales give the least MSE between `block()` (computed with `linears` set
-    to their scaled, quantized, unscaled weights) and `reference`. The weights are restored."""
+    to their scaled, quantized, unscaled weights) and `reference`; no scales at all (plain
+    rounding, reported as α 0) are a candidate too, first. The weights are restored."""
     originals = [linear.weight.data for linear in linears]
     w_mean = weight_mean(originals, settings.group_size) if settings.awq_duo_scaling else None
     x_mean = x_mean.to(originals[0].device)
+    candidates = [(0.0, torch.ones_like(x_mean))]
+    first = 1 if w_mean is None else 0  # without duo scaling, α 0 is no scales
+    for step in range(first, settings.awq_grid):
+        alpha = step / settings.awq_grid
+        candidates.append((alpha, candidate_scales(x_mean, w_mean, alpha)))
     best = None
     losses = []
     try:
-        for step in range(settings.awq_grid):
-            alpha = step / settings.awq_grid
-            s = candidate_scales(x_mean, w_mean, alpha)
+        for alpha, s in candidates:
             for linear, w in zip(linears, originals, strict=True):
                 scaled = fake_quantize(w * s, settings.group_size) / s
                 linear.weight.data = scaled.to(w.dtype)

@@ -112,7 +112,9 @@ class AWQOptions(ClipSearch, Groups):
         20, "Scale exponents α tried by the AWQ search.", check=(lambda v: v >= 1, "must be ≥ 1")
     )
     awq_duo_scaling: bool = option(
-        False, "Scales from activation and weight magnitudes.", "--awq-duo-scaling"
+        True,
+        "Scales from activation and weight magnitudes (else from activations alone).",
+        "--awq-duo-scaling/--no-awq-duo-scaling",
     )
     awq_search_tokens: int = option(
         4096,
