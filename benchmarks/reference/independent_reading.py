@@ -54,7 +54,7 @@ def unpack(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
 def read_tensors(path: str) -> dict[str, np.ndarray]:
     tensors = {}
     for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        tensors |= {name: t for name, t in load_file(file).items()}
+        tensors |= load_file(file)
     return tensors
 
 
