@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 WINDOWS_PER_BATCH = 4
@@ -52,9 +52,12 @@ def unpack(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint as numpy, bf16 ones widened to float32 (numpy has no
+    bf16; the widening is exact)."""
     tensors = {}
     for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        tensors |= load_file(file)
+        for name, t in load_file(file).items():
+            tensors[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
     return tensors
 
 
