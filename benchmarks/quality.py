@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 
+from gptq import LLMCOMPRESSOR, llmcompressor_run
 from report import (
     independent_readings,
     print_targets,
@@ -41,7 +41,6 @@ from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 
 ROOT = Path(__file__).resolve().parent.parent
-LLMCOMPRESSOR = ROOT / ".refvenvs" / "llmcompressor" / "bin" / "python"
 
 
 def llmkit_runs(shared: Path, work: Path, calibration: CalibrationSpec) -> dict[str, dict]:
@@ -83,18 +82,10 @@ def llmcompressor_runs(model: Path, work: Path, calibration: CalibrationSpec) ->
     ids = calibration_ids(AutoTokenizer.from_pretrained(model), calibration)
     ids_path = work / "calibration_ids.json"
     ids_path.write_text(json.dumps(ids.tolist()))
-    script = ROOT / "benchmarks" / "reference" / "llmcompressor_w8a8.py"
     runs = {}
     for name, flags in REFERENCES.items():
         out = work / name.replace(" ", "-")
-        proc = subprocess.run(
-            [str(LLMCOMPRESSOR), str(script), str(model), str(ids_path), str(out), *flags],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
-        runs[name] = {"path": out, "seconds": seconds}
+        runs[name] = llmcompressor_run("llmcompressor_w8a8.py", model, out, ids_path, flags)
     return runs
 
 

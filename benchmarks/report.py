@@ -77,6 +77,9 @@ def independent_readings(
     from child import run_child
 
     from llmkit.bench.quality import eval_windows
+
+    if not paths:
+        return {}
     from llmkit.quant.calibration import CalibrationSpec
 
     ids = work / "evaluation-ids.json"

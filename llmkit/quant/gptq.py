@@ -204,7 +204,8 @@ def quantize(
     blocks = []
     step = _rows_per_step(in_features, hinv.device)
     for r in range(0, len(weight), step):
-        block_q, *params = sweep(weight[r : r + step], grid and grid.rows(r, r + step))
+        rows_grid = None if grid is None else grid.rows(r, r + step)
+        block_q, *params = sweep(weight[r : r + step], rows_grid)
         q[r : r + step] = block_q if inverse is None else block_q[:, inverse]
         blocks.append(params)
     del hinv, sweep
