@@ -7,6 +7,9 @@ Models (2 threads, CPU):
   with its embeddings and head (written under --workdir): the only draft with its
   vocabulary there is.
 - stories260K (../shared, trained), as the model that might repeat its prompt; ngram only.
+  It does not reproduce tinyshakespeare (its lookups miss), so its rows carry no target:
+  they show what speculating costs where drafts fail, on a model whose step is mostly
+  fixed cost. small-llama does repeat the grounded passages, so the targets are its rows.
 
 Workloads, 64 greedy tokens per request (EOS ignored):
 - grounded: a passage of tinyshakespeare, then "Again:" and the passage's first words
@@ -22,7 +25,7 @@ Each round runs, in an order that alternates between rounds, plainly and with sp
 every proposer on each workload at concurrency 1 and 64 (small-llama; stories260K at 1),
 and small-llama's ngram with no --speculative-max-seqs limit at concurrency 2, 4 and 8:
 where speculation stops paying, which sets that option's default. Ratios are per round,
-then the median. Targets (issue 40):
+then the median. Targets (issue 40), on small-llama:
 ngram >= 1.8x at concurrency 1 on grounded; draft >= 1.3x at concurrency 1 where its
 acceptance is >= 0.6; >= 0.95x at concurrency 64 for every proposer and workload. Writes
 benchmarks/results/speculative-<date>.json.
@@ -247,7 +250,9 @@ def _stats(rounds: list[dict], model: str, proposer: str, workload: str, concurr
 
 def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurrency: str):
     st = _stats(rounds, model, proposer, workload, concurrency)
-    target, met = _target(proposer, workload, int(concurrency), st["acceptance"], st["ratio"])
+    target, met = _target(
+        model, proposer, workload, int(concurrency), st["acceptance"], st["ratio"]
+    )
     return row(
         f"{model} {proposer}, {workload}, concurrency {concurrency}, decode tok/s: acceptance "
         f"{st['acceptance']:.2f}, {st['per_draft']:.2f} accepted per draft"
@@ -258,7 +263,11 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
     )  # fmt: skip
 
 
-def _target(proposer: str, workload: str, concurrency: int, acceptance: float, ratio: float):
+def _target(model: str, proposer: str, workload: str, concurrency: int, acceptance, ratio):
+    """The issue's targets, on small-llama (stories260K's rows show the cost of speculating
+    where lookups miss: it does not reproduce tinyshakespeare)."""
+    if model != "small-llama":
+        return "", None
     if concurrency == max(CONCURRENCY):
         return "≥ 0.95×", ratio >= 0.95
     if concurrency != 1:

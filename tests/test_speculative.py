@@ -51,6 +51,25 @@ def test_ngram_draft_continues_the_latest_earlier_match_of_the_longest_suffix():
     assert ngram_draft([1, 2], 1, 4, 0) == []
 
 
+def _ngram_draft_by_definition(tokens, min_n, max_n, k):
+    """ngram_draft's rule, written out window by window."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        starts = [i for i in range(len(tokens) - n) if tokens[i : i + n] == tokens[-n:]]
+        if starts:
+            copied = tokens[starts[-1] + n :]
+            return [(copied * k)[j] for j in range(k)] if copied else []
+    return []
+
+
+def test_ngram_draft_agrees_with_its_definition_on_random_sequences():
+    rng = random.Random(0)
+    for _ in range(2000):
+        tokens = [rng.randrange(rng.choice([2, 3, 8])) for _ in range(rng.randrange(1, 40))]
+        min_n = rng.randrange(1, 4)
+        args = (tokens, min_n, rng.randrange(min_n, 6), rng.randrange(0, 6))
+        assert ngram_draft(*args) == _ngram_draft_by_definition(*args), args
+
+
 @pytest.mark.parametrize("draft", ["ngram", "self", "other"])
 def test_greedy_tokens_are_those_of_plain_decoding(tiny_dir, other_model, draft):
     """ngram (some accepted, some rejected), a draft model that is the model itself (all

@@ -81,13 +81,21 @@ def ngram_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
     if k < 1 or length < min_n + 1:
         return []
     array = np.asarray(tokens, dtype=np.int64)
+    # ends of earlier windows (before the last token) whose last token is the last token
+    ends = np.flatnonzero(array[: length - 1] == array[-1])
+    # matched[i]: how many of the last tokens agree, backwards, with those ending at ends[i]
+    matched = np.ones(len(ends), dtype=np.int64)
+    alive = ends.copy()
+    for back in range(1, min(max_n, length - 1)):
+        alive = alive[alive >= back]
+        if not len(alive):
+            break
+        alive = alive[array[alive - back] == array[length - 1 - back]]
+        matched[np.searchsorted(ends, alive)] += 1
     for n in range(min(max_n, length - 1), min_n - 1, -1):
-        pattern = array[length - n :]
-        # starts of earlier windows of n tokens (not the last one itself)
-        windows = np.lib.stride_tricks.sliding_window_view(array[: length - 1], n)
-        starts = np.flatnonzero((windows == pattern).all(axis=1))
-        if len(starts):
-            start, draft = int(starts[-1]) + n, []
+        found = np.flatnonzero(matched >= n)
+        if len(found):
+            start, draft = int(ends[found[-1]]) + 1, []
             for j in range(k):
                 at = start + j
                 draft.append(tokens[at] if at < length else draft[at - length])
