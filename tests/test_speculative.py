@@ -56,8 +56,7 @@ def _ngram_draft_by_definition(tokens, min_n, max_n, k):
     for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
         starts = [i for i in range(len(tokens) - n) if tokens[i : i + n] == tokens[-n:]]
         if starts:
-            copied = tokens[starts[-1] + n :]
-            return [(copied * k)[j] for j in range(k)] if copied else []
+            return (tokens[starts[-1] + n :] * k)[:k]
     return []
 
 

@@ -85,7 +85,7 @@ def ngram_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
     ends = np.flatnonzero(array[: length - 1] == array[-1])
     # matched[i]: how many of the last tokens agree, backwards, with those ending at ends[i]
     matched = np.ones(len(ends), dtype=np.int64)
-    alive = ends.copy()
+    alive = ends
     for back in range(1, min(max_n, length - 1)):
         alive = alive[alive >= back]
         if not len(alive):
