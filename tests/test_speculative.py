@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llmkit.checkpoint.init import init_checkpoint
+from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.layers import sampler as sampler_module
@@ -19,7 +20,9 @@ from llmkit.runtime.speculative import ngram_draft
 from tests.runtime_helpers import random_prompts
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-ALL = {"speculative_max_seqs": 64}  # speculate however many sequences a step decodes
+# speculate however many sequences a step decodes, with draft models' drafts of full length
+# (a tiny random model is never confident, so the default would end every draft at one token)
+ALL = {"speculative_max_seqs": 64, "draft_min_confidence": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +86,19 @@ def test_greedy_tokens_are_those_of_plain_decoding(tiny_dir, other_model, draft)
         assert stats.accepted == stats.proposed
     if draft == "ngram":
         assert 0 < stats.accepted < stats.proposed
+
+
+def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):
+    """The model as its own draft: below a confidence of 1 every token is doubted, so each
+    draft is one token; with 0 drafts run to full length. The tokens are plain decoding's."""
+    model = tiny_dir("tiny-llama")
+    plain, _ = generate(model, prompts())
+    doubting, stats = generate(model, prompts(), speculative=str(model), draft_min_confidence=1)
+    assert doubting == plain and stats.drafts > 0 and stats.proposed == stats.drafts
+    sure, stats = generate(model, prompts(), speculative=str(model), draft_min_confidence=0)
+    assert sure == plain and stats.proposed > 2 * stats.drafts
+    with pytest.raises(LlmkitError, match="draft-min-confidence"):
+        EngineConfig(draft_min_confidence=1.5)
 
 
 def test_speculation_with_prefix_caching_preemption_logprobs_and_stop(tiny_dir):

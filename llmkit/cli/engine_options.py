@@ -74,6 +74,13 @@ SpecMaxSeqsOpt = Annotated[
         help="No speculation while more sequences than this run or wait (0: never).",
     ),
 ]
+DraftConfidenceOpt = Annotated[
+    float,
+    typer.Option(
+        "--draft-min-confidence",
+        help="A draft model's draft ends after a token it gave less probability (0: never).",
+    ),
+]
 PolicyOpt = Annotated[
     str, typer.Option("--scheduling-policy", help="fcfs, or priority (lower runs first).")
 ]
@@ -130,6 +137,7 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "ngram_min": NgramMinOpt,
         "ngram_max": NgramMaxOpt,
         "speculative_max_seqs": SpecMaxSeqsOpt,
+        "draft_min_confidence": DraftConfidenceOpt,
     }
     defaults = EngineConfig()
     return [

@@ -306,7 +306,7 @@ class Engine:
         draft = json.loads((Path(c.speculative).expanduser() / "config.json").read_text())
         check_draft(draft.get("vocab_size"), self.model_config.vocab_size, c.speculative)
         runner = RunnerSpec(c.speculative, 1, dtype, str(device), num_blocks, c.block_size).build(0)
-        return DraftProposer(runner, num_blocks, c.block_size)
+        return DraftProposer(runner, num_blocks, c.block_size, c.draft_min_confidence)
 
     def _masks(self, batch: Batch) -> Callable[[], dict] | None:
         """The token masks of the guided sequences that sample in this step (seq_id -> bit

@@ -33,6 +33,8 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # k: tokens proposed per sequence and step
     ngram_min: int = 1
     ngram_max: int = 4
+    # a draft model stops a sequence's draft after a token it gave less than this probability
+    draft_min_confidence: float = 0.4
     # steps with more decoding sequences than this do not speculate (benchmarks/speculative.py)
     speculative_max_seqs: int = 4
 
@@ -45,6 +47,8 @@ class EngineConfig:
             raise LlmkitError(f"--ngram-min and --ngram-max need 1 <= min <= max <= {MAX_NGRAM}")
         if self.speculative_max_seqs < 0:
             raise LlmkitError("--speculative-max-seqs must be >= 0")
+        if not 0.0 <= self.draft_min_confidence <= 1.0:
+            raise LlmkitError("--draft-min-confidence must be between 0 and 1")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise LlmkitError("--max-loras must be >= 0 and --max-lora-rank >= 1")
         if self.max_loras and self.tp > 1:

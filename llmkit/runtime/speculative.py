@@ -11,7 +11,9 @@ one when the guesses are good.
   steps per round over all speculated sequences at once. Its tokens are its most likely
   ones for greedy requests and drawn from its own distribution (the request's temperature,
   top-k, top-p, min-p) for sampled ones, that distribution going with the draft to the
-  rejection test.
+  rejection test. A sequence's draft ends after a token the draft model gave less than
+  `min_confidence` probability: a token it doubts is likely rejected, and so is every one
+  after it, so drafting on would cost draft steps and verified rows for nothing.
 """
 
 from __future__ import annotations
@@ -128,10 +130,11 @@ class DraftProposer:
 
     name = "draft"
 
-    def __init__(self, runner, num_blocks: int, block_size: int):
+    def __init__(self, runner, num_blocks: int, block_size: int, min_confidence: float):
         from llmkit.runtime.layers.sampler import Sampler
 
         self.runner, self.block_size = runner, block_size
+        self.min_confidence = min_confidence
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> the draft model's sequence
         self.synced: dict[int, int] = {}  # target seq_id -> its length at the last sync
@@ -139,12 +142,14 @@ class DraftProposer:
 
     def propose(self, seqs: list[Sequence], sizes: list[int]) -> list[Draft]:
         """Up to sizes[i] tokens for seqs[i]: k steps of the draft model over all of them
-        (none for a sequence whose tokens its KV cache cannot hold now)."""
+        (none for a sequence whose tokens its KV cache cannot hold now; no more after a
+        token the draft model doubts)."""
         drafts = [Draft() for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, k in enumerate(sizes) if k > 0 and self._sync(seqs[i])]
+        doubted: set[int] = set()
         for _ in range(max(sizes, default=0)):
-            active = [i for i in active if len(drafts[i].tokens) < sizes[i]]
+            active = [i for i in active if len(drafts[i].tokens) < sizes[i] and i not in doubted]
             batch = Batch()
             for i in active:
                 mirror = self.mirrors[seqs[i].seq_id]
@@ -156,18 +161,21 @@ class DraftProposer:
             active = active[: len(batch.seqs)]
             if not active:
                 break
-            for i, (token, q) in zip(active, self._next_tokens(batch), strict=True):
+            for i, (token, q, confidence) in zip(active, self._next_tokens(batch), strict=True):
                 drafts[i].tokens.append(token)
                 if q is not None:
                     probs[i].append(q)
+                if confidence < self.min_confidence:
+                    doubted.add(i)
         for draft, rows in zip(drafts, probs, strict=True):
             if rows and len(rows) == len(draft.tokens):
                 draft.probs = torch.stack(rows)
         return drafts
 
     def _next_tokens(self, batch: Batch):
-        """Run the draft model on `batch`; each mirror's next token (appended to it) and the
-        distribution it was drawn from (None for greedy)."""
+        """Run the draft model on `batch`; each mirror's next token (appended to it), the
+        distribution it was drawn from (None for greedy) and the probability the draft model
+        gave it (under that distribution; for greedy, under the model's softmax)."""
         from llmkit.runtime.model_runner import prepare
 
         inputs, sampled, _ = prepare(batch, self.block_size)
@@ -180,7 +188,8 @@ class DraftProposer:
             row = logits[by_mirror[mirror.seq_id]]
             token, q = self.sampler.propose(row, mirror.params, (mirror.seq_id, mirror.seed))
             mirror.prompt_token_ids.append(token)
-            out.append((token, q))
+            confidence = float(q[token] if q is not None else torch.softmax(row, -1)[token])
+            out.append((token, q, confidence))
         return out
 
     def _sync(self, seq: Sequence) -> bool:
