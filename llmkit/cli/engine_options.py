@@ -78,7 +78,7 @@ DraftConfidenceOpt = Annotated[
     float,
     typer.Option(
         "--draft-min-confidence",
-        help="A draft model's draft ends after a token it gave less probability (0: never).",
+        help="End a draft model's draft after a token it gave less probability than this.",
     ),
 ]
 PolicyOpt = Annotated[
