@@ -194,10 +194,9 @@ def speed_runs(work: Path, num_samples: int, rounds: int) -> dict[str, list[dict
 
 def print_targets(shared: Path, work: Path, quality: dict, speed: dict, num_samples: int):
     kld = report.print_quality(shared, work, quality, "stories260K, 4-bit g16")
-    references = {name: run["path"] for name, run in quality.items() if "llmkit" not in name}
-    evaluation = work / "evaluation.txt"
+    paths = {name: run["path"] for name, run in quality.items() if "llmkit" not in name}
     reference = shared / "models" / "stories260K"
-    readings = report.independent_readings(reference, evaluation, kld, references, work)
+    readings = report.independent_readings(reference, work / "evaluation.txt", kld, paths, work)
     fields: dict = {"kld": kld, "readings": readings}
     if speed:
         rows = {

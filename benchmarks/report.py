@@ -77,11 +77,10 @@ def independent_readings(
     from child import run_child
 
     from llmkit.bench.quality import eval_windows
+    from llmkit.quant.calibration import CalibrationSpec
 
     if not paths:
         return {}
-    from llmkit.quant.calibration import CalibrationSpec
-
     ids = work / "evaluation-ids.json"
     windows = eval_windows(reference, CalibrationSpec(dataset=str(evaluation), seq_len=seq_len), 0)
     ids.write_text(json.dumps(windows.tolist()))

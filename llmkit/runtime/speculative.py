@@ -147,9 +147,9 @@ class DraftProposer:
         drafts = [Draft() for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, k in enumerate(sizes) if k > 0 and self._sync(seqs[i])]
-        doubted: set[int] = set()
+        limits = list(sizes)  # a doubted token ends its draft: the limit drops to its length
         for _ in range(max(sizes, default=0)):
-            active = [i for i in active if len(drafts[i].tokens) < sizes[i] and i not in doubted]
+            active = [i for i in active if len(drafts[i].tokens) < limits[i]]
             batch = Batch()
             for i in active:
                 mirror = self.mirrors[seqs[i].seq_id]
@@ -166,7 +166,7 @@ class DraftProposer:
                 if q is not None:
                     probs[i].append(q)
                 if confidence < self.min_confidence:
-                    doubted.add(i)
+                    limits[i] = len(drafts[i].tokens)
         for draft, rows in zip(drafts, probs, strict=True):
             if rows and len(rows) == len(draft.tokens):
                 draft.probs = torch.stack(rows)
