@@ -123,14 +123,15 @@ def test_write_kv_puts_each_token_in_its_slot(dtype):
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 0)])
-def test_add_rms_norm_rounds_as_the_reference(dtype, atol):
+@pytest.mark.parametrize("dim", [96, 100])  # whole vectors; a scalar tail after them
+def test_add_rms_norm_rounds_as_the_reference(dtype, atol, dim):
     """residual + x rounded to the dtype, normalised in float32, rounded, times the weight:
     the llama reference's order. Compared to the float64 norm of the rounded sum, within
     one rounding of each cast."""
     g = torch.Generator().manual_seed(5)
-    residual = (3 * torch.randn(37, 96, generator=g)).to(dtype)
-    x = torch.randn(37, 96, generator=g).to(dtype)
-    weight = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    residual = (3 * torch.randn(37, dim, generator=g)).to(dtype)
+    x = torch.randn(37, dim, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
     total = residual + x
     normed = total.double() * (total.double().pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()
     expected = weight.double() * normed.to(dtype).double()
@@ -164,15 +165,17 @@ llm.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_kernel_rounds_as_the_torch_ops(dtype):
+@pytest.mark.parametrize("dim", [32, 40])  # halves of whole vectors, and not
+def test_rotary_kernel_rounds_as_the_torch_ops(dtype, dim):
     from llmkit.runtime.layers.rotary import Rotary, _rotate_half
 
     g = torch.Generator().manual_seed(6)
-    qkv = torch.randn(9, (6 + 2 * 2) * 32, generator=g).to(dtype)
-    q, k, _ = qkv.split([6 * 32, 2 * 32, 2 * 32], dim=-1)
-    q, k = q.reshape(9, 6, 32), k.reshape(9, 2, 32)  # strided views, as the layer has them
-    cos, sin = Rotary(32, 64, 10000.0, None)(torch.tensor([0, 3, 7, 8, 20, 21, 22, 40, 63]), dtype)
-    q_out, k_out = cpu.ops().rotary(q, k, cos.reshape(9, 32), sin.reshape(9, 32))
+    qkv = torch.randn(9, (6 + 2 * 2) * dim, generator=g).to(dtype)
+    q, k, _ = qkv.split([6 * dim, 2 * dim, 2 * dim], dim=-1)
+    q, k = q.reshape(9, 6, dim), k.reshape(9, 2, dim)  # strided views, as the layer has them
+    positions = torch.tensor([0, 3, 7, 8, 20, 21, 22, 40, 63])
+    cos, sin = Rotary(dim, 64, 10000.0, None)(positions, dtype)
+    q_out, k_out = cpu.ops().rotary(q, k, cos.reshape(9, dim), sin.reshape(9, dim))
     assert torch.equal(q_out, q * cos + _rotate_half(q) * sin)
     assert torch.equal(k_out, k * cos + _rotate_half(k) * sin)
 

@@ -45,6 +45,70 @@ constexpr float kExpTaylor[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24,
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define LLMKIT_AVX2 1
+// 8 lanes: silu_mul computed and rounded as silu_mul_16 does (on CPUs without AVX-512 the
+// scalar std::exp made it ~5% of a decode step), and the element-wise kernels' rounding
+// steps, which AVX-512 CPUs run the same way.
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// 2^k for k in [-126, 127], built in the exponent field.
+inline __m256 pow2_8(__m256i k) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+}
+
+// exp16's computation. Its 2^n (n from -150 to 128) is applied as 2^(n/2) twice over, so no
+// factor leaves the exponent field's range; the first product is exact, the second rounds
+// once, as scalef does.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpMin)), _mm256_set1_ps(kExpMax));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[i]));
+  const __m256i k = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(k, 1);
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2_8(half)), pow2_8(_mm256_sub_epi32(k, half)));
+}
+
+inline __m256 round8(__m256 x, float) { return x; }
+inline __m256 round8(__m256 x, c10::BFloat16) {  // to nearest even, NaN kept
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(-65536)));
+  return _mm256_blendv_ps(rounded, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void store8(c10::BFloat16* p, __m256 x) {  // x already holds a bf16 value
+  const __m256i top = _mm256_srli_epi32(_mm256_castps_si256(x), 16);
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <typename T>
+inline void silu_mul_8(const T* gate, const T* up, T* out) {
+  const __m256 g = load8(gate);
+  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  const __m256 act = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), T());
+  store8(out, round8(_mm256_mul_ps(act, load8(up)), T()));
+}
+#endif
+
 #ifdef __AVX512F__
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -125,61 +189,6 @@ inline void silu_mul_16(const T* gate, const T* up, T* out) {
 
 #else  // portable loops the compiler may vectorize
 
-#if defined(__AVX2__) && defined(__FMA__)
-// silu_mul with 8 lanes, computed and rounded as silu_mul_16 does: on CPUs without AVX-512
-// the scalar std::exp made it ~5% of a decode step.
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-// 2^k for k in [-126, 127], built in the exponent field.
-inline __m256 pow2_8(__m256i k) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
-}
-
-// exp16's computation. Its 2^n (n from -150 to 128) is applied as 2^(n/2) twice over, so no
-// factor leaves the exponent field's range; the first product is exact, the second rounds
-// once, as scalef does.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpMin)), _mm256_set1_ps(kExpMax));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
-  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
-  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[i]));
-  const __m256i k = _mm256_cvtps_epi32(n);
-  const __m256i half = _mm256_srai_epi32(k, 1);
-  return _mm256_mul_ps(_mm256_mul_ps(p, pow2_8(half)), pow2_8(_mm256_sub_epi32(k, half)));
-}
-
-inline __m256 round8(__m256 x, float) { return x; }
-inline __m256 round8(__m256 x, c10::BFloat16) {  // to nearest even, NaN kept
-  const __m256i bits = _mm256_castps_si256(x);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(-65536)));
-  return _mm256_blendv_ps(rounded, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
-inline void store8(c10::BFloat16* p, __m256 x) {  // x already holds a bf16 value
-  const __m256i top = _mm256_srli_epi32(_mm256_castps_si256(x), 16);
-  const __m128i packed =
-      _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-
-template <typename T>
-inline void silu_mul_8(const T* gate, const T* up, T* out) {
-  const __m256 g = load8(gate);
-  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-  const __m256 act = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), T());
-  store8(out, round8(_mm256_mul_ps(act, load8(up)), T()));
-}
-#endif
 
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t dim) {
@@ -198,7 +207,18 @@ inline void axpy(float* out, float a, const T* v, int64_t dim) {
 
 inline float exp_shifted(float* row, int64_t len, float top) {
   float sum = 0.f;
-  for (int64_t t = 0; t < len; ++t) sum += (row[t] = std::exp(row[t] - top));
+  int64_t t = 0;
+#ifdef LLMKIT_AVX2
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 sums = _mm256_setzero_ps();
+  for (; t + 8 <= len; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t), shift));
+    _mm256_storeu_ps(row + t, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  sum = hsum8(sums);
+#endif
+  for (; t < len; ++t) sum += (row[t] = std::exp(row[t] - top));
   return sum;
 }
 
@@ -317,15 +337,36 @@ void add_rms_norm_rows(at::Tensor& out, at::Tensor& residual, const at::Tensor& 
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> sum(dim);
     for (int64_t r = begin; r < end; ++r) {
+      T* rr = res + r * dim;
+      const T* x = in + r * dim;
       float squares = 0.f;
-      for (int64_t d = 0; d < dim; ++d) {  // the sum is rounded to T, as a T + T add is
-        const T total = static_cast<T>(to_float(res[r * dim + d]) + to_float(in[r * dim + d]));
-        res[r * dim + d] = total;
+      int64_t d = 0;
+#ifdef LLMKIT_AVX2
+      __m256 acc = _mm256_setzero_ps();
+      for (; d + 8 <= dim; d += 8) {
+        const __m256 total = round8(_mm256_add_ps(load8(rr + d), load8(x + d)), T());
+        store8(rr + d, total);
+        _mm256_storeu_ps(&sum[d], total);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(total, total));
+      }
+      squares = hsum8(acc);
+#endif
+      for (; d < dim; ++d) {  // the sum is rounded to T, as a T + T add is
+        const T total = static_cast<T>(to_float(rr[d]) + to_float(x[d]));
+        rr[d] = total;
         sum[d] = to_float(total);
         squares += sum[d] * sum[d];
       }
       const float inv = 1.f / std::sqrt(squares / float(dim) + float(eps));
-      for (int64_t d = 0; d < dim; ++d) {
+      d = 0;
+#ifdef LLMKIT_AVX2
+      const __m256 scale = _mm256_set1_ps(inv);
+      for (; d + 8 <= dim; d += 8) {
+        const __m256 normed = round8(_mm256_mul_ps(_mm256_loadu_ps(&sum[d]), scale), T());
+        store8(o + r * dim + d, round8(_mm256_mul_ps(load8(w + d), normed), T()));
+      }
+#endif
+      for (; d < dim; ++d) {
         const T normed = static_cast<T>(sum[d] * inv);
         o[r * dim + d] = static_cast<T>(to_float(w[d]) * to_float(normed));
       }
@@ -407,7 +448,22 @@ void rotate_rows(const at::Tensor& x, at::Tensor& out, const T* cos, const T* si
       for (int64_t h = 0; h < heads; ++h) {
         const T* v = in + t * s0 + h * s1;
         T* w = o + (t * heads + h) * dim;
-        for (int64_t i = 0; i < dim; ++i) {
+        int64_t i = 0;
+#ifdef LLMKIT_AVX2
+        // inputs i and i + half together: each product rounded, then their sum (the negated
+        // one subtracted, which rounds the same)
+        for (; half % 8 == 0 && i < half; i += 8) {
+          const __m256 lo = load8(v + i), hi = load8(v + i + half);
+          const __m256 lo_c = round8(_mm256_mul_ps(lo, load8(c + i)), T());
+          const __m256 hi_s = round8(_mm256_mul_ps(hi, load8(s + i)), T());
+          const __m256 hi_c = round8(_mm256_mul_ps(hi, load8(c + i + half)), T());
+          const __m256 lo_s = round8(_mm256_mul_ps(lo, load8(s + i + half)), T());
+          store8(w + i, round8(_mm256_sub_ps(lo_c, hi_s), T()));
+          store8(w + i + half, round8(_mm256_add_ps(hi_c, lo_s), T()));
+        }
+        if (i == half) i = dim;  // both halves done
+#endif
+        for (; i < dim; ++i) {
           const float rotated = i < half ? -to_float(v[i + half]) : to_float(v[i - half]);
           const float a = to_float(round_to<T>(to_float(v[i]) * to_float(c[i])));
           const float b = to_float(round_to<T>(rotated * to_float(s[i])));
