@@ -1,7 +1,8 @@
 """The C++ decoder layer of CPU decode steps (kernels/cpu_layer.cpp) computes what the Python
 layer computes, bit for bit: the same tokens and log probabilities with and without it, for
-every kind of Linear it takes, all layers in one call (DecodeStack) or layer by layer beside
-Python layers; steps it does not take run the Python layer."""
+every kind of Linear it takes, the whole step in one call (DecodeStack with its head), all
+layers in one call (without the head) or layer by layer beside Python layers; steps it does
+not take run the Python layer."""
 
 from __future__ import annotations
 
@@ -31,10 +32,14 @@ CASES = {
 
 def outputs(path, fused: str, prompts, params):
     """(the layers' kernel kinds, every sequence's tokens and log probabilities); `fused`:
-    "all" layers keep their C++ layer, "some" (all but the first) or "none"."""
+    "all" layers keep their C++ layer and the model its C++ head, "layers" (no head), "some"
+    (all layers but the first) or "none"."""
     llm = LLM(path, EngineConfig(device="cpu", dtype="bfloat16"))
     try:
-        layers = llm.engine.executor.runner.model.layers
+        runner = llm.engine.executor.runner
+        if fused == "layers":
+            runner.model._decode_stack(runner.kv_caches).has_head = False
+        layers = runner.model.layers
         kinds = [layer.fused.kinds for layer in layers if layer.fused is not None]
         for i, layer in enumerate(layers):
             if fused == "none" or (fused == "some" and i == 0):
@@ -54,11 +59,10 @@ def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path,
         quantize(path, tmp_path / case, method, options=options, calibration=calibration)
         path = tmp_path / case
     calls = []
-    for cls in (DecodeLayer, DecodeStack):
-        run = cls.__call__
-        monkeypatch.setattr(
-            cls, "__call__", lambda *a, run=run: calls.append(type(a[0])) or run(*a)
-        )
+    spied = [(DecodeLayer, "__call__"), (DecodeStack, "__call__"), (DecodeStack, "logits")]
+    for cls, name in spied:
+        run, key = getattr(cls, name), f"{cls.__name__}.{name}"
+        monkeypatch.setattr(cls, name, lambda *a, run=run, key=key: calls.append(key) or run(*a))
     # 9 sequences that end at different steps; 60 more, ending 12 at a time, make steps of 12
     # to 64 decodes (the half-precision kernel's register blocks) and steps the C++ layer does
     # not take (prefills beside decodes) in both runs
@@ -71,10 +75,13 @@ def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path,
     ] + [SamplingParams(max_tokens=2 + i % 5, temperature=0, ignore_eos=True) for i in range(60)]
     used, fused = outputs(path, "all", prompts, params)
     assert used and all(k == kinds for k in used)
-    assert set(calls) == {DecodeStack}  # every layer fused: one call of them all a step
+    assert set(calls) == {"DecodeStack.logits"}  # ids to logits in one call a step
+    calls.clear()
+    assert fused == outputs(path, "layers", prompts, params)[1]
+    assert set(calls) == {"DecodeStack.__call__"}  # every layer fused: one call of them all
     calls.clear()
     assert fused == outputs(path, "none", prompts, params)[1]
     assert not calls
     if case == "rtn-g32":  # one layer in Python, the others one C++ call each
         assert fused == outputs(path, "some", prompts, params)[1]
-        assert set(calls) == {DecodeLayer}
+        assert set(calls) == {"DecodeLayer.__call__"}

@@ -3,7 +3,9 @@
 // (models/llama.py DecoderLayer with layers/*.py) runs for a step whose every token is its
 // sequence's next one, without the Python between them. A DecodeStack
 // (torch.classes.llmkit_cpu.DecodeStack) holds every layer's arguments, its KV cache
-// included, and runs all the layers of a step in one call. The Python side decides when they
+// included, and runs all the layers of a step in one call; given the model's head (the
+// embedding, the rotary tables, the final norm and the lm_head), the whole step from token
+// ids to logits, as LlamaModel.forward computes them. The Python side decides when they
 // apply (layers/decode_layer.py).
 //
 // Each Linear is a kind and its tensors, a bias last when it has one:
@@ -153,7 +155,44 @@ class DecodeStack : public torch::CustomClassHolder {
     return {x, *residual};
   }
 
+  // embed: [vocab rows, hidden]; cos, sin: float32 [positions, head_dim]; the lm_head a
+  // Linear of `kind` whose first `vocab` outputs are the logits.
+  void set_head(at::Tensor embed, at::Tensor cos, at::Tensor sin, at::Tensor norm,
+                double norm_eps, int64_t kind, std::vector<at::Tensor> lm_head,
+                int64_t group_size, int64_t vocab) {
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.sizes() == cos.sizes(),
+                "DecodeStack: the rotary tables must be float32 and of one shape");
+    head_ = Head{embed, cos, sin, norm, norm_eps, kind, std::move(lm_head), group_size, vocab};
+  }
+
+  // float32 logits [rows, vocab] of the step's tokens `rows` (LlamaModel.forward's
+  // logits_indices) for tokens `ids` at `positions`.
+  at::Tensor logits(at::Tensor ids, at::Tensor positions, at::Tensor slots,
+                    at::Tensor block_tables, at::Tensor context_lens, at::Tensor rows) {
+    static const auto add_rms_norm =
+        find<at::Tensor(at::Tensor, at::Tensor, at::Tensor, double)>("llmkit_cpu::add_rms_norm");
+    TORCH_CHECK(head_.has_value(), "DecodeStack: no head was set");
+    const Head& head = *head_;
+    const at::Tensor x = head.embed.index_select(0, ids);
+    const auto dtype = x.scalar_type();  // the rotary tables rounded to it, as Rotary does
+    const at::Tensor cos = head.cos.index_select(0, positions).to(dtype);
+    const at::Tensor sin = head.sin.index_select(0, positions).to(dtype);
+    const auto [h, residual] = run(x, cos, sin, slots, block_tables, context_lens);
+    const at::Tensor normed = add_rms_norm.call(residual.index_select(0, rows),
+                                                h.index_select(0, rows), head.norm, head.eps);
+    const at::Tensor out = linear(normed, head.kind, head.lm_head, head.group_size);
+    return out.narrow(1, 0, head.vocab).to(at::kFloat);
+  }
+
  private:
+  struct Head {
+    at::Tensor embed, cos, sin, norm;
+    double eps;
+    int64_t kind;
+    std::vector<at::Tensor> lm_head;
+    int64_t group_size, vocab;
+  };
+  std::optional<Head> head_;
   struct Layer {
     at::Tensor input_norm, post_norm, k_cache, v_cache;
     std::vector<at::Tensor> linears[4];
@@ -171,7 +210,9 @@ TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
   m.class_<DecodeStack>("DecodeStack")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<int64_t>, double, int64_t, int64_t, double>())
-      .def("run", &DecodeStack::run);
+      .def("run", &DecodeStack::run)
+      .def("set_head", &DecodeStack::set_head)
+      .def("logits", &DecodeStack::logits);
   m.def(
       "decode_layer(Tensor(a!) x, Tensor(b!)? residual, Tensor input_norm, Tensor post_norm, "
       "float eps, Tensor[] qkv, Tensor[] o, Tensor[] gate_up, Tensor[] down, int[] kinds, "

@@ -17,7 +17,7 @@ from torch import nn
 
 from llmkit.kernels import cpu
 from llmkit.runtime.layers.attention import AttentionMetadata
-from llmkit.runtime.layers.linear import KERNEL_MAX_ROWS
+from llmkit.runtime.layers.linear import KERNEL_MAX_ROWS, KernelCall
 from llmkit.runtime.layers.norm import RMSNorm
 
 
@@ -65,14 +65,8 @@ class DecodeLayer:
         )
 
     def takes(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step is one the C++ layer runs: decodes only, few of them."""
-        tokens = x.shape[0]
-        return (
-            not meta.prefills
-            and meta.num_decodes == tokens
-            and tokens <= KERNEL_MAX_ROWS
-            and x.dtype == self.input_norm.dtype
-        )
+        """Whether this step is one the C++ layer runs (see decode_only), in its dtype."""
+        return x.dtype == self.input_norm.dtype and decode_only(x.shape[0], meta)
 
     def __call__(self, x, residual, rotary, kv_cache, meta: AttentionMetadata):
         """(this layer's output, the new residual), as DecoderLayer.forward returns them."""
@@ -99,15 +93,54 @@ class DecodeLayer:
         )
 
 
+def decode_only(tokens: int, meta: AttentionMetadata) -> bool:
+    """Whether a step of `tokens` tokens is one the C++ layers run: decodes only, few."""
+    return not meta.prefills and meta.num_decodes == tokens and tokens <= KERNEL_MAX_ROWS
+
+
 def _kernel_call(module: nn.Module):
     call = getattr(module, "kernel_call", None)
     return None if call is None else call()
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeHead:
+    """What turns token ids into the first layer's input and the last layer's output into
+    logits (LlamaModel's embedding, rotary tables, final norm and lm_head), as
+    DecodeStack.set_head takes them."""
+
+    embed: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    norm: torch.Tensor
+    eps: float
+    lm_head: KernelCall
+    vocab: int
+
+    @classmethod
+    def build(cls, embed, rotary, norm: RMSNorm, lm_head) -> DecodeHead | None:
+        """None unless the vocabulary is whole here (one rank), the lm_head runs through
+        llmkit's CPU kernels and the embedding has the norm's dtype."""
+        if embed.group.size != 1 or lm_head.group.size != 1:
+            return None
+        call = _kernel_call(lm_head.proj)
+        if call is None or embed.weight.dtype != norm.weight.dtype:
+            return None
+        args = (embed.weight, rotary.cos, rotary.sin, norm.weight, norm.eps)
+        return cls(*args, call, lm_head.vocab_size)
+
+    def arguments(self) -> tuple:
+        """DecodeStack.set_head's arguments."""
+        call = self.lm_head
+        tables = (self.embed, self.cos, self.sin, self.norm, self.eps)
+        return (*tables, call.kind, call.tensors, call.group_size, self.vocab)
+
+
 class DecodeStack:
     """Every decoder layer of a model as one C++ call per decode step
     (torch.classes.llmkit_cpu.DecodeStack): each layer's DecodeLayer arguments and KV cache
-    handed over once, so a step passes only its hidden states, rotary tables and metadata."""
+    handed over once, so a step passes only its hidden states, rotary tables and metadata.
+    With a DecodeHead, a step passes its token ids and gets its logits."""
 
     def __init__(self, layers: list[DecodeLayer], kv_caches: list[torch.Tensor]):
         first = layers[0]
@@ -132,18 +165,31 @@ class DecodeStack:
         )
 
     @classmethod
-    def build(cls, layers: list[DecodeLayer | None], kv_caches) -> DecodeStack | None:
+    def build(
+        cls, layers: list[DecodeLayer | None], kv_caches, head: DecodeHead | None = None
+    ) -> DecodeStack | None:
         """None unless every layer is a DecodeLayer, all with the same norm epsilon, heads
-        and attention scale."""
+        and attention scale. The head is taken when it has the layers' dtype."""
         if not layers or any(layer is None for layer in layers):
             return None
         shared = [(x.eps, x.num_heads, x.num_kv_heads, x.scale) for x in layers]
         if any(s != shared[0] for s in shared):
             return None
-        return cls(layers, kv_caches)
+        stack = cls(layers, kv_caches)
+        if head is not None and head.embed.dtype == layers[0].input_norm.dtype:
+            stack.stack.set_head(*head.arguments())
+            stack.has_head = True
+        return stack
+
+    has_head = False  # whether logits() runs the whole step
 
     def takes(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         return self.first.takes(x, meta)
+
+    def logits(self, ids, positions, meta: AttentionMetadata, rows: torch.Tensor):
+        """The step's float32 logits [len(rows), vocab], as LlamaModel.forward gives them."""
+        tables = (meta.slot_mapping, meta.decode_blocks, meta.decode_lens)
+        return self.stack.logits(ids, positions, *tables, rows)
 
     def __call__(self, x, rotary, meta: AttentionMetadata):
         """(the last layer's output, the residual stream), as the layers in turn return them."""

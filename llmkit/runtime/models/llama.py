@@ -17,7 +17,12 @@ from llmkit.arch.plan import Model, heads_per_rank
 from llmkit.errors import LlmkitError
 from llmkit.runtime.layers.activation import silu_and_mul
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
-from llmkit.runtime.layers.decode_layer import DecodeLayer, DecodeStack
+from llmkit.runtime.layers.decode_layer import (
+    DecodeHead,
+    DecodeLayer,
+    DecodeStack,
+    decode_only,
+)
 from llmkit.runtime.layers.norm import RMSNorm
 from llmkit.runtime.layers.rotary import Rotary, apply_rotary
 
@@ -140,10 +145,13 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,  # [sequences needing a next token]
     ) -> torch.Tensor | None:
         """-> logits [len(logits_indices), vocab] in float32 (None on ranks other than 0)."""
+        stack = self._decode_stack(kv_caches)
+        usable = stack is not None and not _adapted(self.layers[0].loras)
+        if usable and stack.has_head and decode_only(len(input_ids), meta):
+            return stack.logits(input_ids, positions, meta, logits_indices)
         h, residual = self.embed(input_ids), None
         rotary = self.rotary(positions, h.dtype)
-        stack = self._decode_stack(kv_caches)
-        if stack is not None and not _adapted(self.layers[0].loras) and stack.takes(h, meta):
+        if usable and stack.takes(h, meta):
             h, residual = stack(h, rotary, meta)
         else:
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -157,6 +165,8 @@ class LlamaModel(nn.Module):
         """Every layer's C++ decode layer as one call, built for these KV caches on first
         use (None when some layer has none)."""
         if self._stack_caches is not kv_caches:
-            self._stack = DecodeStack.build([layer.fused for layer in self.layers], kv_caches)
+            fused = [layer.fused for layer in self.layers]
+            head = DecodeHead.build(self.embed, self.rotary, self.norm, self.lm_head)
+            self._stack = DecodeStack.build(fused, kv_caches, head)
             self._stack_caches = kv_caches
         return self._stack
