@@ -306,5 +306,7 @@ def test_bad_tools_are_a_400_and_the_server_keeps_serving(server, client, extra,
     status, _, answer = server.request("POST", "/v1/chat/completions", body)
     assert status == 400, answer
     assert answer["error"]["param"] == param and message in answer["error"]["message"], answer
-    after = client.chat.completions.create(model="ckpt", messages=CHAT, max_tokens=2)
+    after = client.chat.completions.create(
+        model="ckpt", messages=CHAT, max_tokens=2, extra_body={"ignore_eos": True}
+    )  # (a sampled end of sequence would stop it at 1)
     assert after.usage.completion_tokens == 2
