@@ -47,9 +47,9 @@ inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define LLMKIT_AVX2 1
-// 8 lanes: silu_mul computed and rounded as silu_mul_16 does (on CPUs without AVX-512 the
-// scalar std::exp made it ~5% of a decode step), and the element-wise kernels' rounding
-// steps, which AVX-512 CPUs run the same way.
+// 8 lanes, for every CPU with AVX2: silu_mul computed and rounded as silu_mul_16 does (for
+// CPUs without AVX-512, where a scalar std::exp was a large share of a decode step), and the
+// vector paths of the norm, rotary and softmax kernels, which AVX-512 CPUs take too.
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float32

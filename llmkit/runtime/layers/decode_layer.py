@@ -153,6 +153,7 @@ class DecodeStack:
             kinds += layer.kinds
             group_sizes += layer.group_sizes
         self.first = first
+        self.has_head = False  # whether logits() runs the whole step
         self.stack = torch.classes.llmkit_cpu.DecodeStack(
             tensors,
             counts,
@@ -180,8 +181,6 @@ class DecodeStack:
             stack.stack.set_head(*head.arguments())
             stack.has_head = True
         return stack
-
-    has_head = False  # whether logits() runs the whole step
 
     def takes(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         return self.first.takes(x, meta)
