@@ -65,8 +65,54 @@ struct Blocks {
   int64_t rows = 0, cols = 0;
 };
 
+#ifdef LLMKIT_AVX2
+inline __m256 load_floats8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_floats8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// quantize_block's values in vectors: the same maximum, products and rounding (to nearest
+// even, as nearbyint in the default mode), so the same bytes, scale and sum.
+template <typename T>
+void quantize_block8(const T* x, int8_t* q, float* d, float* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], top = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = load_floats8(x + 8 * i);
+    top = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), top);  // a NaN leaves `top` as it was
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  __m256i n[4], total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], inv),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    n[i] = _mm256_cvtps_epi32(r);
+    total = _mm256_add_epi32(total, n[i]);
+  }
+  // int32 -> int8 (all within +-127); the packs interleave 128-bit lanes, the permute
+  // puts the groups of 4 back in order
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]),
+                                            _mm256_packs_epi32(n[2], n[3]));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(packed, order));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  *d = amax / 127.f;
+  *sum = *d * float(_mm_cvtsi128_si32(t));
+}
+#endif
+
 template <typename T>
 void quantize_block(const T* x, int8_t* q, float* d, float* sum) {
+#ifdef LLMKIT_AVX2
+  quantize_block8(x, q, d, sum);
+#else
   float v[kBlock], amax = 0.f;
   for (int64_t i = 0; i < kBlock; ++i) {
     v[i] = static_cast<float>(x[i]);
@@ -80,6 +126,7 @@ void quantize_block(const T* x, int8_t* q, float* d, float* sum) {
   }
   *d = amax / 127.f;
   *sum = *d * float(total);
+#endif
 }
 
 // x [M, K], float32 or bfloat16, read as it is (no float32 copy).
