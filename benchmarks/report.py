@@ -271,9 +271,21 @@ def print_targets(rows: list[dict]) -> None:
             print(f"{line['measured']}: {line['llmkit']} / {line['anchor']}{ratio} -> {verdict}")
 
 
+# /proc/cpuinfo flags that change which of llmkit's CPU kernels run, and their names
+VECTOR_FLAGS = {"avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "AVX512-BF16",
+                "amx_tile": "AMX"}  # fmt: skip
+
+
 def cpu_model() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it."""
+    """The CPU's model name, as /proc/cpuinfo gives it, and its widest vectors (one model
+    name covers hosts with and without AVX-512)."""
+    name, flags = "unknown CPU", set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    vectors = [label for flag, label in VECTOR_FLAGS.items() if flag in flags]
+    if not vectors:
+        vectors = ["AVX2"] if "avx2" in flags else []
+    return f"{name} ({', '.join(vectors)})" if vectors else name
