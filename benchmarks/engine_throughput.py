@@ -264,7 +264,8 @@ def cpu_line() -> str:
     from llmkit.runtime.layers.linear import native_bf16_on_cpu
 
     widened = "float32 from widened bf16 weights (no native bf16)"
-    path = "oneDNN bf16" if native_bf16_on_cpu() else widened
+    native = "llmkit's kernel up to 64 rows, oneDNN bf16 beyond"
+    path = native if native_bf16_on_cpu() else widened
     return f"cpu: {torch.backends.cpu.get_cpu_capability()}; llmkit's bf16 Linears: {path}"
 
 

@@ -128,10 +128,11 @@ def test_int8_weights_holding_minus_128_use_torch():
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_half_kernel_widens_weights_in_registers(monkeypatch, weight_dtype, dtype):
+def test_half_kernel_is_the_float_product_of_the_half_weights(weight_dtype, dtype):
+    """Widened to float32 in registers; bf16 against bf16 with AVX512-BF16, in the CPU's pair
+    products (exact products, float32 sums, the last inputs masked)."""
     import llmkit.runtime.layers.linear as linear
 
-    monkeypatch.setattr(linear, "_onednn_pack", lambda w: None)  # as on a CPU without bf16
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 200, generator=g).to(weight_dtype)  # 200: a tail past 16 lanes
     module = DenseLinear(weight, None)

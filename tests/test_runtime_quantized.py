@@ -29,10 +29,13 @@ from tests.runtime_helpers import DEVICES, random_prompts, runtime_logits
 # method, options, the module the CPU path must build, tolerance relative to max |logit|.
 # The int8 and 4-bit kernels take activations in int8 blocks of 32 (tests/test_cpu_gemm.py
 # checks them exactly against that definition); through this random tiny model's layers
-# that rounding moves the logits by up to ~3% of the largest.
+# that rounding moves the logits by up to ~3% of the largest. W8A8's per-token int8
+# activations are the format's own, in both computations, but their float inputs come from
+# sums in different orders: an activation near a rounding boundary can land one int8 step
+# apart (1/127 of its row's largest), which moved the logits by up to 0.6% on an AVX-512 host.
 CASES = {
     "int8": ("int8", options_for("int8"), Int8Linear, 3e-2),
-    "w8a8": ("w8a8", options_for("w8a8"), W8A8Linear, 1e-3),
+    "w8a8": ("w8a8", options_for("w8a8"), W8A8Linear, 1e-2),
     "gptq": ("gptq", options_for("gptq", group_size=32, act_group_aware=False), Q4Linear, 3e-2),
     "gptq-act-order": ("gptq", options_for("gptq", group_size=32, desc_act=True), Q4Linear, 3e-2),
     "rtn-per-channel": ("rtn", options_for("rtn", group_size=-1), Q4Linear, 3e-2),
@@ -138,7 +141,7 @@ def test_half_linear_widened_in_blocks_rounds_as_the_half_product(monkeypatch, d
     bias = torch.randn(37, generator=g).to(dtype)
     x = torch.randn(9, 24, generator=g).to(dtype)
     monkeypatch.setattr(linear, "WIDEN_BLOCK", 5 * 24)  # blocks of 5 rows, the last of 2
-    monkeypatch.setattr(linear, "_onednn_pack", lambda w: None)  # as on a CPU without bf16
+    monkeypatch.setattr(linear, "native_bf16_on_cpu", lambda: False)  # as on a CPU without bf16
     monkeypatch.setattr(linear, "_cpu_op", lambda *a: None)  # and without llmkit's kernels
     module = DenseLinear(weight, bias)
     assert module.widen

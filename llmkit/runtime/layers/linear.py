@@ -5,9 +5,10 @@ grouped integer: quant/formats/weights.py, read by quant/formats/readers.py), me
 siblings when they share an input (q/k/v, gate/up), then
 converted into the module that is fastest on the device:
 
-- dense: `F.linear` in the model dtype. On a CPU without native half-precision products,
-  half-precision weights are widened to float32: in registers by llmkit's kernel for the
-  few rows of a decode step, in blocks for larger batches;
+- dense: `F.linear` in the model dtype. On CPU, half-precision weights take llmkit's kernel
+  for the few rows of a decode step (bf16 pair products where the CPU has them, else widened
+  to float32 in registers); larger batches without native half-precision products are
+  computed in float32 from weight blocks widened on the fly;
 - int8 weight-only (CPU): llmkit's kernel, else `torch._weight_int8pack_mm`;
 - W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel (exact int32 sums), else
   `torch._int_mm`;
@@ -98,24 +99,23 @@ def convert_for_runtime(
 
 
 class DenseLinear(nn.Module):
-    """F.linear. On CPU in bf16 the weight is prepacked once into oneDNN's blocked layout,
-    which computes the same values faster for the small batches of decoding. Where the CPU
-    has no native bf16 (or fp16) products, they are much slower than float32 ones, so the
-    weight stays half precision in memory and is widened to float32 on the fly: in registers
-    by llmkit's kernel for up to KERNEL_MAX_ROWS rows, in blocks for more (benchmarks/cpu_decode.py
-    and benchmarks/engine_throughput.py measure both)."""
+    """F.linear. On CPU, bf16 and fp16 weights stay half precision in memory, and the few
+    rows of a decode step (up to KERNEL_MAX_ROWS) go through llmkit's kernel: bf16 against
+    bf16 activations in the CPU's bf16 pair products where it has them (AVX512-BF16), else
+    with the weights widened to float32 in registers. Larger batches: F.linear where the CPU
+    has native bf16 products (oneDNN), else float32 products of weight blocks widened
+    on the fly, since emulated half-precision products are much slower than float32 ones
+    (benchmarks/cpu_decode.py and benchmarks/engine_throughput.py measure both)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.packed = _onednn_pack(weight)  # an opaque tensor, so not a parameter
-        self.weight = None if self.packed is not None else nn.Parameter(weight, requires_grad=False)
-        self.widen = self.packed is None and _half_on_cpu(weight)
-        self.op = _cpu_op("half_linear", weight.device) if self.widen else None
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        half = _half_on_cpu(weight)
+        self.widen = half and not (weight.dtype == torch.bfloat16 and native_bf16_on_cpu())
+        self.op = _cpu_op("half_linear", weight.device) if half else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.op is not None and _kernel_takes(x):
             return _plus(self.op(x, self.weight), self.bias)
         if self.widen and x.numel() > WIDEN_MIN_ROWS * x.shape[-1]:
@@ -202,11 +202,6 @@ def _half_on_cpu(weight: torch.Tensor) -> bool:
 def native_bf16_on_cpu() -> bool:
     """Whether oneDNN computes bf16 products natively here (else they are emulated, slowly)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
-    usable = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and native_bf16_on_cpu()
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()) if usable else None
 
 
 def _int8_op(name: str, q: torch.Tensor, device: torch.device, dtype: torch.dtype):
