@@ -11,7 +11,8 @@
 //
 // Both take the activations as int8 in blocks of 32 with one float scale each (x / scale
 // rounded to nearest, scale = max|x| / 127), so a block's 32 products are one integer dot
-// product (maddubs); the weights' scales and zeros are applied per block and group in float.
+// product (maddubs, or VNNI's vpdpbusd where the CPU has it: the same exact sums); the
+// weights' scales and zeros are applied per block and group in float.
 //
 // - w8a8_linear: int8 weights against int8 activations with one scale per row (max|x| / 127,
 //   x / scale rounded half to even, as quant/int8.quantize_per_token), summed in int32 over
@@ -46,6 +47,9 @@
 #define LLMKIT_UNROLL _Pragma("GCC unroll 16")
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define LLMKIT_AVX512BF16 1  // bf16 pair products (vdpbf16ps); the header came with AVX2's
+#endif
+#if defined(LLMKIT_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLMKIT_VNNI 1  // byte dot products summed in int32 in one instruction (vpdpbusd)
 #endif
 
 namespace {
@@ -182,9 +186,15 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// The 8 int32 sums of pairs of unsigned a times signed b (32 bytes each).
+// The 8 int32 sums of 4 products of unsigned a times signed b (32 bytes each). The pair
+// sums of maddubs saturate at 16 bits, which the callers' bytes never reach (at most
+// 2 x 127 x 127), so VNNI's int32 sums are the same values.
 inline __m256i dot_u8s8(__m256i a, __m256i b) {
+#ifdef LLMKIT_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
 }
 
 // The same for signed a: |b| times a with b's signs (a must not hold -128).
@@ -277,7 +287,8 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs,
   const uint8_t* p = w.packed + tile * per_row * kTileBlock;
   const c10::Half* s = w.scales + tile * w.groups * kTileRows;
   const uint8_t* z = w.zeros + tile * w.groups * kTileRows;
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t g = 0, b = 0; g < w.groups; ++g) {
@@ -300,10 +311,19 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs,
       for (int t = 0; t < MT; ++t) {
         const int64_t row = (m0 + t) * per_row + b;
         const int8_t* q = &x.q[row * kBlock];
+#ifdef LLMKIT_VNNI  // the same int32 sums (two chains of 4 dot products)
+        __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c += 2) {
+          even = _mm256_dpbusd_epi32(even, wv[c], chunk(q, c));
+          odd = _mm256_dpbusd_epi32(odd, wv[c + 1], chunk(q, c + 1));
+        }
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+#else
         __m256i sum = _mm256_maddubs_epi16(wv[0], chunk(q, 0));
         for (int c = 1; c < 8; ++c)
           sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wv[c], chunk(q, c)));
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
+#endif
         acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(x.d[row])), acc[t]);
       }
     }
