@@ -261,11 +261,15 @@ def cpu_line() -> str:
     depend on it (without native bf16, llmkit widens to float32; the others compute in bf16)."""
     import torch
 
+    from llmkit.kernels import cpu
     from llmkit.runtime.layers.linear import native_bf16_on_cpu
 
-    widened = "float32 from widened bf16 weights (no native bf16)"
-    native = "llmkit's kernel up to 64 rows, oneDNN bf16 beyond"
-    path = native if native_bf16_on_cpu() else widened
+    if cpu.ops() is not None and hasattr(cpu.ops(), "pairs_linear"):
+        path = "llmkit's bf16 pair products (AVX512-BF16) at every batch size"
+    elif native_bf16_on_cpu():
+        path = "llmkit's kernel (widened) up to 64 rows, oneDNN bf16 beyond"
+    else:
+        path = "float32 from widened bf16 weights (no native bf16)"
     return f"cpu: {torch.backends.cpu.get_cpu_capability()}; llmkit's bf16 Linears: {path}"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmkit.kernels import cpu
 from llmkit.quant import int8
@@ -16,6 +17,7 @@ from llmkit.runtime.layers.linear import (
     GroupedWeight,
     Int8Linear,
     Int8Weight,
+    PairsLinear,
     Q4Linear,
     W8A8Linear,
     convert_for_runtime,
@@ -160,6 +162,45 @@ def test_prefill_sized_inputs_take_the_dequantized_weights_unrounded():
     q8 = Int8Linear(w8, None, torch.float32)
     weight8 = w8.q.double() * w8.scale.double()[:, None]
     assert close(q8(x), x.double() @ weight8.T, torch.float32)
+
+
+PAIRS_HERE = cpu.ops() is not None and hasattr(cpu.ops(), "pairs_linear")
+
+
+@pytest.mark.skipif(not PAIRS_HERE, reason="this CPU has no AVX512-BF16 pair products")
+def test_pairs_kernel_is_the_float_product_of_the_bf16_weights():
+    """PairsLinear: 128 outputs (two groups of 64), 200 inputs (100 pairs, not a multiple of
+    the 32 a vector holds), 1 to 130 rows (tiles of 6, 4, 2 and 1 rows; past 64 rows, chunks
+    of 64): the float64 product rounded once to bf16; a row's bits alone as in the batch."""
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(128, 200, generator=g).bfloat16()
+    bias = torch.randn(128, generator=g).bfloat16()
+    module = PairsLinear.build(weight, bias)
+    assert module is not None and torch.equal(module.weight(), weight)
+    for rows in [*ROWS, 64, 130]:
+        x = torch.randn(rows, 200, generator=g).bfloat16()
+        got = module(x)
+        expected = x.double() @ weight.double().T + bias.double()
+        assert got.dtype == torch.bfloat16 and close(got, expected, torch.bfloat16), rows
+        alone = torch.cat([module(x[m : m + 1]) for m in range(rows)])
+        assert torch.equal(alone, got), rows
+    x = torch.randn(3, 200, generator=g)  # float32 activations: the plain product
+    assert torch.allclose(module(x), F.linear(x, weight.float(), bias.float()))
+    # what the layout cannot hold stays a DenseLinear
+    assert PairsLinear.build(weight[:100], None) is None
+    assert PairsLinear.build(weight[:, :199], None) is None
+    assert PairsLinear.build(weight.half(), None) is None
+
+
+def test_huge_page_copy_is_a_contiguous_copy():
+    """kernels/cpu_gemm.cpp huge_page_copy: the same values, contiguous, in memory of its own
+    for tensors of 2 MiB and more; smaller ones as they are."""
+    big = torch.randn(1100, 600).t()  # 2.6 MB, not contiguous
+    copy = cpu.ops().huge_page_copy(big)
+    assert copy.is_contiguous() and torch.equal(copy, big)
+    assert copy.data_ptr() % (2 << 20) == 0
+    small = torch.randn(10, 10)
+    assert cpu.ops().huge_page_copy(small).data_ptr() == small.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

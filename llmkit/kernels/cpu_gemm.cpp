@@ -17,9 +17,10 @@
 // - w8a8_linear: int8 weights against int8 activations with one scale per row (max|x| / 127,
 //   x / scale rounded half to even, as quant/int8.quantize_per_token), summed in int32 over
 //   the whole row: exact, so it gives float(acc) * x_scale * scale as torch._int_mm does.
-// - half_linear: bf16 or fp16 weights [N, K] widened to float32 in registers, float32 sums;
-//   on a CPU with AVX512-BF16, bf16 weights against bf16 activations as they are, in the
-//   CPU's bf16 pair products (exact products, float32 sums).
+// - half_linear: bf16 or fp16 weights [N, K] widened to float32 in registers, float32 sums.
+// - pairs_linear (built where the CPU has AVX512-BF16): bf16 weights repacked at load as
+//   [N / 64, K / 2, 64, 2] against bf16 activations, in the CPU's bf16 pair products
+//   (exact products, float32 sums).
 //
 // Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows are split
 // over the threads; every weight block is unpacked once and used for up to 8 activation rows
@@ -31,9 +32,12 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -627,113 +631,69 @@ std::vector<float> pair_ordered(const at::Tensor& x32) {
 }
 
 // From this many activation rows on, the product is bound by arithmetic rather than by the
-// weight's bytes, and register blocks of outputs x rows do more multiply-adds per load than
-// tiles of one output: each weight vector serves every row of the block and each
-// activation vector every output.
+// weight's bytes, and register blocks of kHalfOutputs outputs x kHalfRows rows do more
+// multiply-adds per load than tiles of one output: each widened weight vector serves
+// kHalfRows rows and each activation vector kHalfOutputs outputs (12 running sums, 3 weight
+// vectors and 1 activation vector fill AVX2's 16 registers).
 constexpr int64_t kBlockedMinRows = 12;
+constexpr int kHalfOutputs = 3;
+constexpr int kHalfRows = 4;
 
-// Widened weights in blocks of 3 outputs x 4 rows (12 running sums, 3 weight vectors and 1
-// activation vector fill AVX2's 16 registers). block<MT, NT>: outputs [0, NT) of w against
-// activation rows [m0, m0 + MT) of x; res[j * MT + t] is output j of row m0 + t.
-struct Widened {
-  static constexpr int kOutputs = 3, kRows = 4;
-
-  template <int MT, int NT, typename W>
-  static void block(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
-    int64_t i = 0;
+// Outputs [o, o + NT) against activation rows [m0, m0 + MT); res[j * MT + t] is output o + j
+// of row m0 + t.
+template <int MT, int NT, typename W>
+inline void half_block(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
+  int64_t i = 0;
 #ifdef LLMKIT_AVX2
-    __m256 acc[NT][MT];
-    for (int j = 0; j < NT; ++j)
-      for (int t = 0; t < MT; ++t) acc[j][t] = _mm256_setzero_ps();
-    for (; i + 8 <= k; i += 8) {
-      __m256 wv[NT];
-      for (int j = 0; j < NT; ++j) wv[j] = widen8(w + j * k + i);
-      for (int t = 0; t < MT; ++t) {
-        __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + i);
-        // In a register, once: left to itself the compiler reloads it into every multiply-add
-        // as a memory operand, which makes the loads, not the multiply-adds, the limit.
-        asm("" : "+x"(xv));
-        for (int j = 0; j < NT; ++j) acc[j][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][t]);
-      }
+  __m256 acc[NT][MT];
+  for (int j = 0; j < NT; ++j)
+    for (int t = 0; t < MT; ++t) acc[j][t] = _mm256_setzero_ps();
+  for (; i + 8 <= k; i += 8) {
+    __m256 wv[NT];
+    for (int j = 0; j < NT; ++j) wv[j] = widen8(w + j * k + i);
+    for (int t = 0; t < MT; ++t) {
+      __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + i);
+      // In a register, once: left to itself the compiler reloads it into every multiply-add
+      // as a memory operand, which makes the loads, not the multiply-adds, the limit.
+      asm("" : "+x"(xv));
+      for (int j = 0; j < NT; ++j) acc[j][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][t]);
     }
-    for (int j = 0; j < NT; ++j)
-      for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum(acc[j][t]);
+  }
+  for (int j = 0; j < NT; ++j)
+    for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum(acc[j][t]);
 #else
-    for (int t = 0; t < NT * MT; ++t) res[t] = 0.f;
+  for (int t = 0; t < NT * MT; ++t) res[t] = 0.f;
 #endif
-    for (; i < k; ++i)
-      for (int j = 0; j < NT; ++j)
-        for (int t = 0; t < MT; ++t)
-          res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
-  }
-};
-
-#ifdef LLMKIT_AVX512BF16
-
-// bf16 weights against bf16 activations, 32 inputs a step: each float32 lane adds the two
-// exact products of a pair of inputs (vdpbf16ps), the last step's inputs past k masked to
-// zero. Every (output, row) sum runs over the inputs in one order whatever the block.
-// Blocks of 6 outputs x 4 rows (24 sums, 6 weight vectors and an activation vector of the
-// 32 registers). Below kMinRows rows, where the weight's bytes set the speed, one output
-// row at a time widened to float32 streams it faster than a block's 6 rows side by side.
-struct PairDots {
-  static constexpr int kOutputs = 6, kRows = 4, kMinRows = 4;
-
-  static __m512bh load(const c10::BFloat16* p, __mmask32 mask) {
-    return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
-  }
-
-  template <int MT, int NT>
-  static void block(const c10::BFloat16* w, int64_t k, const c10::BFloat16* x, int64_t m0,
-                    float* res) {
-    __m512 acc[NT][MT];
-    LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
-      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) acc[j][t] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 32) {
-      const __mmask32 mask = k - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (k - i)) - 1;
-      __m512bh wv[NT];
-      LLMKIT_UNROLL for (int j = 0; j < NT; ++j) wv[j] = load(w + j * k + i, mask);
-      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
-        const __m512bh xv = load(x + (m0 + t) * k + i, mask);
-        LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
-          acc[j][t] = _mm512_dpbf16_ps(acc[j][t], wv[j], xv);
-      }
-    }
-    LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
-      LLMKIT_UNROLL for (int t = 0; t < MT; ++t)
-        res[j * MT + t] = hsum(_mm256_add_ps(_mm512_castps512_ps256(acc[j][t]),
-                                             _mm512_extractf32x8_ps(acc[j][t], 1)));
-  }
-};
-
-#endif
+  for (; i < k; ++i)
+    for (int j = 0; j < NT; ++j)
+      for (int t = 0; t < MT; ++t)
+        res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
+}
 
 // Outputs [o, o + NT) for activation rows [m0, rows): blocks of MT rows, then of fewer.
-template <typename Kernel, int MT, int NT, typename T, typename W, typename X>
-inline void blocks_of_rows(T* out, const W* w, int64_t n, int64_t k, const X* x, int64_t o,
-                           int64_t m0, int64_t rows) {
+template <int MT, int NT, typename T, typename W>
+inline void half_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
+                        int64_t m0, int64_t rows) {
   float res[NT * MT];
   for (; m0 + MT <= rows; m0 += MT) {
-    Kernel::template block<MT, NT>(w + o * k, k, x, m0, res);
+    half_block<MT, NT>(w + o * k, k, x, m0, res);
     for (int j = 0; j < NT; ++j)
       for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j, res[j * MT + t]);
   }
-  if constexpr (MT > 1) blocks_of_rows<Kernel, MT / 2, NT>(out, w, n, k, x, o, m0, rows);
+  if constexpr (MT > 1) half_blocks<MT / 2, NT>(out, w, n, k, x, o, m0, rows);
 }
 
-// out = x w^T in Kernel's blocks of outputs x rows, the outputs split over the threads.
-template <typename Kernel, typename T, typename W, typename X>
-void blocked(const at::Tensor& out, const W* w, int64_t k, const X* x) {
-  constexpr int NT = Kernel::kOutputs, MT = Kernel::kRows;
+template <typename T, typename W>
+void half_blocked(const at::Tensor& out, const W* w, int64_t k, const float* x) {
   const int64_t rows = out.size(0), n = out.size(1);
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, (n + NT - 1) / NT, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin * NT; o < std::min(n, end * NT);) {
-      if (o + NT <= n) {
-        blocks_of_rows<Kernel, MT, NT>(o_ptr, w, n, k, x, o, 0, rows);
-        o += NT;
+  at::parallel_for(0, (n + kHalfOutputs - 1) / kHalfOutputs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin * kHalfOutputs; o < std::min(n, end * kHalfOutputs);) {
+      if (o + kHalfOutputs <= n) {
+        half_blocks<kHalfRows, kHalfOutputs>(o_ptr, w, n, k, x, o, 0, rows);
+        o += kHalfOutputs;
       } else {
-        blocks_of_rows<Kernel, MT, 1>(o_ptr, w, n, k, x, o++, 0, rows);
+        half_blocks<kHalfRows, 1>(o_ptr, w, n, k, x, o++, 0, rows);
       }
     }
   });
@@ -745,23 +705,13 @@ at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
               "half_linear: weight must be contiguous bf16 or fp16 [out, in]");
   const int64_t n = weight.size(0), k = weight.size(1);
   check_activations(x, k, "half_linear");
-#ifdef LLMKIT_AVX512BF16
-  if (weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 &&
-      x.size(0) >= PairDots::kMinRows) {
-    const at::Tensor xc = x.contiguous();
-    at::Tensor out = at::empty({x.size(0), n}, x.options());
-    blocked<PairDots, c10::BFloat16>(out, weight.data_ptr<c10::BFloat16>(), k,
-                                     xc.data_ptr<c10::BFloat16>());
-    return out;
-  }
-#endif
   const at::Tensor x32 = as_float(x);
   const float* xp = x32.data_ptr<float>();
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   auto run = [&](auto tag, auto weights) {
     using T = decltype(tag);
     using W = std::remove_const_t<std::remove_pointer_t<decltype(weights)>>;
-    if (x.size(0) >= kBlockedMinRows) return blocked<Widened, T>(out, weights, k, xp);
+    if (x.size(0) >= kBlockedMinRows) return half_blocked<T>(out, weights, k, xp);
     if constexpr (std::is_same_v<W, c10::BFloat16>) {
       const std::vector<float> paired = pair_ordered(x32);
       each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
@@ -783,6 +733,109 @@ at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
   return out;
 }
 
+
+#ifdef LLMKIT_AVX512BF16
+
+// ---------------------------------------------------------------------------------------
+// bf16 weights in pairs of inputs, for AVX512-BF16's pair products (vdpbf16ps: each float32
+// lane adds the two exact products of a pair of bf16 inputs)
+
+// packed [N / 64, K / 2, 64, 2]: for each group of 64 outputs and each pair of inputs, the
+// 64 outputs' two weights side by side. A vector holds a pair of 16 outputs, so a pair of an
+// activation row broadcast to every lane multiplies all of them, and each lane keeps one
+// output's sum: no sums across lanes, and the group's weights stream in one run.
+constexpr int64_t kPairOutputs = 64;
+constexpr int kPairVectors = kPairOutputs / 16;
+constexpr int kPairRows = 6;  // 24 sums, 4 weight vectors and a broadcast of 32 registers
+constexpr int64_t kPairChunk = 64;  // activation rows whose pairs stay in cache together
+
+// Group `w` (pairs of it) against activation rows x[0, MT) (rows of `pairs` pairs), written
+// to out's rows [0, MT) (rows of n), outputs [0, 64) of them.
+template <int MT>
+inline void pairs_tile(const uint32_t* w, int64_t pairs, const c10::BFloat16* x,
+                       c10::BFloat16* out, int64_t n) {
+  __m512 acc[kPairVectors][MT];
+  LLMKIT_UNROLL for (int j = 0; j < kPairVectors; ++j)
+    LLMKIT_UNROLL for (int t = 0; t < MT; ++t) acc[j][t] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh wv[kPairVectors];
+    LLMKIT_UNROLL for (int j = 0; j < kPairVectors; ++j)
+      wv[j] = (__m512bh)_mm512_loadu_si512(w + p * kPairOutputs + 16 * j);
+    LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
+      uint32_t pair;
+      std::memcpy(&pair, x + t * 2 * pairs + 2 * p, sizeof(pair));
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      LLMKIT_UNROLL for (int j = 0; j < kPairVectors; ++j)
+        acc[j][t] = _mm512_dpbf16_ps(acc[j][t], wv[j], xv);
+    }
+  }
+  LLMKIT_UNROLL for (int t = 0; t < MT; ++t)
+    LLMKIT_UNROLL for (int j = 0; j < kPairVectors; ++j)  // rounded to nearest even
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + t * n + 16 * j),
+                          (__m256i)_mm512_cvtneps_pbh(acc[j][t]));
+}
+
+// Group `w` against activation rows [0, rows): tiles of kPairRows rows, then of fewer.
+inline void pairs_rows(const uint32_t* w, int64_t pairs, const c10::BFloat16* x,
+                       c10::BFloat16* out, int64_t n, int64_t rows) {
+  int64_t m = 0;
+  auto tiles = [&](auto mt) {
+    constexpr int MT = decltype(mt)::value;
+    for (; m + MT <= rows; m += MT) pairs_tile<MT>(w, pairs, x + m * 2 * pairs, out + m * n, n);
+  };
+  tiles(std::integral_constant<int, kPairRows>());
+  tiles(std::integral_constant<int, 4>());
+  tiles(std::integral_constant<int, 2>());
+  tiles(std::integral_constant<int, 1>());
+}
+
+at::Tensor pairs_linear(at::Tensor x, at::Tensor packed) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPairOutputs && packed.size(3) == 2 &&
+                  packed.scalar_type() == at::kBFloat16 && packed.is_contiguous(),
+              "pairs_linear: packed must be contiguous bf16 [outputs / 64, inputs / 2, 64, 2]");
+  const int64_t groups = packed.size(0), pairs = packed.size(1), n = groups * kPairOutputs;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == 2 * pairs && x.scalar_type() == at::kBFloat16,
+              "pairs_linear: x must be bf16 [rows, ", 2 * pairs, "]");
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = x.size(0);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  const auto* w = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
+  const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  for (int64_t m0 = 0; m0 < rows; m0 += kPairChunk) {
+    const int64_t chunk = std::min(kPairChunk, rows - m0);
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g)
+        pairs_rows(w + g * pairs * kPairOutputs, pairs, xp + m0 * 2 * pairs,
+                   o + m0 * n + g * kPairOutputs, n, chunk);
+    });
+  }
+  return out;
+}
+
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Weights in 2 MiB pages
+
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// A contiguous copy of `t` in memory the kernel is asked to back with 2 MiB pages
+// (transparent huge pages, madvise; a hint it may ignore), or `t` itself when it is
+// smaller than one such page. A weight streamed whole at every step then costs a page walk
+// per 2 MiB instead of per 4 KiB.
+at::Tensor huge_page_copy(at::Tensor t) {
+  const at::Tensor src = t.contiguous();
+  const size_t bytes = src.nbytes();
+  if (bytes < kHugePage) return src;
+  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  void* p = std::aligned_alloc(kHugePage, size);
+  TORCH_CHECK(p != nullptr, "huge_page_copy: cannot allocate ", size, " bytes");
+  madvise(p, size, MADV_HUGEPAGE);  // before the first touch, which chooses the page size
+  std::memcpy(p, src.data_ptr(), bytes);
+  return at::from_blob(p, src.sizes(), [](void* q) { std::free(q); }, src.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
@@ -794,4 +847,10 @@ TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
   m.impl("q8_linear", c10::DispatchKey::CPU, q8_linear);
   m.impl("w8a8_linear", c10::DispatchKey::CPU, w8a8_linear);
   m.impl("half_linear", c10::DispatchKey::CPU, half_linear);
+  m.def("huge_page_copy(Tensor t) -> Tensor");
+  m.impl("huge_page_copy", c10::DispatchKey::CPU, huge_page_copy);
+#ifdef LLMKIT_AVX512BF16
+  m.def("pairs_linear(Tensor x, Tensor packed) -> Tensor");
+  m.impl("pairs_linear", c10::DispatchKey::CPU, pairs_linear);
+#endif
 }

@@ -11,6 +11,7 @@
 // Each Linear is a kind and its tensors, a bias last when it has one:
 //   0 half_linear  [weight]            1 q4_linear  [packed, scales, zeros] (+ group size)
 //   2 q8_linear    [q, scale]          3 w8a8_linear [q, scale]
+//   4 pairs_linear [packed] (registered only where the CPU has AVX512-BF16)
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -37,8 +38,8 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, at::TensorList w, int64_t g
           "llmkit_cpu::q4_linear");
   static const auto q8 = find<Linear2>("llmkit_cpu::q8_linear");
   static const auto w8a8 = find<Linear2>("llmkit_cpu::w8a8_linear");
-  static constexpr size_t kTensors[] = {1, 3, 2, 2};
-  TORCH_CHECK(kind >= 0 && kind < 4, "decode_layer: unknown Linear kind ", kind);
+  static constexpr size_t kTensors[] = {1, 3, 2, 2, 1};
+  TORCH_CHECK(kind >= 0 && kind < 5, "decode_layer: unknown Linear kind ", kind);
   const size_t count = kTensors[kind];
   TORCH_CHECK(w.size() == count || w.size() == count + 1, "decode_layer: a Linear of kind ",
               kind, " takes ", count, " tensors and a bias");
@@ -47,7 +48,12 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, at::TensorList w, int64_t g
     case 0: y = half.call(x, w[0]); break;
     case 1: y = q4.call(x, w[0], w[1], w[2], group_size); break;
     case 2: y = q8.call(x, w[0], w[1]); break;
-    default: y = w8a8.call(x, w[0], w[1]); break;
+    case 3: y = w8a8.call(x, w[0], w[1]); break;
+    default: {  // looked up on first use: registered only on some CPUs
+      static const auto pairs =
+          find<at::Tensor(at::Tensor, at::Tensor)>("llmkit_cpu::pairs_linear");
+      y = pairs.call(x, w[0]);
+    }
   }
   return w.size() > count ? y + w[count] : y;
 }

@@ -5,10 +5,11 @@ grouped integer: quant/formats/weights.py, read by quant/formats/readers.py), me
 siblings when they share an input (q/k/v, gate/up), then
 converted into the module that is fastest on the device:
 
-- dense: `F.linear` in the model dtype. On CPU, half-precision weights take llmkit's kernel
-  for the few rows of a decode step (bf16 pair products where the CPU has them, else widened
-  to float32 in registers); larger batches without native half-precision products are
-  computed in float32 from weight blocks widened on the fly;
+- dense: `F.linear` in the model dtype. On a CPU with AVX512-BF16, bf16 weights are
+  repacked for its bf16 pair products and every batch takes llmkit's kernel. Elsewhere on
+  CPU, half-precision weights take llmkit's kernel for the few rows of a decode step,
+  widened to float32 in registers; larger batches without native half-precision products
+  are computed in float32 from weight blocks widened on the fly;
 - int8 weight-only (CPU): llmkit's kernel, else `torch._weight_int8pack_mm`;
 - W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel (exact int32 sums), else
   `torch._int_mm`;
@@ -94,18 +95,22 @@ def convert_for_runtime(
         if module is not None:
             return module
     if isinstance(weight, DenseWeight):  # straight to `dtype`: no float32 copy on the way
-        return DenseLinear(weight.weight.to(device, dtype), bias)
-    return DenseLinear(weight.dequantize().to(device, dtype), bias)
+        return _dense(weight.weight.to(device, dtype), bias)
+    return _dense(weight.dequantize().to(device, dtype), bias)
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    return PairsLinear.build(weight, bias) or DenseLinear(weight, bias)
 
 
 class DenseLinear(nn.Module):
-    """F.linear. On CPU, bf16 and fp16 weights stay half precision in memory, and the few
-    rows of a decode step (up to KERNEL_MAX_ROWS) go through llmkit's kernel: bf16 against
-    bf16 activations in the CPU's bf16 pair products where it has them (AVX512-BF16), else
-    with the weights widened to float32 in registers. Larger batches: F.linear where the CPU
-    has native bf16 products (oneDNN), else float32 products of weight blocks widened
-    on the fly, since emulated half-precision products are much slower than float32 ones
-    (benchmarks/cpu_decode.py and benchmarks/engine_throughput.py measure both)."""
+    """F.linear. On CPU (where PairsLinear does not take the weight), bf16 and fp16 weights
+    stay half precision in memory, and the few rows of a decode step (up to
+    KERNEL_MAX_ROWS) go through llmkit's kernel, the weights widened to float32 in
+    registers. Larger batches: F.linear where the CPU has native bf16 products (oneDNN),
+    else float32 products of weight blocks widened on the fly, since emulated
+    half-precision products are much slower than float32 ones (benchmarks/cpu_decode.py
+    and benchmarks/engine_throughput.py measure both)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -126,8 +131,52 @@ class DenseLinear(nn.Module):
         return None if self.op is None else KernelCall(HALF, [self.weight], self.bias)
 
 
+class PairsLinear(nn.Module):
+    """bf16 weights for the CPU's bf16 pair products (AVX512-BF16: llmkit's pairs_linear
+    kernel, built only where the CPU has them), repacked at load as [out / 64, in / 2, 64, 2]:
+    for each group of 64 outputs and each pair of inputs, the 64 outputs' two weights side
+    by side, so each vector lane sums one output and a group streams in one run. Every batch
+    size takes it, decode steps and prefills alike (benchmarks/cpu_decode.py measures it
+    against llama.cpp). It takes bf16 activations, the model's dtype."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, op):
+        super().__init__()
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.op = op
+
+    @classmethod
+    def build(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> PairsLinear | None:
+        """None unless the kernel exists here, the weight is bf16 and its outputs come in
+        groups of 64 and its inputs in pairs."""
+        out, inp = weight.shape
+        if weight.dtype != torch.bfloat16 or out % PAIR_OUTPUTS or inp % 2:
+            return None
+        op = _cpu_op("pairs_linear", weight.device)
+        if op is None:
+            return None
+        groups = weight.reshape(out // PAIR_OUTPUTS, PAIR_OUTPUTS, inp // 2, 2)
+        return cls(_streamed(groups.permute(0, 2, 1, 3)), bias, op)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:  # not the model's dtype: the plain product
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight().to(x.dtype), bias)
+        return _plus(_on_rows(self.op, x, self.packed), self.bias)
+
+    def weight(self) -> torch.Tensor:
+        """The weight [out, in] as it was before the repacking."""
+        groups, pairs = self.packed.shape[:2]
+        return self.packed.permute(0, 2, 1, 3).reshape(groups * PAIR_OUTPUTS, 2 * pairs)
+
+    def kernel_call(self) -> KernelCall:
+        return KernelCall(PAIRS, [self.packed], self.bias)
+
+
+PAIR_OUTPUTS = 64  # outputs a group of PairsLinear's layout holds
+
 # The kinds of llmkit's CPU matrix kernels, as kernels/cpu_layer.cpp numbers them
-HALF, Q4, Q8, W8A8 = 0, 1, 2, 3
+HALF, Q4, Q8, W8A8, PAIRS = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +224,16 @@ def _cpu_op(name: str, device: torch.device, dtype: torch.dtype | None = None):
     if device.type != "cpu" or dtype not in (None, *cpu_kernels.DTYPES):
         return None
     ops = cpu_kernels.ops()
-    return None if ops is None else getattr(ops, name).default
+    op = None if ops is None else getattr(ops, name, None)  # some exist only on some CPUs
+    return None if op is None else op.default
+
+
+def _streamed(weight: torch.Tensor) -> torch.Tensor:
+    """A weight llmkit's CPU kernels read whole at every step, copied into 2 MiB pages
+    where the kernel gives them (see huge_page_copy in kernels/cpu_gemm.cpp): far fewer
+    TLB misses than 4 KiB pages over hundreds of megabytes. Contiguous in any case."""
+    op = _cpu_op("huge_page_copy", weight.device)
+    return weight.contiguous() if op is None else op(weight)
 
 
 def _kernel_takes(x: torch.Tensor) -> bool:
@@ -217,8 +275,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("q", weight.q.contiguous())
         self.op = _int8_op("q8_linear", weight.q, weight.q.device, dtype)
+        self.register_buffer("q", _streamed(weight.q) if self.op else weight.q.contiguous())
         self.register_buffer("scale", weight.scale.to(torch.float32 if self.op else dtype))
         self.bias = bias
 
@@ -248,8 +306,8 @@ class W8A8Linear(nn.Module):
         super().__init__()
         self.op = _int8_op("w8a8_linear", weight.q, device, dtype)
         # [out, in] for llmkit's kernel, [in, out] for torch's
-        q = weight.q if self.op is not None else weight.q.t()
-        self.register_buffer("q", q.contiguous().to(device))
+        q = _streamed(weight.q) if self.op is not None else weight.q.t().contiguous()
+        self.register_buffer("q", q.to(device))
         self.register_buffer("scale", weight.scale.to(device))
         self.bias = bias
         self.dtype = dtype
@@ -349,7 +407,7 @@ class Q4Linear(nn.Module):
             return None
         q = (w.q if perm is None else w.q[:, perm]).to(torch.uint8)
         return cls(
-            _q4_tiles(q),
+            _streamed(_q4_tiles(q)),
             _by_tile(scales.to(torch.float16)),
             _by_tile(zeros.to(torch.uint8)),
             size,
