@@ -224,9 +224,10 @@ def test_gptq_sweep_kernel_gives_the_torch_sweeps_values(monkeypatch, settings):
         assert torch.equal(getattr(fast, field), getattr(plain, field)), field
 
 
-def test_cached_kernels_are_keyed_by_what_the_build_depends_on(monkeypatch):
-    """A cached library is reused only for the same source, flags, torch, Python and CPU:
-    one built with -march=native elsewhere must not load on a CPU that lacks its features."""
+def test_cached_kernels_are_keyed_by_what_the_build_depends_on(monkeypatch, tmp_path):
+    """A cached library is reused only for the same sources (the shared header too), flags,
+    torch, Python and CPU: one built with -march=native elsewhere must not load on a CPU that
+    lacks its features."""
     key = cpu._build_key()
     # the library ops() loaded (maybe building it in this process) is where the key says
     assert (cpu._extensions_root() / f"llmkit_cpu_{key}" / "ready").exists()
@@ -234,6 +235,11 @@ def test_cached_kernels_are_keyed_by_what_the_build_depends_on(monkeypatch):
     assert cpu._build_key() != key
     monkeypatch.undo()
     monkeypatch.setattr(cpu, "CFLAGS", (*cpu.CFLAGS, "-DOTHER"))
+    assert cpu._build_key() != key
+    monkeypatch.undo()
+    header = tmp_path / "cpu_vec.h"
+    header.write_text(cpu.HEADERS[0].read_text() + "// changed\n")
+    monkeypatch.setattr(cpu, "HEADERS", (header,))
     assert cpu._build_key() != key
 
 

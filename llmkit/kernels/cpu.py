@@ -1,10 +1,10 @@
 """The CPU C++ kernels (cpu_ops.cpp: attention and element-wise; cpu_gemm.cpp: matrix
 products against quantized and half-precision weights; cpu_layer.cpp: a decoder layer of a
-decode step in one call; cpu_lora.cpp: LoRA adapters' products), built once per machine
-with the local compiler by torch's extension loader and cached (~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR) under a name keyed by the sources, the flags, torch, Python and the
-CPU's features, so a later start loads the library directly (no extension loader, no ninja
-run).
+decode step in one call; cpu_lora.cpp: LoRA adapters' products; cpu_vec.h: AVX2 helpers they
+share), built once per machine with the local compiler by torch's extension loader and cached
+(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR) under a name keyed by the sources, the
+flags, torch, Python and the CPU's features, so a later start loads the library directly (no
+extension loader, no ninja run).
 
 `ops()` is None, with one warning, when they cannot be built (no compiler, no ninja) or when
 LLMKIT_CPU_KERNELS=0; callers then use their torch path.
@@ -30,6 +30,7 @@ SOURCES = tuple(
     Path(__file__).with_name(name)
     for name in ("cpu_ops.cpp", "cpu_gemm.cpp", "cpu_layer.cpp", "cpu_lora.cpp")
 )
+HEADERS = (Path(__file__).with_name("cpu_vec.h"),)  # included by the sources
 DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels take
 # no FMA contraction: the element-wise kernels round as the torch ops they replace
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
@@ -113,7 +114,7 @@ def _build_key() -> str:
     """What the compiled library depends on: the sources, the flags, torch, Python, and
     (for -march=native) the CPU's instruction-set features."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     for part in (*CFLAGS, *LDFLAGS, torch.__version__, sys.version, _cpu_features()):
         digest.update(b"\0" + part.encode())

@@ -45,6 +45,8 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define LLMKIT_AVX2 1
 #include <immintrin.h>
+
+#include "cpu_vec.h"
 #endif
 // Loops over a block's registers unrolled before GCC decides where an array of vectors
 // lives: left rolled, it keeps the array in memory and stores every sum at every step.
@@ -82,11 +84,8 @@ struct Blocks {
 };
 
 #ifdef LLMKIT_AVX2
-inline __m256 load_floats8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load_floats8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
+using llmkit_vec::hsum8;
+using llmkit_vec::load8;
 
 // quantize_block's values in vectors: the same maximum, products and rounding (to nearest
 // even, as nearbyint in the default mode), so the same bytes, scale and sum.
@@ -95,7 +94,7 @@ void quantize_block8(const T* x, int8_t* q, float* d, float* sum) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4], top = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
-    v[i] = load_floats8(x + 8 * i);
+    v[i] = load8(x + 8 * i);
     top = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), top);  // a NaN leaves `top` as it was
   }
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
@@ -176,13 +175,6 @@ inline void put(T* out, int64_t n, int64_t m, int64_t o, float value) {
 
 #ifdef LLMKIT_AVX2
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 inline int32_t hsum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -242,7 +234,7 @@ inline void over_blocks(int64_t blocks, Step step, float* res) {
   for (int t = 0; t < MT; ++t) {
     __m256 total = acc[0][t];
     for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[a][t]);
-    res[t] = hsum(total);
+    res[t] = hsum8(total);
   }
 }
 
@@ -660,7 +652,7 @@ inline void half_block(const W* w, int64_t k, const float* x, int64_t m0, float*
     }
   }
   for (int j = 0; j < NT; ++j)
-    for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum(acc[j][t]);
+    for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum8(acc[j][t]);
 #else
   for (int t = 0; t < NT * MT; ++t) res[t] = 0.f;
 #endif

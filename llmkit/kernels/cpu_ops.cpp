@@ -29,6 +29,9 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include "cpu_vec.h"
+#endif
 
 namespace {
 
@@ -51,11 +54,8 @@ inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 // CPUs without AVX-512, where a scalar std::exp was a large share of a decode step), and the
 // vector paths of the norm, rotary and softmax kernels, which AVX-512 CPUs take too.
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
+using llmkit_vec::hsum8;
+using llmkit_vec::load8;
 
 // 2^k for k in [-126, 127], built in the exponent field.
 inline __m256 pow2_8(__m256i k) {
@@ -92,12 +92,6 @@ inline void store8(c10::BFloat16* p, __m256 x) {  // x already holds a bf16 valu
   const __m128i packed =
       _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 template <typename T>
