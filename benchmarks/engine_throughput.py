@@ -261,10 +261,9 @@ def cpu_line() -> str:
     depend on it (without native bf16, llmkit widens to float32; the others compute in bf16)."""
     import torch
 
-    from llmkit.kernels import cpu
-    from llmkit.runtime.layers.linear import native_bf16_on_cpu
+    from llmkit.runtime.layers.linear import native_bf16_on_cpu, pair_products_here
 
-    if cpu.ops() is not None and hasattr(cpu.ops(), "pairs_linear"):
+    if pair_products_here():
         path = "llmkit's bf16 pair products (AVX512-BF16) at every batch size"
     elif native_bf16_on_cpu():
         path = "llmkit's kernel (widened) up to 64 rows, oneDNN bf16 beyond"

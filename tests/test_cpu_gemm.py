@@ -21,6 +21,7 @@ from llmkit.runtime.layers.linear import (
     Q4Linear,
     W8A8Linear,
     convert_for_runtime,
+    pair_products_here,
 )
 from tests.test_runtime_quantized import random_grouped
 
@@ -164,10 +165,7 @@ def test_prefill_sized_inputs_take_the_dequantized_weights_unrounded():
     assert close(q8(x), x.double() @ weight8.T, torch.float32)
 
 
-PAIRS_HERE = cpu.ops() is not None and hasattr(cpu.ops(), "pairs_linear")
-
-
-@pytest.mark.skipif(not PAIRS_HERE, reason="this CPU has no AVX512-BF16 pair products")
+@pytest.mark.skipif(not pair_products_here(), reason="this CPU has no AVX512-BF16 pair products")
 def test_pairs_kernel_is_the_float_product_of_the_bf16_weights():
     """PairsLinear: 128 outputs (two groups of 64), 200 inputs (100 pairs, not a multiple of
     the 32 a vector holds), 1 to 130 rows (tiles of 6, 4, 2 and 1 rows; past 64 rows, chunks

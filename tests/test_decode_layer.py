@@ -7,7 +7,6 @@ not take run the Python layer."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from llmkit.kernels import cpu
 from llmkit.quant.calibration import CalibrationSpec
@@ -15,23 +14,19 @@ from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.layers.decode_layer import DecodeLayer, DecodeStack
-from llmkit.runtime.layers.linear import HALF, PAIR_OUTPUTS, PAIRS, Q4, Q8, W8A8, PairsLinear
+from llmkit.runtime.layers.linear import HALF, PAIRS, Q4, Q8, W8A8, pair_products_here
 from llmkit.runtime.sequence import SamplingParams
 from tests.runtime_helpers import random_prompts
 
 pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="llmkit's CPU kernels are not built")
 
-
-def dense_kind() -> int:
-    """The kind bf16 Linears take here: the pair products where the CPU has them."""
-    probe = torch.zeros(PAIR_OUTPUTS, 2, dtype=torch.bfloat16)
-    return HALF if cpu.ops() is None or PairsLinear.build(probe, None) is None else PAIRS
-
+# the kind bf16 Linears take here: the pair products where the CPU has them
+DENSE = PAIRS if pair_products_here() else HALF
 
 # case -> (preset, quantization method or None, options, the kinds of qkv, o, gate_up, down)
 CASES = {
-    "bf16": ("tiny-llama", None, None, [dense_kind()] * 4),
-    "qwen2-bias-bf16": ("tiny-qwen2", None, None, [dense_kind()] * 4),
+    "bf16": ("tiny-llama", None, None, [DENSE] * 4),
+    "qwen2-bias-bf16": ("tiny-qwen2", None, None, [DENSE] * 4),
     "int8": ("tiny-llama", "int8", options_for("int8"), [Q8] * 4),
     "w8a8": ("tiny-llama", "w8a8", options_for("w8a8"), [W8A8] * 4),
     "rtn-g32": ("tiny-llama", "rtn", options_for("rtn", group_size=32), [Q4] * 4),

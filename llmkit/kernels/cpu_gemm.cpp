@@ -87,6 +87,13 @@ struct Blocks {
 using llmkit_vec::hsum8;
 using llmkit_vec::load8;
 
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
 // quantize_block's values in vectors: the same maximum, products and rounding (to nearest
 // even, as nearbyint in the default mode), so the same bytes, scale and sum.
 template <typename T>
@@ -115,11 +122,8 @@ void quantize_block8(const T* x, int8_t* q, float* d, float* sum) {
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
                       _mm256_permutevar8x32_epi32(packed, order));
-  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
   *d = amax / 127.f;
-  *sum = *d * float(_mm_cvtsi128_si32(t));
+  *sum = *d * float(hsum(total));
 }
 #endif
 
@@ -174,13 +178,6 @@ inline void put(T* out, int64_t n, int64_t m, int64_t o, float value) {
 }
 
 #ifdef LLMKIT_AVX2
-
-inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 // The 8 int32 sums of 4 products of unsigned a times signed b (32 bytes each). The pair
 // sums of maddubs saturate at 16 bits, which the callers' bytes never reach (at most
@@ -725,7 +722,6 @@ at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
   return out;
 }
 
-
 #ifdef LLMKIT_AVX512BF16
 
 // ---------------------------------------------------------------------------------------
@@ -817,15 +813,14 @@ constexpr size_t kHugePage = size_t(2) << 20;
 // smaller than one such page. A weight streamed whole at every step then costs a page walk
 // per 2 MiB instead of per 4 KiB.
 at::Tensor huge_page_copy(at::Tensor t) {
-  const at::Tensor src = t.contiguous();
-  const size_t bytes = src.nbytes();
-  if (bytes < kHugePage) return src;
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < kHugePage) return t.contiguous();
   const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
   void* p = std::aligned_alloc(kHugePage, size);
   TORCH_CHECK(p != nullptr, "huge_page_copy: cannot allocate ", size, " bytes");
   madvise(p, size, MADV_HUGEPAGE);  // before the first touch, which chooses the page size
-  std::memcpy(p, src.data_ptr(), bytes);
-  return at::from_blob(p, src.sizes(), [](void* q) { std::free(q); }, src.options());
+  at::Tensor copy = at::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
+  return copy.copy_(t);  // one pass from any strides (a repacking's permuted view)
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
+#define LLMKIT_AVX2 1
 #include "cpu_vec.h"
 #endif
 
@@ -48,8 +49,7 @@ constexpr float kExpTaylor[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24,
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
-#if defined(__AVX2__) && defined(__FMA__)
-#define LLMKIT_AVX2 1
+#ifdef LLMKIT_AVX2
 // 8 lanes, for every CPU with AVX2: silu_mul computed and rounded as silu_mul_16 does (for
 // CPUs without AVX-512, where a scalar std::exp was a large share of a decode step), and the
 // vector paths of the norm, rotary and softmax kernels, which AVX-512 CPUs take too.

@@ -175,6 +175,12 @@ class PairsLinear(nn.Module):
 
 PAIR_OUTPUTS = 64  # outputs a group of PairsLinear's layout holds
 
+
+def pair_products_here() -> bool:
+    """Whether this CPU runs PairsLinear (llmkit's kernels are built, with AVX512-BF16)."""
+    return _cpu_op("pairs_linear", torch.device("cpu")) is not None
+
+
 # The kinds of llmkit's CPU matrix kernels, as kernels/cpu_layer.cpp numbers them
 HALF, Q4, Q8, W8A8, PAIRS = 0, 1, 2, 3, 4
 
