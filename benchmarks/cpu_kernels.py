@@ -6,7 +6,11 @@
   the same call on the torch path (K/V written with index_copy_, blocks gathered, batched
   matmuls);
 - silu(gate) * up on [64, 2 x 2048] and [2048, 2 x 2048] bf16 (a decode step and a prefill
-  chunk of small-llama's MLP); anchor: `F.silu(gate) * up`.
+  chunk of small-llama's MLP); anchor: `F.silu(gate) * up`;
+- where the CPU has AVX512-BF16: a bf16 Linear of small-llama's gate_up shape (4096 x 768),
+  16 different weights a call (100 MB, so they stream from memory as a step's do), at 1, 64
+  and 512 rows, through PairsLinear; anchor: oneDNN's bf16 product on the weights prepacked
+  for it (`mkldnn._linear_pointwise`, what bf16 Linears ran on such CPUs before).
 
 Each is timed as the median of 7 repeats of 20 calls, kernel and anchor alternating, with 2
 threads; printed as milliseconds per call and anchor / kernel (above 1: the kernel is faster).
@@ -26,6 +30,7 @@ from report import row, save_result
 from llmkit.kernels import cpu
 from llmkit.runtime.layers import attention
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
+from llmkit.runtime.layers.linear import PairsLinear, pair_products_here
 
 THREADS, REPEATS, CALLS = 2, 7, 20
 
@@ -75,6 +80,20 @@ def silu_case(rows: int):
     return (lambda: cpu.ops().silu_mul(gate_up)), (lambda: F.silu(gate) * up)
 
 
+def bf16_linear_case(rows: int, copies: int = 16):
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(4096, 768, generator=g).bfloat16() for _ in range(copies)]
+    pairs = [PairsLinear.build(w, None) for w in weights]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
+    x = torch.randn(rows, 768, generator=g).bfloat16()
+
+    def onednn():
+        for w in packed:
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+    return (lambda: [p(x) for p in pairs]), onednn
+
+
 def main() -> None:
     if cpu.ops() is None:
         raise SystemExit("llmkit's CPU kernels could not be built here")
@@ -84,6 +103,9 @@ def main() -> None:
         "silu * up, 64 rows": silu_case(64),
         "silu * up, 2048 rows": silu_case(2048),
     }
+    if pair_products_here():
+        for rows in (1, 64, 512):
+            cases[f"bf16 Linear x16, {rows} rows"] = bf16_linear_case(rows)
     print(f"{'case':28} {'kernel ms':>10} {'torch ms':>10} {'torch / kernel':>15}")
     times, summary = {}, []
     for name, pair in cases.items():
