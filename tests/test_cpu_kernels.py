@@ -1,5 +1,6 @@
 """llmkit's C++ CPU decode-attention kernel against a float64 computation over the same paged
-cache, and the attention layer with and without it."""
+cache, the attention layer with and without it, and the element-wise kernels against the
+torch ops they replace."""
 
 from __future__ import annotations
 
@@ -178,6 +179,48 @@ def test_rotary_kernel_rounds_as_the_torch_ops(dtype, dim):
     q_out, k_out = cpu.ops().rotary(q, k, cos.reshape(9, dim), sin.reshape(9, dim))
     assert torch.equal(q_out, q * cos + _rotate_half(q) * sin)
     assert torch.equal(k_out, k * cos + _rotate_half(k) * sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(6, 2, 32), (4, 4, 16), (8, 1, 64)])
+def test_decode_attention_is_rotary_write_and_decode_in_one(dtype, heads, kv_heads, head_dim):
+    """The fused op the C++ decode layer calls gives the bits of the three ops it replaces,
+    cache contents included, for tokens of sequences of different lengths."""
+    from llmkit.runtime.layers.rotary import Rotary
+
+    lens = [1, 16, 17, 40]  # with the new token; it goes to the last position's slot
+    _, k_cache, v_cache, tables, lens_t = paged_case(8, dtype, heads, kv_heads, head_dim, 16, lens)
+    g = torch.Generator().manual_seed(9)
+    tokens = len(lens)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    positions = lens_t - 1
+    slots = tables[torch.arange(tokens), positions // 16] * 16 + positions % 16
+    rotary = Rotary(head_dim, 64, 1e4, None)(positions, dtype)
+    cos, sin = (c.reshape(tokens, head_dim) for c in rotary)
+    scale = head_dim**-0.5
+
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.reshape(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim)
+    caches = k_cache.clone(), v_cache.clone()
+    q_rot, k_rot = cpu.ops().rotary(q, k, cos, sin)
+    cpu.ops().write_kv(*caches, k_rot, v.reshape(tokens, kv_heads, head_dim), slots)
+    expected = torch.empty_like(q_rot)
+    cpu.ops().paged_decode(expected, q_rot, *caches, tables, lens_t, scale)
+
+    out = cpu.ops().decode_attention(
+        qkv, cos, sin, k_cache, v_cache, slots, tables, lens_t, heads, scale
+    )
+    assert torch.equal(out, expected.reshape(tokens, -1))
+    assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
+
+
+def test_decode_attention_refuses_a_qkv_of_the_wrong_width():
+    _, k_cache, v_cache, tables, lens = paged_case(10, torch.float32, 4, 2, 16, 16, [3])
+    qkv = torch.zeros(1, (4 + 2 * 2) * 16 + 1)
+    cos = sin = torch.zeros(1, 16)
+    slots = torch.tensor([2])
+    with pytest.raises(RuntimeError, match="qkv must be contiguous"):
+        cpu.ops().decode_attention(qkv, cos, sin, k_cache, v_cache, slots, tables, lens, 4, 0.25)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -67,15 +67,9 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
     int64_t num_heads, int64_t num_kv_heads, double scale) {
   static const auto add_rms_norm =
       find<at::Tensor(at::Tensor, at::Tensor, at::Tensor, double)>("llmkit_cpu::add_rms_norm");
-  static const auto rotary =
-      find<std::tuple<at::Tensor, at::Tensor>(at::Tensor, at::Tensor, at::Tensor, at::Tensor)>(
-          "llmkit_cpu::rotary");
-  static const auto write_kv =
-      find<void(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor)>(
-          "llmkit_cpu::write_kv");
-  static const auto paged_decode =
-      find<void(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double)>(
-          "llmkit_cpu::paged_decode");
+  static const auto attention =
+      find<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                      at::Tensor, at::Tensor, int64_t, double)>("llmkit_cpu::decode_attention");
   static const auto silu_mul = find<at::Tensor(at::Tensor)>("llmkit_cpu::silu_mul");
   TORCH_CHECK(kinds.size() == 4 && group_sizes.size() == 4,
               "decode_layer: a kind and a group size for each of qkv, o, gate_up, down");
@@ -93,19 +87,12 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   }
 
   // attention (Attention.forward, apply_rotary, paged_attention)
-  const int64_t head_dim = k_cache.size(-1);
-  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  const auto parts = linear(h, kinds[0], qkv, group_sizes[0]).split_with_sizes(
-      {q_size, kv_size, kv_size}, -1);
-  const at::Tensor q = parts[0].reshape({-1, num_heads, head_dim});
-  const at::Tensor k = parts[1].reshape({-1, num_kv_heads, head_dim});
-  const at::Tensor v = parts[2].reshape({-1, num_kv_heads, head_dim});
-  const auto [q_rot, k_rot] = rotary.call(q, k, cos.reshape({cos.size(0), -1}),
-                                          sin.reshape({sin.size(0), -1}));
-  write_kv.call(k_cache, v_cache, k_rot, v, slots);
-  at::Tensor attn = at::empty_like(q_rot);
-  paged_decode.call(attn, q_rot.contiguous(), k_cache, v_cache, block_tables, context_lens, scale);
-  const at::Tensor attn_out = linear(attn.reshape({-1, q_size}), kinds[1], o, group_sizes[1]);
+  TORCH_CHECK(k_cache.size(1) == num_kv_heads, "decode_layer: the cache has ", k_cache.size(1),
+              " KV heads, not ", num_kv_heads);
+  const at::Tensor attn =
+      attention.call(linear(h, kinds[0], qkv, group_sizes[0]), cos, sin, k_cache, v_cache, slots,
+                     block_tables, context_lens, num_heads, scale);
+  const at::Tensor attn_out = linear(attn, kinds[1], o, group_sizes[1]);
 
   // MLP (add_and_norm, MLP.forward, silu_and_mul)
   h = add_rms_norm.call(res, attn_out, post_norm, eps);

@@ -9,6 +9,8 @@
 //   reference code rounds (normalised in float32, cast to the model dtype, times the weight).
 // - silu_mul: silu(gate) * up from the merged gate/up projection.
 // - rotary: q and k rotated by their positions' cos/sin (rotate-half form).
+// - decode_attention: rotary, write_kv and paged_decode of a decode step in one call, from
+//   the qkv projection's output (the C++ decode layer's attention, cpu_layer.cpp).
 // - gptq_columns: GPTQ's column sweep over a run of columns sharing one group's scale and
 //   zero, inside a block of columns (each row independent, so rows run in parallel).
 //
@@ -251,28 +253,29 @@ inline void each_token(const T* cache, const int64_t* table, int64_t len, int64_
   }
 }
 
+// Attention of queries [seqs, heads, dim] (row s at q + s * q_stride, its heads one after
+// another) over their sequences' cached keys and values; out [seqs, heads, dim] contiguous.
 template <typename T>
-void decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
-            const at::Tensor& v_cache, const at::Tensor& block_tables,
+void decode(T* out_ptr, const T* q_ptr, int64_t q_stride, int64_t num_seqs, int64_t num_heads,
+            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
             const at::Tensor& context_lens, double scale) {
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), dim = q.size(2);
-  const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
+  const int64_t dim = k_cache.size(3), kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   const int64_t group = num_heads / kv_heads, max_blocks = block_tables.size(1);
-  const T* q_ptr = q.data_ptr<T>();
   const T* k_ptr = k_cache.data_ptr<T>();
   const T* v_ptr = v_cache.data_ptr<T>();
-  T* out_ptr = out.data_ptr<T>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t head_stride = block_size * dim, block_stride = kv_heads * head_stride;
 
   at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * dim), acc(group * dim), total(group), scores;
+    // kept from call to call (a decode step makes one call per layer)
+    thread_local std::vector<float> query, acc, total, scores;
+    query.resize(group * dim), acc.resize(group * dim), total.resize(group);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / kv_heads, h = item % kv_heads, len = lens[s];
       const int64_t* table = tables + s * max_blocks;
-      for (int64_t i = 0; i < group * dim; ++i)
-        query[i] = to_float(q_ptr[(s * num_heads + h * group) * dim + i]) * float(scale);
+      const T* q_row = q_ptr + s * q_stride + h * group * dim;
+      for (int64_t i = 0; i < group * dim; ++i) query[i] = to_float(q_row[i]) * float(scale);
       scores.assign(group * len, 0.f);
       const int64_t at = h * head_stride;
       each_token(k_ptr, table, len, block_size, block_stride, at, dim, [&](int64_t t, const T* key) {
@@ -294,41 +297,40 @@ void decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cach
   });
 }
 
+void check_decode(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t num_heads,
+                  const at::Tensor& block_tables, const at::Tensor& context_lens, const char* op) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && block_tables.is_contiguous() &&
+                  context_lens.is_contiguous(),
+              op, ": caches, block tables and lengths must be contiguous");
+  TORCH_CHECK(k_cache.size(3) % kLanes == 0, op, ": head_dim must be a multiple of 16");
+  TORCH_CHECK(num_heads % k_cache.size(1) == 0, op, ": heads % kv_heads != 0");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              op, ": block tables and lengths must be int64");
+}
+
 void paged_decode(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                   at::Tensor block_tables, at::Tensor context_lens, double scale) {
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  out.is_contiguous() && block_tables.is_contiguous() &&
-                  context_lens.is_contiguous(),
-              "paged_decode: tensors must be contiguous");
-  TORCH_CHECK(q.size(2) % kLanes == 0, "paged_decode: head_dim must be a multiple of 16");
-  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "paged_decode: heads % kv_heads != 0");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
-              "paged_decode: block tables and lengths must be int64");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes() &&
+                  q.size(2) == k_cache.size(3),
+              "paged_decode: q and out must be contiguous [seqs, heads, head_dim]");
+  check_decode(k_cache, v_cache, q.size(1), block_tables, context_lens, "paged_decode");
+  const int64_t seqs = q.size(0), heads = q.size(1), stride = heads * q.size(2);
   if (q.scalar_type() == at::kFloat) {
-    decode<float>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    decode(out.data_ptr<float>(), q.data_ptr<float>(), stride, seqs, heads, k_cache, v_cache,
+           block_tables, context_lens, scale);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_decode: float32 or bfloat16 only");
-    decode<c10::BFloat16>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    using B = c10::BFloat16;
+    decode(out.data_ptr<B>(), q.data_ptr<B>(), stride, seqs, heads, k_cache, v_cache,
+           block_tables, context_lens, scale);
   }
 }
 
-void write_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v,
-              at::Tensor slots) {
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slots.is_contiguous(),
-              "write_kv: caches and slots must be contiguous");
-  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "write_kv: head_dim must be contiguous");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
-              "write_kv: dtypes differ");
-  TORCH_CHECK(slots.scalar_type() == at::kLong, "write_kv: slots must be int64");
-  const int64_t tokens = k.size(0), kv_heads = k.size(1), block_size = k_cache.size(2);
-  const int64_t elt = k.element_size(), bytes = k.size(2) * elt;
-  const int64_t k0 = k.stride(0) * elt, k1 = k.stride(1) * elt;  // in bytes
-  const int64_t v0 = v.stride(0) * elt, v1 = v.stride(1) * elt;
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  auto* kc = static_cast<char*>(k_cache.data_ptr());
-  auto* vc = static_cast<char*>(v_cache.data_ptr());
-  const auto* ks = static_cast<const char*>(k.data_ptr());
-  const auto* vs = static_cast<const char*>(v.data_ptr());
+// Token i's keys and values, head h at ks + i * k0 + h * k1 (bytes; likewise vs), copied to
+// cache slot slot[i]; `bytes` per head.
+void write_slots(char* kc, char* vc, const char* ks, int64_t k0, int64_t k1, const char* vs,
+                 int64_t v0, int64_t v1, const int64_t* slot, int64_t tokens, int64_t kv_heads,
+                 int64_t block_size, int64_t bytes) {
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t block = slot[i] / block_size, offset = slot[i] % block_size;
@@ -339,6 +341,22 @@ void write_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v
       }
     }
   });
+}
+
+void write_kv(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v,
+              at::Tensor slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slots.is_contiguous(),
+              "write_kv: caches and slots must be contiguous");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "write_kv: head_dim must be contiguous");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "write_kv: dtypes differ");
+  TORCH_CHECK(slots.scalar_type() == at::kLong, "write_kv: slots must be int64");
+  const int64_t elt = k.element_size();
+  write_slots(static_cast<char*>(k_cache.data_ptr()), static_cast<char*>(v_cache.data_ptr()),
+              static_cast<const char*>(k.data_ptr()), k.stride(0) * elt, k.stride(1) * elt,
+              static_cast<const char*>(v.data_ptr()), v.stride(0) * elt, v.stride(1) * elt,
+              slots.data_ptr<int64_t>(), k.size(0), k.size(1), k_cache.size(2),
+              k.size(2) * elt);
 }
 
 template <typename T>
@@ -450,19 +468,18 @@ at::Tensor silu_mul(at::Tensor gate_up) {
 
 // x * cos + rotate_half(x) * sin for every head of every token, each product and the sum
 // rounded to T as torch's element-wise ops round them.
+// x: head h of token t at in + t * s0 + h * s1; out: at o + t * o0 + h * dim.
 template <typename T>
-void rotate_rows(const at::Tensor& x, at::Tensor& out, const T* cos, const T* sin) {
-  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
-  const T* in = x.data_ptr<T>();
-  T* o = out.data_ptr<T>();
-  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+void rotate_rows(const T* in, int64_t s0, int64_t s1, int64_t tokens, int64_t heads, int64_t dim,
+                 T* o, int64_t o0, const T* cos, const T* sin) {
+  const int64_t half = dim / 2;
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* c = cos + t * dim;
       const T* s = sin + t * dim;
       for (int64_t h = 0; h < heads; ++h) {
         const T* v = in + t * s0 + h * s1;
-        T* w = o + (t * heads + h) * dim;
+        T* w = o + t * o0 + h * dim;
         int64_t i = 0;
 #ifdef LLMKIT_AVX2
         // inputs i and i + half together: each product rounded, then their sum (the negated
@@ -489,6 +506,13 @@ void rotate_rows(const at::Tensor& x, at::Tensor& out, const T* cos, const T* si
   });
 }
 
+// x [tokens, heads, dim] (dim contiguous) rotated into out, contiguous of its shape.
+template <typename T>
+void rotate(const at::Tensor& x, at::Tensor& out, const at::Tensor& cos, const at::Tensor& sin) {
+  rotate_rows(x.data_ptr<T>(), x.stride(0), x.stride(1), x.size(0), x.size(1), x.size(2),
+              out.data_ptr<T>(), x.size(1) * x.size(2), cos.data_ptr<T>(), sin.data_ptr<T>());
+}
+
 std::tuple<at::Tensor, at::Tensor> rotary(at::Tensor q, at::Tensor k, at::Tensor cos,
                                           at::Tensor sin) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1,
@@ -501,15 +525,66 @@ std::tuple<at::Tensor, at::Tensor> rotary(at::Tensor q, at::Tensor k, at::Tensor
   at::Tensor q_out = at::empty(q.sizes(), q.options());
   at::Tensor k_out = at::empty(k.sizes(), k.options());
   if (q.scalar_type() == at::kFloat) {
-    rotate_rows<float>(q, q_out, cos.data_ptr<float>(), sin.data_ptr<float>());
-    rotate_rows<float>(k, k_out, cos.data_ptr<float>(), sin.data_ptr<float>());
+    rotate<float>(q, q_out, cos, sin);
+    rotate<float>(k, k_out, cos, sin);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, "rotary: float32 or bfloat16 only");
     using B = c10::BFloat16;
-    rotate_rows<B>(q, q_out, cos.data_ptr<B>(), sin.data_ptr<B>());
-    rotate_rows<B>(k, k_out, cos.data_ptr<B>(), sin.data_ptr<B>());
+    rotate<B>(q, q_out, cos, sin);
+    rotate<B>(k, k_out, cos, sin);
   }
   return {q_out, k_out};
+}
+
+// A decode step's attention from its qkv projection, qkv [tokens, (heads + 2 kv_heads) *
+// head_dim]: q and k rotated as rotary() does, k and v written to their slots as write_kv()
+// does, then each token's query over its sequence's cache as paged_decode() does (the same
+// values, in one call without the intermediate tensors) -> [tokens, heads * head_dim].
+at::Tensor decode_attention(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
+                            at::Tensor v_cache, at::Tensor slots, at::Tensor block_tables,
+                            at::Tensor context_lens, int64_t num_heads, double scale) {
+  check_decode(k_cache, v_cache, num_heads, block_tables, context_lens, "decode_attention");
+  const int64_t tokens = qkv.size(0), kv_heads = k_cache.size(1), dim = k_cache.size(3);
+  const int64_t width = (num_heads + 2 * kv_heads) * dim, rotated = (num_heads + kv_heads) * dim;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == width,
+              "decode_attention: qkv must be contiguous [tokens, ", width, "]");
+  TORCH_CHECK(qkv.scalar_type() == k_cache.scalar_type() &&
+                  qkv.scalar_type() == v_cache.scalar_type() &&
+                  qkv.scalar_type() == cos.scalar_type() && qkv.scalar_type() == sin.scalar_type(),
+              "decode_attention: dtypes differ");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == tokens * dim &&
+                  sin.numel() == tokens * dim,
+              "decode_attention: cos and sin must be contiguous [tokens, head_dim]");
+  TORCH_CHECK(slots.is_contiguous() && slots.scalar_type() == at::kLong &&
+                  slots.numel() == tokens && block_tables.size(0) == tokens &&
+                  context_lens.numel() == tokens,
+              "decode_attention: a slot, a block table row and a length per token");
+  at::Tensor qk = at::empty({tokens, rotated}, qkv.options());  // rotated q heads, then k's
+  at::Tensor out = at::empty({tokens, num_heads * dim}, qkv.options());
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = qkv.data_ptr<T>();
+    T* r = qk.data_ptr<T>();
+    const T* c = cos.data_ptr<T>();
+    const T* s = sin.data_ptr<T>();
+    const int64_t q_size = num_heads * dim, elt = sizeof(T);
+    rotate_rows(in, width, dim, tokens, num_heads, dim, r, rotated, c, s);
+    rotate_rows(in + q_size, width, dim, tokens, kv_heads, dim, r + q_size, rotated, c, s);
+    write_slots(static_cast<char*>(k_cache.data_ptr()), static_cast<char*>(v_cache.data_ptr()),
+                reinterpret_cast<const char*>(r + q_size), rotated * elt, dim * elt,
+                reinterpret_cast<const char*>(in + q_size + kv_heads * dim), width * elt,
+                dim * elt, slots.data_ptr<int64_t>(), tokens, kv_heads, k_cache.size(2),
+                dim * elt);
+    decode(out.data_ptr<T>(), r, rotated, tokens, num_heads, k_cache, v_cache, block_tables,
+           context_lens, scale);
+  };
+  if (qkv.scalar_type() == at::kFloat) {
+    run(float());
+  } else {
+    TORCH_CHECK(qkv.scalar_type() == at::kBFloat16, "decode_attention: float32 or bfloat16 only");
+    run(c10::BFloat16());
+  }
+  return out;
 }
 
 // Columns [start, stop) of a GPTQ block, for every row: round the column with the row's
@@ -562,11 +637,15 @@ TORCH_LIBRARY(llmkit_cpu, m) {
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor slots, Tensor block_tables, Tensor context_lens, "
+        "int num_heads, float scale) -> Tensor");
   m.impl("paged_decode", c10::DispatchKey::CPU, paged_decode);
   m.impl("write_kv", c10::DispatchKey::CPU, write_kv);
   m.impl("add_rms_norm", c10::DispatchKey::CPU, add_rms_norm);
   m.impl("silu_mul", c10::DispatchKey::CPU, silu_mul);
   m.impl("rotary", c10::DispatchKey::CPU, rotary);
+  m.impl("decode_attention", c10::DispatchKey::CPU, decode_attention);
   m.def("gptq_columns(Tensor(a!) w, Tensor(b!) q, Tensor(c!) err, Tensor hinv, Tensor scale, "
         "Tensor zero, int start, int stop, int maxq) -> ()");
   m.impl("gptq_columns", c10::DispatchKey::CPU, gptq_columns);
