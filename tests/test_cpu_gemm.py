@@ -71,6 +71,24 @@ def test_q4_kernel_is_the_dequantized_product_of_block_quantized_inputs(
         assert torch.equal(alone, got), rows  # a row's bits do not depend on the batch
 
 
+def test_activations_quantized_on_several_threads():
+    """40 rows x 8 blocks: more blocks than one thread quantizes, so every thread writes
+    some of the activations' int8 blocks. The 4-bit kernel's rows are their bits alone; the
+    int8 kernel's, the dequantized product."""
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(11))
+    q4 = Q4Linear.build(random_grouped(16, 256, 64, False), None, torch.float32, CPU)
+    w8 = int8_weight(16, 256, act_quant=False)
+    q8 = Int8Linear(w8, None, torch.float32)
+    ops = cpu.ops()
+
+    def four_bit(rows):
+        return ops.q4_linear(rows, q4.packed, q4.scales, q4.zeros, q4.group_size)
+
+    assert torch.equal(four_bit(x), torch.cat([four_bit(x[m : m + 1]) for m in range(len(x))]))
+    expected = blocks_of_32(x) @ (w8.q.double() * w8.scale.double()[:, None]).T
+    assert close(ops.q8_linear(x, q8.q, q8.scale), expected, torch.float32)
+
+
 def test_q4_refuses_what_its_layout_cannot_hold():
     w = random_grouped(16, 64, 32, False)
     half_zero = GroupedWeight(w.q, w.scales, w.zeros + 0.5, w.g_idx, 4)

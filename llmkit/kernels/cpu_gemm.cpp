@@ -148,9 +148,13 @@ void quantize_block(const T* x, int8_t* q, float* d, float* sum) {
 #endif
 }
 
-// x [M, K], float32 or bfloat16, read as it is (no float32 copy).
-Blocks quantize_blocks(const at::Tensor& x) {
-  Blocks b;
+// x [M, K], float32 or bfloat16, read as it is (no float32 copy). The result is the calling
+// thread's, kept and overwritten by its next call: an op quantizes its activations once and
+// reads them until it returns, and a decode step, which makes dozens of these calls, then
+// allocates nothing for them.
+const Blocks& quantize_blocks(const at::Tensor& x) {
+  thread_local Blocks kept;
+  Blocks& b = kept;  // the lambda below runs on other threads too: they write this thread's
   b.rows = x.size(0), b.cols = x.size(1);
   const int64_t blocks = b.rows * (b.cols / kBlock);
   b.q.resize(b.rows * b.cols);
@@ -252,9 +256,11 @@ struct Q4 {
 
 // sum over each group of the quantized activations, dequantized: xs[m, g]. With it the
 // zeros' share of a group is s * z * xs[m, g], once per group instead of per input.
-std::vector<float> group_sums(const Blocks& x, int64_t blocks_per_group) {
+// Kept per thread as quantize_blocks' result is.
+const std::vector<float>& group_sums(const Blocks& x, int64_t blocks_per_group) {
   const int64_t blocks = x.rows * (x.cols / kBlock);
-  std::vector<float> xs(blocks / blocks_per_group, 0.f);
+  thread_local std::vector<float> xs;
+  xs.assign(blocks / blocks_per_group, 0.f);
   for (int64_t b = 0; b < blocks; ++b) xs[b / blocks_per_group] += x.sum[b];
   return xs;
 }
@@ -422,8 +428,8 @@ at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Ten
               "q4_linear: scales and zeros must be contiguous [", tiles, ", ", groups, ", 8]");
   const Q4 w{packed.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), zeros.data_ptr<uint8_t>(),
              k, groups, group_size / kBlock};
-  const Blocks xq = quantize_blocks(x);
-  const std::vector<float> xs = group_sums(xq, w.blocks_per_group);
+  const Blocks& xq = quantize_blocks(x);
+  const std::vector<float>& xs = group_sums(xq, w.blocks_per_group);
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   by_dtype(out, [&](auto tag) {
     using T = decltype(tag);
@@ -483,7 +489,7 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor q, at::Tensor scale) {
   check_int8_weight(q, scale, "q8_linear");
   const int64_t n = q.size(0), k = q.size(1);
   check_activations(x, k, "q8_linear");
-  const Blocks xq = quantize_blocks(x);
+  const Blocks& xq = quantize_blocks(x);
   const int8_t* w = q.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   at::Tensor out = at::empty({x.size(0), n}, x.options());

@@ -368,7 +368,8 @@ void add_rms_norm_rows(at::Tensor& out, at::Tensor& residual, const at::Tensor& 
   const T* in = x.data_ptr<T>();
   const T* w = weight.data_ptr<T>();
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(dim);
+    thread_local std::vector<float> sum;  // kept between calls: a step makes dozens
+    sum.resize(dim);
     for (int64_t r = begin; r < end; ++r) {
       T* rr = res + r * dim;
       const T* x = in + r * dim;

@@ -33,6 +33,18 @@ class StepInputs:
     # (adapter id, first row, end row) of each run of tokens of one LoRA adapter
     lora_segments: list[tuple[int, int, int]] = field(default_factory=list)
 
+    def to(self, device: torch.device) -> StepInputs:
+        """These inputs on `device` (they are built on the CPU, and used there as they are)."""
+        if device.type == "cpu":
+            return self
+        return StepInputs(
+            self.input_ids.to(device),
+            self.positions.to(device),
+            self.meta.to(device),
+            self.logits_indices.to(device),
+            self.lora_segments,
+        )
+
 
 @dataclass(slots=True)
 class StepOutput:
@@ -92,15 +104,11 @@ class ModelRunner:
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         """Logits [sequences to sample, vocab] in float32 (None on ranks other than 0)."""
-        meta = inputs.meta.to(self.device)
+        inputs = inputs.to(self.device)
         if self.loras is not None:
             self.loras.segments = inputs.lora_segments
         return self.model(
-            inputs.input_ids.to(self.device),
-            inputs.positions.to(self.device),
-            meta,
-            self.kv_caches,
-            inputs.logits_indices.to(self.device),
+            inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches, inputs.logits_indices
         )
 
     def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
@@ -124,11 +132,12 @@ class ModelRunner:
         """A step's logits (as `prepare` ordered them) -> its StepOutput; `masks`: the
         tokens guided sequences may sample (seq_id -> bit mask)."""
         seqs, drafts = sampled.seqs, sampled.drafts
-        rows = sum(len(d) + 1 for d in drafts)
+        rows = len(seqs) + sum(map(len, drafts))
         scores = _score_prompts(spans, logits[rows:]) if spans else []
         if not seqs:
             return StepOutput(seqs, [], scores)
-        logits = logits[:rows].cpu()
+        logits = logits[:rows] if spans else logits  # the prompt rows come after these
+        logits = logits if logits.is_cpu else logits.cpu()
         history = [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
         seeds = [(s.seq_id, s.seed) for s in seqs]
         params = [s.params for s in seqs]
