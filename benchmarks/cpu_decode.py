@@ -224,12 +224,16 @@ def main() -> None:
 def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> None:
     med = {k: statistics.median(v) for k, v in cells.items()}
     spread = {k: [min(v), max(v)] for k, v in cells.items()}
-    rows, ratios, mbu = {}, {}, {}
+    rows, ratios, mbu, paired = {}, {}, {}, {}
     for name, (model, gguf) in models.items():
         ours_bytes, their_bytes = bytes_per_token(model, gguf)
         row = MODELS[name][1]
         ours, theirs = med[f"llmkit {name} b1"], med[f"llama.cpp {name} b1"]
         ratios[row] = ours / theirs
+        # each round's own ratio (its two runs back to back): how far the host's noise
+        # moves the ratio from round to round
+        both = zip(cells[f"llmkit {name} b1"], cells[f"llama.cpp {name} b1"], strict=True)
+        paired[name] = [a / b for a, b in both]
         mbu[name] = {
             "llmkit": ours_bytes * ours / bandwidth,
             "llama.cpp": their_bytes * theirs / bandwidth,
@@ -240,7 +244,7 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
         }  # fmt: skip
         print(f"{name:15} batch 1: llmkit {ours:7.1f} ({_span(spread[f'llmkit {name} b1'])}) "
               f"tok/s, llama.cpp {theirs:7.1f} ({_span(spread[f'llama.cpp {name} b1'])}) = "
-              f"{ratios[row]:.2f}x; "
+              f"{ratios[row]:.2f}x (rounds {_span(paired[name], '.2f')}); "
               f"MBU {mbu[name]['llmkit']:.0%} / {mbu[name]['llama.cpp']:.0%}")  # fmt: skip
     batched = {}
     for name in BATCHED:
@@ -265,6 +269,7 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
         "copy_bandwidth_bytes_s": bandwidth,
         "copy_bandwidth_rounds": bandwidths,
         "spread": spread,
+        "round_ratios": paired,
         "rounds": args.rounds,
     }
     summary = summarize(fields)
@@ -280,9 +285,11 @@ def summarize(fields: dict) -> list[dict]:
     for name, cell in fields["batch_1"].items():
         ours, theirs = cell["llmkit_tok_s"], cell["llama_cpp_tok_s"]
         target = name != "int4-gptq-g128"  # its Q4_0 anchor is another method
+        rounds = fields.get("round_ratios", {}).get(name)
         rows.append(row(
             f"batch 1, {name} against {MODELS[name][0]} (MBU llmkit / llama.cpp "
-            f"{mbu[name]['llmkit']:.0%} / {mbu[name]['llama.cpp']:.0%})",
+            f"{mbu[name]['llmkit']:.0%} / {mbu[name]['llama.cpp']:.0%}"
+            f"{'; ratio by round ' + _span(rounds, '.2f') if rounds else ''})",
             f"{ours:.1f} tok/s ({_span(spread[f'llmkit {name} b1'])})",
             f"{theirs:.1f} ({_span(spread[f'llama.cpp {name} b1'])})",
             ours / theirs, "≥ 1.0×" if target else "", ours >= theirs if target else None,
@@ -307,8 +314,9 @@ def summarize(fields: dict) -> list[dict]:
     return rows
 
 
-def _span(bounds: list[float]) -> str:
-    return f"{bounds[0]:.1f}-{bounds[1]:.1f}"
+def _span(values: list[float], fmt: str = ".1f") -> str:
+    """min-max of `values` (a spread's [min, max] itself, or every round's value)."""
+    return f"{min(values):{fmt}}-{max(values):{fmt}}"
 
 
 def parse_args() -> argparse.Namespace:
