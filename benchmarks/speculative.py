@@ -83,8 +83,9 @@ def make_models(work: Path) -> dict[str, Path]:
     }
 
 
-# Widening stories260K into a target a draft can pay off against: hidden x 16 (a power of 4,
-# so the norms' rescaling by 1/4 is exact), intermediate x 32: some 85M float32 parameters.
+# Widening stories260K into a target a draft can pay off against (widen.py): hidden x 16 (a
+# power of 4, so the norms' rescaling is exact), intermediate x 32, KV heads repeated:
+# some 85M parameters.
 HIDDEN_FACTOR, MLP_FACTOR = 16, 32
 WIDE = "stories260K-wide"
 WEAK_LAYERS = 4  # the weaker draft of WIDE: stories260K's first layers
@@ -92,48 +93,12 @@ WIDE_WEAK = f"draft-{WEAK_LAYERS}-layers"
 
 
 def widened(model: Path, out: Path) -> Path:
-    """`model` with its hidden size x HIDDEN_FACTOR and its MLP x MLP_FACTOR, every new row
-    and column zero: the same function at about 300 times the bytes per token. The zeros
-    add nothing to any product; a norm over the wider hidden state divides by more entries,
-    which the norms' epsilon (divided by HIDDEN_FACTOR) and weights (by its square root)
-    undo exactly. Heads, head_dim, vocabulary and layers are the model's."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    """`model` widened as WIDE is (made once)."""
+    from widen import widen
 
-    if (out / "model.safetensors").is_file():
-        return out
-    config = json.loads((model / "config.json").read_text())
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    wide_h, wide_i = hidden * HIDDEN_FACTOR, inter * MLP_FACTOR
-    assert config.get("head_dim"), "the head size must be explicit: it does not widen"
-
-    def pad(t: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor:
-        shape = (rows,) if cols is None else (rows, cols)
-        wide = torch.zeros(shape, dtype=t.dtype)
-        wide[tuple(slice(0, n) for n in t.shape)] = t
-        return wide
-
-    tensors = {}
-    for name, t in load_file(model / "model.safetensors").items():
-        kind = name.rsplit(".", 2)[-2]
-        if kind in ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj"):
-            tensors[name] = pad(t, t.shape[0], wide_h)
-        elif kind == "o_proj":
-            tensors[name] = pad(t, wide_h, t.shape[1])
-        elif kind in ("gate_proj", "up_proj"):
-            tensors[name] = pad(t, wide_i, wide_h)
-        elif kind == "down_proj":
-            tensors[name] = pad(t, wide_h, wide_i)
-        elif kind.endswith("norm"):
-            tensors[name] = pad(t, wide_h) / HIDDEN_FACTOR**0.5
-        else:
-            raise SystemExit(f"widened: no rule for {name}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    config.update(hidden_size=wide_h, intermediate_size=wide_i,
-                  rms_norm_eps=config["rms_norm_eps"] / HIDDEN_FACTOR)  # fmt: skip
-    (out / "config.json").write_text(json.dumps(config))
-    _copy_tokenizer(model, out)
+    if not (out / "config.json").is_file():
+        inter = json.loads((model / "config.json").read_text())["intermediate_size"]
+        widen(model, out, inter * MLP_FACTOR, HIDDEN_FACTOR)
     return out
 
 
@@ -154,14 +119,10 @@ def first_layers(model: Path, out: Path, layers: int) -> Path:
         if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers
     }
     save_file(kept, out / "model.safetensors", metadata={"format": "pt"})
-    _copy_tokenizer(model, out)
-    return out
-
-
-def _copy_tokenizer(model: Path, out: Path) -> None:
     for f in model.iterdir():
         if f.name.startswith("tokenizer") or f.name == "generation_config.json":
             shutil.copy(f, out / f.name)
+    return out
 
 
 def workloads() -> dict[str, list[str]]:
