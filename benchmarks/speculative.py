@@ -14,7 +14,7 @@ Models (2 threads, CPU):
   over and over, which its own lookups then predict: its ngram rows measure the machinery
   on drafts that are right, not a model reproducing its input.
 - stories260K widened (WIDE, written under --workdir): stories260K with zero rows and
-  columns that leave its function as it is, at some 300 times its bytes per token, run in
+  columns that leave its function as it is, with some 300 times its parameters, run in
   bfloat16: a step costs what one of a model of about 85M parameters costs. Its draft
   model is stories260K itself (float32): the same predictions up to rounding at a fraction
   of the step's cost, the case a draft model is for (a small model that agrees with a
@@ -65,6 +65,13 @@ SWEEP = (2, 4, 8)  # concurrencies of the run without the --speculative-max-seqs
 UNLIMITED = "ngram-unlimited"
 DRAFT_LAYERS = 2
 K = 4
+# stories260K widened into a target a draft can pay off against (widen.py): hidden x 16 (a
+# power of 4, so the norms' rescaling is exact), intermediate x 32, KV heads repeated:
+# some 85M parameters
+HIDDEN_FACTOR, MLP_FACTOR = 16, 32
+WIDE = "stories260K-wide"
+WEAK_LAYERS = 4  # the weaker draft of WIDE: stories260K's first layers
+WIDE_WEAK = f"draft-{WEAK_LAYERS}-layers"
 
 
 def make_models(work: Path) -> dict[str, Path]:
@@ -81,15 +88,6 @@ def make_models(work: Path) -> dict[str, Path]:
         WIDE: widened(stories, work / WIDE),
         WIDE_WEAK: first_layers(stories, work / f"stories260K-{WEAK_LAYERS}-layers", WEAK_LAYERS),
     }
-
-
-# Widening stories260K into a target a draft can pay off against (widen.py): hidden x 16 (a
-# power of 4, so the norms' rescaling is exact), intermediate x 32, KV heads repeated:
-# some 85M parameters.
-HIDDEN_FACTOR, MLP_FACTOR = 16, 32
-WIDE = "stories260K-wide"
-WEAK_LAYERS = 4  # the weaker draft of WIDE: stories260K's first layers
-WIDE_WEAK = f"draft-{WEAK_LAYERS}-layers"
 
 
 def widened(model: Path, out: Path) -> Path:

@@ -223,7 +223,7 @@ inline float exp_shifted(float* row, int64_t len, float top) {
 // The cache rows of one KV head in one block (block_size x head_dim values, contiguous),
 // asked for ahead of their use: in a decode step the weights streamed since the cache was
 // last read have pushed it out to memory, and rows read one at a time come at memory
-// latency, not bandwidth (a third of the attention's time at a few hundred tokens).
+// latency, not bandwidth.
 inline void prefetch_rows(const void* rows, int64_t bytes) {
 #if defined(__AVX2__) || defined(__AVX512F__)
   for (int64_t i = 0; i < bytes; i += 64)
