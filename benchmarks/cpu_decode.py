@@ -27,8 +27,15 @@ median of --rounds rounds; the spread (min-max over rounds) is printed beside it
 Writes benchmarks/results/cpu_decode-<date>.json: `ratios` maps bf16, int8 and int4 (rtn
 g32 against Q4_0) to llmkit / llama.cpp batch-1 tok/s.
 
-    bash benchmarks/setup_reference_venvs.sh llamacpp
-    python benchmarks/cpu_decode.py [--workdir DIR] [--rounds 3] [--threads 2]
+`--isa avx2` measures both tools as an AVX2-only CPU runs them, on a CPU that has more:
+llama.cpp built with GGML_NATIVE off (`setup_reference_venvs.sh llamacpp-avx2`), llmkit's
+kernels compiled for -march=haswell (LLMKIT_CPU_ARCH) and torch's own kernels, oneDNN's and
+MKL's held to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS). The
+memory system is still this host's. Its result is the variant `avx2`
+(cpu_decode-avx2-<date>.json).
+
+    bash benchmarks/setup_reference_venvs.sh llamacpp [llamacpp-avx2]
+    python benchmarks/cpu_decode.py [--workdir DIR] [--rounds 3] [--threads 2] [--isa avx2]
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -56,6 +64,31 @@ MODELS = {
     "int4-gptq-g128": ("Q4_0", "int4-gptq-g128"),
 }
 BATCHED = ("bf16", "int4-rtn-g32")  # the 64-sequence comparison
+# --isa: llama.cpp's build directory and the environment that holds llmkit (its kernels,
+# torch's, oneDNN's and MKL's) to that instruction set
+ISAS = {
+    "native": ("build", {}),
+    "avx2": ("build-avx2", {
+        "LLMKIT_CPU_ARCH": "haswell", "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How each tool runs: its threads, llama.cpp's binaries, llmkit's environment."""
+
+    threads: int
+    isa: str
+
+    def llamacpp(self, tool: str) -> Path:
+        return LLAMACPP / ISAS[self.isa][0] / "bin" / tool
+
+    def env(self) -> dict:
+        return {**os.environ, "OMP_NUM_THREADS": str(self.threads), **ISAS[self.isa][1]}
+
+
 # convert_hf_to_gguf.py with an unrecognised BPE pre-tokenizer taken as the default one
 CONVERT = """
 import runpy, sys
@@ -117,11 +150,11 @@ def prepare(work: Path) -> dict[str, tuple[Path, Path]]:
     return {name: (work / name, ggufs[kind]) for name, (kind, _) in MODELS.items()}
 
 
-def copy_bandwidth(threads: int) -> float:
+def copy_bandwidth(setup: Setup) -> float:
     """Bytes read + written per second copying 256 MiB (median of 5)."""
     code = f"""
 import time, torch
-torch.set_num_threads({threads})
+torch.set_num_threads({setup.threads})
 src = torch.ones(2**28, dtype=torch.uint8); dst = torch.empty_like(src); dst.copy_(src)
 times = []
 for _ in range(5):
@@ -131,41 +164,37 @@ print(2 * src.numel() / sorted(times)[2])
     return float(run([sys.executable, "-c", code]))
 
 
-def llmkit_case(model: Path, batch: int, input_len: int, threads: int) -> dict:
+def llmkit_case(model: Path, batch: int, input_len: int, setup: Setup) -> dict:
     sizes = ["--batch-sizes", str(batch), "--input-len", str(input_len), "--output-len", "64"]
-    out = run(llmkit("bench", "offline", str(model), *sizes, "--json"), env=_threads(threads))
+    out = run(llmkit("bench", "offline", str(model), *sizes, "--json"), env=setup.env())
     return json.loads(out)["cases"][0]
 
 
-def llmkit_tok_s(model: Path, threads: int) -> float:
-    return 1000 / llmkit_case(model, 1, 16, threads)["mean_tpot_ms"]
+def llmkit_tok_s(model: Path, setup: Setup) -> float:
+    return 1000 / llmkit_case(model, 1, 16, setup)["mean_tpot_ms"]
 
 
-def llmkit_batched(model: Path, threads: int) -> dict[str, float]:
+def llmkit_batched(model: Path, setup: Setup) -> dict[str, float]:
     """64 sequences: generation tok/s (decode_throughput) and the whole job's tok/s."""
-    case = llmkit_case(model, 64, 128, threads)
+    case = llmkit_case(model, 64, 128, setup)
     return {"generation": case["decode_throughput"], "job": case["total_token_throughput"]}
 
 
-def llamacpp_tok_s(gguf: Path, threads: int) -> float:
-    bench = LLAMACPP / "build" / "bin" / "llama-bench"
-    out = run([str(bench), "-m", str(gguf), "-p", "0", "-n", "64", "-t", str(threads),
+def llamacpp_tok_s(gguf: Path, setup: Setup) -> float:
+    bench = setup.llamacpp("llama-bench")
+    out = run([str(bench), "-m", str(gguf), "-p", "0", "-n", "64", "-t", str(setup.threads),
                "-r", "3", "-o", "json"])  # fmt: skip
     return float(json.loads(out)[0]["avg_ts"])
 
 
-def llamacpp_batched(gguf: Path, threads: int) -> dict[str, float]:
+def llamacpp_batched(gguf: Path, setup: Setup) -> dict[str, float]:
     """64 sequences: S_TG and the whole job's tok/s (S)."""
-    bench = LLAMACPP / "build" / "bin" / "llama-batched-bench"
+    bench = setup.llamacpp("llama-batched-bench")
     out = run([str(bench), "-m", str(gguf), "-c", "12288", "-b", "2048", "-ub", "512",
-               "-npp", "128", "-ntg", "64", "-npl", "64", "-t", str(threads),
+               "-npp", "128", "-ntg", "64", "-npl", "64", "-t", str(setup.threads),
                "--output-format", "jsonl"])  # fmt: skip
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {"generation": float(rows[-1]["speed_tg"]), "job": float(rows[-1]["speed"])}
-
-
-def _threads(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 
 def bytes_per_token(model: Path, gguf: Path) -> tuple[int, int]:
@@ -193,24 +222,26 @@ def _nbytes(f, name: str) -> int:
 
 def main() -> None:
     args = parse_args()
-    if not (LLAMACPP / "build" / "bin" / "llama-bench").exists():
-        sys.exit("llama.cpp is not built: bash benchmarks/setup_reference_venvs.sh llamacpp")
+    setup = Setup(args.threads, args.isa)
+    if not setup.llamacpp("llama-bench").exists():
+        name = "llamacpp" if args.isa == "native" else f"llamacpp-{args.isa}"
+        sys.exit(f"llama.cpp is not built: bash benchmarks/setup_reference_venvs.sh {name}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-cpu-decode-"))
     work.mkdir(parents=True, exist_ok=True)
     models = prepare(work)
     cells: dict[str, list[float]] = {}
     bandwidths = []
     for r in range(args.rounds):
-        bandwidths.append(copy_bandwidth(args.threads))
+        bandwidths.append(copy_bandwidth(setup))
         for name, (model, gguf) in models.items():
             pair = [
-                (f"llmkit {name} b1", partial(llmkit_tok_s, model, args.threads)),
-                (f"llama.cpp {name} b1", partial(llamacpp_tok_s, gguf, args.threads)),
+                (f"llmkit {name} b1", partial(llmkit_tok_s, model, setup)),
+                (f"llama.cpp {name} b1", partial(llamacpp_tok_s, gguf, setup)),
             ]
             if name in BATCHED:
                 pair += [
-                    (f"llmkit {name} b64", partial(llmkit_batched, model, args.threads)),
-                    (f"llama.cpp {name} b64", partial(llamacpp_batched, gguf, args.threads)),
+                    (f"llmkit {name} b64", partial(llmkit_batched, model, setup)),
+                    (f"llama.cpp {name} b64", partial(llamacpp_batched, gguf, setup)),
                 ]
             for key, measure in pair if r % 2 == 0 else pair[::-1]:  # alternate who goes first
                 got = measure()
@@ -273,9 +304,9 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
         "rounds": args.rounds,
     }
     summary = summarize(fields)
-    save_result(
-        "cpu_decode", fields, f"{args.threads} threads", anchor="llama.cpp", summary=summary
-    )
+    variant = "" if args.isa == "native" else args.isa
+    machine = f"{args.threads} threads" + (f", both tools held to {args.isa}" if variant else "")
+    save_result("cpu_decode", fields, machine, anchor="llama.cpp", summary=summary, variant=variant)
 
 
 def summarize(fields: dict) -> list[dict]:
@@ -324,6 +355,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", help="keep the checkpoints and GGUF files here")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--isa", choices=tuple(ISAS), default="native",
+        help="avx2: both tools as an AVX2-only CPU runs them (see above)",
+    )  # fmt: skip
     return parser.parse_args()
 
 

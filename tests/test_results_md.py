@@ -68,3 +68,16 @@ def test_every_benchmark_script_is_listed():
         if "save_result(" in path.read_text() and path.stem != "report"
     }
     assert scripts == set(results_md.BENCHMARKS)
+
+
+def test_a_variant_gets_its_own_table_beside_the_plain_run(tmp_path):
+    results_md = load("results_md")
+    plain, avx2 = result("2026-01-01", 2, True), result("2026-01-02", 0.5, False)
+    avx2["variant"] = "AVX2 only"
+    (tmp_path / "cpu_decode-2026-01-01.json").write_text(json.dumps(plain))
+    (tmp_path / "cpu_decode-avx2-2026-01-02.json").write_text(json.dumps(avx2))
+    text = results_md.render(results_md.newest_results(tmp_path))
+    section = text.split("(`benchmarks/cpu_decode.py`)")[1].split("\n## ")[0]
+    first, second = section.split("\n### AVX2 only\n")
+    assert "commit c01" in first and "2.00×" in first
+    assert "commit c02" in second and "**missed**" in second

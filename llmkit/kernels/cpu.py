@@ -8,6 +8,11 @@ extension loader, no ninja run).
 
 `ops()` is None, with one warning, when they cannot be built (no compiler, no ninja) or when
 LLMKIT_CPU_KERNELS=0; callers then use their torch path.
+
+They are compiled for this CPU (-march=native): its widest vectors, VNNI and AVX512-BF16
+where it has them. LLMKIT_CPU_ARCH names another target for the compiler's -march (e.g.
+`haswell`, for AVX2 only): a build to copy to older hosts, or to measure the AVX2 kernels on
+a CPU that has AVX-512.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -33,8 +39,9 @@ SOURCES = tuple(
 HEADERS = (Path(__file__).with_name("cpu_vec.h"),)  # included by the sources
 DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels take
 # no FMA contraction: the element-wise kernels round as the torch ops they replace
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
+CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+ARCH = re.compile(r"[a-z0-9][a-z0-9_.+-]{0,63}")  # what LLMKIT_CPU_ARCH may name
 
 
 @functools.cache
@@ -99,7 +106,7 @@ def _build(name: str, directory: Path, ready: Path) -> None:
     load(
         name=name,
         sources=[str(source) for source in SOURCES],
-        extra_cflags=list(CFLAGS),  # copies: the loader appends to the lists it is given
+        extra_cflags=cflags(),  # a new list: the loader appends to the lists it is given
         extra_ldflags=list(LDFLAGS),
         build_directory=str(directory),
         is_python_module=False,
@@ -110,13 +117,22 @@ def _build(name: str, directory: Path, ready: Path) -> None:
     pending.replace(ready)
 
 
+def cflags() -> list[str]:
+    """The compiler's flags: CFLAGS and the -march that LLMKIT_CPU_ARCH names (native when
+    unset)."""
+    arch = os.environ.get("LLMKIT_CPU_ARCH", "native")
+    if not ARCH.fullmatch(arch):
+        raise ValueError(f"LLMKIT_CPU_ARCH={arch!r} is not a -march target such as haswell")
+    return [*CFLAGS, f"-march={arch}"]
+
+
 def _build_key() -> str:
     """What the compiled library depends on: the sources, the flags, torch, Python, and
     (for -march=native) the CPU's instruction-set features."""
     digest = hashlib.sha256()
     for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
-    for part in (*CFLAGS, *LDFLAGS, torch.__version__, sys.version, _cpu_features()):
+    for part in (*cflags(), *LDFLAGS, torch.__version__, sys.version, _cpu_features()):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]
 
