@@ -88,3 +88,61 @@ def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path,
     if case == "rtn-g32":  # one layer in Python, the others one C++ call each
         assert fused == outputs(path, "some", prompts, params)[1]
         assert set(calls) == {"DecodeLayer.__call__"}
+
+
+@pytest.mark.parametrize("case", ["bf16", "rtn-g32"])
+def test_greedy_steps_run_ahead_in_one_call_decode_what_single_steps_decode(
+    tiny_dir, tmp_path, monkeypatch, case
+):
+    """--decode-steps: a batch of greedy decodes runs several steps in one C++ call, each
+    step's tokens the argmax of the last one's logits. Where a sequence runs in the same
+    batches either way (alone, or in a batch whose sequences all end together: a row's
+    sums depend on how many rows its step has), its tokens, text and finish reason are
+    those of one step at a time, for requests stopped part-way by EOS, a stop token or a
+    stop string and at max_tokens that no step count divides. In a KV cache small enough
+    that running ahead is refused and sequences are preempted, every request still gets
+    its tokens and every block is free afterwards."""
+    preset, method, options, _ = CASES[case]
+    path = tiny_dir(preset)
+    if method is not None:
+        calibration = CalibrationSpec(num_samples=8, seq_len=64)
+        quantize(path, tmp_path / case, method, options=options, calibration=calibration)
+        path = tmp_path / case
+    ran = []
+    steps_call = DecodeStack.greedy_steps
+    monkeypatch.setattr(
+        DecodeStack, "greedy_steps", lambda self, *a: ran.append(a[-1]) or steps_call(self, *a)
+    )
+    prompts = random_prompts(12, 3, 30, seed=5)
+    alone = [
+        SamplingParams(max_tokens=30, temperature=0),
+        SamplingParams(max_tokens=9, temperature=0, ignore_eos=True, stop_token_ids=(17, 40)),
+        SamplingParams(max_tokens=21, temperature=0, ignore_eos=True, stop=("a", " t")),
+        SamplingParams(max_tokens=11, temperature=0, ignore_eos=True),
+    ] * 2
+    together = SamplingParams(max_tokens=23, temperature=0, ignore_eos=True)
+
+    def run(steps: int, kv_cache_memory: int | None = None):
+        config = EngineConfig(
+            device="cpu", dtype="bfloat16", decode_steps=steps, kv_cache_memory=kv_cache_memory
+        )
+        llm = LLM(path, config)
+        try:
+            outs = [llm.generate([p], [q])[0] for p, q in zip(prompts, alone, strict=False)]
+            outs += llm.generate(prompts[8:], together)
+            assert llm.engine.block_manager.num_used_blocks == 0
+            preempted = llm.engine.scheduler.num_preemptions
+        finally:
+            llm.close()
+        return [(c.token_ids, c.text, c.finish_reason) for o in outs for c in o.outputs], preempted
+
+    single, _ = run(1)
+    assert not ran and {r for _, _, r in single} == {"stop", "length"}
+    for steps in (4, 5):
+        assert run(steps)[0] == single
+        assert ran.count(steps) >= 10  # several steps a call
+        ran.clear()
+    tight, preempted = run(4, kv_cache_memory=24 * 1024)
+    assert preempted > 0 and ran
+    lengths = [len(tokens) for tokens, _, _ in tight]
+    assert lengths == [len(tokens) for tokens, _, _ in single]

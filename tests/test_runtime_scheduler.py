@@ -245,3 +245,34 @@ def test_a_thousand_requests_with_random_aborts_free_every_block():
     assert not sched.has_unfinished()
     assert bm.num_free_blocks == bm.num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_decodes_run_ahead_only_when_every_one_fits_and_none_is_a_prompt():
+    bm = BlockManager(6, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    a, b = seq(3, max_tokens=20), seq(7, 100, max_tokens=20)
+    sched.add(a)
+    sched.add(b)
+    first = sched.schedule()  # both prompts: nothing to run ahead
+    assert not sched.run_ahead(first, 4) and first.steps == 1
+    sched.update(first)
+    a.output_token_ids.append(7)
+    b.output_token_ids.append(7)
+    batch = sched.schedule()  # a at 3 of block 1, b at 7 of block 2: one token each
+    assert batch.num_new_tokens == [1, 1] and bm.num_free_blocks == 3
+    assert sched.run_ahead(batch, 4)  # positions 3-6 and 7-10: a block more each
+    assert batch.steps == 4 and batch.num_new_tokens == [4, 4]
+    assert [len(s.block_table) for s in batch.seqs] == [2, 3] and bm.num_free_blocks == 1
+    sched.update(batch)
+    assert (a.num_computed_tokens, b.num_computed_tokens) == (7, 11)
+    a.output_token_ids += [7] * 4
+    b.output_token_ids += [7] * 4
+    again = sched.schedule()
+    free = bm.num_free_blocks
+    assert not sched.run_ahead(again, 8)  # 2 blocks more each: only one is free
+    assert again.steps == 1 and again.num_new_tokens == [1, 1] and bm.num_free_blocks == free
+    tight = Scheduler(BlockManager(6, 4), max_num_batched_tokens=7)
+    tight.running, batch.num_new_tokens, batch.steps = [a, b], [1, 1], 1
+    assert not tight.run_ahead(batch, 4)  # 8 tokens over a budget of 7
+    batch.drafts[0] = [5]
+    assert not sched.run_ahead(batch, 2)  # a draft is verified, not run ahead

@@ -160,7 +160,7 @@ class DecodePhase:
 
     def step(self, outs: list) -> None:
         now, prefilling = time.perf_counter(), self.waiting > 0
-        new = 0  # a step adds one token per request, or several with speculation
+        new = 0  # a step adds one token per request, or several (speculation, --decode-steps)
         for o in outs:
             count = len(o.outputs[0].token_ids)
             new += count - self.counts.get(o.request_id, 0)

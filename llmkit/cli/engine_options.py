@@ -74,6 +74,14 @@ SpecMaxSeqsOpt = Annotated[
         help="No speculation while more sequences than this run or wait (0: never).",
     ),
 ]
+DecodeStepsOpt = Annotated[
+    int,
+    typer.Option(
+        "--decode-steps",
+        help="Greedy decode steps per engine step where the whole step runs in C++ "
+        "(CPU, --tp 1); 1: one.",
+    ),
+]
 DraftConfidenceOpt = Annotated[
     float,
     typer.Option(
@@ -138,6 +146,7 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "ngram_max": NgramMaxOpt,
         "speculative_max_seqs": SpecMaxSeqsOpt,
         "draft_min_confidence": DraftConfidenceOpt,
+        "decode_steps": DecodeStepsOpt,
     }
     defaults = EngineConfig()
     return [

@@ -177,6 +177,29 @@ class DecodeStack : public torch::CustomClassHolder {
     return out.narrow(1, 0, head.vocab).to(at::kFloat);
   }
 
+  // `steps` greedy decode steps of sequences whose next tokens are `ids` at `positions`,
+  // each step's tokens the argmax of the previous step's logits (a NaN counting as largest,
+  // the first largest winning, as torch's argmax): int64 [sequences, steps], the tokens
+  // the steps chose. Step j writes its K/V to slots[j] and sees context_lens + j keys; the
+  // block tables cover every step.
+  at::Tensor greedy_steps(at::Tensor ids, at::Tensor positions, at::Tensor slots,
+                          at::Tensor block_tables, at::Tensor context_lens, int64_t steps) {
+    const int64_t rows = ids.size(0);
+    TORCH_CHECK(steps >= 1 && slots.dim() == 2 && slots.size(0) == steps &&
+                    slots.size(1) == rows && positions.size(0) == rows &&
+                    context_lens.size(0) == rows,
+                "DecodeStack: greedy_steps takes a slot per sequence and step");
+    const at::Tensor all = at::arange(rows, ids.options());
+    at::Tensor chosen = at::empty({rows, steps}, ids.options());
+    for (int64_t j = 0; j < steps; ++j) {
+      const at::Tensor out = logits(ids, positions + j, slots[j], block_tables, context_lens + j,
+                                    all);
+      ids = out.argmax(1);
+      chosen.select(1, j).copy_(ids);
+    }
+    return chosen;
+  }
+
  private:
   struct Head {
     at::Tensor embed, cos, sin, norm;
@@ -205,7 +228,8 @@ TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
                        std::vector<int64_t>, double, int64_t, int64_t, double>())
       .def("run", &DecodeStack::run)
       .def("set_head", &DecodeStack::set_head)
-      .def("logits", &DecodeStack::logits);
+      .def("logits", &DecodeStack::logits)
+      .def("greedy_steps", &DecodeStack::greedy_steps);
   m.def(
       "decode_layer(Tensor(a!) x, Tensor(b!)? residual, Tensor input_norm, Tensor post_norm, "
       "float eps, Tensor[] qkv, Tensor[] o, Tensor[] gate_up, Tensor[] down, int[] kinds, "

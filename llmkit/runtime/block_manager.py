@@ -86,6 +86,10 @@ class BlockManager:
         reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         return self._num_new_blocks(seq, num_new_tokens, hits) + reclaimed <= len(self._free)
 
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """The free blocks a running `seq` takes to compute `num_new_tokens` more tokens."""
+        return self._num_new_blocks(seq, num_new_tokens, ())
+
     def allocate(self, seq: Sequence, num_new_tokens: int, hits: Blocks[int] = ()) -> None:
         """Give `seq` the blocks for `num_new_tokens` more tokens; `hits` (from
         `computed_blocks`, for a sequence with no blocks yet) become its first blocks."""

@@ -225,6 +225,7 @@ class Engine:
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
         self._mark_scheduled(batch.seqs)
         self._speculate(batch)
+        self._run_ahead(batch)
         masks = self._masks(batch)
         failed: list[RequestOutput] = []
         try:
@@ -278,6 +279,32 @@ class Engine:
         for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
             if self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
+
+    def _run_ahead(self, batch: Batch) -> None:
+        """Let a batch of greedy decodes run up to --decode-steps steps in one call, where
+        the runner can (the whole step is one C++ call) and every sequence's next tokens
+        depend on nothing but the base model's argmax: greedy, no penalties, logprobs,
+        guide or LoRA adapter, no draft. The steps stay within every sequence's context and
+        stop at the most any sequence still wants; a sequence that stops part-way (EOS, a
+        stop string, max_tokens) ends there, and the tokens computed after it are dropped.
+        A request that arrives meanwhile waits for the call (--decode-steps steps at most)
+        before its prompt is computed."""
+        if self.config.decode_steps == 1 or not self.executor.runs_steps():
+            return
+        wanted, context = 1, self.config.decode_steps
+        for seq in batch.seqs:
+            p = seq.params
+            if not p.greedy or p.logprobs is not None or seq.seq_id in self.guides.matchers:
+                return
+            if seq.lora_id:  # the steps run the base model
+                return
+            if (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1, 0, 0):
+                return
+            wanted = max(wanted, p.max_tokens - len(seq.output_token_ids))
+            context = min(context, self.max_model_len - seq.num_tokens)
+        steps = min(wanted, context)  # none past the context; past max_tokens: dropped
+        if steps > 1:
+            self.scheduler.run_ahead(batch, steps)
 
     def _draft_size(self, seq: Sequence) -> int:
         """Tokens `seq` may take on trial now: none for a request that turned speculation

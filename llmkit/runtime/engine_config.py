@@ -8,6 +8,7 @@ from llmkit.errors import LlmkitError
 
 MAX_SPECULATIVE_TOKENS = 16
 MAX_NGRAM = 16
+MAX_DECODE_STEPS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,9 @@ class EngineConfig:
     draft_min_confidence: float = 0.4
     # steps with more decoding sequences than this do not speculate (benchmarks/speculative.py)
     speculative_max_seqs: int = 4
+    # greedy decode steps run in one call where the whole step is C++ (CPU, tp 1): fewer
+    # trips through the Python engine per token (benchmarks/cpu_decode.py)
+    decode_steps: int = 4
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
@@ -45,6 +49,8 @@ class EngineConfig:
             )
         if not 1 <= self.ngram_min <= self.ngram_max <= MAX_NGRAM:
             raise LlmkitError(f"--ngram-min and --ngram-max need 1 <= min <= max <= {MAX_NGRAM}")
+        if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
+            raise LlmkitError(f"--decode-steps must be between 1 and {MAX_DECODE_STEPS}")
         if self.speculative_max_seqs < 0:
             raise LlmkitError("--speculative-max-seqs must be >= 0")
         if not 0.0 <= self.draft_min_confidence <= 1.0:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from llmkit.errors import LlmkitError
 from llmkit.net import free_port
 from llmkit.runtime.distributed import Group
-from llmkit.runtime.model_runner import ModelRunner, StepOutput, prepare
+from llmkit.runtime.model_runner import ModelRunner, StepOutput, prepare, prepare_steps
 from llmkit.runtime.scheduler import Batch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -69,11 +69,19 @@ class Executor:
         guided sequences the tokens they may sample (seq_id -> bit mask). Changes no
         scheduling state: the K/V it writes are written again, the same, if the batch runs
         again."""
+        if batch.steps > 1:  # runs_steps() said yes: one rank
+            inputs = prepare_steps(batch, self.spec.block_size)
+            return self.runner.greedy_steps(inputs, batch.seqs)
         inputs, sampled, spans = prepare(batch, self.spec.block_size)
         if self.spec.tp > 1:
             dist.broadcast_object_list([inputs], src=0)
         logits = self.runner.execute(inputs)
         return self.runner.finish(logits, sampled, spans, masks() if masks else None)
+
+    def runs_steps(self) -> bool:
+        """Whether a Batch may ask for several greedy decode steps (Batch.steps): one rank,
+        whose whole decode step is one C++ call."""
+        return self.spec.tp == 1 and self.runner.runs_steps()
 
     def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
         """Load a LoRA adapter (tp 1: EngineConfig refuses adapters with more ranks)."""

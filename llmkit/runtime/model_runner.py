@@ -3,6 +3,7 @@ KV cache, and samples next tokens (and scores prompt tokens) from its logits."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ class StepInputs:
     logits_indices: torch.Tensor  # [sequences to sample], rows of the flattened batch
     # (adapter id, first row, end row) of each run of tokens of one LoRA adapter
     lora_segments: list[tuple[int, int, int]] = field(default_factory=list)
+    # > 1: that many greedy decode steps in one call (prepare_steps): a token per sequence,
+    # slot_mapping [steps * sequences] step-major, the block tables covering every step
+    steps: int = 1
 
     def to(self, device: torch.device) -> StepInputs:
         """These inputs on `device` (they are built on the CPU, and used there as they are)."""
@@ -43,6 +47,7 @@ class StepInputs:
             self.meta.to(device),
             self.logits_indices.to(device),
             self.lora_segments,
+            self.steps,
         )
 
 
@@ -110,6 +115,19 @@ class ModelRunner:
         return self.model(
             inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches, inputs.logits_indices
         )
+
+    def runs_steps(self) -> bool:
+        """Whether `greedy_steps` runs here (the whole decode step is one C++ call)."""
+        return self.device.type == "cpu" and self.model.runs_steps(self.kv_caches)
+
+    def greedy_steps(self, inputs: StepInputs, seqs: list[Sequence]) -> StepOutput:
+        """The StepOutput of `inputs.steps` greedy decode steps (prepare_steps) of `seqs`,
+        which run the base model (no LoRA adapter)."""
+        steps, meta = inputs.steps, inputs.meta
+        slots = meta.slot_mapping.view(steps, len(seqs))
+        args = (inputs.input_ids, inputs.positions, slots, meta, self.kv_caches, steps)
+        chosen = self.model.greedy_steps(*args).tolist()
+        return StepOutput(seqs, [[Sampled(t) for t in row] for row in chosen], [])
 
     def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
         """Load the PEFT adapter in `path` as `lora_id` (LlmkitError if it does not fit)."""
@@ -253,6 +271,25 @@ def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, Sampling, list[P
     sampled_seqs = [seqs[i] for i in sampled]
     probs = [batch.draft_probs.get(s.seq_id) for s in sampled_seqs]
     return inputs, Sampling(sampled_seqs, [drafts[i] for i in sampled], probs), spans
+
+
+def prepare_steps(batch: Batch, block_size: int) -> StepInputs:
+    """Tensors for `batch.steps` greedy decode steps of every sequence of `batch` (each
+    scheduled for that many tokens): each one's last token and position, the slots of the
+    positions each step computes, and block tables for the last step."""
+    seqs, steps = batch.seqs, batch.steps
+    starts = [s.num_computed_tokens for s in seqs]
+    slots = [_slots(s.block_table, p + j, p + j + 1, block_size)[0] for j in range(steps)
+             for s, p in zip(seqs, starts, strict=True)]  # fmt: skip
+    width = -(-(max(starts) + steps) // block_size)
+    tables = [s.block_table[:width] + [0] * (width - len(s.block_table)) for s in seqs]
+    meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), len(seqs))
+    meta.decode_blocks = torch.tensor(tables, dtype=torch.long)  # padded with block 0
+    meta.decode_lens = torch.tensor([p + 1 for p in starts], dtype=torch.long)
+    ids = [s.tokens(p, p + 1)[0] for s, p in zip(seqs, starts, strict=True)]
+    rows = torch.arange(len(seqs))
+    as_long = functools.partial(torch.tensor, dtype=torch.long)
+    return StepInputs(as_long(ids), as_long(starts), meta, rows, steps=steps)
 
 
 def _lora_segments(seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int, int]]:

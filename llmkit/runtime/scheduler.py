@@ -33,6 +33,7 @@ class Batch:
     drafts: list[list[int]] = field(default_factory=list)
     draft_probs: dict[int, object] = field(default_factory=dict)  # seq_id -> what the
     # draft's tokens were drawn from (runtime/speculative.py Draft.probs), when sampled
+    steps: int = 1  # > 1: every sequence decodes that many tokens, one greedy step each
 
     def add(self, seq: Sequence, num_new_tokens: int, draft: list[int] | None = None) -> None:
         self.seqs.append(seq)
@@ -91,6 +92,24 @@ class Scheduler:
         bm.allocate(seq, 1 + len(draft))
         batch.num_new_tokens[index] = 1 + len(draft)
         batch.drafts[index] = list(draft)
+        return True
+
+    def run_ahead(self, batch: Batch, steps: int) -> bool:
+        """Let a batch of decodes only run `steps` decode steps in one (Batch.steps) when the
+        token budget and the free KV blocks allow it for every sequence without preempting
+        anyone."""
+        bm, seqs = self.block_manager, batch.seqs
+        if any(n != 1 or d for n, d in zip(batch.num_new_tokens, batch.drafts, strict=True)):
+            return False
+        if len(seqs) * steps > self.max_num_batched_tokens:
+            return False
+        needed = sum(bm.blocks_needed(seq, steps) for seq in seqs)
+        if needed > bm.num_free_blocks:
+            return False
+        for seq in seqs:
+            bm.allocate(seq, steps)
+        batch.num_new_tokens = [steps] * len(seqs)
+        batch.steps = steps
         return True
 
     def update(self, batch: Batch, accepted: list[int] | None = None) -> None:

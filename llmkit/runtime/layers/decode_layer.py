@@ -190,6 +190,13 @@ class DecodeStack:
         tables = (meta.slot_mapping, meta.decode_blocks, meta.decode_lens)
         return self.stack.logits(ids, positions, *tables, rows)
 
+    def greedy_steps(self, ids, positions, slots, meta: AttentionMetadata, steps: int):
+        """int64 [sequences, steps]: `steps` greedy decode steps in one call, each step's
+        tokens the argmax of the last one's logits; slots [steps, sequences], and meta's
+        block tables covering every step (its lengths are the first step's)."""
+        tables = (meta.decode_blocks, meta.decode_lens)
+        return self.stack.greedy_steps(ids, positions, slots, *tables, steps)
+
     def __call__(self, x, rotary, meta: AttentionMetadata):
         """(the last layer's output, the residual stream), as the layers in turn return them."""
         cos, sin = rotary

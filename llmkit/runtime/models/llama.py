@@ -161,6 +161,18 @@ class LlamaModel(nn.Module):
         logits = self.lm_head(h)
         return None if logits is None else logits.float()
 
+    def runs_steps(self, kv_caches: list[torch.Tensor]) -> bool:
+        """Whether `greedy_steps` runs: the whole decode step of the base model (no LoRA
+        adapter) is one C++ call."""
+        stack = self._decode_stack(kv_caches)
+        return stack is not None and stack.has_head
+
+    @torch.inference_mode()
+    def greedy_steps(self, ids, positions, slots, meta, kv_caches, steps: int) -> torch.Tensor:
+        """int64 [sequences, steps]: the tokens of `steps` greedy decode steps, each the
+        argmax of the logits `forward` gives for the one before (see DecodeStack)."""
+        return self._decode_stack(kv_caches).greedy_steps(ids, positions, slots, meta, steps)
+
     def _decode_stack(self, kv_caches: list[torch.Tensor]) -> DecodeStack | None:
         """Every layer's C++ decode layer as one call, built for these KV caches on first
         use (None when some layer has none)."""
