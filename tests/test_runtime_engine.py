@@ -149,6 +149,39 @@ def test_a_request_that_breaks_the_sampler_fails_alone(tiny_dir, monkeypatch):
     expect_hf(tiny_dir(), prompts, done)
 
 
+def test_a_request_that_breaks_steps_run_ahead_fails_alone(tiny_dir, monkeypatch):
+    """The same when several decode steps run in one call (--decode-steps, bf16: the C++
+    decode step): the step is run again request by request, each part still running ahead,
+    and the others get all their tokens."""
+    prompts = random_prompts(4, 3, 30, seed=5)
+    engine = Engine(tiny_dir(), EngineConfig(dtype="bfloat16", decode_steps=3))
+    runner = engine.executor.runner
+    real, ran = type(runner).greedy_steps, []
+
+    def breaks_on_bad(self, inputs, seqs):
+        ran.append(len(seqs))
+        if any(s.request_id == "bad" for s in seqs):
+            raise RuntimeError("steps broke")
+        return real(self, inputs, seqs)
+
+    monkeypatch.setattr(type(runner), "greedy_steps", breaks_on_bad)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt_token_ids=prompt, params=GREEDY)
+    engine.add_request("bad", prompt_token_ids=prompts[0], params=GREEDY)
+    done, errors = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error is not None:
+                errors[out.request_id] = out.error
+            elif out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert list(errors) == ["bad"] and "steps broke" in errors["bad"]
+    assert ran[:6] == [5, 1, 1, 1, 1, 1]  # the whole batch, then each request alone
+    assert sorted(done) == ["0", "1", "2", "3"]
+    assert all(len(tokens) == GREEDY.max_tokens for tokens in done.values())
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
+
+
 def test_seeds_and_top_k_past_their_ranges_sample(tiny_dir):
     engine = LLM(tiny_dir(), EngineConfig())
     params = SamplingParams(max_tokens=4, seed=2**64 - 1, n=2, top_k=10**20)

@@ -550,7 +550,7 @@ def _by_request(batch: Batch) -> list[Batch]:
     """`batch` cut into one batch per request (a request's n sequences stay together)."""
     parts: dict[str, Batch] = {}
     for seq, n, draft in zip(batch.seqs, batch.num_new_tokens, batch.drafts, strict=True):
-        part = parts.setdefault(seq.request_id, Batch())
+        part = parts.setdefault(seq.request_id, Batch(steps=batch.steps))
         part.add(seq, n, draft)
         if seq.seq_id in batch.draft_probs:
             part.draft_probs[seq.seq_id] = batch.draft_probs[seq.seq_id]
