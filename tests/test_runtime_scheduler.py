@@ -276,3 +276,23 @@ def test_decodes_run_ahead_only_when_every_one_fits_and_none_is_a_prompt():
     assert not tight.run_ahead(batch, 4)  # 8 tokens over a budget of 7
     batch.drafts[0] = [5]
     assert not sched.run_ahead(batch, 2)  # a draft is verified, not run ahead
+
+
+def test_a_one_token_chunk_of_a_prompt_does_not_run_ahead():
+    """A budget that leaves a prompt one token this step schedules it like a decode (one
+    token), but its next tokens are the prompt's, not the model's argmax."""
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=4, max_num_batched_tokens=5)
+    short, long = seq(3, max_tokens=20), seq(12, 100, max_tokens=20)
+    sched.add(short)
+    sched.add(long)
+    sched.update(sched.schedule())  # short's 3 prompt tokens, long's first 2
+    short.output_token_ids.append(7)
+    batch = sched.schedule()  # short decodes (1), long gets the 4 left of the budget
+    assert batch.num_new_tokens == [1, 4]
+    sched.update(batch)
+    short.output_token_ids.append(7)
+    sched.max_num_batched_tokens = 2
+    batch = sched.schedule()  # short decodes, long's prompt goes on by one token
+    assert batch.num_new_tokens == [1, 1] and long.num_uncomputed_tokens == 6
+    sched.max_num_batched_tokens = 64  # budget and blocks would allow the steps
+    assert not sched.run_ahead(batch, 4) and batch.steps == 1

@@ -97,10 +97,12 @@ class Scheduler:
     def run_ahead(self, batch: Batch, steps: int) -> bool:
         """Let a batch of decodes only run `steps` decode steps in one (Batch.steps) when the
         token budget and the free KV blocks allow it for every sequence without preempting
-        anyone."""
+        anyone. A decode is a sequence's last token, without a draft: not a one-token chunk
+        of a prompt that goes on."""
         bm, seqs = self.block_manager, batch.seqs
-        if any(n != 1 or d for n, d in zip(batch.num_new_tokens, batch.drafts, strict=True)):
-            return False
+        for seq, n, draft in zip(seqs, batch.num_new_tokens, batch.drafts, strict=True):
+            if n != 1 or draft or seq.num_uncomputed_tokens != 1:
+                return False
         if len(seqs) * steps > self.max_num_batched_tokens:
             return False
         needed = sum(bm.blocks_needed(seq, steps) for seq in seqs)
