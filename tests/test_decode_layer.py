@@ -33,6 +33,16 @@ CASES = {
 }
 
 
+def checkpoint(tiny_dir, tmp_path, case: str):
+    """The tiny checkpoint of `case`, quantized under tmp_path when it names a method."""
+    preset, method, options, _ = CASES[case]
+    if method is None:
+        return tiny_dir(preset)
+    calibration = CalibrationSpec(num_samples=8, seq_len=64)
+    quantize(tiny_dir(preset), tmp_path / case, method, options=options, calibration=calibration)
+    return tmp_path / case
+
+
 def outputs(path, fused: str, prompts, params):
     """(the layers' kernel kinds, every sequence's tokens and log probabilities); `fused`:
     "all" layers keep their C++ layer and the model its C++ head, "layers" (no head), "some"
@@ -55,12 +65,8 @@ def outputs(path, fused: str, prompts, params):
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path, monkeypatch, case):
-    preset, method, options, kinds = CASES[case]
-    path = tiny_dir(preset)
-    if method is not None:
-        calibration = CalibrationSpec(num_samples=8, seq_len=64)
-        quantize(path, tmp_path / case, method, options=options, calibration=calibration)
-        path = tmp_path / case
+    kinds = CASES[case][3]
+    path = checkpoint(tiny_dir, tmp_path, case)
     calls = []
     spied = [(DecodeLayer, "__call__"), (DecodeStack, "__call__"), (DecodeStack, "logits")]
     for cls, name in spied:
@@ -102,12 +108,7 @@ def test_greedy_steps_run_ahead_in_one_call_decode_what_single_steps_decode(
     stop string and at max_tokens that no step count divides. In a KV cache small enough
     that running ahead is refused and sequences are preempted, every request still gets
     its tokens and every block is free afterwards."""
-    preset, method, options, _ = CASES[case]
-    path = tiny_dir(preset)
-    if method is not None:
-        calibration = CalibrationSpec(num_samples=8, seq_len=64)
-        quantize(path, tmp_path / case, method, options=options, calibration=calibration)
-        path = tmp_path / case
+    path = checkpoint(tiny_dir, tmp_path, case)
     ran = []
     steps_call = DecodeStack.greedy_steps
     monkeypatch.setattr(

@@ -119,6 +119,19 @@ def test_rope_scaling_matches_transformers(tiny_dir, tmp_path, scaling):
     assert torch.allclose(runtime_logits(path, ids), expected, atol=1e-4)
 
 
+def run_to_end(engine: Engine) -> tuple[dict, dict]:
+    """Step `engine` until it is idle: each finished request's tokens and each failed
+    request's error, by request id."""
+    done, errors = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error is not None:
+                errors[out.request_id] = out.error
+            elif out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return done, errors
+
+
 def test_a_request_that_breaks_the_sampler_fails_alone(tiny_dir, monkeypatch):
     """One request whose sampling raises is failed with an error output; the others in its
     step go on to exactly the greedy tokens transformers gives."""
@@ -137,13 +150,8 @@ def test_a_request_that_breaks_the_sampler_fails_alone(tiny_dir, monkeypatch):
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt_token_ids=prompt, params=GREEDY)
     engine.add_request("bad", prompt_token_ids=prompts[0], params=poison)
-    done, errors = {}, {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.error is not None:
-                errors[out.request_id] = out.error
-            elif out.finished:
-                done[int(out.request_id)] = out.outputs[0].token_ids
+    done, errors = run_to_end(engine)
+    done = {int(request_id): tokens for request_id, tokens in done.items()}
     assert list(errors) == ["bad"] and "sampler broke" in errors["bad"]
     assert engine.block_manager.num_used_blocks == 0 and not engine.requests
     expect_hf(tiny_dir(), prompts, done)
@@ -168,13 +176,7 @@ def test_a_request_that_breaks_steps_run_ahead_fails_alone(tiny_dir, monkeypatch
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt_token_ids=prompt, params=GREEDY)
     engine.add_request("bad", prompt_token_ids=prompts[0], params=GREEDY)
-    done, errors = {}, {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.error is not None:
-                errors[out.request_id] = out.error
-            elif out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
+    done, errors = run_to_end(engine)
     assert list(errors) == ["bad"] and "steps broke" in errors["bad"]
     assert ran[:6] == [5, 1, 1, 1, 1, 1]  # the whole batch, then each request alone
     assert sorted(done) == ["0", "1", "2", "3"]
