@@ -140,6 +140,23 @@ def test_w8a8_kernel_equals_per_token_int8_with_exact_int32_sums(dtype):
         assert torch.equal(module(x), expected), rows
 
 
+@pytest.mark.parametrize("inputs", [8, 100, 172])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weights_of_any_input_count_run(inputs, dtype):
+    """Inputs llmkit's kernel does not take (not a multiple of 32) and torch's int8 kernel
+    gets wrong or crashes on (not a multiple of its vectors) run as the dequantized weight,
+    at a decode's rows and a prefill's."""
+    w = int8_weight(48, inputs, act_quant=False)
+    module = Int8Linear(w, None, dtype)
+    assert module.op is None
+    weight = w.q.double() * w.scale.double()[:, None]
+    for rows in (1, 5, 80):
+        x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        expected = x.double() @ weight.T
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(module(x).double(), expected, rtol=tolerance, atol=tolerance), rows
+
+
 def test_int8_weights_holding_minus_128_use_torch():
     w = int8_weight(16, 64, act_quant=False)
     w.q[3, 5] = -128

@@ -10,7 +10,8 @@ converted into the module that is fastest on the device:
   CPU, half-precision weights take llmkit's kernel for the few rows of a decode step,
   widened to float32 in registers; larger batches without native half-precision products
   are computed in float32 from weight blocks widened on the fly;
-- int8 weight-only (CPU): llmkit's kernel, else `torch._weight_int8pack_mm`;
+- int8 weight-only (CPU): llmkit's kernel, else `torch._weight_int8pack_mm` (inputs a
+  multiple of 32), else the dequantized weight;
 - W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel (exact int32 sums), else
   `torch._int_mm`;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel,
@@ -287,11 +288,14 @@ class Int8Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.op is not None and x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:
-            return linear_in_float32(x, self, self.bias)  # a prefill: compute-bound
-        if self.op is not None:
+        if self.op is not None and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]:
             return _plus(_on_rows(self.op, x, self.q, self.scale), self.bias)
-        return _plus(torch._weight_int8pack_mm(x, self.q, self.scale), self.bias)
+        if self.op is None and self.q.shape[1] % 32 == 0:
+            return _plus(torch._weight_int8pack_mm(x, self.q, self.scale), self.bias)
+        # a prefill (compute-bound); or inputs torch's kernel cannot take: it reads them in
+        # whole vectors, past the end of a row whose length is not a multiple of its width
+        # (wrong sums, or a crash)
+        return linear_in_float32(x, self, self.bias)
 
     def kernel_call(self) -> KernelCall | None:
         return None if self.op is None else KernelCall(Q8, [self.q, self.scale], self.bias)
