@@ -283,13 +283,12 @@ def prepare_steps(batch: Batch, block_size: int) -> StepInputs:
              for s, p in zip(seqs, starts, strict=True)]  # fmt: skip
     width = -(-(max(starts) + steps) // block_size)
     tables = [s.block_table[:width] + [0] * (width - len(s.block_table)) for s in seqs]
-    meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), len(seqs))
-    meta.decode_blocks = torch.tensor(tables, dtype=torch.long)  # padded with block 0
-    meta.decode_lens = torch.tensor([p + 1 for p in starts], dtype=torch.long)
-    ids = [s.tokens(p, p + 1)[0] for s, p in zip(seqs, starts, strict=True)]
-    rows = torch.arange(len(seqs))
     as_long = functools.partial(torch.tensor, dtype=torch.long)
-    return StepInputs(as_long(ids), as_long(starts), meta, rows, steps=steps)
+    meta = AttentionMetadata(as_long(slots), len(seqs))
+    meta.decode_blocks = as_long(tables)  # padded with block 0
+    meta.decode_lens = as_long([p + 1 for p in starts])
+    ids = [s.tokens(p, p + 1)[0] for s, p in zip(seqs, starts, strict=True)]
+    return StepInputs(as_long(ids), as_long(starts), meta, torch.arange(len(seqs)), steps=steps)
 
 
 def _lora_segments(seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int, int]]:
