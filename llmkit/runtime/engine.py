@@ -294,11 +294,9 @@ class Engine:
         wanted, context = 1, self.config.decode_steps
         for seq in batch.seqs:
             p = seq.params
-            if not p.greedy or p.logprobs is not None or seq.seq_id in self.guides.matchers:
+            if not p.greedy or p.penalized or p.logprobs is not None:
                 return
-            if seq.lora_id:  # the steps run the base model
-                return
-            if (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1, 0, 0):
+            if seq.lora_id or seq.seq_id in self.guides.matchers:  # an adapter, or a mask
                 return
             wanted = max(wanted, p.max_tokens - len(seq.output_token_ids))
             context = min(context, self.max_model_len - seq.num_tokens)

@@ -222,11 +222,7 @@ _BARRED = torch.tensor(-BARRED)
 def _apply_penalties(logits, params: list[SamplingParams], histories) -> torch.Tensor:
     """Repetition (prompt and output tokens, as in transformers/vLLM), frequency and
     presence (output tokens, as in the OpenAI API) penalties."""
-    rows = [
-        i
-        for i, p in enumerate(params)
-        if p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
-    ]
+    rows = [i for i, p in enumerate(params) if p.penalized]
     if not rows:
         return logits
     logits = logits.clone()
