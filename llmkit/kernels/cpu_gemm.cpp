@@ -408,6 +408,10 @@ inline void q4_rows(T* out, int64_t n, const Q4& w, int64_t tile, const Blocks& 
   if constexpr (MT > 1) q4_rows<MT / 2>(out, n, w, tile, x, xs, m0, rows);
 }
 
+// Activation rows one pass over a weight multiplies (a prefill makes several passes): their
+// int8 blocks stay in the core's L2 while the weight streams past them once.
+constexpr int64_t kPassRows = 128;
+
 at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Tensor zeros,
                      int64_t group_size) {
   TORCH_CHECK(packed.dim() == 2 && packed.size(1) % (4 * kBlock) == 0,
@@ -432,10 +436,13 @@ at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Ten
   by_dtype(out, [&](auto tag) {
     using T = decltype(tag);
     T* o = out.data_ptr<T>();
-    at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile)
-        q4_rows<kTile>(o, n, w, tile, xq, xs.data(), 0, x.size(0));
-    });
+    for (int64_t m0 = 0; m0 < x.size(0); m0 += kPassRows) {
+      const int64_t m1 = std::min(x.size(0), m0 + kPassRows);
+      at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t tile = begin; tile < end; ++tile)
+          q4_rows<kTile>(o, n, w, tile, xq, xs.data(), m0, m1);
+      });
+    }
   });
   return out;
 }

@@ -14,8 +14,8 @@ converted into the module that is fastest on the device:
   multiple of 32), else the dequantized weight;
 - W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel (exact int32 sums), else
   `torch._int_mm`;
-- 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel,
-  else `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer) the
+- 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel
+  for every batch, prefills included (it passes over a weight once per 128 rows), else `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer) the
   tinygemm kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so
   groups become contiguous.
 
@@ -389,7 +389,9 @@ class Q4Linear(nn.Module):
     """4-bit grouped weights through llmkit's CPU kernel (kernels/cpu_gemm.cpp q4_linear), in
     tiles of 8 output rows: packed [tiles, 4 x in] (each block of 32 inputs of a tile's rows
     128 bytes), fp16 scales and uint8 zeros [tiles, groups, 8]. Outputs past a multiple of 8
-    are padded with zero rows and cut off after the kernel."""
+    are padded with zero rows and cut off after the kernel. Decode steps and prefills alike:
+    its int8 dot products run a prefill several times faster than float32 products of the
+    dequantized weight (benchmarks/cpu_decode.py measures both against llama.cpp)."""
 
     def __init__(self, packed, scales, zeros, group_size: int, out_features: int, perm, bias, op):
         super().__init__()
@@ -430,8 +432,6 @@ class Q4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[..., self.perm]
-        if x.numel() > KERNEL_MAX_ROWS * x.shape[-1]:  # a prefill: compute-bound
-            return linear_in_float32(x, self, self.bias)
         y = _on_rows(self.op, x, self.packed, self.scales, self.zeros, self.group_size)
         if y.shape[-1] != self.out_features:
             y = y[..., : self.out_features]
@@ -442,27 +442,6 @@ class Q4Linear(nn.Module):
             return None
         weights = [self.packed, self.scales, self.zeros]
         return KernelCall(Q4, weights, self.bias, self.group_size)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.packed.shape[1] // 4
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        """Output rows `rows` of the weight, dequantized to float32 (the fp16 scales as
-        stored): what `linear_in_float32` multiplies a block at a time."""
-        start, stop, _ = rows.indices(self.out_features)
-        first, end = start // TILE_ROWS, -(-stop // TILE_ROWS)
-        tiles = self.packed[first:end].reshape(end - first, -1, 4, TILE_ROWS, 4)  # t b j r i
-        q = torch.stack([tiles & 15, tiles >> 4], dim=2)  # t b h j r i: input 16 h + 4 j + i
-        q = q.permute(0, 4, 1, 2, 3, 5).reshape((end - first) * TILE_ROWS, -1)
-        scales, zeros = (
-            t[first:end].transpose(1, 2).reshape(q.shape[0], -1).float()
-            for t in (self.scales, self.zeros)
-        )
-        size = self.group_size
-        weight = (q.float() - zeros.repeat_interleave(size, 1)) * scales.repeat_interleave(size, 1)
-        offset = first * TILE_ROWS
-        return weight[start - offset : stop - offset]
 
 
 TILE_ROWS = 8  # output rows the 4-bit CPU kernel interleaves
