@@ -115,11 +115,12 @@ def int8_weight(out: int, inp: int, act_quant: bool, seed: int = 0) -> Int8Weigh
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_q8_kernel_is_the_dequantized_product_of_block_quantized_inputs(dtype):
+    """37 outputs: four tiles of 8 and one padded; 130 rows: two passes over the weight."""
     w = int8_weight(37, 160, act_quant=False)
     module = Int8Linear(w, None, dtype)
     assert module.op is not None
     weight = w.q.double() * w.scale.double()[:, None]
-    for rows in ROWS:
+    for rows in [*ROWS, 130]:
         x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)).to(dtype)
         got = module(x)
         assert got.dtype == dtype and close(got, blocks_of_32(x) @ weight.T, dtype), rows
@@ -128,9 +129,11 @@ def test_q8_kernel_is_the_dequantized_product_of_block_quantized_inputs(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_kernel_equals_per_token_int8_with_exact_int32_sums(dtype):
     w = int8_weight(37, 160, act_quant=True)
+    w.q[:, 0] = 127  # the extremes, against which the kernel's int32 sums could go wrong
+    w.q[:, 1] = -127
     module = W8A8Linear(w, None, dtype, CPU)
     assert module.op is not None
-    for rows in ROWS:
+    for rows in [*ROWS, 130]:
         x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)).to(dtype)
         x[-1, :7] = 0
         if rows == 9:
@@ -180,20 +183,6 @@ def test_half_kernel_is_the_float_product_of_the_half_weights(weight_dtype, dtyp
         x = torch.randn(rows, 200, generator=g).to(dtype)
         got = module(x)
         assert got.dtype == dtype and close(got, x.double() @ weight.double().T, dtype), rows
-
-
-def test_prefill_sized_int8_inputs_take_the_dequantized_weights_unrounded():
-    """Past KERNEL_MAX_ROWS rows the int8 weight-only products are compute-bound: the
-    weights are dequantized a block at a time and multiplied in float32, the activations as
-    they are."""
-    import llmkit.runtime.layers.linear as linear
-
-    rows = linear.KERNEL_MAX_ROWS + 3
-    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(5))
-    w8 = int8_weight(37, 256, act_quant=False)
-    q8 = Int8Linear(w8, None, torch.float32)
-    weight8 = w8.q.double() * w8.scale.double()[:, None]
-    assert close(q8(x), x.double() @ weight8.T, torch.float32)
 
 
 @pytest.mark.skipif(not pair_products_here(), reason="this CPU has no AVX512-BF16 pair products")

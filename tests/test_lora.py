@@ -224,10 +224,12 @@ def test_adapters_load_and_unload_under_load(server, adapters, tmp_path):
 def test_an_adapter_on_a_quantized_base_scores_as_peft_on_its_dequantized_weights(
     cli, tiny_dir, adapters, tmp_path, method
 ):
-    """A prompt longer than KERNEL_MAX_ROWS: the int8 Linears run as exact float32 products
-    of their dequantized weights; the 4-bit ones through llmkit's kernel, which sees its
-    inputs in int8 blocks of 32, so the reference's 4-bit base layers see theirs so too (the
-    adapter's product takes the inputs as they are, in both)."""
+    """A prompt longer than KERNEL_MAX_ROWS (a prefill) on a quantized base: its Linears run
+    through llmkit's kernels, which see their inputs in int8 blocks of 32, so the reference's
+    quantized base layers see theirs so too (the adapter's product takes the inputs as they
+    are, in both). The two computations' float32 activations differ by ~1e-7, which now and
+    then rounds one activation to the next int8 step on one side only: the logprobs from that
+    position on move by up to ~1e-2, where the adapter moves them by up to ~0.4."""
     from llmkit.checkpoint.reader import open_checkpoint
     from llmkit.quant.formats.loader import dequantized_state
     from llmkit.runtime.layers.linear import KERNEL_MAX_ROWS
@@ -242,10 +244,9 @@ def test_an_adapter_on_a_quantized_base_scores_as_peft_on_its_dequantized_weight
     prompt = (PROMPT * 5)[: KERNEL_MAX_ROWS + 16]
     base = _reference_logprobs(reference, prompt)
     peft_model = peft.PeftModel.from_pretrained(reference, adapters["a"][0])
-    if method[0] == "rtn":
-        for name, module in peft_model.named_modules():
-            if name.endswith(tuple(f"{proj}.base_layer" for proj in ALL)):
-                module.register_forward_pre_hook(_in_int8_blocks_of_32(blocks_of_32))
+    for name, module in peft_model.named_modules():
+        if name.endswith(tuple(f"{proj}.base_layer" for proj in ALL)):
+            module.register_forward_pre_hook(_in_int8_blocks_of_32(blocks_of_32))
     ref = _reference_logprobs(peft_model.eval(), prompt)
     llm = LLM(quantized, EngineConfig(max_loras=1, dtype="float32"))
     try:
@@ -255,8 +256,8 @@ def test_an_adapter_on_a_quantized_base_scores_as_peft_on_its_dequantized_weight
     finally:
         llm.close()
     for pos, (entry, token) in enumerate(zip(out, prompt[1:], strict=True)):
-        assert entry["logprob"] == pytest.approx(ref[pos, token].item(), abs=2e-4)
-    assert max(abs(ref[i, t] - base[i, t]).item() for i, t in enumerate(prompt[1:])) > 0.05
+        assert entry["logprob"] == pytest.approx(ref[pos, token].item(), abs=2e-2)
+    assert max(abs(ref[i, t] - base[i, t]).item() for i, t in enumerate(prompt[1:])) > 0.2
 
 
 def _in_int8_blocks_of_32(blocks_of_32):

@@ -7,24 +7,29 @@
 //   [N / 8, 4 K], each 128 bytes one block of 32 inputs of the tile's rows, byte 32 j + 4 r + i
 //   holding input 4 j + i of row r in its low nibble and input 16 + 4 j + i in its high one;
 //   scales fp16 and zeros uint8 [N / 8, K / group_size, 8].
-// - q8_linear: int8 weights [N, K] with one float scale per output.
+// - q8_linear: int8 weights with one float scale per output, in tiles of 8 output rows as
+//   well: packed int8 [N / 8, 8 K], each 256 bytes one block of 32 inputs of the tile's rows,
+//   byte 32 c + 4 r + i holding input 4 c + i of row r.
 //
 // Both take the activations as int8 in blocks of 32 with one float scale each (x / scale
 // rounded to nearest, scale = max|x| / 127), so a block's 32 products are one integer dot
 // product (maddubs, or VNNI's vpdpbusd where the CPU has it: the same exact sums); the
 // weights' scales and zeros are applied per block and group in float.
 //
-// - w8a8_linear: int8 weights against int8 activations with one scale per row (max|x| / 127,
-//   x / scale rounded half to even, as quant/int8.quantize_per_token), summed in int32 over
-//   the whole row: exact, so it gives float(acc) * x_scale * scale as torch._int_mm does.
+// - w8a8_linear: int8 weights in q8_linear's tiles against int8 activations with one scale per
+//   row (max|x| / 127, x / scale rounded half to even, as quant/int8.quantize_per_token),
+//   summed in int32 over the whole row: exact, so it gives float(acc) * x_scale * scale as
+//   torch._int_mm does.
 // - half_linear: bf16 or fp16 weights [N, K] widened to float32 in registers, float32 sums.
 // - pairs_linear (built where the CPU has AVX512-BF16): bf16 weights repacked at load as
 //   [N / 64, K / 2, 64, 2] against bf16 activations, in the CPU's bf16 pair products
 //   (exact products, float32 sums).
 //
-// Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows are split
-// over the threads; every weight block is unpacked once and used for up to 8 activation rows
-// (half_linear, from kBlockedMinRows rows on: register blocks of 3 outputs x 4 rows).
+// Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows (tiles) are
+// split over the threads; every weight block is unpacked once and used for up to 8 activation
+// rows (half_linear, from kBlockedMinRows rows on: register blocks of 3 outputs x 4 rows). In
+// the tiled layouts one broadcast activation chunk serves the tile's 8 outputs, so prefills
+// take the same kernels, a pass of kPassRows rows at a time.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -75,11 +80,12 @@ at::Tensor as_float(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
 }
 
-// x [M, K] in int8 blocks of 32: q [M, K]; per block [M, K/32] its scale d and the sum of
-// its values as quantized, d * sum(q).
+// x [M, K] in int8 blocks of 32: q [M, K]; per block [M, K/32] its scale d, the sum of its
+// values as quantized, d * sum(q), and sum(q) itself, total.
 struct Blocks {
   std::vector<int8_t> q;
   std::vector<float> d, sum;
+  std::vector<int32_t> total;
   int64_t rows = 0, cols = 0;
 };
 
@@ -97,7 +103,7 @@ inline int32_t hsum(__m256i v) {
 // quantize_block's values in vectors: the same maximum, products and rounding (to nearest
 // even, as nearbyint in the default mode), so the same bytes, scale and sum.
 template <typename T>
-void quantize_block8(const T* x, int8_t* q, float* d, float* sum) {
+void quantize_block8(const T* x, int8_t* q, float* d, float* sum, int32_t* sum_q) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4], top = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
@@ -123,14 +129,15 @@ void quantize_block8(const T* x, int8_t* q, float* d, float* sum) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
                       _mm256_permutevar8x32_epi32(packed, order));
   *d = amax / 127.f;
-  *sum = *d * float(hsum(total));
+  *sum_q = hsum(total);
+  *sum = *d * float(*sum_q);
 }
 #endif
 
 template <typename T>
-void quantize_block(const T* x, int8_t* q, float* d, float* sum) {
+void quantize_block(const T* x, int8_t* q, float* d, float* sum, int32_t* sum_q) {
 #ifdef LLMKIT_AVX2
-  quantize_block8(x, q, d, sum);
+  quantize_block8(x, q, d, sum, sum_q);
 #else
   float v[kBlock], amax = 0.f;
   for (int64_t i = 0; i < kBlock; ++i) {
@@ -144,6 +151,7 @@ void quantize_block(const T* x, int8_t* q, float* d, float* sum) {
     total += q[i];
   }
   *d = amax / 127.f;
+  *sum_q = total;
   *sum = *d * float(total);
 #endif
 }
@@ -160,11 +168,12 @@ const Blocks& quantize_blocks(const at::Tensor& x) {
   b.q.resize(b.rows * b.cols);
   b.d.resize(blocks);
   b.sum.resize(blocks);
+  b.total.resize(blocks);
   const at::Tensor xc = x.contiguous();
   auto run = [&](const auto* p) {
     at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        quantize_block(p + i * kBlock, &b.q[i * kBlock], &b.d[i], &b.sum[i]);
+        quantize_block(p + i * kBlock, &b.q[i * kBlock], &b.d[i], &b.sum[i], &b.total[i]);
     });
   };
   if (xc.scalar_type() == at::kFloat) {
@@ -394,23 +403,38 @@ void check_activations(const at::Tensor& x, int64_t k, const char* op) {
               ": x must be float32 or bfloat16");
 }
 
-// Tile `tile` against activation rows [m0, rows) in groups of MT rows, then of fewer.
-template <int MT, typename T>
-inline void q4_rows(T* out, int64_t n, const Q4& w, int64_t tile, const Blocks& x,
-                    const float* xs, int64_t m0, int64_t rows) {
+// Tile `tile`'s 8 outputs against activation rows [m0, rows) in groups of MT rows, then of
+// fewer: fn(std::integral_constant<int, MT>, tile, m0, res) fills res[t * 8 + r] with output
+// 8 * tile + r of row m0 + t.
+template <int MT, typename T, typename Fn>
+inline void tile_rows(T* out, int64_t n, int64_t tile, int64_t m0, int64_t rows, Fn& fn) {
   float res[MT * kTileRows];
   for (; m0 + MT <= rows; m0 += MT) {
-    q4_tile<MT>(w, tile, x, xs, m0, res);
+    fn(std::integral_constant<int, MT>(), tile, m0, res);
     for (int t = 0; t < MT; ++t)
       for (int64_t r = 0; r < kTileRows; ++r)
         put(out, n, m0 + t, tile * kTileRows + r, res[t * kTileRows + r]);
   }
-  if constexpr (MT > 1) q4_rows<MT / 2>(out, n, w, tile, x, xs, m0, rows);
+  if constexpr (MT > 1) tile_rows<MT / 2>(out, n, tile, m0, rows, fn);
 }
 
 // Activation rows one pass over a weight multiplies (a prefill makes several passes): their
 // int8 blocks stay in the core's L2 while the weight streams past them once.
 constexpr int64_t kPassRows = 128;
+
+// Every tile of a weight in tiles of 8 outputs against every row of out [rows, tiles * 8],
+// as tile_rows computes them, the tiles shared among the threads.
+template <typename T, typename Fn>
+void each_tile(const at::Tensor& out, Fn fn) {
+  const int64_t rows = out.size(0), n = out.size(1);
+  T* o = out.data_ptr<T>();
+  for (int64_t m0 = 0; m0 < rows; m0 += kPassRows) {
+    const int64_t m1 = std::min(rows, m0 + kPassRows);
+    at::parallel_for(0, n / kTileRows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) tile_rows<kTile>(o, n, tile, m0, m1, fn);
+    });
+  }
+}
 
 at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Tensor zeros,
                      int64_t group_size) {
@@ -434,134 +458,202 @@ at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Ten
   const std::vector<float>& xs = group_sums(xq, w.blocks_per_group);
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   by_dtype(out, [&](auto tag) {
-    using T = decltype(tag);
-    T* o = out.data_ptr<T>();
-    for (int64_t m0 = 0; m0 < x.size(0); m0 += kPassRows) {
-      const int64_t m1 = std::min(x.size(0), m0 + kPassRows);
-      at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-        for (int64_t tile = begin; tile < end; ++tile)
-          q4_rows<kTile>(o, n, w, tile, xq, xs.data(), m0, m1);
-      });
-    }
+    each_tile<decltype(tag)>(out, [&](auto mt, int64_t tile, int64_t m0, float* res) {
+      q4_tile<decltype(mt)::value>(w, tile, xq, xs.data(), m0, res);
+    });
   });
   return out;
 }
 
 // ---------------------------------------------------------------------------------------
-// int8 weights
+// int8 weights, in tiles of 8 output rows
 
-// Output row o against activation rows [m0, m0 + MT) in blocks of 32 (weight-only int8).
-template <int MT>
-inline void q8_row(const int8_t* w, float scale, int64_t k, const Blocks& x, int64_t m0,
-                   float* res) {
-  const int64_t per_row = k / kBlock;
+constexpr int64_t kI8TileBlock = kTileRows * kBlock;  // bytes of one block of 32 inputs of a tile
+
 #ifdef LLMKIT_AVX2
-  auto step = [&](int64_t b, __m256* acc) {
-    if (b % 2 == 0) prefetch(w + b * kBlock + kAhead);
-    const __m256i wv = load32(w + b * kBlock);
-    for (int t = 0; t < MT; ++t) {
-      const int64_t row = (m0 + t) * per_row + b;
-      const __m256 p = _mm256_cvtepi32_ps(dot_s8s8(wv, load32(&x.q[row * kBlock])));
-      acc[t] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&x.d[row]), acc[t]);
-    }
-  };
-  over_blocks<MT>(per_row, step, res);
-  for (int t = 0; t < MT; ++t) res[t] *= scale;
-#else
+
+// Tile block p's 8 x 32 int8 weights against activation rows [m0, m0 + MT) of q ([rows, k],
+// int8), inputs [i, i + 32): dot[t]'s lane r = the int32 dot product of row m0 + t with
+// output row r. With VNNI the weights' bytes go in as unsigned, w + 128 (the sign bit
+// flipped), and the caller takes 128 x the block's activation sum back off; without it,
+// each product is |x| times w with x's sign (maddubs' pair sums stay below 2^15).
+template <int MT>
+inline void i8_block(const int8_t* p, const int8_t* q, int64_t k, int64_t m0, int64_t i,
+                     __m256i* dot) {
+  __m256i wv[8];  // chunk c: inputs 4c..4c+3, one 32-bit lane per output row
+  prefetch(p + kAhead);
+  prefetch(p + kAhead + 64);
+  prefetch(p + kAhead + 128);
+  prefetch(p + kAhead + 192);
+#ifdef LLMKIT_VNNI
+  const __m256i flip = _mm256_set1_epi8(-128);
+  for (int c = 0; c < 8; ++c) wv[c] = _mm256_xor_si256(load32(p + 32 * c), flip);
   for (int t = 0; t < MT; ++t) {
-    float acc = 0.f;
-    for (int64_t b = 0; b < per_row; ++b) {
-      const int64_t row = (m0 + t) * per_row + b;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kBlock; ++i) sum += w[b * kBlock + i] * x.q[row * kBlock + i];
-      acc += float(sum) * x.d[row];
+    const int8_t* x = q + (m0 + t) * k + i;
+    __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c += 2) {
+      even = _mm256_dpbusd_epi32(even, wv[c], chunk(x, c));
+      odd = _mm256_dpbusd_epi32(odd, wv[c + 1], chunk(x, c + 1));
     }
-    res[t] = scale * acc;
+    dot[t] = _mm256_add_epi32(even, odd);
+  }
+#else
+  for (int c = 0; c < 8; ++c) wv[c] = load32(p + 32 * c);
+  for (int t = 0; t < MT; ++t) {
+    const int8_t* x = q + (m0 + t) * k + i;
+    __m256i sum = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) sum = _mm256_add_epi32(sum, dot_s8s8(wv[c], chunk(x, c)));
+    dot[t] = sum;
   }
 #endif
 }
 
-void check_int8_weight(const at::Tensor& q, const at::Tensor& scale, const char* op) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), op,
-              ": q must be contiguous int8 [out, in]");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.numel() == q.size(0),
-              op, ": scale must be float32 [out]");
-  TORCH_CHECK(q.size(1) % kBlock == 0, op, ": inputs must be a multiple of 32");
+// What i8_block's dot products need taken off for the activations' sum `total` (VNNI only).
+inline __m256i unflipped(__m256i dot, int32_t total) {
+#ifdef LLMKIT_VNNI
+  return _mm256_sub_epi32(dot, _mm256_set1_epi32(128 * total));
+#else
+  return dot;
+#endif
 }
 
-at::Tensor q8_linear(at::Tensor x, at::Tensor q, at::Tensor scale) {
-  check_int8_weight(q, scale, "q8_linear");
-  const int64_t n = q.size(0), k = q.size(1);
+#endif
+
+// One 8-output tile against activation rows [m0, m0 + MT) in blocks of 32 (weight-only
+// int8): res[t * 8 + r] = scale[r] * the sum over blocks of block scale x integer dot.
+template <int MT>
+inline void q8_tile(const int8_t* p, const float* scale, int64_t k, const Blocks& x, int64_t m0,
+                    float* res) {
+  const int64_t per_row = k / kBlock;
+#ifdef LLMKIT_AVX2
+  __m256 acc[MT];
+  __m256i dot[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < per_row; ++b) {
+    i8_block<MT>(p + b * kI8TileBlock, x.q.data(), k, m0, b * kBlock, dot);
+    for (int t = 0; t < MT; ++t) {
+      const int64_t row = (m0 + t) * per_row + b;
+      const __m256 d = _mm256_cvtepi32_ps(unflipped(dot[t], x.total[row]));
+      acc[t] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(&x.d[row]), acc[t]);
+    }
+  }
+  const __m256 sv = _mm256_loadu_ps(scale);
+  for (int t = 0; t < MT; ++t) _mm256_storeu_ps(res + t * kTileRows, _mm256_mul_ps(acc[t], sv));
+#else
+  for (int t = 0; t < MT; ++t)
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < per_row; ++b) {
+        const int64_t row = (m0 + t) * per_row + b;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < kBlock; ++i)
+          sum += p[b * kI8TileBlock + 32 * (i / 4) + 4 * r + i % 4] * x.q[row * kBlock + i];
+        acc += float(sum) * x.d[row];
+      }
+      res[t * kTileRows + r] = scale[r] * acc;
+    }
+#endif
+}
+
+void check_int8_weight(const at::Tensor& packed, const at::Tensor& scale, const char* op) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kChar && packed.is_contiguous() &&
+                  packed.size(1) % (kTileRows * kBlock) == 0,
+              op, ": packed must be contiguous int8 [tiles of 8 outputs, 8 x inputs], the "
+              "inputs a multiple of 32");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == packed.size(0) * kTileRows,
+              op, ": scale must be float32 [outputs]");
+}
+
+at::Tensor q8_linear(at::Tensor x, at::Tensor packed, at::Tensor scale) {
+  check_int8_weight(packed, scale, "q8_linear");
+  const int64_t n = scale.numel(), k = packed.size(1) / kTileRows;
   check_activations(x, k, "q8_linear");
   const Blocks& xq = quantize_blocks(x);
-  const int8_t* w = q.data_ptr<int8_t>();
+  const int8_t* w = packed.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   by_dtype(out, [&](auto tag) {
-    each_output<decltype(tag)>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
-      q8_row<decltype(mt)::value>(w + o * k, s[o], k, xq, m0, res);
+    each_tile<decltype(tag)>(out, [&](auto mt, int64_t tile, int64_t m0, float* res) {
+      q8_tile<decltype(mt)::value>(w + tile * kTileRows * k, s + tile * kTileRows, k, xq, m0,
+                                   res);
     });
   });
   return out;
 }
 
 // Rows of x as int8 with one scale per row: scale = max|x| / 127 (1 for a zero row),
-// q = x / scale rounded half to even, as quant/int8.quantize_per_token.
-void quantize_rows(const at::Tensor& x32, std::vector<int8_t>& q, std::vector<float>& d) {
+// q = x / scale rounded half to even, as quant/int8.quantize_per_token; total: each row's sum.
+void quantize_rows(const at::Tensor& x32, std::vector<int8_t>& q, std::vector<float>& d,
+                   std::vector<int32_t>& total) {
   const int64_t rows = x32.size(0), k = x32.size(1);
   const float* x = x32.data_ptr<float>();
   q.resize(rows * k);
   d.resize(rows);
+  total.resize(rows);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* row = x + m * k;
       float amax = 0.f;
       for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
       const float scale = amax > 0.f ? amax / 127.f : 1.f;
-      for (int64_t i = 0; i < k; ++i)
+      int32_t sum = 0;
+      for (int64_t i = 0; i < k; ++i) {
         q[m * k + i] = static_cast<int8_t>(
             std::min(std::max(std::nearbyint(row[i] / scale), -128.f), 127.f));
+        sum += q[m * k + i];
+      }
       d[m] = scale;
+      total[m] = sum;
     }
   });
 }
 
+// One 8-output tile against per-row int8 activation rows [m0, m0 + MT): the int32 sums over
+// the whole row, then float(sum) * x_scale * scale.
 template <int MT>
-inline void w8a8_row(const int8_t* w, float scale, int64_t k, const int8_t* xq, const float* xd,
-                     int64_t m0, float* res) {
-  int32_t sums[MT];
+inline void w8a8_tile(const int8_t* p, const float* scale, int64_t k, const int8_t* xq,
+                      const float* xd, const int32_t* total, int64_t m0, float* res) {
 #ifdef LLMKIT_AVX2
-  __m256i acc[MT];
+  __m256i acc[MT], dot[MT];
   for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
-  for (int64_t i = 0; i < k; i += kBlock) {
-    const __m256i wv = load32(w + i);
-    for (int t = 0; t < MT; ++t)
-      acc[t] = _mm256_add_epi32(acc[t], dot_s8s8(wv, load32(xq + (m0 + t) * k + i)));
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    i8_block<MT>(p + b * kI8TileBlock, xq, k, m0, b * kBlock, dot);
+    for (int t = 0; t < MT; ++t) acc[t] = _mm256_add_epi32(acc[t], dot[t]);
   }
-  for (int t = 0; t < MT; ++t) sums[t] = hsum(acc[t]);
-#else
+  const __m256 sv = _mm256_loadu_ps(scale);
   for (int t = 0; t < MT; ++t) {
-    sums[t] = 0;
-    for (int64_t i = 0; i < k; ++i) sums[t] += w[i] * xq[(m0 + t) * k + i];
+    const __m256 sum = _mm256_cvtepi32_ps(unflipped(acc[t], total[m0 + t]));
+    _mm256_storeu_ps(res + t * kTileRows,
+                     _mm256_mul_ps(_mm256_mul_ps(sum, _mm256_set1_ps(xd[m0 + t])), sv));
   }
+#else
+  for (int t = 0; t < MT; ++t)
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      int32_t sum = 0;
+      for (int64_t i = 0; i < k; ++i)
+        sum += p[i / kBlock * kI8TileBlock + 32 * (i % kBlock / 4) + 4 * r + i % 4] *
+               xq[(m0 + t) * k + i];
+      res[t * kTileRows + r] = float(sum) * xd[m0 + t] * scale[r];
+    }
 #endif
-  for (int t = 0; t < MT; ++t) res[t] = float(sums[t]) * xd[m0 + t] * scale;
 }
 
-at::Tensor w8a8_linear(at::Tensor x, at::Tensor q, at::Tensor scale) {
-  check_int8_weight(q, scale, "w8a8_linear");
-  const int64_t n = q.size(0), k = q.size(1);
+at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scale) {
+  check_int8_weight(packed, scale, "w8a8_linear");
+  const int64_t n = scale.numel(), k = packed.size(1) / kTileRows;
   check_activations(x, k, "w8a8_linear");
   std::vector<int8_t> xq;
   std::vector<float> xd;
-  quantize_rows(as_float(x), xq, xd);
-  const int8_t* w = q.data_ptr<int8_t>();
+  std::vector<int32_t> total;
+  quantize_rows(as_float(x), xq, xd, total);
+  const int8_t* w = packed.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   by_dtype(out, [&](auto tag) {
-    each_output<decltype(tag)>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
-      w8a8_row<decltype(mt)::value>(w + o * k, s[o], k, xq.data(), xd.data(), m0, res);
+    each_tile<decltype(tag)>(out, [&](auto mt, int64_t tile, int64_t m0, float* res) {
+      w8a8_tile<decltype(mt)::value>(w + tile * kTileRows * k, s + tile * kTileRows, k,
+                                     xq.data(), xd.data(), total.data(), m0, res);
     });
   });
   return out;
@@ -838,8 +930,8 @@ at::Tensor huge_page_copy(at::Tensor t) {
 
 TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
   m.def("q4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size) -> Tensor");
-  m.def("q8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("w8a8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+  m.def("w8a8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
   m.impl("q4_linear", c10::DispatchKey::CPU, q4_linear);
   m.impl("q8_linear", c10::DispatchKey::CPU, q8_linear);

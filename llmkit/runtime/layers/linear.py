@@ -10,10 +10,10 @@ converted into the module that is fastest on the device:
   CPU, half-precision weights take llmkit's kernel for the few rows of a decode step,
   widened to float32 in registers; larger batches without native half-precision products
   are computed in float32 from weight blocks widened on the fly;
-- int8 weight-only (CPU): llmkit's kernel, else `torch._weight_int8pack_mm` (inputs a
-  multiple of 32), else the dequantized weight;
-- W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel (exact int32 sums), else
-  `torch._int_mm`;
+- int8 weight-only (CPU): llmkit's kernel for every batch, else
+  `torch._weight_int8pack_mm` (inputs a multiple of 32), else the dequantized weight;
+- W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel for every batch (exact
+  int32 sums), else `torch._int_mm`;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel
   for every batch, prefills included (it passes over a weight once per 128 rows), else `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer) the
   tinygemm kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so
@@ -201,8 +201,10 @@ class KernelCall:
         return self.weights if self.bias is None else [*self.weights, self.bias]
 
 
-# Rows of activations llmkit's CPU kernels take. More rows than this (prefill chunks) are
-# multiplied by torch's float32 products, the weights widened or dequantized a block at a time.
+# Rows of activations llmkit's half-precision kernel takes (and a decode step the one-call
+# decode stack runs). More rows than this (prefill chunks) are multiplied by torch's products,
+# the weights widened a block at a time where the CPU has no native bf16 ones; the int8 and
+# 4-bit kernels take every batch.
 KERNEL_MAX_ROWS = 64
 WIDEN_MIN_ROWS = 8  # without the kernel: up to this many rows the half product is as fast
 WIDEN_BLOCK = 2**20  # weight elements widened at a time: 4 MiB of float32 stay in cache
@@ -278,53 +280,66 @@ def _int8_op(name: str, q: torch.Tensor, device: torch.device, dtype: torch.dtyp
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 on the CPU: llmkit's kernel, else torch's int8 x float product."""
+    """Weight-only int8 on the CPU: llmkit's kernel for every batch (q8_linear, the weight in
+    tiles of 8 outputs, see _i8_tiles), else torch's int8 x float product."""
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.op = _int8_op("q8_linear", weight.q, weight.q.device, dtype)
-        self.register_buffer("q", _streamed(weight.q) if self.op else weight.q.contiguous())
-        self.register_buffer("scale", weight.scale.to(torch.float32 if self.op else dtype))
+        self.out_features = weight.q.shape[0]
+        if self.op is not None:
+            self.register_buffer("q", _streamed(_i8_tiles(weight.q)))
+            self.register_buffer("scale", _pad_rows(weight.scale.float()))
+        else:  # [out, in], as torch's product and linear_in_float32 read it
+            self.register_buffer("q", weight.q.contiguous())
+            self.register_buffer("scale", weight.scale.to(dtype))
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.op is not None and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]:
-            return _plus(_on_rows(self.op, x, self.q, self.scale), self.bias)
-        if self.op is None and self.q.shape[1] % 32 == 0:
+        if self.op is not None:
+            return _plus(_tile_outputs(self, _on_rows(self.op, x, self.q, self.scale)), self.bias)
+        if self.q.shape[1] % 32 == 0:
             return _plus(torch._weight_int8pack_mm(x, self.q, self.scale), self.bias)
-        # a prefill (compute-bound); or inputs torch's kernel cannot take: it reads them in
-        # whole vectors, past the end of a row whose length is not a multiple of its width
-        # (wrong sums, or a crash)
+        # inputs torch's kernel cannot take: it reads them in whole vectors, past the end of
+        # a row whose length is not a multiple of its width (wrong sums, or a crash)
         return linear_in_float32(x, self, self.bias)
 
     def kernel_call(self) -> KernelCall | None:
-        return None if self.op is None else KernelCall(Q8, [self.q, self.scale], self.bias)
+        if self.op is None or self.out_features % TILE_ROWS:
+            return None
+        return KernelCall(Q8, [self.q, self.scale], self.bias)
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The weight's shape (torch's layout only, as linear_in_float32 reads it)."""
         return tuple(self.q.shape)
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        """Output rows `rows` of the weight, dequantized to float32."""
+        """Output rows `rows` of the weight, dequantized to float32 (torch's layout only)."""
         return self.q[rows].float() * self.scale[rows, None]
 
 
 class W8A8Linear(nn.Module):
-    """int8 x int8 -> int32 with per-token input scales and per-channel weight scales."""
+    """int8 x int8 -> int32 with per-token input scales and per-channel weight scales: on CPU
+    llmkit's kernel for every batch (w8a8_linear, the weight in q8_linear's tiles), else
+    torch._int_mm."""
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, device):
         super().__init__()
         self.op = _int8_op("w8a8_linear", weight.q, device, dtype)
-        # [out, in] for llmkit's kernel, [in, out] for torch's
-        q = _streamed(weight.q) if self.op is not None else weight.q.t().contiguous()
-        self.register_buffer("q", q.to(device))
-        self.register_buffer("scale", weight.scale.to(device))
+        self.out_features = weight.q.shape[0]
+        if self.op is not None:
+            self.register_buffer("q", _streamed(_i8_tiles(weight.q)))
+            self.register_buffer("scale", _pad_rows(weight.scale.float()))
+        else:  # [in, out], as torch's product reads it
+            self.register_buffer("q", weight.q.t().contiguous().to(device))
+            self.register_buffer("scale", weight.scale.to(device))
         self.bias = bias
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op is not None:
-            return _plus(_on_rows(self.op, x, self.q, self.scale), self.bias)
+            return _plus(_tile_outputs(self, _on_rows(self.op, x, self.q, self.scale)), self.bias)
         xq, x_scale = int8.quantize_per_token(x)  # max|x| / 127 per token, as vLLM's kernels
         if x.device.type == "cpu":
             acc = torch._int_mm(xq, self.q).float()
@@ -333,7 +348,9 @@ class W8A8Linear(nn.Module):
         return _plus((acc * x_scale * self.scale).to(self.dtype), self.bias)
 
     def kernel_call(self) -> KernelCall | None:
-        return None if self.op is None else KernelCall(W8A8, [self.q, self.scale], self.bias)
+        if self.op is None or self.out_features % TILE_ROWS:
+            return None
+        return KernelCall(W8A8, [self.q, self.scale], self.bias)
 
 
 class Int4Linear(nn.Module):
@@ -433,9 +450,7 @@ class Q4Linear(nn.Module):
         if self.perm is not None:
             x = x[..., self.perm]
         y = _on_rows(self.op, x, self.packed, self.scales, self.zeros, self.group_size)
-        if y.shape[-1] != self.out_features:
-            y = y[..., : self.out_features]
-        return _plus(y, self.bias)
+        return _plus(_tile_outputs(self, y), self.bias)
 
     def kernel_call(self) -> KernelCall | None:
         if self.perm is not None or self.out_features % TILE_ROWS:
@@ -457,6 +472,20 @@ def _q4_tiles(q: torch.Tensor) -> torch.Tensor:
     return packed.permute(0, 2, 3, 1, 4).reshape(tiles, -1).contiguous()
 
 
+def _i8_tiles(q: torch.Tensor) -> torch.Tensor:
+    """int8 q [out, in] in q8_linear's and w8a8_linear's tiles: [tiles, 8 x in], byte
+    32 c + 4 r + i of a block of 32 inputs holding input 4 c + i of row r."""
+    q = _pad_rows(q)
+    tiles = q.shape[0] // TILE_ROWS
+    parts = q.reshape(tiles, TILE_ROWS, -1, 8, 4)  # t r b c i
+    return parts.permute(0, 2, 3, 1, 4).reshape(tiles, -1).contiguous()
+
+
+def _tile_outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """A tiled kernel's outputs without the rows that padded its weight to whole tiles."""
+    return y if y.shape[-1] == module.out_features else y[..., : module.out_features]
+
+
 def _by_tile(t: torch.Tensor) -> torch.Tensor:
     """Per-group values [out, groups] as [tiles, groups, 8]: a tile's rows side by side."""
     t = _pad_rows(t)
@@ -466,7 +495,7 @@ def _by_tile(t: torch.Tensor) -> torch.Tensor:
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     """`t` with zero rows appended up to a multiple of TILE_ROWS."""
     extra = -t.shape[0] % TILE_ROWS
-    return t if not extra else torch.cat([t, t.new_zeros(extra, t.shape[1])])
+    return t if not extra else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
 
 
 def _contiguous_groups(w: GroupedWeight) -> tuple[torch.Tensor | None, torch.Tensor, int] | None:
