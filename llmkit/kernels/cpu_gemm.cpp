@@ -710,15 +710,29 @@ inline void bf16_row(const c10::BFloat16* w, int64_t k, const float* x, int64_t 
     for (int t = 0; t < MT; ++t) res[t] += static_cast<float>(w[i]) * x[(m0 + t) * k + i];
 }
 
-// x32 [M, K] with each block of 16 inputs reordered as bf16_row reads them: the 8 even
-// inputs, then the 8 odd ones; the inputs past the last 16 in place.
-std::vector<float> pair_ordered(const at::Tensor& x32) {
-  const int64_t rows = x32.size(0), k = x32.size(1);
-  const float* x = x32.data_ptr<float>();
-  std::vector<float> out(x, x + rows * k);
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t i = 0; i + 16 <= k; i += 16)
-      for (int j = 0; j < 16; ++j) out[m * k + i + j / 2 + 8 * (j % 2)] = x[m * k + i + j];
+// x [M, K] (float32 or bf16) as float32 with each block of 16 inputs reordered as bf16_row
+// reads them: the 8 even inputs, then the 8 odd ones; the inputs past the last 16 in place.
+// The calling thread's, kept and overwritten by its next call (as quantize_blocks' result
+// is): no tensor is made for it.
+const std::vector<float>& pair_ordered(const at::Tensor& x) {
+  thread_local std::vector<float> out;
+  const int64_t rows = x.size(0), k = x.size(1);
+  out.resize(rows * k);
+  const at::Tensor xc = x.contiguous();
+  auto fill = [&](const auto* p) {
+    for (int64_t m = 0; m < rows; ++m) {
+      int64_t i = 0;
+      for (; i + 16 <= k; i += 16)
+        for (int j = 0; j < 16; ++j)
+          out[m * k + i + j / 2 + 8 * (j % 2)] = static_cast<float>(p[m * k + i + j]);
+      for (; i < k; ++i) out[m * k + i] = static_cast<float>(p[m * k + i]);
+    }
+  };
+  if (xc.scalar_type() == at::kFloat) {
+    fill(xc.data_ptr<float>());
+  } else {
+    fill(xc.data_ptr<c10::BFloat16>());
+  }
   return out;
 }
 
@@ -797,23 +811,25 @@ at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
               "half_linear: weight must be contiguous bf16 or fp16 [out, in]");
   const int64_t n = weight.size(0), k = weight.size(1);
   check_activations(x, k, "half_linear");
-  const at::Tensor x32 = as_float(x);
-  const float* xp = x32.data_ptr<float>();
+  const bool blocked = x.size(0) >= kBlockedMinRows;
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   auto run = [&](auto tag, auto weights) {
     using T = decltype(tag);
     using W = std::remove_const_t<std::remove_pointer_t<decltype(weights)>>;
-    if (x.size(0) >= kBlockedMinRows) return half_blocked<T>(out, weights, k, xp);
     if constexpr (std::is_same_v<W, c10::BFloat16>) {
-      const std::vector<float> paired = pair_ordered(x32);
-      each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
-        bf16_row<decltype(mt)::value>(weights + o * k, k, paired.data(), m0, res);
-      });
-    } else {
-      each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
-        half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
-      });
+      if (!blocked) {
+        const float* paired = pair_ordered(x).data();
+        return each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+          bf16_row<decltype(mt)::value>(weights + o * k, k, paired, m0, res);
+        });
+      }
     }
+    const at::Tensor x32 = as_float(x);
+    const float* xp = x32.data_ptr<float>();
+    if (blocked) return half_blocked<T>(out, weights, k, xp);
+    each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+      half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
+    });
   };
   by_dtype(out, [&](auto tag) {
     if (weight.scalar_type() == at::kBFloat16) {

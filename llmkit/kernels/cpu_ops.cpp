@@ -183,8 +183,26 @@ inline void silu_mul_16(const T* gate, const T* up, T* out) {
   store16(out, round16(_mm512_mul_ps(act, load16(up)), T()));
 }
 
-#else  // portable loops the compiler may vectorize
+#elif defined(LLMKIT_AVX2)  // AVX-512's dot and axpy in two 8-lane halves
 
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t dim) {
+  __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; d += kLanes) {
+    low = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), low);
+    high = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k + d + 8), high);
+  }
+  return hsum8(_mm256_add_ps(low, high));
+}
+
+template <typename T>
+inline void axpy(float* out, float a, const T* v, int64_t dim) {
+  const __m256 scale = _mm256_set1_ps(a);
+  for (int64_t d = 0; d < dim; d += 8)
+    _mm256_storeu_ps(out + d, _mm256_fmadd_ps(scale, load8(v + d), _mm256_loadu_ps(out + d)));
+}
+
+#else  // portable loops the compiler may vectorize
 
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t dim) {
@@ -200,6 +218,10 @@ template <typename T>
 inline void axpy(float* out, float a, const T* v, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) out[d] += a * to_float(v[d]);
 }
+
+#endif
+
+#if !defined(__AVX512F__)
 
 inline float exp_shifted(float* row, int64_t len, float top) {
   float sum = 0.f;
