@@ -152,3 +152,21 @@ def test_half_linear_widened_in_blocks_rounds_as_the_half_product(monkeypatch, d
     small = x[: linear.WIDEN_MIN_ROWS]
     assert torch.allclose(module(small).double(), exact[: len(small)], rtol=1e-2, atol=1e-2)
     assert not spy
+
+
+def test_a_tied_lm_head_and_the_embedding_share_one_table(tiny_dir, monkeypatch):
+    """Tied (tiny-qwen2), bf16 through the half-precision kernel (as on a CPU without
+    AVX512-BF16): the lm_head copies the table into 2 MiB pages (always, here: the tiny table
+    is smaller than one), and the embedding reads that copy instead of keeping a second."""
+    import llmkit.runtime.layers.linear as linear
+
+    if linear._cpu_op("half_linear", torch.device("cpu")) is None:
+        pytest.skip("the CPU kernels cannot be built here")
+    monkeypatch.setattr(linear.PairsLinear, "build", classmethod(lambda cls, w, b: None))
+    monkeypatch.setattr(linear, "_streamed", lambda weight: weight.clone())
+    src = open_rank(tiny_dir("tiny-qwen2"))
+    model, _ = load_runtime(src, Group(), torch.bfloat16, torch.device("cpu"))
+    src.close()
+    head = model.lm_head.proj
+    assert isinstance(head, DenseLinear) and head.op is not None
+    assert head.weight.data_ptr() == model.embed.weight.data_ptr()

@@ -12,6 +12,7 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.formats.readers import LinearReader
 from llmkit.runtime.distributed import Group, RowParallel
 from llmkit.runtime.layers.linear import (
+    DenseLinear,
     DenseWeight,
     LinearWeight,
     Parallel,
@@ -45,11 +46,14 @@ def load_model(
     layers = [build.layer(i, cfg, heads, kv_heads) for i in range(cfg.num_layers)]
     embed_name = f"{family.embed}.weight"
     embed = src.get(embed_name).to(device, dtype)
+    head = build.lm_head(embed)
+    if build.tied() and isinstance(head, DenseLinear):
+        embed = head.weight  # one table for both (the head may have copied it to 2 MiB pages)
     model = LlamaModel(
         VocabEmbedding(embed, src.offset(embed_name), group),
         layers,
         build.norm(f"{family.final_norm}.weight", cfg),
-        LMHead(build.lm_head(embed), cfg.vocab_size, group),
+        LMHead(head, cfg.vocab_size, group),
         Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling),
     )
     model.lora_modules = build.lora_modules
@@ -134,10 +138,13 @@ class _Builder:
 
     def lm_head(self, embed: torch.Tensor) -> nn.Module:
         """The lm_head as stored, quantized or not; the embedding when they are tied."""
-        head = self.family.lm_head
-        if not any(name.startswith(f"{head}.") for name in self.src.plans):
+        if self.tied():
             return self.convert(DenseWeight(embed), None)
-        return self.convert(self.reader.read(head), None)
+        return self.convert(self.reader.read(self.family.lm_head), None)
+
+    def tied(self) -> bool:
+        """Whether the checkpoint has no lm_head of its own (it is the embedding)."""
+        return not any(name.startswith(f"{self.family.lm_head}.") for name in self.src.plans)
 
     def row_parallel(self, module: str) -> nn.Module:
         weight, bias = self.reader.read(module), self._bias(module)

@@ -116,10 +116,12 @@ class DenseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.weight = nn.Parameter(weight, requires_grad=False)
         half = _half_on_cpu(weight)
         self.widen = half and not (weight.dtype == torch.bfloat16 and native_bf16_on_cpu())
         self.op = _cpu_op("half_linear", weight.device) if half else None
+        if self.op is not None:  # streamed whole at every decode step
+            weight = _streamed(weight)
+        self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op is not None and _kernel_takes(x):
