@@ -15,7 +15,8 @@ converted into the module that is fastest on the device:
 - W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel for every batch (exact
   int32 sums), else `torch._int_mm`;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel
-  for every batch, prefills included (it passes over a weight once per 128 rows), else `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer) the
+  for every batch, prefills included (it passes over a weight once per 128 rows), else
+  `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer) the
   tinygemm kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so
   groups become contiguous.
 
@@ -290,8 +291,7 @@ class Int8Linear(nn.Module):
         self.op = _int8_op("q8_linear", weight.q, weight.q.device, dtype)
         self.out_features = weight.q.shape[0]
         if self.op is not None:
-            self.register_buffer("q", _streamed(_i8_tiles(weight.q)))
-            self.register_buffer("scale", _pad_rows(weight.scale.float()))
+            _register_int8_tiles(self, weight)
         else:  # [out, in], as torch's product and linear_in_float32 read it
             self.register_buffer("q", weight.q.contiguous())
             self.register_buffer("scale", weight.scale.to(dtype))
@@ -331,8 +331,7 @@ class W8A8Linear(nn.Module):
         self.op = _int8_op("w8a8_linear", weight.q, device, dtype)
         self.out_features = weight.q.shape[0]
         if self.op is not None:
-            self.register_buffer("q", _streamed(_i8_tiles(weight.q)))
-            self.register_buffer("scale", _pad_rows(weight.scale.float()))
+            _register_int8_tiles(self, weight)
         else:  # [in, out], as torch's product reads it
             self.register_buffer("q", weight.q.t().contiguous().to(device))
             self.register_buffer("scale", weight.scale.to(device))
@@ -481,6 +480,13 @@ def _i8_tiles(q: torch.Tensor) -> torch.Tensor:
     tiles = q.shape[0] // TILE_ROWS
     parts = q.reshape(tiles, TILE_ROWS, -1, 8, 4)  # t r b c i
     return parts.permute(0, 2, 3, 1, 4).reshape(tiles, -1).contiguous()
+
+
+def _register_int8_tiles(module: nn.Module, weight: Int8Weight) -> None:
+    """The int8 kernels' buffers: `q`, the weight in tiles (2 MiB pages), and `scale`,
+    float32, one per output of the tiles (zero past the weight's last row)."""
+    module.register_buffer("q", _streamed(_i8_tiles(weight.q)))
+    module.register_buffer("scale", _pad_rows(weight.scale.float()))
 
 
 def _tile_outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
