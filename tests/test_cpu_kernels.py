@@ -240,6 +240,27 @@ def test_silu_mul_kernel_matches_the_torch_ops(dtype, width):
     assert torch.allclose(out.double(), expected.double(), rtol=2 * ulp, atol=1e-30, equal_nan=True)
 
 
+def test_argmax_rows_is_torch_argmax():
+    """Rows of 1, 7, 37 and 32000 entries (vector loops and their tails); ties (the first
+    wins, one in the tail too), a NaN (the first NaN wins), all -inf, all NaN."""
+    ops = cpu.ops()
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 7, 37, 32000):
+        x = torch.randn(12, n, generator=g)
+        x[1] = 0.5  # all equal
+        x[2, n // 3 :] = float(x[2].max()) + 1  # a tie from a third of the way on
+        x[3, -1] = float("nan")
+        x[4, n // 2 :] = float("nan")
+        x[5] = float("-inf")
+        x[6] = float("nan")
+        x[7, -1] = float("inf")
+        x[8, : n // 2] = float("inf")
+        x[9, -min(n, 3) :] = float(x[9].max()) + 1  # a tie within the tail
+        assert torch.equal(ops.argmax_rows(x), x.argmax(1)), n
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.argmax_rows(torch.zeros(2, 5, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize(
     "settings",
     [

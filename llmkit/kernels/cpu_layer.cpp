@@ -189,12 +189,13 @@ class DecodeStack : public torch::CustomClassHolder {
                     slots.size(1) == rows && positions.size(0) == rows &&
                     context_lens.size(0) == rows,
                 "DecodeStack: greedy_steps takes a slot per sequence and step");
+    static const auto argmax = find<at::Tensor(at::Tensor)>("llmkit_cpu::argmax_rows");
     const at::Tensor all = at::arange(rows, ids.options());
     at::Tensor chosen = at::empty({rows, steps}, ids.options());
     for (int64_t j = 0; j < steps; ++j) {
       const at::Tensor out = logits(ids, positions + j, slots[j], block_tables, context_lens + j,
                                     all);
-      ids = out.argmax(1);
+      ids = argmax.call(out);
       chosen.select(1, j).copy_(ids);
     }
     return chosen;

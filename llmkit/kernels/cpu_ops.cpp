@@ -13,6 +13,8 @@
 //   the qkv projection's output (the C++ decode layer's attention, cpu_layer.cpp).
 // - gptq_columns: GPTQ's column sweep over a run of columns sharing one group's scale and
 //   zero, inside a block of columns (each row independent, so rows run in parallel).
+// - argmax_rows: each row's argmax as torch.argmax gives it, a greedy step's tokens from its
+//   logits (vectorized and rows in parallel: torch's took 25 us per 32000-entry row).
 //
 // The element-wise ones round every intermediate to the model dtype where the reference's
 // torch code does, so they give its values, not merely close ones.
@@ -651,6 +653,56 @@ void gptq_columns(at::Tensor w, at::Tensor q, at::Tensor err, at::Tensor hinv, a
   });
 }
 
+// The index of the first largest of x[0, n), or of the first NaN when there is one (a NaN
+// counts as larger than any number), as torch.argmax.
+int64_t argmax_row(const float* x, int64_t n) {
+  float top = -INFINITY;
+  bool nan = false;
+  int64_t i = 0;
+#ifdef LLMKIT_AVX2
+  __m256 most = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    most = _mm256_max_ps(most, v);  // NaNs are tracked apart
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  nan = _mm256_movemask_ps(unordered) != 0;
+  float lanes[8];
+  _mm256_storeu_ps(lanes, most);
+  for (const float lane : lanes) top = std::max(top, lane);
+#endif
+  for (; i < n; ++i) {
+    nan = nan || std::isnan(x[i]);
+    top = std::isnan(x[i]) ? top : std::max(top, x[i]);
+  }
+  int64_t j = 0;
+#ifdef LLMKIT_AVX2
+  const __m256 wanted = _mm256_set1_ps(top);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 hit = nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, wanted, _CMP_EQ_OQ);
+    if (const int mask = _mm256_movemask_ps(hit)) return j + __builtin_ctz(mask);
+  }
+#endif
+  for (; j < n; ++j)
+    if (nan ? std::isnan(x[j]) : x[j] == top) return j;
+  return 0;
+}
+
+at::Tensor argmax_rows(at::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.scalar_type() == at::kFloat,
+              "argmax_rows: logits must be float32 [rows, n > 0]");
+  const at::Tensor x = logits.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* p = x.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) o[r] = argmax_row(p + r * n, n);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmkit_cpu, m) {
@@ -672,4 +724,6 @@ TORCH_LIBRARY(llmkit_cpu, m) {
   m.def("gptq_columns(Tensor(a!) w, Tensor(b!) q, Tensor(c!) err, Tensor hinv, Tensor scale, "
         "Tensor zero, int start, int stop, int maxq) -> ()");
   m.impl("gptq_columns", c10::DispatchKey::CPU, gptq_columns);
+  m.def("argmax_rows(Tensor logits) -> Tensor");
+  m.impl("argmax_rows", c10::DispatchKey::CPU, argmax_rows);
 }
