@@ -190,7 +190,7 @@ def test_a_stream_whose_client_stops_reading_is_paused_then_ended_and_others_go_
         assert _wait_for(lambda: server.metrics()["llmkit_requests_paused"] == 8, timeout=10)
         # ... then ended once it has read nothing for --stream-stall-timeout
         assert _wait_for(lambda: "read nothing for 1 s" in server.log.read_text())
-        status, answer = _completion(server, {"prompt": "x", "max_tokens": 4})
+        status, answer = _completion(server, {"prompt": "x", "max_tokens": 4, "ignore_eos": True})
         assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
         assert _wait_for(lambda: server.metrics()[BLOCKS] == 0)
         assert server.metrics()["llmkit_requests_paused"] == 0
