@@ -80,11 +80,11 @@ at::Tensor as_float(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
 }
 
-// x [M, K] in int8 blocks of 32: q [M, K]; per block [M, K/32] its scale d, the sum of its
-// values as quantized, d * sum(q), and sum(q) itself, total.
+// x [M, K] in int8 blocks of 32: q [M, K]; per block [M, K/32] its scale d and the sum of
+// its values as quantized, total = sum(q) (d * total: the block's sum, dequantized).
 struct Blocks {
   std::vector<int8_t> q;
-  std::vector<float> d, sum;
+  std::vector<float> d;
   std::vector<int32_t> total;
   int64_t rows = 0, cols = 0;
 };
@@ -103,7 +103,7 @@ inline int32_t hsum(__m256i v) {
 // quantize_block's values in vectors: the same maximum, products and rounding (to nearest
 // even, as nearbyint in the default mode), so the same bytes, scale and sum.
 template <typename T>
-void quantize_block8(const T* x, int8_t* q, float* d, float* sum, int32_t* sum_q) {
+void quantize_block8(const T* x, int8_t* q, float* d, int32_t* sum) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4], top = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
@@ -129,15 +129,14 @@ void quantize_block8(const T* x, int8_t* q, float* d, float* sum, int32_t* sum_q
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
                       _mm256_permutevar8x32_epi32(packed, order));
   *d = amax / 127.f;
-  *sum_q = hsum(total);
-  *sum = *d * float(*sum_q);
+  *sum = hsum(total);
 }
 #endif
 
 template <typename T>
-void quantize_block(const T* x, int8_t* q, float* d, float* sum, int32_t* sum_q) {
+void quantize_block(const T* x, int8_t* q, float* d, int32_t* sum) {
 #ifdef LLMKIT_AVX2
-  quantize_block8(x, q, d, sum, sum_q);
+  quantize_block8(x, q, d, sum);
 #else
   float v[kBlock], amax = 0.f;
   for (int64_t i = 0; i < kBlock; ++i) {
@@ -151,8 +150,7 @@ void quantize_block(const T* x, int8_t* q, float* d, float* sum, int32_t* sum_q)
     total += q[i];
   }
   *d = amax / 127.f;
-  *sum_q = total;
-  *sum = *d * float(total);
+  *sum = total;
 #endif
 }
 
@@ -167,13 +165,12 @@ const Blocks& quantize_blocks(const at::Tensor& x) {
   const int64_t blocks = b.rows * (b.cols / kBlock);
   b.q.resize(b.rows * b.cols);
   b.d.resize(blocks);
-  b.sum.resize(blocks);
   b.total.resize(blocks);
   const at::Tensor xc = x.contiguous();
   auto run = [&](const auto* p) {
     at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        quantize_block(p + i * kBlock, &b.q[i * kBlock], &b.d[i], &b.sum[i], &b.total[i]);
+        quantize_block(p + i * kBlock, &b.q[i * kBlock], &b.d[i], &b.total[i]);
     });
   };
   if (xc.scalar_type() == at::kFloat) {
@@ -268,7 +265,7 @@ const std::vector<float>& group_sums(const Blocks& x, int64_t blocks_per_group) 
   const int64_t blocks = x.rows * (x.cols / kBlock);
   thread_local std::vector<float> xs;
   xs.assign(blocks / blocks_per_group, 0.f);
-  for (int64_t b = 0; b < blocks; ++b) xs[b / blocks_per_group] += x.sum[b];
+  for (int64_t b = 0; b < blocks; ++b) xs[b / blocks_per_group] += x.d[b] * float(x.total[b]);
   return xs;
 }
 
@@ -470,6 +467,11 @@ at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Ten
 
 constexpr int64_t kI8TileBlock = kTileRows * kBlock;  // bytes of one block of 32 inputs of a tile
 
+// Output row r's weight for input i in an int8 tile (the scalar paths' reading of the layout).
+inline int32_t i8_at(const int8_t* tile, int64_t r, int64_t i) {
+  return tile[i / kBlock * kI8TileBlock + 32 * (i % kBlock / 4) + 4 * r + i % 4];
+}
+
 #ifdef LLMKIT_AVX2
 
 // Tile block p's 8 x 32 int8 weights against activation rows [m0, m0 + MT) of q ([rows, k],
@@ -547,7 +549,7 @@ inline void q8_tile(const int8_t* p, const float* scale, int64_t k, const Blocks
         const int64_t row = (m0 + t) * per_row + b;
         int32_t sum = 0;
         for (int64_t i = 0; i < kBlock; ++i)
-          sum += p[b * kI8TileBlock + 32 * (i / 4) + 4 * r + i % 4] * x.q[row * kBlock + i];
+          sum += i8_at(p, r, b * kBlock + i) * x.q[row * kBlock + i];
         acc += float(sum) * x.d[row];
       }
       res[t * kTileRows + r] = scale[r] * acc;
@@ -631,9 +633,7 @@ inline void w8a8_tile(const int8_t* p, const float* scale, int64_t k, const int8
   for (int t = 0; t < MT; ++t)
     for (int64_t r = 0; r < kTileRows; ++r) {
       int32_t sum = 0;
-      for (int64_t i = 0; i < k; ++i)
-        sum += p[i / kBlock * kI8TileBlock + 32 * (i % kBlock / 4) + 4 * r + i % 4] *
-               xq[(m0 + t) * k + i];
+      for (int64_t i = 0; i < k; ++i) sum += i8_at(p, r, i) * xq[(m0 + t) * k + i];
       res[t * kTileRows + r] = float(sum) * xd[m0 + t] * scale[r];
     }
 #endif

@@ -268,8 +268,7 @@ class Engine:
         if self.proposer is None:
             return
         load = len(self.scheduler.running) + len(self.scheduler.waiting)
-        decodes = [i for i, n in enumerate(batch.num_new_tokens) if n == 1 and
-                   batch.seqs[i].num_uncomputed_tokens == 1]  # fmt: skip
+        decodes = [i for i in range(len(batch.seqs)) if batch.decodes(i)]
         if not decodes or load > self.config.speculative_max_seqs:
             return
         sizes = {i: self._draft_size(batch.seqs[i]) for i in decodes}

@@ -44,6 +44,12 @@ class Batch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def decodes(self, i: int) -> bool:
+        """Whether row i computes one token, its sequence's last (not a one-token chunk of a
+        prompt that goes on), with no draft."""
+        n, seq = self.num_new_tokens[i], self.seqs[i]
+        return n == 1 and not self.drafts[i] and seq.num_uncomputed_tokens == 1
+
 
 class Scheduler:
     def __init__(
@@ -97,12 +103,10 @@ class Scheduler:
     def run_ahead(self, batch: Batch, steps: int) -> bool:
         """Let a batch of decodes only run `steps` decode steps in one (Batch.steps) when the
         token budget and the free KV blocks allow it for every sequence without preempting
-        anyone. A decode is a sequence's last token, without a draft: not a one-token chunk
-        of a prompt that goes on."""
+        anyone (Batch.decodes says what a decode is)."""
         bm, seqs = self.block_manager, batch.seqs
-        for seq, n, draft in zip(seqs, batch.num_new_tokens, batch.drafts, strict=True):
-            if n != 1 or draft or seq.num_uncomputed_tokens != 1:
-                return False
+        if not all(batch.decodes(i) for i in range(len(seqs))):
+            return False
         if len(seqs) * steps > self.max_num_batched_tokens:
             return False
         needed = sum(bm.blocks_needed(seq, steps) for seq in seqs)

@@ -460,7 +460,7 @@ class Q4Linear(nn.Module):
         return KernelCall(Q4, weights, self.bias, self.group_size)
 
 
-TILE_ROWS = 8  # output rows the 4-bit CPU kernel interleaves
+TILE_ROWS = 8  # output rows the 4-bit and int8 CPU kernels interleave
 
 
 def _q4_tiles(q: torch.Tensor) -> torch.Tensor:
