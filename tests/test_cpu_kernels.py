@@ -94,7 +94,7 @@ def test_attention_layer_same_with_and_without_the_kernel(monkeypatch, dtype, at
 
     def run() -> torch.Tensor:
         meta = AttentionMetadata(slots, 2, tables, lens)
-        meta.prefills = [attention.Prefill(2, 3, None, None)]
+        meta.prefills = [attention.Prefill(2, 3, 0, [0])]
         return paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, head_dim**-0.5)
 
     with_kernel = run()

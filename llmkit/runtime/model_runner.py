@@ -347,14 +347,6 @@ def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> A
         meta.decode_lens = torch.tensor(lengths, dtype=torch.long)
     for i in range(num_decodes, len(seqs)):
         n, end = counts[i], ends[i]
-        computed = end - n
-        if computed == 0:
-            meta.prefills.append(Prefill(start, n, None, None))
-        else:  # query j (position computed + j) sees keys 0..computed + j
-            num_blocks = -(-end // block_size)
-            keys = torch.arange(num_blocks * block_size)[None, :]
-            mask = keys <= torch.arange(computed, end)[:, None]
-            context = torch.tensor(tables[i][:num_blocks], dtype=torch.long)
-            meta.prefills.append(Prefill(start, n, context, mask))
+        meta.prefills.append(Prefill(start, n, end - n, tables[i][: -(-end // block_size)]))
         start += n
     return meta

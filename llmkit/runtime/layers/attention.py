@@ -2,10 +2,12 @@
 
 The cache of one layer is a pair of tensors [num_blocks, kv_heads, block_size, head_dim];
 slot = block_id * block_size + offset. New tokens' K/V are written to their slots first; each
-sequence then attends over its whole context. On the CPU, single-token (decode) queries go to
-llmkit's C++ kernel, which reads the blocks in place (kernels/cpu_ops.cpp); otherwise,
-and for prefills, the context is gathered (block, head) by (block, head) from the block table
-straight into the [kv_heads, context, head_dim] layout torch's matmuls want.
+sequence then attends over its whole context. On CUDA, Triton kernels do all three (the
+write, the decodes, every prefill of the step in one launch), reading the blocks in place
+(kernels/triton_attention.py). On the CPU, single-token (decode) queries go to llmkit's C++
+kernel, which reads the blocks in place (kernels/cpu_ops.cpp); otherwise, and for prefills,
+the context is gathered (block, head) by (block, head) from the block table straight into the
+[kv_heads, context, head_dim] layout torch's matmuls want.
 """
 
 from __future__ import annotations
@@ -15,19 +17,34 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmkit.kernels import cpu
+from llmkit.kernels import cpu, cuda
 
 DECODE_CHUNK_BYTES = 2 * 2**20  # gathered keys per decode chunk: about what stays cached
 
 
 @dataclass(slots=True)
 class Prefill:
-    """A sequence computing more than one token this step."""
+    """A sequence computing more than one token this step: its tokens at positions
+    computed..computed+length-1, each attending to the keys up to its own position."""
 
     start: int  # first of its tokens in the flattened batch
     length: int
-    context_blocks: torch.Tensor | None  # [blocks]; None when nothing was cached before
-    mask: torch.Tensor | None  # [length, blocks * block_size] bool, True where it may attend
+    computed: int  # tokens of the sequence in the cache before this step
+    blocks: list[int]  # its block table, as far as it covers computed + length tokens
+
+    _context: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def context(self, block_size: int, device: torch.device):
+        """(blocks [n], mask [length, n * block_size] bool, True where it may attend): what
+        the gathering path reads of a prefill over cached tokens; derived once per step."""
+        if self._context is None:
+            n = -(-(self.computed + self.length) // block_size)
+            blocks = torch.tensor(self.blocks[:n], dtype=torch.long, device=device)
+            keys = torch.arange(n * block_size, device=device)[None, :]
+            end = self.computed + self.length
+            seen = keys <= torch.arange(self.computed, end, device=device)[:, None]
+            self._context = blocks, seen
+        return self._context
 
 
 @dataclass(slots=True)
@@ -44,6 +61,7 @@ class AttentionMetadata:
     _decode_index: torch.Tensor | None = None  # derived once per step, shared by all layers
     _decode_mask: torch.Tensor | None = None
     _write_rows: torch.Tensor | None = None
+    _prefill_args: tuple | None = None
 
     def write_rows(self, num_kv_heads: int, block_size: int) -> torch.Tensor:
         """[tokens * kv_heads]: the row of the cache viewed as [slots * kv_heads, dim] where
@@ -72,13 +90,28 @@ class AttentionMetadata:
             self._decode_mask = (positions < self.decode_lens[:, None])[:, None, :]
         return self._decode_mask
 
+    def prefill_args(self, device: torch.device) -> tuple:
+        """The Triton prefill kernel's description of this step's prefills, on `device`:
+        (block tables [prefills, width], (tile sequence, tile first row), starts, lengths,
+        computed), int32; built once per step."""
+        if self._prefill_args is None:
+            prefills = self.prefills
+            width = max(len(p.blocks) for p in prefills)
+            tables = [p.blocks + [0] * (width - len(p.blocks)) for p in prefills]
+            lengths = [p.length for p in prefills]
+            tiles = triton_attention().prefill_tiles(lengths)
+            fields = (tables, *tiles, [p.start for p in prefills], lengths,
+                      [p.computed for p in prefills])  # fmt: skip
+            packed = [torch.tensor(f, dtype=torch.int32).to(device, non_blocking=True)
+                      for f in fields]  # fmt: skip
+            self._prefill_args = (packed[0], (packed[1], packed[2]), *packed[3:])
+        return self._prefill_args
+
     def to(self, device: torch.device) -> AttentionMetadata:
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        prefills = [
-            Prefill(p.start, p.length, move(p.context_blocks), move(p.mask)) for p in self.prefills
-        ]
+        prefills = [Prefill(p.start, p.length, p.computed, p.blocks) for p in self.prefills]
         return AttentionMetadata(  # derived values are rebuilt on the device
             move(self.slot_mapping),
             self.num_decodes,
@@ -98,6 +131,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> like q."""
+    if q.is_cuda and triton_attention() is not None:
+        return _on_cuda(q, k, v, k_cache, v_cache, meta, scale)
     kernels = _cpu_kernels(q, k_cache)
     if kernels is not None:
         kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -130,22 +165,45 @@ def paged_attention(
     for p in meta.prefills:
         end = p.start + p.length
         query = q[p.start : end].transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
-        if p.context_blocks is None:  # keys, values: [kv_heads, context, head_dim]
+        mask = None
+        if p.computed == 0:  # keys, values: [kv_heads, context, head_dim]
             keys, values = k[p.start : end].transpose(0, 1), v[p.start : end].transpose(0, 1)
         else:
-            index = _head_rows(p.context_blocks[None, :], k_cache.shape[1])
+            blocks, mask = p.context(k_cache.shape[2], q.device)
+            index = _head_rows(blocks[None, :], k_cache.shape[1])
             keys, values = _gather(k_cache, index)[0], _gather(v_cache, index)[0]
         o = F.scaled_dot_product_attention(
             query,
             keys.unsqueeze(0),
             values.unsqueeze(0),
-            p.mask,
-            is_causal=p.mask is None,
+            mask,
+            is_causal=mask is None,
             scale=scale,
             enable_gqa=True,
         )
         out[p.start : end] = o[0].transpose(0, 1)
     return out
+
+
+def _on_cuda(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The Triton path: one launch for the write, one (or two, split) for the decodes, one
+    for every prefill of the step."""
+    kernels = triton_attention()
+    kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    b = meta.num_decodes
+    if b:
+        kernels.paged_decode(
+            out[:b], q[:b], k_cache, v_cache, meta.decode_blocks, meta.decode_lens, scale
+        )
+    if meta.prefills:
+        kernels.paged_prefill(out, q, k_cache, v_cache, *meta.prefill_args(q.device), scale)
+    return out
+
+
+def triton_attention():
+    """llmkit.kernels.triton_attention, or None without Triton (the torch paths then)."""
+    return cuda.attention_kernels()
 
 
 def _cpu_kernels(q: torch.Tensor, k_cache: torch.Tensor):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.kernels import cpu
+from llmkit.kernels import cpu, cuda
 
 
 class RMSNorm(nn.Module):
@@ -17,15 +17,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., dim]; normalised in float32 (one fused op), scaled in the model dtype
+        kernels = cuda.elementwise_for(x, self.weight)
+        if kernels is not None and x.dim() == 2 and x.is_contiguous():
+            return kernels.rms_norm(x, self.weight, self.eps)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
     def add_and_norm(
         self, residual: torch.Tensor, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + x), residual + x) for [tokens, dim] inputs; on the CPU one pass
-        of llmkit's kernel, which updates `residual` in place."""
-        kernels = cpu.for_tensors(residual, x, self.weight)
+        """(norm(residual + x), residual + x) for [tokens, dim] inputs; on the CPU and on
+        CUDA one pass of llmkit's kernel, which updates `residual` in place."""
+        kernels = cpu.for_tensors(residual, x, self.weight) or cuda.elementwise_for(residual, x)
         if kernels is not None and x.dim() == 2 and residual.is_contiguous() and x.is_contiguous():
             return kernels.add_rms_norm(residual, x, self.weight, self.eps), residual
         residual = residual + x
