@@ -40,10 +40,60 @@ def test_concurrent_greedy_on_cuda_equals_transformers_one_by_one(
         kv_cache_memory=kv_bytes,
     )
     engine = Engine(tiny_dir(), config)
-    expect_hf(tiny_dir(), prompts, run_staggered(engine, prompts))
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    if prefix_caching:
-        assert engine.block_manager.num_hit_blocks > 0
+    try:
+        expect_hf(tiny_dir(), prompts, run_staggered(engine, prompts))
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        if prefix_caching:
+            assert engine.block_manager.num_hit_blocks > 0
+    finally:
+        engine.close()  # its KV cache fills most of the GPU
+
+
+def test_greedy_tokens_with_cuda_graphs_equal_eager_mode_and_transformers(tiny_dir):
+    """Requests arriving two per step make decode batches of every size from 1 to 12, so
+    several graph buckets (and padded rows) are exercised; tokens equal eager mode's."""
+    prompts = random_prompts(12, 3, 60, seed=5)
+    runs = {}
+    for eager in (False, True):
+        config = EngineConfig(device="cuda", dtype="float32", enforce_eager=eager)
+        engine = Engine(tiny_dir(), config)
+        try:
+            runs[eager] = run_staggered(engine, prompts)
+            graphs = engine.executor.runner.graphs
+            assert (graphs is None) == eager
+            assert eager or len(graphs.graphs) >= 3
+            del graphs  # it holds the KV cache, which close() must hand back
+        finally:
+            engine.close()
+    assert runs[False] == runs[True]
+    expect_hf(tiny_dir(), prompts, runs[False])
+
+
+def test_sampling_on_cuda_draws_the_tokens_the_cpu_draws():
+    """The sampler on CUDA logits: seeded rows with temperature, top-k, top-p, min-p and
+    penalties give the tokens and log probabilities it gives on the CPU."""
+    from llmkit.runtime.layers.sampler import Sampler
+    from llmkit.runtime.sequence import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 300, generator=g) * 3
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3),
+        SamplingParams(temperature=0.8, top_k=20, seed=1),
+        SamplingParams(temperature=1.0, top_p=0.7, seed=2, logprobs=2),
+        SamplingParams(temperature=1.3, min_p=0.05, seed=3, repetition_penalty=1.3),
+        SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.2, seed=4),
+    ]
+    histories = [([1, 2, 3], [4, 5, 5])] * 5
+    seeds = [(i, p.seed) for i, p in enumerate(params)]
+    on_cpu, on_gpu = Sampler(), Sampler()
+    for _ in range(3):  # the seeded generators advance alike
+        cpu = on_cpu(logits, params, histories, seeds)
+        on_cuda = on_gpu(logits.to(CUDA), params, histories, seeds)
+        assert [s.token_id for s in cpu] == [s.token_id for s in on_cuda]
+        for a, b in zip(cpu, on_cuda, strict=True):
+            assert (a.logprob is None) == (b.logprob is None)
+            assert a.logprob is None or abs(a.logprob - b.logprob) < 1e-4
 
 
 def test_a_closed_engine_hands_the_gpu_back(tiny_dir):

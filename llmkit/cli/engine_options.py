@@ -82,6 +82,13 @@ DecodeStepsOpt = Annotated[
         "(CPU, --tp 1); 1: one.",
     ),
 ]
+EnforceEagerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--enforce-eager",
+        help="CUDA: run every decode step eagerly instead of replaying a CUDA graph.",
+    ),
+]
 DraftConfidenceOpt = Annotated[
     float,
     typer.Option(
@@ -147,6 +154,7 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "speculative_max_seqs": SpecMaxSeqsOpt,
         "draft_min_confidence": DraftConfidenceOpt,
         "decode_steps": DecodeStepsOpt,
+        "enforce_eager": EnforceEagerOpt,
     }
     defaults = EngineConfig()
     return [

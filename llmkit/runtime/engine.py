@@ -92,6 +92,11 @@ class Engine:
             config.max_num_batched_tokens,
             config.scheduling_policy,
         )
+        capacity = num_blocks * config.block_size
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings, capacity
+        )
+        graphs = device.type == "cuda" and not config.enforce_eager
         self.executor = Executor(
             RunnerSpec(
                 self.model_path,
@@ -101,11 +106,9 @@ class Engine:
                 num_blocks,
                 config.block_size,
                 config.max_loras,
+                graph_seqs=config.max_num_seqs if graphs else 0,
+                max_blocks=-(-self.max_model_len // config.block_size),
             )
-        )
-        capacity = num_blocks * config.block_size
-        self.max_model_len = min(
-            config.max_model_len or self.model_config.max_position_embeddings, capacity
         )
         self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = _eos_ids(self.model_path, hf_config)

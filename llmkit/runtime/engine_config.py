@@ -41,6 +41,8 @@ class EngineConfig:
     # greedy decode steps run in one call where the whole step is C++ (CPU, tp 1): fewer
     # trips through the Python engine per token (benchmarks/cpu_decode.py)
     decode_steps: int = 4
+    # CUDA: no graphs; every decode step launches its kernels from Python
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:

@@ -34,6 +34,8 @@ class RunnerSpec:
     num_blocks: int
     block_size: int
     max_loras: int = 0
+    graph_seqs: int = 0  # > 0: CUDA graphs for decode steps of up to that many tokens
+    max_blocks: int = 0  # the widest block table a context needs
 
     def build(self, rank: int) -> ModelRunner:
         device = torch.device(self.device)
@@ -47,6 +49,8 @@ class RunnerSpec:
             self.num_blocks,
             self.block_size,
             max_loras=self.max_loras,
+            graph_seqs=self.graph_seqs,
+            max_blocks=self.max_blocks,
         )
 
 

@@ -90,7 +90,12 @@ class ModelRunner:
         block_size: int,
         exact: bool = False,
         max_loras: int = 0,
+        graph_seqs: int = 0,
+        max_blocks: int = 0,
     ):
+        """graph_seqs > 0: decode steps of up to that many tokens replay CUDA graphs
+        (runtime/cuda_graphs.py; CUDA, one rank, no LoRA adapters), with block tables up to
+        `max_blocks` wide."""
         src = open_rank(model_path, group.size, group.rank)
         self.loras = LoraContext() if max_loras else None
         try:
@@ -106,9 +111,16 @@ class ModelRunner:
         self.sampler = Sampler()
         if device.type == "cpu":
             cpu_kernels.ops()  # built now (once per machine), not in the first step
+        self.graphs = None
+        if graph_seqs and device.type == "cuda" and group.size == 1 and self.loras is None:
+            from llmkit.runtime.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, graph_seqs, max_blocks, device)
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         """Logits [sequences to sample, vocab] in float32 (None on ranks other than 0)."""
+        if self.graphs is not None and self.graphs.takes(inputs):
+            return self.graphs.run(inputs)
         inputs = inputs.to(self.device)
         if self.loras is not None:
             self.loras.segments = inputs.lora_segments
@@ -155,14 +167,13 @@ class ModelRunner:
         if not seqs:
             return StepOutput(seqs, [], scores)
         logits = logits[:rows] if spans else logits  # the prompt rows come after these
-        logits = logits if logits.is_cpu else logits.cpu()
         history = [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
         seeds = [(s.seq_id, s.seed) for s in seqs]
         params = [s.params for s in seqs]
         row_masks = [masks.get(s.seq_id) for s in seqs] if masks else None
         if any(drafts):  # guided sequences have no drafts: their one row takes the mask
             tokens = self.sampler.verify(
-                logits, params, history, seeds, drafts, sampled.draft_probs, row_masks
+                logits.cpu(), params, history, seeds, drafts, sampled.draft_probs, row_masks
             )
             return StepOutput(seqs, tokens, scores)
         tokens = self.sampler(logits, params, history, seeds, row_masks)

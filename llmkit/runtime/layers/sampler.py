@@ -111,8 +111,8 @@ class Sampler:
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
             return logits
-        index = torch.tensor(rows)
-        temperature = torch.tensor([params[i].temperature for i in rows])[:, None]
+        index = _on(logits, rows)
+        temperature = _on(logits, [params[i].temperature for i in rows])[:, None]
         probs = logits.clone()
         kept = _filtered_probs(logits[index] / temperature, [params[i] for i in rows])
         probs[index] = kept / kept.sum(dim=-1, keepdim=True)  # p(d) is a probability
@@ -143,7 +143,7 @@ class Sampler:
         return float(torch.rand(1, generator=generator, dtype=torch.float64))
 
     def _sample(self, logits, params: list[SamplingParams], seeds) -> torch.Tensor:
-        temperature = torch.tensor([p.temperature for p in params])[:, None]
+        temperature = _on(logits, [p.temperature for p in params])[:, None]
         probs = _filtered_probs(logits / temperature, params)
         # Inverse transform sampling: one uniform u per row, and the first token whose
         # cumulative probability passes u x the row's total. A seeded request draws its u from
@@ -153,6 +153,7 @@ class Sampler:
             if seed is not None:
                 u[row] = torch.rand(1, generator=self._generator(seq_id, seed), dtype=u.dtype)
         cdf = probs.double().cumsum(dim=-1)
+        u = u.to(cdf.device, non_blocking=True)  # drawn on the CPU whatever the device
         tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
         return tokens.clamp_(max=probs.shape[1] - 1)
 
@@ -160,6 +161,11 @@ class Sampler:
         if seq_id not in self._generators:
             self._generators[seq_id] = torch.Generator().manual_seed(seed)
         return self._generators[seq_id]
+
+
+def _on(like: torch.Tensor, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.tensor(values) on `like`'s device (built on the CPU, copied once)."""
+    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True)
 
 
 def accepts(u: float, p_d: float, q_d: float) -> bool:
@@ -206,11 +212,11 @@ def _apply_masks(logits: torch.Tensor, masks: list | None) -> torch.Tensor:
         return logits
     words = np.stack([masks[i] for i in rows])  # [rows, words] int32, little-endian bits
     bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
-    barred = torch.from_numpy(bits).float().sub_(1)  # 0 allowed, -1 barred
+    barred = torch.from_numpy(bits).float().sub_(1).to(logits.device)  # 0 allowed, -1 barred
     if len(rows) == logits.shape[0]:
         return torch.addcmul(logits, barred, _BARRED)
     logits = logits.clone()
-    index = torch.tensor(rows)
+    index = _on(logits, rows)
     logits[index] = torch.addcmul(logits[index], barred, _BARRED)
     return logits
 
@@ -231,13 +237,13 @@ def _apply_penalties(logits, params: list[SamplingParams], histories) -> torch.T
         p, (prompt, output) = params[i], histories[i]
         row = logits[i]
         if p.repetition_penalty != 1:
-            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+            seen = _on(logits, sorted(set(prompt) | set(output)), torch.long)
             values = row[seen]
             row[seen] = torch.where(
                 values > 0, values / p.repetition_penalty, values * p.repetition_penalty
             )
         if output and (p.frequency_penalty or p.presence_penalty):
-            counts = torch.bincount(torch.tensor(output), minlength=vocab)[:vocab].float()
+            counts = torch.bincount(_on(logits, output), minlength=vocab)[:vocab].float()
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
 
@@ -247,7 +253,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     probs = logits.softmax(dim=-1)
     rows = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1 or p.min_p > 0]
     if rows:
-        index = torch.tensor(rows)
+        index = _on(logits, rows)
         probs[index] = _filtered_rows(logits[index], [params[i] for i in rows])
     return probs
 
@@ -255,14 +261,14 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
 def _filtered_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])[:, None]
-    ranks = torch.arange(vocab)[None, :]
+    top_k = _on(logits, [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])[:, None]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k, -torch.inf)
     probs = sorted_logits.softmax(dim=-1)
-    top_p = torch.tensor([p.top_p for p in params])[:, None]
+    top_p = _on(logits, [p.top_p for p in params])[:, None]
     # keep a token while the mass before it is below top_p (the first is always kept)
     before = probs.cumsum(dim=-1) - probs
-    min_p = torch.tensor([p.min_p for p in params])[:, None]
+    min_p = _on(logits, [p.min_p for p in params])[:, None]
     drop = (before >= top_p) | (probs < min_p * probs[:, :1])
     probs = probs.masked_fill(drop, 0)
     return torch.zeros_like(probs).scatter_(1, order, probs)
@@ -294,7 +300,7 @@ def score(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[Sample
     """Log probabilities of given tokens (one per row of `logits`), with each row's top n:
     how prompt tokens are scored for echo."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
+    chosen = logprobs.gather(1, _on(logprobs, token_ids)[:, None])[:, 0].tolist()
     values, top = logprobs.topk(top_n, dim=-1)
     return [
         Sampled(t, lp, list(zip(ids, vs, strict=True)))
