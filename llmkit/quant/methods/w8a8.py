@@ -113,7 +113,7 @@ class W8A8Layer:
         q = (result.q.to(torch.int16) - int8.QMAX).to(torch.int8)
         for name, linear, rows in zip(stage, linears, blocks, strict=True):
             out[f"{name}.weight"] = q[rows].contiguous()
-            linear.weight.data = int8.dequantize(
-                q[rows], out[f"{name}.weight_scale"], linear.weight.dtype
+            linear.weight.data = int8.dequantize(  # on the layer's device, as its scale
+                q[rows].to(weight.device), out[f"{name}.weight_scale"], linear.weight.dtype
             )
         return out

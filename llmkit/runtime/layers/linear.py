@@ -332,8 +332,10 @@ class W8A8Linear(nn.Module):
         self.out_features = weight.q.shape[0]
         if self.op is not None:
             _register_int8_tiles(self, weight)
-        else:  # [in, out], as torch's product reads it
-            self.register_buffer("q", weight.q.t().contiguous().to(device))
+        else:  # [in, out], as torch's product reads it: row-major on the CPU, column-major
+            # (the [out, in] rows) on CUDA, the layout cuBLASLt's int8 products take
+            q = weight.q.to(device)
+            self.register_buffer("q", q.t().contiguous() if q.is_cpu else q.contiguous().t())
             self.register_buffer("scale", weight.scale.to(device))
         self.bias = bias
         self.dtype = dtype
@@ -344,7 +346,9 @@ class W8A8Linear(nn.Module):
         xq, x_scale = int8.quantize_per_token(x)  # max|x| / 127 per token, as vLLM's kernels
         if x.device.type == "cpu":
             acc = torch._int_mm(xq, self.q).float()
-        else:  # exact in float32 for |sums| < 2**24; the CUDA kernels are a separate path
+        elif self.q.shape[0] % 8 == 0 and self.q.shape[1] % 8 == 0:
+            acc = _int_mm_on_cuda(xq, self.q).float()
+        else:  # exact in float32 for |sums| < 2**24
             acc = xq.float() @ self.q.float()
         return _plus((acc * x_scale * self.scale).to(self.dtype), self.bias)
 
@@ -352,6 +356,15 @@ class W8A8Linear(nn.Module):
         if self.op is None or self.out_features % TILE_ROWS:
             return None
         return KernelCall(W8A8, [self.q, self.scale], self.bias)
+
+
+def _int_mm_on_cuda(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """int32 xq @ q through torch._int_mm (cuBLASLt), which takes more than 16 rows only:
+    fewer are padded with zero rows, cut from the result."""
+    rows = xq.shape[0]
+    if rows <= 16:
+        xq = torch.cat([xq, xq.new_zeros(32 - rows, xq.shape[1])])
+    return torch._int_mm(xq, q)[:rows]
 
 
 class Int4Linear(nn.Module):
