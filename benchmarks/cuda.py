@@ -1,155 +1,352 @@
-"""llmkit on a CUDA GPU: GPTQ quantization and offline generation, with their anchors.
+"""llmkit serving on a CUDA GPU against transformers, in one run: batch-1 decode and its
+memory-bandwidth utilisation, quantized decode, and throughput under concurrency.
 
-GPTQ (4 bits, group 128, the built-in calibration text, 128 windows of 512 tokens): the
-`small-llama` preset (float32) on the GPU and on this machine's CPU (all its cores), and a
-random bfloat16 checkpoint of Llama-3.2-1B's shapes (1.24 B parameters, as in
-benchmarks/shard.py) on the GPU. Printed: llmkit's own time, the command's wall time, peak
-RSS, peak GPU memory (torch's allocator) and the mean per-layer reconstruction error.
+Models (random weights, bf16): Llama-3.2-1B's shapes and Llama-3-8B's (--models picks).
+From each bf16 checkpoint llmkit makes its quantized copies on the GPU (`llmkit quantize
+--device cuda`: int8, w8a8, gptq and awq 4-bit g128; --methods picks), calibrated on the
+built-in text (--calibration samples of 512 tokens); their seconds and peak GPU memory are
+reported. Every contender runs in its own child process, one after the other:
 
-Generation (the workload of benchmarks/engine_throughput.py: 64 requests, prompts of 32-256
-random tokens, exactly 128 output tokens each, greedy), each contender in its own process:
-llmkit `LLM.generate` on the 1B checkpoint in bf16 and on its GPTQ int4 output, and
-transformers `generate` in static batches of 16 on the bf16 checkpoint. Also llmkit's batch-1
-decode tokens/s and memory-bandwidth utilisation against a device-to-device copy measured in
-the same process.
+- llmkit, every checkpoint: batch-1 decode tokens/s (prompt 128, 256 tokens, greedy, EOS
+  ignored; the first token, from the prefill, not counted), with CUDA graphs and, for bf16,
+  also eagerly (--enforce-eager); decode tokens/s of 16 sequences at once.
+- llmkit bf16: output tokens/s of 64 and 256 concurrent requests (prompts of 512
+  random tokens, 256 output tokens each, EOS ignored; --max-num-seqs 256).
+- transformers with a static KV cache and torch.compile(mode="reduce-overhead") at batch 1
+  (the gpt-fast recipe): decode tokens/s, as the difference of two generate lengths (so its
+  prefill and compile are not counted).
+- transformers' static batching: one `generate` of all 64 (then 256) requests.
 
-    python benchmarks/cuda.py [--workdir DIR] [--skip-cpu]
+MBU: weight bytes read per token (every tensor but the embedding table, which counts again
+as a tied LM head) x batch-1 tokens/s / the bandwidth of a 1 GiB device-to-device copy
+measured in the same process, counting the bytes it read and wrote (what the memory moved;
+counting only the bytes copied, an H100 gives half, and decode reads "faster" than it).
+Targets (8B shapes, issue 37): bf16 MBU >= 0.75; gptq-int4 batch-1 >= 2.5x bf16; batch-1
+>= 1.0x the compiled transformers anchor; bf16 output at 256 concurrent >= 5,000 tok/s.
+
+Writes benchmarks/results/cuda-<date>.json with the GPU, driver, torch and Triton versions
+and, per model shape, `mbu`, `int4_over_bf16`, `throughput_256` and the anchor ratios.
+
+    python benchmarks/cuda.py [--workdir DIR] [--models 1b,8b] [--methods ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from child import llmkit_quantize, run_child
-from engine_throughput import (
-    batch1_decode,
-    copy_bandwidth,
-    generate_workload,
-    make_workload,
-    static_batches,
-    weight_bytes_per_token,
-)
-from report import row, save_result
-from shard import LLAMA_1B, make_random_1b
+from child import TimedOut, llmkit_quantize, run_child
+from engine_throughput import copy_bandwidth, weight_bytes_per_token
+from report import print_targets, row, save_result
+from shard import LLAMA_1B, make_random
 
-CALIBRATION = ["--dataset", "builtin", "--num-samples", "128", "--seq-len", "512"]
+LLAMA_8B = {  # Llama-3-8B's shapes
+    **LLAMA_1B,
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
+    "rope_theta": 500000.0,
+}
+SHAPES = {"1b": LLAMA_1B, "8b": LLAMA_8B}
+METHODS = {
+    "int8": [],
+    "w8a8": [],
+    "gptq": ["--group-size", "128"],
+    "awq": ["--group-size", "128"],
+}
+B1_PROMPT, B1_TOKENS, BATCH = 128, 256, 16
+PROMPT, OUTPUT, CONCURRENCY = 512, 256, (64, 256)
+MAX_MODEL_LEN = 1024
+ANCHORS = ("hf-compiled", "hf-static")
+ANCHOR_TIMEOUT = 300  # seconds; compiling an 8B model can take minutes
 
 
-def prepare(work: Path) -> dict[str, Path]:
-    """small-llama (float32) and the 1B-shaped bf16 checkpoint with a trained tokenizer."""
-    models = {"small-llama": work / "small-llama", "llama-1b": work / "llama-1b"}
-    if not (models["small-llama"] / "config.json").is_file():
-        command = [sys.executable, "-m", "llmkit", "init", str(models["small-llama"])]
-        subprocess.run([*command, "--preset", "small-llama"], check=True)
-    if not (models["llama-1b"] / "config.json").is_file():
-        subprocess.run([sys.executable, __file__, "--child", "make-1b", str(work)], check=True)
-    return models
+def prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    import torch
 
-
-def gptq_run(src: Path, out: Path, device: str) -> dict:
-    report, wall, rss = llmkit_quantize(
-        src, out, "gptq", *CALIBRATION, "--device", device, "--overwrite"
-    )
-    errors = [e for layer in report["layer_errors"] for e in layer["modules"].values()]
-    return {
-        "seconds": report["seconds"],
-        "wall_s": wall,
-        "peak_rss_mb": rss / 1e6,
-        "peak_gpu_mb": report["peak_device_bytes"] / 1e6,
-        "mean_layer_error": statistics.fmean(errors),
-    }
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 32000, (count, length), generator=g).tolist()
 
 
 # ---- children: each prints one JSON line --------------------------------------------------
 
 
-def child_make_1b(work: str) -> dict:
+def child_make(shape: str, out: str) -> dict:
     from llmkit.checkpoint.tokenizer import write_tokenizer
 
-    out = Path(work) / "llama-1b"
-    make_random_1b(out)
-    write_tokenizer(out, 32000, 2048)  # ids below 32000: a subset of the 1B vocabulary
-    return {"made": str(out), "vocab": LLAMA_1B["vocab_size"]}
+    start = time.perf_counter()
+    make_random(Path(out), SHAPES[shape], device="cuda")
+    write_tokenizer(Path(out), 32000, 2048)  # ids below 32000: a subset of the vocabulary
+    return {"seconds": time.perf_counter() - start}
 
 
-def child_llmkit(model: str, workload: str) -> dict:
+def _engine(model: str, eager: bool = False, max_num_seqs: int = 256):
     from llmkit.runtime.engine import LLM, EngineConfig
 
-    llm = LLM(model, EngineConfig(device="cuda", dtype="bfloat16", max_model_len=2048))
-    result = generate_workload(llm, json.loads(Path(workload).read_text()))
-    batch1 = batch1_decode(llm.engine, 128, 128)
-    return {**result, **batch1, "copy_bandwidth": copy_bandwidth("cuda", 2**29, 20)}  # 1 GiB
+    config = EngineConfig(device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN,
+                          max_num_seqs=max_num_seqs, enforce_eager=eager)  # fmt: skip
+    return LLM(model, config)
 
 
-def child_hf_static(model: str, workload: str) -> dict:
+def decode_rate(engine, count: int, prompt_len: int, tokens: int) -> float:
+    """Decode tokens/s of `count` sequences started together (their prefill not timed)."""
+    from llmkit.runtime.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts(count, prompt_len, seed=1)):
+        engine.add_request(f"d{i}", prompt_token_ids=ids, params=params)
+    scheduler = engine.scheduler
+    while scheduler.waiting or not all(s.output_token_ids for s in scheduler.running):
+        engine.step()  # prompts computed (each request's first token sampled with them)
+    _sync()
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return count * (tokens - 1) / (time.perf_counter() - start)
+
+
+def throughput(llm, concurrency: int, output: int = OUTPUT) -> dict:
+    """Output tokens/s of `concurrency` requests of PROMPT tokens, `output` tokens each."""
+    from llmkit.runtime.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=output, temperature=0, ignore_eos=True)
+    load = prompts(concurrency, PROMPT, seed=2)
+    _sync()
+    start = time.perf_counter()
+    outs = llm.generate(load, params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def child_llmkit(model: str, parts: str) -> dict:
+    """parts: comma-separated of b1, eager, batch, concurrency."""
+    wanted = parts.split(",")
+    out = {"copy_bandwidth": copy_bandwidth("cuda", 2**29, 20)}  # 1 GiB
+    llm = _engine(model)
+    warm = prompts(2, 16, seed=3)
+    from llmkit.runtime.sequence import SamplingParams
+
+    llm.generate(warm, SamplingParams(max_tokens=8, temperature=0))
+    out["b1_tokens_per_s"] = max(decode_rate(llm.engine, 1, B1_PROMPT, B1_TOKENS) for _ in "ab")
+    if "batch" in wanted:
+        decode_rate(llm.engine, BATCH, 16, 8)  # its graph captured
+        out[f"b{BATCH}_tokens_per_s"] = decode_rate(llm.engine, BATCH, B1_PROMPT, B1_TOKENS)
+    if "concurrency" in wanted:
+        # requests are admitted a few prompts per step, so decode batches pass through
+        # every bucket: a shorter run first captures them
+        out["warmup"] = throughput(llm, max(CONCURRENCY), 96)
+        for c in CONCURRENCY:
+            out[f"c{c}"] = throughput(llm, c)
+    out["graph_capture_s"] = llm.engine.executor.runner.graphs.capture_seconds
+    llm.close()
+    if "eager" in wanted:
+        llm = _engine(model, eager=True)
+        llm.generate(warm, SamplingParams(max_tokens=8, temperature=0))
+        out["b1_eager_tokens_per_s"] = decode_rate(llm.engine, 1, B1_PROMPT, B1_TOKENS)
+        llm.close()
+    return out
+
+
+def child_hf_compiled(model: str) -> dict:
+    """transformers, static cache, compiled by its generate (torch.compile, mode
+    "reduce-overhead", full graph), batch 1."""
+    import torch
+    from transformers import AutoModelForCausalLM, CompileConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
+    hf.generation_config.eos_token_id = None
+    ids = torch.tensor(prompts(1, B1_PROMPT, seed=1), device="cuda")
+    compiled = CompileConfig(fullgraph=True, mode="reduce-overhead")
+
+    def seconds(new: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                        cache_implementation="static", compile_config=compiled)  # fmt: skip
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    seconds(B1_TOKENS)
+    seconds(B1_TOKENS)  # compiled for both phases, graphs recorded
+    compile_s = time.perf_counter() - start
+    short = min(seconds(32) for _ in range(2))
+    full = min(seconds(B1_TOKENS) for _ in range(2))
+    return {"b1_tokens_per_s": (B1_TOKENS - 32) / (full - short), "warmup_s": compile_s}
+
+
+def child_hf_static(model: str) -> dict:
+    """transformers' static batching: one generate of every request at each concurrency."""
     import torch
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
-    load = json.loads(Path(workload).read_text())
-    return static_batches(hf, load, sync=torch.cuda.synchronize)
+    hf.generation_config.eos_token_id = None
+    out = {}
+    with torch.inference_mode():
+        hf.generate(input_ids=torch.tensor(prompts(2, 16, seed=3), device="cuda"),
+                    max_new_tokens=4, do_sample=False)  # fmt: skip
+        for c in CONCURRENCY:
+            ids = torch.tensor(prompts(c, PROMPT, seed=2), device="cuda")
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        max_new_tokens=OUTPUT, min_new_tokens=OUTPUT, do_sample=False)  # fmt: skip
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            out[f"c{c}"] = {"seconds": seconds, "tokens_per_s": c * OUTPUT / seconds}
+            del ids
+            torch.cuda.empty_cache()
+    return out
 
 
-CHILDREN = {"make-1b": child_make_1b, "llmkit": child_llmkit, "hf-static": child_hf_static}
+def _sync() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+CHILDREN = {"make": child_make, "llmkit": child_llmkit, "hf-compiled": child_hf_compiled,
+            "hf-static": child_hf_static}  # fmt: skip
 
 
 # ---- parent -------------------------------------------------------------------------------
 
 
-def generation_run(tool: str, model: Path, workload: Path) -> dict:
-    out, wall, rss = run_child(
-        [sys.executable, __file__, "--child", tool, str(model), str(workload)]
-    )
+def child(*args: str, timeout: float | None = None) -> dict:
+    out, wall, _ = run_child([sys.executable, __file__, "--child", *args], timeout=timeout)
     result = json.loads(out.splitlines()[-1])
-    tokens_per_s = result["output_tokens"] / result["seconds"]
-    return {**result, "tokens_per_s": tokens_per_s, "wall_s": wall, "peak_rss_mb": rss / 1e6}
+    print(" ".join(args[:1] + tuple(Path(a).name for a in args[1:2])), json.dumps(result),
+          f"({wall:.0f} s)", flush=True)  # fmt: skip
+    return result
 
 
-def gptq_runs(models: dict[str, Path], work: Path, skip_cpu: bool) -> dict[str, dict]:
-    """Each GPTQ run, printed as it finishes; returned by name."""
-    results = {}
-    print("\nGPTQ 4-bit g128, 128 x 512 calibration tokens")
-    print(f"{'run':<28}{'llmkit s':>10}{'wall s':>9}{'RSS MB':>9}{'GPU MB':>9}{'mean err':>10}")
-    runs = [("small-llama", "cuda"), ("small-llama", "cpu"), ("llama-1b", "cuda")]
-    for model, device in runs:
-        if device == "cpu" and skip_cpu:
-            continue
-        r = gptq_run(models[model], work / f"{model}-gptq-{device}", device)
-        name = f"{model}, {device}" + (" (all cores)" if device == "cpu" else "")
-        results[name] = r
-        print(
-            f"{name:<28}{r['seconds']:>10.1f}{r['wall_s']:>9.1f}{r['peak_rss_mb']:>9.0f}"
-            f"{r['peak_gpu_mb']:>9.0f}{r['mean_layer_error']:>10.5f}",
-            flush=True,
-        )
-    return results
+def optional(*args: str, timeout: float | None = None) -> dict:
+    """A child whose failure (or running past `timeout` seconds) is recorded, and its rows
+    left out, not fatal."""
+    try:
+        return child(*args, timeout=timeout)
+    except (SystemExit, TimedOut) as e:
+        print(f"{args[0]} failed: {str(e)[-1500:]}", flush=True)
+        return {"error": str(e)[-1500:]}
 
 
-def print_generation(runs: dict[str, dict], weight_bytes: dict[str, int]) -> None:
-    print("\nGeneration: 64 requests, prompts 32-256, 128 output tokens each, greedy")
-    print(f"{'run':<28}{'output tok/s':>14}{'seconds':>9}{'batch-1 tok/s':>15}{'MBU':>7}")
-    for name, r in runs.items():
-        batch1 = r.get("batch1_tokens_per_s")
-        mbu = batch1 * weight_bytes[name] / r["copy_bandwidth"] if batch1 else None
-        print(
-            f"{name:<28}{r['tokens_per_s']:>14.1f}{r['seconds']:>9.2f}"
-            + (f"{batch1:>15.1f}{mbu:>7.0%}" if batch1 else "")
-        )
-    hf = runs["hf-static bf16"]["tokens_per_s"]
-    for name in ("llmkit bf16", "llmkit gptq int4"):
-        print(f"{name} / hf-static bf16: {runs[name]['tokens_per_s'] / hf:.2f}x")
+def quantized(src: Path, method: str, calibration: int) -> tuple[Path, dict]:
+    out = src.parent / f"{src.name}-{method}"
+    options = [*METHODS[method], "--device", "cuda", "--overwrite"]
+    if method in ("gptq", "awq", "w8a8"):
+        options += ["--dataset", "builtin", "--num-samples", str(calibration), "--seq-len", "512"]
+    report, wall, _ = llmkit_quantize(src, out, method, *options)
+    made = {"seconds": report["seconds"], "wall_s": wall,
+            "peak_gpu_mb": report["peak_device_bytes"] / 1e6}  # fmt: skip
+    print(f"quantize {src.name} {method}", json.dumps(made), flush=True)
+    return out, made
+
+
+def run_shape(shape: str, work: Path, methods: list[str], calibration: int) -> dict:
+    bf16 = work / f"llama-{shape}"
+    if not (bf16 / "config.json").is_file():
+        child("make", shape, str(bf16))
+    runs = {"bf16": child("llmkit", str(bf16), "eager,batch,concurrency")}
+    anchors = {name: optional(name, str(bf16), timeout=ANCHOR_TIMEOUT) for name in ANCHORS}
+    made = {}
+    for method in methods:
+        path, made[method] = quantized(bf16, method, calibration)
+        runs[method] = optional("llmkit", str(path), "batch")
+        runs[method]["weight_bytes_per_token"] = weight_bytes_per_token(path)
+    runs["bf16"]["weight_bytes_per_token"] = weight_bytes_per_token(bf16)
+    return {"quantize": made, "llmkit": runs, "anchors": anchors, **ratios(runs, anchors)}
+
+
+def ratios(runs: dict, anchors: dict) -> dict:
+    bf16 = runs["bf16"]
+    # a copy reads and writes each byte: what the memory moved is twice the bytes copied
+    mbu = bf16["b1_tokens_per_s"] * bf16["weight_bytes_per_token"] / (2 * bf16["copy_bandwidth"])
+    out = {"mbu": mbu, "throughput_256": bf16["c256"]["tokens_per_s"]}
+    compiled, static = anchors["hf-compiled"], anchors["hf-static"]
+    if "error" not in compiled:
+        out["b1_over_hf_compiled"] = bf16["b1_tokens_per_s"] / compiled["b1_tokens_per_s"]
+    for c in CONCURRENCY:
+        if "error" not in static:
+            hf = static[f"c{c}"]["tokens_per_s"]
+            out[f"c{c}_over_hf_static"] = bf16[f"c{c}"]["tokens_per_s"] / hf
+    if "error" not in runs.get("gptq", {"error": None}):
+        out["int4_over_bf16"] = runs["gptq"]["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]
+    return out
+
+
+def summarize(shapes: dict) -> list[dict]:
+    rows = []
+    for shape, r in shapes.items():
+        tag = f"Llama-3 {shape.upper()} shapes"
+        bf16, hf = r["llmkit"]["bf16"], r["anchors"]
+        met = shape == "8b"
+        rows.append(row(
+            f"{tag}: bf16 batch-1 decode, MBU against a device-to-device copy",
+            f"{bf16['b1_tokens_per_s']:.1f} tok/s, MBU {r['mbu']:.2f}", "", None,
+            ">= 0.75 MBU" if met else "", r["mbu"] >= 0.75 if met else None,
+        ))  # fmt: skip
+        if "b1_over_hf_compiled" in r:
+            ratio = r["b1_over_hf_compiled"]
+            rows.append(row(
+                f"{tag}: bf16 batch-1 decode against transformers static cache + torch.compile",
+                f"{bf16['b1_tokens_per_s']:.1f} tok/s",
+                f"{hf['hf-compiled']['b1_tokens_per_s']:.1f} tok/s",
+                ratio, ">= 1.0x" if met else "", ratio >= 1.0 if met else None,
+            ))  # fmt: skip
+        for name, run in r["llmkit"].items():
+            if name == "bf16" or "error" in run:
+                continue
+            ratio = run["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]
+            target = name == "gptq" and met
+            rows.append(row(
+                f"{tag}: {name} batch-1 decode (batch {BATCH}) against llmkit bf16",
+                f"{run['b1_tokens_per_s']:.1f} ({run[f'b{BATCH}_tokens_per_s']:.0f}) tok/s",
+                f"{bf16['b1_tokens_per_s']:.1f} ({bf16[f'b{BATCH}_tokens_per_s']:.0f}) tok/s",
+                ratio, ">= 2.5x" if target else "", ratio >= 2.5 if target else None,
+            ))  # fmt: skip
+        for c in CONCURRENCY:
+            mine = bf16[f"c{c}"]["tokens_per_s"]
+            target = met and c == 256
+            static = hf["hf-static"].get(f"c{c}", {}).get("tokens_per_s")
+            rows.append(row(
+                f"{tag}: bf16 output tok/s, {c} concurrent (prompt {PROMPT}, {OUTPUT} out), "
+                "against transformers' static batch",
+                f"{mine:.0f} tok/s", f"{static:.0f} tok/s" if static else "failed",
+                r.get(f"c{c}_over_hf_static"), ">= 5000 tok/s" if target else "",
+                mine >= 5000 if target else None,
+            ))  # fmt: skip
+    return rows
+
+
+def versions() -> dict:
+    import torch
+    import triton
+
+    smi = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    driver = subprocess.run(smi, capture_output=True, text=True).stdout.strip()
+    return {"gpu": torch.cuda.get_device_name(), "driver": driver, "torch": torch.__version__,
+            "triton": triton.__version__}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", help="keep the checkpoints here (default: a temp dir)")
-    parser.add_argument("--skip-cpu", action="store_true", help="no CPU GPTQ run of small-llama")
+    parser.add_argument("--models", default="1b,8b", help="shapes to run: 1b, 8b")
+    parser.add_argument("--methods", default=",".join(METHODS), help="quantized copies")
+    parser.add_argument("--calibration", type=int, default=32, help="calibration samples")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,56 +356,18 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/cuda.py needs a CUDA device; torch sees none")
-    print(f"gpu: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
+    fields = versions()
+    print(json.dumps(fields), flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-cuda-bench-"))
-    models = prepare(work)
-    gptq = gptq_runs(models, work, args.skip_cpu)
-    workload = work / "workload.json"
-    make_workload(workload)
-    checkpoints = {
-        "llmkit bf16": ("llmkit", models["llama-1b"]),
-        "llmkit gptq int4": ("llmkit", work / "llama-1b-gptq-cuda"),
-        "hf-static bf16": ("hf-static", models["llama-1b"]),
-    }
-    generation = {}
-    for name, (tool, model) in checkpoints.items():
-        generation[name] = generation_run(tool, model, workload)
-        print(name, json.dumps(generation[name]), flush=True)
-    sizes = {name: weight_bytes_per_token(model) for name, (_, model) in checkpoints.items()}
-    print_generation(generation, sizes)
-    fields = {"gpu": torch.cuda.get_device_name(), "gptq": gptq, "generation": generation}
-    fields["weight_bytes_per_token"] = sizes
-    anchor = "transformers' static batches on the same GPU"
-    save_result("cuda", fields, fields["gpu"], anchor=anchor, summary=summarize(fields))
-
-
-def summarize(fields: dict) -> list[dict]:
-    """RESULTS.md's rows: each GPTQ run, generation against transformers, batch-1 MBU."""
-    rows = [
-        row(
-            f"GPTQ 4-bit g128, {name} (seconds; peak GPU memory)",
-            f"{r['seconds']:.1f} s; {r['peak_gpu_mb']:.0f} MB",
-            "",
-            None,
-        )
-        for name, r in fields["gptq"].items()
-    ]
-    generation, sizes = fields["generation"], fields["weight_bytes_per_token"]
-    hf = generation["hf-static bf16"]["tokens_per_s"]
-    for name in ("llmkit bf16", "llmkit gptq int4"):
-        r = generation[name]
-        rows.append(row(
-            f"64 requests x 128 tokens, {name}, output tok/s (anchor: transformers bf16)",
-            f"{r['tokens_per_s']:.1f} tok/s", f"{hf:.1f} tok/s", r["tokens_per_s"] / hf,
-        ))  # fmt: skip
-        if "batch1_tokens_per_s" not in r:
-            continue
-        mbu = r["batch1_tokens_per_s"] * sizes[name] / r["copy_bandwidth"]
-        rows.append(row(
-            f"batch-1 decode, {name}; MBU against a device-to-device copy",
-            f"{r['batch1_tokens_per_s']:.1f} tok/s, MBU {mbu:.0%}", "", None,
-        ))  # fmt: skip
-    return rows
+    methods = [m for m in args.methods.split(",") if m]
+    shapes = {s: run_shape(s, work, methods, args.calibration) for s in args.models.split(",")}
+    fields["shapes"] = shapes
+    summary = summarize(shapes)
+    print_targets(summary)
+    anchor = "transformers on the same GPU: static cache + torch.compile at batch 1, static batches"
+    machine = ", ".join([fields["gpu"], f"driver {fields['driver']}",
+                         f"torch {fields['torch']}", f"triton {fields['triton']}"])  # fmt: skip
+    save_result("cuda", fields, machine, anchor=anchor, summary=summary)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ BENCHMARKS = {
     "lora": "LoRA adapters: a batch mixing four against the base model",
     "speculative": "Speculative decoding against plain decoding",
     "lm_eval_compat": "lm-evaluation-harness through `llmkit serve` against its hf backend",
-    "cuda": "On a CUDA GPU: GPTQ and generation",
+    "cuda": "On a CUDA GPU: decoding and throughput beside transformers",
 }
 
 HEADER = """# Benchmark results

@@ -52,7 +52,12 @@ LLAMA_1B = {  # Llama-3.2-1B's shapes
 
 
 def make_random_1b(out: Path) -> None:
-    """Write random bfloat16 weights of LLAMA_1B's shapes, chunk by chunk (memory ~ 1 chunk)."""
+    make_random(out, LLAMA_1B)
+
+
+def make_random(out: Path, config: dict, device: str = "cpu") -> None:
+    """Write random bfloat16 weights of a llama config's shapes, chunk by chunk (memory ~ 1
+    chunk), drawn on `device` (a GPU draws billions of them far faster)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -60,21 +65,23 @@ def make_random_1b(out: Path) -> None:
     from llmkit.checkpoint.writer import write_checkpoint
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA_1B))
-    generator = torch.Generator().manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    generator = torch.Generator(device).manual_seed(0)
 
     def chunks(shape: tuple[int, ...]):
         rows = max(1, 2**24 // max(1, int(torch.tensor(shape[1:]).prod())))
         for start in range(0, shape[0], rows):
             piece = (min(rows, shape[0] - start), *shape[1:])
-            yield (0.02 * torch.randn(piece, generator=generator)).to(torch.bfloat16)
+            drawn = torch.randn(piece, generator=generator, device=device)
+            yield (0.02 * drawn).to(torch.bfloat16).cpu()
 
+    tied = config.get("tie_word_embeddings", False)
     specs = [
         TensorSpec(name, "BF16", tuple(p.shape), lambda s=tuple(p.shape): chunks(s))
         for name, p in model.state_dict().items()
-        if name != "lm_head.weight"  # tied
+        if not (tied and name == "lm_head.weight")
     ]
-    write_checkpoint(out, specs, LLAMA_1B)
+    write_checkpoint(out, specs, config)
 
 
 def prepare(work: Path, skip_1b: bool) -> dict[str, Path]:
