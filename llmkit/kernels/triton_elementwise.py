@@ -22,7 +22,7 @@ def _norm_kernel(x, residual, weight, out, dim, eps, ADD: tl.constexpr, BLOCK: t
     keep = d < dim
     h = tl.load(x + row + d, mask=keep, other=0.0)
     if ADD:
-        h = (h.to(tl.float32) + tl.load(residual + row + d, mask=keep, other=0.0).to(tl.float32))
+        h = h.to(tl.float32) + tl.load(residual + row + d, mask=keep, other=0.0).to(tl.float32)
         h = h.to(residual.dtype.element_ty)
         tl.store(residual + row + d, h, mask=keep)
     h = h.to(tl.float32)
