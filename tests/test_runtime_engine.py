@@ -84,6 +84,14 @@ def test_prompt_longer_than_the_context_is_rejected(tiny_dir):
     assert not engine.has_unfinished()
 
 
+@pytest.mark.parametrize("length", [513, 1, -4])
+def test_a_context_the_model_has_no_positions_for_is_refused(tiny_dir, length):
+    """tiny-llama computes 512 positions: a longer --max-model-len failed every request that
+    reached position 512, in the middle of its generation."""
+    with pytest.raises(LlmkitError, match=rf"--max-model-len {length} must be between 2 and .*512"):
+        Engine(tiny_dir(), EngineConfig(max_model_len=length))
+
+
 def test_generation_stops_at_the_context_length(tiny_dir):
     llm = LLM(tiny_dir(), EngineConfig(max_model_len=32))
     out = llm.generate([[5] * 30], SamplingParams(max_tokens=100, ignore_eos=True))[0]

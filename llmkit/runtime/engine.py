@@ -73,6 +73,7 @@ class Engine:
         try:
             hf_config = src.config
             self.model_config = LlamaConfig.from_hf(hf_config)
+            _check_context(config.max_model_len, self.model_config.max_position_embeddings)
             dtype = _resolve_dtype(config.dtype, hf_config, device.type)
             self.kv_block_bytes = kv_block_bytes(
                 self.model_config, config.tp, config.block_size, DTYPES[dtype].itemsize
@@ -472,6 +473,15 @@ class Engine:
                 "--gpu-memory-utilization, free the GPU, or set --kv-cache-memory"
             )
         return num_blocks
+
+
+def _check_context(max_model_len: int | None, positions: int) -> None:
+    """The model computes positions 0..max_position_embeddings-1 only (its rotary table)."""
+    if max_model_len is not None and not 2 <= max_model_len <= positions:
+        raise LlmkitError(
+            f"--max-model-len {max_model_len} must be between 2 and the model's "
+            f"max_position_embeddings ({positions})"
+        )
 
 
 def _logprob_entry(s: Sampled) -> dict:
