@@ -25,6 +25,40 @@ def generate(path, tp: int) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
+def test_a_step_packed_for_the_other_ranks_unpacks_to_the_same_inputs():
+    """What the driver broadcasts each step (one int64 tensor): decodes (one with a draft),
+    a fresh prefill and one over a cached prefix, two LoRA adapters."""
+    import torch
+
+    from llmkit.runtime.model_runner import StepInputs, prepare
+    from llmkit.runtime.scheduler import Batch
+    from llmkit.runtime.sequence import Sequence
+
+    batch = Batch()
+    specs = [  # prompt, tokens cached, tokens this step, adapter, draft
+        (list(range(3, 40)), 36, 1, 0, None),
+        (list(range(5, 30)), 24, 3, 7, [9, 9]),
+        (list(range(9, 20)), 0, 11, 7, None),
+        (list(range(2, 60)), 32, 26, 2, None),
+    ]
+    for table_start, (prompt, computed, n, lora, draft) in enumerate(specs):
+        seq = Sequence(prompt, lora_id=lora)
+        seq.num_computed_tokens = computed
+        seq.block_table = list(range(table_start * 10, table_start * 10 + 5))
+        batch.add(seq, n, draft)
+    inputs = prepare(batch, 16)[0]
+    assert inputs.meta.prefills and inputs.meta.num_decodes and inputs.lora_segments
+    back = StepInputs.unpack(inputs.pack())
+    for name in ("input_ids", "positions", "logits_indices"):
+        assert torch.equal(getattr(back, name), getattr(inputs, name)), name
+    for name in ("slot_mapping", "decode_blocks", "decode_lens"):
+        assert torch.equal(getattr(back.meta, name), getattr(inputs.meta, name)), name
+    assert back.meta.num_decodes == inputs.meta.num_decodes
+    fields = lambda m: [(p.start, p.length, p.computed, p.blocks) for p in m.prefills]  # noqa: E731
+    assert fields(back.meta) == fields(inputs.meta)
+    assert back.lora_segments == inputs.lora_segments and back.steps == inputs.steps
+
+
 def test_tp2_from_a_full_checkpoint_equals_tp1(tiny_dir):
     assert generate(tiny_dir("tiny-llama"), 2) == generate(tiny_dir("tiny-llama"), 1)
 

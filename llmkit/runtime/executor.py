@@ -1,6 +1,7 @@
 """Runs the model on every tensor-parallel rank: rank 0 in this process, ranks 1..tp-1 in
-worker processes. Each step the driver broadcasts the step's inputs; all ranks compute, the
-row-parallel layers all-reduce, and the logits come back to rank 0 (gloo on CPU, nccl on CUDA).
+worker processes. Each step the driver broadcasts the step's inputs, packed into one int64
+tensor (its length, then itself: nothing pickled); all ranks compute, the row-parallel layers
+all-reduce, and the logits come back to rank 0 (gloo on CPU, nccl on CUDA).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import torch.distributed as dist
 from llmkit.errors import LlmkitError
 from llmkit.net import free_port
 from llmkit.runtime.distributed import Group
-from llmkit.runtime.model_runner import ModelRunner, StepOutput, prepare, prepare_steps
+from llmkit.runtime.model_runner import (
+    ModelRunner,
+    StepInputs,
+    StepOutput,
+    prepare,
+    prepare_steps,
+)
 from llmkit.runtime.scheduler import Batch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,6 +65,10 @@ class Executor:
     def __init__(self, spec: RunnerSpec):
         self.spec = spec
         self.workers: list[multiprocessing.Process] = []
+        # where broadcast tensors live: nccl takes CUDA tensors only
+        self._wire = (
+            torch.device("cuda", 0) if spec.device.startswith("cuda") else torch.device("cpu")
+        )
         if spec.tp > 1:
             self._start_workers()
         error = None
@@ -78,7 +89,7 @@ class Executor:
             return self.runner.greedy_steps(inputs, batch.seqs)
         inputs, sampled, spans = prepare(batch, self.spec.block_size)
         if self.spec.tp > 1:
-            dist.broadcast_object_list([inputs], src=0)
+            _send(inputs, self._wire)
         logits = self.runner.execute(inputs)
         return self.runner.finish(logits, sampled, spans, masks() if masks else None)
 
@@ -104,7 +115,7 @@ class Executor:
         or another) can size its cache by what is free."""
         if self.workers:
             try:
-                dist.broadcast_object_list([None], src=0)  # the workers' signal to return
+                _send(None, self._wire)  # the workers' signal to return
             except RuntimeError:  # a worker is gone already (killed from outside)
                 self._stop_workers(kill=True)
             else:
@@ -169,13 +180,29 @@ def _worker_main(spec: RunnerSpec, rank: int, port: int, threads: int) -> None:
     dist.all_gather_object([None] * spec.tp, error)
     if runner is None:
         return
-    while True:
-        message = [None]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is None:
-            break
-        runner.execute(message[0])
+    while (inputs := _receive(runner.device)) is not None:
+        runner.execute(inputs)
     dist.destroy_process_group()
+
+
+def _send(inputs: StepInputs | None, device: torch.device) -> None:
+    """Rank 0: a step's inputs to the other ranks (None: the signal to stop). The tensors
+    travel on `device` (nccl broadcasts CUDA tensors only)."""
+    packed = None if inputs is None else inputs.pack().to(device)
+    dist.broadcast(torch.tensor([-1 if packed is None else len(packed)], device=device), src=0)
+    if packed is not None:
+        dist.broadcast(packed, src=0)
+
+
+def _receive(device: torch.device) -> StepInputs | None:
+    """Ranks 1..tp-1: the next step's inputs from rank 0, or None when it says stop."""
+    size = torch.zeros(1, dtype=torch.long, device=device)
+    dist.broadcast(size, src=0)
+    if int(size) < 0:
+        return None
+    packed = torch.empty(int(size), dtype=torch.long, device=device)
+    dist.broadcast(packed, src=0)
+    return StepInputs.unpack(packed.cpu())
 
 
 def set_threads(threads: int | None) -> None:

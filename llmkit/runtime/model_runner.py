@@ -37,6 +37,45 @@ class StepInputs:
     # slot_mapping [steps * sequences] step-major, the block tables covering every step
     steps: int = 1
 
+    def pack(self) -> torch.Tensor:
+        """These inputs as one int64 tensor (the other ranks' copy of a step: one broadcast,
+        nothing pickled); `unpack` reads it back."""
+        meta = self.meta
+        blocks = meta.decode_blocks if meta.decode_blocks is not None else _LONGS.view(0, 0)
+        lens = meta.decode_lens if meta.decode_lens is not None else _LONGS
+        prefills = [x for p in meta.prefills for x in (p.start, p.length, p.computed,
+                                                       len(p.blocks), *p.blocks)]  # fmt: skip
+        header = [self.steps, len(self.input_ids), len(meta.slot_mapping), meta.num_decodes,
+                  *blocks.shape, len(meta.prefills), len(self.logits_indices),
+                  len(self.lora_segments)]  # fmt: skip
+        lora = [x for segment in self.lora_segments for x in segment]
+        parts = [header, self.input_ids, self.positions, meta.slot_mapping, blocks.flatten(),
+                 lens, prefills, self.logits_indices, lora]  # fmt: skip
+        return torch.cat([torch.as_tensor(p, dtype=torch.long) for p in parts])
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor) -> StepInputs:
+        """The StepInputs `pack` made `packed` of (a CPU tensor)."""
+        at = 9
+        header = packed[:at].tolist()
+        steps, tokens, slots, decodes, rows, width, num_prefills, logits, loras = header
+
+        def take(n: int) -> torch.Tensor:
+            nonlocal at
+            at += n
+            return packed[at - n : at]
+
+        ids, positions, slot_mapping = take(tokens), take(tokens), take(slots)
+        meta = AttentionMetadata(slot_mapping, decodes)
+        if rows:
+            meta.decode_blocks, meta.decode_lens = take(rows * width).view(rows, width), take(rows)
+        for _ in range(num_prefills):
+            start, length, computed, n = take(4).tolist()
+            meta.prefills.append(Prefill(start, length, computed, take(n).tolist()))
+        logits_indices = take(logits)
+        segments = [tuple(take(3).tolist()) for _ in range(loras)]
+        return cls(ids, positions, meta, logits_indices, segments, steps)
+
     def to(self, device: torch.device) -> StepInputs:
         """These inputs on `device` (they are built on the CPU, and used there as they are)."""
         if device.type == "cpu":
@@ -49,6 +88,9 @@ class StepInputs:
             self.lora_segments,
             self.steps,
         )
+
+
+_LONGS = torch.zeros(0, dtype=torch.long)
 
 
 @dataclass(slots=True)
