@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,3 +49,16 @@ def random_prompts(num: int, low: int, high: int, seed: int = 0, vocab: int = 50
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(low, high, (num,), generator=g).tolist()
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def interpreted(code: str):
+    """What the last line `code` prints, as JSON, from a child process that runs Triton's
+    kernels on the CPU through its interpreter (chosen when Triton compiles, so before any
+    test module could set it). Skips where the installed Triton cannot."""
+    # older interpreters cannot loop over a kernel's runtime arguments (range(start, stop))
+    pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (`test` extra)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LLMKIT_CPU_KERNELS": "0"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])

@@ -4,16 +4,10 @@ where there is a GPU, and on the CPU through Triton's interpreter in a child pro
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.runtime_helpers import NEEDS_CUDA
+from tests.runtime_helpers import NEEDS_CUDA, interpreted
 
 # (heads, kv_heads, head_dim, block_size, dtype name)
 CASES = [
@@ -139,20 +133,12 @@ TOLERANCE = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}
 
 
 def test_attention_kernels_interpreted_match_float64():
-    pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (`test` extra)")
-    code = (
+    errors = interpreted(
         "import json\n"
         "from tests.test_triton_attention import CASES, decode_error, prefill_error\n"
         "print(json.dumps([[decode_error(c, 'cpu', True), decode_error(c, 'cpu', False),\n"
         "                   *prefill_error(c, 'cpu')] for c in CASES]))\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LLMKIT_CPU_KERNELS": "0"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.splitlines()[-1])
     for case, (split, whole, prefill, untouched) in zip(CASES, errors, strict=True):
         assert split < TOLERANCE[case[-1]] and whole < TOLERANCE[case[-1]], (case, split, whole)
         assert prefill < TOLERANCE[case[-1]], (case, prefill)

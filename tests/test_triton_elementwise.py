@@ -4,17 +4,11 @@ there is a GPU, and on the CPU through Triton's interpreter in a child process."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.runtime_helpers import NEEDS_CUDA
+from tests.runtime_helpers import NEEDS_CUDA, interpreted
 
 # (rows, dim, dtype name); odd row counts and a dim that is not a power of two
 CASES = [(3, 64, "float32"), (5, 96, "float16"), (1, 256, "float32")]
@@ -69,20 +63,13 @@ def check(case, found: dict[str, float]) -> None:
 
 
 def test_elementwise_kernels_interpreted_match_the_torch_paths():
-    pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (`test` extra)")
-    code = (
+    found = interpreted(
         "import json\n"
         "from tests.test_triton_elementwise import CASES, errors\n"
         "print(json.dumps([errors(c, 'cpu') for c in CASES]))\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LLMKIT_CPU_KERNELS": "0"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for case, found in zip(CASES, json.loads(done.stdout.splitlines()[-1]), strict=True):
-        check(case, found)
+    for case, errors_of_case in zip(CASES, found, strict=True):
+        check(case, errors_of_case)
 
 
 @NEEDS_CUDA

@@ -5,8 +5,6 @@ before any test module could set it)."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.runtime_helpers import NEEDS_CUDA
+from tests.runtime_helpers import NEEDS_CUDA, interpreted
 
 SETTINGS = [
     dict(group_size=16),
@@ -51,20 +49,11 @@ def differing_fields(settings: dict, device: str) -> list[str]:
 
 def test_gptq_sweep_kernel_interpreted_gives_the_torch_sweeps_values():
     """Every settings case at once in one interpreted child: same codes, same errors."""
-    # older interpreters cannot loop over a kernel's runtime arguments (range(start, stop))
-    pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (`test` extra)")
-    code = (
+    differing = interpreted(
         "import json, sys\n"
         "from tests.test_triton_kernels import SETTINGS, differing_fields\n"
         "print(json.dumps([differing_fields(s, 'cpu') for s in SETTINGS]))\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LLMKIT_CPU_KERNELS": "0"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    differing = json.loads(done.stdout.splitlines()[-1])
     assert differing == [[] for _ in SETTINGS]
 
 

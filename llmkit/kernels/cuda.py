@@ -34,24 +34,12 @@ def for_tensors(*tensors: torch.Tensor):
     device = "cpu" if INTERPRETED else "cuda"
     if any(t.device.type != device or t.dtype != torch.float32 for t in tensors):
         return None
-    return _kernels()
+    return _module("triton_gptq")
 
 
-@functools.cache
-def _kernels():
-    try:
-        return importlib.import_module("llmkit.kernels.triton_gptq")
-    except ImportError:  # no Triton (CPU-only installs): the torch paths
-        return None
-
-
-@functools.cache
 def attention_kernels():
     """llmkit.kernels.triton_attention (paged attention on CUDA), or None without Triton."""
-    try:
-        return importlib.import_module("llmkit.kernels.triton_attention")
-    except ImportError:
-        return None
+    return _module("triton_attention")
 
 
 def elementwise_for(*tensors: torch.Tensor):
@@ -59,12 +47,14 @@ def elementwise_for(*tensors: torch.Tensor):
     CUDA and Triton is installed, else None."""
     if not all(t.is_cuda for t in tensors):
         return None
-    return _elementwise()
+    return _module("triton_elementwise")
 
 
 @functools.cache
-def _elementwise():
+def _module(name: str):
+    """llmkit.kernels.<name>, imported on first use; None without Triton (CPU-only
+    installs), where callers take their torch paths."""
     try:
-        return importlib.import_module("llmkit.kernels.triton_elementwise")
+        return importlib.import_module(f"llmkit.kernels.{name}")
     except ImportError:
         return None

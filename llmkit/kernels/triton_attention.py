@@ -73,6 +73,23 @@ def _key_rows(tables, seq, n, block_size, cache_b, cache_h, cache_s, kv_head, ke
 
 
 @triton.jit
+def _attend(query, k_cache, v_cache, at, kv_keep, seen, m_i, l_i, acc, scale_log2,
+            PREC: tl.constexpr):  # fmt: skip
+    """One step of the online softmax: the queries [rows, dim] against the keys and values
+    at offsets `at` [keys, dim] of the caches, where `seen` [rows, keys] allows; -> the
+    running (max, sum, weighted values)."""
+    key = tl.load(k_cache + at, mask=kv_keep, other=0.0)
+    s = tl.dot(query, tl.trans(key), input_precision=PREC) * scale_log2
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    value = tl.load(v_cache + at, mask=kv_keep, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision=PREC)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_acc,
                    stride_qt, stride_qh, stride_ot, stride_oh, table_stride, cache_b, cache_h,
                    cache_s, block_size, scale_log2, split_keys, num_splits,
@@ -100,16 +117,8 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
         keep = n < end
         rows = _key_rows(tables, row0, n, block_size, cache_b, cache_h, cache_s, kv_head, keep)
         kv_keep = keep[:, None] & (d[None, :] < D)
-        key = tl.load(k_cache + rows[:, None] + d[None, :], mask=kv_keep, other=0.0)
-        s = tl.dot(query, tl.trans(key), input_precision=PREC) * scale_log2
-        s = tl.where(keep[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        value = tl.load(v_cache + rows[:, None] + d[None, :], mask=kv_keep, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _attend(query, k_cache, v_cache, rows[:, None] + d[None, :], kv_keep,
+                                keep[None, :], m_i, l_i, acc, scale_log2, PREC)  # fmt: skip
     if SPLIT:
         at = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
         tl.store(part_m + at, m_i, mask=g < GROUP)
@@ -210,16 +219,9 @@ def _prefill_kernel(q, k_cache, v_cache, tables, out, tile_seq, tile_row, q_star
         keep = n < end
         rows = _key_rows(tables, row0, n, block_size, cache_b, cache_h, cache_s, kv_head, keep)
         kv_keep = keep[:, None] & (d[None, :] < D)
-        key = tl.load(k_cache + rows[:, None] + d[None, :], mask=kv_keep, other=0.0)
-        s = tl.dot(query, tl.trans(key), input_precision=PREC) * scale_log2
-        s = tl.where(keep[None, :] & (n[None, :] <= position[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        value = tl.load(v_cache + rows[:, None] + d[None, :], mask=kv_keep, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision=PREC)
-        m_i = m_new
+        seen = keep[None, :] & (n[None, :] <= position[:, None])
+        m_i, l_i, acc = _attend(query, k_cache, v_cache, rows[:, None] + d[None, :], kv_keep,
+                                seen, m_i, l_i, acc, scale_log2, PREC)  # fmt: skip
     o = acc / tl.maximum(l_i, 1e-30)[:, None]
     o_rows = (first + m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :]
     tl.store(out + o_rows, o.to(out.dtype.element_ty), mask=q_keep)
