@@ -1,5 +1,6 @@
-"""The batch-size buckets CUDA graphs are captured for (runtime/cuda_graphs.py); the graphs
-themselves are checked against eager mode in tests/test_cuda.py."""
+"""What runtime/cuda_graphs.py decides on the host, checked on the CPU: the batch-size
+buckets, which steps replay a graph, and how a step fills and pads the persistent buffers.
+The graphs themselves are checked against eager mode in tests/test_cuda.py."""
 
 from __future__ import annotations
 
@@ -20,3 +21,50 @@ def test_every_batch_size_has_the_smallest_bucket_that_holds_it(max_seqs):
         assert bucket == max_seqs or regular
         assert bucket < 2 * rows or bucket - rows < 32  # padding stays small
     assert bucket_for(max_seqs + 1, sizes) is None
+
+
+def _decode_step(rows: int, width: int, steps: int = 1, lora=()):
+    """StepInputs of `rows` decodes with block tables `width` wide (distinct values per row)."""
+    import torch
+
+    from llmkit.runtime.layers.attention import AttentionMetadata
+    from llmkit.runtime.model_runner import StepInputs
+
+    meta = AttentionMetadata(torch.arange(100, 100 + rows), rows)
+    meta.decode_blocks = torch.arange(rows * width).view(rows, width) + 1
+    meta.decode_lens = torch.arange(rows) + 7
+    ids = torch.arange(rows) + 3
+    return StepInputs(ids, torch.arange(rows) + 50, meta, torch.arange(rows), list(lora), steps)
+
+
+def test_a_decode_step_fills_the_buffers_and_pads_the_rest_of_its_bucket():
+    """The persistent buffers after a step of 3 rows: its ids, positions, slots, lengths and
+    tables first; every later row writes nowhere (slot -1) and attends to one key."""
+    import torch
+
+    from llmkit.runtime.cuda_graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(None, None, max_seqs=8, max_blocks=6, device="cpu")
+    graphs._load(_decode_step(5, 4))  # an earlier, wider step
+    graphs._load(_decode_step(3, 2))
+    ids, positions, slots, lens = graphs.fields
+    assert ids[:3].tolist() == [3, 4, 5] and positions[:3].tolist() == [50, 51, 52]
+    assert slots.tolist() == [100, 101, 102] + [-1] * 5
+    assert lens.tolist() == [7, 8, 9] + [1] * 5
+    assert graphs.tables[:3, :2].tolist() == [[1, 2], [3, 4], [5, 6]]
+    assert graphs.tables.dtype == torch.int32
+
+
+def test_only_plain_decode_steps_that_fit_replay_a_graph():
+    from llmkit.runtime.cuda_graphs import DecodeGraphs
+    from llmkit.runtime.layers.attention import Prefill
+
+    graphs = DecodeGraphs(None, None, max_seqs=8, max_blocks=6, device="cpu")
+    assert graphs.takes(_decode_step(1, 6)) and graphs.takes(_decode_step(8, 3))
+    assert not graphs.takes(_decode_step(9, 3))  # more rows than the largest bucket
+    assert not graphs.takes(_decode_step(2, 7))  # a table wider than the buffers
+    assert not graphs.takes(_decode_step(2, 3, steps=2))
+    assert not graphs.takes(_decode_step(2, 3, lora=[(1, 0, 2)]))
+    with_prefill = _decode_step(2, 3)
+    with_prefill.meta.prefills.append(Prefill(2, 4, 0, [5]))
+    assert not graphs.takes(with_prefill)

@@ -44,7 +44,7 @@ class DecodeGraphs:
         self.tables = torch.zeros((rows, max_blocks), dtype=torch.int32, device=device)
         self.rows = torch.arange(rows, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None  # the graphs' one memory pool, from the first capture on
         self.capture_seconds = 0.0
 
     def takes(self, inputs) -> bool:
@@ -98,6 +98,8 @@ class DecodeGraphs:
         """A graph of the model over the buffers' first `bucket` rows, after one eager run
         (which compiles and tunes what the capture must not)."""
         start = time.perf_counter()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
