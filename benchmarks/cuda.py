@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from child import TimedOut, llmkit_quantize, run_child
-from engine_throughput import copy_bandwidth, weight_bytes_per_token
+from engine_throughput import copy_bandwidth, decode_rate, generate_workload, weight_bytes_per_token
 from report import print_targets, row, save_result
 from shard import LLAMA_1B, make_random
 
@@ -90,58 +90,40 @@ def child_make(shape: str, out: str) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
-def _engine(model: str, eager: bool = False, max_num_seqs: int = 256):
+def _engine(model: str, eager: bool = False):
     from llmkit.runtime.engine import LLM, EngineConfig
 
     config = EngineConfig(device="cuda", dtype="bfloat16", max_model_len=MAX_MODEL_LEN,
-                          max_num_seqs=max_num_seqs, enforce_eager=eager)  # fmt: skip
+                          max_num_seqs=max(CONCURRENCY), enforce_eager=eager)  # fmt: skip
     return LLM(model, config)
 
 
-def decode_rate(engine, count: int, prompt_len: int, tokens: int) -> float:
-    """Decode tokens/s of `count` sequences started together (their prefill not timed)."""
-    from llmkit.runtime.sequence import SamplingParams
-
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    for i, ids in enumerate(prompts(count, prompt_len, seed=1)):
-        engine.add_request(f"d{i}", prompt_token_ids=ids, params=params)
-    scheduler = engine.scheduler
-    while scheduler.waiting or not all(s.output_token_ids for s in scheduler.running):
-        engine.step()  # prompts computed (each request's first token sampled with them)
-    _sync()
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        engine.step()
-    return count * (tokens - 1) / (time.perf_counter() - start)
+def decode(engine, count: int) -> float:
+    """Decode tokens/s of `count` sequences of B1_PROMPT tokens, B1_TOKENS tokens each."""
+    return decode_rate(engine, prompts(count, B1_PROMPT, seed=1), B1_TOKENS)
 
 
 def throughput(llm, concurrency: int, output: int = OUTPUT) -> dict:
     """Output tokens/s of `concurrency` requests of PROMPT tokens, `output` tokens each."""
-    from llmkit.runtime.sequence import SamplingParams
-
-    params = SamplingParams(max_tokens=output, temperature=0, ignore_eos=True)
-    load = prompts(concurrency, PROMPT, seed=2)
-    _sync()
-    start = time.perf_counter()
-    outs = llm.generate(load, params)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds}
+    load = {"prompts": prompts(concurrency, PROMPT, seed=2), "output_len": output}
+    result = generate_workload(llm, load)
+    return {**result, "tokens_per_s": result["output_tokens"] / result["seconds"]}
 
 
 def child_llmkit(model: str, parts: str) -> dict:
-    """parts: comma-separated of b1, eager, batch, concurrency."""
+    """Batch-1 decode, and `parts` (comma-separated): eager (batch 1 again without graphs),
+    batch (BATCH sequences), concurrency (each of CONCURRENCY)."""
+    from llmkit.runtime.sequence import SamplingParams
+
     wanted = parts.split(",")
     out = {"copy_bandwidth": copy_bandwidth("cuda", 2**29, 20)}  # 1 GiB
     llm = _engine(model)
     warm = prompts(2, 16, seed=3)
-    from llmkit.runtime.sequence import SamplingParams
-
     llm.generate(warm, SamplingParams(max_tokens=8, temperature=0))
-    out["b1_tokens_per_s"] = max(decode_rate(llm.engine, 1, B1_PROMPT, B1_TOKENS) for _ in "ab")
+    out["b1_tokens_per_s"] = max(decode(llm.engine, 1) for _ in "ab")
     if "batch" in wanted:
-        decode_rate(llm.engine, BATCH, 16, 8)  # its graph captured
-        out[f"b{BATCH}_tokens_per_s"] = decode_rate(llm.engine, BATCH, B1_PROMPT, B1_TOKENS)
+        decode_rate(llm.engine, prompts(BATCH, 16, seed=1), 8)  # its graph captured
+        out[f"b{BATCH}_tokens_per_s"] = decode(llm.engine, BATCH)
     if "concurrency" in wanted:
         # requests are admitted a few prompts per step, so decode batches pass through
         # every bucket: a shorter run first captures them
@@ -153,7 +135,7 @@ def child_llmkit(model: str, parts: str) -> dict:
     if "eager" in wanted:
         llm = _engine(model, eager=True)
         llm.generate(warm, SamplingParams(max_tokens=8, temperature=0))
-        out["b1_eager_tokens_per_s"] = decode_rate(llm.engine, 1, B1_PROMPT, B1_TOKENS)
+        out["b1_eager_tokens_per_s"] = decode(llm.engine, 1)
         llm.close()
     return out
 
@@ -210,12 +192,6 @@ def child_hf_static(model: str) -> dict:
             del ids
             torch.cuda.empty_cache()
     return out
-
-
-def _sync() -> None:
-    import torch
-
-    torch.cuda.synchronize()
 
 
 CHILDREN = {"make": child_make, "llmkit": child_llmkit, "hf-compiled": child_hf_compiled,

@@ -117,18 +117,28 @@ def generate_workload(llm, workload: dict) -> dict:
     return {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
 
 
-def batch1_decode(engine, prompt_len: int, output_len: int) -> dict:
-    """Decode tokens/s of one request (the first token, from the prefill, is not counted;
-    an engine step may decode several, --decode-steps)."""
+def decode_rate(engine, prompts: list[list[int]], tokens: int) -> float:
+    """Decode tokens/s of the sequences of `prompts`, started together: their prefills (and
+    the first token each, sampled with them) are not timed; an engine step may decode
+    several tokens (--decode-steps)."""
     from llmkit.runtime.sequence import SamplingParams
 
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    engine.add_request("batch1", prompt_token_ids=list(range(3, 3 + prompt_len)), params=params)
-    engine.step()  # prefill
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"decode-{i}", prompt_token_ids=ids, params=params)
+    scheduler = engine.scheduler
+    while scheduler.waiting or not all(s.output_token_ids for s in scheduler.running):
+        engine.step()
     start = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
-    return {"batch1_tokens_per_s": (output_len - 1) / (time.perf_counter() - start)}
+    return len(prompts) * (tokens - 1) / (time.perf_counter() - start)
+
+
+def batch1_decode(engine, prompt_len: int, output_len: int) -> dict:
+    """Decode tokens/s of one request."""
+    rate = decode_rate(engine, [list(range(3, 3 + prompt_len))], output_len)
+    return {"batch1_tokens_per_s": rate}
 
 
 def hf_model(model: str):

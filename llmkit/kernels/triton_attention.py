@@ -65,11 +65,12 @@ def _cache_strides(cache: torch.Tensor) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _key_rows(tables, seq, n, block_size, cache_b, cache_h, cache_s, kv_head, keep):
-    """Offsets of keys `n` of sequence `seq`'s context in a [blocks, kv_heads, bs, dim]
-    cache (as gathered through its block table)."""
-    block = tl.load(tables + seq + n // block_size, mask=keep, other=0)
-    return block.to(tl.int64) * cache_b + kv_head * cache_h + (n % block_size) * cache_s
+def _key_tile(tables, row0, n, keep, d, D, block_size, cache_b, cache_h, cache_s, kv_head):
+    """(offsets [keys, BLOCK_D], mask) of keys `n` (where `keep`) of the sequence whose block
+    table starts at `tables + row0`, in a [blocks, kv_heads, block_size, dim] cache."""
+    block = tl.load(tables + row0 + n // block_size, mask=keep, other=0)
+    rows = block.to(tl.int64) * cache_b + kv_head * cache_h + (n % block_size) * cache_s
+    return rows[:, None] + d[None, :], keep[:, None] & (d[None, :] < D)
 
 
 @triton.jit
@@ -115,10 +116,10 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
     for n0 in range(start, end, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
         keep = n < end
-        rows = _key_rows(tables, row0, n, block_size, cache_b, cache_h, cache_s, kv_head, keep)
-        kv_keep = keep[:, None] & (d[None, :] < D)
-        m_i, l_i, acc = _attend(query, k_cache, v_cache, rows[:, None] + d[None, :], kv_keep,
-                                keep[None, :], m_i, l_i, acc, scale_log2, PREC)  # fmt: skip
+        at, kv_keep = _key_tile(tables, row0, n, keep, d, D, block_size, cache_b, cache_h,
+                                cache_s, kv_head)  # fmt: skip
+        m_i, l_i, acc = _attend(query, k_cache, v_cache, at, kv_keep, keep[None, :], m_i, l_i,
+                                acc, scale_log2, PREC)  # fmt: skip
     if SPLIT:
         at = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
         tl.store(part_m + at, m_i, mask=g < GROUP)
@@ -217,11 +218,11 @@ def _prefill_kernel(q, k_cache, v_cache, tables, out, tile_seq, tile_row, q_star
     for n0 in range(0, end, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
         keep = n < end
-        rows = _key_rows(tables, row0, n, block_size, cache_b, cache_h, cache_s, kv_head, keep)
-        kv_keep = keep[:, None] & (d[None, :] < D)
+        at, kv_keep = _key_tile(tables, row0, n, keep, d, D, block_size, cache_b, cache_h,
+                                cache_s, kv_head)  # fmt: skip
         seen = keep[None, :] & (n[None, :] <= position[:, None])
-        m_i, l_i, acc = _attend(query, k_cache, v_cache, rows[:, None] + d[None, :], kv_keep,
-                                seen, m_i, l_i, acc, scale_log2, PREC)  # fmt: skip
+        m_i, l_i, acc = _attend(query, k_cache, v_cache, at, kv_keep, seen, m_i, l_i, acc,
+                                scale_log2, PREC)  # fmt: skip
     o = acc / tl.maximum(l_i, 1e-30)[:, None]
     o_rows = (first + m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :]
     tl.store(out + o_rows, o.to(out.dtype.element_ty), mask=q_keep)

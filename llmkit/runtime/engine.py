@@ -97,7 +97,6 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings, capacity
         )
-        graphs = device.type == "cuda" and not config.enforce_eager
         self.executor = Executor(
             RunnerSpec(
                 self.model_path,
@@ -107,7 +106,7 @@ class Engine:
                 num_blocks,
                 config.block_size,
                 config.max_loras,
-                graph_seqs=config.max_num_seqs if graphs else 0,
+                graph_seqs=0 if config.enforce_eager else config.max_num_seqs,
                 max_blocks=-(-self.max_model_len // config.block_size),
             )
         )

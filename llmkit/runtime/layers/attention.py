@@ -30,7 +30,7 @@ class Prefill:
     start: int  # first of its tokens in the flattened batch
     length: int
     computed: int  # tokens of the sequence in the cache before this step
-    blocks: list[int]  # its block table, as far as it covers computed + length tokens
+    blocks: list[int]  # its block table, exactly as far as it covers computed + length tokens
 
     _context: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -38,9 +38,8 @@ class Prefill:
         """(blocks [n], mask [length, n * block_size] bool, True where it may attend): what
         the gathering path reads of a prefill over cached tokens; derived once per step."""
         if self._context is None:
-            n = -(-(self.computed + self.length) // block_size)
-            blocks = torch.tensor(self.blocks[:n], dtype=torch.long, device=device)
-            keys = torch.arange(n * block_size, device=device)[None, :]
+            blocks = torch.tensor(self.blocks, dtype=torch.long, device=device)
+            keys = torch.arange(len(self.blocks) * block_size, device=device)[None, :]
             end = self.computed + self.length
             seen = keys <= torch.arange(self.computed, end, device=device)[:, None]
             self._context = blocks, seen
