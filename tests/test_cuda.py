@@ -49,13 +49,17 @@ def test_concurrent_greedy_on_cuda_equals_transformers_one_by_one(
         engine.close()  # its KV cache fills most of the GPU
 
 
-def test_greedy_tokens_with_cuda_graphs_equal_eager_mode_and_transformers(tiny_dir):
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_greedy_tokens_with_cuda_graphs_equal_eager_mode_and_transformers(tiny_dir, decode_steps):
     """Requests arriving two per step make decode batches of every size from 1 to 12, so
-    several graph buckets (and padded rows) are exercised; tokens equal eager mode's."""
+    several graph buckets (and padded rows) are exercised, one step per call or several
+    replays per call; tokens equal eager mode's."""
     prompts = random_prompts(12, 3, 60, seed=5)
     runs = {}
     for eager in (False, True):
-        config = EngineConfig(device="cuda", dtype="float32", enforce_eager=eager)
+        config = EngineConfig(
+            device="cuda", dtype="float32", enforce_eager=eager, decode_steps=decode_steps
+        )
         engine = Engine(tiny_dir(), config)
         try:
             runs[eager] = run_staggered(engine, prompts)

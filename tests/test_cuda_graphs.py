@@ -68,3 +68,41 @@ def test_only_plain_decode_steps_that_fit_replay_a_graph():
     with_prefill = _decode_step(2, 3)
     with_prefill.meta.prefills.append(Prefill(2, 4, 0, [5]))
     assert not graphs.takes(with_prefill)
+
+
+def test_greedy_steps_feed_each_argmax_back_and_advance_every_field():
+    """A run of 3 greedy steps over 2 rows, with a stand-in for the graph that records the
+    buffers it sees and answers a token derived from them: each step's ids are the last
+    step's argmax, positions and lengths advance by one, slots follow the step-major slot
+    mapping, and padding rows keep writing nowhere."""
+    import torch
+
+    from llmkit.runtime.cuda_graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(None, None, max_seqs=4, max_blocks=6, device="cpu")
+    seen = []
+    vocab = 1000
+
+    class Graph:
+        def replay(self):
+            ids, positions = graphs.fields[0, :2], graphs.fields[1, :2]
+            seen.append(graphs.fields.clone())
+            logits.zero_()
+            logits[torch.arange(2), (ids * 3 + positions) % vocab] = 1.0
+
+    logits = torch.zeros(2, vocab)  # the bucket of 2 rows
+    graphs.graphs[2] = (Graph(), logits)
+    step = _decode_step(2, 4, steps=3)
+    step.meta.slot_mapping = torch.tensor([100, 200, 101, 201, 102, 202])
+    tokens = graphs.greedy_steps(step)
+    ids, positions = [3, 4], [50, 51]
+    expected = []
+    for fields in seen:
+        assert fields[0, :2].tolist() == ids and fields[1, :2].tolist() == positions
+        ids = [(i * 3 + p) % vocab for i, p in zip(ids, positions, strict=True)]
+        positions = [p + 1 for p in positions]
+        expected.append(ids)
+    assert [f[2].tolist() for f in seen] == [[100, 200, -1, -1], [101, 201, -1, -1],
+                                             [102, 202, -1, -1]]  # fmt: skip
+    assert [f[3].tolist() for f in seen] == [[7, 8, 1, 1], [8, 9, 1, 1], [9, 10, 1, 1]]
+    assert tokens.tolist() == [list(row) for row in zip(*expected, strict=True)]

@@ -78,8 +78,8 @@ DecodeStepsOpt = Annotated[
     int,
     typer.Option(
         "--decode-steps",
-        help="Greedy decode steps per engine step where the whole step runs in C++ "
-        "(CPU, --tp 1); 1: one.",
+        help="Greedy decode steps per engine step where the whole step is one C++ call "
+        "(CPU) or one CUDA graph (--tp 1); 1: one.",
     ),
 ]
 EnforceEagerOpt = Annotated[

@@ -9,6 +9,10 @@ bucket's first step, all in one memory pool; `capture_seconds` says what capture
 Padding rows write their K/V nowhere (slot -1) and attend to one key; their logits are cut.
 Block tables are padded to the widest a context allows, so a graph's launches (and the
 decode kernel's split of contexts, which depends only on shapes) hold for every step.
+
+Several greedy decode steps in one call (--decode-steps, model_runner.prepare_steps) replay
+the graph once per step with each step's argmax fed back into the buffers on the device, so
+the host queues every step at once and reads the tokens once, after the last.
 """
 
 from __future__ import annotations
@@ -49,11 +53,15 @@ class DecodeGraphs:
 
     def takes(self, inputs) -> bool:
         """Whether a step runs from a graph: decodes only, few enough, tables narrow enough."""
+        return inputs.steps == 1 and self.holds(inputs)
+
+    def holds(self, inputs) -> bool:
+        """Whether the buffers hold a step's rows: decodes only, few enough, tables narrow
+        enough, no adapter."""
         meta = inputs.meta
         rows = len(inputs.input_ids)
         return (
-            inputs.steps == 1
-            and not meta.prefills
+            not meta.prefills
             and meta.num_decodes == rows
             and 0 < rows <= self.sizes[-1]
             and meta.decode_blocks.shape[1] <= self.tables.shape[1]
@@ -63,26 +71,53 @@ class DecodeGraphs:
     def run(self, inputs) -> torch.Tensor:
         """The step's logits [len(logits_indices), vocab] float32, as the model gives them."""
         rows = len(inputs.input_ids)
-        bucket = bucket_for(rows, self.sizes)
         self._load(inputs)
-        if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket)
-        graph, logits = self.graphs[bucket]
-        graph.replay()
+        logits = self._replay(rows)
         wanted = inputs.logits_indices
         if len(wanted) == rows and bool((wanted == torch.arange(rows)).all()):
             return logits[:rows]
         return logits[wanted.to(logits.device)]
 
+    def greedy_steps(self, inputs) -> torch.Tensor:
+        """int64 [sequences, steps], on the device: `inputs.steps` greedy decode steps
+        (model_runner.prepare_steps: the tables cover every step, the slots are step-major),
+        each step's tokens the argmax of the logits of the one before."""
+        rows, steps = len(inputs.input_ids), inputs.steps
+        if not self.holds(inputs):
+            raise ValueError(f"{rows} decodes do not fit the graphs' buffers")
+        self._load(inputs)
+        ids, positions, slots, lens = self.fields[:, :rows]
+        slots_by_step = inputs.meta.slot_mapping.view(steps, rows).to(slots.device)
+        tokens = torch.empty((steps, rows), dtype=torch.long, device=slots.device)
+        for step in range(steps):
+            if step:
+                ids.copy_(tokens[step - 1])
+                positions.add_(1)
+                slots.copy_(slots_by_step[step])
+                lens.add_(1)
+            tokens[step] = self._replay(rows)[:rows].argmax(dim=-1)
+        return tokens.t()
+
+    def _replay(self, rows: int) -> torch.Tensor:
+        """The logits [bucket, vocab] of the model over the buffers' first `rows` rows (and
+        the padding of their bucket), from the bucket's graph, captured now if need be."""
+        bucket = bucket_for(rows, self.sizes)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits
+
     def _load(self, inputs) -> None:
-        """The step's inputs into the buffers' first rows; the rows after them padded."""
+        """The step's inputs into the buffers' first rows (a run of greedy steps: its first
+        step's); the rows after them padded."""
         rows, meta = len(inputs.input_ids), inputs.meta
         fields = torch.zeros(self.fields.shape, dtype=torch.long)
         fields[2].fill_(-1)  # padding rows' slot: written nowhere
         fields[3].fill_(1)  # and one key to attend to
         fields[0, :rows] = inputs.input_ids
         fields[1, :rows] = inputs.positions
-        fields[2, :rows] = meta.slot_mapping
+        fields[2, :rows] = meta.slot_mapping[:rows]
         fields[3, :rows] = meta.decode_lens
         self.fields.copy_(fields, non_blocking=True)
         width = meta.decode_blocks.shape[1]

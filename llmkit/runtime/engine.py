@@ -284,13 +284,13 @@ class Engine:
 
     def _run_ahead(self, batch: Batch) -> None:
         """Let a batch of greedy decodes run up to --decode-steps steps in one call, where
-        the runner can (the whole step is one C++ call) and every sequence's next tokens
-        depend on nothing but the base model's argmax: greedy, no penalties, logprobs,
-        guide or LoRA adapter, no draft. The steps stay within every sequence's context and
-        stop at the most any sequence still wants; a sequence that stops part-way (EOS, a
-        stop string, max_tokens) ends there, and the tokens computed after it are dropped.
-        A request that arrives meanwhile waits for the call (--decode-steps steps at most)
-        before its prompt is computed."""
+        the runner can (the whole step is one C++ call or one CUDA graph) and every
+        sequence's next tokens depend on nothing but the base model's argmax: greedy, no
+        penalties, logprobs, guide or LoRA adapter, no draft. The steps stay within every
+        sequence's context and stop at the most any sequence still wants; a sequence that
+        stops part-way (EOS, a stop string, max_tokens) ends there, and the tokens computed
+        after it are dropped. A request that arrives meanwhile waits for the call
+        (--decode-steps steps at most) before its prompt is computed."""
         if self.config.decode_steps == 1 or not self.executor.runs_steps():
             return
         wanted, context = 1, self.config.decode_steps

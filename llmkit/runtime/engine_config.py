@@ -38,8 +38,8 @@ class EngineConfig:
     draft_min_confidence: float = 0.4
     # steps with more decoding sequences than this do not speculate (benchmarks/speculative.py)
     speculative_max_seqs: int = 4
-    # greedy decode steps run in one call where the whole step is C++ (CPU, tp 1): fewer
-    # trips through the Python engine per token (benchmarks/cpu_decode.py)
+    # greedy decode steps run in one call where the whole step is C++ (CPU) or a CUDA graph
+    # (tp 1): fewer trips through the Python engine per token (benchmarks/cpu_decode.py)
     decode_steps: int = 4
     # CUDA: no graphs; every decode step launches its kernels from Python
     enforce_eager: bool = False

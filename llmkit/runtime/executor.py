@@ -95,7 +95,7 @@ class Executor:
 
     def runs_steps(self) -> bool:
         """Whether a Batch may ask for several greedy decode steps (Batch.steps): one rank,
-        whose whole decode step is one C++ call."""
+        whose whole decode step is one C++ call or one CUDA graph."""
         return self.spec.tp == 1 and self.runner.runs_steps()
 
     def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:

@@ -171,16 +171,22 @@ class ModelRunner:
         )
 
     def runs_steps(self) -> bool:
-        """Whether `greedy_steps` runs here (the whole decode step is one C++ call)."""
+        """Whether `greedy_steps` runs here: the whole decode step is one C++ call (CPU) or
+        one graph replay (CUDA)."""
+        if self.graphs is not None:
+            return True
         return self.device.type == "cpu" and self.model.runs_steps(self.kv_caches)
 
     def greedy_steps(self, inputs: StepInputs, seqs: list[Sequence]) -> StepOutput:
         """The StepOutput of `inputs.steps` greedy decode steps (prepare_steps) of `seqs`,
         which run the base model (no LoRA adapter)."""
-        steps, meta = inputs.steps, inputs.meta
-        slots = meta.slot_mapping.view(steps, len(seqs))
-        args = (inputs.input_ids, inputs.positions, slots, meta, self.kv_caches, steps)
-        chosen = self.model.greedy_steps(*args).tolist()
+        if self.graphs is not None:
+            chosen = self.graphs.greedy_steps(inputs).tolist()
+        else:
+            steps, meta = inputs.steps, inputs.meta
+            slots = meta.slot_mapping.view(steps, len(seqs))
+            args = (inputs.input_ids, inputs.positions, slots, meta, self.kv_caches, steps)
+            chosen = self.model.greedy_steps(*args).tolist()
         return StepOutput(seqs, [[Sampled(t) for t in row] for row in chosen], [])
 
     def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
