@@ -16,9 +16,11 @@ converted into the module that is fastest on the device:
   int32 sums), else `torch._int_mm`;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel
   for every batch, prefills included (it passes over a weight once per 128 rows), else
-  `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer) the
-  tinygemm kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so
-  groups become contiguous.
+  `aten._weight_int4pack_mm_for_cpu`; on CUDA llmkit's Triton kernels (a split-K product
+  for a few rows, the dequantized weight through cuBLAS for many, chosen by measurement:
+  TritonInt4Linear), else (no Triton; compute capability 8.0 and newer) the tinygemm
+  kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so groups
+  become contiguous.
 
 llmkit's CPU kernels (llmkit/kernels/cpu_gemm.cpp) take float32 or bf16 activations; the
 int8 and 4-bit weight-only ones compute with the activations in int8 blocks of 32 (one
@@ -33,6 +35,7 @@ dequantized float weight instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +96,7 @@ def convert_for_runtime(
             return Int8Linear(weight, bias, dtype)
     if isinstance(weight, GroupedWeight):
         module = Q4Linear.build(weight, bias, dtype, device)
+        module = module or TritonInt4Linear.build(weight, bias, device)
         module = module or Int4Linear.build(weight, bias, dtype, device)
         if module is not None:
             return module
@@ -414,6 +418,109 @@ class Int4Linear(nn.Module):
         y = self._mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
         y = y.to(self.dtype)
         return y if self.bias is None else y + self.bias
+
+
+class TritonInt4Linear(nn.Module):
+    """4-bit grouped weights on CUDA through llmkit's Triton kernels (kernels/triton_int4.py,
+    whose layout this holds). For each number of rows up to DIRECT_ROWS (rounded up to a
+    power of two) the fastest of the split-K product at a few output-tile widths and the
+    dequantized weight through cuBLAS, measured on the layer's own weight the first time
+    that many rows come (kernels/cuda.py `fastest`), and shared by every layer of the same
+    shape; more rows take the dequantized weight. While a CUDA graph is being captured
+    nothing is measured: a capture follows an eager run of the same rows, which chose."""
+
+    DIRECT_ROWS = 64
+    WIDTHS = (32, 64, 128)  # output tiles of the split-K product
+    DEQUANTIZED = 0
+    # what was measured: the milliseconds of each option, in the order of options()
+    timings: ClassVar[dict[tuple, list[float]]] = {}
+    choices: ClassVar[dict[tuple, int]] = {}  # (outputs, inputs, group, dtype, rows) -> width or 0
+
+    def __init__(self, packed, scales, zeros, group_size: int, perm, bias, kernels):
+        super().__init__()
+        self.register_buffer("packed", packed)  # int32 [in / 8, out]
+        self.register_buffer("scales", scales)  # [groups, out], fp16 where that is exact
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("perm", perm)  # [in] input order, or None when groups are in order
+        self.group_size = group_size
+        self.bias = bias
+        self.kernels = kernels
+        inputs, outputs = packed.shape[0] * 8, packed.shape[1]
+        programs = kernels.fill_programs(packed.device)
+        self.parts = {w: kernels.split_parts(inputs, outputs, w, programs) for w in self.WIDTHS}
+
+    @classmethod
+    def build(cls, w: GroupedWeight, bias, device: torch.device) -> TritonInt4Linear | None:
+        """None without the kernels on `device` or when they cannot take this weight
+        (bits, uneven groups, inputs or groups the kernels do not tile: triton_int4.takes)."""
+        from llmkit.kernels import cuda
+
+        kernels = cuda.int4_kernels(device)
+        layout = _contiguous_groups(w)
+        if kernels is None or w.bits != 4 or layout is None:
+            return None
+        if not kernels.takes(w.q.shape[1], layout[2]):
+            return None
+        perm, groups, size = layout
+        scales, zeros = w.scales[:, groups], w.zeros[:, groups]
+        q = w.q if perm is None else w.q[:, perm]
+        return cls(
+            kernels.pack(q.to(device)),
+            _narrowest(scales).t().contiguous().to(device),
+            _narrowest(zeros).t().contiguous().to(device),
+            size,
+            None if perm is None else perm.to(device),
+            bias,
+            kernels,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x[..., self.perm]
+        flat = x.reshape(-1, x.shape[-1])
+        y = self.product(flat, self._choice(flat))
+        return _plus(y.reshape(*x.shape[:-1], y.shape[-1]), self.bias)
+
+    def product(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """x [rows, in] times the weight by the split-K product of output tiles `width` wide,
+        or (DEQUANTIZED) by cuBLAS over the dequantized weight."""
+        k = self.kernels
+        if width == self.DEQUANTIZED:
+            return x @ k.dequantize(self.packed, self.scales, self.zeros, self.group_size, x.dtype)
+        parts = self.parts[width]
+        return k.matmul(x, self.packed, self.scales, self.zeros, self.group_size, width, parts)
+
+    def _choice(self, x: torch.Tensor) -> int:
+        rows = x.shape[0]
+        if rows > self.DIRECT_ROWS:
+            return self.DEQUANTIZED
+        bucket = 1 << (rows - 1).bit_length()
+        inputs, outputs = x.shape[1], self.packed.shape[1]
+        key = (outputs, inputs, self.group_size, x.dtype, bucket)
+        if key in self.choices:
+            return self.choices[key]
+        if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+            return self.WIDTHS[1]
+        from llmkit.kernels import cuda
+
+        sample = torch.randn(bucket, x.shape[1], dtype=x.dtype, device=x.device)
+        options = self.options()
+        best, self.timings[key] = cuda.fastest(
+            [lambda o=o: self.product(sample, o) for o in options]
+        )
+        self.choices[key] = options[best]
+        return options[best]
+
+    @classmethod
+    def options(cls) -> list[int]:
+        """What `product` can take: the widths of the split-K product, then DEQUANTIZED."""
+        return [*cls.WIDTHS, cls.DEQUANTIZED]
+
+
+def _narrowest(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float16 when that holds every value exactly, else in float32."""
+    half = t.to(torch.float16)
+    return half if torch.equal(half.to(t.dtype), t) else t.float()
 
 
 class Q4Linear(nn.Module):
