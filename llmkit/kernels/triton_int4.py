@@ -13,8 +13,9 @@ The product: each program holds BLOCK_N outputs and a run of whole tiles, for up
 BLOCK_M rows; per slice it takes the integer weights as they are (0..15 is exact in any
 float type), their dot product with the rows on the tensor cores, and applies the group's
 scale and zero: s * (x . q) - s * z * sum(x). When the outputs alone give too few programs
-to fill the GPU, the inputs are split into parts whose float32 sums are added in a fixed
-order (no atomics: the same every run).
+to fill the GPU, the inputs are split into parts: each writes its float32 sums apart, and
+the part that finishes an output tile last (an atomic counter per tile says which) adds
+them up in part order, so a product is one launch and its result the same every run.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ DEQUANTIZE_BLOCK_N = 64
 
 
 @triton.jit
-def _group(w_ptr, s_ptr, z_ptr, first_input, cols, in_cols, N, GROUP: tl.constexpr):
+def _group(s_ptr, z_ptr, first_input, cols, in_cols, N, GROUP: tl.constexpr):
     """(scale, zero) [outputs] float32 of the group holding input `first_input`."""
     at = (first_input // GROUP) * N + cols
     scale = tl.load(s_ptr + at, mask=in_cols, other=0.0).to(tl.float32)
@@ -42,8 +43,9 @@ def _group(w_ptr, s_ptr, z_ptr, first_input, cols, in_cols, N, GROUP: tl.constex
 
 
 @triton.jit
-def _matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_part,
-                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
+                   tiles_per_part, PARTS: tl.constexpr, GROUP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PREC: tl.constexpr):  # fmt: skip
     pid_n, part, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -56,19 +58,32 @@ def _matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_part,
         at = (tile * 16 + j)[:, None] * N + cols[None, :]
         words = tl.load(w_ptr + at, mask=in_cols[None, :], other=0)
         if GROUP >= 128:  # the tile lies in one group
-            scale, zero = _group(w_ptr, s_ptr, z_ptr, tile * 128, cols, in_cols, N, GROUP)
+            scale, zero = _group(s_ptr, z_ptr, tile * 128, cols, in_cols, N, GROUP)
         for i in tl.static_range(8):
             k = tile * 128 + i * 16 + j
             x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=in_rows[:, None], other=0.0)
             q = ((words >> (4 * i)) & 0xF).to(x.dtype)
             if GROUP < 128:  # each slice lies in one group
-                scale, zero = _group(w_ptr, s_ptr, z_ptr, tile * 128 + i * 16, cols, in_cols, N,
+                scale, zero = _group(s_ptr, z_ptr, tile * 128 + i * 16, cols, in_cols, N,
                                      GROUP)  # fmt: skip
             dot = tl.dot(x, q, input_precision=PREC)
             x_sum = tl.sum(x.to(tl.float32), axis=1)
             acc += dot * scale[None, :] - x_sum[:, None] * (zero * scale)[None, :]
-    at = part * M * N + rows[:, None] * N + cols[None, :]
-    tl.store(out_ptr + at, acc, mask=in_rows[:, None] & in_cols[None, :])
+    at = rows[:, None] * N + cols[None, :]
+    inside = in_rows[:, None] & in_cols[None, :]
+    if PARTS == 1:
+        tl.store(out_ptr + at, acc, mask=inside)
+    else:  # the part that finishes a tile last adds up all of its parts, in order
+        tl.store(part_ptr + part * M * N + at, acc, mask=inside)
+        counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        tl.debug_barrier()  # every thread's sums stored before the counter says so
+        if tl.atomic_add(counter, 1, sem="acq_rel") == PARTS - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for p in range(PARTS):
+                at_p = part_ptr + p * M * N + at
+                total += tl.load(at_p, mask=inside, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + at, total, mask=inside)
+            tl.atomic_xchg(counter, 0)  # zero again for the next launch
 
 
 @triton.jit
@@ -81,7 +96,7 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, GROUP: tl.constexpr,
     words = tl.load(w_ptr + (tile * 16 + j)[:, None] * N + cols[None, :], mask=in_cols[None, :])
     for i in tl.static_range(8):
         k = tile * 128 + i * 16 + j
-        scale, zero = _group(w_ptr, s_ptr, z_ptr, tile * 128 + i * 16, cols, in_cols, N, GROUP)
+        scale, zero = _group(s_ptr, z_ptr, tile * 128 + i * 16, cols, in_cols, N, GROUP)
         weight = (((words >> (4 * i)) & 0xF).to(tl.float32) - zero[None, :]) * scale[None, :]
         tl.store(out_ptr + k[:, None] * N + cols[None, :], weight, mask=in_cols[None, :])
 
@@ -102,25 +117,33 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     return words.reshape(inputs // 8, out).contiguous()
 
 
-def matmul(x, packed, scales, zeros, group_size: int, block_n: int, parts: int, warps: int = 4):
+def matmul(x, packed, scales, zeros, group_size: int, block_n: int, parts: int, counters):
     """x [rows, in] @ the weight -> [rows, out] in x's dtype, the inputs split in `parts`
-    (a divisor of the input tiles: split_parts)."""
+    (a divisor of the input tiles: split_parts). `counters`: int32 zeros, at least
+    counters_needed(), left zero (a layer's own, or one shared by launches in order)."""
     rows, inputs = x.shape
     outputs = packed.shape[1]
     tiles = inputs // BLOCK_K
     if tiles % parts:
         raise ValueError(f"{parts} parts do not divide {tiles} input tiles")
-    x = x.contiguous()
-    if parts == 1:
-        out = torch.empty((rows, outputs), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((parts, rows, outputs), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(outputs, block_n), parts, triton.cdiv(rows, BLOCK_M))
+    if counters.numel() < grid[0] * grid[2]:
+        raise ValueError("too few counters for this product")
+    x = x.contiguous()
+    out = torch.empty((rows, outputs), dtype=x.dtype, device=x.device)
+    partial = out if parts == 1 else torch.empty((parts, rows, outputs), dtype=torch.float32,
+                                                 device=x.device)  # fmt: skip
     _matmul_kernel[grid](
-        x, packed, scales, zeros, out, rows, outputs, inputs, tiles // parts, GROUP=group_size,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, PREC=dot_precision(x.dtype), num_warps=warps,
+        x, packed, scales, zeros, out, partial, counters, rows, outputs, inputs, tiles // parts,
+        PARTS=parts, GROUP=group_size, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        PREC=dot_precision(x.dtype), num_warps=4,
     )  # fmt: skip
-    return out if parts == 1 else out.sum(dim=0).to(x.dtype)
+    return out
+
+
+def counters_needed(outputs: int, block_n: int, rows: int) -> int:
+    """The counters a product of `rows` rows with output tiles `block_n` wide needs."""
+    return triton.cdiv(outputs, block_n) * triton.cdiv(rows, BLOCK_M)
 
 
 def split_parts(inputs: int, outputs: int, block_n: int, programs: int) -> int:

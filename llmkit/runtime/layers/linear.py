@@ -448,6 +448,8 @@ class TritonInt4Linear(nn.Module):
         inputs, outputs = packed.shape[0] * 8, packed.shape[1]
         programs = kernels.fill_programs(packed.device)
         self.parts = {w: kernels.split_parts(inputs, outputs, w, programs) for w in self.WIDTHS}
+        most = kernels.counters_needed(outputs, min(self.WIDTHS), self.DIRECT_ROWS)
+        self.register_buffer("counters", torch.zeros(most, dtype=torch.int32, device=packed.device))
 
     @classmethod
     def build(cls, w: GroupedWeight, bias, device: torch.device) -> TritonInt4Linear | None:
@@ -487,8 +489,8 @@ class TritonInt4Linear(nn.Module):
         k = self.kernels
         if width == self.DEQUANTIZED:
             return x @ k.dequantize(self.packed, self.scales, self.zeros, self.group_size, x.dtype)
-        parts = self.parts[width]
-        return k.matmul(x, self.packed, self.scales, self.zeros, self.group_size, width, parts)
+        args = (self.packed, self.scales, self.zeros, self.group_size, width, self.parts[width])
+        return k.matmul(x, *args, self.counters)
 
     def _choice(self, x: torch.Tensor) -> int:
         rows = x.shape[0]
