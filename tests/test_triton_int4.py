@@ -78,7 +78,7 @@ def test_int4_kernels_on_cuda_equal_the_dequantized_product(dtype):
 
 
 @NEEDS_CUDA
-def test_the_layer_measures_its_choice_once_per_shape_and_rows():
+def test_the_layer_on_cuda_measures_its_choice_once_per_shape_and_rows():
     pytest.importorskip("triton")
     from llmkit.runtime.layers.linear import TritonInt4Linear
 
