@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import math
 import os
 
 import torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+log = logging.getLogger(__name__)
 
 
 def for_tensors(*tensors: torch.Tensor):
@@ -64,11 +67,16 @@ def fastest(candidates: list, reps: int = 10) -> tuple[int, list[float]]:
     """The index of the fastest of `candidates` (callables launching work on the current
     CUDA device) and each one's milliseconds: the median of `reps` timed calls, every call
     after a write that evicts the L2 cache, so a weight is read from memory as a model's
-    step reads it."""
+    step reads it. A candidate that raises is left out (inf), with a warning."""
     flush = torch.empty(2 * _l2_bytes(), dtype=torch.int8, device="cuda")
     medians = []
     for run in candidates:
-        run()  # compiled, tuned and warm before it is timed
+        try:
+            run()  # compiled, tuned and warm before it is timed
+        except Exception as e:  # e.g. a kernel this GPU's compiler refuses: not a candidate
+            log.warning("a kernel option failed and is left out: %s", e)
+            medians.append(math.inf)
+            continue
         pairs = []
         for _ in range(reps):
             flush.zero_()
@@ -79,6 +87,8 @@ def fastest(candidates: list, reps: int = 10) -> tuple[int, list[float]]:
             pairs.append((start, end))
         torch.cuda.synchronize()
         medians.append(sorted(s.elapsed_time(e) for s, e in pairs)[reps // 2])
+    if min(medians) == math.inf:
+        raise RuntimeError("every kernel option failed on this GPU")
     return medians.index(min(medians)), medians
 
 
