@@ -151,13 +151,13 @@ def child_llmkit(model: str, parts: str) -> dict:
 
 def int4_choices() -> list[dict]:
     """What the 4-bit layers measured and chose, per shape and rows (none for other formats):
-    each option's milliseconds (a split-K output-tile width, or 0: dequantized + cuBLAS)."""
+    each option's milliseconds (TritonInt4Linear.options)."""
     from llmkit.runtime.layers.linear import TritonInt4Linear as Layer
 
     return [
         {"outputs": n, "inputs": k, "group": g, "rows": rows, "chosen": Layer.choices[key],
-         "ms": dict(zip(map(str, Layer.options()), Layer.timings[key], strict=True))}
-        for key in Layer.timings
+         "ms": ms}
+        for key, ms in Layer.timings.items()
         for n, k, g, _, rows in [key]
     ]  # fmt: skip
 

@@ -65,7 +65,8 @@ def test_greedy_tokens_with_cuda_graphs_equal_eager_mode_and_transformers(tiny_d
             runs[eager] = run_staggered(engine, prompts)
             graphs = engine.executor.runner.graphs
             assert (graphs is None) == eager
-            assert eager or len(graphs.graphs) >= 3
+            # steps of several replays come once every request has arrived (one bucket)
+            assert eager or len(graphs.graphs) >= (3 if decode_steps == 1 else 1)
             del graphs  # it holds the KV cache, which close() must hand back
         finally:
             engine.close()

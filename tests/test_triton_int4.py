@@ -25,12 +25,12 @@ def errors(device: str, dtype: torch.dtype) -> list[float]:
         bias = torch.randn(shape[0], dtype=torch.float64)
         layer = TritonInt4Linear.build(w, bias.to(device, dtype), torch.device(device))
         assert layer is not None
-        for rows in (1, 5, 16, 19):
+        for rows in (1, 3, 16, 19):
             x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
             x = x.to(dtype)  # the reference takes the rounded inputs
             expected = x.double() @ w.dequantize().double().t() + bias
-            for width in layer.options():
-                layer._choice = lambda _, width=width: width
+            for option in layer.options(rows):
+                layer._choice = lambda _, option=option: option
                 got = layer(x.to(device)).double().cpu()
                 found.append(float((got - expected).abs().max() / expected.abs().max()))
         assert not layer.counters.any()  # split products leave their counters zero
@@ -65,7 +65,7 @@ def test_int4_kernels_under_the_interpreter_equal_the_dequantized_product():
         "from tests.test_triton_int4 import errors\n"
         "print(json.dumps(errors('cpu', torch.float32)))\n"
     )
-    assert len(found) == len(SHAPES) * 4 * 4
+    assert len(found) == len(SHAPES) * (7 + 7 + 4 + 4)  # rows 1 and 3 take the gemv ones
     assert max(found) < 1e-5, found
 
 
@@ -92,4 +92,4 @@ def test_the_layer_on_cuda_measures_its_choice_once_per_shape_and_rows():
         assert float((got - expected).abs().max() / expected.abs().max()) < 2e-2
     key = (256, 512, 128, torch.bfloat16, 4)  # 3 rows: measured as 4
     assert list(TritonInt4Linear.choices) == [key]
-    assert len(TritonInt4Linear.timings[key]) == len(TritonInt4Linear.options())
+    assert list(TritonInt4Linear.timings[key]) == layers[0].options(4)

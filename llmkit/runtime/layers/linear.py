@@ -423,18 +423,18 @@ class Int4Linear(nn.Module):
 class TritonInt4Linear(nn.Module):
     """4-bit grouped weights on CUDA through llmkit's Triton kernels (kernels/triton_int4.py,
     whose layout this holds). For each number of rows up to DIRECT_ROWS (rounded up to a
-    power of two) the fastest of the split-K product at a few output-tile widths and the
-    dequantized weight through cuBLAS, measured on the layer's own weight the first time
+    power of two) the fastest of the options (`options`: the split-K products at a few
+    output-tile widths, on the CUDA cores for up to 4 rows and on the tensor cores, and the
+    dequantized weight through cuBLAS), measured on the layer's own weight the first time
     that many rows come (kernels/cuda.py `fastest`), and shared by every layer of the same
     shape; more rows take the dequantized weight. While a CUDA graph is being captured
     nothing is measured: a capture follows an eager run of the same rows, which chose."""
 
     DIRECT_ROWS = 64
-    WIDTHS = (32, 64, 128)  # output tiles of the split-K product
-    DEQUANTIZED = 0
-    # what was measured: the milliseconds of each option, in the order of options()
-    timings: ClassVar[dict[tuple, list[float]]] = {}
-    choices: ClassVar[dict[tuple, int]] = {}  # (outputs, inputs, group, dtype, rows) -> width or 0
+    DEQUANTIZED = "dequantized"
+    # (outputs, inputs, group, dtype, rows) -> {option: milliseconds}, and the option chosen
+    timings: ClassVar[dict[tuple, dict[str, float]]] = {}
+    choices: ClassVar[dict[tuple, str]] = {}
 
     def __init__(self, packed, scales, zeros, group_size: int, perm, bias, kernels):
         super().__init__()
@@ -447,8 +447,9 @@ class TritonInt4Linear(nn.Module):
         self.kernels = kernels
         inputs, outputs = packed.shape[0] * 8, packed.shape[1]
         programs = kernels.fill_programs(packed.device)
-        self.parts = {w: kernels.split_parts(inputs, outputs, w, programs) for w in self.WIDTHS}
-        most = kernels.counters_needed(outputs, min(self.WIDTHS), self.DIRECT_ROWS)
+        widths = {int(o.split("/")[1]) for o in self.options(1) if o != self.DEQUANTIZED}
+        self.parts = {w: kernels.split_parts(inputs, outputs, w, programs) for w in widths}
+        most = kernels.counters_needed(outputs, min(widths), self.DIRECT_ROWS)
         self.register_buffer("counters", torch.zeros(most, dtype=torch.int32, device=packed.device))
 
     @classmethod
@@ -483,16 +484,22 @@ class TritonInt4Linear(nn.Module):
         y = self.product(flat, self._choice(flat))
         return _plus(y.reshape(*x.shape[:-1], y.shape[-1]), self.bias)
 
-    def product(self, x: torch.Tensor, width: int) -> torch.Tensor:
-        """x [rows, in] times the weight by the split-K product of output tiles `width` wide,
-        or (DEQUANTIZED) by cuBLAS over the dequantized weight."""
+    def options(self, rows: int) -> list[str]:
+        """What `product` can take for `rows` rows: "gemv/<width>" (CUDA cores, a few rows),
+        "dot/<width>" (tensor cores), DEQUANTIZED."""
+        gemv = [f"gemv/{w}" for w in (64, 128, 256)] if rows <= self.kernels.GEMV_ROWS else []
+        return [*gemv, *(f"dot/{w}" for w in (32, 64, 128)), self.DEQUANTIZED]
+
+    def product(self, x: torch.Tensor, option: str) -> torch.Tensor:
+        """x [rows, in] times the weight by `option` (one of options(rows))."""
         k = self.kernels
-        if width == self.DEQUANTIZED:
+        if option == self.DEQUANTIZED:
             return x @ k.dequantize(self.packed, self.scales, self.zeros, self.group_size, x.dtype)
-        args = (self.packed, self.scales, self.zeros, self.group_size, width, self.parts[width])
+        parts = self.parts[int(option.split("/")[1])]
+        args = (self.packed, self.scales, self.zeros, self.group_size, option, parts)
         return k.matmul(x, *args, self.counters)
 
-    def _choice(self, x: torch.Tensor) -> int:
+    def _choice(self, x: torch.Tensor) -> str:
         rows = x.shape[0]
         if rows > self.DIRECT_ROWS:
             return self.DEQUANTIZED
@@ -501,22 +508,16 @@ class TritonInt4Linear(nn.Module):
         key = (outputs, inputs, self.group_size, x.dtype, bucket)
         if key in self.choices:
             return self.choices[key]
+        options = self.options(bucket)
         if not x.is_cuda or torch.cuda.is_current_stream_capturing():
-            return self.WIDTHS[1]
+            return options[0]
         from llmkit.kernels import cuda
 
-        sample = torch.randn(bucket, x.shape[1], dtype=x.dtype, device=x.device)
-        options = self.options()
-        best, self.timings[key] = cuda.fastest(
-            [lambda o=o: self.product(sample, o) for o in options]
-        )
+        sample = torch.randn(bucket, inputs, dtype=x.dtype, device=x.device)
+        best, ms = cuda.fastest([lambda o=o: self.product(sample, o) for o in options])
+        self.timings[key] = dict(zip(options, ms, strict=True))
         self.choices[key] = options[best]
         return options[best]
-
-    @classmethod
-    def options(cls) -> list[int]:
-        """What `product` can take: the widths of the split-K product, then DEQUANTIZED."""
-        return [*cls.WIDTHS, cls.DEQUANTIZED]
 
 
 def _narrowest(t: torch.Tensor) -> torch.Tensor:
