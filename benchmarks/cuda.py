@@ -139,7 +139,6 @@ def child_llmkit(model: str, parts: str) -> dict:
         for c in CONCURRENCY:
             out[f"c{c}"] = throughput(llm, c)
     out["graph_capture_s"] = llm.engine.executor.runner.graphs.capture_seconds
-    out["int4_choices"] = int4_choices()
     llm.close()
     if "eager" in wanted:
         llm = _engine(model, eager=True)
@@ -147,19 +146,6 @@ def child_llmkit(model: str, parts: str) -> dict:
         out["b1_eager_tokens_per_s"] = decode(llm.engine, 1)
         llm.close()
     return out
-
-
-def int4_choices() -> list[dict]:
-    """What the 4-bit layers measured and chose, per shape and rows (none for other formats):
-    each option's milliseconds (TritonInt4Linear.options)."""
-    from llmkit.runtime.layers.linear import TritonInt4Linear as Layer
-
-    return [
-        {"outputs": n, "inputs": k, "group": g, "rows": rows, "chosen": Layer.choices[key],
-         "ms": ms}
-        for key, ms in Layer.timings.items()
-        for n, k, g, _, rows in [key]
-    ]  # fmt: skip
 
 
 def child_hf_compiled(model: str) -> dict:

@@ -10,8 +10,6 @@
 - elementwise_for (triton_elementwise.py): RMSNorm (with its residual add), rotary
   embeddings and silu * up, each one launch (runtime/layers/norm.py, rotary.py,
   activation.py).
-- int4_kernels (triton_int4.py): 4-bit grouped weights' product and dequantization
-  (runtime/layers/linear.py TritonInt4Linear), which `fastest` chooses between.
 
 `for_tensors()` is None where Triton is not installed or the tensors are not float32 CUDA
 tensors; callers then use their torch path. Triton is imported only then: llmkit's CPU paths
@@ -23,14 +21,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
-import math
 import os
 
 import torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-log = logging.getLogger(__name__)
 
 
 def for_tensors(*tensors: torch.Tensor):
@@ -53,48 +48,6 @@ def elementwise_for(*tensors: torch.Tensor):
     if not all(t.is_cuda for t in tensors):
         return None
     return _module("triton_elementwise")
-
-
-def int4_kernels(device: torch.device):
-    """llmkit.kernels.triton_int4 for weights on `device` (CUDA; the CPU under Triton's
-    interpreter), or None."""
-    if device.type != ("cpu" if INTERPRETED else "cuda"):
-        return None
-    return _module("triton_int4")
-
-
-def fastest(candidates: list, reps: int = 10) -> tuple[int, list[float]]:
-    """The index of the fastest of `candidates` (callables launching work on the current
-    CUDA device) and each one's milliseconds: the median of `reps` timed calls, every call
-    after a write that evicts the L2 cache, so a weight is read from memory as a model's
-    step reads it. A candidate that raises is left out (inf), with a warning."""
-    flush = torch.empty(2 * _l2_bytes(), dtype=torch.int8, device="cuda")
-    medians = []
-    for run in candidates:
-        try:
-            run()  # compiled, tuned and warm before it is timed
-        except Exception as e:  # e.g. a kernel this GPU's compiler refuses: not a candidate
-            log.warning("a kernel option failed and is left out: %s", e)
-            medians.append(math.inf)
-            continue
-        pairs = []
-        for _ in range(reps):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            pairs.append((start, end))
-        torch.cuda.synchronize()
-        medians.append(sorted(s.elapsed_time(e) for s, e in pairs)[reps // 2])
-    if min(medians) == math.inf:
-        raise RuntimeError("every kernel option failed on this GPU")
-    return medians.index(min(medians)), medians
-
-
-def _l2_bytes() -> int:
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return getattr(props, "L2_cache_size", 0) or 2**26
 
 
 @functools.cache

@@ -21,7 +21,7 @@ MIN_SPLIT_KEYS = 256  # no split covers fewer keys than this
 LOG2E = 1.4426950408889634
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -181,7 +181,7 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, lens, scale: float) -> 
         out.stride(0), out.stride(1), block_tables.stride(0), *_cache_strides(k_cache),
         block_size, scale * LOG2E, split_keys, splits, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d,
-        BLOCK=BLOCK_N, PREC=dot_precision(q.dtype), SPLIT=splits > 1, num_warps=4,
+        BLOCK=BLOCK_N, PREC=_precision(q.dtype), SPLIT=splits > 1, num_warps=4,
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(seqs, heads)](
@@ -254,5 +254,5 @@ def paged_prefill(out, q, k_cache, v_cache, tables, tiles, starts, lengths, comp
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
         *_cache_strides(k_cache), k_cache.shape[2], scale * LOG2E, GROUP=group, D=dim,
         BLOCK_D=_block_d(dim), BLOCK_M=PREFILL_BLOCK_M, BLOCK=BLOCK_N,
-        PREC=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        PREC=_precision(q.dtype), num_warps=4, num_stages=2,
     )  # fmt: skip

@@ -16,11 +16,9 @@ converted into the module that is fastest on the device:
   int32 sums), else `torch._int_mm`;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel
   for every batch, prefills included (it passes over a weight once per 128 rows), else
-  `aten._weight_int4pack_mm_for_cpu`; on CUDA llmkit's Triton kernels (a split-K product
-  for a few rows, the dequantized weight through cuBLAS for many, chosen by measurement:
-  TritonInt4Linear), else (no Triton; compute capability 8.0 and newer) the tinygemm
-  kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so groups
-  become contiguous.
+  `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer) the
+  tinygemm kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so
+  groups become contiguous.
 
 llmkit's CPU kernels (llmkit/kernels/cpu_gemm.cpp) take float32 or bf16 activations; the
 int8 and 4-bit weight-only ones compute with the activations in int8 blocks of 32 (one
@@ -35,7 +33,6 @@ dequantized float weight instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +93,6 @@ def convert_for_runtime(
             return Int8Linear(weight, bias, dtype)
     if isinstance(weight, GroupedWeight):
         module = Q4Linear.build(weight, bias, dtype, device)
-        module = module or TritonInt4Linear.build(weight, bias, device)
         module = module or Int4Linear.build(weight, bias, dtype, device)
         if module is not None:
             return module
@@ -418,112 +414,6 @@ class Int4Linear(nn.Module):
         y = self._mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
         y = y.to(self.dtype)
         return y if self.bias is None else y + self.bias
-
-
-class TritonInt4Linear(nn.Module):
-    """4-bit grouped weights on CUDA through llmkit's Triton kernels (kernels/triton_int4.py,
-    whose layout this holds). For each number of rows up to DIRECT_ROWS (rounded up to a
-    power of two) the fastest of the options (`options`: the split-K products at a few
-    output-tile widths, on the CUDA cores for up to 4 rows and on the tensor cores, and the
-    dequantized weight through cuBLAS), measured on the layer's own weight the first time
-    that many rows come (kernels/cuda.py `fastest`), and shared by every layer of the same
-    shape; more rows take the dequantized weight. While a CUDA graph is being captured
-    nothing is measured: a capture follows an eager run of the same rows, which chose."""
-
-    DIRECT_ROWS = 64
-    DEQUANTIZED = "dequantized"
-    # (outputs, inputs, group, dtype, rows) -> {option: milliseconds}, and the option chosen
-    timings: ClassVar[dict[tuple, dict[str, float]]] = {}
-    choices: ClassVar[dict[tuple, str]] = {}
-
-    def __init__(self, packed, scales, zeros, group_size: int, perm, bias, kernels):
-        super().__init__()
-        self.register_buffer("packed", packed)  # int32 [in / 8, out]
-        self.register_buffer("scales", scales)  # [groups, out], fp16 where that is exact
-        self.register_buffer("zeros", zeros)
-        self.register_buffer("perm", perm)  # [in] input order, or None when groups are in order
-        self.group_size = group_size
-        self.bias = bias
-        self.kernels = kernels
-        inputs, outputs = packed.shape[0] * 8, packed.shape[1]
-        programs = kernels.fill_programs(packed.device)
-        widths = {int(o.split("/")[1]) for o in self.options(1) if o != self.DEQUANTIZED}
-        self.parts = {w: kernels.split_parts(inputs, outputs, w, programs) for w in widths}
-        most = kernels.counters_needed(outputs, min(widths), self.DIRECT_ROWS)
-        self.register_buffer("counters", torch.zeros(most, dtype=torch.int32, device=packed.device))
-
-    @classmethod
-    def build(cls, w: GroupedWeight, bias, device: torch.device) -> TritonInt4Linear | None:
-        """None without the kernels on `device` or when they cannot take this weight
-        (bits, uneven groups, inputs or groups the kernels do not tile: triton_int4.takes)."""
-        from llmkit.kernels import cuda
-
-        kernels = cuda.int4_kernels(device)
-        layout = _contiguous_groups(w)
-        if kernels is None or w.bits != 4 or layout is None:
-            return None
-        if not kernels.takes(w.q.shape[1], layout[2]):
-            return None
-        perm, groups, size = layout
-        scales, zeros = w.scales[:, groups], w.zeros[:, groups]
-        q = w.q if perm is None else w.q[:, perm]
-        return cls(
-            kernels.pack(q.to(device)),
-            _narrowest(scales).t().contiguous().to(device),
-            _narrowest(zeros).t().contiguous().to(device),
-            size,
-            None if perm is None else perm.to(device),
-            bias,
-            kernels,
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.perm is not None:
-            x = x[..., self.perm]
-        flat = x.reshape(-1, x.shape[-1])
-        y = self.product(flat, self._choice(flat))
-        return _plus(y.reshape(*x.shape[:-1], y.shape[-1]), self.bias)
-
-    def options(self, rows: int) -> list[str]:
-        """What `product` can take for `rows` rows: "gemv/<width>" (CUDA cores, a few rows),
-        "dot/<width>" (tensor cores), DEQUANTIZED."""
-        gemv = [f"gemv/{w}" for w in (64, 128, 256)] if rows <= self.kernels.GEMV_ROWS else []
-        return [*gemv, *(f"dot/{w}" for w in (32, 64, 128)), self.DEQUANTIZED]
-
-    def product(self, x: torch.Tensor, option: str) -> torch.Tensor:
-        """x [rows, in] times the weight by `option` (one of options(rows))."""
-        k = self.kernels
-        if option == self.DEQUANTIZED:
-            return x @ k.dequantize(self.packed, self.scales, self.zeros, self.group_size, x.dtype)
-        parts = self.parts[int(option.split("/")[1])]
-        args = (self.packed, self.scales, self.zeros, self.group_size, option, parts)
-        return k.matmul(x, *args, self.counters)
-
-    def _choice(self, x: torch.Tensor) -> str:
-        rows = x.shape[0]
-        if rows > self.DIRECT_ROWS:
-            return self.DEQUANTIZED
-        bucket = 1 << (rows - 1).bit_length()
-        inputs, outputs = x.shape[1], self.packed.shape[1]
-        key = (outputs, inputs, self.group_size, x.dtype, bucket)
-        if key in self.choices:
-            return self.choices[key]
-        options = self.options(bucket)
-        if not x.is_cuda or torch.cuda.is_current_stream_capturing():
-            return options[0]
-        from llmkit.kernels import cuda
-
-        sample = torch.randn(bucket, inputs, dtype=x.dtype, device=x.device)
-        best, ms = cuda.fastest([lambda o=o: self.product(sample, o) for o in options])
-        self.timings[key] = dict(zip(options, ms, strict=True))
-        self.choices[key] = options[best]
-        return options[best]
-
-
-def _narrowest(t: torch.Tensor) -> torch.Tensor:
-    """`t` in float16 when that holds every value exactly, else in float32."""
-    half = t.to(torch.float16)
-    return half if torch.equal(half.to(t.dtype), t) else t.float()
 
 
 class Q4Linear(nn.Module):
