@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -222,12 +223,11 @@ def save_result(
     run's result, as <benchmark>-<variant>-<date>.json, with a table of its own."""
     from results_md import RESULTS, write_results_md
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     cpu = f"{platform.machine()}, {cpu_model()}"
     result = {
         "benchmark": benchmark,
         "date": date.today().isoformat(),
-        "commit": commit.stdout.strip(),
+        "commit": commit(),
         "machine": f"{cpu}, {machine}" if machine else cpu,
         "command": " ".join(["python", f"benchmarks/{benchmark}.py", *sys.argv[1:]]),
         "anchor": anchor,
@@ -242,6 +242,20 @@ def save_result(
     print(f"wrote {path}")
     print(f"wrote {write_results_md()}")
     return path
+
+
+def commit() -> str:
+    """The commit whose code ran: $LLMKIT_COMMIT where set (a copy of the tree whose git
+    metadata may be stale, such as one sent to a GPU machine), else HEAD, marked "-dirty"
+    when tracked files differ from it."""
+    if os.environ.get("LLMKIT_COMMIT"):
+        return os.environ["LLMKIT_COMMIT"]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
 def print_median_ratio(label: str, ratios: list[float], target: float) -> None:
