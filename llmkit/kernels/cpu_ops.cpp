@@ -3,7 +3,9 @@
 // - paged_decode: decode attention over the paged KV cache, one query token per sequence;
 //   keys and values read in place from the cache blocks (no gathered copy), float32
 //   arithmetic. cache: [num_blocks, kv_heads, block_size, head_dim]; the heads sharing a KV
-//   head are done together, so each key and value is read once per (sequence, KV head).
+//   head are done together, so each key and value is read once per (sequence, KV head)
+//   (with AVX-512 and head_dim 64 or 128, also widened to float32 once for several of them,
+//   and 16 keys' dot products summed across lanes together).
 // - write_kv: new tokens' keys and values into their cache slots.
 // - add_rms_norm: residual += x, then RMSNorm of the sum, rounded as the llama family's
 //   reference code rounds (normalised in float32, cast to the model dtype, times the weight).
@@ -28,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -176,6 +179,64 @@ inline void store16(c10::BFloat16* p, __m512 x) {  // x already holds a bf16 val
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), top);
 }
 
+// r[i] = the sum of v[i]'s 16 lanes, for 16 vectors at once: halves of each vector added
+// pairwise across vectors (128-bit lanes, then pairs, then single floats), then one
+// permutation puts each vector's sum in its lane.
+inline __m512 sum_lanes(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int j = 0; j < 8; ++j)  // 128-bit lanes: v[j]'s halves, v[j + 8]'s halves
+    w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[j], v[j + 8], 0x44),
+                         _mm512_shuffle_f32x4(v[j], v[j + 8], 0xEE));
+  for (int j = 0; j < 4; ++j)  // 128-bit lanes: v[j], v[j + 8], v[j + 4], v[j + 12]
+    x[j] = _mm512_add_ps(_mm512_shuffle_f32x4(w[j], w[j + 4], 0x88),
+                         _mm512_shuffle_f32x4(w[j], w[j + 4], 0xDD));
+  for (int k = 0; k < 2; ++k)
+    y[k] = _mm512_add_ps(_mm512_unpacklo_ps(x[k], x[k + 2]), _mm512_unpackhi_ps(x[k], x[k + 2]));
+  const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(y[0]), _mm512_castps_pd(y[1]));
+  const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(y[0]), _mm512_castps_pd(y[1]));
+  const __m512 z = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(order, z);
+}
+
+// scores[g * len + t] for queries g = g0 .. g0 + GS - 1 and the n (<= 16) keys t = start..
+// at `rows` (NV * 16 values apart): each key converted to float32 once for the GS queries
+// (scaled, float32, NV vectors each), and the 16 keys' sums of each query reduced together.
+template <int NV, int GS, typename T>
+inline void block_key_scores(const float* query, int64_t g0, const T* rows, int64_t n,
+                             float* scores, int64_t len, int64_t start) {
+  __m512 sums[GS][16];
+  for (int64_t i = 0; i < 16; ++i) {
+    __m512 key[NV];
+    for (int v = 0; v < NV; ++v)
+      key[v] = i < n ? load16(rows + (i * NV + v) * kLanes) : _mm512_setzero_ps();
+    for (int g = 0; g < GS; ++g) {
+      const float* q = query + (g0 + g) * NV * kLanes;
+      __m512 acc = _mm512_setzero_ps();
+      for (int v = 0; v < NV; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + v * kLanes), key[v], acc);
+      sums[g][i] = acc;
+    }
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
+  for (int g = 0; g < GS; ++g)
+    _mm512_mask_storeu_ps(scores + (g0 + g) * len + start, keep, sum_lanes(sums[g]));
+}
+
+// acc[g][v] += scores[g * len + t] * value t for the GS queries' weights and the n values
+// t = start.. at `rows`: each value converted to float32 once for the GS queries.
+template <int NV, int GS, typename T>
+inline void add_values(__m512 (&acc)[GS][NV], const float* scores, int64_t len, const T* rows,
+                       int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    __m512 value[NV];
+    for (int v = 0; v < NV; ++v) value[v] = load16(rows + (i * NV + v) * kLanes);
+    for (int g = 0; g < GS; ++g) {
+      const __m512 w = _mm512_set1_ps(scores[g * len + i]);
+      for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(w, value[v], acc[g][v]);
+    }
+  }
+}
+
 // silu(g) * u, 16 at a time, each rounded to T where torch's ops round.
 template <typename T>
 inline void silu_mul_16(const T* gate, const T* up, T* out) {
@@ -255,13 +316,13 @@ inline void prefetch_rows(const void* rows, int64_t bytes) {
 #endif
 }
 
-// fn(t, row) for each of a sequence's `len` tokens, `row` at the head_dim values that start
-// `offset` elements into the token's block; block by block, so no division per token. The
+// fn(start, rows, n) for each cache block of a sequence's `len` tokens: its n tokens from
+// `start` on, `rows` at the head_dim values that start `offset` elements into the block. The
 // block kAheadBlocks on is prefetched, and so is the same block of `next` (the cache read
 // after this one) when it is given.
 constexpr int64_t kAheadBlocks = 2;
 template <typename T, typename Fn>
-inline void each_token(const T* cache, const int64_t* table, int64_t len, int64_t block_size,
+inline void each_block(const T* cache, const int64_t* table, int64_t len, int64_t block_size,
                        int64_t block_stride, int64_t offset, int64_t dim, Fn fn,
                        const T* next = nullptr) {
   const int64_t blocks = (len + block_size - 1) / block_size, bytes = block_size * dim * sizeof(T);
@@ -271,10 +332,113 @@ inline void each_token(const T* cache, const int64_t* table, int64_t len, int64_
     if (b + kAheadBlocks < blocks)
       prefetch_rows(cache + table[b + kAheadBlocks] * block_stride + offset, bytes);
     if (next != nullptr) prefetch_rows(next + table[b] * block_stride + offset, bytes);
-    const T* rows = cache + table[b] * block_stride + offset;
-    const int64_t n = std::min(block_size, len - start);
-    for (int64_t i = 0; i < n; ++i) fn(start + i, rows + i * dim);
+    fn(start, cache + table[b] * block_stride + offset, std::min(block_size, len - start));
   }
+}
+
+// fn(t, row) for each of a sequence's `len` tokens, block by block (each_block), so no
+// division per token.
+template <typename T, typename Fn>
+inline void each_token(const T* cache, const int64_t* table, int64_t len, int64_t block_size,
+                       int64_t block_stride, int64_t offset, int64_t dim, Fn fn,
+                       const T* next = nullptr) {
+  each_block(cache, table, len, block_size, block_stride, offset, dim,
+             [&](int64_t start, const T* rows, int64_t n) {
+               for (int64_t i = 0; i < n; ++i) fn(start + i, rows + i * dim);
+             }, next);
+}
+
+// One KV head's keys or values of one sequence in the cache: `len` rows of `dim` values,
+// `offset` elements into each of the blocks `table` names.
+template <typename T>
+struct Cache {
+  const T* data;
+  const int64_t* table;
+  int64_t len, block_size, block_stride, offset, dim;
+
+  template <typename Fn>
+  void blocks(Fn fn, const T* next = nullptr) const {
+    each_block(data, table, len, block_size, block_stride, offset, dim, fn, next);
+  }
+  template <typename Fn>
+  void tokens(Fn fn, const T* next = nullptr) const {
+    each_token(data, table, len, block_size, block_stride, offset, dim, fn, next);
+  }
+};
+
+#ifdef __AVX512F__
+// key_scores for head_dim NV * 16: the queries GS at a time (then one at a time), 16 keys at
+// a time.
+template <int NV, int GS, typename T>
+void key_scores_by(const Cache<T>& keys, const float* query, int64_t group, float* scores,
+                   const T* next) {
+  keys.blocks([&](int64_t start, const T* rows, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+      const int64_t m = std::min<int64_t>(16, n - i), at = start + i;
+      const T* chunk = rows + i * NV * kLanes;
+      int64_t g = 0;
+      for (; g + GS <= group; g += GS)
+        block_key_scores<NV, GS>(query, g, chunk, m, scores, keys.len, at);
+      for (; g < group; ++g) block_key_scores<NV, 1>(query, g, chunk, m, scores, keys.len, at);
+    }
+  }, next);
+}
+
+// weighted_values for head_dim NV * 16: GS queries' sums held in registers over all values
+// (then one query at a time).
+template <int NV, int GS, typename T>
+void weighted_values_by(const Cache<T>& values, const float* scores, int64_t group,
+                        float* acc) {
+  const auto some = [&](auto gs, int64_t g0) {
+    constexpr int kGroups = decltype(gs)::value;
+    __m512 sums[kGroups][NV];
+    for (auto& row : sums)
+      for (auto& x : row) x = _mm512_setzero_ps();
+    const float* weights = scores + g0 * values.len;
+    values.blocks([&](int64_t start, const T* rows, int64_t n) {
+      add_values<NV, kGroups>(sums, weights + start, values.len, rows, n);
+    });
+    for (int g = 0; g < kGroups; ++g)
+      for (int v = 0; v < NV; ++v)
+        _mm512_storeu_ps(acc + ((g0 + g) * NV + v) * kLanes, sums[g][v]);
+  };
+  int64_t g = 0;
+  for (; g + GS <= group; g += GS) some(std::integral_constant<int, GS>(), g);
+  for (; g < group; ++g) some(std::integral_constant<int, 1>(), g);
+}
+#endif
+
+// scores [group, len]: each of the group's queries [group, dim] (scaled, float32) against
+// each key; `next`: the cache read after this one (its blocks prefetched alongside). With
+// AVX-512 and 64 or 128 dims, each key is converted once for several queries, and 16 keys'
+// sums are reduced together.
+template <typename T>
+void key_scores(const Cache<T>& keys, const float* query, int64_t group, float* scores,
+                const T* next) {
+#ifdef __AVX512F__
+  if (keys.dim == 64) return key_scores_by<4, 4>(keys, query, group, scores, next);
+  if (keys.dim == 128) return key_scores_by<8, 2>(keys, query, group, scores, next);
+#endif
+  const int64_t len = keys.len, dim = keys.dim;
+  keys.tokens([&](int64_t t, const T* key) {
+    for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(query + g * dim, key, dim);
+  }, next);
+}
+
+// acc [group, dim] = each query's weights (scores [group, len]) times the values, the
+// products added in token order (with AVX-512 and 64 or 128 dims, each value converted once
+// for several queries, whose sums stay in registers).
+template <typename T>
+void weighted_values(const Cache<T>& values, const float* scores, int64_t group, float* acc) {
+#ifdef __AVX512F__
+  if (values.dim == 64) return weighted_values_by<4, 3>(values, scores, group, acc);
+  if (values.dim == 128) return weighted_values_by<8, 2>(values, scores, group, acc);
+#endif
+  const int64_t len = values.len, dim = values.dim;
+  std::fill(acc, acc + group * dim, 0.f);
+  values.tokens([&](int64_t t, const T* value) {
+    for (int64_t g = 0; g < group; ++g) axpy(acc + g * dim, scores[g * len + t], value, dim);
+  });
 }
 
 // Attention of queries [seqs, heads, dim] (row s at q + s * q_stride, its heads one after
@@ -301,18 +465,14 @@ void decode(T* out_ptr, const T* q_ptr, int64_t q_stride, int64_t num_seqs, int6
       const T* q_row = q_ptr + s * q_stride + h * group * dim;
       for (int64_t i = 0; i < group * dim; ++i) query[i] = to_float(q_row[i]) * float(scale);
       scores.assign(group * len, 0.f);
-      const int64_t at = h * head_stride;
-      each_token(k_ptr, table, len, block_size, block_stride, at, dim, [&](int64_t t, const T* key) {
-        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(&query[g * dim], key, dim);
-      }, v_ptr);
+      const Cache<T> keys{k_ptr, table, len, block_size, block_stride, h * head_stride, dim};
+      key_scores(keys, query.data(), group, scores.data(), v_ptr);
       for (int64_t g = 0; g < group; ++g) {
         float* row = &scores[g * len];
         total[g] = exp_shifted(row, len, *std::max_element(row, row + len));
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      each_token(v_ptr, table, len, block_size, block_stride, at, dim, [&](int64_t t, const T* value) {
-        for (int64_t g = 0; g < group; ++g) axpy(&acc[g * dim], scores[g * len + t], value, dim);
-      });
+      const Cache<T> values{v_ptr, table, len, block_size, block_stride, h * head_stride, dim};
+      weighted_values(values, scores.data(), group, acc.data());
       for (int64_t g = 0; g < group; ++g) {
         T* o = out_ptr + (s * num_heads + h * group + g) * dim;
         for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[g * dim + d] / total[g]);
