@@ -52,13 +52,19 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
     return out
 
 
+# groups of 1 to 5 query heads per KV head (the vector paths take several at a time, then
+# the rest one by one), head dims the wide paths specialise (64, 128) and others
 @pytest.mark.parametrize(
-    "heads, kv_heads, head_dim", [(4, 4, 16), (12, 4, 64), (8, 2, 32), (4, 1, 128)]
+    "heads, kv_heads, head_dim",
+    [(4, 4, 16), (12, 4, 64), (8, 2, 32), (4, 1, 128), (10, 2, 64), (10, 2, 128)],
 )
+@pytest.mark.parametrize("block_size", [16, 32])  # the wide paths take 8 or 16 keys at a time
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
-def test_decode_kernel_matches_float64(heads, kv_heads, head_dim, dtype, atol):
+def test_decode_kernel_matches_float64(heads, kv_heads, head_dim, block_size, dtype, atol):
     lens = [1, 15, 16, 17, 33, 100, 257]  # around block edges, and a lone token
-    q, k_cache, v_cache, tables, lens = paged_case(0, dtype, heads, kv_heads, head_dim, 16, lens)
+    q, k_cache, v_cache, tables, lens = paged_case(
+        0, dtype, heads, kv_heads, head_dim, block_size, lens
+    )
     scale = head_dim**-0.5
     out = torch.empty_like(q)
     cpu.ops().paged_decode(out, q, k_cache, v_cache, tables, lens, scale)
