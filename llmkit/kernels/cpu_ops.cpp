@@ -213,7 +213,8 @@ inline void block_key_scores(const float* query, int64_t g0, const T* rows, int6
     for (int g = 0; g < GS; ++g) {
       const float* q = query + (g0 + g) * NV * kLanes;
       __m512 acc = _mm512_setzero_ps();
-      for (int v = 0; v < NV; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + v * kLanes), key[v], acc);
+      for (int v = 0; v < NV; ++v)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + v * kLanes), key[v], acc);
       sums[g][i] = acc;
     }
   }
@@ -364,6 +365,10 @@ struct Cache {
   void tokens(Fn fn, const T* next = nullptr) const {
     each_token(data, table, len, block_size, block_stride, offset, dim, fn, next);
   }
+  // The same rows of another cache laid out alike (the values beside the keys).
+  Cache in(const T* other) const {
+    return {other, table, len, block_size, block_stride, offset, dim};
+  }
 };
 
 #ifdef __AVX512F__
@@ -466,12 +471,12 @@ void decode(T* out_ptr, const T* q_ptr, int64_t q_stride, int64_t num_seqs, int6
       for (int64_t i = 0; i < group * dim; ++i) query[i] = to_float(q_row[i]) * float(scale);
       scores.assign(group * len, 0.f);
       const Cache<T> keys{k_ptr, table, len, block_size, block_stride, h * head_stride, dim};
-      key_scores(keys, query.data(), group, scores.data(), v_ptr);
+      const Cache<T> values = keys.in(v_ptr);
+      key_scores(keys, query.data(), group, scores.data(), values.data);
       for (int64_t g = 0; g < group; ++g) {
         float* row = &scores[g * len];
         total[g] = exp_shifted(row, len, *std::max_element(row, row + len));
       }
-      const Cache<T> values{v_ptr, table, len, block_size, block_stride, h * head_stride, dim};
       weighted_values(values, scores.data(), group, acc.data());
       for (int64_t g = 0; g < group; ++g) {
         T* o = out_ptr + (s * num_heads + h * group + g) * dim;
