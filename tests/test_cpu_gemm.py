@@ -210,15 +210,16 @@ def test_pairs_kernel_is_the_float_product_of_the_bf16_weights():
     assert PairsLinear.build(weight.half(), None) is None
 
 
-def test_huge_page_copy_is_a_contiguous_copy():
-    """kernels/cpu_gemm.cpp huge_page_copy: the same values, contiguous, in memory of its own
-    for tensors of 2 MiB and more; smaller ones as they are."""
-    big = torch.randn(1100, 600).t()  # 2.6 MB, not contiguous
-    copy = cpu.ops().huge_page_copy(big)
-    assert copy.is_contiguous() and torch.equal(copy, big)
-    assert copy.data_ptr() % (2 << 20) == 0
-    small = torch.randn(10, 10)
-    assert cpu.ops().huge_page_copy(small).data_ptr() == small.data_ptr()
+def test_huge_pages_are_whole_2mib_pages_at_a_2mib_boundary():
+    """kernels/cpu_gemm.cpp huge_pages: uint8 memory of at least the size asked for, in whole
+    2 MiB pages starting on a 2 MiB boundary, usable to the end."""
+    for size in (0, 1, 2 << 20, (2 << 20) + 1):
+        memory = cpu.ops().huge_pages(size)
+        assert memory.dtype == torch.uint8 and memory.dim() == 1
+        assert memory.numel() >= max(size, 1) and memory.numel() % (2 << 20) == 0
+        assert memory.data_ptr() % (2 << 20) == 0
+        memory.fill_(7)
+        assert int(memory[-1]) == 7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -156,8 +156,8 @@ def test_half_linear_widened_in_blocks_rounds_as_the_half_product(monkeypatch, d
 
 def test_a_tied_lm_head_and_the_embedding_share_one_table(tiny_dir, monkeypatch):
     """Tied (tiny-qwen2), bf16 through the half-precision kernel (as on a CPU without
-    AVX512-BF16): the lm_head copies the table into 2 MiB pages (always, here: the tiny table
-    is smaller than one), and the embedding reads that copy instead of keeping a second."""
+    AVX512-BF16): the lm_head copies the table (into 2 MiB pages; a plain copy here), and the
+    embedding reads that copy instead of keeping a second."""
     import llmkit.runtime.layers.linear as linear
 
     if linear._cpu_op("half_linear", torch.device("cpu")) is None:

@@ -927,19 +927,18 @@ at::Tensor pairs_linear(at::Tensor x, at::Tensor packed) {
 
 constexpr size_t kHugePage = size_t(2) << 20;
 
-// A contiguous copy of `t` in memory the kernel is asked to back with 2 MiB pages
-// (transparent huge pages, madvise; a hint it may ignore), or `t` itself when it is
-// smaller than one such page. A weight streamed whole at every step then costs a page walk
-// per 2 MiB instead of per 4 KiB.
-at::Tensor huge_page_copy(at::Tensor t) {
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < kHugePage) return t.contiguous();
-  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+// `bytes` of memory, rounded up to whole 2 MiB pages, that the kernel is asked to back with
+// 2 MiB pages (transparent huge pages, madvise; a hint it may ignore), untouched: uint8
+// [the rounded size]. Weights streamed whole at every step placed in it cost a page walk
+// per 2 MiB instead of per 4 KiB (layers/linear.py places them).
+at::Tensor huge_pages(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "huge_pages: a negative size");
+  const size_t size = std::max<size_t>(1, (size_t(bytes) + kHugePage - 1) / kHugePage) * kHugePage;
   void* p = std::aligned_alloc(kHugePage, size);
-  TORCH_CHECK(p != nullptr, "huge_page_copy: cannot allocate ", size, " bytes");
+  TORCH_CHECK(p != nullptr, "huge_pages: cannot allocate ", size, " bytes");
   madvise(p, size, MADV_HUGEPAGE);  // before the first touch, which chooses the page size
-  at::Tensor copy = at::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
-  return copy.copy_(t);  // one pass from any strides (a repacking's permuted view)
+  return at::from_blob(p, {int64_t(size)}, [](void* q) { std::free(q); },
+                       at::TensorOptions().dtype(at::kByte));
 }
 
 }  // namespace
@@ -953,8 +952,7 @@ TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
   m.impl("q8_linear", c10::DispatchKey::CPU, q8_linear);
   m.impl("w8a8_linear", c10::DispatchKey::CPU, w8a8_linear);
   m.impl("half_linear", c10::DispatchKey::CPU, half_linear);
-  m.def("huge_page_copy(Tensor t) -> Tensor");
-  m.impl("huge_page_copy", c10::DispatchKey::CPU, huge_page_copy);
+  m.def("huge_pages(int bytes) -> Tensor", huge_pages);  // no tensor in: one kernel for all
 #ifdef LLMKIT_AVX512BF16
   m.def("pairs_linear(Tensor x, Tensor packed) -> Tensor");
   m.impl("pairs_linear", c10::DispatchKey::CPU, pairs_linear);

@@ -9,8 +9,10 @@ from torch import nn
 from llmkit.arch.family import Block, Family, family_for
 from llmkit.checkpoint.rank_tensors import RankTensors
 from llmkit.errors import LlmkitError
+from llmkit.memory import return_freed_memory
 from llmkit.quant.formats.readers import LinearReader
 from llmkit.runtime.distributed import Group, RowParallel
+from llmkit.runtime.layers import pages
 from llmkit.runtime.layers.linear import (
     DenseLinear,
     DenseWeight,
@@ -43,10 +45,11 @@ def load_model(
     heads, kv_heads = cfg.heads_per_rank(group.size)
     reader = LinearReader(src, src.config.get("quantization_config"))
     build = _Builder(src, family, reader, group, dtype, device, exact, loras)
-    layers = [build.layer(i, cfg, heads, kv_heads) for i in range(cfg.num_layers)]
-    embed_name = f"{family.embed}.weight"
-    embed = src.get(embed_name).to(device, dtype)
-    head = build.lm_head(embed)
+    with pages.shared():  # the streamed weights, small ones sharing 2 MiB pages
+        layers = [build.layer(i, cfg, heads, kv_heads) for i in range(cfg.num_layers)]
+        embed_name = f"{family.embed}.weight"
+        embed = src.get(embed_name).to(device, dtype)
+        head = build.lm_head(embed)
     if build.tied() and isinstance(head, DenseLinear):
         embed = head.weight  # one table for both (the head may have copied it to 2 MiB pages)
     model = LlamaModel(
@@ -57,7 +60,9 @@ def load_model(
         Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling),
     )
     model.lora_modules = build.lora_modules
-    return _frozen(model.to(device)), cfg
+    model = _frozen(model.to(device))
+    return_freed_memory()  # the load's transient copies: ~50 MB of RSS on small-llama
+    return model, cfg
 
 
 def _frozen(model: nn.Module) -> nn.Module:

@@ -41,6 +41,7 @@ from torch import nn
 from llmkit.kernels import cpu as cpu_kernels
 from llmkit.quant import int8
 from llmkit.quant.formats.weights import DenseWeight, GroupedWeight, Int8Weight, LinearWeight
+from llmkit.runtime.layers import pages
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts, largest first
 
@@ -242,10 +243,8 @@ def _cpu_op(name: str, device: torch.device, dtype: torch.dtype | None = None):
 
 def _streamed(weight: torch.Tensor) -> torch.Tensor:
     """A weight llmkit's CPU kernels read whole at every step, copied into 2 MiB pages
-    where the kernel gives them (see huge_page_copy in kernels/cpu_gemm.cpp): far fewer
-    TLB misses than 4 KiB pages over hundreds of megabytes. Contiguous in any case."""
-    op = _cpu_op("huge_page_copy", weight.device)
-    return weight.contiguous() if op is None else op(weight)
+    (layers/pages.py). Contiguous in any case."""
+    return pages.streamed(weight)
 
 
 def _kernel_takes(x: torch.Tensor) -> bool:
