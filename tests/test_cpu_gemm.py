@@ -210,16 +210,19 @@ def test_pairs_kernel_is_the_float_product_of_the_bf16_weights():
     assert PairsLinear.build(weight.half(), None) is None
 
 
-def test_huge_pages_are_whole_2mib_pages_at_a_2mib_boundary():
-    """kernels/cpu_gemm.cpp huge_pages: uint8 memory of at least the size asked for, in whole
-    2 MiB pages starting on a 2 MiB boundary, usable to the end."""
-    for size in (0, 1, 2 << 20, (2 << 20) + 1):
+def test_huge_pages_are_zeros_in_whole_2mib_pages_at_a_2mib_boundary():
+    """kernels/cpu_gemm.cpp huge_pages: uint8 zeros, at least the size asked for, in whole
+    2 MiB pages starting on a 2 MiB boundary, usable to the end (and mapped afresh: memory
+    given back and asked for again is zeros again)."""
+    for size in (0, 1, 2 << 20, (2 << 20) + 1, 2 << 20):
         memory = cpu.ops().huge_pages(size)
         assert memory.dtype == torch.uint8 and memory.dim() == 1
         assert memory.numel() >= max(size, 1) and memory.numel() % (2 << 20) == 0
         assert memory.data_ptr() % (2 << 20) == 0
+        assert int(memory.count_nonzero()) == 0
         memory.fill_(7)
         assert int(memory[-1]) == 7
+        del memory
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -80,3 +80,11 @@ def test_streamed_weights_share_huge_pages_during_a_load_only():
     assert len({c.untyped_storage().data_ptr() for c in apart}) == 2
     for c, w in zip(copies + apart, [a, b, a, b], strict=True):
         assert torch.equal(c, w) and c.is_contiguous()
+
+
+@pytest.mark.skipif(cpu.ops() is None, reason="the CPU kernels cannot be built here")
+def test_zeros_in_pages_are_zeros_of_the_shape():
+    cache = pages.zeros((3, 2, 5, 64), torch.bfloat16)
+    assert cache.shape == (3, 2, 5, 64) and cache.dtype == torch.bfloat16
+    assert cache.is_contiguous() and not cache.any()
+    assert cache.untyped_storage().data_ptr() % (2 << 20) == 0

@@ -927,17 +927,23 @@ at::Tensor pairs_linear(at::Tensor x, at::Tensor packed) {
 
 constexpr size_t kHugePage = size_t(2) << 20;
 
-// `bytes` of memory, rounded up to whole 2 MiB pages, that the kernel is asked to back with
-// 2 MiB pages (transparent huge pages, madvise; a hint it may ignore), untouched: uint8
-// [the rounded size]. Weights streamed whole at every step placed in it cost a page walk
-// per 2 MiB instead of per 4 KiB (layers/linear.py places them).
+// `bytes` of zeros, rounded up to whole 2 MiB pages starting on a 2 MiB boundary, that the
+// kernel is asked to back with 2 MiB pages (transparent huge pages, madvise; a hint it may
+// ignore): uint8 [the rounded size]. Mapped anonymously, so a page is committed when first
+// written. Weights streamed whole at every step (layers/pages.py places them) and the KV
+// cache's blocks read by attention cost a page walk per 2 MiB instead of per 4 KiB.
 at::Tensor huge_pages(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "huge_pages: a negative size");
   const size_t size = std::max<size_t>(1, (size_t(bytes) + kHugePage - 1) / kHugePage) * kHugePage;
-  void* p = std::aligned_alloc(kHugePage, size);
-  TORCH_CHECK(p != nullptr, "huge_pages: cannot allocate ", size, " bytes");
+  const size_t span = size + kHugePage;  // room to start on a 2 MiB boundary
+  void* mapped = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(mapped != MAP_FAILED, "huge_pages: cannot map ", size, " bytes");
+  char* base = static_cast<char*>(mapped);
+  char* p = base + (kHugePage - reinterpret_cast<uintptr_t>(base) % kHugePage) % kHugePage;
+  if (p > base) munmap(base, p - base);  // the parts before and after the aligned pages
+  if (base + span > p + size) munmap(p + size, base + span - (p + size));
   madvise(p, size, MADV_HUGEPAGE);  // before the first touch, which chooses the page size
-  return at::from_blob(p, {int64_t(size)}, [](void* q) { std::free(q); },
+  return at::from_blob(p, {int64_t(size)}, [size](void* q) { munmap(q, size); },
                        at::TensorOptions().dtype(at::kByte));
 }
 

@@ -14,6 +14,7 @@ from llmkit.checkpoint.rank_tensors import open_rank
 from llmkit.kernels import cpu as cpu_kernels
 from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.distributed import Group
+from llmkit.runtime.layers import pages
 from llmkit.runtime.layers.attention import AttentionMetadata, Prefill
 from llmkit.runtime.layers.sampler import Sampled, Sampler, score
 from llmkit.runtime.loader import load_model
@@ -255,10 +256,14 @@ def _score_prompts(spans: list[PromptSpan], logits: torch.Tensor) -> list:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros (masked padding reads must be finite). On CPU from calloc'ed numpy memory, so
-    pages are only committed as blocks are first written: RSS follows the cache's use."""
+    """Zeros (masked padding reads must be finite). On CPU in 2 MiB pages (layers/pages.py),
+    else from calloc'ed numpy memory; either way pages are only committed as blocks are first
+    written: RSS follows the cache's use."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
+    cache = pages.zeros(shape, dtype)
+    if cache is not None:
+        return cache
     import numpy as np
 
     raw = np.zeros((math.prod(shape) * dtype.itemsize,), dtype=np.uint8)
