@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ def cli(capsys: pytest.CaptureFixture):
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
+        finally:
+            gc.unfreeze()  # commands that freeze their process's heap froze the tests' too
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
 

@@ -85,3 +85,25 @@ def test_threads_sets_the_cpu_threads_and_is_bounded(cli, tiny_dir, tmp_path):
     assert result.code != 0 and "--threads must be between 1 and" in result.err
     assert len(result.err.strip().splitlines()) == 1
     assert torch.get_num_threads() == before
+
+
+def test_generate_freezes_the_heap_before_its_engine_runs(cli, tiny_dir, tmp_path, monkeypatch):
+    """The collector's full passes skip what was alive before the engine ran (llmkit/memory.py
+    freeze_heap): `generate` freezes once, before the model loads."""
+    import llmkit.cli.generate as command
+    from llmkit.runtime import engine
+
+    events = []
+    monkeypatch.setattr(command, "freeze_heap", lambda: events.append("freeze"))
+    real = engine.LLM.__init__
+
+    def load(self, *args, **kwargs):
+        events.append("load")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.LLM, "__init__", load)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1, 2], "max_tokens": 2}) + "\n")
+    result = cli("generate", tiny_dir(), "--prompts", prompts, "--output", tmp_path / "o.jsonl")
+    assert result.code == 0, result.err
+    assert events == ["freeze", "load"]

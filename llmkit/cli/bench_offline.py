@@ -26,6 +26,7 @@ from llmkit.cli.options import (
 )
 from llmkit.cli.output import human_bytes, progress_bars, stderr, stdout
 from llmkit.errors import LlmkitError
+from llmkit.memory import freeze_heap
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.runtime.engine_config import EngineConfig
 
@@ -79,6 +80,7 @@ def offline(
     length; load time and peak memory."""
     from llmkit.bench.offline import run_offline
 
+    freeze_heap()  # torch's modules, imported: out of the collector's full passes
     thresholds = asserts.parse(assert_ or [])
     asserts.check_known(thresholds, OFFLINE_METRICS)
     spec = OfflineSpec(

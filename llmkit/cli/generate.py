@@ -12,6 +12,7 @@ import typer
 from llmkit.cli.options import JsonOpt
 from llmkit.cli.output import progress_bars, stderr
 from llmkit.errors import LlmkitError
+from llmkit.memory import freeze_heap
 from llmkit.runtime.engine_config import EngineConfig
 
 
@@ -39,6 +40,7 @@ def generate(
     from llmkit.runtime.generate import generate as run
     from llmkit.runtime.generate import parse_requests
 
+    freeze_heap()  # torch's modules, imported: out of the collector's full passes
     requests = parse_requests(*_lines(prompts))
     with progress_bars(quiet=json_out) as task:
         records, report = run(model, requests, engine, task("generate", unit="requests"))

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from llmkit.errors import LlmkitError
+from llmkit.memory import freeze_heap
 from llmkit.net import free_port
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.model_runner import (
@@ -180,6 +181,7 @@ def _worker_main(spec: RunnerSpec, rank: int, port: int, threads: int) -> None:
     dist.all_gather_object([None] * spec.tp, error)
     if runner is None:
         return
+    freeze_heap()  # this process holds its rank for good: out of the collector's full passes
     while (inputs := _receive(runner.device)) is not None:
         runner.execute(inputs)
     dist.destroy_process_group()

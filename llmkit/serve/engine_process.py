@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection, Pipe
 from typing import NoReturn
 
 from llmkit.errors import LlmkitError
+from llmkit.memory import freeze_heap
 from llmkit.runtime.engine_config import EngineConfig
 from llmkit.runtime.outputs import SpecStats
 from llmkit.serve.deltas import DeltaEncoder, OutputDelta
@@ -189,6 +190,7 @@ def _main(conn: Connection, parent_end: Connection) -> None:
             conn.send(("failed", f"--lora {name}: {e}"))
             engine.close()
             return
+    freeze_heap()  # the loaded engine: out of the collector's full passes
     vocab = engine.model_config.vocab_size
     info = EngineInfo(engine.max_model_len, vocab, engine.block_manager.num_blocks)
     conn.send(("ready", info))
