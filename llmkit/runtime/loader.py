@@ -61,7 +61,7 @@ def load_model(
     )
     model.lora_modules = build.lora_modules
     model = _frozen(model.to(device))
-    return_freed_memory()  # the load's transient copies: ~50 MB of RSS on small-llama
+    return_freed_memory()  # the load's transient copies, else kept as free heap in the RSS
     return model, cfg
 
 
