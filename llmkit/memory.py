@@ -52,7 +52,7 @@ def return_freed_memory() -> None:
 def freeze_heap() -> None:
     """Take every object alive now (the interpreter's and torch's modules, a loaded model)
     out of the garbage collector's full passes, which otherwise walk all of them, ~180k in
-    an engine process (80-86 ms a pass, measured on a tiny model's engine), stalling every
+    an engine process (79-89 ms a pass, measured on a tiny model's engine), stalling every
     request in flight every few hundred steps; frozen, a pass walks only what came after
     (under 1 ms there). For processes that hold one engine for their lifetime (the server's
     engine process, `generate`, `bench offline`): frozen objects are never collected, so a
