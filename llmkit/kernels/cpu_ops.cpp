@@ -309,11 +309,13 @@ inline float exp_shifted(float* row, int64_t len, float top) {
 // The cache rows of one KV head in one block (block_size x head_dim values, contiguous),
 // asked for ahead of their use: in a decode step the weights streamed since the cache was
 // last read have pushed it out to memory, and rows read one at a time come at memory
-// latency, not bandwidth.
+// latency, not bandwidth. Into L2, not L1: a block's lines asked into L1 take its few miss
+// buffers, and the fetches queue behind one another (attention over 64 sequences' cold,
+// scattered blocks ran 1.4-1.6x slower that way).
 inline void prefetch_rows(const void* rows, int64_t bytes) {
 #if defined(__AVX2__) || defined(__AVX512F__)
   for (int64_t i = 0; i < bytes; i += 64)
-    _mm_prefetch(static_cast<const char*>(rows) + i, _MM_HINT_T0);
+    _mm_prefetch(static_cast<const char*>(rows) + i, _MM_HINT_T1);
 #endif
 }
 
