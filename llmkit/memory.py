@@ -42,8 +42,8 @@ def peak_device_memory(device) -> int:
 
 def return_freed_memory() -> None:
     """Ask glibc to hand freed heap pages back to the OS. Without it, memory freed after each
-    layer stays in the process (RSS creeping up ~30 MB a layer on small-llama) for reuse
-    that fragmentation often prevents. A no-op where there is no glibc."""
+    layer stays in the process (RSS creeping up layer by layer) for reuse that fragmentation
+    often prevents. A no-op where there is no glibc."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -51,13 +51,12 @@ def return_freed_memory() -> None:
 
 def freeze_heap() -> None:
     """Take every object alive now (the interpreter's and torch's modules, a loaded model)
-    out of the garbage collector's full passes, which otherwise walk all of them, ~180k in
-    an engine process (79-89 ms a pass, measured on a tiny model's engine), stalling every
-    request in flight every few hundred steps; frozen, a pass walks only what came after
-    (under 1 ms there). For processes that hold one engine for their lifetime (the server's
-    engine process, `generate`, `bench offline`): frozen objects are never collected, so a
-    process that made engine after engine would keep the cycles of those it closed (what is
-    garbage already is collected first)."""
+    out of the garbage collector's full passes, which otherwise walk all of them, hundreds of
+    thousands in an engine process, stalling every request in flight while they do; frozen,
+    a pass walks only what came after. For processes that hold one engine for their lifetime
+    (the server's engine process, `generate`, `bench offline`): frozen objects are never
+    collected, so a process that made engine after engine would keep the cycles of those it
+    closed (what is garbage already is collected first)."""
     gc.collect()
     gc.freeze()
 

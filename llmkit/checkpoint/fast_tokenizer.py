@@ -1,6 +1,6 @@
 """A checkpoint's tokenizer, loaded without importing transformers where that is exact.
 
-Importing transformers takes 0.6-1 s, most of a server's start-up on a small model. When a
+Importing transformers is most of a server's start-up on a small model. When a
 checkpoint's tokenizer is one that AutoTokenizer would build as the plain fast tokenizer
 straight from tokenizer.json, with nothing in tokenizer_config.json that changes it (Llama,
 Mistral and llmkit's presets), `FastTokenizer` serves the calls llmkit makes (encode, decode,

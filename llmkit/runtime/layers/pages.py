@@ -1,12 +1,11 @@
 """Memory in 2 MiB pages (transparent huge pages, asked for by kernels/cpu_gemm.cpp's
 huge_pages) for what the CPU kernels read most: the weights they read whole at every decode
 step, so streaming hundreds of megabytes costs a page walk per 2 MiB instead of per 4 KiB,
-and the KV cache, whose blocks attention reads scattered (a decode step of 64 sequences'
-attention over 320 tokens each runs 10-15% faster than from 4 KiB pages).
+and the KV cache, whose blocks attention reads scattered, a TLB miss per block in 4 KiB pages.
 
 While a model loads (`shared`), its weights are placed one after another in chunks of such
 pages, small ones sharing pages: a 1 MiB projection given pages of its own would leave half
-of a 2 MiB page empty, and left in 4 KiB pages it streams a fifth to a quarter slower
+of a 2 MiB page empty, and left in 4 KiB pages it pays the page walks the large ones avoid
 (benchmarks/cpu_decode.py measures the decode speed this gives).
 """
 
