@@ -16,7 +16,7 @@
 // - gptq_columns: GPTQ's column sweep over a run of columns sharing one group's scale and
 //   zero, inside a block of columns (each row independent, so rows run in parallel).
 // - argmax_rows: each row's argmax as torch.argmax gives it, a greedy step's tokens from its
-//   logits (vectorized and rows in parallel: torch's took 25 us per 32000-entry row).
+//   logits (vectorized and rows in parallel: a step's argmax is on its critical path).
 //
 // The element-wise ones round every intermediate to the model dtype where the reference's
 // torch code does, so they give its values, not merely close ones.
@@ -310,8 +310,7 @@ inline float exp_shifted(float* row, int64_t len, float top) {
 // asked for ahead of their use: in a decode step the weights streamed since the cache was
 // last read have pushed it out to memory, and rows read one at a time come at memory
 // latency, not bandwidth. Into L2, not L1: a block's lines asked into L1 take its few miss
-// buffers, and the fetches queue behind one another (attention over 64 sequences' cold,
-// scattered blocks ran 1.4-1.6x slower that way).
+// buffers, and the fetches then queue behind one another instead of overlapping.
 inline void prefetch_rows(const void* rows, int64_t bytes) {
 #if defined(__AVX2__) || defined(__AVX512F__)
   for (int64_t i = 0; i < bytes; i += 64)
@@ -319,37 +318,7 @@ inline void prefetch_rows(const void* rows, int64_t bytes) {
 #endif
 }
 
-// fn(start, rows, n) for each cache block of a sequence's `len` tokens: its n tokens from
-// `start` on, `rows` at the head_dim values that start `offset` elements into the block. The
-// block kAheadBlocks on is prefetched, and so is the same block of `next` (the cache read
-// after this one) when it is given.
-constexpr int64_t kAheadBlocks = 2;
-template <typename T, typename Fn>
-inline void each_block(const T* cache, const int64_t* table, int64_t len, int64_t block_size,
-                       int64_t block_stride, int64_t offset, int64_t dim, Fn fn,
-                       const T* next = nullptr) {
-  const int64_t blocks = (len + block_size - 1) / block_size, bytes = block_size * dim * sizeof(T);
-  for (int64_t b = 0; b < std::min(blocks, kAheadBlocks); ++b)
-    prefetch_rows(cache + table[b] * block_stride + offset, bytes);
-  for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
-    if (b + kAheadBlocks < blocks)
-      prefetch_rows(cache + table[b + kAheadBlocks] * block_stride + offset, bytes);
-    if (next != nullptr) prefetch_rows(next + table[b] * block_stride + offset, bytes);
-    fn(start, cache + table[b] * block_stride + offset, std::min(block_size, len - start));
-  }
-}
-
-// fn(t, row) for each of a sequence's `len` tokens, block by block (each_block), so no
-// division per token.
-template <typename T, typename Fn>
-inline void each_token(const T* cache, const int64_t* table, int64_t len, int64_t block_size,
-                       int64_t block_stride, int64_t offset, int64_t dim, Fn fn,
-                       const T* next = nullptr) {
-  each_block(cache, table, len, block_size, block_stride, offset, dim,
-             [&](int64_t start, const T* rows, int64_t n) {
-               for (int64_t i = 0; i < n; ++i) fn(start + i, rows + i * dim);
-             }, next);
-}
+constexpr int64_t kAheadBlocks = 2;  // blocks prefetched ahead of the one being read
 
 // One KV head's keys or values of one sequence in the cache: `len` rows of `dim` values,
 // `offset` elements into each of the blocks `table` names.
@@ -359,18 +328,34 @@ struct Cache {
   const int64_t* table;
   int64_t len, block_size, block_stride, offset, dim;
 
+  // fn(start, rows, n) for each block: its n tokens from `start` on, `rows` at their first
+  // value. The block kAheadBlocks on is prefetched, and so is the same block of `next` (the
+  // cache read after this one) when it is given.
   template <typename Fn>
   void blocks(Fn fn, const T* next = nullptr) const {
-    each_block(data, table, len, block_size, block_stride, offset, dim, fn, next);
+    const int64_t count = (len + block_size - 1) / block_size,
+                  bytes = block_size * dim * sizeof(T);
+    for (int64_t b = 0; b < std::min(count, kAheadBlocks); ++b) prefetch_rows(rows(b), bytes);
+    for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
+      if (b + kAheadBlocks < count) prefetch_rows(rows(b + kAheadBlocks), bytes);
+      if (next != nullptr) prefetch_rows(next + table[b] * block_stride + offset, bytes);
+      fn(start, rows(b), std::min(block_size, len - start));
+    }
   }
+  // fn(t, row) for each token, block by block, so no division per token.
   template <typename Fn>
   void tokens(Fn fn, const T* next = nullptr) const {
-    each_token(data, table, len, block_size, block_stride, offset, dim, fn, next);
+    blocks([&](int64_t start, const T* first, int64_t n) {
+      for (int64_t i = 0; i < n; ++i) fn(start + i, first + i * dim);
+    }, next);
   }
   // The same rows of another cache laid out alike (the values beside the keys).
   Cache in(const T* other) const {
     return {other, table, len, block_size, block_stride, offset, dim};
   }
+
+ private:
+  const T* rows(int64_t b) const { return data + table[b] * block_stride + offset; }
 };
 
 #ifdef __AVX512F__
