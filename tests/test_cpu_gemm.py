@@ -52,14 +52,19 @@ def close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("inp,group", [(96, 32), (256, 64), (256, 128), (160, 160)])
+@pytest.mark.parametrize("symmetric", [False, True])
 def test_q4_kernel_is_the_dequantized_product_of_block_quantized_inputs(
-    dtype, act_order, inp, group
+    dtype, act_order, inp, group, symmetric
 ):
     """37 outputs: four tiles of 8 rows and one padded past the weight's last row; 130 rows
-    of a prefill: two passes over the weight, the second of 2 rows."""
+    of a prefill: two passes over the weight, the second of 2 rows. A symmetric weight (every
+    zero 8) keeps no zeros."""
     w = random_grouped(37, inp, group, act_order)
+    if symmetric:
+        w = GroupedWeight(w.q, w.scales, torch.full_like(w.zeros, 8.0), w.g_idx, 4)
     module = Q4Linear.build(w, None, dtype, CPU)
     assert module is not None and (module.perm is not None) == (act_order and group < inp)
+    assert (module.zeros.numel() == 0) == symmetric
     perm = torch.argsort(w.g_idx, stable=True)  # groups made contiguous, as the kernel reads
     scales = w.scales.half().double()[:, w.g_idx]  # stored as fp16
     weight = scales * (w.q.double() - w.zeros.double()[:, w.g_idx])

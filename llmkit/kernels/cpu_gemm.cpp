@@ -6,7 +6,8 @@
 //   tiles of 8 output rows (repacked at load, see layers/linear.py): packed uint8
 //   [N / 8, 4 K], each 128 bytes one block of 32 inputs of the tile's rows, byte 32 j + 4 r + i
 //   holding input 4 j + i of row r in its low nibble and input 16 + 4 j + i in its high one;
-//   scales fp16 and zeros uint8 [N / 8, K / group_size, 8].
+//   scales fp16 and zeros uint8 [N / 8, K / group_size, 8], or no zeros at all where every
+//   zero is 8 (symmetric quantization: a stream fewer, and the zero's share an integer).
 // - q8_linear: int8 weights with one float scale per output, in tiles of 8 output rows as
 //   well: packed int8 [N / 8, 8 K], each 256 bytes one block of 32 inputs of the tile's rows,
 //   byte 32 c + 4 r + i holding input 4 c + i of row r.
@@ -14,7 +15,8 @@
 // Both take the activations as int8 in blocks of 32 with one float scale each (x / scale
 // rounded to nearest, scale = max|x| / 127), so a block's 32 products are one integer dot
 // product (maddubs, or VNNI's vpdpbusd where the CPU has it: the same exact sums); the
-// weights' scales and zeros are applied per block and group in float.
+// weights' scales and zeros are applied per block and group in float (a symmetric 4-bit
+// weight's zero of 8 in the block's integer sum: 8 times the block's activation total).
 //
 // - w8a8_linear: int8 weights in q8_linear's tiles against int8 activations with one scale per
 //   row (max|x| / 127, x / scale rounded half to even, as quant/int8.quantize_per_token),
@@ -254,9 +256,20 @@ constexpr int64_t kTileBlock = kTileRows * 16;  // bytes of one block of 32 inpu
 struct Q4 {
   const uint8_t* packed;
   const c10::Half* scales;
-  const uint8_t* zeros;
+  const uint8_t* zeros;  // null: every zero is 8
   int64_t k, groups, blocks_per_group;
 };
+
+constexpr int32_t kSymmetricZero = 8;
+
+// -8 times each block's activation total: a symmetric weight block's integer sum starts
+// there. Kept per thread as quantize_blocks' result is.
+const std::vector<int32_t>& zero_shares(const Blocks& x) {
+  thread_local std::vector<int32_t> shares;
+  shares.resize(x.total.size());
+  for (size_t b = 0; b < shares.size(); ++b) shares[b] = -kSymmetricZero * x.total[b];
+  return shares;
+}
 
 // sum over each group of the quantized activations, dequantized: xs[m, g]. With it the
 // zeros' share of a group is s * z * xs[m, g], once per group instead of per input.
@@ -282,14 +295,14 @@ inline __m256i chunk(const int8_t* q, int c) {
 // row m0 + t and output 8 * tile + r. A block's 8 x 32 products are 8 byte-pair products
 // per lane (one lane per output row), summed in 16 bits (at most 8 x 2 x 15 x 127), then
 // in 32; one float multiply-add per block adds them, scaled, to the row's sum, in the same
-// order whatever MT is, so a row gets the same bits alone as in any batch.
-template <int MT>
-inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs, int64_t m0,
+// order whatever MT is, so a row gets the same bits alone as in any batch. `xs`: the
+// group sums (zeros stored) or the blocks' zero shares (symmetric).
+template <int MT, bool Symmetric>
+inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, int64_t m0,
                     float* res) {
   const int64_t per_row = w.k / kBlock;
   const uint8_t* p = w.packed + tile * per_row * kTileBlock;
   const c10::Half* s = w.scales + tile * w.groups * kTileRows;
-  const uint8_t* z = w.zeros + tile * w.groups * kTileRows;
   const __m256i low = _mm256_set1_epi8(0x0F);
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MT];
@@ -297,10 +310,14 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs,
   for (int64_t g = 0, b = 0; g < w.groups; ++g) {
     const __m256 sv = _mm256_cvtph_ps(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g * kTileRows)));
-    const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g * kTileRows));
-    const __m256 sz = _mm256_mul_ps(sv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)));
-    for (int t = 0; t < MT; ++t)
-      acc[t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(xs[(m0 + t) * w.groups + g]), acc[t]);
+    if constexpr (!Symmetric) {
+      const uint8_t* z = w.zeros + (tile * w.groups + g) * kTileRows;
+      const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z));
+      const __m256 sz = _mm256_mul_ps(sv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)));
+      const float* sums = static_cast<const float*>(xs);
+      for (int t = 0; t < MT; ++t)
+        acc[t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(sums[(m0 + t) * w.groups + g]), acc[t]);
+    }
     for (const int64_t end = b + w.blocks_per_group; b < end; ++b) {
       __m256i wv[8];  // chunk c: inputs 4c..4c+3 of the block, one lane per output row
       prefetch(p + b * kTileBlock + kAhead);
@@ -314,8 +331,11 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs,
       for (int t = 0; t < MT; ++t) {
         const int64_t row = (m0 + t) * per_row + b;
         const int8_t* q = &x.q[row * kBlock];
+        const __m256i start = Symmetric  // the zero's share, or none
+                                  ? _mm256_set1_epi32(static_cast<const int32_t*>(xs)[row])
+                                  : _mm256_setzero_si256();
 #ifdef LLMKIT_VNNI  // the same int32 sums (two chains of 4 dot products)
-        __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+        __m256i even = start, odd = _mm256_setzero_si256();
         for (int c = 0; c < 8; c += 2) {
           even = _mm256_dpbusd_epi32(even, wv[c], chunk(q, c));
           odd = _mm256_dpbusd_epi32(odd, wv[c + 1], chunk(q, c + 1));
@@ -325,7 +345,8 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs,
         __m256i sum = _mm256_maddubs_epi16(wv[0], chunk(q, 0));
         for (int c = 1; c < 8; ++c)
           sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wv[c], chunk(q, c)));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
+        const __m256i sums = _mm256_add_epi32(start, _mm256_madd_epi16(sum, ones));
+        const __m256 dot = _mm256_cvtepi32_ps(sums);
 #endif
         acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(x.d[row])), acc[t]);
       }
@@ -336,8 +357,8 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs,
 
 #else
 
-template <int MT>
-inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs, int64_t m0,
+template <int MT, bool Symmetric>
+inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, int64_t m0,
                     float* res) {
   const int64_t per_row = w.k / kBlock;
   const uint8_t* p = w.packed + tile * per_row * kTileBlock;
@@ -347,10 +368,12 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const float* xs,
       for (int64_t g = 0, b = 0; g < w.groups; ++g) {
         const int64_t at = (tile * w.groups + g) * kTileRows + r;
         const float sg = static_cast<float>(w.scales[at]);
-        acc -= sg * float(w.zeros[at]) * xs[(m0 + t) * w.groups + g];
+        if constexpr (!Symmetric)
+          acc -= sg * float(w.zeros[at]) *
+                 static_cast<const float*>(xs)[(m0 + t) * w.groups + g];
         for (const int64_t end = b + w.blocks_per_group; b < end; ++b) {
           const int64_t row = (m0 + t) * per_row + b;
-          int32_t sum = 0;
+          int32_t sum = Symmetric ? static_cast<const int32_t*>(xs)[row] : 0;
           for (int64_t i = 0; i < kBlock; ++i) {
             const uint8_t byte = p[b * kTileBlock + 32 * (i / 4 % 4) + 4 * r + i % 4];
             sum += (i < 16 ? byte & 0x0F : byte >> 4) * x.q[row * kBlock + i];
@@ -442,23 +465,33 @@ at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Ten
   TORCH_CHECK(packed.scalar_type() == at::kByte && zeros.scalar_type() == at::kByte &&
                   scales.scalar_type() == at::kHalf,
               "q4_linear: uint8 packed and zeros, fp16 scales are needed");
+  const bool symmetric = zeros.numel() == 0;
   TORCH_CHECK(group_size % kBlock == 0 && k % group_size == 0, "q4_linear: group size ",
               group_size, " must be a multiple of 32 dividing ", k);
   const int64_t groups = k / group_size;
   TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && zeros.is_contiguous() &&
-                  scales.sizes() == zeros.sizes() &&
+                  (symmetric || scales.sizes() == zeros.sizes()) &&
                   scales.sizes() == at::IntArrayRef({tiles, groups, kTileRows}),
-              "q4_linear: scales and zeros must be contiguous [", tiles, ", ", groups, ", 8]");
-  const Q4 w{packed.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), zeros.data_ptr<uint8_t>(),
-             k, groups, group_size / kBlock};
+              "q4_linear: scales and zeros (or no zeros) must be contiguous [", tiles, ", ",
+              groups, ", 8]");
+  const Q4 w{packed.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(),
+             symmetric ? nullptr : zeros.data_ptr<uint8_t>(), k, groups, group_size / kBlock};
   const Blocks& xq = quantize_blocks(x);
-  const std::vector<float>& xs = group_sums(xq, w.blocks_per_group);
+  const void* xs = symmetric ? static_cast<const void*>(zero_shares(xq).data())
+                             : static_cast<const void*>(group_sums(xq, w.blocks_per_group).data());
   at::Tensor out = at::empty({x.size(0), n}, x.options());
-  by_dtype(out, [&](auto tag) {
-    each_tile<decltype(tag)>(out, [&](auto mt, int64_t tile, int64_t m0, float* res) {
-      q4_tile<decltype(mt)::value>(w, tile, xq, xs.data(), m0, res);
+  auto run = [&](auto sym) {
+    by_dtype(out, [&](auto tag) {
+      each_tile<decltype(tag)>(out, [&](auto mt, int64_t tile, int64_t m0, float* res) {
+        q4_tile<decltype(mt)::value, decltype(sym)::value>(w, tile, xq, xs, m0, res);
+      });
     });
-  });
+  };
+  if (symmetric) {
+    run(std::true_type());
+  } else {
+    run(std::false_type());
+  }
   return out;
 }
 
