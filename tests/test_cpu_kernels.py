@@ -246,9 +246,11 @@ def test_silu_mul_kernel_matches_the_torch_ops(dtype, width):
     assert torch.allclose(out.double(), expected.double(), rtol=2 * ulp, atol=1e-30, equal_nan=True)
 
 
-def test_argmax_rows_is_torch_argmax():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_is_torch_argmax(dtype):
     """Rows of 1, 7, 37 and 32000 entries (vector loops and their tails); ties (the first
-    wins, one in the tail too), a NaN (the first NaN wins), all -inf, all NaN."""
+    wins, one in the tail too), a NaN (the first NaN wins), all -inf, all NaN; bf16 rows as
+    their float32 copies; rows that are a view's (cut short of the row stride)."""
     ops = cpu.ops()
     g = torch.Generator().manual_seed(3)
     for n in (1, 7, 37, 32000):
@@ -262,9 +264,12 @@ def test_argmax_rows_is_torch_argmax():
         x[7, -1] = float("inf")
         x[8, : n // 2] = float("inf")
         x[9, -min(n, 3) :] = float(x[9].max()) + 1  # a tie within the tail
-        assert torch.equal(ops.argmax_rows(x), x.argmax(1)), n
-    with pytest.raises(RuntimeError, match="float32"):
-        ops.argmax_rows(torch.zeros(2, 5, dtype=torch.bfloat16))
+        x = x.to(dtype)
+        assert torch.equal(ops.argmax_rows(x), x.float().argmax(1)), n
+        cut = x[:, : max(1, n - 5)]
+        assert torch.equal(ops.argmax_rows(cut), cut.float().argmax(1)), n
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.argmax_rows(torch.zeros(2, 5, dtype=torch.float16))
 
 
 @pytest.mark.parametrize(

@@ -162,19 +162,7 @@ class DecodeStack : public torch::CustomClassHolder {
   // logits_indices) for tokens `ids` at `positions`.
   at::Tensor logits(at::Tensor ids, at::Tensor positions, at::Tensor slots,
                     at::Tensor block_tables, at::Tensor context_lens, at::Tensor rows) {
-    static const auto add_rms_norm =
-        find<at::Tensor(at::Tensor, at::Tensor, at::Tensor, double)>("llmkit_cpu::add_rms_norm");
-    TORCH_CHECK(head_.has_value(), "DecodeStack: no head was set");
-    const Head& head = *head_;
-    const at::Tensor x = head.embed.index_select(0, ids);
-    const auto dtype = x.scalar_type();  // the rotary tables rounded to it, as Rotary does
-    const at::Tensor cos = head.cos.index_select(0, positions).to(dtype);
-    const at::Tensor sin = head.sin.index_select(0, positions).to(dtype);
-    const auto [h, residual] = run(x, cos, sin, slots, block_tables, context_lens);
-    const at::Tensor normed = add_rms_norm.call(residual.index_select(0, rows),
-                                                h.index_select(0, rows), head.norm, head.eps);
-    const at::Tensor out = linear(normed, head.kind, head.lm_head, head.group_size);
-    return out.narrow(1, 0, head.vocab).to(at::kFloat);
+    return head_logits(ids, positions, slots, block_tables, context_lens, rows).to(at::kFloat);
   }
 
   // `steps` greedy decode steps of sequences whose next tokens are `ids` at `positions`,
@@ -190,18 +178,39 @@ class DecodeStack : public torch::CustomClassHolder {
                     context_lens.size(0) == rows,
                 "DecodeStack: greedy_steps takes a slot per sequence and step");
     static const auto argmax = find<at::Tensor(at::Tensor)>("llmkit_cpu::argmax_rows");
-    const at::Tensor all = at::arange(rows, ids.options());
     at::Tensor chosen = at::empty({rows, steps}, ids.options());
-    for (int64_t j = 0; j < steps; ++j) {
-      const at::Tensor out = logits(ids, positions + j, slots[j], block_tables, context_lens + j,
-                                    all);
-      ids = argmax.call(out);
+    for (int64_t j = 0; j < steps; ++j) {  // the argmax of the logits in the model's dtype:
+      // the index of their float32 copy, without the copy
+      ids = argmax.call(head_logits(ids, positions + j, slots[j], block_tables,
+                                    context_lens + j, std::nullopt));
       chosen.select(1, j).copy_(ids);
     }
     return chosen;
   }
 
  private:
+  // The logits in the model's dtype, [rows, vocab] (every token's without `rows`): a view
+  // of the lm_head's output, whose rows are padded past the vocabulary in some layouts.
+  at::Tensor head_logits(const at::Tensor& ids, const at::Tensor& positions,
+                         const at::Tensor& slots, const at::Tensor& block_tables,
+                         const at::Tensor& context_lens, const std::optional<at::Tensor>& rows) {
+    static const auto add_rms_norm =
+        find<at::Tensor(at::Tensor, at::Tensor, at::Tensor, double)>("llmkit_cpu::add_rms_norm");
+    TORCH_CHECK(head_.has_value(), "DecodeStack: no head was set");
+    const Head& head = *head_;
+    const at::Tensor x = head.embed.index_select(0, ids);
+    const auto dtype = x.scalar_type();  // the rotary tables rounded to it, as Rotary does
+    const at::Tensor cos = head.cos.index_select(0, positions).to(dtype);
+    const at::Tensor sin = head.sin.index_select(0, positions).to(dtype);
+    auto [h, residual] = run(x, cos, sin, slots, block_tables, context_lens);
+    if (rows.has_value()) {
+      h = h.index_select(0, *rows);
+      residual = residual.index_select(0, *rows);
+    }
+    const at::Tensor normed = add_rms_norm.call(residual, h, head.norm, head.eps);
+    return linear(normed, head.kind, head.lm_head, head.group_size).narrow(1, 0, head.vocab);
+  }
+
   struct Head {
     at::Tensor embed, cos, sin, norm;
     double eps;

@@ -16,7 +16,8 @@
 // - gptq_columns: GPTQ's column sweep over a run of columns sharing one group's scale and
 //   zero, inside a block of columns (each row independent, so rows run in parallel).
 // - argmax_rows: each row's argmax as torch.argmax gives it, a greedy step's tokens from its
-//   logits (vectorized and rows in parallel: a step's argmax is on its critical path).
+//   logits, float32 or bfloat16 (vectorized and rows in parallel: a step's argmax is on its
+//   critical path).
 //
 // The element-wise ones round every intermediate to the model dtype where the reference's
 // torch code does, so they give its values, not merely close ones.
@@ -806,15 +807,18 @@ void gptq_columns(at::Tensor w, at::Tensor q, at::Tensor err, at::Tensor hinv, a
 }
 
 // The index of the first largest of x[0, n), or of the first NaN when there is one (a NaN
-// counts as larger than any number), as torch.argmax.
-int64_t argmax_row(const float* x, int64_t n) {
+// counts as larger than any number), as torch.argmax. bf16 values are compared as the
+// float32 values they widen to (exactly), so they give the index their float32 copy gives.
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
   float top = -INFINITY;
   bool nan = false;
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
+  using llmkit_vec::load8;
   __m256 most = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 v = load8(x + i);
     most = _mm256_max_ps(most, v);  // NaNs are tracked apart
     unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
@@ -824,34 +828,46 @@ int64_t argmax_row(const float* x, int64_t n) {
   for (const float lane : lanes) top = std::max(top, lane);
 #endif
   for (; i < n; ++i) {
-    nan = nan || std::isnan(x[i]);
-    top = std::isnan(x[i]) ? top : std::max(top, x[i]);
+    const float v = static_cast<float>(x[i]);
+    nan = nan || std::isnan(v);
+    top = std::isnan(v) ? top : std::max(top, v);
   }
   int64_t j = 0;
 #ifdef LLMKIT_AVX2
   const __m256 wanted = _mm256_set1_ps(top);
   for (; j + 8 <= n; j += 8) {
-    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 v = load8(x + j);
     const __m256 hit = nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, wanted, _CMP_EQ_OQ);
     if (const int mask = _mm256_movemask_ps(hit)) return j + __builtin_ctz(mask);
   }
 #endif
-  for (; j < n; ++j)
-    if (nan ? std::isnan(x[j]) : x[j] == top) return j;
+  for (; j < n; ++j) {
+    const float v = static_cast<float>(x[j]);
+    if (nan ? std::isnan(v) : v == top) return j;
+  }
   return 0;
 }
 
+// logits: float32 or bfloat16 [rows, n], each row contiguous (rows may be a view's: a
+// padded lm_head's output cut at the vocabulary).
 at::Tensor argmax_rows(at::Tensor logits) {
-  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.scalar_type() == at::kFloat,
-              "argmax_rows: logits must be float32 [rows, n > 0]");
-  const at::Tensor x = logits.contiguous();
-  const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 &&
+                  (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16),
+              "argmax_rows: logits must be float32 or bfloat16 [rows, n > 0]");
+  const at::Tensor x = logits.stride(1) == 1 ? logits : logits.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1), stride = x.stride(0);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
-  const float* p = x.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) o[r] = argmax_row(p + r * n, n);
-  });
+  auto each = [&](const auto* p) {
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) o[r] = argmax_row(p + r * stride, n);
+    });
+  };
+  if (x.scalar_type() == at::kFloat) {
+    each(x.data_ptr<float>());
+  } else {
+    each(x.data_ptr<c10::BFloat16>());
+  }
   return out;
 }
 
