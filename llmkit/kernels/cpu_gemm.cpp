@@ -207,11 +207,15 @@ inline __m256i dot_s8s8(__m256i a, __m256i b) {
   return dot_u8s8(_mm256_sign_epi8(b, b), _mm256_sign_epi8(a, b));
 }
 
-// The cache line kAhead bytes on in a weight stream, asked for early: for the 4-bit and int8
-// kernels the hardware's own prefetcher alone leaves a core's reads of a few hundred
+// The cache line kAhead<MT> bytes on in a weight stream, asked for early: for the 4-bit and
+// int8 kernels the hardware's own prefetcher alone leaves a core's reads of a few hundred
 // kilobytes short of the bandwidth. The 16-bit kernels, which do less arithmetic per byte,
-// decode faster without it (measured on an AVX2 host, batch 1).
-constexpr int64_t kAhead = 2048;
+// decode faster without it (measured on an AVX2 host, batch 1). One activation row gets
+// through a block fastest, so it asks farthest ahead to keep enough lines on their way from
+// memory; more rows spend longer on each block, and lines asked for that early would wait
+// in L1 long enough to be pushed out before they are read.
+template <int MT>
+constexpr int64_t kAhead = MT == 1 ? 6144 : 2048;
 inline void prefetch(const void* p) {
   _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
 }
@@ -320,8 +324,8 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, 
     }
     for (const int64_t end = b + w.blocks_per_group; b < end; ++b) {
       __m256i wv[8];  // chunk c: inputs 4c..4c+3 of the block, one lane per output row
-      prefetch(p + b * kTileBlock + kAhead);
-      prefetch(p + b * kTileBlock + kAhead + 64);
+      prefetch(p + b * kTileBlock + kAhead<MT>);
+      prefetch(p + b * kTileBlock + kAhead<MT> + 64);
       for (int j = 0; j < 4; ++j) {
         const __m256i raw =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * kTileBlock + 32 * j));
@@ -516,10 +520,10 @@ template <int MT>
 inline void i8_block(const int8_t* p, const int8_t* q, int64_t k, int64_t m0, int64_t i,
                      __m256i* dot) {
   __m256i wv[8];  // chunk c: inputs 4c..4c+3, one 32-bit lane per output row
-  prefetch(p + kAhead);
-  prefetch(p + kAhead + 64);
-  prefetch(p + kAhead + 128);
-  prefetch(p + kAhead + 192);
+  prefetch(p + kAhead<MT>);
+  prefetch(p + kAhead<MT> + 64);
+  prefetch(p + kAhead<MT> + 128);
+  prefetch(p + kAhead<MT> + 192);
 #ifdef LLMKIT_VNNI
   const __m256i flip = _mm256_set1_epi8(-128);
   for (int c = 0; c < 8; ++c) wv[c] = _mm256_xor_si256(load32(p + 32 * c), flip);
