@@ -330,7 +330,11 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, 
         const __m256i raw =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * kTileBlock + 32 * j));
         wv[j] = _mm256_and_si256(raw, low);
+#ifdef LLMKIT_VNNI  // the high nibbles left in place: 16 times their values, no shift
+        wv[j + 4] = _mm256_andnot_si256(low, raw);
+#else  // maddubs' 16-bit pair sums would overflow on 16 times the values
         wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+#endif
       }
       for (int t = 0; t < MT; ++t) {
         const int64_t row = (m0 + t) * per_row + b;
@@ -338,13 +342,13 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, 
         const __m256i start = Symmetric  // the zero's share, or none
                                   ? _mm256_set1_epi32(static_cast<const int32_t*>(xs)[row])
                                   : _mm256_setzero_si256();
-#ifdef LLMKIT_VNNI  // the same int32 sums (two chains of 4 dot products)
-        __m256i even = start, odd = _mm256_setzero_si256();
-        for (int c = 0; c < 8; c += 2) {
-          even = _mm256_dpbusd_epi32(even, wv[c], chunk(q, c));
-          odd = _mm256_dpbusd_epi32(odd, wv[c + 1], chunk(q, c + 1));
-        }
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+#ifdef LLMKIT_VNNI  // the same int32 sums: the low nibbles' chain, and 16 x the high ones'
+        __m256i lows = start, highs = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+          lows = _mm256_dpbusd_epi32(lows, wv[c], chunk(q, c));
+          highs = _mm256_dpbusd_epi32(highs, wv[c + 4], chunk(q, c + 4));
+        }  // highs is a multiple of 16 (at most 16 x 15 x 127 x 16 in size): shifted exactly
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(lows, _mm256_srai_epi32(highs, 4)));
 #else
         __m256i sum = _mm256_maddubs_epi16(wv[0], chunk(q, 0));
         for (int c = 1; c < 8; ++c)
