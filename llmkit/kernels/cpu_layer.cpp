@@ -179,8 +179,8 @@ class DecodeStack : public torch::CustomClassHolder {
                 "DecodeStack: greedy_steps takes a slot per sequence and step");
     static const auto argmax = find<at::Tensor(at::Tensor)>("llmkit_cpu::argmax_rows");
     at::Tensor chosen = at::empty({rows, steps}, ids.options());
-    for (int64_t j = 0; j < steps; ++j) {  // the argmax of the logits in the model's dtype:
-      // the index of their float32 copy, without the copy
+    // argmax_rows gives the logits in the model's dtype the index their float32 copy gives
+    for (int64_t j = 0; j < steps; ++j) {
       ids = argmax.call(head_logits(ids, positions + j, slots[j], block_tables,
                                     context_lens + j, std::nullopt));
       chosen.select(1, j).copy_(ids);
