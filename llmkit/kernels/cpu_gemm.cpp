@@ -266,6 +266,11 @@ struct Q4 {
 
 constexpr int32_t kSymmetricZero = 8;
 
+// What a tile's rows take for the zeros: per block its zero share (zero_shares) where every
+// zero is 8, else per group the activations' dequantized sum (group_sums).
+template <bool Symmetric>
+using ZeroTerms = std::conditional_t<Symmetric, int32_t, float>;
+
 // -8 times each block's activation total: a symmetric weight block's integer sum starts
 // there. Kept per thread as quantize_blocks' result is.
 const std::vector<int32_t>& zero_shares(const Blocks& x) {
@@ -299,11 +304,10 @@ inline __m256i chunk(const int8_t* q, int c) {
 // row m0 + t and output 8 * tile + r. A block's 8 x 32 products are 8 byte-pair products
 // per lane (one lane per output row), summed in 16 bits (at most 8 x 2 x 15 x 127), then
 // in 32; one float multiply-add per block adds them, scaled, to the row's sum, in the same
-// order whatever MT is, so a row gets the same bits alone as in any batch. `xs`: the
-// group sums (zeros stored) or the blocks' zero shares (symmetric).
+// order whatever MT is, so a row gets the same bits alone as in any batch.
 template <int MT, bool Symmetric>
-inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, int64_t m0,
-                    float* res) {
+inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const ZeroTerms<Symmetric>* xs,
+                    int64_t m0, float* res) {
   const int64_t per_row = w.k / kBlock;
   const uint8_t* p = w.packed + tile * per_row * kTileBlock;
   const c10::Half* s = w.scales + tile * w.groups * kTileRows;
@@ -318,9 +322,8 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, 
       const uint8_t* z = w.zeros + (tile * w.groups + g) * kTileRows;
       const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z));
       const __m256 sz = _mm256_mul_ps(sv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8)));
-      const float* sums = static_cast<const float*>(xs);
       for (int t = 0; t < MT; ++t)
-        acc[t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(sums[(m0 + t) * w.groups + g]), acc[t]);
+        acc[t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(xs[(m0 + t) * w.groups + g]), acc[t]);
     }
     for (const int64_t end = b + w.blocks_per_group; b < end; ++b) {
       __m256i wv[8];  // chunk c: inputs 4c..4c+3 of the block, one lane per output row
@@ -339,9 +342,8 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, 
       for (int t = 0; t < MT; ++t) {
         const int64_t row = (m0 + t) * per_row + b;
         const int8_t* q = &x.q[row * kBlock];
-        const __m256i start = Symmetric  // the zero's share, or none
-                                  ? _mm256_set1_epi32(static_cast<const int32_t*>(xs)[row])
-                                  : _mm256_setzero_si256();
+        __m256i start = _mm256_setzero_si256();  // the zero's share, or none
+        if constexpr (Symmetric) start = _mm256_set1_epi32(xs[row]);
 #ifdef LLMKIT_VNNI  // the same int32 sums: the low nibbles' chain, and 16 x the high ones'
         __m256i lows = start, highs = _mm256_setzero_si256();
         for (int c = 0; c < 4; ++c) {
@@ -366,8 +368,8 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, 
 #else
 
 template <int MT, bool Symmetric>
-inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, int64_t m0,
-                    float* res) {
+inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const ZeroTerms<Symmetric>* xs,
+                    int64_t m0, float* res) {
   const int64_t per_row = w.k / kBlock;
   const uint8_t* p = w.packed + tile * per_row * kTileBlock;
   for (int t = 0; t < MT; ++t)
@@ -376,12 +378,11 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const void* xs, 
       for (int64_t g = 0, b = 0; g < w.groups; ++g) {
         const int64_t at = (tile * w.groups + g) * kTileRows + r;
         const float sg = static_cast<float>(w.scales[at]);
-        if constexpr (!Symmetric)
-          acc -= sg * float(w.zeros[at]) *
-                 static_cast<const float*>(xs)[(m0 + t) * w.groups + g];
+        if constexpr (!Symmetric) acc -= sg * float(w.zeros[at]) * xs[(m0 + t) * w.groups + g];
         for (const int64_t end = b + w.blocks_per_group; b < end; ++b) {
           const int64_t row = (m0 + t) * per_row + b;
-          int32_t sum = Symmetric ? static_cast<const int32_t*>(xs)[row] : 0;
+          int32_t sum = 0;
+          if constexpr (Symmetric) sum = xs[row];
           for (int64_t i = 0; i < kBlock; ++i) {
             const uint8_t byte = p[b * kTileBlock + 32 * (i / 4 % 4) + 4 * r + i % 4];
             sum += (i < 16 ? byte & 0x0F : byte >> 4) * x.q[row * kBlock + i];
@@ -485,10 +486,8 @@ at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Ten
   const Q4 w{packed.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(),
              symmetric ? nullptr : zeros.data_ptr<uint8_t>(), k, groups, group_size / kBlock};
   const Blocks& xq = quantize_blocks(x);
-  const void* xs = symmetric ? static_cast<const void*>(zero_shares(xq).data())
-                             : static_cast<const void*>(group_sums(xq, w.blocks_per_group).data());
   at::Tensor out = at::empty({x.size(0), n}, x.options());
-  auto run = [&](auto sym) {
+  auto run = [&](auto sym, const auto* xs) {
     by_dtype(out, [&](auto tag) {
       each_tile<decltype(tag)>(out, [&](auto mt, int64_t tile, int64_t m0, float* res) {
         q4_tile<decltype(mt)::value, decltype(sym)::value>(w, tile, xq, xs, m0, res);
@@ -496,9 +495,9 @@ at::Tensor q4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, at::Ten
     });
   };
   if (symmetric) {
-    run(std::true_type());
+    run(std::true_type(), zero_shares(xq).data());
   } else {
-    run(std::false_type());
+    run(std::false_type(), group_sums(xq, w.blocks_per_group).data());
   }
   return out;
 }

@@ -339,7 +339,7 @@ struct Cache {
     for (int64_t b = 0; b < std::min(count, kAheadBlocks); ++b) prefetch_rows(rows(b), bytes);
     for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
       if (b + kAheadBlocks < count) prefetch_rows(rows(b + kAheadBlocks), bytes);
-      if (next != nullptr) prefetch_rows(next + table[b] * block_stride + offset, bytes);
+      if (next != nullptr) prefetch_rows(in(next).rows(b), bytes);
       fn(start, rows(b), std::min(block_size, len - start));
     }
   }
