@@ -9,8 +9,8 @@ reported. Every contender runs in its own child process, one after the other:
 
 - llmkit, every checkpoint: batch-1 decode tokens/s (prompt 128, 256 tokens, greedy, EOS
   ignored; the first token, from the prefill, not counted), with CUDA graphs and the
-  default --decode-steps and, for bf16, also with one step per engine step and eagerly
-  (--enforce-eager); decode tokens/s of 16 sequences at once.
+  default --decode-steps and --decode-call-ms and, for bf16, also with one step per engine
+  step and eagerly (--enforce-eager); decode tokens/s of 16 sequences at once.
 - llmkit bf16: output tokens/s of 64 and 256 concurrent requests (prompts of 512
   random tokens, 256 output tokens each, EOS ignored; --max-num-seqs 256).
 - transformers with a static KV cache and torch.compile(mode="reduce-overhead") at batch 1
@@ -277,7 +277,7 @@ def summarize(shapes: dict) -> list[dict]:
         tag = f"Llama-3 {shape.upper()} shapes"
         bf16, hf = r["llmkit"]["bf16"], r["anchors"]
         met = shape == "8b"
-        modes = f"{bf16['decode_steps']} steps a call" if "decode_steps" in bf16 else ""
+        modes = f"up to {bf16['decode_steps']} steps a call" if "decode_steps" in bf16 else ""
         if "b1_one_step_tokens_per_s" in bf16:
             modes += f"; 1 step: {bf16['b1_one_step_tokens_per_s']:.1f}"
         if "b1_eager_tokens_per_s" in bf16:

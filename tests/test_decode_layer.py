@@ -125,7 +125,11 @@ def test_greedy_steps_run_ahead_in_one_call_decode_what_single_steps_decode(
 
     def run(steps: int, kv_cache_memory: int | None = None):
         config = EngineConfig(
-            device="cpu", dtype="bfloat16", decode_steps=steps, kv_cache_memory=kv_cache_memory
+            device="cpu",
+            dtype="bfloat16",
+            decode_steps=steps,
+            decode_call_ms=0,  # every call runs `steps`, however fast a step is
+            kv_cache_memory=kv_cache_memory,
         )
         llm = LLM(path, config)
         try:

@@ -170,7 +170,7 @@ def test_a_request_that_breaks_steps_run_ahead_fails_alone(tiny_dir, monkeypatch
     decode step): the step is run again request by request, each part still running ahead,
     and the others get all their tokens."""
     prompts = random_prompts(4, 3, 30, seed=5)
-    engine = Engine(tiny_dir(), EngineConfig(dtype="bfloat16", decode_steps=3))
+    engine = Engine(tiny_dir(), EngineConfig(dtype="bfloat16", decode_steps=3, decode_call_ms=0))
     runner = engine.executor.runner
     real, ran = type(runner).greedy_steps, []
 

@@ -78,8 +78,16 @@ DecodeStepsOpt = Annotated[
     int,
     typer.Option(
         "--decode-steps",
-        help="Greedy decode steps per engine step where the whole step is one C++ call "
+        help="Most greedy decode steps per engine step where the whole step is one C++ call "
         "(CPU) or one CUDA graph (--tp 1); 1: one.",
+    ),
+]
+DecodeCallOpt = Annotated[
+    float,
+    typer.Option(
+        "--decode-call-ms",
+        help="Run as many of --decode-steps as fit in this many milliseconds, at the speed "
+        "of earlier steps; 0: all of them.",
     ),
 ]
 EnforceEagerOpt = Annotated[
@@ -154,6 +162,7 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "speculative_max_seqs": SpecMaxSeqsOpt,
         "draft_min_confidence": DraftConfidenceOpt,
         "decode_steps": DecodeStepsOpt,
+        "decode_call_ms": DecodeCallOpt,
         "enforce_eager": EnforceEagerOpt,
     }
     defaults = EngineConfig()

@@ -36,6 +36,7 @@ from llmkit.runtime.outputs import (
     SpecStats,
     check_prompt_ids,
 )
+from llmkit.runtime.pacing import DecodePacer
 from llmkit.runtime.scheduler import Batch, Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, ends_by_token, stop_reason
 from llmkit.runtime.speculative import (
@@ -122,6 +123,7 @@ class Engine:
             raise
         self.spec_stats = SpecStats()
         self.backoff = Backoff()
+        self.pacer = DecodePacer(config.decode_steps, config.decode_call_ms)
         self.requests: dict[str, _Request] = {}
         self.num_kv_tokens = capacity
         log.info(
@@ -228,11 +230,14 @@ class Engine:
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
         self._mark_scheduled(batch.seqs)
         self._speculate(batch)
-        self._run_ahead(batch)
+        paced = self._run_ahead(batch)
         masks = self._masks(batch)
         failed: list[RequestOutput] = []
         try:
+            start = time.perf_counter()
             runs = [(batch, self.executor.step(batch, masks))]
+            if paced:
+                self.pacer.record(len(batch.seqs), batch.steps, time.perf_counter() - start)
         except Exception as e:
             if len({s.request_id for s in batch.seqs}) == 1:
                 return [self._fail(batch.seqs[0].request_id, e)]
@@ -282,29 +287,32 @@ class Engine:
             if self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
 
-    def _run_ahead(self, batch: Batch) -> None:
-        """Let a batch of greedy decodes run up to --decode-steps steps in one call, where
-        the runner can (the whole step is one C++ call or one CUDA graph) and every
-        sequence's next tokens depend on nothing but the base model's argmax: greedy, no
-        penalties, logprobs, guide or LoRA adapter, no draft. The steps stay within every
-        sequence's context and stop at the most any sequence still wants; a sequence that
-        stops part-way (EOS, a stop string, max_tokens) ends there, and the tokens computed
-        after it are dropped. A request that arrives meanwhile waits for the call
-        (--decode-steps steps at most) before its prompt is computed."""
+    def _run_ahead(self, batch: Batch) -> bool:
+        """Let a batch of greedy decodes run several steps in one call, where the runner can
+        (the whole step is one C++ call or one CUDA graph) and every sequence's next tokens
+        depend on nothing but the base model's argmax: greedy, no penalties, logprobs,
+        guide or LoRA adapter, no draft. As many steps as the pacer gives (--decode-steps,
+        --decode-call-ms), none past any sequence's context and none past the most any
+        sequence still wants; a sequence that stops part-way (EOS, a stop string,
+        max_tokens) ends there, and the tokens computed after it are dropped. A request that
+        arrives meanwhile waits for the call before its prompt is computed. True when the
+        batch is such a batch (its call is timed for the pacer), whatever the steps."""
         if self.config.decode_steps == 1 or not self.executor.runs_steps():
-            return
-        wanted, context = 1, self.config.decode_steps
-        for seq in batch.seqs:
+            return False
+        wanted, room = 1, self.max_model_len
+        for i, seq in enumerate(batch.seqs):
             p = seq.params
-            if not p.greedy or p.penalized or p.logprobs is not None:
-                return
+            if not batch.decodes(i) or not p.greedy or p.penalized or p.logprobs is not None:
+                return False
             if seq.lora_id or seq.seq_id in self.guides.matchers:  # an adapter, or a mask
-                return
+                return False
             wanted = max(wanted, p.max_tokens - len(seq.output_token_ids))
-            context = min(context, self.max_model_len - seq.num_tokens)
-        steps = min(wanted, context)  # none past the context; past max_tokens: dropped
+            room = min(room, self.max_model_len - seq.num_tokens)
+        # none past the context; past max_tokens: dropped
+        steps = min(wanted, room, self.pacer.steps(len(batch.seqs)))
         if steps > 1:
             self.scheduler.run_ahead(batch, steps)
+        return True
 
     def _draft_size(self, seq: Sequence) -> int:
         """Tokens `seq` may take on trial now: none for a request that turned speculation

@@ -9,6 +9,7 @@ from llmkit.errors import LlmkitError
 MAX_SPECULATIVE_TOKENS = 16
 MAX_NGRAM = 16
 MAX_DECODE_STEPS = 64
+MAX_DECODE_CALL_MS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +39,13 @@ class EngineConfig:
     draft_min_confidence: float = 0.4
     # steps with more decoding sequences than this do not speculate (benchmarks/speculative.py)
     speculative_max_seqs: int = 4
-    # greedy decode steps run in one call where the whole step is C++ (CPU) or a CUDA graph
-    # (tp 1): fewer trips through the Python engine per token (benchmarks/cpu_decode.py)
-    decode_steps: int = 4
+    # at most this many greedy decode steps run in one call where the whole step is C++
+    # (CPU) or a CUDA graph (tp 1): fewer trips through the Python engine per token
+    # (benchmarks/cpu_decode.py) ...
+    decode_steps: int = 16
+    # ... as many as fit in this many milliseconds at the speed of earlier steps of about
+    # as many sequences (runtime/pacing.py); 0: always decode_steps
+    decode_call_ms: float = 25.0
     # CUDA: no graphs; every decode step launches its kernels from Python
     enforce_eager: bool = False
 
@@ -53,6 +58,8 @@ class EngineConfig:
             raise LlmkitError(f"--ngram-min and --ngram-max need 1 <= min <= max <= {MAX_NGRAM}")
         if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
             raise LlmkitError(f"--decode-steps must be between 1 and {MAX_DECODE_STEPS}")
+        if not 0 <= self.decode_call_ms <= MAX_DECODE_CALL_MS:
+            raise LlmkitError(f"--decode-call-ms must be between 0 and {MAX_DECODE_CALL_MS}")
         if self.speculative_max_seqs < 0:
             raise LlmkitError("--speculative-max-seqs must be >= 0")
         if not 0.0 <= self.draft_min_confidence <= 1.0:
