@@ -352,9 +352,13 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const ZeroTerms<
         }  // highs is a multiple of 16 (at most 16 x 15 x 127 x 16 in size): shifted exactly
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(lows, _mm256_srai_epi32(highs, 4)));
 #else
-        __m256i sum = _mm256_maddubs_epi16(wv[0], chunk(q, 0));
-        for (int c = 1; c < 8; ++c)
-          sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wv[c], chunk(q, c)));
+        __m256i even = _mm256_maddubs_epi16(wv[0], chunk(q, 0));
+        __m256i odd = _mm256_maddubs_epi16(wv[1], chunk(q, 1));
+        for (int c = 2; c < 8; c += 2) {
+          even = _mm256_add_epi16(even, _mm256_maddubs_epi16(wv[c], chunk(q, c)));
+          odd = _mm256_add_epi16(odd, _mm256_maddubs_epi16(wv[c + 1], chunk(q, c + 1)));
+        }
+        const __m256i sum = _mm256_add_epi16(even, odd);
         const __m256i sums = _mm256_add_epi32(start, _mm256_madd_epi16(sum, ones));
         const __m256 dot = _mm256_cvtepi32_ps(sums);
 #endif
