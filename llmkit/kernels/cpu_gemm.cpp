@@ -547,9 +547,12 @@ inline void i8_block(const int8_t* p, const int8_t* q, int64_t k, int64_t m0, in
   for (int c = 0; c < 8; ++c) wv[c] = load32(p + 32 * c);
   for (int t = 0; t < MT; ++t) {
     const int8_t* x = q + (m0 + t) * k + i;
-    __m256i sum = _mm256_setzero_si256();
-    for (int c = 0; c < 8; ++c) sum = _mm256_add_epi32(sum, dot_s8s8(wv[c], chunk(x, c)));
-    dot[t] = sum;
+    __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c += 2) {
+      even = _mm256_add_epi32(even, dot_s8s8(wv[c], chunk(x, c)));
+      odd = _mm256_add_epi32(odd, dot_s8s8(wv[c + 1], chunk(x, c + 1)));
+    }
+    dot[t] = _mm256_add_epi32(even, odd);
   }
 #endif
 }
