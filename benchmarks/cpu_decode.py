@@ -27,7 +27,9 @@ median of --rounds rounds; the spread (min-max over rounds) is printed beside it
 ratio is the median of the rounds' own ratios, each of two runs back to back (the host's
 bandwidth swings several-fold within the hour: a ratio of the medians can set one tool's
 fast round against the other's slow one); the ratio of the medians is reported beside it.
-So is llmkit's int4 / bf16: each round runs the two again, one right after the other.
+So is llmkit's int4 / bf16: each round runs the two again in the order A B B A (bf16 first
+in even rounds, int4 in odd ones), and its ratio is the geometric mean of the two pairs', so
+a drift of the host's speed across the round cancels out instead of landing on one side.
 
 Writes benchmarks/results/cpu_decode-<date>.json: `ratios` maps bf16, int8 and int4 (rtn
 g32 against Q4_0) to llmkit / llama.cpp batch-1 tok/s (the median of the rounds' ratios).
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -252,10 +255,11 @@ def main() -> None:
                     (f"llama.cpp {name} b64", partial(llamacpp_batched, gguf, setup)),
                 ]
             measure_pair(pair, r, cells)
-        # llmkit's int4 against its own bf16, back to back as well
+        # llmkit's int4 against its own bf16, back to back as well: A B, then B A
         own = [(f"llmkit own {name} b1", partial(llmkit_tok_s, models[name][0], setup))
                for name in OWN]  # fmt: skip
         measure_pair(own, r, cells)
+        measure_pair(own, r + 1, cells)
     report(models, cells, statistics.median(bandwidths), bandwidths, args)
 
 
@@ -307,8 +311,7 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
                   f"({_span(spread[f'llmkit {name} b64 {part}'])}) tok/s, llama.cpp "
                   f"{theirs:6.1f} ({_span(spread[f'llama.cpp {name} b64 {part}'])}) "
                   f"= {ours / theirs:.2f}x")  # fmt: skip
-    bf16, int4 = (cells[f"llmkit own {name} b1"] for name in OWN)
-    own_rounds = [b / a for a, b in zip(bf16, int4, strict=True)]
+    own_rounds = own_ratios(*(cells[f"llmkit own {name} b1"] for name in OWN))
     own = statistics.median(own_rounds)
     every = {n: cells[f"llmkit {n} b1"] + cells[f"llmkit own {n} b1"] for n in OWN}
     of_medians = statistics.median(every["int4-rtn-g32"]) / statistics.median(every["bf16"])
@@ -336,6 +339,12 @@ def report(models, cells: dict, bandwidth: float, bandwidths: list, args) -> Non
     save_result("cpu_decode", fields, machine, anchor="llama.cpp", summary=summary, variant=variant)
 
 
+def own_ratios(bf16: list[float], int4: list[float]) -> list[float]:
+    """Each round's int4 / bf16: the geometric mean of its two pairs' ratios (A B B A)."""
+    pairs = [b / a for a, b in zip(bf16, int4, strict=True)]
+    return [math.sqrt(x * y) for x, y in zip(pairs[::2], pairs[1::2], strict=True)]
+
+
 def summarize(fields: dict) -> list[dict]:
     """RESULTS.md's rows: batch 1 at each precision, llmkit's own int4 / bf16, 64 sequences."""
     spread, mbu = fields["spread"], fields["mbu"]
@@ -357,9 +366,9 @@ def summarize(fields: dict) -> list[dict]:
     bf16, int4 = (fields["own"][f"llmkit own {name} b1"] for name in OWN)
     rounds, of_medians = fields["int4_over_bf16_rounds"], fields["int4_over_bf16_of_medians"]
     rows.append(row(
-        "batch 1, llmkit int4 RTN g32 against llmkit bf16, back to back (the anchor column: "
-        f"llmkit bf16; ratio: median of the rounds', {_span(rounds, '.2f')}; of the medians "
-        f"of all their batch-1 runs {of_medians:.2f})",
+        "batch 1, llmkit int4 RTN g32 against llmkit bf16, back to back, A B B A (the anchor "
+        f"column: llmkit bf16; ratio: median of the rounds', {_span(rounds, '.2f')}; of the "
+        f"medians of all their batch-1 runs {of_medians:.2f})",
         f"{statistics.median(int4):.1f} tok/s ({_span(int4)})",
         f"{statistics.median(bf16):.1f} ({_span(bf16)})", own, "≥ 2.5×", own >= 2.5,
     ))  # fmt: skip
