@@ -259,14 +259,15 @@ def main() -> None:
         own = [(f"llmkit own {name} b1", partial(llmkit_tok_s, models[name][0], setup))
                for name in OWN]  # fmt: skip
         measure_pair(own, r, cells)
-        measure_pair(own, r + 1, cells)
+        measure_pair(own, r, cells, flip=True)
     report(models, cells, statistics.median(bandwidths), bandwidths, args)
 
 
-def measure_pair(pair: list, r: int, cells: dict[str, list[float]]) -> None:
+def measure_pair(pair: list, r: int, cells: dict[str, list[float]], flip: bool = False) -> None:
     """Runs round r's measurements of `pair` one right after the other, the first going
-    first in even rounds and second in odd ones, into `cells`."""
-    for key, measure in pair if r % 2 == 0 else pair[::-1]:
+    first in even rounds and second in odd ones (the other way round with `flip`), into
+    `cells`."""
+    for key, measure in pair if (r + flip) % 2 == 0 else pair[::-1]:
         got = measure()
         for part, value in got.items() if isinstance(got, dict) else [(None, got)]:
             cell = key if part is None else f"{key} {part}"
