@@ -17,7 +17,7 @@ import triton.language as tl
 BLOCK_N = 64  # keys per inner step (gathered across cache blocks)
 PREFILL_BLOCK_M = 64  # query rows per prefill program
 SPLIT_TARGET = 256  # programs a decode launch aims for before it splits contexts
-MIN_SPLIT_KEYS = 256  # no split covers fewer keys than this
+MIN_SPLIT_KEYS = BLOCK_N  # no split covers fewer keys than one inner step
 LOG2E = 1.4426950408889634
 
 
