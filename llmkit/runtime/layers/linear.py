@@ -16,9 +16,10 @@ converted into the module that is fastest on the device:
   int32 sums), else `torch._int_mm`;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel
   for every batch, prefills included (it passes over a weight once per 128 rows), else
-  `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer) the
-  tinygemm kernel `aten._weight_int4pack_mm`. Act-order is a permutation of the inputs so
-  groups become contiguous.
+  `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer)
+  llmkit's tensor-core kernel for the few rows of a decode step (kernels/cuda_int4.py, its
+  own copy of the weight) and the tinygemm kernel `aten._weight_int4pack_mm` for more.
+  Act-order is a permutation of the inputs so groups become contiguous.
 
 llmkit's CPU kernels (llmkit/kernels/cpu_gemm.cpp) take float32 or bf16 activations; the
 int8 and 4-bit weight-only ones compute with the activations in int8 blocks of 32 (one
@@ -32,6 +33,7 @@ dequantized float weight instead.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.kernels import cpu as cpu_kernels
+from llmkit.kernels import cuda_int4
 from llmkit.quant import int8
 from llmkit.quant.formats.weights import DenseWeight, GroupedWeight, Int8Weight, LinearWeight
 from llmkit.runtime.layers import pages
@@ -369,7 +372,7 @@ def _int_mm_on_cuda(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class Int4Linear(nn.Module):
     """4-bit grouped weights in the packed layout of the device's int4 kernel."""
 
-    def __init__(self, packed, scales_zeros, group_size, perm, bias, dtype):
+    def __init__(self, packed, scales_zeros, group_size, perm, bias, dtype, decode=None):
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)  # bf16 [groups, out, 2]
@@ -377,6 +380,11 @@ class Int4Linear(nn.Module):
         self.group_size = group_size
         self.bias = bias
         self.dtype = dtype
+        # CUDA: the weight again for llmkit's kernel of a decode step's few rows
+        # (kernels/cuda_int4.py): (tiles, scales, group size), or None
+        tiles, scales, self.decode_group = decode or (None, None, 0)
+        self.register_buffer("decode_tiles", tiles)
+        self.register_buffer("decode_scales", scales)
         self._mm = (
             torch.ops.aten._weight_int4pack_mm
             if packed.is_cuda
@@ -405,12 +413,17 @@ class Int4Linear(nn.Module):
             return None
         scales_zeros = scales_zeros.to(device, torch.bfloat16).contiguous()
         perm = None if perm is None else perm.to(device)
-        return cls(packed, scales_zeros, kernel_size, perm, bias, dtype)
+        decode = _cuda_decode_weight(q, w.scales[:, groups], w.zeros[:, groups], size, device)
+        return cls(packed, scales_zeros, kernel_size, perm, bias, dtype, decode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
-        y = self._mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
+        x = x.to(torch.bfloat16)
+        if self.decode_tiles is not None and x.shape[0] <= cuda_int4.MAX_ROWS:
+            y = cuda_int4.matmul(x, self.decode_tiles, self.decode_scales, self.decode_group)
+        else:
+            y = self._mm(x, self.packed, self.group_size, self.scales_zeros)
         y = y.to(self.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -549,6 +562,26 @@ def _int4_kernel_on(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu"
+
+
+def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device):
+    """(tiles, scales, group size) for llmkit's CUDA kernel of a few rows, on `device`;
+    None off CUDA, where the kernel cannot take the shape or the scales, or where it does
+    not compile (tinygemm then takes every batch)."""
+    if device.type != "cuda" or not cuda_int4.fits(*q.shape, group_size):
+        return None
+    scales = cuda_int4.pack_scales(scales, zeros)
+    if scales is None:
+        return None
+    try:
+        cuda_int4.kernels(device)
+    except (OSError, RuntimeError) as e:
+        # shown once: Python's default filter reports a warning once per place and text
+        reason = f"llmkit's CUDA 4-bit kernel is unavailable ({e}); tinygemm runs instead"
+        warnings.warn(reason, stacklevel=2)
+        return None
+    tiles = cuda_int4.pack(q.to(device, torch.uint8))
+    return tiles, scales.to(device), group_size
 
 
 def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor | None:

@@ -1,0 +1,119 @@
+"""4-bit products on CUDA at Llama-3-8B's linear shapes (group 128), per activation rows:
+llmkit's decode kernel (kernels/cuda_int4.py, up to 8 rows), torch's tinygemm
+(`_weight_int4pack_mm`) and the bf16 weight through cuBLAS, each as the median time of a
+call inside a CUDA graph of 24 calls that cycle through copies of the weight larger than
+the L2 together (so every call reads its weight from memory, as a decode step does), and
+what that is in GB/s of the weight's bytes; at 1 row also the kernel's other block shapes
+(VARIANTS). Also checks the kernel's outputs against tinygemm's. A diagnostic for
+benchmarks/cuda.py's gptq rows, without targets.
+
+    python benchmarks/cuda_int4.py [--rows 1,2,4,8,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+GROUP = 128
+CALLS = 24
+VARIANTS = ((8, 2), (8, 8), (4, 4), (16, 4))  # (warps, chunks in flight) beside the default
+EVICT_BYTES = 200 * 2**20  # weights cycled through: several times the H100's 50 MB L2
+
+
+def graph_ms(calls: list) -> float:
+    """Median milliseconds of one call, over 5 replays of a graph of all `calls`."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for call in calls[:2]:
+            call()  # allocations made before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(5):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / len(calls))
+    return sorted(times)[2]
+
+
+def weights(n: int, k: int, copies: int, dense_copies: int) -> list:
+    """`copies` 4-bit layers of random weights as the runtime builds them on the GPU (both
+    layouts), the first `dense_copies` with their bf16 weight as `dense`."""
+    from llmkit.quant.formats.weights import GroupedWeight
+    from llmkit.runtime.layers.linear import Int4Linear
+
+    out = []
+    for seed in range(copies):
+        g = torch.Generator("cuda").manual_seed(seed)
+        q = torch.randint(0, 16, (n, k), generator=g, device="cuda")
+        scales = torch.rand(n, k // GROUP, generator=g, device="cuda") * 0.01 + 0.005
+        groups = torch.arange(k, device="cuda") // GROUP
+        w = GroupedWeight(q, scales, torch.full_like(scales, 8.0), groups, 4)
+        out.append(Int4Linear.build(w, None, torch.bfloat16, torch.device("cuda")))
+        if seed < dense_copies:
+            out[-1].dense = w.dequantize().bfloat16()
+    return out
+
+
+def tiled(layer) -> tuple:
+    return layer.decode_tiles, layer.decode_scales, layer.decode_group
+
+
+def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
+    from llmkit.kernels import cuda_int4
+
+    int4_bytes = n * k // 2 + 4 * n * (k // GROUP)
+    copies = max(2, math.ceil(EVICT_BYTES / int4_bytes))
+    dense_copies = max(2, math.ceil(EVICT_BYTES / (2 * n * k)))
+    ws = weights(n, k, copies, dense_copies)
+    results = []
+    for rows in rows_list:
+        x = torch.randn(rows, k, device="cuda").bfloat16()
+        ours = [lambda w=w, x=x: cuda_int4.matmul(x, *tiled(w)) for w in ws]
+        tiny = [lambda w=w, x=x: w._mm(x, w.packed, w.group_size, w.scales_zeros) for w in ws]
+        dense = [lambda w=w, x=x: x @ w.dense.t() for w in ws[:dense_copies]]
+        row = {"shape": name, "n": n, "k": k, "rows": rows}
+        row["tinygemm_ms"] = graph_ms([tiny[i % len(tiny)] for i in range(CALLS)])
+        row["bf16_ms"] = graph_ms([dense[i % len(dense)] for i in range(CALLS)])
+        if rows <= cuda_int4.MAX_ROWS:
+            got, want = ours[0]().float(), tiny[0]().float()
+            row["max_diff_vs_tinygemm"] = float((got - want).abs().max() / want.abs().max())
+            row["llmkit_ms"] = graph_ms([ours[i % len(ours)] for i in range(CALLS)])
+            row["llmkit_gb_s"] = int4_bytes / row["llmkit_ms"] / 1e6
+            for variant in VARIANTS if rows == 1 else ():
+                calls = [lambda w=w, x=x, v=variant: cuda_int4.matmul(x, *tiled(w), v) for w in ws]
+                ms = graph_ms([calls[i % len(calls)] for i in range(CALLS)])
+                row[f"llmkit_{variant[0]}w_{variant[1]}u_ms"] = ms
+        row["tinygemm_gb_s"] = int4_bytes / row["tinygemm_ms"] / 1e6
+        row["bf16_gb_s"] = 2 * n * k / row["bf16_ms"] / 1e6
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,2,4,8,16")
+    parser.add_argument("--out", help="also write the rows here as JSON")
+    args = parser.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
+    print(json.dumps({"gpu": torch.cuda.get_device_name()}), flush=True)
+    results = [r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows)]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+// 4-bit grouped weights times the few activation rows of a decode step, on tensor cores.
+//
+// y[m, n] = sum_k s[n, g(k)] * (q[n, k] - z[n, g(k)]) * x[m, k] for up to 8 rows m.
+//
+// Each block of 256 threads owns 16 outputs; its 8 warps split the inputs between them and
+// add their parts up at the end. A warp reads its part of the 16 outputs' weights as
+// 16-byte words per lane, 512 contiguous bytes per warp per 64 inputs, and feeds each
+// 16 x 16 tile of them to one mma.sync.m16n8k16 (bf16, float32 sums) as the A operand,
+// the activation rows as B's columns. The weights are packed (cuda_int4.py) so that a
+// lane's 32-bit word holds exactly its 8 A elements of one tile: nibble 4s+16h (s = 0..3,
+// h = 0, 1) is the h-th half of A register s, so `(word >> 4s) & 0x000F000F | 0x43004300`
+// is that register as two bf16 values 128 + q, exactly. A second mma with an A of ones
+// gives each activation row's sum over the tile, so a group's part is
+// s * (sum (128 + q) x - (128 + z) sum x), taken after every 32 or 64 inputs (never
+// across a group's end).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#ifndef WARPS
+#define WARPS 8  // warps of a block, splitting its inputs (cuda_int4.py launches as many)
+#endif
+#ifndef UNROLL
+#define UNROLL 4  // 64-input chunks whose weights a lane has in flight at once
+#endif
+
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                         u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// (q & mask) | magic in one instruction (the compiler makes two of it: both are constants)
+__device__ __forceinline__ u32 and_or(u32 q, u32 mask, u32 magic) {
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(q), "r"(mask), "r"(magic));
+  return r;
+}
+
+__device__ __forceinline__ float half_to_float(u32 bits) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)bits));
+  return f;
+}
+
+__device__ __forceinline__ u16 float_to_bf16(float f) {
+  u16 h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+struct Part {
+  float total[4];  // outputs g and g + 8 (pairs), activation rows 2t and 2t + 1
+  float acc[4];    // sum (128 + q) x since the last fold
+  float sum[4];    // sum x since the last fold
+};
+
+// The part since the last fold, scaled by its group's (s, z): rows g and g + 8 of the
+// block's 16 outputs, whose (fp16 s | fp16 z << 16) words are sz[group * N + n].
+__device__ __forceinline__ void fold(Part& p, const u32* sz, int group, int N) {
+  const u32 r0 = sz[(size_t)group * N], r1 = sz[(size_t)group * N + 8];
+  const float s0 = half_to_float(r0), z0 = 128.f + half_to_float(r0 >> 16);
+  const float s1 = half_to_float(r1), z1 = 128.f + half_to_float(r1 >> 16);
+  p.total[0] += s0 * (p.acc[0] - z0 * p.sum[0]);
+  p.total[1] += s0 * (p.acc[1] - z0 * p.sum[1]);
+  p.total[2] += s1 * (p.acc[2] - z1 * p.sum[2]);
+  p.total[3] += s1 * (p.acc[3] - z1 * p.sum[3]);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p.acc[i] = p.sum[i] = 0.f;
+}
+
+// One chunk of 64 inputs from k0: four 16 x 16 tiles, word j holding tile j. The product
+// sums over a tile's 16 inputs in any order, so the packing gives lane t of tile j the
+// inputs 32 (j / 2) + 8t + 4 (j % 2) + 0..3 (its B fragment's k = 2t, 2t + 1, 2t + 8,
+// 2t + 9): a lane's activations for the chunk are two runs of 8 inputs, one 16-byte load
+// each, and tiles 0-1 and 2-3 each cover 32 inputs in a row (a fold never spans groups).
+template <int FOLD>
+__device__ __forceinline__ void chunk(Part& p, uint4 w, const u16* xrow, int k0, const u32* sz,
+                                      int group_size, int N) {
+  const u32 ones = 0x3F803F80u;  // two bf16 1.0
+  const u32 words[4] = {w.x, w.y, w.z, w.w};
+  const uint4 xa = *(const uint4*)(xrow + k0), xb = *(const uint4*)(xrow + k0 + 32);
+  const u32 bs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int k = k0 + 16 * j;  // within the fold's group
+    const u32 b0 = bs[2 * j], b1 = bs[2 * j + 1];
+    const u32 q = words[j];
+    const u32 a0 = and_or(q, 0x000F000Fu, 0x43004300u);
+    const u32 a1 = and_or(q >> 4, 0x000F000Fu, 0x43004300u);
+    const u32 a2 = and_or(q >> 8, 0x000F000Fu, 0x43004300u);
+    const u32 a3 = and_or(q >> 12, 0x000F000Fu, 0x43004300u);
+    mma_bf16(p.acc, a0, a1, a2, a3, b0, b1);
+    mma_bf16(p.sum, ones, ones, ones, ones, b0, b1);
+    if ((j + 1) % FOLD == 0) fold(p, sz, (u32)k / (u32)group_size, N);
+  }
+}
+
+// FOLD: 16-input tiles between folds, 4 where every group is a multiple of 64 inputs, else 2.
+template <int FOLD>
+__device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __restrict__ w,
+                                     const u32* __restrict__ sz, u16* __restrict__ y, int rows,
+                                     int N, int K, int group_size) {
+  __shared__ float partial[WARPS][4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int chunks = K >> 6;
+  const int begin = warp * chunks / WARPS, end = (warp + 1) * chunks / WARPS;
+  const uint4* wp = w + (size_t)blockIdx.x * chunks * 32 + lane;
+  // lanes past the last activation row read row 0 again: B's columns past `rows` give
+  // outputs that are never stored
+  const u16* xrow = x + (size_t)(g < rows ? g : 0) * K + 8 * t;
+  const u32* szp = sz + blockIdx.x * 16 + g;
+  Part p;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p.total[i] = p.acc[i] = p.sum[i] = 0.f;
+  int c = begin;
+  for (; c + UNROLL <= end; c += UNROLL) {
+    uint4 words[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) words[u] = load_streaming(wp + (size_t)(c + u) * 32);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      chunk<FOLD>(p, words[u], xrow, (c + u) << 6, szp, group_size, N);
+  }
+  for (; c < end; ++c)
+    chunk<FOLD>(p, load_streaming(wp + (size_t)c * 32), xrow, c << 6, szp, group_size, N);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[warp][i][lane] = p.total[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int other = 0; other < WARPS; ++other)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] += partial[other][i][lane];
+  const int n = blockIdx.x * 16 + g, m = 2 * t;
+  if (m < rows) {
+    y[(size_t)m * N + n] = float_to_bf16(v[0]);
+    y[(size_t)m * N + n + 8] = float_to_bf16(v[2]);
+  }
+  if (m + 1 < rows) {
+    y[(size_t)(m + 1) * N + n] = float_to_bf16(v[1]);
+    y[(size_t)(m + 1) * N + n + 8] = float_to_bf16(v[3]);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)
+    int4_gemv_fold2(const u16* x, const uint4* w, const u32* sz, u16* y, int rows, int N, int K,
+                    int group_size) {
+  gemv<2>(x, w, sz, y, rows, N, K, group_size);
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)
+    int4_gemv_fold4(const u16* x, const uint4* w, const u32* sz, u16* y, int rows, int N, int K,
+                    int group_size) {
+  gemv<4>(x, w, sz, y, rows, N, K, group_size);
+}

@@ -1,0 +1,99 @@
+"""4-bit grouped weights times a decode step's few activation rows on CUDA tensor cores
+(cuda_int4.cu, compiled by NVRTC through cuda_rtc.py).
+
+`pack` lays a weight out for the kernel: 16-output tiles, each in 64-input chunks of 32
+lanes x 4 words, a lane's word holding the 8 values of one 16 x 16 tile that lane gives
+mma.sync.m16n8k16 as its A fragment (the tile's inputs in the order the kernel feeds the
+activations, see cuda_int4.cu). `pack_scales` keeps (scale, zero) per group and
+output as two fp16 values in one 32-bit word, group-major. `matmul` takes bf16 activations
+of at most MAX_ROWS rows and returns bf16.
+
+The packing is plain torch (tested on the CPU against an unpacker written from the
+fragment layout); the kernel needs a GPU of compute capability 8.0 or newer.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 8  # activation rows one product takes: the mma's 8 columns
+SOURCE = Path(__file__).with_name("cuda_int4.cu")
+
+
+def _fragment_positions() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, input, shift) [32 lanes, 4 tiles, 8 values]: where each nibble of a lane's
+    word j comes from in a 16-output x 64-input chunk, and its bit position in the word.
+    Lane l (g = l // 4, t = l % 4) holds A register s = 0..3 as row g + 8 (s % 2) and,
+    in half h, its B fragment's k = 2t + h + 8 (s // 2), which the kernel's activations
+    make input 32 (j // 2) + 8t + 4 (j % 2) + 2 (s // 2) + h; half h sits at bits 4s + 16h."""
+    lane = torch.arange(32)[:, None, None]
+    j = torch.arange(4)[None, :, None]
+    s = torch.arange(4).repeat(2)[None, None, :]
+    h = torch.arange(2).repeat_interleave(4)[None, None, :]
+    row = (lane // 4 + 8 * (s % 2)).expand(32, 4, 8)
+    col = 32 * (j // 2) + 8 * (lane % 4) + 4 * (j % 2) + 2 * (s // 2) + h
+    return row, col, (4 * s + 16 * h).expand(32, 4, 8)
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit `q` [N, K] (N a multiple of 16, K of 64) as int32
+    [N / 16, K / 64, 32, 4]: tile, chunk, lane, and the chunk's four 16 x 16 tiles."""
+    n, k = q.shape
+    row, col, shift = _fragment_positions()
+    chunks = q.to(torch.int64).reshape(n // 16, 16, k // 64, 64).permute(0, 2, 1, 3)
+    values = chunks[:, :, row, col]  # [N/16, K/64, 32, 4, 8]
+    words = (values << shift).sum(-1)  # nibbles do not overlap: the sum is their OR
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor | None:
+    """(scale, zero) [N, groups] as int32 [groups, N], fp16 scale in the low half, fp16 zero
+    in the high half; None when a scale is not a normal fp16 number or a zero not exactly
+    an fp16 one (the kernel would compute something else)."""
+    s, z = scales.to(torch.float32), zeros.to(torch.float32)
+    normal = (s.abs() >= 2.0**-14) & (s.abs() <= 65504)
+    if not bool(normal.all()) or not torch.equal(z.half().float(), z):
+        return None
+    bits = [t.half().view(torch.int16).to(torch.int32) & 0xFFFF for t in (s, z)]
+    words = bits[0] | (bits[1] << 16)
+    return words.t().contiguous()
+
+
+def fits(n: int, k: int, group_size: int) -> bool:
+    """Whether the kernel takes a weight of this shape and group size."""
+    return n % 16 == 0 and k % 64 == 0 and group_size % 32 == 0 and k % group_size == 0
+
+
+def matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, group_size: int,
+           variant: tuple[int, int] = (8, 4)):  # fmt: skip
+    """bf16 x [rows <= MAX_ROWS, K] times the packed weight: bf16 [rows, N]. `variant`:
+    (warps a block, chunks in flight a lane), the source's WARPS and UNROLL; other than
+    the default only for benchmarks/cuda_int4.py's comparison."""
+    rows, k = x.shape
+    n = tiles.shape[0] * 16
+    if not x.is_contiguous() or x.data_ptr() % 16:  # runs of 8 inputs are read at once
+        x = x.clone(memory_format=torch.contiguous_format)
+    y = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
+    kernel = "int4_gemv_fold4" if group_size % 64 == 0 else "int4_gemv_fold2"
+    kernels(x.device, variant).launch(kernel, n // 16, 32 * variant[0], x, tiles, scales, y,
+                                      rows, n, k, group_size)  # fmt: skip
+    return y
+
+
+def kernels(device: torch.device, variant: tuple[int, int] = (8, 4)):
+    """The kernels compiled for CUDA `device` (on first use; a CudaError when NVRTC or the
+    driver cannot). Called when a layer is built, so never first while a graph captures."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _module(torch.device("cuda", index), variant)
+
+
+@functools.cache
+def _module(device: torch.device, variant: tuple[int, int]):
+    from llmkit.kernels.cuda_rtc import Module
+
+    defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}"]
+    return Module(SOURCE.read_text(), SOURCE.name, ["int4_gemv_fold2", "int4_gemv_fold4"],
+                  device, defines)  # fmt: skip

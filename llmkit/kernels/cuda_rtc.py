@@ -1,0 +1,127 @@
+"""CUDA C++ kernels compiled at run time by NVRTC and launched through the driver API.
+
+torch's CUDA wheels ship NVRTC (the nvidia-cuda-nvrtc package), so a kernel written in
+CUDA C++ needs no compiler toolchain on the user's machine: `Module(source, names)`
+compiles the source for the current device's architecture (about a second, once per
+process and device) and `Module.launch` queues a kernel on torch's current stream, where
+CUDA graph capture records it like any torch kernel. Compile and load a module before
+capturing: loading is not allowed while a stream captures.
+
+Nothing here is imported by llmkit's CPU paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+import torch
+
+
+class CudaError(RuntimeError):
+    """NVRTC or the driver refused: a one-line reason (with the compiler's log)."""
+
+
+def _library(names: list[str], pattern: str) -> ctypes.CDLL:
+    """The first of `names` the loader finds, else a file matching `pattern` under a
+    site-packages `nvidia/` folder (where the CUDA wheels put their libraries)."""
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    for base in sys.path:
+        for path in sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", pattern))):
+            return ctypes.CDLL(path)
+    raise CudaError(f"none of {', '.join(names)} could be loaded")
+
+
+def _nvrtc() -> ctypes.CDLL:
+    major = (torch.version.cuda or "").split(".")[0]
+    return _library([f"libnvrtc.so.{major}", "libnvrtc.so"], f"libnvrtc.so.{major}*")
+
+
+def _driver() -> ctypes.CDLL:
+    lib = _library(["libcuda.so.1", "libcuda.so"], "libcuda.so*")
+    lib.cuLaunchKernel.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p,
+                                   ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]  # fmt: skip
+    return lib
+
+
+def _check_driver(lib: ctypes.CDLL, status: int, what: str) -> None:
+    if status:
+        name = ctypes.c_char_p()
+        lib.cuGetErrorName(status, ctypes.byref(name))
+        raise CudaError(f"{what}: {(name.value or b'?').decode()} ({status})")
+
+
+def compile_cubin(source: str, name: str, arch: tuple[int, int], defines=()) -> bytes:
+    """`source` compiled by NVRTC into a cubin for compute capability `arch`, with the
+    macros `defines` ("NAME=VALUE") set."""
+    lib = _nvrtc()
+    program = ctypes.c_void_p()
+    status = lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(),
+                                    0, None, None)  # fmt: skip
+    if status:
+        raise CudaError(f"nvrtcCreateProgram: status {status}")
+    options = [f"--gpu-architecture=sm_{arch[0]}{arch[1]}".encode(), b"-default-device",
+               b"--std=c++17", *[f"-D{d}".encode() for d in defines]]  # fmt: skip
+    try:
+        status = lib.nvrtcCompileProgram(
+            program, len(options), (ctypes.c_char_p * len(options))(*options)
+        )
+        if status:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(program, log)
+            raise CudaError(f"{name} did not compile: {log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        lib.nvrtcGetCUBINSize(program, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(program, cubin)
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+class Module:
+    """The kernels `names` (extern "C") of `source`, compiled with the macros `defines` and
+    loaded for `device`."""
+
+    def __init__(self, source: str, name: str, names: list[str], device: torch.device,
+                 defines=()):  # fmt: skip
+        self.device = device
+        with torch.cuda.device(device):
+            torch.empty(1, device=device)  # the device's context current on this thread
+            arch = torch.cuda.get_device_capability(device)
+            cubin = compile_cubin(source, name, arch, defines)
+            self._lib = _driver()
+            module = ctypes.c_void_p()
+            _check_driver(self._lib, self._lib.cuModuleLoadData(ctypes.byref(module), cubin),
+                          f"loading {name}")  # fmt: skip
+        self._module = module  # held: unloading it would free the kernels
+        self._kernels = {}
+        for kernel in names:
+            func = ctypes.c_void_p()
+            status = self._lib.cuModuleGetFunction(ctypes.byref(func), module, kernel.encode())
+            _check_driver(self._lib, status, f"{name}: kernel {kernel}")
+            self._kernels[kernel] = func
+
+    def launch(self, kernel: str, grid: int, block: int, *args) -> None:
+        """`kernel` on `grid` blocks of `block` threads, on the current stream; `args` are
+        tensors (passed as their data pointers) and Python ints (as 32-bit ints)."""
+        values = [
+            ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a)
+            for a in args
+        ]
+        pointers = (ctypes.c_void_p * len(values))(
+            *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values]
+        )
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        status = self._lib.cuLaunchKernel(
+            self._kernels[kernel], grid, 1, 1, block, 1, 1, 0, stream, pointers, None
+        )
+        _check_driver(self._lib, status, f"launching {kernel}")

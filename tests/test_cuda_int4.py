@@ -1,0 +1,119 @@
+"""llmkit's CUDA 4-bit kernel for decode steps (kernels/cuda_int4.py): its weight layout
+against an unpacker written from PTX's mma.m16n8k16 A-fragment table (on the CPU), and the
+kernel against the float64 product of the same rounded operands (on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.kernels import cuda_int4
+from llmkit.quant.calibration import CalibrationSpec
+from llmkit.quant.options import options_for
+from llmkit.quant.pipeline import quantize
+from llmkit.runtime.engine import Engine, EngineConfig
+from llmkit.runtime.layers.linear import Int4Linear
+from tests.runtime_helpers import NEEDS_CUDA, random_prompts
+from tests.test_runtime_engine import run_staggered
+from tests.test_runtime_quantized import random_grouped
+
+
+def unpack(tiles: torch.Tensor) -> torch.Tensor:
+    """q [N, K] from the packed words, one nibble at a time. PTX's table for a .bf16 A
+    fragment: lane l (group g = l // 4, t = l % 4) holds a0..a7, a_i at row g + 8 for
+    i in (2, 3, 6, 7), else row g, and at the k that its B fragment's value i % 2 of
+    register i // 4 has: 2t + (i % 2), plus 8 for i >= 4. Register r = i // 2 holds a_i
+    in its half i % 2, at bits 4r + 16 (i % 2) of the lane's word. The kernel feeds lane t
+    of the chunk's tile j the inputs 32 (j // 2) + 8t + 4 (j % 2) + 0..3 in that k order."""
+    n_tiles, chunks = tiles.shape[:2]
+    q = torch.zeros(n_tiles * 16, chunks * 64, dtype=torch.int64)
+    words = tiles.to(torch.int64) & 0xFFFFFFFF
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for i in range(8):
+            row = g + (8 if i in (2, 3, 6, 7) else 0)
+            nibble = (words[:, :, lane, :] >> (4 * (i // 2) + 16 * (i % 2))) & 0xF
+            for j in range(4):
+                col = 32 * (j // 2) + 8 * t + 4 * (j % 2) + i % 2 + (2 if i >= 4 else 0)
+                rows = torch.arange(n_tiles) * 16 + row
+                cols = torch.arange(chunks) * 64 + col
+                q[rows[:, None], cols[None, :]] = nibble[:, :, j]
+    return q
+
+
+def test_the_packed_words_hold_each_lanes_fragment():
+    q = torch.randint(0, 16, (48, 192), generator=torch.Generator().manual_seed(0))
+    tiles = cuda_int4.pack(q)
+    assert tiles.shape == (3, 3, 32, 4) and tiles.dtype == torch.int32
+    assert torch.equal(unpack(tiles), q)
+
+
+def test_scales_pack_as_fp16_pairs_and_refuse_what_fp16_would_change():
+    scales = torch.tensor([[0.5, 0.013], [2.0, 1e-3]])
+    zeros = torch.tensor([[8.0, 0.0], [15.0, 3.0]])
+    words = cuda_int4.pack_scales(scales, zeros)
+    assert words.shape == (2, 2)  # [groups, outputs]
+    low = (words & 0xFFFF).to(torch.int16).view(torch.float16).float()
+    high = ((words >> 16) & 0xFFFF).to(torch.int16).view(torch.float16).float()
+    assert torch.equal(low, scales.half().float().t())
+    assert torch.equal(high, zeros.t())
+    assert cuda_int4.pack_scales(torch.tensor([[1e-6]]), torch.tensor([[8.0]])) is None
+    assert cuda_int4.pack_scales(torch.tensor([[0.5]]), torch.tensor([[7.3]])) is None
+
+
+def test_the_cpu_builds_no_decode_copy():
+    module = Int4Linear.build(random_grouped(64, 128, 32, False), None, torch.float32,
+                              torch.device("cpu"))  # fmt: skip
+    assert module is not None and module.decode_tiles is None
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize(("n", "k", "group"), [(48, 192, 32), (64, 1024, 128), (32, 384, 96)])
+def test_the_cuda_kernel_equals_the_float64_product(rows, n, k, group):
+    w = random_grouped(n, k, group, act_order=False, seed=rows)
+    scales = w.scales.half().float()  # the kernel's fp16 scales
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    expected = x.double() @ (scales.repeat_interleave(group, 1) *
+                             (w.q - w.zeros.repeat_interleave(group, 1))).double().t()  # fmt: skip
+    tiles = cuda_int4.pack(w.q.to("cuda", torch.uint8))
+    words = cuda_int4.pack_scales(w.scales, w.zeros).cuda()
+    got = cuda_int4.matmul(x.cuda(), tiles, words, group).double().cpu()
+    # bf16 outputs: each within half a bf16 step of its value, sums in float32 before that
+    assert torch.allclose(got, expected, rtol=2**-8, atol=1e-4 * float(expected.abs().max()))
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cuda_decode_rows_take_llmkits_kernel_and_prefills_tinygemm(act_order):
+    w = random_grouped(64, 1024, 128, act_order)
+    module = Int4Linear.build(w, None, torch.bfloat16, torch.device("cuda"))
+    assert module.decode_tiles is not None
+    x = torch.randn(12, 1024, generator=torch.Generator().manual_seed(2)).bfloat16()
+    expected = x.float() @ w.dequantize().t()
+    for rows in (1, 4, 8, 12):  # 12: more than the kernel takes, so tinygemm's
+        got = module(x[:rows].cuda()).float().cpu()
+        error = float((got - expected[:rows]).abs().max() / expected[:rows].abs().max())
+        assert error < 5e-3, (rows, error)
+
+
+@NEEDS_CUDA
+def test_int4_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path):
+    """A GPTQ checkpoint decoding batches of 1 to 12 sequences (llmkit's kernel up to 8
+    rows, tinygemm above): the graphs' tokens (rows padded to a bucket) equal eager mode's."""
+    out = tmp_path / "gptq"
+    calibration = CalibrationSpec(num_samples=8, seq_len=64)
+    options = options_for("gptq", group_size=32)
+    quantize(tiny_dir("tiny-llama"), out, "gptq", options=options, calibration=calibration,
+             device="cuda")  # fmt: skip
+    prompts = random_prompts(12, 3, 60, seed=5)
+    runs = {}
+    for eager in (False, True):
+        config = EngineConfig(device="cuda", dtype="bfloat16", enforce_eager=eager)
+        engine = Engine(out, config)
+        try:
+            assert engine.executor.runner.model.layers[0].mlp.down.decode_tiles is not None
+            runs[eager] = run_staggered(engine, prompts)
+        finally:
+            engine.close()
+    assert runs[False] == runs[True]
