@@ -42,7 +42,7 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     """Unsigned 4-bit `q` [N, K] (N a multiple of 16, K of 64) as int32
     [N / 16, K / 64, 32, 4]: tile, chunk, lane, and the chunk's four 16 x 16 tiles."""
     n, k = q.shape
-    row, col, shift = _fragment_positions()
+    row, col, shift = (t.to(q.device) for t in _fragment_positions())
     chunks = q.to(torch.int64).reshape(n // 16, 16, k // 64, 64).permute(0, 2, 1, 3)
     values = chunks[:, :, row, col]  # [N/16, K/64, 32, 4, 8]
     words = (values << shift).sum(-1)  # nibbles do not overlap: the sum is their OR
