@@ -100,7 +100,9 @@ def test_cuda_decode_rows_take_llmkits_kernel_and_prefills_tinygemm(act_order):
 @NEEDS_CUDA
 def test_int4_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path):
     """A GPTQ checkpoint decoding batches of 1 to 12 sequences (llmkit's kernel up to 8
-    rows, tinygemm above): the graphs' tokens (rows padded to a bucket) equal eager mode's."""
+    rows, tinygemm above): the graphs' tokens (rows padded to a bucket) equal eager mode's.
+    float32 activations, as the graphs test of test_cuda.py: in bf16 the two modes' attention
+    splits its sums differently, and a near tie can go the other way."""
     out = tmp_path / "gptq"
     calibration = CalibrationSpec(num_samples=8, seq_len=64)
     options = options_for("gptq", group_size=32)
@@ -109,7 +111,7 @@ def test_int4_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path):
     prompts = random_prompts(12, 3, 60, seed=5)
     runs = {}
     for eager in (False, True):
-        config = EngineConfig(device="cuda", dtype="bfloat16", enforce_eager=eager)
+        config = EngineConfig(device="cuda", dtype="float32", enforce_eager=eager)
         engine = Engine(out, config)
         try:
             assert engine.executor.runner.model.layers[0].mlp.down.decode_tiles is not None

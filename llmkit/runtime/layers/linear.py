@@ -407,7 +407,7 @@ class Int4Linear(nn.Module):
         zeros = w.zeros[:, groups].repeat_interleave(repeat, dim=1)
         # kernel: (q - 8) * s + z'  ==  s * (q - zero)  with  z' = (8 - zero) * s
         scales_zeros = torch.stack([scales, (8 - zeros) * scales], dim=-1).transpose(0, 1)
-        q = w.q if perm is None else w.q[:, perm]
+        q = (w.q if perm is None else w.q[:, perm]).to(device, torch.uint8)  # once for both
         packed = _pack_int4(q, device)
         if packed is None:
             return None
@@ -565,7 +565,8 @@ def _int4_kernel_on(device: torch.device) -> bool:
 
 
 def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device):
-    """(tiles, scales, group size) for llmkit's CUDA kernel of a few rows, on `device`;
+    """(tiles, scales, group size) for llmkit's CUDA kernel of a few rows, from `q` (uint8,
+    on `device`);
     None off CUDA, where the kernel cannot take the shape or the scales, or where it does
     not compile (tinygemm then takes every batch)."""
     if device.type != "cuda" or not cuda_int4.fits(*q.shape, group_size):
@@ -580,13 +581,12 @@ def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device)
         reason = f"llmkit's CUDA 4-bit kernel is unavailable ({e}); tinygemm runs instead"
         warnings.warn(reason, stacklevel=2)
         return None
-    tiles = cuda_int4.pack(q.to(device, torch.uint8))
-    return tiles, scales.to(device), group_size
+    return cuda_int4.pack(q), scales.to(device), group_size
 
 
 def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """Unsigned 4-bit `q` [out, in] in the int4 kernel's layout on `device` (None when CUDA's
-    kernel cannot tile the inputs)."""
+    """Unsigned 4-bit `q` [out, in] (uint8, on `device`) in the int4 kernel's layout (None
+    when CUDA's kernel cannot tile the inputs)."""
     if device.type == "cpu":
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
     # CUDA takes two values a byte, the even input in the high nibble, and tiles the inputs
@@ -594,8 +594,7 @@ def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     inner = next((t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0), None)
     if inner is None:
         return None
-    pairs = q.to(device, torch.uint8)
-    packed = ((pairs[:, ::2] << 4) | pairs[:, 1::2]).contiguous()
+    packed = ((q[:, ::2] << 4) | q[:, 1::2]).contiguous()
     return torch.ops.aten._convert_weight_to_int4pack(packed, inner)
 
 
