@@ -566,9 +566,8 @@ def _int4_kernel_on(device: torch.device) -> bool:
 
 def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device):
     """(tiles, scales, group size) for llmkit's CUDA kernel of a few rows, from `q` (uint8,
-    on `device`);
-    None off CUDA, where the kernel cannot take the shape or the scales, or where it does
-    not compile (tinygemm then takes every batch)."""
+    on `device`); None off CUDA, where the kernel cannot take the shape or the scales, or
+    where it does not compile (tinygemm then takes every batch)."""
     if device.type != "cuda" or not cuda_int4.fits(*q.shape, group_size):
         return None
     scales = cuda_int4.pack_scales(scales, zeros)
