@@ -50,6 +50,10 @@ def _pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack`: int32 [ceil(n * bits / 32), m] -> int64 [n, m]."""
+    if 32 % bits == 0:  # no value straddles two words: each word's fields side by side
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+        fields = (words.to(torch.int32)[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
+        return fields.reshape(-1, words.shape[1])[:n].to(torch.int64)
     stream = words.to(torch.int64) & _MASK32
     stream = torch.cat([stream, torch.zeros_like(stream[:1])])
     start = torch.arange(n, device=words.device) * bits
