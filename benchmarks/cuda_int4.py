@@ -1,5 +1,5 @@
 """4-bit products on CUDA at Llama-3-8B's linear shapes (group 128), per activation rows:
-llmkit's decode kernel (kernels/cuda_int4.py, up to 8 rows), torch's tinygemm
+llmkit's decode kernel (kernels/cuda_int4.py, up to 16 rows), torch's tinygemm
 (`_weight_int4pack_mm`) and the bf16 weight through cuBLAS, each as the median time of a
 call inside a CUDA graph of 24 calls that cycle through copies of the weight larger than
 the L2 together (so every call reads its weight from memory, as a decode step does), and

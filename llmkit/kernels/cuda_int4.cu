@@ -1,6 +1,6 @@
 // 4-bit grouped weights times the few activation rows of a decode step, on tensor cores.
 //
-// y[m, n] = sum_k s[n, g(k)] * (q[n, k] - z[n, g(k)]) * x[m, k] for up to 8 rows m.
+// y[m, n] = sum_k s[n, g(k)] * (q[n, k] - z[n, g(k)]) * x[m, k] for up to 16 rows m.
 //
 // Each block of 256 threads owns 16 outputs; its 8 warps split the inputs between them and
 // add their parts up at the end. A warp reads its part of the 16 outputs' weights as
@@ -60,24 +60,31 @@ __device__ __forceinline__ u16 float_to_bf16(float f) {
   return h;
 }
 
+// A lane's sums for MT tiles of 8 activation rows (rows 8 mt + 2t and 8 mt + 2t + 1 of
+// outputs g and g + 8 of the block's 16, as an mma's C fragment holds them).
+template <int MT>
 struct Part {
-  float total[4];  // outputs g and g + 8 (pairs), activation rows 2t and 2t + 1
-  float acc[4];    // sum (128 + q) x since the last fold
-  float sum[4];    // sum x since the last fold
+  float total[MT][4];
+  float acc[MT][4];  // sum (128 + q) x since the last fold
+  float sum[MT][4];  // sum x since the last fold
 };
 
 // The part since the last fold, scaled by its group's (s, z): rows g and g + 8 of the
 // block's 16 outputs, whose (fp16 s | fp16 z << 16) words are sz[group * N + n].
-__device__ __forceinline__ void fold(Part& p, const u32* sz, int group, int N) {
+template <int MT>
+__device__ __forceinline__ void fold(Part<MT>& p, const u32* sz, int group, int N) {
   const u32 r0 = sz[(size_t)group * N], r1 = sz[(size_t)group * N + 8];
   const float s0 = half_to_float(r0), z0 = 128.f + half_to_float(r0 >> 16);
   const float s1 = half_to_float(r1), z1 = 128.f + half_to_float(r1 >> 16);
-  p.total[0] += s0 * (p.acc[0] - z0 * p.sum[0]);
-  p.total[1] += s0 * (p.acc[1] - z0 * p.sum[1]);
-  p.total[2] += s1 * (p.acc[2] - z1 * p.sum[2]);
-  p.total[3] += s1 * (p.acc[3] - z1 * p.sum[3]);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) p.acc[i] = p.sum[i] = 0.f;
+  for (int mt = 0; mt < MT; ++mt) {
+    p.total[mt][0] += s0 * (p.acc[mt][0] - z0 * p.sum[mt][0]);
+    p.total[mt][1] += s0 * (p.acc[mt][1] - z0 * p.sum[mt][1]);
+    p.total[mt][2] += s1 * (p.acc[mt][2] - z1 * p.sum[mt][2]);
+    p.total[mt][3] += s1 * (p.acc[mt][3] - z1 * p.sum[mt][3]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p.acc[mt][i] = p.sum[mt][i] = 0.f;
+  }
 }
 
 // One chunk of 64 inputs from k0: four 16 x 16 tiles, word j holding tile j. The product
@@ -85,34 +92,44 @@ __device__ __forceinline__ void fold(Part& p, const u32* sz, int group, int N) {
 // inputs 32 (j / 2) + 8t + 4 (j % 2) + 0..3 (its B fragment's k = 2t, 2t + 1, 2t + 8,
 // 2t + 9): a lane's activations for the chunk are two runs of 8 inputs, one 16-byte load
 // each, and tiles 0-1 and 2-3 each cover 32 inputs in a row (a fold never spans groups).
-template <int FOLD>
-__device__ __forceinline__ void chunk(Part& p, uint4 w, const u16* xrow, int k0, const u32* sz,
-                                      int group_size, int N) {
+// Each weight tile is turned into bf16 once for the MT products of its 8-row tiles.
+template <int FOLD, int MT>
+__device__ __forceinline__ void chunk(Part<MT>& p, uint4 w, const u16* const* xrow, int k0,
+                                      const u32* sz, int group_size, int N) {
   const u32 ones = 0x3F803F80u;  // two bf16 1.0
   const u32 words[4] = {w.x, w.y, w.z, w.w};
-  const uint4 xa = *(const uint4*)(xrow + k0), xb = *(const uint4*)(xrow + k0 + 32);
-  const u32 bs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+  u32 bs[MT][8];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const uint4 xa = *(const uint4*)(xrow[mt] + k0), xb = *(const uint4*)(xrow[mt] + k0 + 32);
+    bs[mt][0] = xa.x, bs[mt][1] = xa.y, bs[mt][2] = xa.z, bs[mt][3] = xa.w;
+    bs[mt][4] = xb.x, bs[mt][5] = xb.y, bs[mt][6] = xb.z, bs[mt][7] = xb.w;
+  }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int k = k0 + 16 * j;  // within the fold's group
-    const u32 b0 = bs[2 * j], b1 = bs[2 * j + 1];
     const u32 q = words[j];
     const u32 a0 = and_or(q, 0x000F000Fu, 0x43004300u);
     const u32 a1 = and_or(q >> 4, 0x000F000Fu, 0x43004300u);
     const u32 a2 = and_or(q >> 8, 0x000F000Fu, 0x43004300u);
     const u32 a3 = and_or(q >> 12, 0x000F000Fu, 0x43004300u);
-    mma_bf16(p.acc, a0, a1, a2, a3, b0, b1);
-    mma_bf16(p.sum, ones, ones, ones, ones, b0, b1);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const u32 b0 = bs[mt][2 * j], b1 = bs[mt][2 * j + 1];
+      mma_bf16(p.acc[mt], a0, a1, a2, a3, b0, b1);
+      mma_bf16(p.sum[mt], ones, ones, ones, ones, b0, b1);
+    }
     if ((j + 1) % FOLD == 0) fold(p, sz, (u32)k / (u32)group_size, N);
   }
 }
 
-// FOLD: 16-input tiles between folds, 4 where every group is a multiple of 64 inputs, else 2.
-template <int FOLD>
+// FOLD: 16-input tiles between folds, 4 where every group is a multiple of 64 inputs, else
+// 2. MT: tiles of 8 activation rows (rows <= 8 MT).
+template <int FOLD, int MT>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __restrict__ w,
                                      const u32* __restrict__ sz, u16* __restrict__ y, int rows,
                                      int N, int K, int group_size) {
-  __shared__ float partial[WARPS][4][32];
+  __shared__ float partial[WARPS][MT * 4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int chunks = K >> 6;
@@ -120,11 +137,18 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
   const uint4* wp = w + (size_t)blockIdx.x * chunks * 32 + lane;
   // lanes past the last activation row read row 0 again: B's columns past `rows` give
   // outputs that are never stored
-  const u16* xrow = x + (size_t)(g < rows ? g : 0) * K + 8 * t;
-  const u32* szp = sz + blockIdx.x * 16 + g;
-  Part p;
+  const u16* xrow[MT];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) p.total[i] = p.acc[i] = p.sum[i] = 0.f;
+  for (int mt = 0; mt < MT; ++mt) {
+    const int row = 8 * mt + g;
+    xrow[mt] = x + (size_t)(row < rows ? row : 0) * K + 8 * t;
+  }
+  const u32* szp = sz + blockIdx.x * 16 + g;
+  Part<MT> p;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p.total[mt][i] = p.acc[mt][i] = p.sum[mt][i] = 0.f;
   int c = begin;
   for (; c + UNROLL <= end; c += UNROLL) {
     uint4 words[UNROLL];
@@ -132,38 +156,44 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
     for (int u = 0; u < UNROLL; ++u) words[u] = load_streaming(wp + (size_t)(c + u) * 32);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
-      chunk<FOLD>(p, words[u], xrow, (c + u) << 6, szp, group_size, N);
+      chunk<FOLD, MT>(p, words[u], xrow, (c + u) << 6, szp, group_size, N);
   }
   for (; c < end; ++c)
-    chunk<FOLD>(p, load_streaming(wp + (size_t)c * 32), xrow, c << 6, szp, group_size, N);
+    chunk<FOLD, MT>(p, load_streaming(wp + (size_t)c * 32), xrow, c << 6, szp, group_size, N);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) partial[warp][i][lane] = p.total[i];
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][4 * mt + i][lane] = p.total[mt][i];
   __syncthreads();
   if (warp != 0) return;
-  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  const int n = blockIdx.x * 16 + g;
 #pragma unroll
-  for (int other = 0; other < WARPS; ++other)
+  for (int mt = 0; mt < MT; ++mt) {
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] += partial[other][i][lane];
-  const int n = blockIdx.x * 16 + g, m = 2 * t;
-  if (m < rows) {
-    y[(size_t)m * N + n] = float_to_bf16(v[0]);
-    y[(size_t)m * N + n + 8] = float_to_bf16(v[2]);
-  }
-  if (m + 1 < rows) {
-    y[(size_t)(m + 1) * N + n] = float_to_bf16(v[1]);
-    y[(size_t)(m + 1) * N + n + 8] = float_to_bf16(v[3]);
+    for (int other = 0; other < WARPS; ++other)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] += partial[other][4 * mt + i][lane];
+    const int m = 8 * mt + 2 * t;
+    if (m < rows) {
+      y[(size_t)m * N + n] = float_to_bf16(v[0]);
+      y[(size_t)m * N + n + 8] = float_to_bf16(v[2]);
+    }
+    if (m + 1 < rows) {
+      y[(size_t)(m + 1) * N + n] = float_to_bf16(v[1]);
+      y[(size_t)(m + 1) * N + n + 8] = float_to_bf16(v[3]);
+    }
   }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)
-    int4_gemv_fold2(const u16* x, const uint4* w, const u32* sz, u16* y, int rows, int N, int K,
-                    int group_size) {
-  gemv<2>(x, w, sz, y, rows, N, K, group_size);
-}
+#define KERNEL(FOLD, MT)                                                                     \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                                \
+      int4_gemv_fold##FOLD##_m##MT(const u16* x, const uint4* w, const u32* sz, u16* y,     \
+                                   int rows, int N, int K, int group_size) {                 \
+    gemv<FOLD, MT>(x, w, sz, y, rows, N, K, group_size);                                     \
+  }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)
-    int4_gemv_fold4(const u16* x, const uint4* w, const u32* sz, u16* y, int rows, int N, int K,
-                    int group_size) {
-  gemv<4>(x, w, sz, y, rows, N, K, group_size);
-}
+KERNEL(2, 1)
+KERNEL(4, 1)
+KERNEL(2, 2)
+KERNEL(4, 2)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-MAX_ROWS = 8  # activation rows one product takes: the mma's 8 columns
+MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
 SOURCE = Path(__file__).with_name("cuda_int4.cu")
 
 
@@ -72,20 +72,30 @@ def matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, group_siz
     """bf16 x [rows <= MAX_ROWS, K] times the packed weight: bf16 [rows, N]. `variant`:
     (warps a block, chunks in flight a lane), the source's WARPS and UNROLL; other than
     the default only for benchmarks/cuda_int4.py's comparison."""
+    return _matmul(kernels(x.device, variant), variant[0], x, tiles, scales, group_size)
+
+
+def _matmul(module, warps: int, x, tiles, scales, group_size: int) -> torch.Tensor:
     rows, k = x.shape
     n = tiles.shape[0] * 16
     if not x.is_contiguous() or x.data_ptr() % 16:  # runs of 8 inputs are read at once
         x = x.clone(memory_format=torch.contiguous_format)
     y = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
-    kernel = "int4_gemv_fold4" if group_size % 64 == 0 else "int4_gemv_fold2"
-    kernels(x.device, variant).launch(kernel, n // 16, 32 * variant[0], x, tiles, scales, y,
-                                      rows, n, k, group_size)  # fmt: skip
+    kernel = _KERNELS[group_size % 64 == 0, rows > 8]
+    module.launch(kernel, n // 16, 32 * warps, x, tiles, scales, y, rows, n, k, group_size)
     return y
 
 
+# by (every group a multiple of 64 inputs, more than 8 rows): folds after 4 tiles or 2,
+# one or two tiles of 8 rows
+_KERNELS = {(a, b): f"int4_gemv_fold{4 if a else 2}_m{2 if b else 1}"
+            for a in (False, True) for b in (False, True)}  # fmt: skip
+
+
 def kernels(device: torch.device, variant: tuple[int, int] = (8, 4)):
-    """The kernels compiled for CUDA `device` (on first use; a CudaError when NVRTC or the
-    driver cannot). Called when a layer is built, so never first while a graph captures."""
+    """The kernels compiled for CUDA `device` and checked there (on first use; a CudaError
+    when NVRTC or the driver cannot, or a kernel computes something else). Called when a
+    layer is built, so never first while a graph captures."""
     index = torch.cuda.current_device() if device.index is None else device.index
     return _module(torch.device("cuda", index), variant)
 
@@ -95,5 +105,27 @@ def _module(device: torch.device, variant: tuple[int, int]):
     from llmkit.kernels.cuda_rtc import Module
 
     defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}"]
-    return Module(SOURCE.read_text(), SOURCE.name, ["int4_gemv_fold2", "int4_gemv_fold4"],
-                  device, defines)  # fmt: skip
+    module = Module(SOURCE.read_text(), SOURCE.name, list(_KERNELS.values()), device, defines)
+    _check(module, variant[0], device)
+    return module
+
+
+def _check(module, warps: int, device: torch.device) -> None:
+    """Each kernel against the float32 product on `device` (a GPU or a driver that computes
+    them otherwise would be caught here, before any layer uses them): CudaError if off."""
+    from llmkit.kernels.cuda_rtc import CudaError
+
+    g = torch.Generator().manual_seed(0)
+    for group, rows in ((32, 3), (32, 12), (128, 1), (128, 16)):  # every kernel
+        q = torch.randint(0, 16, (32, 256), generator=g)
+        s = (torch.rand(32, 256 // group, generator=g) * 0.01 + 0.005).half().float()
+        z = torch.randint(0, 16, s.shape, generator=g).float()
+        x = torch.randn(rows, 256, generator=g).bfloat16()
+        w = s.repeat_interleave(group, 1) * (q - z.repeat_interleave(group, 1))
+        expected = x.float() @ w.t()
+        tiles, words = pack(q.to(device, torch.uint8)), pack_scales(s, z).to(device)
+        got = _matmul(module, warps, x.to(device), tiles, words, group).float().cpu()
+        error = float((got - expected).abs().max() / expected.abs().max())
+        if not error < 1e-2:
+            kernel = _KERNELS[group % 64 == 0, rows > 8]
+            raise CudaError(f"{kernel} is off by {error:.3g} of the float32 product here")
