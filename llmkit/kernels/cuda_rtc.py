@@ -2,8 +2,8 @@
 
 torch's CUDA wheels ship NVRTC (the nvidia-cuda-nvrtc package), so a kernel written in
 CUDA C++ needs no compiler toolchain on the user's machine: `Module(source, names)`
-compiles the source for the current device's architecture (about a second, once per
-process and device) and `Module.launch` queues a kernel on torch's current stream, where
+compiles the source for the current device's architecture (once per process and
+device) and `Module.launch` queues a kernel on torch's current stream, where
 CUDA graph capture records it like any torch kernel. Compile and load a module before
 capturing: loading is not allowed while a stream captures.
 
