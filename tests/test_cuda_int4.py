@@ -119,3 +119,25 @@ def test_int4_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path):
         finally:
             engine.close()
     assert runs[False] == runs[True]
+
+
+def test_a_kernel_that_cannot_load_is_tried_once(monkeypatch):
+    """Every 4-bit layer of a model asks for the kernels: a failed compile is kept, not
+    repeated per layer (its error raised again for each)."""
+    from llmkit.kernels import cuda_rtc
+
+    tries = []
+
+    def refuse(*args, **kwargs):
+        tries.append(args)
+        raise cuda_rtc.CudaError("no NVRTC here")
+
+    monkeypatch.setattr(cuda_rtc, "Module", refuse)
+    cuda_int4._module.cache_clear()
+    try:
+        for _ in range(3):
+            with pytest.raises(cuda_rtc.CudaError, match="no NVRTC"):
+                cuda_int4.kernels(torch.device("cuda", 0))
+    finally:
+        cuda_int4._module.cache_clear()
+    assert len(tries) == 1

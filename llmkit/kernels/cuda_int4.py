@@ -97,16 +97,24 @@ def kernels(device: torch.device, variant: tuple[int, int] = (8, 4)):
     when NVRTC or the driver cannot, or a kernel computes something else). Called when a
     layer is built, so never first while a graph captures."""
     index = torch.cuda.current_device() if device.index is None else device.index
-    return _module(torch.device("cuda", index), variant)
+    module = _module(torch.device("cuda", index), variant)
+    if isinstance(module, Exception):
+        raise module
+    return module
 
 
 @functools.cache
 def _module(device: torch.device, variant: tuple[int, int]):
+    """The compiled and checked kernels, or why not (kept: a model's every 4-bit layer asks,
+    and a failure would otherwise compile again for each)."""
     from llmkit.kernels.cuda_rtc import Module
 
     defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}"]
-    module = Module(SOURCE.read_text(), SOURCE.name, list(_KERNELS.values()), device, defines)
-    _check(module, variant[0], device)
+    try:
+        module = Module(SOURCE.read_text(), SOURCE.name, list(_KERNELS.values()), device, defines)
+        _check(module, variant[0], device)
+    except (OSError, RuntimeError) as e:
+        return e
     return module
 
 
