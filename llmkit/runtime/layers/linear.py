@@ -403,8 +403,8 @@ class Int4Linear(nn.Module):
         if kernel_size is None:
             return None
         repeat = size // kernel_size  # a large group becomes several kernel groups
-        scales = w.scales[:, groups].repeat_interleave(repeat, dim=1)
-        zeros = w.zeros[:, groups].repeat_interleave(repeat, dim=1)
+        in_order = w.scales[:, groups], w.zeros[:, groups]  # [out, groups] as the inputs go
+        scales, zeros = (t.repeat_interleave(repeat, dim=1) for t in in_order)
         # kernel: (q - 8) * s + z'  ==  s * (q - zero)  with  z' = (8 - zero) * s
         scales_zeros = torch.stack([scales, (8 - zeros) * scales], dim=-1).transpose(0, 1)
         q = (w.q if perm is None else w.q[:, perm]).to(device, torch.uint8)  # once for both
@@ -413,7 +413,7 @@ class Int4Linear(nn.Module):
             return None
         scales_zeros = scales_zeros.to(device, torch.bfloat16).contiguous()
         perm = None if perm is None else perm.to(device)
-        decode = _cuda_decode_weight(q, w.scales[:, groups], w.zeros[:, groups], size, device)
+        decode = _cuda_decode_weight(q, *in_order, size, device)
         return cls(packed, scales_zeros, kernel_size, perm, bias, dtype, decode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
