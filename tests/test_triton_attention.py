@@ -56,7 +56,7 @@ def _reference(q, keys, values, positions, scale):
 def decode_error(case, device: str, split: bool, seed: int = 0) -> float:
     """Largest |kernel - float64 reference| of a decode step over random contexts (short
     ones, one of exactly a block, a long one), with the contexts split (flash-decoding) or
-    each in one program."""
+    each in one program; a second launch must give the same."""
     from llmkit.kernels import triton_attention as ta
 
     heads, kv_heads, dim, block_size, dtype_name = case
@@ -74,6 +74,9 @@ def decode_error(case, device: str, split: bool, seed: int = 0) -> float:
         splits = ta.decode_splits(len(contexts), kv_heads, tables.shape[1] * block_size)
         assert (splits > 1) == split
         ta.paged_decode(out, q.to(device), k_cache, v_cache, tables, lens, scale)
+        again = torch.empty_like(out)  # a split launch leaves its counters as it found them
+        ta.paged_decode(again, q.to(device), k_cache, v_cache, tables, lens, scale)
+        assert torch.equal(again, out)
     finally:
         ta.SPLIT_TARGET = target
     worst = 0.0
@@ -129,20 +132,67 @@ def prefill_error(case, device: str, seed: int = 0) -> tuple[float, float]:
     return worst, untouched
 
 
+def rotary_write_error(case, device: str, seed: int = 0) -> tuple[float, bool]:
+    """(largest |kernel - float64 reference| of the rotated queries and cached keys, relative
+    to the reference's largest |value|; whether everything else is exact): the K/V write
+    that rotates q and k first, q and k views of a wider row as the model's qkv output, one
+    padding row (slot -1) that writes nothing."""
+    from llmkit.kernels import triton_attention as ta
+    from llmkit.runtime.layers.rotary import _rotate_half
+
+    heads, kv_heads, dim, block_size, dtype_name = case
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(seed)
+    tokens, num_blocks = 5, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype).to(device)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = (t.reshape(tokens, -1, dim) for t in (q, k, v))
+    angles = torch.rand(tokens, dim // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    shape = (num_blocks, kv_heads, block_size, dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype).to(device)
+    v_cache = torch.randn(shape, generator=g).to(dtype).to(device)
+    before = k_cache.clone(), v_cache.clone()
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    slots[2] = -1
+    got = ta.write_kv(k_cache, v_cache, k, v, slots.to(device), q, (cos.to(device), sin.to(device)))
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    rotate = lambda t: t.double().cpu() * c + _rotate_half(t.double().cpu()) * s  # noqa: E731
+    want_q, want_k = rotate(q), rotate(k)
+    rows = [(i, int(slot)) for i, slot in enumerate(slots) if slot >= 0]
+    cached = lambda cache, slot: cache.cpu()[slot // block_size, :, slot % block_size]  # noqa: E731
+    got_k = torch.stack([cached(k_cache, slot) for _, slot in rows]).double()
+    error = max(
+        ((got.cpu().double() - want_q).abs().max() / want_q.abs().max()).item(),
+        ((got_k - want_k[[i for i, _ in rows]]).abs().max() / want_k.abs().max()).item(),
+    )
+    exact = all(torch.equal(cached(v_cache, slot), v[i].cpu()) for i, slot in rows)
+    for cache, old in zip((k_cache, v_cache), before, strict=True):
+        for slot in range(num_blocks * block_size):
+            if slot not in slots.tolist():
+                exact &= torch.equal(cached(cache, slot), cached(old, slot))
+    return error, exact
+
+
 TOLERANCE = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}
+ROUNDED_ONCE = {"float32": 2e-6, "float16": 1e-3, "bfloat16": 8e-3}  # relative
 
 
 def test_attention_kernels_interpreted_match_float64():
     errors = interpreted(
         "import json\n"
         "from tests.test_triton_attention import CASES, decode_error, prefill_error\n"
+        "from tests.test_triton_attention import rotary_write_error\n"
         "print(json.dumps([[decode_error(c, 'cpu', True), decode_error(c, 'cpu', False),\n"
-        "                   *prefill_error(c, 'cpu')] for c in CASES]))\n"
+        "                   *prefill_error(c, 'cpu'), *rotary_write_error(c, 'cpu')]\n"
+        "                  for c in CASES]))\n"
     )
-    for case, (split, whole, prefill, untouched) in zip(CASES, errors, strict=True):
+    for case, found in zip(CASES, errors, strict=True):
+        split, whole, prefill, untouched, rotary, exact = found
         assert split < TOLERANCE[case[-1]] and whole < TOLERANCE[case[-1]], (case, split, whole)
         assert prefill < TOLERANCE[case[-1]], (case, prefill)
         assert untouched == 0, case
+        assert rotary < ROUNDED_ONCE[case[-1]] and exact, (case, rotary)
 
 
 @NEEDS_CUDA
@@ -153,3 +203,5 @@ def test_attention_kernels_on_cuda_match_float64(case):
     assert decode_error(case, "cuda", False) < TOLERANCE[case[-1]]
     prefill, untouched = prefill_error(case, "cuda")
     assert prefill < TOLERANCE[case[-1]] and untouched == 0
+    rotary, exact = rotary_write_error(case, "cuda")
+    assert rotary < ROUNDED_ONCE[case[-1]] and exact

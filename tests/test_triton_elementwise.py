@@ -18,7 +18,6 @@ CUDA_CASES = [*CASES, (7, 4096, "bfloat16"), (64, 2048, "bfloat16")]
 def errors(case, device: str) -> dict[str, float]:
     """Largest |kernel - reference| of each kernel, relative to the reference's largest |value|."""
     from llmkit.kernels import triton_elementwise as te
-    from llmkit.runtime.layers.rotary import _rotate_half
 
     rows, dim, name = case
     dtype = getattr(torch, name)
@@ -37,16 +36,6 @@ def errors(case, device: str) -> dict[str, float]:
     kept = residual.clone()
     normed = te.add_rms_norm(kept, x, weight, 1e-5)
     out["add_rms_norm"] = max(rel(normed, norm(summed)), rel(kept, summed))
-    heads, head_dim = 3, dim // 2 if dim % 4 == 0 else dim
-    qkv = rand(rows, (heads + 2) * head_dim)  # q and k as views of a wider row, as the model
-    q = qkv[:, : heads * head_dim].reshape(rows, heads, head_dim)
-    k = qkv[:, heads * head_dim : (heads + 1) * head_dim].reshape(rows, 1, head_dim)
-    angles = torch.rand(rows, head_dim // 2, generator=g, dtype=torch.float64) * 6
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    got_q, got_k = te.rotary(q, k, cos.to(dtype).to(device), sin.to(dtype).to(device))
-    c, s = cos.to(dtype).double()[:, None], sin.to(dtype).double()[:, None]
-    want = [t.double().cpu() * c + _rotate_half(t.double().cpu()) * s for t in (q, k)]
-    out["rotary"] = max(rel(got_q.cpu(), want[0]), rel(got_k.cpu(), want[1]))
     gate_up = rand(rows, 2 * dim)
     gate, up = gate_up.double().chunk(2, dim=-1)
     out["silu_mul"] = rel(te.silu_mul(gate_up), F.silu(gate) * up)

@@ -5,11 +5,11 @@
   CPU kernel of that name (cpu_ops.cpp), and the torch path's values (no fused
   multiply-adds). Done with torch ops, each column costs ~8 kernel launches; here a run of
   columns is one launch, each program holding a tile of rows in registers.
-- attention_kernels (triton_attention.py): paged attention's cache write, decode and
-  prefills, for the runtime's CUDA path (runtime/layers/attention.py).
-- elementwise_for (triton_elementwise.py): RMSNorm (with its residual add), rotary
-  embeddings and silu * up, each one launch (runtime/layers/norm.py, rotary.py,
-  activation.py).
+- attention_kernels (triton_attention.py): paged attention's cache write (with the rotary
+  embedding of q and k), decode and prefills, for the runtime's CUDA path
+  (runtime/layers/attention.py).
+- elementwise_for (triton_elementwise.py): RMSNorm (with its residual add) and silu * up,
+  each one launch (runtime/layers/norm.py, activation.py).
 
 `for_tensors()` is None where Triton is not installed or the tensors are not float32 CUDA
 tensors; callers then use their torch path. Triton is imported only then: llmkit's CPU paths
@@ -43,7 +43,7 @@ def attention_kernels():
 
 
 def elementwise_for(*tensors: torch.Tensor):
-    """llmkit.kernels.triton_elementwise (norms, rotary, silu * up) when every tensor is on
+    """llmkit.kernels.triton_elementwise (norms, silu * up) when every tensor is on
     CUDA and Triton is installed, else None."""
     if not all(t.is_cuda for t in tensors):
         return None

@@ -1,5 +1,6 @@
-"""Attention over the paged KV cache in Triton: the cache write, decode (split-K) and the
-prefills of a step, each one launch, reading K/V in place through block tables.
+"""Attention over the paged KV cache in Triton: the cache write (which rotates q and k first,
+rotate-half, in float32 rounded once), decode (split-K) and the prefills of a step, each one
+launch, reading K/V in place through block tables.
 
 The cache of one layer is a pair of tensors [num_blocks, kv_heads, block_size, head_dim];
 slot = block * block_size + offset. Every kernel finds a key's row by gathering its block id
@@ -26,32 +27,69 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _write_kv_kernel(k, v, k_cache, v_cache, slots, stride_t, stride_h, stride_vt, stride_vh,
-                     cache_b, cache_h, cache_s, block_size, D: tl.constexpr,
-                     BLOCK_D: tl.constexpr):  # fmt: skip
+def _rotate_row(src, dst, cos, sin, t, D: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """dst = the rotate-half rotary embedding of the D values at src, at token t's angles
+    (cos, sin: [tokens, D]): in float32, rounded once."""
+    d = tl.arange(0, BLOCK_HALF)
+    keep = d < D // 2
+    x1 = tl.load(src + d, mask=keep, other=0.0).to(tl.float32)
+    x2 = tl.load(src + D // 2 + d, mask=keep, other=0.0).to(tl.float32)
+    angle = t.to(tl.int64) * D + d
+    c1 = tl.load(cos + angle, mask=keep, other=0.0).to(tl.float32)
+    c2 = tl.load(cos + angle + D // 2, mask=keep, other=0.0).to(tl.float32)
+    s1 = tl.load(sin + angle, mask=keep, other=0.0).to(tl.float32)
+    s2 = tl.load(sin + angle + D // 2, mask=keep, other=0.0).to(tl.float32)
+    tl.store(dst + d, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=keep)
+    tl.store(dst + D // 2 + d, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _write_kv_kernel(q, q_out, k, v, cos, sin, k_cache, v_cache, slots, stride_qt, stride_qh,
+                     stride_t, stride_h, stride_vt, stride_vh, heads, cache_b, cache_h, cache_s,
+                     block_size, D: tl.constexpr, BLOCK_D: tl.constexpr, ROTATE: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr):  # fmt: skip
     t = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(slots + t)
-    if slot >= 0:  # a negative slot: a padding row of a captured graph, written nowhere
-        d = tl.arange(0, BLOCK_D)
-        keep = d < D
-        row = (slot // block_size) * cache_b + h * cache_h + (slot % block_size) * cache_s
-        key = tl.load(k + t * stride_t + h * stride_h + d, mask=keep)
-        value = tl.load(v + t * stride_vt + h * stride_vh + d, mask=keep)
-        tl.store(k_cache + row + d, key, mask=keep)
-        tl.store(v_cache + row + d, value, mask=keep)
+    h = tl.program_id(1) - heads  # programs 0..heads-1 rotate the query heads
+    if h < 0:
+        if ROTATE:
+            dst = q_out + (t.to(tl.int64) * heads + h + heads) * D
+            _rotate_row(q + t * stride_qt + (h + heads) * stride_qh, dst, cos, sin, t, D,
+                        BLOCK_HALF)  # fmt: skip
+    else:
+        slot = tl.load(slots + t)
+        if slot >= 0:  # a negative slot: a padding row of a captured graph, written nowhere
+            d = tl.arange(0, BLOCK_D)
+            keep = d < D
+            row = (slot // block_size) * cache_b + h * cache_h + (slot % block_size) * cache_s
+            if ROTATE:
+                _rotate_row(k + t * stride_t + h * stride_h, k_cache + row, cos, sin, t, D,
+                            BLOCK_HALF)  # fmt: skip
+            else:
+                key = tl.load(k + t * stride_t + h * stride_h + d, mask=keep)
+                tl.store(k_cache + row + d, key, mask=keep)
+            value = tl.load(v + t * stride_vt + h * stride_vh + d, mask=keep)
+            tl.store(v_cache + row + d, value, mask=keep)
 
 
-def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
-    """Each token's K and V [tokens, kv_heads, head_dim] into its slot (slots < 0 skipped)."""
+def write_kv(k_cache, v_cache, k, v, slot_mapping, q=None, rotary=None):
+    """Each token's K and V [tokens, kv_heads, head_dim] into its slot (slots < 0 skipped).
+    With `rotary` (cos, sin: [tokens, head_dim] each, contiguous), K and the queries `q`
+    [tokens, heads, head_dim] are rotated first (rotate-half), in the same launch: -> the
+    rotated queries (contiguous), else None. Last dims contiguous."""
     tokens, kv_heads, dim = k.shape
+    heads = 0 if rotary is None else q.shape[1]
+    q_out = None if rotary is None else q.new_empty((tokens, heads, dim))
     if tokens == 0:
-        return
-    _write_kv_kernel[(tokens, kv_heads)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), *_cache_strides(k_cache), k_cache.shape[2], D=dim,
-        BLOCK_D=_block_d(dim),
+        return q_out
+    cos, sin = (k, k) if rotary is None else rotary
+    q = k if q is None else q
+    _write_kv_kernel[(tokens, heads + kv_heads)](
+        q, k if q_out is None else q_out, k, v, cos, sin, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), heads,
+        *_cache_strides(k_cache), k_cache.shape[2], D=dim, BLOCK_D=_block_d(dim),
+        ROTATE=rotary is not None, BLOCK_HALF=triton.next_power_of_2(max(1, dim // 2)),
     )  # fmt: skip
+    return q_out
 
 
 def _block_d(dim: int) -> int:
@@ -96,7 +134,7 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
                    cache_s, block_size, scale_log2, split_keys, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
-                   SPLIT: tl.constexpr):  # fmt: skip
+                   SPLIT: tl.constexpr, counters, SPLITS_PAD: tl.constexpr):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,11 +158,20 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
                                 cache_s, kv_head)  # fmt: skip
         m_i, l_i, acc = _attend(query, k_cache, v_cache, at, kv_keep, keep[None, :], m_i, l_i,
                                 acc, scale_log2, PREC)  # fmt: skip
-    if SPLIT:
+    if SPLIT:  # the split that finishes its (sequence, KV head) last combines all of them
         at = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
         tl.store(part_m + at, m_i, mask=g < GROUP)
         tl.store(part_l + at, l_i, mask=g < GROUP)
         tl.store(part_acc + at[:, None] * BLOCK_D + d[None, :], acc, mask=q_keep)
+        counter = counters + seq * tl.num_programs(1) + kv_head
+        tl.debug_barrier()  # every thread's parts stored before the counter says so
+        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+            for i in tl.static_range(GROUP):
+                head = kv_head * GROUP + i
+                _combine(out + seq * stride_ot + head * stride_oh, part_m, part_l, part_acc,
+                         (seq * tl.num_programs(1) * GROUP + head) * num_splits, num_splits,
+                         D, BLOCK_D, SPLITS_PAD)  # fmt: skip
+            tl.atomic_xchg(counter, 0)  # zero again for the next launch
     else:
         o = acc / tl.maximum(l_i, 1e-30)[:, None]
         o_rows = seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
@@ -132,22 +179,22 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
 
 
 @triton.jit
-def _combine_kernel(out, part_m, part_l, part_acc, stride_ot, stride_oh, num_splits,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+def _combine(out, part_m, part_l, part_acc, first, num_splits, D: tl.constexpr,
+             BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
+    """One head's output row `out` from its splits' parts at `first`.. (in split order; read
+    past the L1, which other programs' stores did not go through)."""
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, BLOCK_D)
-    at = (seq * tl.num_programs(1) + head) * num_splits + s
     keep = s < num_splits
-    m = tl.load(part_m + at, mask=keep, other=float("-inf"))
+    m = tl.load(part_m + first + s, mask=keep, other=float("-inf"), cache_modifier=".cg")
     m_max = tl.max(m, 0)
     w = tl.where(keep, tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf) weigh 0
-    l_sum = tl.sum(w * tl.load(part_l + at, mask=keep, other=0.0), 0)
-    acc = tl.load(part_acc + at[:, None] * BLOCK_D + d[None, :], mask=keep[:, None], other=0.0)
+    parts_l = tl.load(part_l + first + s, mask=keep, other=0.0, cache_modifier=".cg")
+    l_sum = tl.sum(w * parts_l, 0)
+    at = part_acc + (first + s)[:, None] * BLOCK_D + d[None, :]
+    acc = tl.load(at, mask=keep[:, None], other=0.0, cache_modifier=".cg")
     o = tl.sum(acc * w[:, None], 0) / tl.maximum(l_sum, 1e-30)
-    tl.store(out + seq * stride_ot + head * stride_oh + d, o.to(out.dtype.element_ty),
-             mask=d < D)  # fmt: skip
+    tl.store(out + d, o.to(out.dtype.element_ty), mask=d < D)
 
 
 def decode_splits(seqs: int, kv_heads: int, max_keys: int) -> int:
@@ -176,18 +223,28 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, lens, scale: float) -> 
         parts = [q.new_empty((seqs, heads, splits), dtype=torch.float32),
                  q.new_empty((seqs, heads, splits), dtype=torch.float32),
                  q.new_empty((seqs, heads, splits, block_d), dtype=torch.float32)]  # fmt: skip
+    counters = _counters(q.device, seqs * kv_heads) if splits > 1 else lens
     _decode_kernel[(seqs, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, lens, out, *parts, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0), *_cache_strides(k_cache),
         block_size, scale * LOG2E, split_keys, splits, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d,
-        BLOCK=BLOCK_N, PREC=_precision(q.dtype), SPLIT=splits > 1, num_warps=4,
+        BLOCK=BLOCK_N, PREC=_precision(q.dtype), SPLIT=splits > 1, counters=counters,
+        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
     )  # fmt: skip
-    if splits > 1:
-        _combine_kernel[(seqs, heads)](
-            out, *parts, out.stride(0), out.stride(1), splits, D=dim, BLOCK_D=block_d,
-            SPLITS_PAD=triton.next_power_of_2(splits),
-        )  # fmt: skip
+
+
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros, at least n, that every split decode on `device` shares (launches run in
+    stream order, each leaving them zero). Made by the eager step before a graph captures
+    (never during it); a larger set is made beside the old ones, which graphs may hold."""
+    made = _COUNTERS.setdefault(device, [])
+    if not made or made[-1].numel() < n:
+        made.append(torch.zeros(max(n, SPLIT_TARGET), dtype=torch.int32, device=device))
+    return made[-1]
 
 
 @triton.jit

@@ -3,11 +3,12 @@
 The cache of one layer is a pair of tensors [num_blocks, kv_heads, block_size, head_dim];
 slot = block_id * block_size + offset. New tokens' K/V are written to their slots first; each
 sequence then attends over its whole context. On CUDA, Triton kernels do all three (the
-write, the decodes, every prefill of the step in one launch), reading the blocks in place
-(kernels/triton_attention.py). On the CPU, single-token (decode) queries go to llmkit's C++
-kernel, which reads the blocks in place (kernels/cpu_ops.cpp); otherwise, and for prefills,
-the context is gathered (block, head) by (block, head) from the block table straight into the
-[kv_heads, context, head_dim] layout torch's matmuls want.
+write, which rotates q and k first in the same launch; the decodes; every prefill of the step
+in one launch), reading the blocks in place (kernels/triton_attention.py). On the CPU,
+single-token (decode) queries go to llmkit's C++ kernel, which reads the blocks in place
+(kernels/cpu_ops.cpp); otherwise, and for prefills, the context is gathered (block, head) by
+(block, head) from the block table straight into the [kv_heads, context, head_dim] layout
+torch's matmuls want.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.kernels import cpu, cuda
+from llmkit.runtime.layers.rotary import apply_rotary
 
 DECODE_CHUNK_BYTES = 2 * 2**20  # gathered keys per decode chunk: about what stays cached
 
@@ -128,10 +130,14 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> like q."""
+    """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> like q. `rotary`:
+    (cos, sin) [tokens, 1, head_dim] where q and k are still to be rotated by them."""
     if q.is_cuda and triton_attention() is not None:
-        return _on_cuda(q, k, v, k_cache, v_cache, meta, scale)
+        return _on_cuda(q, k, v, k_cache, v_cache, meta, scale, rotary)
+    if rotary is not None:
+        q, k = apply_rotary(q, k, *rotary)
     kernels = _cpu_kernels(q, k_cache)
     if kernels is not None:
         kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -184,11 +190,15 @@ def paged_attention(
     return out
 
 
-def _on_cuda(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The Triton path: one launch for the write, one (or two, split) for the decodes, one
-    for every prefill of the step."""
+def _on_cuda(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, rotary):
+    """The Triton path: one launch for the write (and the rotary embedding of q and k), one
+    for the decodes, one for every prefill of the step."""
     kernels = triton_attention()
-    kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if rotary is None:
+        kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    else:
+        cos, sin = (t.reshape(len(t), -1) for t in rotary)
+        q = kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping, q, (cos, sin))
     out = torch.empty_like(q)
     b = meta.num_decodes
     if b:

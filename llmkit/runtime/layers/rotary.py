@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
-from llmkit.kernels import cpu, cuda
+from llmkit.kernels import cpu
 
 
 def inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -61,9 +61,9 @@ class Rotary(nn.Module):
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]; cos, sin: [tokens, 1,
-    head_dim]. On the CPU one pass of llmkit's kernel, with the same roundings; on CUDA one
-    launch (kernels/triton_elementwise.py)."""
-    kernels = cpu.for_tensors(q, k, cos, sin) or cuda.elementwise_for(q, k, cos, sin)
+    head_dim]. On the CPU one pass of llmkit's kernel, with the same roundings (on CUDA,
+    paged_attention rotates them in its K/V write)."""
+    kernels = cpu.for_tensors(q, k, cos, sin)
     if kernels is not None and q.stride(-1) == 1 and k.stride(-1) == 1:
         return kernels.rotary(q, k, cos.reshape(len(cos), -1), sin.reshape(len(sin), -1))
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

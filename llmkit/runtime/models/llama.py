@@ -24,7 +24,7 @@ from llmkit.runtime.layers.decode_layer import (
     decode_only,
 )
 from llmkit.runtime.layers.norm import RMSNorm
-from llmkit.runtime.layers.rotary import Rotary, apply_rotary
+from llmkit.runtime.layers.rotary import Rotary
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +82,7 @@ class Attention(nn.Module):
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rotary)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rotary)
         return self.o_proj(o.reshape(-1, q_size))
 
 
