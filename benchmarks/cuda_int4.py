@@ -4,8 +4,9 @@ llmkit's decode kernel (kernels/cuda_int4.py, up to 16 rows), torch's tinygemm
 call inside a CUDA graph of 24 calls that cycle through copies of the weight larger than
 the L2 together (so every call reads its weight from memory, as a decode step does), and
 what that is in GB/s of the weight's bytes; at 1 row also the kernel's other block shapes
-(VARIANTS). Also checks the kernel's outputs against tinygemm's. A diagnostic for
-benchmarks/cuda.py's gptq rows, without targets.
+(VARIANTS). For gate_up also silu(gate) * up: the gated kernel's one launch against the
+product and then the Triton activation. Also checks the kernel's outputs against
+tinygemm's. A diagnostic for benchmarks/cuda.py's gptq rows, without targets.
 
     python benchmarks/cuda_int4.py [--rows 1,2,4,8,16]
 """
@@ -47,9 +48,10 @@ def graph_ms(calls: list) -> float:
     return sorted(times)[2]
 
 
-def weights(n: int, k: int, copies: int, dense_copies: int) -> list:
+def weights(n: int, k: int, copies: int, dense_copies: int, gated: bool = False) -> list:
     """`copies` 4-bit layers of random weights as the runtime builds them on the GPU (both
-    layouts), the first `dense_copies` with their bf16 weight as `dense`."""
+    layouts; `gated`: as a [gate; up] pair), the first `dense_copies` with their bf16
+    weight as `dense`."""
     from llmkit.quant.formats.weights import GroupedWeight
     from llmkit.runtime.layers.linear import Int4Linear
 
@@ -60,7 +62,7 @@ def weights(n: int, k: int, copies: int, dense_copies: int) -> list:
         scales = torch.rand(n, k // GROUP, generator=g, device="cuda") * 0.01 + 0.005
         groups = torch.arange(k, device="cuda") // GROUP
         w = GroupedWeight(q, scales, torch.full_like(scales, 8.0), groups, 4)
-        out.append(Int4Linear.build(w, None, torch.bfloat16, torch.device("cuda")))
+        out.append(Int4Linear.build(w, None, torch.bfloat16, torch.device("cuda"), gated))
         if seed < dense_copies:
             out[-1].dense = w.dequantize().bfloat16()
     return out
@@ -77,6 +79,7 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
     copies = max(2, math.ceil(EVICT_BYTES / int4_bytes))
     dense_copies = max(2, math.ceil(EVICT_BYTES / (2 * n * k)))
     ws = weights(n, k, copies, dense_copies)
+    gated_layers = weights(n, k, copies, 0, gated=True) if name == "gate_up" else []
     results = []
     for rows in rows_list:
         x = torch.randn(rows, k, device="cuda").bfloat16()
@@ -95,11 +98,25 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
                 calls = [lambda w=w, x=x, v=variant: cuda_int4.matmul(x, *tiled(w), v) for w in ws]
                 ms = graph_ms([calls[i % len(calls)] for i in range(CALLS)])
                 row[f"llmkit_{variant[0]}w_{variant[1]}u_ms"] = ms
+            if name == "gate_up":
+                row.update(gated_ms(ours, gated_layers, x))
         row["tinygemm_gb_s"] = int4_bytes / row["tinygemm_ms"] / 1e6
         row["bf16_gb_s"] = 2 * n * k / row["bf16_ms"] / 1e6
         print(json.dumps(row), flush=True)
         results.append(row)
     return results
+
+
+def gated_ms(products: list, gated_layers: list, x) -> dict:
+    """silu(gate) * up: the gated kernel's launch, and the product's then the activation's."""
+    from llmkit.kernels import triton_elementwise
+
+    fused = [lambda w=w: w.silu_mul(x) for w in gated_layers]
+    apart = [lambda p=p: triton_elementwise.silu_mul(p()) for p in products]
+    return {
+        "llmkit_silu_fused_ms": graph_ms([fused[i % len(fused)] for i in range(CALLS)]),
+        "llmkit_then_silu_ms": graph_ms([apart[i % len(apart)] for i in range(CALLS)]),
+    }
 
 
 def main() -> None:

@@ -50,6 +50,17 @@ def test_the_packed_words_hold_each_lanes_fragment():
     assert torch.equal(unpack(tiles), q)
 
 
+@pytest.mark.parametrize("n", [16, 48, 28672])
+def test_the_gated_order_pairs_each_gate_row_with_its_up_row(n):
+    """Lane g of a block holds rows g and g + 8 of its 16: in the gated order, those must be
+    gate row j and up row j of the block's gated output j = 8 block + g."""
+    order = cuda_int4.gated_order(n).tolist()
+    assert sorted(order) == list(range(n))
+    for j in range(n // 2):
+        block, g = divmod(j, 8)
+        assert (order[16 * block + g], order[16 * block + 8 + g]) == (j, n // 2 + j)
+
+
 def test_scales_pack_as_fp16_pairs_and_refuse_what_fp16_would_change():
     scales = torch.tensor([[0.5, 0.013], [2.0, 1e-3]])
     zeros = torch.tensor([[8.0, 0.0], [15.0, 3.0]])
@@ -70,18 +81,26 @@ def test_the_cpu_builds_no_decode_copy():
 
 
 @NEEDS_CUDA
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 16])
 @pytest.mark.parametrize(("n", "k", "group"), [(48, 192, 32), (64, 1024, 128), (32, 384, 96)])
-def test_the_cuda_kernel_equals_the_float64_product(rows, n, k, group):
+def test_the_cuda_kernel_equals_the_float64_product(rows, n, k, group, gated):
+    """The product, or silu(gate) * up of it as a [gate; up] pair packed in gated_order."""
     w = random_grouped(n, k, group, act_order=False, seed=rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).bfloat16()
     # the kernel's fp16 scales; each dequantized value (11 by 4 bits) is exact in float32
     rounded = dataclasses.replace(w, scales=w.scales.half().float())
     expected = x.double() @ rounded.dequantize().double().t()
+    if gated:
+        gate, up = expected.chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+        order = cuda_int4.gated_order(n)
+        w = dataclasses.replace(w, q=w.q[order], scales=w.scales[order], zeros=w.zeros[order])
     tiles = cuda_int4.pack(w.q.to("cuda", torch.uint8))
     words = cuda_int4.pack_scales(w.scales, w.zeros).cuda()
-    got = cuda_int4.matmul(x.cuda(), tiles, words, group).double().cpu()
+    got = cuda_int4.matmul(x.cuda(), tiles, words, group, gated=gated).double().cpu()
     # bf16 outputs: each within half a bf16 step of its value, sums in float32 before that
+    # (and silu's fast exponential, a few float32 steps off)
     assert torch.allclose(got, expected, rtol=2**-8, atol=1e-4 * float(expected.abs().max()))
 
 
@@ -97,6 +116,25 @@ def test_cuda_decode_rows_take_llmkits_kernel_and_prefills_tinygemm(act_order):
         got = module(x[:rows].cuda()).float().cpu()
         error = float((got - expected[:rows]).abs().max() / expected[:rows].abs().max())
         assert error < 5e-3, (rows, error)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_gated_cuda_pair_gives_silu_gate_times_up_in_one_launch(act_order):
+    w = random_grouped(64, 1024, 128, act_order, seed=4)
+    module = Int4Linear.build(w, None, torch.bfloat16, torch.device("cuda"), gated=True)
+    assert module.gated
+    x = torch.randn(20, 1024, generator=torch.Generator().manual_seed(2)).bfloat16()
+    gate, up = (x.float() @ w.dequantize().t()).chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    for rows in (1, 5, 16):
+        got = module.silu_mul(x[:rows].cuda()).float().cpu()
+        error = float((got - expected[:rows]).abs().max() / expected[:rows].abs().max())
+        assert error < 5e-3, (rows, error)
+    assert module.silu_mul(x.cuda()) is None  # 20 rows: tinygemm's product, then silu * up
+    plain = module(x[:3].cuda()).float().cpu()  # the product itself, in its own order
+    full = x[:3].float() @ w.dequantize().t()
+    assert float((plain - full).abs().max() / full.abs().max()) < 5e-3
 
 
 @NEEDS_CUDA
@@ -116,7 +154,8 @@ def test_int4_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path):
         config = EngineConfig(device="cuda", dtype="float32", enforce_eager=eager)
         engine = Engine(out, config)
         try:
-            assert engine.executor.runner.model.layers[0].mlp.down.decode_tiles is not None
+            mlp = engine.executor.runner.model.layers[0].mlp
+            assert mlp.down.decode_tiles is not None and mlp.gate_up.gated
             runs[eager] = run_staggered(engine, prompts)
         finally:
             engine.close()

@@ -13,6 +13,10 @@
 // gives each activation row's sum over the tile, so a group's part is
 // s * (sum (128 + q) x - (128 + z) sum x), taken after every 32 or 64 inputs (never
 // across a group's end).
+//
+// The gated kernels (int4_silu_*) take a merged gate/up weight whose block of 16 outputs
+// holds 8 gate rows and then the 8 up rows of the same outputs (cuda_int4.gated_order), and
+// write silu(gate) * up: [rows, N / 2], from the float32 sums, rounded once.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -53,6 +57,8 @@ __device__ __forceinline__ float half_to_float(u32 bits) {
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)bits));
   return f;
 }
+
+__device__ __forceinline__ float silu(float f) { return f / (1.f + __expf(-f)); }
 
 __device__ __forceinline__ u16 float_to_bf16(float f) {
   u16 h;
@@ -123,9 +129,20 @@ __device__ __forceinline__ void chunk(Part<MT>& p, uint4 w, const u16* const* xr
   }
 }
 
+// Row m's outputs n and n + 8 (v0, v1), or silu(v0) * v1 as gated output n % 8 of the block.
+template <bool GATED>
+__device__ __forceinline__ void store(u16* y, int m, int n, int N, float v0, float v1) {
+  if (GATED) {
+    y[(size_t)m * (N >> 1) + (n >> 4) * 8 + (n & 7)] = float_to_bf16(silu(v0) * v1);
+  } else {
+    y[(size_t)m * N + n] = float_to_bf16(v0);
+    y[(size_t)m * N + n + 8] = float_to_bf16(v1);
+  }
+}
+
 // FOLD: 16-input tiles between folds, 4 where every group is a multiple of 64 inputs, else
-// 2. MT: tiles of 8 activation rows (rows <= 8 MT).
-template <int FOLD, int MT>
+// 2. MT: tiles of 8 activation rows (rows <= 8 MT). GATED: write silu(gate) * up.
+template <int FOLD, int MT, bool GATED>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __restrict__ w,
                                      const u32* __restrict__ sz, u16* __restrict__ y, int rows,
                                      int N, int K, int group_size) {
@@ -175,25 +192,23 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
 #pragma unroll
       for (int i = 0; i < 4; ++i) v[i] += partial[other][4 * mt + i][lane];
     const int m = 8 * mt + 2 * t;
-    if (m < rows) {
-      y[(size_t)m * N + n] = float_to_bf16(v[0]);
-      y[(size_t)m * N + n + 8] = float_to_bf16(v[2]);
-    }
-    if (m + 1 < rows) {
-      y[(size_t)(m + 1) * N + n] = float_to_bf16(v[1]);
-      y[(size_t)(m + 1) * N + n + 8] = float_to_bf16(v[3]);
-    }
+    if (m < rows) store<GATED>(y, m, n, N, v[0], v[2]);
+    if (m + 1 < rows) store<GATED>(y, m + 1, n, N, v[1], v[3]);
   }
 }
 
-#define KERNEL(FOLD, MT)                                                                     \
+#define KERNEL(NAME, FOLD, MT, GATED)                                                        \
   extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                                \
-      int4_gemv_fold##FOLD##_m##MT(const u16* x, const uint4* w, const u32* sz, u16* y,     \
-                                   int rows, int N, int K, int group_size) {                 \
-    gemv<FOLD, MT>(x, w, sz, y, rows, N, K, group_size);                                     \
+      int4_##NAME##_fold##FOLD##_m##MT(const u16* x, const uint4* w, const u32* sz, u16* y, \
+                                       int rows, int N, int K, int group_size) {             \
+    gemv<FOLD, MT, GATED>(x, w, sz, y, rows, N, K, group_size);                              \
   }
 
-KERNEL(2, 1)
-KERNEL(4, 1)
-KERNEL(2, 2)
-KERNEL(4, 2)
+KERNEL(gemv, 2, 1, false)
+KERNEL(gemv, 4, 1, false)
+KERNEL(gemv, 2, 2, false)
+KERNEL(gemv, 4, 2, false)
+KERNEL(silu, 2, 1, true)
+KERNEL(silu, 4, 1, true)
+KERNEL(silu, 2, 2, true)
+KERNEL(silu, 4, 2, true)

@@ -6,7 +6,8 @@ lanes x 4 words, a lane's word holding the 8 values of one 16 x 16 tile that lan
 mma.sync.m16n8k16 as its A fragment (the tile's inputs in the order the kernel feeds the
 activations, see cuda_int4.cu). `pack_scales` keeps (scale, zero) per group and
 output as two fp16 values in one 32-bit word, group-major. `matmul` takes bf16 activations
-of at most MAX_ROWS rows and returns bf16.
+of at most MAX_ROWS rows and returns bf16: the product, or with `gated` silu(gate) * up of a
+merged gate/up weight whose rows were packed in `gated_order`.
 
 The packing is plain torch (tested on the CPU against an unpacker written from the
 fragment layout); the kernel needs a GPU of compute capability 8.0 or newer.
@@ -15,6 +16,7 @@ fragment layout); the kernel needs a GPU of compute capability 8.0 or newer.
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 
 import torch
@@ -62,34 +64,43 @@ def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor | Non
     return words.t().contiguous()
 
 
+def gated_order(n: int) -> torch.Tensor:
+    """The rows of a merged [gate; up] weight of n rows (n / 2 each, a multiple of 8) in the
+    gated kernels' order: each block of 16 outputs 8 gate rows, then the up rows of the same
+    8 outputs, so one lane holds both sums of an output."""
+    return torch.arange(n).reshape(2, n // 16, 8).transpose(0, 1).reshape(-1)
+
+
 def fits(n: int, k: int, group_size: int) -> bool:
     """Whether the kernel takes a weight of this shape and group size."""
     return n % 16 == 0 and k % 64 == 0 and group_size % 32 == 0 and k % group_size == 0
 
 
 def matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, group_size: int,
-           variant: tuple[int, int] = (8, 4)):  # fmt: skip
-    """bf16 x [rows <= MAX_ROWS, K] times the packed weight: bf16 [rows, N]. `variant`:
-    (warps a block, chunks in flight a lane), the source's WARPS and UNROLL; other than
-    the default only for benchmarks/cuda_int4.py's comparison."""
-    return _matmul(kernels(x.device, variant), variant[0], x, tiles, scales, group_size)
+           variant: tuple[int, int] = (8, 4), gated: bool = False):  # fmt: skip
+    """bf16 x [rows <= MAX_ROWS, K] times the packed weight: bf16 [rows, N], or with `gated`
+    silu(gate) * up [rows, N / 2]. `variant`: (warps a block, chunks in flight a lane), the
+    source's WARPS and UNROLL; other than the default only for benchmarks/cuda_int4.py's
+    comparison."""
+    module = kernels(x.device, variant)
+    return _matmul(module, variant[0], x, tiles, scales, group_size, gated)
 
 
-def _matmul(module, warps: int, x, tiles, scales, group_size: int) -> torch.Tensor:
+def _matmul(module, warps: int, x, tiles, scales, group_size: int, gated: bool) -> torch.Tensor:
     rows, k = x.shape
     n = tiles.shape[0] * 16
     if not x.is_contiguous() or x.data_ptr() % 16:  # runs of 8 inputs are read at once
         x = x.clone(memory_format=torch.contiguous_format)
-    y = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
-    kernel = _KERNELS[group_size % 64 == 0, rows > 8]
+    y = torch.empty(rows, n // 2 if gated else n, dtype=torch.bfloat16, device=x.device)
+    kernel = _KERNELS[group_size % 64 == 0, rows > 8, gated]
     module.launch(kernel, n // 16, 32 * warps, x, tiles, scales, y, rows, n, k, group_size)
     return y
 
 
-# by (every group a multiple of 64 inputs, more than 8 rows): folds after 4 tiles or 2,
-# one or two tiles of 8 rows
-_KERNELS = {(a, b): f"int4_gemv_fold{4 if a else 2}_m{2 if b else 1}"
-            for a in (False, True) for b in (False, True)}  # fmt: skip
+# by (every group a multiple of 64 inputs, more than 8 rows, gated): folds after 4 tiles or
+# 2, one or two tiles of 8 rows, silu(gate) * up or the product
+_KERNELS = {(a, b, c): f"int4_{'silu' if c else 'gemv'}_fold{4 if a else 2}_m{2 if b else 1}"
+            for a in (False, True) for b in (False, True) for c in (False, True)}  # fmt: skip
 
 
 def kernels(device: torch.device, variant: tuple[int, int] = (8, 4)):
@@ -124,16 +135,22 @@ def _check(module, warps: int, device: torch.device) -> None:
     from llmkit.kernels.cuda_rtc import CudaError
 
     g = torch.Generator().manual_seed(0)
-    for group, rows in ((32, 3), (32, 12), (128, 1), (128, 16)):  # every kernel
+    cases = ((32, 3), (32, 12), (128, 1), (128, 16))  # every kernel, gated or not
+    for (group, rows), gated in itertools.product(cases, (False, True)):
         q = torch.randint(0, 16, (32, 256), generator=g)
         s = (torch.rand(32, 256 // group, generator=g) * 0.01 + 0.005).half().float()
         z = torch.randint(0, 16, s.shape, generator=g).float()
         x = torch.randn(rows, 256, generator=g).bfloat16()
         w = s.repeat_interleave(group, 1) * (q - z.repeat_interleave(group, 1))
         expected = x.float() @ w.t()
+        if gated:
+            gate, up = expected.chunk(2, dim=-1)
+            expected = torch.nn.functional.silu(gate) * up
+            order = gated_order(32)
+            q, s, z = q[order], s[order], z[order]
         tiles, words = pack(q.to(device, torch.uint8)), pack_scales(s, z).to(device)
-        got = _matmul(module, warps, x.to(device), tiles, words, group).float().cpu()
+        got = _matmul(module, warps, x.to(device), tiles, words, group, gated).float().cpu()
         error = float((got - expected).abs().max() / expected.abs().max())
         if not error < 1e-2:
-            kernel = _KERNELS[group % 64 == 0, rows > 8]
+            kernel = _KERNELS[group % 64 == 0, rows > 8, gated]
             raise CudaError(f"{kernel} is off by {error:.3g} of the float32 product here")

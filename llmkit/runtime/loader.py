@@ -85,8 +85,8 @@ class _Builder:
         self.loras = loras
         self.lora_modules: dict[str, LoraLinear] = {}  # each part's module name -> its wrapper
 
-    def convert(self, weight: LinearWeight, bias: torch.Tensor | None) -> nn.Module:
-        return convert_for_runtime(weight, bias, self.dtype, self.device, self.exact)
+    def convert(self, weight: LinearWeight, bias, gated: bool = False) -> nn.Module:
+        return convert_for_runtime(weight, bias, self.dtype, self.device, self.exact, gated)
 
     def layer(self, i: int, cfg: LlamaConfig, heads: int, kv_heads: int) -> DecoderLayer:
         p = f"{self.family.layers}.{i}."
@@ -100,15 +100,17 @@ class _Builder:
         )
         return DecoderLayer(
             attn,
-            MLP(*self.block(p, mlp)),
+            MLP(*self.block(p, mlp, gated=True)),
             *(self.norm(f"{p}{n}.weight", cfg) for n in self.family.norms),
             self.loras,
         )
 
-    def block(self, prefix: str, block: Block) -> tuple[nn.Module, nn.Module]:
-        """(the block's input Linears as one product, its row-parallel output Linear)."""
+    def block(self, prefix: str, block: Block, gated: bool = False) -> tuple[nn.Module, nn.Module]:
+        """(the block's input Linears as one product, its row-parallel output Linear);
+        `gated`: their outputs are the [gate; up] halves of silu(gate) * up."""
         inputs = [f"{prefix}{block.name}.{linear.name}" for linear in block.inputs]
-        return self.merged(inputs), self.row_parallel(f"{prefix}{block.name}.{block.output.name}")
+        output = self.row_parallel(f"{prefix}{block.name}.{block.output.name}")
+        return self.merged(inputs, gated), output
 
     def norm(self, name: str, cfg: LlamaConfig) -> RMSNorm | None:
         """The norm `name`, or None when the checkpoint has none (the architecture has none)."""
@@ -116,7 +118,7 @@ class _Builder:
             return None
         return RMSNorm(self.src.get(name).to(self.device, self.dtype), cfg.rms_norm_eps)
 
-    def merged(self, modules: list[str]) -> nn.Module:
+    def merged(self, modules: list[str], gated: bool = False) -> nn.Module:
         """Column-parallel siblings sharing an input, as one Linear when their layouts allow."""
         weights = [self.reader.read(m) for m in modules]
         biases = [self._bias(m) for m in modules]
@@ -125,7 +127,7 @@ class _Builder:
             raise LlmkitError(f"{modules[0]}: some of {modules} have a bias and some do not")
         whole = concat(weights)
         if whole is not None:
-            module = self.convert(whole, bias)
+            module = self.convert(whole, bias, gated)
         else:
             module = Parallel([self.convert(w, b) for w, b in zip(weights, biases, strict=True)])
         return self.adaptable(module, modules, weights)

@@ -18,7 +18,8 @@ converted into the module that is fastest on the device:
   for every batch, prefills included (it passes over a weight once per 128 rows), else
   `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer)
   llmkit's tensor-core kernel for the few rows of a decode step (kernels/cuda_int4.py, its
-  own copy of the weight) and the tinygemm kernel `aten._weight_int4pack_mm` for more.
+  own copy of the weight; for a merged gate/up pair it writes silu(gate) * up itself) and
+  the tinygemm kernel `aten._weight_int4pack_mm` for more.
   Act-order is a permutation of the inputs so groups become contiguous.
 
 llmkit's CPU kernels (llmkit/kernels/cpu_gemm.cpp) take float32 or bf16 activations; the
@@ -81,10 +82,13 @@ def convert_for_runtime(
     dtype: torch.dtype,
     device: torch.device,
     exact: bool = False,
+    gated: bool = False,
 ) -> nn.Module:
     """The fastest module computing `weight` on `device` with `dtype` activations; with
     `exact`, weight-only formats run as their dequantized weight in `dtype` (no kernel
-    rounds the activations or the scales: what quality measurements need)."""
+    rounds the activations or the scales: what quality measurements need). `gated`: the
+    weight is a merged [gate; up] pair, so the module may offer `silu_mul(x)`, silu(gate) *
+    up in its own launch (Int4Linear on CUDA)."""
     bias = None if bias is None else bias.to(device, dtype)
     if exact and not (isinstance(weight, Int8Weight) and weight.act_quant):
         if isinstance(weight, DenseWeight):
@@ -97,7 +101,7 @@ def convert_for_runtime(
             return Int8Linear(weight, bias, dtype)
     if isinstance(weight, GroupedWeight):
         module = Q4Linear.build(weight, bias, dtype, device)
-        module = module or Int4Linear.build(weight, bias, dtype, device)
+        module = module or Int4Linear.build(weight, bias, dtype, device, gated)
         if module is not None:
             return module
     if isinstance(weight, DenseWeight):  # straight to `dtype`: no float32 copy on the way
@@ -381,8 +385,9 @@ class Int4Linear(nn.Module):
         self.bias = bias
         self.dtype = dtype
         # CUDA: the weight again for llmkit's kernel of a decode step's few rows
-        # (kernels/cuda_int4.py): (tiles, scales, group size), or None
-        tiles, scales, self.decode_group = decode or (None, None, 0)
+        # (kernels/cuda_int4.py): (tiles, scales, group size, gated), or None; gated: a
+        # [gate; up] pair in cuda_int4.gated_order, which only silu_mul runs
+        tiles, scales, self.decode_group, self.gated = decode or (None, None, 0, False)
         self.register_buffer("decode_tiles", tiles)
         self.register_buffer("decode_scales", scales)
         self._mm = (
@@ -392,9 +397,10 @@ class Int4Linear(nn.Module):
         )
 
     @classmethod
-    def build(cls, w: GroupedWeight, bias, dtype, device: torch.device) -> Int4Linear | None:
+    def build(cls, w: GroupedWeight, bias, dtype, device: torch.device,
+              gated: bool = False) -> Int4Linear | None:  # fmt: skip
         """None when the kernel cannot take this weight (bits, shapes, uneven groups) or the
-        device has no int4 kernel."""
+        device has no int4 kernel. `gated`: see convert_for_runtime."""
         layout = _contiguous_groups(w)
         if w.bits != 4 or w.q.shape[0] % 16 or layout is None or not _int4_kernel_on(device):
             return None
@@ -413,19 +419,31 @@ class Int4Linear(nn.Module):
             return None
         scales_zeros = scales_zeros.to(device, torch.bfloat16).contiguous()
         perm = None if perm is None else perm.to(device)
-        decode = _cuda_decode_weight(q, *in_order, size, device)
+        decode = _cuda_decode_weight(q, *in_order, size, device, gated and bias is None)
         return cls(packed, scales_zeros, kernel_size, perm, bias, dtype, decode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
         x = x.to(torch.bfloat16)
-        if self.decode_tiles is not None and x.shape[0] <= cuda_int4.MAX_ROWS:
+        if self.decode_tiles is not None and not self.gated and x.shape[0] <= cuda_int4.MAX_ROWS:
             y = cuda_int4.matmul(x, self.decode_tiles, self.decode_scales, self.decode_group)
         else:
             y = self._mm(x, self.packed, self.group_size, self.scales_zeros)
         y = y.to(self.dtype)
         return y if self.bias is None else y + self.bias
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up [rows, out / 2] of this [gate; up] pair in one launch, from the
+        float32 sums (rounded once); None where the decode layout is not gated or x has
+        more rows than the kernel takes (the caller then runs forward and the activation)."""
+        if not self.gated or x.shape[0] > cuda_int4.MAX_ROWS:
+            return None
+        if self.perm is not None:
+            x = x[:, self.perm]
+        tiles, scales = self.decode_tiles, self.decode_scales
+        y = cuda_int4.matmul(x.to(torch.bfloat16), tiles, scales, self.decode_group, gated=True)
+        return y.to(self.dtype)
 
 
 class Q4Linear(nn.Module):
@@ -564,12 +582,16 @@ def _int4_kernel_on(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device):
-    """(tiles, scales, group size) for llmkit's CUDA kernel of a few rows, from `q` (uint8,
-    on `device`); None off CUDA, where the kernel cannot take the shape or the scales, or
-    where it does not compile (tinygemm then takes every batch)."""
+def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device, gated: bool):
+    """(tiles, scales, group size, gated) for llmkit's CUDA kernel of a few rows, from `q`
+    (uint8, on `device`), its rows in cuda_int4.gated_order where `gated`; None off CUDA,
+    where the kernel cannot take the shape or the scales, or where it does not compile
+    (tinygemm then takes every batch)."""
     if device.type != "cuda" or not cuda_int4.fits(*q.shape, group_size):
         return None
+    if gated:
+        order = cuda_int4.gated_order(q.shape[0])
+        q, scales, zeros = q[order.to(q.device)], scales[order], zeros[order]
     scales = cuda_int4.pack_scales(scales, zeros)
     if scales is None:
         return None
@@ -580,7 +602,7 @@ def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device)
         reason = f"llmkit's CUDA 4-bit kernel is unavailable ({e}); tinygemm runs instead"
         warnings.warn(reason, stacklevel=2)
         return None
-    return cuda_int4.pack(q), scales.to(device), group_size
+    return cuda_int4.pack(q), scales.to(device), group_size, gated
 
 
 def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor | None:

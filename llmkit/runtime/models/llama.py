@@ -90,9 +90,13 @@ class MLP(nn.Module):
     def __init__(self, gate_up: nn.Module, down: nn.Module):
         super().__init__()
         self.gate_up, self.down = gate_up, down
+        # silu(gate) * up in the gate/up product's own launch where it offers one (a 4-bit
+        # weight on CUDA, for a decode step's few rows: Int4Linear.silu_mul)
+        self.silu_mul = getattr(gate_up, "silu_mul", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(silu_and_mul(self.gate_up(x)))
+        h = None if self.silu_mul is None else self.silu_mul(x)
+        return self.down(silu_and_mul(self.gate_up(x)) if h is None else h)
 
 
 def _adapted(loras) -> bool:
