@@ -3,10 +3,11 @@ llmkit's decode kernel (kernels/cuda_int4.py, up to 16 rows), torch's tinygemm
 (`_weight_int4pack_mm`) and the bf16 weight through cuBLAS, each as the median time of a
 call inside a CUDA graph of 24 calls that cycle through copies of the weight larger than
 the L2 together (so every call reads its weight from memory, as a decode step does), and
-what that is in GB/s of the weight's bytes; at 1 row also the kernel's other block shapes
-(VARIANTS). For gate_up also silu(gate) * up: the gated kernel's one launch against the
-product and then the Triton activation. Also checks the kernel's outputs against
-tinygemm's. A diagnostic for benchmarks/cuda.py's gptq rows, without targets.
+what that is in GB/s of the weight's bytes; at 1 row also each of the kernel's block shapes
+(VARIANTS; "llmkit" is the one the layer chose). For gate_up also silu(gate) * up: the
+gated kernel's one launch against the product and then the Triton activation. Also checks
+the kernel's outputs against tinygemm's. A diagnostic for benchmarks/cuda.py's gptq rows,
+without targets.
 
     python benchmarks/cuda_int4.py [--rows 1,2,4,8,16]
 """
@@ -22,7 +23,7 @@ import torch
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 GROUP = 128
 CALLS = 24
-VARIANTS = ((8, 2), (8, 8), (4, 4), (16, 4))  # (warps, chunks in flight) beside the default
+VARIANTS = ((8, 4), (8, 2), (8, 8), (4, 4), (16, 4))  # (warps, chunks in flight)
 EVICT_BYTES = 200 * 2**20  # weights cycled through: several times the H100's 50 MB L2
 
 
@@ -83,10 +84,13 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
     results = []
     for rows in rows_list:
         x = torch.randn(rows, k, device="cuda").bfloat16()
-        ours = [lambda w=w, x=x: cuda_int4.matmul(x, *tiled(w)) for w in ws]
+        chosen = ws[0].variants[rows > 8]  # the layer's choice (cuda_int4.variants_for)
+        ours = [lambda w=w, x=x, v=chosen: cuda_int4.matmul(x, *tiled(w), v) for w in ws]
         tiny = [lambda w=w, x=x: w._mm(x, w.packed, w.group_size, w.scales_zeros) for w in ws]
         dense = [lambda w=w, x=x: x @ w.dense.t() for w in ws[:dense_copies]]
         row = {"shape": name, "n": n, "k": k, "rows": rows}
+        if rows <= cuda_int4.MAX_ROWS:
+            row["llmkit_variant"] = list(chosen)
         row["tinygemm_ms"] = graph_ms([tiny[i % len(tiny)] for i in range(CALLS)])
         row["bf16_ms"] = graph_ms([dense[i % len(dense)] for i in range(CALLS)])
         if rows <= cuda_int4.MAX_ROWS:

@@ -162,6 +162,41 @@ def test_int4_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path):
     assert runs[False] == runs[True]
 
 
+def test_the_variant_is_the_one_whose_blocks_take_fewest_waves(monkeypatch):
+    """132 SMs holding 2 blocks of the default variant's kernel and 3 of the other's for up
+    to 8 rows (2 of both for more): 384 blocks take 2 waves or 1, 256 take 1 either way
+    (the default then), 1792 take 7 or 5; a variant that does not load is never chosen."""
+    from llmkit.kernels.cuda_rtc import CudaError
+
+    per_sm = {((8, 4), False): 2, ((8, 2), False): 3, ((8, 4), True): 2, ((8, 2), True): 2}
+
+    class Module:
+        def __init__(self, variant):
+            self.variant = variant
+
+        def blocks_per_sm(self, kernel, block):
+            assert block == 32 * self.variant[0] and kernel.endswith(("_m1", "_m2"))
+            return per_sm[self.variant, kernel.endswith("_m2")]
+
+    class Properties:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties)
+    monkeypatch.setattr(cuda_int4, "kernels", lambda device, variant: Module(variant))
+    device = torch.device("cuda", 0)
+    assert cuda_int4.variants_for(384 * 16, 128, False, device) == ((8, 2), (8, 4))
+    assert cuda_int4.variants_for(256 * 16, 128, True, device) == ((8, 4), (8, 4))
+    assert cuda_int4.variants_for(1792 * 16, 32, False, device) == ((8, 2), (8, 4))
+
+    def refuse(device, variant):
+        if variant != (8, 4):
+            raise CudaError("no")
+        return Module(variant)
+
+    monkeypatch.setattr(cuda_int4, "kernels", refuse)
+    assert cuda_int4.variants_for(384 * 16, 128, False, device) == ((8, 4), (8, 4))
+
+
 def test_a_kernel_that_cannot_load_is_tried_once(monkeypatch):
     """Every 4-bit layer of a model asks for the kernels: a failed compile is kept, not
     repeated per layer (its error raised again for each)."""

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
+# the block shapes a layer chooses from, (warps, chunks in flight a lane): more loads in
+# flight, or fewer registers (so an SM may hold more blocks)
+VARIANTS = ((8, 4), (8, 2))
 SOURCE = Path(__file__).with_name("cuda_int4.cu")
 
 
@@ -77,11 +80,11 @@ def fits(n: int, k: int, group_size: int) -> bool:
 
 
 def matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, group_size: int,
-           variant: tuple[int, int] = (8, 4), gated: bool = False):  # fmt: skip
+           variant: tuple[int, int] = VARIANTS[0], gated: bool = False):  # fmt: skip
     """bf16 x [rows <= MAX_ROWS, K] times the packed weight: bf16 [rows, N], or with `gated`
     silu(gate) * up [rows, N / 2]. `variant`: (warps a block, chunks in flight a lane), the
-    source's WARPS and UNROLL; other than the default only for benchmarks/cuda_int4.py's
-    comparison."""
+    source's WARPS and UNROLL (`variants_for` chooses; benchmarks/cuda_int4.py compares
+    others)."""
     module = kernels(x.device, variant)
     return _matmul(module, variant[0], x, tiles, scales, group_size, gated)
 
@@ -103,7 +106,26 @@ _KERNELS = {(a, b, c): f"int4_{'silu' if c else 'gemv'}_fold{4 if a else 2}_m{2 
             for a in (False, True) for b in (False, True) for c in (False, True)}  # fmt: skip
 
 
-def kernels(device: torch.device, variant: tuple[int, int] = (8, 4)):
+def variants_for(n: int, group_size: int, gated: bool, device: torch.device):
+    """(the variant for up to 8 rows, for 9-16) of a weight of n outputs: of VARIANTS, the
+    one whose n / 16 blocks take the fewest waves over the device's SMs at the blocks an SM
+    holds of its kernel (the first on a tie). Each block streams the same bytes, so a last
+    wave that is only partly full costs about what a full one does."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def waves(variant: tuple[int, int], many: bool) -> float:
+        try:
+            module = kernels(device, variant)
+        except (OSError, RuntimeError):
+            return float("inf")
+        kernel = _KERNELS[group_size % 64 == 0, many, gated]
+        per_sm = max(1, module.blocks_per_sm(kernel, 32 * variant[0]))
+        return -(-(n // 16) // (per_sm * sms))
+
+    return tuple(min(VARIANTS, key=lambda v: waves(v, many)) for many in (False, True))
+
+
+def kernels(device: torch.device, variant: tuple[int, int] = VARIANTS[0]):
     """The kernels compiled for CUDA `device` and checked there (on first use; a CudaError
     when NVRTC or the driver cannot, or a kernel computes something else). Called when a
     layer is built, so never first while a graph captures."""

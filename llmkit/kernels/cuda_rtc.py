@@ -47,6 +47,12 @@ def _driver() -> ctypes.CDLL:
     lib = _library(["libcuda.so.1", "libcuda.so"], "libcuda.so*")
     lib.cuLaunchKernel.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p,
                                    ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]  # fmt: skip
+    lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_size_t,
+    ]
     return lib
 
 
@@ -110,6 +116,16 @@ class Module:
             status = self._lib.cuModuleGetFunction(ctypes.byref(func), module, kernel.encode())
             _check_driver(self._lib, status, f"{name}: kernel {kernel}")
             self._kernels[kernel] = func
+
+    def blocks_per_sm(self, kernel: str, block: int) -> int:
+        """How many blocks of `block` threads of `kernel` one SM runs at once (the driver's
+        count, from the registers and shared memory the compiled kernel uses)."""
+        count = ctypes.c_int()
+        status = self._lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(count), self._kernels[kernel], block, 0
+        )
+        _check_driver(self._lib, status, f"occupancy of {kernel}")
+        return count.value
 
     def launch(self, kernel: str, grid: int, block: int, *args) -> None:
         """`kernel` on `grid` blocks of `block` threads, on the current stream; `args` are

@@ -385,9 +385,11 @@ class Int4Linear(nn.Module):
         self.bias = bias
         self.dtype = dtype
         # CUDA: the weight again for llmkit's kernel of a decode step's few rows
-        # (kernels/cuda_int4.py): (tiles, scales, group size, gated), or None; gated: a
-        # [gate; up] pair in cuda_int4.gated_order, which only silu_mul runs
-        tiles, scales, self.decode_group, self.gated = decode or (None, None, 0, False)
+        # (kernels/cuda_int4.py): (tiles, scales, group size, gated, variants), or None;
+        # gated: a [gate; up] pair in cuda_int4.gated_order, which only silu_mul runs;
+        # variants: the kernel's block shapes for up to 8 rows and for more
+        none = (None, None, 0, False, ())
+        tiles, scales, self.decode_group, self.gated, self.variants = decode or none
         self.register_buffer("decode_tiles", tiles)
         self.register_buffer("decode_scales", scales)
         self._mm = (
@@ -427,7 +429,7 @@ class Int4Linear(nn.Module):
             x = x[:, self.perm]
         x = x.to(torch.bfloat16)
         if self.decode_tiles is not None and not self.gated and x.shape[0] <= cuda_int4.MAX_ROWS:
-            y = cuda_int4.matmul(x, self.decode_tiles, self.decode_scales, self.decode_group)
+            y = cuda_int4.matmul(x, *self._decode(x))
         else:
             y = self._mm(x, self.packed, self.group_size, self.scales_zeros)
         y = y.to(self.dtype)
@@ -441,9 +443,13 @@ class Int4Linear(nn.Module):
             return None
         if self.perm is not None:
             x = x[:, self.perm]
-        tiles, scales = self.decode_tiles, self.decode_scales
-        y = cuda_int4.matmul(x.to(torch.bfloat16), tiles, scales, self.decode_group, gated=True)
-        return y.to(self.dtype)
+        x = x.to(torch.bfloat16)
+        return cuda_int4.matmul(x, *self._decode(x), gated=True).to(self.dtype)
+
+    def _decode(self, x: torch.Tensor) -> tuple:
+        """cuda_int4.matmul's arguments after x: the decode copy and the variant for x."""
+        variant = self.variants[x.shape[0] > 8]
+        return self.decode_tiles, self.decode_scales, self.decode_group, variant
 
 
 class Q4Linear(nn.Module):
@@ -583,9 +589,9 @@ def _int4_kernel_on(device: torch.device) -> bool:
 
 
 def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device, gated: bool):
-    """(tiles, scales, group size, gated) for llmkit's CUDA kernel of a few rows, from `q`
-    (uint8, on `device`), its rows in cuda_int4.gated_order where `gated`; None off CUDA,
-    where the kernel cannot take the shape or the scales, or where it does not compile
+    """(tiles, scales, group size, gated, variants) for llmkit's CUDA kernel of a few rows,
+    from `q` (uint8, on `device`), its rows in cuda_int4.gated_order where `gated`; None off
+    CUDA, where the kernel cannot take the shape or the scales, or where it does not compile
     (tinygemm then takes every batch)."""
     if device.type != "cuda" or not cuda_int4.fits(*q.shape, group_size):
         return None
@@ -597,12 +603,13 @@ def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device,
         return None
     try:
         cuda_int4.kernels(device)
+        variants = cuda_int4.variants_for(q.shape[0], group_size, gated, device)
     except (OSError, RuntimeError) as e:
         # shown once: Python's default filter reports a warning once per place and text
         reason = f"llmkit's CUDA 4-bit kernel is unavailable ({e}); tinygemm runs instead"
         warnings.warn(reason, stacklevel=2)
         return None
-    return cuda_int4.pack(q), scales.to(device), group_size, gated
+    return cuda_int4.pack(q), scales.to(device), group_size, gated, variants
 
 
 def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor | None:
