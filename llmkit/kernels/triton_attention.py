@@ -131,7 +131,7 @@ def _attend(query, k_cache, v_cache, at, kv_keep, seen, m_i, l_i, acc, scale_log
 @triton.jit
 def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_acc,
                    stride_qt, stride_qh, stride_ot, stride_oh, table_stride, cache_b, cache_h,
-                   cache_s, block_size, scale_log2, split_keys, num_splits,
+                   cache_s, block_size, scale_log2, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
                    SPLIT: tl.constexpr, counters, SPLITS_PAD: tl.constexpr):  # fmt: skip
@@ -145,6 +145,9 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
     q_keep = (g[:, None] < GROUP) & (d[None, :] < D)
     query = tl.load(q + q_rows, mask=q_keep, other=0.0)
     length = tl.load(lens + seq)
+    # the context's own keys in num_splits parts of whole inner steps (the last parts empty
+    # where it is short): however wide the padded table, every part is as short as it can be
+    split_keys = tl.cdiv(tl.cdiv(length, num_splits), BLOCK) * BLOCK
     start = split * split_keys
     end = tl.minimum(length, start + split_keys)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -216,8 +219,6 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, lens, scale: float) -> 
     block_d = _block_d(dim)
     max_keys = block_tables.shape[1] * block_size
     splits = decode_splits(seqs, kv_heads, max_keys)
-    split_keys = -(-max_keys // splits)
-    split_keys = -(-split_keys // BLOCK_N) * BLOCK_N
     parts = [q.new_empty(0, dtype=torch.float32)] * 3
     if splits > 1:
         parts = [q.new_empty((seqs, heads, splits), dtype=torch.float32),
@@ -227,7 +228,7 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, lens, scale: float) -> 
     _decode_kernel[(seqs, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, lens, out, *parts, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0), *_cache_strides(k_cache),
-        block_size, scale * LOG2E, split_keys, splits, GROUP=group,
+        block_size, scale * LOG2E, splits, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d,
         BLOCK=BLOCK_N, PREC=_precision(q.dtype), SPLIT=splits > 1, counters=counters,
         SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,

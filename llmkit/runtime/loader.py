@@ -109,8 +109,8 @@ class _Builder:
         """(the block's input Linears as one product, its row-parallel output Linear);
         `gated`: their outputs are the [gate; up] halves of silu(gate) * up."""
         inputs = [f"{prefix}{block.name}.{linear.name}" for linear in block.inputs]
-        output = self.row_parallel(f"{prefix}{block.name}.{block.output.name}")
-        return self.merged(inputs, gated), output
+        merged = self.merged(inputs, gated)
+        return merged, self.row_parallel(f"{prefix}{block.name}.{block.output.name}")
 
     def norm(self, name: str, cfg: LlamaConfig) -> RMSNorm | None:
         """The norm `name`, or None when the checkpoint has none (the architecture has none)."""
