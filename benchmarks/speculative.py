@@ -89,20 +89,20 @@ WIDE_WEAK = f"draft-{WEAK_LAYERS}-layers"
 WIDE_Q4 = "draft-int4"  # WIDE's quantized draft
 
 
-def make_models(work: Path) -> dict[str, Path]:
+def make_models(work: Path, shared: Path) -> dict[str, Path]:
     from llmkit.checkpoint.init import init_checkpoint
 
     small = work / "small-llama-bf16"
     if not (small / "config.json").is_file():
         init_checkpoint(small, "small-llama", 0, "bfloat16", True)
-    stories = SHARED / "models" / "stories260K"
+    stories = shared / "models" / "stories260K"
     return {
         "small-llama": small,
         "draft": first_layers(small, work / f"small-llama-{DRAFT_LAYERS}-layers", DRAFT_LAYERS),
         "stories260K": stories,
         WIDE: widened(stories, work / WIDE),
         WIDE_WEAK: first_layers(stories, work / f"stories260K-{WEAK_LAYERS}-layers", WEAK_LAYERS),
-        WIDE_Q4: quantized(SHARED / "models" / "stories260K-pad176", work / "stories260K-int4"),
+        WIDE_Q4: quantized(shared / "models" / "stories260K-pad176", work / "stories260K-int4"),
     }
 
 
@@ -254,7 +254,7 @@ def main() -> None:
         cases = [(LLAMA_1B, w, c, proposers) for w in loads for c in CUDA_CONCURRENCY]
         warm_up = CUDA_CONCURRENCY  # each graph bucket captured before any timing
     else:
-        llms = engines(make_models(work), args.speculative_max_seqs)
+        llms = engines(make_models(work, args.shared), args.speculative_max_seqs)
         cases = [
             ("small-llama", w, c, ("plain", "ngram", "draft")) for w in loads for c in CONCURRENCY
         ]
@@ -412,7 +412,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
-        "--shared", type=Path, default=SHARED, help="the folder holding data/tinyshakespeare.txt"
+        "--shared", type=Path, default=SHARED, help="the folder holding models/ and data/"
     )
     parser.add_argument(
         "--speculative-max-seqs",
