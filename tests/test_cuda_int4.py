@@ -109,7 +109,8 @@ def test_the_cuda_kernel_equals_the_float64_product(rows, n, k, group, gated):
 def test_cuda_decode_rows_take_llmkits_kernel_and_prefills_tinygemm(act_order):
     w = random_grouped(64, 1024, 128, act_order)
     module = Int4Linear.build(w, None, torch.bfloat16, torch.device("cuda"))
-    assert module.decode_tiles is not None
+    assert module.decode_tiles is not None and not module.gated
+    assert len(module.variants) == 2 and set(module.variants) <= set(cuda_int4.VARIANTS)
     x = torch.randn(20, 1024, generator=torch.Generator().manual_seed(2)).bfloat16()
     expected = x.float() @ w.dequantize().t()
     for rows in (1, 4, 8, 12, 16, 20):  # 20: more than the kernel takes, so tinygemm's
