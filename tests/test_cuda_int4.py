@@ -198,6 +198,30 @@ def test_the_variant_is_the_one_whose_blocks_take_fewest_waves(monkeypatch):
     assert cuda_int4.variants_for(384 * 16, 128, False, device) == ((8, 4), (8, 4))
 
 
+@pytest.mark.parametrize("served", [False, True])
+def test_the_loader_asks_for_the_gated_layout_for_gate_up_only(tiny_dir, monkeypatch, served):
+    """Only the MLP's merged gate/up may be built gated, and not where LoRA adapters are
+    served (a wrapper adds to gate and up before the activation)."""
+    from llmkit.checkpoint.rank_tensors import open_rank
+    from llmkit.runtime import loader
+    from llmkit.runtime.distributed import Group
+    from llmkit.runtime.lora import LoraContext
+
+    asked = []
+    real = loader.convert_for_runtime
+
+    def convert(weight, bias, dtype, device, exact=False, gated=False):
+        asked.append((tuple(weight.weight.shape), gated))
+        return real(weight, bias, dtype, device, exact, gated)
+
+    monkeypatch.setattr(loader, "convert_for_runtime", convert)
+    loras = LoraContext() if served else None
+    src = open_rank(tiny_dir("tiny-llama"))
+    loader.load_model(src, Group(), torch.float32, torch.device("cpu"), loras=loras)
+    gated = {shape for shape, flag in asked if flag}
+    assert gated == (set() if served else {(256, 64)})  # gate and up: 2 x 128 by 64
+
+
 def test_a_kernel_that_cannot_load_is_tried_once(monkeypatch):
     """Every 4-bit layer of a model asks for the kernels: a failed compile is kept, not
     repeated per layer (its error raised again for each)."""

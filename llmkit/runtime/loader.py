@@ -119,7 +119,9 @@ class _Builder:
         return RMSNorm(self.src.get(name).to(self.device, self.dtype), cfg.rms_norm_eps)
 
     def merged(self, modules: list[str], gated: bool = False) -> nn.Module:
-        """Column-parallel siblings sharing an input, as one Linear when their layouts allow."""
+        """Column-parallel siblings sharing an input, as one Linear when their layouts allow;
+        `gated` (see convert_for_runtime) only where no LoRA wrapper will sit between the
+        product and its activation (adapters add to gate and up before it)."""
         weights = [self.reader.read(m) for m in modules]
         biases = [self._bias(m) for m in modules]
         bias = torch.cat(biases) if all(b is not None for b in biases) else None
@@ -127,7 +129,7 @@ class _Builder:
             raise LlmkitError(f"{modules[0]}: some of {modules} have a bias and some do not")
         whole = concat(weights)
         if whole is not None:
-            module = self.convert(whole, bias, gated)
+            module = self.convert(whole, bias, gated and self.loras is None)
         else:
             module = Parallel([self.convert(w, b) for w, b in zip(weights, biases, strict=True)])
         return self.adaptable(module, modules, weights)
