@@ -194,19 +194,20 @@ def run(llm, prompts: list[str]) -> dict:
     }
 
 
-def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, object]:
+def speculating(model: Path, speculative: str | None, limit: int, **config):
+    """An engine of `model` proposing K tokens with `speculative` (None: plainly) for up to
+    `limit` decoding sequences, with the other EngineConfig fields `config`."""
     from llmkit.runtime.engine import LLM, EngineConfig
 
+    return LLM(model, EngineConfig(speculative=speculative, num_speculative_tokens=K,
+                                   speculative_max_seqs=limit, **config))  # fmt: skip
+
+
+def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, object]:
     def llm(model: str, speculative: str | None = None, limit: int = speculative_max_seqs):
-        config = EngineConfig(
-            threads=THREADS,
-            max_num_seqs=max(CONCURRENCY),
-            speculative=speculative,
-            num_speculative_tokens=K,
-            speculative_max_seqs=limit,
-            dtype="bfloat16" if model == WIDE else "auto",
-        )
-        return LLM(models[model], config)
+        dtype = "bfloat16" if model == WIDE else "auto"
+        return speculating(models[model], speculative, limit, threads=THREADS,
+                           max_num_seqs=max(CONCURRENCY), dtype=dtype)  # fmt: skip
 
     return {
         "small-llama plain": llm("small-llama"),
@@ -223,18 +224,9 @@ def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, obj
 
 
 def cuda_engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, object]:
-    from llmkit.runtime.engine import LLM, EngineConfig
-
     def llm(speculative: str | None = None):
-        config = EngineConfig(
-            device="cuda",
-            dtype="bfloat16",
-            max_num_seqs=max(CUDA_CONCURRENCY),
-            speculative=speculative,
-            num_speculative_tokens=K,
-            speculative_max_seqs=speculative_max_seqs,
-        )
-        return LLM(models[LLAMA_1B], config)
+        return speculating(models[LLAMA_1B], speculative, speculative_max_seqs, device="cuda",
+                           dtype="bfloat16", max_num_seqs=max(CUDA_CONCURRENCY))  # fmt: skip
 
     return {
         f"{LLAMA_1B} plain": llm(),

@@ -49,13 +49,13 @@ def _write_kv_kernel(q, q_out, k, v, cos, sin, k_cache, v_cache, slots, stride_q
                      block_size, D: tl.constexpr, BLOCK_D: tl.constexpr, ROTATE: tl.constexpr,
                      BLOCK_HALF: tl.constexpr):  # fmt: skip
     t = tl.program_id(0)
-    h = tl.program_id(1) - heads  # programs 0..heads-1 rotate the query heads
-    if h < 0:
+    h = tl.program_id(1)  # query heads 0..heads-1 (rotating), then the KV heads
+    if h < heads:
         if ROTATE:
-            dst = q_out + (t.to(tl.int64) * heads + h + heads) * D
-            _rotate_row(q + t * stride_qt + (h + heads) * stride_qh, dst, cos, sin, t, D,
-                        BLOCK_HALF)  # fmt: skip
+            dst = q_out + (t.to(tl.int64) * heads + h) * D
+            _rotate_row(q + t * stride_qt + h * stride_qh, dst, cos, sin, t, D, BLOCK_HALF)
     else:
+        h -= heads
         slot = tl.load(slots + t)
         if slot >= 0:  # a negative slot: a padding row of a captured graph, written nowhere
             d = tl.arange(0, BLOCK_D)
@@ -129,12 +129,12 @@ def _attend(query, k_cache, v_cache, at, kv_keep, seen, m_i, l_i, acc, scale_log
 
 
 @triton.jit
-def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_acc,
+def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_acc, counters,
                    stride_qt, stride_qh, stride_ot, stride_oh, table_stride, cache_b, cache_h,
                    cache_s, block_size, scale_log2, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
-                   SPLIT: tl.constexpr, counters, SPLITS_PAD: tl.constexpr):  # fmt: skip
+                   SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -226,11 +226,11 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, lens, scale: float) -> 
                  q.new_empty((seqs, heads, splits, block_d), dtype=torch.float32)]  # fmt: skip
     counters = _counters(q.device, seqs * kv_heads) if splits > 1 else lens
     _decode_kernel[(seqs, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, lens, out, *parts, q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0), *_cache_strides(k_cache),
-        block_size, scale * LOG2E, splits, GROUP=group,
+        q, k_cache, v_cache, block_tables, lens, out, *parts, counters, q.stride(0),
+        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        *_cache_strides(k_cache), block_size, scale * LOG2E, splits, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d,
-        BLOCK=BLOCK_N, PREC=_precision(q.dtype), SPLIT=splits > 1, counters=counters,
+        BLOCK=BLOCK_N, PREC=_precision(q.dtype), SPLIT=splits > 1,
         SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
     )  # fmt: skip
 
