@@ -225,8 +225,10 @@ def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, obj
 
 def cuda_engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, object]:
     def llm(speculative: str | None = None):
+        # three engines share the GPU: each gets its own KV cache size, not a share of it
         return speculating(models[LLAMA_1B], speculative, speculative_max_seqs, device="cuda",
-                           dtype="bfloat16", max_num_seqs=max(CUDA_CONCURRENCY))  # fmt: skip
+                           dtype="bfloat16", max_num_seqs=max(CUDA_CONCURRENCY),
+                           max_model_len=4096, kv_cache_memory=6 * 2**30)  # fmt: skip
 
     return {
         f"{LLAMA_1B} plain": llm(),
