@@ -53,10 +53,12 @@ def _reference(q, keys, values, positions, scale):
     return torch.einsum("hrc,chd->rhd", probs, v).float()
 
 
-def decode_error(case, device: str, split: bool, seed: int = 0) -> float:
+def decode_error(case, device: str, split: bool, seed: int = 0, combine_tile=None) -> float:
     """Largest |kernel - float64 reference| of a decode step over random contexts (short
     ones, one of exactly a block, a long one), with the contexts split (flash-decoding) or
-    each in one program; a second launch must give the same."""
+    each in one program (`combine_tile`: the split's combine loads at most that many parts'
+    values at once, so a group's heads are combined a few at a time); a second launch must
+    give the same."""
     from llmkit.kernels import triton_attention as ta
 
     heads, kv_heads, dim, block_size, dtype_name = case
@@ -68,8 +70,9 @@ def decode_error(case, device: str, split: bool, seed: int = 0) -> float:
     out = torch.empty_like(q).to(device)
     lens = torch.tensor(contexts).to(device)
     scale = dim**-0.5
-    target = ta.SPLIT_TARGET
+    target, tile = ta.SPLIT_TARGET, ta.COMBINE_TILE
     ta.SPLIT_TARGET = 256 if split else 1
+    ta.COMBINE_TILE = combine_tile or tile
     try:
         splits = ta.decode_splits(len(contexts), kv_heads, tables.shape[1] * block_size)
         assert (splits > 1) == split
@@ -78,7 +81,7 @@ def decode_error(case, device: str, split: bool, seed: int = 0) -> float:
         ta.paged_decode(again, q.to(device), k_cache, v_cache, tables, lens, scale)
         assert torch.equal(again, out)
     finally:
-        ta.SPLIT_TARGET = target
+        ta.SPLIT_TARGET, ta.COMBINE_TILE = target, tile
     worst = 0.0
     for i, n in enumerate(contexts):
         keys = _context(k_cache.cpu(), raw[i], n, block_size)
@@ -184,12 +187,13 @@ def test_attention_kernels_interpreted_match_float64():
         "from tests.test_triton_attention import CASES, decode_error, prefill_error\n"
         "from tests.test_triton_attention import rotary_write_error\n"
         "print(json.dumps([[decode_error(c, 'cpu', True), decode_error(c, 'cpu', False),\n"
+        "                   decode_error(c, 'cpu', True, combine_tile=2048),\n"
         "                   *prefill_error(c, 'cpu'), *rotary_write_error(c, 'cpu')]\n"
         "                  for c in CASES]))\n"
     )
     for case, found in zip(CASES, errors, strict=True):
-        split, whole, prefill, untouched, rotary, exact = found
-        assert split < TOLERANCE[case[-1]] and whole < TOLERANCE[case[-1]], (case, split, whole)
+        split, whole, chunked, prefill, untouched, rotary, exact = found
+        assert max(split, whole, chunked) < TOLERANCE[case[-1]], (case, split, whole, chunked)
         assert prefill < TOLERANCE[case[-1]], (case, prefill)
         assert untouched == 0, case
         assert rotary < ROUNDED_ONCE[case[-1]] and exact, (case, rotary)
@@ -201,6 +205,7 @@ def test_attention_kernels_on_cuda_match_float64(case):
     pytest.importorskip("triton")
     assert decode_error(case, "cuda", True) < TOLERANCE[case[-1]]
     assert decode_error(case, "cuda", False) < TOLERANCE[case[-1]]
+    assert decode_error(case, "cuda", True, combine_tile=2048) < TOLERANCE[case[-1]]
     prefill, untouched = prefill_error(case, "cuda")
     assert prefill < TOLERANCE[case[-1]] and untouched == 0
     rotary, exact = rotary_write_error(case, "cuda")

@@ -19,6 +19,10 @@ BLOCK_N = 64  # keys per inner step (gathered across cache blocks)
 PREFILL_BLOCK_M = 64  # query rows per prefill program
 SPLIT_TARGET = 256  # programs a decode launch aims for before it splits contexts
 MIN_SPLIT_KEYS = BLOCK_N  # no split covers fewer keys than one inner step
+# warps of a decode program below head dim 128 and from it: at 128, 4 warps hold the query,
+# key and value tiles in more than 255 registers a thread (ptxas for sm_90) and spill
+DECODE_WARPS = (4, 8)
+COMBINE_TILE = 8192  # float32 values of the parts a decode's last split loads at once
 LOG2E = 1.4426950408889634
 
 
@@ -118,12 +122,12 @@ def _attend(query, k_cache, v_cache, at, kv_keep, seen, m_i, l_i, acc, scale_log
     at offsets `at` [keys, dim] of the caches, where `seen` [rows, keys] allows; -> the
     running (max, sum, weighted values)."""
     key = tl.load(k_cache + at, mask=kv_keep, other=0.0)
+    value = tl.load(v_cache + at, mask=kv_keep, other=0.0)  # in flight with the keys
     s = tl.dot(query, tl.trans(key), input_precision=PREC) * scale_log2
     s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    value = tl.load(v_cache + at, mask=kv_keep, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision=PREC)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
@@ -134,7 +138,8 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
                    cache_s, block_size, scale_log2, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
-                   SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
+                   SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                   COMBINE_HEADS: tl.constexpr):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -169,11 +174,12 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
         counter = counters + seq * tl.num_programs(1) + kv_head
         tl.debug_barrier()  # every thread's parts stored before the counter says so
         if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-            for i in tl.static_range(GROUP):
+            for i in tl.static_range(0, GROUP, COMBINE_HEADS):
                 head = kv_head * GROUP + i
-                _combine(out + seq * stride_ot + head * stride_oh, part_m, part_l, part_acc,
-                         (seq * tl.num_programs(1) * GROUP + head) * num_splits, num_splits,
-                         D, BLOCK_D, SPLITS_PAD)  # fmt: skip
+                _combine(out + seq * stride_ot + head * stride_oh, stride_oh, part_m, part_l,
+                         part_acc, (seq * tl.num_programs(1) * GROUP + head) * num_splits,
+                         GROUP - i, num_splits, D, BLOCK_D, COMBINE_HEADS,
+                         SPLITS_PAD)  # fmt: skip
             tl.atomic_xchg(counter, 0)  # zero again for the next launch
     else:
         o = acc / tl.maximum(l_i, 1e-30)[:, None]
@@ -182,22 +188,28 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
 
 
 @triton.jit
-def _combine(out, part_m, part_l, part_acc, first, num_splits, D: tl.constexpr,
-             BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
-    """One head's output row `out` from its splits' parts at `first`.. (in split order; read
-    past the L1, which other programs' stores did not go through)."""
+def _combine(out, stride_oh, part_m, part_l, part_acc, first, heads, num_splits,
+             D: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+             SPLITS_PAD: tl.constexpr):  # fmt: skip
+    """The output rows of up to HEADS consecutive heads (the first's row at `out`; `heads`
+    of them real) from their splits' parts, which start at `first`, in split order. Every
+    part is loaded before any arithmetic, past the L1, which other programs' stores did not
+    go through."""
+    h = tl.arange(0, HEADS)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, BLOCK_D)
-    keep = s < num_splits
-    m = tl.load(part_m + first + s, mask=keep, other=float("-inf"), cache_modifier=".cg")
-    m_max = tl.max(m, 0)
-    w = tl.where(keep, tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf) weigh 0
-    parts_l = tl.load(part_l + first + s, mask=keep, other=0.0, cache_modifier=".cg")
-    l_sum = tl.sum(w * parts_l, 0)
-    at = part_acc + (first + s)[:, None] * BLOCK_D + d[None, :]
-    acc = tl.load(at, mask=keep[:, None], other=0.0, cache_modifier=".cg")
-    o = tl.sum(acc * w[:, None], 0) / tl.maximum(l_sum, 1e-30)
-    tl.store(out + d, o.to(out.dtype.element_ty), mask=d < D)
+    keep = (h[:, None] < heads) & (s[None, :] < num_splits)
+    at = first + h[:, None] * num_splits + s[None, :]
+    m = tl.load(part_m + at, mask=keep, other=float("-inf"), cache_modifier=".cg")
+    parts_l = tl.load(part_l + at, mask=keep, other=0.0, cache_modifier=".cg")
+    acc = tl.load(part_acc + at[:, :, None] * BLOCK_D + d[None, None, :], mask=keep[:, :, None],
+                  other=0.0, cache_modifier=".cg")  # fmt: skip
+    m_max = tl.max(m, 1)
+    w = tl.where(keep, tl.exp2(m - m_max[:, None]), 0.0)  # empty splits (m = -inf) weigh 0
+    l_sum = tl.sum(w * parts_l, 1)
+    o = tl.sum(acc * w[:, :, None], 1) / tl.maximum(l_sum, 1e-30)[:, None]
+    rows = h[:, None] * stride_oh + d[None, :]
+    tl.store(out + rows, o.to(out.dtype.element_ty), mask=(h[:, None] < heads) & (d[None, :] < D))
 
 
 def decode_splits(seqs: int, kv_heads: int, max_keys: int) -> int:
@@ -231,8 +243,17 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, lens, scale: float) -> 
         *_cache_strides(k_cache), block_size, scale * LOG2E, splits, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d,
         BLOCK=BLOCK_N, PREC=_precision(q.dtype), SPLIT=splits > 1,
-        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+        SPLITS_PAD=triton.next_power_of_2(splits),
+        COMBINE_HEADS=_combine_heads(group, triton.next_power_of_2(splits), block_d),
+        num_warps=DECODE_WARPS[block_d >= 128],
     )  # fmt: skip
+
+
+def _combine_heads(group: int, splits_pad: int, block_d: int) -> int:
+    """Heads the last split combines at once: the whole group where its parts' tile holds
+    at most COMBINE_TILE values, else the largest power of two of heads that fits."""
+    fits = max(1, COMBINE_TILE // (splits_pad * block_d))
+    return min(triton.next_power_of_2(group), 1 << (fits.bit_length() - 1))
 
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
