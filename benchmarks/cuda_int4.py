@@ -5,7 +5,9 @@ call inside a CUDA graph of 24 calls that cycle through copies of the weight lar
 the L2 together (so every call reads its weight from memory, as a decode step does), and
 what that is in GB/s of the weight's bytes; at 1 row also each of the kernel's block shapes
 (VARIANTS; "llmkit" is the one the layer chose). For gate_up also silu(gate) * up: the
-gated kernel's one launch against the product and then the Triton activation. Also checks
+gated kernel's one launch against the product and then the Triton activation. llmkit's kernel is launched as in a
+decode step, as a programmatic dependent of the call before it (on sm_90: its blocks start
+while that call finishes), which tinygemm and cuBLAS are not. Also checks
 the kernel's outputs against tinygemm's. A diagnostic for benchmarks/cuda.py's gptq rows,
 without targets.
 

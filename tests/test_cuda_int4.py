@@ -104,6 +104,50 @@ def test_the_cuda_kernel_equals_the_float64_product(rows, n, k, group, gated):
     assert torch.allclose(got, expected, rtol=2**-8, atol=1e-4 * float(expected.abs().max()))
 
 
+def _packed(n: int, k: int, seed: int):
+    w = random_grouped(n, k, 128, act_order=False, seed=seed)
+    return cuda_int4.pack(w.q.to("cuda", torch.uint8)), cuda_int4.pack_scales(w.scales, w.zeros)
+
+
+@NEEDS_CUDA
+def test_a_dependent_launch_reads_what_the_product_before_it_wrote():
+    """Each product may start while the one before it runs (a programmatic dependent launch;
+    the first lets its dependents start at once): the second of two chained products must
+    still read the first's output, not what that memory held before. The inputs alternate,
+    so a stale read gives the other input's result; eagerly and replayed from a graph."""
+    first, second = _packed(8192, 1024, 0), _packed(64, 8192, 1)
+    first = (first[0], first[1].cuda(), 128)
+    second = (second[0], second[1].cuda(), 128)
+    inputs = [torch.randn(2, 1024, generator=torch.Generator().manual_seed(i)).bfloat16().cuda()
+              for i in range(2)]  # fmt: skip
+
+    def chained(x):
+        return cuda_int4.matmul(cuda_int4.matmul(x, *first), *second)
+
+    expected = []
+    for x in inputs:
+        middle = cuda_int4.matmul(x, *first)
+        torch.cuda.synchronize()
+        expected.append(cuda_int4.matmul(middle, *second))
+    torch.cuda.synchronize()
+    eager = [chained(inputs[i % 2]) for i in range(40)]
+    static = inputs[0].clone()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        chained(static)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chained(static)
+    replayed = []
+    for i in range(40):
+        static.copy_(inputs[i % 2])
+        graph.replay()
+        replayed.append(out.clone())
+    for i, (a, b) in enumerate(zip(eager, replayed, strict=True)):
+        assert torch.equal(a, expected[i % 2]) and torch.equal(b, expected[i % 2]), i
+
+
 @NEEDS_CUDA
 @pytest.mark.parametrize("act_order", [False, True])
 def test_cuda_decode_rows_take_llmkits_kernel_and_prefills_tinygemm(act_order):
@@ -242,3 +286,47 @@ def test_a_kernel_that_cannot_load_is_tried_once(monkeypatch):
     finally:
         cuda_int4._module.cache_clear()
     assert len(tries) == 1
+
+
+@pytest.mark.parametrize("programmatic", [False, True])
+def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, programmatic):
+    """cuda_rtc.Module.launch with dependent=True goes through cuLaunchKernelEx with one
+    programmatic-serialization attribute where the device takes it, else cuLaunchKernel;
+    the structures have cuda.h's layout (CUlaunchAttribute 72 bytes, its value at 8;
+    CUlaunchConfig 56, the stream at 32). A fake driver records what it was given."""
+    import ctypes
+
+    from llmkit.kernels import cuda_rtc
+
+    assert ctypes.sizeof(cuda_rtc.LaunchAttribute) == 72
+    assert cuda_rtc.LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(cuda_rtc.LaunchConfig) == 56
+    assert (cuda_rtc.LaunchConfig.hStream.offset, cuda_rtc.LaunchConfig.numAttrs.offset) == (32, 48)
+    calls = []
+
+    class Driver:
+        def cuLaunchKernelEx(self, config, func, params, extra):
+            attrs = [config.attrs[i] for i in range(config.numAttrs)]
+            calls.append(("ex", config.gridDimX, config.blockDimX, config.hStream, func,
+                          [(a.id, a.value[0]) for a in attrs]))  # fmt: skip
+            return 0
+
+        def cuLaunchKernel(self, func, gx, gy, gz, bx, by, bz, shared, stream, *args):
+            calls.append(("plain", gx, bx, stream, func))
+            return 0
+
+    class Stream:
+        cuda_stream = 77
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream)
+    module = cuda_rtc.Module.__new__(cuda_rtc.Module)
+    module.device, module._lib, module._kernels = "cuda:0", Driver(), {"k": 5}
+    module.programmatic = programmatic
+    x = torch.zeros(4)
+    module.launch("k", 12, 256, x, 3, dependent=True)
+    module.launch("k", 12, 256, x, 3)
+    if programmatic:
+        assert calls[0] == ("ex", 12, 256, 77, 5, [(6, 1)])
+    else:
+        assert calls[0] == ("plain", 12, 256, 77, 5)
+    assert calls[1] == ("plain", 12, 256, 77, 5)

@@ -14,6 +14,11 @@
 // s * (sum (128 + q) x - (128 + z) sum x), taken after every 32 or 64 inputs (never
 // across a group's end).
 //
+// Launched as a programmatic dependent of the kernel before it (sm_90 and newer: see
+// cuda_rtc.Module.launch), a block may start while that kernel still runs: it lets its own
+// dependents start, loads its first weights (which no kernel writes), and only then waits
+// for the kernels before it to finish, before it reads the activations or writes.
+//
 // The gated kernels (int4_silu_*) take a merged gate/up weight whose block of 16 outputs
 // holds 8 gate rows and then the 8 up rows of the same outputs (cuda_int4.gated_order), and
 // write silu(gate) * up: [rows, N / 2], from the float32 sums, rounded once.
@@ -34,6 +39,20 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+// griddepcontrol: without a programmatic launch, wait returns at once and launch_dependents
+// does nothing
+__device__ __forceinline__ void let_dependents_start() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_inputs() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ void mma_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
@@ -166,11 +185,19 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) p.total[mt][i] = p.acc[mt][i] = p.sum[mt][i] = 0.f;
+  let_dependents_start();
+  uint4 words[UNROLL];
+  if (begin + UNROLL <= end) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) words[u] = load_streaming(wp + (size_t)(begin + u) * 32);
+  }
+  wait_for_inputs();
   int c = begin;
   for (; c + UNROLL <= end; c += UNROLL) {
-    uint4 words[UNROLL];
+    if (c != begin) {  // the first chunks' weights were loaded before the wait
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) words[u] = load_streaming(wp + (size_t)(c + u) * 32);
+      for (int u = 0; u < UNROLL; ++u) words[u] = load_streaming(wp + (size_t)(c + u) * 32);
+    }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
       chunk<FOLD, MT>(p, words[u], xrow, (c + u) << 6, szp, group_size, N);

@@ -9,6 +9,10 @@ output as two fp16 values in one 32-bit word, group-major. `matmul` takes bf16 a
 of at most MAX_ROWS rows and returns bf16: the product, or with `gated` silu(gate) * up of a
 merged gate/up weight whose rows were packed in `gated_order`.
 
+Each product is launched as a programmatic dependent of the kernel before it (compute
+capability 9.0 and newer): its blocks start, and load their first weights, while that
+kernel finishes.
+
 The packing is plain torch (tested on the CPU against an unpacker written from the
 fragment layout); the kernel needs a GPU of compute capability 8.0 or newer.
 """
@@ -96,7 +100,8 @@ def _matmul(module, warps: int, x, tiles, scales, group_size: int, gated: bool) 
         x = x.clone(memory_format=torch.contiguous_format)
     y = torch.empty(rows, n // 2 if gated else n, dtype=torch.bfloat16, device=x.device)
     kernel = _KERNELS[group_size % 64 == 0, rows > 8, gated]
-    module.launch(kernel, n // 16, 32 * warps, x, tiles, scales, y, rows, n, k, group_size)
+    module.launch(kernel, n // 16, 32 * warps, x, tiles, scales, y, rows, n, k, group_size,
+                  dependent=True)  # fmt: skip
     return y
 
 
@@ -140,12 +145,18 @@ def kernels(device: torch.device, variant: tuple[int, int] = VARIANTS[0]):
 def _module(device: torch.device, variant: tuple[int, int]):
     """The compiled and checked kernels, or why not (kept: a model's every 4-bit layer asks,
     and a failure would otherwise compile again for each)."""
-    from llmkit.kernels.cuda_rtc import Module
+    from llmkit.kernels.cuda_rtc import CudaError, Module
 
     defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}"]
     try:
         module = Module(SOURCE.read_text(), SOURCE.name, list(_KERNELS.values()), device, defines)
-        _check(module, variant[0], device)
+        try:
+            _check(module, variant[0], device)
+        except CudaError:
+            if not module.programmatic:
+                raise
+            module.programmatic = False  # where the driver refuses dependent launches
+            _check(module, variant[0], device)
     except (OSError, RuntimeError) as e:
         return e
     return module

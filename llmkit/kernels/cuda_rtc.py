@@ -19,6 +19,24 @@ import sys
 
 import torch
 
+# cuLaunchKernelEx's launch attribute that lets a kernel start before the one before it in
+# the stream has finished (programmatic dependent launch; compute capability 9.0 and newer)
+PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h)
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
+    _fields_ = [
+        *[(f"{what}Dim{axis}", ctypes.c_uint) for what in ("grid", "block") for axis in "XYZ"],
+        ("sharedMemBytes", ctypes.c_uint),
+        ("hStream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(LaunchAttribute)),
+        ("numAttrs", ctypes.c_uint),
+    ]
+
 
 class CudaError(RuntimeError):
     """NVRTC or the driver refused: a one-line reason (with the compiler's log)."""
@@ -47,6 +65,8 @@ def _driver() -> ctypes.CDLL:
     lib = _library(["libcuda.so.1", "libcuda.so"], "libcuda.so*")
     lib.cuLaunchKernel.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p,
                                    ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]  # fmt: skip
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]  # fmt: skip
     lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [
         ctypes.POINTER(ctypes.c_int),
         ctypes.c_void_p,
@@ -110,6 +130,12 @@ class Module:
             _check_driver(self._lib, self._lib.cuModuleLoadData(ctypes.byref(module), cubin),
                           f"loading {name}")  # fmt: skip
         self._module = module  # held: unloading it would free the kernels
+        # whether a launch asked to be dependent is one (else a plain launch): the GPU runs
+        # them from compute capability 9.0, a driver captures them in graphs from 12.3
+        version = ctypes.c_int()
+        _check_driver(self._lib, self._lib.cuDriverGetVersion(ctypes.byref(version)), "version")
+        capability = torch.cuda.get_device_capability(device)
+        self.programmatic = capability >= (9, 0) and version.value >= 12030
         self._kernels = {}
         for kernel in names:
             func = ctypes.c_void_p()
@@ -127,9 +153,12 @@ class Module:
         _check_driver(self._lib, status, f"occupancy of {kernel}")
         return count.value
 
-    def launch(self, kernel: str, grid: int, block: int, *args) -> None:
+    def launch(self, kernel: str, grid: int, block: int, *args, dependent: bool = False):
         """`kernel` on `grid` blocks of `block` threads, on the current stream; `args` are
-        tensors (passed as their data pointers) and Python ints (as 32-bit ints)."""
+        tensors (passed as their data pointers) and Python ints (as 32-bit ints).
+        `dependent` (where `programmatic`): as a programmatic dependent launch, which may
+        start before the kernel before it has finished; the kernel must wait
+        (griddepcontrol.wait) before it reads what that kernel writes or writes anything."""
         values = [
             ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a)
             for a in args
@@ -138,7 +167,13 @@ class Module:
             *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values]
         )
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        status = self._lib.cuLaunchKernel(
-            self._kernels[kernel], grid, 1, 1, block, 1, 1, 0, stream, pointers, None
-        )
+        if dependent and self.programmatic:
+            attribute = LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+            attribute.value[0] = 1
+            config = LaunchConfig(grid, 1, 1, block, 1, 1, 0, stream, ctypes.pointer(attribute), 1)
+            status = self._lib.cuLaunchKernelEx(config, self._kernels[kernel], pointers, None)
+        else:
+            status = self._lib.cuLaunchKernel(
+                self._kernels[kernel], grid, 1, 1, block, 1, 1, 0, stream, pointers, None
+            )
         _check_driver(self._lib, status, f"launching {kernel}")
