@@ -330,3 +330,29 @@ def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, prog
     else:
         assert calls[0] == ("plain", 12, 256, 77, 5)
     assert calls[1] == ("plain", 12, 256, 77, 5)
+
+
+@pytest.mark.parametrize(
+    ("capability", "driver", "expected"),
+    [((9, 0), 12030, True), ((10, 0), 13000, True), ((8, 9), 13000, False),
+     ((9, 0), 12020, False), ((9, 0), None, False)],
+)  # fmt: skip
+def test_programmatic_launches_need_hopper_and_a_cuda_12_3_driver(
+    monkeypatch, capability, driver, expected
+):
+    """kernels/cuda.py's one answer for every kernel: compute capability 9.0+ and a driver
+    that records programmatic launches in graphs (12.3+; None: no driver library)."""
+    from llmkit.kernels import cuda, cuda_rtc
+
+    def version():
+        if driver is None:
+            raise cuda_rtc.CudaError("none of libcuda.so.1, libcuda.so could be loaded")
+        return driver
+
+    monkeypatch.setattr(cuda_rtc, "driver_version", version)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    cuda.programmatic.cache_clear()
+    try:
+        assert cuda.programmatic(torch.device("cuda", 0)) is expected
+    finally:
+        cuda.programmatic.cache_clear()

@@ -11,6 +11,13 @@
 - elementwise_for (triton_elementwise.py): RMSNorm (with its residual add) and silu * up,
   each one launch (runtime/layers/norm.py, activation.py).
 
+On a GPU of compute capability 9.0 or newer (`programmatic`), a decode step's kernels
+(the Triton ones above, the 4-bit products of cuda_int4.py) launch as programmatic
+dependents of the kernel before them (PDL): a kernel's blocks may start while that kernel
+finishes and wait for it (griddepcontrol.wait) before they read what it wrote or write
+anything, which hides a launch's latency behind the kernel before it. Every such kernel
+waits in every program, so a successor that waits for it also waits for all before it.
+
 `for_tensors()` is None where Triton is not installed or the tensors are not float32 CUDA
 tensors; callers then use their torch path. Triton is imported only then: llmkit's CPU paths
 never import it themselves. With TRITON_INTERPRET=1 in the environment, the kernels run on
@@ -58,3 +65,17 @@ def _module(name: str):
         return importlib.import_module(f"llmkit.kernels.{name}")
     except ImportError:
         return None
+
+
+@functools.cache
+def programmatic(device: torch.device) -> bool:
+    """Whether kernels on CUDA `device` may launch as programmatic dependents: a GPU of
+    compute capability 9.0 or newer and a driver of CUDA 12.3 or newer (which records
+    such launches in CUDA graphs)."""
+    from llmkit.kernels import cuda_rtc
+
+    try:
+        version = cuda_rtc.driver_version()
+    except (OSError, RuntimeError):
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0) and version >= 12030

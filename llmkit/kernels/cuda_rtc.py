@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from llmkit.kernels.cuda import programmatic
+
 # cuLaunchKernelEx's launch attribute that lets a kernel start before the one before it in
 # the stream has finished (programmatic dependent launch; compute capability 9.0 and newer)
 PROGRAMMATIC_STREAM_SERIALIZATION = 6
@@ -76,6 +78,14 @@ def _driver() -> ctypes.CDLL:
     return lib
 
 
+def driver_version() -> int:
+    """The CUDA version the driver supports, as 1000 major + 10 minor (12030: 12.3)."""
+    lib = _driver()
+    version = ctypes.c_int()
+    _check_driver(lib, lib.cuDriverGetVersion(ctypes.byref(version)), "cuDriverGetVersion")
+    return version.value
+
+
 def _check_driver(lib: ctypes.CDLL, status: int, what: str) -> None:
     if status:
         name = ctypes.c_char_p()
@@ -130,12 +140,8 @@ class Module:
             _check_driver(self._lib, self._lib.cuModuleLoadData(ctypes.byref(module), cubin),
                           f"loading {name}")  # fmt: skip
         self._module = module  # held: unloading it would free the kernels
-        # whether a launch asked to be dependent is one (else a plain launch): the GPU runs
-        # them from compute capability 9.0, a driver captures them in graphs from 12.3
-        version = ctypes.c_int()
-        _check_driver(self._lib, self._lib.cuDriverGetVersion(ctypes.byref(version)), "version")
-        capability = torch.cuda.get_device_capability(device)
-        self.programmatic = capability >= (9, 0) and version.value >= 12030
+        # whether a launch asked to be dependent is one (else a plain launch)
+        self.programmatic = programmatic(device)
         self._kernels = {}
         for kernel in names:
             func = ctypes.c_void_p()

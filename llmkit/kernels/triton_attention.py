@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmkit.kernels.triton_elementwise import launch_options, programmatic_start
+
 BLOCK_N = 64  # keys per inner step (gathered across cache blocks)
 PREFILL_BLOCK_M = 64  # query rows per prefill program
 SPLIT_TARGET = 256  # programs a decode launch aims for before it splits contexts
@@ -51,7 +53,8 @@ def _rotate_row(src, dst, cos, sin, t, D: tl.constexpr, BLOCK_HALF: tl.constexpr
 def _write_kv_kernel(q, q_out, k, v, cos, sin, k_cache, v_cache, slots, stride_qt, stride_qh,
                      stride_t, stride_h, stride_vt, stride_vh, heads, cache_b, cache_h, cache_s,
                      block_size, D: tl.constexpr, BLOCK_D: tl.constexpr, ROTATE: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr):  # fmt: skip
+                     BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    programmatic_start(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)  # query heads 0..heads-1 (rotating), then the KV heads
     if h < heads:
@@ -92,6 +95,7 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, q=None, rotary=None):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), heads,
         *_cache_strides(k_cache), k_cache.shape[2], D=dim, BLOCK_D=_block_d(dim),
         ROTATE=rotary is not None, BLOCK_HALF=triton.next_power_of_2(max(1, dim // 2)),
+        **launch_options(k),
     )  # fmt: skip
     return q_out
 
@@ -139,7 +143,8 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
                    SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                   COMBINE_HEADS: tl.constexpr):  # fmt: skip
+                   COMBINE_HEADS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    programmatic_start(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -245,7 +250,7 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, lens, scale: float) -> 
         BLOCK=BLOCK_N, PREC=_precision(q.dtype), SPLIT=splits > 1,
         SPLITS_PAD=triton.next_power_of_2(splits),
         COMBINE_HEADS=_combine_heads(group, triton.next_power_of_2(splits), block_d),
-        num_warps=DECODE_WARPS[block_d >= 128],
+        num_warps=DECODE_WARPS[block_d >= 128], **launch_options(q),
     )  # fmt: skip
 
 

@@ -4,6 +4,10 @@ is part of the K/V write, triton_attention.py). Even replayed from a CUDA graph,
 of a decode step costs microseconds, and each of these steps was several torch kernels per
 layer.
 
+These kernels and the attention kernels of a decode step launch as programmatic dependents
+where `kernels.cuda.programmatic` says the device can (`launch_options`): each starts with
+`programmatic_start`, which lets the next kernel start and waits for the one before.
+
 Roundings: the residual sum is rounded to the model's dtype (it is stored as such), the
 normalized row is rounded before the weight multiplies it, as the torch paths do; silu * up
 computes in float32 and rounds once (the torch ops round each product).
@@ -15,9 +19,34 @@ import torch
 import triton
 import triton.language as tl
 
+from llmkit.kernels.cuda import INTERPRETED, programmatic
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without grid dependency control: plain launches
+    gdc_launch_dependents = gdc_wait = None
+
+
+def launch_options(t: torch.Tensor) -> dict:
+    """A decode-step kernel's PDL switches for tensors on t's device: its `PDL` constexpr
+    and, where on, Triton's `launch_pdl`."""
+    on = t.is_cuda and not INTERPRETED and gdc_wait is not None and programmatic(t.device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
 
 @triton.jit
-def _norm_kernel(x, residual, weight, out, dim, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+def programmatic_start(PDL: tl.constexpr):
+    """A decode step's kernel launched as a programmatic dependent (kernels/cuda.py): let
+    the next kernel start, then wait for the one before, before any load or store."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+@triton.jit
+def _norm_kernel(x, residual, weight, out, dim, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
+    programmatic_start(PDL)
     row = tl.program_id(0).to(tl.int64) * dim
     d = tl.arange(0, BLOCK)
     keep = d < dim
@@ -40,7 +69,8 @@ def _norm_launch(x, residual, weight, eps: float) -> torch.Tensor:
         block = triton.next_power_of_2(dim)
         _norm_kernel[(rows,)](x, x if residual is None else residual, weight, out, dim, eps,
                               ADD=residual is not None, BLOCK=block,
-                              num_warps=min(16, max(1, block // 256)))  # fmt: skip
+                              num_warps=min(16, max(1, block // 256)),
+                              **launch_options(x))  # fmt: skip
     return out
 
 
@@ -55,7 +85,8 @@ def add_rms_norm(residual, x, weight, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up, out, width, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up, out, width, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    programmatic_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     keep = d < width
@@ -71,5 +102,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty((tokens, width))
     if tokens:
         block = 1024
-        _silu_mul_kernel[(tokens, triton.cdiv(width, block))](gate_up, out, width, BLOCK=block)
+        grid = (tokens, triton.cdiv(width, block))
+        _silu_mul_kernel[grid](gate_up, out, width, BLOCK=block, **launch_options(gate_up))
     return out
