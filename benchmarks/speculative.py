@@ -49,7 +49,8 @@ With --device cuda (a GPU machine), instead: Llama-3.2-1B's shapes (random init,
 made on the GPU under --workdir) plainly, with ngram and with its own first DRAFT_LAYERS
 layers as the draft, on both workloads (as token ids, one a byte of the text: a random-init
 model has no tokenizer to speak of) at concurrency 1, 8 and 64, every engine warmed up at
-each concurrency first (its CUDA graphs captured); the same targets on its rows (the draft's
+each concurrency first (its CUDA graphs captured), CUDA_OUTPUT_LEN tokens a request (so
+a request at concurrency 1 takes about a second); the same targets on its rows (the draft's
 only where its acceptance is >= 0.6). A random-init model's greedy output soon repeats one
 token, so its ngram drafts are right for the same reason small-llama's are. Writes
 benchmarks/results/speculative-cuda-<date>.json.
@@ -72,6 +73,7 @@ from report import row, save_result, workdir
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 THREADS = 2
 OUTPUT_LEN = 64
+CUDA_OUTPUT_LEN = 512  # a GPU decodes 64 tokens of the 1B shapes in a tenth of a second
 CONCURRENCY = (1, 64)
 CUDA_CONCURRENCY = (1, 8, 64)
 LLAMA_1B = "llama-1b"  # the --device cuda target (benchmarks/shard.py's LLAMA_1B shapes)
@@ -173,10 +175,10 @@ def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
     return prompts
 
 
-def run(llm, prompts: list[str]) -> dict:
+def run(llm, prompts: list[str], output_len: int = OUTPUT_LEN) -> dict:
     from llmkit.runtime.sequence import SamplingParams
 
-    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     before = replace(llm.engine.spec_stats)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -242,6 +244,7 @@ def main() -> None:
     work = workdir(args, "llmkit-spec-")
     cuda = args.device == "cuda"
     loads = workloads(args.shared, as_ids=cuda)
+    output_len = CUDA_OUTPUT_LEN if cuda else OUTPUT_LEN
     if cuda:
         llms = cuda_engines(make_cuda_models(work), args.speculative_max_seqs)
         proposers = ("plain", "ngram", "draft")
@@ -258,14 +261,14 @@ def main() -> None:
         warm_up = (2,)
     for llm in llms.values():  # warm up every engine
         for concurrency in warm_up:
-            run(llm, loads["free"][:concurrency])
+            run(llm, loads["free"][:concurrency], output_len)
     rounds = []
     for r in range(args.rounds):
         result = {}
         for model, workload, concurrency, proposers in cases:
             modes = [f"{model} {p}" for p in proposers]
             for name in modes if r % 2 == 0 else reversed(modes):
-                out = run(llms[name], loads[workload][:concurrency])
+                out = run(llms[name], loads[workload][:concurrency], output_len)
                 result[f"{name} {workload} {concurrency}"] = out
             plain = result[f"{model} plain {workload} {concurrency}"]
             for name in modes[1:]:
