@@ -3,13 +3,13 @@ llmkit's decode kernel (kernels/cuda_int4.py, up to 16 rows), torch's tinygemm
 (`_weight_int4pack_mm`) and the bf16 weight through cuBLAS, each as the median time of a
 call inside a CUDA graph of 24 calls that cycle through copies of the weight larger than
 the L2 together (so every call reads its weight from memory, as a decode step does), and
-what that is in GB/s of the weight's bytes; at 1 row also each of the kernel's block shapes
-(VARIANTS; "llmkit" is the one the layer chose). For gate_up also silu(gate) * up: the
-gated kernel's one launch against the product and then the Triton activation. llmkit's kernel is launched as in a
-decode step, as a programmatic dependent of the call before it (on sm_90: its blocks start
-while that call finishes), which tinygemm and cuBLAS are not. Also checks
-the kernel's outputs against tinygemm's. A diagnostic for benchmarks/cuda.py's gptq rows,
-without targets.
+what that is in GB/s of the weight's bytes; at 1 and 16 rows also each of the kernel's
+block shapes (VARIANTS; "llmkit" is the one the layer chose). For gate_up also
+silu(gate) * up: the gated kernel's one launch against the product and then the Triton
+activation. llmkit's kernel is launched as in a decode step, as a programmatic dependent
+of the call before it (on sm_90: its blocks start while that call finishes), which
+tinygemm and cuBLAS are not. Also checks the kernel's outputs against tinygemm's. A
+diagnostic for benchmarks/cuda.py's gptq rows, without targets.
 
     python benchmarks/cuda_int4.py [--rows 1,2,4,8,16]
 """
@@ -100,7 +100,7 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
             row["max_diff_vs_tinygemm"] = float((got - want).abs().max() / want.abs().max())
             row["llmkit_ms"] = graph_ms([ours[i % len(ours)] for i in range(CALLS)])
             row["llmkit_gb_s"] = int4_bytes / row["llmkit_ms"] / 1e6
-            for variant in VARIANTS if rows == 1 else ():
+            for variant in VARIANTS if rows in (1, cuda_int4.MAX_ROWS) else ():
                 calls = [lambda w=w, x=x, v=variant: cuda_int4.matmul(x, *tiled(w), v) for w in ws]
                 ms = graph_ms([calls[i % len(calls)] for i in range(CALLS)])
                 row[f"llmkit_{variant[0]}w_{variant[1]}u_ms"] = ms

@@ -27,8 +27,8 @@ import torch
 
 MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
 # the block shapes a layer chooses from, (warps, chunks in flight a lane): more loads in
-# flight, or fewer registers (so an SM may hold more blocks)
-VARIANTS = ((8, 4), (8, 2))
+# flight, or fewer registers or threads a block (so an SM may hold more blocks)
+VARIANTS = ((8, 4), (8, 2), (4, 4))
 SOURCE = Path(__file__).with_name("cuda_int4.cu")
 
 
