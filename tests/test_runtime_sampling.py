@@ -8,7 +8,7 @@ import torch
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.layers.sampler import Sampler, _apply_penalties, argmax
 from llmkit.runtime.sequence import SamplingParams
-from tests.runtime_helpers import random_prompts
+from tests.runtime_helpers import NEEDS_CUDA, random_prompts
 
 
 def sample(logits, params, seeds=None, histories=None):
@@ -162,6 +162,26 @@ def test_prompt_logprobs_score_each_prompt_token_as_transformers_does(tiny_dir, 
             assert entry["token_id"] == prompt[pos]
             assert entry["logprob"] == pytest.approx(float(expected[prompt[pos]]), abs=1e-4)
             assert [t for t, _ in entry["top"]] == expected.topk(2).indices.tolist()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+@pytest.mark.parametrize("vocab", [128256, 32000, 4096, 50257])
+def test_argmax_in_parts_is_torchs_argmax(vocab, device):
+    """The GPU's two-reduction argmax (also on the CPU): a tie within a part and across
+    parts, NaNs (the first one wins) and a row of -inf give torch's index; vocabularies that
+    do not split into parts of 64 or more (4096, 50257) take torch's argmax itself."""
+    from llmkit.runtime.layers.sampler import argmax_in_parts
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(7, vocab, generator=g)
+    logits[1, [vocab - 1, 5, vocab // 2]] = 9.0  # the same largest in three parts
+    logits[2, [vocab // 3, 11]] = float("nan")
+    logits[3] = float("-inf")
+    logits[4] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties everywhere
+    logits[5, [600, 601]] = 50.0  # a tie inside one part
+    logits = logits.to(device)
+    assert torch.equal(argmax_in_parts(logits), logits.argmax(dim=-1))
+    assert argmax_in_parts(logits).tolist()[1:4] == [5, 11, 0]
 
 
 def test_argmax_is_torchs_first_largest_with_nan_largest():

@@ -22,6 +22,7 @@ import time
 import torch
 
 from llmkit.runtime.layers.attention import AttentionMetadata
+from llmkit.runtime.layers.sampler import argmax
 
 
 def buckets(max_seqs: int) -> list[int]:
@@ -95,7 +96,7 @@ class DecodeGraphs:
                 positions.add_(1)
                 slots.copy_(slots_by_step[step])
                 lens.add_(1)
-            tokens[step] = self._replay(rows)[:rows].argmax(dim=-1)
+            tokens[step] = argmax(self._replay(rows)[:rows])
         return tokens.t()
 
     def _replay(self, rows: int) -> torch.Tensor:
