@@ -342,9 +342,9 @@ def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, prog
 def test_programmatic_launches_need_hopper_and_a_cuda_12_3_driver(
     monkeypatch, capability, driver, expected
 ):
-    """kernels/cuda.py's one answer for every kernel: compute capability 9.0+ and a driver
-    that records programmatic launches in graphs (12.3+; None: no driver library)."""
-    from llmkit.kernels import cuda, cuda_rtc
+    """cuda_rtc's one answer for every kernel: compute capability 9.0+ and a driver that
+    records programmatic launches in graphs (12.3+; None: no driver library)."""
+    from llmkit.kernels import cuda_rtc
 
     def version():
         if driver is None:
@@ -353,8 +353,8 @@ def test_programmatic_launches_need_hopper_and_a_cuda_12_3_driver(
 
     monkeypatch.setattr(cuda_rtc, "driver_version", version)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
-    cuda.programmatic.cache_clear()
+    cuda_rtc.programmatic.cache_clear()
     try:
-        assert cuda.programmatic(torch.device("cuda", 0)) is expected
+        assert cuda_rtc.programmatic(torch.device("cuda", 0)) is expected
     finally:
-        cuda.programmatic.cache_clear()
+        cuda_rtc.programmatic.cache_clear()

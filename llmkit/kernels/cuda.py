@@ -11,7 +11,7 @@
 - elementwise_for (triton_elementwise.py): RMSNorm (with its residual add) and silu * up,
   each one launch (runtime/layers/norm.py, activation.py).
 
-On a GPU of compute capability 9.0 or newer (`programmatic`), a decode step's kernels
+On a GPU of compute capability 9.0 or newer (`cuda_rtc.programmatic`), a decode step's kernels
 (the Triton ones above, the 4-bit products of cuda_int4.py) launch as programmatic
 dependents of the kernel before them (PDL): a kernel's blocks may start while that kernel
 finishes and wait for it (griddepcontrol.wait) before they read what it wrote or write
@@ -65,17 +65,3 @@ def _module(name: str):
         return importlib.import_module(f"llmkit.kernels.{name}")
     except ImportError:
         return None
-
-
-@functools.cache
-def programmatic(device: torch.device) -> bool:
-    """Whether kernels on CUDA `device` may launch as programmatic dependents: a GPU of
-    compute capability 9.0 or newer and a driver of CUDA 12.3 or newer (which records
-    such launches in CUDA graphs)."""
-    from llmkit.kernels import cuda_rtc
-
-    try:
-        version = cuda_rtc.driver_version()
-    except (OSError, RuntimeError):
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0) and version >= 12030

@@ -13,13 +13,12 @@ Nothing here is imported by llmkit's CPU paths.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import sys
 
 import torch
-
-from llmkit.kernels.cuda import programmatic
 
 # cuLaunchKernelEx's launch attribute that lets a kernel start before the one before it in
 # the stream has finished (programmatic dependent launch; compute capability 9.0 and newer)
@@ -84,6 +83,18 @@ def driver_version() -> int:
     version = ctypes.c_int()
     _check_driver(lib, lib.cuDriverGetVersion(ctypes.byref(version)), "cuDriverGetVersion")
     return version.value
+
+
+@functools.cache
+def programmatic(device: torch.device) -> bool:
+    """Whether kernels on CUDA `device` may launch as programmatic dependents: a GPU of
+    compute capability 9.0 or newer and a driver of CUDA 12.3 or newer (which records
+    such launches in CUDA graphs)."""
+    try:
+        version = driver_version()
+    except (OSError, RuntimeError):
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0) and version >= 12030
 
 
 def _check_driver(lib: ctypes.CDLL, status: int, what: str) -> None:

@@ -5,7 +5,7 @@ of a decode step costs microseconds, and each of these steps was several torch k
 layer.
 
 These kernels and the attention kernels of a decode step launch as programmatic dependents
-where `kernels.cuda.programmatic` says the device can (`launch_options`): each starts with
+where `cuda_rtc.programmatic` says the device can (`launch_options`): each starts with
 `programmatic_start`, which lets the next kernel start and waits for the one before.
 
 Roundings: the residual sum is rounded to the model's dtype (it is stored as such), the
@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkit.kernels.cuda import INTERPRETED, programmatic
+from llmkit.kernels.cuda import INTERPRETED
+from llmkit.kernels.cuda_rtc import programmatic
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
