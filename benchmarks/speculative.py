@@ -73,7 +73,7 @@ from report import row, save_result, workdir
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 THREADS = 2
 OUTPUT_LEN = 64
-CUDA_OUTPUT_LEN = 512  # a GPU decodes 64 tokens of the 1B shapes in a tenth of a second
+CUDA_OUTPUT_LEN = 512  # a GPU decodes far faster: longer requests, timings above the noise
 CONCURRENCY = (1, 64)
 CUDA_CONCURRENCY = (1, 8, 64)
 LLAMA_1B = "llama-1b"  # the --device cuda target (benchmarks/shard.py's LLAMA_1B shapes)

@@ -11,9 +11,10 @@
 - elementwise_for (triton_elementwise.py): RMSNorm (with its residual add) and silu * up,
   each one launch (runtime/layers/norm.py, activation.py).
 
-On a GPU of compute capability 9.0 or newer (`cuda_rtc.programmatic`), a decode step's kernels
-(the Triton ones above, the 4-bit products of cuda_int4.py) launch as programmatic
-dependents of the kernel before them (PDL): a kernel's blocks may start while that kernel
+On a GPU of compute capability 9.0 or newer (`cuda_rtc.programmatic`), a decode step's
+kernels (the K/V write, decode attention, norms and silu * up above, the 4-bit products of
+cuda_int4.py) launch as programmatic dependents of the kernel before them (PDL): a
+kernel's blocks may start while that kernel
 finishes and wait for it (griddepcontrol.wait) before they read what it wrote or write
 anything, which hides a launch's latency behind the kernel before it. Every such kernel
 waits in every program, so a successor that waits for it also waits for all before it.

@@ -189,9 +189,11 @@ ARGMAX_PARTS = 256  # the most parts argmax_in_parts splits a row into
 def argmax_in_parts(logits: torch.Tensor) -> torch.Tensor:
     """torch's argmax of each row of [rows, vocab] logits in two reductions: each of up to
     ARGMAX_PARTS equal parts' first largest value and its index, then the first part whose
-    value is largest (a NaN first). A GPU reduces one long row in one block (27 us for
-    128256 float32 logits on an H100), but many parts side by side. Rows that split into
-    fewer than 16 equal parts of 64 or more take torch's argmax."""
+    value is largest (a NaN first). torch reduces one long row in one block of a GPU, but
+    many parts side by side. Rows that do not split into at least 16 equal parts of 64 or
+    more take torch's argmax."""
+    if logits.dim() != 2:
+        return logits.argmax(dim=-1)
     rows, vocab = logits.shape
     parts = math.gcd(vocab, ARGMAX_PARTS)
     if parts < 16 or vocab // parts < 64:
