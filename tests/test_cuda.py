@@ -74,6 +74,32 @@ def test_greedy_tokens_with_cuda_graphs_equal_eager_mode_and_transformers(tiny_d
     expect_hf(tiny_dir(), prompts, runs[False])
 
 
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_speculation_on_cuda_gives_the_tokens_of_plain_decoding(tiny_dir, logprobs):
+    """ngram and the model as its own draft on CUDA, drafts verified as decode rows of the
+    graphs: greedy rows on the device (only their argmax comes back), rows asking for log
+    probabilities on the CPU; the tokens of plain decoding on CUDA either way."""
+    from llmkit.runtime.sequence import SamplingParams
+    from tests.test_speculative import ALL, prompts
+
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=logprobs)
+
+    def run(**speculation):
+        config = EngineConfig(device="cuda", dtype="float32", kv_cache_memory=2**24,
+                              **speculation)  # fmt: skip
+        llm = LLM(tiny_dir(), config)
+        try:
+            outs = llm.generate(prompts(), params)
+            return [[c.token_ids for c in o.outputs] for o in outs], llm.engine.spec_stats
+        finally:
+            llm.close()
+
+    plain, _ = run()
+    for speculative in ("ngram", str(tiny_dir())):
+        speculated, stats = run(**ALL, speculative=speculative)
+        assert speculated == plain and stats.accepted > 0, speculative
+
+
 def test_sampling_on_cuda_draws_the_tokens_the_cpu_draws():
     """The sampler on CUDA logits: seeded rows with temperature, top-k, top-p, min-p and
     penalties give the tokens and log probabilities it gives on the CPU."""

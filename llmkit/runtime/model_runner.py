@@ -222,7 +222,7 @@ class ModelRunner:
         row_masks = [masks.get(s.seq_id) for s in seqs] if masks else None
         if any(drafts):  # guided sequences have no drafts: their one row takes the mask
             tokens = self.sampler.verify(
-                logits.cpu(), params, history, seeds, drafts, sampled.draft_probs, row_masks
+                logits, params, history, seeds, drafts, sampled.draft_probs, row_masks
             )
             return StepOutput(seqs, tokens, scores)
         tokens = self.sampler(logits, params, history, seeds, row_masks)

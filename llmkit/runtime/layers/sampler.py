@@ -68,6 +68,9 @@ class Sampler:
         rejection sampling: accept draft token d with probability min(1, p(d) / q(d)), else
         draw from the residual max(p - q, 0), normalized, so every token is distributed
         as p however good the draft is."""
+        if not all(p.greedy and p.logprobs is None for p in params):
+            logits = logits.cpu()  # sampled rows draw with CPU generators
+        # else (on a GPU) only the rows' argmax leaves the device
         widths = [len(d) + 1 for d in drafts]
         row_params = [p for p, w in zip(params, widths, strict=True) for _ in range(w)]
         row_histories = [
