@@ -21,9 +21,10 @@ BLOCK_N = 64  # keys per inner step (gathered across cache blocks)
 PREFILL_BLOCK_M = 64  # query rows per prefill program
 SPLIT_TARGET = 256  # programs a decode launch aims for before it splits contexts
 MIN_SPLIT_KEYS = BLOCK_N  # no split covers fewer keys than one inner step
-# warps of a decode program below head dim 128 and from it: at 128, 4 warps hold the query,
-# key and value tiles in more than 255 registers a thread (ptxas for sm_90) and spill
-DECODE_WARPS = (4, 8)
+# warps of a decode or prefill program below head dim 128 and from it: at 128, 4 warps need
+# more than 255 registers a thread for their tiles and spill (ptxas for sm_90, with Triton
+# 3.6: some 300 bytes a thread in decode, 490 in prefill; none with 8 warps)
+WARPS = (4, 8)
 COMBINE_TILE = 8192  # float32 values of the parts a decode's last split loads at once
 LOG2E = 1.4426950408889634
 
@@ -250,7 +251,7 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, lens, scale: float) -> 
         BLOCK=BLOCK_N, PREC=_precision(q.dtype), SPLIT=splits > 1,
         SPLITS_PAD=triton.next_power_of_2(splits),
         COMBINE_HEADS=_combine_heads(group, triton.next_power_of_2(splits), block_d),
-        num_warps=DECODE_WARPS[block_d >= 128], **launch_options(q),
+        num_warps=WARPS[block_d >= 128], **launch_options(q),
     )  # fmt: skip
 
 
@@ -338,5 +339,5 @@ def paged_prefill(out, q, k_cache, v_cache, tables, tiles, starts, lengths, comp
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
         *_cache_strides(k_cache), k_cache.shape[2], scale * LOG2E, GROUP=group, D=dim,
         BLOCK_D=_block_d(dim), BLOCK_M=PREFILL_BLOCK_M, BLOCK=BLOCK_N,
-        PREC=_precision(q.dtype), num_warps=4, num_stages=2,
+        PREC=_precision(q.dtype), num_warps=WARPS[_block_d(dim) >= 128], num_stages=2,
     )  # fmt: skip
