@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkit.kernels.triton_elementwise import launch_options, programmatic_start
+from llmkit.kernels.triton_launch import launch_options, programmatic_start
 
 BLOCK_N = 64  # keys per inner step (gathered across cache blocks)
 PREFILL_BLOCK_M = 64  # query rows per prefill program

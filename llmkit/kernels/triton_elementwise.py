@@ -4,9 +4,8 @@ is part of the K/V write, triton_attention.py). Even replayed from a CUDA graph,
 of a decode step costs microseconds, and each of these steps was several torch kernels per
 layer.
 
-These kernels and the attention kernels of a decode step launch as programmatic dependents
-where `cuda_rtc.programmatic` says the device can (`launch_options`): each starts with
-`programmatic_start`, which lets the next kernel start and waits for the one before.
+These kernels, like the attention kernels of a decode step, launch as programmatic
+dependents where the device can (triton_launch.py).
 
 Roundings: the residual sum is rounded to the model's dtype (it is stored as such), the
 normalized row is rounded before the weight multiplies it, as the torch paths do; silu * up
@@ -19,29 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkit.kernels.cuda import INTERPRETED
-from llmkit.kernels.cuda_rtc import programmatic
-
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # a Triton without grid dependency control: plain launches
-    gdc_launch_dependents = gdc_wait = None
-
-
-def launch_options(t: torch.Tensor) -> dict:
-    """A decode-step kernel's PDL switches for tensors on t's device: its `PDL` constexpr
-    and, where on, Triton's `launch_pdl`."""
-    on = t.is_cuda and not INTERPRETED and gdc_wait is not None and programmatic(t.device)
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
-
-
-@triton.jit
-def programmatic_start(PDL: tl.constexpr):
-    """A decode step's kernel launched as a programmatic dependent (kernels/cuda.py): let
-    the next kernel start, then wait for the one before, before any load or store."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+from llmkit.kernels.triton_launch import launch_options, programmatic_start
 
 
 @triton.jit

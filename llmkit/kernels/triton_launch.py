@@ -1,0 +1,34 @@
+"""How a decode step's Triton kernels launch as programmatic dependents (kernels/cuda.py):
+`launch_options` gives a launch its switches for the tensors' device, and each such kernel
+begins with `programmatic_start`. Where Triton has no grid dependency control, or
+`cuda_rtc.programmatic` says the device cannot, the launches are plain."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmkit.kernels.cuda import INTERPRETED
+from llmkit.kernels.cuda_rtc import programmatic
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without grid dependency control: plain launches
+    gdc_launch_dependents = gdc_wait = None
+
+
+def launch_options(t: torch.Tensor) -> dict:
+    """A decode-step kernel's PDL switches for tensors on t's device: its `PDL` constexpr
+    and, where on, Triton's `launch_pdl`."""
+    on = t.is_cuda and not INTERPRETED and gdc_wait is not None and programmatic(t.device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def programmatic_start(PDL: tl.constexpr):
+    """With PDL: let the next kernel start, then wait for the one before, before any load
+    or store."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
