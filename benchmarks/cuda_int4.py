@@ -6,10 +6,13 @@ the L2 together (so every call reads its weight from memory, as a decode step do
 what that is in GB/s of the weight's bytes; at 1 and 16 rows also each of the kernel's
 block shapes (VARIANTS; "llmkit" is the one the layer chose). For gate_up also
 silu(gate) * up: the gated kernel's one launch against the product and then the Triton
-activation. llmkit's kernel is launched as in a decode step, as a programmatic dependent
-of the call before it (on sm_90: its blocks start while that call finishes), which
-tinygemm and cuBLAS are not. Also checks the kernel's outputs against tinygemm's. A
-diagnostic for benchmarks/cuda.py's gptq rows, without targets.
+activation. For up to FUSED_ROWS rows also one decoder layer's four products with its
+two norms and residual adds: inside the products (Int4Linear.normed, add_to) against the
+Triton norms between them, as the layer runs either way (the attention left out). llmkit's
+kernel is launched as in a decode step, as a programmatic dependent of the call before it
+(on sm_90: its blocks start while that call finishes), which tinygemm and cuBLAS are not.
+Also checks the kernel's outputs against tinygemm's. A diagnostic for benchmarks/cuda.py's
+gptq rows, without targets.
 
     python benchmarks/cuda_int4.py [--rows 1,2,4,8,16]
 """
@@ -125,14 +128,53 @@ def gated_ms(products: list, gated_layers: list, x) -> dict:
     }
 
 
+def layer_ms(rows: int) -> dict:
+    """One decoder layer's products at these shapes, its norms and residual adds inside
+    them, and apart: the Triton add-and-norm before qkv and before gate_up (adding the
+    previous layer's and the attention's outputs), as DecoderLayer runs either way."""
+    from llmkit.kernels import triton_elementwise as te
+    from llmkit.runtime.layers.norm import RMSNorm
+
+    copies = 3  # 3 layers of 4-bit weights: several times the L2
+    qkv, o, down = (weights(*SHAPES[name], copies, 0) for name in ("qkv", "o", "down"))
+    gate_up = weights(*SHAPES["gate_up"], copies, 0, gated=True)
+    hidden = SHAPES["o"][0]
+    norm = RMSNorm(torch.rand(hidden, device="cuda").bfloat16() + 0.5, 1e-5)
+    residual = torch.randn(rows, hidden, device="cuda").bfloat16()
+    attention = torch.randn(rows, hidden, device="cuda").bfloat16()  # the attention's output
+    before = torch.randn(rows, hidden, device="cuda").bfloat16()  # the previous layer's
+
+    def fused(i: int) -> None:
+        qkv[i].normed(residual, norm)  # (its output would go to the attention left out)
+        o[i].add_to(attention, residual)
+        down[i].add_to(gate_up[i].normed(residual, norm), residual)
+
+    def apart(i: int) -> None:
+        qkv[i](te.add_rms_norm(residual, before, norm.weight, norm.eps))
+        h = te.add_rms_norm(residual, o[i](attention), norm.weight, norm.eps)
+        down[i](gate_up[i].silu_mul(h))
+
+    assert all(layer.fuses for layer in qkv + o + down + gate_up)
+    return {
+        "layer_fused_ms": graph_ms([lambda i=i: fused(i % copies) for i in range(CALLS)]),
+        "layer_apart_ms": graph_ms([lambda i=i: apart(i % copies) for i in range(CALLS)]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,4,8,16")
     parser.add_argument("--out", help="also write the rows here as JSON")
     args = parser.parse_args()
+    from llmkit.kernels import cuda_int4
+
     rows = [int(r) for r in args.rows.split(",")]
     print(json.dumps({"gpu": torch.cuda.get_device_name()}), flush=True)
     results = [r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows)]
+    for r in rows:
+        if r <= cuda_int4.FUSED_ROWS:
+            results.append({"shape": "layer", "rows": r, **layer_ms(r)})
+            print(json.dumps(results[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

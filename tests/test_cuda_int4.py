@@ -104,6 +104,46 @@ def test_the_cuda_kernel_equals_the_float64_product(rows, n, k, group, gated):
     assert torch.allclose(got, expected, rtol=2**-8, atol=1e-4 * float(expected.abs().max()))
 
 
+@NEEDS_CUDA
+@pytest.mark.parametrize("kind", ["norm", "gated norm", "add"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize(("n", "k", "group"), [(48, 192, 32), (64, 1024, 128)])
+def test_a_product_with_a_norm_or_an_add_equals_the_float64_one(rows, n, k, group, kind):
+    """A norm before the product (of the residual stream's rows normed, rounded as the norm
+    kernels round: the rows times their 1 / rms in float32 to bf16, times the weight to bf16),
+    or silu(gate) * up of it; or the product added to the residual stream in place."""
+    g = torch.Generator().manual_seed(rows + n)
+    w = random_grouped(n, k, group, act_order=False, seed=rows)
+    x = (torch.randn(rows, k, generator=g) * 3).bfloat16()
+    weight = (torch.rand(k, generator=g) + 0.5).bfloat16()
+    rounded = dataclasses.replace(w, scales=w.scales.half().float())
+    inputs = x.double()
+    if kind != "add":
+        h = x.float()
+        normed = (h / torch.sqrt(h.square().mean(-1, keepdim=True) + 1e-6)).bfloat16()
+        inputs = (normed.float() * weight.float()).bfloat16().double()
+    expected = inputs @ rounded.dequantize().double().t()
+    if kind == "gated norm":
+        gate, up = expected.chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+        order = cuda_int4.gated_order(n)
+        w = dataclasses.replace(w, q=w.q[order], scales=w.scales[order], zeros=w.zeros[order])
+    tiles = cuda_int4.pack(w.q.to("cuda", torch.uint8))
+    words = cuda_int4.pack_scales(w.scales, w.zeros).cuda()
+    if kind == "add":
+        residual = torch.randn(rows, n, generator=g).bfloat16()
+        into = residual.cuda()
+        got = cuda_int4.matmul(x.cuda(), tiles, words, group, into=into)
+        assert got is into
+        expected = expected + residual.double()
+    else:
+        norm = (weight.cuda(), 1e-6)
+        got = cuda_int4.matmul(x.cuda(), tiles, words, group, gated=kind != "norm", norm=norm)
+    # a normed input a float32 step off its reference may round to the next bf16 value
+    atol = (1e-3 if kind != "add" else 1e-4) * float(expected.abs().max())
+    assert torch.allclose(got.double().cpu(), expected, rtol=2**-7, atol=atol)
+
+
 def _packed(n: int, k: int, seed: int):
     w = random_grouped(n, k, 128, act_order=False, seed=seed)
     return cuda_int4.pack(w.q.to("cuda", torch.uint8)), cuda_int4.pack_scales(w.scales, w.zeros)
@@ -295,7 +335,9 @@ def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, prog
     """cuda_rtc.Module.launch with dependent=True goes through cuLaunchKernelEx with one
     programmatic-serialization attribute where the device takes it, else cuLaunchKernel;
     the structures have cuda.h's layout (CUlaunchAttribute 72 bytes, its value at 8;
-    CUlaunchConfig 56, the stream at 32). A fake driver records what it was given."""
+    CUlaunchConfig 56, the stream at 32); a tensor argument is passed as its data pointer,
+    an int as a 32-bit int, a float as a 32-bit float. A fake driver records what it was
+    given."""
     import ctypes
 
     from llmkit.kernels import cuda_rtc
@@ -304,17 +346,24 @@ def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, prog
     assert cuda_rtc.LaunchAttribute.value.offset == 8
     assert ctypes.sizeof(cuda_rtc.LaunchConfig) == 56
     assert (cuda_rtc.LaunchConfig.hStream.offset, cuda_rtc.LaunchConfig.numAttrs.offset) == (32, 48)
-    calls = []
+    calls, arguments = [], []
+
+    def record(params):
+        kinds = (ctypes.c_void_p, ctypes.c_int, ctypes.c_float)
+        arguments.append([ctypes.cast(params[i], ctypes.POINTER(kind)).contents.value
+                          for i, kind in enumerate(kinds)])  # fmt: skip
 
     class Driver:
         def cuLaunchKernelEx(self, config, func, params, extra):
             attrs = [config.attrs[i] for i in range(config.numAttrs)]
             calls.append(("ex", config.gridDimX, config.blockDimX, config.hStream, func,
                           [(a.id, a.value[0]) for a in attrs]))  # fmt: skip
+            record(params)
             return 0
 
-        def cuLaunchKernel(self, func, gx, gy, gz, bx, by, bz, shared, stream, *args):
+        def cuLaunchKernel(self, func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
             calls.append(("plain", gx, bx, stream, func))
+            record(params)
             return 0
 
     class Stream:
@@ -325,13 +374,14 @@ def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, prog
     module.device, module._lib, module._kernels = "cuda:0", Driver(), {"k": 5}
     module.programmatic = programmatic
     x = torch.zeros(4)
-    module.launch("k", 12, 256, x, 3, dependent=True)
-    module.launch("k", 12, 256, x, 3)
+    module.launch("k", 12, 256, x, 3, 0.25, dependent=True)
+    module.launch("k", 12, 256, x, 3, 0.25)
     if programmatic:
         assert calls[0] == ("ex", 12, 256, 77, 5, [(6, 1)])
     else:
         assert calls[0] == ("plain", 12, 256, 77, 5)
     assert calls[1] == ("plain", 12, 256, 77, 5)
+    assert arguments == [[x.data_ptr(), 3, 0.25]] * 2
 
 
 @pytest.mark.parametrize(
@@ -358,3 +408,132 @@ def test_programmatic_launches_need_hopper_and_a_cuda_12_3_driver(
         assert cuda_rtc.programmatic(torch.device("cuda", 0)) is expected
     finally:
         cuda_rtc.programmatic.cache_clear()
+
+
+class TorchFused(torch.nn.Module):
+    """A Linear offering Int4Linear's entry points for a norm inside the product after it and
+    a residual add inside the product before it, computed by torch: DecoderLayer's flow with
+    its norms inside the products, on the CPU."""
+
+    fuses, gated = True, False
+
+    def __init__(self, inner: torch.nn.Module, calls: list[str]):
+        super().__init__()
+        self.inner, self.calls = inner, calls
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def normed(self, residual, norm):
+        assert residual.shape[0] <= cuda_int4.FUSED_ROWS
+        self.calls.append("normed")
+        return self.inner(norm(residual))
+
+    def add_to(self, x, residual):
+        self.calls.append("add")
+        residual.add_(self.inner(x))
+
+
+def _generate(path, fusing: str) -> tuple[list, list[str]]:
+    """(every sequence's tokens and log probabilities, the fused calls) of a bf16 engine
+    on the CPU whose layers `fusing` ("none", "all", "first", "last") have TorchFused
+    products."""
+    from llmkit.runtime.engine import LLM
+    from llmkit.runtime.sequence import SamplingParams
+
+    prompts = random_prompts(12, 2, 12, seed=9)  # prefills of up to 8 tokens fuse, too
+    params = [SamplingParams(max_tokens=3 + i % 7, temperature=0, ignore_eos=True, logprobs=2)
+              for i in range(12)]  # fmt: skip
+    llm = LLM(path, EngineConfig(device="cpu", dtype="bfloat16"))
+    calls: list[str] = []
+    try:
+        layers = llm.engine.executor.runner.model.layers
+        assert len(layers) >= 2 and not any(layer.fuses for layer in layers)
+        chosen = {"none": [], "all": layers, "first": layers[:1], "last": layers[-1:]}[fusing]
+        for layer in layers:
+            layer.fused = None  # the Python layers (not the C++ one) in every run
+        for layer in chosen:
+            attn, mlp = layer.attn, layer.mlp
+            attn.qkv, attn.o_proj = TorchFused(attn.qkv, calls), TorchFused(attn.o_proj, calls)
+            mlp.gate_up, mlp.down = TorchFused(mlp.gate_up, calls), TorchFused(mlp.down, calls)
+            layer.fuses = True
+        outs = llm.generate(prompts, params)
+    finally:
+        llm.close()
+    return [(c.token_ids, c.logprobs) for o in outs for c in o.outputs], calls
+
+
+@pytest.mark.parametrize("fusing", ["all", "first", "last"])
+def test_a_layer_with_its_norms_inside_its_products_computes_the_plain_layer(tiny_dir, fusing):
+    """DecoderLayer.fuses: for up to FUSED_ROWS rows, a layer hands its norms and residual
+    adds to its products and returns None for its output (added to the residual already),
+    which the next layer, fused or not, and the final norm take. With products that compute
+    what the plain layer computes, the tokens and log probabilities are the plain layer's,
+    bit for bit, whichever layers fuse; steps of more rows run the plain layers."""
+    got, calls = _generate(tiny_dir("tiny-llama"), fusing)
+    assert calls and calls.count("normed") == calls.count("add")
+    assert got == _generate(tiny_dir("tiny-llama"), "none")[0]
+
+
+@NEEDS_CUDA
+def test_a_bf16_gptq_model_on_cuda_runs_its_norms_inside_its_products(tiny_dir, tmp_path):
+    """Every layer of a bf16 GPTQ model on CUDA fuses (Int4Linear.fuses); its logits for a
+    prompt of at most FUSED_ROWS tokens (the fused layers) are those of the same layers
+    with their norms in launches of their own, up to the float32 order of the squares."""
+    from llmkit.runtime.distributed import Group
+    from llmkit.runtime.model_runner import ModelRunner
+
+    out = tmp_path / "gptq"
+    calibration = CalibrationSpec(num_samples=8, seq_len=64)
+    quantize(tiny_dir("tiny-llama"), out, "gptq", options=options_for("gptq", group_size=32),
+             calibration=calibration, device="cuda")  # fmt: skip
+    runner = ModelRunner(str(out), Group(), torch.bfloat16, torch.device("cuda"), 8, 16)
+    layers = runner.model.layers
+    assert all(layer.fuses for layer in layers)
+    ids = random_prompts(1, cuda_int4.FUSED_ROWS, cuda_int4.FUSED_ROWS + 1, seed=2)
+    fused = runner.window_logits(ids).float().cpu()
+    for layer in layers:
+        layer.fuses = False
+    plain = runner.window_logits(ids).float().cpu()
+    assert float((fused - plain).abs().max() / plain.abs().max()) < 2e-2
+
+
+def test_each_product_launches_its_kernel_with_the_arguments_in_the_sources_order():
+    """The kernel a product takes (by group, rows, gated, norm or add), every one of them
+    instantiated in the source, and the arguments every kernel takes in its order: x, the
+    weight, the scales, y, rows, N, K, the group size, the norm's weight and epsilon.
+    Norms and adds take up to FUSED_ROWS rows and add only to a bf16 [rows, N] tensor."""
+    import re
+
+    source = cuda_int4.SOURCE.read_text()
+    lines = re.findall(r"^KERNEL\((\w+), (\d), (\d),", source, re.M)
+    made = {f"int4_{name}_fold{fold}_m{mt}" for name, fold, mt in lines}
+    assert made == set(cuda_int4._KERNELS.values())
+    launched = []
+
+    class Module:
+        def launch(self, kernel, grid, block, *args, dependent):
+            launched.append((kernel, grid, block, args, dependent))
+
+    tiles = torch.zeros(3, 4, 32, 4, dtype=torch.int32)  # N = 48, K = 256
+    scales = torch.zeros(8, 48, dtype=torch.int32)
+    x, weight = torch.zeros(2, 256, dtype=torch.bfloat16), torch.ones(256, dtype=torch.bfloat16)
+    into = torch.zeros(2, 48, dtype=torch.bfloat16)
+    out = cuda_int4._matmul(Module(), 8, x, tiles, scales, 32, False, norm=(weight, 1e-5))
+    assert out.shape == (2, 48)
+    kernel, grid, block, args, dependent = launched[-1]
+    assert (kernel, grid, block, dependent) == ("int4_gemv_norm_fold2_m1", 3, 256, True)
+    assert args[0] is x and args[1] is tiles and args[2] is scales and args[3] is out
+    assert args[4:8] == (2, 48, 256, 32) and args[8] is weight and args[9] == 1e-5
+    assert cuda_int4._matmul(Module(), 4, x, tiles, scales, 128, False, into=into) is into
+    assert launched[-1][0] == "int4_gemv_add_fold4_m1" and launched[-1][2] == 128
+    gated = cuda_int4._matmul(Module(), 8, x, tiles, scales, 64, True, (weight, 1e-5))
+    assert gated.shape == (2, 24) and launched[-1][0] == "int4_silu_norm_fold4_m1"
+    nine = torch.zeros(9, 256, dtype=torch.bfloat16)
+    cuda_int4._matmul(Module(), 8, nine, tiles, scales, 32, False)
+    kernel, _, _, args, _ = launched[-1]
+    assert kernel == "int4_gemv_fold2_m2" and args[8] is nine and args[9] == 0.0
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        cuda_int4._matmul(Module(), 8, nine, tiles, scales, 32, False, norm=(weight, 1e-5))
+    with pytest.raises(ValueError, match=r"bf16 \[2, 48\]"):
+        cuda_int4._matmul(Module(), 8, x, tiles, scales, 32, False, into=into.float())

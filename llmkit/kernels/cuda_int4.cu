@@ -22,6 +22,13 @@
 // The gated kernels (int4_silu_*) take a merged gate/up weight whose block of 16 outputs
 // holds 8 gate rows and then the 8 up rows of the same outputs (cuda_int4.gated_order), and
 // write silu(gate) * up: [rows, N / 2], from the float32 sums, rounded once.
+//
+// Two kinds fold a decode layer's RMSNorm and residual add into its products (up to 8
+// rows). NORM: x is the residual stream, and the product takes nw * rms_norm(x) rounded as
+// triton_elementwise's norm does (each row times its 1 / rms in float32, rounded to bf16,
+// times the norm weight, rounded again); every block sums its rows' squares itself. ADD: y
+// is the residual stream, and each output, rounded to bf16, is added to it in place, the
+// sum rounded once (each output is read and written by one thread).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -32,6 +39,10 @@ typedef unsigned short u16;
 #ifndef UNROLL
 #define UNROLL 4  // 64-input chunks whose weights a lane has in flight at once
 #endif
+// blocks of a NORM kernel an SM holds at least: as many as of the plain kernel of the same
+// variant (ptxas for sm_90: 4 of 4 warps, 3 of 8 warps unrolled twice, else 2), which the
+// norm's registers would otherwise cut to fewer
+#define NORM_BLOCKS (WARPS == 4 ? 4 : UNROLL == 2 ? 3 : 2)
 
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
   uint4 v;
@@ -85,6 +96,54 @@ __device__ __forceinline__ u16 float_to_bf16(float f) {
   return h;
 }
 
+__device__ __forceinline__ float bf16_to_float(u32 bits) { return __uint_as_float(bits << 16); }
+
+// bf16(bf16(x * inv) * w) for the two bf16 values of x and of w: the product of two bf16
+// values is exact in the fma, which rounds it once (adding -0 keeps every sign)
+__device__ __forceinline__ u32 norm_pair(u32 x, float inv, u32 w) {
+  const float lo = __uint_as_float(x << 16) * inv, hi = __uint_as_float(x & 0xFFFF0000u) * inv;
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(r), "r"(w), "r"(0x80008000u));
+  return r;
+}
+
+__device__ __forceinline__ float square_sum(uint4 v) {
+  const u32 words[4] = {v.x, v.y, v.z, v.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float lo = __uint_as_float(words[i] << 16), hi = __uint_as_float(words[i] & 0xFFFF0000u);
+    s += lo * lo + hi * hi;
+  }
+  return s;
+}
+
+enum Kind { PLAIN = 0, NORM = 1, ADD = 2 };
+
+// A lane's 1 / rms of activation row `row` (a NORM kernel's prologue, up to 8 rows): each
+// warp sums the squares of the inputs it multiplies, [k0, k1), of every row, and the block
+// adds the warps' sums.
+__device__ __forceinline__ float inverse_rms(const u16* x, int rows, int row, int K, int k0,
+                                             int k1, float eps) {
+  __shared__ float squares[WARPS][8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    if (r >= rows) break;
+    float s = 0.f;
+    for (int k = k0 + 8 * lane; k < k1; k += 256) s += square_sum(*(const uint4*)(x + (size_t)r * K + k));
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, offset);
+    if (lane == 0) squares[warp][r] = s;
+  }
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) total += squares[w][row];
+  return rsqrtf(total / K + eps);
+}
+
 // A lane's sums for MT tiles of 8 activation rows (rows 8 mt + 2t and 8 mt + 2t + 1 of
 // outputs g and g + 8 of the block's 16, as an mma's C fragment holds them).
 template <int MT>
@@ -117,10 +176,13 @@ __device__ __forceinline__ void fold(Part<MT>& p, const u32* sz, int group, int 
 // inputs 32 (j / 2) + 8t + 4 (j % 2) + 0..3 (its B fragment's k = 2t, 2t + 1, 2t + 8,
 // 2t + 9): a lane's activations for the chunk are two runs of 8 inputs, one 16-byte load
 // each, and tiles 0-1 and 2-3 each cover 32 inputs in a row (a fold never spans groups).
-// Each weight tile is turned into bf16 once for the MT products of its 8-row tiles.
-template <int FOLD, int MT>
+// Each weight tile is turned into bf16 once for the MT products of its 8-row tiles. NORM:
+// the activations are normed on the way (nw: the norm weight at the lane's first input,
+// inv: its rows' 1 / rms).
+template <int FOLD, int MT, bool NORM>
 __device__ __forceinline__ void chunk(Part<MT>& p, uint4 w, const u16* const* xrow, int k0,
-                                      const u32* sz, int group_size, int N) {
+                                      const u32* sz, int group_size, int N, const u16* nw,
+                                      const float* inv) {
   const u32 ones = 0x3F803F80u;  // two bf16 1.0
   const u32 words[4] = {w.x, w.y, w.z, w.w};
   u32 bs[MT][8];
@@ -129,6 +191,14 @@ __device__ __forceinline__ void chunk(Part<MT>& p, uint4 w, const u16* const* xr
     const uint4 xa = *(const uint4*)(xrow[mt] + k0), xb = *(const uint4*)(xrow[mt] + k0 + 32);
     bs[mt][0] = xa.x, bs[mt][1] = xa.y, bs[mt][2] = xa.z, bs[mt][3] = xa.w;
     bs[mt][4] = xb.x, bs[mt][5] = xb.y, bs[mt][6] = xb.z, bs[mt][7] = xb.w;
+  }
+  if (NORM) {
+    const uint4 na = *(const uint4*)(nw + k0), nb = *(const uint4*)(nw + k0 + 32);
+    const u32 ns[8] = {na.x, na.y, na.z, na.w, nb.x, nb.y, nb.z, nb.w};
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) bs[mt][i] = norm_pair(bs[mt][i], inv[mt], ns[i]);
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -148,11 +218,20 @@ __device__ __forceinline__ void chunk(Part<MT>& p, uint4 w, const u16* const* xr
   }
 }
 
-// Row m's outputs n and n + 8 (v0, v1), or silu(v0) * v1 as gated output n % 8 of the block.
-template <bool GATED>
+// y (bf16) += bf16(v), the sum rounded once
+__device__ __forceinline__ void add_to(u16* y, float v) {
+  *y = float_to_bf16(bf16_to_float(*y) + bf16_to_float(float_to_bf16(v)));
+}
+
+// Row m's outputs n and n + 8 (v0, v1), or silu(v0) * v1 as gated output n % 8 of the
+// block; ADD: added to y's.
+template <bool GATED, bool ADD>
 __device__ __forceinline__ void store(u16* y, int m, int n, int N, float v0, float v1) {
   if (GATED) {
     y[(size_t)m * (N >> 1) + (n >> 4) * 8 + (n & 7)] = float_to_bf16(silu(v0) * v1);
+  } else if (ADD) {
+    add_to(y + (size_t)m * N + n, v0);
+    add_to(y + (size_t)m * N + n + 8, v1);
   } else {
     y[(size_t)m * N + n] = float_to_bf16(v0);
     y[(size_t)m * N + n + 8] = float_to_bf16(v1);
@@ -160,11 +239,14 @@ __device__ __forceinline__ void store(u16* y, int m, int n, int N, float v0, flo
 }
 
 // FOLD: 16-input tiles between folds, 4 where every group is a multiple of 64 inputs, else
-// 2. MT: tiles of 8 activation rows (rows <= 8 MT). GATED: write silu(gate) * up.
-template <int FOLD, int MT, bool GATED>
+// 2. MT: tiles of 8 activation rows (rows <= 8 MT). GATED: write silu(gate) * up. KIND:
+// PLAIN, or NORM (nw, eps: the norm's weight and epsilon) or ADD, for MT = 1 only.
+template <int FOLD, int MT, bool GATED, int KIND>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __restrict__ w,
                                      const u32* __restrict__ sz, u16* __restrict__ y, int rows,
-                                     int N, int K, int group_size) {
+                                     int N, int K, int group_size, const u16* __restrict__ nw,
+                                     float eps) {
+  static_assert(KIND == PLAIN || MT == 1, "norms and adds take up to 8 rows");
   __shared__ float partial[WARPS][MT * 4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -192,6 +274,9 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
     for (int u = 0; u < UNROLL; ++u) words[u] = load_streaming(wp + (size_t)(begin + u) * 32);
   }
   wait_for_inputs();
+  float inv[MT] = {};
+  if (KIND == NORM) inv[0] = inverse_rms(x, rows, g < rows ? g : 0, K, begin << 6, end << 6, eps);
+  const u16* nwp = nw + 8 * t;
   int c = begin;
   for (; c + UNROLL <= end; c += UNROLL) {
     if (c != begin) {  // the first chunks' weights were loaded before the wait
@@ -200,10 +285,11 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
-      chunk<FOLD, MT>(p, words[u], xrow, (c + u) << 6, szp, group_size, N);
+      chunk<FOLD, MT, KIND == NORM>(p, words[u], xrow, (c + u) << 6, szp, group_size, N, nwp, inv);
   }
   for (; c < end; ++c)
-    chunk<FOLD, MT>(p, load_streaming(wp + (size_t)c * 32), xrow, c << 6, szp, group_size, N);
+    chunk<FOLD, MT, KIND == NORM>(p, load_streaming(wp + (size_t)c * 32), xrow, c << 6, szp,
+                                  group_size, N, nwp, inv);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -219,23 +305,31 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
 #pragma unroll
       for (int i = 0; i < 4; ++i) v[i] += partial[other][4 * mt + i][lane];
     const int m = 8 * mt + 2 * t;
-    if (m < rows) store<GATED>(y, m, n, N, v[0], v[2]);
-    if (m + 1 < rows) store<GATED>(y, m + 1, n, N, v[1], v[3]);
+    if (m < rows) store<GATED, KIND == ADD>(y, m, n, N, v[0], v[2]);
+    if (m + 1 < rows) store<GATED, KIND == ADD>(y, m + 1, n, N, v[1], v[3]);
   }
 }
 
-#define KERNEL(NAME, FOLD, MT, GATED)                                                        \
-  extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                                \
+// every kernel takes the same arguments (nw and eps read only by NORM ones)
+#define KERNEL(NAME, FOLD, MT, GATED, KIND)                                                  \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32, KIND == NORM ? NORM_BLOCKS : 2) \
       int4_##NAME##_fold##FOLD##_m##MT(const u16* x, const uint4* w, const u32* sz, u16* y, \
-                                       int rows, int N, int K, int group_size) {             \
-    gemv<FOLD, MT, GATED>(x, w, sz, y, rows, N, K, group_size);                              \
+                                       int rows, int N, int K, int group_size,               \
+                                       const u16* nw, float eps) {                           \
+    gemv<FOLD, MT, GATED, KIND>(x, w, sz, y, rows, N, K, group_size, nw, eps);               \
   }
 
-KERNEL(gemv, 2, 1, false)
-KERNEL(gemv, 4, 1, false)
-KERNEL(gemv, 2, 2, false)
-KERNEL(gemv, 4, 2, false)
-KERNEL(silu, 2, 1, true)
-KERNEL(silu, 4, 1, true)
-KERNEL(silu, 2, 2, true)
-KERNEL(silu, 4, 2, true)
+KERNEL(gemv, 2, 1, false, PLAIN)
+KERNEL(gemv, 4, 1, false, PLAIN)
+KERNEL(gemv, 2, 2, false, PLAIN)
+KERNEL(gemv, 4, 2, false, PLAIN)
+KERNEL(silu, 2, 1, true, PLAIN)
+KERNEL(silu, 4, 1, true, PLAIN)
+KERNEL(silu, 2, 2, true, PLAIN)
+KERNEL(silu, 4, 2, true, PLAIN)
+KERNEL(gemv_norm, 2, 1, false, NORM)
+KERNEL(gemv_norm, 4, 1, false, NORM)
+KERNEL(silu_norm, 2, 1, true, NORM)
+KERNEL(silu_norm, 4, 1, true, NORM)
+KERNEL(gemv_add, 2, 1, false, ADD)
+KERNEL(gemv_add, 4, 1, false, ADD)

@@ -7,7 +7,11 @@ mma.sync.m16n8k16 as its A fragment (the tile's inputs in the order the kernel f
 activations, see cuda_int4.cu). `pack_scales` keeps (scale, zero) per group and
 output as two fp16 values in one 32-bit word, group-major. `matmul` takes bf16 activations
 of at most MAX_ROWS rows and returns bf16: the product, or with `gated` silu(gate) * up of a
-merged gate/up weight whose rows were packed in `gated_order`.
+merged gate/up weight whose rows were packed in `gated_order`. For up to FUSED_ROWS rows it
+also folds a decoder layer's RMSNorm into the product that follows it (`norm`: the product
+of the normed rows of the residual stream) and its residual add into the product before it
+(`into`: the product added to the residual stream in place), so a layer's norms cost no
+launch of their own.
 
 Each product is launched as a programmatic dependent of the kernel before it (compute
 capability 9.0 and newer): its blocks start, and load their first weights, while that
@@ -21,11 +25,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from pathlib import Path
 
 import torch
 
 MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
+FUSED_ROWS = 8  # rows a product with a norm or a residual add takes: one tile
 # the block shapes a layer chooses from, (warps, chunks in flight a lane): more loads in
 # flight, or fewer registers or threads a block (so an SM may hold more blocks)
 VARIANTS = ((8, 4), (8, 2), (4, 4))
@@ -84,31 +90,64 @@ def fits(n: int, k: int, group_size: int) -> bool:
 
 
 def matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, group_size: int,
-           variant: tuple[int, int] = VARIANTS[0], gated: bool = False):  # fmt: skip
+           variant: tuple[int, int] = VARIANTS[0], gated: bool = False,
+           norm: tuple[torch.Tensor, float] | None = None,
+           into: torch.Tensor | None = None):  # fmt: skip
     """bf16 x [rows <= MAX_ROWS, K] times the packed weight: bf16 [rows, N], or with `gated`
     silu(gate) * up [rows, N / 2]. `variant`: (warps a block, chunks in flight a lane), the
     source's WARPS and UNROLL (`variants_for` chooses; benchmarks/cuda_int4.py compares
-    others)."""
+    others). At most FUSED_ROWS rows, and only where `fuses` said so, one of: `norm`
+    (weight [K] bf16, eps): x is the residual stream, and the product is that of
+    weight * rms_norm(x), rounded as triton_elementwise's norm rounds; `into` (bf16 [rows,
+    N], contiguous): each output, rounded to bf16, is added to it in place (the sum rounded
+    once) -> `into`."""
     module = kernels(x.device, variant)
-    return _matmul(module, variant[0], x, tiles, scales, group_size, gated)
+    return _matmul(module, variant[0], x, tiles, scales, group_size, gated, norm, into)
 
 
-def _matmul(module, warps: int, x, tiles, scales, group_size: int, gated: bool) -> torch.Tensor:
+def _matmul(module, warps: int, x, tiles, scales, group_size: int, gated: bool, norm=None,
+            into=None) -> torch.Tensor:  # fmt: skip
     rows, k = x.shape
     n = tiles.shape[0] * 16
-    if not x.is_contiguous() or x.data_ptr() % 16:  # runs of 8 inputs are read at once
-        x = x.clone(memory_format=torch.contiguous_format)
-    y = torch.empty(rows, n // 2 if gated else n, dtype=torch.bfloat16, device=x.device)
-    kernel = _KERNELS[group_size % 64 == 0, rows > 8, gated]
+    x = _aligned(x)  # runs of 8 inputs are read at once
+    if into is None:
+        y = torch.empty(rows, n // 2 if gated else n, dtype=torch.bfloat16, device=x.device)
+    elif into.shape != (rows, n) or into.dtype != torch.bfloat16 or not into.is_contiguous():
+        raise ValueError(f"a product is added only to a contiguous bf16 [{rows}, {n}] tensor")
+    else:
+        y = into
+    weight, eps = (x, 0.0) if norm is None else (_aligned(norm[0]), float(norm[1]))
+    kind = "norm" if norm is not None else "add" if into is not None else ""
+    if kind and rows > FUSED_ROWS:
+        raise ValueError(f"norms and adds take at most {FUSED_ROWS} rows, not {rows}")
+    kernel = _KERNELS[group_size % 64 == 0, rows > 8, gated, kind]
     module.launch(kernel, n // 16, 32 * warps, x, tiles, scales, y, rows, n, k, group_size,
-                  dependent=True)  # fmt: skip
+                  weight, eps, dependent=True)  # fmt: skip
     return y
 
 
-# by (every group a multiple of 64 inputs, more than 8 rows, gated): folds after 4 tiles or
-# 2, one or two tiles of 8 rows, silu(gate) * up or the product
-_KERNELS = {(a, b, c): f"int4_{'silu' if c else 'gemv'}_fold{4 if a else 2}_m{2 if b else 1}"
-            for a in (False, True) for b in (False, True) for c in (False, True)}  # fmt: skip
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where it is not contiguous or not 16-byte aligned."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _name(fold64: bool, many: bool, gated: bool, kind: str) -> str:
+    product = ("silu" if gated else "gemv") + (f"_{kind}" if kind else "")
+    return f"int4_{product}_fold{4 if fold64 else 2}_m{2 if many else 1}"
+
+
+# by (every group a multiple of 64 inputs, more than 8 rows, gated, kind): folds after 4 tiles
+# or 2, one or two tiles of 8 rows, silu(gate) * up or the product, with the norm before it
+# ("norm"), the residual add after it ("add") or neither; norms and adds for up to 8 rows,
+# adds to plain products only
+_KERNELS = {
+    (a, b, c, kind): _name(a, b, c, kind)
+    for a, b, c in itertools.product((False, True), repeat=3)
+    for kind in ("", "norm", "add")
+    if not (kind and b) and not (kind == "add" and c)
+}
 
 
 def variants_for(n: int, group_size: int, gated: bool, device: torch.device):
@@ -123,7 +162,7 @@ def variants_for(n: int, group_size: int, gated: bool, device: torch.device):
             module = kernels(device, variant)
         except (OSError, RuntimeError):
             return float("inf")
-        kernel = _KERNELS[group_size % 64 == 0, many, gated]
+        kernel = _KERNELS[group_size % 64 == 0, many, gated, ""]
         per_sm = max(1, module.blocks_per_sm(kernel, 32 * variant[0]))
         return -(-(n // 16) // (per_sm * sms))
 
@@ -162,28 +201,66 @@ def _module(device: torch.device, variant: tuple[int, int]):
     return module
 
 
-def _check(module, warps: int, device: torch.device) -> None:
-    """Each kernel against the float32 product on `device` (a GPU or a driver that computes
-    them otherwise would be caught here, before any layer uses them): CudaError if off."""
+@functools.cache
+def fuses(device: torch.device, variant: tuple[int, int]) -> bool:
+    """Whether `variant`'s products with a norm or a residual add (`matmul`'s `norm`,
+    `into`) compute what they should on CUDA `device`: checked once, when a layer is built;
+    where not, a warning, and layers run their norms and adds as launches of their own."""
+    from llmkit.kernels.cuda_rtc import CudaError
+
+    module = kernels(device, variant)
+    try:
+        _check(module, variant[0], device, ("norm", "add"))
+    except CudaError as e:
+        warnings.warn(f"llmkit runs a layer's norms in launches of their own: {e}", stacklevel=2)
+        return False
+    return True
+
+
+def _check(module, warps: int, device: torch.device, kinds=("",)) -> None:
+    """Each kernel of `kinds` against the float32 product on `device` (a GPU or a driver
+    that computes them otherwise would be caught here, before any layer uses them):
+    CudaError if off."""
     from llmkit.kernels.cuda_rtc import CudaError
 
     g = torch.Generator().manual_seed(0)
     cases = ((32, 3), (32, 12), (128, 1), (128, 16))  # every kernel, gated or not
-    for (group, rows), gated in itertools.product(cases, (False, True)):
+    for (group, rows), gated, kind in itertools.product(cases, (False, True), kinds):
+        key = (group % 64 == 0, rows > 8, gated, kind)
+        if key not in _KERNELS:
+            continue
         q = torch.randint(0, 16, (32, 256), generator=g)
         s = (torch.rand(32, 256 // group, generator=g) * 0.01 + 0.005).half().float()
         z = torch.randint(0, 16, s.shape, generator=g).float()
         x = torch.randn(rows, 256, generator=g).bfloat16()
         w = s.repeat_interleave(group, 1) * (q - z.repeat_interleave(group, 1))
-        expected = x.float() @ w.t()
+        norm = into = None
+        if kind == "norm":
+            weight = (torch.rand(256, generator=g) + 0.5).bfloat16()
+            norm = (weight.to(device), 1e-5)
+            expected = normed_rows(x, weight, 1e-5) @ w.t()
+        else:
+            expected = x.float() @ w.t()
         if gated:
             gate, up = expected.chunk(2, dim=-1)
             expected = torch.nn.functional.silu(gate) * up
             order = gated_order(32)
             q, s, z = q[order], s[order], z[order]
+        if kind == "add":
+            residual = torch.randn(rows, 32, generator=g).bfloat16()
+            expected = residual.float() + expected.bfloat16().float()
+            into = residual.to(device)
         tiles, words = pack(q.to(device, torch.uint8)), pack_scales(s, z).to(device)
-        got = _matmul(module, warps, x.to(device), tiles, words, group, gated).float().cpu()
-        error = float((got - expected).abs().max() / expected.abs().max())
+        got = _matmul(module, warps, x.to(device), tiles, words, group, gated, norm, into)
+        error = float((got.float().cpu() - expected).abs().max() / expected.abs().max())
         if not error < 1e-2:
-            kernel = _KERNELS[group % 64 == 0, rows > 8, gated]
-            raise CudaError(f"{kernel} is off by {error:.3g} of the float32 product here")
+            raise CudaError(f"{_KERNELS[key]} is off by {error:.3g} of the float32 product here")
+
+
+def normed_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rms_norm(x) of bf16 rows as the NORM kernels round it (and the norm
+    kernels of triton_elementwise.py): the rows times their 1 / rms in float32, rounded to
+    bf16, times the weight, rounded again; as float32."""
+    h = x.float()
+    normed = (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).bfloat16()
+    return (normed.float() * weight.float()).bfloat16().float()

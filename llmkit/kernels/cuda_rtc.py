@@ -172,14 +172,12 @@ class Module:
 
     def launch(self, kernel: str, grid: int, block: int, *args, dependent: bool = False):
         """`kernel` on `grid` blocks of `block` threads, on the current stream; `args` are
-        tensors (passed as their data pointers) and Python ints (as 32-bit ints).
-        `dependent` (where `programmatic`): as a programmatic dependent launch, which may
-        start before the kernel before it has finished; the kernel must wait
-        (griddepcontrol.wait) before it reads what that kernel writes or writes anything."""
-        values = [
-            ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a)
-            for a in args
-        ]
+        tensors (passed as their data pointers), Python ints (as 32-bit ints) and floats (as
+        32-bit floats). `dependent` (where `programmatic`): as a programmatic dependent
+        launch, which may start before the kernel before it has finished; the kernel must
+        wait (griddepcontrol.wait) before it reads what that kernel writes or writes
+        anything."""
+        values = [_argument(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(
             *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values]
         )
@@ -194,3 +192,13 @@ class Module:
                 self._kernels[kernel], grid, 1, 1, block, 1, 1, 0, stream, pointers, None
             )
         _check_driver(self._lib, status, f"launching {kernel}")
+
+
+def _argument(value):
+    """A kernel argument as the kernel reads it: a tensor's data pointer, a 32-bit int or a
+    32-bit float."""
+    if isinstance(value, torch.Tensor):
+        return ctypes.c_void_p(value.data_ptr())
+    if isinstance(value, float):
+        return ctypes.c_float(value)
+    return ctypes.c_int(value)

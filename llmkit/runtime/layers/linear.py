@@ -376,7 +376,8 @@ def _int_mm_on_cuda(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class Int4Linear(nn.Module):
     """4-bit grouped weights in the packed layout of the device's int4 kernel."""
 
-    def __init__(self, packed, scales_zeros, group_size, perm, bias, dtype, decode=None):
+    def __init__(self, packed, scales_zeros, group_size, perm, bias, dtype, decode=None,
+                 fuses: bool = False):  # fmt: skip
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)  # bf16 [groups, out, 2]
@@ -392,6 +393,9 @@ class Int4Linear(nn.Module):
         tiles, scales, self.decode_group, self.gated, self.variants = decode or none
         self.register_buffer("decode_tiles", tiles)
         self.register_buffer("decode_scales", scales)
+        # whether that kernel also takes the norm before this product or the residual add
+        # after it, for up to cuda_int4.FUSED_ROWS rows (`normed`, `add_to`)
+        self.fuses = fuses
         self._mm = (
             torch.ops.aten._weight_int4pack_mm
             if packed.is_cuda
@@ -422,7 +426,9 @@ class Int4Linear(nn.Module):
         scales_zeros = scales_zeros.to(device, torch.bfloat16).contiguous()
         perm = None if perm is None else perm.to(device)
         decode = _cuda_decode_weight(q, *in_order, size, device, gated and bias is None)
-        return cls(packed, scales_zeros, kernel_size, perm, bias, dtype, decode)
+        plain = perm is None and bias is None and dtype == torch.bfloat16
+        fuses = decode is not None and plain and cuda_int4.fuses(device, decode[4][0])
+        return cls(packed, scales_zeros, kernel_size, perm, bias, dtype, decode, fuses)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
@@ -445,6 +451,19 @@ class Int4Linear(nn.Module):
             x = x[:, self.perm]
         x = x.to(torch.bfloat16)
         return cuda_int4.matmul(x, *self._decode(x), gated=True).to(self.dtype)
+
+    def normed(self, residual: torch.Tensor, norm) -> torch.Tensor:
+        """This product of norm(residual) (an RMSNorm; its rounding) in one launch, or where
+        gated silu(gate) * up of it; `residual` bf16 [rows <= FUSED_ROWS, in]. Where
+        `fuses` only."""
+        decode = self._decode(residual)
+        return cuda_int4.matmul(residual, *decode, gated=self.gated, norm=(norm.weight, norm.eps))
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> None:
+        """residual += this product of x, in one launch (the product rounded to bf16, the
+        sum rounded once, as RMSNorm's residual add rounds); bf16 [rows <= FUSED_ROWS, ...]
+        both. Where `fuses` only."""
+        cuda_int4.matmul(x, *self._decode(x), into=residual)
 
     def _decode(self, x: torch.Tensor) -> tuple:
         """cuda_int4.matmul's arguments after x: the decode copy and the variant for x."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from llmkit.arch.plan import Model, heads_per_rank
 from llmkit.errors import LlmkitError
+from llmkit.kernels.cuda_int4 import FUSED_ROWS
 from llmkit.runtime.layers.activation import silu_and_mul
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
 from llmkit.runtime.layers.decode_layer import (
@@ -75,15 +76,20 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
 
     def forward(self, x, rotary: tuple[torch.Tensor, torch.Tensor], kv_cache, meta):
+        return self.o_proj(self.attend(self.qkv(x), rotary, kv_cache, meta))
+
+    def attend(self, qkv: torch.Tensor, rotary, kv_cache, meta) -> torch.Tensor:
+        """The attention of the products q, k, v side by side [tokens, (heads + 2 kv_heads)
+        * head_dim] -> o_proj's input [tokens, heads * head_dim]."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)  # [tokens, heads, head_dim]
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rotary)
-        return self.o_proj(o.reshape(-1, q_size))
+        return o.reshape(-1, q_size)
 
 
 class MLP(nn.Module):
@@ -97,6 +103,12 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = None if self.silu_mul is None else self.silu_mul(x)
         return self.down(silu_and_mul(self.gate_up(x)) if h is None else h)
+
+    def add_normed(self, residual: torch.Tensor, norm: RMSNorm) -> None:
+        """residual += this MLP of norm(residual), the norm and the add inside the products
+        (Int4Linear.normed, add_to: see DecoderLayer.fuses)."""
+        h = self.gate_up.normed(residual, norm)
+        self.down.add_to(h if self.gate_up.gated else silu_and_mul(h), residual)
 
 
 def _adapted(loras) -> bool:
@@ -113,18 +125,39 @@ class DecoderLayer(nn.Module):
         self.input_norm, self.post_norm = input_norm, post_norm
         self.fused = DecodeLayer.build(attn, mlp, input_norm, post_norm)  # None: not on CPU
         self.loras = loras  # runtime/lora.py LoraContext when adapters are served
+        # CUDA, every product 4-bit and taking a norm or an add (Int4Linear.fuses): for up
+        # to FUSED_ROWS rows, the norms and residual adds run inside the products
+        parts = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
+        self.fuses = loras is None and all(getattr(m, "fuses", False) for m in parts)
 
     def forward(self, x, residual, rotary, kv_cache, meta):
         """x: the previous layer's output, not yet added to `residual` (the sum of all
-        before it; None at the first layer) -> (this layer's output, the new residual)."""
+        before it; None at the first layer), or None where that layer added it -> (this
+        layer's output or None, the new residual)."""
         if self.fused is not None and not _adapted(self.loras) and self.fused.takes(x, meta):
             return self.fused(x, residual, rotary, kv_cache, meta)
+        if self.fuses and (residual if x is None else x).shape[0] <= FUSED_ROWS:
+            return None, self._add_fused(x, residual, rotary, kv_cache, meta)
         if residual is None:
             residual, h = x, self.input_norm(x)
+        elif x is None:
+            h = self.input_norm(residual)
         else:
             h, residual = self.input_norm.add_and_norm(residual, x)
         h, residual = self.post_norm.add_and_norm(residual, self.attn(h, rotary, kv_cache, meta))
         return self.mlp(h), residual
+
+    def _add_fused(self, x, residual, rotary, kv_cache, meta) -> torch.Tensor:
+        """The residual with x and this layer's output added, in place, each norm inside
+        the product after it and each add inside the product before it."""
+        if residual is None:
+            residual = x
+        elif x is not None:
+            residual.add_(x)
+        qkv = self.attn.qkv.normed(residual, self.input_norm)
+        self.attn.o_proj.add_to(self.attn.attend(qkv, rotary, kv_cache, meta), residual)
+        self.mlp.add_normed(residual, self.post_norm)
+        return residual
 
 
 class LlamaModel(nn.Module):
@@ -160,7 +193,10 @@ class LlamaModel(nn.Module):
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 h, residual = layer(h, residual, rotary, kv_cache, meta)
         # the rows sampled, added and normed (in place on the copies indexing makes)
-        h = self.norm.add_and_norm(residual[logits_indices], h[logits_indices])[0]
+        if h is None:  # the last layer added its output
+            h = self.norm(residual[logits_indices])
+        else:
+            h = self.norm.add_and_norm(residual[logits_indices], h[logits_indices])[0]
         logits = self.lm_head(h)
         return None if logits is None else logits.float()
 
