@@ -173,10 +173,12 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
         m_i, l_i, acc = _attend(query, k_cache, v_cache, at, kv_keep, keep[None, :], m_i, l_i,
                                 acc, scale_log2, PREC)  # fmt: skip
     if SPLIT:  # the split that finishes its (sequence, KV head) last combines all of them
+        used = tl.cdiv(length, split_keys)  # the splits that hold keys: the rest store none
         at = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
-        tl.store(part_m + at, m_i, mask=g < GROUP)
-        tl.store(part_l + at, l_i, mask=g < GROUP)
-        tl.store(part_acc + at[:, None] * BLOCK_D + d[None, :], acc, mask=q_keep)
+        if split < used:
+            tl.store(part_m + at, m_i, mask=g < GROUP)
+            tl.store(part_l + at, l_i, mask=g < GROUP)
+            tl.store(part_acc + at[:, None] * BLOCK_D + d[None, :], acc, mask=q_keep)
         counter = counters + seq * tl.num_programs(1) + kv_head
         tl.debug_barrier()  # every thread's parts stored before the counter says so
         if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
@@ -184,7 +186,7 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
                 head = kv_head * GROUP + i
                 _combine(out + seq * stride_ot + head * stride_oh, stride_oh, part_m, part_l,
                          part_acc, (seq * tl.num_programs(1) * GROUP + head) * num_splits,
-                         GROUP - i, num_splits, D, BLOCK_D, COMBINE_HEADS,
+                         GROUP - i, num_splits, used, D, BLOCK_D, COMBINE_HEADS,
                          SPLITS_PAD)  # fmt: skip
             tl.atomic_xchg(counter, 0)  # zero again for the next launch
     else:
@@ -194,24 +196,24 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
 
 
 @triton.jit
-def _combine(out, stride_oh, part_m, part_l, part_acc, first, heads, num_splits,
+def _combine(out, stride_oh, part_m, part_l, part_acc, first, heads, num_splits, used,
              D: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
              SPLITS_PAD: tl.constexpr):  # fmt: skip
     """The output rows of up to HEADS consecutive heads (the first's row at `out`; `heads`
-    of them real) from their splits' parts, which start at `first`, in split order. Every
-    part is loaded before any arithmetic, past the L1, which other programs' stores did not
-    go through."""
+    of them real) from the parts of their first `used` of num_splits splits, which start at
+    `first`, in split order. Every part is loaded before any arithmetic, past the L1, which
+    other programs' stores did not go through."""
     h = tl.arange(0, HEADS)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, BLOCK_D)
-    keep = (h[:, None] < heads) & (s[None, :] < num_splits)
+    keep = (h[:, None] < heads) & (s[None, :] < used)
     at = first + h[:, None] * num_splits + s[None, :]
     m = tl.load(part_m + at, mask=keep, other=float("-inf"), cache_modifier=".cg")
     parts_l = tl.load(part_l + at, mask=keep, other=0.0, cache_modifier=".cg")
     acc = tl.load(part_acc + at[:, :, None] * BLOCK_D + d[None, None, :], mask=keep[:, :, None],
                   other=0.0, cache_modifier=".cg")  # fmt: skip
     m_max = tl.max(m, 1)
-    w = tl.where(keep, tl.exp2(m - m_max[:, None]), 0.0)  # empty splits (m = -inf) weigh 0
+    w = tl.where(keep, tl.exp2(m - m_max[:, None]), 0.0)
     l_sum = tl.sum(w * parts_l, 1)
     o = tl.sum(acc * w[:, :, None], 1) / tl.maximum(l_sum, 1e-30)[:, None]
     rows = h[:, None] * stride_oh + d[None, :]
