@@ -172,27 +172,37 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
                                 cache_s, kv_head)  # fmt: skip
         m_i, l_i, acc = _attend(query, k_cache, v_cache, at, kv_keep, keep[None, :], m_i, l_i,
                                 acc, scale_log2, PREC)  # fmt: skip
-    if SPLIT:  # the split that finishes its (sequence, KV head) last combines all of them
+    o_rows = seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    if SPLIT:
         used = tl.cdiv(length, split_keys)  # the splits that hold keys: the rest store none
-        at = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
-        if split < used:
-            tl.store(part_m + at, m_i, mask=g < GROUP)
-            tl.store(part_l + at, l_i, mask=g < GROUP)
-            tl.store(part_acc + at[:, None] * BLOCK_D + d[None, :], acc, mask=q_keep)
-        counter = counters + seq * tl.num_programs(1) + kv_head
-        tl.debug_barrier()  # every thread's parts stored before the counter says so
-        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-            for i in tl.static_range(0, GROUP, COMBINE_HEADS):
-                head = kv_head * GROUP + i
-                _combine(out + seq * stride_ot + head * stride_oh, stride_oh, part_m, part_l,
-                         part_acc, (seq * tl.num_programs(1) * GROUP + head) * num_splits,
-                         GROUP - i, num_splits, used, D, BLOCK_D, COMBINE_HEADS,
-                         SPLITS_PAD)  # fmt: skip
-            tl.atomic_xchg(counter, 0)  # zero again for the next launch
+        if used > 1:  # the split that finishes its group last combines all of them
+            at = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
+            if split < used:
+                tl.store(part_m + at, m_i, mask=g < GROUP)
+                tl.store(part_l + at, l_i, mask=g < GROUP)
+                tl.store(part_acc + at[:, None] * BLOCK_D + d[None, :], acc, mask=q_keep)
+            counter = counters + seq * tl.num_programs(1) + kv_head
+            tl.debug_barrier()  # every thread's parts stored before the counter says so
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                for i in tl.static_range(0, GROUP, COMBINE_HEADS):
+                    head = kv_head * GROUP + i
+                    _combine(out + seq * stride_ot + head * stride_oh, stride_oh, part_m,
+                             part_l, part_acc,
+                             (seq * tl.num_programs(1) * GROUP + head) * num_splits, GROUP - i,
+                             num_splits, used, D, BLOCK_D, COMBINE_HEADS,
+                             SPLITS_PAD)  # fmt: skip
+                tl.atomic_xchg(counter, 0)  # zero again for the next launch
+        elif split == 0:  # a context too short to split: its first part is all of it
+            _finish(out + o_rows, acc, l_i, q_keep)
     else:
-        o = acc / tl.maximum(l_i, 1e-30)[:, None]
-        o_rows = seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
-        tl.store(out + o_rows, o.to(out.dtype.element_ty), mask=q_keep)
+        _finish(out + o_rows, acc, l_i, q_keep)
+
+
+@triton.jit
+def _finish(out, acc, l_i, keep):
+    """The output rows at `out` ([rows, dim] offsets) of one part that holds all the keys."""
+    o = acc / tl.maximum(l_i, 1e-30)[:, None]
+    tl.store(out, o.to(out.dtype.element_ty), mask=keep)
 
 
 @triton.jit
