@@ -132,7 +132,15 @@ __device__ __forceinline__ float inverse_rms(const u16* x, int rows, int row, in
   for (int r = 0; r < 8; ++r) {
     if (r >= rows) break;
     float s = 0.f;
-    for (int k = k0 + 8 * lane; k < k1; k += 256) s += square_sum(*(const uint4*)(x + (size_t)r * K + k));
+    const u16* row_x = x + (size_t)r * K;
+    for (int k = k0 + 8 * lane; k < k1; k += 4 * 256) {  // up to 4 loads in flight a lane
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        v[u] = k + 256 * u < k1 ? *(const uint4*)(row_x + k + 256 * u) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) s += square_sum(v[u]);
+    }
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, offset);
     if (lane == 0) squares[warp][r] = s;
