@@ -426,8 +426,8 @@ class Int4Linear(nn.Module):
         scales_zeros = scales_zeros.to(device, torch.bfloat16).contiguous()
         perm = None if perm is None else perm.to(device)
         decode = _cuda_decode_weight(q, *in_order, size, device, gated and bias is None)
-        plain = perm is None and bias is None and dtype == torch.bfloat16
-        fuses = decode is not None and plain and cuda_int4.fuses(device, decode[4][0])
+        foldable = perm is None and bias is None and dtype == torch.bfloat16
+        fuses = decode is not None and foldable and cuda_int4.fuses(device, decode[4][0])
         return cls(packed, scales_zeros, kernel_size, perm, bias, dtype, decode, fuses)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
