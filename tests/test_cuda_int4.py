@@ -80,6 +80,21 @@ def test_the_cpu_builds_no_decode_copy():
     assert module is not None and module.decode_tiles is None
 
 
+def _expected_and_packed(w, inputs: torch.Tensor, gated: bool) -> tuple:
+    """(the float64 product of `inputs` and w, or silu(gate) * up of it, on the CPU; w's
+    tiles and scales on CUDA, its rows in gated_order where `gated`)."""
+    # the kernel's fp16 scales; each dequantized value (11 by 4 bits) is exact in float32
+    rounded = dataclasses.replace(w, scales=w.scales.half().float())
+    expected = inputs @ rounded.dequantize().double().t()
+    if gated:
+        gate, up = expected.chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+        order = cuda_int4.gated_order(w.q.shape[0])
+        w = dataclasses.replace(w, q=w.q[order], scales=w.scales[order], zeros=w.zeros[order])
+    tiles = cuda_int4.pack(w.q.to("cuda", torch.uint8))
+    return expected, tiles, cuda_int4.pack_scales(w.scales, w.zeros).cuda()
+
+
 @NEEDS_CUDA
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 16])
@@ -88,16 +103,7 @@ def test_the_cuda_kernel_equals_the_float64_product(rows, n, k, group, gated):
     """The product, or silu(gate) * up of it as a [gate; up] pair packed in gated_order."""
     w = random_grouped(n, k, group, act_order=False, seed=rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).bfloat16()
-    # the kernel's fp16 scales; each dequantized value (11 by 4 bits) is exact in float32
-    rounded = dataclasses.replace(w, scales=w.scales.half().float())
-    expected = x.double() @ rounded.dequantize().double().t()
-    if gated:
-        gate, up = expected.chunk(2, dim=-1)
-        expected = torch.nn.functional.silu(gate) * up
-        order = cuda_int4.gated_order(n)
-        w = dataclasses.replace(w, q=w.q[order], scales=w.scales[order], zeros=w.zeros[order])
-    tiles = cuda_int4.pack(w.q.to("cuda", torch.uint8))
-    words = cuda_int4.pack_scales(w.scales, w.zeros).cuda()
+    expected, tiles, words = _expected_and_packed(w, x.double(), gated)
     got = cuda_int4.matmul(x.cuda(), tiles, words, group, gated=gated).double().cpu()
     # bf16 outputs: each within half a bf16 step of its value, sums in float32 before that
     # (and silu's fast exponential, a few float32 steps off)
@@ -116,20 +122,12 @@ def test_a_product_with_a_norm_or_an_add_equals_the_float64_one(rows, n, k, grou
     w = random_grouped(n, k, group, act_order=False, seed=rows)
     x = (torch.randn(rows, k, generator=g) * 3).bfloat16()
     weight = (torch.rand(k, generator=g) + 0.5).bfloat16()
-    rounded = dataclasses.replace(w, scales=w.scales.half().float())
     inputs = x.double()
     if kind != "add":
         h = x.float()
         normed = (h / torch.sqrt(h.square().mean(-1, keepdim=True) + 1e-6)).bfloat16()
         inputs = (normed.float() * weight.float()).bfloat16().double()
-    expected = inputs @ rounded.dequantize().double().t()
-    if kind == "gated norm":
-        gate, up = expected.chunk(2, dim=-1)
-        expected = torch.nn.functional.silu(gate) * up
-        order = cuda_int4.gated_order(n)
-        w = dataclasses.replace(w, q=w.q[order], scales=w.scales[order], zeros=w.zeros[order])
-    tiles = cuda_int4.pack(w.q.to("cuda", torch.uint8))
-    words = cuda_int4.pack_scales(w.scales, w.zeros).cuda()
+    expected, tiles, words = _expected_and_packed(w, inputs, kind == "gated norm")
     if kind == "add":
         residual = torch.randn(rows, n, generator=g).bfloat16()
         into = residual.cuda()
