@@ -4,7 +4,8 @@ llmkit's decode kernel (kernels/cuda_int4.py, up to 16 rows), torch's tinygemm
 call inside a CUDA graph of 24 calls that cycle through copies of the weight larger than
 the L2 together (so every call reads its weight from memory, as a decode step does), and
 what that is in GB/s of the weight's bytes; at 1 and 16 rows also each of the kernel's
-block shapes (VARIANTS; "llmkit" is the one the layer chose). For gate_up also
+block shapes (VARIANTS; "llmkit" is the one the layer chose; "p": loading a lane's next
+chunks before it multiplies the last, which no layer chooses yet). For gate_up also
 silu(gate) * up: the gated kernel's one launch against the product and then the Triton
 activation. For up to FUSED_ROWS rows also one decoder layer's four products with its
 two norms and residual adds: inside the products (Int4Linear.normed, add_to) against the
@@ -28,7 +29,8 @@ import torch
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 GROUP = 128
 CALLS = 24
-VARIANTS = ((8, 4), (8, 2), (8, 8), (4, 4), (16, 4))  # (warps, chunks in flight)
+# (warps, chunks in flight[, 1: the next chunks load while the last multiply])
+VARIANTS = ((8, 4), (8, 2), (8, 8), (4, 4), (16, 4), (8, 4, 1), (8, 2, 1), (4, 4, 1))
 EVICT_BYTES = 200 * 2**20  # weights cycled through: several times the H100's 50 MB L2
 
 
@@ -106,7 +108,8 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
             for variant in VARIANTS if rows in (1, cuda_int4.MAX_ROWS) else ():
                 calls = [lambda w=w, x=x, v=variant: cuda_int4.matmul(x, *tiled(w), v) for w in ws]
                 ms = graph_ms([calls[i % len(calls)] for i in range(CALLS)])
-                row[f"llmkit_{variant[0]}w_{variant[1]}u_ms"] = ms
+                pipelined = "p" if variant[2:] == (1,) else ""
+                row[f"llmkit_{variant[0]}w_{variant[1]}u{pipelined}_ms"] = ms
             if name == "gate_up":
                 row.update(gated_ms(ours, gated_layers, x))
         row["tinygemm_gb_s"] = int4_bytes / row["tinygemm_ms"] / 1e6

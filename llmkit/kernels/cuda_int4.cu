@@ -39,6 +39,9 @@ typedef unsigned short u16;
 #ifndef UNROLL
 #define UNROLL 4  // 64-input chunks whose weights a lane has in flight at once
 #endif
+#ifndef PIPELINE
+#define PIPELINE 0  // 1: a lane loads its next UNROLL chunks before it multiplies the last
+#endif
 // blocks of a NORM kernel an SM holds at least: as many as of the plain kernel of the same
 // variant (ptxas for sm_90: 4 of 4 warps, 3 of 8 warps unrolled twice, else 2), which the
 // norm's registers would otherwise cut to fewer
@@ -287,13 +290,29 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
   const u16* nwp = nw + 8 * t;
   int c = begin;
   for (; c + UNROLL <= end; c += UNROLL) {
+#if PIPELINE  // words holds chunks c.. on entry: the next ones load while these multiply
+    uint4 next[UNROLL];
+    const bool more = c + 2 * UNROLL <= end;
+    if (more) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u)
+        next[u] = load_streaming(wp + (size_t)(c + UNROLL + u) * 32);
+    }
+#else
     if (c != begin) {  // the first chunks' weights were loaded before the wait
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) words[u] = load_streaming(wp + (size_t)(c + u) * 32);
     }
+#endif
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
       chunk<FOLD, MT, KIND == NORM>(p, words[u], xrow, (c + u) << 6, szp, group_size, N, nwp, inv);
+#if PIPELINE
+    if (more) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) words[u] = next[u];
+    }
+#endif
   }
   for (; c < end; ++c)
     chunk<FOLD, MT, KIND == NORM>(p, load_streaming(wp + (size_t)c * 32), xrow, c << 6, szp,

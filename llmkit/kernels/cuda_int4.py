@@ -33,7 +33,9 @@ import torch
 MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
 FUSED_ROWS = 8  # rows a product with a norm or a residual add takes: one tile
 # the block shapes a layer chooses from, (warps, chunks in flight a lane): more loads in
-# flight, or fewer registers or threads a block (so an SM may hold more blocks)
+# flight, or fewer registers or threads a block (so an SM may hold more blocks); a third
+# element 1 (benchmarks/cuda_int4.py compares such) loads a lane's next chunks before it
+# multiplies the last (the source's PIPELINE)
 VARIANTS = ((8, 4), (8, 2), (4, 4))
 SOURCE = Path(__file__).with_name("cuda_int4.cu")
 
@@ -94,9 +96,9 @@ def matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, group_siz
            norm: tuple[torch.Tensor, float] | None = None,
            into: torch.Tensor | None = None):  # fmt: skip
     """bf16 x [rows <= MAX_ROWS, K] times the packed weight: bf16 [rows, N], or with `gated`
-    silu(gate) * up [rows, N / 2]. `variant`: (warps a block, chunks in flight a lane), the
-    source's WARPS and UNROLL (`variants_for` chooses; benchmarks/cuda_int4.py compares
-    others). At most FUSED_ROWS rows, and only where `fuses` said so, one of: `norm`
+    silu(gate) * up [rows, N / 2]. `variant`: (warps a block, chunks in flight a lane[, 1
+    to load the next chunks while the last multiply]), the source's WARPS, UNROLL and
+    PIPELINE (`variants_for` chooses; benchmarks/cuda_int4.py compares others). At most FUSED_ROWS rows, and only where `fuses` said so, one of: `norm`
     (weight [K] bf16, eps): x is the residual stream, and the product is that of
     weight * rms_norm(x), rounded as triton_elementwise's norm rounds; `into` (bf16 [rows,
     N], contiguous): each output, rounded to bf16, is added to it in place (the sum rounded
@@ -186,7 +188,8 @@ def _module(device: torch.device, variant: tuple[int, int]):
     and a failure would otherwise compile again for each)."""
     from llmkit.kernels.cuda_rtc import CudaError, Module
 
-    defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}"]
+    pipeline = int(variant[2:] == (1,))
+    defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}"]
     try:
         module = Module(SOURCE.read_text(), SOURCE.name, list(_KERNELS.values()), device, defines)
         try:
