@@ -106,10 +106,15 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
             row["llmkit_ms"] = graph_ms([ours[i % len(ours)] for i in range(CALLS)])
             row["llmkit_gb_s"] = int4_bytes / row["llmkit_ms"] / 1e6
             for variant in VARIANTS if rows in (1, cuda_int4.MAX_ROWS) else ():
-                calls = [lambda w=w, x=x, v=variant: cuda_int4.matmul(x, *tiled(w), v) for w in ws]
-                ms = graph_ms([calls[i % len(calls)] for i in range(CALLS)])
                 pipelined = "p" if variant[2:] == (1,) else ""
-                row[f"llmkit_{variant[0]}w_{variant[1]}u{pipelined}_ms"] = ms
+                key = f"llmkit_{variant[0]}w_{variant[1]}u{pipelined}_ms"
+                try:
+                    cuda_int4.kernels(x.device, variant)  # compiled and checked
+                except RuntimeError as e:  # a variant that fails its check: said, not timed
+                    row[key] = f"unavailable: {e}"
+                    continue
+                calls = [lambda w=w, x=x, v=variant: cuda_int4.matmul(x, *tiled(w), v) for w in ws]
+                row[key] = graph_ms([calls[i % len(calls)] for i in range(CALLS)])
             if name == "gate_up":
                 row.update(gated_ms(ours, gated_layers, x))
         row["tinygemm_gb_s"] = int4_bytes / row["tinygemm_ms"] / 1e6
