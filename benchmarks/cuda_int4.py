@@ -162,7 +162,8 @@ def layer_ms(rows: int) -> dict:
         h = te.add_rms_norm(residual, o[i](attention), norm.weight, norm.eps)
         down[i](gate_up[i].silu_mul(h))
 
-    assert all(layer.fuses for layer in qkv + o + down + gate_up)
+    if not all(layer.fuses for layer in qkv + o + down + gate_up):
+        return {"layer_fused_ms": "unavailable: the kernels with norms or adds failed their check"}
     return {
         "layer_fused_ms": graph_ms([lambda i=i: fused(i % copies) for i in range(CALLS)]),
         "layer_apart_ms": graph_ms([lambda i=i: apart(i % copies) for i in range(CALLS)]),
