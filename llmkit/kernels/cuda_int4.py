@@ -98,11 +98,11 @@ def matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, group_siz
     """bf16 x [rows <= MAX_ROWS, K] times the packed weight: bf16 [rows, N], or with `gated`
     silu(gate) * up [rows, N / 2]. `variant`: (warps a block, chunks in flight a lane[, 1
     to load the next chunks while the last multiply]), the source's WARPS, UNROLL and
-    PIPELINE (`variants_for` chooses; benchmarks/cuda_int4.py compares others). At most FUSED_ROWS rows, and only where `fuses` said so, one of: `norm`
-    (weight [K] bf16, eps): x is the residual stream, and the product is that of
-    weight * rms_norm(x), rounded as triton_elementwise's norm rounds; `into` (bf16 [rows,
-    N], contiguous): each output, rounded to bf16, is added to it in place (the sum rounded
-    once) -> `into`."""
+    PIPELINE (`variants_for` chooses; benchmarks/cuda_int4.py compares others). At most
+    FUSED_ROWS rows, and only where `fuses` said so, one of: `norm` (weight [K] bf16, eps):
+    x is the residual stream, and the product is that of weight * rms_norm(x), rounded as
+    triton_elementwise's norm rounds; `into` (bf16 [rows, N], contiguous): each output,
+    rounded to bf16, is added to it in place (the sum rounded once) -> `into`."""
     module = kernels(x.device, variant)
     return _matmul(module, variant[0], x, tiles, scales, group_size, gated, norm, into)
 
