@@ -15,7 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkit.kernels.triton_launch import launch_options, programmatic_start
+from llmkit.kernels.triton_launch import (
+    launch_options,
+    programmatic_launch,
+    programmatic_start,
+    programmatic_wait,
+)
 
 BLOCK_N = 64  # keys per inner step (gathered across cache blocks)
 PREFILL_BLOCK_M = 64  # query rows per prefill program
@@ -145,26 +150,29 @@ def _decode_kernel(q, k_cache, v_cache, tables, lens, out, part_m, part_l, part_
                    BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
                    SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
                    COMBINE_HEADS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    programmatic_start(PDL)
+    programmatic_launch(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + g
-    q_rows = seq * stride_qt + heads[:, None] * stride_qh + d[None, :]
-    q_keep = (g[:, None] < GROUP) & (d[None, :] < D)
-    query = tl.load(q + q_rows, mask=q_keep, other=0.0)
+    # the lengths come from the host before the step's first kernel, so they are read
+    # before the wait; the queries and the cache (this step's keys among them) after it
     length = tl.load(lens + seq)
     # the context's own keys in num_splits parts of whole inner steps (the last parts empty
     # where it is short): however wide the padded table, every part is as short as it can be
     split_keys = tl.cdiv(tl.cdiv(length, num_splits), BLOCK) * BLOCK
     start = split * split_keys
     end = tl.minimum(length, start + split_keys)
+    row0 = seq.to(tl.int64) * table_stride
+    programmatic_wait(PDL)
+    q_rows = seq * stride_qt + heads[:, None] * stride_qh + d[None, :]
+    q_keep = (g[:, None] < GROUP) & (d[None, :] < D)
+    query = tl.load(q + q_rows, mask=q_keep, other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    row0 = seq.to(tl.int64) * table_stride
     for n0 in range(start, end, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
         keep = n < end

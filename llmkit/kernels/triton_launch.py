@@ -1,7 +1,8 @@
 """How a decode step's Triton kernels launch as programmatic dependents (kernels/cuda.py):
 `launch_options` gives a launch its switches for the tensors' device, and each such kernel
-begins with `programmatic_start`. Where Triton has no grid dependency control, or
-`cuda_rtc.programmatic` says the device cannot, the launches are plain."""
+begins with `programmatic_start`, or with `programmatic_launch` and, before it reads what
+any kernel of the step writes, `programmatic_wait`. Where Triton has no grid dependency
+control, or `cuda_rtc.programmatic` says the device cannot, the launches are plain."""
 
 from __future__ import annotations
 
@@ -29,6 +30,23 @@ def launch_options(t: torch.Tensor) -> dict:
 def programmatic_start(PDL: tl.constexpr):
     """With PDL: let the next kernel start, then wait for the one before, before any load
     or store."""
+    programmatic_launch(PDL)
+    programmatic_wait(PDL)
+
+
+@triton.jit
+def programmatic_launch(PDL: tl.constexpr):
+    """With PDL: let the next kernel start. Until `programmatic_wait`, the kernel may read
+    only what the host wrote before the step's first kernel (kernels before this one may
+    still run, several back: each lets its successor start at its own start) and may
+    write nothing."""
     if PDL:
         gdc_launch_dependents()
+
+
+@triton.jit
+def programmatic_wait(PDL: tl.constexpr):
+    """With PDL: wait until the kernels before this one have finished and their writes
+    are visible."""
+    if PDL:
         gdc_wait()
