@@ -241,7 +241,7 @@ def _check(module, warps: int, device: torch.device, kinds=("",)) -> None:
         if kind == "norm":
             weight = (torch.rand(256, generator=g) + 0.5).bfloat16()
             norm = (weight.to(device), 1e-5)
-            expected = normed_rows(x, weight, 1e-5) @ w.t()
+            expected = _normed_rows(x, weight, 1e-5) @ w.t()
         else:
             expected = x.float() @ w.t()
         if gated:
@@ -260,7 +260,7 @@ def _check(module, warps: int, device: torch.device, kinds=("",)) -> None:
             raise CudaError(f"{_KERNELS[key]} is off by {error:.3g} of the float32 product here")
 
 
-def normed_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _normed_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * rms_norm(x) of bf16 rows as the NORM kernels round it (and the norm
     kernels of triton_elementwise.py): the rows times their 1 / rms in float32, rounded to
     bf16, times the weight, rounded again; as float32."""
