@@ -78,7 +78,8 @@ def test_greedy_tokens_with_cuda_graphs_equal_eager_mode_and_transformers(tiny_d
 def test_speculation_on_cuda_gives_the_tokens_of_plain_decoding(tiny_dir, logprobs):
     """ngram and the model as its own draft on CUDA, drafts verified as decode rows of the
     graphs: greedy rows on the device (only their argmax comes back), rows asking for log
-    probabilities on the CPU; the tokens of plain decoding on CUDA either way."""
+    probabilities on the CPU; the tokens of plain decoding on CUDA either way. The draft
+    model's steps (its catch-ups too) replay graphs of its own."""
     from llmkit.runtime.sequence import SamplingParams
     from tests.test_speculative import ALL, prompts
 
@@ -90,14 +91,18 @@ def test_speculation_on_cuda_gives_the_tokens_of_plain_decoding(tiny_dir, logpro
         llm = LLM(tiny_dir(), config)
         try:
             outs = llm.generate(prompts(), params)
-            return [[c.token_ids for c in o.outputs] for o in outs], llm.engine.spec_stats
+            draft = getattr(llm.engine.proposer, "runner", None)
+            graphs = draft.graphs.graphs if draft is not None else None
+            tokens = [[c.token_ids for c in o.outputs] for o in outs]
+            return tokens, llm.engine.spec_stats, graphs
         finally:
             llm.close()
 
-    plain, _ = run()
+    plain, _, _ = run()
     for speculative in ("ngram", str(tiny_dir())):
-        speculated, stats = run(**ALL, speculative=speculative)
+        speculated, stats, graphs = run(**ALL, speculative=speculative)
         assert speculated == plain and stats.accepted > 0, speculative
+        assert speculative == "ngram" or graphs, "the draft model ran no graph"
 
 
 def test_sampling_on_cuda_draws_the_tokens_the_cpu_draws():

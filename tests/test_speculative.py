@@ -88,6 +88,38 @@ def test_greedy_tokens_are_those_of_plain_decoding(tiny_dir, other_model, draft)
         assert 0 < stats.accepted < stats.proposed
 
 
+def test_a_catch_up_as_decode_rows_computes_what_a_prefill_chunk_computes(tiny_dir):
+    """A draft model catching up on a few tokens runs them as decodes (one query each, the
+    step a CUDA graph replays): the same K/V and logits as the same tokens as a prefill
+    chunk, against a float64 runner."""
+    from llmkit.runtime.distributed import Group
+    from llmkit.runtime.model_runner import ModelRunner, prepare
+    from llmkit.runtime.scheduler import Batch
+
+    prompt, new = list(range(3, 40)), [7, 11, 5]
+    cpu = torch.device("cpu")
+
+    def logits(dtype: torch.dtype, decode_upto: int):
+        runner = ModelRunner(str(tiny_dir("tiny-llama")), Group(0, 1), dtype, cpu, 16, 16)
+        blocks, seq = BlockManager(16, 16), Sequence(list(prompt))
+        out = []
+        for tokens in (prompt, new):
+            seq.prompt_token_ids = prompt + new[: len(tokens)] if tokens is new else prompt
+            blocks.allocate(seq, len(tokens))
+            batch = Batch()
+            batch.add(seq, len(tokens))
+            inputs, _, _ = prepare(batch, 16, decode_upto)
+            assert inputs.meta.num_decodes == (len(tokens) if len(tokens) <= decode_upto else 0)
+            inputs.logits_indices = torch.arange(len(tokens))  # every token's
+            out.append(runner.execute(inputs).double())
+            seq.num_computed_tokens += len(tokens)
+        return torch.cat(out)
+
+    reference = logits(torch.float64, 1)
+    for upto in (1, 3):
+        torch.testing.assert_close(logits(torch.float32, upto), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):
     """The model as its own draft: below a confidence of 1 every token is doubted, so each
     draft is one token; with 0 drafts run to full length. The tokens are plain decoding's."""

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmkit.checkpoint import checksums, dtypes
@@ -340,8 +340,10 @@ class Engine:
             )
         draft = json.loads((Path(c.speculative).expanduser() / "config.json").read_text())
         check_draft(draft.get("vocab_size"), self.model_config.vocab_size, c.speculative)
-        runner = RunnerSpec(c.speculative, 1, dtype, str(device), num_blocks, c.block_size).build(0)
-        return DraftProposer(runner, num_blocks, c.block_size, c.draft_min_confidence)
+        spec = replace(self.executor.spec, model_path=c.speculative, tp=1, max_loras=0)
+        runner = spec.build(0)  # CUDA graphs as the model's, for steps of as many rows
+        k = c.num_speculative_tokens
+        return DraftProposer(runner, num_blocks, c.block_size, c.draft_min_confidence, k)
 
     def _masks(self, batch: Batch) -> Callable[[], dict] | None:
         """The token masks of the guided sequences that sample in this step (seq_id -> bit

@@ -290,14 +290,18 @@ class Sampling:
     draft_probs: list  # per sequence: what its draft was drawn from, or None
 
 
-def prepare(batch: Batch, block_size: int) -> tuple[StepInputs, Sampling, list[PromptSpan]]:
+def prepare(
+    batch: Batch, block_size: int, decode_upto: int = 1
+) -> tuple[StepInputs, Sampling, list[PromptSpan]]:
     """Tensors for `batch`, decodes first; the sequences whose logits come back; and the
-    prompt spans whose logits follow theirs."""
+    prompt spans whose logits follow theirs. A sequence computing at most `decode_upto`
+    tokens runs them as decodes (a draft model catching up on the tokens its target
+    accepted: the step a CUDA graph can replay)."""
 
     # decodes first (a draft's tokens are decodes too: each one a query of its own over the
     # sequence's blocks); each adapter's sequences together, so its tokens are few runs
     def decodes(i: int) -> bool:
-        return batch.num_new_tokens[i] == 1 or bool(batch.drafts[i])
+        return batch.num_new_tokens[i] <= decode_upto or bool(batch.drafts[i])
 
     order = sorted(range(len(batch.seqs)), key=lambda i: (not decodes(i), batch.seqs[i].lora_id))
     seqs = [batch.seqs[i] for i in order]

@@ -130,11 +130,15 @@ class DraftProposer:
 
     name = "draft"
 
-    def __init__(self, runner, num_blocks: int, block_size: int, min_confidence: float):
+    def __init__(self, runner, num_blocks: int, block_size: int, min_confidence: float, k: int):
         from llmkit.runtime.layers.sampler import Sampler
 
         self.runner, self.block_size = runner, block_size
         self.min_confidence = min_confidence
+        # a mirror catching up on at most this many tokens (those the target accepted of its
+        # last draft, and the target's own) computes them as decodes: a step of decodes
+        # only, which a CUDA graph replays
+        self.catch_up = k + 1
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> the draft model's sequence
         self.synced: dict[int, int] = {}  # target seq_id -> its length at the last sync
@@ -175,20 +179,29 @@ class DraftProposer:
     def _next_tokens(self, batch: Batch):
         """Run the draft model on `batch`; each mirror's next token (appended to it), the
         distribution it was drawn from (None for greedy) and the probability the draft model
-        gave it (under that distribution; for greedy, under the model's softmax)."""
+        gave it (under that distribution; for greedy, under the model's softmax). Greedy
+        rows are decided where the logits are: only their tokens and probabilities come
+        back to the host."""
         from llmkit.runtime.model_runner import prepare
 
-        inputs, sampled, _ = prepare(batch, self.block_size)
-        logits = self.runner.execute(inputs).float().cpu()
+        inputs, sampled, _ = prepare(batch, self.block_size, self.catch_up)
+        logits = self.runner.execute(inputs).float()
         for mirror, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             mirror.num_computed_tokens += n
-        by_mirror = {m.seq_id: i for i, m in enumerate(sampled.seqs)}
+        rows = {m.seq_id: i for i, m in enumerate(sampled.seqs)}
+        greedy = [m.seq_id for m in batch.seqs if m.params.greedy]
+        chosen = dict(zip(greedy, _greedy_rows(logits, [rows[s] for s in greedy]), strict=True))
+        sampled_rows = [rows[m.seq_id] for m in batch.seqs if not m.params.greedy]
+        drawn = dict(zip(sampled_rows, logits[sampled_rows].cpu(), strict=True))
         out = []
         for mirror in batch.seqs:
-            row = logits[by_mirror[mirror.seq_id]]
-            token, q = self.sampler.propose(row, mirror.params, (mirror.seq_id, mirror.seed))
+            if mirror.seq_id in chosen:
+                (token, confidence), q = chosen[mirror.seq_id], None
+            else:
+                key = (mirror.seq_id, mirror.seed)
+                token, q = self.sampler.propose(drawn[rows[mirror.seq_id]], mirror.params, key)
+                confidence = float(q[token])
             mirror.prompt_token_ids.append(token)
-            confidence = float(q[token] if q is not None else torch.softmax(row, -1)[token])
             out.append((token, q, confidence))
         return out
 
@@ -218,6 +231,20 @@ class DraftProposer:
 
     def close(self) -> None:
         self.runner = None
+
+
+def _greedy_rows(logits: torch.Tensor, rows: list[int]) -> list[tuple[int, float]]:
+    """(argmax, its probability under the softmax) of each of `rows` of `logits`, computed
+    where the logits are; one copy to the host."""
+    from llmkit.runtime.layers.sampler import argmax
+
+    if not rows:
+        return []
+    picked = logits[rows]
+    tokens = argmax(picked).to(picked.device)
+    confidence = torch.softmax(picked, -1).gather(1, tokens[:, None])[:, 0]
+    both = torch.stack((tokens.double(), confidence.double())).cpu()
+    return [(int(t), float(c)) for t, c in both.t().tolist()]
 
 
 def check_draft(draft_vocab: int, target_vocab: int, path: str) -> None:
