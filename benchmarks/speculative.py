@@ -52,7 +52,12 @@ model has no tokenizer to speak of) at concurrency 1, 8 and 64, every engine war
 each concurrency first (its CUDA graphs captured), CUDA_OUTPUT_LEN tokens a request (so
 a request at concurrency 1 takes about a second); the same targets on its rows (the draft's
 only where its acceptance is >= 0.6). A random-init model's greedy output soon repeats one
-token, so its ngram drafts are right for the same reason small-llama's are. Writes
+token, so its ngram drafts are right for the same reason small-llama's are. A random-init
+draft model doubts every token, so the draft target is measured on WIDE_CUDA: stories260K
+widened as WIDE is, further (hidden x 64, intermediate x 128: some 1.4B parameters, written
+in bfloat16), a step of a model of Llama-3.2-1B's size, plainly and with stories260K as
+its draft, on both workloads (as text) at concurrency 1, WIDE_CUDA_OUTPUT_LEN tokens a
+request (stories260K's context is 512 tokens). Writes
 benchmarks/results/speculative-cuda-<date>.json.
 
     python benchmarks/speculative.py [--workdir DIR] [--rounds 3] [--device cuda]
@@ -74,6 +79,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 THREADS = 2
 OUTPUT_LEN = 64
 CUDA_OUTPUT_LEN = 512  # a GPU decodes far faster: longer requests, timings above the noise
+WIDE_CUDA_OUTPUT_LEN = 112  # the longest grounded prompt (393 tokens) and this fit in 512
 CONCURRENCY = (1, 64)
 CUDA_CONCURRENCY = (1, 8, 64)
 LLAMA_1B = "llama-1b"  # the --device cuda target (benchmarks/shard.py's LLAMA_1B shapes)
@@ -89,6 +95,8 @@ WIDE = "stories260K-wide"
 WEAK_LAYERS = 4  # the weaker draft of WIDE: stories260K's first layers
 WIDE_WEAK = f"draft-{WEAK_LAYERS}-layers"
 WIDE_Q4 = "draft-int4"  # WIDE's quantized draft
+WIDE_CUDA = "stories260K-1b"  # the --device cuda draft model's target
+CUDA_HIDDEN_FACTOR, CUDA_MLP_FACTOR = 64, 128
 
 
 def make_models(work: Path, shared: Path) -> dict[str, Path]:
@@ -102,13 +110,14 @@ def make_models(work: Path, shared: Path) -> dict[str, Path]:
         "small-llama": small,
         "draft": first_layers(small, work / f"small-llama-{DRAFT_LAYERS}-layers", DRAFT_LAYERS),
         "stories260K": stories,
-        WIDE: widened(stories, work / WIDE),
+        WIDE: widened(stories, work / WIDE, HIDDEN_FACTOR, MLP_FACTOR),
         WIDE_WEAK: first_layers(stories, work / f"stories260K-{WEAK_LAYERS}-layers", WEAK_LAYERS),
         WIDE_Q4: quantized(shared / "models" / "stories260K-pad176", work / "stories260K-int4"),
     }
 
 
-def make_cuda_models(work: Path) -> dict[str, Path]:
+def make_cuda_models(work: Path, shared: Path) -> dict[str, Path]:
+    import torch
     from shard import LLAMA_1B as SHAPES
     from shard import make_random
 
@@ -116,7 +125,10 @@ def make_cuda_models(work: Path) -> dict[str, Path]:
     if not (target / "config.json").is_file():
         make_random(target, SHAPES, device="cuda")
     draft = first_layers(target, work / f"{LLAMA_1B}-{DRAFT_LAYERS}-layers", DRAFT_LAYERS)
-    return {LLAMA_1B: target, "draft": draft}
+    stories = shared / "models" / "stories260K"
+    wide = widened(stories, work / WIDE_CUDA, CUDA_HIDDEN_FACTOR, CUDA_MLP_FACTOR,
+                   torch.bfloat16)  # fmt: skip
+    return {LLAMA_1B: target, "draft": draft, WIDE_CUDA: wide, "stories260K": stories}
 
 
 def quantized(model: Path, out: Path) -> Path:
@@ -129,13 +141,13 @@ def quantized(model: Path, out: Path) -> Path:
     return out
 
 
-def widened(model: Path, out: Path) -> Path:
-    """`model` widened as WIDE is (made once)."""
+def widened(model: Path, out: Path, hidden_factor: int, mlp_factor: int, dtype=None) -> Path:
+    """`model` widened by these factors (WIDE, WIDE_CUDA; made once)."""
     from widen import widen
 
     if not (out / "config.json").is_file():
         inter = json.loads((model / "config.json").read_text())["intermediate_size"]
-        widen(model, out, inter * MLP_FACTOR, HIDDEN_FACTOR)
+        widen(model, out, inter * mlp_factor, hidden_factor, dtype)
     return out
 
 
@@ -226,16 +238,19 @@ def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, obj
 
 
 def cuda_engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, object]:
-    def llm(speculative: str | None = None):
-        # three engines share the GPU: each gets its own KV cache size, not a share of it
-        return speculating(models[LLAMA_1B], speculative, speculative_max_seqs, device="cuda",
+    def llm(model: str = LLAMA_1B, speculative: str | None = None):
+        # five engines share the GPU: each gets its own KV cache size, not a share of it
+        return speculating(models[model], speculative, speculative_max_seqs, device="cuda",
                            dtype="bfloat16", max_num_seqs=max(CUDA_CONCURRENCY),
-                           max_model_len=4096, kv_cache_memory=6 * 2**30)  # fmt: skip
+                           max_model_len=4096 if model == LLAMA_1B else None,
+                           kv_cache_memory=(6 if model == LLAMA_1B else 1) * 2**30)  # fmt: skip
 
     return {
         f"{LLAMA_1B} plain": llm(),
-        f"{LLAMA_1B} ngram": llm("ngram"),
-        f"{LLAMA_1B} draft": llm(str(models["draft"])),
+        f"{LLAMA_1B} ngram": llm(speculative="ngram"),
+        f"{LLAMA_1B} draft": llm(speculative=str(models["draft"])),
+        f"{WIDE_CUDA} plain": llm(WIDE_CUDA),
+        f"{WIDE_CUDA} draft": llm(WIDE_CUDA, str(models["stories260K"])),
     }
 
 
@@ -243,29 +258,35 @@ def main() -> None:
     args = parse_args()
     work = workdir(args, "llmkit-spec-")
     cuda = args.device == "cuda"
-    loads = workloads(args.shared, as_ids=cuda)
-    output_len = CUDA_OUTPUT_LEN if cuda else OUTPUT_LEN
+    texts = workloads(args.shared)
+    # (prompts by workload, tokens a request) per model
+    setting = {model: (texts, OUTPUT_LEN) for model in ("small-llama", "stories260K", WIDE)}
     if cuda:
-        llms = cuda_engines(make_cuda_models(work), args.speculative_max_seqs)
+        llms = cuda_engines(make_cuda_models(work, args.shared), args.speculative_max_seqs)
+        setting = {LLAMA_1B: (workloads(args.shared, as_ids=True), CUDA_OUTPUT_LEN),
+                   WIDE_CUDA: (texts, WIDE_CUDA_OUTPUT_LEN)}  # fmt: skip
         proposers = ("plain", "ngram", "draft")
-        cases = [(LLAMA_1B, w, c, proposers) for w in loads for c in CUDA_CONCURRENCY]
+        cases = [(LLAMA_1B, w, c, proposers) for w in texts for c in CUDA_CONCURRENCY]
+        cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in texts]
         warm_up = CUDA_CONCURRENCY  # each graph bucket captured before any timing
     else:
         llms = engines(make_models(work, args.shared), args.speculative_max_seqs)
         cases = [
-            ("small-llama", w, c, ("plain", "ngram", "draft")) for w in loads for c in CONCURRENCY
+            ("small-llama", w, c, ("plain", "ngram", "draft")) for w in texts for c in CONCURRENCY
         ]
-        cases += [("stories260K", w, 1, ("plain", "ngram")) for w in loads]
-        cases += [(WIDE, w, 1, ("plain", "draft", WIDE_Q4, WIDE_WEAK)) for w in loads]
-        cases += [("small-llama", w, c, ("plain", UNLIMITED)) for w in loads for c in SWEEP]
+        cases += [("stories260K", w, 1, ("plain", "ngram")) for w in texts]
+        cases += [(WIDE, w, 1, ("plain", "draft", WIDE_Q4, WIDE_WEAK)) for w in texts]
+        cases += [("small-llama", w, c, ("plain", UNLIMITED)) for w in texts for c in SWEEP]
         warm_up = (2,)
-    for llm in llms.values():  # warm up every engine
+    for name, llm in llms.items():  # warm up every engine
+        loads, output_len = setting[name.split()[0]]
         for concurrency in warm_up:
             run(llm, loads["free"][:concurrency], output_len)
     rounds = []
     for r in range(args.rounds):
         result = {}
         for model, workload, concurrency, proposers in cases:
+            loads, output_len = setting[model]
             modes = [f"{model} {p}" for p in proposers]
             for name in modes if r % 2 == 0 else reversed(modes):
                 out = run(llms[name], loads[workload][:concurrency], output_len)
@@ -384,10 +405,10 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
 
 def _target(model: str, proposer: str, workload: str, concurrency: int, acceptance, ratio):
     """The issue's targets: ngram's and concurrency 64's on small-llama (and on the 1B shapes
-    on CUDA), the draft model's on the widened stories260K, where a draft can be right, and
-    on the 1B shapes (stories260K's own rows show the cost of speculating where lookups
-    miss: it does not reproduce tinyshakespeare)."""
-    drafted = model in (WIDE, LLAMA_1B) and proposer in ("draft", WIDE_Q4, WIDE_WEAK)
+    on CUDA), the draft model's on the widened stories260K (WIDE, WIDE_CUDA), where a draft
+    can be right, and on the 1B shapes (stories260K's own rows show the cost of speculating
+    where lookups miss: it does not reproduce tinyshakespeare)."""
+    drafted = model in (WIDE, WIDE_CUDA, LLAMA_1B) and proposer in ("draft", WIDE_Q4, WIDE_WEAK)
     if drafted and concurrency == 1:
         if acceptance < 0.6:
             return "≥ 1.3× where acceptance ≥ 0.6 (acceptance below)", None

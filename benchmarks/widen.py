@@ -31,7 +31,14 @@ READS_HIDDEN = ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj", "gate_p
 WRITES_HIDDEN = ("o_proj", "down_proj")
 
 
-def widen(src: Path, out: Path, intermediate: int | None = None, hidden_factor: int = 1) -> Path:
+def widen(
+    src: Path,
+    out: Path,
+    intermediate: int | None = None,
+    hidden_factor: int = 1,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """`src` widened into `out`; `dtype`: the tensors written in it (None: as they are)."""
     with open_checkpoint(src) as ck:
         config = dict(ck.config)
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -58,9 +65,11 @@ def widen(src: Path, out: Path, intermediate: int | None = None, hidden_factor: 
                 tensor = torch.cat([tensor, tensor.new_zeros(extra)]) / hidden_factor**0.5
             elif extra and tensor.shape and hidden in tensor.shape:
                 raise SystemExit(f"widen: no rule widens {name}'s hidden size")
-            specs.append(tensor_spec(name, tensor.contiguous()))
+            specs.append(tensor_spec(name, tensor.to(dtype or tensor.dtype).contiguous()))
         config["num_key_value_heads"] = heads
         config["intermediate_size"] += pad
+        if dtype is not None:
+            config["torch_dtype"] = str(dtype).removeprefix("torch.")
         if extra:
             config.setdefault("head_dim", hidden // heads)
             config["hidden_size"] = hidden * hidden_factor
