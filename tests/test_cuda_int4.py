@@ -282,6 +282,67 @@ def test_the_variant_is_the_one_whose_blocks_take_fewest_waves(monkeypatch):
     assert cuda_int4.variants_for(384 * 16, 128, False, device) == ((8, 4), (8, 4))
 
 
+def test_a_pipelined_twin_is_chosen_where_it_is_timed_faster_once_per_shape(monkeypatch):
+    """Each variant against its twin with PIPELINE, timed once per weight shape, variant and
+    rows: the twin where it takes under PIPELINED_GAIN of the time, else the variant, and
+    the variant where the twin does not load."""
+    from llmkit.kernels.cuda_rtc import CudaError
+
+    speed = {(8, 4): 1.0, (8, 4, 1): 0.9, (8, 2): 1.0, (8, 2, 1): 0.99, (4, 4): 1.0}
+    timed = []
+
+    def kernels(device, variant):
+        if variant not in speed:
+            raise CudaError("no twin")
+
+    def times(variants, args, gated):
+        timed.append((variants, args[0].shape[0], gated))
+        return {v: speed[v] for v in variants}
+
+    monkeypatch.setattr(cuda_int4, "kernels", kernels)
+    monkeypatch.setattr(cuda_int4, "_times", times)
+    monkeypatch.setattr(cuda_int4, "_FASTER", {})
+    tiles, scales = torch.zeros(4, 2, 32, 4, dtype=torch.int32), torch.zeros(1, 64)
+    for _ in range(2):
+        chosen = cuda_int4.timed_variants(tiles, scales, 128, False, ((8, 4), (8, 2)))
+        assert chosen == ((8, 4, 1), (8, 2))  # 0.99 is within the noise
+    assert timed == [(((8, 4), (8, 4, 1)), 1, False), (((8, 2), (8, 2, 1)), 16, False)]
+    assert cuda_int4.timed_variants(tiles, scales, 128, True, ((4, 4), (4, 4))) == ((4, 4),) * 2
+    assert len(timed) == 2  # (4, 4)'s twin does not load: nothing timed
+    wider = torch.zeros(8, 2, 32, 4, dtype=torch.int32)
+    cuda_int4.timed_variants(wider, scales, 128, False, ((8, 4), (8, 2)))
+    assert len(timed) == 4  # another shape: timed again
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_pipelined_twin_gives_the_bits_of_its_variant(gated):
+    """PIPELINE changes only when a lane loads its weights: every product, norm and add of
+    a twin equals its variant's bit for bit, whichever the timing chooses."""
+    n, k, group = 64, 1024, 128
+    w = random_grouped(n, k, group, act_order=False, seed=3)
+    _, tiles, words = _expected_and_packed(w, torch.zeros(1, k, dtype=torch.float64), gated)
+    g = torch.Generator().manual_seed(3)
+    for variant in cuda_int4.VARIANTS:
+        chosen = cuda_int4.timed_variants(tiles, words, group, gated, (variant, variant))
+        assert all(c in (variant, (*variant, 1)) for c in chosen)
+        for rows in (1, 8, 16):
+            x = torch.randn(rows, k, generator=g).bfloat16().cuda()
+            base, twin = (cuda_int4.matmul(x, tiles, words, group, v, gated)
+                          for v in (variant, (*variant, 1)))  # fmt: skip
+            assert torch.equal(base, twin), (variant, rows)
+        if not gated:
+            norm = (torch.rand(k, generator=g).bfloat16().cuda() + 0.5, 1e-5)
+            x = torch.randn(8, k, generator=g).bfloat16().cuda()
+            normed = [cuda_int4.matmul(x, tiles, words, group, v, norm=norm)
+                      for v in (variant, (*variant, 1))]  # fmt: skip
+            assert torch.equal(*normed), variant
+            into = [x[:, :n].contiguous() for _ in range(2)]
+            for v, y in zip((variant, (*variant, 1)), into, strict=True):
+                cuda_int4.matmul(x, tiles, words, group, v, into=y)
+            assert torch.equal(*into), variant
+
+
 @pytest.mark.parametrize("served", [False, True])
 def test_the_loader_asks_for_the_gated_layout_for_gate_up_only(tiny_dir, monkeypatch, served):
     """Only the MLP's merged gate/up may be built gated, and not where LoRA adapters are

@@ -171,6 +171,64 @@ def variants_for(n: int, group_size: int, gated: bool, device: torch.device):
     return tuple(min(VARIANTS, key=lambda v: waves(v, many)) for many in (False, True))
 
 
+PIPELINED_GAIN = 0.97  # a pipelined twin is chosen where it takes under this of the time
+TIMING_TRIALS, TIMING_LAUNCHES = 3, 8
+L2_FLUSH_BYTES = 256 * 2**20  # written between timed products: no weight stays in L2
+
+
+def timed_variants(tiles: torch.Tensor, scales: torch.Tensor, group_size: int, gated: bool,
+                   variants: tuple) -> tuple:  # fmt: skip
+    """`variants_for`'s choice for this packed weight, each replaced by its pipelined twin
+    (the same variant with PIPELINE: the same sums in the same order, so the same bits)
+    where the twin runs faster on this device: timed once per weight shape and variant,
+    when a layer is built, at 1 row for the first and MAX_ROWS rows for the second."""
+    return tuple(
+        _faster(tiles, scales, group_size, gated, variant, MAX_ROWS if many else 1)
+        for many, variant in enumerate(variants)
+    )
+
+
+_FASTER: dict[tuple, tuple] = {}  # (device, tiles' shape, group, gated, variant, rows) -> choice
+
+
+def _faster(tiles, scales, group_size: int, gated: bool, variant: tuple, rows: int) -> tuple:
+    key = (tiles.device, tuple(tiles.shape), group_size, gated, variant, rows)
+    if key not in _FASTER:
+        twin = (*variant[:2], 1)
+        try:
+            kernels(tiles.device, twin)
+        except (OSError, RuntimeError):
+            _FASTER[key] = variant  # the twin does not compile or check here
+        else:
+            x = torch.randn(rows, tiles.shape[1] * 64, device=tiles.device)  # [N/16, K/64, ...]
+            args = (x.bfloat16(), tiles, scales, group_size)
+            times = _times((variant, twin), args, gated)
+            _FASTER[key] = twin if times[twin] < PIPELINED_GAIN * times[variant] else variant
+    return _FASTER[key]
+
+
+def _times(variants: tuple, args: tuple, gated: bool) -> dict:
+    """The least GPU time (ms) of TIMING_LAUNCHES products per variant over TIMING_TRIALS
+    trials, the variants taking turns; each product's weight read from memory, not L2, and
+    the launches queued behind a sleep, so no gap between them is timed."""
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=args[0].device)
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(TIMING_TRIALS):
+        for variant in variants:
+            matmul(*args, variant=variant, gated=gated)  # its first launch: untimed
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2 * TIMING_LAUNCHES)]
+            torch.cuda._sleep(10**6)
+            for start, end in zip(events[::2], events[1::2], strict=True):
+                flush.zero_()
+                start.record()
+                matmul(*args, variant=variant, gated=gated)
+                end.record()
+            events[-1].synchronize()
+            spent = sum(a.elapsed_time(b) for a, b in zip(events[::2], events[1::2], strict=True))
+            best[variant] = min(best[variant], spent)
+    return best
+
+
 def kernels(device: torch.device, variant: tuple[int, int] = VARIANTS[0]):
     """The kernels compiled for CUDA `device` and checked there (on first use; a CudaError
     when NVRTC or the driver cannot, or a kernel computes something else). Called when a

@@ -628,7 +628,9 @@ def _cuda_decode_weight(q, scales, zeros, group_size: int, device: torch.device,
         reason = f"llmkit's CUDA 4-bit kernel is unavailable ({e}); tinygemm runs instead"
         warnings.warn(reason, stacklevel=2)
         return None
-    return cuda_int4.pack(q), scales.to(device), group_size, gated, variants
+    tiles, scales = cuda_int4.pack(q), scales.to(device)
+    variants = cuda_int4.timed_variants(tiles, scales, group_size, gated, variants)
+    return tiles, scales, group_size, gated, variants
 
 
 def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor | None:
