@@ -173,7 +173,6 @@ def variants_for(n: int, group_size: int, gated: bool, device: torch.device):
 
 PIPELINED_GAIN = 0.97  # a pipelined twin is chosen where it takes under this of the time
 TIMING_TRIALS, TIMING_LAUNCHES = 3, 8
-L2_FLUSH_BYTES = 256 * 2**20  # written between timed products: no weight stays in L2
 
 
 def timed_variants(tiles: torch.Tensor, scales: torch.Tensor, group_size: int, gated: bool,
@@ -211,7 +210,9 @@ def _times(variants: tuple, args: tuple, gated: bool) -> dict:
     """The least GPU time (ms) of TIMING_LAUNCHES products per variant over TIMING_TRIALS
     trials, the variants taking turns; each product's weight read from memory, not L2, and
     the launches queued behind a sleep, so no gap between them is timed."""
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=args[0].device)
+    device = args[0].device
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 2**26
+    flush = torch.empty(l2 // 2, dtype=torch.float32, device=device)  # twice the L2's bytes
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(TIMING_TRIALS):
         for variant in variants:
