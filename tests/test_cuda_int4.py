@@ -313,6 +313,14 @@ def test_a_pipelined_twin_is_chosen_where_it_is_timed_faster_once_per_shape(monk
     cuda_int4.timed_variants(wider, scales, 128, False, ((8, 4), (8, 2)))
     assert len(timed) == 4  # another shape: timed again
 
+    def fail(variants, args, gated):
+        raise RuntimeError("no timer")
+
+    monkeypatch.setattr(cuda_int4, "_times", fail)
+    with pytest.warns(UserWarning, match="could not time"):
+        chosen = cuda_int4.timed_variants(wider, scales, 32, False, ((8, 4), (8, 2)))
+    assert chosen == ((8, 4), (8, 2))  # untimed: the variants as chosen
+
 
 @NEEDS_CUDA
 @pytest.mark.parametrize("gated", [False, True])
