@@ -91,7 +91,7 @@ class DecodeGraphs:
         ids, positions, slots, lens = self.fields[:, :rows]
         slots_by_step = inputs.meta.slot_mapping.view(steps, rows).to(slots.device)
         tokens = torch.empty((steps, rows), dtype=torch.long, device=slots.device)
-        chances = torch.empty((steps, rows), device=slots.device) if sure else None
+        chances = torch.empty((steps, rows), dtype=torch.float32, device=slots.device)
         for step in range(steps):
             if step:
                 ids.copy_(tokens[step - 1])

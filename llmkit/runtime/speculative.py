@@ -257,9 +257,7 @@ class DraftProposer:
         while common < min(len(old), len(tokens)) and old[common] == tokens[common]:
             common += 1  # past the last sync: the draft tokens the model accepted
         mirror.prompt_token_ids = tokens
-        # the last token is computed again (its K/V written again where they are) where the
-        # mirror ran past it: its logits are the next draft token's
-        mirror.num_computed_tokens = min(mirror.num_computed_tokens, common, len(tokens) - 1)
+        mirror.num_computed_tokens = min(mirror.num_computed_tokens, common)
         self.synced[seq.seq_id] = len(tokens)
         self.blocks.truncate(mirror)
         return self.blocks.can_allocate(mirror, len(tokens) - mirror.num_computed_tokens)
