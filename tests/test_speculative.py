@@ -120,56 +120,6 @@ def test_a_catch_up_as_decode_rows_computes_what_a_prefill_chunk_computes(tiny_d
         torch.testing.assert_close(logits(torch.float32, upto), reference, atol=1e-4, rtol=1e-4)
 
 
-class ScriptedDraftModel:
-    """A draft model's runner that proposes 5 (sure) for any step and, for a run of steps,
-    the tokens and probabilities it is given; it records what it was asked."""
-
-    def __init__(self, tokens: list[int], chances: list[float]):
-        self.tokens, self.chances, self.calls = tokens, chances, []
-
-    def execute(self, inputs):
-        self.calls.append(("step", len(inputs.input_ids)))
-        logits = torch.zeros(len(inputs.logits_indices), 16)
-        logits[:, 5] = 50.0
-        return logits
-
-    def draft_steps(self, inputs):
-        self.calls.append(("run", inputs.steps, inputs.input_ids.tolist()))
-        return [self.tokens[: inputs.steps]], [self.chances[: inputs.steps]]
-
-
-def test_greedy_drafts_run_their_steps_after_the_catch_up_in_one_call():
-    """A greedy sequence catches up (one step, its tokens as decodes), then its k - 1 other
-    steps run in one call: the mirror takes every token; the draft ends at the first doubted
-    one. A sampled sequence, or sequences that want different numbers of tokens, step."""
-    from llmkit.runtime.speculative import DraftProposer
-
-    greedy = SamplingParams(temperature=0)
-
-    def propose(seqs, sizes, tokens=(6, 7, 8), chances=(0.9, 0.1, 0.9)):
-        runner = ScriptedDraftModel(list(tokens), list(chances))
-        proposer = DraftProposer(runner, 64, 16, 0.4, 4)
-        drafts = proposer.propose(seqs, sizes)
-        return [d.tokens for d in drafts], runner.calls, proposer
-
-    seq = Sequence(list(range(3, 40)), greedy)
-    drafts, calls, proposer = propose([seq], [4])
-    assert drafts == [[5, 6, 7]]  # 7 was doubted: 8 is computed, not proposed
-    assert calls == [("step", 37), ("run", 3, [5])]
-    mirror = proposer.mirrors[seq.seq_id]
-    assert mirror.prompt_token_ids[37:] == [5, 6, 7, 8] and mirror.num_uncomputed_tokens == 1
-    assert proposer.blocks.num_free_blocks == 64 - 3  # 41 tokens, 40 computed
-
-    drafts, calls, _ = propose([seq], [4], chances=(0.9, 0.9, 0.9))
-    assert drafts == [[5, 6, 7, 8]] and calls[1] == ("run", 3, [5])
-    sampled = Sequence(list(range(3, 40)), SamplingParams(temperature=1.0, seed=1))
-    _, calls, _ = propose([sampled], [3])
-    assert [c[0] for c in calls] == ["step"] * 3
-    other = Sequence(list(range(3, 20)), greedy)
-    _, calls, _ = propose([seq, other], [4, 3])
-    assert [c[0] for c in calls] == ["step"] * 4  # 3 more wanted against 2
-
-
 def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):
     """The model as its own draft: below a confidence of 1 every token is doubted, so each
     draft is one token; with 0 drafts run to full length. The tokens are plain decoding's."""

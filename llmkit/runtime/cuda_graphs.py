@@ -22,7 +22,7 @@ import time
 import torch
 
 from llmkit.runtime.layers.attention import AttentionMetadata
-from llmkit.runtime.layers.sampler import argmax, most_likely
+from llmkit.runtime.layers.sampler import argmax
 
 
 def buckets(max_seqs: int) -> list[int]:
@@ -79,11 +79,10 @@ class DecodeGraphs:
             return logits[:rows]
         return logits[wanted.to(logits.device)]
 
-    def greedy_steps(self, inputs, sure: bool = False):
+    def greedy_steps(self, inputs) -> torch.Tensor:
         """int64 [sequences, steps], on the device: `inputs.steps` greedy decode steps
         (model_runner.prepare_steps: the tables cover every step, the slots are step-major),
-        each step's tokens the argmax of the logits of the one before. `sure`: (those, and
-        float32 [sequences, steps] the probability the model gave each token)."""
+        each step's tokens the argmax of the logits of the one before."""
         rows, steps = len(inputs.input_ids), inputs.steps
         if not self.holds(inputs):
             raise ValueError(f"{rows} decodes do not fit the graphs' buffers")
@@ -91,19 +90,14 @@ class DecodeGraphs:
         ids, positions, slots, lens = self.fields[:, :rows]
         slots_by_step = inputs.meta.slot_mapping.view(steps, rows).to(slots.device)
         tokens = torch.empty((steps, rows), dtype=torch.long, device=slots.device)
-        chances = torch.empty((steps, rows), dtype=torch.float32, device=slots.device)
         for step in range(steps):
             if step:
                 ids.copy_(tokens[step - 1])
                 positions.add_(1)
                 slots.copy_(slots_by_step[step])
                 lens.add_(1)
-            logits = self._replay(rows)[:rows]
-            if sure:
-                tokens[step], chances[step] = most_likely(logits)
-            else:
-                tokens[step] = argmax(logits)
-        return (tokens.t(), chances.t()) if sure else tokens.t()
+            tokens[step] = argmax(self._replay(rows)[:rows])
+        return tokens.t()
 
     def _replay(self, rows: int) -> torch.Tensor:
         """The logits [bucket, vocab] of the model over the buffers' first `rows` rows (and

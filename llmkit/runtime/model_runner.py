@@ -16,7 +16,7 @@ from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.layers import pages
 from llmkit.runtime.layers.attention import AttentionMetadata, Prefill
-from llmkit.runtime.layers.sampler import Sampled, Sampler, most_likely, score
+from llmkit.runtime.layers.sampler import Sampled, Sampler, score
 from llmkit.runtime.loader import load_model
 from llmkit.runtime.lora import LoraContext, install, read_adapter
 from llmkit.runtime.models.llama import LlamaConfig
@@ -189,32 +189,6 @@ class ModelRunner:
             args = (inputs.input_ids, inputs.positions, slots, meta, self.kv_caches, steps)
             chosen = self.model.greedy_steps(*args).tolist()
         return StepOutput(seqs, [[Sampled(t) for t in row] for row in chosen], [])
-
-    def draft_steps(self, inputs: StepInputs) -> tuple[list[list[int]], list[list[float]]]:
-        """A draft model's run of `inputs.steps` greedy decode steps (prepare_steps), each
-        step's tokens the argmax of the one before: per sequence, the tokens and the
-        probability the model gave each. One graph call where the graphs hold the step
-        (CUDA), else a forward pass a step; either way one copy back to the host."""
-        if self.graphs is not None and self.graphs.holds(inputs):
-            tokens, sure = self.graphs.greedy_steps(inputs, sure=True)
-        else:
-            tokens, sure = self._eager_steps(inputs.to(self.device))
-        both = torch.stack((tokens.double(), sure.double())).cpu()
-        return both[0].long().tolist(), both[1].tolist()
-
-    def _eager_steps(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """draft_steps' tokens and probabilities [sequences, steps], a step at a time."""
-        rows, meta = len(inputs.input_ids), inputs.meta
-        slots = meta.slot_mapping.view(inputs.steps, rows)
-        ids, every = inputs.input_ids, torch.arange(rows, device=inputs.input_ids.device)
-        tokens, sure = [], []
-        for step in range(inputs.steps):
-            at = AttentionMetadata(slots[step], rows, meta.decode_blocks, meta.decode_lens + step)
-            logits = self.model(ids, inputs.positions + step, at, self.kv_caches, every)
-            ids, chance = most_likely(logits)
-            tokens.append(ids)
-            sure.append(chance)
-        return torch.stack(tokens, 1), torch.stack(sure, 1)
 
     def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
         """Load the PEFT adapter in `path` as `lora_id` (LlmkitError if it does not fit)."""

@@ -147,21 +147,16 @@ class DraftProposer:
     def propose(self, seqs: list[Sequence], sizes: list[int]) -> list[Draft]:
         """Up to sizes[i] tokens for seqs[i]: k steps of the draft model over all of them
         (none for a sequence whose tokens its KV cache cannot hold now; no more after a
-        token the draft model doubts). Once the sequences have caught up, greedy ones that
-        all want as many more tokens run their remaining steps in one call."""
+        token the draft model doubts)."""
         drafts = [Draft() for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, k in enumerate(sizes) if k > 0 and self._sync(seqs[i])]
         limits = list(sizes)  # a doubted token ends its draft: the limit drops to its length
         for _ in range(max(sizes, default=0)):
             active = [i for i in active if len(drafts[i].tokens) < limits[i]]
-            mirrors = [self.mirrors[seqs[i].seq_id] for i in active]
-            wanted = {limits[i] - len(drafts[i].tokens) for i in active}
-            if self._runs_ahead(mirrors, wanted):
-                self._run_ahead(active, mirrors, wanted.pop(), drafts, limits)
-                break
             batch = Batch()
-            for mirror in mirrors:
+            for i in active:
+                mirror = self.mirrors[seqs[i].seq_id]
                 n = mirror.num_tokens - mirror.num_computed_tokens
                 if not self.blocks.can_allocate(mirror, n):
                     break
@@ -180,41 +175,6 @@ class DraftProposer:
             if rows and len(rows) == len(draft.tokens):
                 draft.probs = torch.stack(rows)
         return drafts
-
-    @staticmethod
-    def _runs_ahead(mirrors: list[Sequence], wanted: set[int]) -> bool:
-        """Whether these mirrors' next steps run in one call: all greedy, each with only its
-        last token to compute, all wanting the same number (> 1) of tokens more (so no
-        step computes past any one's context)."""
-        if len(wanted) != 1 or min(wanted) < 2:
-            return False
-        return all(m.params.greedy and m.num_uncomputed_tokens == 1 for m in mirrors)
-
-    def _run_ahead(self, active: list[int], mirrors: list[Sequence], steps: int, drafts,
-                   limits: list[int]) -> None:  # fmt: skip
-        """`steps` greedy steps of `mirrors` (those whose KV cache has room) in one call:
-        each mirror takes every token, its draft those up to the first doubted one."""
-        from llmkit.runtime.model_runner import prepare_steps
-
-        batch = Batch(steps=steps)
-        kept = []
-        for i, mirror in zip(active, mirrors, strict=True):
-            if self.blocks.can_allocate(mirror, steps):
-                self.blocks.allocate(mirror, steps)
-                batch.add(mirror, steps)
-                kept.append(i)
-        if not kept:
-            return
-        tokens, sure = self.runner.draft_steps(prepare_steps(batch, self.block_size))
-        for i, mirror, row, chances in zip(kept, batch.seqs, tokens, sure, strict=True):
-            mirror.num_computed_tokens += steps
-            mirror.prompt_token_ids += row
-            for token, chance in zip(row, chances, strict=True):
-                if len(drafts[i].tokens) == limits[i]:
-                    break
-                drafts[i].tokens.append(token)
-                if chance < self.min_confidence:
-                    limits[i] = len(drafts[i].tokens)
 
     def _next_tokens(self, batch: Batch):
         """Run the draft model on `batch`; each mirror's next token (appended to it), the
@@ -276,11 +236,13 @@ class DraftProposer:
 def _greedy_rows(logits: torch.Tensor, rows: list[int]) -> list[tuple[int, float]]:
     """(argmax, its probability under the softmax) of each of `rows` of `logits`, computed
     where the logits are; one copy to the host."""
-    from llmkit.runtime.layers.sampler import most_likely
+    from llmkit.runtime.layers.sampler import argmax
 
     if not rows:
         return []
-    tokens, confidence = most_likely(logits[rows])
+    picked = logits[rows]
+    tokens = argmax(picked).to(picked.device)
+    confidence = torch.softmax(picked, -1).gather(1, tokens[:, None])[:, 0]
     both = torch.stack((tokens.double(), confidence.double())).cpu()
     return [(int(t), float(c)) for t, c in both.t().tolist()]
 

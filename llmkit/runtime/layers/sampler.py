@@ -186,14 +186,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return argmax_in_parts(logits)
 
 
-def most_likely(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's argmax (as `argmax` gives it) and the probability the row's softmax gives
-    that token, both where the logits are: what a greedy draft proposes, and how sure of
-    it the draft model is."""
-    tokens = argmax(logits).to(logits.device)
-    return tokens, torch.softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
-
-
 ARGMAX_PARTS = 256  # the most parts argmax_in_parts splits a row into
 
 
