@@ -135,10 +135,11 @@ class DraftProposer:
 
         self.runner, self.block_size = runner, block_size
         self.min_confidence = min_confidence
-        # a mirror catching up on at most this many tokens (those the target accepted of its
-        # last draft, and the target's own) computes them as decodes: a step of decodes
-        # only, which a CUDA graph replays
-        self.catch_up = k + 1
+        # where the draft model replays CUDA graphs, a mirror catching up on at most k + 1
+        # tokens (those the target accepted of its last draft, and the target's own)
+        # computes them as decodes: a step of decodes only, which a graph replays; elsewhere
+        # as a prefill, which the CPU runs faster (benchmarks/speculative.py's drafts)
+        self.catch_up = k + 1 if getattr(runner, "graphs", None) is not None else 1
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> the draft model's sequence
         self.synced: dict[int, int] = {}  # target seq_id -> its length at the last sync
