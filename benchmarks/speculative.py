@@ -57,7 +57,9 @@ draft model doubts every token, so the draft target is measured on WIDE_CUDA: st
 widened as WIDE is, further (hidden x 64, intermediate x 128: some 1.4B parameters, written
 in bfloat16), a step of a model of Llama-3.2-1B's size, plainly and with stories260K as
 its draft, on both workloads (as text) at concurrency 1, WIDE_CUDA_OUTPUT_LEN tokens a
-request (stories260K's context is 512 tokens). Writes
+request (stories260K's context is 512 tokens); and the 1B shapes' ngram with no
+--speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP), where a GPU's step is still
+bandwidth-bound: whether that default holds there too. Writes
 benchmarks/results/speculative-cuda-<date>.json.
 
     python benchmarks/speculative.py [--workdir DIR] [--rounds 3] [--device cuda]
@@ -84,6 +86,8 @@ CONCURRENCY = (1, 64)
 CUDA_CONCURRENCY = (1, 8, 64)
 LLAMA_1B = "llama-1b"  # the --device cuda target (benchmarks/shard.py's LLAMA_1B shapes)
 SWEEP = (2, 4, 8)  # concurrencies of the run without the --speculative-max-seqs limit
+# the same on CUDA (among CUDA_CONCURRENCY), where a step of 8 is still bandwidth-bound
+CUDA_SWEEP = (8,)
 UNLIMITED = "ngram-unlimited"
 DRAFT_LAYERS = 2
 K = 4
@@ -238,9 +242,9 @@ def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, obj
 
 
 def cuda_engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, object]:
-    def llm(model: str = LLAMA_1B, speculative: str | None = None):
-        # five engines share the GPU: each gets its own KV cache size, not a share of it
-        return speculating(models[model], speculative, speculative_max_seqs, device="cuda",
+    def llm(model: str = LLAMA_1B, speculative: str | None = None, limit=speculative_max_seqs):
+        # six engines share the GPU: each gets its own KV cache size, not a share of it
+        return speculating(models[model], speculative, limit, device="cuda",
                            dtype="bfloat16", max_num_seqs=max(CUDA_CONCURRENCY),
                            max_model_len=4096 if model == LLAMA_1B else None,
                            kv_cache_memory=(6 if model == LLAMA_1B else 1) * 2**30)  # fmt: skip
@@ -249,6 +253,7 @@ def cuda_engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str
         f"{LLAMA_1B} plain": llm(),
         f"{LLAMA_1B} ngram": llm(speculative="ngram"),
         f"{LLAMA_1B} draft": llm(speculative=str(models["draft"])),
+        f"{LLAMA_1B} {UNLIMITED}": llm(speculative="ngram", limit=max(CUDA_SWEEP)),
         f"{WIDE_CUDA} plain": llm(WIDE_CUDA),
         f"{WIDE_CUDA} draft": llm(WIDE_CUDA, str(models["stories260K"])),
     }
@@ -265,8 +270,11 @@ def main() -> None:
         llms = cuda_engines(make_cuda_models(work, args.shared), args.speculative_max_seqs)
         setting = {LLAMA_1B: (workloads(args.shared, as_ids=True), CUDA_OUTPUT_LEN),
                    WIDE_CUDA: (texts, WIDE_CUDA_OUTPUT_LEN)}  # fmt: skip
-        proposers = ("plain", "ngram", "draft")
-        cases = [(LLAMA_1B, w, c, proposers) for w in texts for c in CUDA_CONCURRENCY]
+
+        def proposers(c: int) -> tuple:  # the sweep's runs beside the others: one plain run
+            return ("plain", "ngram", "draft") + ((UNLIMITED,) if c in CUDA_SWEEP else ())
+
+        cases = [(LLAMA_1B, w, c, proposers(c)) for w in texts for c in CUDA_CONCURRENCY]
         cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in texts]
         warm_up = CUDA_CONCURRENCY  # each graph bucket captured before any timing
     else:
@@ -334,7 +342,7 @@ def report(rounds: list[dict], speculative_max_seqs: int, cuda: bool) -> None:
 def summarize(fields: dict, cuda: bool = False) -> list[dict]:
     """One row per proposer and workload at concurrency 1; one per proposer at each higher
     concurrency (its worse workload; the largest one's with its target); one per
-    concurrency of the unlimited sweep (CPU)."""
+    concurrency of the unlimited sweep."""
     rounds = fields["rounds"]
     runs = [key.split() for key in rounds[0] if key.split()[1] != "plain"]
     rows = [_row(rounds, *run) for run in runs if run[3] == "1" and run[1] != UNLIMITED]
@@ -344,8 +352,8 @@ def summarize(fields: dict, cuda: bool = False) -> list[dict]:
         for proposer in ("ngram", "draft"):
             label = f"{model} {proposer}"
             rows.append(_worse(rounds, runs, proposer, concurrency, label, floor))
-    for concurrency in () if cuda else SWEEP:
-        label = "small-llama ngram without the --speculative-max-seqs limit"
+    for concurrency in CUDA_SWEEP if cuda else SWEEP:
+        label = f"{model} ngram without the --speculative-max-seqs limit"
         rows.append(_worse(rounds, runs, UNLIMITED, concurrency, label))
     return rows
 
