@@ -117,7 +117,7 @@ class Engine:
         self._guide_thread: ThreadPoolExecutor | None = None
         self.loras = LoraRegistry(config.max_loras)
         try:
-            self.proposer = self._proposer(dtype, device, num_blocks)
+            self.proposer = self._proposer()
         except BaseException:
             self.executor.close()  # the model's workers and memory, before the one line
             raise
@@ -327,8 +327,9 @@ class Engine:
         )
         return max(0, min(self.config.num_speculative_tokens, room - 1))
 
-    def _proposer(self, dtype: str, device, num_blocks: int):
-        """The proposer --speculative names (None: off)."""
+    def _proposer(self):
+        """The proposer --speculative names (None: off). A draft model runs on the model's
+        device in its dtype, with as many KV blocks and CUDA graphs as the model's, tp 1."""
         c = self.config
         if c.speculative is None:
             return None
@@ -341,9 +342,9 @@ class Engine:
         draft = json.loads((Path(c.speculative).expanduser() / "config.json").read_text())
         check_draft(draft.get("vocab_size"), self.model_config.vocab_size, c.speculative)
         spec = replace(self.executor.spec, model_path=c.speculative, tp=1, max_loras=0)
-        runner = spec.build(0)  # CUDA graphs as the model's, for steps of as many rows
         k = c.num_speculative_tokens
-        return DraftProposer(runner, num_blocks, c.block_size, c.draft_min_confidence, k)
+        return DraftProposer(spec.build(0), spec.num_blocks, c.block_size,
+                             c.draft_min_confidence, k)  # fmt: skip
 
     def _masks(self, batch: Batch) -> Callable[[], dict] | None:
         """The token masks of the guided sequences that sample in this step (seq_id -> bit
