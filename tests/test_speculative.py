@@ -4,6 +4,7 @@ tokens keep the model's distribution), and the KV blocks of rejected drafts rele
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +119,23 @@ def test_a_catch_up_as_decode_rows_computes_what_a_prefill_chunk_computes(tiny_d
     reference = logits(torch.float64, 1)
     for upto in (1, 3):
         torch.testing.assert_close(logits(torch.float32, upto), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_a_draft_model_with_a_shorter_context_drafts_only_within_it(tiny_dir, tmp_path):
+    """A draft model of 48 positions beside a model of 512: prompts that outgrow it while
+    decoding, and one longer than it from the start, decode as plainly, drafted for while
+    they fit (none of the draft model's positions past its context)."""
+    import json
+    import shutil
+
+    model = tiny_dir("tiny-llama")
+    short = Path(shutil.copytree(model, tmp_path / "short"))
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
+    prompt_list = [list(range(3, 33)), list(range(5, 45)), list(range(3, 70))]
+    plain, _ = generate(model, prompt_list)
+    speculated, stats = generate(model, prompt_list, speculative=str(short))
+    assert speculated == plain and stats.drafts > 0
 
 
 def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):

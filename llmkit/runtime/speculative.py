@@ -135,6 +135,7 @@ class DraftProposer:
 
         self.runner, self.block_size = runner, block_size
         self.min_confidence = min_confidence
+        self.max_positions = runner.config.max_position_embeddings  # the draft model's context
         # where the draft model replays CUDA graphs, a mirror catching up on at most k + 1
         # tokens (those the target accepted of its last draft, and the target's own)
         # computes them as decodes: a step of decodes only, which a graph replays; elsewhere
@@ -151,9 +152,15 @@ class DraftProposer:
         token the draft model doubts)."""
         drafts = [Draft() for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        active = [i for i, k in enumerate(sizes) if k > 0 and self._sync(seqs[i])]
-        limits = list(sizes)  # a doubted token ends its draft: the limit drops to its length
-        for _ in range(max(sizes, default=0)):
+        # k steps compute positions up to the sequence's length + k - 2: none past the draft
+        # model's context (a sequence longer than it is drafted for no more)
+        limits = [
+            min(k, self.max_positions + 1 - s.num_tokens) for s, k in zip(seqs, sizes, strict=True)
+        ]
+        for seq in (s for s, k in zip(seqs, limits, strict=True) if k <= 0):
+            self.release(seq.seq_id)
+        active = [i for i, k in enumerate(limits) if k > 0 and self._sync(seqs[i])]
+        for _ in range(max(limits, default=0)):
             active = [i for i in active if len(drafts[i].tokens) < limits[i]]
             batch = Batch()
             for i in active:
