@@ -138,6 +138,29 @@ def test_a_draft_model_with_a_shorter_context_drafts_only_within_it(tiny_dir, tm
     assert speculated == plain and stats.drafts > 0
 
 
+def test_a_failing_draft_model_costs_its_drafts_not_the_requests(tiny_dir, monkeypatch, caplog):
+    """A draft model whose every other round raises: the requests decode as plainly, with
+    the drafts of the rounds that ran, and each failure is one warning."""
+    from llmkit.runtime.speculative import DraftProposer
+
+    model = tiny_dir("tiny-llama")
+    real, calls = DraftProposer.propose, []
+
+    def flaky(self, seqs, sizes):
+        calls.append(len(seqs))
+        if len(calls) % 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(self, seqs, sizes)
+
+    monkeypatch.setattr(DraftProposer, "propose", flaky)
+    plain, _ = generate(model, prompts())
+    with caplog.at_level("WARNING", logger="llmkit.engine"):
+        speculated, stats = generate(model, prompts(), speculative=str(model))
+    assert speculated == plain and stats.accepted > 0
+    failures = [r for r in caplog.records if "proposer failed (CUDA out of memory)" in r.message]
+    assert len(failures) == (len(calls) + 1) // 2
+
+
 def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):
     """The model as its own draft: below a confidence of 1 every token is doubted, so each
     draft is one token; with 0 drafts run to full length. The tokens are plain decoding's."""

@@ -282,7 +282,13 @@ class Engine:
         sizes = {i: self._draft_size(batch.seqs[i]) for i in decodes}
         chosen = [i for i in decodes if sizes[i] > 0]
         seqs = [batch.seqs[i] for i in chosen]
-        drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen])
+        try:
+            drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen])
+        except Exception as e:  # a draft model that fails costs the step its drafts only
+            log.warning("no drafts this step: the %s proposer failed (%s)", self.proposer.name, e)
+            for seq in seqs:  # its state for them is rebuilt when they are drafted for again
+                self.proposer.release(seq.seq_id)
+            return
         for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
             if self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
