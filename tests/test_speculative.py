@@ -161,6 +161,35 @@ def test_a_failing_draft_model_costs_its_drafts_not_the_requests(tiny_dir, monke
     assert len(failures) == (len(calls) + 1) // 2
 
 
+def test_the_gpu_budget_holds_the_draft_models_weights_and_kv_blocks(tiny_dir, monkeypatch):
+    """On a GPU the KV blocks are what is left after the model's weights and the draft
+    model's, each block beside one of the draft model's (the model as its own draft here:
+    twice the weights, twice the bytes a block)."""
+    from dataclasses import replace
+
+    from llmkit.checkpoint.rank_tensors import open_rank
+    from llmkit.runtime import engine as engine_module
+    from llmkit.runtime.executor import DTYPES
+
+    model = tiny_dir("tiny-llama")
+    monkeypatch.setattr(engine_module, "cuda_memory", lambda device: (10**8, 2 * 10**8))
+    llm = LLM(model, EngineConfig(speculative=str(model)))
+    src = open_rank(str(model))
+    try:
+        engine, cuda = llm.engine, torch.device("cuda")
+        per_block, itemsize = engine.kv_block_bytes, DTYPES[engine.executor.spec.dtype].itemsize
+        weights = engine_module._weight_bytes(src)
+        drafted = engine._cuda_num_blocks(cuda, src, per_block, itemsize)
+        engine.config = replace(engine.config, speculative="ngram")
+        plain = engine._cuda_num_blocks(cuda, src, per_block, itemsize)
+    finally:
+        src.close()
+        llm.close()
+    left = 10**8 - 2 * 10**8 * 0.1  # --gpu-memory-utilization 0.9 of 2e8 bytes, 1e8 free
+    assert plain == int(left - weights) // per_block
+    assert drafted == int(left - 2 * weights) // (2 * per_block) < plain
+
+
 def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):
     """The model as its own draft: below a confidence of 1 every token is doubted, so each
     draft is one token; with 0 drafts run to full length. The tokens are plain decoding's."""

@@ -79,7 +79,7 @@ class Engine:
             self.kv_block_bytes = kv_block_bytes(
                 self.model_config, config.tp, config.block_size, DTYPES[dtype].itemsize
             )
-            num_blocks = self._num_blocks(device, src)
+            num_blocks = self._num_blocks(device, src, DTYPES[dtype].itemsize)
         finally:
             src.close()
         if config.verify:
@@ -457,14 +457,14 @@ class Engine:
             return None
         return Detokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
 
-    def _num_blocks(self, device, src: RankTensors) -> int:
+    def _num_blocks(self, device, src: RankTensors, itemsize: int) -> int:
         c, per_block = self.config, self.kv_block_bytes
         max_len = c.max_model_len or self.model_config.max_position_embeddings
         wanted = c.max_num_seqs * -(-max_len // c.block_size)
         if c.kv_cache_memory is not None:
             budget = c.kv_cache_memory
         elif device.type == "cuda":
-            return self._cuda_num_blocks(device, src, per_block)
+            return self._cuda_num_blocks(device, src, per_block, itemsize)
         else:
             budget = min(CPU_KV_CACHE_LIMIT, wanted * per_block)
         num_blocks = budget // per_block
@@ -475,11 +475,14 @@ class Engine:
             )
         return int(num_blocks)
 
-    def _cuda_num_blocks(self, device, src: RankTensors, per_block: int) -> int:
+    def _cuda_num_blocks(self, device, src: RankTensors, per_block: int, itemsize: int) -> int:
         """Blocks in what --gpu-memory-utilization of the GPU leaves after the weights and
-        what others use."""
+        what others use; with a draft model, after its weights too, each block beside one
+        of the draft model's (it holds as many)."""
         free, total = cuda_memory(device)
         utilization, weights = self.config.gpu_memory_utilization, _weight_bytes(src)
+        draft_weights, draft_block = self._draft_bytes(itemsize)
+        weights, per_block = weights + draft_weights, per_block + draft_block
         num_blocks = int(free - total * (1 - utilization) - weights) // per_block
         if num_blocks < 1:
             raise LlmkitError(
@@ -489,6 +492,19 @@ class Engine:
                 "--gpu-memory-utilization, free the GPU, or set --kv-cache-memory"
             )
         return num_blocks
+
+    def _draft_bytes(self, itemsize: int) -> tuple[int, int]:
+        """(weight bytes, KV bytes a block) of the --speculative draft model on the GPU, from
+        its headers; (0, 0) without one (the path is checked when the proposer is built)."""
+        path = self.config.speculative
+        if path is None or not (Path(path).expanduser() / "config.json").is_file():
+            return 0, 0
+        draft = open_rank(str(Path(path).expanduser()), 1, 0)
+        try:
+            config = LlamaConfig.from_hf(draft.config)
+            return _weight_bytes(draft), kv_block_bytes(config, 1, self.config.block_size, itemsize)
+        finally:
+            draft.close()
 
 
 def _check_context(max_model_len: int | None, positions: int) -> None:
