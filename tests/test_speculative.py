@@ -203,16 +203,19 @@ def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):
         EngineConfig(draft_min_confidence=1.5)
 
 
-def test_speculation_with_prefix_caching_preemption_logprobs_and_stop(tiny_dir):
+@pytest.mark.parametrize("draft", ["ngram", "self"])
+def test_speculation_with_prefix_caching_preemption_logprobs_and_stop(tiny_dir, draft):
     """A KV cache small enough that sequences are preempted, shared prefixes, n = 2,
-    log probabilities: the same tokens and the same log probabilities."""
+    log probabilities: the same tokens and the same log probabilities, with ngram and with
+    a draft model (the model itself: its KV cache as small)."""
     model = tiny_dir("tiny-llama")
     shared = random_prompts(1, 40, 41, seed=3)[0]
     prompt_list = [shared + p for p in prompts()]
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=2, n=2)
     config = dict(kv_cache_memory=24 * 2048, block_size=4)  # 24 blocks of 4 tokens
     llm_plain = LLM(model, EngineConfig(**config))
-    llm_spec = LLM(model, EngineConfig(**config, **ALL, speculative="ngram"))
+    speculative = "ngram" if draft == "ngram" else str(model)
+    llm_spec = LLM(model, EngineConfig(**config, **ALL, speculative=speculative))
     try:
         plain = llm_plain.generate(prompt_list, params)
         spec = llm_spec.generate(prompt_list, params)
@@ -220,6 +223,9 @@ def test_speculation_with_prefix_caching_preemption_logprobs_and_stop(tiny_dir):
         assert llm_spec.engine.block_manager.num_hit_blocks > 0
         assert llm_spec.engine.spec_stats.accepted > 0
         assert llm_spec.engine.block_manager.num_used_blocks == 0
+        if draft != "ngram":  # every mirror released with its sequence
+            assert llm_spec.engine.proposer.blocks.num_used_blocks == 0
+            assert not llm_spec.engine.proposer.mirrors
     finally:
         llm_plain.close()
         llm_spec.close()
@@ -229,6 +235,28 @@ def test_speculation_with_prefix_caching_preemption_logprobs_and_stop(tiny_dir):
             for la, lb in zip(x.logprobs, y.logprobs, strict=True):
                 assert la["token_id"] == lb["token_id"]
                 assert la["logprob"] == pytest.approx(lb["logprob"], abs=1e-4)
+
+
+def test_aborted_requests_leave_the_draft_model_no_blocks(tiny_dir):
+    """Requests aborted while their drafts are in flight release the draft model's copy
+    of them as they release their own blocks."""
+    model = tiny_dir("tiny-llama")
+    llm = LLM(model, EngineConfig(**ALL, speculative=str(model)))
+    engine = llm.engine
+    try:
+        for i, prompt in enumerate(prompts()):
+            engine.add_request(str(i), prompt_token_ids=prompt, params=GREEDY)
+        for _ in range(4):
+            engine.step()
+        assert engine.proposer.mirrors and engine.spec_stats.drafts > 0
+        for i in range(0, len(prompts()), 2):
+            engine.abort(str(i))
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.block_manager.num_used_blocks == 0
+        assert engine.proposer.blocks.num_used_blocks == 0 and not engine.proposer.mirrors
+    finally:
+        llm.close()
 
 
 def test_speculation_stops_at_max_tokens_and_per_request_off(tiny_dir):
