@@ -397,6 +397,76 @@ def test_a_kernel_that_cannot_load_is_tried_once(monkeypatch):
     assert len(tries) == 1
 
 
+def test_compiled_cubins_are_kept_by_what_they_depend_on(monkeypatch, tmp_path):
+    """A cubin compiled once is read back by the next process that asks for the same
+    source, name, architecture, macros and NVRTC version, and compiled anew for any other;
+    where the cache cannot be written, each is compiled and nothing is left behind."""
+    from llmkit.kernels import cuda_rtc
+
+    compiled, version = [], [(13, 0)]
+
+    def compile_cubin(source, name, arch, defines=()):
+        compiled.append((source, defines))
+        return f"{source} {name} {arch} {defines} {version[0]}".encode()
+
+    monkeypatch.setattr(cuda_rtc, "compile_cubin", compile_cubin)
+    monkeypatch.setattr(cuda_rtc, "nvrtc_version", lambda: version[0])
+    monkeypatch.setenv("LLMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    first = cuda_rtc.cached_cubin("src", "k.cu", (9, 0), ["A=1"])
+    assert first[1] is False and cuda_rtc.cached_cubin("src", "k.cu", (9, 0), ["A=1"]) == (
+        first[0],
+        True,
+    )
+    assert len(compiled) == 1
+    kept = list((tmp_path / "cache" / "cubin").iterdir())
+    assert len(kept) == 1 and kept[0].read_bytes() == first[0]  # no partial file left
+    for args in [("src", "k.cu", (9, 0), ["A=2"]), ("other", "k.cu", (9, 0), ["A=1"]),
+                 ("src", "k.cu", (8, 0), ["A=1"])]:  # fmt: skip
+        assert cuda_rtc.cached_cubin(*args)[1] is False
+    version[0] = (13, 1)
+    assert cuda_rtc.cached_cubin("src", "k.cu", (9, 0), ["A=1"])[1] is False
+    assert len(compiled) == 5
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LLMKIT_CACHE_DIR", str(tmp_path / "file"))  # a file, not a folder
+    for _ in range(2):
+        assert cuda_rtc.cached_cubin("src", "k.cu", (9, 0), ["A=1"])[1] is False
+    assert len(compiled) == 7
+
+
+def test_a_kept_cubin_the_driver_refuses_is_compiled_again(monkeypatch, tmp_path):
+    """A damaged cubin in the cache: the driver refuses it, so it is compiled again, loaded
+    and kept in its place; a fresh one the driver refuses too is a CudaError."""
+    from llmkit.kernels import cuda_rtc
+
+    compiled = []
+
+    def compile_cubin(source, name, arch, defines=()):
+        compiled.append(source)
+        return b"bad" if source == "refused" else b"good"
+
+    loaded = []
+
+    class Driver:
+        def cuModuleLoadData(self, module, cubin):
+            loaded.append(cubin)
+            return 0 if cubin == b"good" else 200  # CUDA_ERROR_INVALID_IMAGE
+
+        def cuGetErrorName(self, status, name):
+            return 0
+
+    monkeypatch.setattr(cuda_rtc, "compile_cubin", compile_cubin)
+    monkeypatch.setattr(cuda_rtc, "nvrtc_version", lambda: (13, 0))
+    monkeypatch.setenv("LLMKIT_CACHE_DIR", str(tmp_path))
+    cuda_rtc.load_module(Driver(), "src", "k.cu", (9, 0))
+    [kept] = (tmp_path / "cubin").iterdir()
+    kept.write_bytes(b"damaged")
+    cuda_rtc.load_module(Driver(), "src", "k.cu", (9, 0))
+    assert loaded == [b"good", b"damaged", b"good"] and kept.read_bytes() == b"good"
+    assert compiled == ["src", "src"]
+    with pytest.raises(cuda_rtc.CudaError, match=r"loading k\.cu"):
+        cuda_rtc.load_module(Driver(), "refused", "k.cu", (9, 0))
+
+
 @pytest.mark.parametrize("programmatic", [False, True])
 def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, programmatic):
     """cuda_rtc.Module.launch with dependent=True goes through cuLaunchKernelEx with one

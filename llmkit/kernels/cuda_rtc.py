@@ -7,6 +7,11 @@ device) and `Module.launch` queues a kernel on torch's current stream, where
 CUDA graph capture records it like any torch kernel. Compile and load a module before
 capturing: loading is not allowed while a stream captures.
 
+Compiled cubins are kept on disk (`cubin_dir`), named by everything they depend on (the
+source, its name, the architecture, the macros and NVRTC's version), so a later process
+loads one instead of compiling it again (a second or more per module); a kept cubin the
+driver refuses is compiled again and replaced.
+
 Nothing here is imported by llmkit's CPU paths.
 """
 
@@ -15,8 +20,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import hashlib
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -135,6 +143,65 @@ def compile_cubin(source: str, name: str, arch: tuple[int, int], defines=()) -> 
         lib.nvrtcDestroyProgram(ctypes.byref(program))
 
 
+def cubin_dir() -> Path:
+    """Where compiled cubins are kept: $LLMKIT_CACHE_DIR/cubin, else llmkit/cubin under
+    $XDG_CACHE_HOME or ~/.cache."""
+    root = os.environ.get("LLMKIT_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmkit"
+    return Path(root) / "cubin"
+
+
+def nvrtc_version() -> tuple[int, int]:
+    lib = _nvrtc()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    if lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)):
+        raise CudaError("nvrtcVersion failed")
+    return major.value, minor.value
+
+
+def cached_cubin(source: str, name: str, arch: tuple[int, int], defines=(),
+                 fresh: bool = False) -> tuple[bytes, bool]:  # fmt: skip
+    """(the cubin compile_cubin makes of these, whether it was read from cubin_dir rather
+    than compiled now); `fresh`: compiled whatever is kept. A cubin compiled is kept (written
+    whole or not at all; where the directory cannot be written, not kept)."""
+    key = hashlib.sha256()
+    for piece in (source, name, repr(tuple(arch)), repr(tuple(defines)), repr(nvrtc_version())):
+        key.update(piece.encode() + b"\0")
+    path = cubin_dir() / f"{key.hexdigest()[:32]}.cubin"
+    if not fresh:
+        try:
+            return path.read_bytes(), True
+        except OSError:
+            pass
+    cubin = compile_cubin(source, name, arch, defines)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, part = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    except OSError:
+        return cubin, False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(cubin)
+        os.replace(part, path)
+    except OSError:
+        Path(part).unlink(missing_ok=True)
+    return cubin, False
+
+
+def load_module(lib, source: str, name: str, arch: tuple[int, int], defines=()):
+    """The driver's module of `source` compiled for `arch` (cached_cubin's; a kept cubin
+    the driver refuses is compiled again, once)."""
+    module = ctypes.c_void_p()
+    cubin, kept = cached_cubin(source, name, arch, defines)
+    status = lib.cuModuleLoadData(ctypes.byref(module), cubin)
+    if status and kept:
+        cubin, _ = cached_cubin(source, name, arch, defines, fresh=True)
+        status = lib.cuModuleLoadData(ctypes.byref(module), cubin)
+    _check_driver(lib, status, f"loading {name}")
+    return module
+
+
 class Module:
     """The kernels `names` (extern "C") of `source`, compiled with the macros `defines` and
     loaded for `device`."""
@@ -145,11 +212,8 @@ class Module:
         with torch.cuda.device(device):
             torch.empty(1, device=device)  # the device's context current on this thread
             arch = torch.cuda.get_device_capability(device)
-            cubin = compile_cubin(source, name, arch, defines)
             self._lib = _driver()
-            module = ctypes.c_void_p()
-            _check_driver(self._lib, self._lib.cuModuleLoadData(ctypes.byref(module), cubin),
-                          f"loading {name}")  # fmt: skip
+            module = load_module(self._lib, source, name, arch, defines)
         self._module = module  # held: unloading it would free the kernels
         # whether a launch asked to be dependent is one (else a plain launch)
         self.programmatic = programmatic(device)
