@@ -432,6 +432,14 @@ def test_compiled_cubins_are_kept_by_what_they_depend_on(monkeypatch, tmp_path):
         assert cuda_rtc.cached_cubin("src", "k.cu", (9, 0), ["A=1"])[1] is False
     assert len(compiled) == 7
 
+    def unknown():
+        raise cuda_rtc.CudaError("nvrtcVersion failed")
+
+    monkeypatch.setattr(cuda_rtc, "nvrtc_version", unknown)  # nothing kept, nothing read
+    monkeypatch.setenv("LLMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    assert cuda_rtc.cached_cubin("src", "k.cu", (9, 0), ["A=1"])[1] is False
+    assert len(compiled) == 8
+
 
 def test_a_kept_cubin_the_driver_refuses_is_compiled_again(monkeypatch, tmp_path):
     """A damaged cubin in the cache: the driver refuses it, so it is compiled again, loaded

@@ -164,9 +164,14 @@ def cached_cubin(source: str, name: str, arch: tuple[int, int], defines=(),
                  fresh: bool = False) -> tuple[bytes, bool]:  # fmt: skip
     """(the cubin compile_cubin makes of these, whether it was read from cubin_dir rather
     than compiled now); `fresh`: compiled whatever is kept. A cubin compiled is kept (written
-    whole or not at all; where the directory cannot be written, not kept)."""
+    whole or not at all; where the directory cannot be written, or NVRTC does not say its
+    version, not kept)."""
+    try:
+        version = nvrtc_version()
+    except (OSError, CudaError, AttributeError):
+        return compile_cubin(source, name, arch, defines), False
     key = hashlib.sha256()
-    for piece in (source, name, repr(tuple(arch)), repr(tuple(defines)), repr(nvrtc_version())):
+    for piece in (source, name, repr(tuple(arch)), repr(tuple(defines)), repr(version)):
         key.update(piece.encode() + b"\0")
     path = cubin_dir() / f"{key.hexdigest()[:32]}.cubin"
     if not fresh:
