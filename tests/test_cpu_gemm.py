@@ -193,14 +193,15 @@ def test_half_kernel_is_the_float_product_of_the_half_weights(weight_dtype, dtyp
 @pytest.mark.skipif(not pair_products_here(), reason="this CPU has no AVX512-BF16 pair products")
 def test_pairs_kernel_is_the_float_product_of_the_bf16_weights():
     """PairsLinear: 128 outputs (two groups of 64), 200 inputs (100 pairs, not a multiple of
-    the 32 a vector holds), 1 to 130 rows (tiles of 6, 4, 2 and 1 rows; past 64 rows, chunks
-    of 64): the float64 product rounded once to bf16; a row's bits alone as in the batch."""
+    the 32 a vector holds), 1 to 130 rows (tiles of 6 rows, then one of the 1 to 5 left; past
+    64 rows, chunks of 64): the float64 product rounded once to bf16; a row's bits alone as
+    in the batch."""
     g = torch.Generator().manual_seed(4)
     weight = torch.randn(128, 200, generator=g).bfloat16()
     bias = torch.randn(128, generator=g).bfloat16()
     module = PairsLinear.build(weight, bias)
     assert module is not None and torch.equal(module.weight(), weight)
-    for rows in [*ROWS, 64, 130]:
+    for rows in [*ROWS, 5, 11, 64, 130]:
         x = torch.randn(rows, 200, generator=g).bfloat16()
         got = module(x)
         expected = x.double() @ weight.double().T + bias.double()

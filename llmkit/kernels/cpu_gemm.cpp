@@ -929,18 +929,25 @@ inline void pairs_tile(const uint32_t* w, int64_t pairs, const c10::BFloat16* x,
                           (__m256i)_mm512_cvtneps_pbh(acc[j][t]));
 }
 
-// Group `w` against activation rows [0, rows): tiles of kPairRows rows, then of fewer.
+// Group `w` against activation rows [0, rows): tiles of kPairRows rows, then the rest in one
+// tile (a verify step's k + 1 rows in one pass over the weights; each row's sums are the same
+// whatever its tile).
 inline void pairs_rows(const uint32_t* w, int64_t pairs, const c10::BFloat16* x,
                        c10::BFloat16* out, int64_t n, int64_t rows) {
   int64_t m = 0;
-  auto tiles = [&](auto mt) {
-    constexpr int MT = decltype(mt)::value;
-    for (; m + MT <= rows; m += MT) pairs_tile<MT>(w, pairs, x + m * 2 * pairs, out + m * n, n);
+  auto tile = [&](auto mt) {
+    pairs_tile<decltype(mt)::value>(w, pairs, x + m * 2 * pairs, out + m * n, n);
   };
-  tiles(std::integral_constant<int, kPairRows>());
-  tiles(std::integral_constant<int, 4>());
-  tiles(std::integral_constant<int, 2>());
-  tiles(std::integral_constant<int, 1>());
+  for (; m + kPairRows <= rows; m += kPairRows) tile(std::integral_constant<int, kPairRows>());
+  static_assert(kPairRows == 6, "the rest below takes at most 5 rows");
+  switch (rows - m) {
+    case 5: tile(std::integral_constant<int, 5>()); break;
+    case 4: tile(std::integral_constant<int, 4>()); break;
+    case 3: tile(std::integral_constant<int, 3>()); break;
+    case 2: tile(std::integral_constant<int, 2>()); break;
+    case 1: tile(std::integral_constant<int, 1>()); break;
+    default: break;
+  }
 }
 
 at::Tensor pairs_linear(at::Tensor x, at::Tensor packed) {
