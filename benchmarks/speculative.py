@@ -36,7 +36,7 @@ prefill is the same work with and without speculation), with end-to-end tok/s be
 higher concurrency, end-to-end tok/s.
 
 Each round runs, in an order that alternates between rounds, plainly and with speculation:
-every proposer on each workload at concurrency 1 and 64 (small-llama; stories260K at 1),
+every proposer on each workload at concurrency 1, 8 and 64 (small-llama; stories260K at 1),
 and small-llama's ngram with no --speculative-max-seqs limit at concurrency 2, 4 and 8:
 where speculation stops paying, which sets that option's default; and the widened
 stories260K plainly and with each of its drafts at concurrency 1. Ratios are per round, then the
@@ -82,11 +82,10 @@ THREADS = 2
 OUTPUT_LEN = 64
 CUDA_OUTPUT_LEN = 512  # a GPU decodes far faster: longer requests, timings above the noise
 WIDE_CUDA_OUTPUT_LEN = 112  # the longest grounded prompt (393 tokens) and this fit in 512
-CONCURRENCY = (1, 64)
-CUDA_CONCURRENCY = (1, 8, 64)
+CONCURRENCY = (1, 8, 64)  # on CUDA too
 LLAMA_1B = "llama-1b"  # the --device cuda target (benchmarks/shard.py's LLAMA_1B shapes)
 SWEEP = (2, 4, 8)  # concurrencies of the run without the --speculative-max-seqs limit
-# the same on CUDA (among CUDA_CONCURRENCY), where a step of 8 is still bandwidth-bound
+# the same on CUDA, where a step of 8 sequences is still bandwidth-bound
 CUDA_SWEEP = (8,)
 UNLIMITED = "ngram-unlimited"
 DRAFT_LAYERS = 2
@@ -185,7 +184,7 @@ def first_layers(model: Path, out: Path, layers: int) -> Path:
 def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
     """The prompts of each workload as text, or `as_ids` as token ids (each byte + 3)."""
     text = (shared / "data" / "tinyshakespeare.txt").read_text()
-    passages = [text[i * 700 : i * 700 + 500] for i in range(max(CUDA_CONCURRENCY))]
+    passages = [text[i * 700 : i * 700 + 500] for i in range(max(CONCURRENCY))]
     prompts = {
         "grounded": [f"{p}\n\nAgain:\n{p[:60]}" for p in passages],
         "free": [p[:80] for p in passages],
@@ -249,7 +248,7 @@ def cuda_engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str
     def llm(model: str = LLAMA_1B, speculative: str | None = None, limit=speculative_max_seqs):
         # six engines share the GPU: each gets its own KV cache size, not a share of it
         return speculating(models[model], speculative, limit, device="cuda",
-                           dtype="bfloat16", max_num_seqs=max(CUDA_CONCURRENCY),
+                           dtype="bfloat16", max_num_seqs=max(CONCURRENCY),
                            max_model_len=4096 if model == LLAMA_1B else None,
                            kv_cache_memory=(6 if model == LLAMA_1B else 1) * 2**30)  # fmt: skip
 
@@ -282,21 +281,18 @@ def main() -> None:
         setting = {LLAMA_1B: (workloads(args.shared, as_ids=True), CUDA_OUTPUT_LEN),
                    WIDE_CUDA: (texts, WIDE_CUDA_OUTPUT_LEN)}  # fmt: skip
 
-        def proposers(c: int) -> tuple:  # the sweep's runs beside the others: one plain run
-            return ("plain", "ngram", "draft") + ((UNLIMITED,) if c in CUDA_SWEEP else ())
-
-        cases = [(LLAMA_1B, w, c, proposers(c)) for w in texts for c in CUDA_CONCURRENCY]
+        cases = [(LLAMA_1B, w, c, _proposers(c, CUDA_SWEEP)) for w in texts
+                 for c in CONCURRENCY]  # fmt: skip
         if f"{WIDE_CUDA} draft" in llms:
             cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in texts]
-        warm_up = CUDA_CONCURRENCY  # each graph bucket captured before any timing
+        warm_up = CONCURRENCY  # each graph bucket captured before any timing
     else:
         llms = engines(make_models(work, args.shared), args.speculative_max_seqs)
-        cases = [
-            ("small-llama", w, c, ("plain", "ngram", "draft")) for w in texts for c in CONCURRENCY
-        ]
+        cases = [("small-llama", w, c, _proposers(c, SWEEP)) for w in texts for c in CONCURRENCY]
         cases += [("stories260K", w, 1, ("plain", "ngram")) for w in texts]
         cases += [(WIDE, w, 1, ("plain", "draft", WIDE_Q4, WIDE_WEAK)) for w in texts]
-        cases += [("small-llama", w, c, ("plain", UNLIMITED)) for w in texts for c in SWEEP]
+        alone = [c for c in SWEEP if c not in CONCURRENCY]
+        cases += [("small-llama", w, c, ("plain", UNLIMITED)) for w in texts for c in alone]
         warm_up = (2,)
     for name, llm in llms.items():  # warm up every engine
         loads, output_len = setting[name.split()[0]]
@@ -330,6 +326,12 @@ def main() -> None:
     report(rounds, args.speculative_max_seqs, cuda)
 
 
+def _proposers(concurrency: int, sweep: tuple[int, ...]) -> tuple[str, ...]:
+    """What runs at a concurrency: plainly, ngram and draft, and ngram without the limit where
+    the sweep has it (beside the others: one plain run, one key)."""
+    return ("plain", "ngram", "draft") + ((UNLIMITED,) if concurrency in sweep else ())
+
+
 def report(rounds: list[dict], speculative_max_seqs: int, cuda: bool) -> None:
     fields = {"rounds": rounds, "k": K, "speculative_max_seqs": speculative_max_seqs}
     rows = summarize(fields, cuda)
@@ -358,9 +360,9 @@ def summarize(fields: dict, cuda: bool = False) -> list[dict]:
     rounds = fields["rounds"]
     runs = [key.split() for key in rounds[0] if key.split()[1] != "plain"]
     rows = [_row(rounds, *run) for run in runs if run[3] == "1" and run[1] != UNLIMITED]
-    model, levels = (LLAMA_1B, CUDA_CONCURRENCY) if cuda else ("small-llama", CONCURRENCY)
-    for concurrency in levels[1:]:
-        floor = 0.95 if concurrency == max(levels) else None
+    model = LLAMA_1B if cuda else "small-llama"
+    for concurrency in CONCURRENCY[1:]:
+        floor = 0.95 if concurrency == max(CONCURRENCY) else None
         for proposer in ("ngram", "draft"):
             label = f"{model} {proposer}"
             rows.append(_worse(rounds, runs, proposer, concurrency, label, floor))
