@@ -190,6 +190,27 @@ def test_the_gpu_budget_holds_the_draft_models_weights_and_kv_blocks(tiny_dir, m
     assert drafted == int(left - 2 * weights) // (2 * per_block) < plain
 
 
+def test_a_proposer_failing_round_after_round_turns_speculation_off(tiny_dir, monkeypatch, caplog):
+    """Three failing rounds in a row: two warnings, then one error and no more rounds; the
+    requests decode as plainly."""
+    from llmkit.runtime.speculative import NgramProposer
+
+    calls = []
+
+    def broken(self, seqs, sizes):
+        calls.append(len(seqs))
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(NgramProposer, "propose", broken)
+    model = tiny_dir("tiny-llama")
+    plain, _ = generate(model, prompts())
+    with caplog.at_level("WARNING", logger="llmkit.engine"):
+        speculated, stats = generate(model, prompts(), speculative="ngram")
+    assert speculated == plain and stats.drafts == 0 and len(calls) == 3
+    levels = [r.levelname for r in caplog.records if "proposer failed" in r.message]
+    assert levels == ["WARNING", "WARNING", "ERROR"]
+
+
 def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):
     """The model as its own draft: below a confidence of 1 every token is doubted, so each
     draft is one token; with 0 drafts run to full length. The tokens are plain decoding's."""

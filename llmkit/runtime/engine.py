@@ -48,6 +48,7 @@ from llmkit.runtime.speculative import (
 )
 
 log = logging.getLogger("llmkit.engine")
+MAX_PROPOSER_FAILURES = 3  # proposer failures in a row after which the engine stops speculating
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
 
 
@@ -122,6 +123,7 @@ class Engine:
             self.executor.close()  # the model's workers and memory, before the one line
             raise
         self.spec_stats = SpecStats()
+        self._proposer_failures = 0  # rounds in a row whose proposer raised
         self.backoff = Backoff()
         self.pacer = DecodePacer(config.decode_steps, config.decode_call_ms)
         self.requests: dict[str, _Request] = {}
@@ -273,7 +275,7 @@ class Engine:
         prefill are load too: a step computing them gains nothing from drafts, and a draft
         model would first have to catch up on each prompt), and the request allows it (not
         guided, not past its token limits)."""
-        if self.proposer is None:
+        if self.proposer is None or self._proposer_failures >= MAX_PROPOSER_FAILURES:
             return
         load = len(self.scheduler.running) + len(self.scheduler.waiting)
         decodes = [i for i in range(len(batch.seqs)) if batch.decodes(i)]
@@ -285,13 +287,25 @@ class Engine:
         try:
             drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen])
         except Exception as e:  # a draft model that fails costs the step its drafts only
-            log.warning("no drafts this step: the %s proposer failed (%s)", self.proposer.name, e)
-            for seq in seqs:  # its state for them is rebuilt when they are drafted for again
-                self.proposer.release(seq.seq_id)
+            self._proposer_failed(seqs, e)
             return
+        self._proposer_failures = 0
         for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
             if self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
+
+    def _proposer_failed(self, seqs: list[Sequence], error: Exception) -> None:
+        """A warning, the proposer's state for `seqs` dropped (rebuilt when they are drafted
+        for again); after MAX_PROPOSER_FAILURES rounds in a row, speculation off for good."""
+        for seq in seqs:
+            self.proposer.release(seq.seq_id)
+        self._proposer_failures += 1
+        name = self.proposer.name
+        if self._proposer_failures < MAX_PROPOSER_FAILURES:
+            log.warning("no drafts this step: the %s proposer failed (%s)", name, error)
+        else:
+            log.error("speculation off: the %s proposer failed %d rounds in a row (%s)", name,
+                      self._proposer_failures, error)  # fmt: skip
 
     def _run_ahead(self, batch: Batch) -> bool:
         """Let a batch of greedy decodes run several steps in one call, where the runner can
