@@ -211,6 +211,11 @@ def test_a_proposer_failing_round_after_round_turns_speculation_off(tiny_dir, mo
     assert levels == ["WARNING", "WARNING", "ERROR"]
 
 
+def test_a_speculative_path_that_is_no_model_is_one_error(tiny_dir, tmp_path):
+    with pytest.raises(LlmkitError, match="neither 'ngram' nor a model directory"):
+        LLM(tiny_dir("tiny-llama"), EngineConfig(speculative=str(tmp_path / "missing")))
+
+
 def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):
     """The model as its own draft: below a confidence of 1 every token is doubted, so each
     draft is one token; with 0 drafts run to full length. The tokens are plain decoding's."""

@@ -355,11 +355,12 @@ class Engine:
             return None
         if c.speculative == NGRAM:
             return NgramProposer(c.ngram_min, c.ngram_max)
-        if not (Path(c.speculative).expanduser() / "config.json").is_file():
+        path = self._draft_dir()
+        if path is None:
             raise LlmkitError(
                 f"--speculative {c.speculative!r}: neither 'ngram' nor a model directory"
             )
-        draft = json.loads((Path(c.speculative).expanduser() / "config.json").read_text())
+        draft = json.loads((path / "config.json").read_text())
         check_draft(draft.get("vocab_size"), self.model_config.vocab_size, c.speculative)
         spec = replace(self.executor.spec, model_path=c.speculative, tp=1, max_loras=0)
         k = c.num_speculative_tokens
@@ -507,13 +508,21 @@ class Engine:
             )
         return num_blocks
 
+    def _draft_dir(self) -> Path | None:
+        """The --speculative draft model's directory (None: ngram, off, or not a model)."""
+        path = self.config.speculative
+        if path is None or path == NGRAM:
+            return None
+        path = Path(path).expanduser()
+        return path if (path / "config.json").is_file() else None
+
     def _draft_bytes(self, itemsize: int) -> tuple[int, int]:
         """(weight bytes, KV bytes a block) of the --speculative draft model on the GPU, from
         its headers; (0, 0) without one (the path is checked when the proposer is built)."""
-        path = self.config.speculative
-        if path is None or not (Path(path).expanduser() / "config.json").is_file():
+        path = self._draft_dir()
+        if path is None:
             return 0, 0
-        draft = open_rank(str(Path(path).expanduser()), 1, 0)
+        draft = open_rank(str(path), 1, 0)
         try:
             config = LlamaConfig.from_hf(draft.config)
             return _weight_bytes(draft), kv_block_bytes(config, 1, self.config.block_size, itemsize)

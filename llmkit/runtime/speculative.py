@@ -200,7 +200,9 @@ class DraftProposer:
         greedy = [m.seq_id for m in batch.seqs if m.params.greedy]
         chosen = dict(zip(greedy, _greedy_rows(logits, [rows[s] for s in greedy]), strict=True))
         sampled_rows = [rows[m.seq_id] for m in batch.seqs if not m.params.greedy]
-        drawn = dict(zip(sampled_rows, logits[sampled_rows].cpu(), strict=True))
+        drawn = (
+            dict(zip(sampled_rows, logits[sampled_rows].cpu(), strict=True)) if sampled_rows else {}
+        )
         out = []
         for mirror in batch.seqs:
             if mirror.seq_id in chosen:
