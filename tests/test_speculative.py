@@ -3,6 +3,7 @@ tokens keep the model's distribution), and the KV blocks of rejected drafts rele
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -209,6 +210,66 @@ def test_a_proposer_failing_round_after_round_turns_speculation_off(tiny_dir, mo
     assert speculated == plain and stats.drafts == 0 and len(calls) == 3
     levels = [r.levelname for r in caplog.records if "proposer failed" in r.message]
     assert levels == ["WARNING", "WARNING", "ERROR"]
+
+
+def test_backoff_sits_out_twice_as_long_after_each_draft_with_nothing_accepted():
+    """Counted in tokens: 1, 3, 7, 15, then 16 plain tokens after 1, 2, 3, 4, 5+ drafts in
+    a row with nothing accepted; a draft with a token accepted starts over. Lookups that
+    find nothing never sit out: they cap a call's steps at 2, 4, 8, 16, then 17."""
+    from types import SimpleNamespace
+
+    from llmkit.runtime.speculative import Backoff
+
+    backoff, seq = Backoff(), SimpleNamespace(seq_id=3, num_tokens=10)
+
+    def rejected() -> int:
+        assert backoff.sits_out(seq) == 0
+        backoff.record([seq], [[7, 8]], [0])
+        seq.num_tokens += 1  # the round's own token
+        wait = backoff.sits_out(seq)
+        assert backoff.call_limit(seq) == wait
+        seq.num_tokens += wait
+        return wait
+
+    assert [rejected() for _ in range(6)] == [1, 3, 7, 15, 16, 16]
+    backoff.record([seq], [[]], [0])  # no draft verified: no round
+    backoff.record([seq], [[7, 8]], [1])
+    assert backoff.call_limit(seq) is None and rejected() == 1
+    limits = []
+    for _ in range(6):
+        backoff.found_nothing(seq)
+        limits.append(backoff.call_limit(seq))
+        assert backoff.sits_out(seq) == 0
+    assert limits == [2, 4, 8, 16, 17, 17]
+    backoff.record([seq], [[7]], [1])
+    assert backoff.call_limit(seq) is None
+    backoff.found_nothing(seq)
+    backoff.release(seq.seq_id)
+    assert backoff.call_limit(seq) is None and rejected() == 1
+
+
+def test_a_sequence_whose_lookups_find_nothing_runs_ahead_in_longer_and_longer_calls(
+    tiny_dir, monkeypatch
+):
+    """Lookups that keep finding nothing, in bf16 (the C++ decode step runs several steps a
+    call): the sequence looks up at each call, and the calls run 2, 4, 8, 16, then 17 steps;
+    the tokens are plain decoding's."""
+    from llmkit.runtime.speculative import Draft, NgramProposer
+
+    model, asked = tiny_dir("tiny-llama"), []
+
+    def nothing(self, seqs, sizes):
+        asked.append(seqs[0].num_tokens)
+        return [Draft() for _ in seqs]
+
+    monkeypatch.setattr(NgramProposer, "propose", nothing)
+    params = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)
+    config = {"dtype": "bfloat16", "decode_steps": 32, "decode_call_ms": 0}
+    plain, _ = generate(model, [list(range(3, 23))], params, **config)
+    speculated, stats = generate(model, [list(range(3, 23))], params, **config,
+                                 speculative="ngram")  # fmt: skip
+    assert speculated == plain and stats.drafts == 0
+    assert [b - a for a, b in itertools.pairwise(asked)] == [2, 4, 8, 16, 17, 17]
 
 
 def test_a_speculative_path_that_is_no_model_is_one_error(tiny_dir, tmp_path):

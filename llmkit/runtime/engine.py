@@ -231,8 +231,7 @@ class Engine:
                 return []
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
         self._mark_scheduled(batch.seqs)
-        self._speculate(batch)
-        paced = self._run_ahead(batch)
+        paced = self._run_ahead(batch, self._speculate(batch))
         masks = self._masks(batch)
         failed: list[RequestOutput] = []
         try:
@@ -269,30 +268,43 @@ class Engine:
         self._drop_retired_loras()
         return outputs
 
-    def _speculate(self, batch: Batch) -> None:
+    def _speculate(self, batch: Batch) -> int | None:
         """Give the step's decoding sequences drafts to verify, when speculation is on, at
         most --speculative-max-seqs sequences are running or waiting (prompts still to
         prefill are load too: a step computing them gains nothing from drafts, and a draft
         model would first have to catch up on each prompt), and the request allows it (not
-        guided, not past its token limits)."""
+        guided, not past its token limits, not sitting out failed rounds: Backoff). The
+        most decode steps the call may run before a sequence wants drafts again (None: no
+        limit)."""
         if self.proposer is None or self._proposer_failures >= MAX_PROPOSER_FAILURES:
-            return
+            return None
         load = len(self.scheduler.running) + len(self.scheduler.waiting)
         decodes = [i for i in range(len(batch.seqs)) if batch.decodes(i)]
         if not decodes or load > self.config.speculative_max_seqs:
-            return
+            return None
         sizes = {i: self._draft_size(batch.seqs[i]) for i in decodes}
         chosen = [i for i in decodes if sizes[i] > 0]
+        if chosen and not self._propose(batch, chosen, [sizes[i] for i in chosen]):
+            return None
+        limits = [self.backoff.call_limit(batch.seqs[i]) for i in decodes]
+        return min((n for n in limits if n is not None), default=None)
+
+    def _propose(self, batch: Batch, chosen: list[int], sizes: list[int]) -> bool:
+        """Drafts of `sizes` tokens for the batch's sequences `chosen`, given to the batch
+        (Backoff counts the empty ones); False where the proposer failed."""
         seqs = [batch.seqs[i] for i in chosen]
         try:
-            drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen])
+            drafts = self.proposer.propose(seqs, sizes)
         except Exception as e:  # a draft model that fails costs the step its drafts only
             self._proposer_failed(seqs, e)
-            return
+            return False
         self._proposer_failures = 0
         for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
-            if self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
+            if not draft.tokens:
+                self.backoff.found_nothing(seq)
+            elif self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
+        return True
 
     def _proposer_failed(self, seqs: list[Sequence], error: Exception) -> None:
         """A warning, the proposer's state for `seqs` dropped (rebuilt when they are drafted
@@ -307,16 +319,17 @@ class Engine:
             log.error("speculation off: the %s proposer failed %d rounds in a row (%s)", name,
                       self._proposer_failures, error)  # fmt: skip
 
-    def _run_ahead(self, batch: Batch) -> bool:
+    def _run_ahead(self, batch: Batch, limit: int | None) -> bool:
         """Let a batch of greedy decodes run several steps in one call, where the runner can
         (the whole step is one C++ call or one CUDA graph) and every sequence's next tokens
         depend on nothing but the base model's argmax: greedy, no penalties, logprobs,
         guide or LoRA adapter, no draft. As many steps as the pacer gives (--decode-steps,
         --decode-call-ms), none past any sequence's context and none past the most any
-        sequence still wants; a sequence that stops part-way (EOS, a stop string,
-        max_tokens) ends there, and the tokens computed after it are dropped. A request that
-        arrives meanwhile waits for the call before its prompt is computed. True when the
-        batch is such a batch (its call is timed for the pacer), whatever the steps."""
+        sequence still wants, none past `limit` (where a sequence drafts again); a sequence
+        that stops part-way (EOS, a stop string, max_tokens) ends there, and the tokens
+        computed after it are dropped. A request that arrives meanwhile waits for the call
+        before its prompt is computed. True when the batch is such a batch (its call is
+        timed for the pacer), whatever the steps."""
         if self.config.decode_steps == 1 or not self.executor.runs_steps():
             return False
         wanted, room = 1, self.max_model_len
@@ -329,18 +342,18 @@ class Engine:
             wanted = max(wanted, p.max_tokens - len(seq.output_token_ids))
             room = min(room, self.max_model_len - seq.num_tokens)
         # none past the context; past max_tokens: dropped
-        steps = min(wanted, room, self.pacer.steps(len(batch.seqs)))
+        steps = min(wanted, room, self.pacer.steps(len(batch.seqs)), limit or room)
         if steps > 1:
             self.scheduler.run_ahead(batch, steps)
         return True
 
     def _draft_size(self, seq: Sequence) -> int:
         """Tokens `seq` may take on trial now: none for a request that turned speculation
-        off or is guided, or that sits out after rejected drafts (a step counted); never
-        past its max_tokens or the context."""
+        off or is guided, or that sits out after failed rounds (Backoff); never past its
+        max_tokens or the context."""
         if not seq.params.speculative or seq.seq_id in self.guides.matchers:
             return 0
-        if self.backoff.waits(seq.seq_id):
+        if self.backoff.sits_out(seq):
             return 0
         room = min(
             seq.params.max_tokens - len(seq.output_token_ids), self.max_model_len - seq.num_tokens

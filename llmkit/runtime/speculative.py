@@ -41,37 +41,58 @@ class Draft:
 
 
 class Backoff:
-    """Sequences whose drafts keep failing stop proposing for a while: after m drafts in a
-    row with no token accepted, the next 2^m - 1 steps (at most MAX_BACKOFF) decode plainly.
-    Outputs do not change; what a rejected draft costs (a draft model's steps, the
-    verification's extra rows) is not paid again and again."""
+    """What failing rounds cost, not paid again and again; outputs do not change.
+
+    - After m drafts in a row with no token accepted, a sequence decodes the next 2^m - 1
+      tokens (at most MAX_BACKOFF) plainly: no draft model steps, no verified rows that
+      are likely wasted.
+    - After m proposals in a row that found nothing (a lookup with no match), it proposes
+      again at the next step, but a call that runs several decode steps (Engine._run_ahead)
+      runs at most 2^m (at most MAX_BACKOFF + 1) for it before it does: a sequence whose
+      lookups keep missing soon decodes in long calls, and one that missed once is not
+      carried past the point where its lookups would match again.
+
+    Counted in tokens, so each step of such a call counts."""
 
     MAX_BACKOFF = 16
 
     def __init__(self) -> None:
         self.misses: dict[int, int] = {}  # seq_id -> drafts in a row with nothing accepted
-        self.wait: dict[int, int] = {}  # seq_id -> steps left without speculation
+        self.resume: dict[int, int] = {}  # seq_id -> the length at which it drafts again
+        self.empty: dict[int, int] = {}  # seq_id -> proposals in a row that found nothing
 
     def record(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
+        """After a step's verification: `accepted[i]` of `drafts[i]` taken."""
         for seq, draft, n in zip(seqs, drafts, accepted, strict=True):
             if not draft:
                 continue
+            self.empty.pop(seq.seq_id, None)
             if n:
                 self.misses.pop(seq.seq_id, None)
                 continue
             misses = self.misses[seq.seq_id] = self.misses.get(seq.seq_id, 0) + 1
-            self.wait[seq.seq_id] = min(2**misses - 1, self.MAX_BACKOFF)
+            # this step adds one token (`seq`'s tokens do not include it yet), then the wait
+            self.resume[seq.seq_id] = seq.num_tokens + min(2**misses, self.MAX_BACKOFF + 1)
 
-    def waits(self, seq_id: int) -> bool:
-        """Whether `seq_id` sits this step out (counting the step)."""
-        left = self.wait.get(seq_id, 0)
-        if left:
-            self.wait[seq_id] = left - 1
-        return left > 0
+    def found_nothing(self, seq: Sequence) -> None:
+        self.empty[seq.seq_id] = self.empty.get(seq.seq_id, 0) + 1
+
+    def sits_out(self, seq: Sequence) -> int:
+        """Tokens `seq` still decodes plainly before it may draft again."""
+        return max(0, self.resume.get(seq.seq_id, 0) - seq.num_tokens)
+
+    def call_limit(self, seq: Sequence) -> int | None:
+        """The most decode steps one call runs for `seq` before it should propose again
+        (None: no limit)."""
+        if waiting := self.sits_out(seq):
+            return waiting
+        if empty := self.empty.get(seq.seq_id):
+            return min(2**empty, self.MAX_BACKOFF + 1)
+        return None
 
     def release(self, seq_id: int) -> None:
-        self.misses.pop(seq_id, None)
-        self.wait.pop(seq_id, None)
+        for state in (self.misses, self.resume, self.empty):
+            state.pop(seq_id, None)
 
 
 def ngram_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
