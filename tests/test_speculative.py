@@ -324,6 +324,56 @@ def test_speculation_with_prefix_caching_preemption_logprobs_and_stop(tiny_dir, 
                 assert la["logprob"] == pytest.approx(lb["logprob"], abs=1e-4)
 
 
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_speculation_beside_chunked_prefills(tiny_dir, proposer, caplog):
+    """Prompts longer than a step's token budget, arriving while others decode: drafts the
+    step has no room for, and steps that verify drafts and compute a prompt's chunk at
+    once, give plain decoding's tokens, and the proposer never fails."""
+    model = tiny_dir("tiny-llama")
+    spec = "ngram" if proposer == "ngram" else str(model)
+    config = {"max_num_batched_tokens": 32}
+    arrivals = [p + p for p in random_prompts(4, 20, 30, seed=11)]  # 40-60 tokens each
+    plain, _ = _staggered(model, arrivals, config)
+    mixed = []
+    with caplog.at_level("WARNING", logger="llmkit.engine"):
+        speculated, engine = _staggered(model, arrivals, {**config, **ALL, "speculative": spec},
+                                        mixed)  # fmt: skip
+    assert speculated == plain
+    assert engine.spec_stats.accepted > 0 and any(mixed)
+    assert engine.block_manager.num_used_blocks == 0
+    assert not [r.message for r in caplog.records if "proposer failed" in r.message]
+
+
+def _staggered(model, arrivals, config, mixed=None):
+    """Each prompt of `arrivals` added two steps after the one before; the greedy tokens of
+    each request, and the engine. `mixed` gets, per step, whether it verified a draft and
+    computed part of a prompt together."""
+    engine = LLM(model, EngineConfig(**config)).engine
+    real, done = engine.executor.step, {}
+
+    def step(batch, masks):
+        if mixed is not None:
+            chunks = [
+                n > 1 and not d for n, d in zip(batch.num_new_tokens, batch.drafts, strict=True)
+            ]
+            mixed.append(any(batch.drafts) and any(chunks))
+        return real(batch, masks)
+
+    engine.executor.step = step
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    try:
+        for n in itertools.count():
+            if n % 2 == 0 and n // 2 < len(arrivals):
+                engine.add_request(str(n // 2), prompt_token_ids=arrivals[n // 2], params=params)
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+            if len(done) == len(arrivals):
+                return [done[str(i)] for i in range(len(arrivals))], engine
+    finally:
+        engine.close()
+
+
 def test_aborted_requests_leave_the_draft_model_no_blocks(tiny_dir):
     """Requests aborted while their drafts are in flight release the draft model's copy
     of them as they release their own blocks."""

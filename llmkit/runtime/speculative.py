@@ -248,7 +248,9 @@ class DraftProposer:
         while common < min(len(old), len(tokens)) and old[common] == tokens[common]:
             common += 1  # past the last sync: the draft tokens the model accepted
         mirror.prompt_token_ids = tokens
-        mirror.num_computed_tokens = min(mirror.num_computed_tokens, common)
+        # the last token is computed again, whatever its K/V: its logits give the draft's
+        # first token (a draft the step had no room for leaves the next one computed)
+        mirror.num_computed_tokens = min(mirror.num_computed_tokens, common, len(tokens) - 1)
         self.synced[seq.seq_id] = len(tokens)
         self.blocks.truncate(mirror)
         return self.blocks.can_allocate(mirror, len(tokens) - mirror.num_computed_tokens)
