@@ -374,6 +374,37 @@ def _staggered(model, arrivals, config, mixed=None):
         engine.close()
 
 
+def test_the_draft_model_holds_blocks_only_for_running_sequences(tiny_dir):
+    """Preempted and paused sequences give their draft blocks back with their own; resumed,
+    they are followed again from their prompt and end with plain decoding's tokens."""
+    model = tiny_dir("tiny-llama")
+    prompt_list = prompts()
+    config = {"kv_cache_memory": 24 * 2048, "block_size": 4}  # 24 blocks: preemptions
+    plain, _ = generate(model, prompt_list, **config)
+    engine = LLM(model, EngineConfig(**config, **ALL, speculative=str(model))).engine
+    proposer, done = engine.proposer, {}
+    try:
+        for i, prompt in enumerate(prompt_list):
+            engine.add_request(str(i), prompt_token_ids=prompt, params=GREEDY)
+        for n in itertools.count():
+            if n == 6:
+                engine.pause("0")
+            if n == 12:
+                engine.resume("0")
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = [c.token_ids for c in out.outputs]
+            running = {s.seq_id for s in engine.scheduler.running}
+            assert set(proposer.mirrors) <= running
+            if not engine.has_unfinished() and n > 12:
+                break
+        assert engine.scheduler.num_preemptions > 0 and engine.spec_stats.accepted > 0
+        assert [done[str(i)] for i in range(len(prompt_list))] == plain
+        assert proposer.blocks.num_used_blocks == 0
+    finally:
+        engine.close()
+
+
 def test_aborted_requests_leave_the_draft_model_no_blocks(tiny_dir):
     """Requests aborted while their drafts are in flight release the draft model's copy
     of them as they release their own blocks."""

@@ -206,6 +206,7 @@ class Engine:
         keeps what it generated and goes on after `resume` (unknown ids are ignored)."""
         for seq in self._seqs(request_id):
             self.scheduler.pause(seq)
+        self._forget_drafts(self._seqs(request_id))
 
     def resume(self, request_id: str) -> None:
         for seq in self._seqs(request_id):
@@ -231,6 +232,7 @@ class Engine:
                 return []
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
         self._mark_scheduled(batch.seqs)
+        self._forget_drafts(batch.preempted)
         paced = self._run_ahead(batch, self._speculate(batch))
         masks = self._masks(batch)
         failed: list[RequestOutput] = []
@@ -305,6 +307,14 @@ class Engine:
             elif self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
         return True
+
+    def _forget_drafts(self, seqs: list[Sequence]) -> None:
+        """Free what the proposer holds for sequences whose KV blocks were freed (preempted,
+        paused): a draft model's blocks go to the sequences still running, and a sequence
+        is followed again from its prompt once it runs again, as the model recomputes it."""
+        if self.proposer is not None:
+            for seq in seqs:
+                self.proposer.release(seq.seq_id)
 
     def _proposer_failed(self, seqs: list[Sequence], error: Exception) -> None:
         """A warning, the proposer's state for `seqs` dropped (rebuilt when they are drafted
