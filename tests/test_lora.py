@@ -101,6 +101,28 @@ def test_the_prefix_cache_is_keyed_by_adapter(llm):
     assert again.outputs[0].token_ids == with_a.outputs[0].token_ids != base_first.token_ids
 
 
+@pytest.mark.parametrize("speculative", ["ngram", "draft"])
+def test_speculation_verifies_with_each_requests_adapter(tiny_dir, llm, adapters, speculative):
+    """Drafts (prompt lookup, or the base model as the draft model) verified by the base
+    with each request's adapter: the greedy tokens of decoding without speculation."""
+    prompts = [PROMPT + PROMPT[:6], PROMPT[3:] + PROMPT[3:9], PROMPT[:12] * 2]
+    loras = ["a", None, "b"]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, loras=loras)]
+    spec = "ngram" if speculative == "ngram" else str(tiny_dir())
+    config = EngineConfig(max_loras=3, dtype="float32", speculative=spec,
+                          speculative_max_seqs=8, draft_min_confidence=0.0)  # fmt: skip
+    speculating = LLM(tiny_dir(), config)
+    try:
+        for name, (path, _) in adapters.items():
+            speculating.engine.add_lora(name, str(path))
+        outs = speculating.generate(prompts, params, loras=loras)
+        assert [o.outputs[0].token_ids for o in outs] == plain
+        assert speculating.engine.spec_stats.accepted > 0
+    finally:
+        speculating.close()
+
+
 def test_load_unload_while_requests_run(llm, adapters):
     engine = llm.engine
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
