@@ -277,17 +277,47 @@ def test_a_speculative_path_that_is_no_model_is_one_error(tiny_dir, tmp_path):
         LLM(tiny_dir("tiny-llama"), EngineConfig(speculative=str(tmp_path / "missing")))
 
 
-def test_a_draft_ends_after_a_token_the_draft_model_doubts(tiny_dir):
-    """The model as its own draft: below a confidence of 1 every token is doubted, so each
-    draft is one token; with 0 drafts run to full length. The tokens are plain decoding's."""
+def test_a_draft_ends_where_its_chance_of_being_accepted_falls_below_the_threshold(
+    tiny_dir, other_model
+):
+    """A draft model that is mostly wrong: with the threshold at 0.4 each draft ends after
+    its first token (a tiny random model is never confident, and its record of rejections
+    scales that down further); at 0 every draft runs to full length. The model as its own
+    draft: its record (every token accepted) scales its probabilities up, so some drafts
+    go past their first token, where the probabilities alone would end each there. The
+    tokens are plain decoding's."""
     model = tiny_dir("tiny-llama")
     plain, _ = generate(model, prompts())
-    doubting, stats = generate(model, prompts(), speculative=str(model), draft_min_confidence=1)
-    assert doubting == plain and stats.drafts > 0 and stats.proposed == stats.drafts
-    sure, stats = generate(model, prompts(), speculative=str(model), draft_min_confidence=0)
-    assert sure == plain and stats.proposed > 2 * stats.drafts
+    for threshold in (0.4, 0.0):
+        out, stats = generate(model, prompts(), speculative=str(other_model),
+                              draft_min_confidence=threshold)  # fmt: skip
+        assert out == plain and stats.drafts > 0
+        assert stats.proposed == (stats.drafts if threshold else 4 * stats.drafts)
+    out, stats = generate(model, prompts(), speculative=str(model), draft_min_confidence=0.4)
+    assert out == plain and stats.accepted == stats.proposed > stats.drafts
     with pytest.raises(LlmkitError, match="draft-min-confidence"):
         EngineConfig(draft_min_confidence=1.5)
+
+
+def test_the_calibration_weighs_each_verified_draft_token_by_its_age():
+    """Accepted draft tokens over the sum of their probabilities, each draft's tokens up to
+    its first rejected one, every token DECAY times less than the next, after PRIOR tokens
+    accepted as often as their probabilities said: against a float64 sum."""
+    from llmkit.runtime.speculative import Calibration
+
+    rng = random.Random(4)
+    calibration, verified = Calibration(), []
+    for _ in range(30):
+        probs = [rng.random() for _ in range(rng.randint(1, 4))]
+        accepted = rng.randint(0, len(probs))
+        calibration.observe(probs, accepted)
+        verified += [(p, i < accepted) for i, p in enumerate(probs[: accepted + 1])]
+    n, decay, prior = len(verified), Calibration.DECAY, Calibration.PRIOR
+    weights = [decay ** (n - 1 - i) for i in range(n)]
+    taken = prior * decay**n + sum(w * ok for w, (_, ok) in zip(weights, verified, strict=True))
+    said = prior * decay**n + sum(w * p for w, (p, _) in zip(weights, verified, strict=True))
+    assert calibration.scaled(0.5) == pytest.approx(0.5 * taken / said, rel=1e-12)
+    assert Calibration().scaled(0.3) == pytest.approx(0.3)  # no record: as they are
 
 
 @pytest.mark.parametrize("draft", ["ngram", "self"])

@@ -101,7 +101,8 @@ DraftConfidenceOpt = Annotated[
     float,
     typer.Option(
         "--draft-min-confidence",
-        help="End a draft model's draft after a token it gave less probability than this.",
+        help="End a draft model's draft once the chance all its tokens are accepted is below"
+        " this (0: always k tokens).",
     ),
 ]
 PolicyOpt = Annotated[

@@ -260,6 +260,7 @@ class Engine:
             if self.proposer is not None:
                 self.spec_stats.record(part.drafts, accepted)
                 self.backoff.record(part.seqs, part.drafts, accepted)
+                self.proposer.observe(part.seqs, part.drafts, accepted)
             self._record_prompt_scores(out)
             for seq, tokens in zip(out.seqs, out.sampled, strict=True):
                 for token in tokens:

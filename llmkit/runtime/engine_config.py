@@ -35,7 +35,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # k: tokens proposed per sequence and step
     ngram_min: int = 1
     ngram_max: int = 4
-    # a draft model stops a sequence's draft after a token it gave less than this probability
+    # a draft model's draft ends once the chance all its tokens are accepted is below this
     draft_min_confidence: float = 0.4
     # steps with more decoding sequences than this do not speculate (benchmarks/speculative.py)
     speculative_max_seqs: int = 4

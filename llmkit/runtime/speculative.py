@@ -11,9 +11,12 @@ one when the guesses are good.
   steps per round over all speculated sequences at once. Its tokens are its most likely
   ones for greedy requests and drawn from its own distribution (the request's temperature,
   top-k, top-p, min-p) for sampled ones, that distribution going with the draft to the
-  rejection test. A sequence's draft ends after a token the draft model gave less than
-  `min_confidence` probability: a token it doubts is likely rejected, and so is every one
-  after it, so drafting on would cost draft steps and verified rows for nothing.
+  rejection test. A sequence's draft ends once the chance that all its tokens are accepted
+  falls below `min_confidence`: the product of the draft model's probabilities for them,
+  each scaled by how such probabilities have matched what the model accepted lately
+  (Calibration). Past that point a token is likely rejected, and so is every one after it,
+  so drafting on would cost draft steps and verified rows for nothing; a draft model that
+  agrees with the model more than its probabilities say drafts on for longer.
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ class NgramProposer:
             for s, k in zip(seqs, sizes, strict=True)
         ]
 
+    def observe(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
+        pass
+
     def release(self, seq_id: int) -> None:
         pass
 
@@ -166,13 +172,18 @@ class DraftProposer:
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> the draft model's sequence
         self.synced: dict[int, int] = {}  # target seq_id -> its length at the last sync
         self.sampler = Sampler()
+        self.calibration = Calibration()
+        # seq_id -> the draft model's probability for each token of its last draft
+        self.confidences: dict[int, list[float]] = {}
 
     def propose(self, seqs: list[Sequence], sizes: list[int]) -> list[Draft]:
         """Up to sizes[i] tokens for seqs[i]: k steps of the draft model over all of them
         (none for a sequence whose tokens its KV cache cannot hold now; no more after a
-        token the draft model doubts)."""
+        token after which the draft is likely rejected: the module's docstring)."""
         drafts = [Draft() for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        confidences: list[list[float]] = [[] for _ in seqs]
+        chance = [1.0] * len(seqs)
         # k steps compute positions up to the sequence's length + k - 2: none past the draft
         # model's context (a sequence longer than it is drafted for no more)
         limits = [
@@ -198,12 +209,23 @@ class DraftProposer:
                 drafts[i].tokens.append(token)
                 if q is not None:
                     probs[i].append(q)
-                if confidence < self.min_confidence:
+                confidences[i].append(confidence)
+                chance[i] *= min(1.0, self.calibration.scaled(confidence))
+                if chance[i] < self.min_confidence:
                     limits[i] = len(drafts[i].tokens)
-        for draft, rows in zip(drafts, probs, strict=True):
+        for seq, draft, rows, sure in zip(seqs, drafts, probs, confidences, strict=True):
             if rows and len(rows) == len(draft.tokens):
                 draft.probs = torch.stack(rows)
+            self.confidences[seq.seq_id] = sure  # for `observe`
         return drafts
+
+    def observe(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
+        """After a step's verification: `accepted[i]` of `drafts[i]` taken (the drafts the
+        step had no room for are empty)."""
+        for seq, draft, n in zip(seqs, drafts, accepted, strict=True):
+            sure = self.confidences.pop(seq.seq_id, None)
+            if draft and sure is not None and len(sure) == len(draft):
+                self.calibration.observe(sure, n)
 
     def _next_tokens(self, batch: Batch):
         """Run the draft model on `batch`; each mirror's next token (appended to it), the
@@ -258,12 +280,39 @@ class DraftProposer:
     def release(self, seq_id: int) -> None:
         mirror = self.mirrors.pop(seq_id, None)
         self.synced.pop(seq_id, None)
+        self.confidences.pop(seq_id, None)
         if mirror is not None:
             self.blocks.free(mirror)
             self.sampler.release(mirror.seq_id)
 
     def close(self) -> None:
         self.runner = None
+
+
+class Calibration:
+    """How the draft model's probabilities for its tokens have matched what the model
+    accepted lately: the accepted tokens over the sum of those probabilities, over the
+    verified draft tokens (each draft's up to its first rejected one), the older ones
+    weighing less (a weight of DECAY per token since). A draft model that agrees with the
+    model more often than its probabilities say (the model itself, a model distilled from
+    it) scales them up, one that agrees less scales them down."""
+
+    DECAY = 0.99  # about the last 100 verified draft tokens
+    PRIOR = 4.0  # as if that many tokens had been accepted as often as their probabilities
+
+    def __init__(self) -> None:
+        self.accepted = self.expected = self.PRIOR
+
+    def observe(self, confidences: list[float], accepted: int) -> None:
+        """A draft whose tokens had these probabilities, of which `accepted` were taken."""
+        verified = confidences[: accepted + 1]
+        for i, confidence in enumerate(verified):
+            self.accepted = self.accepted * self.DECAY + (i < accepted)
+            self.expected = self.expected * self.DECAY + confidence
+
+    def scaled(self, confidence: float) -> float:
+        """The chance a token of this probability is accepted, by that record."""
+        return confidence * self.accepted / max(self.expected, 1e-9)
 
 
 def _greedy_rows(logits: torch.Tensor, rows: list[int]) -> list[tuple[int, float]]:
