@@ -392,7 +392,7 @@ def _staggered(model, arrivals, config, mixed=None):
     engine.executor.step = step
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     try:
-        for n in itertools.count():
+        for n in range(1000):
             if n % 2 == 0 and n // 2 < len(arrivals):
                 engine.add_request(str(n // 2), prompt_token_ids=arrivals[n // 2], params=params)
             for out in engine.step():
@@ -400,6 +400,7 @@ def _staggered(model, arrivals, config, mixed=None):
                     done[out.request_id] = out.outputs[0].token_ids
             if len(done) == len(arrivals):
                 return [done[str(i)] for i in range(len(arrivals))], engine
+        raise AssertionError(f"{len(done)} of {len(arrivals)} requests done in 1000 steps")
     finally:
         engine.close()
 
@@ -416,9 +417,10 @@ def test_the_draft_model_holds_blocks_only_for_running_sequences(tiny_dir):
     try:
         for i, prompt in enumerate(prompt_list):
             engine.add_request(str(i), prompt_token_ids=prompt, params=GREEDY)
-        for n in itertools.count():
+        for n in range(1000):
             if n == 6:
                 engine.pause("0")
+                assert engine.scheduler.paused  # still running then: paused now
             if n == 12:
                 engine.resume("0")
             for out in engine.step():

@@ -213,19 +213,19 @@ class DraftProposer:
                 chance[i] *= min(1.0, self.calibration.scaled(confidence))
                 if chance[i] < self.min_confidence:
                     limits[i] = len(drafts[i].tokens)
-        for seq, draft, rows, sure in zip(seqs, drafts, probs, confidences, strict=True):
+        for seq, draft, rows, own in zip(seqs, drafts, probs, confidences, strict=True):
             if rows and len(rows) == len(draft.tokens):
                 draft.probs = torch.stack(rows)
-            self.confidences[seq.seq_id] = sure  # for `observe`
+            self.confidences[seq.seq_id] = own  # for `observe`
         return drafts
 
     def observe(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
         """After a step's verification: `accepted[i]` of `drafts[i]` taken (the drafts the
         step had no room for are empty)."""
         for seq, draft, n in zip(seqs, drafts, accepted, strict=True):
-            sure = self.confidences.pop(seq.seq_id, None)
-            if draft and sure is not None and len(sure) == len(draft):
-                self.calibration.observe(sure, n)
+            own = self.confidences.pop(seq.seq_id, None)
+            if draft and own is not None and len(own) == len(draft):
+                self.calibration.observe(own, n)
 
     def _next_tokens(self, batch: Batch):
         """Run the draft model on `batch`; each mirror's next token (appended to it), the
@@ -294,8 +294,8 @@ class Calibration:
     accepted lately: the accepted tokens over the sum of those probabilities, over the
     verified draft tokens (each draft's up to its first rejected one), the older ones
     weighing less (a weight of DECAY per token since). A draft model that agrees with the
-    model more often than its probabilities say (the model itself, a model distilled from
-    it) scales them up, one that agrees less scales them down."""
+    model more often than its probabilities say (the model itself, say) scales them up, one
+    that agrees less scales them down."""
 
     DECAY = 0.99  # about the last 100 verified draft tokens
     PRIOR = 4.0  # as if that many tokens had been accepted as often as their probabilities
