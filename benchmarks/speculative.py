@@ -28,7 +28,12 @@ Models (2 threads, CPU):
 Workloads, 64 greedy tokens per request (EOS ignored):
 - grounded: a passage of tinyshakespeare, then "Again:" and the passage's first words
   (the output should reproduce the passage: edit/summarize style);
-- free: a line of tinyshakespeare to continue.
+- free: a line of tinyshakespeare to continue;
+- json (small-llama, concurrency 1, ngram only): free's prompts answered as structured
+  output, a JSON array of three records (JSON_SCHEMA), greedy, ending where the array
+  does (at most GUIDED_MAX_TOKENS): keys that repeat from record to record, which lookups
+  predict, drafts cut where the guide stops allowing them. No target; it shows what
+  speculation does for guided requests.
 
 Measures: at concurrency 1, decode tok/s (the tokens after the first over the time after the
 first: 1 / TPOT, as `bench offline` and benchmarks/cpu_decode.py count it; the prompt's
@@ -89,6 +94,23 @@ SWEEP = (2, 4, 8)  # concurrencies of the run without the --speculative-max-seqs
 CUDA_SWEEP = (8,)
 UNLIMITED = "ngram-unlimited"
 DRAFT_LAYERS = 2
+GUIDED = "json"  # the structured-output workload
+GUIDED_MAX_TOKENS = 400  # JSON_SCHEMA's answers end well within it
+JSON_SCHEMA = {
+    "type": "array",
+    "minItems": 3,
+    "maxItems": 3,
+    "items": {
+        "type": "object",
+        "properties": {
+            "speaker": {"type": "string", "maxLength": 8},
+            "line": {"type": "integer", "minimum": 1, "maximum": 9999},
+            "mood": {"enum": ["glad", "sad", "wroth"]},
+        },
+        "required": ["speaker", "line", "mood"],
+        "additionalProperties": False,
+    },
+}
 K = 4
 # stories260K widened into a target a draft can pay off against (widen.py): hidden x 16 (a
 # power of 4, so the norms' rescaling is exact), intermediate x 32, KV heads repeated:
@@ -194,10 +216,17 @@ def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
     return prompts
 
 
-def run(llm, prompts: list[str], output_len: int = OUTPUT_LEN) -> dict:
+def run(llm, prompts: list[str], output_len: int = OUTPUT_LEN, guided: bool = False) -> dict:
+    """`prompts` decoded greedily, `output_len` tokens each (EOS ignored), or `guided`: each
+    answered under JSON_SCHEMA, ending where its answer does."""
+    from llmkit.runtime.guide import Guide
     from llmkit.runtime.sequence import SamplingParams
 
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    if guided:
+        guide = Guide("json", json.dumps(JSON_SCHEMA))
+        params = SamplingParams(max_tokens=GUIDED_MAX_TOKENS, temperature=0.0, guide=guide)
+    else:
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     before = replace(llm.engine.spec_stats)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -289,6 +318,8 @@ def main() -> None:
     else:
         llms = engines(make_models(work, args.shared), args.speculative_max_seqs)
         cases = [("small-llama", w, c, _proposers(c, SWEEP)) for w in texts for c in CONCURRENCY]
+        cases += [("small-llama", GUIDED, 1, ("plain", "ngram"))]
+        setting["small-llama"] = ({**texts, GUIDED: texts["free"]}, OUTPUT_LEN)
         cases += [("stories260K", w, 1, ("plain", "ngram")) for w in texts]
         cases += [(WIDE, w, 1, ("plain", "draft", WIDE_Q4, WIDE_WEAK)) for w in texts]
         alone = [c for c in SWEEP if c not in CONCURRENCY]
@@ -305,7 +336,8 @@ def main() -> None:
             loads, output_len = setting[model]
             modes = [f"{model} {p}" for p in proposers]
             for name in modes if r % 2 == 0 else reversed(modes):
-                out = run(llms[name], loads[workload][:concurrency], output_len)
+                out = run(llms[name], loads[workload][:concurrency], output_len,
+                          workload == GUIDED)  # fmt: skip
                 result[f"{name} {workload} {concurrency}"] = out
             plain = result[f"{model} plain {workload} {concurrency}"]
             for name in modes[1:]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -216,22 +217,59 @@ def test_tensor_parallel_guides_as_one_rank_does(tiny_dir, llm):
         jsonschema.validate(json.loads(text), PERSON)
 
 
-def test_guided_requests_on_a_speculating_engine(tiny_dir, llm):
-    """Guided sequences are decoded without drafts beside speculated ones in the same steps:
-    the guided answers are those of an engine without speculation (greedy and seeded), and
-    the unguided request, speculated, gets its plain tokens."""
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_guided_requests_are_speculated_within_their_guide(tiny_dir, llm, proposer):
+    """Guided sequences' drafts, cut where the guide stops allowing them, verified under the
+    guide's mask at each row, beside an unguided speculated request: the greedy guided
+    answer and the unguided tokens are those of an engine without speculation, drafts of
+    the guided sequences are accepted, and a seeded sampled guided answer validates and
+    reproduces."""
     person = Guide("json", json.dumps(PERSON))
-    guided = [SamplingParams(max_tokens=MAX_TOKENS, temperature=t, seed=3, guide=person)
-              for t in (0, 1.0)]  # fmt: skip
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, guide=person)
+    sampled = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=3, guide=person)
     plain = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    prompts, params = ["Hello", "Once", "The king The king The king"], [*guided, plain]
+    prompts, params = ["Hello", "The king The king The king"], [greedy, plain]
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    spec = LLM(tiny_dir(), EngineConfig(speculative="ngram", speculative_max_seqs=8))
+    spec = "ngram" if proposer == "ngram" else str(tiny_dir())
+    config = EngineConfig(speculative=spec, speculative_max_seqs=8, draft_min_confidence=0)
+    speculating = LLM(tiny_dir(), config)
     try:
-        got = spec.generate(prompts, params)
-        assert spec.engine.spec_stats.drafts > 0
+        got = speculating.generate(prompts, params)
+        guided_only = speculating.engine.spec_stats
+        before = replace(guided_only)
+        speculating.generate(["Hello"], greedy)
+        guided_only = speculating.engine.spec_stats.since(before)
+        twice = [speculating.generate(["Once"], sampled)[0].outputs[0] for _ in range(2)]
     finally:
-        spec.close()
+        speculating.close()
     assert [o.outputs[0].token_ids for o in got] == expected
-    for out in got[:2]:
-        jsonschema.validate(json.loads(out.outputs[0].text), PERSON)
+    assert guided_only.accepted > 0
+    assert twice[0].token_ids == twice[1].token_ids
+    for text in (got[0].outputs[0].text, twice[0].text):
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_a_drafts_masks_are_those_after_each_of_its_tokens(llm):
+    """Guides.masks for a sequence with a draft: row j is the mask after the draft's first j
+    tokens (against a copy of the matcher fed one token at a time), rows after a token the
+    guide does not allow allow everything, and the matcher is left where it was."""
+    guides, tokenizer = llm.engine.guides, llm.engine.tokenizer
+    text = '{"name":"ab","role":"king","home":{"city":"x"}}'
+    good = [t for t in tokenizer.encode(text) if t != tokenizer.bos_token_id]
+    seq_id = 10**9  # no sequence of the engine
+    guides.start([seq_id], Guide("json", json.dumps(PERSON)))
+    try:
+        assert guides.allowed(seq_id, good) == len(good)
+        bad = [*good[:5], good[0], *good[6:9]]  # its first token again, where none may go
+        assert guides.allowed(seq_id, bad) == 5
+        masks = guides.masks([seq_id], {seq_id: bad})[seq_id]
+        copy, words = guides.matchers[seq_id].deep_copy(), masks.shape[1]
+        for j in range(6):
+            row = np.full(words, -1, dtype=np.int32)
+            copy.unsafe_compute_mask_ptr(row.ctypes.data, words * 4)
+            assert np.array_equal(masks[j], row), j
+            copy.consume_token(bad[j])
+        assert masks.shape[0] == len(bad) + 1 and (masks[6:] == -1).all()
+        assert guides.allowed(seq_id, good) == len(good)  # where it was
+    finally:
+        guides.release(seq_id)

@@ -42,6 +42,7 @@ from llmkit.runtime.sequence import SamplingParams, Sequence, ends_by_token, sto
 from llmkit.runtime.speculative import (
     NGRAM,
     Backoff,
+    Draft,
     DraftProposer,
     NgramProposer,
     check_draft,
@@ -276,7 +277,7 @@ class Engine:
         most --speculative-max-seqs sequences are running or waiting (prompts still to
         prefill are load too: a step computing them gains nothing from drafts, and a draft
         model would first have to catch up on each prompt), and the request allows it (not
-        guided, not past its token limits, not sitting out failed rounds: Backoff). The
+        past its token limits, not sitting out failed rounds: Backoff). The
         most decode steps the call may run before a sequence wants drafts again (None: no
         limit)."""
         if self.proposer is None or self._proposer_failures >= MAX_PROPOSER_FAILURES:
@@ -303,11 +304,24 @@ class Engine:
             return False
         self._proposer_failures = 0
         for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
+            draft = self._guided(seq, draft)
             if not draft.tokens:
                 self.backoff.found_nothing(seq)
             elif self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
         return True
+
+    def _guided(self, seq: Sequence, draft: Draft) -> Draft:
+        """`draft` cut where `seq`'s guide stops allowing it: a greedy request's before the
+        first token the guide does not allow (the model's masked argmax is never that
+        token), a sampled one's after it (rejected for sure, it leaves the residual
+        distribution rejection sampling draws from, as lossless needs)."""
+        allowed = self.guides.allowed(seq.seq_id, draft.tokens)
+        keep = allowed if seq.params.greedy else allowed + 1
+        if keep >= len(draft.tokens):
+            return draft
+        probs = None if draft.probs is None else draft.probs[:keep]
+        return Draft(draft.tokens[:keep], probs)
 
     def _forget_drafts(self, seqs: list[Sequence]) -> None:
         """Free what the proposer holds for sequences whose KV blocks were freed (preempted,
@@ -360,9 +374,9 @@ class Engine:
 
     def _draft_size(self, seq: Sequence) -> int:
         """Tokens `seq` may take on trial now: none for a request that turned speculation
-        off or is guided, or that sits out after failed rounds (Backoff); never past its
-        max_tokens or the context."""
-        if not seq.params.speculative or seq.seq_id in self.guides.matchers:
+        off, or that sits out after failed rounds (Backoff); never past its max_tokens or
+        the context."""
+        if not seq.params.speculative:
             return 0
         if self.backoff.sits_out(seq):
             return 0
@@ -393,18 +407,20 @@ class Engine:
 
     def _masks(self, batch: Batch) -> Callable[[], dict] | None:
         """The token masks of the guided sequences that sample in this step (seq_id -> bit
-        mask), computed on a thread of their own while the model runs; None when none is
-        guided."""
-        sampling = [
-            s.seq_id
-            for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-            if s.num_computed_tokens + n == s.num_tokens and s.seq_id in self.guides.matchers
-        ]
+        mask; for one with a draft, a mask per row the step verifies: Guides.masks),
+        computed on a thread of their own while the model runs; None when none is guided."""
+        matchers = self.guides.matchers
+        sampling, drafts = [], {}
+        for s, n, draft in zip(batch.seqs, batch.num_new_tokens, batch.drafts, strict=True):
+            if s.num_computed_tokens + n - len(draft) == s.num_tokens and s.seq_id in matchers:
+                sampling.append(s.seq_id)
+                if draft:
+                    drafts[s.seq_id] = draft
         if not sampling:
             return None
         if self._guide_thread is None:
             self._guide_thread = ThreadPoolExecutor(1, thread_name_prefix="llmkit-guide")
-        return self._guide_thread.submit(self.guides.masks, sampling).result
+        return self._guide_thread.submit(self.guides.masks, sampling, drafts).result
 
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:
         """End one request with an error (its blocks freed); the output that says so."""

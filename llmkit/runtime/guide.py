@@ -15,6 +15,7 @@ do (each request can bring its own) and also takes Lark grammars.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -112,9 +113,15 @@ class Guides:
         for i, seq_id in enumerate(seq_ids):
             self.matchers[seq_id] = first if i == 0 else first.deep_copy()
 
-    def masks(self, seq_ids: list[int]) -> dict[int, np.ndarray]:
+    def masks(
+        self, seq_ids: list[int], drafts: dict[int, list[int]] | None = None
+    ) -> dict[int, np.ndarray]:
         """seq_id -> the int32 bit mask of the tokens it may sample next, for the guided
-        ones among `seq_ids`. A matcher in an error state allows EOS only, so it ends."""
+        ones among `seq_ids`. A matcher in an error state allows EOS only, so it ends. A
+        sequence with a draft (`drafts`, seq_id -> its tokens on trial) gets one mask per
+        row the step verifies, [len(draft) + 1, words]: row j's after the draft's first j
+        tokens (the matcher is back where it was after); rows after a token the guide does
+        not allow allow everything (that token is never accepted, so they are not read)."""
         guided = [s for s in seq_ids if s in self.matchers]
         if not guided:
             return {}
@@ -123,11 +130,30 @@ class Guides:
 
         if self._executor is None:
             self._executor = LLExecutor()
+        drafts = drafts or {}
+        rows = [1 + len(drafts.get(s, ())) for s in guided]
+        starts = [0, *itertools.accumulate(rows)][:-1]
         words = mask_words(self.tokenizer.vocab_size)
-        out = np.full((len(guided), words), -1, dtype=np.int32)
-        pairs = [(self.matchers[s], i) for i, s in enumerate(guided)]
-        self._executor.unsafe_compute_mask_ptr(pairs, out.ctypes.data, words * 4, len(guided))
-        return {s: out[i] for i, s in enumerate(guided)}
+        out = np.full((sum(rows), words), -1, dtype=np.int32)
+        at = list(zip(guided, starts, strict=True))
+        pairs = [(self.matchers[s], k) for s, k in at if s not in drafts]
+        if pairs:
+            self._executor.unsafe_compute_mask_ptr(pairs, out.ctypes.data, words * 4, len(out))
+        items = [(self.matchers[s], k, list(drafts[s])) for s, k in at if s in drafts]
+        if items:  # rolled back after: each matcher where it was
+            self._executor.unsafe_compute_mask_ptr_with_draft_token(
+                items, out.ctypes.data, words * 4, len(out)
+            )
+        return {
+            s: out[k] if s not in drafts else out[k : k + n]
+            for s, k, n in zip(guided, starts, rows, strict=True)
+        }
+
+    def allowed(self, seq_id: int, tokens: list[int]) -> int:
+        """How many of `tokens`, in order from the sequence's current state, its guide
+        allows (all for an unguided sequence)."""
+        matcher = self.matchers.get(seq_id)
+        return len(tokens) if matcher is None else matcher.validate_tokens(tokens)
 
     def advance(self, seq_id: int, token_id: int) -> bool:
         """Feed a sampled token; True when the output is complete (nothing may follow), or

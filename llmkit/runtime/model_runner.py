@@ -220,7 +220,7 @@ class ModelRunner:
         seeds = [(s.seq_id, s.seed) for s in seqs]
         params = [s.params for s in seqs]
         row_masks = [masks.get(s.seq_id) for s in seqs] if masks else None
-        if any(drafts):  # guided sequences have no drafts: their one row takes the mask
+        if any(drafts):
             tokens = self.sampler.verify(
                 logits, params, history, seeds, drafts, sampled.draft_probs, row_masks
             )

@@ -224,8 +224,8 @@ class DraftProposer:
         step had no room for are empty)."""
         for seq, draft, n in zip(seqs, drafts, accepted, strict=True):
             own = self.confidences.pop(seq.seq_id, None)
-            if draft and own is not None and len(own) == len(draft):
-                self.calibration.observe(own, n)
+            if draft and own is not None and len(own) >= len(draft):  # the draft, or cut
+                self.calibration.observe(own[: len(draft)], n)
 
     def _next_tokens(self, batch: Batch):
         """Run the draft model on `batch`; each mirror's next token (appended to it), the

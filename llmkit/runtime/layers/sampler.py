@@ -57,7 +57,8 @@ class Sampler:
         drafts: list[list[int]],  # per sequence: the tokens proposed after its last one
         draft_probs: list[torch.Tensor | None] | None = None,  # per sequence [len(draft),
         # vocab]: the distribution each draft token was drawn from (None: chosen for sure)
-        masks: list | None = None,  # per sequence, as __call__ takes them (draftless ones)
+        masks: list | None = None,  # per sequence: None, one row's mask as __call__ takes
+        # them (the same for each of its rows), or one per row [len(draft) + 1, words]
     ) -> list[list[Sampled]]:
         """Each sequence's new tokens: the longest accepted prefix of its draft, then one
         token of the model's own (where the draft was rejected, or after the whole draft).
@@ -80,9 +81,7 @@ class Sampler:
         ]
         logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
         if masks:
-            logits = _apply_masks(
-                logits, [m for m, w in zip(masks, widths, strict=True) for _ in range(w)]
-            )
+            logits = _apply_masks(logits, _row_masks(masks, widths))
         logits = _apply_penalties(logits, row_params, row_histories)
         greedy = argmax(logits).tolist()
         probs = self._verify_probs(logits, row_params)
@@ -225,6 +224,17 @@ def _draw(weights: torch.Tensor, u: float) -> int:
 
 def _wants_logprobs(params: list[SamplingParams]) -> bool:
     return any(p.logprobs is not None for p in params)
+
+
+def _row_masks(masks: list, widths: list[int]) -> list:
+    """Per row, the mask of verify's per-sequence `masks` (see there)."""
+    rows = []
+    for mask, width in zip(masks, widths, strict=True):
+        if mask is not None and mask.ndim == 2:  # Guides.masks gives one per verified row
+            rows += list(mask)
+        else:
+            rows += [mask] * width
+    return rows
 
 
 def _apply_masks(logits: torch.Tensor, masks: list | None) -> torch.Tensor:
