@@ -30,10 +30,10 @@ Workloads, 64 greedy tokens per request (EOS ignored):
   (the output should reproduce the passage: edit/summarize style);
 - free: a line of tinyshakespeare to continue;
 - json (small-llama, concurrency 1, ngram only): free's prompts answered as structured
-  output, a JSON array of three records (JSON_SCHEMA), greedy, ending where the array
-  does (at most GUIDED_MAX_TOKENS): keys that repeat from record to record, which lookups
-  predict, drafts cut where the guide stops allowing them. No target; it shows what
-  speculation does for guided requests.
+  output under benchmarks/structured_outputs.py's SCHEMA (a title and 3 to 6 records),
+  greedy, ending where the answer does (at most GUIDED_MAX_TOKENS): keys that repeat from
+  record to record, which lookups predict, drafts cut where the guide stops allowing
+  them. No target; it shows what speculation does for guided requests.
 
 Measures: at concurrency 1, decode tok/s (the tokens after the first over the time after the
 first: 1 / TPOT, as `bench offline` and benchmarks/cpu_decode.py count it; the prompt's
@@ -95,22 +95,7 @@ CUDA_SWEEP = (8,)
 UNLIMITED = "ngram-unlimited"
 DRAFT_LAYERS = 2
 GUIDED = "json"  # the structured-output workload
-GUIDED_MAX_TOKENS = 400  # JSON_SCHEMA's answers end well within it
-JSON_SCHEMA = {
-    "type": "array",
-    "minItems": 3,
-    "maxItems": 3,
-    "items": {
-        "type": "object",
-        "properties": {
-            "speaker": {"type": "string", "maxLength": 8},
-            "line": {"type": "integer", "minimum": 1, "maximum": 9999},
-            "mood": {"enum": ["glad", "sad", "wroth"]},
-        },
-        "required": ["speaker", "line", "mood"],
-        "additionalProperties": False,
-    },
-}
+GUIDED_MAX_TOKENS = 512  # structured_outputs.SCHEMA's answers end well within it
 K = 4
 # stories260K widened into a target a draft can pay off against (widen.py): hidden x 16 (a
 # power of 4, so the norms' rescaling is exact), intermediate x 32, KV heads repeated:
@@ -218,12 +203,14 @@ def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
 
 def run(llm, prompts: list[str], output_len: int = OUTPUT_LEN, guided: bool = False) -> dict:
     """`prompts` decoded greedily, `output_len` tokens each (EOS ignored), or `guided`: each
-    answered under JSON_SCHEMA, ending where its answer does."""
+    answered under structured_outputs.SCHEMA, ending where its answer does."""
+    from structured_outputs import SCHEMA
+
     from llmkit.runtime.guide import Guide
     from llmkit.runtime.sequence import SamplingParams
 
     if guided:
-        guide = Guide("json", json.dumps(JSON_SCHEMA))
+        guide = Guide("json", json.dumps(SCHEMA))
         params = SamplingParams(max_tokens=GUIDED_MAX_TOKENS, temperature=0.0, guide=guide)
     else:
         params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
