@@ -304,14 +304,14 @@ class Engine:
             return False
         self._proposer_failures = 0
         for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
-            draft = self._guided(seq, draft)
+            draft = self._within_guide(seq, draft)
             if not draft.tokens:
                 self.backoff.found_nothing(seq)
             elif self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
         return True
 
-    def _guided(self, seq: Sequence, draft: Draft) -> Draft:
+    def _within_guide(self, seq: Sequence, draft: Draft) -> Draft:
         """`draft` cut where `seq`'s guide stops allowing it: a greedy request's before the
         first token the guide does not allow (the model's masked argmax is never that
         token), a sampled one's after it (rejected for sure, it leaves the residual
