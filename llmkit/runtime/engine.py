@@ -198,9 +198,8 @@ class Engine:
         model's copy of it)."""
         self.executor.release(seq.seq_id)
         self.guides.release(seq.seq_id)
-        if self.proposer is not None:
-            self.proposer.release(seq.seq_id)
-            self.backoff.release(seq.seq_id)
+        self._forget_drafts([seq])
+        self.backoff.release(seq.seq_id)
 
     def pause(self, request_id: str) -> None:
         """Stop computing a request (its client is not reading) and free its KV blocks; it
@@ -277,9 +276,8 @@ class Engine:
         most --speculative-max-seqs sequences are running or waiting (prompts still to
         prefill are load too: a step computing them gains nothing from drafts, and a draft
         model would first have to catch up on each prompt), and the request allows it (not
-        past its token limits, not sitting out failed rounds: Backoff). The
-        most decode steps the call may run before a sequence wants drafts again (None: no
-        limit)."""
+        past its token limits, not sitting out failed rounds: Backoff). The most decode
+        steps the call may run before a sequence wants drafts again (None: no limit)."""
         if self.proposer is None or self._proposer_failures >= MAX_PROPOSER_FAILURES:
             return None
         load = len(self.scheduler.running) + len(self.scheduler.waiting)
@@ -334,8 +332,7 @@ class Engine:
     def _proposer_failed(self, seqs: list[Sequence], error: Exception) -> None:
         """A warning, the proposer's state for `seqs` dropped (rebuilt when they are drafted
         for again); after MAX_PROPOSER_FAILURES rounds in a row, speculation off for good."""
-        for seq in seqs:
-            self.proposer.release(seq.seq_id)
+        self._forget_drafts(seqs)
         self._proposer_failures += 1
         name = self.proposer.name
         if self._proposer_failures < MAX_PROPOSER_FAILURES:
