@@ -101,6 +101,21 @@ def test_regex_lark_and_choice_guides(llm):
             assert out.outputs[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-qwen3"])
+def test_guides_on_a_tokenizer_loaded_through_transformers(tiny_dir, preset):
+    """Qwen's tokenizer class is built by transformers (not llmkit's FastTokenizer): its
+    tokenizer.json reaches the guide too, and the guided JSON answer validates."""
+    llm = LLM(tiny_dir(preset), EngineConfig())
+    try:
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=2,
+                                guide=Guide("json", json.dumps(PERSON)))  # fmt: skip
+        out = llm.generate(["Hello"], params)[0].outputs[0]
+    finally:
+        llm.close()
+    assert out.finish_reason == "stop", out.text
+    jsonschema.validate(json.loads(out.text), PERSON)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
     srv = start_server(tiny_dir(), tmp_path_factory.mktemp("guided"))

@@ -171,9 +171,12 @@ class Guides:
 
 
 def _tokenizer_json(tokenizer) -> str:
-    """tokenizer.json's text, from llmkit's FastTokenizer or a transformers fast tokenizer."""
-    backend = getattr(tokenizer, "backend", None) or getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not hasattr(backend, "to_str"):
+    """tokenizer.json's text, from llmkit's FastTokenizer (`backend`) or a transformers fast
+    tokenizer (`backend_tokenizer`; transformers 5 names its kind of backend, a string,
+    `backend`)."""
+    candidates = (getattr(tokenizer, n, None) for n in ("backend", "backend_tokenizer"))
+    backend = next((b for b in candidates if hasattr(b, "to_str")), None)
+    if backend is None:
         raise LlmkitError("structured outputs need a fast (tokenizer.json) tokenizer")
     text = json.loads(backend.to_str())
     text["truncation"] = text["padding"] = None
