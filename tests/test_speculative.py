@@ -7,6 +7,7 @@ import itertools
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.layers import sampler as sampler_module
-from llmkit.runtime.layers.sampler import Sampler
+from llmkit.runtime.layers.sampler import Sampler, apply_masks
 from llmkit.runtime.scheduler import Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence
 from llmkit.runtime.speculative import ngram_draft
@@ -507,25 +508,38 @@ def test_tp2_speculation_gives_the_tokens_of_tp1_plain(tiny_dir):
 VOCAB = 6
 
 
-def first_tokens(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def first_tokens(samples: int, seed: int, allowed=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of the first token verify() returns for draft tokens drawn from a draft
-    distribution q far from the model's p; and p."""
+    distribution q far from the model's p; and p. With `allowed` (token ids), both under a
+    guide's mask of them, as a guided request's draft model draws and the model verifies."""
     g = torch.Generator().manual_seed(seed)
     p_logits = torch.randn(VOCAB, generator=g) * 1.5
-    q = torch.softmax(torch.randn(VOCAB, generator=g) * 1.5, dim=-1)
+    q_logits = torch.randn(VOCAB, generator=g) * 1.5
     params = SamplingParams(temperature=1.0, seed=seed)
+    masks = None if allowed is None else [np.array([sum(1 << t for t in allowed)], np.int32)]
+    q = Sampler().propose(apply_masks(q_logits[None], masks)[0], params, (0, 0))[1]
     sampler = Sampler()
     counts = torch.zeros(VOCAB)
     logits = torch.stack([p_logits, p_logits])  # rows: after the history, after the draft
     for i in range(samples):
         d = int(torch.multinomial(q, 1, generator=g))
-        out = sampler.verify(logits, [params], [([], [])], [(i, seed + i)], [[d]], [q[None]])
+        out = sampler.verify(logits, [params], [([], [])], [(i, seed + i)], [[d]], [q[None]],
+                             masks)  # fmt: skip
         counts[out[0][0].token_id] += 1
         sampler.release(i)
-    return counts, torch.softmax(p_logits, dim=-1)
+    p = torch.softmax(p_logits.double(), dim=-1)
+    if allowed is not None:
+        kept = torch.zeros(VOCAB, dtype=torch.bool)
+        kept[list(allowed)] = True
+        p = torch.where(kept, p, 0) / p[kept].sum()
+    return counts, p
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Over the tokens of nonzero probability (a count of any other fails outright)."""
+    kept = probs > 0
+    assert counts[~kept].sum() == 0
+    counts, probs = counts[kept], probs[kept]
     expected = probs.double() * counts.sum()
     statistic = float(((counts.double() - expected) ** 2 / expected).sum())
     dof = torch.tensor((len(counts) - 1) / 2, dtype=torch.float64)
@@ -534,6 +548,14 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 def test_sampled_tokens_keep_the_models_distribution():
     counts, p = first_tokens(6000, seed=1)
+    assert chi_square_p_value(counts, p) > 1e-3
+
+
+def test_guided_sampled_tokens_keep_the_models_distribution_within_the_guide():
+    """The draft drawn among the tokens a guide allows (its distribution renormalized over
+    them) and verified under the same mask: the tokens are the model's distribution over
+    the allowed tokens, renormalized, and never another token."""
+    counts, p = first_tokens(6000, seed=2, allowed=[0, 2, 3, 5])
     assert chi_square_p_value(counts, p) > 1e-3
 
 

@@ -15,7 +15,7 @@ import torch
 
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.guide import Guide, choice_guide
-from llmkit.runtime.layers.sampler import BARRED, _apply_masks
+from llmkit.runtime.layers.sampler import BARRED, apply_masks
 from llmkit.runtime.sequence import SamplingParams
 from tests.serve_helpers import start_server
 
@@ -51,7 +51,7 @@ def test_masks_set_exactly_the_disallowed_tokens_to_minus_infinity():
     logits = torch.randn(3, vocab)
     masks = [rng.integers(-(2**31), 2**31, size=3, dtype=np.int64).astype(np.int32), None,
              rng.integers(-(2**31), 2**31, size=3, dtype=np.int64).astype(np.int32)]  # fmt: skip
-    out = _apply_masks(logits, masks)
+    out = apply_masks(logits, masks)
     for row, mask in enumerate(masks):
         if mask is None:
             assert torch.equal(out[row], logits[row])
@@ -238,7 +238,9 @@ def test_guided_requests_are_speculated_within_their_guide(tiny_dir, llm, propos
     guide's mask at each row, beside an unguided speculated request: the greedy guided
     answer and the unguided tokens are those of an engine without speculation, drafts of
     the guided sequences are accepted, and a seeded sampled guided answer validates and
-    reproduces."""
+    reproduces. The model as its own draft model chooses within the guide as the model
+    does: its guided drafts run to full length but at the answer's end, every token
+    accepted (unmasked, it would mostly choose tokens the guide does not allow)."""
     person = Guide("json", json.dumps(PERSON))
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, guide=person)
     sampled = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=3, guide=person)
@@ -259,6 +261,8 @@ def test_guided_requests_are_speculated_within_their_guide(tiny_dir, llm, propos
         speculating.close()
     assert [o.outputs[0].token_ids for o in got] == expected
     assert guided_only.accepted > 0
+    if proposer == "draft":
+        assert guided_only.accepted == guided_only.proposed > 3.5 * guided_only.drafts
     assert twice[0].token_ids == twice[1].token_ids
     for text in (got[0].outputs[0].text, twice[0].text):
         jsonschema.validate(json.loads(text), PERSON)
@@ -286,5 +290,28 @@ def test_a_drafts_masks_are_those_after_each_of_its_tokens(llm):
             copy.consume_token(bad[j])
         assert masks.shape[0] == len(bad) + 1 and (masks[6:] == -1).all()
         assert guides.allowed(seq_id, good) == len(good)  # where it was
+    finally:
+        guides.release(seq_id)
+
+
+def test_draft_tokens_fed_on_trial_are_taken_back(llm):
+    """A draft model's tokens fed to a guide on trial, up to a complete answer (nothing but
+    its end may follow) and one token it does not allow (not fed): taken back, the matcher
+    gives the masks and allows the tokens it did before."""
+    guides, tokenizer = llm.engine.guides, llm.engine.tokenizer
+    text = '{"name":"ab","role":"king","home":{"city":"x"}}'
+    good = [t for t in tokenizer.encode(text) if t != tokenizer.bos_token_id]
+    seq_id = 10**9  # no sequence of the engine
+    guides.start([seq_id], Guide("json", json.dumps(PERSON)))
+    try:
+        before = guides.masks([seq_id])[seq_id].copy()
+        assert [guides.try_token(seq_id, t) for t in good] == [1] * len(good)
+        assert guides.is_done(seq_id)
+        assert guides.try_token(seq_id, good[0]) == 0
+        guides.take_back(seq_id, len(good))
+        assert not guides.is_done(seq_id)
+        assert np.array_equal(guides.masks([seq_id])[seq_id], before)
+        assert guides.allowed(seq_id, good) == len(good)
+        assert guides.try_token(10**9 + 1, good[0]) is None  # unguided
     finally:
         guides.release(seq_id)

@@ -400,7 +400,7 @@ class Engine:
         spec = replace(self.executor.spec, model_path=c.speculative, tp=1, max_loras=0)
         k = c.num_speculative_tokens
         return DraftProposer(spec.build(0), spec.num_blocks, c.block_size,
-                             c.draft_min_confidence, k)  # fmt: skip
+                             c.draft_min_confidence, k, self.guides)  # fmt: skip
 
     def _masks(self, batch: Batch) -> Callable[[], dict] | None:
         """The token masks of the guided sequences that sample in this step (seq_id -> bit

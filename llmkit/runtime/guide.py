@@ -155,6 +155,21 @@ class Guides:
         matcher = self.matchers.get(seq_id)
         return len(tokens) if matcher is None else matcher.validate_tokens(tokens)
 
+    def try_token(self, seq_id: int, token_id: int) -> int | None:
+        """Feed a draft token on trial (`take_back` undoes it): 1 where the guide took it, 0
+        where it does not allow it (nothing fed), None for an unguided sequence."""
+        matcher = self.matchers.get(seq_id)
+        return None if matcher is None else matcher.try_consume_tokens([token_id])
+
+    def take_back(self, seq_id: int, n: int) -> None:
+        """Undo the last n tokens fed on trial."""
+        if n and not self.matchers[seq_id].rollback(n):
+            raise LlmkitError(f"sequence {seq_id}'s guide could not take back {n} draft tokens")
+
+    def is_done(self, seq_id: int) -> bool:
+        """Whether the guided output is complete: only its end may follow."""
+        return self.matchers[seq_id].is_stopped()
+
     def advance(self, seq_id: int, token_id: int) -> bool:
         """Feed a sampled token; True when the output is complete (nothing may follow), or
         when the token broke the guide (it cannot be continued: the sequence ends)."""

@@ -36,7 +36,7 @@ class Sampler:
         masks: list | None = None,  # per row: int32 bit mask of the tokens allowed, or None
     ) -> list[Sampled]:
         logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
-        logits = _apply_masks(logits, masks)
+        logits = apply_masks(logits, masks)
         logits = _apply_penalties(logits, params, histories)
         tokens = argmax(logits)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -81,7 +81,7 @@ class Sampler:
         ]
         logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
         if masks:
-            logits = _apply_masks(logits, _row_masks(masks, widths))
+            logits = apply_masks(logits, _row_masks(masks, widths))
         logits = _apply_penalties(logits, row_params, row_histories)
         greedy = argmax(logits).tolist()
         probs = self._verify_probs(logits, row_params)
@@ -237,7 +237,7 @@ def _row_masks(masks: list, widths: list[int]) -> list:
     return rows
 
 
-def _apply_masks(logits: torch.Tensor, masks: list | None) -> torch.Tensor:
+def apply_masks(logits: torch.Tensor, masks: list | None) -> torch.Tensor:
     """Every token a guided row may not sample (bit i % 32 of word i // 32 clear) pushed to
     BARRED, which no softmax gives any probability. (A large finite value added, because
     torch's masked_fill runs several times slower than an add on the CPU.) The log
