@@ -294,10 +294,11 @@ def test_a_drafts_masks_are_those_after_each_of_its_tokens(llm):
         guides.release(seq_id)
 
 
-def test_draft_tokens_fed_on_trial_are_taken_back(llm):
-    """A draft model's tokens fed to a guide on trial, up to a complete answer (nothing but
-    its end may follow) and one token it does not allow (not fed): taken back, the matcher
-    gives the masks and allows the tokens it did before."""
+def test_a_guide_on_trial_leaves_the_sequences_own_as_it_was(llm):
+    """A draft model's tokens fed to a guide on trial (Guides.trials), up to a complete
+    answer (its draft ends there) and one token it does not allow (not fed): the trial's
+    masks follow them, and the sequence's own matcher gives the masks and allows the
+    tokens it did before."""
     guides, tokenizer = llm.engine.guides, llm.engine.tokenizer
     text = '{"name":"ab","role":"king","home":{"city":"x"}}'
     good = [t for t in tokenizer.encode(text) if t != tokenizer.bos_token_id]
@@ -305,13 +306,14 @@ def test_draft_tokens_fed_on_trial_are_taken_back(llm):
     guides.start([seq_id], Guide("json", json.dumps(PERSON)))
     try:
         before = guides.masks([seq_id])[seq_id].copy()
-        assert [guides.try_token(seq_id, t) for t in good] == [1] * len(good)
-        assert guides.is_done(seq_id)
-        assert guides.try_token(seq_id, good[0]) == 0
-        guides.take_back(seq_id, len(good))
-        assert not guides.is_done(seq_id)
+        trials = guides.trials([seq_id, seq_id + 1])  # the second is unguided
+        assert list(trials) == [seq_id]
+        trial, drafted = trials[seq_id], guides.masks([seq_id], {seq_id: good})[seq_id]
+        for j, token in enumerate(good):
+            assert np.array_equal(guides.trial_masks(trials)[seq_id], drafted[j]), j
+            assert trial.feed(token) == (j < len(good) - 1), j  # complete after the last
+        assert not trial.feed(good[0])
         assert np.array_equal(guides.masks([seq_id])[seq_id], before)
         assert guides.allowed(seq_id, good) == len(good)
-        assert guides.try_token(10**9 + 1, good[0]) is None  # unguided
     finally:
         guides.release(seq_id)

@@ -122,24 +122,36 @@ class Guides:
         row the step verifies, [len(draft) + 1, words]: row j's after the draft's first j
         tokens (the matcher is back where it was after); rows after a token the guide does
         not allow allow everything (that token is never accepted, so they are not read)."""
-        guided = [s for s in seq_ids if s in self.matchers]
-        if not guided:
+        matchers = {s: self.matchers[s] for s in seq_ids if s in self.matchers}
+        return self._masks(matchers, drafts or {})
+
+    def trials(self, seq_ids: list[int]) -> dict[int, Trial]:
+        """seq_id -> its guide on trial, for the guided ones among `seq_ids`."""
+        return {s: Trial(self.matchers[s].deep_copy()) for s in seq_ids if s in self.matchers}
+
+    def trial_masks(self, trials: dict[int, Trial]) -> dict[int, np.ndarray]:
+        """seq_id -> the mask of the tokens its trial allows next."""
+        return self._masks({s: t.matcher for s, t in trials.items()}, {})
+
+    def _masks(self, matchers: dict[int, object], drafts: dict[int, list[int]]) -> dict:
+        """`masks` of these matchers (seq_id -> matcher), computed on llguidance's threads."""
+        if not matchers:
             return {}
         import numpy as np
         from llguidance import LLExecutor
 
         if self._executor is None:
             self._executor = LLExecutor()
-        drafts = drafts or {}
+        guided = list(matchers)
         rows = [1 + len(drafts.get(s, ())) for s in guided]
         starts = [0, *itertools.accumulate(rows)][:-1]
         words = mask_words(self.tokenizer.vocab_size)
         out = np.full((sum(rows), words), -1, dtype=np.int32)
         at = list(zip(guided, starts, strict=True))
-        pairs = [(self.matchers[s], k) for s, k in at if s not in drafts]
+        pairs = [(matchers[s], k) for s, k in at if s not in drafts]
         if pairs:
             self._executor.unsafe_compute_mask_ptr(pairs, out.ctypes.data, words * 4, len(out))
-        items = [(self.matchers[s], k, list(drafts[s])) for s, k in at if s in drafts]
+        items = [(matchers[s], k, list(drafts[s])) for s, k in at if s in drafts]
         if items:  # rolled back after: each matcher where it was
             self._executor.unsafe_compute_mask_ptr_with_draft_token(
                 items, out.ctypes.data, words * 4, len(out)
@@ -155,21 +167,6 @@ class Guides:
         matcher = self.matchers.get(seq_id)
         return len(tokens) if matcher is None else matcher.validate_tokens(tokens)
 
-    def try_token(self, seq_id: int, token_id: int) -> int | None:
-        """Feed a draft token on trial (`take_back` undoes it): 1 where the guide took it, 0
-        where it does not allow it (nothing fed), None for an unguided sequence."""
-        matcher = self.matchers.get(seq_id)
-        return None if matcher is None else matcher.try_consume_tokens([token_id])
-
-    def take_back(self, seq_id: int, n: int) -> None:
-        """Undo the last n tokens fed on trial."""
-        if n and not self.matchers[seq_id].rollback(n):
-            raise LlmkitError(f"sequence {seq_id}'s guide could not take back {n} draft tokens")
-
-    def is_done(self, seq_id: int) -> bool:
-        """Whether the guided output is complete: only its end may follow."""
-        return self.matchers[seq_id].is_stopped()
-
     def advance(self, seq_id: int, token_id: int) -> bool:
         """Feed a sampled token; True when the output is complete (nothing may follow), or
         when the token broke the guide (it cannot be continued: the sequence ends)."""
@@ -183,6 +180,21 @@ class Guides:
 
     def release(self, seq_id: int) -> None:
         self.matchers.pop(seq_id, None)
+
+
+class Trial:
+    """A guided sequence's guide on trial, for a draft model's draft: a copy of its matcher,
+    fed the draft's tokens (the sequence's own matcher is not touched)."""
+
+    __slots__ = ("matcher",)
+
+    def __init__(self, matcher):
+        self.matcher = matcher
+
+    def feed(self, token_id: int) -> bool:
+        """Feed a draft token; False where the draft ends with it: the guide does not allow
+        it (nothing fed), or the output is complete with it (only its end may follow)."""
+        return self.matcher.try_consume_tokens([token_id]) == 1 and not self.matcher.is_stopped()
 
 
 def _tokenizer_json(tokenizer) -> str:

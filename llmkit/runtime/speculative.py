@@ -18,7 +18,7 @@ one when the guesses are good.
   so drafting on would cost draft steps and verified rows for nothing; a draft model that
   agrees with the model more than its probabilities say drafts on for longer. A guided
   sequence's draft model chooses among the tokens its guide allows at each step, as the
-  model does (the guide's matcher fed each draft token on trial, and taken back after).
+  model does (a copy of the guide's matcher fed each draft token: Guides.trials).
 """
 
 from __future__ import annotations
@@ -196,34 +196,31 @@ class DraftProposer:
         for seq in (s for s, k in zip(seqs, limits, strict=True) if k <= 0):
             self.release(seq.seq_id)
         active = [i for i, k in enumerate(limits) if k > 0 and self._sync(seqs[i])]
-        on_trial: dict[int, int] = {}  # seq_id -> draft tokens its guide was fed
-        try:
-            for _ in range(max(limits, default=0)):
-                active = [i for i in active if len(drafts[i].tokens) < limits[i]]
-                batch = Batch()
-                for i in active:
-                    mirror = self.mirrors[seqs[i].seq_id]
-                    n = mirror.num_tokens - mirror.num_computed_tokens
-                    if not self.blocks.can_allocate(mirror, n):
-                        break
-                    self.blocks.allocate(mirror, n)
-                    batch.add(mirror, n)
-                active = active[: len(batch.seqs)]
-                if not active:
+        trials = self.guides.trials([seqs[i].seq_id for i in active])
+        for _ in range(max(limits, default=0)):
+            active = [i for i in active if len(drafts[i].tokens) < limits[i]]
+            batch = Batch()
+            for i in active:
+                mirror = self.mirrors[seqs[i].seq_id]
+                n = mirror.num_tokens - mirror.num_computed_tokens
+                if not self.blocks.can_allocate(mirror, n):
                     break
-                chosen = self._next_tokens(batch, [seqs[i].seq_id for i in active])
-                for i, (token, q, confidence) in zip(active, chosen, strict=True):
-                    drafts[i].tokens.append(token)
-                    if q is not None:
-                        probs[i].append(q)
-                    confidences[i].append(confidence)
-                    chance[i] *= min(1.0, self.calibration.scaled(confidence))
-                    fits = self._on_trial(seqs[i], token, on_trial)
-                    if not fits or chance[i] < self.min_confidence:
-                        limits[i] = len(drafts[i].tokens)
-        finally:
-            for seq_id, n in on_trial.items():
-                self.guides.take_back(seq_id, n)
+                self.blocks.allocate(mirror, n)
+                batch.add(mirror, n)
+            active = active[: len(batch.seqs)]
+            if not active:
+                break
+            targets = [seqs[i].seq_id for i in active]
+            chosen = self._next_tokens(batch, {t: trials[t] for t in targets if t in trials})
+            for i, target, (token, q, confidence) in zip(active, targets, chosen, strict=True):
+                drafts[i].tokens.append(token)
+                if q is not None:
+                    probs[i].append(q)
+                confidences[i].append(confidence)
+                chance[i] *= min(1.0, self.calibration.scaled(confidence))
+                guided_on = target not in trials or trials[target].feed(token)
+                if chance[i] < self.min_confidence or not guided_on:
+                    limits[i] = len(drafts[i].tokens)
         for seq, draft, rows, own in zip(seqs, drafts, probs, confidences, strict=True):
             if rows and len(rows) == len(draft.tokens):
                 draft.probs = torch.stack(rows)
@@ -238,23 +235,14 @@ class DraftProposer:
             if draft and own is not None and len(own) >= len(draft):  # the draft, or cut
                 self.calibration.observe(own[: len(draft)], n)
 
-    def _on_trial(self, seq: Sequence, token: int, on_trial: dict[int, int]) -> bool:
-        """Feed a guided sequence's draft token to its guide on trial (counted in
-        `on_trial`); False where the draft ends there: its guide took no more, or is done
-        (only the end of the output may follow)."""
-        fed = self.guides.try_token(seq.seq_id, token)
-        if fed is None:  # unguided
-            return True
-        on_trial[seq.seq_id] = on_trial.get(seq.seq_id, 0) + fed
-        return bool(fed) and not self.guides.is_done(seq.seq_id)
-
-    def _next_tokens(self, batch: Batch, targets: list[int]):
-        """Run the draft model on `batch` (the mirrors of the sequences `targets`); each
-        mirror's next token (appended to it), the distribution it was drawn from (None for
-        greedy) and the probability the draft model gave it (under that distribution; for
-        greedy, under the model's softmax), among the tokens its target's guide allows
-        where it has one. Greedy rows are decided where the logits are: only their tokens
-        and probabilities come back to the host."""
+    def _next_tokens(self, batch: Batch, trials: dict):
+        """Run the draft model on `batch`; each mirror's next token (appended to it), the
+        distribution it was drawn from (None for greedy) and the probability the draft model
+        gave it (under that distribution; for greedy, under the model's softmax), among the
+        tokens its guide on trial allows where it has one (`trials`: Guides.trials of the
+        guided sequences, by the sequence's seq_id; its mirror is self.mirrors[seq_id]).
+        Greedy rows are decided where the logits are: only their tokens and probabilities
+        come back to the host."""
         from llmkit.runtime.layers.sampler import apply_masks
         from llmkit.runtime.model_runner import prepare
 
@@ -263,11 +251,11 @@ class DraftProposer:
         for mirror, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             mirror.num_computed_tokens += n
         rows = {m.seq_id: i for i, m in enumerate(sampled.seqs)}
-        masks = self.guides.masks(targets)  # while a GPU computes the logits
+        masks = self.guides.trial_masks(trials)  # while a GPU computes the logits
         if masks:
             row_masks = [None] * len(rows)
-            for mirror, target in zip(batch.seqs, targets, strict=True):
-                row_masks[rows[mirror.seq_id]] = masks.get(target)
+            for seq_id, mask in masks.items():
+                row_masks[rows[self.mirrors[seq_id].seq_id]] = mask
             logits = apply_masks(logits, row_masks)
         greedy = [m.seq_id for m in batch.seqs if m.params.greedy]
         chosen = dict(zip(greedy, _greedy_rows(logits, [rows[s] for s in greedy]), strict=True))
