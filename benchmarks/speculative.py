@@ -63,8 +63,8 @@ token, so its ngram drafts are right for the same reason small-llama's are. A ra
 draft model doubts every token, so the draft target is measured on WIDE_CUDA: stories260K
 widened as WIDE is, further (hidden x 64, intermediate x 128: some 1.4B parameters, written
 in bfloat16), a step of a model of Llama-3.2-1B's size, plainly and with stories260K as
-its draft, on both workloads (as text) at concurrency 1, WIDE_CUDA_OUTPUT_LEN tokens a
-request (stories260K's context is 512 tokens); and the 1B shapes' ngram with no
+its draft, on both workloads (as text) and json at concurrency 1, WIDE_CUDA_OUTPUT_LEN
+tokens a request (stories260K's context is 512 tokens); and the 1B shapes' ngram with no
 --speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP), where a GPU's step is still
 bandwidth-bound: whether that default holds there too. Writes
 benchmarks/results/speculative-cuda-<date>.json.
@@ -302,7 +302,8 @@ def main() -> None:
         cases = [(LLAMA_1B, w, c, _proposers(c, CUDA_SWEEP)) for w in texts
                  for c in CONCURRENCY]  # fmt: skip
         if f"{WIDE_CUDA} draft" in llms:
-            cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in texts]
+            cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in [*texts, GUIDED]]
+            setting[WIDE_CUDA] = ({**texts, GUIDED: texts["free"]}, WIDE_CUDA_OUTPUT_LEN)
         warm_up = CONCURRENCY  # each graph bucket captured before any timing
     else:
         llms = engines(make_models(work, args.shared), args.speculative_max_seqs)
