@@ -34,8 +34,10 @@ Workloads, 64 greedy tokens per request (EOS ignored):
   benchmarks/structured_outputs.py's SCHEMA (a title and 3 to 6 records), greedy, ending
   where the answer does (at most GUIDED_MAX_TOKENS): keys that repeat from record to
   record, which lookups predict, drafts cut where the guide stops allowing them; a draft
-  model chooses its tokens among those the guide allows. No target; it shows what
-  speculation does for guided requests.
+  model chooses its tokens among those the guide allows. Plain runs ask for no
+  speculation (`speculative: false`); `forced` is the plain engine without that, whose
+  guided requests verify the tokens the guide forces as drafts, as every engine's do. No
+  target; it shows what speculation does for guided requests.
 
 Measures: at concurrency 1, decode tok/s (the tokens after the first over the time after the
 first: 1 / TPOT, as `bench offline` and benchmarks/cpu_decode.py count it; the prompt's
@@ -97,6 +99,7 @@ CUDA_SWEEP = (8,)
 UNLIMITED = "ngram-unlimited"
 DRAFT_LAYERS = 2
 GUIDED = "json"  # the structured-output workload
+FORCED = "forced"  # on it, the plain engine verifying the tokens guides force as drafts
 GUIDED_MAX_TOKENS = 512  # structured_outputs.SCHEMA's answers end well within it
 K = 4
 # stories260K widened into a target a draft can pay off against (widen.py): hidden x 16 (a
@@ -203,9 +206,12 @@ def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
     return prompts
 
 
-def run(llm, prompts: list[str], output_len: int = OUTPUT_LEN, guided: bool = False) -> dict:
+def run(
+    llm, prompts: list[str], output_len: int = OUTPUT_LEN, guided: bool = False, plainly=False
+) -> dict:
     """`prompts` decoded greedily, `output_len` tokens each (EOS ignored), or `guided`: each
-    answered under structured_outputs.SCHEMA, ending where its answer does."""
+    answered under structured_outputs.SCHEMA, ending where its answer does (`plainly`: as
+    requests that ask for no speculation, not even of the tokens their guide forces)."""
     from structured_outputs import SCHEMA
 
     from llmkit.runtime.guide import Guide
@@ -213,7 +219,8 @@ def run(llm, prompts: list[str], output_len: int = OUTPUT_LEN, guided: bool = Fa
 
     if guided:
         guide = Guide("json", json.dumps(SCHEMA))
-        params = SamplingParams(max_tokens=GUIDED_MAX_TOKENS, temperature=0.0, guide=guide)
+        params = SamplingParams(max_tokens=GUIDED_MAX_TOKENS, temperature=0.0, guide=guide,
+                                speculative=not plainly)  # fmt: skip
     else:
         params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     before = replace(llm.engine.spec_stats)
@@ -302,17 +309,18 @@ def main() -> None:
         cases = [(LLAMA_1B, w, c, _proposers(c, CUDA_SWEEP)) for w in texts
                  for c in CONCURRENCY]  # fmt: skip
         if f"{WIDE_CUDA} draft" in llms:
-            cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in [*texts, GUIDED]]
+            cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in texts]
+            cases += [(WIDE_CUDA, GUIDED, 1, ("plain", FORCED, "draft"))]
             setting[WIDE_CUDA] = ({**texts, GUIDED: texts["free"]}, WIDE_CUDA_OUTPUT_LEN)
         warm_up = CONCURRENCY  # each graph bucket captured before any timing
     else:
         llms = engines(make_models(work, args.shared), args.speculative_max_seqs)
         cases = [("small-llama", w, c, _proposers(c, SWEEP)) for w in texts for c in CONCURRENCY]
-        cases += [("small-llama", GUIDED, 1, ("plain", "ngram"))]
+        cases += [("small-llama", GUIDED, 1, ("plain", FORCED, "ngram"))]
         setting["small-llama"] = ({**texts, GUIDED: texts["free"]}, OUTPUT_LEN)
         cases += [("stories260K", w, 1, ("plain", "ngram")) for w in texts]
         cases += [(WIDE, w, 1, ("plain", "draft", WIDE_Q4, WIDE_WEAK)) for w in texts]
-        cases += [(WIDE, GUIDED, 1, ("plain", "draft", WIDE_Q4))]
+        cases += [(WIDE, GUIDED, 1, ("plain", FORCED, "draft", WIDE_Q4))]
         setting[WIDE] = ({**texts, GUIDED: texts["free"]}, OUTPUT_LEN)
         alone = [c for c in SWEEP if c not in CONCURRENCY]
         cases += [("small-llama", w, c, ("plain", UNLIMITED)) for w in texts for c in alone]
@@ -328,8 +336,9 @@ def main() -> None:
             loads, output_len = setting[model]
             modes = [f"{model} {p}" for p in proposers]
             for name in modes if r % 2 == 0 else reversed(modes):
-                out = run(llms[name], loads[workload][:concurrency], output_len,
-                          workload == GUIDED)  # fmt: skip
+                engine = llms[name.replace(f" {FORCED}", " plain")]
+                out = run(engine, loads[workload][:concurrency], output_len,
+                          workload == GUIDED, name.endswith(" plain"))  # fmt: skip
                 result[f"{name} {workload} {concurrency}"] = out
             plain = result[f"{model} plain {workload} {concurrency}"]
             for name in modes[1:]:

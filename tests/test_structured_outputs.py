@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmkit.runtime.engine import LLM, EngineConfig
-from llmkit.runtime.guide import Guide, choice_guide
+from llmkit.runtime.guide import Guide, Guides, choice_guide
 from llmkit.runtime.layers.sampler import BARRED, apply_masks
 from llmkit.runtime.sequence import SamplingParams
 from tests.serve_helpers import start_server
@@ -132,7 +132,10 @@ SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schem
 CHAT = [{"role": "user", "content": "Describe someone."}]
 
 
-def test_fifty_sampled_json_schema_answers_validate(client):
+def test_fifty_sampled_json_schema_answers_validate(server, client):
+    """Every answer validates, and tokens the schema forces were verified as drafts (the
+    server runs no proposer; /metrics counts them)."""
+    before = server.metrics()["llmkit_guided_forced_tokens_total"]
     rng = random.Random(0)
     for i in range(50):
         kwargs = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": rng.randrange(2**31)}
@@ -149,6 +152,7 @@ def test_fifty_sampled_json_schema_answers_validate(client):
             text = out.text
         assert out.finish_reason == "stop", text
         jsonschema.validate(json.loads(text), PERSON)
+    assert server.metrics()["llmkit_guided_forced_tokens_total"] > before + 50
 
 
 def test_streamed_and_whole_answers_agree_for_n_choices(client):
@@ -233,20 +237,23 @@ def test_tensor_parallel_guides_as_one_rank_does(tiny_dir, llm):
 
 
 @pytest.mark.parametrize("proposer", ["ngram", "draft"])
-def test_guided_requests_are_speculated_within_their_guide(tiny_dir, llm, proposer):
+def test_guided_requests_are_speculated_within_their_guide(tiny_dir, llm, proposer, monkeypatch):
     """Guided sequences' drafts, cut where the guide stops allowing them, verified under the
     guide's mask at each row, beside an unguided speculated request: the greedy guided
-    answer and the unguided tokens are those of an engine without speculation, drafts of
-    the guided sequences are accepted, and a seeded sampled guided answer validates and
-    reproduces. The model as its own draft model chooses within the guide as the model
-    does: its guided drafts run to full length but at the answer's end, every token
-    accepted (unmasked, it would mostly choose tokens the guide does not allow)."""
+    answer and the unguided tokens are those of plain decoding, drafts of the guided
+    sequences are accepted, and a seeded sampled guided answer validates and reproduces.
+    The model as its own draft model chooses within the guide as the model does: its guided
+    drafts run to full length but at the answer's end, every token accepted (unmasked, it
+    would mostly choose tokens the guide does not allow). The proposer's drafts alone: no
+    forced tokens (the next test), which would stand in for most of them."""
+    monkeypatch.setattr(Guides, "forced", lambda self, seq_id, n: [])
     person = Guide("json", json.dumps(PERSON))
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, guide=person)
     sampled = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=3, guide=person)
     plain = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     prompts, params = ["Hello", "The king The king The king"], [greedy, plain]
-    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    unspeculated = [replace(p, speculative=False) for p in params]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, unspeculated)]
     spec = "ngram" if proposer == "ngram" else str(tiny_dir())
     config = EngineConfig(speculative=spec, speculative_max_seqs=8, draft_min_confidence=0)
     speculating = LLM(tiny_dir(), config)
@@ -265,6 +272,40 @@ def test_guided_requests_are_speculated_within_their_guide(tiny_dir, llm, propos
         assert guided_only.accepted == guided_only.proposed > 3.5 * guided_only.drafts
     assert twice[0].token_ids == twice[1].token_ids
     for text in (got[0].outputs[0].text, twice[0].text):
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_the_tokens_a_guide_forces_are_verified_as_drafts(llm):
+    """Without any proposer, the tokens a guide forces (the schema's keys, quotes, braces:
+    each the only one allowed) are a guided sequence's draft and all accepted: the greedy
+    answer is plain decoding's, in a step fewer for about each of them; a seeded sampled
+    answer validates and reproduces; `speculative: false` turns them off."""
+    person = Guide("json", json.dumps(PERSON))
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, guide=person)
+    sampled = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=4, guide=person)
+    engine, steps = llm.engine, [0]
+
+    def run(params):
+        before, steps[0] = replace(engine.spec_stats), 0
+        outs = [llm.generate(["Hello"], params)[0].outputs[0] for _ in range(2)]
+        return outs, engine.spec_stats.since(before), steps[0] // 2
+
+    real = engine.step
+    engine.step = lambda: steps.__setitem__(0, steps[0] + 1) or real()
+    try:
+        (plain, _), plain_stats, plain_steps = run(replace(greedy, speculative=False))
+        (forced, _), stats, forced_steps = run(greedy)
+        twice, _, _ = run(sampled)
+    finally:
+        del engine.step
+    assert plain_stats.forced == 0 and stats.proposed == 0
+    assert forced.token_ids == plain.token_ids
+    assert stats.forced > len(plain.token_ids) // 4
+    # a step a forced token, but where the answer ends with forced tokens (the step's own
+    # token after them is not taken)
+    assert stats.forced // 2 - 1 <= plain_steps - forced_steps <= stats.forced // 2
+    assert twice[0].token_ids == twice[1].token_ids
+    for text in (forced.text, twice[0].text):
         jsonschema.validate(json.loads(text), PERSON)
 
 

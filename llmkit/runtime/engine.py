@@ -50,6 +50,7 @@ from llmkit.runtime.speculative import (
 
 log = logging.getLogger("llmkit.engine")
 MAX_PROPOSER_FAILURES = 3  # proposer failures in a row after which the engine stops speculating
+MAX_FORCED = 16  # the most tokens a guide forces that one step verifies as a sequence's draft
 CPU_KV_CACHE_LIMIT = 4 * 2**30  # default cap on CPU when --kv-cache-memory is not given
 
 
@@ -257,10 +258,7 @@ class Engine:
         for part, out in runs:
             accepted = out.accepted(part)
             self.scheduler.update(part, accepted)
-            if self.proposer is not None:
-                self.spec_stats.record(part.drafts, accepted)
-                self.backoff.record(part.seqs, part.drafts, accepted)
-                self.proposer.observe(part.seqs, part.drafts, accepted)
+            self._record_drafts(part, accepted)
             self._record_prompt_scores(out)
             for seq, tokens in zip(out.seqs, out.sampled, strict=True):
                 for token in tokens:
@@ -272,42 +270,80 @@ class Engine:
         return outputs
 
     def _speculate(self, batch: Batch) -> int | None:
-        """Give the step's decoding sequences drafts to verify, when speculation is on, at
-        most --speculative-max-seqs sequences are running or waiting (prompts still to
-        prefill are load too: a step computing them gains nothing from drafts, and a draft
-        model would first have to catch up on each prompt), and the request allows it (not
-        past its token limits, not sitting out failed rounds: Backoff). The most decode
-        steps the call may run before a sequence wants drafts again (None: no limit)."""
+        """Give the step's decoding sequences drafts to verify: the tokens a guided
+        sequence's guide forces next (`_forced`), and the proposer's draft where speculation
+        is on and its draft is longer (`_propose`). The most decode steps the call may run
+        before a sequence wants drafts again (None: no limit)."""
+        decodes = [i for i in range(len(batch.seqs)) if batch.decodes(i)]
+        forced = self._forced(batch, decodes)
+        limit = self._propose(batch, decodes, forced)
+        for i, tokens in forced.items():
+            if not batch.drafts[i] and self.scheduler.speculate(batch, i, tokens):
+                batch.forced.add(batch.seqs[i].seq_id)
+        return limit
+
+    def _forced(self, batch: Batch, decodes: list[int]) -> dict[int, list[int]]:
+        """Row -> the tokens its guide forces next (each the only one it allows), for the
+        guided decodes whose request allows speculation: verified as a draft, they are
+        accepted for sure (the model's masked distribution has nothing else), so a step
+        adds them all, at any load and after any failed round. At most MAX_FORCED, never
+        past max_tokens or the context."""
+        if not self.guides.matchers:
+            return {}
+        out = {}
+        for i in decodes:
+            seq = batch.seqs[i]
+            if seq.params.speculative and seq.seq_id in self.guides.matchers:
+                size = min(MAX_FORCED, self._room(seq) - 1)
+                if size > 0 and (tokens := self.guides.forced(seq.seq_id, size)):
+                    out[i] = tokens
+        return out
+
+    def _propose(self, batch: Batch, decodes: list[int], forced: dict[int, list[int]]):
+        """The proposer's drafts for the decodes it may speculate (at most
+        --speculative-max-seqs sequences are running or waiting: prompts still to prefill
+        are load too, since a step computing them gains nothing from drafts and a draft
+        model would first have to catch up on each prompt; the request allows it, is not
+        past its token limits and does not sit out failed rounds: Backoff), given to the
+        batch where longer than the tokens its guide forces. The most decode steps the call
+        may run before a sequence wants drafts again (None: no limit)."""
         if self.proposer is None or self._proposer_failures >= MAX_PROPOSER_FAILURES:
             return None
         load = len(self.scheduler.running) + len(self.scheduler.waiting)
-        decodes = [i for i in range(len(batch.seqs)) if batch.decodes(i)]
         if not decodes or load > self.config.speculative_max_seqs:
             return None
         sizes = {i: self._draft_size(batch.seqs[i]) for i in decodes}
-        chosen = [i for i in decodes if sizes[i] > 0]
-        if chosen and not self._propose(batch, chosen, [sizes[i] for i in chosen]):
-            return None
-        limits = [self.backoff.call_limit(batch.seqs[i]) for i in decodes]
-        return min((n for n in limits if n is not None), default=None)
-
-    def _propose(self, batch: Batch, chosen: list[int], sizes: list[int]) -> bool:
-        """Drafts of `sizes` tokens for the batch's sequences `chosen`, given to the batch
-        (Backoff counts the empty ones); False where the proposer failed."""
+        chosen = [i for i in decodes if sizes[i] > len(forced.get(i, ()))]
         seqs = [batch.seqs[i] for i in chosen]
         try:
-            drafts = self.proposer.propose(seqs, sizes)
+            drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen]) if chosen else []
         except Exception as e:  # a draft model that fails costs the step its drafts only
             self._proposer_failed(seqs, e)
-            return False
+            return None
         self._proposer_failures = 0
         for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
             draft = self._within_guide(seq, draft)
             if not draft.tokens:
                 self.backoff.found_nothing(seq)
+            elif len(draft.tokens) <= len(forced.get(i, ())):
+                continue  # the forced tokens go as far: they are the draft
             elif self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
                 batch.draft_probs[seq.seq_id] = draft.probs
-        return True
+        limits = [self.backoff.call_limit(batch.seqs[i]) for i in decodes]
+        return min((n for n in limits if n is not None), default=None)
+
+    def _record_drafts(self, batch: Batch, accepted: list[int]) -> None:
+        """After a step's verification (`accepted[i]` of `batch.drafts[i]` taken): the tokens
+        of forced drafts are counted apart (SpecStats.forced); the proposer's drafts go to
+        its counts, its Backoff and its calibration."""
+        forced = [s.seq_id in batch.forced for s in batch.seqs]
+        self.spec_stats.forced += sum(n for n, f in zip(accepted, forced, strict=True) if f)
+        if self.proposer is None:
+            return
+        drafts = [[] if f else d for d, f in zip(batch.drafts, forced, strict=True)]
+        self.spec_stats.record(drafts, accepted)
+        self.backoff.record(batch.seqs, drafts, accepted)
+        self.proposer.observe(batch.seqs, drafts, accepted)
 
     def _within_guide(self, seq: Sequence, draft: Draft) -> Draft:
         """`draft` cut where `seq`'s guide stops allowing it: a greedy request's before the
@@ -377,10 +413,13 @@ class Engine:
             return 0
         if self.backoff.sits_out(seq):
             return 0
-        room = min(
+        return max(0, min(self.config.num_speculative_tokens, self._room(seq) - 1))
+
+    def _room(self, seq: Sequence) -> int:
+        """Tokens `seq` may still add: up to its max_tokens and the context."""
+        return min(
             seq.params.max_tokens - len(seq.output_token_ids), self.max_model_len - seq.num_tokens
         )
-        return max(0, min(self.config.num_speculative_tokens, room - 1))
 
     def _proposer(self):
         """The proposer --speculative names (None: off). A draft model runs on the model's
@@ -656,4 +695,6 @@ def _by_request(batch: Batch) -> list[Batch]:
         part.add(seq, n, draft)
         if seq.seq_id in batch.draft_probs:
             part.draft_probs[seq.seq_id] = batch.draft_probs[seq.seq_id]
+        if seq.seq_id in batch.forced:
+            part.forced.add(seq.seq_id)
     return list(parts.values())

@@ -161,6 +161,14 @@ class Guides:
             for s, k, n in zip(guided, starts, rows, strict=True)
         }
 
+    def forced(self, seq_id: int, n: int) -> list[int]:
+        """Up to n tokens the sequence's guide forces next: each the only token it allows
+        after those before it (none for an unguided or finished sequence)."""
+        matcher = self.matchers.get(seq_id)
+        if matcher is None or matcher.is_stopped():
+            return []
+        return matcher.compute_ff_tokens()[:n]
+
     def allowed(self, seq_id: int, tokens: list[int]) -> int:
         """How many of `tokens`, in order from the sequence's current state, its guide
         allows (all for an unguided sequence)."""

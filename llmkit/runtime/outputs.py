@@ -59,12 +59,14 @@ def check_prompt_ids(ids: list[int], vocab: int, max_model_len: int) -> None:
 
 @dataclass(slots=True)
 class SpecStats:
-    """Counts since the engine started: draft tokens proposed and accepted, and the drafts
-    verified (one per speculated sequence and step)."""
+    """Counts since the engine started: the proposer's draft tokens proposed and accepted,
+    and its drafts verified (one per speculated sequence and step); apart from those, the
+    tokens guides forced that were verified as drafts and accepted."""
 
     proposed: int = 0
     accepted: int = 0
     drafts: int = 0
+    forced: int = 0
 
     def record(self, drafts: list[list[int]], accepted: list[int]) -> None:
         for draft, n in zip(drafts, accepted, strict=True):
@@ -79,6 +81,7 @@ class SpecStats:
             self.proposed - before.proposed,
             self.accepted - before.accepted,
             self.drafts - before.drafts,
+            self.forced - before.forced,
         )
 
     @property

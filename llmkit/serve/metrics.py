@@ -80,6 +80,11 @@ class _EngineCollector:
             "KV blocks taken from the prefix cache.",
             stats.hit_blocks,
         )
+        yield CounterMetricFamily(
+            "llmkit_guided_forced_tokens",
+            "Tokens guides forced (each the only one allowed), verified as drafts.",
+            stats.spec.forced,
+        )
         if stats.proposer:
             yield from _speculative(stats)
 
