@@ -57,6 +57,18 @@ def test_ngram_draft_continues_the_latest_earlier_match_of_the_longest_suffix():
     assert ngram_draft([1, 2], 1, 4, 0) == []
 
 
+def test_ngram_drafts_go_on_from_their_prefix():
+    """A prefix (tokens a guide forces) begins the draft, and the lookup takes it as part
+    of the sequence: what followed "1 2" earlier follows it."""
+    from llmkit.runtime.speculative import NgramProposer
+
+    seq = Sequence([1, 2, 3, 4, 1], GREEDY)
+    drafts = NgramProposer(1, 3).propose([seq, seq], [4, 4], [[2], []])
+    assert drafts[0].tokens == [2, 3, 4, 1] and drafts[1].tokens == [2, 3, 4, 1]
+    seq = Sequence([7, 1, 2, 5, 1], GREEDY)
+    assert NgramProposer(1, 3).propose([seq], [3], [[2]])[0].tokens == [2, 5, 1]
+
+
 def _ngram_draft_by_definition(tokens, min_n, max_n, k):
     """ngram_draft's rule, written out window by window."""
     for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
@@ -148,11 +160,11 @@ def test_a_failing_draft_model_costs_its_drafts_not_the_requests(tiny_dir, monke
     model = tiny_dir("tiny-llama")
     real, calls = DraftProposer.propose, []
 
-    def flaky(self, seqs, sizes):
+    def flaky(self, seqs, sizes, prefixes):
         calls.append(len(seqs))
         if len(calls) % 2:
             raise RuntimeError("CUDA out of memory")
-        return real(self, seqs, sizes)
+        return real(self, seqs, sizes, prefixes)
 
     monkeypatch.setattr(DraftProposer, "propose", flaky)
     plain, _ = generate(model, prompts())
@@ -199,7 +211,7 @@ def test_a_proposer_failing_round_after_round_turns_speculation_off(tiny_dir, mo
 
     calls = []
 
-    def broken(self, seqs, sizes):
+    def broken(self, seqs, sizes, prefixes):
         calls.append(len(seqs))
         raise RuntimeError("broken")
 
@@ -259,7 +271,7 @@ def test_a_sequence_whose_lookups_find_nothing_runs_ahead_in_longer_and_longer_c
 
     model, asked = tiny_dir("tiny-llama"), []
 
-    def nothing(self, seqs, sizes):
+    def nothing(self, seqs, sizes, prefixes):
         asked.append(seqs[0].num_tokens)
         return [Draft() for _ in seqs]
 

@@ -309,6 +309,41 @@ def test_the_tokens_a_guide_forces_are_verified_as_drafts(llm):
         jsonschema.validate(json.loads(text), PERSON)
 
 
+def test_a_draft_model_takes_the_tokens_a_guide_forces_as_given(tiny_dir, monkeypatch):
+    """The model as its own draft model under a JSON schema: its drafts begin with the
+    tokens the guide forces, which it computes with its next step instead of drafting one
+    a step, so it runs fewer steps than when it drafts them itself (forced tokens off), for
+    plain decoding's answer, every token it drafted accepted."""
+    from llmkit.runtime.speculative import DraftProposer
+
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
+                            guide=Guide("json", json.dumps(PERSON)))  # fmt: skip
+    real, steps = DraftProposer._next_tokens, [0]
+
+    def counted(self, *args):
+        steps[0] += 1
+        return real(self, *args)
+
+    def run(params=greedy):
+        llm = LLM(tiny_dir(), EngineConfig(speculative=str(tiny_dir()), draft_min_confidence=0))
+        try:
+            steps[0] = 0
+            out = llm.generate(["Hello"], params)[0].outputs[0]
+            return out.token_ids, llm.engine.spec_stats, steps[0]
+        finally:
+            llm.close()
+
+    monkeypatch.setattr(DraftProposer, "_next_tokens", counted)
+    plain, _, _ = run(replace(greedy, speculative=False))
+    given, stats, given_steps = run()
+    monkeypatch.setattr(Guides, "forced", lambda self, seq_id, n: [])
+    drafted, drafted_stats, drafted_steps = run()
+    assert given == drafted == plain
+    assert stats.forced > 0 and stats.accepted == stats.proposed > 0
+    assert drafted_stats.forced == 0 and drafted_stats.accepted == drafted_stats.proposed
+    assert given_steps < drafted_steps
+
+
 def test_a_drafts_masks_are_those_after_each_of_its_tokens(llm):
     """Guides.masks for a sequence with a draft: row j is the mask after the draft's first j
     tokens (against a copy of the matcher fed one token at a time), rows after a token the

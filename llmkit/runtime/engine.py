@@ -271,15 +271,15 @@ class Engine:
 
     def _speculate(self, batch: Batch) -> int | None:
         """Give the step's decoding sequences drafts to verify: the tokens a guided
-        sequence's guide forces next (`_forced`), and the proposer's draft where speculation
-        is on and its draft is longer (`_propose`). The most decode steps the call may run
-        before a sequence wants drafts again (None: no limit)."""
+        sequence's guide forces next (`_forced`), which the proposer continues where
+        speculation is on (`_propose`). The most decode steps the call may run before a
+        sequence wants drafts again (None: no limit)."""
         decodes = [i for i in range(len(batch.seqs)) if batch.decodes(i)]
         forced = self._forced(batch, decodes)
         limit = self._propose(batch, decodes, forced)
         for i, tokens in forced.items():
             if not batch.drafts[i] and self.scheduler.speculate(batch, i, tokens):
-                batch.forced.add(batch.seqs[i].seq_id)
+                batch.forced[batch.seqs[i].seq_id] = len(tokens)
         return limit
 
     def _forced(self, batch: Batch, decodes: list[int]) -> dict[int, list[int]]:
@@ -304,9 +304,10 @@ class Engine:
         --speculative-max-seqs sequences are running or waiting: prompts still to prefill
         are load too, since a step computing them gains nothing from drafts and a draft
         model would first have to catch up on each prompt; the request allows it, is not
-        past its token limits and does not sit out failed rounds: Backoff), given to the
-        batch where longer than the tokens its guide forces. The most decode steps the call
-        may run before a sequence wants drafts again (None: no limit)."""
+        past its token limits and does not sit out failed rounds: Backoff), each beginning
+        with the tokens its guide forces, given to the batch where the proposer added to
+        them. The most decode steps the call may run before a sequence wants drafts again
+        (None: no limit)."""
         if self.proposer is None or self._proposer_failures >= MAX_PROPOSER_FAILURES:
             return None
         load = len(self.scheduler.running) + len(self.scheduler.waiting)
@@ -314,36 +315,38 @@ class Engine:
             return None
         sizes = {i: self._draft_size(batch.seqs[i]) for i in decodes}
         chosen = [i for i in decodes if sizes[i] > len(forced.get(i, ()))]
-        seqs = [batch.seqs[i] for i in chosen]
+        seqs, prefixes = [batch.seqs[i] for i in chosen], [forced.get(i, []) for i in chosen]
         try:
-            drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen]) if chosen else []
+            drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen], prefixes)
         except Exception as e:  # a draft model that fails costs the step its drafts only
             self._proposer_failed(seqs, e)
             return None
         self._proposer_failures = 0
-        for i, seq, draft in zip(chosen, seqs, drafts, strict=True):
+        for i, seq, draft, prefix in zip(chosen, seqs, drafts, prefixes, strict=True):
             draft = self._within_guide(seq, draft)
-            if not draft.tokens:
+            if len(draft.tokens) <= len(prefix):  # nothing of its own: the prefix goes alone
                 self.backoff.found_nothing(seq)
-            elif len(draft.tokens) <= len(forced.get(i, ())):
-                continue  # the forced tokens go as far: they are the draft
-            elif self.scheduler.speculate(batch, i, draft.tokens) and draft.probs is not None:
-                batch.draft_probs[seq.seq_id] = draft.probs
+            elif self.scheduler.speculate(batch, i, draft.tokens):
+                if prefix:
+                    batch.forced[seq.seq_id] = len(prefix)
+                if draft.probs is not None:
+                    batch.draft_probs[seq.seq_id] = draft.probs
         limits = [self.backoff.call_limit(batch.seqs[i]) for i in decodes]
         return min((n for n in limits if n is not None), default=None)
 
     def _record_drafts(self, batch: Batch, accepted: list[int]) -> None:
-        """After a step's verification (`accepted[i]` of `batch.drafts[i]` taken): the tokens
-        of forced drafts are counted apart (SpecStats.forced); the proposer's drafts go to
-        its counts, its Backoff and its calibration."""
-        forced = [s.seq_id in batch.forced for s in batch.seqs]
-        self.spec_stats.forced += sum(n for n, f in zip(accepted, forced, strict=True) if f)
+        """After a step's verification (`accepted[i]` of `batch.drafts[i]` taken): the
+        tokens guides forced at a draft's start are counted apart (SpecStats.forced); the
+        proposer's tokens after them go to its counts, its Backoff and its calibration."""
+        lead = [batch.forced.get(s.seq_id, 0) for s in batch.seqs]
+        self.spec_stats.forced += sum(min(n, f) for n, f in zip(accepted, lead, strict=True))
         if self.proposer is None:
             return
-        drafts = [[] if f else d for d, f in zip(batch.drafts, forced, strict=True)]
-        self.spec_stats.record(drafts, accepted)
-        self.backoff.record(batch.seqs, drafts, accepted)
-        self.proposer.observe(batch.seqs, drafts, accepted)
+        drafts = [d[f:] for d, f in zip(batch.drafts, lead, strict=True)]
+        taken = [max(0, n - f) for n, f in zip(accepted, lead, strict=True)]
+        self.spec_stats.record(drafts, taken)
+        self.backoff.record(batch.seqs, drafts, taken)
+        self.proposer.observe(batch.seqs, drafts, taken)
 
     def _within_guide(self, seq: Sequence, draft: Draft) -> Draft:
         """`draft` cut where `seq`'s guide stops allowing it: a greedy request's before the
@@ -696,5 +699,5 @@ def _by_request(batch: Batch) -> list[Batch]:
         if seq.seq_id in batch.draft_probs:
             part.draft_probs[seq.seq_id] = batch.draft_probs[seq.seq_id]
         if seq.seq_id in batch.forced:
-            part.forced.add(seq.seq_id)
+            part.forced[seq.seq_id] = batch.forced[seq.seq_id]
     return list(parts.values())

@@ -33,7 +33,8 @@ class Batch:
     drafts: list[list[int]] = field(default_factory=list)
     draft_probs: dict[int, object] = field(default_factory=dict)  # seq_id -> what the
     # draft's tokens were drawn from (runtime/speculative.py Draft.probs), when sampled
-    forced: set[int] = field(default_factory=set)  # seq_ids whose draft its guide forced
+    forced: dict[int, int] = field(default_factory=dict)  # seq_id -> how many of its
+    # draft's first tokens its guide forced
     steps: int = 1  # > 1: every sequence decodes that many tokens, one greedy step each
 
     def add(self, seq: Sequence, num_new_tokens: int, draft: list[int] | None = None) -> None:

@@ -137,11 +137,16 @@ class NgramProposer:
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
 
-    def propose(self, seqs: list[Sequence], sizes: list[int]) -> list[Draft]:
-        return [
-            Draft(ngram_draft(s.prompt_token_ids + s.output_token_ids, self.min_n, self.max_n, k))
-            for s, k in zip(seqs, sizes, strict=True)
-        ]
+    def propose(self, seqs: list[Sequence], sizes: list[int], prefixes: list[list[int]]):
+        """Each draft: its prefix (tokens certain to be accepted), then what follows the
+        tokens and the prefix in the sequence (ngram_draft), sizes[i] tokens in all."""
+        drafts = []
+        for seq, k, prefix in zip(seqs, sizes, prefixes, strict=True):
+            tokens = seq.prompt_token_ids + seq.output_token_ids + prefix
+            drafts.append(
+                Draft(prefix + ngram_draft(tokens, self.min_n, self.max_n, k - len(prefix)))
+            )
+        return drafts
 
     def observe(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
         pass
@@ -180,13 +185,15 @@ class DraftProposer:
         # seq_id -> the draft model's probability for each token of its last draft
         self.confidences: dict[int, list[float]] = {}
 
-    def propose(self, seqs: list[Sequence], sizes: list[int]) -> list[Draft]:
-        """Up to sizes[i] tokens for seqs[i]: k steps of the draft model over all of them
-        (none for a sequence whose tokens its KV cache cannot hold now; no more after a
-        token after which the draft is likely rejected: the module's docstring)."""
-        drafts = [Draft() for _ in seqs]
+    def propose(self, seqs: list[Sequence], sizes: list[int], prefixes: list[list[int]]):
+        """Up to sizes[i] tokens for seqs[i], beginning with prefixes[i] (tokens certain to be
+        accepted: those its guide forces), which the draft model takes as given (computed
+        with its next step, not drafted one a step), then k steps of the draft model over
+        all of them (none for a sequence whose tokens its KV cache cannot hold now; no more
+        after a token after which the draft is likely rejected: the module's docstring)."""
+        drafts = [Draft(list(p)) for p in prefixes]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        confidences: list[list[float]] = [[] for _ in seqs]
+        confidences: list[list[float]] = [[] for _ in seqs]  # of the drafted tokens
         chance = [1.0] * len(seqs)
         # k steps compute positions up to the sequence's length + k - 2: none past the draft
         # model's context (a sequence longer than it is drafted for no more)
@@ -195,8 +202,11 @@ class DraftProposer:
         ]
         for seq in (s for s, k in zip(seqs, limits, strict=True) if k <= 0):
             self.release(seq.seq_id)
-        active = [i for i, k in enumerate(limits) if k > 0 and self._sync(seqs[i])]
-        trials = self.guides.trials([seqs[i].seq_id for i in active])
+        trials = self.guides.trials([s.seq_id for s in seqs])
+        active = [
+            i for i, (k, p) in enumerate(zip(limits, prefixes, strict=True))
+            if k > len(p) and self._start(seqs[i], p, trials.get(seqs[i].seq_id))
+        ]  # fmt: skip
         for _ in range(max(limits, default=0)):
             active = [i for i in active if len(drafts[i].tokens) < limits[i]]
             batch = Batch()
@@ -221,15 +231,29 @@ class DraftProposer:
                 guided_on = target not in trials or trials[target].feed(token)
                 if chance[i] < self.min_confidence or not guided_on:
                     limits[i] = len(drafts[i].tokens)
-        for seq, draft, rows, own in zip(seqs, drafts, probs, confidences, strict=True):
-            if rows and len(rows) == len(draft.tokens):
-                draft.probs = torch.stack(rows)
+        for seq, draft, rows, own, prefix in zip(seqs, drafts, probs, confidences, prefixes,
+                                                 strict=True):  # fmt: skip
+            if rows and len(rows) == len(own):  # sampled: the prefix's tokens were certain
+                certain = torch.zeros(len(prefix), rows[0].shape[-1], dtype=rows[0].dtype)
+                certain[range(len(prefix)), prefix] = 1.0
+                draft.probs = torch.cat([certain, torch.stack(rows)])
             self.confidences[seq.seq_id] = own  # for `observe`
         return drafts
 
+    def _start(self, seq: Sequence, prefix: list[int], trial) -> bool:
+        """Make seq's mirror hold seq's tokens and then `prefix` (fed to its guide's `trial`
+        first, where it has one); False where the draft model cannot draft after them now:
+        the guided output is complete with the prefix, or the KV cache has no room."""
+        if trial is not None and not all(trial.feed(t) for t in prefix):
+            return False
+        if not self._sync(seq):
+            return False
+        self.mirrors[seq.seq_id].prompt_token_ids += prefix
+        return True
+
     def observe(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
-        """After a step's verification: `accepted[i]` of `drafts[i]` taken (the drafts the
-        step had no room for are empty)."""
+        """After a step's verification: `accepted[i]` of `drafts[i]` taken (the drafted
+        tokens, past their prefix; the drafts the step had no room for are empty)."""
         for seq, draft, n in zip(seqs, drafts, accepted, strict=True):
             own = self.confidences.pop(seq.seq_id, None)
             if draft and own is not None and len(own) >= len(draft):  # the draft, or cut
