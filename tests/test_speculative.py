@@ -315,16 +315,18 @@ def test_a_draft_ends_where_its_chance_of_being_accepted_falls_below_the_thresho
 def test_the_calibration_weighs_each_verified_draft_token_by_its_age():
     """Accepted draft tokens over the sum of their probabilities, each draft's tokens up to
     its first rejected one, every token DECAY times less than the next, after PRIOR tokens
-    accepted as often as their probabilities said: against a float64 sum."""
+    accepted as often as their probabilities said: against a float64 sum. Tokens a guide
+    forced (None) are not counted."""
     from llmkit.runtime.speculative import Calibration
 
     rng = random.Random(4)
     calibration, verified = Calibration(), []
     for _ in range(30):
-        probs = [rng.random() for _ in range(rng.randint(1, 4))]
+        probs = [rng.choice([rng.random(), None]) for _ in range(rng.randint(1, 4))]
         accepted = rng.randint(0, len(probs))
         calibration.observe(probs, accepted)
-        verified += [(p, i < accepted) for i, p in enumerate(probs[: accepted + 1])]
+        seen = enumerate(probs[: accepted + 1])
+        verified += [(p, i < accepted) for i, p in seen if p is not None]
     n, decay, prior = len(verified), Calibration.DECAY, Calibration.PRIOR
     weights = [decay ** (n - 1 - i) for i in range(n)]
     taken = prior * decay**n + sum(w * ok for w, (_, ok) in zip(weights, verified, strict=True))

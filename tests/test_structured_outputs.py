@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from llmkit.runtime import guide as guide_module
 from llmkit.runtime.engine import LLM, EngineConfig
-from llmkit.runtime.guide import Guide, Guides, choice_guide
+from llmkit.runtime.guide import Guide, choice_guide
 from llmkit.runtime.layers.sampler import BARRED, apply_masks
 from llmkit.runtime.sequence import SamplingParams
 from tests.serve_helpers import start_server
@@ -246,7 +247,7 @@ def test_guided_requests_are_speculated_within_their_guide(tiny_dir, llm, propos
     drafts run to full length but at the answer's end, every token accepted (unmasked, it
     would mostly choose tokens the guide does not allow). The proposer's drafts alone: no
     forced tokens (the next test), which would stand in for most of them."""
-    monkeypatch.setattr(Guides, "forced", lambda self, seq_id, n: [])
+    monkeypatch.setattr(guide_module, "_forced", lambda matcher, n: [])
     person = Guide("json", json.dumps(PERSON))
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, guide=person)
     sampled = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=3, guide=person)
@@ -310,37 +311,41 @@ def test_the_tokens_a_guide_forces_are_verified_as_drafts(llm):
 
 
 def test_a_draft_model_takes_the_tokens_a_guide_forces_as_given(tiny_dir, monkeypatch):
-    """The model as its own draft model under a JSON schema: its drafts begin with the
-    tokens the guide forces, which it computes with its next step instead of drafting one
-    a step, so it runs fewer steps than when it drafts them itself (forced tokens off), for
-    plain decoding's answer, every token it drafted accepted."""
+    """The model as its own draft model under a JSON schema: the tokens the guide forces,
+    at a draft's start and after a token it drafted, go into its drafts as given (computed
+    with its next step): none of its steps drafts a forced token, so it runs fewer steps
+    than when it drafts them itself (forced tokens off), for plain decoding's answer, every
+    token it drafted accepted."""
     from llmkit.runtime.speculative import DraftProposer
 
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
                             guide=Guide("json", json.dumps(PERSON)))  # fmt: skip
-    real, steps = DraftProposer._next_tokens, [0]
+    real, steps, forced_steps = DraftProposer._next_tokens, [0], [0]
 
-    def counted(self, *args):
+    def counted(self, batch, trials):
         steps[0] += 1
-        return real(self, *args)
+        for mask in self.guides.trial_masks(trials).values():
+            forced_steps[0] += int(np.unpackbits(mask.view(np.uint8)).sum() == 1)
+        return real(self, batch, trials)
 
     def run(params=greedy):
         llm = LLM(tiny_dir(), EngineConfig(speculative=str(tiny_dir()), draft_min_confidence=0))
         try:
-            steps[0] = 0
+            steps[0] = forced_steps[0] = 0
             out = llm.generate(["Hello"], params)[0].outputs[0]
-            return out.token_ids, llm.engine.spec_stats, steps[0]
+            return out.token_ids, llm.engine.spec_stats, steps[0], forced_steps[0]
         finally:
             llm.close()
 
     monkeypatch.setattr(DraftProposer, "_next_tokens", counted)
-    plain, _, _ = run(replace(greedy, speculative=False))
-    given, stats, given_steps = run()
-    monkeypatch.setattr(Guides, "forced", lambda self, seq_id, n: [])
-    drafted, drafted_stats, drafted_steps = run()
+    plain, _, _, _ = run(replace(greedy, speculative=False))
+    given, stats, given_steps, given_forced = run()
+    monkeypatch.setattr(guide_module, "_forced", lambda matcher, n: [])
+    drafted, drafted_stats, drafted_steps, drafted_forced = run()
     assert given == drafted == plain
     assert stats.forced > 0 and stats.accepted == stats.proposed > 0
     assert drafted_stats.forced == 0 and drafted_stats.accepted == drafted_stats.proposed
+    assert given_forced == 0 < drafted_forced
     assert given_steps < drafted_steps
 
 

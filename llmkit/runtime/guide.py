@@ -165,9 +165,7 @@ class Guides:
         """Up to n tokens the sequence's guide forces next: each the only token it allows
         after those before it (none for an unguided or finished sequence)."""
         matcher = self.matchers.get(seq_id)
-        if matcher is None or matcher.is_stopped():
-            return []
-        return matcher.compute_ff_tokens()[:n]
+        return [] if matcher is None else _forced(matcher, n)
 
     def allowed(self, seq_id: int, tokens: list[int]) -> int:
         """How many of `tokens`, in order from the sequence's current state, its guide
@@ -203,6 +201,16 @@ class Trial:
         """Feed a draft token; False where the draft ends with it: the guide does not allow
         it (nothing fed), or the output is complete with it (only its end may follow)."""
         return self.matcher.try_consume_tokens([token_id]) == 1 and not self.matcher.is_stopped()
+
+    def forced(self, n: int) -> list[int]:
+        """Up to n tokens the guide forces next (Guides.forced), not fed."""
+        return _forced(self.matcher, n)
+
+
+def _forced(matcher, n: int) -> list[int]:
+    """Up to n tokens `matcher` forces next: each the only token it allows after those
+    before it (llguidance's fast-forward tokens); none once it is stopped."""
+    return [] if matcher.is_stopped() else matcher.compute_ff_tokens()[:n]
 
 
 def _tokenizer_json(tokenizer) -> str:

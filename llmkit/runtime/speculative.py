@@ -187,14 +187,11 @@ class DraftProposer:
 
     def propose(self, seqs: list[Sequence], sizes: list[int], prefixes: list[list[int]]):
         """Up to sizes[i] tokens for seqs[i], beginning with prefixes[i] (tokens certain to be
-        accepted: those its guide forces), which the draft model takes as given (computed
-        with its next step, not drafted one a step), then k steps of the draft model over
-        all of them (none for a sequence whose tokens its KV cache cannot hold now; no more
-        after a token after which the draft is likely rejected: the module's docstring)."""
-        drafts = [Draft(list(p)) for p in prefixes]
-        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        confidences: list[list[float]] = [[] for _ in seqs]  # of the drafted tokens
-        chance = [1.0] * len(seqs)
+        accepted: those its guide forces), then k steps of the draft model over all of them
+        (none for a sequence whose tokens its KV cache cannot hold now; no more after a
+        token after which the draft is likely rejected: the module's docstring). Tokens a
+        guide forces, at the start or after a drafted token, are taken as given: the draft
+        model computes them with its next step instead of drafting them one a step."""
         # k steps compute positions up to the sequence's length + k - 2: none past the draft
         # model's context (a sequence longer than it is drafted for no more)
         limits = [
@@ -202,13 +199,16 @@ class DraftProposer:
         ]
         for seq in (s for s, k in zip(seqs, limits, strict=True) if k <= 0):
             self.release(seq.seq_id)
+        work = [
+            _Drafting(k, list(p), [None] * len(p)) for k, p in zip(limits, prefixes, strict=True)
+        ]
         trials = self.guides.trials([s.seq_id for s in seqs])
         active = [
             i for i, (k, p) in enumerate(zip(limits, prefixes, strict=True))
             if k > len(p) and self._start(seqs[i], p, trials.get(seqs[i].seq_id))
         ]  # fmt: skip
         for _ in range(max(limits, default=0)):
-            active = [i for i in active if len(drafts[i].tokens) < limits[i]]
+            active = [i for i in active if len(work[i].tokens) < work[i].limit]
             batch = Batch()
             for i in active:
                 mirror = self.mirrors[seqs[i].seq_id]
@@ -223,22 +223,15 @@ class DraftProposer:
             targets = [seqs[i].seq_id for i in active]
             chosen = self._next_tokens(batch, {t: trials[t] for t in targets if t in trials})
             for i, target, (token, q, confidence) in zip(active, targets, chosen, strict=True):
-                drafts[i].tokens.append(token)
-                if q is not None:
-                    probs[i].append(q)
-                confidences[i].append(confidence)
-                chance[i] *= min(1.0, self.calibration.scaled(confidence))
-                guided_on = target not in trials or trials[target].feed(token)
-                if chance[i] < self.min_confidence or not guided_on:
-                    limits[i] = len(drafts[i].tokens)
-        for seq, draft, rows, own, prefix in zip(seqs, drafts, probs, confidences, prefixes,
-                                                 strict=True):  # fmt: skip
-            if rows and len(rows) == len(own):  # sampled: the prefix's tokens were certain
-                certain = torch.zeros(len(prefix), rows[0].shape[-1], dtype=rows[0].dtype)
-                certain[range(len(prefix)), prefix] = 1.0
-                draft.probs = torch.cat([certain, torch.stack(rows)])
-            self.confidences[seq.seq_id] = own  # for `observe`
-        return drafts
+                drafting = work[i]
+                drafting.add(token, q, confidence)
+                drafting.chance *= min(1.0, self.calibration.scaled(confidence))
+                guided_on = self._guided_on(seqs[i], trials.get(target), drafting)
+                if drafting.chance < self.min_confidence or not guided_on:
+                    drafting.limit = len(drafting.tokens)
+        for seq, drafting in zip(seqs, work, strict=True):
+            self.confidences[seq.seq_id] = drafting.confidences  # for `observe`
+        return [drafting.draft() for drafting in work]
 
     def _start(self, seq: Sequence, prefix: list[int], trial) -> bool:
         """Make seq's mirror hold seq's tokens and then `prefix` (fed to its guide's `trial`
@@ -250,6 +243,19 @@ class DraftProposer:
             return False
         self.mirrors[seq.seq_id].prompt_token_ids += prefix
         return True
+
+    def _guided_on(self, seq: Sequence, trial, drafting: _Drafting) -> bool:
+        """Feed the draft's last token to its guide's `trial` (where it has one), then take
+        the tokens the guide forces after it as given (seq's mirror computes them with its
+        next step); False where the draft ends: the guided output is complete."""
+        if trial is None:
+            return True
+        if not trial.feed(drafting.tokens[-1]):
+            return False
+        forced = trial.forced(drafting.limit - len(drafting.tokens))
+        drafting.give(forced)
+        self.mirrors[seq.seq_id].prompt_token_ids += forced
+        return all(trial.feed(t) for t in forced)
 
     def observe(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
         """After a step's verification: `accepted[i]` of `drafts[i]` taken (the drafted
@@ -330,6 +336,43 @@ class DraftProposer:
         self.runner = None
 
 
+@dataclass(slots=True)
+class _Drafting:
+    """A sequence's draft as DraftProposer builds it."""
+
+    limit: int  # its most tokens
+    tokens: list[int]
+    rows: list  # per token: the distribution it was drawn from (None: certain or greedy)
+    # per token past the prefix: the draft model's probability for it (None: given)
+    confidences: list = field(default_factory=list)
+    chance: float = 1.0  # that every token is accepted, as calibrated
+
+    def add(self, token: int, q, confidence: float) -> None:
+        self.tokens.append(token)
+        self.rows.append(q)
+        self.confidences.append(confidence)
+
+    def give(self, tokens: list[int]) -> None:
+        """Tokens certain to be accepted (its guide forces them)."""
+        self.tokens += tokens
+        self.rows += [None] * len(tokens)
+        self.confidences += [None] * len(tokens)
+
+    def draft(self) -> Draft:
+        """The Draft: with its distributions where a token was drawn (a given token's
+        certain), else none (each token chosen for sure)."""
+        drawn = [q for q in self.rows if q is not None]
+        if not drawn:
+            return Draft(self.tokens)
+        rows = []
+        for token, q in zip(self.tokens, self.rows, strict=True):
+            if q is None:
+                q = torch.zeros_like(drawn[0])
+                q[token] = 1.0
+            rows.append(q)
+        return Draft(self.tokens, torch.stack(rows))
+
+
 class Calibration:
     """How the draft model's probabilities for its tokens have matched what the model
     accepted lately: the accepted tokens over the sum of those probabilities, over the
@@ -344,12 +387,14 @@ class Calibration:
     def __init__(self) -> None:
         self.accepted = self.expected = self.PRIOR
 
-    def observe(self, confidences: list[float], accepted: int) -> None:
-        """A draft whose tokens had these probabilities, of which `accepted` were taken."""
+    def observe(self, confidences: list, accepted: int) -> None:
+        """A draft whose tokens had these probabilities (None: a token its guide forced,
+        which says nothing of the draft model), of which `accepted` were taken."""
         verified = confidences[: accepted + 1]
         for i, confidence in enumerate(verified):
-            self.accepted = self.accepted * self.DECAY + (i < accepted)
-            self.expected = self.expected * self.DECAY + confidence
+            if confidence is not None:
+                self.accepted = self.accepted * self.DECAY + (i < accepted)
+                self.expected = self.expected * self.DECAY + confidence
 
     def scaled(self, confidence: float) -> float:
         """The chance a token of this probability is accepted, by that record."""
