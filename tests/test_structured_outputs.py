@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -349,16 +350,26 @@ def test_a_draft_model_takes_the_tokens_a_guide_forces_as_given(tiny_dir, monkey
     assert given_steps < drafted_steps
 
 
+@contextmanager
+def person_answer(llm):
+    """PERSON's guide started for a seq_id no sequence of the engine has (released after),
+    and the tokens of an answer it allows."""
+    guides, tokenizer = llm.engine.guides, llm.engine.tokenizer
+    text = '{"name":"ab","role":"king","home":{"city":"x"}}'
+    good = [t for t in tokenizer.encode(text) if t != tokenizer.bos_token_id]
+    seq_id = 10**9
+    guides.start([seq_id], Guide("json", json.dumps(PERSON)))
+    try:
+        yield guides, seq_id, good
+    finally:
+        guides.release(seq_id)
+
+
 def test_a_drafts_masks_are_those_after_each_of_its_tokens(llm):
     """Guides.masks for a sequence with a draft: row j is the mask after the draft's first j
     tokens (against a copy of the matcher fed one token at a time), rows after a token the
     guide does not allow allow everything, and the matcher is left where it was."""
-    guides, tokenizer = llm.engine.guides, llm.engine.tokenizer
-    text = '{"name":"ab","role":"king","home":{"city":"x"}}'
-    good = [t for t in tokenizer.encode(text) if t != tokenizer.bos_token_id]
-    seq_id = 10**9  # no sequence of the engine
-    guides.start([seq_id], Guide("json", json.dumps(PERSON)))
-    try:
+    with person_answer(llm) as (guides, seq_id, good):
         assert guides.allowed(seq_id, good) == len(good)
         bad = [*good[:5], good[0], *good[6:9]]  # its first token again, where none may go
         assert guides.allowed(seq_id, bad) == 5
@@ -371,8 +382,6 @@ def test_a_drafts_masks_are_those_after_each_of_its_tokens(llm):
             copy.consume_token(bad[j])
         assert masks.shape[0] == len(bad) + 1 and (masks[6:] == -1).all()
         assert guides.allowed(seq_id, good) == len(good)  # where it was
-    finally:
-        guides.release(seq_id)
 
 
 def test_a_guide_on_trial_leaves_the_sequences_own_as_it_was(llm):
@@ -380,12 +389,7 @@ def test_a_guide_on_trial_leaves_the_sequences_own_as_it_was(llm):
     answer (its draft ends there) and one token it does not allow (not fed): the trial's
     masks follow them, and the sequence's own matcher gives the masks and allows the
     tokens it did before."""
-    guides, tokenizer = llm.engine.guides, llm.engine.tokenizer
-    text = '{"name":"ab","role":"king","home":{"city":"x"}}'
-    good = [t for t in tokenizer.encode(text) if t != tokenizer.bos_token_id]
-    seq_id = 10**9  # no sequence of the engine
-    guides.start([seq_id], Guide("json", json.dumps(PERSON)))
-    try:
+    with person_answer(llm) as (guides, seq_id, good):
         before = guides.masks([seq_id])[seq_id].copy()
         trials = guides.trials([seq_id, seq_id + 1])  # the second is unguided
         assert list(trials) == [seq_id]
@@ -396,5 +400,3 @@ def test_a_guide_on_trial_leaves_the_sequences_own_as_it_was(llm):
         assert not trial.feed(good[0])
         assert np.array_equal(guides.masks([seq_id])[seq_id], before)
         assert guides.allowed(seq_id, good) == len(good)
-    finally:
-        guides.release(seq_id)
