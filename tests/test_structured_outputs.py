@@ -248,7 +248,7 @@ def test_guided_requests_are_speculated_within_their_guide(tiny_dir, llm, propos
     drafts run to full length but at the answer's end, every token accepted (unmasked, it
     would mostly choose tokens the guide does not allow). The proposer's drafts alone: no
     forced tokens (the next test), which would stand in for most of them."""
-    monkeypatch.setattr(guide_module, "_forced", lambda matcher, n: [])
+    monkeypatch.setattr(guide_module, "_forced", lambda matcher: [])
     person = Guide("json", json.dumps(PERSON))
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, guide=person)
     sampled = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=3, guide=person)
@@ -311,6 +311,37 @@ def test_the_tokens_a_guide_forces_are_verified_as_drafts(llm):
         jsonschema.validate(json.loads(text), PERSON)
 
 
+def test_a_long_literal_a_guide_forces_costs_a_step_one_mask(llm, monkeypatch):
+    """The tokens a guide forces are computed once and then followed as the sequence takes
+    them, and a step verifying them computes one mask for the sequence (after them), not
+    one per row: inside a long literal both cost as much as what is left of it, so a
+    request forcing one would otherwise slow every step of every request."""
+    import re
+
+    real, calls = guide_module._forced, []
+    monkeypatch.setattr(guide_module, "_forced", lambda matcher: calls.append(1) or real(matcher))
+    from llguidance import LLExecutor
+
+    guides, rows, executor = llm.engine.guides, [], LLExecutor()
+
+    class Counting:
+        def unsafe_compute_mask_ptr(self, pairs, *args):
+            rows.append(len(pairs))
+            return executor.unsafe_compute_mask_ptr(pairs, *args)
+
+    monkeypatch.setattr(guides, "_executor", Counting())
+    literal = "the king and the queen " * 20
+    params = SamplingParams(max_tokens=500, temperature=0,
+                            guide=Guide("regex", re.escape(literal)))  # fmt: skip
+    before = replace(llm.engine.spec_stats)
+    out = llm.generate(["x"], params)[0].outputs[0]
+    forced = llm.engine.spec_stats.since(before).forced
+    assert out.text == literal and out.finish_reason == "stop"
+    assert forced > 8 * 16  # more steps than ...
+    assert len(calls) <= 2  # ... computations of the forced tokens
+    assert len(rows) > 8 and max(rows) == 1
+
+
 def test_a_draft_model_takes_the_tokens_a_guide_forces_as_given(tiny_dir, monkeypatch):
     """The model as its own draft model under a JSON schema: the tokens the guide forces,
     at a draft's start and after a token it drafted, go into its drafts as given (computed
@@ -341,7 +372,7 @@ def test_a_draft_model_takes_the_tokens_a_guide_forces_as_given(tiny_dir, monkey
     monkeypatch.setattr(DraftProposer, "_next_tokens", counted)
     plain, _, _, _ = run(replace(greedy, speculative=False))
     given, stats, given_steps, given_forced = run()
-    monkeypatch.setattr(guide_module, "_forced", lambda matcher, n: [])
+    monkeypatch.setattr(guide_module, "_forced", lambda matcher: [])
     drafted, drafted_stats, drafted_steps, drafted_forced = run()
     assert given == drafted == plain
     assert stats.forced > 0 and stats.accepted == stats.proposed > 0
@@ -368,7 +399,8 @@ def person_answer(llm):
 def test_a_drafts_masks_are_those_after_each_of_its_tokens(llm):
     """Guides.masks for a sequence with a draft: row j is the mask after the draft's first j
     tokens (against a copy of the matcher fed one token at a time), rows after a token the
-    guide does not allow allow everything, and the matcher is left where it was."""
+    guide does not allow allow everything, and the matcher is left where it was. The rows
+    before the tokens the guide forces, set to allow each alone, equal those computed."""
     with person_answer(llm) as (guides, seq_id, good):
         assert guides.allowed(seq_id, good) == len(good)
         bad = [*good[:5], good[0], *good[6:9]]  # its first token again, where none may go
@@ -382,6 +414,12 @@ def test_a_drafts_masks_are_those_after_each_of_its_tokens(llm):
             copy.consume_token(bad[j])
         assert masks.shape[0] == len(bad) + 1 and (masks[6:] == -1).all()
         assert guides.allowed(seq_id, good) == len(good)  # where it was
+        # the rows before the tokens it forces are set, not computed: the same masks
+        given = len(guides.forced(seq_id, len(good)))
+        assert 0 < given < len(good) and good[:given] == guides.forced(seq_id, given)
+        computed = guides.masks([seq_id], {seq_id: good})[seq_id]
+        set_apart = guides.masks([seq_id], {seq_id: good}, {seq_id: given})[seq_id]
+        assert np.array_equal(set_apart, computed)
 
 
 def test_a_guide_on_trial_leaves_the_sequences_own_as_it_was(llm):

@@ -459,7 +459,8 @@ class Engine:
             return None
         if self._guide_thread is None:
             self._guide_thread = ThreadPoolExecutor(1, thread_name_prefix="llmkit-guide")
-        return self._guide_thread.submit(self.guides.masks, sampling, drafts).result
+        masks = self.guides.masks
+        return self._guide_thread.submit(masks, sampling, drafts, batch.forced).result
 
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:
         """End one request with an error (its blocks freed); the output that says so."""

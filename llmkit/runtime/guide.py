@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -101,6 +102,10 @@ class Guides:
     def __init__(self, tokenizer: GuideTokenizer):
         self.tokenizer = tokenizer
         self.matchers: dict[int, object] = {}
+        # seq_id -> the tokens its guide forces next, as last computed, less those fed since:
+        # computing them costs as much as they are long (a long literal a guide forces would
+        # otherwise cost its whole length again at every step)
+        self._ahead: dict[int, deque[int]] = {}
         self._executor = None
 
     def start(self, seq_ids: list[int], guide: Guide) -> None:
@@ -114,16 +119,23 @@ class Guides:
             self.matchers[seq_id] = first if i == 0 else first.deep_copy()
 
     def masks(
-        self, seq_ids: list[int], drafts: dict[int, list[int]] | None = None
+        self,
+        seq_ids: list[int],
+        drafts: dict[int, list[int]] | None = None,
+        forced: dict[int, int] | None = None,
     ) -> dict[int, np.ndarray]:
         """seq_id -> the int32 bit mask of the tokens it may sample next, for the guided
         ones among `seq_ids`. A matcher in an error state allows EOS only, so it ends. A
         sequence with a draft (`drafts`, seq_id -> its tokens on trial) gets one mask per
         row the step verifies, [len(draft) + 1, words]: row j's after the draft's first j
-        tokens (the matcher is back where it was after); rows after a token the guide does
-        not allow allow everything (that token is never accepted, so they are not read)."""
+        tokens (each matcher is left as it is); rows after a token the guide does not allow
+        allow everything (that token is never accepted, so they are not read). The first
+        `forced[seq_id]` tokens of a draft are ones its guide forces (`forced`): the row
+        before each allows that token alone, as the guide does, and is not computed (a mask
+        inside a long literal a guide forces costs as much as what is left of it, and a
+        step verifies up to MAX_FORCED such rows)."""
         matchers = {s: self.matchers[s] for s in seq_ids if s in self.matchers}
-        return self._masks(matchers, drafts or {})
+        return self._masks(matchers, drafts or {}, forced or {})
 
     def trials(self, seq_ids: list[int]) -> dict[int, Trial]:
         """seq_id -> its guide on trial, for the guided ones among `seq_ids`."""
@@ -131,9 +143,9 @@ class Guides:
 
     def trial_masks(self, trials: dict[int, Trial]) -> dict[int, np.ndarray]:
         """seq_id -> the mask of the tokens its trial allows next."""
-        return self._masks({s: t.matcher for s, t in trials.items()}, {})
+        return self._masks({s: t.matcher for s, t in trials.items()}, {}, {})
 
-    def _masks(self, matchers: dict[int, object], drafts: dict[int, list[int]]) -> dict:
+    def _masks(self, matchers: dict, drafts: dict[int, list[int]], forced: dict[int, int]):
         """`masks` of these matchers (seq_id -> matcher), computed on llguidance's threads."""
         if not matchers:
             return {}
@@ -147,15 +159,22 @@ class Guides:
         starts = [0, *itertools.accumulate(rows)][:-1]
         words = mask_words(self.tokenizer.vocab_size)
         out = np.full((sum(rows), words), -1, dtype=np.int32)
-        at = list(zip(guided, starts, strict=True))
-        pairs = [(matchers[s], k) for s, k in at if s not in drafts]
+        pairs, items = [], []  # matchers with their first row: without, with draft tokens
+        for s, k in zip(guided, starts, strict=True):
+            draft, state, given = drafts.get(s, ()), matchers[s], forced.get(s, 0)
+            if given:  # a copy after them: each matcher left as it is
+                _allow_only(out[k : k + given], draft[:given])
+                state = state.deep_copy()
+                state.consume_tokens(list(draft[:given]))
+            if len(draft) > given:  # rolled back after
+                items.append((state, k + given, list(draft[given:])))
+            else:
+                pairs.append((state, k + given))
+        at = out.ctypes.data, words * 4, len(out)
         if pairs:
-            self._executor.unsafe_compute_mask_ptr(pairs, out.ctypes.data, words * 4, len(out))
-        items = [(matchers[s], k, list(drafts[s])) for s, k in at if s in drafts]
-        if items:  # rolled back after: each matcher where it was
-            self._executor.unsafe_compute_mask_ptr_with_draft_token(
-                items, out.ctypes.data, words * 4, len(out)
-            )
+            self._executor.unsafe_compute_mask_ptr(pairs, *at)
+        if items:
+            self._executor.unsafe_compute_mask_ptr_with_draft_token(items, *at)
         return {
             s: out[k] if s not in drafts else out[k : k + n]
             for s, k, n in zip(guided, starts, rows, strict=True)
@@ -165,7 +184,12 @@ class Guides:
         """Up to n tokens the sequence's guide forces next: each the only token it allows
         after those before it (none for an unguided or finished sequence)."""
         matcher = self.matchers.get(seq_id)
-        return [] if matcher is None else _forced(matcher, n)
+        if matcher is None:
+            return []
+        ahead = self._ahead.get(seq_id)
+        if not ahead:
+            ahead = self._ahead[seq_id] = deque(_forced(matcher))
+        return list(itertools.islice(ahead, n))
 
     def allowed(self, seq_id: int, tokens: list[int]) -> int:
         """How many of `tokens`, in order from the sequence's current state, its guide
@@ -179,6 +203,11 @@ class Guides:
         matcher = self.matchers.get(seq_id)
         if matcher is None:
             return False
+        ahead = self._ahead.get(seq_id)
+        if ahead and ahead[0] == token_id:
+            ahead.popleft()
+        elif ahead:
+            del self._ahead[seq_id]
         if not matcher.consume_token(token_id):
             log.warning("sequence %d left its guide: %s", seq_id, matcher.get_error())
             return True
@@ -186,6 +215,7 @@ class Guides:
 
     def release(self, seq_id: int) -> None:
         self.matchers.pop(seq_id, None)
+        self._ahead.pop(seq_id, None)
 
 
 class Trial:
@@ -204,13 +234,21 @@ class Trial:
 
     def forced(self, n: int) -> list[int]:
         """Up to n tokens the guide forces next (Guides.forced), not fed."""
-        return _forced(self.matcher, n)
+        return _forced(self.matcher)[:n]
 
 
-def _forced(matcher, n: int) -> list[int]:
-    """Up to n tokens `matcher` forces next: each the only token it allows after those
-    before it (llguidance's fast-forward tokens); none once it is stopped."""
-    return [] if matcher.is_stopped() else matcher.compute_ff_tokens()[:n]
+def _allow_only(rows: np.ndarray, tokens) -> None:
+    """Row i of these int32 bit masks allows tokens[i] alone."""
+    bits = rows.view("uint32")
+    bits[:] = 0
+    for row, token in zip(bits, tokens, strict=True):
+        row[token // 32] = 1 << (token % 32)
+
+
+def _forced(matcher) -> list[int]:
+    """The tokens `matcher` forces next: each the only token it allows after those before
+    it (llguidance's fast-forward tokens); none once it is stopped."""
+    return [] if matcher.is_stopped() else matcher.compute_ff_tokens()
 
 
 def _tokenizer_json(tokenizer) -> str:
