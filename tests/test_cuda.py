@@ -105,6 +105,52 @@ def test_speculation_on_cuda_gives_the_tokens_of_plain_decoding(tiny_dir, logpro
         assert speculative == "ngram" or graphs, "the draft model ran no graph"
 
 
+GUIDED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "role": {"enum": ["king", "queen", "fool"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
+    "required": ["name", "role", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_guided_answers_on_cuda_are_those_of_plain_decoding(tiny_dir, device="cuda"):
+    """Structured outputs on CUDA, masks applied to the logits on the device: answers that
+    follow the schema, and the tokens the guide forces verified as drafts (graph rows),
+    with ngram, or with the model as its own draft model (drafting inside the guide, its
+    masks on the device) give the greedy answers of no speculation at all."""
+    import json
+    from dataclasses import replace
+
+    from llmkit.runtime.guide import Guide
+    from llmkit.runtime.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=80, temperature=0,
+                            guide=Guide("json", json.dumps(GUIDED_SCHEMA)))  # fmt: skip
+    prompts = ["Hello", "Once upon", "The king"]
+
+    def run(on, params=params, **config):
+        llm = LLM(tiny_dir(), EngineConfig(device=on, dtype="float32", kv_cache_memory=2**24,
+                                           speculative_max_seqs=8, **config))  # fmt: skip
+        try:
+            texts = [o.outputs[0].text for o in llm.generate(prompts, params)]
+            return texts, llm.engine.spec_stats
+        finally:
+            llm.close()
+
+    plain, _ = run(device, replace(params, speculative=False))
+    for answer in map(json.loads, plain):
+        assert set(answer) == {"name", "role", "age"}
+    drafts = {"speculative": str(tiny_dir()), "draft_min_confidence": 0.0}
+    for config in ({}, {"speculative": "ngram"}, drafts):
+        texts, stats = run(device, **config)
+        assert texts == plain and stats.forced > 0, config
+    assert stats.accepted > 0  # the draft model's own tokens
+
+
 def test_sampling_on_cuda_draws_the_tokens_the_cpu_draws():
     """The sampler on CUDA logits: seeded rows with temperature, top-k, top-p, min-p and
     penalties give the tokens and log probabilities it gives on the CPU."""
