@@ -398,6 +398,20 @@ def test_quantized_and_sharded_checkpoints_serve_what_the_engine_generates(
         assert srv.stop() == 0
 
 
+def test_the_stats_line_counts_the_tokens_guides_forced(server, client, model):
+    schema = {"type": "object", "properties": {"count": {"type": "integer"}},
+              "required": ["count"], "additionalProperties": False}  # fmt: skip
+    response_format = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    client.completions.create(model=str(model), prompt=PROMPTS[1], max_tokens=20, temperature=0,
+                              extra_body={"response_format": response_format})  # fmt: skip
+    deadline = time.monotonic() + 5
+    log = server.log.read_text()
+    while "tokens guides forced" not in log and time.monotonic() < deadline:
+        time.sleep(0.2)  # --stats-interval 1
+        log = server.log.read_text()
+    assert "tokens guides forced verified as drafts" in log
+
+
 def test_each_request_and_the_stats_are_logged(server, client, model):
     client.completions.create(model=str(model), prompt=PROMPTS[3], max_tokens=3, temperature=0)
     deadline = time.monotonic() + 5

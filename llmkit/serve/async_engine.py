@@ -324,6 +324,8 @@ class AsyncEngine:
                 spec.proposed,
                 spec.mean_accepted_length,
             )
+        if spec.forced:
+            log.info("%d tokens guides forced verified as drafts", spec.forced)
         self._totals = _Totals(now, spec=stats.spec)
 
 
