@@ -293,10 +293,9 @@ class Engine:
         out = {}
         for i in decodes:
             seq = batch.seqs[i]
-            if seq.params.speculative and seq.seq_id in self.guides.matchers:
-                size = min(MAX_FORCED, self._room(seq) - 1)
-                if size > 0 and (tokens := self.guides.forced(seq.seq_id, size)):
-                    out[i] = tokens
+            size = min(MAX_FORCED, self._room(seq) - 1) if seq.params.speculative else 0
+            if size > 0 and (tokens := self.guides.forced(seq.seq_id, size)):
+                out[i] = tokens
         return out
 
     def _propose(self, batch: Batch, decodes: list[int], forced: dict[int, list[int]]):
@@ -316,12 +315,15 @@ class Engine:
         sizes = {i: self._draft_size(batch.seqs[i]) for i in decodes}
         chosen = [i for i in decodes if sizes[i] > len(forced.get(i, ()))]
         seqs, prefixes = [batch.seqs[i] for i in chosen], [forced.get(i, []) for i in chosen]
-        try:
-            drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen], prefixes)
-        except Exception as e:  # a draft model that fails costs the step its drafts only
-            self._proposer_failed(seqs, e)
-            return None
-        self._proposer_failures = 0
+        if seqs:  # a round that proposes nothing neither fails nor ends failures in a row
+            try:
+                drafts = self.proposer.propose(seqs, [sizes[i] for i in chosen], prefixes)
+            except Exception as e:  # a draft model that fails costs the step its drafts only
+                self._proposer_failed(seqs, e)
+                return None
+            self._proposer_failures = 0
+        else:
+            drafts = []
         for i, seq, draft, prefix in zip(chosen, seqs, drafts, prefixes, strict=True):
             draft = self._within_guide(seq, draft)
             if len(draft.tokens) <= len(prefix):  # nothing of its own: the prefix goes alone

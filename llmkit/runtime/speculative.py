@@ -234,28 +234,29 @@ class DraftProposer:
         return [drafting.draft() for drafting in work]
 
     def _start(self, seq: Sequence, prefix: list[int], trial) -> bool:
-        """Make seq's mirror hold seq's tokens and then `prefix` (fed to its guide's `trial`
-        first, where it has one); False where the draft model cannot draft after them now:
-        the guided output is complete with the prefix, or the KV cache has no room."""
-        if trial is not None and not all(trial.feed(t) for t in prefix):
-            return False
-        if not self._sync(seq):
-            return False
-        self.mirrors[seq.seq_id].prompt_token_ids += prefix
-        return True
+        """Make seq's mirror hold seq's tokens and then `prefix` (`_take`); False where the
+        draft model cannot draft after them now: the KV cache has no room, or the guided
+        output is complete with the prefix."""
+        return self._sync(seq) and self._take(seq, prefix, trial)
 
     def _guided_on(self, seq: Sequence, trial, drafting: _Drafting) -> bool:
         """Feed the draft's last token to its guide's `trial` (where it has one), then take
-        the tokens the guide forces after it as given (seq's mirror computes them with its
-        next step); False where the draft ends: the guided output is complete."""
+        the tokens the guide forces after it as given (`_take`); False where the draft
+        ends: the guided output is complete."""
         if trial is None:
             return True
         if not trial.feed(drafting.tokens[-1]):
             return False
         forced = trial.forced(drafting.limit - len(drafting.tokens))
         drafting.give(forced)
-        self.mirrors[seq.seq_id].prompt_token_ids += forced
-        return all(trial.feed(t) for t in forced)
+        return self._take(seq, forced, trial)
+
+    def _take(self, seq: Sequence, tokens: list[int], trial) -> bool:
+        """Tokens certain to be accepted, as given: appended to seq's mirror (its next step
+        computes them) and fed to its guide's `trial`, where it has one; False where the
+        guided output is complete with them."""
+        self.mirrors[seq.seq_id].prompt_token_ids += tokens
+        return trial is None or all(trial.feed(t) for t in tokens)
 
     def observe(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
         """After a step's verification: `accepted[i]` of `drafts[i]` taken (the drafted
