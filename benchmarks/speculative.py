@@ -5,8 +5,9 @@ Models (2 threads, CPU):
 - small-llama in bfloat16 (random init, made under --workdir once), the speed target's
   model. Its draft model for `--speculative PATH` is its own first DRAFT_LAYERS layers
   with its embeddings and head (written under --workdir): the only draft with its
-  vocabulary there is. --draft-min-confidence keeps its default (0.4), so a draft ends
-  where the chance that all its tokens are accepted falls below it.
+  vocabulary there is. --draft-min-confidence keeps its default (measured: a draft ends
+  where the chance that all its tokens are accepted falls below the draft model's step
+  time over the model's).
 - stories260K (../shared, trained), as the model that might repeat its prompt; ngram only.
   It does not reproduce tinyshakespeare (its lookups miss), so its rows carry no target:
   they show what speculating costs where drafts fail, on a model whose step is mostly

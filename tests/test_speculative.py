@@ -19,7 +19,7 @@ from llmkit.runtime.layers import sampler as sampler_module
 from llmkit.runtime.layers.sampler import Sampler, apply_masks
 from llmkit.runtime.scheduler import Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence
-from llmkit.runtime.speculative import ngram_draft
+from llmkit.runtime.speculative import Cutoff, ngram_draft
 from tests.runtime_helpers import random_prompts
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -310,6 +310,47 @@ def test_a_draft_ends_where_its_chance_of_being_accepted_falls_below_the_thresho
     assert out == plain and stats.accepted == stats.proposed > stats.drafts
     with pytest.raises(LlmkitError, match="draft-min-confidence"):
         EngineConfig(draft_min_confidence=1.5)
+
+
+def test_the_measured_cutoff_is_the_draft_models_step_time_over_the_models():
+    """Cutoff: PRIOR until both are timed; then the median of the draft model's last WINDOW
+    step times over that of the model's (a step now and then many times slower moves
+    neither), at most 1; a fixed cutoff stays as it is."""
+    cutoff = Cutoff(None)
+    assert cutoff.value() == Cutoff.PRIOR
+    cutoff.drafted(0.002)
+    assert cutoff.value() == Cutoff.PRIOR  # the model's steps not timed yet
+    for seconds in (0.010, 0.008, 0.5):
+        cutoff.verified(seconds)
+    for seconds in (0.002, 0.003, 0.9, 0.001):
+        cutoff.drafted(seconds)
+    assert cutoff.value() == pytest.approx(0.002 / 0.010)
+    for _ in range(Cutoff.WINDOW):  # the old times leave the window
+        cutoff.drafted(0.05)
+    assert cutoff.value() == 1.0
+    fixed = Cutoff(0.3)
+    fixed.drafted(1.0), fixed.verified(0.001)
+    assert fixed.value() == 0.3
+
+
+def test_the_engine_times_the_steps_its_cutoff_is_measured_from(tiny_dir):
+    """By default the cutoff is measured: one prompt at a time, the model's steps that
+    verified drafts are timed (one per draft: not the prompt's step), and each step of the
+    draft model (one per drafted token). The tokens are plain decoding's."""
+    model = tiny_dir("tiny-llama")
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    plain, _ = generate(model, prompts()[:1], params)
+    config = EngineConfig(speculative=str(model), draft_min_confidence=None)
+    llm = LLM(model, config)
+    try:
+        out = llm.generate(prompts()[:1], params)
+        cutoff, stats = llm.engine.proposer.cutoff, llm.engine.spec_stats
+    finally:
+        llm.close()
+    assert [[c.token_ids for c in o.outputs] for o in out] == plain
+    assert len(cutoff.model_steps) == stats.drafts > 0
+    assert len(cutoff.draft_steps) == stats.proposed
+    assert 0 < cutoff.value() <= 1 and cutoff.value() != Cutoff.PRIOR
 
 
 def test_the_calibration_weighs_each_verified_draft_token_by_its_age():

@@ -98,11 +98,12 @@ EnforceEagerOpt = Annotated[
     ),
 ]
 DraftConfidenceOpt = Annotated[
-    float,
+    float | None,
     typer.Option(
         "--draft-min-confidence",
         help="End a draft model's draft once the chance all its tokens are accepted is below"
-        " this (0: always k tokens).",
+        " this (0: always k tokens; default: the draft model's step time over the model's,"
+        " as measured).",
     ),
 ]
 PolicyOpt = Annotated[

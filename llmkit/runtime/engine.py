@@ -236,12 +236,16 @@ class Engine:
         self._forget_drafts(batch.preempted)
         paced = self._run_ahead(batch, self._speculate(batch))
         masks = self._masks(batch)
+        verifies = self.proposer is not None and batch.verifies()
         failed: list[RequestOutput] = []
         try:
             start = time.perf_counter()
             runs = [(batch, self.executor.step(batch, masks))]
+            seconds = time.perf_counter() - start
             if paced:
-                self.pacer.record(len(batch.seqs), batch.steps, time.perf_counter() - start)
+                self.pacer.record(len(batch.seqs), batch.steps, seconds)
+            if verifies:
+                self.proposer.verified(seconds)
         except Exception as e:
             if len({s.request_id for s in batch.seqs}) == 1:
                 return [self._fail(batch.seqs[0].request_id, e)]

@@ -35,8 +35,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # k: tokens proposed per sequence and step
     ngram_min: int = 1
     ngram_max: int = 4
-    # a draft model's draft ends once the chance all its tokens are accepted is below this
-    draft_min_confidence: float = 0.4
+    # a draft model's draft ends once the chance all its tokens are accepted is below this;
+    # None: the draft model's step time over the model's, as measured (speculative.Cutoff)
+    draft_min_confidence: float | None = None
     # steps with more decoding sequences than this do not speculate (benchmarks/speculative.py)
     speculative_max_seqs: int = 4
     # at most this many greedy decode steps run in one call where the whole step is C++
@@ -62,7 +63,7 @@ class EngineConfig:
             raise LlmkitError(f"--decode-call-ms must be between 0 and {MAX_DECODE_CALL_MS}")
         if self.speculative_max_seqs < 0:
             raise LlmkitError("--speculative-max-seqs must be >= 0")
-        if not 0.0 <= self.draft_min_confidence <= 1.0:
+        if self.draft_min_confidence is not None and not 0.0 <= self.draft_min_confidence <= 1:
             raise LlmkitError("--draft-min-confidence must be between 0 and 1")
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise LlmkitError("--max-loras must be >= 0 and --max-lora-rank >= 1")

@@ -52,6 +52,16 @@ class Batch:
         n, seq = self.num_new_tokens[i], self.seqs[i]
         return n == 1 and not self.drafts[i] and seq.num_uncomputed_tokens == 1
 
+    def verifies(self) -> bool:
+        """Whether the step is one model step of decodes only, some verifying drafts: each
+        row a sequence's last token, then its draft where it has one."""
+        rows = zip(self.seqs, self.num_new_tokens, self.drafts, strict=True)
+        return (
+            self.steps == 1
+            and any(self.drafts)
+            and all(n == 1 + len(d) and s.num_uncomputed_tokens == 1 for s, n, d in rows)
+        )
+
 
 class Scheduler:
     def __init__(

@@ -12,17 +12,22 @@ one when the guesses are good.
   ones for greedy requests and drawn from its own distribution (the request's temperature,
   top-k, top-p, min-p) for sampled ones, that distribution going with the draft to the
   rejection test. A sequence's draft ends once the chance that all its tokens are accepted
-  falls below `min_confidence`: the product of the draft model's probabilities for them,
-  each scaled by how such probabilities have matched what the model accepted lately
-  (Calibration). Past that point a token is likely rejected, and so is every one after it,
-  so drafting on would cost draft steps and verified rows for nothing; a draft model that
-  agrees with the model more than its probabilities say drafts on for longer. A guided
+  falls below a cutoff: the product of the draft model's probabilities for them, each
+  scaled by how such probabilities have matched what the model accepted lately
+  (Calibration). The cutoff (Cutoff) is what one more draft token costs over what an
+  accepted one saves: the draft model's step time over the model's, as measured, unless
+  --draft-min-confidence fixes it. Past that point a token is more likely to waste a draft
+  step than to save a step of the model; a draft model that agrees with the model more
+  than its probabilities say drafts on for longer, a cheaper one too. A guided
   sequence's draft model chooses among the tokens its guide allows at each step, as the
   model does (a copy of the guide's matcher fed each draft token: Guides.trials).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -151,6 +156,9 @@ class NgramProposer:
     def observe(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
         pass
 
+    def verified(self, seconds: float) -> None:
+        pass
+
     def release(self, seq_id: int) -> None:
         pass
 
@@ -164,13 +172,12 @@ class DraftProposer:
 
     name = "draft"
 
-    def __init__(
-        self, runner, num_blocks: int, block_size: int, min_confidence: float, k: int, guides
-    ):
+    def __init__(self, runner, num_blocks: int, block_size: int, min_confidence, k: int, guides):
+        """`min_confidence`: a fixed cutoff (None: measured; Cutoff)."""
         from llmkit.runtime.layers.sampler import Sampler
 
         self.runner, self.block_size, self.guides = runner, block_size, guides
-        self.min_confidence = min_confidence
+        self.cutoff = Cutoff(min_confidence)
         self.max_positions = runner.config.max_position_embeddings  # the draft model's context
         # where the draft model replays CUDA graphs, a mirror catching up on at most k + 1
         # tokens (those the target accepted of its last draft, and the target's own)
@@ -207,6 +214,7 @@ class DraftProposer:
             i for i, (k, p) in enumerate(zip(limits, prefixes, strict=True))
             if k > len(p) and self._start(seqs[i], p, trials.get(seqs[i].seq_id))
         ]  # fmt: skip
+        cutoff = self.cutoff.value()
         for _ in range(max(limits, default=0)):
             active = [i for i in active if len(work[i].tokens) < work[i].limit]
             batch = Batch()
@@ -221,13 +229,15 @@ class DraftProposer:
             if not active:
                 break
             targets = [seqs[i].seq_id for i in active]
+            start = time.perf_counter()
             chosen = self._next_tokens(batch, {t: trials[t] for t in targets if t in trials})
+            self.cutoff.drafted(time.perf_counter() - start)
             for i, target, (token, q, confidence) in zip(active, targets, chosen, strict=True):
                 drafting = work[i]
                 drafting.add(token, q, confidence)
                 drafting.chance *= min(1.0, self.calibration.scaled(confidence))
                 guided_on = self._guided_on(seqs[i], trials.get(target), drafting)
-                if drafting.chance < self.min_confidence or not guided_on:
+                if drafting.chance < cutoff or not guided_on:
                     drafting.limit = len(drafting.tokens)
         for seq, drafting in zip(seqs, work, strict=True):
             self.confidences[seq.seq_id] = drafting.confidences  # for `observe`
@@ -265,6 +275,11 @@ class DraftProposer:
             own = self.confidences.pop(seq.seq_id, None)
             if draft and own is not None and len(own) >= len(draft):  # the draft, or cut
                 self.calibration.observe(own[: len(draft)], n)
+
+    def verified(self, seconds: float) -> None:
+        """A step of the model's that computed decodes only, some verifying drafts, took
+        `seconds` (for the cutoff)."""
+        self.cutoff.verified(seconds)
 
     def _next_tokens(self, batch: Batch, trials: dict):
         """Run the draft model on `batch`; each mirror's next token (appended to it), the
@@ -400,6 +415,46 @@ class Calibration:
     def scaled(self, confidence: float) -> float:
         """The chance a token of this probability is accepted, by that record."""
         return confidence * self.accepted / max(self.expected, 1e-9)
+
+
+class Cutoff:
+    """The chance below which a draft model's draft ends (DraftProposer.propose): fixed by
+    --draft-min-confidence, or else measured: the draft model's step time over the
+    model's, each the median of its last WINDOW steps (the model's steps of decodes that
+    verified drafts; a round's first draft step, which also catches up on the tokens the
+    model accepted, costs about what a decode does at such loads), PRIOR until both are
+    timed.
+
+    Drafting one more token costs a step of the draft model (and a verified row, little
+    beside a step at the loads speculation runs at); where it is accepted it saves about a
+    step of the model, which that token would otherwise have taken. So where the chance
+    that the draft so far is all accepted (the next token's chance is at most that) is below
+    the ratio of the two times, the next token is expected to cost more than it saves. A
+    cheap draft model drafts on where its tokens are doubtful; one that costs as much as
+    the model, hardly at all. Medians, since on a shared host a step now and then takes
+    many times its usual time."""
+
+    PRIOR = 0.4
+    WINDOW = 32
+
+    def __init__(self, fixed: float | None) -> None:
+        self.fixed = fixed
+        self.draft_steps: deque[float] = deque(maxlen=self.WINDOW)
+        self.model_steps: deque[float] = deque(maxlen=self.WINDOW)
+
+    def drafted(self, seconds: float) -> None:
+        self.draft_steps.append(seconds)
+
+    def verified(self, seconds: float) -> None:
+        self.model_steps.append(seconds)
+
+    def value(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        if not self.draft_steps or not self.model_steps:
+            return self.PRIOR
+        ratio = statistics.median(self.draft_steps) / statistics.median(self.model_steps)
+        return min(1.0, ratio)
 
 
 def _greedy_rows(logits: torch.Tensor, rows: list[int]) -> list[tuple[int, float]]:
