@@ -27,6 +27,19 @@ def test_offline_measures_every_case(tiny_dir, cli, tmp_path):
     assert cli(*args, "--assert", "kld<=1").code == 1  # not a metric of this command
 
 
+def test_offline_reports_speculation_and_a_draft_models_cutoff(tiny_dir, cli, tmp_path):
+    """The model as its own draft: each case's draft counts, and the draft cutoff (measured:
+    its step time over the model's), in the JSON and the printed line."""
+    model, out = tiny_dir(), tmp_path / "offline.json"
+    result = cli("bench", "offline", model, "--batch-sizes", "1", "--input-len", "8",
+                 "--output-len", "12", "--speculative", model, "-o", out)  # fmt: skip
+    assert result.code == 0, result.err
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["speculative"] == "draft" and case["spec_proposed_tokens"] > 0
+    assert 0 < case["spec_draft_cutoff"] <= 1
+    assert f"drafts end below a chance of {case['spec_draft_cutoff']:.2f}" in result.out
+
+
 def test_decode_phase_counts_the_tokens_after_every_request_has_its_first(monkeypatch):
     from types import SimpleNamespace
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -660,6 +661,33 @@ def test_rollback_leaves_no_block_used_after_1000_requests_with_random_aborts():
 
 
 # --- the server ------------------------------------------------------------------------------
+
+
+def test_a_server_with_a_draft_model_reports_its_cutoff(tiny_dir, tmp_path):
+    """The model as its own draft: its greedy text is that of a request without
+    speculation; /metrics gives the draft cutoff now (measured, so not the prior once
+    drafts were verified), and the stats line gives it beside the acceptance."""
+    from llmkit.runtime.speculative import Cutoff
+    from tests.serve_helpers import start_server
+
+    model = tiny_dir("tiny-llama")
+    server = start_server(model, tmp_path, "--speculative", str(model), "--stats-interval", "1")
+    try:
+        body = {"prompt": prompts()[0], "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        plain = server.request("POST", "/v1/completions", {**body, "speculative": False})
+        spec = server.request("POST", "/v1/completions", body)
+        assert plain[0] == spec[0] == 200
+        assert spec[2]["choices"][0]["text"] == plain[2]["choices"][0]["text"]
+        metrics = server.metrics()
+        assert metrics["llmkit_spec_decode_drafts_total{proposer=draft}"] > 0
+        cutoff = metrics["llmkit_spec_decode_draft_cutoff{proposer=draft}"]
+        assert 0 < cutoff <= 1 and cutoff != Cutoff.PRIOR
+        deadline = time.monotonic() + 5
+        while "drafts end below a chance of" not in server.log.read_text():
+            assert time.monotonic() < deadline, server.log.read_text()[-2000:]
+            time.sleep(0.2)
+    finally:
+        server.stop()
 
 
 def test_a_speculating_server_reports_acceptance_and_takes_per_request_off(tiny_dir, tmp_path):

@@ -137,13 +137,14 @@ def _speculation(engine, before) -> dict:
     """This case's speculative decoding counts (nothing when speculation is off)."""
     if engine.proposer is None:
         return {}
-    spec = engine.spec_stats.since(before)
+    spec, cutoff = engine.spec_stats.since(before), engine.proposer.cutoff
     return {
         "speculative": engine.proposer.name,
         "spec_proposed_tokens": spec.proposed,
         "spec_accepted_tokens": spec.accepted,
         "spec_acceptance_rate": spec.acceptance_rate,
         "spec_mean_accepted_length": spec.mean_accepted_length,
+        **({} if cutoff is None else {"spec_draft_cutoff": cutoff.value()}),
     }
 
 

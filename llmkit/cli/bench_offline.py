@@ -137,11 +137,13 @@ def _print_offline(report: dict) -> None:
     stdout.print(table)
     for c in report["cases"]:
         if "speculative" in c:
+            cutoff = c.get("spec_draft_cutoff")
             stdout.print(
                 f"{_case_label(c)}: speculative ({c['speculative']}) accepted "
                 f"{c['spec_accepted_tokens']} of {c['spec_proposed_tokens']} draft tokens "
                 f"({100 * c['spec_acceptance_rate']:.1f}%), "
-                f"{c['spec_mean_accepted_length']:.2f} per draft",
+                f"{c['spec_mean_accepted_length']:.2f} per draft"
+                f"{'' if cutoff is None else f'; drafts end below a chance of {cutoff:.2f}'}",
                 highlight=False,
             )
     stdout.print(

@@ -138,6 +138,7 @@ def ngram_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
 
 class NgramProposer:
     name = NGRAM
+    cutoff = None  # a lookup's draft is as long as its match (DraftProposer's: Cutoff)
 
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n

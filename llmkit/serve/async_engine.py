@@ -317,12 +317,14 @@ class AsyncEngine:
             )
         spec = stats.spec.since(t.spec)
         if stats.proposer and spec.drafts:
+            cutoff = stats.draft_cutoff
             log.info(
-                "speculative (%s): %.1f%% of %d draft tokens accepted, %.2f per draft",
+                "speculative (%s): %.1f%% of %d draft tokens accepted, %.2f per draft%s",
                 stats.proposer,
                 100 * spec.acceptance_rate,
                 spec.proposed,
                 spec.mean_accepted_length,
+                "" if cutoff is None else f"; drafts end below a chance of {cutoff:.2f}",
             )
         if spec.forced:
             log.info("%d tokens guides forced verified as drafts", spec.forced)

@@ -59,6 +59,9 @@ class EngineStats:
     seqs_seen: int = 0  # sequences of the "add" commands the engine process has taken so far
     proposer: str = ""  # the speculative proposer ("ngram", "draft"), "" when off
     spec: SpecStats = field(default_factory=SpecStats)  # its counts so far
+    # the chance below which a draft model's draft ends now (speculative.Cutoff; None: no
+    # draft model)
+    draft_cutoff: float | None = None
 
 
 @dataclass(slots=True)
@@ -265,6 +268,7 @@ class _Loop:
 
     def _stats(self) -> EngineStats:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        cutoff = getattr(self.engine.proposer, "cutoff", None)
         return EngineStats(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting),
@@ -278,4 +282,5 @@ class _Loop:
             seqs_seen=self.seqs,
             proposer=self.engine.proposer.name if self.engine.proposer else "",
             spec=replace(self.engine.spec_stats),
+            draft_cutoff=None if cutoff is None else cutoff.value(),
         )

@@ -111,3 +111,12 @@ def _speculative(stats: EngineStats):
         family = GaugeMetricFamily(f"llmkit_spec_decode_{name}", doc, labels=label)
         family.add_metric([stats.proposer], value)
         yield family
+    if stats.draft_cutoff is not None:
+        family = GaugeMetricFamily(
+            "llmkit_spec_decode_draft_cutoff",
+            "The chance of being accepted below which a draft model's draft ends now (measured:"
+            " its step time over the model's, unless --draft-min-confidence fixes it).",
+            labels=label,
+        )
+        family.add_metric([stats.proposer], stats.draft_cutoff)
+        yield family
