@@ -229,7 +229,7 @@ def run(
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    spec = llm.engine.spec_stats.since(before)
+    spec, cutoff = llm.engine.spec_stats.since(before), getattr(llm.engine.proposer, "cutoff", None)
     decoding = max(o.times.finished for o in outs) - min(o.times.first_token for o in outs)
     return {
         "tok_s": tokens / seconds,
@@ -237,6 +237,7 @@ def run(
         "proposed": spec.proposed,
         "accepted": spec.accepted,
         "drafts": spec.drafts,
+        "cutoff": None if cutoff is None else cutoff.value(),  # a draft model's, at the end
         "tokens": [o.outputs[0].token_ids for o in outs],
     }
 
@@ -440,6 +441,7 @@ def _stats(rounds: list[dict], model: str, proposer: str, workload: str, concurr
         "plain": f"{med(r[plain][measure] for r in rounds):.1f} tok/s",
         "acceptance": accepted / proposed if proposed else 0.0,
         "per_draft": accepted / drafts if drafts else 0.0,
+        "cutoffs": [r[key]["cutoff"] for r in rounds if r[key].get("cutoff") is not None],
         "same": all(r[key]["same_tokens"] for r in rounds),
     }
 
@@ -449,9 +451,11 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
     target, met = _target(
         model, proposer, workload, int(concurrency), st["acceptance"], st["ratio"]
     )
+    cutoffs = st["cutoffs"]
+    cut = f", draft cutoff {min(cutoffs):.2f}-{max(cutoffs):.2f}" if cutoffs else ""
     return row(
         f"{model} {proposer}, {workload}, concurrency {concurrency}, decode tok/s: acceptance "
-        f"{st['acceptance']:.2f}, {st['per_draft']:.2f} accepted per draft"
+        f"{st['acceptance']:.2f}, {st['per_draft']:.2f} accepted per draft{cut}"
         f"{'' if st['same'] else ', greedy tokens differ from plain'} "
         f"(rounds {st['low']:.2f}-{st['high']:.2f}; end to end with the prefill "
         f"{st['whole']:.2f}x)",
