@@ -237,6 +237,7 @@ def run(
         "proposed": spec.proposed,
         "accepted": spec.accepted,
         "drafts": spec.drafts,
+        "by_position": spec.acceptance_by_position,
         "cutoff": None if cutoff is None else cutoff.value(),  # a draft model's, at the end
         "tokens": [o.outputs[0].token_ids for o in outs],
     }

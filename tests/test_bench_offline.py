@@ -37,6 +37,8 @@ def test_offline_reports_speculation_and_a_draft_models_cutoff(tiny_dir, cli, tm
     (case,) = json.loads(out.read_text())["cases"]
     assert case["speculative"] == "draft" and case["spec_proposed_tokens"] > 0
     assert 0 < case["spec_draft_cutoff"] <= 1
+    rates = case["spec_acceptance_by_position"]
+    assert rates and all(0 <= rate <= 1 for rate in rates) and "(by position: " in result.out
     assert f"drafts end below a chance of {case['spec_draft_cutoff']:.2f}" in result.out
 
 

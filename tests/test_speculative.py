@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import time
 from pathlib import Path
 
@@ -354,6 +355,36 @@ def test_the_engine_times_the_steps_its_cutoff_is_measured_from(tiny_dir):
     assert 0 < cutoff.value() <= 1 and cutoff.value() != Cutoff.PRIOR
 
 
+def test_spec_stats_count_drafts_by_position_against_a_direct_count():
+    """Random drafts and accepted counts: per position, the drafts with a token there and
+    those accepted through it, as counted draft by draft; `since` subtracts a copy taken
+    earlier, which later counts leave as it was."""
+    from dataclasses import replace
+
+    from llmkit.runtime.outputs import SpecStats
+
+    rng = random.Random(3)
+    rounds = [[(rng.randrange(7), rng.random()) for _ in range(5)] for _ in range(40)]
+    stats, before = SpecStats(), None
+    for r, drafts in enumerate(rounds):
+        lengths = [n for n, _ in drafts]
+        stats.record([[0] * n for n in lengths], [int(n * u) for n, u in drafts])
+        if r == 9:
+            before = replace(stats)
+    snapshot = replace(before)
+    for first, stats_now in ((0, stats), (10, stats.since(before))):
+        pairs = [(n, int(n * u)) for drafts in rounds[first:] for n, u in drafts if n]
+        most = len(stats_now.proposed_at)  # since(): positions only earlier drafts reached: 0
+        assert most >= max(n for n, _ in pairs)
+        assert stats_now.proposed_at == tuple(sum(n > i for n, _ in pairs) for i in range(most))
+        accepted = [sum(a > i for _, a in pairs) for i in range(most)]
+        assert stats_now.acceptance_by_position == pytest.approx(
+            [a / p for a, p in zip(accepted, stats_now.proposed_at, strict=True) if p]
+        )
+        assert sum(stats_now.accepted_at) == stats_now.accepted == sum(a for _, a in pairs)
+    assert before == snapshot
+
+
 def test_the_calibration_weighs_each_verified_draft_token_by_its_age():
     """Accepted draft tokens over the sum of their probabilities, each draft's tokens up to
     its first rejected one, every token DECAY times less than the next, after PRIOR tokens
@@ -666,7 +697,8 @@ def test_rollback_leaves_no_block_used_after_1000_requests_with_random_aborts():
 def test_a_server_with_a_draft_model_reports_its_cutoff(tiny_dir, tmp_path):
     """The model as its own draft: its greedy text is that of a request without
     speculation; /metrics gives the draft cutoff now (measured, so not the prior once
-    drafts were verified), and the stats line gives it beside the acceptance."""
+    drafts were verified), and the stats line gives it beside the acceptance (by position
+    too)."""
     from llmkit.runtime.speculative import Cutoff
     from tests.serve_helpers import start_server
 
@@ -682,12 +714,20 @@ def test_a_server_with_a_draft_model_reports_its_cutoff(tiny_dir, tmp_path):
         assert metrics["llmkit_spec_decode_drafts_total{proposer=draft}"] > 0
         cutoff = metrics["llmkit_spec_decode_draft_cutoff{proposer=draft}"]
         assert 0 < cutoff <= 1 and cutoff != Cutoff.PRIOR
+        line = r"per draft \(by position: [0-9.]+(, [0-9.]+)*\); drafts end below a chance of"
         deadline = time.monotonic() + 5
-        while "drafts end below a chance of" not in server.log.read_text():
+        while not re.search(line, server.log.read_text()):
             assert time.monotonic() < deadline, server.log.read_text()[-2000:]
             time.sleep(0.2)
     finally:
         server.stop()
+
+
+def _position(sample: str) -> int:
+    """The position label of a /metrics sample's name (0 where it has none)."""
+    return (
+        int(sample.split("position=")[1].split(",")[0].rstrip("}")) if "position=" in sample else 0
+    )
 
 
 def test_a_speculating_server_reports_acceptance_and_takes_per_request_off(tiny_dir, tmp_path):
@@ -708,6 +748,14 @@ def test_a_speculating_server_reports_acceptance_and_takes_per_request_off(tiny_
         assert proposed > 0 and 0 < accepted <= proposed
         rate = after["llmkit_spec_decode_acceptance_rate{proposer=ngram}"]
         assert rate == pytest.approx(accepted / proposed)
+        # by position: every draft has a first token; a draft of n tokens counts at positions
+        # 1..n, one with a accepted at 1..a
+        at = {name: [v for k, v in sorted(after.items(), key=lambda kv: _position(kv[0]))
+                     if k.startswith(f"llmkit_spec_decode_{name}_at_position_total")]
+              for name in ("proposed", "accepted")}  # fmt: skip
+        drafts = after["llmkit_spec_decode_drafts_total{proposer=ngram}"]
+        assert at["proposed"][0] == drafts and sum(at["proposed"]) == proposed
+        assert sum(at["accepted"]) == accepted
         status, _, error = server.request("POST", "/v1/completions", {**body, "speculative": "no"})
         assert status == 400 and error["error"]["param"] == "speculative"
     finally:

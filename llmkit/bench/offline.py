@@ -144,6 +144,7 @@ def _speculation(engine, before) -> dict:
         "spec_accepted_tokens": spec.accepted,
         "spec_acceptance_rate": spec.acceptance_rate,
         "spec_mean_accepted_length": spec.mean_accepted_length,
+        "spec_acceptance_by_position": spec.acceptance_by_position,
         **({} if cutoff is None else {"spec_draft_cutoff": cutoff.value()}),
     }
 

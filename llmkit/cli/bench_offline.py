@@ -142,7 +142,8 @@ def _print_offline(report: dict) -> None:
                 f"{_case_label(c)}: speculative ({c['speculative']}) accepted "
                 f"{c['spec_accepted_tokens']} of {c['spec_proposed_tokens']} draft tokens "
                 f"({100 * c['spec_acceptance_rate']:.1f}%), "
-                f"{c['spec_mean_accepted_length']:.2f} per draft"
+                f"{c['spec_mean_accepted_length']:.2f} per draft (by position: "
+                f"{', '.join(f'{rate:.2f}' for rate in c['spec_acceptance_by_position'])})"
                 f"{'' if cutoff is None else f'; drafts end below a chance of {cutoff:.2f}'}",
                 highlight=False,
             )

@@ -61,19 +61,27 @@ def check_prompt_ids(ids: list[int], vocab: int, max_model_len: int) -> None:
 class SpecStats:
     """Counts since the engine started: the proposer's draft tokens proposed and accepted,
     and its drafts verified (one per speculated sequence and step); apart from those, the
-    tokens guides forced that were verified as drafts and accepted."""
+    tokens guides forced that were verified as drafts and accepted. By position in the
+    draft (index 0: its first token): the drafts with a token there, and those whose tokens
+    up to it were all accepted (tuples, so that a copy keeps its counts)."""
 
     proposed: int = 0
     accepted: int = 0
     drafts: int = 0
     forced: int = 0
+    proposed_at: tuple[int, ...] = ()
+    accepted_at: tuple[int, ...] = ()
 
     def record(self, drafts: list[list[int]], accepted: list[int]) -> None:
+        proposed_at, accepted_at = list(self.proposed_at), list(self.accepted_at)
         for draft, n in zip(drafts, accepted, strict=True):
             if draft:
                 self.proposed += len(draft)
                 self.accepted += n
                 self.drafts += 1
+                _count_first(proposed_at, len(draft))
+                _count_first(accepted_at, n)
+        self.proposed_at, self.accepted_at = tuple(proposed_at), tuple(accepted_at)
 
     def since(self, before: SpecStats) -> SpecStats:
         """The counts after `before` was taken."""
@@ -82,7 +90,16 @@ class SpecStats:
             self.accepted - before.accepted,
             self.drafts - before.drafts,
             self.forced - before.forced,
+            _minus(self.proposed_at, before.proposed_at),
+            _minus(self.accepted_at, before.accepted_at),
         )
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Per draft position, the share of the drafts with a token there whose tokens up
+        to it were all accepted."""
+        accepted = self.accepted_at + (0,) * (len(self.proposed_at) - len(self.accepted_at))
+        return [a / p for a, p in zip(accepted, self.proposed_at, strict=True) if p]
 
     @property
     def acceptance_rate(self) -> float:
@@ -93,3 +110,14 @@ class SpecStats:
         """Draft tokens accepted per draft verified (each verification adds one more token
         of the model's own)."""
         return self.accepted / self.drafts if self.drafts else 0.0
+
+
+def _count_first(counts: list[int], n: int) -> None:
+    """Add one to each of counts' first n entries (growing it to n entries)."""
+    counts.extend([0] * (n - len(counts)))
+    for i in range(n):
+        counts[i] += 1
+
+
+def _minus(after: tuple[int, ...], before: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(a - (before[i] if i < len(before) else 0) for i, a in enumerate(after))

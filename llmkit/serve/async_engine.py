@@ -319,11 +319,13 @@ class AsyncEngine:
         if stats.proposer and spec.drafts:
             cutoff = stats.draft_cutoff
             log.info(
-                "speculative (%s): %.1f%% of %d draft tokens accepted, %.2f per draft%s",
+                "speculative (%s): %.1f%% of %d draft tokens accepted, %.2f per draft (by "
+                "position: %s)%s",
                 stats.proposer,
                 100 * spec.acceptance_rate,
                 spec.proposed,
                 spec.mean_accepted_length,
+                ", ".join(f"{rate:.2f}" for rate in spec.acceptance_by_position),
                 "" if cutoff is None else f"; drafts end below a chance of {cutoff:.2f}",
             )
         if spec.forced:

@@ -111,6 +111,7 @@ def _speculative(stats: EngineStats):
         family = GaugeMetricFamily(f"llmkit_spec_decode_{name}", doc, labels=label)
         family.add_metric([stats.proposer], value)
         yield family
+    yield from _by_position(stats)
     if stats.draft_cutoff is not None:
         family = GaugeMetricFamily(
             "llmkit_spec_decode_draft_cutoff",
@@ -119,4 +120,27 @@ def _speculative(stats: EngineStats):
             labels=label,
         )
         family.add_metric([stats.proposer], stats.draft_cutoff)
+        yield family
+
+
+def _by_position(stats: EngineStats):
+    """Speculative decoding's counts by position in the draft, labelled by proposer."""
+    spec = stats.spec
+    for name, doc, counts in (
+        (
+            "proposed",
+            "Drafts with a token at this position (1: a draft's first).",
+            spec.proposed_at,
+        ),
+        (
+            "accepted",
+            "Drafts whose tokens up to this position (1: a draft's first) were all accepted.",
+            spec.accepted_at,
+        ),
+    ):
+        family = CounterMetricFamily(
+            f"llmkit_spec_decode_{name}_at_position", doc, labels=["proposer", "position"]
+        )
+        for i in range(len(spec.proposed_at)):
+            family.add_metric([stats.proposer, str(i + 1)], counts[i] if i < len(counts) else 0)
         yield family
