@@ -185,6 +185,7 @@ class DraftProposer:
         # computes them as decodes: a step of decodes only, which a graph replays; elsewhere
         # as a prefill, which the CPU runs faster (benchmarks/speculative.py's drafts)
         self.catch_up = k + 1 if getattr(runner, "graphs", None) is not None else 1
+        self.k = k
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> the draft model's sequence
         self.synced: dict[int, int] = {}  # target seq_id -> its length at the last sync
@@ -232,7 +233,8 @@ class DraftProposer:
             targets = [seqs[i].seq_id for i in active]
             start = time.perf_counter()
             chosen = self._next_tokens(batch, {t: trials[t] for t in targets if t in trials})
-            self.cutoff.drafted(time.perf_counter() - start)
+            if max(batch.num_new_tokens) <= self.k + 1:  # not a prompt's catching up
+                self.cutoff.drafted(time.perf_counter() - start)
             for i, target, (token, q, confidence) in zip(active, targets, chosen, strict=True):
                 drafting = work[i]
                 drafting.add(token, q, confidence)
@@ -422,9 +424,9 @@ class Cutoff:
     """The chance below which a draft model's draft ends (DraftProposer.propose): fixed by
     --draft-min-confidence, or else measured: the draft model's step time over the
     model's, each the median of its last WINDOW steps (the model's steps of decodes that
-    verified drafts; a round's first draft step, which also catches up on the tokens the
-    model accepted, costs about what a decode does at such loads), PRIOR until both are
-    timed.
+    verified drafts; the draft model's steps but those that catch up on a prompt: a round's
+    first step, which also catches up on the at most k + 1 tokens the model took, costs
+    about what a decode does at such loads), PRIOR until both are timed.
 
     Drafting one more token costs a step of the draft model (and a verified row, little
     beside a step at the loads speculation runs at); where it is accepted it saves about a
