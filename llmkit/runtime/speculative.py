@@ -456,8 +456,8 @@ class Cutoff:
             return self.fixed
         if not self.draft_steps or not self.model_steps:
             return self.PRIOR
-        ratio = statistics.median(self.draft_steps) / statistics.median(self.model_steps)
-        return min(1.0, ratio)
+        model = max(statistics.median(self.model_steps), 1e-9)
+        return min(1.0, statistics.median(self.draft_steps) / model)
 
 
 def _greedy_rows(logits: torch.Tensor, rows: list[int]) -> list[tuple[int, float]]:
