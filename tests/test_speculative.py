@@ -700,7 +700,6 @@ def test_a_server_with_a_draft_model_reports_its_cutoff(tiny_dir, tmp_path):
     speculation; /metrics gives the draft cutoff now (measured, so not the prior once
     drafts were verified), and the stats line gives it beside the acceptance (by position
     too)."""
-    from llmkit.runtime.speculative import Cutoff
     from tests.serve_helpers import start_server
 
     model = tiny_dir("tiny-llama")
@@ -726,9 +725,8 @@ def test_a_server_with_a_draft_model_reports_its_cutoff(tiny_dir, tmp_path):
 
 def _position(sample: str) -> int:
     """The position label of a /metrics sample's name (0 where it has none)."""
-    return (
-        int(sample.split("position=")[1].split(",")[0].rstrip("}")) if "position=" in sample else 0
-    )
+    found = re.search(r"position=(\d+)", sample)
+    return int(found.group(1)) if found else 0
 
 
 def test_a_speculating_server_reports_acceptance_and_takes_per_request_off(tiny_dir, tmp_path):

@@ -423,19 +423,19 @@ class Calibration:
 class Cutoff:
     """The chance below which a draft model's draft ends (DraftProposer.propose): fixed by
     --draft-min-confidence, or else measured: the draft model's step time over the
-    model's, each the median of its last WINDOW steps (the model's steps of decodes that
-    verified drafts; the draft model's steps but those that catch up on a prompt: a round's
-    first step, which also catches up on the at most k + 1 tokens the model took, costs
-    about what a decode does at such loads), PRIOR until both are timed.
+    model's, PRIOR until both are timed. Each is the median of its last WINDOW steps: the
+    model's steps of decodes that verified drafts, and the draft model's steps but those
+    that catch up on a prompt (a round's first step also computes the at most k + 1 tokens
+    the model took, at about a decode's cost at the loads speculation runs at).
 
-    Drafting one more token costs a step of the draft model (and a verified row, little
-    beside a step at the loads speculation runs at); where it is accepted it saves about a
+    Drafting one more token costs a step of the draft model (and a verified row, a
+    fraction of a step, which the ratio leaves out); where it is accepted it saves about a
     step of the model, which that token would otherwise have taken. So where the chance
-    that the draft so far is all accepted (the next token's chance is at most that) is below
-    the ratio of the two times, the next token is expected to cost more than it saves. A
-    cheap draft model drafts on where its tokens are doubtful; one that costs as much as
-    the model, hardly at all. Medians, since on a shared host a step now and then takes
-    many times its usual time."""
+    that the draft so far is all accepted (the next token's is at most that) is below the
+    ratio of the two times, the next token is expected to cost more than it saves. A cheap
+    draft model drafts on where its tokens are doubtful; one that costs as much as the
+    model, hardly at all. Medians, since on a shared host a step now and then takes many
+    times its usual time."""
 
     PRIOR = 0.4
     WINDOW = 32
