@@ -52,7 +52,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,10 +59,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from llamacpp import LLAMACPP, run, to_gguf
 from report import row, save_result
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMACPP = ROOT / ".refvenvs" / "llamacpp"
 # llmkit checkpoint -> (llama.cpp type, the row it is compared in)
 MODELS = {
     "bf16": ("BF16", "bf16"),
@@ -100,34 +98,12 @@ class Setup:
         return {**os.environ, "OMP_NUM_THREADS": str(self.threads), **ISAS[self.isa][1]}
 
 
-# convert_hf_to_gguf.py with an unrecognised BPE pre-tokenizer taken as the default one
-CONVERT = """
-import runpy, sys
-sys.path.insert(0, {src!r})
-from conversion import base
-known = base.TextModel.get_vocab_base_pre
-def pre(self, tokenizer):
-    try:
-        return known(self, tokenizer)
-    except NotImplementedError:
-        return "default"
-base.TextModel.get_vocab_base_pre = pre
-sys.argv = ["convert_hf_to_gguf.py", *{args!r}]
-runpy.run_path({script!r}, run_name="__main__")
-"""
 TENSOR_BYTES = """
 import json, sys
 from gguf import GGUFReader
 reader = GGUFReader(sys.argv[1])
 print(json.dumps({t.name: int(t.n_bytes) for t in reader.tensors}))
 """
-
-
-def run(command: list, **kwargs) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(map(str, command))} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def llmkit(*args: str) -> list:
@@ -147,12 +123,7 @@ def prepare(work: Path) -> dict[str, tuple[Path, Path]]:
     for name, method in methods.items():
         if not (work / name).exists():
             run(llmkit("quantize", str(bf16), str(work / name), *method))
-    ggufs = {"BF16": work / "bf16.gguf"}
-    if not ggufs["BF16"].exists():
-        src = LLAMACPP / "src"
-        args = [str(bf16), "--outtype", "bf16", "--outfile", str(ggufs["BF16"])]
-        code = CONVERT.format(src=str(src), args=args, script=str(src / "convert_hf_to_gguf.py"))
-        run([str(LLAMACPP / "bin" / "python"), "-c", code])
+    ggufs = {"BF16": to_gguf(bf16, work / "bf16.gguf", "bf16")}
     for kind in ("Q8_0", "Q4_0"):
         ggufs[kind] = work / f"{kind}.gguf"
         if not ggufs[kind].exists():

@@ -17,25 +17,28 @@ make_venv() {  # name, packages...
 }
 
 # llama.cpp from the source vendored in llama-cpp-python's sdist: llama-bench,
-# llama-batched-bench, llama-quantize and llama-perplexity built with cmake for this CPU, and
-# a venv with what convert_hf_to_gguf.py imports (its gguf package from the same source).
+# llama-batched-bench, llama-quantize, llama-perplexity and llama-speculative-simple built
+# with cmake for this CPU, and a venv with what convert_hf_to_gguf.py imports (its gguf
+# package from the same source). A setup from before llama-speculative-simple gains it.
 LLAMACPP_VERSION=0.3.36
 make_llamacpp() {
   local dir=.refvenvs/llamacpp
-  if [[ -x $dir/build/bin/llama-bench && -x $dir/bin/python ]]; then
+  if [[ -x $dir/build/bin/llama-speculative-simple && -x $dir/bin/python ]]; then
     echo "llamacpp: already set up"; return
   fi
-  python3 -m venv "$dir"
-  "$dir/bin/pip" install -q torch==2.13.0
-  "$dir/bin/pip" download -q --no-binary :all: --no-deps "llama-cpp-python==$LLAMACPP_VERSION" -d "$dir/sdist"
-  tar -xzf "$dir/sdist/llama_cpp_python-$LLAMACPP_VERSION.tar.gz" -C "$dir"
   local src=$dir/llama_cpp_python-$LLAMACPP_VERSION/vendor/llama.cpp
-  ln -sfn "llama_cpp_python-$LLAMACPP_VERSION/vendor/llama.cpp" "$dir/src"
-  "$dir/bin/pip" install -q numpy sentencepiece transformers protobuf "$src/gguf-py"
+  if [[ ! -x $dir/bin/python ]]; then
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install -q torch==2.13.0
+    "$dir/bin/pip" download -q --no-binary :all: --no-deps "llama-cpp-python==$LLAMACPP_VERSION" -d "$dir/sdist"
+    tar -xzf "$dir/sdist/llama_cpp_python-$LLAMACPP_VERSION.tar.gz" -C "$dir"
+    ln -sfn "llama_cpp_python-$LLAMACPP_VERSION/vendor/llama.cpp" "$dir/src"
+    "$dir/bin/pip" install -q numpy sentencepiece transformers protobuf "$src/gguf-py"
+  fi
   cmake -S "$src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-  cmake --build "$dir/build" -j "$(nproc)" \
-    --target llama-bench llama-batched-bench llama-quantize llama-perplexity
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF
+  cmake --build "$dir/build" -j "$(nproc)" --target llama-bench llama-batched-bench \
+    llama-quantize llama-perplexity llama-speculative-simple
 }
 
 # The same llama.cpp built for AVX2 hosts (GGML_NATIVE off: AVX2, FMA, F16C, no AVX-512) in

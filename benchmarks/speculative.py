@@ -45,6 +45,15 @@ first: 1 / TPOT, as `bench offline` and benchmarks/cpu_decode.py count it; the p
 prefill is the same work with and without speculation), with end-to-end tok/s beside it; at
 higher concurrency, end-to-end tok/s.
 
+Anchor (CPU, where llama.cpp is set up: `bash benchmarks/setup_reference_venvs.sh
+llamacpp`): llama.cpp's speculative decoding of the same pair, WIDE (a bf16 GGUF) with
+stories260K (f32) as its draft, on the concurrency-1 grounded and free prompts, each run
+right after llmkit's in the same round: llama-speculative-simple, greedy, K tokens a draft
+(draft-simple, which drafts K every round), THREADS threads; its decode tok/s against
+llmkit's WIDE draft row. llama-bench's plain decoding of WIDE after as many tokens of
+context gives llama.cpp's own speed-up, shown beside llmkit's. No target: where llmkit's
+speculation stands against the strongest CPU engine's on the same models.
+
 Each round runs, in an order that alternates between rounds, plainly and with speculation:
 every proposer on each workload at concurrency 1, 8 and 64 (small-llama; stories260K at 1),
 and small-llama's ngram with no --speculative-max-seqs limit at concurrency 2, 4 and 8:
@@ -85,6 +94,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import llamacpp
 from report import row, save_result, workdir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -112,6 +122,7 @@ WEAK_LAYERS = 4  # the weaker draft of WIDE: stories260K's first layers
 WIDE_WEAK = f"draft-{WEAK_LAYERS}-layers"
 WIDE_Q4 = "draft-int4"  # WIDE's quantized draft
 WIDE_CUDA = "stories260K-1b"  # the --device cuda draft model's target
+LLAMACPP = "llama.cpp"  # the anchor: its speculative decoding of WIDE with stories260K
 CUDA_HIDDEN_FACTOR, CUDA_MLP_FACTOR = 64, 128
 
 
@@ -316,8 +327,11 @@ def main() -> None:
             cases += [(WIDE_CUDA, GUIDED, 1, ("plain", FORCED, "draft"))]
             setting[WIDE_CUDA] = ({**texts, GUIDED: texts["free"]}, WIDE_CUDA_OUTPUT_LEN)
         warm_up = CONCURRENCY  # each graph bucket captured before any timing
+        anchor = None
     else:
-        llms = engines(make_models(work, args.shared), args.speculative_max_seqs)
+        models = make_models(work, args.shared)
+        llms = engines(models, args.speculative_max_seqs)
+        anchor = llamacpp_models(work, models)
         cases = [("small-llama", w, c, _proposers(c, SWEEP)) for w in texts for c in CONCURRENCY]
         cases += [("small-llama", GUIDED, 1, ("plain", FORCED, "ngram"))]
         setting["small-llama"] = ({**texts, GUIDED: texts["free"]}, OUTPUT_LEN)
@@ -356,10 +370,34 @@ def main() -> None:
                     flush=True,
                 )
             plain.pop("tokens", None)
+            if anchor and model == WIDE and workload in texts:  # back to back with llmkit's
+                prompt = loads[workload][0]
+                result[f"{WIDE} {LLAMACPP} {workload} 1"] = llamacpp_case(anchor, prompt)
         rounds.append(result)
     for llm in llms.values():
         llm.close()
     report(rounds, args.speculative_max_seqs, cuda)
+
+
+def llamacpp_models(work: Path, models: dict[str, Path]) -> tuple[Path, Path] | None:
+    """WIDE and stories260K as GGUF files (made once) for the anchor; None, with a note,
+    where llama.cpp is not set up."""
+    if not (llamacpp.LLAMACPP / "build" / "bin" / "llama-speculative-simple").exists():
+        print("llama.cpp: skipped (bash benchmarks/setup_reference_venvs.sh llamacpp)")
+        return None
+    return (llamacpp.to_gguf(models[WIDE], work / "wide.gguf", "bf16"),
+            llamacpp.to_gguf(models["stories260K"], work / "stories260K.gguf", "f32"))  # fmt: skip
+
+
+def llamacpp_case(ggufs: tuple[Path, Path], prompt: str) -> dict:
+    """llama.cpp's speculative decoding of `prompt` on WIDE with stories260K (K tokens a
+    draft), and its plain decoding after as many tokens of context (llama-bench)."""
+    target, draft = ggufs
+    out = llamacpp.speculative(target, draft, prompt, OUTPUT_LEN, K, THREADS)
+    out["plain_tok_s"] = llamacpp.plain_tok_s(target, OUTPUT_LEN, out["prompt_tokens"], THREADS)
+    print(f"  llama.cpp {out['decode_tok_s']:7.1f} tok/s speculating, {out['plain_tok_s']:7.1f} "
+          f"plain, accepted {out['accepted']}/{out['proposed']}", flush=True)  # fmt: skip
+    return out
 
 
 def _proposers(concurrency: int, sweep: tuple[int, ...]) -> tuple[str, ...]:
@@ -394,8 +432,9 @@ def summarize(fields: dict, cuda: bool = False) -> list[dict]:
     concurrency (its worse workload; the largest one's with its target); one per
     concurrency of the unlimited sweep."""
     rounds = fields["rounds"]
-    runs = [key.split() for key in rounds[0] if key.split()[1] != "plain"]
+    runs = [key.split() for key in rounds[0] if key.split()[1] not in ("plain", LLAMACPP)]
     rows = [_row(rounds, *run) for run in runs if run[3] == "1" and run[1] != UNLIMITED]
+    rows += [_anchor_row(rounds, key.split()[2]) for key in rounds[0] if LLAMACPP in key]
     model = LLAMA_1B if cuda else "small-llama"
     for concurrency in CONCURRENCY[1:]:
         floor = 0.95 if concurrency == max(CONCURRENCY) else None
@@ -461,6 +500,28 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
         f"(rounds {st['low']:.2f}-{st['high']:.2f}; end to end with the prefill "
         f"{st['whole']:.2f}x)",
         st["tok_s"], st["plain"], st["ratio"], target, met,
+    )  # fmt: skip
+
+
+def _anchor_row(rounds: list[dict], workload: str) -> dict:
+    """WIDE's draft against llama.cpp's speculative decoding of the same models and prompt,
+    round by round; each engine's own speed-up over its plain decoding beside it."""
+    med = statistics.median
+    ours, plain = (f"{WIDE} {m} {workload} 1" for m in ("draft", "plain"))
+    theirs = f"{WIDE} {LLAMACPP} {workload} 1"
+    ratios = [r[ours]["decode_tok_s"] / r[theirs]["decode_tok_s"] for r in rounds]
+    accepted, proposed = (sum(r[theirs][n] for r in rounds) for n in ("accepted", "proposed"))
+    own = med(r[ours]["decode_tok_s"] / r[plain]["decode_tok_s"] for r in rounds)
+    their_own = med(r[theirs]["decode_tok_s"] / r[theirs]["plain_tok_s"] for r in rounds)
+    return row(
+        f"{WIDE} draft, {workload}, concurrency 1, decode tok/s, against llama.cpp's "
+        f"speculative decoding of the same models and prompt (llama-speculative-simple, "
+        f"draft-simple, {K} tokens a draft; its acceptance {accepted / max(proposed, 1):.2f}; "
+        f"over its own plain decoding {their_own:.2f}x, llmkit's {own:.2f}x; rounds "
+        f"{min(ratios):.2f}-{max(ratios):.2f})",
+        f"{med(r[ours]['decode_tok_s'] for r in rounds):.1f} tok/s",
+        f"{med(r[theirs]['decode_tok_s'] for r in rounds):.1f} tok/s",
+        med(ratios), "", None,
     )  # fmt: skip
 
 
