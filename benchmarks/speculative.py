@@ -421,10 +421,15 @@ def report(rounds: list[dict], speculative_max_seqs: int, cuda: bool) -> None:
         "speculative",
         fields,
         f"{where}, k={K}, --speculative-max-seqs {speculative_max_seqs}",
-        anchor="the same engine without speculation, same process",
+        anchor="the same engine without speculation, same process"
+        + ("; llama.cpp's speculative decoding where a row says so" if _anchored(rounds) else ""),
         summary=rows,
         variant="cuda" if cuda else "",
     )
+
+
+def _anchored(rounds: list[dict]) -> bool:
+    return any(LLAMACPP in key for key in rounds[0])
 
 
 def summarize(fields: dict, cuda: bool = False) -> list[dict]:
