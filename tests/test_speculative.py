@@ -154,6 +154,79 @@ def test_a_draft_model_with_a_shorter_context_drafts_only_within_it(tiny_dir, tm
     assert speculated == plain and stats.drafts > 0
 
 
+def _padded(model: Path, out: Path, rows: int) -> Path:
+    """`model` with `rows` more vocabulary rows (zeros) in its embeddings and head, as
+    model families pad theirs to different multiples; its tokenizer as it is."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = Path(shutil.copytree(model, out))
+    (out / "llmkit-checksums.json").unlink(missing_ok=True)
+    tensors = load_file(out / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = tensors[name]
+        tensors[name] = torch.cat([w, w.new_zeros(rows, w.shape[1])])
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    config["vocab_size"] += rows
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_draft_with_the_models_tokenizer_may_pad_its_vocabulary_otherwise(tiny_dir, tmp_path):
+    """The model as its own draft with 64 padding rows more: its logits are cut to the
+    model's, so every draft token is accepted, greedy and under a guide (whose masks have
+    the model's width); the padded model beside the unpadded draft (its logits padded at
+    -inf) gives plain decoding's tokens too. Sampled drafts are drawn over the model's
+    tokens (the rejection test takes their distributions at its width), and a seeded
+    request reproduces."""
+    import json
+
+    from llmkit.runtime.guide import Guide
+    from tests.test_structured_outputs import PERSON
+
+    model = tiny_dir("tiny-llama")
+    wide = _padded(model, tmp_path / "wide", 64)
+    plain, _ = generate(model, prompts())
+    out, stats = generate(model, prompts(), speculative=str(wide))
+    assert out == plain and stats.accepted == stats.proposed > stats.drafts
+    guided = SamplingParams(max_tokens=60, temperature=0, guide=Guide("json", json.dumps(PERSON)))
+    plain, _ = generate(model, prompts()[:2], guided)
+    out, stats = generate(model, prompts()[:2], guided, speculative=str(wide))
+    assert out == plain and stats.accepted == stats.proposed > 0
+    plain, _ = generate(wide, prompts())
+    out, stats = generate(wide, prompts(), speculative=str(model))
+    assert out == plain and stats.accepted > 0
+    sampled = SamplingParams(max_tokens=30, temperature=0.8, seed=5, ignore_eos=True)
+    out, stats = generate(model, prompts(), sampled, speculative=str(wide))
+    again, _ = generate(model, prompts(), sampled, speculative=str(wide))
+    assert out == again and stats.accepted > 0
+
+
+def test_a_draft_whose_token_ids_may_mean_other_tokens_is_one_error(tiny_dir, tmp_path):
+    """A tokenizer with two tokens' ids swapped; a draft of another vocabulary size with no
+    tokenizer to show it shares the model's: each refused with one line."""
+    import json
+    import shutil
+
+    model = tiny_dir("tiny-llama")
+    swapped = Path(shutil.copytree(model, tmp_path / "swapped"))
+    tokenizer = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(LlmkitError, match=r"its tokenizer is not the model's \(2 tokens"):
+        LLM(model, EngineConfig(speculative=str(swapped)))
+    bare = _padded(model, tmp_path / "bare", 64)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    with pytest.raises(LlmkitError, match="its vocabulary has 576 tokens, the model's 512"):
+        LLM(model, EngineConfig(speculative=str(bare)))
+
+
 def test_a_failing_draft_model_costs_its_drafts_not_the_requests(tiny_dir, monkeypatch, caplog):
     """A draft model whose every other round raises: the requests decode as plainly, with
     the drafts of the rounds that ran, and each failure is one warning."""

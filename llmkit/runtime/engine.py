@@ -443,12 +443,13 @@ class Engine:
             raise LlmkitError(
                 f"--speculative {c.speculative!r}: neither 'ngram' nor a model directory"
             )
-        draft = json.loads((path / "config.json").read_text())
-        check_draft(draft.get("vocab_size"), self.model_config.vocab_size, c.speculative)
+        vocab = self.model_config.vocab_size
+        draft = json.loads((path / "config.json").read_text()).get("vocab_size")
+        check_draft(c.speculative, draft, vocab, _draft_tokenizer(path), self.tokenizer)
         spec = replace(self.executor.spec, model_path=c.speculative, tp=1, max_loras=0)
         k = c.num_speculative_tokens
         return DraftProposer(spec.build(0), spec.num_blocks, c.block_size,
-                             c.draft_min_confidence, k, self.guides)  # fmt: skip
+                             c.draft_min_confidence, k, self.guides, vocab)  # fmt: skip
 
     def _masks(self, batch: Batch) -> Callable[[], dict] | None:
         """The token masks of the guided sequences that sample in this step (seq_id -> bit
@@ -708,3 +709,12 @@ def _by_request(batch: Batch) -> list[Batch]:
         if seq.seq_id in batch.forced:
             part.forced[seq.seq_id] = batch.forced[seq.seq_id]
     return list(parts.values())
+
+
+def _draft_tokenizer(path: Path):
+    """A draft model's tokenizer (None: it has no tokenizer files); one that does not load
+    is one error line."""
+    try:
+        return load_tokenizer(path)
+    except Exception as e:
+        raise LlmkitError(f"--speculative {path}: its tokenizer does not load ({e})") from e

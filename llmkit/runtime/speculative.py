@@ -173,11 +173,15 @@ class DraftProposer:
 
     name = "draft"
 
-    def __init__(self, runner, num_blocks: int, block_size: int, min_confidence, k: int, guides):
-        """`min_confidence`: a fixed cutoff (None: measured; Cutoff)."""
+    def __init__(
+        self, runner, num_blocks: int, block_size: int, min_confidence, k: int, guides, vocab
+    ):
+        """`min_confidence`: a fixed cutoff (None: measured; Cutoff); `vocab`: the model's
+        vocabulary size, over which drafts are drawn."""
         from llmkit.runtime.layers.sampler import Sampler
 
         self.runner, self.block_size, self.guides = runner, block_size, guides
+        self.vocab = vocab
         self.cutoff = Cutoff(min_confidence)
         self.max_positions = runner.config.max_position_embeddings  # the draft model's context
         # where the draft model replays CUDA graphs, a mirror catching up on at most k + 1
@@ -296,7 +300,7 @@ class DraftProposer:
         from llmkit.runtime.model_runner import prepare
 
         inputs, sampled, _ = prepare(batch, self.block_size, self.catch_up)
-        logits = self.runner.execute(inputs).float()
+        logits = _model_width(self.runner.execute(inputs).float(), self.vocab)
         for mirror, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             mirror.num_computed_tokens += n
         rows = {m.seq_id: i for i, m in enumerate(sampled.seqs)}
@@ -474,9 +478,36 @@ def _greedy_rows(logits: torch.Tensor, rows: list[int]) -> list[tuple[int, float
     return [(int(t), float(c)) for t, c in both.t().tolist()]
 
 
-def check_draft(draft_vocab: int, target_vocab: int, path: str) -> None:
-    if draft_vocab != target_vocab:
+def check_draft(path: str, draft_vocab, vocab: int, draft_tokenizer, tokenizer) -> None:
+    """Refuse a draft model whose token ids may mean other tokens than the model's. Where
+    both have a tokenizer, their token -> id maps must be the same; then their vocabulary
+    sizes may differ (the rows past the tokenizer's ids are padding, which model families
+    pad to different multiples: DraftProposer cuts or pads the draft's logits to the
+    model's). Where either has none, the sizes must be the same."""
+    if draft_tokenizer is not None and tokenizer is not None:
+        ours, theirs = tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+        if ours != theirs:
+            differ = sum(theirs.get(t) != i for t, i in ours.items()) + len(theirs.keys() - ours)
+            raise LlmkitError(
+                f"--speculative {path}: its tokenizer is not the model's ({differ} tokens have "
+                "other ids or none); a draft model needs the model's tokenizer"
+            )
+        used = max(ours.values(), default=-1) + 1  # the ids a token has
+        if isinstance(draft_vocab, int) and used <= min(draft_vocab, vocab):
+            return
+    if draft_vocab != vocab:
         raise LlmkitError(
             f"--speculative {path}: its vocabulary has {draft_vocab} tokens, the model's "
-            f"{target_vocab}; a draft model needs the model's tokenizer"
+            f"{vocab}; a draft model needs the model's tokenizer"
         )
+
+
+def _model_width(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A draft model's logits over the model's `vocab` tokens: its columns past them cut,
+    those it lacks at -inf (padding rows either way: check_draft)."""
+    width = logits.shape[-1]
+    if width > vocab:
+        return logits[:, :vocab]
+    if width < vocab:
+        return torch.nn.functional.pad(logits, (0, vocab - width), value=float("-inf"))
+    return logits
