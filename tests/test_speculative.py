@@ -269,7 +269,7 @@ def test_the_gpu_budget_holds_the_draft_models_weights_and_kv_blocks(tiny_dir, m
         per_block, itemsize = engine.kv_block_bytes, DTYPES[engine.executor.spec.dtype].itemsize
         weights = engine_module._weight_bytes(src)
         drafted = engine._cuda_num_blocks(cuda, src, per_block, itemsize)
-        engine.config = replace(engine.config, speculative="ngram")
+        engine.config, engine.draft_dir = replace(engine.config, speculative="ngram"), None
         plain = engine._cuda_num_blocks(cuda, src, per_block, itemsize)
     finally:
         src.close()
@@ -361,8 +361,48 @@ def test_a_sequence_whose_lookups_find_nothing_runs_ahead_in_longer_and_longer_c
 
 
 def test_a_speculative_path_that_is_no_model_is_one_error(tiny_dir, tmp_path):
-    with pytest.raises(LlmkitError, match="neither 'ngram' nor a model directory"):
+    with pytest.raises(LlmkitError, match=r"no checkpoint directory at .*give 'ngram' or a"):
         LLM(tiny_dir("tiny-llama"), EngineConfig(speculative=str(tmp_path / "missing")))
+    with pytest.raises(LlmkitError, match=r"no config\.json there"):
+        LLM(tiny_dir("tiny-llama"), EngineConfig(speculative=str(tmp_path)))
+
+
+def test_a_draft_model_may_be_a_hub_id(tiny_dir, tmp_path):
+    """`--speculative org/name` takes the hub's snapshot (here from a local cache, the hub
+    offline): the model as its own draft gives plain decoding's tokens; an id neither
+    reachable nor cached is one error naming it."""
+    import shutil
+
+    from tests.conftest import run_python
+
+    model = tiny_dir("tiny-llama")
+    repo = tmp_path / "cache" / "models--some-org--draft"
+    shutil.copytree(model, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    code = f"""
+from llmkit.errors import LlmkitError
+from llmkit.runtime.engine import LLM, EngineConfig
+from llmkit.runtime.sequence import SamplingParams
+params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+prompt = list(range(3, 40))
+outs = []
+for spec in (None, "some-org/draft"):
+    llm = LLM({str(model)!r}, EngineConfig(speculative=spec, draft_min_confidence=0))
+    outs.append(llm.generate([prompt], params)[0].outputs[0].token_ids)
+    accepted = llm.engine.spec_stats.accepted
+    llm.close()
+assert outs[0] == outs[1] and accepted > 0, (outs, accepted)
+try:
+    LLM({str(model)!r}, EngineConfig(speculative="some-org/absent"))
+except LlmkitError as e:
+    print(e)
+"""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    done = run_python(code, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = done.stdout.strip().splitlines()
+    assert line.startswith("--speculative: cannot get 'some-org/absent' from the Hugging Face")
 
 
 def test_a_draft_ends_where_its_chance_of_being_accepted_falls_below_the_threshold(

@@ -58,8 +58,8 @@ SpeculativeOpt = Annotated[
     str | None,
     typer.Option(
         "--speculative",
-        help="Speculative decoding: 'ngram' (prompt lookup), or the path of a draft model "
-        "with the model's tokenizer.",
+        help="Speculative decoding: 'ngram' (prompt lookup), or a draft model with the "
+        "model's tokenizer (its directory or hub id).",
     ),
 ]
 NumSpecTokensOpt = Annotated[

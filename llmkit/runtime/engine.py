@@ -73,6 +73,7 @@ class Engine:
         device = resolve_device(config.device)
         if device.type == "cpu":
             set_threads(config.threads)
+        self.draft_dir = _draft_dir(config.speculative)
         src = open_rank(self.model_path, config.tp, 0)  # headers only: checks the layout
         try:
             hf_config = src.config
@@ -438,15 +439,11 @@ class Engine:
             return None
         if c.speculative == NGRAM:
             return NgramProposer(c.ngram_min, c.ngram_max)
-        path = self._draft_dir()
-        if path is None:
-            raise LlmkitError(
-                f"--speculative {c.speculative!r}: neither 'ngram' nor a model directory"
-            )
+        path = self.draft_dir
         vocab = self.model_config.vocab_size
         draft = json.loads((path / "config.json").read_text()).get("vocab_size")
         check_draft(c.speculative, draft, vocab, _draft_tokenizer(path), self.tokenizer)
-        spec = replace(self.executor.spec, model_path=c.speculative, tp=1, max_loras=0)
+        spec = replace(self.executor.spec, model_path=str(path), tp=1, max_loras=0)
         k = c.num_speculative_tokens
         return DraftProposer(spec.build(0), spec.num_blocks, c.block_size,
                              c.draft_min_confidence, k, self.guides, vocab)  # fmt: skip
@@ -595,18 +592,10 @@ class Engine:
             )
         return num_blocks
 
-    def _draft_dir(self) -> Path | None:
-        """The --speculative draft model's directory (None: ngram, off, or not a model)."""
-        path = self.config.speculative
-        if path is None or path == NGRAM:
-            return None
-        path = Path(path).expanduser()
-        return path if (path / "config.json").is_file() else None
-
     def _draft_bytes(self, itemsize: int) -> tuple[int, int]:
         """(weight bytes, KV bytes a block) of the --speculative draft model on the GPU, from
         its headers; (0, 0) without one (the path is checked when the proposer is built)."""
-        path = self._draft_dir()
+        path = self.draft_dir
         if path is None:
             return 0, 0
         draft = open_rank(str(path), 1, 0)
@@ -709,6 +698,23 @@ def _by_request(batch: Batch) -> list[Batch]:
         if seq.seq_id in batch.forced:
             part.forced[seq.seq_id] = batch.forced[seq.seq_id]
     return list(parts.values())
+
+
+def _draft_dir(speculative: str | None) -> Path | None:
+    """The --speculative draft model's directory: a local one, or a hub id's snapshot
+    (downloaded, or from the local cache); None for ngram or no speculation. Anything else
+    is one error line."""
+    from llmkit.checkpoint.reader import local_dir
+
+    if speculative is None or speculative == NGRAM:
+        return None
+    try:
+        path = local_dir(speculative)
+    except LlmkitError as e:
+        raise LlmkitError(f"--speculative: {e}; give 'ngram' or a draft model") from None
+    if not (path / "config.json").is_file():
+        raise LlmkitError(f"--speculative {speculative}: no config.json there, so no model")
+    return path
 
 
 def _draft_tokenizer(path: Path):
