@@ -594,7 +594,7 @@ class Engine:
 
     def _draft_bytes(self, itemsize: int) -> tuple[int, int]:
         """(weight bytes, KV bytes a block) of the --speculative draft model on the GPU, from
-        its headers; (0, 0) without one (the path is checked when the proposer is built)."""
+        its headers; (0, 0) without one."""
         path = self.draft_dir
         if path is None:
             return 0, 0
