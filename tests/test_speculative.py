@@ -227,6 +227,24 @@ def test_a_draft_whose_token_ids_may_mean_other_tokens_is_one_error(tiny_dir, tm
         LLM(model, EngineConfig(speculative=str(bare)))
 
 
+def test_a_draft_model_whose_weights_differ_from_their_checksums_is_refused(tiny_dir, tmp_path):
+    """One byte of the draft model's weights changed: one error naming the file, before
+    anything loads; --no-verify loads it anyway (drafts are verified, so tokens hold)."""
+    import shutil
+
+    model = tiny_dir("tiny-llama")
+    draft = Path(shutil.copytree(model, tmp_path / "draft"))
+    weights = draft / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(LlmkitError, match=r"draft/model\.safetensors does not match its recorded"):
+        LLM(model, EngineConfig(speculative=str(draft)))
+    plain, _ = generate(model, prompts())
+    out, stats = generate(model, prompts(), speculative=str(draft), verify=False)
+    assert out == plain and stats.drafts > 0
+
+
 def test_a_failing_draft_model_costs_its_drafts_not_the_requests(tiny_dir, monkeypatch, caplog):
     """A draft model whose every other round raises: the requests decode as plainly, with
     the drafts of the rounds that ran, and each failure is one warning."""

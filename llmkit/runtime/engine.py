@@ -86,8 +86,10 @@ class Engine:
             num_blocks = self._num_blocks(device, src, DTYPES[dtype].itemsize)
         finally:
             src.close()
-        if config.verify:
-            checksums.verify(Path(self.model_path))
+        if config.verify:  # the model's weights, and a draft model's
+            for directory in (Path(self.model_path), self.draft_dir):
+                if directory is not None:
+                    checksums.verify(directory)
         # Everything a user can get wrong is checked before the weights are loaded.
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
