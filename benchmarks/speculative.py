@@ -240,7 +240,7 @@ def run(
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    spec, cutoff = llm.engine.spec_stats.since(before), getattr(llm.engine.proposer, "cutoff", None)
+    spec = llm.engine.spec_stats.since(before)
     decoding = max(o.times.finished for o in outs) - min(o.times.first_token for o in outs)
     return {
         "tok_s": tokens / seconds,
@@ -249,7 +249,7 @@ def run(
         "accepted": spec.accepted,
         "drafts": spec.drafts,
         "by_position": spec.acceptance_by_position,
-        "cutoff": None if cutoff is None else cutoff.value(),  # a draft model's, at the end
+        "cutoff": llm.engine.draft_cutoff(),  # a draft model's, at the end
         "tokens": [o.outputs[0].token_ids for o in outs],
     }
 

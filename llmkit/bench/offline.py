@@ -137,7 +137,7 @@ def _speculation(engine, before) -> dict:
     """This case's speculative decoding counts (nothing when speculation is off)."""
     if engine.proposer is None:
         return {}
-    spec, cutoff = engine.spec_stats.since(before), engine.proposer.cutoff
+    spec, cutoff = engine.spec_stats.since(before), engine.draft_cutoff()
     return {
         "speculative": engine.proposer.name,
         "spec_proposed_tokens": spec.proposed,
@@ -145,7 +145,7 @@ def _speculation(engine, before) -> dict:
         "spec_acceptance_rate": spec.acceptance_rate,
         "spec_mean_accepted_length": spec.mean_accepted_length,
         "spec_acceptance_by_position": spec.acceptance_by_position,
-        **({} if cutoff is None else {"spec_draft_cutoff": cutoff.value()}),
+        **({} if cutoff is None else {"spec_draft_cutoff": cutoff}),
     }
 
 

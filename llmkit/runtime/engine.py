@@ -594,6 +594,12 @@ class Engine:
             )
         return num_blocks
 
+    def draft_cutoff(self) -> float | None:
+        """The chance below which the draft model's drafts end now (speculative.Cutoff;
+        None without a draft model)."""
+        cutoff = None if self.proposer is None else self.proposer.cutoff
+        return None if cutoff is None else cutoff.value()
+
     def _draft_bytes(self, itemsize: int) -> tuple[int, int]:
         """(weight bytes, KV bytes a block) of the --speculative draft model on the GPU, from
         its headers; (0, 0) without one."""

@@ -268,7 +268,6 @@ class _Loop:
 
     def _stats(self) -> EngineStats:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        cutoff = getattr(self.engine.proposer, "cutoff", None)
         return EngineStats(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting),
@@ -282,5 +281,5 @@ class _Loop:
             seqs_seen=self.seqs,
             proposer=self.engine.proposer.name if self.engine.proposer else "",
             spec=replace(self.engine.spec_stats),
-            draft_cutoff=None if cutoff is None else cutoff.value(),
+            draft_cutoff=self.engine.draft_cutoff(),
         )
