@@ -53,11 +53,13 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
 
 
 # groups of 1 to 5 query heads per KV head (the vector paths take several at a time, then
-# the rest one by one), head dims the wide paths specialise (64, 128) and others
+# the rest one by one), head dims the wide paths specialise (64, 128) and others, with 8
+# values after the last 16 (8, 24)
 @pytest.mark.parametrize(
     "heads, kv_heads, head_dim",
-    [(4, 4, 16), (12, 4, 64), (8, 2, 32), (4, 1, 128), (10, 2, 64), (10, 2, 128)],
-)
+    [(4, 4, 16), (12, 4, 64), (8, 2, 32), (4, 1, 128), (10, 2, 64), (10, 2, 128), (8, 4, 8),
+     (6, 2, 24)],
+)  # fmt: skip
 @pytest.mark.parametrize("block_size", [16, 32])  # the wide paths take 16 keys at a time
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
 def test_decode_kernel_matches_float64(heads, kv_heads, head_dim, block_size, dtype, atol):
@@ -188,7 +190,9 @@ def test_rotary_kernel_rounds_as_the_torch_ops(dtype, dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(6, 2, 32), (4, 4, 16), (8, 1, 64)])
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim", [(6, 2, 32), (4, 4, 16), (8, 1, 64), (8, 4, 8), (4, 2, 24)]
+)
 def test_decode_attention_is_rotary_write_and_decode_in_one(dtype, heads, kv_heads, head_dim):
     """The fused op the C++ decode layer calls gives the bits of the three ops it replaces,
     cache contents included, for tokens of sequences of different lengths."""

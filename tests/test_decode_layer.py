@@ -26,6 +26,7 @@ DENSE = PAIRS if pair_products_here() else HALF
 # case -> (preset, quantization method or None, options, the kinds of qkv, o, gate_up, down)
 CASES = {
     "bf16": ("tiny-llama", None, None, [DENSE] * 4),
+    "bf16-head-dim-8": ("tiny-llama-head-dim-8", None, None, [DENSE] * 4),
     "qwen2-bias-bf16": ("tiny-qwen2", None, None, [DENSE] * 4),
     "int8": ("tiny-llama", "int8", options_for("int8"), [Q8] * 4),
     "w8a8": ("tiny-llama", "w8a8", options_for("w8a8"), [W8A8] * 4),

@@ -42,7 +42,9 @@ def expect_hf(path, prompts, done):
         assert done[i] == hf_greedy(model, prompt, GREEDY.max_tokens), f"request {i}"
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+@pytest.mark.parametrize(
+    "preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-llama-head-dim-8"]
+)
 def test_concurrent_greedy_equals_transformers_one_by_one(tiny_dir, preset):
     prompts = random_prompts(8, 3, 60, seed=2)
     engine = Engine(tiny_dir(preset), EngineConfig(enable_prefix_caching=False))

@@ -38,6 +38,7 @@ SOURCES = tuple(
 )
 HEADERS = (Path(__file__).with_name("cpu_vec.h"),)  # included by the sources
 DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels take
+HEAD_DIM_MULTIPLE = 8  # the attention kernels take head dims that are multiples of this
 # no FMA contraction: the element-wise kernels round as the torch ops they replace
 CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

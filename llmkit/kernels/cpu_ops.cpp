@@ -2,7 +2,8 @@
 //
 // - paged_decode: decode attention over the paged KV cache, one query token per sequence;
 //   keys and values read in place from the cache blocks (no gathered copy), float32
-//   arithmetic. cache: [num_blocks, kv_heads, block_size, head_dim]; the heads sharing a KV
+//   arithmetic. cache: [num_blocks, kv_heads, block_size, head_dim], head_dim a multiple
+//   of 8 (16-lane vectors, then one of 8 where 8 values are left); the heads sharing a KV
 //   head are done together, so each key and value is read once per (sequence, KV head)
 //   (with AVX-512 and head_dim 64 or 128, also widened to float32 once for several of them,
 //   and 16 keys' dot products summed across lanes together).
@@ -44,7 +45,8 @@
 
 namespace {
 
-constexpr int kLanes = 16;  // head_dim is a multiple of this (checked by the caller)
+constexpr int kLanes = 16;
+constexpr int kHeadDimMultiple = 8;  // of the attention kernels' head_dim (cpu.HEAD_DIM_MULTIPLE)
 
 // The vector exp's constants: x clamped to [kExpMin, kExpMax] (0 below, inf above),
 // x = n ln2 + r with ln2 in two parts, e^r by its Taylor series to r^7 (relative error below
@@ -122,16 +124,23 @@ inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a flo
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t dim) {
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dim; d += kLanes)
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes)
     acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
-  return _mm512_reduce_add_ps(acc);
+  float sum = _mm512_reduce_add_ps(acc);
+  if (d < dim) sum += hsum8(_mm256_mul_ps(_mm256_loadu_ps(q + d), load8(k + d)));  // 8 left
+  return sum;
 }
 
 template <typename T>
 inline void axpy(float* out, float a, const T* v, int64_t dim) {
   const __m512 scale = _mm512_set1_ps(a);
-  for (int64_t d = 0; d < dim; d += kLanes)
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes)
     _mm512_storeu_ps(out + d, _mm512_fmadd_ps(scale, load16(v + d), _mm512_loadu_ps(out + d)));
+  if (d < dim)  // 8 left
+    _mm256_storeu_ps(out + d, _mm256_fmadd_ps(_mm512_castps512_ps256(scale), load8(v + d),
+                                              _mm256_loadu_ps(out + d)));
 }
 
 // exp(x) = e^r * 2^n, with the constants above.
@@ -253,10 +262,12 @@ inline void silu_mul_16(const T* gate, const T* up, T* out) {
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t dim) {
   __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
-  for (int64_t d = 0; d < dim; d += kLanes) {
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
     low = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), low);
     high = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k + d + 8), high);
   }
+  if (d < dim) low = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), low);  // 8 left
   return hsum8(_mm256_add_ps(low, high));
 }
 
@@ -272,8 +283,10 @@ inline void axpy(float* out, float a, const T* v, int64_t dim) {
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t dim) {
   float acc[kLanes] = {0};
-  for (int64_t d = 0; d < dim; d += kLanes)
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] += q[d + j] * to_float(k[d + j]);
+  for (int j = 0; d + j < dim; ++j) acc[j] += q[d + j] * to_float(k[d + j]);  // 8 left
   float sum = 0.f;
   for (int j = 0; j < kLanes; ++j) sum += acc[j];
   return sum;
@@ -479,7 +492,7 @@ void check_decode(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t 
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && block_tables.is_contiguous() &&
                   context_lens.is_contiguous(),
               op, ": caches, block tables and lengths must be contiguous");
-  TORCH_CHECK(k_cache.size(3) % kLanes == 0, op, ": head_dim must be a multiple of 16");
+  TORCH_CHECK(k_cache.size(3) % kHeadDimMultiple == 0, op, ": head_dim must be a multiple of 8");
   TORCH_CHECK(num_heads % k_cache.size(1) == 0, op, ": heads % kv_heads != 0");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               op, ": block tables and lengths must be int64");

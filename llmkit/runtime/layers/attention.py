@@ -6,9 +6,9 @@ sequence then attends over its whole context. On CUDA, Triton kernels do all thr
 write, which rotates q and k first in the same launch; the decodes; every prefill of the step
 in one launch), reading the blocks in place (kernels/triton_attention.py). On the CPU,
 single-token (decode) queries go to llmkit's C++ kernel, which reads the blocks in place
-(kernels/cpu_ops.cpp); otherwise, and for prefills, the context is gathered (block, head) by
-(block, head) from the block table straight into the [kv_heads, context, head_dim] layout
-torch's matmuls want.
+(kernels/cpu_ops.cpp; head dims that are multiples of 8); otherwise, and for prefills, the
+context is gathered (block, head) by (block, head) from the block table straight into the
+[kv_heads, context, head_dim] layout torch's matmuls want.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def triton_attention():
 
 def _cpu_kernels(q: torch.Tensor, k_cache: torch.Tensor):
     """torch.ops.llmkit_cpu when its cache kernels take these tensors, else None."""
-    return cpu.for_tensors(q, k_cache) if q.shape[-1] % 16 == 0 else None
+    return cpu.for_tensors(q, k_cache) if q.shape[-1] % cpu.HEAD_DIM_MULTIPLE == 0 else None
 
 
 def _head_rows(blocks: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

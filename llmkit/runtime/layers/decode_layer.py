@@ -5,7 +5,7 @@ model, a large share of a 4-bit decode step). When every layer is one, a DecodeS
 them all in one call.
 
 It applies when every part of the layer runs through llmkit's CPU kernels (no act-order
-permutation, no q/k norms, no tensor-parallel reduction, head_dim a multiple of 16) and the
+permutation, no q/k norms, no tensor-parallel reduction, head_dim a multiple of 8) and the
 step holds only decodes, at most KERNEL_MAX_ROWS of them."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class DecodeLayer:
             and post_norm.weight.dtype == dtype
             and input_norm.eps == post_norm.eps
             and attn.q_norm is None
-            and attn.head_dim % 16 == 0
+            and attn.head_dim % cpu.HEAD_DIM_MULTIPLE == 0
             and all(c is not None for c in calls)
         )
         if not usable:
