@@ -10,7 +10,10 @@
 - where the CPU has AVX512-BF16: a bf16 Linear of small-llama's gate_up shape (4096 x 768),
   16 different weights a call (100 MB, so they stream from memory as a step's do), at 1, 64
   and 512 rows, through PairsLinear; anchor: oneDNN's bf16 product on the weights prepacked
-  for it (`mkldnn._linear_pointwise`, what bf16 Linears ran on such CPUs before).
+  for it (`mkldnn._linear_pointwise`, what bf16 Linears ran on such CPUs before);
+- a float32 Linear of the same shape, 16 weights a call (200 MB), at 1, 8 and 64 rows,
+  through DenseLinear (llmkit's dense kernel up to 64 rows); anchor: `F.linear` (MKL), what
+  float32 Linears ran on before.
 
 Each is timed as the median of 7 repeats of 20 calls, kernel and anchor alternating, with 2
 threads; printed as milliseconds per call and anchor / kernel (above 1: the kernel is faster).
@@ -30,7 +33,7 @@ from report import row, save_result
 from llmkit.kernels import cpu
 from llmkit.runtime.layers import attention
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
-from llmkit.runtime.layers.linear import PairsLinear, pair_products_here
+from llmkit.runtime.layers.linear import DenseLinear, PairsLinear, pair_products_here
 
 THREADS, REPEATS, CALLS = 2, 7, 20
 
@@ -94,6 +97,14 @@ def bf16_linear_case(rows: int, copies: int = 16):
     return (lambda: [p(x) for p in pairs]), onednn
 
 
+def float32_linear_case(rows: int, copies: int = 16):
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(4096, 768, generator=g) for _ in range(copies)]
+    dense = [DenseLinear(w, None) for w in weights]
+    x = torch.randn(rows, 768, generator=g)
+    return (lambda: [d(x) for d in dense]), (lambda: [F.linear(x, w) for w in weights])
+
+
 def main() -> None:
     if cpu.ops() is None:
         raise SystemExit("llmkit's CPU kernels could not be built here")
@@ -106,6 +117,8 @@ def main() -> None:
     if pair_products_here():
         for rows in (1, 64, 512):
             cases[f"bf16 Linear x16, {rows} rows"] = bf16_linear_case(rows)
+    for rows in (1, 8, 64):
+        cases[f"float32 Linear x16, {rows} rows"] = float32_linear_case(rows)
     print(f"{'case':28} {'kernel ms':>10} {'torch ms':>10} {'torch / kernel':>15}")
     times, summary = {}, []
     for name, pair in cases.items():

@@ -1,8 +1,8 @@
 """llmkit's CPU matrix-product kernels (llmkit/kernels/cpu_gemm.cpp, cpu_lora.cpp) against
 float64 computations of what they are defined to compute, on whatever vector level this CPU has:
 every weight layout, act-order, ragged shapes (outputs not a multiple of the thread split,
-activation rows not a multiple of the kernels' tiles of 8 rows or the half-precision
-kernel's blocks of 3 outputs x 4 rows)."""
+activation rows not a multiple of the kernels' tiles of 8 rows or the dense kernel's blocks
+of 3 outputs x 4 rows)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from llmkit.runtime.layers.linear import (
 from tests.test_runtime_quantized import random_grouped
 
 pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="the CPU kernels cannot be built here")
-ROWS = [1, 3, 4, 9, 15]  # 15 rows: tiles of 8, 4, 2 and 1 (the half kernel: blocks of 4, 2, 1)
+ROWS = [1, 3, 4, 9, 15]  # 15 rows: tiles of 8, 4, 2 and 1 (the dense kernel: blocks of 4, 2, 1)
 CPU = torch.device("cpu")
 
 
@@ -173,19 +173,20 @@ def test_int8_weights_holding_minus_128_use_torch():
     assert W8A8Linear(Int8Weight(w.q, w.scale, True), None, torch.float32, CPU).op is None
 
 
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_half_kernel_is_the_float_product_of_the_half_weights(weight_dtype, dtype):
-    """Widened to float32 in registers; bf16 against bf16 with AVX512-BF16, in the CPU's pair
-    products (exact products, float32 sums, the last inputs masked)."""
+@pytest.mark.parametrize("inputs", [200, 203])  # a tail past 16 lanes; then past 8 too
+def test_dense_kernel_is_the_float_product_of_the_weights(weight_dtype, dtype, inputs):
+    """Half-precision weights widened to float32 in registers, float32 ones as they are,
+    float32 sums."""
     import llmkit.runtime.layers.linear as linear
 
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(37, 200, generator=g).to(weight_dtype)  # 200: a tail past 16 lanes
+    weight = torch.randn(37, inputs, generator=g).to(weight_dtype)
     module = DenseLinear(weight, None)
     assert module.op is not None
     for rows in [*ROWS, linear.KERNEL_MAX_ROWS]:
-        x = torch.randn(rows, 200, generator=g).to(dtype)
+        x = torch.randn(rows, inputs, generator=g).to(dtype)
         got = module(x)
         assert got.dtype == dtype and close(got, x.double() @ weight.double().T, dtype), rows
 

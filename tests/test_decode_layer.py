@@ -14,20 +14,23 @@ from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.layers.decode_layer import DecodeLayer, DecodeStack
-from llmkit.runtime.layers.linear import HALF, PAIRS, Q4, Q8, W8A8, pair_products_here
+from llmkit.runtime.layers.linear import DENSE, PAIRS, Q4, Q8, W8A8, pair_products_here
 from llmkit.runtime.sequence import SamplingParams
 from tests.runtime_helpers import random_prompts
 
 pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="llmkit's CPU kernels are not built")
 
 # the kind bf16 Linears take here: the pair products where the CPU has them
-DENSE = PAIRS if pair_products_here() else HALF
+BF16 = PAIRS if pair_products_here() else DENSE
 
-# case -> (preset, quantization method or None, options, the kinds of qkv, o, gate_up, down)
+# case -> (preset, quantization method or None, options, the kinds of qkv, o, gate_up, down);
+# every case runs in bf16 but FLOAT32's
+FLOAT32 = "float32"
 CASES = {
-    "bf16": ("tiny-llama", None, None, [DENSE] * 4),
-    "bf16-head-dim-8": ("tiny-llama-head-dim-8", None, None, [DENSE] * 4),
-    "qwen2-bias-bf16": ("tiny-qwen2", None, None, [DENSE] * 4),
+    FLOAT32: ("tiny-llama", None, None, [DENSE] * 4),
+    "bf16": ("tiny-llama", None, None, [BF16] * 4),
+    "bf16-head-dim-8": ("tiny-llama-head-dim-8", None, None, [BF16] * 4),
+    "qwen2-bias-bf16": ("tiny-qwen2", None, None, [BF16] * 4),
     "int8": ("tiny-llama", "int8", options_for("int8"), [Q8] * 4),
     "w8a8": ("tiny-llama", "w8a8", options_for("w8a8"), [W8A8] * 4),
     "rtn-g32": ("tiny-llama", "rtn", options_for("rtn", group_size=32), [Q4] * 4),
@@ -44,11 +47,11 @@ def checkpoint(tiny_dir, tmp_path, case: str):
     return tmp_path / case
 
 
-def outputs(path, fused: str, prompts, params):
+def outputs(path, fused: str, prompts, params, dtype: str):
     """(the layers' kernel kinds, every sequence's tokens and log probabilities); `fused`:
     "all" layers keep their C++ layer and the model its C++ head, "layers" (no head), "some"
     (all layers but the first) or "none"."""
-    llm = LLM(path, EngineConfig(device="cpu", dtype="bfloat16"))
+    llm = LLM(path, EngineConfig(device="cpu", dtype=dtype))
     try:
         runner = llm.engine.executor.runner
         if fused == "layers":
@@ -67,6 +70,7 @@ def outputs(path, fused: str, prompts, params):
 @pytest.mark.parametrize("case", CASES)
 def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path, monkeypatch, case):
     kinds = CASES[case][3]
+    dtype = "float32" if case == FLOAT32 else "bfloat16"
     path = checkpoint(tiny_dir, tmp_path, case)
     calls = []
     spied = [(DecodeLayer, "__call__"), (DecodeStack, "__call__"), (DecodeStack, "logits")]
@@ -83,17 +87,17 @@ def test_the_cpp_layer_decodes_what_the_python_layer_decodes(tiny_dir, tmp_path,
         else SamplingParams(max_tokens=20, temperature=0.9, seed=i, n=2, ignore_eos=True)
         for i in range(6)
     ] + [SamplingParams(max_tokens=2 + i % 5, temperature=0, ignore_eos=True) for i in range(60)]
-    used, fused = outputs(path, "all", prompts, params)
+    used, fused = outputs(path, "all", prompts, params, dtype)
     assert used and all(k == kinds for k in used)
     assert set(calls) == {"DecodeStack.logits"}  # ids to logits in one call a step
     calls.clear()
-    assert fused == outputs(path, "layers", prompts, params)[1]
+    assert fused == outputs(path, "layers", prompts, params, dtype)[1]
     assert set(calls) == {"DecodeStack.__call__"}  # every layer fused: one call of them all
     calls.clear()
-    assert fused == outputs(path, "none", prompts, params)[1]
+    assert fused == outputs(path, "none", prompts, params, dtype)[1]
     assert not calls
     if case == "rtn-g32":  # one layer in Python, the others one C++ call each
-        assert fused == outputs(path, "some", prompts, params)[1]
+        assert fused == outputs(path, "some", prompts, params, dtype)[1]
         assert set(calls) == {"DecodeLayer.__call__"}
 
 

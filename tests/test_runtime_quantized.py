@@ -160,7 +160,7 @@ def test_a_tied_lm_head_and_the_embedding_share_one_table(tiny_dir, monkeypatch)
     embedding reads that copy instead of keeping a second."""
     import llmkit.runtime.layers.linear as linear
 
-    if linear._cpu_op("half_linear", torch.device("cpu")) is None:
+    if linear._cpu_op("dense_linear", torch.device("cpu")) is None:
         pytest.skip("the CPU kernels cannot be built here")
     monkeypatch.setattr(linear.PairsLinear, "build", classmethod(lambda cls, w, b: None))
     monkeypatch.setattr(linear, "_streamed", lambda weight: weight.clone())

@@ -699,7 +699,9 @@ def test_no_speculation_while_more_sequences_wait_than_the_limit(tiny_dir):
     """Six requests, two running at a time, limit 2: the first two pairs decode two
     sequences a step but others wait, so only the last pair speculates, as alone."""
     model = tiny_dir("tiny-llama")
-    limits = {"speculative": "ngram", "speculative_max_seqs": 2}
+    # one decode step a call: calls running several (--decode-steps) would end where the
+    # batches differ, and drafts start only there
+    limits = {"speculative": "ngram", "speculative_max_seqs": 2, "decode_steps": 1}
     _, queued = generate(model, prompts(), max_num_seqs=2, **limits)
     _, alone = generate(model, prompts()[4:], **limits)
     assert queued.drafts == alone.drafts > 0
@@ -863,7 +865,10 @@ def _position(sample: str) -> int:
 def test_a_speculating_server_reports_acceptance_and_takes_per_request_off(tiny_dir, tmp_path):
     from tests.serve_helpers import start_server
 
-    server = start_server(tiny_dir("tiny-llama"), tmp_path, "--speculative", "ngram")
+    # one decode step a call, so every step looks up a draft
+    server = start_server(
+        tiny_dir("tiny-llama"), tmp_path, "--speculative", "ngram", "--decode-steps", "1"
+    )
     try:
         body = {"prompt": prompts()[0], "max_tokens": 30, "temperature": 0, "ignore_eos": True}
         plain = server.request("POST", "/v1/completions", {**body, "speculative": False})

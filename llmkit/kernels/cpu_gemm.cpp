@@ -22,14 +22,15 @@
 //   row (max|x| / 127, x / scale rounded half to even, as quant/int8.quantize_per_token),
 //   summed in int32 over the whole row: exact, so it gives float(acc) * x_scale * scale as
 //   torch._int_mm does.
-// - half_linear: bf16 or fp16 weights [N, K] widened to float32 in registers, float32 sums.
+// - dense_linear: bf16, fp16 or float32 weights [N, K] (the 16-bit ones widened to float32 in
+//   registers), float32 sums.
 // - pairs_linear (built where the CPU has AVX512-BF16): bf16 weights repacked at load as
 //   [N / 64, K / 2, 64, 2] against bf16 activations, in the CPU's bf16 pair products
 //   (exact products, float32 sums).
 //
 // Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows (tiles) are
 // split over the threads; every weight block is unpacked once and used for up to 8 activation
-// rows (half_linear, from kBlockedMinRows rows on: register blocks of 3 outputs x 4 rows). In
+// rows (dense_linear, from kBlockedMinRows rows on: register blocks of 3 outputs x 4 rows). In
 // the tiled layouts one broadcast activation chunk serves the tile's 8 outputs, so prefills
 // take the same kernels, a pass of kPassRows rows at a time.
 
@@ -224,11 +225,12 @@ inline __m256i load32(const int8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
-// 8 half-precision weights as float32 (bf16: the activations' load8, the same exact widening)
+// 8 weights as float32 (bf16: the activations' load8, the same exact widening)
 inline __m256 widen8(const c10::BFloat16* p) { return load8(p); }
 inline __m256 widen8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
 
 // res[t] = the sum over blocks b of step(b, acc)'s additions to acc[t], for MT activation
 // rows: consecutive blocks go to kSums<MT> separate accumulators, added up at the end.
@@ -707,7 +709,7 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scale) {
 }
 
 // ---------------------------------------------------------------------------------------
-// bf16 / fp16 weights
+// bf16, fp16 and float32 weights
 
 template <int MT, typename W>
 inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
@@ -852,12 +854,13 @@ void half_blocked(const at::Tensor& out, const W* w, int64_t k, const float* x) 
   });
 }
 
-at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
+at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
-                  (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf),
-              "half_linear: weight must be contiguous bf16 or fp16 [out, in]");
+                  (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf ||
+                   weight.scalar_type() == at::kFloat),
+              "dense_linear: weight must be contiguous bf16, fp16 or float32 [out, in]");
   const int64_t n = weight.size(0), k = weight.size(1);
-  check_activations(x, k, "half_linear");
+  check_activations(x, k, "dense_linear");
   const bool blocked = x.size(0) >= kBlockedMinRows;
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   auto run = [&](auto tag, auto weights) {
@@ -881,8 +884,10 @@ at::Tensor half_linear(at::Tensor x, at::Tensor weight) {
   by_dtype(out, [&](auto tag) {
     if (weight.scalar_type() == at::kBFloat16) {
       run(tag, weight.data_ptr<c10::BFloat16>());
-    } else {
+    } else if (weight.scalar_type() == at::kHalf) {
       run(tag, weight.data_ptr<c10::Half>());
+    } else {
+      run(tag, weight.data_ptr<float>());
     }
   });
   return out;
@@ -1007,11 +1012,11 @@ TORCH_LIBRARY_FRAGMENT(llmkit_cpu, m) {
   m.def("q4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
-  m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
   m.impl("q4_linear", c10::DispatchKey::CPU, q4_linear);
   m.impl("q8_linear", c10::DispatchKey::CPU, q8_linear);
   m.impl("w8a8_linear", c10::DispatchKey::CPU, w8a8_linear);
-  m.impl("half_linear", c10::DispatchKey::CPU, half_linear);
+  m.impl("dense_linear", c10::DispatchKey::CPU, dense_linear);
   m.def("huge_pages(int bytes) -> Tensor", huge_pages);  // no tensor in: one kernel for all
 #ifdef LLMKIT_AVX512BF16
   m.def("pairs_linear(Tensor x, Tensor packed) -> Tensor");

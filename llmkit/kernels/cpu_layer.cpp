@@ -9,7 +9,7 @@
 // apply (layers/decode_layer.py).
 //
 // Each Linear is a kind and its tensors, a bias last when it has one:
-//   0 half_linear  [weight]            1 q4_linear  [packed, scales, zeros] (+ group size)
+//   0 dense_linear [weight]            1 q4_linear  [packed, scales, zeros] (+ group size)
 //   2 q8_linear    [q, scale]          3 w8a8_linear [q, scale]
 //   4 pairs_linear [packed] (registered only where the CPU has AVX512-BF16)
 
@@ -32,7 +32,7 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
 using Linear2 = at::Tensor(at::Tensor, at::Tensor, at::Tensor);
 
 at::Tensor linear(const at::Tensor& x, int64_t kind, at::TensorList w, int64_t group_size) {
-  static const auto half = find<at::Tensor(at::Tensor, at::Tensor)>("llmkit_cpu::half_linear");
+  static const auto dense = find<at::Tensor(at::Tensor, at::Tensor)>("llmkit_cpu::dense_linear");
   static const auto q4 =
       find<at::Tensor(at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t)>(
           "llmkit_cpu::q4_linear");
@@ -45,7 +45,7 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, at::TensorList w, int64_t g
               kind, " takes ", count, " tensors and a bias");
   at::Tensor y;
   switch (kind) {
-    case 0: y = half.call(x, w[0]); break;
+    case 0: y = dense.call(x, w[0]); break;
     case 1: y = q4.call(x, w[0], w[1], w[2], group_size); break;
     case 2: y = q8.call(x, w[0], w[1]); break;
     case 3: y = w8a8.call(x, w[0], w[1]); break;

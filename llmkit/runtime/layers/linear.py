@@ -114,20 +114,23 @@ def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
 
 
 class DenseLinear(nn.Module):
-    """F.linear. On CPU (where PairsLinear does not take the weight), bf16 and fp16 weights
-    stay half precision in memory, and the few rows of a decode step (up to
-    KERNEL_MAX_ROWS) go through llmkit's kernel, the weights widened to float32 in
-    registers. Larger batches: F.linear where the CPU has native bf16 products (oneDNN),
-    else float32 products of weight blocks widened on the fly, since emulated
-    half-precision products are much slower than float32 ones (benchmarks/cpu_decode.py
-    and benchmarks/engine_throughput.py measure both)."""
+    """F.linear. On CPU (where PairsLinear does not take the weight), the few rows of a
+    decode step (up to KERNEL_MAX_ROWS) go through llmkit's kernel, float32 sums: bf16 and
+    fp16 weights stay half precision in memory, widened to float32 in registers, and
+    float32 weights stream as they are (the kernel reads them faster than torch's products
+    do up to some 32 rows, and about as fast at 64). Larger batches: F.linear; for half
+    precision where the CPU has native bf16 products (oneDNN), else float32 products of
+    weight blocks widened on the fly, since emulated half-precision products are much
+    slower than float32 ones (benchmarks/cpu_decode.py and benchmarks/engine_throughput.py
+    measure both)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         half = _half_on_cpu(weight)
         self.widen = half and not (weight.dtype == torch.bfloat16 and native_bf16_on_cpu())
-        self.op = _cpu_op("half_linear", weight.device) if half else None
+        dense = half or (weight.device.type == "cpu" and weight.dtype == torch.float32)
+        self.op = _cpu_op("dense_linear", weight.device) if dense else None
         if self.op is not None:  # streamed whole at every decode step
             weight = _streamed(weight)
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -140,7 +143,7 @@ class DenseLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def kernel_call(self) -> KernelCall | None:
-        return None if self.op is None else KernelCall(HALF, [self.weight], self.bias)
+        return None if self.op is None else KernelCall(DENSE, [self.weight], self.bias)
 
 
 class PairsLinear(nn.Module):
@@ -194,7 +197,7 @@ def pair_products_here() -> bool:
 
 
 # The kinds of llmkit's CPU matrix kernels, as kernels/cpu_layer.cpp numbers them
-HALF, Q4, Q8, W8A8, PAIRS = 0, 1, 2, 3, 4
+DENSE, Q4, Q8, W8A8, PAIRS = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +215,7 @@ class KernelCall:
         return self.weights if self.bias is None else [*self.weights, self.bias]
 
 
-# Rows of activations llmkit's half-precision kernel takes (and a decode step the one-call
+# Rows of activations llmkit's dense kernel takes (and a decode step the one-call
 # decode stack runs). More rows than this (prefill chunks) are multiplied by torch's products,
 # the weights widened a block at a time where the CPU has no native bf16 ones; the int8 and
 # 4-bit kernels take every batch.
@@ -255,7 +258,7 @@ def _streamed(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_takes(x: torch.Tensor) -> bool:
-    """Whether `x` suits the half-precision kernel: a few float32 or bf16 rows."""
+    """Whether `x` suits the dense kernel: a few float32 or bf16 rows."""
     return x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype in cpu_kernels.DTYPES
 
 
