@@ -89,17 +89,18 @@ def test_ngram_draft_agrees_with_its_definition_on_random_sequences():
         assert ngram_draft(*args) == _ngram_draft_by_definition(*args), args
 
 
-@pytest.mark.parametrize("draft", ["ngram", "self", "other"])
+@pytest.mark.parametrize("draft", ["ngram", "self", "other", "self-head-dim-8"])
 def test_greedy_tokens_are_those_of_plain_decoding(tiny_dir, other_model, draft):
     """ngram (some accepted, some rejected), a draft model that is the model itself (all
-    accepted) and one that is another model (almost all rejected)."""
-    model = tiny_dir("tiny-llama")
-    spec = {"ngram": "ngram", "self": str(model), "other": str(other_model)}[draft]
+    accepted) and one that is another model (almost all rejected); and a model with heads of
+    8 values (the CPU attention kernel's narrowest) as its own draft."""
+    model = tiny_dir("tiny-llama-head-dim-8" if draft == "self-head-dim-8" else "tiny-llama")
+    spec = {"ngram": "ngram", "other": str(other_model)}.get(draft, str(model))
     plain, _ = generate(model, prompts())
     speculated, stats = generate(model, prompts(), speculative=spec)
     assert speculated == plain
     assert stats.drafts > 0 and stats.proposed > 0
-    if draft == "self":
+    if draft.startswith("self"):
         assert stats.accepted == stats.proposed
     if draft == "ngram":
         assert 0 < stats.accepted < stats.proposed
