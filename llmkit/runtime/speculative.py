@@ -184,11 +184,12 @@ class DraftProposer:
         self.vocab = vocab
         self.cutoff = Cutoff(min_confidence)
         self.max_positions = runner.config.max_position_embeddings  # the draft model's context
-        # where the draft model replays CUDA graphs, a mirror catching up on at most k + 1
-        # tokens (those the target accepted of its last draft, and the target's own)
-        # computes them as decodes: a step of decodes only, which a graph replays; elsewhere
-        # as a prefill, which the CPU runs faster (benchmarks/speculative.py's drafts)
-        self.catch_up = k + 1 if getattr(runner, "graphs", None) is not None else 1
+        # where the draft model's decode step is one call (a CUDA graph's replay, the C++
+        # decode stack), a mirror catching up on at most k + 1 tokens (those the target
+        # accepted of its last draft, and the target's own) computes them as decodes: a step
+        # of decodes only, which that call runs; elsewhere as a prefill, which the layers
+        # one by one run faster (benchmarks/speculative.py's drafts)
+        self.catch_up = k + 1 if runner.runs_steps() else 1
         self.k = k
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> the draft model's sequence
