@@ -208,7 +208,7 @@ def test_seeds_and_top_k_past_their_ranges_sample(tiny_dir):
 def test_a_paused_request_frees_its_blocks_and_resumes_with_the_same_tokens(tiny_dir, params):
     prompt = random_prompts(1, 40, 41, seed=9)[0]
     (straight,) = LLM(tiny_dir()).generate([prompt], params)
-    engine = Engine(tiny_dir(), EngineConfig(decode_steps=1))  # paused after 3 tokens
+    engine = Engine(tiny_dir(), EngineConfig(decode_steps=1))  # a token a step: paused mid-way
     engine.add_request("r", prompt_token_ids=prompt, params=params)
     for _ in range(4):
         engine.step()
