@@ -20,8 +20,11 @@ class RMSNorm(nn.Module):
         kernels = cuda.elementwise_for(x, self.weight)
         if kernels is not None and x.dim() == 2 and x.is_contiguous():
             return kernels.rms_norm(x, self.weight, self.eps)
-        if _float32_kernel(x, self.weight):  # its sums, as the C++ decode layer's first norm
-            return cpu.ops().add_rms_norm(torch.zeros_like(x), x, self.weight, self.eps)
+        kernels = cpu.for_tensors(x, self.weight)
+        if kernels is not None and x.dim() == 2 and x.is_contiguous():
+            # norm(0 + x) in llmkit's kernel, as the C++ decode layer's first norm: the same
+            # bits in float32 too, where torch's sums end a bit apart
+            return kernels.add_rms_norm(torch.zeros_like(x), x, self.weight, self.eps)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -35,14 +38,3 @@ class RMSNorm(nn.Module):
             return kernels.add_rms_norm(residual, x, self.weight, self.eps), residual
         residual = residual + x
         return self(residual), residual
-
-
-def _float32_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether RMSNorm.forward(x) takes llmkit's CPU kernel: float32 [tokens, dim] (in bf16,
-    torch's ops give the kernel's bits already; in float32 their sums end a bit apart)."""
-    return (
-        x.dtype == torch.float32
-        and x.dim() == 2
-        and x.is_contiguous()
-        and cpu.for_tensors(x, weight) is not None
-    )
