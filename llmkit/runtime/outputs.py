@@ -63,7 +63,8 @@ class SpecStats:
     and its drafts verified (one per speculated sequence and step); apart from those, the
     tokens guides forced that were verified as drafts and accepted. By position in the
     draft (index 0: its first token): the drafts with a token there, and those whose tokens
-    up to it were all accepted (tuples, so that a copy keeps its counts)."""
+    up to it were all accepted (tuples of the same length, so that a copy keeps its
+    counts)."""
 
     proposed: int = 0
     accepted: int = 0
@@ -81,6 +82,7 @@ class SpecStats:
                 self.drafts += 1
                 _count_first(proposed_at, len(draft))
                 _count_first(accepted_at, n)
+        accepted_at.extend([0] * (len(proposed_at) - len(accepted_at)))
         self.proposed_at, self.accepted_at = tuple(proposed_at), tuple(accepted_at)
 
     def since(self, before: SpecStats) -> SpecStats:
@@ -98,8 +100,7 @@ class SpecStats:
     def acceptance_by_position(self) -> list[float]:
         """Per draft position, the share of the drafts with a token there whose tokens up
         to it were all accepted."""
-        accepted = self.accepted_at + (0,) * (len(self.proposed_at) - len(self.accepted_at))
-        return [a / p for a, p in zip(accepted, self.proposed_at, strict=True) if p]
+        return [a / p for a, p in zip(self.accepted_at, self.proposed_at, strict=True) if p]
 
     @property
     def acceptance_rate(self) -> float:

@@ -141,6 +141,6 @@ def _by_position(stats: EngineStats):
         family = CounterMetricFamily(
             f"llmkit_spec_decode_{name}_at_position", doc, labels=["proposer", "position"]
         )
-        for i in range(len(spec.proposed_at)):
-            family.add_metric([stats.proposer, str(i + 1)], counts[i] if i < len(counts) else 0)
+        for i, count in enumerate(counts):
+            family.add_metric([stats.proposer, str(i + 1)], count)
         yield family
