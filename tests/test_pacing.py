@@ -35,6 +35,21 @@ def test_without_a_time_limit_every_call_runs_the_most_steps():
     assert pacer.steps(1) == 5
 
 
+def test_a_plain_token_costs_a_step_of_the_latest_call_as_long_as_the_pacer_gave():
+    """What a token of plain decoding costs (for the speculative Backoff): a step of the
+    latest call that ran as many steps as the pacer gave, not of one cut short, which
+    shares the engine's Python around a call among fewer steps."""
+    pacer = DecodePacer(max_steps=16, call_ms=25)
+    assert pacer.token_s(1) is None
+    pacer.record(1, 1, 0.002)  # not timed yet: the one step given
+    assert pacer.token_s(1) == 0.002 and pacer.steps(1) == 12
+    pacer.record(1, 12, 0.012)
+    assert pacer.token_s(1) == 0.001 and pacer.steps(1) == 16
+    pacer.record(1, 3, 0.006)  # cut short (a sequence drafts again after 3)
+    assert pacer.token_s(1) == 0.001 and pacer.steps(1) == 12  # its pace still sizes calls
+    assert pacer.token_s(2) is None
+
+
 @pytest.mark.parametrize("call_ms", [-1, 10_001, float("nan")])
 def test_a_call_time_out_of_range_is_refused(call_ms):
     with pytest.raises(LlmkitError, match="--decode-call-ms"):

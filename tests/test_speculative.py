@@ -355,6 +355,53 @@ def test_backoff_sits_out_twice_as_long_after_each_draft_with_nothing_accepted()
     assert backoff.call_limit(seq) is None and rejected() == 1
 
 
+def test_backoff_fails_a_round_whose_tokens_cost_more_than_plain_decodings():
+    """A round that cost c steps of plain decoding fails unless it added at least c tokens
+    (its own and those accepted), and the sequence then sits out c - 1 (rounded, from 1 to
+    16: the steps a failed round wastes) times as long: 1, 3, 7, ... times that. With no
+    cost (None) a round costs a step."""
+    from types import SimpleNamespace
+
+    from llmkit.runtime.speculative import Backoff
+
+    backoff, seq = Backoff(), SimpleNamespace(seq_id=3, num_tokens=10)
+    backoff.record([seq], [[7, 8, 9]], [2], [3.0])  # 3 tokens for 3 steps' time: paid
+    assert backoff.sits_out(seq) == 0
+    backoff.record([seq], [[7, 8, 9]], [1], [3.4])  # 2 tokens for 3.4 steps' time
+    seq.num_tokens += 2
+    assert backoff.sits_out(seq) == 2
+    seq.num_tokens += 2
+    backoff.record([seq], [[7]], [0], [40.0])  # nothing accepted, at a cost past 16
+    seq.num_tokens += 1
+    assert backoff.sits_out(seq) == 3 * 16
+    seq.num_tokens += 3 * 16
+    backoff.record([seq], [[7]], [1], [None])  # a token accepted, a step's cost: paid
+    backoff.record([seq], [[7]], [0], [0.5])  # cheaper than a step: as a step
+    seq.num_tokens += 1
+    assert backoff.sits_out(seq) == 1
+
+
+def test_rounds_costlier_than_plain_calls_sit_out_longer_where_plain_decoding_runs_ahead(
+    tiny_dir, monkeypatch
+):
+    """Where a plain step costs next to nothing (DecodePacer.token_s patched), every round
+    of a greedy request fails and its sequences sit out for longer: fewer drafts, plain
+    decoding's tokens. A seeded sampled request decodes one step a call, so a round costs
+    it as much as a step would: it drafts as often as before, and reproduces."""
+    from llmkit.runtime.pacing import DecodePacer
+
+    model = tiny_dir("tiny-llama")
+    greedy = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=60, temperature=0.8, seed=5, ignore_eos=True)
+    plain, _ = generate(model, prompts(), greedy)
+    runs = [generate(model, prompts(), p, speculative="ngram") for p in (greedy, sampled)]
+    monkeypatch.setattr(DecodePacer, "token_s", lambda self, seqs: 1e-9)
+    cheap = [generate(model, prompts(), p, speculative="ngram") for p in (greedy, sampled)]
+    assert runs[0][0] == cheap[0][0] == plain
+    assert 0 < cheap[0][1].drafts < runs[0][1].drafts
+    assert cheap[1][0] == runs[1][0] and cheap[1][1].drafts == runs[1][1].drafts > 0
+
+
 def test_a_sequence_whose_lookups_find_nothing_runs_ahead_in_longer_and_longer_calls(
     tiny_dir, monkeypatch
 ):
@@ -837,7 +884,10 @@ def test_a_server_with_a_draft_model_reports_its_cutoff(tiny_dir, tmp_path):
     from tests.serve_helpers import start_server
 
     model = tiny_dir("tiny-llama")
-    server = start_server(model, tmp_path, "--speculative", str(model), "--stats-interval", "1")
+    # one decode step a call: against plain calls of several, the model as its own draft
+    # costs more than it saves, and its rounds soon sit out (Backoff)
+    options = ("--speculative", str(model), "--stats-interval", "1", "--decode-steps", "1")
+    server = start_server(model, tmp_path, *options)
     try:
         body = {"prompt": prompts()[0], "max_tokens": 30, "temperature": 0, "ignore_eos": True}
         plain = server.request("POST", "/v1/completions", {**body, "speculative": False})

@@ -237,14 +237,17 @@ class Engine:
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
         self._mark_scheduled(batch.seqs)
         self._forget_drafts(batch.preempted)
+        proposing = time.perf_counter()
         paced = self._run_ahead(batch, self._speculate(batch))
         masks = self._masks(batch)
         verifies = self.proposer is not None and batch.verifies()
         failed: list[RequestOutput] = []
+        round_s = None  # the proposals and the step, where it ran as one
         try:
             start = time.perf_counter()
             runs = [(batch, self.executor.step(batch, masks))]
-            seconds = time.perf_counter() - start
+            end = time.perf_counter()
+            seconds, round_s = end - start, end - proposing
             if paced:
                 self.pacer.record(len(batch.seqs), batch.steps, seconds)
             if verifies:
@@ -265,7 +268,7 @@ class Engine:
         for part, out in runs:
             accepted = out.accepted(part)
             self.scheduler.update(part, accepted)
-            self._record_drafts(part, accepted)
+            self._record_drafts(part, accepted, round_s)
             self._record_prompt_scores(out)
             for seq, tokens in zip(out.seqs, out.sampled, strict=True):
                 for token in tokens:
@@ -343,10 +346,12 @@ class Engine:
         limits = [self.backoff.call_limit(batch.seqs[i]) for i in decodes]
         return min((n for n in limits if n is not None), default=None)
 
-    def _record_drafts(self, batch: Batch, accepted: list[int]) -> None:
-        """After a step's verification (`accepted[i]` of `batch.drafts[i]` taken): the
+    def _record_drafts(self, batch: Batch, accepted: list[int], round_s: float | None) -> None:
+        """After a step's verification (`accepted[i]` of `batch.drafts[i]` taken; `round_s`:
+        the seconds its proposals and the step took, None where the step was split): the
         tokens guides forced at a draft's start are counted apart (SpecStats.forced); the
-        proposer's tokens after them go to its counts, its Backoff and its calibration."""
+        proposer's tokens after them go to its counts, its Backoff (with the round's cost
+        in steps of plain decoding: `_round_costs`) and its calibration."""
         lead = [batch.forced.get(s.seq_id, 0) for s in batch.seqs]
         self.spec_stats.forced += sum(min(n, f) for n, f in zip(accepted, lead, strict=True))
         if self.proposer is None:
@@ -354,8 +359,18 @@ class Engine:
         drafts = [d[f:] for d, f in zip(batch.drafts, lead, strict=True)]
         taken = [max(0, n - f) for n, f in zip(accepted, lead, strict=True)]
         self.spec_stats.record(drafts, taken)
-        self.backoff.record(batch.seqs, drafts, taken)
+        self.backoff.record(batch.seqs, drafts, taken, self._round_costs(batch, round_s))
         self.proposer.observe(batch.seqs, drafts, taken)
+
+    def _round_costs(self, batch: Batch, round_s: float | None) -> list[float | None]:
+        """Per sequence of a verifying step, the round's seconds over those of a step of its
+        plain decoding, where that runs several steps a call (`_runs_ahead`) at the pace its
+        latest such call of as many sequences ran (DecodePacer.token_s); None elsewhere: a
+        plain step there is one call, as the round is, and costs about as much."""
+        plain_s = self.pacer.token_s(len(batch.seqs)) if self._steps_ahead() else None
+        if round_s is None or not plain_s:
+            return [None] * len(batch.seqs)
+        return [round_s / plain_s if self._runs_ahead(s) else None for s in batch.seqs]
 
     def _within_guide(self, seq: Sequence, draft: Draft) -> Draft:
         """`draft` cut where `seq`'s guide stops allowing it: a greedy request's before the
@@ -392,30 +407,40 @@ class Engine:
     def _run_ahead(self, batch: Batch, limit: int | None) -> bool:
         """Let a batch of greedy decodes run several steps in one call, where the runner can
         (the whole step is one C++ call or one CUDA graph) and every sequence's next tokens
-        depend on nothing but the base model's argmax: greedy, no penalties, logprobs,
-        guide or LoRA adapter, no draft. As many steps as the pacer gives (--decode-steps,
-        --decode-call-ms), none past any sequence's context and none past the most any
-        sequence still wants, none past `limit` (where a sequence drafts again); a sequence
-        that stops part-way (EOS, a stop string, max_tokens) ends there, and the tokens
-        computed after it are dropped. A request that arrives meanwhile waits for the call
-        before its prompt is computed. True when the batch is such a batch (its call is
-        timed for the pacer), whatever the steps."""
-        if self.config.decode_steps == 1 or not self.executor.runs_steps():
+        depend on nothing but the base model's argmax (`_runs_ahead`), with no draft. As
+        many steps as the pacer gives (--decode-steps, --decode-call-ms), none past any
+        sequence's context and none past the most any sequence still wants, none past
+        `limit` (where a sequence drafts again); a sequence that stops part-way (EOS, a stop
+        string, max_tokens) ends there, and the tokens computed after it are dropped. A
+        request that arrives meanwhile waits for the call before its prompt is computed.
+        True when the batch is such a batch (its call is timed for the pacer), whatever the
+        steps."""
+        if not self._steps_ahead():
             return False
         wanted, room = 1, self.max_model_len
         for i, seq in enumerate(batch.seqs):
-            p = seq.params
-            if not batch.decodes(i) or not p.greedy or p.penalized or p.logprobs is not None:
+            if not batch.decodes(i) or not self._runs_ahead(seq):
                 return False
-            if seq.lora_id or seq.seq_id in self.guides.matchers:  # an adapter, or a mask
-                return False
-            wanted = max(wanted, p.max_tokens - len(seq.output_token_ids))
+            wanted = max(wanted, seq.params.max_tokens - len(seq.output_token_ids))
             room = min(room, self.max_model_len - seq.num_tokens)
         # none past the context; past max_tokens: dropped
         steps = min(wanted, room, self.pacer.steps(len(batch.seqs)), limit or room)
         if steps > 1:
             self.scheduler.run_ahead(batch, steps)
         return True
+
+    def _steps_ahead(self) -> bool:
+        """Whether a call may run several decode steps (`_run_ahead`)."""
+        return self.config.decode_steps > 1 and self.executor.runs_steps()
+
+    def _runs_ahead(self, seq: Sequence) -> bool:
+        """Whether `seq`'s next tokens depend on nothing but the base model's argmax, so that
+        its decode steps may run several a call (`_run_ahead`): greedy, no penalties,
+        logprobs, guide (a mask) or LoRA adapter."""
+        p = seq.params
+        if not p.greedy or p.penalized or p.logprobs is not None:
+            return False
+        return not seq.lora_id and seq.seq_id not in self.guides.matchers
 
     def _draft_size(self, seq: Sequence) -> int:
         """Tokens `seq` may take on trial now: none for a request that turned speculation

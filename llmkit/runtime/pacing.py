@@ -15,6 +15,7 @@ class DecodePacer:
         self.max_steps = max_steps
         self.call_s = call_ms / 1000  # 0: no time limit, max_steps a call
         self.step_s: dict[int, float] = {}  # seconds of a step, by the batch's size class
+        self.full_s: dict[int, float] = {}  # the same, in calls of as many steps as given
 
     def steps(self, seqs: int) -> int:
         """Steps for a call of `seqs` sequences."""
@@ -28,7 +29,17 @@ class DecodePacer:
     def record(self, seqs: int, steps: int, seconds: float) -> None:
         """A call of `seqs` sequences ran `steps` steps in `seconds` (the latest call of a
         size class sets its speed: a call slowed down once is followed by a shorter one)."""
+        if steps >= self.steps(seqs):
+            self.full_s[_size_class(seqs)] = seconds / steps
         self.step_s[_size_class(seqs)] = seconds / steps
+
+    def token_s(self, seqs: int) -> float | None:
+        """Seconds a step of `seqs` sequences took in the latest call that ran as many steps
+        as the pacer gave, the engine's Python around it shared by them: what a token of
+        plain decoding costs, where nothing cuts a call short (the latest call of any
+        length where none ran that many; None: none timed)."""
+        size = _size_class(seqs)
+        return self.full_s.get(size, self.step_s.get(size))
 
 
 def _size_class(seqs: int) -> int:

@@ -53,9 +53,15 @@ class Draft:
 class Backoff:
     """What failing rounds cost, not paid again and again; outputs do not change.
 
-    - After m drafts in a row with no token accepted, a sequence decodes the next 2^m - 1
-      tokens (at most MAX_BACKOFF) plainly: no draft model steps, no verified rows that
-      are likely wasted.
+    - A round fails a sequence when none of its draft is accepted, or when the tokens it
+      added cost more than plain decoding's would have: where that runs several steps a
+      call (Engine._run_ahead), a step costs a fraction of a verifying round on a fast
+      model, and a round must add at least as many tokens as its cost in plain steps
+      (`costs`).
+    - After m failed rounds in a row, a sequence decodes the next 2^m - 1 tokens (at most
+      MAX_BACKOFF) plainly, times the plain steps a failed round of cost c wastes (c - 1,
+      rounded, at least 1 and at most MAX_BACKOFF): no draft model steps, no verified rows
+      that are likely wasted, and rounds that keep failing take about 1/2^m of the time.
     - After m proposals in a row that found nothing (a lookup with no match), it proposes
       again at the next step, but a call that runs several decode steps (Engine._run_ahead)
       runs at most 2^m (at most MAX_BACKOFF + 1) for it before it does: a sequence whose
@@ -67,22 +73,29 @@ class Backoff:
     MAX_BACKOFF = 16
 
     def __init__(self) -> None:
-        self.misses: dict[int, int] = {}  # seq_id -> drafts in a row with nothing accepted
+        self.misses: dict[int, int] = {}  # seq_id -> failed rounds in a row
         self.resume: dict[int, int] = {}  # seq_id -> the length at which it drafts again
         self.empty: dict[int, int] = {}  # seq_id -> proposals in a row that found nothing
 
-    def record(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int]):
-        """After a step's verification: `accepted[i]` of `drafts[i]` taken."""
-        for seq, draft, n in zip(seqs, drafts, accepted, strict=True):
+    def record(
+        self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int], costs=None
+    ):
+        """After a step's verification: `accepted[i]` of `drafts[i]` taken; `costs[i]`: the
+        round's time over a step of seqs[i]'s plain decoding (None, or no `costs`: a step's
+        worth, as where plain decoding runs a step a call or is not timed yet)."""
+        for i, (seq, draft, n) in enumerate(zip(seqs, drafts, accepted, strict=True)):
             if not draft:
                 continue
             self.empty.pop(seq.seq_id, None)
-            if n:
+            cost = max(1.0, costs[i] if costs and costs[i] is not None else 1.0)
+            if n and 1 + n >= cost:
                 self.misses.pop(seq.seq_id, None)
                 continue
             misses = self.misses[seq.seq_id] = self.misses.get(seq.seq_id, 0) + 1
-            # this step adds one token (`seq`'s tokens do not include it yet), then the wait
-            self.resume[seq.seq_id] = seq.num_tokens + min(2**misses, self.MAX_BACKOFF + 1)
+            wasted = min(max(1, round(cost - 1)), self.MAX_BACKOFF)  # a failed round's, at most
+            wait = min(2**misses - 1, self.MAX_BACKOFF) * wasted
+            # this step adds 1 + n tokens (`seq`'s tokens do not include them yet), then the wait
+            self.resume[seq.seq_id] = seq.num_tokens + 1 + n + wait
 
     def found_nothing(self, seq: Sequence) -> None:
         self.empty[seq.seq_id] = self.empty.get(seq.seq_id, 0) + 1
