@@ -764,6 +764,26 @@ def test_seeded_sampled_requests_reproduce_with_speculation(tiny_dir, other_mode
         assert first == again and stats.drafts > 0
 
 
+def test_a_seeded_sampled_requests_draft_ends_by_its_tokens_alone(tiny_dir, monkeypatch):
+    """Where a draft ends decides which random draws a sampled request's tokens take, and
+    the measured cutoff and the calibration depend on timing and on other requests: a
+    seeded sampled request's draft ends below Cutoff.PRIOR of the draft model's own
+    probabilities, so it reproduces whatever they say. A greedy one follows them."""
+    from llmkit.runtime.speculative import Calibration
+
+    model = tiny_dir("tiny-llama")
+    seeded = SamplingParams(max_tokens=30, temperature=0.8, seed=3, n=2)
+    runs = []
+    for cutoff, scale in ((0.01, 4.0), (0.9, 0.25)):
+        monkeypatch.setattr(Cutoff, "value", lambda self, c=cutoff: c)
+        monkeypatch.setattr(Calibration, "scaled", lambda self, p, s=scale: p * s)
+        config = {"speculative": str(model), "draft_min_confidence": None}
+        runs.append([generate(model, prompts(), p, **config) for p in (GREEDY, seeded)])
+    (greedy, drawn), (greedy_again, drawn_again) = runs
+    assert greedy[1].proposed > greedy_again[1].proposed  # longer drafts at a cutoff of 0.01
+    assert drawn[0] == drawn_again[0] and drawn[1].proposed == drawn_again[1].proposed > 0
+
+
 def test_tp2_speculation_gives_the_tokens_of_tp1_plain(tiny_dir):
     model = tiny_dir("tiny-llama")
     plain, _ = generate(model, prompts())
