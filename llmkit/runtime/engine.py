@@ -242,16 +242,17 @@ class Engine:
         masks = self._masks(batch)
         verifies = self.proposer is not None and batch.verifies()
         failed: list[RequestOutput] = []
-        round_s = None  # the proposals and the step, where it ran as one
+        round_s = None  # the proposals and the step, where it verified decodes only
         try:
             start = time.perf_counter()
             runs = [(batch, self.executor.step(batch, masks))]
             end = time.perf_counter()
-            seconds, round_s = end - start, end - proposing
+            seconds = end - start
             if paced:
                 self.pacer.record(len(batch.seqs), batch.steps, seconds)
             if verifies:
                 self.proposer.verified(seconds)
+                round_s = end - proposing
         except Exception as e:
             if len({s.request_id for s in batch.seqs}) == 1:
                 return [self._fail(batch.seqs[0].request_id, e)]
@@ -348,10 +349,11 @@ class Engine:
 
     def _record_drafts(self, batch: Batch, accepted: list[int], round_s: float | None) -> None:
         """After a step's verification (`accepted[i]` of `batch.drafts[i]` taken; `round_s`:
-        the seconds its proposals and the step took, None where the step was split): the
-        tokens guides forced at a draft's start are counted apart (SpecStats.forced); the
-        proposer's tokens after them go to its counts, its Backoff (with the round's cost
-        in steps of plain decoding: `_round_costs`) and its calibration."""
+        the seconds its proposals and the step took, None where the step computed more than
+        decodes and drafts, or was split): the tokens guides forced at a draft's start are
+        counted apart (SpecStats.forced); the proposer's tokens after them go to its counts,
+        its Backoff (with the round's cost in steps of plain decoding: `_round_costs`) and
+        its calibration."""
         lead = [batch.forced.get(s.seq_id, 0) for s in batch.seqs]
         self.spec_stats.forced += sum(min(n, f) for n, f in zip(accepted, lead, strict=True))
         if self.proposer is None:
