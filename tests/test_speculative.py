@@ -433,32 +433,39 @@ def test_a_speculative_path_that_is_no_model_is_one_error(tiny_dir, tmp_path):
         LLM(tiny_dir("tiny-llama"), EngineConfig(speculative=str(tmp_path)))
 
 
-def test_a_draft_model_may_be_a_hub_id(tiny_dir, tmp_path):
+def test_a_draft_model_may_be_a_hub_id(tiny_dir, other_model, tmp_path):
     """`--speculative org/name` takes the hub's snapshot (here from a local cache, the hub
-    offline): the model as its own draft gives plain decoding's tokens; an id neither
-    reachable nor cached is one error naming it."""
+    offline): the model as its own draft (its main branch) gives plain decoding's tokens,
+    every draft token accepted; `--speculative-revision v2` takes that branch's snapshot,
+    another model, whose drafts are mostly rejected. An id neither reachable nor cached is
+    one error naming it."""
     import shutil
 
     from tests.conftest import run_python
 
     model = tiny_dir("tiny-llama")
     repo = tmp_path / "cache" / "models--some-org--draft"
-    shutil.copytree(model, repo / "snapshots" / ("0" * 40))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "refs").mkdir(parents=True)
+    for branch, snapshot, source in (("main", "0" * 40, model), ("v2", "1" * 40, other_model)):
+        shutil.copytree(source, repo / "snapshots" / snapshot)
+        (repo / "refs" / branch).write_text(snapshot)
     code = f"""
 from llmkit.errors import LlmkitError
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.sequence import SamplingParams
 params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
 prompt = list(range(3, 40))
-outs = []
-for spec in (None, "some-org/draft"):
-    llm = LLM({str(model)!r}, EngineConfig(speculative=spec, draft_min_confidence=0))
+outs, stats = [], []
+for spec, revision in ((None, None), ("some-org/draft", None), ("some-org/draft", "v2")):
+    config = EngineConfig(speculative=spec, speculative_revision=revision,
+                          draft_min_confidence=0)
+    llm = LLM({str(model)!r}, config)
     outs.append(llm.generate([prompt], params)[0].outputs[0].token_ids)
-    accepted = llm.engine.spec_stats.accepted
+    stats.append(llm.engine.spec_stats)
     llm.close()
-assert outs[0] == outs[1] and accepted > 0, (outs, accepted)
+assert outs[0] == outs[1] == outs[2], outs
+assert stats[1].accepted == stats[1].proposed > 0, stats[1]
+assert stats[2].accepted < stats[2].proposed, stats[2]
 try:
     LLM({str(model)!r}, EngineConfig(speculative="some-org/absent"))
 except LlmkitError as e:
@@ -469,6 +476,12 @@ except LlmkitError as e:
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = done.stdout.strip().splitlines()
     assert line.startswith("--speculative: cannot get 'some-org/absent' from the Hugging Face")
+
+
+@pytest.mark.parametrize("speculative", [None, "ngram"])
+def test_a_speculative_revision_without_a_draft_model_is_refused(speculative):
+    with pytest.raises(LlmkitError, match="--speculative-revision names a draft model's"):
+        EngineConfig(speculative=speculative, speculative_revision="v2")
 
 
 def test_a_draft_ends_where_its_chance_of_being_accepted_falls_below_the_threshold(

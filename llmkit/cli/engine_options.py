@@ -62,6 +62,10 @@ SpeculativeOpt = Annotated[
         "model's tokenizer (its directory or hub id).",
     ),
 ]
+SpecRevisionOpt = Annotated[
+    str | None,
+    typer.Option("--speculative-revision", help="Branch, tag or commit of a hub id draft model."),
+]
 NumSpecTokensOpt = Annotated[
     int, typer.Option("--num-speculative-tokens", help="Tokens proposed per sequence and step.")
 ]
@@ -158,6 +162,7 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "scheduling_policy": PolicyOpt,
         "verify": VerifyOpt,
         "speculative": SpeculativeOpt,
+        "speculative_revision": SpecRevisionOpt,
         "num_speculative_tokens": NumSpecTokensOpt,
         "ngram_min": NgramMinOpt,
         "ngram_max": NgramMaxOpt,

@@ -73,7 +73,7 @@ class Engine:
         device = resolve_device(config.device)
         if device.type == "cpu":
             set_threads(config.threads)
-        self.draft_dir = _draft_dir(config.speculative)
+        self.draft_dir = _draft_dir(config.speculative, config.speculative_revision)
         src = open_rank(self.model_path, config.tp, 0)  # headers only: checks the layout
         try:
             hf_config = src.config
@@ -735,16 +735,16 @@ def _by_request(batch: Batch) -> list[Batch]:
     return list(parts.values())
 
 
-def _draft_dir(speculative: str | None) -> Path | None:
-    """The --speculative draft model's directory: a local one, or a hub id's snapshot
-    (downloaded, or from the local cache); None for ngram or no speculation. Anything else
-    is one error line."""
+def _draft_dir(speculative: str | None, revision: str | None) -> Path | None:
+    """The --speculative draft model's directory: a local one, or a hub id's snapshot at
+    `revision` (downloaded, or from the local cache; None: the main branch); None for ngram
+    or no speculation. Anything else is one error line."""
     from llmkit.checkpoint.reader import local_dir
 
     if speculative is None or speculative == NGRAM:
         return None
     try:
-        path = local_dir(speculative)
+        path = local_dir(speculative, revision)
     except LlmkitError as e:
         raise LlmkitError(f"--speculative: {e}; give 'ngram' or a draft model") from None
     if not (path / "config.json").is_file():

@@ -32,6 +32,7 @@ class EngineConfig:
     max_loras: int = 0  # LoRA adapters loaded at once; 0: the model takes none
     max_lora_rank: int = 16
     speculative: str | None = None  # "ngram", or a draft model's path; None: off
+    speculative_revision: str | None = None  # a hub id draft model's branch, tag or commit
     num_speculative_tokens: int = 4  # k: tokens proposed per sequence and step
     ngram_min: int = 1
     ngram_max: int = 4
@@ -61,6 +62,8 @@ class EngineConfig:
             raise LlmkitError(f"--decode-steps must be between 1 and {MAX_DECODE_STEPS}")
         if not 0 <= self.decode_call_ms <= MAX_DECODE_CALL_MS:
             raise LlmkitError(f"--decode-call-ms must be between 0 and {MAX_DECODE_CALL_MS}")
+        if self.speculative_revision is not None and self.speculative in (None, "ngram"):
+            raise LlmkitError("--speculative-revision names a draft model's revision; give one")
         if self.speculative_max_seqs < 0:
             raise LlmkitError("--speculative-max-seqs must be >= 0")
         if self.draft_min_confidence is not None and not 0.0 <= self.draft_min_confidence <= 1:
