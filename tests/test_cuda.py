@@ -167,9 +167,9 @@ def test_sampling_on_cuda_draws_the_tokens_the_cpu_draws():
         SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.2, seed=4),
     ]
     histories = [([1, 2, 3], [4, 5, 5])] * 5
-    seeds = [(i, p.seed) for i, p in enumerate(params)]
+    seeds = [p.seed for p in params]
     on_cpu, on_gpu = Sampler(), Sampler()
-    for _ in range(3):  # the seeded generators advance alike
+    for _ in range(3):
         cpu = on_cpu(logits, params, histories, seeds)
         on_cuda = on_gpu(logits.to(CUDA), params, histories, seeds)
         assert [s.token_id for s in cpu] == [s.token_id for s in on_cuda]

@@ -13,7 +13,7 @@ from tests.runtime_helpers import NEEDS_CUDA, random_prompts
 
 def sample(logits, params, seeds=None, histories=None):
     n = logits.shape[0]
-    seeds = seeds or [(i, None) for i in range(n)]
+    seeds = seeds or [None] * n
     histories = histories or [([1], [])] * n
     return Sampler()(
         logits, [params] * n if isinstance(params, SamplingParams) else params, histories, seeds
@@ -47,7 +47,7 @@ def test_seeded_draws_and_filtered_rows_beside_unfiltered_ones_follow_their_dist
     nucleus = SamplingParams(temperature=1, top_p=0.8, seed=1)
     plain = SamplingParams(temperature=1, seed=1)
     params = [nucleus if i % 2 else plain for i in range(8000)]
-    seeds = [(i, 1000 + i) for i in range(8000)]
+    seeds = [1000 + i for i in range(8000)]
     tokens = torch.tensor([s.token_id for s in sample(logits, params, seeds)])
     softmax = torch.softmax(logits[0], -1)
     kept = torch.zeros(4).index_fill_(0, torch.tensor([1, 2]), 1) * softmax  # 0.64 + 0.24 > 0.8
@@ -57,19 +57,35 @@ def test_seeded_draws_and_filtered_rows_beside_unfiltered_ones_follow_their_dist
 
 
 def test_a_seeded_request_draws_the_same_tokens_whatever_it_is_batched_with():
+    """A seeded row's token is a function of its seed, its position and its distribution:
+    alone or beside others, in any row; at another position, with another uniform."""
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
     params = SamplingParams(temperature=1.5, seed=123)
-    alone = [Sampler()(logits[:1], [params], [([1], [])], [(0, 123)])[0].token_id for _ in range(3)]
-    sampler = Sampler()
-    batched = [
-        sampler(logits, [params] * 4, [([1], [])] * 4, [(9, 123), (1, None), (2, 5), (3, None)])
-        for _ in range(3)
-    ]
-    assert alone[0] == batched[0][0].token_id
-    again = Sampler()
-    assert [again(logits[:1], [params], [([1], [])], [(0, 123)])[0].token_id for _ in range(3)] == [
-        b[0].token_id for b in batched
-    ]
+
+    def token(rows, seeds, history=([1], [])):
+        return Sampler()(rows, [params] * len(rows), [history] * len(rows), seeds)
+
+    alone = token(logits[:1], [123])[0].token_id
+    batched = token(logits[[1, 0, 2]], [None, 123, 5])
+    assert batched[1].token_id == alone
+    at = [token(logits[:1], [123], ([1], [2] * n))[0].token_id for n in range(40)]
+    assert len(set(at)) > 5  # 40 positions, 40 draws of a 100-token distribution
+
+
+def test_a_seeded_rows_uniform_depends_on_its_seed_and_position_alone():
+    """uniform_at: the same for the same seed and position, and over 20,000 (seed,
+    position) pairs (one seed at many positions, many seeds at one) uniform (a chi-square
+    test over 20 bins) and not correlated from one position to the next."""
+    from llmkit.runtime.layers.sampler import uniform_at
+    from tests.test_speculative import chi_square_p_value
+
+    assert uniform_at(7, 3) == uniform_at(7, 3) != uniform_at(7, 4) != uniform_at(8, 3)
+    for draws in ([uniform_at(7, p) for p in range(20_000)],
+                  [uniform_at(s, 5) for s in range(20_000)]):  # fmt: skip
+        u = torch.tensor(draws, dtype=torch.float64)
+        counts = torch.bincount((u * 20).long(), minlength=20).double()
+        assert chi_square_p_value(counts, torch.full((20,), 0.05)) > 1e-3
+        assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.05
 
 
 def test_penalties_match_their_definitions():

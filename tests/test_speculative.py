@@ -768,33 +768,22 @@ def test_no_speculation_while_more_sequences_wait_than_the_limit(tiny_dir):
     assert queued.drafts == alone.drafts > 0
 
 
-def test_seeded_sampled_requests_reproduce_with_speculation(tiny_dir, other_model):
+def test_a_seeded_sampled_request_gives_plain_decodings_tokens_however_it_speculates(
+    tiny_dir, other_model
+):
+    """Its token at a position depends on its seed, the position and the distribution
+    alone: plain decoding's tokens with ngram, with another model as its draft, and with
+    the model as its own, whose seeded drafts, drawn with the same uniforms, are all
+    accepted; and so with enough requests that speculation is off but at the end."""
     params = SamplingParams(max_tokens=24, temperature=0.8, top_k=50, seed=7, n=2)
     model = tiny_dir("tiny-llama")
-    for spec in ("ngram", str(other_model)):
-        first, stats = generate(model, prompts(), params, speculative=spec)
-        again, _ = generate(model, prompts(), params, speculative=spec)
-        assert first == again and stats.drafts > 0
-
-
-def test_a_seeded_sampled_requests_draft_ends_by_its_tokens_alone(tiny_dir, monkeypatch):
-    """Where a draft ends decides which random draws a sampled request's tokens take, and
-    the measured cutoff and the calibration depend on timing and on other requests: a
-    seeded sampled request's draft ends below Cutoff.PRIOR of the draft model's own
-    probabilities, so it reproduces whatever they say. A greedy one follows them."""
-    from llmkit.runtime.speculative import Calibration
-
-    model = tiny_dir("tiny-llama")
-    seeded = SamplingParams(max_tokens=30, temperature=0.8, seed=3, n=2)
-    runs = []
-    for cutoff, scale in ((0.01, 4.0), (0.9, 0.25)):
-        monkeypatch.setattr(Cutoff, "value", lambda self, c=cutoff: c)
-        monkeypatch.setattr(Calibration, "scaled", lambda self, p, s=scale: p * s)
-        config = {"speculative": str(model), "draft_min_confidence": None}
-        runs.append([generate(model, prompts(), p, **config) for p in (GREEDY, seeded)])
-    (greedy, drawn), (greedy_again, drawn_again) = runs
-    assert greedy[1].proposed > greedy_again[1].proposed  # longer drafts at a cutoff of 0.01
-    assert drawn[0] == drawn_again[0] and drawn[1].proposed == drawn_again[1].proposed > 0
+    plain, _ = generate(model, prompts(), params)
+    for spec in ("ngram", str(other_model), str(model)):
+        out, stats = generate(model, prompts(), params, speculative=spec)
+        assert out == plain and stats.drafts > 0
+        crowded, few = generate(model, prompts(), params, speculative=spec, speculative_max_seqs=4)
+        assert crowded == plain and few.drafts < stats.drafts
+    assert stats.accepted == stats.proposed  # the model as its own draft
 
 
 def test_tp2_speculation_gives_the_tokens_of_tp1_plain(tiny_dir):
@@ -810,25 +799,30 @@ def test_tp2_speculation_gives_the_tokens_of_tp1_plain(tiny_dir):
 VOCAB = 6
 
 
-def first_tokens(samples: int, seed: int, allowed=None) -> tuple[torch.Tensor, torch.Tensor]:
+def first_tokens(
+    samples: int, seed: int, allowed=None, seeded: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of the first token verify() returns for draft tokens drawn from a draft
-    distribution q far from the model's p; and p. With `allowed` (token ids), both under a
-    guide's mask of them, as a guided request's draft model draws and the model verifies."""
+    distribution q far from the model's p; and p. Unseeded requests go through rejection
+    sampling (torch's generator seeded first, so the counts repeat); `seeded` ones (a seed
+    each) take the draft token where it is the token they draw there. With `allowed`
+    (token ids), both under a guide's mask of them, as a guided request's draft model draws
+    and the model verifies."""
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     p_logits = torch.randn(VOCAB, generator=g) * 1.5
     q_logits = torch.randn(VOCAB, generator=g) * 1.5
-    params = SamplingParams(temperature=1.0, seed=seed)
+    params = SamplingParams(temperature=1.0)
     masks = None if allowed is None else [np.array([sum(1 << t for t in allowed)], np.int32)]
-    q = Sampler().propose(apply_masks(q_logits[None], masks)[0], params, (0, 0))[1]
+    q = Sampler().propose(apply_masks(q_logits[None], masks)[0], params, None, 0)[1]
     sampler = Sampler()
     counts = torch.zeros(VOCAB)
     logits = torch.stack([p_logits, p_logits])  # rows: after the history, after the draft
     for i in range(samples):
         d = int(torch.multinomial(q, 1, generator=g))
-        out = sampler.verify(logits, [params], [([], [])], [(i, seed + i)], [[d]], [q[None]],
-                             masks)  # fmt: skip
+        seeds = [seed + i if seeded else None]
+        out = sampler.verify(logits, [params], [([], [])], seeds, [[d]], [q[None]], masks)
         counts[out[0][0].token_id] += 1
-        sampler.release(i)
     p = torch.softmax(p_logits.double(), dim=-1)
     if allowed is not None:
         kept = torch.zeros(VOCAB, dtype=torch.bool)
@@ -848,16 +842,18 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(dof, torch.tensor(statistic / 2, dtype=torch.float64)))
 
 
-def test_sampled_tokens_keep_the_models_distribution():
-    counts, p = first_tokens(6000, seed=1)
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampled_tokens_keep_the_models_distribution(seeded):
+    counts, p = first_tokens(6000, seed=1, seeded=seeded)
     assert chi_square_p_value(counts, p) > 1e-3
 
 
-def test_guided_sampled_tokens_keep_the_models_distribution_within_the_guide():
+@pytest.mark.parametrize("seeded", [False, True])
+def test_guided_sampled_tokens_keep_the_models_distribution_within_the_guide(seeded):
     """The draft drawn among the tokens a guide allows (its distribution renormalized over
     them) and verified under the same mask: the tokens are the model's distribution over
     the allowed tokens, renormalized, and never another token."""
-    counts, p = first_tokens(6000, seed=2, allowed=[0, 2, 3, 5])
+    counts, p = first_tokens(6000, seed=2, allowed=[0, 2, 3, 5], seeded=seeded)
     assert chi_square_p_value(counts, p) > 1e-3
 
 
@@ -866,6 +862,14 @@ def test_the_distribution_test_fails_on_a_biased_acceptance_rule(monkeypatch):
     the same test, same samples, rejects it by a wide margin."""
     monkeypatch.setattr(sampler_module, "accepts", lambda u, p_d, q_d: u < p_d)
     counts, p = first_tokens(6000, seed=1)
+    assert chi_square_p_value(counts, p) < 1e-9
+
+
+def test_the_distribution_test_fails_on_seeded_rows_taking_their_drafts(monkeypatch):
+    """Seeded rows that took their draft token whatever they draw would give q, not p:
+    the same test rejects it by a wide margin."""
+    monkeypatch.setattr(sampler_module, "_accept_greedy", lambda chosen, draft: [*draft, 0])
+    counts, p = first_tokens(6000, seed=1, seeded=True)
     assert chi_square_p_value(counts, p) < 1e-9
 
 

@@ -198,9 +198,8 @@ class Engine:
         self._drop_retired_loras()
 
     def _release(self, seq: Sequence) -> None:
-        """Forget a finished sequence's sampling state (seeded generator, guide, the draft
-        model's copy of it)."""
-        self.executor.release(seq.seq_id)
+        """Forget a finished sequence's state beside the scheduler's (its guide, the draft
+        model's copy of it, its backoff)."""
         self.guides.release(seq.seq_id)
         self._forget_drafts([seq])
         self.backoff.release(seq.seq_id)

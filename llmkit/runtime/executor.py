@@ -106,10 +106,6 @@ class Executor:
     def remove_lora(self, lora_id: int) -> None:
         self.runner.remove_lora(lora_id)
 
-    def release(self, seq_id: int) -> None:
-        """Forget a finished or aborted sequence's sampling state (its seeded generator)."""
-        self.runner.sampler.release(seq_id)
-
     def close(self) -> None:
         """Stop the workers and let go of this rank's weights and KV cache: on CUDA the
         memory goes back to the driver, so an engine started after this one (in this process

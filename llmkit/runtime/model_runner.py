@@ -217,7 +217,7 @@ class ModelRunner:
             return StepOutput(seqs, [], scores)
         logits = logits[:rows] if spans else logits  # the prompt rows come after these
         history = [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
-        seeds = [(s.seq_id, s.seed) for s in seqs]
+        seeds = [s.seed for s in seqs]
         params = [s.params for s in seqs]
         row_masks = [masks.get(s.seq_id) for s in seqs] if masks else None
         if any(drafts):

@@ -18,9 +18,7 @@ one when the guesses are good.
   accepted one saves: the draft model's step time over the model's, as measured, unless
   --draft-min-confidence fixes it. Past that point a token is more likely to waste a draft
   step than to save a step of the model; a draft model that agrees with the model more
-  than its probabilities say drafts on for longer, a cheaper one too. A seeded sampled
-  request's draft ends by its own probabilities alone (below Cutoff.PRIOR, or the fixed
-  cutoff), since where it ends decides its tokens and the request must reproduce. A guided
+  than its probabilities say drafts on for longer, a cheaper one too. A guided
   sequence's draft model chooses among the tokens its guide allows at each step, as the
   model does (a copy of the guide's matcher fed each draft token: Guides.trials).
 """
@@ -236,9 +234,7 @@ class DraftProposer:
             i for i, (k, p) in enumerate(zip(limits, prefixes, strict=True))
             if k > len(p) and self._start(seqs[i], p, trials.get(seqs[i].seq_id))
         ]  # fmt: skip
-        measured, fixed = self.cutoff.value(), self.cutoff.unmeasured()
-        own = [_drafts_alone(s) for s in seqs]
-        cutoffs = [fixed if alone else measured for alone in own]
+        cutoff = self.cutoff.value()
         for _ in range(max(limits, default=0)):
             active = [i for i in active if len(work[i].tokens) < work[i].limit]
             batch = Batch()
@@ -260,10 +256,9 @@ class DraftProposer:
             for i, target, (token, q, confidence) in zip(active, targets, chosen, strict=True):
                 drafting = work[i]
                 drafting.add(token, q, confidence)
-                scaled = confidence if own[i] else self.calibration.scaled(confidence)
-                drafting.chance *= min(1.0, scaled)
+                drafting.chance *= min(1.0, self.calibration.scaled(confidence))
                 guided_on = self._guided_on(seqs[i], trials.get(target), drafting)
-                if drafting.chance < cutoffs[i] or not guided_on:
+                if drafting.chance < cutoff or not guided_on:
                     drafting.limit = len(drafting.tokens)
         for seq, drafting in zip(seqs, work, strict=True):
             self.confidences[seq.seq_id] = drafting.confidences  # for `observe`
@@ -340,9 +335,9 @@ class DraftProposer:
             if mirror.seq_id in chosen:
                 (token, confidence), q = chosen[mirror.seq_id], None
             else:
-                key = (mirror.seq_id, mirror.seed)
-                token, q = self.sampler.propose(drawn[rows[mirror.seq_id]], mirror.params, key)
-                confidence = float(q[token])
+                row, position = drawn[rows[mirror.seq_id]], len(mirror.prompt_token_ids)
+                token, q, confidence = self.sampler.propose(row, mirror.params, mirror.seed,
+                                                            position)  # fmt: skip
             mirror.prompt_token_ids.append(token)
             out.append((token, q, confidence))
         return out
@@ -372,7 +367,6 @@ class DraftProposer:
         self.confidences.pop(seq_id, None)
         if mirror is not None:
             self.blocks.free(mirror)
-            self.sampler.release(mirror.seq_id)
 
     def close(self) -> None:
         self.runner = None
@@ -474,10 +468,6 @@ class Cutoff:
     def verified(self, seconds: float) -> None:
         self.model_steps.append(seconds)
 
-    def unmeasured(self) -> float:
-        """The cutoff that depends on nothing measured: the fixed one, else PRIOR."""
-        return self.PRIOR if self.fixed is None else self.fixed
-
     def value(self) -> float:
         if self.fixed is not None:
             return self.fixed
@@ -485,14 +475,6 @@ class Cutoff:
             return self.PRIOR
         model = max(statistics.median(self.model_steps), 1e-9)
         return min(1.0, statistics.median(self.draft_steps) / model)
-
-
-def _drafts_alone(seq: Sequence) -> bool:
-    """Whether `seq`'s draft ends by its own tokens and their probabilities alone (the
-    unmeasured cutoff, uncalibrated): a seeded sampled request's, whose tokens depend on
-    where its drafts end (the rejection test's draws), so that it reproduces whatever the
-    timing and the other requests, which the measured cutoff and the calibration follow."""
-    return seq.seed is not None and not seq.params.greedy
 
 
 def _greedy_rows(logits: torch.Tensor, rows: list[int]) -> list[tuple[int, float]]:

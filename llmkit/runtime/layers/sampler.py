@@ -1,9 +1,20 @@
 """Turn each sequence's logits into its next token: penalties, temperature, top-k, top-p,
 min-p, per-request seeds, and top-n log probabilities of the model's own distribution; and
-verify speculated tokens against the model's distribution at each of their positions."""
+verify speculated tokens against the model's distribution at each of their positions.
+
+A sampled token is drawn by inverse transform: the first token whose cumulative
+probability passes u times the total, for one uniform u. A seeded request's u at a
+position is a function of its seed and that position alone (`uniform_at`), so its token
+there depends on nothing but the distribution: not on what the request is batched with,
+nor on whether it speculates. Its drafts are verified by that rule: a draft token is taken
+where it is the token the request draws there, as greedy drafts are taken where they are
+the argmax; so it gives the tokens of plain decoding, and a draft model draws its tokens
+with the same u (coupled to the model's draws). An unseeded one's drafts go through
+rejection sampling, which accepts the most draft tokens a lossless rule can."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -21,18 +32,12 @@ class Sampled:
 
 
 class Sampler:
-    def __init__(self) -> None:
-        self._generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
-
-    def release(self, seq_id: int) -> None:
-        self._generators.pop(seq_id, None)
-
     def __call__(
         self,
         logits: torch.Tensor,  # [sequences, vocab] float32
         params: list[SamplingParams],
         histories: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
-        seeds: list[tuple[int, int | None]],  # (seq_id, seed or None) per row
+        seeds: list[int | None],  # per row: its sequence's seed, or None
         masks: list | None = None,  # per row: int32 bit mask of the tokens allowed, or None
     ) -> list[Sampled]:
         logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
@@ -42,10 +47,9 @@ class Sampler:
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows)
-            chosen = self._sample(
-                logits[rows], [params[i] for i in random_rows], [seeds[i] for i in random_rows]
-            )
-            tokens[rows] = chosen
+            u = [_uniform() if seeds[i] is None else uniform_at(seeds[i], _position(histories[i]))
+                 for i in random_rows]  # fmt: skip
+            tokens[rows] = _sample(logits[rows], [params[i] for i in random_rows], u)
         return _results(tokens, logprobs, params)
 
     def verify(
@@ -53,7 +57,7 @@ class Sampler:
         logits: torch.Tensor,  # [sum of (len(draft) + 1) over the sequences, vocab] float32
         params: list[SamplingParams],
         histories: list[tuple[list[int], list[int]]],
-        seeds: list[tuple[int, int | None]],
+        seeds: list[int | None],  # per sequence: its seed, or None
         drafts: list[list[int]],  # per sequence: the tokens proposed after its last one
         draft_probs: list[torch.Tensor | None] | None = None,  # per sequence [len(draft),
         # vocab]: the distribution each draft token was drawn from (None: chosen for sure)
@@ -65,12 +69,13 @@ class Sampler:
 
         Row j of a sequence's rows is the model's distribution after its tokens and
         draft[:j]. A sequence without a draft gets the token `__call__` would give it.
-        Greedy rows accept a draft token that is the argmax. Sampled rows use
-        rejection sampling: accept draft token d with probability min(1, p(d) / q(d)), else
-        draw from the residual max(p - q, 0), normalized, so every token is distributed
-        as p however good the draft is."""
+        Greedy rows accept a draft token that is the argmax; a seeded sampled sequence's
+        rows one that is the token `__call__` draws there (the module's docstring). Other
+        sampled rows use rejection sampling: accept draft token d with probability
+        min(1, p(d) / q(d)), else draw from the residual max(p - q, 0), normalized, so
+        every token is distributed as p however good the draft is."""
         if not all(p.greedy and p.logprobs is None for p in params):
-            logits = logits.cpu()  # sampled rows draw with CPU generators
+            logits = logits.cpu()  # sampled rows are drawn on the CPU
         # else (on a GPU) only the rows' argmax leaves the device
         widths = [len(d) + 1 for d in drafts]
         row_params = [p for p, w in zip(params, widths, strict=True) for _ in range(w)]
@@ -83,30 +88,55 @@ class Sampler:
         if masks:
             logits = apply_masks(logits, _row_masks(masks, widths))
         logits = _apply_penalties(logits, row_params, row_histories)
-        greedy = argmax(logits).tolist()
+        chosen = argmax(logits)  # each row's token where it is certain: greedy, or seeded
+        seeded = [i for i, s in enumerate(seeds) if s is not None and not params[i].greedy]
+        if seeded:
+            chosen = self._seeded_rows(chosen, logits, row_params, row_histories, seeds, seeded,
+                                       widths)  # fmt: skip
+        chosen = chosen.tolist()
         probs = self._verify_probs(logits, row_params)
         out, first = [], 0
         for i, (p, draft) in enumerate(zip(params, drafts, strict=True)):
             rows = range(first, first + len(draft) + 1)
-            if p.greedy:
-                tokens = _accept_greedy([greedy[r] for r in rows], draft)
+            if p.greedy or seeds[i] is not None:
+                tokens = _accept_greedy([chosen[r] for r in rows], draft)
             else:
                 q = draft_probs[i] if draft_probs else None
-                tokens = self._accept_sampled(probs[first : rows.stop], draft, q, seeds[i])
+                tokens = self._accept_sampled(probs[first : rows.stop], draft, q)
             lp = None if logprobs is None else logprobs[first : rows.stop]
             out.append(_token_results(tokens, lp, p))
             first = rows.stop
         return out
 
-    def propose(self, logits: torch.Tensor, params: SamplingParams, seed) -> tuple:
+    def _seeded_rows(self, chosen, logits, row_params, row_histories, seeds, seeded, widths):
+        """`chosen` with the rows of the `seeded` sequences set to the token each draws at
+        its position, as `__call__` draws it there."""
+        starts = [0, *itertools.accumulate(widths)]
+        rows = [r for i in seeded for r in range(starts[i], starts[i + 1])]
+        u = [uniform_at(seeds[i], _position(row_histories[r]))
+             for i in seeded for r in range(starts[i], starts[i + 1])]  # fmt: skip
+        index = torch.tensor(rows)
+        chosen[index] = _sample(logits[index.to(logits.device)], [row_params[r] for r in rows],
+                                u).to(chosen.device)  # fmt: skip
+        return chosen
+
+    def propose(
+        self, logits: torch.Tensor, params: SamplingParams, seed: int | None, position: int
+    ) -> tuple:
         """A draft model's next token from its logits [vocab] (float32): its argmax for a
-        greedy request (distribution None), else drawn from its distribution under the
-        request's temperature, top-k, top-p and min-p, returned with the token."""
+        greedy request, else drawn from its distribution under the request's temperature,
+        top-k, top-p and min-p (a seeded one's with the model's u at `position`); that
+        distribution, where the rejection test takes it (None where the draft token is
+        verified as the token the request takes there: greedy, seeded); and the draft
+        model's probability for the token."""
         if params.greedy:
-            return int(argmax(logits[None])[0]), None
-        probs = _filtered_probs(logits[None] / params.temperature, [params])[0]
-        probs /= probs.sum()
-        return _draw(probs, self._uniform(seed)), probs
+            token = int(argmax(logits[None])[0])
+            return token, None, float(torch.softmax(logits, dim=-1)[token])
+        probs = _filtered(logits[None], [params])
+        u = _uniform() if seed is None else uniform_at(seed, position)
+        token = int(_inverse_cdf(probs, [u])[0])
+        probs = probs[0] / probs[0].sum()
+        return token, (None if seed is not None else probs), float(probs[token])
 
     def _verify_probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Each sampled row's distribution (temperature, top-k, top-p, min-p); greedy rows'
@@ -115,18 +145,17 @@ class Sampler:
         if not rows:
             return logits
         index = _on(logits, rows)
-        temperature = _on(logits, [params[i].temperature for i in rows])[:, None]
         probs = logits.clone()
-        kept = _filtered_probs(logits[index] / temperature, [params[i] for i in rows])
+        kept = _filtered(logits[index], [params[i] for i in rows])
         probs[index] = kept / kept.sum(dim=-1, keepdim=True)  # p(d) is a probability
         return probs
 
-    def _accept_sampled(self, probs, draft: list[int], q, seed: tuple[int, int | None]):
+    def _accept_sampled(self, probs, draft: list[int], q):
         """Rejection sampling over one sequence's rows `probs` [len(draft) + 1, vocab]."""
         tokens = []
         for j, d in enumerate(draft):
             p_d, q_d = float(probs[j, d]), 1.0 if q is None else float(q[j, d])
-            if accepts(self._uniform(seed), p_d, q_d):
+            if accepts(_uniform(), p_d, q_d):
                 tokens.append(d)
                 continue
             if q is None:
@@ -136,34 +165,48 @@ class Sampler:
                 residual = (probs[j] - q[j]).clamp_(min=0)
             if float(residual.sum()) <= 0:  # p and q equal up to rounding: p itself
                 residual = probs[j]
-            return [*tokens, _draw(residual, self._uniform(seed))]
-        return [*tokens, _draw(probs[len(draft)], self._uniform(seed))]
+            return [*tokens, _draw(residual, _uniform())]
+        return [*tokens, _draw(probs[len(draft)], _uniform())]
 
-    def _uniform(self, seed: tuple[int, int | None]) -> float:
-        """One uniform draw in [0, 1): from the sequence's own generator when it is seeded."""
-        seq_id, value = seed
-        generator = None if value is None else self._generator(seq_id, value)
-        return float(torch.rand(1, generator=generator, dtype=torch.float64))
 
-    def _sample(self, logits, params: list[SamplingParams], seeds) -> torch.Tensor:
-        temperature = _on(logits, [p.temperature for p in params])[:, None]
-        probs = _filtered_probs(logits / temperature, params)
-        # Inverse transform sampling: one uniform u per row, and the first token whose
-        # cumulative probability passes u x the row's total. A seeded request draws its u from
-        # a generator of its own, so its tokens do not depend on what it is batched with.
-        u = torch.rand(len(params), dtype=torch.float64)
-        for row, (seq_id, seed) in enumerate(seeds):
-            if seed is not None:
-                u[row] = torch.rand(1, generator=self._generator(seq_id, seed), dtype=u.dtype)
-        cdf = probs.double().cumsum(dim=-1)
-        u = u.to(cdf.device, non_blocking=True)  # drawn on the CPU whatever the device
-        tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
-        return tokens.clamp_(max=probs.shape[1] - 1)
+def _sample(logits, params: list[SamplingParams], u: list[float]) -> torch.Tensor:
+    """Each row's token under its request's temperature, top-k, top-p and min-p, for its
+    uniform u (`_inverse_cdf`)."""
+    return _inverse_cdf(_filtered(logits, params), u)
 
-    def _generator(self, seq_id: int, seed: int) -> torch.Generator:
-        if seq_id not in self._generators:
-            self._generators[seq_id] = torch.Generator().manual_seed(seed)
-        return self._generators[seq_id]
+
+def _filtered(logits, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's distribution under its request's temperature, top-k, top-p and min-p
+    (not normalized)."""
+    temperature = _on(logits, [p.temperature for p in params])[:, None]
+    return _filtered_probs(logits / temperature, params)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: list[float]) -> torch.Tensor:
+    """Each row's first token whose cumulative probability passes its u x the row's
+    total."""
+    cdf = probs.double().cumsum(dim=-1)
+    u_t = _on(cdf, u, torch.float64)  # drawn on the CPU whatever the device
+    tokens = torch.searchsorted(cdf, u_t[:, None] * cdf[:, -1:], right=True)[:, 0]
+    return tokens.clamp_(max=probs.shape[1] - 1)
+
+
+def _position(history: tuple[list[int], list[int]]) -> int:
+    """The position of the token a row samples: the count of tokens before it."""
+    prompt, output = history
+    return len(prompt) + len(output)
+
+
+def uniform_at(seed: int, position: int) -> float:
+    """A seeded request's uniform u in [0, 1) for its token at `position` (the count of
+    tokens before it): the first draw of Philox keyed by the seed at the position as its
+    counter, a function of the two alone."""
+    return float(np.random.Generator(np.random.Philox(counter=position, key=seed)).random())
+
+
+def _uniform() -> float:
+    """An unseeded uniform draw in [0, 1) (torch's global generator)."""
+    return float(torch.rand(1, dtype=torch.float64))
 
 
 def _on(like: torch.Tensor, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -216,10 +259,7 @@ def _accept_greedy(argmax: list[int], draft: list[int]) -> list[int]:
 
 def _draw(weights: torch.Tensor, u: float) -> int:
     """The token whose cumulative weight first passes u x the total (inverse transform)."""
-    cdf = weights.double().cumsum(dim=-1)
-    token = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype),
-                                   right=True)[0])  # fmt: skip
-    return min(token, weights.shape[0] - 1)
+    return int(_inverse_cdf(weights[None], [u])[0])
 
 
 def _wants_logprobs(params: list[SamplingParams]) -> bool:
