@@ -72,20 +72,50 @@ def test_a_seeded_request_draws_the_same_tokens_whatever_it_is_batched_with():
     assert len(set(at)) > 5  # 40 positions, 40 draws of a 100-token distribution
 
 
-def test_a_seeded_rows_uniform_depends_on_its_seed_and_position_alone():
-    """uniform_at: the same for the same seed and position, and over 20,000 (seed,
-    position) pairs (one seed at many positions, many seeds at one) uniform (a chi-square
-    test over 20 bins) and not correlated from one position to the next."""
-    from llmkit.runtime.layers.sampler import uniform_at
+def test_a_seeded_rows_uniforms_depend_on_its_seed_and_position_alone():
+    """uniforms_at: the same for the same seed and position, another for another; over
+    20,000 (seed, position) pairs (one seed at many positions, many seeds at one), each
+    level's uniform is uniform (a chi-square test over 20 bins), not correlated with the
+    next position's at that level, nor with the next level's."""
+    from llmkit.runtime.layers.sampler import uniforms_at
     from tests.test_speculative import chi_square_p_value
 
-    assert uniform_at(7, 3) == uniform_at(7, 3) != uniform_at(7, 4) != uniform_at(8, 3)
-    for draws in ([uniform_at(7, p) for p in range(20_000)],
-                  [uniform_at(s, 5) for s in range(20_000)]):  # fmt: skip
+    assert uniforms_at(7, 3, 4) == uniforms_at(7, 3, 4)
+    assert uniforms_at(7, 3, 4) != uniforms_at(7, 4, 4) != uniforms_at(8, 3, 4)
+
+    def uncorrelated(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.05
+
+    for draws in ([uniforms_at(7, p, 3) for p in range(20_000)],
+                  [uniforms_at(s, 5, 3) for s in range(20_000)]):  # fmt: skip
         u = torch.tensor(draws, dtype=torch.float64)
-        counts = torch.bincount((u * 20).long(), minlength=20).double()
-        assert chi_square_p_value(counts, torch.full((20,), 0.05)) > 1e-3
-        assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.05
+        for level in range(3):
+            counts = torch.bincount((u[:, level] * 20).long(), minlength=20).double()
+            assert chi_square_p_value(counts, torch.full((20,), 0.05)) > 1e-3
+            assert uncorrelated(u[:-1, level], u[1:, level])
+        assert uncorrelated(u[:, 0], u[:, 1])
+
+
+def test_a_split_draw_follows_the_weights_and_couples_close_ones():
+    """Each row's token is a draw from its weights (a chi-square test over 20,000 keyed
+    draws of a 37-token distribution, an odd width); a second distribution close to the
+    first, drawn with the same keys, takes the same token more often than it would from one
+    uniform through the cumulative weights (computed exactly), and far more often than
+    independent draws."""
+    from llmkit.runtime.layers.sampler import _split_draw
+    from tests.test_speculative import chi_square_p_value
+
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(37, generator=g) * 2, -1).double()
+    q = torch.softmax(p.log() + 0.3 * torch.randn(37, generator=g, dtype=torch.float64), -1)
+    keys = [(11, n) for n in range(20_000)]
+    drawn = _split_draw(torch.stack([p] * len(keys)), keys)
+    assert chi_square_p_value(torch.bincount(drawn, minlength=37).double(), p) > 1e-3
+    same = float((_split_draw(torch.stack([q] * len(keys)), keys) == drawn).double().mean())
+    cp, cq = p.cumsum(0), q.cumsum(0)
+    one_uniform = float((torch.minimum(cp, cq) - torch.maximum(cp - p, cq - q)).clamp(min=0).sum())
+    independent = float((p * q).sum())
+    assert same > one_uniform + 0.05 and same > independent + 0.2, (same, one_uniform)
 
 
 def test_penalties_match_their_definitions():

@@ -2,15 +2,15 @@
 min-p, per-request seeds, and top-n log probabilities of the model's own distribution; and
 verify speculated tokens against the model's distribution at each of their positions.
 
-A sampled token is drawn by inverse transform: the first token whose cumulative
-probability passes u times the total, for one uniform u. A seeded request's u at a
-position is a function of its seed and that position alone (`uniform_at`), so its token
-there depends on nothing but the distribution: not on what the request is batched with,
-nor on whether it speculates. Its drafts are verified by that rule: a draft token is taken
-where it is the token the request draws there, as greedy drafts are taken where they are
-the argmax; so it gives the tokens of plain decoding, and a draft model draws its tokens
-with the same u (coupled to the model's draws). An unseeded one's drafts go through
-rejection sampling, which accepts the most draft tokens a lossless rule can."""
+A sampled token is drawn in halves (`_split_draw`), a uniform per halving. A seeded
+request's uniforms at a position are a function of its seed and that position alone
+(`uniforms_at`), so its token there depends on nothing but the distribution: not on what
+the request is batched with, nor on whether it speculates. Its drafts are verified by that
+rule: a draft token is taken where it is the token the request draws there, as greedy
+drafts are taken where they are the argmax; so it gives the tokens of plain decoding, and a
+draft model draws its tokens with the same uniforms (coupled to the model's draws). An
+unseeded one's drafts go through rejection sampling, which accepts the most draft tokens a
+lossless rule can."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ class Sampler:
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows)
-            u = [_uniform() if seeds[i] is None else uniform_at(seeds[i], _position(histories[i]))
-                 for i in random_rows]  # fmt: skip
-            tokens[rows] = _sample(logits[rows], [params[i] for i in random_rows], u)
+            keys = [None if seeds[i] is None else (seeds[i], _position(histories[i]))
+                    for i in random_rows]  # fmt: skip
+            tokens[rows] = _sample(logits[rows], [params[i] for i in random_rows], keys)
         return _results(tokens, logprobs, params)
 
     def verify(
@@ -113,11 +113,11 @@ class Sampler:
         its position, as `__call__` draws it there."""
         starts = [0, *itertools.accumulate(widths)]
         rows = [r for i in seeded for r in range(starts[i], starts[i + 1])]
-        u = [uniform_at(seeds[i], _position(row_histories[r]))
-             for i in seeded for r in range(starts[i], starts[i + 1])]  # fmt: skip
+        keys = [(seeds[i], _position(row_histories[r]))
+                for i in seeded for r in range(starts[i], starts[i + 1])]  # fmt: skip
         index = torch.tensor(rows)
         chosen[index] = _sample(logits[index.to(logits.device)], [row_params[r] for r in rows],
-                                u).to(chosen.device)  # fmt: skip
+                                keys).to(chosen.device)  # fmt: skip
         return chosen
 
     def propose(
@@ -125,16 +125,15 @@ class Sampler:
     ) -> tuple:
         """A draft model's next token from its logits [vocab] (float32): its argmax for a
         greedy request, else drawn from its distribution under the request's temperature,
-        top-k, top-p and min-p (a seeded one's with the model's u at `position`); that
-        distribution, where the rejection test takes it (None where the draft token is
-        verified as the token the request takes there: greedy, seeded); and the draft
+        top-k, top-p and min-p (a seeded one's with the model's uniforms at `position`);
+        that distribution, where the rejection test takes it (None where the draft token
+        is verified as the token the request takes there: greedy, seeded); and the draft
         model's probability for the token."""
         if params.greedy:
             token = int(argmax(logits[None])[0])
             return token, None, float(torch.softmax(logits, dim=-1)[token])
         probs = _filtered(logits[None], [params])
-        u = _uniform() if seed is None else uniform_at(seed, position)
-        token = int(_inverse_cdf(probs, [u])[0])
+        token = int(_split_draw(probs, [None if seed is None else (seed, position)])[0])
         probs = probs[0] / probs[0].sum()
         return token, (None if seed is not None else probs), float(probs[token])
 
@@ -165,14 +164,14 @@ class Sampler:
                 residual = (probs[j] - q[j]).clamp_(min=0)
             if float(residual.sum()) <= 0:  # p and q equal up to rounding: p itself
                 residual = probs[j]
-            return [*tokens, _draw(residual, _uniform())]
-        return [*tokens, _draw(probs[len(draft)], _uniform())]
+            return [*tokens, _draw(residual)]
+        return [*tokens, _draw(probs[len(draft)])]
 
 
-def _sample(logits, params: list[SamplingParams], u: list[float]) -> torch.Tensor:
-    """Each row's token under its request's temperature, top-k, top-p and min-p, for its
-    uniform u (`_inverse_cdf`)."""
-    return _inverse_cdf(_filtered(logits, params), u)
+def _sample(logits, params: list[SamplingParams], keys: list) -> torch.Tensor:
+    """Each row's token under its request's temperature, top-k, top-p and min-p, drawn by
+    `_split_draw` with its key's uniforms (`keys`: (seed, position), or None)."""
+    return _split_draw(_filtered(logits, params), keys)
 
 
 def _filtered(logits, params: list[SamplingParams]) -> torch.Tensor:
@@ -182,13 +181,34 @@ def _filtered(logits, params: list[SamplingParams]) -> torch.Tensor:
     return _filtered_probs(logits / temperature, params)
 
 
-def _inverse_cdf(probs: torch.Tensor, u: list[float]) -> torch.Tensor:
-    """Each row's first token whose cumulative probability passes its u x the row's
-    total."""
-    cdf = probs.double().cumsum(dim=-1)
+def _split_draw(weights: torch.Tensor, keys: list) -> torch.Tensor:
+    """A token per row of `weights` [rows, vocab] (not normalized), drawn in halves: the
+    row's range of tokens split at its middle, the lower half taken where the level's
+    uniform is below that half's share of the range's weight, the upper one else, down to
+    one token: a draw from the row's weights. A row's uniforms are its key's (`keys`:
+    (seed, position), `uniforms_at`), or fresh ones (None). Two rows with the same
+    uniforms take the same token wherever their weights split alike on its way, whatever
+    they are elsewhere: a draft model drawing with the model's uniforms draws the model's
+    token more often than one uniform through the cumulative weights would."""
+    rows, vocab = weights.shape
+    levels = max(1, (vocab - 1).bit_length())
+    u = [_uniforms(levels) if key is None else uniforms_at(*key, levels) for key in keys]
+    cdf = torch.nn.functional.pad(weights.double().cumsum(dim=-1), (1, 0))
     u_t = _on(cdf, u, torch.float64)  # drawn on the CPU whatever the device
-    tokens = torch.searchsorted(cdf, u_t[:, None] * cdf[:, -1:], right=True)[:, 0]
-    return tokens.clamp_(max=probs.shape[1] - 1)
+    lo = torch.zeros(rows, dtype=torch.long, device=cdf.device)
+    hi = torch.full_like(lo, vocab)
+
+    def at(index: torch.Tensor) -> torch.Tensor:
+        return cdf.gather(1, index[:, None])[:, 0]
+
+    for level in range(levels):
+        mid = (lo + hi) // 2
+        base = at(lo)
+        lower = u_t[:, level] * (at(hi) - base) < at(mid) - base
+        split = hi - lo > 1
+        hi = torch.where(split & lower, mid, hi)
+        lo = torch.where(split & ~lower, mid, lo)
+    return lo
 
 
 def _position(history: tuple[list[int], list[int]]) -> int:
@@ -197,16 +217,21 @@ def _position(history: tuple[list[int], list[int]]) -> int:
     return len(prompt) + len(output)
 
 
-def uniform_at(seed: int, position: int) -> float:
-    """A seeded request's uniform u in [0, 1) for its token at `position` (the count of
-    tokens before it): the first draw of Philox keyed by the seed at the position as its
-    counter, a function of the two alone."""
-    return float(np.random.Generator(np.random.Philox(counter=position, key=seed)).random())
+def uniforms_at(seed: int, position: int, n: int) -> list[float]:
+    """A seeded request's n uniforms in [0, 1) for its token at `position` (the count of
+    tokens before it): Philox keyed by the seed, from the position's own stretch of its
+    counter (2^64 draws apart), a function of the two alone."""
+    philox = np.random.Philox(counter=position << 64, key=seed)
+    return np.random.Generator(philox).random(n).tolist()
+
+
+def _uniforms(n: int) -> list[float]:
+    """n unseeded uniforms in [0, 1) (torch's global generator)."""
+    return torch.rand(n, dtype=torch.float64).tolist()
 
 
 def _uniform() -> float:
-    """An unseeded uniform draw in [0, 1) (torch's global generator)."""
-    return float(torch.rand(1, dtype=torch.float64))
+    return _uniforms(1)[0]
 
 
 def _on(like: torch.Tensor, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -257,9 +282,9 @@ def _accept_greedy(argmax: list[int], draft: list[int]) -> list[int]:
     return argmax[: accepted + 1]
 
 
-def _draw(weights: torch.Tensor, u: float) -> int:
-    """The token whose cumulative weight first passes u x the total (inverse transform)."""
-    return int(_inverse_cdf(weights[None], [u])[0])
+def _draw(weights: torch.Tensor) -> int:
+    """A token drawn from `weights` [vocab] (not normalized), with fresh uniforms."""
+    return int(_split_draw(weights[None], [None])[0])
 
 
 def _wants_logprobs(params: list[SamplingParams]) -> bool:
