@@ -2,8 +2,8 @@
 min-p, per-request seeds, and top-n log probabilities of the model's own distribution; and
 verify speculated tokens against the model's distribution at each of their positions.
 
-A sampled token is drawn in halves (`_split_draw`), a uniform per halving. A seeded
-request's uniforms at a position are a function of its seed and that position alone
+A seeded request's sampled token is drawn in halves (`_split_draw`), a uniform per
+halving, and its uniforms at a position are a function of its seed and that position alone
 (`uniforms_at`), so its token there depends on nothing but the distribution: not on what
 the request is batched with, nor on whether it speculates. Its drafts are verified by that
 rule: a draft token is taken where it is the token the request draws there, as greedy
@@ -133,7 +133,7 @@ class Sampler:
             token = int(argmax(logits[None])[0])
             return token, None, float(torch.softmax(logits, dim=-1)[token])
         probs = _filtered(logits[None], [params])
-        token = int(_split_draw(probs, [None if seed is None else (seed, position)])[0])
+        token = int(_draw_rows(probs, [None if seed is None else (seed, position)])[0])
         probs = probs[0] / probs[0].sum()
         return token, (None if seed is not None else probs), float(probs[token])
 
@@ -169,9 +169,9 @@ class Sampler:
 
 
 def _sample(logits, params: list[SamplingParams], keys: list) -> torch.Tensor:
-    """Each row's token under its request's temperature, top-k, top-p and min-p, drawn by
-    `_split_draw` with its key's uniforms (`keys`: (seed, position), or None)."""
-    return _split_draw(_filtered(logits, params), keys)
+    """Each row's token under its request's temperature, top-k, top-p and min-p, drawn as
+    `_draw_rows` draws it for its key (`keys`: (seed, position), or None)."""
+    return _draw_rows(_filtered(logits, params), keys)
 
 
 def _filtered(logits, params: list[SamplingParams]) -> torch.Tensor:
@@ -181,18 +181,43 @@ def _filtered(logits, params: list[SamplingParams]) -> torch.Tensor:
     return _filtered_probs(logits / temperature, params)
 
 
-def _split_draw(weights: torch.Tensor, keys: list) -> torch.Tensor:
+def _draw_rows(weights: torch.Tensor, keys: list) -> torch.Tensor:
+    """A token per row of `weights` [rows, vocab] (not normalized): a seeded row's (its key
+    (seed, position)) drawn in halves with its uniforms there (`_split_draw`), an unseeded
+    one's (None) by inverse transform with one fresh uniform (`_inverse_cdf`: on a GPU two
+    launches, where the split draw takes a few per halving)."""
+    tokens = torch.empty(len(keys), dtype=torch.long, device=weights.device)
+    fresh = [i for i, key in enumerate(keys) if key is None]
+    seeded = [i for i, key in enumerate(keys) if key is not None]
+    if fresh:
+        index = _on(weights, fresh)
+        tokens[index] = _inverse_cdf(weights[index], [_uniform() for _ in fresh])
+    if seeded:
+        index = _on(weights, seeded)
+        tokens[index] = _split_draw(weights[index], [keys[i] for i in seeded])
+    return tokens
+
+
+def _inverse_cdf(weights: torch.Tensor, u: list[float]) -> torch.Tensor:
+    """Each row's first token whose cumulative weight passes its u x the row's total."""
+    cdf = weights.double().cumsum(dim=-1)
+    u_t = _on(cdf, u, torch.float64)  # drawn on the CPU whatever the device
+    tokens = torch.searchsorted(cdf, u_t[:, None] * cdf[:, -1:], right=True)[:, 0]
+    return tokens.clamp_(max=weights.shape[1] - 1)
+
+
+def _split_draw(weights: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Tensor:
     """A token per row of `weights` [rows, vocab] (not normalized), drawn in halves: the
     row's range of tokens split at its middle, the lower half taken where the level's
     uniform is below that half's share of the range's weight, the upper one else, down to
-    one token: a draw from the row's weights. A row's uniforms are its key's (`keys`:
-    (seed, position), `uniforms_at`), or fresh ones (None). Two rows with the same
-    uniforms take the same token wherever their weights split alike on its way, whatever
-    they are elsewhere: a draft model drawing with the model's uniforms draws the model's
-    token more often than one uniform through the cumulative weights would."""
+    one token: a draw from the row's weights, with its key's uniforms (`keys`: (seed,
+    position), `uniforms_at`). Two rows with the same uniforms take the same token
+    wherever their weights split alike on its way, whatever they are elsewhere: a draft
+    model drawing with the model's uniforms draws the model's token more often than one
+    uniform through the cumulative weights would."""
     rows, vocab = weights.shape
     levels = max(1, (vocab - 1).bit_length())
-    u = [_uniforms(levels) if key is None else uniforms_at(*key, levels) for key in keys]
+    u = [uniforms_at(*key, levels) for key in keys]
     cdf = torch.nn.functional.pad(weights.double().cumsum(dim=-1), (1, 0))
     u_t = _on(cdf, u, torch.float64)  # drawn on the CPU whatever the device
     lo = torch.zeros(rows, dtype=torch.long, device=cdf.device)
@@ -225,13 +250,9 @@ def uniforms_at(seed: int, position: int, n: int) -> list[float]:
     return np.random.Generator(philox).random(n).tolist()
 
 
-def _uniforms(n: int) -> list[float]:
-    """n unseeded uniforms in [0, 1) (torch's global generator)."""
-    return torch.rand(n, dtype=torch.float64).tolist()
-
-
 def _uniform() -> float:
-    return _uniforms(1)[0]
+    """An unseeded uniform in [0, 1) (torch's global generator)."""
+    return float(torch.rand(1, dtype=torch.float64))
 
 
 def _on(like: torch.Tensor, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -283,8 +304,8 @@ def _accept_greedy(argmax: list[int], draft: list[int]) -> list[int]:
 
 
 def _draw(weights: torch.Tensor) -> int:
-    """A token drawn from `weights` [vocab] (not normalized), with fresh uniforms."""
-    return int(_split_draw(weights[None], [None])[0])
+    """A token drawn from `weights` [vocab] (not normalized), with a fresh uniform."""
+    return int(_draw_rows(weights[None], [None])[0])
 
 
 def _wants_logprobs(params: list[SamplingParams]) -> bool:
