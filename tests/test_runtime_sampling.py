@@ -118,6 +118,22 @@ def test_a_split_draw_follows_the_weights_and_couples_close_ones():
     assert same > one_uniform + 0.05 and same > independent + 0.2, (same, one_uniform)
 
 
+def test_the_split_draws_tensor_descent_takes_the_tokens_of_its_scalar_one():
+    """A GPU descends every row at once in tensor operations (_descend_rows), the CPU row
+    by row (_descend): the same tokens, here on the CPU for both, over peaked and flat
+    rows of an odd width."""
+    from llmkit.runtime.layers.sampler import _descend_rows, _split_draw, uniforms_at
+
+    g = torch.Generator().manual_seed(5)
+    weights = torch.softmax(
+        torch.randn(64, 1001, generator=g) * torch.rand(64, 1, generator=g) * 8, -1
+    )
+    keys = [(3, n) for n in range(64)]
+    cdf = torch.nn.functional.pad(weights.double().cumsum(dim=-1), (1, 0))
+    u = torch.tensor([uniforms_at(*key, 10) for key in keys], dtype=torch.float64)
+    assert _descend_rows(cdf, u).tolist() == _split_draw(weights, keys).tolist()
+
+
 def test_penalties_match_their_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)

@@ -219,9 +219,18 @@ def _split_draw(weights: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Ten
     levels = max(1, (vocab - 1).bit_length())
     u = [uniforms_at(*key, levels) for key in keys]
     cdf = torch.nn.functional.pad(weights.double().cumsum(dim=-1), (1, 0))
-    u_t = _on(cdf, u, torch.float64)  # drawn on the CPU whatever the device
+    if cdf.is_cpu:  # a few scalar steps a row, where tensor operations would cost more
+        table = cdf.numpy()
+        return torch.tensor([_descend(table[r], u[r]) for r in range(rows)], dtype=torch.long)
+    return _descend_rows(cdf, _on(cdf, u, torch.float64))  # u drawn on the CPU
+
+
+def _descend_rows(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`_descend` for every row of `cdf` [rows, vocab + 1] at once, `u` [rows, levels]: a
+    few tensor operations a halving for all the rows (a GPU's launches)."""
+    rows, levels = u.shape
     lo = torch.zeros(rows, dtype=torch.long, device=cdf.device)
-    hi = torch.full_like(lo, vocab)
+    hi = torch.full_like(lo, cdf.shape[1] - 1)
 
     def at(index: torch.Tensor) -> torch.Tensor:
         return cdf.gather(1, index[:, None])[:, 0]
@@ -229,10 +238,26 @@ def _split_draw(weights: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Ten
     for level in range(levels):
         mid = (lo + hi) // 2
         base = at(lo)
-        lower = u_t[:, level] * (at(hi) - base) < at(mid) - base
+        lower = u[:, level] * (at(hi) - base) < at(mid) - base
         split = hi - lo > 1
         hi = torch.where(split & lower, mid, hi)
         lo = torch.where(split & ~lower, mid, lo)
+    return lo
+
+
+def _descend(cdf: np.ndarray, u: list[float]) -> int:
+    """The token `_split_draw` draws for one row: `cdf` its cumulative weights after a 0,
+    `u` a uniform per halving."""
+    lo, hi = 0, len(cdf) - 1
+    for level_u in u:
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        base = cdf[lo]
+        if level_u * (cdf[hi] - base) < cdf[mid] - base:
+            hi = mid
+        else:
+            lo = mid
     return lo
 
 
