@@ -8,7 +8,7 @@ import torch
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.layers.sampler import Sampler, _apply_penalties, argmax
 from llmkit.runtime.sequence import SamplingParams
-from tests.runtime_helpers import NEEDS_CUDA, random_prompts
+from tests.runtime_helpers import NEEDS_CUDA, interpreted, random_prompts
 
 
 def sample(logits, params, seeds=None, histories=None):
@@ -118,20 +118,36 @@ def test_a_split_draw_follows_the_weights_and_couples_close_ones():
     assert same > one_uniform + 0.05 and same > independent + 0.2, (same, one_uniform)
 
 
-def test_the_split_draws_tensor_descent_takes_the_tokens_of_its_scalar_one():
-    """A GPU descends every row at once in tensor operations (_descend_rows), the CPU row
-    by row (_descend): the same tokens, here on the CPU for both, over peaked and flat
-    rows of an odd width."""
-    from llmkit.runtime.layers.sampler import _descend_rows, _split_draw, uniforms_at
+def split_draws(device: str) -> list[list[int]]:
+    """The tokens the split draw takes on `device` and, beside them, the CPU's scalar
+    descent's (_descend), over peaked and flat rows of an odd width."""
+    from llmkit.kernels.triton_sampling import descend
+    from llmkit.runtime.layers.sampler import _descend, uniforms_at
 
     g = torch.Generator().manual_seed(5)
-    weights = torch.softmax(
-        torch.randn(64, 1001, generator=g) * torch.rand(64, 1, generator=g) * 8, -1
-    )
-    keys = [(3, n) for n in range(64)]
+    scale = torch.rand(64, 1, generator=g) * 8
+    weights = torch.softmax(torch.randn(64, 1001, generator=g) * scale, -1)
     cdf = torch.nn.functional.pad(weights.double().cumsum(dim=-1), (1, 0))
-    u = torch.tensor([uniforms_at(*key, 10) for key in keys], dtype=torch.float64)
-    assert _descend_rows(cdf, u).tolist() == _split_draw(weights, keys).tolist()
+    u = torch.tensor([uniforms_at(3, n, 10) for n in range(64)], dtype=torch.float64)
+    scalar = [_descend(cdf[r].numpy(), u[r].tolist()) for r in range(64)]
+    return [descend(cdf.to(device), u.to(device)).tolist(), scalar]
+
+
+def test_the_split_draws_kernel_interpreted_takes_the_tokens_of_the_scalar_descent():
+    """A GPU descends every row in one Triton launch (kernels/triton_sampling.py), the CPU
+    row by row: the same tokens, here through Triton's interpreter."""
+    kernel, scalar = interpreted(
+        "import json\n"
+        "from tests.test_runtime_sampling import split_draws\n"
+        "print(json.dumps(split_draws('cpu')))\n"
+    )
+    assert kernel == scalar
+
+
+@NEEDS_CUDA
+def test_the_split_draws_kernel_on_cuda_takes_the_tokens_of_the_scalar_descent():
+    kernel, scalar = split_draws("cuda")
+    assert kernel == scalar
 
 
 def test_penalties_match_their_definitions():

@@ -222,27 +222,9 @@ def _split_draw(weights: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Ten
     if cdf.is_cpu:  # a few scalar steps a row, where tensor operations would cost more
         table = cdf.numpy()
         return torch.tensor([_descend(table[r], u[r]) for r in range(rows)], dtype=torch.long)
-    return _descend_rows(cdf, _on(cdf, u, torch.float64))  # u drawn on the CPU
+    from llmkit.kernels.triton_sampling import descend  # a GPU's: one launch for all rows
 
-
-def _descend_rows(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """`_descend` for every row of `cdf` [rows, vocab + 1] at once, `u` [rows, levels]: a
-    few tensor operations a halving for all the rows (a GPU's launches)."""
-    rows, levels = u.shape
-    lo = torch.zeros(rows, dtype=torch.long, device=cdf.device)
-    hi = torch.full_like(lo, cdf.shape[1] - 1)
-
-    def at(index: torch.Tensor) -> torch.Tensor:
-        return cdf.gather(1, index[:, None])[:, 0]
-
-    for level in range(levels):
-        mid = (lo + hi) // 2
-        base = at(lo)
-        lower = u[:, level] * (at(hi) - base) < at(mid) - base
-        split = hi - lo > 1
-        hi = torch.where(split & lower, mid, hi)
-        lo = torch.where(split & ~lower, mid, lo)
-    return lo
+    return descend(cdf, _on(cdf, u, torch.float64))  # u drawn on the CPU
 
 
 def _descend(cdf: np.ndarray, u: list[float]) -> int:
