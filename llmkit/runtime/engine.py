@@ -368,8 +368,9 @@ class Engine:
         plain decoding, where that runs several steps a call (`_runs_ahead`) at the pace its
         latest such call of as many sequences ran (DecodePacer.token_s); None elsewhere: a
         plain step there is one call, as the round is, and costs about as much."""
-        plain_s = self.pacer.token_s(len(batch.seqs)) if self._steps_ahead() else None
-        if round_s is None or not plain_s:
+        timed = round_s is not None and self._steps_ahead()
+        plain_s = self.pacer.token_s(len(batch.seqs)) if timed else None
+        if not plain_s:
             return [None] * len(batch.seqs)
         return [round_s / plain_s if self._runs_ahead(s) else None for s in batch.seqs]
 
