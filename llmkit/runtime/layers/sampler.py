@@ -183,9 +183,9 @@ def _filtered(logits, params: list[SamplingParams]) -> torch.Tensor:
 
 def _draw_rows(weights: torch.Tensor, keys: list) -> torch.Tensor:
     """A token per row of `weights` [rows, vocab] (not normalized): a seeded row's (its key
-    (seed, position)) drawn in halves with its uniforms there (`_split_draw`), an unseeded
-    one's (None) by inverse transform with one fresh uniform (`_inverse_cdf`: on a GPU two
-    launches, where the split draw takes a few per halving)."""
+    (seed, position)) drawn in halves with its uniforms there (`_split_draw`), for the
+    coupling of a draft model's draws to the model's; an unseeded one's (None) by inverse
+    transform with one fresh uniform (`_inverse_cdf`), which needs no more."""
     tokens = torch.empty(len(keys), dtype=torch.long, device=weights.device)
     fresh = [i for i, key in enumerate(keys) if key is None]
     seeded = [i for i, key in enumerate(keys) if key is not None]
