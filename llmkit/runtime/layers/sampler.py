@@ -88,30 +88,33 @@ class Sampler:
         if masks:
             logits = apply_masks(logits, _row_masks(masks, widths))
         logits = _apply_penalties(logits, row_params, row_histories)
+        starts = [0, *itertools.accumulate(widths)]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        seeded = [i for i in sampled if seeds[i] is not None]
+        rejecting = [i for i in sampled if seeds[i] is None]  # through rejection sampling
         chosen = argmax(logits)  # each row's token where it is certain: greedy, or seeded
-        seeded = [i for i, s in enumerate(seeds) if s is not None and not params[i].greedy]
         if seeded:
             chosen = self._seeded_rows(chosen, logits, row_params, row_histories, seeds, seeded,
-                                       widths)  # fmt: skip
+                                       starts)  # fmt: skip
         chosen = chosen.tolist()
-        probs = self._verify_probs(logits, row_params)
+        rejected_rows = [r for i in rejecting for r in range(starts[i], starts[i + 1])]
+        probs = self._verify_probs(logits, row_params, rejected_rows)
         out, first = [], 0
         for i, (p, draft) in enumerate(zip(params, drafts, strict=True)):
             rows = range(first, first + len(draft) + 1)
-            if p.greedy or seeds[i] is not None:
-                tokens = _accept_greedy([chosen[r] for r in rows], draft)
-            else:
+            if i in rejecting:
                 q = draft_probs[i] if draft_probs else None
                 tokens = self._accept_sampled(probs[first : rows.stop], draft, q)
+            else:
+                tokens = _accept_greedy([chosen[r] for r in rows], draft)
             lp = None if logprobs is None else logprobs[first : rows.stop]
             out.append(_token_results(tokens, lp, p))
             first = rows.stop
         return out
 
-    def _seeded_rows(self, chosen, logits, row_params, row_histories, seeds, seeded, widths):
-        """`chosen` with the rows of the `seeded` sequences set to the token each draws at
-        its position, as `__call__` draws it there."""
-        starts = [0, *itertools.accumulate(widths)]
+    def _seeded_rows(self, chosen, logits, row_params, row_histories, seeds, seeded, starts):
+        """`chosen` with the rows of the `seeded` sequences (sequence i's from starts[i]) set
+        to the token each draws at its position, as `__call__` draws it there."""
         rows = [r for i in seeded for r in range(starts[i], starts[i + 1])]
         keys = [(seeds[i], _position(row_histories[r]))
                 for i in seeded for r in range(starts[i], starts[i + 1])]  # fmt: skip
@@ -137,10 +140,9 @@ class Sampler:
         probs = probs[0] / probs[0].sum()
         return token, (None if seed is not None else probs), float(probs[token])
 
-    def _verify_probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Each sampled row's distribution (temperature, top-k, top-p, min-p); greedy rows'
-        are left as they are (not read)."""
-        rows = [i for i, p in enumerate(params) if not p.greedy]
+    def _verify_probs(self, logits: torch.Tensor, params: list[SamplingParams], rows: list[int]):
+        """The distribution (temperature, top-k, top-p, min-p) of each of `rows`, the rows
+        rejection sampling reads; the others are left as they are (not read)."""
         if not rows:
             return logits
         index = _on(logits, rows)
@@ -191,17 +193,18 @@ def _draw_rows(weights: torch.Tensor, keys: list) -> torch.Tensor:
     seeded = [i for i, key in enumerate(keys) if key is not None]
     if fresh:
         index = _on(weights, fresh)
-        tokens[index] = _inverse_cdf(weights[index], [_uniform() for _ in fresh])
+        tokens[index] = _inverse_cdf(weights[index], torch.rand(len(fresh), dtype=torch.float64))
     if seeded:
         index = _on(weights, seeded)
         tokens[index] = _split_draw(weights[index], [keys[i] for i in seeded])
     return tokens
 
 
-def _inverse_cdf(weights: torch.Tensor, u: list[float]) -> torch.Tensor:
-    """Each row's first token whose cumulative weight passes its u x the row's total."""
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Each row's first token whose cumulative weight passes its u (float64, drawn on the
+    CPU whatever the device) x the row's total."""
     cdf = weights.double().cumsum(dim=-1)
-    u_t = _on(cdf, u, torch.float64)  # drawn on the CPU whatever the device
+    u_t = u.to(cdf.device, non_blocking=True)
     tokens = torch.searchsorted(cdf, u_t[:, None] * cdf[:, -1:], right=True)[:, 0]
     return tokens.clamp_(max=weights.shape[1] - 1)
 
