@@ -351,7 +351,7 @@ def test_backoff_sits_out_twice_as_long_after_each_draft_with_nothing_accepted()
     backoff.record([seq], [[7]], [1])
     assert backoff.call_limit(seq) is None
     backoff.found_nothing(seq)
-    backoff.release(seq.seq_id)
+    backoff.release(seq)
     assert backoff.call_limit(seq) is None and rejected() == 1
 
 
@@ -381,6 +381,46 @@ def test_backoff_fails_a_round_whose_tokens_cost_more_than_plain_decodings():
     assert backoff.sits_out(seq) == 1
 
 
+def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
+    """After m rounds in a row that failed every sequence of a kind, a new sequence of that
+    kind sits out what is left of the wait one sequence would after m failures (less what
+    sequences that sat it out before decoded), then fails on as from m; the other kind
+    starts afresh; a round that pays ends the streak and frees the waits it left."""
+    from types import SimpleNamespace
+
+    from llmkit.runtime.speculative import Backoff
+
+    backoff, ids = Backoff(), iter(range(100))
+
+    def new(kind: bool, length: int = 20) -> SimpleNamespace:
+        seq = SimpleNamespace(seq_id=next(ids), num_tokens=length)
+        backoff.start(seq, kind)
+        return seq
+
+    def fail(seq, cost=5.0) -> int:  # a round of `seq` alone that accepts nothing
+        backoff.record([seq], [[7]], [0], [cost])
+        seq.num_tokens += 1
+        return backoff.sits_out(seq)
+
+    first = new(True)
+    assert [fail(first) for _ in range(3)] == [4, 12, 28]  # cost 5: 4 plain steps wasted
+    second, other = new(True), new(False)
+    assert backoff.sits_out(second) == 28 and backoff.sits_out(other) == 0
+    second.num_tokens += 10
+    backoff.release(second)  # it decoded 10 of the 28
+    third = new(True)
+    assert backoff.sits_out(third) == 18
+    third.num_tokens += 18
+    assert fail(third) == 15 * 4  # its fourth failure in a row
+    fourth = new(True)
+    assert backoff.sits_out(fourth) == 60
+    backoff.record([first, fourth], [[7, 8], []], [2, 0], [2.0, None])  # first's round pays
+    assert backoff.sits_out(fourth) == 0 and backoff.sits_out(third) == 60
+    assert backoff.sits_out(new(True)) == 0
+    assert fail(fourth) == 4  # its streak over, a first failure
+    assert fail(other, None) == 1 and backoff.sits_out(new(False)) == 1  # its kind's own
+
+
 def test_rounds_costlier_than_plain_calls_sit_out_longer_where_plain_decoding_runs_ahead(
     tiny_dir, monkeypatch
 ):
@@ -400,6 +440,29 @@ def test_rounds_costlier_than_plain_calls_sit_out_longer_where_plain_decoding_ru
     assert runs[0][0] == cheap[0][0] == plain
     assert 0 < cheap[0][1].drafts < runs[0][1].drafts
     assert cheap[1][0] == runs[1][0] and cheap[1][1].drafts == runs[1][1].drafts > 0
+
+
+def test_requests_after_failed_rounds_carry_on_the_engines_wait(tiny_dir, monkeypatch):
+    """One greedy request at a time where a plain step costs next to nothing (every round
+    fails): the first fails its way into long waits, and those after it sit out what is
+    left of them instead of failing their first rounds afresh. Plain decoding's tokens."""
+    from llmkit.runtime.pacing import DecodePacer
+
+    monkeypatch.setattr(DecodePacer, "token_s", lambda self, seqs: 1e-9)
+    model = tiny_dir("tiny-llama")
+    greedy = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    plain, _ = generate(model, prompts(), greedy)
+    llm = LLM(model, EngineConfig(**{**ALL, "speculative": "ngram"}))
+    drafts, outs = [], []
+    try:
+        for prompt in prompts():
+            before = llm.engine.spec_stats.drafts
+            outs += [[c.token_ids for c in o.outputs] for o in llm.generate([prompt], greedy)]
+            drafts.append(llm.engine.spec_stats.drafts - before)
+    finally:
+        llm.close()
+    assert outs == plain
+    assert drafts[0] >= 2 and max(drafts[1:]) < drafts[0] and drafts.count(0) >= 2
 
 
 def test_a_sequence_whose_lookups_find_nothing_runs_ahead_in_longer_and_longer_calls(

@@ -170,6 +170,7 @@ class Engine:
             request.prompt_logprobs = [None] * len(ids)
         self.requests[request_id] = request
         for seq in seqs:
+            self.backoff.start(seq, self._steps_ahead() and self._runs_ahead(seq))
             self.scheduler.add(seq)
 
     def add_lora(self, name: str, path: str) -> None:
@@ -202,7 +203,7 @@ class Engine:
         model's copy of it, its backoff)."""
         self.guides.release(seq.seq_id)
         self._forget_drafts([seq])
-        self.backoff.release(seq.seq_id)
+        self.backoff.release(seq)
 
     def pause(self, request_id: str) -> None:
         """Stop computing a request (its client is not reading) and free its KV blocks; it
