@@ -92,6 +92,44 @@ def test_a_failed_step_keeps_earlier_outputs_and_is_named(cli, tmp_path):
     assert (out / "int8" / "config.json").is_file() and not (out / "rtn").exists()
 
 
+def test_benches_speculate_with_ngram_or_an_earlier_checkpoint_as_draft(cli, tmp_path, monkeypatch):
+    """An offline bench with an earlier step's checkpoint as the draft model reports its
+    counts; a served one starts `llmkit serve` with the options, which it takes."""
+    import llmkit.serve.launch
+
+    commands, real = [], llmkit.serve.launch.launched
+
+    def launched(command, port):
+        commands.append(command)
+        return real(command, port)
+
+    monkeypatch.setattr(llmkit.serve.launch, "launched", launched)
+    out = tmp_path / "out"
+    recipe = write(tmp_path, f"""\
+        name: spec
+        source: {{init: tiny-llama}}
+        outputs: {out}
+        steps:
+          - id: int8
+            quantize: {{method: int8}}
+          - id: offline
+            bench:
+              offline: {{batch_sizes: [1], input_len: [8], output_len: [12], speculative: int8}}
+          - id: served
+            bench:
+              serve: {{model: source, num_prompts: 2, input_len: 8, output_len: 4,
+                       speculative: ngram, num_speculative_tokens: 3}}
+              assert: ['failed<=0']
+        """)  # fmt: skip
+    done = cli("run", recipe, "--json")
+    assert done.code == 0, done.err
+    (case,) = json.loads((out / "offline.json").read_text())["cases"]
+    assert case["speculative"] == "draft" and case["spec_proposed_tokens"] > 0
+    assert json.loads((out / "served.json").read_text())["completed"] == 2
+    (command,) = commands
+    assert command[-4:] == ["--speculative", "ngram", "--num-speculative-tokens", "3"]
+
+
 BAD = {
     "unknown key": ("steps:\n  - id: a\n    quantize: {method: int8, colour: red}\n", 3,
                     "steps.0.quantize.colour"),
@@ -123,6 +161,18 @@ BAD = {
                    4, "steps.0.bench.offline.lora"),
     "adapter with url": ("steps:\n  - id: a\n    bench:\n      serve:\n"
                          "        url: http://x\n        lora: /tmp\n", 4, "steps.0.bench.serve"),
+    "draft from nowhere": ("steps:\n  - id: a\n    bench:\n      offline:\n"
+                           "        speculative: b\n", 5, "steps.0.bench.offline.speculative"),
+    "sharded draft": ("steps:\n  - id: a\n    shard: {tp: 2}\n  - id: b\n    bench:\n"
+                      "      offline: {speculative: a}\n", 6, "steps.1.bench.offline.speculative"),
+    "speculative with url": ("steps:\n  - id: a\n    bench:\n      serve:\n"
+                             "        url: http://x\n        speculative: ngram\n", 4,
+                             "steps.0.bench.serve"),
+    "draft tokens alone": ("steps:\n  - id: a\n    bench:\n      offline:\n"
+                           "        num_speculative_tokens: 2\n", 4, "steps.0.bench.offline"),
+    "draft tokens range": ("steps:\n  - id: a\n    bench:\n      offline:\n"
+                           "        speculative: ngram\n        num_speculative_tokens: 17\n",
+                           6, "steps.0.bench.offline.num_speculative_tokens"),
 }  # fmt: skip
 
 

@@ -29,6 +29,7 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import CAST_METHODS, METHODS, MethodOptions, check_options
 from llmkit.recipe.yaml_lines import line_of, load_with_lines
+from llmkit.runtime.engine_config import MAX_SPECULATIVE_TOKENS, NGRAM
 from llmkit.runtime.lora_registry import adapter_dir
 
 STRICT = ConfigDict(extra="forbid")
@@ -99,8 +100,26 @@ class Quality(BaseModel):
     seq_len: int = Field(CALIBRATION.seq_len, ge=8)
 
 
-class Offline(BaseModel):
+class Speculating(BaseModel):
+    """Speculative decoding for the engine a bench runs: `speculative` is ngram or an
+    earlier checkpoint's id (source included) as the draft model."""
+
     model_config = STRICT
+    speculative: str | None = None
+    num_speculative_tokens: int | None = Field(None, ge=1, le=MAX_SPECULATIVE_TOKENS)
+
+    @model_validator(mode="after")
+    def _drafts(self) -> Speculating:
+        if self.num_speculative_tokens is not None and self.speculative is None:
+            raise ValueError("num_speculative_tokens goes with speculative")
+        return self
+
+    def draft(self) -> str | None:
+        """The checkpoint id of the draft model, if there is one."""
+        return None if self.speculative in (None, NGRAM) else self.speculative
+
+
+class Offline(Speculating):
     model: str = "source"
     batch_sizes: list[int] = Field(default_factory=lambda: [*OFFLINE.batch_sizes], min_length=1)
     input_len: list[int] = Field(default_factory=lambda: [*OFFLINE.input_lens], min_length=1)
@@ -118,10 +137,9 @@ class Compare(BaseModel):
     seq_len: int = Field(CALIBRATION.seq_len, ge=8)
 
 
-class Serve(BaseModel):
+class Serve(Speculating):
     """Load-test `model` (served by `llmkit serve` for the duration of the step) or `url`."""
 
-    model_config = STRICT
     model: str | None = None
     url: str | None = None
     num_prompts: int = Field(32, ge=1)
@@ -144,6 +162,8 @@ class Serve(BaseModel):
             raise ValueError("lora goes with model; with url, name the adapter in served_model")
         if self.served_model is not None and self.url is None:
             raise ValueError("served_model goes with url")
+        if self.speculative is not None and self.model is None:
+            raise ValueError("speculative goes with model; a server at url runs as it was started")
         return self
 
 
@@ -279,6 +299,8 @@ def _problems(recipe: Recipe):
                 yield where, f"{ref!r} is no earlier checkpoint; known: {known}"
             elif step.quantize and made[ref] != "full":
                 yield where, f"quantize from a full-precision checkpoint, not {ref!r} ({made[ref]})"
+            elif key[-1] == "speculative" and made[ref] == "sharded":
+                yield where, f"a draft model runs whole: {ref!r} is sharded"
         if step.quantize:
             yield from _option_problems(step.quantize, (*at, "quantize", "options"))
         if step.shard:
@@ -319,9 +341,11 @@ def references(step: Step) -> list[tuple[tuple, str]]:
         ]
     if b.compare:
         return [(("compare", "checkpoints", i), c) for i, c in enumerate(b.compare.checkpoints)]
+    body = b.offline or b.serve
+    drafts = [((b.kind, "speculative"), body.draft())] if body.draft() else []
     if b.offline:
-        return [(("offline", "model"), b.offline.model)]
-    return [(("serve", "model"), b.serve.model)] if b.serve.model else []
+        return [(("offline", "model"), b.offline.model), *drafts]
+    return [(("serve", "model"), b.serve.model), *drafts] if b.serve.model else []
 
 
 def _option_problems(step: Quantize, at: tuple):

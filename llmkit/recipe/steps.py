@@ -68,7 +68,7 @@ def _offline(o, paths) -> tuple[dict, list]:
     spec = OfflineSpec(
         tuple(o.batch_sizes), tuple(o.input_len), tuple(o.output_len), lora=_resolved(o.lora)
     )
-    result = offline_in_child(str(paths[o.model]), spec, EngineConfig())
+    result = offline_in_child(str(paths[o.model]), spec, EngineConfig(**_speculation(o, paths)))
     top = {k: v for k, v in result.items() if k != "cases"}
     labelled = [(f"batch {c['batch_size']}", {**top, **c}) for c in result["cases"]]
     return result, labelled
@@ -96,9 +96,10 @@ def _serve(s, paths) -> tuple[dict, list]:
     from llmkit.bench.offline import ADAPTER
     from llmkit.bench.prompts import load_requests, parse_range
 
-    served = (
-        _served(paths[s.model], _resolved(s.lora)) if s.model else contextlib.nullcontext(s.url)
-    )
+    if s.model:
+        served = _served(paths[s.model], _resolved(s.lora), _speculation(s, paths))
+    else:
+        served = contextlib.nullcontext(s.url)
     with served as url:
         rate = math.inf if s.request_rate == "inf" else float(s.request_rate)
         name = ADAPTER if s.lora else s.served_model
@@ -114,9 +115,10 @@ def _serve(s, paths) -> tuple[dict, list]:
 
 
 @contextlib.contextmanager
-def _served(model: Path, lora: str | None):
-    """`llmkit serve MODEL` (with `lora` as the adapter ADAPTER) on a free loopback port for
-    the duration; yields its URL."""
+def _served(model: Path, lora: str | None, speculation: dict):
+    """`llmkit serve MODEL` (with `lora` as the adapter ADAPTER, and the EngineConfig
+    fields `speculation` as their options) on a free loopback port for the duration;
+    yields its URL."""
     from llmkit.bench.offline import ADAPTER, with_adapter
     from llmkit.net import free_port
     from llmkit.runtime.engine_config import EngineConfig
@@ -127,8 +129,21 @@ def _served(model: Path, lora: str | None):
     if lora is not None:
         rank = with_adapter(EngineConfig(), lora).max_lora_rank
         command += ["--lora", f"{ADAPTER}={lora}", "--max-lora-rank", str(rank)]
+    for field, value in speculation.items():
+        command += [f"--{field.replace('_', '-')}", str(value)]
     with launched(command, port) as server:
         yield server.url
+
+
+def _speculation(body, paths: dict[str, Path]) -> dict:
+    """The EngineConfig fields a bench's `speculative` options set (none: it does not)."""
+    if body.speculative is None:
+        return {}
+    draft = body.draft()
+    fields = {"speculative": str(paths[draft]) if draft else body.speculative}
+    if body.num_speculative_tokens is not None:
+        fields["num_speculative_tokens"] = body.num_speculative_tokens
+    return fields
 
 
 def _resolved(path: str | None) -> str | None:

@@ -22,7 +22,7 @@ from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.detokenizer import Detokenizer
-from llmkit.runtime.engine_config import EngineConfig
+from llmkit.runtime.engine_config import NGRAM, EngineConfig
 from llmkit.runtime.executor import DTYPES, Executor, RunnerSpec, cuda_memory, set_threads
 from llmkit.runtime.guide import Guides, GuideTokenizer
 from llmkit.runtime.layers.sampler import Sampled
@@ -40,7 +40,6 @@ from llmkit.runtime.pacing import DecodePacer
 from llmkit.runtime.scheduler import Batch, Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, ends_by_token, stop_reason
 from llmkit.runtime.speculative import (
-    NGRAM,
     Backoff,
     Draft,
     DraftProposer,

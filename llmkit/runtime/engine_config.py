@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from llmkit.errors import LlmkitError
 
+NGRAM = "ngram"  # --speculative's prompt-lookup proposer (a draft model is a path)
 MAX_SPECULATIVE_TOKENS = 16
 MAX_NGRAM = 16
 MAX_DECODE_STEPS = 64
@@ -62,7 +63,7 @@ class EngineConfig:
             raise LlmkitError(f"--decode-steps must be between 1 and {MAX_DECODE_STEPS}")
         if not 0 <= self.decode_call_ms <= MAX_DECODE_CALL_MS:
             raise LlmkitError(f"--decode-call-ms must be between 0 and {MAX_DECODE_CALL_MS}")
-        if self.speculative_revision is not None and self.speculative in (None, "ngram"):
+        if self.speculative_revision is not None and self.speculative in (None, NGRAM):
             raise LlmkitError("--speculative-revision names a draft model's revision; give one")
         if self.speculative_max_seqs < 0:
             raise LlmkitError("--speculative-max-seqs must be >= 0")

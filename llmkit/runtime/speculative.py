@@ -35,10 +35,9 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager
+from llmkit.runtime.engine_config import NGRAM
 from llmkit.runtime.scheduler import Batch
 from llmkit.runtime.sequence import Sequence
-
-NGRAM = "ngram"
 
 
 @dataclass(slots=True)
