@@ -459,6 +459,8 @@ def test_requests_after_failed_rounds_carry_on_the_engines_wait(tiny_dir, monkey
             before = llm.engine.spec_stats.drafts
             outs += [[c.token_ids for c in o.outputs] for o in llm.generate([prompt], greedy)]
             drafts.append(llm.engine.spec_stats.drafts - before)
+        backoff = llm.engine.backoff  # finished sequences leave nothing behind
+        assert not any((backoff.misses, backoff.resume, backoff.kind, backoff.inherited))
     finally:
         llm.close()
     assert outs == plain
