@@ -325,7 +325,7 @@ def test_backoff_sits_out_twice_as_long_after_each_draft_with_nothing_accepted()
     find nothing never sit out: they cap a call's steps at 2, 4, 8, 16, then 17."""
     from types import SimpleNamespace
 
-    from llmkit.runtime.speculative import Backoff
+    from llmkit.runtime.backoff import Backoff
 
     backoff, seq = Backoff(), SimpleNamespace(seq_id=3, num_tokens=10)
 
@@ -362,7 +362,7 @@ def test_backoff_fails_a_round_whose_tokens_cost_more_than_plain_decodings():
     cost (None) a round costs a step."""
     from types import SimpleNamespace
 
-    from llmkit.runtime.speculative import Backoff
+    from llmkit.runtime.backoff import Backoff
 
     backoff, seq = Backoff(), SimpleNamespace(seq_id=3, num_tokens=10)
     backoff.record([seq], [[7, 8, 9]], [2], [3.0])  # 3 tokens for 3 steps' time: paid
@@ -388,7 +388,7 @@ def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
     starts afresh; a round that pays ends the streak and frees the waits it left."""
     from types import SimpleNamespace
 
-    from llmkit.runtime.speculative import Backoff
+    from llmkit.runtime.backoff import Backoff
 
     backoff, ids = Backoff(), iter(range(100))
 

@@ -20,6 +20,7 @@ from llmkit.checkpoint.fast_tokenizer import encode_prompt, load_tokenizer
 from llmkit.checkpoint.rank_tensors import RankTensors, open_rank
 from llmkit.devices import resolve_device
 from llmkit.errors import LlmkitError
+from llmkit.runtime.backoff import Backoff
 from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.detokenizer import Detokenizer
 from llmkit.runtime.engine_config import NGRAM, EngineConfig
@@ -40,7 +41,6 @@ from llmkit.runtime.pacing import DecodePacer
 from llmkit.runtime.scheduler import Batch, Scheduler
 from llmkit.runtime.sequence import SamplingParams, Sequence, ends_by_token, stop_reason
 from llmkit.runtime.speculative import (
-    Backoff,
     Draft,
     DraftProposer,
     NgramProposer,
