@@ -168,6 +168,8 @@ BAD = {
     "speculative with url": ("steps:\n  - id: a\n    bench:\n      serve:\n"
                              "        url: http://x\n        speculative: ngram\n", 4,
                              "steps.0.bench.serve"),
+    "empty speculative": ("steps:\n  - id: a\n    bench:\n      offline:\n"
+                          "        speculative: ''\n", 5, "steps.0.bench.offline.speculative"),
     "draft tokens alone": ("steps:\n  - id: a\n    bench:\n      offline:\n"
                            "        num_speculative_tokens: 2\n", 4, "steps.0.bench.offline"),
     "draft tokens range": ("steps:\n  - id: a\n    bench:\n      offline:\n"

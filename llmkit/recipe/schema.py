@@ -105,7 +105,7 @@ class Speculating(BaseModel):
     earlier checkpoint's id (source included) as the draft model."""
 
     model_config = STRICT
-    speculative: str | None = None
+    speculative: str | None = Field(None, min_length=1)
     num_speculative_tokens: int | None = Field(None, ge=1, le=MAX_SPECULATIVE_TOKENS)
 
     @model_validator(mode="after")
