@@ -385,7 +385,7 @@ def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
     """After m rounds in a row that failed every sequence of a kind, a new sequence of that
     kind sits out what is left of the wait one sequence would after m failures (less what
     sequences that sat it out before decoded), then fails on as from m; the other kind
-    starts afresh; a round that pays ends the streak and frees the waits it left."""
+    starts afresh; a round that pays ends the streak for those that have not drafted since."""
     from types import SimpleNamespace
 
     from llmkit.runtime.backoff import Backoff
@@ -414,10 +414,17 @@ def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
     assert fail(third) == 15 * 4  # its fourth failure in a row
     fourth = new(True)
     assert backoff.sits_out(fourth) == 60
-    backoff.record([first, fourth], [[7, 8], []], [2, 0], [2.0, None])  # first's round pays
-    assert backoff.sits_out(fourth) == 0 and backoff.sits_out(third) == 60
-    assert backoff.sits_out(new(True)) == 0
-    assert fail(fourth) == 4  # its streak over, a first failure
+    fourth.num_tokens += 60
+    backoff.release(fourth)  # it sat out all of it
+    fifth, sixth = new(True), new(True)  # they draft at once, with four failures behind them
+    assert backoff.sits_out(fifth) == backoff.sits_out(sixth) == 0
+    assert fail(fifth) == 16 * 4
+    seventh = new(True)
+    assert backoff.sits_out(seventh) == 64
+    backoff.record([first, seventh], [[7, 8], []], [2, 0], [2.0, None])  # first's round pays
+    assert backoff.sits_out(fifth) == 64  # its own failures stand
+    assert backoff.sits_out(seventh) == 0 and backoff.sits_out(new(True)) == 0
+    assert fail(sixth) == 4 and fail(seventh) == 4  # their streak over, a first failure
     assert fail(other, None) == 1 and backoff.sits_out(new(False)) == 1  # its kind's own
 
 

@@ -41,7 +41,7 @@ class Backoff:
         self.empty: dict[int, int] = {}  # seq_id -> proposals in a row that found nothing
         self.kind: dict[int, bool] = {}  # seq_id -> whether its plain decoding runs ahead
         self.streaks = {False: Streak(), True: Streak()}  # per kind
-        # seq_id -> its length when it began to sit out its kind's Streak.owed
+        # seq_id -> its length when it took on its kind's Streak, until it drafts
         self.inherited: dict[int, int] = {}
 
     def start(self, seq: Sequence, runs_ahead: bool) -> None:
@@ -50,11 +50,12 @@ class Backoff:
         still sits out after them)."""
         self.kind[seq.seq_id] = runs_ahead
         streak = self.streaks[runs_ahead]
-        if streak.misses:
-            self.misses[seq.seq_id] = streak.misses
+        if not streak.misses:
+            return
+        self.inherited[seq.seq_id] = seq.num_tokens
+        self.misses[seq.seq_id] = streak.misses
         if streak.owed:
             self.resume[seq.seq_id] = seq.num_tokens + streak.owed
-            self.inherited[seq.seq_id] = seq.num_tokens
 
     def record(
         self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int], costs=None
@@ -87,8 +88,8 @@ class Backoff:
                 self.streaks[kind].failed()
 
     def _paid(self, kind: bool) -> None:
-        """A round of `kind` paid: its streak ends, and sequences that sit out only what
-        they inherited from it may draft again."""
+        """A round of `kind` paid: its streak ends, and sequences that have not drafted
+        since they took it on drop it (they may draft at once)."""
         self.streaks[kind] = Streak()
         for seq_id in [s for s in self.inherited if self.kind[s] == kind]:
             del self.inherited[seq_id]
@@ -120,7 +121,7 @@ class Backoff:
     def release(self, seq: Sequence) -> None:
         """Forget a finished sequence; what it sat out of its kind's Streak.owed is paid."""
         if (began := self.inherited.pop(seq.seq_id, None)) is not None:
-            served = min(seq.num_tokens, self.resume[seq.seq_id]) - began
+            served = min(seq.num_tokens, self.resume.get(seq.seq_id, began)) - began
             self.streaks[self.kind[seq.seq_id]].serve(served)
         for state in (self.misses, self.resume, self.empty, self.kind):
             state.pop(seq.seq_id, None)
