@@ -384,8 +384,9 @@ def test_backoff_fails_a_round_whose_tokens_cost_more_than_plain_decodings():
 def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
     """After m rounds in a row that failed every sequence of a kind, a new sequence of that
     kind sits out what is left of the wait one sequence would after m failures (less what
-    sequences that sat it out before decoded), then fails on as from m; the other kind
-    starts afresh; a round that pays ends the streak for those that have not drafted since."""
+    sequences that sat it out before decoded; up to 64 times a round's waste, not 16),
+    then fails on as from m; the other kind starts afresh; a round that pays ends the
+    streak for those that have not drafted since."""
     from types import SimpleNamespace
 
     from llmkit.runtime.backoff import Backoff
@@ -418,9 +419,9 @@ def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
     backoff.release(fourth)  # it sat out all of it
     fifth, sixth = new(True), new(True)  # they draft at once, with four failures behind them
     assert backoff.sits_out(fifth) == backoff.sits_out(sixth) == 0
-    assert fail(fifth) == 16 * 4
+    assert fail(fifth) == 16 * 4  # its own wait: at most 16 times a round's waste
     seventh = new(True)
-    assert backoff.sits_out(seventh) == 64
+    assert backoff.sits_out(seventh) == 31 * 4  # the streak's: up to 64 times
     backoff.record([first, seventh], [[7, 8], []], [2, 0], [2.0, None])  # first's round pays
     assert backoff.sits_out(fifth) == 64  # its own failures stand
     assert backoff.sits_out(seventh) == 0 and backoff.sits_out(new(True)) == 0

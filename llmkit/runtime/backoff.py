@@ -27,13 +27,17 @@ class Backoff:
       lookups keep missing soon decodes in long calls, and one that missed once is not
       carried past the point where its lookups would match again.
     - The same holds across sequences, per kind (those whose plain decoding runs several
-      steps a call, and the others): Streak. Requests are often shorter than the waits
-      that make failing rounds rare, and a model on which rounds do not pay would
-      otherwise pay the first few rounds of every request.
+      steps a call, and the others), with waits of up to MAX_STREAK tokens: Streak.
+      Requests are often shorter than the waits that make failing rounds rare, and a
+      model on which rounds do not pay would otherwise pay the first few rounds of every
+      request.
 
     Counted in tokens, so each step of such a call counts."""
 
     MAX_BACKOFF = 16
+    # across sequences: rounds that keep failing take about 1/64 of the time, and a round
+    # that pays again is found within 64 failed rounds' waste of plain tokens
+    MAX_STREAK = 64
 
     def __init__(self) -> None:
         self.misses: dict[int, int] = {}  # seq_id -> failed rounds in a row
@@ -97,10 +101,10 @@ class Backoff:
             self.misses.pop(seq_id, None)
 
     @classmethod
-    def wait(cls, misses: int, wasted: int) -> int:
+    def wait(cls, misses: int, wasted: int, most: int = MAX_BACKOFF) -> int:
         """Tokens decoded plainly after `misses` failed rounds in a row, each of which
-        wasted `wasted` plain steps."""
-        return min(2**misses - 1, cls.MAX_BACKOFF) * wasted
+        wasted `wasted` plain steps (`most`: at most that many times as many)."""
+        return min(2 ** min(misses, 32) - 1, most) * wasted  # past 32: as at 32, cheaply
 
     def found_nothing(self, seq: Sequence) -> None:
         self.empty[seq.seq_id] = self.empty.get(seq.seq_id, 0) + 1
@@ -131,9 +135,10 @@ class Backoff:
 class Streak:
     """Rounds in a row that failed every sequence of a kind that drafted in them (Backoff),
     across sequences: after m of them, the engine's sequences of that kind sit out what
-    one sequence would after m failures of its own (`owed`, tokens), counted over all of
-    them: a new sequence sits out what is left of it, and what it decoded meanwhile is
-    paid when it ends. After that, the next new sequence drafts at once, as a sequence
+    one sequence would after m failures of its own, up to MAX_STREAK rather than
+    MAX_BACKOFF times a round's waste (`owed`, tokens), counted over all of them: a new
+    sequence sits out what is left of it, and what it decoded meanwhile is paid when it
+    ends. After that, the next new sequence drafts at once, as a sequence
     with m failures behind it (one more, and it waits longer). A round that pays ends the
     streak."""
 
@@ -143,7 +148,7 @@ class Streak:
 
     def failed(self) -> None:
         self.misses += 1
-        self.owed = Backoff.wait(self.misses, self.wasted)
+        self.owed = Backoff.wait(self.misses, self.wasted, Backoff.MAX_STREAK)
 
     def serve(self, tokens: int) -> None:
         self.owed = max(0, self.owed - tokens)
