@@ -384,9 +384,9 @@ def test_backoff_fails_a_round_whose_tokens_cost_more_than_plain_decodings():
 def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
     """After m rounds in a row that failed every sequence of a kind, a new sequence of that
     kind sits out what is left of the wait one sequence would after m failures (less what
-    sequences that sat it out before decoded; up to 64 times a round's waste, not 16),
-    then fails on as from m; the other kind starts afresh; a round that pays ends the
-    streak for those that have not drafted since."""
+    sequences that sat it out before decoded where the load allowed drafts; up to 64
+    times a round's waste, not 16), then fails on as from m; the other kind starts
+    afresh; a round that pays ends the streak for those that have not drafted since."""
     from types import SimpleNamespace
 
     from llmkit.runtime.backoff import Backoff
@@ -407,6 +407,10 @@ def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
     assert [fail(first) for _ in range(3)] == [4, 12, 28]  # cost 5: 4 plain steps wasted
     second, other = new(True), new(False)
     assert backoff.sits_out(second) == 28 and backoff.sits_out(other) == 0
+    crowded = new(True)
+    backoff.crowded([crowded, other])  # a step in which the load allowed no drafts
+    crowded.num_tokens += 20
+    backoff.release(crowded)  # what it decoded so says nothing about drafting
     second.num_tokens += 10
     backoff.release(second)  # it decoded 10 of the 28
     third = new(True)

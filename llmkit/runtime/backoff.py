@@ -47,6 +47,7 @@ class Backoff:
         self.streaks = {False: Streak(), True: Streak()}  # per kind
         # seq_id -> its length when it took on its kind's Streak, until it drafts
         self.inherited: dict[int, int] = {}
+        self.uncounted: set[int] = set()  # those of them that ran where none could draft
 
     def start(self, seq: Sequence, runs_ahead: bool) -> None:
         """A new sequence, of the kind whose plain decoding runs several steps a call or
@@ -106,6 +107,11 @@ class Backoff:
         wasted `wasted` plain steps (`most`: at most that many times as many)."""
         return min(2 ** min(misses, 32) - 1, most) * wasted  # past 32: as at 32, cheaply
 
+    def crowded(self, seqs: list[Sequence]) -> None:
+        """`seqs` ran a step in which the load allowed no drafts: what they sit out of
+        their kind's Streak.owed meanwhile says nothing about drafting, and is not paid."""
+        self.uncounted.update(s.seq_id for s in seqs if s.seq_id in self.inherited)
+
     def found_nothing(self, seq: Sequence) -> None:
         self.empty[seq.seq_id] = self.empty.get(seq.seq_id, 0) + 1
 
@@ -123,10 +129,13 @@ class Backoff:
         return None
 
     def release(self, seq: Sequence) -> None:
-        """Forget a finished sequence; what it sat out of its kind's Streak.owed is paid."""
-        if (began := self.inherited.pop(seq.seq_id, None)) is not None:
+        """Forget a finished sequence; what it sat out of its kind's Streak.owed is paid
+        (unless it was `crowded`)."""
+        began = self.inherited.pop(seq.seq_id, None)
+        if began is not None and seq.seq_id not in self.uncounted:
             served = min(seq.num_tokens, self.resume.get(seq.seq_id, began)) - began
             self.streaks[self.kind[seq.seq_id]].serve(served)
+        self.uncounted.discard(seq.seq_id)
         for state in (self.misses, self.resume, self.empty, self.kind):
             state.pop(seq.seq_id, None)
 
@@ -138,9 +147,9 @@ class Streak:
     one sequence would after m failures of its own, up to MAX_STREAK rather than
     MAX_BACKOFF times a round's waste (`owed`, tokens), counted over all of them: a new
     sequence sits out what is left of it, and what it decoded meanwhile is paid when it
-    ends. After that, the next new sequence drafts at once, as a sequence
-    with m failures behind it (one more, and it waits longer). A round that pays ends the
-    streak."""
+    ends, unless the load allowed no drafts while it ran (Backoff.crowded). After that,
+    the next new sequence drafts at once, as a sequence with m failures behind it (one
+    more, and it waits longer). A round that pays ends the streak."""
 
     misses: int = 0
     wasted: int = 1  # the most plain steps a round of the streak wasted

@@ -320,7 +320,10 @@ class Engine:
         if self.proposer is None or self._proposer_failures >= MAX_PROPOSER_FAILURES:
             return None
         load = len(self.scheduler.running) + len(self.scheduler.waiting)
-        if not decodes or load > self.config.speculative_max_seqs:
+        if load > self.config.speculative_max_seqs:
+            self.backoff.crowded(batch.seqs)
+            return None
+        if not decodes:
             return None
         sizes = {i: self._draft_size(batch.seqs[i]) for i in decodes}
         chosen = [i for i in decodes if sizes[i] > len(forced.get(i, ()))]
