@@ -457,22 +457,27 @@ def test_rounds_costlier_than_plain_calls_sit_out_longer_where_plain_decoding_ru
 def test_requests_after_failed_rounds_carry_on_the_engines_wait(tiny_dir, monkeypatch):
     """One greedy request at a time where a plain step costs next to nothing (every round
     fails): the first fails its way into long waits, and those after it sit out what is
-    left of them instead of failing their first rounds afresh. Plain decoding's tokens."""
+    left of them instead of failing their first rounds afresh. Plain decoding's tokens,
+    also for all of them at once, more than --speculative-max-seqs."""
     from llmkit.runtime.pacing import DecodePacer
 
     monkeypatch.setattr(DecodePacer, "token_s", lambda self, seqs: 1e-9)
     model = tiny_dir("tiny-llama")
     greedy = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     plain, _ = generate(model, prompts(), greedy)
-    llm = LLM(model, EngineConfig(**{**ALL, "speculative": "ngram"}))
+    llm = LLM(model, EngineConfig(**{**ALL, "speculative": "ngram", "speculative_max_seqs": 2}))
     drafts, outs = [], []
     try:
         for prompt in prompts():
             before = llm.engine.spec_stats.drafts
             outs += [[c.token_ids for c in o.outputs] for o in llm.generate([prompt], greedy)]
             drafts.append(llm.engine.spec_stats.drafts - before)
+        crowded = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts(), greedy)]
+        assert crowded == plain
         backoff = llm.engine.backoff  # finished sequences leave nothing behind
-        assert not any((backoff.misses, backoff.resume, backoff.kind, backoff.inherited))
+        leftovers = (backoff.misses, backoff.resume, backoff.kind, backoff.inherited,
+                     backoff.uncounted)  # fmt: skip
+        assert not any(leftovers)
     finally:
         llm.close()
     assert outs == plain
