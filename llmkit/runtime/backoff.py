@@ -110,7 +110,8 @@ class Backoff:
     def crowded(self, seqs: list[Sequence]) -> None:
         """`seqs` ran a step in which the load allowed no drafts: what they sit out of
         their kind's Streak.owed meanwhile says nothing about drafting, and is not paid."""
-        self.uncounted.update(s.seq_id for s in seqs if s.seq_id in self.inherited)
+        if self.inherited:  # none in the usual busy step: nothing to look through
+            self.uncounted.update(s.seq_id for s in seqs if s.seq_id in self.inherited)
 
     def found_nothing(self, seq: Sequence) -> None:
         self.empty[seq.seq_id] = self.empty.get(seq.seq_id, 0) + 1
