@@ -356,27 +356,29 @@ def test_backoff_sits_out_twice_as_long_after_each_draft_with_nothing_accepted()
 
 
 def test_backoff_fails_a_round_whose_tokens_cost_more_than_plain_decodings():
-    """A round that cost c steps of plain decoding fails unless it added at least c tokens
-    (its own and those accepted), and the sequence then sits out c - 1 (rounded, from 1 to
-    16: the steps a failed round wastes) times as long: 1, 3, 7, ... times that. With no
-    cost (None) a round costs a step."""
+    """A round that cost c steps of plain decoding (a sequence whose plain decoding runs
+    several steps a call) fails unless it added at least c tokens (its own and those
+    accepted), and the sequence then sits out c - 1 (rounded, from 1 to 16: the steps a
+    failed round wastes) times as long: 1, 3, 7, ... times that. With no cost (None) a
+    round costs a step."""
     from types import SimpleNamespace
 
     from llmkit.runtime.backoff import Backoff
 
     backoff, seq = Backoff(), SimpleNamespace(seq_id=3, num_tokens=10)
-    backoff.record([seq], [[7, 8, 9]], [2], [3.0])  # 3 tokens for 3 steps' time: paid
+    backoff.start(seq, True)  # its plain decoding runs several steps a call
+    backoff.record([seq], [[7, 8, 9]], [2], 3.0)  # 3 tokens for 3 steps' time: paid
     assert backoff.sits_out(seq) == 0
-    backoff.record([seq], [[7, 8, 9]], [1], [3.4])  # 2 tokens for 3.4 steps' time
+    backoff.record([seq], [[7, 8, 9]], [1], 3.4)  # 2 tokens for 3.4 steps' time
     seq.num_tokens += 2
     assert backoff.sits_out(seq) == 2
     seq.num_tokens += 2
-    backoff.record([seq], [[7]], [0], [40.0])  # nothing accepted, at a cost past 16
+    backoff.record([seq], [[7]], [0], 40.0)  # nothing accepted, at a cost past 16
     seq.num_tokens += 1
     assert backoff.sits_out(seq) == 3 * 16
     seq.num_tokens += 3 * 16
-    backoff.record([seq], [[7]], [1], [None])  # a token accepted, a step's cost: paid
-    backoff.record([seq], [[7]], [0], [0.5])  # cheaper than a step: as a step
+    backoff.record([seq], [[7]], [1], None)  # a token accepted, a step's cost: paid
+    backoff.record([seq], [[7]], [0], 0.5)  # cheaper than a step: as a step
     seq.num_tokens += 1
     assert backoff.sits_out(seq) == 1
 
@@ -399,7 +401,7 @@ def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
         return seq
 
     def fail(seq, cost=5.0) -> int:  # a round of `seq` alone that accepts nothing
-        backoff.record([seq], [[7]], [0], [cost])
+        backoff.record([seq], [[7]], [0], cost)
         seq.num_tokens += 1
         return backoff.sits_out(seq)
 
@@ -426,7 +428,7 @@ def test_new_sequences_carry_on_their_kinds_failed_rounds_until_one_pays():
     assert fail(fifth) == 16 * 4  # its own wait: at most 16 times a round's waste
     seventh = new(True)
     assert backoff.sits_out(seventh) == 31 * 4  # the streak's: up to 64 times
-    backoff.record([first, seventh], [[7, 8], []], [2, 0], [2.0, None])  # first's round pays
+    backoff.record([first, seventh], [[7, 8], []], [2, 0], 2.0)  # first's round pays
     assert backoff.sits_out(fifth) == 64  # its own failures stand
     assert backoff.sits_out(seventh) == 0 and backoff.sits_out(new(True)) == 0
     assert fail(sixth) == 4 and fail(seventh) == 4  # their streak over, a first failure

@@ -16,7 +16,7 @@ class Backoff:
       added cost more than plain decoding's would have: where that runs several steps a
       call (Engine._run_ahead), a step costs a fraction of a verifying round on a fast
       model, and a round must add at least as many tokens as its cost in plain steps
-      (`costs`).
+      (`record`'s cost).
     - After m failed rounds in a row, a sequence decodes the next 2^m - 1 tokens (at most
       MAX_BACKOFF) plainly, times the plain steps a failed round of cost c wastes (c - 1,
       rounded, at least 1 and at most MAX_BACKOFF): no draft model steps, no verified rows
@@ -63,26 +63,31 @@ class Backoff:
             self.resume[seq.seq_id] = seq.num_tokens + streak.owed
 
     def record(
-        self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int], costs=None
+        self,
+        seqs: list[Sequence],
+        drafts: list[list[int]],
+        accepted: list[int],
+        cost: float | None = None,
     ):
-        """After a step's verification: `accepted[i]` of `drafts[i]` taken; `costs[i]`: the
-        round's time over a step of seqs[i]'s plain decoding (None, or no `costs`: a step's
-        worth, as where plain decoding runs a step a call or is not timed yet)."""
+        """After a step's verification: `accepted[i]` of `drafts[i]` taken; `cost`: the
+        round's time over a step of plain decoding that runs several steps a call, for the
+        sequences whose plain decoding does (`start`); for the others, or None (not timed),
+        a round costs a step's worth, as a plain step there is one call, as the round is."""
         paid: dict[bool, bool] = {}  # per kind drafted: whether any of its rounds paid
-        for i, (seq, draft, n) in enumerate(zip(seqs, drafts, accepted, strict=True)):
+        for seq, draft, n in zip(seqs, drafts, accepted, strict=True):
             if not draft:
                 continue
             self.empty.pop(seq.seq_id, None)
             self.inherited.pop(seq.seq_id, None)  # drafting: it sat out all it inherited
             kind = self.kind.get(seq.seq_id, False)
-            cost = max(1.0, costs[i] if costs and costs[i] is not None else 1.0)
-            if n and 1 + n >= cost:
+            steps = max(1.0, cost if kind and cost is not None else 1.0)  # the round's
+            if n and 1 + n >= steps:
                 self.misses.pop(seq.seq_id, None)
                 paid[kind] = True
                 continue
             paid.setdefault(kind, False)
             misses = self.misses[seq.seq_id] = self.misses.get(seq.seq_id, 0) + 1
-            wasted = min(max(1, round(cost - 1)), self.MAX_BACKOFF)  # a failed round's, at most
+            wasted = min(max(1, round(steps - 1)), self.MAX_BACKOFF)  # a failed round's, at most
             self.streaks[kind].wasted = max(self.streaks[kind].wasted, wasted)
             # this step adds 1 + n tokens (`seq`'s tokens do not include them yet), then the wait
             self.resume[seq.seq_id] = seq.num_tokens + 1 + n + self.wait(misses, wasted)

@@ -354,7 +354,7 @@ class Engine:
         the seconds its proposals and the step took, None where the step computed more than
         decodes and drafts, or was split): the tokens guides forced at a draft's start are
         counted apart (SpecStats.forced); the proposer's tokens after them go to its counts,
-        its Backoff (with the round's cost in steps of plain decoding: `_round_costs`) and
+        its Backoff (with the round's cost in steps of plain decoding: `_round_cost`) and
         its calibration."""
         lead = [batch.forced.get(s.seq_id, 0) for s in batch.seqs]
         self.spec_stats.forced += sum(min(n, f) for n, f in zip(accepted, lead, strict=True))
@@ -363,19 +363,17 @@ class Engine:
         drafts = [d[f:] for d, f in zip(batch.drafts, lead, strict=True)]
         taken = [max(0, n - f) for n, f in zip(accepted, lead, strict=True)]
         self.spec_stats.record(drafts, taken)
-        self.backoff.record(batch.seqs, drafts, taken, self._round_costs(batch, round_s))
+        self.backoff.record(batch.seqs, drafts, taken, self._round_cost(batch, round_s))
         self.proposer.observe(batch.seqs, drafts, taken)
 
-    def _round_costs(self, batch: Batch, round_s: float | None) -> list[float | None]:
-        """Per sequence of a verifying step, the round's seconds over those of a step of its
-        plain decoding, where that runs several steps a call (`_runs_ahead`) at the pace its
-        latest such call of as many sequences ran (DecodePacer.token_s); None elsewhere: a
-        plain step there is one call, as the round is, and costs about as much."""
+    def _round_cost(self, batch: Batch, round_s: float | None) -> float | None:
+        """A verifying step's seconds over those of a step of plain decoding that runs
+        several steps a call, at the pace its latest such call of as many sequences ran
+        (DecodePacer.token_s); the Backoff takes it for the sequences whose plain decoding
+        runs so (`_runs_ahead`). None where nothing runs so, or nothing was timed."""
         timed = round_s is not None and self._steps_ahead()
         plain_s = self.pacer.token_s(len(batch.seqs)) if timed else None
-        if not plain_s:
-            return [None] * len(batch.seqs)
-        return [round_s / plain_s if self._runs_ahead(s) else None for s in batch.seqs]
+        return round_s / plain_s if plain_s else None
 
     def _within_guide(self, seq: Sequence, draft: Draft) -> Draft:
         """`draft` cut where `seq`'s guide stops allowing it: a greedy request's before the
