@@ -115,12 +115,11 @@ class Sampler:
     def _seeded_rows(self, chosen, logits, row_params, row_histories, seeds, seeded, starts):
         """`chosen` with the rows of the `seeded` sequences (sequence i's from starts[i]) set
         to the token each draws at its position, as `__call__` draws it there."""
-        rows = [r for i in seeded for r in range(starts[i], starts[i + 1])]
-        keys = [(seeds[i], _position(row_histories[r]))
-                for i in seeded for r in range(starts[i], starts[i + 1])]  # fmt: skip
-        index = torch.tensor(rows)
-        chosen[index] = _sample(logits[index.to(logits.device)], [row_params[r] for r in rows],
-                                keys).to(chosen.device)  # fmt: skip
+        rows = [(r, seeds[i]) for i in seeded for r in range(starts[i], starts[i + 1])]
+        keys = [(seed, _position(row_histories[r])) for r, seed in rows]
+        index = torch.tensor([r for r, _ in rows])
+        drawn = _sample(logits[index.to(logits.device)], [row_params[r] for r, _ in rows], keys)
+        chosen[index] = drawn.to(chosen.device)
         return chosen
 
     def propose(
