@@ -114,11 +114,13 @@ def test_benches_speculate_with_ngram_or_an_earlier_checkpoint_as_draft(cli, tmp
             quantize: {{method: int8}}
           - id: offline
             bench:
-              offline: {{batch_sizes: [1], input_len: [8], output_len: [12], speculative: int8}}
+              offline: {{batch_sizes: [1], input_len: [8], output_len: [12], speculative: int8,
+                        draft_min_confidence: 0}}
           - id: served
             bench:
               serve: {{model: source, num_prompts: 2, input_len: 8, output_len: 4,
-                       speculative: ngram, num_speculative_tokens: 3}}
+                       speculative: ngram, num_speculative_tokens: 3, ngram_min: 2,
+                       ngram_max: 3, speculative_max_seqs: 8}}
               assert: ['failed<=0']
         """)  # fmt: skip
     done = cli("run", recipe, "--json")
@@ -127,7 +129,9 @@ def test_benches_speculate_with_ngram_or_an_earlier_checkpoint_as_draft(cli, tmp
     assert case["speculative"] == "draft" and case["spec_proposed_tokens"] > 0
     assert json.loads((out / "served.json").read_text())["completed"] == 2
     (command,) = commands
-    assert command[-4:] == ["--speculative", "ngram", "--num-speculative-tokens", "3"]
+    flags = dict(zip(command[-10::2], command[-9::2], strict=True))
+    assert flags == {"--speculative": "ngram", "--ngram-max": "3", "--ngram-min": "2",
+                     "--num-speculative-tokens": "3", "--speculative-max-seqs": "8"}  # fmt: skip
 
 
 BAD = {
@@ -175,6 +179,20 @@ BAD = {
     "draft tokens range": ("steps:\n  - id: a\n    bench:\n      offline:\n"
                            "        speculative: ngram\n        num_speculative_tokens: 17\n",
                            6, "steps.0.bench.offline.num_speculative_tokens"),
+    "engine option alone": ("steps:\n  - id: a\n    bench:\n      offline:\n"
+                            "        speculative_max_seqs: 2\n", 4, "steps.0.bench.offline"),
+    "ngram option with a draft": ("steps:\n  - id: a\n    bench:\n      offline:\n"
+                                  "        speculative: source\n        ngram_max: 2\n", 4,
+                                  "steps.0.bench.offline"),
+    "draft option with ngram": ("steps:\n  - id: a\n    bench:\n      offline:\n"
+                                "        speculative: ngram\n        draft_min_confidence: 0.5\n",
+                                4, "steps.0.bench.offline"),
+    "ngram above the default": ("steps:\n  - id: a\n    bench:\n      offline:\n"
+                                "        speculative: ngram\n        ngram_min: 5\n", 4,
+                                "steps.0.bench.offline"),
+    "ngram range": ("steps:\n  - id: a\n    bench:\n      offline:\n"
+                    "        speculative: ngram\n        ngram_max: 17\n", 6,
+                    "steps.0.bench.offline.ngram_max"),
 }  # fmt: skip
 
 

@@ -29,12 +29,13 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import CAST_METHODS, METHODS, MethodOptions, check_options
 from llmkit.recipe.yaml_lines import line_of, load_with_lines
-from llmkit.runtime.engine_config import MAX_SPECULATIVE_TOKENS, NGRAM
+from llmkit.runtime.engine_config import MAX_NGRAM, MAX_SPECULATIVE_TOKENS, NGRAM, EngineConfig
 from llmkit.runtime.lora_registry import adapter_dir
 
 STRICT = ConfigDict(extra="forbid")
 # A step's defaults are the command's, read from where the library keeps them.
 OFFLINE, COMPARE, CALIBRATION = OfflineSpec(), CompareSpec(), CalibrationSpec()
+ENGINE = EngineConfig()
 QUALITY_WINDOWS = inspect.signature(evaluate_quality).parameters["num_windows"].default
 
 
@@ -102,17 +103,39 @@ class Quality(BaseModel):
 
 class Speculating(BaseModel):
     """Speculative decoding for the engine a bench runs: `speculative` is ngram or an
-    earlier checkpoint's id (source included) as the draft model."""
+    earlier checkpoint's id (source included) as the draft model; the other fields are the
+    engine options of the same names (`--ngram-min` for ngram_min), each taken only with
+    what it tunes."""
 
     model_config = STRICT
     speculative: str | None = Field(None, min_length=1)
     num_speculative_tokens: int | None = Field(None, ge=1, le=MAX_SPECULATIVE_TOKENS)
+    speculative_max_seqs: int | None = Field(None, ge=0)
+    ngram_min: int | None = Field(None, ge=1, le=MAX_NGRAM)
+    ngram_max: int | None = Field(None, ge=1, le=MAX_NGRAM)
+    draft_min_confidence: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _drafts(self) -> Speculating:
-        if self.num_speculative_tokens is not None and self.speculative is None:
-            raise ValueError("num_speculative_tokens goes with speculative")
+        for field in self.engine_fields():
+            if self.speculative is None:
+                raise ValueError(f"{field} goes with speculative")
+            if field.startswith("ngram_") and self.speculative != NGRAM:
+                raise ValueError(f"{field} goes with speculative: {NGRAM}")
+            if field == "draft_min_confidence" and self.draft() is None:
+                raise ValueError(f"{field} goes with a draft model as speculative")
+        low = ENGINE.ngram_min if self.ngram_min is None else self.ngram_min
+        high = ENGINE.ngram_max if self.ngram_max is None else self.ngram_max
+        if low > high:
+            default = " (the engine's default)"
+            raise ValueError(f"ngram_min {low}{default * (self.ngram_min is None)} is above "
+                             f"ngram_max {high}{default * (self.ngram_max is None)}")  # fmt: skip
         return self
+
+    def engine_fields(self) -> dict:
+        """The engine options set besides `speculative`, by EngineConfig field."""
+        fields = set(Speculating.model_fields) - {"speculative"}
+        return {f: getattr(self, f) for f in sorted(fields) if getattr(self, f) is not None}
 
     def draft(self) -> str | None:
         """The checkpoint id of the draft model, if there is one."""

@@ -140,10 +140,8 @@ def _speculation(body, paths: dict[str, Path]) -> dict:
     if body.speculative is None:
         return {}
     draft = body.draft()
-    fields = {"speculative": str(paths[draft]) if draft else body.speculative}
-    if body.num_speculative_tokens is not None:
-        fields["num_speculative_tokens"] = body.num_speculative_tokens
-    return fields
+    return {"speculative": str(paths[draft]) if draft else body.speculative,
+            **body.engine_fields()}  # fmt: skip
 
 
 def _resolved(path: str | None) -> str | None:
