@@ -80,6 +80,23 @@ def test_wrong_types_are_refused_not_coerced(server, body, param):
     _error(server, body, param)
 
 
+def test_null_for_a_field_with_a_default_is_that_default_and_for_a_required_one_400(server):
+    """As OpenAI's API and vLLM take it (OpenAI's client sends null for temperature=None)."""
+    body = {"prompt": "x", "max_tokens": 4, "seed": 3}
+    nulls = dict.fromkeys(["temperature", "top_p", "top_k", "min_p", "n", "stream", "echo",
+                           "presence_penalty", "frequency_penalty", "repetition_penalty",
+                           "ignore_eos", "speculative", "priority", "logprobs",
+                           "stop"])  # fmt: skip
+    plain, with_nulls = (_completion(server, b) for b in (body, {**body, **nulls}))
+    assert plain[0] == with_nulls[0] == 200, with_nulls
+    assert plain[1]["choices"] == with_nulls[1]["choices"]
+    _error(server, {"prompt": None}, "prompt")
+    status, _, answer = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": None,
+        "parallel_tool_calls": None, "stream_options": {"include_usage": None}})  # fmt: skip
+    assert status == 200, answer
+
+
 def test_per_request_work_is_bounded(server):
     assert "16" in _error(server, {"prompt": "x", "stop": ["a"] * 17}, "stop")
     assert "256" in _error(server, {"prompt": "x", "stop": ["a" * 257]}, "stop")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmkit.runtime.guide import Guide, choice_guide
 from llmkit.runtime.sequence import SamplingParams
@@ -57,9 +57,27 @@ class ApiError(Exception):
         }
 
 
-class StreamOptions(BaseModel):
+class _Defaulted(BaseModel):
+    """A body in which null for a field with a default means that default, as OpenAI's API
+    and vLLM take it: clients send null for a parameter left unset (OpenAI's Python client
+    for `temperature=None`). A required field's null is still refused."""
+
     model_config = STRICT
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_as_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in fields or fields[key].is_required()
+        }
+
+
+class StreamOptions(_Defaulted):
     include_usage: bool = False
 
 
@@ -109,10 +127,8 @@ def _response_format_guide(response_format: dict[str, Any]) -> Guide | None:
                    param="response_format")  # fmt: skip
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Defaulted):
     """Fields both endpoints share."""
-
-    model_config = STRICT
 
     model: str | None = Field(default=None, max_length=1024)
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
