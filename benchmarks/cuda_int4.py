@@ -1,19 +1,22 @@
 """4-bit products on CUDA at Llama-3-8B's linear shapes (group 128), per activation rows:
 llmkit's decode kernel (kernels/cuda_int4.py, up to 16 rows), torch's tinygemm
 (`_weight_int4pack_mm`) and the bf16 weight through cuBLAS, each as the median time of a
-call inside a CUDA graph of 24 calls that cycle through copies of the weight larger than
-the L2 together (so every call reads its weight from memory, as a decode step does), and
-what that is in GB/s of the weight's bytes; at 1 and 16 rows also each of the kernel's
-block shapes (VARIANTS; "llmkit" is the one the layer chose; "p": loading a lane's next
-chunks before it multiplies the last, which no layer chooses yet). For gate_up also
-silu(gate) * up: the gated kernel's one launch against the product and then the Triton
-activation. For up to FUSED_ROWS rows also one decoder layer's four products with its
-two norms and residual adds: inside the products (Int4Linear.normed, add_to) against the
-Triton norms between them, as the layer runs either way (the attention left out). llmkit's
-kernel is launched as in a decode step, as a programmatic dependent of the call before it
-(on sm_90: its blocks start while that call finishes), which tinygemm and cuBLAS are not.
-Also checks the kernel's outputs against tinygemm's. A diagnostic for benchmarks/cuda.py's
-gptq rows, without targets.
+call inside a CUDA graph of 24 calls that cycle through copies of the weight larger than the
+L2 together (so every call reads its weight from memory, as a decode step does), and what
+that is in GB/s of the weight's bytes; at 1 and 16 rows also each of the kernel's block
+shapes (VARIANTS; "llmkit" is the one the layer chose; "p": loading a lane's next chunks
+before it multiplies the last, which a layer takes where it times faster:
+cuda_int4.timed_variants). For gate_up also silu(gate) * up: the gated kernel's one launch
+against the product and then the Triton activation. For up to FUSED_ROWS rows also one
+decoder layer's four products with its two norms and residual adds: inside the products
+(Int4Linear.normed, add_to) against the Triton norms between them, as the layer runs either
+way (the attention left out). llmkit's kernel is launched as in a decode step, as a
+programmatic dependent of the call before it (on sm_90: its blocks start while that call
+finishes), which tinygemm and cuBLAS are not. Also llmkit's chosen kernel on the same weight
+every call (`llmkit_l2_ms`: from the L2 where the weight fits there, 50 MB on the H100), the
+least a product could take were its weight prefetched into the L2 while a kernel before it
+leaves memory idle. Also checks the kernel's outputs against tinygemm's. A diagnostic for
+benchmarks/cuda.py's gptq rows, without targets.
 
     python benchmarks/cuda_int4.py [--rows 1,2,4,8,16]
 """
@@ -105,6 +108,8 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
             row["max_diff_vs_tinygemm"] = float((got - want).abs().max() / want.abs().max())
             row["llmkit_ms"] = graph_ms([ours[i % len(ours)] for i in range(CALLS)])
             row["llmkit_gb_s"] = int4_bytes / row["llmkit_ms"] / 1e6
+            # the same weight every call: read from the L2 where it fits there
+            row["llmkit_l2_ms"] = graph_ms([ours[0]] * CALLS)
             for variant in VARIANTS if rows in (1, cuda_int4.MAX_ROWS) else ():
                 pipelined = "p" if variant[2:] == (1,) else ""
                 key = f"llmkit_{variant[0]}w_{variant[1]}u{pipelined}_ms"
