@@ -10,12 +10,14 @@ cuda_int4.timed_variants). For gate_up also silu(gate) * up: the gated kernel's 
 against the product and then the Triton activation. For up to FUSED_ROWS rows also one
 decoder layer's four products with its two norms and residual adds: inside the products
 (Int4Linear.normed, add_to) against the Triton norms between them, as the layer runs either
-way (the attention left out). llmkit's kernel is launched as in a decode step, as a
-programmatic dependent of the call before it (on sm_90: its blocks start while that call
-finishes), which tinygemm and cuBLAS are not. Also llmkit's chosen kernel on the same weight
-every call (`llmkit_l2_ms`: from the L2 where the weight fits there, 50 MB on the H100), the
-least a product could take were its weight prefetched into the L2 while a kernel before it
-leaves memory idle. Also checks the kernel's outputs against tinygemm's. A diagnostic for
+way (the attention left out), and the fused layer with a stand-in for its attention, its
+q/k/v product prefetching 0-48 MB of the weights after it into the L2
+(LLMKIT_L2_PREFETCH_MB). llmkit's kernel is launched as in a decode step, as a programmatic
+dependent of the call before it (on sm_90: its blocks start while that call finishes), which
+tinygemm and cuBLAS are not. Also llmkit's chosen kernel on the same weight every call
+(`llmkit_l2_ms`: from the L2 where the weight fits there, 50 MB on the H100), the least a
+product could take were its weight prefetched into the L2 while a kernel before it leaves
+memory idle. Also checks the kernel's outputs against tinygemm's. A diagnostic for
 benchmarks/cuda.py's gptq rows, without targets.
 
     python benchmarks/cuda_int4.py [--rows 1,2,4,8,16]
@@ -35,6 +37,8 @@ CALLS = 24
 # (warps, chunks in flight[, 1: the next chunks load while the last multiply])
 VARIANTS = ((8, 4), (8, 2), (8, 8), (4, 4), (16, 4), (8, 4, 1), (8, 2, 1), (4, 4, 1))
 EVICT_BYTES = 200 * 2**20  # weights cycled through: several times the H100's 50 MB L2
+ATTENTION_CYCLES = 20_000  # a sleep of about a layer's attention at 8B on the H100 (11 us)
+PREFETCH_MB = (0, 8, 16, 32, 48)  # of o_proj's and then gate_up's weights
 
 
 def graph_ms(calls: list) -> float:
@@ -144,7 +148,11 @@ def gated_ms(products: list, gated_layers: list, x) -> dict:
 def layer_ms(rows: int) -> dict:
     """One decoder layer's products at these shapes, its norms and residual adds inside
     them, and apart: the Triton add-and-norm before qkv and before gate_up (adding the
-    previous layer's and the attention's outputs), as DecoderLayer runs either way."""
+    previous layer's and the attention's outputs), as DecoderLayer runs either way. Then
+    the fused layer with a stand-in for its attention (a sleep of ATTENTION_CYCLES, memory
+    idle) between qkv and o_proj, qkv prefetching the first PREFETCH_MB megabytes of
+    o_proj's and gate_up's weights into the L2 (DecoderLayer.prefetch), 0 for none."""
+    from llmkit.kernels import cuda_int4
     from llmkit.kernels import triton_elementwise as te
     from llmkit.runtime.layers.norm import RMSNorm
 
@@ -157,8 +165,10 @@ def layer_ms(rows: int) -> dict:
     attention = torch.randn(rows, hidden, device="cuda").bfloat16()  # the attention's output
     before = torch.randn(rows, hidden, device="cuda").bfloat16()  # the previous layer's
 
-    def fused(i: int) -> None:
-        qkv[i].normed(residual, norm)  # (its output would go to the attention left out)
+    def fused(i: int, prefetch=None, attend: bool = False) -> None:
+        qkv[i].normed(residual, norm, prefetch)  # (its output would go to the attention)
+        if attend:
+            torch.cuda._sleep(ATTENTION_CYCLES)
         o[i].add_to(attention, residual)
         down[i].add_to(gate_up[i].normed(residual, norm), residual)
 
@@ -169,10 +179,19 @@ def layer_ms(rows: int) -> dict:
 
     if not all(layer.fuses for layer in qkv + o + down + gate_up):
         return {"layer_fused_ms": "unavailable: the kernels with norms or adds failed their check"}
-    return {
+    out = {
         "layer_fused_ms": graph_ms([lambda i=i: fused(i % copies) for i in range(CALLS)]),
         "layer_apart_ms": graph_ms([lambda i=i: apart(i % copies) for i in range(CALLS)]),
+        "attention_stand_in_ms": graph_ms([lambda: torch.cuda._sleep(ATTENTION_CYCLES)] * CALLS),
     }
+    for megabytes in PREFETCH_MB:
+        regions = [cuda_int4.prefetch_regions([o[i].decode_tiles, o[i].decode_scales,
+                                               gate_up[i].decode_tiles], megabytes * 2**20)
+                   for i in range(copies)]  # fmt: skip
+        calls = [lambda i=i, r=regions: fused(i % copies, r[i % copies], True)
+                 for i in range(CALLS)]  # fmt: skip
+        out[f"layer_with_attention_prefetch_{megabytes}mb_ms"] = graph_ms(calls)
+    return out
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from llmkit.errors import LlmkitError
 from llmkit.kernels import cuda_int4
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import options_for
@@ -140,6 +141,23 @@ def test_a_product_with_a_norm_or_an_add_equals_the_float64_one(rows, n, k, grou
     # a normed input a float32 step off its reference may round to the next bf16 value
     atol = (1e-3 if kind != "add" else 1e-4) * float(expected.abs().max())
     assert torch.allclose(got.double().cpu(), expected, rtol=2**-7, atol=atol)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("kind", ["plain", "norm", "gated norm"])
+def test_a_product_that_prefetches_gives_the_bits_of_one_that_does_not(kind):
+    """Prefetching regions into the L2 (a layer's next weights, several, larger than the
+    product's own and of every size) changes no output bit."""
+    w = random_grouped(64, 1024, 128, act_order=False, seed=4)
+    x = torch.randn(3, 1024).bfloat16().cuda()
+    _, tiles, words = _expected_and_packed(w, x.double().cpu(), kind == "gated norm")
+    others = [torch.randn(n, device="cuda") for n in (5, 1000, 3 * 2**20 + 7)]
+    regions = cuda_int4.prefetch_regions([tiles, *others], 2**30)
+    norm = None if kind == "plain" else (torch.rand(1024).bfloat16().cuda() + 0.5, 1e-6)
+    gated = kind == "gated norm"
+    plain = cuda_int4.matmul(x, tiles, words, 128, gated=gated, norm=norm)
+    prefetched = cuda_int4.matmul(x, tiles, words, 128, gated=gated, norm=norm, prefetch=regions)
+    assert torch.equal(plain, prefetched)
 
 
 def _packed(n: int, k: int, seed: int):
@@ -481,8 +499,8 @@ def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, prog
     programmatic-serialization attribute where the device takes it, else cuLaunchKernel;
     the structures have cuda.h's layout (CUlaunchAttribute 72 bytes, its value at 8;
     CUlaunchConfig 56, the stream at 32); a tensor argument is passed as its data pointer,
-    an int as a 32-bit int, a float as a 32-bit float. A fake driver records what it was
-    given."""
+    None as a null pointer, an int as a 32-bit int, a float as a 32-bit float. A fake
+    driver records what it was given."""
     import ctypes
 
     from llmkit.kernels import cuda_rtc
@@ -494,7 +512,7 @@ def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, prog
     calls, arguments = [], []
 
     def record(params):
-        kinds = (ctypes.c_void_p, ctypes.c_int, ctypes.c_float)
+        kinds = (ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p)
         arguments.append([ctypes.cast(params[i], ctypes.POINTER(kind)).contents.value
                           for i, kind in enumerate(kinds)])  # fmt: skip
 
@@ -519,14 +537,14 @@ def test_a_dependent_launch_carries_the_programmatic_attribute(monkeypatch, prog
     module.device, module._lib, module._kernels = "cuda:0", Driver(), {"k": 5}
     module.programmatic = programmatic
     x = torch.zeros(4)
-    module.launch("k", 12, 256, x, 3, 0.25, dependent=True)
-    module.launch("k", 12, 256, x, 3, 0.25)
+    module.launch("k", 12, 256, x, 3, 0.25, None, dependent=True)
+    module.launch("k", 12, 256, x, 3, 0.25, None)
     if programmatic:
         assert calls[0] == ("ex", 12, 256, 77, 5, [(6, 1)])
     else:
         assert calls[0] == ("plain", 12, 256, 77, 5)
     assert calls[1] == ("plain", 12, 256, 77, 5)
-    assert arguments == [[x.data_ptr(), 3, 0.25]] * 2
+    assert arguments == [[x.data_ptr(), 3, 0.25, None]] * 2
 
 
 @pytest.mark.parametrize(
@@ -569,9 +587,11 @@ class TorchFused(torch.nn.Module):
     def forward(self, x):
         return self.inner(x)
 
-    def normed(self, residual, norm):
+    def normed(self, residual, norm, prefetch=None):
         assert residual.shape[0] <= cuda_int4.FUSED_ROWS
         self.calls.append("normed")
+        if prefetch is not None:
+            self.calls.append(prefetch)
         return self.inner(norm(residual))
 
     def add_to(self, x, residual):
@@ -597,11 +617,11 @@ def _generate(path, fusing: str) -> tuple[list, list[str]]:
         chosen = {"none": [], "all": layers, "first": layers[:1], "last": layers[-1:]}[fusing]
         for layer in layers:
             layer.fused = None  # the Python layers (not the C++ one) in every run
-        for layer in chosen:
+        for i, layer in enumerate(chosen):
             attn, mlp = layer.attn, layer.mlp
             attn.qkv, attn.o_proj = TorchFused(attn.qkv, calls), TorchFused(attn.o_proj, calls)
             mlp.gate_up, mlp.down = TorchFused(mlp.gate_up, calls), TorchFused(mlp.down, calls)
-            layer.fuses = True
+            layer.fuses, layer.prefetch = True, f"regions {i}"
         outs = llm.generate(prompts, params)
     finally:
         llm.close()
@@ -617,6 +637,10 @@ def test_a_layer_with_its_norms_inside_its_products_computes_the_plain_layer(tin
     bit for bit, whichever layers fuse; steps of more rows run the plain layers."""
     got, calls = _generate(tiny_dir("tiny-llama"), fusing)
     assert calls and calls.count("normed") == calls.count("add")
+    # each fused layer's q/k/v product (not its gate/up) takes the layer's prefetch, in order
+    regions = [c for c in calls if c.startswith("regions")]
+    assert len(regions) == calls.count("normed") // 2
+    assert regions == sorted(set(regions)) * (len(regions) // len(set(regions)))
     assert got == _generate(tiny_dir("tiny-llama"), "none")[0]
 
 
@@ -625,14 +649,7 @@ def test_a_bf16_gptq_model_on_cuda_runs_its_norms_inside_its_products(tiny_dir, 
     """Every layer of a bf16 GPTQ model on CUDA fuses (Int4Linear.fuses); its logits for a
     prompt of at most FUSED_ROWS tokens (the fused layers) are those of the same layers
     with their norms in launches of their own, up to the float32 order of the squares."""
-    from llmkit.runtime.distributed import Group
-    from llmkit.runtime.model_runner import ModelRunner
-
-    out = tmp_path / "gptq"
-    calibration = CalibrationSpec(num_samples=8, seq_len=64)
-    quantize(tiny_dir("tiny-llama"), out, "gptq", options=options_for("gptq", group_size=32),
-             calibration=calibration, device="cuda")  # fmt: skip
-    runner = ModelRunner(str(out), Group(), torch.bfloat16, torch.device("cuda"), 8, 16)
+    runner = _bf16_gptq_runner(tiny_dir, tmp_path)
     layers = runner.model.layers
     assert all(layer.fuses for layer in layers)
     ids = random_prompts(1, cuda_int4.FUSED_ROWS, cuda_int4.FUSED_ROWS + 1, seed=2)
@@ -643,11 +660,43 @@ def test_a_bf16_gptq_model_on_cuda_runs_its_norms_inside_its_products(tiny_dir, 
     assert float((fused - plain).abs().max() / plain.abs().max()) < 2e-2
 
 
+@NEEDS_CUDA
+def test_layers_that_prefetch_give_the_logits_of_layers_that_do_not(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """With LLMKIT_L2_PREFETCH_MB, each fused layer's q/k/v product prefetches the weights
+    after its attention (more megabytes than they hold: all of them); the logits keep
+    every bit."""
+    ids = random_prompts(1, cuda_int4.FUSED_ROWS, cuda_int4.FUSED_ROWS + 1, seed=2)
+    logits = {}
+    for megabytes in ("0", "64"):
+        monkeypatch.setenv("LLMKIT_L2_PREFETCH_MB", megabytes)
+        runner = _bf16_gptq_runner(tiny_dir, tmp_path)
+        prefetching = [layer.prefetch is not None for layer in runner.model.layers]
+        assert prefetching == [megabytes != "0"] * len(prefetching)
+        logits[megabytes] = runner.window_logits(ids).cpu()
+    assert torch.equal(logits["0"], logits["64"])
+
+
+def _bf16_gptq_runner(tiny_dir, tmp_path):
+    """A bf16 ModelRunner on CUDA of tiny-llama quantized by GPTQ there (made once)."""
+    from llmkit.runtime.distributed import Group
+    from llmkit.runtime.model_runner import ModelRunner
+
+    out = tmp_path / "gptq"
+    if not (out / "config.json").is_file():
+        calibration = CalibrationSpec(num_samples=8, seq_len=64)
+        quantize(tiny_dir("tiny-llama"), out, "gptq", options=options_for("gptq", group_size=32),
+                 calibration=calibration, device="cuda")  # fmt: skip
+    return ModelRunner(str(out), Group(), torch.bfloat16, torch.device("cuda"), 8, 16)
+
+
 def test_each_product_launches_its_kernel_with_the_arguments_in_the_sources_order():
     """The kernel a product takes (by group, rows, gated, norm or add), every one of them
     instantiated in the source, and the arguments every kernel takes in its order: x, the
-    weight, the scales, y, rows, N, K, the group size, the norm's weight and epsilon.
-    Norms and adds take up to FUSED_ROWS rows and add only to a bf16 [rows, N] tensor."""
+    weight, the scales, y, rows, N, K, the group size, the norm's weight and epsilon;
+    then the prefetch regions and their count (none: a null pointer and 0). Norms and
+    adds take up to FUSED_ROWS rows and add only to a bf16 [rows, N] tensor."""
     import re
 
     source = cuda_int4.SOURCE.read_text()
@@ -670,6 +719,10 @@ def test_each_product_launches_its_kernel_with_the_arguments_in_the_sources_orde
     assert (kernel, grid, block, dependent) == ("int4_gemv_norm_fold2_m1", 3, 256, True)
     assert args[0] is x and args[1] is tiles and args[2] is scales and args[3] is out
     assert args[4:8] == (2, 48, 256, 32) and args[8] is weight and args[9] == 1e-5
+    assert args[10] is None and args[11] == 0  # no prefetch
+    regions = cuda_int4.prefetch_regions([tiles, scales], 2**20)
+    cuda_int4._matmul(Module(), 8, x, tiles, scales, 32, False, prefetch=regions)
+    assert launched[-1][3][10] is regions and launched[-1][3][11] == 2
     assert cuda_int4._matmul(Module(), 4, x, tiles, scales, 128, False, into=into) is into
     assert launched[-1][0] == "int4_gemv_add_fold4_m1" and launched[-1][2] == 128
     gated = cuda_int4._matmul(Module(), 8, x, tiles, scales, 64, True, (weight, 1e-5))
@@ -682,3 +735,25 @@ def test_each_product_launches_its_kernel_with_the_arguments_in_the_sources_orde
         cuda_int4._matmul(Module(), 8, nine, tiles, scales, 32, False, norm=(weight, 1e-5))
     with pytest.raises(ValueError, match=r"bf16 \[2, 48\]"):
         cuda_int4._matmul(Module(), 8, x, tiles, scales, 32, False, into=into.float())
+
+
+def test_prefetch_regions_are_the_first_bytes_of_the_weights_in_order(monkeypatch):
+    """A layer's prefetch (cuda_int4.prefetch_regions): the first LLMKIT_L2_PREFETCH_MB
+    megabytes of its weights, in order, as (address, bytes) pairs; none at 0, unset or
+    where the budget is spent; a value that is not megabytes from 0 to 1024 is refused."""
+    a, b, c = torch.zeros(1000, dtype=torch.int32), torch.zeros(10), torch.zeros(5, 5)
+    regions = cuda_int4.prefetch_regions([a, b, c], 4000 + 24)
+    assert regions.dtype == torch.int64
+    assert regions.tolist() == [[a.data_ptr(), 4000], [b.data_ptr(), 24]]
+    assert cuda_int4.prefetch_regions([a, b, c], 10**6)[:, 1].tolist() == [4000, 40, 100]
+    assert cuda_int4.prefetch_regions([a], 0) is None
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda_int4.prefetch_regions([c.t()], 10)
+    monkeypatch.delenv("LLMKIT_L2_PREFETCH_MB", raising=False)
+    assert cuda_int4.l2_prefetch_bytes() == 0
+    monkeypatch.setenv("LLMKIT_L2_PREFETCH_MB", "24.5")
+    assert cuda_int4.l2_prefetch_bytes() == int(24.5 * 2**20)
+    for bad in ("lots", "-1", "nan", "2000"):
+        monkeypatch.setenv("LLMKIT_L2_PREFETCH_MB", bad)
+        with pytest.raises(LlmkitError, match="LLMKIT_L2_PREFETCH_MB"):
+            cuda_int4.l2_prefetch_bytes()

@@ -23,6 +23,11 @@
 // holds 8 gate rows and then the 8 up rows of the same outputs (cuda_int4.gated_order), and
 // write silu(gate) * up: [rows, N / 2], from the float32 sums, rounded once.
 //
+// A product may also prefetch other weights into the L2 once its own are loaded (`prefetch`:
+// count (address, bytes) pairs, each block a share of each, one prefetch.global.L2::evict_last
+// a thread per 128-byte line): a layer's q/k/v product those of the products after the
+// attention, which reads little memory, so that they find them in the L2 (cuda_int4.py).
+//
 // Two kinds fold a decode layer's RMSNorm and residual add into its products (up to 8
 // rows). NORM: x is the residual stream, and the product takes nw * rms_norm(x) rounded as
 // triton_elementwise's norm does (each row times its 1 / rms in float32, rounded to bf16,
@@ -120,6 +125,19 @@ __device__ __forceinline__ float square_sum(uint4 v) {
     s += lo * lo + hi * hi;
   }
   return s;
+}
+
+// This block's share of each of `count` regions ((address, bytes) pairs) into the L2, kept
+// there before lines loaded once (evict_last): a line a thread, 128 bytes apart
+__device__ __forceinline__ void prefetch_l2(const long long* regions, int count) {
+  for (int r = 0; r < count; ++r) {
+    const char* base = (const char*)regions[2 * r];
+    const long long bytes = regions[2 * r + 1];
+    const long long share = ((bytes + gridDim.x - 1) / gridDim.x + 127) & ~127LL;
+    const long long end = min(bytes, share * (blockIdx.x + 1));
+    for (long long at = share * blockIdx.x + 128LL * threadIdx.x; at < end; at += 128LL * blockDim.x)
+      asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(base + at));
+  }
 }
 
 enum Kind { PLAIN = 0, NORM = 1, ADD = 2 };
@@ -256,7 +274,8 @@ template <int FOLD, int MT, bool GATED, int KIND>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __restrict__ w,
                                      const u32* __restrict__ sz, u16* __restrict__ y, int rows,
                                      int N, int K, int group_size, const u16* __restrict__ nw,
-                                     float eps) {
+                                     float eps, const long long* __restrict__ prefetch,
+                                     int prefetches) {
   static_assert(KIND == PLAIN || MT == 1, "norms and adds take up to 8 rows");
   __shared__ float partial[WARPS][MT * 4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -317,6 +336,7 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
   for (; c < end; ++c)
     chunk<FOLD, MT, KIND == NORM>(p, load_streaming(wp + (size_t)c * 32), xrow, c << 6, szp,
                                   group_size, N, nwp, inv);
+  if (prefetches) prefetch_l2(prefetch, prefetches);  // every load of this warp's is done
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -337,13 +357,16 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
   }
 }
 
-// every kernel takes the same arguments (nw and eps read only by NORM ones)
+// every kernel takes the same arguments (nw and eps read only by NORM ones; prefetch:
+// `prefetches` (address, bytes) pairs, or none)
 #define KERNEL(NAME, FOLD, MT, GATED, KIND)                                                  \
   extern "C" __global__ void __launch_bounds__(WARPS * 32, KIND == NORM ? NORM_BLOCKS : 2) \
       int4_##NAME##_fold##FOLD##_m##MT(const u16* x, const uint4* w, const u32* sz, u16* y, \
                                        int rows, int N, int K, int group_size,               \
-                                       const u16* nw, float eps) {                           \
-    gemv<FOLD, MT, GATED, KIND>(x, w, sz, y, rows, N, K, group_size, nw, eps);               \
+                                       const u16* nw, float eps, const long long* prefetch,  \
+                                       int prefetches) {                                     \
+    gemv<FOLD, MT, GATED, KIND>(x, w, sz, y, rows, N, K, group_size, nw, eps, prefetch,      \
+                                prefetches);                                                 \
   }
 
 KERNEL(gemv, 2, 1, false, PLAIN)

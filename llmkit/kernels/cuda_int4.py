@@ -15,7 +15,11 @@ launch of their own.
 
 Each product is launched as a programmatic dependent of the kernel before it (compute
 capability 9.0 and newer): its blocks start, and load their first weights, while that
-kernel finishes.
+kernel finishes. A product may also prefetch other weights into the L2 once it has loaded
+its own (`prefetch`, regions made by `prefetch_regions`): a decode layer's q/k/v product
+those of the products after the attention, which leaves memory nearly idle. Off unless
+LLMKIT_L2_PREFETCH_MB says how many megabytes (`l2_prefetch_bytes`), until a GPU has
+measured it (benchmarks/cuda_int4.py).
 
 The packing is plain torch (tested on the CPU against an unpacker written from the
 fragment layout); the kernel needs a GPU of compute capability 8.0 or newer.
@@ -25,10 +29,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import warnings
 from pathlib import Path
 
 import torch
+
+from llmkit.errors import LlmkitError
 
 MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
 FUSED_ROWS = 8  # rows a product with a norm or a residual add takes: one tile
@@ -94,7 +101,8 @@ def fits(n: int, k: int, group_size: int) -> bool:
 def matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, group_size: int,
            variant: tuple[int, int] = VARIANTS[0], gated: bool = False,
            norm: tuple[torch.Tensor, float] | None = None,
-           into: torch.Tensor | None = None):  # fmt: skip
+           into: torch.Tensor | None = None,
+           prefetch: torch.Tensor | None = None):  # fmt: skip
     """bf16 x [rows <= MAX_ROWS, K] times the packed weight: bf16 [rows, N], or with `gated`
     silu(gate) * up [rows, N / 2]. `variant`: (warps a block, chunks in flight a lane[, 1
     to load the next chunks while the last multiply]), the source's WARPS, UNROLL and
@@ -102,13 +110,16 @@ def matmul(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, group_siz
     FUSED_ROWS rows, and only where `fuses` said so, one of: `norm` (weight [K] bf16, eps):
     x is the residual stream, and the product is that of weight * rms_norm(x), rounded as
     triton_elementwise's norm rounds; `into` (bf16 [rows, N], contiguous): each output,
-    rounded to bf16, is added to it in place (the sum rounded once) -> `into`."""
+    rounded to bf16, is added to it in place (the sum rounded once) -> `into`. `prefetch`
+    (`prefetch_regions`): memory each block prefetches a share of into the L2 once its own
+    weights are loaded."""
     module = kernels(x.device, variant)
-    return _matmul(module, variant[0], x, tiles, scales, group_size, gated, norm, into)
+    return _matmul(module, variant[0], x, tiles, scales, group_size, gated, norm, into,
+                   prefetch)  # fmt: skip
 
 
 def _matmul(module, warps: int, x, tiles, scales, group_size: int, gated: bool, norm=None,
-            into=None) -> torch.Tensor:  # fmt: skip
+            into=None, prefetch=None) -> torch.Tensor:  # fmt: skip
     rows, k = x.shape
     n = tiles.shape[0] * 16
     x = _aligned(x)  # runs of 8 inputs are read at once
@@ -123,9 +134,42 @@ def _matmul(module, warps: int, x, tiles, scales, group_size: int, gated: bool, 
     if kind and rows > FUSED_ROWS:
         raise ValueError(f"norms and adds take at most {FUSED_ROWS} rows, not {rows}")
     kernel = _KERNELS[group_size % 64 == 0, rows > 8, gated, kind]
+    regions = 0 if prefetch is None else prefetch.shape[0]
     module.launch(kernel, n // 16, 32 * warps, x, tiles, scales, y, rows, n, k, group_size,
-                  weight, eps, dependent=True)  # fmt: skip
+                  weight, eps, prefetch, regions, dependent=True)  # fmt: skip
     return y
+
+
+def l2_prefetch_bytes() -> int:
+    """How many bytes of the weights after its attention a decode layer's q/k/v product
+    prefetches into the L2 (`prefetch_regions`): LLMKIT_L2_PREFETCH_MB megabytes; unset or
+    0, none."""
+    text = os.environ.get("LLMKIT_L2_PREFETCH_MB", "0")
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = -1.0
+    if not 0 <= megabytes <= 1024:
+        raise LlmkitError(f"LLMKIT_L2_PREFETCH_MB={text!r}: give megabytes from 0 to 1024")
+    return int(megabytes * 2**20)
+
+
+def prefetch_regions(parts: list[torch.Tensor], budget: int) -> torch.Tensor | None:
+    """The first `budget` bytes of the contiguous tensors `parts`, taken in order, as the
+    kernel's prefetch regions: int64 [regions, 2] (address, bytes) on their device; None
+    where that is nothing. The tensors must outlive the regions."""
+    regions = []
+    for part in parts:
+        if budget <= 0:
+            break
+        if not part.is_contiguous():
+            raise ValueError("prefetch regions are contiguous tensors")
+        size = min(budget, part.numel() * part.element_size())
+        regions.append((part.data_ptr(), size))
+        budget -= size
+    if not regions:
+        return None
+    return torch.tensor(regions, dtype=torch.int64).to(parts[0].device)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -318,7 +362,10 @@ def _check(module, warps: int, device: torch.device, kinds=("",)) -> None:
             expected = residual.float() + expected.bfloat16().float()
             into = residual.to(device)
         tiles, words = pack(q.to(device, torch.uint8)), pack_scales(s, z).to(device)
-        got = _matmul(module, warps, x.to(device), tiles, words, group, gated, norm, into)
+        # the norm kinds (a layer's q/k/v product) as layers may launch them: prefetching
+        prefetch = prefetch_regions([tiles, words], 2**20) if kind == "norm" else None
+        got = _matmul(module, warps, x.to(device), tiles, words, group, gated, norm, into,
+                      prefetch)  # fmt: skip
         error = float((got.float().cpu() - expected).abs().max() / expected.abs().max())
         if not error < 1e-2:
             raise CudaError(f"{_KERNELS[key]} is off by {error:.3g} of the float32 product here")

@@ -241,11 +241,11 @@ class Module:
 
     def launch(self, kernel: str, grid: int, block: int, *args, dependent: bool = False):
         """`kernel` on `grid` blocks of `block` threads, on the current stream; `args` are
-        tensors (passed as their data pointers), Python ints (as 32-bit ints) and floats (as
-        32-bit floats). `dependent` (where `programmatic`): as a programmatic dependent
-        launch, which may start before the kernel before it has finished; the kernel must
-        wait (griddepcontrol.wait) before it reads what that kernel writes or writes
-        anything."""
+        tensors (passed as their data pointers; None as a null pointer), Python ints (as
+        32-bit ints) and floats (as 32-bit floats). `dependent` (where `programmatic`): as a
+        programmatic dependent launch, which may start before the kernel before it has
+        finished; the kernel must wait (griddepcontrol.wait) before it reads what that
+        kernel writes or writes anything."""
         values = [_argument(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(
             *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values]
@@ -264,8 +264,10 @@ class Module:
 
 
 def _argument(value):
-    """A kernel argument as the kernel reads it: a tensor's data pointer, a 32-bit int or a
-    32-bit float."""
+    """A kernel argument as the kernel reads it: a tensor's data pointer (None: a null
+    pointer), a 32-bit int or a 32-bit float."""
+    if value is None:
+        return ctypes.c_void_p(None)
     if isinstance(value, torch.Tensor):
         return ctypes.c_void_p(value.data_ptr())
     if isinstance(value, float):

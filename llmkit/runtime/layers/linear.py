@@ -455,12 +455,13 @@ class Int4Linear(nn.Module):
         x = x.to(torch.bfloat16)
         return cuda_int4.matmul(x, *self._decode(x), gated=True).to(self.dtype)
 
-    def normed(self, residual: torch.Tensor, norm) -> torch.Tensor:
+    def normed(self, residual: torch.Tensor, norm, prefetch=None) -> torch.Tensor:
         """This product of norm(residual) (an RMSNorm; its rounding) in one launch, or where
-        gated silu(gate) * up of it; `residual` bf16 [rows <= FUSED_ROWS, in]. Where
-        `fuses` only."""
+        gated silu(gate) * up of it; `residual` bf16 [rows <= FUSED_ROWS, in]; `prefetch`:
+        cuda_int4.matmul's. Where `fuses` only."""
         decode = self._decode(residual)
-        return cuda_int4.matmul(residual, *decode, gated=self.gated, norm=(norm.weight, norm.eps))
+        return cuda_int4.matmul(residual, *decode, gated=self.gated,
+                                norm=(norm.weight, norm.eps), prefetch=prefetch)  # fmt: skip
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> None:
         """residual += this product of x, in one launch (the product rounded to bf16, the

@@ -15,7 +15,7 @@ from torch import nn
 
 from llmkit.arch.plan import Model, heads_per_rank
 from llmkit.errors import LlmkitError
-from llmkit.kernels.cuda_int4 import FUSED_ROWS
+from llmkit.kernels.cuda_int4 import FUSED_ROWS, l2_prefetch_bytes, prefetch_regions
 from llmkit.runtime.layers.activation import silu_and_mul
 from llmkit.runtime.layers.attention import AttentionMetadata, paged_attention
 from llmkit.runtime.layers.decode_layer import (
@@ -129,6 +129,13 @@ class DecoderLayer(nn.Module):
         # to FUSED_ROWS rows, the norms and residual adds run inside the products
         parts = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
         self.fuses = loras is None and all(getattr(m, "fuses", False) for m in parts)
+        # there, what the q/k/v product prefetches into the L2 for the products after the
+        # attention (cuda_int4.l2_prefetch_bytes; None: nothing)
+        self.prefetch = None
+        if self.fuses:
+            o, gate_up = attn.o_proj, mlp.gate_up
+            weights = [o.decode_tiles, o.decode_scales, gate_up.decode_tiles]
+            self.prefetch = prefetch_regions(weights, l2_prefetch_bytes())
 
     def forward(self, x, residual, rotary, kv_cache, meta):
         """x: the previous layer's output, not yet added to `residual` (the sum of all
@@ -154,7 +161,7 @@ class DecoderLayer(nn.Module):
             residual = x
         elif x is not None:
             residual.add_(x)
-        qkv = self.attn.qkv.normed(residual, self.input_norm)
+        qkv = self.attn.qkv.normed(residual, self.input_norm, self.prefetch)
         self.attn.o_proj.add_to(self.attn.attend(qkv, rotary, kv_cache, meta), residual)
         self.mlp.add_normed(residual, self.post_norm)
         return residual
