@@ -25,8 +25,9 @@ counting only the bytes copied, an H100 gives half, and decode reads "faster" th
 Targets (8B shapes, issue 37): bf16 MBU >= 0.75; gptq-int4 batch-1 >= 2.5x bf16; batch-1
 >= 1.0x the compiled transformers anchor; bf16 output at 256 concurrent >= 5,000 tok/s.
 
-Writes benchmarks/results/cuda-<date>.json with the GPU, driver, torch and Triton versions
-and, per model shape, `mbu`, `int4_over_bf16`, `throughput_256` and the anchor ratios.
+Writes benchmarks/results/cuda-<date>.json with the GPU, driver, torch and Triton versions,
+LLMKIT_L2_PREFETCH_MB (the 4-bit layers' L2 prefetch, 0: none) and, per model shape, `mbu`,
+`int4_over_bf16`, `throughput_256` and the anchor ratios.
 
     python benchmarks/cuda.py [--workdir DIR] [--models 1b,8b] [--methods ...]
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -327,7 +329,8 @@ def versions() -> dict:
     smi = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
     driver = subprocess.run(smi, capture_output=True, text=True).stdout.strip()
     return {"gpu": torch.cuda.get_device_name(), "driver": driver, "torch": torch.__version__,
-            "triton": triton.__version__}  # fmt: skip
+            "triton": triton.__version__,
+            "l2_prefetch_mb": os.environ.get("LLMKIT_L2_PREFETCH_MB", "0")}  # fmt: skip
 
 
 def main() -> None:
@@ -356,6 +359,8 @@ def main() -> None:
     anchor = "transformers on the same GPU: static cache + torch.compile at batch 1, static batches"
     machine = ", ".join([fields["gpu"], f"driver {fields['driver']}",
                          f"torch {fields['torch']}", f"triton {fields['triton']}"])  # fmt: skip
+    if float(fields["l2_prefetch_mb"]):
+        machine += f", LLMKIT_L2_PREFETCH_MB={fields['l2_prefetch_mb']}"
     save_result("cuda", fields, machine, anchor=anchor, summary=summary)
 
 
