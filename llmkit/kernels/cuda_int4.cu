@@ -135,7 +135,8 @@ __device__ __forceinline__ void prefetch_l2(const long long* regions, int count)
     const long long bytes = regions[2 * r + 1];
     const long long share = ((bytes + gridDim.x - 1) / gridDim.x + 127) & ~127LL;
     const long long end = min(bytes, share * (blockIdx.x + 1));
-    for (long long at = share * blockIdx.x + 128LL * threadIdx.x; at < end; at += 128LL * blockDim.x)
+    const long long step = 128LL * blockDim.x;
+    for (long long at = share * blockIdx.x + 128LL * threadIdx.x; at < end; at += step)
       asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(base + at));
   }
 }
