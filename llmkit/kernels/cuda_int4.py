@@ -313,25 +313,27 @@ def _module(device: torch.device, variant: tuple[int, int]):
 
 
 @functools.cache
-def fuses(device: torch.device, variant: tuple[int, int]) -> bool:
+def fuses(device: torch.device, variant: tuple[int, int], prefetching: bool = False) -> bool:
     """Whether `variant`'s products with a norm or a residual add (`matmul`'s `norm`,
-    `into`) compute what they should on CUDA `device`: checked once, when a layer is built;
-    where not, a warning, and layers run their norms and adds as launches of their own."""
+    `into`; `prefetching`: the norm ones with a `prefetch`, as layers launch them where
+    l2_prefetch_bytes is set) compute what they should on CUDA `device`: checked once, when
+    a layer is built; where not, a warning, and layers run their norms and adds as launches
+    of their own."""
     from llmkit.kernels.cuda_rtc import CudaError
 
     module = kernels(device, variant)
     try:
-        _check(module, variant[0], device, ("norm", "add"))
+        _check(module, variant[0], device, ("norm", "add"), prefetching)
     except CudaError as e:
         warnings.warn(f"llmkit runs a layer's norms in launches of their own: {e}", stacklevel=2)
         return False
     return True
 
 
-def _check(module, warps: int, device: torch.device, kinds=("",)) -> None:
+def _check(module, warps: int, device: torch.device, kinds=("",), prefetching=False) -> None:
     """Each kernel of `kinds` against the float32 product on `device` (a GPU or a driver
-    that computes them otherwise would be caught here, before any layer uses them):
-    CudaError if off."""
+    that computes them otherwise would be caught here, before any layer uses them), the
+    norm ones prefetching where `prefetching`: CudaError if off."""
     from llmkit.kernels.cuda_rtc import CudaError
 
     g = torch.Generator().manual_seed(0)
@@ -362,8 +364,9 @@ def _check(module, warps: int, device: torch.device, kinds=("",)) -> None:
             expected = residual.float() + expected.bfloat16().float()
             into = residual.to(device)
         tiles, words = pack(q.to(device, torch.uint8)), pack_scales(s, z).to(device)
-        # the norm kinds (a layer's q/k/v product) as layers may launch them: prefetching
-        prefetch = prefetch_regions([tiles, words], 2**20) if kind == "norm" else None
+        prefetch = None
+        if prefetching and kind == "norm":  # as a layer's q/k/v product may launch
+            prefetch = prefetch_regions([tiles, words], 2**20)
         got = _matmul(module, warps, x.to(device), tiles, words, group, gated, norm, into,
                       prefetch)  # fmt: skip
         error = float((got.float().cpu() - expected).abs().max() / expected.abs().max())
