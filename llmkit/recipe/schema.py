@@ -35,7 +35,6 @@ from llmkit.runtime.lora_registry import adapter_dir
 STRICT = ConfigDict(extra="forbid")
 # A step's defaults are the command's, read from where the library keeps them.
 OFFLINE, COMPARE, CALIBRATION = OfflineSpec(), CompareSpec(), CalibrationSpec()
-ENGINE = EngineConfig()
 QUALITY_WINDOWS = inspect.signature(evaluate_quality).parameters["num_windows"].default
 
 
@@ -124,12 +123,11 @@ class Speculating(BaseModel):
                 raise ValueError(f"{field} goes with speculative: {NGRAM}")
             if field == "draft_min_confidence" and self.draft() is None:
                 raise ValueError(f"{field} goes with a draft model as speculative")
-        low = ENGINE.ngram_min if self.ngram_min is None else self.ngram_min
-        high = ENGINE.ngram_max if self.ngram_max is None else self.ngram_max
-        if low > high:
-            default = " (the engine's default)"
-            raise ValueError(f"ngram_min {low}{default * (self.ngram_min is None)} is above "
-                             f"ngram_max {high}{default * (self.ngram_max is None)}")  # fmt: skip
+        if self.speculative is not None:  # what the engine checks across its options
+            try:
+                EngineConfig(speculative=self.speculative, **self.engine_fields())
+            except LlmkitError as e:
+                raise ValueError(str(e)) from None
         return self
 
     def engine_fields(self) -> dict:

@@ -58,7 +58,8 @@ class EngineConfig:
                 f"--num-speculative-tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}"
             )
         if not 1 <= self.ngram_min <= self.ngram_max <= MAX_NGRAM:
-            raise LlmkitError(f"--ngram-min and --ngram-max need 1 <= min <= max <= {MAX_NGRAM}")
+            raise LlmkitError(f"--ngram-min {self.ngram_min} and --ngram-max {self.ngram_max} "
+                              f"need 1 <= min <= max <= {MAX_NGRAM}")  # fmt: skip
         if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
             raise LlmkitError(f"--decode-steps must be between 1 and {MAX_DECODE_STEPS}")
         if not 0 <= self.decode_call_ms <= MAX_DECODE_CALL_MS:
