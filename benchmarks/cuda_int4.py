@@ -152,9 +152,9 @@ def layer_ms(rows: int) -> dict:
     the fused layer with a stand-in for its attention (a sleep of ATTENTION_CYCLES, memory
     idle) between qkv and o_proj, qkv prefetching the first PREFETCH_MB megabytes of
     o_proj's and gate_up's weights into the L2 (DecoderLayer.prefetch), 0 for none."""
-    from llmkit.kernels import cuda_int4
     from llmkit.kernels import triton_elementwise as te
     from llmkit.runtime.layers.norm import RMSNorm
+    from llmkit.runtime.models.llama import after_attention
 
     copies = 3  # 3 layers of 4-bit weights: several times the L2
     qkv, o, down = (weights(*SHAPES[name], copies, 0) for name in ("qkv", "o", "down"))
@@ -185,9 +185,7 @@ def layer_ms(rows: int) -> dict:
         "attention_stand_in_ms": graph_ms([lambda: torch.cuda._sleep(ATTENTION_CYCLES)] * CALLS),
     }
     for megabytes in PREFETCH_MB:
-        regions = [cuda_int4.prefetch_regions([o[i].decode_tiles, o[i].decode_scales,
-                                               gate_up[i].decode_tiles], megabytes * 2**20)
-                   for i in range(copies)]  # fmt: skip
+        regions = [after_attention(o[i], gate_up[i], megabytes * 2**20) for i in range(copies)]
         calls = [lambda i=i, r=regions: fused(i % copies, r[i % copies], True)
                  for i in range(CALLS)]  # fmt: skip
         out[f"layer_with_attention_prefetch_{megabytes}mb_ms"] = graph_ms(calls)

@@ -133,9 +133,7 @@ class DecoderLayer(nn.Module):
         # attention (cuda_int4.l2_prefetch_bytes; None: nothing)
         self.prefetch = None
         if self.fuses:
-            o, gate_up = attn.o_proj, mlp.gate_up
-            weights = [o.decode_tiles, o.decode_scales, gate_up.decode_tiles]
-            self.prefetch = prefetch_regions(weights, l2_prefetch_bytes())
+            self.prefetch = after_attention(attn.o_proj, mlp.gate_up, l2_prefetch_bytes())
 
     def forward(self, x, residual, rotary, kv_cache, meta):
         """x: the previous layer's output, not yet added to `residual` (the sum of all
@@ -165,6 +163,13 @@ class DecoderLayer(nn.Module):
         self.attn.o_proj.add_to(self.attn.attend(qkv, rotary, kv_cache, meta), residual)
         self.mlp.add_normed(residual, self.post_norm)
         return residual
+
+
+def after_attention(o_proj, gate_up, budget: int) -> torch.Tensor | None:
+    """The prefetch regions (cuda_int4.prefetch_regions) of the first `budget` bytes of the
+    4-bit weights a layer reads after its attention: o_proj's, then gate_up's."""
+    weights = [o_proj.decode_tiles, o_proj.decode_scales, gate_up.decode_tiles]
+    return prefetch_regions(weights, budget)
 
 
 class LlamaModel(nn.Module):
