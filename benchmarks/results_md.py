@@ -36,6 +36,7 @@ BENCHMARKS = {
     "grammar_engines": "Grammar engines: llguidance beside xgrammar and outlines-core",
     "lora": "LoRA adapters: a batch mixing four against the base model",
     "speculative": "Speculative decoding against plain decoding",
+    "async_output": "Async output: each step started before the one before is detokenized",
     "lm_eval_compat": "lm-evaluation-harness through `llmkit serve` against its hf backend",
     "cuda": "On a CUDA GPU: decoding and throughput beside transformers",
 }

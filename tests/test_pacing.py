@@ -67,7 +67,7 @@ def test_the_engine_runs_the_steps_its_pacer_gives_and_times_each_call(tiny_dir,
     monkeypatch.setattr(
         type(runner),
         "greedy_steps",
-        lambda self, i, seqs: ran.append(i.steps) or real(self, i, seqs),
+        lambda self, i, seqs, launched=None: ran.append(i.steps) or real(self, i, seqs, launched),
     )
     record = engine.pacer.record
 

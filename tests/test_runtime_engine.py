@@ -176,11 +176,11 @@ def test_a_request_that_breaks_steps_run_ahead_fails_alone(tiny_dir, monkeypatch
     runner = engine.executor.runner
     real, ran = type(runner).greedy_steps, []
 
-    def breaks_on_bad(self, inputs, seqs):
+    def breaks_on_bad(self, inputs, seqs, launched=None):
         ran.append(len(seqs))
         if any(s.request_id == "bad" for s in seqs):
             raise RuntimeError("steps broke")
-        return real(self, inputs, seqs)
+        return real(self, inputs, seqs, launched)
 
     monkeypatch.setattr(type(runner), "greedy_steps", breaks_on_bad)
     for i, prompt in enumerate(prompts):

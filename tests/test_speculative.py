@@ -746,13 +746,13 @@ def _staggered(model, arrivals, config, mixed=None):
     engine = LLM(model, EngineConfig(**config)).engine
     real, done = engine.executor.step, {}
 
-    def step(batch, masks):
+    def step(batch, masks, launched=None):
         if mixed is not None:
             chunks = [
                 n > 1 and not d for n, d in zip(batch.num_new_tokens, batch.drafts, strict=True)
             ]
             mixed.append(any(batch.drafts) and any(chunks))
-        return real(batch, masks)
+        return real(batch, masks, launched)
 
     engine.executor.step = step
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)

@@ -101,6 +101,15 @@ EnforceEagerOpt = Annotated[
         help="CUDA: run every decode step eagerly instead of replaying a CUDA graph.",
     ),
 ]
+AsyncOutputOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--async-output/--no-async-output",
+        help="Start each step before detokenizing the one before, so that work overlaps the "
+        "model's (default: on CUDA, off on the CPU).",
+        show_default=False,
+    ),
+]
 DraftConfidenceOpt = Annotated[
     float | None,
     typer.Option(
@@ -171,6 +180,7 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "decode_steps": DecodeStepsOpt,
         "decode_call_ms": DecodeCallOpt,
         "enforce_eager": EnforceEagerOpt,
+        "async_output": AsyncOutputOpt,
     }
     defaults = EngineConfig()
     return [

@@ -21,6 +21,16 @@ class Detokenizer:
         self.read_offset = len(self.ids)
         self.text = ""
         self.stop = stop
+        self.taken = 0  # generated tokens added so far
+
+    def add_up_to(self, output_token_ids: list[int], end: int) -> bool:
+        """Add the generated tokens `output_token_ids[taken:end]` (a sequence's, as it grows);
+        True at a stop string, after which none is added."""
+        for token_id in output_token_ids[self.taken : end]:
+            self.taken += 1
+            if self.add(token_id):
+                return True
+        return False
 
     def add(self, token_id: int) -> bool:
         """Append a generated token; True when the text now contains a stop string (the

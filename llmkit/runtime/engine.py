@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -62,6 +63,20 @@ class _Request:
     times: RequestTimes
     logprobs: list[list[dict]] = field(default_factory=list)
     prompt_logprobs: list[dict | None] | None = None
+
+
+@dataclass(slots=True)
+class _Step:
+    """A scheduled step, as it runs: its batch, what it was given, and when it ran."""
+
+    batch: Batch
+    masks: Callable[[], dict] | None
+    paced: bool  # its call's time goes to the DecodePacer
+    verifies: bool  # its time goes to the proposer
+    proposing: float  # perf_counter() before its drafts were proposed
+    start: float = 0.0  # perf_counter() around the executor's step
+    end: float = 0.0
+    future: Future | None = None  # on the step thread (async output)
 
 
 class Engine:
@@ -131,6 +146,11 @@ class Engine:
         self.backoff = Backoff()
         self.pacer = DecodePacer(config.decode_steps, config.decode_call_ms)
         self.requests: dict[str, _Request] = {}
+        self.async_output = _async_output(config.async_output, device.type)
+        self._step_thread: ThreadPoolExecutor | None = None
+        self._running: _Step | None = None  # the step the model runs (async output)
+        self._touched: dict[str, _Request] = {}  # requests taken steps advanced, to emit
+        self._failed: list[RequestOutput] = []  # outputs of requests that failed, to emit
         self.num_kv_tokens = capacity
         log.info(
             "KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity
@@ -176,12 +196,14 @@ class Engine:
         """Load the PEFT LoRA adapter in `path` under `name` (LlmkitError: it does not fit
         the model, or --max-loras are loaded)."""
         lora_id = self.loras.new_id(name)
+        self._settle()
         self.executor.add_lora(lora_id, path, self.config.max_lora_rank)
         self.loras.add(name, lora_id)
 
     def remove_lora(self, name: str) -> None:
         """Unload adapter `name`: new requests cannot name it; running ones finish with it."""
         self.loras.retire(name)
+        self._settle()
         self._drop_retired_loras()
 
     def _drop_retired_loras(self) -> None:
@@ -192,6 +214,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (unknown ids are ignored)."""
+        self._settle()
         for seq in self._seqs(request_id, forget=True):
             self.scheduler.finish(seq, "abort")
             self._release(seq)
@@ -207,6 +230,7 @@ class Engine:
     def pause(self, request_id: str) -> None:
         """Stop computing a request (its client is not reading) and free its KV blocks; it
         keeps what it generated and goes on after `resume` (unknown ids are ignored)."""
+        self._settle()
         for seq in self._seqs(request_id):
             self.scheduler.pause(seq)
         self._forget_drafts(self._seqs(request_id))
@@ -221,49 +245,92 @@ class Engine:
         return request.seqs if request else []
 
     def has_unfinished(self) -> bool:
-        """Whether a step has work: paused requests wait for `resume`, not for a step."""
-        return self.scheduler.has_unfinished()
+        """Whether a step has work (a step running, or outputs to give): paused requests
+        wait for `resume`, not for a step."""
+        return self.scheduler.has_unfinished() or self._running is not None or self._pending()
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; outputs of the requests that advanced.
 
         A step that fails is run again one request at a time, so an input that breaks the
-        model or the sampler fails only its own request (an output with `error` set)."""
+        model or the sampler fails only its own request (an output with `error` set).
+
+        With async output (EngineConfig.async_output) a call returns the outputs of the step
+        before: it takes that step's tokens, starts the next step, and detokenizes them and
+        builds their outputs while the model runs (`_start`)."""
+        self._settle()
+        self._drop_retired_loras()
         batch = self.scheduler.schedule()
-        if not batch.seqs:  # everyone was preempted this step: they run again next step
-            if self.scheduler.running or batch.preempted or not self.scheduler.waiting:
-                return []
+        if batch.seqs:
+            self._start(batch)
+        elif not self._pending() and not (
+            self.scheduler.running or batch.preempted or not self.scheduler.waiting
+        ):  # else everyone was preempted this step: they run again next step
             raise LlmkitError("no waiting request fits in the KV cache; raise --kv-cache-memory")
+        outputs = self._emit()
+        if self._running is None:  # else the next call drops them, before its step
+            self._drop_retired_loras()
+        return outputs
+
+    def _start(self, batch: Batch) -> None:
+        """Run `batch`: at once and taken (`_take`), or, with async output, on the step
+        thread, returning once the model's work is launched (on CUDA; on the CPU, done),
+        so the caller's host work overlaps the rest; the next `_settle` takes it."""
         self._mark_scheduled(batch.seqs)
         self._forget_drafts(batch.preempted)
         proposing = time.perf_counter()
         paced = self._run_ahead(batch, self._speculate(batch))
-        masks = self._masks(batch)
         verifies = self.proposer is not None and batch.verifies()
-        failed: list[RequestOutput] = []
+        step = _Step(batch, self._masks(batch), paced, verifies, proposing)
+        if not self.async_output:
+            self._take(step, lambda: self._run(step, None))
+            return
+        if self._step_thread is None:
+            self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="llmkit-step")
+        launched = threading.Event()
+        step.future = self._step_thread.submit(self._run, step, launched)
+        launched.wait()
+        self._running = step
+
+    def _run(self, step: _Step, launched: threading.Event | None) -> StepOutput:
+        """The executor's step of `step.batch`, timed into `step` (`launched` is set once
+        the model's work is launched, or the step failed)."""
+        try:
+            step.start = time.perf_counter()
+            out = self.executor.step(step.batch, step.masks, launched)
+            step.end = time.perf_counter()
+            return out
+        finally:
+            if launched is not None:
+                launched.set()
+
+    def _settle(self) -> None:
+        """Wait for the step the model is running (async output) and take its tokens."""
+        step, self._running = self._running, None
+        if step is not None:
+            self._take(step, step.future.result)
+
+    def _pending(self) -> bool:
+        """Whether taken tokens or failures wait for `_emit`."""
+        return bool(self._touched or self._failed)
+
+    def _take(self, step: _Step, result: Callable[[], StepOutput]) -> None:
+        """Advance the sequences of a step that ran by the tokens it sampled (`result()`
+        gives them, or raises): what needs no text (EOS, max_tokens, guides) ends them now;
+        their text waits for `_emit`, but for requests with stop strings, which are
+        detokenized now (whether they go on depends on it)."""
+        batch = step.batch
         round_s = None  # the proposals and the step, where it verified decodes only
         try:
-            start = time.perf_counter()
-            runs = [(batch, self.executor.step(batch, masks))]
-            end = time.perf_counter()
-            seconds = end - start
-            if paced:
+            runs = [(batch, result())]
+            seconds = step.end - step.start
+            if step.paced:
                 self.pacer.record(len(batch.seqs), batch.steps, seconds)
-            if verifies:
+            if step.verifies:
                 self.proposer.verified(seconds)
-                round_s = end - proposing
+                round_s = step.end - step.proposing
         except Exception as e:
-            if len({s.request_id for s in batch.seqs}) == 1:
-                return [self._fail(batch.seqs[0].request_id, e)]
-            log.warning("a step of %d sequences failed (%s); running it request by request",
-                        len(batch.seqs), e)  # fmt: skip
-            runs = []
-            for part in _by_request(batch):
-                try:
-                    runs.append((part, self.executor.step(part, masks)))
-                except Exception as e:
-                    failed.append(self._fail(part.seqs[0].request_id, e))
-        touched: dict[str, _Request] = {}
+            runs = self._by_request(batch, step.masks, e)
         now = time.monotonic()
         for part, out in runs:
             accepted = out.accepted(part)
@@ -272,12 +339,36 @@ class Engine:
             self._record_prompt_scores(out)
             for seq, tokens in zip(out.seqs, out.sampled, strict=True):
                 for token in tokens:
-                    touched[seq.request_id] = self._advance(seq, token, now)
+                    self._touched[seq.request_id] = self._advance(seq, token, now)
                     if seq.is_finished:
                         break
-        outputs = failed + [self._output(r) for r in touched.values()]
-        self._drop_retired_loras()
-        return outputs
+
+    def _by_request(self, batch: Batch, masks, error: Exception) -> list:
+        """After a step of `batch` failed with `error`: (part, StepOutput) of each request's
+        part run again alone; a request that fails alone too ends with the error."""
+        if len({s.request_id for s in batch.seqs}) == 1:
+            self._failed.append(self._fail(batch.seqs[0].request_id, error))
+            return []
+        log.warning("a step of %d sequences failed (%s); running it request by request",
+                    len(batch.seqs), error)  # fmt: skip
+        runs = []
+        for part in _by_request(batch):
+            try:
+                runs.append((part, self.executor.step(part, masks)))
+            except Exception as e:
+                self._failed.append(self._fail(part.seqs[0].request_id, e))
+        return runs
+
+    def _emit(self) -> list[RequestOutput]:
+        """The outputs of the requests taken steps advanced (their text brought up to their
+        tokens), and of those that failed; requests aborted since are left out."""
+        touched, self._touched = self._touched, {}
+        failed, self._failed = self._failed, []
+        live = [r for r in touched.values() if self.requests.get(r.request_id) is r]
+        for request in live:
+            for index in range(len(request.seqs)):
+                self._detokenize(request, index)
+        return failed + [self._output(r) for r in live]
 
     def _speculate(self, batch: Batch) -> int | None:
         """Give the step's decoding sequences drafts to verify: the tokens a guided
@@ -501,15 +592,21 @@ class Engine:
         log.error("request %s failed in the engine: %s", request_id, error)
         request = self.requests[request_id]
         self.abort(request_id)
+        for index in range(len(request.seqs)):
+            self._detokenize(request, index)
         out = self._output(request)
         out.error = f"the engine failed on this request: {type(error).__name__}: {error}"
         return out
 
     def close(self) -> None:
+        if self._running is not None:  # let the model finish it; its tokens are not wanted
+            self._running.future.exception()
+            self._running = None
+        for thread in (self._step_thread, self._guide_thread):
+            if thread is not None:
+                thread.shutdown()
         if self.proposer is not None:
             self.proposer.close()
-        if self._guide_thread is not None:
-            self._guide_thread.shutdown()
         self.executor.close()
 
     def _mark_scheduled(self, seqs: list[Sequence]) -> None:
@@ -534,10 +631,9 @@ class Engine:
         seq.output_token_ids.append(sampled.token_id)
         if seq.params.logprobs is not None:
             request.logprobs[index].append(_logprob_entry(sampled))
-        detok = request.detokenizers[index]
         reason = None
-        if detok is not None and not ends_by_token(seq, self.eos_token_ids):
-            reason = "stop" if detok.add(sampled.token_id) else None
+        if seq.params.stop and self._detokenize(request, index):
+            reason = "stop"
         reason = reason or stop_reason(seq, self.eos_token_ids, self.max_model_len)
         if self.guides.advance(seq.seq_id, sampled.token_id):
             reason = reason or "stop"  # the guided output is complete
@@ -545,6 +641,15 @@ class Engine:
             self.scheduler.finish(seq, reason)
             self._release(seq)
         return request
+
+    def _detokenize(self, request: _Request, index: int) -> bool:
+        """Bring the text of a request's `index`th sequence up to its tokens (a token that
+        ends it, EOS or a stop token id, is not text); True at a stop string."""
+        seq, detok = request.seqs[index], request.detokenizers[index]
+        if detok is None or not seq.output_token_ids:
+            return False
+        end = len(seq.output_token_ids) - ends_by_token(seq, self.eos_token_ids)
+        return detok.add_up_to(seq.output_token_ids, end)
 
     def _output(self, request: _Request) -> RequestOutput:
         outputs = [
@@ -640,6 +745,12 @@ class Engine:
             return _weight_bytes(draft), kv_block_bytes(config, 1, self.config.block_size, itemsize)
         finally:
             draft.close()
+
+
+def _async_output(option: bool | None, device_type: str) -> bool:
+    """Whether steps run on the step thread while the engine builds the outputs of the step
+    before (EngineConfig.async_output; None: where the model's work is launched, CUDA)."""
+    return device_type == "cuda" if option is None else option
 
 
 def _check_context(max_model_len: int | None, positions: int) -> None:

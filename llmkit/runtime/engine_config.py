@@ -51,6 +51,9 @@ class EngineConfig:
     decode_call_ms: float = 25.0
     # CUDA: no graphs; every decode step launches its kernels from Python
     enforce_eager: bool = False
+    # start each step before detokenizing the step before and building its outputs, which
+    # then overlap the model's work; None: on CUDA (where that work is launched), off on CPU
+    async_output: bool | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:

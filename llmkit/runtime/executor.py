@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,19 +80,27 @@ class Executor:
             error = f"{type(e).__name__}: {e}"
         self._check_ranks(error)
 
-    def step(self, batch: Batch, masks: Callable[[], dict] | None = None) -> StepOutput:
+    def step(
+        self,
+        batch: Batch,
+        masks: Callable[[], dict] | None = None,
+        launched: threading.Event | None = None,
+    ) -> StepOutput:
         """The engine's one call per step: the scheduled batch in; each sampled token and
         the prompt tokens scored out. `masks()`, read once the logits are computed, gives
-        guided sequences the tokens they may sample (seq_id -> bit mask). Changes no
-        scheduling state: the K/V it writes are written again, the same, if the batch runs
-        again."""
+        guided sequences the tokens they may sample (seq_id -> bit mask). `launched` is set
+        once the model's work is launched (CUDA) or done (CPU): the batch is read by then.
+        Changes no scheduling state: the K/V it writes are written again, the same, if the
+        batch runs again."""
         if batch.steps > 1:  # runs_steps() said yes: one rank
             inputs = prepare_steps(batch, self.spec.block_size)
-            return self.runner.greedy_steps(inputs, batch.seqs)
+            return self.runner.greedy_steps(inputs, batch.seqs, launched)
         inputs, sampled, spans = prepare(batch, self.spec.block_size)
         if self.spec.tp > 1:
             _send(inputs, self._wire)
         logits = self.runner.execute(inputs)
+        if launched is not None:
+            launched.set()
         return self.runner.finish(logits, sampled, spans, masks() if masks else None)
 
     def runs_steps(self) -> bool:

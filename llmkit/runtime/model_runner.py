@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -178,17 +179,22 @@ class ModelRunner:
             return True
         return self.device.type == "cpu" and self.model.runs_steps(self.kv_caches)
 
-    def greedy_steps(self, inputs: StepInputs, seqs: list[Sequence]) -> StepOutput:
+    def greedy_steps(
+        self, inputs: StepInputs, seqs: list[Sequence], launched: threading.Event | None = None
+    ) -> StepOutput:
         """The StepOutput of `inputs.steps` greedy decode steps (prepare_steps) of `seqs`,
-        which run the base model (no LoRA adapter)."""
+        which run the base model (no LoRA adapter); `launched` is set once their work is
+        launched (CUDA) or done (CPU)."""
         if self.graphs is not None:
-            chosen = self.graphs.greedy_steps(inputs).tolist()
+            chosen = self.graphs.greedy_steps(inputs)
         else:
             steps, meta = inputs.steps, inputs.meta
             slots = meta.slot_mapping.view(steps, len(seqs))
             args = (inputs.input_ids, inputs.positions, slots, meta, self.kv_caches, steps)
-            chosen = self.model.greedy_steps(*args).tolist()
-        return StepOutput(seqs, [[Sampled(t) for t in row] for row in chosen], [])
+            chosen = self.model.greedy_steps(*args)
+        if launched is not None:
+            launched.set()
+        return StepOutput(seqs, [[Sampled(t) for t in row] for row in chosen.tolist()], [])
 
     def add_lora(self, lora_id: int, path: str, max_rank: int) -> None:
         """Load the PEFT adapter in `path` as `lora_id` (LlmkitError if it does not fit)."""
