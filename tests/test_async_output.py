@@ -148,39 +148,6 @@ def test_aborts_and_pauses_between_steps_free_every_block(tiny_dir):
     assert all(len(o.outputs[0].token_ids) == 12 for o in done.values())
 
 
-def test_a_request_that_breaks_the_step_fails_alone(tiny_dir, monkeypatch):
-    """A step that raises on the step thread is run again request by request on the
-    caller's: the request that breaks it fails, the others get their tokens."""
-    engine = Engine(tiny_dir(), EngineConfig(async_output=True, enable_prefix_caching=False))
-    sampler = engine.executor.runner.sampler
-    poison = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, seed=7)
-    real = type(sampler).__call__
-
-    def breaks_on_poison(self, logits, params, histories, seeds, masks=None):
-        if any(p is poison for p in params):
-            raise RuntimeError("sampler broke")
-        return real(self, logits, params, histories, seeds, masks)
-
-    monkeypatch.setattr(type(sampler), "__call__", breaks_on_poison)
-    prompts = random_prompts(3, 3, 30, seed=4)
-    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    expected = LLM(tiny_dir()).generate(prompts, greedy)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt_token_ids=prompt, params=greedy)
-    engine.add_request("bad", prompt_token_ids=prompts[0], params=poison)
-    done, errors = {}, {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.error is not None:
-                errors[out.request_id] = out.error
-            elif out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    engine.close()
-    assert list(errors) == ["bad"] and "sampler broke" in errors["bad"]
-    assert [done[str(i)] for i in range(3)] == [e.outputs[0].token_ids for e in expected]
-    assert engine.block_manager.num_used_blocks == 0
-
-
 def test_close_while_a_step_runs(tiny_dir):
     engine = Engine(tiny_dir(), EngineConfig(async_output=True))
     engine.add_request("r", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=50))

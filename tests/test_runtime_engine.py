@@ -142,11 +142,14 @@ def run_to_end(engine: Engine) -> tuple[dict, dict]:
     return done, errors
 
 
-def test_a_request_that_breaks_the_sampler_fails_alone(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("async_output", [False, True], ids=["sync", "async"])
+def test_a_request_that_breaks_the_sampler_fails_alone(tiny_dir, monkeypatch, async_output):
     """One request whose sampling raises is failed with an error output; the others in its
-    step go on to exactly the greedy tokens transformers gives."""
+    step go on to exactly the greedy tokens transformers gives. With async output the step
+    that raises ran on the step thread; it is run again request by request on the caller's."""
     prompts = random_prompts(6, 3, 30, seed=4)
-    engine = Engine(tiny_dir(), EngineConfig(enable_prefix_caching=False))
+    config = EngineConfig(enable_prefix_caching=False, async_output=async_output)
+    engine = Engine(tiny_dir(), config)
     sampler = engine.executor.runner.sampler
     poison = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, seed=7)
     real = type(sampler).__call__
