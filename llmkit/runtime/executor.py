@@ -89,9 +89,10 @@ class Executor:
         """The engine's one call per step: the scheduled batch in; each sampled token and
         the prompt tokens scored out. `masks()`, read once the logits are computed, gives
         guided sequences the tokens they may sample (seq_id -> bit mask). `launched` is set
-        once the model's work is launched (CUDA) or done (CPU): the batch is read by then.
-        Changes no scheduling state: the K/V it writes are written again, the same, if the
-        batch runs again."""
+        once the model's work is launched (CUDA) or done (CPU); sampling, after it, still
+        reads the sequences, which must not change until the call returns. Changes no
+        scheduling state: the K/V it writes are written again, the same, if the batch runs
+        again."""
         if batch.steps > 1:  # runs_steps() said yes: one rank
             inputs = prepare_steps(batch, self.spec.block_size)
             return self.runner.greedy_steps(inputs, batch.seqs, launched)
