@@ -187,3 +187,32 @@ def test_a_server_with_async_output_streams_what_offline_gives(tiny_dir, tmp_pat
         assert server.stop() == 0
     assert texts == expected
     assert whole.startswith(stopped) and stop not in stopped and len(stopped) < len(whole)
+
+
+def test_the_cli_flag_reaches_the_engine(cli, tiny_dir, tmp_path, monkeypatch):
+    """`--async-output` / `--no-async-output` (and neither: the device decides) reach the
+    engine, and the records are the same either way."""
+    import json
+
+    from llmkit.runtime import engine as engine_module
+
+    seen = []
+    real = engine_module._async_output
+
+    def record(option, device_type):
+        seen.append(option)
+        return real(option, device_type)
+
+    monkeypatch.setattr(engine_module, "_async_output", record)
+    prompts = tmp_path / "p.jsonl"
+    lines = [{"prompt": TEXT[0], "max_tokens": 6, "temperature": 0, "stop": ["zz"]},
+             {"prompt": TEXT[1], "max_tokens": 5, "temperature": 0.8, "seed": 2}]  # fmt: skip
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    outputs = []
+    for flags in (["--async-output"], ["--no-async-output"], []):
+        out = tmp_path / f"out{len(outputs)}.jsonl"
+        result = cli("generate", tiny_dir(), "--prompts", prompts, "-o", out, *flags)
+        assert result.code == 0, result.err
+        outputs.append(out.read_text())
+    assert seen == [True, False, None]
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0].splitlines()) == 2
