@@ -360,14 +360,11 @@ class Engine:
         return runs
 
     def _emit(self) -> list[RequestOutput]:
-        """The outputs of the requests taken steps advanced (their text brought up to their
-        tokens), and of those that failed; requests aborted since are left out."""
+        """The outputs of the requests taken steps advanced, and of those that failed;
+        requests aborted since are left out."""
         touched, self._touched = self._touched, {}
         failed, self._failed = self._failed, []
         live = [r for r in touched.values() if self.requests.get(r.request_id) is r]
-        for request in live:
-            for index in range(len(request.seqs)):
-                self._detokenize(request, index)
         return failed + [self._output(r) for r in live]
 
     def _speculate(self, batch: Batch) -> int | None:
@@ -592,8 +589,6 @@ class Engine:
         log.error("request %s failed in the engine: %s", request_id, error)
         request = self.requests[request_id]
         self.abort(request_id)
-        for index in range(len(request.seqs)):
-            self._detokenize(request, index)
         out = self._output(request)
         out.error = f"the engine failed on this request: {type(error).__name__}: {error}"
         return out
@@ -652,6 +647,9 @@ class Engine:
         return detok.add_up_to(seq.output_token_ids, end)
 
     def _output(self, request: _Request) -> RequestOutput:
+        """What `request` has generated so far, its text brought up to its tokens."""
+        for index in range(len(request.seqs)):
+            self._detokenize(request, index)
         outputs = [
             Completion(
                 i,
