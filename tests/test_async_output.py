@@ -216,3 +216,24 @@ def test_the_cli_flag_reaches_the_engine(cli, tiny_dir, tmp_path, monkeypatch):
         outputs.append(out.read_text())
     assert seen == [True, False, None]
     assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0].splitlines()) == 2
+
+
+def test_the_step_thread_runs_on_the_models_device(tiny_dir, monkeypatch):
+    """The step thread makes the model's device its current one (devices.bind) before it
+    runs a step: Triton and llmkit's CUDA kernels launch on the current device."""
+    import threading
+
+    from llmkit.runtime import engine as engine_module
+
+    bound = []
+    monkeypatch.setattr(
+        engine_module, "bind", lambda d: bound.append((threading.current_thread().name, d))
+    )
+    engine = Engine(tiny_dir(), EngineConfig(async_output=True))
+    engine.add_request("r", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=3))
+    while engine.has_unfinished():
+        engine.step()
+    engine.close()
+    assert [(name.startswith("llmkit-step"), d) for name, d in bound] == [
+        (True, engine.executor.device)
+    ]

@@ -223,3 +223,14 @@ def test_a_paused_request_frees_its_blocks_and_resumes_with_the_same_tokens(tiny
         outs += engine.step()
     assert outs[-1].finished
     assert [c.token_ids for c in outs[-1].outputs] == [c.token_ids for c in straight.outputs]
+
+
+def test_a_cuda_device_past_the_last_is_refused_in_one_line(cli, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "max_tokens": 1}\n')
+    result = cli("generate", tiny_dir(), "--prompts", prompts, "--device", "cuda:2")
+    assert result.code != 0
+    expected = "error: --device cuda:2: torch sees 2 CUDA device(s), cuda:0 to cuda:1"
+    assert result.err.strip() == expected

@@ -19,7 +19,7 @@ from pathlib import Path
 from llmkit.checkpoint import checksums, dtypes
 from llmkit.checkpoint.fast_tokenizer import encode_prompt, load_tokenizer
 from llmkit.checkpoint.rank_tensors import RankTensors, open_rank
-from llmkit.devices import resolve_device
+from llmkit.devices import bind, resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.runtime.backoff import Backoff
 from llmkit.runtime.block_manager import BlockManager
@@ -285,8 +285,11 @@ class Engine:
         if not self.async_output:
             self._take(step, lambda: self._run(step, None))
             return
-        if self._step_thread is None:
-            self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="llmkit-step")
+        if self._step_thread is None:  # the model's device current on it, as on this one
+            device = self.executor.device
+            self._step_thread = ThreadPoolExecutor(
+                1, thread_name_prefix="llmkit-step", initializer=bind, initargs=(device,)
+            )
         launched = threading.Event()
         step.future = self._step_thread.submit(self._run, step, launched)
         launched.wait()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from llmkit.devices import bind, indexed
 from llmkit.errors import LlmkitError
 from llmkit.memory import freeze_heap
 from llmkit.net import free_port
@@ -46,15 +47,19 @@ class RunnerSpec:
     graph_seqs: int = 0  # > 0: CUDA graphs for decode steps of up to that many tokens
     max_blocks: int = 0  # the widest block table a context needs
 
-    def build(self, rank: int) -> ModelRunner:
+    def rank_device(self, rank: int) -> torch.device:
+        """The device rank `rank` runs on: with --tp on CUDA, GPU `rank`."""
         device = torch.device(self.device)
         if device.type == "cuda" and self.tp > 1:
             device = torch.device("cuda", rank)
+        return device
+
+    def build(self, rank: int) -> ModelRunner:
         return ModelRunner(
             self.model_path,
             Group(rank, self.tp),
             DTYPES[self.dtype],
-            device,
+            self.rank_device(rank),
             self.num_blocks,
             self.block_size,
             max_loras=self.max_loras,
@@ -66,6 +71,8 @@ class RunnerSpec:
 class Executor:
     def __init__(self, spec: RunnerSpec):
         self.spec = spec
+        self.device = indexed(spec.rank_device(0))  # this process's rank's (threads bind it)
+        bind(self.device)
         self.workers: list[multiprocessing.Process] = []
         # where broadcast tensors live: nccl takes CUDA tensors only
         self._wire = (
@@ -178,6 +185,7 @@ def _worker_main(spec: RunnerSpec, rank: int, port: int, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    bind(spec.rank_device(rank))
     _init_group(spec, rank, port)
     runner, error = None, None
     try:
