@@ -30,11 +30,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from cuda import SHAPES
-from engine_throughput import THREADS, generate_workload, prepare
+from cuda import SHAPES, child_make, prompts
+from engine_throughput import THREADS, cell, generate_workload, prepare
 from report import print_targets, row, save_result
 
 CUDA_REQUESTS, CUDA_PROMPT, CUDA_OUTPUT = 256, 128, 128
@@ -43,23 +42,11 @@ SAMPLED_TEMPERATURE = 0.8
 
 
 def cuda_model(work: Path, shape: str) -> Path:
-    from shard import make_random
-
-    from llmkit.checkpoint.tokenizer import write_tokenizer
-
+    """benchmarks/cuda.py's random checkpoint of `shape`, made under `work` once."""
     model = work / f"llama-{shape}"
     if not (model / "config.json").exists():
-        make_random(model, SHAPES[shape], device="cuda")
-        write_tokenizer(model, 32000, 2048)  # ids below 32000, as benchmarks/cuda.py's
+        child_make(shape, str(model))
     return model
-
-
-def cuda_workload() -> dict:
-    import torch
-
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 32000, (CUDA_REQUESTS, CUDA_PROMPT), generator=g).tolist()
-    return {"prompts": ids, "output_len": CUDA_OUTPUT}
 
 
 def engine(model: Path, device: str, shape: str):
@@ -87,13 +74,7 @@ def sampled(workload: dict) -> list:
 
 
 def run_sampled(llm, workload: dict) -> dict:
-    """Seconds and output tokens of the workload, sampled (after a short warm-up)."""
-    params = sampled(workload)
-    llm.generate(workload["prompts"][:2], params[:2])
-    start = time.perf_counter()
-    outs = llm.generate(workload["prompts"], params)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
+    return generate_workload(llm, workload, sampled(workload))
 
 
 CASES = {"greedy": generate_workload, "sampled": run_sampled}
@@ -121,8 +102,8 @@ def summarize(rounds: list[dict], cuda: bool, label: str) -> list[dict]:
         rows.append(
             row(
                 f"{label}, {case}: output tok/s, async output / sync",
-                _spread([r[case]["async"] for r in rounds]),
-                _spread([r[case]["sync"] for r in rounds]),
+                cell([r[case]["async"] for r in rounds], " tok/s"),
+                cell([r[case]["sync"] for r in rounds], " tok/s"),
                 ratio,
                 f">= 1.0x (rounds {min(ratios):.3f}-{max(ratios):.3f})" if cuda else "",
                 ratio >= 1.0 if cuda else None,
@@ -133,10 +114,6 @@ def summarize(rounds: list[dict], cuda: bool, label: str) -> list[dict]:
     return rows
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} tok/s ({min(values):.1f}-{max(values):.1f})"
-
-
 def main() -> None:
     args = parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-async-output-"))
@@ -145,7 +122,11 @@ def main() -> None:
     if cuda:
         import torch
 
-        model, workload = cuda_model(work, args.shape), cuda_workload()
+        model = cuda_model(work, args.shape)
+        workload = {
+            "prompts": prompts(CUDA_REQUESTS, CUDA_PROMPT, seed=2),
+            "output_len": CUDA_OUTPUT,
+        }
         machine = torch.cuda.get_device_name()
         label = f"Llama-{args.shape} shapes, {CUDA_REQUESTS} requests x {CUDA_OUTPUT} tokens"
     else:

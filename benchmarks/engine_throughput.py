@@ -105,11 +105,13 @@ def child_llmkit(model: str, workload: dict) -> dict:
     return {**result, **batch1, "copy_bandwidth": bandwidth}
 
 
-def generate_workload(llm, workload: dict) -> dict:
-    """Seconds and output tokens of the whole workload on `llm` (after a short warm-up)."""
+def generate_workload(llm, workload: dict, params=None) -> dict:
+    """Seconds and output tokens of the whole workload on `llm` (after a short warm-up),
+    greedy, or with `params` (one SamplingParams, or one per prompt)."""
     from llmkit.runtime.sequence import SamplingParams
 
-    params = SamplingParams(max_tokens=workload["output_len"], temperature=0, ignore_eos=True)
+    if params is None:
+        params = SamplingParams(max_tokens=workload["output_len"], temperature=0, ignore_eos=True)
     llm.generate(workload["prompts"][:2], SamplingParams(max_tokens=4, temperature=0))
     start = time.perf_counter()
     outs = llm.generate(workload["prompts"], params)
@@ -339,7 +341,7 @@ def summarize(fields: dict) -> list[dict]:
         target = TARGETS[tool]
         rows.append(row(
             f"64 requests x 128 tokens, output tok/s, against {NAMES[tool]}",
-            _cell(ours, " tok/s"), _cell(theirs, ""), ratio,
+            cell(ours, " tok/s"), cell(theirs, ""), ratio,
             f"≥ {target}×" if target else "", ratio >= target if target else None,
         ))  # fmt: skip
     mbu = fields["mbu"]
@@ -352,7 +354,8 @@ def summarize(fields: dict) -> list[dict]:
     return rows
 
 
-def _cell(values: list[float], unit: str) -> str:
+def cell(values: list[float], unit: str) -> str:
+    """The median of `values` with `unit`, and their range where there are several."""
     middle = median(values)
     spread = f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
     return f"{middle:.1f}{unit}{spread}"
