@@ -10,10 +10,13 @@ started before the outputs of the step before are detokenized and built
   prompt tokens, 128 tokens each, EOS ignored.
 
 Each workload runs greedy (decode steps run ahead, several a call, where the whole step is one
-C++ call or one CUDA graph) and sampled (temperature 0.8, a seed per request: a step a call).
-One engine runs both modes: async output is switched between runs (the same KV cache and CUDA
-graphs). After one unmeasured run of each case (a process's first runs pay its warm-up), each
-round runs every case in both modes, in an order that alternates between rounds.
+C++ call or one CUDA graph) and sampled (temperature 0.8, a seed per request: a step a call),
+on all its requests and on its first alone: a step hands its work to a thread and back, which
+costs about the same at any batch, while what it overlaps (detokenizing and building outputs)
+grows with the batch. One engine runs both modes: async output is switched between runs (the
+same KV cache and CUDA graphs). After one unmeasured run of each case in each mode (a
+process's first runs pay its warm-up, and async output's first starts its thread), each round
+runs every case in both modes, in an order that alternates between rounds.
 Reported: each mode's output tok/s (median of the rounds, with their range) and async / sync
 as the median of the rounds' own ratios. Async output is the default on CUDA, so there its
 target is >= 1.0x; on the CPU, where it is off by default, the rows carry no target: they
@@ -77,17 +80,26 @@ def run_sampled(llm, workload: dict) -> dict:
     return generate_workload(llm, workload, sampled(workload))
 
 
-CASES = {"greedy": generate_workload, "sampled": run_sampled}
+RUNS = {"greedy": generate_workload, "sampled": run_sampled}
+
+
+def cases(workload: dict) -> dict[str, tuple]:
+    """Case -> (run, its workload): each of RUNS on every request, and on the first alone."""
+    count = len(workload["prompts"])
+    loads = ((count, workload), (1, {**workload, "prompts": workload["prompts"][:1]}))
+    return {f"{kind}, {n} request{'s' * (n > 1)}": (run, load)
+            for n, load in loads for kind, run in RUNS.items()}  # fmt: skip
 
 
 def one_round(llm, workload: dict, index: int) -> dict:
     """tok/s of every case in both modes, in an order that alternates with `index`."""
     modes = (False, True) if index % 2 == 0 else (True, False)
-    out: dict[str, dict] = {case: {} for case in CASES}
-    for case, run in CASES.items():
+    out: dict[str, dict] = {}
+    for case, (run, load) in cases(workload).items():
+        out[case] = {}
         for mode in modes:
             llm.engine.async_output = mode
-            result = run(llm, workload)
+            result = run(llm, load)
             out[case]["async" if mode else "sync"] = result["output_tokens"] / result["seconds"]
         print(f"round {index}: {case}: sync {out[case]['sync']:.1f} tok/s, "
               f"async {out[case]['async']:.1f} tok/s", flush=True)  # fmt: skip
@@ -96,7 +108,7 @@ def one_round(llm, workload: dict, index: int) -> dict:
 
 def summarize(rounds: list[dict], cuda: bool, label: str) -> list[dict]:
     rows = []
-    for case in CASES:
+    for case in rounds[0]:
         ratios = [r[case]["async"] / r[case]["sync"] for r in rounds]
         ratio = statistics.median(ratios)
         rows.append(
@@ -128,18 +140,19 @@ def main() -> None:
             "output_len": CUDA_OUTPUT,
         }
         machine = torch.cuda.get_device_name()
-        label = f"Llama-{args.shape} shapes, {CUDA_REQUESTS} requests x {CUDA_OUTPUT} tokens"
+        label = f"Llama-{args.shape} shapes, {CUDA_OUTPUT} tokens a request"
     else:
         import json
 
         model, path = prepare(work)
         workload, machine = json.loads(path.read_text()), f"{THREADS} threads"
-        count, tokens = len(workload["prompts"]), workload["output_len"]
-        label = f"small-llama, {count} requests x {tokens} tokens"
+        label = f"small-llama, {workload['output_len']} tokens a request"
     llm = engine(model, args.device, args.shape)
     try:
-        for run in CASES.values():  # unmeasured: a process's first runs pay its warm-up
-            run(llm, workload)
+        for mode in (False, True):  # unmeasured: warm-up, and async output's thread
+            llm.engine.async_output = mode
+            for run, load in cases(workload).values():
+                run(llm, load)
         rounds = [one_round(llm, workload, i) for i in range(args.rounds)]
     finally:
         llm.close()
