@@ -58,9 +58,8 @@ def _stream(engine: Engine, requests) -> dict[str, list]:
 def test_async_output_gives_the_outputs_of_sync_output(tiny_dir, config):
     """Output by output, the same: text, tokens, finish reasons, logprobs (with
     speculation, the last outputs)."""
-    sync = Engine(tiny_dir(), EngineConfig(async_output=False, **config))
-    plain = LLM.__new__(LLM)
-    plain.engine = sync
+    plain = LLM(tiny_dir(), EngineConfig(async_output=False, **config))
+    sync = plain.engine
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     text = plain.generate([TEXT[1]], greedy)[0].outputs[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
