@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from llmkit.runtime.engine import LLM, EngineConfig
-from llmkit.runtime.layers.sampler import Sampler, _apply_penalties, argmax
+from llmkit.runtime.layers import sampler as sampler_module
+from llmkit.runtime.layers.sampler import (
+    Sampler,
+    _apply_penalties,
+    _inverse_cdf,
+    argmax,
+    fetch,
+)
 from llmkit.runtime.sequence import SamplingParams
 from tests.runtime_helpers import NEEDS_CUDA, interpreted, random_prompts
 
@@ -38,6 +47,31 @@ def test_draws_follow_the_softmax():
     tokens = torch.tensor([s.token_id for s in sample(logits, SamplingParams(temperature=1))])
     freq = torch.bincount(tokens, minlength=3).float() / 6000
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.02)
+
+
+@pytest.mark.parametrize("vocab", [50, 4096, 3000])  # one part, whole parts, a part's tail
+def test_the_inverse_transform_in_parts_takes_the_tokens_of_a_whole_rows_cumsum(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    weights = torch.softmax(torch.randn(64, vocab, generator=g) * 4, -1)
+    weights[weights < 1e-5] = 0  # runs of tokens no draw may take
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    cdf = weights.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
+    assert _inverse_cdf(weights, u).tolist() == expected.tolist()
+
+
+def test_the_inverse_transform_never_takes_a_token_without_weight():
+    """Every part's last 100 tokens without weight, u the largest double below 1 (where a
+    part's float32 sum and its float64 cumsum disagree by rounding, either way): the token
+    drawn always has weight."""
+    g = torch.Generator().manual_seed(9)
+    weights = torch.rand(512, 3000, generator=g)
+    for start in range(0, 3000, 1024):
+        weights[:, start + 924 : start + 1024] = 0
+    weights[:, 2900:] = 0
+    drawn = _inverse_cdf(weights, torch.full((512,), 1 - 2**-53, dtype=torch.float64))
+    assert bool((weights.gather(1, drawn[:, None]) > 0).all())
+    assert _inverse_cdf(weights[:1], torch.zeros(1, dtype=torch.float64)).tolist() == [0]
 
 
 def test_seeded_draws_and_filtered_rows_beside_unfiltered_ones_follow_their_distributions():
@@ -157,6 +191,126 @@ def test_penalties_match_their_definitions():
     # repetition on ids seen anywhere (0, 1, 2); frequency x count and presence on outputs
     expected = torch.tensor([[1.0, -2.0 - 1.0 - 0.25, 0.25 - 0.5 - 0.25, 3.0]])
     assert torch.allclose(got, expected)
+
+
+def test_penalties_of_a_batch_match_each_rows_definition():
+    """Rows with and without each penalty, histories with repeats, beside unpenalized
+    rows: each row as its definition gives it, computed alone in float64."""
+    rng = random.Random(3)
+    logits = torch.randn(12, 40, generator=torch.Generator().manual_seed(3))
+    params, histories = [], []
+    for _ in range(12):
+        params.append(SamplingParams(repetition_penalty=rng.choice([1.0, 1.3, 0.8]),
+                                     frequency_penalty=rng.choice([0.0, 0.5, -0.4]),
+                                     presence_penalty=rng.choice([0.0, 0.25])))  # fmt: skip
+        histories.append(([rng.randrange(40) for _ in range(rng.randrange(6))],
+                          [rng.randrange(40) for _ in range(rng.randrange(9))]))  # fmt: skip
+    got = _apply_penalties(logits, params, histories)
+    for row, (p, (prompt, output)) in enumerate(zip(params, histories, strict=True)):
+        expected = logits[row].double().tolist()
+        for t in set(prompt) | set(output):
+            v, r = expected[t], p.repetition_penalty
+            expected[t] = v / r if v > 0 else v * r
+        for t in set(output):
+            expected[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+        assert got[row].double().tolist() == pytest.approx(expected, abs=1e-5), row
+
+
+def test_logprobs_of_rows_asking_for_different_counts():
+    """Rows asking for 0, 2 or 5 top log probabilities, or none, greedy and sampled, in one
+    batch: each row's own, of the token it took."""
+    logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(4))
+    counts = [None, 0, 2, 5, 2, None, 5, 0]
+    params = [SamplingParams(temperature=0 if i % 2 else 1, logprobs=n)
+              for i, n in enumerate(counts)]  # fmt: skip
+    out = sample(logits, params)
+    reference = torch.log_softmax(logits, -1)
+    for row, (s, n) in enumerate(zip(out, counts, strict=True)):
+        if n is None:
+            assert s.logprob is None and s.top_logprobs is None
+            continue
+        values, ids = reference[row].topk(n)
+        assert [t for t, _ in s.top_logprobs] == ids.tolist()
+        assert [v for _, v in s.top_logprobs] == values.tolist()
+        assert s.logprob == float(reference[row, s.token_id])
+
+
+def test_fetch_reads_ids_values_and_flags_exactly():
+    ids = torch.tensor([0, 2**52 + 1, 128_255])
+    values = torch.tensor([[-0.1, -3.25e-7], [-17.5, float("-inf")]])
+    flags = torch.tensor([True, False])
+    got = fetch(ids, values, flags, torch.zeros(2, 0, dtype=torch.long))
+    assert got == [ids.tolist(), values.tolist(), [True, False], [[], []]]
+    assert all(type(t) is int for t in got[0]) and type(got[2][0]) is bool
+
+
+def mixed_batch(device):
+    """A plain step's and a verifying step's arguments on `device`: every sampling option,
+    log probabilities, a guide's mask, seeds, drafts of a draft model and of a lookup."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(5)
+    vocab = 64
+    params = [
+        SamplingParams(temperature=0, logprobs=3, repetition_penalty=1.2),
+        SamplingParams(temperature=0.8, top_k=10, top_p=0.9, seed=7),
+        SamplingParams(temperature=1.0, min_p=0.05, frequency_penalty=0.5, logprobs=1),
+        SamplingParams(temperature=1.0, presence_penalty=0.3),
+    ]
+    histories = [([1, 2, 3], [4, 4]), ([5], [6]), ([7, 8], [9, 9, 9]), ([2], [])]
+    seeds = [None, 11, None, None]
+    mask = np.array([-1, 0x0000FFFF], dtype=np.int32)  # ids 0-47 allowed
+    masks = [None, None, mask, None]
+    drafts = [[3, 4], [5], [6, 7, 8], []]
+    q = torch.softmax(torch.randn(3, vocab, generator=g), -1).to(device)
+    rows = sum(len(d) + 1 for d in drafts)
+    verify = (torch.randn(rows, vocab, generator=g).to(device), params, histories, seeds, drafts,
+              [None, None, q, None], masks)  # fmt: skip
+    plain = (torch.randn(4, vocab, generator=g).to(device), params, histories, seeds, masks)
+    return plain, verify
+
+
+@NEEDS_CUDA
+def test_sampling_and_verifying_on_cuda_synchronize_only_to_read_the_results(monkeypatch):
+    """Every option of a step, plain and verifying drafts: no host-device synchronization
+    on the way (torch's sync debug mode raises on one), one read at the end (`fetch`); the
+    greedy and seeded tokens and the log probabilities are the CPU's."""
+    reads = []
+
+    def read_once(*tensors):
+        reads.append(len(tensors))
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return fetch(*tensors)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    results = {}
+    for device in ("cpu", "cuda"):
+        plain, verify = mixed_batch(device)
+        torch.manual_seed(0)
+        if device == "cuda":
+            Sampler()(*plain)  # Triton compiles the split draw's kernel first
+            monkeypatch.setattr(sampler_module, "fetch", read_once)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            results[device] = (Sampler()(*plain), Sampler().verify(*verify))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(reads) == 2
+    for cpu_rows, gpu_rows in zip(results["cpu"], results["cuda"], strict=True):
+        for a, b in zip(cpu_rows[:2], gpu_rows[:2], strict=True):  # greedy, seeded
+            assert _same_entries(a, b)
+
+
+def _same_entries(a, b) -> bool:
+    a, b = (x if isinstance(x, list) else [x] for x in (a, b))
+    return [s.token_id for s in a] == [s.token_id for s in b] and all(
+        (x.logprob is None) == (y.logprob is None)
+        and (x.logprob is None or abs(x.logprob - y.logprob) < 1e-4)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def test_logprobs_are_the_models_own_distribution():

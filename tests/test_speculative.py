@@ -884,14 +884,15 @@ VOCAB = 6
 
 
 def first_tokens(
-    samples: int, seed: int, allowed=None, seeded: bool = False
+    samples: int, seed: int, allowed=None, seeded: bool = False, certain: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of the first token verify() returns for draft tokens drawn from a draft
     distribution q far from the model's p; and p. Unseeded requests go through rejection
     sampling (torch's generator seeded first, so the counts repeat); `seeded` ones (a seed
     each) take the draft token where it is the token they draw there. With `allowed`
     (token ids), both under a guide's mask of them, as a guided request's draft model draws
-    and the model verifies."""
+    and the model verifies. `certain`: verify() is not told q, as a lookup's drafts are
+    proposed (each token taken as chosen for sure)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     p_logits = torch.randn(VOCAB, generator=g) * 1.5
@@ -905,7 +906,8 @@ def first_tokens(
     for i in range(samples):
         d = int(torch.multinomial(q, 1, generator=g))
         seeds = [seed + i if seeded else None]
-        out = sampler.verify(logits, [params], [([], [])], seeds, [[d]], [q[None]], masks)
+        told = None if certain else [q[None]]
+        out = sampler.verify(logits, [params], [([], [])], seeds, [[d]], told, masks)
         counts[out[0][0].token_id] += 1
     p = torch.softmax(p_logits.double(), dim=-1)
     if allowed is not None:
@@ -939,6 +941,61 @@ def test_guided_sampled_tokens_keep_the_models_distribution_within_the_guide(see
     the allowed tokens, renormalized, and never another token."""
     counts, p = first_tokens(6000, seed=2, allowed=[0, 2, 3, 5], seeded=seeded)
     assert chi_square_p_value(counts, p) > 1e-3
+
+
+def test_sampled_tokens_keep_the_models_distribution_past_drafts_chosen_for_sure():
+    """A lookup's draft token (q a point mass on it): rejection sampling takes it with
+    probability p(d), else draws from p without it; the tokens are p."""
+    counts, p = first_tokens(6000, seed=3, certain=True)
+    assert chi_square_p_value(counts, p) > 1e-3
+
+
+def test_sequences_verified_together_keep_each_ones_distribution():
+    """Three sampled sequences in one verify() call: one with a draft model's two tokens
+    (and their q), one with a lookup's token, one without a draft. Each one's first token
+    follows its own first row's p, whatever the rows beside it."""
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    logits = torch.randn(6, VOCAB, generator=g) * 1.5  # rows: 3 + 2 + 1
+    q = torch.softmax(torch.randn(2, VOCAB, generator=g) * 1.5, -1)
+    params = [SamplingParams(temperature=1.0)] * 3
+    counts = torch.zeros(3, VOCAB)
+    sampler = Sampler()
+    for _ in range(4000):
+        drafts = [[int(torch.multinomial(q[0], 1, generator=g)), 1], [4], []]
+        out = sampler.verify(logits, params, [([], [])] * 3, [None] * 3, drafts, [q, None, None])
+        for i, tokens in enumerate(out):
+            counts[i, tokens[0].token_id] += 1
+    for i, row in enumerate((0, 3, 5)):
+        p = torch.softmax(logits[row].double(), -1)
+        assert chi_square_p_value(counts[i], p) > 1e-3, i
+
+
+def test_verified_tokens_carry_their_rows_log_probabilities():
+    """Greedy, seeded and rejection-sampled sequences asking for 2, 0 and 3 top log
+    probabilities, with drafts: each token's entry is the model's own log probability of
+    it at its row (after the tokens before it), and that row's top n."""
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    params = [SamplingParams(temperature=0, logprobs=2),
+              SamplingParams(temperature=1.0, seed=3, logprobs=0),
+              SamplingParams(temperature=1.0, logprobs=3)]  # fmt: skip
+    reference_rows, widths = torch.randn(12, VOCAB, generator=g), [4, 3, 5]
+    for trial in range(30):
+        logits = reference_rows[torch.randperm(12, generator=g)]
+        drafts = [[int(t) for t in torch.randint(VOCAB, (w - 1,), generator=g)] for w in widths]
+        if trial % 3 == 0:  # drafts of the model's own argmax: accepted by the greedy row
+            drafts[0] = logits[:3].argmax(-1).tolist()
+        out = Sampler().verify(logits, params, [([], [])] * 3, [None, 3, None], drafts)
+        reference, first = torch.log_softmax(logits, -1), 0
+        for p, tokens, width in zip(params, out, widths, strict=True):
+            assert 1 <= len(tokens) <= width
+            for j, s in enumerate(tokens):
+                row = reference[first + j]
+                assert s.logprob == float(row[s.token_id])
+                values, ids = row.topk(p.logprobs)
+                assert s.top_logprobs == list(zip(ids.tolist(), values.tolist(), strict=True))
+            first += width
 
 
 def test_the_distribution_test_fails_on_a_biased_acceptance_rule(monkeypatch):

@@ -77,7 +77,7 @@ class DecodeGraphs:
         wanted = inputs.logits_indices
         if len(wanted) == rows and bool((wanted == torch.arange(rows)).all()):
             return logits[:rows]
-        return logits[wanted.to(logits.device)]
+        return logits[wanted.to(logits.device, non_blocking=True)]
 
     def greedy_steps(self, inputs) -> torch.Tensor:
         """int64 [sequences, steps], on the device: `inputs.steps` greedy decode steps

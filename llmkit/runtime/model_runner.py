@@ -82,11 +82,11 @@ class StepInputs:
         """These inputs on `device` (they are built on the CPU, and used there as they are)."""
         if device.type == "cpu":
             return self
-        return StepInputs(
-            self.input_ids.to(device),
-            self.positions.to(device),
+        return StepInputs(  # no stream synchronization: pageable memory is staged at once
+            self.input_ids.to(device, non_blocking=True),
+            self.positions.to(device, non_blocking=True),
             self.meta.to(device),
-            self.logits_indices.to(device),
+            self.logits_indices.to(device, non_blocking=True),
             self.lora_segments,
             self.steps,
         )

@@ -14,6 +14,7 @@ lossless rule can."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 from dataclasses import dataclass
@@ -46,11 +47,14 @@ class Sampler:
         tokens = argmax(logits)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows)
+            rows = _rows(logits, random_rows)
             keys = [None if seeds[i] is None else (seeds[i], _position(histories[i]))
                     for i in random_rows]  # fmt: skip
             tokens[rows] = _sample(logits[rows], [params[i] for i in random_rows], keys)
-        return _results(tokens, logprobs, params)
+        asked = _Logprobs(logprobs, params, [tokens])
+        ids, *read = fetch(tokens, *asked.tensors)
+        asked.read(read)
+        return [asked.entry(row, token) for row, token in enumerate(ids)]
 
     def verify(
         self,
@@ -73,10 +77,9 @@ class Sampler:
         rows one that is the token `__call__` draws there (the module's docstring). Other
         sampled rows use rejection sampling: accept draft token d with probability
         min(1, p(d) / q(d)), else draw from the residual max(p - q, 0), normalized, so
-        every token is distributed as p however good the draft is."""
-        if not all(p.greedy and p.logprobs is None for p in params):
-            logits = logits.cpu()  # sampled rows are drawn on the CPU
-        # else (on a GPU) only the rows' argmax leaves the device
+        every token is distributed as p however good the draft is. All of it is computed
+        where the logits are, for every row at once; one read brings the rows' tokens,
+        tests and log probabilities to the host (`fetch`)."""
         widths = [len(d) + 1 for d in drafts]
         row_params = [p for p, w in zip(params, widths, strict=True) for _ in range(w)]
         row_histories = [
@@ -96,20 +99,29 @@ class Sampler:
         if seeded:
             chosen = self._seeded_rows(chosen, logits, row_params, row_histories, seeds, seeded,
                                        starts)  # fmt: skip
-        chosen = chosen.tolist()
         rejected_rows = [r for i in rejecting for r in range(starts[i], starts[i + 1])]
-        probs = self._verify_probs(logits, row_params, rejected_rows)
-        out, first = [], 0
-        for i, (p, draft) in enumerate(zip(params, drafts, strict=True)):
-            rows = range(first, first + len(draft) + 1)
-            if i in rejecting:
-                q = draft_probs[i] if draft_probs else None
-                tokens = self._accept_sampled(probs[first : rows.stop], draft, q)
+        taken = torch.zeros(0, dtype=torch.bool, device=chosen.device)
+        if rejecting:
+            draft_rows = [[*drafts[i], 0] for i in rejecting]  # the row after a draft: none
+            q = [draft_probs[i] if draft_probs else None for i in rejecting]
+            index = _on(logits, rejected_rows)
+            rows_params = [row_params[r] for r in rejected_rows]
+            chosen[index], taken = _rejection(logits[index], rows_params, draft_rows, q)
+        row_drafts = _on(chosen, [t for draft in drafts for t in (*draft, 0)])
+        asked = _Logprobs(logprobs, row_params, [row_drafts, chosen])
+        chosen, taken, *read = fetch(chosen, taken, *asked.tensors)
+        asked.read(read)
+        tested = dict(zip(rejected_rows, taken, strict=True))
+        out = []
+        for first, draft in zip(starts[:-1], drafts, strict=True):
+            own = chosen[first : first + len(draft) + 1]
+            if first in tested:
+                kept = next((j for j in range(len(draft)) if not tested[first + j]), len(draft))
+                tokens = [*draft[:kept], own[kept]]
             else:
-                tokens = _accept_greedy([chosen[r] for r in rows], draft)
-            lp = None if logprobs is None else logprobs[first : rows.stop]
-            out.append(_token_results(tokens, lp, p))
-            first = rows.stop
+                tokens = _accept_greedy(own, draft)
+            last = len(tokens) - 1  # the model's own token; the draft's before it
+            out.append([asked.entry(first + j, t, int(j == last)) for j, t in enumerate(tokens)])
         return out
 
     def _seeded_rows(self, chosen, logits, row_params, row_histories, seeds, seeded, starts):
@@ -117,9 +129,8 @@ class Sampler:
         to the token each draws at its position, as `__call__` draws it there."""
         rows = [(r, seeds[i]) for i in seeded for r in range(starts[i], starts[i + 1])]
         keys = [(seed, _position(row_histories[r])) for r, seed in rows]
-        index = torch.tensor([r for r, _ in rows])
-        drawn = _sample(logits[index.to(logits.device)], [row_params[r] for r, _ in rows], keys)
-        chosen[index] = drawn.to(chosen.device)
+        index = _on(logits, [r for r, _ in rows])
+        chosen[index] = _sample(logits[index], [row_params[r] for r, _ in rows], keys)
         return chosen
 
     def propose(
@@ -138,35 +149,6 @@ class Sampler:
         token = int(_draw_rows(probs, [None if seed is None else (seed, position)])[0])
         probs = probs[0] / probs[0].sum()
         return token, (None if seed is not None else probs), float(probs[token])
-
-    def _verify_probs(self, logits: torch.Tensor, params: list[SamplingParams], rows: list[int]):
-        """The distribution (temperature, top-k, top-p, min-p) of each of `rows`, the rows
-        rejection sampling reads; the others are left as they are (not read)."""
-        if not rows:
-            return logits
-        index = _on(logits, rows)
-        probs = logits.clone()
-        kept = _filtered(logits[index], [params[i] for i in rows])
-        probs[index] = kept / kept.sum(dim=-1, keepdim=True)  # p(d) is a probability
-        return probs
-
-    def _accept_sampled(self, probs, draft: list[int], q):
-        """Rejection sampling over one sequence's rows `probs` [len(draft) + 1, vocab]."""
-        tokens = []
-        for j, d in enumerate(draft):
-            p_d, q_d = float(probs[j, d]), 1.0 if q is None else float(q[j, d])
-            if accepts(_uniform(), p_d, q_d):
-                tokens.append(d)
-                continue
-            if q is None:
-                residual = probs[j].clone()
-                residual[d] = 0
-            else:
-                residual = (probs[j] - q[j]).clamp_(min=0)
-            if float(residual.sum()) <= 0:  # p and q equal up to rounding: p itself
-                residual = probs[j]
-            return [*tokens, _draw(residual)]
-        return [*tokens, _draw(probs[len(draft)])]
 
 
 def _sample(logits, params: list[SamplingParams], keys: list) -> torch.Tensor:
@@ -191,21 +173,43 @@ def _draw_rows(weights: torch.Tensor, keys: list) -> torch.Tensor:
     fresh = [i for i, key in enumerate(keys) if key is None]
     seeded = [i for i, key in enumerate(keys) if key is not None]
     if fresh:
-        index = _on(weights, fresh)
+        index = _rows(weights, fresh)
         tokens[index] = _inverse_cdf(weights[index], torch.rand(len(fresh), dtype=torch.float64))
     if seeded:
-        index = _on(weights, seeded)
+        index = _rows(weights, seeded)
         tokens[index] = _split_draw(weights[index], [keys[i] for i in seeded])
     return tokens
 
 
+CDF_PART = 1024  # tokens per part of a row in `_inverse_cdf`
+
+
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Each row's first token whose cumulative weight passes its u (float64, drawn on the
-    CPU whatever the device) x the row's total."""
-    cdf = weights.double().cumsum(dim=-1)
-    u_t = u.to(cdf.device, non_blocking=True)
-    tokens = torch.searchsorted(cdf, u_t[:, None] * cdf[:, -1:], right=True)[:, 0]
-    return tokens.clamp_(max=weights.shape[1] - 1)
+    CPU whatever the device) x the row's total, in two levels: the row's parts of CDF_PART
+    tokens summed (float32 sums, added up in float64), the part where it passes found, and
+    the token within that part by its float64 cumulative weights. A float64 cumsum of whole
+    rows costs several times more, the CPU's widening of every weight most of it."""
+    rows, vocab = weights.shape
+    width = min(vocab, CDF_PART)
+    whole = vocab // width * width
+    sums = weights[:, :whole].reshape(rows, -1, width).sum(dim=-1)
+    if whole < vocab:
+        sums = torch.cat([sums, weights[:, whole:].sum(dim=-1, keepdim=True)], dim=1)
+    cdf = sums.double().cumsum(dim=-1)
+    target = u.to(cdf.device, non_blocking=True)[:, None] * cdf[:, -1:]
+    part = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
+    before = torch.where(part > 0, cdf.gather(1, (part - 1).clamp_(min=0)), 0.0)
+    columns = part * width + torch.arange(width, device=weights.device)
+    inside = weights.gather(1, columns.clamp(max=vocab - 1)).double()
+    inside = torch.where(columns < vocab, inside, 0.0)
+    within = before + inside.cumsum(dim=-1)
+    found = torch.searchsorted(within, target, right=True)
+    # past the part's end only by rounding (its sum and its cumsum differ): its last token
+    # of any weight
+    last = torch.where(inside > 0, torch.arange(width, device=weights.device), 0).amax(dim=-1)
+    found = torch.where(found < width, found, last[:, None])
+    return columns.gather(1, found)[:, 0]
 
 
 def _split_draw(weights: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Tensor:
@@ -259,9 +263,12 @@ def uniforms_at(seed: int, position: int, n: int) -> list[float]:
     return np.random.Generator(philox).random(n).tolist()
 
 
-def _uniform() -> float:
-    """An unseeded uniform in [0, 1) (torch's global generator)."""
-    return float(torch.rand(1, dtype=torch.float64))
+def _rows(like: torch.Tensor, rows: list[int]) -> torch.Tensor | slice:
+    """An index of `rows` of `like`: all of them as a slice (indexing with it copies
+    nothing), else as a tensor on its device."""
+    if len(rows) == len(like) and rows == list(range(len(like))):
+        return slice(None)
+    return _on(like, rows)
 
 
 def _on(like: torch.Tensor, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -269,9 +276,41 @@ def _on(like: torch.Tensor, values: list, dtype: torch.dtype | None = None) -> t
     return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True)
 
 
-def accepts(u: float, p_d: float, q_d: float) -> bool:
-    """Rejection sampling's test for a draft token d: u < min(1, p(d) / q(d)), u uniform."""
+def accepts(u: torch.Tensor, p_d: torch.Tensor, q_d: torch.Tensor) -> torch.Tensor:
+    """Rejection sampling's test for draft tokens d, row by row: u < min(1, p(d) / q(d)),
+    u uniform."""
     return u * q_d < p_d
+
+
+def _rejection(logits, params: list[SamplingParams], drafts: list[list[int]], q: list):
+    """Rejection sampling over the rows of sequences (`drafts`: each one's draft tokens
+    and a 0 for its row after them; `q`: each one's draft distributions [len(draft) - 1,
+    vocab], or None where each token was chosen for sure) at once: each row's test of its
+    draft token, and the token it takes where it fails (drawn from the residual
+    max(p - q, 0); at a row after a draft, from p). Where a test passes, that draw is not
+    read: the uniforms are independent, so the token a sequence takes at its first failed
+    test is distributed as if drawn there alone."""
+    kept = _filtered(logits, params)
+    p = kept / kept.sum(dim=-1, keepdim=True)  # p(d) is a probability
+    d = _on(p, [t for draft in drafts for t in draft])[:, None]
+    residual, q_d = p.clone(), torch.ones(len(p), dtype=torch.float64, device=p.device)
+    certain_rows, first = [], 0
+    for draft, probs in zip(drafts, q, strict=True):
+        rows = slice(first, first + len(draft) - 1)
+        if probs is None:  # q is 1 at the draft token
+            certain_rows += range(rows.start, rows.stop)
+        else:
+            drafted = probs[: len(draft) - 1].to(p.device, p.dtype, non_blocking=True)
+            residual[rows] = (p[rows] - drafted).clamp_(min=0)
+            q_d[rows] = drafted.gather(1, d[rows])[:, 0].double()
+        first += len(draft)
+    if certain_rows:
+        index = _on(p, certain_rows)
+        residual[index, d[index, 0]] = 0
+    u = torch.rand(len(p), dtype=torch.float64).to(p.device, non_blocking=True)
+    taken = accepts(u, p.gather(1, d)[:, 0].double(), q_d)
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)  # p = q: p
+    return _inverse_cdf(residual, torch.rand(len(p), dtype=torch.float64)), taken
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -312,11 +351,6 @@ def _accept_greedy(argmax: list[int], draft: list[int]) -> list[int]:
     return argmax[: accepted + 1]
 
 
-def _draw(weights: torch.Tensor) -> int:
-    """A token drawn from `weights` [vocab] (not normalized), with a fresh uniform."""
-    return int(_draw_rows(weights[None], [None])[0])
-
-
 def _wants_logprobs(params: list[SamplingParams]) -> bool:
     return any(p.logprobs is not None for p in params)
 
@@ -342,7 +376,8 @@ def apply_masks(logits: torch.Tensor, masks: list | None) -> torch.Tensor:
         return logits
     words = np.stack([masks[i] for i in rows])  # [rows, words] int32, little-endian bits
     bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
-    barred = torch.from_numpy(bits).float().sub_(1).to(logits.device)  # 0 allowed, -1 barred
+    barred = torch.from_numpy(bits).float().sub_(1)  # 0 allowed, -1 barred
+    barred = barred.to(logits.device, non_blocking=True)
     if len(rows) == logits.shape[0]:
         return torch.addcmul(logits, barred, _BARRED)
     logits = logits.clone()
@@ -357,25 +392,52 @@ _BARRED = torch.tensor(-BARRED)
 
 def _apply_penalties(logits, params: list[SamplingParams], histories) -> torch.Tensor:
     """Repetition (prompt and output tokens, as in transformers/vLLM), frequency and
-    presence (output tokens, as in the OpenAI API) penalties."""
+    presence (output tokens, as in the OpenAI API) penalties, for every row at once: the
+    (row, token) pairs each one changes are listed on the host and copied over once."""
     rows = [i for i, p in enumerate(params) if p.penalized]
     if not rows:
         return logits
-    logits = logits.clone()
-    vocab = logits.shape[1]
+    seen, counted = _Pairs(), _Pairs()  # value: the repetition penalty; what is taken off
     for i in rows:
         p, (prompt, output) = params[i], histories[i]
-        row = logits[i]
         if p.repetition_penalty != 1:
-            seen = _on(logits, sorted(set(prompt) | set(output)), torch.long)
-            values = row[seen]
-            row[seen] = torch.where(
-                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
-            )
+            tokens = set(prompt).union(output)
+            seen.add(i, np.fromiter(tokens, np.int64, len(tokens)), p.repetition_penalty)
         if output and (p.frequency_penalty or p.presence_penalty):
-            counts = torch.bincount(_on(logits, output), minlength=vocab)[:vocab].float()
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+            counts = collections.Counter(output)
+            times = np.fromiter(counts.values(), np.float64, len(counts))
+            tokens = np.fromiter(counts.keys(), np.int64, len(counts))
+            counted.add(i, tokens, p.frequency_penalty * times + p.presence_penalty)
+    logits = logits.clone()
+    if seen.rows:
+        at, penalty = seen.on(logits)
+        values = logits[at]
+        logits[at] = torch.where(values > 0, values / penalty, values * penalty)
+    if counted.rows:
+        at, penalty = counted.on(logits)
+        logits[at] -= penalty
     return logits
+
+
+class _Pairs:
+    """(row, token) pairs of a step's logits and a value each, gathered row by row."""
+
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+        self.tokens: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+
+    def add(self, row: int, tokens: np.ndarray, values) -> None:
+        self.rows.append(np.full(len(tokens), row, dtype=np.int64))
+        self.tokens.append(tokens)
+        self.values.append(np.broadcast_to(np.asarray(values, dtype=np.float64), len(tokens)))
+
+    def on(self, logits: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(rows, tokens) to index `logits` with, and the values, on its device."""
+        at = np.stack([np.concatenate(self.rows), np.concatenate(self.tokens)])
+        at_t = torch.from_numpy(at).to(logits.device, non_blocking=True)
+        values = torch.from_numpy(np.concatenate(self.values))
+        return (at_t[0], at_t[1]), values.to(logits.device, logits.dtype, non_blocking=True)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -383,7 +445,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     probs = logits.softmax(dim=-1)
     rows = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1 or p.min_p > 0]
     if rows:
-        index = _on(logits, rows)
+        index = _rows(logits, rows)
         probs[index] = _filtered_rows(logits[index], [params[i] for i in rows])
     return probs
 
@@ -404,26 +466,58 @@ def _filtered_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return torch.zeros_like(probs).scatter_(1, order, probs)
 
 
-def _results(tokens: torch.Tensor, logprobs, params: list[SamplingParams]) -> list[Sampled]:
-    ids = tokens.tolist()
-    if logprobs is None:
-        return [Sampled(t) for t in ids]
-    out = []
-    for i, (token, p) in enumerate(zip(ids, params, strict=True)):
-        if p.logprobs is None:
-            out.append(Sampled(token))
-            continue
-        values, top = logprobs[i].topk(p.logprobs)  # logprobs=0: the chosen token only
-        pairs = list(zip(top.tolist(), values.tolist(), strict=True))
-        out.append(Sampled(token, float(logprobs[i, token]), pairs))
+class _Logprobs:
+    """The log probabilities of the rows whose requests ask for them, read with the step's
+    tokens: per such row, that of each candidate token (a tensor of a token per row, the
+    columns), and its top n (n the most any row asks)."""
+
+    def __init__(self, logprobs, params: list[SamplingParams], candidates: list[torch.Tensor]):
+        self.params = params
+        self.asking = [] if logprobs is None else [
+            i for i, p in enumerate(params) if p.logprobs is not None
+        ]  # fmt: skip
+        self.tensors: list[torch.Tensor] = []
+        if self.asking:
+            index = _rows(logprobs, self.asking)
+            rows = logprobs[index]
+            values, top = rows.topk(max(params[i].logprobs for i in self.asking), dim=-1)
+            chosen = [rows.gather(1, c[index][:, None])[:, 0] for c in candidates]
+            self.tensors = [*chosen, values, top]
+        self.slots: dict[int, int] = {}
+
+    def read(self, lists: list[list]) -> None:
+        """Take `tensors`' values, as `fetch` read them."""
+        if lists:
+            *self.chosen, self.values, self.top = lists
+            self.slots = {row: k for k, row in enumerate(self.asking)}
+
+    def entry(self, row: int, token: int, column: int = 0) -> Sampled:
+        """Row `row`'s Sampled, where it took `token`, candidate `column`'s token there."""
+        k = self.slots.get(row)
+        if k is None:
+            return Sampled(token)
+        n = self.params[row].logprobs  # 0: the chosen token only
+        pairs = list(zip(self.top[k][:n], self.values[k][:n], strict=True))
+        return Sampled(token, self.chosen[column][k], pairs)
+
+
+def fetch(*tensors: torch.Tensor) -> list[list]:
+    """The tensors' values as (nested) lists, from one copy off their device, the one read
+    of a step's results (float64 holds every token id and float32 value exactly)."""
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]).tolist() if tensors else []
+    out, at = [], 0
+    for t in tensors:
+        values = flat[at : at + t.numel()]
+        at += t.numel()
+        if t.dtype == torch.bool:
+            values = [v != 0 for v in values]
+        elif not t.is_floating_point():
+            values = [int(v) for v in values]
+        if t.dim() == 2:
+            width = t.shape[1]
+            values = [values[r * width : (r + 1) * width] for r in range(t.shape[0])]
+        out.append(values)
     return out
-
-
-def _token_results(tokens: list[int], logprobs, p: SamplingParams) -> list[Sampled]:
-    """Sampled entries of one sequence's consecutive rows (logprobs: theirs, or None)."""
-    if logprobs is None or p.logprobs is None:
-        return [Sampled(t) for t in tokens]
-    return _results(torch.tensor(tokens), logprobs, [p] * len(tokens))
 
 
 def score(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[Sampled]:
