@@ -12,12 +12,13 @@ from llmkit.runtime.layers import sampler as sampler_module
 from llmkit.runtime.layers.sampler import (
     Sampler,
     _apply_penalties,
+    _filtered_probs,
     _inverse_cdf,
     argmax,
     fetch,
 )
 from llmkit.runtime.sequence import SamplingParams
-from tests.runtime_helpers import NEEDS_CUDA, interpreted, random_prompts
+from tests.runtime_helpers import DEVICES, NEEDS_CUDA, interpreted, random_prompts
 
 
 def sample(logits, params, seeds=None, histories=None):
@@ -191,6 +192,36 @@ def test_penalties_match_their_definitions():
     # repetition on ids seen anywhere (0, 1, 2); frequency x count and presence on outputs
     expected = torch.tensor([[1.0, -2.0 - 1.0 - 0.25, 0.25 - 0.5 - 0.25, 3.0]])
     assert torch.allclose(got, expected)
+
+
+def filtered_reference(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """top-k, top-p and min-p of one row by their definitions, in float64."""
+    values, order = row.double().sort(descending=True)
+    if p.top_k:
+        values[p.top_k :] = -torch.inf
+    probs = values.softmax(-1)
+    before = probs.cumsum(-1) - probs
+    probs[(before >= p.top_p) | (probs < p.min_p * probs[0])] = 0
+    return torch.zeros_like(probs).scatter_(0, order, probs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_top_p_and_min_p_keep_each_rows_definition(device):
+    """Peaked and flat rows of 2,000 tokens: nuclei inside the CPU's first candidates and
+    past them (those rows sorted whole), a top-k wider than the candidates, min-p alone
+    and with both (its cut relative to the top-k tokens' largest probability)."""
+    g = torch.Generator().manual_seed(8)
+    peaked, flat = torch.randn(2000, generator=g) * 4, torch.randn(2000, generator=g) * 0.3
+    cases = [(peaked, SamplingParams(top_p=0.9)), (flat, SamplingParams(top_p=0.95)),
+             (flat, SamplingParams(top_k=300)), (peaked, SamplingParams(top_k=5, top_p=0.5)),
+             (flat, SamplingParams(min_p=0.5)), (peaked, SamplingParams(min_p=0.05)),
+             (flat, SamplingParams(top_k=280, top_p=0.8, min_p=0.2))]  # fmt: skip
+    logits = torch.stack([row for row, _ in cases])
+    got = _filtered_probs(logits.to(device), [p for _, p in cases]).cpu()
+    for i, (row, p) in enumerate(cases):
+        expected = filtered_reference(row, p)
+        assert torch.equal(got[i] > 0, expected > 0), (i, int((got[i] > 0).sum()))
+        assert torch.allclose(got[i].double(), expected, atol=1e-6), i
 
 
 def test_penalties_of_a_batch_match_each_rows_definition():

@@ -441,29 +441,79 @@ class _Pairs:
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Softmax with top-k, top-p and min-p applied; only the rows that set one are sorted."""
+    """Softmax with top-k and top-p applied (only the rows that set one are ordered), and
+    min-p: a token below min_p x the largest probability dropped, which is a logit below
+    the largest + log(min_p), whatever the normalization top-k gave the row."""
     probs = logits.softmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1 or p.min_p > 0]
+    rows = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
     if rows:
         index = _rows(logits, rows)
-        probs[index] = _filtered_rows(logits[index], [params[i] for i in rows])
+        probs[index] = _filtered_rows(probs[index], [params[i] for i in rows])
+    rows = [i for i, p in enumerate(params) if p.min_p > 0]
+    if rows:
+        index = _rows(logits, rows)
+        row_logits = logits[index]
+        log_min_p = _on(logits, [math.log(params[i].min_p) for i in rows])[:, None]
+        floor = row_logits.amax(dim=-1, keepdim=True) + log_min_p
+        probs[index] = probs[index].masked_fill(row_logits < floor, 0)
     return probs
 
 
-def _filtered_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    top_k = _on(logits, [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])[:, None]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    sorted_logits = sorted_logits.masked_fill(ranks >= top_k, -torch.inf)
-    probs = sorted_logits.softmax(dim=-1)
-    top_p = _on(logits, [p.top_p for p in params])[:, None]
-    # keep a token while the mass before it is below top_p (the first is always kept)
-    before = probs.cumsum(dim=-1) - probs
-    min_p = _on(logits, [p.min_p for p in params])[:, None]
-    drop = (before >= top_p) | (probs < min_p * probs[:, :1])
-    probs = probs.masked_fill(drop, 0)
-    return torch.zeros_like(probs).scatter_(1, order, probs)
+TOP_CANDIDATES = 256  # the best tokens of a row the CPU looks at first for top-k and top-p
+
+
+def _filtered_rows(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row of `probs` (a softmax) over its top-k tokens (all where top_k is 0),
+    renormalized, without the tokens past its nucleus (kept while the mass before them is
+    below top_p; the first always); not renormalized again. On the CPU each row's best
+    TOP_CANDIDATES tokens (or top_k, where more) are found first, several times cheaper
+    than sorting a vocabulary, and only the rows whose nucleus reaches past them are
+    sorted (at once where that many tokens hold less than top_p even at the row's largest
+    probability); a GPU sorts every row, where telling which rows do would wait for it."""
+    vocab = probs.shape[1]
+    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    width = min(vocab, max([TOP_CANDIDATES] + [k for k in top_k if k < vocab]))
+    if not probs.is_cpu or width == vocab:
+        return _kept(*probs.sort(dim=-1, descending=True), top_k, params, vocab)
+    most = (probs.amax(dim=-1) * width).tolist()  # free on the CPU
+    short = [k == vocab and m < p.top_p for k, m, p in zip(top_k, most, params, strict=True)]
+    if all(short):
+        return _kept(*probs.sort(dim=-1, descending=True), top_k, params, vocab)
+    rows = [i for i, s in enumerate(short) if not s]
+    index = _rows(probs, rows)
+    best = probs[index].topk(width, dim=-1)
+    part, reaching = _kept(*best, [top_k[i] for i in rows], [params[i] for i in rows], vocab,
+                           whole=False)  # fmt: skip
+    for j in reaching.nonzero()[:, 0].tolist():
+        short[rows[j]] = True
+    if not any(short):
+        return part
+    kept = torch.zeros_like(probs)
+    kept[index] = part
+    rows = [i for i, s in enumerate(short) if s]
+    sorted_rows = probs[rows].sort(dim=-1, descending=True)
+    kept[rows] = _kept(*sorted_rows, [top_k[i] for i in rows], [params[i] for i in rows], vocab)
+    return kept
+
+
+def _kept(probs, order, top_k: list[int], params: list[SamplingParams], vocab: int, whole=True):
+    """`_filtered_rows` of the rows whose best tokens, best first, have probabilities
+    `probs` and ids `order`: all of a row's tokens (`whole`), or its best ones, then also
+    whether each row's nucleus may reach past these."""
+    width = probs.shape[1]
+    top_k_t = _on(probs, top_k)[:, None]
+    if min(top_k) < vocab:
+        ranks = torch.arange(width, device=probs.device)[None, :]
+        probs = probs.masked_fill(ranks >= top_k_t, 0)
+        probs = torch.where(top_k_t < vocab, probs / probs.sum(dim=-1, keepdim=True), probs)
+    top_p = _on(probs, [p.top_p for p in params])[:, None]
+    cumulative = probs.cumsum(dim=-1)
+    kept = torch.zeros(len(probs), vocab, dtype=probs.dtype, device=probs.device)
+    kept.scatter_(1, order, probs.masked_fill(cumulative - probs >= top_p, 0))
+    if whole:
+        return kept
+    # the next token's mass before it is all the candidates'
+    return kept, ~((top_k_t <= width) | (cumulative[:, -1:] >= top_p))[:, 0]
 
 
 class _Logprobs:
