@@ -111,18 +111,7 @@ class Sampler:
         asked = _Logprobs(logprobs, row_params, [row_drafts, chosen])
         chosen, taken, *read = fetch(chosen, taken, *asked.tensors)
         asked.read(read)
-        tested = dict(zip(rejected_rows, taken, strict=True))
-        out = []
-        for first, draft in zip(starts[:-1], drafts, strict=True):
-            own = chosen[first : first + len(draft) + 1]
-            if first in tested:
-                kept = next((j for j in range(len(draft)) if not tested[first + j]), len(draft))
-                tokens = [*draft[:kept], own[kept]]
-            else:
-                tokens = _accept_greedy(own, draft)
-            last = len(tokens) - 1  # the model's own token; the draft's before it
-            out.append([asked.entry(first + j, t, int(j == last)) for j, t in enumerate(tokens)])
-        return out
+        return _verified(chosen, dict(zip(rejected_rows, taken, strict=True)), drafts, asked)
 
     def _seeded_rows(self, chosen, logits, row_params, row_histories, seeds, seeded, starts):
         """`chosen` with the rows of the `seeded` sequences (sequence i's from starts[i]) set
@@ -149,6 +138,25 @@ class Sampler:
         token = int(_draw_rows(probs, [None if seed is None else (seed, position)])[0])
         probs = probs[0] / probs[0].sum()
         return token, (None if seed is not None else probs), float(probs[token])
+
+
+def _verified(chosen: list[int], tested: dict[int, bool], drafts: list[list[int]], asked):
+    """Each sequence's Sampled entries: its draft's tokens up to the first one rejected
+    (`tested`: the rejection tests of the rows of sequences verified by them; the others'
+    draft tokens stand where they are the token `chosen` at their row), then the token
+    `chosen` at the row after them."""
+    out, first = [], 0
+    for draft in drafts:
+        own = chosen[first : first + len(draft) + 1]
+        if first in tested:
+            kept = next((j for j in range(len(draft)) if not tested[first + j]), len(draft))
+            tokens = [*draft[:kept], own[kept]]
+        else:
+            tokens = _accept_greedy(own, draft)
+        last = len(tokens) - 1  # the model's own token; the draft's before it
+        out.append([asked.entry(first + j, t, int(j == last)) for j, t in enumerate(tokens)])
+        first += len(draft) + 1
+    return out
 
 
 def _sample(logits, params: list[SamplingParams], keys: list) -> torch.Tensor:
