@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,8 +279,6 @@ def test_fetch_reads_ids_values_and_flags_exactly():
 def mixed_batch(device):
     """A plain step's and a verifying step's arguments on `device`: every sampling option,
     log probabilities, a guide's mask, seeds, drafts of a draft model and of a lookup."""
-    import numpy as np
-
     g = torch.Generator().manual_seed(5)
     vocab = 64
     params = [
