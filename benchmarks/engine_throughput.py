@@ -3,8 +3,9 @@
 Workload (one JSON file, the same for everyone): the `small-llama` preset in bfloat16, 64
 requests with prompt lengths uniform in [32, 256] (random token ids, seed 0), exactly 128
 output tokens each (EOS ignored), greedy; then, in the same process, llmkit and vllm run it
-again sampled (temperature 0.8, top-p 0.95, as clients send them). Each contender runs in
-its own child process with 2 threads, one after the other in this run:
+again sampled (temperature 0.8, top-p 0.95, as clients send them), its prompts cached from
+the greedy run in both (each caches prefixes by default), so that run is nearly all decode.
+Each contender runs in its own child process with 2 threads, one after the other in this run:
 
 - llmkit: `LLM.generate` (continuous batching over the paged KV cache);
 - hf-static: transformers `generate` in static batches of 16 (left padded);
