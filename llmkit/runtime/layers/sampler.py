@@ -473,34 +473,38 @@ TOP_CANDIDATES = 256  # the best tokens of a row the CPU looks at first for top-
 def _filtered_rows(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Each row of `probs` (a softmax) over its top-k tokens (all where top_k is 0),
     renormalized, without the tokens past its nucleus (kept while the mass before them is
-    below top_p; the first always); not renormalized again. On the CPU each row's best
-    TOP_CANDIDATES tokens (or top_k, where more) are found first, several times cheaper
-    than sorting a vocabulary, and only the rows whose nucleus reaches past them are
-    sorted (at once where that many tokens hold less than top_p even at the row's largest
-    probability); a GPU sorts every row, where telling which rows do would wait for it."""
+    below top_p; the first always); not renormalized again. Each row's best TOP_CANDIDATES
+    tokens (or top_k, where more) are found first, several times cheaper than sorting a
+    vocabulary: enough for a row with a top-k. A row with only a top-p is sorted whole on
+    a GPU, where telling whether its nucleus reaches past them would wait for it; on the
+    CPU only where it does (at once where that many tokens hold less than top_p even at
+    the row's largest probability)."""
     vocab = probs.shape[1]
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     width = min(vocab, max([TOP_CANDIDATES] + [k for k in top_k if k < vocab]))
-    if not probs.is_cpu or width == vocab:
+    whole = [k == vocab for k in top_k]  # the rows to sort whole
+    if probs.is_cpu and width < vocab:
+        most = (probs.amax(dim=-1) * width).tolist()
+        whole = [w and m < p.top_p for w, m, p in zip(whole, most, params, strict=True)]
+    rows = [i for i, w in enumerate(whole) if not w]
+    if not rows:
         return _kept(*probs.sort(dim=-1, descending=True), top_k, params, vocab)
-    most = (probs.amax(dim=-1) * width).tolist()  # free on the CPU
-    short = [k == vocab and m < p.top_p for k, m, p in zip(top_k, most, params, strict=True)]
-    if all(short):
-        return _kept(*probs.sort(dim=-1, descending=True), top_k, params, vocab)
-    rows = [i for i, s in enumerate(short) if not s]
     index = _rows(probs, rows)
     best = probs[index].topk(width, dim=-1)
     part, reaching = _kept(*best, [top_k[i] for i in rows], [params[i] for i in rows], vocab,
                            whole=False)  # fmt: skip
-    for j in reaching.nonzero()[:, 0].tolist():
-        short[rows[j]] = True
-    if not any(short):
+    if probs.is_cpu:  # a row with a top-k never reaches past them
+        for j in reaching.nonzero()[:, 0].tolist():
+            whole[rows[j]] = True
+    if not any(whole):
         return part
     kept = torch.zeros_like(probs)
     kept[index] = part
-    rows = [i for i, s in enumerate(short) if s]
-    sorted_rows = probs[rows].sort(dim=-1, descending=True)
-    kept[rows] = _kept(*sorted_rows, [top_k[i] for i in rows], [params[i] for i in rows], vocab)
+    rows = [i for i, w in enumerate(whole) if w]
+    index = _rows(probs, rows)
+    sorted_rows = probs[index].sort(dim=-1, descending=True)
+    kept[index] = _kept(*sorted_rows, [top_k[i] for i in rows], [params[i] for i in rows],
+                        vocab)  # fmt: skip
     return kept
 
 
