@@ -467,7 +467,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     return probs
 
 
-TOP_CANDIDATES = 256  # the best tokens of a row the CPU looks at first for top-k and top-p
+TOP_CANDIDATES = 256  # the best tokens of a row that top-k and top-p look at first
 
 
 def _filtered_rows(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
