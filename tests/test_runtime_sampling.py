@@ -291,7 +291,7 @@ def mixed_batch(device):
     seeds = [None, 11, None, None]
     mask = np.array([-1, 0x0000FFFF], dtype=np.int32)  # ids 0-47 allowed
     masks = [None, None, mask, None]
-    drafts = [[3, 4], [5], [6, 7, 8], []]
+    drafts = [[3, 4], [5], [6, 7, 8], [1]]  # the last a lookup's: no q
     q = torch.softmax(torch.randn(3, vocab, generator=g), -1).to(device)
     rows = sum(len(d) + 1 for d in drafts)
     verify = (torch.randn(rows, vocab, generator=g).to(device), params, histories, seeds, drafts,
