@@ -302,10 +302,9 @@ def mixed_batch(device):
 
 @NEEDS_CUDA
 def test_sampling_and_verifying_on_cuda_synchronize_only_to_read_the_results(monkeypatch):
-    """Every option of a step, plain and verifying drafts, and prompt scoring: no
-    host-device synchronization on the way (torch's sync debug mode raises on one), one
-    read at the end of each (`fetch`); the greedy and seeded tokens and the log
-    probabilities are the CPU's."""
+    """Every option of a step, plain and verifying drafts: no host-device synchronization
+    on the way (torch's sync debug mode raises on one), one read at the end (`fetch`); the
+    greedy and seeded tokens and the log probabilities are the CPU's."""
     reads = []
 
     def read_once(*tensors):
@@ -326,13 +325,12 @@ def test_sampling_and_verifying_on_cuda_synchronize_only_to_read_the_results(mon
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
-            scored = sampler_module.score(plain[0], [1, 2, 3, 4], [0, 1, 2, 3])  # echo's
-            results[device] = (Sampler()(*plain), Sampler().verify(*verify), scored)
+            results[device] = (Sampler()(*plain), Sampler().verify(*verify))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert len(reads) == 3
+    assert len(reads) == 2
     for cpu_rows, gpu_rows in zip(results["cpu"], results["cuda"], strict=True):
-        for a, b in zip(cpu_rows[:2], gpu_rows[:2], strict=True):  # greedy, seeded, scored
+        for a, b in zip(cpu_rows[:2], gpu_rows[:2], strict=True):  # greedy, seeded
             assert _same_entries(a, b)
 
 
@@ -354,31 +352,6 @@ def test_logprobs_are_the_models_own_distribution():
         assert [t for t, _ in s.top_logprobs] == ids.tolist()
         assert [v for _, v in s.top_logprobs] == pytest.approx(values.tolist())
         assert s.logprob == pytest.approx(float(reference[row, s.token_id]))
-
-
-def test_prompt_spans_of_a_step_are_scored_together_as_each_alone(monkeypatch):
-    """Two sequences' prompt spans asking for 1 and 3 top log probabilities, scored in
-    chunks of 4 rows (SCORE_ROWS made small): each token's entry is its row's own."""
-    from llmkit.runtime.model_runner import PromptSpan, _score_prompts
-    from llmkit.runtime.sequence import Sequence
-
-    monkeypatch.setattr(sampler_module, "SCORE_ROWS", 4)
-    g = torch.Generator().manual_seed(10)
-    first = Sequence(list(range(3, 12)), SamplingParams(prompt_logprobs=1))
-    second = Sequence(list(range(20, 27)), SamplingParams(prompt_logprobs=3))
-    spans = [PromptSpan(first, 2, 6), PromptSpan(second, 0, 5)]
-    logits = torch.randn(11, 40, generator=g)
-    scores = _score_prompts(spans, logits)
-    reference, row = torch.log_softmax(logits, -1), 0
-    for (seq, start, scored), span in zip(scores, spans, strict=True):
-        assert seq is span.seq and start == span.start + 1 and len(scored) == span.count
-        n = seq.params.prompt_logprobs
-        for j, s in enumerate(scored):
-            assert s.token_id == seq.prompt_token_ids[start + j]
-            assert s.logprob == float(reference[row, s.token_id])
-            values, ids = reference[row].topk(n)
-            assert s.top_logprobs == list(zip(ids.tolist(), values.tolist(), strict=True))
-            row += 1
 
 
 def test_bad_sampling_values_are_refused():

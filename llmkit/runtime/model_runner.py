@@ -250,16 +250,13 @@ class ModelRunner:
 
 def _score_prompts(spans: list[PromptSpan], logits: torch.Tensor) -> list:
     """(sequence, first position scored, scores) of each span: the log probability of each
-    prompt token given the ones before it (all spans' rows scored together)."""
-    tokens, top_ns = [], []
-    for span in spans:
-        seq = span.seq
-        tokens += seq.prompt_token_ids[span.start + 1 : span.start + 1 + span.count]
-        top_ns += [seq.params.prompt_logprobs] * span.count
-    scored = score(logits[: len(tokens)], tokens, top_ns)
+    prompt token given the ones before it."""
     scores, row = [], 0
     for span in spans:
-        scores.append((span.seq, span.start + 1, scored[row : row + span.count]))
+        seq = span.seq
+        nxt = seq.prompt_token_ids[span.start + 1 : span.start + 1 + span.count]
+        scored = score(logits[row : row + span.count], nxt, seq.params.prompt_logprobs)
+        scores.append((seq, span.start + 1, scored))
         row += span.count
     return scores
 

@@ -582,25 +582,13 @@ def fetch(*tensors: torch.Tensor) -> list[list]:
     return out
 
 
-SCORE_ROWS = 512  # rows scored at a time: the log_softmax of this many rows is held at once
-
-
-def score(logits: torch.Tensor, token_ids: list[int], top_ns: list[int]) -> list[Sampled]:
-    """Log probabilities of given tokens (one per row of `logits`), with each row's top n
-    (`top_ns`): how prompt tokens are scored for echo. All rows' come back in one read."""
-    ids = _on(logits, token_ids)[:, None]
-    most = max(top_ns, default=0)
-    chosen, values, top = [], [], []
-    for start in range(0, len(logits), SCORE_ROWS):
-        logprobs = torch.log_softmax(logits[start : start + SCORE_ROWS].float(), dim=-1)
-        chosen.append(logprobs.gather(1, ids[start : start + SCORE_ROWS])[:, 0])
-        best = logprobs.topk(most, dim=-1)
-        values.append(best.values)
-        top.append(best.indices)
-    if not chosen:
-        return []
-    chosen, values, top = fetch(torch.cat(chosen), torch.cat(values), torch.cat(top))
+def score(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[Sampled]:
+    """Log probabilities of given tokens (one per row of `logits`), with each row's top n:
+    how prompt tokens are scored for echo."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, _on(logprobs, token_ids)[:, None])[:, 0].tolist()
+    values, top = logprobs.topk(top_n, dim=-1)
     return [
-        Sampled(t, lp, list(zip(best[:n], vs[:n], strict=True)))
-        for t, lp, best, vs, n in zip(token_ids, chosen, top, values, top_ns, strict=True)
+        Sampled(t, lp, list(zip(ids, vs, strict=True)))
+        for t, lp, ids, vs in zip(token_ids, chosen, top.tolist(), values.tolist(), strict=True)
     ]
