@@ -107,8 +107,10 @@ class Sampler:
             index = _on(logits, rejected_rows)
             rows_params = [row_params[r] for r in rejected_rows]
             chosen[index], taken = _rejection(logits[index], rows_params, draft_rows, q)
-        row_drafts = _on(chosen, [t for draft in drafts for t in (*draft, 0)])
-        asked = _Logprobs(logprobs, row_params, [row_drafts, chosen])
+        candidates = []  # per row, where log probabilities are asked: its draft token, its own
+        if logprobs is not None:
+            candidates = [_on(chosen, [t for draft in drafts for t in (*draft, 0)]), chosen]
+        asked = _Logprobs(logprobs, row_params, candidates)
         chosen, taken, *read = fetch(chosen, taken, *asked.tensors)
         asked.read(read)
         return _verified(chosen, dict(zip(rejected_rows, taken, strict=True)), drafts, asked)
@@ -545,13 +547,12 @@ class _Logprobs:
             values, top = rows.topk(max(params[i].logprobs for i in self.asking), dim=-1)
             chosen = [rows.gather(1, c[index][:, None])[:, 0] for c in candidates]
             self.tensors = [*chosen, values, top]
-        self.slots: dict[int, int] = {}
+        self.slots = {row: k for k, row in enumerate(self.asking)}
 
     def read(self, lists: list[list]) -> None:
         """Take `tensors`' values, as `fetch` read them."""
         if lists:
             *self.chosen, self.values, self.top = lists
-            self.slots = {row: k for k, row in enumerate(self.asking)}
 
     def entry(self, row: int, token: int, column: int = 0) -> Sampled:
         """Row `row`'s Sampled, where it took `token`, candidate `column`'s token there."""
