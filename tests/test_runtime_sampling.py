@@ -277,8 +277,9 @@ def test_fetch_reads_ids_values_and_flags_exactly():
 
 
 def mixed_batch(device):
-    """A plain step's and a verifying step's arguments on `device`: every sampling option,
-    log probabilities, a guide's mask, seeds, drafts of a draft model and of a lookup."""
+    """A plain step's, a verifying step's and a draft model's step's (`Sampler.propose`)
+    arguments on `device`: every sampling option, log probabilities, a guide's mask,
+    seeds, drafts of a draft model and of a lookup."""
     g = torch.Generator().manual_seed(5)
     vocab = 64
     params = [
@@ -297,14 +298,19 @@ def mixed_batch(device):
     verify = (torch.randn(rows, vocab, generator=g).to(device), params, histories, seeds, drafts,
               [None, None, q, None], masks)  # fmt: skip
     plain = (torch.randn(4, vocab, generator=g).to(device), params, histories, seeds, masks)
-    return plain, verify
+    keys = [None if s is None else (s, 7) for s in seeds]
+    return plain, verify, (torch.randn(4, vocab, generator=g).to(device), params, keys)
 
 
 @NEEDS_CUDA
 def test_sampling_and_verifying_on_cuda_synchronize_only_to_read_the_results(monkeypatch):
-    """Every option of a step, plain and verifying drafts: no host-device synchronization
-    on the way (torch's sync debug mode raises on one), one read at the end (`fetch`); the
-    greedy and seeded tokens and the log probabilities are the CPU's."""
+    """Every option of a step, plain and verifying drafts, and a draft model's step with
+    its drafts' distributions stacked as DraftProposer stacks them: no host-device
+    synchronization on the way (torch's sync debug mode raises on one), one read at the
+    end of each (`fetch`); the greedy and seeded tokens and the log probabilities are the
+    CPU's."""
+    from llmkit.runtime.speculative import _Drafting
+
     reads = []
 
     def read_once(*tensors):
@@ -315,9 +321,17 @@ def test_sampling_and_verifying_on_cuda_synchronize_only_to_read_the_results(mon
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
+    def drafted(sampler, logits, params, keys):
+        tokens, confidence, q = sampler.propose(logits, params, keys)
+        drafting = _Drafting(len(params), [], [])
+        for token, chance, row in zip(*sampler_module.fetch(tokens, confidence), q, strict=True):
+            drafting.add(token, row, chance)
+        drafting.draft()
+        return [sampler_module.Sampled(t) for t in drafting.tokens]
+
     results = {}
     for device in ("cpu", "cuda"):
-        plain, verify = mixed_batch(device)
+        plain, verify, draft = mixed_batch(device)
         torch.manual_seed(0)
         if device == "cuda":
             Sampler()(*plain)  # Triton compiles the split draw's kernel first
@@ -325,10 +339,11 @@ def test_sampling_and_verifying_on_cuda_synchronize_only_to_read_the_results(mon
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
-            results[device] = (Sampler()(*plain), Sampler().verify(*verify))
+            results[device] = (Sampler()(*plain), Sampler().verify(*verify),
+                               drafted(Sampler(), *draft))  # fmt: skip
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert len(reads) == 2
+    assert len(reads) == 3
     for cpu_rows, gpu_rows in zip(results["cpu"], results["cuda"], strict=True):
         for a, b in zip(cpu_rows[:2], gpu_rows[:2], strict=True):  # greedy, seeded
             assert _same_entries(a, b)

@@ -870,6 +870,69 @@ def test_a_seeded_sampled_request_gives_plain_decodings_tokens_however_it_specul
     assert stats.accepted == stats.proposed  # the model as its own draft
 
 
+def test_unseeded_sampled_drafts_come_with_the_distribution_the_model_verifies(
+    tiny_dir, monkeypatch
+):
+    """The model as its own draft, unseeded sampled requests drafting together: each draft
+    token's distribution, as verify() is told it, is the model's filtered distribution at
+    that token's row (the same up to rounding), so rejection sampling takes nearly all of
+    them. A draft row paired with another sequence's row, or filtered otherwise, differs."""
+    from llmkit.runtime.layers.sampler import _filtered
+
+    model, compared = tiny_dir("tiny-llama"), []
+    verify = Sampler.verify
+
+    def checked(self, logits, params, histories, seeds, drafts, draft_probs=None, masks=None):
+        first = 0
+        for p, draft, q in zip(params, drafts, draft_probs or [None] * len(drafts), strict=True):
+            if q is not None:
+                kept = _filtered(logits[first : first + len(draft)], [p] * len(draft))
+                compared.append(float((kept / kept.sum(-1, keepdim=True) - q).abs().max()))
+            first += len(draft) + 1
+        return verify(self, logits, params, histories, seeds, drafts, draft_probs, masks)
+
+    monkeypatch.setattr(Sampler, "verify", checked)
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_k=20, top_p=0.9, ignore_eos=True)
+    out, stats = generate(model, prompts(), params, speculative=str(model))
+    assert all(len(o[0]) == 30 for o in out)
+    assert len(compared) > 20 and max(compared) < 1e-4
+    assert stats.accepted >= 0.95 * stats.proposed > 0, stats
+
+
+def test_a_draft_models_rows_are_proposed_at_once_each_by_its_rule():
+    """Sampler.propose over a greedy row, a seeded one and unseeded ones at once: the
+    greedy row's argmax with its softmax probability; the seeded row's token the one a
+    plain step draws with that seed at that position; each unseeded row's distribution its
+    filtered one (the float64 definition), its token drawn from it (a chi-square test over
+    6,000 rows of one call) and its probability that distribution's at the token."""
+    from tests.test_runtime_sampling import filtered_reference
+
+    row = torch.randn(VOCAB * 2, generator=torch.Generator().manual_seed(3)) * 2
+    greedy, seeded = SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=8)
+    drawing = SamplingParams(temperature=0.7, top_k=10, top_p=0.9, min_p=0.02)
+    n = 6000
+    torch.manual_seed(3)
+    tokens, confidence, q = Sampler().propose(
+        torch.stack([row] * (n + 2)), [greedy, seeded] + [drawing] * n, [None, (9, 5)] + [None] * n
+    )
+
+    def normalized(p: SamplingParams) -> torch.Tensor:
+        kept = filtered_reference(row / p.temperature, p)
+        return kept / kept.sum()
+
+    best = int(row.argmax())
+    assert int(tokens[0]) == best and q[0] is None
+    assert float(confidence[0]) == pytest.approx(float(row.softmax(-1)[best]))
+    plain = Sampler()(row[None], [seeded], [([0] * 5, [])], [9])[0].token_id
+    assert int(tokens[1]) == plain and q[1] is None
+    assert float(confidence[1]) == pytest.approx(float(normalized(seeded)[plain]))
+    expected = normalized(drawing)
+    assert all(torch.allclose(q[i].double(), expected, atol=1e-6) for i in (2, n + 1))
+    assert torch.allclose(confidence[2:].double(), expected[tokens[2:]], atol=1e-6)
+    counts = torch.bincount(tokens[2:], minlength=len(row)).double()
+    assert chi_square_p_value(counts, expected) > 1e-3
+
+
 def test_tp2_speculation_gives_the_tokens_of_tp1_plain(tiny_dir):
     model = tiny_dir("tiny-llama")
     plain, _ = generate(model, prompts())
@@ -899,7 +962,7 @@ def first_tokens(
     q_logits = torch.randn(VOCAB, generator=g) * 1.5
     params = SamplingParams(temperature=1.0)
     masks = None if allowed is None else [np.array([sum(1 << t for t in allowed)], np.int32)]
-    q = Sampler().propose(apply_masks(q_logits[None], masks)[0], params, None, 0)[1]
+    q = Sampler().propose(apply_masks(q_logits[None], masks), [params], [None])[2][0]
     sampler = Sampler()
     counts = torch.zeros(VOCAB)
     logits = torch.stack([p_logits, p_logits])  # rows: after the history, after the draft

@@ -239,9 +239,9 @@ class DraftProposer:
         gave it (under that distribution; for greedy, under the model's softmax), among the
         tokens its guide on trial allows where it has one (`trials`: Guides.trials of the
         guided sequences, by the sequence's seq_id; its mirror is self.mirrors[seq_id]).
-        Greedy rows are decided where the logits are: only their tokens and probabilities
-        come back to the host."""
-        from llmkit.runtime.layers.sampler import apply_masks
+        Every row is decided where the logits are (Sampler.propose): one read brings the
+        tokens and probabilities to the host; the distributions stay there."""
+        from llmkit.runtime.layers.sampler import apply_masks, fetch
         from llmkit.runtime.model_runner import prepare
 
         inputs, sampled, _ = prepare(batch, self.block_size, self.catch_up)
@@ -255,22 +255,17 @@ class DraftProposer:
             for seq_id, mask in masks.items():
                 row_masks[rows[self.mirrors[seq_id].seq_id]] = mask
             logits = apply_masks(logits, row_masks)
-        greedy = [m.seq_id for m in batch.seqs if m.params.greedy]
-        chosen = dict(zip(greedy, _greedy_rows(logits, [rows[s] for s in greedy]), strict=True))
-        sampled_rows = [rows[m.seq_id] for m in batch.seqs if not m.params.greedy]
-        drawn = (
-            dict(zip(sampled_rows, logits[sampled_rows].cpu(), strict=True)) if sampled_rows else {}
+        mirrors = sampled.seqs  # by row
+        keys = [None if m.seed is None else (m.seed, len(m.prompt_token_ids)) for m in mirrors]
+        tokens, confidence, drawn_from = self.sampler.propose(
+            logits, [m.params for m in mirrors], keys
         )
+        tokens, confidence = fetch(tokens, confidence)
         out = []
         for mirror in batch.seqs:
-            if mirror.seq_id in chosen:
-                (token, confidence), q = chosen[mirror.seq_id], None
-            else:
-                row, position = drawn[rows[mirror.seq_id]], len(mirror.prompt_token_ids)
-                token, q, confidence = self.sampler.propose(row, mirror.params, mirror.seed,
-                                                            position)  # fmt: skip
-            mirror.prompt_token_ids.append(token)
-            out.append((token, q, confidence))
+            row = rows[mirror.seq_id]
+            mirror.prompt_token_ids.append(tokens[row])
+            out.append((tokens[row], drawn_from[row], confidence[row]))
         return out
 
     def _sync(self, seq: Sequence) -> bool:
@@ -406,20 +401,6 @@ class Cutoff:
             return self.PRIOR
         model = max(statistics.median(self.model_steps), 1e-9)
         return min(1.0, statistics.median(self.draft_steps) / model)
-
-
-def _greedy_rows(logits: torch.Tensor, rows: list[int]) -> list[tuple[int, float]]:
-    """(argmax, its probability under the softmax) of each of `rows` of `logits`, computed
-    where the logits are; one copy to the host."""
-    from llmkit.runtime.layers.sampler import argmax
-
-    if not rows:
-        return []
-    picked = logits[rows]
-    tokens = argmax(picked).to(picked.device)
-    confidence = torch.softmax(picked, -1).gather(1, tokens[:, None])[:, 0]
-    both = torch.stack((tokens.double(), confidence.double())).cpu()
-    return [(int(t), float(c)) for t, c in both.t().tolist()]
 
 
 def check_draft(path: str, draft_vocab, vocab: int, draft_tokenizer, tokenizer) -> None:

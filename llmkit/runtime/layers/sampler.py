@@ -124,22 +124,35 @@ class Sampler:
         chosen[index] = _sample(logits[index], [row_params[r] for r, _ in rows], keys)
         return chosen
 
-    def propose(
-        self, logits: torch.Tensor, params: SamplingParams, seed: int | None, position: int
-    ) -> tuple:
-        """A draft model's next token from its logits [vocab] (float32): its argmax for a
-        greedy request, else drawn from its distribution under the request's temperature,
-        top-k, top-p and min-p (a seeded one's with the model's uniforms at `position`);
-        that distribution, where the rejection test takes it (None where the draft token
-        is verified as the token the request takes there: greedy, seeded); and the draft
-        model's probability for the token."""
-        if params.greedy:
-            token = int(argmax(logits[None])[0])
-            return token, None, float(torch.softmax(logits, dim=-1)[token])
-        probs = _filtered(logits[None], [params])
-        token = int(_draw_rows(probs, [None if seed is None else (seed, position)])[0])
-        probs = probs[0] / probs[0].sum()
-        return token, (None if seed is not None else probs), float(probs[token])
+    def propose(self, logits: torch.Tensor, params: list[SamplingParams], keys: list) -> tuple:
+        """A draft model's next token at each row of its logits [rows, vocab] (float32): its
+        argmax for a greedy request, else drawn from its distribution under the request's
+        temperature, top-k, top-p and min-p (a seeded one's with the model's uniforms at its
+        key (seed, position), as `__call__` draws there; None: unseeded). Returns the tokens
+        and the draft model's probability for each (under that distribution; for greedy,
+        under its softmax), both where the logits are, for one read (`fetch`); and per row
+        the distribution its token was drawn from, [vocab] where the logits are, where the
+        rejection test takes it (None where the draft token is verified as the token the
+        request takes there: greedy, seeded)."""
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        confidence = torch.empty(len(params), dtype=torch.float32, device=logits.device)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        q = [None] * len(params)
+        if greedy:
+            index = _rows(logits, greedy)
+            picked = logits[index]
+            tokens[index] = chosen = argmax(picked).to(logits.device)
+            confidence[index] = torch.softmax(picked, -1).gather(1, chosen[:, None])[:, 0]
+        if drawn:
+            index = _rows(logits, drawn)
+            probs = _filtered(logits[index], [params[i] for i in drawn])
+            tokens[index] = chosen = _draw_rows(probs, [keys[i] for i in drawn])
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+            confidence[index] = probs.gather(1, chosen[:, None])[:, 0]
+            for row, i in zip(probs, drawn, strict=True):
+                q[i] = row if keys[i] is None else None
+        return tokens, confidence, q
 
 
 def _verified(chosen: list[int], tested: dict[int, bool], drafts: list[list[int]], asked):
