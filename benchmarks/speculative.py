@@ -26,7 +26,7 @@ Models (2 threads, CPU):
   most of the time; and stories260K's first WEAK_LAYERS layers, right less than half the
   time.
 
-Workloads, 64 greedy tokens per request (EOS ignored):
+Workloads, 64 tokens per request (EOS ignored), greedy but for `sampled`:
 - grounded: a passage of tinyshakespeare, then "Again:" and the passage's first words
   (the output should reproduce the passage: edit/summarize style);
 - free: a line of tinyshakespeare to continue;
@@ -39,6 +39,10 @@ Workloads, 64 greedy tokens per request (EOS ignored):
   speculation (`speculative: false`); `forced` is the plain engine without that, whose
   guided requests verify the tokens the guide forces as drafts, as every engine's do. No
   target; it shows what speculation does for guided requests.
+- sampled (concurrency 1: WIDE with stories260K and its 4-bit copy as drafts): free's
+  prompts drawn at temperature SAMPLED_TEMPERATURE, unseeded, as a chat client asks: the
+  draft model draws its tokens from its own distribution, and rejection sampling tests
+  them against the model's. The draft target applies (the same request, sampled).
 
 Measures: at concurrency 1, decode tok/s (the tokens after the first over the time after the
 first: 1 / TPOT, as `bench offline` and benchmarks/cpu_decode.py count it; the prompt's
@@ -75,10 +79,10 @@ token, so its ngram drafts are right for the same reason small-llama's are. A ra
 draft model doubts every token, so the draft target is measured on WIDE_CUDA: stories260K
 widened as WIDE is, further (hidden x 64, intermediate x 128: some 1.4B parameters, written
 in bfloat16), a step of a model of Llama-3.2-1B's size, plainly and with stories260K as
-its draft, on both workloads (as text) and json at concurrency 1, WIDE_CUDA_OUTPUT_LEN
-tokens a request (stories260K's context is 512 tokens); and the 1B shapes' ngram with no
---speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP), where a GPU's step is still
-bandwidth-bound: whether that default holds there too. Writes
+its draft, on both workloads (as text), json and sampled at concurrency 1,
+WIDE_CUDA_OUTPUT_LEN tokens a request (stories260K's context is 512 tokens); and the 1B
+shapes' ngram with no --speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP), where a
+GPU's step is still bandwidth-bound: whether that default holds there too. Writes
 benchmarks/results/speculative-cuda-<date>.json.
 
     python benchmarks/speculative.py [--workdir DIR] [--rounds 3] [--device cuda]
@@ -110,6 +114,8 @@ CUDA_SWEEP = (8,)
 UNLIMITED = "ngram-unlimited"
 DRAFT_LAYERS = 2
 GUIDED = "json"  # the structured-output workload
+SAMPLED = "sampled"  # free's prompts, sampled (unseeded) at SAMPLED_TEMPERATURE
+SAMPLED_TEMPERATURE = 0.8
 FORCED = "forced"  # on it, the plain engine verifying the tokens guides force as drafts
 GUIDED_MAX_TOKENS = 512  # structured_outputs.SCHEMA's answers end well within it
 K = 4
@@ -219,22 +225,25 @@ def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
 
 
 def run(
-    llm, prompts: list[str], output_len: int = OUTPUT_LEN, guided: bool = False, plainly=False
+    llm, prompts: list[str], output_len: int = OUTPUT_LEN, workload: str = "", plainly=False
 ) -> dict:
-    """`prompts` decoded greedily, `output_len` tokens each (EOS ignored), or `guided`: each
-    answered under structured_outputs.SCHEMA, ending where its answer does (`plainly`: as
-    requests that ask for no speculation, not even of the tokens their guide forces)."""
+    """`prompts` decoded greedily, `output_len` tokens each (EOS ignored); as SAMPLED, drawn
+    at SAMPLED_TEMPERATURE (no seed: drafts go through rejection sampling); or as GUIDED,
+    each answered under structured_outputs.SCHEMA, ending where its answer does
+    (`plainly`: as requests that ask for no speculation, not even of the tokens their
+    guide forces)."""
     from structured_outputs import SCHEMA
 
     from llmkit.runtime.guide import Guide
     from llmkit.runtime.sequence import SamplingParams
 
-    if guided:
+    if workload == GUIDED:
         guide = Guide("json", json.dumps(SCHEMA))
         params = SamplingParams(max_tokens=GUIDED_MAX_TOKENS, temperature=0.0, guide=guide,
                                 speculative=not plainly)  # fmt: skip
     else:
-        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        temperature = SAMPLED_TEMPERATURE if workload == SAMPLED else 0.0
+        params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True)
     before = replace(llm.engine.spec_stats)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -325,7 +334,8 @@ def main() -> None:
         if f"{WIDE_CUDA} draft" in llms:
             cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in texts]
             cases += [(WIDE_CUDA, GUIDED, 1, ("plain", FORCED, "draft"))]
-            setting[WIDE_CUDA] = ({**texts, GUIDED: texts["free"]}, WIDE_CUDA_OUTPUT_LEN)
+            cases += [(WIDE_CUDA, SAMPLED, 1, ("plain", "draft"))]
+            setting[WIDE_CUDA] = (_with_free(texts), WIDE_CUDA_OUTPUT_LEN)
         warm_up = CONCURRENCY  # each graph bucket captured before any timing
         anchor = None
     else:
@@ -334,11 +344,12 @@ def main() -> None:
         anchor = llamacpp_models(work, models)
         cases = [("small-llama", w, c, _proposers(c, SWEEP)) for w in texts for c in CONCURRENCY]
         cases += [("small-llama", GUIDED, 1, ("plain", FORCED, "ngram"))]
-        setting["small-llama"] = ({**texts, GUIDED: texts["free"]}, OUTPUT_LEN)
+        setting["small-llama"] = (_with_free(texts), OUTPUT_LEN)
         cases += [("stories260K", w, 1, ("plain", "ngram")) for w in texts]
         cases += [(WIDE, w, 1, ("plain", "draft", WIDE_Q4, WIDE_WEAK)) for w in texts]
         cases += [(WIDE, GUIDED, 1, ("plain", FORCED, "draft", WIDE_Q4))]
-        setting[WIDE] = ({**texts, GUIDED: texts["free"]}, OUTPUT_LEN)
+        cases += [(WIDE, SAMPLED, 1, ("plain", "draft", WIDE_Q4))]
+        setting[WIDE] = (_with_free(texts), OUTPUT_LEN)
         alone = [c for c in SWEEP if c not in CONCURRENCY]
         cases += [("small-llama", w, c, ("plain", UNLIMITED)) for w in texts for c in alone]
         warm_up = (2,)
@@ -354,13 +365,14 @@ def main() -> None:
             modes = [f"{model} {p}" for p in proposers]
             for name in modes if r % 2 == 0 else reversed(modes):
                 engine = llms[name.replace(f" {FORCED}", " plain")]
-                out = run(engine, loads[workload][:concurrency], output_len,
-                          workload == GUIDED, name.endswith(" plain"))  # fmt: skip
+                out = run(engine, loads[workload][:concurrency], output_len, workload,
+                          name.endswith(" plain"))  # fmt: skip
                 result[f"{name} {workload} {concurrency}"] = out
             plain = result[f"{model} plain {workload} {concurrency}"]
             for name in modes[1:]:
                 out = result[f"{name} {workload} {concurrency}"]
-                out["same_tokens"] = out.pop("tokens") == plain["tokens"]
+                same = out.pop("tokens") == plain["tokens"]
+                out["same_tokens"] = same if workload != SAMPLED else None  # drawn apart
                 print(
                     f"round {r + 1} {name:18} {workload:8} c{concurrency:<3} "
                     f"{out['tok_s']:7.1f} tok/s vs {plain['tok_s']:7.1f} plain "
@@ -377,6 +389,11 @@ def main() -> None:
     for llm in llms.values():
         llm.close()
     report(rounds, args.speculative_max_seqs, cuda)
+
+
+def _with_free(texts: dict[str, list]) -> dict[str, list]:
+    """The workloads, with GUIDED and SAMPLED on free's prompts."""
+    return {**texts, GUIDED: texts["free"], SAMPLED: texts["free"]}
 
 
 def llamacpp_models(work: Path, models: dict[str, Path]) -> tuple[Path, Path] | None:
@@ -487,7 +504,7 @@ def _stats(rounds: list[dict], model: str, proposer: str, workload: str, concurr
         "acceptance": accepted / proposed if proposed else 0.0,
         "per_draft": accepted / drafts if drafts else 0.0,
         "cutoffs": [r[key]["cutoff"] for r in rounds if r[key].get("cutoff") is not None],
-        "same": all(r[key]["same_tokens"] for r in rounds),
+        "same": all(r[key]["same_tokens"] is not False for r in rounds),
     }
 
 
