@@ -154,10 +154,10 @@ def test_a_request_that_breaks_the_sampler_fails_alone(tiny_dir, monkeypatch, as
     poison = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, seed=7)
     real = type(sampler).__call__
 
-    def breaks_on_poison(self, logits, params, histories, seeds, masks=None):
+    def breaks_on_poison(self, logits, params, *rest):
         if any(p is poison for p in params):
             raise RuntimeError("sampler broke")
-        return real(self, logits, params, histories, seeds, masks)
+        return real(self, logits, params, *rest)
 
     monkeypatch.setattr(type(sampler), "__call__", breaks_on_poison)
     for i, prompt in enumerate(prompts):

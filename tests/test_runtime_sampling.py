@@ -10,9 +10,9 @@ import torch
 
 from llmkit.runtime.engine import LLM, EngineConfig
 from llmkit.runtime.layers import sampler as sampler_module
+from llmkit.runtime.layers.penalties import Penalties
 from llmkit.runtime.layers.sampler import (
     Sampler,
-    _apply_penalties,
     _filtered_probs,
     _inverse_cdf,
     argmax,
@@ -189,7 +189,7 @@ def test_the_split_draws_kernel_on_cuda_takes_the_tokens_of_the_scalar_descent()
 def test_penalties_match_their_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
-    got = _apply_penalties(logits, [params], [([0], [1, 1, 2])])
+    got = Penalties().apply(logits, [params], [([0], [1, 1, 2])])
     # repetition on ids seen anywhere (0, 1, 2); frequency x count and presence on outputs
     expected = torch.tensor([[1.0, -2.0 - 1.0 - 0.25, 0.25 - 0.5 - 0.25, 3.0]])
     assert torch.allclose(got, expected)
@@ -225,6 +225,17 @@ def test_top_k_top_p_and_min_p_keep_each_rows_definition(device):
         assert torch.allclose(got[i].double(), expected, atol=1e-6), i
 
 
+def penalized_reference(row: torch.Tensor, p: SamplingParams, prompt, output) -> list[float]:
+    """A row's logits penalized for (prompt, output) by the definitions, in float64."""
+    expected = row.double().tolist()
+    for t in set(prompt) | set(output):
+        v, r = expected[t], p.repetition_penalty
+        expected[t] = v / r if v > 0 else v * r
+    for t in set(output):
+        expected[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return expected
+
+
 def test_penalties_of_a_batch_match_each_rows_definition():
     """Rows with and without each penalty, histories with repeats, beside unpenalized
     rows: each row as its definition gives it, computed alone in float64."""
@@ -237,15 +248,38 @@ def test_penalties_of_a_batch_match_each_rows_definition():
                                      presence_penalty=rng.choice([0.0, 0.25])))  # fmt: skip
         histories.append(([rng.randrange(40) for _ in range(rng.randrange(6))],
                           [rng.randrange(40) for _ in range(rng.randrange(9))]))  # fmt: skip
-    got = _apply_penalties(logits, params, histories)
+    got = Penalties().apply(logits, params, histories)
     for row, (p, (prompt, output)) in enumerate(zip(params, histories, strict=True)):
-        expected = logits[row].double().tolist()
-        for t in set(prompt) | set(output):
-            v, r = expected[t], p.repetition_penalty
-            expected[t] = v / r if v > 0 else v * r
-        for t in set(output):
-            expected[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+        expected = penalized_reference(logits[row], p, prompt, output)
         assert got[row].double().tolist() == pytest.approx(expected, abs=1e-5), row
+
+
+def test_penalties_kept_between_steps_follow_each_sequences_whole_history():
+    """One Penalties over 60 steps of three sequences whose outputs grow (by a token, or
+    by several: a verified draft), one missing every fifth step and then 20 in a row (its
+    tokens dropped, read whole when it comes back), one whose output list is replaced
+    (read afresh), rows with draft tokens after their history: every row as the
+    definitions give it for its whole history."""
+    rng = random.Random(4)
+    p = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.25)
+    penalties = Penalties()
+    seqs = {i: ([rng.randrange(50) for _ in range(rng.randrange(1, 8))], []) for i in range(3)}
+    for step in range(60):
+        if step == 30:  # other tokens, as many, the same last one
+            old = seqs[1][1]
+            seqs[1] = (seqs[1][0], [(t + 1) % 50 for t in old[:-1]] + old[-1:])
+        for _, output in seqs.values():
+            output += [rng.randrange(50) for _ in range(rng.choice([1, 1, 3]))]
+        ids = [i for i in seqs if not (i == 2 and (step % 5 == 0 or 20 <= step < 40))]
+        extras = [[rng.randrange(50) for _ in range(rng.randrange(3))] for _ in ids]
+        logits = torch.randn(len(ids), 50, generator=torch.Generator().manual_seed(step))
+        histories = [seqs[i] for i in ids]
+        got = penalties.apply(logits, [p] * len(ids), histories, ids, extras)
+        if step == 39:  # its tokens were dropped: the kept ones stay few
+            assert sorted(penalties.kept) == [0, 1]
+        for row, ((prompt, output), extra) in enumerate(zip(histories, extras, strict=True)):
+            expected = penalized_reference(logits[row], p, prompt, output + extra)
+            assert got[row].double().tolist() == pytest.approx(expected, abs=1e-5), (step, row)
 
 
 def test_logprobs_of_rows_asking_for_different_counts():

@@ -882,14 +882,14 @@ def test_unseeded_sampled_drafts_come_with_the_distribution_the_model_verifies(
     model, compared = tiny_dir("tiny-llama"), []
     verify = Sampler.verify
 
-    def checked(self, logits, params, histories, seeds, drafts, draft_probs=None, masks=None):
+    def checked(self, logits, params, histories, seeds, drafts, draft_probs=None, *rest):
         first = 0
         for p, draft, q in zip(params, drafts, draft_probs or [None] * len(drafts), strict=True):
             if q is not None:
                 kept = _filtered(logits[first : first + len(draft)], [p] * len(draft))
                 compared.append(float((kept / kept.sum(-1, keepdim=True) - q).abs().max()))
             first += len(draft) + 1
-        return verify(self, logits, params, histories, seeds, drafts, draft_probs, masks)
+        return verify(self, logits, params, histories, seeds, drafts, draft_probs, *rest)
 
     monkeypatch.setattr(Sampler, "verify", checked)
     params = SamplingParams(max_tokens=30, temperature=0.8, top_k=20, top_p=0.9, ignore_eos=True)
@@ -931,6 +931,32 @@ def test_a_draft_models_rows_are_proposed_at_once_each_by_its_rule():
     assert torch.allclose(confidence[2:].double(), expected[tokens[2:]], atol=1e-6)
     counts = torch.bincount(tokens[2:], minlength=len(row)).double()
     assert chi_square_p_value(counts, expected) > 1e-3
+
+
+@torch.inference_mode()
+def test_penalized_greedy_tokens_are_the_definitions_on_transformers_logits(tiny_dir):
+    """Repetition, frequency and presence penalties on each step's logits, the tokens
+    kept from step to step (Penalties): plain decoding and the model as its own draft
+    (verifying rows penalized for the draft tokens before them; its drafts, unpenalized,
+    are accepted where they are the penalized argmax) give the argmax of transformers'
+    logits penalized by the definitions, step by step."""
+    from tests.runtime_helpers import hf_model
+    from tests.test_runtime_sampling import penalized_reference
+
+    model = tiny_dir("tiny-llama")
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.3,
+                            frequency_penalty=0.4, presence_penalty=0.3)  # fmt: skip
+    hf, expected = hf_model(model), []
+    for prompt in prompts()[:3]:
+        output = []
+        for _ in range(params.max_tokens):
+            logits = hf(torch.tensor([prompt + output])).logits[0, -1]
+            row = torch.tensor(penalized_reference(logits, params, prompt, output))
+            output.append(int(row.argmax()))
+        expected.append([output])
+    plain, _ = generate(model, prompts()[:3], params)
+    speculated, stats = generate(model, prompts()[:3], params, speculative=str(model))
+    assert plain == expected and speculated == expected and stats.accepted > 0, stats
 
 
 def test_tp2_speculation_gives_the_tokens_of_tp1_plain(tiny_dir):

@@ -226,12 +226,13 @@ class ModelRunner:
         seeds = [s.seed for s in seqs]
         params = [s.params for s in seqs]
         row_masks = [masks.get(s.seq_id) for s in seqs] if masks else None
+        seq_ids = [s.seq_id for s in seqs]
         if any(drafts):
             tokens = self.sampler.verify(
-                logits, params, history, seeds, drafts, sampled.draft_probs, row_masks
+                logits, params, history, seeds, drafts, sampled.draft_probs, row_masks, seq_ids
             )
             return StepOutput(seqs, tokens, scores)
-        tokens = self.sampler(logits, params, history, seeds, row_masks)
+        tokens = self.sampler(logits, params, history, seeds, row_masks, seq_ids)
         return StepOutput(seqs, [[t] for t in tokens], scores)
 
     def window_logits(self, windows: list[list[int]]) -> torch.Tensor:

@@ -14,7 +14,6 @@ lossless rule can."""
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from llmkit.runtime.layers.penalties import Penalties
 from llmkit.runtime.sequence import SamplingParams
 
 
@@ -33,6 +33,9 @@ class Sampled:
 
 
 class Sampler:
+    def __init__(self) -> None:
+        self.penalties = Penalties()  # keeps penalized sequences' tokens between steps
+
     def __call__(
         self,
         logits: torch.Tensor,  # [sequences, vocab] float32
@@ -40,10 +43,11 @@ class Sampler:
         histories: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
         seeds: list[int | None],  # per row: its sequence's seed, or None
         masks: list | None = None,  # per row: int32 bit mask of the tokens allowed, or None
+        seq_ids: list | None = None,  # per row: its sequence's id, for Penalties to keep
     ) -> list[Sampled]:
         logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
         logits = apply_masks(logits, masks)
-        logits = _apply_penalties(logits, params, histories)
+        logits = self.penalties.apply(logits, params, histories, seq_ids)
         tokens = argmax(logits)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
@@ -67,6 +71,7 @@ class Sampler:
         # vocab]: the distribution each draft token was drawn from (None: chosen for sure)
         masks: list | None = None,  # per sequence: None, one row's mask as __call__ takes
         # them (the same for each of its rows), or one per row [len(draft) + 1, words]
+        seq_ids: list | None = None,  # per sequence: its id, for Penalties to keep
     ) -> list[list[Sampled]]:
         """Each sequence's new tokens: the longest accepted prefix of its draft, then one
         token of the model's own (where the draft was rejected, or after the whole draft).
@@ -81,23 +86,25 @@ class Sampler:
         where the logits are, for every row at once; one read brings the rows' tokens,
         tests and log probabilities to the host (`fetch`)."""
         widths = [len(d) + 1 for d in drafts]
-        row_params = [p for p, w in zip(params, widths, strict=True) for _ in range(w)]
-        row_histories = [
-            (prompt, output + draft[:j])
-            for (prompt, output), draft in zip(histories, drafts, strict=True)
-            for j in range(len(draft) + 1)
-        ]
+
+        def by_row(values: list) -> list:  # a value per sequence -> one per row
+            return [v for v, w in zip(values, widths, strict=True) for _ in range(w)]
+
+        row_params = by_row(params)
+        extras = [draft[:j] for draft in drafts for j in range(len(draft) + 1)]
+        positions = [_position(h) + len(e) for h, e in zip(by_row(histories), extras, strict=True)]
         logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
         if masks:
             logits = apply_masks(logits, _row_masks(masks, widths))
-        logits = _apply_penalties(logits, row_params, row_histories)
+        logits = self.penalties.apply(logits, row_params, by_row(histories),
+                                      seq_ids and by_row(seq_ids), extras)  # fmt: skip
         starts = [0, *itertools.accumulate(widths)]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         seeded = [i for i in sampled if seeds[i] is not None]
         rejecting = [i for i in sampled if seeds[i] is None]  # through rejection sampling
         chosen = argmax(logits)  # each row's token where it is certain: greedy, or seeded
         if seeded:
-            chosen = self._seeded_rows(chosen, logits, row_params, row_histories, seeds, seeded,
+            chosen = self._seeded_rows(chosen, logits, row_params, positions, seeds, seeded,
                                        starts)  # fmt: skip
         rejected_rows = [r for i in rejecting for r in range(starts[i], starts[i + 1])]
         taken = torch.zeros(0, dtype=torch.bool, device=chosen.device)
@@ -115,11 +122,12 @@ class Sampler:
         asked.read(read)
         return _verified(chosen, dict(zip(rejected_rows, taken, strict=True)), drafts, asked)
 
-    def _seeded_rows(self, chosen, logits, row_params, row_histories, seeds, seeded, starts):
+    def _seeded_rows(self, chosen, logits, row_params, positions, seeds, seeded, starts):
         """`chosen` with the rows of the `seeded` sequences (sequence i's from starts[i]) set
-        to the token each draws at its position, as `__call__` draws it there."""
+        to the token each draws at its position (row r's: positions[r]), as `__call__`
+        draws it there."""
         rows = [(r, seeds[i]) for i in seeded for r in range(starts[i], starts[i + 1])]
-        keys = [(seed, _position(row_histories[r])) for r, seed in rows]
+        keys = [(seed, positions[r]) for r, seed in rows]
         index = _on(logits, [r for r, _ in rows])
         chosen[index] = _sample(logits[index], [row_params[r] for r, _ in rows], keys)
         return chosen
@@ -411,56 +419,6 @@ def apply_masks(logits: torch.Tensor, masks: list | None) -> torch.Tensor:
 
 BARRED = -1e30  # a barred token's logit (less the model's, which is negligible beside it)
 _BARRED = torch.tensor(-BARRED)
-
-
-def _apply_penalties(logits, params: list[SamplingParams], histories) -> torch.Tensor:
-    """Repetition (prompt and output tokens, as in transformers/vLLM), frequency and
-    presence (output tokens, as in the OpenAI API) penalties, for every row at once: the
-    (row, token) pairs each one changes are listed on the host and copied over once."""
-    rows = [i for i, p in enumerate(params) if p.penalized]
-    if not rows:
-        return logits
-    seen, counted = _Pairs(), _Pairs()  # value: the repetition penalty; what is taken off
-    for i in rows:
-        p, (prompt, output) = params[i], histories[i]
-        if p.repetition_penalty != 1:
-            tokens = set(prompt).union(output)
-            seen.add(i, np.fromiter(tokens, np.int64, len(tokens)), p.repetition_penalty)
-        if output and (p.frequency_penalty or p.presence_penalty):
-            counts = collections.Counter(output)
-            times = np.fromiter(counts.values(), np.float64, len(counts))
-            tokens = np.fromiter(counts.keys(), np.int64, len(counts))
-            counted.add(i, tokens, p.frequency_penalty * times + p.presence_penalty)
-    logits = logits.clone()
-    if seen.rows:
-        at, penalty = seen.on(logits)
-        values = logits[at]
-        logits[at] = torch.where(values > 0, values / penalty, values * penalty)
-    if counted.rows:
-        at, penalty = counted.on(logits)
-        logits[at] -= penalty
-    return logits
-
-
-class _Pairs:
-    """(row, token) pairs of a step's logits and a value each, gathered row by row."""
-
-    def __init__(self) -> None:
-        self.rows: list[np.ndarray] = []
-        self.tokens: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
-
-    def add(self, row: int, tokens: np.ndarray, values) -> None:
-        self.rows.append(np.full(len(tokens), row, dtype=np.int64))
-        self.tokens.append(tokens)
-        self.values.append(np.broadcast_to(np.asarray(values, dtype=np.float64), len(tokens)))
-
-    def on(self, logits: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """(rows, tokens) to index `logits` with, and the values, on its device."""
-        at = np.stack([np.concatenate(self.rows), np.concatenate(self.tokens)])
-        at_t = torch.from_numpy(at).to(logits.device, non_blocking=True)
-        values = torch.from_numpy(np.concatenate(self.values))
-        return (at_t[0], at_t[1]), values.to(logits.device, logits.dtype, non_blocking=True)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
