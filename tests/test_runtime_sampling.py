@@ -76,6 +76,22 @@ def test_the_inverse_transform_never_takes_a_token_without_weight():
     assert _inverse_cdf(weights[:1], torch.zeros(1, dtype=torch.float64)).tolist() == [0]
 
 
+def test_the_split_draws_descent_never_takes_a_token_without_weight():
+    """Peaked rows (weights over many orders of magnitude, so float64 sums round) whose
+    last tokens have no weight, every uniform the largest double below 1 (where a range's
+    sum less its lower half's leaves the upper half a rounding's weight it does not have):
+    the token drawn always has weight; at uniforms of 0, the first."""
+    from llmkit.runtime.layers.sampler import _descend
+
+    g = torch.Generator().manual_seed(10)
+    for width in (300, 1001, 4096):
+        weights = torch.softmax(torch.randn(100, width, generator=g) * 8, -1)
+        weights[:, width * 5 // 8 :] = 0
+        for row in weights.numpy():
+            assert row[_descend(row, [1 - 2**-53] * 12)] > 0
+            assert _descend(row, [0.0] * 12) == 0
+
+
 def test_seeded_draws_and_filtered_rows_beside_unfiltered_ones_follow_their_distributions():
     """Each row its own seed; rows with top-p beside rows without: every row draws from its
     own distribution (the renormalized nucleus, or the whole softmax)."""
@@ -155,8 +171,9 @@ def test_a_split_draw_follows_the_weights_and_couples_close_ones():
 
 
 def split_draws(device: str) -> list[list[int]]:
-    """The tokens the split draw takes on `device` and, beside them, the CPU's scalar
-    descent's (_descend), over peaked and flat rows of an odd width."""
+    """The tokens the split draw takes on `device` (from cumulative weights) and, beside
+    them, the CPU's scalar descent's (_descend, from the weights, summed a halving at a
+    time), over peaked and flat rows of an odd width."""
     from llmkit.kernels.triton_sampling import descend
     from llmkit.runtime.layers.sampler import _descend, uniforms_at
 
@@ -165,7 +182,7 @@ def split_draws(device: str) -> list[list[int]]:
     weights = torch.softmax(torch.randn(64, 1001, generator=g) * scale, -1)
     cdf = torch.nn.functional.pad(weights.double().cumsum(dim=-1), (1, 0))
     u = torch.tensor([uniforms_at(3, n, 10) for n in range(64)], dtype=torch.float64)
-    scalar = [_descend(cdf[r].numpy(), u[r].tolist()) for r in range(64)]
+    scalar = [_descend(weights[r].numpy(), u[r].tolist()) for r in range(64)]
     return [descend(cdf.to(device), u.to(device)).tolist(), scalar]
 
 

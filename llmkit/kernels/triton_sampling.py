@@ -28,7 +28,8 @@ def _descend_kernel(cdf, u, out, width, levels):
 
 def descend(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Each row's token of `cdf` [rows, vocab + 1] float64 (its cumulative weights after a
-    0) for its uniforms `u` [rows, levels] float64, as sampler._descend takes it."""
+    0) for its uniforms `u` [rows, levels] float64: the token sampler._descend takes from
+    the row's weights (the same halves' weights, summed otherwise)."""
     rows, levels = u.shape
     out = torch.empty(rows, dtype=torch.long, device=cdf.device)
     if rows:

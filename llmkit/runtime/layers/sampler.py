@@ -255,29 +255,36 @@ def _split_draw(weights: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Ten
     rows, vocab = weights.shape
     levels = max(1, (vocab - 1).bit_length())
     u = [uniforms_at(*key, levels) for key in keys]
-    cdf = torch.nn.functional.pad(weights.double().cumsum(dim=-1), (1, 0))
-    if cdf.is_cpu:  # a few scalar steps a row, where tensor operations would cost more
-        table = cdf.numpy()
+    if weights.is_cpu:  # row by row, a sum a halving: no cumulative weights of whole rows
+        exact = weights.dtype in (torch.float32, torch.float64)
+        table = (weights if exact else weights.float()).numpy()
         return torch.tensor([_descend(table[r], u[r]) for r in range(rows)], dtype=torch.long)
     from llmkit.kernels.triton_sampling import descend  # a GPU's: one launch for all rows
 
+    cdf = torch.nn.functional.pad(weights.double().cumsum(dim=-1), (1, 0))
     return descend(cdf, _on(cdf, u, torch.float64))  # u drawn on the CPU
 
 
-def _descend(cdf: np.ndarray, u: list[float]) -> int:
-    """The token `_split_draw` draws for one row: `cdf` its cumulative weights after a 0,
-    `u` a uniform per halving."""
-    lo, hi = 0, len(cdf) - 1
+def _descend(weights: np.ndarray, u: list[float]) -> int:
+    """The token `_split_draw` draws for one row of `weights` (not normalized),
+    `u` a uniform per halving: the range's weight and its lower half's summed in float64,
+    the upper half's weight their difference (none where that is not above 0). Where
+    rounding left the upper half a weight it does not have, its last token of any weight
+    below (the lower half's: it has them all)."""
+    lo, hi = 0, len(weights)
+    total = weights.sum(dtype=np.float64)
     for level_u in u:
         if hi - lo <= 1:
             break
         mid = (lo + hi) // 2
-        base = cdf[lo]
-        if level_u * (cdf[hi] - base) < cdf[mid] - base:
-            hi = mid
+        lower = weights[lo:mid].sum(dtype=np.float64)
+        if level_u * total < lower or total - lower <= 0:
+            hi, total = mid, lower
         else:
-            lo = mid
-    return lo
+            lo, total = mid, total - lower
+    if weights[lo] > 0:
+        return lo
+    return int(np.flatnonzero(weights[:lo])[-1])
 
 
 def _position(history: tuple[list[int], list[int]]) -> int:
