@@ -90,13 +90,13 @@ class Sampler:
         def by_row(values: list) -> list:  # a value per sequence -> one per row
             return [v for v, w in zip(values, widths, strict=True) for _ in range(w)]
 
-        row_params = by_row(params)
-        extras = [draft[:j] for draft in drafts for j in range(len(draft) + 1)]
-        positions = [_position(h) + len(e) for h, e in zip(by_row(histories), extras, strict=True)]
+        row_params, row_histories = by_row(params), by_row(histories)
+        extras = [draft[:j] for draft in drafts for j in range(len(draft) + 1)]  # before a row
+        positions = [_position(h) + len(e) for h, e in zip(row_histories, extras, strict=True)]
         logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(params) else None
         if masks:
             logits = apply_masks(logits, _row_masks(masks, widths))
-        logits = self.penalties.apply(logits, row_params, by_row(histories),
+        logits = self.penalties.apply(logits, row_params, row_histories,
                                       seq_ids and by_row(seq_ids), extras)  # fmt: skip
         starts = [0, *itertools.accumulate(widths)]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
