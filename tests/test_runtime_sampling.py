@@ -203,6 +203,34 @@ def test_the_split_draws_kernel_on_cuda_takes_the_tokens_of_the_scalar_descent()
     assert kernel == scalar
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_nucleus_without_a_sort_keeps_what_a_sorted_row_keeps(device):
+    """_nucleus over peaked, flat and mixed rows of odd widths, top_p from 0.05 to 0.999:
+    each row keeps the tokens the float64 definition keeps (sorted, the mass before a token
+    below top_p), their probabilities unchanged. Tied probabilities at the edge are kept
+    together; a token whose mass before it is top_p exactly is not; a row whose mass falls
+    short of top_p (by rounding) keeps every token."""
+    from llmkit.runtime.layers.sampler import _nucleus
+
+    g = torch.Generator().manual_seed(11)
+    for width in (7, 1001, 32000):
+        scale = torch.tensor([0.1, 0.5, 2.0, 8.0] * 4)[:, None]
+        logits = torch.randn(16, width, generator=g) * scale
+        logits[::5, : width // 3] -= 30  # a third of some rows next to nothing
+        top_p = [0.05, 0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999] * 2
+        probs = torch.softmax(logits, -1)
+        got = _nucleus(probs.to(device), top_p).cpu()
+        for i, p in enumerate(top_p):
+            expected = filtered_reference(logits[i], SamplingParams(top_p=p)) > 0
+            assert torch.equal(got[i] > 0, expected), (width, i)
+            assert torch.equal(got[i][expected], probs[i][expected])
+    edges = torch.tensor([[0.4, 0.2, 0.2, 0.2], [0.4, 0.2, 0.2, 0.2], [0.3, 0.3, 0.2, 0.1],
+                          [0.5, 0.375, 0.125, 0.0]])  # fmt: skip
+    got = _nucleus(edges.to(device), [0.5, 0.3, 0.95, 0.875]).cpu()
+    assert (got > 0).tolist() == [[True] * 4, [True, False, False, False], [True] * 4,
+                                  [True, True, False, False]]  # fmt: skip
+
+
 def test_penalties_match_their_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
@@ -337,7 +365,7 @@ def mixed_batch(device):
         SamplingParams(temperature=0, logprobs=3, repetition_penalty=1.2),
         SamplingParams(temperature=0.8, top_k=10, top_p=0.9, seed=7),
         SamplingParams(temperature=1.0, min_p=0.05, frequency_penalty=0.5, logprobs=1),
-        SamplingParams(temperature=1.0, presence_penalty=0.3),
+        SamplingParams(temperature=1.0, presence_penalty=0.3, top_p=0.8),
     ]
     histories = [([1, 2, 3], [4, 4]), ([5], [6]), ([7, 8], [9, 9, 9]), ([2], [])]
     seeds = [None, 11, None, None]

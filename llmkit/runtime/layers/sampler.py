@@ -455,10 +455,10 @@ def _filtered_rows(probs: torch.Tensor, params: list[SamplingParams]) -> torch.T
     renormalized, without the tokens past its nucleus (kept while the mass before them is
     below top_p; the first always); not renormalized again. Each row's best TOP_CANDIDATES
     tokens (or top_k, where more) are found first, several times cheaper than sorting a
-    vocabulary: enough for a row with a top-k. A row with only a top-p is sorted whole on
-    a GPU, where telling whether its nucleus reaches past them would wait for it; on the
-    CPU only where it does (at once where that many tokens hold less than top_p even at
-    the row's largest probability)."""
+    vocabulary: enough for a row with a top-k. A row with only a top-p has its nucleus
+    found over the whole row (`_nucleus`) on a GPU, where telling whether it reaches past
+    them would wait for it; on the CPU only where it does (at once where that many tokens
+    hold less than top_p even at the row's largest probability)."""
     vocab = probs.shape[1]
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     width = min(vocab, max([TOP_CANDIDATES] + [k for k in top_k if k < vocab]))
@@ -468,11 +468,10 @@ def _filtered_rows(probs: torch.Tensor, params: list[SamplingParams]) -> torch.T
         whole = [w and m < p.top_p for w, m, p in zip(whole, most, params, strict=True)]
     rows = [i for i, w in enumerate(whole) if not w]
     if not rows:
-        return _kept(*probs.sort(dim=-1, descending=True), top_k, params, vocab)
+        return _nucleus(probs, [p.top_p for p in params])
     index = _rows(probs, rows)
     best = probs[index].topk(width, dim=-1)
-    part, reaching = _kept(*best, [top_k[i] for i in rows], [params[i] for i in rows], vocab,
-                           whole=False)  # fmt: skip
+    part, reaching = _kept(*best, [top_k[i] for i in rows], [params[i] for i in rows], vocab)
     if probs.is_cpu:  # a row with a top-k never reaches past them
         for j in reaching.nonzero()[:, 0].tolist():
             whole[rows[j]] = True
@@ -482,16 +481,51 @@ def _filtered_rows(probs: torch.Tensor, params: list[SamplingParams]) -> torch.T
     kept[index] = part
     rows = [i for i, w in enumerate(whole) if w]
     index = _rows(probs, rows)
-    sorted_rows = probs[index].sort(dim=-1, descending=True)
-    kept[index] = _kept(*sorted_rows, [top_k[i] for i in rows], [params[i] for i in rows],
-                        vocab)  # fmt: skip
+    kept[index] = _nucleus(probs[index], [params[i].top_p for i in rows])
     return kept
 
 
-def _kept(probs, order, top_k: list[int], params: list[SamplingParams], vocab: int, whole=True):
+NUCLEUS_BITS = (11, 11, 10)  # a float32's bits, highest first, `_nucleus` takes a pass each
+
+
+def _nucleus(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """`probs` (rows of a softmax, float32) without each row's tokens past its nucleus: a
+    token is kept where the mass of the tokens more likely than it is below top_p (tied
+    tokens alike), as a sorted row's cumulative mass keeps them, without a sort. A radix
+    select: a non-negative float32 orders as its bits, so each pass sums the row's mass
+    (float64) by the value of its next NUCLEUS_BITS bits, among the tokens whose higher
+    bits are those found so far (the others go to an extra bin), and takes the largest
+    value where the mass at or above it reaches top_p; the bits found make the least
+    probability kept. A few passes over the row, on any device, with no read."""
+    rows = len(probs)
+    keys = probs.contiguous().view(torch.int32)
+    weights = probs.double().flatten()
+    goal = _on(probs, top_p, torch.float64)[:, None]
+    above = torch.zeros(rows, 1, dtype=torch.float64, device=probs.device)  # found's mass
+    found = torch.zeros(rows, 1, dtype=torch.int32, device=probs.device)
+    low = 32
+    for bits in NUCLEUS_BITS:
+        low -= bits
+        size = 1 << bits
+        digits = (keys >> low) & (size - 1)
+        if low + bits < 32:
+            digits.masked_fill_((keys >> (low + bits)) != (found >> (low + bits)), size)
+        bins = torch.arange(0, rows * (size + 1), size + 1, dtype=torch.int32,
+                            device=probs.device)[:, None]  # fmt: skip
+        masses = torch.zeros(rows * (size + 1), dtype=torch.float64, device=probs.device)
+        masses = masses.index_add_(0, (digits + bins).flatten(), weights).view(rows, -1)
+        masses = masses[:, :size]
+        at_or_above = masses.flip(-1).cumsum(-1).flip(-1) + above
+        # the largest value reaching top_p (0 where none does: a sum short of it by rounding)
+        digit = ((at_or_above >= goal).sum(-1, keepdim=True) - 1).clamp_(min=0)
+        above = at_or_above.gather(1, digit) - masses.gather(1, digit)
+        found |= digit.to(torch.int32) << low
+    return probs.masked_fill(keys < found, 0)
+
+
+def _kept(probs, order, top_k: list[int], params: list[SamplingParams], vocab: int):
     """`_filtered_rows` of the rows whose best tokens, best first, have probabilities
-    `probs` and ids `order`: all of a row's tokens (`whole`), or its best ones, then also
-    whether each row's nucleus may reach past these."""
+    `probs` and ids `order`, and whether each row's nucleus may reach past these."""
     width = probs.shape[1]
     top_k_t = _on(probs, top_k)[:, None]
     if min(top_k) < vocab:
@@ -502,8 +536,6 @@ def _kept(probs, order, top_k: list[int], params: list[SamplingParams], vocab: i
     cumulative = probs.cumsum(dim=-1)
     kept = torch.zeros(len(probs), vocab, dtype=probs.dtype, device=probs.device)
     kept.scatter_(1, order, probs.masked_fill(cumulative - probs >= top_p, 0))
-    if whole:
-        return kept
     # the next token's mass before it is all the candidates'
     return kept, ~((top_k_t <= width) | (cumulative[:, -1:] >= top_p))[:, 0]
 
