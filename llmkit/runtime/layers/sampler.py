@@ -462,7 +462,7 @@ def _filtered_rows(probs: torch.Tensor, params: list[SamplingParams]) -> torch.T
     vocab = probs.shape[1]
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     width = min(vocab, max([TOP_CANDIDATES] + [k for k in top_k if k < vocab]))
-    whole = [k == vocab for k in top_k]  # the rows to sort whole
+    whole = [k == vocab for k in top_k]  # the rows whose nucleus is found over them whole
     if probs.is_cpu and width < vocab:
         most = (probs.amax(dim=-1) * width).tolist()
         whole = [w and m < p.top_p for w, m, p in zip(whole, most, params, strict=True)]
