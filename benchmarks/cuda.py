@@ -18,6 +18,11 @@ reported. Every contender runs in its own child process, one after the other:
   prefill and compile are not counted).
 - transformers' static batching: one `generate` of all 64 (then 256) requests.
 
+--anchors picks the transformers runs (an empty list runs none: their rows say so).
+--l2-prefetch-mb 16,32 also runs each 4-bit copy once per value with LLMKIT_L2_PREFETCH_MB
+set to it (its q/k/v products prefetching that many megabytes of the weights after the
+attention into the L2), beside the run without: an A/B of the prefetch in one run.
+
 MBU: weight bytes read per token (every tensor but the embedding table, which counts again
 as a tied LM head) x batch-1 tokens/s / the bandwidth of a 1 GiB device-to-device copy
 measured in the same process, counting the bytes it read and wrote (what the memory moved;
@@ -30,6 +35,7 @@ LLMKIT_L2_PREFETCH_MB (the 4-bit layers' L2 prefetch, 0: none) and, per model sh
 `int4_over_bf16`, `throughput_256` and the anchor ratios.
 
     python benchmarks/cuda.py [--workdir DIR] [--models 1b,8b] [--methods ...]
+        [--calibration N] [--anchors hf-compiled,hf-static] [--l2-prefetch-mb 16,32]
 """
 
 from __future__ import annotations
@@ -73,6 +79,13 @@ PROMPT, OUTPUT, CONCURRENCY = 512, 256, (64, 256)
 MAX_MODEL_LEN = 1024
 ANCHORS = ("hf-compiled", "hf-static")
 ANCHOR_TIMEOUT = 300  # seconds; compiling an 8B model can take minutes
+NOT_RUN = {"error": "not run (--anchors)"}
+PREFETCHING = ("gptq", "awq")  # the 4-bit layers, whose q/k/v product can prefetch
+
+
+def prefetching(method: str, megabytes: int) -> str:
+    """The name of a quantized copy's run with LLMKIT_L2_PREFETCH_MB=megabytes."""
+    return f"{method} with {megabytes} MB L2 prefetch"
 
 
 def prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -211,19 +224,20 @@ CHILDREN = {"make": child_make, "llmkit": child_llmkit, "hf-compiled": child_hf_
 # ---- parent -------------------------------------------------------------------------------
 
 
-def child(*args: str, timeout: float | None = None) -> dict:
-    out, wall, _ = run_child([sys.executable, __file__, "--child", *args], timeout=timeout)
+def child(*args: str, timeout: float | None = None, env: dict | None = None) -> dict:
+    command = [sys.executable, __file__, "--child", *args]
+    out, wall, _ = run_child(command, env=env, timeout=timeout)
     result = json.loads(out.splitlines()[-1])
     print(" ".join(args[:1] + tuple(Path(a).name for a in args[1:2])), json.dumps(result),
           f"({wall:.0f} s)", flush=True)  # fmt: skip
     return result
 
 
-def optional(*args: str, timeout: float | None = None) -> dict:
+def optional(*args: str, timeout: float | None = None, env: dict | None = None) -> dict:
     """A child whose failure (or running past `timeout` seconds) is recorded, and its rows
     left out, not fatal."""
     try:
-        return child(*args, timeout=timeout)
+        return child(*args, timeout=timeout, env=env)
     except (SystemExit, TimedOut) as e:
         print(f"{args[0]} failed: {str(e)[-1500:]}", flush=True)
         return {"error": str(e)[-1500:]}
@@ -241,17 +255,21 @@ def quantized(src: Path, method: str, calibration: int) -> tuple[Path, dict]:
     return out, made
 
 
-def run_shape(shape: str, work: Path, methods: list[str], calibration: int) -> dict:
+def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict:
     bf16 = work / f"llama-{shape}"
     if not (bf16 / "config.json").is_file():
         child("make", shape, str(bf16))
     runs = {"bf16": child("llmkit", str(bf16), "eager,batch,concurrency")}
-    anchors = {name: optional(name, str(bf16), timeout=ANCHOR_TIMEOUT) for name in ANCHORS}
+    anchors = {name: optional(name, str(bf16), timeout=ANCHOR_TIMEOUT) for name in args.anchors}
     made = {}
-    for method in methods:
-        path, made[method] = quantized(bf16, method, calibration)
+    for method in args.methods:
+        path, made[method] = quantized(bf16, method, args.calibration)
         runs[method] = optional("llmkit", str(path), "batch")
         runs[method]["weight_bytes_per_token"] = weight_bytes_per_token(path)
+        for megabytes in args.l2_prefetch_mb if method in PREFETCHING else ():
+            env = {"LLMKIT_L2_PREFETCH_MB": str(megabytes)}
+            run = optional("llmkit", str(path), "batch", env=env)
+            runs[prefetching(method, megabytes)] = {**run, "l2_prefetch_mb": megabytes}
     runs["bf16"]["weight_bytes_per_token"] = weight_bytes_per_token(bf16)
     return {"quantize": made, "llmkit": runs, "anchors": anchors, **ratios(runs, anchors)}
 
@@ -261,15 +279,18 @@ def ratios(runs: dict, anchors: dict) -> dict:
     # a copy reads and writes each byte: what the memory moved is twice the bytes copied
     mbu = bf16["b1_tokens_per_s"] * bf16["weight_bytes_per_token"] / (2 * bf16["copy_bandwidth"])
     out = {"mbu": mbu, "throughput_256": bf16["c256"]["tokens_per_s"]}
-    compiled, static = anchors["hf-compiled"], anchors["hf-static"]
+    compiled, static = (anchors.get(name, NOT_RUN) for name in ANCHORS)
     if "error" not in compiled:
         out["b1_over_hf_compiled"] = bf16["b1_tokens_per_s"] / compiled["b1_tokens_per_s"]
     for c in CONCURRENCY:
         if "error" not in static:
             hf = static[f"c{c}"]["tokens_per_s"]
             out[f"c{c}_over_hf_static"] = bf16[f"c{c}"]["tokens_per_s"] / hf
-    if "error" not in runs.get("gptq", {"error": None}):
-        out["int4_over_bf16"] = runs["gptq"]["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]
+    for name, run in runs.items():
+        if name.split()[0] == "gptq" and "error" not in run:
+            megabytes = run.get("l2_prefetch_mb")
+            key = "int4_over_bf16" + (f"_l2_prefetch_{megabytes}mb" if megabytes else "")
+            out[key] = run["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]
     return out
 
 
@@ -311,11 +332,13 @@ def summarize(shapes: dict) -> list[dict]:
         for c in CONCURRENCY:
             mine = bf16[f"c{c}"]["tokens_per_s"]
             target = met and c == 256
-            static = hf["hf-static"].get(f"c{c}", {}).get("tokens_per_s")
+            static = hf.get("hf-static", NOT_RUN)
+            static_tok_s = static.get(f"c{c}", {}).get("tokens_per_s")
             rows.append(row(
                 f"{tag}: bf16 output tok/s, {c} concurrent (prompt {PROMPT}, {OUTPUT} out), "
                 "against transformers' static batch",
-                f"{mine:.0f} tok/s", f"{static:.0f} tok/s" if static else "failed",
+                f"{mine:.0f} tok/s",
+                f"{static_tok_s:.0f} tok/s" if static_tok_s else static.get("error", "failed"),
                 r.get(f"c{c}_over_hf_static"), ">= 5000 tok/s" if target else "",
                 mine >= 5000 if target else None,
             ))  # fmt: skip
@@ -339,11 +362,22 @@ def main() -> None:
     parser.add_argument("--models", default="1b,8b", help="shapes to run: 1b, 8b")
     parser.add_argument("--methods", default=",".join(METHODS), help="quantized copies")
     parser.add_argument("--calibration", type=int, default=32, help="calibration samples")
+    parser.add_argument("--anchors", default=",".join(ANCHORS), help="transformers runs")
+    parser.add_argument(
+        "--l2-prefetch-mb",
+        default="",
+        help="also run the 4-bit copies with each LLMKIT_L2_PREFETCH_MB given (e.g. 16,32)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](*args.child[1:])), flush=True)
         return
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.anchors = [a for a in args.anchors.split(",") if a]
+    args.l2_prefetch_mb = [int(m) for m in args.l2_prefetch_mb.split(",") if m]
+    if unknown := set(args.anchors) - set(ANCHORS):
+        parser.error(f"--anchors: unknown {', '.join(sorted(unknown))} (known: {ANCHORS})")
     import torch
 
     if not torch.cuda.is_available():
@@ -351,12 +385,13 @@ def main() -> None:
     fields = versions()
     print(json.dumps(fields), flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmkit-cuda-bench-"))
-    methods = [m for m in args.methods.split(",") if m]
-    shapes = {s: run_shape(s, work, methods, args.calibration) for s in args.models.split(",")}
+    shapes = {s: run_shape(s, work, args) for s in args.models.split(",")}
     fields["shapes"] = shapes
     summary = summarize(shapes)
     print_targets(summary)
     anchor = "transformers on the same GPU: static cache + torch.compile at batch 1, static batches"
+    if not args.anchors:
+        anchor = "llmkit bf16 on the same GPU (transformers not run: --anchors)"
     machine = ", ".join([fields["gpu"], f"driver {fields['driver']}",
                          f"torch {fields['torch']}", f"triton {fields['triton']}"])  # fmt: skip
     if float(fields["l2_prefetch_mb"]):
