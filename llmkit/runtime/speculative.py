@@ -328,9 +328,9 @@ class _Drafting:
             return Draft(self.tokens)
         rows = []
         for token, q in zip(self.tokens, self.rows, strict=True):
-            if q is None:
+            if q is None:  # (narrowed: a scalar set through an index waits for its copy)
                 q = torch.zeros_like(drawn[0])
-                q[token] = 1.0
+                q.narrow(0, token, 1).fill_(1.0)
             rows.append(q)
         return Draft(self.tokens, torch.stack(rows))
 
