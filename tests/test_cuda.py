@@ -192,6 +192,7 @@ CASES = {
     "w8a8": ("w8a8", {}, W8A8Linear, 1e-3),
     "gptq-act-order": ("gptq", {"group_size": 32, "desc_act": True}, Int4Linear, 2e-2),
     "awq": ("awq", {"group_size": 32}, Int4Linear, 2e-2),
+    "rtn": ("rtn", {"group_size": 32}, Int4Linear, 2e-2),
 }
 
 
@@ -221,6 +222,24 @@ def test_quantized_on_cuda_computes_the_dequantized_model(tiny_dir, tmp_path, ca
     got = runtime_logits(out, ids, "cuda")
     error = float((got - expected).abs().max() / expected.abs().max())
     assert error <= tolerance, error
+
+
+@pytest.mark.parametrize(("method", "options"), [("int8", {}), ("rtn", {"group_size": 32})])
+def test_methods_without_calibration_write_the_cpus_bits_on_cuda(tiny_dir, tmp_path, method,
+                                                                 options):  # fmt: skip
+    """int8 and RTN round and pack each weight on the device asked for: the same tensors,
+    bit for bit, as on the CPU."""
+    from safetensors.torch import load_file
+
+    written = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        quantize(tiny_dir("tiny-llama"), out, method, options=options_for(method, **options),
+                 device=device)  # fmt: skip
+        written[device] = load_file(out / "model.safetensors")
+    assert written["cpu"].keys() == written["cuda"].keys()
+    for name, tensor in written["cpu"].items():
+        assert torch.equal(tensor, written["cuda"][name]), name
 
 
 @pytest.mark.parametrize("desc_act", [False, True])

@@ -100,7 +100,7 @@ def quantize_integer(
         quantizer = _layer_quantizer(ck, arch, method, options, layer_errors, warnings.append)
         layers = run_layers(skeleton, ck, arch, ids, quantizer, compute, torch.float32, on_layer)
     else:
-        layers = _data_free_layers(ck, arch, method, options, on_layer)
+        layers = _data_free_layers(ck, arch, method, options, compute, on_layer)
 
     def groups() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         for index, tensors in layers:
@@ -155,8 +155,15 @@ def _storage(ck: Checkpoint, name: str) -> torch.dtype:
 
 
 def _data_free_layers(
-    ck: Checkpoint, arch: Family, method: str, options: MethodOptions, on_layer: ProgressFn | None
+    ck: Checkpoint,
+    arch: Family,
+    method: str,
+    options: MethodOptions,
+    compute: torch.device,
+    on_layer: ProgressFn | None,
 ) -> LayerTensors:
+    """Each layer's tensors, its Linear weights rounded and packed on `compute` (a weight
+    at a time), back on the CPU to be written."""
     total, pack = num_layers(ck.config), implementation(method).pack
     for index in range(total):
         prefix = f"{arch.layers}.{index}."
@@ -165,8 +172,8 @@ def _data_free_layers(
             tensor = ck.get_tensor(name)
             if is_layer_linear(arch, name):
                 module = name[len(prefix) :].removesuffix(".weight")
-                packed = pack(options, tensor.float(), _storage(ck, name))
-                out.update({f"{module}.{k}": v for k, v in packed.items()})
+                packed = pack(options, tensor.to(compute).float(), _storage(ck, name))
+                out.update({f"{module}.{k}": v.cpu() for k, v in packed.items()})
             else:
                 out[name[len(prefix) :]] = dense_tensor(name, tensor, method, tensor.dtype)
         if on_layer is not None:

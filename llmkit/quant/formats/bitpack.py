@@ -38,8 +38,8 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
 def _pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
     n, m = values.shape
     values = values.to(torch.int64) & ((1 << bits) - 1)
-    words = torch.zeros(packed_rows(n, bits) + 1, m, dtype=torch.int64)
-    start = torch.arange(n) * bits
+    words = torch.zeros(packed_rows(n, bits) + 1, m, dtype=torch.int64, device=values.device)
+    start = torch.arange(n, device=values.device) * bits
     index, offset = start // 32, (start % 32)[:, None]
     # Bit ranges never overlap, so adding is OR-ing; bits past 31 are masked off below and
     # the straddling values' high parts added to the next word.

@@ -27,5 +27,5 @@ def _gptq_tensors(options: RTNOptions, weight: torch.Tensor) -> dict[str, torch.
     size = in_features if options.group_size == -1 else options.group_size
     # GPTQ v1 stores zero - 1, so asymmetric zero points start at 1.
     quant = rtn.quantize_groups(weight, options.bits, size, options.sym, min_zero=1)
-    g_idx = torch.arange(in_features, dtype=torch.int32) // size
+    g_idx = torch.arange(in_features, dtype=torch.int32, device=weight.device) // size
     return gptq.pack(quant.q, quant.scales, quant.zeros, options.bits, g_idx)
