@@ -24,7 +24,10 @@ def per_channel_scale(w: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor
     """[out, 1]: max|w| / QMAX per output row in `scale_dtype`, rounded up where rounding to
     it made the step too small to reach max|w| within QMAX steps."""
     amax = w.detach().abs().amax(dim=1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).to(scale_dtype)
+    # divided by a tensor: a GPU multiplies by the reciprocal of a scalar divisor, which
+    # can differ in the last bit from the division the CPU does
+    step = amax / torch.full_like(amax, QMAX)
+    scale = torch.where(amax > 0, step, torch.ones_like(amax)).to(scale_dtype)
     too_small = scale.float() * QMAX < amax
     return torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
 
