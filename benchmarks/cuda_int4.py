@@ -9,8 +9,9 @@ before it multiplies the last, which a layer takes where it times faster:
 cuda_int4.timed_variants). For gate_up also silu(gate) * up: the gated kernel's one launch
 against the product and then the Triton activation. For up to FUSED_ROWS rows also one
 decoder layer's four products with its two norms and residual adds: inside the products
-(Int4Linear.normed, add_to) against the Triton norms between them, as the layer runs either
-way (the attention left out), and the fused layer with a stand-in for its attention, its
+(Int4Linear.normed, add_to; the layers are built with LLMKIT_FUSED_NORMS=1 for this)
+against the Triton norms between them, as the layer runs either way (the attention left
+out), and the fused layer with a stand-in for its attention, its
 q/k/v product prefetching 0-48 MB of the weights after it into the L2
 (LLMKIT_L2_PREFETCH_MB). llmkit's kernel is launched as in a decode step, as a programmatic
 dependent of the call before it (on sm_90: its blocks start while that call finishes), which
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import torch
 
@@ -200,6 +202,7 @@ def main() -> None:
     from llmkit.kernels import cuda_int4
 
     rows = [int(r) for r in args.rows.split(",")]
+    os.environ["LLMKIT_FUSED_NORMS"] = "1"  # the layer rows time both ways
     print(json.dumps({"gpu": torch.cuda.get_device_name()}), flush=True)
     results = [r for name, (n, k) in SHAPES.items() for r in measure(name, n, k, rows)]
     for r in rows:

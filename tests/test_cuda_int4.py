@@ -649,10 +649,16 @@ def test_a_layer_with_its_norms_inside_its_products_computes_the_plain_layer(tin
 
 
 @NEEDS_CUDA
-def test_a_bf16_gptq_model_on_cuda_runs_its_norms_inside_its_products(tiny_dir, tmp_path):
-    """Every layer of a bf16 GPTQ model on CUDA fuses (Int4Linear.fuses); its logits for a
-    prompt of at most FUSED_ROWS tokens (the fused layers) are those of the same layers
-    with their norms in launches of their own, up to the float32 order of the squares."""
+def test_a_bf16_gptq_model_on_cuda_runs_its_norms_inside_its_products(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """With LLMKIT_FUSED_NORMS=1 every layer of a bf16 GPTQ model on CUDA fuses
+    (Int4Linear.fuses), without it none does; the fused layers' logits for a prompt of at
+    most FUSED_ROWS tokens are those of the same layers with their norms in launches of
+    their own, up to the float32 order of the squares."""
+    monkeypatch.delenv("LLMKIT_FUSED_NORMS", raising=False)
+    assert not any(layer.fuses for layer in _bf16_gptq_runner(tiny_dir, tmp_path).model.layers)
+    monkeypatch.setenv("LLMKIT_FUSED_NORMS", "1")
     runner = _bf16_gptq_runner(tiny_dir, tmp_path)
     layers = runner.model.layers
     assert all(layer.fuses for layer in layers)
@@ -671,6 +677,7 @@ def test_layers_that_prefetch_give_the_logits_of_layers_that_do_not(
     """With LLMKIT_L2_PREFETCH_MB, each fused layer's q/k/v product prefetches the weights
     after its attention (more megabytes than they hold: all of them); the logits keep
     every bit."""
+    monkeypatch.setenv("LLMKIT_FUSED_NORMS", "1")
     ids = random_prompts(1, cuda_int4.FUSED_ROWS, cuda_int4.FUSED_ROWS + 1, seed=2)
     logits = {}
     for megabytes in ("0", "64"):
@@ -761,3 +768,17 @@ def test_prefetch_regions_are_the_first_bytes_of_the_weights_in_order(monkeypatc
         monkeypatch.setenv("LLMKIT_L2_PREFETCH_MB", bad)
         with pytest.raises(LlmkitError, match="LLMKIT_L2_PREFETCH_MB"):
             cuda_int4.l2_prefetch_bytes()
+
+
+def test_layers_fold_their_norms_only_where_asked(monkeypatch):
+    """cuda_int4.fused_norms: LLMKIT_FUSED_NORMS=1 folds, unset or 0 does not, anything
+    else is refused in one line."""
+    monkeypatch.delenv("LLMKIT_FUSED_NORMS", raising=False)
+    assert cuda_int4.fused_norms() is False
+    for text, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv("LLMKIT_FUSED_NORMS", text)
+        assert cuda_int4.fused_norms() is expected
+    for bad in ("yes", "true", "2", ""):
+        monkeypatch.setenv("LLMKIT_FUSED_NORMS", bad)
+        with pytest.raises(LlmkitError, match="LLMKIT_FUSED_NORMS"):
+            cuda_int4.fused_norms()

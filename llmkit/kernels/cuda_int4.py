@@ -8,18 +8,20 @@ activations, see cuda_int4.cu). `pack_scales` keeps (scale, zero) per group and
 output as two fp16 values in one 32-bit word, group-major. `matmul` takes bf16 activations
 of at most MAX_ROWS rows and returns bf16: the product, or with `gated` silu(gate) * up of a
 merged gate/up weight whose rows were packed in `gated_order`. For up to FUSED_ROWS rows it
-also folds a decoder layer's RMSNorm into the product that follows it (`norm`: the product
-of the normed rows of the residual stream) and its residual add into the product before it
-(`into`: the product added to the residual stream in place), so a layer's norms cost no
-launch of their own.
+can also fold a decoder layer's RMSNorm into the product that follows it (`norm`: the
+product of the normed rows of the residual stream) and its residual add into the product
+before it (`into`: the product added to the residual stream in place), so a layer's norms
+cost no launch of their own. Layers do so only where LLMKIT_FUSED_NORMS=1
+(`fused_norms`): on the one GPU that has measured it (an H200, benchmarks/cuda_int4.py's
+layer rows), a layer took longer that way than with its norm kernels apart.
 
 Each product is launched as a programmatic dependent of the kernel before it (compute
 capability 9.0 and newer): its blocks start, and load their first weights, while that
 kernel finishes. A product may also prefetch other weights into the L2 once it has loaded
-its own (`prefetch`, regions made by `prefetch_regions`): a decode layer's q/k/v product
-those of the products after the attention, which leaves memory nearly idle. Off unless
-LLMKIT_L2_PREFETCH_MB says how many megabytes (`l2_prefetch_bytes`), until a GPU has
-measured it (benchmarks/cuda_int4.py).
+its own (`prefetch`, regions made by `prefetch_regions`): a fused decode layer's q/k/v
+product those of the products after the attention, which leaves memory nearly idle. Off
+unless LLMKIT_L2_PREFETCH_MB says how many megabytes (`l2_prefetch_bytes`): on the H200 it
+made a layer slower at every size benchmarks/cuda_int4.py tries.
 
 The packing is plain torch (tested on the CPU against an unpacker written from the
 fragment layout); the kernel needs a GPU of compute capability 8.0 or newer.
@@ -138,6 +140,15 @@ def _matmul(module, warps: int, x, tiles, scales, group_size: int, gated: bool, 
     module.launch(kernel, n // 16, 32 * warps, x, tiles, scales, y, rows, n, k, group_size,
                   weight, eps, prefetch, regions, dependent=True)  # fmt: skip
     return y
+
+
+def fused_norms() -> bool:
+    """Whether decode layers fold their norms and residual adds into their 4-bit products:
+    LLMKIT_FUSED_NORMS=1; unset or 0, they do not."""
+    text = os.environ.get("LLMKIT_FUSED_NORMS", "0")
+    if text not in ("0", "1"):
+        raise LlmkitError(f"LLMKIT_FUSED_NORMS={text!r}: give 1 (fold the norms) or 0")
+    return text == "1"
 
 
 def l2_prefetch_bytes() -> int:

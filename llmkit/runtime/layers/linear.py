@@ -430,7 +430,7 @@ class Int4Linear(nn.Module):
         perm = None if perm is None else perm.to(device)
         decode = _cuda_decode_weight(q, *in_order, size, device, gated and bias is None)
         foldable = perm is None and bias is None and dtype == torch.bfloat16
-        fuses = decode is not None and foldable
+        fuses = decode is not None and foldable and cuda_int4.fused_norms()
         if fuses:  # its kernels with a norm or an add checked as a layer would launch them
             fuses = cuda_int4.fuses(device, decode[4][0], cuda_int4.l2_prefetch_bytes() > 0)
         return cls(packed, scales_zeros, kernel_size, perm, bias, dtype, decode, fuses)

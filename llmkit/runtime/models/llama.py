@@ -125,8 +125,9 @@ class DecoderLayer(nn.Module):
         self.input_norm, self.post_norm = input_norm, post_norm
         self.fused = DecodeLayer.build(attn, mlp, input_norm, post_norm)  # None: not on CPU
         self.loras = loras  # runtime/lora.py LoraContext when adapters are served
-        # CUDA, every product 4-bit and taking a norm or an add (Int4Linear.fuses): for up
-        # to FUSED_ROWS rows, the norms and residual adds run inside the products
+        # CUDA, every product 4-bit and taking a norm or an add (Int4Linear.fuses, where
+        # LLMKIT_FUSED_NORMS=1): for up to FUSED_ROWS rows, the norms and residual adds run
+        # inside the products
         parts = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
         self.fuses = loras is None and all(getattr(m, "fuses", False) for m in parts)
         # there, what the q/k/v product prefetches into the L2 for the products after the
