@@ -19,9 +19,10 @@ reported. Every contender runs in its own child process, one after the other:
 - transformers' static batching: one `generate` of all 64 (then 256) requests.
 
 --anchors picks the transformers runs (an empty list runs none: their rows say so).
---l2-prefetch-mb 16,32 also runs each 4-bit copy once per value with LLMKIT_L2_PREFETCH_MB
-set to it (its q/k/v products prefetching that many megabytes of the weights after the
-attention into the L2), beside the run without: an A/B of the prefetch in one run.
+--int4-env VAR=VALUE[,VAR=VALUE...] (repeatable) also runs each 4-bit copy with those
+variables set, beside the run without: an A/B of a kernel setting in one run, such as
+LLMKIT_FUSED_NORMS=1 (norms folded into the products) or, with it,
+LLMKIT_L2_PREFETCH_MB=16 (weights after the attention prefetched into the L2).
 
 MBU: weight bytes read per token (every tensor but the embedding table, which counts again
 as a tied LM head) x batch-1 tokens/s / the bandwidth of a 1 GiB device-to-device copy
@@ -35,7 +36,7 @@ LLMKIT_L2_PREFETCH_MB (the 4-bit layers' L2 prefetch, 0: none) and, per model sh
 `int4_over_bf16`, `throughput_256` and the anchor ratios.
 
     python benchmarks/cuda.py [--workdir DIR] [--models 1b,8b] [--methods ...]
-        [--calibration N] [--anchors hf-compiled,hf-static] [--l2-prefetch-mb 16,32]
+        [--calibration N] [--anchors hf-compiled,hf-static] [--int4-env VAR=VALUE ...]
 """
 
 from __future__ import annotations
@@ -80,12 +81,20 @@ MAX_MODEL_LEN = 1024
 ANCHORS = ("hf-compiled", "hf-static")
 ANCHOR_TIMEOUT = 300  # seconds; compiling an 8B model can take minutes
 NOT_RUN = {"error": "not run (--anchors)"}
-PREFETCHING = ("gptq", "awq")  # the 4-bit layers, whose q/k/v product can prefetch
+INT4 = ("gptq", "awq")  # the copies --int4-env runs again
 
 
-def prefetching(method: str, megabytes: int) -> str:
-    """The name of a quantized copy's run with LLMKIT_L2_PREFETCH_MB=megabytes."""
-    return f"{method} with {megabytes} MB L2 prefetch"
+def int4_env(text: str) -> dict[str, str]:
+    """--int4-env's VAR=VALUE[,VAR=VALUE...] as a dict, each VAR an LLMKIT_ variable."""
+    pairs = [item.split("=", 1) for item in text.split(",")]
+    if not all(len(p) == 2 and p[0].startswith("LLMKIT_") for p in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: give LLMKIT_VAR=VALUE[,LLMKIT_VAR=VALUE]")
+    return dict(pairs)
+
+
+def with_env(method: str, env: dict[str, str]) -> str:
+    """The name of a quantized copy's run with the variables `env` set."""
+    return f"{method} with {','.join(f'{k}={v}' for k, v in env.items())}"
 
 
 def prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -266,10 +275,9 @@ def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict:
         path, made[method] = quantized(bf16, method, args.calibration)
         runs[method] = optional("llmkit", str(path), "batch")
         runs[method]["weight_bytes_per_token"] = weight_bytes_per_token(path)
-        for megabytes in args.l2_prefetch_mb if method in PREFETCHING else ():
-            env = {"LLMKIT_L2_PREFETCH_MB": str(megabytes)}
-            run = optional("llmkit", str(path), "batch", env=env)
-            runs[prefetching(method, megabytes)] = {**run, "l2_prefetch_mb": megabytes}
+        for env in args.int4_env if method in INT4 else ():
+            runs[with_env(method, env)] = {**optional("llmkit", str(path), "batch", env=env),
+                                           "env": env}  # fmt: skip
     runs["bf16"]["weight_bytes_per_token"] = weight_bytes_per_token(bf16)
     return {"quantize": made, "llmkit": runs, "anchors": anchors, **ratios(runs, anchors)}
 
@@ -287,10 +295,13 @@ def ratios(runs: dict, anchors: dict) -> dict:
             hf = static[f"c{c}"]["tokens_per_s"]
             out[f"c{c}_over_hf_static"] = bf16[f"c{c}"]["tokens_per_s"] / hf
     for name, run in runs.items():
-        if name.split()[0] == "gptq" and "error" not in run:
-            megabytes = run.get("l2_prefetch_mb")
-            key = "int4_over_bf16" + (f"_l2_prefetch_{megabytes}mb" if megabytes else "")
-            out[key] = run["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]
+        if name.split()[0] != "gptq" or "error" in run:
+            continue
+        ratio = run["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]
+        if "env" in run:  # --int4-env's runs, by their variables
+            out.setdefault("int4_over_bf16_with", {})[name.split(" with ")[1]] = ratio
+        else:
+            out["int4_over_bf16"] = ratio
     return out
 
 
@@ -364,9 +375,12 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=32, help="calibration samples")
     parser.add_argument("--anchors", default=",".join(ANCHORS), help="transformers runs")
     parser.add_argument(
-        "--l2-prefetch-mb",
-        default="",
-        help="also run the 4-bit copies with each LLMKIT_L2_PREFETCH_MB given (e.g. 16,32)",
+        "--int4-env",
+        type=int4_env,
+        action="append",
+        default=[],
+        metavar="VAR=VALUE[,VAR=VALUE]",
+        help="also run the 4-bit copies with these variables set (repeatable)",
     )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -375,7 +389,6 @@ def main() -> None:
         return
     args.methods = [m for m in args.methods.split(",") if m]
     args.anchors = [a for a in args.anchors.split(",") if a]
-    args.l2_prefetch_mb = [int(m) for m in args.l2_prefetch_mb.split(",") if m]
     if unknown := set(args.anchors) - set(ANCHORS):
         parser.error(f"--anchors: unknown {', '.join(sorted(unknown))} (known: {ANCHORS})")
     import torch
