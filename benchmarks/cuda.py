@@ -33,7 +33,8 @@ Targets (8B shapes, issue 37): bf16 MBU >= 0.75; gptq-int4 batch-1 >= 2.5x bf16;
 
 Writes benchmarks/results/cuda-<date>.json with the GPU, driver, torch and Triton versions,
 LLMKIT_L2_PREFETCH_MB (the 4-bit layers' L2 prefetch, 0: none) and, per model shape, `mbu`,
-`int4_over_bf16`, `throughput_256` and the anchor ratios.
+`int4_over_bf16` (and `int4_over_bf16_with`, per --int4-env), `throughput_256` and the
+anchor ratios.
 
     python benchmarks/cuda.py [--workdir DIR] [--models 1b,8b] [--methods ...]
         [--calibration N] [--anchors hf-compiled,hf-static] [--int4-env VAR=VALUE ...]
@@ -92,9 +93,9 @@ def int4_env(text: str) -> dict[str, str]:
     return dict(pairs)
 
 
-def with_env(method: str, env: dict[str, str]) -> str:
-    """The name of a quantized copy's run with the variables `env` set."""
-    return f"{method} with {','.join(f'{k}={v}' for k, v in env.items())}"
+def env_label(env: dict[str, str]) -> str:
+    """--int4-env's variables as given: VAR=VALUE[,VAR=VALUE...]."""
+    return ",".join(f"{k}={v}" for k, v in env.items())
 
 
 def prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -276,8 +277,8 @@ def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict:
         runs[method] = optional("llmkit", str(path), "batch")
         runs[method]["weight_bytes_per_token"] = weight_bytes_per_token(path)
         for env in args.int4_env if method in INT4 else ():
-            runs[with_env(method, env)] = {**optional("llmkit", str(path), "batch", env=env),
-                                           "env": env}  # fmt: skip
+            run = optional("llmkit", str(path), "batch", env=env)
+            runs[f"{method} with {env_label(env)}"] = {**run, "method": method, "env": env}
     runs["bf16"]["weight_bytes_per_token"] = weight_bytes_per_token(bf16)
     return {"quantize": made, "llmkit": runs, "anchors": anchors, **ratios(runs, anchors)}
 
@@ -294,14 +295,16 @@ def ratios(runs: dict, anchors: dict) -> dict:
         if "error" not in static:
             hf = static[f"c{c}"]["tokens_per_s"]
             out[f"c{c}_over_hf_static"] = bf16[f"c{c}"]["tokens_per_s"] / hf
-    for name, run in runs.items():
-        if name.split()[0] != "gptq" or "error" in run:
-            continue
-        ratio = run["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]
-        if "env" in run:  # --int4-env's runs, by their variables
-            out.setdefault("int4_over_bf16_with", {})[name.split(" with ")[1]] = ratio
-        else:
-            out["int4_over_bf16"] = ratio
+
+    def over_bf16(run: dict) -> float:
+        return run["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]
+
+    if "error" not in runs.get("gptq", NOT_RUN):
+        out["int4_over_bf16"] = over_bf16(runs["gptq"])
+    with_env = {env_label(run["env"]): over_bf16(run) for run in runs.values()
+                if run.get("method") == "gptq" and "error" not in run}  # fmt: skip
+    if with_env:  # --int4-env's runs, by their variables
+        out["int4_over_bf16_with"] = with_env
     return out
 
 
