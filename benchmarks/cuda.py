@@ -8,7 +8,9 @@ built-in text (--calibration samples of 512 tokens); their seconds and peak GPU 
 reported. Every contender runs in its own child process, one after the other:
 
 - llmkit, every checkpoint: batch-1 decode tokens/s (prompt 128, 256 tokens, greedy, EOS
-  ignored; the first token, from the prefill, not counted), with CUDA graphs and the
+  ignored; the first token, from the prefill, not counted; the median of B1_RUNS runs in
+  one engine, their range beside it, and the 4-bit ratio's range as the slowest 4-bit run
+  over the fastest bf16 one and the other way round), with CUDA graphs and the
   default --decode-steps and --decode-call-ms and, for bf16, also with one step per engine
   step and eagerly (--enforce-eager); decode tokens/s of 16 sequences at once.
 - llmkit bf16: output tokens/s of 64 and 256 concurrent requests (prompts of 512
@@ -33,8 +35,8 @@ Targets (8B shapes, issue 37): bf16 MBU >= 0.75; gptq-int4 batch-1 >= 2.5x bf16;
 
 Writes benchmarks/results/cuda-<date>.json with the GPU, driver, torch and Triton versions,
 LLMKIT_L2_PREFETCH_MB (the 4-bit layers' L2 prefetch, 0: none) and, per model shape, `mbu`,
-`int4_over_bf16` (and `int4_over_bf16_with`, per --int4-env), `throughput_256` and the
-anchor ratios.
+`int4_over_bf16` (its range in `int4_over_bf16_range`; `int4_over_bf16_with`, per
+--int4-env), `throughput_256` and the anchor ratios.
 
     python benchmarks/cuda.py [--workdir DIR] [--models 1b,8b] [--methods ...]
         [--calibration N] [--anchors hf-compiled,hf-static] [--int4-env VAR=VALUE ...]
@@ -46,6 +48,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +80,7 @@ METHODS = {
     "awq": ["--group-size", "128"],
 }
 B1_PROMPT, B1_TOKENS, BATCH = 128, 256, 16
+B1_RUNS = 5  # batch-1 decode runs per engine: their median counts, their range is the spread
 PROMPT, OUTPUT, CONCURRENCY = 512, 256, (64, 256)
 MAX_MODEL_LEN = 1024
 ANCHORS = ("hf-compiled", "hf-static")
@@ -147,7 +151,9 @@ def child_llmkit(model: str, parts: str) -> dict:
     llm = _engine(model)
     warm = prompts(2, 16, seed=3)
     llm.generate(warm, SamplingParams(max_tokens=8, temperature=0))
-    out["b1_tokens_per_s"] = max(decode(llm.engine, 1) for _ in "ab")
+    decode(llm.engine, 1)  # every choice the layers make on first use made
+    out["b1_runs"] = [decode(llm.engine, 1) for _ in range(B1_RUNS)]
+    out["b1_tokens_per_s"] = statistics.median(out["b1_runs"])
     out["decode_steps"] = llm.engine.config.decode_steps
     if "eager" in wanted:  # graphs, one step per engine step: what --decode-steps adds
         config = llm.engine.config
@@ -301,11 +307,27 @@ def ratios(runs: dict, anchors: dict) -> dict:
 
     if "error" not in runs.get("gptq", NOT_RUN):
         out["int4_over_bf16"] = over_bf16(runs["gptq"])
+        out["int4_over_bf16_range"] = ratio_range(runs["gptq"], bf16)
     with_env = {env_label(run["env"]): over_bf16(run) for run in runs.values()
                 if run.get("method") == "gptq" and "error" not in run}  # fmt: skip
     if with_env:  # --int4-env's runs, by their variables
         out["int4_over_bf16_with"] = with_env
     return out
+
+
+def ratio_range(run: dict, bf16: dict) -> list[float]:
+    """[slowest run / fastest bf16 run, fastest run / slowest bf16 run] at batch 1."""
+    mine, base = run.get("b1_runs"), bf16.get("b1_runs")
+    if not mine or not base:  # a result from before the runs were kept
+        return [run["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]] * 2
+    return [min(mine) / max(base), max(mine) / min(base)]
+
+
+def spread(run: dict) -> str:
+    """A batch-1 rate with its runs' range: "386.7 tok/s (5 runs: 380.2-389.0)"."""
+    runs = run.get("b1_runs")
+    text = f"{run['b1_tokens_per_s']:.1f} tok/s"
+    return text if not runs else f"{text} ({len(runs)} runs: {min(runs):.1f}-{max(runs):.1f})"
 
 
 def summarize(shapes: dict) -> list[dict]:
@@ -321,14 +343,14 @@ def summarize(shapes: dict) -> list[dict]:
             modes += f"; eager: {bf16['b1_eager_tokens_per_s']:.1f}"
         rows.append(row(
             f"{tag}: bf16 batch-1 decode, MBU against a device-to-device copy",
-            f"{bf16['b1_tokens_per_s']:.1f} tok/s ({modes}), MBU {r['mbu']:.2f}", "", None,
+            f"{spread(bf16)}, {modes}; MBU {r['mbu']:.2f}", "", None,
             ">= 0.75 MBU" if met else "", r["mbu"] >= 0.75 if met else None,
         ))  # fmt: skip
         if "b1_over_hf_compiled" in r:
             ratio = r["b1_over_hf_compiled"]
             rows.append(row(
                 f"{tag}: bf16 batch-1 decode against transformers static cache + torch.compile",
-                f"{bf16['b1_tokens_per_s']:.1f} tok/s",
+                spread(bf16),
                 f"{hf['hf-compiled']['b1_tokens_per_s']:.1f} tok/s",
                 ratio, ">= 1.0x" if met else "", ratio >= 1.0 if met else None,
             ))  # fmt: skip
@@ -336,11 +358,13 @@ def summarize(shapes: dict) -> list[dict]:
             if name == "bf16" or "error" in run:
                 continue
             ratio = run["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]
+            low, high = ratio_range(run, bf16)
             target = name == "gptq" and met
             rows.append(row(
-                f"{tag}: {name} batch-1 decode (batch {BATCH}) against llmkit bf16",
-                f"{run['b1_tokens_per_s']:.1f} ({run[f'b{BATCH}_tokens_per_s']:.0f}) tok/s",
-                f"{bf16['b1_tokens_per_s']:.1f} ({bf16[f'b{BATCH}_tokens_per_s']:.0f}) tok/s",
+                f"{tag}: {name} batch-1 decode against llmkit bf16 (ratio's range "
+                f"{low:.2f}-{high:.2f}x; batch {BATCH} after the runs)",
+                f"{spread(run)}; {run[f'b{BATCH}_tokens_per_s']:.0f} tok/s",
+                f"{spread(bf16)}; {bf16[f'b{BATCH}_tokens_per_s']:.0f} tok/s",
                 ratio, ">= 2.5x" if target else "", ratio >= 2.5 if target else None,
             ))  # fmt: skip
         for c in CONCURRENCY:
