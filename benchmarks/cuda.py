@@ -21,6 +21,10 @@ reported. Every contender runs in its own child process, one after the other:
 - transformers' static batching: one `generate` of all 64 (then 256) requests.
 
 --anchors picks the transformers runs (an empty list runs none: their rows say so).
+--bf16-parts picks what the bf16 engine measures beyond batch 1 and batch BATCH: eager
+(batch 1 again without graphs, and with one step per engine step), concurrency (64 and
+256 concurrent requests); leaving them out makes a run that only compares batch-1 rates
+fit a short device call.
 --int4-env VAR=VALUE[,VAR=VALUE...] (repeatable) also runs each 4-bit copy with those
 variables set, beside the run without: an A/B of a kernel setting in one run, such as
 LLMKIT_FUSED_NORMS=1 (norms folded into the products) or, with it,
@@ -40,6 +44,7 @@ LLMKIT_L2_PREFETCH_MB (the 4-bit layers' L2 prefetch, 0: none) and, per model sh
 
     python benchmarks/cuda.py [--workdir DIR] [--models 1b,8b] [--methods ...]
         [--calibration N] [--anchors hf-compiled,hf-static] [--int4-env VAR=VALUE ...]
+        [--bf16-parts eager,concurrency]
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ ANCHORS = ("hf-compiled", "hf-static")
 ANCHOR_TIMEOUT = 300  # seconds; compiling an 8B model can take minutes
 NOT_RUN = {"error": "not run (--anchors)"}
 INT4 = ("gptq", "awq")  # the copies --int4-env runs again
+BF16_PARTS = ("eager", "concurrency")  # what --bf16-parts may pick (batch always runs)
 
 
 def int4_env(text: str) -> dict[str, str]:
@@ -275,7 +281,7 @@ def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict:
     bf16 = work / f"llama-{shape}"
     if not (bf16 / "config.json").is_file():
         child("make", shape, str(bf16))
-    runs = {"bf16": child("llmkit", str(bf16), "eager,batch,concurrency")}
+    runs = {"bf16": child("llmkit", str(bf16), ",".join(["batch", *args.bf16_parts]))}
     anchors = {name: optional(name, str(bf16), timeout=ANCHOR_TIMEOUT) for name in args.anchors}
     made = {}
     for method in args.methods:
@@ -293,12 +299,14 @@ def ratios(runs: dict, anchors: dict) -> dict:
     bf16 = runs["bf16"]
     # a copy reads and writes each byte: what the memory moved is twice the bytes copied
     mbu = bf16["b1_tokens_per_s"] * bf16["weight_bytes_per_token"] / (2 * bf16["copy_bandwidth"])
-    out = {"mbu": mbu, "throughput_256": bf16["c256"]["tokens_per_s"]}
+    out = {"mbu": mbu}
+    if "c256" in bf16:
+        out["throughput_256"] = bf16["c256"]["tokens_per_s"]
     compiled, static = (anchors.get(name, NOT_RUN) for name in ANCHORS)
     if "error" not in compiled:
         out["b1_over_hf_compiled"] = bf16["b1_tokens_per_s"] / compiled["b1_tokens_per_s"]
     for c in CONCURRENCY:
-        if "error" not in static:
+        if "error" not in static and f"c{c}" in bf16:
             hf = static[f"c{c}"]["tokens_per_s"]
             out[f"c{c}_over_hf_static"] = bf16[f"c{c}"]["tokens_per_s"] / hf
 
@@ -367,7 +375,7 @@ def summarize(shapes: dict) -> list[dict]:
                 f"{spread(bf16)}; {bf16[f'b{BATCH}_tokens_per_s']:.0f} tok/s",
                 ratio, ">= 2.5x" if target else "", ratio >= 2.5 if target else None,
             ))  # fmt: skip
-        for c in CONCURRENCY:
+        for c in CONCURRENCY if "c256" in bf16 else ():  # --bf16-parts without concurrency: none
             mine = bf16[f"c{c}"]["tokens_per_s"]
             target = met and c == 256
             static = hf.get("hf-static", NOT_RUN)
@@ -409,6 +417,11 @@ def main() -> None:
         metavar="VAR=VALUE[,VAR=VALUE]",
         help="also run the 4-bit copies with these variables set (repeatable)",
     )
+    parser.add_argument(
+        "--bf16-parts",
+        default=",".join(BF16_PARTS),
+        help="what the bf16 engine measures beyond batch 1 and 16: eager, concurrency",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -418,6 +431,9 @@ def main() -> None:
     args.anchors = [a for a in args.anchors.split(",") if a]
     if unknown := set(args.anchors) - set(ANCHORS):
         parser.error(f"--anchors: unknown {', '.join(sorted(unknown))} (known: {ANCHORS})")
+    args.bf16_parts = [p for p in args.bf16_parts.split(",") if p]
+    if unknown := set(args.bf16_parts) - set(BF16_PARTS):
+        parser.error(f"--bf16-parts: unknown {', '.join(sorted(unknown))} (known: {BF16_PARTS})")
     import torch
 
     if not torch.cuda.is_available():
