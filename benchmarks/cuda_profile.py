@@ -10,9 +10,9 @@ not a benchmark with targets of its own.
 
 Where kernels launch as programmatic dependents (the 4-bit products, the attention and norm
 kernels on compute capability 9.0), a kernel starts while the one before it finishes and
-its time includes that wait: the GPU's kernel time then adds up to more than the wall time
-(an H100's 4-bit 8B step: 4.5 ms of kernels in 3.0 ms), and a kernel's mean time says more
-about its neighbours than about itself; time kernels alone with benchmarks/cuda_int4.py.
+its time includes that wait: the GPU's kernel time can then add up to more than the wall
+time, and a kernel's mean time says as much about its neighbours as about itself; time
+kernels alone with benchmarks/cuda_int4.py.
 """
 
 from __future__ import annotations
