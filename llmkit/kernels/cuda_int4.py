@@ -12,8 +12,8 @@ can also fold a decoder layer's RMSNorm into the product that follows it (`norm`
 product of the normed rows of the residual stream) and its residual add into the product
 before it (`into`: the product added to the residual stream in place), so a layer's norms
 cost no launch of their own. Layers do so only where LLMKIT_FUSED_NORMS=1
-(`fused_norms`): on the one GPU that has measured it (an H200, benchmarks/cuda_int4.py's
-layer rows), a layer took longer that way than with its norm kernels apart.
+(`fused_norms`): on the GPUs that have measured it (an H200, benchmarks/cuda_int4.py's
+layer rows; an H100, benchmarks/cuda.py's decode) it was slower than the norm kernels apart.
 
 Each product is launched as a programmatic dependent of the kernel before it (compute
 capability 9.0 and newer): its blocks start, and load their first weights, while that
