@@ -40,7 +40,8 @@ Targets (8B shapes, issue 37): bf16 MBU >= 0.75; gptq-int4 batch-1 >= 2.5x bf16;
 Writes benchmarks/results/cuda-<date>.json with the GPU, driver, torch and Triton versions,
 LLMKIT_L2_PREFETCH_MB (the 4-bit layers' L2 prefetch, 0: none) and, per model shape, `mbu`,
 `int4_over_bf16` (its range in `int4_over_bf16_range`; `int4_over_bf16_with`, per
---int4-env), `throughput_256` and the anchor ratios.
+--int4-env), `throughput_256` and the anchor ratios. A run without the 8B shapes (whose
+rows carry the targets) writes cuda-<shapes>-<date>.json instead, a table of its own.
 
     python benchmarks/cuda.py [--workdir DIR] [--models 1b,8b] [--methods ...]
         [--calibration N] [--anchors hf-compiled,hf-static] [--int4-env VAR=VALUE ...]
@@ -453,7 +454,9 @@ def main() -> None:
                          f"torch {fields['torch']}", f"triton {fields['triton']}"])  # fmt: skip
     if float(fields["l2_prefetch_mb"]):
         machine += f", LLMKIT_L2_PREFETCH_MB={fields['l2_prefetch_mb']}"
-    save_result("cuda", fields, machine, anchor=anchor, summary=summary)
+    # the 8B shapes carry the targets: a run without them is a table of its own
+    variant = "" if "8b" in shapes else "-".join(shapes)
+    save_result("cuda", fields, machine, anchor=anchor, summary=summary, variant=variant)
 
 
 if __name__ == "__main__":
