@@ -333,7 +333,7 @@ def ratio_range(run: dict, bf16: dict) -> list[float]:
 
 
 def spread(run: dict) -> str:
-    """A batch-1 rate with its runs' range: "386.7 tok/s (5 runs: 380.2-389.0)"."""
+    """A batch-1 rate with its runs' range: "MEDIAN tok/s (RUNS runs: LOWEST-HIGHEST)"."""
     runs = run.get("b1_runs")
     text = f"{run['b1_tokens_per_s']:.1f} tok/s"
     return text if not runs else f"{text} ({len(runs)} runs: {min(runs):.1f}-{max(runs):.1f})"
