@@ -326,17 +326,14 @@ def ratios(runs: dict, anchors: dict) -> dict:
 
 def ratio_range(run: dict, bf16: dict) -> list[float]:
     """[slowest run / fastest bf16 run, fastest run / slowest bf16 run] at batch 1."""
-    mine, base = run.get("b1_runs"), bf16.get("b1_runs")
-    if not mine or not base:  # a result from before the runs were kept
-        return [run["b1_tokens_per_s"] / bf16["b1_tokens_per_s"]] * 2
+    mine, base = run["b1_runs"], bf16["b1_runs"]
     return [min(mine) / max(base), max(mine) / min(base)]
 
 
 def spread(run: dict) -> str:
     """A batch-1 rate with its runs' range: "MEDIAN tok/s (RUNS runs: LOWEST-HIGHEST)"."""
-    runs = run.get("b1_runs")
-    text = f"{run['b1_tokens_per_s']:.1f} tok/s"
-    return text if not runs else f"{text} ({len(runs)} runs: {min(runs):.1f}-{max(runs):.1f})"
+    runs = run["b1_runs"]
+    return f"{run['b1_tokens_per_s']:.1f} tok/s ({len(runs)} runs: {min(runs):.1f}-{max(runs):.1f})"
 
 
 def summarize(shapes: dict) -> list[dict]:
