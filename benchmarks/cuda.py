@@ -54,7 +54,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,14 @@ import time
 from pathlib import Path
 
 from child import TimedOut, llmkit_quantize, run_child
-from engine_throughput import copy_bandwidth, decode_rate, generate_workload, weight_bytes_per_token
+from engine_throughput import (
+    cell,
+    copy_bandwidth,
+    decode_rate,
+    generate_workload,
+    median,
+    weight_bytes_per_token,
+)
 from report import print_targets, row, save_result
 from shard import LLAMA_1B, make_random
 
@@ -160,7 +166,7 @@ def child_llmkit(model: str, parts: str) -> dict:
     llm.generate(warm, SamplingParams(max_tokens=8, temperature=0))
     decode(llm.engine, 1)  # every choice the layers make on first use made
     out["b1_runs"] = [decode(llm.engine, 1) for _ in range(B1_RUNS)]
-    out["b1_tokens_per_s"] = statistics.median(out["b1_runs"])
+    out["b1_tokens_per_s"] = median(out["b1_runs"])
     out["decode_steps"] = llm.engine.config.decode_steps
     if "eager" in wanted:  # graphs, one step per engine step: what --decode-steps adds
         config = llm.engine.config
@@ -330,18 +336,13 @@ def ratio_range(run: dict, bf16: dict) -> list[float]:
     return [min(mine) / max(base), max(mine) / min(base)]
 
 
-def spread(run: dict) -> str:
-    """A batch-1 rate with its runs' range: "MEDIAN tok/s (RUNS runs: LOWEST-HIGHEST)"."""
-    runs = run["b1_runs"]
-    return f"{run['b1_tokens_per_s']:.1f} tok/s ({len(runs)} runs: {min(runs):.1f}-{max(runs):.1f})"
-
-
 def summarize(shapes: dict) -> list[dict]:
     rows = []
     for shape, r in shapes.items():
         tag = f"Llama-3 {shape.upper()} shapes"
         bf16, hf = r["llmkit"]["bf16"], r["anchors"]
         met = shape == "8b"
+        base = cell(bf16["b1_runs"], " tok/s")  # batch-1 median (the runs' range)
         modes = f"up to {bf16['decode_steps']} steps a call" if "decode_steps" in bf16 else ""
         if "b1_one_step_tokens_per_s" in bf16:
             modes += f"; 1 step: {bf16['b1_one_step_tokens_per_s']:.1f}"
@@ -349,14 +350,14 @@ def summarize(shapes: dict) -> list[dict]:
             modes += f"; eager: {bf16['b1_eager_tokens_per_s']:.1f}"
         rows.append(row(
             f"{tag}: bf16 batch-1 decode, MBU against a device-to-device copy",
-            f"{spread(bf16)}, {modes}; MBU {r['mbu']:.2f}", "", None,
+            f"{base}, {modes}; MBU {r['mbu']:.2f}", "", None,
             ">= 0.75 MBU" if met else "", r["mbu"] >= 0.75 if met else None,
         ))  # fmt: skip
         if "b1_over_hf_compiled" in r:
             ratio = r["b1_over_hf_compiled"]
             rows.append(row(
                 f"{tag}: bf16 batch-1 decode against transformers static cache + torch.compile",
-                spread(bf16),
+                base,
                 f"{hf['hf-compiled']['b1_tokens_per_s']:.1f} tok/s",
                 ratio, ">= 1.0x" if met else "", ratio >= 1.0 if met else None,
             ))  # fmt: skip
@@ -370,8 +371,8 @@ def summarize(shapes: dict) -> list[dict]:
             rows.append(row(
                 f"{tag}: {name} batch-1 decode against llmkit bf16 (ratio's range "
                 f"{low:.2f}-{high:.2f}x; batch {BATCH} after the runs: {batch:.2f}x)",
-                f"{spread(run)}; {run[f'b{BATCH}_tokens_per_s']:.0f} tok/s",
-                f"{spread(bf16)}; {bf16[f'b{BATCH}_tokens_per_s']:.0f} tok/s",
+                f"{cell(run['b1_runs'], ' tok/s')}; {run[f'b{BATCH}_tokens_per_s']:.0f} tok/s",
+                f"{base}; {bf16[f'b{BATCH}_tokens_per_s']:.0f} tok/s",
                 ratio, ">= 2.5x" if target else "", ratio >= 2.5 if target else None,
             ))  # fmt: skip
         for c in CONCURRENCY if "c256" in bf16 else ():  # --bf16-parts without concurrency: none
