@@ -16,7 +16,7 @@ from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.engine import LLM, Engine, EngineConfig
-from llmkit.runtime.layers.linear import DenseLinear, Int4Linear, W8A8Linear
+from llmkit.runtime.layers.linear import Int4Linear, Int8Linear, W8A8Linear
 from llmkit.runtime.loader import load_model as load_runtime
 from tests.runtime_helpers import NEEDS_CUDA, random_prompts, runtime_logits
 from tests.test_gptq import correlated_inputs, hessian_error
@@ -188,7 +188,7 @@ def test_a_closed_engine_hands_the_gpu_back(tiny_dir):
 
 # method, options, the module CUDA must build, tolerance relative to max |logit|
 CASES = {
-    "int8": ("int8", {}, DenseLinear, 1e-4),
+    "int8": ("int8", {}, Int8Linear, 1e-4),
     "w8a8": ("w8a8", {}, W8A8Linear, 1e-3),
     "gptq-act-order": ("gptq", {"group_size": 32, "desc_act": True}, Int4Linear, 2e-2),
     "awq": ("awq", {"group_size": 32}, Int4Linear, 2e-2),

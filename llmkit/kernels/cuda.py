@@ -10,6 +10,8 @@
   (runtime/layers/attention.py).
 - elementwise_for (triton_elementwise.py): RMSNorm (with its residual add) and silu * up,
   each one launch (runtime/layers/norm.py, activation.py).
+- int8_for (triton_int8.py): INT8 weight-only products, the weight read as int8
+  (runtime/layers/linear.py's Int8Linear).
 
 On a GPU of compute capability 9.0 or newer (`cuda_rtc.programmatic`), a decode step's
 kernels (the K/V write, decode attention, norms and silu * up above, the 4-bit products of
@@ -30,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -56,6 +59,25 @@ def elementwise_for(*tensors: torch.Tensor):
     if not all(t.is_cuda for t in tensors):
         return None
     return _module("triton_elementwise")
+
+
+def int8_for(device: torch.device, dtype: torch.dtype):
+    """llmkit.kernels.triton_int8 where its products run on `device` with `dtype`
+    activations: CUDA (the CPU under Triton's interpreter), Triton installed, and the
+    kernel checked there (`triton_int8.checked`; where it fails, a warning, once); else
+    None."""
+    if device.type != ("cpu" if INTERPRETED else "cuda"):
+        return None
+    module = _module("triton_int8")
+    if module is None:
+        return None
+    failed = module.checked(device, dtype)
+    if failed is not None:
+        # shown once: Python's default filter reports a warning once per place and text
+        warnings.warn(f"llmkit's int8 product is unavailable on {device} for {dtype} "
+                      f"({failed}); int8 weights run dequantized", stacklevel=2)  # fmt: skip
+        return None
+    return module
 
 
 @functools.cache

@@ -10,8 +10,9 @@ converted into the module that is fastest on the device:
   CPU, half-precision weights take llmkit's kernel for the few rows of a decode step,
   widened to float32 in registers; larger batches without native half-precision products
   are computed in float32 from weight blocks widened on the fly;
-- int8 weight-only (CPU): llmkit's kernel for every batch, else
-  `torch._weight_int8pack_mm` (inputs a multiple of 32), else the dequantized weight;
+- int8 weight-only: on CPU llmkit's kernel for every batch, else
+  `torch._weight_int8pack_mm` (inputs a multiple of 32), else the dequantized weight; on
+  CUDA llmkit's Triton product (kernels/triton_int8.py), the weight read as int8;
 - W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel for every batch (exact
   int32 sums), else `torch._int_mm`;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.kernels import cpu as cpu_kernels
+from llmkit.kernels import cuda as cuda_kernels
 from llmkit.kernels import cuda_int4
 from llmkit.quant import int8
 from llmkit.quant.formats.weights import DenseWeight, GroupedWeight, Int8Weight, LinearWeight
@@ -97,8 +99,9 @@ def convert_for_runtime(
     if isinstance(weight, Int8Weight):
         if weight.act_quant:
             return W8A8Linear(weight, bias, dtype, device)
-        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32):
-            return Int8Linear(weight, bias, dtype)
+        on_cpu = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+        if on_cpu or cuda_kernels.int8_for(device, dtype) is not None:
+            return Int8Linear(weight, bias, dtype, device)
     if isinstance(weight, GroupedWeight):
         module = Q4Linear.build(weight, bias, dtype, device)
         module = module or Int4Linear.build(weight, bias, dtype, device, gated)
@@ -292,21 +295,31 @@ def _int8_op(name: str, q: torch.Tensor, device: torch.device, dtype: torch.dtyp
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 on the CPU: llmkit's kernel for every batch (q8_linear, the weight in
-    tiles of 8 outputs, see _i8_tiles), else torch's int8 x float product."""
+    """Weight-only int8. On CUDA llmkit's Triton product for every batch (kernels/
+    triton_int8.py: the weight read as int8, float32 scales). On the CPU llmkit's kernel for
+    every batch (q8_linear, the weight in tiles of 8 outputs, see _i8_tiles), else torch's
+    int8 x float product."""
 
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(
+        self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, device=None
+    ):
         super().__init__()
-        self.op = _int8_op("q8_linear", weight.q, weight.q.device, dtype)
+        device = weight.q.device if device is None else device
+        self.product = cuda_kernels.int8_for(device, dtype)
+        self.op = None if self.product else _int8_op("q8_linear", weight.q, device, dtype)
         self.out_features = weight.q.shape[0]
         if self.op is not None:
             _register_int8_tiles(self, weight)
-        else:  # [out, in], as torch's product and linear_in_float32 read it
-            self.register_buffer("q", weight.q.contiguous())
-            self.register_buffer("scale", weight.scale.to(dtype))
+        else:  # [out, in], as the products and linear_in_float32 read it
+            self.register_buffer("q", weight.q.to(device).contiguous())
+            scale_dtype = torch.float32 if self.product else dtype
+            self.register_buffer("scale", weight.scale.to(device, scale_dtype))
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.product is not None:
+            y = _on_rows(self.product.int8_linear, x.contiguous(), self.q, self.scale)
+            return _plus(y, self.bias)
         if self.op is not None:
             return _plus(_tile_outputs(self, _on_rows(self.op, x, self.q, self.scale)), self.bias)
         if self.q.shape[1] % 32 == 0:
