@@ -1,13 +1,17 @@
-"""INT8 weight-only products on CUDA at Llama-3-8B's linear shapes, per activation rows:
-llmkit's Triton product (kernels/triton_int8.py, the tile TILES gives the rows), the bf16
+"""INT8 products on CUDA at Llama-3-8B's linear shapes, per activation rows: llmkit's Triton
+weight-only product (kernels/triton_int8.py, the tile TILES gives the rows), the bf16
 weight through cuBLAS, and at 1 row torch's `_weight_int8pack_mm` (a thread per output,
-reading its row alone): each as the median time of a call inside a CUDA graph of 24 calls
-that cycle through copies of the weight larger than the L2 together (benchmarks/
-cuda_int4.py's graph_ms: every call reads its weight from memory, as a decode step does),
-and what that is in GB/s of the weight's bytes. At 1, 16, 64 and 512 rows also each
-candidate tile of TUNE (the data for TILES), and the product's largest difference from
-the float32 product of the dequantized weight. A diagnostic for benchmarks/cuda.py's int8
-rows, without targets.
+reading its row alone); W8A8 as W8A8Linear runs it (the Triton row quantization, then the
+Triton product up to its TRITON_ROWS rows, else torch._int_mm), with the Triton product
+and with torch._int_mm after the Triton quantization at every row count (where the
+threshold lies), and the torch ops it replaced (quantize_per_token, torch._int_mm with
+fewer than 17 rows padded to 32, the scales). Each is the median time of a call inside a
+CUDA graph of 24 calls that cycle through copies of the weight larger than the L2
+together (benchmarks/cuda_int4.py's graph_ms: every call reads its weight from memory, as
+a decode step does), and what that is in GB/s of the weight's bytes. At 1, 16, 64 and 512
+rows also each candidate tile of TUNE (the data for TILES), and the weight-only product's
+largest difference from the float32 product of the dequantized weight. A diagnostic for
+benchmarks/cuda.py's int8 and w8a8 rows, without targets.
 
     python benchmarks/cuda_int8.py [--rows 1,2,4,8,16,64,512] [--out FILE]
 """
@@ -29,15 +33,16 @@ TUNE = {
     512: [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
 }  # fmt: skip
 TUNE[16] = TUNE[1]
+DEVICE = "cuda"  # (a check of the script's logic may set "cpu", under Triton's interpreter)
 
 
 def weights(n: int, k: int, copies: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`copies` random int8 weights [n, k] with float32 scales, on the GPU."""
     out = []
     for seed in range(copies):
-        g = torch.Generator("cuda").manual_seed(seed)
-        q = torch.randint(-127, 128, (n, k), generator=g, device="cuda", dtype=torch.int8)
-        out.append((q, torch.rand(n, generator=g, device="cuda") * 0.01 + 0.001))
+        g = torch.Generator(DEVICE).manual_seed(seed)
+        q = torch.randint(-127, 128, (n, k), generator=g, device=DEVICE, dtype=torch.int8)
+        out.append((q, torch.rand(n, generator=g, device=DEVICE) * 0.01 + 0.001))
     return out
 
 
@@ -53,7 +58,7 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
     dense = [(q.bfloat16() * s[:, None]).bfloat16() for q, s in ws[: max(2, len(ws) // 2)]]
     results = []
     for rows in rows_list:
-        x = torch.randn(rows, k, device="cuda").bfloat16()
+        x = torch.randn(rows, k, device=DEVICE).bfloat16()
         row = {"shape": name, "n": n, "k": k, "rows": rows,
                "tile": list(triton_int8.tile_for(rows))}  # fmt: skip
         ours = [lambda q=q, s=s, x=x: triton_int8.int8_linear(x, q, s) for q, s in ws]
@@ -64,7 +69,8 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
         got = triton_int8.int8_linear(x, q, s).float()
         row["max_diff_vs_float32"] = float((got - want).abs().max() / want.abs().max())
         if rows == 1:
-            naive = [lambda q=q, s=s, x=x: torch._weight_int8pack_mm(x, q, s) for q, s in ws]
+            halves = [(q, s.to(x.dtype)) for q, s in ws]  # its scales: the activations' dtype
+            naive = [lambda q=q, s=s, x=x: torch._weight_int8pack_mm(x, q, s) for q, s in halves]
             try:
                 row["torch_int8pack_ms"] = timed(naive)
             except (NotImplementedError, RuntimeError) as e:  # a torch without it on CUDA
@@ -73,11 +79,37 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
             calls = [lambda q=q, s=s, t=tile, x=x: triton_int8.int8_linear(x, q, s, t)
                      for q, s in ws]  # fmt: skip
             row["tile_" + "_".join(map(str, tile)) + "_ms"] = timed(calls)
+        row.update(w8a8_ms(x, ws))
         row["llmkit_gb_s"] = int8_bytes / row["llmkit_ms"] / 1e6
         row["bf16_gb_s"] = 2 * n * k / row["bf16_ms"] / 1e6
         print(json.dumps(row), flush=True)
         results.append(row)
     return results
+
+
+def w8a8_ms(x: torch.Tensor, ws: list) -> dict:
+    """W8A8 on the same weights: as W8A8Linear runs it, with either product after the
+    Triton quantization, and as the torch ops it replaced."""
+    from llmkit.kernels import triton_int8
+    from llmkit.quant import int8
+    from llmkit.runtime.layers.linear import W8A8Linear, _int_mm_on_cuda
+
+    def triton(q, s):
+        xq, x_scale = triton_int8.quantize_rows(x)
+        return triton_int8.w8a8_linear(xq, x_scale, q, s, x.dtype)
+
+    def int_mm(q, s):
+        xq, x_scale = triton_int8.quantize_rows(x)
+        return (_int_mm_on_cuda(xq, q.t()).float() * x_scale[:, None] * s).to(x.dtype)
+
+    def torch_ops(q, s):
+        xq, x_scale = int8.quantize_per_token(x)
+        return (_int_mm_on_cuda(xq, q.t()).float() * x_scale * s).to(x.dtype)
+
+    used = triton if len(x) <= W8A8Linear.TRITON_ROWS else int_mm
+    paths = {"w8a8": used, "w8a8_triton": triton, "w8a8_int_mm": int_mm, "w8a8_torch": torch_ops}
+    return {f"{name}_ms": timed([lambda q=q, s=s, f=f: f(q, s) for q, s in ws])
+            for name, f in paths.items()}  # fmt: skip
 
 
 def main() -> None:

@@ -1,13 +1,15 @@
-"""The Triton INT8 weight-only product (llmkit/kernels/triton_int8.py) against the float64
-product, at every tile shape, odd shapes included, and Int8Linear built on it: natively on
-CUDA where there is a GPU, and on the CPU through Triton's interpreter in a child process
-(float32 and float16 there: the interpreter cannot compute in bf16)."""
+"""The Triton INT8 products (llmkit/kernels/triton_int8.py) against the float64 product, at
+every tile shape, odd shapes included, and Int8Linear and W8A8Linear built on them (W8A8:
+the bits of its torch path): natively on CUDA where there is a GPU, and on the CPU through
+Triton's interpreter in a child process (float32 and float16 there: the interpreter cannot
+compute in bf16)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.engine import Engine, EngineConfig
@@ -71,6 +73,62 @@ def layer_errors(device: str, dtype_name: str) -> dict:
     return {"took": took, "error": float((got - want).abs().max() / want.abs().max())}
 
 
+def w8a8_differences(device: str, dtype_name: str) -> dict:
+    """W8A8Linear as the runtime builds it on `device`: whether it took the Triton kernels,
+    and per number of rows (up to TRITON_ROWS: the Triton product; more: torch._int_mm) the
+    largest difference from its torch path's values (quantize_per_token, exact int32 sums,
+    times the row's scale, then the output's, rounded, then the bias)."""
+    from llmkit.quant import int8
+    from llmkit.quant.formats.weights import Int8Weight
+    from llmkit.runtime.layers.linear import W8A8Linear, convert_for_runtime
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(-127, 128, (72, 160), generator=g, dtype=torch.int8)
+    scale = torch.rand(72, generator=g) * 0.02 + 0.001
+    bias = torch.randn(72, generator=g).to(dtype)
+    module = convert_for_runtime(Int8Weight(q, scale, True), bias, dtype, torch.device(device))
+    out = {"took": isinstance(module, W8A8Linear) and module.kernels is not None}
+    for rows in (1, 16, 40, 64, 65, 150):
+        x = (torch.randn(rows, 160, generator=g) * 3).to(dtype)
+        xq, x_scale = int8.quantize_per_token(x)
+        acc = (xq.long() @ q.long().t()).float()  # exact
+        want = (acc * x_scale * scale).to(dtype) + bias
+        got = module(x.to(device)).cpu()
+        out[rows] = float((got.double() - want.double()).abs().max())
+    return out
+
+
+def quantized_alike(device: str, dtype_name: str) -> bool:
+    """Whether quantize_rows gives quant/int8.py's quantize_per_token, bit for bit, on rows
+    with halves to round (to even), a row of zeros and a long random row."""
+    from llmkit.kernels import triton_int8
+    from llmkit.quant import int8
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(5)
+    x = torch.zeros(3, 2500)
+    x[0, :5] = torch.tensor([127.0, 0.5, 1.5, -2.5, -126.5])  # scale 1: halves stay halves
+    x[2] = torch.randn(2500, generator=g) * 4
+    x = x.to(dtype)
+    xq, scale = triton_int8.quantize_rows(x.to(device))
+    want_q, want_scale = int8.quantize_per_token(x)
+    return torch.equal(xq.cpu(), want_q) and torch.equal(scale.cpu(), want_scale[:, 0])
+
+
+def test_the_float64_row_quantization_is_quantize_per_token():
+    from llmkit.kernels import triton_int8
+    from llmkit.quant import int8
+
+    x = torch.randn(9, 700, generator=torch.Generator().manual_seed(6)) * 3
+    x[1] = 0
+    x[2, :3] = torch.tensor([127.0, 0.5, -2.5])
+    x[2, 3:] = 0
+    q, scale = triton_int8.reference_rows(x)
+    want_q, want_scale = int8.quantize_per_token(x)
+    assert torch.equal(q, want_q) and torch.equal(scale, want_scale[:, 0])
+
+
 def check(cases, found: list[float]) -> None:
     from llmkit.kernels.triton_int8 import TOLERANCE
 
@@ -82,10 +140,17 @@ def test_int8_product_interpreted_matches_the_float64_product():
     found = interpreted(
         "import json\n"
         "from tests.test_triton_int8 import CASES, errors, layer_errors\n"
-        "print(json.dumps([errors('cpu', CASES), layer_errors('cpu', 'float16')]))\n"
+        "from tests.test_triton_int8 import quantized_alike, w8a8_differences\n"
+        "dtypes = ('float32', 'float16')\n"
+        "print(json.dumps([errors('cpu', CASES), layer_errors('cpu', 'float16'),\n"
+        "                  [quantized_alike('cpu', d) for d in dtypes],\n"
+        "                  *(w8a8_differences('cpu', d) for d in dtypes)]))\n"
     )
     check(CASES, found[0])
     assert found[1]["took"] and found[1]["error"] < 2e-3, found[1]
+    assert found[2] == [True, True]
+    for w8a8 in found[3:]:  # the same values as the torch path, bit for bit
+        assert w8a8.pop("took") and set(w8a8.values()) == {0.0}, w8a8
 
 
 @NEEDS_CUDA
@@ -103,19 +168,32 @@ def test_int8_layers_on_cuda_take_the_triton_product(dtype_name):
 
 
 @NEEDS_CUDA
-def test_int8_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path):
-    """An INT8 weight-only checkpoint decoding batches of 1 to 12 sequences through the
-    Triton product: the graphs' tokens (rows padded to a bucket) equal eager mode's (float32
-    activations, as test_cuda.py's graphs test)."""
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_w8a8_layers_on_cuda_give_the_values_of_the_torch_path(dtype_name):
     pytest.importorskip("triton")
-    out = tmp_path / "int8"
-    quantize(tiny_dir("tiny-llama"), out, "int8", options=options_for("int8"), device="cuda")
+    assert quantized_alike("cuda", dtype_name)
+    found = w8a8_differences("cuda", dtype_name)
+    assert found.pop("took") and set(found.values()) == {0.0}, found
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("method", ["int8", "w8a8"])
+def test_int8_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path, method):
+    """An INT8 checkpoint (weight-only, or W8A8) decoding batches of 1 to 12 sequences through
+    the Triton kernels: the graphs' tokens (rows padded to a bucket) equal eager mode's
+    (float32 activations, as test_cuda.py's graphs test)."""
+    pytest.importorskip("triton")
+    out = tmp_path / method
+    calibration = CalibrationSpec(num_samples=8, seq_len=64)
+    quantize(tiny_dir("tiny-llama"), out, method, options=options_for(method),
+             calibration=calibration, device="cuda")  # fmt: skip
     prompts = random_prompts(12, 3, 60, seed=5)
     runs = {}
     for eager in (False, True):
         engine = Engine(out, EngineConfig(device="cuda", dtype="float32", enforce_eager=eager))
         try:
-            assert engine.executor.runner.model.layers[0].mlp.down.product is not None
+            down = engine.executor.runner.model.layers[0].mlp.down
+            assert getattr(down, "product", None) or getattr(down, "kernels", None)
             runs[eager] = run_staggered(engine, prompts)
         finally:
             engine.close()

@@ -14,7 +14,8 @@ converted into the module that is fastest on the device:
   `torch._weight_int8pack_mm` (inputs a multiple of 32), else the dequantized weight; on
   CUDA llmkit's Triton product (kernels/triton_int8.py), the weight read as int8;
 - W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel for every batch (exact
-  int32 sums), else `torch._int_mm`;
+  int32 sums), else `torch._int_mm`; on CUDA the activations quantized by llmkit's Triton
+  kernel, then its Triton product for a decode step's rows, `torch._int_mm` for more;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel
   for every batch, prefills included (it passes over a weight once per 128 rows), else
   `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer)
@@ -346,18 +347,25 @@ class Int8Linear(nn.Module):
 class W8A8Linear(nn.Module):
     """int8 x int8 -> int32 with per-token input scales and per-channel weight scales: on CPU
     llmkit's kernel for every batch (w8a8_linear, the weight in q8_linear's tiles), else
-    torch._int_mm."""
+    torch._int_mm. On CUDA the rows are quantized by llmkit's Triton kernel and, up to
+    TRITON_ROWS of them, multiplied by its Triton product (kernels/triton_int8.py), more
+    by torch._int_mm."""
+
+    TRITON_ROWS = 64  # a decode step's rows; prefills take cuBLASLt's int8 products
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, device):
         super().__init__()
-        self.op = _int8_op("w8a8_linear", weight.q, device, dtype)
+        self.kernels = cuda_kernels.int8_for(device, dtype)
+        self.op = None if self.kernels else _int8_op("w8a8_linear", weight.q, device, dtype)
         self.out_features = weight.q.shape[0]
         if self.op is not None:
             _register_int8_tiles(self, weight)
         else:  # [in, out], as torch's product reads it: row-major on the CPU, column-major
-            # (the [out, in] rows) on CUDA, the layout cuBLASLt's int8 products take
+            # (the [out, in] rows) on CUDA, the layout cuBLASLt's int8 products take and,
+            # transposed back, the Triton product
             q = weight.q.to(device)
-            self.register_buffer("q", q.t().contiguous() if q.is_cpu else q.contiguous().t())
+            row_major = q.is_cpu and self.kernels is None
+            self.register_buffer("q", q.t().contiguous() if row_major else q.contiguous().t())
             self.register_buffer("scale", weight.scale.to(device))
         self.bias = bias
         self.dtype = dtype
@@ -365,6 +373,8 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op is not None:
             return _plus(_tile_outputs(self, _on_rows(self.op, x, self.q, self.scale)), self.bias)
+        if self.kernels is not None:
+            return _plus(_on_rows(self._triton, x.contiguous()), self.bias)
         xq, x_scale = int8.quantize_per_token(x)  # max|x| / 127 per token, as vLLM's kernels
         if x.device.type == "cpu":
             acc = torch._int_mm(xq, self.q).float()
@@ -373,6 +383,14 @@ class W8A8Linear(nn.Module):
         else:  # exact in float32 for |sums| < 2**24
             acc = xq.float() @ self.q.float()
         return _plus((acc * x_scale * self.scale).to(self.dtype), self.bias)
+
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        """The CUDA path of [rows, in] x, bias aside."""
+        xq, x_scale = self.kernels.quantize_rows(x)
+        if len(x) <= self.TRITON_ROWS:
+            return self.kernels.w8a8_linear(xq, x_scale, self.q.t(), self.scale, self.dtype)
+        acc = torch._int_mm(xq, self.q).float()  # (more than 16 rows: no padding)
+        return (acc * x_scale[:, None] * self.scale).to(self.dtype)
 
     def kernel_call(self) -> KernelCall | None:
         if self.op is None or self.out_features % TILE_ROWS:
