@@ -129,6 +129,48 @@ def test_the_float64_row_quantization_is_quantize_per_token():
     assert torch.equal(q, want_q) and torch.equal(scale, want_scale[:, 0])
 
 
+def compiled_for(kernel, types: dict, constexprs: dict, capability: int, warps: int, stages: int):
+    """`kernel` compiled ahead of time for an NVIDIA GPU of this compute capability (no GPU
+    needed: Triton's wheel brings ptxas), its arguments of `types` and `constexprs`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: "constexpr" if name in constexprs else types[name]
+                 for name in kernel.arg_names}  # fmt: skip
+    source = ASTSource(kernel, signature, constexprs=constexprs)
+    target = GPUTarget("cuda", capability, 32)
+    return triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+
+
+@pytest.mark.parametrize("capability", [90, 80])
+def test_the_int8_kernels_compile_for_hopper_and_ampere(capability):
+    """What Triton's interpreter does not check (globals a kernel may not read, what a GPU's
+    compiler refuses): every tile shape of both products, and the row quantization, compiled
+    to a cubin, as a GPU would on first use."""
+    pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (`test` extra)")
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    from llmkit.kernels import triton_int8
+
+    pointers = {"q": "*i8", "scale": "*fp32", "row_scale": "*fp32", "out": "*bf16"}
+    sizes = {"rows": "i32", "outputs": "i32", "inputs": "i32"}
+    cases = [(tile, a) for _, tile in triton_int8.TILES for a in ("*bf16", "*i8")]
+    cases.append((triton_int8.TILES[0][1], "*fp32"))
+    for (bm, bn, bk, warps, stages), a in cases:
+        constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "IEEE": a == "*fp32",
+                      "INTEGER": a == "*i8", "PDL": capability >= 90}  # fmt: skip
+        types = {"a": a, **pointers, **sizes}
+        done = compiled_for(triton_int8._int8_kernel, types, constexprs, capability, warps, stages)
+        assert done.asm["cubin"]
+    for x in ("*bf16", "*fp32"):
+        types = {"x": x, "xq": "*i8", "scales": "*fp32", "inputs": "i32"}
+        constexprs = {"BLOCK": triton_int8.QUANTIZE_BLOCK, "PDL": capability >= 90}
+        assert compiled_for(triton_int8._quantize_kernel, types, constexprs, capability, 4, 3)
+
+
 def check(cases, found: list[float]) -> None:
     from llmkit.kernels.triton_int8 import TOLERANCE
 

@@ -37,7 +37,7 @@ TILES = (
     (64, (64, 32, 128, 4, 4)),
     (None, (128, 128, 64, 8, 3)),
 )
-QMAX = 127.0  # quant/int8.py's
+QMAX = tl.constexpr(127.0)  # quant/int8.py's (a constexpr: kernels read no other globals)
 QUANTIZE_BLOCK = 1024  # inputs a program of quantize_rows takes at a time
 
 
@@ -152,8 +152,9 @@ def reference_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     once to float32, are float32's correctly rounded ones."""
     x = x.double().cpu()
     amax = x.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / QMAX, 1.0).float()
-    q = torch.round((x / scale.double()[:, None]).float()).clamp(-128, QMAX).to(torch.int8)
+    scale = torch.where(amax > 0, amax / QMAX.value, 1.0).float()
+    q = torch.round((x / scale.double()[:, None]).float()).clamp(-128, QMAX.value)
+    q = q.to(torch.int8)
     return q, scale
 
 
