@@ -129,26 +129,31 @@ def test_the_float64_row_quantization_is_quantize_per_token():
     assert torch.equal(q, want_q) and torch.equal(scale, want_scale[:, 0])
 
 
-def compiled_for(kernel, types: dict, constexprs: dict, capability: int, warps: int, stages: int):
+def compiled_for(kernel, types: dict, constexprs: dict, capability: int, warps: int, stages: int,
+                 aligned: tuple[str, ...] = ()):  # fmt: skip
     """`kernel` compiled ahead of time for an NVIDIA GPU of this compute capability (no GPU
-    needed: Triton's wheel brings ptxas), its arguments of `types` and `constexprs`."""
+    needed: Triton's wheel brings ptxas), its arguments of `types` and `constexprs`; those
+    named in `aligned` known to be multiples of 16 (of 16 bytes for pointers), as Triton
+    specializes a launch's arguments where they are (a model's weights and shapes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {name: "constexpr" if name in constexprs else types[name]
                  for name in kernel.arg_names}  # fmt: skip
-    source = ASTSource(kernel, signature, constexprs=constexprs)
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", capability, 32)
     return triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
 
 
 @pytest.mark.parametrize("capability", [90, 80])
-def test_the_int8_kernels_compile_for_hopper_and_ampere(capability):
+def test_the_int8_kernels_compile_for_hopper_and_ampere(capability, tmp_path, monkeypatch):
     """What Triton's interpreter does not check (globals a kernel may not read, what a GPU's
     compiler refuses): every tile shape of both products, and the row quantization, compiled
-    to a cubin, as a GPU would on first use."""
+    to a cubin, as a GPU would on first use (into a cache of the test's own)."""
     pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (`test` extra)")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     import triton.backends
 
     if "nvidia" not in triton.backends.backends:
@@ -157,14 +162,18 @@ def test_the_int8_kernels_compile_for_hopper_and_ampere(capability):
 
     pointers = {"q": "*i8", "scale": "*fp32", "row_scale": "*fp32", "out": "*bf16"}
     sizes = {"rows": "i32", "outputs": "i32", "inputs": "i32"}
-    cases = [(tile, a) for _, tile in triton_int8.TILES for a in ("*bf16", "*i8")]
-    cases.append((triton_int8.TILES[0][1], "*fp32"))
-    for (bm, bn, bk, warps, stages), a in cases:
+    model = ("a", *pointers, "outputs", "inputs")  # a model's shapes; `checked`'s are odd
+    cases = [(tile, a, model) for _, tile in triton_int8.TILES for a in ("*bf16", "*i8")]
+    cases += [(triton_int8.TILES[0][1], "*fp32", model), (triton_int8.TILES[0][1], "*bf16", ())]
+    for (bm, bn, bk, warps, stages), a, aligned in cases:
         constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "IEEE": a == "*fp32",
                       "INTEGER": a == "*i8", "PDL": capability >= 90}  # fmt: skip
         types = {"a": a, **pointers, **sizes}
-        done = compiled_for(triton_int8._int8_kernel, types, constexprs, capability, warps, stages)
+        done = compiled_for(triton_int8._int8_kernel, types, constexprs, capability, warps, stages,
+                            aligned)  # fmt: skip
         assert done.asm["cubin"]
+        if aligned:  # the weight streams through asynchronous copies, 16 bytes each
+            assert "cp.async.cg.shared.global" in done.asm["ptx"]
     for x in ("*bf16", "*fp32"):
         types = {"x": x, "xq": "*i8", "scales": "*fp32", "inputs": "i32"}
         constexprs = {"BLOCK": triton_int8.QUANTIZE_BLOCK, "PDL": capability >= 90}
