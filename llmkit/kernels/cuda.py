@@ -10,8 +10,8 @@
   (runtime/layers/attention.py).
 - elementwise_for (triton_elementwise.py): RMSNorm (with its residual add) and silu * up,
   each one launch (runtime/layers/norm.py, activation.py).
-- int8_for (triton_int8.py): INT8 weight-only products, the weight read as int8
-  (runtime/layers/linear.py's Int8Linear).
+- int8_for (triton_int8.py): INT8 products, weight-only and W8A8, the weight read as int8
+  (runtime/layers/linear.py's Int8Linear and W8A8Linear).
 
 On a GPU of compute capability 9.0 or newer (`cuda_rtc.programmatic`), a decode step's
 kernels (the K/V write, decode attention, norms and silu * up above, the 4-bit products of
@@ -74,8 +74,8 @@ def int8_for(device: torch.device, dtype: torch.dtype):
     failed = module.checked(device, dtype)
     if failed is not None:
         # shown once: Python's default filter reports a warning once per place and text
-        warnings.warn(f"llmkit's int8 product is unavailable on {device} for {dtype} "
-                      f"({failed}); int8 weights run dequantized", stacklevel=2)  # fmt: skip
+        warnings.warn(f"llmkit's int8 kernels are unavailable on {device} for {dtype} "
+                      f"({failed}); int8 layers run without them", stacklevel=2)  # fmt: skip
         return None
     return module
 

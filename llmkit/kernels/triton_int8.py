@@ -179,7 +179,7 @@ def checked(device: torch.device, dtype: torch.dtype) -> str | None:
     quantization against `reference_rows`), else why not."""
     g = torch.Generator().manual_seed(0)
     # sizes in multiples of 16, as a model's: Triton compiles the variant its layers launch
-    # (the tiles past the last input or output still masked)
+    # (their last tiles still partly masked)
     q = torch.randint(-128, 128, (48, 320), generator=g, dtype=torch.int8)
     scale = torch.rand(48, generator=g) * 0.02 + 0.001
     for rows in (3, 33, 130):  # every tile shape of TILES

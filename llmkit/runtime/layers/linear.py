@@ -307,13 +307,15 @@ class Int8Linear(nn.Module):
         super().__init__()
         device = weight.q.device if device is None else device
         self.product = cuda_kernels.int8_for(device, dtype)
-        self.op = None if self.product else _int8_op("q8_linear", weight.q, device, dtype)
+        self.op = None
+        if self.product is None:
+            self.op = _int8_op("q8_linear", weight.q, device, dtype)
         self.out_features = weight.q.shape[0]
         if self.op is not None:
             _register_int8_tiles(self, weight)
         else:  # [out, in], as the products and linear_in_float32 read it
             self.register_buffer("q", weight.q.to(device).contiguous())
-            scale_dtype = torch.float32 if self.product else dtype
+            scale_dtype = dtype if self.product is None else torch.float32
             self.register_buffer("scale", weight.scale.to(device, scale_dtype))
         self.bias = bias
 
@@ -348,15 +350,17 @@ class W8A8Linear(nn.Module):
     """int8 x int8 -> int32 with per-token input scales and per-channel weight scales: on CPU
     llmkit's kernel for every batch (w8a8_linear, the weight in q8_linear's tiles), else
     torch._int_mm. On CUDA the rows are quantized by llmkit's Triton kernel and, up to
-    TRITON_ROWS of them, multiplied by its Triton product (kernels/triton_int8.py), more
-    by torch._int_mm."""
+    TRITON_ROWS of them (or shapes cuBLASLt cannot take), multiplied by its Triton product
+    (kernels/triton_int8.py), more by torch._int_mm."""
 
     TRITON_ROWS = 64  # a decode step's rows; prefills take cuBLASLt's int8 products
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, device):
         super().__init__()
         self.kernels = cuda_kernels.int8_for(device, dtype)
-        self.op = None if self.kernels else _int8_op("w8a8_linear", weight.q, device, dtype)
+        self.op = None
+        if self.kernels is None:
+            self.op = _int8_op("w8a8_linear", weight.q, device, dtype)
         self.out_features = weight.q.shape[0]
         if self.op is not None:
             _register_int8_tiles(self, weight)
@@ -387,7 +391,8 @@ class W8A8Linear(nn.Module):
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
         """The CUDA path of [rows, in] x, bias aside."""
         xq, x_scale = self.kernels.quantize_rows(x)
-        if len(x) <= self.TRITON_ROWS:
+        odd = self.q.shape[0] % 8 or self.q.shape[1] % 8  # what torch._int_mm refuses
+        if len(x) <= self.TRITON_ROWS or odd:
             return self.kernels.w8a8_linear(xq, x_scale, self.q.t(), self.scale, self.dtype)
         acc = torch._int_mm(xq, self.q).float()  # (more than 16 rows: no padding)
         return (acc * x_scale[:, None] * self.scale).to(self.dtype)
