@@ -94,8 +94,10 @@ def test_chat_stream_sends_text_in_its_first_chunk_and_equals_the_whole_answer(c
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # only the last chunk finishes (a tiny model may finish before the first chunk is sent,
+    # whose delta then holds the whole answer)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) <= {None}
 
 
 def test_n_choices_and_seeds(client, model):
