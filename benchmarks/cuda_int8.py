@@ -1,16 +1,16 @@
 """INT8 products on CUDA at Llama-3-8B's linear shapes, per activation rows: llmkit's Triton
-weight-only product (kernels/triton_int8.py, the tile TILES gives the rows), the bf16
-weight through cuBLAS, and at 1 row torch's `_weight_int8pack_mm` (a thread per output,
-reading its row alone); W8A8 as W8A8Linear runs it (the Triton row quantization, then the
-Triton product up to its TRITON_ROWS rows, else torch._int_mm), with the Triton product
-and with torch._int_mm after the Triton quantization at every row count (where the
-threshold lies), and the torch ops it replaced (quantize_per_token, torch._int_mm with
-fewer than 17 rows padded to 32, the scales). Each is the median time of a call inside a
-CUDA graph of 24 calls that cycle through copies of the weight larger than the L2
-together (benchmarks/cuda_int4.py's graph_ms: every call reads its weight from memory, as
-a decode step does), and what that is in GB/s of the weight's bytes. At 1, 16, 64 and 512
-rows also each candidate tile of TUNE (the data for TILES), and the weight-only product's
-largest difference from the float32 product of the dequantized weight. A diagnostic for
+weight-only product (kernels/triton_int8.py, the tile TILES gives the rows), the bf16 weight
+through cuBLAS, and at 1 row torch's `_weight_int8pack_mm` (a thread per output, reading its
+row alone); W8A8 as W8A8Linear runs it (the Triton row quantization, then the Triton product
+up to its TRITON_ROWS rows, else torch._int_mm), with the Triton product and with
+torch._int_mm after the Triton quantization at every row count (where the threshold lies),
+and the torch ops it falls back to without the kernels (quantize_per_token, torch._int_mm
+with fewer than 17 rows padded to 32, the scales). Each is the median time of a call inside
+a CUDA graph of 24 calls that cycle through copies of the weight larger than the L2 together
+(benchmarks/cuda_int4.py's graph_ms: every call reads its weight from memory, as a decode
+step does), and what that is in GB/s of the weight's bytes. At 1, 16, 64 and 512 rows also
+each candidate tile of TUNE (the data for TILES), and the weight-only product's largest
+difference from the float32 product of the dequantized weight. A diagnostic for
 benchmarks/cuda.py's int8 and w8a8 rows, without targets.
 
     python benchmarks/cuda_int8.py [--rows 1,2,4,8,16,64,512] [--out FILE]
@@ -89,7 +89,7 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
 
 def w8a8_ms(x: torch.Tensor, ws: list) -> dict:
     """W8A8 on the same weights: as W8A8Linear runs it, with either product after the
-    Triton quantization, and as the torch ops it replaced."""
+    Triton quantization, and as the torch ops it falls back to."""
     from llmkit.kernels import triton_int8
     from llmkit.quant import int8
     from llmkit.runtime.layers.linear import W8A8Linear, _int_mm_on_cuda
