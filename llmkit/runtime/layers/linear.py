@@ -100,9 +100,9 @@ def convert_for_runtime(
     if isinstance(weight, Int8Weight):
         if weight.act_quant:
             return W8A8Linear(weight, bias, dtype, device)
-        on_cpu = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
-        if on_cpu or cuda_kernels.int8_for(device, dtype) is not None:
-            return Int8Linear(weight, bias, dtype, device)
+        module = Int8Linear.build(weight, bias, dtype, device)
+        if module is not None:
+            return module
     if isinstance(weight, GroupedWeight):
         module = Q4Linear.build(weight, bias, dtype, device)
         module = module or Int4Linear.build(weight, bias, dtype, device, gated)
@@ -301,27 +301,35 @@ class Int8Linear(nn.Module):
     every batch (q8_linear, the weight in tiles of 8 outputs, see _i8_tiles), else torch's
     int8 x float product."""
 
-    def __init__(
-        self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, device=None
-    ):
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device=None, kernels=None):  # fmt: skip
+        """`kernels`: kernels/cuda.int8_for's module, for the Triton product (`build`)."""
         super().__init__()
         device = weight.q.device if device is None else device
-        self.product = cuda_kernels.int8_for(device, dtype)
-        self.op = None
-        if self.product is None:
-            self.op = _int8_op("q8_linear", weight.q, device, dtype)
+        self.kernels = kernels
+        self.op = None if kernels else _int8_op("q8_linear", weight.q, device, dtype)
         self.out_features = weight.q.shape[0]
         if self.op is not None:
             _register_int8_tiles(self, weight)
         else:  # [out, in], as the products and linear_in_float32 read it
             self.register_buffer("q", weight.q.to(device).contiguous())
-            scale_dtype = dtype if self.product is None else torch.float32
+            scale_dtype = dtype if kernels is None else torch.float32
             self.register_buffer("scale", weight.scale.to(device, scale_dtype))
         self.bias = bias
 
+    @classmethod
+    def build(cls, weight: Int8Weight, bias, dtype, device: torch.device) -> Int8Linear | None:
+        """The module where one of its products runs on `device` with `dtype` activations,
+        else None (the dequantized weight runs instead)."""
+        kernels = cuda_kernels.int8_for(device, dtype)
+        on_cpu = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+        if kernels is None and not on_cpu:
+            return None
+        return cls(weight, bias, dtype, device, kernels)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.product is not None:
-            y = _on_rows(self.product.int8_linear, x.contiguous(), self.q, self.scale)
+        if self.kernels is not None:
+            y = _on_rows(self.kernels.int8_linear, x.contiguous(), self.q, self.scale)
             return _plus(y, self.bias)
         if self.op is not None:
             return _plus(_tile_outputs(self, _on_rows(self.op, x, self.q, self.scale)), self.bias)
@@ -358,9 +366,7 @@ class W8A8Linear(nn.Module):
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, device):
         super().__init__()
         self.kernels = cuda_kernels.int8_for(device, dtype)
-        self.op = None
-        if self.kernels is None:
-            self.op = _int8_op("w8a8_linear", weight.q, device, dtype)
+        self.op = None if self.kernels else _int8_op("w8a8_linear", weight.q, device, dtype)
         self.out_features = weight.q.shape[0]
         if self.op is not None:
             _register_int8_tiles(self, weight)
