@@ -193,12 +193,30 @@ def test_rows_swept_in_blocks_equal_one_sweep(settings, monkeypatch):
     assert torch.equal(out, blocks.dequantize().double())
 
 
-def test_cuda_sweeps_rows_in_taller_blocks():
-    """On CUDA a sweep's cost is per column, so rows go together up to a memory bound (the
+def test_cuda_loops_take_taller_blocks():
+    """On CUDA a loop's cost is its launches, so rows go together up to a memory bound (the
     test above shows the block size leaves every result as it is)."""
-    assert gptq._rows_per_step(2048, torch.device("cpu")) == gptq.QUANTIZE_ROWS
-    assert gptq._rows_per_step(2048, torch.device("cuda")) == gptq.CUDA_SWEEP_BYTES // 8192
-    assert gptq._rows_per_step(2**24, torch.device("cuda")) == gptq.QUANTIZE_ROWS
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert rtn.rows_at_once(2048, cpu, gptq.QUANTIZE_ROWS) == gptq.QUANTIZE_ROWS
+    assert rtn.rows_at_once(2048, cuda, gptq.QUANTIZE_ROWS) == rtn.CUDA_BLOCK_BYTES // 8192
+    assert rtn.rows_at_once(2**24, cuda, gptq.ROW_BLOCK) == gptq.ROW_BLOCK
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_picks_alike_whatever_factors_go_together(sym, monkeypatch):
+    """The search's factors go in batches (FACTORS_AT_ONCE on the CPU, all of them on CUDA):
+    any batching picks the same scale and zero bit for bit, ties (a zero row, a constant
+    row, rows every factor rounds alike) going to the earlier factor."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 32, generator=g)
+    w[torch.arange(48), torch.randint(0, 32, (48,), generator=g)] *= 5
+    w[0], w[1], w[2] = 0, 0.25, torch.arange(32) % 4 - 1.5
+    picks = []
+    for at_once in (1, 3, 5, 20):
+        monkeypatch.setattr(rtn, "FACTORS_AT_ONCE", at_once)
+        picks.append(rtn.searched_group_params(w, 4, sym, torch.float16))
+    for scale, zero in picks[1:]:
+        assert torch.equal(scale, picks[0][0]) and torch.equal(zero, picks[0][1])
 
 
 def test_cholesky_failure_raises_damping_and_warns():

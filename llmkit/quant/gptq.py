@@ -18,16 +18,14 @@ from llmkit.kernels import cpu as cpu_kernels
 from llmkit.kernels import cuda as cuda_kernels
 from llmkit.memory import return_freed_memory
 from llmkit.quant.options import GPTQOptions
-from llmkit.quant.rtn import dequantize_indexed, group_params, searched_group_params
+from llmkit.quant.rtn import dequantize_indexed, group_params, rows_at_once, searched_group_params
 
 _OPTIONS = GPTQOptions()  # the user-facing defaults
 
 BLOCK_SIZE = 128
-ROW_BLOCK = 64  # rows at a time where a whole [n, n] or [out, in] temporary is avoided
-QUANTIZE_ROWS = 256  # rows swept at a time (each needs a working copy and search temporaries)
-# On CUDA every column of a sweep costs a few kernel launches however many rows it holds, so
-# rows are swept together up to this much working copy (all of a ~1B model's rows at once).
-CUDA_SWEEP_BYTES = 2**28
+# Rows at a time on the CPU (on CUDA `rows_at_once`'s more, a loop's cost being its launches):
+ROW_BLOCK = 64  # where a whole [n, n] or [out, in] temporary is avoided
+QUANTIZE_ROWS = 256  # swept at a time (each needs a working copy and search temporaries)
 MAX_DAMP_PERCENT = 1.0
 
 
@@ -108,7 +106,7 @@ class GPTQResult:
     def dequantize_into(self, out: torch.Tensor) -> None:
         """Write the dequantized weight into `out` [out, in] (any device and float dtype), a
         block of rows at a time, computed on out's device."""
-        step = _rows_per_step(out.shape[1], out.device, ROW_BLOCK)
+        step = rows_at_once(out.shape[1], out.device, ROW_BLOCK)
         for r in range(0, len(out), step):
             rows = slice(r, r + step)
             parts = (self.q[rows], self.scales[rows], self.zeros[rows], self.g_idx)
@@ -172,9 +170,9 @@ def quantize(
     function that rebuilds the same H, e.g. from the calibration data), `hessian` is
     factorized in its own storage, and a retry at higher damping factorizes `again()`.
 
-    Rows are independent once H is factorized, so they are swept a block at a time (see
-    `_rows_per_step`): beyond `weight` and the factor, memory holds one block of rows'
-    working copies."""
+    Rows are independent once H is factorized, so they are swept a block at a time
+    (QUANTIZE_ROWS, more on CUDA: `rows_at_once`): beyond `weight` and the factor, memory
+    holds one block of rows' working copies."""
     in_features = weight.shape[1]
     if grid is not None and settings.group_size != -1:
         raise ValueError("a fixed grid is one group per row: group_size must be -1")
@@ -202,7 +200,7 @@ def quantize(
     inverse = torch.argsort(perm) if perm is not None else None
     q = torch.empty(weight.shape, dtype=torch.uint8, device=hinv.device)  # original order
     blocks = []
-    step = _rows_per_step(in_features, hinv.device)
+    step = rows_at_once(in_features, hinv.device, QUANTIZE_ROWS)
     for r in range(0, len(weight), step):
         rows_grid = None if grid is None else grid.rows(r, r + step)
         block_q, *params = sweep(weight[r : r + step], rows_grid)
@@ -219,15 +217,6 @@ def quantize(
     shift = _row_distances(weight, dead, q, scales, zeros, g_idx)
     error = (losses.cpu() - damping * shift).clamp(min=0)
     return GPTQResult(q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), damp, error, energy.cpu())
-
-
-def _rows_per_step(in_features: int, device: torch.device, rows: int = QUANTIZE_ROWS) -> int:
-    """Rows a sweep (or a dequantization) takes at once: `rows` on the CPU (bounded memory,
-    no loss of speed); on CUDA, where a step's time is mostly its kernel launches, as many
-    rows as CUDA_SWEEP_BYTES of float32 hold."""
-    if device.type != "cuda":
-        return rows
-    return max(rows, CUDA_SWEEP_BYTES // (4 * in_features))
 
 
 class _Attempts:
@@ -284,8 +273,9 @@ class _RowSweep:
 def _row_products(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """w H wᵀ for every row w of W, float64 [out] (a block of rows at a time)."""
     out = []
-    for r in range(0, W.shape[0], ROW_BLOCK):
-        w = W[r : r + ROW_BLOCK].detach().to(H.device, torch.float32)
+    step = rows_at_once(W.shape[1], H.device, ROW_BLOCK)
+    for r in range(0, W.shape[0], step):
+        w = W[r : r + step].detach().to(H.device, torch.float32)
         out.append(((w @ H) * w).sum(1, dtype=torch.float64))
     return torch.cat(out)
 
@@ -293,8 +283,9 @@ def _row_products(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 def _row_distances(weight, dead, q, scales, zeros, g_idx) -> torch.Tensor:
     """||w - ŵ||² for every row, dead inputs of w taken as 0, float64 [out] on the CPU."""
     out = []
-    for r in range(0, weight.shape[0], ROW_BLOCK):
-        rows = slice(r, r + ROW_BLOCK)
+    step = rows_at_once(weight.shape[1], q.device, ROW_BLOCK)
+    for r in range(0, weight.shape[0], step):
+        rows = slice(r, r + step)
         w = weight[rows].detach().to(q.device, torch.float32).masked_fill(dead, 0)
         delta = w - dequantize_indexed(q[rows], scales[rows], zeros[rows], g_idx)
         out.append(delta.square().sum(1, dtype=torch.float64).cpu())
@@ -303,8 +294,9 @@ def _row_distances(weight, dead, q, scales, zeros, g_idx) -> torch.Tensor:
 
 def _permute_columns_(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """matrix[:, perm], in place (a block of rows at a time)."""
-    for rows in range(0, matrix.shape[0], ROW_BLOCK):
-        matrix[rows : rows + ROW_BLOCK] = matrix[rows : rows + ROW_BLOCK][:, perm]
+    step = rows_at_once(matrix.shape[1], matrix.device, ROW_BLOCK)
+    for rows in range(0, matrix.shape[0], step):
+        matrix[rows : rows + step] = matrix[rows : rows + step][:, perm]
     return matrix
 
 

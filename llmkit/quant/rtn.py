@@ -62,6 +62,17 @@ def range_params(
 
 FACTORS_AT_ONCE = 5
 DEQUANTIZE_ROWS = 64
+# On CUDA a loop's cost is mostly its kernel launches, however many rows each holds: loops over
+# blocks of rows (or of search factors) take as many at once as this many bytes of float32 hold.
+CUDA_BLOCK_BYTES = 2**28
+
+
+def rows_at_once(in_features: int, device: torch.device, rows: int) -> int:
+    """Rows of `in_features` a loop takes at a time: `rows` on the CPU (bounded temporaries,
+    no loss of speed); on CUDA as many as CUDA_BLOCK_BYTES of float32 hold, `rows` at least."""
+    if device.type != "cuda":
+        return rows
+    return max(rows, CUDA_BLOCK_BYTES // (4 * in_features))
 
 
 def searched_group_params(
@@ -76,12 +87,15 @@ def searched_group_params(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`group_params` with the range shrunk by the factor in [min_shrink, 1] that minimizes each
     row's rounding error sum |w - ŵ|^norm: clipping a few outliers buys finer steps.
-    Factors are tried FACTORS_AT_ONCE at a time, each batch in one vectorized pass."""
+    Factors are tried a batch at a time, each batch in one vectorized pass: FACTORS_AT_ONCE
+    on the CPU, on CUDA as many as `rows_at_once` allows copies of w. Any batching picks
+    alike: a factor wins only by a strictly smaller error, so ties go to the earlier one."""
     wf = w.detach().float()
     low, high = wf.amin(dim=1), wf.amax(dim=1)
+    at_once = rows_at_once(wf.numel(), wf.device, FACTORS_AT_ONCE)
     best_scale = best_zero = best_error = None
-    for factors in torch.linspace(1, min_shrink, steps).split(FACTORS_AT_ONCE):
-        f = factors[:, None].to(wf.device)  # shrinking w by f shrinks its range by f
+    for f in torch.linspace(1, min_shrink, steps).to(wf.device)[:, None].split(at_once):
+        # shrinking w by f shrinks its range by f
         scale, zero = range_params(low * f, high * f, bits, sym, scale_dtype, min_zero)
         s, z = scale[..., None], zero[..., None]
         error = (wf[None] / s).round_().add_(z).clamp_(0, 2**bits - 1).sub_(z).mul_(s)
@@ -126,10 +140,11 @@ def dequantize_indexed(
 ) -> torch.Tensor:
     """float32 w[o, i] = scales[o, g] * (q[o, i] - zeros[o, g]) with g = g_idx[i], for any
     assignment of inputs to groups (act-order included). q: [out, in]; scales, zeros:
-    [out, groups]. Beyond the result, holds only a block of rows at a time."""
+    [out, groups]. Beyond the result, holds only a block of rows at a time (`rows_at_once`)."""
     groups = g_idx.long()
     weight = q.float()
-    for start in range(0, weight.shape[0], DEQUANTIZE_ROWS):
-        rows = slice(start, start + DEQUANTIZE_ROWS)
+    step = rows_at_once(weight.shape[1], weight.device, DEQUANTIZE_ROWS)
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
         weight[rows].sub_(zeros[rows].float()[:, groups]).mul_(scales[rows].float()[:, groups])
     return weight
