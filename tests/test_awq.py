@@ -156,6 +156,17 @@ def test_clip_search_never_worse_than_the_full_range():
     assert (bound < w.abs().reshape(64, 4, 32).amax(-1)).any()  # it did clip somewhere
 
 
+def test_clip_search_in_chunks_of_rows_equals_one_chunk(monkeypatch):
+    """The search takes outputs a chunk at a time (CLIP_CHUNK_BYTES on the CPU, more on
+    CUDA: rtn.rows_at_once); each output's bounds are those of a search over all of them."""
+    x = outlier_inputs(512, 128, 4)
+    w = torch.randn(40, 128, generator=torch.Generator().manual_seed(4))
+    settings = awq.AWQSettings(group_size=32)
+    whole = awq.search_clip(w, x, settings)
+    monkeypatch.setattr(awq, "CLIP_CHUNK_BYTES", 4 * 4 * 512 * 7)  # 7 outputs: a ragged end
+    assert torch.equal(awq.search_clip(w, x, settings), whole)
+
+
 def test_channel_mean_is_the_mean_absolute_value():
     x = torch.randn(3, 5, 7, dtype=torch.float64)
     mean = awq.ChannelMean()

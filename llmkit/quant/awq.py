@@ -23,7 +23,9 @@ from llmkit.quant.options import AWQOptions
 _OPTIONS = AWQOptions()  # the user-facing defaults
 BITS = 4
 CLIP_TOKENS = 512  # calibration tokens each Linear's clipping search scores with
-CLIP_CHUNK_BYTES = 16 << 20  # bound on the clipping search's [groups, tokens, outputs] temporary
+# bound on the clipping search's [groups, tokens, outputs] temporary on the CPU (on CUDA,
+# rtn.rows_at_once's larger one: a loop's cost there is its launches)
+CLIP_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +142,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: AWQSettings) -> torc
     size = settings.group_size
     groups = in_features // size
     xg = x.float().reshape(-1, groups, size).transpose(0, 1)  # [groups, tokens, size]
-    chunk = max(1, CLIP_CHUNK_BYTES // (4 * groups * xg.shape[1]))
+    per_row = groups * xg.shape[1]  # the temporary's float32 values for each output
+    chunk = rtn.rows_at_once(per_row, w.device, max(1, CLIP_CHUNK_BYTES // (4 * per_row)))
     bounds = []
     for rows in range(0, out_features, chunk):
         wg = w[rows : rows + chunk].float().reshape(-1, groups, size)  # [o, groups, size]
