@@ -110,14 +110,20 @@ def test_pack_unpack_round_trip_is_bit_exact(bits, sym, desc_act):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_packing_in_column_chunks_equals_packing_at_once(bits, monkeypatch):
+@pytest.mark.parametrize("rows", [64, 70])
+def test_packing_paths_agree_with_the_bitstream_at_once(bits, rows):
+    """Widths that divide 32 pack whole words a field at a time (where the packed dim fills
+    them); the others, and ragged ends, take the bitstream in column chunks. Both give the
+    bitstream packing of all columns at once, from uint8 or int64 values, either dim."""
     from llmkit.quant.formats import bitpack
 
-    values = torch.randint(0, 2**bits, (64, 2 * bitpack.PACK_COLUMNS + 7))
-    chunked = bitpack.pack(values, bits)
-    monkeypatch.setattr(bitpack, "PACK_COLUMNS", values.shape[1])
-    assert torch.equal(chunked, bitpack.pack(values, bits))
-    assert torch.equal(bitpack.unpack(chunked, bits, values.shape[0]), values)
+    g = torch.Generator().manual_seed(bits + rows)
+    values = torch.randint(0, 2**bits, (rows, 2 * bitpack.PACK_COLUMNS + 7), generator=g)
+    stream = bitpack._pack_columns(values, bits)
+    for given in (values, values.to(torch.uint8)):
+        assert torch.equal(bitpack.pack(given, bits), stream)
+        assert torch.equal(bitpack.pack_last(given.t(), bits), stream.t())
+    assert torch.equal(bitpack.unpack(stream, bits, rows), values)
 
 
 def test_static_groups_keep_groups_in_input_order_under_act_order():

@@ -19,19 +19,50 @@ def packed_rows(n: int, bits: int) -> int:
     return -(-n * bits // 32)
 
 
-# Columns packed at a time: the arithmetic is in int64, 8 bytes a value, so whole matrices
-# would need several times their own size in temporaries.
+# Columns packed at a time by the bitstream path (widths that straddle words): its arithmetic
+# is in int64, 8 bytes a value, so whole matrices would need several times their own size in
+# temporaries.
 PACK_COLUMNS = 64
 
 
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned values [n, m] (< 2**bits) -> int32 [ceil(n * bits / 32), m], packed along dim 0."""
+    if _whole_words(values.shape[0], bits):
+        return _pack_fields(values.t(), bits).t().contiguous()
+    return _pack_stream(values, bits)
+
+
+def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack` along the last dim: [m, n] -> int32 [m, ceil(n * bits / 32)]."""
+    if _whole_words(values.shape[1], bits):
+        return _pack_fields(values, bits)
+    return _pack_stream(values.t(), bits).t().contiguous()
+
+
+def _whole_words(n: int, bits: int) -> bool:
+    """Whether n values of `bits` fill whole words with none straddling two (else the
+    bitstream path)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"cannot pack {bits}-bit values")
-    m = values.shape[1]
-    if m <= PACK_COLUMNS:
-        return _pack_columns(values, bits)
-    chunks = [values[:, c : c + PACK_COLUMNS] for c in range(0, m, PACK_COLUMNS)]
+    return 32 % bits == 0 and n % (32 // bits) == 0
+
+
+def _pack_fields(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Widths that divide 32, whole words a row: word w of a row ORs its values 32/bits*w + k,
+    each shifted k * bits up, one k at a time in int32 (the top field's bit 31 is the sign)."""
+    per = 32 // bits
+    fields = values.reshape(values.shape[0], -1, per)
+    words = torch.zeros(fields.shape[:2], dtype=torch.int32, device=values.device)
+    field = torch.empty_like(words)  # one buffer for every k: no fresh pages each time
+    for k in range(per):
+        field.copy_(fields[..., k]).bitwise_and_((1 << bits) - 1)
+        words.bitwise_or_(field.bitwise_left_shift_(k * bits))
+    return words
+
+
+def _pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The bitstream packing along dim 0, PACK_COLUMNS columns at a time."""
+    chunks = [values[:, c : c + PACK_COLUMNS] for c in range(0, values.shape[1], PACK_COLUMNS)]
     return torch.cat([_pack_columns(chunk, bits) for chunk in chunks], dim=1)
 
 
@@ -61,11 +92,6 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     low = stream[index] >> offset
     high = stream[index + 1] << (32 - offset)
     return (low | high) & ((1 << bits) - 1)
-
-
-def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """`pack` along the last dim: [m, n] -> int32 [m, ceil(n * bits / 32)]."""
-    return pack(values.t(), bits).t().contiguous()
 
 
 def unpack_last(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
