@@ -211,8 +211,8 @@ def test_cuda_loops_take_taller_blocks():
 @pytest.mark.parametrize("sym", [True, False])
 def test_clip_search_picks_alike_whatever_factors_go_together(sym, monkeypatch):
     """The search's factors go in batches (FACTORS_AT_ONCE on the CPU, all of them on CUDA):
-    any batching picks the same scale and zero bit for bit, ties (a zero row, a constant
-    row, rows every factor rounds alike) going to the earlier factor."""
+    any batching picks the same scale and zero bit for bit, on rows with an outlier and on
+    degenerate ones (zeros, a constant, four levels)."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(48, 32, generator=g)
     w[torch.arange(48), torch.randint(0, 32, (48,), generator=g)] *= 5

@@ -41,7 +41,7 @@ def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _whole_words(n: int, bits: int) -> bool:
     """Whether n values of `bits` fill whole words with none straddling two (else the
-    bitstream path)."""
+    bitstream path); widths outside 1-8 are refused."""
     if not 1 <= bits <= 8:
         raise ValueError(f"cannot pack {bits}-bit values")
     return 32 % bits == 0 and n % (32 // bits) == 0
