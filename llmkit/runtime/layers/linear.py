@@ -386,22 +386,29 @@ class W8A8Linear(nn.Module):
         if self.kernels is not None:
             return _plus(_on_rows(self._triton, x.contiguous()), self.bias)
         xq, x_scale = int8.quantize_per_token(x)  # max|x| / 127 per token, as vLLM's kernels
-        if x.device.type == "cpu":
-            acc = torch._int_mm(xq, self.q).float()
-        elif self.q.shape[0] % 8 == 0 and self.q.shape[1] % 8 == 0:
-            acc = _int_mm_on_cuda(xq, self.q).float()
-        else:  # exact in float32 for |sums| < 2**24
-            acc = xq.float() @ self.q.float()
-        return _plus((acc * x_scale * self.scale).to(self.dtype), self.bias)
+        return _plus(self._product(xq, x_scale), self.bias)
 
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
         """The CUDA path of [rows, in] x, bias aside."""
         xq, x_scale = self.kernels.quantize_rows(x)
-        odd = self.q.shape[0] % 8 or self.q.shape[1] % 8  # what torch._int_mm refuses
-        if len(x) <= self.TRITON_ROWS or odd:
+        if len(x) <= self.TRITON_ROWS or not self._int_mm_takes():
             return self.kernels.w8a8_linear(xq, x_scale, self.q.t(), self.scale, self.dtype)
-        acc = torch._int_mm(xq, self.q).float()  # (more than 16 rows: no padding)
-        return (acc * x_scale[:, None] * self.scale).to(self.dtype)
+        return self._product(xq, x_scale[:, None])
+
+    def _product(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """int8 rows xq times the weight through torch ops: exact int32 sums, times each
+        row's x_scale [rows, 1], then each output's scale, rounded to the dtype."""
+        if xq.device.type == "cpu":
+            acc = torch._int_mm(xq, self.q).float()
+        elif self._int_mm_takes():
+            acc = _int_mm_on_cuda(xq, self.q).float()
+        else:  # exact in float32 for |sums| < 2**24
+            acc = xq.float() @ self.q.float()
+        return (acc * x_scale * self.scale).to(self.dtype)
+
+    def _int_mm_takes(self) -> bool:
+        """Whether torch._int_mm (cuBLASLt) takes the weight's shape on CUDA."""
+        return self.q.shape[0] % 8 == 0 and self.q.shape[1] % 8 == 0
 
     def kernel_call(self) -> KernelCall | None:
         if self.op is None or self.out_features % TILE_ROWS:
