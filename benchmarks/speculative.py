@@ -85,7 +85,13 @@ shapes' ngram with no --speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP)
 GPU's step is still bandwidth-bound: whether that default holds there too. Writes
 benchmarks/results/speculative-cuda-<date>.json.
 
+--concurrency-1-only runs the concurrency-1 cases alone (those of the ngram and draft
+targets; no sweep): a short run that can afford the rounds a spread needs where device time
+is scarce. Its result is a variant of its own (speculative[-cuda]-c1-<date>.json), beside
+the full run's, whose table it does not replace.
+
     python benchmarks/speculative.py [--workdir DIR] [--rounds 3] [--device cuda]
+        [--concurrency-1-only]
 """
 
 from __future__ import annotations
@@ -272,13 +278,13 @@ def speculating(model: Path, speculative: str | None, limit: int, **config):
                                    speculative_max_seqs=limit, **config))  # fmt: skip
 
 
-def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, object]:
+def engines(models: dict[str, Path], speculative_max_seqs: int, sweep) -> dict[str, object]:
     def llm(model: str, speculative: str | None = None, limit: int = speculative_max_seqs):
         dtype = "bfloat16" if model == WIDE else "auto"
         return speculating(models[model], speculative, limit, threads=THREADS,
                            max_num_seqs=max(CONCURRENCY), dtype=dtype)  # fmt: skip
 
-    return {
+    llms = {
         "small-llama plain": llm("small-llama"),
         "small-llama ngram": llm("small-llama", "ngram"),
         "small-llama draft": llm("small-llama", str(models["draft"])),
@@ -288,11 +294,13 @@ def engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, obj
         f"{WIDE} draft": llm(WIDE, str(models["stories260K"])),
         f"{WIDE} {WIDE_WEAK}": llm(WIDE, str(models[WIDE_WEAK])),
         f"{WIDE} {WIDE_Q4}": llm(WIDE, str(models[WIDE_Q4])),
-        f"small-llama {UNLIMITED}": llm("small-llama", "ngram", max(SWEEP)),
     }
+    if sweep:
+        llms[f"small-llama {UNLIMITED}"] = llm("small-llama", "ngram", max(sweep))
+    return llms
 
 
-def cuda_engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str, object]:
+def cuda_engines(models: dict[str, Path], speculative_max_seqs: int, sweep) -> dict[str, object]:
     def llm(model: str = LLAMA_1B, speculative: str | None = None, limit=speculative_max_seqs):
         # six engines share the GPU: each gets its own KV cache size, not a share of it
         return speculating(models[model], speculative, limit, device="cuda",
@@ -304,8 +312,9 @@ def cuda_engines(models: dict[str, Path], speculative_max_seqs: int) -> dict[str
         f"{LLAMA_1B} plain": llm(),
         f"{LLAMA_1B} ngram": llm(speculative="ngram"),
         f"{LLAMA_1B} draft": llm(speculative=str(models["draft"])),
-        f"{LLAMA_1B} {UNLIMITED}": llm(speculative="ngram", limit=max(CUDA_SWEEP)),
     }
+    if sweep:
+        engines[f"{LLAMA_1B} {UNLIMITED}"] = llm(speculative="ngram", limit=max(sweep))
     if WIDE_CUDA in models:  # the rest of the run goes on where these cannot load here
         try:
             engines[f"{WIDE_CUDA} plain"] = llm(WIDE_CUDA)
@@ -321,28 +330,31 @@ def main() -> None:
     args = parse_args()
     work = workdir(args, "llmkit-spec-")
     cuda = args.device == "cuda"
+    concurrencies = (1,) if args.concurrency_1_only else CONCURRENCY
+    sweep = () if args.concurrency_1_only else CUDA_SWEEP if cuda else SWEEP
     texts = workloads(args.shared)
     # (prompts by workload, tokens a request) per model
     setting = {model: (texts, OUTPUT_LEN) for model in ("small-llama", "stories260K", WIDE)}
     if cuda:
-        llms = cuda_engines(make_cuda_models(work, args.shared), args.speculative_max_seqs)
+        llms = cuda_engines(make_cuda_models(work, args.shared), args.speculative_max_seqs, sweep)
         setting = {LLAMA_1B: (workloads(args.shared, as_ids=True), CUDA_OUTPUT_LEN),
                    WIDE_CUDA: (texts, WIDE_CUDA_OUTPUT_LEN)}  # fmt: skip
 
-        cases = [(LLAMA_1B, w, c, _proposers(c, CUDA_SWEEP)) for w in texts
-                 for c in CONCURRENCY]  # fmt: skip
+        cases = [(LLAMA_1B, w, c, _proposers(c, sweep)) for w in texts
+                 for c in concurrencies]  # fmt: skip
         if f"{WIDE_CUDA} draft" in llms:
             cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in texts]
             cases += [(WIDE_CUDA, GUIDED, 1, ("plain", FORCED, "draft"))]
             cases += [(WIDE_CUDA, SAMPLED, 1, ("plain", "draft"))]
             setting[WIDE_CUDA] = (_with_free(texts), WIDE_CUDA_OUTPUT_LEN)
-        warm_up = CONCURRENCY  # each graph bucket captured before any timing
+        warm_up = concurrencies  # each graph bucket captured before any timing
         anchor = None
     else:
         models = make_models(work, args.shared)
-        llms = engines(models, args.speculative_max_seqs)
+        llms = engines(models, args.speculative_max_seqs, sweep)
         anchor = llamacpp_models(work, models)
-        cases = [("small-llama", w, c, _proposers(c, SWEEP)) for w in texts for c in CONCURRENCY]
+        cases = [("small-llama", w, c, _proposers(c, sweep)) for w in texts
+                 for c in concurrencies]  # fmt: skip
         cases += [("small-llama", GUIDED, 1, ("plain", FORCED, "ngram"))]
         setting["small-llama"] = (_with_free(texts), OUTPUT_LEN)
         cases += [("stories260K", w, 1, ("plain", "ngram")) for w in texts]
@@ -350,7 +362,7 @@ def main() -> None:
         cases += [(WIDE, GUIDED, 1, ("plain", FORCED, "draft", WIDE_Q4))]
         cases += [(WIDE, SAMPLED, 1, ("plain", "draft", WIDE_Q4))]
         setting[WIDE] = (_with_free(texts), OUTPUT_LEN)
-        alone = [c for c in SWEEP if c not in CONCURRENCY]
+        alone = [c for c in sweep if c not in concurrencies]
         cases += [("small-llama", w, c, ("plain", UNLIMITED)) for w in texts for c in alone]
         warm_up = (2,)
     for name, llm in llms.items():  # warm up every engine
@@ -388,7 +400,7 @@ def main() -> None:
         rounds.append(result)
     for llm in llms.values():
         llm.close()
-    report(rounds, args.speculative_max_seqs, cuda)
+    report(rounds, args.speculative_max_seqs, cuda, args.concurrency_1_only)
 
 
 def _with_free(texts: dict[str, list]) -> dict[str, list]:
@@ -423,7 +435,7 @@ def _proposers(concurrency: int, sweep: tuple[int, ...]) -> tuple[str, ...]:
     return ("plain", "ngram", "draft") + ((UNLIMITED,) if concurrency in sweep else ())
 
 
-def report(rounds: list[dict], speculative_max_seqs: int, cuda: bool) -> None:
+def report(rounds: list[dict], speculative_max_seqs: int, cuda: bool, only_1: bool) -> None:
     fields = {"rounds": rounds, "k": K, "speculative_max_seqs": speculative_max_seqs}
     rows = summarize(fields, cuda)
     for line in rows:
@@ -441,7 +453,7 @@ def report(rounds: list[dict], speculative_max_seqs: int, cuda: bool) -> None:
         anchor="the same engine without speculation, same process"
         + ("; llama.cpp's speculative decoding where a row says so" if _anchored(rounds) else ""),
         summary=rows,
-        variant="cuda" if cuda else "",
+        variant="-".join(["cuda"] * cuda + ["c1"] * only_1),
     )
 
 
@@ -451,21 +463,24 @@ def _anchored(rounds: list[dict]) -> bool:
 
 def summarize(fields: dict, cuda: bool = False) -> list[dict]:
     """One row per proposer and workload at concurrency 1; one per proposer at each higher
-    concurrency (its worse workload; the largest one's with its target); one per
-    concurrency of the unlimited sweep."""
+    concurrency run (its worse workload; the largest one's with its target); one per
+    concurrency of the unlimited sweep, where it ran."""
     rounds = fields["rounds"]
     runs = [key.split() for key in rounds[0] if key.split()[1] not in ("plain", LLAMACPP)]
+    ran = {(run[1], int(run[3])) for run in runs}
     rows = [_row(rounds, *run) for run in runs if run[3] == "1" and run[1] != UNLIMITED]
     rows += [_anchor_row(rounds, key.split()[2]) for key in rounds[0] if LLAMACPP in key]
     model = LLAMA_1B if cuda else "small-llama"
     for concurrency in CONCURRENCY[1:]:
         floor = 0.95 if concurrency == max(CONCURRENCY) else None
         for proposer in ("ngram", "draft"):
-            label = f"{model} {proposer}"
-            rows.append(_worse(rounds, runs, proposer, concurrency, label, floor))
+            if (proposer, concurrency) in ran:
+                label = f"{model} {proposer}"
+                rows.append(_worse(rounds, runs, proposer, concurrency, label, floor))
     for concurrency in CUDA_SWEEP if cuda else SWEEP:
-        label = f"{model} ngram without the --speculative-max-seqs limit"
-        rows.append(_worse(rounds, runs, UNLIMITED, concurrency, label))
+        if (UNLIMITED, concurrency) in ran:
+            label = f"{model} ngram without the --speculative-max-seqs limit"
+            rows.append(_worse(rounds, runs, UNLIMITED, concurrency, label))
     return rows
 
 
@@ -575,6 +590,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="keep the models here (reused)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--concurrency-1-only",
+        action="store_true",
+        help="only the concurrency-1 cases (a variant of its own: the module's docstring)",
+    )
     parser.add_argument(
         "--shared", type=Path, default=SHARED, help="the folder holding models/ and data/"
     )
