@@ -789,19 +789,21 @@ inline void dense_rows(T* out, const W* w, int64_t n, int64_t k, const float* x,
   blocks(std::integral_constant<int, 1>());
 }
 
-// x [M, K] (float32; pair-ordered for bf16 weights) against every output: blocks of 4
-// rows, then one of 2 and one of 1 for the rows left, each group of kDenseGroup outputs a
-// unit of the threads' work.
+// x [M, K] (float32; pair-ordered for bf16 weights) against every output, a group of
+// kDenseGroup outputs at a time (the threads share the groups): blocks of 4 rows, then one of
+// 2 and one of 1 for the rows left, which read the group's weights again from the cache.
 template <typename T, typename W>
 void dense_groups(const at::Tensor& out, const W* w, int64_t k, const float* x) {
   const int64_t rows = out.size(0), n = out.size(1);
   const int64_t fours = rows / 4 * 4, twos = fours + (rows - fours) / 2 * 2;
   T* o = out.data_ptr<T>();
   at::parallel_for(0, (n + kDenseGroup - 1) / kDenseGroup, 2, [&](int64_t begin, int64_t end) {
-    const int64_t o0 = begin * kDenseGroup, o1 = std::min(n, end * kDenseGroup);
-    dense_rows<4, T>(o, w, n, k, x, o0, o1, 0, fours);
-    dense_rows<2, T>(o, w, n, k, x, o0, o1, fours, twos);
-    dense_rows<1, T>(o, w, n, k, x, o0, o1, twos, rows);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t o0 = g * kDenseGroup, o1 = std::min(n, o0 + kDenseGroup);
+      dense_rows<4, T>(o, w, n, k, x, o0, o1, 0, fours);
+      dense_rows<2, T>(o, w, n, k, x, o0, o1, fours, twos);
+      dense_rows<1, T>(o, w, n, k, x, o0, o1, twos, rows);
+    }
   });
 }
 
