@@ -670,89 +670,38 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scale) {
 // ---------------------------------------------------------------------------------------
 // bf16, fp16 and float32 weights
 
-// x [M, K] (float32 or bf16) as float32 with each block of 16 inputs reordered as dense_block
-// reads them: the 8 even inputs, then the 8 odd ones; the inputs past the last 16 in place.
-// The calling thread's, kept and overwritten by its next call (as quantize_blocks' result
-// is): no tensor is made for it.
-const std::vector<float>& pair_ordered(const at::Tensor& x) {
-  thread_local std::vector<float> out;
-  const int64_t rows = x.size(0), k = x.size(1);
-  out.resize(rows * k);
-  const at::Tensor xc = x.contiguous();
-  auto fill = [&](const auto* p) {
-    for (int64_t m = 0; m < rows; ++m) {
-      int64_t i = 0;
-      for (; i + 16 <= k; i += 16)
-        for (int j = 0; j < 16; ++j)
-          out[m * k + i + j / 2 + 8 * (j % 2)] = static_cast<float>(p[m * k + i + j]);
-      for (; i < k; ++i) out[m * k + i] = static_cast<float>(p[m * k + i]);
-    }
-  };
-  if (xc.scalar_type() == at::kFloat) {
-    fill(xc.data_ptr<float>());
-  } else {
-    fill(xc.data_ptr<c10::BFloat16>());
-  }
-  return out;
-}
-
 // One order of sums for every output of every row, whatever the other rows of the call:
-// a vector of 8 float32 running sums over the inputs, added up across its lanes (hsum8),
-// then the inputs past the last whole step one by one. bf16 weights take 16 inputs a step
-// against pair-ordered activations (pair_ordered): the 8 even inputs' products, then the 8
-// odd ones'; fp16 and float32 weights 8 a step. The running sums that hide the
-// multiply-adds' latency are those of several outputs and rows at once (a block), never
-// parts of one output's sum, so a row's outputs are the same in a block of any size.
+// a vector of 8 float32 running sums over the inputs, 8 at a time (a weight's 8 widened to
+// float32), added up across its lanes (hsum8), then the inputs past the last 8 one by one.
+// The running sums that hide the multiply-adds' latency are those of several outputs and
+// rows at once (a block), never parts of one output's sum, so a row's outputs are the same
+// in a block of any size.
 
 // Outputs [0, NT) of `w` (rows of k weights) against activation rows [m0, m0 + MT) of `x`
-// (rows of k; pair-ordered for bf16 weights): res[j * MT + t] is output j of row m0 + t.
+// (float32 rows of k): res[j * MT + t] is output j of row m0 + t.
 template <int MT, int NT, typename W>
 __attribute__((noinline)) void dense_block(const W* w, int64_t k, const float* x, int64_t m0,
                                           float* res) {
-  constexpr bool kPairs = std::is_same_v<W, c10::BFloat16>;
-  constexpr int64_t kStep = kPairs ? 16 : 8;
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
   __m256 acc[NT][MT];
   LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
     LLMKIT_UNROLL for (int t = 0; t < MT; ++t) acc[j][t] = _mm256_setzero_ps();
-  for (; i + kStep <= k; i += kStep) {
-    // The even inputs' half of a bf16 step, then the odd one's; a whole step otherwise.
-    LLMKIT_UNROLL for (int half = 0; half < kStep / 8; ++half) {
-      __m256 wv[NT];
-      LLMKIT_UNROLL for (int j = 0; j < NT; ++j) {
-        if constexpr (kPairs) {  // the low half of each 32-bit lane, or the high one
-          const __m256i raw =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k + i));
-          wv[j] = _mm256_castsi256_ps(half ? _mm256_and_si256(raw, _mm256_set1_epi32(-65536))
-                                           : _mm256_slli_epi32(raw, 16));
-        } else {
-          wv[j] = widen8(w + j * k + i);
-        }
-      }
-      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
-        __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + i + 8 * half);
-        // In a register, once: left to itself the compiler reloads it into every
-        // multiply-add as a memory operand, which makes the loads, not the multiply-adds,
-        // the limit.
-        asm("" : "+x"(xv));
-        LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
-          acc[j][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][t]);
-      }
+  for (; i + 8 <= k; i += 8) {
+    __m256 wv[NT];
+    LLMKIT_UNROLL for (int j = 0; j < NT; ++j) wv[j] = widen8(w + j * k + i);
+    LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
+      __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + i);
+      // In a register, once: left to itself the compiler reloads it into every multiply-add
+      // as a memory operand, which makes the loads, not the multiply-adds, the limit.
+      asm("" : "+x"(xv));
+      LLMKIT_UNROLL for (int j = 0; j < NT; ++j) acc[j][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][t]);
     }
   }
   LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
     LLMKIT_UNROLL for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum8(acc[j][t]);
 #else
   for (int t = 0; t < NT * MT; ++t) res[t] = 0.f;
-  if constexpr (kPairs) {  // the activations are pair-ordered in this build too
-    for (; i + 16 <= k; i += 16)
-      for (int64_t e = 0; e < 16; ++e)
-        for (int j = 0; j < NT; ++j)
-          for (int t = 0; t < MT; ++t)
-            res[j * MT + t] += static_cast<float>(w[j * k + i + e]) *
-                               x[(m0 + t) * k + i + e / 2 + 8 * (e % 2)];
-  }
 #endif
   for (; i < k; ++i)
     for (int j = 0; j < NT; ++j)
@@ -761,11 +710,9 @@ __attribute__((noinline)) void dense_block(const W* w, int64_t k, const float* x
 }
 
 // Outputs per block for a block of MT rows: as many as the 16 AVX2 registers hold beside
-// their running sums (NT x MT), the weight vectors (NT), an activation vector and, for bf16
-// weights, the mask of the odd inputs' halves.
-template <int MT, typename W>
-constexpr int kDenseOutputs = MT == 4 ? (std::is_same_v<W, c10::BFloat16> ? 2 : 3)
-                              : MT == 2 ? 4 : 6;
+// their running sums (NT x MT), the weight vectors (NT) and an activation vector.
+template <int MT>
+constexpr int kDenseOutputs = MT == 4 ? 3 : MT == 2 ? 4 : 6;
 // Outputs a thread's unit of work holds: whole blocks of each of those sizes.
 constexpr int64_t kDenseGroup = 12;
 
@@ -774,7 +721,7 @@ constexpr int64_t kDenseGroup = 12;
 template <int MT, typename T, typename W>
 inline void dense_rows(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o0,
                        int64_t o1, int64_t m0, int64_t m1) {
-  constexpr int NT = kDenseOutputs<MT, W>;
+  constexpr int NT = kDenseOutputs<MT>;
   float res[NT * MT];
   auto blocks = [&](auto nt) {
     constexpr int B = decltype(nt)::value;
@@ -789,7 +736,7 @@ inline void dense_rows(T* out, const W* w, int64_t n, int64_t k, const float* x,
   blocks(std::integral_constant<int, 1>());
 }
 
-// x [M, K] (float32; pair-ordered for bf16 weights) against every output, a group of
+// x [M, K] (float32) against every output, a group of
 // kDenseGroup outputs at a time (the threads share the groups): blocks of 4 rows, then one of
 // 2 and one of 1 for the rows left, which read the group's weights again from the cache.
 template <typename T, typename W>
@@ -815,14 +762,12 @@ at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
   const int64_t k = weight.size(1);
   check_activations(x, k, "dense_linear");
   at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  const at::Tensor x32 = as_float(x);
   by_dtype(out, [&](auto tag) {
     using T = decltype(tag);
     if (weight.scalar_type() == at::kBFloat16) {
-      dense_groups<T>(out, weight.data_ptr<c10::BFloat16>(), k, pair_ordered(x).data());
-      return;
-    }
-    const at::Tensor x32 = as_float(x);
-    if (weight.scalar_type() == at::kHalf) {
+      dense_groups<T>(out, weight.data_ptr<c10::BFloat16>(), k, x32.data_ptr<float>());
+    } else if (weight.scalar_type() == at::kHalf) {
       dense_groups<T>(out, weight.data_ptr<c10::Half>(), k, x32.data_ptr<float>());
     } else {
       dense_groups<T>(out, weight.data_ptr<float>(), k, x32.data_ptr<float>());
