@@ -30,12 +30,9 @@
 //
 // Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows (tiles) are
 // split over the threads; every weight block is unpacked once and used for up to 8 activation
-// rows (dense_linear: blocks of up to 4 rows x several outputs). In the tiled layouts one
-// broadcast activation chunk serves the tile's 8 outputs, so prefills take the same kernels,
-// a pass of kPassRows rows at a time.
-//
-// Every kernel sums a row's products in one order whatever the other rows of the call: a
-// speculative verify step's rows give the logits the decode steps they stand for would.
+// rows (dense_linear, from kBlockedMinRows rows on: register blocks of 3 outputs x 4 rows). In
+// the tiled layouts one broadcast activation chunk serves the tile's 8 outputs, so prefills
+// take the same kernels, a pass of kPassRows rows at a time.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -72,7 +69,11 @@
 namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit packed block)
-constexpr int kTile = 8;  // activation rows computed together against a weight tile (then 4, 2, 1)
+constexpr int kTile = 8;  // activation rows computed together against a weight row (then 4, 2, 1)
+// Independent running sums per activation row: each sum waits for its previous FMA, so a
+// single row keeps four; eight rows are eight chains already.
+template <int MT>
+constexpr int kSums = MT == 1 ? 4 : MT == 8 ? 1 : 2;
 
 // ---------------------------------------------------------------------------------------
 // Activations
@@ -231,6 +232,25 @@ inline __m256 widen8(const c10::Half* p) {
 }
 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
 
+// res[t] = the sum over blocks b of step(b, acc)'s additions to acc[t], for MT activation
+// rows: consecutive blocks go to kSums<MT> separate accumulators, added up at the end.
+template <int MT, typename Step>
+inline void over_blocks(int64_t blocks, Step step, float* res) {
+  constexpr int A = kSums<MT>;
+  __m256 acc[A][MT];
+  for (int a = 0; a < A; ++a)
+    for (int t = 0; t < MT; ++t) acc[a][t] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + A <= blocks; b += A)
+    for (int a = 0; a < A; ++a) step(b + a, acc[a]);
+  for (; b < blocks; ++b) step(b, acc[0]);
+  for (int t = 0; t < MT; ++t) {
+    __m256 total = acc[0][t];
+    for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[a][t]);
+    res[t] = hsum8(total);
+  }
+}
+
 #endif
 
 // ---------------------------------------------------------------------------------------
@@ -381,6 +401,27 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const ZeroTerms<
 }
 
 #endif
+
+// Rows [m0, rows) of activations against output row o in tiles of MT rows, then of fewer.
+template <int MT, typename T, typename Row>
+inline void tiles(T* out, int64_t n, int64_t o, int64_t m0, int64_t rows, Row& row) {
+  float res[MT];
+  for (; m0 + MT <= rows; m0 += MT) {
+    row(std::integral_constant<int, MT>(), o, m0, res);
+    for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o, res[t]);
+  }
+  if constexpr (MT > 1) tiles<MT / 2>(out, n, o, m0, rows, row);
+}
+
+// fn<MT>(o, m0, res) for every output row and every tile of activation rows; res[t] is
+// written to out[m0 + t, o].
+template <typename T, typename Row>
+void each_output(const at::Tensor& out, int64_t rows, int64_t n, Row row) {
+  T* o_ptr = out.data_ptr<T>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) tiles<kTile>(o_ptr, n, o, 0, rows, row);
+  });
+}
 
 template <typename Fn>
 void by_dtype(const at::Tensor& out, Fn fn) {
@@ -670,36 +711,111 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scale) {
 // ---------------------------------------------------------------------------------------
 // bf16, fp16 and float32 weights
 
-// One order of sums for every output of every row, whatever the other rows of the call:
-// a vector of 8 float32 running sums over the inputs, 8 at a time (a weight's 8 widened to
-// float32), added up across its lanes (hsum8), then the inputs past the last 8 one by one.
-// The running sums that hide the multiply-adds' latency are those of several outputs and
-// rows at once (a block), never parts of one output's sum, so a row's outputs are the same
-// in a block of any size.
+template <int MT, typename W>
+inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
+  int64_t i = 0;
+#ifdef LLMKIT_AVX2
+  auto step = [&](int64_t b, __m256* acc) {
+    const __m256 wv = widen8(w + 8 * b);
+    for (int t = 0; t < MT; ++t)
+      acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + t) * k + 8 * b), acc[t]);
+  };
+  over_blocks<MT>(k / 8, step, res);
+  i = k / 8 * 8;
+#else
+  for (int t = 0; t < MT; ++t) res[t] = 0.f;
+#endif
+  for (; i < k; ++i)
+    for (int t = 0; t < MT; ++t) res[t] += static_cast<float>(w[i]) * x[(m0 + t) * k + i];
+}
 
-// Outputs [0, NT) of `w` (rows of k weights) against activation rows [m0, m0 + MT) of `x`
-// (float32 rows of k): res[j * MT + t] is output j of row m0 + t.
+// bf16 weights 16 at a time: in each 32-bit lane the low half (an even input) becomes a float
+// shifted up, the high half (an odd input) masked; `x` holds each row's activations in that
+// order (pair_ordered), the inputs past the last 16 as they are.
+template <int MT>
+inline void bf16_row(const c10::BFloat16* w, int64_t k, const float* x, int64_t m0, float* res) {
+  int64_t i = 0;
+#ifdef LLMKIT_AVX2
+  auto step = [&](int64_t b, __m256* acc) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * b));
+    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(-65536)));
+    for (int t = 0; t < MT; ++t) {
+      const float* row = x + (m0 + t) * k + 16 * b;
+      acc[t] = _mm256_fmadd_ps(even, _mm256_loadu_ps(row), acc[t]);
+      acc[t] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(row + 8), acc[t]);
+    }
+  };
+  over_blocks<MT>(k / 16, step, res);
+  i = k / 16 * 16;
+#else
+  for (int t = 0; t < MT; ++t) res[t] = 0.f;
+  for (; i + 16 <= k; i += 16)
+    for (int j = 0; j < 16; ++j)
+      for (int t = 0; t < MT; ++t)
+        res[t] += static_cast<float>(w[i + j]) * x[(m0 + t) * k + i + j / 2 + 8 * (j % 2)];
+#endif
+  for (; i < k; ++i)
+    for (int t = 0; t < MT; ++t) res[t] += static_cast<float>(w[i]) * x[(m0 + t) * k + i];
+}
+
+// x [M, K] (float32 or bf16) as float32 with each block of 16 inputs reordered as bf16_row
+// reads them: the 8 even inputs, then the 8 odd ones; the inputs past the last 16 in place.
+// The calling thread's, kept and overwritten by its next call (as quantize_blocks' result
+// is): no tensor is made for it.
+const std::vector<float>& pair_ordered(const at::Tensor& x) {
+  thread_local std::vector<float> out;
+  const int64_t rows = x.size(0), k = x.size(1);
+  out.resize(rows * k);
+  const at::Tensor xc = x.contiguous();
+  auto fill = [&](const auto* p) {
+    for (int64_t m = 0; m < rows; ++m) {
+      int64_t i = 0;
+      for (; i + 16 <= k; i += 16)
+        for (int j = 0; j < 16; ++j)
+          out[m * k + i + j / 2 + 8 * (j % 2)] = static_cast<float>(p[m * k + i + j]);
+      for (; i < k; ++i) out[m * k + i] = static_cast<float>(p[m * k + i]);
+    }
+  };
+  if (xc.scalar_type() == at::kFloat) {
+    fill(xc.data_ptr<float>());
+  } else {
+    fill(xc.data_ptr<c10::BFloat16>());
+  }
+  return out;
+}
+
+// From this many activation rows on, the product is bound by arithmetic rather than by the
+// weight's bytes, and register blocks of kHalfOutputs outputs x kHalfRows rows do more
+// multiply-adds per load than tiles of one output: each widened weight vector serves
+// kHalfRows rows and each activation vector kHalfOutputs outputs (12 running sums, 3 weight
+// vectors and 1 activation vector fill AVX2's 16 registers).
+constexpr int64_t kBlockedMinRows = 12;
+constexpr int kHalfOutputs = 3;
+constexpr int kHalfRows = 4;
+
+// Outputs [o, o + NT) against activation rows [m0, m0 + MT); res[j * MT + t] is output o + j
+// of row m0 + t.
 template <int MT, int NT, typename W>
-__attribute__((noinline)) void dense_block(const W* w, int64_t k, const float* x, int64_t m0,
-                                          float* res) {
+inline void half_block(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
   __m256 acc[NT][MT];
-  LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
-    LLMKIT_UNROLL for (int t = 0; t < MT; ++t) acc[j][t] = _mm256_setzero_ps();
+  for (int j = 0; j < NT; ++j)
+    for (int t = 0; t < MT; ++t) acc[j][t] = _mm256_setzero_ps();
   for (; i + 8 <= k; i += 8) {
     __m256 wv[NT];
-    LLMKIT_UNROLL for (int j = 0; j < NT; ++j) wv[j] = widen8(w + j * k + i);
-    LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
+    for (int j = 0; j < NT; ++j) wv[j] = widen8(w + j * k + i);
+    for (int t = 0; t < MT; ++t) {
       __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + i);
       // In a register, once: left to itself the compiler reloads it into every multiply-add
       // as a memory operand, which makes the loads, not the multiply-adds, the limit.
       asm("" : "+x"(xv));
-      LLMKIT_UNROLL for (int j = 0; j < NT; ++j) acc[j][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][t]);
+      for (int j = 0; j < NT; ++j) acc[j][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][t]);
     }
   }
-  LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
-    LLMKIT_UNROLL for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum8(acc[j][t]);
+  for (int j = 0; j < NT; ++j)
+    for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum8(acc[j][t]);
 #else
   for (int t = 0; t < NT * MT; ++t) res[t] = 0.f;
 #endif
@@ -709,47 +825,31 @@ __attribute__((noinline)) void dense_block(const W* w, int64_t k, const float* x
         res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
 }
 
-// Outputs per block for a block of MT rows: as many as the 16 AVX2 registers hold beside
-// their running sums (NT x MT), the weight vectors (NT) and an activation vector.
-template <int MT>
-constexpr int kDenseOutputs = MT == 4 ? 3 : MT == 2 ? 4 : 6;
-// Outputs a thread's unit of work holds: whole blocks of each of those sizes.
-constexpr int64_t kDenseGroup = 12;
-
-// Outputs [o0, o1) against activation rows [m0, m1) in blocks of MT rows: NT outputs at a
-// time, then one at a time.
-template <int MT, typename T, typename W>
-inline void dense_rows(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o0,
-                       int64_t o1, int64_t m0, int64_t m1) {
-  constexpr int NT = kDenseOutputs<MT>;
+// Outputs [o, o + NT) for activation rows [m0, rows): blocks of MT rows, then of fewer.
+template <int MT, int NT, typename T, typename W>
+inline void half_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
+                        int64_t m0, int64_t rows) {
   float res[NT * MT];
-  auto blocks = [&](auto nt) {
-    constexpr int B = decltype(nt)::value;
-    for (; o0 + B <= o1; o0 += B)
-      for (int64_t m = m0; m + MT <= m1; m += MT) {
-        dense_block<MT, B>(w + o0 * k, k, x, m, res);
-        for (int j = 0; j < B; ++j)
-          for (int t = 0; t < MT; ++t) put(out, n, m + t, o0 + j, res[j * MT + t]);
-      }
-  };
-  blocks(std::integral_constant<int, NT>());
-  blocks(std::integral_constant<int, 1>());
+  for (; m0 + MT <= rows; m0 += MT) {
+    half_block<MT, NT>(w + o * k, k, x, m0, res);
+    for (int j = 0; j < NT; ++j)
+      for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j, res[j * MT + t]);
+  }
+  if constexpr (MT > 1) half_blocks<MT / 2, NT>(out, w, n, k, x, o, m0, rows);
 }
 
-// x [M, K] (float32) against every output, a group of
-// kDenseGroup outputs at a time (the threads share the groups): blocks of 4 rows, then one of
-// 2 and one of 1 for the rows left, which read the group's weights again from the cache.
 template <typename T, typename W>
-void dense_groups(const at::Tensor& out, const W* w, int64_t k, const float* x) {
+void half_blocked(const at::Tensor& out, const W* w, int64_t k, const float* x) {
   const int64_t rows = out.size(0), n = out.size(1);
-  const int64_t fours = rows / 4 * 4, twos = fours + (rows - fours) / 2 * 2;
-  T* o = out.data_ptr<T>();
-  at::parallel_for(0, (n + kDenseGroup - 1) / kDenseGroup, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t o0 = g * kDenseGroup, o1 = std::min(n, o0 + kDenseGroup);
-      dense_rows<4, T>(o, w, n, k, x, o0, o1, 0, fours);
-      dense_rows<2, T>(o, w, n, k, x, o0, o1, fours, twos);
-      dense_rows<1, T>(o, w, n, k, x, o0, o1, twos, rows);
+  T* o_ptr = out.data_ptr<T>();
+  at::parallel_for(0, (n + kHalfOutputs - 1) / kHalfOutputs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin * kHalfOutputs; o < std::min(n, end * kHalfOutputs);) {
+      if (o + kHalfOutputs <= n) {
+        half_blocks<kHalfRows, kHalfOutputs>(o_ptr, w, n, k, x, o, 0, rows);
+        o += kHalfOutputs;
+      } else {
+        half_blocks<kHalfRows, 1>(o_ptr, w, n, k, x, o++, 0, rows);
+      }
     }
   });
 }
@@ -759,18 +859,35 @@ at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
                   (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf ||
                    weight.scalar_type() == at::kFloat),
               "dense_linear: weight must be contiguous bf16, fp16 or float32 [out, in]");
-  const int64_t k = weight.size(1);
+  const int64_t n = weight.size(0), k = weight.size(1);
   check_activations(x, k, "dense_linear");
-  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
-  const at::Tensor x32 = as_float(x);
-  by_dtype(out, [&](auto tag) {
+  const bool blocked = x.size(0) >= kBlockedMinRows;
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  auto run = [&](auto tag, auto weights) {
     using T = decltype(tag);
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(weights)>>;
+    if constexpr (std::is_same_v<W, c10::BFloat16>) {
+      if (!blocked) {
+        const float* paired = pair_ordered(x).data();
+        return each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+          bf16_row<decltype(mt)::value>(weights + o * k, k, paired, m0, res);
+        });
+      }
+    }
+    const at::Tensor x32 = as_float(x);
+    const float* xp = x32.data_ptr<float>();
+    if (blocked) return half_blocked<T>(out, weights, k, xp);
+    each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
+      half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
+    });
+  };
+  by_dtype(out, [&](auto tag) {
     if (weight.scalar_type() == at::kBFloat16) {
-      dense_groups<T>(out, weight.data_ptr<c10::BFloat16>(), k, x32.data_ptr<float>());
+      run(tag, weight.data_ptr<c10::BFloat16>());
     } else if (weight.scalar_type() == at::kHalf) {
-      dense_groups<T>(out, weight.data_ptr<c10::Half>(), k, x32.data_ptr<float>());
+      run(tag, weight.data_ptr<c10::Half>());
     } else {
-      dense_groups<T>(out, weight.data_ptr<float>(), k, x32.data_ptr<float>());
+      run(tag, weight.data_ptr<float>());
     }
   });
   return out;
