@@ -278,7 +278,9 @@ def speculating(model: Path, speculative: str | None, limit: int, **config):
                                    speculative_max_seqs=limit, **config))  # fmt: skip
 
 
-def engines(models: dict[str, Path], speculative_max_seqs: int, sweep) -> dict[str, object]:
+def engines(
+    models: dict[str, Path], speculative_max_seqs: int, sweep: tuple[int, ...]
+) -> dict[str, object]:
     def llm(model: str, speculative: str | None = None, limit: int = speculative_max_seqs):
         dtype = "bfloat16" if model == WIDE else "auto"
         return speculating(models[model], speculative, limit, threads=THREADS,
@@ -300,7 +302,9 @@ def engines(models: dict[str, Path], speculative_max_seqs: int, sweep) -> dict[s
     return llms
 
 
-def cuda_engines(models: dict[str, Path], speculative_max_seqs: int, sweep) -> dict[str, object]:
+def cuda_engines(
+    models: dict[str, Path], speculative_max_seqs: int, sweep: tuple[int, ...]
+) -> dict[str, object]:
     def llm(model: str = LLAMA_1B, speculative: str | None = None, limit=speculative_max_seqs):
         # six engines share the GPU: each gets its own KV cache size, not a share of it
         return speculating(models[model], speculative, limit, device="cuda",
