@@ -23,7 +23,8 @@
 //   summed in int32 over the whole row: exact, so it gives float(acc) * x_scale * scale as
 //   torch._int_mm does.
 // - dense_linear: bf16, fp16 or float32 weights [N, K] (the 16-bit ones widened to float32 in
-//   registers), float32 sums.
+//   registers), float32 sums; below kBlockedMinRows rows, each row's in one order whatever
+//   the rows beside it (over_blocks).
 // - pairs_linear (built where the CPU has AVX512-BF16): bf16 weights repacked at load as
 //   [N / 64, K / 2, 64, 2] against bf16 activations, in the CPU's bf16 pair products
 //   (exact products, float32 sums).
@@ -70,10 +71,12 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit packed block)
 constexpr int kTile = 8;  // activation rows computed together against a weight row (then 4, 2, 1)
-// Independent running sums per activation row: each sum waits for its previous FMA, so a
-// single row keeps four; eight rows are eight chains already.
+// Independent running sums per activation row held at once: each sum waits for its previous
+// FMA, so a single row keeps four; eight rows are eight chains already. A row's sum is always
+// split in kOrder (over_blocks), so that its bits do not depend on the rows beside it.
 template <int MT>
 constexpr int kSums = MT == 1 ? 4 : MT == 8 ? 1 : 2;
+constexpr int kOrder = kSums<1>;
 
 // ---------------------------------------------------------------------------------------
 // Activations
@@ -232,21 +235,45 @@ inline __m256 widen8(const c10::Half* p) {
 }
 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
 
+// Blocks a tile of several rows takes in each of its passes (over_blocks) before the next
+// chunk: the chunk's activations stay in L1 from one pass to the next.
+constexpr int64_t kChunkBlocks = 64;
+
 // res[t] = the sum over blocks b of step(b, acc)'s additions to acc[t], for MT activation
-// rows: consecutive blocks go to kSums<MT> separate accumulators, added up at the end.
+// rows, in the order of a single row whatever MT is: block b goes to running sum b % kOrder
+// (the blocks past the last whole kOrder to sum 0), and the sums are added up in turn at the
+// end. A row thus gets the same bits alone as in a tile of any size. A single row holds all
+// kOrder sums in registers and takes the blocks in one pass; MT rows hold kSums<MT> of them,
+// so they take each chunk of blocks in kOrder / kSums<MT> passes, the sums stored between.
+// `step` captures by value: the stores of the sums (vectors, which may alias anything) would
+// have it reload references in every pass.
 template <int MT, typename Step>
 inline void over_blocks(int64_t blocks, Step step, float* res) {
-  constexpr int A = kSums<MT>;
-  __m256 acc[A][MT];
-  for (int a = 0; a < A; ++a)
-    for (int t = 0; t < MT; ++t) acc[a][t] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + A <= blocks; b += A)
-    for (int a = 0; a < A; ++a) step(b + a, acc[a]);
-  for (; b < blocks; ++b) step(b, acc[0]);
+  constexpr int S = kSums<MT>;
+  const int64_t whole = blocks / kOrder * kOrder;
+  const int64_t chunk = S == kOrder ? whole : kChunkBlocks;
+  __m256 sums[kOrder][MT];
+  LLMKIT_UNROLL
+  for (int a = 0; a < kOrder; ++a)
+    for (int t = 0; t < MT; ++t) sums[a][t] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < whole; c += chunk) {
+    const int64_t end = std::min(whole, c + chunk);
+    for (int a0 = 0; a0 < kOrder; a0 += S) {
+      __m256 acc[S][MT];
+      LLMKIT_UNROLL
+      for (int a = 0; a < S; ++a)
+        for (int t = 0; t < MT; ++t) acc[a][t] = sums[a0 + a][t];
+      for (int64_t b = c + a0; b < end; b += kOrder)
+        for (int a = 0; a < S; ++a) step(b + a, acc[a]);
+      LLMKIT_UNROLL
+      for (int a = 0; a < S; ++a)
+        for (int t = 0; t < MT; ++t) sums[a0 + a][t] = acc[a][t];
+    }
+  }
+  for (int64_t b = whole; b < blocks; ++b) step(b, sums[0]);
   for (int t = 0; t < MT; ++t) {
-    __m256 total = acc[0][t];
-    for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[a][t]);
+    __m256 total = sums[0][t];
+    for (int a = 1; a < kOrder; ++a) total = _mm256_add_ps(total, sums[a][t]);
     res[t] = hsum8(total);
   }
 }
@@ -715,7 +742,7 @@ template <int MT, typename W>
 inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
-  auto step = [&](int64_t b, __m256* acc) {
+  auto step = [=](int64_t b, __m256* acc) {
     const __m256 wv = widen8(w + 8 * b);
     for (int t = 0; t < MT; ++t)
       acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + t) * k + 8 * b), acc[t]);
@@ -736,7 +763,7 @@ template <int MT>
 inline void bf16_row(const c10::BFloat16* w, int64_t k, const float* x, int64_t m0, float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
-  auto step = [&](int64_t b, __m256* acc) {
+  auto step = [=](int64_t b, __m256* acc) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * b));
     const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
     const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(-65536)));
