@@ -53,7 +53,38 @@ def speculative(target: Path, draft: Path, prompt: str, tokens: int, k: int, thr
     """llama-speculative-simple: `prompt` decoded greedily, `tokens` tokens (EOS ignored;
     it may overshoot by a draft), `draft` proposing k tokens a round (draft-simple, its
     p-min default: every draft k tokens). Its decode tok/s (the tokens over the time after
-    the prompt's), the prompt's tokens, and the draft tokens it proposed and accepted."""
+    the prompt's), the prompt's tokens, and the draft tokens it proposed and accepted. A run
+    whose log lacks one of them runs again, up to TRIES times in all: a run has exited 0
+    with its decoded line printed but not the counts printed after it."""
+    for _ in range(TRIES):
+        log = _speculative_log(target, draft, prompt, tokens, k, threads)
+        found = [re.search(pattern, log) for pattern in SPECULATIVE_COUNTS]
+        if all(found):
+            break
+    else:
+        sys.exit(f"llama-speculative-simple printed no counts in {TRIES} runs:\n{log[-3000:]}")
+    decoded, prompt_tokens, drafted, accepted = found
+    return {
+        "decode_tok_s": int(decoded.group(1)) / float(decoded.group(2)),
+        "prompt_tokens": int(prompt_tokens.group(1)),
+        "proposed": int(drafted.group(1)),
+        "accepted": int(accepted.group(1)),
+    }
+
+
+TRIES = 3
+# what speculative() reads from the log: decoded tokens and seconds, the prompt's tokens, the
+# draft tokens proposed and accepted
+SPECULATIVE_COUNTS = (
+    r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds",
+    r"encoded\s+(\d+) tokens",
+    r"n_drafted\s*=\s*(\d+)",
+    r"n_accept\s*=\s*(\d+)",
+)
+
+
+def _speculative_log(target, draft, prompt: str, tokens: int, k: int, threads: int) -> str:
+    """One run of llama-speculative-simple (see speculative()): its stdout and stderr."""
     tool = LLAMACPP / "build" / "bin" / "llama-speculative-simple"
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as file:
         file.write(prompt)
@@ -63,18 +94,9 @@ def speculative(target: Path, draft: Path, prompt: str, tokens: int, k: int, thr
                    "--spec-type", "draft-simple", "--spec-draft-n-max", k]  # fmt: skip
         done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
     log = done.stdout + done.stderr
-    found = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
-    if done.returncode != 0 or found is None:
+    if done.returncode != 0:
         sys.exit(f"{tool.name} failed:\n{log[-3000:]}")
-    counts = {
-        n: int(re.search(rf"{n}\s*=\s*(\d+)", log).group(1)) for n in ("n_drafted", "n_accept")
-    }
-    return {
-        "decode_tok_s": int(found.group(1)) / float(found.group(2)),
-        "prompt_tokens": int(re.search(r"encoded\s+(\d+) tokens", log).group(1)),
-        "proposed": counts["n_drafted"],
-        "accepted": counts["n_accept"],
-    }
+    return log
 
 
 def plain_tok_s(model: Path, tokens: int, depth: int, threads: int) -> float:
