@@ -71,12 +71,14 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit packed block)
 constexpr int kTile = 8;  // activation rows computed together against a weight row (then 4, 2, 1)
-// Independent running sums per activation row held at once: each sum waits for its previous
-// FMA, so a single row keeps four; eight rows are eight chains already. A row's sum is always
-// split in kOrder (over_blocks), so that its bits do not depend on the rows beside it.
+// A row's sum is split in kOrder running sums (over_blocks), whatever the rows beside it, so
+// that its bits do not depend on them: each sum waits for its previous FMA, and a single row
+// needs four to hide that. Tiles of up to 4 rows hold all four of every row at once (with
+// AVX2's 16 registers a few spill, which costs less than a second pass); 8 rows, two at a
+// time.
+constexpr int kOrder = 4;
 template <int MT>
-constexpr int kSums = MT == 1 ? 4 : MT == 8 ? 1 : 2;
-constexpr int kOrder = kSums<1>;
+constexpr int kSums = MT <= 4 ? kOrder : 2;
 
 // ---------------------------------------------------------------------------------------
 // Activations
@@ -235,16 +237,16 @@ inline __m256 widen8(const c10::Half* p) {
 }
 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
 
-// Blocks a tile of several rows takes in each of its passes (over_blocks) before the next
-// chunk: the chunk's activations stay in L1 from one pass to the next.
+// Blocks a tile of 8 rows takes in each of its passes (over_blocks) before the next chunk:
+// the chunk's activations stay in L1 from one pass to the next.
 constexpr int64_t kChunkBlocks = 64;
 
 // res[t] = the sum over blocks b of step(b, acc)'s additions to acc[t], for MT activation
 // rows, in the order of a single row whatever MT is: block b goes to running sum b % kOrder
 // (the blocks past the last whole kOrder to sum 0), and the sums are added up in turn at the
-// end. A row thus gets the same bits alone as in a tile of any size. A single row holds all
-// kOrder sums in registers and takes the blocks in one pass; MT rows hold kSums<MT> of them,
-// so they take each chunk of blocks in kOrder / kSums<MT> passes, the sums stored between.
+// end. A row thus gets the same bits alone as in a tile of any size. Tiles that hold all
+// kOrder sums take the blocks in one pass; the others, kSums<MT> of the sums at a time, take
+// each chunk of blocks in kOrder / kSums<MT> passes, the sums stored between.
 // `step` captures by value: the stores of the sums (vectors, which may alias anything) would
 // have it reload references in every pass.
 template <int MT, typename Step>
