@@ -83,7 +83,9 @@ SPECULATIVE_COUNTS = (
 )
 
 
-def _speculative_log(target, draft, prompt: str, tokens: int, k: int, threads: int) -> str:
+def _speculative_log(
+    target: Path, draft: Path, prompt: str, tokens: int, k: int, threads: int
+) -> str:
     """One run of llama-speculative-simple (see speculative()): its stdout and stderr."""
     tool = LLAMACPP / "build" / "bin" / "llama-speculative-simple"
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as file:
