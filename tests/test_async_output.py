@@ -46,6 +46,17 @@ def _stream(engine: Engine, requests) -> dict[str, list]:
     return seen
 
 
+def _first_difference(got: dict[str, list], expected: dict[str, list]) -> str:
+    """The first output that differs, whole (pytest cuts long comparisons short)."""
+    for request_id, outputs in expected.items():
+        for i, (a, b) in enumerate(zip(got[request_id], outputs, strict=False)):
+            if a != b:
+                return f"request {request_id}, output {i}: got {a!r}, expected {b!r}"
+        if len(got[request_id]) != len(outputs):
+            return f"request {request_id}: {len(got[request_id])} outputs, not {len(outputs)}"
+    return ""
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -72,7 +83,7 @@ def test_async_output_gives_the_outputs_of_sync_output(tiny_dir, config):
         engine.close()
     if "speculative" in config:  # how many tokens a step adds hangs on measured times
         got, expected = ({r: outs[-1:] for r, outs in seen.items()} for seen in (got, expected))
-    assert got == expected
+    assert got == expected, _first_difference(got, expected)
     assert expected["1"][-1][0][0][2] == "stop"  # the stop string was met
     assert stop not in expected["1"][-1][0][0][0]
 
