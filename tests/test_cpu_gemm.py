@@ -26,7 +26,7 @@ from llmkit.runtime.layers.linear import (
 from tests.test_runtime_quantized import random_grouped
 
 pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="the CPU kernels cannot be built here")
-ROWS = [1, 3, 4, 9, 15]  # 15 rows: tiles of 8, 4, 2 and 1 (the dense kernel: blocks of 4, 2, 1)
+ROWS = [1, 3, 4, 9, 15]  # 15 rows: tiles of 8, 4, 2 and 1 (the dense kernel: 3 x 4 blocks)
 CPU = torch.device("cpu")
 
 
@@ -178,14 +178,15 @@ def test_int8_weights_holding_minus_128_use_torch():
 @pytest.mark.parametrize("inputs", [200, 203])  # a tail past 16 lanes; then past 8 too
 def test_dense_kernel_is_the_float_product_of_the_weights(weight_dtype, dtype, inputs):
     """Half-precision weights widened to float32 in registers, float32 ones as they are,
-    float32 sums."""
+    float32 sums; in tiles (1 to 3 rows), ordered blocks of 4 to 7 rows (4, 6, 7, 9 = 4 + 5)
+    and 3 x 4 blocks (15 rows and more)."""
     import llmkit.runtime.layers.linear as linear
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(37, inputs, generator=g).to(weight_dtype)
     module = DenseLinear(weight, None)
     assert module.op is not None
-    for rows in [*ROWS, linear.KERNEL_MAX_ROWS]:
+    for rows in [*ROWS, 6, 7, linear.KERNEL_MAX_ROWS]:
         x = torch.randn(rows, inputs, generator=g).to(dtype)
         got = module(x)
         assert got.dtype == dtype and close(got, x.double() @ weight.double().T, dtype), rows
@@ -194,16 +195,17 @@ def test_dense_kernel_is_the_float_product_of_the_weights(weight_dtype, dtype, i
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_kernel_gives_a_row_its_bits_alone_below_the_blocked_path(weight_dtype, dtype):
-    """Below the register-blocked path (12 rows), tiles of 8, 4, 2 and 1 rows sum each row in
-    the single row's order, so a row's bits are the same alone as in the call: a speculative
-    verify step's rows stand for decode steps. 2350 inputs: chunks of the tiles' passes, a
-    last one cut short, blocks past the last whole 4, and a tail (bf16's blocks of 16 inputs
-    and the others' of 8 alike)."""
+    """Below the 3 x 4 register blocks (12 rows), tiles of 2 and 1 rows and ordered blocks of
+    several outputs x 4 to 7 rows sum each row in the single row's order, so a row's bits are
+    the same alone as in the call: a speculative verify step's rows stand for decode steps.
+    19 outputs: blocks of 2, 3 or 4 outputs and the ones left alone. 2350 inputs: chunks of
+    the ordered blocks' passes, a last one cut short, blocks past the last whole 4, and a tail
+    (bf16's blocks of 16 inputs and the others' of 8 alike)."""
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(19, 2350, generator=g).to(weight_dtype)
     module = DenseLinear(weight, None)
     assert module.op is not None
-    for rows in (2, 5, 11):
+    for rows in (2, 3, 4, 5, 6, 7, 8, 11):
         x = torch.randn(rows, 2350, generator=g).to(dtype)
         alone = torch.cat([module.op(x[m : m + 1], module.weight) for m in range(rows)])
         assert torch.equal(alone, module.op(x, module.weight)), rows

@@ -24,14 +24,16 @@
 //   torch._int_mm does.
 // - dense_linear: bf16, fp16 or float32 weights [N, K] (the 16-bit ones widened to float32 in
 //   registers), float32 sums; below kBlockedMinRows rows, each row's in one order whatever
-//   the rows beside it (over_blocks).
+//   the rows beside it (over_blocks): 1 to 3 rows in tiles of one output, from kOrderedRows
+//   rows on in register blocks of several outputs (ordered_block).
 // - pairs_linear (built where the CPU has AVX512-BF16): bf16 weights repacked at load as
 //   [N / 64, K / 2, 64, 2] against bf16 activations, in the CPU's bf16 pair products
 //   (exact products, float32 sums).
 //
 // Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows (tiles) are
 // split over the threads; every weight block is unpacked once and used for up to 8 activation
-// rows (dense_linear, from kBlockedMinRows rows on: register blocks of 3 outputs x 4 rows). In
+// rows (dense_linear: up to 7, and from kBlockedMinRows rows on 4, in register blocks of 3
+// outputs x 4 rows that sum in another order). In
 // the tiled layouts one broadcast activation chunk serves the tile's 8 outputs, so prefills
 // take the same kernels, a pass of kPassRows rows at a time.
 
@@ -71,14 +73,13 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit packed block)
 constexpr int kTile = 8;  // activation rows computed together against a weight row (then 4, 2, 1)
-// A row's sum is split in kOrder running sums (over_blocks), whatever the rows beside it, so
-// that its bits do not depend on them: each sum waits for its previous FMA, and a single row
-// needs four to hide that. Tiles of up to 4 rows hold all four of every row at once (with
-// AVX2's 16 registers a few spill, which costs less than a second pass); 8 rows, two at a
-// time.
+// A row's sum against a bf16, fp16 or float32 weight row is split in kOrder running sums
+// (over_blocks, ordered_block), whatever the rows beside it, so that its bits do not depend
+// on them: each sum waits for its previous FMA, and a single row needs four to hide that.
 constexpr int kOrder = 4;
-template <int MT>
-constexpr int kSums = MT <= 4 ? kOrder : 2;
+// Activation rows an ordered_block takes (from this many rows on, dense_linear takes them in
+// ordered blocks of several outputs; fewer rows go in tiles of one output, up to 2 rows).
+constexpr int kOrderedRows = 4;
 
 // ---------------------------------------------------------------------------------------
 // Activations
@@ -237,40 +238,28 @@ inline __m256 widen8(const c10::Half* p) {
 }
 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
 
-// Blocks a tile of 8 rows takes in each of its passes (over_blocks) before the next chunk:
-// the chunk's activations stay in L1 from one pass to the next.
-constexpr int64_t kChunkBlocks = 64;
-
 // res[t] = the sum over blocks b of step(b, acc)'s additions to acc[t], for MT activation
 // rows, in the order of a single row whatever MT is: block b goes to running sum b % kOrder
 // (the blocks past the last whole kOrder to sum 0), and the sums are added up in turn at the
-// end. A row thus gets the same bits alone as in a tile of any size. Tiles that hold all
-// kOrder sums take the blocks in one pass; the others, kSums<MT> of the sums at a time, take
-// each chunk of blocks in kOrder / kSums<MT> passes, the sums stored between.
-// `step` captures by value: the stores of the sums (vectors, which may alias anything) would
-// have it reload references in every pass.
+// end. A row thus gets the same bits alone as in a tile of any size, or in an ordered_block.
+// A tile holds all kOrder sums of each of its rows at once and takes the blocks in one pass.
 template <int MT, typename Step>
 inline void over_blocks(int64_t blocks, Step step, float* res) {
-  constexpr int S = kSums<MT>;
   const int64_t whole = blocks / kOrder * kOrder;
-  const int64_t chunk = S == kOrder ? whole : kChunkBlocks;
   __m256 sums[kOrder][MT];
   LLMKIT_UNROLL
   for (int a = 0; a < kOrder; ++a)
     for (int t = 0; t < MT; ++t) sums[a][t] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < whole; c += chunk) {
-    const int64_t end = std::min(whole, c + chunk);
-    for (int a0 = 0; a0 < kOrder; a0 += S) {
-      __m256 acc[S][MT];
-      LLMKIT_UNROLL
-      for (int a = 0; a < S; ++a)
-        for (int t = 0; t < MT; ++t) acc[a][t] = sums[a0 + a][t];
-      for (int64_t b = c + a0; b < end; b += kOrder)
-        for (int a = 0; a < S; ++a) step(b + a, acc[a]);
-      LLMKIT_UNROLL
-      for (int a = 0; a < S; ++a)
-        for (int t = 0; t < MT; ++t) sums[a0 + a][t] = acc[a][t];
-    }
+  if (whole > 0) {  // the loop's sums in locals, which stay in registers
+    __m256 acc[kOrder][MT];
+    LLMKIT_UNROLL
+    for (int a = 0; a < kOrder; ++a)
+      for (int t = 0; t < MT; ++t) acc[a][t] = sums[a][t];
+    for (int64_t b = 0; b < whole; b += kOrder)
+      for (int a = 0; a < kOrder; ++a) step(b + a, acc[a]);
+    LLMKIT_UNROLL
+    for (int a = 0; a < kOrder; ++a)
+      for (int t = 0; t < MT; ++t) sums[a][t] = acc[a][t];
   }
   for (int64_t b = whole; b < blocks; ++b) step(b, sums[0]);
   for (int t = 0; t < MT; ++t) {
@@ -448,7 +437,7 @@ template <typename T, typename Row>
 void each_output(const at::Tensor& out, int64_t rows, int64_t n, Row row) {
   T* o_ptr = out.data_ptr<T>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) tiles<kTile>(o_ptr, n, o, 0, rows, row);
+    for (int64_t o = begin; o < end; ++o) tiles<kOrderedRows / 2>(o_ptr, n, o, 0, rows, row);
   });
 }
 
@@ -740,6 +729,30 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scale) {
 // ---------------------------------------------------------------------------------------
 // bf16, fp16 and float32 weights
 
+#ifdef LLMKIT_AVX2
+
+// A block of inputs of one weight row as float32 vectors: bf16 weights 16 inputs at a time in
+// bf16_row's even and odd halves (the activations pair_ordered), fp16 and float32 weights 8
+// at a time as half_row widens them.
+template <typename W>
+struct Widened {
+  static constexpr int64_t kWidth = 8;
+  static constexpr int kVectors = 1;
+  static void load(const W* w, int64_t b, __m256* v) { v[0] = widen8(w + 8 * b); }
+};
+template <>
+struct Widened<c10::BFloat16> {
+  static constexpr int64_t kWidth = 16;
+  static constexpr int kVectors = 2;
+  static void load(const c10::BFloat16* w, int64_t b, __m256* v) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * b));
+    v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    v[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(-65536)));
+  }
+};
+
+#endif
+
 template <int MT, typename W>
 inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
   int64_t i = 0;
@@ -766,13 +779,12 @@ inline void bf16_row(const c10::BFloat16* w, int64_t k, const float* x, int64_t 
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
   auto step = [=](int64_t b, __m256* acc) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * b));
-    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(-65536)));
+    __m256 wv[2];  // even, odd
+    Widened<c10::BFloat16>::load(w, b, wv);
     for (int t = 0; t < MT; ++t) {
       const float* row = x + (m0 + t) * k + 16 * b;
-      acc[t] = _mm256_fmadd_ps(even, _mm256_loadu_ps(row), acc[t]);
-      acc[t] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(row + 8), acc[t]);
+      acc[t] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(row), acc[t]);
+      acc[t] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(row + 8), acc[t]);
     }
   };
   over_blocks<MT>(k / 16, step, res);
@@ -883,6 +895,120 @@ void half_blocked(const at::Tensor& out, const W* w, int64_t k, const float* x) 
   });
 }
 
+#ifdef LLMKIT_AVX2
+
+// Outputs an ordered block holds, of kOrderedRows rows each: their running sums, the
+// outputs' weight vectors and an activation vector fill the vector registers, 32 where the
+// CPU has AVX-512 (ymm16 to ymm31 too), else AVX2's 16, where bf16's two vectors a block
+// leave room for 2 outputs and the others' one for 3.
+#ifdef __AVX512VL__
+template <typename W>
+constexpr int kOrderedOutputs = 4;
+#else
+template <typename W>
+constexpr int kOrderedOutputs = std::is_same_v<W, c10::BFloat16> ? 2 : 3;
+#endif
+
+// Blocks an ordered block takes in each of its kOrder passes before the next chunk: the
+// chunk's weights and activations stay in L1 from one pass to the next.
+constexpr int64_t kChunkBlocks = 64;
+
+// Outputs [o, o + NT) against activation rows [m0, m0 + MT), each (output, row) summed in the
+// order of a single row (over_blocks), then the inputs past the last block added one by one
+// as the tiles add them: a row gets the same bits as alone. The running sums are taken one at
+// a time, each over every kOrder-th block of a chunk, so the registers hold one sum of each
+// (output, row) and each weight vector serves MT rows, each activation vector NT outputs.
+// res[j * MT + t]: output o + j of row m0 + t.
+template <int NT, int MT, typename W>
+inline void ordered_block(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
+  using B = Widened<W>;
+  const int64_t blocks = k / B::kWidth, whole = blocks / kOrder * kOrder;
+  __m256 sums[kOrder][NT][MT];
+  for (int a = 0; a < kOrder; ++a)
+    for (int j = 0; j < NT; ++j)
+      for (int t = 0; t < MT; ++t) sums[a][j][t] = _mm256_setzero_ps();
+  auto pass = [=, &sums](int a, int64_t begin, int64_t end, int64_t stride) {
+    __m256 acc[NT][MT];
+    LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
+      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) acc[j][t] = sums[a][j][t];
+    for (int64_t b = begin; b < end; b += stride) {
+      __m256 wv[NT][B::kVectors];
+      LLMKIT_UNROLL for (int j = 0; j < NT; ++j) B::load(w + j * k, b, wv[j]);
+      LLMKIT_UNROLL for (int v = 0; v < B::kVectors; ++v)
+        LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
+          __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + B::kWidth * b + 8 * v);
+          asm("" : "+x"(xv));  // in a register, once (see half_block)
+          LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
+            acc[j][t] = _mm256_fmadd_ps(wv[j][v], xv, acc[j][t]);
+        }
+    }
+    LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
+      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) sums[a][j][t] = acc[j][t];
+  };
+  for (int64_t c = 0; c < whole; c += kChunkBlocks)
+    for (int a = 0; a < kOrder; ++a) pass(a, c + a, std::min(whole, c + kChunkBlocks), kOrder);
+  pass(0, whole, blocks, 1);
+  for (int j = 0; j < NT; ++j)
+    for (int t = 0; t < MT; ++t) {
+      __m256 total = sums[0][j][t];
+      for (int a = 1; a < kOrder; ++a) total = _mm256_add_ps(total, sums[a][j][t]);
+      res[j * MT + t] = hsum8(total);
+    }
+  for (int64_t i = blocks * B::kWidth; i < k; ++i)
+    for (int j = 0; j < NT; ++j)
+      for (int t = 0; t < MT; ++t)
+        res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
+}
+
+// Outputs [o, o + NT) against activation rows [m0, m0 + MT), written to out.
+template <int NT, int MT, typename T, typename W>
+inline void put_block(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
+                      int64_t m0) {
+  float res[NT * MT];
+  ordered_block<NT, MT>(w + o * k, k, x, m0, res);
+  for (int j = 0; j < NT; ++j)
+    for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j, res[j * MT + t]);
+}
+
+// Outputs [o, o + NT) for all `rows` (at least kOrderedRows) activation rows: ordered blocks of
+// kOrderedRows rows, the last one taking the rows left over too (kOrderedRows to twice that
+// less one; with AVX2 alone its sums spill a few registers, which costs less than a tile).
+template <int NT, typename T, typename W>
+inline void ordered_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
+                           int64_t rows) {
+  constexpr int MT = kOrderedRows;
+  static_assert(MT == 4, "the last block below takes 4 to 7 rows");
+  int64_t m0 = 0;
+  for (; rows - m0 >= 2 * MT; m0 += MT) put_block<NT, MT>(out, w, n, k, x, o, m0);
+  switch (rows - m0) {
+    case 7: return put_block<NT, 7>(out, w, n, k, x, o, m0);
+    case 6: return put_block<NT, 6>(out, w, n, k, x, o, m0);
+    case 5: return put_block<NT, 5>(out, w, n, k, x, o, m0);
+    default: return put_block<NT, 4>(out, w, n, k, x, o, m0);
+  }
+}
+
+// Every output in ordered blocks of kOrderedOutputs<W> outputs (the last ones alone), the
+// blocks shared among the threads.
+template <typename T, typename W>
+void ordered(const at::Tensor& out, const W* w, int64_t k, const float* x) {
+  constexpr int NT = kOrderedOutputs<W>;
+  const int64_t rows = out.size(0), n = out.size(1);
+  T* o_ptr = out.data_ptr<T>();
+  at::parallel_for(0, (n + NT - 1) / NT, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin * NT; o < std::min(n, end * NT);) {
+      if (o + NT <= n) {
+        ordered_blocks<NT>(o_ptr, w, n, k, x, o, rows);
+        o += NT;
+      } else {
+        ordered_blocks<1>(o_ptr, w, n, k, x, o++, rows);
+      }
+    }
+  });
+}
+
+#endif
+
 at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
                   (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf ||
@@ -890,25 +1016,32 @@ at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
               "dense_linear: weight must be contiguous bf16, fp16 or float32 [out, in]");
   const int64_t n = weight.size(0), k = weight.size(1);
   check_activations(x, k, "dense_linear");
-  const bool blocked = x.size(0) >= kBlockedMinRows;
-  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  const int64_t rows = x.size(0);
+  at::Tensor out = at::empty({rows, n}, x.options());
   auto run = [&](auto tag, auto weights) {
     using T = decltype(tag);
     using W = std::remove_const_t<std::remove_pointer_t<decltype(weights)>>;
-    if constexpr (std::is_same_v<W, c10::BFloat16>) {
-      if (!blocked) {
-        const float* paired = pair_ordered(x).data();
-        return each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
-          bf16_row<decltype(mt)::value>(weights + o * k, k, paired, m0, res);
-        });
-      }
+    constexpr bool bf16 = std::is_same_v<W, c10::BFloat16>;
+    at::Tensor x32;
+    const float* xp = nullptr;
+    if (bf16 && rows < kBlockedMinRows) {
+      xp = pair_ordered(x).data();
+    } else {
+      x32 = as_float(x);
+      xp = x32.data_ptr<float>();
     }
-    const at::Tensor x32 = as_float(x);
-    const float* xp = x32.data_ptr<float>();
-    if (blocked) return half_blocked<T>(out, weights, k, xp);
-    each_output<T>(out, x.size(0), n, [&](auto mt, int64_t o, int64_t m0, float* res) {
-      half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
-    });
+    if (rows >= kBlockedMinRows) return half_blocked<T>(out, weights, k, xp);
+    auto row = [&](auto mt, int64_t o, int64_t m0, float* res) {
+      if constexpr (bf16) {
+        bf16_row<decltype(mt)::value>(weights + o * k, k, xp, m0, res);
+      } else {
+        half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
+      }
+    };
+#ifdef LLMKIT_AVX2
+    if (rows >= kOrderedRows) return ordered<T>(out, weights, k, xp);
+#endif
+    each_output<T>(out, rows, n, row);
   };
   by_dtype(out, [&](auto tag) {
     if (weight.scalar_type() == at::kBFloat16) {
