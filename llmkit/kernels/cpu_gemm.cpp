@@ -32,8 +32,8 @@
 //
 // Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows (tiles) are
 // split over the threads; every weight block is unpacked once and used for up to 8 activation
-// rows (dense_linear: up to 7, and from kBlockedMinRows rows on 4, in register blocks of 3
-// outputs x 4 rows that sum in another order). In
+// rows (dense_linear: up to 7 in its ordered blocks; from kBlockedMinRows rows on, 4 in
+// register blocks of 3 outputs x 4 rows that sum in another order). In
 // the tiled layouts one broadcast activation chunk serves the tile's 8 outputs, so prefills
 // take the same kernels, a pass of kPassRows rows at a time.
 
@@ -1022,15 +1022,10 @@ at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
     using T = decltype(tag);
     using W = std::remove_const_t<std::remove_pointer_t<decltype(weights)>>;
     constexpr bool bf16 = std::is_same_v<W, c10::BFloat16>;
-    at::Tensor x32;
-    const float* xp = nullptr;
-    if (bf16 && rows < kBlockedMinRows) {
-      xp = pair_ordered(x).data();
-    } else {
-      x32 = as_float(x);
-      xp = x32.data_ptr<float>();
-    }
-    if (rows >= kBlockedMinRows) return half_blocked<T>(out, weights, k, xp);
+    const at::Tensor x32 = bf16 && rows < kBlockedMinRows ? at::Tensor() : as_float(x);
+    if (rows >= kBlockedMinRows) return half_blocked<T>(out, weights, k, x32.data_ptr<float>());
+    // bf16 weights below the blocked path: activations in bf16_row's pair order
+    const float* xp = bf16 ? pair_ordered(x).data() : x32.data_ptr<float>();
     auto row = [&](auto mt, int64_t o, int64_t m0, float* res) {
       if constexpr (bf16) {
         bf16_row<decltype(mt)::value>(weights + o * k, k, xp, m0, res);
