@@ -198,17 +198,22 @@ def test_dense_kernel_gives_a_row_its_bits_alone_below_the_blocked_path(weight_d
     """Below the 3 x 4 register blocks (12 rows), tiles of 2 and 1 rows and ordered blocks of
     several outputs x 4 to 7 rows sum each row in the single row's order, so a row's bits are
     the same alone as in the call: a speculative verify step's rows stand for decode steps.
-    19 outputs: blocks of 2, 3 or 4 outputs and the ones left alone. 2350 inputs: chunks of
-    the ordered blocks' passes, a last one cut short, blocks past the last whole 4, and a tail
-    (bf16's blocks of 16 inputs and the others' of 8 alike)."""
+    An output's bits are its own too: the same computed alone as in the tiles of 8 outputs or
+    the blocks of 2, 3 or 4 it shares. 19 outputs: 2 tiles of 8 and 3 left alone, blocks of
+    2, 3 or 4 and the ones left alone. 2350 inputs: chunks of the ordered blocks' passes, a
+    last one cut short, blocks past the last whole 4, and a tail (bf16's blocks of 16 inputs
+    and the others' of 8 alike)."""
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(19, 2350, generator=g).to(weight_dtype)
     module = DenseLinear(weight, None)
     assert module.op is not None
-    for rows in (2, 3, 4, 5, 6, 7, 8, 11):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11):
         x = torch.randn(rows, 2350, generator=g).to(dtype)
+        got = module.op(x, module.weight)
         alone = torch.cat([module.op(x[m : m + 1], module.weight) for m in range(rows)])
-        assert torch.equal(alone, module.op(x, module.weight)), rows
+        assert torch.equal(alone, got), rows
+        outputs = [module.op(x, module.weight[j : j + 1].contiguous()) for j in range(19)]
+        assert torch.equal(torch.cat(outputs, dim=1), got), rows
 
 
 @pytest.mark.skipif(not pair_products_here(), reason="this CPU has no AVX512-BF16 pair products")

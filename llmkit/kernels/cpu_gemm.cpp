@@ -24,8 +24,8 @@
 //   torch._int_mm does.
 // - dense_linear: bf16, fp16 or float32 weights [N, K] (the 16-bit ones widened to float32 in
 //   registers), float32 sums; below kBlockedMinRows rows, each row's in one order whatever
-//   the rows beside it (over_blocks): 1 to 3 rows in tiles of one output, from kOrderedRows
-//   rows on in register blocks of several outputs (ordered_block).
+//   the rows beside it (over_blocks): 1 to 3 rows in tiles of kRowOutputs outputs, from
+//   kOrderedFrom rows on in register blocks of several outputs (ordered_block).
 // - pairs_linear (built where the CPU has AVX512-BF16): bf16 weights repacked at load as
 //   [N / 64, K / 2, 64, 2] against bf16 activations, in the CPU's bf16 pair products
 //   (exact products, float32 sums).
@@ -78,7 +78,8 @@ constexpr int kTile = 8;  // activation rows computed together against a weight 
 // on them: each sum waits for its previous FMA, and a single row needs four to hide that.
 constexpr int kOrder = 4;
 // Activation rows an ordered_block takes (from this many rows on, dense_linear takes them in
-// ordered blocks of several outputs; fewer rows go in tiles of one output, up to 2 rows).
+// ordered blocks of several outputs, except where kOrderedFrom says otherwise; fewer rows go
+// in tiles of up to 2 rows).
 constexpr int kOrderedRows = 4;
 
 // ---------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
 // rows, in the order of a single row whatever MT is: block b goes to running sum b % kOrder
 // (the blocks past the last whole kOrder to sum 0), and the sums are added up in turn at the
 // end. A row thus gets the same bits alone as in a tile of any size, or in an ordered_block.
-// A tile holds all kOrder sums of each of its rows at once and takes the blocks in one pass.
+// A tile holds all kOrder sums of each (output, row) at once and takes the blocks in one pass.
 template <int MT, typename Step>
 inline void over_blocks(int64_t blocks, Step step, float* res) {
   const int64_t whole = blocks / kOrder * kOrder;
@@ -420,24 +421,34 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const ZeroTerms<
 
 #endif
 
-// Rows [m0, rows) of activations against output row o in tiles of MT rows, then of fewer.
-template <int MT, typename T, typename Row>
+// Rows [m0, rows) of activations against outputs [o, o + NO) in tiles of MT rows, then of
+// fewer: row(NO, MT, o, m0, res) fills res[j * MT + t] with output o + j of row m0 + t.
+template <int MT, int NO, typename T, typename Row>
 inline void tiles(T* out, int64_t n, int64_t o, int64_t m0, int64_t rows, Row& row) {
-  float res[MT];
+  float res[NO * MT];
   for (; m0 + MT <= rows; m0 += MT) {
-    row(std::integral_constant<int, MT>(), o, m0, res);
-    for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o, res[t]);
+    row(std::integral_constant<int, NO>(), std::integral_constant<int, MT>(), o, m0, res);
+    for (int j = 0; j < NO; ++j)
+      for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j, res[j * MT + t]);
   }
-  if constexpr (MT > 1) tiles<MT / 2>(out, n, o, m0, rows, row);
+  if constexpr (MT > 1) tiles<MT / 2, NO>(out, n, o, m0, rows, row);
 }
 
-// fn<MT>(o, m0, res) for every output row and every tile of activation rows; res[t] is
-// written to out[m0 + t, o].
+// Outputs a tile takes at once. Each output's weight row is a stream of its own, and a core's
+// prefetchers keep several streams coming faster than one: a bandwidth-bound product reads
+// its weight faster 8 rows at a time than one.
+constexpr int kRowOutputs = 8;
+
+// Every output and every tile of activation rows, kRowOutputs outputs at a time (the last
+// of a thread's share one at a time), the outputs shared among the threads.
 template <typename T, typename Row>
 void each_output(const at::Tensor& out, int64_t rows, int64_t n, Row row) {
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) tiles<kOrderedRows / 2>(o_ptr, n, o, 0, rows, row);
+  at::parallel_for(0, n, 2 * kRowOutputs, [&](int64_t begin, int64_t end) {
+    int64_t o = begin;
+    for (; o + kRowOutputs <= end; o += kRowOutputs)
+      tiles<kOrderedRows / 2, kRowOutputs>(o_ptr, n, o, 0, rows, row);
+    for (; o < end; ++o) tiles<kOrderedRows / 2, 1>(o_ptr, n, o, 0, rows, row);
   });
 }
 
@@ -753,51 +764,65 @@ struct Widened<c10::BFloat16> {
 
 #endif
 
-template <int MT, typename W>
+// Outputs [0, NO) (weight rows w + j k) against activation rows [m0, m0 + MT), each (output,
+// row) summed in over_blocks' order; res[j * MT + t]: output j of row m0 + t.
+template <int NO, int MT, typename W>
 inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
   auto step = [=](int64_t b, __m256* acc) {
-    const __m256 wv = widen8(w + 8 * b);
-    for (int t = 0; t < MT; ++t)
-      acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + t) * k + 8 * b), acc[t]);
+    LLMKIT_UNROLL for (int j = 0; j < NO; ++j) {
+      const __m256 wv = widen8(w + j * k + 8 * b);
+      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
+        const __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + 8 * b);
+        acc[j * MT + t] = _mm256_fmadd_ps(wv, xv, acc[j * MT + t]);
+      }
+    }
   };
-  over_blocks<MT>(k / 8, step, res);
+  over_blocks<NO * MT>(k / 8, step, res);
   i = k / 8 * 8;
 #else
-  for (int t = 0; t < MT; ++t) res[t] = 0.f;
+  for (int t = 0; t < NO * MT; ++t) res[t] = 0.f;
 #endif
   for (; i < k; ++i)
-    for (int t = 0; t < MT; ++t) res[t] += static_cast<float>(w[i]) * x[(m0 + t) * k + i];
+    for (int j = 0; j < NO; ++j)
+      for (int t = 0; t < MT; ++t)
+        res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
 }
 
 // bf16 weights 16 at a time: in each 32-bit lane the low half (an even input) becomes a float
 // shifted up, the high half (an odd input) masked; `x` holds each row's activations in that
-// order (pair_ordered), the inputs past the last 16 as they are.
-template <int MT>
+// order (pair_ordered), the inputs past the last 16 as they are. Outputs and res as half_row.
+template <int NO, int MT>
 inline void bf16_row(const c10::BFloat16* w, int64_t k, const float* x, int64_t m0, float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
   auto step = [=](int64_t b, __m256* acc) {
-    __m256 wv[2];  // even, odd
-    Widened<c10::BFloat16>::load(w, b, wv);
-    for (int t = 0; t < MT; ++t) {
-      const float* row = x + (m0 + t) * k + 16 * b;
-      acc[t] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(row), acc[t]);
-      acc[t] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(row + 8), acc[t]);
+    LLMKIT_UNROLL for (int j = 0; j < NO; ++j) {
+      __m256 wv[2];  // even, odd
+      Widened<c10::BFloat16>::load(w + j * k, b, wv);
+      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
+        const float* row = x + (m0 + t) * k + 16 * b;
+        acc[j * MT + t] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(row), acc[j * MT + t]);
+        acc[j * MT + t] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(row + 8), acc[j * MT + t]);
+      }
     }
   };
-  over_blocks<MT>(k / 16, step, res);
+  over_blocks<NO * MT>(k / 16, step, res);
   i = k / 16 * 16;
 #else
-  for (int t = 0; t < MT; ++t) res[t] = 0.f;
+  for (int t = 0; t < NO * MT; ++t) res[t] = 0.f;
   for (; i + 16 <= k; i += 16)
-    for (int j = 0; j < 16; ++j)
-      for (int t = 0; t < MT; ++t)
-        res[t] += static_cast<float>(w[i + j]) * x[(m0 + t) * k + i + j / 2 + 8 * (j % 2)];
+    for (int e = 0; e < 16; ++e)
+      for (int j = 0; j < NO; ++j)
+        for (int t = 0; t < MT; ++t)
+          res[j * MT + t] += static_cast<float>(w[j * k + i + e]) *
+                             x[(m0 + t) * k + i + e / 2 + 8 * (e % 2)];
 #endif
   for (; i < k; ++i)
-    for (int t = 0; t < MT; ++t) res[t] += static_cast<float>(w[i]) * x[(m0 + t) * k + i];
+    for (int j = 0; j < NO; ++j)
+      for (int t = 0; t < MT; ++t)
+        res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
 }
 
 // x [M, K] (float32 or bf16) as float32 with each block of 16 inputs reordered as bf16_row
@@ -828,7 +853,7 @@ const std::vector<float>& pair_ordered(const at::Tensor& x) {
 
 // From this many activation rows on, the product is bound by arithmetic rather than by the
 // weight's bytes, and register blocks of kHalfOutputs outputs x kHalfRows rows do more
-// multiply-adds per load than tiles of one output: each widened weight vector serves
+// multiply-adds per load than tiles, whose weight vectors serve 1 or 2 rows: each one serves
 // kHalfRows rows and each activation vector kHalfOutputs outputs (12 running sums, 3 weight
 // vectors and 1 activation vector fill AVX2's 16 registers).
 constexpr int64_t kBlockedMinRows = 12;
@@ -908,6 +933,12 @@ constexpr int kOrderedOutputs = 4;
 template <typename W>
 constexpr int kOrderedOutputs = std::is_same_v<W, c10::BFloat16> ? 2 : 3;
 #endif
+
+// Rows from which dense_linear takes ordered blocks rather than tiles of kRowOutputs outputs
+// (up to kBlockedMinRows): kOrderedRows, but for bf16 weights with AVX2's registers alone,
+// where a block of 2 outputs computes 4 to 11 rows slower than the tiles.
+template <typename W>
+constexpr int64_t kOrderedFrom = kOrderedOutputs<W> == 2 ? kBlockedMinRows : kOrderedRows;
 
 // Blocks an ordered block takes in each of its kOrder passes before the next chunk: the
 // chunk's weights and activations stay in L1 from one pass to the next.
@@ -1026,15 +1057,16 @@ at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
     if (rows >= kBlockedMinRows) return half_blocked<T>(out, weights, k, x32.data_ptr<float>());
     // bf16 weights below the blocked path: activations in bf16_row's pair order
     const float* xp = bf16 ? pair_ordered(x).data() : x32.data_ptr<float>();
-    auto row = [&](auto mt, int64_t o, int64_t m0, float* res) {
+    auto row = [&](auto no, auto mt, int64_t o, int64_t m0, float* res) {
+      constexpr int NO = decltype(no)::value, MT = decltype(mt)::value;
       if constexpr (bf16) {
-        bf16_row<decltype(mt)::value>(weights + o * k, k, xp, m0, res);
+        bf16_row<NO, MT>(weights + o * k, k, xp, m0, res);
       } else {
-        half_row<decltype(mt)::value, W>(weights + o * k, k, xp, m0, res);
+        half_row<NO, MT, W>(weights + o * k, k, xp, m0, res);
       }
     };
 #ifdef LLMKIT_AVX2
-    if (rows >= kOrderedRows) return ordered<T>(out, weights, k, xp);
+    if (rows >= kOrderedFrom<W>) return ordered<T>(out, weights, k, xp);
 #endif
     each_output<T>(out, rows, n, row);
   };
