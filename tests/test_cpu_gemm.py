@@ -194,24 +194,28 @@ def test_dense_kernel_is_the_float_product_of_the_weights(weight_dtype, dtype, i
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_kernel_gives_a_row_its_bits_alone_below_the_blocked_path(weight_dtype, dtype):
+def test_dense_kernel_gives_rows_below_the_blocked_path_and_every_output_their_own_bits(
+    weight_dtype, dtype
+):
     """Below the 3 x 4 register blocks (12 rows), tiles of 2 and 1 rows and ordered blocks of
     several outputs x 4 to 7 rows sum each row in the single row's order, so a row's bits are
     the same alone as in the call: a speculative verify step's rows stand for decode steps.
-    An output's bits are its own too: the same computed alone as in the tiles of 8 outputs or
-    the blocks of 2, 3 or 4 it shares. 19 outputs: 2 tiles of 8 and 3 left alone, blocks of
-    2, 3 or 4 and the ones left alone. 2350 inputs: chunks of the ordered blocks' passes, a
-    last one cut short, blocks past the last whole 4, and a tail (bf16's blocks of 16 inputs
-    and the others' of 8 alike)."""
+    An output's bits are its own at every row count: the same computed alone as in the
+    tiles of 8 outputs or the blocks of 2, 3 or 4 it shares, spread over the outputs (12 and
+    13 rows) or side by side (33). 19 outputs: 2 tiles of 8 and 3 left alone, blocks of 2, 3
+    or 4 and the ones left alone. 2350 inputs: chunks of the ordered blocks' passes, a last
+    one cut short, blocks past the last whole 4, and a tail (bf16's blocks of 16 inputs and
+    the others' of 8 alike)."""
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(19, 2350, generator=g).to(weight_dtype)
     module = DenseLinear(weight, None)
     assert module.op is not None
-    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 33):
         x = torch.randn(rows, 2350, generator=g).to(dtype)
         got = module.op(x, module.weight)
-        alone = torch.cat([module.op(x[m : m + 1], module.weight) for m in range(rows)])
-        assert torch.equal(alone, got), rows
+        if rows < 12:
+            alone = torch.cat([module.op(x[m : m + 1], module.weight) for m in range(rows)])
+            assert torch.equal(alone, got), rows
         outputs = [module.op(x, module.weight[j : j + 1].contiguous()) for j in range(19)]
         assert torch.equal(torch.cat(outputs, dim=1), got), rows
 

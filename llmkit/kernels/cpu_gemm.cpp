@@ -25,7 +25,8 @@
 // - dense_linear: bf16, fp16 or float32 weights [N, K] (the 16-bit ones widened to float32 in
 //   registers), float32 sums; below kBlockedMinRows rows, each row's in one order whatever
 //   the rows beside it (over_blocks): 1 to 3 rows in tiles of kRowOutputs outputs, from
-//   kOrderedFrom rows on in register blocks of several outputs (ordered_block).
+//   kOrderedRows rows on in register blocks of several outputs (ordered_block), the outputs
+//   of a tile or block spread over the thread's share (spread).
 // - pairs_linear (built where the CPU has AVX512-BF16): bf16 weights repacked at load as
 //   [N / 64, K / 2, 64, 2] against bf16 activations, in the CPU's bf16 pair products
 //   (exact products, float32 sums).
@@ -78,8 +79,7 @@ constexpr int kTile = 8;  // activation rows computed together against a weight 
 // on them: each sum waits for its previous FMA, and a single row needs four to hide that.
 constexpr int kOrder = 4;
 // Activation rows an ordered_block takes (from this many rows on, dense_linear takes them in
-// ordered blocks of several outputs, except where kOrderedFrom says otherwise; fewer rows go
-// in tiles of up to 2 rows).
+// ordered blocks of several outputs; fewer rows go in tiles of up to 2 rows).
 constexpr int kOrderedRows = 4;
 
 // ---------------------------------------------------------------------------------------
@@ -421,34 +421,51 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const ZeroTerms<
 
 #endif
 
-// Rows [m0, rows) of activations against outputs [o, o + NO) in tiles of MT rows, then of
-// fewer: row(NO, MT, o, m0, res) fills res[j * MT + t] with output o + j of row m0 + t.
+// Rows [m0, rows) of activations against outputs o + j gap (j < NO) in tiles of MT rows,
+// then of fewer: row(NO, MT, o, gap, m0, res) fills res[j * MT + t] with output o + j gap of
+// row m0 + t.
 template <int MT, int NO, typename T, typename Row>
-inline void tiles(T* out, int64_t n, int64_t o, int64_t m0, int64_t rows, Row& row) {
+inline void tiles(T* out, int64_t n, int64_t o, int64_t gap, int64_t m0, int64_t rows,
+                  Row& row) {
   float res[NO * MT];
   for (; m0 + MT <= rows; m0 += MT) {
-    row(std::integral_constant<int, NO>(), std::integral_constant<int, MT>(), o, m0, res);
+    row(std::integral_constant<int, NO>(), std::integral_constant<int, MT>(), o, gap, m0, res);
     for (int j = 0; j < NO; ++j)
-      for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j, res[j * MT + t]);
+      for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j * gap, res[j * MT + t]);
   }
-  if constexpr (MT > 1) tiles<MT / 2, NO>(out, n, o, m0, rows, row);
+  if constexpr (MT > 1) tiles<MT / 2, NO>(out, n, o, gap, m0, rows, row);
 }
 
-// Outputs a tile takes at once. Each output's weight row is a stream of its own, and a core's
-// prefetchers keep several streams coming faster than one: a bandwidth-bound product reads
-// its weight faster 8 rows at a time than one.
+// A thread's share [begin, end) of the outputs in groups of NO: group(o, gap) takes outputs
+// o + j gap (j < NO), and one(o) the outputs past the last whole group alone. Spread `apart`,
+// the groups' outputs lie evenly over the share (gap = the number of groups), else side by
+// side (gap 1). Each output's weight row is a stream of its own, and a core's prefetchers
+// keep several streams coming faster than one; spread apart, each of the NO streams runs on
+// through a contiguous stretch of the weight, where adjacent outputs' rows would make short
+// streams (a few lines each where K is small) that the prefetchers do not foresee.
+template <int NO, typename Group, typename One>
+inline void spread(int64_t begin, int64_t end, bool apart, Group group, One one) {
+  const int64_t groups = (end - begin) / NO;
+  for (int64_t g = 0; g < groups; ++g) apart ? group(begin + g, groups) : group(begin + g * NO, 1);
+  for (int64_t o = begin + groups * NO; o < end; ++o) one(o);
+}
+
+// Outputs a tile takes at once (spread): a bandwidth-bound product reads its weight faster
+// 8 rows at a time than one.
 constexpr int kRowOutputs = 8;
 
-// Every output and every tile of activation rows, kRowOutputs outputs at a time (the last
-// of a thread's share one at a time), the outputs shared among the threads.
+// Every output and every tile of activation rows, kRowOutputs outputs at a time, the outputs
+// shared among the threads.
 template <typename T, typename Row>
 void each_output(const at::Tensor& out, int64_t rows, int64_t n, Row row) {
   T* o_ptr = out.data_ptr<T>();
   at::parallel_for(0, n, 2 * kRowOutputs, [&](int64_t begin, int64_t end) {
-    int64_t o = begin;
-    for (; o + kRowOutputs <= end; o += kRowOutputs)
-      tiles<kOrderedRows / 2, kRowOutputs>(o_ptr, n, o, 0, rows, row);
-    for (; o < end; ++o) tiles<kOrderedRows / 2, 1>(o_ptr, n, o, 0, rows, row);
+    spread<kRowOutputs>(
+        begin, end, true,
+        [&](int64_t o, int64_t gap) {
+          tiles<kOrderedRows / 2, kRowOutputs>(o_ptr, n, o, gap, 0, rows, row);
+        },
+        [&](int64_t o) { tiles<kOrderedRows / 2, 1>(o_ptr, n, o, 1, 0, rows, row); });
   });
 }
 
@@ -764,15 +781,15 @@ struct Widened<c10::BFloat16> {
 
 #endif
 
-// Outputs [0, NO) (weight rows w + j k) against activation rows [m0, m0 + MT), each (output,
+// Outputs [0, NO) (weight rows w + j ws) against activation rows [m0, m0 + MT), each (output,
 // row) summed in over_blocks' order; res[j * MT + t]: output j of row m0 + t.
 template <int NO, int MT, typename W>
-inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
+inline void half_row(const W* w, int64_t ws, int64_t k, const float* x, int64_t m0, float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
   auto step = [=](int64_t b, __m256* acc) {
     LLMKIT_UNROLL for (int j = 0; j < NO; ++j) {
-      const __m256 wv = widen8(w + j * k + 8 * b);
+      const __m256 wv = widen8(w + j * ws + 8 * b);
       LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
         const __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + 8 * b);
         acc[j * MT + t] = _mm256_fmadd_ps(wv, xv, acc[j * MT + t]);
@@ -787,20 +804,21 @@ inline void half_row(const W* w, int64_t k, const float* x, int64_t m0, float* r
   for (; i < k; ++i)
     for (int j = 0; j < NO; ++j)
       for (int t = 0; t < MT; ++t)
-        res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
+        res[j * MT + t] += static_cast<float>(w[j * ws + i]) * x[(m0 + t) * k + i];
 }
 
 // bf16 weights 16 at a time: in each 32-bit lane the low half (an even input) becomes a float
 // shifted up, the high half (an odd input) masked; `x` holds each row's activations in that
 // order (pair_ordered), the inputs past the last 16 as they are. Outputs and res as half_row.
 template <int NO, int MT>
-inline void bf16_row(const c10::BFloat16* w, int64_t k, const float* x, int64_t m0, float* res) {
+inline void bf16_row(const c10::BFloat16* w, int64_t ws, int64_t k, const float* x, int64_t m0,
+                     float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
   auto step = [=](int64_t b, __m256* acc) {
     LLMKIT_UNROLL for (int j = 0; j < NO; ++j) {
       __m256 wv[2];  // even, odd
-      Widened<c10::BFloat16>::load(w + j * k, b, wv);
+      Widened<c10::BFloat16>::load(w + j * ws, b, wv);
       LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
         const float* row = x + (m0 + t) * k + 16 * b;
         acc[j * MT + t] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(row), acc[j * MT + t]);
@@ -816,13 +834,13 @@ inline void bf16_row(const c10::BFloat16* w, int64_t k, const float* x, int64_t 
     for (int e = 0; e < 16; ++e)
       for (int j = 0; j < NO; ++j)
         for (int t = 0; t < MT; ++t)
-          res[j * MT + t] += static_cast<float>(w[j * k + i + e]) *
+          res[j * MT + t] += static_cast<float>(w[j * ws + i + e]) *
                              x[(m0 + t) * k + i + e / 2 + 8 * (e % 2)];
 #endif
   for (; i < k; ++i)
     for (int j = 0; j < NO; ++j)
       for (int t = 0; t < MT; ++t)
-        res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
+        res[j * MT + t] += static_cast<float>(w[j * ws + i]) * x[(m0 + t) * k + i];
 }
 
 // x [M, K] (float32 or bf16) as float32 with each block of 16 inputs reordered as bf16_row
@@ -860,10 +878,11 @@ constexpr int64_t kBlockedMinRows = 12;
 constexpr int kHalfOutputs = 3;
 constexpr int kHalfRows = 4;
 
-// Outputs [o, o + NT) against activation rows [m0, m0 + MT); res[j * MT + t] is output o + j
-// of row m0 + t.
+// Outputs [0, NT) (weight rows w + j ws) against activation rows [m0, m0 + MT);
+// res[j * MT + t] is output j of row m0 + t.
 template <int MT, int NT, typename W>
-inline void half_block(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
+inline void half_block(const W* w, int64_t ws, int64_t k, const float* x, int64_t m0,
+                       float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
   __m256 acc[NT][MT];
@@ -871,7 +890,7 @@ inline void half_block(const W* w, int64_t k, const float* x, int64_t m0, float*
     for (int t = 0; t < MT; ++t) acc[j][t] = _mm256_setzero_ps();
   for (; i + 8 <= k; i += 8) {
     __m256 wv[NT];
-    for (int j = 0; j < NT; ++j) wv[j] = widen8(w + j * k + i);
+    for (int j = 0; j < NT; ++j) wv[j] = widen8(w + j * ws + i);
     for (int t = 0; t < MT; ++t) {
       __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + i);
       // In a register, once: left to itself the compiler reloads it into every multiply-add
@@ -888,35 +907,38 @@ inline void half_block(const W* w, int64_t k, const float* x, int64_t m0, float*
   for (; i < k; ++i)
     for (int j = 0; j < NT; ++j)
       for (int t = 0; t < MT; ++t)
-        res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
+        res[j * MT + t] += static_cast<float>(w[j * ws + i]) * x[(m0 + t) * k + i];
 }
 
-// Outputs [o, o + NT) for activation rows [m0, rows): blocks of MT rows, then of fewer.
+// Outputs o + j gap (j < NT) for activation rows [m0, rows): blocks of MT rows, then of
+// fewer.
 template <int MT, int NT, typename T, typename W>
 inline void half_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
-                        int64_t m0, int64_t rows) {
+                        int64_t gap, int64_t m0, int64_t rows) {
   float res[NT * MT];
   for (; m0 + MT <= rows; m0 += MT) {
-    half_block<MT, NT>(w + o * k, k, x, m0, res);
+    half_block<MT, NT>(w + o * k, gap * k, k, x, m0, res);
     for (int j = 0; j < NT; ++j)
-      for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j, res[j * MT + t]);
+      for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j * gap, res[j * MT + t]);
   }
-  if constexpr (MT > 1) half_blocks<MT / 2, NT>(out, w, n, k, x, o, m0, rows);
+  if constexpr (MT > 1) half_blocks<MT / 2, NT>(out, w, n, k, x, o, gap, m0, rows);
 }
+
+// From this many rows on, the 3 x 4 blocks take adjacent outputs: bound by arithmetic, they
+// gain nothing from spread-out streams (AVX2 alone: about 1.05x the time at 64 rows spread).
+constexpr int64_t kSpreadMaxRows = 32;
 
 template <typename T, typename W>
 void half_blocked(const at::Tensor& out, const W* w, int64_t k, const float* x) {
   const int64_t rows = out.size(0), n = out.size(1);
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, (n + kHalfOutputs - 1) / kHalfOutputs, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin * kHalfOutputs; o < std::min(n, end * kHalfOutputs);) {
-      if (o + kHalfOutputs <= n) {
-        half_blocks<kHalfRows, kHalfOutputs>(o_ptr, w, n, k, x, o, 0, rows);
-        o += kHalfOutputs;
-      } else {
-        half_blocks<kHalfRows, 1>(o_ptr, w, n, k, x, o++, 0, rows);
-      }
-    }
+  at::parallel_for(0, n, 2 * kRowOutputs, [&](int64_t begin, int64_t end) {
+    spread<kHalfOutputs>(
+        begin, end, rows < kSpreadMaxRows,
+        [&](int64_t o, int64_t gap) {
+          half_blocks<kHalfRows, kHalfOutputs>(o_ptr, w, n, k, x, o, gap, 0, rows);
+        },
+        [&](int64_t o) { half_blocks<kHalfRows, 1>(o_ptr, w, n, k, x, o, 1, 0, rows); });
   });
 }
 
@@ -934,24 +956,19 @@ template <typename W>
 constexpr int kOrderedOutputs = std::is_same_v<W, c10::BFloat16> ? 2 : 3;
 #endif
 
-// Rows from which dense_linear takes ordered blocks rather than tiles of kRowOutputs outputs
-// (up to kBlockedMinRows): kOrderedRows, but for bf16 weights with AVX2's registers alone,
-// where a block of 2 outputs computes 4 to 11 rows slower than the tiles.
-template <typename W>
-constexpr int64_t kOrderedFrom = kOrderedOutputs<W> == 2 ? kBlockedMinRows : kOrderedRows;
-
 // Blocks an ordered block takes in each of its kOrder passes before the next chunk: the
 // chunk's weights and activations stay in L1 from one pass to the next.
 constexpr int64_t kChunkBlocks = 64;
 
-// Outputs [o, o + NT) against activation rows [m0, m0 + MT), each (output, row) summed in the
-// order of a single row (over_blocks), then the inputs past the last block added one by one
-// as the tiles add them: a row gets the same bits as alone. The running sums are taken one at
-// a time, each over every kOrder-th block of a chunk, so the registers hold one sum of each
-// (output, row) and each weight vector serves MT rows, each activation vector NT outputs.
-// res[j * MT + t]: output o + j of row m0 + t.
+// Outputs [0, NT) (weight rows w + j ws) against activation rows [m0, m0 + MT), each (output,
+// row) summed in the order of a single row (over_blocks), then the inputs past the last block
+// added one by one as the tiles add them: a row gets the same bits as alone. The running sums
+// are taken one at a time, each over every kOrder-th block of a chunk, so the registers hold
+// one sum of each (output, row) and each weight vector serves MT rows, each activation vector
+// NT outputs. res[j * MT + t]: output j of row m0 + t.
 template <int NT, int MT, typename W>
-inline void ordered_block(const W* w, int64_t k, const float* x, int64_t m0, float* res) {
+inline void ordered_block(const W* w, int64_t ws, int64_t k, const float* x, int64_t m0,
+                          float* res) {
   using B = Widened<W>;
   const int64_t blocks = k / B::kWidth, whole = blocks / kOrder * kOrder;
   __m256 sums[kOrder][NT][MT];
@@ -964,7 +981,7 @@ inline void ordered_block(const W* w, int64_t k, const float* x, int64_t m0, flo
       LLMKIT_UNROLL for (int t = 0; t < MT; ++t) acc[j][t] = sums[a][j][t];
     for (int64_t b = begin; b < end; b += stride) {
       __m256 wv[NT][B::kVectors];
-      LLMKIT_UNROLL for (int j = 0; j < NT; ++j) B::load(w + j * k, b, wv[j]);
+      LLMKIT_UNROLL for (int j = 0; j < NT; ++j) B::load(w + j * ws, b, wv[j]);
       LLMKIT_UNROLL for (int v = 0; v < B::kVectors; ++v)
         LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
           __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + B::kWidth * b + 8 * v);
@@ -988,53 +1005,50 @@ inline void ordered_block(const W* w, int64_t k, const float* x, int64_t m0, flo
   for (int64_t i = blocks * B::kWidth; i < k; ++i)
     for (int j = 0; j < NT; ++j)
       for (int t = 0; t < MT; ++t)
-        res[j * MT + t] += static_cast<float>(w[j * k + i]) * x[(m0 + t) * k + i];
+        res[j * MT + t] += static_cast<float>(w[j * ws + i]) * x[(m0 + t) * k + i];
 }
 
-// Outputs [o, o + NT) against activation rows [m0, m0 + MT), written to out.
+// Outputs o + j gap (j < NT) against activation rows [m0, m0 + MT), written to out.
 template <int NT, int MT, typename T, typename W>
 inline void put_block(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
-                      int64_t m0) {
+                      int64_t gap, int64_t m0) {
   float res[NT * MT];
-  ordered_block<NT, MT>(w + o * k, k, x, m0, res);
+  ordered_block<NT, MT>(w + o * k, gap * k, k, x, m0, res);
   for (int j = 0; j < NT; ++j)
-    for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j, res[j * MT + t]);
+    for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j * gap, res[j * MT + t]);
 }
 
-// Outputs [o, o + NT) for all `rows` (at least kOrderedRows) activation rows: ordered blocks of
-// kOrderedRows rows, the last one taking the rows left over too (kOrderedRows to twice that
-// less one; with AVX2 alone its sums spill a few registers, which costs less than a tile).
+// Outputs o + j gap (j < NT) for all `rows` (at least kOrderedRows) activation rows: ordered
+// blocks of kOrderedRows rows, the last one taking the rows left over too (kOrderedRows to
+// twice that less one; with AVX2 alone its sums spill a few registers, which costs less than
+// a tile).
 template <int NT, typename T, typename W>
 inline void ordered_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
-                           int64_t rows) {
+                           int64_t gap, int64_t rows) {
   constexpr int MT = kOrderedRows;
   static_assert(MT == 4, "the last block below takes 4 to 7 rows");
   int64_t m0 = 0;
-  for (; rows - m0 >= 2 * MT; m0 += MT) put_block<NT, MT>(out, w, n, k, x, o, m0);
+  for (; rows - m0 >= 2 * MT; m0 += MT) put_block<NT, MT>(out, w, n, k, x, o, gap, m0);
   switch (rows - m0) {
-    case 7: return put_block<NT, 7>(out, w, n, k, x, o, m0);
-    case 6: return put_block<NT, 6>(out, w, n, k, x, o, m0);
-    case 5: return put_block<NT, 5>(out, w, n, k, x, o, m0);
-    default: return put_block<NT, 4>(out, w, n, k, x, o, m0);
+    case 7: return put_block<NT, 7>(out, w, n, k, x, o, gap, m0);
+    case 6: return put_block<NT, 6>(out, w, n, k, x, o, gap, m0);
+    case 5: return put_block<NT, 5>(out, w, n, k, x, o, gap, m0);
+    default: return put_block<NT, 4>(out, w, n, k, x, o, gap, m0);
   }
 }
 
-// Every output in ordered blocks of kOrderedOutputs<W> outputs (the last ones alone), the
-// blocks shared among the threads.
+// Every output in ordered blocks of kOrderedOutputs<W> outputs spread over the thread's share
+// (the outputs past the last whole block alone), the outputs shared among the threads.
 template <typename T, typename W>
 void ordered(const at::Tensor& out, const W* w, int64_t k, const float* x) {
   constexpr int NT = kOrderedOutputs<W>;
   const int64_t rows = out.size(0), n = out.size(1);
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, (n + NT - 1) / NT, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin * NT; o < std::min(n, end * NT);) {
-      if (o + NT <= n) {
-        ordered_blocks<NT>(o_ptr, w, n, k, x, o, rows);
-        o += NT;
-      } else {
-        ordered_blocks<1>(o_ptr, w, n, k, x, o++, rows);
-      }
-    }
+  at::parallel_for(0, n, 2 * kRowOutputs, [&](int64_t begin, int64_t end) {
+    spread<NT>(
+        begin, end, true,
+        [&](int64_t o, int64_t gap) { ordered_blocks<NT>(o_ptr, w, n, k, x, o, gap, rows); },
+        [&](int64_t o) { ordered_blocks<1>(o_ptr, w, n, k, x, o, 1, rows); });
   });
 }
 
@@ -1057,16 +1071,16 @@ at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
     if (rows >= kBlockedMinRows) return half_blocked<T>(out, weights, k, x32.data_ptr<float>());
     // bf16 weights below the blocked path: activations in bf16_row's pair order
     const float* xp = bf16 ? pair_ordered(x).data() : x32.data_ptr<float>();
-    auto row = [&](auto no, auto mt, int64_t o, int64_t m0, float* res) {
+    auto row = [&](auto no, auto mt, int64_t o, int64_t gap, int64_t m0, float* res) {
       constexpr int NO = decltype(no)::value, MT = decltype(mt)::value;
       if constexpr (bf16) {
-        bf16_row<NO, MT>(weights + o * k, k, xp, m0, res);
+        bf16_row<NO, MT>(weights + o * k, gap * k, k, xp, m0, res);
       } else {
-        half_row<NO, MT, W>(weights + o * k, k, xp, m0, res);
+        half_row<NO, MT, W>(weights + o * k, gap * k, k, xp, m0, res);
       }
     };
 #ifdef LLMKIT_AVX2
-    if (rows >= kOrderedFrom<W>) return ordered<T>(out, weights, k, xp);
+    if (rows >= kOrderedRows) return ordered<T>(out, weights, k, xp);
 #endif
     each_output<T>(out, rows, n, row);
   };
