@@ -202,12 +202,13 @@ def test_dense_kernel_gives_rows_below_the_blocked_path_and_every_output_their_o
     the same alone as in the call: a speculative verify step's rows stand for decode steps.
     An output's bits are its own at every row count: the same computed alone as in the
     tiles of 8 outputs or the blocks of 2, 3 or 4 it shares, spread over the outputs (12 and
-    13 rows) or side by side (33). 19 outputs: 2 tiles of 8 and 3 left alone, blocks of 2, 3
-    or 4 and the ones left alone. 2350 inputs: chunks of the ordered blocks' passes, a last
-    one cut short, blocks past the last whole 4, and a tail (bf16's blocks of 16 inputs and
-    the others' of 8 alike)."""
+    13 rows) or side by side (33). 37 outputs: on one thread or two, each thread's share
+    holds at least 2 groups of 8, 4, 3 or 2 spread outputs (so at least 2 apart) and outputs
+    left alone. 2350 inputs: chunks of the ordered blocks' passes, a last one cut short,
+    blocks past the last whole 4, and a tail (bf16's blocks of 16 inputs and the others' of
+    8 alike)."""
     g = torch.Generator().manual_seed(1)
-    weight = torch.randn(19, 2350, generator=g).to(weight_dtype)
+    weight = torch.randn(37, 2350, generator=g).to(weight_dtype)
     module = DenseLinear(weight, None)
     assert module.op is not None
     for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 33):
@@ -216,7 +217,7 @@ def test_dense_kernel_gives_rows_below_the_blocked_path_and_every_output_their_o
         if rows < 12:
             alone = torch.cat([module.op(x[m : m + 1], module.weight) for m in range(rows)])
             assert torch.equal(alone, got), rows
-        outputs = [module.op(x, module.weight[j : j + 1].contiguous()) for j in range(19)]
+        outputs = [module.op(x, module.weight[j : j + 1].contiguous()) for j in range(37)]
         assert torch.equal(torch.cat(outputs, dim=1), got), rows
 
 

@@ -453,13 +453,15 @@ inline void spread(int64_t begin, int64_t end, bool apart, Group group, One one)
 // Outputs a tile takes at once (spread): a bandwidth-bound product reads its weight faster
 // 8 rows at a time than one.
 constexpr int kRowOutputs = 8;
+// The fewest outputs a thread's share of a dense product holds (at::parallel_for's grain).
+constexpr int64_t kShareOutputs = 2 * kRowOutputs;
 
 // Every output and every tile of activation rows, kRowOutputs outputs at a time, the outputs
 // shared among the threads.
 template <typename T, typename Row>
 void each_output(const at::Tensor& out, int64_t rows, int64_t n, Row row) {
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, n, 2 * kRowOutputs, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kShareOutputs, [&](int64_t begin, int64_t end) {
     spread<kRowOutputs>(
         begin, end, true,
         [&](int64_t o, int64_t gap) {
@@ -932,7 +934,7 @@ template <typename T, typename W>
 void half_blocked(const at::Tensor& out, const W* w, int64_t k, const float* x) {
   const int64_t rows = out.size(0), n = out.size(1);
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, n, 2 * kRowOutputs, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kShareOutputs, [&](int64_t begin, int64_t end) {
     spread<kHalfOutputs>(
         begin, end, rows < kSpreadMaxRows,
         [&](int64_t o, int64_t gap) {
@@ -1044,7 +1046,7 @@ void ordered(const at::Tensor& out, const W* w, int64_t k, const float* x) {
   constexpr int NT = kOrderedOutputs<W>;
   const int64_t rows = out.size(0), n = out.size(1);
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, n, 2 * kRowOutputs, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kShareOutputs, [&](int64_t begin, int64_t end) {
     spread<NT>(
         begin, end, true,
         [&](int64_t o, int64_t gap) { ordered_blocks<NT>(o_ptr, w, n, k, x, o, gap, rows); },
