@@ -1,7 +1,7 @@
 """CPU decoding against llama.cpp, the anchor for local CPU inference: `small-llama` (124.7M
 parameters) at bf16, int8 and int4, batch-1 decode and 64-sequence generation (targets for
 bf16 and int4; int8 is reported beside them), and bf16's 8-sequence generation (where a CPU
-without AVX512-BF16 runs its steps through the dense kernel's ordered blocks; reported), the
+without AVX512-BF16 runs its steps through the dense kernel's register blocks; reported), the
 tools alternating in one run, with the copy bandwidth measured in the same run.
 
 llmkit: `llmkit bench offline` in its own process (the engine, the kernels a server runs),
@@ -73,7 +73,7 @@ MODELS = {
 # the 64-sequence comparison; the issue's targets are bf16's and int4's, int8's is reported
 BATCHED = ("bf16", "int8", "int4-rtn-g32")
 BATCHED_TARGETS = ("bf16", "int4-rtn-g32")
-# 8 sequences, where the dense kernel's ordered blocks take bf16's steps (on CPUs without
+# 8 sequences, where the dense kernel's register blocks take bf16's steps (on CPUs without
 # AVX512-BF16, or held to AVX2): reported, no target
 FEW = ("bf16",)
 OWN = ("bf16", "int4-rtn-g32")  # int4's batch-1 speed over bf16's: each round runs both again

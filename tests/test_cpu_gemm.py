@@ -26,7 +26,7 @@ from llmkit.runtime.layers.linear import (
 from tests.test_runtime_quantized import random_grouped
 
 pytestmark = pytest.mark.skipif(cpu.ops() is None, reason="the CPU kernels cannot be built here")
-ROWS = [1, 3, 4, 9, 15]  # 15 rows: tiles of 8, 4, 2 and 1 (the dense kernel: 3 x 4 blocks)
+ROWS = [1, 3, 4, 9, 15]  # 15 rows: tiles of 8, 4, 2 and 1 (the dense kernel: blocks of 4, 4 and 7)
 CPU = torch.device("cpu")
 
 
@@ -178,8 +178,8 @@ def test_int8_weights_holding_minus_128_use_torch():
 @pytest.mark.parametrize("inputs", [200, 203])  # a tail past 16 lanes; then past 8 too
 def test_dense_kernel_is_the_float_product_of_the_weights(weight_dtype, dtype, inputs):
     """Half-precision weights widened to float32 in registers, float32 ones as they are,
-    float32 sums; in tiles (1 to 3 rows), ordered blocks of 4 to 7 rows (4, 6, 7, 9 = 4 + 5)
-    and 3 x 4 blocks (15 rows and more)."""
+    float32 sums; in tiles (1 to 3 rows) and register blocks of 4 to 7 rows (4, 6, 7, 9 = 4 +
+    5, 15 = 4 + 4 + 7, and the most the kernel takes)."""
     import llmkit.runtime.layers.linear as linear
 
     g = torch.Generator().manual_seed(0)
@@ -194,29 +194,25 @@ def test_dense_kernel_is_the_float_product_of_the_weights(weight_dtype, dtype, i
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_kernel_gives_rows_below_the_blocked_path_and_every_output_their_own_bits(
-    weight_dtype, dtype
-):
-    """Below the 3 x 4 register blocks (12 rows), tiles of 2 and 1 rows and ordered blocks of
-    several outputs x 4 to 7 rows sum each row in the single row's order, so a row's bits are
-    the same alone as in the call: a speculative verify step's rows stand for decode steps.
-    An output's bits are its own at every row count: the same computed alone as in the
-    tiles of 8 outputs or the blocks of 2, 3 or 4 it shares, spread over the outputs (12 and
-    13 rows) or side by side (33). 37 outputs: on one thread or two, each thread's share
-    holds at least 2 groups of 8, 4, 3 or 2 spread outputs (so at least 2 apart) and outputs
-    left alone. 2350 inputs: chunks of the ordered blocks' passes, a last one cut short,
-    blocks past the last whole 4, and a tail (bf16's blocks of 16 inputs and the others' of
-    8 alike)."""
+def test_dense_kernel_gives_every_row_and_every_output_their_own_bits(weight_dtype, dtype):
+    """Tiles of 2 and 1 rows and register blocks of several outputs x 4 to 7 rows sum each
+    (output, row) in one order, so a row's bits are the same alone as in a call of any size:
+    a speculative verify step's rows stand for decode steps, and a decode step's rows do not
+    depend on the batch. The same for an output computed alone and in the tiles of 8 outputs
+    or the blocks of 3 or 4 it shares, spread over the outputs (12 and 13 rows) or side by
+    side (33 and 64). 37 outputs: on one thread or two, each thread's share holds at least 2
+    groups of 8, 4 or 3 spread outputs (so at least 2 apart) and outputs left alone. 2350
+    inputs: a tail past the last block (bf16's blocks of 16 inputs and the others' of 8
+    alike)."""
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(37, 2350, generator=g).to(weight_dtype)
     module = DenseLinear(weight, None)
     assert module.op is not None
-    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 33):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 33, 64):
         x = torch.randn(rows, 2350, generator=g).to(dtype)
         got = module.op(x, module.weight)
-        if rows < 12:
-            alone = torch.cat([module.op(x[m : m + 1], module.weight) for m in range(rows)])
-            assert torch.equal(alone, got), rows
+        alone = torch.cat([module.op(x[m : m + 1], module.weight) for m in range(rows)])
+        assert torch.equal(alone, got), rows
         outputs = [module.op(x, module.weight[j : j + 1].contiguous()) for j in range(37)]
         assert torch.equal(torch.cat(outputs, dim=1), got), rows
 

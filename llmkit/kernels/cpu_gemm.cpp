@@ -23,20 +23,19 @@
 //   summed in int32 over the whole row: exact, so it gives float(acc) * x_scale * scale as
 //   torch._int_mm does.
 // - dense_linear: bf16, fp16 or float32 weights [N, K] (the 16-bit ones widened to float32 in
-//   registers), float32 sums; below kBlockedMinRows rows, each row's in one order whatever
-//   the rows beside it (over_blocks): 1 to 3 rows in tiles of kRowOutputs outputs, from
-//   kOrderedRows rows on in register blocks of several outputs (ordered_block), the outputs
-//   of a tile or block spread over the thread's share (spread).
+//   registers), float32 sums, each row's in one order whatever the rows beside it
+//   (dense_block): 1 to 3 rows in tiles of kRowOutputs outputs, from kOrderedRows rows on in
+//   register blocks of several outputs, the outputs of a tile or block spread over the
+//   thread's share (spread).
 // - pairs_linear (built where the CPU has AVX512-BF16): bf16 weights repacked at load as
 //   [N / 64, K / 2, 64, 2] against bf16 activations, in the CPU's bf16 pair products
 //   (exact products, float32 sums).
 //
 // Outputs are [M, N] in the activations' dtype (float32 or bfloat16). Output rows (tiles) are
 // split over the threads; every weight block is unpacked once and used for up to 8 activation
-// rows (dense_linear: up to 7 in its ordered blocks; from kBlockedMinRows rows on, 4 in
-// register blocks of 3 outputs x 4 rows that sum in another order). In
-// the tiled layouts one broadcast activation chunk serves the tile's 8 outputs, so prefills
-// take the same kernels, a pass of kPassRows rows at a time.
+// rows (dense_linear: up to 7 in its register blocks). In the tiled layouts one broadcast
+// activation chunk serves the tile's 8 outputs, so prefills take the same kernels, a pass of
+// kPassRows rows at a time.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -74,12 +73,8 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit packed block)
 constexpr int kTile = 8;  // activation rows computed together against a weight row (then 4, 2, 1)
-// A row's sum against a bf16, fp16 or float32 weight row is split in kOrder running sums
-// (over_blocks, ordered_block), whatever the rows beside it, so that its bits do not depend
-// on them: each sum waits for its previous FMA, and a single row needs four to hide that.
-constexpr int kOrder = 4;
-// Activation rows an ordered_block takes (from this many rows on, dense_linear takes them in
-// ordered blocks of several outputs; fewer rows go in tiles of up to 2 rows).
+// Activation rows a block of dense_linear takes (from this many rows on, it takes them in
+// register blocks of several outputs; fewer rows go in tiles of up to 2 rows).
 constexpr int kOrderedRows = 4;
 
 // ---------------------------------------------------------------------------------------
@@ -238,37 +233,6 @@ inline __m256 widen8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
-
-// res[t] = the sum over blocks b of step(b, acc)'s additions to acc[t], for MT activation
-// rows, in the order of a single row whatever MT is: block b goes to running sum b % kOrder
-// (the blocks past the last whole kOrder to sum 0), and the sums are added up in turn at the
-// end. A row thus gets the same bits alone as in a tile of any size, or in an ordered_block.
-// A tile holds all kOrder sums of each (output, row) at once and takes the blocks in one pass.
-template <int MT, typename Step>
-inline void over_blocks(int64_t blocks, Step step, float* res) {
-  const int64_t whole = blocks / kOrder * kOrder;
-  __m256 sums[kOrder][MT];
-  LLMKIT_UNROLL
-  for (int a = 0; a < kOrder; ++a)
-    for (int t = 0; t < MT; ++t) sums[a][t] = _mm256_setzero_ps();
-  if (whole > 0) {  // the loop's sums in locals, which stay in registers
-    __m256 acc[kOrder][MT];
-    LLMKIT_UNROLL
-    for (int a = 0; a < kOrder; ++a)
-      for (int t = 0; t < MT; ++t) acc[a][t] = sums[a][t];
-    for (int64_t b = 0; b < whole; b += kOrder)
-      for (int a = 0; a < kOrder; ++a) step(b + a, acc[a]);
-    LLMKIT_UNROLL
-    for (int a = 0; a < kOrder; ++a)
-      for (int t = 0; t < MT; ++t) sums[a][t] = acc[a][t];
-  }
-  for (int64_t b = whole; b < blocks; ++b) step(b, sums[0]);
-  for (int t = 0; t < MT; ++t) {
-    __m256 total = sums[0][t];
-    for (int a = 1; a < kOrder; ++a) total = _mm256_add_ps(total, sums[a][t]);
-    res[t] = hsum8(total);
-  }
-}
 
 #endif
 
@@ -758,97 +722,47 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scale) {
 
 // ---------------------------------------------------------------------------------------
 // bf16, fp16 and float32 weights
+//
+// Every (output, row) is summed in one order, whatever the outputs and rows computed beside
+// it: one running sum of 8 float32 lanes over the row's blocks of inputs in turn (Widened's
+// blocks, each vector of a block in turn), its lanes added up (hsum8), then the inputs past
+// the last block one by one. A row thus gets the same bits alone, in a decode step of any
+// size and in a speculative verify step. Tiles and blocks differ only in how many outputs
+// and rows share their loads; the sums of several outputs hide each other's FMA latency.
 
 #ifdef LLMKIT_AVX2
 
-// A block of inputs of one weight row as float32 vectors: bf16 weights 16 inputs at a time in
-// bf16_row's even and odd halves (the activations pair_ordered), fp16 and float32 weights 8
-// at a time as half_row widens them.
+// A block of inputs of one weight row as float32 vectors: 8 inputs, in order.
 template <typename W>
 struct Widened {
   static constexpr int64_t kWidth = 8;
   static constexpr int kVectors = 1;
-  static void load(const W* w, int64_t b, __m256* v) { v[0] = widen8(w + 8 * b); }
+  static constexpr bool kPairs = false;  // activations in order
+  static __m256 load(const W* w, int64_t b, int) { return widen8(w + 8 * b); }
 };
+
+#ifdef __AVX512VL__
+// bf16 weights where the CPU has AVX-512's 32 registers: 16 inputs at a time, vector 0 the 8
+// even inputs (the low halves of the 32-bit lanes, shifted up) and vector 1 the 8 odd ones
+// (the high halves, masked), against activations in that order (pair_ordered): one
+// instruction widens 8 weights where widen8 takes two. With AVX2's 16 registers a block of
+// two vectors leaves room for too few outputs, and bf16 weights take widen8's blocks.
 template <>
 struct Widened<c10::BFloat16> {
   static constexpr int64_t kWidth = 16;
   static constexpr int kVectors = 2;
-  static void load(const c10::BFloat16* w, int64_t b, __m256* v) {
+  static constexpr bool kPairs = true;
+  static __m256 load(const c10::BFloat16* w, int64_t b, int v) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * b));
-    v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-    v[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(-65536)));
+    return _mm256_castsi256_ps(v == 0 ? _mm256_slli_epi32(raw, 16)
+                                      : _mm256_and_si256(raw, _mm256_set1_epi32(-65536)));
   }
 };
 
-#endif
-
-// Outputs [0, NO) (weight rows w + j ws) against activation rows [m0, m0 + MT), each (output,
-// row) summed in over_blocks' order; res[j * MT + t]: output j of row m0 + t.
-template <int NO, int MT, typename W>
-inline void half_row(const W* w, int64_t ws, int64_t k, const float* x, int64_t m0, float* res) {
-  int64_t i = 0;
-#ifdef LLMKIT_AVX2
-  auto step = [=](int64_t b, __m256* acc) {
-    LLMKIT_UNROLL for (int j = 0; j < NO; ++j) {
-      const __m256 wv = widen8(w + j * ws + 8 * b);
-      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
-        const __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + 8 * b);
-        acc[j * MT + t] = _mm256_fmadd_ps(wv, xv, acc[j * MT + t]);
-      }
-    }
-  };
-  over_blocks<NO * MT>(k / 8, step, res);
-  i = k / 8 * 8;
-#else
-  for (int t = 0; t < NO * MT; ++t) res[t] = 0.f;
-#endif
-  for (; i < k; ++i)
-    for (int j = 0; j < NO; ++j)
-      for (int t = 0; t < MT; ++t)
-        res[j * MT + t] += static_cast<float>(w[j * ws + i]) * x[(m0 + t) * k + i];
-}
-
-// bf16 weights 16 at a time: in each 32-bit lane the low half (an even input) becomes a float
-// shifted up, the high half (an odd input) masked; `x` holds each row's activations in that
-// order (pair_ordered), the inputs past the last 16 as they are. Outputs and res as half_row.
-template <int NO, int MT>
-inline void bf16_row(const c10::BFloat16* w, int64_t ws, int64_t k, const float* x, int64_t m0,
-                     float* res) {
-  int64_t i = 0;
-#ifdef LLMKIT_AVX2
-  auto step = [=](int64_t b, __m256* acc) {
-    LLMKIT_UNROLL for (int j = 0; j < NO; ++j) {
-      __m256 wv[2];  // even, odd
-      Widened<c10::BFloat16>::load(w + j * ws, b, wv);
-      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
-        const float* row = x + (m0 + t) * k + 16 * b;
-        acc[j * MT + t] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(row), acc[j * MT + t]);
-        acc[j * MT + t] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(row + 8), acc[j * MT + t]);
-      }
-    }
-  };
-  over_blocks<NO * MT>(k / 16, step, res);
-  i = k / 16 * 16;
-#else
-  for (int t = 0; t < NO * MT; ++t) res[t] = 0.f;
-  for (; i + 16 <= k; i += 16)
-    for (int e = 0; e < 16; ++e)
-      for (int j = 0; j < NO; ++j)
-        for (int t = 0; t < MT; ++t)
-          res[j * MT + t] += static_cast<float>(w[j * ws + i + e]) *
-                             x[(m0 + t) * k + i + e / 2 + 8 * (e % 2)];
-#endif
-  for (; i < k; ++i)
-    for (int j = 0; j < NO; ++j)
-      for (int t = 0; t < MT; ++t)
-        res[j * MT + t] += static_cast<float>(w[j * ws + i]) * x[(m0 + t) * k + i];
-}
-
-// x [M, K] (float32 or bf16) as float32 with each block of 16 inputs reordered as bf16_row
-// reads them: the 8 even inputs, then the 8 odd ones; the inputs past the last 16 in place.
-// The calling thread's, kept and overwritten by its next call (as quantize_blocks' result
-// is): no tensor is made for it.
+// x [M, K] (float32 or bf16) as float32 with each block of 16 inputs reordered as bf16
+// weights' Widened blocks take them: the 8 even inputs, then the 8 odd ones; the inputs past
+// the last 16 in place. The calling thread's, kept and overwritten by its next call (as
+// quantize_blocks' result is): no tensor is made for it.
 const std::vector<float>& pair_ordered(const at::Tensor& x) {
   thread_local std::vector<float> out;
   const int64_t rows = x.size(0), k = x.size(1);
@@ -870,39 +784,52 @@ const std::vector<float>& pair_ordered(const at::Tensor& x) {
   }
   return out;
 }
+#endif
 
-// From this many activation rows on, the product is bound by arithmetic rather than by the
-// weight's bytes, and register blocks of kHalfOutputs outputs x kHalfRows rows do more
-// multiply-adds per load than tiles, whose weight vectors serve 1 or 2 rows: each one serves
-// kHalfRows rows and each activation vector kHalfOutputs outputs (12 running sums, 3 weight
-// vectors and 1 activation vector fill AVX2's 16 registers).
-constexpr int64_t kBlockedMinRows = 12;
-constexpr int kHalfOutputs = 3;
-constexpr int kHalfRows = 4;
+#endif
 
-// Outputs [0, NT) (weight rows w + j ws) against activation rows [m0, m0 + MT);
-// res[j * MT + t] is output j of row m0 + t.
-template <int MT, int NT, typename W>
-inline void half_block(const W* w, int64_t ws, int64_t k, const float* x, int64_t m0,
-                       float* res) {
+// Outputs [0, NT) (weight rows w + j ws) against activation rows [m0, m0 + MT), each (output,
+// row) summed in the one order above; x holds rows of K float32 activations (pair_ordered
+// where Widened<W> takes pairs). res[j * MT + t]: output j of row m0 + t.
+// A tile (MT < kOrderedRows) takes one weight vector at a time against each row's activation
+// vector straight from L1; a block holds its NT weight vectors and each activation vector in
+// registers, once, so each weight vector serves MT rows and each activation vector NT outputs.
+template <int NT, int MT, typename W>
+inline void dense_block(const W* w, int64_t ws, int64_t k, const float* x, int64_t m0,
+                        float* res) {
   int64_t i = 0;
 #ifdef LLMKIT_AVX2
+  using B = Widened<W>;
+  const int64_t blocks = k / B::kWidth;
   __m256 acc[NT][MT];
-  for (int j = 0; j < NT; ++j)
-    for (int t = 0; t < MT; ++t) acc[j][t] = _mm256_setzero_ps();
-  for (; i + 8 <= k; i += 8) {
-    __m256 wv[NT];
-    for (int j = 0; j < NT; ++j) wv[j] = widen8(w + j * ws + i);
-    for (int t = 0; t < MT; ++t) {
-      __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + i);
-      // In a register, once: left to itself the compiler reloads it into every multiply-add
-      // as a memory operand, which makes the loads, not the multiply-adds, the limit.
-      asm("" : "+x"(xv));
-      for (int j = 0; j < NT; ++j) acc[j][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][t]);
+  LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
+    LLMKIT_UNROLL for (int t = 0; t < MT; ++t) acc[j][t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b)
+    LLMKIT_UNROLL for (int v = 0; v < B::kVectors; ++v) {
+      const float* xb = x + m0 * k + B::kWidth * b + 8 * v;
+      if constexpr (MT < kOrderedRows) {
+        LLMKIT_UNROLL for (int j = 0; j < NT; ++j) {
+          const __m256 wv = B::load(w + j * ws, b, v);
+          LLMKIT_UNROLL for (int t = 0; t < MT; ++t)
+            acc[j][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + t * k), acc[j][t]);
+        }
+      } else {
+        __m256 wv[NT];
+        LLMKIT_UNROLL for (int j = 0; j < NT; ++j) wv[j] = B::load(w + j * ws, b, v);
+        LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
+          __m256 xv = _mm256_loadu_ps(xb + t * k);
+          // In a register, once: left to itself the compiler reloads it into every
+          // multiply-add as a memory operand, which makes the loads, not the multiply-adds,
+          // the limit.
+          asm("" : "+x"(xv));
+          LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
+            acc[j][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][t]);
+        }
+      }
     }
-  }
-  for (int j = 0; j < NT; ++j)
-    for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum8(acc[j][t]);
+  LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
+    LLMKIT_UNROLL for (int t = 0; t < MT; ++t) res[j * MT + t] = hsum8(acc[j][t]);
+  i = blocks * B::kWidth;
 #else
   for (int t = 0; t < NT * MT; ++t) res[t] = 0.f;
 #endif
@@ -912,121 +839,49 @@ inline void half_block(const W* w, int64_t ws, int64_t k, const float* x, int64_
         res[j * MT + t] += static_cast<float>(w[j * ws + i]) * x[(m0 + t) * k + i];
 }
 
-// Outputs o + j gap (j < NT) for activation rows [m0, rows): blocks of MT rows, then of
-// fewer.
-template <int MT, int NT, typename T, typename W>
-inline void half_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
-                        int64_t gap, int64_t m0, int64_t rows) {
-  float res[NT * MT];
-  for (; m0 + MT <= rows; m0 += MT) {
-    half_block<MT, NT>(w + o * k, gap * k, k, x, m0, res);
-    for (int j = 0; j < NT; ++j)
-      for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j * gap, res[j * MT + t]);
-  }
-  if constexpr (MT > 1) half_blocks<MT / 2, NT>(out, w, n, k, x, o, gap, m0, rows);
-}
-
-// From this many rows on, the 3 x 4 blocks take adjacent outputs: bound by arithmetic, they
-// gain nothing from spread-out streams, and with AVX2 alone they lose a little by them.
-constexpr int64_t kSpreadMaxRows = 32;
-
-template <typename T, typename W>
-void half_blocked(const at::Tensor& out, const W* w, int64_t k, const float* x) {
-  const int64_t rows = out.size(0), n = out.size(1);
-  T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, n, kShareOutputs, [&](int64_t begin, int64_t end) {
-    spread<kHalfOutputs>(
-        begin, end, rows < kSpreadMaxRows,
-        [&](int64_t o, int64_t gap) {
-          half_blocks<kHalfRows, kHalfOutputs>(o_ptr, w, n, k, x, o, gap, 0, rows);
-        },
-        [&](int64_t o) { half_blocks<kHalfRows, 1>(o_ptr, w, n, k, x, o, 1, 0, rows); });
-  });
+// x's rows as dense_block reads them against weights W: pair_ordered where Widened<W> takes
+// pairs, else as float32 (x32 holds them where a copy is made).
+template <typename W>
+const float* dense_rows(const at::Tensor& x, at::Tensor& x32) {
+#ifdef __AVX512VL__
+  if constexpr (Widened<W>::kPairs) return pair_ordered(x).data();
+#endif
+  x32 = as_float(x);
+  return x32.data_ptr<float>();
 }
 
 #ifdef LLMKIT_AVX2
 
-// Outputs an ordered block holds, of kOrderedRows rows each: their running sums, the
-// outputs' weight vectors and an activation vector fill the vector registers, 32 where the
-// CPU has AVX-512 (ymm16 to ymm31 too), else AVX2's 16, where bf16's two vectors a block
-// leave room for 2 outputs and the others' one for 3.
+// Outputs a block of kOrderedRows rows holds: their running sums, the outputs' weight
+// vectors and an activation vector fill the vector registers, 32 where the CPU has AVX-512
+// (ymm16 to ymm31 too), else AVX2's 16.
 #ifdef __AVX512VL__
-template <typename W>
-constexpr int kOrderedOutputs = 4;
+constexpr int kBlockOutputs = 4;
 #else
-template <typename W>
-constexpr int kOrderedOutputs = std::is_same_v<W, c10::BFloat16> ? 2 : 3;
+constexpr int kBlockOutputs = 3;
 #endif
 
-// Blocks an ordered block takes in each of its kOrder passes before the next chunk: the
-// chunk's weights and activations stay in L1 from one pass to the next.
-constexpr int64_t kChunkBlocks = 64;
-
-// Outputs [0, NT) (weight rows w + j ws) against activation rows [m0, m0 + MT), each (output,
-// row) summed in the order of a single row (over_blocks), then the inputs past the last block
-// added one by one as the tiles add them: a row gets the same bits as alone. The running sums
-// are taken one at a time, each over every kOrder-th block of a chunk, so the registers hold
-// one sum of each (output, row) and each weight vector serves MT rows, each activation vector
-// NT outputs. res[j * MT + t]: output j of row m0 + t.
-template <int NT, int MT, typename W>
-inline void ordered_block(const W* w, int64_t ws, int64_t k, const float* x, int64_t m0,
-                          float* res) {
-  using B = Widened<W>;
-  const int64_t blocks = k / B::kWidth, whole = blocks / kOrder * kOrder;
-  __m256 sums[kOrder][NT][MT];
-  for (int a = 0; a < kOrder; ++a)
-    for (int j = 0; j < NT; ++j)
-      for (int t = 0; t < MT; ++t) sums[a][j][t] = _mm256_setzero_ps();
-  auto pass = [=, &sums](int a, int64_t begin, int64_t end, int64_t stride) {
-    __m256 acc[NT][MT];
-    LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
-      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) acc[j][t] = sums[a][j][t];
-    for (int64_t b = begin; b < end; b += stride) {
-      __m256 wv[NT][B::kVectors];
-      LLMKIT_UNROLL for (int j = 0; j < NT; ++j) B::load(w + j * ws, b, wv[j]);
-      LLMKIT_UNROLL for (int v = 0; v < B::kVectors; ++v)
-        LLMKIT_UNROLL for (int t = 0; t < MT; ++t) {
-          __m256 xv = _mm256_loadu_ps(x + (m0 + t) * k + B::kWidth * b + 8 * v);
-          asm("" : "+x"(xv));  // in a register, once (see half_block)
-          LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
-            acc[j][t] = _mm256_fmadd_ps(wv[j][v], xv, acc[j][t]);
-        }
-    }
-    LLMKIT_UNROLL for (int j = 0; j < NT; ++j)
-      LLMKIT_UNROLL for (int t = 0; t < MT; ++t) sums[a][j][t] = acc[j][t];
-  };
-  for (int64_t c = 0; c < whole; c += kChunkBlocks)
-    for (int a = 0; a < kOrder; ++a) pass(a, c + a, std::min(whole, c + kChunkBlocks), kOrder);
-  pass(0, whole, blocks, 1);
-  for (int j = 0; j < NT; ++j)
-    for (int t = 0; t < MT; ++t) {
-      __m256 total = sums[0][j][t];
-      for (int a = 1; a < kOrder; ++a) total = _mm256_add_ps(total, sums[a][j][t]);
-      res[j * MT + t] = hsum8(total);
-    }
-  for (int64_t i = blocks * B::kWidth; i < k; ++i)
-    for (int j = 0; j < NT; ++j)
-      for (int t = 0; t < MT; ++t)
-        res[j * MT + t] += static_cast<float>(w[j * ws + i]) * x[(m0 + t) * k + i];
-}
+// From this many rows on, the blocks take adjacent outputs: bound by arithmetic, they gain
+// nothing from spread-out streams, and with AVX2 alone they lose a little by them.
+constexpr int64_t kSpreadMaxRows = 32;
 
 // Outputs o + j gap (j < NT) against activation rows [m0, m0 + MT), written to out.
 template <int NT, int MT, typename T, typename W>
 inline void put_block(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
                       int64_t gap, int64_t m0) {
   float res[NT * MT];
-  ordered_block<NT, MT>(w + o * k, gap * k, k, x, m0, res);
+  dense_block<NT, MT>(w + o * k, gap * k, k, x, m0, res);
   for (int j = 0; j < NT; ++j)
     for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j * gap, res[j * MT + t]);
 }
 
-// Outputs o + j gap (j < NT) for all `rows` (at least kOrderedRows) activation rows: ordered
-// blocks of kOrderedRows rows, the last one taking the rows left over too (kOrderedRows to
-// twice that less one; with AVX2 alone its sums spill a few registers, which costs less than
-// a tile).
+// Outputs o + j gap (j < NT) for all `rows` (at least kOrderedRows) activation rows: blocks
+// of kOrderedRows rows, the last one taking the rows left over too (kOrderedRows to twice
+// that less one; with AVX2 alone its sums spill a few registers, which costs less than a
+// tile).
 template <int NT, typename T, typename W>
-inline void ordered_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
-                           int64_t gap, int64_t rows) {
+inline void row_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
+                       int64_t gap, int64_t rows) {
   constexpr int MT = kOrderedRows;
   static_assert(MT == 4, "the last block below takes 4 to 7 rows");
   int64_t m0 = 0;
@@ -1039,18 +894,20 @@ inline void ordered_blocks(T* out, const W* w, int64_t n, int64_t k, const float
   }
 }
 
-// Every output in ordered blocks of kOrderedOutputs<W> outputs spread over the thread's share
-// (the outputs past the last whole block alone), the outputs shared among the threads.
+// Every output in blocks of kBlockOutputs outputs, spread over the thread's share below
+// kSpreadMaxRows rows (the outputs past the last whole block alone), the outputs shared
+// among the threads.
 template <typename T, typename W>
-void ordered(const at::Tensor& out, const W* w, int64_t k, const float* x) {
-  constexpr int NT = kOrderedOutputs<W>;
+void blocked(const at::Tensor& out, const W* w, int64_t k, const float* x) {
   const int64_t rows = out.size(0), n = out.size(1);
   T* o_ptr = out.data_ptr<T>();
   at::parallel_for(0, n, kShareOutputs, [&](int64_t begin, int64_t end) {
-    spread<NT>(
-        begin, end, true,
-        [&](int64_t o, int64_t gap) { ordered_blocks<NT>(o_ptr, w, n, k, x, o, gap, rows); },
-        [&](int64_t o) { ordered_blocks<1>(o_ptr, w, n, k, x, o, 1, rows); });
+    spread<kBlockOutputs>(
+        begin, end, rows < kSpreadMaxRows,
+        [&](int64_t o, int64_t gap) {
+          row_blocks<kBlockOutputs>(o_ptr, w, n, k, x, o, gap, rows);
+        },
+        [&](int64_t o) { row_blocks<1>(o_ptr, w, n, k, x, o, 1, rows); });
   });
 }
 
@@ -1068,22 +925,15 @@ at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
   auto run = [&](auto tag, auto weights) {
     using T = decltype(tag);
     using W = std::remove_const_t<std::remove_pointer_t<decltype(weights)>>;
-    constexpr bool bf16 = std::is_same_v<W, c10::BFloat16>;
-    const at::Tensor x32 = bf16 && rows < kBlockedMinRows ? at::Tensor() : as_float(x);
-    if (rows >= kBlockedMinRows) return half_blocked<T>(out, weights, k, x32.data_ptr<float>());
-    // bf16 weights below the blocked path: activations in bf16_row's pair order
-    const float* xp = bf16 ? pair_ordered(x).data() : x32.data_ptr<float>();
-    auto row = [&](auto no, auto mt, int64_t o, int64_t gap, int64_t m0, float* res) {
-      constexpr int NO = decltype(no)::value, MT = decltype(mt)::value;
-      if constexpr (bf16) {
-        bf16_row<NO, MT>(weights + o * k, gap * k, k, xp, m0, res);
-      } else {
-        half_row<NO, MT, W>(weights + o * k, gap * k, k, xp, m0, res);
-      }
-    };
+    at::Tensor x32;
+    const float* xp = dense_rows<W>(x, x32);
 #ifdef LLMKIT_AVX2
-    if (rows >= kOrderedRows) return ordered<T>(out, weights, k, xp);
+    if (rows >= kOrderedRows) return blocked<T>(out, weights, k, xp);
 #endif
+    auto row = [&](auto no, auto mt, int64_t o, int64_t gap, int64_t m0, float* res) {
+      dense_block<decltype(no)::value, decltype(mt)::value>(weights + o * k, gap * k, k, xp,
+                                                            m0, res);
+    };
     each_output<T>(out, rows, n, row);
   };
   by_dtype(out, [&](auto tag) {
