@@ -198,10 +198,10 @@ def test_dense_kernel_gives_every_row_and_every_output_their_own_bits(weight_dty
     """Tiles of 2 and 1 rows and register blocks of several outputs x 4 to 7 rows sum each
     (output, row) in one order, so a row's bits are the same alone as in a call of any size:
     a speculative verify step's rows stand for decode steps, and a decode step's rows do not
-    depend on the batch. The same for an output computed alone and in the tiles of 8 outputs
-    or the blocks of 3 or 4 it shares, spread over the outputs (12 and 13 rows) or side by
+    depend on the batch. The same for an output computed alone and in the tiles of 4 outputs
+    or the blocks of 3 or 4 it shares, spread over the outputs (1 to 13 rows) or side by
     side (33 and 64). 37 outputs: on one thread or two, each thread's share holds at least 2
-    groups of 8, 4 or 3 spread outputs (so at least 2 apart) and outputs left alone. 2350
+    groups of 4 or 3 spread outputs (so at least 2 apart) and outputs left alone. 2350
     inputs: a tail past the last block (bf16's blocks of 16 inputs and the others' of 8
     alike)."""
     g = torch.Generator().manual_seed(1)

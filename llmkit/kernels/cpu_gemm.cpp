@@ -415,10 +415,10 @@ inline void spread(int64_t begin, int64_t end, bool apart, Group group, One one)
 }
 
 // Outputs a tile takes at once (spread): a bandwidth-bound product reads its weight faster
-// 8 rows at a time than one.
-constexpr int kRowOutputs = 8;
+// as several streams than as one, and on an AMD EPYC faster as 4 streams a core than as 8.
+constexpr int kRowOutputs = 4;
 // The fewest outputs a thread's share of a dense product holds (at::parallel_for's grain).
-constexpr int64_t kShareOutputs = 2 * kRowOutputs;
+constexpr int64_t kShareOutputs = 16;
 
 // Every output and every tile of activation rows, kRowOutputs outputs at a time, the outputs
 // shared among the threads.
