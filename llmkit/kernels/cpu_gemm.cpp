@@ -24,7 +24,7 @@
 //   torch._int_mm does.
 // - dense_linear: bf16, fp16 or float32 weights [N, K] (the 16-bit ones widened to float32 in
 //   registers), float32 sums, each row's in one order whatever the rows beside it
-//   (dense_block): 1 to 3 rows in tiles of kRowOutputs outputs, from kOrderedRows rows on in
+//   (dense_block): 1 to 3 rows in tiles of kRowOutputs outputs, from kBlockRows rows on in
 //   register blocks of several outputs, the outputs of a tile or block spread over the
 //   thread's share (spread).
 // - pairs_linear (built where the CPU has AVX512-BF16): bf16 weights repacked at load as
@@ -75,7 +75,7 @@ constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit pa
 constexpr int kTile = 8;  // activation rows computed together against a weight row (then 4, 2, 1)
 // Activation rows a block of dense_linear takes (from this many rows on, it takes them in
 // register blocks of several outputs; fewer rows go in tiles of up to 2 rows).
-constexpr int kOrderedRows = 4;
+constexpr int kBlockRows = 4;
 
 // ---------------------------------------------------------------------------------------
 // Activations
@@ -429,9 +429,9 @@ void each_output(const at::Tensor& out, int64_t rows, int64_t n, Row row) {
     spread<kRowOutputs>(
         begin, end, true,
         [&](int64_t o, int64_t gap) {
-          tiles<kOrderedRows / 2, kRowOutputs>(o_ptr, n, o, gap, 0, rows, row);
+          tiles<kBlockRows / 2, kRowOutputs>(o_ptr, n, o, gap, 0, rows, row);
         },
-        [&](int64_t o) { tiles<kOrderedRows / 2, 1>(o_ptr, n, o, 1, 0, rows, row); });
+        [&](int64_t o) { tiles<kBlockRows / 2, 1>(o_ptr, n, o, 1, 0, rows, row); });
   });
 }
 
@@ -791,7 +791,7 @@ const std::vector<float>& pair_ordered(const at::Tensor& x) {
 // Outputs [0, NT) (weight rows w + j ws) against activation rows [m0, m0 + MT), each (output,
 // row) summed in the one order above; x holds rows of K float32 activations (pair_ordered
 // where Widened<W> takes pairs). res[j * MT + t]: output j of row m0 + t.
-// A tile (MT < kOrderedRows) takes one weight vector at a time against each row's activation
+// A tile (MT < kBlockRows) takes one weight vector at a time against each row's activation
 // vector straight from L1; a block holds its NT weight vectors and each activation vector in
 // registers, once, so each weight vector serves MT rows and each activation vector NT outputs.
 template <int NT, int MT, typename W>
@@ -807,7 +807,7 @@ inline void dense_block(const W* w, int64_t ws, int64_t k, const float* x, int64
   for (int64_t b = 0; b < blocks; ++b)
     LLMKIT_UNROLL for (int v = 0; v < B::kVectors; ++v) {
       const float* xb = x + m0 * k + B::kWidth * b + 8 * v;
-      if constexpr (MT < kOrderedRows) {
+      if constexpr (MT < kBlockRows) {
         LLMKIT_UNROLL for (int j = 0; j < NT; ++j) {
           const __m256 wv = B::load(w + j * ws, b, v);
           LLMKIT_UNROLL for (int t = 0; t < MT; ++t)
@@ -852,7 +852,7 @@ const float* dense_rows(const at::Tensor& x, at::Tensor& x32) {
 
 #ifdef LLMKIT_AVX2
 
-// Outputs a block of kOrderedRows rows holds: their running sums, the outputs' weight
+// Outputs a block of kBlockRows rows holds: their running sums, the outputs' weight
 // vectors and an activation vector fill the vector registers, 32 where the CPU has AVX-512
 // (ymm16 to ymm31 too), else AVX2's 16.
 #ifdef __AVX512VL__
@@ -875,14 +875,14 @@ inline void put_block(T* out, const W* w, int64_t n, int64_t k, const float* x, 
     for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j * gap, res[j * MT + t]);
 }
 
-// Outputs o + j gap (j < NT) for all `rows` (at least kOrderedRows) activation rows: blocks
-// of kOrderedRows rows, the last one taking the rows left over too (kOrderedRows to twice
+// Outputs o + j gap (j < NT) for all `rows` (at least kBlockRows) activation rows: blocks
+// of kBlockRows rows, the last one taking the rows left over too (kBlockRows to twice
 // that less one; with AVX2 alone its sums spill a few registers, which costs less than a
 // tile).
 template <int NT, typename T, typename W>
 inline void row_blocks(T* out, const W* w, int64_t n, int64_t k, const float* x, int64_t o,
                        int64_t gap, int64_t rows) {
-  constexpr int MT = kOrderedRows;
+  constexpr int MT = kBlockRows;
   static_assert(MT == 4, "the last block below takes 4 to 7 rows");
   int64_t m0 = 0;
   for (; rows - m0 >= 2 * MT; m0 += MT) put_block<NT, MT>(out, w, n, k, x, o, gap, m0);
@@ -928,7 +928,7 @@ at::Tensor dense_linear(at::Tensor x, at::Tensor weight) {
     at::Tensor x32;
     const float* xp = dense_rows<W>(x, x32);
 #ifdef LLMKIT_AVX2
-    if (rows >= kOrderedRows) return blocked<T>(out, weights, k, xp);
+    if (rows >= kBlockRows) return blocked<T>(out, weights, k, xp);
 #endif
     auto row = [&](auto no, auto mt, int64_t o, int64_t gap, int64_t m0, float* res) {
       dense_block<decltype(no)::value, decltype(mt)::value>(weights + o * k, gap * k, k, xp,
