@@ -195,7 +195,7 @@ def test_dense_kernel_is_the_float_product_of_the_weights(weight_dtype, dtype, i
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_kernel_gives_every_row_and_every_output_their_own_bits(weight_dtype, dtype):
-    """Tiles of 2 and 1 rows and register blocks of several outputs x 4 to 7 rows sum each
+    """Tiles of 1 to 3 rows and register blocks of several outputs x 4 to 7 rows sum each
     (output, row) in one order, so a row's bits are the same alone as in a call of any size:
     a speculative verify step's rows stand for decode steps, and a decode step's rows do not
     depend on the batch. The same for an output computed alone and in the tiles of 4 outputs

@@ -74,7 +74,7 @@ namespace {
 constexpr int64_t kBlock = 32;  // inputs per activation block (and per 4-bit packed block)
 constexpr int kTile = 8;  // activation rows computed together against a weight row (then 4, 2, 1)
 // Activation rows a block of dense_linear takes (from this many rows on, it takes them in
-// register blocks of several outputs; fewer rows go in tiles of up to 2 rows).
+// register blocks of several outputs; fewer rows go in one tile).
 constexpr int kBlockRows = 4;
 
 // ---------------------------------------------------------------------------------------
@@ -386,8 +386,8 @@ inline void q4_tile(const Q4& w, int64_t tile, const Blocks& x, const ZeroTerms<
 #endif
 
 // Rows [m0, rows) of activations against outputs o + j gap (j < NO) in tiles of MT rows,
-// then of fewer: row(NO, MT, o, gap, m0, res) fills res[j * MT + t] with output o + j gap of
-// row m0 + t.
+// then of one row fewer at a time: row(NO, MT, o, gap, m0, res) fills res[j * MT + t] with
+// output o + j gap of row m0 + t.
 template <int MT, int NO, typename T, typename Row>
 inline void tiles(T* out, int64_t n, int64_t o, int64_t gap, int64_t m0, int64_t rows,
                   Row& row) {
@@ -397,7 +397,7 @@ inline void tiles(T* out, int64_t n, int64_t o, int64_t gap, int64_t m0, int64_t
     for (int j = 0; j < NO; ++j)
       for (int t = 0; t < MT; ++t) put(out, n, m0 + t, o + j * gap, res[j * MT + t]);
   }
-  if constexpr (MT > 1) tiles<MT / 2, NO>(out, n, o, gap, m0, rows, row);
+  if constexpr (MT > 1) tiles<MT - 1, NO>(out, n, o, gap, m0, rows, row);
 }
 
 // A thread's share [begin, end) of the outputs in groups of NO: group(o, gap) takes outputs
@@ -429,9 +429,9 @@ void each_output(const at::Tensor& out, int64_t rows, int64_t n, Row row) {
     spread<kRowOutputs>(
         begin, end, true,
         [&](int64_t o, int64_t gap) {
-          tiles<kBlockRows / 2, kRowOutputs>(o_ptr, n, o, gap, 0, rows, row);
+          tiles<kBlockRows - 1, kRowOutputs>(o_ptr, n, o, gap, 0, rows, row);
         },
-        [&](int64_t o) { tiles<kBlockRows / 2, 1>(o_ptr, n, o, 1, 0, rows, row); });
+        [&](int64_t o) { tiles<kBlockRows - 1, 1>(o_ptr, n, o, 1, 0, rows, row); });
   });
 }
 
