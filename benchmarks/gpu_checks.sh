@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# What llmkit can check only on a CUDA GPU, in one go and most important first, for a GPU
+# machine held for a short time: each step is cut off at its share of BUDGET seconds, so a
+# step that runs long costs the steps after it their time, not the whole run's output.
+#
+#   tests        the CUDA tests (`pytest -k cuda`: engines with CUDA graphs against eager
+#                mode and transformers, the Triton kernels, int4 and int8 products,
+#                sampling and drafts on the GPU without waits)
+#   cuda         benchmarks/cuda.py on Llama-3-8B's shapes: bf16 (batch 1 and 16, eager,
+#                64 and 256 concurrent requests), int8, w8a8, gptq and awq copies at batch 1
+#                and 16, beside transformers' compiled static cache (issue 37's targets)
+#   speculative  benchmarks/speculative.py --device cuda --concurrency-1-only (issue 40's
+#                batch-1 rows on a GPU; --shared from $SHARED where set)
+#
+#   BUDGET=540 LOGS=DIR bash benchmarks/gpu_checks.sh [STEP ...]   (default: all three)
+#
+# SHARED: the folder with stories260K's models/ and data/ where ../shared is not beside the
+# checkout; WORKDIR: where the checkpoints go (/tmp/llmkit-gpu-checks); PYTHON: python3.
+#
+# Each step's output goes to DIR/STEP.log and its last lines to stdout; the results JSON a
+# step writes is copied into DIR as STEP-NAME.json, and benchmarks/RESULTS.md at the end.
+# Set LLMKIT_COMMIT where the tree is a copy whose git metadata is not its own.
+set -u
+cd "$(dirname "$0")/.."
+budget=${BUDGET:-540}
+logs=${LOGS:-gpu-checks}
+work=${WORKDIR:-/tmp/llmkit-gpu-checks}
+python=${PYTHON:-python3}
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests cuda speculative)
+declare -A cap=([tests]=240 [cuda]=480 [speculative]=240) # seconds, before the budget's rest
+for s in "${steps[@]}"; do
+    if [ -z "${cap[$s]:-}" ]; then
+        echo "gpu_checks.sh: no step '$s' (steps: tests, cuda, speculative)" >&2
+        exit 2
+    fi
+done
+if ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_checks.sh: torch sees no CUDA device" >&2
+    exit 2
+fi
+mkdir -p "$logs" "$work"
+start=$SECONDS
+failed=0
+
+command_of() { # the step's command, into the array cmd
+    case $1 in
+    tests) cmd=("$python" -m pytest -q -p no:cacheprovider -k cuda tests) ;;
+    cuda) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 8b
+        --methods int8,w8a8,gptq,awq --calibration 4 --anchors hf-compiled) ;;
+    speculative) cmd=("$python" benchmarks/speculative.py --device cuda --concurrency-1-only
+        --rounds 5 --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
+    esac
+}
+
+for s in "${steps[@]}"; do
+    left=$((budget - (SECONDS - start)))
+    if [ "$left" -lt 30 ]; then
+        echo "== $s: not run, ${left}s of the budget left"
+        failed=1
+        continue
+    fi
+    limit=$((cap[$s] < left ? cap[$s] : left))
+    command_of "$s"
+    echo "== $s (cut off after ${limit}s): ${cmd[*]}"
+    touch "$work/.before-$s"
+    t0=$SECONDS
+    timeout -k 10 "$limit" "${cmd[@]}" >"$logs/$s.log" 2>&1
+    rc=$?
+    echo "== $s: exit $rc after $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ', cut off')"
+    tail -n 25 "$logs/$s.log"
+    [ $rc -eq 0 ] || failed=1
+    for f in $(find benchmarks/results -name '*.json' -newer "$work/.before-$s"); do
+        cp "$f" "$logs/$s-$(basename "$f")"
+    done
+done
+cp benchmarks/RESULTS.md "$logs"
+exit $failed
