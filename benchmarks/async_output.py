@@ -11,9 +11,11 @@ started before the outputs of the step before are detokenized and built
 
 Each workload runs greedy (decode steps run ahead, several a call, where the whole step is one
 C++ call or one CUDA graph) and sampled (temperature 0.8, a seed per request: a step a call),
-on all its requests and on its first alone: a step hands its work to a thread and back, which
-costs about the same at any batch, while what it overlaps (detokenizing and building outputs)
-grows with the batch. One engine runs both modes: async output is switched between runs (the
+on all its requests and on its first alone: on CUDA a step hands its work to a thread and
+back, which costs about the same at any batch, while what it overlaps (detokenizing and
+building outputs) grows with the batch; on the CPU, where the work is done before the call
+could go on, a step runs on the engine's thread either way, and only when outputs come
+changes. One engine runs both modes: async output is switched between runs (the
 same KV cache and CUDA graphs). After one unmeasured run of each case in each mode (a
 process's first runs pay its warm-up, and async output's first starts its thread), each round
 runs every case in both modes, in an order that alternates between rounds.

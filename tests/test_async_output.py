@@ -229,9 +229,12 @@ def test_the_cli_flag_reaches_the_engine(cli, tiny_dir, tmp_path, monkeypatch):
 
 
 def test_the_step_thread_runs_on_the_models_device(tiny_dir, monkeypatch):
-    """The step thread makes the model's device its current one (devices.bind) before it
+    """Where the model's work is launched (CUDA; here a CPU model that says it is on GPU
+    0), the step thread makes the model's device its current one (devices.bind) before it
     runs a step: Triton and llmkit's CUDA kernels launch on the current device."""
     import threading
+
+    import torch
 
     from llmkit.runtime import engine as engine_module
 
@@ -240,10 +243,33 @@ def test_the_step_thread_runs_on_the_models_device(tiny_dir, monkeypatch):
         engine_module, "bind", lambda d: bound.append((threading.current_thread().name, d))
     )
     engine = Engine(tiny_dir(), EngineConfig(async_output=True))
+    engine.executor.device = torch.device("cuda", 0)
     engine.add_request("r", prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=3))
     while engine.has_unfinished():
         engine.step()
     engine.close()
     assert [(name.startswith("llmkit-step"), d) for name, d in bound] == [
-        (True, engine.executor.device)
+        (True, torch.device("cuda", 0))
     ]
+
+
+def test_on_the_cpu_async_steps_run_on_the_calling_thread(tiny_dir):
+    """On the CPU a step's work is done before the call could go on, so async output runs
+    it on the engine's own thread (whose OpenMP workers ran the model so far), and its
+    outputs still come a call later (the test above)."""
+    import threading
+
+    engine = Engine(tiny_dir(), EngineConfig(async_output=True, decode_steps=4))
+    real, threads = engine.executor.step, set()
+
+    def step(*args):
+        threads.add(threading.current_thread())
+        return real(*args)
+
+    engine.executor.step = step
+    params = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    engine.add_request("r", prompt_token_ids=[1, 2, 3], params=params)
+    while engine.has_unfinished():
+        engine.step()
+    engine.close()
+    assert threads == {threading.current_thread()}

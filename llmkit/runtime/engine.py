@@ -76,7 +76,7 @@ class _Step:
     proposing: float  # perf_counter() before its drafts were proposed
     start: float = 0.0  # perf_counter() around the executor's step
     end: float = 0.0
-    future: Future | None = None  # on the step thread (async output)
+    future: Future | None = None  # async output: from the step thread, or done (CPU)
 
 
 class Engine:
@@ -257,7 +257,7 @@ class Engine:
 
         With async output (EngineConfig.async_output) a call returns the outputs of the step
         before: it takes that step's tokens, starts the next step, and detokenizes them and
-        builds their outputs while the model runs (`_start`)."""
+        builds their outputs while the model runs (on CUDA: `_start`)."""
         self._settle()
         self._drop_retired_loras()
         batch = self.scheduler.schedule()
@@ -274,8 +274,12 @@ class Engine:
 
     def _start(self, batch: Batch) -> None:
         """Run `batch`: at once and taken (`_take`), or, with async output, on the step
-        thread, returning once the model's work is launched (on CUDA; on the CPU, done),
-        so the caller's host work overlaps the rest; the next `_settle` takes it."""
+        thread, returning once the model's work is launched, so the caller's host work
+        overlaps the rest; the next `_settle` takes it. On the CPU, where the work is done,
+        not launched, before the call could go on, an async step runs here, on the thread
+        whose OpenMP workers ran the model so far (a second thread's would be a second team,
+        and while both exist their workers sleep between parallel regions instead of
+        spinning); the next `_settle` takes it all the same."""
         self._mark_scheduled(batch.seqs)
         self._forget_drafts(batch.preempted)
         proposing = time.perf_counter()
@@ -285,8 +289,12 @@ class Engine:
         if not self.async_output:
             self._take(step, lambda: self._run(step, None))
             return
+        device = self.executor.device
+        if device.type == "cpu":
+            step.future = _done(lambda: self._run(step, None))
+            self._running = step
+            return
         if self._step_thread is None:  # the model's device current on it, as on this one
-            device = self.executor.device
             self._step_thread = ThreadPoolExecutor(
                 1, thread_name_prefix="llmkit-step", initializer=bind, initargs=(device,)
             )
@@ -748,8 +756,18 @@ class Engine:
             draft.close()
 
 
+def _done(call: Callable[[], StepOutput]) -> Future:
+    """A finished Future: what `call()` returned, or what it raised."""
+    future: Future = Future()
+    try:
+        future.set_result(call())
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
 def _async_output(option: bool | None, device_type: str) -> bool:
-    """Whether steps run on the step thread while the engine builds the outputs of the step
+    """Whether each call starts the next step before it builds the outputs of the step
     before (EngineConfig.async_output; None: where the model's work is launched, CUDA)."""
     return device_type == "cuda" if option is None else option
 
