@@ -47,7 +47,10 @@ Workloads, 64 tokens per request (EOS ignored), greedy but for `sampled`:
 Measures: at concurrency 1, decode tok/s (the tokens after the first over the time after the
 first: 1 / TPOT, as `bench offline` and benchmarks/cpu_decode.py count it; the prompt's
 prefill is the same work with and without speculation), with end-to-end tok/s beside it; at
-higher concurrency, end-to-end tok/s.
+higher concurrency, end-to-end tok/s. A concurrency-1 row also gives the share of its output
+that steps verifying drafts added (the drafts' accepted tokens and the model's own after
+each): the rest was decoded plainly, so a speed-up far beyond what that share can give
+comes from elsewhere.
 
 Anchor (CPU, where llama.cpp is set up: `bash benchmarks/setup_reference_venvs.sh
 llamacpp`): llama.cpp's speculative decoding of the same pair, WIDE (a bf16 GGUF) with
@@ -263,6 +266,7 @@ def run(
     return {
         "tok_s": tokens / seconds,
         "decode_tok_s": (tokens - len(outs)) / decoding,
+        "output_tokens": tokens,
         "proposed": spec.proposed,
         "accepted": spec.accepted,
         "drafts": spec.drafts,
@@ -526,6 +530,9 @@ def _stats(rounds: list[dict], model: str, proposer: str, workload: str, concurr
         "acceptance": accepted / proposed if proposed else 0.0,
         "per_draft": accepted / drafts if drafts else 0.0,
         "drafts": drafts,
+        # the share of the output that steps verifying a draft added (its accepted tokens
+        # and the model's own after them); the rest was decoded plainly
+        "verified_share": (accepted + drafts) / sum(r[key]["output_tokens"] for r in rounds),
         "cutoffs": [r[key]["cutoff"] for r in rounds if r[key].get("cutoff") is not None],
         "same": all(r[key]["same_tokens"] is not False for r in rounds),
     }
@@ -540,9 +547,10 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
     )  # fmt: skip
     cutoffs = st["cutoffs"]
     cut = f", draft cutoff {min(cutoffs):.2f}-{max(cutoffs):.2f}" if cutoffs else ""
+    share = f", {st['verified_share']:.0%} of the output verified" if st["drafts"] else ""
     return row(
         f"{model} {proposer}, {workload}, concurrency {concurrency}, decode tok/s: acceptance "
-        f"{st['acceptance']:.2f}, {st['per_draft']:.2f} accepted per draft{cut}"
+        f"{st['acceptance']:.2f}, {st['per_draft']:.2f} accepted per draft{cut}{share}"
         f"{'' if st['same'] else ', greedy tokens differ from plain'} "
         f"(rounds {st['low']:.2f}-{st['high']:.2f}; end to end with the prefill "
         f"{st['whole']:.2f}x)",
