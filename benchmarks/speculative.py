@@ -48,9 +48,9 @@ Measures: at concurrency 1, decode tok/s (the tokens after the first over the ti
 first: 1 / TPOT, as `bench offline` and benchmarks/cpu_decode.py count it; the prompt's
 prefill is the same work with and without speculation), with end-to-end tok/s beside it; at
 higher concurrency, end-to-end tok/s. A concurrency-1 row also gives the share of its output
-that steps verifying drafts added (the drafts' accepted tokens and the model's own after
-each): the rest was decoded plainly, so a speed-up far beyond what that share can give
-comes from elsewhere.
+accepted from drafts (the proposer's, and the tokens a guide forces): the rest took a
+model step a token, as plain decoding's do, so a speed-up past 1 / (1 - share) would come
+from something other than speculation.
 
 Anchor (CPU, where llama.cpp is set up: `bash benchmarks/setup_reference_venvs.sh
 llamacpp`): llama.cpp's speculative decoding of the same pair, WIDE (a bf16 GGUF) with
@@ -267,6 +267,7 @@ def run(
         "tok_s": tokens / seconds,
         "decode_tok_s": (tokens - len(outs)) / decoding,
         "output_tokens": tokens,
+        "forced": spec.forced,
         "proposed": spec.proposed,
         "accepted": spec.accepted,
         "drafts": spec.drafts,
@@ -530,9 +531,9 @@ def _stats(rounds: list[dict], model: str, proposer: str, workload: str, concurr
         "acceptance": accepted / proposed if proposed else 0.0,
         "per_draft": accepted / drafts if drafts else 0.0,
         "drafts": drafts,
-        # the share of the output that steps verifying a draft added (its accepted tokens
-        # and the model's own after them); the rest was decoded plainly
-        "verified_share": (accepted + drafts) / sum(r[key]["output_tokens"] for r in rounds),
+        # the share of the output accepted from drafts (the proposer's and a guide's)
+        "accepted_share": (accepted + sum(r[key]["forced"] for r in rounds))
+        / sum(r[key]["output_tokens"] for r in rounds),
         "cutoffs": [r[key]["cutoff"] for r in rounds if r[key].get("cutoff") is not None],
         "same": all(r[key]["same_tokens"] is not False for r in rounds),
     }
@@ -547,7 +548,8 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
     )  # fmt: skip
     cutoffs = st["cutoffs"]
     cut = f", draft cutoff {min(cutoffs):.2f}-{max(cutoffs):.2f}" if cutoffs else ""
-    share = f", {st['verified_share']:.0%} of the output verified" if st["drafts"] else ""
+    share = st["accepted_share"]
+    share = f", {share:.0%} of the output accepted from drafts" if share else ""
     return row(
         f"{model} {proposer}, {workload}, concurrency {concurrency}, decode tok/s: acceptance "
         f"{st['acceptance']:.2f}, {st['per_draft']:.2f} accepted per draft{cut}{share}"
