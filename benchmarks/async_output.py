@@ -15,10 +15,10 @@ on all its requests and on its first alone: on CUDA a step hands its work to a t
 back, which costs about the same at any batch, while what it overlaps (detokenizing and
 building outputs) grows with the batch; on the CPU, where the work is done before the call
 could go on, a step runs on the engine's thread either way, and only when outputs come
-changes. One engine runs both modes: async output is switched between runs (the
-same KV cache and CUDA graphs). After one unmeasured run of each case in each mode (a
-process's first runs pay its warm-up, and async output's first starts its thread), each round
-runs every case in both modes, in an order that alternates between rounds.
+changes. One engine runs both modes: async output is switched between runs (the same KV
+cache and CUDA graphs). After one unmeasured run of each case in each mode (a process's
+first runs pay its warm-up, and on CUDA async output's first starts its thread), each
+round runs every case in both modes, in an order that alternates between rounds.
 Reported: each mode's output tok/s (median of the rounds, with their range) and async / sync
 as the median of the rounds' own ratios. Async output is the default on CUDA, so there its
 target is >= 1.0x; on the CPU, where it is off by default, the rows carry no target: they

@@ -255,8 +255,8 @@ def test_the_step_thread_runs_on_the_models_device(tiny_dir, monkeypatch):
 
 def test_on_the_cpu_async_steps_run_on_the_calling_thread(tiny_dir):
     """On the CPU a step's work is done before the call could go on, so async output runs
-    it on the engine's own thread (whose OpenMP workers ran the model so far), and its
-    outputs still come a call later (the test above)."""
+    it on the engine's own thread (whose OpenMP workers ran the model so far); its outputs
+    still come a call later (test_each_step_starts_before_the_outputs_of_the_one_before)."""
     import threading
 
     engine = Engine(tiny_dir(), EngineConfig(async_output=True, decode_steps=4))
