@@ -7,8 +7,11 @@
 #                mode and transformers, the Triton kernels, int4 and int8 products,
 #                sampling and drafts on the GPU without waits)
 #   cuda         benchmarks/cuda.py on Llama-3-8B's shapes: bf16 (batch 1 and 16, eager,
-#                64 and 256 concurrent requests), int8, w8a8, gptq and awq copies at batch 1
-#                and 16, beside transformers' compiled static cache (issue 37's targets)
+#                64 and 256 concurrent requests) and its $METHODS copies (gptq,awq) at batch
+#                1 and 16, beside $ANCHORS (hf-compiled: transformers' compiled static
+#                cache); issue 37's targets. Each copy costs minutes (quantizing 8B shapes,
+#                loading them), so int8 and w8a8 take a run of their own:
+#                METHODS=int8,w8a8 ANCHORS= bash benchmarks/gpu_checks.sh cuda
 #   speculative  benchmarks/speculative.py --device cuda --concurrency-1-only (issue 40's
 #                batch-1 rows on a GPU; --shared from $SHARED where set)
 #
@@ -16,6 +19,7 @@
 #
 # SHARED: the folder with stories260K's models/ and data/ where ../shared is not beside the
 # checkout; WORKDIR: where the checkpoints go (/tmp/llmkit-gpu-checks); PYTHON: python3.
+# LOGS (gpu-checks) is relative to the checkout's root.
 #
 # Each step's output goes to DIR/STEP.log and its last lines to stdout; the results JSON a
 # step writes is copied into DIR as STEP-NAME.json, and benchmarks/RESULTS.md at the end.
@@ -47,7 +51,7 @@ command_of() { # the step's command, into the array cmd
     case $1 in
     tests) cmd=("$python" -m pytest -q -p no:cacheprovider -k cuda tests) ;;
     cuda) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 8b
-        --methods int8,w8a8,gptq,awq --calibration 4 --anchors hf-compiled) ;;
+        --methods "${METHODS-gptq,awq}" --calibration 4 --anchors "${ANCHORS-hf-compiled}") ;;
     speculative) cmd=("$python" benchmarks/speculative.py --device cuda --concurrency-1-only
         --rounds 5 --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
     esac
