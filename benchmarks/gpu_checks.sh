@@ -23,7 +23,8 @@
 #
 # Each step's output goes to DIR/STEP.log and its last lines to stdout; the results JSON a
 # step writes is copied into DIR as STEP-NAME.json, and benchmarks/RESULTS.md at the end.
-# Set LLMKIT_COMMIT where the tree is a copy whose git metadata is not its own.
+# Set LLMKIT_COMMIT where the tree is a copy whose git metadata is not its own. llmkit and
+# its dependencies must import with $PYTHON (pip install -e ".[test]", or on PYTHONPATH).
 set -u
 cd "$(dirname "$0")/.."
 budget=${BUDGET:-540}
