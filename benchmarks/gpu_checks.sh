@@ -48,6 +48,10 @@ mkdir -p "$logs" "$work"
 start=$SECONDS
 failed=0
 
+sums() { # a checksum line per result file, sorted
+    find benchmarks/results -name '*.json' -exec md5sum {} + | sort
+}
+
 command_of() { # the step's command, into the array cmd
     case $1 in
     tests) cmd=("$python" -m pytest -q -p no:cacheprovider -k cuda tests) ;;
@@ -68,14 +72,15 @@ for s in "${steps[@]}"; do
     limit=$((cap[$s] < left ? cap[$s] : left))
     command_of "$s"
     echo "== $s (cut off after ${limit}s): ${cmd[*]}"
-    touch "$work/.before-$s"
+    sums >"$work/.before-$s"
     t0=$SECONDS
     timeout -k 10 "$limit" "${cmd[@]}" >"$logs/$s.log" 2>&1
     rc=$?
     echo "== $s: exit $rc after $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ', cut off')"
     tail -n 25 "$logs/$s.log"
     [ $rc -eq 0 ] || failed=1
-    for f in $(find benchmarks/results -name '*.json' -newer "$work/.before-$s"); do
+    # the results the step wrote: those whose contents are new
+    sums | comm -13 "$work/.before-$s" - | while read -r _ f; do
         cp "$f" "$logs/$s-$(basename "$f")"
     done
 done

@@ -1,0 +1,108 @@
+"""benchmarks/gpu_checks.sh, run in a copy of its folder with a stand-in for python that says
+it sees a GPU and records what it is asked to run (the script's own logic: steps, refusals,
+the budget, logs and result files; the GPU steps themselves run on a GPU machine only)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_checks.sh"
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = -c ]; then exit "${FAKE_NO_GPU:-0}"; fi
+echo "$*" >> "$FAKE_CALLS"
+case "$*" in
+*speculative.py*) echo '{}' > benchmarks/results/speculative-cuda-c1-x.json ;;
+*cuda.py*) echo "cuda run"; exit "${FAKE_CUDA_RC:-0}" ;;
+esac
+"""
+
+
+def _checkout(tmp_path: Path) -> Path:
+    root = tmp_path / "checkout"
+    (root / "benchmarks" / "results").mkdir(parents=True)
+    shutil.copy(SCRIPT, root / "benchmarks" / "gpu_checks.sh")
+    (root / "benchmarks" / "RESULTS.md").write_text("# results\n")
+    (root / "benchmarks" / "results" / "old.json").write_text("{}")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    return root
+
+
+def _run(tmp_path: Path, *steps: str, **env: str) -> subprocess.CompletedProcess:
+    root = _checkout(tmp_path)
+    variables = {
+        **os.environ,
+        "PYTHON": str(tmp_path / "python"),
+        "FAKE_CALLS": str(tmp_path / "calls"),
+        "LOGS": "logs",
+        "WORKDIR": str(tmp_path / "work"),
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_checks.sh"), *steps],
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _calls(tmp_path: Path) -> list[str]:
+    path = tmp_path / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_every_step_runs_in_order_with_its_log_and_results(tmp_path):
+    done = _run(tmp_path, SHARED="/data/my shared")
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = _calls(tmp_path)
+    assert [c.split()[1 if c.startswith("-m") else 0] for c in calls] == [
+        "pytest",
+        "benchmarks/cuda.py",
+        "benchmarks/speculative.py",
+    ]
+    assert "--methods gptq,awq" in calls[1] and "--anchors hf-compiled" in calls[1]
+    assert calls[2].endswith("--shared /data/my shared")
+    logs = tmp_path / "checkout" / "logs"
+    assert (logs / "cuda.log").read_text() == "cuda run\n"
+    # the result a step wrote, named by its step; results from before the run stay behind
+    assert sorted(p.name for p in logs.glob("*.json")) == ["speculative-speculative-cuda-c1-x.json"]
+    assert (logs / "RESULTS.md").read_text() == "# results\n"
+
+
+def test_methods_and_anchors_come_from_the_environment(tmp_path):
+    done = _run(tmp_path, "cuda", METHODS="int8,w8a8", ANCHORS="")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (call,) = _calls(tmp_path)
+    assert "--methods int8,w8a8 " in call and call.endswith("--anchors ")
+
+
+def test_a_failing_step_fails_the_run_and_the_rest_still_run(tmp_path):
+    done = _run(tmp_path, "cuda", "speculative", FAKE_CUDA_RC="3")
+    assert done.returncode == 1
+    assert "== cuda: exit 3" in done.stdout and len(_calls(tmp_path)) == 2
+
+
+def test_steps_past_the_budget_are_not_run(tmp_path):
+    done = _run(tmp_path, "tests", BUDGET="20")
+    assert done.returncode == 1 and "== tests: not run, 20s of the budget left" in done.stdout
+    assert _calls(tmp_path) == []
+
+
+def test_an_unknown_step_or_no_gpu_is_one_line_and_exit_2(tmp_path):
+    done = _run(tmp_path, "tests", "bench")
+    assert (done.returncode, done.stderr.splitlines()) == (
+        2,
+        ["gpu_checks.sh: no step 'bench' (steps: tests, cuda, speculative)"],
+    )
+    done = _run(tmp_path / "b", FAKE_NO_GPU="1")
+    assert (done.returncode, done.stderr.splitlines()) == (
+        2,
+        ["gpu_checks.sh: torch sees no CUDA device"],
+    )
+    assert _calls(tmp_path) == [] and _calls(tmp_path / "b") == []
