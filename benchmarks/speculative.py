@@ -50,7 +50,10 @@ prefill is the same work with and without speculation), with end-to-end tok/s be
 higher concurrency, end-to-end tok/s. A concurrency-1 row also gives the share of its output
 accepted from drafts (the proposer's, and the tokens a guide forces): the rest took a
 model step a token, as plain decoding's do, so a speed-up past 1 / (1 - share) would come
-from something other than speculation.
+from something other than speculation. Each run also counts its engine steps (a call that
+runs several decode steps ahead counts once; in the JSON and each round's line, beside
+plain's): where two engines add the same tokens in very different numbers of calls, their
+calls, not their drafts, set the difference.
 
 Anchor (CPU, where llama.cpp is set up: `bash benchmarks/setup_reference_venvs.sh
 llamacpp`): llama.cpp's speculative decoding of the same pair, WIDE (a bf16 GGUF) with
@@ -102,6 +105,7 @@ the full run's, whose table it does not replace.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -257,8 +261,9 @@ def run(
         temperature = SAMPLED_TEMPERATURE if workload == SAMPLED else 0.0
         params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True)
     before = replace(llm.engine.spec_stats)
+    steps = itertools.count()  # the engine steps the output took
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, on_step=lambda _: next(steps))
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     spec = llm.engine.spec_stats.since(before)
@@ -267,6 +272,7 @@ def run(
         "tok_s": tokens / seconds,
         "decode_tok_s": (tokens - len(outs)) / decoding,
         "output_tokens": tokens,
+        "engine_steps": next(steps),
         "forced": spec.forced,
         "proposed": spec.proposed,
         "accepted": spec.accepted,
@@ -402,7 +408,8 @@ def main() -> None:
                     f"{out['tok_s']:7.1f} tok/s vs {plain['tok_s']:7.1f} plain "
                     f"({out['tok_s'] / plain['tok_s']:.2f}x; decode "
                     f"{out['decode_tok_s'] / plain['decode_tok_s']:.2f}x), accepted "
-                    f"{out['accepted']}/{out['proposed']}",
+                    f"{out['accepted']}/{out['proposed']}, engine steps {out['engine_steps']} "
+                    f"vs {plain['engine_steps']} plain",
                     flush=True,
                 )
             plain.pop("tokens", None)
