@@ -60,11 +60,11 @@ def _calls(tmp_path: Path) -> list[str]:
 def test_every_step_runs_in_order_with_its_log_and_results(tmp_path):
     done = _run(tmp_path, SHARED="/data/my shared")
     assert done.returncode == 0, done.stdout + done.stderr
-    calls = _calls(tmp_path)
-    assert [c.split()[1 if c.startswith("-m") else 0] for c in calls] == [
-        "pytest",
-        "benchmarks/cuda.py",
-        "benchmarks/speculative.py",
+    calls = _calls(tmp_path)  # the arguments each call gave python
+    assert [c.split()[:2] for c in calls] == [
+        ["-m", "pytest"],
+        ["benchmarks/cuda.py", "--workdir"],
+        ["benchmarks/speculative.py", "--device"],
     ]
     assert "--methods gptq,awq" in calls[1] and "--anchors hf-compiled" in calls[1]
     assert calls[2].endswith("--shared /data/my shared")

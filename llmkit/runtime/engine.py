@@ -292,16 +292,20 @@ class Engine:
         device = self.executor.device
         if device.type == "cpu":
             step.future = _done(lambda: self._run(step, None))
-            self._running = step
-            return
+        else:
+            step.future = self._launch(step, device)
+        self._running = step
+
+    def _launch(self, step: _Step, device) -> Future:
+        """`step` run on the step thread, returned once its model work is launched."""
         if self._step_thread is None:  # the model's device current on it, as on this one
             self._step_thread = ThreadPoolExecutor(
                 1, thread_name_prefix="llmkit-step", initializer=bind, initargs=(device,)
             )
         launched = threading.Event()
-        step.future = self._step_thread.submit(self._run, step, launched)
+        future = self._step_thread.submit(self._run, step, launched)
         launched.wait()
-        self._running = step
+        return future
 
     def _run(self, step: _Step, launched: threading.Event | None) -> StepOutput:
         """The executor's step of `step.batch`, timed into `step` (`launched` is set once
