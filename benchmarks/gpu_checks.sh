@@ -17,14 +17,17 @@
 #
 #   BUDGET=540 LOGS=DIR bash benchmarks/gpu_checks.sh [STEP ...]   (default: all three)
 #
-# SHARED: the folder with stories260K's models/ and data/ where ../shared is not beside the
-# checkout; WORKDIR: where the checkpoints go (/tmp/llmkit-gpu-checks); PYTHON: python3.
-# LOGS (gpu-checks) is relative to the checkout's root.
+# SHARED: the folder with stories260K's models/ and data/ (gpu-kit/shared where there is one,
+# else speculative.py's default, ../shared); WORKDIR: where the checkpoints go
+# (/tmp/llmkit-gpu-checks); PYTHON: python3. LOGS (gpu-checks) is relative to the checkout.
 #
 # Each step's output goes to DIR/STEP.log and its last lines to stdout; the results JSON a
 # step writes is copied into DIR as STEP-NAME.json, and benchmarks/RESULTS.md at the end.
 # Set LLMKIT_COMMIT where the tree is a copy whose git metadata is not its own. llmkit and
-# its dependencies must import with $PYTHON (pip install -e ".[test]", or on PYTHONPATH).
+# its dependencies must import with $PYTHON: where gpu-kit/wheels holds wheels (made by
+# benchmarks/gpu_kit.sh), they are installed under WORKDIR/site first, and the steps run
+# with that folder and the checkout on PYTHONPATH; else install llmkit (pip install -e
+# ".[test]").
 set -u
 cd "$(dirname "$0")/.."
 budget=${BUDGET:-540}
@@ -45,6 +48,15 @@ if ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; 
     exit 2
 fi
 mkdir -p "$logs" "$work"
+if compgen -G "gpu-kit/wheels/*.whl" >/dev/null; then
+    if ! "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$work/site" gpu-kit/wheels/*.whl >"$logs/kit.log" 2>&1; then
+        echo "gpu_checks.sh: gpu-kit/wheels did not install (see $logs/kit.log)" >&2
+        exit 2
+    fi
+    export PYTHONPATH="$PWD:$work/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+[ -z "${SHARED:-}" ] && [ -d gpu-kit/shared ] && SHARED=$PWD/gpu-kit/shared
 start=$SECONDS
 failed=0
 

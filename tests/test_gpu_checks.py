@@ -14,7 +14,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_checks.sh"
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = -c ]; then exit "${FAKE_NO_GPU:-0}"; fi
 echo "$*" >> "$FAKE_CALLS"
+echo "${PYTHONPATH:-}" >> "$FAKE_CALLS.paths"
 case "$*" in
+*"pip install"*) exit "${FAKE_PIP_RC:-0}" ;;
 *speculative.py*) echo '{}' > benchmarks/results/speculative-cuda-c1-x.json ;;
 *cuda.py*) echo "cuda run"; exit "${FAKE_CUDA_RC:-0}" ;;
 esac
@@ -33,8 +35,12 @@ def _checkout(tmp_path: Path) -> Path:
     return root
 
 
-def _run(tmp_path: Path, *steps: str, **env: str) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, *steps: str, kit: bool = False, **env: str) -> subprocess.CompletedProcess:
     root = _checkout(tmp_path)
+    if kit:  # what benchmarks/gpu_kit.sh packs: wheels and the shared models
+        (root / "gpu-kit" / "wheels").mkdir(parents=True)
+        (root / "gpu-kit" / "wheels" / "a-1.0-py3-none-any.whl").write_text("")
+        (root / "gpu-kit" / "shared").mkdir()
     variables = {
         **os.environ,
         "PYTHON": str(tmp_path / "python"),
@@ -52,8 +58,8 @@ def _run(tmp_path: Path, *steps: str, **env: str) -> subprocess.CompletedProcess
     )
 
 
-def _calls(tmp_path: Path) -> list[str]:
-    path = tmp_path / "calls"
+def _calls(tmp_path: Path, what: str = "calls") -> list[str]:
+    path = tmp_path / what
     return path.read_text().splitlines() if path.exists() else []
 
 
@@ -106,3 +112,32 @@ def test_an_unknown_step_or_no_gpu_is_one_line_and_exit_2(tmp_path):
         ["gpu_checks.sh: torch sees no CUDA device"],
     )
     assert _calls(tmp_path) == [] and _calls(tmp_path / "b") == []
+
+
+def test_the_kit_s_wheels_install_first_and_every_step_imports_them(tmp_path):
+    done = _run(tmp_path, "tests", "speculative", kit=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pip, tests, speculative = _calls(tmp_path)
+    work, root = tmp_path / "work", tmp_path / "checkout"
+    assert pip.startswith("-m pip install -q --no-index --no-deps")
+    assert pip.endswith(f"--target {work}/site gpu-kit/wheels/a-1.0-py3-none-any.whl")
+    assert tests.startswith("-m pytest")
+    # the checkout and the wheels on the steps' path; SHARED from the kit
+    assert _calls(tmp_path, "calls.paths")[1:] == [f"{root}:{work}/site"] * 2
+    assert speculative.endswith(f"--shared {root}/gpu-kit/shared")
+
+
+def test_without_the_kit_nothing_is_installed_and_the_path_is_left_alone(tmp_path):
+    done = _run(tmp_path, "speculative", PYTHONPATH="")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (call,) = _calls(tmp_path)
+    assert "--shared" not in call and _calls(tmp_path, "calls.paths") == [""]
+
+
+def test_wheels_that_do_not_install_stop_the_run_in_one_line(tmp_path):
+    done = _run(tmp_path, kit=True, FAKE_PIP_RC="1")
+    assert (done.returncode, done.stderr.splitlines()) == (
+        2,
+        ["gpu_checks.sh: gpu-kit/wheels did not install (see logs/kit.log)"],
+    )
+    assert len(_calls(tmp_path)) == 1
