@@ -14,8 +14,11 @@
 #                METHODS=int8,w8a8 ANCHORS= bash benchmarks/gpu_checks.sh cuda
 #   speculative  benchmarks/speculative.py --device cuda --concurrency-1-only (issue 40's
 #                batch-1 rows on a GPU; --shared from $SHARED where set)
+#   bf16-1b      benchmarks/cuda.py on Llama-3.2-1B's shapes, bf16 alone: batch-1 decode with
+#                up to 16 steps a call, with 1, and eager; the plain engine speculative.py's
+#                1B rows set against, on the same shapes with cuda.py's settings
 #
-#   BUDGET=540 LOGS=DIR bash benchmarks/gpu_checks.sh [STEP ...]   (default: all three)
+#   BUDGET=540 LOGS=DIR bash benchmarks/gpu_checks.sh [STEP ...]   (default: all four)
 #
 # SHARED: the folder with stories260K's models/ and data/ (gpu-kit/shared where there is one,
 # else speculative.py's default, ../shared); WORKDIR: where the checkpoints go
@@ -35,11 +38,12 @@ logs=${LOGS:-gpu-checks}
 work=${WORKDIR:-/tmp/llmkit-gpu-checks}
 python=${PYTHON:-python3}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests cuda speculative)
-declare -A cap=([tests]=240 [cuda]=480 [speculative]=240) # seconds, before the budget's rest
+[ ${#steps[@]} -eq 0 ] && steps=(tests cuda speculative bf16-1b)
+# seconds, before the budget's rest
+declare -A cap=([tests]=240 [cuda]=480 [speculative]=240 [bf16-1b]=150)
 for s in "${steps[@]}"; do
     if [ -z "${cap[$s]:-}" ]; then
-        echo "gpu_checks.sh: no step '$s' (steps: tests, cuda, speculative)" >&2
+        echo "gpu_checks.sh: no step '$s' (steps: tests, cuda, speculative, bf16-1b)" >&2
         exit 2
     fi
 done
@@ -71,6 +75,8 @@ command_of() { # the step's command, into the array cmd
         --methods "${METHODS-gptq,awq}" --calibration 4 --anchors "${ANCHORS-hf-compiled}") ;;
     speculative) cmd=("$python" benchmarks/speculative.py --device cuda --concurrency-1-only
         --rounds 5 --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
+    bf16-1b) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 1b --methods ""
+        --anchors "" --bf16-parts eager) ;;
     esac
 }
 

@@ -71,8 +71,10 @@ def test_every_step_runs_in_order_with_its_log_and_results(tmp_path):
         ["-m", "pytest"],
         ["benchmarks/cuda.py", "--workdir"],
         ["benchmarks/speculative.py", "--device"],
+        ["benchmarks/cuda.py", "--workdir"],
     ]
     assert "--methods gptq,awq" in calls[1] and "--anchors hf-compiled" in calls[1]
+    assert calls[3].endswith("--models 1b --methods  --anchors  --bf16-parts eager")
     assert calls[2].endswith("--shared /data/my shared")
     logs = tmp_path / "checkout" / "logs"
     assert (logs / "cuda.log").read_text() == "cuda run\n"
@@ -104,7 +106,7 @@ def test_an_unknown_step_or_no_gpu_is_one_line_and_exit_2(tmp_path):
     done = _run(tmp_path, "tests", "bench")
     assert (done.returncode, done.stderr.splitlines()) == (
         2,
-        ["gpu_checks.sh: no step 'bench' (steps: tests, cuda, speculative)"],
+        ["gpu_checks.sh: no step 'bench' (steps: tests, cuda, speculative, bf16-1b)"],
     )
     done = _run(tmp_path / "b", FAKE_NO_GPU="1")
     assert (done.returncode, done.stderr.splitlines()) == (
