@@ -25,7 +25,8 @@
 # (/tmp/llmkit-gpu-checks); PYTHON: python3. LOGS (gpu-checks) is relative to the checkout.
 #
 # Each step's output goes to DIR/STEP.log and its last lines to stdout; the results JSON a
-# step writes is copied into DIR as STEP-NAME.json, and benchmarks/RESULTS.md at the end.
+# step writes is copied into DIR as STEP-NAME.json, and benchmarks/RESULTS.md at the end
+# (all four steps: eight files, as many as a device call brings back from its $OUT).
 # Set LLMKIT_COMMIT where the tree is a copy whose git metadata is not its own. llmkit and
 # its dependencies must import with $PYTHON: where gpu-kit/wheels holds wheels (made by
 # benchmarks/gpu_kit.sh), they are installed under WORKDIR/site first, and the steps run
@@ -54,7 +55,8 @@ fi
 mkdir -p "$logs" "$work"
 if compgen -G "gpu-kit/wheels/*.whl" >/dev/null; then
     if ! "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target "$work/site" gpu-kit/wheels/*.whl >"$logs/kit.log" 2>&1; then
+        --upgrade --target "$work/site" gpu-kit/wheels/*.whl >"$work/kit.log" 2>&1; then
+        cp "$work/kit.log" "$logs" # only then: a device call brings back few files
         echo "gpu_checks.sh: gpu-kit/wheels did not install (see $logs/kit.log)" >&2
         exit 2
     fi

@@ -127,6 +127,13 @@ def test_the_kit_s_wheels_install_first_and_every_step_imports_them(tmp_path):
     # the checkout and the wheels on the steps' path; SHARED from the kit
     assert _calls(tmp_path, "calls.paths")[1:] == [f"{root}:{work}/site"] * 2
     assert speculative.endswith(f"--shared {root}/gpu-kit/shared")
+    # what comes back from a device call: the steps' logs and results, RESULTS.md
+    assert sorted(p.name for p in (root / "logs").iterdir()) == [
+        "RESULTS.md",
+        "speculative-speculative-cuda-c1-x.json",
+        "speculative.log",
+        "tests.log",
+    ]
 
 
 def test_without_the_kit_nothing_is_installed_and_the_path_is_left_alone(tmp_path):
@@ -142,4 +149,4 @@ def test_wheels_that_do_not_install_stop_the_run_in_one_line(tmp_path):
         2,
         ["gpu_checks.sh: gpu-kit/wheels did not install (see logs/kit.log)"],
     )
-    assert len(_calls(tmp_path)) == 1
+    assert len(_calls(tmp_path)) == 1 and (tmp_path / "checkout" / "logs" / "kit.log").exists()
