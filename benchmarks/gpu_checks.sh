@@ -33,6 +33,7 @@
 # with that folder and the checkout on PYTHONPATH; else install llmkit (pip install -e
 # ".[test]").
 set -u
+start=$SECONDS # the budget counts the whole run: the kit's install too
 cd "$(dirname "$0")/.."
 budget=${BUDGET:-540}
 logs=${LOGS:-gpu-checks}
@@ -63,7 +64,6 @@ if compgen -G "gpu-kit/wheels/*.whl" >/dev/null; then
     export PYTHONPATH="$PWD:$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 [ -z "${SHARED:-}" ] && [ -d gpu-kit/shared ] && SHARED=$PWD/gpu-kit/shared
-start=$SECONDS
 failed=0
 
 sums() { # a checksum line per result file, sorted
