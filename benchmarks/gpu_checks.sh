@@ -15,8 +15,8 @@
 #   speculative  benchmarks/speculative.py --device cuda --concurrency-1-only (issue 40's
 #                batch-1 rows on a GPU; --shared from $SHARED where set)
 #   bf16-1b      benchmarks/cuda.py on Llama-3.2-1B's shapes, bf16 alone: batch-1 decode with
-#                up to 16 steps a call, with 1, and eager; the plain engine speculative.py's
-#                1B rows set against, on the same shapes with cuda.py's settings
+#                up to 16 steps a call, with 1, and eager: the plain engine that
+#                speculative.py's 1B rows are set against, with cuda.py's settings
 #
 #   BUDGET=540 LOGS=DIR bash benchmarks/gpu_checks.sh [STEP ...]   (default: all four)
 #

@@ -40,5 +40,6 @@ mkdir -p "$kit/wheels" "$kit/shared/models" "$kit/shared/data"
     --python-version "${PY_VERSION:-3.12}" "${platforms[@]}" -d "$kit/wheels" "${packages[@]}"
 cp -r "$shared/models/stories260K" "$shared/models/stories260K-pad176" "$kit/shared/models/"
 cp "$shared/data/tinyshakespeare.txt" "$kit/shared/data/"
-echo "gpu_kit.sh: $(ls "$kit/wheels" | wc -l) wheels and stories260K in $kit ($(du -sh "$kit" | cut -f1));" \
-    "carry it: run(carry=[\"$kit\"])"
+wheels=$(ls "$kit/wheels" | wc -l)
+size=$(du -sh "$kit" | cut -f1)
+echo "gpu_kit.sh: $wheels wheels and stories260K in $kit ($size); carry it: run(carry=[\"$kit\"])"
