@@ -49,15 +49,15 @@ def to_gguf(model: Path, out: Path, outtype: str) -> Path:
     return out
 
 
-def speculative(target: Path, draft: Path, prompt: str, tokens: int, k: int, threads: int):
+def speculative(target: Path, prompt: str, tokens: int, threads: int, spec: list) -> dict:
     """llama-speculative-simple: `prompt` decoded greedily, `tokens` tokens (EOS ignored;
-    it may overshoot by a draft), `draft` proposing k tokens a round (draft-simple, its
-    p-min default: every draft k tokens). Its decode tok/s (the tokens over the time after
-    the prompt's), the prompt's tokens, and the draft tokens it proposed and accepted. A run
-    whose log lacks one of them runs again, up to TRIES times in all: a run has exited 0
-    with its decoded line printed but not the counts printed after it."""
+    it may overshoot by a draft), drafted as `spec` says (draft_spec, lookup_spec). Its
+    decode tok/s (the tokens over the time after the prompt's), the prompt's tokens, and the
+    draft tokens it proposed and accepted. A run whose log lacks one of them runs again, up
+    to TRIES times in all: a run has exited 0 with its decoded line printed but not the
+    counts printed after it."""
     for _ in range(TRIES):
-        log = _speculative_log(target, draft, prompt, tokens, k, threads)
+        log = _speculative_log(target, prompt, tokens, threads, spec)
         found = [re.search(pattern, log) for pattern in SPECULATIVE_COUNTS]
         if all(found):
             break
@@ -72,6 +72,18 @@ def speculative(target: Path, draft: Path, prompt: str, tokens: int, k: int, thr
     }
 
 
+def draft_spec(draft: Path, k: int, threads: int) -> list:
+    """Drafts of a draft model (draft-simple; its p-min default: every draft k tokens)."""
+    return ["-md", draft, "-td", threads, "--spec-type", "draft-simple", "--spec-draft-n-max", k]
+
+
+def lookup_spec(key: int, k: int) -> list:
+    """Prompt lookup: drafts of the k tokens that followed the last `key` tokens where they
+    appeared before in the context (ngram-map-k: a map of the context's n-grams)."""
+    return ["--spec-type", "ngram-map-k", "--spec-ngram-map-k-size-n", key,
+            "--spec-ngram-map-k-size-m", k, "--spec-draft-n-max", k]  # fmt: skip
+
+
 TRIES = 3
 # what speculative() reads from the log: decoded tokens and seconds, the prompt's tokens, the
 # draft tokens proposed and accepted
@@ -83,17 +95,14 @@ SPECULATIVE_COUNTS = (
 )
 
 
-def _speculative_log(
-    target: Path, draft: Path, prompt: str, tokens: int, k: int, threads: int
-) -> str:
+def _speculative_log(target: Path, prompt: str, tokens: int, threads: int, spec: list) -> str:
     """One run of llama-speculative-simple (see speculative()): its stdout and stderr."""
     tool = LLAMACPP / "build" / "bin" / "llama-speculative-simple"
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as file:
         file.write(prompt)
         file.flush()
-        command = [tool, "-m", target, "-md", draft, "-f", file.name, "-n", tokens,
-                   "-t", threads, "-td", threads, "--temp", "0", "--ignore-eos", "-c", 1024,
-                   "--spec-type", "draft-simple", "--spec-draft-n-max", k]  # fmt: skip
+        command = [tool, "-m", target, "-f", file.name, "-n", tokens, "-t", threads,
+                   "--temp", "0", "--ignore-eos", "-c", 1024, *spec]  # fmt: skip
         done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
     log = done.stdout + done.stderr
     if done.returncode != 0:

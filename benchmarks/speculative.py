@@ -55,14 +55,20 @@ runs several decode steps ahead counts once; in the JSON and each round's line, 
 plain's): where two engines add the same tokens in very different numbers of calls, their
 calls, not their drafts, set the difference.
 
-Anchor (CPU, where llama.cpp is set up: `bash benchmarks/setup_reference_venvs.sh
-llamacpp`): llama.cpp's speculative decoding of the same pair, WIDE (a bf16 GGUF) with
-stories260K (f32) as its draft, on the concurrency-1 grounded and free prompts, each run
-right after llmkit's in the same round: llama-speculative-simple, greedy, K tokens a draft
-(draft-simple, which drafts K every round), THREADS threads; its decode tok/s against
-llmkit's WIDE draft row. llama-bench's plain decoding of WIDE after as many tokens of
-context gives llama.cpp's own speed-up, shown beside llmkit's. No target: where llmkit's
-speculation stands against the strongest CPU engine's on the same models.
+Anchors (CPU, where llama.cpp is set up: `bash benchmarks/setup_reference_venvs.sh
+llamacpp`), on the concurrency-1 grounded and free prompts, each run right after llmkit's in
+the same round, llama-speculative-simple, greedy, K tokens a draft, THREADS threads:
+- for the draft rows, llama.cpp's speculative decoding of the same pair, WIDE (a bf16 GGUF)
+  with stories260K (f32) as its draft (draft-simple, which drafts K every round);
+- for the ngram rows, llama.cpp's prompt lookup on small-llama (a bf16 GGUF): ngram-map-k
+  with keys of LOOKUP_KEY tokens, of its n-gram drafters (ngram-simple, ngram-map-k,
+  ngram-map-k4v, ngram-cache, ngram-mod; keys of 1 to 3 tokens) the fastest on these
+  prompts when it was chosen. Its greedy output is its own (its products round otherwise),
+  so what it repeats, and its acceptance, may differ from llmkit's.
+Each one's decode tok/s against llmkit's row; llama-bench's plain decoding of the model
+after as many tokens of context gives llama.cpp's own speed-up, shown beside llmkit's. No
+target: where llmkit's speculation stands against the strongest CPU engine's on the same
+models.
 
 Each round runs, in an order that alternates between rounds, plainly and with speculation:
 every proposer on each workload at concurrency 1, 8 and 64 (small-llama; stories260K at 1),
@@ -144,7 +150,9 @@ WEAK_LAYERS = 4  # the weaker draft of WIDE: stories260K's first layers
 WIDE_WEAK = f"draft-{WEAK_LAYERS}-layers"
 WIDE_Q4 = "draft-int4"  # WIDE's quantized draft
 WIDE_CUDA = "stories260K-1b"  # the --device cuda draft model's target
-LLAMACPP = "llama.cpp"  # the anchor: its speculative decoding of WIDE with stories260K
+LLAMACPP = "llama.cpp"  # the anchor: its speculative decoding of WIDE, its prompt lookup
+LOOKUP_KEY = 2  # tokens in a key of llama.cpp's prompt lookup (the ngram rows' anchor)
+ANCHORED = {WIDE: "draft", "small-llama": "ngram"}  # the llmkit row each anchor stands beside
 CUDA_HIDDEN_FACTOR, CUDA_MLP_FACTOR = 64, 128
 
 
@@ -413,9 +421,10 @@ def main() -> None:
                     flush=True,
                 )
             plain.pop("tokens", None)
-            if anchor and model == WIDE and workload in texts:  # back to back with llmkit's
+            if anchor and model in anchor and concurrency == 1 and workload in texts:
+                gguf, spec = anchor[model]  # back to back with llmkit's
                 prompt = loads[workload][0]
-                result[f"{WIDE} {LLAMACPP} {workload} 1"] = llamacpp_case(anchor, prompt)
+                result[f"{model} {LLAMACPP} {workload} 1"] = llamacpp_case(gguf, prompt, spec)
         rounds.append(result)
     for llm in llms.values():
         llm.close()
@@ -427,21 +436,26 @@ def _with_free(texts: dict[str, list]) -> dict[str, list]:
     return {**texts, GUIDED: texts["free"], SAMPLED: texts["free"]}
 
 
-def llamacpp_models(work: Path, models: dict[str, Path]) -> tuple[Path, Path] | None:
-    """WIDE and stories260K as GGUF files (made once) for the anchor; None, with a note,
+def llamacpp_models(work: Path, models: dict[str, Path]) -> dict[str, tuple] | None:
+    """Per anchored model (ANCHORED): its GGUF file (made once) and how llama.cpp drafts for
+    it, WIDE with stories260K as its draft, small-llama by prompt lookup; None, with a note,
     where llama.cpp is not set up."""
     if not (llamacpp.LLAMACPP / "build" / "bin" / "llama-speculative-simple").exists():
         print("llama.cpp: skipped (bash benchmarks/setup_reference_venvs.sh llamacpp)")
         return None
-    return (llamacpp.to_gguf(models[WIDE], work / "wide.gguf", "bf16"),
-            llamacpp.to_gguf(models["stories260K"], work / "stories260K.gguf", "f32"))  # fmt: skip
+    draft = llamacpp.to_gguf(models["stories260K"], work / "stories260K.gguf", "f32")
+    return {
+        WIDE: (llamacpp.to_gguf(models[WIDE], work / "wide.gguf", "bf16"),
+               llamacpp.draft_spec(draft, K, THREADS)),
+        "small-llama": (llamacpp.to_gguf(models["small-llama"], work / "small-llama.gguf",
+                                         "bf16"), llamacpp.lookup_spec(LOOKUP_KEY, K)),
+    }  # fmt: skip
 
 
-def llamacpp_case(ggufs: tuple[Path, Path], prompt: str) -> dict:
-    """llama.cpp's speculative decoding of `prompt` on WIDE with stories260K (K tokens a
-    draft), and its plain decoding after as many tokens of context (llama-bench)."""
-    target, draft = ggufs
-    out = llamacpp.speculative(target, draft, prompt, OUTPUT_LEN, K, THREADS)
+def llamacpp_case(target: Path, prompt: str, spec: list) -> dict:
+    """llama.cpp's speculative decoding of `prompt` on `target`, drafted as `spec` says (K
+    tokens a draft), and its plain decoding after as many tokens of context (llama-bench)."""
+    out = llamacpp.speculative(target, prompt, OUTPUT_LEN, THREADS, spec)
     out["plain_tok_s"] = llamacpp.plain_tok_s(target, OUTPUT_LEN, out["prompt_tokens"], THREADS)
     print(f"  llama.cpp {out['decode_tok_s']:7.1f} tok/s speculating, {out['plain_tok_s']:7.1f} "
           f"plain, accepted {out['accepted']}/{out['proposed']}", flush=True)  # fmt: skip
@@ -488,7 +502,7 @@ def summarize(fields: dict, cuda: bool = False) -> list[dict]:
     runs = [key.split() for key in rounds[0] if key.split()[1] not in ("plain", LLAMACPP)]
     ran = {(run[1], int(run[3])) for run in runs}
     rows = [_row(rounds, *run) for run in runs if run[3] == "1" and run[1] != UNLIMITED]
-    rows += [_anchor_row(rounds, key.split()[2]) for key in rounds[0] if LLAMACPP in key]
+    rows += [_anchor_row(rounds, *key.split()[::2]) for key in rounds[0] if LLAMACPP in key]
     model = LLAMA_1B if cuda else "small-llama"
     for concurrency in CONCURRENCY[1:]:
         floor = 0.95 if concurrency == max(CONCURRENCY) else None
@@ -567,20 +581,24 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
     )  # fmt: skip
 
 
-def _anchor_row(rounds: list[dict], workload: str) -> dict:
-    """WIDE's draft against llama.cpp's speculative decoding of the same models and prompt,
-    round by round; each engine's own speed-up over its plain decoding beside it."""
+def _anchor_row(rounds: list[dict], model: str, workload: str) -> dict:
+    """`model`'s ANCHORED row against llama.cpp's speculative decoding of the same model
+    and prompt (WIDE: with the same draft; small-llama: by prompt lookup), round by round;
+    each engine's own speed-up over its plain decoding beside it."""
     med = statistics.median
-    ours, plain = (f"{WIDE} {m} {workload} 1" for m in ("draft", "plain"))
-    theirs = f"{WIDE} {LLAMACPP} {workload} 1"
+    proposer = ANCHORED[model]
+    ours, plain = (f"{model} {m} {workload} 1" for m in (proposer, "plain"))
+    theirs = f"{model} {LLAMACPP} {workload} 1"
     ratios = [r[ours]["decode_tok_s"] / r[theirs]["decode_tok_s"] for r in rounds]
     accepted, proposed = (sum(r[theirs][n] for r in rounds) for n in ("accepted", "proposed"))
     own = med(r[ours]["decode_tok_s"] / r[plain]["decode_tok_s"] for r in rounds)
     their_own = med(r[theirs]["decode_tok_s"] / r[theirs]["plain_tok_s"] for r in rounds)
+    how = ("speculative decoding of the same models and prompt (llama-speculative-simple, "
+           "draft-simple" if proposer == "draft" else "prompt lookup on the same model and "
+           f"prompt (llama-speculative-simple, ngram-map-k, {LOOKUP_KEY}-token keys")  # fmt: skip
     return row(
-        f"{WIDE} draft, {workload}, concurrency 1, decode tok/s, against llama.cpp's "
-        f"speculative decoding of the same models and prompt (llama-speculative-simple, "
-        f"draft-simple, {K} tokens a draft; its acceptance {accepted / max(proposed, 1):.2f}; "
+        f"{model} {proposer}, {workload}, concurrency 1, decode tok/s, against llama.cpp's "
+        f"{how}, {K} tokens a draft; its acceptance {accepted / max(proposed, 1):.2f}; "
         f"over its own plain decoding {their_own:.2f}x, llmkit's {own:.2f}x; rounds "
         f"{min(ratios):.2f}-{max(ratios):.2f})",
         f"{med(r[ours]['decode_tok_s'] for r in rounds):.1f} tok/s",
