@@ -152,7 +152,13 @@ WIDE_Q4 = "draft-int4"  # WIDE's quantized draft
 WIDE_CUDA = "stories260K-1b"  # the --device cuda draft model's target
 LLAMACPP = "llama.cpp"  # the anchor: its speculative decoding of WIDE, its prompt lookup
 LOOKUP_KEY = 2  # tokens in a key of llama.cpp's prompt lookup (the ngram rows' anchor)
-ANCHORED = {WIDE: "draft", "small-llama": "ngram"}  # the llmkit row each anchor stands beside
+# per anchored model: the llmkit row its anchor stands beside, and what that anchor is
+ANCHORED = {
+    WIDE: ("draft", "speculative decoding of the same models and prompt "
+                    "(llama-speculative-simple, draft-simple"),
+    "small-llama": ("ngram", "prompt lookup on the same model and prompt "
+                             f"(llama-speculative-simple, ngram-map-k, {LOOKUP_KEY}-token keys"),
+}  # fmt: skip
 CUDA_HIDDEN_FACTOR, CUDA_MLP_FACTOR = 64, 128
 
 
@@ -586,16 +592,13 @@ def _anchor_row(rounds: list[dict], model: str, workload: str) -> dict:
     and prompt (WIDE: with the same draft; small-llama: by prompt lookup), round by round;
     each engine's own speed-up over its plain decoding beside it."""
     med = statistics.median
-    proposer = ANCHORED[model]
+    proposer, how = ANCHORED[model]
     ours, plain = (f"{model} {m} {workload} 1" for m in (proposer, "plain"))
     theirs = f"{model} {LLAMACPP} {workload} 1"
     ratios = [r[ours]["decode_tok_s"] / r[theirs]["decode_tok_s"] for r in rounds]
     accepted, proposed = (sum(r[theirs][n] for r in rounds) for n in ("accepted", "proposed"))
     own = med(r[ours]["decode_tok_s"] / r[plain]["decode_tok_s"] for r in rounds)
     their_own = med(r[theirs]["decode_tok_s"] / r[theirs]["plain_tok_s"] for r in rounds)
-    how = ("speculative decoding of the same models and prompt (llama-speculative-simple, "
-           "draft-simple" if proposer == "draft" else "prompt lookup on the same model and "
-           f"prompt (llama-speculative-simple, ngram-map-k, {LOOKUP_KEY}-token keys")  # fmt: skip
     return row(
         f"{model} {proposer}, {workload}, concurrency 1, decode tok/s, against llama.cpp's "
         f"{how}, {K} tokens a draft; its acceptance {accepted / max(proposed, 1):.2f}; "
