@@ -13,7 +13,7 @@
 #                loading them), so int8 and w8a8 take a run of their own:
 #                METHODS=int8,w8a8 ANCHORS= bash benchmarks/gpu_checks.sh cuda
 #   speculative  benchmarks/speculative.py --device cuda --concurrency-1-only (issue 40's
-#                batch-1 rows on a GPU; --shared from $SHARED where set)
+#                batch-1 rows on a GPU; $ROUNDS rounds, 5; --shared from $SHARED where set)
 #   bf16-1b      benchmarks/cuda.py on Llama-3.2-1B's shapes, bf16 alone: batch-1 decode with
 #                up to 16 steps a call, with 1, and eager: the plain engine that
 #                speculative.py's 1B rows are set against, with cuda.py's settings
@@ -76,7 +76,7 @@ command_of() { # the step's command, into the array cmd
     cuda) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 8b
         --methods "${METHODS-gptq,awq}" --calibration 4 --anchors "${ANCHORS-hf-compiled}") ;;
     speculative) cmd=("$python" benchmarks/speculative.py --device cuda --concurrency-1-only
-        --rounds 5 --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
+        --rounds "${ROUNDS:-5}" --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
     bf16-1b) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 1b --methods ""
         --anchors "" --bf16-parts eager) ;;
     esac

@@ -75,7 +75,7 @@ def test_every_step_runs_in_order_with_its_log_and_results(tmp_path):
     ]
     assert "--methods gptq,awq" in calls[1] and "--anchors hf-compiled" in calls[1]
     assert calls[3].endswith("--models 1b --methods  --anchors  --bf16-parts eager")
-    assert calls[2].endswith("--shared /data/my shared")
+    assert " --rounds 5 " in calls[2] and calls[2].endswith("--shared /data/my shared")
     logs = tmp_path / "checkout" / "logs"
     assert (logs / "cuda.log").read_text() == "cuda run\n"
     # the result a step wrote, named by its step; results from before the run stay behind
@@ -83,11 +83,12 @@ def test_every_step_runs_in_order_with_its_log_and_results(tmp_path):
     assert (logs / "RESULTS.md").read_text() == "# results\n"
 
 
-def test_methods_and_anchors_come_from_the_environment(tmp_path):
-    done = _run(tmp_path, "cuda", METHODS="int8,w8a8", ANCHORS="")
+def test_methods_anchors_and_rounds_come_from_the_environment(tmp_path):
+    done = _run(tmp_path, "cuda", "speculative", METHODS="int8,w8a8", ANCHORS="", ROUNDS="3")
     assert done.returncode == 0, done.stdout + done.stderr
-    (call,) = _calls(tmp_path)
-    assert "--methods int8,w8a8 " in call and call.endswith("--anchors ")
+    cuda, speculative = _calls(tmp_path)
+    assert "--methods int8,w8a8 " in cuda and cuda.endswith("--anchors ")
+    assert " --rounds 3 " in speculative
 
 
 def test_a_failing_step_fails_the_run_and_the_rest_still_run(tmp_path):
