@@ -17,7 +17,7 @@ while [ $# -gt 0 ]; do [ "$1" = -d ] && touch "$2/x-1-py3-none-any.whl"; shift; 
 """
 
 
-def _run(tmp_path: Path, shared: Path, **env: str) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, shared: Path) -> subprocess.CompletedProcess:
     root = tmp_path / "checkout"
     (root / "benchmarks").mkdir(parents=True)
     shutil.copy(SCRIPT, root / "benchmarks" / "gpu_kit.sh")
@@ -29,7 +29,6 @@ def _run(tmp_path: Path, shared: Path, **env: str) -> subprocess.CompletedProces
         "PYTHON": str(fake),
         "FAKE_CALL": str(tmp_path / "call"),
         "SHARED": str(shared),
-        **env,
     }
     return subprocess.run(
         ["bash", str(root / "benchmarks" / "gpu_kit.sh")],
