@@ -107,3 +107,55 @@ def test_generate_freezes_the_heap_before_its_engine_runs(cli, tiny_dir, tmp_pat
     result = cli("generate", tiny_dir(), "--prompts", prompts, "--output", tmp_path / "o.jsonl")
     assert result.code == 0, result.err
     assert events == ["freeze", "load"]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--num-speculative-tokens", "3"], "--num-speculative-tokens tunes speculation: it goes "
+                                            "with --speculative ngram or a draft model"),
+        (["--speculative-max-seqs", "8"], "--speculative-max-seqs tunes"),
+        (["--ngram-min", "2"], "--ngram-min tunes"),
+        (["--speculative", "DRAFT", "--ngram-max", "2"], "--ngram-max tunes speculation: it goes "
+                                                         "with --speculative ngram"),
+        (["--speculative", "ngram", "--draft-min-confidence", "0.5"], "--draft-min-confidence "
+         "tunes speculation: it goes with --speculative DRAFT (a draft model)"),
+    ],
+)  # fmt: skip
+def test_a_speculation_option_without_what_it_tunes_is_one_error_line(
+    cli, tiny_dir, tmp_path, args, says
+):
+    """As a recipe's are (engine_config.untuned), instead of being ignored."""
+    model = tiny_dir()
+    args = [model if a == "DRAFT" else a for a in args]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The king", "max_tokens": 2}) + "\n")
+    result = cli("generate", model, "--prompts", prompts, *args)
+    assert result.code == 1 and says in result.err
+    assert len(result.err.strip().splitlines()) == 1 and not result.out
+
+
+def test_speculation_options_reach_the_engine_given_or_not():
+    """Not given: EngineConfig's defaults (which --help shows); given with what they tune:
+    their values."""
+    import typer
+    from typer.testing import CliRunner
+
+    from llmkit.cli.engine_options import with_engine_options
+
+    seen = []
+
+    def command(engine: EngineConfig) -> None:
+        seen.append(engine)
+
+    app = typer.Typer()
+    app.command()(with_engine_options(command))
+    runner = CliRunner()
+    assert runner.invoke(app, []).exit_code == 0
+    assert seen.pop() == EngineConfig()
+    given = ["--speculative", "ngram", "--num-speculative-tokens", "2", "--ngram-min", "2",
+             "--ngram-max", "3", "--speculative-max-seqs", "0"]  # fmt: skip
+    assert runner.invoke(app, given).exit_code == 0
+    assert seen.pop() == EngineConfig(speculative="ngram", num_speculative_tokens=2,
+                                      ngram_min=2, ngram_max=3, speculative_max_seqs=0)  # fmt: skip
+    assert "[default: (4)]" in runner.invoke(app, ["--help"], terminal_width=200).output

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Annotated
 
@@ -11,7 +13,7 @@ import typer
 
 from llmkit.checkpoint.writer import parse_size
 from llmkit.errors import LlmkitError
-from llmkit.runtime.engine_config import EngineConfig
+from llmkit.runtime.engine_config import ANY, DRAFT, NGRAM, TUNES, EngineConfig, untuned
 
 TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel ranks (processes).")]
 DtypeOpt = Annotated[
@@ -142,6 +144,7 @@ def with_engine_options(command: Callable) -> Callable:
     @functools.wraps(command)
     def run(**kwargs):
         options = {p.name: kwargs.pop(p.name) for p in extra}
+        _check_speculation_options(options)
         return command(**kwargs, engine=_engine_config(options))
 
     kept = [p for name, p in own.parameters.items() if name != "engine"]
@@ -183,18 +186,43 @@ def _engine_parameters() -> list[inspect.Parameter]:
         "async_output": AsyncOutputOpt,
     }
     defaults = EngineConfig()
-    return [
-        inspect.Parameter(
-            name,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=getattr(defaults, _FIELDS.get(name, name)),
-            annotation=option,
-        )
-        for name, option in options.items()
-    ]
+    parameters = []
+    for name, option in options.items():
+        default = getattr(defaults, _FIELDS.get(name, name))
+        if name in TUNES:  # None where not given (`_check_speculation_options`)
+            option, default = _shown_default(option, default), None
+        kind = inspect.Parameter.KEYWORD_ONLY
+        parameters.append(inspect.Parameter(name, kind, default=default, annotation=option))
+    return parameters
+
+
+def _shown_default(option, default):
+    """`option` (an Annotated typer option) taking None where it is not given, with `default`
+    (the value the engine then takes) in its help."""
+    kind, info = typing.get_args(option)
+    info = copy.copy(info)
+    info.show_default = str(default) if default is not None else False
+    return Annotated[kind | None, info]
+
+
+def _check_speculation_options(options: dict) -> None:
+    """Refuse, in one line, an option that tunes speculation given without the
+    --speculative it tunes (engine_config.untuned), as a recipe's are."""
+    for name in TUNES:
+        if options[name] is None:  # not given
+            continue
+        if (wants := untuned(name, options["speculative"])) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise LlmkitError(f"{flag} tunes speculation: it goes with {_SPECULATIVE[wants]}")
+
+
+# what each of engine_config.TUNES' proposers is on the command line
+_SPECULATIVE = {ANY: "--speculative ngram or a draft model", NGRAM: "--speculative ngram",
+                DRAFT: "--speculative DRAFT (a draft model)"}  # fmt: skip
 
 
 def _engine_config(options: dict) -> EngineConfig:
+    options = {name: v for name, v in options.items() if v is not None or name not in TUNES}
     values = {_FIELDS.get(name, name): value for name, value in options.items()}
     values["kv_cache_memory"] = kv_cache_bytes(values["kv_cache_memory"])  # "2GiB" -> bytes
     return EngineConfig(**values)

@@ -29,7 +29,15 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import CAST_METHODS, METHODS, MethodOptions, check_options
 from llmkit.recipe.yaml_lines import line_of, load_with_lines
-from llmkit.runtime.engine_config import MAX_NGRAM, MAX_SPECULATIVE_TOKENS, NGRAM, EngineConfig
+from llmkit.runtime.engine_config import (
+    ANY,
+    DRAFT,
+    MAX_NGRAM,
+    MAX_SPECULATIVE_TOKENS,
+    NGRAM,
+    EngineConfig,
+    untuned,
+)
 from llmkit.runtime.lora_registry import adapter_dir
 
 STRICT = ConfigDict(extra="forbid")
@@ -100,6 +108,11 @@ class Quality(BaseModel):
     seq_len: int = Field(CALIBRATION.seq_len, ge=8)
 
 
+# what each of engine_config.TUNES' proposers is in a recipe's words
+SPECULATIVE_WORDS = {ANY: "speculative", NGRAM: f"speculative: {NGRAM}",
+                     DRAFT: "a draft model as speculative"}  # fmt: skip
+
+
 class Speculating(BaseModel):
     """Speculative decoding for the engine a bench runs: `speculative` is ngram or an
     earlier checkpoint's id (source included) as the draft model; the other fields are the
@@ -117,12 +130,8 @@ class Speculating(BaseModel):
     @model_validator(mode="after")
     def _drafts(self) -> Speculating:
         for field in self.engine_fields():
-            if self.speculative is None:
-                raise ValueError(f"{field} goes with speculative")
-            if field.startswith("ngram_") and self.speculative != NGRAM:
-                raise ValueError(f"{field} goes with speculative: {NGRAM}")
-            if field == "draft_min_confidence" and self.draft() is None:
-                raise ValueError(f"{field} goes with a draft model as speculative")
+            if (wants := untuned(field, self.speculative)) is not None:
+                raise ValueError(f"{field} goes with {SPECULATIVE_WORDS[wants]}")
         if self.speculative is not None:  # what the engine checks across its options
             try:
                 EngineConfig(speculative=self.speculative, **self.engine_fields())

@@ -11,6 +11,25 @@ MAX_SPECULATIVE_TOKENS = 16
 MAX_NGRAM = 16
 MAX_DECODE_STEPS = 64
 MAX_DECODE_CALL_MS = 10_000
+ANY, DRAFT = "any", "draft"  # besides NGRAM, the proposers an option tunes: all, a draft model
+# The options that tune speculation, by EngineConfig field, and the proposers they tune
+# (--speculative-revision, which names a draft model's revision, is EngineConfig's check)
+TUNES = {"num_speculative_tokens": ANY, "speculative_max_seqs": ANY, "ngram_min": NGRAM,
+         "ngram_max": NGRAM, "draft_min_confidence": DRAFT}  # fmt: skip
+
+
+def untuned(field: str, speculative: str | None) -> str | None:
+    """What the option `field` (an EngineConfig field) tunes where `speculative` (NGRAM, a
+    draft model, None: off) is not that: ANY, NGRAM or DRAFT; None where it goes with it (or
+    tunes no speculation). A caller that knows the option was given refuses it then."""
+    wants = TUNES.get(field)
+    if wants is None:
+        return None
+    if speculative is None:
+        return ANY
+    if (wants == NGRAM) != (speculative == NGRAM) and wants != ANY:
+        return wants  # ngram's options with a draft model, a draft model's with ngram
+    return None
 
 
 @dataclass(frozen=True, slots=True)
