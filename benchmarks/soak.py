@@ -33,7 +33,14 @@ and, to read the latency ratio by, how many valid requests met a 429 (and the p9
 others) and what the engine did in each kind of window (tokens prefilled and generated,
 mean TPOT). Writes benchmarks/results/soak-<date>.json.
 
+With --speculative ngram (or a draft model's directory) the server speculates, with no
+--speculative-max-seqs limit, so that every step whose requests allow it carries drafts, in
+the soak windows too (under the default limit, their load leaves none): streams dropped
+mid-draft, n=4, stop strings and logprobs meet rounds of verification and rollback. Its
+result is a variant of its own (soak-speculative-<date>.json), with a table of its own.
+
     python benchmarks/soak.py [--workdir DIR] [--duration 600] [--clean-seconds 180]
+        [--speculative ngram|DRAFT]
 """
 
 from __future__ import annotations
@@ -321,6 +328,8 @@ def run(model: Path, args: argparse.Namespace, log: Path) -> dict:
     port = free_port()
     options = ["--request-timeout", "5", "--stream-stall-timeout", "5"]
     options += ["--max-queued-requests", "32", "--log-level", "warning"]
+    if args.speculative:  # every step that may speculate does, whatever the load
+        options += ["--speculative", args.speculative, "--speculative-max-seqs", "100000"]
     command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", str(port), *options]
     tallies = {"clean": Tally(), "soak": Tally()}
     windows = Windows()
@@ -488,6 +497,7 @@ def report(result: dict, args: argparse.Namespace) -> None:
         fields,
         anchor="clean windows of the same valid traffic on the same server",
         summary=summarize(fields),
+        variant="speculative" if args.speculative else "",
     )
 
 
@@ -542,6 +552,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--valid-workers", type=int, default=4)
     parser.add_argument("--hostile-workers", type=int, default=4)
     parser.add_argument("--burst-interval", type=float, default=10, help="seconds between bursts")
+    parser.add_argument("--speculative", help="ngram or a draft model: the server speculates")
     return parser.parse_args()
 
 
