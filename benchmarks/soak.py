@@ -292,6 +292,8 @@ ENGINE_COUNTERS = {
     "generation_tokens": "llmkit_generation_tokens_total",
     "tpot_sum": "llmkit_time_per_output_token_seconds_sum",
     "tpot_count": "llmkit_time_per_output_token_seconds_count",
+    "proposed": "llmkit_spec_decode_proposed_tokens_total",  # none without --speculative
+    "accepted": "llmkit_spec_decode_accepted_tokens_total",
 }
 
 
@@ -301,10 +303,12 @@ def _engine_counters(port: int) -> collections.Counter:
 
 def _engine_work(counts: collections.Counter) -> dict[str, float]:
     """What the engine did in a kind of window, hostile requests included: tokens prefilled
-    and generated, and the mean time per output token."""
+    and generated, the mean time per output token, and draft tokens proposed and accepted."""
     return {
         "prompt_tokens": counts["prompt_tokens"],
         "generation_tokens": counts["generation_tokens"],
+        "draft_tokens_proposed": counts["proposed"],
+        "draft_tokens_accepted": counts["accepted"],
         "mean_tpot_s": counts["tpot_sum"] / counts["tpot_count"] if counts["tpot_count"] else 0.0,
     }
 
@@ -479,7 +483,9 @@ def report(result: dict, args: argparse.Namespace) -> None:
         work = phase_["engine_work"]
         print(f"engine, {name}: {work['prompt_tokens']:.0f} prompt and "
               f"{work['generation_tokens']:.0f} generated tokens, "
-              f"mean TPOT {work['mean_tpot_s'] * 1e3:.1f} ms")  # fmt: skip
+              f"mean TPOT {work['mean_tpot_s'] * 1e3:.1f} ms, draft tokens "
+              f"{work['draft_tokens_accepted']:.0f} accepted of "
+              f"{work['draft_tokens_proposed']:.0f}")  # fmt: skip
     for k in ("front_end", "engine", "engine_beyond_kv", "kv_touched"):
         print(f"{k}: {soak['rss_start'][k] / 2**20:.0f} -> {soak['rss_end'][k] / 2**20:.0f} MB")
     print(f"KV blocks used at the end: {soak['kv_blocks_used_at_end']:.0f} (target 0); "
@@ -525,6 +531,14 @@ def summarize(fields: dict) -> list[dict]:
             ratio <= 1.5,
         ),
     ]
+    drafts = {k: (p["engine_work"].get("draft_tokens_accepted", 0),
+                  p["engine_work"].get("draft_tokens_proposed", 0))
+              for k, p in (("soak", soak), ("clean", clean))}  # fmt: skip
+    if drafts["soak"][1] or drafts["clean"][1]:  # --speculative: that the soak speculated
+        rows.append(row(
+            "draft tokens accepted of those proposed (the engine's counters), soak windows "
+            "against clean", *(f"{a:.0f} of {n:.0f}" for a, n in drafts.values()), None,
+        ))  # fmt: skip
     each = [w["ratio"] for w in fields["windows"] if w["ratio"]]
     if each:
         rows.append(row(
