@@ -115,7 +115,9 @@ def test_generate_freezes_the_heap_before_its_engine_runs(cli, tiny_dir, tmp_pat
         (["--num-speculative-tokens", "3"], "--num-speculative-tokens tunes speculation: it goes "
                                             "with --speculative ngram or a draft model"),
         (["--speculative-max-seqs", "8"], "--speculative-max-seqs tunes"),
-        (["--ngram-min", "2"], "--ngram-min tunes"),
+        (["--ngram-min", "2"], "--ngram-min tunes speculation: it goes with --speculative ngram"),
+        (["--draft-min-confidence", "0.5"], "--draft-min-confidence tunes speculation: it goes "
+                                            "with --speculative DRAFT (a draft model)"),
         (["--speculative", "DRAFT", "--ngram-max", "2"], "--ngram-max tunes speculation: it goes "
                                                          "with --speculative ngram"),
         (["--speculative", "ngram", "--draft-min-confidence", "0.5"], "--draft-min-confidence "

@@ -20,16 +20,13 @@ TUNES = {"num_speculative_tokens": ANY, "speculative_max_seqs": ANY, "ngram_min"
 
 def untuned(field: str, speculative: str | None) -> str | None:
     """What the option `field` (an EngineConfig field) tunes where `speculative` (NGRAM, a
-    draft model, None: off) is not that: ANY, NGRAM or DRAFT; None where it goes with it (or
-    tunes no speculation). A caller that knows the option was given refuses it then."""
+    draft model, None: off) does not do that: ANY, NGRAM or DRAFT; None where it does (or
+    the option tunes no speculation). A caller that knows the option was given refuses it."""
     wants = TUNES.get(field)
-    if wants is None:
+    proposer = None if speculative is None else NGRAM if speculative == NGRAM else DRAFT
+    if wants is None or wants == proposer or (wants == ANY and proposer is not None):
         return None
-    if speculative is None:
-        return ANY
-    if (wants == NGRAM) != (speculative == NGRAM) and wants != ANY:
-        return wants  # ngram's options with a draft model, a draft model's with ngram
-    return None
+    return wants
 
 
 @dataclass(frozen=True, slots=True)
