@@ -36,8 +36,11 @@ mean TPOT). Writes benchmarks/results/soak-<date>.json.
 With --speculative ngram (or a draft model's directory) the server speculates, with no
 --speculative-max-seqs limit, so that every step whose requests allow it carries drafts, in
 the soak windows too (under the default limit, their load leaves none): streams dropped
-mid-draft, n=4, stop strings and logprobs meet rounds of verification and rollback. Its
-result is a variant of its own (soak-speculative-<date>.json), with a table of its own.
+mid-draft, n=4, stop strings and logprobs meet rounds of verification and rollback. Every
+other valid request is then greedy (temperature 0), whose drafts small-llama's output, which
+soon repeats itself, accepts (sampled drafts it mostly rejects, and the engine soon stops
+proposing them). Its result is a variant of its own (soak-speculative-<date>.json), with a
+table of its own.
 
     python benchmarks/soak.py [--workdir DIR] [--duration 600] [--clean-seconds 180]
         [--speculative ngram|DRAFT]
@@ -139,22 +142,31 @@ def _post(port: int, path: str, raw: bytes, timeout: float = 120) -> tuple[int, 
         conn.close()
 
 
+VALID_TEMPERATURE = 0.7
+
+
 def _prompt(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 64)))
 
 
 def valid_loop(
-    port: int, tallies: dict[str, Tally], windows: Windows, stop: threading.Event, seed: int
+    port: int,
+    tallies: dict[str, Tally],
+    windows: Windows,
+    stop: threading.Event,
+    seed: int,
+    temperatures: tuple[float, ...] = (VALID_TEMPERATURE,),
 ) -> None:
-    """Valid requests back to back; each counts in the window it started in, its latency only
-    if it also ended there (not across two windows, nor while a soak window drains)."""
+    """Valid requests back to back, each at the next of `temperatures` in turn; each counts
+    in the window it started in, its latency only if it also ended there (not across two
+    windows, nor while a soak window drains)."""
     rng = random.Random(seed)
     kinds = ["completion", "stream", "chat"]
     i = 0
     while not stop.is_set():
-        kind = kinds[i % 3]
+        kind, temperature = kinds[i % 3], temperatures[i % len(temperatures)]
         i += 1
-        body: dict = {"max_tokens": 32, "temperature": 0.7, "seed": rng.randint(0, 2**31)}
+        body: dict = {"max_tokens": 32, "temperature": temperature, "seed": rng.randint(0, 2**31)}
         if kind == "chat":
             path = "/v1/chat/completions"
             body["messages"] = [{"role": "user", "content": _prompt(rng)}]
@@ -332,8 +344,10 @@ def run(model: Path, args: argparse.Namespace, log: Path) -> dict:
     port = free_port()
     options = ["--request-timeout", "5", "--stream-stall-timeout", "5"]
     options += ["--max-queued-requests", "32", "--log-level", "warning"]
+    temperatures = (VALID_TEMPERATURE,)
     if args.speculative:  # every step that may speculate does, whatever the load
         options += ["--speculative", args.speculative, "--speculative-max-seqs", "100000"]
+        temperatures = (0.0, VALID_TEMPERATURE)  # greedy ones too: drafts accepted
     command = [sys.executable, "-m", "llmkit", "serve", str(model), "--port", str(port), *options]
     tallies = {"clean": Tally(), "soak": Tally()}
     windows = Windows()
@@ -352,7 +366,9 @@ def run(model: Path, args: argparse.Namespace, log: Path) -> dict:
         _post(port, "/v1/completions", b'{"prompt": "warm up", "max_tokens": 8}')
         stop = threading.Event()
         valid = [
-            threading.Thread(target=valid_loop, args=(port, tallies, windows, stop, i))
+            threading.Thread(
+                target=valid_loop, args=(port, tallies, windows, stop, i, temperatures)
+            )
             for i in range(args.valid_workers)
         ]
         for t in valid:
