@@ -31,7 +31,7 @@ less the KV-cache blocks touched so far, whose pages are committed as the cache 
 to its size), KV blocks used once the traffic stops (target 0), and tracebacks in the log;
 and, to read the latency ratio by, how many valid requests met a 429 (and the p99 of the
 others) and what the engine did in each kind of window (tokens prefilled and generated,
-mean TPOT). Writes benchmarks/results/soak-<date>.json.
+mean TPOT, draft tokens proposed and accepted). Writes benchmarks/results/soak-<date>.json.
 
 With --speculative ngram (or a draft model's directory) the server speculates, with no
 --speculative-max-seqs limit, so that every step whose requests allow it carries drafts, in
@@ -39,8 +39,10 @@ the soak windows too (under the default limit, their load leaves none): streams 
 mid-draft, n=4, stop strings and logprobs meet rounds of verification and rollback. Every
 other valid request is then greedy (temperature 0), whose drafts small-llama's output, which
 soon repeats itself, accepts (sampled drafts it mostly rejects, and the engine soon stops
-proposing them). Its result is a variant of its own (soak-speculative-<date>.json), with a
-table of its own.
+proposing them). Its result is a variant of its own (soak-speculative-<date>.json, with a
+draft model soak-speculative-draft-<date>.json), with a table of its own. The soak's model
+may be its own draft (--speculative WORKDIR/small-llama-bf16): nearly every draft
+accepted, so that the draft model's cache, its catching up and its rollback run at every step.
 
     python benchmarks/soak.py [--workdir DIR] [--duration 600] [--clean-seconds 180]
         [--speculative ngram|DRAFT]
@@ -519,8 +521,15 @@ def report(result: dict, args: argparse.Namespace) -> None:
         fields,
         anchor="clean windows of the same valid traffic on the same server",
         summary=summarize(fields),
-        variant="speculative" if args.speculative else "",
+        variant=_variant(args.speculative),
     )
+
+
+def _variant(speculative: str | None) -> str:
+    """The result's variant: none, speculative (ngram), speculative-draft (a draft model)."""
+    if speculative is None:
+        return ""
+    return "speculative" if speculative == "ngram" else "speculative-draft"
 
 
 FLAT = 1.1  # RSS at the end over RSS after warm-up that still counts as flat
