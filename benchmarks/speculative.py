@@ -79,7 +79,10 @@ median. Targets (issue 40): ngram >= 1.8x at concurrency 1 on grounded (small-ll
 draft >= 1.3x at concurrency 1 for each of WIDE's drafts whose acceptance is >= 0.6 (over at
 least MIN_DRAFTS drafts a round: fewer, and the engine's draft cutoff has all but stopped
 drafting, so the few tokens drafted give no rate to speak of); >= 0.95x at
-concurrency 64 for every proposer and workload (small-llama). Writes
+concurrency 64 for every proposer and workload (small-llama). A concurrency-1 row faster
+than its drafts can make it (`explained`: a token accepted from a draft saves one step of
+plain decoding at most) by more than EXPLAINED_SLACK says so, and its target is not met:
+there the plain run was slow, not the speculation fast. Writes
 benchmarks/results/speculative-<date>.json.
 
 With --device cuda (a GPU machine), instead: Llama-3.2-1B's shapes (random init, bf16,
@@ -88,15 +91,16 @@ layers as the draft, on both workloads (as token ids, one a byte of the text: a 
 model has no tokenizer to speak of) at concurrency 1, 8 and 64, every engine warmed up at
 each concurrency first (its CUDA graphs captured), CUDA_OUTPUT_LEN tokens a request (so
 a request at concurrency 1 takes about a second); the same targets on its rows (the draft's
-only where its acceptance is >= 0.6). A random-init model's greedy output soon repeats one
-token, so its ngram drafts are right for the same reason small-llama's are. A random-init
-draft model doubts every token, so the draft target is measured on WIDE_CUDA: stories260K
-widened as WIDE is, further (hidden x 64, intermediate x 128: some 1.4B parameters, written
-in bfloat16), a step of a model of Llama-3.2-1B's size, plainly and with stories260K as
-its draft, on both workloads (as text), json and sampled at concurrency 1,
-WIDE_CUDA_OUTPUT_LEN tokens a request (stories260K's context is 512 tokens); and the 1B
-shapes' ngram with no --speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP), where a
-GPU's step is still bandwidth-bound: whether that default holds there too. Writes
+only where its acceptance is >= 0.6). How much of its greedy output repeats itself, so that
+ngram drafts it, depends on its weights: the share of the output accepted from drafts, in
+each row, says how much speculation did. A random-init draft model doubts every token, so
+the draft target is measured on WIDE_CUDA: stories260K widened as WIDE is, further (hidden
+x 64, intermediate x 128: some 1.4B parameters, written in bfloat16), a step of a model of
+Llama-3.2-1B's size, plainly and with stories260K as its draft, on both workloads (as
+text), json and sampled at concurrency 1, WIDE_CUDA_OUTPUT_LEN tokens a request
+(stories260K's context is 512 tokens); and the 1B shapes' ngram with no
+--speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP), where a GPU's step is still
+bandwidth-bound: whether that default holds there too. Writes
 benchmarks/results/speculative-cuda-<date>.json.
 
 --concurrency-1-only runs the concurrency-1 cases alone (those of the ngram and draft
@@ -140,6 +144,9 @@ SAMPLED_TEMPERATURE = 0.8
 FORCED = "forced"  # on it, the plain engine verifying the tokens guides force as drafts
 GUIDED_MAX_TOKENS = 512  # structured_outputs.SCHEMA's answers end well within it
 K = 4
+# a concurrency-1 row faster than `explained` by more than this (its rounds' median against
+# the share accepted over all of them) is not speculation's doing: its target is not met
+EXPLAINED_SLACK = 1.1
 MIN_DRAFTS = 4  # drafts a round (on average) from which a row's acceptance counts for a target
 # stories260K widened into a target a draft can pay off against (widen.py): hidden x 16 (a
 # power of 4, so the norms' rescaling is exact), intermediate x 32, KV heads repeated:
@@ -573,6 +580,12 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
         model, proposer, workload, int(concurrency), st["acceptance"] if measured else None,
         st["ratio"],
     )  # fmt: skip
+    unexplained = ""
+    if concurrency == "1" and st["ratio"] > EXPLAINED_SLACK * explained(st["accepted_share"]):
+        # faster than drafts can make it: the plain run was slow, and the target says nothing
+        unexplained = (f", more than its drafts explain (at most "
+                       f"{explained(st['accepted_share']):.2f}x)")  # fmt: skip
+        met = False if met else met
     cutoffs = st["cutoffs"]
     cut = f", draft cutoff {min(cutoffs):.2f}-{max(cutoffs):.2f}" if cutoffs else ""
     share = st["accepted_share"]
@@ -580,11 +593,19 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
     return row(
         f"{model} {proposer}, {workload}, concurrency {concurrency}, decode tok/s: acceptance "
         f"{st['acceptance']:.2f}, {st['per_draft']:.2f} accepted per draft{cut}{share}"
-        f"{'' if st['same'] else ', greedy tokens differ from plain'} "
+        f"{'' if st['same'] else ', greedy tokens differ from plain'}{unexplained} "
         f"(rounds {st['low']:.2f}-{st['high']:.2f}; end to end with the prefill "
         f"{st['whole']:.2f}x)",
         st["tok_s"], st["plain"], st["ratio"], target, met,
     )  # fmt: skip
+
+
+def explained(share: float) -> float:
+    """The most a speed-up of decoding can be where `share` of the output was accepted from
+    drafts: a token accepted from a draft saves a step of plain decoding at most, and every
+    other token costs one (a verifying step at least as much as a plain one), so the steps
+    left are 1 - share of plain decoding's."""
+    return 1 / (1 - share) if share < 1 else float("inf")
 
 
 def _anchor_row(rounds: list[dict], model: str, workload: str) -> dict:

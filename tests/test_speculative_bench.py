@@ -1,0 +1,53 @@
+"""benchmarks/speculative.py's rows: a speed-up at concurrency 1 larger than the tokens
+accepted from drafts can give is called out, and its target is not met."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+OUTPUT = 64  # tokens a request
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its own imports (report, llamacpp)
+    spec = importlib.util.spec_from_file_location(
+        "speculative_bench", BENCHMARKS / "speculative.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(tok_s: float, accepted: int) -> dict:
+    return {"tok_s": tok_s, "decode_tok_s": tok_s, "proposed": accepted, "accepted": accepted,
+            "drafts": max(1, accepted // 4), "forced": 0, "output_tokens": OUTPUT,
+            "cutoff": None, "same_tokens": True}  # fmt: skip
+
+
+def ngram_row(bench, plain: float, speculated: float, accepted: int) -> dict:
+    rounds = [{"small-llama plain grounded 1": run(plain, 0),
+               "small-llama ngram grounded 1": run(speculated, accepted)}] * 3  # fmt: skip
+    return bench._row(rounds, "small-llama", "ngram", "grounded", "1")
+
+
+@pytest.mark.parametrize("accepted", [8, 32, 48])
+def test_a_speed_up_beyond_what_the_drafts_explain_is_not_met(bench, accepted):
+    """At most 1 / (1 - share accepted from drafts): each accepted token saves one plain step
+    at most. 1.9x with half the output drafted holds; with an eighth it cannot."""
+    most = OUTPUT / (OUTPUT - accepted)  # the steps left of plain decoding's
+    assert bench.explained(accepted / OUTPUT) == pytest.approx(most)
+    line = ngram_row(bench, 100.0, 190.0, accepted)
+    beyond = bench.EXPLAINED_SLACK * most < 1.9
+    assert ("more than its drafts explain" in line["measured"]) == beyond
+    assert line["met"] is (not beyond)
+    assert line["target"] == "≥ 1.8×"
+
+
+def test_a_row_without_drafts_is_not_called_out_within_the_slack(bench):
+    line = ngram_row(bench, 100.0, 105.0, 0)  # noise around plain decoding
+    assert "explain" not in line["measured"] and line["met"] is False  # below 1.8x
