@@ -93,12 +93,14 @@ each concurrency first (its CUDA graphs captured), CUDA_OUTPUT_LEN tokens a requ
 a request at concurrency 1 takes about a second); the same targets on its rows (the draft's
 only where its acceptance is >= 0.6). How much of its greedy output repeats itself, so that
 ngram drafts it, depends on its weights: the share of the output accepted from drafts, in
-each row, says how much speculation did. A random-init draft model doubts every token, so
-the draft target is measured on WIDE_CUDA: stories260K widened as WIDE is, further (hidden
-x 64, intermediate x 128: some 1.4B parameters, written in bfloat16), a step of a model of
-Llama-3.2-1B's size, plainly and with stories260K as its draft, on both workloads (as
-text), json and sampled at concurrency 1, WIDE_CUDA_OUTPUT_LEN tokens a request
-(stories260K's context is 512 tokens); and the 1B shapes' ngram with no
+each row, says how much speculation did. So small-llama runs too, plainly and with ngram at
+concurrency 1 on both workloads (the grounded row with the ngram target): its output
+repeats itself, as on the CPU, so that its drafts are right. A random-init draft model
+doubts every token, so the draft target is measured on WIDE_CUDA: stories260K widened as
+WIDE is, further (hidden x 64, intermediate x 128: some 1.4B parameters, written in
+bfloat16), a step of a model of Llama-3.2-1B's size, plainly and with stories260K as its
+draft, on both workloads (as text), json and sampled at concurrency 1, WIDE_CUDA_OUTPUT_LEN
+tokens a request (stories260K's context is 512 tokens); and the 1B shapes' ngram with no
 --speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP), where a GPU's step is still
 bandwidth-bound: whether that default holds there too. Writes
 benchmarks/results/speculative-cuda-<date>.json.
@@ -169,12 +171,18 @@ ANCHORED = {
 CUDA_HIDDEN_FACTOR, CUDA_MLP_FACTOR = 64, 128
 
 
-def make_models(work: Path, shared: Path) -> dict[str, Path]:
+def small_llama(work: Path) -> Path:
+    """small-llama in bfloat16 under `work` (made once)."""
     from llmkit.checkpoint.init import init_checkpoint
 
     small = work / "small-llama-bf16"
     if not (small / "config.json").is_file():
         init_checkpoint(small, "small-llama", 0, "bfloat16", True)
+    return small
+
+
+def make_models(work: Path, shared: Path) -> dict[str, Path]:
+    small = small_llama(work)
     stories = shared / "models" / "stories260K"
     return {
         "small-llama": small,
@@ -195,7 +203,7 @@ def make_cuda_models(work: Path, shared: Path) -> dict[str, Path]:
     if not (target / "config.json").is_file():
         make_random(target, SHAPES, device="cuda")
     draft = first_layers(target, work / f"{LLAMA_1B}-{DRAFT_LAYERS}-layers", DRAFT_LAYERS)
-    models = {LLAMA_1B: target, "draft": draft}
+    models = {LLAMA_1B: target, "draft": draft, "small-llama": small_llama(work)}
     stories = shared / "models" / "stories260K"
     if not (stories / "config.json").is_file():
         print(f"{WIDE_CUDA} skipped: no {stories}", flush=True)
@@ -341,7 +349,7 @@ def cuda_engines(
     models: dict[str, Path], speculative_max_seqs: int, sweep: tuple[int, ...]
 ) -> dict[str, object]:
     def llm(model: str = LLAMA_1B, speculative: str | None = None, limit=speculative_max_seqs):
-        # six engines share the GPU: each gets its own KV cache size, not a share of it
+        # eight engines share the GPU: each gets its own KV cache size, not a share of it
         return speculating(models[model], speculative, limit, device="cuda",
                            dtype="bfloat16", max_num_seqs=max(CONCURRENCY),
                            max_model_len=4096 if model == LLAMA_1B else None,
@@ -351,6 +359,8 @@ def cuda_engines(
         f"{LLAMA_1B} plain": llm(),
         f"{LLAMA_1B} ngram": llm(speculative="ngram"),
         f"{LLAMA_1B} draft": llm(speculative=str(models["draft"])),
+        "small-llama plain": llm("small-llama"),
+        "small-llama ngram": llm("small-llama", "ngram"),
     }
     if sweep:
         engines[f"{LLAMA_1B} {UNLIMITED}"] = llm(speculative="ngram", limit=max(sweep))
@@ -381,6 +391,8 @@ def main() -> None:
 
         cases = [(LLAMA_1B, w, c, _proposers(c, sweep)) for w in texts
                  for c in concurrencies]  # fmt: skip
+        cases += [("small-llama", w, 1, ("plain", "ngram")) for w in texts]
+        setting["small-llama"] = (texts, CUDA_OUTPUT_LEN)
         if f"{WIDE_CUDA} draft" in llms:
             cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in texts]
             cases += [(WIDE_CUDA, GUIDED, 1, ("plain", FORCED, "draft"))]
