@@ -770,6 +770,35 @@ def _staggered(model, arrivals, config, mixed=None):
         engine.close()
 
 
+def test_a_draft_model_catches_up_on_long_prompts_within_the_step_budget(tiny_dir):
+    """Prompts longer than --max-num-batched-tokens, several at once: no call of the draft
+    model computes more tokens than that (before, a round caught up on every new prompt at
+    once), and the tokens are plain decoding's, the model its own draft (all accepted)."""
+    model = tiny_dir("tiny-llama")
+    budget = 64
+    prompt_list = [p + p[:10] for p in random_prompts(4, 150, 200, seed=3)]
+    config = {"max_num_batched_tokens": budget}
+    plain, _ = generate(model, prompt_list, **config)
+    llm = LLM(model, EngineConfig(**ALL, **config, speculative=str(model)))
+    runner, calls = llm.engine.proposer.runner, []
+    execute = runner.execute
+
+    def counted(inputs):
+        calls.append(len(inputs.input_ids))
+        return execute(inputs)
+
+    runner.execute = counted
+    try:
+        outs = llm.generate(prompt_list, GREEDY)
+        stats = llm.engine.spec_stats
+    finally:
+        llm.close()
+    assert [[c.token_ids for c in o.outputs] for o in outs] == plain
+    assert sum(calls) >= sum(map(len, prompt_list))  # it followed every prompt
+    assert max(calls) <= budget, calls
+    assert stats.accepted == stats.proposed > 0
+
+
 def test_the_draft_model_holds_blocks_only_for_running_sequences(tiny_dir):
     """Preempted and paused sequences give their draft blocks back with their own; resumed,
     they are followed again from their prompt and end with plain decoding's tokens."""

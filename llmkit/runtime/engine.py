@@ -579,7 +579,8 @@ class Engine:
         spec = replace(self.executor.spec, model_path=str(path), tp=1, max_loras=0)
         k = c.num_speculative_tokens
         return DraftProposer(spec.build(0), spec.num_blocks, c.block_size,
-                             c.draft_min_confidence, k, self.guides, vocab)  # fmt: skip
+                             c.draft_min_confidence, k, self.guides, vocab,
+                             c.max_num_batched_tokens)  # fmt: skip
 
     def _masks(self, batch: Batch) -> Callable[[], dict] | None:
         """The token masks of the guided sequences that sample in this step (seq_id -> bit

@@ -20,7 +20,12 @@ one when the guesses are good.
   step than to save a step of the model; a draft model that agrees with the model more
   than its probabilities say drafts on for longer, a cheaper one too. A guided
   sequence's draft model chooses among the tokens its guide allows at each step, as the
-  model does (a copy of the guide's matcher fed each draft token: Guides.trials).
+  model does (a copy of the guide's matcher fed each draft token: Guides.trials). A
+  sequence new to the draft model (or whose tokens it no longer holds) is first caught up
+  on: a round computes at most `budget` tokens over all sequences (the engine's
+  --max-num-batched-tokens, which bounds the model's own prefill in a step), so long
+  prompts cost a step no more than the model's chunked prefill does; a sequence still
+  catching up drafts nothing that round.
 """
 
 from __future__ import annotations
@@ -118,10 +123,19 @@ class DraftProposer:
     name = "draft"
 
     def __init__(
-        self, runner, num_blocks: int, block_size: int, min_confidence, k: int, guides, vocab
+        self,
+        runner,
+        num_blocks: int,
+        block_size: int,
+        min_confidence,
+        k: int,
+        guides,
+        vocab: int,
+        budget: int,
     ):
         """`min_confidence`: a fixed cutoff (None: measured; Cutoff); `vocab`: the model's
-        vocabulary size, over which drafts are drawn."""
+        vocabulary size, over which drafts are drawn; `budget`: the most tokens a round
+        catches up on (`_catch_up`)."""
         from llmkit.runtime.layers.sampler import Sampler
 
         self.runner, self.block_size, self.guides = runner, block_size, guides
@@ -134,7 +148,7 @@ class DraftProposer:
         # of decodes only, which that call runs; elsewhere as a prefill, which the layers
         # one by one run faster (benchmarks/speculative.py's drafts)
         self.catch_up = k + 1 if runner.runs_steps() else 1
-        self.k = k
+        self.k, self.budget = k, budget
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> the draft model's sequence
         self.synced: dict[int, int] = {}  # target seq_id -> its length at the last sync
@@ -165,6 +179,7 @@ class DraftProposer:
             i for i, (k, p) in enumerate(zip(limits, prefixes, strict=True))
             if k > len(p) and self._start(seqs[i], p, trials.get(seqs[i].seq_id))
         ]  # fmt: skip
+        active = self._catch_up(seqs, active)
         cutoff = self.cutoff.value()
         for _ in range(max(limits, default=0)):
             active = [i for i in active if len(work[i].tokens) < work[i].limit]
@@ -194,6 +209,34 @@ class DraftProposer:
         for seq, drafting in zip(seqs, work, strict=True):
             self.confidences[seq.seq_id] = drafting.confidences  # for `observe`
         return [drafting.draft() for drafting in work]
+
+    def _catch_up(self, seqs: list[Sequence], active: list[int]) -> list[int]:
+        """Keep what a round computes for the mirrors of seqs[i] (i in `active`) within
+        `budget` tokens: a mirror whose tokens not yet computed fit in what is left is ready
+        (the first drafting step computes them); one that does not catches up on what is
+        left, all but its last token, in one prefill now, and drafts in a later round.
+        -> those of `active` ready to draft now."""
+        from llmkit.runtime.model_runner import prepare
+
+        batch, left, ready = Batch(), self.budget, []
+        for i in active:
+            mirror = self.mirrors[seqs[i].seq_id]
+            pending = mirror.num_tokens - mirror.num_computed_tokens
+            if pending <= left:
+                ready.append(i)
+                left -= pending
+                continue
+            n = min(pending - 1, left)
+            if n > 0 and self.blocks.can_allocate(mirror, n):
+                self.blocks.allocate(mirror, n)
+                batch.add(mirror, n)
+                left -= n
+        if batch.seqs:  # no row samples: every mirror stops short of its last token
+            inputs, _, _ = prepare(batch, self.block_size, self.catch_up)
+            self.runner.execute(inputs)
+            for mirror, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+                mirror.num_computed_tokens += n
+        return ready
 
     def _start(self, seq: Sequence, prefix: list[int], trial) -> bool:
         """Make seq's mirror hold seq's tokens and then `prefix` (`_take`); False where the
