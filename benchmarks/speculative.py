@@ -592,11 +592,10 @@ def _row(rounds: list[dict], model: str, proposer: str, workload: str, concurren
         model, proposer, workload, int(concurrency), st["acceptance"] if measured else None,
         st["ratio"],
     )  # fmt: skip
-    unexplained = ""
-    if concurrency == "1" and st["ratio"] > EXPLAINED_SLACK * explained(st["accepted_share"]):
+    unexplained, most = "", explained(st["accepted_share"])
+    if concurrency == "1" and st["ratio"] > EXPLAINED_SLACK * most:
         # faster than drafts can make it: the plain run was slow, and the target says nothing
-        unexplained = (f", more than its drafts explain (at most "
-                       f"{explained(st['accepted_share']):.2f}x)")  # fmt: skip
+        unexplained = f", more than its drafts explain (at most {most:.2f}x)"
         met = False if met else met
     cutoffs = st["cutoffs"]
     cut = f", draft cutoff {min(cutoffs):.2f}-{max(cutoffs):.2f}" if cutoffs else ""
