@@ -3,7 +3,6 @@ with the weights llmkit computes with, and llmkit reads the checkpoints GPTQMode
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from llmkit.bench.model import load_model
 from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import AWQOptions, GPTQOptions
 from llmkit.quant.pipeline import quantize
+from tests.bench_helpers import benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 GPTQMODEL = ROOT / ".refvenvs" / "gptqmodel" / "bin" / "python"
@@ -110,10 +110,7 @@ def test_gptqmodel_loads_llmkit_awq_checkpoints(tiny_dir, tmp_path):
 
 def widen():
     """benchmarks/widen.py's `widen`: GPTQModel's AWQ needs outputs in multiples of 64."""
-    spec = importlib.util.spec_from_file_location("widen", ROOT / "benchmarks" / "widen.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.widen
+    return benchmark("widen").widen
 
 
 def test_llmkit_reads_gptqmodel_awq_checkpoints(tiny_dir, tmp_path):

@@ -3,18 +3,9 @@ benchmark, one table each, and a line for a benchmark with none."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_helpers import BENCHMARKS, benchmark
 
 
 def result(day: str, ratio: float, met: bool) -> dict:
@@ -38,7 +29,7 @@ def result(day: str, ratio: float, met: bool) -> dict:
 
 
 def test_the_newest_result_of_each_benchmark_becomes_its_table(tmp_path):
-    results_md = load("results_md")
+    results_md = benchmark("results_md")
     (tmp_path / "cpu_decode-2026-01-02.json").write_text(json.dumps(result("2026-01-02", 2, True)))
     (tmp_path / "cpu_decode-2026-01-01.json").write_text(
         json.dumps(result("2026-01-01", 0.5, False))
@@ -55,13 +46,13 @@ def test_the_newest_result_of_each_benchmark_becomes_its_table(tmp_path):
 
 
 def test_a_missed_target_is_marked(tmp_path):
-    results_md = load("results_md")
+    results_md = benchmark("results_md")
     missed = result("2026-01-01", 0.5, False)["summary"][0]
     assert results_md.table_row(missed).endswith("| 0.50× | ≥ 1.0×: **missed** |")
 
 
 def test_every_benchmark_script_is_listed():
-    results_md = load("results_md")
+    results_md = benchmark("results_md")
     scripts = {
         path.stem
         for path in BENCHMARKS.glob("*.py")
@@ -71,7 +62,7 @@ def test_every_benchmark_script_is_listed():
 
 
 def test_a_variant_gets_its_own_table_beside_the_plain_run(tmp_path):
-    results_md = load("results_md")
+    results_md = benchmark("results_md")
     plain, avx2 = result("2026-01-01", 2, True), result("2026-01-02", 0.5, False)
     avx2["variant"] = "AVX2 only"
     (tmp_path / "cpu_decode-2026-01-01.json").write_text(json.dumps(plain))

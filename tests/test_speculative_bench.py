@@ -3,24 +3,16 @@ accepted from drafts can give is called out, and its target is not met."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.bench_helpers import benchmark
+
 OUTPUT = 64  # tokens a request
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its own imports (report, llamacpp)
-    spec = importlib.util.spec_from_file_location(
-        "speculative_bench", BENCHMARKS / "speculative.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench():
+    return benchmark("speculative")
 
 
 def run(tok_s: float, accepted: int) -> dict:
