@@ -43,7 +43,8 @@ Writes benchmarks/results/cuda-<date>.json with the GPU, driver, torch and Trito
 LLMKIT_L2_PREFETCH_MB (the 4-bit layers' L2 prefetch, 0: none) and, per model shape, `mbu`,
 `int4_over_bf16` (its range in `int4_over_bf16_range`; `int4_over_bf16_with`, per
 --int4-env), `throughput_256` and the anchor ratios. A run without the 8B shapes (whose
-rows carry the targets) writes cuda-<shapes>-<date>.json instead, a table of its own.
+rows carry the targets) writes cuda-<shapes>-<date>.json instead, a table of its own, and
+one without gptq (--methods int8,w8a8) cuda-<copies>-<date>.json.
 
     python benchmarks/cuda.py [--workdir DIR] [--models 1b,8b] [--methods ...]
         [--calibration N] [--anchors hf-compiled,hf-static] [--int4-env VAR=VALUE ...]
@@ -424,6 +425,14 @@ def versions() -> dict:
             "l2_prefetch_mb": os.environ.get("LLMKIT_L2_PREFETCH_MB", "0")}  # fmt: skip
 
 
+def result_variant(shapes: list[str], methods: list[str]) -> list[str]:
+    """What names a run's table of its own: the 8B shapes with a gptq copy carry the
+    targets (the plain table); a run without the 8B shapes is named by its shapes, one
+    without gptq (--methods, such as a device call's int8,w8a8) by its copies, so that a
+    day's runs of other copies keep their own files beside it."""
+    return [*([] if "8b" in shapes else shapes), *([] if "gptq" in methods else methods)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", help="keep the checkpoints here (default: a temp dir)")
@@ -474,8 +483,7 @@ def main() -> None:
                          f"torch {fields['torch']}", f"triton {fields['triton']}"])  # fmt: skip
     if float(fields["l2_prefetch_mb"]):
         machine += f", LLMKIT_L2_PREFETCH_MB={fields['l2_prefetch_mb']}"
-    # the 8B shapes carry the targets: a run without them is a table of its own
-    variant = "" if "8b" in shapes else "-".join(shapes)
+    variant = "-".join(result_variant(list(shapes), args.methods))
     save_result("cuda", fields, machine, anchor=anchor, summary=summary, variant=variant)
 
 
