@@ -305,12 +305,12 @@ def kernels(device: torch.device, variant: tuple[int, int] = VARIANTS[0]):
 def _module(device: torch.device, variant: tuple[int, int]):
     """The compiled and checked kernels, or why not (kept: a model's every 4-bit layer asks,
     and a failure would otherwise compile again for each)."""
-    from llmkit.kernels.cuda_rtc import CudaError, Module
+    from llmkit.kernels.cuda_rtc import CudaError, Module, source
 
     pipeline = int(variant[2:] == (1,))
     defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}"]
     try:
-        module = Module(SOURCE.read_text(), SOURCE.name, list(_KERNELS.values()), device, defines)
+        module = Module(source(SOURCE), SOURCE.name, list(_KERNELS.values()), device, defines)
         try:
             _check(module, variant[0], device)
         except CudaError:

@@ -47,6 +47,15 @@ class LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
     ]
 
 
+COMMON = Path(__file__).with_name("cuda_common.cuh")  # the helpers the kernels share
+
+
+def source(path: Path) -> str:
+    """The text NVRTC compiles for the kernels of `path`: cuda_common.cuh's helpers, then
+    the file, whose lines compiler messages number as its own."""
+    return f'{COMMON.read_text()}#line 1 "{path.name}"\n{path.read_text()}'
+
+
 class CudaError(RuntimeError):
     """NVRTC or the driver refused: a one-line reason (with the compiler's log)."""
 
