@@ -232,12 +232,16 @@ def test_w8a8_layers_on_cuda_give_the_values_of_the_torch_path(dtype_name):
 
 
 @NEEDS_CUDA
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", ["int8", "w8a8"])
-def test_int8_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path, method):
-    """An INT8 checkpoint (weight-only, or W8A8) decoding batches of 1 to 12 sequences through
-    the Triton kernels: the graphs' tokens (rows padded to a bucket) equal eager mode's
-    (float32 activations, as test_cuda.py's graphs test)."""
+def test_int8_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path, method, dtype):
+    """An INT8 checkpoint (weight-only, or W8A8) decoding batches of 1 to 12 sequences: the
+    graphs' tokens (rows padded to a bucket) equal eager mode's, with float32 activations
+    (as test_cuda.py's graphs test; the Triton products) and bf16 ones (a decode step's rows
+    through kernels/cuda_int8.py, prefills through Triton)."""
     pytest.importorskip("triton")
+    from llmkit.kernels import cuda_int8
+
     out = tmp_path / method
     calibration = CalibrationSpec(num_samples=8, seq_len=64)
     quantize(tiny_dir("tiny-llama"), out, method, options=options_for(method),
@@ -245,10 +249,11 @@ def test_int8_decode_with_cuda_graphs_equals_eager_mode(tiny_dir, tmp_path, meth
     prompts = random_prompts(12, 3, 60, seed=5)
     runs = {}
     for eager in (False, True):
-        engine = Engine(out, EngineConfig(device="cuda", dtype="float32", enforce_eager=eager))
+        engine = Engine(out, EngineConfig(device="cuda", dtype=dtype, enforce_eager=eager))
         try:
             down = engine.executor.runner.model.layers[0].mlp.down
             assert down.kernels is not None
+            assert down.decode_rows == (cuda_int8.MAX_ROWS if dtype == "bfloat16" else 0)
             runs[eager] = run_staggered(engine, prompts)
         finally:
             engine.close()

@@ -15,11 +15,12 @@
 
 On a GPU of compute capability 9.0 or newer (`cuda_rtc.programmatic`), a decode step's
 kernels (the K/V write, decode attention, norms and silu * up above, the 4-bit products of
-cuda_int4.py) launch as programmatic dependents of the kernel before them (PDL): a kernel's
-blocks may start while that kernel finishes and wait for it (griddepcontrol.wait) before
-they read what it wrote or write anything, which hides a launch's latency behind the kernel
-before it. Every such kernel waits in every program, so a successor that waits for it also
-waits for all before it. The Triton kernels take their switches from triton_launch.py.
+cuda_int4.py and the int8 ones of cuda_int8.py) launch as programmatic dependents of the
+kernel before them (PDL): a kernel's blocks may start while that kernel finishes and wait
+for it (griddepcontrol.wait) before they read what it wrote or write anything, which hides
+a launch's latency behind the kernel before it. Every such kernel waits in every program,
+so a successor that waits for it also waits for all before it. The Triton kernels take
+their switches from triton_launch.py.
 
 `for_tensors()` is None where Triton is not installed or the tensors are not float32 CUDA
 tensors; callers then use their torch path. Triton is imported only then: llmkit's CPU paths

@@ -305,22 +305,15 @@ def kernels(device: torch.device, variant: tuple[int, int] = VARIANTS[0]):
 def _module(device: torch.device, variant: tuple[int, int]):
     """The compiled and checked kernels, or why not (kept: a model's every 4-bit layer asks,
     and a failure would otherwise compile again for each)."""
-    from llmkit.kernels.cuda_rtc import CudaError, Module, source
+    from llmkit.kernels.cuda_rtc import checked_module
 
     pipeline = int(variant[2:] == (1,))
     defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}"]
     try:
-        module = Module(source(SOURCE), SOURCE.name, list(_KERNELS.values()), device, defines)
-        try:
-            _check(module, variant[0], device)
-        except CudaError:
-            if not module.programmatic:
-                raise
-            module.programmatic = False  # where the driver refuses dependent launches
-            _check(module, variant[0], device)
+        return checked_module(SOURCE, list(_KERNELS.values()), device, defines,
+                              lambda module: _check(module, variant[0], device))  # fmt: skip
     except (OSError, RuntimeError) as e:
         return e
-    return module
 
 
 @functools.cache

@@ -272,6 +272,23 @@ class Module:
         _check_driver(self._lib, status, f"launching {kernel}")
 
 
+def checked_module(path: Path, names: list[str], device: torch.device, defines, check) -> Module:
+    """The kernels `names` of `path` (with cuda_common.cuh's helpers, `source`) compiled
+    with `defines` and loaded for `device`, once `check(module)` passed: it raises
+    CudaError where a kernel computes something else, and where it does so with
+    programmatic launches, they are turned off and it runs again (a driver may refuse
+    them)."""
+    module = Module(source(path), path.name, names, device, defines)
+    try:
+        check(module)
+    except CudaError:
+        if not module.programmatic:
+            raise
+        module.programmatic = False
+        check(module)
+    return module
+
+
 def _argument(value):
     """A kernel argument as the kernel reads it: a tensor's data pointer (None: a null
     pointer), a 32-bit int or a 32-bit float."""

@@ -12,10 +12,13 @@ converted into the module that is fastest on the device:
   are computed in float32 from weight blocks widened on the fly;
 - int8 weight-only: on CPU llmkit's kernel for every batch, else
   `torch._weight_int8pack_mm` (inputs a multiple of 32), else the dequantized weight; on
-  CUDA llmkit's Triton product (kernels/triton_int8.py), the weight read as int8;
+  CUDA llmkit's tensor-core kernel for the few rows of a decode step with bf16 activations
+  (kernels/cuda_int8.py) and its Triton product (kernels/triton_int8.py) for the rest, both
+  reading the one int8 copy of the weight;
 - W8A8: dynamic per-token int8 activations; on CPU llmkit's kernel for every batch (exact
   int32 sums), else `torch._int_mm`; on CUDA the activations quantized by llmkit's Triton
-  kernel, then its Triton product for a decode step's rows, `torch._int_mm` for more;
+  kernel, then for a decode step's rows its tensor-core kernel (bf16 models, up to 16 rows)
+  or Triton product (up to 64), `torch._int_mm` for more; all of them the same values;
 - 4-bit grouped (GPTQ incl. act-order, AWQ, compressed-tensors): on CPU llmkit's kernel
   for every batch, prefills included (it passes over a weight once per 128 rows), else
   `aten._weight_int4pack_mm_for_cpu`; on CUDA (compute capability 8.0 and newer)
@@ -45,7 +48,7 @@ from torch import nn
 
 from llmkit.kernels import cpu as cpu_kernels
 from llmkit.kernels import cuda as cuda_kernels
-from llmkit.kernels import cuda_int4
+from llmkit.kernels import cuda_int4, cuda_int8
 from llmkit.quant import int8
 from llmkit.quant.formats.weights import DenseWeight, GroupedWeight, Int8Weight, LinearWeight
 from llmkit.runtime.layers import pages
@@ -296,10 +299,11 @@ def _int8_op(name: str, q: torch.Tensor, device: torch.device, dtype: torch.dtyp
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8. On CUDA llmkit's Triton product for every batch (kernels/
-    triton_int8.py: the weight read as int8, float32 scales). On the CPU llmkit's kernel for
-    every batch (q8_linear, the weight in tiles of 8 outputs, see _i8_tiles), else torch's
-    int8 x float product."""
+    """Weight-only int8. On CUDA llmkit's tensor-core kernel for up to `decode_rows` rows
+    (kernels/cuda_int8.py) and its Triton product for more (kernels/triton_int8.py), both
+    reading the weight as int8 with float32 scales. On the CPU llmkit's kernel for every
+    batch (q8_linear, the weight in tiles of 8 outputs, see _i8_tiles), else torch's int8 x
+    float product."""
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype,
                  device=None, kernels=None):  # fmt: skip
@@ -307,6 +311,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         device = weight.q.device if device is None else device
         self.kernels = kernels
+        self.decode_rows = _int8_decode_rows(weight.q.shape, device, dtype) if kernels else 0
         self.op = None if kernels else _int8_op("q8_linear", weight.q, device, dtype)
         self.out_features = weight.q.shape[0]
         if self.op is not None:
@@ -329,8 +334,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
-            y = _on_rows(self.kernels.int8_linear, x.contiguous(), self.q, self.scale)
-            return _plus(y, self.bias)
+            return _plus(_on_rows(self._cuda, x.contiguous()), self.bias)
         if self.op is not None:
             return _plus(_tile_outputs(self, _on_rows(self.op, x, self.q, self.scale)), self.bias)
         if self.q.shape[1] % 32 == 0:
@@ -338,6 +342,12 @@ class Int8Linear(nn.Module):
         # inputs torch's kernel cannot take: it reads them in whole vectors, past the end of
         # a row whose length is not a multiple of its width (wrong sums, or a crash)
         return linear_in_float32(x, self, self.bias)
+
+    def _cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """The CUDA path of [rows, in] x, bias aside."""
+        if len(x) <= self.decode_rows and x.dtype == torch.bfloat16:
+            return cuda_int8.matmul(x, self.q, self.scale)
+        return self.kernels.int8_linear(x, self.q, self.scale)
 
     def kernel_call(self) -> KernelCall | None:
         if self.op is None or self.out_features % TILE_ROWS:
@@ -358,8 +368,9 @@ class W8A8Linear(nn.Module):
     """int8 x int8 -> int32 with per-token input scales and per-channel weight scales: on CPU
     llmkit's kernel for every batch (w8a8_linear, the weight in q8_linear's tiles), else
     torch._int_mm. On CUDA the rows are quantized by llmkit's Triton kernel and, up to
-    TRITON_ROWS of them (or shapes cuBLASLt cannot take), multiplied by its Triton product
-    (kernels/triton_int8.py), more by torch._int_mm."""
+    `decode_rows` of them, multiplied by its tensor-core kernel (kernels/cuda_int8.py), up
+    to TRITON_ROWS (or shapes cuBLASLt cannot take) by its Triton product (kernels/
+    triton_int8.py), more by torch._int_mm: exact int32 sums, the same values each way."""
 
     TRITON_ROWS = 64  # a decode step's rows; prefills take cuBLASLt's int8 products
 
@@ -367,6 +378,8 @@ class W8A8Linear(nn.Module):
         super().__init__()
         self.kernels = cuda_kernels.int8_for(device, dtype)
         self.op = None if self.kernels else _int8_op("w8a8_linear", weight.q, device, dtype)
+        shape = weight.q.shape
+        self.decode_rows = _int8_decode_rows(shape, device, dtype) if self.kernels else 0
         self.out_features = weight.q.shape[0]
         if self.op is not None:
             _register_int8_tiles(self, weight)
@@ -391,6 +404,8 @@ class W8A8Linear(nn.Module):
     def _triton(self, x: torch.Tensor) -> torch.Tensor:
         """The CUDA path of [rows, in] x, bias aside."""
         xq, x_scale = self.kernels.quantize_rows(x)
+        if len(x) <= self.decode_rows:
+            return cuda_int8.w8a8(xq, x_scale, self.q.t(), self.scale)
         if len(x) <= self.TRITON_ROWS or not self._int_mm_takes():
             return self.kernels.w8a8_linear(xq, x_scale, self.q.t(), self.scale, self.dtype)
         return self._product(xq, x_scale[:, None])
@@ -414,6 +429,25 @@ class W8A8Linear(nn.Module):
         if self.op is None or self.out_features % TILE_ROWS:
             return None
         return KernelCall(W8A8, [self.q, self.scale], self.bias)
+
+
+def _int8_decode_rows(shape, device: torch.device, dtype: torch.dtype) -> int:
+    """The most rows llmkit's CUDA int8 kernels take of a weight of `shape` [out, in] with
+    `dtype` activations on `device` (cuda_int8.MAX_ROWS), or 0: off CUDA, for other dtypes
+    than bf16, shapes they do not tile, GPUs before compute capability 8.0, and where they
+    do not compile or check (a warning, once; the Triton products take every batch)."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not cuda_int8.fits(*shape):
+        return 0
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return 0
+    try:
+        cuda_int8.kernels(device)
+    except (OSError, RuntimeError) as e:
+        # shown once: Python's default filter reports a warning once per place and text
+        reason = f"llmkit's CUDA int8 kernels are unavailable ({e}); Triton's products run"
+        warnings.warn(reason, stacklevel=2)
+        return 0
+    return cuda_int8.MAX_ROWS
 
 
 def _int_mm_on_cuda(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
