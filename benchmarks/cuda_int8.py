@@ -1,15 +1,19 @@
-"""INT8 products on CUDA at Llama-3-8B's linear shapes, per activation rows: llmkit's Triton
-weight-only product (kernels/triton_int8.py, the tile TILES gives the rows), the bf16 weight
-through cuBLAS, and at 1 row torch's `_weight_int8pack_mm` (a thread per output, reading its
-row alone); W8A8 as W8A8Linear runs it (the Triton row quantization, then the Triton product
-up to its TRITON_ROWS rows, else torch._int_mm), with the Triton product and with
-torch._int_mm after the Triton quantization at every row count (where the threshold lies),
-and the torch ops it falls back to without the kernels (quantize_per_token, torch._int_mm
-with fewer than 17 rows padded to 32, the scales). Each is the median time of a call inside
+"""INT8 products on CUDA at Llama-3-8B's linear shapes, per activation rows: the weight-only
+product as a bf16 Int8Linear runs it (`llmkit`: llmkit's tensor-core kernel, kernels/
+cuda_int8.py, up to its MAX_ROWS rows, else the Triton product), each of the two (`cuda`,
+`triton`: kernels/triton_int8.py, the tile TILES gives the rows), the bf16 weight through
+cuBLAS, and at 1 row torch's `_weight_int8pack_mm` (a thread per output, reading its row
+alone); W8A8 as W8A8Linear runs it (the Triton row quantization, then the tensor-core kernel
+up to MAX_ROWS rows, the Triton product up to its TRITON_ROWS, else torch._int_mm), with
+each product after the Triton quantization at every row count it takes (where the
+thresholds lie), and the torch ops it falls back to without the kernels
+(quantize_per_token, torch._int_mm with fewer than 17 rows padded to 32, the scales). The
+kernels are launched as in a decode step, llmkit's CUDA one as a programmatic dependent of
+the call before it. Each is the median time of a call inside
 a CUDA graph of 24 calls that cycle through copies of the weight larger than the L2 together
 (benchmarks/cuda_int4.py's graph_ms: every call reads its weight from memory, as a decode
 step does), and what that is in GB/s of the weight's bytes. At 1, 16, 64 and 512 rows also
-each candidate tile of TUNE (the data for TILES), and the weight-only product's largest
+each candidate tile of TUNE (the data for TILES), and each weight-only product's largest
 difference from the float32 product of the dequantized weight. A diagnostic for
 benchmarks/cuda.py's int8 and w8a8 rows, without targets.
 
@@ -51,7 +55,7 @@ def timed(calls: list) -> float:
 
 
 def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
-    from llmkit.kernels import triton_int8
+    from llmkit.kernels import cuda_int8, triton_int8
 
     int8_bytes = n * k + 4 * n
     ws = weights(n, k, max(2, math.ceil(EVICT_BYTES / int8_bytes)))
@@ -61,13 +65,17 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
         x = torch.randn(rows, k, device=DEVICE).bfloat16()
         row = {"shape": name, "n": n, "k": k, "rows": rows,
                "tile": list(triton_int8.tile_for(rows))}  # fmt: skip
-        ours = [lambda q=q, s=s, x=x: triton_int8.int8_linear(x, q, s) for q, s in ws]
-        row["llmkit_ms"] = timed(ours)
-        row["bf16_ms"] = timed([lambda w=w, x=x: x @ w.t() for w in dense])
+        products = {"triton": triton_int8.int8_linear}
+        if rows <= cuda_int8.MAX_ROWS:
+            products["cuda"] = cuda_int8.matmul
         q, s = ws[0]
         want = x.float() @ (q.float() * s[:, None]).t()
-        got = triton_int8.int8_linear(x, q, s).float()
-        row["max_diff_vs_float32"] = float((got - want).abs().max() / want.abs().max())
+        for label, product in products.items():
+            row[f"{label}_ms"] = timed([lambda q=q, s=s, x=x, f=product: f(x, q, s) for q, s in ws])
+            got = product(x, q, s).float()
+            row[f"{label}_max_diff_vs_float32"] = float((got - want).abs().max() / want.abs().max())
+        row["llmkit_ms"] = row["cuda_ms" if "cuda" in products else "triton_ms"]
+        row["bf16_ms"] = timed([lambda w=w, x=x: x @ w.t() for w in dense])
         if rows == 1:
             halves = [(q, s.to(x.dtype)) for q, s in ws]  # its scales: the activations' dtype
             naive = [lambda q=q, s=s, x=x: torch._weight_int8pack_mm(x, q, s) for q, s in halves]
@@ -90,9 +98,13 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
 def w8a8_ms(x: torch.Tensor, ws: list) -> dict:
     """W8A8 on the same weights: as W8A8Linear runs it, with either product after the
     Triton quantization, and as the torch ops it falls back to."""
-    from llmkit.kernels import triton_int8
+    from llmkit.kernels import cuda_int8, triton_int8
     from llmkit.quant import int8
     from llmkit.runtime.layers.linear import W8A8Linear, _int_mm_on_cuda
+
+    def cuda(q, s):
+        xq, x_scale = triton_int8.quantize_rows(x)
+        return cuda_int8.w8a8(xq, x_scale, q, s)
 
     def triton(q, s):
         xq, x_scale = triton_int8.quantize_rows(x)
@@ -106,8 +118,11 @@ def w8a8_ms(x: torch.Tensor, ws: list) -> dict:
         xq, x_scale = int8.quantize_per_token(x)
         return (_int_mm_on_cuda(xq, q.t()).float() * x_scale * s).to(x.dtype)
 
-    used = triton if len(x) <= W8A8Linear.TRITON_ROWS else int_mm
-    paths = {"w8a8": used, "w8a8_triton": triton, "w8a8_int_mm": int_mm, "w8a8_torch": torch_ops}
+    rows = len(x)
+    paths = {"cuda": cuda} if rows <= cuda_int8.MAX_ROWS else {}
+    paths |= {"triton": triton, "int_mm": int_mm, "torch": torch_ops}
+    used = next(iter(paths)) if rows <= W8A8Linear.TRITON_ROWS else "int_mm"
+    paths = {"w8a8": paths[used], **{f"w8a8_{name}": f for name, f in paths.items()}}
     return {f"{name}_ms": timed([lambda q=q, s=s, f=f: f(q, s) for q, s in ws])
             for name, f in paths.items()}  # fmt: skip
 

@@ -17,8 +17,10 @@
 #   bf16-1b      benchmarks/cuda.py on Llama-3.2-1B's shapes, bf16 alone: batch-1 decode with
 #                up to 16 steps a call, with 1, and eager: the plain engine that
 #                speculative.py's 1B rows are set against, with cuda.py's settings
+#   int8-kernels benchmarks/cuda_int8.py at 1, 8, 16 and 64 rows (not by default): each int8
+#                product at 8B's shapes beside bf16 cuBLAS, rows in DIR/int8-kernels.json
 #
-#   BUDGET=540 LOGS=DIR bash benchmarks/gpu_checks.sh [STEP ...]   (default: all four)
+#   BUDGET=540 LOGS=DIR bash benchmarks/gpu_checks.sh [STEP ...]   (default: the first four)
 #
 # SHARED: the folder with stories260K's models/ and data/ (gpu-kit/shared where there is one,
 # else speculative.py's default, ../shared); WORKDIR: where the checkpoints go
@@ -42,10 +44,11 @@ python=${PYTHON:-python3}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests cuda speculative bf16-1b)
 # seconds, before the budget's rest
-declare -A cap=([tests]=240 [cuda]=480 [speculative]=240 [bf16-1b]=150)
+declare -A cap=([tests]=240 [cuda]=480 [speculative]=240 [bf16-1b]=150 [int8-kernels]=150)
 for s in "${steps[@]}"; do
     if [ -z "${cap[$s]:-}" ]; then
-        echo "gpu_checks.sh: no step '$s' (steps: tests, cuda, speculative, bf16-1b)" >&2
+        echo "gpu_checks.sh: no step '$s' (steps: tests, cuda, speculative, bf16-1b," \
+            "int8-kernels)" >&2
         exit 2
     fi
 done
@@ -79,6 +82,8 @@ command_of() { # the step's command, into the array cmd
         --rounds "${ROUNDS:-5}" --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
     bf16-1b) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 1b --methods ""
         --anchors "" --bf16-parts eager) ;;
+    int8-kernels) cmd=("$python" benchmarks/cuda_int8.py --rows 1,8,16,64
+        --out "$logs/int8-kernels.json") ;;
     esac
 }
 

@@ -91,6 +91,14 @@ def test_methods_anchors_and_rounds_come_from_the_environment(tmp_path):
     assert " --rounds 3 " in speculative
 
 
+def test_the_int8_kernels_step_writes_its_rows_beside_the_logs(tmp_path):
+    done = _run(tmp_path, "int8-kernels")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _calls(tmp_path) == [
+        "benchmarks/cuda_int8.py --rows 1,8,16,64 --out logs/int8-kernels.json"
+    ]
+
+
 def test_a_failing_step_fails_the_run_and_the_rest_still_run(tmp_path):
     done = _run(tmp_path, "cuda", "speculative", FAKE_CUDA_RC="3")
     assert done.returncode == 1
@@ -107,7 +115,7 @@ def test_an_unknown_step_or_no_gpu_is_one_line_and_exit_2(tmp_path):
     done = _run(tmp_path, "tests", "bench")
     assert (done.returncode, done.stderr.splitlines()) == (
         2,
-        ["gpu_checks.sh: no step 'bench' (steps: tests, cuda, speculative, bf16-1b)"],
+        ["gpu_checks.sh: no step 'bench' (steps: tests, cuda, speculative, bf16-1b, int8-kernels)"],
     )
     done = _run(tmp_path / "b", FAKE_NO_GPU="1")
     assert (done.returncode, done.stderr.splitlines()) == (
