@@ -83,10 +83,12 @@ def test_every_step_runs_in_order_with_its_log_and_results(tmp_path):
     assert (logs / "RESULTS.md").read_text() == "# results\n"
 
 
-def test_methods_anchors_and_rounds_come_from_the_environment(tmp_path):
-    done = _run(tmp_path, "cuda", "speculative", METHODS="int8,w8a8", ANCHORS="", ROUNDS="3")
+def test_tests_methods_anchors_and_rounds_come_from_the_environment(tmp_path):
+    done = _run(tmp_path, "tests", "cuda", "speculative", METHODS="int8,w8a8", ANCHORS="",
+                ROUNDS="3", TESTS="cuda_int8 or triton_int8")  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    cuda, speculative = _calls(tmp_path)
+    tests, cuda, speculative = _calls(tmp_path)
+    assert tests.endswith("-k cuda_int8 or triton_int8 tests")
     assert "--methods int8,w8a8 " in cuda and cuda.endswith("--anchors ")
     assert " --rounds 3 " in speculative
 
