@@ -51,3 +51,16 @@ __device__ __forceinline__ u16 float_to_bf16(float f) {
 }
 
 __device__ __forceinline__ float bf16_to_float(u32 bits) { return __uint_as_float(bits << 16); }
+
+// v = the sums of a lane's C fragment of row tile mt, added over the `warps` warps of a block
+// that each left theirs in partial[warp][4 mt + i][lane] (warps: a compile-time constant)
+template <typename T, int ROWS>
+__device__ __forceinline__ void add_warps(T* v, const T (*partial)[ROWS][32], int warps, int mt,
+                                          int lane) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = 0;
+#pragma unroll
+  for (int other = 0; other < warps; ++other)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] += partial[other][4 * mt + i][lane];
+}

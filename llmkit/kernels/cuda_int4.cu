@@ -298,11 +298,8 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const uint4* __r
   const int n = blockIdx.x * 16 + g;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int other = 0; other < WARPS; ++other)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] += partial[other][4 * mt + i][lane];
+    float v[4];
+    add_warps(v, partial, WARPS, mt, lane);
     const int m = 8 * mt + 2 * t;
     if (m < rows) store<GATED, KIND == ADD>(y, m, n, N, v[0], v[2]);
     if (m + 1 < rows) store<GATED, KIND == ADD>(y, m + 1, n, N, v[1], v[3]);

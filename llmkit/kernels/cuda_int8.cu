@@ -175,11 +175,8 @@ __device__ __forceinline__ void gemv(const char* __restrict__ x, const float* __
   const float s[2] = {scale[n], scale[n + 8]};
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    T v[4] = {0, 0, 0, 0};
-#pragma unroll
-    for (int other = 0; other < WARPS; ++other)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] += partial[other][4 * mt + i][lane];
+    T v[4];
+    add_warps(v, partial, WARPS, mt, lane);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // C fragment: row m = 8 mt + 2t + (i & 1), output n + 8 (i / 2)
       const int m = 8 * mt + 2 * t + (i & 1);

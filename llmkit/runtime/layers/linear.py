@@ -397,11 +397,11 @@ class W8A8Linear(nn.Module):
         if self.op is not None:
             return _plus(_tile_outputs(self, _on_rows(self.op, x, self.q, self.scale)), self.bias)
         if self.kernels is not None:
-            return _plus(_on_rows(self._triton, x.contiguous()), self.bias)
+            return _plus(_on_rows(self._cuda, x.contiguous()), self.bias)
         xq, x_scale = int8.quantize_per_token(x)  # max|x| / 127 per token, as vLLM's kernels
         return _plus(self._product(xq, x_scale), self.bias)
 
-    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+    def _cuda(self, x: torch.Tensor) -> torch.Tensor:
         """The CUDA path of [rows, in] x, bias aside."""
         xq, x_scale = self.kernels.quantize_rows(x)
         if len(x) <= self.decode_rows:
