@@ -24,9 +24,12 @@ import torch
 
 MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
 WARPS = 8  # the source's WARPS: warps a block, splitting the inputs
+UNROLL = 2  # the source's UNROLL: 64-input chunks a lane loads at once
 SOURCE = Path(__file__).with_name("cuda_int8.cu")
 NAMES = tuple(f"{kind}_m{tiles}" for kind in ("int8_gemv", "w8a8_gemv") for tiles in (1, 2))
 TOLERANCE = 1e-2  # the weight-only check's error, of the float64 product's largest value
+# the checked weight's inputs: every warp multiplies UNROLL chunks at once, and one more alone
+CHECK_INPUTS = 64 * (WARPS * UNROLL + 1)
 
 
 def fits(n: int, k: int) -> bool:
@@ -85,7 +88,7 @@ def _module(device: torch.device):
     from llmkit.kernels.cuda_rtc import checked_module
 
     try:
-        return checked_module(SOURCE, list(NAMES), device, [f"WARPS={WARPS}"],
+        return checked_module(SOURCE, list(NAMES), device, [f"WARPS={WARPS}", f"UNROLL={UNROLL}"],
                               lambda module: _check(module, device))  # fmt: skip
     except (OSError, RuntimeError) as e:
         return e
@@ -98,17 +101,17 @@ def _check(module, device: torch.device) -> None:
     from llmkit.kernels.cuda_rtc import CudaError
 
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(-128, 128, (48, 320), generator=g, dtype=torch.int8)
+    q = torch.randint(-128, 128, (48, CHECK_INPUTS), generator=g, dtype=torch.int8)
     scale = torch.rand(48, generator=g) * 0.02 + 0.001
     on = [t.to(device) for t in (q, scale)]
     for rows in (3, 8, 13, 16):
-        x = torch.randn(rows, 320, generator=g).bfloat16()
+        x = torch.randn(rows, CHECK_INPUTS, generator=g).bfloat16()
         got = _launch(module, "int8_gemv", x.to(device), None, *on).double().cpu()
         want = reference(x, q, scale)
         error = float((got - want).abs().max() / want.abs().max())
         if not error < TOLERANCE:
             raise CudaError(f"int8_gemv is off by {error:.3g} of the float64 product here")
-        xq = torch.randint(-127, 128, (rows, 320), generator=g, dtype=torch.int8)
+        xq = torch.randint(-127, 128, (rows, CHECK_INPUTS), generator=g, dtype=torch.int8)
         x_scale = torch.rand(rows, generator=g) * 0.1 + 0.01
         got = _launch(module, "w8a8_gemv", xq.to(device), x_scale.to(device), *on).cpu()
         if not torch.equal(got, w8a8_reference(xq, x_scale, q, scale)):
