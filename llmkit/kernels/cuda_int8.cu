@@ -164,7 +164,7 @@ __device__ __forceinline__ void gemv(const char* __restrict__ x, const float* __
   }
   for (; c < end; ++c)
     chunk<MT>(acc, load_streaming((const uint4*)(wg + (size_t)c * 64)),
-                    load_streaming((const uint4*)(w8 + (size_t)c * 64)), xrow, c << 6);
+              load_streaming((const uint4*)(w8 + (size_t)c * 64)), xrow, c << 6);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -178,7 +178,7 @@ __device__ __forceinline__ void gemv(const char* __restrict__ x, const float* __
     T v[4];
     add_warps(v, partial, WARPS, mt, lane);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // C fragment: row m = 8 mt + 2t + (i & 1), output n + 8 (i / 2)
+    for (int i = 0; i < 4; ++i) {  // the C fragment's output n + 8 (i / 2) of row m
       const int m = 8 * mt + 2 * t + (i & 1);
       if (m >= rows) continue;
       const float sum = W8A8 ? (float)v[i] * x_scale[m] : (float)v[i];
