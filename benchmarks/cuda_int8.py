@@ -9,13 +9,13 @@ each product after the Triton quantization at every row count it takes (where th
 thresholds lie), and the torch ops it falls back to without the kernels
 (quantize_per_token, torch._int_mm with fewer than 17 rows padded to 32, the scales). The
 kernels are launched as in a decode step, llmkit's CUDA one as a programmatic dependent of
-the call before it. Each is the median time of a call inside
-a CUDA graph of 24 calls that cycle through copies of the weight larger than the L2 together
-(benchmarks/cuda_int4.py's graph_ms: every call reads its weight from memory, as a decode
-step does), and what that is in GB/s of the weight's bytes. At 1, 16, 64 and 512 rows also
-each candidate tile of TUNE (the data for TILES), and each weight-only product's largest
-difference from the float32 product of the dequantized weight. A diagnostic for
-benchmarks/cuda.py's int8 and w8a8 rows, without targets.
+the call before it. Each is the median time of a call inside a CUDA graph of 24 calls that
+cycle through copies of the weight larger than the L2 together (benchmarks/cuda_int4.py's
+graph_ms: every call reads its weight from memory, as a decode step does), and what that is
+in GB/s of the weight's bytes. At 1, 16, 64 and 512 rows also each candidate tile of TUNE
+(the data for TILES), and each weight-only product's largest difference from the float32
+product of the dequantized weight. A diagnostic for benchmarks/cuda.py's int8 and w8a8 rows,
+without targets.
 
     python benchmarks/cuda_int8.py [--rows 1,2,4,8,16,64,512] [--out FILE]
 """
@@ -96,8 +96,8 @@ def measure(name: str, n: int, k: int, rows_list: list[int]) -> list[dict]:
 
 
 def w8a8_ms(x: torch.Tensor, ws: list) -> dict:
-    """W8A8 on the same weights: as W8A8Linear runs it, with either product after the
-    Triton quantization, and as the torch ops it falls back to."""
+    """W8A8 on the same weights: as W8A8Linear runs it, with each product that takes the
+    rows after the Triton quantization, and as the torch ops it falls back to."""
     from llmkit.kernels import cuda_int8, triton_int8
     from llmkit.quant import int8
     from llmkit.runtime.layers.linear import W8A8Linear, _int_mm_on_cuda
