@@ -113,7 +113,8 @@ def test_the_w8a8_kernel_gives_the_bits_of_the_triton_product(n, k):
         on = [t.cuda() for t in (xq, x_scale, q, scale)]
         got = cuda_int8.w8a8(*on)
         assert torch.equal(got, triton_int8.w8a8_linear(*on, torch.bfloat16)), rows
-        assert torch.equal(got.cpu(), cuda_int8.w8a8_reference(xq, x_scale, q, scale)), rows
+        if n * k <= 2**20:  # (integer products on the CPU take seconds at 8B's shapes)
+            assert torch.equal(got.cpu(), cuda_int8.w8a8_reference(xq, x_scale, q, scale)), rows
 
 
 @NEEDS_CUDA
