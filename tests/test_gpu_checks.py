@@ -5,6 +5,7 @@ the budget, logs and result files; the GPU steps themselves run on a GPU machine
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -109,7 +110,9 @@ def test_a_failing_step_fails_the_run_and_the_rest_still_run(tmp_path):
 
 def test_steps_past_the_budget_are_not_run(tmp_path):
     done = _run(tmp_path, "tests", BUDGET="20")
-    assert done.returncode == 1 and "== tests: not run, 20s of the budget left" in done.stdout
+    # the budget counts from the script's start: a busy host may have spent some of it
+    left = re.fullmatch(r"== tests: not run, (\d+)s of the budget left\n", done.stdout)
+    assert done.returncode == 1 and left and int(left[1]) <= 20, done.stdout
     assert _calls(tmp_path) == []
 
 
