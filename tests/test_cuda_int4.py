@@ -99,9 +99,13 @@ def _expected_and_packed(w, inputs: torch.Tensor, gated: bool) -> tuple:
 @NEEDS_CUDA
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 16])
-@pytest.mark.parametrize(("n", "k", "group"), [(48, 192, 32), (64, 1024, 128), (32, 384, 96)])
+@pytest.mark.parametrize(
+    ("n", "k", "group"), [(48, 192, 32), (64, 1024, 128), (32, 384, 96), (32, 4224, 128)]
+)
 def test_the_cuda_kernel_equals_the_float64_product(rows, n, k, group, gated):
-    """The product, or silu(gate) * up of it as a [gate; up] pair packed in gated_order."""
+    """The product, or silu(gate) * up of it as a [gate; up] pair packed in gated_order; the
+    last weight's 66 chunks of 64 inputs give each of 8 warps the UNROLL (4) chunks its main
+    loop takes at once, twice, as a model's layers do (the others, fewer than 4)."""
     w = random_grouped(n, k, group, act_order=False, seed=rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).bfloat16()
     expected, tiles, words = _expected_and_packed(w, x.double(), gated)
@@ -348,8 +352,10 @@ def test_a_pipelined_twin_is_chosen_where_it_is_timed_faster_once_per_shape(monk
 @pytest.mark.parametrize("gated", [False, True])
 def test_a_pipelined_twin_gives_the_bits_of_its_variant(gated):
     """PIPELINE changes only when a lane loads its weights: every product, norm and add of
-    a twin equals its variant's bit for bit, whichever the timing chooses."""
-    n, k, group = 64, 1024, 128
+    a twin equals its variant's bit for bit, whichever the timing chooses. 66 chunks of 64
+    inputs: every variant's warps load ahead at least once (a warp needs twice its UNROLL
+    chunks), as a model's layers do."""
+    n, k, group = 64, 4224, 128
     w = random_grouped(n, k, group, act_order=False, seed=3)
     _, tiles, words = _expected_and_packed(w, torch.zeros(1, k, dtype=torch.float64), gated)
     g = torch.Generator().manual_seed(3)
