@@ -124,14 +124,14 @@ def _matmul(module, warps: int, x, tiles, scales, group_size: int, gated: bool, 
             into=None, prefetch=None) -> torch.Tensor:  # fmt: skip
     rows, k = x.shape
     n = tiles.shape[0] * 16
-    x = _aligned(x)  # runs of 8 inputs are read at once
+    x = aligned(x)  # runs of 8 inputs are read at once
     if into is None:
         y = torch.empty(rows, n // 2 if gated else n, dtype=torch.bfloat16, device=x.device)
     elif into.shape != (rows, n) or into.dtype != torch.bfloat16 or not into.is_contiguous():
         raise ValueError(f"a product is added only to a contiguous bf16 [{rows}, {n}] tensor")
     else:
         y = into
-    weight, eps = (x, 0.0) if norm is None else (_aligned(norm[0]), float(norm[1]))
+    weight, eps = (x, 0.0) if norm is None else (aligned(norm[0]), float(norm[1]))
     kind = "norm" if norm is not None else "add" if into is not None else ""
     if kind and rows > FUSED_ROWS:
         raise ValueError(f"norms and adds take at most {FUSED_ROWS} rows, not {rows}")
@@ -183,8 +183,9 @@ def prefetch_regions(parts: list[torch.Tensor], budget: int) -> torch.Tensor | N
     return torch.tensor(regions, dtype=torch.int64).to(parts[0].device)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t, or a contiguous copy where it is not contiguous or not 16-byte aligned."""
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where it is not contiguous or not 16-byte aligned (the CUDA
+    C++ kernels, this module's and cuda_int8's, read 16 bytes at once)."""
     if t.is_contiguous() and t.data_ptr() % 16 == 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from llmkit.kernels.cuda_int4 import aligned
+
 MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
 WARPS = 8  # the source's WARPS: warps a block, splitting the inputs
 UNROLL = 2  # the source's UNROLL: 64-input chunks a lane loads at once
@@ -57,17 +59,10 @@ def _launch(module, kind: str, x, x_scale, q, scale) -> torch.Tensor:
                          f"K % 64 == 0, not {tuple(x.shape)} by {tuple(q.shape)}")  # fmt: skip
     y = torch.empty(rows, n, dtype=torch.bfloat16, device=x.device)
     if rows:
-        x, q = _aligned(x), _aligned(q)  # runs of 16 bytes are read at once
+        x, q = aligned(x), aligned(q)  # runs of 16 bytes are read at once
         module.launch(f"{kind}_m{2 if rows > 8 else 1}", n // 16, 32 * WARPS, x, x_scale, q,
                       scale, y, rows, n, k, dependent=True)  # fmt: skip
     return y
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t, or a contiguous copy where it is not contiguous or not 16-byte aligned."""
-    if t.is_contiguous() and t.data_ptr() % 16 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def kernels(device: torch.device):
