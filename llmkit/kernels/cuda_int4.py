@@ -312,7 +312,7 @@ def _module(device: torch.device, variant: tuple[int, int]):
     defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}"]
     try:
         return checked_module(SOURCE, list(_KERNELS.values()), device, defines,
-                              lambda module: _check(module, variant[0], device))  # fmt: skip
+                              lambda module: _check(module, variant, device))  # fmt: skip
     except (OSError, RuntimeError) as e:
         return e
 
@@ -328,33 +328,45 @@ def fuses(device: torch.device, variant: tuple[int, int], prefetching: bool = Fa
 
     module = kernels(device, variant)
     try:
-        _check(module, variant[0], device, ("norm", "add"), prefetching)
+        _check(module, variant, device, ("norm", "add"), prefetching)
     except CudaError as e:
         warnings.warn(f"llmkit runs a layer's norms in launches of their own: {e}", stacklevel=2)
         return False
     return True
 
 
-def _check(module, warps: int, device: torch.device, kinds=("",), prefetching=False) -> None:
+def check_inputs(variant: tuple[int, int]) -> int:
+    """The inputs of the weights a first-use check multiplies with kernels of `variant`
+    (warps, UNROLL; cuda_int4.cu's and cuda_int8.cu's split a block's inputs alike): each
+    warp takes 2 UNROLL + 1 chunks of 64, so its unrolled loop runs twice (the pipelined
+    one loading ahead once) and its tail loop once, as in a model's layers; a multiple of
+    128, so that every group size `_check` tries divides it."""
+    warps, unroll = variant[:2]
+    chunks = warps * (2 * unroll + 1)
+    return 64 * (chunks + chunks % 2)
+
+
+def _check(module, variant, device: torch.device, kinds=("",), prefetching=False) -> None:
     """Each kernel of `kinds` against the float32 product on `device` (a GPU or a driver
     that computes them otherwise would be caught here, before any layer uses them), the
     norm ones prefetching where `prefetching`: CudaError if off."""
     from llmkit.kernels.cuda_rtc import CudaError
 
     g = torch.Generator().manual_seed(0)
+    k = check_inputs(variant)
     cases = ((32, 3), (32, 12), (128, 1), (128, 16))  # every kernel, gated or not
     for (group, rows), gated, kind in itertools.product(cases, (False, True), kinds):
         key = (group % 64 == 0, rows > 8, gated, kind)
         if key not in _KERNELS:
             continue
-        q = torch.randint(0, 16, (32, 256), generator=g)
-        s = (torch.rand(32, 256 // group, generator=g) * 0.01 + 0.005).half().float()
+        q = torch.randint(0, 16, (32, k), generator=g)
+        s = (torch.rand(32, k // group, generator=g) * 0.01 + 0.005).half().float()
         z = torch.randint(0, 16, s.shape, generator=g).float()
-        x = torch.randn(rows, 256, generator=g).bfloat16()
+        x = torch.randn(rows, k, generator=g).bfloat16()
         w = s.repeat_interleave(group, 1) * (q - z.repeat_interleave(group, 1))
         norm = into = None
         if kind == "norm":
-            weight = (torch.rand(256, generator=g) + 0.5).bfloat16()
+            weight = (torch.rand(k, generator=g) + 0.5).bfloat16()
             norm = (weight.to(device), 1e-5)
             expected = _normed_rows(x, weight, 1e-5) @ w.t()
         else:
@@ -372,7 +384,7 @@ def _check(module, warps: int, device: torch.device, kinds=("",), prefetching=Fa
         prefetch = None
         if prefetching and kind == "norm":  # as a layer's q/k/v product may launch
             prefetch = prefetch_regions([tiles, words], 2**20)
-        got = _matmul(module, warps, x.to(device), tiles, words, group, gated, norm, into,
+        got = _matmul(module, variant[0], x.to(device), tiles, words, group, gated, norm, into,
                       prefetch)  # fmt: skip
         error = float((got.float().cpu() - expected).abs().max() / expected.abs().max())
         if not error < 1e-2:

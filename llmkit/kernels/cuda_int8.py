@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.kernels.cuda_int4 import aligned
+from llmkit.kernels.cuda_int4 import aligned, check_inputs
 
 MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
 WARPS = 8  # the source's WARPS: warps a block, splitting the inputs
@@ -30,8 +30,8 @@ UNROLL = 2  # the source's UNROLL: 64-input chunks a lane loads at once
 SOURCE = Path(__file__).with_name("cuda_int8.cu")
 NAMES = tuple(f"{kind}_m{tiles}" for kind in ("int8_gemv", "w8a8_gemv") for tiles in (1, 2))
 TOLERANCE = 1e-2  # the weight-only check's error, of the float64 product's largest value
-# the checked weight's inputs: every warp multiplies UNROLL chunks at once, and one more alone
-CHECK_INPUTS = 64 * (WARPS * UNROLL + 1)
+# the checked weight's inputs: every warp runs its unrolled loop twice and its tail once
+CHECK_INPUTS = check_inputs((WARPS, UNROLL))
 
 
 def fits(n: int, k: int) -> bool:
