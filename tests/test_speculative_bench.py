@@ -43,3 +43,16 @@ def test_a_speed_up_beyond_what_the_drafts_explain_is_not_met(bench, accepted):
 def test_a_row_without_drafts_is_not_called_out_within_the_slack(bench):
     line = ngram_row(bench, 100.0, 105.0, 0)  # noise around plain decoding
     assert "explain" not in line["measured"] and line["met"] is False  # below 1.8x
+
+
+def test_on_cuda_the_ngram_target_is_on_the_widened_small_llama(bench):
+    """The 1B shapes' random weights decide how much of their output repeats, so on CUDA
+    the ngram target is small-llama's widened copy's (its output is small-llama's); the 1B
+    shapes keep the concurrency-64 target, and the draft target where drafts are right."""
+    small, llama = bench.SMALL_CUDA, bench.LLAMA_1B
+    assert bench._target(small, "ngram", "grounded", 1, 0.9, 1.9) == ("≥ 1.8×", True)
+    assert bench._target(small, "ngram", "free", 1, 0.9, 1.9) == ("", None)
+    assert bench._target(llama, "ngram", "grounded", 1, 0.9, 1.9) == ("", None)
+    assert bench._target(llama, "ngram", "free", 64, 0.9, 0.9) == ("≥ 0.95×", False)
+    assert bench._target(llama, "draft", "grounded", 1, 0.7, 1.4) == ("≥ 1.3×", True)
+    assert bench._target("small-llama", "ngram", "grounded", 1, 0.9, 1.7) == ("≥ 1.8×", False)
