@@ -20,6 +20,9 @@
 #                speculative.py's 1B rows are set against, with cuda.py's settings
 #   int8-kernels benchmarks/cuda_int8.py at 1, 8, 16 and 64 rows (not by default): each int8
 #                product at 8B's shapes beside bf16 cuBLAS, rows in DIR/int8-kernels.json
+#   profile      benchmarks/cuda_profile.py on the 8B checkpoints a cuda step left in WORKDIR
+#                (not by default; after cuda in the same call): where a batch-1 decode
+#                step's time goes, the kernels a token launches and the slowest ones
 #
 #   BUDGET=540 LOGS=DIR bash benchmarks/gpu_checks.sh [STEP ...]   (default: the first four)
 #
@@ -45,11 +48,12 @@ python=${PYTHON:-python3}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests cuda speculative bf16-1b)
 # seconds, before the budget's rest
-declare -A cap=([tests]=240 [cuda]=480 [speculative]=240 [bf16-1b]=150 [int8-kernels]=150)
+declare -A cap=([tests]=240 [cuda]=480 [speculative]=240 [bf16-1b]=150 [int8-kernels]=150
+    [profile]=150)
 for s in "${steps[@]}"; do
     if [ -z "${cap[$s]:-}" ]; then
         echo "gpu_checks.sh: no step '$s' (steps: tests, cuda, speculative, bf16-1b," \
-            "int8-kernels)" >&2
+            "int8-kernels, profile)" >&2
         exit 2
     fi
 done
@@ -85,6 +89,10 @@ command_of() { # the step's command, into the array cmd
         --anchors "" --bf16-parts eager) ;;
     int8-kernels) cmd=("$python" benchmarks/cuda_int8.py --rows 1,8,16,64
         --out "$logs/int8-kernels.json") ;;
+    profile) cmd=("$python" benchmarks/cuda_profile.py) # then the checkpoints there are
+        for d in "$work"/cuda/llama-8b "$work"/cuda/llama-8b-*; do
+            [ -f "$d/config.json" ] && cmd+=("$d")
+        done ;;
     esac
 }
 

@@ -102,6 +102,19 @@ def test_the_int8_kernels_step_writes_its_rows_beside_the_logs(tmp_path):
     ]
 
 
+def test_the_profile_step_takes_the_8b_checkpoints_a_cuda_step_left(tmp_path):
+    cuda = tmp_path / "work" / "cuda"
+    for name in ("llama-8b", "llama-8b-awq", "llama-8b-gptq", "llama-1b"):
+        (cuda / name).mkdir(parents=True)
+        (cuda / name / "config.json").write_text("{}")
+    (cuda / "llama-8b-int8").mkdir()  # a copy that was never written
+    done = _run(tmp_path, "profile")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _calls(tmp_path) == [
+        f"benchmarks/cuda_profile.py {cuda}/llama-8b {cuda}/llama-8b-awq {cuda}/llama-8b-gptq"
+    ]
+
+
 def test_a_failing_step_fails_the_run_and_the_rest_still_run(tmp_path):
     done = _run(tmp_path, "cuda", "speculative", FAKE_CUDA_RC="3")
     assert done.returncode == 1
@@ -120,7 +133,10 @@ def test_an_unknown_step_or_no_gpu_is_one_line_and_exit_2(tmp_path):
     done = _run(tmp_path, "tests", "bench")
     assert (done.returncode, done.stderr.splitlines()) == (
         2,
-        ["gpu_checks.sh: no step 'bench' (steps: tests, cuda, speculative, bf16-1b, int8-kernels)"],
+        [
+            "gpu_checks.sh: no step 'bench' (steps: tests, cuda, speculative, bf16-1b, "
+            "int8-kernels, profile)"
+        ],
     )
     done = _run(tmp_path / "b", FAKE_NO_GPU="1")
     assert (done.returncode, done.stderr.splitlines()) == (
