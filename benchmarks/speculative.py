@@ -14,6 +14,12 @@ Models (2 threads, CPU):
   fixed cost. small-llama's greedy output, a random-init model's, soon repeats one token
   over and over, which its own lookups then predict: its ngram rows measure the machinery
   on drafts that are right, not a model reproducing its input.
+- small-llama widened (SMALL_1B, written under --workdir): small-llama with zero rows and
+  columns as WIDE below (hidden x 4, intermediate x 4, KV heads repeated: some 1.2B
+  parameters in bfloat16, 12 layers of hidden 3072), a step of a model of Llama-3.2-1B's
+  size whose greedy output is small-llama's (tests/test_widen.py: the same logits): ngram
+  on both workloads at concurrency 1, where a step reads its weights from memory, as a
+  large model's does; the ngram target holds there too.
 - stories260K widened (WIDE, written under --workdir): stories260K with zero rows and
   columns that leave its function as it is, with some 300 times its parameters, run in
   bfloat16: a step costs what one of a model of about 85M parameters costs. Its draft
@@ -71,42 +77,38 @@ target: where llmkit's speculation stands against the strongest CPU engine's on 
 models.
 
 Each round runs, in an order that alternates between rounds, plainly and with speculation:
-every proposer on each workload at concurrency 1, 8 and 64 (small-llama; stories260K at 1),
-and small-llama's ngram with no --speculative-max-seqs limit at concurrency 2, 4 and 8:
-where speculation stops paying, which sets that option's default; and the widened
-stories260K plainly and with each of its drafts at concurrency 1. Ratios are per round, then the
-median. Targets (issue 40): ngram >= 1.8x at concurrency 1 on grounded (small-llama);
-draft >= 1.3x at concurrency 1 for each of WIDE's drafts whose acceptance is >= 0.6 (over at
-least MIN_DRAFTS drafts a round: fewer, and the engine's draft cutoff has all but stopped
-drafting, so the few tokens drafted give no rate to speak of); >= 0.95x at
-concurrency 64 for every proposer and workload (small-llama). A concurrency-1 row faster
-than its drafts can make it (`explained`: a token accepted from a draft saves one step of
-plain decoding at most) by more than EXPLAINED_SLACK says so, and its target is not met:
-there the plain run was slow, not the speculation fast. Writes
+every proposer on each workload at concurrency 1, 8 and 64 (small-llama; SMALL_1B and
+stories260K with ngram at 1), and small-llama's ngram with no --speculative-max-seqs limit
+at concurrency 2, 4 and 8: where speculation stops paying, which sets that option's default;
+and the widened stories260K plainly and with each of its drafts at concurrency 1. Ratios are
+per round, then the median. Targets (issue 40): ngram >= 1.8x at concurrency 1 on grounded
+(small-llama and SMALL_1B); draft >= 1.3x at concurrency 1 for each of WIDE's drafts whose
+acceptance is >= 0.6 (over at least MIN_DRAFTS drafts a round: fewer, and the engine's draft
+cutoff has all but stopped drafting, so the few tokens drafted give no rate to speak of);
+>= 0.95x at concurrency 64 for every proposer and workload (small-llama). A concurrency-1 row
+faster than its drafts can make it (`explained`: a token accepted from a draft saves one
+step of plain decoding at most) by more than EXPLAINED_SLACK says so, and its target is not
+met: there the plain run was slow, not the speculation fast. Writes
 benchmarks/results/speculative-<date>.json.
 
-With --device cuda (a GPU machine), instead: Llama-3.2-1B's shapes (random init, bf16,
-made on the GPU under --workdir) plainly, with ngram and with its own first DRAFT_LAYERS
-layers as the draft, on both workloads (as token ids, one a byte of the text: a random-init
-model has no tokenizer to speak of) at concurrency 1, 8 and 64, every engine warmed up at
-each concurrency first (its CUDA graphs captured), CUDA_OUTPUT_LEN tokens a request (so
-a request at concurrency 1 takes about a second); the concurrency-64 target on its rows, and
-the draft's where its acceptance is >= 0.6. How much of its greedy output repeats itself,
-so that ngram drafts it, depends on its weights: the share of the output accepted from
-drafts, in each row, says how much speculation did, and its ngram rows carry no target.
-The ngram target is measured on SMALL_CUDA instead: small-llama widened as WIDE is (hidden
-x 4, intermediate x 4, KV heads repeated: some 1.2B parameters in bfloat16, 12 layers of
-hidden 3072), a step of a model of Llama-3.2-1B's size whose greedy output is small-llama's
-(tests/test_widen.py: the same logits), which repeats itself as on the CPU, so that its
-drafts are right; plainly and with ngram at concurrency 1 on both workloads (as text). A
-random-init draft model doubts every token, so the draft target is measured on WIDE_CUDA:
-stories260K widened as
-WIDE is, further (hidden x 64, intermediate x 128: some 1.4B parameters, written in
-bfloat16), a step of a model of Llama-3.2-1B's size, plainly and with stories260K as its
-draft, on both workloads (as text), json and sampled at concurrency 1, WIDE_CUDA_OUTPUT_LEN
-tokens a request (stories260K's context is 512 tokens); and the 1B shapes' ngram with no
---speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP), where a GPU's step is still
-bandwidth-bound: whether that default holds there too. Writes
+With --device cuda (a GPU machine), instead: Llama-3.2-1B's shapes (random init, bf16, made
+on the GPU under --workdir) plainly, with ngram and with its own first DRAFT_LAYERS layers
+as the draft, on both workloads (as token ids, one a byte of the text: a random-init model
+has no tokenizer to speak of) at concurrency 1, 8 and 64, every engine warmed up at each
+concurrency first (its CUDA graphs captured), CUDA_OUTPUT_LEN tokens a request (so a request
+at concurrency 1 takes about a second); the concurrency-64 target on its rows, and the
+draft's where its acceptance is >= 0.6. How much of its greedy output repeats itself, so
+that ngram drafts it, depends on its weights: the share of the output accepted from drafts,
+in each row, says how much speculation did, and its ngram rows carry no target. The ngram
+target is measured on SMALL_1B instead (as on the CPU, plainly and with ngram at concurrency
+1 on both workloads, CUDA_OUTPUT_LEN tokens a request), whose output repeats itself, so that
+its drafts are right. A random-init draft model doubts every token, so the draft target is
+measured on WIDE_CUDA: stories260K widened as WIDE is, further (hidden x 64, intermediate x
+128: some 1.4B parameters, written in bfloat16), a step of a model of Llama-3.2-1B's size,
+plainly and with stories260K as its draft, on both workloads (as text), json and sampled at
+concurrency 1, WIDE_CUDA_OUTPUT_LEN tokens a request (stories260K's context is 512 tokens);
+and the 1B shapes' ngram with no --speculative-max-seqs limit at concurrency 8 (CUDA_SWEEP),
+where a GPU's step is still bandwidth-bound: whether that default holds there too. Writes
 benchmarks/results/speculative-cuda-<date>.json.
 
 --concurrency-1-only runs the concurrency-1 cases alone (those of the ngram and draft
@@ -163,7 +165,7 @@ WEAK_LAYERS = 4  # the weaker draft of WIDE: stories260K's first layers
 WIDE_WEAK = f"draft-{WEAK_LAYERS}-layers"
 WIDE_Q4 = "draft-int4"  # WIDE's quantized draft
 WIDE_CUDA = "stories260K-1b"  # the --device cuda draft model's target
-SMALL_CUDA = "small-llama-1b"  # the --device cuda ngram target: small-llama widened
+SMALL_1B = "small-llama-1b"  # small-llama widened to some 1.2B parameters
 LLAMACPP = "llama.cpp"  # the anchor: its speculative decoding of WIDE, its prompt lookup
 LOOKUP_KEY = 2  # tokens in a key of llama.cpp's prompt lookup (the ngram rows' anchor)
 # per anchored model: the llmkit row its anchor stands beside, and what that anchor is
@@ -174,7 +176,7 @@ ANCHORED = {
                              f"(llama-speculative-simple, ngram-map-k, {LOOKUP_KEY}-token keys"),
 }  # fmt: skip
 CUDA_HIDDEN_FACTOR, CUDA_MLP_FACTOR = 64, 128
-SMALL_CUDA_FACTORS = (4, 4)  # SMALL_CUDA's hidden and intermediate over small-llama's
+SMALL_1B_FACTORS = (4, 4)  # SMALL_1B's hidden and intermediate over small-llama's
 
 
 def small_llama(work: Path) -> Path:
@@ -187,11 +189,17 @@ def small_llama(work: Path) -> Path:
     return small
 
 
+def small_1b(work: Path) -> Path:
+    """SMALL_1B under `work` (made once)."""
+    return widened(small_llama(work), work / SMALL_1B, *SMALL_1B_FACTORS)
+
+
 def make_models(work: Path, shared: Path) -> dict[str, Path]:
     small = small_llama(work)
     stories = shared / "models" / "stories260K"
     return {
         "small-llama": small,
+        SMALL_1B: small_1b(work),
         "draft": first_layers(small, work / f"small-llama-{DRAFT_LAYERS}-layers", DRAFT_LAYERS),
         "stories260K": stories,
         WIDE: widened(stories, work / WIDE, HIDDEN_FACTOR, MLP_FACTOR),
@@ -209,8 +217,7 @@ def make_cuda_models(work: Path, shared: Path) -> dict[str, Path]:
     if not (target / "config.json").is_file():
         make_random(target, SHAPES, device="cuda")
     draft = first_layers(target, work / f"{LLAMA_1B}-{DRAFT_LAYERS}-layers", DRAFT_LAYERS)
-    small = widened(small_llama(work), work / SMALL_CUDA, *SMALL_CUDA_FACTORS)
-    models = {LLAMA_1B: target, "draft": draft, SMALL_CUDA: small}
+    models = {LLAMA_1B: target, "draft": draft, SMALL_1B: small_1b(work)}
     stories = shared / "models" / "stories260K"
     if not (stories / "config.json").is_file():
         print(f"{WIDE_CUDA} skipped: no {stories}", flush=True)
@@ -231,7 +238,7 @@ def quantized(model: Path, out: Path) -> Path:
 
 
 def widened(model: Path, out: Path, hidden_factor: int, mlp_factor: int, dtype=None) -> Path:
-    """`model` widened by these factors (WIDE, WIDE_CUDA, SMALL_CUDA; made once)."""
+    """`model` widened by these factors (WIDE, WIDE_CUDA, SMALL_1B; made once)."""
     from widen import widen
 
     if not (out / "config.json").is_file():
@@ -340,6 +347,8 @@ def engines(
         "small-llama plain": llm("small-llama"),
         "small-llama ngram": llm("small-llama", "ngram"),
         "small-llama draft": llm("small-llama", str(models["draft"])),
+        f"{SMALL_1B} plain": llm(SMALL_1B),
+        f"{SMALL_1B} ngram": llm(SMALL_1B, "ngram"),
         "stories260K plain": llm("stories260K"),
         "stories260K ngram": llm("stories260K", "ngram"),
         f"{WIDE} plain": llm(WIDE),
@@ -366,8 +375,8 @@ def cuda_engines(
         f"{LLAMA_1B} plain": llm(),
         f"{LLAMA_1B} ngram": llm(speculative="ngram"),
         f"{LLAMA_1B} draft": llm(speculative=str(models["draft"])),
-        f"{SMALL_CUDA} plain": llm(SMALL_CUDA),
-        f"{SMALL_CUDA} ngram": llm(SMALL_CUDA, "ngram"),
+        f"{SMALL_1B} plain": llm(SMALL_1B),
+        f"{SMALL_1B} ngram": llm(SMALL_1B, "ngram"),
     }
     if sweep:
         engines[f"{LLAMA_1B} {UNLIMITED}"] = llm(speculative="ngram", limit=max(sweep))
@@ -390,7 +399,8 @@ def main() -> None:
     sweep = () if args.concurrency_1_only else CUDA_SWEEP if cuda else SWEEP
     texts = workloads(args.shared)
     # (prompts by workload, tokens a request) per model
-    setting = {model: (texts, OUTPUT_LEN) for model in ("small-llama", "stories260K", WIDE)}
+    setting = {model: (texts, OUTPUT_LEN)
+               for model in ("small-llama", SMALL_1B, "stories260K", WIDE)}  # fmt: skip
     if cuda:
         llms = cuda_engines(make_cuda_models(work, args.shared), args.speculative_max_seqs, sweep)
         setting = {LLAMA_1B: (workloads(args.shared, as_ids=True), CUDA_OUTPUT_LEN),
@@ -398,8 +408,8 @@ def main() -> None:
 
         cases = [(LLAMA_1B, w, c, _proposers(c, sweep)) for w in texts
                  for c in concurrencies]  # fmt: skip
-        cases += [(SMALL_CUDA, w, 1, ("plain", "ngram")) for w in texts]
-        setting[SMALL_CUDA] = (texts, CUDA_OUTPUT_LEN)
+        cases += [(SMALL_1B, w, 1, ("plain", "ngram")) for w in texts]
+        setting[SMALL_1B] = (texts, CUDA_OUTPUT_LEN)
         if f"{WIDE_CUDA} draft" in llms:
             cases += [(WIDE_CUDA, w, 1, ("plain", "draft")) for w in texts]
             cases += [(WIDE_CUDA, GUIDED, 1, ("plain", FORCED, "draft"))]
@@ -415,6 +425,7 @@ def main() -> None:
                  for c in concurrencies]  # fmt: skip
         cases += [("small-llama", GUIDED, 1, ("plain", FORCED, "ngram"))]
         setting["small-llama"] = (_with_free(texts), OUTPUT_LEN)
+        cases += [(SMALL_1B, w, 1, ("plain", "ngram")) for w in texts]
         cases += [("stories260K", w, 1, ("plain", "ngram")) for w in texts]
         cases += [(WIDE, w, 1, ("plain", "draft", WIDE_Q4, WIDE_WEAK)) for w in texts]
         cases += [(WIDE, GUIDED, 1, ("plain", FORCED, "draft", WIDE_Q4))]
@@ -652,7 +663,7 @@ def _anchor_row(rounds: list[dict], model: str, workload: str) -> dict:
 def _target(
     model: str, proposer: str, workload: str, concurrency: int, acceptance: float | None, ratio
 ):
-    """The issue's targets: ngram's on small-llama (on CUDA its widened copy SMALL_CUDA, of
+    """The issue's targets: ngram's on small-llama (on CUDA its widened copy SMALL_1B, of
     the 1B shapes' size), whose output repeats itself; concurrency 64's on small-llama (on
     CUDA the 1B shapes); the draft model's on the widened stories260K (WIDE, WIDE_CUDA),
     where a draft can be right, and on the 1B shapes (stories260K's own rows show the cost
@@ -670,7 +681,7 @@ def _target(
     if concurrency == max(CONCURRENCY) and model in ("small-llama", LLAMA_1B):
         return "≥ 0.95×", ratio >= 0.95
     grounded = concurrency == 1 and proposer == "ngram" and workload == "grounded"
-    if grounded and model in ("small-llama", SMALL_CUDA):
+    if grounded and model in ("small-llama", SMALL_1B):
         return "≥ 1.8×", ratio >= 1.8
     return "", None
 

@@ -49,7 +49,7 @@ def test_on_cuda_the_ngram_target_is_on_the_widened_small_llama(bench):
     """The 1B shapes' random weights decide how much of their output repeats, so on CUDA
     the ngram target is small-llama's widened copy's (its output is small-llama's); the 1B
     shapes keep the concurrency-64 target, and the draft target where drafts are right."""
-    small, llama = bench.SMALL_CUDA, bench.LLAMA_1B
+    small, llama = bench.SMALL_1B, bench.LLAMA_1B
     assert bench._target(small, "ngram", "grounded", 1, 0.9, 1.9) == ("≥ 1.8×", True)
     assert bench._target(small, "ngram", "free", 1, 0.9, 1.9) == ("", None)
     assert bench._target(llama, "ngram", "grounded", 1, 0.9, 1.9) == ("", None)
