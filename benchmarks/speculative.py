@@ -663,12 +663,12 @@ def _anchor_row(rounds: list[dict], model: str, workload: str) -> dict:
 def _target(
     model: str, proposer: str, workload: str, concurrency: int, acceptance: float | None, ratio
 ):
-    """The issue's targets: ngram's on small-llama (on CUDA its widened copy SMALL_1B, of
-    the 1B shapes' size), whose output repeats itself; concurrency 64's on small-llama (on
-    CUDA the 1B shapes); the draft model's on the widened stories260K (WIDE, WIDE_CUDA),
-    where a draft can be right, and on the 1B shapes (stories260K's own rows show the cost
-    of speculating where lookups miss: it does not reproduce tinyshakespeare). `acceptance`
-    None: fewer than MIN_DRAFTS drafts a round, no rate."""
+    """The issue's targets: ngram's on small-llama and its widened copy SMALL_1B (of the 1B
+    shapes' size; on CUDA SMALL_1B's alone), whose output repeats itself; concurrency 64's
+    on small-llama (on CUDA the 1B shapes); the draft model's on the widened stories260K
+    (WIDE, WIDE_CUDA), where a draft can be right, and on the 1B shapes (stories260K's own
+    rows show the cost of speculating where lookups miss: it does not reproduce
+    tinyshakespeare). `acceptance` None: fewer than MIN_DRAFTS drafts a round, no rate."""
     drafted = model in (WIDE, WIDE_CUDA, LLAMA_1B) and proposer in ("draft", WIDE_Q4, WIDE_WEAK)
     if workload == GUIDED:
         return "", None
