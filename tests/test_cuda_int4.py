@@ -807,6 +807,11 @@ def kernel_chunks(warps: int, unroll: int, count: int, stale: bool = False) -> l
     return taken
 
 
+def warp_chunks(warps: int, count: int) -> list[int]:
+    """The chunks each warp of a block takes of `count` (kernel_chunks' split)."""
+    return [(w + 1) * count // warps - w * count // warps for w in range(warps)]
+
+
 def chunk_columns(taken: list[int]) -> torch.Tensor:
     """The weight's columns each input meets, for `kernel_chunks`' chunks."""
     return torch.cat([torch.arange(64 * c, 64 * c + 64) for c in taken])
@@ -847,11 +852,8 @@ def test_the_first_use_check_runs_every_warps_unrolled_loop(variant):
 
     warps, unroll = variant[:2]
     inputs = cuda_int4.check_inputs(variant)
-    count = inputs // 64
     assert inputs % 128 == 0
-    for warp in range(warps):
-        begin, end = warp * count // warps, (warp + 1) * count // warps
-        assert end - begin >= 2 * unroll + 1
+    assert set(warp_chunks(warps, inputs // 64)) == {2 * unroll + 1}
     kinds = ("", "norm", "add")
     cpu = torch.device("cpu")
     cuda_int4._check(EmulatedKernels(unroll), variant, cpu, kinds, prefetching=True)

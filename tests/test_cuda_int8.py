@@ -13,6 +13,7 @@ import torch
 
 from llmkit.kernels import cuda_int4, cuda_int8
 from tests.runtime_helpers import NEEDS_CUDA
+from tests.test_cuda_int4 import chunk_columns, kernel_chunks, warp_chunks
 
 SHAPES = [(48, 320), (4096, 4096), (6144, 4096), (4096, 14336)]  # [out, in]: odd chunk counts, 8B's
 
@@ -164,8 +165,6 @@ class EmulatedKernels:
         self.stale = stale
 
     def launch(self, kernel, grid, block, x, x_scale, q, scale, y, rows, n, k, dependent):
-        from tests.test_cuda_int4 import chunk_columns, kernel_chunks
-
         taken = kernel_chunks(block // 32, cuda_int8.UNROLL, k // 64, self.stale)
         q = q[:, chunk_columns(taken)]
         if kernel.startswith("w8a8"):
@@ -181,10 +180,8 @@ def test_the_first_use_check_runs_every_warps_unrolled_loop():
     kernels' split of the inputs passes the check, the same with stale weights fails it."""
     from llmkit.kernels.cuda_rtc import CudaError
 
-    count = cuda_int8.CHECK_INPUTS // 64
-    for warp in range(cuda_int8.WARPS):
-        begin, end = warp * count // cuda_int8.WARPS, (warp + 1) * count // cuda_int8.WARPS
-        assert end - begin == 2 * cuda_int8.UNROLL + 1
+    chunks = warp_chunks(cuda_int8.WARPS, cuda_int8.CHECK_INPUTS // 64)
+    assert set(chunks) == {2 * cuda_int8.UNROLL + 1}
     cuda_int8._check(EmulatedKernels(), torch.device("cpu"))
     with pytest.raises(CudaError, match="int8_gemv is off by"):
         cuda_int8._check(EmulatedKernels(stale=True), torch.device("cpu"))
