@@ -404,9 +404,9 @@ def test_the_loader_asks_for_the_gated_layout_for_gate_up_only(tiny_dir, monkeyp
 
 
 def test_a_kernel_that_cannot_load_is_tried_once(monkeypatch):
-    """Every 4-bit layer of a model asks for the kernels: a failed compile is kept, not
-    repeated per layer (its error raised again for each)."""
-    from llmkit.kernels import cuda_rtc
+    """Every 4-bit (int8) layer of a model asks for the kernels: a failed compile is kept,
+    not repeated per layer (its error raised again for each)."""
+    from llmkit.kernels import cuda_int8, cuda_rtc
 
     tries = []
 
@@ -415,14 +415,12 @@ def test_a_kernel_that_cannot_load_is_tried_once(monkeypatch):
         raise cuda_rtc.CudaError("no NVRTC here")
 
     monkeypatch.setattr(cuda_rtc, "Module", refuse)
-    cuda_int4._module.cache_clear()
-    try:
-        for _ in range(3):
+    monkeypatch.setattr(cuda_rtc, "_CHECKED", {})
+    for _ in range(3):
+        for kernels in (cuda_int4.kernels, cuda_int8.kernels):
             with pytest.raises(cuda_rtc.CudaError, match="no NVRTC"):
-                cuda_int4.kernels(torch.device("cuda", 0))
-    finally:
-        cuda_int4._module.cache_clear()
-    assert len(tries) == 1
+                kernels(torch.device("cuda", 0))
+    assert [name for _, name, *_ in tries] == ["cuda_int4.cu", "cuda_int8.cu"]
 
 
 def test_compiled_cubins_are_kept_by_what_they_depend_on(monkeypatch, tmp_path):

@@ -292,29 +292,15 @@ def _times(variants: tuple, args: tuple, gated: bool) -> dict:
 
 
 def kernels(device: torch.device, variant: tuple[int, int] = VARIANTS[0]):
-    """The kernels compiled for CUDA `device` and checked there (on first use; a CudaError
-    when NVRTC or the driver cannot, or a kernel computes something else). Called when a
-    layer is built, so never first while a graph captures."""
-    index = torch.cuda.current_device() if device.index is None else device.index
-    module = _module(torch.device("cuda", index), variant)
-    if isinstance(module, Exception):
-        raise module
-    return module
-
-
-@functools.cache
-def _module(device: torch.device, variant: tuple[int, int]):
-    """The compiled and checked kernels, or why not (kept: a model's every 4-bit layer asks,
-    and a failure would otherwise compile again for each)."""
-    from llmkit.kernels.cuda_rtc import checked_module
+    """The kernels of `variant` compiled for CUDA `device` and checked there (on first use; a
+    CudaError when NVRTC or the driver cannot, or a kernel computes something else). Called
+    when a layer is built, so never first while a graph captures."""
+    from llmkit.kernels.cuda_rtc import checked_kernels
 
     pipeline = int(variant[2:] == (1,))
-    defines = [f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}"]
-    try:
-        return checked_module(SOURCE, list(_KERNELS.values()), device, defines,
-                              lambda module: _check(module, variant, device))  # fmt: skip
-    except (OSError, RuntimeError) as e:
-        return e
+    defines = (f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}")
+    return checked_kernels(SOURCE, _KERNELS.values(), defines, device,
+                           lambda module, on: _check(module, variant, on))  # fmt: skip
 
 
 @functools.cache

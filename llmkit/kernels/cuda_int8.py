@@ -17,7 +17,6 @@ them against float64 and exact-integer references on first use.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -69,24 +68,10 @@ def kernels(device: torch.device):
     """The kernels compiled for CUDA `device` and checked there (on first use; a CudaError
     where NVRTC or the driver cannot, or a kernel computes something else). Called when a
     layer is built, so never first while a graph captures."""
-    index = torch.cuda.current_device() if device.index is None else device.index
-    module = _module(torch.device("cuda", index))
-    if isinstance(module, Exception):
-        raise module
-    return module
+    from llmkit.kernels.cuda_rtc import checked_kernels
 
-
-@functools.cache
-def _module(device: torch.device):
-    """The compiled and checked kernels, or why not (kept: a model's every int8 layer asks,
-    and a failure would otherwise compile again for each)."""
-    from llmkit.kernels.cuda_rtc import checked_module
-
-    try:
-        return checked_module(SOURCE, list(NAMES), device, [f"WARPS={WARPS}", f"UNROLL={UNROLL}"],
-                              lambda module: _check(module, device))  # fmt: skip
-    except (OSError, RuntimeError) as e:
-        return e
+    defines = (f"WARPS={WARPS}", f"UNROLL={UNROLL}")
+    return checked_kernels(SOURCE, NAMES, defines, device, _check)
 
 
 def _check(module, device: torch.device) -> None:

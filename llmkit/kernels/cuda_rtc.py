@@ -289,6 +289,29 @@ def checked_module(path: Path, names: list[str], device: torch.device, defines, 
     return module
 
 
+_CHECKED: dict[tuple, Module | Exception] = {}  # (path, defines, device) -> module or failure
+
+
+def checked_kernels(path: Path, names, defines, device: torch.device, check) -> Module:
+    """`checked_module` of `path`'s kernels `names` with `defines`, for CUDA `device` (with
+    no index: the current device), `check(module, device)` checking them there. Made once
+    per path, defines and device and kept, as is a failure (CudaError, or OSError where
+    NVRTC or the driver cannot be loaded), which every later call raises again: a model's
+    every layer asks, and would otherwise compile again for each."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    device = torch.device("cuda", index)
+    key = (path, tuple(defines), device)
+    if key not in _CHECKED:
+        try:
+            _CHECKED[key] = checked_module(path, list(names), device, list(defines),
+                                           lambda module: check(module, device))  # fmt: skip
+        except (OSError, RuntimeError) as e:
+            _CHECKED[key] = e
+    if isinstance(_CHECKED[key], Exception):
+        raise _CHECKED[key]
+    return _CHECKED[key]
+
+
 def _argument(value):
     """A kernel argument as the kernel reads it: a tensor's data pointer (None: a null
     pointer), a 32-bit int or a 32-bit float."""
