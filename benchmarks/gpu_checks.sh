@@ -22,7 +22,9 @@
 #                product at 8B's shapes beside bf16 cuBLAS, rows in DIR/int8-kernels.json
 #   profile      benchmarks/cuda_profile.py on the 8B checkpoints a cuda step left in WORKDIR
 #                (not by default; after cuda in the same call): where a batch-1 decode
-#                step's time goes, the kernels a token launches and the slowest ones
+#                step's time goes, the kernels a token launches, their time by kind and the
+#                slowest ones, each checkpoint with dependent launches and without (a
+#                process and a load each)
 #
 #   BUDGET=540 LOGS=DIR bash benchmarks/gpu_checks.sh [STEP ...]   (default: the first four)
 #
@@ -49,7 +51,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests cuda speculative bf16-1b)
 # seconds, before the budget's rest
 declare -A cap=([tests]=240 [cuda]=480 [speculative]=240 [bf16-1b]=150 [int8-kernels]=150
-    [profile]=150)
+    [profile]=300)
 for s in "${steps[@]}"; do
     if [ -z "${cap[$s]:-}" ]; then
         echo "gpu_checks.sh: no step '$s' (steps: tests, cuda, speculative, bf16-1b," \
