@@ -15,6 +15,8 @@
 #                METHODS=int8,w8a8 ANCHORS= bash benchmarks/gpu_checks.sh cuda
 #   speculative  benchmarks/speculative.py --device cuda --concurrency-1-only (issue 40's
 #                batch-1 rows on a GPU; $ROUNDS rounds, 5; --shared from $SHARED where set)
+#   speculative-all  the same at concurrency 1, 8 and 64, with ngram unlimited at 8 beside
+#                (not by default: issue 40's every GPU row, a device call of its own)
 #   bf16-1b      benchmarks/cuda.py on Llama-3.2-1B's shapes, bf16 alone: batch-1 decode with
 #                up to 16 steps a call, with 1, and eager: the plain engine that
 #                speculative.py's 1B rows are set against, with cuda.py's settings
@@ -50,12 +52,12 @@ python=${PYTHON:-python3}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests cuda speculative bf16-1b)
 # seconds, before the budget's rest
-declare -A cap=([tests]=240 [cuda]=480 [speculative]=240 [bf16-1b]=150 [int8-kernels]=150
-    [profile]=300)
+declare -A cap=([tests]=240 [cuda]=480 [speculative]=240 [speculative-all]=540 [bf16-1b]=150
+    [int8-kernels]=150 [profile]=300)
 for s in "${steps[@]}"; do
     if [ -z "${cap[$s]:-}" ]; then
-        echo "gpu_checks.sh: no step '$s' (steps: tests, cuda, speculative, bf16-1b," \
-            "int8-kernels, profile)" >&2
+        echo "gpu_checks.sh: no step '$s' (steps: tests, cuda, speculative," \
+            "speculative-all, bf16-1b, int8-kernels, profile)" >&2
         exit 2
     fi
 done
@@ -86,6 +88,8 @@ command_of() { # the step's command, into the array cmd
     cuda) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 8b
         --methods "${METHODS-gptq,awq}" --calibration 4 --anchors "${ANCHORS-hf-compiled}") ;;
     speculative) cmd=("$python" benchmarks/speculative.py --device cuda --concurrency-1-only
+        --rounds "${ROUNDS:-5}" --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
+    speculative-all) cmd=("$python" benchmarks/speculative.py --device cuda
         --rounds "${ROUNDS:-5}" --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
     bf16-1b) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 1b --methods ""
         --anchors "" --bf16-parts eager) ;;

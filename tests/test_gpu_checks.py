@@ -94,6 +94,14 @@ def test_tests_methods_anchors_and_rounds_come_from_the_environment(tmp_path):
     assert " --rounds 3 " in speculative
 
 
+def test_the_speculative_all_step_runs_every_concurrency(tmp_path):
+    done = _run(tmp_path, "speculative", "speculative-all", ROUNDS="3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, every = _calls(tmp_path)
+    assert "--concurrency-1-only" in one and "--concurrency-1-only" not in every
+    assert every.startswith("benchmarks/speculative.py --device cuda --rounds 3 --workdir ")
+
+
 def test_the_int8_kernels_step_writes_its_rows_beside_the_logs(tmp_path):
     done = _run(tmp_path, "int8-kernels")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -134,8 +142,8 @@ def test_an_unknown_step_or_no_gpu_is_one_line_and_exit_2(tmp_path):
     assert (done.returncode, done.stderr.splitlines()) == (
         2,
         [
-            "gpu_checks.sh: no step 'bench' (steps: tests, cuda, speculative, bf16-1b, "
-            "int8-kernels, profile)"
+            "gpu_checks.sh: no step 'bench' (steps: tests, cuda, speculative, speculative-all, "
+            "bf16-1b, int8-kernels, profile)"
         ],
     )
     done = _run(tmp_path / "b", FAKE_NO_GPU="1")
