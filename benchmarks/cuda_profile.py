@@ -2,8 +2,10 @@
 GPU spends in kernels, the kernels launched per token, that time by kind of kernel
 (products, attention, norms, ...) and the kernels that take longest. torch.profiler records
 one request decoded as benchmarks/cuda.py's batch-1 rows decode it (its prompt length,
-tokens and engine settings), from its first token on (the prefill left out), after a
-warm-up that captures the graphs and makes every choice the layers measure on first use.
+tokens and engine settings, but for async output, off here: a step's work is then done when
+the step returns, so the profile, started once the first token is out, holds the kernels of
+every later token and no earlier one), after a warm-up that captures the graphs and makes
+every choice the layers measure on first use.
 
     python benchmarks/cuda_profile.py CHECKPOINT [CHECKPOINT ...] [--tokens 256] [--pdl on,off]
 
@@ -91,12 +93,12 @@ def profile(model: str, tokens: int, device: str) -> dict:
     cuda = device == "cuda"
     config = EngineConfig(device=device, dtype="bfloat16" if cuda else "auto",
                           max_model_len=MAX_MODEL_LEN if cuda else None,
-                          max_num_seqs=max(CONCURRENCY))  # fmt: skip
+                          max_num_seqs=max(CONCURRENCY), async_output=False)  # fmt: skip
     llm = LLM(model, config)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     prompt = [list(range(3, 3 + B1_PROMPT))]
     llm.generate(prompt, params)  # graphs captured, choices measured
-    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = torch_profile(activities=activities)
     window = {}  # tokens and time when the profile started, and when it stopped
 
