@@ -94,8 +94,10 @@ benchmarks/results/speculative-<date>.json.
 With --device cuda (a GPU machine), instead: Llama-3.2-1B's shapes (random init, bf16, made
 on the GPU under --workdir) plainly, with ngram and with its own first DRAFT_LAYERS layers
 as the draft, on both workloads (as token ids, one a byte of the text: a random-init model
-has no tokenizer to speak of) at concurrency 1, 8 and 64, every engine warmed up at each
-concurrency first (its CUDA graphs captured), CUDA_OUTPUT_LEN tokens a request (so a request
+has no tokenizer to speak of) at concurrency 1, 8 and 64, after an untimed round of every
+case (an engine captures a CUDA graph on a batch size's first step: a workload whose prompts
+take several prefill steps ends in steps of fewer sequences, and an engine that speculates
+verifies in steps of other sizes), CUDA_OUTPUT_LEN tokens a request (so a request
 at concurrency 1 takes about a second); the concurrency-64 target on its rows, and the
 draft's where its acceptance is >= 0.6. How much of its greedy output repeats itself, so
 that ngram drafts it, depends on its weights: the share of the output accepted from drafts,
@@ -415,7 +417,6 @@ def main() -> None:
             cases += [(WIDE_CUDA, GUIDED, 1, ("plain", FORCED, "draft"))]
             cases += [(WIDE_CUDA, SAMPLED, 1, ("plain", "draft"))]
             setting[WIDE_CUDA] = (_with_free(texts), WIDE_CUDA_OUTPUT_LEN)
-        warm_up = concurrencies  # each graph bucket captured before any timing
         anchor = None
     else:
         models = make_models(work, args.shared)
@@ -433,27 +434,38 @@ def main() -> None:
         setting[WIDE] = (_with_free(texts), OUTPUT_LEN)
         alone = [c for c in sweep if c not in concurrencies]
         cases += [("small-llama", w, c, ("plain", UNLIMITED)) for w in texts for c in alone]
-        warm_up = (2,)
-    for name, llm in llms.items():  # warm up every engine
-        loads, output_len = setting[name.split()[0]]
-        for concurrency in warm_up:
-            run(llm, loads["free"][:concurrency], output_len)
-    rounds = []
-    for r in range(args.rounds):
-        result = {}
-        for model, workload, concurrency, proposers in cases:
-            loads, output_len = setting[model]
-            modes = [f"{model} {p}" for p in proposers]
-            for name in modes if r % 2 == 0 else reversed(modes):
-                engine = llms[name.replace(f" {FORCED}", " plain")]
-                out = run(engine, loads[workload][:concurrency], output_len, workload,
-                          name.endswith(" plain"))  # fmt: skip
-                result[f"{name} {workload} {concurrency}"] = out
-            plain = result[f"{model} plain {workload} {concurrency}"]
-            for name in modes[1:]:
-                out = result[f"{name} {workload} {concurrency}"]
-                same = out.pop("tokens") == plain["tokens"]
-                out["same_tokens"] = same if workload != SAMPLED else None  # drawn apart
+    if cuda:  # every CUDA graph captured before any timing
+        play(llms, cases, setting)
+    else:
+        for name, llm in llms.items():  # warm up every engine
+            loads, output_len = setting[name.split()[0]]
+            run(llm, loads["free"][:2], output_len)
+    rounds = [play(llms, cases, setting, r, anchor) for r in range(args.rounds)]
+    for llm in llms.values():
+        llm.close()
+    report(rounds, args.speculative_max_seqs, cuda, args.concurrency_1_only)
+
+
+def play(llms: dict, cases: list, setting: dict, r: int | None = None, anchor=None) -> dict:
+    """Round `r` (None: an untimed one, quiet) of every case: each mode of a case run back
+    to back with the others (their order alternating between rounds), then llama.cpp's
+    anchor run where `anchor` has the case's model -> the runs by "model mode workload
+    concurrency"."""
+    result = {}
+    for model, workload, concurrency, proposers in cases:
+        loads, output_len = setting[model]
+        modes = [f"{model} {p}" for p in proposers]
+        for name in modes if not r or r % 2 == 0 else reversed(modes):
+            engine = llms[name.replace(f" {FORCED}", " plain")]
+            out = run(engine, loads[workload][:concurrency], output_len, workload,
+                      name.endswith(" plain"))  # fmt: skip
+            result[f"{name} {workload} {concurrency}"] = out
+        plain = result[f"{model} plain {workload} {concurrency}"]
+        for name in modes[1:]:
+            out = result[f"{name} {workload} {concurrency}"]
+            same = out.pop("tokens") == plain["tokens"]
+            out["same_tokens"] = same if workload != SAMPLED else None  # drawn apart
+            if r is not None:
                 print(
                     f"round {r + 1} {name:18} {workload:8} c{concurrency:<3} "
                     f"{out['tok_s']:7.1f} tok/s vs {plain['tok_s']:7.1f} plain "
@@ -463,15 +475,12 @@ def main() -> None:
                     f"vs {plain['engine_steps']} plain",
                     flush=True,
                 )
-            plain.pop("tokens", None)
-            if anchor and model in anchor and concurrency == 1 and workload in texts:
-                gguf, spec = anchor[model]  # back to back with llmkit's
-                prompt = loads[workload][0]
-                result[f"{model} {LLAMACPP} {workload} 1"] = llamacpp_case(gguf, prompt, spec)
-        rounds.append(result)
-    for llm in llms.values():
-        llm.close()
-    report(rounds, args.speculative_max_seqs, cuda, args.concurrency_1_only)
+        plain.pop("tokens", None)
+        if anchor and model in anchor and concurrency == 1 and workload in ("grounded", "free"):
+            gguf, spec = anchor[model]  # back to back with llmkit's
+            prompt = loads[workload][0]
+            result[f"{model} {LLAMACPP} {workload} 1"] = llamacpp_case(gguf, prompt, spec)
+    return result
 
 
 def _with_free(texts: dict[str, list]) -> dict[str, list]:
