@@ -272,44 +272,41 @@ class Module:
         _check_driver(self._lib, status, f"launching {kernel}")
 
 
-def checked_module(path: Path, names: list[str], device: torch.device, defines, check) -> Module:
-    """The kernels `names` of `path` (with cuda_common.cuh's helpers, `source`) compiled
-    with `defines` and loaded for `device`, once `check(module)` passed: it raises
-    CudaError where a kernel computes something else, and where it does so with
-    programmatic launches, they are turned off and it runs again (a driver may refuse
-    them)."""
-    module = Module(source(path), path.name, names, device, defines)
-    try:
-        check(module)
-    except CudaError:
-        if not module.programmatic:
-            raise
-        module.programmatic = False
-        check(module)
-    return module
-
-
 _CHECKED: dict[tuple, Module | Exception] = {}  # (path, defines, device) -> module or failure
 
 
 def checked_kernels(path: Path, names, defines, device: torch.device, check) -> Module:
-    """`checked_module` of `path`'s kernels `names` with `defines`, for CUDA `device` (with
-    no index: the current device), `check(module, device)` checking them there. Made once
-    per path, defines and device and kept, as is a failure (CudaError, or OSError where
-    NVRTC or the driver cannot be loaded), which every later call raises again: a model's
-    every layer asks, and would otherwise compile again for each."""
+    """The kernels `names` of `path` (with cuda_common.cuh's helpers, `source`) compiled
+    with `defines` and loaded for CUDA `device` (with no index: the current device), once
+    `check(module, device)` passed: it raises CudaError where a kernel computes something
+    else, and where it does so with programmatic launches, they are turned off and it runs
+    again (a driver may refuse them). Made once per path, defines and device and kept, as
+    is a failure (CudaError, or OSError where NVRTC or the driver cannot be loaded), which
+    every later call raises again: a model's every layer asks, and would otherwise compile
+    again for each."""
     index = torch.cuda.current_device() if device.index is None else device.index
     device = torch.device("cuda", index)
     key = (path, tuple(defines), device)
     if key not in _CHECKED:
         try:
-            _CHECKED[key] = checked_module(path, list(names), device, list(defines),
-                                           lambda module: check(module, device))  # fmt: skip
+            _CHECKED[key] = _checked(Module(source(path), path.name, list(names), device,
+                                            list(defines)), check)  # fmt: skip
         except (OSError, RuntimeError) as e:
             _CHECKED[key] = e
     if isinstance(_CHECKED[key], Exception):
         raise _CHECKED[key]
     return _CHECKED[key]
+
+
+def _checked(module: Module, check) -> Module:
+    try:
+        check(module, module.device)
+    except CudaError:
+        if not module.programmatic:
+            raise
+        module.programmatic = False
+        check(module, module.device)
+    return module
 
 
 def _argument(value):
