@@ -476,7 +476,7 @@ def play(llms: dict, cases: list, setting: dict, r: int | None = None, anchor=No
                     flush=True,
                 )
         plain.pop("tokens", None)
-        if anchor and model in anchor and concurrency == 1 and workload in ("grounded", "free"):
+        if anchor and model in anchor and concurrency == 1 and workload not in (GUIDED, SAMPLED):
             gguf, spec = anchor[model]  # back to back with llmkit's
             prompt = loads[workload][0]
             result[f"{model} {LLAMACPP} {workload} 1"] = llamacpp_case(gguf, prompt, spec)
