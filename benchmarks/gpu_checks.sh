@@ -87,10 +87,11 @@ command_of() { # the step's command, into the array cmd
     tests) cmd=("$python" -m pytest -q -p no:cacheprovider -k "${TESTS:-cuda}" tests) ;;
     cuda) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 8b
         --methods "${METHODS-gptq,awq}" --calibration 4 --anchors "${ANCHORS-hf-compiled}") ;;
-    speculative) cmd=("$python" benchmarks/speculative.py --device cuda --concurrency-1-only
-        --rounds "${ROUNDS:-5}" --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
-    speculative-all) cmd=("$python" benchmarks/speculative.py --device cuda
-        --rounds "${ROUNDS:-5}" --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
+    speculative | speculative-all) # the first: the concurrency-1 rows alone
+        local only=
+        if [ "$1" = speculative ]; then only=--concurrency-1-only; fi
+        cmd=("$python" benchmarks/speculative.py --device cuda ${only:+"$only"}
+            --rounds "${ROUNDS:-5}" --workdir "$work/spec" ${SHARED:+--shared "$SHARED"}) ;;
     bf16-1b) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 1b --methods ""
         --anchors "" --bf16-parts eager) ;;
     int8-kernels) cmd=("$python" benchmarks/cuda_int8.py --rows 1,8,16,64

@@ -455,7 +455,7 @@ def play(llms: dict, cases: list, setting: dict, r: int | None = None, anchor=No
     for model, workload, concurrency, proposers in cases:
         loads, output_len = setting[model]
         modes = [f"{model} {p}" for p in proposers]
-        for name in modes if not r or r % 2 == 0 else reversed(modes):
+        for name in modes if r is None or r % 2 == 0 else reversed(modes):
             engine = llms[name.replace(f" {FORCED}", " plain")]
             out = run(engine, loads[workload][:concurrency], output_len, workload,
                       name.endswith(" plain"))  # fmt: skip
