@@ -255,10 +255,7 @@ class Module:
         programmatic dependent launch, which may start before the kernel before it has
         finished; the kernel must wait (griddepcontrol.wait) before it reads what that
         kernel writes or writes anything."""
-        values = [_argument(a) for a in args]
-        pointers = (ctypes.c_void_p * len(values))(
-            *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values]
-        )
+        pointers = parameters(args)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         if dependent and self.programmatic:
             attribute = LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
@@ -307,6 +304,17 @@ def _checked(module: Module, check) -> Module:
         module.programmatic = False
         check(module, module.device)
     return module
+
+
+def parameters(args) -> ctypes.Array:
+    """cuLaunchKernel's kernelParams for `args` (as Module.launch takes them): an array of
+    pointers to each value, which it holds (as `values`)."""
+    values = [_argument(a) for a in args]
+    pointers = (ctypes.c_void_p * len(values))(
+        *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values]
+    )
+    pointers.values = values
+    return pointers
 
 
 def _argument(value):

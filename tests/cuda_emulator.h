@@ -1,0 +1,477 @@
+// The CUDA built-ins and PTX instructions llmkit's CUDA C++ kernels (llmkit/kernels/*.cu)
+// use, emulated on the CPU, for tests: tests/cuda_emulator.py compiles a kernel source with
+// this header in front (its inline PTX rewritten into emu::ptx calls) and runs a launch's
+// threads as fibers of one host thread, one block after another.
+//
+// - Warp-wide instructions (mma.sync.aligned, __shfl_xor_sync) take effect once all 32 lanes
+//   of the warp reach them, __syncthreads once every thread of the block does; threads that
+//   wait for others that never come (diverged lanes) are an error, as is an instruction
+//   this file does not know or a vector load that is misaligned or outside the launch's
+//   tensors.
+// - The mma fragments are laid out as the PTX ISA's "Matrix Fragments" sections give them
+//   (mma.m16n8k16 with .bf16, mma.m16n8k32 with .s8), written here from those formulas;
+//   products sum in float64 (bf16) or exactly (s8).
+// - Shared memory is a function's static: one block runs at a time.
+
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <initializer_list>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __CUDA_ARCH__ 900
+
+struct uint4 {
+  unsigned x, y, z, w;
+};
+struct dim3 {
+  unsigned x = 0, y = 1, z = 1;
+};
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+namespace emu {
+
+[[noreturn]] inline void fail(const std::string& why);
+
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  unsigned thread = 0;
+  bool done = false;
+};
+
+struct Warp {
+  unsigned arrived = 0;
+  unsigned long generation = 0;
+  std::string op;         // the warp-wide instruction its lanes are at
+  uint32_t words[32][8];  // what each lane gives it
+};
+
+struct Launch {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  Fiber* current = nullptr;
+  std::function<void()> body;
+  std::string error;
+  std::vector<Warp> warps;
+  unsigned block_arrived = 0;
+  unsigned long block_generation = 0;
+  unsigned long events = 0;  // arrivals and exits: a round of the block without one is stuck
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // [begin, end) of the tensors
+};
+inline Launch* launch = nullptr;
+
+inline void yield() { swapcontext(&launch->current->context, &launch->scheduler); }
+
+inline void fail(const std::string& why) {
+  if (launch->error.empty()) launch->error = why;
+  launch->current->done = true;
+  yield();  // never resumed
+  __builtin_unreachable();
+}
+
+// Wait until `count` threads arrived at the barrier (arrived, generation)
+inline void arrive(unsigned& arrived, unsigned long& generation, unsigned count) {
+  ++launch->events;
+  const unsigned long mine = generation;
+  if (++arrived == count) {
+    arrived = 0;
+    ++generation;
+    return;
+  }
+  while (generation == mine) yield();
+}
+
+// Lane's `n` words to the warp-wide instruction `op`; every lane's words into `all`
+inline void exchange(const std::string& op, const uint32_t* mine, int n, uint32_t (*all)[8]) {
+  Warp& warp = launch->warps[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x % 32;
+  if (warp.arrived == 0) warp.op = op;
+  if (warp.op != op) fail("lanes of warp " + std::to_string(threadIdx.x / 32) + " at '" + op +
+                          "' and '" + warp.op + "' at once (diverged)");
+  std::memcpy(warp.words[lane], mine, n * sizeof(uint32_t));
+  arrive(warp.arrived, warp.generation, 32);
+  std::memcpy(all, warp.words, sizeof(warp.words));
+  arrive(warp.arrived, warp.generation, 32);  // read by all before any lane writes again
+}
+
+// float and bf16/fp16 bits
+inline float as_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline double bf16(uint32_t half) { return as_float(half << 16); }
+
+// x rounded to the nearest bf16, ties to even (x a float64 or a float32)
+inline uint16_t to_bf16(double x) {
+  if (std::isnan(x)) return 0x7FC0;
+  if (x == 0 || std::isinf(x)) return bits_of((float)x) >> 16;
+  const int exponent = std::max(std::ilogb(x), -126);
+  const double ulp = std::ldexp(1.0, exponent - 7);  // bf16 keeps 8 significant bits
+  const double rounded = std::nearbyint(x / ulp) * ulp;
+  if (std::fabs(rounded) > 0x1.FEp127) return x > 0 ? 0x7F80 : 0xFF80;  // past bf16's largest
+  return bits_of((float)rounded) >> 16;
+}
+
+inline float from_fp16(uint16_t h) {
+  const int sign = h >> 15, exponent = (h >> 10) & 31, mantissa = h & 1023;
+  double v;
+  if (exponent == 31) v = mantissa ? NAN : INFINITY;
+  else if (exponent == 0) v = std::ldexp((double)mantissa, -24);
+  else v = std::ldexp(1024.0 + mantissa, exponent - 25);
+  return (float)(sign ? -v : v);
+}
+
+// An inline-PTX operand: outputs point at their variable (read first where "+"), inputs
+// carry their value's bits
+struct Operand {
+  void* out = nullptr;
+  int size = 0;
+  uint64_t value = 0;
+};
+
+template <char KIND, typename T>
+Operand out(T* p, bool read) {
+  static_assert(sizeof(T) == (KIND == 'h' ? 2 : KIND == 'l' ? 8 : 4), "operand size");
+  Operand o{p, (int)sizeof(T), 0};
+  if (read) std::memcpy(&o.value, p, sizeof(T));
+  return o;
+}
+
+template <char KIND, typename T>
+Operand in(T v) {
+  Operand o;
+  if constexpr (KIND == 'f') {
+    o.value = bits_of((float)v);
+  } else if constexpr (KIND == 'l') {
+    o.value = (uint64_t)(uintptr_t)v;
+  } else if constexpr (KIND == 'h') {
+    o.value = (uint16_t)v;
+  } else {
+    static_assert(KIND == 'r', "constraint");
+    o.value = (uint32_t)v;
+  }
+  return o;
+}
+
+// One instruction's arguments: each a list of operand numbers (a {vector} has several) or,
+// for an immediate, the value with operand number -1
+struct Argument {
+  std::vector<int> operands;
+  uint64_t immediate = 0;
+  bool address = false;  // [%n]
+};
+struct Instruction {
+  std::string op;
+  std::vector<Argument> args;
+};
+
+inline Instruction parse(const char* text) {
+  std::string s(text);
+  const size_t semicolon = s.find(';');
+  if (semicolon == std::string::npos ||
+      s.find_first_not_of(" \t\n", semicolon + 1) != std::string::npos)
+    fail(std::string("one instruction an asm statement, not: ") + text);
+  s = s.substr(0, semicolon);
+  const size_t start = s.find_first_not_of(" \t\n");
+  const size_t space = std::min(s.find_first_of(" \t\n", start), s.size());
+  Instruction ins{s.substr(start, space - start), {}};
+  size_t i = space;
+  while ((i = s.find_first_not_of(" ,\t\n", i)) != std::string::npos) {
+    Argument arg;
+    const char open = s[i];
+    arg.address = open == '[';
+    const bool group = open == '{' || open == '[';
+    const size_t end = std::min(s.find(group ? (open == '{' ? '}' : ']') : ',', i), s.size());
+    const std::string token = s.substr(i + group, end - i - group);
+    for (size_t at = token.find('%'); at != std::string::npos; at = token.find('%', at + 1))
+      arg.operands.push_back(std::stoi(token.substr(at + 1)));
+    if (arg.operands.empty()) arg.immediate = std::stoull(token, nullptr, 0);
+    ins.args.push_back(arg);
+    i = end + 1;
+  }
+  return ins;
+}
+
+// An instruction's operands: argument `arg`'s i-th register, read or written
+struct Context {
+  const Instruction& ins;
+  std::vector<Operand>& ops;
+  uint32_t r(int arg, int i = 0) const {
+    return (uint32_t)ops.at(ins.args.at(arg).operands.at(i)).value;
+  }
+  uint64_t imm(int arg) const { return ins.args.at(arg).immediate; }
+  void set(int arg, int i, uint64_t bits) const {
+    Operand& o = ops.at(ins.args.at(arg).operands.at(i));
+    if (!o.out) fail("writes an input: " + ins.op);
+    o.value = bits;
+  }
+};
+
+inline void check_range(uintptr_t address, size_t bytes, const std::string& op) {
+  for (auto& [begin, end] : launch->ranges)
+    if (address >= begin && address + bytes <= end) return;
+  fail(op + " reads outside the launch's tensors");
+}
+
+// mma.m16n8k16 .bf16 (f32 sums): the PTX ISA's fragments, with g = lane >> 2, t = lane % 4.
+// A element i of a lane (register i / 2, half i % 2): row g (i < 2 or 4 <= i < 6, else g +
+// 8), column 2t + i % 2 (+ 8 for i >= 4); B element i: row 2t + i % 2 (+ 8 for i >= 2),
+// column g; C/D element i: row g (+ 8 for i >= 2), column 2t + i % 2.
+inline void mma_bf16(const Context& c) {
+  const uint32_t mine[6] = {c.r(1, 0), c.r(1, 1), c.r(1, 2), c.r(1, 3), c.r(2, 0), c.r(2, 1)};
+  uint32_t all[32][8];
+  exchange(c.ins.op, mine, 6, all);
+  double a[16][16], b[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t half = (all[lane][i / 2] >> (16 * (i % 2))) & 0xFFFF;
+      a[g + ((i < 2 || (i >= 4 && i < 6)) ? 0 : 8)][2 * t + i % 2 + (i >= 4 ? 8 : 0)] = bf16(half);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t half = (all[lane][4 + i / 2] >> (16 * (i % 2))) & 0xFFFF;
+      b[2 * t + i % 2 + (i >= 2 ? 8 : 0)][g] = bf16(half);
+    }
+  }
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
+    double sum = as_float(c.r(3, i));
+    for (int k = 0; k < 16; ++k) sum += a[row][k] * b[k][col];
+    c.set(0, i, bits_of((float)sum));
+  }
+}
+
+// mma.m16n8k32 .s8 (s32 sums), the PTX ISA's fragments: A element i (register i / 4, byte
+// i % 4): row g (i < 4 or 8 <= i < 12, else g + 8), column 4t + i % 4 (+ 16 for i >= 8);
+// B element i: row 4t + i % 4 (+ 16 for i >= 4), column g; C/D as mma_bf16's.
+inline void mma_s8(const Context& c) {
+  const uint32_t mine[6] = {c.r(1, 0), c.r(1, 1), c.r(1, 2), c.r(1, 3), c.r(2, 0), c.r(2, 1)};
+  uint32_t all[32][8];
+  exchange(c.ins.op, mine, 6, all);
+  int64_t a[16][32], b[32][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 16; ++i) {
+      const int8_t v = (int8_t)((all[lane][i / 4] >> (8 * (i % 4))) & 0xFF);
+      a[g + ((i < 4 || (i >= 8 && i < 12)) ? 0 : 8)][4 * t + i % 4 + (i >= 8 ? 16 : 0)] = v;
+    }
+    for (int i = 0; i < 8; ++i) {
+      const int8_t v = (int8_t)((all[lane][4 + i / 4] >> (8 * (i % 4))) & 0xFF);
+      b[4 * t + i % 4 + (i >= 4 ? 16 : 0)][g] = v;
+    }
+  }
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
+    int64_t sum = (int32_t)c.r(3, i);
+    for (int k = 0; k < 32; ++k) sum += a[row][k] * b[k][col];
+    c.set(0, i, (uint32_t)(int32_t)sum);
+  }
+}
+
+inline void execute(const Instruction& ins, std::vector<Operand>& ops) {
+  const Context c{ins, ops};
+  const std::string& op = ins.op;
+  if (op == "lop3.b32") {  // each bit: the immediate's bit at (a << 2 | b << 1 | c)
+    const uint32_t a = c.r(1), b = c.r(2), cc = c.r(3), lut = (uint32_t)c.imm(4);
+    uint32_t d = 0;
+    for (int bit = 0; bit < 32; ++bit) {
+      const int index = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((cc >> bit) & 1);
+      d |= ((lut >> index) & 1u) << bit;
+    }
+    c.set(0, 0, d);
+  } else if (op == "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") {
+    mma_bf16(c);
+  } else if (op == "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32") {
+    mma_s8(c);
+  } else if (op == "cvt.rn.bf16.f32") {
+    c.set(0, 0, to_bf16(as_float(c.r(1))));
+  } else if (op == "cvt.f32.f16") {
+    c.set(0, 0, bits_of(from_fp16((uint16_t)c.r(1))));
+  } else if (op == "cvt.rn.bf16x2.f32") {  // a into the upper half, b the lower
+    c.set(0, 0, (uint32_t)to_bf16(as_float(c.r(1))) << 16 | to_bf16(as_float(c.r(2))));
+  } else if (op == "fma.rn.bf16x2") {  // each half a * b + c, rounded once
+    uint32_t d = 0;
+    for (int h = 0; h < 2; ++h) {
+      const auto half = [&](int arg) { return (c.r(arg) >> (16 * h)) & 0xFFFF; };
+      d |= (uint32_t)to_bf16(bf16(half(1)) * bf16(half(2)) + bf16(half(3))) << (16 * h);
+    }
+    c.set(0, 0, d);
+  } else if (op == "ld.global.nc.L1::no_allocate.v4.u32") {
+    const uintptr_t address = ops.at(ins.args.at(1).operands.at(0)).value;
+    if (address % 16) fail(op + " at an address that is not 16-byte aligned");
+    check_range(address, 16, op);
+    uint32_t words[4];
+    std::memcpy(words, (const void*)address, 16);
+    for (int i = 0; i < 4; ++i) c.set(0, i, words[i]);
+  } else if (op == "prefetch.global.L2::evict_last" || op == "griddepcontrol.wait" ||
+             op == "griddepcontrol.launch_dependents") {
+    // no effect on what a kernel computes
+  } else {
+    fail("the emulator does not know the instruction " + op);
+  }
+}
+
+// An asm statement: its text, then its output operands, then its inputs (as numbered)
+inline void ptx(const char* text, std::initializer_list<Operand> operands) {
+  static std::map<const char*, Instruction> parsed;
+  auto it = parsed.find(text);
+  if (it == parsed.end()) it = parsed.emplace(text, parse(text)).first;
+  std::vector<Operand> ops(operands);
+  execute(it->second, ops);
+  for (Operand& o : ops)
+    if (o.out) std::memcpy(o.out, &o.value, o.size);
+}
+
+// The block's threads have all reached it
+inline void syncthreads() {
+  arrive(launch->block_arrived, launch->block_generation, blockDim.x);
+}
+
+template <typename T>
+T shfl_xor(unsigned mask, T value, int lane_mask) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles");
+  if (mask != 0xFFFFFFFFu) fail("a shuffle of only some lanes");
+  uint32_t mine, all[32][8];
+  std::memcpy(&mine, &value, 4);
+  exchange("shfl.sync.bfly", &mine, 1, all);
+  T got;
+  std::memcpy(&got, &all[(threadIdx.x & 31) ^ lane_mask][0], 4);
+  return got;
+}
+
+// Kernels by name, called with cuLaunchKernel's parameters (pointers to each argument)
+using Thunk = std::function<void(void**)>;
+inline std::map<std::string, Thunk>& kernels() {
+  static std::map<std::string, Thunk> all;
+  return all;
+}
+
+template <typename... A, size_t... I>
+void call(void (*kernel)(A...), void** params, std::index_sequence<I...>) {
+  kernel(*static_cast<A*>(params[I])...);
+}
+
+struct Registered {
+  template <typename... A>
+  Registered(const char* name, void (*kernel)(A...)) {
+    kernels()[name] = [kernel](void** params) {
+      call(kernel, params, std::index_sequence_for<A...>{});
+    };
+  }
+};
+
+inline void fiber_main() {
+  launch->body();
+  launch->current->done = true;
+  ++launch->events;
+}
+
+// Runs the block blockIdx.x's threads to their ends (false: an error, in launch->error)
+inline bool run_block() {
+  for (unsigned i = 0; i < blockDim.x; ++i) {
+    Fiber& f = launch->fibers[i];
+    f.thread = i;
+    f.done = false;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.data();
+    f.context.uc_stack.ss_size = f.stack.size();
+    f.context.uc_link = &launch->scheduler;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  for (unsigned left = blockDim.x; left;) {
+    const unsigned long events = launch->events;
+    for (Fiber& f : launch->fibers) {
+      if (f.done) continue;
+      launch->current = &f;
+      threadIdx.x = f.thread;
+      swapcontext(&launch->scheduler, &f.context);
+      if (!launch->error.empty()) return false;
+      left -= f.done;
+    }
+    if (left && launch->events == events) {
+      launch->error = "threads wait at a barrier or warp-wide instruction that others never "
+                      "reach (block " + std::to_string(blockIdx.x) + ")";
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace emu
+
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned selector) {
+  const uint64_t bytes = (uint64_t)y << 32 | x;  // bytes 0-3 x's, 4-7 y's
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned pick = (selector >> (4 * i)) & 7;  // the byte result byte i takes
+    r |= (unsigned)((bytes >> (8 * pick)) & 0xFF) << (8 * i);
+  }
+  return r;
+}
+inline float __uint_as_float(unsigned u) { return emu::as_float(u); }
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+template <typename T>
+T min(T a, T b) {
+  return b < a ? b : a;
+}
+inline void __syncthreads() { emu::syncthreads(); }
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  return emu::shfl_xor(mask, value, lane_mask);
+}
+
+#define EMU_KERNEL(name) static emu::Registered emu_registered_##name(#name, &name);
+
+// The launch of kernel `name` on `grid` blocks of `block` threads; `ranges`: (address, bytes)
+// pairs of the tensors it may read with vector loads. nullptr, or why it failed.
+extern "C" const char* emu_launch(const char* name, unsigned grid, unsigned block,
+                                  void** params, const uint64_t* ranges, int count) {
+  static std::string error;
+  auto kernel = emu::kernels().find(name);
+  if (kernel == emu::kernels().end()) return (error = std::string("no kernel ") + name).c_str();
+  emu::Launch state;
+  state.body = [&] { kernel->second(params); };
+  state.fibers.resize(block);
+  for (emu::Fiber& f : state.fibers) f.stack.resize(64 * 1024);
+  state.warps.resize((block + 31) / 32);
+  for (int i = 0; i < count; ++i)
+    state.ranges.push_back({ranges[2 * i], ranges[2 * i] + ranges[2 * i + 1]});
+  emu::launch = &state;
+  blockDim.x = block;
+  gridDim.x = grid;
+  bool ok = true;
+  for (unsigned b = 0; b < grid && ok; ++b) {
+    blockIdx.x = b;
+    ok = emu::run_block();
+  }
+  emu::launch = nullptr;
+  if (ok) return nullptr;
+  error = state.error;
+  return error.c_str();
+}

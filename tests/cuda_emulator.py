@@ -1,0 +1,146 @@
+"""llmkit's CUDA C++ kernels run on the CPU, for tests where no GPU is: a kernel source (with
+cuda_common.cuh's helpers, as cuda_rtc.source gives NVRTC) is compiled by the host's C++
+compiler with tests/cuda_emulator.h in front, which emulates the CUDA built-ins and the PTX
+instructions the kernels use (each `asm` statement becomes a call that interprets its
+instruction). `EmulatedModule` launches the kernels as cuda_rtc.Module does, so a kernel
+module's own first-use check can run on it."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from llmkit.kernels import cuda_rtc
+
+HEADER = Path(__file__).with_name("cuda_emulator.h")
+COMPILER = os.environ.get("CXX", "g++")
+
+
+class EmulationError(RuntimeError):
+    """A launch the emulator refused: an unknown instruction, a misaligned or stray load,
+    lanes that diverged at a warp-wide instruction."""
+
+
+def compiler() -> str | None:
+    """The C++ compiler the emulation needs, or None where there is none."""
+    return shutil.which(COMPILER)
+
+
+def _closing(text: str, at: int) -> int:
+    """The index of the parenthesis closing the one at `at` (string literals skipped)."""
+    depth, i = 0, at
+    while i < len(text):
+        if text[i] == '"':
+            i = _string_end(text, i)
+        elif text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError(f"unbalanced parentheses after {text[at : at + 40]!r}")
+
+
+def _string_end(text: str, at: int) -> int:
+    i = at + 1
+    while text[i] != '"':
+        i += 2 if text[i] == "\\" else 1
+    return i
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """`text` split at `sep` outside string literals and parentheses."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            i = _string_end(text, i)
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    return [*parts, text[start:]]
+
+
+OPERAND = re.compile(r'\s*"([=+]?)([a-z])"\s*\((.*)\)\s*', re.S)
+
+
+def _operand(text: str, output: bool) -> str:
+    match = OPERAND.fullmatch(text)
+    if not match:
+        raise ValueError(f"not an asm operand: {text!r}")
+    modifier, kind, expr = match.groups()
+    if output:
+        return f"emu::out<'{kind}'>(&({expr}), {'true' if modifier == '+' else 'false'})"
+    return f"emu::in<'{kind}'>({expr})"
+
+
+def rewrite_asm(source: str) -> str:
+    """`source` with each `asm [volatile] ("text" : outputs : inputs [: clobbers])` statement
+    a call emu::ptx("text", {outputs..., inputs...}), the operands numbered as in the asm."""
+    out, i = [], 0
+    start = re.compile(r"\basm\b(\s+volatile)?\s*\(")
+    while match := start.search(source, i):
+        end = _closing(source, match.end() - 1)
+        sections = [*_split(source[match.end() : end], ":"), "", ""]
+        operands = [_operand(o, True) for o in _split(sections[1], ",") if o.strip()]
+        operands += [_operand(o, False) for o in _split(sections[2], ",") if o.strip()]
+        call = f"emu::ptx({sections[0].strip()}, {{{', '.join(operands)}}})"
+        out += [source[i : match.start()], call]
+        i = end + 1
+    return "".join(out) + source[i:]
+
+
+def build(path: Path, names, defines, directory: Path) -> Path:
+    """The shared library of `path`'s kernels `names` compiled with `defines` ("NAME=VALUE")
+    for the emulator, in `directory` (kept there under a name of everything it is made of)."""
+    text = rewrite_asm(cuda_rtc.source(path))
+    text += "".join(f"\nEMU_KERNEL({name})" for name in names) + "\n"
+    flags = ["-std=c++17", "-O1", "-shared", "-fPIC", "-w", *[f"-D{d}" for d in defines]]
+    key = hashlib.sha256("\0".join([HEADER.read_text(), text, *flags]).encode()).hexdigest()
+    library = directory / f"{path.stem}-{key[:16]}.so"
+    if not library.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        source = directory / f"{path.stem}-{key[:16]}.cpp"
+        source.write_text(text)
+        made = subprocess.run([COMPILER, *flags, "-include", str(HEADER), str(source), "-o",
+                               str(library)], capture_output=True, text=True)  # fmt: skip
+        if made.returncode:
+            log = made.stderr[-4000:]
+            raise EmulationError(f"{path.name} did not compile for the emulator: {log}")
+    return library
+
+
+class EmulatedModule:
+    """cuda_rtc.Module's launches, of `path`'s kernels `names` built with `defines`, run by the
+    emulator on CPU tensors."""
+
+    def __init__(self, path: Path, names, defines, directory: Path):
+        self._lib = ctypes.CDLL(str(build(path, names, defines, directory)))
+        self._lib.emu_launch.restype = ctypes.c_char_p
+        self._lib.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint,
+                                         ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_int]  # fmt: skip
+        self.programmatic = True
+
+    def launch(self, kernel: str, grid: int, block: int, *args, dependent: bool = False):
+        pointers = cuda_rtc.parameters(args)
+        tensors = [t for t in args if isinstance(t, torch.Tensor)]
+        ranges = torch.tensor([[t.data_ptr(), t.numel() * t.element_size()] for t in tensors],
+                              dtype=torch.int64)  # fmt: skip
+        error = self._lib.emu_launch(kernel.encode(), grid, block, pointers, ranges.data_ptr(),
+                                     len(tensors))  # fmt: skip
+        if error is not None:
+            raise EmulationError(f"{kernel}: {error.decode()}")
