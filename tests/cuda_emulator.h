@@ -1,7 +1,8 @@
 // The CUDA built-ins and PTX instructions llmkit's CUDA C++ kernels (llmkit/kernels/*.cu)
 // use, emulated on the CPU, for tests: tests/cuda_emulator.py compiles a kernel source with
-// this header in front (its inline PTX rewritten into emu::ptx calls) and runs a launch's
-// threads as fibers of one host thread, one block after another.
+// this header in front (its inline PTX rewritten into emu::ptx calls, its 16-byte loads into
+// emu::vector's) and runs a launch's threads as fibers of one host thread, one block after
+// another.
 //
 // - Warp-wide instructions (mma.sync.aligned, __shfl_xor_sync) take effect once all 32 lanes
 //   of the warp reach them, __syncthreads once every thread of the block does; threads that
@@ -176,12 +177,11 @@ Operand in(T v) {
   return o;
 }
 
-// One instruction's arguments: each a list of operand numbers (a {vector} has several) or,
-// for an immediate, the value with operand number -1
+// One instruction's arguments: each the operand numbers it names (a {vector} several) or,
+// for an immediate, none and the value
 struct Argument {
   std::vector<int> operands;
   uint64_t immediate = 0;
-  bool address = false;  // [%n]
 };
 struct Instruction {
   std::string op;
@@ -201,8 +201,7 @@ inline Instruction parse(const char* text) {
   size_t i = space;
   while ((i = s.find_first_not_of(" ,\t\n", i)) != std::string::npos) {
     Argument arg;
-    const char open = s[i];
-    arg.address = open == '[';
+    const char open = s[i];  // {a vector} or [an address]
     const bool group = open == '{' || open == '[';
     const size_t end = std::min(s.find(group ? (open == '{' ? '}' : ']') : ',', i), s.size());
     const std::string token = s.substr(i + group, end - i - group);
@@ -234,6 +233,14 @@ inline void check_range(uintptr_t address, size_t bytes, const std::string& op) 
   for (auto& [begin, end] : launch->ranges)
     if (address >= begin && address + bytes <= end) return;
   fail(op + " reads outside the launch's tensors");
+}
+
+// The 16 bytes at p, read as a kernel's `*(const uint4*)p` reads them (rewritten to this):
+// aligned and inside the launch's tensors, as on a GPU, where others fault
+inline const uint4* vector(const void* p) {
+  if ((uintptr_t)p % 16) fail("a 16-byte load at an address that is not 16-byte aligned");
+  check_range((uintptr_t)p, 16, "a 16-byte load");
+  return (const uint4*)p;
 }
 
 // mma.m16n8k16 .bf16 (f32 sums): the PTX ISA's fragments, with g = lane >> 2, t = lane % 4.
@@ -323,10 +330,8 @@ inline void execute(const Instruction& ins, std::vector<Operand>& ops) {
     c.set(0, 0, d);
   } else if (op == "ld.global.nc.L1::no_allocate.v4.u32") {
     const uintptr_t address = ops.at(ins.args.at(1).operands.at(0)).value;
-    if (address % 16) fail(op + " at an address that is not 16-byte aligned");
-    check_range(address, 16, op);
     uint32_t words[4];
-    std::memcpy(words, (const void*)address, 16);
+    std::memcpy(words, vector((const void*)address), 16);
     for (int i = 0; i < 4; ++i) c.set(0, i, words[i]);
   } else if (op == "prefetch.global.L2::evict_last" || op == "griddepcontrol.wait" ||
              op == "griddepcontrol.launch_dependents") {

@@ -103,10 +103,18 @@ def rewrite_asm(source: str) -> str:
     return "".join(out) + source[i:]
 
 
+VECTOR_LOAD = re.compile(r"\*\(const uint4\*\)(\w+|\((?:[^()]|\([^()]*\))*\))")
+
+
+def rewrite_vector_loads(source: str) -> str:
+    """`source` with each 16-byte load `*(const uint4*)p` a checked `*emu::vector(p)`."""
+    return VECTOR_LOAD.sub(r"*emu::vector(\1)", source)
+
+
 def build(path: Path, names, defines, directory: Path) -> Path:
     """The shared library of `path`'s kernels `names` compiled with `defines` ("NAME=VALUE")
     for the emulator, in `directory` (kept there under a name of everything it is made of)."""
-    text = rewrite_asm(cuda_rtc.source(path))
+    text = rewrite_vector_loads(rewrite_asm(cuda_rtc.source(path)))
     text += "".join(f"\nEMU_KERNEL({name})" for name in names) + "\n"
     flags = ["-std=c++17", "-O1", "-shared", "-fPIC", "-w", *[f"-D{d}" for d in defines]]
     key = hashlib.sha256("\0".join([HEADER.read_text(), text, *flags]).encode()).hexdigest()

@@ -87,6 +87,7 @@ extern "C" __global__ void diverged(float* y) {
   y[threadIdx.x] = c[0];
 }
 extern "C" __global__ void stray(const uint4* w) { load_streaming(w + threadIdx.x); }
+extern "C" __global__ void misaligned(const uint4* w) { *(const uint4*)((const char*)w + 4); }
 extern "C" __global__ void unknown(u32* y) {
   asm("brev.b32 %0, %1;" : "=r"(*y) : "r"(*y));
 }
@@ -96,15 +97,16 @@ extern "C" __global__ void unknown(u32* y) {
 @pytest.mark.parametrize("kernel, error", [
     ("diverged", "threads wait at a barrier or warp-wide instruction that others never reach"),
     ("stray", "reads outside the launch's tensors"),
+    ("misaligned", "a 16-byte load at an address that is not 16-byte aligned"),
     ("unknown", "does not know the instruction brev.b32"),
 ])  # fmt: skip
 def test_the_emulator_refuses_what_a_gpu_would_not_run_as_written(built, tmp_path, kernel,
                                                                   error):  # fmt: skip
-    """Lanes that leave a warp-wide mma, a load past a tensor's end, an instruction it does
-    not emulate: each an error, not a value."""
+    """Lanes that leave a warp-wide mma, a load past a tensor's end or at an address a GPU
+    faults at, an instruction it does not emulate: each an error, not a value."""
     path = tmp_path / "guarded.cu"
     path.write_text(GUARDED)
-    module = EmulatedModule(path, ["diverged", "stray", "unknown"], (), built)
+    module = EmulatedModule(path, ["diverged", "stray", "misaligned", "unknown"], (), built)
     y = torch.zeros(32, dtype=torch.int32 if kernel != "diverged" else torch.float32)
     with pytest.raises(EmulationError, match=error):
         module.launch(kernel, 1, 32, y)  # (stray: 32 lanes read 512 bytes of y's 128)
