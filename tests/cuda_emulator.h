@@ -361,6 +361,7 @@ template <typename T>
 T shfl_xor(unsigned mask, T value, int lane_mask) {
   static_assert(sizeof(T) == 4, "32-bit shuffles");
   if (mask != 0xFFFFFFFFu) fail("a shuffle of only some lanes");
+  if (lane_mask < 0 || lane_mask > 31) fail("a shuffle with a lane mask past the warp");
   uint32_t mine, all[32][8];
   std::memcpy(&mine, &value, 4);
   exchange("shfl.sync.bfly", &mine, 1, all);
@@ -453,10 +454,12 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
 
 #define EMU_KERNEL(name) static emu::Registered emu_registered_##name(#name, &name);
 
+#define EMU_EXPORT extern "C" __attribute__((visibility("default")))  // (the rest is hidden)
+
 // The launch of kernel `name` on `grid` blocks of `block` threads; `ranges`: (address, bytes)
 // pairs of the tensors it may read with vector loads. nullptr, or why it failed.
-extern "C" const char* emu_launch(const char* name, unsigned grid, unsigned block,
-                                  void** params, const uint64_t* ranges, int count) {
+EMU_EXPORT const char* emu_launch(const char* name, unsigned grid, unsigned block, void** params,
+                                  const uint64_t* ranges, int count) {
   static std::string error;
   auto kernel = emu::kernels().find(name);
   if (kernel == emu::kernels().end()) return (error = std::string("no kernel ") + name).c_str();

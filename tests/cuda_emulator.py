@@ -116,7 +116,10 @@ def build(path: Path, names, defines, directory: Path) -> Path:
     for the emulator, in `directory` (kept there under a name of everything it is made of)."""
     text = rewrite_vector_loads(rewrite_asm(cuda_rtc.source(path)))
     text += "".join(f"\nEMU_KERNEL({name})" for name in names) + "\n"
-    flags = ["-std=c++17", "-O1", "-shared", "-fPIC", "-w", *[f"-D{d}" for d in defines]]
+    # every symbol but emu_launch bound within the library: two libraries loaded at once
+    # (another source's kernels of the same names) each run their own
+    flags = ["-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-fvisibility=hidden",
+             *[f"-D{d}" for d in defines]]  # fmt: skip
     key = hashlib.sha256("\0".join([HEADER.read_text(), text, *flags]).encode()).hexdigest()
     library = directory / f"{path.stem}-{key[:16]}.so"
     if not library.exists():
