@@ -42,10 +42,11 @@ def test_the_int8_kernels_pass_their_first_use_check(built):
     cuda_int8._check(int8_module(built), CPU)
 
 
-@pytest.mark.parametrize("n, k", [(48, 320), (32, 4096)])
+@pytest.mark.parametrize("n, k", [(48, 320), (32, 4096), (16, 14336)])
 def test_the_int8_kernels_give_their_references(built, n, k):
     """Weight-only within bf16's rounding of the float64 product, W8A8 the exact sums' bits,
-    at 5 chunks of inputs for 8 warps (some have none) and at 8 chunks each."""
+    at 5 chunks of inputs for 8 warps (some have none), at 8 chunks each and at Llama-3-8B's
+    MLP width (28 each)."""
     module = int8_module(built)
     for rows in (1, 7, 9, 16) if k < 1024 else (1, 16):
         q, scale, x, xq, x_scale = products(rows, n, k, rows + n + k)
