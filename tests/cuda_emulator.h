@@ -26,6 +26,7 @@
 #include <initializer_list>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -243,60 +244,44 @@ inline const uint4* vector(const void* p) {
   return (const uint4*)p;
 }
 
-// mma.m16n8k16 .bf16 (f32 sums): the PTX ISA's fragments, with g = lane >> 2, t = lane % 4.
-// A element i of a lane (register i / 2, half i % 2): row g (i < 2 or 4 <= i < 6, else g +
-// 8), column 2t + i % 2 (+ 8 for i >= 4); B element i: row 2t + i % 2 (+ 8 for i >= 2),
-// column g; C/D element i: row g (+ 8 for i >= 2), column 2t + i % 2.
-inline void mma_bf16(const Context& c) {
+// mma.m16n8k16 with .bf16 (f32 sums, here in float64) and mma.m16n8k32 with .s8 (exact s32
+// sums), the PTX ISA's fragments, its formulas for each shape written as one: with g = lane
+// >> 2, t = lane % 4 and E = K / 8 elements a 32-bit register, a lane's A element i
+// (register r = i / E, its element i % E) is at row g + 8 (r % 2), column E t + i % E +
+// K / 2 (r / 2); its B element i at row E t + i % E + K / 2 (i / E), column g; its C/D
+// element i at row g + 8 (i / 2), column 2t + i % 2.
+template <int K>
+inline void mma(const Context& c) {
+  constexpr int E = K / 8;
+  using Value = std::conditional_t<K == 16, double, int64_t>;
+  const auto element = [](uint32_t reg, int j) -> Value {
+    if constexpr (K == 16) return bf16((reg >> (16 * j)) & 0xFFFF);
+    else return (int8_t)((reg >> (8 * j)) & 0xFF);
+  };
   const uint32_t mine[6] = {c.r(1, 0), c.r(1, 1), c.r(1, 2), c.r(1, 3), c.r(2, 0), c.r(2, 1)};
   uint32_t all[32][8];
   exchange(c.ins.op, mine, 6, all);
-  double a[16][16], b[16][8];
+  Value a[16][K], b[K][8];
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t half = (all[lane][i / 2] >> (16 * (i % 2))) & 0xFFFF;
-      a[g + ((i < 2 || (i >= 4 && i < 6)) ? 0 : 8)][2 * t + i % 2 + (i >= 4 ? 8 : 0)] = bf16(half);
+    for (int i = 0; i < 4 * E; ++i) {
+      const int r = i / E;
+      a[g + 8 * (r % 2)][E * t + i % E + K / 2 * (r / 2)] = element(all[lane][r], i % E);
     }
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t half = (all[lane][4 + i / 2] >> (16 * (i % 2))) & 0xFFFF;
-      b[2 * t + i % 2 + (i >= 2 ? 8 : 0)][g] = bf16(half);
+    for (int i = 0; i < 2 * E; ++i) {
+      const int r = i / E;
+      b[E * t + i % E + K / 2 * r][g] = element(all[lane][4 + r], i % E);
     }
   }
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   for (int i = 0; i < 4; ++i) {
-    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
-    double sum = as_float(c.r(3, i));
-    for (int k = 0; k < 16; ++k) sum += a[row][k] * b[k][col];
-    c.set(0, i, bits_of((float)sum));
-  }
-}
-
-// mma.m16n8k32 .s8 (s32 sums), the PTX ISA's fragments: A element i (register i / 4, byte
-// i % 4): row g (i < 4 or 8 <= i < 12, else g + 8), column 4t + i % 4 (+ 16 for i >= 8);
-// B element i: row 4t + i % 4 (+ 16 for i >= 4), column g; C/D as mma_bf16's.
-inline void mma_s8(const Context& c) {
-  const uint32_t mine[6] = {c.r(1, 0), c.r(1, 1), c.r(1, 2), c.r(1, 3), c.r(2, 0), c.r(2, 1)};
-  uint32_t all[32][8];
-  exchange(c.ins.op, mine, 6, all);
-  int64_t a[16][32], b[32][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 16; ++i) {
-      const int8_t v = (int8_t)((all[lane][i / 4] >> (8 * (i % 4))) & 0xFF);
-      a[g + ((i < 4 || (i >= 8 && i < 12)) ? 0 : 8)][4 * t + i % 4 + (i >= 8 ? 16 : 0)] = v;
-    }
-    for (int i = 0; i < 8; ++i) {
-      const int8_t v = (int8_t)((all[lane][4 + i / 4] >> (8 * (i % 4))) & 0xFF);
-      b[4 * t + i % 4 + (i >= 4 ? 16 : 0)][g] = v;
-    }
-  }
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
-    int64_t sum = (int32_t)c.r(3, i);
-    for (int k = 0; k < 32; ++k) sum += a[row][k] * b[k][col];
-    c.set(0, i, (uint32_t)(int32_t)sum);
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    Value sum;
+    if constexpr (K == 16) sum = as_float(c.r(3, i));
+    else sum = (int32_t)c.r(3, i);
+    for (int k = 0; k < K; ++k) sum += a[row][k] * b[k][col];
+    if constexpr (K == 16) c.set(0, i, bits_of((float)sum));
+    else c.set(0, i, (uint32_t)(int32_t)sum);
   }
 }
 
@@ -312,9 +297,9 @@ inline void execute(const Instruction& ins, std::vector<Operand>& ops) {
     }
     c.set(0, 0, d);
   } else if (op == "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") {
-    mma_bf16(c);
+    mma<16>(c);
   } else if (op == "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32") {
-    mma_s8(c);
+    mma<32>(c);
   } else if (op == "cvt.rn.bf16.f32") {
     c.set(0, 0, to_bf16(as_float(c.r(1))));
   } else if (op == "cvt.f32.f16") {
