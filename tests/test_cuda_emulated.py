@@ -2,7 +2,8 @@
 tests/cuda_emulator.py: each module's own first-use check (the one a GPU runs before layers
 use the kernels) and products on shapes of other sizes, against the same references as the
 GPU tests. The int4 kernels, which pass on real GPUs, pass here too, so the emulated PTX
-behaves as the hardware does; kernels that read their fragments wrongly fail here."""
+behaves as the hardware does; mutants of the sources that read their fragments wrongly, or
+whose unrolled loops multiply stale weights, fail the checks here."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def built(tmp_path_factory):
 def int8_module(built, path=cuda_int8.SOURCE):
     defines = (f"WARPS={cuda_int8.WARPS}", f"UNROLL={cuda_int8.UNROLL}")
     return EmulatedModule(path, cuda_int8.NAMES, defines, built)
+
+
+def int4_module(built, variant, path=cuda_int4.SOURCE):
+    pipeline = int(variant[2:] == (1,))
+    defines = (f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}")
+    return EmulatedModule(path, cuda_int4._KERNELS.values(), defines, built)
 
 
 def test_asm_statements_become_calls_with_their_operands_numbered_as_in_the_asm():
@@ -61,25 +68,49 @@ def test_the_int8_kernels_give_their_references(built, n, k):
 def test_the_int4_kernels_pass_their_first_use_checks(built, variant):
     """Every kernel of every variant the runtime chooses from (the pipelined twin too),
     with norms, residual adds and L2 prefetches."""
-    pipeline = int(variant[2:] == (1,))
-    defines = (f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}")
-    module = EmulatedModule(cuda_int4.SOURCE, cuda_int4._KERNELS.values(), defines, built)
-    cuda_int4._check(module, variant, CPU, ("", "norm", "add"), prefetching=True)
+    cuda_int4._check(int4_module(built, variant), variant, CPU, ("", "norm", "add"),
+                     prefetching=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("wrong, right, caught", [
+def mutant(source, tmp_path, text: str, replacement: str):
+    """A copy of the kernel source file `source` (under tmp_path, of the same name) whose
+    one `text` is `replacement`."""
+    original = source.read_text()
+    assert original.count(text) == 1
+    path = tmp_path / source.name
+    path.write_text(original.replace(text, replacement))
+    return path
+
+
+@pytest.mark.parametrize("text, replacement, caught", [
     ("(wg, 0, 0x4140)", "(wg, 0, 0x4041)", "int8_gemv is off by"),  # a row's bytes 0, 1 swapped
     ("wg.x, w8.x, wg.y, w8.y", "wg.x, wg.y, w8.x, w8.y", "w8a8_gemv gives other values"),
 ])  # fmt: skip
-def test_a_kernel_that_misreads_its_fragments_fails_its_check(built, tmp_path, wrong, right,
-                                                              caught):  # fmt: skip
-    source = cuda_int8.SOURCE.read_text()
-    assert source.count(wrong) == 1
-    path = tmp_path / cuda_int8.SOURCE.name
-    path.write_text(source.replace(wrong, right))
+def test_a_kernel_that_misreads_its_fragments_fails_its_check(built, tmp_path, text,
+                                                              replacement, caught):  # fmt: skip
+    path = mutant(cuda_int8.SOURCE, tmp_path, text, replacement)
     with pytest.raises(CudaError, match=caught):
         cuda_int8._check(int8_module(built, path), CPU)
     cuda_int8._check(int8_module(built), CPU)  # each library loaded runs its own kernels
+
+
+# a broken unrolled loop: each pass after a warp's first multiplies the first's weights again
+STALE = {0: ("if (c != begin) {", "if (false) {"), 1: ("words[u] = next[u];", ";")}
+
+
+@pytest.mark.parametrize("variant", [None, *cuda_int4.VARIANTS, (8, 4, 1)], ids=str)
+def test_the_first_use_checks_catch_a_stale_unrolled_loop(built, tmp_path, variant):
+    """Each check's weights give every warp's unrolled loop more than one pass (cuda_int4.
+    check_inputs), so kernels whose later passes multiply the first pass's weights fail it:
+    the int8 kernels (variant None) and each int4 variant's, the pipelined one's too."""
+    module = cuda_int8 if variant is None else cuda_int4
+    pipeline = int(variant is not None and variant[2:] == (1,))
+    path = mutant(module.SOURCE, tmp_path, *STALE[pipeline])
+    with pytest.raises(CudaError, match="is off by"):
+        if variant is None:
+            cuda_int8._check(int8_module(built, path), CPU)
+        else:
+            cuda_int4._check(int4_module(built, variant, path), variant, CPU)
 
 
 GUARDED = """

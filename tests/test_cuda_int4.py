@@ -788,55 +788,11 @@ def test_layers_fold_their_norms_only_where_asked(monkeypatch):
             cuda_int4.fused_norms()
 
 
-def kernel_chunks(warps: int, unroll: int, count: int, stale: bool = False) -> list[int]:
-    """The chunk of 64 inputs whose weights multiply each chunk's activations, in input
-    order, with the split of a block's inputs of cuda_int4.cu and cuda_int8.cu: warp w takes
-    chunks w C / WARPS up to (w + 1) C / WARPS of the C, UNROLL at a time, then the rest one
-    by one. `stale`: a broken unrolled loop, which multiplies the weights of a warp's first
-    chunks again instead of loading each pass's own."""
-    taken = []
-    for warp in range(warps):
-        begin, end = warp * count // warps, (warp + 1) * count // warps
-        c = begin
-        while c + unroll <= end:
-            taken += [(begin if stale else c) + u for u in range(unroll)]
-            c += unroll
-        taken += list(range(c, end))
-    return taken
-
-
 def warp_chunks(warps: int, count: int) -> list[int]:
-    """The chunks each warp of a block takes of `count` (kernel_chunks' split)."""
+    """The chunks of 64 inputs each warp of a block takes of `count`, as cuda_int4.cu and
+    cuda_int8.cu split a block's inputs: warp w those from w count / warps up to (w + 1)
+    count / warps."""
     return [(w + 1) * count // warps - w * count // warps for w in range(warps)]
-
-
-def chunk_columns(taken: list[int]) -> torch.Tensor:
-    """The weight's columns each input meets, for `kernel_chunks`' chunks."""
-    return torch.cat([torch.arange(64 * c, 64 * c + 64) for c in taken])
-
-
-class EmulatedKernels:
-    """A module whose launches compute on the CPU what cuda_int4.cu's kernels compute, over
-    the chunks `kernel_chunks` gives (`stale`: those of a broken unrolled loop)."""
-
-    def __init__(self, unroll: int, stale: bool = False):
-        self.unroll, self.stale = unroll, stale
-
-    def launch(self, kernel, grid, block, *args, dependent):
-        x, tiles, scales, y, rows, _, k, group, weight, eps = args[:10]
-        q = unpack(tiles).float()
-        s = (scales & 0xFFFF).to(torch.int16).view(torch.float16).float().t()
-        z = ((scales >> 16) & 0xFFFF).to(torch.int16).view(torch.float16).float().t()
-        w = s.repeat_interleave(group, 1) * (q - z.repeat_interleave(group, 1))
-        h = cuda_int4._normed_rows(x, weight, eps) if "_norm_" in kernel else x.float()
-        columns = chunk_columns(kernel_chunks(block // 32, self.unroll, k // 64, self.stale))
-        out = h @ w[:, columns].t()
-        if kernel.startswith("int4_silu"):  # block b's rows 16 b + g: gate g, then up g
-            pairs = out.reshape(rows, -1, 2, 8)
-            out = (torch.nn.functional.silu(pairs[:, :, 0]) * pairs[:, :, 1]).reshape(rows, -1)
-        if "_add_" in kernel:
-            out = y.float() + out.bfloat16().float()
-        y.copy_(out.bfloat16())
 
 
 @pytest.mark.parametrize("variant", (*cuda_int4.VARIANTS, (8, 4, 1)))
@@ -844,16 +800,8 @@ def test_the_first_use_check_runs_every_warps_unrolled_loop(variant):
     """The check before layers use a variant's kernels multiplies weights whose every warp
     runs its unrolled loop more than once and its tail loop (as 8B's layers do), so a
     kernel whose unrolled loop multiplied the wrong weights after its first pass is caught
-    there: on the CPU, an emulation of the kernels' split of the inputs passes the check,
-    and the same with the stale weights fails it."""
-    from llmkit.kernels.cuda_rtc import CudaError
-
+    there (test_cuda_emulated runs the check on such a kernel)."""
     warps, unroll = variant[:2]
     inputs = cuda_int4.check_inputs(variant)
     assert inputs % 128 == 0
     assert set(warp_chunks(warps, inputs // 64)) == {2 * unroll + 1}
-    kinds = ("", "norm", "add")
-    cpu = torch.device("cpu")
-    cuda_int4._check(EmulatedKernels(unroll), variant, cpu, kinds, prefetching=True)
-    with pytest.raises(CudaError, match="is off by"):
-        cuda_int4._check(EmulatedKernels(unroll, stale=True), variant, cpu, kinds)
