@@ -147,7 +147,7 @@ def parse_args() -> argparse.Namespace:
     if args.tokens < 8:
         parser.error("--tokens takes 8 or more: the profile starts after the first")
     args.modes = args.pdl.split(",")
-    if not args.modes or any(m not in ("on", "off") for m in args.modes):
+    if any(m not in ("on", "off") for m in args.modes):
         parser.error(f"--pdl takes on, off or on,off, not {args.pdl!r}")
     return args
 

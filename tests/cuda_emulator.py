@@ -144,7 +144,6 @@ class EmulatedModule:
         self._lib.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint,
                                          ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_int]  # fmt: skip
-        self.programmatic = True
 
     def launch(self, kernel: str, grid: int, block: int, *args, dependent: bool = False):
         pointers = cuda_rtc.parameters(args)

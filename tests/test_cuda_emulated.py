@@ -25,14 +25,11 @@ def built(tmp_path_factory):
 
 
 def int8_module(built, path=cuda_int8.SOURCE):
-    defines = (f"WARPS={cuda_int8.WARPS}", f"UNROLL={cuda_int8.UNROLL}")
-    return EmulatedModule(path, cuda_int8.NAMES, defines, built)
+    return EmulatedModule(path, cuda_int8.NAMES, cuda_int8.DEFINES, built)
 
 
 def int4_module(built, variant, path=cuda_int4.SOURCE):
-    pipeline = int(variant[2:] == (1,))
-    defines = (f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}")
-    return EmulatedModule(path, cuda_int4._KERNELS.values(), defines, built)
+    return EmulatedModule(path, cuda_int4._KERNELS.values(), cuda_int4.defines(variant), built)
 
 
 def test_asm_statements_become_calls_with_their_operands_numbered_as_in_the_asm():

@@ -297,10 +297,15 @@ def kernels(device: torch.device, variant: tuple[int, int] = VARIANTS[0]):
     when a layer is built, so never first while a graph captures."""
     from llmkit.kernels.cuda_rtc import checked_kernels
 
-    pipeline = int(variant[2:] == (1,))
-    defines = (f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}")
-    return checked_kernels(SOURCE, _KERNELS.values(), defines, device,
+    return checked_kernels(SOURCE, _KERNELS.values(), defines(variant), device,
                            lambda module, on: _check(module, variant, on))  # fmt: skip
+
+
+def defines(variant: tuple[int, int]) -> tuple[str, ...]:
+    """The source's macros for `variant`: WARPS, UNROLL and PIPELINE (1 for a pipelined
+    twin, (warps, unroll, 1))."""
+    pipeline = int(variant[2:] == (1,))
+    return (f"WARPS={variant[0]}", f"UNROLL={variant[1]}", f"PIPELINE={pipeline}")
 
 
 @functools.cache

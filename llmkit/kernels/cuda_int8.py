@@ -26,6 +26,7 @@ from llmkit.kernels.cuda_int4 import aligned, check_inputs
 MAX_ROWS = 16  # activation rows one product takes: two tiles of the mma's 8 columns
 WARPS = 8  # the source's WARPS: warps a block, splitting the inputs
 UNROLL = 2  # the source's UNROLL: 64-input chunks a lane loads at once
+DEFINES = (f"WARPS={WARPS}", f"UNROLL={UNROLL}")  # the source's macros, as compiled
 SOURCE = Path(__file__).with_name("cuda_int8.cu")
 NAMES = tuple(f"{kind}_m{tiles}" for kind in ("int8_gemv", "w8a8_gemv") for tiles in (1, 2))
 TOLERANCE = 1e-2  # the weight-only check's error, of the float64 product's largest value
@@ -70,8 +71,7 @@ def kernels(device: torch.device):
     layer is built, so never first while a graph captures."""
     from llmkit.kernels.cuda_rtc import checked_kernels
 
-    defines = (f"WARPS={WARPS}", f"UNROLL={UNROLL}")
-    return checked_kernels(SOURCE, NAMES, defines, device, _check)
+    return checked_kernels(SOURCE, NAMES, DEFINES, device, _check)
 
 
 def _check(module, device: torch.device) -> None:
