@@ -13,12 +13,15 @@
 //   (mma.m16n8k16 with .bf16, mma.m16n8k32 with .s8), written here from those formulas;
 //   products sum in float64 (bf16) or exactly (s8).
 // - Shared memory is a function's static: one block runs at a time.
+// - Each launch keeps a trace of its 16-byte loads and L2 prefetches (address, block,
+//   thread, kind), in the order each thread issues them, for tests of the memory traffic.
 
 #pragma once
 
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -64,6 +67,12 @@ struct Warp {
   std::string op;         // the warp-wide instruction its lanes are at
   uint32_t words[32][8];  // what each lane gives it
 };
+
+// What a trace entry is (tests/cuda_emulator.py's LOAD, STREAMING, PREFETCH)
+enum Access : uint64_t { LOAD = 0, STREAMING = 1, PREFETCH = 2 };
+
+// Every access of the last launch: address, block, thread, Access
+inline std::vector<std::array<uint64_t, 4>> trace;
 
 struct Launch {
   ucontext_t scheduler;
@@ -236,11 +245,17 @@ inline void check_range(uintptr_t address, size_t bytes, const std::string& op) 
   fail(op + " reads outside the launch's tensors");
 }
 
-// The 16 bytes at p, read as a kernel's `*(const uint4*)p` reads them (rewritten to this):
-// aligned and inside the launch's tensors, as on a GPU, where others fault
-inline const uint4* vector(const void* p) {
+inline void record(uintptr_t address, Access kind) {
+  trace.push_back({address, blockIdx.x, threadIdx.x, kind});
+}
+
+// The 16 bytes at p, read as a kernel's `*(const uint4*)p` reads them (rewritten to this;
+// `kind` STREAMING from ld.global.nc): aligned and inside the launch's tensors, as on a
+// GPU, where others fault
+inline const uint4* vector(const void* p, Access kind = LOAD) {
   if ((uintptr_t)p % 16) fail("a 16-byte load at an address that is not 16-byte aligned");
   check_range((uintptr_t)p, 16, "a 16-byte load");
+  record((uintptr_t)p, kind);
   return (const uint4*)p;
 }
 
@@ -316,10 +331,11 @@ inline void execute(const Instruction& ins, std::vector<Operand>& ops) {
   } else if (op == "ld.global.nc.L1::no_allocate.v4.u32") {
     const uintptr_t address = ops.at(ins.args.at(1).operands.at(0)).value;
     uint32_t words[4];
-    std::memcpy(words, vector((const void*)address), 16);
+    std::memcpy(words, vector((const void*)address, STREAMING), 16);
     for (int i = 0; i < 4; ++i) c.set(0, i, words[i]);
-  } else if (op == "prefetch.global.L2::evict_last" || op == "griddepcontrol.wait" ||
-             op == "griddepcontrol.launch_dependents") {
+  } else if (op == "prefetch.global.L2::evict_last") {  // traced; no effect on the values
+    record(ops.at(ins.args.at(0).operands.at(0)).value, PREFETCH);
+  } else if (op == "griddepcontrol.wait" || op == "griddepcontrol.launch_dependents") {
     // no effect on what a kernel computes
   } else {
     fail("the emulator does not know the instruction " + op);
@@ -456,6 +472,7 @@ EMU_EXPORT const char* emu_launch(const char* name, unsigned grid, unsigned bloc
   for (int i = 0; i < count; ++i)
     state.ranges.push_back({ranges[2 * i], ranges[2 * i] + ranges[2 * i + 1]});
   emu::launch = &state;
+  emu::trace.clear();
   blockDim.x = block;
   gridDim.x = grid;
   bool ok = true;
@@ -467,4 +484,10 @@ EMU_EXPORT const char* emu_launch(const char* name, unsigned grid, unsigned bloc
   if (ok) return nullptr;
   error = state.error;
   return error.c_str();
+}
+
+// The last launch's trace (emu::trace): its entries at *entries, how many returned
+EMU_EXPORT size_t emu_trace(const uint64_t** entries) {
+  *entries = emu::trace.empty() ? nullptr : emu::trace.front().data();
+  return emu::trace.size();
 }

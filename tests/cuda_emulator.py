@@ -3,7 +3,9 @@ cuda_common.cuh's helpers, as cuda_rtc.source gives NVRTC) is compiled by the ho
 compiler with tests/cuda_emulator.h in front, which emulates the CUDA built-ins and the PTX
 instructions the kernels use (each `asm` statement becomes a call that interprets its
 instruction). `EmulatedModule` launches the kernels as cuda_rtc.Module does, so a kernel
-module's own first-use check can run on it."""
+module's own first-use check can run on it, and keeps each launch's trace of 16-byte loads
+and L2 prefetches, from which `warp_loads`, `sector_use`, `reads` and `prefetched` tell
+how the kernel uses the memory bandwidth."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from llmkit.kernels import cuda_rtc
 
 HEADER = Path(__file__).with_name("cuda_emulator.h")
 COMPILER = os.environ.get("CXX", "g++")
+LOAD, STREAMING, PREFETCH = 0, 1, 2  # a trace entry's kind: cuda_emulator.h's Access
+SECTOR, LINE = 32, 128  # bytes the L2 moves at once, and a cache line's
 
 
 class EmulationError(RuntimeError):
@@ -144,6 +148,8 @@ class EmulatedModule:
         self._lib.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint,
                                          ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_int]  # fmt: skip
+        self._lib.emu_trace.restype = ctypes.c_size_t
+        self._lib.emu_trace.argtypes = [ctypes.POINTER(ctypes.POINTER(ctypes.c_uint64))]
 
     def launch(self, kernel: str, grid: int, block: int, *args, dependent: bool = False):
         pointers = cuda_rtc.parameters(args)
@@ -154,3 +160,49 @@ class EmulatedModule:
                                      len(tensors))  # fmt: skip
         if error is not None:
             raise EmulationError(f"{kernel}: {error.decode()}")
+
+    def trace(self) -> torch.Tensor:
+        """The last launch's 16-byte loads and L2 prefetches: int64 [accesses, 4] of
+        (address, block, thread, kind), each thread's in the order it issued them."""
+        entries = ctypes.POINTER(ctypes.c_uint64)()
+        count = self._lib.emu_trace(ctypes.byref(entries))
+        if not count:
+            return torch.empty(0, 4, dtype=torch.int64)
+        words = ctypes.cast(entries, ctypes.POINTER(ctypes.c_int64 * (4 * count))).contents
+        return torch.frombuffer(bytearray(words), dtype=torch.int64).view(count, 4)
+
+
+def warp_loads(trace: torch.Tensor, kind: int) -> list[list[int]]:
+    """The loads of `kind` in `trace` as a GPU issues them: each lane's i-th with the i-th
+    of the other lanes of its warp, one instruction; the addresses each reads."""
+    issued: dict[tuple, int] = {}
+    instructions: dict[tuple, list[int]] = {}
+    for address, block, thread, k in trace.tolist():
+        if k != kind:
+            continue
+        i = issued[block, thread] = issued.get((block, thread), -1) + 1
+        instructions.setdefault((block, thread // 32, i), []).append(address)
+    return list(instructions.values())
+
+
+def sector_use(instruction: list[int]) -> float:
+    """The share of the 32-byte sectors a warp's 16-byte loads touch that they read."""
+    sectors = {a // SECTOR for a in instruction} | {(a + 15) // SECTOR for a in instruction}
+    return 16 * len(set(instruction)) / (SECTOR * len(sectors))
+
+
+def reads(trace: torch.Tensor, kind: int, tensor: torch.Tensor) -> torch.Tensor:
+    """How often the loads of `kind` read each 16 bytes of `tensor` (16-byte aligned)."""
+    begin, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    addresses = trace[trace[:, 3] == kind, 0]
+    inside = addresses[(addresses >= begin) & (addresses < begin + size)]
+    return torch.bincount((inside - begin) // 16, minlength=size // 16)
+
+
+def prefetched(trace: torch.Tensor, address: int, size: int) -> torch.Tensor:
+    """How often the prefetches of `trace` fetch each 128-byte line of the memory
+    [address, address + size)."""
+    first = address // LINE
+    lines = trace[trace[:, 3] == PREFETCH, 0] // LINE - first
+    count = (address + size - 1) // LINE - first + 1
+    return torch.bincount(lines[(lines >= 0) & (lines < count)], minlength=count)

@@ -3,7 +3,10 @@ tests/cuda_emulator.py: each module's own first-use check (the one a GPU runs be
 use the kernels) and products on shapes of other sizes, against the same references as the
 GPU tests. The int4 kernels, which pass on real GPUs, pass here too, so the emulated PTX
 behaves as the hardware does; mutants of the sources that read their fragments wrongly, or
-whose unrolled loops multiply stale weights, fail the checks here."""
+whose unrolled loops multiply stale weights, fail the checks here. The launches' traces
+show that every kernel reads each weight byte once, in whole 32-byte sectors, and that the
+L2 prefetches fetch each line of their regions once: what a bandwidth-bound product needs
+of its memory traffic, which no output value shows."""
 
 from __future__ import annotations
 
@@ -12,7 +15,18 @@ import torch
 
 from llmkit.kernels import cuda_int4, cuda_int8
 from llmkit.kernels.cuda_rtc import CudaError
-from tests.cuda_emulator import EmulatedModule, EmulationError, compiler, rewrite_asm
+from tests.cuda_emulator import (
+    PREFETCH,
+    STREAMING,
+    EmulatedModule,
+    EmulationError,
+    compiler,
+    prefetched,
+    reads,
+    rewrite_asm,
+    sector_use,
+    warp_loads,
+)
 from tests.test_cuda_int8 import products
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler (g++ or $CXX)")
@@ -140,3 +154,108 @@ def test_the_emulator_refuses_what_a_gpu_would_not_run_as_written(built, tmp_pat
     y = torch.zeros(32, dtype=torch.int32 if kernel != "diverged" else torch.float32)
     with pytest.raises(EmulationError, match=error):
         module.launch(kernel, 1, 32, y)  # (stray: 32 lanes read 512 bytes of y's 128)
+
+
+def assert_weights_read_once_in_whole_sectors(module, weight: torch.Tensor):
+    """The last launch of `module` read every 16 bytes of `weight` exactly once, and
+    nothing else, with streaming loads of 32 lanes a warp that use every sector they touch."""
+    trace = module.trace()
+    assert reads(trace, STREAMING, weight).unique().tolist() == [1]
+    assert int((trace[:, 3] == STREAMING).sum()) * 16 == weight.numel() * weight.element_size()
+    instructions = warp_loads(trace, STREAMING)
+    assert {len(i) for i in instructions} == {32}
+    assert min(sector_use(i) for i in instructions) == 1.0
+
+
+TRAFFIC = """
+extern "C" __global__ void coalesced(const uint4* w) { load_streaming(w + threadIdx.x); }
+extern "C" __global__ void swapped(const uint4* w) { load_streaming(w + (threadIdx.x ^ 1)); }
+extern "C" __global__ void halves(const uint4* w) { load_streaming(w + 2 * threadIdx.x); }
+extern "C" __global__ void twice(const uint4* w) {
+  load_streaming(w + threadIdx.x);
+  load_streaming(w + threadIdx.x);
+}
+"""
+
+
+def test_the_traffic_checks_tell_whole_sectors_from_wasted_ones(built, tmp_path):
+    """On kernels written for it: a warp's 32 lanes reading 512 contiguous bytes (in any
+    order of lanes) use their 16 sectors whole; lanes 32 bytes apart use half of each
+    sector; a second read of the same bytes is counted."""
+    path = tmp_path / "traffic.cu"
+    path.write_text(TRAFFIC)
+    module = EmulatedModule(path, ["coalesced", "swapped", "halves", "twice"], (), built)
+    w = torch.zeros(64, 4, dtype=torch.int32)  # 1024 bytes
+    for kernel, use, counts in [("coalesced", 1.0, [1, 0]), ("swapped", 1.0, [1, 0]),
+                                ("halves", 0.5, [1, 0]), ("twice", 1.0, [2, 0])]:  # fmt: skip
+        module.launch(kernel, 1, 32, w)
+        trace = module.trace()
+        instructions = warp_loads(trace, STREAMING)
+        assert [sector_use(i) for i in instructions] == [use] * len(instructions), kernel
+        assert reads(trace, STREAMING, w)[[0, 63]].tolist() == counts, kernel
+
+
+@pytest.mark.parametrize("n, k", [(48, 320), (32, 4096)])
+def test_the_int8_kernels_read_each_weight_byte_once_in_whole_sectors(built, n, k):
+    """Both products, one tile of rows and two, where some warps have no chunk of the
+    inputs and where each has several."""
+    module = int8_module(built)
+    for rows in (1, 16):
+        q, scale, x, xq, x_scale = products(rows, n, k, rows + n + k)
+        cuda_int8._launch(module, "int8_gemv", x, None, q, scale)
+        assert_weights_read_once_in_whole_sectors(module, q)
+        cuda_int8._launch(module, "w8a8_gemv", xq, x_scale, q, scale)
+        assert_weights_read_once_in_whole_sectors(module, q)
+
+
+def int4_weights(n: int, k: int, group: int):
+    g = torch.Generator().manual_seed(n + k)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = (torch.rand(n, k // group, generator=g) * 0.01 + 0.005).half().float()
+    z = torch.randint(0, 16, s.shape, generator=g).float()
+    return cuda_int4.pack(q), cuda_int4.pack_scales(s, z)
+
+
+@pytest.mark.parametrize("variant", [*cuda_int4.VARIANTS, (8, 4, 1)], ids=str)
+def test_the_int4_kernels_read_weights_once_and_prefetch_each_line_once(built, variant):
+    """Plain, two-tile, gated and normed products of every variant read their weights once
+    in whole sectors; a normed one prefetching two regions fetches each line of each once,
+    and no other."""
+    module = int4_module(built, variant)
+    tiles, words = int4_weights(64, 4096, 128)
+    regions = [torch.zeros(100_000, dtype=torch.uint8), torch.zeros(3000, dtype=torch.uint8)]
+    norm = (torch.ones(4096, dtype=torch.bfloat16), 1e-5)
+    for rows, gated, normed in ((1, False, False), (16, False, False), (3, True, False),
+                                (1, False, True)):  # fmt: skip
+        x = torch.randn(rows, 4096).bfloat16()
+        prefetch = cuda_int4.prefetch_regions(regions, 2**20) if normed else None
+        cuda_int4._matmul(module, variant[0], x, tiles, words, 128, gated,
+                          norm if normed else None, prefetch=prefetch)  # fmt: skip
+        assert_weights_read_once_in_whole_sectors(module, tiles)
+    trace = module.trace()
+    lines = [prefetched(trace, r.data_ptr(), r.numel()) for r in regions]
+    assert [line.unique().tolist() for line in lines] == [[1], [1]]
+    assert int((trace[:, 3] == PREFETCH).sum()) == sum(len(line) for line in lines)
+
+
+@pytest.mark.parametrize("variant", [None, (8, 4)], ids=str)
+def test_a_kernel_loading_its_first_weights_again_fails_the_traffic_check(built, tmp_path,
+                                                                         variant):  # fmt: skip
+    """A mutant whose loop loads the chunks it loaded before waiting for its inputs again
+    computes the same values (its first-use check passes) but reads those weights twice."""
+    source = cuda_int8.SOURCE if variant is None else cuda_int4.SOURCE
+    path = mutant(source, tmp_path, "if (c != begin) {", "if (true) {")
+    if variant is None:
+        module = int8_module(built, path)
+        cuda_int8._check(module, CPU)
+        q, scale, x, _, _ = products(1, 32, 4096, 1)
+        cuda_int8._launch(module, "int8_gemv", x, None, q, scale)
+        weight = q
+    else:
+        module = int4_module(built, variant, path)
+        cuda_int4._check(module, variant, CPU)
+        weight, words = int4_weights(32, 4096, 128)
+        cuda_int4._matmul(module, 8, torch.randn(1, 4096).bfloat16(), weight, words, 128, False)
+    with pytest.raises(AssertionError):
+        assert_weights_read_once_in_whole_sectors(module, weight)
+    assert reads(module.trace(), STREAMING, weight).max() == 2
