@@ -219,11 +219,14 @@ def int4_weights(n: int, k: int, group: int):
 @pytest.mark.parametrize("variant", [*cuda_int4.VARIANTS, (8, 4, 1)], ids=str)
 def test_the_int4_kernels_read_weights_once_and_prefetch_each_line_once(built, variant):
     """Plain, two-tile, gated and normed products of every variant read their weights once
-    in whole sectors; a normed one prefetching two regions fetches each line of each once,
-    and no other."""
+    in whole sectors; a normed one prefetching two regions, one starting inside a cache
+    line, fetches each line of each once, and no other."""
     module = int4_module(built, variant)
     tiles, words = int4_weights(64, 4096, 128)
-    regions = [torch.zeros(100_000, dtype=torch.uint8), torch.zeros(3000, dtype=torch.uint8)]
+    # the second region starts 80 bytes into a line, its 2900 bytes end in a 24th line
+    big, small = torch.zeros(100_000, dtype=torch.uint8), torch.zeros(3200, dtype=torch.uint8)
+    skip = (80 - small.data_ptr()) % 128
+    regions = [big, small[skip : skip + 2900]]
     norm = (torch.ones(4096, dtype=torch.bfloat16), 1e-5)
     for rows, gated, normed in ((1, False, False), (16, False, False), (3, True, False),
                                 (1, False, True)):  # fmt: skip

@@ -79,11 +79,13 @@ __device__ __forceinline__ float square_sum(uint4 v) {
 }
 
 // This block's share of each of `count` regions ((address, bytes) pairs) into the L2, kept
-// there before lines loaded once (evict_last): a line a thread, 128 bytes apart
+// there before lines loaded once (evict_last): a line a thread, from the line the region
+// starts in (else a region starting inside a line could end in one never fetched)
 __device__ __forceinline__ void prefetch_l2(const long long* regions, int count) {
   for (int r = 0; r < count; ++r) {
-    const char* base = (const char*)regions[2 * r];
-    const long long bytes = regions[2 * r + 1];
+    const long long skew = regions[2 * r] & 127;
+    const char* base = (const char*)(regions[2 * r] - skew);
+    const long long bytes = regions[2 * r + 1] + skew;
     const long long share = ((bytes + gridDim.x - 1) / gridDim.x + 127) & ~127LL;
     const long long end = min(bytes, share * (blockIdx.x + 1));
     const long long step = 128LL * blockDim.x;
