@@ -13,8 +13,9 @@
 //   (mma.m16n8k16 with .bf16, mma.m16n8k32 with .s8), written here from those formulas;
 //   products sum in float64 (bf16) or exactly (s8).
 // - Shared memory is a function's static: one block runs at a time.
-// - Each launch keeps a trace of its 16-byte loads and L2 prefetches (address, block,
-//   thread, kind), in the order each thread issues them, for tests of the memory traffic.
+// - Each launch keeps a trace of its 16-byte loads, L2 prefetches and griddepcontrol.waits
+//   (address, block, thread, kind), in the order each thread issues them, for tests of the
+//   memory traffic.
 
 #pragma once
 
@@ -68,8 +69,8 @@ struct Warp {
   uint32_t words[32][8];  // what each lane gives it
 };
 
-// What a trace entry is (tests/cuda_emulator.py's LOAD, STREAMING, PREFETCH)
-enum Access : uint64_t { LOAD = 0, STREAMING = 1, PREFETCH = 2 };
+// What a trace entry is (tests/cuda_emulator.py's LOAD, STREAMING, PREFETCH, WAIT)
+enum Access : uint64_t { LOAD = 0, STREAMING = 1, PREFETCH = 2, WAIT = 3 };
 
 // Every access of the last launch: address, block, thread, Access
 inline std::vector<std::array<uint64_t, 4>> trace;
@@ -335,7 +336,9 @@ inline void execute(const Instruction& ins, std::vector<Operand>& ops) {
     for (int i = 0; i < 4; ++i) c.set(0, i, words[i]);
   } else if (op == "prefetch.global.L2::evict_last") {  // traced; no effect on the values
     record(ops.at(ins.args.at(0).operands.at(0)).value, PREFETCH);
-  } else if (op == "griddepcontrol.wait" || op == "griddepcontrol.launch_dependents") {
+  } else if (op == "griddepcontrol.wait") {  // traced (address 0); returns at once here
+    record(0, WAIT);
+  } else if (op == "griddepcontrol.launch_dependents") {
     // no effect on what a kernel computes
   } else {
     fail("the emulator does not know the instruction " + op);

@@ -3,9 +3,10 @@ cuda_common.cuh's helpers, as cuda_rtc.source gives NVRTC) is compiled by the ho
 compiler with tests/cuda_emulator.h in front, which emulates the CUDA built-ins and the PTX
 instructions the kernels use (each `asm` statement becomes a call that interprets its
 instruction). `EmulatedModule` launches the kernels as cuda_rtc.Module does, so a kernel
-module's own first-use check can run on it, and keeps each launch's trace of 16-byte loads
-and L2 prefetches, from which `warp_loads`, `sector_use`, `reads` and `prefetched` tell
-how the kernel uses the memory bandwidth."""
+module's own first-use check can run on it, and keeps each launch's trace of 16-byte loads,
+L2 prefetches and waits for the kernels before (griddepcontrol.wait), from which
+`warp_loads`, `sector_use`, `reads`, `prefetched` and `before_wait` tell how the kernel
+uses the memory bandwidth."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from llmkit.kernels import cuda_rtc
 
 HEADER = Path(__file__).with_name("cuda_emulator.h")
 COMPILER = os.environ.get("CXX", "g++")
-LOAD, STREAMING, PREFETCH = 0, 1, 2  # a trace entry's kind: cuda_emulator.h's Access
+LOAD, STREAMING, PREFETCH, WAIT = 0, 1, 2, 3  # a trace entry's kind: cuda_emulator.h's Access
 SECTOR, LINE = 32, 128  # bytes the L2 moves at once, and a cache line's
 
 
@@ -162,7 +163,7 @@ class EmulatedModule:
             raise EmulationError(f"{kernel}: {error.decode()}")
 
     def trace(self) -> torch.Tensor:
-        """The last launch's 16-byte loads and L2 prefetches: int64 [accesses, 4] of
+        """The last launch's 16-byte loads, L2 prefetches and waits: int64 [accesses, 4] of
         (address, block, thread, kind), each thread's in the order it issued them."""
         entries = ctypes.POINTER(ctypes.c_uint64)()
         count = self._lib.emu_trace(ctypes.byref(entries))
@@ -206,3 +207,16 @@ def prefetched(trace: torch.Tensor, address: int, size: int) -> torch.Tensor:
     lines = trace[trace[:, 3] == PREFETCH, 0] // LINE - first
     count = (address + size - 1) // LINE - first + 1
     return torch.bincount(lines[(lines >= 0) & (lines < count)], minlength=count)
+
+
+def before_wait(trace: torch.Tensor, kind: int) -> dict[tuple[int, int], int]:
+    """How many accesses of `kind` each thread (block, thread) of `trace` made before its
+    first griddepcontrol.wait; threads that never wait are not in it."""
+    made: dict[tuple[int, int], int] = {}
+    counts: dict[tuple[int, int], int] = {}
+    for _, block, thread, k in trace.tolist():
+        if k == WAIT:
+            counts.setdefault((block, thread), made.get((block, thread), 0))
+        elif k == kind:
+            made[block, thread] = made.get((block, thread), 0) + 1
+    return counts

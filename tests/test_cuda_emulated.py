@@ -4,9 +4,11 @@ use the kernels) and products on shapes of other sizes, against the same referen
 GPU tests. The int4 kernels, which pass on real GPUs, pass here too, so the emulated PTX
 behaves as the hardware does; mutants of the sources that read their fragments wrongly, or
 whose unrolled loops multiply stale weights, fail the checks here. The launches' traces
-show that every kernel reads each weight byte once, in whole 32-byte sectors, and that the
-L2 prefetches fetch each line of their regions once: what a bandwidth-bound product needs
-of its memory traffic, which no output value shows."""
+show that every kernel reads each weight byte once, in whole 32-byte sectors, that the L2
+prefetches fetch each line of their regions once, and that a kernel loads its first
+weights before it waits for the kernel before it and its activations only after: what a
+bandwidth-bound product launched as a programmatic dependent needs, which no output value
+shows."""
 
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ import torch
 from llmkit.kernels import cuda_int4, cuda_int8
 from llmkit.kernels.cuda_rtc import CudaError
 from tests.cuda_emulator import (
+    LOAD,
     PREFETCH,
     STREAMING,
     EmulatedModule,
     EmulationError,
+    before_wait,
     compiler,
     prefetched,
     reads,
@@ -262,3 +266,54 @@ def test_a_kernel_loading_its_first_weights_again_fails_the_traffic_check(built,
     with pytest.raises(AssertionError):
         assert_weights_read_once_in_whole_sectors(module, weight)
     assert reads(module.trace(), STREAMING, weight).max() == 2
+
+
+def assert_overlapped_safely(module, threads: int, first: int):
+    """In the last launch of `module`, each of its `threads` threads made `first` streaming
+    loads (its first weights) before its griddepcontrol.wait, and no other 16-byte load."""
+    trace = module.trace()
+    assert before_wait(trace, STREAMING) == {thread: first for thread in before_wait(trace, LOAD)}
+    assert len(before_wait(trace, LOAD)) == threads
+    assert set(before_wait(trace, LOAD).values()) == {0}
+
+
+# the norm's reads of the activations (the residual stream) moved before the wait
+NORM = ("  if (KIND == NORM) inv[0] = inverse_rms(x, rows, g < rows ? g : 0, K, begin << 6, "
+        "end << 6, eps);\n")  # fmt: skip
+EARLY = ("  wait_for_inputs();\n  float inv[MT] = {};\n" + NORM,
+         "  float inv[MT] = {};\n" + NORM + "  wait_for_inputs();\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", [None, *cuda_int4.VARIANTS, (8, 4, 1), "early"], ids=str)
+def test_first_weights_load_before_the_wait_and_activations_after(built, tmp_path, variant):
+    """Launched as a programmatic dependent, a kernel runs beside the kernel before it until
+    griddepcontrol.wait: each thread loads its first chunks' weights, which no kernel
+    writes, before it (2 UNROLL 16-byte words int8, UNROLL int4), and reads no activation,
+    which the kernel before writes, until after it. On a GPU an early read of them gives
+    stale values now and then; here a mutant whose norm reads them first (`early`) fails,
+    though its first-use check passes."""
+    if variant is None:
+        module = int8_module(built)
+        q, scale, x, xq, x_scale = products(3, 32, 4096, 5)
+        cuda_int8._launch(module, "int8_gemv", x, None, q, scale)
+        assert_overlapped_safely(module, 2 * 256, 2 * cuda_int8.UNROLL)
+        cuda_int8._launch(module, "w8a8_gemv", xq, x_scale, q, scale)
+        assert_overlapped_safely(module, 2 * 256, 2 * cuda_int8.UNROLL)
+        return
+    early = variant == "early"
+    variant = (8, 4) if early else variant
+    path = mutant(cuda_int4.SOURCE, tmp_path, *EARLY) if early else cuda_int4.SOURCE
+    module = int4_module(built, variant, path)
+    tiles, words = int4_weights(32, 4096, 128)
+    norm = (torch.ones(4096, dtype=torch.bfloat16), 1e-5)
+    for normed in (False, True):
+        x = torch.randn(3, 4096).bfloat16()
+        cuda_int4._matmul(module, variant[0], x, tiles, words, 128, False,
+                          norm if normed else None)  # fmt: skip
+        if early and normed:
+            with pytest.raises(AssertionError):
+                assert_overlapped_safely(module, 2 * 32 * variant[0], variant[1])
+        else:
+            assert_overlapped_safely(module, 2 * 32 * variant[0], variant[1])
+    if early:
+        cuda_int4._check(module, variant, CPU, ("norm",))  # its values are right
