@@ -3,10 +3,11 @@
 # machine held for a short time: each step is cut off at its share of BUDGET seconds, so a
 # step that runs long costs the steps after it their time, not the whole run's output.
 #
-#   tests        the CUDA tests (`pytest -k cuda`: engines with CUDA graphs against eager
-#                mode and transformers, the Triton kernels, int4 and int8 products,
-#                sampling and drafts on the GPU without waits; TESTS="EXPR": `-k EXPR`
-#                instead, such as "cuda_int8 or triton_int8" after a change to those)
+#   tests        the CUDA tests (`pytest -k "cuda and not emulated"`: engines with CUDA
+#                graphs against eager mode and transformers, the Triton kernels, int4 and
+#                int8 products, sampling and drafts on the GPU without waits; not the CPU
+#                emulator's, which CI runs; TESTS="EXPR": `-k EXPR` instead, such as
+#                "cuda_int8 or triton_int8" after a change to those)
 #   cuda         benchmarks/cuda.py on Llama-3-8B's shapes: bf16 (batch 1 and 16, eager,
 #                64 and 256 concurrent requests) and its $METHODS copies (gptq,awq) at batch
 #                1 and 16, beside $ANCHORS (hf-compiled: transformers' compiled static
@@ -84,7 +85,7 @@ sums() { # a checksum line per result file, sorted
 
 command_of() { # the step's command, into the array cmd
     case $1 in
-    tests) cmd=("$python" -m pytest -q -p no:cacheprovider -k "${TESTS:-cuda}" tests) ;;
+    tests) cmd=("$python" -m pytest -q -p no:cacheprovider -k "${TESTS:-cuda and not emulated}" tests) ;;
     cuda) cmd=("$python" benchmarks/cuda.py --workdir "$work/cuda" --models 8b
         --methods "${METHODS-gptq,awq}" --calibration 4 --anchors "${ANCHORS-hf-compiled}") ;;
     speculative | speculative-all) # the first: the concurrency-1 rows alone
