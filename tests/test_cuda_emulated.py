@@ -262,7 +262,8 @@ def test_a_kernel_loading_its_first_weights_again_fails_the_traffic_check(built,
         module = int4_module(built, variant, path)
         cuda_int4._check(module, variant, CPU)
         weight, words = int4_weights(32, 4096, 128)
-        cuda_int4._matmul(module, 8, torch.randn(1, 4096).bfloat16(), weight, words, 128, False)
+        x = torch.randn(1, 4096).bfloat16()
+        cuda_int4._matmul(module, variant[0], x, weight, words, 128, False)
     with pytest.raises(AssertionError):
         assert_weights_read_once_in_whole_sectors(module, weight)
     assert reads(module.trace(), STREAMING, weight).max() == 2
@@ -272,9 +273,9 @@ def assert_overlapped_safely(module, threads: int, first: int):
     """In the last launch of `module`, each of its `threads` threads made `first` streaming
     loads (its first weights) before its griddepcontrol.wait, and no other 16-byte load."""
     trace = module.trace()
-    assert before_wait(trace, STREAMING) == {thread: first for thread in before_wait(trace, LOAD)}
-    assert len(before_wait(trace, LOAD)) == threads
-    assert set(before_wait(trace, LOAD).values()) == {0}
+    loads, weights = before_wait(trace, LOAD), before_wait(trace, STREAMING)
+    assert len(loads) == threads and set(loads.values()) == {0}
+    assert set(weights.values()) == {first}
 
 
 # the norm's reads of the activations (the residual stream) moved before the wait
@@ -295,10 +296,11 @@ def test_first_weights_load_before_the_wait_and_activations_after(built, tmp_pat
     if variant is None:
         module = int8_module(built)
         q, scale, x, xq, x_scale = products(3, 32, 4096, 5)
+        threads = 2 * 32 * cuda_int8.WARPS  # 2 blocks of 16 outputs
         cuda_int8._launch(module, "int8_gemv", x, None, q, scale)
-        assert_overlapped_safely(module, 2 * 256, 2 * cuda_int8.UNROLL)
+        assert_overlapped_safely(module, threads, 2 * cuda_int8.UNROLL)
         cuda_int8._launch(module, "w8a8_gemv", xq, x_scale, q, scale)
-        assert_overlapped_safely(module, 2 * 256, 2 * cuda_int8.UNROLL)
+        assert_overlapped_safely(module, threads, 2 * cuda_int8.UNROLL)
         return
     early = variant == "early"
     variant = (8, 4) if early else variant
