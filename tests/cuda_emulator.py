@@ -187,9 +187,9 @@ def warp_loads(trace: torch.Tensor, kind: int) -> list[list[int]]:
 
 
 def sector_use(instruction: list[int]) -> float:
-    """The share of the 32-byte sectors a warp's 16-byte loads touch that they read."""
-    sectors = {a // SECTOR for a in instruction} | {(a + 15) // SECTOR for a in instruction}
-    return 16 * len(set(instruction)) / (SECTOR * len(sectors))
+    """The share of the 32-byte sectors a warp's 16-byte loads touch that they read (each
+    load aligned, as the emulator requires: inside one sector)."""
+    return 16 * len(set(instruction)) / (SECTOR * len({a // SECTOR for a in instruction}))
 
 
 def reads(trace: torch.Tensor, kind: int, tensor: torch.Tensor) -> torch.Tensor:

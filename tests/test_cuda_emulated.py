@@ -31,6 +31,7 @@ from tests.cuda_emulator import (
     sector_use,
     warp_loads,
 )
+from tests.test_cuda_int4 import packed
 from tests.test_cuda_int8 import products
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler (g++ or $CXX)")
@@ -212,21 +213,13 @@ def test_the_int8_kernels_read_each_weight_byte_once_in_whole_sectors(built, n, 
         assert_weights_read_once_in_whole_sectors(module, q)
 
 
-def int4_weights(n: int, k: int, group: int):
-    g = torch.Generator().manual_seed(n + k)
-    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    s = (torch.rand(n, k // group, generator=g) * 0.01 + 0.005).half().float()
-    z = torch.randint(0, 16, s.shape, generator=g).float()
-    return cuda_int4.pack(q), cuda_int4.pack_scales(s, z)
-
-
 @pytest.mark.parametrize("variant", [*cuda_int4.VARIANTS, (8, 4, 1)], ids=str)
 def test_the_int4_kernels_read_weights_once_and_prefetch_each_line_once(built, variant):
     """Plain, two-tile, gated and normed products of every variant read their weights once
     in whole sectors; a normed one prefetching two regions, one starting inside a cache
     line, fetches each line of each once, and no other."""
     module = int4_module(built, variant)
-    tiles, words = int4_weights(64, 4096, 128)
+    tiles, words = packed(64, 4096, 0, CPU)
     # the second region starts 80 bytes into a line, its 2900 bytes end in a 24th line
     big, small = torch.zeros(100_000, dtype=torch.uint8), torch.zeros(3200, dtype=torch.uint8)
     skip = (80 - small.data_ptr()) % 128
@@ -261,7 +254,7 @@ def test_a_kernel_loading_its_first_weights_again_fails_the_traffic_check(built,
     else:
         module = int4_module(built, variant, path)
         cuda_int4._check(module, variant, CPU)
-        weight, words = int4_weights(32, 4096, 128)
+        weight, words = packed(32, 4096, 1, CPU)
         x = torch.randn(1, 4096).bfloat16()
         cuda_int4._matmul(module, variant[0], x, weight, words, 128, False)
     with pytest.raises(AssertionError):
@@ -306,7 +299,7 @@ def test_first_weights_load_before_the_wait_and_activations_after(built, tmp_pat
     variant = (8, 4) if early else variant
     path = mutant(cuda_int4.SOURCE, tmp_path, *EARLY) if early else cuda_int4.SOURCE
     module = int4_module(built, variant, path)
-    tiles, words = int4_weights(32, 4096, 128)
+    tiles, words = packed(32, 4096, 2, CPU)
     norm = (torch.ones(4096, dtype=torch.bfloat16), 1e-5)
     for normed in (False, True):
         x = torch.randn(3, 4096).bfloat16()

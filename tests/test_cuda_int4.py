@@ -168,9 +168,11 @@ def test_a_product_that_prefetches_gives_the_bits_of_one_that_does_not(kind):
     assert torch.equal(plain, prefetched)
 
 
-def _packed(n: int, k: int, seed: int):
+def packed(n: int, k: int, seed: int, device="cuda"):
+    """A random 4-bit weight [n, k] (groups of 128) as the kernels take it: (tiles, scales)."""
     w = random_grouped(n, k, 128, act_order=False, seed=seed)
-    return cuda_int4.pack(w.q.to("cuda", torch.uint8)), cuda_int4.pack_scales(w.scales, w.zeros)
+    q = w.q.to(device, torch.uint8)
+    return cuda_int4.pack(q), cuda_int4.pack_scales(w.scales, w.zeros).to(device)
 
 
 @NEEDS_CUDA
@@ -179,9 +181,7 @@ def test_a_dependent_launch_reads_what_the_product_before_it_wrote():
     the first lets its dependents start at once): the second of two chained products must
     still read the first's output, not what that memory held before. The inputs alternate,
     so a stale read gives the other input's result; eagerly and replayed from a graph."""
-    first, second = _packed(8192, 1024, 0), _packed(64, 8192, 1)
-    first = (first[0], first[1].cuda(), 128)
-    second = (second[0], second[1].cuda(), 128)
+    first, second = (*packed(8192, 1024, 0), 128), (*packed(64, 8192, 1), 128)
     inputs = [torch.randn(2, 1024, generator=torch.Generator().manual_seed(i)).bfloat16().cuda()
               for i in range(2)]  # fmt: skip
 
