@@ -74,6 +74,7 @@ def test_every_step_runs_in_order_with_its_log_and_results(tmp_path):
         ["benchmarks/speculative.py", "--device"],
         ["benchmarks/cuda.py", "--workdir"],
     ]
+    assert calls[0].endswith("-k cuda and not emulated tests")  # the emulator's: CI runs them
     assert "--methods gptq,awq" in calls[1] and "--anchors hf-compiled" in calls[1]
     assert calls[3].endswith("--models 1b --methods  --anchors  --bf16-parts eager")
     assert " --rounds 5 " in calls[2] and calls[2].endswith("--shared /data/my shared")
