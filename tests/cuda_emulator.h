@@ -233,6 +233,9 @@ struct Context {
     return (uint32_t)ops.at(ins.args.at(arg).operands.at(i)).value;
   }
   uint64_t imm(int arg) const { return ins.args.at(arg).immediate; }
+  uintptr_t address(int arg) const {  // an [address] argument's 64-bit register
+    return ops.at(ins.args.at(arg).operands.at(0)).value;
+  }
   void set(int arg, int i, uint64_t bits) const {
     Operand& o = ops.at(ins.args.at(arg).operands.at(i));
     if (!o.out) fail("writes an input: " + ins.op);
@@ -330,12 +333,11 @@ inline void execute(const Instruction& ins, std::vector<Operand>& ops) {
     }
     c.set(0, 0, d);
   } else if (op == "ld.global.nc.L1::no_allocate.v4.u32") {
-    const uintptr_t address = ops.at(ins.args.at(1).operands.at(0)).value;
     uint32_t words[4];
-    std::memcpy(words, vector((const void*)address, STREAMING), 16);
+    std::memcpy(words, vector((const void*)c.address(1), STREAMING), 16);
     for (int i = 0; i < 4; ++i) c.set(0, i, words[i]);
   } else if (op == "prefetch.global.L2::evict_last") {  // traced; no effect on the values
-    record(ops.at(ins.args.at(0).operands.at(0)).value, PREFETCH);
+    record(c.address(0), PREFETCH);
   } else if (op == "griddepcontrol.wait") {  // traced (address 0); returns at once here
     record(0, WAIT);
   } else if (op == "griddepcontrol.launch_dependents") {
