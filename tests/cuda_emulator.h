@@ -1,8 +1,9 @@
 // The CUDA built-ins and PTX instructions llmkit's CUDA C++ kernels (llmkit/kernels/*.cu)
 // use, emulated on the CPU, for tests: tests/cuda_emulator.py compiles a kernel source with
 // this header in front (its inline PTX rewritten into emu::ptx calls, its 16-byte loads into
-// emu::vector's) and runs a launch's threads as fibers of one host thread, one block after
-// another.
+// emu::load16's), and links it with the emulator, this header compiled alone with
+// EMU_RUNTIME defined; the emulator runs a launch's threads as fibers of one host thread,
+// one block after another.
 //
 // - Warp-wide instructions (mma.sync.aligned, __shfl_xor_sync) take effect once all 32 lanes
 //   of the warp reach them, __syncthreads once every thread of the block does; threads that
@@ -13,9 +14,12 @@
 //   (mma.m16n8k16 with .bf16, mma.m16n8k32 with .s8), written here from those formulas;
 //   products sum in float64 (bf16) or exactly (s8).
 // - Shared memory is a function's static: one block runs at a time.
-// - Each launch keeps a trace of its 16-byte loads, L2 prefetches and griddepcontrol.waits
-//   (address, block, thread, kind), in the order each thread issues them, for tests of the
-//   memory traffic.
+// - Each launch keeps a trace of its accesses to its tensors (address, block, thread, kind,
+//   bytes), in the order each thread issues them, for tests of the memory traffic and its
+//   order: 16-byte loads, L2 prefetches and griddepcontrol.waits, and the kernel's other
+//   reads and writes, which the compiler's ThreadSanitizer instrumentation of its code (not
+//   the emulator's) reports to the __tsan_* functions at the end. A write the kernel's code
+//   makes outside the launch's tensors and its own memory is an error before it is made.
 
 #pragma once
 
@@ -53,6 +57,113 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 
 namespace emu {
 
+// What a trace entry is (tests/cuda_emulator.py's LOAD, STREAMING, PREFETCH, WAIT, READ,
+// WRITE): a 16-byte load, one by ld.global.nc, a prefetch, a wait, another read or write
+enum Access : uint64_t { LOAD = 0, STREAMING = 1, PREFETCH = 2, WAIT = 3, READ = 4, WRITE = 5 };
+
+// float and bf16/fp16 bits
+inline float as_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// An inline-PTX operand: outputs point at their variable (read first where "+"), inputs
+// carry their value's bits
+struct Operand {
+  void* out = nullptr;
+  int size = 0;
+  uint64_t value = 0;
+};
+
+template <char KIND, typename T>
+Operand out(T* p, bool read) {
+  static_assert(sizeof(T) == (KIND == 'h' ? 2 : KIND == 'l' ? 8 : 4), "operand size");
+  Operand o{p, (int)sizeof(T), 0};
+  if (read) std::memcpy(&o.value, p, sizeof(T));
+  return o;
+}
+
+template <char KIND, typename T>
+Operand in(T v) {
+  Operand o;
+  if constexpr (KIND == 'f') {
+    o.value = bits_of((float)v);
+  } else if constexpr (KIND == 'l') {
+    o.value = (uint64_t)(uintptr_t)v;
+  } else if constexpr (KIND == 'h') {
+    o.value = (uint16_t)v;
+  } else {
+    static_assert(KIND == 'r', "constraint");
+    o.value = (uint32_t)v;
+  }
+  return o;
+}
+
+// What the kernel's code calls of the emulator
+void ptx(const char* text, std::initializer_list<Operand> operands);  // an asm statement
+uint4 load16(const void* p, Access kind = LOAD);                       // *(const uint4*)p
+void syncthreads();
+uint32_t shuffle_xor(unsigned mask, uint32_t value, int lane_mask);  // of 32-bit values
+
+// Kernels by name, called with cuLaunchKernel's parameters (pointers to each argument)
+using Thunk = std::function<void(void**)>;
+void add_kernel(const char* name, Thunk thunk);
+
+template <typename... A, size_t... I>
+void call(void (*kernel)(A...), void** params, std::index_sequence<I...>) {
+  kernel(*static_cast<A*>(params[I])...);
+}
+
+struct Registered {
+  template <typename... A>
+  Registered(const char* name, void (*kernel)(A...)) {
+    add_kernel(name, [kernel](void** params) {
+      call(kernel, params, std::index_sequence_for<A...>{});
+    });
+  }
+};
+
+}  // namespace emu
+
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned selector) {
+  const uint64_t bytes = (uint64_t)y << 32 | x;  // bytes 0-3 x's, 4-7 y's
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned pick = (selector >> (4 * i)) & 7;  // the byte result byte i takes
+    r |= (unsigned)((bytes >> (8 * pick)) & 0xFF) << (8 * i);
+  }
+  return r;
+}
+inline float __uint_as_float(unsigned u) { return emu::as_float(u); }
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+template <typename T>
+T min(T a, T b) {
+  return b < a ? b : a;
+}
+inline void __syncthreads() { emu::syncthreads(); }
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles");
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  bits = emu::shuffle_xor(mask, bits, lane_mask);
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+#define EMU_KERNEL(name) static emu::Registered emu_registered_##name(#name, &name);
+
+#ifdef EMU_RUNTIME  // the emulator, which the kernel's code sees only the declarations of
+
+namespace emu {
+
 [[noreturn]] inline void fail(const std::string& why);
 
 struct Fiber {
@@ -69,11 +180,8 @@ struct Warp {
   uint32_t words[32][8];  // what each lane gives it
 };
 
-// What a trace entry is (tests/cuda_emulator.py's LOAD, STREAMING, PREFETCH, WAIT)
-enum Access : uint64_t { LOAD = 0, STREAMING = 1, PREFETCH = 2, WAIT = 3 };
-
-// Every access of the last launch: address, block, thread, Access
-inline std::vector<std::array<uint64_t, 4>> trace;
+// Every access of the last launch: address, block, thread, Access, bytes
+inline std::vector<std::array<uint64_t, 5>> trace;
 
 struct Launch {
   ucontext_t scheduler;
@@ -123,17 +231,6 @@ inline void exchange(const std::string& op, const uint32_t* mine, int n, uint32_
   arrive(warp.arrived, warp.generation, 32);  // read by all before any lane writes again
 }
 
-// float and bf16/fp16 bits
-inline float as_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-inline uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 inline double bf16(uint32_t half) { return as_float(half << 16); }
 
 // x rounded to the nearest bf16, ties to even (x a float64 or a float32)
@@ -154,38 +251,6 @@ inline float from_fp16(uint16_t h) {
   else if (exponent == 0) v = std::ldexp((double)mantissa, -24);
   else v = std::ldexp(1024.0 + mantissa, exponent - 25);
   return (float)(sign ? -v : v);
-}
-
-// An inline-PTX operand: outputs point at their variable (read first where "+"), inputs
-// carry their value's bits
-struct Operand {
-  void* out = nullptr;
-  int size = 0;
-  uint64_t value = 0;
-};
-
-template <char KIND, typename T>
-Operand out(T* p, bool read) {
-  static_assert(sizeof(T) == (KIND == 'h' ? 2 : KIND == 'l' ? 8 : 4), "operand size");
-  Operand o{p, (int)sizeof(T), 0};
-  if (read) std::memcpy(&o.value, p, sizeof(T));
-  return o;
-}
-
-template <char KIND, typename T>
-Operand in(T v) {
-  Operand o;
-  if constexpr (KIND == 'f') {
-    o.value = bits_of((float)v);
-  } else if constexpr (KIND == 'l') {
-    o.value = (uint64_t)(uintptr_t)v;
-  } else if constexpr (KIND == 'h') {
-    o.value = (uint16_t)v;
-  } else {
-    static_assert(KIND == 'r', "constraint");
-    o.value = (uint32_t)v;
-  }
-  return o;
 }
 
 // One instruction's arguments: each the operand numbers it names (a {vector} several) or,
@@ -249,18 +314,42 @@ inline void check_range(uintptr_t address, size_t bytes, const std::string& op) 
   fail(op + " reads outside the launch's tensors");
 }
 
-inline void record(uintptr_t address, Access kind) {
-  trace.push_back({address, blockIdx.x, threadIdx.x, kind});
+inline void record(uintptr_t address, Access kind, uint64_t bytes) {
+  trace.push_back({address, blockIdx.x, threadIdx.x, kind, bytes});
 }
 
 // The 16 bytes at p, read as a kernel's `*(const uint4*)p` reads them (rewritten to this;
 // `kind` STREAMING from ld.global.nc): aligned and inside the launch's tensors, as on a
 // GPU, where others fault
-inline const uint4* vector(const void* p, Access kind = LOAD) {
+uint4 load16(const void* p, Access kind) {
   if ((uintptr_t)p % 16) fail("a 16-byte load at an address that is not 16-byte aligned");
   check_range((uintptr_t)p, 16, "a 16-byte load");
-  record((uintptr_t)p, kind);
-  return (const uint4*)p;
+  record((uintptr_t)p, kind, 16);
+  uint4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+
+// The linker's bounds of the library's zero-initialized statics (its own, not the program's):
+// the kernels' shared memory and the emulator's globals
+extern "C" __attribute__((visibility("hidden"))) char __bss_start[], _end[];
+
+// Whether a kernel's thread may write at `address` outside the launch's tensors: on its own
+// stack, or in the library's zero-initialized statics, shared memory among them
+inline bool own(uintptr_t address) {
+  const uintptr_t stack = (uintptr_t)launch->current->stack.data();
+  if (address >= stack && address < stack + launch->current->stack.size()) return true;
+  return address >= (uintptr_t)__bss_start && address < (uintptr_t)_end;
+}
+
+// An instrumented read or write of the kernel's code, of `bytes` at `address`: traced where
+// it is in a tensor of the launch. A write must be in one, or in the thread's own memory;
+// others would corrupt memory of someone else's, so they are an error before they are made.
+inline void access(uintptr_t address, uint64_t bytes, Access kind) {
+  if (!launch || !launch->current) return;  // (the kernels' registration, at load)
+  for (const auto& [begin, end] : launch->ranges)
+    if (address >= begin && address + bytes <= end) return record(address, kind, bytes);
+  if (kind == WRITE && !own(address)) fail("a write outside the launch's tensors");
 }
 
 // mma.m16n8k16 with .bf16 (f32 sums, here in float64) and mma.m16n8k32 with .s8 (exact s32
@@ -333,13 +422,13 @@ inline void execute(const Instruction& ins, std::vector<Operand>& ops) {
     }
     c.set(0, 0, d);
   } else if (op == "ld.global.nc.L1::no_allocate.v4.u32") {
-    uint32_t words[4];
-    std::memcpy(words, vector((const void*)c.address(1), STREAMING), 16);
+    const uint4 v = load16((const void*)c.address(1), STREAMING);
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
     for (int i = 0; i < 4; ++i) c.set(0, i, words[i]);
   } else if (op == "prefetch.global.L2::evict_last") {  // traced; no effect on the values
-    record(c.address(0), PREFETCH);
+    record(c.address(0), PREFETCH, 0);
   } else if (op == "griddepcontrol.wait") {  // traced (address 0); returns at once here
-    record(0, WAIT);
+    record(0, WAIT, 0);
   } else if (op == "griddepcontrol.launch_dependents") {
     // no effect on what a kernel computes
   } else {
@@ -348,7 +437,7 @@ inline void execute(const Instruction& ins, std::vector<Operand>& ops) {
 }
 
 // An asm statement: its text, then its output operands, then its inputs (as numbered)
-inline void ptx(const char* text, std::initializer_list<Operand> operands) {
+void ptx(const char* text, std::initializer_list<Operand> operands) {
   static std::map<const char*, Instruction> parsed;
   auto it = parsed.find(text);
   if (it == parsed.end()) it = parsed.emplace(text, parse(text)).first;
@@ -359,43 +448,25 @@ inline void ptx(const char* text, std::initializer_list<Operand> operands) {
 }
 
 // The block's threads have all reached it
-inline void syncthreads() {
+void syncthreads() {
   arrive(launch->block_arrived, launch->block_generation, blockDim.x);
 }
 
-template <typename T>
-T shfl_xor(unsigned mask, T value, int lane_mask) {
-  static_assert(sizeof(T) == 4, "32-bit shuffles");
+uint32_t shuffle_xor(unsigned mask, uint32_t value, int lane_mask) {
   if (mask != 0xFFFFFFFFu) fail("a shuffle of only some lanes");
   if (lane_mask < 0 || lane_mask > 31) fail("a shuffle with a lane mask past the warp");
-  uint32_t mine, all[32][8];
-  std::memcpy(&mine, &value, 4);
-  exchange("shfl.sync.bfly", &mine, 1, all);
-  T got;
-  std::memcpy(&got, &all[(threadIdx.x & 31) ^ lane_mask][0], 4);
-  return got;
+  uint32_t all[32][8];
+  exchange("shfl.sync.bfly", &value, 1, all);
+  return all[(threadIdx.x & 31) ^ lane_mask][0];
 }
 
-// Kernels by name, called with cuLaunchKernel's parameters (pointers to each argument)
-using Thunk = std::function<void(void**)>;
+
 inline std::map<std::string, Thunk>& kernels() {
   static std::map<std::string, Thunk> all;
   return all;
 }
 
-template <typename... A, size_t... I>
-void call(void (*kernel)(A...), void** params, std::index_sequence<I...>) {
-  kernel(*static_cast<A*>(params[I])...);
-}
-
-struct Registered {
-  template <typename... A>
-  Registered(const char* name, void (*kernel)(A...)) {
-    kernels()[name] = [kernel](void** params) {
-      call(kernel, params, std::index_sequence_for<A...>{});
-    };
-  }
-};
+void add_kernel(const char* name, Thunk thunk) { kernels()[name] = std::move(thunk); }
 
 inline void fiber_main() {
   launch->body();
@@ -436,34 +507,28 @@ inline bool run_block() {
 
 }  // namespace emu
 
-inline unsigned __byte_perm(unsigned x, unsigned y, unsigned selector) {
-  const uint64_t bytes = (uint64_t)y << 32 | x;  // bytes 0-3 x's, 4-7 y's
-  unsigned r = 0;
-  for (int i = 0; i < 4; ++i) {
-    const unsigned pick = (selector >> (4 * i)) & 7;  // the byte result byte i takes
-    r |= (unsigned)((bytes >> (8 * pick)) & 0xFF) << (8 * i);
-  }
-  return r;
-}
-inline float __uint_as_float(unsigned u) { return emu::as_float(u); }
-inline float __expf(float x) { return std::exp(x); }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-template <typename T>
-T min(T a, T b) {
-  return b < a ? b : a;
-}
-inline void __syncthreads() { emu::syncthreads(); }
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
-  return emu::shfl_xor(mask, value, lane_mask);
-}
-
-#define EMU_KERNEL(name) static emu::Registered emu_registered_##name(#name, &name);
+// What the kernel's code, built with -fsanitize=thread (cuda_emulator.py's TRACED), calls:
+// each read or write of n bytes, aligned or not
+#define EMU_ACCESSES(n)                                                                     \
+  extern "C" void __tsan_read##n(uintptr_t a) { emu::access(a, n, emu::READ); }            \
+  extern "C" void __tsan_write##n(uintptr_t a) { emu::access(a, n, emu::WRITE); }          \
+  extern "C" void __tsan_unaligned_read##n(uintptr_t a) { emu::access(a, n, emu::READ); }  \
+  extern "C" void __tsan_unaligned_write##n(uintptr_t a) { emu::access(a, n, emu::WRITE); }
+EMU_ACCESSES(1)
+EMU_ACCESSES(2)
+EMU_ACCESSES(4)
+EMU_ACCESSES(8)
+EMU_ACCESSES(16)
+extern "C" void __tsan_read_range(uintptr_t a, size_t n) { emu::access(a, n, emu::READ); }
+extern "C" void __tsan_write_range(uintptr_t a, size_t n) { emu::access(a, n, emu::WRITE); }
+extern "C" void __tsan_init() {}
+extern "C" void __tsan_func_entry(void*) {}
+extern "C" void __tsan_func_exit() {}
 
 #define EMU_EXPORT extern "C" __attribute__((visibility("default")))  // (the rest is hidden)
 
 // The launch of kernel `name` on `grid` blocks of `block` threads; `ranges`: (address, bytes)
-// pairs of the tensors it may read with vector loads. nullptr, or why it failed.
+// pairs of the tensors it may read and write. nullptr, or why it failed.
 EMU_EXPORT const char* emu_launch(const char* name, unsigned grid, unsigned block, void** params,
                                   const uint64_t* ranges, int count) {
   static std::string error;
@@ -491,8 +556,11 @@ EMU_EXPORT const char* emu_launch(const char* name, unsigned grid, unsigned bloc
   return error.c_str();
 }
 
-// The last launch's trace (emu::trace): its entries at *entries, how many returned
+// The last launch's trace (emu::trace): its entries at *entries (5 words each), how many
+// returned
 EMU_EXPORT size_t emu_trace(const uint64_t** entries) {
   *entries = emu::trace.empty() ? nullptr : emu::trace.front().data();
   return emu::trace.size();
 }
+
+#endif  // EMU_RUNTIME

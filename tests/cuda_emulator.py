@@ -2,11 +2,15 @@
 cuda_common.cuh's helpers, as cuda_rtc.source gives NVRTC) is compiled by the host's C++
 compiler with tests/cuda_emulator.h in front, which emulates the CUDA built-ins and the PTX
 instructions the kernels use (each `asm` statement becomes a call that interprets its
-instruction). `EmulatedModule` launches the kernels as cuda_rtc.Module does, so a kernel
-module's own first-use check can run on it, and keeps each launch's trace of 16-byte loads,
-L2 prefetches and waits for the kernels before (griddepcontrol.wait), from which
-`warp_loads`, `sector_use`, `reads`, `prefetched` and `before_wait` tell how the kernel
-uses the memory bandwidth."""
+instruction), instrumented so that each of its reads and writes is a call to the emulator,
+and linked with the emulator (the same header, not instrumented). `EmulatedModule` launches
+the kernels as cuda_rtc.Module does, so a kernel module's own first-use check can run on it,
+and keeps each launch's trace of 16-byte loads, L2 prefetches, waits for the kernels before
+(griddepcontrol.wait) and the kernel's other reads and writes of its tensors, from which
+`warp_loads`, `sector_use`, `counts`, `touches`, `prefetched` and `before_wait` tell how the
+kernel uses the memory bandwidth and in what order it reads and writes. A write outside the
+launch's tensors (and the thread's own stack and shared memory) is refused before it is
+made."""
 
 from __future__ import annotations
 
@@ -24,8 +28,16 @@ from llmkit.kernels import cuda_rtc
 
 HEADER = Path(__file__).with_name("cuda_emulator.h")
 COMPILER = os.environ.get("CXX", "g++")
-LOAD, STREAMING, PREFETCH, WAIT = 0, 1, 2, 3  # a trace entry's kind: cuda_emulator.h's Access
+# a trace entry's kind (cuda_emulator.h's Access): a 16-byte load, a streaming one
+# (ld.global.nc), an L2 prefetch, a griddepcontrol.wait, any other read, a write
+LOAD, STREAMING, PREFETCH, WAIT, READ, WRITE = 0, 1, 2, 3, 4, 5
 SECTOR, LINE = 32, 128  # bytes the L2 moves at once, and a cache line's
+# every symbol but emu_launch and emu_trace bound within a library: two libraries loaded at
+# once (another source's kernels of the same names) each run their own
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-w", "-fvisibility=hidden"]
+# every read and write of the kernel's code a call to cuda_emulator.h's __tsan_* functions
+# (ThreadSanitizer's instrumentation, which reports both the read and the write of a `+=`)
+TRACED = ["-fsanitize=thread"]
 
 
 class EmulationError(RuntimeError):
@@ -112,30 +124,47 @@ VECTOR_LOAD = re.compile(r"\*\(const uint4\*\)(\w+|\((?:[^()]|\([^()]*\))*\))")
 
 
 def rewrite_vector_loads(source: str) -> str:
-    """`source` with each 16-byte load `*(const uint4*)p` a checked `*emu::vector(p)`."""
-    return VECTOR_LOAD.sub(r"*emu::vector(\1)", source)
+    """`source` with each 16-byte load `*(const uint4*)p` a checked `emu::load16(p)`."""
+    return VECTOR_LOAD.sub(r"emu::load16(\1)", source)
+
+
+def _compile(arguments: list, what: str) -> None:
+    made = subprocess.run([COMPILER, *map(str, arguments)], capture_output=True, text=True)
+    if made.returncode:
+        log = made.stderr[-4000:]
+        raise EmulationError(f"{what} did not compile for the emulator: {log}")
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _runtime(directory: Path) -> Path:
+    """The emulator's object file (cuda_emulator.h with EMU_RUNTIME), not instrumented, in
+    `directory`."""
+    made = directory / f"emulator-{_key(HEADER.read_text(), *FLAGS)}.o"
+    if not made.exists():
+        _compile([*FLAGS, "-DEMU_RUNTIME", "-x", "c++", "-c", HEADER, "-o", made], HEADER.name)
+    return made
 
 
 def build(path: Path, names, defines, directory: Path) -> Path:
     """The shared library of `path`'s kernels `names` compiled with `defines` ("NAME=VALUE")
-    for the emulator, in `directory` (kept there under a name of everything it is made of)."""
+    for the emulator, in `directory` (kept there under a name of everything it is made of):
+    the kernels' code instrumented (TRACED), linked with the emulator's."""
     text = rewrite_vector_loads(rewrite_asm(cuda_rtc.source(path)))
     text += "".join(f"\nEMU_KERNEL({name})" for name in names) + "\n"
-    # every symbol but emu_launch bound within the library: two libraries loaded at once
-    # (another source's kernels of the same names) each run their own
-    flags = ["-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-fvisibility=hidden",
-             *[f"-D{d}" for d in defines]]  # fmt: skip
-    key = hashlib.sha256("\0".join([HEADER.read_text(), text, *flags]).encode()).hexdigest()
-    library = directory / f"{path.stem}-{key[:16]}.so"
+    flags = [*FLAGS, *TRACED, *[f"-D{d}" for d in defines]]
+    stem = f"{path.stem}-{_key(HEADER.read_text(), text, *flags)}"
+    library = directory / f"{stem}.so"
     if not library.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        source = directory / f"{path.stem}-{key[:16]}.cpp"
+        source = directory / f"{stem}.cpp"
         source.write_text(text)
-        made = subprocess.run([COMPILER, *flags, "-include", str(HEADER), str(source), "-o",
-                               str(library)], capture_output=True, text=True)  # fmt: skip
-        if made.returncode:
-            log = made.stderr[-4000:]
-            raise EmulationError(f"{path.name} did not compile for the emulator: {log}")
+        _compile([*flags, "-include", HEADER, "-c", source, "-o", source.with_suffix(".o")],
+                 path.name)  # fmt: skip
+        _compile(["-shared", source.with_suffix(".o"), _runtime(directory), "-o", library],
+                 path.name)  # fmt: skip
     return library
 
 
@@ -163,14 +192,14 @@ class EmulatedModule:
             raise EmulationError(f"{kernel}: {error.decode()}")
 
     def trace(self) -> torch.Tensor:
-        """The last launch's 16-byte loads, L2 prefetches and waits: int64 [accesses, 4] of
-        (address, block, thread, kind), each thread's in the order it issued them."""
+        """The last launch's accesses to its tensors and its waits: int64 [accesses, 5] of
+        (address, block, thread, kind, bytes), each thread's in the order it issued them."""
         entries = ctypes.POINTER(ctypes.c_uint64)()
         count = self._lib.emu_trace(ctypes.byref(entries))
         if not count:
-            return torch.empty(0, 4, dtype=torch.int64)
-        words = ctypes.cast(entries, ctypes.POINTER(ctypes.c_int64 * (4 * count))).contents
-        return torch.frombuffer(bytearray(words), dtype=torch.int64).view(count, 4)
+            return torch.empty(0, 5, dtype=torch.int64)
+        words = ctypes.cast(entries, ctypes.POINTER(ctypes.c_int64 * (5 * count))).contents
+        return torch.frombuffer(bytearray(words), dtype=torch.int64).view(count, 5)
 
 
 def warp_loads(trace: torch.Tensor, kind: int) -> list[list[int]]:
@@ -178,7 +207,7 @@ def warp_loads(trace: torch.Tensor, kind: int) -> list[list[int]]:
     of the other lanes of its warp, one instruction; the addresses each reads."""
     issued: dict[tuple, int] = {}
     instructions: dict[tuple, list[int]] = {}
-    for address, block, thread, k in trace.tolist():
+    for address, block, thread, k, _ in trace.tolist():
         if k != kind:
             continue
         i = issued[block, thread] = issued.get((block, thread), -1) + 1
@@ -192,12 +221,26 @@ def sector_use(instruction: list[int]) -> float:
     return 16 * len(set(instruction)) / (SECTOR * len({a // SECTOR for a in instruction}))
 
 
-def reads(trace: torch.Tensor, kind: int, tensor: torch.Tensor) -> torch.Tensor:
-    """How often the loads of `kind` read each 16 bytes of `tensor` (16-byte aligned)."""
+def counts(trace: torch.Tensor, kind: int, tensor: torch.Tensor, unit: int = 16) -> torch.Tensor:
+    """How often the accesses of `kind` in `trace` start in each `unit` bytes of `tensor`
+    (`unit`: 16 for 16-byte loads, the element size for reads and writes)."""
     begin, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
     addresses = trace[trace[:, 3] == kind, 0]
     inside = addresses[(addresses >= begin) & (addresses < begin + size)]
-    return torch.bincount((inside - begin) // 16, minlength=size // 16)
+    return torch.bincount((inside - begin) // unit, minlength=size // unit)
+
+
+def touches(trace: torch.Tensor, tensor: torch.Tensor) -> dict[int, list[tuple[int, int, int]]]:
+    """The reads and writes of each element of `tensor` (by its offset) in `trace`, in the
+    order they were made: (block, thread, kind) each."""
+    begin, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    made: dict[int, list[tuple[int, int, int]]] = {}
+    for address, block, thread, kind, _ in trace.tolist():
+        if kind in (READ, WRITE) and begin <= address < begin + size:
+            made.setdefault((address - begin) // tensor.element_size(), []).append(
+                (block, thread, kind)
+            )
+    return made
 
 
 def prefetched(trace: torch.Tensor, address: int, size: int) -> torch.Tensor:
@@ -214,7 +257,7 @@ def before_wait(trace: torch.Tensor, kind: int) -> dict[tuple[int, int], int]:
     first griddepcontrol.wait; threads that never wait are not in it."""
     made: dict[tuple[int, int], int] = {}
     counts: dict[tuple[int, int], int] = {}
-    for _, block, thread, k in trace.tolist():
+    for _, block, thread, k, _ in trace.tolist():
         if k == WAIT:
             counts.setdefault((block, thread), made.get((block, thread), 0))
         elif k == kind:

@@ -6,9 +6,10 @@ behaves as the hardware does; mutants of the sources that read their fragments w
 whose unrolled loops multiply stale weights, fail the checks here. The launches' traces
 show that every kernel reads each weight byte once, in whole 32-byte sectors, that the L2
 prefetches fetch each line of their regions once, and that a kernel loads its first
-weights before it waits for the kernel before it and its activations only after: what a
-bandwidth-bound product launched as a programmatic dependent needs, which no output value
-shows."""
+weights before it waits for the kernel before it and touches nothing else until after:
+what a bandwidth-bound product launched as a programmatic dependent needs, which no output
+value shows. They also show each output written once (one added to the residual stream
+read and then written by one thread), and the emulator stops a write past an output."""
 
 from __future__ import annotations
 
@@ -20,15 +21,18 @@ from llmkit.kernels.cuda_rtc import CudaError
 from tests.cuda_emulator import (
     LOAD,
     PREFETCH,
+    READ,
     STREAMING,
+    WRITE,
     EmulatedModule,
     EmulationError,
     before_wait,
     compiler,
+    counts,
     prefetched,
-    reads,
     rewrite_asm,
     sector_use,
+    touches,
     warp_loads,
 )
 from tests.test_cuda_int4 import packed
@@ -140,6 +144,7 @@ extern "C" __global__ void misaligned(const uint4* w) { *(const uint4*)((const c
 extern "C" __global__ void unknown(u32* y) {
   asm("brev.b32 %0, %1;" : "=r"(*y) : "r"(*y));
 }
+extern "C" __global__ void scribble(u32* y) { y[threadIdx.x + 1] = 0; }
 """
 
 
@@ -148,24 +153,29 @@ extern "C" __global__ void unknown(u32* y) {
     ("stray", "reads outside the launch's tensors"),
     ("misaligned", "a 16-byte load at an address that is not 16-byte aligned"),
     ("unknown", "does not know the instruction brev.b32"),
+    ("scribble", "a write outside the launch's tensors"),
 ])  # fmt: skip
 def test_the_emulator_refuses_what_a_gpu_would_not_run_as_written(built, tmp_path, kernel,
                                                                   error):  # fmt: skip
     """Lanes that leave a warp-wide mma, a load past a tensor's end or at an address a GPU
-    faults at, an instruction it does not emulate: each an error, not a value."""
+    faults at, an instruction it does not emulate, a write past a tensor's end (stopped
+    before it is made): each an error, not a value."""
     path = tmp_path / "guarded.cu"
     path.write_text(GUARDED)
-    module = EmulatedModule(path, ["diverged", "stray", "misaligned", "unknown"], (), built)
-    y = torch.zeros(32, dtype=torch.int32 if kernel != "diverged" else torch.float32)
+    names = ["diverged", "stray", "misaligned", "unknown", "scribble"]
+    module = EmulatedModule(path, names, (), built)
+    buffer = torch.zeros(33, dtype=torch.int32 if kernel != "diverged" else torch.float32)
+    y = buffer[:32]  # (stray: 32 lanes read 512 bytes of y's 128; scribble writes buffer[32])
     with pytest.raises(EmulationError, match=error):
-        module.launch(kernel, 1, 32, y)  # (stray: 32 lanes read 512 bytes of y's 128)
+        module.launch(kernel, 1, 32, y)
+    assert int(buffer[32]) == 0
 
 
 def assert_weights_read_once_in_whole_sectors(module, weight: torch.Tensor):
     """The last launch of `module` read every 16 bytes of `weight` exactly once, and
     nothing else, with streaming loads of 32 lanes a warp that use every sector they touch."""
     trace = module.trace()
-    assert reads(trace, STREAMING, weight).unique().tolist() == [1]
+    assert counts(trace, STREAMING, weight).unique().tolist() == [1]
     assert int((trace[:, 3] == STREAMING).sum()) * 16 == weight.numel() * weight.element_size()
     instructions = warp_loads(trace, STREAMING)
     assert {len(i) for i in instructions} == {32}
@@ -173,6 +183,11 @@ def assert_weights_read_once_in_whole_sectors(module, weight: torch.Tensor):
 
 
 TRAFFIC = """
+extern "C" __global__ void early(u32* y) {
+  y[threadIdx.x] += 1;
+  wait_for_inputs();
+  y[threadIdx.x ^ 1] += 1;
+}
 extern "C" __global__ void coalesced(const uint4* w) { load_streaming(w + threadIdx.x); }
 extern "C" __global__ void swapped(const uint4* w) { load_streaming(w + (threadIdx.x ^ 1)); }
 extern "C" __global__ void halves(const uint4* w) { load_streaming(w + 2 * threadIdx.x); }
@@ -183,21 +198,41 @@ extern "C" __global__ void twice(const uint4* w) {
 """
 
 
+def traffic_module(built, tmp_path):
+    path = tmp_path / "traffic.cu"
+    path.write_text(TRAFFIC)
+    return EmulatedModule(path, ["coalesced", "swapped", "halves", "twice", "early"], (), built)
+
+
 def test_the_traffic_checks_tell_whole_sectors_from_wasted_ones(built, tmp_path):
     """On kernels written for it: a warp's 32 lanes reading 512 contiguous bytes (in any
     order of lanes) use their 16 sectors whole; lanes 32 bytes apart use half of each
     sector; a second read of the same bytes is counted."""
-    path = tmp_path / "traffic.cu"
-    path.write_text(TRAFFIC)
-    module = EmulatedModule(path, ["coalesced", "swapped", "halves", "twice"], (), built)
+    module = traffic_module(built, tmp_path)
     w = torch.zeros(64, 4, dtype=torch.int32)  # 1024 bytes
-    for kernel, use, counts in [("coalesced", 1.0, [1, 0]), ("swapped", 1.0, [1, 0]),
+    for kernel, use, times in [("coalesced", 1.0, [1, 0]), ("swapped", 1.0, [1, 0]),
                                 ("halves", 0.5, [1, 0]), ("twice", 1.0, [2, 0])]:  # fmt: skip
         module.launch(kernel, 1, 32, w)
         trace = module.trace()
         instructions = warp_loads(trace, STREAMING)
         assert [sector_use(i) for i in instructions] == [use] * len(instructions), kernel
-        assert reads(trace, STREAMING, w)[[0, 63]].tolist() == counts, kernel
+        assert counts(trace, STREAMING, w)[[0, 63]].tolist() == times, kernel
+
+
+def test_the_order_checks_see_each_read_and_write_and_its_thread(built, tmp_path):
+    """On a kernel written for it, whose threads each add 1 to their element of y before they
+    wait and to their neighbour's after: one read and one write of each thread's before the
+    wait, and each element read and written by two threads, as made (here thread 4 runs to
+    its end before thread 5 starts: nothing makes it wait)."""
+    module = traffic_module(built, tmp_path)
+    y = torch.zeros(32, dtype=torch.int32)
+    module.launch("early", 1, 32, y)
+    trace = module.trace()
+    assert y.tolist() == [2] * 32
+    assert [set(before_wait(trace, kind).values()) for kind in (READ, WRITE)] == [{1}, {1}]
+    made = touches(trace, y)
+    assert made[5] == [(0, 4, READ), (0, 4, WRITE), (0, 5, READ), (0, 5, WRITE)]
+    assert trace[trace[:, 3] == WRITE, 4].unique().tolist() == [4]
 
 
 @pytest.mark.parametrize("n, k", [(48, 320), (32, 4096)])
@@ -259,16 +294,18 @@ def test_a_kernel_loading_its_first_weights_again_fails_the_traffic_check(built,
         cuda_int4._matmul(module, variant[0], x, weight, words, 128, False)
     with pytest.raises(AssertionError):
         assert_weights_read_once_in_whole_sectors(module, weight)
-    assert reads(module.trace(), STREAMING, weight).max() == 2
+    assert counts(module.trace(), STREAMING, weight).max() == 2
 
 
 def assert_overlapped_safely(module, threads: int, first: int):
     """In the last launch of `module`, each of its `threads` threads made `first` streaming
-    loads (its first weights) before its griddepcontrol.wait, and no other 16-byte load."""
+    loads (its first weights) before its griddepcontrol.wait, and no other access of the
+    launch's tensors: no other load, read or write."""
     trace = module.trace()
-    loads, weights = before_wait(trace, LOAD), before_wait(trace, STREAMING)
-    assert len(loads) == threads and set(loads.values()) == {0}
-    assert set(weights.values()) == {first}
+    weights = before_wait(trace, STREAMING)
+    assert len(weights) == threads and set(weights.values()) == {first}
+    for kind in (LOAD, READ, WRITE, PREFETCH):
+        assert set(before_wait(trace, kind).values()) == {0}, kind
 
 
 # the norm's reads of the activations (the residual stream) moved before the wait
@@ -282,10 +319,11 @@ EARLY = ("  wait_for_inputs();\n  float inv[MT] = {};\n" + NORM,
 def test_first_weights_load_before_the_wait_and_activations_after(built, tmp_path, variant):
     """Launched as a programmatic dependent, a kernel runs beside the kernel before it until
     griddepcontrol.wait: each thread loads its first chunks' weights, which no kernel
-    writes, before it (2 UNROLL 16-byte words int8, UNROLL int4), and reads no activation,
-    which the kernel before writes, until after it. On a GPU an early read of them gives
-    stale values now and then; here a mutant whose norm reads them first (`early`) fails,
-    though its first-use check passes."""
+    writes, before it (2 UNROLL 16-byte words int8, UNROLL int4), and reads or writes
+    nothing else, activations and outputs above all (which the kernels around it write and
+    read), until after it. On a GPU an early read of them gives stale values now and then;
+    here a mutant whose norm reads them first (`early`) fails, though its first-use check
+    passes."""
     if variant is None:
         module = int8_module(built)
         q, scale, x, xq, x_scale = products(3, 32, 4096, 5)
@@ -312,3 +350,59 @@ def test_first_weights_load_before_the_wait_and_activations_after(built, tmp_pat
             assert_overlapped_safely(module, 2 * 32 * variant[0], variant[1])
     if early:
         cuda_int4._check(module, variant, CPU, ("norm",))  # its values are right
+
+
+def assert_written_once(trace: torch.Tensor, y: torch.Tensor):
+    """In `trace`, every element of the bf16 `y` was written exactly once, and nothing else
+    was written."""
+    writes = trace[trace[:, 3] == WRITE]
+    assert writes[:, 4].unique().tolist() == [2] and len(writes) == y.numel()
+    assert counts(trace, WRITE, y, 2).unique().tolist() == [1]
+
+
+@pytest.mark.parametrize("variant", [None, *cuda_int4.VARIANTS, (8, 4, 1)], ids=str)
+def test_each_output_is_written_once_and_added_to_by_the_thread_that_reads_it(built, variant):
+    """The int8 products (both, one tile of rows and two) and every int4 variant's plain,
+    two-tile, gated and normed ones write each output once and nothing else; an int4 product
+    added to the residual stream reads each of its elements once and then writes it, both
+    by one thread, so no other thread's write can come between."""
+    if variant is None:
+        module = int8_module(built)
+        for rows in (3, 16):
+            q, scale, x, xq, x_scale = products(rows, 32, 1024, rows)
+            y = cuda_int8._launch(module, "int8_gemv", x, None, q, scale)
+            assert_written_once(module.trace(), y)
+            y = cuda_int8._launch(module, "w8a8_gemv", xq, x_scale, q, scale)
+            assert_written_once(module.trace(), y)
+        return
+    module = int4_module(built, variant)
+    tiles, words = packed(32, 1024, 3, CPU)
+    norm = (torch.ones(1024, dtype=torch.bfloat16), 1e-5)
+    for rows, gated, normed in ((1, False, False), (16, False, False), (3, True, False),
+                                (3, False, True)):  # fmt: skip
+        y = cuda_int4._matmul(module, variant[0], torch.randn(rows, 1024).bfloat16(), tiles,
+                              words, 128, gated, norm if normed else None)  # fmt: skip
+        assert_written_once(module.trace(), y)
+    residual = torch.randn(3, 32).bfloat16()
+    cuda_int4._matmul(module, variant[0], torch.randn(3, 1024).bfloat16(), tiles, words, 128,
+                      False, into=residual)  # fmt: skip
+    trace = module.trace()
+    assert_written_once(trace, residual)
+    made = touches(trace, residual)
+    assert len(made) == residual.numel()
+    for (block, thread, kind), second in made.values():
+        assert (kind, second) == (READ, (block, thread, WRITE))
+
+
+def test_a_kernel_writing_past_its_output_is_stopped_before_the_write(built, tmp_path):
+    """A mutant whose bound on a tile's second row is off by one (`m + 1 <= rows`) adds a
+    row past its [3, N] output: the emulator refuses that write before it is made, so the
+    memory after the output stays as it was."""
+    path = mutant(cuda_int4.SOURCE, tmp_path, "if (m + 1 < rows)", "if (m + 1 <= rows)")
+    module = int4_module(built, (8, 4), path)
+    tiles, words = packed(32, 1024, 4, CPU)
+    buffer = torch.zeros(4, 32, dtype=torch.bfloat16)
+    with pytest.raises(EmulationError, match="a write outside the launch's tensors"):
+        cuda_int4._matmul(module, 8, torch.randn(3, 1024).bfloat16(), tiles, words, 128,
+                          False, into=buffer[:3])  # fmt: skip
+    assert not buffer[3].any()
