@@ -8,8 +8,8 @@ the kernels as cuda_rtc.Module does, so a kernel module's own first-use check ca
 and keeps each launch's trace of 16-byte loads, L2 prefetches, waits for the kernels before
 (griddepcontrol.wait) and the kernel's other reads and writes of its tensors, from which
 `warp_loads`, `sector_use`, `counts`, `touches`, `prefetched` and `before_wait` tell how the
-kernel uses the memory bandwidth and in what order it reads and writes. A write outside the
-launch's tensors (and the thread's own stack and shared memory) is refused before it is
+kernel uses the memory bandwidth and in what order it reads and writes. A write anywhere
+but in the launch's tensors, the thread's stack and shared memory is refused before it is
 made."""
 
 from __future__ import annotations
@@ -237,9 +237,8 @@ def touches(trace: torch.Tensor, tensor: torch.Tensor) -> dict[int, list[tuple[i
     made: dict[int, list[tuple[int, int, int]]] = {}
     for address, block, thread, kind, _ in trace.tolist():
         if kind in (READ, WRITE) and begin <= address < begin + size:
-            made.setdefault((address - begin) // tensor.element_size(), []).append(
-                (block, thread, kind)
-            )
+            element = (address - begin) // tensor.element_size()
+            made.setdefault(element, []).append((block, thread, kind))
     return made
 
 
@@ -256,10 +255,10 @@ def before_wait(trace: torch.Tensor, kind: int) -> dict[tuple[int, int], int]:
     """How many accesses of `kind` each thread (block, thread) of `trace` made before its
     first griddepcontrol.wait; threads that never wait are not in it."""
     made: dict[tuple[int, int], int] = {}
-    counts: dict[tuple[int, int], int] = {}
+    before: dict[tuple[int, int], int] = {}
     for _, block, thread, k, _ in trace.tolist():
         if k == WAIT:
-            counts.setdefault((block, thread), made.get((block, thread), 0))
+            before.setdefault((block, thread), made.get((block, thread), 0))
         elif k == kind:
             made[block, thread] = made.get((block, thread), 0) + 1
-    return counts
+    return before
