@@ -13,7 +13,10 @@
 // - The mma fragments are laid out as the PTX ISA's "Matrix Fragments" sections give them
 //   (mma.m16n8k16 with .bf16, mma.m16n8k32 with .s8), written here from those formulas;
 //   products sum in float64 (bf16) or exactly (s8).
-// - Shared memory is a function's static: one block runs at a time.
+// - Shared memory is a function's static: one block runs at a time. Its reads and writes are
+//   checked as a GPU's race check does: a thread's access to bytes another thread wrote (or,
+//   for a write, read) since the block's last __syncthreads is an error, as is a read of
+//   bytes no thread of the block wrote.
 // - Each launch keeps a trace of its accesses to its tensors (address, block, thread, kind,
 //   bytes), in the order each thread issues them, for tests of the memory traffic and its
 //   order: 16-byte loads, L2 prefetches and griddepcontrol.waits, and the kernel's other
@@ -183,6 +186,14 @@ struct Warp {
 // Every access of the last launch: address, block, thread, Access, bytes
 inline std::vector<std::array<uint64_t, 5>> trace;
 
+// A byte of shared memory's last write and its reads since: each the phase it was made in
+// (phase(), 0 for none) and by which thread (SEVERAL: reads of more than one)
+struct Touches {
+  uint64_t written = 0, read = 0;
+  unsigned writer = 0, reader = 0;
+};
+constexpr unsigned SEVERAL = ~0u;
+
 struct Launch {
   ucontext_t scheduler;
   std::vector<Fiber> fibers;
@@ -194,6 +205,7 @@ struct Launch {
   unsigned long block_generation = 0;
   unsigned long events = 0;  // arrivals and exits: a round of the block without one is stuck
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // [begin, end) of the tensors
+  std::map<uintptr_t, Touches> shared;                   // each byte of shared memory's
 };
 inline Launch* launch = nullptr;
 
@@ -331,25 +343,61 @@ uint4 load16(const void* p, Access kind) {
 }
 
 // The linker's bounds of the library's zero-initialized statics (its own, not the program's):
-// the kernels' shared memory and the emulator's globals
+// of what the kernel's code reads and writes, its shared memory (the emulator's globals in
+// them are not instrumented)
 extern "C" __attribute__((visibility("hidden"))) char __bss_start[], _end[];
 
-// Whether a kernel's thread may write at `address` outside the launch's tensors: on its own
-// stack, or in the library's zero-initialized statics, shared memory among them
-inline bool own(uintptr_t address) {
-  const uintptr_t stack = (uintptr_t)launch->current->stack.data();
-  if (address >= stack && address < stack + launch->current->stack.size()) return true;
+inline bool in_shared(uintptr_t address) {
   return address >= (uintptr_t)__bss_start && address < (uintptr_t)_end;
 }
 
+inline bool on_stack(uintptr_t address) {  // the running thread's
+  const uintptr_t stack = (uintptr_t)launch->current->stack.data();
+  return address >= stack && address < stack + launch->current->stack.size();
+}
+
+// The part of the launch a thread is in: its block, and the __syncthreads it passed (never 0)
+inline uint64_t phase() { return (uint64_t)(blockIdx.x + 1) << 32 | launch->block_generation; }
+
+inline std::string race(const char* does, const char* did, unsigned other) {
+  const std::string who = other == SEVERAL ? "other threads" : "thread " + std::to_string(other);
+  return "thread " + std::to_string(threadIdx.x) + " of block " + std::to_string(blockIdx.x) +
+         " " + does + " shared memory " + who + " " + did + " since the last __syncthreads";
+}
+
+// A read or write of shared memory, against the other threads' since the block's last
+// __syncthreads, which alone orders them on a GPU: a read of a byte another thread wrote, or
+// a write of one another thread read or wrote, is a race, and a read of a byte no thread of
+// the block wrote reads what was there before it (another block's leftovers, on a GPU)
+inline void check_shared(uintptr_t address, uint64_t bytes, Access kind) {
+  const uint64_t now = phase();
+  const unsigned me = threadIdx.x;
+  for (uintptr_t at = address; at < address + bytes; ++at) {
+    Touches& t = launch->shared[at];
+    if (t.written == now && t.writer != me)
+      fail(race(kind == READ ? "reads" : "writes", "wrote", t.writer));
+    if (kind == READ) {
+      if (t.written >> 32 != now >> 32) fail("a read of shared memory no thread of its block wrote");
+      t.reader = t.read == now && t.reader != me ? SEVERAL : me;
+      t.read = now;
+    } else {
+      if (t.read == now && t.reader != me) fail(race("writes", "read", t.reader));
+      t.written = now;
+      t.writer = me;
+    }
+  }
+}
+
 // An instrumented read or write of the kernel's code, of `bytes` at `address`: traced where
-// it is in a tensor of the launch. A write must be in one, or in the thread's own memory;
-// others would corrupt memory of someone else's, so they are an error before they are made.
+// it is in a tensor of the launch, checked for races where it is in shared memory. A write
+// must be in one of those or on the thread's stack; others would corrupt memory of someone
+// else's, so they are an error before they are made.
 inline void access(uintptr_t address, uint64_t bytes, Access kind) {
   if (!launch || !launch->current) return;  // (the kernels' registration, at load)
   for (const auto& [begin, end] : launch->ranges)
     if (address >= begin && address + bytes <= end) return record(address, kind, bytes);
-  if (kind == WRITE && !own(address)) fail("a write outside the launch's tensors");
+  if (in_shared(address)) return check_shared(address, bytes, kind);
+  if (kind == WRITE && !on_stack(address)) fail("a write outside the launch's tensors");
 }
 
 // mma.m16n8k16 with .bf16 (f32 sums, here in float64) and mma.m16n8k32 with .s8 (exact s32

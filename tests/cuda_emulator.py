@@ -10,7 +10,7 @@ and keeps each launch's trace of 16-byte loads, L2 prefetches, waits for the ker
 `warp_loads`, `sector_use`, `counts`, `touches`, `prefetched` and `before_wait` tell how the
 kernel uses the memory bandwidth and in what order it reads and writes. A write anywhere
 but in the launch's tensors, the thread's stack and shared memory is refused before it is
-made."""
+made, and a race on shared memory (cuda_emulator.h's check_shared) stops the launch."""
 
 from __future__ import annotations
 

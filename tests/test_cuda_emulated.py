@@ -9,7 +9,8 @@ prefetches fetch each line of their regions once, and that a kernel loads its fi
 weights before it waits for the kernel before it and touches nothing else until after:
 what a bandwidth-bound product launched as a programmatic dependent needs, which no output
 value shows. They also show each output written once (one added to the residual stream
-read and then written by one thread), and the emulator stops a write past an output."""
+read and then written by one thread); the emulator stops a write past an output, and
+mutants missing a __syncthreads fail its race check on shared memory."""
 
 from __future__ import annotations
 
@@ -145,7 +146,34 @@ extern "C" __global__ void unknown(u32* y) {
   asm("brev.b32 %0, %1;" : "=r"(*y) : "r"(*y));
 }
 extern "C" __global__ void scribble(u32* y) { y[threadIdx.x + 1] = 0; }
+extern "C" __global__ void unsynced(u32* y) {  // no barrier between a write and others' reads
+  __shared__ u32 cell[32];
+  cell[threadIdx.x] = threadIdx.x;
+  y[threadIdx.x] = threadIdx.x ? cell[threadIdx.x - 1] : 0;
+}
+extern "C" __global__ void unwritten(u32* y) {
+  __shared__ u32 cell[64];
+  cell[threadIdx.x] = 1;
+  __syncthreads();
+  y[threadIdx.x] = cell[threadIdx.x + 32];
+}
+extern "C" __global__ void overwritten(u32* y) {  // no barrier between reads and a write (here
+  // thread 31, the last to reach the barrier, goes on first)
+  __shared__ u32 cell[32];
+  cell[threadIdx.x] = 1;
+  __syncthreads();
+  y[threadIdx.x] = cell[(threadIdx.x + 1) % 32];
+  cell[threadIdx.x] = 2;
+}
+extern "C" __global__ void synced(u32* y) {
+  __shared__ u32 cell[32];
+  cell[threadIdx.x] = blockIdx.x * 32 + threadIdx.x;
+  __syncthreads();
+  y[blockIdx.x * 32 + threadIdx.x] = cell[threadIdx.x ^ 1];
+}
 """
+GUARDED_NAMES = ["diverged", "stray", "misaligned", "unknown", "scribble", "unsynced",
+                 "unwritten", "overwritten", "synced"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kernel, error", [
@@ -154,21 +182,66 @@ extern "C" __global__ void scribble(u32* y) { y[threadIdx.x + 1] = 0; }
     ("misaligned", "a 16-byte load at an address that is not 16-byte aligned"),
     ("unknown", "does not know the instruction brev.b32"),
     ("scribble", "a write outside the launch's tensors"),
+    ("unsynced", "thread 1 of block 0 reads shared memory thread 0 wrote since the last "
+                 "__syncthreads"),
+    ("unwritten", "a read of shared memory no thread of its block wrote"),
+    ("overwritten", "thread 0 of block 0 writes shared memory thread 31 read since the last "
+                    "__syncthreads"),
 ])  # fmt: skip
 def test_the_emulator_refuses_what_a_gpu_would_not_run_as_written(built, tmp_path, kernel,
                                                                   error):  # fmt: skip
     """Lanes that leave a warp-wide mma, a load past a tensor's end or at an address a GPU
     faults at, an instruction it does not emulate, a write past a tensor's end (stopped
-    before it is made): each an error, not a value."""
+    before it is made), a race on shared memory or a read of shared memory the block never
+    wrote: each an error, not a value."""
     path = tmp_path / "guarded.cu"
     path.write_text(GUARDED)
-    names = ["diverged", "stray", "misaligned", "unknown", "scribble"]
-    module = EmulatedModule(path, names, (), built)
+    module = EmulatedModule(path, GUARDED_NAMES, (), built)
     buffer = torch.zeros(33, dtype=torch.int32 if kernel != "diverged" else torch.float32)
     y = buffer[:32]  # (stray: 32 lanes read 512 bytes of y's 128; scribble writes buffer[32])
     with pytest.raises(EmulationError, match=error):
         module.launch(kernel, 1, 32, y)
     assert int(buffer[32]) == 0
+
+
+def test_shared_memory_ordered_by_a_barrier_passes_the_race_check(built, tmp_path):
+    """Each block's threads write shared memory, pass a __syncthreads and read each other's:
+    no error, in the second block as in the first."""
+    path = tmp_path / "guarded.cu"
+    path.write_text(GUARDED)
+    y = torch.zeros(64, dtype=torch.int32)
+    EmulatedModule(path, GUARDED_NAMES, (), built).launch("synced", 2, 32, y)
+    assert y.tolist() == [i ^ 1 for i in range(64)]
+
+
+# the barriers that order a block's shared memory: before warp 0 adds up the warps' sums
+# (int8 and int4), and before the warps add up the norm's sums of squares (int4)
+BARRIERS = {
+    "sums": ("  __syncthreads();\n  if (warp != 0) return;", "  if (warp != 0) return;"),
+    "squares": ("  __syncthreads();\n  float total = 0.f;", "  float total = 0.f;"),
+}
+
+
+@pytest.mark.parametrize("source, barrier", [("int8", "sums"), ("int4", "sums"),
+                                             ("int4", "squares")])  # fmt: skip
+def test_a_kernel_missing_a_barrier_fails_the_race_check(built, tmp_path, source, barrier):
+    """Mutants without one of the kernels' __syncthreads: threads read shared memory other
+    threads write before the barrier would have ordered them, which the emulator stops,
+    naming the access. (Their values come out wrong here too, but only through the order
+    the emulator runs threads in, which a GPU need not share; the race check does not
+    depend on it.)"""
+    if source == "int8":
+        module = int8_module(built, mutant(cuda_int8.SOURCE, tmp_path, *BARRIERS[barrier]))
+        q, scale, x, _, _ = products(1, 32, 1024, 6)
+        with pytest.raises(EmulationError, match="shared memory"):
+            cuda_int8._launch(module, "int8_gemv", x, None, q, scale)
+        return
+    module = int4_module(built, (8, 4), mutant(cuda_int4.SOURCE, tmp_path, *BARRIERS[barrier]))
+    tiles, words = packed(32, 1024, 6, CPU)
+    norm = (torch.ones(1024, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(EmulationError, match="shared memory"):
+        cuda_int4._matmul(module, 8, torch.randn(1, 1024).bfloat16(), tiles, words, 128, False,
+                          norm)  # fmt: skip
 
 
 def assert_weights_read_once_in_whole_sectors(module, weight: torch.Tensor):
