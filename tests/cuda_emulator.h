@@ -508,8 +508,7 @@ uint32_t shuffle_xor(unsigned mask, uint32_t value, int lane_mask) {
   return all[(threadIdx.x & 31) ^ lane_mask][0];
 }
 
-
-inline std::map<std::string, Thunk>& kernels() {
+inline std::map<std::string, Thunk>& kernels() {  // by name
   static std::map<std::string, Thunk> all;
   return all;
 }

@@ -172,8 +172,14 @@ extern "C" __global__ void synced(u32* y) {
   y[blockIdx.x * 32 + threadIdx.x] = cell[threadIdx.x ^ 1];
 }
 """
-GUARDED_NAMES = ["diverged", "stray", "misaligned", "unknown", "scribble", "unsynced",
-                 "unwritten", "overwritten", "synced"]  # fmt: skip
+
+
+def guarded_module(built, tmp_path):
+    path = tmp_path / "guarded.cu"
+    path.write_text(GUARDED)
+    names = ["diverged", "stray", "misaligned", "unknown", "scribble", "unsynced", "unwritten",
+             "overwritten", "synced"]  # fmt: skip
+    return EmulatedModule(path, names, (), built)
 
 
 @pytest.mark.parametrize("kernel, error", [
@@ -194,9 +200,7 @@ def test_the_emulator_refuses_what_a_gpu_would_not_run_as_written(built, tmp_pat
     faults at, an instruction it does not emulate, a write past a tensor's end (stopped
     before it is made), a race on shared memory or a read of shared memory the block never
     wrote: each an error, not a value."""
-    path = tmp_path / "guarded.cu"
-    path.write_text(GUARDED)
-    module = EmulatedModule(path, GUARDED_NAMES, (), built)
+    module = guarded_module(built, tmp_path)
     buffer = torch.zeros(33, dtype=torch.int32 if kernel != "diverged" else torch.float32)
     y = buffer[:32]  # (stray: 32 lanes read 512 bytes of y's 128; scribble writes buffer[32])
     with pytest.raises(EmulationError, match=error):
@@ -207,10 +211,8 @@ def test_the_emulator_refuses_what_a_gpu_would_not_run_as_written(built, tmp_pat
 def test_shared_memory_ordered_by_a_barrier_passes_the_race_check(built, tmp_path):
     """Each block's threads write shared memory, pass a __syncthreads and read each other's:
     no error, in the second block as in the first."""
-    path = tmp_path / "guarded.cu"
-    path.write_text(GUARDED)
     y = torch.zeros(64, dtype=torch.int32)
-    EmulatedModule(path, GUARDED_NAMES, (), built).launch("synced", 2, 32, y)
+    guarded_module(built, tmp_path).launch("synced", 2, 32, y)
     assert y.tolist() == [i ^ 1 for i in range(64)]
 
 
