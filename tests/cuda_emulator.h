@@ -320,10 +320,11 @@ struct Context {
   }
 };
 
-inline void check_range(uintptr_t address, size_t bytes, const std::string& op) {
-  for (auto& [begin, end] : launch->ranges)
-    if (address >= begin && address + bytes <= end) return;
-  fail(op + " reads outside the launch's tensors");
+// Whether the `bytes` at `address` are all in one of the launch's tensors
+inline bool in_tensors(uintptr_t address, uint64_t bytes) {
+  for (const auto& [begin, end] : launch->ranges)
+    if (address >= begin && address + bytes <= end) return true;
+  return false;
 }
 
 inline void record(uintptr_t address, Access kind, uint64_t bytes) {
@@ -335,7 +336,8 @@ inline void record(uintptr_t address, Access kind, uint64_t bytes) {
 // GPU, where others fault
 uint4 load16(const void* p, Access kind) {
   if ((uintptr_t)p % 16) fail("a 16-byte load at an address that is not 16-byte aligned");
-  check_range((uintptr_t)p, 16, "a 16-byte load");
+  if (!in_tensors((uintptr_t)p, 16))
+    fail("a 16-byte load reads outside the launch's tensors");
   record((uintptr_t)p, kind, 16);
   uint4 v;
   std::memcpy(&v, p, 16);
@@ -377,7 +379,8 @@ inline void check_shared(uintptr_t address, uint64_t bytes, Access kind) {
     if (t.written == now && t.writer != me)
       fail(race(kind == READ ? "reads" : "writes", "wrote", t.writer));
     if (kind == READ) {
-      if (t.written >> 32 != now >> 32) fail("a read of shared memory no thread of its block wrote");
+      if (t.written >> 32 != now >> 32)
+        fail("a read of shared memory no thread of its block wrote");
       t.reader = t.read == now && t.reader != me ? SEVERAL : me;
       t.read = now;
     } else {
@@ -394,8 +397,7 @@ inline void check_shared(uintptr_t address, uint64_t bytes, Access kind) {
 // else's, so they are an error before they are made.
 inline void access(uintptr_t address, uint64_t bytes, Access kind) {
   if (!launch || !launch->current) return;  // (the kernels' registration, at load)
-  for (const auto& [begin, end] : launch->ranges)
-    if (address >= begin && address + bytes <= end) return record(address, kind, bytes);
+  if (in_tensors(address, bytes)) return record(address, kind, bytes);
   if (in_shared(address)) return check_shared(address, bytes, kind);
   if (kind == WRITE && !on_stack(address)) fail("a write outside the launch's tensors");
 }
