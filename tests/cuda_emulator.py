@@ -41,8 +41,8 @@ TRACED = ["-fsanitize=thread"]
 
 
 class EmulationError(RuntimeError):
-    """A launch the emulator refused: an unknown instruction, a misaligned or stray load,
-    lanes that diverged at a warp-wide instruction."""
+    """A launch the emulator refused: an unknown instruction, a misaligned or stray load, a
+    stray write, a race on shared memory, lanes that diverged at a warp-wide instruction."""
 
 
 def compiler() -> str | None:
