@@ -22,7 +22,8 @@
 //   order: 16-byte loads, L2 prefetches and griddepcontrol.waits, and the kernel's other
 //   reads and writes, which the compiler's ThreadSanitizer instrumentation of its code (not
 //   the emulator's) reports to the __tsan_* functions at the end. A write the kernel's code
-//   makes outside the launch's tensors and its own memory is an error before it is made.
+//   makes outside the launch's tensors and its own memory is an error before it is made, as
+//   is a read outside those and the library's image (its constants, the built-ins).
 
 #pragma once
 
@@ -115,22 +116,25 @@ void syncthreads();
 uint32_t shuffle_xor(unsigned mask, uint32_t value, int lane_mask);  // of 32-bit values
 
 // Kernels by name, called with cuLaunchKernel's parameters (pointers to each argument)
-using Thunk = std::function<void(void**)>;
+using Thunk = void (*)(void**);
 void add_kernel(const char* name, Thunk thunk);
 
+// A kernel called with the arguments `params` points at; not instrumented: these reads of
+// cuLaunchKernel's parameter array are the emulator's, not the kernel's (which gets its
+// arguments by value, as on a GPU)
 template <typename... A, size_t... I>
-void call(void (*kernel)(A...), void** params, std::index_sequence<I...>) {
+__attribute__((no_sanitize("thread"))) void call(void (*kernel)(A...), void** params,
+                                                 std::index_sequence<I...>) {
   kernel(*static_cast<A*>(params[I])...);
 }
-
-struct Registered {
-  template <typename... A>
-  Registered(const char* name, void (*kernel)(A...)) {
-    add_kernel(name, [kernel](void** params) {
-      call(kernel, params, std::index_sequence_for<A...>{});
-    });
-  }
-};
+template <typename... A>
+constexpr auto arguments(void (*)(A...)) {
+  return std::index_sequence_for<A...>{};
+}
+template <auto kernel>
+__attribute__((no_sanitize("thread"))) void entry(void** params) {
+  call(kernel, params, arguments(kernel));
+}
 
 }  // namespace emu
 
@@ -161,7 +165,8 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   return value;
 }
 
-#define EMU_KERNEL(name) static emu::Registered emu_registered_##name(#name, &name);
+#define EMU_KERNEL(name) \
+  static const bool emu_registered_##name = (emu::add_kernel(#name, &emu::entry<&name>), true);
 
 #ifdef EMU_RUNTIME  // the emulator, which the kernel's code sees only the declarations of
 
@@ -344,13 +349,18 @@ uint4 load16(const void* p, Access kind) {
   return v;
 }
 
-// The linker's bounds of the library's zero-initialized statics (its own, not the program's):
-// of what the kernel's code reads and writes, its shared memory (the emulator's globals in
-// them are not instrumented)
-extern "C" __attribute__((visibility("hidden"))) char __bss_start[], _end[];
+// The linker's bounds of the library's image (its own, not the program's) and of its
+// zero-initialized statics in it: of what the kernel's code reads and writes, its constants
+// and the built-ins (threadIdx, ...), and its shared memory (the emulator's globals in them
+// are not instrumented)
+extern "C" __attribute__((visibility("hidden"))) char __ehdr_start[], __bss_start[], _end[];
 
 inline bool in_shared(uintptr_t address) {
   return address >= (uintptr_t)__bss_start && address < (uintptr_t)_end;
+}
+
+inline bool in_image(uintptr_t address, uint64_t bytes) {
+  return address >= (uintptr_t)__ehdr_start && address + bytes <= (uintptr_t)_end;
 }
 
 inline bool on_stack(uintptr_t address) {  // the running thread's
@@ -392,14 +402,17 @@ inline void check_shared(uintptr_t address, uint64_t bytes, Access kind) {
 }
 
 // An instrumented read or write of the kernel's code, of `bytes` at `address`: traced where
-// it is in a tensor of the launch, checked for races where it is in shared memory. A write
-// must be in one of those or on the thread's stack; others would corrupt memory of someone
-// else's, so they are an error before they are made.
+// it is in a tensor of the launch, checked for races where it is in shared memory. Anything
+// else is an error before it is made, but a read or write of the thread's stack and a read
+// of the library's image: a write would corrupt memory of someone else's, a read see what a
+// GPU's would not (garbage, or a fault where a page ends).
 inline void access(uintptr_t address, uint64_t bytes, Access kind) {
   if (!launch || !launch->current) return;  // (the kernels' registration, at load)
   if (in_tensors(address, bytes)) return record(address, kind, bytes);
   if (in_shared(address)) return check_shared(address, bytes, kind);
-  if (kind == WRITE && !on_stack(address)) fail("a write outside the launch's tensors");
+  if (on_stack(address)) return;
+  if (kind == WRITE) fail("a write outside the launch's tensors");
+  if (!in_image(address, bytes)) fail("a read outside the launch's tensors");
 }
 
 // mma.m16n8k16 with .bf16 (f32 sums, here in float64) and mma.m16n8k32 with .s8 (exact s32
@@ -515,7 +528,7 @@ inline std::map<std::string, Thunk>& kernels() {  // by name
   return all;
 }
 
-void add_kernel(const char* name, Thunk thunk) { kernels()[name] = std::move(thunk); }
+void add_kernel(const char* name, Thunk thunk) { kernels()[name] = thunk; }
 
 inline void fiber_main() {
   launch->body();

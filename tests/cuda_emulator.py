@@ -10,7 +10,8 @@ and keeps each launch's trace of 16-byte loads, L2 prefetches, waits for the ker
 `warp_loads`, `sector_use`, `counts`, `touches`, `prefetched` and `before_wait` tell how the
 kernel uses the memory bandwidth and in what order it reads and writes. A write anywhere
 but in the launch's tensors, the thread's stack and shared memory is refused before it is
-made, and a race on shared memory (cuda_emulator.h's check_shared) stops the launch."""
+made, as is a read anywhere else but in the library's own image (its constants and the
+built-ins), and a race on shared memory (cuda_emulator.h's check_shared) stops the launch."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ TRACED = ["-fsanitize=thread"]
 
 class EmulationError(RuntimeError):
     """A launch the emulator refused: an unknown instruction, a misaligned or stray load, a
-    stray write, a race on shared memory, lanes that diverged at a warp-wide instruction."""
+    stray read or write, a race on shared memory, lanes that diverged at a warp-wide
+    instruction."""
 
 
 def compiler() -> str | None:

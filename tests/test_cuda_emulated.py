@@ -9,8 +9,9 @@ prefetches fetch each line of their regions once, and that a kernel loads its fi
 weights before it waits for the kernel before it and touches nothing else until after:
 what a bandwidth-bound product launched as a programmatic dependent needs, which no output
 value shows. They also show each output written once (one added to the residual stream
-read and then written by one thread); the emulator stops a write past an output, and
-mutants missing a __syncthreads fail its race check on shared memory."""
+read and then written by one thread); the emulator stops a write past an output and a read
+past a tensor (one a value check cannot see, of values the kernel drops), and mutants
+missing a __syncthreads fail its race check on shared memory."""
 
 from __future__ import annotations
 
@@ -146,6 +147,7 @@ extern "C" __global__ void unknown(u32* y) {
   asm("brev.b32 %0, %1;" : "=r"(*y) : "r"(*y));
 }
 extern "C" __global__ void scribble(u32* y) { y[threadIdx.x + 1] = 0; }
+extern "C" __global__ void overread(u32* y) { y[threadIdx.x] = y[threadIdx.x + 1] + 1; }
 extern "C" __global__ void unsynced(u32* y) {  // no barrier between a write and others' reads
   __shared__ u32 cell[32];
   cell[threadIdx.x] = threadIdx.x;
@@ -177,8 +179,8 @@ extern "C" __global__ void synced(u32* y) {
 def guarded_module(built, tmp_path):
     path = tmp_path / "guarded.cu"
     path.write_text(GUARDED)
-    names = ["diverged", "stray", "misaligned", "unknown", "scribble", "unsynced", "unwritten",
-             "overwritten", "synced"]  # fmt: skip
+    names = ["diverged", "stray", "misaligned", "unknown", "scribble", "overread", "unsynced",
+             "unwritten", "overwritten", "synced"]  # fmt: skip
     return EmulatedModule(path, names, (), built)
 
 
@@ -188,6 +190,7 @@ def guarded_module(built, tmp_path):
     ("misaligned", "a 16-byte load at an address that is not 16-byte aligned"),
     ("unknown", "does not know the instruction brev.b32"),
     ("scribble", "a write outside the launch's tensors"),
+    ("overread", "a read outside the launch's tensors"),
     ("unsynced", "thread 1 of block 0 reads shared memory thread 0 wrote since the last "
                  "__syncthreads"),
     ("unwritten", "a read of shared memory no thread of its block wrote"),
@@ -197,12 +200,13 @@ def guarded_module(built, tmp_path):
 def test_the_emulator_refuses_what_a_gpu_would_not_run_as_written(built, tmp_path, kernel,
                                                                   error):  # fmt: skip
     """Lanes that leave a warp-wide mma, a load past a tensor's end or at an address a GPU
-    faults at, an instruction it does not emulate, a write past a tensor's end (stopped
-    before it is made), a race on shared memory or a read of shared memory the block never
-    wrote: each an error, not a value."""
+    faults at, an instruction it does not emulate, a read or write past a tensor's end
+    (stopped before it is made), a race on shared memory or a read of shared memory the
+    block never wrote: each an error, not a value."""
     module = guarded_module(built, tmp_path)
     buffer = torch.zeros(33, dtype=torch.int32 if kernel != "diverged" else torch.float32)
-    y = buffer[:32]  # (stray: 32 lanes read 512 bytes of y's 128; scribble writes buffer[32])
+    y = buffer[:32]  # (stray: 32 lanes read 512 bytes of y's 128; scribble writes buffer[32],
+    # overread reads it)
     with pytest.raises(EmulationError, match=error):
         module.launch(kernel, 1, 32, y)
     assert int(buffer[32]) == 0
@@ -469,15 +473,40 @@ def test_each_output_is_written_once_and_added_to_by_the_thread_that_reads_it(bu
         assert (kind, second) == (READ, (block, thread, WRITE))
 
 
-def test_a_kernel_writing_past_its_output_is_stopped_before_the_write(built, tmp_path):
-    """A mutant whose bound on a tile's second row is off by one (`m + 1 <= rows`) adds a
-    row past its [3, N] output: the emulator refuses that write before it is made, so the
-    memory after the output stays as it was."""
+@pytest.mark.parametrize("added", [False, True], ids=["plain", "added"])
+def test_a_kernel_writing_past_its_output_is_stopped_before_the_write(built, tmp_path, added):
+    """A mutant whose bound on a tile's second row is off by one (`m + 1 <= rows`) writes a
+    row past its [3, N] output, and added to the residual stream first reads it: the
+    emulator refuses the write, or the read before it, so the memory after the output stays
+    as it was."""
     path = mutant(cuda_int4.SOURCE, tmp_path, "if (m + 1 < rows)", "if (m + 1 <= rows)")
     module = int4_module(built, (8, 4), path)
     tiles, words = packed(32, 1024, 4, CPU)
     buffer = torch.zeros(4, 32, dtype=torch.bfloat16)
-    with pytest.raises(EmulationError, match="a write outside the launch's tensors"):
+    error = "a read outside" if added else "a write outside"
+    with pytest.raises(EmulationError, match=error):
         cuda_int4._matmul(module, 8, torch.randn(3, 1024).bfloat16(), tiles, words, 128,
-                          False, into=buffer[:3])  # fmt: skip
+                          False, into=buffer[:3] if added else None)  # fmt: skip
     assert not buffer[3].any()
+
+
+# a W8A8 product that reads its rows' activation scales before it skips the rows past its
+# input's (in a tile of 8), its outputs right
+HOISTED = ("      if (m >= rows) continue;\n"
+           "      const float sum = W8A8 ? (float)v[i] * x_scale[m] : (float)v[i];\n",
+           "      const float sum = W8A8 ? (float)v[i] * x_scale[m] : (float)v[i];\n"
+           "      if (m >= rows) continue;\n")  # fmt: skip
+
+
+def test_a_kernel_reading_past_a_tensor_is_stopped(built, tmp_path):
+    """A mutant W8A8 product reading activation scales of rows its input does not have is
+    refused, though it drops what it read: on a GPU such a read sees garbage, or faults where
+    a page ends. The weight-only product of the same source, which reads no such scale,
+    still gives its reference."""
+    module = int8_module(built, mutant(cuda_int8.SOURCE, tmp_path, *HOISTED))
+    q, scale, x, xq, x_scale = products(3, 32, 1024, 3)
+    with pytest.raises(EmulationError, match="a read outside the launch's tensors"):
+        cuda_int8._launch(module, "w8a8_gemv", xq, x_scale, q, scale)
+    got = cuda_int8._launch(module, "int8_gemv", x, None, q, scale).double()
+    want = cuda_int8.reference(x, q, scale)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-2
