@@ -10,7 +10,8 @@ capturing: loading is not allowed while a stream captures.
 Compiled cubins are kept on disk (`cubin_dir`), named by everything they depend on (the
 source, its name, the architecture, the macros and NVRTC's version), so a later process
 loads one instead of compiling it again (a second or more per module); a kept cubin the
-driver refuses is compiled again and replaced.
+driver refuses is compiled again and replaced. `resources` gives what ptxas reports of
+each kernel (registers, spilled bytes), which needs no GPU.
 
 Nothing here is imported by llmkit's CPU paths.
 """
@@ -22,9 +23,11 @@ import functools
 import glob
 import hashlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -124,6 +127,11 @@ def _check_driver(lib: ctypes.CDLL, status: int, what: str) -> None:
 def compile_cubin(source: str, name: str, arch: tuple[int, int], defines=()) -> bytes:
     """`source` compiled by NVRTC into a cubin for compute capability `arch`, with the
     macros `defines` ("NAME=VALUE") set."""
+    return _compile(source, name, arch, defines)[0]
+
+
+def _compile(source: str, name: str, arch: tuple[int, int], defines, extra=()) -> tuple:
+    """(compile_cubin's cubin, NVRTC's log), with the options `extra` added."""
     lib = _nvrtc()
     program = ctypes.c_void_p()
     status = lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(),
@@ -131,25 +139,51 @@ def compile_cubin(source: str, name: str, arch: tuple[int, int], defines=()) -> 
     if status:
         raise CudaError(f"nvrtcCreateProgram: status {status}")
     options = [f"--gpu-architecture=sm_{arch[0]}{arch[1]}".encode(), b"-default-device",
-               b"--std=c++17", *[f"-D{d}".encode() for d in defines]]  # fmt: skip
+               b"--std=c++17", *[f"-D{d}".encode() for d in defines],
+               *[o.encode() for o in extra]]  # fmt: skip
     try:
         status = lib.nvrtcCompileProgram(
             program, len(options), (ctypes.c_char_p * len(options))(*options)
         )
-        if status:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(program, log)
-            log = "; ".join(log.value.decode(errors="replace").split("\n")).strip("; ")
-            raise CudaError(f"{name} did not compile: {log}")
         size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(program, log)
+        log = log.value.decode(errors="replace")
+        if status:
+            raise CudaError(f"{name} did not compile: " + "; ".join(log.split("\n")).strip("; "))
         lib.nvrtcGetCUBINSize(program, ctypes.byref(size))
         cubin = ctypes.create_string_buffer(size.value)
         lib.nvrtcGetCUBIN(program, cubin)
-        return cubin.raw
+        return cubin.raw, log
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+class Resources(NamedTuple):
+    """What ptxas gives one kernel, a thread: registers, its stack frame in bytes, and the
+    bytes its code spills to that local memory and loads back (each instruction counted
+    once, however often it runs)."""
+
+    registers: int
+    stack: int
+    spill_stores: int
+    spill_loads: int
+
+
+_PROPERTIES = re.compile(
+    r"Function properties for (\w+)\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+    r"(\d+) bytes spill loads\n.*?Used (\d+) registers"
+)
+
+
+def resources(source: str, name: str, arch: tuple[int, int], defines=()) -> dict:
+    """Each kernel of `source` compiled for `arch` with `defines`: its Resources, by name, as
+    ptxas reports them (its -v), without a GPU. A kernel that spills moves registers
+    through local memory: traffic beside the weights a product streams."""
+    log = _compile(source, name, arch, defines, ["--ptxas-options=-v"])[1]
+    return {kernel: Resources(*map(int, (registers, stack, stores, loads)))
+            for kernel, stack, stores, loads, registers in _PROPERTIES.findall(log)}  # fmt: skip
 
 
 def cubin_dir() -> Path:
