@@ -45,23 +45,33 @@ def kernel_records(cubin: bytes) -> dict[tuple[str, int], int]:
     return records
 
 
+# a kernel whose array, indexed at run time, lives in a stack frame
+LOCAL = """extern "C" __global__ void local(float* y, int i) {
+  float a[64];
+  for (int k = 0; k < 64; ++k) a[(k * i) & 63] = y[k];
+  y[0] = a[i & 63];
+}"""
+
+
 @pytest.mark.parametrize("arch", [HOPPER, AMPERE])
 def test_the_resources_are_the_ones_the_cubin_records(arch):
-    """For every kernel of both sources (int4 in its spilling block shape too): the
-    registers and stack frame the report gives are the cubin's own."""
+    """For every kernel of both sources (int4 in a pipelined block shape, its most
+    registers) and one with a stack frame: the registers and stack frame the report gives
+    are the cubin's own."""
     cuda_rtc = nvrtc_or_skip()
     int4 = cuda_int4.defines((8, 4, 1))
-    builds = [(cuda_int8.SOURCE, cuda_int8.DEFINES, cuda_int8.NAMES),
-              (cuda_int4.SOURCE, int4, cuda_int4._KERNELS.values())]  # fmt: skip
-    for path, defines, names in builds:
-        text = cuda_rtc.source(path)
-        made = cuda_rtc.resources(text, path.name, arch, defines)
-        records = kernel_records(cuda_rtc.compile_cubin(text, path.name, arch, defines))
+    builds = [(cuda_rtc.source(cuda_int8.SOURCE), cuda_int8.DEFINES, cuda_int8.NAMES),
+              (cuda_rtc.source(cuda_int4.SOURCE), int4, cuda_int4._KERNELS.values()),
+              (LOCAL, (), ["local"])]  # fmt: skip
+    for text, defines, names in builds:
+        made = cuda_rtc.resources(text, "kernels.cu", arch, defines)
+        records = kernel_records(cuda_rtc.compile_cubin(text, "kernels.cu", arch, defines))
         assert sorted(made) == sorted(names)
         for kernel, used in made.items():
             assert used.registers == records[kernel, REGISTERS] > 0
             assert used.stack == records[kernel, FRAME]
             assert used.stack > 0 or used.spill_stores == used.spill_loads == 0
+    assert made["local"].stack >= 256
 
 
 @pytest.mark.parametrize("arch", [HOPPER, AMPERE])
