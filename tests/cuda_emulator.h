@@ -45,6 +45,7 @@
 #define __device__
 #define __global__
 #define __forceinline__ inline
+#define __noinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __CUDA_ARCH__ 900

@@ -22,11 +22,15 @@ __device__ __forceinline__ void let_dependents_start() {
 #endif
 }
 
-__device__ __forceinline__ void wait_for_inputs() {
+// The wait is a call of its own: ptxas moves loads past the griddepcontrol.wait instruction
+// within a block (it sank the first weights' loads of cuda_int4.cu's 2-chunk kernels after
+// it once it had predicated them), not past a call, so a kernel's loads before the wait are
+// issued before it and stay in flight through it (tests/test_cuda_machine_code.py)
 #if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+__device__ __noinline__ void wait_for_inputs() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+#else
+__device__ __forceinline__ void wait_for_inputs() {}
 #endif
-}
 
 __device__ __forceinline__ void mma_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
                                          u32 b1) {

@@ -45,7 +45,7 @@ FUSED_ROWS = 8  # rows a product with a norm or a residual add takes: one tile
 # flight, or fewer registers or threads a block (so an SM may hold more blocks); a third
 # element 1 (benchmarks/cuda_int4.py compares such) loads a lane's next chunks before it
 # multiplies the last (the source's PIPELINE). No one-tile kernel of these spills registers
-# on sm_90 (tests/test_cuda_resources.py); (8, 4)'s two-tile ones, for 9-16 rows, spill a
+# on sm_90 (tests/test_cuda_machine_code.py); (8, 4)'s two-tile ones, for 9-16 rows, spill a
 # few bytes there and on sm_80 under the 128 registers two blocks an SM leave a thread,
 # which variants_for does not weigh (benchmarks/cuda_int4.py times each shape at 16 rows)
 VARIANTS = ((8, 4), (8, 2), (4, 4))

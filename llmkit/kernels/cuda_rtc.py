@@ -179,9 +179,16 @@ _PROPERTIES = re.compile(
 
 def resources(source: str, name: str, arch: tuple[int, int], defines=()) -> dict:
     """Each kernel of `source` compiled for `arch` with `defines`: its Resources, by name, as
-    ptxas reports them (its -v), without a GPU. A kernel that spills moves registers
-    through local memory: traffic beside the weights a product streams."""
-    log = _compile(source, name, arch, defines, ["--ptxas-options=-v"])[1]
+    ptxas reports them, without a GPU. A kernel that spills moves registers through local
+    memory: traffic beside the weights a product streams."""
+    return reported(_compile(source, name, arch, defines, REPORT)[1])
+
+
+REPORT = ["--ptxas-options=-v"]  # NVRTC's log then holds ptxas's report of each kernel
+
+
+def reported(log: str) -> dict:
+    """The Resources of each kernel in NVRTC's `log` of a compile with REPORT, by name."""
     return {kernel: Resources(*map(int, (registers, stack, stores, loads)))
             for kernel, stack, stores, loads, registers in _PROPERTIES.findall(log)}  # fmt: skip
 
