@@ -175,6 +175,7 @@ _PROPERTIES = re.compile(
     r"Function properties for (\w+)\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
     r"(\d+) bytes spill loads\n.*?Used (\d+) registers"
 )
+REPORT = ["--ptxas-options=-v"]  # NVRTC's log then holds ptxas's report of each kernel
 
 
 def resources(source: str, name: str, arch: tuple[int, int], defines=()) -> dict:
@@ -182,9 +183,6 @@ def resources(source: str, name: str, arch: tuple[int, int], defines=()) -> dict
     ptxas reports them, without a GPU. A kernel that spills moves registers through local
     memory: traffic beside the weights a product streams."""
     return reported(_compile(source, name, arch, defines, REPORT)[1])
-
-
-REPORT = ["--ptxas-options=-v"]  # NVRTC's log then holds ptxas's report of each kernel
 
 
 def reported(log: str) -> dict:
