@@ -1,10 +1,10 @@
-"""What ptxas makes of llmkit's CUDA C++ kernels, on the CPU (NVRTC, no GPU): cuda_rtc.resources
-reads its report, checked here against the cubin's own records; no kernel a decode step of
-up to 8 rows launches on Hopper, of any block shape or its pipelined twin, spills registers
-to local memory (traffic beside the weights a product streams); and in every kernel's
-machine code (cuobjdump's, which Triton ships) the first weights' loads come before
-griddepcontrol.wait and nothing else touches memory there, as the sources have it. Neither
-shows in an output value; a GPU shows both only as time."""
+"""What ptxas makes of llmkit's CUDA C++ kernels, on the CPU (NVRTC, no GPU): its report,
+which cuda_rtc.compile_reported reads, checked here against the cubin's own records; no
+kernel a decode step of up to 8 rows launches on Hopper, of any block shape or its
+pipelined twin, spills registers to local memory (traffic beside the weights a product
+streams); and in every kernel's machine code (cuobjdump's, which Triton ships) the first
+weights' loads come before griddepcontrol.wait and nothing else touches memory there, as
+the sources have it. Neither shows in an output value; a GPU shows both only as time."""
 
 from __future__ import annotations
 
@@ -64,13 +64,12 @@ LOCAL = """extern "C" __global__ void local(float* y, int i) {
 
 @functools.cache
 def built(source: str, arch: tuple[int, int], defines: tuple) -> tuple[bytes, dict]:
-    """(the cubin, its kernels' Resources) of "int8", "int4" or another kernel source's text,
-    from one compile with ptxas's report."""
+    """(the cubin, its kernels' Resources) of "int8", "int4" or another kernel source's
+    text."""
     cuda_rtc = nvrtc_or_skip()
     paths = {"int8": cuda_int8.SOURCE, "int4": cuda_int4.SOURCE}
     text = cuda_rtc.source(paths[source]) if source in paths else source
-    cubin, log = cuda_rtc._compile(text, "kernels.cu", arch, defines, cuda_rtc.REPORT)
-    return cubin, cuda_rtc.reported(log)
+    return cuda_rtc.compile_reported(text, "kernels.cu", arch, defines)
 
 
 def names(source: str) -> list[str]:
@@ -114,12 +113,11 @@ def test_no_int4_kernel_for_up_to_eight_rows_spills_on_hopper(variant):
         assert made[name].stack == 0 and made[name].spill_stores == 0, (name, made[name])
 
 
-def test_resources_compiles_and_reads_the_report():
+def test_a_compile_error_is_one_line_with_the_log():
     cuda_rtc = nvrtc_or_skip()
-    made = cuda_rtc.resources(LOCAL, "local.cu", HOPPER)
-    assert made == built(LOCAL, HOPPER, ())[1]
     with pytest.raises(cuda_rtc.CudaError, match=r"^broken.cu did not compile: .*error[^\n]*$"):
-        cuda_rtc.resources('extern "C" __global__ void f() { undefined(); }', "broken.cu", HOPPER)
+        cuda_rtc.compile_reported('extern "C" __global__ void f() { undefined(); }', "broken.cu",
+                                  HOPPER)  # fmt: skip
 
 
 def cuobjdump_or_skip() -> Path:

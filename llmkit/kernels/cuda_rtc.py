@@ -10,8 +10,8 @@ capturing: loading is not allowed while a stream captures.
 Compiled cubins are kept on disk (`cubin_dir`), named by everything they depend on (the
 source, its name, the architecture, the macros and NVRTC's version), so a later process
 loads one instead of compiling it again (a second or more per module); a kept cubin the
-driver refuses is compiled again and replaced. `resources` gives what ptxas reports of
-each kernel (registers, spilled bytes), which needs no GPU.
+driver refuses is compiled again and replaced. `compile_reported` also gives what ptxas
+reports of each kernel (registers, spilled bytes), which needs no GPU.
 
 Nothing here is imported by llmkit's CPU paths.
 """
@@ -175,20 +175,16 @@ _PROPERTIES = re.compile(
     r"Function properties for (\w+)\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
     r"(\d+) bytes spill loads\n.*?Used (\d+) registers"
 )
-REPORT = ["--ptxas-options=-v"]  # NVRTC's log then holds ptxas's report of each kernel
 
 
-def resources(source: str, name: str, arch: tuple[int, int], defines=()) -> dict:
-    """Each kernel of `source` compiled for `arch` with `defines`: its Resources, by name, as
-    ptxas reports them, without a GPU. A kernel that spills moves registers through local
-    memory: traffic beside the weights a product streams."""
-    return reported(_compile(source, name, arch, defines, REPORT)[1])
-
-
-def reported(log: str) -> dict:
-    """The Resources of each kernel in NVRTC's `log` of a compile with REPORT, by name."""
-    return {kernel: Resources(*map(int, (registers, stack, stores, loads)))
-            for kernel, stack, stores, loads, registers in _PROPERTIES.findall(log)}  # fmt: skip
+def compile_reported(source: str, name: str, arch: tuple[int, int], defines=()) -> tuple:
+    """(compile_cubin's cubin, each of its kernels' Resources by name, as ptxas reports them),
+    without a GPU. A kernel that spills moves registers through local memory: traffic beside
+    the weights a product streams."""
+    cubin, log = _compile(source, name, arch, defines, ["--ptxas-options=-v"])
+    found = _PROPERTIES.findall(log)
+    return cubin, {kernel: Resources(*map(int, (registers, stack, stores, loads)))
+                   for kernel, stack, stores, loads, registers in found}  # fmt: skip
 
 
 def cubin_dir() -> Path:
