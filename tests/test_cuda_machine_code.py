@@ -1,20 +1,32 @@
-"""What ptxas makes of llmkit's CUDA C++ kernels, on the CPU (NVRTC, no GPU): its report,
-which cuda_rtc.compile_reported reads, checked here against the cubin's own records; no
-kernel a decode step of up to 8 rows launches on Hopper, of any block shape or its
-pipelined twin, spills registers to local memory (traffic beside the weights a product
-streams); and in every kernel's machine code (cuobjdump's, which Triton ships) the first
-weights' loads come before griddepcontrol.wait and nothing else touches memory there, as
-the sources have it. Neither shows in an output value; a GPU shows both only as time."""
+"""What the compilers make of llmkit's GPU kernels, on the CPU (no GPU): ptxas's report of
+the CUDA C++ kernels (NVRTC), which cuda_rtc.compile_reported reads, checked here against the
+cubin's own records; no such kernel a decode step of up to 8 rows launches on Hopper, of any
+block shape or its pipelined twin, spills registers to local memory (traffic beside the
+weights a product streams); and in the machine code (cuobjdump's, which Triton ships) of
+every kernel a decode step launches as a programmatic dependent, the CUDA C++ ones and the
+Triton ones as their wrappers launch them, nothing touches global memory before
+griddepcontrol.wait but the loads the sources put there (a CUDA C++ product's first weights,
+the decode attention's sequence length), which stay there. Neither shows in an output value:
+a read moved above the wait reads what the kernel before may still be writing, and one sunk
+below it waits for that kernel; a GPU shows the one rarely and the other only as time."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import os
+import pkgutil
 import re
 import struct
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
 from llmkit.kernels import cuda_int4, cuda_int8
 from tests.test_cuda_int8 import nvrtc_or_skip
@@ -155,22 +167,176 @@ BUILDS = [pytest.param("int8", cuda_int8.DEFINES, 2 * cuda_int8.UNROLL, id="int8
             for v in SHAPES)]  # fmt: skip
 
 
+def before_the_wait(instructions: list[str]) -> list[str]:
+    """The opcodes of the memory accesses a kernel that waits once (griddepcontrol.wait:
+    ACQBULK, or the call of the function that is it) makes before it waits; there must be
+    some after it."""
+    assert sum(opcode(i) == "ACQBULK" for i in instructions) == 1
+    wait = next(n for n, i in enumerate(instructions)
+                if opcode(i).startswith(("ACQBULK", "CALL")))  # fmt: skip
+    memory = [n for n, i in enumerate(instructions)
+              if re.match(r"(LDG|LDGSTS|STG|LD|ST|ATOMG|ATOM|RED)\b", opcode(i))]  # fmt: skip
+    assert any(n > wait for n in memory)
+    return [opcode(instructions[n]) for n in memory if n < wait]
+
+
 @pytest.mark.parametrize("source, defines, first", BUILDS)
 def test_each_kernel_loads_its_first_weights_before_it_waits_in_its_machine_code(
     tmp_path, source, defines, first
 ):
-    """Before griddepcontrol.wait (ACQBULK, or the call of the function that is it) each
-    kernel for Hopper issues its first chunks' weight loads (ld.global.nc.L1::no_allocate:
-    LDG ... NA) and touches no other global memory: its inputs may still be being written
-    by the kernel before it."""
+    """Before griddepcontrol.wait each kernel for Hopper issues its first chunks' weight
+    loads (ld.global.nc.L1::no_allocate: LDG ... NA) and touches no other global memory:
+    its inputs may still be being written by the kernel before it."""
     code = machine_code(built(source, HOPPER, defines)[0], tmp_path)
     assert sorted(code) == names(source)
     for kernel, instructions in code.items():
-        assert sum(opcode(i) == "ACQBULK" for i in instructions) == 1, kernel
-        wait = next(
-            n for n, i in enumerate(instructions) if opcode(i).startswith(("ACQBULK", "CALL"))
-        )
-        memory = [opcode(i) for i in instructions[:wait]
-                  if re.match(r"(LDG|LDGSTS|STG|LD|ST|ATOMG|ATOM|RED)\b", opcode(i))]  # fmt: skip
+        memory = before_the_wait(instructions)
         assert len(memory) == first, (kernel, memory)
         assert all(m.startswith("LDG.") and ".NA." in m for m in memory), (kernel, memory)
+
+
+def decode_step_calls() -> dict[str, Callable[[], object]]:
+    """A call of a wrapper of the decode step's Triton kernels for each kind of launch they
+    make, on CPU tensors of Llama-3 8B's shapes (bf16, hidden 4096, 32 query heads of 128
+    over 8 KV heads, MLP 14336; heads of 64 where the name says so)."""
+    from llmkit.kernels import triton_attention as ta
+    from llmkit.kernels import triton_elementwise as te
+    from llmkit.kernels import triton_int8 as ti
+
+    bf = torch.bfloat16
+    x, w, q8 = torch.randn(4, 4096, dtype=bf), torch.ones(4096, dtype=bf), torch.ones(
+        4096, 4096, dtype=torch.int8)  # fmt: skip
+    xq, x_scale = torch.ones(4, 4096, dtype=torch.int8), torch.ones(4)
+
+    def cache(dim):
+        return torch.zeros(64, 8, 16, dim, dtype=bf)
+
+    def write(dim, rotary):
+        k = torch.randn(4, 8, dim, dtype=bf)
+        q = torch.randn(4, 32, dim, dtype=bf)
+        cos_sin = (torch.ones(4, dim), torch.zeros(4, dim)) if rotary else None
+        return ta.write_kv(cache(dim), cache(dim), k, k, torch.arange(4), q, cos_sin)
+
+    def decode(dim, seqs, blocks):  # one long context splits, 64 short ones do not
+        q = torch.randn(seqs, 32, dim, dtype=bf)
+        tables = torch.zeros(seqs, blocks, dtype=torch.int32)
+        lens = torch.full((seqs,), 16 * blocks - 3, dtype=torch.int32)
+        return ta.paged_decode(torch.empty_like(q), q, cache(dim), cache(dim), tables, lens, 0.1)
+
+    return {
+        "rms_norm": lambda: te.rms_norm(x, w, 1e-5),
+        "add_rms_norm": lambda: te.add_rms_norm(x.clone(), x, w, 1e-5),
+        "silu_mul": lambda: te.silu_mul(torch.ones(4, 2 * 14336, dtype=bf)),
+        "int8_linear": lambda: ti.int8_linear(x, q8, torch.ones(4096)),
+        "quantize_rows": lambda: ti.quantize_rows(x),
+        "w8a8_linear": lambda: ti.w8a8_linear(xq, x_scale, q8, torch.ones(4096), bf),
+        "write_kv": lambda: write(128, rotary=False),
+        "write_kv-rotary": lambda: write(128, rotary=True),
+        "write_kv-rotary-64": lambda: write(64, rotary=True),
+        "paged_decode-split": lambda: decode(128, 1, 64),
+        "paged_decode": lambda: decode(128, 64, 4),
+        "paged_decode-split-64": lambda: decode(64, 1, 64),
+    }
+
+
+def programmatic_kernels() -> set:
+    """The Triton kernels of llmkit.kernels that take a PDL switch (not triton_launch.py's
+    functions, which they call)."""
+    from triton.runtime.jit import JITFunction
+
+    import llmkit.kernels
+
+    found = set()
+    for module in pkgutil.iter_modules(llmkit.kernels.__path__):
+        if module.name.startswith("triton_") and module.name != "triton_launch":
+            made = importlib.import_module(f"llmkit.kernels.{module.name}")
+            found |= {v for v in vars(made).values() if isinstance(v, JITFunction)
+                      and v.module == made.__name__ and "PDL" in v.arg_names}  # fmt: skip
+    return found
+
+
+def programmatic_launches(call: Callable[[], object]) -> list[tuple]:
+    """The (kernel, arguments, keywords) of each Triton launch `call` makes, as it makes them
+    on a GPU that launches programmatic dependents, recorded instead of run."""
+    made: list[tuple] = []
+
+    def recorder(kernel):
+        return lambda *args, grid, warmup=False, **keywords: made.append((kernel, args, keywords))
+
+    on = {"PDL": True, "launch_pdl": True}
+    with contextlib.ExitStack() as stack:
+        for kernel in programmatic_kernels():
+            stack.enter_context(mock.patch.object(kernel, "run", recorder(kernel)))
+            module = sys.modules[kernel.module]
+            stack.enter_context(mock.patch.object(module, "launch_options", lambda t: on))
+        call()
+    return made
+
+
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                torch.int64: "i64", torch.int32: "i32", torch.int8: "i8"}  # fmt: skip
+
+
+def triton_cubin(kernel, args: tuple, keywords: dict) -> bytes:
+    """The kernel compiled by Triton for Hopper, specialized on the launch's arguments much
+    as Triton's launcher does: constexprs by value, and pointers aligned to 16 bytes and
+    ints divisible by 16 marked as such."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        value = args[i] if i < len(args) else keywords[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        if isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + TRITON_TYPES[value.dtype]
+            aligned = value.data_ptr() % 16 == 0
+        else:
+            wide = isinstance(value, int) and not -(2**31) <= value < 2**31
+            signature[param.name] = ("i64" if wide else "i32") if isinstance(value, int) else "fp32"
+            aligned = isinstance(value, int) and value % 16 == 0 and not param.do_not_specialize
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {k: v for k, v in keywords.items() if k not in signature}
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
+def compiled_triton_or_skip() -> None:
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter compiles nothing")
+
+
+def test_every_programmatic_triton_kernel_is_among_the_launches_checked():
+    compiled_triton_or_skip()
+    launched = {kernel for call in decode_step_calls().values()
+                for kernel, _, _ in programmatic_launches(call)}  # fmt: skip
+    assert launched == programmatic_kernels() and len(launched) == 6
+
+
+# the names of decode_step_calls' calls
+TRITON_CALLS = ("rms_norm", "add_rms_norm", "silu_mul", "int8_linear", "quantize_rows",
+                "w8a8_linear", "write_kv", "write_kv-rotary", "write_kv-rotary-64",
+                "paged_decode-split", "paged_decode", "paged_decode-split-64")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TRITON_CALLS)
+def test_each_triton_kernel_touches_memory_only_after_it_waits_in_its_machine_code(tmp_path, name):
+    """Launched as a programmatic dependent, each of a decode step's Triton kernels for
+    Hopper waits before it reads or writes global memory, save the decode attention, which
+    first loads its sequence's length (which the host wrote before the step) and only then
+    waits."""
+    compiled_triton_or_skip()
+    calls = decode_step_calls()
+    assert sorted(calls) == sorted(TRITON_CALLS)
+    launches = programmatic_launches(calls[name])
+    assert launches
+    for kernel, args, keywords in launches:
+        assert keywords["PDL"] and keywords["launch_pdl"]
+        (instructions,) = machine_code(triton_cubin(kernel, args, keywords), tmp_path).values()
+        memory = before_the_wait(instructions)
+        assert memory == (["LDG.E"] if name.startswith("paged_decode") else []), memory
