@@ -6,9 +6,10 @@ weights a product streams); and in the machine code (cuobjdump's, which Triton s
 every kernel a decode step launches as a programmatic dependent, the CUDA C++ ones and the
 Triton ones as their wrappers launch them, nothing touches global memory before
 griddepcontrol.wait but the loads the sources put there (a CUDA C++ product's first weights,
-the decode attention's sequence length), which stay there. Neither shows in an output value:
-a read moved above the wait reads what the kernel before may still be writing, and one sunk
-below it waits for that kernel; a GPU shows the one rarely and the other only as time."""
+the decode attention's sequence length), which stay there, and no Triton one spills either.
+Neither shows in an output value: a read moved above the wait reads what the kernel before
+may still be writing, and one sunk below it waits for that kernel; a GPU shows the one
+rarely and the other only as time."""
 
 from __future__ import annotations
 
@@ -329,7 +330,7 @@ def test_each_triton_kernel_touches_memory_only_after_it_waits_in_its_machine_co
     """Launched as a programmatic dependent, each of a decode step's Triton kernels for
     Hopper waits before it reads or writes global memory, save the decode attention, which
     first loads its sequence's length (which the host wrote before the step) and only then
-    waits."""
+    waits. None has a stack frame (no register spills)."""
     compiled_triton_or_skip()
     calls = decode_step_calls()
     assert sorted(calls) == sorted(TRITON_CALLS)
@@ -337,6 +338,8 @@ def test_each_triton_kernel_touches_memory_only_after_it_waits_in_its_machine_co
     assert launches
     for kernel, args, keywords in launches:
         assert keywords["PDL"] and keywords["launch_pdl"]
-        (instructions,) = machine_code(triton_cubin(kernel, args, keywords), tmp_path).values()
+        cubin = triton_cubin(kernel, args, keywords)
+        ((symbol, instructions),) = machine_code(cubin, tmp_path).items()
+        assert kernel_records(cubin)[symbol, FRAME] == 0
         memory = before_the_wait(instructions)
         assert memory == (["LDG.E"] if name.startswith("paged_decode") else []), memory
