@@ -252,7 +252,7 @@ def programmatic_kernels() -> set:
         if module.name.startswith("triton_") and module.name != "triton_launch":
             made = importlib.import_module(f"llmkit.kernels.{module.name}")
             found |= {v for v in vars(made).values() if isinstance(v, JITFunction)
-                      and v.module == made.__name__ and "PDL" in v.arg_names}  # fmt: skip
+                      and v.fn.__module__ == made.__name__ and "PDL" in v.arg_names}  # fmt: skip
     return found
 
 
@@ -268,7 +268,7 @@ def programmatic_launches(call: Callable[[], object]) -> list[tuple]:
     with contextlib.ExitStack() as stack:
         for kernel in programmatic_kernels():
             stack.enter_context(mock.patch.object(kernel, "run", recorder(kernel)))
-            module = sys.modules[kernel.module]
+            module = sys.modules[kernel.fn.__module__]
             stack.enter_context(mock.patch.object(module, "launch_options", lambda t: on))
         call()
     return made
