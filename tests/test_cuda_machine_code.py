@@ -205,8 +205,8 @@ def decode_step_calls() -> dict[str, Callable[[], object]]:
     from llmkit.kernels import triton_int8 as ti
 
     bf = torch.bfloat16
-    x, w, q8 = torch.randn(4, 4096, dtype=bf), torch.ones(4096, dtype=bf), torch.ones(
-        4096, 4096, dtype=torch.int8)  # fmt: skip
+    x, w = torch.randn(4, 4096, dtype=bf), torch.ones(4096, dtype=bf)
+    q8 = torch.ones(4096, 4096, dtype=torch.int8)
     xq, x_scale = torch.ones(4, 4096, dtype=torch.int8), torch.ones(4)
 
     def cache(dim):
@@ -323,6 +323,8 @@ def test_every_programmatic_triton_kernel_is_among_the_launches_checked():
 TRITON_CALLS = ("rms_norm", "add_rms_norm", "silu_mul", "int8_linear", "quantize_rows",
                 "w8a8_linear", "write_kv", "write_kv-rotary", "write_kv-rotary-64",
                 "paged_decode-split", "paged_decode", "paged_decode-split-64")  # fmt: skip
+# a kernel's switch, and the word in a call's name that says it is on
+SWITCHES = {"ADD": "add", "INTEGER": "w8a8", "ROTATE": "rotary", "SPLIT": "split"}
 
 
 @pytest.mark.parametrize("name", TRITON_CALLS)
@@ -338,6 +340,7 @@ def test_each_triton_kernel_touches_memory_only_after_it_waits_in_its_machine_co
     assert launches
     for kernel, args, keywords in launches:
         assert keywords["PDL"] and keywords["launch_pdl"]
+        assert all(keywords[k] == (word in name) for k, word in SWITCHES.items() if k in keywords)
         cubin = triton_cubin(kernel, args, keywords)
         ((symbol, instructions),) = machine_code(cubin, tmp_path).items()
         assert kernel_records(cubin)[symbol, FRAME] == 0
