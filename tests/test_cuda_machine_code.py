@@ -174,10 +174,11 @@ def local_in_loops(instructions: list[str]) -> list[str]:
     return [instructions[n] for n in local if any(n in loop for loop in loops)]
 
 
-def test_the_loop_check_sees_a_stack_array_written_in_a_loop(tmp_path):
+def test_the_loop_check_sees_a_stack_array_written_in_a_loop_and_read_after_it(tmp_path):
     (instructions,) = machine_code(built(LOCAL, HOPPER, ())[0], tmp_path).values()
-    assert any(opcode(i).startswith("STL") for i in local_in_loops(instructions))
-    assert local_in_loops(instructions[-4:]) == []  # no loop there
+    inside = [opcode(i) for i in local_in_loops(instructions)]
+    assert "STL" in inside and "LDL" not in inside
+    assert "LDL" in [opcode(i) for i in instructions]
 
 
 # (source, macros, weight loads before the wait: int8 UNROLL chunks of rows g and g + 8)
