@@ -284,10 +284,11 @@ def programmatic_launches(call: Callable[[], object]) -> list[tuple]:
         return lambda *args, grid, warmup=False, **keywords: made.append((kernel, args, keywords))
 
     on = {"PDL": True, "launch_pdl": True}
+    kernels = programmatic_kernels()
     with contextlib.ExitStack() as stack:
-        for kernel in programmatic_kernels():
+        for kernel in kernels:
             stack.enter_context(mock.patch.object(kernel, "run", recorder(kernel)))
-            module = sys.modules[kernel.fn.__module__]
+        for module in {sys.modules[kernel.fn.__module__] for kernel in kernels}:
             stack.enter_context(mock.patch.object(module, "launch_options", lambda t: on))
         call()
     return made
