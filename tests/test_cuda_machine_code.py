@@ -166,10 +166,10 @@ def local_in_loops(instructions: list[str]) -> list[str]:
     """The local-memory accesses (spilled registers, or arrays in a stack frame) inside a
     loop of one function's code: between a backward branch and its target (cuobjdump lists
     every instruction, 16 bytes each from address 0)."""
-    targets = {n: re.search(r"0x([0-9a-f]+)$", i) for n, i in enumerate(instructions)
-               if opcode(i).startswith("BRA")}  # fmt: skip
-    loops = [range(int(to.group(1), 16) // 16, n + 1) for n, to in targets.items()
-             if to and int(to.group(1), 16) // 16 < n]  # fmt: skip
+    branch = re.compile(r"0x([0-9a-f]+)$")
+    targets = {n: int(to.group(1), 16) // 16 for n, i in enumerate(instructions)
+               if opcode(i).startswith("BRA") and (to := branch.search(i))}  # fmt: skip
+    loops = [range(target, n + 1) for n, target in targets.items() if target < n]
     local = [n for n, i in enumerate(instructions) if opcode(i).startswith(("LDL", "STL"))]
     return [instructions[n] for n in local if any(n in loop for loop in loops)]
 
@@ -259,7 +259,8 @@ def decode_step_calls() -> dict[str, Callable[[], object]]:
     }
 
 
-def programmatic_kernels() -> set:
+@functools.cache
+def programmatic_kernels() -> frozenset:
     """The Triton kernels of llmkit.kernels that take a PDL switch (not triton_launch.py's
     functions, which they call)."""
     from triton.runtime.jit import JITFunction
@@ -272,7 +273,7 @@ def programmatic_kernels() -> set:
             made = importlib.import_module(f"llmkit.kernels.{module.name}")
             found |= {v for v in vars(made).values() if isinstance(v, JITFunction)
                       and v.fn.__module__ == made.__name__ and "PDL" in v.arg_names}  # fmt: skip
-    return found
+    return frozenset(found)
 
 
 def programmatic_launches(call: Callable[[], object]) -> list[tuple]:
@@ -315,10 +316,11 @@ def triton_cubin(kernel, args: tuple, keywords: dict) -> bytes:
         if isinstance(value, torch.Tensor):
             signature[param.name] = "*" + TRITON_TYPES[value.dtype]
             aligned = value.data_ptr() % 16 == 0
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            aligned = value % 16 == 0 and not param.do_not_specialize
         else:
-            wide = isinstance(value, int) and not -(2**31) <= value < 2**31
-            signature[param.name] = ("i64" if wide else "i32") if isinstance(value, int) else "fp32"
-            aligned = isinstance(value, int) and value % 16 == 0 and not param.do_not_specialize
+            signature[param.name], aligned = "fp32", False
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     options = {k: v for k, v in keywords.items() if k not in signature}
