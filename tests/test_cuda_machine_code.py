@@ -9,7 +9,8 @@ griddepcontrol.wait but the loads the sources put there (a CUDA C++ product's fi
 the decode attention's sequence length), which stay there, and no Triton one spills a
 register in a loop. Neither shows in an output value: a read moved above the wait reads what
 the kernel before may still be writing, and one sunk below it waits for that kernel; a GPU
-shows the one rarely and the other only as time."""
+shows the one rarely and the other only as time. Also: every Triton launch says whether its
+multiplies and adds may fuse, which Triton's default would otherwise decide."""
 
 from __future__ import annotations
 
@@ -260,9 +261,8 @@ def decode_step_calls() -> dict[str, Callable[[], object]]:
 
 
 @functools.cache
-def programmatic_kernels() -> frozenset:
-    """The Triton kernels of llmkit.kernels that take a PDL switch (not triton_launch.py's
-    functions, which they call)."""
+def triton_kernels() -> frozenset:
+    """The Triton functions of llmkit.kernels (not triton_launch.py's, which its kernels call)."""
     from triton.runtime.jit import JITFunction
 
     import llmkit.kernels
@@ -272,25 +272,42 @@ def programmatic_kernels() -> frozenset:
         if module.name.startswith("triton_") and module.name != "triton_launch":
             made = importlib.import_module(f"llmkit.kernels.{module.name}")
             found |= {v for v in vars(made).values() if isinstance(v, JITFunction)
-                      and v.fn.__module__ == made.__name__ and "PDL" in v.arg_names}  # fmt: skip
+                      and v.fn.__module__ == made.__name__}  # fmt: skip
     return frozenset(found)
 
 
-def programmatic_launches(call: Callable[[], object]) -> list[tuple]:
+def programmatic_kernels() -> frozenset:
+    """The Triton kernels of llmkit.kernels that take a PDL switch."""
+    return frozenset(k for k in triton_kernels() if "PDL" in k.arg_names)
+
+
+def launched_kernels() -> frozenset:
+    """The Triton functions of llmkit.kernels that no other one calls: those launched."""
+    kernels = triton_kernels()
+    called = {k for k in kernels for other in kernels - {k} if f"{k.__name__}(" in other.src}
+    return kernels - called
+
+
+def recorded_launches(call: Callable[[], object]) -> list[tuple]:
     """The (kernel, arguments, keywords) of each Triton launch `call` makes, as it makes them
     on a GPU that launches programmatic dependents, recorded instead of run."""
+    from llmkit.kernels import triton_launch
+
     made: list[tuple] = []
 
     def recorder(kernel):
         return lambda *args, grid, warmup=False, **keywords: made.append((kernel, args, keywords))
 
-    on = {"PDL": True, "launch_pdl": True}
-    kernels = programmatic_kernels()
+    def options(t):
+        return {**triton_launch.launch_options(t), "PDL": True, "launch_pdl": True}
+
+    kernels = triton_kernels()
     with contextlib.ExitStack() as stack:
         for kernel in kernels:
             stack.enter_context(mock.patch.object(kernel, "run", recorder(kernel)))
         for module in {sys.modules[kernel.fn.__module__] for kernel in kernels}:
-            stack.enter_context(mock.patch.object(module, "launch_options", lambda t: on))
+            if hasattr(module, "launch_options"):
+                stack.enter_context(mock.patch.object(module, "launch_options", options))
         call()
     return made
 
@@ -337,8 +354,45 @@ def compiled_triton_or_skip() -> None:
 def test_every_programmatic_triton_kernel_is_among_the_launches_checked():
     compiled_triton_or_skip()
     launched = {kernel for call in decode_step_calls().values()
-                for kernel, _, _ in programmatic_launches(call)}  # fmt: skip
+                for kernel, _, _ in recorded_launches(call)}  # fmt: skip
     assert launched == programmatic_kernels() and len(launched) == 6
+
+
+def other_triton_calls() -> dict[str, Callable[[], object]]:
+    """A call of each wrapper of llmkit's other Triton kernels, on CPU tensors."""
+    from llmkit.kernels import triton_attention as ta
+    from llmkit.kernels import triton_gptq, triton_sampling
+
+    bf, i32, f64 = torch.bfloat16, torch.int32, torch.float64
+    q, cache = torch.randn(8, 32, 128, dtype=bf), torch.zeros(64, 8, 16, 128, dtype=bf)
+    one, table = torch.ones(1, dtype=i32), torch.zeros(1, 4, dtype=i32)
+    tiles = tuple(torch.tensor(t, dtype=i32) for t in ta.prefill_tiles([8]))
+    prefill = (torch.empty_like(q), q, cache, cache, table, tiles, 0 * one, 8 * one, 0 * one)
+    w, codes = torch.randn(64, 128), torch.empty(64, 128, dtype=torch.uint8)
+    sweep = (w, codes, torch.empty_like(w), torch.eye(128), torch.ones(64), torch.zeros(64))
+    cdf, u = torch.rand(4, 33, dtype=f64), torch.rand(4, 5, dtype=f64)
+    return {
+        "paged_prefill": lambda: ta.paged_prefill(*prefill, 0.1),
+        "gptq_columns": lambda: triton_gptq.gptq_columns(*sweep, 0, 128, 15),
+        "descend": lambda: triton_sampling.descend(cdf, u),
+    }
+
+
+# kernels whose multiplies and adds must round apart, as the torch ops they stand for
+UNFUSED = ("_gptq_columns_kernel", "_descend_kernel")
+
+
+def test_every_triton_launch_says_whether_its_multiplies_and_adds_fuse():
+    """So that no kernel's code or values change with Triton's default, which Triton 3.10
+    turns off (3.9 warns where a launch leaves it unset): fused in the kernels the GPUs
+    measured, apart where a kernel rounds as torch's ops do."""
+    compiled_triton_or_skip()
+    calls = {**decode_step_calls(), **other_triton_calls()}
+    launches = [launch for call in calls.values() for launch in recorded_launches(call)]
+    assert {kernel for kernel, _, _ in launches} == launched_kernels()
+    assert len(launched_kernels()) == 9
+    for kernel, _, keywords in launches:
+        assert keywords.get("enable_fp_fusion") is (kernel.__name__ not in UNFUSED), kernel.__name__
 
 
 # the names of decode_step_calls' calls
@@ -359,7 +413,7 @@ def test_each_triton_kernel_touches_memory_only_after_it_waits_in_its_machine_co
     compiled_triton_or_skip()
     calls = decode_step_calls()
     assert sorted(calls) == sorted(TRITON_CALLS)
-    launches = programmatic_launches(calls[name])
+    launches = recorded_launches(calls[name])
     assert launches
     for kernel, args, keywords in launches:
         assert keywords["PDL"] and keywords["launch_pdl"]

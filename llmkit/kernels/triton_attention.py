@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from llmkit.kernels.triton_launch import (
+    FUSED,
     launch_options,
     programmatic_launch,
     programmatic_start,
@@ -360,4 +361,5 @@ def paged_prefill(out, q, k_cache, v_cache, tables, tiles, starts, lengths, comp
         *_cache_strides(k_cache), k_cache.shape[2], scale * LOG2E, GROUP=group, D=dim,
         BLOCK_D=_block_d(dim), BLOCK_M=PREFILL_BLOCK_M, BLOCK=BLOCK_N,
         PREC=_precision(q.dtype), num_warps=WARPS[_block_d(dim) >= 128], num_stages=2,
+        **FUSED,
     )  # fmt: skip

@@ -2,7 +2,13 @@
 `launch_options` gives a launch its switches for the tensors' device, and each such kernel
 begins with `programmatic_start`, or with `programmatic_launch` and, before it reads what
 any kernel of the step writes, `programmatic_wait`. Where Triton has no grid dependency
-control, or `cuda_rtc.programmatic` says the device cannot, the launches are plain."""
+control, or `cuda_rtc.programmatic` says the device cannot, the launches are plain.
+
+Every launch of llmkit's Triton kernels also says whether its multiplies and adds may fuse
+(`enable_fp_fusion`), so that a kernel's code and values do not change with Triton's
+default: fused where the GPUs measured the kernels (`FUSED`, which `launch_options` holds),
+apart where a kernel must round as torch's ops do (gptq_columns, descend). Triton 3.9 warns
+on a launch that leaves it unset; 3.10 turns fusion off by default."""
 
 from __future__ import annotations
 
@@ -19,11 +25,14 @@ except ImportError:  # a Triton without grid dependency control: plain launches
     gdc_launch_dependents = gdc_wait = None
 
 
+FUSED = {"enable_fp_fusion": True}  # as Triton up to 3.9 compiles by default
+
+
 def launch_options(t: torch.Tensor) -> dict:
-    """A decode-step kernel's PDL switches for tensors on t's device: its `PDL` constexpr
-    and, where on, Triton's `launch_pdl`."""
+    """A decode-step kernel's launch options for tensors on t's device: FUSED, its `PDL`
+    constexpr and, where on, Triton's `launch_pdl`."""
     on = t.is_cuda and not INTERPRETED and gdc_wait is not None and programmatic(t.device)
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    return {**FUSED, "PDL": True, "launch_pdl": True} if on else {**FUSED, "PDL": False}
 
 
 @triton.jit
