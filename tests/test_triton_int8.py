@@ -136,17 +136,21 @@ def compiled_for(kernel, types: dict, constexprs: dict, capability: int, warps: 
     """`kernel` compiled ahead of time for an NVIDIA GPU of this compute capability (no GPU
     needed: Triton's wheel brings ptxas), its arguments of `types` and `constexprs`; those
     named in `aligned` known to be multiples of 16 (of 16 bytes for pointers), as Triton
-    specializes a launch's arguments where they are (a model's weights and shapes)."""
+    specializes a launch's arguments where they are (a model's weights and shapes), with
+    the launch's FUSED."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from llmkit.kernels.triton_launch import FUSED
 
     signature = {name: "constexpr" if name in constexprs else types[name]
                  for name in kernel.arg_names}  # fmt: skip
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", capability, 32)
-    return triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, **FUSED}  # as the product launches
+    return triton.compile(source, target=target, options=options)
 
 
 @pytest.mark.parametrize("capability", [90, 80])
