@@ -32,6 +32,7 @@ import torch
 
 from llmkit.kernels import cuda_int4, cuda_int8
 from tests.test_cuda_int8 import nvrtc_or_skip
+from tests.test_triton_int8 import compiled_for
 
 # every int4 block shape and its pipelined twin
 SHAPES = [*cuda_int4.VARIANTS, *((*v, 1) for v in cuda_int4.VARIANTS)]
@@ -320,29 +321,24 @@ def triton_cubin(kernel, args: tuple, keywords: dict) -> bytes:
     """The kernel compiled by Triton for Hopper, specialized on the launch's arguments much
     as Triton's launcher does: constexprs by value, and pointers aligned to 16 bytes and
     ints divisible by 16 marked as such."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature, constexprs, attrs = {}, {}, {}
+    types, constexprs, aligned = {}, {}, []
     for i, param in enumerate(kernel.params):
         value = args[i] if i < len(args) else keywords[param.name]
         if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", value
+            constexprs[param.name] = value
             continue
         if isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + TRITON_TYPES[value.dtype]
-            aligned = value.data_ptr() % 16 == 0
+            types[param.name] = "*" + TRITON_TYPES[value.dtype]
+            multiple = value.data_ptr() % 16 == 0
         elif isinstance(value, int):
-            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            aligned = value % 16 == 0 and not param.do_not_specialize
+            types[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            multiple = value % 16 == 0 and not param.do_not_specialize
         else:
-            signature[param.name], aligned = "fp32", False
-        if aligned:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {k: v for k, v in keywords.items() if k not in signature}
-    source = ASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+            types[param.name], multiple = "fp32", False
+        if multiple:
+            aligned.append(param.name)
+    options = {k: v for k, v in keywords.items() if k not in kernel.arg_names}
+    return compiled_for(kernel, types, constexprs, 90, options, tuple(aligned)).asm["cubin"]
 
 
 def compiled_triton_or_skip() -> None:

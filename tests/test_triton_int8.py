@@ -131,13 +131,13 @@ def test_the_float64_row_quantization_is_quantize_per_token():
     assert torch.equal(q, want_q) and torch.equal(scale, want_scale[:, 0])
 
 
-def compiled_for(kernel, types: dict, constexprs: dict, capability: int, warps: int, stages: int,
+def compiled_for(kernel, types: dict, constexprs: dict, capability: int, options: dict,
                  aligned: tuple[str, ...] = ()):  # fmt: skip
     """`kernel` compiled ahead of time for an NVIDIA GPU of this compute capability (no GPU
     needed: Triton's wheel brings ptxas), its arguments of `types` and `constexprs`; those
     named in `aligned` known to be multiples of 16 (of 16 bytes for pointers), as Triton
-    specializes a launch's arguments where they are (a model's weights and shapes), with
-    the launch's FUSED."""
+    specializes a launch's arguments where they are (a model's weights and shapes). With
+    Triton's `options` (num_warps, ...), over llmkit's launches' FUSED."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -149,8 +149,7 @@ def compiled_for(kernel, types: dict, constexprs: dict, capability: int, warps: 
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", capability, 32)
-    options = {"num_warps": warps, "num_stages": stages, **FUSED}  # as the product launches
-    return triton.compile(source, target=target, options=options)
+    return triton.compile(source, target=target, options={**FUSED, **options})
 
 
 @pytest.mark.parametrize("capability", [90, 80])
@@ -175,7 +174,8 @@ def test_the_int8_kernels_compile_for_hopper_and_ampere(capability, tmp_path, mo
         constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "IEEE": a == "*fp32",
                       "INTEGER": a == "*i8", "PDL": capability >= 90}  # fmt: skip
         types = {"a": a, **pointers, **sizes}
-        done = compiled_for(triton_int8._int8_kernel, types, constexprs, capability, warps, stages,
+        options = {"num_warps": warps, "num_stages": stages}
+        done = compiled_for(triton_int8._int8_kernel, types, constexprs, capability, options,
                             aligned)  # fmt: skip
         assert done.asm["cubin"]
         if aligned:  # the weight streams through asynchronous copies, 16 bytes each
@@ -183,7 +183,8 @@ def test_the_int8_kernels_compile_for_hopper_and_ampere(capability, tmp_path, mo
     for x in ("*bf16", "*fp32"):
         types = {"x": x, "xq": "*i8", "scales": "*fp32", "inputs": "i32"}
         constexprs = {"BLOCK": triton_int8.QUANTIZE_BLOCK, "PDL": capability >= 90}
-        assert compiled_for(triton_int8._quantize_kernel, types, constexprs, capability, 4, 3)
+        options = {"num_warps": 4, "num_stages": 3}
+        assert compiled_for(triton_int8._quantize_kernel, types, constexprs, capability, options)
 
 
 def check(cases, found: list[float]) -> None:
