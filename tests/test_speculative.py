@@ -89,6 +89,59 @@ def test_ngram_draft_agrees_with_its_definition_on_random_sequences():
         assert ngram_draft(*args) == _ngram_draft_by_definition(*args), args
 
 
+def test_ngram_proposals_of_growing_sequences_are_the_lookups_in_their_lists():
+    """The proposer keeps each sequence's tokens as an array between rounds: as sequences
+    grow (by 0-5 tokens between rounds), with prefixes and with releases in between, its
+    drafts are ngram_draft's on the sequence's token list."""
+    from llmkit.runtime.speculative import NgramProposer
+
+    rng = random.Random(1)
+    proposer = NgramProposer(1, 3)
+    seqs = [Sequence([rng.randrange(4) for _ in range(rng.randrange(1, 30))], GREEDY)
+            for _ in range(4)]  # fmt: skip
+    for _ in range(400):
+        seq = rng.choice(seqs)
+        seq.output_token_ids += [rng.randrange(4) for _ in range(rng.randrange(0, 6))]
+        prefix = [rng.randrange(4) for _ in range(rng.randrange(0, 3))]
+        k = len(prefix) + rng.randrange(0, 5)
+        tokens = seq.prompt_token_ids + seq.output_token_ids + prefix
+        expected = prefix + ngram_draft(tokens, 1, 3, k - len(prefix))
+        assert proposer.propose([seq], [k], [prefix])[0].tokens == expected
+        if rng.random() < 0.05:
+            proposer.release(seq.seq_id)
+    assert max(len(s.output_token_ids) for s in seqs) > 200  # past several regrowths
+
+
+def test_a_proposers_rounds_read_only_the_tokens_new_since_the_last(tiny_dir, monkeypatch):
+    """Round after round, neither proposer reads a sequence's earlier tokens again: the
+    ranges of tokens it reads cover the sequence once (a long context costs no copy of all
+    of it a round)."""
+    from llmkit.runtime.speculative import DraftProposer, NgramProposer
+
+    read = []
+    tokens = Sequence.tokens
+    monkeypatch.setattr(
+        Sequence, "tokens", lambda s, a, b: read.append((s.seq_id, a, b)) or tokens(s, a, b)
+    )
+    model = tiny_dir("tiny-llama")
+    for spec, kind in (("ngram", NgramProposer), (str(model), DraftProposer)):
+        llm = LLM(model, EngineConfig(**ALL, speculative=spec))
+        try:
+            proposer = llm.engine.proposer
+            assert isinstance(proposer, kind)
+            seq = Sequence(list(range(5, 305)), GREEDY)
+            for step in range(20):
+                read.clear()
+                proposer.propose([seq], [3], [[]])
+                new = 300 if step == 0 else 2
+                assert [(a, b) for i, a, b in read if i == seq.seq_id] == [
+                    (seq.num_tokens - new, seq.num_tokens)
+                ]
+                seq.output_token_ids += [7, 8]
+        finally:
+            llm.close()
+
+
 @pytest.mark.parametrize("draft", ["ngram", "self", "other", "self-head-dim-8"])
 def test_greedy_tokens_are_those_of_plain_decoding(tiny_dir, other_model, draft):
     """ngram (some accepted, some rejected), a draft model that is the model itself (all

@@ -54,11 +54,12 @@ class Draft:
     probs: torch.Tensor | None = None
 
 
-def ngram_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+def ngram_draft(tokens: list[int] | np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
     """k tokens that followed the latest earlier occurrence of the last n tokens of `tokens`,
     for the largest n in [min_n, max_n] that occurs earlier (none if none does). Where that
     continuation reaches the end, it goes on copying at the same distance back, into the
-    draft itself: a repeating stretch is proposed as repeating on."""
+    draft itself: a repeating stretch is proposed as repeating on. `tokens` as an int64
+    array is taken as it is (a list is converted, in time linear in its length)."""
     length = len(tokens)
     if k < 1 or length < min_n + 1:
         return []
@@ -80,7 +81,7 @@ def ngram_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
             start, draft = int(ends[found[-1]]) + 1, []
             for j in range(k):
                 at = start + j
-                draft.append(tokens[at] if at < length else draft[at - length])
+                draft.append(int(array[at]) if at < length else draft[at - length])
             return draft
     return []
 
@@ -91,13 +92,16 @@ class NgramProposer:
 
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
+        self.arrays: dict[int, TokenArray] = {}  # seq_id -> its tokens so far, as an array
 
     def propose(self, seqs: list[Sequence], sizes: list[int], prefixes: list[list[int]]):
         """Each draft: its prefix (tokens certain to be accepted), then what follows the
         tokens and the prefix in the sequence (ngram_draft), sizes[i] tokens in all."""
         drafts = []
         for seq, k, prefix in zip(seqs, sizes, prefixes, strict=True):
-            tokens = seq.prompt_token_ids + seq.output_token_ids + prefix
+            tokens = self.arrays.setdefault(seq.seq_id, TokenArray()).update(seq)
+            if prefix:
+                tokens = np.concatenate((tokens, np.asarray(prefix, dtype=np.int64)))
             drafts.append(
                 Draft(prefix + ngram_draft(tokens, self.min_n, self.max_n, k - len(prefix)))
             )
@@ -110,10 +114,33 @@ class NgramProposer:
         pass
 
     def release(self, seq_id: int) -> None:
-        pass
+        self.arrays.pop(seq_id, None)
 
     def close(self) -> None:
-        pass
+        self.arrays.clear()
+
+
+class TokenArray:
+    """A sequence's prompt and output tokens as one int64 array, kept from call to call: an
+    update converts only the tokens the sequence gained since (a sequence's tokens are only
+    ever appended to), so a lookup in a long context costs no conversion of all of it."""
+
+    __slots__ = ("buffer", "length")
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(0, dtype=np.int64)
+        self.length = 0
+
+    def update(self, seq: Sequence) -> np.ndarray:
+        """seq's tokens (a view, valid until the next update)."""
+        n = seq.num_tokens
+        if n > len(self.buffer):  # room for twice as many: amortized constant per token
+            grown = np.empty(max(n, 2 * len(self.buffer)), dtype=np.int64)
+            grown[: self.length] = self.buffer[: self.length]
+            self.buffer = grown
+        self.buffer[self.length : n] = seq.tokens(self.length, n)
+        self.length = n
+        return self.buffer[:n]
 
 
 class DraftProposer:
@@ -314,21 +341,25 @@ class DraftProposer:
     def _sync(self, seq: Sequence) -> bool:
         """Make seq's mirror hold seq's tokens, keeping the K/V of their common prefix;
         False when the draft's KV cache has no room for it now."""
-        tokens = seq.prompt_token_ids + seq.output_token_ids
         mirror = self.mirrors.get(seq.seq_id)
         if mirror is None:  # sampling as the request does, scoring nothing
             params = replace(seq.params, logprobs=None, prompt_logprobs=None)
             mirror = self.mirrors[seq.seq_id] = Sequence([], params, seed=seq.seed)
-        old, common = mirror.prompt_token_ids, self.synced.get(seq.seq_id, 0)
-        while common < min(len(old), len(tokens)) and old[common] == tokens[common]:
+        # the mirror holds seq's tokens up to the last sync, then that round's draft: only
+        # what came after the sync is compared and replaced (not the whole context)
+        old, synced, n = mirror.prompt_token_ids, self.synced.get(seq.seq_id, 0), seq.num_tokens
+        new = seq.tokens(synced, n)
+        common = synced
+        while common < min(len(old), n) and old[common] == new[common - synced]:
             common += 1  # past the last sync: the draft tokens the model accepted
-        mirror.prompt_token_ids = tokens
+        del old[common:]
+        old += new[common - synced :]
         # the last token is computed again, whatever its K/V: its logits give the draft's
         # first token (a draft the step had no room for leaves the next one computed)
-        mirror.num_computed_tokens = min(mirror.num_computed_tokens, common, len(tokens) - 1)
-        self.synced[seq.seq_id] = len(tokens)
+        mirror.num_computed_tokens = min(mirror.num_computed_tokens, common, n - 1)
+        self.synced[seq.seq_id] = n
         self.blocks.truncate(mirror)
-        return self.blocks.can_allocate(mirror, len(tokens) - mirror.num_computed_tokens)
+        return self.blocks.can_allocate(mirror, n - mirror.num_computed_tokens)
 
     def release(self, seq_id: int) -> None:
         mirror = self.mirrors.pop(seq_id, None)
