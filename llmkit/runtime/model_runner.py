@@ -9,6 +9,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from llmkit.checkpoint.rank_tensors import open_rank
@@ -357,10 +358,9 @@ def prepare_steps(batch: Batch, block_size: int) -> StepInputs:
     slots = [_slots(s.block_table, p + j, p + j + 1, block_size)[0] for j in range(steps)
              for s, p in zip(seqs, starts, strict=True)]  # fmt: skip
     width = -(-(max(starts) + steps) // block_size)
-    tables = [s.block_table[:width] + [0] * (width - len(s.block_table)) for s in seqs]
     as_long = functools.partial(torch.tensor, dtype=torch.long)
     meta = AttentionMetadata(as_long(slots), len(seqs))
-    meta.decode_blocks = as_long(tables)  # padded with block 0
+    meta.decode_blocks = padded_tables([s.block_table for s in seqs], width)
     meta.decode_lens = as_long([p + 1 for p in starts])
     ids = [s.tokens(p, p + 1)[0] for s, p in zip(seqs, starts, strict=True)]
     return StepInputs(as_long(ids), as_long(starts), meta, torch.arange(len(seqs)), steps=steps)
@@ -404,6 +404,29 @@ def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]
     return slots
 
 
+# block ids up to which a step's tables go through padded lists: fewer numpy calls, whose
+# fixed cost outweighs the flat run's gain below about this (both cold and warm caches)
+LIST_TABLES = 4096
+
+
+def padded_tables(
+    tables: list[list[int]], width: int, rows: list[int] | None = None
+) -> torch.Tensor:
+    """int64 [len(rows), width]: the first `width` blocks of block table tables[r] for each r
+    of `rows` (all the tables in order where None), padded with block 0. Past LIST_TABLES
+    ids, made from one flat run of each table's (converting a list of lists, or padding each
+    one, takes a Python step per block: milliseconds a step for hundreds of long contexts)."""
+    picked = range(len(tables)) if rows is None else rows
+    if len(picked) * width <= LIST_TABLES:
+        padded = [tables[r][:width] + [0] * (width - len(tables[r])) for r in picked]
+        return torch.tensor(padded, dtype=torch.long)
+    lengths = np.fromiter((min(len(t), width) for t in tables), np.int64, len(tables))
+    ids = itertools.chain.from_iterable(itertools.islice(t, width) for t in tables)
+    out = np.zeros((len(tables), width), dtype=np.int64)
+    out[np.arange(width) < lengths[:, None]] = np.fromiter(ids, np.int64, int(lengths.sum()))
+    return torch.from_numpy(out if rows is None else out[np.asarray(rows)])
+
+
 def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> AttentionMetadata:
     """rows, positions: [tokens], each token's sequence (index into `seqs`) and position;
     the first `num_decodes` sequences decode: each of their tokens is one query. Built from
@@ -417,8 +440,8 @@ def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> A
     if num_decodes:
         lengths = [p + 1 for p in positions[:start]]  # each query sees the keys up to its own
         width = -(-max(lengths) // block_size)
-        blocks = [tables[r][:width] + [0] * (width - len(tables[r])) for r in rows[:start]]
-        meta.decode_blocks = torch.tensor(blocks, dtype=torch.long)  # padded with block 0
+        queries = rows[:start] if start > num_decodes else None  # drafts: a row per token
+        meta.decode_blocks = padded_tables(tables[:num_decodes], width, queries)
         meta.decode_lens = torch.tensor(lengths, dtype=torch.long)
     for i in range(num_decodes, len(seqs)):
         n, end = counts[i], ends[i]
