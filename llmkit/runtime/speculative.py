@@ -41,6 +41,7 @@ import torch
 from llmkit.errors import LlmkitError
 from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.engine_config import NGRAM
+from llmkit.runtime.growing import Growing
 from llmkit.runtime.scheduler import Batch
 from llmkit.runtime.sequence import Sequence
 
@@ -92,14 +93,20 @@ class NgramProposer:
 
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
-        self.arrays: dict[int, TokenArray] = {}  # seq_id -> its tokens so far, as an array
+        # seq_id -> its tokens so far, as an array: a round converts only the tokens the
+        # sequence gained since the last (its tokens are only ever appended to)
+        self.arrays: dict[int, Growing] = {}
 
     def propose(self, seqs: list[Sequence], sizes: list[int], prefixes: list[list[int]]):
         """Each draft: its prefix (tokens certain to be accepted), then what follows the
         tokens and the prefix in the sequence (ngram_draft), sizes[i] tokens in all."""
         drafts = []
         for seq, k, prefix in zip(seqs, sizes, prefixes, strict=True):
-            tokens = self.arrays.setdefault(seq.seq_id, TokenArray()).update(seq)
+            array = self.arrays.get(seq.seq_id)
+            if array is None:
+                array = self.arrays[seq.seq_id] = Growing(np.empty(0, dtype=np.int64))
+            array.extend(seq.tokens(len(array), seq.num_tokens))
+            tokens = array.view()
             if prefix:
                 tokens = np.concatenate((tokens, np.asarray(prefix, dtype=np.int64)))
             drafts.append(
@@ -118,29 +125,6 @@ class NgramProposer:
 
     def close(self) -> None:
         self.arrays.clear()
-
-
-class TokenArray:
-    """A sequence's prompt and output tokens as one int64 array, kept from call to call: an
-    update converts only the tokens the sequence gained since (a sequence's tokens are only
-    ever appended to), so a lookup in a long context costs no conversion of all of it."""
-
-    __slots__ = ("buffer", "length")
-
-    def __init__(self) -> None:
-        self.buffer = np.empty(0, dtype=np.int64)
-        self.length = 0
-
-    def update(self, seq: Sequence) -> np.ndarray:
-        """seq's tokens (a view, valid until the next update)."""
-        n = seq.num_tokens
-        if n > len(self.buffer):  # room for twice as many: amortized constant per token
-            grown = np.empty(max(n, 2 * len(self.buffer)), dtype=np.int64)
-            grown[: self.length] = self.buffer[: self.length]
-            self.buffer = grown
-        self.buffer[self.length : n] = seq.tokens(self.length, n)
-        self.length = n
-        return self.buffer[:n]
 
 
 class DraftProposer:

@@ -18,6 +18,7 @@ import collections
 import numpy as np
 import torch
 
+from llmkit.runtime.growing import Growing
 from llmkit.runtime.sequence import SamplingParams
 
 
@@ -126,7 +127,7 @@ class _Seen:
 
     def __init__(self, prompt: list[int], output: list[int]) -> None:
         self.tokens = set(prompt).union(output)
-        self.array = _Growing(np.fromiter(self.tokens, np.int64, len(self.tokens)))
+        self.array = Growing(np.fromiter(self.tokens, np.int64, len(self.tokens)))
 
     def add(self, token: int) -> None:
         if token not in self.tokens:
@@ -146,8 +147,8 @@ class _Counts:
     def __init__(self, prompt: list[int], output: list[int]) -> None:
         counts = collections.Counter(output)
         self.slots = {token: slot for slot, token in enumerate(counts)}  # token -> index
-        self.ids = _Growing(np.fromiter(counts, np.int64, len(counts)))
-        self.times = _Growing(np.fromiter(counts.values(), np.float64, len(counts)))
+        self.ids = Growing(np.fromiter(counts, np.int64, len(counts)))
+        self.times = Growing(np.fromiter(counts.values(), np.float64, len(counts)))
 
     def add(self, token: int) -> None:
         slot = self.slots.get(token)
@@ -172,25 +173,6 @@ class _Counts:
         added = np.fromiter(more.values(), np.float64, len(more))
         return (np.concatenate([ids, np.fromiter(more, np.int64, len(more))]),
                 np.concatenate([times, added]))  # fmt: skip
-
-
-class _Growing:
-    """A numpy array appended to one value at a time, its storage doubled as it fills."""
-
-    def __init__(self, values: np.ndarray) -> None:
-        self.values, self.size = np.resize(values, max(16, 2 * len(values))), len(values)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def append(self, value) -> None:
-        if self.size == len(self.values):
-            self.values = np.resize(self.values, 2 * self.size)
-        self.values[self.size] = value
-        self.size += 1
-
-    def view(self) -> np.ndarray:
-        return self.values[: self.size]
 
 
 class _Pairs:
