@@ -1,4 +1,4 @@
-"""The block tables a step's decodes attend through (model_runner.padded_tables), against
+"""The block tables a step's decodes attend through (attention.padded_tables), against
 the definition: a row per query, its sequence's first blocks, padded with block 0."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from llmkit.runtime import model_runner
-from llmkit.runtime.model_runner import padded_tables, prepare, prepare_steps
+from llmkit.runtime.layers import attention
+from llmkit.runtime.layers.attention import padded_tables
+from llmkit.runtime.model_runner import prepare, prepare_steps
 from llmkit.runtime.scheduler import Batch
 from llmkit.runtime.sequence import Sequence
 
@@ -20,12 +21,12 @@ def by_definition(tables: list[list[int]], width: int, rows) -> list[list[int]]:
     return [[tables[r][i] if i < len(tables[r]) else 0 for i in range(width)] for r in rows]
 
 
-@pytest.mark.parametrize("limit", [0, model_runner.LIST_TABLES, 10**9], ids=str)
+@pytest.mark.parametrize("limit", [0, attention.LIST_TABLES, 10**9], ids=str)
 def test_padded_tables_are_the_definitions_by_either_path(monkeypatch, limit):
     """Through the padded lists (every size under a huge limit), the flat run (every size
     over limit 0) and the default, which takes either by size: tables shorter and longer
     than the width, empty ones, rows repeated and left out."""
-    monkeypatch.setattr(model_runner, "LIST_TABLES", limit)
+    monkeypatch.setattr(attention, "LIST_TABLES", limit)
     rng = random.Random(limit)
     for _ in range(60):
         width = rng.choice([1, 3, 64, 300])
@@ -63,7 +64,7 @@ def test_a_steps_decode_tables_are_each_querys_sequences_past_the_list_limit():
     assert meta.num_decodes == len(queries) > 70
     width = meta.decode_blocks.shape[1]
     assert width == -(-max(meta.decode_lens.tolist()) // BLOCK)
-    assert width * len(queries) > model_runner.LIST_TABLES
+    assert width * len(queries) > attention.LIST_TABLES
     tables = [s.block_table for s in seqs]
     assert meta.decode_blocks.tolist() == by_definition(tables, width, queries)
 

@@ -9,7 +9,6 @@ import math
 import threading
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from llmkit.checkpoint.rank_tensors import open_rank
@@ -17,7 +16,7 @@ from llmkit.kernels import cpu as cpu_kernels
 from llmkit.runtime.block_manager import BlockManager
 from llmkit.runtime.distributed import Group
 from llmkit.runtime.layers import pages
-from llmkit.runtime.layers.attention import AttentionMetadata, Prefill
+from llmkit.runtime.layers.attention import AttentionMetadata, Prefill, padded_tables
 from llmkit.runtime.layers.sampler import Sampled, Sampler, score
 from llmkit.runtime.loader import load_model
 from llmkit.runtime.lora import LoraContext, install, read_adapter
@@ -402,29 +401,6 @@ def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]
         slots += range(base + start, base + stop)
         start = stop
     return slots
-
-
-# block ids up to which a step's tables go through padded lists: fewer numpy calls, whose
-# fixed cost outweighs the flat run's gain below about this (both cold and warm caches)
-LIST_TABLES = 4096
-
-
-def padded_tables(
-    tables: list[list[int]], width: int, rows: list[int] | None = None
-) -> torch.Tensor:
-    """int64 [len(rows), width]: the first `width` blocks of block table tables[r] for each r
-    of `rows` (all the tables in order where None), padded with block 0. Past LIST_TABLES
-    ids, made from one flat run of each table's (converting a list of lists, or padding each
-    one, takes a Python step per block: milliseconds a step for hundreds of long contexts)."""
-    picked = range(len(tables)) if rows is None else rows
-    if len(picked) * width <= LIST_TABLES:
-        padded = [tables[r][:width] + [0] * (width - len(tables[r])) for r in picked]
-        return torch.tensor(padded, dtype=torch.long)
-    lengths = np.fromiter((min(len(t), width) for t in tables), np.int64, len(tables))
-    ids = itertools.chain.from_iterable(itertools.islice(t, width) for t in tables)
-    out = np.zeros((len(tables), width), dtype=np.int64)
-    out[np.arange(width) < lengths[:, None]] = np.fromiter(ids, np.int64, int(lengths.sum()))
-    return torch.from_numpy(out if rows is None else out[np.asarray(rows)])
 
 
 def _metadata(seqs, counts, ends, num_decodes, block_size, rows, positions) -> AttentionMetadata:

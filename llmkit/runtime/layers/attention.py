@@ -13,8 +13,10 @@ context is gathered (block, head) by (block, head) from the block table straight
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,29 @@ from llmkit.kernels import cpu, cuda
 from llmkit.runtime.layers.rotary import apply_rotary
 
 DECODE_CHUNK_BYTES = 2 * 2**20  # gathered keys per decode chunk: about what stays cached
+
+
+# block ids up to which a step's tables go through padded lists: fewer numpy calls, whose
+# fixed cost outweighs the flat run's gain below about this (both cold and warm caches)
+LIST_TABLES = 4096
+
+
+def padded_tables(
+    tables: list[list[int]], width: int, rows: list[int] | None = None
+) -> torch.Tensor:
+    """int64 [len(rows), width]: the first `width` blocks of block table tables[r] for each r
+    of `rows` (all the tables in order where None), padded with block 0. Past LIST_TABLES
+    ids, made from one flat run of each table's (converting a list of lists, or padding each
+    one, takes a Python step per block: milliseconds a step for hundreds of long contexts)."""
+    picked = range(len(tables)) if rows is None else rows
+    if len(picked) * width <= LIST_TABLES:
+        padded = [tables[r][:width] + [0] * (width - len(tables[r])) for r in picked]
+        return torch.tensor(padded, dtype=torch.long)
+    lengths = np.fromiter((min(len(t), width) for t in tables), np.int64, len(tables))
+    ids = itertools.chain.from_iterable(itertools.islice(t, width) for t in tables)
+    out = np.zeros((len(tables), width), dtype=np.int64)
+    out[np.arange(width) < lengths[:, None]] = np.fromiter(ids, np.int64, int(lengths.sum()))
+    return torch.from_numpy(out if rows is None else out[np.asarray(rows)])
 
 
 @dataclass(slots=True)
@@ -98,13 +123,14 @@ class AttentionMetadata:
         if self._prefill_args is None:
             prefills = self.prefills
             width = max(len(p.blocks) for p in prefills)
-            tables = [p.blocks + [0] * (width - len(p.blocks)) for p in prefills]
+            tables = padded_tables([p.blocks for p in prefills], width).to(torch.int32)
             lengths = [p.length for p in prefills]
             tiles = triton_attention().prefill_tiles(lengths)
-            fields = (tables, *tiles, [p.start for p in prefills], lengths,
+            fields = (*tiles, [p.start for p in prefills], lengths,
                       [p.computed for p in prefills])  # fmt: skip
-            packed = [torch.tensor(f, dtype=torch.int32).to(device, non_blocking=True)
-                      for f in fields]  # fmt: skip
+            packed = [tables.to(device, non_blocking=True)]
+            packed += [torch.tensor(f, dtype=torch.int32).to(device, non_blocking=True)
+                       for f in fields]  # fmt: skip
             self._prefill_args = (packed[0], (packed[1], packed[2]), *packed[3:])
         return self._prefill_args
 
