@@ -74,6 +74,57 @@ def test_decode_kernel_matches_float64(heads, kv_heads, head_dim, block_size, dt
     assert torch.allclose(out.double(), expected, atol=atol, rtol=0)
 
 
+def draft_rows(tables, lens, drafts):
+    """Rows as a verifying step has them: sequence s's query, then one per draft token of
+    drafts[s], each with the sequence's block table and one key more than the row before."""
+    rows = [s for s, n in enumerate(drafts) for _ in range(n + 1)]
+    extra = [j for n in drafts for j in range(n + 1)]
+    return tables[rows].contiguous(), lens[rows] + torch.tensor(extra), rows
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim", [(12, 4, 64), (4, 1, 128), (6, 2, 24), (10, 2, 64)]
+)
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+def test_draft_rows_share_a_pass_and_match_float64(heads, kv_heads, head_dim, dtype, atol):
+    """A sequence's draft rows, read together in one pass over its cache, give each row's
+    own attention: the float64 reference's, and the bits of each row computed alone. Drafts
+    of 0 to 17 tokens (past the 16 rows a pass takes), lengths across block edges."""
+    lens = torch.tensor([14, 1, 40, 100, 31])
+    drafts = [2, 0, 4, 17, 1]
+    _, k_cache, v_cache, tables, _ = paged_case(
+        7, dtype, heads, kv_heads, head_dim, 16, (lens + torch.tensor(drafts)).tolist()
+    )
+    tables, row_lens, rows = draft_rows(tables, lens, drafts)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(len(rows), heads, head_dim, generator=g).to(dtype)
+    scale = head_dim**-0.5
+    out = torch.empty_like(q)
+    cpu.ops().paged_decode(out, q, k_cache, v_cache, tables, row_lens, scale)
+    expected = reference(q, k_cache, v_cache, tables, row_lens, scale)
+    assert torch.allclose(out.double(), expected, atol=atol, rtol=0)
+    for r in range(len(rows)):
+        alone = torch.empty_like(q[r : r + 1])
+        cpu.ops().paged_decode(alone, q[r : r + 1], k_cache, v_cache, tables[r : r + 1],
+                               row_lens[r : r + 1], scale)  # fmt: skip
+        assert torch.equal(out[r], alone[0]), r
+
+
+def test_rows_of_other_blocks_or_fewer_keys_do_not_share_a_pass():
+    """A row after another whose blocks differ in one the earlier row reads, or which sees
+    fewer keys, is attended over its own blocks and length."""
+    _, k_cache, v_cache, tables, _ = paged_case(9, torch.float32, 4, 2, 16, 8, [30, 30, 30])
+    tables = tables[[0, 0, 0, 0]].clone()
+    tables[1, 2] = tables[2, 0]  # row 1 differs from row 0 in block 2, which row 0 reads
+    tables[3, 3] = tables[2, 1]  # row 3 differs in block 3, past row 2's 20 keys: joins it
+    row_lens = torch.tensor([21, 22, 20, 27])  # row 2: fewer keys than row 1
+    q = torch.randn(4, 4, 16, generator=torch.Generator().manual_seed(10))
+    out = torch.empty_like(q)
+    cpu.ops().paged_decode(out, q, k_cache, v_cache, tables, row_lens, 0.25)
+    expected = reference(q, k_cache, v_cache, tables, row_lens, 0.25)
+    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=0)
+
+
 def test_large_scores_do_not_overflow():
     q, k_cache, v_cache, tables, lens = paged_case(1, torch.float32, 4, 2, 16, 8, [40, 9])
     q *= 300  # scores in the thousands: exp must be taken after the max is subtracted

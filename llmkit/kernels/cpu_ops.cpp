@@ -1,12 +1,13 @@
 // llmkit's CPU kernels, registered as torch.ops.llmkit_cpu:
 //
-// - paged_decode: decode attention over the paged KV cache, one query token per sequence;
-//   keys and values read in place from the cache blocks (no gathered copy), float32
-//   arithmetic. cache: [num_blocks, kv_heads, block_size, head_dim], head_dim a multiple
-//   of 8 (16-lane vectors, then one of 8 where 8 values are left); the heads sharing a KV
-//   head are done together, so each key and value is read once per (sequence, KV head)
-//   (with AVX-512 and head_dim 64 or 128, also widened to float32 once for several of them,
-//   and 16 keys' dot products summed across lanes together).
+// - paged_decode: decode attention over the paged KV cache, one query token per row (a
+//   sequence's, or one of its draft tokens'); keys and values read in place from the cache
+//   blocks (no gathered copy), float32 arithmetic. cache: [num_blocks, kv_heads, block_size,
+//   head_dim], head_dim a multiple of 8 (16-lane vectors, then one of 8 where 8 values are
+//   left); the heads sharing a KV head are done together, and so are the rows of one
+//   sequence's draft, so each key and value is read once per (sequence, KV head) (with
+//   AVX-512 and head_dim 64 or 128, also widened to float32 once for several of them, and
+//   16 keys' dot products summed across lanes together).
 // - write_kv: new tokens' keys and values into their cache slots.
 // - add_rms_norm: residual += x, then RMSNorm of the sum, rounded as the llama family's
 //   reference code rounds (normalised in float32, cast to the model dtype, times the weight).
@@ -447,10 +448,34 @@ void weighted_values(const Cache<T>& values, const float* scores, int64_t group,
   });
 }
 
-// Attention of queries [seqs, heads, dim] (row s at q + s * q_stride, its heads one after
-// another) over their sequences' cached keys and values; out [seqs, heads, dim] contiguous.
+constexpr int64_t kMaxRunRows = 16;  // rows of one pass over a sequence's cache, at most
+
+// The rows that share a pass over the cache, as runs of up to max_rows: a row joins the one
+// before it where its length is no shorter and its block table names the same blocks for
+// all of that row's keys (a sequence's draft tokens, a query each: every row of a run
+// attends to a prefix of its last row's keys). -> each run's first row, then num_rows.
+std::vector<int64_t> shared_runs(const int64_t* tables, const int64_t* lens, int64_t num_rows,
+                                 int64_t max_blocks, int64_t block_size, int64_t max_rows) {
+  std::vector<int64_t> starts;
+  if (num_rows > 0) starts.push_back(0);
+  for (int64_t r = 1; r < num_rows; ++r) {
+    const int64_t* table = tables + r * max_blocks;
+    const int64_t blocks = (lens[r - 1] + block_size - 1) / block_size;  // the row before's
+    const bool joins = r - starts.back() < max_rows && lens[r] >= lens[r - 1] &&
+                       std::equal(table, table + blocks, table - max_blocks);
+    if (!joins) starts.push_back(r);
+  }
+  starts.push_back(num_rows);
+  return starts;
+}
+
+// Attention of queries [rows, heads, dim] (row r at q + r * q_stride, its heads one after
+// another) over their sequences' cached keys and values; out [rows, heads, dim] contiguous.
+// A run of rows (shared_runs) is one item per KV head: its rows' queries against its last
+// row's keys, each query's weights past its own length zero. Runs are cut shorter where
+// whole ones would leave threads without an item (a pass's queries are one thread's work).
 template <typename T>
-void decode(T* out_ptr, const T* q_ptr, int64_t q_stride, int64_t num_seqs, int64_t num_heads,
+void decode(T* out_ptr, const T* q_ptr, int64_t q_stride, int64_t num_rows, int64_t num_heads,
             const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
             const at::Tensor& context_lens, double scale) {
   const int64_t dim = k_cache.size(3), kv_heads = k_cache.size(1), block_size = k_cache.size(2);
@@ -460,28 +485,40 @@ void decode(T* out_ptr, const T* q_ptr, int64_t q_stride, int64_t num_seqs, int6
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t head_stride = block_size * dim, block_stride = kv_heads * head_stride;
+  const int64_t max_rows =
+      std::clamp<int64_t>(num_rows * kv_heads / at::get_num_threads(), 1, kMaxRunRows);
+  const std::vector<int64_t> runs =
+      shared_runs(tables, lens, num_rows, max_blocks, block_size, max_rows);
+  const int64_t num_runs = static_cast<int64_t>(runs.size()) - 1;
 
-  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_runs * kv_heads, 1, [&](int64_t begin, int64_t end) {
     // kept from call to call (a decode step makes one call per layer)
     thread_local std::vector<float> query, acc, total, scores;
-    query.resize(group * dim), acc.resize(group * dim), total.resize(group);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / kv_heads, h = item % kv_heads, len = lens[s];
-      const int64_t* table = tables + s * max_blocks;
-      const T* q_row = q_ptr + s * q_stride + h * group * dim;
-      for (int64_t i = 0; i < group * dim; ++i) query[i] = to_float(q_row[i]) * float(scale);
-      scores.assign(group * len, 0.f);
-      const Cache<T> keys{k_ptr, table, len, block_size, block_stride, h * head_stride, dim};
-      const Cache<T> values = keys.in(v_ptr);
-      key_scores(keys, query.data(), group, scores.data(), values.data);
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = &scores[g * len];
-        total[g] = exp_shifted(row, len, *std::max_element(row, row + len));
+      const int64_t first = runs[item / kv_heads], last = runs[item / kv_heads + 1] - 1;
+      const int64_t h = item % kv_heads, n = (last - first + 1) * group, len = lens[last];
+      query.resize(n * dim), acc.resize(n * dim), total.resize(n);
+      for (int64_t r = first; r <= last; ++r) {  // query j: row first + j / group
+        const T* q_row = q_ptr + r * q_stride + h * group * dim;
+        float* into = &query[(r - first) * group * dim];
+        for (int64_t i = 0; i < group * dim; ++i) into[i] = to_float(q_row[i]) * float(scale);
       }
-      weighted_values(values, scores.data(), group, acc.data());
-      for (int64_t g = 0; g < group; ++g) {
-        T* o = out_ptr + (s * num_heads + h * group + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[g * dim + d] / total[g]);
+      scores.assign(n * len, 0.f);
+      const Cache<T> keys{k_ptr, tables + last * max_blocks, len, block_size, block_stride,
+                          h * head_stride, dim};
+      const Cache<T> values = keys.in(v_ptr);
+      key_scores(keys, query.data(), n, scores.data(), values.data);
+      for (int64_t j = 0; j < n; ++j) {
+        float* row = &scores[j * len];
+        const int64_t own = lens[first + j / group];
+        total[j] = exp_shifted(row, own, *std::max_element(row, row + own));
+        std::fill(row + own, row + len, 0.f);
+      }
+      weighted_values(values, scores.data(), n, acc.data());
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t r = first + j / group, g = j % group;
+        T* o = out_ptr + (r * num_heads + h * group + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[j * dim + d] / total[j]);
       }
     }
   });
