@@ -85,6 +85,7 @@ def lookup_spec(key: int, k: int) -> list:
 
 
 TRIES = 3
+CONTEXT = 2048  # llama-speculative-simple's: the longest prompt with its tokens
 # what speculative() reads from the log: decoded tokens and seconds, the prompt's tokens, the
 # draft tokens proposed and accepted
 SPECULATIVE_COUNTS = (
@@ -102,7 +103,7 @@ def _speculative_log(target: Path, prompt: str, tokens: int, threads: int, spec:
         file.write(prompt)
         file.flush()
         command = [tool, "-m", target, "-f", file.name, "-n", tokens, "-t", threads,
-                   "--temp", "0", "--ignore-eos", "-c", 1024, *spec]  # fmt: skip
+                   "--temp", "0", "--ignore-eos", "-c", CONTEXT, *spec]  # fmt: skip
         done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
     log = done.stdout + done.stderr
     if done.returncode != 0:

@@ -36,6 +36,11 @@ Workloads, 64 tokens per request (EOS ignored), greedy but for `sampled`:
 - grounded: a passage of tinyshakespeare, then "Again:" and the passage's first words
   (the output should reproduce the passage: edit/summarize style);
 - free: a line of tinyshakespeare to continue;
+- grounded-long (concurrency 1: small-llama plainly and with ngram, beside llama.cpp's
+  prompt lookup): grounded's form on a passage of LONG_CHARS characters, some 1,850 tokens
+  (with the 64 generated, within small-llama's 2,048 positions): the document lengths
+  prompt lookup serves, where each verifying step's queries attend over a long context. No
+  target;
 - json (concurrency 1: small-llama with ngram, WIDE with stories260K and its 4-bit copy as
   drafts): free's prompts answered as structured output under
   benchmarks/structured_outputs.py's SCHEMA (a title and 3 to 6 records), greedy, ending
@@ -149,6 +154,8 @@ CUDA_SWEEP = (8,)
 UNLIMITED = "ngram-unlimited"
 DRAFT_LAYERS = 2
 GUIDED = "json"  # the structured-output workload
+LONG = "grounded-long"  # grounded on a long passage (small-llama, concurrency 1)
+LONG_CHARS = 2900  # its passage: with "Again:" and OUTPUT_LEN tokens, within 2,048 positions
 SAMPLED = "sampled"  # free's prompts, sampled (unseeded) at SAMPLED_TEMPERATURE
 SAMPLED_TEMPERATURE = 0.8
 FORCED = "forced"  # on it, the plain engine verifying the tokens guides force as drafts
@@ -283,6 +290,12 @@ def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
     if as_ids:
         return {w: [[b + 3 for b in p.encode()] for p in ps] for w, ps in prompts.items()}
     return prompts
+
+
+def long_grounded(shared: Path) -> list[str]:
+    """LONG's prompt: grounded's form on tinyshakespeare's first LONG_CHARS characters."""
+    passage = (shared / "data" / "tinyshakespeare.txt").read_text()[:LONG_CHARS]
+    return [f"{passage}\n\nAgain:\n{passage[:60]}"]
 
 
 def run(
@@ -425,7 +438,9 @@ def main() -> None:
         cases = [("small-llama", w, c, _proposers(c, sweep)) for w in texts
                  for c in concurrencies]  # fmt: skip
         cases += [("small-llama", GUIDED, 1, ("plain", FORCED, "ngram"))]
-        setting["small-llama"] = (_with_free(texts), OUTPUT_LEN)
+        cases += [("small-llama", LONG, 1, ("plain", "ngram"))]
+        setting["small-llama"] = ({**_with_free(texts), LONG: long_grounded(args.shared)},
+                                  OUTPUT_LEN)  # fmt: skip
         cases += [(SMALL_1B, w, 1, ("plain", "ngram")) for w in texts]
         cases += [("stories260K", w, 1, ("plain", "ngram")) for w in texts]
         cases += [(WIDE, w, 1, ("plain", "draft", WIDE_Q4, WIDE_WEAK)) for w in texts]

@@ -57,3 +57,5 @@ def test_the_ngram_target_is_small_llamas_and_its_widened_copys(bench):
     assert bench._target(llama, "ngram", "free", 64, 0.9, 0.9) == ("≥ 0.95×", False)
     assert bench._target(llama, "draft", "grounded", 1, 0.7, 1.4) == ("≥ 1.3×", True)
     assert bench._target("small-llama", "ngram", "grounded", 1, 0.9, 1.7) == ("≥ 1.8×", False)
+    # the long passage's row shows where the lookups stand on long contexts: no target
+    assert bench._target("small-llama", "ngram", bench.LONG, 1, 0.9, 1.9) == ("", None)
