@@ -11,7 +11,8 @@ batch 1: tok/s = 1 / mean time per output token; checkpoints `init --preset smal
 calibration; gptq leaves the lm_head in bf16). llama-quantize quantizes the lm_head too, to
 a type of its own choosing: the bytes each token reads are reported beside the speeds.
 llama.cpp (built from the source in the llama-cpp-python sdist by `bash
-benchmarks/setup_reference_venvs.sh llamacpp`): the bf16 checkpoint converted by
+benchmarks/setup_reference_venvs.sh llamacpp`, for this CPU but without its AMX matrix
+products, which stopped with SIGILL on an AMX host): the bf16 checkpoint converted by
 `convert_hf_to_gguf.py --outtype bf16` (told to treat the preset's tokenizer as the default
 pre-tokenizer, which it does not recognise: only speed is compared), `llama-quantize` to
 Q8_0 and Q4_0; `llama-bench -p 0 -n 64` (tok/s) and

@@ -35,7 +35,12 @@ make_llamacpp() {
     ln -sfn "llama_cpp_python-$LLAMACPP_VERSION/vendor/llama.cpp" "$dir/src"
     "$dir/bin/pip" install -q numpy sentencepiece transformers protobuf "$src/gguf-py"
   fi
+  # Without its AMX matrix products: this version's stopped at their first tile instruction
+  # with SIGILL on a Sapphire Rapids host (Q8_0 at 64 sequences), so its AVX-512 paths stand
+  # in for them on AMX hosts; on CPUs without AMX the flags change nothing.
+  local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   cmake -S "$src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF
   cmake --build "$dir/build" -j "$(nproc)" --target llama-bench llama-batched-bench \
     llama-quantize llama-perplexity llama-speculative-simple
