@@ -374,8 +374,8 @@ struct Cache {
 };
 
 #ifdef __AVX512F__
-// key_scores for head_dim NV * 16: the queries GS at a time (then one at a time), 16 keys at
-// a time.
+// key_scores for head_dim NV * 16: the queries GS at a time (then GS / 2 where that many are
+// left, then one at a time), 16 keys at a time.
 template <int NV, int GS, typename T>
 void key_scores_by(const Cache<T>& keys, const float* query, int64_t group, float* scores,
                    const T* next) {
@@ -386,6 +386,12 @@ void key_scores_by(const Cache<T>& keys, const float* query, int64_t group, floa
       int64_t g = 0;
       for (; g + GS <= group; g += GS)
         block_key_scores<NV, GS>(query, g, chunk, m, scores, keys.len, at);
+      if constexpr (GS > 2) {  // a remainder of GS / 2 or more: that many together
+        if (g + GS / 2 <= group) {
+          block_key_scores<NV, GS / 2>(query, g, chunk, m, scores, keys.len, at);
+          g += GS / 2;
+        }
+      }
       for (; g < group; ++g) block_key_scores<NV, 1>(query, g, chunk, m, scores, keys.len, at);
     }
   }, next);
