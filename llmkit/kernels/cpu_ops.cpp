@@ -4,10 +4,11 @@
 //   sequence's, or one of its draft tokens'); keys and values read in place from the cache
 //   blocks (no gathered copy), float32 arithmetic. cache: [num_blocks, kv_heads, block_size,
 //   head_dim], head_dim a multiple of 8 (16-lane vectors, then one of 8 where 8 values are
-//   left); the heads sharing a KV head are done together, and so are the rows of one
-//   sequence's draft, so each key and value is read once per (sequence, KV head) (with
-//   AVX-512 and head_dim 64 or 128, also widened to float32 once for several of them, and
-//   16 keys' dot products summed across lanes together).
+//   left); the heads sharing a KV head are done together, so each key and value is read
+//   once per (row, KV head), and the rows of one sequence's draft share that read where
+//   the threads keep work enough (decode's runs) (with AVX-512 and head_dim 64 or 128, also
+//   widened to float32 once for several of them, and 16 keys' dot products summed across
+//   lanes together).
 // - write_kv: new tokens' keys and values into their cache slots.
 // - add_rms_norm: residual += x, then RMSNorm of the sum, rounded as the llama family's
 //   reference code rounds (normalised in float32, cast to the model dtype, times the weight).
