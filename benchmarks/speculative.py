@@ -67,8 +67,9 @@ plain's): where two engines add the same tokens in very different numbers of cal
 calls, not their drafts, set the difference.
 
 Anchors (CPU, where llama.cpp is set up: `bash benchmarks/setup_reference_venvs.sh
-llamacpp`), on the concurrency-1 grounded and free prompts, each run right after llmkit's in
-the same round, llama-speculative-simple, greedy, K tokens a draft, THREADS threads:
+llamacpp`), on the concurrency-1 grounded, grounded-long and free prompts (grounded-long:
+the ngram row's alone), each run right after llmkit's in the same round,
+llama-speculative-simple, greedy, K tokens a draft, THREADS threads:
 - for the draft rows, llama.cpp's speculative decoding of the same pair, WIDE (a bf16 GGUF)
   with stories260K (f32) as its draft (draft-simple, which drafts K every round);
 - for the ngram rows, llama.cpp's prompt lookup on small-llama (a bf16 GGUF): ngram-map-k
@@ -284,7 +285,7 @@ def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
     text = (shared / "data" / "tinyshakespeare.txt").read_text()
     passages = [text[i * 700 : i * 700 + 500] for i in range(max(CONCURRENCY))]
     prompts = {
-        "grounded": [f"{p}\n\nAgain:\n{p[:60]}" for p in passages],
+        "grounded": [grounded(p) for p in passages],
         "free": [p[:80] for p in passages],
     }
     if as_ids:
@@ -292,10 +293,14 @@ def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
     return prompts
 
 
+def grounded(passage: str) -> str:
+    """The grounded workloads' prompt: `passage`, then "Again:" and its first words."""
+    return f"{passage}\n\nAgain:\n{passage[:60]}"
+
+
 def long_grounded(shared: Path) -> list[str]:
     """LONG's prompt: grounded's form on tinyshakespeare's first LONG_CHARS characters."""
-    passage = (shared / "data" / "tinyshakespeare.txt").read_text()[:LONG_CHARS]
-    return [f"{passage}\n\nAgain:\n{passage[:60]}"]
+    return [grounded((shared / "data" / "tinyshakespeare.txt").read_text()[:LONG_CHARS])]
 
 
 def run(
