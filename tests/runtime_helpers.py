@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,10 +57,28 @@ def interpreted(code: str):
     """What the last line `code` prints, as JSON, from a child process that runs Triton's
     kernels on the CPU through its interpreter (chosen when Triton compiles, so before any
     test module could set it). Skips where the installed Triton cannot."""
+    return interpreted_each([code])[0]
+
+
+def interpreted_each(codes: list[str]) -> list:
+    """interpreted() of each code, the children running side by side: the interpreter keeps
+    one core busy, so a test whose cases split into parts takes a part's time on each core."""
     # older interpreters cannot loop over a kernel's runtime arguments (range(start, stop))
     pytest.importorskip("triton", minversion="3.8", reason="needs Triton >= 3.8 (`test` extra)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "LLMKIT_CPU_KERNELS": "0"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                          env=env, capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    if len(codes) > 1:  # the children's torch threads share the cores, none spinning idle
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(codes)))
+    root = Path(__file__).resolve().parent.parent
+    with contextlib.ExitStack() as files:
+        logs = [[files.enter_context(tempfile.TemporaryFile("w+")) for _ in (0, 1)] for _ in codes]
+        children = []
+        for code, (out, err) in zip(codes, logs, strict=True):
+            command = [sys.executable, "-c", code]
+            children.append(subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=err))
+        for child in children:
+            child.wait()
+        for log in (log for pair in logs for log in pair):
+            log.seek(0)
+        for child, (_, err) in zip(children, logs, strict=True):
+            assert child.returncode == 0, err.read()[-3000:]
+        return [json.loads(out.read().splitlines()[-1]) for out, _ in logs]

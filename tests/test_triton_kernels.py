@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.runtime_helpers import NEEDS_CUDA, interpreted
+from tests.runtime_helpers import NEEDS_CUDA, interpreted_each
 
 SETTINGS = [
     dict(group_size=16),
@@ -48,13 +48,14 @@ def differing_fields(settings: dict, device: str) -> list[str]:
 
 
 def test_gptq_sweep_kernel_interpreted_gives_the_torch_sweeps_values():
-    """Every settings case at once in one interpreted child: same codes, same errors."""
-    differing = interpreted(
+    """Every settings case in two interpreted children side by side: same codes, same errors."""
+    differing = interpreted_each([
         "import json, sys\n"
         "from tests.test_triton_kernels import SETTINGS, differing_fields\n"
-        "print(json.dumps([differing_fields(s, 'cpu') for s in SETTINGS]))\n"
-    )
-    assert differing == [[] for _ in SETTINGS]
+        f"print(json.dumps([differing_fields(s, 'cpu') for s in SETTINGS[{i}::2]]))\n"
+        for i in (0, 1)
+    ])  # fmt: skip
+    assert differing == [[[] for _ in SETTINGS[i::2]] for i in (0, 1)]
 
 
 @NEEDS_CUDA
