@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 from pathlib import Path
 
@@ -28,27 +29,54 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_in_gptqmodel(cwd: Path, *args: object) -> str:
-    """Run a script in GPTQModel's venv; `cwd` receives the log folder GPTQModel writes."""
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
-    proc = subprocess.run(
-        [str(GPTQMODEL), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=cwd,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+class Worker:
+    """tests/interop/gptqmodel_worker.py in GPTQModel's venv: calling it runs a script there
+    as `python SCRIPT ARGS...` in `cwd` (which receives the log folder GPTQModel writes)."""
+
+    def __init__(self, log: Path):
+        self.log = log
+        env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
+        command = [GPTQMODEL, ROOT / "tests" / "interop" / "gptqmodel_worker.py"]
+        with log.open("w") as stderr:
+            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=stderr, text=True, env=env)  # fmt: skip
+
+    def __call__(self, cwd: Path, *args: object) -> None:
+        request = {"cwd": str(cwd), "argv": [str(a) for a in args]}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answered = select.select([self.proc.stdout], [], [], 600)[0]
+        line = self.proc.stdout.readline() if answered else ""
+        if not line:
+            self.proc.kill()
+        assert line, f"GPTQModel's worker {'died' if answered else 'took 600 s'}: " + self.tail()
+        error = json.loads(line)["error"]
+        assert error is None, self.tail() + "\n" + error
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
-def gptqmodel_view(checkpoint: Path, tmp_path: Path, backend: str = "torch") -> dict:
+@pytest.fixture(scope="module")
+def gptqmodel(tmp_path_factory):
+    """One worker for the module: it imports GPTQModel once, while the first test quantizes."""
+    worker = Worker(tmp_path_factory.mktemp("gptqmodel") / "worker.log")
+    yield worker
+    worker.close()
+
+
+def gptqmodel_view(run: Worker, checkpoint: Path, tmp_path: Path, backend: str = "torch") -> dict:
     """What GPTQModel computes with for `checkpoint`: dequantized weights and fp16 logits."""
     ids, out = tmp_path / "ids.json", tmp_path / "dump.pt"
     ids.write_text(json.dumps(IDS))
-    dump = ROOT / "tests" / "interop" / "gptqmodel_dump.py"
-    run_in_gptqmodel(tmp_path, dump, checkpoint, ids, out, backend)
+    run(tmp_path, ROOT / "tests" / "interop" / "gptqmodel_dump.py", checkpoint, ids, out, backend)
     return torch.load(out)
 
 
@@ -61,7 +89,7 @@ def assert_same_weights(checkpoint: Path, theirs: dict) -> None:
 
 
 @pytest.mark.parametrize(("bits", "desc_act"), [(4, True), (3, False)])
-def test_gptqmodel_loads_llmkit_checkpoints(tiny_dir, tmp_path, bits, desc_act):
+def test_gptqmodel_loads_llmkit_checkpoints(gptqmodel, tiny_dir, tmp_path, bits, desc_act):
     out = tmp_path / "q"
     quantize(
         tiny_dir("tiny-llama"),
@@ -70,29 +98,29 @@ def test_gptqmodel_loads_llmkit_checkpoints(tiny_dir, tmp_path, bits, desc_act):
         options=GPTQOptions(bits=bits, group_size=32, desc_act=desc_act),
         calibration=CalibrationSpec(num_samples=8, seq_len=64),
     )
-    theirs = gptqmodel_view(out, tmp_path)
+    theirs = gptqmodel_view(gptqmodel, out, tmp_path)
     assert_same_weights(out, theirs)
     with torch.no_grad():
         ours = load_model(out, dtype=torch.float16)(torch.tensor(IDS)).logits.float()
     assert torch.allclose(ours, theirs["logits"], atol=1e-2)
 
 
-def quantize_with_gptqmodel(model: Path, tmp_path: Path, *options: str) -> Path:
+def quantize_with_gptqmodel(run: Worker, model: Path, tmp_path: Path, *options: str) -> Path:
     ids = tmp_path / "calibration.json"
     ids.write_text(json.dumps([[1, *range(10 + i, 73 + i)] for i in range(8)]))
     out = tmp_path / "by-gptqmodel"
     script = ROOT / "benchmarks" / "reference" / "gptqmodel_quantize.py"
-    run_in_gptqmodel(tmp_path, script, model, ids, out, "--group-size", "32", *options)
+    run(tmp_path, script, model, ids, out, "--group-size", "32", *options)
     return out
 
 
-def test_llmkit_reads_gptqmodel_checkpoints(tiny_dir, tmp_path):
-    out = quantize_with_gptqmodel(tiny_dir("tiny-llama"), tmp_path, "--desc-act")
+def test_llmkit_reads_gptqmodel_checkpoints(gptqmodel, tiny_dir, tmp_path):
+    out = quantize_with_gptqmodel(gptqmodel, tiny_dir("tiny-llama"), tmp_path, "--desc-act")
     assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"]
-    assert_same_weights(out, gptqmodel_view(out, tmp_path))
+    assert_same_weights(out, gptqmodel_view(gptqmodel, out, tmp_path))
 
 
-def test_gptqmodel_loads_llmkit_awq_checkpoints(tiny_dir, tmp_path):
+def test_gptqmodel_loads_llmkit_awq_checkpoints(gptqmodel, tiny_dir, tmp_path):
     out = tmp_path / "q"
     quantize(
         tiny_dir("tiny-llama"),
@@ -101,7 +129,7 @@ def test_gptqmodel_loads_llmkit_awq_checkpoints(tiny_dir, tmp_path):
         options=AWQOptions(group_size=32),
         calibration=CalibrationSpec(num_samples=8, seq_len=64),
     )
-    theirs = gptqmodel_view(out, tmp_path, "awq_torch")
+    theirs = gptqmodel_view(gptqmodel, out, tmp_path, "awq_torch")
     assert_same_weights(out, theirs)
     with torch.no_grad():
         ours = load_model(out, dtype=torch.float16)(torch.tensor(IDS)).logits.float()
@@ -113,9 +141,9 @@ def widen():
     return benchmark("widen").widen
 
 
-def test_llmkit_reads_gptqmodel_awq_checkpoints(tiny_dir, tmp_path):
+def test_llmkit_reads_gptqmodel_awq_checkpoints(gptqmodel, tiny_dir, tmp_path):
     wide = widen()(tiny_dir("tiny-llama"), tmp_path / "wide")
-    out = quantize_with_gptqmodel(wide, tmp_path, "--method", "awq")
+    out = quantize_with_gptqmodel(gptqmodel, wide, tmp_path, "--method", "awq")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "awq" and config["version"] == "gemm"
-    assert_same_weights(out, gptqmodel_view(out, tmp_path, "awq_torch"))
+    assert_same_weights(out, gptqmodel_view(gptqmodel, out, tmp_path, "awq_torch"))
