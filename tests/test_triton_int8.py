@@ -13,7 +13,7 @@ from llmkit.quant.calibration import CalibrationSpec
 from llmkit.quant.options import options_for
 from llmkit.quant.pipeline import quantize
 from llmkit.runtime.engine import Engine, EngineConfig
-from tests.runtime_helpers import NEEDS_CUDA, interpreted_each, random_prompts
+from tests.runtime_helpers import NEEDS_CUDA, interpreted, random_prompts
 from tests.test_runtime_engine import run_staggered
 
 # (rows, outputs, inputs, dtype name): each tile shape of triton_int8.TILES, outputs and
@@ -195,23 +195,21 @@ def check(cases, found: list[float]) -> None:
 
 
 def test_int8_product_interpreted_matches_the_float64_product():
-    header = (
+    found = interpreted(
         "import json\n"
         "from tests.test_triton_int8 import CASES, errors, layer_errors\n"
         "from tests.test_triton_int8 import quantized_alike, w8a8_differences\n"
         "dtypes = ('float32', 'float16')\n"
+        "print(json.dumps([errors('cpu', CASES), layer_errors('cpu', 'float16'),\n"
+        "                  [quantized_alike('cpu', d) for d in dtypes],\n"
+        "                  *(w8a8_differences('cpu', d) for d in dtypes),\n"
+        "                  w8a8_differences('cpu', 'float32', (70, 150))]))\n"
     )
-    products, w8a8 = interpreted_each([  # in two children, side by side
-        header + "print(json.dumps([errors('cpu', CASES), layer_errors('cpu', 'float16'),\n"
-        "                  [quantized_alike('cpu', d) for d in dtypes]]))\n",
-        header + "print(json.dumps([*(w8a8_differences('cpu', d) for d in dtypes),\n"
-        "                  w8a8_differences('cpu', 'float32', (70, 150))]))\n",
-    ])  # fmt: skip
-    check(CASES, products[0])
-    assert products[1]["took"] and products[1]["error"] < 2e-3, products[1]
-    assert products[2] == [True, True]
-    for differences in w8a8:  # the same values as the torch path, bit for bit
-        assert differences.pop("took") and set(differences.values()) == {0.0}, differences
+    check(CASES, found[0])
+    assert found[1]["took"] and found[1]["error"] < 2e-3, found[1]
+    assert found[2] == [True, True]
+    for w8a8 in found[3:]:  # the same values as the torch path, bit for bit
+        assert w8a8.pop("took") and set(w8a8.values()) == {0.0}, w8a8
 
 
 @NEEDS_CUDA
