@@ -188,11 +188,11 @@ def test_attention_kernels_interpreted_match_float64():
         "import json\n"
         "from tests.test_triton_attention import CASES, decode_error, prefill_error\n"
         "from tests.test_triton_attention import rotary_write_error\n"
-        f"print(json.dumps([[decode_error(c, 'cpu', True), decode_error(c, 'cpu', False),\n"
+        "print(json.dumps([[decode_error(c, 'cpu', True), decode_error(c, 'cpu', False),\n"
         "                   decode_error(c, 'cpu', True, combine_tile=2048),\n"
         "                   *prefill_error(c, 'cpu'), *rotary_write_error(c, 'cpu')]\n"
         f"                  for c in CASES[{i}::2]]))\n"
-        for i in range(len(parts))
+        for i in (0, 1)
     ])  # fmt: skip
     for case, found in zip(parts[0] + parts[1], errors[0] + errors[1], strict=True):
         split, whole, chunked, prefill, untouched, rotary, exact = found
