@@ -282,7 +282,7 @@ def first_layers(model: Path, out: Path, layers: int) -> Path:
 
 def workloads(shared: Path, as_ids: bool = False) -> dict[str, list]:
     """The prompts of each workload as text, or `as_ids` as token ids (each byte + 3)."""
-    text = (shared / "data" / "tinyshakespeare.txt").read_text()
+    text = shakespeare(shared)
     passages = [text[i * 700 : i * 700 + 500] for i in range(max(CONCURRENCY))]
     prompts = {
         "grounded": [grounded(p) for p in passages],
@@ -300,7 +300,12 @@ def grounded(passage: str) -> str:
 
 def long_grounded(shared: Path) -> list[str]:
     """LONG's prompt: grounded's form on tinyshakespeare's first LONG_CHARS characters."""
-    return [grounded((shared / "data" / "tinyshakespeare.txt").read_text()[:LONG_CHARS])]
+    return [grounded(shakespeare(shared)[:LONG_CHARS])]
+
+
+def shakespeare(shared: Path) -> str:
+    """The workloads' text: tinyshakespeare, from `shared`'s data folder."""
+    return (shared / "data" / "tinyshakespeare.txt").read_text()
 
 
 def run(
