@@ -60,6 +60,18 @@ def interpreted(code: str):
     return interpreted_each([code])[0]
 
 
+def interpreted_split(code: str, parts: int = 2) -> list:
+    """interpreted() of `code`, whose last line prints a JSON list with an item per case of
+    the cases it takes as `{part}` (written after their list's name: CASES{part}), in
+    `parts` children side by side, each given every parts-th case: -> the items in the
+    cases' order."""
+    found = interpreted_each([code.replace("{part}", f"[{i}::{parts}]") for i in range(parts)])
+    items = [None] * sum(map(len, found))
+    for i, part in enumerate(found):
+        items[i::parts] = part
+    return items
+
+
 def interpreted_each(codes: list[str]) -> list:
     """interpreted() of each code, the children running side by side: the interpreter keeps
     one core busy, so a test whose cases split into parts takes a part's time on each core."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.runtime_helpers import NEEDS_CUDA, interpreted_each
+from tests.runtime_helpers import NEEDS_CUDA, interpreted_split
 
 # (heads, kv_heads, head_dim, block_size, dtype name)
 CASES = [
@@ -183,18 +183,16 @@ ROUNDED_ONCE = {"float32": 2e-6, "float16": 1e-3, "bfloat16": 8e-3}  # relative
 
 
 def test_attention_kernels_interpreted_match_float64():
-    parts = [CASES[0::2], CASES[1::2]]  # in two children, side by side
-    errors = interpreted_each([
+    errors = interpreted_split(
         "import json\n"
         "from tests.test_triton_attention import CASES, decode_error, prefill_error\n"
         "from tests.test_triton_attention import rotary_write_error\n"
         "print(json.dumps([[decode_error(c, 'cpu', True), decode_error(c, 'cpu', False),\n"
         "                   decode_error(c, 'cpu', True, combine_tile=2048),\n"
         "                   *prefill_error(c, 'cpu'), *rotary_write_error(c, 'cpu')]\n"
-        f"                  for c in CASES[{i}::2]]))\n"
-        for i in (0, 1)
-    ])  # fmt: skip
-    for case, found in zip(parts[0] + parts[1], errors[0] + errors[1], strict=True):
+        "                  for c in CASES{part}]))\n"
+    )
+    for case, found in zip(CASES, errors, strict=True):
         split, whole, chunked, prefill, untouched, rotary, exact = found
         assert max(split, whole, chunked) < TOLERANCE[case[-1]], (case, split, whole, chunked)
         assert prefill < TOLERANCE[case[-1]], (case, prefill)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.runtime_helpers import NEEDS_CUDA, interpreted_each
+from tests.runtime_helpers import NEEDS_CUDA, interpreted_split
 
 SETTINGS = [
     dict(group_size=16),
@@ -48,14 +48,14 @@ def differing_fields(settings: dict, device: str) -> list[str]:
 
 
 def test_gptq_sweep_kernel_interpreted_gives_the_torch_sweeps_values():
-    """Every settings case in two interpreted children side by side: same codes, same errors."""
-    differing = interpreted_each([
+    """Every settings case, in two interpreted children side by side: same codes, same
+    errors."""
+    differing = interpreted_split(
         "import json, sys\n"
         "from tests.test_triton_kernels import SETTINGS, differing_fields\n"
-        f"print(json.dumps([differing_fields(s, 'cpu') for s in SETTINGS[{i}::2]]))\n"
-        for i in (0, 1)
-    ])  # fmt: skip
-    assert differing == [[[] for _ in SETTINGS[i::2]] for i in (0, 1)]
+        "print(json.dumps([differing_fields(s, 'cpu') for s in SETTINGS{part}]))\n"
+    )
+    assert differing == [[] for _ in SETTINGS]
 
 
 @NEEDS_CUDA
