@@ -51,7 +51,7 @@ def test_gptq_sweep_kernel_interpreted_gives_the_torch_sweeps_values():
     """Every settings case, in two interpreted children side by side: same codes, same
     errors."""
     differing = interpreted_split(
-        "import json, sys\n"
+        "import json\n"
         "from tests.test_triton_kernels import SETTINGS, differing_fields\n"
         "print(json.dumps([differing_fields(s, 'cpu') for s in SETTINGS{part}]))\n"
     )
